@@ -1,0 +1,27 @@
+"""payne_lite: fit stellar spectra with per-pixel neural-network emulators in JAX.
+
+Please cite Ting et al. 2019 (ApJ 879, 69), "The Payne", whose method this implements.
+"""
+
+from __future__ import annotations
+
+from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
+from ._h5 import FileFormatError as FileFormatError
+from .emulator import DenseNet as DenseNet
+from .emulator import Emulator as Emulator
+from .emulator import PixelNet as PixelNet
+from .grid import SpectralGrid as SpectralGrid
+from .train import TrainConfig as TrainConfig
+from .train import train_emulator as train_emulator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseNet",
+    "Emulator",
+    "FileFormatError",
+    "PixelNet",
+    "SpectralGrid",
+    "TrainConfig",
+    "train_emulator",
+]

@@ -1,0 +1,109 @@
+"""Shared helpers for payne_lite's versioned, self-describing HDF5 files.
+
+Every file carries ``attrs["format"]`` (what it holds) and ``attrs["format_version"]``.
+Datasets are written with HDF5's Fletcher-32 checksum filter, so a corrupted chunk is
+detected on read instead of yielding wrong numbers. Writes are atomic: a temporary file
+in the target folder is renamed over the target once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+class FileFormatError(ValueError):
+    """A file is corrupt, truncated, of another kind or of an unsupported version."""
+
+
+def write_dataset(group: h5py.Group, name: str, data, *, compress: bool = True) -> None:
+    arr = np.asarray(data)
+    if arr.ndim == 0 or arr.size < 2:
+        group.create_dataset(name, data=arr)
+        return
+    kw = dict(fletcher32=True, chunks=True)
+    if compress:
+        kw.update(compression="gzip", compression_opts=4, shuffle=True)
+    group.create_dataset(name, data=arr, **kw)
+
+
+def set_json_attr(obj, name: str, value) -> None:
+    obj.attrs[name] = json.dumps(value)
+
+
+def get_json_attr(obj, name: str, path):
+    try:
+        return json.loads(obj.attrs[name])
+    except KeyError as err:
+        raise FileFormatError(f"{path}: missing attribute {name!r}") from err
+    except (TypeError, ValueError) as err:
+        raise FileFormatError(f"{path}: attribute {name!r} is not valid JSON") from err
+
+
+@contextlib.contextmanager
+def atomic_h5_writer(path: str | os.PathLike, fmt: str, version: int) -> Iterator[h5py.File]:
+    """Open a temporary HDF5 file next to ``path``; rename it over ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = fmt
+            f.attrs["format_version"] = version
+            f.attrs["creator"] = "payne_lite"
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def open_checked(path: str | os.PathLike, fmt: str, versions: tuple[int, ...]
+                 ) -> Iterator[h5py.File]:
+    """Open ``path`` read-only and refuse it unless it is a ``fmt`` file of a known version.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: not HDF5, corrupt/truncated, another kind of file, another version.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise FileFormatError(f"{path}: not a readable HDF5 file (corrupt or truncated?): "
+                              f"{err}") from err
+    with f:
+        got = f.attrs.get("format")
+        if isinstance(got, bytes):
+            got = got.decode()
+        if got != fmt:
+            raise FileFormatError(f"{path}: expected a {fmt!r} file, found format={got!r}")
+        ver = f.attrs.get("format_version")
+        if ver is None or int(ver) not in versions:
+            raise FileFormatError(f"{path}: {fmt} format_version={ver!r} is not supported "
+                                  f"(this payne_lite reads {list(versions)})")
+        try:
+            yield f
+        except OSError as err:  # checksum (fletcher32) or read failure inside a dataset
+            raise FileFormatError(f"{path}: corrupt data ({err})") from err
+
+
+def read_dataset(f: h5py.File, name: str, path) -> np.ndarray:
+    if name not in f:
+        raise FileFormatError(f"{path}: missing dataset {name!r}")
+    try:
+        return f[name][()]
+    except OSError as err:
+        raise FileFormatError(f"{path}: dataset {name!r} is corrupt ({err})") from err

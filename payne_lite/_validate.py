@@ -1,0 +1,67 @@
+"""Validation at the NumPy boundary: every public entry point calls these before tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def as_float_array(x, name: str, *, ndim: int | tuple[int, ...] | None = None,
+                   dtype=np.float64) -> np.ndarray:
+    """Return ``x`` as a new floating array, checking its number of dimensions."""
+    try:
+        arr = np.array(x, dtype=dtype, copy=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}") from err
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if arr.ndim not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} "
+                             f"dimension(s), got shape {arr.shape}")
+    return arr
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Raise naming the first non-finite entry of ``arr``."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s); "
+                         f"first at index {idx}: {arr[idx]!r}")
+
+
+def check_wavelength(wave: np.ndarray, name: str = "wavelength") -> None:
+    """A wavelength grid must be 1-D, finite, positive and strictly increasing."""
+    if wave.ndim != 1 or wave.size < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 pixels, got shape {wave.shape}")
+    check_finite(wave, name)
+    if np.any(wave <= 0):
+        raise ValueError(f"{name} must be positive [Angstrom], min is {wave.min()!r}")
+    step = np.diff(wave)
+    if np.any(step <= 0):
+        i = int(np.argmax(step <= 0))
+        raise ValueError(f"{name} must be strictly increasing; "
+                         f"{name}[{i + 1}]={wave[i + 1]!r} <= {name}[{i}]={wave[i]!r}")
+
+
+def check_names(names: Sequence[str], n: int, what: str) -> tuple[str, ...]:
+    names = tuple(str(s) for s in names)
+    if len(names) != n:
+        raise ValueError(f"{what}: {len(names)} names {names} for {n} columns")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: names must be unique, got {names}")
+    return names
+
+
+def check_box(lo, hi, n: int) -> tuple[np.ndarray, np.ndarray]:
+    lo = as_float_array(lo, "label box lower edge", ndim=1)
+    hi = as_float_array(hi, "label box upper edge", ndim=1)
+    if lo.shape != (n,) or hi.shape != (n,):
+        raise ValueError(f"label box edges must both be ({n},), got {lo.shape} and {hi.shape}")
+    check_finite(lo, "label box lower edge")
+    check_finite(hi, "label box upper edge")
+    if np.any(hi <= lo):
+        i = int(np.argmax(hi <= lo))
+        raise ValueError(f"label box is empty for label {i}: lo={lo[i]!r} >= hi={hi[i]!r}")
+    return lo, hi

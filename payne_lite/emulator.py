@@ -1,0 +1,528 @@
+"""The spectrum emulator: per-pixel neural networks evaluated for all pixels at once.
+
+The numerical core is a set of pure functions on pytrees (:class:`PixelNet`,
+:class:`DenseNet`); :class:`Emulator` wraps one of them with what a user needs to use it
+safely: label names, units, the training box, the wavelength grid, the per-pixel
+emulator error, and a versioned HDF5 file format.
+
+Labels enter the networks scaled to the training box, ``s = (x - lo) / (hi - lo) - 0.5``,
+so the box maps to ``[-0.5, 0.5]`` as in The Payne (Ting et al. 2019, ApJ 879, 69).
+
+Emulator file layout (``format = "payne_lite.Emulator"``, ``format_version = 1``):
+
+========================  =====================  =========================================
+item                      shape / type           meaning
+========================  =====================  =========================================
+``wavelength``            (P,) float64           vacuum wavelength [Angstrom]
+``label_lo, label_hi``    (L,) float64           training box, physical units
+``net/W0 .. net/W{k}``    see PixelNet/DenseNet  weights
+``net/b0 .. net/b{k}``    see PixelNet/DenseNet  biases
+``pixel_error``           (P,) float32           optional: validation RMS error per pixel
+``history/<name>``        (n_iter,)              optional: loss curves from training
+attr ``kind``             "pixel" or "dense"     network family
+attr ``activation``       str                    see :data:`ACTIVATIONS`
+attr ``label_names``      JSON list of str
+attr ``label_units``      JSON list of str
+attr ``meta``             JSON object            provenance (training config, source)
+========================  =====================  =========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _h5
+from ._validate import (
+    as_float_array,
+    check_box,
+    check_finite,
+    check_names,
+    check_wavelength,
+)
+
+EMULATOR_FORMAT = "payne_lite.Emulator"
+EMULATOR_VERSION = 1
+
+Array = jax.Array
+
+
+def _leaky_relu(x):
+    # The Payne's definition: slope 0.01 for negative inputs.
+    return jnp.where(x > 0, x, 0.01 * x)
+
+
+#: Activation functions by name.  "sigmoid" is the classic Payne per-pixel network,
+#: "leaky_relu" (slope 0.01) the later 2-hidden-layer Payne MLP.
+ACTIVATIONS = {
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "leaky_relu": _leaky_relu,
+    "softplus": jax.nn.softplus,
+    "silu": jax.nn.silu,
+}
+
+
+class PixelNet(NamedTuple):
+    """One small MLP per pixel, all pixels stacked on axis 0.
+
+    For ``k`` hidden layers of widths ``H1..Hk`` and ``L`` labels:
+    ``weights = (W0 (P,H1,L), W1 (P,H2,H1), ..., Wk (P,Hk))`` and
+    ``biases = (b0 (P,H1), b1 (P,H2), ..., bk (P,))``. The classic Payne network is
+    ``k = 1``: ``W0 (P,H,L), b0 (P,H), W1 (P,H), b1 (P,)``.
+    """
+
+    weights: tuple[Array, ...]
+    biases: tuple[Array, ...]
+
+
+class DenseNet(NamedTuple):
+    """One MLP for all pixels (The Payne's later 2-hidden-layer network).
+
+    ``weights = (W0 (H1,L), W1 (H2,H1), ..., Wk (P,Hk))``,
+    ``biases = (b0 (H1,), ..., bk (P,))``.
+    """
+
+    weights: tuple[Array, ...]
+    biases: tuple[Array, ...]
+
+
+# --------------------------------------------------------------------------------------
+# Pure numerical core
+# --------------------------------------------------------------------------------------
+def scale_labels(labels, lo, hi):
+    """Physical labels (..., L) -> scaled labels in [-0.5, 0.5] over the box [lo, hi]."""
+    return (labels - lo) / (hi - lo) - 0.5
+
+
+def unscale_labels(scaled, lo, hi):
+    """Scaled labels (..., L) -> physical labels."""
+    return (scaled + 0.5) * (hi - lo) + lo
+
+
+def pixel_forward(net: PixelNet, s: Array, activation: str = "sigmoid") -> Array:
+    """Flux (P,) of a per-pixel network for one star's scaled labels ``s`` (L,).
+
+    Written for one star; batch it with ``jax.vmap`` (or use :func:`predict_batch`).
+    """
+    act = ACTIVATIONS[activation]
+    h = act(jnp.einsum("phl,l->ph", net.weights[0], s) + net.biases[0])
+    for w, b in zip(net.weights[1:-1], net.biases[1:-1], strict=True):
+        h = act(jnp.einsum("pij,pj->pi", w, h) + b)
+    return jnp.einsum("ph,ph->p", net.weights[-1], h) + net.biases[-1]
+
+
+def dense_forward(net: DenseNet, s: Array, activation: str = "leaky_relu") -> Array:
+    """Flux (P,) of a dense (all-pixel) MLP for one star's scaled labels ``s`` (L,)."""
+    act = ACTIVATIONS[activation]
+    h = s
+    for w, b in zip(net.weights[:-1], net.biases[:-1], strict=True):
+        h = act(w @ h + b)
+    return net.weights[-1] @ h + net.biases[-1]
+
+
+def forward(net, s: Array, activation: str) -> Array:
+    """Flux (P,) for one star's scaled labels (L,), whichever the network family."""
+    if isinstance(net, DenseNet):
+        return dense_forward(net, s, activation)
+    return pixel_forward(net, s, activation)
+
+
+def _pixel_batch_1layer(net: PixelNet, s: Array, activation: str) -> Array:
+    """Batched flux (B, P) of a one-hidden-layer per-pixel net; ``s`` is (B, L).
+
+    The hot path. The label contraction (L terms) and the hidden units (H terms) are
+    unrolled into elementwise multiply-adds over a (B, P) array so that XLA fuses the
+    whole network into one loop that never materialises the (B, P, H) activations.
+    A sigmoid is evaluated as ``0.5 * tanh(z / 2) + 0.5`` with the factors folded into
+    the weights (exact algebra; tanh is the cheaper transcendental here).
+    """
+    w0, w1 = net.weights
+    b0, b1 = net.biases
+    _, n_hid, n_lab = w0.shape
+    if activation == "sigmoid":
+        act = jnp.tanh
+        w0, b0 = 0.5 * w0, 0.5 * b0
+        b1 = b1 + 0.5 * jnp.sum(w1, axis=1)
+        w1 = 0.5 * w1
+    else:
+        act = ACTIVATIONS[activation]
+    out = jnp.broadcast_to(b1, (s.shape[0], b1.shape[0]))
+    for h in range(n_hid):
+        z = b0[:, h]
+        for k in range(n_lab):
+            z = z + s[:, k, None] * w0[:, h, k]
+        out = out + w1[:, h] * act(z)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("activation",))
+def predict_batch(net, s: Array, activation: str) -> Array:
+    """Flux (B, P) for a batch of scaled labels ``s`` (B, L). Pure and jitted."""
+    if isinstance(net, PixelNet) and len(net.weights) == 2:
+        return _pixel_batch_1layer(net, s, activation)
+    return jax.vmap(forward, in_axes=(None, 0, None))(net, s, activation)
+
+
+# --------------------------------------------------------------------------------------
+# The user-facing object
+# --------------------------------------------------------------------------------------
+def _net_arrays(net) -> dict[str, np.ndarray]:
+    out = {}
+    for i, w in enumerate(net.weights):
+        out[f"W{i}"] = np.asarray(w)
+    for i, b in enumerate(net.biases):
+        out[f"b{i}"] = np.asarray(b)
+    return out
+
+
+def _check_net(net, kind: str, n_pix: int, n_lab: int) -> None:
+    """Raise ValueError unless the weight shapes form a valid ``kind`` network."""
+    ws = [np.shape(w) for w in net.weights]
+    bs = [np.shape(b) for b in net.biases]
+    if len(ws) != len(bs) or len(ws) < 2:
+        raise ValueError(f"network needs >= 2 layers of weights and biases, got "
+                         f"{len(ws)} weights and {len(bs)} biases")
+    if kind == "pixel":
+        width = n_lab
+        for i, (w, b) in enumerate(zip(ws[:-1], bs[:-1], strict=True)):
+            if len(w) != 3 or w[0] != n_pix or w[2] != width or b != (n_pix, w[1]):
+                raise ValueError(f"pixel net layer {i}: W{i} {w}, b{i} {b} do not fit "
+                                 f"(P={n_pix}, H, {width})")
+            width = w[1]
+        if ws[-1] != (n_pix, width) or bs[-1] != (n_pix,):
+            raise ValueError(f"pixel net output layer: W {ws[-1]}, b {bs[-1]}; expected "
+                             f"({n_pix}, {width}) and ({n_pix},)")
+    elif kind == "dense":
+        width = n_lab
+        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+            if len(w) != 2 or w[1] != width or b != (w[0],):
+                raise ValueError(f"dense net layer {i}: W{i} {w}, b{i} {b} do not fit "
+                                 f"input width {width}")
+            width = w[0]
+        if width != n_pix:
+            raise ValueError(f"dense net outputs {width} pixels, wavelength has {n_pix}")
+    else:
+        raise ValueError(f"unknown network kind {kind!r}; expected 'pixel' or 'dense'")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Emulator:
+    """A trained spectrum emulator with everything needed to use it safely.
+
+    Attributes:
+        net: the weights, a :class:`PixelNet` or :class:`DenseNet` of NumPy arrays.
+        activation: name in :data:`ACTIVATIONS`.
+        label_names: L names, in the order the network expects them.
+        label_units: L units.
+        label_lo, label_hi: (L,) the training box [physical units]; it maps to
+            [-0.5, 0.5] in the scaled labels.
+        wavelength: (P,) vacuum wavelength [Angstrom] of the predicted pixels.
+        pixel_error: optional (P,) RMS emulator error per pixel on held-out spectra
+            [flux units]; the fitter can add it in quadrature to observed errors.
+        history: loss curves from training, name -> (n_iter,) array.
+        meta: provenance (training settings, source file).
+
+    Examples:
+        >>> flux = emu.predict([5000.0, 4.5, 0.0, 0.1, 5.0])      # doctest: +SKIP
+    """
+
+    net: PixelNet | DenseNet
+    activation: str
+    label_names: tuple[str, ...]
+    label_units: tuple[str, ...]
+    label_lo: np.ndarray
+    label_hi: np.ndarray
+    wavelength: np.ndarray
+    pixel_error: np.ndarray | None = None
+    history: dict = dataclasses.field(default_factory=dict)
+    meta: dict = dataclasses.field(default_factory=dict)
+    _device_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of "
+                             f"{sorted(ACTIVATIONS)}")
+        wave = as_float_array(self.wavelength, "wavelength", ndim=1)
+        check_wavelength(wave)
+        kind = "dense" if isinstance(self.net, DenseNet) else "pixel"
+        net_np = type(self.net)(
+            tuple(np.asarray(w) for w in self.net.weights),
+            tuple(np.asarray(b) for b in self.net.biases))
+        n_lab = np.shape(net_np.weights[0])[-1]
+        _check_net(net_np, kind, wave.size, n_lab)
+        for i, a in enumerate(net_np.weights + net_np.biases):
+            check_finite(a, f"network array {i}")
+        names = check_names(self.label_names, n_lab, "label_names")
+        units = tuple(str(u) for u in self.label_units)
+        if len(units) != n_lab:
+            raise ValueError(f"label_units: {len(units)} units for {n_lab} labels")
+        lo, hi = check_box(self.label_lo, self.label_hi, n_lab)
+        perr = None
+        if self.pixel_error is not None:
+            perr = as_float_array(self.pixel_error, "pixel_error", ndim=1,
+                                  dtype=np.float32)
+            if perr.shape != wave.shape:
+                raise ValueError(f"pixel_error {perr.shape} must match wavelength "
+                                 f"{wave.shape}")
+        for name, val in [("net", net_np), ("label_names", names), ("label_units", units),
+                          ("label_lo", lo), ("label_hi", hi), ("wavelength", wave),
+                          ("pixel_error", perr),
+                          ("history", {k: np.asarray(v) for k, v in self.history.items()}),
+                          ("meta", dict(self.meta))]:
+            object.__setattr__(self, name, val)
+        for a in (lo, hi, wave, perr):
+            if a is not None:
+                a.setflags(write=False)
+
+    # -- shape conveniences ---------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """``"pixel"`` (one network per pixel) or ``"dense"`` (one network)."""
+        return "dense" if isinstance(self.net, DenseNet) else "pixel"
+
+    @property
+    def n_pix(self) -> int:
+        return self.wavelength.size
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        """Widths of the hidden layers."""
+        if self.kind == "pixel":
+            return tuple(int(np.shape(w)[1]) for w in self.net.weights[:-1])
+        return tuple(int(np.shape(w)[0]) for w in self.net.weights[:-1])
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi): the training box in physical units, each (L,)."""
+        return self.label_lo, self.label_hi
+
+    def __repr__(self) -> str:
+        box = ", ".join(f"{n} [{a:g}, {b:g}]" for n, a, b in
+                        zip(self.label_names, self.label_lo, self.label_hi, strict=True))
+        return (f"Emulator({self.kind}, hidden={self.hidden}, {self.activation}, "
+                f"n_pix={self.n_pix}, labels: {box})")
+
+    # -- evaluation -----------------------------------------------------------------
+    def params(self, dtype=None):
+        """The network as a pytree of JAX arrays of ``dtype`` (default: JAX's float).
+
+        Cached per dtype, so repeated calls do not copy the weights to the device again.
+        """
+        dtype = jnp.dtype(dtype or jnp.result_type(float))
+        if dtype not in self._device_cache:
+            self._device_cache[dtype] = jax.tree.map(
+                lambda a: jnp.asarray(a, dtype=dtype), self.net)
+        return self._device_cache[dtype]
+
+    def scale(self, labels) -> np.ndarray:
+        """Physical labels (..., L) -> scaled labels (box -> [-0.5, 0.5])."""
+        return scale_labels(np.asarray(labels, dtype=float), self.label_lo, self.label_hi)
+
+    def unscale(self, scaled) -> np.ndarray:
+        """Scaled labels (..., L) -> physical labels."""
+        return unscale_labels(np.asarray(scaled, dtype=float), self.label_lo,
+                              self.label_hi)
+
+    def check_labels(self, labels, *, allow_outside: bool = False) -> np.ndarray:
+        """Validate physical labels; returns them as a (n, L) float64 copy.
+
+        Raises:
+            ValueError: wrong shape, non-finite values, or (unless ``allow_outside``)
+                a value outside the training box, naming the label and the value.
+        """
+        x = as_float_array(labels, "labels", ndim=(1, 2))
+        x2 = x[None] if x.ndim == 1 else x
+        if x2.shape[1] != self.n_labels:
+            raise ValueError(f"labels {x.shape} must have {self.n_labels} columns "
+                             f"({', '.join(self.label_names)})")
+        check_finite(x2, "labels")
+        if not allow_outside:
+            out = (x2 < self.label_lo) | (x2 > self.label_hi)
+            if out.any():
+                i, j = (int(v) for v in np.argwhere(out)[0])
+                raise ValueError(
+                    f"labels[{i}] {self.label_names[j]} = {x2[i, j]!r} is outside the "
+                    f"training box [{self.label_lo[j]!r}, {self.label_hi[j]!r}] "
+                    f"({int(out.any(axis=1).sum())} row(s) outside); pass "
+                    f"allow_outside=True to extrapolate")
+        return x2
+
+    def predict(self, labels, *, allow_outside: bool = False, dtype=None,
+                batch_size: int = 16384) -> np.ndarray:
+        """Normalised flux for physical labels.
+
+        Args:
+            labels: (n, L) or (L,) physical labels in the order of ``label_names``.
+            allow_outside: evaluate outside the training box (extrapolation) instead
+                of raising.
+            dtype: computation dtype (default: JAX's default float, float32 unless
+                x64 is enabled).
+            batch_size: spectra per jitted call; the last call is padded so that one
+                compilation serves every call of the same size.
+
+        Returns:
+            (n, P) flux, or (P,) for a single label vector, as NumPy.
+        """
+        x = self.check_labels(labels, allow_outside=allow_outside)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        net = self.params(dtype)
+        dt = net.biases[-1].dtype
+        s = self.scale(x)
+        n = s.shape[0]
+        # Pad to a power of two up to batch_size so that varied n reuse compilations.
+        size = min(batch_size, 1 << max(0, int(np.ceil(np.log2(max(n, 1))))))
+        out = np.empty((n, self.n_pix), dtype=dt)
+        for start in range(0, n, size):
+            chunk = s[start:start + size]
+            m = chunk.shape[0]
+            if m < size:
+                chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]))])
+            res = predict_batch(net, jnp.asarray(chunk, dtype=dt), self.activation)
+            out[start:start + m] = np.asarray(res)[:m]
+        return out[0] if np.ndim(labels) == 1 else out
+
+    # -- files ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the emulator to one versioned HDF5 file (atomically)."""
+        with _h5.atomic_h5_writer(path, EMULATOR_FORMAT, EMULATOR_VERSION) as f:
+            f.attrs["kind"] = self.kind
+            f.attrs["activation"] = self.activation
+            _h5.set_json_attr(f, "label_names", list(self.label_names))
+            _h5.set_json_attr(f, "label_units", list(self.label_units))
+            _h5.set_json_attr(f, "meta", self.meta)
+            _h5.write_dataset(f, "wavelength", self.wavelength, compress=False)
+            _h5.write_dataset(f, "label_lo", self.label_lo)
+            _h5.write_dataset(f, "label_hi", self.label_hi)
+            g = f.create_group("net")
+            for name, arr in _net_arrays(self.net).items():
+                _h5.write_dataset(g, name, arr)
+            if self.pixel_error is not None:
+                _h5.write_dataset(f, "pixel_error", self.pixel_error)
+            h = f.create_group("history")
+            for name, arr in self.history.items():
+                _h5.write_dataset(h, name, np.asarray(arr))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Emulator:
+        """Read an emulator written by :meth:`save`, refusing anything inconsistent.
+
+        Raises:
+            FileNotFoundError: no such file.
+            payne_lite.FileFormatError: not an emulator file, another format version,
+                corrupt/truncated data, or contents that do not fit together (for
+                example a wavelength grid whose length differs from the network's).
+        """
+        with _h5.open_checked(path, EMULATOR_FORMAT, (EMULATOR_VERSION,)) as f:
+            kind = str(f.attrs.get("kind", ""))
+            if "net" not in f:
+                raise _h5.FileFormatError(f"{path}: missing group 'net'")
+            g = f["net"]
+            n_layers = sum(1 for k in g if k.startswith("W"))
+            weights = tuple(_h5.read_dataset(g, f"W{i}", path) for i in range(n_layers))
+            biases = tuple(_h5.read_dataset(g, f"b{i}", path) for i in range(n_layers))
+            net = (DenseNet if kind == "dense" else PixelNet)(weights, biases)
+            if kind not in ("pixel", "dense"):
+                raise _h5.FileFormatError(f"{path}: unknown network kind {kind!r}")
+            hist = {k: _h5.read_dataset(f["history"], k, path)
+                    for k in f.get("history", {})}
+            kw = dict(
+                net=net, activation=str(f.attrs.get("activation", "")),
+                label_names=_h5.get_json_attr(f, "label_names", path),
+                label_units=_h5.get_json_attr(f, "label_units", path),
+                label_lo=_h5.read_dataset(f, "label_lo", path),
+                label_hi=_h5.read_dataset(f, "label_hi", path),
+                wavelength=_h5.read_dataset(f, "wavelength", path),
+                pixel_error=(_h5.read_dataset(f, "pixel_error", path)
+                             if "pixel_error" in f else None),
+                history=hist, meta=_h5.get_json_attr(f, "meta", path))
+        try:
+            return cls(**kw)
+        except ValueError as err:
+            raise _h5.FileFormatError(f"{path}: inconsistent emulator file: {err}") from err
+
+    @classmethod
+    def from_payne_npz(cls, path: str | os.PathLike, *,
+                       label_names: Sequence[str] | None = None,
+                       wavelength=None,
+                       label_units: Sequence[str] | None = None,
+                       flux_scale: float = 1.0) -> Emulator:
+        """Import a network trained with The Payne (Ting et al. 2019).
+
+        Two layouts are recognised from the arrays' shapes:
+
+        * the classic per-pixel network, ``w_array_0 (P,H,L), b_array_0 (P,H),
+          w_array_1 (P,H), b_array_1 (P,)``, sigmoid hidden units;
+        * the later 2-hidden-layer MLP for all pixels, ``w_array_0 (H1,L),
+          w_array_1 (H2,H1), w_array_2 (P,H2)`` and ``b_array_0..2``, leaky ReLU
+          (slope 0.01).
+
+        Both carry ``x_min``, ``x_max`` (L,), the training box.
+
+        Args:
+            path: the ``.npz`` file.
+            label_names: L names in the network's label order (default
+                ``label_0..``); The Payne kept the order only in its docs, so give it.
+            wavelength: (P,) wavelength [Angstrom]; required unless the file has a
+                ``wavelength`` array.
+            label_units: L units (default empty strings).
+            flux_scale: multiply the output by this (for example ``1e-6`` for The
+                Payne's unnormalised networks, which predict ``1e6 f_lambda``); folded
+                exactly into the last layer.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path) as d:
+                data = {k: d[k] for k in d.files}
+        except (OSError, ValueError) as err:
+            raise _h5.FileFormatError(f"{path}: not a readable .npz file: {err}") from err
+        need = ["w_array_0", "w_array_1", "b_array_0", "b_array_1", "x_min", "x_max"]
+        missing = [k for k in need if k not in data]
+        if missing:
+            raise _h5.FileFormatError(f"{path}: not a Payne network, missing {missing}; "
+                                      f"found {sorted(data)}")
+        w0 = data["w_array_0"]
+        if w0.ndim == 3:
+            n_layers = 2
+            while f"w_array_{n_layers}" in data:
+                n_layers += 1
+            cls_net, activation = PixelNet, "sigmoid"
+        elif w0.ndim == 2 and "w_array_2" in data:
+            n_layers = 3
+            cls_net, activation = DenseNet, "leaky_relu"
+        else:
+            raise _h5.FileFormatError(f"{path}: w_array_0 {w0.shape} is neither a "
+                                      "per-pixel (P,H,L) nor a dense (H,L) network")
+        try:
+            weights = [np.asarray(data[f"w_array_{i}"]) for i in range(n_layers)]
+            biases = [np.asarray(data[f"b_array_{i}"]) for i in range(n_layers)]
+        except KeyError as err:
+            raise _h5.FileFormatError(f"{path}: missing {err.args[0]}") from err
+        if flux_scale != 1.0:
+            weights[-1] = weights[-1] * flux_scale
+            biases[-1] = biases[-1] * flux_scale
+        n_lab = w0.shape[-1]
+        if wavelength is None:
+            if "wavelength" not in data:
+                raise ValueError(f"{path} has no wavelength array: pass wavelength= "
+                                 f"(the pixel grid the network was trained on)")
+            wavelength = data["wavelength"]
+        return cls(net=cls_net(tuple(weights), tuple(biases)), activation=activation,
+                   label_names=label_names or [f"label_{i}" for i in range(n_lab)],
+                   label_units=label_units or [""] * n_lab,
+                   label_lo=data["x_min"], label_hi=data["x_max"],
+                   wavelength=wavelength,
+                   meta={"source": f"The Payne npz: {os.path.basename(path)}",
+                         "flux_scale": flux_scale})

@@ -1,0 +1,214 @@
+"""Training grids of synthetic spectra: :class:`SpectralGrid` and its HDF5 file format.
+
+File layout (``format = "payne_lite.SpectralGrid"``, ``format_version = 1``):
+
+=====================  =========================  ==========================================
+item                   shape / type               meaning
+=====================  =========================  ==========================================
+``wavelength``         (n_pix,) float64           vacuum wavelength [Angstrom], increasing
+``labels``             (n_spec, n_lab) float64    physical label values
+``flux``               (n_spec, n_pix) float32    continuum-normalised flux
+``flux_err``           (n_spec, n_pix) float32    optional 1-sigma flux errors
+attr ``label_names``   JSON list of str           e.g. ``["Teff", "logg", "[Fe/H]"]``
+attr ``label_units``   JSON list of str           e.g. ``["K", "dex", "dex"]``
+attr ``meta``          JSON object                provenance (who made it, seed, settings)
+=====================  =========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import _h5
+from ._validate import as_float_array, check_finite, check_names, check_wavelength
+
+GRID_FORMAT = "payne_lite.SpectralGrid"
+GRID_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpectralGrid:
+    """A grid of spectra with known labels, the input to :func:`payne_lite.train_emulator`.
+
+    Attributes:
+        wavelength: (n_pix,) vacuum wavelength [Angstrom], strictly increasing.
+        labels: (n_spec, n_lab) physical labels.
+        flux: (n_spec, n_pix) normalised flux.
+        label_names: n_lab names, e.g. ``("Teff", "logg", "[Fe/H]")``.
+        label_units: n_lab units, e.g. ``("K", "dex", "dex")``.
+        flux_err: optional (n_spec, n_pix) 1-sigma errors (non-positive or inf = unusable).
+        meta: provenance dictionary, stored with the file.
+    """
+
+    wavelength: np.ndarray
+    labels: np.ndarray
+    flux: np.ndarray
+    label_names: tuple[str, ...]
+    label_units: tuple[str, ...]
+    flux_err: np.ndarray | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        wave = as_float_array(self.wavelength, "wavelength", ndim=1)
+        check_wavelength(wave)
+        labels = as_float_array(self.labels, "labels", ndim=2)
+        flux = as_float_array(self.flux, "flux", ndim=2, dtype=np.float32)
+        n_spec, n_lab = labels.shape
+        if n_spec < 1:
+            raise ValueError("a SpectralGrid needs at least one spectrum")
+        if flux.shape != (n_spec, wave.size):
+            raise ValueError(f"flux {flux.shape} must be (n_spec, n_pix) = "
+                             f"({n_spec}, {wave.size}) to match labels {labels.shape} "
+                             f"and wavelength {wave.shape}")
+        check_finite(labels, "labels")
+        check_finite(flux, "flux")
+        names = check_names(self.label_names, n_lab, "label_names")
+        units = tuple(str(u) for u in self.label_units)
+        if len(units) != n_lab:
+            raise ValueError(f"label_units: {len(units)} units for {n_lab} labels")
+        err = None
+        if self.flux_err is not None:
+            err = as_float_array(self.flux_err, "flux_err", ndim=2, dtype=np.float32)
+            if err.shape != flux.shape:
+                raise ValueError(f"flux_err {err.shape} must match flux {flux.shape}")
+            if np.isnan(err).any():
+                raise ValueError("flux_err has NaN values (use inf for unusable pixels)")
+        for name, val in [("wavelength", wave), ("labels", labels), ("flux", flux),
+                          ("label_names", names), ("label_units", units),
+                          ("flux_err", err), ("meta", dict(self.meta))]:
+            if isinstance(val, np.ndarray):
+                val.setflags(write=False)
+            object.__setattr__(self, name, val)
+
+    # -- shape conveniences ---------------------------------------------------------
+    @property
+    def n_spec(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def n_pix(self) -> int:
+        return self.wavelength.size
+
+    @property
+    def n_labels(self) -> int:
+        return self.labels.shape[1]
+
+    @property
+    def label_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi): per-label minimum and maximum over the grid."""
+        return self.labels.min(axis=0), self.labels.max(axis=0)
+
+    def __len__(self) -> int:
+        return self.n_spec
+
+    def __repr__(self) -> str:
+        return (f"SpectralGrid(n_spec={self.n_spec}, n_pix={self.n_pix}, "
+                f"labels={list(self.label_names)}, "
+                f"wavelength={self.wavelength[0]:.1f}-{self.wavelength[-1]:.1f} A)")
+
+    def subset(self, index) -> SpectralGrid:
+        """A new grid holding the spectra selected by ``index`` (slice, ints or bool mask)."""
+        index = np.arange(self.n_spec)[index]
+        return dataclasses.replace(
+            self, labels=self.labels[index], flux=self.flux[index],
+            flux_err=None if self.flux_err is None else self.flux_err[index])
+
+    def split(self, valid_fraction: float = 0.2, *, seed: int = 0
+              ) -> tuple[SpectralGrid, SpectralGrid]:
+        """Random train/validation split, reproducible from ``seed``.
+
+        Returns:
+            (train, valid), with ``round(valid_fraction * n_spec)`` spectra in ``valid``
+            (at least one of each when ``n_spec >= 2``).
+        """
+        if not 0.0 < valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
+        if self.n_spec < 2:
+            raise ValueError("cannot split a grid of fewer than 2 spectra")
+        n_valid = min(max(1, round(valid_fraction * self.n_spec)), self.n_spec - 1)
+        perm = np.random.default_rng(seed).permutation(self.n_spec)
+        return self.subset(np.sort(perm[n_valid:])), self.subset(np.sort(perm[:n_valid]))
+
+    # -- files ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the grid to one HDF5 file (atomically; see the module docstring)."""
+        with _h5.atomic_h5_writer(path, GRID_FORMAT, GRID_VERSION) as f:
+            _h5.write_dataset(f, "wavelength", self.wavelength, compress=False)
+            _h5.write_dataset(f, "labels", self.labels, compress=False)
+            _h5.write_dataset(f, "flux", self.flux)
+            if self.flux_err is not None:
+                _h5.write_dataset(f, "flux_err", self.flux_err)
+            _h5.set_json_attr(f, "label_names", list(self.label_names))
+            _h5.set_json_attr(f, "label_units", list(self.label_units))
+            _h5.set_json_attr(f, "meta", self.meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SpectralGrid:
+        """Read and validate a grid written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            payne_lite.FileFormatError: corrupt, truncated, wrong kind or version.
+            ValueError: inconsistent contents (shapes, non-finite values, wavelengths).
+        """
+        with _h5.open_checked(path, GRID_FORMAT, (GRID_VERSION,)) as f:
+            kw = dict(
+                wavelength=_h5.read_dataset(f, "wavelength", path),
+                labels=_h5.read_dataset(f, "labels", path),
+                flux=_h5.read_dataset(f, "flux", path),
+                flux_err=_h5.read_dataset(f, "flux_err", path) if "flux_err" in f else None,
+                label_names=_h5.get_json_attr(f, "label_names", path),
+                label_units=_h5.get_json_attr(f, "label_units", path),
+                meta=_h5.get_json_attr(f, "meta", path),
+            )
+        try:
+            return cls(**kw)
+        except ValueError as err:
+            raise _h5.FileFormatError(f"{path}: invalid grid contents: {err}") from err
+
+    @classmethod
+    def from_payne_npz(cls, path: str | os.PathLike, *,
+                       label_names: Sequence[str] | None = None,
+                       label_units: Sequence[str] | None = None,
+                       wavelength=None) -> SpectralGrid:
+        """Read a training-spectra ``.npz`` file in The Payne's layout.
+
+        The Payne's files hold ``labels`` as (n_lab, n_spec) (its convention) or
+        (n_spec, n_lab), ``spectra`` as (n_spec, n_pix) and usually ``wavelength``;
+        ``wavelength`` can be given when the file lacks it. Labels are recognised as
+        transposed when their first axis does not match the number of spectra.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path) as d:
+                data = {k: d[k] for k in d.files}
+        except (OSError, ValueError) as err:
+            raise _h5.FileFormatError(f"{path}: not a readable .npz file: {err}") from err
+        missing = [k for k in ("labels", "spectra") if k not in data]
+        if missing:
+            raise _h5.FileFormatError(f"{path}: missing key(s) {missing}; "
+                                      f"found {sorted(data)}")
+        flux = np.asarray(data["spectra"])
+        labels = np.asarray(data["labels"])
+        if labels.ndim != 2 or flux.ndim != 2:
+            raise _h5.FileFormatError(f"{path}: labels {labels.shape} and spectra "
+                                      f"{flux.shape} must both be 2-D")
+        if labels.shape[0] != flux.shape[0] and labels.shape[1] == flux.shape[0]:
+            labels = labels.T
+        if wavelength is None:
+            if "wavelength" not in data:
+                raise _h5.FileFormatError(f"{path}: no 'wavelength' key; pass wavelength=")
+            wavelength = data["wavelength"]
+        n_lab = labels.shape[1]
+        if label_names is None:
+            label_names = [f"label_{i}" for i in range(n_lab)]
+        if label_units is None:
+            label_units = [""] * n_lab
+        return cls(wavelength=wavelength, labels=labels, flux=flux,
+                   label_names=label_names, label_units=label_units,
+                   flux_err=data.get("spectra_err"),
+                   meta={"source": f"The Payne npz: {os.path.basename(path)}"})
