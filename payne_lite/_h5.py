@@ -48,7 +48,9 @@ def get_json_attr(obj, name: str, path):
 
 
 @contextlib.contextmanager
-def atomic_h5_writer(path: str | os.PathLike, fmt: str, version: int) -> Iterator[h5py.File]:
+def atomic_h5_writer(
+    path: str | os.PathLike, fmt: str, version: int
+) -> Iterator[h5py.File]:
     """Open a temporary HDF5 file next to ``path``; rename it over ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +70,9 @@ def atomic_h5_writer(path: str | os.PathLike, fmt: str, version: int) -> Iterato
 
 
 @contextlib.contextmanager
-def open_checked(path: str | os.PathLike, fmt: str, versions: tuple[int, ...]
-                 ) -> Iterator[h5py.File]:
+def open_checked(
+    path: str | os.PathLike, fmt: str, versions: tuple[int, ...]
+) -> Iterator[h5py.File]:
     """Open ``path`` read-only and refuse it unless it is a ``fmt`` file of a known version.
 
     Raises:
@@ -82,18 +85,24 @@ def open_checked(path: str | os.PathLike, fmt: str, versions: tuple[int, ...]
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise FileFormatError(f"{path}: not a readable HDF5 file (corrupt or truncated?): "
-                              f"{err}") from err
+        raise FileFormatError(
+            f"{path}: not a readable HDF5 file (corrupt or truncated?): {err}"
+        ) from err
     with f:
         got = f.attrs.get("format")
         if isinstance(got, bytes):
             got = got.decode()
         if got != fmt:
-            raise FileFormatError(f"{path}: expected a {fmt!r} file, found format={got!r}")
+            raise FileFormatError(
+                f"{path}: expected a {fmt!r} file, found format={got!r}"
+            )
         ver = f.attrs.get("format_version")
         if ver is None or int(ver) not in versions:
-            raise FileFormatError(f"{path}: {fmt} format_version={ver!r} is not supported "
-                                  f"(this payne_lite reads {list(versions)})")
+            ver = None if ver is None else int(ver)
+            raise FileFormatError(
+                f"{path}: {fmt} format_version={ver!r} is not supported "
+                f"(this payne_lite reads {list(versions)})"
+            )
         try:
             yield f
         except OSError as err:  # checksum (fletcher32) or read failure inside a dataset

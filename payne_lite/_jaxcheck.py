@@ -23,7 +23,9 @@ def _check() -> None:
         warnings.warn(
             f"jaxlib {version} miscompiles float32 reductions on CPU (jax-ml/jax#39103); "
             f"install jaxlib 0.10.1 or set XLA_FLAGS={_WORKAROUND} before importing jax",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _check()

@@ -7,18 +7,23 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def as_float_array(x, name: str, *, ndim: int | tuple[int, ...] | None = None,
-                   dtype=np.float64) -> np.ndarray:
+def as_float_array(
+    x, name: str, *, ndim: int | tuple[int, ...] | None = None, dtype=np.float64
+) -> np.ndarray:
     """Return ``x`` as a new floating array, checking its number of dimensions."""
     try:
         arr = np.array(x, dtype=dtype, copy=True)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}") from err
+        raise ValueError(
+            f"{name} must be a numeric array, got {type(x).__name__}"
+        ) from err
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if arr.ndim not in allowed:
-            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} "
-                             f"dimension(s), got shape {arr.shape}")
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} "
+                f"dimension(s), got shape {arr.shape}"
+            )
     return arr
 
 
@@ -27,22 +32,28 @@ def check_finite(arr: np.ndarray, name: str) -> None:
     bad = ~np.isfinite(arr)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s); "
-                         f"first at index {idx}: {arr[idx]!r}")
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s); "
+            f"first at index {idx}: {arr[idx]!r}"
+        )
 
 
 def check_wavelength(wave: np.ndarray, name: str = "wavelength") -> None:
     """A wavelength grid must be 1-D, finite, positive and strictly increasing."""
     if wave.ndim != 1 or wave.size < 2:
-        raise ValueError(f"{name} must be 1-D with at least 2 pixels, got shape {wave.shape}")
+        raise ValueError(
+            f"{name} must be 1-D with at least 2 pixels, got shape {wave.shape}"
+        )
     check_finite(wave, name)
     if np.any(wave <= 0):
         raise ValueError(f"{name} must be positive [Angstrom], min is {wave.min()!r}")
     step = np.diff(wave)
     if np.any(step <= 0):
         i = int(np.argmax(step <= 0))
-        raise ValueError(f"{name} must be strictly increasing; "
-                         f"{name}[{i + 1}]={wave[i + 1]!r} <= {name}[{i}]={wave[i]!r}")
+        raise ValueError(
+            f"{name} must be strictly increasing; "
+            f"{name}[{i + 1}]={wave[i + 1]!r} <= {name}[{i}]={wave[i]!r}"
+        )
 
 
 def check_names(names: Sequence[str], n: int, what: str) -> tuple[str, ...]:
@@ -58,10 +69,14 @@ def check_box(lo, hi, n: int) -> tuple[np.ndarray, np.ndarray]:
     lo = as_float_array(lo, "label box lower edge", ndim=1)
     hi = as_float_array(hi, "label box upper edge", ndim=1)
     if lo.shape != (n,) or hi.shape != (n,):
-        raise ValueError(f"label box edges must both be ({n},), got {lo.shape} and {hi.shape}")
+        raise ValueError(
+            f"label box edges must both be ({n},), got {lo.shape} and {hi.shape}"
+        )
     check_finite(lo, "label box lower edge")
     check_finite(hi, "label box upper edge")
     if np.any(hi <= lo):
         i = int(np.argmax(hi <= lo))
-        raise ValueError(f"label box is empty for label {i}: lo={lo[i]!r} >= hi={hi[i]!r}")
+        raise ValueError(
+            f"label box is empty for label {i}: lo={lo[i]!r} >= hi={hi[i]!r}"
+        )
     return lo, hi

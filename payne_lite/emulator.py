@@ -188,27 +188,37 @@ def _check_net(net, kind: str, n_pix: int, n_lab: int) -> None:
     ws = [np.shape(w) for w in net.weights]
     bs = [np.shape(b) for b in net.biases]
     if len(ws) != len(bs) or len(ws) < 2:
-        raise ValueError(f"network needs >= 2 layers of weights and biases, got "
-                         f"{len(ws)} weights and {len(bs)} biases")
+        raise ValueError(
+            f"network needs >= 2 layers of weights and biases, got "
+            f"{len(ws)} weights and {len(bs)} biases"
+        )
     if kind == "pixel":
         width = n_lab
         for i, (w, b) in enumerate(zip(ws[:-1], bs[:-1], strict=True)):
             if len(w) != 3 or w[0] != n_pix or w[2] != width or b != (n_pix, w[1]):
-                raise ValueError(f"pixel net layer {i}: W{i} {w}, b{i} {b} do not fit "
-                                 f"(P={n_pix}, H, {width})")
+                raise ValueError(
+                    f"pixel net layer {i}: W{i} {w}, b{i} {b} do not fit "
+                    f"(P={n_pix}, H, {width})"
+                )
             width = w[1]
         if ws[-1] != (n_pix, width) or bs[-1] != (n_pix,):
-            raise ValueError(f"pixel net output layer: W {ws[-1]}, b {bs[-1]}; expected "
-                             f"({n_pix}, {width}) and ({n_pix},)")
+            raise ValueError(
+                f"pixel net output layer: W {ws[-1]}, b {bs[-1]}; expected "
+                f"({n_pix}, {width}) and ({n_pix},)"
+            )
     elif kind == "dense":
         width = n_lab
         for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
             if len(w) != 2 or w[1] != width or b != (w[0],):
-                raise ValueError(f"dense net layer {i}: W{i} {w}, b{i} {b} do not fit "
-                                 f"input width {width}")
+                raise ValueError(
+                    f"dense net layer {i}: W{i} {w}, b{i} {b} do not fit "
+                    f"input width {width}"
+                )
             width = w[0]
         if width != n_pix:
-            raise ValueError(f"dense net outputs {width} pixels, wavelength has {n_pix}")
+            raise ValueError(
+                f"dense net outputs {width} pixels, wavelength has {n_pix}"
+            )
     else:
         raise ValueError(f"unknown network kind {kind!r}; expected 'pixel' or 'dense'")
 
@@ -244,18 +254,24 @@ class Emulator:
     pixel_error: np.ndarray | None = None
     history: dict = dataclasses.field(default_factory=dict)
     meta: dict = dataclasses.field(default_factory=dict)
-    _device_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+    _device_cache: dict = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of "
-                             f"{sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}"
+            )
         wave = as_float_array(self.wavelength, "wavelength", ndim=1)
         check_wavelength(wave)
         kind = "dense" if isinstance(self.net, DenseNet) else "pixel"
         net_np = type(self.net)(
-            tuple(np.asarray(w) for w in self.net.weights),
-            tuple(np.asarray(b) for b in self.net.biases))
+            tuple(np.array(w, copy=True) for w in self.net.weights),
+            tuple(np.array(b, copy=True) for b in self.net.biases),
+        )
+        for a in net_np.weights + net_np.biases:
+            a.setflags(write=False)
         n_lab = np.shape(net_np.weights[0])[-1]
         _check_net(net_np, kind, wave.size, n_lab)
         for i, a in enumerate(net_np.weights + net_np.biases):
@@ -267,16 +283,24 @@ class Emulator:
         lo, hi = check_box(self.label_lo, self.label_hi, n_lab)
         perr = None
         if self.pixel_error is not None:
-            perr = as_float_array(self.pixel_error, "pixel_error", ndim=1,
-                                  dtype=np.float32)
+            perr = as_float_array(
+                self.pixel_error, "pixel_error", ndim=1, dtype=np.float32
+            )
             if perr.shape != wave.shape:
-                raise ValueError(f"pixel_error {perr.shape} must match wavelength "
-                                 f"{wave.shape}")
-        for name, val in [("net", net_np), ("label_names", names), ("label_units", units),
-                          ("label_lo", lo), ("label_hi", hi), ("wavelength", wave),
-                          ("pixel_error", perr),
-                          ("history", {k: np.asarray(v) for k, v in self.history.items()}),
-                          ("meta", dict(self.meta))]:
+                raise ValueError(
+                    f"pixel_error {perr.shape} must match wavelength {wave.shape}"
+                )
+        for name, val in [
+            ("net", net_np),
+            ("label_names", names),
+            ("label_units", units),
+            ("label_lo", lo),
+            ("label_hi", hi),
+            ("wavelength", wave),
+            ("pixel_error", perr),
+            ("history", {k: np.asarray(v) for k, v in self.history.items()}),
+            ("meta", dict(self.meta)),
+        ]:
             object.__setattr__(self, name, val)
         for a in (lo, hi, wave, perr):
             if a is not None:
@@ -309,10 +333,16 @@ class Emulator:
         return self.label_lo, self.label_hi
 
     def __repr__(self) -> str:
-        box = ", ".join(f"{n} [{a:g}, {b:g}]" for n, a, b in
-                        zip(self.label_names, self.label_lo, self.label_hi, strict=True))
-        return (f"Emulator({self.kind}, hidden={self.hidden}, {self.activation}, "
-                f"n_pix={self.n_pix}, labels: {box})")
+        box = ", ".join(
+            f"{n} [{a:g}, {b:g}]"
+            for n, a, b in zip(
+                self.label_names, self.label_lo, self.label_hi, strict=True
+            )
+        )
+        return (
+            f"Emulator({self.kind}, hidden={self.hidden}, {self.activation}, "
+            f"n_pix={self.n_pix}, labels: {box})"
+        )
 
     # -- evaluation -----------------------------------------------------------------
     def params(self, dtype=None):
@@ -320,20 +350,24 @@ class Emulator:
 
         Cached per dtype, so repeated calls do not copy the weights to the device again.
         """
-        dtype = jnp.dtype(dtype or jnp.result_type(float))
+        dtype = jax.dtypes.canonicalize_dtype(dtype or jnp.result_type(float))
         if dtype not in self._device_cache:
             self._device_cache[dtype] = jax.tree.map(
-                lambda a: jnp.asarray(a, dtype=dtype), self.net)
+                lambda a: jnp.asarray(a, dtype=dtype), self.net
+            )
         return self._device_cache[dtype]
 
     def scale(self, labels) -> np.ndarray:
         """Physical labels (..., L) -> scaled labels (box -> [-0.5, 0.5])."""
-        return scale_labels(np.asarray(labels, dtype=float), self.label_lo, self.label_hi)
+        return scale_labels(
+            np.asarray(labels, dtype=float), self.label_lo, self.label_hi
+        )
 
     def unscale(self, scaled) -> np.ndarray:
         """Scaled labels (..., L) -> physical labels."""
-        return unscale_labels(np.asarray(scaled, dtype=float), self.label_lo,
-                              self.label_hi)
+        return unscale_labels(
+            np.asarray(scaled, dtype=float), self.label_lo, self.label_hi
+        )
 
     def check_labels(self, labels, *, allow_outside: bool = False) -> np.ndarray:
         """Validate physical labels; returns them as a (n, L) float64 copy.
@@ -345,8 +379,10 @@ class Emulator:
         x = as_float_array(labels, "labels", ndim=(1, 2))
         x2 = x[None] if x.ndim == 1 else x
         if x2.shape[1] != self.n_labels:
-            raise ValueError(f"labels {x.shape} must have {self.n_labels} columns "
-                             f"({', '.join(self.label_names)})")
+            raise ValueError(
+                f"labels {x.shape} must have {self.n_labels} columns "
+                f"({', '.join(self.label_names)})"
+            )
         check_finite(x2, "labels")
         if not allow_outside:
             out = (x2 < self.label_lo) | (x2 > self.label_hi)
@@ -356,11 +392,18 @@ class Emulator:
                     f"labels[{i}] {self.label_names[j]} = {x2[i, j]!r} is outside the "
                     f"training box [{self.label_lo[j]!r}, {self.label_hi[j]!r}] "
                     f"({int(out.any(axis=1).sum())} row(s) outside); pass "
-                    f"allow_outside=True to extrapolate")
+                    f"allow_outside=True to extrapolate"
+                )
         return x2
 
-    def predict(self, labels, *, allow_outside: bool = False, dtype=None,
-                batch_size: int = 16384) -> np.ndarray:
+    def predict(
+        self,
+        labels,
+        *,
+        allow_outside: bool = False,
+        dtype=None,
+        batch_size: int = 16384,
+    ) -> np.ndarray:
         """Normalised flux for physical labels.
 
         Args:
@@ -382,16 +425,17 @@ class Emulator:
         dt = net.biases[-1].dtype
         s = self.scale(x)
         n = s.shape[0]
-        # Pad to a power of two up to batch_size so that varied n reuse compilations.
-        size = min(batch_size, 1 << max(0, int(np.ceil(np.log2(max(n, 1))))))
+        # Pad to a power of two (at least 8) up to batch_size, so that varied n reuse
+        # a few compilations and a row's result does not depend on the batch it is in.
+        size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(max(n, 1))))))
         out = np.empty((n, self.n_pix), dtype=dt)
         for start in range(0, n, size):
-            chunk = s[start:start + size]
+            chunk = s[start : start + size]
             m = chunk.shape[0]
             if m < size:
                 chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]))])
             res = predict_batch(net, jnp.asarray(chunk, dtype=dt), self.activation)
-            out[start:start + m] = np.asarray(res)[:m]
+            out[start : start + m] = np.asarray(res)[:m]
         return out[0] if np.ndim(labels) == 1 else out
 
     # -- files ----------------------------------------------------------------------
@@ -436,29 +480,42 @@ class Emulator:
             net = (DenseNet if kind == "dense" else PixelNet)(weights, biases)
             if kind not in ("pixel", "dense"):
                 raise _h5.FileFormatError(f"{path}: unknown network kind {kind!r}")
-            hist = {k: _h5.read_dataset(f["history"], k, path)
-                    for k in f.get("history", {})}
+            hist = {
+                k: _h5.read_dataset(f["history"], k, path) for k in f.get("history", {})
+            }
             kw = dict(
-                net=net, activation=str(f.attrs.get("activation", "")),
+                net=net,
+                activation=str(f.attrs.get("activation", "")),
                 label_names=_h5.get_json_attr(f, "label_names", path),
                 label_units=_h5.get_json_attr(f, "label_units", path),
                 label_lo=_h5.read_dataset(f, "label_lo", path),
                 label_hi=_h5.read_dataset(f, "label_hi", path),
                 wavelength=_h5.read_dataset(f, "wavelength", path),
-                pixel_error=(_h5.read_dataset(f, "pixel_error", path)
-                             if "pixel_error" in f else None),
-                history=hist, meta=_h5.get_json_attr(f, "meta", path))
+                pixel_error=(
+                    _h5.read_dataset(f, "pixel_error", path)
+                    if "pixel_error" in f
+                    else None
+                ),
+                history=hist,
+                meta=_h5.get_json_attr(f, "meta", path),
+            )
         try:
             return cls(**kw)
         except ValueError as err:
-            raise _h5.FileFormatError(f"{path}: inconsistent emulator file: {err}") from err
+            raise _h5.FileFormatError(
+                f"{path}: inconsistent emulator file: {err}"
+            ) from err
 
     @classmethod
-    def from_payne_npz(cls, path: str | os.PathLike, *,
-                       label_names: Sequence[str] | None = None,
-                       wavelength=None,
-                       label_units: Sequence[str] | None = None,
-                       flux_scale: float = 1.0) -> Emulator:
+    def from_payne_npz(
+        cls,
+        path: str | os.PathLike,
+        *,
+        label_names: Sequence[str] | None = None,
+        wavelength=None,
+        label_units: Sequence[str] | None = None,
+        flux_scale: float = 1.0,
+    ) -> Emulator:
         """Import a network trained with The Payne (Ting et al. 2019).
 
         Two layouts are recognised from the arrays' shapes:
@@ -487,12 +544,15 @@ class Emulator:
             with np.load(path) as d:
                 data = {k: d[k] for k in d.files}
         except (OSError, ValueError) as err:
-            raise _h5.FileFormatError(f"{path}: not a readable .npz file: {err}") from err
+            raise _h5.FileFormatError(
+                f"{path}: not a readable .npz file: {err}"
+            ) from err
         need = ["w_array_0", "w_array_1", "b_array_0", "b_array_1", "x_min", "x_max"]
         missing = [k for k in need if k not in data]
         if missing:
-            raise _h5.FileFormatError(f"{path}: not a Payne network, missing {missing}; "
-                                      f"found {sorted(data)}")
+            raise _h5.FileFormatError(
+                f"{path}: not a Payne network, missing {missing}; found {sorted(data)}"
+            )
         w0 = data["w_array_0"]
         if w0.ndim == 3:
             n_layers = 2
@@ -503,26 +563,36 @@ class Emulator:
             n_layers = 3
             cls_net, activation = DenseNet, "leaky_relu"
         else:
-            raise _h5.FileFormatError(f"{path}: w_array_0 {w0.shape} is neither a "
-                                      "per-pixel (P,H,L) nor a dense (H,L) network")
+            raise _h5.FileFormatError(
+                f"{path}: w_array_0 {w0.shape} is neither a "
+                "per-pixel (P,H,L) nor a dense (H,L) network"
+            )
         try:
             weights = [np.asarray(data[f"w_array_{i}"]) for i in range(n_layers)]
             biases = [np.asarray(data[f"b_array_{i}"]) for i in range(n_layers)]
         except KeyError as err:
             raise _h5.FileFormatError(f"{path}: missing {err.args[0]}") from err
-        if flux_scale != 1.0:
-            weights[-1] = weights[-1] * flux_scale
-            biases[-1] = biases[-1] * flux_scale
+        if flux_scale != 1.0:  # in float64: exact to ~1e-16, not float32 rounding
+            weights[-1] = np.asarray(weights[-1], dtype=np.float64) * flux_scale
+            biases[-1] = np.asarray(biases[-1], dtype=np.float64) * flux_scale
         n_lab = w0.shape[-1]
         if wavelength is None:
             if "wavelength" not in data:
-                raise ValueError(f"{path} has no wavelength array: pass wavelength= "
-                                 f"(the pixel grid the network was trained on)")
+                raise ValueError(
+                    f"{path} has no wavelength array: pass wavelength= "
+                    f"(the pixel grid the network was trained on)"
+                )
             wavelength = data["wavelength"]
-        return cls(net=cls_net(tuple(weights), tuple(biases)), activation=activation,
-                   label_names=label_names or [f"label_{i}" for i in range(n_lab)],
-                   label_units=label_units or [""] * n_lab,
-                   label_lo=data["x_min"], label_hi=data["x_max"],
-                   wavelength=wavelength,
-                   meta={"source": f"The Payne npz: {os.path.basename(path)}",
-                         "flux_scale": flux_scale})
+        return cls(
+            net=cls_net(tuple(weights), tuple(biases)),
+            activation=activation,
+            label_names=label_names or [f"label_{i}" for i in range(n_lab)],
+            label_units=label_units or [""] * n_lab,
+            label_lo=data["x_min"],
+            label_hi=data["x_max"],
+            wavelength=wavelength,
+            meta={
+                "source": f"The Payne npz: {os.path.basename(path)}",
+                "flux_scale": flux_scale,
+            },
+        )

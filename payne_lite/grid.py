@@ -61,9 +61,11 @@ class SpectralGrid:
         if n_spec < 1:
             raise ValueError("a SpectralGrid needs at least one spectrum")
         if flux.shape != (n_spec, wave.size):
-            raise ValueError(f"flux {flux.shape} must be (n_spec, n_pix) = "
-                             f"({n_spec}, {wave.size}) to match labels {labels.shape} "
-                             f"and wavelength {wave.shape}")
+            raise ValueError(
+                f"flux {flux.shape} must be (n_spec, n_pix) = "
+                f"({n_spec}, {wave.size}) to match labels {labels.shape} "
+                f"and wavelength {wave.shape}"
+            )
         check_finite(labels, "labels")
         check_finite(flux, "flux")
         names = check_names(self.label_names, n_lab, "label_names")
@@ -76,10 +78,18 @@ class SpectralGrid:
             if err.shape != flux.shape:
                 raise ValueError(f"flux_err {err.shape} must match flux {flux.shape}")
             if np.isnan(err).any():
-                raise ValueError("flux_err has NaN values (use inf for unusable pixels)")
-        for name, val in [("wavelength", wave), ("labels", labels), ("flux", flux),
-                          ("label_names", names), ("label_units", units),
-                          ("flux_err", err), ("meta", dict(self.meta))]:
+                raise ValueError(
+                    "flux_err has NaN values (use inf for unusable pixels)"
+                )
+        for name, val in [
+            ("wavelength", wave),
+            ("labels", labels),
+            ("flux", flux),
+            ("label_names", names),
+            ("label_units", units),
+            ("flux_err", err),
+            ("meta", dict(self.meta)),
+        ]:
             if isinstance(val, np.ndarray):
                 val.setflags(write=False)
             object.__setattr__(self, name, val)
@@ -106,19 +116,25 @@ class SpectralGrid:
         return self.n_spec
 
     def __repr__(self) -> str:
-        return (f"SpectralGrid(n_spec={self.n_spec}, n_pix={self.n_pix}, "
-                f"labels={list(self.label_names)}, "
-                f"wavelength={self.wavelength[0]:.1f}-{self.wavelength[-1]:.1f} A)")
+        return (
+            f"SpectralGrid(n_spec={self.n_spec}, n_pix={self.n_pix}, "
+            f"labels={list(self.label_names)}, "
+            f"wavelength={self.wavelength[0]:.1f}-{self.wavelength[-1]:.1f} A)"
+        )
 
     def subset(self, index) -> SpectralGrid:
         """A new grid holding the spectra selected by ``index`` (slice, ints or bool mask)."""
         index = np.arange(self.n_spec)[index]
         return dataclasses.replace(
-            self, labels=self.labels[index], flux=self.flux[index],
-            flux_err=None if self.flux_err is None else self.flux_err[index])
+            self,
+            labels=self.labels[index],
+            flux=self.flux[index],
+            flux_err=None if self.flux_err is None else self.flux_err[index],
+        )
 
-    def split(self, valid_fraction: float = 0.2, *, seed: int = 0
-              ) -> tuple[SpectralGrid, SpectralGrid]:
+    def split(
+        self, valid_fraction: float = 0.2, *, seed: int = 0
+    ) -> tuple[SpectralGrid, SpectralGrid]:
         """Random train/validation split, reproducible from ``seed``.
 
         Returns:
@@ -126,12 +142,16 @@ class SpectralGrid:
             (at least one of each when ``n_spec >= 2``).
         """
         if not 0.0 < valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
+            raise ValueError(
+                f"valid_fraction must be in (0, 1), got {valid_fraction!r}"
+            )
         if self.n_spec < 2:
             raise ValueError("cannot split a grid of fewer than 2 spectra")
         n_valid = min(max(1, round(valid_fraction * self.n_spec)), self.n_spec - 1)
         perm = np.random.default_rng(seed).permutation(self.n_spec)
-        return self.subset(np.sort(perm[n_valid:])), self.subset(np.sort(perm[:n_valid]))
+        return self.subset(np.sort(perm[n_valid:])), self.subset(
+            np.sort(perm[:n_valid])
+        )
 
     # -- files ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -160,7 +180,9 @@ class SpectralGrid:
                 wavelength=_h5.read_dataset(f, "wavelength", path),
                 labels=_h5.read_dataset(f, "labels", path),
                 flux=_h5.read_dataset(f, "flux", path),
-                flux_err=_h5.read_dataset(f, "flux_err", path) if "flux_err" in f else None,
+                flux_err=_h5.read_dataset(f, "flux_err", path)
+                if "flux_err" in f
+                else None,
                 label_names=_h5.get_json_attr(f, "label_names", path),
                 label_units=_h5.get_json_attr(f, "label_units", path),
                 meta=_h5.get_json_attr(f, "meta", path),
@@ -171,44 +193,70 @@ class SpectralGrid:
             raise _h5.FileFormatError(f"{path}: invalid grid contents: {err}") from err
 
     @classmethod
-    def from_payne_npz(cls, path: str | os.PathLike, *,
-                       label_names: Sequence[str] | None = None,
-                       label_units: Sequence[str] | None = None,
-                       wavelength=None) -> SpectralGrid:
+    def from_payne_npz(
+        cls,
+        path: str | os.PathLike,
+        *,
+        label_names: Sequence[str] | None = None,
+        label_units: Sequence[str] | None = None,
+        wavelength=None,
+    ) -> SpectralGrid:
         """Read a training-spectra ``.npz`` file in The Payne's layout.
 
         The Payne's files hold ``labels`` as (n_lab, n_spec) (its convention) or
         (n_spec, n_lab), ``spectra`` as (n_spec, n_pix) and usually ``wavelength``;
-        ``wavelength`` can be given when the file lacks it. Labels are recognised as
-        transposed when their first axis does not match the number of spectra.
+        ``wavelength`` can be given when the file lacks it. The orientation of
+        ``labels`` is taken from ``label_names`` when given, otherwise (n_lab, n_spec)
+        whenever its second axis matches the number of spectra.
         """
         path = os.fspath(path)
         try:
             with np.load(path) as d:
                 data = {k: d[k] for k in d.files}
         except (OSError, ValueError) as err:
-            raise _h5.FileFormatError(f"{path}: not a readable .npz file: {err}") from err
+            raise _h5.FileFormatError(
+                f"{path}: not a readable .npz file: {err}"
+            ) from err
         missing = [k for k in ("labels", "spectra") if k not in data]
         if missing:
-            raise _h5.FileFormatError(f"{path}: missing key(s) {missing}; "
-                                      f"found {sorted(data)}")
+            raise _h5.FileFormatError(
+                f"{path}: missing key(s) {missing}; found {sorted(data)}"
+            )
         flux = np.asarray(data["spectra"])
         labels = np.asarray(data["labels"])
         if labels.ndim != 2 or flux.ndim != 2:
-            raise _h5.FileFormatError(f"{path}: labels {labels.shape} and spectra "
-                                      f"{flux.shape} must both be 2-D")
-        if labels.shape[0] != flux.shape[0] and labels.shape[1] == flux.shape[0]:
+            raise _h5.FileFormatError(
+                f"{path}: labels {labels.shape} and spectra "
+                f"{flux.shape} must both be 2-D"
+            )
+        n_spec = flux.shape[0]
+        if label_names is not None and labels.shape != (n_spec, len(label_names)):
+            if labels.shape == (len(label_names), n_spec):
+                labels = labels.T
+        elif labels.shape[1] == n_spec:
+            # The Payne stores (n_lab, n_spec); a square array is read that way too.
             labels = labels.T
+        if labels.shape[0] != n_spec:
+            raise _h5.FileFormatError(
+                f"{path}: labels {data['labels'].shape} do not match {n_spec} spectra"
+            )
         if wavelength is None:
             if "wavelength" not in data:
-                raise _h5.FileFormatError(f"{path}: no 'wavelength' key; pass wavelength=")
+                raise _h5.FileFormatError(
+                    f"{path}: no 'wavelength' key; pass wavelength="
+                )
             wavelength = data["wavelength"]
         n_lab = labels.shape[1]
         if label_names is None:
             label_names = [f"label_{i}" for i in range(n_lab)]
         if label_units is None:
             label_units = [""] * n_lab
-        return cls(wavelength=wavelength, labels=labels, flux=flux,
-                   label_names=label_names, label_units=label_units,
-                   flux_err=data.get("spectra_err"),
-                   meta={"source": f"The Payne npz: {os.path.basename(path)}"})
+        return cls(
+            wavelength=wavelength,
+            labels=labels,
+            flux=flux,
+            label_names=label_names,
+            label_units=label_units,
+            flux_err=data.get("spectra_err"),
+            meta={"source": f"The Payne npz: {os.path.basename(path)}"},
+        )

@@ -93,15 +93,20 @@ class TrainConfig:
             raise ValueError(f"hidden must be positive width(s), got {self.hidden!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of "
-                             f"{sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}"
+            )
         if self.optimizer not in ("lm", "adam"):
-            raise ValueError(f"optimizer must be 'lm' or 'adam', got {self.optimizer!r}")
+            raise ValueError(
+                f"optimizer must be 'lm' or 'adam', got {self.optimizer!r}"
+            )
         for name in ("max_iter", "patience", "pixel_batch", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction!r}")
+            raise ValueError(
+                f"valid_fraction must be in (0, 1), got {self.valid_fraction!r}"
+            )
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
         for name in ("learning_rate", "lm_lambda0", "init_scale", "restart_threshold"):
@@ -131,8 +136,15 @@ def _pixel_model(theta, s, unravel, activation):
     return pixel_forward(net, s, activation)[0]
 
 
-def _init_theta(rng: np.random.Generator, n: int, n_lab: int, hidden, mean_flux,
-                init_scale: float, dtype) -> np.ndarray:
+def _init_theta(
+    rng: np.random.Generator,
+    n: int,
+    n_lab: int,
+    hidden,
+    mean_flux,
+    init_scale: float,
+    dtype,
+) -> np.ndarray:
     """Random flat parameters (n, n_par) for ``n`` pixels with output mean ``mean_flux``."""
     parts_w, parts_b, width = [], [], n_lab
     for i, h in enumerate(hidden):
@@ -189,17 +201,25 @@ def _fwd_jac(theta, s, *, unravel, activation):
         g = w1[:, None, :] * da
         f = jnp.einsum("cnh,ch->cn", a, w1) + b1[:, None]
         jac = jnp.concatenate(
-            [(g[..., None] * s[None, :, None, :]).reshape(n_pix, n, n_hid * n_lab),
-             a, g, jnp.ones((n_pix, n, 1), dtype=a.dtype)], axis=-1)
+            [
+                (g[..., None] * s[None, :, None, :]).reshape(n_pix, n, n_hid * n_lab),
+                a,
+                g,
+                jnp.ones((n_pix, n, 1), dtype=a.dtype),
+            ],
+            axis=-1,
+        )
         return f, jac
     one = functools.partial(_pixel_model, unravel=unravel, activation=activation)
     jac = jax.vmap(jax.vmap(jax.jacfwd(one), in_axes=(None, 0)), in_axes=(0, None))(
-        theta, s)
+        theta, s
+    )
     return _fwd(theta, s, unravel=unravel, activation=activation), jac
 
 
-@functools.partial(jax.jit, static_argnames=("unravel", "activation"),
-                   donate_argnames=("theta", "lam"))
+@functools.partial(
+    jax.jit, static_argnames=("unravel", "activation"), donate_argnames=("theta", "lam")
+)
 def _lm_step(theta, lam, s, y, sw, *, unravel, activation):
     """One Levenberg-Marquardt iteration for C pixels at once.
 
@@ -225,9 +245,11 @@ def _lm_step(theta, lam, s, y, sw, *, unravel, activation):
     r_new = sw * (_fwd(th_new, s, **kw) - y)
     loss, loss_new = jnp.sum(r * r, axis=1), jnp.sum(r_new * r_new, axis=1)
     ok = jnp.isfinite(loss_new) & (loss_new < loss)
-    return (jnp.where(ok[:, None], th_new, theta),
-            jnp.clip(jnp.where(ok, lam / 3.0, lam * 4.0), 1e-10, 1e10),
-            jnp.where(ok, loss_new, loss))
+    return (
+        jnp.where(ok[:, None], th_new, theta),
+        jnp.clip(jnp.where(ok, lam / 3.0, lam * 4.0), 1e-10, 1e10),
+        jnp.where(ok, loss_new, loss),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("unravel", "activation"))
@@ -282,9 +304,12 @@ class _PixelTracker:
     def to_restart(self) -> np.ndarray:
         """Stalled pixels whose error is far above the median pixel's."""
         stalled = self.active & (self.stall >= self.cfg.patience)
-        typical = np.median(self.best[np.isfinite(self.best)]) if np.isfinite(
-            self.best).any() else np.inf
-        bad = self.best > (self.cfg.restart_threshold ** 2) * typical
+        typical = (
+            np.median(self.best[np.isfinite(self.best)])
+            if np.isfinite(self.best).any()
+            else np.inf
+        )
+        bad = self.best > (self.cfg.restart_threshold**2) * typical
         return stalled & bad & (self.restarts < self.cfg.max_restarts)
 
     def retire(self) -> None:
@@ -297,10 +322,17 @@ def _mesh():
     return Mesh(devices, ("pix",)), devices.size
 
 
-def train_emulator(grid: SpectralGrid, *, hidden: int | tuple[int, ...] | None = None,
-                   seed: int | None = None, config: TrainConfig | None = None,
-                   valid: SpectralGrid | None = None, progress: bool = True,
-                   dtype=None, **overrides) -> Emulator:
+def train_emulator(
+    grid: SpectralGrid,
+    *,
+    hidden: int | tuple[int, ...] | None = None,
+    seed: int | None = None,
+    config: TrainConfig | None = None,
+    valid: SpectralGrid | None = None,
+    progress: bool = True,
+    dtype=None,
+    **overrides,
+) -> Emulator:
     """Train a per-pixel emulator on a grid of spectra.
 
     Args:
@@ -334,12 +366,16 @@ def train_emulator(grid: SpectralGrid, *, hidden: int | tuple[int, ...] | None =
         train, valid = grid.split(cfg.valid_fraction, seed=cfg.seed)
     else:
         train = grid
-        if valid.n_pix != grid.n_pix or not np.allclose(valid.wavelength,
-                                                        grid.wavelength):
-            raise ValueError("valid grid has another wavelength grid than the training grid")
+        if valid.n_pix != grid.n_pix or not np.allclose(
+            valid.wavelength, grid.wavelength
+        ):
+            raise ValueError(
+                "valid grid has another wavelength grid than the training grid"
+            )
         if valid.label_names != grid.label_names:
-            raise ValueError(f"valid labels {valid.label_names} differ from "
-                             f"{grid.label_names}")
+            raise ValueError(
+                f"valid labels {valid.label_names} differ from {grid.label_names}"
+            )
     if train.n_spec < 2:
         raise ValueError(f"need at least 2 training spectra, got {train.n_spec}")
     dtype = jnp.dtype(dtype or jnp.result_type(float))
@@ -347,8 +383,10 @@ def train_emulator(grid: SpectralGrid, *, hidden: int | tuple[int, ...] | None =
     hi = np.maximum(train.labels.max(0), valid.labels.max(0))
     if np.any(hi <= lo):
         j = int(np.argmax(hi <= lo))
-        raise ValueError(f"label {train.label_names[j]!r} takes a single value "
-                         f"({lo[j]!r}) in the grid: it cannot be learned; drop it")
+        raise ValueError(
+            f"label {train.label_names[j]!r} takes a single value "
+            f"({lo[j]!r}) in the grid: it cannot be learned; drop it"
+        )
     t0 = time.perf_counter()
     fit = _train_lm if cfg.optimizer == "lm" else _train_adam
     theta, unravel, tracker, history = fit(train, valid, lo, hi, cfg, dtype, progress)
@@ -356,15 +394,21 @@ def train_emulator(grid: SpectralGrid, *, hidden: int | tuple[int, ...] | None =
     # Final held-out statistics of the kept parameters.
     s_v = jnp.asarray((valid.labels - lo) / (hi - lo) - 0.5, dtype=dtype)
     sw_v = jnp.asarray(_sqrt_weights(valid, dtype))
-    _, rms, mae = _valid_stats(jnp.asarray(theta, dtype=dtype), s_v,
-                               jnp.asarray(valid.flux.T, dtype=dtype), sw_v.T,
-                               unravel=unravel, activation=cfg.activation)
+    _, rms, mae = _valid_stats(
+        jnp.asarray(theta, dtype=dtype),
+        s_v,
+        jnp.asarray(valid.flux.T, dtype=dtype),
+        sw_v.T,
+        unravel=unravel,
+        activation=cfg.activation,
+    )
     rms, mae = np.asarray(rms), np.asarray(mae)
     elapsed = time.perf_counter() - t0
     meta = {
         "trained_by": "payne_lite.train_emulator",
         "config": dataclasses.asdict(cfg),
-        "n_train": int(train.n_spec), "n_valid": int(valid.n_spec),
+        "n_train": int(train.n_spec),
+        "n_valid": int(valid.n_spec),
         "train_seconds": elapsed,
         "devices": [str(d) for d in jax.devices()],
         "dtype": str(dtype),
@@ -373,13 +417,25 @@ def train_emulator(grid: SpectralGrid, *, hidden: int | tuple[int, ...] | None =
         "n_restarted_pixels": int((tracker.restarts > 0).sum()),
         "grid_meta": grid.meta,
     }
-    log.info("trained %d pixels in %.1f s: held-out median |err| %.2e, 99th pct pixel %.2e",
-             grid.n_pix, elapsed, meta["valid_median_abs_error"],
-             meta["valid_p99_pixel_abs_error"])
-    return Emulator(net=net, activation=cfg.activation, label_names=grid.label_names,
-                    label_units=grid.label_units, label_lo=lo, label_hi=hi,
-                    wavelength=grid.wavelength, pixel_error=rms, history=history,
-                    meta=meta)
+    log.info(
+        "trained %d pixels in %.1f s: held-out median |err| %.2e, 99th pct pixel %.2e",
+        grid.n_pix,
+        elapsed,
+        meta["valid_median_abs_error"],
+        meta["valid_p99_pixel_abs_error"],
+    )
+    return Emulator(
+        net=net,
+        activation=cfg.activation,
+        label_names=grid.label_names,
+        label_units=grid.label_units,
+        label_lo=lo,
+        label_hi=hi,
+        wavelength=grid.wavelength,
+        pixel_error=rms,
+        history=history,
+        meta=meta,
+    )
 
 
 def _prepare(train, valid, lo, hi, cfg, dtype):
@@ -397,16 +453,22 @@ def _prepare(train, valid, lo, hi, cfg, dtype):
     row = NamedSharding(mesh, PS("pix", None))
     # Pixel-major (P, N) layout: each pixel's spectra are contiguous.
     data = dict(
-        s_t=jax.device_put(s_t, rep), s_v=jax.device_put(s_v, rep),
+        s_t=jax.device_put(s_t, rep),
+        s_v=jax.device_put(s_v, rep),
         y_t=np.ascontiguousarray(np.asarray(train.flux, dtype=dtype).T[idx]),
         y_v=np.ascontiguousarray(np.asarray(valid.flux, dtype=dtype).T[idx]),
         sw_t=np.ascontiguousarray(_sqrt_weights(train, dtype).T[idx]),
-        sw_v=np.ascontiguousarray(_sqrt_weights(valid, dtype).T[idx]))
+        sw_v=np.ascontiguousarray(_sqrt_weights(valid, dtype).T[idx]),
+    )
     chunks = []
     for c in range(n_chunks):
         sl = slice(c * chunk, (c + 1) * chunk)
-        chunks.append({k: jax.device_put(data[k][sl], row)
-                       for k in ("y_t", "y_v", "sw_t", "sw_v")})
+        chunks.append(
+            {
+                k: jax.device_put(data[k][sl], row)
+                for k in ("y_t", "y_v", "sw_t", "sw_v")
+            }
+        )
     return data, chunks, idx, chunk, mesh
 
 
@@ -416,24 +478,41 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     _, unravel = ravel_pytree(_pixel_template(n_lab, cfg.hidden))
     rng = np.random.default_rng(cfg.seed)
     wmean = np.sum(data["sw_t"] ** 2 * data["y_t"], 1) / np.maximum(
-        np.sum(data["sw_t"] ** 2, 1), 1e-30)
+        np.sum(data["sw_t"] ** 2, 1), 1e-30
+    )
     theta0 = _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
     n_par = theta0.shape[1]
     row = NamedSharding(mesh, PS("pix"))
     row2 = NamedSharding(mesh, PS("pix", None))
-    theta = [jax.device_put(theta0[c * chunk:(c + 1) * chunk], row2)
-             for c in range(len(chunks))]
-    lam = [jax.device_put(np.full(chunk, cfg.lm_lambda0, dtype=dtype), row)
-           for _ in chunks]
+    theta = [
+        jax.device_put(theta0[c * chunk : (c + 1) * chunk], row2)
+        for c in range(len(chunks))
+    ]
+    lam = [
+        jax.device_put(np.full(chunk, cfg.lm_lambda0, dtype=dtype), row) for _ in chunks
+    ]
     best_theta = theta0.copy()
     tracker = _PixelTracker(n_tot, cfg)
     kw = dict(unravel=unravel, activation=cfg.activation)
-    hist = {k: [] for k in ("train_rms", "valid_rms", "valid_mae", "n_active",
-                            "n_restarted", "seconds")}
+    hist = {
+        k: []
+        for k in (
+            "train_rms",
+            "valid_rms",
+            "valid_mae",
+            "n_active",
+            "n_restarted",
+            "seconds",
+        )
+    }
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.max_iter), desc=f"LM training {n_pix} px x {n_par} params",
-               disable=not progress, unit="it")
-    for it in bar:
+    bar = tqdm(
+        range(cfg.max_iter),
+        desc=f"LM training {n_pix} px x {n_par} params",
+        disable=not progress,
+        unit="it",
+    )
+    for _ in bar:
         train_loss = np.zeros(n_tot)
         val_mse = np.full(n_tot, np.inf)
         val_rms, val_mae = np.zeros(n_tot), np.zeros(n_tot)
@@ -442,13 +521,18 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
             if not tracker.active[sl].any():
                 val_mse[sl] = tracker.best[sl]
                 continue
-            theta[c], lam[c], loss = _lm_step(theta[c], lam[c], data["s_t"], ch["y_t"],
-                                              ch["sw_t"], **kw)
-            mse, rms, mae = _valid_stats(theta[c], data["s_v"], ch["y_v"], ch["sw_v"],
-                                         **kw)
+            theta[c], lam[c], loss = _lm_step(
+                theta[c], lam[c], data["s_t"], ch["y_t"], ch["sw_t"], **kw
+            )
+            mse, rms, mae = _valid_stats(
+                theta[c], data["s_v"], ch["y_v"], ch["sw_v"], **kw
+            )
             train_loss[sl] = np.asarray(loss)
-            val_mse[sl], val_rms[sl], val_mae[sl] = (np.asarray(mse), np.asarray(rms),
-                                                     np.asarray(mae))
+            val_mse[sl], val_rms[sl], val_mae[sl] = (
+                np.asarray(mse),
+                np.asarray(rms),
+                np.asarray(mae),
+            )
         # Frozen pixels keep their best values; only active ones can improve.
         val_mse = np.where(tracker.active, val_mse, np.inf)
         better = tracker.update(val_mse)
@@ -460,8 +544,15 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
                 best_theta[sl][m] = th[m]
         restart = tracker.to_restart()
         if restart.any():
-            new = _init_theta(rng, int(restart.sum()), n_lab, cfg.hidden,
-                              wmean[restart], cfg.init_scale, dtype)
+            new = _init_theta(
+                rng,
+                int(restart.sum()),
+                n_lab,
+                cfg.hidden,
+                wmean[restart],
+                cfg.init_scale,
+                dtype,
+            )
             tracker.restarts[restart] += 1
             tracker.stall[restart] = 0
             pos = np.nonzero(restart)[0]
@@ -475,11 +566,17 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
         tracker.retire()
         real = slice(0, n_pix)
         act = tracker.active[real]
-        hist["train_rms"].append(float(np.sqrt(np.median(train_loss[real] /
-                                                         max(train.n_spec, 1)))))
+        hist["train_rms"].append(
+            float(np.sqrt(np.median(train_loss[real] / max(train.n_spec, 1))))
+        )
         hist["valid_rms"].append(float(np.sqrt(np.median(tracker.best[real]))))
-        hist["valid_mae"].append(float(np.median(val_mae[real][act])) if act.any()
-                                 else hist["valid_mae"][-1] if hist["valid_mae"] else np.nan)
+        hist["valid_mae"].append(
+            float(np.median(val_mae[real][act]))
+            if act.any()
+            else hist["valid_mae"][-1]
+            if hist["valid_mae"]
+            else np.nan
+        )
         hist["n_active"].append(int(act.sum()))
         hist["n_restarted"].append(int((tracker.restarts[real] > 0).sum()))
         hist["seconds"].append(time.perf_counter() - t0)
@@ -487,8 +584,12 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
         if not tracker.active.any():
             break
     bar.close()
-    return (best_theta[:n_pix], unravel, tracker,
-            {k: np.asarray(v) for k, v in hist.items()})
+    return (
+        best_theta[:n_pix],
+        unravel,
+        tracker,
+        {k: np.asarray(v) for k, v in hist.items()},
+    )
 
 
 def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
@@ -497,10 +598,12 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     _, unravel = ravel_pytree(_pixel_template(n_lab, cfg.hidden))
     rng = np.random.default_rng(cfg.seed)
     wmean = np.sum(data["sw_t"] ** 2 * data["y_t"], 1) / np.maximum(
-        np.sum(data["sw_t"] ** 2, 1), 1e-30)
+        np.sum(data["sw_t"] ** 2, 1), 1e-30
+    )
     theta = jax.device_put(
         _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype),
-        NamedSharding(mesh, PS("pix", None)))
+        NamedSharding(mesh, PS("pix", None)),
+    )
     y_t = jax.device_put(data["y_t"], NamedSharding(mesh, PS("pix", None)))
     sw_t = jax.device_put(data["sw_t"], NamedSharding(mesh, PS("pix", None)))
     opt = optax.adam(cfg.learning_rate)
@@ -512,6 +615,7 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
         def loss_fn(th):
             pred = _fwd(th, s, **kw)
             return jnp.sum(jnp.mean((sw * (pred - y)) ** 2, axis=1))
+
         loss, grads = jax.value_and_grad(loss_fn)(theta)
         updates, opt_state = opt.update(grads, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, loss
@@ -520,25 +624,40 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     bs = min(cfg.batch_size, n_train)
     best_theta = np.asarray(theta).copy()
     tracker = _PixelTracker(n_tot, cfg)
-    hist = {k: [] for k in ("train_rms", "valid_rms", "valid_mae", "n_active",
-                            "n_restarted", "seconds")}
+    hist = {
+        k: []
+        for k in (
+            "train_rms",
+            "valid_rms",
+            "valid_mae",
+            "n_active",
+            "n_restarted",
+            "seconds",
+        )
+    }
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.max_iter), desc=f"Adam training {n_pix} px", unit="epoch",
-               disable=not progress)
+    bar = tqdm(
+        range(cfg.max_iter),
+        desc=f"Adam training {n_pix} px",
+        unit="epoch",
+        disable=not progress,
+    )
     for _ in bar:
         perm = rng.permutation(n_train)
         losses = []
         for b in range(n_train // bs):  # fixed-size batches: one compilation
-            sel = jnp.asarray(perm[b * bs:(b + 1) * bs])
-            theta, opt_state, loss = step(theta, opt_state, data["s_t"][sel],
-                                          y_t[:, sel], sw_t[:, sel])
+            sel = jnp.asarray(perm[b * bs : (b + 1) * bs])
+            theta, opt_state, loss = step(
+                theta, opt_state, data["s_t"][sel], y_t[:, sel], sw_t[:, sel]
+            )
             losses.append(loss)
         val_mse, val_mae = np.empty(n_tot), np.empty(n_tot)
         th_np = np.asarray(theta)
         for c, ch in enumerate(chunks):
             sl = slice(c * chunk, (c + 1) * chunk)
-            mse, _, mae = _valid_stats(jnp.asarray(th_np[sl]), data["s_v"], ch["y_v"],
-                                       ch["sw_v"], **kw)
+            mse, _, mae = _valid_stats(
+                jnp.asarray(th_np[sl]), data["s_v"], ch["y_v"], ch["sw_v"], **kw
+            )
             val_mse[sl], val_mae[sl] = np.asarray(mse), np.asarray(mae)
         val_mse = np.where(tracker.active, val_mse, np.inf)
         better = tracker.update(val_mse)
@@ -555,5 +674,9 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
         if not tracker.active.any():
             break
     bar.close()
-    return (best_theta[:n_pix], unravel, tracker,
-            {k: np.asarray(v) for k, v in hist.items()})
+    return (
+        best_theta[:n_pix],
+        unravel,
+        tracker,
+        {k: np.asarray(v) for k, v in hist.items()},
+    )

@@ -1,0 +1,243 @@
+"""Emulator benchmarks: accuracy against a real network, training time, throughput.
+
+    python benchmarks/bench_emulator.py throughput      # ~1 min
+    python benchmarks/bench_emulator.py teacher         # ~5 min (LM); --adam adds Adam
+    python benchmarks/bench_emulator.py default-grid    # the shipped default emulator
+    python benchmarks/bench_emulator.py all --json out.json
+
+``throughput``: the real 7214-pixel Payne network (../shared/data/payne_apogee) for
+10,000 label vectors, our batched jitted evaluation against the original's way (NumPy
+einsum, one spectrum per call, exactly The Payne's code: x_min in float64), both timed
+in this run, after warm-up, best of 3. The bound is the activations: 36,070 per
+spectrum; the rate of the activation we evaluate (tanh) is measured in this run on a
+cache-resident array, and the fraction of that bound is printed.
+
+``teacher``: 2,000 label vectors uniform in the middle 90 % of the real network's box,
+spectra made by that network, a fresh per-pixel emulator of the same size (5 hidden,
+sigmoid) trained on 1,600 (its own early-stopping split inside those) and tested on the
+other 400: the median over pixels of the per-pixel median |error| and the 99th
+percentile pixel. Targets: < 5e-4 and < 3e-3, in under 10 minutes on 2 cores.
+
+``default-grid``: the shipped ``data/default_emulator.h5`` on 400 fresh spectra from
+the built-in synthesizer (a seed it was not trained on). Target: median |error| < 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import payne_lite as pl
+from payne_lite.emulator import predict_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
+NAMES = ["Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro"]
+UNITS = ["K", "dex", "dex", "dex", "km/s"]
+
+
+def load_teacher() -> pl.Emulator:
+    if not PAYNE_DIR.exists():
+        sys.exit(f"skipped: {PAYNE_DIR} not found (real Payne network needed)")
+    wave = np.load(PAYNE_DIR / "apogee_wavelength.npz")["wavelength"]
+    return pl.Emulator.from_payne_npz(
+        PAYNE_DIR / "nn_normalized_spectra_5label.npz",
+        label_names=NAMES,
+        label_units=UNITS,
+        wavelength=wave,
+    )
+
+
+def _best_of(fn, repeats=3) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _activation_rate(act, n=1 << 20, total=4e8) -> float:
+    """Activations per second of ``act`` on a cache-resident float32 array."""
+    reps = int(total // n)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32))
+    f = jax.jit(
+        lambda x: jax.lax.fori_loop(0, reps, lambda i, y: act(y) * 1.5 + 0.1, x)
+    )
+    f(x).block_until_ready()
+    return reps * n / _best_of(lambda: f(x).block_until_ready())
+
+
+def bench_throughput(n_spec: int = 10_000) -> dict:
+    emu = load_teacher()
+    raw = np.load(PAYNE_DIR / "nn_normalized_spectra_5label.npz")
+    w0, b0, w1, b1 = (
+        raw[k] for k in ("w_array_0", "b_array_0", "w_array_1", "b_array_1")
+    )
+    x_min, x_max = raw["x_min"], raw["x_max"]
+
+    def original(labels):  # The Payne's get_spectrum_from_neural_net, per spectrum
+        s = (labels - x_min) / (x_max - x_min) - 0.5
+        inside = np.einsum("ijk,k->ij", w0, s) + b0
+        outside = 1.0 / (1.0 + np.exp(-inside))
+        return np.einsum("ij,ij->i", w1, outside) + b1
+
+    rng = np.random.default_rng(0)
+    lo, hi = emu.bounds
+    labels = lo + (hi - lo) * rng.uniform(0.05, 0.95, (n_spec, emu.n_labels))
+    n_base = 500
+    t_base = _best_of(lambda: [original(x) for x in labels[:n_base]])
+    base_rate = n_base / t_base
+
+    net = emu.params(jnp.float32)
+    s = jnp.asarray(emu.scale(labels), dtype=jnp.float32)
+    predict_batch(net, s, emu.activation).block_until_ready()  # compile
+    t_ours = _best_of(lambda: predict_batch(net, s, emu.activation).block_until_ready())
+    ours_rate = n_spec / t_ours
+    # the public method (validation, scaling, host copy) on the same labels
+    emu.predict(labels)
+    t_pub = _best_of(lambda: emu.predict(labels))
+    out = emu.predict(labels[:64])
+    err = np.max(np.abs(out - np.stack([original(x) for x in labels[:64]])))
+
+    n_act = emu.n_pix * emu.hidden[0]
+    tanh_rate = _activation_rate(jnp.tanh)
+    sig_rate = _activation_rate(jax.nn.sigmoid)
+    bound = tanh_rate / n_act
+    res = dict(
+        n_spec=n_spec,
+        baseline_spectra_per_s=base_rate,
+        jit_spectra_per_s=ours_rate,
+        public_predict_spectra_per_s=n_spec / t_pub,
+        speedup=ours_rate / base_rate,
+        speedup_public=n_spec / t_pub / base_rate,
+        activations_per_spectrum=n_act,
+        tanh_per_s=tanh_rate,
+        sigmoid_per_s=sig_rate,
+        activation_bound_spectra_per_s=bound,
+        fraction_of_bound=ours_rate / bound,
+        max_abs_err_vs_original=float(err),
+    )
+    print(f"throughput ({n_spec} spectra, 7214 px, float32):")
+    print(f"  original (NumPy, 1 spectrum/call) : {base_rate:10,.0f} spectra/s")
+    print(
+        f"  payne_lite predict_batch (jit)    : {ours_rate:10,.0f} spectra/s  "
+        f"x{res['speedup']:.1f}"
+    )
+    print(
+        f"  payne_lite Emulator.predict       : {n_spec / t_pub:10,.0f} spectra/s  "
+        f"x{res['speedup_public']:.1f}  (incl. validation and host copy)"
+    )
+    print(
+        f"  activation bound: {n_act} tanh/spectrum at {tanh_rate:.2e}/s -> "
+        f"{bound:,.0f} spectra/s; reached {res['fraction_of_bound']:.0%} "
+        f"(sigmoid rate {sig_rate:.2e}/s)"
+    )
+    print(f"  max |ours - original| on 64 spectra: {err:.1e}")
+    return res
+
+
+def _teacher_data(emu, n=2000, seed=1):
+    rng = np.random.default_rng(seed)
+    lo, hi = emu.bounds
+    labels = lo + (hi - lo) * rng.uniform(0.05, 0.95, (n, emu.n_labels))
+    return labels, emu.predict(labels)
+
+
+def _errors(emu, labels, flux):
+    mae = np.median(np.abs(emu.predict(labels, allow_outside=True) - flux), axis=0)
+    return float(np.median(mae)), float(np.percentile(mae, 99))
+
+
+def bench_teacher(adam: bool = False, max_iter: int = 150) -> dict:
+    teacher = load_teacher()
+    labels, flux = _teacher_data(teacher)
+    grid = pl.SpectralGrid(
+        wavelength=teacher.wavelength,
+        labels=labels[:1600],
+        flux=flux[:1600],
+        label_names=NAMES,
+        label_units=UNITS,
+    )
+    res = {}
+    runs = [("lm", dict(max_iter=max_iter))]
+    if adam:
+        runs.append(
+            (
+                "adam",
+                dict(
+                    optimizer="adam",
+                    learning_rate=1e-2,
+                    batch_size=256,
+                    max_iter=400,
+                    patience=400,
+                ),
+            )
+        )
+    for name, kw in runs:
+        t = time.perf_counter()
+        emu = pl.train_emulator(grid, hidden=teacher.hidden[0], seed=0, **kw)
+        dt = time.perf_counter() - t
+        med, p99 = _errors(emu, labels[1600:], flux[1600:])
+        res[name] = dict(
+            train_seconds=dt,
+            median_abs_error=med,
+            p99_pixel_error=p99,
+            iterations=len(emu.history["seconds"]),
+            restarted_pixels=emu.meta["n_restarted_pixels"],
+        )
+        print(
+            f"teacher task, {name}: held-out median |err| {med:.2e} (target < 5e-4), "
+            f"99th pct pixel {p99:.2e} (< 3e-3), {dt:.0f} s (< 600 s), "
+            f"{res[name]['iterations']} iterations"
+        )
+    return res
+
+
+def bench_default_grid() -> dict:
+    from payne_lite import synth
+
+    path = ROOT / "data" / "default_emulator.h5"
+    emu = pl.Emulator.load(path)
+    labels = synth.sample_labels(400, seed=12345, method="uniform")
+    flux = synth.synthesize(labels, wavelength=emu.wavelength)
+    med, p99 = _errors(emu, labels, flux)
+    print(
+        f"default emulator {path.name}: held-out median |err| {med:.2e} "
+        f"(target < 1e-3), 99th pct pixel {p99:.2e}"
+    )
+    return dict(median_abs_error=med, p99_pixel_error=p99)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("which", choices=["throughput", "teacher", "default-grid", "all"])
+    ap.add_argument(
+        "--adam", action="store_true", help="also train with Adam (teacher)"
+    )
+    ap.add_argument("--max-iter", type=int, default=150, help="LM iterations (teacher)")
+    ap.add_argument("--json", type=Path, help="write the numbers here")
+    args = ap.parse_args(argv)
+    res = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+    if args.which in ("throughput", "all"):
+        res["throughput"] = bench_throughput()
+    if args.which in ("teacher", "all"):
+        res["teacher"] = bench_teacher(adam=args.adam, max_iter=args.max_iter)
+    if args.which in ("default-grid", "all"):
+        res["default_grid"] = bench_default_grid()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

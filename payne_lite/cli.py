@@ -1,0 +1,889 @@
+"""The ``payne-lite`` command line: make grids, train emulators, predict spectra.
+
+Usage::
+
+    payne-lite grid -o grid.h5 --n-spec 3000
+    payne-lite train grid.h5 -o emulator.h5 --hidden 10
+    payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 -o flux.npy
+    payne-lite info emulator.h5
+
+Every subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares the
+options and ``_run_<name>(args) -> int`` does the work; :data:`_COMMANDS` lists them.
+Bad input (missing or corrupt files, invalid values) ends with one line
+``payne-lite: error: <message>`` on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__, _h5, synth
+from ._h5 import FileFormatError
+from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
+from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
+from .grid import GRID_FORMAT, SpectralGrid
+from .train import TrainConfig, train_emulator
+
+PROG = "payne-lite"
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad input: same code as argparse's own usage errors
+EXIT_INTERRUPTED = 130
+
+#: HDF5 layout written by ``payne-lite predict -o FILE.h5``.
+SPECTRA_FORMAT = "payne_lite.PredictedSpectra"
+SPECTRA_VERSION = 1
+
+_PREDICT_SUFFIXES = (".npy", ".h5", ".hdf5", ".csv")
+_log = logging.getLogger("payne_lite.cli")  # also when run as __main__
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter,
+                 argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the hand-made line breaks of descriptions and epilogs.
+
+    On/off flags and options without a default get no "(default: ...)" suffix.
+    """
+
+    def _get_help_string(self, action):
+        if any(action.default is d for d in (None, False, argparse.SUPPRESS)) or (
+                isinstance(action, argparse._CountAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line that points to the command's --help."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _parser(sub, name: str, *, help: str, description: str, epilog: str = ""
+            ) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=_Formatter,
+                          parents=[_common_options(sub=True)])
+
+
+def _common_options(*, sub: bool) -> argparse.ArgumentParser:
+    """-v and --debug, accepted before and after the subcommand name."""
+    p = _ArgumentParser(add_help=False)
+    # In a subcommand, SUPPRESS keeps an absent flag from resetting the top-level value.
+    sup = argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=sup if sub else 0,
+                   help="log progress messages (INFO) to stderr; -vv for DEBUG")
+    p.add_argument("--debug", action="store_true", default=sup if sub else False,
+                   help="on error, show the full Python traceback instead of one line")
+    return p
+
+
+# ======================================================================================
+# Small helpers
+# ======================================================================================
+def _require_file(path: str | os.PathLike) -> Path:
+    """An existing regular file, or FileNotFoundError / ValueError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory, expected a file")
+    return p
+
+
+def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Path:
+    """Refuse, before any long work, an output that cannot be written or would
+    overwrite an input file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory; give an output file name")
+    for src in inputs:
+        if p.exists() and p.resolve() == src.resolve():
+            raise ValueError(f"{p}: output would overwrite the input file; "
+                             "choose another output name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the missing folders will be created
+    try:  # a real probe: os.access is wrong for root and on some file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write into {parent}: {err.strerror}",
+                      str(p)) from err
+    return p
+
+
+def _human_size(n_bytes: int) -> str:
+    size = float(n_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000.0 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000.0
+    raise AssertionError("unreachable")
+
+
+def _fmt_box(names, units, lo, hi) -> str:
+    """``Teff [4000, 7000] K, logg [1, 5] dex, ...``"""
+    parts = []
+    for n, u, a, b in zip(names, units, lo, hi, strict=True):
+        parts.append(f"{n} [{a:.4g}, {b:.4g}]" + (f" {u}" if u else ""))
+    return ", ".join(parts)
+
+
+def _fmt_wavelength(wave: np.ndarray) -> str:
+    """Range, pixel count and sampling of a wavelength grid [Angstrom]."""
+    text = f"{wave[0]:.2f}-{wave[-1]:.2f} A, {wave.size} pixels"
+    dlog = np.diff(np.log10(wave))
+    if np.allclose(dlog, dlog[0], rtol=1e-4, atol=0.0):
+        kms = (10.0 ** dlog[0] - 1.0) * C_KMS
+        text += f" (log-uniform, dlog10(lambda) = {dlog[0]:.3g}, {kms:.3g} km/s/pixel)"
+    else:
+        step = np.diff(wave)
+        text += f" (step {step.min():.3g}-{step.max():.3g} A)"
+    return text
+
+
+def _fmt_value(value, width: int = 70) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# ======================================================================================
+# grid
+# ======================================================================================
+def _add_grid(sub) -> None:
+    lo, hi = synth.DEFAULT_BOX
+    box = "\n".join(f"  {n:<11} {a:>7g} .. {b:<7g} {u}" for n, u, a, b in zip(
+        synth.DEFAULT_LABEL_NAMES, synth.DEFAULT_LABEL_UNITS, lo, hi, strict=True))
+    p = _parser(
+        sub, "grid", help="make a training grid with the built-in synthesizer",
+        description=(
+            "Make a grid of continuum-normalised synthetic spectra with the built-in\n"
+            "toy synthesizer (physically motivated, not physically exact) and save it\n"
+            "as one HDF5 file for `payne-lite train`. Labels are drawn inside:\n"
+            f"{box}"),
+        epilog=("example:\n  payne-lite grid -o grid.h5 --n-spec 3000 --seed 1\n"
+                "  payne-lite grid -o small.h5 --n-spec 200 --lam-min 15100 "
+                "--lam-max 15300"))
+    p.add_argument("-o", "--output", required=True, metavar="GRID.h5",
+                   help="output HDF5 file (payne_lite.SpectralGrid format)")
+    p.add_argument("--n-spec", type=_positive_int, default=3000, metavar="N",
+                   help="number of spectra")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the label sampling (same seed, same labels)")
+    p.add_argument("--sampling", choices=("lhs", "uniform"), default="lhs",
+                   help="label sampling: lhs = Latin hypercube (even coverage of each "
+                        "label), uniform = independent uniform draws")
+    p.add_argument("--n-lines", type=_positive_int, default=synth.DEFAULT_N_LINES,
+                   metavar="N",
+                   help="number of lines in the seeded synthetic line list")
+    p.add_argument("--linelist-seed", type=int, default=0, metavar="SEED",
+                   help="seed of the line list (kept apart from --seed so that grids "
+                        "with different labels share one line list)")
+    p.add_argument("--resolution", type=float, default=APOGEE_R, metavar="R",
+                   help="instrumental resolving power lambda/FWHM (Gaussian profile)")
+    p.add_argument("--lam-min", type=float, default=synth.DEFAULT_LAM_MIN,
+                   metavar="A", help="first wavelength [Angstrom, vacuum]")
+    p.add_argument("--lam-max", type=float, default=synth.DEFAULT_LAM_MAX,
+                   metavar="A", help="upper wavelength limit; the last pixel is at or "
+                                     "below it [Angstrom, vacuum]")
+    p.add_argument("--dloglam", type=float, default=APOGEE_DLOGLAM, metavar="STEP",
+                   help="pixel step in log10(wavelength) (6e-6 is APOGEE's, "
+                        "about 4.1 km/s)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                   help="spectra per compiled batch (peak memory about 3 MB per "
+                        "spectrum with the default wavelengths and line list)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show a progress bar")
+
+
+def _run_grid(args) -> int:
+    t0 = time.perf_counter()
+    out = _check_output(args.output)
+    wave = synth.default_wavelength(args.lam_min, args.lam_max, args.dloglam)
+    grid = synth.make_grid(
+        args.n_spec, seed=args.seed, sampling=args.sampling, n_lines=args.n_lines,
+        linelist_seed=args.linelist_seed, wavelength=wave,
+        resolution=args.resolution, batch_size=args.batch_size,
+        progress=not args.no_progress)
+    grid = dataclasses.replace(grid, meta={**grid.meta, "command": args.command_line})
+    grid.save(out)
+    lo = grid.meta.get("box_lo", grid.label_box[0])
+    hi = grid.meta.get("box_hi", grid.label_box[1])
+    print(f"wrote {out}: {grid.n_spec} spectra x {grid.n_pix} pixels, "
+          f"{grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A; labels "
+          f"{_fmt_box(grid.label_names, grid.label_units, lo, hi)}; "
+          f"{_human_size(out.stat().st_size)}; {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+# ======================================================================================
+# train
+# ======================================================================================
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _cfg_default(name: str):
+    default = _CONFIG_FIELDS[name].default
+    return ",".join(map(str, default)) if isinstance(default, tuple) else default
+
+
+def _parse_hidden(text: str) -> int | tuple[int, ...]:
+    try:
+        widths = tuple(int(t) for t in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a width like 10 or widths like 10,10, got {text!r}") from None
+    return widths[0] if len(widths) == 1 else widths
+
+
+def _add_train(sub) -> None:
+    p = _parser(
+        sub, "train", help="train a per-pixel emulator on a grid",
+        description=(
+            "Train a per-pixel neural-network emulator (The Payne, Ting et al. 2019)\n"
+            "on a grid of spectra and save it as one HDF5 file. Settings come from\n"
+            "the TrainConfig defaults, then --config, then the flags given here.\n"
+            "A part of the grid (--valid-fraction) is held out: it decides early\n"
+            "stopping and measures the error printed at the end."),
+        epilog=(
+            "config file: a JSON object whose keys are TrainConfig fields:\n"
+            + textwrap.fill(", ".join(_CONFIG_FIELDS), 76, initial_indent="  ",
+                            subsequent_indent="  ") + "\n"
+            'e.g. {"hidden": [10, 10], "max_iter": 300, "min_improvement": 1e-4}\n\n'
+            "examples:\n  payne-lite train grid.h5 -o emulator.h5\n"
+            "  payne-lite train grid.h5 -o emu.h5 --hidden 10,10 --max-iter 300\n"
+            "  payne-lite train payne_training.npz -o emu.h5 "
+            "--label-names Teff,logg,[Fe/H]"))
+    p.add_argument("grid", metavar="GRID",
+                   help="training grid: a payne_lite .h5 grid, or a training .npz in "
+                        "The Payne's layout (labels, spectra, wavelength)")
+    p.add_argument("-o", "--output", required=True, metavar="EMULATOR.h5",
+                   help="output HDF5 file (payne_lite.Emulator format)")
+    p.add_argument("--config", metavar="CONFIG.json",
+                   help="JSON file of TrainConfig settings (see below); flags given "
+                        "on the command line override it")
+    p.add_argument("--label-names", metavar="NAMES",
+                   help="comma-separated label names for a .npz grid, in its column "
+                        "order (default label_0, label_1, ...); .h5 grids carry theirs")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show a progress bar")
+    cfg = p.add_argument_group(
+        "training settings (TrainConfig fields; defaults shown are TrainConfig's)")
+    sup = argparse.SUPPRESS  # absent flags do not override --config
+
+    def add(flag, name, help, **kw):
+        cfg.add_argument(flag, dest=name, default=sup,
+                         help=f"{help} (default: {_cfg_default(name)})", **kw)
+
+    add("--hidden", "hidden", "hidden-layer width(s) of each pixel's network: 10 "
+        "for one layer, 10,10 for two", type=_parse_hidden, metavar="H[,H...]")
+    add("--activation", "activation", "activation of the hidden units",
+        choices=sorted(ACTIVATIONS))
+    add("--optimizer", "optimizer", "lm = Levenberg-Marquardt on all spectra "
+        "(second order, few iterations), adam = optax Adam on mini-batches",
+        choices=("lm", "adam"))
+    add("--max-iter", "max_iter", "maximum LM iterations, or Adam epochs",
+        type=_positive_int, metavar="N")
+    add("--valid-fraction", "valid_fraction", "fraction of the grid held out for "
+        "validation and early stopping, in (0, 1)", type=float, metavar="F")
+    add("--patience", "patience", "iterations without improvement of a pixel's "
+        "validation loss before it stops (or restarts)", type=_positive_int,
+        metavar="N")
+    add("--seed", "seed", "seed of the split, the initialisation and the restarts",
+        type=int)
+    add("--pixel-batch", "pixel_batch", "pixels per LM step; memory grows as "
+        "n_spec x pixel_batch x n_params x 4 bytes", type=_positive_int, metavar="N")
+    add("--learning-rate", "learning_rate", "Adam step size (adam only)", type=float,
+        metavar="LR")
+    add("--batch-size", "batch_size", "Adam mini-batch size in spectra (adam only)",
+        type=_positive_int, metavar="N")
+
+
+def _config_from_json(path: Path) -> dict:
+    """Settings of a JSON config file, type-checked against TrainConfig's fields."""
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text (JSON) file") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column "
+                         f"{err.colno}: {err.msg}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of TrainConfig settings, got "
+                         f"a {type(data).__name__}")
+    unknown = sorted(set(data) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown TrainConfig key(s) {unknown}; valid keys: "
+                         f"{', '.join(_CONFIG_FIELDS)}")
+    for key, value in data.items():
+        default = _CONFIG_FIELDS[key].default
+        if key == "hidden":
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                isinstance(value, list) and value and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value))
+            want = "an integer or a list of integers"
+        elif isinstance(default, bool) or default is None:
+            ok, want = True, ""
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            want = "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            want = "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            ok, want = True, ""
+        if not ok:
+            raise ValueError(f"{path}: {key} must be {want}, got {json.dumps(value)}")
+    return data
+
+
+def _load_grid(path: Path, label_names: str | None) -> SpectralGrid:
+    if path.suffix.lower() == ".npz":
+        names = None
+        if label_names is not None:
+            names = [s.strip() for s in label_names.split(",")]
+        return SpectralGrid.from_payne_npz(path, label_names=names)
+    if label_names is not None:
+        raise ValueError("--label-names applies to .npz grids only; an .h5 grid "
+                         "carries its own label names")
+    return SpectralGrid.load(path)
+
+
+def _run_train(args) -> int:
+    grid_path = _require_file(args.grid)
+    out = _check_output(args.output, inputs=[grid_path])
+    settings = {}
+    if args.config is not None:
+        settings.update(_config_from_json(_require_file(args.config)))
+    settings.update({k: getattr(args, k) for k in _CONFIG_FIELDS if hasattr(args, k)})
+    config = TrainConfig(**settings)  # validates: ValueError names the bad setting
+    grid = _load_grid(grid_path, args.label_names)
+    _log.info("training on %r with %s", grid, config)
+    emu = train_emulator(grid, config=config, progress=not args.no_progress)
+    emu = dataclasses.replace(emu, meta={**emu.meta, "command": args.command_line,
+                                         "grid_file": str(grid_path)})
+    emu.save(out)
+    m = emu.meta
+    n_iter = len(emu.history.get("valid_rms", ()))
+    print(f"trained {emu.n_pix} pixels ({config.optimizer}, hidden "
+          f"{','.join(map(str, emu.hidden))}, {config.activation}, {n_iter} "
+          f"iterations) on {m['n_train']} spectra, {m['n_valid']} held out: "
+          f"held-out median |error| {m['valid_median_abs_error']:.2e}, 99th "
+          f"percentile pixel {m['valid_p99_pixel_abs_error']:.2e}; "
+          f"{m['train_seconds']:.1f} s; wrote {out}")
+    return EXIT_OK
+
+
+# ======================================================================================
+# predict
+# ======================================================================================
+def _add_predict(sub) -> None:
+    p = _parser(
+        sub, "predict", help="predict spectra for given labels with an emulator",
+        description=(
+            "Evaluate an emulator at physical labels and write wavelength and flux.\n"
+            "Labels must lie inside the emulator's training box unless\n"
+            "--allow-outside is given (extrapolation is unreliable).\n\n"
+            "output formats, chosen by the file name:\n"
+            "  .npy      one array (1 + n, n_pix): row 0 = wavelength [Angstrom],\n"
+            "            rows 1..n = flux of each label row\n"
+            "  .h5/.hdf5 datasets wavelength (n_pix,), flux (n, n_pix), labels (n, L)\n"
+            "            with label names and units as attributes\n"
+            "  .csv      one row per pixel, columns wavelength,flux_0,flux_1,...\n"
+            "            where flux_i belongs to label row i"),
+        epilog=(
+            "labels files:\n"
+            "  .npy: an (n, L) or (L,) array, or a structured array with named fields\n"
+            "  .csv or text (comma- or whitespace-separated, '#' starts a comment):\n"
+            "        one star per row; an optional first row of label names (in any\n"
+            "        order) is matched to the emulator's names\n\n"
+            "examples:\n"
+            "  payne-lite predict emu.h5 --labels 5000,4.5,0,0.1,5 -o flux.npy\n"
+            "  payne-lite predict emu.h5 --labels 5000,4.5,0,0.1,5 "
+            "--labels 6000,4,-1,0.2,8 \\\n      -o flux.csv\n"
+            "  payne-lite predict emu.h5 --labels-file stars.csv -o flux.h5"))
+    p.add_argument("emulator", metavar="EMULATOR.h5", help="a payne_lite emulator file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", action="append", metavar="VALUES",
+                     help="one star's labels, comma-separated, in physical units and "
+                          "in the emulator's order (the `info` command lists it); "
+                          "repeat the option for more stars")
+    src.add_argument("--labels-file", metavar="LABELS.{csv,txt,npy}",
+                     help="labels of many stars, one per row (see below)")
+    p.add_argument("-o", "--output", required=True, metavar="FLUX.{npy,h5,csv}",
+                   help="output file; its suffix picks the format (see above)")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="evaluate labels outside the training box (extrapolate) "
+                        "instead of refusing them")
+
+
+_NUMBER_LIST = re.compile(r"^-\.?\d")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--labels -1,2`` -> ``--labels=-1,2`` (argparse takes ``-1,2`` for a flag)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--labels" and i + 1 < len(argv) and _NUMBER_LIST.match(
+                argv[i + 1]):
+            out.append(f"--labels={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _parse_number(token: str, where: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        raise ValueError(f"{where}: {token!r} is not a number") from None
+
+
+def _labels_from_flags(values: list[str], names: tuple[str, ...]) -> np.ndarray:
+    rows = []
+    for k, text in enumerate(values):
+        tokens = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+        where = f"--labels {text!r}" if len(values) == 1 else (
+            f"--labels #{k + 1} {text!r}")
+        if len(tokens) != len(names):
+            raise ValueError(f"{where} has {len(tokens)} value(s); the emulator takes "
+                             f"{len(names)}: {', '.join(names)}")
+        rows.append([_parse_number(t, where) for t in tokens])
+    return np.array(rows, dtype=np.float64)
+
+
+def _order_columns(header: Sequence[str], names: tuple[str, ...], where: str
+                   ) -> np.ndarray:
+    """Column index of each emulator label in a file whose columns are ``header``."""
+    header = [h.strip() for h in header]
+    unknown = [h for h in header if h not in names]
+    if unknown:
+        raise ValueError(f"{where}: unknown label name(s) {unknown}; the emulator's "
+                         f"labels are {', '.join(names)}")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise ValueError(f"{where}: label name(s) {dup} appear more than once")
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise ValueError(f"{where}: missing label(s) {missing}; the emulator needs "
+                         f"{', '.join(names)}")
+    return np.array([header.index(n) for n in names])
+
+
+def _labels_from_npy(path: Path, names: tuple[str, ...]) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path}: not a readable .npy file: {err}") from err
+    if not isinstance(arr, np.ndarray):
+        raise FileFormatError(f"{path}: holds several arrays (.npz?); expected one "
+                              "array of labels")
+    if arr.dtype.names:  # structured array: columns by name
+        order = _order_columns(arr.dtype.names, names, str(path))
+        cols = [np.asarray(arr[arr.dtype.names[i]], dtype=np.float64) for i in order]
+        return np.stack(cols, axis=-1).reshape(-1, len(names))
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != len(names):
+        raise ValueError(f"{path}: labels array {arr.shape} must be ({len(names)},) or "
+                         f"(n, {len(names)}) for labels {', '.join(names)}")
+    try:
+        return np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: labels array of dtype {arr.dtype} is not "
+                         "numeric") from err
+
+
+def _labels_from_text(path: Path, names: tuple[str, ...]) -> np.ndarray:
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise FileFormatError(f"{path}: not a text file (use .npy for binary "
+                              "labels)") from err
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines())
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"{path}: no label rows found")
+    comma = "," in lines[0][1]
+
+    def split(line: str) -> list[str]:
+        if comma:
+            return [t.strip() for t in next(csv.reader([line]))]
+        return line.split()
+
+    rows = [(n, split(line)) for n, line in lines]
+    order = np.arange(len(names))
+    first = rows[0][1]
+    try:
+        [float(t) for t in first]
+    except ValueError:  # a header row of label names
+        order = _order_columns(first, names, f"{path} header (line {rows[0][0]})")
+        rows = rows[1:]
+        if not rows:
+            raise ValueError(f"{path}: a header row but no label rows") from None
+    n_col = len(first)
+    if n_col != len(names):
+        raise ValueError(f"{path} line {rows[0][0]}: {n_col} column(s); the emulator "
+                         f"takes {len(names)} labels: {', '.join(names)}")
+    out = np.empty((len(rows), n_col))
+    for k, (n, tokens) in enumerate(rows):
+        if len(tokens) != n_col:
+            raise ValueError(f"{path} line {n}: {len(tokens)} column(s), expected "
+                             f"{n_col}")
+        out[k] = [_parse_number(t, f"{path} line {n}") for t in tokens]
+    return out[:, order]
+
+
+def _labels_from_file(path: Path, names: tuple[str, ...]) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return _labels_from_npy(path, names)
+    return _labels_from_text(path, names)
+
+
+def _check_values(emu: Emulator, labels: np.ndarray, *, allow_outside: bool) -> None:
+    """Labels (n, L) must be finite and, unless ``allow_outside``, inside the box."""
+    bad = ~np.isfinite(labels)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"label row {i}: {emu.label_names[j]} = {labels[i, j]} is not "
+                         f"a finite number ({int(bad.sum())} such value(s))")
+    out = (labels < emu.label_lo) | (labels > emu.label_hi)
+    if out.any() and allow_outside:
+        _log.warning("%d of %d label row(s) lie outside the training box: their "
+                     "spectra are extrapolated", int(out.any(axis=1).sum()),
+                     labels.shape[0])
+    elif out.any():
+        i, j = (int(v) for v in np.argwhere(out)[0])
+        unit = f" {emu.label_units[j]}" if emu.label_units[j] else ""
+        raise ValueError(
+            f"label row {i}: {emu.label_names[j]} = {labels[i, j]:g} is outside the "
+            f"emulator's training box [{emu.label_lo[j]:g}, {emu.label_hi[j]:g}]{unit} "
+            f"({int(out.any(axis=1).sum())} of {labels.shape[0]} row(s) outside); "
+            "pass --allow-outside to extrapolate")
+
+
+def _write_spectra(path: Path, emu: Emulator, emu_path: Path, labels: np.ndarray,
+                   flux: np.ndarray) -> None:
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        np.save(path, np.vstack([emu.wavelength[None, :], flux]))
+    elif suffix in (".h5", ".hdf5"):
+        with _h5.atomic_h5_writer(path, SPECTRA_FORMAT, SPECTRA_VERSION) as f:
+            _h5.write_dataset(f, "wavelength", emu.wavelength, compress=False)
+            _h5.write_dataset(f, "labels", labels, compress=False)
+            _h5.write_dataset(f, "flux", flux)
+            _h5.set_json_attr(f, "label_names", list(emu.label_names))
+            _h5.set_json_attr(f, "label_units", list(emu.label_units))
+            _h5.set_json_attr(f, "meta", {"emulator": str(emu_path),
+                                          "generator": "payne-lite predict"})
+    elif suffix == ".csv":
+        # Plain CSV (no comment lines) so that every reader takes it as it is.
+        header = ",".join(["wavelength"] + [f"flux_{i}" for i in range(len(flux))])
+        np.savetxt(path, np.column_stack([emu.wavelength, flux.T]), delimiter=",",
+                   fmt=["%.10g"] + ["%.8g"] * flux.shape[0], header=header,
+                   comments="")
+    else:  # checked before the work; kept as a guard
+        raise ValueError(f"{path}: unknown output format")
+
+
+def _run_predict(args) -> int:
+    emu_path = _require_file(args.emulator)
+    inputs = [emu_path]
+    if args.labels_file is not None:
+        inputs.append(_require_file(args.labels_file))
+    out = _check_output(args.output, inputs=inputs)
+    if out.suffix.lower() not in _PREDICT_SUFFIXES:
+        raise ValueError(f"{out}: unknown output format {out.suffix!r}; use one of "
+                         f"{', '.join(_PREDICT_SUFFIXES)}")
+    emu = Emulator.load(emu_path)
+    if args.labels is not None:
+        labels = _labels_from_flags(args.labels, emu.label_names)
+    else:
+        labels = _labels_from_file(inputs[1], emu.label_names)
+    _check_values(emu, labels, allow_outside=args.allow_outside)
+    flux = emu.predict(labels, allow_outside=True)
+    _write_spectra(out, emu, emu_path, labels, flux)
+    n = labels.shape[0]
+    print(f"wrote {out}: {n} spectr{'um' if n == 1 else 'a'} x {emu.n_pix} pixels, "
+          f"{emu.wavelength[0]:.1f}-{emu.wavelength[-1]:.1f} A, flux "
+          f"{flux.min():.3g}..{flux.max():.3g}")
+    return EXIT_OK
+
+
+# ======================================================================================
+# info
+# ======================================================================================
+def _add_info(sub) -> None:
+    p = _parser(
+        sub, "info", help="describe a grid, emulator or predicted-spectra file",
+        description=("Print what a payne_lite file holds: its kind and format\n"
+                     "version, labels and their box, the wavelength grid, and for\n"
+                     "emulators the network and a summary of its training."),
+        epilog="example:\n  payne-lite info emulator.h5")
+    p.add_argument("file", metavar="FILE",
+                   help="a payne_lite .h5 file (grid, emulator or predicted spectra), "
+                        "or a training .npz in The Payne's layout")
+
+
+def _file_format(path: Path) -> tuple[str, int]:
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+            ver = f.attrs.get("format_version")
+    except OSError as err:
+        raise FileFormatError(f"{path}: not a readable HDF5 file (corrupt or "
+                              f"truncated?): {err}") from err
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT)
+    if fmt not in known:
+        raise FileFormatError(f"{path}: not a payne_lite file (format={fmt!r}); info "
+                              f"reads {', '.join(known)}")
+    return str(fmt), int(ver) if ver is not None else -1
+
+
+def _row(key: str, text: str) -> str:
+    return f"  {key:<11} {text}"
+
+
+def _label_rows(names, units, lo, hi, note: str) -> list[str]:
+    """One line per label: name, range and unit, as a small table."""
+    w = max(len(n) for n in names)
+    lows = [f"{a:.6g}" for a in lo]
+    highs = [f"{b:.6g}" for b in hi]
+    wl, wh = max(map(len, lows)), max(map(len, highs))
+    rows = [f"{n:<{w}}  {a:>{wl}} .. {b:<{wh}}  {u}".rstrip()
+            for n, a, b, u in zip(names, lows, highs, units, strict=True)]
+    return [_row("labels" if i == 0 else "", r) for i, r in enumerate(rows)] + [
+        _row("", f"({note})")]
+
+
+def _meta_rows(meta: dict, prefix: str = "meta.") -> list[str]:
+    """One line per provenance entry."""
+    if not meta:
+        return []
+    w = max(len(prefix + k) for k in meta)
+    return [f"  {prefix + k:<{w}}  {_fmt_value(v, 100)}" for k, v in meta.items()]
+
+
+def _wrapped_pairs(key: str, mapping: dict) -> list[str]:
+    """``key  a=1; b=2; ...`` wrapped to 88 columns."""
+    text = "; ".join(f"{k}={_fmt_value(v, 60)}" for k, v in mapping.items())
+    return textwrap.wrap(text, 88, initial_indent=_row(key, ""),
+                         subsequent_indent=" " * 14, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _lines_grid(grid: SpectralGrid) -> list[str]:
+    lo, hi = grid.label_box
+    err = "none" if grid.flux_err is None else "yes"
+    return [_row("spectra", str(grid.n_spec)),
+            _row("wavelength", _fmt_wavelength(grid.wavelength)),
+            *_label_rows(grid.label_names, grid.label_units, lo, hi,
+                         "range of the grid's labels"),
+            _row("flux", f"{grid.flux.min():.3g}..{grid.flux.max():.3g}; "
+                         f"flux_err: {err}"),
+            *_meta_rows(grid.meta)]
+
+
+def _lines_emulator(emu: Emulator) -> list[str]:
+    n_par = sum(int(np.size(a)) for a in emu.net.weights + emu.net.biases)
+    lines = [_row("network", f"{emu.kind}, hidden {','.join(map(str, emu.hidden))}, "
+                             f"{emu.activation}, {emu.n_pix} pixels x {emu.n_labels} "
+                             f"labels, {n_par} parameters"),
+             _row("wavelength", _fmt_wavelength(emu.wavelength)),
+             *_label_rows(emu.label_names, emu.label_units, emu.label_lo,
+                          emu.label_hi, "training box: predictions outside it "
+                          "extrapolate")]
+    m = emu.meta
+    if "config" in m:
+        cfg = m["config"]
+        n_iter = len(emu.history.get("valid_rms", ()))
+        lines.append(_row("training", (
+            f"{cfg.get('optimizer')}, {n_iter} of {cfg.get('max_iter')} iterations "
+            f"in {m.get('train_seconds', math.nan):.1f} s ({m.get('dtype')}), "
+            f"{m.get('n_train')} training + {m.get('n_valid')} held-out spectra, "
+            f"{m.get('n_restarted_pixels', 0)} pixels restarted")))
+        med = m.get("valid_median_abs_error", math.nan)
+        p99 = m.get("valid_p99_pixel_abs_error", math.nan)
+        lines.append(_row("held-out", f"median |error| {med:.2e}; 99th percentile "
+                                      f"over pixels {p99:.2e}"))
+    if emu.pixel_error is not None:
+        k = int(np.argmax(emu.pixel_error))
+        lines.append(_row("pixel_error", (
+            f"held-out RMS per pixel: median {np.median(emu.pixel_error):.2e}, "
+            f"max {emu.pixel_error[k]:.2e} at {emu.wavelength[k]:.2f} A")))
+    if "config" in m:
+        lines += _wrapped_pairs("config", m["config"])
+    if m.get("grid_meta"):
+        lines += _wrapped_pairs("grid", m["grid_meta"])
+    shown = {"config", "grid_meta", "n_train", "n_valid", "train_seconds", "dtype",
+             "valid_median_abs_error", "valid_p99_pixel_abs_error",
+             "n_restarted_pixels"}
+    lines += _meta_rows({k: v for k, v in m.items() if k not in shown})
+    return lines
+
+
+def _lines_spectra(path: Path) -> list[str]:
+    with _h5.open_checked(path, SPECTRA_FORMAT, (SPECTRA_VERSION,)) as f:
+        wave = _h5.read_dataset(f, "wavelength", path)
+        labels = _h5.read_dataset(f, "labels", path)
+        flux = _h5.read_dataset(f, "flux", path)
+        names = _h5.get_json_attr(f, "label_names", path)
+        units = _h5.get_json_attr(f, "label_units", path)
+        meta = _h5.get_json_attr(f, "meta", path)
+    return [_row("spectra", str(flux.shape[0])),
+            _row("wavelength", _fmt_wavelength(wave)),
+            *_label_rows(names, units, labels.min(0), labels.max(0),
+                         "range of the spectra's labels"),
+            _row("flux", f"{flux.min():.3g}..{flux.max():.3g}"),
+            *_meta_rows(meta)]
+
+
+def _run_info(args) -> int:
+    path = _require_file(args.file)
+    size = _human_size(path.stat().st_size)
+    if path.suffix.lower() == ".npz":
+        grid = SpectralGrid.from_payne_npz(path)
+        print(f"{path}: The Payne training grid (.npz), {size}")
+        print("\n".join(_lines_grid(grid)))
+        return EXIT_OK
+    fmt, ver = _file_format(path)
+    if fmt == GRID_FORMAT:
+        lines = _lines_grid(SpectralGrid.load(path))
+    elif fmt == EMULATOR_FORMAT:
+        lines = _lines_emulator(Emulator.load(path))
+    else:
+        lines = _lines_spectra(path)
+    print(f"{path}: {fmt} v{ver}, {size}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+# ======================================================================================
+# Subcommand registry.
+#
+# Later subcommands (planned in DESIGN.md: demo, fit, train-mdn, bench, plot) go here,
+# each as an _add_<name>(subparsers) / _run_<name>(args) -> int pair added to
+# _COMMANDS once it does real work. Nothing is registered before then.
+# ======================================================================================
+_COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
+    "grid": (_add_grid, _run_grid),
+    "train": (_add_train, _run_train),
+    "predict": (_add_predict, _run_predict),
+    "info": (_add_info, _run_info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``payne-lite`` argument parser with all subcommands."""
+    parser = _ArgumentParser(
+        prog=PROG, formatter_class=_Formatter, parents=[_common_options(sub=False)],
+        description=("payne_lite: emulate and fit stellar spectra with per-pixel\n"
+                     "neural networks (The Payne; Ting et al. 2019, ApJ 879, 69)."),
+        epilog=("typical session:\n"
+                "  payne-lite grid -o grid.h5\n"
+                "  payne-lite train grid.h5 -o emulator.h5\n"
+                "  payne-lite info emulator.h5\n"
+                "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
+                "-o flux.csv\n"
+                f"\n`{PROG} COMMAND --help` describes each command's options."))
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                title="commands")
+    for add, _ in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbosity: int):
+    """Route the package's log records to stderr for the duration of one command."""
+    logger = logging.getLogger("payne_lite")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    old_level = logger.level
+    logger.setLevel(logging.WARNING if verbosity <= 0 else
+                    logging.INFO if verbosity == 1 else logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``payne-lite`` on ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Exit codes: 0 success, 2 bad input or usage (one line on stderr), 130 interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_join_negative_values(argv))
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.command_line = shlex.join([PROG, *argv])
+    _, run = _COMMANDS[args.command]
+    with _logging_to_stderr(args.verbose):
+        try:
+            return run(args)
+        except (OSError, ValueError) as err:  # FileFormatError is a ValueError
+            if args.debug:
+                raise
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

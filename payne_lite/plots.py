@@ -1,0 +1,122 @@
+"""Figures (matplotlib, Agg backend): each function writes ``<stem>.png`` and ``.pdf``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(out[0], dpi=130)
+    fig.savefig(out[1])
+    _pyplot().close(fig)
+    return out
+
+
+def emulator_error_histogram(resid: np.ndarray, stem: Path) -> list[Path]:
+    """Histogram of per-pixel emulator errors on held-out spectra.
+
+    Args:
+        resid: (n_spec, n_pix) emulator minus truth [normalised flux].
+    """
+    plt = _pyplot()
+    pixel_mae = np.median(np.abs(resid), axis=0)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    lim = np.percentile(np.abs(resid), 99.9)
+    a.hist(resid.ravel(), bins=200, range=(-lim, lim), color="C0")
+    a.set_yscale("log")
+    a.set_xlabel("emulator - truth [normalised flux]")
+    a.set_ylabel("pixels x spectra")
+    a.set_title("all held-out pixels")
+    bins = np.logspace(
+        np.log10(max(pixel_mae.min(), 1e-7)), np.log10(pixel_mae.max()), 60
+    )
+    b.hist(pixel_mae, bins=bins, color="C1")
+    b.set_xscale("log")
+    for q, ls in [(50, "-"), (99, "--")]:
+        v = np.percentile(pixel_mae, q)
+        b.axvline(v, color="k", ls=ls, label=f"{q}th percentile: {v:.1e}")
+    b.set_xlabel("per-pixel median |emulator - truth|")
+    b.set_ylabel("pixels")
+    b.set_title("per pixel")
+    b.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def spectrum_with_model(
+    wave,
+    flux,
+    model,
+    stem: Path,
+    *,
+    title: str = "",
+    windows=((15200.0, 15350.0), (16150.0, 16300.0)),
+) -> list[Path]:
+    """A spectrum, a model of it and the residuals: the full range and zoomed windows.
+
+    Args:
+        wave: (P,) wavelength [Angstrom]; flux, model: (P,) normalised flux.
+        windows: wavelength ranges [Angstrom] for the zoomed panels (those that overlap
+            ``wave``).
+    """
+    plt = _pyplot()
+    wave, flux, model = (np.asarray(a) for a in (wave, flux, model))
+    wins = [(lo, hi) for lo, hi in windows if hi > wave[0] and lo < wave[-1]]
+    ncol = 1 + len(wins)
+    fig, axes = plt.subplots(
+        2,
+        ncol,
+        figsize=(5 * ncol, 5),
+        sharex="col",
+        gridspec_kw={"height_ratios": [3, 1]},
+        layout="constrained",
+        squeeze=False,
+    )
+    ranges = [(wave[0], wave[-1])] + wins
+    for c, (lo, hi) in enumerate(ranges):
+        m = (wave >= lo) & (wave <= hi)
+        top, bot = axes[0, c], axes[1, c]
+        top.plot(wave[m], flux[m], color="k", lw=0.6, label="data")
+        top.plot(wave[m], model[m], color="C3", lw=0.6, label="model")
+        bot.plot(wave[m], model[m] - flux[m], color="C0", lw=0.5)
+        bot.axhline(0, color="k", lw=0.5)
+        bot.set_xlabel("vacuum wavelength [Å]")
+        top.set_title("full range" if c == 0 else f"{lo:.0f}-{hi:.0f} Å", fontsize=9)
+    axes[0, 0].set_ylabel("normalised flux")
+    axes[1, 0].set_ylabel("model - data")
+    axes[0, 0].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, stem)
+
+
+def loss_curves(history: dict, stem: Path) -> list[Path]:
+    """Training and validation loss curves from ``Emulator.history``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    it = np.arange(1, len(history["train_rms"]) + 1)
+    ax.plot(it, history["train_rms"], label="training (median pixel RMS)")
+    ax.plot(
+        it, history["valid_rms"], label="validation, best so far (median pixel RMS)"
+    )
+    if "valid_mae" in history:
+        ax.plot(it, history["valid_mae"], label="validation median |error|", ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("error [normalised flux]")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, stem)

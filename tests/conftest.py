@@ -1,0 +1,105 @@
+"""Shared fixtures for the payne_lite test suite.
+
+* ``payne_data``: the real Payne/APOGEE reference files, or a skip giving the reason.
+* ``make_emulator`` / ``tiny_emulator``: small random per-pixel emulators built in
+  memory (no data files), seeded with ``np.random.default_rng``.
+* ``tol``: dtype-keyed tolerances (float32 vs float64).
+
+Precision is never switched globally here: float64 checks use ``jax.enable_x64(True)``
+as a context manager inside the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from payne_lite import Emulator, PixelNet
+
+#: The shared reference data; the repository clone sits beside ``shared/`` (also in CI).
+PAYNE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "payne_apogee"
+
+#: Relative tolerances (times the magnitude of the reference) by computation dtype.
+_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+TINY_NAMES = ("Teff", "logg", "[Fe/H]")
+TINY_UNITS = ("K", "dex", "dex")
+TINY_LO = np.array([4000.0, 1.0, -2.0])
+TINY_HI = np.array([7000.0, 5.0, 0.5])
+
+
+def tolerance(dtype) -> float:
+    """Tolerance of a result computed in ``dtype``, relative to its magnitude."""
+    return _TOL[np.dtype(dtype)]
+
+
+@pytest.fixture(scope="session")
+def tol() -> Callable[[object], float]:
+    """``tol(dtype)``: 1e-5 for float32, 1e-10 for float64 (relative to magnitude)."""
+    return tolerance
+
+
+@pytest.fixture(scope="session")
+def payne_data() -> Path:
+    """Folder of the real Payne/APOGEE files; skips the test when it is absent."""
+    if not PAYNE_DIR.is_dir():
+        pytest.skip(f"The Payne reference data folder {PAYNE_DIR} not found")
+    return PAYNE_DIR
+
+
+@pytest.fixture(scope="session")
+def payne_dir_optional() -> Path | None:
+    """Like ``payne_data`` but ``None`` instead of a skip (for tests that must run)."""
+    return PAYNE_DIR if PAYNE_DIR.is_dir() else None
+
+
+def build_tiny_emulator(
+    n_pix: int = 50,
+    n_hid: int | tuple[int, ...] = 3,
+    n_lab: int = 3,
+    *,
+    seed: int = 0,
+    activation: str = "sigmoid",
+) -> Emulator:
+    """A random per-pixel emulator, ``n_hid`` hidden units (or a tuple of layers)."""
+    if n_lab > len(TINY_NAMES):
+        raise ValueError(f"at most {len(TINY_NAMES)} labels, got {n_lab}")
+    rng = np.random.default_rng(seed)
+    hidden = (n_hid,) if isinstance(n_hid, int) else tuple(n_hid)
+    weights, biases, width = [], [], n_lab
+    for h in hidden:
+        weights.append(rng.normal(0.0, 1.0, (n_pix, h, width)))
+        biases.append(rng.normal(0.0, 0.5, (n_pix, h)))
+        width = h
+    weights.append(rng.normal(0.0, 0.3, (n_pix, width)))
+    biases.append(1.0 + rng.normal(0.0, 0.05, n_pix))
+    return Emulator(
+        net=PixelNet(tuple(weights), tuple(biases)),
+        activation=activation,
+        label_names=TINY_NAMES[:n_lab],
+        label_units=TINY_UNITS[:n_lab],
+        label_lo=TINY_LO[:n_lab],
+        label_hi=TINY_HI[:n_lab],
+        wavelength=np.linspace(15100.0, 15100.0 + 0.2 * (n_pix - 1), n_pix),
+        pixel_error=rng.uniform(1e-4, 1e-2, n_pix),
+        history={
+            "train_loss": np.geomspace(1.0, 1e-3, 7),
+            "valid_loss": np.geomspace(2.0, 2e-3, 7),
+        },
+        meta={"source": "tests/conftest.py", "seed": seed, "hidden": list(hidden)},
+    )
+
+
+@pytest.fixture(scope="session")
+def make_emulator() -> Callable[..., Emulator]:
+    """Factory with the signature of :func:`build_tiny_emulator`."""
+    return build_tiny_emulator
+
+
+@pytest.fixture
+def tiny_emulator() -> Emulator:
+    """50 pixels, 3 sigmoid hidden units, 3 labels (Teff, logg, [Fe/H]); seed 0."""
+    return build_tiny_emulator()

@@ -1,0 +1,752 @@
+"""Acceptance tests of payne_lite.Emulator.
+
+Every numerical check compares with an independent NumPy float64 implementation of The
+Payne's formulas (Ting et al. 2019; the data README), written here, never with stored
+numbers. float64 checks run inside ``jax.enable_x64(True)``; nothing flips x64 globally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import warnings
+from pathlib import Path
+
+import h5py
+import jax
+import numpy as np
+import pytest
+
+import payne_lite
+import payne_lite.emulator as emulator_mod
+from payne_lite import DenseNet, Emulator, PixelNet, SpectralGrid
+
+#: Label order of ``nn_normalized_spectra_5label.npz`` (see the data README).
+PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
+PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+# --- independent NumPy references ---------------------------------------------------
+def _np_activation(name: str, z: np.ndarray) -> np.ndarray:
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "leaky_relu":  # The Payne: slope 0.01 below zero
+        return np.where(z > 0.0, z, 0.01 * z)
+    if name == "softplus":
+        return np.logaddexp(0.0, z)
+    if name == "silu":
+        return z / (1.0 + np.exp(-z))
+    raise KeyError(name)
+
+
+def _scaled(x, x_min, x_max) -> np.ndarray:
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    return (x - x_min) / (x_max - x_min) - 0.5
+
+
+def ref_pixel(weights, biases, x_min, x_max, x, activation="sigmoid") -> np.ndarray:
+    """Per-pixel networks (The Payne's classic model, any depth); flux (n, P)."""
+    w = [np.asarray(a, dtype=np.float64) for a in weights]
+    b = [np.asarray(a, dtype=np.float64) for a in biases]
+    s = _scaled(x, x_min, x_max)
+    h = _np_activation(activation, np.einsum("pjk,nk->npj", w[0], s) + b[0])
+    for wi, bi in zip(w[1:-1], b[1:-1], strict=True):
+        h = _np_activation(activation, np.einsum("pij,npj->npi", wi, h) + bi)
+    return np.einsum("pj,npj->np", w[-1], h) + b[-1]
+
+
+def ref_payne_npz(d: dict, x) -> np.ndarray:
+    """The data README's formula for the classic (sigmoid) per-pixel network."""
+    return ref_pixel(
+        [d["w_array_0"], d["w_array_1"]],
+        [d["b_array_0"], d["b_array_1"]],
+        d["x_min"],
+        d["x_max"],
+        x,
+    )
+
+
+def ref_dense_npz(d: dict, x) -> np.ndarray:
+    """The Payne's 2-hidden-layer leaky-ReLU MLP (its ``spectral_model.py``)."""
+    f = {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
+    s = _scaled(x, f["x_min"], f["x_max"])
+    inside = np.einsum("ij,nj->ni", f["w_array_0"], s) + f["b_array_0"]
+    outside = (
+        np.einsum("ij,nj->ni", f["w_array_1"], _np_activation("leaky_relu", inside))
+        + f["b_array_1"]
+    )
+    return (
+        np.einsum("ij,nj->ni", f["w_array_2"], _np_activation("leaky_relu", outside))
+        + f["b_array_2"]
+    )
+
+
+def ref_emulator(emu: Emulator, x) -> np.ndarray:
+    return ref_pixel(
+        emu.net.weights, emu.net.biases, emu.label_lo, emu.label_hi, x, emu.activation
+    )
+
+
+def _predict(emu: Emulator, x, dtype, **kw) -> np.ndarray:
+    """Predict in ``dtype``: float64 inside ``jax.enable_x64(True)``, else x64 off."""
+    with jax.enable_x64(np.dtype(dtype) == F64):
+        return emu.predict(x, dtype=dtype, **kw)
+
+
+def _assert_close(actual, desired, tol: float, *, scale: float = 1.0, what: str = ""):
+    np.testing.assert_allclose(
+        actual, desired, rtol=0.0, atol=tol * scale, err_msg=what
+    )
+
+
+def _inside(rng, lo, hi, n) -> np.ndarray:
+    return rng.uniform(lo, hi, size=(n, len(lo)))
+
+
+def _emu_kwargs(emu: Emulator, **changes) -> dict:
+    kw = {
+        f.name: getattr(emu, f.name)
+        for f in dataclasses.fields(emu)
+        if not f.name.startswith("_")
+    }
+    kw.update(changes)
+    return kw
+
+
+DTYPES = [pytest.param(F32, id="float32"), pytest.param(F64, id="float64")]
+
+
+# --- the real Payne networks ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def apogee_wave(payne_data) -> np.ndarray:
+    with np.load(payne_data / "apogee_wavelength.npz") as d:
+        return d["wavelength"]
+
+
+@pytest.fixture(scope="module")
+def payne5(payne_data, apogee_wave):
+    path = payne_data / "nn_normalized_spectra_5label.npz"
+    with np.load(path) as d:
+        arrays = {k: d[k] for k in d.files}
+    emu = Emulator.from_payne_npz(
+        path,
+        label_names=PAYNE_LABELS_5,
+        label_units=PAYNE_UNITS_5,
+        wavelength=apogee_wave,
+    )
+    return emu, arrays
+
+
+@pytest.fixture(scope="module")
+def payne4(payne_data, apogee_wave):
+    path = payne_data / "nn_unnormalized_spectra_4label.npz"
+    with np.load(path) as d:
+        arrays = {k: d[k] for k in d.files}
+    emu = Emulator.from_payne_npz(
+        path, label_names=PAYNE_LABELS_5[:4], wavelength=apogee_wave, flux_scale=1e-6
+    )
+    return emu, arrays
+
+
+def test_payne5_import(payne5, apogee_wave):
+    emu, d = payne5
+    assert emu.kind == "pixel" and emu.activation == "sigmoid"
+    assert emu.label_names == PAYNE_LABELS_5 and emu.label_units == PAYNE_UNITS_5
+    assert (emu.n_pix, emu.n_labels, emu.hidden) == (7214, 5, (5,))
+    np.testing.assert_array_equal(emu.label_lo, d["x_min"])
+    np.testing.assert_array_equal(emu.label_hi, d["x_max"])
+    np.testing.assert_array_equal(emu.wavelength, apogee_wave)
+    assert emu.meta["source"].endswith("nn_normalized_spectra_5label.npz")
+
+
+@pytest.mark.parametrize(
+    "dtype", [F32, F64, None], ids=["float32", "float64", "x64-default"]
+)
+def test_payne5_matches_reference(payne5, dtype, tol):
+    emu, d = payne5
+    x = _inside(np.random.default_rng(5), d["x_min"], d["x_max"], 100)
+    ref = ref_payne_npz(d, x)
+    want = F32 if dtype == F32 else F64
+    with jax.enable_x64(want == F64):
+        flux = emu.predict(x, dtype=dtype)
+    assert flux.shape == (100, 7214) and flux.dtype == want
+    # normalized flux is O(1): the README tolerance is absolute
+    _assert_close(flux, ref, tol(want))
+
+
+def test_payne4_unnormalized_matches_reference_float32(payne4, tol):
+    emu, d = payne4
+    x = _inside(np.random.default_rng(4), d["x_min"], d["x_max"], 100)
+    ref = ref_payne_npz(d, x) / 1e6
+    flux = _predict(emu, x, F32)
+    assert flux.dtype == F32 and emu.meta["flux_scale"] == 1e-6
+    # f_lambda is ~1e-5 here: an absolute 1e-5 would accept anything, so scale it
+    _assert_close(flux, ref, tol(F32), scale=np.abs(ref).max())
+
+
+def test_payne4_unnormalized_matches_reference_float64(payne4, tol):
+    emu, d = payne4
+    x = _inside(np.random.default_rng(4), d["x_min"], d["x_max"], 100)
+    ref = ref_payne_npz(d, x) / 1e6
+    flux = _predict(emu, x, F64)
+    assert flux.dtype == F64
+    _assert_close(flux, ref, tol(F64), scale=np.abs(ref).max())
+
+
+# --- The Payne's dense 2-hidden-layer MLP ---------------------------------------------
+def _write_dense_npz(path: Path, *, n_lab=4, h1=12, h2=9, n_pix=60, seed=3) -> dict:
+    rng = np.random.default_rng(seed)
+    d = dict(
+        w_array_0=rng.normal(0, 1.0, (h1, n_lab)).astype(np.float32),
+        w_array_1=rng.normal(0, 0.5, (h2, h1)).astype(np.float32),
+        w_array_2=rng.normal(0, 0.3, (n_pix, h2)).astype(np.float32),
+        b_array_0=rng.normal(0, 0.3, h1).astype(np.float32),
+        b_array_1=rng.normal(0, 0.3, h2).astype(np.float32),
+        b_array_2=(1.0 + rng.normal(0, 0.05, n_pix)).astype(np.float32),
+        x_min=np.array([3500.0, 0.0, -2.5, -0.5])[:n_lab],
+        x_max=np.array([7000.0, 5.0, 0.5, 1.0])[:n_lab],
+    )
+    np.savez(path, **d)
+    return d
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_payne_mlp_matches_reference(tmp_path, dtype, tol):
+    path = tmp_path / "payne_mlp.npz"
+    d = _write_dense_npz(path)
+    wave = np.linspace(15200.0, 15260.0, 60)
+    emu = Emulator.from_payne_npz(path, label_names=PAYNE_LABELS_5[:4], wavelength=wave)
+    assert emu.kind == "dense" and emu.activation == "leaky_relu"
+    assert isinstance(emu.net, DenseNet) and emu.hidden == (12, 9)
+    x = _inside(np.random.default_rng(6), d["x_min"], d["x_max"], 50)
+    ref = ref_dense_npz(d, x)
+    # the random weights must exercise both branches of the leaky ReLU
+    s = _scaled(x, d["x_min"], d["x_max"])
+    z0 = s @ d["w_array_0"].T.astype(float) + d["b_array_0"]
+    assert (z0 > 0).any() and (z0 < 0).any()
+    flux = _predict(emu, x, dtype)
+    assert flux.shape == (50, 60) and flux.dtype == dtype
+    _assert_close(flux, ref, tol(dtype), scale=np.abs(ref).max())
+
+
+def test_from_payne_npz_needs_wavelength(tmp_path):
+    path = tmp_path / "payne_mlp.npz"
+    _write_dense_npz(path)
+    with pytest.raises(ValueError, match="no wavelength array"):
+        Emulator.from_payne_npz(path)
+
+
+def test_from_payne_npz_refuses_non_network(tmp_path):
+    path = tmp_path / "grid.npz"
+    np.savez(path, labels=np.ones((3, 4)), spectra=np.ones((4, 5)))
+    with pytest.raises(payne_lite.FileFormatError, match="not a Payne network"):
+        Emulator.from_payne_npz(path, wavelength=np.arange(1.0, 6.0))
+
+
+# --- tiny random emulators against the reference --------------------------------------
+@pytest.mark.parametrize("activation", sorted(emulator_mod.ACTIVATIONS))
+def test_tiny_one_layer_matches_reference(make_emulator, activation, tol):
+    emu = make_emulator(activation=activation, seed=11)
+    x = _inside(np.random.default_rng(1), emu.label_lo, emu.label_hi, 16)
+    ref = ref_emulator(emu, x)
+    _assert_close(_predict(emu, x, F32), ref, tol(F32), scale=np.abs(ref).max())
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "leaky_relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiny_two_layer_pixel_net_matches_reference(
+    make_emulator, activation, dtype, tol
+):
+    emu = make_emulator(n_pix=20, n_hid=(4, 3), activation=activation, seed=12)
+    assert emu.hidden == (4, 3)
+    x = _inside(np.random.default_rng(2), emu.label_lo, emu.label_hi, 9)
+    ref = ref_emulator(emu, x)
+    _assert_close(_predict(emu, x, dtype), ref, tol(dtype), scale=np.abs(ref).max())
+
+
+def test_tiny_float64_matches_reference(tiny_emulator, tol):
+    x = _inside(
+        np.random.default_rng(3), tiny_emulator.label_lo, tiny_emulator.label_hi, 25
+    )
+    ref = ref_emulator(tiny_emulator, x)
+    _assert_close(
+        _predict(tiny_emulator, x, F64), ref, tol(F64), scale=np.abs(ref).max()
+    )
+
+
+# --- shapes, dtypes, batching ---------------------------------------------------------
+def test_predict_shapes_and_dtypes(tiny_emulator):
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(0), emu.label_lo, emu.label_hi, 4)
+    with jax.enable_x64(False):
+        one = emu.predict(x[0])
+        many = emu.predict(x)
+        as_list = emu.predict(x[0].tolist())
+        row = emu.predict(x[:1])
+        none = emu.predict(np.empty((0, 3)))
+    assert one.shape == (50,) and one.dtype == F32
+    assert many.shape == (4, 50) and many.dtype == F32
+    assert row.shape == (1, 50)
+    assert none.shape == (0, 50)
+    assert isinstance(one, np.ndarray) and isinstance(many, np.ndarray)
+    np.testing.assert_array_equal(as_list, one)
+    with jax.enable_x64(True):
+        one64 = emu.predict(x[0])
+        many64 = emu.predict(x)
+    assert one64.shape == (50,) and one64.dtype == F64
+    assert many64.shape == (4, 50) and many64.dtype == F64
+
+
+def _ulp_scale(dtype, flux) -> float:
+    """A few units in the last place of the largest flux: the reordering allowance."""
+    return 4 * float(np.finfo(dtype).eps) * max(1.0, float(np.abs(flux).max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_equals_loop_of_singles(tiny_emulator, dtype):
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(8), emu.label_lo, emu.label_hi, 20)
+    batch = _predict(emu, x, dtype)
+    loop = np.stack([_predict(emu, row, dtype) for row in x])
+    assert loop.dtype == batch.dtype == dtype
+    np.testing.assert_allclose(loop, batch, rtol=0, atol=_ulp_scale(dtype, batch))
+
+
+def test_varied_batch_sizes_agree_per_row(tiny_emulator):
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(9), emu.label_lo, emu.label_hi, 1000)
+    full = _predict(emu, x, F32)
+    atol = _ulp_scale(F32, full)
+    for n in (1, 3, 17):
+        np.testing.assert_allclose(
+            _predict(emu, x[:n], F32),
+            full[:n],
+            rtol=0,
+            atol=atol,
+            err_msg=f"batch of {n}",
+        )
+    # explicit chunking (with a padded last chunk) gives the same rows
+    np.testing.assert_allclose(
+        _predict(emu, x, F32, batch_size=7), full, rtol=0, atol=atol
+    )
+    # the last, padded rows are real predictions, not padding
+    np.testing.assert_allclose(
+        full[-5:], ref_emulator(emu, x[-5:]), rtol=0, atol=1e-5 * np.abs(full).max()
+    )
+
+
+def test_batch_size_must_be_positive(tiny_emulator):
+    with pytest.raises(ValueError, match="batch_size must be > 0"):
+        tiny_emulator.predict(np.full(3, 0.0) + tiny_emulator.label_lo, batch_size=0)
+
+
+# --- bad labels -----------------------------------------------------------------------
+@pytest.mark.parametrize("j", range(3))
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_outside_box_raises_naming_label(tiny_emulator, j, side):
+    emu = tiny_emulator
+    x = np.tile(0.5 * (emu.label_lo + emu.label_hi), (4, 1))
+    width = emu.label_hi[j] - emu.label_lo[j]
+    x[2, j] = (
+        emu.label_lo[j] - 0.01 * width
+        if side == "below"
+        else (emu.label_hi[j] + 0.01 * width)
+    )
+    name = re.escape(emu.label_names[j])
+    with pytest.raises(ValueError, match=rf"labels\[2\] {name} = .* outside"):
+        emu.predict(x)
+    with pytest.raises(ValueError, match=rf"{name} = .*allow_outside=True"):
+        emu.predict(x[2])
+    # extrapolation on request follows the same formula
+    flux = _predict(emu, x, F32, allow_outside=True)
+    ref = ref_emulator(emu, x)
+    _assert_close(flux, ref, 1e-5, scale=np.abs(ref).max())
+
+
+def test_box_edges_are_inside(tiny_emulator):
+    emu = tiny_emulator
+    x = np.stack([emu.label_lo, emu.label_hi])
+    ref = ref_emulator(emu, x)
+    _assert_close(_predict(emu, x, F32), ref, 1e-5, scale=np.abs(ref).max())
+
+
+BAD_LABELS = {
+    "too_few_1d": (lambda lo, hi: lo[:2], r"labels \(2,\) must have 3 columns"),
+    "too_many_1d": (
+        lambda lo, hi: np.r_[lo, 0.0],
+        r"labels \(4,\) must have 3 columns",
+    ),
+    "too_few_2d": (
+        lambda lo, hi: np.tile(lo[:2], (5, 1)),
+        r"labels \(5, 2\) must have 3 columns \(Teff, logg, \[Fe/H\]\)",
+    ),
+    "nan": (
+        lambda lo, hi: np.where([False, True, False], np.nan, lo),
+        r"labels has 1 non-finite value.*\(0, 1\)",
+    ),
+    "inf": (
+        lambda lo, hi: np.where([True, False, False], np.inf, lo),
+        r"labels has 1 non-finite",
+    ),
+    "nan_in_batch": (
+        lambda lo, hi: np.where(np.eye(4, 3, k=-2) > 0, np.nan, hi),
+        r"non-finite value.*\(2, 0\)",
+    ),
+    "3d": (lambda lo, hi: np.zeros((2, 2, 3)), r"labels must have 1 or 2 dimension"),
+    "scalar": (lambda lo, hi: 5000.0, r"labels must have 1 or 2 dimension"),
+    "text": (
+        lambda lo, hi: ["hot", "dwarf", "poor"],
+        r"labels must be a numeric array",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LABELS))
+@pytest.mark.parametrize("allow_outside", [False, True])
+def test_bad_labels_raise(tiny_emulator, case, allow_outside):
+    make, message = BAD_LABELS[case]
+    labels = make(tiny_emulator.label_lo, tiny_emulator.label_hi)
+    with pytest.raises(ValueError, match=message):
+        tiny_emulator.predict(labels, allow_outside=allow_outside)
+
+
+def test_predict_does_not_mutate_inputs(tiny_emulator):
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(4), emu.label_lo, emu.label_hi, 6)
+    x_copy = x.copy()
+    weights_before = [np.array(w, copy=True) for w in emu.net.weights + emu.net.biases]
+    lo, hi = emu.label_lo.copy(), emu.label_hi.copy()
+    first = _predict(emu, x, F32)
+    np.testing.assert_array_equal(x, x_copy)
+    for before, after in zip(
+        weights_before, emu.net.weights + emu.net.biases, strict=True
+    ):
+        np.testing.assert_array_equal(after, before)
+    np.testing.assert_array_equal(emu.label_lo, lo)
+    np.testing.assert_array_equal(emu.label_hi, hi)
+    # read-only input works too, and gives the same answer
+    x.setflags(write=False)
+    np.testing.assert_array_equal(_predict(emu, x, F32), first)
+
+
+# --- compile once ---------------------------------------------------------------------
+def test_predict_does_not_retrace(make_emulator, monkeypatch):
+    """Trace-time side effect: the hot path body runs once per compilation."""
+    traces = []
+    original = emulator_mod._pixel_batch_1layer
+
+    def counted(*args, **kwargs):
+        traces.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(emulator_mod, "_pixel_batch_1layer", counted)
+    emu = make_emulator(n_pix=37, seed=37)  # a pixel count no other test compiles
+    x = _inside(np.random.default_rng(0), emu.label_lo, emu.label_hi, 16)
+    cache_size = getattr(emulator_mod.predict_batch, "_cache_size", None)
+    with jax.enable_x64(False):
+        emu.predict(x[:5])
+        assert len(traces) == 1, traces  # the counter sees the first compilation
+        n_cached = cache_size() if cache_size else None
+        for _ in range(3):
+            emu.predict(x[:5])
+        for n in (1, 2, 6, 7, 8, 5):  # padded to the same batch of 8 (the minimum)
+            emu.predict(x[:n])
+        assert len(traces) == 1, f"predict retraced: {traces}"
+        if cache_size:
+            assert cache_size() == n_cached
+        # a new padded size is a new (single) compilation, then cached too
+        emu.predict(x[:12])
+        emu.predict(x[:11])
+    assert len(traces) == 2, traces
+
+
+def test_dense_predict_does_not_retrace(tmp_path, monkeypatch):
+    traces = []
+    original = emulator_mod.dense_forward
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(emulator_mod, "dense_forward", counted)
+    path = tmp_path / "mlp.npz"
+    d = _write_dense_npz(path, n_pix=33, h1=7, h2=5, seed=33)
+    emu = Emulator.from_payne_npz(path, wavelength=np.linspace(15000.0, 15010.0, 33))
+    x = _inside(np.random.default_rng(1), d["x_min"], d["x_max"], 4)
+    with jax.enable_x64(False):
+        for _ in range(4):
+            emu.predict(x)
+    assert len(traces) == 1
+
+
+# --- model files ----------------------------------------------------------------------
+def _assert_same_emulator(a: Emulator, b: Emulator) -> None:
+    assert type(b.net) is type(a.net)
+    assert b.kind == a.kind and b.activation == a.activation
+    for wa, wb in zip(
+        a.net.weights + a.net.biases, b.net.weights + b.net.biases, strict=True
+    ):
+        assert np.asarray(wb).dtype == np.asarray(wa).dtype
+        np.testing.assert_array_equal(wb, wa)
+    assert b.label_names == a.label_names and b.label_units == a.label_units
+    np.testing.assert_array_equal(b.label_lo, a.label_lo)
+    np.testing.assert_array_equal(b.label_hi, a.label_hi)
+    np.testing.assert_array_equal(b.wavelength, a.wavelength)
+    if a.pixel_error is None:
+        assert b.pixel_error is None
+    else:
+        np.testing.assert_array_equal(b.pixel_error, a.pixel_error)
+    assert sorted(b.history) == sorted(a.history)
+    for key in a.history:
+        np.testing.assert_array_equal(b.history[key], a.history[key], err_msg=key)
+    assert b.meta == a.meta
+
+
+def test_save_load_round_trip(tmp_path, tiny_emulator):
+    path = tmp_path / "models" / "emu.h5"
+    tiny_emulator.save(path)
+    back = Emulator.load(path)
+    _assert_same_emulator(tiny_emulator, back)
+    x = _inside(np.random.default_rng(2), back.label_lo, back.label_hi, 10)
+    for dtype in (F32, F64):
+        np.testing.assert_array_equal(
+            _predict(back, x, dtype), _predict(tiny_emulator, x, dtype)
+        )
+    assert [p.name for p in path.parent.iterdir()] == ["emu.h5"]
+
+
+def test_save_load_round_trip_variants(tmp_path, make_emulator):
+    deep = make_emulator(n_pix=20, n_hid=(4, 3), activation="silu", seed=21)
+    bare = Emulator(
+        **_emu_kwargs(
+            make_emulator(n_pix=20, seed=22), pixel_error=None, history={}, meta={}
+        )
+    )
+    dense_path = tmp_path / "mlp.npz"
+    _write_dense_npz(dense_path)
+    dense = Emulator.from_payne_npz(dense_path, wavelength=np.arange(1.0, 61.0))
+    for i, emu in enumerate((deep, bare, dense)):
+        path = tmp_path / f"emu{i}.h5"
+        emu.save(path)
+        _assert_same_emulator(emu, Emulator.load(path))
+
+
+def test_payne5_round_trip(tmp_path, payne5):
+    emu, d = payne5
+    path = tmp_path / "payne5.h5"
+    emu.save(path)
+    back = Emulator.load(path)
+    _assert_same_emulator(emu, back)
+    x = _inside(np.random.default_rng(7), d["x_min"], d["x_max"], 8)
+    np.testing.assert_array_equal(_predict(back, x, F32), _predict(emu, x, F32))
+
+
+@pytest.fixture
+def saved_emulator(tmp_path, tiny_emulator) -> Path:
+    path = tmp_path / "emu.h5"
+    tiny_emulator.save(path)
+    return path
+
+
+def _refuses(path: Path, extra: str = ""):
+    return pytest.raises(
+        payne_lite.FileFormatError,
+        match=re.escape(str(path)) + (".*" + extra if extra else ""),
+    )
+
+
+def test_load_missing_file(tmp_path):
+    path = tmp_path / "none.h5"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        Emulator.load(path)
+
+
+def test_load_refuses_random_bytes(tmp_path):
+    path = tmp_path / "noise.h5"
+    path.write_bytes(np.random.default_rng(1).bytes(2048))
+    with _refuses(path, "not a readable HDF5"):
+        Emulator.load(path)
+
+
+def test_load_refuses_corrupt_weights(saved_emulator):
+    with h5py.File(saved_emulator, "r") as f:
+        info = f["net/W0"].id.get_chunk_info(0)
+    data = bytearray(saved_emulator.read_bytes())
+    middle = int(info.byte_offset) + int(info.size) // 2
+    for i in range(middle, middle + 8):
+        data[i] ^= 0xFF
+    saved_emulator.write_bytes(bytes(data))
+    with _refuses(saved_emulator, "corrupt"):
+        Emulator.load(saved_emulator)
+
+
+def test_load_refuses_truncated(saved_emulator):
+    data = saved_emulator.read_bytes()
+    saved_emulator.write_bytes(data[: len(data) // 2])
+    with _refuses(saved_emulator, "truncated"):
+        Emulator.load(saved_emulator)
+
+
+def test_load_refuses_grid_file(tmp_path, tiny_emulator):
+    path = tmp_path / "grid.h5"
+    rng = np.random.default_rng(0)
+    SpectralGrid(
+        wavelength=tiny_emulator.wavelength,
+        labels=rng.normal(size=(4, 3)),
+        flux=rng.normal(size=(4, 50)),
+        label_names=tiny_emulator.label_names,
+        label_units=tiny_emulator.label_units,
+    ).save(path)
+    with _refuses(path, "expected a 'payne_lite.Emulator' file"):
+        Emulator.load(path)
+
+
+@pytest.mark.parametrize("version", [0, 2, 99])
+def test_load_refuses_other_format_version(saved_emulator, version):
+    with h5py.File(saved_emulator, "r+") as f:
+        f.attrs["format_version"] = version
+    with _refuses(saved_emulator, "format_version.*not supported"):
+        Emulator.load(saved_emulator)
+
+
+def test_load_refuses_wavelength_of_other_length(saved_emulator):
+    with h5py.File(saved_emulator, "r+") as f:
+        wave = f["wavelength"][()]
+        del f["wavelength"]
+        f["wavelength"] = wave[:-1]
+    with _refuses(saved_emulator, "inconsistent emulator file.*49"):
+        Emulator.load(saved_emulator)
+
+
+def test_load_refuses_inconsistent_names(saved_emulator):
+    with h5py.File(saved_emulator, "r+") as f:
+        f.attrs["label_names"] = '["Teff", "logg"]'
+    with _refuses(saved_emulator, "label_names"):
+        Emulator.load(saved_emulator)
+
+
+def test_load_refuses_missing_network(saved_emulator):
+    with h5py.File(saved_emulator, "r+") as f:
+        del f["net"]
+    with _refuses(saved_emulator, "missing group 'net'"):
+        Emulator.load(saved_emulator)
+
+
+# --- construction ---------------------------------------------------------------------
+def _shrink_b0(emu: Emulator) -> PixelNet:
+    return PixelNet(emu.net.weights, (emu.net.biases[0][:, :2], emu.net.biases[1]))
+
+
+def _nan_weight(emu: Emulator) -> PixelNet:
+    w1 = np.array(emu.net.weights[1], copy=True)
+    w1[3, 1] = np.nan
+    return PixelNet((emu.net.weights[0], w1), emu.net.biases)
+
+
+BAD_EMULATORS = {
+    "too_few_names": (
+        dict(label_names=lambda e: e.label_names[:2]),
+        r"label_names: 2 names",
+    ),
+    "too_many_names": (
+        dict(label_names=lambda e: (*e.label_names, "vmacro")),
+        r"label_names: 4 names",
+    ),
+    "duplicate_names": (
+        dict(label_names=lambda e: ("Teff", "Teff", "logg")),
+        r"names must be unique",
+    ),
+    "too_few_units": (dict(label_units=lambda e: ("K",)), r"label_units: 1 units"),
+    "short_wavelength": (
+        dict(wavelength=lambda e: e.wavelength[:-1]),
+        r"W0 \(50, 3, 3\), b0 \(50, 3\) do not fit \(P=49, H, 3\)",
+    ),
+    "long_wavelength": (
+        dict(wavelength=lambda e: np.r_[e.wavelength, 2e4]),
+        r"do not fit \(P=51, H, 3\)",
+    ),
+    "non_increasing_wavelength": (
+        dict(wavelength=lambda e: e.wavelength[::-1]),
+        r"strictly increasing",
+    ),
+    "lo_equals_hi": (
+        dict(label_hi=lambda e: np.r_[e.label_hi[:2], e.label_lo[2]]),
+        r"label box is empty for label 2",
+    ),
+    "lo_above_hi": (
+        dict(label_lo=lambda e: e.label_hi, label_hi=lambda e: e.label_lo),
+        r"label box is empty for label 0",
+    ),
+    "box_wrong_length": (
+        dict(label_lo=lambda e: e.label_lo[:2]),
+        r"label box edges must both be \(3,\)",
+    ),
+    "nan_box": (
+        dict(label_hi=lambda e: np.r_[np.nan, e.label_hi[1:]]),
+        r"label box upper edge has 1 non-finite",
+    ),
+    "unknown_activation": (dict(activation=lambda e: "relu6"), r"activation 'relu6'"),
+    "bias_shape": (dict(net=_shrink_b0), r"pixel net layer 0"),
+    "nan_weight": (dict(net=_nan_weight), r"network array 1 has 1 non-finite"),
+    "pixel_error_length": (
+        dict(pixel_error=lambda e: e.pixel_error[:-1]),
+        r"pixel_error \(49,\) must match wavelength \(50,\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EMULATORS))
+def test_construction_refuses(tiny_emulator, case):
+    changes, message = BAD_EMULATORS[case]
+    kw = _emu_kwargs(tiny_emulator, **{k: f(tiny_emulator) for k, f in changes.items()})
+    with pytest.raises(ValueError, match=message):
+        Emulator(**kw)
+
+
+def test_construction_accepts_unchanged_kwargs(tiny_emulator):
+    _assert_same_emulator(tiny_emulator, Emulator(**_emu_kwargs(tiny_emulator)))
+
+
+def test_dense_construction_refuses_wrong_output_width(tmp_path):
+    path = tmp_path / "mlp.npz"
+    _write_dense_npz(path, n_pix=60)
+    with pytest.raises(
+        ValueError, match="dense net outputs 60 pixels, wavelength has 59"
+    ):
+        Emulator.from_payne_npz(path, wavelength=np.arange(1.0, 60.0))
+
+
+# --- regressions of bugs found in review ------------------------------------------
+def test_replace_uses_new_weights(make_emulator):
+    old, new = make_emulator(seed=1), make_emulator(seed=2)
+    x = 0.5 * (old.label_lo + old.label_hi)
+    _predict(old, x, F32)  # fills old's device cache
+    swapped = dataclasses.replace(old, net=new.net)
+    np.testing.assert_array_equal(_predict(swapped, x, F32), _predict(new, x, F32))
+
+
+def test_emulator_owns_its_weights(make_emulator):
+    emu = make_emulator(seed=3)
+    weights = [np.array(w, copy=True) for w in emu.net.weights]
+    biases = [np.array(b, copy=True) for b in emu.net.biases]
+    mine = Emulator(**_emu_kwargs(emu, net=PixelNet(tuple(weights), tuple(biases))))
+    x = 0.5 * (emu.label_lo + emu.label_hi)
+    biases[-1][...] += 1.0  # the caller reuses its buffer
+    np.testing.assert_array_equal(_predict(mine, x, F32), _predict(emu, x, F32))
+
+
+def test_float64_request_without_x64_does_not_poison_cache(make_emulator, tol):
+    emu = make_emulator(seed=4)
+    x = 0.5 * (emu.label_lo + emu.label_hi)
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # today JAX warns "float64 ... not available"
+        with contextlib.suppress(ValueError):  # a fix may refuse the request instead
+            emu.predict(x, dtype=np.float64)
+    flux = _predict(emu, x, F64)
+    assert flux.dtype == F64
+    ref = ref_emulator(emu, x)[0]
+    _assert_close(flux, ref, tol(F64), scale=np.abs(ref).max())
