@@ -8,7 +8,7 @@ list (seed 0) and Latin-hypercube labels (seed 0), then LM training (seed 0). Th
 two steps on the command line:
 
     payne-lite grid -o default_grid.h5 --n-spec 2000 --seed 0
-    payne-lite train default_grid.h5 -o default_emulator.h5 --hidden 5 --max-iter 150
+    payne-lite train default_grid.h5 -o default_emulator.h5 --hidden 10 --max-iter 150
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
         "--grid-out", type=Path, default=None, help="also save the training grid here"
     )
     ap.add_argument("--n-spec", type=int, default=2000)
-    ap.add_argument("--hidden", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=10)
     ap.add_argument("--max-iter", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -2,8 +2,11 @@
 
 Every file carries ``attrs["format"]`` (what it holds) and ``attrs["format_version"]``.
 Datasets are written with HDF5's Fletcher-32 checksum filter, so a corrupted chunk is
-detected on read instead of yielding wrong numbers. Writes are atomic: a temporary file
-in the target folder is renamed over the target once complete.
+detected on read instead of yielding wrong numbers. The checksums cover dataset chunks,
+not HDF5's own metadata: damaged metadata is reported as a FileFormatError where h5py
+notices it, but the HDF5 library itself can hang or crash on some damaged headers.
+Writes are atomic: a temporary file in the target folder is renamed over the target
+once complete.
 """
 
 from __future__ import annotations
@@ -84,19 +87,22 @@ def open_checked(
         raise FileNotFoundError(f"{path}: no such file")
     try:
         f = h5py.File(path, "r")
-    except OSError as err:
+    except (OSError, KeyError, RuntimeError) as err:
         raise FileFormatError(
             f"{path}: not a readable HDF5 file (corrupt or truncated?): {err}"
         ) from err
     with f:
-        got = f.attrs.get("format")
+        try:
+            got = f.attrs.get("format")
+            ver = f.attrs.get("format_version")
+        except (OSError, KeyError, RuntimeError) as err:
+            raise FileFormatError(f"{path}: unreadable attributes ({err})") from err
         if isinstance(got, bytes):
             got = got.decode()
         if got != fmt:
             raise FileFormatError(
                 f"{path}: expected a {fmt!r} file, found format={got!r}"
             )
-        ver = f.attrs.get("format_version")
         if ver is None or int(ver) not in versions:
             ver = None if ver is None else int(ver)
             raise FileFormatError(
@@ -105,7 +111,9 @@ def open_checked(
             )
         try:
             yield f
-        except OSError as err:  # checksum (fletcher32) or read failure inside a dataset
+        except (OSError, KeyError, RuntimeError) as err:
+            # OSError: a dataset chunk failed its fletcher32 checksum or could not be
+            # read; KeyError/RuntimeError: h5py's report of a damaged object header.
             raise FileFormatError(f"{path}: corrupt data ({err})") from err
 
 
@@ -114,5 +122,5 @@ def read_dataset(f: h5py.File, name: str, path) -> np.ndarray:
         raise FileFormatError(f"{path}: missing dataset {name!r}")
     try:
         return f[name][()]
-    except OSError as err:
+    except (OSError, KeyError, RuntimeError) as err:
         raise FileFormatError(f"{path}: dataset {name!r} is corrupt ({err})") from err

@@ -34,7 +34,7 @@ def check_finite(arr: np.ndarray, name: str) -> None:
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{name} has {int(bad.sum())} non-finite value(s); "
-            f"first at index {idx}: {arr[idx]!r}"
+            f"first at index {idx}: {float(arr[idx])}"
         )
 
 
@@ -46,13 +46,13 @@ def check_wavelength(wave: np.ndarray, name: str = "wavelength") -> None:
         )
     check_finite(wave, name)
     if np.any(wave <= 0):
-        raise ValueError(f"{name} must be positive [Angstrom], min is {wave.min()!r}")
+        raise ValueError(f"{name} must be positive [Angstrom], min is {float(wave.min())}")
     step = np.diff(wave)
     if np.any(step <= 0):
         i = int(np.argmax(step <= 0))
         raise ValueError(
             f"{name} must be strictly increasing; "
-            f"{name}[{i + 1}]={wave[i + 1]!r} <= {name}[{i}]={wave[i]!r}"
+            f"{name}[{i + 1}]={float(wave[i + 1])} <= {name}[{i}]={float(wave[i])}"
         )
 
 
@@ -77,6 +77,6 @@ def check_box(lo, hi, n: int) -> tuple[np.ndarray, np.ndarray]:
     if np.any(hi <= lo):
         i = int(np.argmax(hi <= lo))
         raise ValueError(
-            f"label box is empty for label {i}: lo={lo[i]!r} >= hi={hi[i]!r}"
+            f"label box is empty for label {i}: lo={float(lo[i])} >= hi={float(hi[i])}"
         )
     return lo, hi

@@ -141,6 +141,16 @@ def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Pa
     return p
 
 
+def _read(loader: Callable, path: Path, **kw):
+    """``loader(path, **kw)``, with h5py's reports of corrupt metadata (a KeyError or
+    RuntimeError rather than an OSError) turned into a FileFormatError."""
+    try:
+        return loader(path, **kw)
+    except (KeyError, RuntimeError) as err:
+        detail = err.args[0] if err.args else type(err).__name__
+        raise FileFormatError(f"{path}: corrupt file ({detail})") from err
+
+
 def _human_size(n_bytes: int) -> str:
     size = float(n_bytes)
     for unit in ("B", "kB", "MB", "GB"):
@@ -228,7 +238,10 @@ def _add_grid(sub) -> None:
 def _run_grid(args) -> int:
     t0 = time.perf_counter()
     out = _check_output(args.output)
-    wave = synth.default_wavelength(args.lam_min, args.lam_max, args.dloglam)
+    wave = None  # make_grid records "default" wavelengths in the grid's meta
+    if (args.lam_min, args.lam_max, args.dloglam) != (
+            synth.DEFAULT_LAM_MIN, synth.DEFAULT_LAM_MAX, APOGEE_DLOGLAM):
+        wave = synth.default_wavelength(args.lam_min, args.lam_max, args.dloglam)
     grid = synth.make_grid(
         args.n_spec, seed=args.seed, sampling=args.sampling, n_lines=args.n_lines,
         linelist_seed=args.linelist_seed, wavelength=wave,
@@ -236,8 +249,7 @@ def _run_grid(args) -> int:
         progress=not args.no_progress)
     grid = dataclasses.replace(grid, meta={**grid.meta, "command": args.command_line})
     grid.save(out)
-    lo = grid.meta.get("box_lo", grid.label_box[0])
-    hi = grid.meta.get("box_hi", grid.label_box[1])
+    lo, hi = grid.label_box
     print(f"wrote {out}: {grid.n_spec} spectra x {grid.n_pix} pixels, "
           f"{grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A; labels "
           f"{_fmt_box(grid.label_names, grid.label_units, lo, hi)}; "
@@ -373,11 +385,11 @@ def _load_grid(path: Path, label_names: str | None) -> SpectralGrid:
         names = None
         if label_names is not None:
             names = [s.strip() for s in label_names.split(",")]
-        return SpectralGrid.from_payne_npz(path, label_names=names)
+        return _read(SpectralGrid.from_payne_npz, path, label_names=names)
     if label_names is not None:
         raise ValueError("--label-names applies to .npz grids only; an .h5 grid "
                          "carries its own label names")
-    return SpectralGrid.load(path)
+    return _read(SpectralGrid.load, path)
 
 
 def _run_train(args) -> int:
@@ -629,7 +641,7 @@ def _run_predict(args) -> int:
     if out.suffix.lower() not in _PREDICT_SUFFIXES:
         raise ValueError(f"{out}: unknown output format {out.suffix!r}; use one of "
                          f"{', '.join(_PREDICT_SUFFIXES)}")
-    emu = Emulator.load(emu_path)
+    emu = _read(Emulator.load, emu_path)
     if args.labels is not None:
         labels = _labels_from_flags(args.labels, emu.label_names)
     else:
@@ -778,26 +790,68 @@ def _run_info(args) -> int:
     path = _require_file(args.file)
     size = _human_size(path.stat().st_size)
     if path.suffix.lower() == ".npz":
-        grid = SpectralGrid.from_payne_npz(path)
+        grid = _read(SpectralGrid.from_payne_npz, path)
         print(f"{path}: The Payne training grid (.npz), {size}")
         print("\n".join(_lines_grid(grid)))
         return EXIT_OK
-    fmt, ver = _file_format(path)
+    fmt, ver = _read(_file_format, path)
     if fmt == GRID_FORMAT:
-        lines = _lines_grid(SpectralGrid.load(path))
+        lines = _lines_grid(_read(SpectralGrid.load, path))
     elif fmt == EMULATOR_FORMAT:
-        lines = _lines_emulator(Emulator.load(path))
+        lines = _lines_emulator(_read(Emulator.load, path))
     else:
-        lines = _lines_spectra(path)
+        lines = _read(_lines_spectra, path)
     print(f"{path}: {fmt} v{ver}, {size}")
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def _add_demo(sub) -> None:
+    p = _parser(
+        sub, "demo", help="run the main job on the built-in default (nothing downloaded)",
+        description=(
+            "The main job on the embedded default: load the default emulator\n"
+            "(data/default_emulator.h5, or build it in a few minutes if missing),\n"
+            "simulate a catalog of spectra with known labels from the built-in\n"
+            "synthesizer, check the emulator against them, and write a table and\n"
+            "figures. (Fitting the catalog joins this job with the fitter.)"),
+        epilog="example:\n  payne-lite demo -o demo_out --n-spec 300")
+    p.add_argument("-o", "--outdir", default="payne_lite_demo", metavar="DIR",
+                   help="folder for the table (catalog_truth.ecsv) and figures/")
+    p.add_argument("--n-spec", type=_positive_int, default=300, metavar="N",
+                   help="spectra in the simulated catalog")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the catalog's labels (the default emulator was "
+                        "trained on seed 0)")
+    p.add_argument("--emulator", default=None, metavar="EMULATOR.h5",
+                   help="use this emulator file instead of the default (it must have "
+                        "the built-in synthesizer's labels)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show progress bars")
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    if args.emulator is not None:
+        _require_file(args.emulator)
+    res = run_demo(args.outdir, n_spec=args.n_spec, seed=args.seed,
+                   emulator=args.emulator, progress=not args.no_progress)
+    print(f"payne-lite demo: {res['n_spec']} simulated spectra x {res['n_pix']} pixels")
+    print(f"  emulator vs synthesizer on unseen labels: median |error| "
+          f"{res['median_abs_error']:.1e}, 99th-percentile pixel "
+          f"{res['p99_pixel_error']:.1e}")
+    print(f"  emulator {res['emulator_spectra_per_s']:,.0f} spectra/s, synthesizer "
+          f"{res['synth_spectra_per_s']:,.0f} spectra/s on this machine")
+    print(f"  wrote {res['outdir']}/catalog_truth.ecsv and {res['outdir']}/figures/ "
+          f"({res['total_seconds']:.0f} s)")
     return EXIT_OK
 
 
 # ======================================================================================
 # Subcommand registry.
 #
-# Later subcommands (planned in DESIGN.md: demo, fit, train-mdn, bench, plot) go here,
+# Later subcommands (planned in DESIGN.md: fit, train-mdn, bench, plot) go here,
 # each as an _add_<name>(subparsers) / _run_<name>(args) -> int pair added to
 # _COMMANDS once it does real work. Nothing is registered before then.
 # ======================================================================================
@@ -806,6 +860,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "train": (_add_train, _run_train),
     "predict": (_add_predict, _run_predict),
     "info": (_add_info, _run_info),
+    "demo": (_add_demo, _run_demo),
 }
 
 

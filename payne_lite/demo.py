@@ -40,7 +40,7 @@ def load_default_emulator(
         "%s not found: building the default grid and emulator (a few minutes)", path
     )
     grid = synth.make_grid(2000, seed=0, progress=progress)
-    emu = train_emulator(grid, hidden=5, seed=0, max_iter=150, progress=progress)
+    emu = train_emulator(grid, hidden=10, seed=0, max_iter=150, progress=progress)
     emu.save(path)
     return emu
 

@@ -139,10 +139,13 @@ def _pixel_batch_1layer(net: PixelNet, s: Array, activation: str) -> Array:
     """Batched flux (B, P) of a one-hidden-layer per-pixel net; ``s`` is (B, L).
 
     The hot path. The label contraction (L terms) and the hidden units (H terms) are
-    unrolled into elementwise multiply-adds over a (B, P) array so that XLA fuses the
-    whole network into one loop that never materialises the (B, P, H) activations.
-    A sigmoid is evaluated as ``0.5 * tanh(z / 2) + 0.5`` with the factors folded into
-    the weights (exact algebra; tanh is the cheaper transcendental here).
+    unrolled into elementwise multiply-adds over a (P, B) array, so that XLA fuses the
+    whole network (and the final transpose) into one loop that keeps each pixel's
+    weights in registers and never materialises the (B, P, H) activations. A sigmoid
+    is evaluated as ``0.5 * tanh(z / 2) + 0.5`` with the factors folded into the
+    weights (exact algebra; tanh is the cheaper transcendental on CPU). See
+    ``benchmarks/bench_emulator.py throughput`` for the measured rate against the
+    activation bound.
     """
     w0, w1 = net.weights
     b0, b1 = net.biases
@@ -154,13 +157,14 @@ def _pixel_batch_1layer(net: PixelNet, s: Array, activation: str) -> Array:
         w1 = 0.5 * w1
     else:
         act = ACTIVATIONS[activation]
-    out = jnp.broadcast_to(b1, (s.shape[0], b1.shape[0]))
+    st = s.T  # (L, B)
+    out = b1[:, None]
     for h in range(n_hid):
-        z = b0[:, h]
+        z = b0[:, h, None]
         for k in range(n_lab):
-            z = z + s[:, k, None] * w0[:, h, k]
-        out = out + w1[:, h] * act(z)
-    return out
+            z = z + w0[:, h, k, None] * st[k][None, :]
+        out = out + w1[:, h, None] * act(z)
+    return out.T
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
@@ -389,8 +393,8 @@ class Emulator:
             if out.any():
                 i, j = (int(v) for v in np.argwhere(out)[0])
                 raise ValueError(
-                    f"labels[{i}] {self.label_names[j]} = {x2[i, j]!r} is outside the "
-                    f"training box [{self.label_lo[j]!r}, {self.label_hi[j]!r}] "
+                    f"labels[{i}] {self.label_names[j]} = {float(x2[i, j]):g} is outside the "
+                    f"training box [{float(self.label_lo[j]):g}, {float(self.label_hi[j]):g}] "
                     f"({int(out.any(axis=1).sum())} row(s) outside); pass "
                     f"allow_outside=True to extrapolate"
                 )
@@ -402,7 +406,7 @@ class Emulator:
         *,
         allow_outside: bool = False,
         dtype=None,
-        batch_size: int = 16384,
+        batch_size: int = 1024,
     ) -> np.ndarray:
         """Normalised flux for physical labels.
 
@@ -413,7 +417,11 @@ class Emulator:
             dtype: computation dtype (default: JAX's default float, float32 unless
                 x64 is enabled).
             batch_size: spectra per jitted call; the last call is padded so that one
-                compilation serves every call of the same size.
+                compilation serves every call of the same size. About 1,000 is
+                fastest on CPU: the (batch, P) output stays small enough for the
+                allocator to reuse between calls, where one call of 10,000 spectra
+                spends more time faulting in a fresh 288 MB buffer than computing
+                (measured in benchmarks/bench_emulator.py).
 
         Returns:
             (n, P) flux, or (P,) for a single label vector, as NumPy.
@@ -540,6 +548,8 @@ class Emulator:
                 exactly into the last layer.
         """
         path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
         try:
             with np.load(path) as d:
                 data = {k: d[k] for k in d.files}

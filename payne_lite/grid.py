@@ -24,7 +24,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _h5
-from ._validate import as_float_array, check_finite, check_names, check_wavelength
+from ._validate import (
+    as_float_array,
+    check_box,
+    check_finite,
+    check_names,
+    check_wavelength,
+)
 
 GRID_FORMAT = "payne_lite.SpectralGrid"
 GRID_VERSION = 1
@@ -42,6 +48,10 @@ class SpectralGrid:
         label_units: n_lab units, e.g. ``("K", "dex", "dex")``.
         flux_err: optional (n_spec, n_pix) 1-sigma errors (non-positive or inf = unusable).
         meta: provenance dictionary, stored with the file.
+        box: optional (lo, hi), each (n_lab,): the label box the grid was designed to
+            cover (for example the box a synthesizer sampled). An emulator trained on
+            the grid takes it as its training box; without it, the box is the grid's
+            per-label minimum and maximum.
     """
 
     wavelength: np.ndarray
@@ -51,6 +61,7 @@ class SpectralGrid:
     label_units: tuple[str, ...]
     flux_err: np.ndarray | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    box: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self):
         wave = as_float_array(self.wavelength, "wavelength", ndim=1)
@@ -81,7 +92,21 @@ class SpectralGrid:
                 raise ValueError(
                     "flux_err has NaN values (use inf for unusable pixels)"
                 )
+        box = None
+        if self.box is not None:
+            box = check_box(self.box[0], self.box[1], n_lab)
+            span = box[1] - box[0]
+            outside = (labels < box[0] - 1e-9 * span) | (labels > box[1] + 1e-9 * span)
+            if outside.any():
+                i, j = (int(v) for v in np.argwhere(outside)[0])
+                raise ValueError(
+                    f"labels[{i}] {names[j]} = {labels[i, j]:g} is outside the "
+                    f"grid's box [{box[0][j]:g}, {box[1][j]:g}]"
+                )
+            for a in box:
+                a.setflags(write=False)
         for name, val in [
+            ("box", box),
             ("wavelength", wave),
             ("labels", labels),
             ("flux", flux),
@@ -109,7 +134,9 @@ class SpectralGrid:
 
     @property
     def label_box(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lo, hi): per-label minimum and maximum over the grid."""
+        """(lo, hi): the design ``box`` if set, else per-label minimum and maximum."""
+        if self.box is not None:
+            return self.box
         return self.labels.min(axis=0), self.labels.max(axis=0)
 
     def __len__(self) -> int:
@@ -165,6 +192,9 @@ class SpectralGrid:
             _h5.set_json_attr(f, "label_names", list(self.label_names))
             _h5.set_json_attr(f, "label_units", list(self.label_units))
             _h5.set_json_attr(f, "meta", self.meta)
+            if self.box is not None:
+                _h5.write_dataset(f, "box_lo", self.box[0], compress=False)
+                _h5.write_dataset(f, "box_hi", self.box[1], compress=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SpectralGrid:
@@ -186,6 +216,8 @@ class SpectralGrid:
                 label_names=_h5.get_json_attr(f, "label_names", path),
                 label_units=_h5.get_json_attr(f, "label_units", path),
                 meta=_h5.get_json_attr(f, "meta", path),
+                box=((_h5.read_dataset(f, "box_lo", path),
+                      _h5.read_dataset(f, "box_hi", path)) if "box_lo" in f else None),
             )
         try:
             return cls(**kw)
@@ -210,6 +242,8 @@ class SpectralGrid:
         whenever its second axis matches the number of spectra.
         """
         path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
         try:
             with np.load(path) as d:
                 data = {k: d[k] for k in d.files}

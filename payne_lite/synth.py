@@ -729,7 +729,7 @@ def default_wavelength(lam_min: float = DEFAULT_LAM_MIN,
         dloglam: step in log10(wavelength).
 
     Returns:
-        (n_pix,) float64 wavelengths [Angstrom]; 8579 pixels with the defaults.
+        (n_pix,) float64 wavelengths [Angstrom]; 8366 pixels with the defaults.
     """
     lam_min = _check_positive(lam_min, "lam_min")
     lam_max = _check_positive(lam_max, "lam_max")
@@ -773,7 +773,7 @@ def synthesize(labels, *, wavelength=None, linelist: LineList | None = None,
     Examples:
         >>> flux = synthesize([5800.0, 4.4, 0.0, 0.0, 5.0])
         >>> flux.shape, bool(flux.max() <= 1.0)
-        ((8579,), True)
+        ((8366,), True)
     """
     arr, single = _check_labels(labels)
     batch_size = _check_batch_size(batch_size)
@@ -880,7 +880,7 @@ def make_grid(n_spec: int = 3000, *, seed: int = 0, sampling: str = "lhs",
     }
     return SpectralGrid(wavelength=wave, labels=labels, flux=flux,
                         label_names=DEFAULT_LABEL_NAMES,
-                        label_units=DEFAULT_LABEL_UNITS, meta=meta)
+                        label_units=DEFAULT_LABEL_UNITS, meta=meta, box=(lo, hi))
 
 
 def _package_version() -> str:

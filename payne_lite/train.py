@@ -379,8 +379,9 @@ def train_emulator(
     if train.n_spec < 2:
         raise ValueError(f"need at least 2 training spectra, got {train.n_spec}")
     dtype = jnp.dtype(dtype or jnp.result_type(float))
-    lo = np.minimum(train.labels.min(0), valid.labels.min(0))
-    hi = np.maximum(train.labels.max(0), valid.labels.max(0))
+    # The training box: the grid's design box where it has one, else the labels' range.
+    lo = np.minimum(train.label_box[0], valid.label_box[0])
+    hi = np.maximum(train.label_box[1], valid.label_box[1])
     if np.any(hi <= lo):
         j = int(np.argmax(hi <= lo))
         raise ValueError(

@@ -1,0 +1,7 @@
+"""``python -m payne_lite`` is ``payne-lite``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,311 @@
+"""End-to-end tests of the ``payne-lite`` command line, run in-process through main().
+
+One tiny grid (40 spectra, 200 lines, 478 pixels over 15100-15200 A) and one tiny
+emulator (3 hidden units, 5 LM iterations) are made once per module by the CLI itself
+and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+
+from payne_lite import Emulator, SpectralGrid
+from payne_lite.cli import build_parser, main
+
+SMALL_GRID = ["--n-spec", "40", "--n-lines", "200", "--lam-min", "15100",
+              "--lam-max", "15200", "--no-progress"]
+TINY_TRAIN = ["--hidden", "3", "--max-iter", "5", "--no-progress"]
+STAR = [5000.0, 4.5, 0.0, 0.1, 5.0]  # Teff, logg, [Fe/H], [alpha/Fe], vmacro
+STAR_TEXT = ",".join(f"{v:g}" for v in STAR)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """main(argv) -> (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("payne-lite: error: ")
+    assert "Traceback" not in err
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> SimpleNamespace:
+    """grid.h5 and emu.h5 made by `payne-lite grid` and `payne-lite train`."""
+    d = tmp_path_factory.mktemp("cli")
+    grid, emu = d / "grid.h5", d / "emu.h5"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code_grid = main(["grid", "-o", str(grid), *SMALL_GRID])
+        code_train = main(["train", str(grid), "-o", str(emu), *TINY_TRAIN])
+    assert (code_grid, code_train) == (0, 0), err.getvalue()
+    grid_line, train_line = out.getvalue().splitlines()
+    return SimpleNamespace(dir=d, grid=grid, emu=emu, grid_line=grid_line,
+                           train_line=train_line)
+
+
+# --- grid and train ---------------------------------------------------------------
+def test_grid_writes_file_and_one_line_summary(files):
+    grid = SpectralGrid.load(files.grid)
+    assert (grid.n_spec, grid.n_pix) == (40, 478)
+    assert grid.meta["n_lines"] == 200
+    assert grid.meta["command"].startswith("payne-lite grid -o ")
+    line = files.grid_line
+    assert line.startswith(f"wrote {files.grid}: 40 spectra x 478 pixels, ")
+    for frag in ("15100.0-15199.8 A", "Teff [4000, 7000] K", "vmacro [0, 30] km/s",
+                 " kB; ", " s"):
+        assert frag in line, frag
+
+
+def test_train_writes_emulator_and_reports_held_out_error(files):
+    emu = Emulator.load(files.emu)
+    assert emu.hidden == (3,)
+    assert emu.meta["config"]["max_iter"] == 5
+    assert emu.meta["grid_file"] == str(files.grid)
+    m = emu.meta
+    line = files.train_line
+    assert f"held-out median |error| {m['valid_median_abs_error']:.2e}" in line
+    assert f"99th percentile pixel {m['valid_p99_pixel_abs_error']:.2e}" in line
+    assert f"{m['train_seconds']:.1f} s" in line
+    assert line.endswith(f"wrote {files.emu}")
+
+
+def test_train_config_file_overridden_by_flags(files, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"hidden": [2], "max_iter": 2, "patience": 3}))
+    out_path = tmp_path / "emu2.h5"
+    code, out, err = run(capsys, "-v", "train", files.grid, "-o", out_path,
+                         "--config", cfg, "--max-iter", "3", "--no-progress")
+    assert code == 0, err
+    config = Emulator.load(out_path).meta["config"]
+    assert (config["hidden"], config["max_iter"], config["patience"]) == ([2], 3, 3)
+    assert "INFO payne_lite.train: trained 478 pixels" in err  # -v logs to stderr
+
+
+# --- predict ----------------------------------------------------------------------
+def read_spectra(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(wavelength, flux (n, n_pix)) from any output format of `predict`."""
+    if path.suffix == ".npy":
+        arr = np.load(path)
+        return arr[0], arr[1:]
+    if path.suffix == ".csv":
+        table = np.genfromtxt(path, delimiter=",", names=True)
+        names = table.dtype.names
+        assert names[0] == "wavelength"
+        return table["wavelength"], np.stack([table[n] for n in names[1:]])
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "payne_lite.PredictedSpectra"
+        return f["wavelength"][()], f["flux"][()]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".h5", ".csv"])
+def test_predict_from_labels_flags(files, tmp_path, capsys, suffix):
+    emu = Emulator.load(files.emu)
+    other = [5500.0, 3.0, -1.0, 0.3, 10.0]
+    out_path = tmp_path / f"flux{suffix}"
+    code, out, err = run(capsys, "predict", files.emu, "--labels", STAR_TEXT,
+                         "--labels", " ".join(map(str, other)), "-o", out_path)
+    assert code == 0, err
+    assert out.strip() == (f"wrote {out_path}: 2 spectra x 478 pixels, 15100.0-15199.8 "
+                           f"A, flux {out.split('flux ')[1].strip()}")
+    wave, flux = read_spectra(out_path)
+    np.testing.assert_allclose(wave, emu.wavelength, rtol=1e-9)
+    np.testing.assert_allclose(flux, emu.predict([STAR, other]), rtol=1e-6, atol=1e-7)
+
+
+def test_predict_labels_csv_with_reordered_header(files, tmp_path, capsys):
+    emu = Emulator.load(files.emu)
+    names = ["logg", "vmacro", "Teff", "[alpha/Fe]", "[Fe/H]"]
+    rows = np.array([STAR, [6000.0, 4.0, -0.5, 0.2, 8.0]])
+    order = [emu.label_names.index(n) for n in names]
+    text = "# two stars\n" + ",".join(names) + "\n" + "\n".join(
+        ",".join(f"{v:g}" for v in row[order]) for row in rows) + "\n"
+    (tmp_path / "stars.csv").write_text(text)
+    out_path = tmp_path / "flux.h5"
+    code, out, err = run(capsys, "predict", files.emu, "--labels-file",
+                         tmp_path / "stars.csv", "-o", out_path)
+    assert code == 0, err
+    with h5py.File(out_path, "r") as f:
+        np.testing.assert_array_equal(f["labels"][()], rows)
+        np.testing.assert_allclose(f["flux"][()], emu.predict(rows), rtol=1e-6)
+
+
+def test_predict_allow_outside_extrapolates_with_a_warning(files, tmp_path, capsys):
+    out_path = tmp_path / "flux.npy"
+    code, out, err = run(capsys, "predict", files.emu, "--labels",
+                         "9000,4.5,0,0.1,5", "-o", out_path, "--allow-outside")
+    assert code == 0, err
+    assert "outside the training box" in err and "WARNING" in err
+    assert np.load(out_path).shape == (2, 478)
+
+
+# --- info -------------------------------------------------------------------------
+def test_info_grid(files, capsys):
+    code, out, err = run(capsys, "info", files.grid)
+    assert code == 0, err
+    assert out.startswith(f"{files.grid}: payne_lite.SpectralGrid v1, ")
+    for frag in ("spectra     40", "15100.00-15199.84 A, 478 pixels", "log-uniform",
+                 "[alpha/Fe]", "meta.n_lines", "flux_err: none"):
+        assert frag in out, frag
+
+
+def test_info_emulator(files, capsys):
+    code, out, err = run(capsys, "info", files.emu)
+    assert code == 0, err
+    assert out.startswith(f"{files.emu}: payne_lite.Emulator v1, ")
+    for frag in ("pixel, hidden 3, sigmoid, 478 pixels x 5 labels", "training box",
+                 "lm, ", "of 5 iterations", "held-out    median |error|", "config",
+                 "max_iter=5", "pixel_error"):
+        assert frag in out, frag
+
+
+# --- errors -----------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "predict", "info"])
+def test_missing_file_is_one_line_exit_2(tmp_path, capsys, command):
+    missing = tmp_path / "missing.h5"
+    extra = {"train": ["-o", tmp_path / "e.h5"],
+             "predict": ["--labels", STAR_TEXT, "-o", tmp_path / "f.npy"],
+             "info": []}[command]
+    code, out, err = run(capsys, command, missing, *extra)
+    assert_one_line_error(code, out, err, str(missing), "no such file")
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "info"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_file_is_one_line_exit_2(files, tmp_path, capsys, command, damage):
+    bad = tmp_path / "bad.h5"
+    source = files.grid if command == "train" else files.emu
+    if damage == "garbage":
+        bad.write_bytes(b"this is not an HDF5 file\n" * 10)
+    else:
+        bad.write_bytes(source.read_bytes()[:3000])
+    extra = {"train": ["-o", tmp_path / "e.h5"],
+             "predict": ["--labels", STAR_TEXT, "-o", tmp_path / "f.npy"],
+             "info": []}[command]
+    code, out, err = run(capsys, command, bad, *extra)
+    assert_one_line_error(code, out, err, str(bad), "corrupt or truncated")
+
+
+def test_wrong_kind_of_file_is_one_line_exit_2(files, tmp_path, capsys):
+    code, out, err = run(capsys, "predict", files.grid, "--labels", STAR_TEXT,
+                         "-o", tmp_path / "f.npy")
+    assert_one_line_error(code, out, err, "expected a 'payne_lite.Emulator' file")
+
+
+def test_wrong_number_of_labels(files, tmp_path, capsys):
+    code, out, err = run(capsys, "predict", files.emu, "--labels", "5000,4.5,0,0.1",
+                         "-o", tmp_path / "f.npy")
+    assert_one_line_error(code, out, err, "4 value(s)", "takes 5",
+                          "Teff, logg, [Fe/H], [alpha/Fe], vmacro")
+    (tmp_path / "four.txt").write_text("5000 4.5 0 0.1\n")
+    code, out, err = run(capsys, "predict", files.emu, "--labels-file",
+                         tmp_path / "four.txt", "-o", tmp_path / "f.npy")
+    assert_one_line_error(code, out, err, "4 column(s)", "5 labels")
+
+
+def test_unknown_label_name_in_header(files, tmp_path, capsys):
+    (tmp_path / "s.csv").write_text("Teff,logg,[Fe/H],alpha,vmacro\n5000,4.5,0,0.1,5\n")
+    code, out, err = run(capsys, "predict", files.emu, "--labels-file",
+                         tmp_path / "s.csv", "-o", tmp_path / "f.npy")
+    assert_one_line_error(code, out, err, "unknown label name(s) ['alpha']")
+
+
+@pytest.mark.parametrize("teff", ["9000", "-5000"])  # a leading minus is a value too
+def test_labels_outside_box_mention_allow_outside(files, tmp_path, capsys, teff):
+    code, out, err = run(capsys, "predict", files.emu, "--labels",
+                         f"{teff},4.5,0,0.1,5", "-o", tmp_path / "f.npy")
+    assert_one_line_error(code, out, err, f"Teff = {teff}", "training box",
+                          "--allow-outside")
+    assert not (tmp_path / "f.npy").exists()
+
+
+def test_unknown_config_key_lists_valid_keys(files, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"hiden": 3, "max_iter": 2}))
+    code, out, err = run(capsys, "train", files.grid, "-o", tmp_path / "e.h5",
+                         "--config", cfg)
+    assert_one_line_error(code, out, err, "unknown TrainConfig key(s) ['hiden']",
+                          "valid keys: hidden, activation, optimizer, max_iter")
+    cfg.write_text(json.dumps({"max_iter": "many"}))
+    code, out, err = run(capsys, "train", files.grid, "-o", tmp_path / "e.h5",
+                         "--config", cfg)
+    assert_one_line_error(code, out, err, "max_iter must be an integer")
+
+
+def test_invalid_setting_and_usage_errors_are_one_line(files, tmp_path, capsys):
+    code, out, err = run(capsys, "train", files.grid, "-o", tmp_path / "e.h5",
+                         "--valid-fraction", "1.5")
+    assert_one_line_error(code, out, err, "valid_fraction must be in (0, 1)")
+    code, out, err = run(capsys, "grid", "-o", tmp_path / "g.h5", "--n-spec", "0")
+    assert_one_line_error(code, out, err, "--n-spec", "positive integer",
+                          "payne-lite grid --help")
+    code, out, err = run(capsys, "train", files.grid, "-o", files.grid)
+    assert_one_line_error(code, out, err, "overwrite the input")
+    code, out, err = run(capsys)
+    assert_one_line_error(code, out, err, "COMMAND")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        main(["--debug", "info", str(tmp_path / "missing.h5")])
+
+
+# --- help -------------------------------------------------------------------------
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions
+                  if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in ("grid", "train", "predict", "info", "--verbose", "--debug"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_subcommand_help_explains_every_option(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for action in _subparsers()[command]._actions:
+        assert action.help, f"{command}: {action.option_strings or action.dest}"
+        for flag in action.option_strings:
+            assert flag in text, (command, flag)
+        if not action.option_strings:
+            assert action.metavar in text
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).with_name("payne-lite")
+    script = str(exe) if exe.exists() else shutil.which("payne-lite")
+    if script is None:
+        pytest.skip("the payne-lite console script is not installed "
+                    "(pip install -e . puts it on PATH)")
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: payne-lite")
+    assert "predict" in proc.stdout
