@@ -124,3 +124,26 @@ def read_dataset(f: h5py.File, name: str, path) -> np.ndarray:
         return f[name][()]
     except (OSError, KeyError, RuntimeError) as err:
         raise FileFormatError(f"{path}: dataset {name!r} is corrupt ({err})") from err
+
+
+def read_npz(path, required: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """All arrays of a ``.npz`` file, refusing it unless it has the ``required`` keys.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: not a readable ``.npz``, or a required key is missing.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with np.load(path) as d:
+            data = {k: d[k] for k in d.files}
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path}: not a readable .npz file: {err}") from err
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise FileFormatError(
+            f"{path}: not {what}, missing key(s) {missing}; found {sorted(data)}"
+        )
+    return data

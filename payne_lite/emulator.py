@@ -548,21 +548,11 @@ class Emulator:
                 exactly into the last layer.
         """
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            with np.load(path) as d:
-                data = {k: d[k] for k in d.files}
-        except (OSError, ValueError) as err:
-            raise _h5.FileFormatError(
-                f"{path}: not a readable .npz file: {err}"
-            ) from err
-        need = ["w_array_0", "w_array_1", "b_array_0", "b_array_1", "x_min", "x_max"]
-        missing = [k for k in need if k not in data]
-        if missing:
-            raise _h5.FileFormatError(
-                f"{path}: not a Payne network, missing {missing}; found {sorted(data)}"
-            )
+        data = _h5.read_npz(
+            path,
+            ("w_array_0", "w_array_1", "b_array_0", "b_array_1", "x_min", "x_max"),
+            "a Payne network",
+        )
         w0 = data["w_array_0"]
         if w0.ndim == 3:
             n_layers = 2

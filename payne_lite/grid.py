@@ -216,8 +216,14 @@ class SpectralGrid:
                 label_names=_h5.get_json_attr(f, "label_names", path),
                 label_units=_h5.get_json_attr(f, "label_units", path),
                 meta=_h5.get_json_attr(f, "meta", path),
-                box=((_h5.read_dataset(f, "box_lo", path),
-                      _h5.read_dataset(f, "box_hi", path)) if "box_lo" in f else None),
+                box=(
+                    (
+                        _h5.read_dataset(f, "box_lo", path),
+                        _h5.read_dataset(f, "box_hi", path),
+                    )
+                    if "box_lo" in f
+                    else None
+                ),
             )
         try:
             return cls(**kw)
@@ -242,20 +248,7 @@ class SpectralGrid:
         whenever its second axis matches the number of spectra.
         """
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            with np.load(path) as d:
-                data = {k: d[k] for k in d.files}
-        except (OSError, ValueError) as err:
-            raise _h5.FileFormatError(
-                f"{path}: not a readable .npz file: {err}"
-            ) from err
-        missing = [k for k in ("labels", "spectra") if k not in data]
-        if missing:
-            raise _h5.FileFormatError(
-                f"{path}: missing key(s) {missing}; found {sorted(data)}"
-            )
+        data = _h5.read_npz(path, ("labels", "spectra"), "a Payne training set")
         flux = np.asarray(data["spectra"])
         labels = np.asarray(data["labels"])
         if labels.ndim != 2 or flux.ndim != 2:

@@ -473,14 +473,28 @@ def _prepare(train, valid, lo, hi, cfg, dtype):
     return data, chunks, idx, chunk, mesh
 
 
+_HISTORY_KEYS = (
+    "train_rms",
+    "valid_rms",
+    "valid_mae",
+    "n_active",
+    "n_restarted",
+    "seconds",
+)
+
+
+def _start(data, n_lab: int, cfg: TrainConfig):
+    """Per-pixel parameter layout, the run's RNG, and each pixel's weighted mean flux."""
+    _, unravel = ravel_pytree(_pixel_template(n_lab, cfg.hidden))
+    w2 = data["sw_t"] ** 2
+    wmean = np.sum(w2 * data["y_t"], 1) / np.maximum(np.sum(w2, 1), 1e-30)
+    return unravel, np.random.default_rng(cfg.seed), wmean
+
+
 def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
-    _, unravel = ravel_pytree(_pixel_template(n_lab, cfg.hidden))
-    rng = np.random.default_rng(cfg.seed)
-    wmean = np.sum(data["sw_t"] ** 2 * data["y_t"], 1) / np.maximum(
-        np.sum(data["sw_t"] ** 2, 1), 1e-30
-    )
+    unravel, rng, wmean = _start(data, n_lab, cfg)
     theta0 = _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
     n_par = theta0.shape[1]
     row = NamedSharding(mesh, PS("pix"))
@@ -495,17 +509,7 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     best_theta = theta0.copy()
     tracker = _PixelTracker(n_tot, cfg)
     kw = dict(unravel=unravel, activation=cfg.activation)
-    hist = {
-        k: []
-        for k in (
-            "train_rms",
-            "valid_rms",
-            "valid_mae",
-            "n_active",
-            "n_restarted",
-            "seconds",
-        )
-    }
+    hist = {k: [] for k in _HISTORY_KEYS}
     t0 = time.perf_counter()
     bar = tqdm(
         range(cfg.max_iter),
@@ -596,11 +600,7 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
 def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
-    _, unravel = ravel_pytree(_pixel_template(n_lab, cfg.hidden))
-    rng = np.random.default_rng(cfg.seed)
-    wmean = np.sum(data["sw_t"] ** 2 * data["y_t"], 1) / np.maximum(
-        np.sum(data["sw_t"] ** 2, 1), 1e-30
-    )
+    unravel, rng, wmean = _start(data, n_lab, cfg)
     theta = jax.device_put(
         _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype),
         NamedSharding(mesh, PS("pix", None)),
@@ -625,17 +625,7 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     bs = min(cfg.batch_size, n_train)
     best_theta = np.asarray(theta).copy()
     tracker = _PixelTracker(n_tot, cfg)
-    hist = {
-        k: []
-        for k in (
-            "train_rms",
-            "valid_rms",
-            "valid_mae",
-            "n_active",
-            "n_restarted",
-            "seconds",
-        )
-    }
+    hist = {k: [] for k in _HISTORY_KEYS}
     t0 = time.perf_counter()
     bar = tqdm(
         range(cfg.max_iter),

@@ -459,3 +459,31 @@ def test_from_payne_npz_refuses_bad_files(tmp_path):
         payne_lite.FileFormatError, match=r"missing key\(s\) \['spectra'\]"
     ):
         SpectralGrid.from_payne_npz(partial)
+
+
+# --- the design box ------------------------------------------------------------------
+BOX = (np.array([4000.0, 1.0, -2.0]), np.array([7000.0, 5.0, 0.5]))
+
+
+def test_box_round_trip_and_label_box(tmp_path):
+    g = SpectralGrid(**_grid_kwargs(), box=BOX)
+    np.testing.assert_array_equal(g.label_box[0], BOX[0])
+    np.testing.assert_array_equal(g.label_box[1], BOX[1])
+    g.save(tmp_path / "g.h5")
+    back = SpectralGrid.load(tmp_path / "g.h5")
+    np.testing.assert_array_equal(back.box[0], BOX[0])
+    np.testing.assert_array_equal(back.box[1], BOX[1])
+    train, valid = back.split(0.25, seed=1)  # subsets keep the design box
+    np.testing.assert_array_equal(train.label_box[1], BOX[1])
+    np.testing.assert_array_equal(valid.label_box[0], BOX[0])
+    # without a box: the labels' own range
+    plain = SpectralGrid(**_grid_kwargs())
+    assert plain.box is None
+    np.testing.assert_array_equal(plain.label_box[0], plain.labels.min(axis=0))
+
+
+def test_labels_outside_the_box_are_refused():
+    with pytest.raises(ValueError, match=r"labels\[\d+\] logg = .* outside the grid's box"):
+        SpectralGrid(**_grid_kwargs(), box=(BOX[0], np.array([7000.0, 4.0, 0.5])))
+    with pytest.raises(ValueError, match="empty"):
+        SpectralGrid(**_grid_kwargs(), box=(BOX[1], BOX[0]))
