@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import payne_lite as pl
-from payne_lite.emulator import predict_batch
+from payne_lite.emulator import predict_batch, predict_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
@@ -79,7 +79,7 @@ def _activation_rate(act, n=1 << 20, total=4e8) -> float:
     return reps * n / _best_of(lambda: f(x).block_until_ready())
 
 
-def bench_throughput(n_spec: int = 10_000) -> dict:
+def bench_throughput(n_spec: int = 10_000, rounds: int = 5) -> dict:
     emu = load_teacher()
     raw = np.load(PAYNE_DIR / "nn_normalized_spectra_5label.npz")
     w0, b0, w1, b1 = (
@@ -96,28 +96,38 @@ def bench_throughput(n_spec: int = 10_000) -> dict:
     rng = np.random.default_rng(0)
     lo, hi = emu.bounds
     labels = lo + (hi - lo) * rng.uniform(0.05, 0.95, (n_spec, emu.n_labels))
-    n_base = 500
-    t_base = _best_of(lambda: [original(x) for x in labels[:n_base]])
-    base_rate = n_base / t_base
 
     net = emu.params(jnp.float32)
     s = jnp.asarray(emu.scale(labels), dtype=jnp.float32)
-    chunk = 1024
-    pad = -n_spec % chunk
-    s_pad = jnp.concatenate([s, jnp.zeros((pad, s.shape[1]), s.dtype)])
-    chunks = [s_pad[i : i + chunk] for i in range(0, n_spec + pad, chunk)]
+    k, k_act = emu._kernel(jnp.float32)
 
-    def one_call():
-        predict_batch(net, s, emu.activation).block_until_ready()
+    def chunked_fn(chunk):
+        pad = -n_spec % chunk
+        s_pad = jnp.concatenate([s, jnp.zeros((pad, s.shape[1]), s.dtype)])
+        chunks = [s_pad[i : i + chunk] for i in range(0, n_spec + pad, chunk)]
+        return lambda: jax.block_until_ready(
+            [predict_kernel(k, c, k_act) for c in chunks])
 
-    def chunked():
-        outs = [predict_batch(net, c, emu.activation) for c in chunks]
-        jax.block_until_ready(outs)
-
-    one_call(), chunked(), emu.predict(labels)  # compile all shapes first
-    t_one = _best_of(one_call, 5)
-    t_chunk = _best_of(chunked, 5)
-    t_pub = _best_of(lambda: emu.predict(labels), 5)
+    n_base = 300
+    runs = {
+        "baseline": lambda: [original(x) for x in labels[:n_base]],
+        "one_call": lambda: predict_batch(net, s, emu.activation).block_until_ready(),
+        "chunked_512": chunked_fn(512),
+        "chunked_1024": chunked_fn(1024),
+        "public": lambda: emu.predict(labels),
+    }
+    for name, fn in runs.items():  # compile every shape first
+        if name != "baseline":
+            fn()
+    # Interleaved rounds, best of each: the machine is shared and its speed drifts, so
+    # the baseline and our code are timed in the same moments.
+    best = dict.fromkeys(runs, np.inf)
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    base_rate = n_base / best.pop("baseline")
     out = emu.predict(labels[:64])
     err = np.max(np.abs(out - np.stack([original(x) for x in labels[:64]])))
 
@@ -125,27 +135,29 @@ def bench_throughput(n_spec: int = 10_000) -> dict:
     tanh_rate = _activation_rate(jnp.tanh)
     sig_rate = _activation_rate(jax.nn.sigmoid)
     bound = tanh_rate / n_act
-    rates = {"one_call": n_spec / t_one, "chunked": n_spec / t_chunk,
-             "public": n_spec / t_pub}
+    rates = {name: n_spec / t for name, t in best.items()}
     res = dict(
-        n_spec=n_spec, chunk=chunk, baseline_spectra_per_s=base_rate,
+        n_spec=n_spec, baseline_spectra_per_s=base_rate,
         **{f"{k}_spectra_per_s": v for k, v in rates.items()},
         **{f"{k}_speedup": v / base_rate for k, v in rates.items()},
         activations_per_spectrum=n_act, tanh_per_s=tanh_rate, sigmoid_per_s=sig_rate,
         activation_bound_spectra_per_s=bound,
-        fraction_of_bound=rates["chunked"] / bound,
+        fraction_of_bound=max(rates["chunked_512"], rates["chunked_1024"]) / bound,
         max_abs_err_vs_original=float(err),
     )
-    print(f"throughput ({n_spec} spectra, {emu.n_pix} px, float32, best of 5):")
+    print(f"throughput ({n_spec} spectra, {emu.n_pix} px, float32, best of {rounds} "
+          "interleaved rounds):")
     print(f"  original (NumPy, 1 spectrum/call)        : {base_rate:9,.0f} spectra/s")
     rows = [("one jitted call of all spectra", "one_call"),
-            (f"jitted calls of {chunk} (the hot path)", "chunked"),
+            ("jitted calls of 512 spectra", "chunked_512"),
+            ("jitted calls of 1024 spectra", "chunked_1024"),
             ("Emulator.predict (validation + host copy)", "public")]
     for text, key in rows:
         print(f"  {text:<41}: {rates[key]:9,.0f} spectra/s  "
               f"x{rates[key] / base_rate:.1f}")
     print(f"  activation bound: {n_act} tanh per spectrum at {tanh_rate:.2e}/s -> "
-          f"{bound:,.0f} spectra/s; the hot path reaches {res['fraction_of_bound']:.0%}"
+          f"{bound:,.0f} spectra/s; the best chunking reaches "
+          f"{res['fraction_of_bound']:.0%}"
           f" (sigmoid runs at {sig_rate:.2e}/s; tanh(z/2) replaces it exactly)")
     print(f"  max |ours - original| on 64 spectra: {err:.1e}")
     return res

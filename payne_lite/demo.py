@@ -74,7 +74,7 @@ def run_demo(
     t = time.perf_counter()
     truth_flux = synth.synthesize(labels, wavelength=emu.wavelength)
     t_synth = time.perf_counter() - t
-    emu.predict(labels[:1])  # compile outside the timing
+    emu.predict(labels)  # compile for this batch shape outside the timing
     t = time.perf_counter()
     model_flux = emu.predict(labels)
     t_emu = time.perf_counter() - t
@@ -90,6 +90,7 @@ def run_demo(
     table.write(outdir / "catalog_truth.ecsv", overwrite=True)
 
     figs = outdir / "figures"
+    names = dict(data_label="synthesizer", model_label="emulator")
     plots.emulator_error_histogram(resid, figs / "emulator_error_hist")
     worst = int(np.argmax(table["emu_rms_err"]))
     plots.spectrum_with_model(
@@ -98,6 +99,7 @@ def run_demo(
         model_flux[worst],
         figs / "spectrum_model_worst",
         title=_label_text(emu, labels[worst]) + "  (worst of catalog)",
+        **names,
     )
     plots.spectrum_with_model(
         emu.wavelength,
@@ -105,6 +107,7 @@ def run_demo(
         model_flux[0],
         figs / "spectrum_model_example",
         title=_label_text(emu, labels[0]),
+        **names,
     )
     if emu.history:
         plots.loss_curves(emu.history, figs / "training_loss")

@@ -135,43 +135,78 @@ def forward(net, s: Array, activation: str) -> Array:
     return pixel_forward(net, s, activation)
 
 
-def _pixel_batch_1layer(net: PixelNet, s: Array, activation: str) -> Array:
-    """Batched flux (B, P) of a one-hidden-layer per-pixel net; ``s`` is (B, L).
+class KernelNet(NamedTuple):
+    """A one-hidden-layer :class:`PixelNet` rearranged for the batched kernel.
+
+    ``w0 (L, H, P)``, ``b0 (H, P)``, ``w1 (H, P)``, ``b1 (P,)``: every (label, hidden)
+    slice is a contiguous run of pixels, so the kernel's loads are unit-stride vectors.
+    Made once per emulator and dtype by :func:`kernel_layout`.
+    """
+
+    w0: Array
+    b0: Array
+    w1: Array
+    b1: Array
+
+
+def kernel_layout(net: PixelNet, activation: str, xp=jnp) -> tuple[KernelNet, str]:
+    """Rearrange a one-hidden-layer pixel net for :func:`predict_kernel`.
+
+    A sigmoid network becomes the identical tanh network, using
+    ``sigmoid(z) = 0.5 * tanh(z / 2) + 0.5`` with the factors folded into the weights
+    (exact algebra; tanh is the cheaper transcendental on CPU).
+
+    Returns:
+        (the rearranged weights, the activation the kernel must use).
+    """
+    w0, w1 = net.weights
+    b0, b1 = net.biases
+    if activation == "sigmoid":
+        w0, b0 = 0.5 * w0, 0.5 * b0
+        b1 = b1 + 0.5 * xp.sum(w1, axis=1)
+        w1 = 0.5 * w1
+        activation = "tanh"
+    return KernelNet(xp.transpose(w0, (2, 1, 0)), b0.T, w1.T, b1), activation
+
+
+def _pixel_batch_1layer(k: KernelNet, s: Array, activation: str) -> Array:
+    """Batched flux (B, P) from a :class:`KernelNet`; ``s`` is (B, L) scaled labels.
 
     The hot path. The label contraction (L terms) and the hidden units (H terms) are
     unrolled into elementwise multiply-adds over a (P, B) array, so that XLA fuses the
     whole network (and the final transpose) into one loop that keeps each pixel's
-    weights in registers and never materialises the (B, P, H) activations. A sigmoid
-    is evaluated as ``0.5 * tanh(z / 2) + 0.5`` with the factors folded into the
-    weights (exact algebra; tanh is the cheaper transcendental on CPU). See
-    ``benchmarks/bench_emulator.py throughput`` for the measured rate against the
-    activation bound.
+    weights in registers and never materialises the (B, P, H) activations. About 1,000
+    spectra per call is fastest on CPU (see ``benchmarks/bench_emulator.py``).
     """
-    w0, w1 = net.weights
-    b0, b1 = net.biases
-    _, n_hid, n_lab = w0.shape
-    if activation == "sigmoid":
-        act = jnp.tanh
-        w0, b0 = 0.5 * w0, 0.5 * b0
-        b1 = b1 + 0.5 * jnp.sum(w1, axis=1)
-        w1 = 0.5 * w1
-    else:
-        act = ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
+    n_lab, n_hid, _ = k.w0.shape
     st = s.T  # (L, B)
-    out = b1[:, None]
+    out = k.b1[:, None]
     for h in range(n_hid):
-        z = b0[:, h, None]
-        for k in range(n_lab):
-            z = z + w0[:, h, k, None] * st[k][None, :]
-        out = out + w1[:, h, None] * act(z)
+        z = k.b0[h][:, None]
+        for j in range(n_lab):
+            z = z + k.w0[j, h][:, None] * st[j][None, :]
+        out = out + k.w1[h][:, None] * act(z)
     return out.T
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
+def predict_kernel(k: KernelNet, s: Array, activation: str) -> Array:
+    """Flux (B, P) for scaled labels ``s`` (B, L) from a :class:`KernelNet`. Pure."""
+    return _pixel_batch_1layer(k, s, activation)
+
+
+@functools.partial(jax.jit, static_argnames=("activation",))
 def predict_batch(net, s: Array, activation: str) -> Array:
-    """Flux (B, P) for a batch of scaled labels ``s`` (B, L). Pure and jitted."""
+    """Flux (B, P) for a batch of scaled labels ``s`` (B, L), any network. Pure, jitted.
+
+    For repeated calls with a one-hidden-layer pixel net, rearrange the weights once
+    with :func:`kernel_layout` and call :func:`predict_kernel` (what
+    :meth:`Emulator.predict` does): here the rearrangement is redone on every call.
+    """
     if isinstance(net, PixelNet) and len(net.weights) == 2:
-        return _pixel_batch_1layer(net, s, activation)
+        k, kernel_act = kernel_layout(net, activation)
+        return _pixel_batch_1layer(k, s, kernel_act)
     return jax.vmap(forward, in_axes=(None, 0, None))(net, s, activation)
 
 
@@ -361,6 +396,27 @@ class Emulator:
             )
         return self._device_cache[dtype]
 
+    def _kernel(self, dtype):
+        """(KernelNet, activation) for the fast path, cached per dtype; None if n/a."""
+        if self.kind != "pixel" or len(self.net.weights) != 2:
+            return None
+        key = ("kernel", self.params(dtype).biases[-1].dtype)
+        if key not in self._device_cache:
+            k, act = kernel_layout(
+                PixelNet(
+                    tuple(np.asarray(w, np.float64) for w in self.net.weights),
+                    tuple(np.asarray(b, np.float64) for b in self.net.biases),
+                ),
+                self.activation,
+                xp=np,
+            )
+            dt = key[1]
+            self._device_cache[key] = (
+                KernelNet(*(jnp.asarray(np.ascontiguousarray(a), dtype=dt) for a in k)),
+                act,
+            )
+        return self._device_cache[key]
+
     def scale(self, labels) -> np.ndarray:
         """Physical labels (..., L) -> scaled labels (box -> [-0.5, 0.5])."""
         return scale_labels(
@@ -431,6 +487,7 @@ class Emulator:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         net = self.params(dtype)
         dt = net.biases[-1].dtype
+        kernel = self._kernel(dtype)
         s = self.scale(x)
         n = s.shape[0]
         # Pad to a power of two (at least 8) up to batch_size, so that varied n reuse
@@ -442,7 +499,11 @@ class Emulator:
             m = chunk.shape[0]
             if m < size:
                 chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]))])
-            res = predict_batch(net, jnp.asarray(chunk, dtype=dt), self.activation)
+            chunk = jnp.asarray(chunk, dtype=dt)
+            if kernel is not None:
+                res = predict_kernel(kernel[0], chunk, kernel[1])
+            else:
+                res = predict_batch(net, chunk, self.activation)
             out[start : start + m] = np.asarray(res)[:m]
         return out[0] if np.ndim(labels) == 1 else out
 

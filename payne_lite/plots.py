@@ -63,6 +63,8 @@ def spectrum_with_model(
     stem: Path,
     *,
     title: str = "",
+    data_label: str = "data",
+    model_label: str = "model",
     windows=((15200.0, 15350.0), (16150.0, 16300.0)),
 ) -> list[Path]:
     """A spectrum, a model of it and the residuals: the full range and zoomed windows.
@@ -89,14 +91,14 @@ def spectrum_with_model(
     for c, (lo, hi) in enumerate(ranges):
         m = (wave >= lo) & (wave <= hi)
         top, bot = axes[0, c], axes[1, c]
-        top.plot(wave[m], flux[m], color="k", lw=0.6, label="data")
-        top.plot(wave[m], model[m], color="C3", lw=0.6, label="model")
+        top.plot(wave[m], flux[m], color="k", lw=0.6, label=data_label)
+        top.plot(wave[m], model[m], color="C3", lw=0.6, label=model_label)
         bot.plot(wave[m], model[m] - flux[m], color="C0", lw=0.5)
         bot.axhline(0, color="k", lw=0.5)
         bot.set_xlabel("vacuum wavelength [Å]")
         top.set_title("full range" if c == 0 else f"{lo:.0f}-{hi:.0f} Å", fontsize=9)
     axes[0, 0].set_ylabel("normalised flux")
-    axes[1, 0].set_ylabel("model - data")
+    axes[1, 0].set_ylabel(f"{model_label} - {data_label}")
     axes[0, 0].legend(fontsize=8, loc="lower left")
     if title:
         fig.suptitle(title, fontsize=9)
@@ -113,7 +115,8 @@ def loss_curves(history: dict, stem: Path) -> list[Path]:
         it, history["valid_rms"], label="validation, best so far (median pixel RMS)"
     )
     if "valid_mae" in history:
-        ax.plot(it, history["valid_mae"], label="validation median |error|", ls="--")
+        ax.plot(it, history["valid_mae"], ls="--",
+                label="validation, best so far (median pixel median |error|)")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("error [normalised flux]")

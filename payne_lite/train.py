@@ -289,15 +289,20 @@ class _PixelTracker:
     def __init__(self, n_pix: int, cfg: TrainConfig):
         self.cfg = cfg
         self.best = np.full(n_pix, np.inf)
+        self.best_mae = np.full(n_pix, np.inf)  # median |error| of the kept parameters
         self.stall = np.zeros(n_pix, dtype=int)
         self.restarts = np.zeros(n_pix, dtype=int)
         self.active = np.ones(n_pix, dtype=bool)
 
-    def update(self, val_mse: np.ndarray) -> np.ndarray:
-        """Record this iteration's validation MSE; returns the mask of improved pixels."""
+    def update(self, val_mse: np.ndarray, val_mae: np.ndarray) -> np.ndarray:
+        """Record this iteration's validation MSE and median |error| per pixel.
+
+        Returns the mask of pixels whose parameters are the best so far (to keep).
+        """
         improved = val_mse < self.best * (1.0 - self.cfg.min_improvement)
         better = val_mse < self.best
         self.best = np.where(better, val_mse, self.best)
+        self.best_mae = np.where(better, val_mae, self.best_mae)
         self.stall = np.where(improved, 0, self.stall + 1)
         return better
 
@@ -540,7 +545,7 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
             )
         # Frozen pixels keep their best values; only active ones can improve.
         val_mse = np.where(tracker.active, val_mse, np.inf)
-        better = tracker.update(val_mse)
+        better = tracker.update(val_mse, val_mae)
         if better.any():
             for c in np.unique(np.nonzero(better)[0] // chunk):
                 sl = slice(c * chunk, (c + 1) * chunk)
@@ -575,13 +580,7 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
             float(np.sqrt(np.median(train_loss[real] / max(train.n_spec, 1))))
         )
         hist["valid_rms"].append(float(np.sqrt(np.median(tracker.best[real]))))
-        hist["valid_mae"].append(
-            float(np.median(val_mae[real][act]))
-            if act.any()
-            else hist["valid_mae"][-1]
-            if hist["valid_mae"]
-            else np.nan
-        )
+        hist["valid_mae"].append(float(np.median(tracker.best_mae[real])))
         hist["n_active"].append(int(act.sum()))
         hist["n_restarted"].append(int((tracker.restarts[real] > 0).sum()))
         hist["seconds"].append(time.perf_counter() - t0)
@@ -651,13 +650,13 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
             )
             val_mse[sl], val_mae[sl] = np.asarray(mse), np.asarray(mae)
         val_mse = np.where(tracker.active, val_mse, np.inf)
-        better = tracker.update(val_mse)
+        better = tracker.update(val_mse, val_mae)
         best_theta[better] = th_np[better]
         tracker.retire()
         real = slice(0, n_pix)
         hist["train_rms"].append(float(np.sqrt(np.mean(np.asarray(losses)) / n_pix)))
         hist["valid_rms"].append(float(np.sqrt(np.median(tracker.best[real]))))
-        hist["valid_mae"].append(float(np.median(val_mae[real])))
+        hist["valid_mae"].append(float(np.median(tracker.best_mae[real])))
         hist["n_active"].append(int(tracker.active[real].sum()))
         hist["n_restarted"].append(0)
         hist["seconds"].append(time.perf_counter() - t0)

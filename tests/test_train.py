@@ -203,7 +203,7 @@ def test_tracker_restarts_only_bad_stalled_pixels():
     tr = T._PixelTracker(4, cfg)
     vals = np.array([1.0, 1.0, 1.0, 100.0])
     for _ in range(3):  # no improvement after the first update -> all stall
-        tr.update(vals)
+        tr.update(vals, np.sqrt(vals))
     assert tr.to_restart().tolist() == [False, False, False, True]
     tr.restarts[3] = 1  # used up
     assert not tr.to_restart().any()
