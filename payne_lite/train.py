@@ -525,22 +525,23 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     for _ in bar:
         train_loss = np.zeros(n_tot)
         val_mse = np.full(n_tot, np.inf)
-        val_rms, val_mae = np.zeros(n_tot), np.zeros(n_tot)
+        val_mae = np.full(n_tot, np.inf)
+        pending = []  # dispatch every chunk first; read results back once (no per-chunk sync)
         for c, ch in enumerate(chunks):
-            sl = slice(c * chunk, (c + 1) * chunk)
-            if not tracker.active[sl].any():
-                val_mse[sl] = tracker.best[sl]
+            if not tracker.active[c * chunk : (c + 1) * chunk].any():
                 continue
             theta[c], lam[c], loss = _lm_step(
                 theta[c], lam[c], data["s_t"], ch["y_t"], ch["sw_t"], **kw
             )
-            mse, rms, mae = _valid_stats(
+            mse, _, mae = _valid_stats(
                 theta[c], data["s_v"], ch["y_v"], ch["sw_v"], **kw
             )
-            train_loss[sl] = np.asarray(loss)
-            val_mse[sl], val_rms[sl], val_mae[sl] = (
+            pending.append((c, loss, mse, mae))
+        for c, loss, mse, mae in pending:
+            sl = slice(c * chunk, (c + 1) * chunk)
+            train_loss[sl], val_mse[sl], val_mae[sl] = (
+                np.asarray(loss),
                 np.asarray(mse),
-                np.asarray(rms),
                 np.asarray(mae),
             )
         # Frozen pixels keep their best values; only active ones can improve.
