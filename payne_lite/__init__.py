@@ -10,6 +10,7 @@ from ._h5 import FileFormatError as FileFormatError
 from .emulator import DenseNet as DenseNet
 from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
+from .fitter import fit as fit
 from .grid import SpectralGrid as SpectralGrid
 from .train import TrainConfig as TrainConfig
 from .train import train_emulator as train_emulator
@@ -23,5 +24,6 @@ __all__ = [
     "PixelNet",
     "SpectralGrid",
     "TrainConfig",
+    "fit",
     "train_emulator",
 ]

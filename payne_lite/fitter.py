@@ -1,0 +1,742 @@
+"""Fit observed spectra with an emulator: labels, radial velocity, continuum.
+
+``fit(flux, flux_err, emulator, ...) -> astropy.table.Table``, one row per spectrum.
+
+Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
+
+1. Validation at the NumPy boundary: shapes are checked (``ValueError`` naming them);
+   masked pixels and pixels with non-finite flux or non-finite / non-positive errors
+   get zero weight (``ivar = 0``); inputs are never modified.
+2. RV scan: chi2 per valid pixel on a grid of radial velocities over ``rv_range``
+   (``RV_SCAN_STEP`` = 2 km/s) against the box-centre model (the continuum, if any, is
+   solved linearly at each RV), vmapped over spectra. The RV chi2 basin is only a few
+   km/s wide, so the local fit must start inside it.
+3. Local fit inside ``rv_scan +- RV_WINDOW`` and the training box, from several
+   starting points per star (Teff at ``TEFF_STARTS`` of the box, other labels at the
+   box centre, the scan's RV and continuum); the best chi2 is kept. Only pixels valid
+   over the whole RV window are used, so the pixel set does not change during a fit.
+   ``method="lm"``: batched Levenberg-Marquardt in JAX (:func:`_lm_one`), one
+   compilation per batch shape; ``method="curve_fit"``: ``scipy.optimize.curve_fit``
+   (``method="trf"``) per star with the JAX Jacobian, same model, bounds and starts.
+4. Errors from the covariance ``(J^T W J)^-1`` at the best fit (not rescaled by the
+   reduced chi2), transformed from scaled to physical label units.
+
+QA bitmask (column ``flags``):
+
+===  ==========  =================================================================
+bit  value       meaning
+===  ==========  =================================================================
+0    1           not converged (iteration cap, or no downhill step at float precision
+                 while the Gauss-Newton step is still > ``XTOL_STALL`` sigma)
+1    2           a label at an edge of the training box, or rv at an edge of its window
+2    4           failed: fewer usable pixels than free parameters (results are NaN)
+3    8           ill-conditioned covariance (condition number of the correlation form
+                 of J^T W J above ``COND_LIMIT`` for the dtype, or not invertible)
+===  ==========  =================================================================
+
+Precision: JAX's default float (float32 unless x64 is enabled); the covariance is
+inverted on the host in float64.
+
+References:
+    Ting, Conroy, Rix & Cargile 2019, ApJ 879, 69 ("The Payne").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._validate import as_float_array
+from .emulator import Emulator, forward
+from .model import (
+    ObsModel,
+    _shift,
+    build_obs_model,
+    observe,
+    param_layout,
+    window_valid,
+)
+
+Array = jax.Array
+
+#: Step of the coarse RV chi2 scan [km/s].
+RV_SCAN_STEP = 2.0
+#: Half-width of the RV window of the local fit around the scan's RV [km/s].
+RV_WINDOW = 20.0
+#: Scaled-Teff starting points of the local fit (other labels start at the centre).
+TEFF_STARTS = (-0.3, 0.0, 0.3)
+#: LM: initial, minimum and maximum damping.
+LAM_INIT, LAM_MIN, LAM_MAX = 1e-3, 1e-9, 1e10
+#: LM: converged when the Gauss-Newton step is below XTOL (in units of each
+#: parameter's conditional 1-sigma error); after LAM_MAX, XTOL_STALL.
+XTOL, XTOL_STALL = 1e-4, 0.1
+#: Covariance condition-number limit (correlation form) per dtype.
+COND_LIMIT = {np.dtype(np.float32): 1e6, np.dtype(np.float64): 1e12}
+#: Distance from a bound counted as "at the bound": scaled labels, rv [km/s].
+AT_BOUND_TOL = (1e-6, 1e-4)
+
+FLAG_NOT_CONVERGED = 1
+FLAG_AT_BOUND = 2
+FLAG_FAILED = 4
+FLAG_ILL_CONDITIONED = 8
+FLAG_BITS = {
+    0: "not converged",
+    1: "at a bound (training box or rv window)",
+    2: "failed: too few usable pixels",
+    3: "ill-conditioned covariance",
+}
+
+METHODS = ("lm", "curve_fit")
+
+
+# --------------------------------------------------------------------------------------
+# Pure, jitted core
+# --------------------------------------------------------------------------------------
+@jax.jit
+def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
+    """Best RV (n,) and continuum (n, n_c) from a chi2 scan over ``rv_grid`` (R,).
+
+    The template is the model at scaled labels ``s0`` (L,), shifted to every RV once
+    for the whole batch; chi2 per valid pixel for all stars and RVs comes from
+    (n, P) @ (P, R) products. With a continuum (``cont_deg > 0``) its coefficients
+    are solved linearly at each RV; without, the single coefficient is 1.
+    """
+    f_rest = forward(obs.net, s0, obs.activation)
+    t, v = jax.vmap(_shift, in_axes=(None, None, None, None, None, 0))(
+        obs.x_rest, obs.gap_cum, f_rest, obs.x_obs, obs.wave_obs, rv_grid
+    )  # (R, P)
+    vf = v.astype(t.dtype)
+    t = t * vf
+    basis = obs.basis  # (P, n_c)
+    n_c = basis.shape[1]
+    wf = w * flux
+    sff = (wf * flux) @ vf.T  # (n, R)
+    b = jnp.stack([wf @ (t * basis[:, a]).T for a in range(n_c)], axis=-1)
+    t2 = t * t
+    m = [[None] * n_c for _ in range(n_c)]
+    for a in range(n_c):
+        for c in range(a, n_c):
+            m[a][c] = m[c][a] = w @ (t2 * (basis[:, a] * basis[:, c])).T
+    m = jnp.stack([jnp.stack(row, axis=-1) for row in m], axis=-2)  # (n, R, nc, nc)
+    if obs.cont_deg > 0:
+        scale = jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1) / n_c, 1e-30)
+        eye = jnp.eye(n_c, dtype=m.dtype)
+        coef = jnp.linalg.solve(m + 1e-7 * scale[..., None, None] * eye, b[..., None])
+        coef = coef[..., 0]
+        chi2 = sff - jnp.sum(coef * b, axis=-1)
+    else:
+        coef = jnp.ones_like(b)
+        chi2 = sff - 2.0 * b[..., 0] + m[..., 0, 0]
+    n_ok = (w > 0).astype(t.dtype) @ vf.T
+    red = jnp.where(n_ok > 0, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
+    red = jnp.where(jnp.isfinite(red), red, jnp.inf)
+    i = jnp.argmin(red, axis=1)
+    return rv_grid[i], jnp.take_along_axis(coef, i[:, None, None], axis=1)[:, 0]
+
+
+@jax.jit
+def _window_batch(obs, rv_lo, rv_hi):
+    return jax.vmap(window_valid, in_axes=(None, 0, 0))(obs, rv_lo, rv_hi)
+
+
+def _resid(obs, p, flux, sw):
+    f, _ = observe(obs, p)
+    return sw * (f - flux)
+
+
+def _normal(obs, p, flux, sw):
+    """chi2, J^T J and J^T r of the weighted residual ``r`` at ``p`` (one star)."""
+    jac, r = jax.jacfwd(lambda q: (_resid(obs, q, flux, sw),) * 2, has_aux=True)(p)
+    return r @ r, jac.T @ jac, jac.T @ r
+
+
+def _damped_step(a, g, lam, act):
+    """Marquardt step ``(A + lam diag A) d = -g`` over the active parameters.
+
+    Solved in the Jacobi-scaled form; returns the step and its size in units of each
+    parameter's conditional 1-sigma, ``d_i sqrt(A_ii)``.
+    """
+    k = a.shape[0]
+    d = jnp.diag(a)
+    dmax = jnp.max(jnp.where(act, d, 0.0))
+    d = jnp.where(act, jnp.maximum(d, 1e-12 * dmax + 1e-30), 1.0)
+    s = 1.0 / jnp.sqrt(d)
+    eye = jnp.eye(k, dtype=a.dtype)
+    at = jnp.where(act[:, None] & act[None, :], a * s[:, None] * s[None, :], eye)
+    gt = jnp.where(act, g * s, 0.0)
+    y = jnp.linalg.solve(at + lam * eye, -gt)
+    y = jnp.where(act, y, 0.0)
+    return y * s, y
+
+
+class _LMState(NamedTuple):
+    p: Array  # (k,) parameters
+    chi2: Array  # ()
+    a: Array  # (k, k) J^T J at p
+    g: Array  # (k,) J^T r at p
+    lam: Array  # () damping
+    it: Array  # () int, steps taken
+    done: Array  # () bool
+    conv: Array  # () bool
+
+
+def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
+    """Levenberg-Marquardt for one star; returns (p, chi2, n_iter, converged).
+
+    Damping (Marquardt, Jacobi-scaled): each iteration solves
+    ``(A + lam diag A) d = -J^T r`` with ``A = J^T J`` of the weighted residuals and
+    clips ``p + d`` into ``[lo, hi]``. A step that lowers chi2 is accepted and
+    ``lam /= 10`` (not below ``LAM_MIN``); otherwise it is rejected and ``lam *= 10``.
+    ``lam`` starts at ``LAM_INIT``. Parameters at a bound whose gradient points out of
+    the box are held (active set), as are ``fixed`` ones (``free`` False).
+
+    Stopping, per star (a star that stops is frozen while the batch runs on):
+
+    * converged: the undamped Gauss-Newton step from the current point is below
+      ``XTOL`` in every parameter, in units of its conditional 1-sigma error
+      (``|d_i| sqrt(A_ii)``; for a noise-free spectrum this is float precision);
+    * stalled: ``lam > LAM_MAX`` (no downhill step even along the gradient); counted
+      as converged when the Gauss-Newton step is below ``XTOL_STALL`` sigma;
+    * not converged: ``max_iter`` steps taken.
+
+    The Jacobian is ``jax.jacfwd`` of the residuals; it is evaluated once per step, at
+    the trial point, which also gives the trial chi2.
+    """
+    sw = jnp.sqrt(w)
+    chi2, a, g = _normal(obs, p0, flux, sw)
+    st = _LMState(
+        p0,
+        chi2,
+        a,
+        g,
+        jnp.asarray(LAM_INIT, p0.dtype),
+        jnp.asarray(0, jnp.int32),
+        jnp.asarray(False),
+        jnp.asarray(False),
+    )
+
+    def active(st):
+        return (~st.done) & (st.it < max_iter)
+
+    def body(st):
+        blocked = ((st.p <= lo) & (st.g > 0)) | ((st.p >= hi) & (st.g < 0))
+        act = free & ~blocked
+        _, y_gn = _damped_step(st.a, st.g, 0.0, act)
+        gn_size = jnp.max(jnp.abs(y_gn))
+        conv = gn_size < XTOL
+        step, _ = _damped_step(st.a, st.g, st.lam, act)
+        p_new = jnp.clip(st.p + step, lo, hi)
+        chi2_new, a_new, g_new = _normal(obs, p_new, flux, sw)
+        acc = (chi2_new < st.chi2) & ~conv
+        lam = jnp.where(acc, jnp.maximum(st.lam / 10.0, LAM_MIN), st.lam * 10.0)
+        stalled = (lam > LAM_MAX) & ~conv
+        new = _LMState(
+            jnp.where(acc, p_new, st.p),
+            jnp.where(acc, chi2_new, st.chi2),
+            jnp.where(acc, a_new, st.a),
+            jnp.where(acc, g_new, st.g),
+            lam,
+            st.it + jnp.where(conv, 0, 1).astype(jnp.int32),
+            conv | stalled,
+            conv | (stalled & (gn_size < XTOL_STALL)),
+        )
+        run = active(st)
+        return jax.tree.map(lambda x, y: jnp.where(run, x, y), new, st)
+
+    st = jax.lax.while_loop(active, body, st)
+    return st.p, st.chi2, st.it, st.conv
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
+def _lm_batch(obs, p0, flux, w, lo, hi, free, *, max_iter):
+    """LM over stars (axis 0) and starting points (axis 1 of ``p0`` (n, S, k))."""
+    one = functools.partial(_lm_one_dispatch, max_iter=max_iter)
+    per_star = jax.vmap(one, in_axes=(None, 0, None, None, None, None, None))
+    return jax.vmap(per_star, in_axes=(None, 0, 0, 0, 0, 0, None))(
+        obs, p0, flux, w, lo, hi, free
+    )
+
+
+def _lm_one_dispatch(obs, p0, flux, w, lo, hi, free, *, max_iter):
+    # Looked up at trace time, so a test can count traces by patching ``_lm_one``.
+    return _lm_one(obs, p0, flux, w, lo, hi, free, max_iter)
+
+
+@jax.jit
+def _final_batch(obs, p, flux, w):
+    """chi2 (n,), J^T W J (n, k, k) and model flux (n, P) at the best fits."""
+
+    def one(p, flux, w):
+        chi2, a, _ = _normal(obs, p, flux, jnp.sqrt(w))
+        return chi2, a, observe(obs, p)[0]
+
+    return jax.vmap(one)(p, flux, w)
+
+
+@jax.jit
+def _model_one(obs, p):
+    return observe(obs, p)[0]
+
+
+@jax.jit
+def _jac_one(obs, p):
+    return jax.jacfwd(lambda q: observe(obs, q)[0])(p)
+
+
+# --------------------------------------------------------------------------------------
+# NumPy boundary
+# --------------------------------------------------------------------------------------
+def _check_inputs(flux, flux_err, mask, n_pix):
+    """(flux, ivar) as (n, P) float64 copies; bad pixels get ivar = 0."""
+    f = as_float_array(flux, "flux", ndim=(1, 2))
+    e = as_float_array(flux_err, "flux_err", ndim=(1, 2))
+    if f.shape != e.shape:
+        raise ValueError(
+            f"flux {f.shape} and flux_err {e.shape} must have the same shape, "
+            f"(n_spec, {n_pix}) or ({n_pix},)"
+        )
+    if f.shape[-1] != n_pix:
+        raise ValueError(
+            f"flux {f.shape} has {f.shape[-1]} pixels, the wavelength grid has "
+            f"{n_pix}: expected (n_spec, {n_pix}) or ({n_pix},)"
+        )
+    f2 = np.atleast_2d(f)
+    e2 = np.atleast_2d(e)
+    if f2.shape[0] == 0:
+        raise ValueError(f"flux {f.shape} holds no spectra")
+    bad = ~np.isfinite(f2) | ~np.isfinite(e2) | ~(e2 > 0)
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype != bool:
+            raise ValueError(f"mask must be boolean (True = ignore), got {m.dtype}")
+        if m.shape not in ((n_pix,), f.shape, f2.shape):
+            raise ValueError(
+                f"mask {m.shape} must be ({n_pix},) or the shape of flux {f.shape}"
+            )
+        bad = bad | np.broadcast_to(m, f2.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ivar = np.where(bad, 0.0, 1.0 / e2**2)
+    f2 = np.where(bad, 0.0, f2)  # garbage in ignored pixels must not reach the model
+    return f2, ivar
+
+
+def _teff_index(names) -> int:
+    for i, n in enumerate(names):
+        if n.lower().replace("_", "") in ("teff", "t", "temperature"):
+            return i
+    return 0
+
+
+def _check_fixed(fixed, emulator, rv_range):
+    """{name: value} -> {index: value in fit space}; unknown names refused."""
+    if not fixed:
+        return {}
+    valid = (*emulator.label_names, "rv")
+    out = {}
+    for name, value in dict(fixed).items():
+        if name not in valid:
+            raise ValueError(
+                f"fixed: unknown parameter {name!r}; valid names are {list(valid)}"
+            )
+        v = float(value)
+        if not np.isfinite(v):
+            raise ValueError(f"fixed: {name} = {value!r} is not finite")
+        if name == "rv":
+            if not rv_range[0] <= v <= rv_range[1]:
+                raise ValueError(
+                    f"fixed: rv = {v:g} km/s is outside rv_range {rv_range}"
+                )
+            out[emulator.n_labels] = v
+        else:
+            j = emulator.label_names.index(name)
+            lo, hi = emulator.label_lo[j], emulator.label_hi[j]
+            if not lo <= v <= hi:
+                raise ValueError(
+                    f"fixed: {name} = {v:g} is outside the training box [{lo:g}, {hi:g}]"
+                )
+            out[j] = (v - lo) / (hi - lo) - 0.5
+    return out
+
+
+def _curve_fit_one(obs, p_starts, flux, w, lo, hi, free, max_iter):
+    """scipy curve_fit (trf) from each start; best (p, chi2, nfev, converged)."""
+    from scipy.optimize import curve_fit
+
+    good = np.flatnonzero(w > 0)
+    sigma = 1.0 / np.sqrt(w[good])
+    idx = np.flatnonzero(free)
+    best = None
+    for start in p_starts:
+        base = start.copy()
+
+        def full(q, base=base):
+            p = base.copy()
+            p[idx] = q
+            return jnp.asarray(p, dtype=obs.x_obs.dtype)
+
+        def f(_x, *q, base=base):
+            return np.asarray(_model_one(obs, full(q, base)), dtype=np.float64)[good]
+
+        def jac(_x, *q, base=base):
+            j = np.asarray(_jac_one(obs, full(q, base)), dtype=np.float64)
+            return j[np.ix_(good, idx)]
+
+        x0 = np.clip(start[idx], lo[idx], hi[idx])
+        popt, _, info, _, ier = curve_fit(
+            f,
+            good,
+            flux[good],
+            p0=x0,
+            sigma=sigma,
+            absolute_sigma=True,
+            bounds=(lo[idx], hi[idx]),
+            method="trf",
+            jac=jac,
+            full_output=True,
+            max_nfev=max_iter,
+        )
+        p = base.copy()
+        p[idx] = popt
+        chi2 = float(np.sum(info["fvec"] ** 2))
+        if best is None or chi2 < best[1]:
+            best = (p, chi2, int(info["nfev"]), ier > 0)
+    return best
+
+
+def fit(
+    flux,
+    flux_err,
+    emulator: Emulator,
+    *,
+    mask=None,
+    wavelength=None,
+    method: str = "lm",
+    cont_deg: int = 0,
+    rv_range=(-500.0, 500.0),
+    p0=None,
+    fixed=None,
+    max_iter: int = 100,
+    seed: int = 0,
+    return_model: bool = False,
+    batch_size: int = 256,
+    progress: bool = False,
+):
+    """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
+
+    Args:
+        flux: (n, P) or (P,) observed flux on ``wavelength``.
+        flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
+            non-finite flux) give that pixel zero weight.
+        emulator: the rest-frame spectrum emulator.
+        mask: optional bool (P,) or (n, P), True = ignore the pixel.
+        wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
+        method: ``"lm"`` (batched Levenberg-Marquardt in JAX, see :func:`_lm_one` for
+            damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian).
+        cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
+        rv_range: (lo, hi) [km/s] searched by the RV scan and bounding the fit.
+        p0: optional starting labels [physical], (L,) or (n, L); replaces the Teff
+            starts. A 1-D ``p0`` is also the RV-scan template (else the box centre).
+        fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
+        max_iter: LM iterations (curve_fit: function evaluations) per start.
+        seed: reserved for random starts (the current starts are deterministic).
+        return_model: add a ``model_flux`` (n, P) column with the best-fit spectra.
+        batch_size: spectra per jitted call; batches are padded to a power of two
+            (at least 8) up to this, so similar batch sizes share one compilation.
+        progress: show a tqdm progress bar over batches.
+
+    Returns:
+        astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
+        units], ``rv``, ``rv_err`` [km/s], ``cont_<k>``, ``cont_<k>_err`` (if
+        ``cont_deg > 0``), ``chi2``, ``chi2_red``, ``n_good_pixels``, ``n_iter``,
+        ``converged``, ``flags`` (bitmask, see the module docstring) and
+        ``covariance`` (n, k, k) in physical units over ``meta["cov_params"]``.
+        Errors are not rescaled by ``chi2_red``.
+
+    Raises:
+        ValueError: shapes that do not fit together (named in the message), an unknown
+            method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box.
+    """
+    del seed  # deterministic starts for now
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    rv_range = tuple(float(v) for v in rv_range)
+    if len(rv_range) != 2 or not (
+        np.all(np.isfinite(rv_range)) and rv_range[0] < rv_range[1]
+    ):
+        raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {rv_range}")
+    obs = build_obs_model(emulator, wavelength=wavelength, cont_deg=cont_deg)
+    layout = param_layout(emulator, cont_deg=cont_deg, rv_range=rv_range)
+    n_pix = obs.x_obs.shape[0]
+    flux2, ivar = _check_inputs(flux, flux_err, mask, n_pix)
+    n = flux2.shape[0]
+    n_lab = emulator.n_labels
+    k = len(layout.names)
+    fix = _check_fixed(fixed, emulator, rv_range)
+    free = np.ones(k, bool)
+    for j in fix:
+        free[j] = False
+    n_free = int(free.sum())
+
+    # Starting labels (scaled), one row per start: (S, L) shared or (n, 1, L).
+    if p0 is not None:
+        p0_arr = emulator.check_labels(p0)
+        if p0_arr.shape[0] not in (1, n):
+            raise ValueError(f"p0 {np.shape(p0)} must be ({n_lab},) or ({n}, {n_lab})")
+        starts = np.broadcast_to(emulator.scale(p0_arr), (n, n_lab))[:, None, :]
+        s_scan = emulator.scale(p0_arr[0]) if p0_arr.shape[0] == 1 else np.zeros(n_lab)
+    else:
+        starts = np.zeros((len(TEFF_STARTS), n_lab))
+        starts[:, _teff_index(emulator.label_names)] = TEFF_STARTS
+        starts = np.broadcast_to(starts, (n, *starts.shape))
+        s_scan = np.zeros(n_lab)
+    starts = np.array(starts, dtype=np.float64)
+    for j, v in fix.items():
+        if j < n_lab:
+            starts[:, :, j] = v
+            s_scan[j] = v
+
+    dt = obs.x_obs.dtype
+    n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / RV_SCAN_STEP))
+    rv_grid = jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt)
+    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
+
+    res_p = np.zeros((n, k))
+    res_chi2 = np.zeros(n)
+    res_it = np.zeros(n, np.int64)
+    res_conv = np.zeros(n, bool)
+    res_a = np.zeros((n, k, k))
+    res_model = np.zeros((n, n_pix)) if return_model else None
+    res_good = np.zeros(n, np.int64)
+    rv_lo_all = np.zeros(n)
+    rv_hi_all = np.zeros(n)
+
+    chunks = range(0, n, size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="fit", unit="batch")
+    for start in chunks:
+        sl = slice(start, min(start + size, n))
+        m = sl.stop - sl.start
+        pad = size - m
+        fb = np.concatenate([flux2[sl], np.zeros((pad, n_pix))])
+        wb = np.concatenate([ivar[sl], np.zeros((pad, n_pix))])
+        sb = np.concatenate([starts[sl], np.repeat(starts[:1], pad, axis=0)])
+        f_j = jnp.asarray(fb, dt)
+        w_j = jnp.asarray(wb, dt)
+
+        # 1. RV scan (and linear continuum at the best RV).
+        if layout.rv_index in fix:
+            rv0 = np.full(size, fix[layout.rv_index])
+            _, c0 = _scan_batch(
+                obs, jnp.asarray(s_scan, dt), jnp.asarray(rv0[:1], dt), f_j, w_j
+            )
+            rv_lo, rv_hi = rv0, rv0
+        else:
+            rv0, c0 = _scan_batch(obs, jnp.asarray(s_scan, dt), rv_grid, f_j, w_j)
+            rv0 = np.asarray(rv0, np.float64)
+            rv_lo = np.maximum(rv0 - RV_WINDOW, rv_range[0])
+            rv_hi = np.minimum(rv0 + RV_WINDOW, rv_range[1])
+        c0 = np.asarray(c0, np.float64)
+
+        # 2. Pixels valid over the whole RV window carry the weight.
+        valid = np.asarray(
+            _window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
+        )
+        wb = np.where(valid, wb, 0.0)
+        w_j = jnp.asarray(wb, dt)
+
+        # 3. Starting parameter vectors (size, S, k) and per-star bounds (size, k).
+        n_s = sb.shape[1]
+        p_start = np.zeros((size, n_s, k))
+        p_start[:, :, :n_lab] = sb
+        p_start[:, :, n_lab] = rv0[:, None]
+        if obs.n_cont:
+            p_start[:, :, layout.cont_slice] = c0[:, None, :]
+        lo = np.broadcast_to(layout.lower, (size, k)).copy()
+        hi = np.broadcast_to(layout.upper, (size, k)).copy()
+        lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
+        p_start = np.clip(p_start, lo[:, None], hi[:, None])
+
+        if method == "lm":
+            p, chi2, it, conv = _lm_batch(
+                obs,
+                jnp.asarray(p_start, dt),
+                f_j,
+                w_j,
+                jnp.asarray(lo, dt),
+                jnp.asarray(hi, dt),
+                jnp.asarray(free),
+                max_iter=int(max_iter),
+            )
+            chi2 = np.where(np.isfinite(chi2), np.asarray(chi2), np.inf)
+            best = np.argmin(chi2, axis=1)
+            rows = np.arange(size)
+            p_best = np.asarray(p, np.float64)[rows, best]
+            it_best = np.asarray(it)[rows, best]
+            conv_best = np.asarray(conv)[rows, best]
+        else:
+            p_best = np.zeros((size, k))
+            it_best = np.zeros(size, np.int64)
+            conv_best = np.zeros(size, bool)
+            for i in range(m):
+                if np.count_nonzero(wb[i]) <= n_free:
+                    p_best[i] = p_start[i, 0]
+                    continue
+                p_i, _, it_i, conv_i = _curve_fit_one(
+                    obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, max_iter
+                )
+                p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
+
+        chi2_f, a_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+        res_p[sl] = p_best[:m]
+        res_chi2[sl] = np.asarray(chi2_f, np.float64)[:m]
+        res_a[sl] = np.asarray(a_f, np.float64)[:m]
+        res_it[sl] = it_best[:m]
+        res_conv[sl] = conv_best[:m]
+        res_good[sl] = np.count_nonzero(wb[:m] > 0, axis=1)
+        rv_lo_all[sl], rv_hi_all[sl] = rv_lo[:m], rv_hi[:m]
+        if return_model:
+            res_model[sl] = np.asarray(model_f, np.float64)[:m]
+
+    return _results_table(
+        emulator,
+        layout,
+        obs,
+        free,
+        res_p,
+        res_chi2,
+        res_a,
+        res_it,
+        res_conv,
+        res_good,
+        rv_lo_all,
+        rv_hi_all,
+        res_model,
+        method=method,
+        rv_range=rv_range,
+    )
+
+
+def _covariance(a, free, dtype):
+    """Covariance (n, k, k) in fit space from J^T W J, and an ill-conditioned flag."""
+    n, k, _ = a.shape
+    cov = np.zeros((n, k, k))
+    ill = np.zeros(n, bool)
+    idx = np.flatnonzero(free)
+    limit = COND_LIMIT.get(np.dtype(dtype), 1e6)
+    for i in range(n):
+        af = a[i][np.ix_(idx, idx)]
+        d = np.diag(af)
+        if not (np.all(np.isfinite(af)) and np.all(d > 0)):
+            ill[i] = True
+            cov[i][np.ix_(idx, idx)] = np.nan
+            continue
+        s = 1.0 / np.sqrt(d)
+        corr = af * s[:, None] * s[None, :]
+        try:
+            cond = np.linalg.cond(corr)
+            ci = np.linalg.inv(corr)
+        except np.linalg.LinAlgError:
+            ill[i] = True
+            cov[i][np.ix_(idx, idx)] = np.nan
+            continue
+        ill[i] = not (np.isfinite(cond) and cond < limit)
+        cov[i][np.ix_(idx, idx)] = ci * s[:, None] * s[None, :]
+    return cov, ill
+
+
+def _results_table(
+    emulator,
+    layout,
+    obs,
+    free,
+    p,
+    chi2,
+    a,
+    n_iter,
+    conv,
+    n_good,
+    rv_lo,
+    rv_hi,
+    model_flux,
+    *,
+    method,
+    rv_range,
+):
+    from astropy.table import Table
+
+    n, k = p.shape
+    n_lab = layout.n_labels
+    n_free = int(free.sum())
+    cov, ill = _covariance(a, free, obs.x_obs.dtype)
+    # scaled -> physical: x = (s + 0.5) (hi - lo) + lo
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    cov = cov * span[None, :, None] * span[None, None, :]
+    err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
+    err = np.where(np.isnan(np.diagonal(cov, axis1=1, axis2=2)), np.nan, err)
+    phys = p.copy()
+    phys[:, :n_lab] = emulator.unscale(p[:, :n_lab])
+
+    failed = n_good <= n_free
+    at_bound = np.zeros(n, bool)
+    tol_s, tol_rv = AT_BOUND_TOL
+    for j in range(n_lab):
+        if free[j]:
+            at_bound |= np.abs(np.abs(p[:, j]) - 0.5) < tol_s
+    if free[n_lab]:
+        at_bound |= (np.abs(p[:, n_lab] - rv_lo) < tol_rv) & (rv_lo > rv_range[0])
+        at_bound |= (np.abs(p[:, n_lab] - rv_hi) < tol_rv) & (rv_hi < rv_range[1])
+        at_bound |= np.abs(p[:, n_lab] - rv_range[0]) < tol_rv
+        at_bound |= np.abs(p[:, n_lab] - rv_range[1]) < tol_rv
+    conv = conv & ~failed
+    flags = (
+        np.where(conv, 0, FLAG_NOT_CONVERGED)
+        | np.where(at_bound & ~failed, FLAG_AT_BOUND, 0)
+        | np.where(failed, FLAG_FAILED, 0)
+        | np.where(ill & ~failed, FLAG_ILL_CONDITIONED, 0)
+    ).astype(np.int32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi2_red = np.where(n_good > n_free, chi2 / (n_good - n_free), np.nan)
+    phys[failed] = np.nan
+    err[failed] = np.nan
+    cov[failed] = np.nan
+    chi2 = np.where(failed, np.nan, chi2)
+    n_iter = np.where(failed, 0, n_iter)
+
+    t = Table()
+    units = list(emulator.label_units) + ["km/s"] + [""] * (k - n_lab - 1)
+    for j, name in enumerate(layout.names):
+        unit = units[j] or None
+        t[name] = phys[:, j]
+        t[f"{name}_err"] = err[:, j]
+        if unit is not None:
+            t[name].unit = unit
+            t[f"{name}_err"].unit = unit
+    t["chi2"] = chi2
+    t["chi2_red"] = chi2_red
+    t["n_good_pixels"] = n_good
+    t["n_iter"] = n_iter
+    t["converged"] = conv
+    t["flags"] = flags
+    t["covariance"] = cov
+    if model_flux is not None:
+        t["model_flux"] = model_flux
+    t.meta.update(
+        method=method,
+        cont_deg=layout.cont_deg,
+        rv_range=list(rv_range),
+        cov_params=list(layout.names),
+        flag_bits={str(b): s for b, s in FLAG_BITS.items()},
+        dtype=str(np.dtype(obs.x_obs.dtype)),
+        reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",
+    )
+    return t

@@ -1,0 +1,325 @@
+"""Tests for the observation model (payne_lite.model) and the fitter (payne_lite.fitter).
+
+Synthetic spectra come from a small random per-pixel emulator whose weights are
+smoothed along the pixel axis, so that its spectra are oversampled like real ones
+(a few pixels per feature). Spectra of independent random pixels ("white noise")
+have a local chi2 minimum in RV one pixel from the truth, which no real spectrograph
+produces. The real 5-label Payne network is used where ../shared/data is present.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_HI, TINY_LO, TINY_NAMES, TINY_UNITS
+from scipy.ndimage import gaussian_filter1d
+
+from payne_lite import Emulator, PixelNet
+from payne_lite.constants import C_KMS
+from payne_lite.fitter import FLAG_FAILED, fit
+from payne_lite.model import doppler_shift, make_model
+
+fit_mod = importlib.import_module("payne_lite.fitter")
+
+N_PIX = 400
+PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
+PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
+
+
+def _factor(rv):
+    b = np.asarray(rv) / C_KMS
+    return np.sqrt((1 + b) / (1 - b))
+
+
+def smooth_emulator(n_pix: int = N_PIX, n_hid: int = 5, *, seed: int = 1) -> Emulator:
+    """Random per-pixel sigmoid net, 3 labels, weights smoothed over ~2 pixels."""
+    rng = np.random.default_rng(seed)
+
+    def smooth(a):
+        b = gaussian_filter1d(a, 2.0, axis=0, mode="nearest")
+        return b * (a.std() / b.std())
+
+    w0 = smooth(rng.normal(0.0, 1.0, (n_pix, n_hid, 3)))
+    b0 = smooth(rng.normal(0.0, 0.5, (n_pix, n_hid)))
+    w1 = smooth(rng.normal(0.0, 0.3, (n_pix, n_hid)))
+    b1 = 1.0 + smooth(rng.normal(0.0, 0.05, n_pix))
+    return Emulator(
+        net=PixelNet((w0, w1), (b0, b1)),
+        activation="sigmoid",
+        label_names=TINY_NAMES,
+        label_units=TINY_UNITS,
+        label_lo=TINY_LO,
+        label_hi=TINY_HI,
+        wavelength=np.linspace(15100.0, 15100.0 + 0.2 * (n_pix - 1), n_pix),
+    )
+
+
+def reference_spectra(emu, scaled, rv, wave_obs=None, cont=None):
+    """Observed spectra by NumPy: emulator flux, np.interp at lambda/f, continuum."""
+    wave = emu.wavelength
+    wave_obs = wave if wave_obs is None else wave_obs
+    rest = emu.predict(emu.unscale(scaled)).astype(np.float64)
+    out = np.array(
+        [
+            np.interp(wave_obs / _factor(v), wave, r)
+            for v, r in zip(rv, rest, strict=True)
+        ]
+    )
+    if cont is not None:
+        x = 2 * (wave_obs - wave_obs[0]) / (wave_obs[-1] - wave_obs[0]) - 1
+        out = out * np.polynomial.chebyshev.chebval(x, np.asarray(cont).T)
+    return out
+
+
+def scaled_labels(emu, table):
+    return emu.scale(np.column_stack([table[n] for n in emu.label_names]))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return smooth_emulator()
+
+
+@pytest.fixture(scope="module")
+def truth():
+    rng = np.random.default_rng(7)
+    return rng.uniform(-0.4, 0.4, (16, 3)), rng.uniform(-100.0, 100.0, 16)
+
+
+@pytest.fixture(scope="module")
+def noise_free(emu, truth):
+    s, rv = truth
+    flux = reference_spectra(emu, s, rv)
+    return flux, np.full_like(flux, 0.01)
+
+
+@pytest.fixture(scope="module")
+def lm_fit(emu, noise_free):
+    return fit(*noise_free, emu, method="lm")
+
+
+# --- the observation model -------------------------------------------------------------
+def test_doppler_shift_gaussian_line_hand_worked():
+    wave = np.linspace(15000.0, 15100.0, 2001)  # 0.05 A pixels (~1 km/s)
+    lam0, sig = 15050.0, 0.3
+    rest = 1.0 - 0.6 * np.exp(-0.5 * ((wave - lam0) / sig) ** 2)
+    rv = 100.0
+    # by hand: beta = 100 / 299792.458 = 3.33564e-4, f = sqrt((1+b)/(1-b)) = 1.000333620
+    f = np.sqrt((1 + 100.0 / 299_792.458) / (1 - 100.0 / 299_792.458))
+    assert f == pytest.approx(1.000333620, abs=1e-9)
+    expected = lam0 * f  # 15055.0210 A
+    flux, valid = doppler_shift(wave, rest, rv, wave)
+    flux, valid = np.asarray(flux, np.float64), np.asarray(valid)
+    depth = 1.0 - flux
+    near = np.abs(wave - expected) < 5 * sig
+    centroid = np.sum(wave[near] * depth[near]) / np.sum(depth[near])
+    assert abs(centroid - expected) < 0.05 * 0.05  # 5 % of a pixel
+    assert abs(wave[np.argmin(flux)] - expected) <= 0.5 * 0.05
+    # blue pixels map below the rest grid: invalid; everything else valid
+    np.testing.assert_array_equal(valid, wave / f >= wave[0])
+
+
+def test_doppler_shift_flags_gaps():
+    wave = np.concatenate(
+        [np.linspace(15000, 15010, 201), np.linspace(15020, 15030, 201)]
+    )
+    flux = np.ones_like(wave)
+    _, valid = doppler_shift(wave, flux, 150.0, wave)  # 7.5 A shift
+    inside_gap = (wave / _factor(150.0) > 15010) & (wave / _factor(150.0) < 15020)
+    below = wave / _factor(150.0) < 15000
+    np.testing.assert_array_equal(np.asarray(valid), ~(inside_gap | below))
+
+
+def test_model_matches_numpy_reference(emu):
+    model, layout = make_model(emu, cont_deg=2)
+    assert layout.names == (*TINY_NAMES, "rv", "cont_0", "cont_1", "cont_2")
+    np.testing.assert_array_equal(layout.lower[:3], -0.5)
+    assert (layout.lower[3], layout.upper[3]) == (-500.0, 500.0)
+    s, rv, c = np.array([0.1, -0.2, 0.3]), 37.5, np.array([1.0, 0.05, -0.02])
+    flux, valid = jax.jit(model)(jnp.asarray(np.r_[s, rv, c], jnp.float32))
+    ref = reference_spectra(emu, s[None], [rv], cont=c[None])[0]
+    valid = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(flux)[valid], ref[valid], atol=2e-4)
+    np.testing.assert_array_equal(
+        valid, emu.wavelength / _factor(rv) >= emu.wavelength[0]
+    )
+
+
+# --- recovery ---------------------------------------------------------------------------
+def test_lm_recovers_noise_free_truth(emu, truth, lm_fit):
+    s, rv = truth
+    t = lm_fit
+    assert len(t) == len(rv)
+    assert np.all(t["converged"]) and np.all(t["flags"] == 0)
+    np.testing.assert_allclose(scaled_labels(emu, t), s, atol=1e-4)
+    np.testing.assert_allclose(t["rv"], rv, atol=0.05)
+    assert t["Teff"].unit == "K" and t["rv_err"].unit == "km / s"
+    assert t["covariance"].shape == (len(rv), 4, 4)
+    cov_err = np.sqrt(np.diagonal(t["covariance"], axis1=1, axis2=2))
+    np.testing.assert_allclose(cov_err[:, 0], t["Teff_err"])
+    assert np.all(t["Teff_err"] > 0) and np.all(t["n_iter"] > 0)
+    assert np.all(t["n_good_pixels"] > 300)
+
+
+def test_curve_fit_agrees_with_lm(emu, noise_free, lm_fit):
+    t = fit(noise_free[0][:6], noise_free[1][:6], emu, method="curve_fit")
+    assert np.all(t["converged"])
+    np.testing.assert_allclose(
+        scaled_labels(emu, t), scaled_labels(emu, lm_fit[:6]), atol=1e-3
+    )
+    np.testing.assert_allclose(t["rv"], lm_fit["rv"][:6], atol=0.01)
+
+
+def test_continuum_tilt_recovered(emu, truth):
+    s, rv = truth[0][:8], truth[1][:8]
+    cont = np.tile([1.0, 0.08], (8, 1))
+    flux = reference_spectra(emu, s, rv, cont=cont)
+    err = np.full_like(flux, 0.01)
+    t = fit(flux, err, emu, cont_deg=1, return_model=True)
+    assert np.all(t["flags"] == 0)
+    np.testing.assert_allclose(t["cont_0"], 1.0, atol=1e-4)
+    np.testing.assert_allclose(t["cont_1"], 0.08, atol=1e-4)
+    np.testing.assert_allclose(scaled_labels(emu, t), s, atol=1e-4)
+    np.testing.assert_allclose(t["rv"], rv, atol=0.05)
+    good = np.isfinite(t["model_flux"]) & (
+        emu.wavelength / _factor(rv[:, None]) > 15105
+    )
+    np.testing.assert_allclose(t["model_flux"][good], flux[good], atol=1e-4)
+
+
+def test_fixed_parameter_held(emu, truth, noise_free):
+    s = truth[0][:4]
+    logg = emu.unscale(s)[:, 1]
+    t = fit(noise_free[0][:4], noise_free[1][:4], emu, fixed={"logg": float(logg[0])})
+    assert t["logg"][0] == pytest.approx(logg[0], rel=1e-6)
+    assert t["logg_err"][0] == 0.0
+    np.testing.assert_allclose(scaled_labels(emu, t[:1]), s[:1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"unknown parameter 'vsini'.*'Teff'"):
+        fit(noise_free[0][:4], noise_free[1][:4], emu, fixed={"vsini": 3.0})
+
+
+# --- pixels that carry no weight ------------------------------------------------------------
+def test_masked_nan_inf_pixels_are_ignored(emu, truth, noise_free):
+    rng = np.random.default_rng(3)
+    flux = noise_free[0][:8] + 0.01 * rng.standard_normal((8, N_PIX))
+    err = noise_free[1][:8].copy()
+    bad = np.zeros_like(flux, bool)
+    bad[:, rng.choice(N_PIX, 40, replace=False)] = True
+    clean = fit(flux, err, emu, mask=bad)
+
+    junk_f, junk_e = flux.copy(), err.copy()
+    cols = np.flatnonzero(bad[0])
+    junk_f[:, cols[:10]] = 1e6  # garbage, masked
+    junk_f[:, cols[10:20]] = np.nan
+    junk_f[:, cols[20:25]] = np.inf
+    junk_e[:, cols[25:30]] = np.nan
+    junk_e[:, cols[30:35]] = -0.01  # negative errors: zero weight, not an error
+    junk_e[:, cols[35:40]] = 0.0
+    mask = np.zeros(N_PIX, bool)
+    mask[cols[:10]] = True
+    before = (junk_f.copy(), junk_e.copy(), mask.copy())
+    t = fit(junk_f, junk_e, emu, mask=mask)
+    for a, b in zip((junk_f, junk_e, mask), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # inputs not mutated
+    np.testing.assert_array_equal(t["n_good_pixels"], clean["n_good_pixels"])
+    for name in (*TINY_NAMES, "rv", "chi2"):
+        np.testing.assert_allclose(t[name], clean[name], rtol=1e-12)
+    assert np.all(t["flags"] == 0)
+
+
+def test_all_pixels_masked_is_flagged_failed(emu, noise_free):
+    flux, err = noise_free[0][:3], noise_free[1][:3]
+    mask = np.zeros_like(flux, bool)
+    mask[1] = True
+    t = fit(flux, err, emu, mask=mask)
+    assert t["flags"][1] & FLAG_FAILED and not t["converged"][1]
+    assert t["n_good_pixels"][1] == 0 and np.isnan(t["Teff"][1])
+    assert t["flags"][0] == 0 and t["flags"][2] == 0
+    one = fit(flux[0], np.full(N_PIX, -1.0), emu)  # (P,) input, all errors negative
+    assert len(one) == 1 and one["flags"][0] & FLAG_FAILED
+
+
+# --- bad input ----------------------------------------------------------------------------
+def test_bad_input_errors(emu, noise_free):
+    flux, err = noise_free[0][:2], noise_free[1][:2]
+    with pytest.raises(ValueError, match=r"\(2, 399\) has 399 pixels.*400"):
+        fit(flux[:, :-1], err[:, :-1], emu)
+    with pytest.raises(ValueError, match=r"flux \(2, 400\) and flux_err \(2, 399\)"):
+        fit(flux, err[:, :-1], emu)
+    with pytest.raises(ValueError, match=r"\(2, 400\) has 400 pixels.*has 300"):
+        fit(flux, err, emu, wavelength=np.linspace(15100.0, 15160.0, 300))
+    with pytest.raises(ValueError, match="does not overlap"):
+        fit(flux, err, emu, wavelength=np.linspace(16000.0, 16080.0, N_PIX))
+    with pytest.raises(ValueError, match=r"mask \(7,\) must be \(400,\)"):
+        fit(flux, err, emu, mask=np.zeros(7, bool))
+    with pytest.raises(ValueError, match="method must be one of"):
+        fit(flux, err, emu, method="simplex")
+    with pytest.raises(ValueError, match="rv_range"):
+        fit(flux, err, emu, rv_range=(100.0, -100.0))
+    with pytest.raises(ValueError, match="outside the training box"):
+        fit(flux, err, emu, p0=[9000.0, 3.0, 0.0])
+
+
+# --- compilation ---------------------------------------------------------------------------
+def test_one_compilation_per_batch_shape(monkeypatch):
+    emu = smooth_emulator(123, 3, seed=5)  # a pixel count no other test uses
+    n_traces = 0
+    original = fit_mod._lm_one
+
+    def counted(*args):
+        nonlocal n_traces
+        n_traces += 1
+        return original(*args)
+
+    monkeypatch.setattr(fit_mod, "_lm_one", counted)
+    rng = np.random.default_rng(11)
+    for _ in range(2):
+        s, rv = rng.uniform(-0.4, 0.4, (5, 3)), rng.uniform(-50, 50, 5)
+        flux = reference_spectra(emu, s, rv)
+        fit(flux, np.full_like(flux, 0.01), emu, rv_range=(-100, 100), max_iter=20)
+        assert n_traces == 1
+
+
+# --- the real Payne network ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def payne5(payne_data):
+    with np.load(payne_data / "apogee_wavelength.npz") as d:
+        wave = d["wavelength"]
+    with np.load(payne_data / "apogee_mask.npz") as d:
+        mask = d["apogee_mask"]
+    emu = Emulator.from_payne_npz(
+        payne_data / "nn_normalized_spectra_5label.npz",
+        label_names=PAYNE_LABELS_5,
+        label_units=PAYNE_UNITS_5,
+        wavelength=wave,
+    )
+    return emu, mask
+
+
+def test_real_network_recovery_and_errors(payne5):
+    emu, mask = payne5
+    rng = np.random.default_rng(2019)
+    s = rng.uniform(-0.4, 0.4, (20, 5))  # the middle 80 % of the box
+    rv = rng.uniform(-200.0, 200.0, 20)
+    flux = reference_spectra(emu, s, rv)
+    err = np.full_like(flux, 0.01)  # S/N 100
+
+    t = fit(flux, err, emu, mask=mask)
+    assert np.all(t["flags"] == 0)
+    np.testing.assert_allclose(scaled_labels(emu, t), s, atol=1e-3)
+    np.testing.assert_allclose(t["rv"], rv, atol=0.1)
+
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    t = fit(noisy, err, emu, mask=mask)
+    assert np.all(t["converged"])
+    truth = np.column_stack([emu.unscale(s), rv])
+    names = (*PAYNE_LABELS_5, "rv")
+    est = np.column_stack([t[n] for n in names])
+    sig = np.column_stack([t[f"{n}_err"] for n in names])
+    z = np.median(np.abs(est - truth) / sig, axis=0)
+    assert np.all(z < 2.0), dict(zip(names, z, strict=True))
+    assert 0.8 < np.median(t["chi2_red"]) < 1.2
