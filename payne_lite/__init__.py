@@ -12,6 +12,8 @@ from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
 from .fitter import fit as fit
 from .grid import SpectralGrid as SpectralGrid
+from .results import read_results as read_results
+from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
 from .train import train_emulator as train_emulator
 
@@ -25,5 +27,7 @@ __all__ = [
     "SpectralGrid",
     "TrainConfig",
     "fit",
+    "read_results",
     "train_emulator",
+    "write_results",
 ]

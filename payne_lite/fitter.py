@@ -29,7 +29,8 @@ bit  value       meaning
 0    1           not converged (iteration cap, or no downhill step at float precision
                  while the Gauss-Newton step is still > ``XTOL_STALL`` sigma)
 1    2           a label at an edge of the training box, or rv at an edge of its window
-2    4           failed: fewer usable pixels than free parameters (results are NaN)
+2    4           failed: fewer usable pixels than free parameters (results are NaN;
+                 bit 0 is set too, so a failed row has flags 5)
 3    8           ill-conditioned covariance (condition number of the correlation form
                  of J^T W J above ``COND_LIMIT`` for the dtype, or not invertible)
 ===  ==========  =================================================================
@@ -730,13 +731,22 @@ def _results_table(
     t["covariance"] = cov
     if model_flux is not None:
         t["model_flux"] = model_flux
+    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t["covariance"].description = "covariance of meta['cov_params'], physical units"
+    t["n_good_pixels"].description = "pixels with weight > 0 over the whole RV window"
     t.meta.update(
+        label_names=list(emulator.label_names),
+        label_units=list(emulator.label_units),
+        emulator_source=str(
+            emulator.meta.get("source", emulator.meta.get("trained_by", ""))
+        ),
+        n_pix_emulator=int(emulator.n_pix),
         method=method,
         cont_deg=layout.cont_deg,
         rv_range=list(rv_range),
         cov_params=list(layout.names),
         flag_bits={str(b): s for b, s in FLAG_BITS.items()},
-        dtype=str(np.dtype(obs.x_obs.dtype)),
+        fit_dtype=str(np.dtype(obs.x_obs.dtype)),
         reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",
     )
     return t

@@ -1,0 +1,389 @@
+"""Write and read fit results tables (FITS, ECSV, HDF5) without losing names.
+
+``write_results(table, path, *, overwrite=False)`` and ``read_results(path)``; the
+format comes from the suffix:
+
+======================  ========================================================
+suffix                  what is written
+======================  ========================================================
+``.fits``, ``.fit``     one binary table HDU (``EXTNAME = 'RESULTS'``) with
+                        FITS-safe column names (:func:`safe_column_name`); the
+                        original names, units and descriptions in the ``PLCOLS``
+                        keyword (JSON), the table meta in ``PLMETA`` (JSON), the
+                        format version in ``PLVERS``; long values use the FITS
+                        ``CONTINUE`` long-string convention. Each ``TTYPEn``
+                        comment repeats the original name for human readers;
+                        ``TUNITn`` holds the FITS form of the unit, or its generic
+                        form where FITS has none (``dex``). The flag bits are also
+                        listed as ``COMMENT`` cards.
+``.ecsv``               astropy's ECSV writer, names kept, meta in the YAML header.
+``.h5``, ``.hdf5``      astropy's HDF5 writer, dataset ``results``,
+                        ``serialize_meta=True``, names kept.
+======================  ========================================================
+
+``read_results`` restores the in-memory column names, units and the meta (the flag
+documentation ``meta["flag_bits"]`` included) from any of the three.
+
+FITS-safe names (APOGEE style). FITS readers warn on column names holding anything but
+ASCII letters, digits and underscores, so FITS files get these names; the in-memory
+table keeps the label names. The rule, applied to the whole column name:
+
+1. every run of characters other than ASCII letters and digits becomes one ``_``;
+2. leading and trailing ``_`` are removed;
+3. the result is upper-cased.
+
+=====================  =====================
+in-memory name         FITS column name
+=====================  =====================
+``Teff``               ``TEFF``
+``logg``               ``LOGG``
+``[Fe/H]``             ``FE_H``
+``[alpha/Fe]``         ``ALPHA_FE``
+``[Mg/Fe]``            ``MG_FE``
+``vmacro``             ``VMACRO``
+``rv``                 ``RV``
+``[Fe/H]_err``         ``FE_H_ERR``
+``[Mg/Fe]_p16``        ``MG_FE_P16``
+``logg_mdn_sigma``     ``LOGG_MDN_SIGMA``
+``cont_0``             ``CONT_0``
+``n_good_pixels``      ``N_GOOD_PIXELS``
+=====================  =====================
+
+(:data:`SAFE_NAME_EXAMPLES` holds this table; the tests check it.) Names that become
+empty, or two columns that map to the same safe name (``[Fe/H]`` and ``Fe_H``), are
+refused with a ``ValueError`` naming them: nothing is renamed silently.
+
+Meta: every format stores the meta as plain JSON-compatible values (str keys; dict,
+list, str, int, float, bool, None; tuples become lists, NumPy scalars and arrays become
+Python numbers and lists). Anything else is refused with a ``TypeError`` naming the key.
+
+Writes are atomic: the file is written under a temporary name in the destination
+folder and moved into place with ``os.replace``; an existing file is refused unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+#: Version of the results file layout written here: header keyword ``PLVERS`` in FITS,
+#: meta key :data:`META_VERSION_KEY` in ECSV / HDF5 (removed again on reading). Files
+#: with a newer version are refused.
+RESULTS_FORMAT_VERSION = 1
+META_VERSION_KEY = "payne_lite_results_version"
+
+#: in-memory name -> FITS column name (the module docstring's table).
+SAFE_NAME_EXAMPLES = {
+    "Teff": "TEFF",
+    "logg": "LOGG",
+    "[Fe/H]": "FE_H",
+    "[alpha/Fe]": "ALPHA_FE",
+    "[Mg/Fe]": "MG_FE",
+    "vmacro": "VMACRO",
+    "rv": "RV",
+    "[Fe/H]_err": "FE_H_ERR",
+    "[Mg/Fe]_p16": "MG_FE_P16",
+    "logg_mdn_sigma": "LOGG_MDN_SIGMA",
+    "cont_0": "CONT_0",
+    "n_good_pixels": "N_GOOD_PIXELS",
+}
+
+#: Suffix (lower case) -> format.
+FORMATS = {
+    ".fits": "fits",
+    ".fit": "fits",
+    ".ecsv": "ecsv",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+}
+
+#: FITS extension name and header keywords used by this module.
+FITS_EXTNAME = "RESULTS"
+KEY_VERSION, KEY_COLUMNS, KEY_META = "PLVERS", "PLCOLS", "PLMETA"
+#: HDF5 dataset holding the table.
+HDF5_PATH = "results"
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z]+")
+
+
+def safe_column_name(label: str) -> str:
+    """FITS-safe, APOGEE-style column name of ``label`` (see the module docstring).
+
+    Examples:
+        >>> safe_column_name("[alpha/Fe]_err")
+        'ALPHA_FE_ERR'
+
+    Raises:
+        TypeError: ``label`` is not a str.
+        ValueError: nothing of ``label`` is left (no ASCII letters or digits).
+    """
+    if not isinstance(label, str):
+        raise TypeError(f"column name must be a str, got {type(label).__name__}")
+    safe = _UNSAFE.sub("_", label).strip("_").upper()
+    if not safe:
+        raise ValueError(
+            f"column name {label!r} has no ASCII letters or digits: no FITS-safe name"
+        )
+    return safe
+
+
+def safe_column_names(names) -> dict[str, str]:
+    """``{name: safe name}`` for all ``names``; collisions refused with a ValueError."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        safe = safe_column_name(name)
+        if safe in seen:
+            raise ValueError(
+                f"columns {seen[safe]!r} and {name!r} both map to the FITS-safe name "
+                f"{safe!r}; rename one of them before writing FITS"
+            )
+        seen[safe] = name
+        out[name] = safe
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# meta
+# --------------------------------------------------------------------------------------
+def _plain(value, where: str):
+    """``value`` as plain JSON-compatible Python; TypeError naming ``where`` if not."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, np.ndarray):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value.tolist())]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"meta{where}: key {k!r} is a {type(k).__name__}; only str keys "
+                    "can be written (JSON/YAML would change their type)"
+                )
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    raise TypeError(
+        f"meta{where} = {value!r} ({type(value).__name__}) cannot be written; "
+        "use str, int, float, bool, None, or lists / dicts of them"
+    )
+
+
+def _json_default(x):  # pragma: no cover - _plain leaves nothing for it
+    raise TypeError(f"not JSON-serialisable: {x!r}")
+
+
+def _dumps(obj) -> str:
+    """Compact JSON; non-finite floats as JSON extensions (NaN, Infinity), ASCII only."""
+    return json.dumps(obj, separators=(",", ":"), default=_json_default)
+
+
+# --------------------------------------------------------------------------------------
+# formats
+# --------------------------------------------------------------------------------------
+def _format_of(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"{path}: unknown results file suffix {path.suffix!r}; expected one of "
+            f"{sorted(FORMATS)}"
+        )
+    return fmt
+
+
+def _unit_strings(unit) -> tuple[str, str] | None:
+    """(generic, FITS) strings of a column unit; FITS falls back to the generic one."""
+    if unit is None:
+        return None
+    generic = unit.to_string()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits_str = unit.to_string(format="fits")
+    except ValueError:
+        fits_str = generic
+    return generic, fits_str
+
+
+def _fits_hdul(table):
+    """HDUList (empty primary + RESULTS table) with safe names and the mappings."""
+    from astropy.io import fits
+
+    mapping = safe_column_names(table.colnames)
+    plain = table.copy(copy_data=False)
+    plain.meta.clear()
+    for col in plain.itercols():
+        col.unit, col.description, col.format = None, None, None
+        col.meta.clear()
+    plain.rename_columns(list(mapping), list(mapping.values()))
+    cols = []
+    for name in table.colnames:
+        col = table[name]
+        units = _unit_strings(col.unit)
+        entry = {"fits": mapping[name], "name": name}
+        if units is not None:
+            entry["unit"] = units[0]
+        if col.description:
+            entry["description"] = str(col.description)
+        cols.append((entry, units))
+    hdu = fits.table_to_hdu(plain)
+    hdu.name = FITS_EXTNAME
+    hdr = hdu.header
+    for i, (entry, units) in enumerate(cols, start=1):
+        key = f"TTYPE{i}"
+        # the comment is for human readers only (the mapping is in PLCOLS): keep the
+        # card within 80 characters rather than let astropy truncate it with a warning
+        room = 80 - 10 - max(20, len(entry["fits"]) + 2) - 3
+        if len(entry["name"]) <= room:
+            hdr.comments[key] = entry["name"]
+        if units is not None:
+            hdr.insert(key, (f"TUNIT{i}", units[1]), after=True)
+    hdr[KEY_VERSION] = (RESULTS_FORMAT_VERSION, "payne_lite results file version")
+    hdr[KEY_COLUMNS] = _dumps([e for e, _ in cols])
+    hdr.comments[KEY_COLUMNS] = "JSON: FITS column -> in-memory name, unit"
+    hdr[KEY_META] = _dumps(_plain(dict(table.meta), ""))
+    hdr.comments[KEY_META] = "JSON: table meta"
+    bits = table.meta.get("flag_bits")
+    if isinstance(bits, dict):
+        for b, text in bits.items():
+            hdr.add_comment(f"flags bit {b}: {text}"[:72])
+    return fits.HDUList([fits.PrimaryHDU(), hdu])
+
+
+def write_results(table, path, *, overwrite: bool = False) -> Path:
+    """Write a results table to ``path``; the format comes from the suffix.
+
+    Args:
+        table: astropy Table (as returned by :func:`payne_lite.fit`).
+        path: destination; ``.fits``/``.fit``, ``.ecsv`` or ``.h5``/``.hdf5``.
+        overwrite: replace an existing file (otherwise refused).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: unknown suffix; column names with no FITS-safe form or colliding
+            safe names (FITS only).
+        TypeError: meta that cannot be stored (see the module docstring).
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    if fmt == "fits":
+        hdul = _fits_hdul(table)  # validates names and meta before any file is made
+    else:
+        out = table.copy(copy_data=False)
+        out.meta = _plain(dict(table.meta), "")
+        out.meta[META_VERSION_KEY] = RESULTS_FORMAT_VERSION
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    try:
+        if fmt == "fits":
+            hdul.writeto(tmp)
+        elif fmt == "ecsv":
+            out.write(tmp, format="ascii.ecsv")
+        else:
+            out.write(tmp, format="hdf5", path=HDF5_PATH, serialize_meta=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _read_fits(path: Path):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    with fits.open(path) as hdul:
+        names = [h.name for h in hdul]
+        hdu = FITS_EXTNAME if FITS_EXTNAME in names else 1
+        hdr = hdul[hdu].header
+        version = hdr.get(KEY_VERSION)
+        cols_json = hdr.get(KEY_COLUMNS)
+        meta_json = hdr.get(KEY_META)
+    t = Table.read(
+        path,
+        format="fits",
+        hdu=hdu,
+        mask_invalid=False,
+        unit_parse_strict="silent",
+        character_as_bytes=False,
+    )
+    if version is None:  # not written here: the table as astropy reads it
+        return t
+    _check_version(path, version)
+    from astropy import units as u
+
+    cols = json.loads(cols_json) if cols_json else []
+    missing = [c["fits"] for c in cols if c["fits"] not in t.colnames]
+    if missing or len(cols) != len(t.colnames):
+        raise ValueError(
+            f"{path}: the {KEY_COLUMNS} mapping does not match the table columns "
+            f"(missing {missing}, {len(cols)} mapped, {len(t.colnames)} in the file)"
+        )
+    for name in t.colnames:  # FITS is big-endian; hand back native arrays
+        if not t[name].dtype.isnative:
+            t[name] = t[name].astype(t[name].dtype.newbyteorder("="))
+    t.rename_columns([c["fits"] for c in cols], [c["name"] for c in cols])
+    for c in cols:
+        col = t[c["name"]]
+        col.unit = u.Unit(c["unit"], parse_strict="silent") if "unit" in c else None
+        col.description = c.get("description")
+    t.meta.clear()
+    if meta_json:
+        t.meta.update(json.loads(meta_json))
+    return t
+
+
+def _check_version(path, version) -> None:
+    if int(version) > RESULTS_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: results file version {version} is newer than this payne_lite "
+            f"reads ({RESULTS_FORMAT_VERSION}); upgrade payne_lite"
+        )
+
+
+def read_results(path):
+    """Read a results table written by :func:`write_results`.
+
+    Column names (from the FITS-safe ones via the stored mapping), units and meta
+    (``flag_bits`` included) are as they were in memory. A FITS file without the
+    payne_lite keywords is returned as astropy reads it.
+
+    Raises:
+        ValueError: unknown suffix; a FITS file from a newer payne_lite, or whose
+            column mapping does not match its columns.
+        FileNotFoundError: no such file.
+    """
+    from astropy.table import Table
+
+    path = Path(path)
+    fmt = _format_of(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} not found")
+    if fmt == "fits":
+        return _read_fits(path)
+    if fmt == "ecsv":
+        t = Table.read(path, format="ascii.ecsv")
+    else:
+        t = Table.read(path, format="hdf5", path=HDF5_PATH, character_as_bytes=False)
+    version = t.meta.pop(META_VERSION_KEY, None)
+    if version is not None:
+        _check_version(path, version)
+    return t

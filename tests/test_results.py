@@ -1,0 +1,210 @@
+"""Tests for payne_lite.results: results tables to FITS / ECSV / HDF5 and back.
+
+The table comes from a real ``payne_lite.fit`` call on noise-free spectra of a tiny
+random emulator (labels Teff, logg, [Fe/H]; units K, dex, dex), with a continuum and
+model flux, plus one spectrum whose errors are all invalid (a failed row: NaNs,
+``flags`` = 4), so that NaN, bool, int and (n, k, k) columns all make the trip.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from payne_lite import fit
+from payne_lite.fitter import FLAG_FAILED
+from payne_lite.results import (
+    KEY_COLUMNS,
+    KEY_VERSION,
+    SAFE_NAME_EXAMPLES,
+    read_results,
+    safe_column_name,
+    write_results,
+)
+
+SUFFIXES = (".fits", ".fit", ".ecsv", ".h5", ".hdf5")
+FITS_SAFE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@pytest.fixture(scope="module")
+def results(make_emulator):
+    emu = make_emulator(n_pix=200)
+    labels = np.array([[5000.0, 3.0, -0.5], [6000.0, 4.0, 0.0], [4500.0, 2.0, -1.0]])
+    flux = np.asarray(emu.predict(labels), np.float64)
+    flux = np.concatenate([flux, flux[:1]])
+    err = np.full_like(flux, 0.01)
+    err[3] = -1.0  # no usable pixel: a failed row
+    t = fit(flux, err, emu, cont_deg=1, return_model=True, rv_range=(-100.0, 100.0))
+    assert list(t["flags"][:3]) == [0, 0, 0] and t["flags"][3] & FLAG_FAILED
+    return t
+
+
+def assert_tables_equal(got, want):
+    assert got.colnames == want.colnames
+    for name in want.colnames:
+        g, w = got[name], want[name]
+        assert type(g) is type(w), name
+        assert g.unit == w.unit, name
+        assert g.dtype == w.dtype, name
+        assert g.shape == w.shape, name
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+    assert dict(got.meta) == dict(want.meta)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_round_trip(results, tmp_path, suffix):
+    path = tmp_path / f"results{suffix}"
+    assert write_results(results, path) == path
+    back = read_results(path)
+    assert_tables_equal(back, results)
+    assert back["[Fe/H]"].unit == "dex" and back["rv_err"].unit == "km / s"
+    assert back["covariance"].shape == (4, 6, 6)
+    assert back["converged"].dtype == bool and back["flags"].dtype == np.int32
+    assert back.meta["flag_bits"]["2"].startswith("failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp left
+
+
+def test_fits_file_has_safe_names_and_complete_mapping(results, tmp_path):
+    path = write_results(results, tmp_path / "r.fits")
+    with fits.open(path) as hdul:
+        hdu = hdul["RESULTS"]
+        names = list(hdu.columns.names)
+        hdr = hdu.header
+        mapping = json.loads(hdr[KEY_COLUMNS])
+        assert hdr[KEY_VERSION] == 1
+        for i, name in enumerate(names, start=1):
+            assert FITS_SAFE.match(name), name
+            assert not set("[/]") & set(name)
+            assert hdr.comments[f"TTYPE{i}"] == results.colnames[i - 1]
+        units = {
+            hdr[f"TTYPE{i}"]: hdr.get(f"TUNIT{i}") for i in range(1, len(names) + 1)
+        }
+    assert names[:6] == ["TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "FE_H", "FE_H_ERR"]
+    assert [m["fits"] for m in mapping] == names
+    assert [m["name"] for m in mapping] == results.colnames
+    assert units["TEFF"] == "K" and units["RV_ERR"] == "km s-1"
+    assert units["FE_H"] == "dex" and units["CHI2"] is None
+    # a plain astropy reader sees the safe names too, without warnings
+    plain = Table.read(path, hdu=1, unit_parse_strict="silent", mask_invalid=False)
+    assert plain.colnames == names
+    np.testing.assert_array_equal(plain["FE_H"], results["[Fe/H]"])
+
+
+def test_write_leaves_the_table_unchanged(results, tmp_path):
+    before = results.copy()
+    write_results(results, tmp_path / "r.fits")
+    write_results(results, tmp_path / "r.ecsv")
+    assert_tables_equal(results, before)
+
+
+def test_description_and_nested_meta_round_trip(results, tmp_path):
+    t = results[:2].copy()
+    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t.meta["nested"] = {"a": [1, 2.5, None], "b": {"c": "d"}, "n": np.int64(3)}
+    for suffix in (".fits", ".ecsv", ".h5"):
+        back = read_results(write_results(t, tmp_path / f"d{suffix}"))
+        assert back["flags"].description == t["flags"].description, suffix
+        assert back.meta["nested"] == {"a": [1, 2.5, None], "b": {"c": "d"}, "n": 3}
+
+
+def test_overwrite_refused_without_flag(results, tmp_path):
+    for suffix in (".fits", ".ecsv", ".h5"):
+        path = write_results(results[:1], tmp_path / f"r{suffix}")
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            write_results(results, path)
+        assert len(read_results(path)) == 1  # untouched
+        write_results(results, path, overwrite=True)
+        assert len(read_results(path)) == len(results)
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize("name", ["r.txt", "r.csv", "r", "r.fits.gz"])
+def test_unknown_suffix(results, tmp_path, name):
+    with pytest.raises(ValueError, match="unknown results file suffix"):
+        write_results(results, tmp_path / name)
+    with pytest.raises(ValueError, match="unknown results file suffix"):
+        read_results(tmp_path / name)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_meta_and_names_refused_before_writing(results, tmp_path):
+    t = results[:1].copy()
+    t.meta["emulator"] = object()
+    for suffix in (".fits", ".ecsv", ".h5"):
+        with pytest.raises(TypeError, match="emulator"):
+            write_results(t, tmp_path / f"r{suffix}")
+    t = results[:1].copy()
+    t.meta["flag_bits"] = {0: "not converged"}
+    with pytest.raises(TypeError, match="only str keys"):
+        write_results(t, tmp_path / "r.fits")
+    t = results[:1].copy()
+    t["Fe_H"] = t["[Fe/H]"]
+    with pytest.raises(ValueError, match=r"'\[Fe/H\]' and 'Fe_H'.*'FE_H'"):
+        write_results(t, tmp_path / "r.fits")
+    write_results(t, tmp_path / "r.ecsv")  # ECSV keeps names: no collision
+    assert [p.name for p in tmp_path.iterdir()] == ["r.ecsv"]
+
+
+def test_newer_file_version_refused(results, tmp_path):
+    path = write_results(results[:1], tmp_path / "r.fits")
+    fits.setval(path, KEY_VERSION, value=99, ext=1)
+    with pytest.raises(ValueError, match="version 99 is newer"):
+        read_results(path)
+
+
+def test_foreign_fits_read_as_is(tmp_path):
+    path = tmp_path / "other.fits"
+    Table({"A": [1, 2], "B_ERR": [0.5, 0.25]}).write(path)
+    back = read_results(path)
+    assert back.colnames == ["A", "B_ERR"] and list(back["A"]) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("label", "safe"),
+    [
+        ("Teff", "TEFF"),
+        ("logg", "LOGG"),
+        ("[Fe/H]", "FE_H"),
+        ("[alpha/Fe]", "ALPHA_FE"),
+        ("[Mg/Fe]", "MG_FE"),
+        ("vmacro", "VMACRO"),
+        ("rv", "RV"),
+        ("Teff_err", "TEFF_ERR"),
+        ("[Fe/H]_err", "FE_H_ERR"),
+        ("[Mg/Fe]_p16", "MG_FE_P16"),
+        ("[alpha/Fe]_p84", "ALPHA_FE_P84"),
+        ("[Fe/H]_mdn_sigma", "FE_H_MDN_SIGMA"),
+        ("logg_mdn", "LOGG_MDN"),
+        ("v sin i", "V_SIN_I"),
+    ],
+)
+def test_safe_column_name(label, safe):
+    assert safe_column_name(label) == safe
+    assert safe_column_name(safe) == safe  # idempotent
+
+
+def test_safe_name_table_matches_rule():
+    for label, safe in SAFE_NAME_EXAMPLES.items():
+        assert safe_column_name(label) == safe
+    with pytest.raises(ValueError, match="no ASCII letters or digits"):
+        safe_column_name("[/]")
+    with pytest.raises(TypeError, match="str"):
+        safe_column_name(3)
+
+
+def test_failed_write_leaves_no_temp_and_keeps_old_file(results, tmp_path, monkeypatch):
+    path = write_results(results[:1], tmp_path / "r.fits")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("payne_lite.results.os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(results, path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.fits"]
+    assert len(read_results(path)) == 1
