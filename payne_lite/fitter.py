@@ -74,7 +74,7 @@ TEFF_STARTS = (-0.3, 0.0, 0.3)
 LAM_INIT, LAM_MIN, LAM_MAX = 1e-3, 1e-9, 1e10
 #: LM: converged when the Gauss-Newton step is below XTOL (in units of each
 #: parameter's conditional 1-sigma error); after LAM_MAX, XTOL_STALL.
-XTOL, XTOL_STALL = 1e-4, 0.1
+XTOL, XTOL_STALL = 1e-2, 0.1
 #: Covariance condition-number limit (correlation form) per dtype.
 COND_LIMIT = {np.dtype(np.float32): 1e6, np.dtype(np.float64): 1e12}
 #: Distance from a bound counted as "at the bound": scaled labels, rv [km/s].
@@ -198,8 +198,11 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
     Stopping, per star (a star that stops is frozen while the batch runs on):
 
     * converged: the undamped Gauss-Newton step from the current point is below
-      ``XTOL`` in every parameter, in units of its conditional 1-sigma error
-      (``|d_i| sqrt(A_ii)``; for a noise-free spectrum this is float precision);
+      ``XTOL`` (0.01) in every parameter, in units of its conditional 1-sigma error
+      (``|d_i| sqrt(A_ii)``): a further step could not change the answer by more
+      than 1 % of its error bar (1e-4 sigma, tried first, is below float32 precision
+      and left most stars to stall out: median 25 steps instead of 10, same answers
+      in ``benchmarks/bench_fit.py``);
     * stalled: ``lam > LAM_MAX`` (no downhill step even along the gradient); counted
       as converged when the Gauss-Newton step is below ``XTOL_STALL`` sigma;
     * not converged: ``max_iter`` steps taken.
