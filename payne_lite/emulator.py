@@ -130,6 +130,8 @@ def dense_forward(net: DenseNet, s: Array, activation: str = "leaky_relu") -> Ar
 
 def forward(net, s: Array, activation: str) -> Array:
     """Flux (P,) for one star's scaled labels (L,), whichever the network family."""
+    if isinstance(net, KernelNet):
+        return kernel_forward(net, s, activation)
     if isinstance(net, DenseNet):
         return dense_forward(net, s, activation)
     return pixel_forward(net, s, activation)
@@ -188,6 +190,24 @@ def _pixel_batch_1layer(k: KernelNet, s: Array, activation: str) -> Array:
             z = z + k.w0[j, h][:, None] * st[j][None, :]
         out = out + k.w1[h][:, None] * act(z)
     return out.T
+
+
+def kernel_forward(k: KernelNet, s: Array, activation: str) -> Array:
+    """Flux (P,) for one star's scaled labels ``s`` (L,) from a :class:`KernelNet`.
+
+    The single-star form of the hot path, for fitters: under ``vmap`` over stars and
+    ``jax.jacfwd`` over labels it stays a chain of elementwise multiply-adds that XLA
+    fuses, instead of batched einsums that materialise (stars, P, H) activations.
+    """
+    act = ACTIVATIONS[activation]
+    n_lab, n_hid, _ = k.w0.shape
+    out = k.b1
+    for h in range(n_hid):
+        z = k.b0[h]
+        for j in range(n_lab):
+            z = z + k.w0[j, h] * s[j]
+        out = out + k.w1[h] * act(z)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))

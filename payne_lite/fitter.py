@@ -16,7 +16,9 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    box centre, the scan's RV and continuum); the best chi2 is kept. Only pixels valid
    over the whole RV window are used, so the pixel set does not change during a fit.
    ``method="lm"``: batched Levenberg-Marquardt in JAX (:func:`_lm_one`), one
-   compilation per batch shape; ``method="curve_fit"``: ``scipy.optimize.curve_fit``
+   compilation per batch shape; every start gets ``START_ITER`` steps, then only
+   each star's best start continues (up to ``max_iter`` in all);
+   ``method="curve_fit"``: ``scipy.optimize.curve_fit``
    (``method="trf"``) per star with the JAX Jacobian, same model, bounds and starts.
 4. Errors from the covariance ``(J^T W J)^-1`` at the best fit (not rescaled by the
    reduced chi2), transformed from scaled to physical label units.
@@ -70,6 +72,8 @@ RV_SCAN_STEP = 2.0
 RV_WINDOW = 20.0
 #: Scaled-Teff starting points of the local fit (other labels start at the centre).
 TEFF_STARTS = (-0.3, 0.0, 0.3)
+#: LM steps given to every start before only each star's best start continues.
+START_ITER = 8
 #: LM: initial, minimum and maximum damping.
 LAM_INIT, LAM_MIN, LAM_MAX = 1e-3, 1e-9, 1e10
 #: LM: converged when the Gauss-Newton step is below XTOL (in units of each
@@ -107,8 +111,8 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
     are solved linearly at each RV; without, the single coefficient is 1.
     """
     f_rest = forward(obs.net, s0, obs.activation)
-    t, v = jax.vmap(_shift, in_axes=(None, None, None, None, None, 0))(
-        obs.x_rest, obs.gap_cum, f_rest, obs.x_obs, obs.wave_obs, rv_grid
+    t, v = jax.vmap(_shift, in_axes=(None, None, None, None, None, 0, None))(
+        obs.x_rest, obs.gap_cum, f_rest, obs.x_obs, obs.wave_obs, rv_grid, obs.lookup
     )  # (R, P)
     vf = v.astype(t.dtype)
     t = t * vf
@@ -203,6 +207,9 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
       than 1 % of its error bar (1e-4 sigma, tried first, is below float32 precision
       and left most stars to stall out: median 25 steps instead of 10, same answers
       in ``benchmarks/bench_fit.py``);
+    * settled: a step is rejected while the Gauss-Newton step is below
+      ``XTOL_STALL`` (0.1) sigma: no lower chi2 is reachable at float precision;
+      counted as converged;
     * stalled: ``lam > LAM_MAX`` (no downhill step even along the gradient); counted
       as converged when the Gauss-Newton step is below ``XTOL_STALL`` sigma;
     * not converged: ``max_iter`` steps taken.
@@ -238,6 +245,10 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
         acc = (chi2_new < st.chi2) & ~conv
         lam = jnp.where(acc, jnp.maximum(st.lam / 10.0, LAM_MIN), st.lam * 10.0)
         stalled = (lam > LAM_MAX) & ~conv
+        # A rejected step whose Gauss-Newton step is already below XTOL_STALL sigma:
+        # chi2 cannot be lowered beyond float rounding; stop now instead of raising
+        # lam 19 more times to LAM_MAX (which took lanes from ~5 to ~25 steps).
+        settled = ~acc & ~conv & (gn_size < XTOL_STALL)
         new = _LMState(
             jnp.where(acc, p_new, st.p),
             jnp.where(acc, chi2_new, st.chi2),
@@ -245,8 +256,8 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
             jnp.where(acc, g_new, st.g),
             lam,
             st.it + jnp.where(conv, 0, 1).astype(jnp.int32),
-            conv | stalled,
-            conv | (stalled & (gn_size < XTOL_STALL)),
+            conv | stalled | settled,
+            conv | settled | (stalled & (gn_size < XTOL_STALL)),
         )
         run = active(st)
         return jax.tree.map(lambda x, y: jnp.where(run, x, y), new, st)
@@ -571,15 +582,13 @@ def fit(
         p_start = np.clip(p_start, lo[:, None], hi[:, None])
 
         if method == "lm":
+            # Two phases: every start for at most START_ITER steps (most converge in
+            # 3-6; a start in a poor basin can crawl for 20+ and the whole batch
+            # would wait for it), then only each star's best start, to convergence.
+            bounds = (jnp.asarray(lo, dt), jnp.asarray(hi, dt), jnp.asarray(free))
+            n_first = min(int(max_iter), START_ITER) if n_s > 1 else int(max_iter)
             p, chi2, it, conv = _lm_batch(
-                obs,
-                jnp.asarray(p_start, dt),
-                f_j,
-                w_j,
-                jnp.asarray(lo, dt),
-                jnp.asarray(hi, dt),
-                jnp.asarray(free),
-                max_iter=int(max_iter),
+                obs, jnp.asarray(p_start, dt), f_j, w_j, *bounds, max_iter=n_first
             )
             chi2 = np.where(np.isfinite(chi2), np.asarray(chi2), np.inf)
             best = np.argmin(chi2, axis=1)
@@ -587,6 +596,20 @@ def fit(
             p_best = np.asarray(p, np.float64)[rows, best]
             it_best = np.asarray(it)[rows, best]
             conv_best = np.asarray(conv)[rows, best]
+            rest = int(max_iter) - n_first
+            if rest > 0 and not conv_best.all():
+                p2, _, it2, conv2 = _lm_batch(
+                    obs,
+                    jnp.asarray(p_best[:, None], dt),
+                    f_j,
+                    w_j,
+                    *bounds,
+                    max_iter=rest,
+                )
+                again = ~conv_best
+                p_best[again] = np.asarray(p2, np.float64)[again, 0]
+                it_best[again] += np.asarray(it2)[again, 0]
+                conv_best[again] = np.asarray(conv2)[again, 0]
         else:
             p_best = np.zeros((size, k))
             it_best = np.zeros(size, np.int64)

@@ -37,7 +37,7 @@ import numpy as np
 
 from ._validate import as_float_array, check_wavelength
 from .constants import C_KMS
-from .emulator import DenseNet, Emulator, PixelNet, forward
+from .emulator import DenseNet, Emulator, KernelNet, PixelNet, forward
 
 Array = jax.Array
 
@@ -54,7 +54,7 @@ GAP_FACTOR = 3.0
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["net", "x_rest", "gap_cum", "x_obs", "wave_obs", "basis"],
+    data_fields=["net", "x_rest", "gap_cum", "x_obs", "wave_obs", "basis", "lookup"],
     meta_fields=["activation", "n_labels", "cont_deg"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,8 @@ class ObsModel:
     """Everything the jitted model needs, as a pytree (strings and ints are static).
 
     Attributes:
-        net: the emulator weights (:class:`PixelNet` or :class:`DenseNet`, JAX arrays).
+        net: the emulator weights as JAX arrays: a :class:`KernelNet` for one-hidden-
+            layer pixel nets (the fused single-star form), else the emulator's net.
         x_rest: (P_rest,) emulator wavelength minus the reference wavelength [A].
         gap_cum: (P_rest,) int32; ``gap_cum[j] - gap_cum[i]`` counts the gaps between
             rest pixels i and j.
@@ -70,15 +71,19 @@ class ObsModel:
         wave_obs: (P_obs,) observed wavelength [A].
         basis: (P_obs, n_cont) Chebyshev polynomials T_k(x) (a column of ones when
             ``cont_deg == 0``).
+        lookup: ``(x0, 1/h, table)``: a bucket table of the rest grid (bucket width
+            h below its smallest step) that finds a wavelength's rest interval in
+            O(1) instead of a binary search (:func:`_make_lookup`).
         activation, n_labels, cont_deg: static.
     """
 
-    net: PixelNet | DenseNet
+    net: PixelNet | DenseNet | KernelNet
     x_rest: Array
     gap_cum: Array
     x_obs: Array
     wave_obs: Array
     basis: Array
+    lookup: tuple | None
     activation: str
     n_labels: int
     cont_deg: int
@@ -129,6 +134,29 @@ def _interval(x_rest, xq):
     return jnp.clip(jnp.searchsorted(x_rest, xq, side="right") - 1, 0, n - 2)
 
 
+def _make_lookup(x_rest: np.ndarray, dtype) -> tuple:
+    """``(x0, 1/h, table)`` with ``table[b]`` the rest interval at ``x0 + b h``."""
+    x = np.asarray(x_rest, dtype=np.float64)
+    h = 0.999 * float(np.min(np.diff(x)))
+    nb = int(np.ceil((x[-1] - x[0]) / h)) + 2
+    table = np.searchsorted(x, x[0] + h * np.arange(nb), side="right") - 1
+    table = np.clip(table, 0, x.size - 2).astype(np.int32)
+    return (jnp.asarray(x[0], dtype), jnp.asarray(1.0 / h, dtype), jnp.asarray(table))
+
+
+def _interval_lookup(x_rest, lookup, xq):
+    """:func:`_interval` by bucket table: at most one rest point lies in a bucket, and
+    rounding can put ``xq`` in a neighbouring bucket, so one step each way corrects."""
+    x0, inv_h, table = lookup
+    n = x_rest.shape[0]
+    b = jnp.clip(jnp.floor((xq - x0) * inv_h), 0, table.shape[0] - 1).astype(jnp.int32)
+    i = table[b]
+    i = i + (x_rest[jnp.minimum(i + 1, n - 1)] <= xq)
+    i = i + (x_rest[jnp.minimum(i + 1, n - 1)] <= xq)
+    i = i - (x_rest[i] > xq)
+    return jnp.clip(i, 0, n - 2)
+
+
 def _span_valid(x_rest, gap_cum, xq_lo, xq_hi):
     """True where every point of [xq_lo, xq_hi] lies on the rest grid, off any gap."""
     inside = (xq_lo >= x_rest[0]) & (xq_hi <= x_rest[-1])
@@ -137,11 +165,24 @@ def _span_valid(x_rest, gap_cum, xq_lo, xq_hi):
     return inside & (gap_cum[ib + 1] - gap_cum[ia] == 0)
 
 
-def _shift(x_rest, gap_cum, flux_rest, x_obs, wave_obs, rv):
-    """Shifted flux and validity on the observed grid (offset wavelengths)."""
+def _shift(x_rest, gap_cum, flux_rest, x_obs, wave_obs, rv, lookup=None):
+    """Shifted flux and validity on the observed grid (offset wavelengths).
+
+    Linear interpolation, clamped at the grid's ends (as ``jnp.interp``); with a
+    ``lookup`` table the interval search is O(1) per pixel instead of a binary search
+    (the search dominated the model's cost inside the fitter).
+    """
     xq = x_obs + wave_obs * _inv_factor_m1(rv)
-    flux = jnp.interp(xq, x_rest, flux_rest)
-    return flux, _span_valid(x_rest, gap_cum, xq, xq)
+    if lookup is None:
+        i = _interval(x_rest, xq)
+    else:
+        i = _interval_lookup(x_rest, lookup, xq)
+    xa, xb = x_rest[i], x_rest[i + 1]
+    t = jnp.clip((xq - xa) / (xb - xa), 0.0, 1.0)
+    fa = flux_rest[i]
+    flux = fa + t * (flux_rest[i + 1] - fa)
+    inside = (xq >= x_rest[0]) & (xq <= x_rest[-1])
+    return flux, inside & (gap_cum[i + 1] - gap_cum[i] == 0)
 
 
 def _gap_cum(wave: np.ndarray) -> np.ndarray:
@@ -194,7 +235,7 @@ def observe(obs: ObsModel, params: Array) -> tuple[Array, Array]:
     rv = params[n_lab]
     flux_rest = forward(obs.net, s, obs.activation)
     flux, valid = _shift(
-        obs.x_rest, obs.gap_cum, flux_rest, obs.x_obs, obs.wave_obs, rv
+        obs.x_rest, obs.gap_cum, flux_rest, obs.x_obs, obs.wave_obs, rv, obs.lookup
     )
     if obs.cont_deg > 0:
         flux = flux * (obs.basis @ params[n_lab + 1 :])
@@ -244,14 +285,19 @@ def build_obs_model(
         if cont_deg > 0
         else np.ones((wave_obs.size, 1))
     )
+    kernel = emulator._kernel(dtype)  # fast single-star form of 1-layer pixel nets
+    net, activation = (
+        kernel if kernel is not None else (emulator.params(dtype), emulator.activation)
+    )
     return ObsModel(
-        net=emulator.params(dtype),
+        net=net,
         x_rest=jnp.asarray(wave_rest - ref, dtype=dtype),
         gap_cum=jnp.asarray(_gap_cum(wave_rest)),
         x_obs=jnp.asarray(wave_obs - ref, dtype=dtype),
         wave_obs=jnp.asarray(wave_obs, dtype=dtype),
         basis=jnp.asarray(basis, dtype=dtype),
-        activation=emulator.activation,
+        lookup=_make_lookup(wave_rest - ref, dtype),
+        activation=activation,
         n_labels=emulator.n_labels,
         cont_deg=int(cont_deg),
     )

@@ -277,11 +277,15 @@ def test_one_compilation_per_batch_shape(monkeypatch):
 
     monkeypatch.setattr(fit_mod, "_lm_one", counted)
     rng = np.random.default_rng(11)
-    for _ in range(2):
+    counts = []
+    for _ in range(3):
         s, rv = rng.uniform(-0.4, 0.4, (5, 3)), rng.uniform(-50, 50, 5)
         flux = reference_spectra(emu, s, rv)
         fit(flux, np.full_like(flux, 0.01), emu, rv_range=(-100, 100), max_iter=20)
-        assert n_traces == 1
+        counts.append(n_traces)
+    # at most two programs per batch shape (all starts; then the best start of stars
+    # not yet converged), compiled by the first batch and reused by the others
+    assert counts[0] >= 1 and counts[-1] <= 2, counts
 
 
 # --- the real Payne network ---------------------------------------------------------------
@@ -323,3 +327,35 @@ def test_real_network_recovery_and_errors(payne5):
     z = np.median(np.abs(est - truth) / sig, axis=0)
     assert np.all(z < 2.0), dict(zip(names, z, strict=True))
     assert 0.8 < np.median(t["chi2_red"]) < 1.2
+
+
+def test_bucket_lookup_interpolation_equals_binary_search():
+    """The O(1) bucket search used inside fits gives the same interpolation and
+    validity as the binary search, on a grid with a gap, at random and edge points."""
+    import jax.numpy as jnp
+
+    from payne_lite import model as M
+
+    rng = np.random.default_rng(11)
+    wave = 15100.0 * np.exp(6e-6 * np.arange(900) * np.log(10))
+    wave = np.concatenate([wave[:400], wave[520:]])  # a chip gap
+    ref = 0.5 * (wave[0] + wave[-1])
+    x_rest = jnp.asarray(wave - ref)
+    gap_cum = jnp.asarray(M._gap_cum(wave))
+    flux = jnp.asarray(rng.uniform(0.3, 1.0, wave.size))
+    lookup = M._make_lookup(wave - ref, jnp.float32)
+    obs = np.sort(np.concatenate([rng.uniform(wave[0] - 2, wave[-1] + 2, 3000),
+                                  wave[:50], wave[-50:]]))
+    for rv in (-180.0, 0.0, 3.3, 250.0):
+        a = M._shift(x_rest, gap_cum, flux, jnp.asarray(obs - ref), jnp.asarray(obs),
+                     rv)
+        b = M._shift(x_rest, gap_cum, flux, jnp.asarray(obs - ref), jnp.asarray(obs),
+                     rv, lookup)
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+        np.testing.assert_allclose(np.asarray(b[0]), np.asarray(a[0]), atol=2e-6)
+        # and both agree with NumPy's interpolation where valid
+        ref_flux = np.interp(obs / np.sqrt((1 + rv / 299792.458) /
+                                           (1 - rv / 299792.458)), wave,
+                             np.asarray(flux))
+        ok = np.asarray(b[1])
+        np.testing.assert_allclose(np.asarray(b[0])[ok], ref_flux[ok], atol=1e-4)
