@@ -99,7 +99,7 @@ def bench_throughput(n_spec: int = 10_000, rounds: int = 5) -> dict:
 
     net = emu.params(jnp.float32)
     s = jnp.asarray(emu.scale(labels), dtype=jnp.float32)
-    k, k_act = emu._kernel(jnp.float32)
+    k, k_act = emu.kernel_params(jnp.float32)
 
     def chunked_fn(chunk):
         pad = -n_spec % chunk

@@ -416,8 +416,13 @@ class Emulator:
             )
         return self._device_cache[dtype]
 
-    def _kernel(self, dtype):
-        """(KernelNet, activation) for the fast path, cached per dtype; None if n/a."""
+    def kernel_params(self, dtype=None):
+        """``(KernelNet, activation)`` for :func:`predict_kernel` / :func:`kernel_forward`.
+
+        The one-hidden-layer pixel net rearranged for the hot path (see
+        :func:`kernel_layout`), folded in float64 and cached per ``dtype``; ``None``
+        for other networks.
+        """
         if self.kind != "pixel" or len(self.net.weights) != 2:
             return None
         key = ("kernel", self.params(dtype).biases[-1].dtype)
@@ -507,7 +512,7 @@ class Emulator:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         net = self.params(dtype)
         dt = net.biases[-1].dtype
-        kernel = self._kernel(dtype)
+        kernel = self.kernel_params(dtype)
         s = self.scale(x)
         n = s.shape[0]
         # Pad to a power of two (at least 8) up to batch_size, so that varied n reuse

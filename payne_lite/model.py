@@ -285,7 +285,7 @@ def build_obs_model(
         if cont_deg > 0
         else np.ones((wave_obs.size, 1))
     )
-    kernel = emulator._kernel(dtype)  # fast single-star form of 1-layer pixel nets
+    kernel = emulator.kernel_params(dtype)  # fast single-star form of 1-layer pixel nets
     net, activation = (
         kernel if kernel is not None else (emulator.params(dtype), emulator.activation)
     )

@@ -127,29 +127,25 @@ def apogee_wave(payne_data) -> np.ndarray:
         return d["wavelength"]
 
 
-@pytest.fixture(scope="module")
-def payne5(payne_data, apogee_wave):
-    path = payne_data / "nn_normalized_spectra_5label.npz"
+def _load_payne(path, **kw):
+    """The imported Emulator and the raw npz arrays (the independent reference)."""
     with np.load(path) as d:
         arrays = {k: d[k] for k in d.files}
-    emu = Emulator.from_payne_npz(
-        path,
-        label_names=PAYNE_LABELS_5,
-        label_units=PAYNE_UNITS_5,
-        wavelength=apogee_wave,
-    )
-    return emu, arrays
+    return Emulator.from_payne_npz(path, **kw), arrays
+
+
+@pytest.fixture(scope="module")
+def payne5(payne_data, apogee_wave):
+    return _load_payne(payne_data / "nn_normalized_spectra_5label.npz",
+                       label_names=PAYNE_LABELS_5, label_units=PAYNE_UNITS_5,
+                       wavelength=apogee_wave)
 
 
 @pytest.fixture(scope="module")
 def payne4(payne_data, apogee_wave):
-    path = payne_data / "nn_unnormalized_spectra_4label.npz"
-    with np.load(path) as d:
-        arrays = {k: d[k] for k in d.files}
-    emu = Emulator.from_payne_npz(
-        path, label_names=PAYNE_LABELS_5[:4], wavelength=apogee_wave, flux_scale=1e-6
-    )
-    return emu, arrays
+    return _load_payne(payne_data / "nn_unnormalized_spectra_4label.npz",
+                       label_names=PAYNE_LABELS_5[:4], wavelength=apogee_wave,
+                       flux_scale=1e-6)
 
 
 def test_payne5_import(payne5, apogee_wave):
