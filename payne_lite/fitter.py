@@ -47,6 +47,7 @@ References:
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -60,6 +61,7 @@ from .model import (
     _shift,
     build_obs_model,
     observe,
+    observe_jac,
     param_layout,
     window_valid,
 )
@@ -110,7 +112,7 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
     (n, P) @ (P, R) products. With a continuum (``cont_deg > 0``) its coefficients
     are solved linearly at each RV; without, the single coefficient is 1.
     """
-    f_rest = forward(obs.net, s0, obs.activation)
+    f_rest = jax.lax.optimization_barrier(forward(obs.net, s0, obs.activation))
     t, v = jax.vmap(_shift, in_axes=(None, None, None, None, None, 0, None))(
         obs.x_rest, obs.gap_cum, f_rest, obs.x_obs, obs.wave_obs, rv_grid, obs.lookup
     )  # (R, P)
@@ -148,15 +150,41 @@ def _window_batch(obs, rv_lo, rv_hi):
     return jax.vmap(window_valid, in_axes=(None, 0, 0))(obs, rv_lo, rv_hi)
 
 
-def _resid(obs, p, flux, sw):
-    f, _ = observe(obs, p)
-    return sw * (f - flux)
-
-
 def _normal(obs, p, flux, sw):
-    """chi2, J^T J and J^T r of the weighted residual ``r`` at ``p`` (one star)."""
-    jac, r = jax.jacfwd(lambda q: (_resid(obs, q, flux, sw),) * 2, has_aux=True)(p)
-    return r @ r, jac.T @ jac, jac.T @ r
+    """chi2, J^T J and J^T r of the weighted residual ``r`` at ``p`` (one star).
+
+    The Jacobian is analytic (:func:`payne_lite.model.observe_jac`): the rest-frame
+    derivatives come from forward-mode through the network and are shifted with the
+    flux, 3x cheaper than ``jax.jacfwd`` through the Doppler-shift gather.
+    """
+    f, _, jac = observe_jac(obs, p)
+    r = sw * (f - flux)
+    jw = sw[:, None] * jac
+    return r @ r, jw.T @ jw, jw.T @ r
+
+
+def _normal_lanes(obs, p, star, run, flux, sw):
+    """:func:`_normal` for every lane ``p`` (N, k) whose ``run`` is True.
+
+    Lane ``j`` fits star ``star[j]`` (a row of ``flux`` / ``sw``). Lanes run one after
+    the other (``lax.map``), each inside a ``lax.cond``, so a lane that has stopped
+    costs nothing: this is the per-star early stopping inside a batch. One lane's
+    intermediates (a few (P, k) arrays) stay in cache, where ``vmap`` over all lanes
+    streams (N, P, k) arrays through memory (measured 2-3x slower per lane-step).
+    Stopped lanes return zeros.
+    """
+    k = p.shape[1]
+
+    def one(args):
+        q, i, go = args
+
+        def skip(_):
+            zero = jnp.zeros((), q.dtype)
+            return zero, jnp.zeros((k, k), q.dtype), jnp.zeros(k, q.dtype)
+
+        return jax.lax.cond(go, lambda _: _normal(obs, q, flux[i], sw[i]), skip, None)
+
+    return jax.lax.map(one, (p, star, run))
 
 
 def _damped_step(a, g, lam, act):
@@ -179,18 +207,24 @@ def _damped_step(a, g, lam, act):
 
 
 class _LMState(NamedTuple):
-    p: Array  # (k,) parameters
-    chi2: Array  # ()
-    a: Array  # (k, k) J^T J at p
-    g: Array  # (k,) J^T r at p
-    lam: Array  # () damping
-    it: Array  # () int, steps taken
-    done: Array  # () bool
-    conv: Array  # () bool
+    """Levenberg-Marquardt state of N lanes (a lane = one start of one star)."""
+
+    p: Array  # (N, k) parameters
+    chi2: Array  # (N,)
+    a: Array  # (N, k, k) J^T J at p
+    g: Array  # (N, k) J^T r at p
+    lam: Array  # (N,) damping
+    it: Array  # (N,) int, steps taken
+    done: Array  # (N,) bool
+    conv: Array  # (N,) bool
 
 
-def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
-    """Levenberg-Marquardt for one star; returns (p, chi2, n_iter, converged).
+def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
+    """Levenberg-Marquardt for N lanes; returns (p, chi2, n_iter, converged) per lane.
+
+    ``p0``, ``lo``, ``hi`` (N, k): start and box of each lane; ``star`` (N,): the row
+    of ``flux``, ``w`` (n, P) it fits; ``alive`` (N,) False for lanes not to run at all
+    (batch padding); ``free`` (k,) False for fixed parameters.
 
     Damping (Marquardt, Jacobi-scaled): each iteration solves
     ``(A + lam diag A) d = -J^T r`` with ``A = J^T J`` of the weighted residuals and
@@ -199,7 +233,7 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
     ``lam`` starts at ``LAM_INIT``. Parameters at a bound whose gradient points out of
     the box are held (active set), as are ``fixed`` ones (``free`` False).
 
-    Stopping, per star (a star that stops is frozen while the batch runs on):
+    Stopping, per lane (a lane that stops costs nothing while the others run on):
 
     * converged: the undamped Gauss-Newton step from the current point is below
       ``XTOL`` (0.01) in every parameter, in units of its conditional 1-sigma error
@@ -214,34 +248,39 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
       as converged when the Gauss-Newton step is below ``XTOL_STALL`` sigma;
     * not converged: ``max_iter`` steps taken.
 
-    The Jacobian is ``jax.jacfwd`` of the residuals; it is evaluated once per step, at
-    the trial point, which also gives the trial chi2.
+    The Jacobian (analytic, :func:`_normal`) is evaluated once per step, at the trial
+    point, which also gives the trial chi2; not at all on the step that finds
+    convergence.
     """
     sw = jnp.sqrt(w)
-    chi2, a, g = _normal(obs, p0, flux, sw)
+    n_lane = p0.shape[0]
+    chi2, a, g = _normal_lanes(obs, p0, star, alive, flux, sw)
     st = _LMState(
         p0,
         chi2,
         a,
         g,
-        jnp.asarray(LAM_INIT, p0.dtype),
-        jnp.asarray(0, jnp.int32),
-        jnp.asarray(False),
-        jnp.asarray(False),
+        jnp.full(n_lane, LAM_INIT, p0.dtype),
+        jnp.zeros(n_lane, jnp.int32),
+        ~alive,
+        jnp.zeros(n_lane, bool),
     )
+    zero = jnp.zeros(n_lane, p0.dtype)
+    step_of = jax.vmap(_damped_step)
 
     def active(st):
         return (~st.done) & (st.it < max_iter)
 
     def body(st):
+        run = active(st)
         blocked = ((st.p <= lo) & (st.g > 0)) | ((st.p >= hi) & (st.g < 0))
-        act = free & ~blocked
-        _, y_gn = _damped_step(st.a, st.g, 0.0, act)
-        gn_size = jnp.max(jnp.abs(y_gn))
+        act = free[None, :] & ~blocked
+        _, y_gn = step_of(st.a, st.g, zero, act)
+        gn_size = jnp.max(jnp.abs(y_gn), axis=1)
         conv = gn_size < XTOL
-        step, _ = _damped_step(st.a, st.g, st.lam, act)
+        step, _ = step_of(st.a, st.g, st.lam, act)
         p_new = jnp.clip(st.p + step, lo, hi)
-        chi2_new, a_new, g_new = _normal(obs, p_new, flux, sw)
+        chi2_new, a_new, g_new = _normal_lanes(obs, p_new, star, run & ~conv, flux, sw)
         acc = (chi2_new < st.chi2) & ~conv
         lam = jnp.where(acc, jnp.maximum(st.lam / 10.0, LAM_MIN), st.lam * 10.0)
         stalled = (lam > LAM_MAX) & ~conv
@@ -249,47 +288,75 @@ def _lm_one(obs, p0, flux, w, lo, hi, free, max_iter):
         # chi2 cannot be lowered beyond float rounding; stop now instead of raising
         # lam 19 more times to LAM_MAX (which took lanes from ~5 to ~25 steps).
         settled = ~acc & ~conv & (gn_size < XTOL_STALL)
-        new = _LMState(
-            jnp.where(acc, p_new, st.p),
-            jnp.where(acc, chi2_new, st.chi2),
-            jnp.where(acc, a_new, st.a),
-            jnp.where(acc, g_new, st.g),
-            lam,
-            st.it + jnp.where(conv, 0, 1).astype(jnp.int32),
-            conv | stalled | settled,
-            conv | settled | (stalled & (gn_size < XTOL_STALL)),
-        )
-        run = active(st)
-        return jax.tree.map(lambda x, y: jnp.where(run, x, y), new, st)
 
-    st = jax.lax.while_loop(active, body, st)
+        def pick(new, old):
+            m = (run & acc).reshape((-1,) + (1,) * (new.ndim - 1))
+            return jnp.where(m, new, old)
+
+        new = _LMState(
+            pick(p_new, st.p),
+            pick(chi2_new, st.chi2),
+            pick(a_new, st.a),
+            pick(g_new, st.g),
+            jnp.where(run, lam, st.lam),
+            st.it + (run & ~conv).astype(jnp.int32),
+            st.done | (run & (conv | stalled | settled)),
+            st.conv | (run & (conv | settled | (stalled & (gn_size < XTOL_STALL)))),
+        )
+        return new
+
+    st = jax.lax.while_loop(lambda st: jnp.any(active(st)), body, st)
     return st.p, st.chi2, st.it, st.conv
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def _lm_batch(obs, p0, flux, w, lo, hi, free, *, max_iter):
-    """LM over stars (axis 0) and starting points (axis 1 of ``p0`` (n, S, k))."""
-    one = functools.partial(_lm_one_dispatch, max_iter=max_iter)
-    per_star = jax.vmap(one, in_axes=(None, 0, None, None, None, None, None))
-    return jax.vmap(per_star, in_axes=(None, 0, 0, 0, 0, 0, None))(
-        obs, p0, flux, w, lo, hi, free
+def _lm_batch(obs, p0, alive, flux, w, lo, hi, free, *, max_iter):
+    """LM over stars (axis 0) and starting points (axis 1 of ``p0`` (n, S, k)).
+
+    The n * S (star, start) pairs are the lanes of :func:`_lm_lanes`; ``alive`` (n, S)
+    says which to run; results come back as (n, S, ...).
+    """
+    n, n_s, k = p0.shape
+    star = jnp.repeat(jnp.arange(n), n_s)
+    rep = lambda b: jnp.repeat(b, n_s, axis=0)  # noqa: E731
+    # Looked up at trace time, so a test can count traces by patching ``_lm_lanes``.
+    p, chi2, it, conv = _lm_lanes_dispatch(
+        obs,
+        p0.reshape(n * n_s, k),
+        star,
+        alive.reshape(n * n_s),
+        flux,
+        w,
+        rep(lo),
+        rep(hi),
+        free,
+        max_iter,
+    )
+    return (
+        p.reshape(n, n_s, k),
+        chi2.reshape(n, n_s),
+        it.reshape(n, n_s),
+        conv.reshape(n, n_s),
     )
 
 
-def _lm_one_dispatch(obs, p0, flux, w, lo, hi, free, *, max_iter):
-    # Looked up at trace time, so a test can count traces by patching ``_lm_one``.
-    return _lm_one(obs, p0, flux, w, lo, hi, free, max_iter)
+def _lm_lanes_dispatch(*args):
+    return _lm_lanes(*args)
 
 
 @jax.jit
 def _final_batch(obs, p, flux, w):
     """chi2 (n,), J^T W J (n, k, k) and model flux (n, P) at the best fits."""
 
-    def one(p, flux, w):
-        chi2, a, _ = _normal(obs, p, flux, jnp.sqrt(w))
-        return chi2, a, observe(obs, p)[0]
+    def one(args):
+        p, flux, w = args
+        sw = jnp.sqrt(w)
+        f, _, jac = observe_jac(obs, p)
+        jw = sw[:, None] * jac
+        r = sw * (f - flux)
+        return r @ r, jw.T @ jw, f
 
-    return jax.vmap(one)(p, flux, w)
+    return jax.lax.map(one, (p, flux, w))
 
 
 @jax.jit
@@ -299,7 +366,7 @@ def _model_one(obs, p):
 
 @jax.jit
 def _jac_one(obs, p):
-    return jax.jacfwd(lambda q: observe(obs, q)[0])(p)
+    return observe_jac(obs, p)[2]
 
 
 # --------------------------------------------------------------------------------------
@@ -422,6 +489,138 @@ def _curve_fit_one(obs, p_starts, flux, w, lo, hi, free, max_iter):
     return best
 
 
+class _BatchContext(NamedTuple):
+    """What every batch of one :func:`fit` call shares."""
+
+    obs: ObsModel
+    layout: object
+    fix: dict
+    free: np.ndarray
+    method: str
+    rv_range: tuple
+    rv_grid: Array
+    s_scan: Array
+    max_iter: int
+
+
+def _default_threads() -> int:
+    """Batches fitted at once: one per CPU core on the CPU backend, else one."""
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
+    """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
+    ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding."""
+    obs, layout, fix, free = ctx.obs, ctx.layout, ctx.fix, ctx.free
+    dt = obs.x_obs.dtype
+    size, n_pix = fb.shape
+    n_lab = layout.n_labels
+    k = len(layout.names)
+    n_free = int(free.sum())
+    rv_range = ctx.rv_range
+    f_j = jnp.asarray(fb, dt)
+    w_j = jnp.asarray(wb, dt)
+
+    # 1. RV scan (and linear continuum at the best RV).
+    if layout.rv_index in fix:
+        rv0 = np.full(size, fix[layout.rv_index])
+        _, c0 = _scan_batch(obs, ctx.s_scan, jnp.asarray(rv0[:1], dt), f_j, w_j)
+        rv_lo, rv_hi = rv0, rv0
+    else:
+        rv0, c0 = _scan_batch(obs, ctx.s_scan, ctx.rv_grid, f_j, w_j)
+        rv0 = np.asarray(rv0, np.float64)
+        rv_lo = np.maximum(rv0 - RV_WINDOW, rv_range[0])
+        rv_hi = np.minimum(rv0 + RV_WINDOW, rv_range[1])
+    c0 = np.asarray(c0, np.float64)
+
+    # 2. Pixels valid over the whole RV window carry the weight.
+    valid = np.asarray(
+        _window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
+    )
+    wb = np.where(valid, wb, 0.0)
+    w_j = jnp.asarray(wb, dt)
+    n_good = np.count_nonzero(wb > 0, axis=1)
+    # Padding rows, and stars with too few pixels (flagged failed later), do not run.
+    alive = (np.arange(size) < m) & (n_good > n_free)
+
+    # 3. Starting parameter vectors (size, S, k) and per-star bounds (size, k).
+    n_s = sb.shape[1]
+    p_start = np.zeros((size, n_s, k))
+    p_start[:, :, :n_lab] = sb
+    p_start[:, :, n_lab] = rv0[:, None]
+    if obs.n_cont:
+        p_start[:, :, layout.cont_slice] = c0[:, None, :]
+    lo = np.broadcast_to(layout.lower, (size, k)).copy()
+    hi = np.broadcast_to(layout.upper, (size, k)).copy()
+    lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
+    p_start = np.clip(p_start, lo[:, None], hi[:, None])
+
+    if ctx.method == "lm":
+        # Two phases: every start for at most START_ITER steps (most converge in
+        # 3-6; a start in a poor basin can crawl for 20+), then only each star's
+        # best start, to convergence.
+        bounds = (jnp.asarray(lo, dt), jnp.asarray(hi, dt), jnp.asarray(free))
+        n_first = min(ctx.max_iter, START_ITER) if n_s > 1 else ctx.max_iter
+        alive_s = np.repeat(alive[:, None], n_s, axis=1)
+        p, chi2, it, conv = _lm_batch(
+            obs,
+            jnp.asarray(p_start, dt),
+            jnp.asarray(alive_s),
+            f_j,
+            w_j,
+            *bounds,
+            max_iter=n_first,
+        )
+        chi2 = np.where(np.isfinite(chi2), np.asarray(chi2), np.inf)
+        best = np.argmin(chi2, axis=1)
+        rows = np.arange(size)
+        p_best = np.asarray(p, np.float64)[rows, best]
+        it_best = np.asarray(it)[rows, best]
+        conv_best = np.asarray(conv)[rows, best]
+        rest = ctx.max_iter - n_first
+        again = alive & ~conv_best
+        if rest > 0 and again.any():
+            p2, _, it2, conv2 = _lm_batch(
+                obs,
+                jnp.asarray(p_best[:, None], dt),
+                jnp.asarray(again[:, None]),
+                f_j,
+                w_j,
+                *bounds,
+                max_iter=rest,
+            )
+            p_best[again] = np.asarray(p2, np.float64)[again, 0]
+            it_best[again] += np.asarray(it2)[again, 0]
+            conv_best[again] = np.asarray(conv2)[again, 0]
+    else:
+        p_best = p_start[:, 0].copy()
+        it_best = np.zeros(size, np.int64)
+        conv_best = np.zeros(size, bool)
+        for i in np.flatnonzero(alive):
+            p_i, _, it_i, conv_i = _curve_fit_one(
+                obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, ctx.max_iter
+            )
+            p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
+
+    chi2_f, a_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+    return dict(
+        p=p_best,
+        chi2=np.asarray(chi2_f, np.float64),
+        a=np.asarray(a_f, np.float64),
+        it=it_best,
+        conv=conv_best,
+        n_good=n_good,
+        rv_lo=rv_lo,
+        rv_hi=rv_hi,
+        model=np.asarray(model_f, np.float64),
+    )
+
+
 def fit(
     flux,
     flux_err,
@@ -438,6 +637,7 @@ def fit(
     seed: int = 0,
     return_model: bool = False,
     batch_size: int = 256,
+    n_threads: int | None = None,
     progress: bool = False,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
@@ -461,7 +661,10 @@ def fit(
         return_model: add a ``model_flux`` (n, P) column with the best-fit spectra.
         batch_size: spectra per jitted call; batches are padded to a power of two
             (at least 8) up to this, so similar batch sizes share one compilation.
-        progress: show a tqdm progress bar over batches.
+        n_threads: batches fitted at once, in threads (JAX releases the GIL while a
+            batch runs). Default: the number of CPU cores for ``"lm"`` on the CPU
+            backend, else 1. Results do not depend on it.
+        progress: show a tqdm progress bar over spectra.
 
     Returns:
         astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
@@ -498,7 +701,6 @@ def fit(
     free = np.ones(k, bool)
     for j in fix:
         free[j] = False
-    n_free = int(free.sum())
 
     # Starting labels (scaled), one row per start: (S, L) shared or (n, 1, L).
     if p0 is not None:
@@ -520,8 +722,25 @@ def fit(
 
     dt = obs.x_obs.dtype
     n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / RV_SCAN_STEP))
-    rv_grid = jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt)
-    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
+    ctx = _BatchContext(
+        obs=obs,
+        layout=layout,
+        fix=fix,
+        free=free,
+        method=method,
+        rv_range=rv_range,
+        rv_grid=jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt),
+        s_scan=jnp.asarray(s_scan, dt),
+        max_iter=int(max_iter),
+    )
+    if n_threads is None:
+        n_threads = _default_threads() if method == "lm" else 1
+    if isinstance(n_threads, bool) or int(n_threads) != n_threads or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
+    # Batches of a power of two (>= 8) spectra, so that similar sizes share one
+    # compilation; small catalogs are split so that every thread gets a batch.
+    per_thread = -(-n // int(n_threads))
+    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(per_thread)))))
 
     res_p = np.zeros((n, k))
     res_chi2 = np.zeros(n)
@@ -533,106 +752,48 @@ def fit(
     rv_lo_all = np.zeros(n)
     rv_hi_all = np.zeros(n)
 
-    chunks = range(0, n, size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="fit", unit="batch")
-    for start in chunks:
+    def run(start):
         sl = slice(start, min(start + size, n))
         m = sl.stop - sl.start
         pad = size - m
         fb = np.concatenate([flux2[sl], np.zeros((pad, n_pix))])
         wb = np.concatenate([ivar[sl], np.zeros((pad, n_pix))])
         sb = np.concatenate([starts[sl], np.repeat(starts[:1], pad, axis=0)])
-        f_j = jnp.asarray(fb, dt)
-        w_j = jnp.asarray(wb, dt)
+        return sl, _fit_batch(ctx, fb, wb, sb, m)
 
-        # 1. RV scan (and linear continuum at the best RV).
-        if layout.rv_index in fix:
-            rv0 = np.full(size, fix[layout.rv_index])
-            _, c0 = _scan_batch(
-                obs, jnp.asarray(s_scan, dt), jnp.asarray(rv0[:1], dt), f_j, w_j
-            )
-            rv_lo, rv_hi = rv0, rv0
-        else:
-            rv0, c0 = _scan_batch(obs, jnp.asarray(s_scan, dt), rv_grid, f_j, w_j)
-            rv0 = np.asarray(rv0, np.float64)
-            rv_lo = np.maximum(rv0 - RV_WINDOW, rv_range[0])
-            rv_hi = np.minimum(rv0 + RV_WINDOW, rv_range[1])
-        c0 = np.asarray(c0, np.float64)
+    starts_at = range(0, n, size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-        # 2. Pixels valid over the whole RV window carry the weight.
-        valid = np.asarray(
-            _window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
-        )
-        wb = np.where(valid, wb, 0.0)
-        w_j = jnp.asarray(wb, dt)
+        bar = tqdm(total=n, desc="fit", unit="spectrum")
+    pool = None
+    if n_threads > 1 and len(starts_at) > 1:
+        from concurrent.futures import ThreadPoolExecutor
 
-        # 3. Starting parameter vectors (size, S, k) and per-star bounds (size, k).
-        n_s = sb.shape[1]
-        p_start = np.zeros((size, n_s, k))
-        p_start[:, :, :n_lab] = sb
-        p_start[:, :, n_lab] = rv0[:, None]
-        if obs.n_cont:
-            p_start[:, :, layout.cont_slice] = c0[:, None, :]
-        lo = np.broadcast_to(layout.lower, (size, k)).copy()
-        hi = np.broadcast_to(layout.upper, (size, k)).copy()
-        lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
-        p_start = np.clip(p_start, lo[:, None], hi[:, None])
-
-        if method == "lm":
-            # Two phases: every start for at most START_ITER steps (most converge in
-            # 3-6; a start in a poor basin can crawl for 20+ and the whole batch
-            # would wait for it), then only each star's best start, to convergence.
-            bounds = (jnp.asarray(lo, dt), jnp.asarray(hi, dt), jnp.asarray(free))
-            n_first = min(int(max_iter), START_ITER) if n_s > 1 else int(max_iter)
-            p, chi2, it, conv = _lm_batch(
-                obs, jnp.asarray(p_start, dt), f_j, w_j, *bounds, max_iter=n_first
-            )
-            chi2 = np.where(np.isfinite(chi2), np.asarray(chi2), np.inf)
-            best = np.argmin(chi2, axis=1)
-            rows = np.arange(size)
-            p_best = np.asarray(p, np.float64)[rows, best]
-            it_best = np.asarray(it)[rows, best]
-            conv_best = np.asarray(conv)[rows, best]
-            rest = int(max_iter) - n_first
-            if rest > 0 and not conv_best.all():
-                p2, _, it2, conv2 = _lm_batch(
-                    obs,
-                    jnp.asarray(p_best[:, None], dt),
-                    f_j,
-                    w_j,
-                    *bounds,
-                    max_iter=rest,
-                )
-                again = ~conv_best
-                p_best[again] = np.asarray(p2, np.float64)[again, 0]
-                it_best[again] += np.asarray(it2)[again, 0]
-                conv_best[again] = np.asarray(conv2)[again, 0]
-        else:
-            p_best = np.zeros((size, k))
-            it_best = np.zeros(size, np.int64)
-            conv_best = np.zeros(size, bool)
-            for i in range(m):
-                if np.count_nonzero(wb[i]) <= n_free:
-                    p_best[i] = p_start[i, 0]
-                    continue
-                p_i, _, it_i, conv_i = _curve_fit_one(
-                    obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, max_iter
-                )
-                p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
-
-        chi2_f, a_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
-        res_p[sl] = p_best[:m]
-        res_chi2[sl] = np.asarray(chi2_f, np.float64)[:m]
-        res_a[sl] = np.asarray(a_f, np.float64)[:m]
-        res_it[sl] = it_best[:m]
-        res_conv[sl] = conv_best[:m]
-        res_good[sl] = np.count_nonzero(wb[:m] > 0, axis=1)
-        rv_lo_all[sl], rv_hi_all[sl] = rv_lo[:m], rv_hi[:m]
-        if return_model:
-            res_model[sl] = np.asarray(model_f, np.float64)[:m]
+        pool = ThreadPoolExecutor(min(int(n_threads), len(starts_at)))
+    try:
+        # JAX releases the GIL while a program runs: one batch per thread keeps every
+        # core busy (the LM runs its lanes one after the other, on one core).
+        done = pool.map(run, starts_at) if pool is not None else map(run, starts_at)
+        for sl, out in done:
+            m = sl.stop - sl.start
+            res_p[sl] = out["p"][:m]
+            res_chi2[sl] = out["chi2"][:m]
+            res_a[sl] = out["a"][:m]
+            res_it[sl] = out["it"][:m]
+            res_conv[sl] = out["conv"][:m]
+            res_good[sl] = out["n_good"][:m]
+            rv_lo_all[sl], rv_hi_all[sl] = out["rv_lo"][:m], out["rv_hi"][:m]
+            if return_model:
+                res_model[sl] = out["model"][:m]
+            if bar is not None:
+                bar.update(m)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
 
     return _results_table(
         emulator,

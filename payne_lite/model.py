@@ -233,13 +233,79 @@ def observe(obs: ObsModel, params: Array) -> tuple[Array, Array]:
     n_lab = obs.n_labels
     s = params[:n_lab]
     rv = params[n_lab]
-    flux_rest = forward(obs.net, s, obs.activation)
+    # Materialised before the gather (see _rest_with_jac): measured 1.8x faster.
+    flux_rest = jax.lax.optimization_barrier(forward(obs.net, s, obs.activation))
     flux, valid = _shift(
         obs.x_rest, obs.gap_cum, flux_rest, obs.x_obs, obs.wave_obs, rv, obs.lookup
     )
     if obs.cont_deg > 0:
         flux = flux * (obs.basis @ params[n_lab + 1 :])
     return flux, valid
+
+
+def _rest_with_jac(obs: ObsModel, s: Array) -> Array:
+    """(P_rest, 1 + L): the rest-frame flux and its derivatives by the scaled labels.
+
+    Forward-mode through the network only (the L tangents are elementwise multiply-
+    adds that XLA fuses with the forward pass). The result is materialised
+    (``optimization_barrier``) before the Doppler-shift gather: otherwise XLA fuses
+    the network into the gather and re-evaluates it for every gathered element
+    (measured 1.5x slower for the whole LM step).
+    """
+
+    def f(s):
+        y = forward(obs.net, s, obs.activation)
+        return y, y
+
+    jac, flux = jax.jacfwd(f, has_aux=True)(s)
+    return jax.lax.optimization_barrier(jnp.concatenate([flux[:, None], jac], axis=1))
+
+
+def observe_jac(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
+    """Model flux (P_obs,), validity (P_obs,) and Jacobian (P_obs, k) for one star.
+
+    The same model as :func:`observe`, with the derivatives written out instead of
+    ``jax.jacfwd`` through the shift (which pushes k tangents through the gather):
+
+    * labels: the rest-frame derivatives (:func:`_rest_with_jac`), shifted with the
+      flux by the same interpolation weights, times the continuum;
+    * rv: the slope of the interpolating segment times ``d lambda_rest / d rv``
+      ``= lambda_obs d(1/f)/d rv``, with ``d(1/f)/d rv = -(1/f) / (c (1 - (v/c)^2))``;
+      zero where the interpolation is clamped at the grid's ends. On a grid node
+      (for example rv = 0 on the emulator's own grid) the right-hand segment's slope
+      is used: ``jax.jacfwd`` of the clipped interpolation would give half of it
+      there, and zero at t = 0 for every pixel when rv = 0 exactly;
+    * continuum coefficients: the Chebyshev basis times the shifted flux.
+
+    Pure and unbatched, like :func:`observe`.
+    """
+    n_lab = obs.n_labels
+    rv = params[n_lab]
+    m = _rest_with_jac(obs, params[:n_lab])
+    inv_m1 = _inv_factor_m1(rv)
+    xq = obs.x_obs + obs.wave_obs * inv_m1
+    if obs.lookup is None:
+        i = _interval(obs.x_rest, xq)
+    else:
+        i = _interval_lookup(obs.x_rest, obs.lookup, xq)
+    xa, xb = obs.x_rest[i], obs.x_rest[i + 1]
+    h = xb - xa
+    t = jnp.clip((xq - xa) / h, 0.0, 1.0)
+    inside = (xq >= obs.x_rest[0]) & (xq <= obs.x_rest[-1])
+    ma, mb = m[i], m[i + 1]
+    mi = ma + t[:, None] * (mb - ma)
+    flux = mi[:, 0]
+    d_inv = -(inv_m1 + 1.0) / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
+    # The slope of the segment [x_i, x_i+1) holding xq (on a node: the segment to
+    # its right); zero where the interpolation is clamped off the grid's ends.
+    d_rv = jnp.where(inside, (mb[:, 0] - ma[:, 0]) / h, 0.0) * (obs.wave_obs * d_inv)
+    jac = jnp.concatenate([mi[:, 1:], d_rv[:, None]], axis=1)
+    if obs.cont_deg > 0:
+        cont = obs.basis @ params[n_lab + 1 :]
+        jac = jnp.concatenate([jac * cont[:, None], obs.basis * flux[:, None]], axis=1)
+        flux = flux * cont
+    valid = inside & (obs.gap_cum[i + 1] - obs.gap_cum[i] == 0)
+    return flux, valid, jac
 
 
 def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
@@ -285,7 +351,9 @@ def build_obs_model(
         if cont_deg > 0
         else np.ones((wave_obs.size, 1))
     )
-    kernel = emulator.kernel_params(dtype)  # fast single-star form of 1-layer pixel nets
+    kernel = emulator.kernel_params(
+        dtype
+    )  # fast single-star form of 1-layer pixel nets
     net, activation = (
         kernel if kernel is not None else (emulator.params(dtype), emulator.activation)
     )

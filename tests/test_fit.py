@@ -21,7 +21,13 @@ from scipy.ndimage import gaussian_filter1d
 from payne_lite import Emulator, PixelNet
 from payne_lite.constants import C_KMS
 from payne_lite.fitter import FLAG_FAILED, fit
-from payne_lite.model import doppler_shift, make_model
+from payne_lite.model import (
+    build_obs_model,
+    doppler_shift,
+    make_model,
+    observe,
+    observe_jac,
+)
 
 fit_mod = importlib.import_module("payne_lite.fitter")
 
@@ -149,6 +155,35 @@ def test_model_matches_numpy_reference(emu):
     )
 
 
+@pytest.mark.parametrize("cont_deg", [0, 2])
+def test_analytic_jacobian_matches_autodiff_and_finite_differences(emu, cont_deg):
+    """observe_jac's hand-written chain rule against jax.jacfwd of observe (float64)
+    and a central finite difference of the rv column."""
+    with jax.enable_x64():
+        obs = build_obs_model(emu, cont_deg=cont_deg, dtype=jnp.float64)
+        c = [1.0, 0.05, -0.02][: cont_deg + 1] if cont_deg else []
+        p = jnp.asarray([0.1, -0.2, 0.3, 37.5, *c], jnp.float64)
+        flux, valid, jac = observe_jac(obs, p)
+        ref_flux, ref_valid = observe(obs, p)
+        ref_jac = jax.jacfwd(lambda q: observe(obs, q)[0])(p)
+        np.testing.assert_array_equal(valid, ref_valid)
+        np.testing.assert_allclose(flux, ref_flux, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(jac, ref_jac, rtol=1e-10, atol=1e-12)
+        h = 1e-4  # km/s; linear interpolation is smooth away from grid points
+        up, down = observe(obs, p.at[3].add(h))[0], observe(obs, p.at[3].add(-h))[0]
+        fd = (up - down) / (2 * h)
+        np.testing.assert_allclose(jac[:, 3], fd, rtol=1e-5, atol=1e-9)
+        assert np.max(np.abs(jac[:, 3])) > 1e-4  # the rv column is not trivially zero
+        # rv = 0 on the emulator's own grid puts every pixel on a node: the slope of
+        # the segment to the right (smaller rv: a one-sided difference), not zero.
+        p0 = p.at[3].set(0.0)
+        jac0 = observe_jac(obs, p0)[2][:, 3]
+        fd0 = (observe(obs, p0)[0] - observe(obs, p0.at[3].add(-h))[0]) / h
+        ok = np.array(observe(obs, p0)[1])
+        ok[-1] = False  # the grid's end: clamped on one side
+        np.testing.assert_allclose(jac0[ok], fd0[ok], rtol=1e-5, atol=1e-9)
+
+
 # --- recovery ---------------------------------------------------------------------------
 def test_lm_recovers_noise_free_truth(emu, truth, lm_fit):
     s, rv = truth
@@ -268,14 +303,14 @@ def test_bad_input_errors(emu, noise_free):
 def test_one_compilation_per_batch_shape(monkeypatch):
     emu = smooth_emulator(123, 3, seed=5)  # a pixel count no other test uses
     n_traces = 0
-    original = fit_mod._lm_one
+    original = fit_mod._lm_lanes
 
     def counted(*args):
         nonlocal n_traces
         n_traces += 1
         return original(*args)
 
-    monkeypatch.setattr(fit_mod, "_lm_one", counted)
+    monkeypatch.setattr(fit_mod, "_lm_lanes", counted)
     rng = np.random.default_rng(11)
     counts = []
     for _ in range(3):
@@ -344,18 +379,25 @@ def test_bucket_lookup_interpolation_equals_binary_search():
     gap_cum = jnp.asarray(M._gap_cum(wave))
     flux = jnp.asarray(rng.uniform(0.3, 1.0, wave.size))
     lookup = M._make_lookup(wave - ref, jnp.float32)
-    obs = np.sort(np.concatenate([rng.uniform(wave[0] - 2, wave[-1] + 2, 3000),
-                                  wave[:50], wave[-50:]]))
+    obs = np.sort(
+        np.concatenate(
+            [rng.uniform(wave[0] - 2, wave[-1] + 2, 3000), wave[:50], wave[-50:]]
+        )
+    )
     for rv in (-180.0, 0.0, 3.3, 250.0):
-        a = M._shift(x_rest, gap_cum, flux, jnp.asarray(obs - ref), jnp.asarray(obs),
-                     rv)
-        b = M._shift(x_rest, gap_cum, flux, jnp.asarray(obs - ref), jnp.asarray(obs),
-                     rv, lookup)
+        a = M._shift(
+            x_rest, gap_cum, flux, jnp.asarray(obs - ref), jnp.asarray(obs), rv
+        )
+        b = M._shift(
+            x_rest, gap_cum, flux, jnp.asarray(obs - ref), jnp.asarray(obs), rv, lookup
+        )
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
         np.testing.assert_allclose(np.asarray(b[0]), np.asarray(a[0]), atol=2e-6)
         # and both agree with NumPy's interpolation where valid
-        ref_flux = np.interp(obs / np.sqrt((1 + rv / 299792.458) /
-                                           (1 - rv / 299792.458)), wave,
-                             np.asarray(flux))
+        ref_flux = np.interp(
+            obs / np.sqrt((1 + rv / 299792.458) / (1 - rv / 299792.458)),
+            wave,
+            np.asarray(flux),
+        )
         ok = np.asarray(b[1])
         np.testing.assert_allclose(np.asarray(b[0])[ok], ref_flux[ok], atol=1e-4)
