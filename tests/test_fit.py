@@ -41,7 +41,17 @@ def _factor(rv):
     return np.sqrt((1 + b) / (1 - b))
 
 
-def smooth_emulator(n_pix: int = N_PIX, n_hid: int = 5, *, seed: int = 1) -> Emulator:
+def log_wavelength(n_pix: int = N_PIX, gap: tuple[int, int] = (150, 190)) -> np.ndarray:
+    """A log-uniform grid (step 1.3e-5 in ln lambda, APOGEE's) with a chip gap:
+    grid points gap[0] .. gap[1] - 1 are left out."""
+    idx = np.arange(n_pix + gap[1] - gap[0])
+    idx = idx[(idx < gap[0]) | (idx >= gap[1])]
+    return 15100.0 * np.exp(1.3e-5 * idx)
+
+
+def smooth_emulator(
+    n_pix: int = N_PIX, n_hid: int = 5, *, seed: int = 1, wavelength=None
+) -> Emulator:
     """Random per-pixel sigmoid net, 3 labels, weights smoothed over ~2 pixels."""
     rng = np.random.default_rng(seed)
 
@@ -60,7 +70,11 @@ def smooth_emulator(n_pix: int = N_PIX, n_hid: int = 5, *, seed: int = 1) -> Emu
         label_units=TINY_UNITS,
         label_lo=TINY_LO,
         label_hi=TINY_HI,
-        wavelength=np.linspace(15100.0, 15100.0 + 0.2 * (n_pix - 1), n_pix),
+        wavelength=(
+            np.linspace(15100.0, 15100.0 + 0.2 * (n_pix - 1), n_pix)
+            if wavelength is None
+            else wavelength
+        ),
     )
 
 
@@ -182,6 +196,40 @@ def test_analytic_jacobian_matches_autodiff_and_finite_differences(emu, cont_deg
         ok = np.array(observe(obs, p0)[1])
         ok[-1] = False  # the grid's end: clamped on one side
         np.testing.assert_allclose(jac0[ok], fd0[ok], rtol=1e-5, atol=1e-9)
+
+
+def test_log_grid_fast_path_matches_per_pixel_interpolation():
+    """On a log-uniform grid with a gap, the slice-based shift (interpolation in
+    ln lambda) equals the per-pixel one (in lambda) to the step/8 bound, with the
+    same validity and Jacobian (float64)."""
+    emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
+    with jax.enable_x64():
+        fast = build_obs_model(emu_log, cont_deg=1, dtype=jnp.float64)
+        slow = build_obs_model(emu_log, cont_deg=1, dtype=jnp.float64, log_grid=False)
+        assert fast.log_grid is not None and slow.log_grid is None
+        assert len(fast.log_grid.rest) == 2  # the two "chips"
+        for rv in (-431.7, -60.2, 0.0, 3.3, 137.9, 499.0):
+            p = jnp.asarray([0.2, -0.1, 0.35, rv, 1.02, -0.03])
+            f1, v1, j1 = observe_jac(fast, p)
+            f2, v2, j2 = observe_jac(slow, p)
+            v1, v2 = np.asarray(v1), np.array(v2)
+            if rv == 0.0:
+                v2[-1] = False  # the grid's last node: valid only in lambda-space
+            np.testing.assert_array_equal(v1, v2)
+            assert 0.3 * N_PIX < v1.sum() < N_PIX
+            np.testing.assert_allclose(f1[v1], f2[v1], rtol=0, atol=2e-6)
+            np.testing.assert_allclose(j1[v1], j2[v1], rtol=1e-3, atol=2e-6)
+            np.testing.assert_allclose(observe(fast, p)[0][v1], f1[v1], atol=1e-14)
+
+
+def test_lm_recovers_noise_free_truth_on_log_grid(truth):
+    emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
+    s, rv = truth
+    flux = reference_spectra(emu_log, s[:8], rv[:8])
+    t = fit(flux, np.full_like(flux, 0.01), emu_log)
+    assert np.all(t["converged"]) and np.all(t["flags"] == 0)
+    np.testing.assert_allclose(scaled_labels(emu_log, t), s[:8], atol=1e-4)
+    np.testing.assert_allclose(t["rv"], rv[:8], atol=0.05)
 
 
 # --- recovery ---------------------------------------------------------------------------
