@@ -150,7 +150,7 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
 
 @jax.jit
 def _window_batch(obs, rv_lo, rv_hi):
-    return jax.vmap(window_valid, in_axes=(None, 0, 0))(obs, rv_lo, rv_hi)
+    return jax.lax.map(lambda v: window_valid(obs, *v), (rv_lo, rv_hi))
 
 
 def _normal(obs, p, flux, sw):

@@ -182,11 +182,14 @@ def _interval_lookup(x_rest, lookup, xq):
     return jnp.clip(i, 0, n - 2)
 
 
-def _span_valid(x_rest, gap_cum, xq_lo, xq_hi):
+def _span_valid(x_rest, gap_cum, xq_lo, xq_hi, lookup=None):
     """True where every point of [xq_lo, xq_hi] lies on the rest grid, off any gap."""
     inside = (xq_lo >= x_rest[0]) & (xq_hi <= x_rest[-1])
-    ia = _interval(x_rest, xq_lo)
-    ib = _interval(x_rest, xq_hi)
+    if lookup is None:
+        ia, ib = _interval(x_rest, xq_lo), _interval(x_rest, xq_hi)
+    else:
+        ia = _interval_lookup(x_rest, lookup, xq_lo)
+        ib = _interval_lookup(x_rest, lookup, xq_hi)
     return inside & (gap_cum[ib + 1] - gap_cum[ia] == 0)
 
 
@@ -426,10 +429,29 @@ def observe_jac_t(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
 
 
 def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
-    """(P_obs,) bool: pixels valid for every rv in [rv_lo, rv_hi] (one star)."""
-    xq_hi = obs.x_obs + obs.wave_obs * _inv_factor_m1(rv_lo)  # smaller rv -> redder
-    xq_lo = obs.x_obs + obs.wave_obs * _inv_factor_m1(rv_hi)
-    return _span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi)
+    """(P_obs,) bool: pixels valid for every rv in [rv_lo, rv_hi] (one star).
+
+    That is, valid in the sense of :func:`_shift_pair` at every rv of the window.
+    On a :class:`LogGrid`: the rest points from ``floor(u(rv_hi))`` to
+    ``floor(u(rv_lo)) + 1`` pixels away all exist (a difference of a cumulative
+    count, two slices per chip); else by interval search in lambda.
+    """
+    lg = obs.log_grid
+    if lg is None:
+        xq_hi = obs.x_obs + obs.wave_obs * _inv_factor_m1(rv_lo)  # smaller rv: redder
+        xq_lo = obs.x_obs + obs.wave_obs * _inv_factor_m1(rv_hi)
+        return _span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
+    k_lo = jnp.floor(-jnp.arctanh(rv_hi / C_KMS) * lg.inv_step).astype(jnp.int32)
+    k_hi = jnp.floor(-jnp.arctanh(rv_lo / C_KMS) * lg.inv_step).astype(jnp.int32)
+    ok = _embed(lg, np.ones(obs.x_rest.shape[0], np.int32))
+    cum = jnp.asarray(np.concatenate([[0], np.cumsum(ok)]).astype(np.int32))
+    parts = []
+    for _, e0, n in lg.obs:
+        top = jax.lax.dynamic_slice_in_dim(cum, e0 + k_hi + 2, n)
+        bottom = jax.lax.dynamic_slice_in_dim(cum, e0 + k_lo, n)
+        parts.append(top - bottom == k_hi - k_lo + 2)
+    inside = (jnp.abs(k_lo) <= lg.pad - 2) & (jnp.abs(k_hi) <= lg.pad - 2)
+    return jnp.concatenate(parts) & inside
 
 
 # --------------------------------------------------------------------------------------

@@ -449,3 +449,24 @@ def test_bucket_lookup_interpolation_equals_binary_search():
         )
         ok = np.asarray(b[1])
         np.testing.assert_allclose(np.asarray(b[0])[ok], ref_flux[ok], atol=1e-4)
+
+
+def test_window_validity_is_validity_at_every_rv_of_the_window():
+    """window_valid (slices of a cumulative count on a log grid; interval search
+    otherwise) against the AND of observe's validity over a fine rv sweep."""
+    from payne_lite import model as M
+
+    sweep_valid = jax.jit(jax.vmap(lambda o, p: observe(o, p)[1], in_axes=(None, 0)))
+    for wave in (log_wavelength(), None):
+        emu_w = smooth_emulator(wavelength=wave, seed=4)
+        obs = build_obs_model(emu_w)
+        assert (obs.log_grid is not None) == (wave is not None)
+        for lo, hi in ((-30.0, 10.0), (180.0, 220.0), (-2.0, 2.0)):
+            sweep = np.linspace(lo, hi, 801)
+            params = jnp.zeros((sweep.size, 4)).at[:, 3].set(sweep)
+            every = np.all(np.asarray(sweep_valid(obs, params)), axis=0)
+            got = np.asarray(M.window_valid(obs, lo, hi))
+            # the sweep can only miss a pixel invalid between two of its rvs
+            assert np.all(got <= every)
+            assert np.sum(every & ~got) <= 2, (lo, hi, np.flatnonzero(every & ~got))
+            assert 0.4 * N_PIX < got.sum() < N_PIX
