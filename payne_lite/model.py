@@ -259,16 +259,17 @@ def _make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
 
 
 def _embed(lg: LogGrid, m):
-    """(P_rest, ...) -> (lg.size, ...): rest pixels at their grid index, zeros between."""
+    """(..., P_rest) -> (..., lg.size): rest pixels at their grid index, zeros between."""
     xp = np if isinstance(m, np.ndarray) else jnp
+    lead = m.shape[:-1]
     parts, pos = [], 0
     for r0, e0, n in lg.rest:
         if e0 > pos:
-            parts.append(xp.zeros((e0 - pos, *m.shape[1:]), m.dtype))
-        parts.append(m[r0 : r0 + n])
+            parts.append(xp.zeros((*lead, e0 - pos), m.dtype))
+        parts.append(m[..., r0 : r0 + n])
         pos = e0 + n
-    parts.append(xp.zeros((lg.size - pos, *m.shape[1:]), m.dtype))
-    return xp.concatenate(parts)
+    parts.append(xp.zeros((*lead, lg.size - pos), m.dtype))
+    return xp.concatenate(parts, axis=-1)
 
 
 def _shift_pair(obs: ObsModel, m, rv):
@@ -289,7 +290,7 @@ def _shift_pair(obs: ObsModel, m, rv):
         k = jnp.floor(u)
         t = u - k
         k = k.astype(jnp.int32)
-        emb = _embed(lg, m.T).T  # (c, size): contiguous rows
+        emb = _embed(lg, m)  # (c, size): contiguous rows
         ok = jnp.asarray(_embed(lg, np.ones(obs.x_rest.shape[0], bool)))
         ma, mb, va = [], [], []
         for _, e0, n in lg.obs:
