@@ -46,9 +46,7 @@ def check_wavelength(wave: np.ndarray, name: str = "wavelength") -> None:
         )
     check_finite(wave, name)
     if np.any(wave <= 0):
-        raise ValueError(
-            f"{name} must be positive [Angstrom], min is {float(wave.min())}"
-        )
+        raise ValueError(f"{name} must be positive [Angstrom], min is {float(wave.min())}")
     step = np.diff(wave)
     if np.any(step <= 0):
         i = int(np.argmax(step <= 0))

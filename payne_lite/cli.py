@@ -56,9 +56,8 @@ _PREDICT_SUFFIXES = (".npy", ".h5", ".hdf5", ".csv")
 _log = logging.getLogger("payne_lite.cli")  # also when run as __main__
 
 
-class _Formatter(
-    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
-):
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter,
+                 argparse.RawDescriptionHelpFormatter):
     """Show defaults and keep the hand-made line breaks of descriptions and epilogs.
 
     On/off flags and options without a default get no "(default: ...)" suffix.
@@ -66,8 +65,7 @@ class _Formatter(
 
     def _get_help_string(self, action):
         if any(action.default is d for d in (None, False, argparse.SUPPRESS)) or (
-            isinstance(action, argparse._CountAction)
-        ):
+                isinstance(action, argparse._CountAction)):
             return action.help
         return super()._get_help_string(action)
 
@@ -89,17 +87,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser(
-    sub, name: str, *, help: str, description: str, epilog: str = ""
-) -> argparse.ArgumentParser:
-    return sub.add_parser(
-        name,
-        help=help,
-        description=description,
-        epilog=epilog,
-        formatter_class=_Formatter,
-        parents=[_common_options(sub=True)],
-    )
+def _parser(sub, name: str, *, help: str, description: str, epilog: str = ""
+            ) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=_Formatter,
+                          parents=[_common_options(sub=True)])
 
 
 def _common_options(*, sub: bool) -> argparse.ArgumentParser:
@@ -107,19 +99,10 @@ def _common_options(*, sub: bool) -> argparse.ArgumentParser:
     p = _ArgumentParser(add_help=False)
     # In a subcommand, SUPPRESS keeps an absent flag from resetting the top-level value.
     sup = argparse.SUPPRESS
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=sup if sub else 0,
-        help="log progress messages (INFO) to stderr; -vv for DEBUG",
-    )
-    p.add_argument(
-        "--debug",
-        action="store_true",
-        default=sup if sub else False,
-        help="on error, show the full Python traceback instead of one line",
-    )
+    p.add_argument("-v", "--verbose", action="count", default=sup if sub else 0,
+                   help="log progress messages (INFO) to stderr; -vv for DEBUG")
+    p.add_argument("--debug", action="store_true", default=sup if sub else False,
+                   help="on error, show the full Python traceback instead of one line")
     return p
 
 
@@ -144,10 +127,8 @@ def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Pa
         raise ValueError(f"{p}: is a directory; give an output file name")
     for src in inputs:
         if p.exists() and p.resolve() == src.resolve():
-            raise ValueError(
-                f"{p}: output would overwrite the input file; "
-                "choose another output name"
-            )
+            raise ValueError(f"{p}: output would overwrite the input file; "
+                             "choose another output name")
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # the missing folders will be created
@@ -155,9 +136,8 @@ def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Pa
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise OSError(
-            err.errno, f"cannot write into {parent}: {err.strerror}", str(p)
-        ) from err
+        raise OSError(err.errno, f"cannot write into {parent}: {err.strerror}",
+                      str(p)) from err
     return p
 
 
@@ -203,7 +183,7 @@ def _fmt_wavelength(wave: np.ndarray) -> str:
 
 def _fmt_value(value, width: int = 70) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # ======================================================================================
@@ -211,110 +191,48 @@ def _fmt_value(value, width: int = 70) -> str:
 # ======================================================================================
 def _add_grid(sub) -> None:
     lo, hi = synth.DEFAULT_BOX
-    box = "\n".join(
-        f"  {n:<11} {a:>7g} .. {b:<7g} {u}"
-        for n, u, a, b in zip(
-            synth.DEFAULT_LABEL_NAMES, synth.DEFAULT_LABEL_UNITS, lo, hi, strict=True
-        )
-    )
+    box = "\n".join(f"  {n:<11} {a:>7g} .. {b:<7g} {u}" for n, u, a, b in zip(
+        synth.DEFAULT_LABEL_NAMES, synth.DEFAULT_LABEL_UNITS, lo, hi, strict=True))
     p = _parser(
-        sub,
-        "grid",
-        help="make a training grid with the built-in synthesizer",
+        sub, "grid", help="make a training grid with the built-in synthesizer",
         description=(
             "Make a grid of continuum-normalised synthetic spectra with the built-in\n"
             "toy synthesizer (physically motivated, not physically exact) and save it\n"
             "as one HDF5 file for `payne-lite train`. Labels are drawn inside:\n"
-            f"{box}"
-        ),
-        epilog=(
-            "example:\n  payne-lite grid -o grid.h5 --n-spec 3000 --seed 1\n"
-            "  payne-lite grid -o small.h5 --n-spec 200 --lam-min 15100 "
-            "--lam-max 15300"
-        ),
-    )
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="GRID.h5",
-        help="output HDF5 file (payne_lite.SpectralGrid format)",
-    )
-    p.add_argument(
-        "--n-spec",
-        type=_positive_int,
-        default=3000,
-        metavar="N",
-        help="number of spectra",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the label sampling (same seed, same labels)",
-    )
-    p.add_argument(
-        "--sampling",
-        choices=("lhs", "uniform"),
-        default="lhs",
-        help="label sampling: lhs = Latin hypercube (even coverage of each "
-        "label), uniform = independent uniform draws",
-    )
-    p.add_argument(
-        "--n-lines",
-        type=_positive_int,
-        default=synth.DEFAULT_N_LINES,
-        metavar="N",
-        help="number of lines in the seeded synthetic line list",
-    )
-    p.add_argument(
-        "--linelist-seed",
-        type=int,
-        default=0,
-        metavar="SEED",
-        help="seed of the line list (kept apart from --seed so that grids "
-        "with different labels share one line list)",
-    )
-    p.add_argument(
-        "--resolution",
-        type=float,
-        default=APOGEE_R,
-        metavar="R",
-        help="instrumental resolving power lambda/FWHM (Gaussian profile)",
-    )
-    p.add_argument(
-        "--lam-min",
-        type=float,
-        default=synth.DEFAULT_LAM_MIN,
-        metavar="A",
-        help="first wavelength [Angstrom, vacuum]",
-    )
-    p.add_argument(
-        "--lam-max",
-        type=float,
-        default=synth.DEFAULT_LAM_MAX,
-        metavar="A",
-        help="upper wavelength limit; the last pixel is at or "
-        "below it [Angstrom, vacuum]",
-    )
-    p.add_argument(
-        "--dloglam",
-        type=float,
-        default=APOGEE_DLOGLAM,
-        metavar="STEP",
-        help="pixel step in log10(wavelength) (6e-6 is APOGEE's, about 4.1 km/s)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="spectra per compiled batch (peak memory about 3 MB per "
-        "spectrum with the default wavelengths and line list)",
-    )
-    p.add_argument(
-        "--no-progress", action="store_true", help="do not show a progress bar"
-    )
+            f"{box}"),
+        epilog=("example:\n  payne-lite grid -o grid.h5 --n-spec 3000 --seed 1\n"
+                "  payne-lite grid -o small.h5 --n-spec 200 --lam-min 15100 "
+                "--lam-max 15300"))
+    p.add_argument("-o", "--output", required=True, metavar="GRID.h5",
+                   help="output HDF5 file (payne_lite.SpectralGrid format)")
+    p.add_argument("--n-spec", type=_positive_int, default=3000, metavar="N",
+                   help="number of spectra")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the label sampling (same seed, same labels)")
+    p.add_argument("--sampling", choices=("lhs", "uniform"), default="lhs",
+                   help="label sampling: lhs = Latin hypercube (even coverage of each "
+                        "label), uniform = independent uniform draws")
+    p.add_argument("--n-lines", type=_positive_int, default=synth.DEFAULT_N_LINES,
+                   metavar="N",
+                   help="number of lines in the seeded synthetic line list")
+    p.add_argument("--linelist-seed", type=int, default=0, metavar="SEED",
+                   help="seed of the line list (kept apart from --seed so that grids "
+                        "with different labels share one line list)")
+    p.add_argument("--resolution", type=float, default=APOGEE_R, metavar="R",
+                   help="instrumental resolving power lambda/FWHM (Gaussian profile)")
+    p.add_argument("--lam-min", type=float, default=synth.DEFAULT_LAM_MIN,
+                   metavar="A", help="first wavelength [Angstrom, vacuum]")
+    p.add_argument("--lam-max", type=float, default=synth.DEFAULT_LAM_MAX,
+                   metavar="A", help="upper wavelength limit; the last pixel is at or "
+                                     "below it [Angstrom, vacuum]")
+    p.add_argument("--dloglam", type=float, default=APOGEE_DLOGLAM, metavar="STEP",
+                   help="pixel step in log10(wavelength) (6e-6 is APOGEE's, "
+                        "about 4.1 km/s)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                   help="spectra per compiled batch (peak memory about 3 MB per "
+                        "spectrum with the default wavelengths and line list)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show a progress bar")
 
 
 def _run_grid(args) -> int:
@@ -322,31 +240,20 @@ def _run_grid(args) -> int:
     out = _check_output(args.output)
     wave = None  # make_grid records "default" wavelengths in the grid's meta
     if (args.lam_min, args.lam_max, args.dloglam) != (
-        synth.DEFAULT_LAM_MIN,
-        synth.DEFAULT_LAM_MAX,
-        APOGEE_DLOGLAM,
-    ):
+            synth.DEFAULT_LAM_MIN, synth.DEFAULT_LAM_MAX, APOGEE_DLOGLAM):
         wave = synth.default_wavelength(args.lam_min, args.lam_max, args.dloglam)
     grid = synth.make_grid(
-        args.n_spec,
-        seed=args.seed,
-        sampling=args.sampling,
-        n_lines=args.n_lines,
-        linelist_seed=args.linelist_seed,
-        wavelength=wave,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+        args.n_spec, seed=args.seed, sampling=args.sampling, n_lines=args.n_lines,
+        linelist_seed=args.linelist_seed, wavelength=wave,
+        resolution=args.resolution, batch_size=args.batch_size,
+        progress=not args.no_progress)
     grid = dataclasses.replace(grid, meta={**grid.meta, "command": args.command_line})
     grid.save(out)
     lo, hi = grid.label_box
-    print(
-        f"wrote {out}: {grid.n_spec} spectra x {grid.n_pix} pixels, "
-        f"{grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A; labels "
-        f"{_fmt_box(grid.label_names, grid.label_units, lo, hi)}; "
-        f"{_human_size(out.stat().st_size)}; {time.perf_counter() - t0:.1f} s"
-    )
+    print(f"wrote {out}: {grid.n_spec} spectra x {grid.n_pix} pixels, "
+          f"{grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A; labels "
+          f"{_fmt_box(grid.label_names, grid.label_units, lo, hi)}; "
+          f"{_human_size(out.stat().st_size)}; {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
 
 
@@ -366,151 +273,71 @@ def _parse_hidden(text: str) -> int | tuple[int, ...]:
         widths = tuple(int(t) for t in text.replace(" ", "").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a width like 10 or widths like 10,10, got {text!r}"
-        ) from None
+            f"expected a width like 10 or widths like 10,10, got {text!r}") from None
     return widths[0] if len(widths) == 1 else widths
 
 
 def _add_train(sub) -> None:
     p = _parser(
-        sub,
-        "train",
-        help="train a per-pixel emulator on a grid",
+        sub, "train", help="train a per-pixel emulator on a grid",
         description=(
             "Train a per-pixel neural-network emulator (The Payne, Ting et al. 2019)\n"
             "on a grid of spectra and save it as one HDF5 file. Settings come from\n"
             "the TrainConfig defaults, then --config, then the flags given here.\n"
             "A part of the grid (--valid-fraction) is held out: it decides early\n"
-            "stopping and measures the error printed at the end."
-        ),
+            "stopping and measures the error printed at the end."),
         epilog=(
             "config file: a JSON object whose keys are TrainConfig fields:\n"
-            + textwrap.fill(
-                ", ".join(_CONFIG_FIELDS),
-                76,
-                initial_indent="  ",
-                subsequent_indent="  ",
-            )
-            + "\n"
+            + textwrap.fill(", ".join(_CONFIG_FIELDS), 76, initial_indent="  ",
+                            subsequent_indent="  ") + "\n"
             'e.g. {"hidden": [10, 10], "max_iter": 300, "min_improvement": 1e-4}\n\n'
             "examples:\n  payne-lite train grid.h5 -o emulator.h5\n"
             "  payne-lite train grid.h5 -o emu.h5 --hidden 10,10 --max-iter 300\n"
             "  payne-lite train payne_training.npz -o emu.h5 "
-            "--label-names Teff,logg,[Fe/H]"
-        ),
-    )
-    p.add_argument(
-        "grid",
-        metavar="GRID",
-        help="training grid: a payne_lite .h5 grid, or a training .npz in "
-        "The Payne's layout (labels, spectra, wavelength)",
-    )
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="EMULATOR.h5",
-        help="output HDF5 file (payne_lite.Emulator format)",
-    )
-    p.add_argument(
-        "--config",
-        metavar="CONFIG.json",
-        help="JSON file of TrainConfig settings (see below); flags given "
-        "on the command line override it",
-    )
-    p.add_argument(
-        "--label-names",
-        metavar="NAMES",
-        help="comma-separated label names for a .npz grid, in its column "
-        "order (default label_0, label_1, ...); .h5 grids carry theirs",
-    )
-    p.add_argument(
-        "--no-progress", action="store_true", help="do not show a progress bar"
-    )
+            "--label-names Teff,logg,[Fe/H]"))
+    p.add_argument("grid", metavar="GRID",
+                   help="training grid: a payne_lite .h5 grid, or a training .npz in "
+                        "The Payne's layout (labels, spectra, wavelength)")
+    p.add_argument("-o", "--output", required=True, metavar="EMULATOR.h5",
+                   help="output HDF5 file (payne_lite.Emulator format)")
+    p.add_argument("--config", metavar="CONFIG.json",
+                   help="JSON file of TrainConfig settings (see below); flags given "
+                        "on the command line override it")
+    p.add_argument("--label-names", metavar="NAMES",
+                   help="comma-separated label names for a .npz grid, in its column "
+                        "order (default label_0, label_1, ...); .h5 grids carry theirs")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show a progress bar")
     cfg = p.add_argument_group(
-        "training settings (TrainConfig fields; defaults shown are TrainConfig's)"
-    )
+        "training settings (TrainConfig fields; defaults shown are TrainConfig's)")
     sup = argparse.SUPPRESS  # absent flags do not override --config
 
     def add(flag, name, help, **kw):
-        cfg.add_argument(
-            flag,
-            dest=name,
-            default=sup,
-            help=f"{help} (default: {_cfg_default(name)})",
-            **kw,
-        )
+        cfg.add_argument(flag, dest=name, default=sup,
+                         help=f"{help} (default: {_cfg_default(name)})", **kw)
 
-    add(
-        "--hidden",
-        "hidden",
-        "hidden-layer width(s) of each pixel's network: 10 "
-        "for one layer, 10,10 for two",
-        type=_parse_hidden,
-        metavar="H[,H...]",
-    )
-    add(
-        "--activation",
-        "activation",
-        "activation of the hidden units",
-        choices=sorted(ACTIVATIONS),
-    )
-    add(
-        "--optimizer",
-        "optimizer",
-        "lm = Levenberg-Marquardt on all spectra "
+    add("--hidden", "hidden", "hidden-layer width(s) of each pixel's network: 10 "
+        "for one layer, 10,10 for two", type=_parse_hidden, metavar="H[,H...]")
+    add("--activation", "activation", "activation of the hidden units",
+        choices=sorted(ACTIVATIONS))
+    add("--optimizer", "optimizer", "lm = Levenberg-Marquardt on all spectra "
         "(second order, few iterations), adam = optax Adam on mini-batches",
-        choices=("lm", "adam"),
-    )
-    add(
-        "--max-iter",
-        "max_iter",
-        "maximum LM iterations, or Adam epochs",
-        type=_positive_int,
-        metavar="N",
-    )
-    add(
-        "--valid-fraction",
-        "valid_fraction",
-        "fraction of the grid held out for validation and early stopping, in (0, 1)",
-        type=float,
-        metavar="F",
-    )
-    add(
-        "--patience",
-        "patience",
-        "iterations without improvement of a pixel's "
-        "validation loss before it stops (or restarts)",
-        type=_positive_int,
-        metavar="N",
-    )
-    add(
-        "--seed",
-        "seed",
-        "seed of the split, the initialisation and the restarts",
-        type=int,
-    )
-    add(
-        "--pixel-batch",
-        "pixel_batch",
-        "pixels per LM step; memory grows as n_spec x pixel_batch x n_params x 4 bytes",
-        type=_positive_int,
-        metavar="N",
-    )
-    add(
-        "--learning-rate",
-        "learning_rate",
-        "Adam step size (adam only)",
-        type=float,
-        metavar="LR",
-    )
-    add(
-        "--batch-size",
-        "batch_size",
-        "Adam mini-batch size in spectra (adam only)",
-        type=_positive_int,
-        metavar="N",
-    )
+        choices=("lm", "adam"))
+    add("--max-iter", "max_iter", "maximum LM iterations, or Adam epochs",
+        type=_positive_int, metavar="N")
+    add("--valid-fraction", "valid_fraction", "fraction of the grid held out for "
+        "validation and early stopping, in (0, 1)", type=float, metavar="F")
+    add("--patience", "patience", "iterations without improvement of a pixel's "
+        "validation loss before it stops (or restarts)", type=_positive_int,
+        metavar="N")
+    add("--seed", "seed", "seed of the split, the initialisation and the restarts",
+        type=int)
+    add("--pixel-batch", "pixel_batch", "pixels per LM step; memory grows as "
+        "n_spec x pixel_batch x n_params x 4 bytes", type=_positive_int, metavar="N")
+    add("--learning-rate", "learning_rate", "Adam step size (adam only)", type=float,
+        metavar="LR")
+    add("--batch-size", "batch_size", "Adam mini-batch size in spectra (adam only)",
+        type=_positive_int, metavar="N")
 
 
 def _config_from_json(path: Path) -> dict:
@@ -520,28 +347,21 @@ def _config_from_json(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a text (JSON) file") from err
     except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-        ) from err
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column "
+                         f"{err.colno}: {err.msg}") from err
     if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a JSON object of TrainConfig settings, got "
-            f"a {type(data).__name__}"
-        )
+        raise ValueError(f"{path}: expected a JSON object of TrainConfig settings, got "
+                         f"a {type(data).__name__}")
     unknown = sorted(set(data) - set(_CONFIG_FIELDS))
     if unknown:
-        raise ValueError(
-            f"{path}: unknown TrainConfig key(s) {unknown}; valid keys: "
-            f"{', '.join(_CONFIG_FIELDS)}"
-        )
+        raise ValueError(f"{path}: unknown TrainConfig key(s) {unknown}; valid keys: "
+                         f"{', '.join(_CONFIG_FIELDS)}")
     for key, value in data.items():
         default = _CONFIG_FIELDS[key].default
         if key == "hidden":
             ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-                isinstance(value, list)
-                and value
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            )
+                isinstance(value, list) and value and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value))
             want = "an integer or a list of integers"
         elif isinstance(default, bool) or default is None:
             ok, want = True, ""
@@ -567,10 +387,8 @@ def _load_grid(path: Path, label_names: str | None) -> SpectralGrid:
             names = [s.strip() for s in label_names.split(",")]
         return _read(SpectralGrid.from_payne_npz, path, label_names=names)
     if label_names is not None:
-        raise ValueError(
-            "--label-names applies to .npz grids only; an .h5 grid "
-            "carries its own label names"
-        )
+        raise ValueError("--label-names applies to .npz grids only; an .h5 grid "
+                         "carries its own label names")
     return _read(SpectralGrid.load, path)
 
 
@@ -585,21 +403,17 @@ def _run_train(args) -> int:
     grid = _load_grid(grid_path, args.label_names)
     _log.info("training on %r with %s", grid, config)
     emu = train_emulator(grid, config=config, progress=not args.no_progress)
-    emu = dataclasses.replace(
-        emu,
-        meta={**emu.meta, "command": args.command_line, "grid_file": str(grid_path)},
-    )
+    emu = dataclasses.replace(emu, meta={**emu.meta, "command": args.command_line,
+                                         "grid_file": str(grid_path)})
     emu.save(out)
     m = emu.meta
     n_iter = len(emu.history.get("valid_rms", ()))
-    print(
-        f"trained {emu.n_pix} pixels ({config.optimizer}, hidden "
-        f"{','.join(map(str, emu.hidden))}, {config.activation}, {n_iter} "
-        f"iterations) on {m['n_train']} spectra, {m['n_valid']} held out: "
-        f"held-out median |error| {m['valid_median_abs_error']:.2e}, 99th "
-        f"percentile pixel {m['valid_p99_pixel_abs_error']:.2e}; "
-        f"{m['train_seconds']:.1f} s; wrote {out}"
-    )
+    print(f"trained {emu.n_pix} pixels ({config.optimizer}, hidden "
+          f"{','.join(map(str, emu.hidden))}, {config.activation}, {n_iter} "
+          f"iterations) on {m['n_train']} spectra, {m['n_valid']} held out: "
+          f"held-out median |error| {m['valid_median_abs_error']:.2e}, 99th "
+          f"percentile pixel {m['valid_p99_pixel_abs_error']:.2e}; "
+          f"{m['train_seconds']:.1f} s; wrote {out}")
     return EXIT_OK
 
 
@@ -608,9 +422,7 @@ def _run_train(args) -> int:
 # ======================================================================================
 def _add_predict(sub) -> None:
     p = _parser(
-        sub,
-        "predict",
-        help="predict spectra for given labels with an emulator",
+        sub, "predict", help="predict spectra for given labels with an emulator",
         description=(
             "Evaluate an emulator at physical labels and write wavelength and flux.\n"
             "Labels must lie inside the emulator's training box unless\n"
@@ -621,8 +433,7 @@ def _add_predict(sub) -> None:
             "  .h5/.hdf5 datasets wavelength (n_pix,), flux (n, n_pix), labels (n, L)\n"
             "            with label names and units as attributes\n"
             "  .csv      one row per pixel, columns wavelength,flux_0,flux_1,...\n"
-            "            where flux_i belongs to label row i"
-        ),
+            "            where flux_i belongs to label row i"),
         epilog=(
             "labels files:\n"
             "  .npy: an (n, L) or (L,) array, or a structured array with named fields\n"
@@ -633,37 +444,20 @@ def _add_predict(sub) -> None:
             "  payne-lite predict emu.h5 --labels 5000,4.5,0,0.1,5 -o flux.npy\n"
             "  payne-lite predict emu.h5 --labels 5000,4.5,0,0.1,5 "
             "--labels 6000,4,-1,0.2,8 \\\n      -o flux.csv\n"
-            "  payne-lite predict emu.h5 --labels-file stars.csv -o flux.h5"
-        ),
-    )
+            "  payne-lite predict emu.h5 --labels-file stars.csv -o flux.h5"))
     p.add_argument("emulator", metavar="EMULATOR.h5", help="a payne_lite emulator file")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--labels",
-        action="append",
-        metavar="VALUES",
-        help="one star's labels, comma-separated, in physical units and "
-        "in the emulator's order (the `info` command lists it); "
-        "repeat the option for more stars",
-    )
-    src.add_argument(
-        "--labels-file",
-        metavar="LABELS.{csv,txt,npy}",
-        help="labels of many stars, one per row (see below)",
-    )
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="FLUX.{npy,h5,csv}",
-        help="output file; its suffix picks the format (see above)",
-    )
-    p.add_argument(
-        "--allow-outside",
-        action="store_true",
-        help="evaluate labels outside the training box (extrapolate) "
-        "instead of refusing them",
-    )
+    src.add_argument("--labels", action="append", metavar="VALUES",
+                     help="one star's labels, comma-separated, in physical units and "
+                          "in the emulator's order (the `info` command lists it); "
+                          "repeat the option for more stars")
+    src.add_argument("--labels-file", metavar="LABELS.{csv,txt,npy}",
+                     help="labels of many stars, one per row (see below)")
+    p.add_argument("-o", "--output", required=True, metavar="FLUX.{npy,h5,csv}",
+                   help="output file; its suffix picks the format (see above)")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="evaluate labels outside the training box (extrapolate) "
+                        "instead of refusing them")
 
 
 _NUMBER_LIST = re.compile(r"^-\.?\d")
@@ -673,11 +467,8 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     """``--labels -1,2`` -> ``--labels=-1,2`` (argparse takes ``-1,2`` for a flag)."""
     out, i = [], 0
     while i < len(argv):
-        if (
-            argv[i] == "--labels"
-            and i + 1 < len(argv)
-            and _NUMBER_LIST.match(argv[i + 1])
-        ):
+        if argv[i] == "--labels" and i + 1 < len(argv) and _NUMBER_LIST.match(
+                argv[i + 1]):
             out.append(f"--labels={argv[i + 1]}")
             i += 2
         else:
@@ -697,40 +488,30 @@ def _labels_from_flags(values: list[str], names: tuple[str, ...]) -> np.ndarray:
     rows = []
     for k, text in enumerate(values):
         tokens = [t for t in re.split(r"[,\s]+", text.strip()) if t]
-        where = (
-            f"--labels {text!r}"
-            if len(values) == 1
-            else (f"--labels #{k + 1} {text!r}")
-        )
+        where = f"--labels {text!r}" if len(values) == 1 else (
+            f"--labels #{k + 1} {text!r}")
         if len(tokens) != len(names):
-            raise ValueError(
-                f"{where} has {len(tokens)} value(s); the emulator takes "
-                f"{len(names)}: {', '.join(names)}"
-            )
+            raise ValueError(f"{where} has {len(tokens)} value(s); the emulator takes "
+                             f"{len(names)}: {', '.join(names)}")
         rows.append([_parse_number(t, where) for t in tokens])
     return np.array(rows, dtype=np.float64)
 
 
-def _order_columns(
-    header: Sequence[str], names: tuple[str, ...], where: str
-) -> np.ndarray:
+def _order_columns(header: Sequence[str], names: tuple[str, ...], where: str
+                   ) -> np.ndarray:
     """Column index of each emulator label in a file whose columns are ``header``."""
     header = [h.strip() for h in header]
     unknown = [h for h in header if h not in names]
     if unknown:
-        raise ValueError(
-            f"{where}: unknown label name(s) {unknown}; the emulator's "
-            f"labels are {', '.join(names)}"
-        )
+        raise ValueError(f"{where}: unknown label name(s) {unknown}; the emulator's "
+                         f"labels are {', '.join(names)}")
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise ValueError(f"{where}: label name(s) {dup} appear more than once")
     missing = [n for n in names if n not in header]
     if missing:
-        raise ValueError(
-            f"{where}: missing label(s) {missing}; the emulator needs "
-            f"{', '.join(names)}"
-        )
+        raise ValueError(f"{where}: missing label(s) {missing}; the emulator needs "
+                         f"{', '.join(names)}")
     return np.array([header.index(n) for n in names])
 
 
@@ -740,9 +521,8 @@ def _labels_from_npy(path: Path, names: tuple[str, ...]) -> np.ndarray:
     except (OSError, ValueError) as err:
         raise FileFormatError(f"{path}: not a readable .npy file: {err}") from err
     if not isinstance(arr, np.ndarray):
-        raise FileFormatError(
-            f"{path}: holds several arrays (.npz?); expected one array of labels"
-        )
+        raise FileFormatError(f"{path}: holds several arrays (.npz?); expected one "
+                              "array of labels")
     if arr.dtype.names:  # structured array: columns by name
         order = _order_columns(arr.dtype.names, names, str(path))
         cols = [np.asarray(arr[arr.dtype.names[i]], dtype=np.float64) for i in order]
@@ -750,30 +530,23 @@ def _labels_from_npy(path: Path, names: tuple[str, ...]) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != len(names):
-        raise ValueError(
-            f"{path}: labels array {arr.shape} must be ({len(names)},) or "
-            f"(n, {len(names)}) for labels {', '.join(names)}"
-        )
+        raise ValueError(f"{path}: labels array {arr.shape} must be ({len(names)},) or "
+                         f"(n, {len(names)}) for labels {', '.join(names)}")
     try:
         return np.asarray(arr, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"{path}: labels array of dtype {arr.dtype} is not numeric"
-        ) from err
+        raise ValueError(f"{path}: labels array of dtype {arr.dtype} is not "
+                         "numeric") from err
 
 
 def _labels_from_text(path: Path, names: tuple[str, ...]) -> np.ndarray:
     try:
         text = path.read_text()
     except UnicodeDecodeError as err:
-        raise FileFormatError(
-            f"{path}: not a text file (use .npy for binary labels)"
-        ) from err
-    lines = [
-        (i + 1, line)
-        for i, line in enumerate(text.splitlines())
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+        raise FileFormatError(f"{path}: not a text file (use .npy for binary "
+                              "labels)") from err
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines())
+             if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise ValueError(f"{path}: no label rows found")
     comma = "," in lines[0][1]
@@ -795,16 +568,13 @@ def _labels_from_text(path: Path, names: tuple[str, ...]) -> np.ndarray:
             raise ValueError(f"{path}: a header row but no label rows") from None
     n_col = len(first)
     if n_col != len(names):
-        raise ValueError(
-            f"{path} line {rows[0][0]}: {n_col} column(s); the emulator "
-            f"takes {len(names)} labels: {', '.join(names)}"
-        )
+        raise ValueError(f"{path} line {rows[0][0]}: {n_col} column(s); the emulator "
+                         f"takes {len(names)} labels: {', '.join(names)}")
     out = np.empty((len(rows), n_col))
     for k, (n, tokens) in enumerate(rows):
         if len(tokens) != n_col:
-            raise ValueError(
-                f"{path} line {n}: {len(tokens)} column(s), expected {n_col}"
-            )
+            raise ValueError(f"{path} line {n}: {len(tokens)} column(s), expected "
+                             f"{n_col}")
         out[k] = [_parse_number(t, f"{path} line {n}") for t in tokens]
     return out[:, order]
 
@@ -820,18 +590,13 @@ def _check_values(emu: Emulator, labels: np.ndarray, *, allow_outside: bool) -> 
     bad = ~np.isfinite(labels)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(
-            f"label row {i}: {emu.label_names[j]} = {labels[i, j]} is not "
-            f"a finite number ({int(bad.sum())} such value(s))"
-        )
+        raise ValueError(f"label row {i}: {emu.label_names[j]} = {labels[i, j]} is not "
+                         f"a finite number ({int(bad.sum())} such value(s))")
     out = (labels < emu.label_lo) | (labels > emu.label_hi)
     if out.any() and allow_outside:
-        _log.warning(
-            "%d of %d label row(s) lie outside the training box: their "
-            "spectra are extrapolated",
-            int(out.any(axis=1).sum()),
-            labels.shape[0],
-        )
+        _log.warning("%d of %d label row(s) lie outside the training box: their "
+                     "spectra are extrapolated", int(out.any(axis=1).sum()),
+                     labels.shape[0])
     elif out.any():
         i, j = (int(v) for v in np.argwhere(out)[0])
         unit = f" {emu.label_units[j]}" if emu.label_units[j] else ""
@@ -839,13 +604,11 @@ def _check_values(emu: Emulator, labels: np.ndarray, *, allow_outside: bool) -> 
             f"label row {i}: {emu.label_names[j]} = {labels[i, j]:g} is outside the "
             f"emulator's training box [{emu.label_lo[j]:g}, {emu.label_hi[j]:g}]{unit} "
             f"({int(out.any(axis=1).sum())} of {labels.shape[0]} row(s) outside); "
-            "pass --allow-outside to extrapolate"
-        )
+            "pass --allow-outside to extrapolate")
 
 
-def _write_spectra(
-    path: Path, emu: Emulator, emu_path: Path, labels: np.ndarray, flux: np.ndarray
-) -> None:
+def _write_spectra(path: Path, emu: Emulator, emu_path: Path, labels: np.ndarray,
+                   flux: np.ndarray) -> None:
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
@@ -857,22 +620,14 @@ def _write_spectra(
             _h5.write_dataset(f, "flux", flux)
             _h5.set_json_attr(f, "label_names", list(emu.label_names))
             _h5.set_json_attr(f, "label_units", list(emu.label_units))
-            _h5.set_json_attr(
-                f,
-                "meta",
-                {"emulator": str(emu_path), "generator": "payne-lite predict"},
-            )
+            _h5.set_json_attr(f, "meta", {"emulator": str(emu_path),
+                                          "generator": "payne-lite predict"})
     elif suffix == ".csv":
         # Plain CSV (no comment lines) so that every reader takes it as it is.
         header = ",".join(["wavelength"] + [f"flux_{i}" for i in range(len(flux))])
-        np.savetxt(
-            path,
-            np.column_stack([emu.wavelength, flux.T]),
-            delimiter=",",
-            fmt=["%.10g"] + ["%.8g"] * flux.shape[0],
-            header=header,
-            comments="",
-        )
+        np.savetxt(path, np.column_stack([emu.wavelength, flux.T]), delimiter=",",
+                   fmt=["%.10g"] + ["%.8g"] * flux.shape[0], header=header,
+                   comments="")
     else:  # checked before the work; kept as a guard
         raise ValueError(f"{path}: unknown output format")
 
@@ -884,10 +639,8 @@ def _run_predict(args) -> int:
         inputs.append(_require_file(args.labels_file))
     out = _check_output(args.output, inputs=inputs)
     if out.suffix.lower() not in _PREDICT_SUFFIXES:
-        raise ValueError(
-            f"{out}: unknown output format {out.suffix!r}; use one of "
-            f"{', '.join(_PREDICT_SUFFIXES)}"
-        )
+        raise ValueError(f"{out}: unknown output format {out.suffix!r}; use one of "
+                         f"{', '.join(_PREDICT_SUFFIXES)}")
     emu = _read(Emulator.load, emu_path)
     if args.labels is not None:
         labels = _labels_from_flags(args.labels, emu.label_names)
@@ -897,11 +650,9 @@ def _run_predict(args) -> int:
     flux = emu.predict(labels, allow_outside=True)
     _write_spectra(out, emu, emu_path, labels, flux)
     n = labels.shape[0]
-    print(
-        f"wrote {out}: {n} spectr{'um' if n == 1 else 'a'} x {emu.n_pix} pixels, "
-        f"{emu.wavelength[0]:.1f}-{emu.wavelength[-1]:.1f} A, flux "
-        f"{flux.min():.3g}..{flux.max():.3g}"
-    )
+    print(f"wrote {out}: {n} spectr{'um' if n == 1 else 'a'} x {emu.n_pix} pixels, "
+          f"{emu.wavelength[0]:.1f}-{emu.wavelength[-1]:.1f} A, flux "
+          f"{flux.min():.3g}..{flux.max():.3g}")
     return EXIT_OK
 
 
@@ -910,22 +661,14 @@ def _run_predict(args) -> int:
 # ======================================================================================
 def _add_info(sub) -> None:
     p = _parser(
-        sub,
-        "info",
-        help="describe a grid, emulator or predicted-spectra file",
-        description=(
-            "Print what a payne_lite file holds: its kind and format\n"
-            "version, labels and their box, the wavelength grid, and for\n"
-            "emulators the network and a summary of its training."
-        ),
-        epilog="example:\n  payne-lite info emulator.h5",
-    )
-    p.add_argument(
-        "file",
-        metavar="FILE",
-        help="a payne_lite .h5 file (grid, emulator or predicted spectra), "
-        "or a training .npz in The Payne's layout",
-    )
+        sub, "info", help="describe a grid, emulator or predicted-spectra file",
+        description=("Print what a payne_lite file holds: its kind and format\n"
+                     "version, labels and their box, the wavelength grid, and for\n"
+                     "emulators the network and a summary of its training."),
+        epilog="example:\n  payne-lite info emulator.h5")
+    p.add_argument("file", metavar="FILE",
+                   help="a payne_lite .h5 file (grid, emulator or predicted spectra), "
+                        "or a training .npz in The Payne's layout")
 
 
 def _file_format(path: Path) -> tuple[str, int]:
@@ -934,17 +677,14 @@ def _file_format(path: Path) -> tuple[str, int]:
             fmt = f.attrs.get("format")
             ver = f.attrs.get("format_version")
     except OSError as err:
-        raise FileFormatError(
-            f"{path}: not a readable HDF5 file (corrupt or truncated?): {err}"
-        ) from err
+        raise FileFormatError(f"{path}: not a readable HDF5 file (corrupt or "
+                              f"truncated?): {err}") from err
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
     known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT)
     if fmt not in known:
-        raise FileFormatError(
-            f"{path}: not a payne_lite file (format={fmt!r}); info "
-            f"reads {', '.join(known)}"
-        )
+        raise FileFormatError(f"{path}: not a payne_lite file (format={fmt!r}); info "
+                              f"reads {', '.join(known)}")
     return str(fmt), int(ver) if ver is not None else -1
 
 
@@ -958,13 +698,10 @@ def _label_rows(names, units, lo, hi, note: str) -> list[str]:
     lows = [f"{a:.6g}" for a in lo]
     highs = [f"{b:.6g}" for b in hi]
     wl, wh = max(map(len, lows)), max(map(len, highs))
-    rows = [
-        f"{n:<{w}}  {a:>{wl}} .. {b:<{wh}}  {u}".rstrip()
-        for n, a, b, u in zip(names, lows, highs, units, strict=True)
-    ]
+    rows = [f"{n:<{w}}  {a:>{wl}} .. {b:<{wh}}  {u}".rstrip()
+            for n, a, b, u in zip(names, lows, highs, units, strict=True)]
     return [_row("labels" if i == 0 else "", r) for i, r in enumerate(rows)] + [
-        _row("", f"({note})")
-    ]
+        _row("", f"({note})")]
 
 
 def _meta_rows(meta: dict, prefix: str = "meta.") -> list[str]:
@@ -978,97 +715,57 @@ def _meta_rows(meta: dict, prefix: str = "meta.") -> list[str]:
 def _wrapped_pairs(key: str, mapping: dict) -> list[str]:
     """``key  a=1; b=2; ...`` wrapped to 88 columns."""
     text = "; ".join(f"{k}={_fmt_value(v, 60)}" for k, v in mapping.items())
-    return textwrap.wrap(
-        text,
-        88,
-        initial_indent=_row(key, ""),
-        subsequent_indent=" " * 14,
-        break_long_words=False,
-        break_on_hyphens=False,
-    )
+    return textwrap.wrap(text, 88, initial_indent=_row(key, ""),
+                         subsequent_indent=" " * 14, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def _lines_grid(grid: SpectralGrid) -> list[str]:
     lo, hi = grid.label_box
     err = "none" if grid.flux_err is None else "yes"
-    return [
-        _row("spectra", str(grid.n_spec)),
-        _row("wavelength", _fmt_wavelength(grid.wavelength)),
-        *_label_rows(
-            grid.label_names, grid.label_units, lo, hi, "range of the grid's labels"
-        ),
-        _row("flux", f"{grid.flux.min():.3g}..{grid.flux.max():.3g}; flux_err: {err}"),
-        *_meta_rows(grid.meta),
-    ]
+    return [_row("spectra", str(grid.n_spec)),
+            _row("wavelength", _fmt_wavelength(grid.wavelength)),
+            *_label_rows(grid.label_names, grid.label_units, lo, hi,
+                         "range of the grid's labels"),
+            _row("flux", f"{grid.flux.min():.3g}..{grid.flux.max():.3g}; "
+                         f"flux_err: {err}"),
+            *_meta_rows(grid.meta)]
 
 
 def _lines_emulator(emu: Emulator) -> list[str]:
     n_par = sum(int(np.size(a)) for a in emu.net.weights + emu.net.biases)
-    lines = [
-        _row(
-            "network",
-            f"{emu.kind}, hidden {','.join(map(str, emu.hidden))}, "
-            f"{emu.activation}, {emu.n_pix} pixels x {emu.n_labels} "
-            f"labels, {n_par} parameters",
-        ),
-        _row("wavelength", _fmt_wavelength(emu.wavelength)),
-        *_label_rows(
-            emu.label_names,
-            emu.label_units,
-            emu.label_lo,
-            emu.label_hi,
-            "training box: predictions outside it extrapolate",
-        ),
-    ]
+    lines = [_row("network", f"{emu.kind}, hidden {','.join(map(str, emu.hidden))}, "
+                             f"{emu.activation}, {emu.n_pix} pixels x {emu.n_labels} "
+                             f"labels, {n_par} parameters"),
+             _row("wavelength", _fmt_wavelength(emu.wavelength)),
+             *_label_rows(emu.label_names, emu.label_units, emu.label_lo,
+                          emu.label_hi, "training box: predictions outside it "
+                          "extrapolate")]
     m = emu.meta
     if "config" in m:
         cfg = m["config"]
         n_iter = len(emu.history.get("valid_rms", ()))
-        lines.append(
-            _row(
-                "training",
-                (
-                    f"{cfg.get('optimizer')}, {n_iter} of {cfg.get('max_iter')} iterations "
-                    f"in {m.get('train_seconds', math.nan):.1f} s ({m.get('dtype')}), "
-                    f"{m.get('n_train')} training + {m.get('n_valid')} held-out spectra, "
-                    f"{m.get('n_restarted_pixels', 0)} pixels restarted"
-                ),
-            )
-        )
+        lines.append(_row("training", (
+            f"{cfg.get('optimizer')}, {n_iter} of {cfg.get('max_iter')} iterations "
+            f"in {m.get('train_seconds', math.nan):.1f} s ({m.get('dtype')}), "
+            f"{m.get('n_train')} training + {m.get('n_valid')} held-out spectra, "
+            f"{m.get('n_restarted_pixels', 0)} pixels restarted")))
         med = m.get("valid_median_abs_error", math.nan)
         p99 = m.get("valid_p99_pixel_abs_error", math.nan)
-        lines.append(
-            _row(
-                "held-out",
-                f"median |error| {med:.2e}; 99th percentile over pixels {p99:.2e}",
-            )
-        )
+        lines.append(_row("held-out", f"median |error| {med:.2e}; 99th percentile "
+                                      f"over pixels {p99:.2e}"))
     if emu.pixel_error is not None:
         k = int(np.argmax(emu.pixel_error))
-        lines.append(
-            _row(
-                "pixel_error",
-                (
-                    f"held-out RMS per pixel: median {np.median(emu.pixel_error):.2e}, "
-                    f"max {emu.pixel_error[k]:.2e} at {emu.wavelength[k]:.2f} A"
-                ),
-            )
-        )
+        lines.append(_row("pixel_error", (
+            f"held-out RMS per pixel: median {np.median(emu.pixel_error):.2e}, "
+            f"max {emu.pixel_error[k]:.2e} at {emu.wavelength[k]:.2f} A")))
     if "config" in m:
         lines += _wrapped_pairs("config", m["config"])
     if m.get("grid_meta"):
         lines += _wrapped_pairs("grid", m["grid_meta"])
-    shown = {
-        "config",
-        "grid_meta",
-        "n_train",
-        "n_valid",
-        "train_seconds",
-        "dtype",
-        "valid_median_abs_error",
-        "valid_p99_pixel_abs_error",
-        "n_restarted_pixels",
-    }
+    shown = {"config", "grid_meta", "n_train", "n_valid", "train_seconds", "dtype",
+             "valid_median_abs_error", "valid_p99_pixel_abs_error",
+             "n_restarted_pixels"}
     lines += _meta_rows({k: v for k, v in m.items() if k not in shown})
     return lines
 
@@ -1081,15 +778,12 @@ def _lines_spectra(path: Path) -> list[str]:
         names = _h5.get_json_attr(f, "label_names", path)
         units = _h5.get_json_attr(f, "label_units", path)
         meta = _h5.get_json_attr(f, "meta", path)
-    return [
-        _row("spectra", str(flux.shape[0])),
-        _row("wavelength", _fmt_wavelength(wave)),
-        *_label_rows(
-            names, units, labels.min(0), labels.max(0), "range of the spectra's labels"
-        ),
-        _row("flux", f"{flux.min():.3g}..{flux.max():.3g}"),
-        *_meta_rows(meta),
-    ]
+    return [_row("spectra", str(flux.shape[0])),
+            _row("wavelength", _fmt_wavelength(wave)),
+            *_label_rows(names, units, labels.min(0), labels.max(0),
+                         "range of the spectra's labels"),
+            _row("flux", f"{flux.min():.3g}..{flux.max():.3g}"),
+            *_meta_rows(meta)]
 
 
 def _run_info(args) -> int:
@@ -1114,49 +808,26 @@ def _run_info(args) -> int:
 
 def _add_demo(sub) -> None:
     p = _parser(
-        sub,
-        "demo",
-        help="run the main job on the built-in default (nothing downloaded)",
+        sub, "demo", help="run the main job on the built-in default (nothing downloaded)",
         description=(
             "The main job on the embedded default: load the default emulator\n"
             "(data/default_emulator.h5, or build it in a few minutes if missing),\n"
             "simulate a catalog of spectra with known labels from the built-in\n"
             "synthesizer, check the emulator against them, and write a table and\n"
-            "figures. (Fitting the catalog joins this job with the fitter.)"
-        ),
-        epilog="example:\n  payne-lite demo -o demo_out --n-spec 300",
-    )
-    p.add_argument(
-        "-o",
-        "--outdir",
-        default="payne_lite_demo",
-        metavar="DIR",
-        help="folder for the table (catalog_truth.ecsv) and figures/",
-    )
-    p.add_argument(
-        "--n-spec",
-        type=_positive_int,
-        default=300,
-        metavar="N",
-        help="spectra in the simulated catalog",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=1,
-        help="seed of the catalog's labels (the default emulator was "
-        "trained on seed 0)",
-    )
-    p.add_argument(
-        "--emulator",
-        default=None,
-        metavar="EMULATOR.h5",
-        help="use this emulator file instead of the default (it must have "
-        "the built-in synthesizer's labels)",
-    )
-    p.add_argument(
-        "--no-progress", action="store_true", help="do not show progress bars"
-    )
+            "figures. (Fitting the catalog joins this job with the fitter.)"),
+        epilog="example:\n  payne-lite demo -o demo_out --n-spec 300")
+    p.add_argument("-o", "--outdir", default="payne_lite_demo", metavar="DIR",
+                   help="folder for the table (catalog_truth.ecsv) and figures/")
+    p.add_argument("--n-spec", type=_positive_int, default=300, metavar="N",
+                   help="spectra in the simulated catalog")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the catalog's labels (the default emulator was "
+                        "trained on seed 0)")
+    p.add_argument("--emulator", default=None, metavar="EMULATOR.h5",
+                   help="use this emulator file instead of the default (it must have "
+                        "the built-in synthesizer's labels)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show progress bars")
 
 
 def _run_demo(args) -> int:
@@ -1164,27 +835,16 @@ def _run_demo(args) -> int:
 
     if args.emulator is not None:
         _require_file(args.emulator)
-    res = run_demo(
-        args.outdir,
-        n_spec=args.n_spec,
-        seed=args.seed,
-        emulator=args.emulator,
-        progress=not args.no_progress,
-    )
+    res = run_demo(args.outdir, n_spec=args.n_spec, seed=args.seed,
+                   emulator=args.emulator, progress=not args.no_progress)
     print(f"payne-lite demo: {res['n_spec']} simulated spectra x {res['n_pix']} pixels")
-    print(
-        f"  emulator vs synthesizer on unseen labels: median |error| "
-        f"{res['median_abs_error']:.1e}, 99th-percentile pixel "
-        f"{res['p99_pixel_error']:.1e}"
-    )
-    print(
-        f"  emulator {res['emulator_spectra_per_s']:,.0f} spectra/s, synthesizer "
-        f"{res['synth_spectra_per_s']:,.0f} spectra/s on this machine"
-    )
-    print(
-        f"  wrote {res['outdir']}/catalog_truth.ecsv and {res['outdir']}/figures/ "
-        f"({res['total_seconds']:.0f} s)"
-    )
+    print(f"  emulator vs synthesizer on unseen labels: median |error| "
+          f"{res['median_abs_error']:.1e}, 99th-percentile pixel "
+          f"{res['p99_pixel_error']:.1e}")
+    print(f"  emulator {res['emulator_spectra_per_s']:,.0f} spectra/s, synthesizer "
+          f"{res['synth_spectra_per_s']:,.0f} spectra/s on this machine")
+    print(f"  wrote {res['outdir']}/catalog_truth.ecsv and {res['outdir']}/figures/ "
+          f"({res['total_seconds']:.0f} s)")
     return EXIT_OK
 
 
@@ -1207,29 +867,20 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``payne-lite`` argument parser with all subcommands."""
     parser = _ArgumentParser(
-        prog=PROG,
-        formatter_class=_Formatter,
-        parents=[_common_options(sub=False)],
-        description=(
-            "payne_lite: emulate and fit stellar spectra with per-pixel\n"
-            "neural networks (The Payne; Ting et al. 2019, ApJ 879, 69)."
-        ),
-        epilog=(
-            "typical session:\n"
-            "  payne-lite grid -o grid.h5\n"
-            "  payne-lite train grid.h5 -o emulator.h5\n"
-            "  payne-lite info emulator.h5\n"
-            "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
-            "-o flux.csv\n"
-            f"\n`{PROG} COMMAND --help` describes each command's options."
-        ),
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
-    )
-    sub = parser.add_subparsers(
-        dest="command", metavar="COMMAND", required=True, title="commands"
-    )
+        prog=PROG, formatter_class=_Formatter, parents=[_common_options(sub=False)],
+        description=("payne_lite: emulate and fit stellar spectra with per-pixel\n"
+                     "neural networks (The Payne; Ting et al. 2019, ApJ 879, 69)."),
+        epilog=("typical session:\n"
+                "  payne-lite grid -o grid.h5\n"
+                "  payne-lite train grid.h5 -o emulator.h5\n"
+                "  payne-lite info emulator.h5\n"
+                "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
+                "-o flux.csv\n"
+                f"\n`{PROG} COMMAND --help` describes each command's options."))
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                title="commands")
     for add, _ in _COMMANDS.values():
         add(sub)
     return parser
@@ -1240,17 +891,11 @@ def _logging_to_stderr(verbosity: int):
     """Route the package's log records to stderr for the duration of one command."""
     logger = logging.getLogger("payne_lite")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    )
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     old_level = logger.level
-    logger.setLevel(
-        logging.WARNING
-        if verbosity <= 0
-        else logging.INFO
-        if verbosity == 1
-        else logging.DEBUG
-    )
+    logger.setLevel(logging.WARNING if verbosity <= 0 else
+                    logging.INFO if verbosity == 1 else logging.DEBUG)
     logger.addHandler(handler)
     try:
         yield

@@ -115,12 +115,8 @@ def loss_curves(history: dict, stem: Path) -> list[Path]:
         it, history["valid_rms"], label="validation, best so far (median pixel RMS)"
     )
     if "valid_mae" in history:
-        ax.plot(
-            it,
-            history["valid_mae"],
-            ls="--",
-            label="validation, best so far (median pixel median |error|)",
-        )
+        ax.plot(it, history["valid_mae"], ls="--",
+                label="validation, best so far (median pixel median |error|)")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("error [normalised flux]")
