@@ -433,7 +433,8 @@ def test_fit_catalog_other_wavelengths_p0_and_fit_kwargs(tmp_path, emu):
     ref = pl.fit(flux, err, emu, wavelength=wave, **kw)
     assert "id" not in table.colnames
     assert_tables_equal(table, ref, ref.colnames)
-    assert np.all(table["logg"] == 3.0) and np.all(table["rv"] == 0.0)
+    np.testing.assert_allclose(table["logg"], 3.0, rtol=1e-6)  # float32 fit space
+    assert np.all(table["rv"] == 0.0)
     assert np.all(table["n_good_pixels"] == wave.size - 3)  # the extra mask applied
     assert np.all(np.isfinite(table["Teff"]))
 
