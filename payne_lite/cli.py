@@ -40,7 +40,7 @@ import numpy as np
 
 from . import __version__, _h5, synth
 from ._h5 import FileFormatError
-from .catalog import DEFAULT_CHUNK_SIZE
+from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
 from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
 from .fitter import FLAG_BITS, METHODS, fit
@@ -666,13 +666,14 @@ def _run_predict(args) -> int:
 # ======================================================================================
 def _add_info(sub) -> None:
     p = _parser(
-        sub, "info", help="describe a grid, emulator or predicted-spectra file",
+        sub, "info", help="describe a grid, emulator, catalog or predicted-spectra file",
         description=("Print what a payne_lite file holds: its kind and format\n"
                      "version, labels and their box, the wavelength grid, and for\n"
                      "emulators the network and a summary of its training."),
         epilog="example:\n  payne-lite info emulator.h5")
     p.add_argument("file", metavar="FILE",
-                   help="a payne_lite .h5 file (grid, emulator or predicted spectra), "
+                   help="a payne_lite .h5 file (grid, emulator, catalog or predicted "
+                        "spectra), "
                         "or a training .npz in The Payne's layout")
 
 
@@ -686,7 +687,7 @@ def _file_format(path: Path) -> tuple[str, int]:
                               f"truncated?): {err}") from err
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
-    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT)
+    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT)
     if fmt not in known:
         raise FileFormatError(f"{path}: not a payne_lite file (format={fmt!r}); info "
                               f"reads {', '.join(known)}")
@@ -791,6 +792,24 @@ def _lines_spectra(path: Path) -> list[str]:
             *_meta_rows(meta)]
 
 
+def _lines_catalog(path: Path) -> list[str]:
+    """Summary of a catalog file; reads the wavelength, not the spectra."""
+    from .catalog import HDF5Catalog
+
+    with HDF5Catalog(path) as cat:
+        n = len(cat)
+        dtype = cat.read(0, 1).flux.dtype
+        ids = "none"
+        if cat.has_ids:
+            first, last = cat.read(0, 1).ids[0], cat.read(n - 1, n).ids[0]
+            ids = f"{str(first)!r} .. {str(last)!r}"
+        return [_row("spectra", f"{n} (flux and flux_err {dtype}; mask: "
+                                f"{'yes' if cat.has_mask else 'none'})"),
+                _row("wavelength", _fmt_wavelength(cat.wavelength)),
+                _row("ids", ids),
+                *_meta_rows(cat.meta)]
+
+
 def _run_info(args) -> int:
     path = _require_file(args.file)
     size = _human_size(path.stat().st_size)
@@ -804,6 +823,8 @@ def _run_info(args) -> int:
         lines = _lines_grid(_read(SpectralGrid.load, path))
     elif fmt == EMULATOR_FORMAT:
         lines = _lines_emulator(_read(Emulator.load, path))
+    elif fmt == CATALOG_FORMAT:
+        lines = _read(_lines_catalog, path)
     else:
         lines = _read(_lines_spectra, path)
     print(f"{path}: {fmt} v{ver}, {size}")

@@ -238,6 +238,15 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
     assert out.splitlines()[-1] == f"wrote {out_path}"
 
 
+def test_info_catalog(fit_files, capsys):
+    code, out, err = run(capsys, "info", fit_files.cat)
+    assert code == 0, err
+    assert out.startswith(f"{fit_files.cat}: payne_lite.Catalog v1, ")
+    for frag in ("spectra     6 (flux and flux_err float32; mask: yes)",
+                 "15100.00-15199.84 A, 478 pixels", "ids         'star0' .. 'star5'"):
+        assert frag in out, frag
+
+
 def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
     from astropy.io import fits
 
