@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
 from ._h5 import FileFormatError as FileFormatError
+from .catalog import fit_catalog as fit_catalog
+from .catalog import iter_catalog as iter_catalog
+from .catalog import open_catalog as open_catalog
+from .catalog import write_catalog as write_catalog
 from .emulator import DenseNet as DenseNet
 from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
@@ -27,7 +31,11 @@ __all__ = [
     "SpectralGrid",
     "TrainConfig",
     "fit",
+    "fit_catalog",
+    "iter_catalog",
+    "open_catalog",
     "read_results",
     "train_emulator",
+    "write_catalog",
     "write_results",
 ]

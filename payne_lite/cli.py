@@ -1,4 +1,4 @@
-"""The ``payne-lite`` command line: make grids, train emulators, predict spectra.
+"""The ``payne-lite`` command line: make grids, train emulators, predict, fit catalogs.
 
 Usage::
 
@@ -6,6 +6,7 @@ Usage::
     payne-lite train grid.h5 -o emulator.h5 --hidden 10
     payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 -o flux.npy
     payne-lite info emulator.h5
+    payne-lite fit catalog.h5 --emulator emulator.h5 -o results.fits
 
 Every subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares the
 options and ``_run_<name>(args) -> int`` does the work; :data:`_COMMANDS` lists them.
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -38,9 +40,12 @@ import numpy as np
 
 from . import __version__, _h5, synth
 from ._h5 import FileFormatError
+from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
 from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
+from .fitter import FLAG_BITS, METHODS, fit
 from .grid import GRID_FORMAT, SpectralGrid
+from .results import FORMATS as RESULTS_FORMATS
 from .train import TrainConfig, train_emulator
 
 PROG = "payne-lite"
@@ -661,13 +666,14 @@ def _run_predict(args) -> int:
 # ======================================================================================
 def _add_info(sub) -> None:
     p = _parser(
-        sub, "info", help="describe a grid, emulator or predicted-spectra file",
+        sub, "info", help="describe a grid, emulator, catalog or predicted-spectra file",
         description=("Print what a payne_lite file holds: its kind and format\n"
                      "version, labels and their box, the wavelength grid, and for\n"
                      "emulators the network and a summary of its training."),
         epilog="example:\n  payne-lite info emulator.h5")
     p.add_argument("file", metavar="FILE",
-                   help="a payne_lite .h5 file (grid, emulator or predicted spectra), "
+                   help="a payne_lite .h5 file (grid, emulator, catalog or predicted "
+                        "spectra), "
                         "or a training .npz in The Payne's layout")
 
 
@@ -681,7 +687,7 @@ def _file_format(path: Path) -> tuple[str, int]:
                               f"truncated?): {err}") from err
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
-    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT)
+    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT)
     if fmt not in known:
         raise FileFormatError(f"{path}: not a payne_lite file (format={fmt!r}); info "
                               f"reads {', '.join(known)}")
@@ -786,6 +792,24 @@ def _lines_spectra(path: Path) -> list[str]:
             *_meta_rows(meta)]
 
 
+def _lines_catalog(path: Path) -> list[str]:
+    """Summary of a catalog file; reads the wavelength, not the spectra."""
+    from .catalog import HDF5Catalog
+
+    with HDF5Catalog(path) as cat:
+        n = len(cat)
+        dtype = cat.read(0, 1).flux.dtype
+        ids = "none"
+        if cat.has_ids:
+            first, last = cat.read(0, 1).ids[0], cat.read(n - 1, n).ids[0]
+            ids = f"{str(first)!r} .. {str(last)!r}"
+        return [_row("spectra", f"{n} (flux and flux_err {dtype}; mask: "
+                                f"{'yes' if cat.has_mask else 'none'})"),
+                _row("wavelength", _fmt_wavelength(cat.wavelength)),
+                _row("ids", ids),
+                *_meta_rows(cat.meta)]
+
+
 def _run_info(args) -> int:
     path = _require_file(args.file)
     size = _human_size(path.stat().st_size)
@@ -799,6 +823,8 @@ def _run_info(args) -> int:
         lines = _lines_grid(_read(SpectralGrid.load, path))
     elif fmt == EMULATOR_FORMAT:
         lines = _lines_emulator(_read(Emulator.load, path))
+    elif fmt == CATALOG_FORMAT:
+        lines = _read(_lines_catalog, path)
     else:
         lines = _read(_lines_spectra, path)
     print(f"{path}: {fmt} v{ver}, {size}")
@@ -849,9 +875,154 @@ def _run_demo(args) -> int:
 
 
 # ======================================================================================
+# fit
+# ======================================================================================
+def _fit_default(name: str):
+    return inspect.signature(fit).parameters[name].default
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_fit(sub) -> None:
+    p = _parser(
+        sub, "fit", help="fit a catalog of observed spectra with an emulator",
+        description=(
+            "Fit labels, radial velocity and (optionally) a continuum to every\n"
+            "spectrum of a catalog with an emulator, one chunk of spectra at a time\n"
+            "(bounded memory), and write one results table: one row per spectrum with\n"
+            "each label, its error, rv, chi2, chi2_red, n_iter, converged and flags\n"
+            "(see payne_lite.fit).\n\n"
+            "catalogs:\n"
+            "  .h5       a payne_lite catalog (payne_lite.write_catalog): flux,\n"
+            "            flux_err, optional mask and ids\n"
+            "  .fits     one or more APOGEE aspcapStar/apStar-like files, one spectrum\n"
+            "            each: flux in HDU 1, errors in HDU 2, optional pixel bitmask\n"
+            "            in HDU 3, log10 wavelength from CRVAL1/CDELT1; ids are the\n"
+            "            file names\n\n"
+            "results formats, chosen by the file name:\n"
+            "  .fits     FITS-safe column names (TEFF, FE_H, ALPHA_FE, FE_H_ERR, ...)\n"
+            "  .ecsv     text, column names as in memory ([Fe/H], [Fe/H]_err, ...)\n"
+            "  .h5       HDF5, column names as in memory"),
+        epilog=(
+            textwrap.fill("flags column (a bitmask): " + "; ".join(
+                f"{1 << b} = {text}" for b, text in FLAG_BITS.items()), 76,
+                subsequent_indent="  ")
+            + "\n\nexamples:\n"
+            "  payne-lite fit catalog.h5 --emulator emu.h5 -o results.fits\n"
+            "  payne-lite fit aspcapStar-*.fits --emulator emu.h5 -o results.ecsv \\\n"
+            "      --cont-deg 2 --fixed vmacro=5 rv=0"))
+    p.add_argument("catalog", nargs="+", metavar="CATALOG",
+                   help="a payne_lite catalog (.h5), or one or more APOGEE-like FITS "
+                        "files (see above)")
+    p.add_argument("--emulator", required=True, metavar="EMULATOR.h5",
+                   help="a payne_lite emulator file")
+    p.add_argument("-o", "--output", required=True,
+                   metavar="RESULTS.{fits,ecsv,h5}",
+                   help="results table; its suffix picks the format (see above)")
+    p.add_argument("--method", choices=METHODS, default=_fit_default("method"),
+                   help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
+                        "scipy.optimize.curve_fit per spectrum (the reference)")
+    p.add_argument("--cont-deg", type=_nonnegative_int,
+                   default=_fit_default("cont_deg"), metavar="N",
+                   help="degree of a multiplicative Chebyshev continuum fitted with "
+                        "the labels (0 = spectra are already continuum-normalised)")
+    p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
+                   metavar="N",
+                   help="spectra read and fitted at a time (memory grows with it)")
+    p.add_argument("--max-iter", type=_positive_int, default=_fit_default("max_iter"),
+                   metavar="N",
+                   help="iteration cap per starting point (curve_fit: function "
+                        "evaluations)")
+    p.add_argument("--fixed", action="extend", nargs="+", metavar="NAME=VALUE",
+                   help="hold a label [physical units] or rv [km/s] fixed, e.g. "
+                        "--fixed vmacro=5 rv=0 (label names as `payne-lite info "
+                        "EMULATOR` lists them)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite RESULTS if it exists (otherwise refused)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show a progress bar")
+
+
+def _parse_fixed(items: Sequence[str] | None) -> dict[str, float]:
+    fixed: dict[str, float] = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--fixed {item!r}: expected NAME=VALUE, e.g. vmacro=5 "
+                             "(give CATALOG before --fixed)")
+        if name in fixed:
+            raise ValueError(f"--fixed: {name} is given more than once")
+        fixed[name] = _parse_number(text.strip(), f"--fixed {item!r}")
+    return fixed
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
+
+
+def _run_fit(args) -> int:
+    from .catalog import fit_catalog, open_catalog
+
+    t0 = time.perf_counter()
+    emu_path = _require_file(args.emulator)
+    cat_paths = [_require_file(c) for c in args.catalog]
+    out = Path(args.output)
+    if out.suffix.lower() not in RESULTS_FORMATS:
+        raise ValueError(f"{out}: unknown results file suffix {out.suffix!r}; expected "
+                         f"one of {', '.join(sorted(RESULTS_FORMATS))}")
+    out = _check_output(out, inputs=[emu_path, *cat_paths])
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; use --force to overwrite it")
+    fixed = _parse_fixed(args.fixed)
+    emu = _read(Emulator.load, emu_path)
+    source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
+    with _read(open_catalog, source) as cat:
+        n, n_pix = len(cat), cat.wavelength.size
+        what = (f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels from "
+                + (str(cat_paths[0]) if len(cat_paths) == 1
+                   else f"{len(cat_paths)} FITS files"))
+        _log.info("fitting %s with %r", what, emu)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table = fit_catalog(
+            cat, out, emu, method=args.method, chunk_size=args.chunk_size,
+            overwrite=args.force, progress=not args.no_progress,
+            cont_deg=args.cont_deg, max_iter=args.max_iter, fixed=fixed or None,
+            meta={"command": args.command_line, "emulator_file": str(emu_path)})
+    seconds = time.perf_counter() - t0
+    flags = np.asarray(table["flags"])
+    n_flagged = int(np.count_nonzero(flags))
+    per_bit = [f"{int(np.count_nonzero(flags & (1 << b)))} {_flag_name(text)}"
+               for b, text in FLAG_BITS.items() if np.any(flags & (1 << b))]
+    chi2_red = np.asarray(table["chi2_red"], dtype=float)
+    median = (f"; median chi2_red {np.nanmedian(chi2_red):.3g}"
+              if np.isfinite(chi2_red).any() else "")
+    print(f"fitted {what} ({args.method}, cont_deg {args.cont_deg})")
+    print(f"  {int(np.count_nonzero(table['converged']))} converged, {n_flagged} "
+          f"flagged" + (f" ({', '.join(per_bit)})" if per_bit else "") + median)
+    print(f"  {_fmt_seconds(seconds / n)} per spectrum ({seconds:.1f} s in all, "
+          "compilation included)")
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _flag_name(text: str) -> str:
+    """'at a bound (training box or rv window)' -> 'at a bound'."""
+    return text.split(" (")[0].split(":")[0]
+
+
+# ======================================================================================
 # Subcommand registry.
 #
-# Later subcommands (planned in DESIGN.md: fit, train-mdn, bench, plot) go here,
+# Later subcommands (planned in DESIGN.md: train-mdn, bench, plot) go here,
 # each as an _add_<name>(subparsers) / _run_<name>(args) -> int pair added to
 # _COMMANDS once it does real work. Nothing is registered before then.
 # ======================================================================================
@@ -861,6 +1032,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "predict": (_add_predict, _run_predict),
     "info": (_add_info, _run_info),
     "demo": (_add_demo, _run_demo),
+    "fit": (_add_fit, _run_fit),
 }
 
 
@@ -876,6 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "  payne-lite info emulator.h5\n"
                 "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
                 "-o flux.csv\n"
+                "  payne-lite fit catalog.h5 --emulator emulator.h5 -o results.fits\n"
                 f"\n`{PROG} COMMAND --help` describes each command's options."))
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {__version__}")

@@ -20,7 +20,9 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
+from test_catalog import assert_tables_equal
 
+import payne_lite as pl
 from payne_lite import Emulator, SpectralGrid
 from payne_lite.cli import build_parser, main
 
@@ -179,6 +181,126 @@ def test_info_emulator(files, capsys):
         assert frag in out, frag
 
 
+# --- fit --------------------------------------------------------------------------
+def noisy_catalog(emu, n, seed=0):
+    """(flux, flux_err) float32 of n noisy spectra (S/N 50) inside the training box."""
+    rng = np.random.default_rng(seed)
+    lo, hi = emu.label_lo, emu.label_hi
+    labels = lo + (hi - lo) * rng.uniform(0.2, 0.8, (n, emu.n_labels))
+    err = np.full((n, emu.n_pix), 0.02)
+    flux = emu.predict(labels) + err * rng.normal(size=err.shape)
+    return flux.astype(np.float32), err.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fit_files(files):
+    """A 6-spectrum catalog (with ids and a partial mask) for the emulator of `files`."""
+    emu = Emulator.load(files.emu)
+    flux, err = noisy_catalog(emu, 6)
+    mask = np.zeros(flux.shape, bool)
+    mask[1, :100] = True
+    ids = [f"star{i}" for i in range(6)]
+    cat = files.dir / "catalog.h5"
+    pl.write_catalog(cat, flux, err, emu.wavelength, mask=mask, ids=ids)
+    return SimpleNamespace(emu=emu, cat=cat, flux=flux, err=err, mask=mask, ids=ids)
+
+
+def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
+    out_path = tmp_path / "results.fits"
+    argv = ["fit", fit_files.cat, "--emulator", files.emu, "-o", out_path,
+            "--chunk-size", "4", "--max-iter", "20", "--fixed", "vmacro=5",
+            "--no-progress"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    table = pl.read_results(out_path)
+    ref = pl.fit(fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask,
+                 fixed={"vmacro": 5.0}, max_iter=20)
+    assert list(table["id"]) == fit_files.ids
+    assert_tables_equal(table, ref, ref.colnames)
+    np.testing.assert_allclose(table["vmacro"], 5.0, rtol=1e-6)  # float32 fit space
+    assert table["n_good_pixels"][1] <= 478 - 100
+    assert table.meta["command"].startswith("payne-lite fit ")
+    lines = out.splitlines()
+    n_conv = int(np.count_nonzero(table["converged"]))
+    n_flag = int(np.count_nonzero(table["flags"]))
+    assert lines[0] == f"fitted 6 spectra x 478 pixels from {fit_files.cat} (lm, cont_deg 0)"
+    assert lines[1].startswith(f"  {n_conv} converged, {n_flag} flagged")
+    assert "median chi2_red" in lines[1]
+    assert lines[2].startswith("  ") and " per spectrum (" in lines[2]
+    assert lines[3] == f"wrote {out_path}"
+
+    before = out_path.read_bytes()
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, f"{out_path} exists; use --force")
+    assert out_path.read_bytes() == before
+    code, out, err = run(capsys, *argv, "--force")
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"wrote {out_path}"
+
+
+def test_info_catalog(fit_files, capsys):
+    code, out, err = run(capsys, "info", fit_files.cat)
+    assert code == 0, err
+    assert out.startswith(f"{fit_files.cat}: payne_lite.Catalog v1, ")
+    for frag in ("spectra     6 (flux and flux_err float32; mask: yes)",
+                 "15100.00-15199.84 A, 478 pixels", "ids         'star0' .. 'star5'"):
+        assert frag in out, frag
+
+
+def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
+    from astropy.io import fits
+
+    emu = fit_files.emu
+    x0 = np.log10(emu.wavelength[0])
+    dlog = float(np.log10(emu.wavelength[-1]) - x0) / (emu.n_pix - 1)
+    paths = []
+    for i in range(2):
+        hdr = fits.Header()
+        hdr["CRVAL1"], hdr["CDELT1"], hdr["CTYPE1"] = x0, dlog, "LOG-LINEAR"
+        p = tmp_path / f"aspcapStar-{i}.fits"
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(fit_files.flux[i], header=hdr),
+                      fits.ImageHDU(fit_files.err[i])]).writeto(p)
+        paths.append(p)
+    out_path = tmp_path / "sub" / "results.ecsv"
+    code, out, err = run(capsys, "fit", *paths, "--emulator", files.emu, "-o",
+                         out_path, "--cont-deg", "1", "--max-iter", "10",
+                         "--no-progress")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("fitted 2 spectra x 478 pixels from 2 FITS files "
+                                   "(lm, cont_deg 1)")
+    table = pl.read_results(out_path)
+    with pl.open_catalog(paths) as cat:
+        wave = cat.wavelength
+    np.testing.assert_allclose(wave, emu.wavelength, rtol=1e-12)
+    ref = pl.fit(fit_files.flux[:2], fit_files.err[:2], emu, cont_deg=1, max_iter=10,
+                 wavelength=None if np.array_equal(wave, emu.wavelength) else wave)
+    assert list(table["id"]) == ["aspcapStar-0", "aspcapStar-1"]
+    assert "cont_1" in table.colnames
+    assert_tables_equal(table, ref, ref.colnames)
+
+
+def test_fit_bad_input_is_one_line(files, fit_files, tmp_path, capsys):
+    def fit_cli(*extra, cat=fit_files.cat, out=tmp_path / "r.fits"):
+        return run(capsys, "fit", cat, "--emulator", files.emu, "-o", out,
+                   "--no-progress", *extra)
+
+    assert_one_line_error(*fit_cli("--fixed", "vmacro5"),
+                          "--fixed 'vmacro5': expected NAME=VALUE")
+    assert_one_line_error(*fit_cli("--fixed", "vmacro=fast"), "'fast' is not a number")
+    assert_one_line_error(*fit_cli("--fixed", "vturb=1"),
+                          "unknown parameter 'vturb'", "vmacro")
+    assert_one_line_error(*fit_cli(out=tmp_path / "r.txt"),
+                          "unknown results file suffix '.txt'")
+    assert_one_line_error(*fit_cli(cat=tmp_path / "missing.h5"),
+                          "missing.h5: no such file")
+    assert_one_line_error(*fit_cli(cat=files.grid),
+                          "expected a 'payne_lite.Catalog' file")
+    assert_one_line_error(*fit_cli(out=fit_files.cat), "overwrite the input")
+    assert_one_line_error(*fit_cli("--chunk-size", "0"), "--chunk-size",
+                          "positive integer")
+    assert not (tmp_path / "r.fits").exists()
+
+
 # --- errors -----------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["train", "predict", "info"])
 def test_missing_file_is_one_line_exit_2(tmp_path, capsys, command):
@@ -281,7 +403,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 def test_top_level_help_lists_commands(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for name in ("grid", "train", "predict", "info", "--verbose", "--debug"):
+    for name in ("grid", "train", "predict", "info", "fit", "--verbose", "--debug"):
         assert name in out
 
 

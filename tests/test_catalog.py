@@ -1,0 +1,462 @@
+"""Tests of payne_lite.catalog: the HDF5 catalog layout, the APOGEE FITS reader and
+fit_catalog (whose results must equal fit() on the same arrays).
+
+Emulators are the small random ones of conftest (60 pixels, 3 labels), so that the
+fits compile and run in seconds.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import payne_lite as pl
+from payne_lite import FileFormatError
+from payne_lite.catalog import (
+    APOGEE_BAD_PIXEL_BITS,
+    ApogeeFitsCatalog,
+    HDF5Catalog,
+    catalog_writer,
+    chunk_bounds,
+    read_apogee_fits,
+)
+
+N_SPEC, N_PIX = 20, 60
+APOGEE_CRVAL1, APOGEE_CDELT1, APOGEE_NPIX = 4.179, 6e-6, 8575
+
+
+def spectra(emu, n, *, seed=0, snr=50.0, dtype=np.float32):
+    """(labels, flux, flux_err) of n noisy spectra inside the emulator's box."""
+    rng = np.random.default_rng(seed)
+    lo, hi = emu.label_lo, emu.label_hi
+    labels = lo + (hi - lo) * rng.uniform(0.15, 0.85, (n, emu.n_labels))
+    clean = emu.predict(labels).astype(np.float64)
+    err = np.full_like(clean, 1.0 / snr) * rng.uniform(0.8, 1.2, clean.shape)
+    flux = clean + err * rng.normal(size=clean.shape)
+    return labels, flux.astype(dtype), err.astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from conftest import build_tiny_emulator
+
+    return build_tiny_emulator(n_pix=N_PIX, n_hid=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data(emu):
+    _, flux, err = spectra(emu, N_SPEC)
+    mask = np.zeros(flux.shape, bool)
+    mask[2, 10:30] = True
+    mask[7, :] = True  # a spectrum with no usable pixel: flagged "failed"
+    ids = np.array([f"2M{i:08d}+{i:07d}" for i in range(N_SPEC)])
+    return flux, err, mask, ids
+
+
+@pytest.fixture(scope="module")
+def cat_path(tmp_path_factory, emu, data):
+    path = tmp_path_factory.mktemp("cat") / "catalog.h5"
+    flux, err, mask, ids = data
+    pl.write_catalog(path, flux, err, emu.wavelength, mask=mask, ids=ids, meta={"a": 1})
+    return path
+
+
+# --- the HDF5 layout --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_write_read_round_trip(tmp_path, emu, dtype):
+    _, flux, err = spectra(emu, 5, dtype=dtype)
+    path = pl.write_catalog(tmp_path / "c.h5", flux, err, emu.wavelength)
+    with pl.open_catalog(path) as cat:
+        assert isinstance(cat, HDF5Catalog)
+        assert len(cat) == 5 and not cat.has_mask and not cat.has_ids
+        np.testing.assert_array_equal(cat.wavelength, emu.wavelength)
+        chunk = cat.read(0, 5)
+    assert chunk.flux.dtype == dtype and chunk.flux_err.dtype == dtype
+    np.testing.assert_array_equal(chunk.flux, flux)
+    np.testing.assert_array_equal(chunk.flux_err, err)
+    assert chunk.mask is None and chunk.ids is None
+
+
+def test_layout_is_versioned_and_chunked_along_rows(cat_path, data):
+    flux, err, mask, ids = data
+    with h5py.File(cat_path, "r") as f:
+        assert f.attrs["format"] == "payne_lite.Catalog"
+        assert f.attrs["format_version"] == 1
+        for name in ("flux", "flux_err", "mask"):
+            ds = f[name]
+            assert ds.shape == (N_SPEC, N_PIX)
+            assert ds.chunks[1] == N_PIX  # a storage chunk holds whole rows
+            assert ds.fletcher32
+        assert f["mask"].dtype == bool
+        assert list(f["ids"].asstr()[()]) == list(ids)
+    with pl.open_catalog(cat_path) as cat:
+        assert cat.meta == {"a": 1}
+        got = cat.read(3, 11)
+    np.testing.assert_array_equal(got.flux, flux[3:11])
+    np.testing.assert_array_equal(got.flux_err, err[3:11])
+    np.testing.assert_array_equal(got.mask, mask[3:11])
+    assert list(got.ids) == list(ids[3:11])
+
+
+def test_iter_catalog_uneven_chunks(cat_path, data):
+    flux, err, mask, ids = data
+    starts, parts = zip(*pl.iter_catalog(cat_path, chunk_size=8), strict=True)
+    assert starts == (0, 8, 16)
+    assert [len(p.flux) for p in parts] == [8, 8, 4]
+    np.testing.assert_array_equal(np.concatenate([p.flux for p in parts]), flux)
+    np.testing.assert_array_equal(np.concatenate([p.flux_err for p in parts]), err)
+    np.testing.assert_array_equal(np.concatenate([p.mask for p in parts]), mask)
+    assert list(np.concatenate([p.ids for p in parts])) == list(ids)
+    assert chunk_bounds(20, 8) == [(0, 8), (8, 16), (16, 20)]
+    assert chunk_bounds(16, 8) == [(0, 8), (8, 16)]
+
+
+def test_catalog_writer_appends_blocks_and_leaves_nothing_on_error(
+    tmp_path, cat_path, emu, data
+):
+    flux, err, mask, ids = data
+    path = tmp_path / "blocks.h5"
+    with catalog_writer(path, emu.wavelength, with_mask=True, with_ids=True) as w:
+        for s, e in [(0, 7), (7, 8), (8, 20)]:
+            w.append(flux[s:e], err[s:e], mask=mask[s:e], ids=ids[s:e])
+    with pl.open_catalog(path) as a, pl.open_catalog(cat_path) as b:
+        x, y = a.read(0, N_SPEC), b.read(0, N_SPEC)
+    for u, v in zip(x, y, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+    broken = tmp_path / "broken.h5"
+    with pytest.raises(ValueError, match=r"flux \(2, 59\) has 59 pixels"):
+        with catalog_writer(broken, emu.wavelength) as w:
+            w.append(flux[:3], err[:3])
+            w.append(flux[:2, :-1], err[:2, :-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.h5"]  # no temp file
+
+
+def test_inputs_not_mutated(tmp_path, emu, data):
+    flux, err, mask, ids = data
+    copies = [a.copy() for a in data]
+    pl.write_catalog(tmp_path / "c.h5", flux, err, emu.wavelength, mask=mask, ids=ids)
+    for a, b in zip(data, copies, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- bad input -------------------------------------------------------------------
+def test_write_bad_input(tmp_path, emu, data):
+    flux, err, mask, ids = data
+    wave = emu.wavelength
+    with pytest.raises(ValueError, match=r"flux \(20, 60\) and flux_err \(20, 59\)"):
+        pl.write_catalog(tmp_path / "a.h5", flux, err[:, 1:], wave)
+    with pytest.raises(ValueError, match="holds no spectra"):
+        pl.write_catalog(tmp_path / "a.h5", flux[:0], err[:0], wave)
+    with pytest.raises(ValueError, match=r"ids \(19,\) must be \(20,\)"):
+        pl.write_catalog(tmp_path / "a.h5", flux, err, wave, ids=ids[1:])
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        pl.write_catalog(tmp_path / "a.h5", flux, err, wave, mask=mask.astype(int))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        pl.write_catalog(tmp_path / "a.h5", flux, err, wave[::-1])
+    with pytest.raises(ValueError, match="no spectra were appended"):
+        with catalog_writer(tmp_path / "a.h5", wave):
+            pass
+    pl.write_catalog(tmp_path / "a.h5", flux[:2], err[:2], wave)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        pl.write_catalog(tmp_path / "a.h5", flux[:2], err[:2], wave)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def _raw_catalog(path, wave, flux, err, version=1):
+    """A catalog file written by hand (to make files write_catalog would refuse)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "payne_lite.Catalog"
+        f.attrs["format_version"] = version
+        f["wavelength"] = wave
+        f["flux"] = flux
+        f["flux_err"] = err
+
+
+def test_read_bad_files(tmp_path, emu, cat_path, data):
+    flux, err, _, _ = data
+    wave = emu.wavelength
+    with pytest.raises(FileNotFoundError, match="missing.h5: no such file"):
+        pl.open_catalog(tmp_path / "missing.h5")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an HDF5 file\n" * 20)
+    with pytest.raises(FileFormatError, match="garbage.h5: not a readable HDF5 file"):
+        pl.open_catalog(garbage)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(cat_path.read_bytes()[:2000])
+    with pytest.raises(FileFormatError, match="truncated.h5"):
+        pl.open_catalog(truncated)
+    grid = tmp_path / "grid.h5"
+    pl.SpectralGrid(
+        wave, np.ones((2, 3)), flux[:2], ("a", "b", "c"), ("", "", "")
+    ).save(grid)
+    with pytest.raises(
+        FileFormatError,
+        match="expected a 'payne_lite.Catalog' file, found format="
+        "'payne_lite.SpectralGrid'",
+    ):
+        pl.open_catalog(grid)
+    _raw_catalog(tmp_path / "v2.h5", wave, flux, err, version=2)
+    with pytest.raises(FileFormatError, match="format_version=2 is not supported"):
+        pl.open_catalog(tmp_path / "v2.h5")
+    _raw_catalog(tmp_path / "empty.h5", wave, flux[:0], err[:0])
+    with pytest.raises(FileFormatError, match="empty.h5: the catalog holds no spectra"):
+        pl.open_catalog(tmp_path / "empty.h5")
+    _raw_catalog(tmp_path / "shape.h5", wave, flux, err[:5])
+    with pytest.raises(
+        FileFormatError,
+        match=r"flux_err \(5, 60\) must have the shape of flux \(20, 60\)",
+    ):
+        pl.open_catalog(tmp_path / "shape.h5")
+    _raw_catalog(tmp_path / "pix.h5", wave[:-1], flux, err)
+    with pytest.raises(
+        FileFormatError, match=r"flux \(20, 60\) must be \(n_spec, 59\)"
+    ):
+        pl.open_catalog(tmp_path / "pix.h5")
+    with pytest.raises(ValueError, match="unknown catalog file type '.npz'"):
+        pl.open_catalog(tmp_path / "c.npz")
+
+
+def test_corrupt_rows_are_reported_not_read(tmp_path, cat_path):
+    bad = tmp_path / "bitrot.h5"
+    raw = bytearray(cat_path.read_bytes())
+    with h5py.File(cat_path, "r") as f:
+        info = f["flux"].id.get_chunk_info(0)
+    for k in range(16):  # flip bits inside the first stored chunk of flux
+        raw[info.byte_offset + 100 + k] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    with pl.open_catalog(bad) as cat:
+        with pytest.raises(
+            FileFormatError, match=r"bitrot.h5: rows \[0, 4\) are corrupt"
+        ):
+            cat.read(0, 4)
+
+
+# --- APOGEE FITS ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def apogee_star(payne_dir_optional):
+    """(wavelength, flux, err) of a real APOGEE spectrum on the 7214-pixel grid; random
+    values on that grid's layout when the shared data are absent."""
+    k = np.r_[322:3000, 3600:6000, 6500:8636]  # the ASPCAP pixels with chip gaps out
+    if payne_dir_optional is None:
+        rng = np.random.default_rng(5)
+        flux = rng.uniform(0.5, 1.1, k.size).astype(np.float32)
+        err = rng.uniform(0.005, 0.05, k.size).astype(np.float32)
+        wave = 10.0 ** (APOGEE_CRVAL1 + APOGEE_CDELT1 * k)
+        return k, wave, flux, err
+    d = np.load(payne_dir_optional / "apogee_combined_2M13012770+5754582.npz")
+    wave = np.load(payne_dir_optional / "apogee_wavelength.npz")["wavelength"]
+    k = np.rint((np.log10(wave) - APOGEE_CRVAL1) / APOGEE_CDELT1).astype(int)
+    return k, wave, d["spectrum"], d["spec_err"]
+
+
+def write_apogee_file(
+    path, k, flux, err, *, n_rows=1, bitmask=None, model=None, crval=APOGEE_CRVAL1
+):
+    """An aspcapStar/apStar-like file: the spectrum placed on the full 8575-pixel
+    log-lambda grid (zeros in the chip gaps), n_rows > 1 = apStar with visit rows."""
+    full_f = np.zeros(APOGEE_NPIX, np.float32)
+    full_e = np.zeros(APOGEE_NPIX, np.float32)
+    full_f[k], full_e[k] = flux, err
+    if n_rows > 1:
+        full_f = np.vstack(
+            [full_f] + [full_f * (1 + 0.1 * i) for i in range(1, n_rows)]
+        )
+        full_e = np.vstack([full_e] * n_rows)
+    hdr = fits.Header()
+    hdr["CRVAL1"], hdr["CDELT1"], hdr["CRPIX1"] = crval, APOGEE_CDELT1, 1
+    hdr["CTYPE1"], hdr["DC-FLAG"] = "LOG-LINEAR", 1
+    hdus = [
+        fits.PrimaryHDU(),
+        fits.ImageHDU(full_f, header=hdr, name="FLUX"),
+        fits.ImageHDU(full_e, name="ERROR"),
+    ]
+    if bitmask is not None:
+        hdus.append(fits.ImageHDU(bitmask, name="BITMASK"))
+    if model is not None:
+        hdus.append(fits.ImageHDU(model, name="MODEL"))
+    fits.HDUList(hdus).writeto(path)
+
+
+def test_apogee_fits_round_trip(tmp_path, apogee_star):
+    k, wave, flux, err = apogee_star
+    path = tmp_path / "aspcapStar-dr17-2M13012770+5754582.fits"
+    write_apogee_file(path, k, flux, err, model=np.ones(APOGEE_NPIX, np.float32))
+    s = read_apogee_fits(path)
+    assert s.id == "aspcapStar-dr17-2M13012770+5754582"
+    full = 10.0 ** (APOGEE_CRVAL1 + APOGEE_CDELT1 * np.arange(APOGEE_NPIX))
+    np.testing.assert_array_equal(s.wavelength, full)
+    np.testing.assert_allclose(s.wavelength[k], wave, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(s.flux[k], flux)
+    np.testing.assert_array_equal(s.flux_err[k], err)
+    gaps = np.setdiff1d(np.arange(APOGEE_NPIX), k)
+    assert np.all(s.flux[gaps] == 0) and np.all(s.flux_err[gaps] == 0)
+    assert s.flux.dtype.isnative and s.flux.dtype == np.float32
+    assert not s.mask.any()  # a floating HDU 3 (aspcapStar's model) is not a mask
+
+
+def test_apstar_first_row_and_bitmask(tmp_path, apogee_star):
+    k, _, flux, err = apogee_star
+    bits = np.zeros((3, APOGEE_NPIX), np.int32)
+    bits[0, k[:5]] = [1, 2, 1 << 7, 1 << 9, 1 << 12]  # bad, bad, bad, warning, warning
+    bits[1, k[10]] = 1  # a visit's bit: not the combined row's
+    path = tmp_path / "apStar-dr17-2M0001.fits"
+    write_apogee_file(path, k, flux, err, n_rows=3, bitmask=bits)
+    s = read_apogee_fits(path)
+    np.testing.assert_array_equal(s.flux[k], flux)  # row 0, not a visit row
+    np.testing.assert_array_equal(np.flatnonzero(s.mask), k[:3])
+    assert APOGEE_BAD_PIXEL_BITS == 0xFF
+    s_all = read_apogee_fits(path, bad_bits=~0)
+    np.testing.assert_array_equal(np.flatnonzero(s_all.mask), k[:5])
+
+
+def test_list_of_fits_files_is_one_catalog(tmp_path, apogee_star):
+    k, _, flux, err = apogee_star
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"aspcapStar-{i}.fits"
+        write_apogee_file(p, k, flux * (1 + 0.01 * i), err)
+        paths.append(p)
+    cat = pl.open_catalog(paths)
+    assert isinstance(cat, ApogeeFitsCatalog) and len(cat) == 3
+    assert cat.wavelength.shape == (APOGEE_NPIX,)
+    parts = list(pl.iter_catalog(paths, chunk_size=2))
+    assert [s for s, _ in parts] == [0, 2]
+    got = np.concatenate([c.flux for _, c in parts])
+    for i in range(3):
+        np.testing.assert_array_equal(
+            got[i, k], (flux * (1 + 0.01 * i)).astype(np.float32)
+        )
+    assert list(np.concatenate([c.ids for _, c in parts])) == [
+        "aspcapStar-0",
+        "aspcapStar-1",
+        "aspcapStar-2",
+    ]
+
+
+def test_bad_fits_files(tmp_path, apogee_star):
+    k, _, flux, err = apogee_star
+    one_hdu = tmp_path / "one.fits"
+    fits.HDUList([fits.PrimaryHDU(np.ones(10, np.float32))]).writeto(one_hdu)
+    with pytest.raises(
+        FileFormatError,
+        match=r"one.fits: expected an APOGEE-like FITS file with flux in "
+        r"HDU 1 and errors in HDU 2, found 1 HDU\(s\)",
+    ):
+        read_apogee_fits(one_hdu)
+    no_wave = tmp_path / "nowave.fits"
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(np.ones(10, np.float32)),
+            fits.ImageHDU(np.ones(10, np.float32)),
+        ]
+    ).writeto(no_wave)
+    with pytest.raises(
+        FileFormatError, match="no wavelength keywords: expected CRVAL1"
+    ):
+        read_apogee_fits(no_wave)
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"SIMPLE = nonsense" * 10)
+    with pytest.raises(FileFormatError, match="garbage.fits"):
+        read_apogee_fits(garbage)
+    with pytest.raises(FileNotFoundError, match="nope.fits: no such file"):
+        pl.open_catalog([tmp_path / "nope.fits"])
+    a, b = tmp_path / "a.fits", tmp_path / "b.fits"
+    write_apogee_file(a, k, flux, err)
+    write_apogee_file(b, k, flux, err, crval=APOGEE_CRVAL1 + 1e-5)
+    with pytest.raises(
+        FileFormatError, match="b.fits: wavelength grid .* differs from"
+    ):
+        pl.open_catalog([a, b])
+    with pytest.raises(ValueError, match="not FITS: .*c.h5"):
+        pl.open_catalog([a, tmp_path / "c.h5"])
+
+
+# --- fit_catalog --------------------------------------------------------------------
+def assert_tables_equal(got, ref, columns):
+    """Same rows: integer/bool/str columns exactly; fitted values within 1e-2 of their
+    1-sigma error (the fitter's convergence tolerance: spectra fitted at another
+    position of a vmapped float32 batch can round differently); errors, chi2 and
+    covariances to rtol 1e-3."""
+    for name in columns:
+        a, b = np.asarray(got[name]), np.asarray(ref[name])
+        assert a.shape == b.shape, name
+        assert np.array_equal(np.isnan(a), np.isnan(b)) if a.dtype.kind == "f" else True
+        if a.dtype.kind != "f":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        elif f"{name}_err" in ref.colnames:
+            sigma = np.asarray(ref[f"{name}_err"])
+            ok = np.isnan(b) | (np.abs(a - b) <= 1e-2 * sigma)
+            assert ok.all(), (name, a[~ok], b[~ok], sigma[~ok])
+        else:
+            np.testing.assert_allclose(
+                a, b, rtol=1e-3, atol=1e-12, equal_nan=True, err_msg=name
+            )
+
+
+def test_fit_catalog_equals_fit_on_the_same_arrays(tmp_path, emu, cat_path, data):
+    flux, err, mask, ids = data
+    out = tmp_path / "results.fits"
+    table = pl.fit_catalog(cat_path, out, emu, chunk_size=8, progress=False)
+    ref = pl.fit(flux, err, emu, mask=mask)
+    assert table.colnames == ["id", *ref.colnames]
+    assert list(table["id"]) == list(ids)
+    assert_tables_equal(table, ref, ref.colnames)
+    assert table["flags"][7] & 4  # the fully masked spectrum failed, as in fit
+    assert np.count_nonzero(table["converged"]) >= N_SPEC // 2  # real fits happened
+    assert np.all(table["n_iter"][table["converged"]] > 0)
+    assert table.meta["n_spec"] == N_SPEC and table.meta["chunk_size"] == 8
+    assert table.meta["catalog"] == str(cat_path)
+    back = pl.read_results(out)
+    assert back.colnames == table.colnames
+    assert_tables_equal(back, table, table.colnames)
+
+
+def test_fit_catalog_other_wavelengths_p0_and_fit_kwargs(tmp_path, emu):
+    # observed grid: a sub-range of the emulator's, shifted by a fraction of a pixel
+    wave = emu.wavelength[4:-4] + 0.05
+    _, flux, err = spectra(emu, 5, seed=9)
+    flux, err = flux[:, 4:-4], err[:, 4:-4]
+    cat = pl.write_catalog(tmp_path / "c.h5", flux, err, wave)
+    lo, hi = emu.label_lo, emu.label_hi
+    p0 = lo + (hi - lo) * np.linspace(0.3, 0.7, 5)[:, None]
+    pix_mask = np.zeros(wave.size, bool)
+    pix_mask[:3] = True
+    fixed = {"logg": 3.0, "rv": 0.0}  # rv fixed: all overlapping pixels count
+    kw = dict(p0=p0, mask=pix_mask, fixed=fixed, cont_deg=1, max_iter=30)
+    table = pl.fit_catalog(
+        cat, tmp_path / "r.ecsv", emu, chunk_size=2, progress=False, **kw
+    )
+    ref = pl.fit(flux, err, emu, wavelength=wave, **kw)
+    assert "id" not in table.colnames
+    assert_tables_equal(table, ref, ref.colnames)
+    np.testing.assert_allclose(table["logg"], 3.0, rtol=1e-6)  # float32 fit space
+    assert np.all(table["rv"] == 0.0)
+    assert np.all(table["n_good_pixels"] == wave.size - 3)  # the extra mask applied
+    assert np.all(np.isfinite(table["Teff"]))
+
+
+def test_fit_catalog_refuses_bad_settings_before_fitting(tmp_path, emu, cat_path):
+    out = tmp_path / "r.fits"
+    with pytest.raises(NotImplementedError, match="MDN"):
+        pl.fit_catalog(cat_path, out, emu, mdn=object())
+    with pytest.raises(NotImplementedError, match="Dask"):
+        pl.fit_catalog(cat_path, out, emu, client=object())
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        pl.fit_catalog(cat_path, out, emu, chunk_size=0)
+    with pytest.raises(ValueError, match="unknown results file suffix '.txt'"):
+        pl.fit_catalog(cat_path, tmp_path / "r.txt", emu)
+    with pytest.raises(ValueError, match=r"sets \['return_model'\] itself"):
+        pl.fit_catalog(cat_path, out, emu, return_model=True)
+    with pytest.raises(ValueError, match=r"mask must be a bool array \(60,\)"):
+        pl.fit_catalog(cat_path, out, emu, mask=np.zeros(59, bool), progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.h5: no such file"):
+        pl.fit_catalog(tmp_path / "missing.h5", out, emu)
+    out.write_text("keep me")
+    with pytest.raises(FileExistsError, match="r.fits exists"):
+        pl.fit_catalog(cat_path, out, emu)
+    assert out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.fits"]
