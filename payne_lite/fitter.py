@@ -21,8 +21,12 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    of the box, or chi2 beyond noise: :func:`_lm_with_starts`); best chi2 kept;
    ``method="curve_fit"``: ``scipy.optimize.curve_fit``
    (``method="trf"``) per star with the JAX Jacobian, same model, bounds and starts.
-4. Errors from the covariance ``(J^T W J)^-1`` at the best fit (not rescaled by the
-   reduced chi2), transformed from scaled to physical label units.
+4. Errors from the covariance ``(J^T W J)^-1`` at the best fit, transformed from
+   scaled to physical label units. By default not rescaled (the errors are then
+   right when the flux errors are right and the model fits: their coverage is
+   checked in ``benchmarks/bench_fit.py``); ``scale_errors=True`` multiplies the
+   covariance by the reduced chi2 when it is above 1 (never shrinks it), the usual
+   remedy when flux errors are underestimated or the model does not fit.
 
 QA bitmask (column ``flags``):
 
@@ -36,6 +40,11 @@ bit  value       meaning
                  bit 0 is set too, so a failed row has flags 5)
 3    8           ill-conditioned covariance (condition number of the correlation form
                  of J^T W J above ``COND_LIMIT`` for the dtype, or not invertible)
+4    16          outside the training box: a label sits at an edge of the box and the
+                 chi2 gradient points out of it, so the best fit (and likely the
+                 star) lies outside the emulator's training box; bit 1 is set too
+5    32          low S/N: the median |flux| / error of the pixels used is below
+                 ``LOW_SNR`` (10); the fit is made, the numbers are less certain
 ===  ==========  =================================================================
 
 Precision: JAX's default float (float32 unless x64 is enabled); the covariance is
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -92,12 +102,18 @@ FLAG_NOT_CONVERGED = 1
 FLAG_AT_BOUND = 2
 FLAG_FAILED = 4
 FLAG_ILL_CONDITIONED = 8
+FLAG_OUTSIDE_BOX = 16
+FLAG_LOW_SNR = 32
 FLAG_BITS = {
     0: "not converged",
     1: "at a bound (training box or rv window)",
     2: "failed: too few usable pixels",
     3: "ill-conditioned covariance",
+    4: "outside the training box: a label at a box edge with chi2 still falling outwards",
+    5: "low S/N: median |flux| / error of the used pixels below LOW_SNR",
 }
+#: Median S/N per pixel below which a fit is flagged low_snr (bit 5).
+LOW_SNR = 10.0
 
 METHODS = ("lm", "curve_fit")
 
@@ -384,7 +400,8 @@ def _lm_lanes_dispatch(*args):
 
 @jax.jit
 def _final_batch(obs, p, flux, w):
-    """chi2 (n,), J^T W J (n, k, k) and model flux (n, P) at the best fits."""
+    """chi2 (n,), J^T W J (n, k, k), J^T W r (n, k) and model flux (n, P) at the
+    best fits."""
 
     def one(args):
         p, flux, w = args
@@ -392,7 +409,7 @@ def _final_batch(obs, p, flux, w):
         f, _, jac = observe_jac_t(obs, p)
         jw = jac * sw
         r = sw * (f - flux)
-        return r @ r, jw @ jw.T, f
+        return r @ r, jw @ jw.T, jw @ r, f
 
     return jax.lax.map(one, (p, flux, w))
 
@@ -683,11 +700,18 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
 
-    chi2_f, a_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+    chi2_f, a_f, g_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+    # median S/N of the pixels that carry weight: |flux| / error
+    snr = np.where(wb > 0, np.sqrt(wb) * np.abs(fb), np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no pixels
+        snr = np.nan_to_num(np.nanmedian(snr, axis=1), nan=0.0)
     return dict(
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),
         a=np.asarray(a_f, np.float64),
+        g=np.asarray(g_f, np.float64),
+        snr=snr,
         it=it_best,
         conv=conv_best,
         n_good=n_good,
@@ -714,6 +738,7 @@ def fit(
     return_model: bool = False,
     batch_size: int = 256,
     n_threads: int | None = None,
+    scale_errors: bool = False,
     progress: bool = False,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
@@ -740,6 +765,8 @@ def fit(
         n_threads: batches fitted at once, in threads (JAX releases the GIL while a
             batch runs). Default: the number of CPU cores for ``"lm"`` on the CPU
             backend, else 1. Results do not depend on it.
+        scale_errors: multiply each covariance by its reduced chi2 when that is
+            above 1 (see the module docstring); recorded in the table's meta.
         progress: show a tqdm progress bar over spectra.
 
     Returns:
@@ -747,8 +774,9 @@ def fit(
         units], ``rv``, ``rv_err`` [km/s], ``cont_<k>``, ``cont_<k>_err`` (if
         ``cont_deg > 0``), ``chi2``, ``chi2_red``, ``n_good_pixels``, ``n_iter``,
         ``converged``, ``flags`` (bitmask, see the module docstring) and
-        ``covariance`` (n, k, k) in physical units over ``meta["cov_params"]``.
-        Errors are not rescaled by ``chi2_red``.
+        ``covariance`` (n, k, k) in physical units over ``meta["cov_params"]``,
+        ``snr`` (median S/N of the used pixels). Errors are not rescaled by
+        ``chi2_red`` unless ``scale_errors``.
 
     Raises:
         ValueError: shapes that do not fit together (named in the message), an unknown
@@ -828,6 +856,8 @@ def fit(
     res_it = np.zeros(n, np.int64)
     res_conv = np.zeros(n, bool)
     res_a = np.zeros((n, k, k))
+    res_g = np.zeros((n, k))
+    res_snr = np.zeros(n)
     res_model = np.zeros((n, n_pix)) if return_model else None
     res_good = np.zeros(n, np.int64)
     rv_lo_all = np.zeros(n)
@@ -862,6 +892,8 @@ def fit(
             res_p[sl] = out["p"][:m]
             res_chi2[sl] = out["chi2"][:m]
             res_a[sl] = out["a"][:m]
+            res_g[sl] = out["g"][:m]
+            res_snr[sl] = out["snr"][:m]
             res_it[sl] = out["it"][:m]
             res_conv[sl] = out["conv"][:m]
             res_good[sl] = out["n_good"][:m]
@@ -884,6 +916,8 @@ def fit(
         res_p,
         res_chi2,
         res_a,
+        res_g,
+        res_snr,
         res_it,
         res_conv,
         res_good,
@@ -892,6 +926,7 @@ def fit(
         res_model,
         method=method,
         rv_range=rv_range,
+        scale_errors=scale_errors,
     )
 
 
@@ -931,6 +966,8 @@ def _results_table(
     p,
     chi2,
     a,
+    g,
+    snr,
     n_iter,
     conv,
     n_good,
@@ -940,6 +977,7 @@ def _results_table(
     *,
     method,
     rv_range,
+    scale_errors=False,
 ):
     from astropy.table import Table
 
@@ -950,6 +988,10 @@ def _results_table(
     # scaled -> physical: x = (s + 0.5) (hi - lo) + lo
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     cov = cov * span[None, :, None] * span[None, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi2_red = np.where(n_good > n_free, chi2 / (n_good - n_free), np.nan)
+    if scale_errors:
+        cov = cov * np.maximum(np.nan_to_num(chi2_red, nan=1.0), 1.0)[:, None, None]
     err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
     err = np.where(np.isnan(np.diagonal(cov, axis1=1, axis2=2)), np.nan, err)
     phys = p.copy()
@@ -957,10 +999,14 @@ def _results_table(
 
     failed = n_good <= n_free
     at_bound = np.zeros(n, bool)
+    outside = np.zeros(n, bool)
     tol_s, tol_rv = AT_BOUND_TOL
     for j in range(n_lab):
         if free[j]:
             at_bound |= np.abs(np.abs(p[:, j]) - 0.5) < tol_s
+            # at an edge with chi2 still falling outwards (g = J^T W r = chi2'/2)
+            outside |= (p[:, j] > 0.5 - tol_s) & (g[:, j] < 0)
+            outside |= (p[:, j] < -0.5 + tol_s) & (g[:, j] > 0)
     if free[n_lab]:
         at_bound |= (np.abs(p[:, n_lab] - rv_lo) < tol_rv) & (rv_lo > rv_range[0])
         at_bound |= (np.abs(p[:, n_lab] - rv_hi) < tol_rv) & (rv_hi < rv_range[1])
@@ -972,9 +1018,9 @@ def _results_table(
         | np.where(at_bound & ~failed, FLAG_AT_BOUND, 0)
         | np.where(failed, FLAG_FAILED, 0)
         | np.where(ill & ~failed, FLAG_ILL_CONDITIONED, 0)
+        | np.where(outside & ~failed, FLAG_OUTSIDE_BOX, 0)
+        | np.where((snr < LOW_SNR) & ~failed, FLAG_LOW_SNR, 0)
     ).astype(np.int32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi2_red = np.where(n_good > n_free, chi2 / (n_good - n_free), np.nan)
     phys[failed] = np.nan
     err[failed] = np.nan
     cov[failed] = np.nan
@@ -993,6 +1039,7 @@ def _results_table(
     t["chi2"] = chi2
     t["chi2_red"] = chi2_red
     t["n_good_pixels"] = n_good
+    t["snr"] = snr
     t["n_iter"] = n_iter
     t["converged"] = conv
     t["flags"] = flags
@@ -1002,6 +1049,7 @@ def _results_table(
     t["flags"].description = "QA bitmask, see meta['flag_bits']"
     t["covariance"].description = "covariance of meta['cov_params'], physical units"
     t["n_good_pixels"].description = "pixels with weight > 0 over the whole RV window"
+    t["snr"].description = "median |flux| / error over those pixels"
     t.meta.update(
         label_names=list(emulator.label_names),
         label_units=list(emulator.label_units),
@@ -1013,6 +1061,7 @@ def _results_table(
         cont_deg=layout.cont_deg,
         rv_range=list(rv_range),
         cov_params=list(layout.names),
+        errors_scaled_by_chi2_red=bool(scale_errors),
         flag_bits={str(b): s for b, s in FLAG_BITS.items()},
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
         reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",

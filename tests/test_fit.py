@@ -470,3 +470,49 @@ def test_window_validity_is_validity_at_every_rv_of_the_window():
             assert np.all(got <= every)
             assert np.sum(every & ~got) <= 2, (lo, hi, np.flatnonzero(every & ~got))
             assert 0.4 * N_PIX < got.sum() < N_PIX
+
+
+# --- QA flags and error scaling -----------------------------------------------------------
+def test_label_beyond_the_box_is_flagged_outside_training_box(emu):
+    """A star made by extrapolating the net beyond the box's top Teff edge: the fit
+    stops at the edge with chi2 still falling outwards (bits 1 and 4); a star inside
+    the box gets neither."""
+    s = np.array([[0.75, 0.1, -0.1], [0.2, 0.1, -0.1]])  # scaled; 0.75 is outside
+    rest = emu.predict(emu.unscale(s), allow_outside=True).astype(np.float64)
+    t = fit(rest, np.full_like(rest, 0.005), emu)
+    flags = np.asarray(t["flags"])
+    assert flags[0] & fit_mod.FLAG_OUTSIDE_BOX and flags[0] & fit_mod.FLAG_AT_BOUND
+    assert t["Teff"][0] == pytest.approx(emu.label_hi[0], abs=1e-3)
+    assert flags[1] == 0, flags[1]
+    assert t.meta["flag_bits"]["4"].startswith("outside the training box")
+
+
+def test_low_snr_flag_and_snr_column(emu, noise_free):
+    flux, _ = noise_free
+    f = flux[:2]
+    err = np.stack([np.full(N_PIX, 0.2), np.full(N_PIX, 0.01)])  # S/N ~5 and ~100
+    t = fit(f, err, emu)
+    np.testing.assert_allclose(
+        t["snr"], np.median(np.abs(f), axis=1) / err[:, 0], rtol=0.05
+    )
+    assert t["flags"][0] & fit_mod.FLAG_LOW_SNR
+    assert not t["flags"][1] & fit_mod.FLAG_LOW_SNR
+
+
+def test_scale_errors_multiplies_by_sqrt_chi2_red(emu, truth, noise_free):
+    """Errors quoted 2x too small: chi2_red ~ 4, and scale_errors=True restores the
+    error bars by sqrt(chi2_red) exactly, leaving the labels unchanged."""
+    flux, err = noise_free
+    rng = np.random.default_rng(5)
+    noisy = flux[:4] + 0.02 * rng.standard_normal(flux[:4].shape)
+    plain = fit(noisy, err[:4], emu)
+    scaled = fit(noisy, err[:4], emu, scale_errors=True)
+    assert np.all(plain["chi2_red"] > 3.0) and np.all(plain["chi2_red"] < 5.0)
+    np.testing.assert_array_equal(plain["Teff"], scaled["Teff"])
+    for name in ("Teff", "logg", "rv"):
+        np.testing.assert_allclose(
+            scaled[f"{name}_err"],
+            plain[f"{name}_err"] * np.sqrt(plain["chi2_red"]),
+            rtol=1e-12,
+        )
+    assert scaled.meta["errors_scaled_by_chi2_red"] is True
