@@ -274,6 +274,41 @@ def test_tiny_float64_matches_reference(tiny_emulator, tol):
     )
 
 
+# --- the batched kernel: blocks of pixels, float32 tanh -------------------------------
+def test_tanh_rational_max_error():
+    """Every 61st float32 in [0, 10], both signs, and far out: |error| <= 4.5e-7."""
+    bits = np.arange(0, np.float32(10.0).view(np.int32), 61, dtype=np.int32)
+    x = bits.view(np.float32)
+    x = np.concatenate([x, -x, np.float32([8.3, 8.31, 20.0, 1e30, -1e30, 3e38])])
+    with jax.enable_x64(False):
+        got = np.asarray(jax.jit(emulator_mod.tanh_rational)(x))
+    assert got.dtype == F32
+    err = np.abs(got.astype(np.float64) - np.tanh(x.astype(np.float64)))
+    assert err.max() <= 4.5e-7, (err.max(), x[err.argmax()])
+    np.testing.assert_array_equal(got[: len(bits)], -got[len(bits) : 2 * len(bits)])
+
+
+def test_kernel_activation_is_exact_except_float32_tanh():
+    act = emulator_mod._kernel_activation
+    assert act("tanh", np.float32) is emulator_mod.tanh_rational
+    assert act("tanh", np.float64) is emulator_mod.ACTIVATIONS["tanh"]
+    for name in ("leaky_relu", "softplus", "silu"):
+        assert act(name, np.float32) is emulator_mod.ACTIVATIONS[name]
+
+
+@pytest.mark.parametrize("n_pix", [2, 63, 64, 65, 200])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_pixel_counts_around_the_block(make_emulator, n_pix, dtype, tol):
+    """Pixel counts below, at and above the kernel's block size, padded and not."""
+    assert emulator_mod.PIXEL_BLOCK == 64
+    emu = make_emulator(n_pix=n_pix, n_hid=4, seed=n_pix)
+    x = _inside(np.random.default_rng(n_pix), emu.label_lo, emu.label_hi, 11)
+    ref = ref_emulator(emu, x)
+    flux = _predict(emu, x, dtype)
+    assert flux.shape == (11, n_pix) and flux.dtype == dtype
+    _assert_close(flux, ref, tol(dtype), scale=np.abs(ref).max())
+
+
 # --- shapes, dtypes, batching ---------------------------------------------------------
 def test_predict_shapes_and_dtypes(tiny_emulator):
     emu = tiny_emulator
