@@ -285,13 +285,28 @@ def kernel_forward(k: KernelNet, s: Array, activation: str) -> Array:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("activation",))
+#: XLA options for the batched evaluations: 512-bit vectors where the CPU has them
+#: (AVX-512). XLA:CPU prefers 256-bit by default; on the 2-core AMD EPYC (Zen 4) this
+#: was measured on, 512-bit makes the batched kernel about 20 % faster (half the
+#: instructions for the same arithmetic). No effect on CPUs without AVX-512 or on GPUs.
+KERNEL_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("activation",),
+    compiler_options=KERNEL_COMPILER_OPTIONS,
+)
 def predict_kernel(k: KernelNet, s: Array, activation: str) -> Array:
     """Flux (B, P) for scaled labels ``s`` (B, L) from a :class:`KernelNet`. Pure."""
     return _pixel_batch_1layer(k, s, activation)
 
 
-@functools.partial(jax.jit, static_argnames=("activation",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("activation",),
+    compiler_options=KERNEL_COMPILER_OPTIONS,
+)
 def predict_batch(net, s: Array, activation: str) -> Array:
     """Flux (B, P) for a batch of scaled labels ``s`` (B, L), any network. Pure, jitted.
 
