@@ -577,7 +577,7 @@ class Emulator:
         *,
         allow_outside: bool = False,
         dtype=None,
-        batch_size: int = 1024,
+        batch_size: int = 512,
     ) -> np.ndarray:
         """Normalised flux for physical labels.
 
@@ -588,11 +588,11 @@ class Emulator:
             dtype: computation dtype (default: JAX's default float, float32 unless
                 x64 is enabled).
             batch_size: spectra per jitted call; the last call is padded so that one
-                compilation serves every call of the same size. About 1,000 is
-                fastest on CPU: the (batch, P) output stays small enough for the
-                allocator to reuse between calls, where one call of 10,000 spectra
-                spends more time faulting in a fresh 288 MB buffer than computing
-                (measured in benchmarks/bench_emulator.py).
+                compilation serves every call of the same size. A few hundred is
+                fastest on CPU: each call's (batch, P) output (15 MB for 512 x 7214
+                float32) stays in the cache and is reused by the allocator, where one
+                call of 10,000 spectra spends more time writing a fresh 288 MB buffer
+                than computing (measured in benchmarks/bench_emulator.py).
 
         Returns:
             (n, P) flux, or (P,) for a single label vector, as NumPy.
@@ -603,29 +603,25 @@ class Emulator:
         net = self.params(dtype)
         dt = net.biases[-1].dtype
         kernel = self.kernel_params(dtype)
-        s = self.scale(x)
+        # scaled in float64, rounded to the computation dtype once, on the host
+        s = self.scale(x).astype(dt)
         n = s.shape[0]
         # Pad to a power of two (at least 8) up to batch_size, so that varied n reuse
         # a few compilations and a row's result does not depend on the batch it is in.
         size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(max(n, 1))))))
-        starts = range(0, n, size)
-
-        def launch(start):  # dispatch one padded chunk; JAX returns before it is done
-            chunk = s[start : start + size]
-            if chunk.shape[0] < size:
-                chunk = np.concatenate([chunk, np.zeros((size - len(chunk), s.shape[1]))])
-            chunk = jnp.asarray(chunk, dtype=dt)
-            if kernel is not None:
-                return predict_kernel(kernel[0], chunk, kernel[1])
-            return predict_batch(net, chunk, self.activation)
-
         out = np.empty((n, self.n_pix), dtype=dt)
-        pending = launch(0) if n else None
-        for i, start in enumerate(starts):
-            res = pending
-            if i + 1 < len(starts):  # queue the next chunk before copying this one
-                pending = launch(starts[i + 1])
-            m = min(size, n - start)
+        # One chunk at a time: queueing the next chunk while this one is copied out
+        # was slower here (the copy then competes with XLA's threads for 2 cores).
+        for start in range(0, n, size):
+            chunk = s[start : start + size]
+            m = chunk.shape[0]
+            if m < size:
+                chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]), dt)])
+            chunk = jnp.asarray(chunk)
+            if kernel is not None:
+                res = predict_kernel(kernel[0], chunk, kernel[1])
+            else:
+                res = predict_batch(net, chunk, self.activation)
             out[start : start + m] = np.asarray(res)[:m]
         return out[0] if np.ndim(labels) == 1 else out
 
