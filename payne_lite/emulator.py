@@ -643,9 +643,7 @@ class Emulator:
                 chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]), dt)])
             chunk = jnp.asarray(chunk)
             if kernel is not None:
-                res = predict_kernel(
-                    kernel[0], chunk, kernel[1], fast_tanh=fast_tanh
-                )
+                res = predict_kernel(kernel[0], chunk, kernel[1], fast_tanh=fast_tanh)
             else:
                 res = predict_batch(net, chunk, self.activation)
             out[start : start + m] = np.asarray(res)[:m]
