@@ -274,6 +274,73 @@ def test_tiny_float64_matches_reference(tiny_emulator, tol):
     )
 
 
+# --- the batched kernel: blocks of pixels, float32 tanh -------------------------------
+def test_tanh_rational_max_error():
+    """Every 61st float32 in [0, 10], both signs, and far out: |error| <= 4.5e-7."""
+    bits = np.arange(0, np.float32(10.0).view(np.int32), 61, dtype=np.int32)
+    x = bits.view(np.float32)
+    x = np.concatenate([x, -x, np.float32([8.3, 8.31, 20.0, 1e30, -1e30, 3e38])])
+    with jax.enable_x64(False):
+        got = np.asarray(jax.jit(emulator_mod.tanh_rational)(x))
+    assert got.dtype == F32
+    err = np.abs(got.astype(np.float64) - np.tanh(x.astype(np.float64)))
+    assert err.max() <= 4.5e-7, (err.max(), x[err.argmax()])
+    np.testing.assert_array_equal(got[: len(bits)], -got[len(bits) : 2 * len(bits)])
+
+
+def test_kernel_activation_is_exact_unless_fast_float32_tanh():
+    act = emulator_mod._kernel_activation
+    assert act("tanh", np.float32, True) is emulator_mod.tanh_rational
+    assert act("tanh", np.float32) is emulator_mod.ACTIVATIONS["tanh"]
+    assert act("tanh", np.float64, True) is emulator_mod.ACTIVATIONS["tanh"]
+    for name in ("leaky_relu", "softplus", "silu"):
+        assert act(name, np.float32, True) is emulator_mod.ACTIVATIONS[name]
+
+
+def test_payne5_fast_tanh_matches_reference(payne5, tol):
+    emu, d = payne5
+    x = _inside(np.random.default_rng(55), d["x_min"], d["x_max"], 100)
+    ref = ref_payne_npz(d, x)
+    exact = _predict(emu, x, F32)
+    fast = _predict(emu, x, F32, fast_tanh=True)
+    assert fast.dtype == F32 and fast.shape == (100, 7214)
+    _assert_close(fast, ref, tol(F32))
+    # tanh_rational's 4.5e-7 times sum_h |w1| <= 2.3, plus float32 rounding
+    assert np.abs(fast - exact).max() < 1.5e-6
+    with jax.enable_x64(True):  # float64 ignores fast_tanh: still exact
+        fast64 = emu.predict(x, dtype=F64, fast_tanh=True)
+    _assert_close(fast64, ref, tol(F64))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_default_predict_agrees_with_kernel_forward(make_emulator, activation):
+    """Exact by default: the batched kernel and the fitter's single-star form agree."""
+    emu = make_emulator(n_pix=70, n_hid=5, activation=activation, seed=70)
+    x = _inside(np.random.default_rng(70), emu.label_lo, emu.label_hi, 9)
+    with jax.enable_x64(False):
+        k, act = emu.kernel_params(F32)
+        s = jax.numpy.asarray(emu.scale(x), dtype=F32)
+        one = np.stack([emulator_mod.kernel_forward(k, row, act) for row in s])
+        flux = emu.predict(x)
+    np.testing.assert_allclose(flux, one, rtol=0, atol=_ulp_scale(F32, one))
+
+
+@pytest.mark.parametrize("fast_tanh", [False, True], ids=["exact", "fast_tanh"])
+@pytest.mark.parametrize("n_pix", [2, 63, 64, 65, 200])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_pixel_counts_around_the_block(
+    make_emulator, n_pix, dtype, fast_tanh, tol
+):
+    """Pixel counts below, at and above the kernel's block size, padded and not."""
+    assert emulator_mod.PIXEL_BLOCK == 64
+    emu = make_emulator(n_pix=n_pix, n_hid=4, seed=n_pix)
+    x = _inside(np.random.default_rng(n_pix), emu.label_lo, emu.label_hi, 11)
+    ref = ref_emulator(emu, x)
+    flux = _predict(emu, x, dtype, fast_tanh=fast_tanh)
+    assert flux.shape == (11, n_pix) and flux.dtype == dtype
+    _assert_close(flux, ref, tol(dtype), scale=np.abs(ref).max())
+
+
 # --- shapes, dtypes, batching ---------------------------------------------------------
 def test_predict_shapes_and_dtypes(tiny_emulator):
     emu = tiny_emulator
