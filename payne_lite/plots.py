@@ -123,3 +123,51 @@ def loss_curves(history: dict, stem: Path) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, stem)
+
+
+def fit_vs_truth(
+    truth: np.ndarray,
+    fit: np.ndarray,
+    err: np.ndarray,
+    names,
+    units,
+    stem: Path,
+    *,
+    color=None,
+    color_label: str = "",
+) -> list[Path]:
+    """Fit minus truth against truth, one panel per label (the one-to-one check).
+
+    Args:
+        truth, fit, err: (n, L) true values, fitted values and their 1-sigma errors.
+        names, units: L label names and units (axis labels).
+        color: optional (n,) values to colour the points by (for example S/N).
+    """
+    plt = _pyplot()
+    n_lab = truth.shape[1]
+    ncol = min(n_lab, 3)
+    nrow = -(-n_lab // ncol)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), layout="constrained", squeeze=False
+    )
+    sc = None
+    for j in range(n_lab):
+        ax = axes.flat[j]
+        d = fit[:, j] - truth[:, j]
+        ok = np.isfinite(d)
+        ax.errorbar(truth[ok, j], d[ok], yerr=err[ok, j], fmt="none", ecolor="0.75",
+                    lw=0.6, zorder=1)
+        sc = ax.scatter(truth[ok, j], d[ok], c=None if color is None else color[ok],
+                        s=9, cmap="viridis", zorder=2)
+        ax.axhline(0.0, color="k", lw=0.8)
+        lo, hi = np.percentile(d[ok], [16, 84]) if ok.any() else (np.nan, np.nan)
+        unit = f" [{units[j]}]" if units[j] else ""
+        ax.set_title(f"{names[j]}: bias {np.median(d[ok]):.3g}, "
+                     f"scatter {(hi - lo) / 2:.3g}", fontsize=9)
+        ax.set_xlabel(f"true {names[j]}{unit}")
+        ax.set_ylabel(f"fit - true{unit}")
+    for ax in list(axes.flat)[n_lab:]:
+        ax.set_visible(False)
+    if color is not None and sc is not None:
+        fig.colorbar(sc, ax=axes, label=color_label, shrink=0.8)
+    return _save(fig, stem)

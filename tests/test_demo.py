@@ -8,6 +8,7 @@ from astropy.table import Table
 
 from payne_lite import cli, synth
 from payne_lite.demo import DEFAULT_EMULATOR, load_default_emulator, run_demo
+from payne_lite.results import read_results
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,16 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     assert {"Teff", "logg", "emu_median_abs_err"} <= set(table.colnames)
     assert str(table["Teff"].unit) == "K"
     assert np.median(table["emu_median_abs_err"]) < 2e-3
+    assert {"rv", "snr"} <= set(table.colnames)
+    res = read_results(tmp_path / "out" / "results.fits")
+    assert len(res) == 16 and res.meta["method"] == "lm"
+    # the fit recovers the simulated truth (noise S/N >= 30, the emulator's own error)
+    np.testing.assert_allclose(res["rv"], table["rv"], atol=1.0)
+    assert np.median(np.abs(res["Teff"] - table["Teff"])) < 60.0
+    assert "fit - truth" in text and "spectra/s once compiled" in text
     figs = tmp_path / "out" / "figures"
-    for stem in ("emulator_error_hist", "spectrum_model_worst", "training_loss"):
+    for stem in ("emulator_error_hist", "spectrum_model_worst", "training_loss",
+                 "fit_vs_truth"):
         for ext in (".png", ".pdf"):
             assert (figs / (stem + ext)).stat().st_size > 5000
 
@@ -52,4 +61,7 @@ def test_demo_summary_numbers(tmp_path, default_emu):
     res = run_demo(tmp_path, n_spec=8, seed=3, progress=False)
     assert res["n_spec"] == 8 and res["n_pix"] == default_emu.n_pix
     assert 0 < res["median_abs_error"] < 2e-3
-    assert res["emulator_spectra_per_s"] > 0
+    assert res["emulator_spectra_per_s"] > 0 and res["fit_spectra_per_s"] > 0
+    assert res["fit_labels"] == [*default_emu.label_names, "rv"]
+    scatter = dict(zip(res["fit_labels"], res["fit_scatter"], strict=True))
+    assert scatter["Teff"] < 100.0 and scatter["rv"] < 0.5, scatter
