@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._validate import as_float_array
-from .emulator import Emulator, forward
+from .emulator import KERNEL_COMPILER_OPTIONS, Emulator, forward
 from .model import (
     ObsModel,
     _shift_pair,
@@ -120,7 +120,7 @@ METHODS = ("lm", "curve_fit")
 # --------------------------------------------------------------------------------------
 # Pure, jitted core
 # --------------------------------------------------------------------------------------
-@jax.jit
+@functools.partial(jax.jit, compiler_options=KERNEL_COMPILER_OPTIONS)
 def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
     """Best RV (n,) and continuum (n, n_c) from a chi2 scan over ``rv_grid`` (R,).
 
@@ -165,7 +165,7 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
     return rv_grid[i], jnp.take_along_axis(coef, i[:, None, None], axis=1)[:, 0]
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=KERNEL_COMPILER_OPTIONS)
 def _chi2_batch(obs, p, flux, w):
     """chi2 (n, S) of the model at ``p`` (n, S, k) against each star's ``flux``."""
     n, n_s, k = p.shape
@@ -370,7 +370,9 @@ def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
     return st.p, st.chi2, st.it, st.conv, st.a, st.g
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
+@functools.partial(
+    jax.jit, static_argnames=("max_iter",), compiler_options=KERNEL_COMPILER_OPTIONS
+)
 def _lm_batch(obs, p0, alive, flux, w, lo, hi, free, *, max_iter):
     """LM over stars (axis 0) and starting points (axis 1 of ``p0`` (n, S, k)).
 
@@ -727,12 +729,13 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
         chi2_f, a_f, g_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
     # median S/N of the pixels that carry weight, |flux| / error (sorted rows, the
     # unused pixels as +inf at the end: 10x faster than nanmedian row by row)
-    snr = np.where(wb > 0, np.sqrt(wb) * np.abs(fb), np.inf)
+    snr = np.where(wb > 0, np.sqrt(wb) * np.abs(fb), np.inf).astype(np.float32)
     snr.sort(axis=1)
     cnt = np.count_nonzero(wb > 0, axis=1)
     rows = np.arange(size)
     lo_i, hi_i = np.maximum(cnt - 1, 0) // 2, np.minimum(cnt // 2, n_pix - 1)
     snr = np.where(cnt > 0, 0.5 * (snr[rows, lo_i] + snr[rows, hi_i]), 0.0)
+    snr = snr.astype(np.float64)
     return dict(
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),

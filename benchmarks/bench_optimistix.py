@@ -1,0 +1,344 @@
+"""payne_lite's hand-written batched LM against ``optimistix.LevenbergMarquardt``.
+
+    python benchmarks/bench_optimistix.py                 # N=128 at S/N 100 and 30
+    python benchmarks/bench_optimistix.py --n 32 --rounds 2 --tol 1e-4 1e-5
+
+Issue 3 asks for batched Levenberg-Marquardt in JAX, "optionally optimistix if it
+serves better than a hand-written loop: decide by measurement". This is the
+measurement. Needs ``optimistix`` (not a payne_lite dependency): without it the
+script exits with "skipped: optimistix not installed".
+
+Same problem for every method: the noisy spectra of ``bench_fit.make_test_set`` (real
+5-label APOGEE Payne network, rv uniform in +-200 km/s, APOGEE mask), the ObsModel,
+pixel weights, start point and bounds of ``payne_lite.fit(method="lm")`` with
+``cont_deg=0``: RV from payne_lite's scan (``_scan_batch``), pixels valid over the
+whole +-20 km/s RV window (``_window_batch``), scaled labels starting at the box
+centre (one start per star; ``fit`` screens three Teff starts, not done here), bounds
+= training box and the RV window. Methods:
+
+* ``payne_lite``: ``fitter._lm_batch`` (the hand-written loop: per-star early stopping
+  inside the batch by ``lax.map`` + ``lax.cond`` over lanes, analytic Jacobian, normal
+  equations), ``max_iter=100``.
+* ``optx-vmap-<jac>``: ``jax.vmap`` over stars of ``optimistix.least_squares`` with
+  ``optimistix.LevenbergMarquardt(rtol, atol)`` on the weighted residual
+  ``sqrt(w) * (observe(obs, clip(y, lo, hi))[0] - flux)``, ``max_steps=100``,
+  ``throw=False``. optimistix has no box bounds: the parameters are CLIPPED into the
+  box inside the residual function (the answer is ``clip(y)``; the same projection
+  payne_lite applies to its steps, but without its active set, so the residual is flat
+  in a parameter beyond its bound).
+  ``<jac>`` = ``fwd``: optimistix's default Jacobian (``jax.linearize`` of the
+  residual, materialised by its QR solver: forward mode through the network AND the
+  Doppler-shift gather); ``analytic``: the model wrapped in ``jax.custom_jvp`` whose
+  rule is payne_lite's ``observe_jac_t`` (what ``_lm_lanes`` uses).
+* ``optx-map-<jac>``: the same per-star solve under ``jax.lax.map`` instead of
+  ``vmap``: stars one after the other, so a finished star does not wait for the
+  slowest one of the batch (under ``vmap`` the while loop runs until every star has
+  stopped, every step costing the whole batch).
+
+Reported per S/N and method: spectra/s after compilation (best of ``--rounds``
+interleaved rounds, one jitted call for all N stars, on this shared machine, compare
+only within a run), compile time (lower + compile, once per method: the S/N values
+share the shapes), median / max steps per star (payne_lite: its ``n_iter``; optimistix:
+``stats["num_steps"]``, accepted + rejected; each step is one residual + Jacobian
+evaluation in both), stars not converged, and the largest |difference| of the fitted
+scaled labels and rv from payne_lite's, in units of the statistical errors (sqrt of
+the diagonal of ``(J^T W J)^-1`` at payne_lite's solution), plus the median and
+smallest chi2 difference against payne_lite's (negative = optimistix found a lower
+chi2; float32, so |dchi2| below ~1e-2 is rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _import_optimistix():
+    try:
+        import optimistix as optx
+    except ImportError:
+        return None
+    return optx
+
+
+def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
+    """ObsModel, start p0 (n, k), flux (n, P), weights (n, P), bounds lo, hi (n, k) and
+    the free mask (k,), as ``payne_lite.fit`` -> ``_fit_batch`` builds them (cont_deg 0,
+    box-centre labels)."""
+    import jax.numpy as jnp
+
+    from payne_lite import fitter
+    from payne_lite.model import build_obs_model, param_layout
+
+    obs = build_obs_model(emu, cont_deg=0, rv_max=max(abs(v) for v in rv_range))
+    layout = param_layout(emu, cont_deg=0, rv_range=rv_range)
+    dt = obs.x_obs.dtype
+    n_pix = obs.x_obs.shape[0]
+    flux2, ivar = fitter._check_inputs(flux, err, mask, n_pix)
+    n, n_lab, k = flux2.shape[0], emu.n_labels, len(layout.names)
+    n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / fitter.RV_SCAN_STEP))
+    rv_grid = jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt)
+    f_j = jnp.asarray(flux2, dt)
+    rv0, _ = fitter._scan_batch(
+        obs, jnp.zeros(n_lab, dt), rv_grid, f_j, jnp.asarray(ivar, dt)
+    )
+    rv0 = np.asarray(rv0, np.float64)
+    rv_lo = np.maximum(rv0 - fitter.RV_WINDOW, rv_range[0])
+    rv_hi = np.minimum(rv0 + fitter.RV_WINDOW, rv_range[1])
+    valid = np.asarray(
+        fitter._window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
+    )
+    w = np.where(valid, ivar, 0.0)
+    lo = np.broadcast_to(layout.lower, (n, k)).copy()
+    hi = np.broadcast_to(layout.upper, (n, k)).copy()
+    lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
+    p0 = np.zeros((n, k))
+    p0[:, n_lab] = rv0
+    p0 = np.clip(p0, lo, hi)
+    free = np.ones(k, bool)
+    as_j = lambda a: jnp.asarray(a, dt)  # noqa: E731
+    return obs, as_j(p0), f_j, as_j(w), as_j(lo), as_j(hi), jnp.asarray(free)
+
+
+# --------------------------------------------------------------------------------------
+# Solvers: each a function (obs, p0, flux, w, lo, hi, free) -> (p, n_steps, converged)
+# --------------------------------------------------------------------------------------
+def _compiler_options():
+    """The XLA options payne_lite compiles its LM with (if any), for every method."""
+    from payne_lite import fitter
+
+    return getattr(fitter, "KERNEL_COMPILER_OPTIONS", None)
+
+
+class Solver:
+    """A jitted solver, lowered and compiled once; ``__call__`` returns
+    (p (n, k), steps (n,), converged (n,), J^T W J (n, k, k) or None)."""
+
+    def __init__(self, jitted, wrap=lambda data: (data, {}), post=lambda out: out):
+        self.jitted, self.wrap, self.post = jitted, wrap, post
+        self.compiled = None
+
+    def compile(self, data):
+        args, kwargs = self.wrap(data)
+        self.compiled = self.jitted.lower(*args, **kwargs).compile()
+
+    def __call__(self, data):
+        return self.post(self.compiled(*self.wrap(data)[0]))
+
+
+def payne_lite_solver(max_iter):
+    """``fitter._lm_batch``, called as payne_lite calls it (top-level jit, own
+    compiler options), one start per star."""
+    import jax.numpy as jnp
+
+    from payne_lite import fitter
+
+    def wrap(data):
+        obs, p0, flux, w, lo, hi, free = data
+        alive = jnp.ones((p0.shape[0], 1), bool)
+        args = (obs, p0[:, None], alive, flux, w, lo, hi, free)
+        return args, {"max_iter": max_iter}
+
+    def post(out):
+        p, _, it, conv, a, _ = out
+        return p[:, 0], it[:, 0], conv[:, 0], a[:, 0]
+
+    return Solver(fitter._lm_batch, wrap, post)
+
+
+def _analytic_model():
+    """``observe(obs, p)[0]`` with payne_lite's analytic Jacobian as its JVP."""
+    import jax
+
+    from payne_lite.model import observe, observe_jac_t
+
+    @jax.custom_jvp
+    def model(p, obs):
+        return observe(obs, p)[0]
+
+    @model.defjvp
+    def _jvp(primals, tangents):
+        p, obs = primals
+        dp = tangents[0]
+        f, _, jac_t = observe_jac_t(obs, p)  # (k, P)
+        return f, dp @ jac_t
+
+    return model
+
+
+def optx_solver(optx, tol, max_iter, jac="fwd", batch="vmap"):
+    import jax
+    import jax.numpy as jnp
+
+    from payne_lite.model import observe
+
+    if jac == "analytic":
+        model = _analytic_model()
+    else:
+
+        def model(p, obs):
+            return observe(obs, p)[0]
+
+    def residual(y, args):
+        obs, flux, sw, lo, hi = args
+        return sw * (model(jnp.clip(y, lo, hi), obs) - flux)
+
+    solver = optx.LevenbergMarquardt(rtol=tol, atol=tol)
+
+    def one(obs, p0, flux, w, lo, hi):
+        sol = optx.least_squares(
+            residual,
+            solver,
+            p0,
+            args=(obs, flux, jnp.sqrt(w), lo, hi),
+            max_steps=max_iter,
+            throw=False,
+        )
+        ok = sol.result == optx.RESULTS.successful
+        return jnp.clip(sol.value, lo, hi), sol.stats["num_steps"], ok, None
+
+    def solve(obs, p0, flux, w, lo, hi, free):
+        del free  # all free here
+        if batch == "vmap":
+            return jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0))(obs, p0, flux, w, lo, hi)
+        return jax.lax.map(lambda a: one(obs, *a), (p0, flux, w, lo, hi))
+
+    opts = _compiler_options()
+    jitted = jax.jit(solve, compiler_options=opts) if opts else jax.jit(solve)
+    return Solver(jitted)
+
+
+def chi2_of(obs, p, flux, w):
+    import jax
+
+    from payne_lite.model import observe
+
+    @jax.jit
+    def f(obs, p, flux, w):
+        return jax.lax.map(
+            lambda a: a[2] @ (observe(obs, a[0])[0] - a[1]) ** 2, (p, flux, w)
+        )
+
+    return np.asarray(f(obs, p, flux, w), np.float64)
+
+
+# --------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=128, help="spectra per S/N")
+    ap.add_argument("--snr", type=float, nargs="+", default=[100.0, 30.0])
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (best kept)")
+    ap.add_argument(
+        "--tol",
+        type=float,
+        nargs="+",
+        default=[1e-4],
+        help="optimistix rtol = atol values to try",
+    )
+    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["vmap-fwd", "vmap-analytic", "map-fwd", "map-analytic"],
+        help="optimistix variants: {vmap,map}-{fwd,analytic}",
+    )
+    args = ap.parse_args(argv)
+
+    optx = _import_optimistix()
+    if optx is None:
+        sys.exit("skipped: optimistix not installed (pip install optimistix)")
+    import jax
+
+    import bench_fit
+    import payne_lite as pl
+
+    emu, net, apogee_mask = bench_fit.load_data()
+    print(
+        f"payne_lite {pl.__version__}, jax {jax.__version__}, optimistix "
+        f"{getattr(optx, '__version__', '?')} ({jax.devices()[0].platform}, float "
+        f"{'64' if jax.config.jax_enable_x64 else '32'}); N = {args.n} per S/N, "
+        f"seed {args.seed}, best of {args.rounds} interleaved rounds"
+    )
+    solvers = {"payne_lite": payne_lite_solver(args.max_iter)}
+    for tol in args.tol:
+        for m in args.methods:
+            batch, jac = m.split("-")
+            solvers[f"optx-{m} tol={tol:g}"] = optx_solver(
+                optx, tol, args.max_iter, jac=jac, batch=batch
+            )
+    compile_s = {}
+    rows = {}
+    for i, snr in enumerate(args.snr):
+        _, _, flux, err, mask = bench_fit.make_test_set(
+            net, apogee_mask, args.n, snr, args.seed + i
+        )
+        data = prepare(emu, flux, err, mask)
+        obs, f_j, w_j = data[0], data[2], data[3]
+        out, best = {}, {}
+        for name, fn in solvers.items():
+            if name not in compile_s:
+                t0 = time.perf_counter()
+                fn.compile(data)
+                compile_s[name] = time.perf_counter() - t0
+            out[name] = jax.block_until_ready(fn(data))  # warm
+        for _ in range(args.rounds):
+            for name, fn in solvers.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(data))
+                dt = time.perf_counter() - t0
+                best[name] = min(best.get(name, np.inf), dt)
+        p_ref, _, _, a_ref = out["payne_lite"]
+        p_ref = np.asarray(p_ref, np.float64)
+        cov = np.linalg.inv(np.asarray(a_ref, np.float64))
+        sig = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+        chi2_ref = chi2_of(obs, out["payne_lite"][0], f_j, w_j)
+        n_lab = emu.n_labels
+        rows[snr] = []
+        for name in solvers:
+            p, it, conv = (np.asarray(x) for x in out[name][:3])
+            dz = np.abs(np.asarray(p, np.float64) - p_ref) / sig
+            dchi2 = chi2_of(obs, out[name][0], f_j, w_j) - chi2_ref
+            rows[snr].append(
+                (
+                    name,
+                    args.n / best[name],
+                    compile_s[name],
+                    np.median(it),
+                    int(np.max(it)),
+                    int(np.count_nonzero(~conv)),
+                    float(np.max(dz[:, :n_lab])),
+                    float(np.max(dz[:, n_lab])),
+                    float(np.median(dchi2)),
+                    float(np.min(dchi2)),
+                )
+            )
+        print(
+            f"\nS/N {snr:g}: median sigma (scaled labels) "
+            + " ".join(f"{v:.2g}" for v in np.median(sig[:, :n_lab], axis=0))
+            + f", rv {np.median(sig[:, n_lab]):.3g} km/s"
+        )
+        head = (
+            f"{'method':<30} {'spec/s':>7} {'compile':>8} {'steps':>9} "
+            f"{'!conv':>5} {'max|dlab|':>9} {'max|drv|':>8} {'dchi2':>16}"
+        )
+        print(head)
+        print(f"{'':<30} {'':>7} {'[s]':>8} {'med/max':>9} {'':>5} "
+              f"{'[sigma]':>9} {'[sigma]':>8} {'med / min':>16}")
+        for r in rows[snr]:
+            print(
+                f"{r[0]:<30} {r[1]:7.1f} {r[2]:8.1f} {r[3]:5.0f}/{r[4]:<3d} "
+                f"{r[5]:5d} {r[6]:9.2g} {r[7]:8.2g} {r[8]:+8.2g}/{r[9]:+7.2g}"
+            )
+
+
+if __name__ == "__main__":
+    main()
