@@ -7,9 +7,10 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
 1. Validation at the NumPy boundary: shapes are checked (``ValueError`` naming them);
    masked pixels and pixels with non-finite flux or non-finite / non-positive errors
    get zero weight (``ivar = 0``); inputs are never modified.
-2. RV scan: chi2 per valid pixel on a grid of radial velocities over ``rv_range``
-   (``RV_SCAN_STEP`` = 2 km/s) against the box-centre model (the continuum, if any, is
-   solved linearly at each RV), vmapped over spectra. The RV chi2 basin is only a few
+2. RV scan: chi2 on a grid of radial velocities over ``rv_range``
+   (``RV_SCAN_STEP`` = 2 km/s) against the box-centre model, over the pixels valid at
+   every RV of the scan (or per valid pixel when those are too few); the continuum,
+   if any, is solved linearly at each RV. The RV chi2 basin is only a few
    km/s wide, so the local fit must start inside it.
 3. Local fit inside ``rv_scan +- RV_WINDOW`` and the training box, from several
    starting points per star (Teff at ``TEFF_STARTS`` of the box, other labels at the
@@ -80,6 +81,9 @@ Array = jax.Array
 
 #: Step of the coarse RV chi2 scan [km/s].
 RV_SCAN_STEP = 2.0
+#: The RV scan compares chi2 over the pixels valid at every RV of the scan when
+#: they are at least this fraction of the grid (see :func:`_scan_pixels`).
+SCAN_COMMON_MIN = 0.75
 #: Half-width of the RV window of the local fit around the scan's RV [km/s].
 RV_WINDOW = 20.0
 #: Scaled-Teff starting points of the local fit (other labels start at the centre).
@@ -120,14 +124,21 @@ METHODS = ("lm", "curve_fit")
 # --------------------------------------------------------------------------------------
 # Pure, jitted core
 # --------------------------------------------------------------------------------------
-@functools.partial(jax.jit, compiler_options=KERNEL_COMPILER_OPTIONS)
-def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
+@functools.partial(
+    jax.jit, static_argnames=("common",), compiler_options=KERNEL_COMPILER_OPTIONS
+)
+def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w, *, common=False):
     """Best RV (n,) and continuum (n, n_c) from a chi2 scan over ``rv_grid`` (R,).
 
     The template is the model at scaled labels ``s0`` (L,), shifted to every RV once
-    for the whole batch; chi2 per valid pixel for all stars and RVs comes from
-    (n, P) @ (P, R) products. With a continuum (``cont_deg > 0``) its coefficients
-    are solved linearly at each RV; without, the single coefficient is 1.
+    for the whole batch; chi2 for all stars and RVs comes from (n, P) @ (P, R)
+    products. With a continuum (``cont_deg > 0``) its coefficients are solved
+    linearly at each RV; without, the single coefficient is 1.
+
+    ``common=True``: ``w`` is zero outside the pixels valid at every RV of the grid
+    (:func:`_scan_weights`), so chi2 is compared over one pixel set and its
+    constant term needs no product (2 products instead of 4 without a continuum).
+    Otherwise chi2 per valid pixel is compared (the pixel set changes with RV).
     """
     f_rest = jax.lax.optimization_barrier(forward(obs.net, s0, obs.activation))
 
@@ -141,7 +152,10 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
     basis = obs.basis  # (P, n_c)
     n_c = basis.shape[1]
     wf = w * flux
-    sff = (wf * flux) @ vf.T  # (n, R)
+    if common:
+        sff = jnp.sum(wf * flux, axis=1, keepdims=True)  # (n, 1)
+    else:
+        sff = (wf * flux) @ vf.T  # (n, R)
     b = jnp.stack([wf @ (t * basis[:, a]).T for a in range(n_c)], axis=-1)
     t2 = t * t
     m = [[None] * n_c for _ in range(n_c)]
@@ -158,9 +172,12 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w):
     else:
         coef = jnp.ones_like(b)
         chi2 = sff - 2.0 * b[..., 0] + m[..., 0, 0]
-    n_ok = (w > 0).astype(t.dtype) @ vf.T
-    red = jnp.where(n_ok > 0, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
-    red = jnp.where(jnp.isfinite(red), red, jnp.inf)
+    if common:
+        red = jnp.where(jnp.isfinite(chi2), chi2, jnp.inf)
+    else:
+        n_ok = (w > 0).astype(t.dtype) @ vf.T
+        red = jnp.where(n_ok > 0, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
+        red = jnp.where(jnp.isfinite(red), red, jnp.inf)
     i = jnp.argmin(red, axis=1)
     return rv_grid[i], jnp.take_along_axis(coef, i[:, None, None], axis=1)[:, 0]
 
@@ -571,9 +588,21 @@ class _BatchContext(NamedTuple):
     method: str
     rv_range: tuple
     rv_grid: Array
+    scan_pixels: np.ndarray | None
     s_scan: Array
     max_iter: int
     return_model: bool
+
+
+def _scan_pixels(obs: ObsModel, rv_range) -> np.ndarray | None:
+    """Pixels valid at every RV of the scan, when they are at least SCAN_COMMON_MIN
+    of the pixels (for APOGEE and +-500 km/s: 90 %); else None (chi2 per pixel over
+    each RV's own pixel set)."""
+    dt = obs.x_obs.dtype
+    ok = np.asarray(
+        window_valid(obs, jnp.asarray(rv_range[0], dt), jnp.asarray(rv_range[1], dt))
+    )
+    return ok if ok.mean() >= SCAN_COMMON_MIN else None
 
 
 def _default_threads() -> int:
@@ -681,7 +710,13 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
         _, c0 = _scan_batch(obs, ctx.s_scan, jnp.asarray(rv0[:1], dt), f_j, w_j)
         rv_lo, rv_hi = rv0, rv0
     else:
-        rv0, c0 = _scan_batch(obs, ctx.s_scan, ctx.rv_grid, f_j, w_j)
+        if ctx.scan_pixels is None:
+            rv0, c0 = _scan_batch(obs, ctx.s_scan, ctx.rv_grid, f_j, w_j)
+        else:
+            w_scan = jnp.asarray(np.where(ctx.scan_pixels, wb, 0.0), dt)
+            rv0, c0 = _scan_batch(
+                obs, ctx.s_scan, ctx.rv_grid, f_j, w_scan, common=True
+            )
         rv0 = np.asarray(rv0, np.float64)
         rv_lo = np.maximum(rv0 - RV_WINDOW, rv_range[0])
         rv_hi = np.minimum(rv0 + RV_WINDOW, rv_range[1])
@@ -869,6 +904,7 @@ def fit(
         method=method,
         rv_range=rv_range,
         rv_grid=jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt),
+        scan_pixels=_scan_pixels(obs, rv_range),
         s_scan=jnp.asarray(s_scan, dt),
         max_iter=int(max_iter),
         return_model=bool(return_model),
