@@ -998,30 +998,40 @@ def fit(
 
 
 def _covariance(a, free, dtype):
-    """Covariance (n, k, k) in fit space from J^T W J, and an ill-conditioned flag."""
+    """Covariance (n, k, k) in fit space from J^T W J, and an ill-conditioned flag.
+
+    Inverted in the correlation form (Jacobi-scaled), all stars at once; a star whose
+    matrix has a non-finite entry, a non-positive diagonal, or is singular gets NaN
+    and the flag.
+    """
     n, k, _ = a.shape
-    cov = np.zeros((n, k, k))
-    ill = np.zeros(n, bool)
+    cov = np.full((n, k, k), 0.0)
     idx = np.flatnonzero(free)
     limit = COND_LIMIT.get(np.dtype(dtype), 1e6)
-    for i in range(n):
-        af = a[i][np.ix_(idx, idx)]
-        d = np.diag(af)
-        if not (np.all(np.isfinite(af)) and np.all(d > 0)):
-            ill[i] = True
-            cov[i][np.ix_(idx, idx)] = np.nan
-            continue
-        s = 1.0 / np.sqrt(d)
-        corr = af * s[:, None] * s[None, :]
+    af = a[:, idx[:, None], idx[None, :]]
+    d = np.diagonal(af, axis1=1, axis2=2)
+    ok = np.all(np.isfinite(af), axis=(1, 2)) & np.all(d > 0, axis=1)
+    s = 1.0 / np.sqrt(np.where(ok[:, None], d, 1.0))
+    corr = np.where(
+        ok[:, None, None], af * s[:, :, None] * s[:, None, :], np.eye(idx.size)
+    )
+    with np.errstate(all="ignore"):
+        sv = np.linalg.svd(corr, compute_uv=False)
+        cond = sv[:, 0] / sv[:, -1]
+    ok &= sv[:, -1] > 0
+    ci = np.full_like(corr, np.nan)
+    if ok.any():
         try:
-            cond = np.linalg.cond(corr)
-            ci = np.linalg.inv(corr)
-        except np.linalg.LinAlgError:
-            ill[i] = True
-            cov[i][np.ix_(idx, idx)] = np.nan
-            continue
-        ill[i] = not (np.isfinite(cond) and cond < limit)
-        cov[i][np.ix_(idx, idx)] = ci * s[:, None] * s[None, :]
+            ci[ok] = np.linalg.inv(corr[ok])
+        except np.linalg.LinAlgError:  # a singular one among them: star by star
+            for i in np.flatnonzero(ok):
+                try:
+                    ci[i] = np.linalg.inv(corr[i])
+                except np.linalg.LinAlgError:
+                    ok[i] = False
+    ill = ~ok | ~(np.isfinite(cond) & (cond < limit))
+    block = np.where(ok[:, None, None], ci * s[:, :, None] * s[:, None, :], np.nan)
+    cov[:, idx[:, None], idx[None, :]] = block
     return cov, ill
 
 

@@ -516,3 +516,32 @@ def test_scale_errors_multiplies_by_sqrt_chi2_red(emu, truth, noise_free):
             rtol=1e-12,
         )
     assert scaled.meta["errors_scaled_by_chi2_red"] is True
+
+
+def test_covariance_batch_matches_per_star_inverse_and_flags_bad_ones():
+    rng = np.random.default_rng(3)
+    j = rng.standard_normal((50, 4))
+    good = j.T @ j  # well conditioned
+    tilted = np.diag([1e4, 1.0, 1.0, 1e-4]) @ good @ np.diag([1e4, 1.0, 1.0, 1e-4])
+    near = good.copy()
+    near[3] = near[2] * (1 + 1e-9)  # rows almost equal: ill-conditioned
+    near[:, 3] = near[:, 2] * (1 + 1e-9)
+    singular = good.copy()
+    singular[3], singular[:, 3] = 0.0, 0.0  # zero diagonal
+    bad = good.copy()
+    bad[0, 1] = np.nan
+    a = np.stack([good, tilted, near, singular, bad])
+    free = np.array([True, True, True, True])
+    cov, ill = fit_mod._covariance(a, free, np.float32)
+    np.testing.assert_allclose(cov[0], np.linalg.inv(good), rtol=1e-10)
+    np.testing.assert_allclose(cov[1], np.linalg.inv(tilted), rtol=1e-8)  # scaling is
+    # removed before the condition test: the correlation form is well conditioned
+    assert list(ill) == [False, False, True, True, True]
+    assert np.all(np.isnan(cov[3])) and np.all(np.isnan(cov[4]))
+    # a fixed parameter's row and column are zero; the rest is the free block's inverse
+    cov_f, ill_f = fit_mod._covariance(
+        a[:1], np.array([True, False, True, True]), np.float32
+    )
+    sub = np.ix_([0, 2, 3], [0, 2, 3])
+    np.testing.assert_allclose(cov_f[0][sub], np.linalg.inv(good[sub]), rtol=1e-10)
+    assert np.all(cov_f[0][1] == 0) and not ill_f[0]
