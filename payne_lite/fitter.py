@@ -217,11 +217,12 @@ def _normal(obs, p, flux, sw):
 def _normal_lanes(obs, p, star, run, flux, sw, r_old):
     """:func:`_normal` for every lane ``p`` (N, k) whose ``run`` is True.
 
-    Lane ``j`` fits star ``star[j]`` (a row of ``flux`` / ``sw``). Lanes run one after
-    the other (``lax.map``), each inside a ``lax.cond``, so a lane that has stopped
-    costs nothing: this is the per-star early stopping inside a batch. One lane's
-    intermediates (a few (k, P) arrays) stay in cache, where ``vmap`` over all lanes
-    streams (N, k, P) arrays through memory (measured 2-3x slower per lane-step).
+    Lane ``j`` fits star ``star[j]`` (a row of ``flux`` / ``sw``). On CPU lanes run one
+    after the other (``lax.map``), each inside a ``lax.cond``, so a lane that has
+    stopped costs nothing: this is the per-star early stopping inside a batch. One
+    lane's intermediates (a few (k, P) arrays) stay in cache, where ``vmap`` over all
+    lanes streams (N, k, P) arrays through memory (measured 2-3x slower per lane-step
+    here). On GPUs and TPUs the lanes are vmapped (:data:`SEQUENTIAL_LANES`).
 
     Also returns the change of chi2 from the residuals ``r_old`` (N, P), summed as
     ``sum((r - r_old) (r + r_old))``: its rounding error scales with the change, not
@@ -244,7 +245,23 @@ def _normal_lanes(obs, p, star, run, flux, sw, r_old):
 
         return jax.lax.cond(go, step, skip, None)
 
+    if not _sequential_lanes():
+        # Accelerators: all lanes at once (a GPU wants wide arrays); stopped lanes
+        # are computed and discarded (vmap turns the cond into a select).
+        return jax.vmap(one)((p, star, run, r_old))
     return jax.lax.map(one, (p, star, run, r_old))
+
+
+#: How LM lanes are evaluated: None = by backend (one after the other on CPU, all at
+#: once under vmap elsewhere); True / False force it (tests run both on CPU).
+SEQUENTIAL_LANES = None
+
+
+def _sequential_lanes() -> bool:
+    """Read at trace time."""
+    if SEQUENTIAL_LANES is not None:
+        return bool(SEQUENTIAL_LANES)
+    return jax.default_backend() == "cpu"
 
 
 def _damped_step(a, g, lam, act):
