@@ -146,7 +146,7 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w, *, common=False):
         ma, mb, t, _, valid = _shift_pair(obs, f_rest[None], rv)
         return (ma + t * (mb - ma))[0], valid
 
-    t, v = jax.lax.map(shifted, rv_grid)  # (R, P)
+    t, v = _over(shifted, rv_grid)  # (R, P)
     vf = v.astype(t.dtype)
     t = t * vf
     basis = obs.basis  # (P, n_c)
@@ -193,12 +193,12 @@ def _chi2_batch(obs, p, flux, w):
         f, _ = observe(obs, q)
         return w[i] @ (f - flux[i]) ** 2
 
-    return jax.lax.map(one, (p.reshape(n * n_s, k), star)).reshape(n, n_s)
+    return _over(one, (p.reshape(n * n_s, k), star)).reshape(n, n_s)
 
 
 @jax.jit
 def _window_batch(obs, rv_lo, rv_hi):
-    return jax.lax.map(lambda v: window_valid(obs, *v), (rv_lo, rv_hi))
+    return _over(lambda v: window_valid(obs, *v), (rv_lo, rv_hi))
 
 
 def _normal(obs, p, flux, sw):
@@ -262,6 +262,12 @@ def _sequential_lanes() -> bool:
     if SEQUENTIAL_LANES is not None:
         return bool(SEQUENTIAL_LANES)
     return jax.default_backend() == "cpu"
+
+
+def _over(f, xs):
+    """``f`` over the leading axis of ``xs``: ``lax.map`` on CPU (one item's arrays stay
+    in cache), ``vmap`` on accelerators (see :data:`SEQUENTIAL_LANES`)."""
+    return jax.lax.map(f, xs) if _sequential_lanes() else jax.vmap(f)(xs)
 
 
 def _damped_step(a, g, lam, act):
@@ -456,13 +462,13 @@ def _final_batch(obs, p, flux, w):
         r = sw * (f - flux)
         return r @ r, jw @ jw.T, jw @ r, f
 
-    return jax.lax.map(one, (p, flux, w))
+    return _over(one, (p, flux, w))
 
 
 @jax.jit
 def _model_batch(obs, p):
     """Model flux (n, P) at parameters ``p`` (n, k)."""
-    return jax.lax.map(lambda q: observe(obs, q)[0], p)
+    return _over(lambda q: observe(obs, q)[0], p)
 
 
 @jax.jit
