@@ -876,8 +876,9 @@ def _run_demo(args) -> int:
     for name, b, sc, w in zip(res["fit_labels"], res["fit_bias"], res["fit_scatter"],
                               res["fit_within_1sigma"], strict=True):
         print(f"  {name:<12} {b:>9.3g} {sc:>9.3g} {w:>10.0%}")
-    print("  (errors come from the flux noise only; the emulator's own error is not yet\n"
-          "   in the likelihood, so fewer than 68 % of truths fall within 1 sigma here)")
+    print("  (errors: flux noise and the emulator's per-pixel error in quadrature; the\n"
+          "   emulator's errors are correlated across pixels, which that does not\n"
+          "   capture, so fewer than 68 % of truths fall within 1 sigma here)")
     print(f"  wrote {res['outdir']}/catalog_truth.ecsv, results.fits and figures/ "
           f"({res['total_seconds']:.0f} s)")
     return EXIT_OK

@@ -22,6 +22,8 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    of the box, or chi2 beyond noise: :func:`_lm_with_starts`); best chi2 kept;
    ``method="curve_fit"``: ``scipy.optimize.curve_fit``
    (``method="trf"``) per star with the JAX Jacobian, same model, bounds and starts.
+   The emulator's own per-pixel error, when it has one, is added in quadrature to
+   the flux errors (``emulator_error=True``, the default; :func:`emulator_error_on`).
 4. Errors from the covariance ``(J^T W J)^-1`` at the best fit, transformed from
    scaled to physical label units. By default not rescaled (the errors are then
    right when the flux errors are right and the model fits: their coverage is
@@ -66,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._validate import as_float_array
+from .constants import C_KMS
 from .emulator import KERNEL_COMPILER_OPTIONS, Emulator, forward
 from .model import (
     ObsModel,
@@ -615,6 +618,29 @@ class _BatchContext(NamedTuple):
     s_scan: Array
     max_iter: int
     return_model: bool
+    emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
+
+
+def emulator_error_on(wave_obs, wave_rest, pixel_error, rv) -> np.ndarray:
+    """The emulator's per-pixel error (on its rest grid) at each star's observed pixels.
+
+    Observed pixel ``lambda`` sees the rest-frame model at ``lambda / f(rv)``
+    (relativistic Doppler factor), so the error is interpolated there (linearly; 0
+    off the rest grid, where the pixel has no model anyway).
+
+    Args:
+        wave_obs: (P_obs,) observed wavelength [A]; wave_rest, pixel_error: (P_rest,).
+        rv: (n,) radial velocity of each star [km/s].
+
+    Returns:
+        (n, P_obs) emulator error, to add in quadrature to the flux errors.
+    """
+    beta = np.asarray(rv, np.float64) / C_KMS
+    inv_f = np.sqrt((1.0 - beta) / (1.0 + beta))
+    lam = np.asarray(wave_obs, np.float64)[None, :] * inv_f[:, None]
+    return np.stack(
+        [np.interp(row, wave_rest, pixel_error, left=0.0, right=0.0) for row in lam]
+    )
 
 
 def _scan_pixels(obs: ObsModel, rv_range) -> np.ndarray | None:
@@ -750,6 +776,12 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
         _window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
     )
     wb = np.where(valid, wb, 0.0)
+    w_data = wb  # the observed errors alone (for the S/N column)
+    if ctx.emulator_error is not None:
+        wave_rest, wave_obs, pixel_error = ctx.emulator_error
+        pe = emulator_error_on(wave_obs, wave_rest, pixel_error, rv0)
+        with np.errstate(divide="ignore"):
+            wb = np.where(wb > 0, 1.0 / (1.0 / wb + pe**2), 0.0)
     w_j = jnp.asarray(wb, dt)
     n_good = np.count_nonzero(wb > 0, axis=1)
     # Padding rows, and stars with too few pixels (flagged failed later), do not run.
@@ -787,7 +819,7 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
         chi2_f, a_f, g_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
     # median S/N of the pixels that carry weight, |flux| / error (sorted rows, the
     # unused pixels as +inf at the end: 10x faster than nanmedian row by row)
-    snr = np.where(wb > 0, np.sqrt(wb) * np.abs(fb), np.inf).astype(np.float32)
+    snr = np.where(wb > 0, np.sqrt(w_data) * np.abs(fb), np.inf).astype(np.float32)
     snr.sort(axis=1)
     cnt = np.count_nonzero(wb > 0, axis=1)
     rows = np.arange(size)
@@ -827,6 +859,7 @@ def fit(
     batch_size: int = 256,
     n_threads: int | None = None,
     scale_errors: bool = False,
+    emulator_error: bool = True,
     progress: bool = False,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
@@ -855,6 +888,10 @@ def fit(
             backend, else 1. Results do not depend on it.
         scale_errors: multiply each covariance by its reduced chi2 when that is
             above 1 (see the module docstring); recorded in the table's meta.
+        emulator_error: add the emulator's own per-pixel error (``pixel_error``,
+            measured on held-out spectra when it was trained; shifted to each
+            star's RV from the scan) in quadrature to the flux errors, when the
+            emulator has one (emulators imported from The Payne have none).
         progress: show a tqdm progress bar over spectra.
 
     Returns:
@@ -931,6 +968,18 @@ def fit(
         s_scan=jnp.asarray(s_scan, dt),
         max_iter=int(max_iter),
         return_model=bool(return_model),
+        emulator_error=(
+            (
+                np.asarray(emulator.wavelength, np.float64),
+                np.asarray(
+                    emulator.wavelength if wavelength is None else wavelength,
+                    np.float64,
+                ),
+                np.asarray(emulator.pixel_error, np.float64),
+            )
+            if emulator_error and emulator.pixel_error is not None
+            else None
+        ),
     )
     if n_threads is None:
         n_threads = _default_threads() if method == "lm" else 1
@@ -1017,6 +1066,7 @@ def fit(
         method=method,
         rv_range=rv_range,
         scale_errors=scale_errors,
+        emulator_error_used=ctx.emulator_error is not None,
     )
 
 
@@ -1078,6 +1128,7 @@ def _results_table(
     method,
     rv_range,
     scale_errors=False,
+    emulator_error_used=False,
 ):
     from astropy.table import Table
 
@@ -1162,6 +1213,7 @@ def _results_table(
         rv_range=list(rv_range),
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
+        emulator_error_in_likelihood=emulator_error_used,
         flag_bits={str(b): s for b, s in FLAG_BITS.items()},
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
         reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",

@@ -9,6 +9,7 @@ produces. The real 5-label Payne network is used where ../shared/data is present
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -576,3 +577,39 @@ def test_vmapped_lanes_accelerator_path_gives_the_same_fits(
             atol=1e-3 * np.asarray(seq[f"{name}_err"]).max(),
         )
     np.testing.assert_array_equal(par["flags"], seq["flags"])
+
+
+# --- the emulator's own error in the likelihood --------------------------------------------
+def test_emulator_error_is_shifted_to_each_stars_rest_wavelength():
+    wave = np.linspace(15000.0, 15100.0, 501)
+    ramp = 1e-3 + 1e-5 * (wave - wave[0])  # linear: interpolation is exact
+    rv = np.array([0.0, 150.0, -300.0])
+    got = fit_mod.emulator_error_on(wave, wave, ramp, rv)
+    lam_rest = wave[None, :] / _factor(rv)[:, None]
+    expected = np.where(
+        (lam_rest >= wave[0]) & (lam_rest <= wave[-1]),
+        1e-3 + 1e-5 * (lam_rest - wave[0]),
+        0.0,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_emulator_error_added_in_quadrature(emu, noise_free):
+    """A constant emulator error equal to the flux error halves every weight: the
+    labels stay, the error bars grow by sqrt(2); switched off, nothing changes."""
+    flux, err = noise_free[0][:4], noise_free[1][:4]  # err = 0.01 everywhere
+    rng = np.random.default_rng(12)
+    noisy = flux + 0.01 * rng.standard_normal(flux.shape)
+    with_err = dataclasses.replace(emu, pixel_error=np.full(N_PIX, 0.01))
+    plain = fit(noisy, err, emu)
+    both = fit(noisy, err, with_err)
+    off = fit(noisy, err, with_err, emulator_error=False)
+    assert both.meta["emulator_error_in_likelihood"] is True
+    assert plain.meta["emulator_error_in_likelihood"] is False
+    for name in (*TINY_NAMES, "rv"):
+        sig = np.asarray(plain[f"{name}_err"])
+        np.testing.assert_allclose(both[name], plain[name], atol=0.05 * sig.max())
+        np.testing.assert_allclose(both[f"{name}_err"], sig * np.sqrt(2), rtol=2e-3)
+        np.testing.assert_array_equal(off[name], plain[name])
+    np.testing.assert_allclose(both["chi2"], plain["chi2"] / 2, rtol=2e-3)
+    np.testing.assert_allclose(both["snr"], plain["snr"])  # S/N of the data alone
