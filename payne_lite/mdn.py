@@ -78,6 +78,8 @@ RV_FINE_HALF = 6.0
 RV_OUT_SCALE = 1.0
 #: Smallest sigma, in scaled units (labels: fraction of the box; rv: RV_OUT_SCALE).
 SIGMA_FLOOR = 1e-3
+#: MLP inputs whose spread over the training set is below this are not used.
+FEATURE_SD_MIN = 1e-4
 #: Rows with fewer usable pixels than this fraction get NaN from predict.
 MIN_GOOD_FRACTION = 0.05
 
@@ -146,7 +148,7 @@ def features(grid: ObsModel, fx: Features, rv_coarse, rv_fine, flux, err, bad):
     x = jnp.where(g2, d2 - (1.0 - fx.mean), 0.0)
     z = x @ fx.basis
     n_good = jnp.maximum(jnp.sum(gf), 1.0)
-    log_err = jnp.log(jnp.sum(jnp.where(good, err, 0.0)) / n_good)
+    log_err = jnp.log(jnp.maximum(jnp.sum(jnp.where(good, err, 0.0)) / n_good, 1e-30))
     peak = jnp.maximum(jnp.max(cf), 1e-12)
     feat = jnp.concatenate(
         [
@@ -847,7 +849,10 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
     t_sim = time.perf_counter() - t0
     mu = x_tr.mean(axis=0)
     sd = x_tr.std(axis=0)
-    sd = np.where(sd > 1e-8, sd, 1.0)
+    # A feature constant up to rounding (the fine CCF at its peak, normalised to it:
+    # spread 2e-8) would amplify float rounding by 1e7 and make a row's answer depend
+    # on the batch it is in: such features are switched off (sd = inf -> input 0).
+    sd = np.where(sd > FEATURE_SD_MIN, sd, np.inf)
     x_tr = ((x_tr - mu) / sd).astype(np.float32)
     x_va = ((x_va - mu) / sd).astype(np.float32)
 

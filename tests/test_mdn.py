@@ -204,3 +204,103 @@ def test_config_validation():
         mdn_mod.MDNConfig(snr_range=(0.0, 10.0))
     with pytest.raises(ValueError, match="config or keyword"):
         pl.train_mdn(None, config=mdn_mod.MDNConfig(), seed=1)
+
+
+# --------------------------------------------------------------------------------------
+# fit(..., mdn=...)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fit_set(emu):
+    rng = np.random.default_rng(5)
+    return simulate(
+        emu, 24, rng=rng, snr_range=(50.0, 50.0), rv_range=(-100, 100), tilt=0.0
+    )
+
+
+def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
+    d = fit_set
+    kw = dict(mask=d["mask"], rv_range=RV_RANGE)
+    t = pl.fit(d["flux"], d["err"], emu, mdn=trained, **kw)
+    ref = pl.fit(d["flux"], d["err"], emu, **kw)
+    for name in (*emu.label_names, "rv"):
+        assert f"{name}_mdn" in t.colnames and f"{name}_mdn_sigma" in t.colnames
+        assert np.all(np.asarray(t[f"{name}_mdn_sigma"]) > 0)
+        assert t[f"{name}_mdn"].unit == t[name].unit
+    assert t["mdn_refit"].dtype == bool
+    assert "mdn_seconds" in t.meta
+    assert t.meta["flag_bits"]["6"].startswith("MDN disagrees")
+    # The MDN's rv window (+-3 sigma, ~1 km/s) is narrower than the scan's (+-20 km/s),
+    # so more pixels stay valid over it: the fits use a few more pixels and differ by
+    # a fraction of their errors (not more).
+    assert np.all(t["n_good_pixels"] >= ref["n_good_pixels"])
+    assert np.all(t["mdn_refit"] == 0)
+    for name in (*emu.label_names, "rv"):
+        z = np.abs(np.asarray(t[name]) - np.asarray(ref[name])) / ref[f"{name}_err"]
+        assert np.median(z) < 0.35 and np.max(z) < 1.5, name
+    assert np.median(t["n_iter"]) <= np.median(ref["n_iter"])
+
+
+class _ShiftedMDN:
+    """Wraps an MDN; its Teff is confidently wrong by 800 K (sigma 20 K)."""
+
+    def __init__(self, mdn):
+        self._mdn = mdn
+
+    def __getattr__(self, name):
+        return getattr(self._mdn, name)
+
+    def predict(self, *args, **kw):
+        mean, sigma = self._mdn.predict(*args, **kw)
+        mean, sigma = mean.copy(), sigma.copy()
+        mean[:, 0] += np.where(mean[:, 0] > 5500.0, -800.0, 800.0)
+        sigma[:, 0] = 20.0
+        return mean, sigma
+
+
+def test_fit_with_wrong_mdn_falls_back_and_flags(trained, emu, fit_set):
+    """Every fit ends at an MDN bound, is refitted over the whole box, lands > 4 MDN
+    sigma from the MDN mean and gets QA bit 6 (64)."""
+    d = fit_set
+    kw = dict(mask=d["mask"], rv_range=RV_RANGE)
+    t = pl.fit(d["flux"], d["err"], emu, mdn=_ShiftedMDN(trained), **kw)
+    ref = pl.fit(d["flux"], d["err"], emu, **kw)
+    assert np.all(t["mdn_refit"])
+    np.testing.assert_allclose(t["Teff"], ref["Teff"], atol=1.0)
+    assert np.all(np.asarray(t["flags"]) & 64)
+    assert not np.any(np.asarray(ref["flags"]) & 64)
+
+
+def test_fit_mdn_bad_combinations_refused(trained, emu, fit_set):
+    d = fit_set
+    with pytest.raises(ValueError, match="p0 or mdn"):
+        pl.fit(d["flux"], d["err"], emu, mdn=trained, p0=[5000.0, 3.0, 0.0])
+    other = smooth_emulator(wavelength=emu.wavelength + 1.0)
+    with pytest.raises(ValueError, match="wavelength grid"):
+        pl.fit(d["flux"], d["err"], other, mdn=trained)
+
+
+def test_fit_catalog_passes_mdn_through(trained, emu, fit_set, tmp_path):
+    d = fit_set
+    cat = pl.write_catalog(
+        tmp_path / "cat.h5", d["flux"], d["err"], emu.wavelength, mask=d["mask"]
+    )
+    mdn_path = tmp_path / "mdn.h5"
+    trained.save(mdn_path)
+    t = pl.fit_catalog(
+        cat,
+        tmp_path / "r.fits",
+        emu,
+        mdn=mdn_path,
+        chunk_size=16,
+        progress=False,
+        rv_range=RV_RANGE,
+    )
+    ref = pl.fit(
+        d["flux"], d["err"], emu, mask=d["mask"], mdn=trained, rv_range=RV_RANGE
+    )
+    # the catalog stores float32 flux: equal up to its rounding
+    d_mdn = np.abs(t["Teff_mdn"] - ref["Teff_mdn"]) / ref["Teff_mdn_sigma"]
+    assert np.max(d_mdn) < 0.01
+    assert np.max(np.abs(t["Teff"] - ref["Teff"]) / ref["Teff_err"]) < 0.05
+    back = pl.read_results(tmp_path / "r.fits")
+    assert "[Fe/H]_mdn_sigma" in back.colnames
