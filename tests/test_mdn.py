@@ -304,3 +304,47 @@ def test_fit_catalog_passes_mdn_through(trained, emu, fit_set, tmp_path):
     assert np.max(np.abs(t["Teff"] - ref["Teff"]) / ref["Teff_err"]) < 0.05
     back = pl.read_results(tmp_path / "r.fits")
     assert "[Fe/H]_mdn_sigma" in back.colnames
+
+
+def test_cli_train_mdn_and_fit_with_mdn(emu, fit_set, tmp_path, capsys):
+    from payne_lite.cli import main
+
+    emu_path = tmp_path / "emu.h5"
+    emu.save(emu_path)
+    mdn_path = tmp_path / "mdn.h5"
+    code = main(
+        [
+            "train-mdn",
+            str(emu_path),
+            "-o",
+            str(mdn_path),
+            "--n-train",
+            "600",
+            "--n-valid",
+            "200",
+            "--epochs",
+            "2",
+            "--rv-range=-150,150",
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    mdn = pl.MDN.load(mdn_path, emulator=emu)
+    assert mdn.rv_range == (-150.0, 150.0)
+    assert mdn.meta["command"].startswith("payne-lite train-mdn")
+    d = fit_set
+    cat = pl.write_catalog(
+        tmp_path / "cat.h5", d["flux"][:8], d["err"][:8], emu.wavelength
+    )
+    out = tmp_path / "r.ecsv"
+    args = ["fit", str(cat), "--emulator", str(emu_path), "-o", str(out)]
+    assert main([*args, "--mdn", str(mdn_path), "--no-progress"]) == 0
+    assert "refitted without the MDN bounds" in capsys.readouterr().out
+    assert "Teff_mdn_sigma" in pl.read_results(out).colnames
+    # an MDN for another emulator: one line, exit code 2
+    other = smooth_emulator(wavelength=emu.wavelength + 1.0)
+    other.save(tmp_path / "other.h5")
+    args = ["fit", str(cat), "--emulator", str(tmp_path / "other.h5"), "-o"]
+    assert main([*args, str(tmp_path / "r2.ecsv"), "--mdn", str(mdn_path)]) == 2
+    assert "wavelength grid" in capsys.readouterr().err
