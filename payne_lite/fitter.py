@@ -1003,8 +1003,11 @@ def fit(
             refit |= ~np.all(np.isfinite(res["p"]), axis=1) | ~np.isfinite(res["chi2"])
             rows = np.flatnonzero(refit)
             if rows.size:
+                # batches sized for the stars refitted (a few %), not for all
+                per = -(-rows.size // int(n_threads))
+                size2 = min(size, max(8, 1 << int(np.ceil(np.log2(per)))))
                 res2 = _run_batches(
-                    ctx, flux2, ivar, starts, rows, size, n_threads, None
+                    ctx, flux2, ivar, starts, rows, size2, n_threads, None
                 )
                 first_it = res["it"][rows]
                 better = (

@@ -133,6 +133,15 @@ def _parabola_rows(y, step):
     return i, off * step
 
 
+def _ccf(d, g, t):
+    """Cross-correlation (n, R) of rows ``d`` with templates ``t`` (R, P), each
+    normalised by the template's norm over the row's usable pixels ``g``:
+    ``(d . t) / sqrt(g . t^2)``, whose maximum is the least-squares best template.
+    Without the normalisation, masked pixels next to a line (APOGEE's mask) pull
+    the peak: on bench_fit's test set 42 % of rv truths fell within 1 MDN sigma."""
+    return (d @ t.T) / jnp.sqrt(jnp.maximum(g @ (t * t).T, 1e-30))
+
+
 def _to_rest_rows(grid: ObsModel, d, g, rv):
     """:func:`_to_rest` for rows ``d``, ``g`` (n, P) at rv (n,), one row at a time.
 
@@ -152,10 +161,10 @@ def features(grid: ObsModel, fx: Features, rv_coarse, rv_fine, flux, err, mask):
     good = ~mask & jnp.isfinite(flux) & jnp.isfinite(err) & (err > 0)
     gf = good.astype(fx.mean.dtype)
     d = jnp.where(good, 1.0 - flux, 0.0)
-    i, off = _parabola_rows(d @ fx.coarse.T, RV_COARSE_STEP)
+    i, off = _parabola_rows(_ccf(d, gf, fx.coarse), RV_COARSE_STEP)
     rv_c = rv_coarse[i] + off
     d1, g1 = _to_rest_rows(grid, d, gf, rv_c)
-    cf = jnp.where(g1, d1, 0.0) @ fx.fine.T
+    cf = _ccf(jnp.where(g1, d1, 0.0), g1.astype(gf.dtype), fx.fine)
     j, off = _parabola_rows(cf, RV_FINE_STEP)
     rv = rv_c + rv_fine[j] + off
     d2, g2 = _to_rest_rows(grid, d, gf, rv)
@@ -728,7 +737,8 @@ def simulate(emulator, n: int, *, rng, snr_range, rv_range, tilt=0.05, mask_chun
     grid or into a gap are masked); a multiplicative tilt ``1 + a x + b x^2``
     (``x`` in [-1, 1], a, b uniform in +-``tilt``); Gaussian noise of constant
     ``1 / snr`` with S/N log-uniform in ``snr_range``; up to ``mask_chunks`` masked
-    chunks of 1-2 % of the pixels and up to 1 % random single pixels.
+    chunks of 1-2 % of the pixels, up to ``P / 40`` short runs of 1-6 pixels (as sky
+    line and bad-pixel masks, which cut lines in part) and up to 1 % random pixels.
 
     Returns:
         dict: ``scaled`` (n, L) labels in [-0.5, 0.5], ``labels`` (n, L) physical,
@@ -750,12 +760,30 @@ def simulate(emulator, n: int, *, rng, snr_range, rv_range, tilt=0.05, mask_chun
     flux = flux + err * rng.standard_normal((n, P))
     mask = ~valid
     if mask_chunks:
-        n_chunk = rng.integers(0, mask_chunks + 1, n)
-        for i in range(n):
-            for _ in range(n_chunk[i]):
-                w = int(rng.integers(P // 100, P // 50 + 2))
-                a = int(rng.integers(0, max(P - w, 1)))
-                mask[i, a : a + w] = True
+        # chunks of 1-2 % of the pixels, and many short runs (1-6 pixels, up to
+        # ~10 % of the pixels) like masks of sky lines and bad pixels, which cut
+        # lines in part
+        n_short = P // 40
+        k = np.concatenate(
+            [
+                rng.integers(P // 100, P // 50 + 2, (n, mask_chunks)),
+                rng.integers(1, 7, (n, n_short)),
+            ],
+            axis=1,
+        )
+        use = np.concatenate(
+            [
+                np.arange(mask_chunks)[None] < rng.integers(0, mask_chunks + 1, (n, 1)),
+                np.arange(n_short)[None] < rng.integers(0, n_short + 1, (n, 1)),
+            ],
+            axis=1,
+        )
+        a = rng.integers(0, P, k.shape)
+        edge = np.zeros((n, P + 1), np.int32)
+        rows = np.broadcast_to(np.arange(n)[:, None], k.shape)
+        np.add.at(edge, (rows[use], a[use]), 1)
+        np.add.at(edge, (rows[use], np.minimum(a + k, P)[use]), -1)
+        mask |= np.cumsum(edge, axis=1)[:, :P] > 0
         mask |= rng.random((n, P)) < rng.uniform(0.0, 0.01, (n, 1))
     return dict(
         scaled=s,
