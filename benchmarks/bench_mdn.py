@@ -141,7 +141,7 @@ def arch_timing(emu, batch=512, steps=5):
         ks = jax.random.split(key, len(chans))
         ws = [
             jax.random.normal(k, (7, a, b)) * 0.1
-            for k, a, b in zip(ks, chans[:-1], chans[1:], strict=True)
+            for k, a, b in zip(ks[:-1], chans[:-1], chans[1:], strict=True)
         ]
         n_flat = chans[-1] * (P // 2 ** (len(chans) - 1))
         return ws, jax.random.normal(ks[-1], (n_flat, 12)) * 0.01
