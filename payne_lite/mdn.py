@@ -5,25 +5,33 @@ both (n, L + 1) in physical units: the emulator's labels, then rv [km/s]. The fi
 uses them as starting point and bounds (``payne_lite.fit(..., mdn=mdn)``), as LUCI
 does (Rhea et al. 2021, 2022; Bishop 1994 for MDNs).
 
-Architecture (chosen by measurement, see ``benchmarks/bench_mdn.py``): fixed,
+Architecture (chosen by measurement, ``benchmarks/bench_mdn.py --arch``): fixed,
 cheap feature extraction, then a small MLP that outputs a mixture of ``n_components``
-Gaussians per output dimension (independent dimensions).
+Gaussians per output dimension (independent dimensions). One Adam step on 512
+APOGEE spectra took 3 ms for the MLP on 79 features and 2.5 s for a small 1-D CNN
+(4 conv layers, 16-32 channels) on the 7214 pixels: ~20,000 steps fit the 15-minute
+training budget only for the former. A fixed compression of observed-frame flux
+cannot follow lines shifted by up to 120 pixels (500 km/s), so the features are
+taken in the rest frame found by cross-correlation:
 
-1. RV from cross-correlation: ``d = 1 - flux`` (masked pixels 0) against the mean
-   training spectrum ``1 - mean`` shifted over a coarse RV grid (``RV_COARSE_STEP``
-   = 5 km/s over the training rv range), parabolic peak; the spectrum is moved to
-   that rest frame and correlated again on a fine grid (``RV_FINE_STEP`` = 0.5 km/s
-   within +- ``RV_FINE_HALF``), parabolic peak ``rv_ccf``. Two (n, P) @ (P, R)
-   products: the MLP never has to locate a line pattern shifted by up to hundreds of
-   pixels, which a fixed compression of the observed-frame flux cannot represent.
-2. The spectrum moved to the rest frame at ``rv_ccf`` (the fitter's relativistic
-   shift and linear interpolation, :func:`payne_lite.model._shift_pair`); its
-   residual from the mean spectrum, masked and off-grid pixels set to the mean
-   (residual 0), projected on ``n_pca`` principal components of noise-free emulator
-   spectra (plus a linear and quadratic trend for continuum tilts).
-3. MLP input: the PCA coefficients, the fine CCF normalised to its peak, the CCF
-   peak offset, ``rv_ccf``, log of the mean error and the fraction of usable pixels,
-   each standardised with the training set's mean and spread.
+1. RV: ``d = 1 - flux`` (unusable pixels 0) cross-correlated with the mean training
+   spectrum ``1 - mean`` shifted over a coarse grid (``RV_COARSE_STEP`` = 10 km/s
+   over the training rv range), normalised by the template's norm over the usable
+   pixels (the least-squares peak; unnormalised, masks beside lines biased rv),
+   parabolic peak ``rv_c``; the spectrum is moved to that frame (the fitter's
+   relativistic shift and linear interpolation, :func:`payne_lite.model._shift_pair`)
+   and correlated again on a fine grid (``RV_FINE_STEP`` = 0.5 km/s within +-
+   ``RV_FINE_HALF``), parabolic peak ``rv_ccf``.
+2. Compression: the residual of the spectrum in the ``rv_c`` frame from the mean
+   spectrum, unusable and off-grid pixels set to the mean (residual 0), projected on
+   ``n_pca`` principal components of noise-free emulator spectra, a linear and a
+   quadratic trend (continuum tilts) and the mean spectrum's derivative (the
+   remaining sub-pixel shift ``rv_ccf - rv_c``; a second shift to ``rv_ccf`` cost a
+   third of the feature time).
+3. MLP input: those coefficients, the fine CCF normalised to its peak,
+   ``rv_ccf - rv_c``, ``rv_ccf``, log of the mean error and the fraction of usable
+   pixels, each standardised with the training set's mean and spread (features with
+   no spread are switched off).
 4. Output per dimension: mixture logits, means and ``sigma = softplus(raw) +
    SIGMA_FLOOR``, in scaled units: labels scaled to the training box ([-0.5, 0.5]),
    rv as ``(rv - rv_ccf) / RV_OUT_SCALE``. :meth:`MDN.predict` returns the mixture's
@@ -70,10 +78,10 @@ MDN_FORMAT = "payne_lite.MDN"
 MDN_VERSION = 1
 
 #: Coarse cross-correlation RV grid step [km/s].
-RV_COARSE_STEP = 5.0
+RV_COARSE_STEP = 10.0
 #: Fine cross-correlation: step [km/s] and half-width [km/s] around the coarse peak.
 RV_FINE_STEP = 0.5
-RV_FINE_HALF = 6.0
+RV_FINE_HALF = 10.0
 #: The rv output is ``rv_ccf + RV_OUT_SCALE * (network output)`` [km/s].
 RV_OUT_SCALE = 1.0
 #: Smallest sigma, in scaled units (labels: fraction of the box; rv: RV_OUT_SCALE).
@@ -167,8 +175,11 @@ def features(grid: ObsModel, fx: Features, rv_coarse, rv_fine, flux, err, mask):
     cf = _ccf(jnp.where(g1, d1, 0.0), g1.astype(gf.dtype), fx.fine)
     j, off = _parabola_rows(cf, RV_FINE_STEP)
     rv = rv_c + rv_fine[j] + off
-    d2, g2 = _to_rest_rows(grid, d, gf, rv)
-    x = jnp.where(g2, d2 - (1.0 - fx.mean), 0.0)
+    # Compressed in the frame of rv_c, |rv - rv_c| < ~1 pixel: the basis holds the
+    # mean spectrum's derivative and the MLP gets rv - rv_c, so a second shift (a
+    # third of the feature time) is not needed.
+    g2 = g1
+    x = jnp.where(g1, d1 - (1.0 - fx.mean), 0.0)
     z = x @ fx.basis
     n_good = jnp.maximum(jnp.sum(gf, axis=1), 1.0)
     mean_err = jnp.sum(jnp.where(good, err, 0.0), axis=1) / n_good
@@ -507,7 +518,6 @@ class MDN:
         def one(start):
             sl = slice(start, min(start + size, n))
             m = sl.stop - sl.start
-            pad = ((0, size - m), (0, 0))
             mk = m_all[sl] if m_all.shape[0] == n else np.broadcast_to(m_all, (m, P))
             mu_s, sd_s, rv, frac = _predict_scaled(
                 net,
@@ -515,9 +525,9 @@ class MDN:
                 fx,
                 rc,
                 rf,
-                jnp.asarray(np.pad(np.asarray(f[sl], dt), pad)),
-                jnp.asarray(np.pad(np.asarray(e[sl], dt), pad)),
-                jnp.asarray(np.pad(mk, pad, constant_values=True)),
+                _rows(f[sl], size, dt, 0.0),
+                _rows(e[sl], size, dt, 1.0),
+                _rows(mk, size, bool, True),
                 n_dim=self.n_labels + 1,
                 n_comp=self.n_components,
             )
@@ -635,6 +645,16 @@ class MDN:
         if emulator is not None:
             mdn.check_emulator(emulator)
         return mdn
+
+
+def _rows(a, size: int, dtype, fill):
+    """``a`` (m, P) as a (size, P) device array of ``dtype``, padded with ``fill``
+    (one host conversion, no copy for a full batch already in ``dtype``)."""
+    x = np.asarray(a, dtype)
+    if x.shape[0] < size:
+        pad = np.full((size - x.shape[0], x.shape[1]), fill, dtype)
+        x = np.concatenate([x, pad])
+    return jnp.asarray(x)
 
 
 def _check_shapes(flux, flux_err, mask, n_pix):
@@ -802,7 +822,7 @@ def _pca_basis(emulator, rng, n_pca: int, n_spec: int = 3000):
     f = np.asarray(emulator.predict(emulator.unscale(s), allow_outside=True), float)
     mean = f.mean(axis=0)
     x = np.linspace(-1.0, 1.0, f.shape[1])
-    trends = np.stack([x, x * x - 1.0 / 3.0], axis=1)
+    trends = np.stack([x, x * x - 1.0 / 3.0, np.gradient(mean)], axis=1)
     # randomized SVD (Halko et al. 2011): the full SVD of (3000, 7214) took 17 s
     a = f - mean
     k = min(n_pca, *a.shape)
