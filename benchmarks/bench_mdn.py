@@ -1,6 +1,6 @@
 """MDN benchmark (issue 4): calibration, speed, and whether it helps the fit.
 
-    python benchmarks/bench_mdn.py                       # trains the MDN (~4-5 min)
+    python benchmarks/bench_mdn.py                       # trains the MDN (2-5 min here)
     python benchmarks/bench_mdn.py --mdn mdn_apogee.h5   # reuse a trained MDN
     python benchmarks/bench_mdn.py --save mdn.h5 --json out.json
 
