@@ -16,6 +16,9 @@ from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
 from .fitter import fit as fit
 from .grid import SpectralGrid as SpectralGrid
+from .mdn import MDN as MDN
+from .mdn import MDNConfig as MDNConfig
+from .mdn import train_mdn as train_mdn
 from .results import read_results as read_results
 from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
@@ -27,6 +30,8 @@ __all__ = [
     "DenseNet",
     "Emulator",
     "FileFormatError",
+    "MDN",
+    "MDNConfig",
     "PixelNet",
     "SpectralGrid",
     "TrainConfig",
@@ -36,6 +41,7 @@ __all__ = [
     "open_catalog",
     "read_results",
     "train_emulator",
+    "train_mdn",
     "write_catalog",
     "write_results",
 ]

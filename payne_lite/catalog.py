@@ -817,7 +817,10 @@ def fit_catalog(
         path_out: results file, ``.fits``, ``.ecsv`` or ``.h5`` (see
             :func:`payne_lite.write_results`; FITS gets FITS-safe column names).
         emulator: a :class:`payne_lite.Emulator`, or the path of an emulator file.
-        mdn: reserved for MDN-informed fits (a later issue); must be None.
+        mdn: optional :class:`payne_lite.MDN` (or the path of an MDN file) trained
+            for ``emulator``: passed to :func:`payne_lite.fit` (MDN starts and
+            bounds, ``<label>_mdn`` columns); the catalog must be on the emulator's
+            wavelength grid.
         method: ``"lm"`` or ``"curve_fit"`` (see :func:`payne_lite.fit`).
         client: reserved for Dask-distributed fitting (a later issue); must be None.
         chunk_size: spectra per chunk (read, fitted, appended); a multiple of fit's
@@ -838,7 +841,8 @@ def fit_catalog(
         ``chunk_size`` and ``fit_seconds``.
 
     Raises:
-        NotImplementedError: ``mdn`` or ``client`` given.
+        NotImplementedError: ``client`` given.
+        TypeError: ``mdn`` neither an MDN nor a path.
         FileExistsError: ``path_out`` exists and ``overwrite`` is False.
         FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog.
         ValueError: bad settings or shapes (named in the message).
@@ -846,11 +850,6 @@ def fit_catalog(
     from .emulator import Emulator
     from .results import _format_of, write_results
 
-    if mdn is not None:
-        raise NotImplementedError(
-            "fit_catalog(mdn=...) is not available yet: MDN-informed fits come with "
-            "the MDN in a later issue; pass mdn=None"
-        )
     if client is not None:
         raise NotImplementedError(
             "fit_catalog(client=...) is not available yet: Dask-distributed fitting "
@@ -872,6 +871,19 @@ def fit_catalog(
         raise FileNotFoundError(f"folder {path_out.parent} does not exist")
     if isinstance(emulator, str | os.PathLike):
         emulator = Emulator.load(emulator)
+    if mdn is not None:
+        from .mdn import MDN
+
+        if isinstance(mdn, str | os.PathLike):
+            mdn = MDN.load(mdn, emulator=emulator)
+        elif not isinstance(mdn, MDN):
+            raise TypeError(
+                f"mdn must be a payne_lite.MDN or the path of an MDN file, got "
+                f"{type(mdn).__name__}"
+            )
+        else:
+            mdn.check_emulator(emulator)
+        fit_kwargs = {**fit_kwargs, "mdn": mdn}
 
     t0 = time.perf_counter()
     # a reader passed in stays open for its owner; paths are opened and closed here

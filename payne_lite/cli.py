@@ -955,6 +955,10 @@ def _add_fit(sub) -> None:
                    help="hold a label [physical units] or rv [km/s] fixed, e.g. "
                         "--fixed vmacro=5 rv=0 (label names as `payne-lite info "
                         "EMULATOR` lists them)")
+    p.add_argument("--mdn", metavar="MDN.h5",
+                   help="an MDN file (payne-lite train-mdn) trained for EMULATOR: its "
+                        "means start and its +-3 sigma intervals bound each fit, and "
+                        "the results get <label>_mdn and <label>_mdn_sigma columns")
     p.add_argument("--force", action="store_true",
                    help="overwrite RESULTS if it exists (otherwise refused)")
     p.add_argument("--no-progress", action="store_true",
@@ -994,6 +998,12 @@ def _run_fit(args) -> int:
         raise FileExistsError(f"{out} exists; use --force to overwrite it")
     fixed = _parse_fixed(args.fixed)
     emu = _read(Emulator.load, emu_path)
+    mdn = None
+    if args.mdn is not None:
+        from .mdn import MDN
+
+        mdn_path = _require_file(args.mdn)
+        mdn = _read(MDN.load, mdn_path, emulator=emu)
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
     with _read(open_catalog, source) as cat:
         n, n_pix = len(cat), cat.wavelength.size
@@ -1003,10 +1013,11 @@ def _run_fit(args) -> int:
         _log.info("fitting %s with %r", what, emu)
         out.parent.mkdir(parents=True, exist_ok=True)
         table = fit_catalog(
-            cat, out, emu, method=args.method, chunk_size=args.chunk_size,
+            cat, out, emu, mdn=mdn, method=args.method, chunk_size=args.chunk_size,
             overwrite=args.force, progress=not args.no_progress,
             cont_deg=args.cont_deg, max_iter=args.max_iter, fixed=fixed or None,
-            meta={"command": args.command_line, "emulator_file": str(emu_path)})
+            meta={"command": args.command_line, "emulator_file": str(emu_path),
+                  **({"mdn_file": str(args.mdn)} if mdn is not None else {})})
     seconds = time.perf_counter() - t0
     flags = np.asarray(table["flags"])
     n_flagged = int(np.count_nonzero(flags))
@@ -1015,12 +1026,96 @@ def _run_fit(args) -> int:
     chi2_red = np.asarray(table["chi2_red"], dtype=float)
     median = (f"; median chi2_red {np.nanmedian(chi2_red):.3g}"
               if np.isfinite(chi2_red).any() else "")
-    print(f"fitted {what} ({args.method}, cont_deg {args.cont_deg})")
+    print(f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
+          + (", MDN starts and bounds" if mdn is not None else "") + ")")
+    if mdn is not None:
+        print(f"  {int(np.count_nonzero(table['mdn_refit']))} refitted without the "
+              "MDN bounds")
     print(f"  {int(np.count_nonzero(table['converged']))} converged, {n_flagged} "
           f"flagged" + (f" ({', '.join(per_bit)})" if per_bit else "") + median)
     print(f"  {_fmt_seconds(seconds / n)} per spectrum ({seconds:.1f} s in all, "
           "compilation included)")
     print(f"wrote {out}")
+    return EXIT_OK
+
+
+# ======================================================================================
+# train-mdn
+# ======================================================================================
+def _add_train_mdn(sub) -> None:
+    from .mdn import MDNConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(MDNConfig)}
+    p = _parser(
+        sub, "train-mdn", help="train a mixture density network for an emulator",
+        description=(
+            "Train a mixture density network (MDN) that maps an observed spectrum to\n"
+            "a Gaussian per label and rv, on noisy spectra simulated from EMULATOR\n"
+            "(random labels in its box, rv, S/N, masked chunks, continuum tilts), and\n"
+            "save it as one HDF5 file. `payne-lite fit --mdn` uses it to start and\n"
+            "bound the fits."),
+        epilog=("examples:\n  payne-lite train-mdn emulator.h5 -o mdn.h5\n"
+                "  payne-lite train-mdn emulator.h5 -o mdn.h5 --n-train 200000 "
+                "--snr-range 20,300 --rv-range -300,300"))
+    p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
+    p.add_argument("-o", "--output", required=True, metavar="MDN.h5",
+                   help="output HDF5 file (payne_lite.MDN format)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
+    p.add_argument("--n-train", type=_positive_int, default=d["n_train"], metavar="N",
+                   help="simulated training spectra")
+    p.add_argument("--n-valid", type=_positive_int, default=d["n_valid"], metavar="N",
+                   help="simulated validation spectra (early stopping)")
+    p.add_argument("--epochs", type=_positive_int, default=d["epochs"], metavar="N",
+                   help="maximum passes over the training spectra")
+    p.add_argument("--patience", type=_positive_int, default=d["patience"],
+                   metavar="N", help="epochs without validation improvement before "
+                                     "stopping")
+    p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
+                   metavar="N", help="spectra per Adam step")
+    p.add_argument("--learning-rate", type=float, default=d["learning_rate"],
+                   metavar="LR", help="Adam step size (cosine decay)")
+    p.add_argument("--n-components", type=_positive_int, default=d["n_components"],
+                   metavar="M", help="Gaussians per label (a mixture when > 1)")
+    p.add_argument("--snr-range", default=",".join(map(str, d["snr_range"])),
+                   metavar="LO,HI", help="S/N per pixel of the training spectra "
+                                         "(log-uniform)")
+    p.add_argument("--rv-range", default=",".join(map(str, d["rv_range"])),
+                   metavar="LO,HI", help="rv [km/s] of the training spectra (uniform)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show progress bars")
+
+
+def _pair(text: str, flag: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"{flag} {text!r}: expected LO,HI, e.g. 10,300")
+    return (_parse_number(parts[0], flag), _parse_number(parts[1], flag))
+
+
+def _run_train_mdn(args) -> int:
+    from .mdn import MDNConfig, train_mdn
+
+    emu_path = _require_file(args.emulator)
+    out = _check_output(args.output, inputs=[emu_path])
+    config = MDNConfig(
+        n_train=args.n_train, n_valid=args.n_valid, epochs=args.epochs,
+        patience=args.patience, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, n_components=args.n_components,
+        snr_range=_pair(args.snr_range, "--snr-range"),
+        rv_range=_pair(args.rv_range, "--rv-range"), seed=args.seed)
+    emu = _read(Emulator.load, emu_path)
+    _log.info("training an MDN for %r with %s", emu, config)
+    mdn = train_mdn(emu, config=config, progress=not args.no_progress)
+    mdn = dataclasses.replace(mdn, meta={**mdn.meta, "command": args.command_line,
+                                         "emulator_file": str(emu_path)})
+    mdn.save(out)
+    m = mdn.meta
+    print(f"trained an MDN ({mdn.n_components} component(s)) for "
+          f"{', '.join(mdn.output_names)} on {config.n_train} simulated spectra "
+          f"(S/N {config.snr_range[0]:g}-{config.snr_range[1]:g}, rv "
+          f"{config.rv_range[0]:g} to {config.rv_range[1]:g} km/s), "
+          f"{m['epochs_run']} epochs: validation NLL {m['best_valid_nll']:.3f}; "
+          f"{m['train_seconds']:.1f} s; wrote {out}")
     return EXIT_OK
 
 
@@ -1043,6 +1138,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "info": (_add_info, _run_info),
     "demo": (_add_demo, _run_demo),
     "fit": (_add_fit, _run_fit),
+    "train-mdn": (_add_train_mdn, _run_train_mdn),
 }
 
 

@@ -48,7 +48,23 @@ bit  value       meaning
                  star) lies outside the emulator's training box; bit 1 is set too
 5    32          low S/N: the median |flux| / error of the pixels used is below
                  ``LOW_SNR`` (10); the fit is made, the numbers are less certain
+6    64          MDN disagrees (``fit(..., mdn=...)`` only): a label or rv lies more
+                 than ``MDN_FLAG_NSIGMA`` (4) MDN sigmas from the MDN mean: the
+                 spectrum is unlike the MDN's training spectra, or the fit or the
+                 MDN went wrong (the cheapest out-of-distribution signal)
 ===  ==========  =================================================================
+
+With an MDN (``fit(..., mdn=mdn)``, :mod:`payne_lite.mdn`), as LUCI does: the MDN's
+means (clipped into the box) are the one start per star, and its mean +-
+``MDN_NSIGMA`` (3) sigma, intersected with the training box and ``rv_range``, bound
+the labels and rv; there is no RV scan (the MDN locates the RV by cross-correlation
+and gives its error, so the window is its own +-3 sigma instead of the scan's +-
+``RV_WINDOW``; the scan remains the fallback). A star whose fit ends at an MDN bound
+that is not the box's edge, or is NaN, or for which the MDN has no answer, is
+refitted by the default path (RV scan, Teff starts, whole box) and the lower chi2
+kept; ``mdn_refit`` marks them and their ``n_iter`` counts both passes. Columns
+``<label>_mdn``, ``<label>_mdn_sigma``, ``rv_mdn``, ``rv_mdn_sigma`` hold the MDN's
+Gaussians.
 
 Precision: JAX's default float (float32 unless x64 is enabled); the covariance is
 inverted on the host in float64.
@@ -61,6 +77,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import NamedTuple
 
 import jax
@@ -71,6 +88,7 @@ from ._validate import as_float_array
 from .constants import C_KMS
 from .emulator import KERNEL_COMPILER_OPTIONS, Emulator, forward
 from .model import (
+    LABEL_BOUND,
     ObsModel,
     _shift_pair,
     build_obs_model,
@@ -110,6 +128,7 @@ FLAG_FAILED = 4
 FLAG_ILL_CONDITIONED = 8
 FLAG_OUTSIDE_BOX = 16
 FLAG_LOW_SNR = 32
+FLAG_MDN_DISAGREE = 64
 FLAG_BITS = {
     0: "not converged",
     1: "at a bound (training box or rv window)",
@@ -117,7 +136,13 @@ FLAG_BITS = {
     3: "ill-conditioned covariance",
     4: "outside the training box: a label at a box edge with chi2 still falling outwards",
     5: "low S/N: median |flux| / error of the used pixels below LOW_SNR",
+    6: "MDN disagrees: a label or rv more than MDN_FLAG_NSIGMA MDN sigmas from the "
+    "MDN mean (fits with an MDN only)",
 }
+#: With an MDN: label and rv bounds are the MDN mean +- MDN_NSIGMA sigma (and box).
+MDN_NSIGMA = 3.0
+#: With an MDN: QA bit 6 when the fit is more than this many MDN sigmas from its mean.
+MDN_FLAG_NSIGMA = 4.0
 #: Median S/N per pixel below which a fit is flagged low_snr (bit 5).
 LOW_SNR = 10.0
 
@@ -742,9 +767,14 @@ def _lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good):
     return p_best, it_best, conv_best, chi2_best, a_best, g_best
 
 
-def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
+def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
     """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
-    ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding."""
+    ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
+
+    ``prior`` (the MDN path): dict of per-row ``lo``, ``hi`` (size, L) scaled label
+    bounds and ``rv0``, ``rv_lo``, ``rv_hi`` (size,) [km/s]; then there is no RV
+    scan (the continuum, if any, starts flat) and the labels are bounded by
+    ``lo``/``hi`` instead of the box."""
     obs, layout, fix, free = ctx.obs, ctx.layout, ctx.fix, ctx.free
     dt = obs.x_obs.dtype
     size, n_pix = fb.shape
@@ -756,7 +786,13 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
     w_j = jnp.asarray(wb, dt)
 
     # 1. RV scan (and linear continuum at the best RV).
-    if layout.rv_index in fix:
+    if prior is not None:
+        rv0 = np.asarray(prior["rv0"], np.float64)
+        rv_lo = np.asarray(prior["rv_lo"], np.float64)
+        rv_hi = np.asarray(prior["rv_hi"], np.float64)
+        c0 = np.zeros((size, max(obs.n_cont, 1)))
+        c0[:, 0] = 1.0
+    elif layout.rv_index in fix:
         rv0 = np.full(size, fix[layout.rv_index])
         _, c0 = _scan_batch(obs, ctx.s_scan, jnp.asarray(rv0[:1], dt), f_j, w_j)
         rv_lo, rv_hi = rv0, rv0
@@ -799,6 +835,8 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
     lo = np.broadcast_to(layout.lower, (size, k)).copy()
     hi = np.broadcast_to(layout.upper, (size, k)).copy()
     lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
+    if prior is not None:
+        lo[:, :n_lab], hi[:, :n_lab] = prior["lo"], prior["hi"]
     p_start = np.clip(p_start, lo[:, None], hi[:, None])
 
     model_f = None
@@ -839,6 +877,8 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m) -> dict:
         n_good=n_good,
         rv_lo=rv_lo,
         rv_hi=rv_hi,
+        lo=lo,
+        hi=hi,
         model=None if model_f is None else np.asarray(model_f, np.float64),
     )
 
@@ -863,6 +903,7 @@ def fit(
     scale_errors: bool = False,
     emulator_error: bool = True,
     progress: bool = False,
+    mdn=None,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
@@ -895,6 +936,10 @@ def fit(
             star's RV from the scan) in quadrature to the flux errors, when the
             emulator has one (emulators imported from The Payne have none).
         progress: show a tqdm progress bar over spectra.
+        mdn: a :class:`payne_lite.MDN` trained for ``emulator``: its means start and
+            its +- 3 sigma intervals bound each fit, with a fallback to the default
+            path (see the module docstring). Not together with ``p0``; the spectra
+            must be on the MDN's (the emulator's) wavelength grid.
 
     Returns:
         astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
@@ -903,11 +948,14 @@ def fit(
         ``converged``, ``flags`` (bitmask, see the module docstring) and
         ``covariance`` (n, k, k) in physical units over ``meta["cov_params"]``,
         ``snr`` (median S/N of the used pixels). Errors are not rescaled by
-        ``chi2_red`` unless ``scale_errors``.
+        ``chi2_red`` unless ``scale_errors``. With an MDN also ``<label>_mdn``,
+        ``<label>_mdn_sigma``, ``rv_mdn``, ``rv_mdn_sigma`` and ``mdn_refit``, and
+        ``meta["mdn_seconds"]``.
 
     Raises:
         ValueError: shapes that do not fit together (named in the message), an unknown
-            method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box.
+            method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
+            ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
     """
     del seed  # deterministic starts for now
     if method not in METHODS:
@@ -921,6 +969,12 @@ def fit(
         np.all(np.isfinite(rv_range)) and rv_range[0] < rv_range[1]
     ):
         raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {rv_range}")
+    if mdn is not None:
+        if p0 is not None:
+            raise ValueError("pass p0 or mdn, not both (the MDN sets the starts)")
+        mdn.check_emulator(emulator)
+        if wavelength is not None:
+            mdn.check_wavelength(wavelength)
     obs = build_obs_model(
         emulator,
         wavelength=wavelength,
@@ -992,33 +1046,108 @@ def fit(
     per_thread = -(-n // int(n_threads))
     size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(per_thread)))))
 
-    res_p = np.zeros((n, k))
-    res_chi2 = np.zeros(n)
-    res_it = np.zeros(n, np.int64)
-    res_conv = np.zeros(n, bool)
-    res_a = np.zeros((n, k, k))
-    res_g = np.zeros((n, k))
-    res_snr = np.zeros(n)
-    res_model = np.zeros((n, n_pix)) if return_model else None
-    res_good = np.zeros(n, np.int64)
-    rv_lo_all = np.zeros(n)
-    rv_hi_all = np.zeros(n)
-
-    def run(start):
-        sl = slice(start, min(start + size, n))
-        m = sl.stop - sl.start
-        pad = size - m
-        fb = np.concatenate([flux2[sl], np.zeros((pad, n_pix))])
-        wb = np.concatenate([ivar[sl], np.zeros((pad, n_pix))])
-        sb = np.concatenate([starts[sl], np.repeat(starts[:1], pad, axis=0)])
-        return sl, _fit_batch(ctx, fb, wb, sb, m)
-
-    starts_at = range(0, n, size)
+    rows_all = np.arange(n)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="fit", unit="spectrum")
+    t_mdn = 0.0
+    try:
+        if mdn is None:
+            res = _run_batches(ctx, flux2, ivar, starts, rows_all, size, n_threads, bar)
+        else:
+            t0 = time.perf_counter()
+            prior, mdn_ok, mdn_mean, mdn_sigma = _mdn_prior(
+                mdn, emulator, flux2, ivar, starts[:, 0], fix, rv_range
+            )
+            t_mdn = time.perf_counter() - t0
+            res = _run_batches(
+                ctx,
+                flux2,
+                ivar,
+                prior["s0"][:, None, :],
+                rows_all,
+                size,
+                n_threads,
+                None,
+                prior=prior,
+            )
+            refit = ~mdn_ok | _at_mdn_bound(res, prior, free, layout, rv_range)
+            refit |= ~np.all(np.isfinite(res["p"]), axis=1) | ~np.isfinite(res["chi2"])
+            rows = np.flatnonzero(refit)
+            if rows.size:
+                # batches sized for the stars refitted (a few %), not for all
+                per = -(-rows.size // int(n_threads))
+                size2 = min(size, max(8, 1 << int(np.ceil(np.log2(per)))))
+                res2 = _run_batches(
+                    ctx, flux2, ivar, starts, rows, size2, n_threads, None
+                )
+                first_it = res["it"][rows]
+                better = (
+                    ~np.isfinite(res["chi2"][rows])
+                    | (res2["chi2"] < res["chi2"][rows])
+                    | ~mdn_ok[rows]
+                )
+                for key, val in res2.items():
+                    if val is not None:
+                        res[key][rows[better]] = val[better]
+                res["it"][rows] = first_it + res2["it"]  # the work done, both passes
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    t = _results_table(
+        emulator,
+        layout,
+        obs,
+        free,
+        res["p"],
+        res["chi2"],
+        res["a"],
+        res["g"],
+        res["snr"],
+        res["it"],
+        res["conv"],
+        res["n_good"],
+        res["rv_lo"],
+        res["rv_hi"],
+        res["model"],
+        method=method,
+        rv_range=rv_range,
+        scale_errors=scale_errors,
+        emulator_error_used=ctx.emulator_error is not None,
+    )
+    if mdn is not None:
+        _add_mdn_columns(t, layout, mdn_mean, mdn_sigma, refit, mdn_ok)
+        t.meta.update(mdn_seconds=round(t_mdn, 4), mdn_n_components=mdn.n_components)
+    return t
+
+
+def _run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None):
+    """Fit the spectra ``rows`` in padded batches of ``size``, ``n_threads`` at a time.
+
+    Returns a dict of per-row arrays (``p``, ``chi2``, ``a``, ``g``, ``snr``, ``it``,
+    ``conv``, ``n_good``, ``rv_lo``, ``rv_hi``, ``model`` or None) in the order of
+    ``rows``; ``starts`` and ``prior`` are indexed by spectrum.
+    """
+    n = rows.size
+    out_all: dict = {}
+
+    def run(start):
+        sel = rows[start : min(start + size, n)]
+        m = sel.size
+        pad = size - m
+        idx = np.concatenate([sel, np.repeat(sel[:1], pad)])
+        fb = flux2[idx]
+        wb = ivar[idx]
+        wb[m:] = 0.0
+        pb = None if prior is None else {k: v[idx] for k, v in prior.items()}
+        return start, m, _fit_batch(ctx, fb, wb, starts[idx], m, prior=pb)
+
+    starts_at = range(0, n, size)
     pool = None
     if n_threads > 1 and len(starts_at) > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -1028,47 +1157,127 @@ def fit(
         # JAX releases the GIL while a program runs: one batch per thread keeps every
         # core busy (the LM runs its lanes one after the other, on one core).
         done = pool.map(run, starts_at) if pool is not None else map(run, starts_at)
-        for sl, out in done:
-            m = sl.stop - sl.start
-            res_p[sl] = out["p"][:m]
-            res_chi2[sl] = out["chi2"][:m]
-            res_a[sl] = out["a"][:m]
-            res_g[sl] = out["g"][:m]
-            res_snr[sl] = out["snr"][:m]
-            res_it[sl] = out["it"][:m]
-            res_conv[sl] = out["conv"][:m]
-            res_good[sl] = out["n_good"][:m]
-            rv_lo_all[sl], rv_hi_all[sl] = out["rv_lo"][:m], out["rv_hi"][:m]
-            if return_model:
-                res_model[sl] = out["model"][:m]
+        for start, m, out in done:
+            for key in _RESULT_KEYS:
+                val = out[key]
+                if val is None:
+                    out_all[key] = None
+                    continue
+                if key not in out_all:
+                    out_all[key] = np.zeros((n, *val.shape[1:]), val.dtype)
+                out_all[key][start : start + m] = val[:m]
             if bar is not None:
                 bar.update(m)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        if bar is not None:
-            bar.close()
+    if n == 0:
+        return {key: None for key in _RESULT_KEYS}
+    return out_all
 
-    return _results_table(
-        emulator,
-        layout,
-        obs,
-        free,
-        res_p,
-        res_chi2,
-        res_a,
-        res_g,
-        res_snr,
-        res_it,
-        res_conv,
-        res_good,
-        rv_lo_all,
-        rv_hi_all,
-        res_model,
-        method=method,
-        rv_range=rv_range,
-        scale_errors=scale_errors,
-        emulator_error_used=ctx.emulator_error is not None,
+
+_RESULT_KEYS = (
+    "p",
+    "chi2",
+    "a",
+    "g",
+    "snr",
+    "it",
+    "conv",
+    "n_good",
+    "rv_lo",
+    "rv_hi",
+    "lo",
+    "hi",
+    "model",
+)
+
+
+def _mdn_prior(mdn, emulator, flux2, ivar, s_default, fix, rv_range):
+    """Starts and bounds (fit space) from the MDN: mean clipped into the box, mean +-
+    ``MDN_NSIGMA`` sigma intersected with the box (and ``rv_range``).
+
+    Returns ``(prior, ok, mean, sigma)``: ``prior`` a dict of per-spectrum arrays
+    (``s0``, ``lo``, ``hi`` (n, L) scaled; ``rv0``, ``rv_lo``, ``rv_hi`` (n,)
+    [km/s]); ``ok`` (n,) False where the MDN gave no usable answer (non-finite, or
+    an empty interval); those rows fall back to the default starts.
+    """
+    n_lab = emulator.n_labels
+    with np.errstate(divide="ignore"):
+        err = np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.inf)
+    mean, sigma = mdn.predict(flux2, err, mask=~(ivar > 0))
+    span = emulator.label_hi - emulator.label_lo
+    s_m = (mean[:, :n_lab] - emulator.label_lo) / span - 0.5
+    s_sd = sigma[:, :n_lab] / span
+    ok = np.all(np.isfinite(mean) & np.isfinite(sigma), axis=1)
+    s_m = np.where(np.isfinite(s_m), s_m, 0.0)
+    s_sd = np.where(np.isfinite(s_sd), s_sd, 1.0)
+    lo = np.clip(s_m - MDN_NSIGMA * s_sd, -LABEL_BOUND, LABEL_BOUND)
+    hi = np.clip(s_m + MDN_NSIGMA * s_sd, -LABEL_BOUND, LABEL_BOUND)
+    ok &= np.all(hi - lo > AT_BOUND_TOL[0], axis=1)
+    s0 = np.clip(s_m, lo, hi)
+    rv_m = np.where(np.isfinite(mean[:, n_lab]), mean[:, n_lab], 0.0)
+    rv_sd = np.where(np.isfinite(sigma[:, n_lab]), sigma[:, n_lab], 1.0)
+    rv_lo = np.clip(rv_m - MDN_NSIGMA * rv_sd, *rv_range)
+    rv_hi = np.clip(rv_m + MDN_NSIGMA * rv_sd, *rv_range)
+    ok &= rv_hi - rv_lo > AT_BOUND_TOL[1]
+    rv0 = np.clip(rv_m, rv_lo, rv_hi)
+    for j, v in fix.items():
+        if j < n_lab:
+            s0[:, j], lo[:, j], hi[:, j] = v, -LABEL_BOUND, LABEL_BOUND
+        else:
+            rv0[:], rv_lo[:], rv_hi[:] = v, v, v
+    # rows the MDN cannot inform: the default start, never used (they are refitted)
+    s0 = np.where(ok[:, None], s0, s_default)
+    prior = dict(s0=s0, lo=lo, hi=hi, rv0=rv0, rv_lo=rv_lo, rv_hi=rv_hi)
+    return prior, ok, mean, sigma
+
+
+def _at_mdn_bound(res, prior, free, layout, rv_range):
+    """(n,) True where a free parameter ended at an MDN bound that is not the box's
+    (or ``rv_range``'s) edge: the fit wanted to leave the MDN's interval."""
+    n_lab = layout.n_labels
+    tol_s, tol_rv = AT_BOUND_TOL
+    p = res["p"]
+    out = np.zeros(p.shape[0], bool)
+    for j in range(n_lab):
+        if not free[j]:
+            continue
+        lo, hi = prior["lo"][:, j], prior["hi"][:, j]
+        out |= (np.abs(p[:, j] - lo) < tol_s) & (lo > -LABEL_BOUND + tol_s)
+        out |= (np.abs(p[:, j] - hi) < tol_s) & (hi < LABEL_BOUND - tol_s)
+    if free[n_lab]:
+        lo, hi = prior["rv_lo"], prior["rv_hi"]
+        out |= (np.abs(p[:, n_lab] - lo) < tol_rv) & (lo > rv_range[0] + tol_rv)
+        out |= (np.abs(p[:, n_lab] - hi) < tol_rv) & (hi < rv_range[1] - tol_rv)
+    return out
+
+
+def _add_mdn_columns(t, layout, mean, sigma, refit, ok):
+    """``<name>_mdn``, ``<name>_mdn_sigma`` for labels and rv, ``mdn_refit``, and the
+    MDN-disagreement QA bit (see ``FLAG_MDN_DISAGREE``)."""
+    names = layout.names[: layout.n_labels + 1]
+    far = np.zeros(len(t), bool)
+    for j, name in enumerate(names):
+        unit = t[name].unit
+        t[f"{name}_mdn"] = mean[:, j]
+        t[f"{name}_mdn_sigma"] = sigma[:, j]
+        if unit is not None:
+            t[f"{name}_mdn"].unit = unit
+            t[f"{name}_mdn_sigma"].unit = unit
+        with np.errstate(invalid="ignore"):
+            far |= (
+                np.abs(np.asarray(t[name]) - mean[:, j]) > MDN_FLAG_NSIGMA * sigma[:, j]
+            )
+    failed = (np.asarray(t["flags"]) & FLAG_FAILED) > 0
+    t["flags"] = np.asarray(t["flags"]) | np.where(
+        far & ok & ~failed, FLAG_MDN_DISAGREE, 0
+    ).astype(np.int32)
+    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t["mdn_refit"] = refit
+    t["mdn_refit"].description = (
+        "refitted from the default starts over the box: the MDN-bounded fit ended at "
+        "an MDN bound, or was NaN, or the MDN gave no answer"
     )
 
 

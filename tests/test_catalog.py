@@ -441,7 +441,7 @@ def test_fit_catalog_other_wavelengths_p0_and_fit_kwargs(tmp_path, emu):
 
 def test_fit_catalog_refuses_bad_settings_before_fitting(tmp_path, emu, cat_path):
     out = tmp_path / "r.fits"
-    with pytest.raises(NotImplementedError, match="MDN"):
+    with pytest.raises(TypeError, match="MDN"):
         pl.fit_catalog(cat_path, out, emu, mdn=object())
     with pytest.raises(NotImplementedError, match="Dask"):
         pl.fit_catalog(cat_path, out, emu, client=object())

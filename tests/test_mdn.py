@@ -1,0 +1,350 @@
+"""Tests for the mixture density network (payne_lite.mdn) and fit(..., mdn=...).
+
+A small MDN is trained once per module on a smooth random emulator (400 pixels, 3
+labels; see tests/test_fit.py), a few seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fit import smooth_emulator
+
+import payne_lite as pl
+from payne_lite import mdn as mdn_mod
+from payne_lite.mdn import (
+    SIGMA_FLOOR,
+    mixture_moments,
+    mixture_nll,
+    mixture_params,
+    simulate,
+)
+
+RV_RANGE = (-150.0, 150.0)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return smooth_emulator()
+
+
+@pytest.fixture(scope="module")
+def trained(emu):
+    return pl.train_mdn(
+        emu,
+        n_train=6000,
+        n_valid=1000,
+        epochs=25,
+        n_pca=12,
+        hidden=(64, 64),
+        batch_size=256,
+        learning_rate=3e-3,
+        rv_range=RV_RANGE,
+        snr_range=(20.0, 200.0),
+        seed=0,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def held_out(emu):
+    rng = np.random.default_rng(99)
+    return simulate(emu, 400, rng=rng, snr_range=(30.0, 200.0), rv_range=(-100, 100))
+
+
+# --------------------------------------------------------------------------------------
+# Likelihood
+# --------------------------------------------------------------------------------------
+def test_nll_single_gaussian_matches_hand_computation():
+    mu = np.array([[0.1, -0.2]])
+    sigma = np.array([[0.5, 2.0]])
+    y = np.array([0.3, 1.0])
+    hand = sum(
+        0.5 * ((yi - m) / s) ** 2 + np.log(s) + 0.5 * np.log(2 * np.pi)
+        for yi, m, s in zip(y, mu[0], sigma[0], strict=True)
+    )
+    got = mixture_nll(jnp.zeros((2, 1)), jnp.asarray(mu.T), jnp.asarray(sigma.T), y)
+    np.testing.assert_allclose(float(got), hand, rtol=1e-6)
+
+
+def test_nll_two_component_mixture_matches_hand_computation():
+    w = np.array([0.3, 0.7])
+    mu = np.array([-1.0, 2.0])
+    sigma = np.array([0.5, 1.5])
+    y = 0.4
+    dens = w * np.exp(-0.5 * ((y - mu) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    got = mixture_nll(jnp.log(w)[None], mu[None], sigma[None], np.array([y]))
+    np.testing.assert_allclose(float(got), -np.log(dens.sum()), rtol=1e-6)
+    m, s = mixture_moments(jnp.log(w), mu, sigma)
+    mean = (w * mu).sum()
+    np.testing.assert_allclose(float(m), mean, rtol=1e-6)
+    var = (w * (sigma**2 + mu**2)).sum() - mean**2
+    np.testing.assert_allclose(float(s), np.sqrt(var), rtol=1e-6)
+
+
+def test_sigmas_positive_even_for_very_negative_raw_output():
+    out = jnp.full((4, 3 * 2 * 3), -1e4)
+    logw, _, sigma = mixture_params(out, 3, 2)
+    assert np.all(np.asarray(sigma) >= SIGMA_FLOOR)
+    np.testing.assert_allclose(np.exp(np.asarray(logw)).sum(-1), 1.0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Training and prediction
+# --------------------------------------------------------------------------------------
+def test_training_reduces_validation_nll(trained):
+    v = trained.history["valid_nll"]
+    assert v.size >= 5
+    assert np.all(np.isfinite(v))
+    assert v.min() < v[0] - 1.0
+
+
+def test_predict_shapes_units_and_positive_sigma(trained, held_out):
+    mean, sigma = trained.predict(held_out["flux"], held_out["err"], held_out["mask"])
+    assert mean.shape == sigma.shape == (400, 4)
+    assert np.all(np.isfinite(mean)) and np.all(sigma > 0)
+    truth = np.column_stack([held_out["labels"], held_out["rv"]])
+    for j in range(4):
+        r = np.corrcoef(mean[:, j], truth[:, j])[0, 1]
+        assert r > 0.9, (trained.output_names[j], r)
+    # rv located to a few km/s over +-100 km/s (pixels of 4 km/s)
+    assert np.median(np.abs(mean[:, 3] - truth[:, 3])) < 2.0
+    one_m, one_s = trained.predict(held_out["flux"][0], held_out["err"][0])
+    assert one_m.shape == one_s.shape == (4,)
+
+
+def test_predict_handles_nan_and_masked_pixels(trained, held_out):
+    f = held_out["flux"][:8].copy()
+    e = held_out["err"][:8].copy()
+    f[:, 50:80] = np.nan
+    e[:, 100:110] = 0.0
+    e[:, 120:125] = np.inf
+    mean, sigma = trained.predict(f, e)
+    assert np.all(np.isfinite(mean)) and np.all(sigma > 0)
+    ref, _ = trained.predict(held_out["flux"][:8], held_out["err"][:8])
+    span = np.append(trained.label_hi - trained.label_lo, 50.0)
+    assert np.all(np.abs(mean - ref) / span < 0.1)
+    # every pixel masked: no information, NaN rather than a made-up answer
+    m2, s2 = trained.predict(f[:2], e[:2], mask=np.ones(f.shape[1], bool))
+    assert np.all(np.isnan(m2)) and np.all(np.isnan(s2))
+
+
+def test_predict_does_not_modify_inputs(trained, held_out):
+    f = held_out["flux"][:4].copy()
+    e = held_out["err"][:4].copy()
+    f[0, 3] = np.nan
+    f0, e0 = f.copy(), e.copy()
+    trained.predict(f, e)
+    np.testing.assert_array_equal(f, f0)
+    np.testing.assert_array_equal(e, e0)
+
+
+def test_predict_bad_shapes_refused(trained):
+    with pytest.raises(ValueError, match=r"\(n_spec, 400\)"):
+        trained.predict(np.ones((2, 399)), np.ones((2, 399)))
+    with pytest.raises(ValueError, match="mask"):
+        trained.predict(np.ones((2, 400)), np.ones((2, 400)), mask=np.ones(3, bool))
+
+
+# --------------------------------------------------------------------------------------
+# Files and mismatches
+# --------------------------------------------------------------------------------------
+def test_save_load_round_trip_identical_outputs(trained, held_out, tmp_path, emu):
+    path = tmp_path / "m.h5"
+    trained.save(path)
+    back = pl.MDN.load(path, emulator=emu)
+    assert back.label_names == trained.label_names
+    assert back.rv_range == trained.rv_range
+    np.testing.assert_array_equal(
+        back.history["valid_nll"], trained.history["valid_nll"]
+    )
+    a = trained.predict(held_out["flux"][:16], held_out["err"][:16])
+    b = back.predict(held_out["flux"][:16], held_out["err"][:16])
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_mismatched_emulator_refused(trained, emu, tmp_path):
+    import dataclasses
+
+    other_names = dataclasses.replace(emu, label_names=("Teff", "logg", "[M/H]"))
+    with pytest.raises(ValueError, match=r"labels \['Teff', 'logg', '\[Fe/H\]'\]"):
+        trained.check_emulator(other_names)
+    hi = emu.label_hi.copy()
+    hi[0] += 500.0
+    with pytest.raises(ValueError, match="training box"):
+        trained.check_emulator(dataclasses.replace(emu, label_hi=hi))
+    shifted = smooth_emulator(wavelength=emu.wavelength + 1.0)
+    with pytest.raises(ValueError, match="wavelength grid"):
+        trained.check_emulator(shifted)
+    path = tmp_path / "m.h5"
+    trained.save(path)
+    with pytest.raises(ValueError, match="wavelength grid"):
+        pl.MDN.load(path, emulator=shifted)
+    with pytest.raises(ValueError, match="wavelength grid"):
+        trained.predict(
+            np.ones((1, 400)), np.ones((1, 400)), wavelength=shifted.wavelength
+        )
+
+
+def test_load_refuses_other_files(emu, tmp_path):
+    path = tmp_path / "emu.h5"
+    emu.save(path)
+    with pytest.raises(pl.FileFormatError, match="payne_lite.MDN"):
+        pl.MDN.load(path)
+    with pytest.raises(FileNotFoundError):
+        pl.MDN.load(tmp_path / "missing.h5")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_train"):
+        mdn_mod.MDNConfig(n_train=0)
+    with pytest.raises(ValueError, match="snr_range"):
+        mdn_mod.MDNConfig(snr_range=(0.0, 10.0))
+    with pytest.raises(ValueError, match="config or keyword"):
+        pl.train_mdn(None, config=mdn_mod.MDNConfig(), seed=1)
+
+
+# --------------------------------------------------------------------------------------
+# fit(..., mdn=...)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fit_set(emu):
+    rng = np.random.default_rng(5)
+    return simulate(
+        emu, 24, rng=rng, snr_range=(50.0, 50.0), rv_range=(-100, 100), tilt=0.0
+    )
+
+
+def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
+    d = fit_set
+    kw = dict(mask=d["mask"], rv_range=RV_RANGE)
+    t = pl.fit(d["flux"], d["err"], emu, mdn=trained, **kw)
+    ref = pl.fit(d["flux"], d["err"], emu, **kw)
+    for name in (*emu.label_names, "rv"):
+        assert f"{name}_mdn" in t.colnames and f"{name}_mdn_sigma" in t.colnames
+        assert np.all(np.asarray(t[f"{name}_mdn_sigma"]) > 0)
+        assert t[f"{name}_mdn"].unit == t[name].unit
+    assert t["mdn_refit"].dtype == bool
+    assert "mdn_seconds" in t.meta
+    assert t.meta["flag_bits"]["6"].startswith("MDN disagrees")
+    # The MDN's rv window (+-3 sigma, ~1 km/s) is narrower than the scan's (+-20 km/s),
+    # so more pixels stay valid over it: the fits use a few more pixels and differ by
+    # a fraction of their errors (not more).
+    assert np.all(t["n_good_pixels"] >= ref["n_good_pixels"])
+    assert np.all(t["mdn_refit"] == 0)
+    for name in (*emu.label_names, "rv"):
+        z = np.abs(np.asarray(t[name]) - np.asarray(ref[name])) / ref[f"{name}_err"]
+        assert np.median(z) < 0.35 and np.max(z) < 1.5, name
+    assert np.median(t["n_iter"]) <= np.median(ref["n_iter"])
+
+
+class _ShiftedMDN:
+    """Wraps an MDN; its Teff is confidently wrong by 800 K (sigma 20 K)."""
+
+    def __init__(self, mdn):
+        self._mdn = mdn
+
+    def __getattr__(self, name):
+        return getattr(self._mdn, name)
+
+    def predict(self, *args, **kw):
+        mean, sigma = self._mdn.predict(*args, **kw)
+        mean, sigma = mean.copy(), sigma.copy()
+        mean[:, 0] += np.where(mean[:, 0] > 5500.0, -800.0, 800.0)
+        sigma[:, 0] = 20.0
+        return mean, sigma
+
+
+def test_fit_with_wrong_mdn_falls_back_and_flags(trained, emu, fit_set):
+    """Every fit ends at an MDN bound, is refitted over the whole box, lands > 4 MDN
+    sigma from the MDN mean and gets QA bit 6 (64)."""
+    d = fit_set
+    kw = dict(mask=d["mask"], rv_range=RV_RANGE)
+    t = pl.fit(d["flux"], d["err"], emu, mdn=_ShiftedMDN(trained), **kw)
+    ref = pl.fit(d["flux"], d["err"], emu, **kw)
+    assert np.all(t["mdn_refit"])
+    np.testing.assert_allclose(t["Teff"], ref["Teff"], atol=1.0)
+    assert np.all(np.asarray(t["flags"]) & 64)
+    assert not np.any(np.asarray(ref["flags"]) & 64)
+
+
+def test_fit_mdn_bad_combinations_refused(trained, emu, fit_set):
+    d = fit_set
+    with pytest.raises(ValueError, match="p0 or mdn"):
+        pl.fit(d["flux"], d["err"], emu, mdn=trained, p0=[5000.0, 3.0, 0.0])
+    other = smooth_emulator(wavelength=emu.wavelength + 1.0)
+    with pytest.raises(ValueError, match="wavelength grid"):
+        pl.fit(d["flux"], d["err"], other, mdn=trained)
+
+
+def test_fit_catalog_passes_mdn_through(trained, emu, fit_set, tmp_path):
+    d = fit_set
+    cat = pl.write_catalog(
+        tmp_path / "cat.h5", d["flux"], d["err"], emu.wavelength, mask=d["mask"]
+    )
+    mdn_path = tmp_path / "mdn.h5"
+    trained.save(mdn_path)
+    t = pl.fit_catalog(
+        cat,
+        tmp_path / "r.fits",
+        emu,
+        mdn=mdn_path,
+        chunk_size=16,
+        progress=False,
+        rv_range=RV_RANGE,
+    )
+    ref = pl.fit(
+        d["flux"], d["err"], emu, mask=d["mask"], mdn=trained, rv_range=RV_RANGE
+    )
+    # the catalog stores float32 flux: equal up to its rounding
+    d_mdn = np.abs(t["Teff_mdn"] - ref["Teff_mdn"]) / ref["Teff_mdn_sigma"]
+    assert np.max(d_mdn) < 0.01
+    assert np.max(np.abs(t["Teff"] - ref["Teff"]) / ref["Teff_err"]) < 0.05
+    back = pl.read_results(tmp_path / "r.fits")
+    assert "[Fe/H]_mdn_sigma" in back.colnames
+
+
+def test_cli_train_mdn_and_fit_with_mdn(emu, fit_set, tmp_path, capsys):
+    from payne_lite.cli import main
+
+    emu_path = tmp_path / "emu.h5"
+    emu.save(emu_path)
+    mdn_path = tmp_path / "mdn.h5"
+    code = main(
+        [
+            "train-mdn",
+            str(emu_path),
+            "-o",
+            str(mdn_path),
+            "--n-train",
+            "600",
+            "--n-valid",
+            "200",
+            "--epochs",
+            "2",
+            "--rv-range=-150,150",
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    mdn = pl.MDN.load(mdn_path, emulator=emu)
+    assert mdn.rv_range == (-150.0, 150.0)
+    assert mdn.meta["command"].startswith("payne-lite train-mdn")
+    d = fit_set
+    cat = pl.write_catalog(
+        tmp_path / "cat.h5", d["flux"][:8], d["err"][:8], emu.wavelength
+    )
+    out = tmp_path / "r.ecsv"
+    args = ["fit", str(cat), "--emulator", str(emu_path), "-o", str(out)]
+    assert main([*args, "--mdn", str(mdn_path), "--no-progress"]) == 0
+    assert "refitted without the MDN bounds" in capsys.readouterr().out
+    assert "Teff_mdn_sigma" in pl.read_results(out).colnames
+    # an MDN for another emulator: one line, exit code 2
+    other = smooth_emulator(wavelength=emu.wavelength + 1.0)
+    other.save(tmp_path / "other.h5")
+    args = ["fit", str(cat), "--emulator", str(tmp_path / "other.h5"), "-o"]
+    assert main([*args, str(tmp_path / "r2.ecsv"), "--mdn", str(mdn_path)]) == 2
+    assert "wavelength grid" in capsys.readouterr().err
