@@ -1016,19 +1016,11 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
         best_valid_nll=float(best),
         epochs_run=len(hist_va),
     )
-    return MDN(
+    return dataclasses.replace(
+        provisional,
         net=jax.tree.map(np.asarray, best_net),
-        mean_flux=mean,
-        basis=basis,
         feat_mu=mu,
         feat_sd=sd,
-        label_names=emulator.label_names,
-        label_units=emulator.label_units,
-        label_lo=emulator.label_lo,
-        label_hi=emulator.label_hi,
-        wavelength=emulator.wavelength,
-        rv_range=cfg.rv_range,
-        n_components=cfg.n_components,
         history={"train_nll": np.array(hist_tr), "valid_nll": np.array(hist_va)},
         meta=meta,
     )
