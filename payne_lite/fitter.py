@@ -235,51 +235,13 @@ def _normal(obs, p, flux, sw):
     The Jacobian is analytic (:func:`payne_lite.model.observe_jac`): the rest-frame
     derivatives come from forward-mode through the network and are shifted with the
     flux. ``jax.jacfwd`` through the Doppler-shift gather cost 0.8 ms per star and
-    step on the APOGEE network; this, with the lanes of :func:`_normal_lanes` and the
+    step on the APOGEE network; this, with the lanes of :func:`_lm_lanes` and the
     log-grid shift, about 0.2 ms.
     """
     f, _, jac = observe_jac_t(obs, p)
     r = sw * (f - flux)
     jw = jac * sw
     return r @ r, jw @ jw.T, jw @ r, r
-
-
-def _normal_lanes(obs, p, star, run, flux, sw, r_old):
-    """:func:`_normal` for every lane ``p`` (N, k) whose ``run`` is True.
-
-    Lane ``j`` fits star ``star[j]`` (a row of ``flux`` / ``sw``). On CPU lanes run one
-    after the other (``lax.map``), each inside a ``lax.cond``, so a lane that has
-    stopped costs nothing: this is the per-star early stopping inside a batch. One
-    lane's intermediates (a few (k, P) arrays) stay in cache, where ``vmap`` over all
-    lanes streams (N, k, P) arrays through memory (measured 2-3x slower per lane-step
-    here). On GPUs and TPUs the lanes are vmapped (:data:`SEQUENTIAL_LANES`).
-
-    Also returns the change of chi2 from the residuals ``r_old`` (N, P), summed as
-    ``sum((r - r_old) (r + r_old))``: its rounding error scales with the change, not
-    with chi2 (in float32 two chi2 sums of 6,000 pixels differ by ~1e-5 of chi2 from
-    rounding alone, enough to reject good steps near the minimum). Stopped lanes
-    return zeros and ``r_old``.
-    """
-    k = p.shape[1]
-
-    def one(args):
-        q, i, go, r0 = args
-
-        def step(_):
-            chi2, a, g, r = _normal(obs, q, flux[i], sw[i])
-            return chi2, (r - r0) @ (r + r0), a, g, r
-
-        def skip(_):
-            zero = jnp.zeros((), q.dtype)
-            return zero, zero, jnp.zeros((k, k), q.dtype), jnp.zeros(k, q.dtype), r0
-
-        return jax.lax.cond(go, step, skip, None)
-
-    if not _sequential_lanes():
-        # Accelerators: all lanes at once (a GPU wants wide arrays); stopped lanes
-        # are computed and discarded (vmap turns the cond into a select).
-        return jax.vmap(one)((p, star, run, r_old))
-    return jax.lax.map(one, (p, star, run, r_old))
 
 
 #: How LM lanes are evaluated: None = by backend (one after the other on CPU, all at
@@ -320,25 +282,25 @@ def _damped_step(a, g, lam, act):
 
 
 class _LMState(NamedTuple):
-    """Levenberg-Marquardt state of N lanes (a lane = one start of one star)."""
+    """Levenberg-Marquardt state of one lane (one start of one star)."""
 
-    p: Array  # (N, k) parameters
-    chi2: Array  # (N,)
-    r: Array  # (N, P) weighted residuals at p
-    a: Array  # (N, k, k) J^T J at p
-    g: Array  # (N, k) J^T r at p
-    lam: Array  # (N,) damping
-    it: Array  # (N,) int, steps taken
-    done: Array  # (N,) bool
-    conv: Array  # (N,) bool
+    p: Array  # (k,) parameters
+    chi2: Array  # ()
+    r: Array  # (P,) weighted residuals at p
+    a: Array  # (k, k) J^T J at p
+    g: Array  # (k,) J^T r at p
+    lam: Array  # () damping
+    it: Array  # () int, steps taken
+    done: Array  # () bool
+    conv: Array  # () bool
 
 
-def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
-    """Levenberg-Marquardt for N lanes; returns (p, chi2, n_iter, converged) per lane.
+def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter):
+    """Levenberg-Marquardt for one lane; returns (p, chi2, n_iter, converged, A, g).
 
-    ``p0``, ``lo``, ``hi`` (N, k): start and box of each lane; ``star`` (N,): the row
-    of ``flux``, ``w`` (n, P) it fits; ``alive`` (N,) False for lanes not to run at all
-    (batch padding); ``free`` (k,) False for fixed parameters.
+    ``p0``, ``lo``, ``hi`` (k,): start and box; ``flux``, ``sw`` (P,): the star's
+    flux and sqrt(weights); ``alive`` False: do nothing (batch padding, or a start
+    that needs no run); ``free`` (k,) False for fixed parameters.
 
     Damping (Marquardt, Jacobi-scaled): each iteration solves
     ``(A + lam diag A) d = -J^T r`` with ``A = J^T J`` of the weighted residuals and
@@ -347,11 +309,13 @@ def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
     ``lam`` starts at ``LAM_INIT``. Parameters at a bound whose gradient points out of
     the box are held (active set), as are ``fixed`` ones (``free`` False).
 
-    Stopping, per lane (a lane that stops costs nothing while the others run on):
+    A step is accepted when chi2 decreases, the change summed pixel by pixel as
+    ``sum((r - r_old) (r + r_old))`` from the residuals: its rounding error scales
+    with the change, not with chi2 (in float32 two chi2 sums of 6,000 pixels differ
+    by ~1e-5 of chi2 from rounding alone, enough to reject good steps near the
+    minimum).
 
-    A step is accepted when chi2 decreases, the change summed pixel by pixel from
-    the residuals (:func:`_normal_lanes`), so that float32 rounding of chi2 itself
-    does not decide.
+    Stopping:
 
     * converged: the undamped Gauss-Newton step from the current point is below
       ``XTOL`` (0.01) in every parameter, in units of its conditional 1-sigma error
@@ -374,42 +338,38 @@ def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
     point, which also gives the trial chi2; not at all on the step that finds
     convergence.
     """
-    sw = jnp.sqrt(w)
-    n_lane = p0.shape[0]
-    r0 = jnp.zeros((n_lane, flux.shape[1]), p0.dtype)
-    chi2, _, a, g, r = _normal_lanes(obs, p0, star, alive, flux, sw, r0)
-    st = _LMState(
-        p0,
-        chi2,
-        r,
-        a,
-        g,
-        jnp.full(n_lane, LAM_INIT, p0.dtype),
-        jnp.zeros(n_lane, jnp.int32),
-        ~alive,
-        jnp.zeros(n_lane, bool),
-    )
-    zero = jnp.zeros(n_lane, p0.dtype)
-    step_of = jax.vmap(_damped_step)
+    k = p0.shape[0]
 
-    def active(st):
-        return (~st.done) & (st.it < max_iter)
+    def start(_):
+        chi2, a, g, r = _normal(obs, p0, flux, sw)
+        return _LMState(
+            p0, chi2, r, a, g, jnp.asarray(LAM_INIT, p0.dtype),
+            jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), bool),
+        )  # fmt: skip
 
     def body(st):
-        run = active(st)
         blocked = ((st.p <= lo) & (st.g > 0)) | ((st.p >= hi) & (st.g < 0))
-        act = free[None, :] & ~blocked
-        _, y_gn = step_of(st.a, st.g, zero, act)
-        gn_size = jnp.max(jnp.abs(y_gn), axis=1)
+        act = free & ~blocked
+        _, y_gn = _damped_step(st.a, st.g, 0.0, act)
+        gn_size = jnp.max(jnp.abs(y_gn))
         conv = gn_size < XTOL
-        step, y = step_of(st.a, st.g, st.lam, act)
+        step, y = _damped_step(st.a, st.g, st.lam, act)
         # Damped this far, the step cannot move the answer by 1 % of an error bar:
         # what the Gauss-Newton model still promises is not there (chi2 has a kink
         # in rv where every pixel crosses a grid node at once, or float rounding).
-        tiny = ~conv & (jnp.max(jnp.abs(y), axis=1) < XTOL)
+        tiny = ~conv & (jnp.max(jnp.abs(y)) < XTOL)
         p_new = jnp.clip(st.p + step, lo, hi)
-        chi2_new, dchi2, a_new, g_new, r_new = _normal_lanes(
-            obs, p_new, star, run & ~conv & ~tiny, flux, sw, st.r
+
+        def trial(_):
+            chi2, a, g, r = _normal(obs, p_new, flux, sw)
+            return chi2, (r - st.r) @ (r + st.r), a, g, r
+
+        def skip(_):
+            zero = jnp.zeros((), p0.dtype)
+            return zero, zero, st.a, st.g, st.r
+
+        chi2_new, dchi2, a_new, g_new, r_new = jax.lax.cond(
+            ~conv & ~tiny, trial, skip, None
         )
         acc = (dchi2 < 0) & ~conv & ~tiny
         lam = jnp.where(acc, jnp.maximum(st.lam / 10.0, LAM_MIN), st.lam * 10.0)
@@ -418,26 +378,57 @@ def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
         # chi2 cannot be lowered beyond float rounding; stop now instead of raising
         # lam 19 more times to LAM_MAX (which took lanes from ~5 to ~25 steps).
         settled = (~acc & ~conv & (gn_size < XTOL_STALL)) | tiny
-
-        def pick(new, old):
-            m = (run & acc).reshape((-1,) + (1,) * (new.ndim - 1))
-            return jnp.where(m, new, old)
-
-        new = _LMState(
+        pick = lambda new, old: jnp.where(acc, new, old)  # noqa: E731
+        return _LMState(
             pick(p_new, st.p),
             pick(chi2_new, st.chi2),
             pick(r_new, st.r),
             pick(a_new, st.a),
             pick(g_new, st.g),
-            jnp.where(run, lam, st.lam),
-            st.it + (run & ~conv).astype(jnp.int32),
-            st.done | (run & (conv | stalled | settled)),
-            st.conv | (run & (conv | settled | (stalled & (gn_size < XTOL_STALL)))),
+            lam,
+            st.it + (~conv).astype(jnp.int32),
+            conv | stalled | settled,
+            conv | settled | (stalled & (gn_size < XTOL_STALL)),
         )
-        return new
 
-    st = jax.lax.while_loop(lambda st: jnp.any(active(st)), body, st)
-    return st.p, st.chi2, st.it, st.conv, st.a, st.g
+    def run(_):
+        st = jax.lax.while_loop(
+            lambda st: ~st.done & (st.it < max_iter), body, start(None)
+        )
+        return st.p, st.chi2, st.it, st.conv, st.a, st.g
+
+    def dead(_):
+        zero = jnp.zeros((), p0.dtype)
+        return (
+            p0, zero, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
+            jnp.zeros((k, k), p0.dtype), jnp.zeros(k, p0.dtype),
+        )  # fmt: skip
+
+    return jax.lax.cond(alive, run, dead, None)
+
+
+def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
+    """:func:`_lm_one` for N lanes; returns (p, chi2, n_iter, converged, A, g).
+
+    ``p0``, ``lo``, ``hi`` (N, k): start and box of each lane; ``star`` (N,): the row
+    of ``flux``, ``w`` (n, P) it fits; ``alive`` (N,) False for lanes not to run.
+
+    On CPU the lanes run one after the other (``lax.map``), each to its own end:
+    this is the per-star early stopping inside a batch (a lane that stops, or never
+    starts, costs nothing more), and one lane's state (a few (k, P) arrays) stays in
+    cache. An earlier lock-step form (all lanes step together, the loop runs until
+    the slowest lane stops, with (N, P) residuals carried through every step) spent
+    half of its time on the lanes that had stopped. On GPUs and TPUs the lanes are
+    vmapped (:data:`SEQUENTIAL_LANES`): the while loop runs in lock step and stopped
+    lanes are computed and discarded, which a wide device prefers.
+    """
+    sw = jnp.sqrt(w)
+
+    def one(args):
+        q, i, go, l, h = args
+        return _lm_one(obs, q, go, flux[i], sw[i], l, h, free, max_iter)
+
+    return _over(one, (p0, star, alive, lo, hi))
 
 
 @functools.partial(
