@@ -959,6 +959,10 @@ def _add_fit(sub) -> None:
                    help="an MDN file (payne-lite train-mdn) trained for EMULATOR: its "
                         "means start and its +-3 sigma intervals bound each fit, and "
                         "the results get <label>_mdn and <label>_mdn_sigma columns")
+    p.add_argument("--mdn-starts", type=int, default=0, metavar="N",
+                   help="with --mdn: N extra starting points per star drawn from the "
+                        "MDN's Gaussians (screened by chi2 like the default starts; "
+                        "default 0)")
     p.add_argument("--force", action="store_true",
                    help="overwrite RESULTS if it exists (otherwise refused)")
     p.add_argument("--no-progress", action="store_true",
@@ -999,6 +1003,10 @@ def _run_fit(args) -> int:
     fixed = _parse_fixed(args.fixed)
     emu = _read(Emulator.load, emu_path)
     mdn = None
+    if args.mdn_starts and args.mdn is None:
+        raise ValueError("--mdn-starts needs --mdn")
+    if args.mdn_starts < 0:
+        raise ValueError(f"--mdn-starts must be >= 0, got {args.mdn_starts}")
     if args.mdn is not None:
         from .mdn import MDN
 
@@ -1016,6 +1024,7 @@ def _run_fit(args) -> int:
             cat, out, emu, mdn=mdn, method=args.method, chunk_size=args.chunk_size,
             overwrite=args.force, progress=not args.no_progress,
             cont_deg=args.cont_deg, max_iter=args.max_iter, fixed=fixed or None,
+            **({"mdn_starts": args.mdn_starts} if args.mdn_starts else {}),
             meta={"command": args.command_line, "emulator_file": str(emu_path),
                   **({"mdn_file": str(args.mdn)} if mdn is not None else {})})
     seconds = time.perf_counter() - t0

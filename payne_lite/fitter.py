@@ -895,6 +895,7 @@ def fit(
     emulator_error: bool = True,
     progress: bool = False,
     mdn=None,
+    mdn_starts: int = 0,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
@@ -913,7 +914,8 @@ def fit(
             starts. A 1-D ``p0`` is also the RV-scan template (else the box centre).
         fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
         max_iter: LM iterations (curve_fit: function evaluations) per start.
-        seed: reserved for random starts (the current starts are deterministic).
+        seed: seeds the random starts of ``mdn_starts`` (the default starts are a
+            fixed Teff grid).
         return_model: add a ``model_flux`` (n, P) column with the best-fit spectra.
         batch_size: spectra per jitted call; batches are padded to a power of two
             (at least 8) up to this, so similar batch sizes share one compilation.
@@ -931,6 +933,10 @@ def fit(
             its +- 3 sigma intervals bound each fit, with a fallback to the default
             path (see the module docstring). Not together with ``p0``; the spectra
             must be on the MDN's (the emulator's) wavelength grid.
+        mdn_starts: with ``mdn``, this many extra starting points per star drawn
+            from the MDN's Gaussian (mean, sigma) within its +- 3 sigma bounds; as
+            with the default starts, all are screened by chi2, LM runs from the
+            best, and the others only when that fit is doubtful.
 
     Returns:
         astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
@@ -948,7 +954,6 @@ def fit(
             method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
             ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
     """
-    del seed  # deterministic starts for now
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
@@ -960,6 +965,10 @@ def fit(
         np.all(np.isfinite(rv_range)) and rv_range[0] < rv_range[1]
     ):
         raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {rv_range}")
+    if isinstance(mdn_starts, bool) or int(mdn_starts) != mdn_starts or mdn_starts < 0:
+        raise ValueError(f"mdn_starts must be an int >= 0, got {mdn_starts!r}")
+    if mdn_starts and mdn is None:
+        raise ValueError("mdn_starts needs an mdn")
     if mdn is not None:
         if p0 is not None:
             raise ValueError("pass p0 or mdn, not both (the MDN sets the starts)")
@@ -1057,7 +1066,7 @@ def fit(
                 ctx,
                 flux2,
                 ivar,
-                prior["s0"][:, None, :],
+                _mdn_start_points(prior, int(mdn_starts), fix, seed),
                 rows_all,
                 size,
                 n_threads,
@@ -1220,8 +1229,25 @@ def _mdn_prior(mdn, emulator, flux2, ivar, s_default, fix, rv_range):
             rv0[:], rv_lo[:], rv_hi[:] = v, v, v
     # rows the MDN cannot inform: the default start, never used (they are refitted)
     s0 = np.where(ok[:, None], s0, s_default)
-    prior = dict(s0=s0, lo=lo, hi=hi, rv0=rv0, rv_lo=rv_lo, rv_hi=rv_hi)
+    prior = dict(s0=s0, sd=s_sd, lo=lo, hi=hi, rv0=rv0, rv_lo=rv_lo, rv_hi=rv_hi)
     return prior, ok, mean, sigma
+
+
+def _mdn_start_points(prior, n_extra: int, fix, seed) -> np.ndarray:
+    """Starts (n, 1 + n_extra, L) [scaled]: the MDN mean, then ``n_extra`` draws
+    from its Gaussian clipped into the MDN bounds (fixed labels at their value)."""
+    s0 = prior["s0"][:, None, :]
+    if n_extra == 0:
+        return s0
+    rng = np.random.default_rng(seed)
+    draws = s0 + prior["sd"][:, None, :] * rng.standard_normal(
+        (s0.shape[0], n_extra, s0.shape[2])
+    )
+    draws = np.clip(draws, prior["lo"][:, None, :], prior["hi"][:, None, :])
+    for j in fix:
+        if j < s0.shape[2]:
+            draws[:, :, j] = s0[:, :, j]
+    return np.concatenate([s0, draws], axis=1)
 
 
 def _at_mdn_bound(res, prior, free, layout, rv_range):

@@ -240,6 +240,45 @@ def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
     assert np.median(t["n_iter"]) <= np.median(ref["n_iter"])
 
 
+def test_mdn_start_points_drawn_inside_the_mdn_bounds():
+    from payne_lite.fitter import _mdn_start_points
+
+    n, n_lab = 50, 3
+    rng = np.random.default_rng(1)
+    s0 = rng.uniform(-0.3, 0.3, (n, n_lab))
+    sd = np.full((n, n_lab), 0.05)
+    prior = dict(s0=s0, sd=sd, lo=s0 - 3 * sd, hi=s0 + 3 * sd)
+    pts = _mdn_start_points(prior, 400, {1: 0.2}, seed=3)
+    assert pts.shape == (n, 401, n_lab)
+    np.testing.assert_array_equal(pts[:, 0], s0)  # the mean comes first
+    assert np.all(pts >= prior["lo"][:, None]) and np.all(pts <= prior["hi"][:, None])
+    assert np.all(pts[:, :, 1] == s0[:, None, 1])  # fixed label held
+    # the free draws follow the MDN Gaussian: sd 0.05 (clipping at 3 sigma: -1.5 %)
+    z = (pts[:, 1:, [0, 2]] - s0[:, None, [0, 2]]) / 0.05
+    assert abs(np.mean(z)) < 0.02 and 0.96 < np.std(z) < 1.0
+    np.testing.assert_array_equal(pts, _mdn_start_points(prior, 400, {1: 0.2}, seed=3))
+    assert _mdn_start_points(prior, 0, {}, seed=3).shape == (n, 1, n_lab)
+
+
+def test_fit_with_extra_mdn_starts(trained, emu, fit_set):
+    """Extra starts around the MDN mean are screened like the default starts: on
+    these well-posed fits the answers equal the single-start MDN fits within a small
+    fraction of their errors, and bad values are refused."""
+    d = fit_set
+    kw = dict(mask=d["mask"], rv_range=RV_RANGE, mdn=trained)
+    one = pl.fit(d["flux"], d["err"], emu, **kw)
+    more = pl.fit(d["flux"], d["err"], emu, mdn_starts=4, seed=1, **kw)
+    assert np.all(more["converged"])
+    for name in (*emu.label_names, "rv"):
+        z = np.abs(np.asarray(more[name]) - np.asarray(one[name])) / one[f"{name}_err"]
+        assert np.max(z) < 0.2, name
+    assert np.all(np.asarray(more["chi2"]) <= np.asarray(one["chi2"]) + 0.05)
+    with pytest.raises(ValueError, match="mdn_starts"):
+        pl.fit(d["flux"], d["err"], emu, mdn_starts=-1, **kw)
+    with pytest.raises(ValueError, match="needs an mdn"):
+        pl.fit(d["flux"], d["err"], emu, mdn_starts=2, mask=d["mask"])
+
+
 class _ShiftedMDN:
     """Wraps an MDN; its Teff is confidently wrong by 800 K (sigma 20 K)."""
 
@@ -342,6 +381,12 @@ def test_cli_train_mdn_and_fit_with_mdn(emu, fit_set, tmp_path, capsys):
     assert main([*args, "--mdn", str(mdn_path), "--no-progress"]) == 0
     assert "refitted without the MDN bounds" in capsys.readouterr().out
     assert "Teff_mdn_sigma" in pl.read_results(out).colnames
+    out3 = tmp_path / "r3.ecsv"
+    args3 = ["fit", str(cat), "--emulator", str(emu_path), "-o", str(out3)]
+    assert main([*args3, "--mdn", str(mdn_path), "--mdn-starts", "2"]) == 0
+    assert "mdn_refit" in pl.read_results(out3).colnames
+    assert main([*args3, "--force", "--mdn-starts", "2"]) == 2
+    assert "--mdn-starts needs --mdn" in capsys.readouterr().err
     # an MDN for another emulator: one line, exit code 2
     other = smooth_emulator(wavelength=emu.wavelength + 1.0)
     other.save(tmp_path / "other.h5")
