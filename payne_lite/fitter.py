@@ -8,10 +8,13 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    masked pixels and pixels with non-finite flux or non-finite / non-positive errors
    get zero weight (``ivar = 0``); inputs are never modified.
 2. RV scan: chi2 on a grid of radial velocities over ``rv_range``
-   (``RV_SCAN_STEP`` = 2 km/s) against the box-centre model, over the pixels valid at
-   every RV of the scan (or per valid pixel when those are too few); the continuum,
-   if any, is solved linearly at each RV. The RV chi2 basin is only a few
-   km/s wide, so the local fit must start inside it.
+   (``RV_SCAN_STEP`` = 4 km/s, about an APOGEE pixel) against the box-centre model,
+   over the pixels valid at every RV of the scan (or per valid pixel when those are
+   too few), refined to the vertex of the parabola through the lowest chi2 and its
+   two neighbours; the continuum, if any, is solved linearly at each RV. The RV
+   chi2 basin is only a few km/s wide, so the local fit must start inside it
+   (measured on 400 spectra of the APOGEE network at S/N 100 and 30: the same LM
+   steps per star, 3.9 and 4.8, from scans at 2, 4 and 6 km/s).
 3. Local fit inside ``rv_scan +- RV_WINDOW`` and the training box, from several
    starting points per star (Teff at ``TEFF_STARTS`` of the box, other labels at the
    box centre, the scan's RV and continuum); the best chi2 is kept. Only pixels valid
@@ -101,7 +104,7 @@ from .model import (
 Array = jax.Array
 
 #: Step of the coarse RV chi2 scan [km/s].
-RV_SCAN_STEP = 2.0
+RV_SCAN_STEP = 4.0
 #: The RV scan compares chi2 over the pixels valid at every RV of the scan when
 #: they are at least this fraction of the grid (see :func:`_scan_pixels`).
 SCAN_COMMON_MIN = 0.75
@@ -207,7 +210,25 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w, *, common=False):
         red = jnp.where(n_ok > 0, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
         red = jnp.where(jnp.isfinite(red), red, jnp.inf)
     i = jnp.argmin(red, axis=1)
-    return rv_grid[i], jnp.take_along_axis(coef, i[:, None, None], axis=1)[:, 0]
+    return _parabola_vertex(red, i, rv_grid), jnp.take_along_axis(
+        coef, i[:, None, None], axis=1
+    )[:, 0]
+
+
+def _parabola_vertex(red, i, rv_grid):
+    """RV of the vertex of the parabola through chi2 at grid points i-1, i, i+1
+    (n,), within half a step of ``rv_grid[i]``; ``rv_grid[i]`` at the grid's ends or
+    where the three values are not convex and finite. ``rv_grid`` is uniform."""
+    n_rv = rv_grid.shape[0]
+    if n_rv < 3:
+        return rv_grid[i]
+    j = jnp.clip(i, 1, n_rv - 2)
+    y = jnp.take_along_axis(red, jnp.stack([j - 1, j, j + 1], axis=1), axis=1)
+    curv = y[:, 0] - 2.0 * y[:, 1] + y[:, 2]
+    ok = (j == i) & (curv > 0) & jnp.all(jnp.isfinite(y), axis=1)
+    delta = jnp.clip(0.5 * (y[:, 0] - y[:, 2]) / jnp.where(ok, curv, 1.0), -0.5, 0.5)
+    step = rv_grid[1] - rv_grid[0]
+    return rv_grid[i] + jnp.where(ok, delta, 0.0) * step
 
 
 @functools.partial(jax.jit, compiler_options=KERNEL_COMPILER_OPTIONS)

@@ -413,6 +413,27 @@ def test_real_network_recovery_and_errors(payne5):
     assert 0.8 < np.median(t["chi2_red"]) < 1.2
 
 
+def test_rv_scan_parabola_vertex_hand_worked():
+    """chi2 = 2 (rv - v)^2 + 7 sampled every 4 km/s: the vertex is v exactly; at the
+    grid's ends, or where the three values are not convex, the grid RV is kept."""
+    from payne_lite.fitter import _parabola_vertex
+
+    grid = jnp.arange(-20.0, 20.1, 4.0)  # 11 points
+    true = np.array([3.3, -1.9, 0.0, -20.0, 20.0])
+    red = 2.0 * (grid[None, :] - true[:, None]) ** 2 + 7.0
+    i = jnp.argmin(red, axis=1)
+    got = np.asarray(_parabola_vertex(red, i, grid))
+    np.testing.assert_allclose(got, true, atol=1e-4)
+    # flat around the minimum (zero curvature) or a NaN neighbour: grid value kept;
+    # a lopsided triple moves by at most half a step
+    bad = jnp.array(
+        [[9.0, 1.0, 1.0, 1.0, 9.0], [9.0, jnp.nan, 1.0, 2.0, 9.0], [9, 1, 0, 9, 9]]
+    )
+    g5 = jnp.arange(5.0) * 4.0
+    out = np.asarray(_parabola_vertex(bad, jnp.array([2, 2, 2]), g5))
+    np.testing.assert_allclose(out, [8.0, 8.0, 8.0 - 0.5 * 8 / 10 * 4.0])
+
+
 def test_bucket_lookup_interpolation_equals_binary_search():
     """The O(1) bucket search used inside fits gives the same interpolation and
     validity as the binary search, on a grid with a gap, at random and edge points."""
