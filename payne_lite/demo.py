@@ -5,8 +5,9 @@ draws a catalog of spectra with known labels that the emulator never saw (made b
 synthesizer itself, so the emulator's own error is part of the test), checks the
 emulator against the synthesizer on them, observes them (random radial velocity in
 +-200 km/s, Gaussian noise at an S/N drawn in 30-150), fits them with the batched
-Levenberg-Marquardt fitter, and writes the truth and results tables and figures.
-The MDN and emcee stars join when those issues land.
+Levenberg-Marquardt fitter started and bounded by the default MDN (and, for
+comparison, from the MDN-free multi-start default), and writes the truth and
+results tables and figures. The emcee stars join with the samplers' issue.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SNR_RANGE = (30.0, 150.0)
 
 #: Where the checkout keeps the default emulator (``data/make_default_emulator.py``).
 DEFAULT_EMULATOR = Path(__file__).resolve().parents[1] / "data" / "default_emulator.h5"
+#: ... and the default MDN trained for it (``data/make_default_mdn.py``).
+DEFAULT_MDN = DEFAULT_EMULATOR.with_name("default_mdn.h5")
 
 
 def load_default_emulator(
@@ -52,19 +55,47 @@ def load_default_emulator(
     return emu
 
 
+def load_default_mdn(emulator: Emulator, path: Path | None = None, *,
+                     progress: bool = True):
+    """The default MDN for ``emulator``: from ``path`` (default :data:`DEFAULT_MDN`)
+    when that file was trained for this emulator, else trained on the spot (a few
+    minutes; as ``data/make_default_mdn.py`` does, with 30,000 training spectra) and
+    saved to ``path`` when ``path`` was given or the default file is missing."""
+    from .mdn import MDN, train_mdn
+
+    target = Path(path) if path is not None else DEFAULT_MDN
+    if target.exists():
+        try:
+            return MDN.load(target, emulator=emulator)
+        except ValueError as err:  # trained for another emulator
+            log.warning("%s: %s; training an MDN for this emulator", target, err)
+            if path is None:
+                target = None  # keep the shipped file
+    else:
+        log.warning("%s not found: training an MDN (a few minutes)", target)
+    mdn = train_mdn(emulator, n_train=30_000, n_valid=5_000, seed=0, progress=progress)
+    if target is not None:
+        mdn.save(target)
+    return mdn
+
+
 def run_demo(
     outdir: str | Path = "payne_lite_demo",
     *,
     n_spec: int = 300,
     seed: int = 1,
     emulator: str | Path | None = None,
+    mdn: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """Run the demo; returns the summary numbers it prints.
 
     Writes into ``outdir``: ``catalog_truth.ecsv`` (labels, rv and S/N of the simulated
     catalog and the emulator's error on each spectrum), ``results.fits`` (the fit, see
-    :func:`payne_lite.fit`) and ``figures/`` (PNG and PDF).
+    :func:`payne_lite.fit`, MDN starts and bounds, with the MDN's means and sigmas in
+    ``<label>_mdn`` / ``<label>_mdn_sigma``) and ``figures/`` (PNG and PDF).
+    ``mdn``: an MDN file for the emulator (default :data:`DEFAULT_MDN`, trained on
+    the spot if missing or made for another emulator).
     """
     from astropy.table import Table
 
@@ -78,6 +109,9 @@ def run_demo(
     t0 = time.perf_counter()
     emu = load_default_emulator(
         None if emulator is None else Path(emulator), progress=progress
+    )
+    mdn_model = load_default_mdn(
+        emu, None if mdn is None else Path(mdn), progress=progress
     )
     t_load = time.perf_counter() - t0
 
@@ -113,13 +147,19 @@ def run_demo(
     table.meta["emulator"] = repr(emu)
     table.write(outdir / "catalog_truth.ecsv", overwrite=True)
 
+    # Each path twice: the first call compiles for these batch shapes, the second
+    # is timed without compilation.
     t = time.perf_counter()
-    res = fit(noisy, err, emu, progress=progress)  # compiles for these batch shapes
+    res = fit(noisy, err, emu, mdn=mdn_model, progress=progress)
     t_fit_first = time.perf_counter() - t
     t = time.perf_counter()
-    res = fit(noisy, err, emu)  # the same again, timed without compilation
+    res = fit(noisy, err, emu, mdn=mdn_model)
     t_fit = time.perf_counter() - t
     write_results(res, outdir / "results.fits", overwrite=True)
+    fit(noisy, err, emu, progress=progress)
+    t = time.perf_counter()
+    res_plain = fit(noisy, err, emu)
+    t_plain = time.perf_counter() - t
 
     figs = outdir / "figures"
     names = dict(data_label="synthesizer", model_label="emulator")
@@ -152,6 +192,11 @@ def run_demo(
     d = got - truth
     q16, q50, q84 = np.nanpercentile(d, [16, 50, 84], axis=0)
     within = np.abs(d) < got_err
+    mdn_mean = np.column_stack([np.asarray(res[f"{n}_mdn"], float) for n in params])
+    mdn_sd = np.column_stack([np.asarray(res[f"{n}_mdn_sigma"], float) for n in params])
+    mdn_z = np.abs(mdn_mean - truth) / mdn_sd
+    got_plain = np.column_stack([np.asarray(res_plain[n], float) for n in params])
+    p16, p84 = np.nanpercentile(got_plain - truth, [16, 84], axis=0)
 
     pixel_mae = np.median(np.abs(resid), axis=0)
     summary = dict(
@@ -168,6 +213,14 @@ def run_demo(
         fit_bias=[float(x) for x in q50],
         fit_within_1sigma=[float(x) for x in np.mean(within, axis=0)],
         fit_flagged=int(np.count_nonzero(np.asarray(res["flags"]))),
+        fit_median_iter=float(np.median(res["n_iter"])),
+        mdn_refit=int(np.count_nonzero(np.asarray(res["mdn_refit"]))),
+        mdn_seconds=float(res.meta["mdn_seconds"]),
+        mdn_within_1sigma=[float(x) for x in np.mean(mdn_z < 1, axis=0)],
+        mdn_within_3sigma=[float(x) for x in np.mean(mdn_z < 3, axis=0)],
+        plain_spectra_per_s=n_spec / t_plain,
+        plain_median_iter=float(np.median(res_plain["n_iter"])),
+        plain_scatter=[float(x) for x in (p84 - p16) / 2],
         load_seconds=t_load,
         total_seconds=time.perf_counter() - t0,
         outdir=str(outdir),

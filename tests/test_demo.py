@@ -7,7 +7,13 @@ import pytest
 from astropy.table import Table
 
 from payne_lite import cli, synth
-from payne_lite.demo import DEFAULT_EMULATOR, load_default_emulator, run_demo
+from payne_lite.demo import (
+    DEFAULT_EMULATOR,
+    DEFAULT_MDN,
+    load_default_emulator,
+    load_default_mdn,
+    run_demo,
+)
 from payne_lite.results import read_results
 
 
@@ -50,6 +56,8 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     np.testing.assert_allclose(res["rv"], table["rv"], atol=1.0)
     assert np.median(np.abs(res["Teff"] - table["Teff"])) < 60.0
     assert "fit - truth" in text and "spectra/s once compiled" in text
+    assert "MDN in 1, 3 sigma" in text and "without the MDN" in text
+    assert {"Teff_mdn", "Teff_mdn_sigma", "rv_mdn", "mdn_refit"} <= set(res.colnames)
     figs = tmp_path / "out" / "figures"
     for stem in ("emulator_error_hist", "spectrum_model_worst", "training_loss",
                  "fit_vs_truth"):
@@ -65,3 +73,26 @@ def test_demo_summary_numbers(tmp_path, default_emu):
     assert res["fit_labels"] == [*default_emu.label_names, "rv"]
     scatter = dict(zip(res["fit_labels"], res["fit_scatter"], strict=True))
     assert scatter["Teff"] < 100.0 and scatter["rv"] < 0.5, scatter
+    plain = dict(zip(res["fit_labels"], res["plain_scatter"], strict=True))
+    assert plain["Teff"] < 100.0 and plain["rv"] < 0.5, plain
+    assert res["plain_spectra_per_s"] > 0 and res["mdn_seconds"] > 0
+    assert len(res["mdn_within_3sigma"]) == len(res["fit_labels"])
+
+
+def test_default_mdn_is_calibrated_for_the_default_emulator(default_emu):
+    """The shipped MDN belongs to the shipped emulator and its Gaussians are honest
+    on spectra it never saw: 1-sigma coverage near 0.68, 3-sigma near 1 (binomial
+    error on 300 spectra: +-0.027)."""
+    if not DEFAULT_MDN.exists():
+        pytest.skip(f"{DEFAULT_MDN} not in this checkout")
+    from payne_lite.mdn import simulate
+
+    mdn = load_default_mdn(default_emu)
+    sim = simulate(default_emu, 300, rng=np.random.default_rng(2024),
+                   snr_range=(20.0, 200.0), rv_range=(-300.0, 300.0))
+    mean, sigma = mdn.predict(sim["flux"], sim["err"], mask=sim["mask"])
+    z = np.abs(mean - np.column_stack([sim["labels"], sim["rv"]])) / sigma
+    assert np.all(sigma > 0)
+    within1, within3 = np.mean(z < 1, axis=0), np.mean(z < 3, axis=0)
+    assert np.all((within1 > 0.58) & (within1 < 0.78)), within1
+    assert np.all(within3 > 0.96), within3
