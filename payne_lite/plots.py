@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -273,6 +274,7 @@ def spectrum_with_model(
     r_full.set_ylabel(runit)
     r_full.set_xlabel("wavelength [Å]")
     a_full.set_xlim(wave[0], wave[-1])
+    r_full.xaxis.set_major_formatter(_plain_formatter())
     handles = [
         a_full.plot([], [], color=_DATA, lw=1, label=data_label)[0],
         a_full.plot([], [], color=_MODEL, lw=1, label=model_label)[0],
@@ -300,6 +302,7 @@ def spectrum_with_model(
             r.set_xlabel("wavelength [Å]")
             for ax in (a, r):
                 ax.xaxis.set_major_locator(_max_n_locator(4))
+                ax.xaxis.set_major_formatter(_plain_formatter())
         axes[0, 0].set_ylabel("normalised flux")
         axes[1, 0].set_ylabel(runit)
     if title:
@@ -313,22 +316,42 @@ def _max_n_locator(n: int):
     return MaxNLocator(n)
 
 
+def _plain_formatter():
+    """Tick labels without an offset (``15230`` rather than ``0 + 1.523e4``)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    fmt = ScalarFormatter(useOffset=False)
+    fmt.set_scientific(False)
+    return fmt
+
+
 def _gap_breaks(wave, *ys):
     """``wave`` and ``ys`` with a NaN between pixels further apart than GAP_FACTOR
     median steps, so that plotted lines break at gaps of the grid."""
-    step = np.diff(wave)
-    if step.size == 0:
-        return (wave, *ys)
-    at = np.flatnonzero(step > GAP_FACTOR * np.median(step)) + 1
+    at = np.flatnonzero(_gaps(wave)) + 1
     if at.size == 0:
         return (wave, *ys)
     return tuple(np.insert(np.asarray(a, float), at, np.nan) for a in (wave, *ys))
 
 
-def _runs(flag: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) index ranges of the True runs of ``flag``."""
-    d = np.diff(np.concatenate([[0], flag.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True))
+def _gaps(wave) -> np.ndarray:
+    """(P - 1,) bool: True between pixels further apart than GAP_FACTOR median
+    steps."""
+    step = np.diff(wave)
+    if step.size == 0:
+        return np.zeros(0, bool)
+    return step > GAP_FACTOR * np.median(step)
+
+
+def _runs(flag: np.ndarray, gaps: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of the True runs of ``flag``, split at ``gaps``."""
+    out = []
+    edges = np.concatenate([[0], np.flatnonzero(gaps) + 1, [flag.size]])
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        d = np.diff(np.concatenate([[0], flag[a:b].astype(np.int8), [0]]))
+        out += [(a + i, a + j) for i, j in zip(np.flatnonzero(d == 1),
+                                               np.flatnonzero(d == -1), strict=True)]
+    return out
 
 
 def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, sigma):
@@ -340,9 +363,15 @@ def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, si
     style = dict(drawstyle="steps-mid") if zoom else {}
     lw = 0.8 if zoom else 0.3
     # grey bands over masked pixels, each from half a pixel before to half after
-    half = np.gradient(w) / 2 if w.size > 1 else np.array([0.5])
+    # (the smaller neighbouring step: no band reaches into a gap of the grid)
+    gaps = _gaps(w)
+    if w.size > 1:
+        d = np.diff(w)
+        half = np.minimum(np.r_[d[0], d], np.r_[d, d[-1]]) / 2
+    else:
+        half = np.array([0.5])
     spans = [(w[i] - half[i], w[j - 1] + half[j - 1] - (w[i] - half[i]))
-             for i, j in _runs(b)]
+             for i, j in _runs(b, gaps)]
     for ax in (top, bot):
         if spans:
             ax.broken_barh(spans, (0, 1), transform=ax.get_xaxis_transform(),
@@ -350,14 +379,21 @@ def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, si
     if b.any():
         top.plot(w[b], f[b], ".", color="0.55", ms=2 if zoom else 1, zorder=1)
     ww, gf, gm, gr = _gap_breaks(w, good_f, mo, r)
-    top.plot(ww, gf, color=_DATA, lw=lw, zorder=2, **style)
-    top.plot(ww, gm, color=_MODEL, lw=lw, alpha=0.85, zorder=3)
-    vals = np.concatenate([good_f[np.isfinite(good_f)], mo[np.isfinite(mo)]])
+    raster = not zoom  # thousands of pixels: keep the PDF small and quick
+    top.plot(ww, gf, color=_DATA, lw=lw, zorder=2, rasterized=raster, **style)
+    top.plot(ww, gm, color=_MODEL, lw=lw, alpha=0.85, zorder=3, rasterized=raster)
+    good_m = mo[~b & np.isfinite(mo)]
+    good_d = good_f[np.isfinite(good_f)]
+    if good_d.size and not zoom:  # single spikes (cosmics, sky) do not set the range
+        good_d = good_d[(good_d >= np.percentile(good_d, 0.1))
+                        & (good_d <= np.percentile(good_d, 99.9))]
+    vals = np.concatenate([good_d, good_m])
     if vals.size:
         vlo, vhi = vals.min(), vals.max()
         pad = 0.05 * max(vhi - vlo, 1e-3)
         top.set_ylim(vlo - pad, vhi + pad)
-    bot.plot(ww, gr, color=_RESID, lw=lw if zoom else 0.4, **style)
+    bot.plot(ww, gr, color=_RESID, lw=lw if zoom else 0.4, rasterized=raster,
+             **style)
     bot.axhline(0.0, color="k", lw=0.6)
     if sigma:
         bot.axhspan(-1.0, 1.0, color=_RESID, alpha=0.12, lw=0)
@@ -370,7 +406,8 @@ def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, si
         if n_out:
             bot.text(0.005, 0.04, f"{n_out} pixel{'s' if n_out > 1 else ''} beyond "
                      f"±{lim:.3g}", transform=bot.transAxes, fontsize=7,
-                     color="0.3", va="bottom")
+                     color="0.2", va="bottom",
+                     bbox=dict(facecolor="white", alpha=0.8, lw=0, pad=1))
 
 
 def _choose_windows(wave, model, resid, bad, windows, n_windows, width):
@@ -411,7 +448,14 @@ def _pick_windows(wave, score, width, n, taken, reason):
     half = width / 2
     if wave[-1] - wave[0] <= width:
         return out or [(wave[0], wave[-1], reason)]
-    centres = wave[(wave >= wave[0] + half) & (wave <= wave[-1] - half)]
+    # windows inside one stretch of the grid between gaps (else anywhere)
+    seg = np.concatenate([[0], np.cumsum(_gaps(wave))])
+    seg_lo = wave[np.searchsorted(seg, seg, "left")]
+    seg_hi = wave[np.searchsorted(seg, seg, "right") - 1]
+    inside = (wave - half >= seg_lo) & (wave + half <= seg_hi)
+    if not inside.any():
+        inside = (wave >= wave[0] + half) & (wave <= wave[-1] - half)
+    centres = wave[inside]
     csum = np.concatenate([[0.0], np.cumsum(score)])
     tot = (csum[np.searchsorted(wave, centres + half, "right")]
            - csum[np.searchsorted(wave, centres - half, "left")])
@@ -529,7 +573,8 @@ def loss_curves(
     """Training and validation loss curves from a training history.
 
     Works with :attr:`payne_lite.Emulator.history` (``train_rms``, ``valid_rms``,
-    ``valid_mae`` per iteration [normalised flux]; log scale),
+    ``valid_mae`` per iteration [normalised flux]; log scale when they span a
+    decade),
     :attr:`payne_lite.MDN.history` (``train_nll``, ``valid_nll`` per epoch: mean
     negative log-likelihood per spectrum in the MDN's scaled units, which can be
     negative; the epoch of the lowest validation NLL, whose parameters the MDN keeps,
@@ -571,8 +616,9 @@ def loss_curves(
         k = int(np.nanargmin(v))
         ax.plot(k + 1, v[k], "o", color="C1", ms=6,
                 label=f"lowest validation: epoch {k + 1} (parameters kept)")
-    pos = all(np.all(a[np.isfinite(a)] > 0) for a in curves.values())
-    if pos:
+    # log scale for errors spanning a decade or more; an NLL is a log already
+    fin = np.concatenate([a[np.isfinite(a)] for a in curves.values()])
+    if not nll and fin.min() > 0 and fin.max() > 10 * fin.min():
         ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator
 
@@ -784,8 +830,8 @@ def corner_plot(
         ranges.append((lo - pad, hi + pad))
 
     size = min(2.1 * d + 0.6, 15.0)
-    fig, axes = plt.subplots(d, d, figsize=(size, size), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(d, d, figsize=(max(size, 5.0), max(size, 3.8)),
+                             squeeze=False, layout="constrained")
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.03, hspace=0.03)
     q = np.percentile(x, [16, 50, 84], axis=0)
     for i in range(d):
@@ -843,9 +889,10 @@ def corner_plot(
             elif i != j:
                 ax.tick_params(labelleft=False)
     handles = [Line2D([], [], color="k", ls="--", lw=0.8,
-                      label="median and 16th/84th percentiles"),
-               Line2D([], [], color="k", lw=0.8,
-                      label="39 % and 86 % contours (1σ, 2σ in 2-D)")]
+                      label="median and 16th/84th percentiles")]
+    if d > 1:
+        handles.append(Line2D([], [], color="k", lw=0.8,
+                              label="39 % and 86 % contours (1σ, 2σ in 2-D)"))
     if "truths" in pts:
         handles.append(Line2D([], [], color="C0", marker="s", ms=4, label="truth"))
     if "best" in pts:
@@ -855,20 +902,34 @@ def corner_plot(
         fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.98, 0.95),
                    fontsize=8, frameon=False, title=f"{n} samples", title_fontsize=8)
     else:
-        axes[0, 0].legend(handles=handles, fontsize=7, loc="upper left",
-                          bbox_to_anchor=(1.02, 1.0), frameon=False,
+        axes[0, 0].legend(handles=handles, fontsize=7, loc="upper right",
                           title=f"{n} samples", title_fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, stem)
 
 
+def _decimals(err: float) -> int:
+    """Decimals that show two significant digits of ``err`` (3 if it is not > 0)."""
+    if not (np.isfinite(err) and err > 0):
+        return 3
+    return max(1 - int(math.floor(math.log10(err))), 0)
+
+
 def _median_text(med, up, down) -> str:
     """``5500 +12 −11``, rounded to two significant digits of the smaller error."""
-    err = min(abs(up), abs(down))
-    nd = 2 - int(math.floor(math.log10(err))) - 1 if err > 0 else 3
-    nd = max(nd, 0)
+    nd = _decimals(min(abs(up), abs(down)))
     return f"{med:.{nd}f} +{up:.{nd}f} −{down:.{nd}f}"
+
+
+def _value_text(name, value, err, unit) -> str:
+    """``Teff = 5825 ± 9.8 K``, the value rounded like its error."""
+    if not np.isfinite(value):
+        return f"{name} = nan"
+    if err == 0:
+        return f"{name} = {value:g}{_sp(unit)} (fixed)"
+    nd = _decimals(err)
+    return f"{name} = {value:.{nd}f} ± {err:.{nd}f}{_sp(unit)}"
 
 
 def _density_levels(h, fractions) -> list[float] | None:
@@ -883,3 +944,440 @@ def _density_levels(h, fractions) -> list[float] | None:
                      for f in fractions})
     levels = [v for v in levels if v > 0]
     return levels if len(levels) == len(fractions) else None
+
+
+# ======================================================================================
+# figures from saved files (payne-lite plot)
+# ======================================================================================
+class Figures(NamedTuple):
+    """What :func:`figures_from_files` did.
+
+    Attributes:
+        written: ``(description, [png, pdf])`` per figure.
+        skipped: why a figure that the inputs suggest was not made.
+    """
+
+    written: list
+    skipped: list
+
+
+def figures_from_files(
+    outdir,
+    *,
+    results=None,
+    truth=None,
+    spectra=None,
+    emulator=None,
+    mdn=None,
+    rows=None,
+    windows="auto",
+    window_width: float = WINDOW_WIDTH,
+) -> Figures:
+    """Make every figure that the given saved files allow (``payne-lite plot``).
+
+    ====================================  ===============================================
+    given                                 figures (in ``outdir``)
+    ====================================  ===============================================
+    results + truth                       ``fit_vs_truth``; ``fit_coverage`` (the fit's
+                                          ``<name>_err``); ``mdn_coverage`` when the
+                                          results have ``<name>_mdn`` and
+                                          ``<name>_mdn_sigma`` columns
+    results + spectra (+ emulator)        ``spectrum_row<N>`` for the chosen rows: data,
+                                          best-fit model (the ``model_flux`` column, or
+                                          recomputed with the emulator), residuals
+    emulator                              ``emulator_loss`` (its training history),
+                                          ``emulator_pixel_error`` (its held-out error)
+    mdn                                   ``mdn_loss`` (its training history)
+    ====================================  ===============================================
+
+    Args:
+        outdir: folder for the figures (created; existing figures are replaced).
+        results: a results table (FITS, ECSV or HDF5 from ``payne-lite fit`` /
+            :func:`payne_lite.write_results`). An emulator or MDN file given here is
+            plotted as if given as ``emulator`` / ``mdn``.
+        truth: a table of true values (any of those formats, e.g. the demo's
+            ``catalog_truth.ecsv``) with columns named like the fitted labels and
+            ``rv``, on the rows of ``results`` in order, or matched by an ``id``
+            column present in both.
+        spectra: the catalog ``results`` was fitted from (an HDF5 catalog, or FITS
+            paths; :func:`payne_lite.open_catalog`), one row per results row.
+        emulator: an emulator file: models for ``spectra``, and its own figures.
+        mdn: an MDN file.
+        rows: results rows to draw spectra for (default: the one with the median
+            and the one with the highest ``chi2_red``).
+        windows, window_width: zoom windows, see :func:`spectrum_with_model`.
+
+    Returns:
+        :class:`Figures`.
+
+    Raises:
+        FileNotFoundError: a file that does not exist.
+        ValueError: a combination that makes no figure, a table without the needed
+            columns, tables whose rows do not match, rows out of range.
+        payne_lite.FileFormatError: an unreadable or corrupt file.
+    """
+    from .emulator import EMULATOR_FORMAT
+    from .mdn import MDN_FORMAT
+
+    outdir = Path(outdir)
+    paths = {}
+    for key, val in [("results", results), ("truth", truth), ("emulator", emulator),
+                     ("mdn", mdn)]:
+        if val is not None:
+            paths[key] = _existing(val)
+    if spectra is not None:
+        spectra = ([_existing(spectra)] if isinstance(spectra, str | Path)
+                   else [_existing(p) for p in spectra])
+    if "results" in paths:  # an emulator or MDN file where a results table goes
+        fmt = _hdf5_format(paths["results"])
+        for kind, known in [("emulator", EMULATOR_FORMAT), ("mdn", MDN_FORMAT)]:
+            if fmt == known:
+                if kind in paths or truth is not None or spectra is not None:
+                    raise ValueError(f"{paths['results']} is an {kind} file, not a "
+                                     "results table")
+                paths[kind] = paths.pop("results")
+    res_path = paths.get("results")
+    if res_path is None and not ({"emulator", "mdn"} & set(paths)):
+        raise ValueError("nothing to plot: give a results table, an emulator file or "
+                         "an MDN file")
+    if res_path is None and (truth is not None or spectra is not None):
+        raise ValueError("a truth table and spectra are compared with a results "
+                         "table: give the results table too")
+    if res_path is not None and truth is None and spectra is None:
+        raise ValueError(f"{res_path}: a results table alone makes no figure; add the "
+                         "truth table (fit minus truth, calibration) or the spectra "
+                         "it was fitted from (spectra with their models)")
+    if rows is not None and spectra is None:
+        raise ValueError("rows choose the spectra to draw: give the spectra too")
+
+    from .emulator import Emulator
+    from .results import read_results
+
+    written: list = []
+    skipped: list = []
+    emu = Emulator.load(paths["emulator"]) if "emulator" in paths else None
+    if res_path is not None:
+        res = read_results(res_path)
+        params, units = _fit_params(res, res_path)
+        if truth is not None:
+            tru = _read_table(paths["truth"])
+            _truth_figures(outdir, res, res_path, params, units, tru, paths["truth"],
+                           written, skipped)
+        if spectra is not None:
+            _spectrum_figures(outdir, res, res_path, params, units, spectra, emu,
+                              paths.get("emulator"), rows, windows, window_width,
+                              written)
+    if emu is not None:
+        _emulator_figures(outdir, emu, paths["emulator"], written, skipped)
+    if "mdn" in paths:
+        from .mdn import MDN
+
+        net = MDN.load(paths["mdn"])
+        if net.history:
+            written.append((
+                f"MDN training and validation loss ({len(next(iter(net.history.values())))}"
+                " epochs)",
+                loss_curves(net.history, outdir / "mdn_loss", xlabel="epoch",
+                            title=f"MDN {paths['mdn'].name}: {net.n_components} "
+                            f"component(s), outputs {', '.join(net.output_names)}")))
+        else:
+            skipped.append(f"{paths['mdn']}: no training history, no loss curves")
+    if not written:
+        raise ValueError("nothing to plot: " + "; ".join(skipped))
+    return Figures(written, skipped)
+
+
+def _existing(path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory, expected a file")
+    return p
+
+
+def _hdf5_format(path: Path) -> str | None:
+    """The ``format`` attribute of an HDF5 file, or None (not HDF5, no attribute)."""
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+    except (OSError, KeyError, RuntimeError):
+        return None
+    return fmt.decode() if isinstance(fmt, bytes) else fmt
+
+
+def _read_table(path: Path):
+    """A table in any format :func:`payne_lite.read_results` or astropy reads."""
+    from astropy.table import Table
+
+    from .results import FORMATS, HDF5_PATH, read_results
+
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt == "hdf5":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            has_results = HDF5_PATH in f
+        if not has_results:
+            return Table.read(path)
+    if fmt is not None:
+        return read_results(path)
+    try:
+        return Table.read(path)
+    except Exception as err:  # astropy raises many kinds for unknown formats
+        raise ValueError(f"{path}: not a table astropy can read ({err})") from err
+
+
+def _values(table, name: str, path: Path) -> np.ndarray:
+    """Column ``name`` as float64 with masked entries NaN."""
+    try:
+        return np.ma.filled(np.ma.masked_array(table[name], dtype=float), np.nan)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: column {name!r} is not numeric") from err
+
+
+def _fit_params(res, path: Path) -> tuple[list[str], list[str]]:
+    """Fitted parameters (labels, then rv) with their error columns, and units."""
+    label_names = list(res.meta.get("label_names") or [])
+    if label_names:
+        names = [*label_names, "rv"]
+        label_units = list(res.meta.get("label_units") or [""] * len(label_names))
+        unit_of = dict(zip(names, [*label_units, "km/s"], strict=False))
+    else:  # not written by payne_lite: every <name> with a <name>_err
+        names = [c[:-4] for c in res.colnames
+                 if c.endswith("_err") and c[:-4] in res.colnames
+                 and not c.startswith("cont_")]
+        unit_of = {}
+    params = [p for p in names if p in res.colnames and f"{p}_err" in res.colnames]
+    if not params:
+        raise ValueError(
+            f"{path}: no fitted parameter columns (a <name> column with its "
+            "<name>_err, e.g. Teff and Teff_err, as payne-lite fit writes); columns: "
+            + ", ".join(res.colnames[:12]) + (" ..." if len(res.colnames) > 12 else ""))
+    units = []
+    for p in params:
+        u = unit_of.get(p)
+        if u is None:
+            col_unit = getattr(res[p], "unit", None)
+            u = col_unit.to_string() if col_unit is not None else ""
+        units.append(u)
+    return params, units
+
+
+def _truth_rows(res, res_path, tru, tru_path) -> np.ndarray:
+    """Index into ``tru`` of each results row."""
+    if "id" in res.colnames and "id" in tru.colnames:
+        where = {str(v): i for i, v in enumerate(tru["id"])}
+        ids = [str(v) for v in res["id"]]
+        missing = [i for i in ids if i not in where]
+        if missing:
+            raise ValueError(f"{tru_path}: no row for id {missing[0]!r} of {res_path} "
+                             f"({len(missing)} of {len(ids)} ids missing)")
+        return np.array([where[i] for i in ids], dtype=int)
+    if len(tru) != len(res):
+        raise ValueError(f"{res_path} has {len(res)} rows and {tru_path} {len(tru)}: "
+                         "the truth table must hold the results' rows in order (or "
+                         "both need an id column)")
+    return np.arange(len(res))
+
+
+def _truth_figures(outdir, res, res_path, params, units, tru, tru_path, written,
+                   skipped):
+    common = [j for j, p in enumerate(params) if p in tru.colnames]
+    if not common:
+        raise ValueError(
+            f"{tru_path}: none of the fitted parameters ({', '.join(params)}) is a "
+            "column; columns: " + ", ".join(tru.colnames[:12])
+            + (" ..." if len(tru.colnames) > 12 else ""))
+    idx = _truth_rows(res, res_path, tru, tru_path)
+    names = [params[j] for j in common]
+    unit = [units[j] for j in common]
+    t = np.column_stack([_values(tru, p, tru_path)[idx] for p in names])
+    f = np.column_stack([_values(res, p, res_path) for p in names])
+    e = np.column_stack([_values(res, f"{p}_err", res_path) for p in names])
+    snr = None
+    for table, path, rows in [(tru, tru_path, idx), (res, res_path, slice(None))]:
+        if "snr" in table.colnames:
+            snr = _values(table, "snr", path)[rows]
+            break
+    flagged = (np.asarray(res["flags"]) != 0) if "flags" in res.colnames else None
+    n = len(res)
+    what = f"{res_path.name} against {tru_path.name}"
+    written.append((f"fit minus truth, {len(names)} parameters x {n} spectra",
+                    fit_vs_truth(t, f, e, names, unit, outdir / "fit_vs_truth",
+                                 color=snr, color_label="S/N", flagged=flagged,
+                                 title=what)))
+    scaled = " (scaled by sqrt(chi2_red))" if res.meta.get(
+        "errors_scaled_by_chi2_red") else ""
+    written.append((f"coverage of the fit errors, {len(names)} parameters",
+                    coverage_plot(t, f, e, names, outdir / "fit_coverage",
+                                  title=f"calibration of the fit errors{scaled}: "
+                                        + what)))
+    mdn_cols = [j for j, p in enumerate(names)
+                if f"{p}_mdn" in res.colnames and f"{p}_mdn_sigma" in res.colnames]
+    if not mdn_cols:
+        skipped.append(f"{res_path}: no <name>_mdn / <name>_mdn_sigma columns (fit "
+                       "without an MDN), no MDN calibration")
+        return
+    m = np.column_stack([_values(res, f"{names[j]}_mdn", res_path) for j in mdn_cols])
+    s = np.column_stack([_values(res, f"{names[j]}_mdn_sigma", res_path)
+                         for j in mdn_cols])
+    written.append((f"coverage of the MDN sigmas, {len(mdn_cols)} parameters",
+                    coverage_plot(t[:, mdn_cols], m, s, [names[j] for j in mdn_cols],
+                                  outdir / "mdn_coverage",
+                                  title=f"calibration of the MDN: {what}")))
+
+
+def _default_rows(res) -> list[tuple[int, str]]:
+    if "chi2_red" not in res.colnames:
+        return [(0, "first row")]
+    c = np.asarray(res["chi2_red"], dtype=float)
+    ok = np.flatnonzero(np.isfinite(c))
+    if ok.size == 0:
+        return [(0, "first row")]
+    order = ok[np.argsort(c[ok], kind="stable")]
+    med, worst = int(order[(order.size - 1) // 2]), int(order[-1])
+    out = [(med, "median chi2_red")]
+    if worst != med:
+        out.append((worst, "highest chi2_red"))
+    return out
+
+
+def _spectrum_figures(outdir, res, res_path, params, units, spectra, emu, emu_path,
+                      rows, windows, window_width, written):
+    from .catalog import open_catalog
+
+    n = len(res)
+    if rows is None:
+        chosen = _default_rows(res)
+    else:
+        chosen = []
+        for r in rows:
+            if isinstance(r, bool) or int(r) != r or not 0 <= r < n:
+                raise ValueError(f"row {r!r} is not one of the {n} rows (0..{n - 1}) "
+                                 f"of {res_path}")
+            chosen.append((int(r), ""))
+    source = spectra[0] if len(spectra) == 1 else spectra
+    with open_catalog(source) as cat:
+        if len(cat) != n:
+            raise ValueError(f"{cat.source} holds {len(cat)} spectra and {res_path} "
+                             f"{n} rows: give the catalog the results were fitted from")
+        wave = cat.wavelength
+        has_model = ("model_flux" in res.colnames
+                     and np.shape(res["model_flux"])[1:] == wave.shape)
+        if not has_model and emu is None:
+            raise ValueError(f"{res_path} has no model_flux column: give the emulator "
+                             "to compute the best-fit models")
+        model_fn = None if has_model else _model_function(res, res_path, emu,
+                                                          emu_path, wave)
+        for row, why in chosen:
+            chunk = cat.read(row, row + 1)
+            rid = None if chunk.ids is None else str(chunk.ids[0])
+            if rid is not None and "id" in res.colnames and str(res["id"][row]) != rid:
+                raise ValueError(f"row {row}: catalog id {rid!r} but results id "
+                                 f"{str(res['id'][row])!r}: not the same spectra")
+            flux = np.asarray(chunk.flux[0], dtype=float)
+            err = np.asarray(chunk.flux_err[0], dtype=float)
+            mask = (np.zeros(wave.size, bool) if chunk.mask is None
+                    else np.asarray(chunk.mask[0], bool))
+            note = ""
+            if has_model:
+                model = np.asarray(res["model_flux"][row], dtype=float)
+            else:
+                model, valid, err, note = model_fn(row, err)
+                model = np.where(valid, model, np.nan)  # no model off the grid
+                mask = mask | ~valid
+            title = _row_title(res, row, rid, params, units, why) + note
+            stem = outdir / f"spectrum_row{row}"
+            written.append((f"spectrum, model and residuals of row {row}"
+                            + (f" ({rid})" if rid else "") + (f", {why}" if why else ""),
+                            spectrum_with_model(wave, flux, model, stem, err=err,
+                                                mask=mask, title=title,
+                                                model_label="best-fit model",
+                                                windows=windows,
+                                                window_width=window_width)))
+
+
+def _model_function(res, res_path, emu, emu_path, wave):
+    """``f(row, err) -> (model, valid, err, note)`` computing the best-fit model of a
+    results row with the emulator (and the errors the fit used)."""
+    from .fitter import emulator_error_on
+    from .model import RV_RANGE, build_obs_model, observe
+
+    names = list(res.meta.get("label_names") or emu.label_names)
+    if tuple(names) != tuple(emu.label_names):
+        raise ValueError(f"{emu_path} has the labels {list(emu.label_names)}, "
+                         f"{res_path} was fitted with {names}: not its emulator")
+    need = [*emu.label_names, "rv"]
+    missing = [c for c in need if c not in res.colnames]
+    if missing:
+        raise ValueError(f"{res_path}: missing columns {missing} for the model")
+    cont_deg = int(res.meta.get("cont_deg", 0) or 0)
+    cont = [f"cont_{k}" for k in range(cont_deg + 1)] if cont_deg > 0 else []
+    if any(c not in res.colnames for c in cont):
+        raise ValueError(f"{res_path}: cont_deg {cont_deg} but columns "
+                         f"{[c for c in cont if c not in res.colnames]} are missing")
+    rv_all = _values(res, "rv", res_path)
+    rv_range = res.meta.get("rv_range") or RV_RANGE
+    rv_max = max(max(abs(float(v)) for v in rv_range),
+                 float(np.nanmax(np.abs(rv_all), initial=0.0)) + 1.0)
+    obs = build_obs_model(emu, wavelength=wave, cont_deg=cont_deg, rv_max=rv_max)
+    add_emu_err = bool(res.meta.get("emulator_error_in_likelihood")) and (
+        emu.pixel_error is not None)
+
+    def model_fn(row, err):
+        labels = np.array([_values(res, c, res_path)[row] for c in emu.label_names])
+        rv = rv_all[row]
+        if not (np.all(np.isfinite(labels)) and np.isfinite(rv)):
+            raise ValueError(f"row {row} of {res_path}: the fit failed (NaN labels), "
+                             "there is no model to draw")
+        p = np.concatenate([emu.scale(labels), [rv],
+                            [_values(res, c, res_path)[row] for c in cont]])
+        model, valid = observe(obs, p)
+        note = ""
+        if add_emu_err:
+            e_emu = emulator_error_on(wave, emu.wavelength, emu.pixel_error, [rv])[0]
+            err = np.sqrt(err**2 + e_emu**2)
+            note = "; σ = flux error ⊕ emulator error, as in the fit"
+        return np.asarray(model, float), np.asarray(valid, bool), err, note
+
+    return model_fn
+
+
+def _row_title(res, row, rid, params, units, why) -> str:
+    parts = []
+    for p, u in zip(params, units, strict=True):
+        v, e = float(res[p][row]), float(res[f"{p}_err"][row])
+        parts.append(_value_text(p, v, e, u).replace(" ", "\u00a0"))  # no breaks
+    head = f"row {row}" + (f" ({rid})" if rid else "") + (f", {why}" if why else "")
+    tail = []
+    if "chi2_red" in res.colnames:
+        tail.append(f"χ²_red = {float(res['chi2_red'][row]):.3g}")
+    if "flags" in res.colnames:
+        tail.append(f"flags = {int(res['flags'][row])}")
+    tail = [t.replace(" ", "\u00a0") for t in tail]
+    return f"{head}: " + ", ".join(parts) + ("; " + ", ".join(tail) if tail else "")
+
+
+def _emulator_figures(outdir, emu, path, written, skipped):
+    if emu.history:
+        opt = (emu.meta.get("config") or {}).get("optimizer")
+        xlabel = {"lm": "Levenberg-Marquardt iteration", "adam": "epoch"}.get(opt)
+        n_iter = max(len(np.ravel(v)) for v in emu.history.values())
+        written.append((f"emulator training and validation loss ({n_iter} "
+                        f"{'epochs' if opt == 'adam' else 'iterations'})",
+                        loss_curves(emu.history, outdir / "emulator_loss",
+                                    xlabel=xlabel, title=f"emulator {path.name}")))
+    else:
+        skipped.append(f"{path}: no training history, no loss curves")
+    if emu.pixel_error is not None:
+        written.append(("emulator error per pixel on held-out spectra",
+                        pixel_error_plot(emu.wavelength, emu.pixel_error,
+                                         outdir / "emulator_pixel_error",
+                                         title=f"emulator {path.name}: {emu!r}")))
+    else:
+        skipped.append(f"{path}: no pixel_error (held-out error), no error figure")
