@@ -894,7 +894,8 @@ def _run_demo(args) -> int:
     print("  (errors: flux noise and the emulator's per-pixel error in quadrature; the\n"
           "   emulator's errors are correlated across pixels, which that does not\n"
           "   capture, so fewer than 68 % of truths fall within 1 sigma here)")
-    print(f"  wrote {res['outdir']}/catalog_truth.ecsv, results.fits and figures/ "
+    print(f"  wrote {res['outdir']}/catalog_truth.ecsv, catalog.h5, results.fits and "
+          f"figures/ "
           f"({res['total_seconds']:.0f} s)")
     return EXIT_OK
 

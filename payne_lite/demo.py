@@ -91,7 +91,8 @@ def run_demo(
     """Run the demo; returns the summary numbers it prints.
 
     Writes into ``outdir``: ``catalog_truth.ecsv`` (labels, rv and S/N of the simulated
-    catalog and the emulator's error on each spectrum), ``results.fits`` (the fit, see
+    catalog and the emulator's error on each spectrum), ``catalog.h5`` (the simulated
+    observations, for ``payne-lite fit`` / ``plot``), ``results.fits`` (the fit, see
     :func:`payne_lite.fit`, MDN starts and bounds, with the MDN's means and sigmas in
     ``<label>_mdn`` / ``<label>_mdn_sigma``) and ``figures/`` (PNG and PDF).
     ``mdn``: an MDN file for the emulator (default :data:`DEFAULT_MDN`, trained on
@@ -100,6 +101,7 @@ def run_demo(
     from astropy.table import Table
 
     from . import plots, synth
+    from .catalog import write_catalog
     from .fitter import fit
     from .model import doppler_shift
     from .results import write_results
@@ -150,12 +152,16 @@ def run_demo(
     # Each path twice: the first call compiles for these batch shapes, the second
     # is timed without compilation.
     t = time.perf_counter()
-    res = fit(noisy, err, emu, mdn=mdn_model, progress=progress)
+    res = fit(noisy, err, emu, mdn=mdn_model, return_model=True, progress=progress)
     t_fit_first = time.perf_counter() - t
     t = time.perf_counter()
-    res = fit(noisy, err, emu, mdn=mdn_model)
+    fit(noisy, err, emu, mdn=mdn_model)
     t_fit = time.perf_counter() - t
+    model_fit = np.asarray(res["model_flux"])
+    del res["model_flux"]  # 20 MB; `payne-lite plot` rebuilds it from the emulator
     write_results(res, outdir / "results.fits", overwrite=True)
+    write_catalog(outdir / "catalog.h5", noisy, err, emu.wavelength, mask=~ok,
+                  overwrite=True)
     fit(noisy, err, emu, progress=progress)
     t = time.perf_counter()
     res_plain = fit(noisy, err, emu)
@@ -195,6 +201,20 @@ def run_demo(
     mdn_mean = np.column_stack([np.asarray(res[f"{n}_mdn"], float) for n in params])
     mdn_sd = np.column_stack([np.asarray(res[f"{n}_mdn_sigma"], float) for n in params])
     mdn_z = np.abs(mdn_mean - truth) / mdn_sd
+    plots.coverage_plot(truth, mdn_mean, mdn_sd, params, figs / "mdn_coverage",
+                        title="MDN Gaussians vs truth (demo catalog)")
+    plots.coverage_plot(truth, got, got_err, params, figs / "fit_coverage",
+                        title="fit errors vs truth (demo catalog)")
+    if mdn_model.history:
+        plots.loss_curves(mdn_model.history, figs / "mdn_training_loss",
+                          title="default MDN")
+    best = int(np.argmin(np.abs(np.asarray(res["chi2_red"]) - 1.0)))
+    plots.spectrum_with_model(
+        emu.wavelength, noisy[best], model_fit[best],
+        figs / "spectrum_fit_example", err=err[best], mask=~ok[best],
+        title=_label_text(emu, got[best, :-1]) + f", rv={got[best, -1]:.2f} km/s"
+        + f"  (fit of catalog row {best})",
+        data_label="simulated observation", model_label="best fit")
     got_plain = np.column_stack([np.asarray(res_plain[n], float) for n in params])
     p16, p84 = np.nanpercentile(got_plain - truth, [16, 84], axis=0)
 

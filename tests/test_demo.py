@@ -14,6 +14,7 @@ from payne_lite.demo import (
     load_default_mdn,
     run_demo,
 )
+from payne_lite.catalog import open_catalog as pl_open_catalog
 from payne_lite.results import read_results
 
 
@@ -50,6 +51,9 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     assert str(table["Teff"].unit) == "K"
     assert np.median(table["emu_median_abs_err"]) < 2e-3
     assert {"rv", "snr"} <= set(table.colnames)
+    cat = pl_open_catalog(tmp_path / "out" / "catalog.h5")
+    assert len(cat) == 16
+    cat.close()
     res = read_results(tmp_path / "out" / "results.fits")
     assert len(res) == 16 and res.meta["method"] == "lm"
     # the fit recovers the simulated truth (noise S/N >= 30, the emulator's own error)
@@ -60,7 +64,8 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     assert {"Teff_mdn", "Teff_mdn_sigma", "rv_mdn", "mdn_refit"} <= set(res.colnames)
     figs = tmp_path / "out" / "figures"
     for stem in ("emulator_error_hist", "spectrum_model_worst", "training_loss",
-                 "fit_vs_truth"):
+                 "fit_vs_truth", "mdn_coverage", "fit_coverage", "mdn_training_loss",
+                 "spectrum_fit_example"):
         for ext in (".png", ".pdf"):
             assert (figs / (stem + ext)).stat().st_size > 5000
 
