@@ -7,6 +7,7 @@ import pytest
 from astropy.table import Table
 
 from payne_lite import cli, synth
+from payne_lite.catalog import open_catalog as pl_open_catalog
 from payne_lite.demo import (
     DEFAULT_EMULATOR,
     DEFAULT_MDN,
@@ -14,7 +15,6 @@ from payne_lite.demo import (
     load_default_mdn,
     run_demo,
 )
-from payne_lite.catalog import open_catalog as pl_open_catalog
 from payne_lite.results import read_results
 
 
