@@ -87,6 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._serial import serial_jit
 from ._validate import as_float_array
 from .constants import C_KMS
 from .emulator import KERNEL_COMPILER_OPTIONS, Emulator, forward
@@ -95,6 +96,8 @@ from .model import (
     ObsModel,
     _shift_pair,
     build_obs_model,
+    embed_obs,
+    normal_equations,
     observe,
     observe_jac_t,
     param_layout,
@@ -257,8 +260,12 @@ def _normal(obs, p, flux, sw):
     derivatives come from forward-mode through the network and are shifted with the
     flux. ``jax.jacfwd`` through the Doppler-shift gather cost 0.8 ms per star and
     step on the APOGEE network; this, with the lanes of :func:`_lm_lanes` and the
-    log-grid shift, about 0.2 ms.
+    log-grid shift, about 0.16 ms; one-hidden-layer nets on a log grid (``obs.jet``)
+    take :func:`payne_lite.model.normal_equations`, about 0.1 ms, with ``flux`` and
+    ``sw`` in its layout (``r`` then is too).
     """
+    if obs.jet is not None:  # flux, sw already in embed_obs's layout (_lm_lanes)
+        return normal_equations(obs, p, flux, sw)
     f, _, jac = observe_jac_t(obs, p)
     r = sw * (f - flux)
     jw = jac * sw
@@ -444,6 +451,8 @@ def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
     lanes are computed and discarded, which a wide device prefers.
     """
     sw = jnp.sqrt(w)
+    if obs.jet is not None:  # the layout of the fast normal equations
+        flux, sw = embed_obs(obs, flux), embed_obs(obs, sw)
 
     def one(args):
         q, i, go, l, h = args
@@ -521,6 +530,16 @@ def _model_one(obs, p):
 @jax.jit
 def _jac_one(obs, p):
     return observe_jac_t(obs, p)[2].T
+
+
+# CPU executables of the per-star loops compiled without XLA's intra-op task
+# splitting (payne_lite._serial: 1.5x faster LM here); the lane mode is in the key.
+_scan_batch = serial_jit(_scan_batch, ("common",), key=_sequential_lanes)
+_chi2_batch = serial_jit(_chi2_batch, key=_sequential_lanes)
+_window_batch = serial_jit(_window_batch, key=_sequential_lanes)
+_lm_batch = serial_jit(_lm_batch, ("max_iter",), key=_sequential_lanes)
+_final_batch = serial_jit(_final_batch, key=_sequential_lanes)
+_model_batch = serial_jit(_model_batch, key=_sequential_lanes)
 
 
 # --------------------------------------------------------------------------------------

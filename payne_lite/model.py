@@ -38,12 +38,14 @@ import numpy as np
 from ._validate import as_float_array, check_wavelength
 from .constants import C_KMS
 from .emulator import (
+    ACTIVATIONS,
     DenseNet,
     Emulator,
     KernelNet,
     PixelNet,
     forward,
     kernel_forward_jac,
+    kernel_layout,
 )
 
 Array = jax.Array
@@ -78,9 +80,33 @@ class LogGrid(NamedTuple):
     obs: tuple[tuple[int, int, int], ...]
 
 
+class JetNet(NamedTuple):
+    """A one-hidden-layer pixel net laid out for :func:`normal_equations`.
+
+    All arrays are embedded in the :class:`LogGrid` (``S = log_grid.size`` points,
+    zero weights in gaps and margins, so the flux there is 0): ``w0 (L, H, S)``,
+    ``b0 (H, S)`` as in :class:`~payne_lite.emulator.KernelNet`, and the output
+    layer with the chain rule folded in: rows 0 and L + 1 of ``v (L + 2, H, S)``
+    are ``w1``, row ``1 + j`` is ``w1 * w0[j]``; ``c (L + 2, S)`` is
+    ``[b1, 0, ..., 0, b1]``. Then ``flux = c[0] + sum_h v[0, h] act(z_h)`` (and row
+    L + 1 again) and ``d flux / d s_j = sum_h v[1 + j, h] act'(z_h)``: one
+    (L + 2, S) loop.
+    ``basis (n_c, n_emb)``: the continuum basis on the observed pixels' embedded
+    span (zeros in gaps).
+    """
+
+    w0: Array
+    b0: Array
+    v: Array
+    c: Array
+    basis: Array
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["net", "x_rest", "gap_cum", "x_obs", "wave_obs", "basis", "lookup"],
+    data_fields=[
+        "net", "x_rest", "gap_cum", "x_obs", "wave_obs", "basis", "lookup", "jet"
+    ],
     meta_fields=["activation", "n_labels", "cont_deg", "log_grid"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +132,8 @@ class ObsModel:
             chip gaps allowed), else None. Then a Doppler shift moves every pixel by
             the same fraction of a step and the interpolation is two contiguous
             slices per segment instead of per-pixel gathers.
+        jet: :class:`JetNet` (one-hidden-layer pixel nets on a log grid: the
+            fitter's normal equations, :func:`normal_equations`), else None.
     """
 
     net: PixelNet | DenseNet | KernelNet
@@ -119,6 +147,7 @@ class ObsModel:
     n_labels: int
     cont_deg: int
     log_grid: LogGrid | None = None
+    jet: JetNet | None = None
 
     @property
     def n_cont(self) -> int:
@@ -301,11 +330,14 @@ def _shift_pair(obs: ObsModel, m, rv):
         ok = jnp.asarray(_embed(lg, np.ones(obs.x_rest.shape[0], bool)))
         ma, mb, va = [], [], []
         for _, e0, n in lg.obs:
-            seg = jax.lax.dynamic_slice_in_dim(emb, e0 + k, n + 1, axis=1)
-            vseg = jax.lax.dynamic_slice_in_dim(ok, e0 + k, n + 1)
-            ma.append(seg[:, :-1])
-            mb.append(seg[:, 1:])
-            va.append(vseg[:-1] & vseg[1:])
+            # two slices, not one of n + 1 sliced again: XLA:CPU vectorises a
+            # dynamic slice consumed directly, not a slice of one (3.5x per row)
+            ma.append(jax.lax.dynamic_slice_in_dim(emb, e0 + k, n, axis=1))
+            mb.append(jax.lax.dynamic_slice_in_dim(emb, e0 + k + 1, n, axis=1))
+            va.append(
+                jax.lax.dynamic_slice_in_dim(ok, e0 + k, n)
+                & jax.lax.dynamic_slice_in_dim(ok, e0 + k + 1, n)
+            )
         valid = jnp.concatenate(va) & (jnp.abs(k) <= lg.pad - 2)
         ma, mb = jnp.concatenate(ma, axis=1), jnp.concatenate(mb, axis=1)
         return ma, mb, t, -lg.inv_step * dv, valid
@@ -441,6 +473,121 @@ def observe_jac_t(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
     return flux, valid, jac
 
 
+def _obs_span(lg: LogGrid) -> tuple[int, int]:
+    """First embedded index and length of the observed pixels' span on ``lg``."""
+    e_first = lg.obs[0][1]
+    return e_first, lg.obs[-1][1] + lg.obs[-1][2] - e_first
+
+
+def embed_obs(obs: ObsModel, x):
+    """(..., P_obs) observed-pixel arrays -> (..., n_emb) on the log grid's span of
+    the observed pixels (zeros between chips): the layout of
+    :func:`normal_equations`. Pixel runs are copied by static slices (no gather)."""
+    lg = obs.log_grid
+    e_first, n_emb = _obs_span(lg)
+    out = jnp.zeros((*x.shape[:-1], n_emb), x.dtype)
+    for r0, e0, n in lg.obs:
+        out = out.at[..., e0 - e_first : e0 - e_first + n].set(x[..., r0 : r0 + n])
+    return out
+
+
+def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
+    """chi2, ``J^T W J`` (k, k), ``J^T W r`` (k,) and the weighted residuals (n_emb,)
+    for one star, on the fast path (``obs.jet`` set: one-hidden-layer pixel nets on
+    a log grid). ``flux_e`` and ``sw_e`` (sqrt of the weights) are in the layout of
+    :func:`embed_obs`; the model is :func:`observe`'s and the Jacobian
+    :func:`observe_jac`'s (tests compare them).
+
+    Written for XLA:CPU, where it is 1.6x faster than :func:`observe_jac_t` and the
+    products (measured per LM step on the APOGEE network, 160 -> 100 us): the
+    activations are 1-D loops (H of them); flux and its label derivatives are one
+    (1 + L, S) loop over :class:`JetNet` without any concatenation (XLA:CPU emits
+    concatenations, and slices of a dynamic slice, as scalar code, ~3 ns per
+    element); the Doppler shift is two dynamic slices of that (offsets k and k + 1)
+    and the interpolation, with the rv derivative in row 0 (the flux row), one
+    more loop; the products are matrix products.
+    """
+    jet, lg = obs.jet, obs.log_grid
+    n_lab = obs.n_labels
+    s, rv = params[:n_lab], params[n_lab]
+    act = ACTIVATIONS[obs.activation]
+    n_hid = jet.b0.shape[0]
+    acts = []
+    for h in range(n_hid):
+        z = jet.b0[h]
+        for j in range(n_lab):
+            z = z + jet.w0[j, h] * s[j]
+        acts.append(jax.jvp(act, (z,), (jnp.ones_like(z),)))
+    # rows 0 .. L: flux and its label derivatives; row L + 1: the flux again, for
+    # the residual row below (so that one loop makes every row of the products)
+    row = jax.lax.broadcasted_iota(jnp.int32, jet.c.shape, 0)
+    first = (row == 0) | (row == n_lab + 1)
+    m = jet.c
+    for h, (a, da) in enumerate(acts):
+        m = m + jet.v[:, h] * jnp.where(first, a[None], da[None])
+    # the shift: rest position = observed position - u pixels
+    dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
+    u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
+    k = jnp.floor(u)
+    t = u - k
+    k = k.astype(jnp.int32)
+    e_first, n_emb = _obs_span(lg)
+    shape = (m.shape[0], n_emb)
+    zero = jnp.zeros((), jnp.int32)
+    ma = jax.lax.dynamic_slice(m, (zero, e_first + k), shape)
+    mb = jax.lax.dynamic_slice(m, (zero, e_first + k + 1), shape)
+    diff = mb - ma
+    row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    # rows: d/drv, d/ds_j (reordered to the parameter order below), the residual
+    val = ma + t * diff
+    if obs.cont_deg > 0:
+        cont = params[n_lab + 1 :] @ jet.basis
+        x = sw_e * jnp.where(
+            row == 0,
+            diff * (-lg.inv_step * dv) * cont,
+            jnp.where(row == n_lab + 1, val * cont - flux_e, val * cont),
+        )
+        jc = jet.basis * (sw_e * (ma[0] + t * diff[0]))
+        prod = x @ x.T
+        cross = jc @ x.T  # (n_c, L + 2)
+        a = jnp.concatenate(
+            [
+                jnp.concatenate([prod[: n_lab + 1, : n_lab + 1], cross[:, :-1].T], 1),
+                jnp.concatenate([cross[:, :-1], jc @ jc.T], 1),
+            ]
+        )
+        g = jnp.concatenate([prod[: n_lab + 1, -1], cross[:, -1]])
+    else:
+        x = sw_e * jnp.where(
+            row == 0,
+            diff * (-lg.inv_step * dv),
+            jnp.where(row == n_lab + 1, val - flux_e, val),
+        )
+        prod = x @ x.T  # (L + 2, L + 2): J^T W J, J^T W r and chi2 in one product
+        a, g = prod[: n_lab + 1, : n_lab + 1], prod[: n_lab + 1, -1]
+    perm = np.r_[1 : n_lab + 1, 0, n_lab + 1 : a.shape[0]]
+    return prod[-1, -1], a[perm][:, perm], g[perm], x[-1]
+
+
+def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetNet:
+    """:class:`JetNet` of a one-hidden-layer pixel net (folded in float64)."""
+    net = PixelNet(
+        tuple(np.asarray(w, np.float64) for w in emulator.net.weights),
+        tuple(np.asarray(b, np.float64) for b in emulator.net.biases),
+    )
+    w0, b0, w1, b1 = kernel_layout(net, emulator.activation, xp=np)[0]
+    v = np.concatenate([w1[None], w1[None] * w0, w1[None]])
+    c = np.concatenate([b1[None], np.zeros((w0.shape[0], b1.shape[0])), b1[None]])
+    e_first, n_emb = _obs_span(lg)
+    basis_e = np.zeros((basis.shape[1], n_emb))
+    for r0, e0, n in lg.obs:
+        basis_e[:, e0 - e_first : e0 - e_first + n] = basis[r0 : r0 + n].T
+    return JetNet(
+        *(jnp.asarray(_embed(lg, x), dtype) for x in (w0, b0, v, c)),
+        basis=jnp.asarray(basis_e, dtype),
+    )
+
+
 def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
     """(P_obs,) bool: pixels valid for every rv in [rv_lo, rv_hi] (one star).
 
@@ -519,6 +666,7 @@ def build_obs_model(
     net, activation = (
         kernel if kernel is not None else (emulator.params(dtype), emulator.activation)
     )
+    lg = _make_log_grid(wave_rest, wave_obs, rv_max) if log_grid else None
     return ObsModel(
         net=net,
         x_rest=jnp.asarray(wave_rest - ref, dtype=dtype),
@@ -530,7 +678,12 @@ def build_obs_model(
         activation=activation,
         n_labels=emulator.n_labels,
         cont_deg=int(cont_deg),
-        log_grid=_make_log_grid(wave_rest, wave_obs, rv_max) if log_grid else None,
+        log_grid=lg,
+        jet=(
+            None
+            if kernel is None or lg is None
+            else _make_jet(emulator, lg, basis, dtype)
+        ),
     )
 
 

@@ -223,6 +223,35 @@ def test_log_grid_fast_path_matches_per_pixel_interpolation():
             np.testing.assert_allclose(observe(fast, p)[0][v1], f1[v1], atol=1e-14)
 
 
+@pytest.mark.parametrize("cont_deg", [0, 2])
+def test_fast_normal_equations_match_the_general_path(cont_deg):
+    """``normal_equations`` (one-hidden-layer nets on a log grid: embedded layout,
+    rv row first, residual row in the product) gives the chi2, J^T W J, J^T W r and
+    residuals of the general path (observe_jac_t and explicit products), float64,
+    with masked pixels, at rv values across the range."""
+    from payne_lite.fitter import _normal
+    from payne_lite.model import embed_obs, normal_equations
+
+    emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
+    rng = np.random.default_rng(5)
+    with jax.enable_x64():
+        fast = build_obs_model(emu_log, cont_deg=cont_deg, dtype=jnp.float64)
+        assert fast.jet is not None
+        general = dataclasses.replace(fast, jet=None)
+        flux = jnp.asarray(1.0 + 0.01 * rng.standard_normal(N_PIX))
+        sw = jnp.asarray(np.where(rng.uniform(size=N_PIX) < 0.1, 0.0, 50.0))
+        fe, swe = embed_obs(fast, flux), embed_obs(fast, sw)
+        for rv in (-431.7, -60.2, 0.0, 3.3, 137.9):
+            p = [0.2, -0.1, 0.35, rv] + ([1.02, -0.03, 0.01] if cont_deg else [])
+            p = jnp.asarray(p)
+            c1, a1, g1, r1 = normal_equations(fast, p, fe, swe)
+            c2, a2, g2, r2 = _normal(general, p, flux, sw)
+            np.testing.assert_allclose(c1, c2, rtol=1e-10)
+            np.testing.assert_allclose(a1, a2, rtol=1e-9, atol=1e-9 * np.abs(a2).max())
+            np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-9 * np.abs(g2).max())
+            np.testing.assert_allclose(r1, embed_obs(fast, r2), atol=1e-12)
+
+
 def test_lm_recovers_noise_free_truth_on_log_grid(truth):
     emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
     s, rv = truth
