@@ -52,10 +52,12 @@ the reference value (``REFERENCE`` files, committed in ``benchmarks/``):
   |value - c0| > |ref - c0| + atol (getting closer to c0 never fails); atol is twice
   the binomial standard error of the sample, at least 0.02. 3-sigma coverage: higher
   is better, atol as for accuracy.
-* ``speed``: only ratios to a baseline timed in the same run (never absolute times,
-  the machines are shared and noisy): regression if the ratio falls below
-  ``SPEED_RATIO`` (0.5) x the reference ratio (for a ratio where lower is better,
-  above ref / 0.5).
+* ``speed``: only ratios to a baseline timed in the same run, interleaved with it
+  where the benchmark allows (never absolute times: the machines are shared and
+  noisy): regression if the ratio falls below ``SPEED_RATIO`` (0.5) x the reference
+  ratio (for a ratio where lower is better, above 2 x the reference). The training
+  time, one long timing against a NumPy workload timed before and after, fails only
+  above 3 x the reference.
 * ``info``: printed and stored, never gated (absolute times, raw rates).
 
 A metric present in the reference but missing from a run whose section ran is a
@@ -108,7 +110,7 @@ MODES = {
     "quick": dict(
         teacher=dict(n_train=400, n_test=200, max_iter=20),
         throughput=dict(n_spec=2048, rounds=3, rows=("released_512", "public")),
-        fit=dict(n_spec=64, snr=(100.0, 30.0), rounds=2),
+        fit=dict(n_spec=64, snr=(100.0, 30.0), rounds=8),
         mdn=dict(
             train=dict(
                 n_train=4000,
@@ -121,13 +123,13 @@ MODES = {
             ),
             n_cal=500,
             n_speed=2000,
-            rounds=1,
+            rounds=2,
         ),
     ),
     "full": dict(
         teacher=dict(n_train=1600, n_test=400, max_iter=150),
         throughput=dict(n_spec=10_000, rounds=5, rows=None),
-        fit=dict(n_spec=500, snr=(100.0, 30.0), rounds=2),
+        fit=dict(n_spec=500, snr=(100.0, 30.0), rounds=10),
         mdn=dict(train={}, n_cal=2000, n_speed=10_000, rounds=2),
     ),
 }
@@ -194,7 +196,7 @@ class Rule:
         if self.kind == "speed":
             if self.direction == "higher":
                 return f">= {self.ratio:g} x ref"
-            return f"<= ref / {self.ratio:g}"
+            return f"<= {1 / self.ratio:.3g} x ref"
         if self.direction == "nominal":
             return (
                 f"|x - {self.nominal:g}| <= |ref - {self.nominal:g}| + {self.atol:.3g}"
@@ -385,7 +387,8 @@ def section_emulator(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         n_test=c["n_test"],
         progress=opts.progress,
     )["lm"]
-    t_np = min(t_np, _numpy_seconds_per_spectrum(bench_emulator, setup.emu))
+    # Mean of before and after (not the best): the training is one long timing.
+    t_np = 0.5 * (t_np + _numpy_seconds_per_spectrum(bench_emulator, setup.emu))
     task = f"teacher task ({c['n_train']} + {c['n_test']} spectra, LM {c['max_iter']})"
     m = {
         "emulator.teacher.median_abs_error": metric(
@@ -402,10 +405,11 @@ def section_emulator(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         ),
         "emulator.teacher.train_cost": metric(
             res["train_seconds"] / t_np,
-            SPEED_LOWER,
+            Rule("speed", "lower", ratio=1 / 3),
             unit="NumPy spectra",
             what="training time in units of one NumPy evaluation of the network "
-            "(The Payne's code, timed in this run)",
+            "(The Payne's code, timed before and after in this run; one long "
+            "timing that cannot be interleaved, hence the wider 3x tolerance)",
         ),
         "emulator.teacher.train_seconds": metric(
             res["train_seconds"],
@@ -493,6 +497,60 @@ def section_throughput(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     return m, res
 
 
+def fit_interleaved(bench_fit, setup: Setup, snr: float, n: int, seed: int, rounds):
+    """bench_fit's test set fitted by the baseline and by payne_lite, interleaved.
+
+    The baseline fits the spectra in ``rounds`` chunks; after each chunk payne_lite
+    fits all ``n`` spectra once (after a compiling warm-up, as in
+    ``bench_fit.bench_snr``). Speed ratio = baseline time over the mean time of
+    payne_lite's fits: both sides see the same moments of a shared machine, which
+    one long baseline run against best-of-rounds of ours (bench_snr) does not (a
+    loaded quick run measured 78x there against 34x on a quieter one).
+    """
+    labels, rv, flux, err, mask = bench_fit.make_test_set(
+        setup.net, setup.mask, n, snr, seed
+    )
+    truth = np.column_stack([labels, rv])
+    base = bench_fit.Baseline(setup.net)
+    base.prepare()
+    base.fit(flux[:3], err[:3], mask[:3])  # warm-up
+
+    def ours():
+        return bench_fit.run_payne_lite(setup.emu, flux, err, mask, "lm")
+
+    warm = min(n, bench_fit.WARM_N)  # compiles every batch shape of the timed runs
+    t0 = time.perf_counter()
+    bench_fit.run_payne_lite(setup.emu, flux[:warm], err[:warm], mask[:warm], "lm")
+    first_call = time.perf_counter() - t0
+    t_base, t_ours, parts = 0.0, [], []
+    for idx in np.array_split(np.arange(n), rounds):
+        t0 = time.perf_counter()
+        parts.append(base.fit(flux[idx], err[idx], mask[idx]))
+        t_base += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = ours()
+        t_ours.append(time.perf_counter() - t0)
+    base_res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    st = {
+        "baseline": bench_fit.stats(base_res, truth),
+        "payne_lite lm": bench_fit.stats(res, truth),
+    }
+    rates = {"baseline": n / t_base, "payne_lite lm": n / float(np.mean(t_ours))}
+    bench_fit.print_snr_table(snr, n, st, rates)
+    speedup = rates["payne_lite lm"] / rates["baseline"]
+    checks = bench_fit.checks(st["payne_lite lm"], st["baseline"], snr, speedup)
+    return dict(
+        snr=snr,
+        n_spec=n,
+        rounds=rounds,
+        stats=st,
+        spectra_per_s=rates,
+        seconds=dict(baseline=t_base, payne_lite_lm=t_ours),
+        first_call_seconds=first_call,
+        checks=[dict(check=c, value=float(v), passed=bool(ok)) for c, v, ok in checks],
+    )
+
+
 def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     _, bench_fit, _ = _import_benchmarks()
     c = cfg["fit"]
@@ -501,9 +559,7 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     one = 1.5 / n  # one more star than the reference passes, two do not
     m, details = {}, {}
     for i, snr in enumerate(c["snr"]):
-        r = bench_fit.bench_snr(
-            setup.emu, setup.net, setup.mask, snr, n, i, ["lm"], None, c["rounds"]
-        )
+        r = fit_interleaved(bench_fit, setup, snr, n, i, c["rounds"])
         details[f"snr{snr:g}"] = r
         st, base = r["stats"]["payne_lite lm"], r["stats"]["baseline"]
         tag = f"fit.snr{snr:g}"
@@ -559,7 +615,8 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
             rates["payne_lite lm"] / rates["baseline"],
             SPEED_HIGHER,
             unit="x",
-            what=f"{where}: spectra/s over the baseline's, same spectra, same run",
+            what=f"{where}: spectra/s over the baseline's, same spectra, timed "
+            "interleaved in this run",
             target=">= 50" if full else "",
         )
         m[f"{tag}.spectra_per_s"] = metric(
@@ -596,6 +653,32 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     return m, details
 
 
+def mdn_inference_seconds(mdn, emu, n: int, rounds: int = 3) -> float:
+    """``bench_mdn.inference_speed``, best of ``rounds`` (one simulation, one warm-up).
+
+    One timing of a fraction of a second, against a best-of-rounds fit time, read
+    0.36 on a loaded machine and 0.17 on a quiet one; the best of three does not.
+    """
+    from payne_lite.mdn import simulate
+
+    sim = simulate(
+        emu,
+        1024,
+        rng=np.random.default_rng(7),
+        snr_range=(20.0, 200.0),
+        rv_range=mdn.rv_range,
+    )
+    reps = -(-n // 1024)
+    flux, err, mask = (np.tile(sim[k], (reps, 1))[:n] for k in ("flux", "err", "mask"))
+    mdn.predict(flux[:1024], err[:1024], mask[:1024])  # warm-up
+    best = np.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        mdn.predict(flux, err, mask)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def section_mdn(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     import payne_lite as pl
 
@@ -618,7 +701,7 @@ def section_mdn(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     details["mdn"] = trained
     cal = bench_mdn.calibration(mdn, setup.emu, c["n_cal"], seed=2026)
     fits = bench_mdn.helps_the_fit(mdn, setup.emu, setup.net, setup.mask, c["rounds"])
-    t_mdn = bench_mdn.inference_speed(mdn, setup.emu, c["n_speed"])
+    t_mdn = mdn_inference_seconds(mdn, setup.emu, c["n_speed"])
     details.update(calibration=cal, fit=fits, inference_seconds=t_mdn)
     m = {}
     where = f"{c['n_cal']} held-out simulated spectra, S/N 20-200"
