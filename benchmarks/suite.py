@@ -466,9 +466,11 @@ def section_throughput(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         ),
         "throughput.public_speedup_vs_numpy": metric(
             res["public_speedup"],
-            SPEED_HIGHER,
+            INFO,
             unit="x",
-            what="Emulator.predict (one NumPy array out) over the original",
+            what="Emulator.predict (one fresh NumPy array out) over the original; "
+            "bound by page faults, it read 10x-21x on the same code under other "
+            "people's load: not gated",
         ),
         "throughput.max_abs_err_vs_original": metric(
             res["max_abs_err_vs_original"],
@@ -653,16 +655,20 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     return m, details
 
 
-def mdn_inference_seconds(mdn, emu, n: int, rounds: int = 3) -> float:
-    """``bench_mdn.inference_speed``, best of ``rounds`` (one simulation, one warm-up).
+def mdn_speed(mdn, setup: Setup, n: int, rounds: int = 3) -> tuple[float, float]:
+    """(MDN inference seconds for ``n`` spectra, fit seconds per spectrum).
 
-    One timing of a fraction of a second, against a best-of-rounds fit time, read
-    0.36 on a loaded machine and 0.17 on a quiet one; the best of three does not.
+    As ``bench_mdn.inference_speed`` (simulated spectra tiled to ``n``, warmed up)
+    against the default fit of bench_fit's 500 S/N-30 spectra, but the two timed in
+    interleaved rounds, best of ``rounds`` each: timed minutes apart, their ratio
+    read 0.10 to 0.27 on the same code as other people's load came and went.
     """
+    import payne_lite as pl
     from payne_lite.mdn import simulate
 
+    _, bench_fit, _ = _import_benchmarks()
     sim = simulate(
-        emu,
+        setup.emu,
         1024,
         rng=np.random.default_rng(7),
         snr_range=(20.0, 200.0),
@@ -670,13 +676,21 @@ def mdn_inference_seconds(mdn, emu, n: int, rounds: int = 3) -> float:
     )
     reps = -(-n // 1024)
     flux, err, mask = (np.tile(sim[k], (reps, 1))[:n] for k in ("flux", "err", "mask"))
-    mdn.predict(flux[:1024], err[:1024], mask[:1024])  # warm-up
-    best = np.inf
+    _, _, f_fit, e_fit, m_fit = bench_fit.make_test_set(
+        setup.net, setup.mask, 500, 30.0, 0
+    )
+    runs = {
+        "mdn": lambda: mdn.predict(flux, err, mask),
+        "fit": lambda: pl.fit(f_fit, e_fit, setup.emu, mask=m_fit),
+    }
+    mdn.predict(flux[:1024], err[:1024], mask[:1024])  # warm-up (fit: warm already)
+    best = dict.fromkeys(runs, np.inf)
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        mdn.predict(flux, err, mask)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for name, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best["mdn"], best["fit"] / len(f_fit)
 
 
 def section_mdn(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
@@ -701,8 +715,13 @@ def section_mdn(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     details["mdn"] = trained
     cal = bench_mdn.calibration(mdn, setup.emu, c["n_cal"], seed=2026)
     fits = bench_mdn.helps_the_fit(mdn, setup.emu, setup.net, setup.mask, c["rounds"])
-    t_mdn = mdn_inference_seconds(mdn, setup.emu, c["n_speed"])
-    details.update(calibration=cal, fit=fits, inference_seconds=t_mdn)
+    t_mdn, t_fit1 = mdn_speed(mdn, setup, c["n_speed"])
+    details.update(
+        calibration=cal,
+        fit=fits,
+        inference_seconds=t_mdn,
+        fit_seconds_per_spectrum=t_fit1,
+    )
     m = {}
     where = f"{c['n_cal']} held-out simulated spectra, S/N 20-200"
     for name, q in cal.items():
@@ -749,12 +768,12 @@ def section_mdn(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         "inference included), same run",
         target="> 1",
     )
-    t_fit = a["seconds_per_spectrum"] * c["n_speed"]
+    t_fit = t_fit1 * c["n_speed"]
     m["mdn.inference_over_fit"] = metric(
         t_mdn / t_fit,
         SPEED_LOWER,
         what=f"MDN inference for {c['n_speed']} spectra over the time to fit them "
-        "(default path), same run",
+        "(default path, per spectrum from the 500 S/N-30 spectra), interleaved",
         target="< 0.1",
     )
     m["mdn.train_seconds"] = metric(
