@@ -55,9 +55,11 @@ the reference value (``REFERENCE`` files, committed in ``benchmarks/``):
 * ``speed``: only ratios to a baseline timed in the same run, interleaved with it
   where the benchmark allows (never absolute times: the machines are shared and
   noisy): regression if the ratio falls below ``SPEED_RATIO`` (0.5) x the reference
-  ratio (for a ratio where lower is better, above 2 x the reference). The training
-  time, one long timing against a NumPy workload timed before and after, fails only
-  above 3 x the reference.
+  ratio (for a ratio where lower is better, above 2 x the reference). Ratios of
+  our 2-thread code to a 1-core NumPy/SciPy baseline (evaluation throughput, fit
+  speed) fail only below 1/3 of the reference: load on a shared 2-core machine
+  hurts the 2-thread side more. The training time, one long timing against a NumPy
+  workload timed before and after, fails only above 3 x the reference.
 * ``info``: printed and stored, never gated (absolute times, raw rates).
 
 A metric present in the reference but missing from a run whose section ran is a
@@ -195,7 +197,7 @@ class Rule:
             return "not gated"
         if self.kind == "speed":
             if self.direction == "higher":
-                return f">= {self.ratio:g} x ref"
+                return f">= {self.ratio:.3g} x ref"
             return f"<= {1 / self.ratio:.3g} x ref"
         if self.direction == "nominal":
             return (
@@ -229,6 +231,10 @@ class Rule:
 INFO = Rule("info", "none")
 SPEED_HIGHER = Rule("speed", "higher")
 SPEED_LOWER = Rule("speed", "lower")
+#: Our 2-thread code against a 1-core NumPy/SciPy baseline: other people's load hurts
+#: our side more (issue 2's throughput read 24x under load 2.7 and 44x quiet), so
+#: these ratios fail only below a third of the reference.
+SPEED_VS_ONE_CORE = Rule("speed", "higher", ratio=1 / 3)
 
 
 def coverage_atol(n: int, p: float = COVERAGE_1SIGMA) -> float:
@@ -452,7 +458,7 @@ def section_throughput(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     m = {
         "throughput.speedup_vs_numpy": metric(
             res["released_512_speedup"],
-            SPEED_HIGHER,
+            SPEED_VS_ONE_CORE,
             unit="x",
             what=f"{n}, jitted calls of 512, over the original NumPy code (one "
             "spectrum per call), same run",
@@ -615,7 +621,7 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         rates = r["spectra_per_s"]
         m[f"{tag}.speedup_vs_baseline"] = metric(
             rates["payne_lite lm"] / rates["baseline"],
-            SPEED_HIGHER,
+            SPEED_VS_ONE_CORE,
             unit="x",
             what=f"{where}: spectra/s over the baseline's, same spectra, timed "
             "interleaved in this run",
