@@ -1135,18 +1135,31 @@ BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
 
 
 @functools.cache
-def _bench_suite():
-    """``benchmarks/suite.py`` as a module, or None where this install lacks it."""
+def _bench_suite_or_error():
+    """(``benchmarks/suite.py`` as a module or None, why it is None)."""
     if not BENCH_SUITE.is_file():
-        return None
+        return None, (
+            f"payne-lite bench runs the repository's benchmarks/suite.py, which this "
+            f"installation does not have (looked for {BENCH_SUITE}): clone the "
+            "repository and install it editable (pip install -e .), or run "
+            "python benchmarks/suite.py in the checkout")
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("payne_lite_bench_suite",
                                                   BENCH_SUITE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    try:  # a broken suite must not break the other commands
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[spec.name]
+        return None, f"{BENCH_SUITE} does not load: {type(err).__name__}: {err}"
+    return module, ""
+
+
+def _bench_suite():
+    """``benchmarks/suite.py`` as a module, or None where it is absent or broken."""
+    return _bench_suite_or_error()[0]
 
 
 def _add_bench(sub) -> None:
@@ -1173,20 +1186,16 @@ def _add_bench(sub) -> None:
     # Without the suite its options are unknown: take every argument as it is, so
     # that _run_bench can say what is missing (instead of "unrecognized arguments").
     p.add_argument("suite_args", nargs="*", metavar="OPTIONS",
-                   help=f"the suite's options (unavailable: {BENCH_SUITE} is not in "
-                        "this installation)")
+                   help=f"the suite's options (unavailable: "
+                        f"{_bench_suite_or_error()[1]})")
     p.parse_known_args = lambda args=None, namespace=None: (
         argparse.Namespace(suite_args=list(args or [])), [])
 
 
 def _run_bench(args) -> int:
-    suite = _bench_suite()
+    suite, why = _bench_suite_or_error()
     if suite is None:
-        raise FileNotFoundError(
-            f"payne-lite bench runs the repository's benchmarks/suite.py, which this "
-            f"installation does not have (looked for {BENCH_SUITE}): clone the "
-            "repository and install it editable (pip install -e .), or run "
-            "python benchmarks/suite.py in the checkout")
+        raise FileNotFoundError(why)
     return suite.run(args)
 
 

@@ -281,13 +281,22 @@ def test_cli_compare_exit_status(tmp_path, capsys):
 
 def test_cli_says_when_benchmarks_are_absent(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "BENCH_SUITE", tmp_path / "benchmarks" / "suite.py")
-    cli._bench_suite.cache_clear()
+    cli._bench_suite_or_error.cache_clear()
     try:
         assert cli.main(["bench", "--quick"]) == 2
+        err = capsys.readouterr().err
+        assert "benchmarks/suite.py" in err and "pip install -e ." in err
+        # a suite that does not load: bench says why, the other commands still work
+        broken = tmp_path / "broken" / "suite.py"
+        broken.parent.mkdir()
+        broken.write_text("raise RuntimeError('half-edited')\n")
+        monkeypatch.setattr(cli, "BENCH_SUITE", broken)
+        cli._bench_suite_or_error.cache_clear()
+        assert cli.main(["bench", "--quick"]) == 2
+        assert "does not load: RuntimeError: half-edited" in capsys.readouterr().err
+        assert cli.main(["--version"]) == 0
     finally:
-        cli._bench_suite.cache_clear()
-    err = capsys.readouterr().err
-    assert "benchmarks/suite.py" in err and "pip install -e ." in err
+        cli._bench_suite_or_error.cache_clear()
 
 
 def test_committed_references_are_valid():
