@@ -475,7 +475,7 @@ def section_throughput(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
             INFO,
             unit="x",
             what="Emulator.predict (one fresh NumPy array out) over the original; "
-            "bound by page faults, it read 10x-21x on the same code under other "
+            "bound by page faults, it read 10x-32x on the same code under other "
             "people's load: not gated",
         ),
         "throughput.max_abs_err_vs_original": metric(
@@ -1073,6 +1073,8 @@ def _num(v) -> str:
     if v == 0:
         return "0"
     a = abs(v)
+    if float(v).is_integer() and a < 1e4:
+        return f"{v:.0f}"
     if a >= 1e4:
         return f"{v:,.0f}"
     if a >= 100:
