@@ -7,6 +7,7 @@ Usage::
     payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 -o flux.npy
     payne-lite info emulator.h5
     payne-lite fit catalog.h5 --emulator emulator.h5 -o results.fits
+    payne-lite bench --quick
 
 Every subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares the
 options and ``_run_<name>(args) -> int`` does the work; :data:`_COMMANDS` lists them.
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -1250,11 +1252,82 @@ def _run_plot(args) -> int:
 
 
 # ======================================================================================
+# bench
+# ======================================================================================
+#: The regression suite lives in the repository, beside the package (an editable
+#: install or a checkout); wheels do not carry it.
+BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+
+
+@functools.cache
+def _bench_suite_or_error():
+    """(``benchmarks/suite.py`` as a module or None, why it is None)."""
+    if not BENCH_SUITE.is_file():
+        return None, (
+            f"payne-lite bench runs the repository's benchmarks/suite.py, which this "
+            f"installation does not have (looked for {BENCH_SUITE}): clone the "
+            "repository and install it editable (pip install -e .), or run "
+            "python benchmarks/suite.py in the checkout")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("payne_lite_bench_suite",
+                                                  BENCH_SUITE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:  # a broken suite must not break the other commands
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[spec.name]
+        return None, f"{BENCH_SUITE} does not load: {type(err).__name__}: {err}"
+    return module, ""
+
+
+def _bench_suite():
+    """``benchmarks/suite.py`` as a module, or None where it is absent or broken."""
+    return _bench_suite_or_error()[0]
+
+
+def _add_bench(sub) -> None:
+    p = _parser(
+        sub, "bench", help="run the regression benchmark suite (needs a repository "
+                           "checkout)",
+        description=(
+            "Run the regression benchmark suite of the repository's benchmarks/\n"
+            "folder: emulator accuracy and training time, evaluation throughput and\n"
+            "fraction of the activation bound, fit accuracy and speed next to a\n"
+            "The-Payne-style baseline timed in the same run, MDN calibration and\n"
+            "speed-up. Writes results.json and results.md and compares them with the\n"
+            "committed reference (benchmarks/reference_<mode>.json): accuracy and\n"
+            "coverage gate with stated tolerances, speed only as ratios to the\n"
+            "same-run baseline. Exit status 1 on a regression or a failed section.\n"
+            "Details: benchmarks/suite.py and benchmarks/README.md."),
+        epilog=("examples:\n  payne-lite bench --quick\n"
+                "  payne-lite bench --mdn mdn.h5 -o bench_out\n"
+                "  payne-lite bench --quick --compare bench_out/results.json"))
+    suite = _bench_suite()
+    if suite is not None:
+        suite.add_arguments(p)
+        return
+    # Without the suite its options are unknown: take every argument as it is, so
+    # that _run_bench can say what is missing (instead of "unrecognized arguments").
+    p.add_argument("suite_args", nargs="*", metavar="OPTIONS",
+                   help=f"the suite's options (unavailable: "
+                        f"{_bench_suite_or_error()[1]})")
+    p.parse_known_args = lambda args=None, namespace=None: (
+        argparse.Namespace(suite_args=list(args or [])), [])
+
+
+def _run_bench(args) -> int:
+    suite, why = _bench_suite_or_error()
+    if suite is None:
+        raise FileNotFoundError(why)
+    return suite.run(args)
+
+
+# ======================================================================================
 # Subcommand registry.
 #
-# Later subcommands (planned in DESIGN.md: train-mdn, bench, plot) go here,
-# each as an _add_<name>(subparsers) / _run_<name>(args) -> int pair added to
-# _COMMANDS once it does real work. Nothing is registered before then.
+# Each subcommand is an _add_<name>(subparsers) / _run_<name>(args) -> int pair.
 # ======================================================================================
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "grid": (_add_grid, _run_grid),
@@ -1265,6 +1338,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "fit": (_add_fit, _run_fit),
     "train-mdn": (_add_train_mdn, _run_train_mdn),
     "plot": (_add_plot, _run_plot),
+    "bench": (_add_bench, _run_bench),
 }
 
 
