@@ -127,11 +127,15 @@ def _parabola(y, i, n):
 
 
 def _to_rest(grid: ObsModel, d, g, rv):
-    """``d`` (P,) observed at rv -> rest frame; usable mask (P,) (one star)."""
-    m = jnp.stack([d, g])
-    ma, mb, t, _, valid = _shift_pair(grid, m, -rv)
-    out = ma + t * (mb - ma)
-    return out[0], valid & (out[1] > 0.999)
+    """``d`` (P,) observed at rv -> rest frame; usable mask (P,) (one star).
+
+    Unusable pixels enter as NaN, so one interpolated row carries both: a rest
+    pixel is usable when both its neighbours were (half the work of shifting the
+    mask as a second row)."""
+    ma, mb, t, _, valid = _shift_pair(grid, jnp.where(g > 0, d, jnp.nan)[None], -rv)
+    out = (ma + t * (mb - ma))[0]
+    ok = valid & jnp.isfinite(out)
+    return jnp.where(ok, out, 0.0), ok
 
 
 def _parabola_rows(y, step):
