@@ -47,6 +47,7 @@ from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
 from .fitter import FLAG_BITS, METHODS, fit
 from .grid import GRID_FORMAT, SpectralGrid
+from .mdn import MDN_FORMAT
 from .results import FORMATS as RESULTS_FORMATS
 from .train import TrainConfig, train_emulator
 
@@ -668,15 +669,16 @@ def _run_predict(args) -> int:
 # ======================================================================================
 def _add_info(sub) -> None:
     p = _parser(
-        sub, "info", help="describe a grid, emulator, catalog or predicted-spectra file",
+        sub, "info", help="describe a grid, emulator, MDN, catalog, spectra or results "
+                          "file",
         description=("Print what a payne_lite file holds: its kind and format\n"
                      "version, labels and their box, the wavelength grid, and for\n"
                      "emulators the network and a summary of its training."),
         epilog="example:\n  payne-lite info emulator.h5")
     p.add_argument("file", metavar="FILE",
-                   help="a payne_lite .h5 file (grid, emulator, catalog or predicted "
-                        "spectra), "
-                        "or a training .npz in The Payne's layout")
+                   help="a payne_lite .h5 file (grid, emulator, MDN, catalog or "
+                        "predicted spectra), a results table (.fits, .ecsv, .h5 from "
+                        "payne-lite fit), or a training .npz in The Payne's layout")
 
 
 def _file_format(path: Path) -> tuple[str, int]:
@@ -689,11 +691,23 @@ def _file_format(path: Path) -> tuple[str, int]:
                               f"truncated?): {err}") from err
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
-    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT)
+    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT, MDN_FORMAT)
     if fmt not in known:
         raise FileFormatError(f"{path}: not a payne_lite file (format={fmt!r}); info "
                               f"reads {', '.join(known)}")
     return str(fmt), int(ver) if ver is not None else -1
+
+
+def _is_results_hdf5(path: Path) -> bool:
+    """An HDF5 file without a payne_lite format attribute holding an astropy table
+    (how write_results stores results)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "format" not in f.attrs and any(
+                isinstance(f[k], h5py.Dataset) and f[k].dtype.names for k in f
+            )
+    except OSError:
+        return False
 
 
 def _row(key: str, text: str) -> str:
@@ -812,13 +826,65 @@ def _lines_catalog(path: Path) -> list[str]:
                 *_meta_rows(cat.meta)]
 
 
+def _lines_results(table) -> list[str]:
+    """Summary of a fit results table (payne_lite.fit / fit_catalog)."""
+    meta = table.meta
+    n = len(table)
+    labels = [c for c in table.colnames if f"{c}_err" in table.colnames]
+    rows = [_row("fits", f"{n} (method {meta.get('method', '?')})"),
+            _row("parameters", ", ".join(
+                f"{c} [{table[c].unit}]" if table[c].unit is not None else c
+                for c in labels))]
+    if n and "chi2_red" in table.colnames:
+        chi2 = np.asarray(table["chi2_red"], float)
+        conv = np.asarray(table["converged"], bool) if "converged" in table.colnames \
+            else np.ones(n, bool)
+        rows.append(_row("fit quality", f"{int(conv.sum())} converged, median "
+                                        f"chi2_red {np.nanmedian(chi2):.3g}"))
+    if n and "flags" in table.colnames:
+        flags = np.asarray(table["flags"])
+        per_bit = [f"{int(np.count_nonzero(flags & (1 << b)))} {_flag_name(text)}"
+                   for b, text in FLAG_BITS.items() if np.any(flags & (1 << b))]
+        rows.append(_row("flags", f"{int(np.count_nonzero(flags))} flagged"
+                                  + (f" ({', '.join(per_bit)})" if per_bit else "")))
+    if "mdn_refit" in table.colnames:
+        rows.append(_row("MDN", f"columns <name>_mdn, <name>_mdn_sigma; "
+                                f"{int(np.count_nonzero(table['mdn_refit']))} "
+                                "refitted without its bounds"))
+    skip = {"flag_bits", "cov_params", "column_names"}
+    return rows + _meta_rows({k: v for k, v in meta.items() if k not in skip})
+
+
+def _lines_mdn(path: Path) -> list[str]:
+    from .mdn import MDN
+
+    mdn = MDN.load(path)
+    return [_row("network", repr(mdn)),
+            _row("wavelength", _fmt_wavelength(np.asarray(mdn.wavelength))),
+            *_meta_rows(mdn.meta)]
+
+
 def _run_info(args) -> int:
     path = _require_file(args.file)
     size = _human_size(path.stat().st_size)
-    if path.suffix.lower() == ".npz":
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
         grid = _read(SpectralGrid.from_payne_npz, path)
         print(f"{path}: The Payne training grid (.npz), {size}")
         print("\n".join(_lines_grid(grid)))
+        return EXIT_OK
+    if suffix in RESULTS_FORMATS and RESULTS_FORMATS[suffix] != "hdf5":
+        from .results import read_results
+
+        table = _read(read_results, path)
+        print(f"{path}: fit results ({RESULTS_FORMATS[suffix]}), {size}")
+        print("\n".join(_lines_results(table)))
+        return EXIT_OK
+    if _is_results_hdf5(path):
+        from .results import read_results
+
+        print(f"{path}: fit results (hdf5), {size}")
+        print("\n".join(_lines_results(_read(read_results, path))))
         return EXIT_OK
     fmt, ver = _read(_file_format, path)
     if fmt == GRID_FORMAT:
@@ -827,6 +893,8 @@ def _run_info(args) -> int:
         lines = _lines_emulator(_read(Emulator.load, path))
     elif fmt == CATALOG_FORMAT:
         lines = _read(_lines_catalog, path)
+    elif fmt == MDN_FORMAT:
+        lines = _read(_lines_mdn, path)
     else:
         lines = _read(_lines_spectra, path)
     print(f"{path}: {fmt} v{ver}, {size}")

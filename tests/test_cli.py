@@ -247,6 +247,39 @@ def test_info_catalog(fit_files, capsys):
         assert frag in out, frag
 
 
+@pytest.mark.parametrize("suffix", [".fits", ".ecsv", ".h5"])
+def test_info_results(fit_files, tmp_path, capsys, suffix):
+    """A results table in any of the three formats: rows, parameters with units,
+    convergence, chi2_red and flags as in the table, then its meta."""
+    table = pl.fit(fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask,
+                   max_iter=20)
+    table["flags"][0] |= 4
+    path = tmp_path / f"r{suffix}"
+    pl.write_results(table, path)
+    code, out, err = run(capsys, "info", path)
+    assert code == 0, err
+    fmt = {".fits": "fits", ".ecsv": "ecsv", ".h5": "hdf5"}[suffix]
+    assert out.startswith(f"{path}: fit results ({fmt}), ")
+    n_conv = int(np.count_nonzero(table["converged"]))
+    chi2 = np.median(np.asarray(table["chi2_red"]))
+    assert "fits        6 (method lm)" in out
+    assert "rv [km / s]" in out
+    assert f"{n_conv} converged, median chi2_red {chi2:.3g}" in out
+    assert "1 failed" in out
+    assert "meta.method" in out
+
+
+def test_info_mdn(tmp_path, capsys):
+    from payne_lite.demo import DEFAULT_MDN
+
+    if not DEFAULT_MDN.exists():
+        pytest.skip(f"{DEFAULT_MDN} not in this checkout")
+    code, out, err = run(capsys, "info", DEFAULT_MDN)
+    assert code == 0, err
+    assert out.startswith(f"{DEFAULT_MDN}: payne_lite.MDN v1, ")
+    assert "MDN(1 component(s), 8366 pixels" in out and "8366 pixels (log-uniform" in out
+
+
 def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
     from astropy.io import fits
 
