@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -80,3 +82,13 @@ def check_box(lo, hi, n: int) -> tuple[np.ndarray, np.ndarray]:
             f"label box is empty for label {i}: lo={float(lo[i])} >= hi={float(hi[i])}"
         )
     return lo, hi
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """An existing regular file, or FileNotFoundError / ValueError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory, expected a file")
+    return p

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import __version__, _h5, synth
 from ._h5 import FileFormatError
+from ._validate import existing_file
 from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
 from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
@@ -117,14 +118,7 @@ def _common_options(*, sub: bool) -> argparse.ArgumentParser:
 # ======================================================================================
 # Small helpers
 # ======================================================================================
-def _require_file(path: str | os.PathLike) -> Path:
-    """An existing regular file, or FileNotFoundError / ValueError naming it."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a directory, expected a file")
-    return p
+_require_file = existing_file
 
 
 def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Path:

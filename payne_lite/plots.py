@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._validate import existing_file
+
 #: Pixels further apart than this many median steps are a gap (APOGEE's chip gaps):
 #: lines are not drawn across it.
 GAP_FACTOR = 3.0
@@ -1024,10 +1026,10 @@ def figures_from_files(
     for key, val in [("results", results), ("truth", truth), ("emulator", emulator),
                      ("mdn", mdn)]:
         if val is not None:
-            paths[key] = _existing(val)
+            paths[key] = existing_file(val)
     if spectra is not None:
-        spectra = ([_existing(spectra)] if isinstance(spectra, str | Path)
-                   else [_existing(p) for p in spectra])
+        spectra = ([existing_file(spectra)] if isinstance(spectra, str | Path)
+                   else [existing_file(p) for p in spectra])
     if "results" in paths:  # an emulator or MDN file where a results table goes
         fmt = _hdf5_format(paths["results"])
         for kind, known in [("emulator", EMULATOR_FORMAT), ("mdn", MDN_FORMAT)]:
@@ -1085,15 +1087,6 @@ def figures_from_files(
     if not written:
         raise ValueError("nothing to plot: " + "; ".join(skipped))
     return Figures(written, skipped)
-
-
-def _existing(path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a directory, expected a file")
-    return p
 
 
 def _hdf5_format(path: Path) -> str | None:
