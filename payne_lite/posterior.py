@@ -52,16 +52,26 @@ An emcee HDF5 backend (``backend_path``, one group per star) keeps the chains; a
 on an existing file continues each star's chain where it stopped (the data and
 settings must be the same: checked by a hash stored in the group's attributes).
 
-``"mdn-is"``: importance sampling with the MDN as proposal ``q``: ``n_draws`` draws
-per star from independent Gaussians per label and rv (the MDN's mean, its sigma
-times ``is_scale``), *truncated* to the prior's support (drawn by inverse CDF;
-``log q`` includes the truncation's normalisation; clipping instead would put point
-masses on the edges that no density accounts for). Weights
-``log w = log L + log prior - log q`` in float64 on the host, self-normalised. Its
-effective sample size is Kish's ``(sum w)^2 / sum w^2``; stars whose ESS is below
-``ess_min`` (default ``IS_ESS_MIN`` = 200), or whose MDN gave no answer, are
-sampled again by emcee (``init`` as given, default the LM solution): column
-``fallback``. Needs an MDN and ``cont_deg=0``.
+``"mdn-is"``: importance sampling with the MDN as proposal ``q``. Stage 0 draws
+from independent Gaussians per label and rv (the MDN's mean, its sigma times
+``is_scale``), *truncated* to the prior's support (drawn by inverse CDF; ``log q``
+includes the truncation's normalisation; clipping instead would put point masses on
+the edges that no density accounts for). Weights ``log w = log L + log prior -
+log q`` in float64 on the host, self-normalised; effective sample size is Kish's
+``(sum w)^2 / sum w^2`` (column ``is_ess_mdn`` for stage 0). The MDN's Gaussians are
+independent and, on the APOGEE network at S/N 50, about twice as wide as the
+posterior: stage 0 alone keeps ESS ~ 3-15 of 512 draws. So up to ``is_adapt``
+(default ``IS_ADAPT`` = 4) adapted stages of ``n_draws`` follow, each a
+multivariate Student-t (``IS_DF`` = 5) with the previous stage's weighted mean and
+covariance (shrunk towards stage 0's diagonal by ``kf + 2`` pseudo-samples), until
+one's ESS reaches ``IS_ADAPT_DONE`` (half) of its draws (:func:`_run_is`); draws
+outside the support get zero weight (the proposal truncated to the support: its
+normalisation is a constant that self-normalised weights do not see). The last
+stage gives the summaries, weights and ``ess``; ``n_evals`` counts every stage's
+draws. ``is_adapt=0`` is the MDN proposal alone, ``n_draws`` of it. Stars whose
+ESS is below ``ess_min`` (default ``IS_ESS_MIN`` = 200), or whose MDN gave no
+answer, are sampled again by emcee (``init`` as given, default the LM solution):
+column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
 
 Diagnostics and the convergence rule (emcee)
 --------------------------------------------
@@ -92,7 +102,8 @@ median, ``<name>_err`` = half the 16-84 % range, ``<name>_p16``, ``<name>_p50``,
 ``<name>_lm``, ``<name>_lm_err``; with an MDN ``<name>_mdn``, ``<name>_mdn_sigma``.
 Then ``method`` (per row: "emcee", "mdn-is"), ``converged``, ``fallback``,
 ``n_steps``, ``n_burn``, ``acceptance``, ``tau`` (n, k) and ``rhat`` (n, k) over
-``meta["sample_params"]``, ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``,
+``meta["sample_params"]``, ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
+(samples behind the summaries), ``n_evals`` (log-posterior evaluations), ``is_ess``, ``is_ess_mdn``,
 ``is_max_weight`` (mdn-is: the largest normalised weight), ``n_good_pixels``,
 ``chi2_min`` (the best sample's chi2), ``seconds``.
 
@@ -158,8 +169,16 @@ IS_ESS_MIN = 200.0
 #: mdn-is: the proposal's sigma is the MDN's times this (a wider proposal is safer
 #: against an MDN that is too confident, at the cost of ESS).
 IS_SCALE = 1.5
+#: mdn-is: at most this many adapted stages after the MDN stage (0 = the MDN
+#: proposal only).
+IS_ADAPT = 4
+#: mdn-is: adaptation stops after a stage whose ESS reaches this fraction of its
+#: draws.
+IS_ADAPT_DONE = 0.5
+#: mdn-is: degrees of freedom of the adapted multivariate Student-t proposal.
+IS_DF = 5.0
 #: mdn-is: draws evaluated per jitted call.
-IS_CHUNK = 512
+IS_CHUNK = 64
 #: Format tag and version of the saved-samples file.
 SAMPLES_FORMAT = "payne_lite.samples"
 SAMPLES_VERSION = 1
@@ -665,9 +684,10 @@ def sample(
     n_walkers: int | None = None,
     n_steps: int = 10_000,
     check_every: int = 500,
-    n_draws: int = 4096,
+    n_draws: int = 2048,
     ess_min: float = IS_ESS_MIN,
     is_scale: float = IS_SCALE,
+    is_adapt: int = IS_ADAPT,
     moves=None,
     seed: int = 0,
     backend_path=None,
@@ -708,6 +728,8 @@ def sample(
         n_draws: mdn-is: draws per star.
         ess_min: mdn-is: stars with a smaller ESS fall back to emcee.
         is_scale: mdn-is: the proposal's sigma over the MDN's.
+        is_adapt: mdn-is: adapted stages after the MDN stage (0 = the MDN
+            proposal alone; see the module docstring).
         moves: emcee moves (passed to ``emcee.EnsembleSampler``; default stretch).
         seed: seeds the walkers, emcee's generator and the draws (star i uses
             ``seed + i``).
@@ -753,6 +775,7 @@ def sample(
     check_every = _check_int(check_every, "check_every", 1)
     n_draws = _check_int(n_draws, "n_draws", 2)
     thin = _check_int(thin, "thin", 1)
+    is_adapt = _check_int(is_adapt, "is_adapt", 0)
     if not (np.isfinite(is_scale) and is_scale > 0):
         raise ValueError(f"is_scale must be > 0, got {is_scale!r}")
     if not np.isfinite(ess_min) or ess_min < 0:
@@ -841,7 +864,7 @@ def sample(
                 tg = target(i, centre)
                 res = _run_is(
                     obs, to_device(tg), tg, m[idx], s[idx] * is_scale, n_draws,
-                    seed + int(i), dt,
+                    seed + int(i), dt, is_adapt,
                 )  # fmt: skip
                 res["seconds"] = time.perf_counter() - t0
                 res["n_good"] = int(np.count_nonzero(tg["w"] > 0))
@@ -929,6 +952,8 @@ def sample(
             if rows_out[i] is not None and rows_out[i].get("fallback_from_is"):
                 res["fallback"] = True
                 res["is_ess"] = rows_out[i]["ess"]
+                res["is_ess_mdn"] = rows_out[i]["is_ess_mdn"]
+                res["n_evals"] += rows_out[i]["n_evals"]
             res["n_good"] = n_good
             samples_out[i] = res.pop("x")
             weights_out[i] = None
@@ -951,7 +976,7 @@ def sample(
             method=method, prior=prior, init=init, cont_deg=int(cont_deg),
             rv_window=float(rv_window), rv_range=list(rv_range), seed=int(seed),
             n_walkers=int(n_walkers), thin=int(thin), ess_min=float(ess_min),
-            is_scale=float(is_scale), n_draws=int(n_draws),
+            is_scale=float(is_scale), n_draws=int(n_draws), is_adapt=int(is_adapt),
             emulator_error_in_likelihood=perr is not None,
         ),
     )  # fmt: skip
@@ -1095,6 +1120,7 @@ def _run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, st
         ess=diag["ess_min"],
         converged=diag["converged"],
         n_draws=int(kept.shape[0] * n_walkers),
+        n_evals=int(sampler.iteration * n_walkers),
         lp_best=float(best),
         fallback=False,
         is_ess=np.nan,
@@ -1102,31 +1128,79 @@ def _run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, st
     )
 
 
-def _run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt):
-    """mdn-is for one star; returns its row dict (with draws ``x`` and ``weights``)."""
-    rng = np.random.default_rng(seed)
-    lo, hi = tg["lo"], tg["hi"]
-    mu = np.clip(mu, lo, hi)
-    x = _truncnorm_draw(rng, mu, sd, lo, hi, n_draws)
-    log_q = np.sum(_truncnorm_logpdf(x, mu, sd, lo, hi), axis=1)
-    log_p = np.empty(n_draws)
-    for a in range(0, n_draws, IS_CHUNK):
+def _is_log_prob(obs, tgt, x, dt):
+    """Log posterior (m,) float64 at draws ``x`` (m, kf), in IS_CHUNK-row calls."""
+    n = x.shape[0]
+    out = np.empty(n)
+    for a in range(0, n, IS_CHUNK):
         chunk = x[a : a + IS_CHUNK]
         m = chunk.shape[0]
         if m < IS_CHUNK:  # one compiled shape
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], IS_CHUNK - m, 0)])
-        lp = np.asarray(_log_prob_batch(obs, jnp.asarray(chunk, dt), tgt), np.float64)
-        log_p[a : a + m] = lp[:m]
-    log_w = log_p - log_q
+        lp = _log_prob_batch(obs, jnp.asarray(chunk, dt), tgt)
+        out[a : a + m] = np.asarray(lp, np.float64)[:m]
+    return out
+
+
+def _normalised_weights(log_w):
+    """(w (m,) summing to 1, Kish ESS) from log weights; zero weight where -inf."""
     ok = np.isfinite(log_w)
-    if ok.any():
-        w = np.where(ok, np.exp(log_w - np.max(log_w[ok])), 0.0)
-        w /= w.sum()
-        ess = float(1.0 / np.sum(w * w))
-    else:
-        w = np.full(n_draws, 1.0 / n_draws)
-        ess = 0.0
-    kf = x.shape[1]
+    if not ok.any():
+        return np.full(log_w.size, 1.0 / log_w.size), 0.0
+    w = np.where(ok, np.exp(log_w - np.max(np.where(ok, log_w, -np.inf))), 0.0)
+    w /= w.sum()
+    return w, float(1.0 / np.sum(w * w))
+
+
+def _run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
+    """mdn-is for one star; returns its row dict (with draws ``x`` and ``weights``).
+
+    Stage 0 draws from the MDN's Gaussians truncated to the support (``n_draws``
+    when ``n_adapt == 0``, else ``n0 = max(IS_CHUNK, n_draws // 4)``). Then up to
+    ``n_adapt`` adapted stages of ``n_draws``, each from a multivariate Student-t
+    (``IS_DF`` degrees of freedom) with the previous stage's weighted mean and
+    covariance (shrunk towards the stage-0 proposal's diagonal by ``kf + 2``
+    pseudo-samples, so that a stage with a handful of effective samples still gives
+    a usable proposal); adaptation stops after a stage whose ESS reaches
+    ``IS_ADAPT_DONE`` (half) of its draws. (Measured on 6 stars of the APOGEE
+    network at S/N 50: ESS after each stage of 2048 about 10-80, 30-900,
+    130-1600, 550-1600; smaller intermediate stages adapted more slowly for the
+    same cost.) Draws outside the prior's support get zero weight: that is the proposal
+    truncated to the support, its normalisation a constant that the
+    self-normalised weights do not see. The summaries, weights and ESS are the last
+    stage's; ``is_ess_mdn`` is stage 0's.
+    """
+    from scipy.stats import multivariate_t
+
+    rng = np.random.default_rng(seed)
+    lo, hi = tg["lo"], tg["hi"]
+    kf = mu.size
+    mu = np.clip(mu, lo, hi)
+    n0 = n_draws if n_adapt == 0 else max(IS_CHUNK, n_draws // 4)
+    x = _truncnorm_draw(rng, mu, sd, lo, hi, n0)
+    log_q = np.sum(_truncnorm_logpdf(x, mu, sd, lo, hi), axis=1)
+    log_p = _is_log_prob(obs, tgt, x, dt)
+    w, ess = _normalised_weights(log_p - log_q)
+    ess_mdn, n_evals = ess, n0
+    lp_best = np.max(log_p)
+    for _ in range(n_adapt):
+        if ess <= 0.0:
+            break
+        m = n_draws
+        mean = w @ x
+        d = x - mean
+        cov = (d * w[:, None]).T @ d / max(1.0 - np.sum(w * w), 1e-12)
+        n_prior = kf + 2.0
+        cov = (ess * cov + n_prior * np.diag(sd**2)) / (ess + n_prior)
+        prop = multivariate_t(loc=mean, shape=cov, df=IS_DF, allow_singular=True)
+        x = np.atleast_2d(prop.rvs(size=m, random_state=rng)).reshape(m, kf)
+        log_q = prop.logpdf(x)
+        log_p = _is_log_prob(obs, tgt, x, dt)
+        w, ess = _normalised_weights(log_p - log_q)
+        n_evals += m
+        lp_best = max(lp_best, np.max(log_p))
+        if ess >= IS_ADAPT_DONE * m:
+            break
     return dict(
         method="mdn-is",
         x=x,
@@ -1141,10 +1215,12 @@ def _run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt):
         rhat_max=np.nan,
         ess=ess,
         converged=None,  # set by the caller's threshold (ess >= ess_min)
-        n_draws=int(n_draws),
-        lp_best=float(np.max(log_p[ok])) if ok.any() else np.nan,
+        n_draws=int(x.shape[0]),
+        n_evals=int(n_evals),
+        lp_best=float(lp_best) if np.isfinite(lp_best) else np.nan,
         fallback=False,
         is_ess=ess,
+        is_ess_mdn=ess_mdn,
         is_max_weight=float(np.max(w)),
     )
 
@@ -1262,8 +1338,10 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
     t["rhat_max"] = col("rhat_max", np.nan)
     t["ess"] = ess
     t["is_ess"] = col("is_ess", np.nan)
+    t["is_ess_mdn"] = col("is_ess_mdn", np.nan)
     t["is_max_weight"] = col("is_max_weight", np.nan)
     t["n_draws"] = col("n_draws", 0, np.int64)
+    t["n_evals"] = col("n_evals", 0, np.int64)
     t["n_good_pixels"] = col("n_good", 0, np.int64)
     t["chi2_min"] = -2.0 * col("lp_best", np.nan)
     t["seconds"] = col("seconds", np.nan)

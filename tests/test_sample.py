@@ -209,13 +209,14 @@ def test_emcee_recovers_gaussian_posterior(toy, init):
         np.testing.assert_allclose(np.asarray(t["Teff_lm_err"])[0], sd[0], rtol=1e-3)
 
 
-def test_mdn_is_recovers_gaussian_posterior(toy):
+@pytest.mark.parametrize("is_adapt", [0, 1])
+def test_mdn_is_recovers_gaussian_posterior(toy, is_adapt):
     emu, flux, err, mean, sd = toy
     # a proposal off-centre by half an sd and too narrow: the weights correct it
     mdn = StandInMDN(np.r_[mean + 0.5 * sd, 0.0], np.r_[0.8 * sd, 1.0])
     t, post = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=20000,
-        seed=2, return_samples=True,
+        seed=2, return_samples=True, is_adapt=is_adapt,
     )  # fmt: skip
     assert t["method"][0] == "mdn-is" and not t["fallback"][0]
     assert t["ess"][0] >= sample_mod.IS_ESS_MIN and bool(t["converged"][0])
@@ -224,9 +225,13 @@ def test_mdn_is_recovers_gaussian_posterior(toy):
     assert w.shape == (20000,) and np.isclose(w.sum(), 1.0)
     assert np.isclose(t["ess"][0], 1.0 / np.sum(w**2))
     assert t["Teff_mdn"][0] == mdn.mean[0]
+    if is_adapt:  # the adapted proposal is closer to the posterior: ESS per draw up
+        n0 = t["n_evals"][0] - t["n_draws"][0]
+        assert t["ess"][0] / t["n_draws"][0] > t["is_ess_mdn"][0] / n0
 
 
-def test_mdn_is_truncated_proposal_weights_are_right():
+@pytest.mark.parametrize("is_adapt", [0, 1])
+def test_mdn_is_truncated_proposal_weights_are_right(is_adapt):
     """Flat likelihood (the flux does not depend on the labels): the posterior is
     the box prior, uniform. The proposal is a Gaussian centred near the box's upper
     edges, truncated to the box; clipping it instead would pile draws on the edge."""
@@ -236,7 +241,7 @@ def test_mdn_is_truncated_proposal_weights_are_right():
     mdn = StandInMDN(np.r_[TINY_HI - 0.05 * SPAN, 0.0], np.r_[0.3 * SPAN, 1.0])
     t = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=40000,
-        seed=3, ess_min=100,
+        seed=3, ess_min=100, is_adapt=is_adapt,
     )  # fmt: skip
     for j, name in enumerate(TINY_NAMES):
         mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
