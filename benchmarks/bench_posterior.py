@@ -134,7 +134,7 @@ def main(argv=None):
             mdn_note = f"trained here in {time.perf_counter() - t0:.0f} s"
         print(f"MDN: {mdn_note}")
 
-    pl.fit(flux[:1], err[:1], emu, mask=mask[:1])  # compile
+    pl.fit(flux, err, emu, mask=mask)  # compile (the same batch shape)
     t0 = time.perf_counter()
     lm = pl.fit(flux, err, emu, mask=mask)
     t_lm = time.perf_counter() - t0
