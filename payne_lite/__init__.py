@@ -19,6 +19,10 @@ from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
+from .posterior import PosteriorSamples as PosteriorSamples
+from .posterior import SamplingWarning as SamplingWarning
+from .posterior import log_posterior as log_posterior
+from .posterior import sample as sample
 from .results import read_results as read_results
 from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
@@ -33,13 +37,17 @@ __all__ = [
     "MDN",
     "MDNConfig",
     "PixelNet",
+    "PosteriorSamples",
+    "SamplingWarning",
     "SpectralGrid",
     "TrainConfig",
     "fit",
     "fit_catalog",
     "iter_catalog",
+    "log_posterior",
     "open_catalog",
     "read_results",
+    "sample",
     "train_emulator",
     "train_mdn",
     "write_catalog",

@@ -1,0 +1,261 @@
+"""Posterior benchmark (issue 7): calibration and cost of emcee and mdn-is.
+
+    python benchmarks/bench_posterior.py --n 30                  # ~6 min on 2 cores
+    python benchmarks/bench_posterior.py                         # the issue's 200 stars
+    python benchmarks/bench_posterior.py --n 50 --mdn mdn.h5 --json out.json
+
+With the real 5-label Payne network (../shared/data/payne_apogee) as the emulator:
+
+* Mock stars: bench_fit's test set (labels uniform in the middle 80 % of the box,
+  rv uniform in +-200 km/s, Gaussian noise 1/SNR, the APOGEE mask and the pixels
+  off the shifted grid masked) at S/N 50 (``--snr``), seed ``--seed``.
+* LM: ``payne_lite.fit`` once for all stars; its table starts emcee's walkers and
+  gives the covariance errors compared below (its time is reported, not counted in
+  the samplers' seconds per star).
+* emcee: ``payne_lite.sample(method="emcee")``, box prior, walkers around the LM
+  solution, run in blocks of 500 steps until the convergence rule (kept steps
+  >= 50 tau and split R-hat < 1.1) holds, at most ``--max-steps``.
+* mdn-is: ``payne_lite.sample(method="mdn-is")`` with the MDN ``--mdn`` (default
+  /tmp/mdn_apogee3.h5 when it exists, else one trained here with
+  ``payne_lite.train_mdn(emu, seed=0)``, a few minutes); stars whose ESS is below
+  ``IS_ESS_MIN`` fall back to emcee (reported separately).
+* Both run once on one star first (compilation), then timed.
+
+Reported, per method and per label and rv: the fraction of stars whose truth lies in
+the 16-84 % credible interval (target 0.60-0.76; for mdn-is over the stars whose ESS
+passed, and over all stars including the fallbacks), the median ratio of emcee's
+posterior sd to the LM covariance error over well-constrained stars (LM flags 0,
+emcee converged; target within 20 %), seconds per star (median, mean), effective
+samples per second (median of ess / seconds, ess being the smallest over
+parameters for emcee), the fraction converged / passing, and the cost ratio emcee /
+mdn-is per star (target >= 20 where mdn-is passes). Binomial noise on a coverage
+fraction of 0.68 is sqrt(0.68 * 0.32 / n): 0.085 for n = 30, 0.033 for n = 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fit import PARAMS, load_data, make_test_set  # noqa: E402
+
+import payne_lite as pl  # noqa: E402
+from payne_lite.posterior import IS_ESS_MIN, SamplingWarning  # noqa: E402
+
+COVERAGE_RANGE = (0.60, 0.76)
+SD_RATIO_TOL = 0.2
+COST_RATIO_MIN = 20.0
+DEFAULT_MDN = Path("/tmp/mdn_apogee3.h5")
+
+
+def coverage(t, truth, rows):
+    """Per parameter: fraction of ``rows`` with truth in [p16, p84]."""
+    out = {}
+    for j, name in enumerate(PARAMS):
+        lo = np.asarray(t[f"{name}_p16"], float)[rows]
+        hi = np.asarray(t[f"{name}_p84"], float)[rows]
+        inside = (truth[rows, j] >= lo) & (truth[rows, j] <= hi)
+        out[name] = float(np.mean(inside)) if rows.size else float("nan")
+    return out
+
+
+def cost(t, rows):
+    sec = np.asarray(t["seconds"], float)[rows]
+    ess = np.asarray(t["ess"], float)[rows]
+    if not rows.size:
+        return dict(sec_median=np.nan, sec_mean=np.nan, ess_per_sec=np.nan)
+    return dict(
+        sec_median=float(np.median(sec)),
+        sec_mean=float(np.mean(sec)),
+        ess_median=float(np.median(ess)),
+        ess_per_sec=float(np.median(ess / sec)),
+        evals_median=float(np.median(np.asarray(t["n_evals"], float)[rows])),
+    )
+
+
+def run_method(method, emu, flux, err, mask, lm, mdn, seed, max_steps):
+    kw = dict(
+        mask=mask, lm_table=lm, seed=seed, n_steps=max_steps, warn=False
+    )  # fmt: skip
+    if method == "mdn-is":
+        kw.update(method="mdn-is", mdn=mdn)
+    # warm up (compilation) on the first star
+    pl.sample(flux[:1], err[:1], emu, **{**kw, "mask": mask[:1], "lm_table": lm[:1]})
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplingWarning)
+        t = pl.sample(flux, err, emu, **kw)
+    return t, time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=200, help="mock stars")
+    ap.add_argument("--snr", type=float, default=50.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mdn", type=Path, default=None, help="a trained MDN (HDF5)")
+    ap.add_argument("--methods", nargs="+", default=["emcee", "mdn-is"])
+    ap.add_argument("--max-steps", type=int, default=10_000, help="emcee cap")
+    ap.add_argument("--json", type=Path, help="write the numbers here")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    t_all = time.perf_counter()
+    emu, net, amask = load_data()
+    labels, rv, flux, err, mask = make_test_set(net, amask, args.n, args.snr, args.seed)
+    truth = np.column_stack([labels, rv])
+    print(
+        f"payne_lite {pl.__version__}, jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), float "
+        f"{'64' if jax.config.jax_enable_x64 else '32'}; {args.n} mock stars of the "
+        f"APOGEE network at S/N {args.snr:g}, seed {args.seed}"
+    )
+
+    mdn = None
+    mdn_note = None
+    if "mdn-is" in args.methods:
+        path = args.mdn or (DEFAULT_MDN if DEFAULT_MDN.exists() else None)
+        if path is not None:
+            mdn = pl.MDN.load(path, emulator=emu)
+            mdn_note = f"loaded {path}"
+        else:
+            t0 = time.perf_counter()
+            mdn = pl.train_mdn(emu, seed=0, progress=False)
+            mdn_note = f"trained here in {time.perf_counter() - t0:.0f} s"
+        print(f"MDN: {mdn_note}")
+
+    pl.fit(flux, err, emu, mask=mask)  # compile (the same batch shape)
+    t0 = time.perf_counter()
+    lm = pl.fit(flux, err, emu, mask=mask)
+    t_lm = time.perf_counter() - t0
+    print(f"LM fit: {t_lm / args.n * 1e3:.1f} ms per star (batched)")
+
+    res = dict(
+        n=args.n, snr=args.snr, seed=args.seed, jax=jax.__version__, mdn=mdn_note,
+        lm_seconds_per_star=t_lm / args.n, methods={},
+    )  # fmt: skip
+    tables = {}
+    for method in args.methods:
+        t, wall = run_method(
+            method, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps
+        )
+        tables[method] = t
+        all_rows = np.arange(args.n)
+        conv = np.asarray(t["converged"], bool)
+        r = dict(wall_seconds=wall, converged=float(conv.mean()))
+        if method == "emcee":
+            r["coverage"] = coverage(t, truth, all_rows)
+            r["coverage_converged"] = coverage(t, truth, np.flatnonzero(conv))
+            r["cost"] = cost(t, all_rows)
+            r["acceptance_median"] = float(np.median(t["acceptance"]))
+            r["tau_max_median"] = float(np.median(t["tau_max"]))
+            r["n_steps_median"] = float(np.median(t["n_steps"]))
+            good = conv & (np.asarray(t["lm_flags"]) == 0)
+            r["sd_over_lm_err"] = {
+                name: float(
+                    np.median(
+                        np.asarray(t[f"{name}_std"])[good]
+                        / np.asarray(t[f"{name}_lm_err"])[good]
+                    )
+                )
+                for name in PARAMS
+            }
+            r["n_well_constrained"] = int(good.sum())
+        else:
+            passed = np.flatnonzero(np.asarray(t["method"]) == "mdn-is")
+            fell = np.flatnonzero(np.asarray(t["fallback"], bool))
+            r["passed"] = float(passed.size / args.n)
+            r["fallback"] = float(fell.size / args.n)
+            r["coverage"] = coverage(t, truth, passed)
+            r["coverage_all"] = coverage(t, truth, all_rows)
+            r["cost"] = cost(t, passed)
+            r["cost_fallback"] = cost(t, fell)
+            r["is_ess_mdn_median"] = float(np.median(t["is_ess_mdn"]))
+        res["methods"][method] = r
+
+    # report
+    print()
+    for method, r in res["methods"].items():
+        c = r["cost"]
+        print(
+            f"{method}: wall {r['wall_seconds']:.0f} s; per star median "
+            f"{c['sec_median']:.2f} s, mean {c['sec_mean']:.2f} s; median ESS "
+            f"{c.get('ess_median', np.nan):.0f}, ESS/s {c['ess_per_sec']:.0f}, "
+            f"log-posterior evaluations {c.get('evals_median', np.nan):.0f}; "
+            f"converged {r['converged']:.2f}"
+        )
+        if method == "emcee":
+            print(
+                f"  acceptance {r['acceptance_median']:.2f}, tau_max "
+                f"{r['tau_max_median']:.0f} steps, n_steps {r['n_steps_median']:.0f}"
+            )
+        else:
+            print(
+                f"  ESS >= {IS_ESS_MIN:g}: {r['passed']:.2f} of the stars, "
+                f"fell back to emcee: {r['fallback']:.2f} (their median "
+                f"{r['cost_fallback']['sec_median']:.2f} s per star); stage-0 "
+                f"(MDN proposal) ESS median {r['is_ess_mdn_median']:.1f}"
+            )
+    print()
+    head = f"{'68% coverage':<28}" + "".join(f"{p:>11}" for p in PARAMS)
+    print(head)
+    checks = []
+    rows = [("emcee", "coverage", "emcee, all stars")]
+    rows += [("emcee", "coverage_converged", "emcee, converged")]
+    rows += [("mdn-is", "coverage", "mdn-is, ESS passed")]
+    rows += [("mdn-is", "coverage_all", "mdn-is, all (+fallback)")]
+    for method, key, label in rows:
+        if method not in res["methods"]:
+            continue
+        cov = res["methods"][method][key]
+        print(f"{label:<28}" + "".join(f"{cov[p]:>11.2f}" for p in PARAMS))
+        if key == "coverage":
+            ok = all(COVERAGE_RANGE[0] <= cov[p] <= COVERAGE_RANGE[1] for p in PARAMS)
+            checks.append((f"{method} 68% coverage in {COVERAGE_RANGE}", ok))
+    if "emcee" in res["methods"]:
+        r = res["methods"]["emcee"]["sd_over_lm_err"]
+        n_wc = res["methods"]["emcee"]["n_well_constrained"]
+        print(
+            f"{'emcee sd / LM err (median)':<28}"
+            + "".join(f"{r[p]:>11.3f}" for p in PARAMS)
+            + f"   ({n_wc} stars)"
+        )
+        checks.append(
+            (
+                f"emcee sd / LM err within {SD_RATIO_TOL:.0%}",
+                all(abs(r[p] - 1) <= SD_RATIO_TOL for p in PARAMS),
+            )
+        )
+    if {"emcee", "mdn-is"} <= set(res["methods"]):
+        ratio = (
+            res["methods"]["emcee"]["cost"]["sec_median"]
+            / res["methods"]["mdn-is"]["cost"]["sec_median"]
+        )
+        res["cost_ratio_emcee_over_mdn_is"] = ratio
+        print(f"\nseconds per star, emcee / mdn-is (ESS passed): {ratio:.1f}x")
+        checks.append(
+            (f"mdn-is >= {COST_RATIO_MIN:g}x cheaper", ratio >= COST_RATIO_MIN)
+        )
+    print()
+    for what, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}")
+    res["checks"] = {what: bool(ok) for what, ok in checks}
+    res["wall_seconds"] = time.perf_counter() - t_all
+    print(f"\ntotal wall time {res['wall_seconds']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Tests for posterior sampling (payne_lite.posterior).
+
+* The log posterior against a NumPy hand computation (masks, bad pixels, the RV
+  window, the emulator's error in quadrature, a continuum, the priors).
+* A toy whose posterior is exactly Gaussian: a per-pixel network that is linear in
+  the labels (leaky-ReLU units whose inputs stay positive over the box), rv fixed on
+  the emulator's own grid (the shift is then the identity). emcee and mdn-is (with a
+  stand-in MDN returning chosen Gaussians) must recover its mean and sd.
+* mdn-is weights with a proposal truncated to the box: a flat likelihood gives the
+  uniform box prior back.
+* Diagnostics flag a short chain; compilation once per shape; the HDF5 backend
+  resumes; bad input is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TINY_HI, TINY_LO, TINY_NAMES, TINY_UNITS
+from test_fit import _factor, reference_spectra, smooth_emulator
+
+from payne_lite import Emulator, PixelNet
+from payne_lite import posterior as sample_mod
+from payne_lite.posterior import (
+    SamplingWarning,
+    chain_diagnostics,
+    kish_ess,
+    log_posterior,
+    sample,
+    split_rhat,
+    weighted_quantiles,
+)
+
+SPAN = TINY_HI - TINY_LO
+
+
+class StandInMDN:
+    """Returns chosen Gaussians (physical labels, then rv) for every spectrum."""
+
+    def __init__(self, mean, sigma):
+        self.mean = np.asarray(mean, np.float64)
+        self.sigma = np.asarray(sigma, np.float64)
+
+    def check_emulator(self, emulator):
+        pass
+
+    def check_wavelength(self, wavelength):
+        pass
+
+    def predict(self, flux, flux_err, mask=None):
+        n = np.atleast_2d(flux).shape[0]
+        return np.tile(self.mean, (n, 1)), np.tile(self.sigma, (n, 1))
+
+
+def linear_emulator(n_pix=120, *, seed=3, slope=1.0) -> Emulator:
+    """Flux exactly linear in the scaled labels over the box (and well beyond).
+
+    Leaky-ReLU units with bias 5 and |W0 s| <= 1.5 * 0.5 < 5 stay on their linear
+    branch: flux = W1 (W0 s + b0) + b1.
+    """
+    rng = np.random.default_rng(seed)
+    w0 = slope * rng.uniform(-0.5, 0.5, (n_pix, 4, 3))
+    b0 = np.full((n_pix, 4), 5.0)
+    w1 = rng.normal(0.0, 0.1, (n_pix, 4))
+    b1 = 1.0 - np.einsum("ph,ph->p", w1, b0)
+    return Emulator(
+        net=PixelNet((w0, w1), (b0, b1)),
+        activation="leaky_relu",
+        label_names=TINY_NAMES,
+        label_units=TINY_UNITS,
+        label_lo=TINY_LO,
+        label_hi=TINY_HI,
+        wavelength=np.linspace(15100.0, 15100.0 + 0.2 * (n_pix - 1), n_pix),
+    )
+
+
+def linear_parts(emu):
+    """(A (P, L), c (P,)): flux = A s + c for scaled labels s."""
+    w0, w1 = emu.net.weights
+    b0, b1 = emu.net.biases
+    a = np.einsum("ph,phl->pl", w1, w0)
+    c = np.einsum("ph,ph->p", w1, b0) + b1
+    return a, c
+
+
+def exact_posterior(emu, flux, err):
+    """Mean and covariance of the Gaussian posterior in physical units."""
+    a, c = linear_parts(emu)
+    w = 1.0 / err**2
+    prec = (a * w[:, None]).T @ a
+    cov = np.linalg.inv(prec)
+    mean_s = cov @ ((a * w[:, None]).T @ (flux - c))
+    return emu.unscale(mean_s), cov * SPAN[:, None] * SPAN[None, :]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    emu = linear_emulator()
+    rng = np.random.default_rng(11)
+    a, c = linear_parts(emu)
+    s_true = np.array([0.05, -0.1, 0.02])
+    err = np.full(emu.n_pix, 0.01)
+    flux = a @ s_true + c + rng.normal(0.0, 0.01, emu.n_pix)
+    mean, cov = exact_posterior(emu, flux, err)
+    sd = np.sqrt(np.diag(cov))
+    # the box truncates nothing: the posterior is many sd inside it
+    assert np.all((mean - 8 * sd > TINY_LO) & (mean + 8 * sd < TINY_HI))
+    return emu, flux, err, mean, sd
+
+
+def _check_recovered(t, names, mean, sd, *, tol=0.05):
+    got_mean = np.array([float(t[f"{n}_p50"][0]) for n in names])
+    got_sd = np.array([float(t[f"{n}_std"][0]) for n in names])
+    # median of a Gaussian = its mean; both within 5 % of an sd; sd within 5 %
+    assert np.all(np.abs(got_mean - mean) < 2 * tol * sd), (got_mean - mean) / sd
+    np.testing.assert_allclose(got_sd, sd, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------
+# The log posterior
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prior", ["box", "mdn-gauss", "mdn-uniform"])
+def test_log_posterior_matches_hand_computation(prior):
+    emu = smooth_emulator(80, seed=2)
+    rng = np.random.default_rng(5)
+    emu = dataclasses.replace(emu, pixel_error=rng.uniform(1e-3, 5e-3, emu.n_pix))
+    s_true = np.array([0.1, -0.2, 0.05])
+    rv_c, cont = 12.0, np.array([1.02, -0.03])
+    flux = reference_spectra(emu, s_true[None], [rv_c], cont=cont)[0]
+    flux = flux + rng.normal(0.0, 0.01, flux.shape)
+    err = rng.uniform(0.008, 0.012, flux.shape)
+    mask = np.zeros(emu.n_pix, bool)
+    mask[:12] = mask[-12:] = True  # the RV window's edges: masked by hand too
+    mask[30] = True
+    flux[40] = np.nan  # ignored pixel
+    err[41] = 0.0  # ignored pixel
+    err[42] = np.inf  # ignored pixel
+    mdn = StandInMDN(
+        mean=np.r_[emu.unscale(s_true + 0.03), rv_c + 0.5],
+        sigma=np.r_[0.1 * SPAN, 2.0],
+    )
+
+    # points: labels and rv near the truth, continuum coefficients
+    x_s = s_true + rng.normal(0.0, 0.02, (6, 3))
+    x_rv = rv_c + rng.normal(0.0, 1.0, 6)
+    x_c = cont + rng.normal(0.0, 0.005, (6, 2))
+    params = np.column_stack([emu.unscale(x_s), x_rv, x_c])
+    got = log_posterior(
+        flux, err, emu, params, rv_centre=rv_c, mask=mask, prior=prior,
+        mdn=None if prior == "box" else mdn, cont_deg=1,
+    )  # fmt: skip
+
+    good = ~mask & np.isfinite(flux) & (err > 0) & np.isfinite(err)
+    pe = np.interp(emu.wavelength / _factor(rv_c), emu.wavelength, emu.pixel_error)
+    w = np.where(good, 1.0 / (np.where(good, err, 1.0) ** 2 + pe**2), 0.0)
+    m_s = emu.scale(mdn.mean[:3])
+    sd_s = mdn.sigma[:3] / SPAN
+    for i in range(6):
+        model = reference_spectra(emu, x_s[i : i + 1], [x_rv[i]], cont=x_c[i])[0]
+        lp = -0.5 * np.sum(w * (np.where(good, model - flux, 0.0)) ** 2)
+        if prior == "mdn-gauss":
+            lp -= 0.5 * np.sum(((x_s[i] - m_s) / sd_s) ** 2)
+            lp -= 0.5 * ((x_rv[i] - mdn.mean[3]) / mdn.sigma[3]) ** 2
+        if prior == "mdn-uniform":  # the truth is within the MDN's +-3 sigma
+            assert np.all(np.abs(x_s[i] - m_s) < 3 * sd_s)
+        np.testing.assert_allclose(got[i], lp, rtol=1e-4, atol=1e-3)
+
+    # outside the prior's support: -inf
+    out = params[:3].copy()
+    out[0, 0] = TINY_HI[0] + 1.0  # label outside the box
+    out[1, 3] = rv_c + 25.0  # rv outside the +-20 km/s window
+    out[2, 1] = mdn.mean[1] + 3.5 * mdn.sigma[1]  # outside the MDN's +-3 sigma
+    lp_out = log_posterior(
+        flux, err, emu, out, rv_centre=rv_c, mask=mask, prior=prior,
+        mdn=None if prior == "box" else mdn, cont_deg=1,
+    )  # fmt: skip
+    assert np.all(np.isneginf(lp_out[:2]))
+    assert np.isneginf(lp_out[2]) == (prior == "mdn-uniform")
+
+
+# --------------------------------------------------------------------------------------
+# Recovery of an exactly Gaussian posterior
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["lm", "mdn"])
+def test_emcee_recovers_gaussian_posterior(toy, init):
+    emu, flux, err, mean, sd = toy
+    mdn = StandInMDN(np.r_[mean + sd, 0.0], np.r_[2 * sd, 1.0])
+    t, post = sample(
+        flux, err, emu, fixed={"rv": 0.0}, init=init,
+        mdn=mdn if init == "mdn" else None, n_walkers=32, n_steps=8000,
+        check_every=1000, seed=1, return_samples=True, thin=5,
+    )  # fmt: skip
+    assert t["method"][0] == "emcee"
+    assert bool(t["converged"][0])
+    assert 0.2 < t["acceptance"][0] < 0.9
+    assert t["tau"].shape == (1, 3)
+    assert t["n_steps"][0] >= sample_mod.N_TAU_MIN * t["tau_max"][0] + t["n_burn"][0]
+    _check_recovered(t, TINY_NAMES, mean, sd)
+    # rv was fixed: reported at its value with zero spread, not sampled
+    assert t["rv"][0] == 0.0 and t["rv_std"][0] == 0.0
+    assert post.names == TINY_NAMES and post.samples[0].shape[1] == 3
+    n_kept = t["n_steps"][0] - t["n_burn"][0]
+    assert post.samples[0].shape[0] == 32 * len(range(0, n_kept, 5))
+    assert t["Teff"].unit == "K" and t["Teff_p16"].unit == "K"
+    if init == "lm":  # the LM covariance of a linear model is the exact one
+        np.testing.assert_allclose(np.asarray(t["Teff_lm_err"])[0], sd[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("is_adapt", [0, 1])
+def test_mdn_is_recovers_gaussian_posterior(toy, is_adapt):
+    emu, flux, err, mean, sd = toy
+    # a proposal off-centre by half an sd and too narrow: the weights correct it
+    mdn = StandInMDN(np.r_[mean + 0.5 * sd, 0.0], np.r_[0.8 * sd, 1.0])
+    t, post = sample(
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=20000,
+        seed=2, return_samples=True, is_adapt=is_adapt,
+    )  # fmt: skip
+    assert t["method"][0] == "mdn-is" and not t["fallback"][0]
+    assert t["ess"][0] >= sample_mod.IS_ESS_MIN and bool(t["converged"][0])
+    _check_recovered(t, TINY_NAMES, mean, sd)
+    w = post.weights[0]
+    assert w.shape == (20000,) and np.isclose(w.sum(), 1.0)
+    assert np.isclose(t["ess"][0], 1.0 / np.sum(w**2))
+    assert t["Teff_mdn"][0] == mdn.mean[0]
+    if is_adapt:  # the adapted proposal is closer to the posterior: ESS per draw up
+        n0 = t["n_evals"][0] - t["n_draws"][0]
+        assert t["ess"][0] / t["n_draws"][0] > t["is_ess_mdn"][0] / n0
+
+
+@pytest.mark.parametrize("is_adapt", [0, 1])
+def test_mdn_is_truncated_proposal_weights_are_right(is_adapt):
+    """Flat likelihood (the flux does not depend on the labels): the posterior is
+    the box prior, uniform. The proposal is a Gaussian centred near the box's upper
+    edges, truncated to the box; clipping it instead would pile draws on the edge."""
+    emu = linear_emulator(slope=0.0)
+    flux = np.ones(emu.n_pix)
+    err = np.full(emu.n_pix, 0.01)
+    mdn = StandInMDN(np.r_[TINY_HI - 0.05 * SPAN, 0.0], np.r_[0.3 * SPAN, 1.0])
+    t = sample(
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=40000,
+        seed=3, ess_min=100, is_adapt=is_adapt,
+    )  # fmt: skip
+    for j, name in enumerate(TINY_NAMES):
+        mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
+        assert abs(t[f"{name}_p50"][0] - mid) < 0.05 * SPAN[j]
+        assert abs(t[f"{name}_std"][0] / sd - 1) < 0.05
+        assert abs(t[f"{name}_p16"][0] - (TINY_LO[j] + 0.16 * SPAN[j])) < 0.05 * SPAN[j]
+
+
+def test_mdn_is_low_ess_falls_back_to_emcee(toy):
+    emu, flux, err, mean, sd = toy
+    mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])  # far off
+    t = sample(
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=512,
+        n_steps=4000, check_every=1000, seed=4,
+    )  # fmt: skip
+    assert t["method"][0] == "emcee" and bool(t["fallback"][0])
+    assert t["is_ess"][0] < sample_mod.IS_ESS_MIN
+    assert bool(t["converged"][0])
+    _check_recovered(t, TINY_NAMES, mean, sd, tol=0.1)
+
+
+# --------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------
+def _ar1(rng, n, walkers, k, rho):
+    x = np.zeros((n, walkers, k))
+    x[0] = rng.standard_normal((walkers, k))
+    for i in range(1, n):
+        x[i] = rho * x[i - 1] + np.sqrt(1 - rho**2) * rng.standard_normal((walkers, k))
+    return x
+
+
+def test_diagnostics_flag_a_short_chain():
+    rng = np.random.default_rng(0)
+    # tau = (1 + rho) / (1 - rho) = 99 steps: 200 steps are far too few (and tau
+    # is underestimated on so short a chain, as any estimator's is)
+    short = _ar1(rng, 200, 32, 3, 0.98)
+    d = chain_diagnostics(short)
+    assert not d["converged"]
+    assert d["tau_max"] > 10 and d["n_kept"] < sample_mod.N_TAU_MIN * d["tau_max"]
+    good = _ar1(rng, 2000, 32, 3, 0.5)  # tau = 3
+    d = chain_diagnostics(good)
+    assert d["converged"]
+    np.testing.assert_allclose(d["tau"], 3.0, rtol=0.2)
+    np.testing.assert_allclose(d["ess"], 32 * d["n_kept"] / d["tau"])
+    assert np.all(d["rhat"] < 1.01)
+    # walkers stuck in two places: R-hat sees it
+    split = good.copy()
+    split[:, :16] += 3.0
+    assert np.all(split_rhat(split) > 1.5)
+    assert not chain_diagnostics(split)["converged"]
+
+
+def test_short_sampler_run_warns(toy):
+    emu, flux, err, _, _ = toy
+    with pytest.warns(SamplingWarning, match="did not pass the convergence rule"):
+        t = sample(flux, err, emu, fixed={"rv": 0.0}, n_steps=60, check_every=60)
+    assert not t["converged"][0] and t["n_steps"][0] == 60
+
+
+def test_kish_ess_and_weighted_quantiles():
+    assert np.isclose(kish_ess(np.zeros(100)), 100.0)
+    assert np.isclose(kish_ess(np.r_[0.0, np.full(9, -np.inf)]), 1.0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4000, 2))
+    q = weighted_quantiles(x, [0.16, 0.5, 0.84], np.ones(4000))
+    np.testing.assert_allclose(q, np.quantile(x, [0.16, 0.5, 0.84], axis=0), atol=0.01)
+
+
+# --------------------------------------------------------------------------------------
+# Compilation, backend, bad input
+# --------------------------------------------------------------------------------------
+def test_log_prob_compiled_once_per_shape(toy, monkeypatch):
+    """One trace per shape (n_walkers for the start, n_walkers / 2 for each half
+    step), shared by every star: the star's data are arguments, not constants."""
+    emu, flux, err, _, _ = toy
+    traces = []
+    orig = sample_mod._log_prob_one
+
+    def counted(obs, x, t):  # runs only while _log_prob_batch is traced
+        traces.append(x.shape)
+        return orig(obs, x, t)
+
+    monkeypatch.setattr(sample_mod, "_log_prob_one", counted)
+    # 26 walkers: a shape no other test uses, so the first call must trace
+    kw = dict(fixed={"rv": 0.0}, n_walkers=26, n_steps=40, check_every=40, warn=False)
+    rng = np.random.default_rng(0)
+    for n_star in (2, 3):
+        many = flux + rng.normal(0.0, 0.01, (n_star, flux.size))
+        sample(many, np.broadcast_to(err, many.shape), emu, **kw)
+    assert len(traces) == 2  # (26, 3) and (13, 3), for all five stars
+
+
+def test_backend_resumes(toy, tmp_path):
+    emu, flux, err, _, _ = toy
+    path = tmp_path / "chains.h5"
+    kw = dict(fixed={"rv": 0.0}, n_walkers=16, backend_path=path, warn=False)
+    t1 = sample(flux, err, emu, n_steps=100, check_every=100, **kw)
+    assert t1["n_steps"][0] == 100
+    with h5py.File(path, "r") as f:
+        assert f["star_0/chain"].shape == (100, 16, 3)
+        first = f["star_0/chain"][:100]
+    t2 = sample(flux, err, emu, n_steps=150, check_every=150, **kw)
+    assert t2["n_steps"][0] == 150
+    with h5py.File(path, "r") as f:
+        assert f["star_0/chain"].shape == (150, 16, 3)
+        np.testing.assert_array_equal(f["star_0/chain"][:100], first)
+    with pytest.raises(ValueError, match="other data or settings"):
+        sample(flux + 0.01, err, emu, n_steps=150, check_every=150, **kw)
+
+
+def test_samples_saved(toy, tmp_path):
+    emu, flux, err, _, _ = toy
+    path = tmp_path / "samples.h5"
+    _, post = sample(
+        flux, err, emu, fixed={"rv": 0.0}, n_steps=80, check_every=80, thin=4,
+        samples_path=path, return_samples=True, warn=False,
+    )  # fmt: skip
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == sample_mod.SAMPLES_FORMAT
+        assert list(f.attrs["names"]) == list(TINY_NAMES)
+        np.testing.assert_array_equal(f["star_0/samples"][...], post.samples[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="nuts"), "method must be one of"),
+        (dict(prior="flat"), "prior must be one of"),
+        (dict(init="random"), "init must be one of"),
+        (dict(prior="mdn-gauss"), "needs an mdn"),
+        (dict(method="mdn-is"), "needs an mdn"),
+        (dict(init="mdn"), "needs an mdn"),
+        (dict(n_walkers=5), "n_walkers must be an int >= 10"),
+        (dict(n_walkers=13), "n_walkers must be even"),
+        (dict(n_steps=3), "n_steps must be an int >= 4"),
+        (dict(thin=0), "thin must be an int >= 1"),
+        (dict(rv_window=-1.0), "rv_window must be > 0"),
+        (dict(fixed={"vsini": 1.0}), "unknown parameter"),
+    ],
+)
+def test_bad_input(toy, kwargs, match):
+    emu, flux, err, _, _ = toy
+    with pytest.raises(ValueError, match=match):
+        sample(flux, err, emu, **kwargs)
+
+
+def test_bad_shapes_and_mdn_is_continuum(toy):
+    emu, flux, err, mean, sd = toy
+    with pytest.raises(ValueError, match="must have the same shape"):
+        sample(flux, err[:-1], emu)
+    with pytest.raises(ValueError, match="pixels"):
+        sample(flux[:-1], err[:-1], emu)
+    mdn = StandInMDN(np.r_[mean, 0.0], np.r_[sd, 1.0])
+    with pytest.raises(ValueError, match="samples no continuum"):
+        sample(flux, err, emu, method="mdn-is", mdn=mdn, cont_deg=1)
+    with pytest.raises(ValueError, match="must have 4 columns"):
+        log_posterior(flux, err, emu, np.zeros((2, 3)), rv_centre=0.0)
+    with pytest.raises(ValueError, match="one spectrum"):
+        log_posterior(flux[None], err[None], emu, np.zeros(4), rv_centre=0.0)
+
+
+def test_inputs_not_mutated(toy):
+    emu, flux, err, _, _ = toy
+    f, e = flux.copy(), err.copy()
+    mask = np.zeros(flux.size, bool)
+    mask[3] = True
+    m = mask.copy()
+    sample(f, e, emu, mask=m, fixed={"rv": 0.0}, n_steps=20, check_every=20, warn=False)
+    np.testing.assert_array_equal(f, flux)
+    np.testing.assert_array_equal(e, err)
+    np.testing.assert_array_equal(m, mask)
