@@ -153,6 +153,8 @@ MDN_FLAG_NSIGMA = 4.0
 LOW_SNR = 10.0
 
 METHODS = ("lm", "curve_fit")
+#: Posterior samplers ``fit`` hands to :func:`payne_lite.posterior.sample`.
+SAMPLERS = ("emcee", "mdn-is")
 
 
 # --------------------------------------------------------------------------------------
@@ -947,7 +949,10 @@ def fit(
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
         wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
         method: ``"lm"`` (batched Levenberg-Marquardt in JAX, see :func:`_lm_lanes` for
-            damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian).
+            damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian);
+            ``"emcee"`` or ``"mdn-is"`` return posterior summaries from
+            :func:`payne_lite.posterior.sample` (box prior, LM-ball start; call it
+            directly for its other options).
         cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
         rv_range: (lo, hi) [km/s] searched by the RV scan and bounding the fit.
         p0: optional starting labels [physical], (L,) or (n, L); replaces the Teff
@@ -994,8 +999,24 @@ def fit(
             method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
             ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
     """
+    if method in SAMPLERS:
+        # posteriors: payne_lite.posterior.sample with the same model and options
+        from .posterior import sample
+
+        if p0 is not None or mdn_starts or return_model or scale_errors:
+            raise ValueError(
+                f"method={method!r}: p0, mdn_starts, return_model and scale_errors "
+                "are LM options; see payne_lite.sample for the samplers' options"
+            )
+        return sample(
+            flux, flux_err, emulator, method=method, mask=mask, wavelength=wavelength,
+            mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, fixed=fixed, seed=seed,
+            emulator_error=emulator_error, progress=progress,
+        )  # fmt: skip
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(
+            f"method must be one of {METHODS + SAMPLERS}, got {method!r}"
+        )
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if batch_size <= 0:

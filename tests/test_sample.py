@@ -24,6 +24,7 @@ from test_fit import _factor, reference_spectra, smooth_emulator
 
 from payne_lite import Emulator, PixelNet
 from payne_lite import posterior as sample_mod
+from payne_lite.fitter import fit as pl_fit
 from payne_lite.posterior import (
     SamplingWarning,
     chain_diagnostics,
@@ -414,3 +415,19 @@ def test_inputs_not_mutated(toy):
     np.testing.assert_array_equal(f, flux)
     np.testing.assert_array_equal(e, err)
     np.testing.assert_array_equal(m, mask)
+
+
+def test_fit_forwards_the_samplers_to_sample(toy):
+    """fit(method="emcee") is sample() with the same model options; LM-only options
+    are refused with a message, unknown methods list every method."""
+    emu, flux, err, mean, sd = toy
+    kw = dict(fixed={"rv": 0.0}, seed=2)
+    got = pl_fit(flux, err, emu, method="emcee", **kw)
+    ref = sample(flux, err, emu, **kw)
+    assert got["method"][0] == "emcee"
+    for name in (*TINY_NAMES, "rv"):
+        np.testing.assert_array_equal(got[f"{name}_p50"], ref[f"{name}_p50"])
+    with pytest.raises(ValueError, match="are LM options"):
+        pl_fit(flux, err, emu, method="emcee", return_model=True, **kw)
+    with pytest.raises(ValueError, match="'emcee', 'mdn-is'"):
+        pl_fit(flux, err, emu, method="nuts")
