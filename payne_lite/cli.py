@@ -920,6 +920,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--mdn", default=None, metavar="MDN.h5",
                    help="use this MDN file (trained for the emulator) instead of the "
                         "default; trained on the spot and saved there if missing")
+    p.add_argument("--emcee-stars", type=int, default=3, metavar="N",
+                   help="stars sampled with emcee after the fits (default 3; 0 = none)")
     p.add_argument("--no-progress", action="store_true",
                    help="do not show progress bars")
 
@@ -930,7 +932,8 @@ def _run_demo(args) -> int:
     if args.emulator is not None:
         _require_file(args.emulator)
     res = run_demo(args.outdir, n_spec=args.n_spec, seed=args.seed,
-                   emulator=args.emulator, mdn=args.mdn, progress=not args.no_progress)
+                   emulator=args.emulator, mdn=args.mdn, n_emcee=args.emcee_stars,
+                   progress=not args.no_progress)
     print(f"payne-lite demo: {res['n_spec']} simulated spectra x {res['n_pix']} pixels")
     print(f"  emulator vs synthesizer on unseen labels: median |error| "
           f"{res['median_abs_error']:.1e}, 99th-percentile pixel "
@@ -958,6 +961,12 @@ def _run_demo(args) -> int:
     print("  (errors: flux noise and the emulator's per-pixel error in quadrature; the\n"
           "   emulator's errors are correlated across pixels, which that does not\n"
           "   capture, so fewer than 68 % of truths fall within 1 sigma here)")
+    if res["emcee_stars"]:
+        n_e = res["emcee_stars"]
+        print(f"  emcee on {n_e} star{'s' if n_e > 1 else ''}: {res['emcee_converged']} "
+              f"converged, {res['emcee_seconds_per_star']:.0f} s per star, truth inside "
+              f"the 16-84 % interval for {res['emcee_truth_in_68']:.0%} of their "
+              f"parameters (posterior_emcee.ecsv, figures/corner_emcee_row0)")
     print(f"  wrote {res['outdir']}/catalog_truth.ecsv, catalog.h5, results.fits and "
           f"figures/ "
           f"({res['total_seconds']:.0f} s)")

@@ -7,7 +7,7 @@ emulator against the synthesizer on them, observes them (random radial velocity 
 +-200 km/s, Gaussian noise at an S/N drawn in 30-150), fits them with the batched
 Levenberg-Marquardt fitter started and bounded by the default MDN (and, for
 comparison, from the MDN-free multi-start default), and writes the truth and
-results tables and figures. The emcee stars join with the samplers' issue.
+results tables and figures, and samples the posterior of a few stars with emcee.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from .emulator import Emulator
 
 log = logging.getLogger(__name__)
 
+#: Stars of the catalog sampled with emcee, and the cap on its steps per star.
+N_EMCEE = 3
+EMCEE_MAX_STEPS = 6000
 #: The simulated catalog: |rv| up to RV_MAX [km/s], S/N uniform in SNR_RANGE.
 RV_MAX = 200.0
 SNR_RANGE = (30.0, 150.0)
@@ -86,6 +89,7 @@ def run_demo(
     seed: int = 1,
     emulator: str | Path | None = None,
     mdn: str | Path | None = None,
+    n_emcee: int = N_EMCEE,
     progress: bool = True,
 ) -> dict:
     """Run the demo; returns the summary numbers it prints.
@@ -95,6 +99,8 @@ def run_demo(
     observations, for ``payne-lite fit`` / ``plot``), ``results.fits`` (the fit, see
     :func:`payne_lite.fit`, MDN starts and bounds, with the MDN's means and sigmas in
     ``<label>_mdn`` / ``<label>_mdn_sigma``) and ``figures/`` (PNG and PDF).
+    ``posterior_emcee.ecsv``: emcee posterior summaries of the first ``n_emcee``
+    stars (their corner plot in ``figures/``).
     ``mdn``: an MDN file for the emulator (default :data:`DEFAULT_MDN`, trained on
     the spot if missing or made for another emulator).
     """
@@ -218,6 +224,33 @@ def run_demo(
     got_plain = np.column_stack([np.asarray(res_plain[n], float) for n in params])
     p16, p84 = np.nanpercentile(got_plain - truth, [16, 84], axis=0)
 
+    # emcee on a handful of stars (walkers from the LM fits): posterior summaries and
+    # a corner plot of the first, with the truth and the LM solution marked
+    from .posterior import sample
+
+    rows_e = np.arange(min(n_emcee, n_spec))
+    t_emcee = 0.0
+    if rows_e.size:
+        t = time.perf_counter()
+        post, chains = sample(
+            noisy[rows_e], err[rows_e], emu, method="emcee", mdn=mdn_model,
+            n_steps=EMCEE_MAX_STEPS, seed=seed, return_samples=True, progress=progress,
+            warn=False,
+        )  # fmt: skip
+        t_emcee = time.perf_counter() - t
+        post["id"] = rows_e
+        post.write(outdir / "posterior_emcee.ecsv", overwrite=True)
+        k = [params.index(n) for n in chains.names]
+        plots.corner_plot(
+            chains.samples[0], chains.names, figs / "corner_emcee_row0",
+            units=chains.units, truths=truth[0, k], best=got[0, k],
+            title=f"emcee posterior, catalog row 0 ({_label_text(emu, labels[0])}, "
+            f"rv={rv[0]:.1f} km/s)",
+        )  # fmt: skip
+        e16 = np.column_stack([np.asarray(post[f"{n}_p16"], float) for n in params])
+        e84 = np.column_stack([np.asarray(post[f"{n}_p84"], float) for n in params])
+        inside = (truth[rows_e] >= e16) & (truth[rows_e] <= e84)
+
     pixel_mae = np.median(np.abs(resid), axis=0)
     summary = dict(
         n_spec=n_spec,
@@ -243,6 +276,10 @@ def run_demo(
         plain_scatter=[float(x) for x in (p84 - p16) / 2],
         load_seconds=t_load,
         total_seconds=time.perf_counter() - t0,
+        emcee_stars=int(rows_e.size),
+        emcee_seconds_per_star=t_emcee / max(rows_e.size, 1),
+        emcee_converged=int(np.count_nonzero(post["converged"])) if rows_e.size else 0,
+        emcee_truth_in_68=float(np.mean(inside)) if rows_e.size else float("nan"),
         outdir=str(outdir),
     )
     return summary

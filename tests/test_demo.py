@@ -41,7 +41,7 @@ def test_default_emulator_is_accurate_on_unseen_spectra(default_emu):
 
 def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     code = cli.main(["demo", "-o", str(tmp_path / "out"), "--n-spec", "16",
-                     "--no-progress"])
+                     "--emcee-stars", "1", "--no-progress"])
     assert code == 0
     text = capsys.readouterr().out
     assert "median |error|" in text and "wrote" in text
@@ -61,17 +61,23 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     assert np.median(np.abs(res["Teff"] - table["Teff"])) < 60.0
     assert "fit - truth" in text and "spectra/s once compiled" in text
     assert "MDN in 1, 3 sigma" in text and "without the MDN" in text
+    assert "emcee on 1 star: 1 converged" in text
+    post = Table.read(tmp_path / "out" / "posterior_emcee.ecsv")
+    assert len(post) == 1 and post["method"][0] == "emcee"
+    # the posterior brackets the truth within a few of its widths (S/N >= 30)
+    width = post["Teff_p84"][0] - post["Teff_p16"][0]
+    assert abs(post["Teff_p50"][0] - table["Teff"][0]) < 4 * width
     assert {"Teff_mdn", "Teff_mdn_sigma", "rv_mdn", "mdn_refit"} <= set(res.colnames)
     figs = tmp_path / "out" / "figures"
     for stem in ("emulator_error_hist", "spectrum_model_worst", "training_loss",
                  "fit_vs_truth", "mdn_coverage", "fit_coverage", "mdn_training_loss",
-                 "spectrum_fit_example"):
+                 "spectrum_fit_example", "corner_emcee_row0"):
         for ext in (".png", ".pdf"):
             assert (figs / (stem + ext)).stat().st_size > 5000
 
 
 def test_demo_summary_numbers(tmp_path, default_emu):
-    res = run_demo(tmp_path, n_spec=8, seed=3, progress=False)
+    res = run_demo(tmp_path, n_spec=8, seed=3, n_emcee=0, progress=False)
     assert res["n_spec"] == 8 and res["n_pix"] == default_emu.n_pix
     assert 0 < res["median_abs_error"] < 2e-3
     assert res["emulator_spectra_per_s"] > 0 and res["fit_spectra_per_s"] > 0
