@@ -1189,7 +1189,16 @@ def fit_catalog(
     path_out = Path(path_out)
     _format_of(path_out)  # unknown suffix: refused before any work
     if path_out.exists() and not overwrite:
-        raise FileExistsError(f"{path_out} exists; pass overwrite=True to replace it")
+        parts = parts_folder(path_out)
+        raise FileExistsError(
+            f"{path_out} exists; pass overwrite=True to replace it"
+            + (
+                f" ({parts} is also there: kept, or left by a run stopped after "
+                "its final write; overwrite=True rebuilds the file from it)"
+                if parts.is_dir()
+                else ""
+            )
+        )
     if not path_out.parent.is_dir():
         raise FileNotFoundError(f"folder {path_out.parent} does not exist")
     if isinstance(emulator, str | os.PathLike):

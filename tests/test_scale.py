@@ -233,6 +233,8 @@ def test_resume_with_other_inputs_or_options_is_refused(files, reference, tmp_pa
     assert files_before == [*(f"chunk-{i:06d}.h5" for i in range(N_CHUNKS)),
                             "manifest.json"]  # fmt: skip
     assert_same_results(pl.read_results(out), reference)
+    with pytest.raises(FileExistsError, match=r"results\.h5\.parts is also there"):
+        pl.fit_catalog(cat, out, emu, **kw)
     out.unlink()  # as if the final write had not happened
 
     from conftest import build_tiny_emulator
