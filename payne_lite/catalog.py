@@ -1,8 +1,11 @@
 """Catalogs of observed spectra: an HDF5 layout, an APOGEE FITS reader, and fit_catalog.
 
 ``fit_catalog(path_in, path_out, emulator, ...)`` streams a catalog in chunks of rows,
-fits every chunk with :func:`payne_lite.fit` and writes one results table; only one
-chunk of spectra is in memory at a time.
+fits every chunk with :func:`payne_lite.fit` (in this process, or on Dask workers with
+``client=``; see :mod:`payne_lite.distributed`) and writes one results table; only one
+chunk of spectra is in memory at a time (a few per worker with Dask). Each chunk's
+results are kept in ``<path_out>.parts/`` as they are made, so a killed run resumes
+where it stopped (see :func:`fit_catalog`).
 
 Catalog file layout (``format = "payne_lite.Catalog"``, ``format_version = 1``):
 
@@ -40,8 +43,14 @@ one wavelength grid.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +61,8 @@ import numpy as np
 from . import _h5
 from ._h5 import FileFormatError
 from ._validate import as_float_array, check_wavelength
+
+_log = logging.getLogger(__name__)
 
 CATALOG_FORMAT = "payne_lite.Catalog"
 CATALOG_VERSION = 1
@@ -753,26 +764,303 @@ def iter_catalog(
 
 
 # ======================================================================================
+# fit_catalog: resumable parts
+# ======================================================================================
+#: Layout of the parts folder of a fit_catalog run (see :func:`fit_catalog`).
+PARTS_FORMAT = "payne_lite.fit_catalog.parts"
+PARTS_VERSION = 1
+#: The parts folder of ``results.fits`` is ``results.fits.parts`` (same folder).
+PARTS_SUFFIX = ".parts"
+_MANIFEST = "manifest.json"
+#: meta keys a part file carries and the final table does not.
+_PART_KEYS = ("parts_key", "chunk", "rows")
+#: fit() options that do not change the numbers, so a resume may change them.
+_NOT_IDENTITY = ("n_threads",)
+
+
+def parts_folder(path_out: str | os.PathLike) -> Path:
+    """The folder where :func:`fit_catalog` keeps per-chunk results for ``path_out``."""
+    path_out = Path(path_out)
+    return path_out.with_name(path_out.name + PARTS_SUFFIX)
+
+
+def _feed(h, obj) -> None:
+    """Feed a canonical byte form of ``obj`` to the hash ``h``."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif isinstance(obj, bytes):
+        h.update(b"bytes:" + obj + b";")
+    elif isinstance(obj, dict):
+        h.update(b"dict{")
+        for k in sorted(obj, key=str):
+            _feed(h, str(k))
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        # the model itself, not its provenance (history, meta) or caches (_*)
+        h.update(f"{type(obj).__name__}(".encode())
+        for f in dataclasses.fields(obj):
+            if f.name in ("history", "meta") or f.name.startswith("_"):
+                continue
+            _feed(h, f.name)
+            _feed(h, getattr(obj, f.name))
+        h.update(b")")
+    elif isinstance(obj, tuple | list):
+        h.update(f"{type(obj).__name__}[".encode())
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(obj, np.generic) or hasattr(obj, "__array__"):
+        a = np.ascontiguousarray(np.asarray(obj))
+        h.update(f"array:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    else:
+        raise TypeError(
+            f"cannot record {type(obj).__name__} {obj!r} in the fit_catalog manifest; "
+            "pass plain numbers, strings, lists, dicts or arrays"
+        )
+
+
+def _digest(obj) -> str:
+    """sha256 (hex) of ``obj``'s canonical form (arrays by dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _input_identity(cat) -> dict:
+    """What identifies the catalog: its files (resolved path, size, mtime), rows, grid."""
+    ident = {
+        "n_spec": len(cat),
+        "n_pix": int(cat.wavelength.size),
+        "wavelength_sha256": _digest(cat.wavelength),
+        "has_mask": bool(cat.has_mask),
+        "has_ids": bool(cat.has_ids),
+    }
+    if isinstance(cat, HDF5Catalog):
+        paths = [cat.path]
+    elif isinstance(cat, ApogeeFitsCatalog):
+        paths = cat.paths
+        ident["bad_bits"] = cat.bad_bits
+    else:  # another reader: its description is all there is
+        ident["source"] = cat.source
+        return ident
+    files = []
+    for p in paths:
+        st = p.stat()
+        files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    # a few files are listed (readable in an error message); many are hashed
+    ident["files"] = files if len(files) <= 4 else _digest(files)
+    return ident
+
+
+def _run_identity(cat, emulator, *, mdn, method, chunk_size, mask, p0, fit_kwargs):
+    """Everything a resumed run must share with the run that wrote the parts."""
+    opts = {k: v for k, v in fit_kwargs.items() if k not in _NOT_IDENTITY}
+    opts.pop("mdn", None)
+    ident = {
+        "input": _input_identity(cat),
+        "emulator_sha256": _digest(emulator),
+        "mdn_sha256": None if mdn is None else _digest(mdn),
+        "method": method,
+        "chunk_size": chunk_size,
+        "mask_sha256": None if mask is None else _digest(mask),
+        "p0_sha256": None if p0 is None else _digest(np.asarray(p0, np.float64)),
+        "fit_options_sha256": _digest(opts),
+        "fit_options": sorted(opts),
+    }
+    return json.loads(json.dumps(ident))  # as it reads back from the manifest
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _is_temp(p: Path) -> bool:
+    return p.name.startswith(".") and ".tmp" in p.name
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class _Parts:
+    """The parts folder of one fit_catalog run: a manifest and one file per chunk.
+
+    A chunk's file (``chunk-000012.h5``, :func:`payne_lite.write_results`' HDF5) is
+    written under a temporary name and renamed, so it exists only complete; its meta
+    repeats the run key, chunk index and rows. The manifest (JSON, also replaced
+    atomically) holds the run identity and, for progress, the chunks done.
+    """
+
+    def __init__(self, folder: Path, identity: dict, bounds, done: set[int]):
+        self.folder, self.identity, self.bounds = folder, identity, bounds
+        self.key = _digest(identity)
+        self.done = done
+        self.created = not done
+
+    @classmethod
+    def open(cls, path_out: Path, identity: dict, bounds, *, restart: bool):
+        folder = parts_folder(path_out)
+        manifest = folder / _MANIFEST
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} exists and is not a folder; move it away")
+        if folder.is_dir():
+            if not manifest.exists():
+                other = [p.name for p in folder.iterdir() if not _is_temp(p)]
+                if other:
+                    raise FileExistsError(
+                        f"{folder} exists but holds no {_MANIFEST} (found "
+                        f"{', '.join(sorted(other)[:3])}): not a fit_catalog parts "
+                        "folder; move it away"
+                    )
+            elif restart:
+                cls._read_manifest(manifest)  # only ever delete a parts folder
+                shutil.rmtree(folder)
+            else:
+                old = cls._read_manifest(manifest)
+                if old["identity"] != identity:
+                    diff = _differences(old["identity"], identity)
+                    raise ValueError(
+                        f"cannot resume: {folder} holds results of a run with other "
+                        f"inputs or options (differs: {', '.join(diff)}); rerun with "
+                        "the same inputs and options, or pass restart=True "
+                        "(payne-lite fit --restart) to discard those results"
+                    )
+        folder.mkdir(exist_ok=True)
+        for p in folder.iterdir():  # left by a run killed while writing
+            if _is_temp(p):
+                p.unlink()
+        parts = cls(folder, identity, bounds, set())
+        parts.done = parts._scan()
+        parts.created = not parts.done
+        parts._write_manifest()
+        return parts
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
+        try:
+            man = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise FileFormatError(f"{path}: unreadable manifest ({err})") from err
+        if not isinstance(man, dict) or man.get("format") != PARTS_FORMAT:
+            raise FileFormatError(f"{path}: not a {PARTS_FORMAT} manifest")
+        if man.get("format_version") != PARTS_VERSION:
+            raise FileFormatError(
+                f"{path}: {PARTS_FORMAT} format_version={man.get('format_version')!r} "
+                f"is not supported (this payne_lite reads [{PARTS_VERSION}]); pass "
+                "restart=True (payne-lite fit --restart) to discard those results"
+            )
+        return man
+
+    def file(self, i: int) -> Path:
+        return self.folder / f"chunk-{i:06d}.h5"
+
+    def _scan(self) -> set[int]:
+        """Indices of the chunks whose files are complete and belong to this run;
+        files that do not (another run's, a wrong length) are removed."""
+        done = set()
+        for i in range(len(self.bounds)):
+            p = self.file(i)
+            if not p.exists():
+                continue
+            try:
+                self.read(i)
+            except (OSError, ValueError) as err:
+                _log.warning("%s: refitting chunk %d (%s)", p, i, err)
+                p.unlink()
+                continue
+            done.add(i)
+        return done
+
+    def _write_manifest(self) -> None:
+        man = {
+            "format": PARTS_FORMAT,
+            "format_version": PARTS_VERSION,
+            "identity": self.identity,
+            "key": self.key,
+            "n_chunks": len(self.bounds),
+            "done": sorted(self.done),
+        }
+        _atomic_write_text(self.folder / _MANIFEST, json.dumps(man, indent=1) + "\n")
+
+    def missing(self) -> list[int]:
+        return [i for i in range(len(self.bounds)) if i not in self.done]
+
+    def write(self, i: int, table) -> None:
+        """Record chunk ``i``'s results (atomically), then the manifest."""
+        from .results import write_results
+
+        start, stop = self.bounds[i]
+        if len(table) != stop - start:
+            raise RuntimeError(
+                f"chunk {i}: {len(table)} result rows for rows [{start}, {stop})"
+            )
+        table = table.copy(copy_data=False)
+        table.meta.update(parts_key=self.key, chunk=i, rows=[start, stop])
+        write_results(table, self.file(i), overwrite=True)
+        self.done.add(i)
+        self._write_manifest()
+
+    def read(self, i: int):
+        """Chunk ``i``'s results table, checked to be this run's and complete."""
+        from .results import read_results
+
+        p = self.file(i)
+        t = read_results(p)
+        start, stop = self.bounds[i]
+        got = (t.meta.get("parts_key"), t.meta.get("chunk"), t.meta.get("rows"))
+        if got != (self.key, i, [start, stop]) or len(t) != stop - start:
+            raise FileFormatError(
+                f"{p}: not chunk {i} (rows [{start}, {stop})) of this run"
+            )
+        for k in _PART_KEYS:
+            t.meta.pop(k)
+        return t
+
+    def remove(self) -> None:
+        """Delete the folder: chunk files first, the manifest last."""
+        for i in range(len(self.bounds)):
+            with contextlib.suppress(FileNotFoundError):
+                self.file(i).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / _MANIFEST).unlink()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ======================================================================================
 # fit_catalog
 # ======================================================================================
 #: fit() arguments that fit_catalog sets itself.
 _RESERVED = ("wavelength", "return_model", "progress")
 
 
-def _fit_chunk(cat, start, stop, emulator, *, wavelength, mask, p0, fit_kwargs):
-    """Fit rows ``start:stop`` of ``cat``: a results Table (with ``id`` if present).
+def _fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
+    """Fit one chunk of rows: a results Table (with ``id`` if the chunk has ids).
 
-    Depends only on the rows and the settings, so a chunk fitted again (for example
-    after a restart) gives the same rows.
+    Depends only on the rows and the settings (fit's rows do not depend on the batch
+    they share or on threads), so a chunk fitted again, after a restart or on another
+    worker, gives the same rows. ``p0`` is None, (L,) or this chunk's (m, L).
     """
     from .fitter import fit
 
-    chunk = cat.read(start, stop)
     m = chunk.mask
     if mask is not None:
         m = mask if m is None else (m | mask[None, :])
-    if p0 is not None and np.ndim(p0) == 2:
-        p0 = p0[start:stop]
     table = fit(
         chunk.flux,
         chunk.flux_err,
@@ -788,6 +1076,10 @@ def _fit_chunk(cat, start, stop, emulator, *, wavelength, mask, p0, fit_kwargs):
     return table
 
 
+def _chunk_p0(p0, start: int, stop: int):
+    return p0[start:stop] if p0 is not None and np.ndim(p0) == 2 else p0
+
+
 def fit_catalog(
     path_in,
     path_out: str | os.PathLike,
@@ -800,16 +1092,40 @@ def fit_catalog(
     mask=None,
     p0=None,
     overwrite: bool = False,
+    restart: bool = False,
+    keep_parts: bool = False,
     progress: bool = True,
     meta: dict | None = None,
     **fit_kwargs,
 ):
-    """Fit every spectrum of a catalog, chunk by chunk, and write one results table.
+    """Fit every spectrum of a catalog, chunk by chunk, resumably; write one table.
 
     The catalog is read ``chunk_size`` rows at a time; each chunk is fitted with
-    :func:`payne_lite.fit` (same model, starts and flags) and only its results row are
-    kept, so memory is bounded by one chunk of spectra plus the results. The results
-    equal ``fit`` on the same arrays (up to float rounding of the batched fits).
+    :func:`payne_lite.fit` (same model, starts and flags), in this process or on the
+    workers of a Dask ``client``. A row's results depend only on that row and the
+    settings, so the output is the same, number for number, however it was run.
+
+    **Resume.** Each chunk's results are written, as soon as they exist, to the parts
+    folder ``<path_out>.parts/`` (``chunk-000000.h5``, ... and ``manifest.json``;
+    :func:`parts_folder`). Every write is atomic (a temporary file, then a rename), so
+    a run killed at any point (Ctrl-C, a killed process or worker, a crash) leaves
+    only complete chunk files. The same call (or ``payne-lite fit`` command) run again
+    fits only the chunks that are missing; the final file is assembled from the
+    chunk files in input order (each input row exactly once) and written atomically,
+    then the parts folder is deleted (``keep_parts=True`` keeps it). The manifest
+    records the run's identity: the catalog (resolved file paths, sizes and
+    modification times, row count, wavelength grid), sha256 digests of the emulator
+    and MDN weights, ``method``, ``chunk_size``, ``mask``, ``p0`` and the other fit
+    options; a resume whose identity differs is refused (``ValueError`` naming what
+    differs) rather than mixing results. ``n_threads``, ``client``, ``progress``,
+    ``meta``, ``overwrite`` and ``keep_parts`` may change between runs.
+
+    **Dask.** With ``client`` (a ``distributed.Client``; see
+    :func:`payne_lite.distributed.local_client`), the emulator, MDN and settings are
+    scattered to every worker once, chunks are read here and sent to the workers (at
+    most two per worker in flight, so memory stays bounded), and results come back
+    here to be written; workers need neither the catalog nor the output folder. A
+    worker keeps its compiled solver: chunks of one shape compile once per worker.
 
     Args:
         path_in: a catalog ``.h5`` (:func:`write_catalog`), one or more APOGEE FITS
@@ -822,39 +1138,46 @@ def fit_catalog(
             bounds, ``<label>_mdn`` columns); the catalog must be on the emulator's
             wavelength grid.
         method: ``"lm"`` or ``"curve_fit"`` (see :func:`payne_lite.fit`).
-        client: reserved for Dask-distributed fitting (a later issue); must be None.
-        chunk_size: spectra per chunk (read, fitted, appended); a multiple of fit's
+        client: optional ``distributed.Client``; None fits in this process.
+        chunk_size: spectra per chunk (read, fitted, recorded); a multiple of fit's
             ``batch_size`` (256) keeps every batch full.
         mask: optional (P,) bool, True = ignore the pixel in every spectrum (for
             example known model problems); combined with the catalog's own mask.
         p0: optional starting labels [physical], (L,) for all or (n, L) per spectrum.
         overwrite: replace an existing ``path_out`` (otherwise refused before any
             fitting starts).
+        restart: discard the results of an earlier run in the parts folder and fit
+            every chunk again.
+        keep_parts: keep the parts folder after the final file is written.
         progress: show a tqdm progress bar over spectra.
         meta: JSON-compatible entries added to the table's meta (provenance).
         **fit_kwargs: passed to :func:`payne_lite.fit` (``cont_deg``, ``fixed``,
-            ``max_iter``, ``rv_range``, ``batch_size``, ...).
+            ``max_iter``, ``rv_range``, ``batch_size``, ``n_threads``, ...).
 
     Returns:
         The results table (also written to ``path_out``): fit's columns, preceded by
         ``id`` when the catalog has ids; ``meta`` adds ``catalog``, ``n_spec``,
-        ``chunk_size`` and ``fit_seconds``.
+        ``chunk_size``, ``n_chunks_resumed`` (chunks taken from an earlier run),
+        ``n_workers`` (0 without a client) and ``fit_seconds`` (this run).
 
     Raises:
-        NotImplementedError: ``client`` given.
-        TypeError: ``mdn`` neither an MDN nor a path.
-        FileExistsError: ``path_out`` exists and ``overwrite`` is False.
-        FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog.
-        ValueError: bad settings or shapes (named in the message).
+        TypeError: ``client`` not a ``distributed.Client``; ``mdn`` neither an MDN
+            nor a path.
+        ImportError: ``client`` given but dask.distributed is not installed.
+        FileExistsError: ``path_out`` exists and ``overwrite`` is False; the parts
+            folder's name is taken by something else.
+        FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog; an
+            unreadable manifest.
+        ValueError: bad settings or shapes (named in the message); a resume with
+            other inputs or options.
     """
     from .emulator import Emulator
     from .results import _format_of, write_results
 
     if client is not None:
-        raise NotImplementedError(
-            "fit_catalog(client=...) is not available yet: Dask-distributed fitting "
-            "comes in a later issue; pass client=None to fit in this process"
-        )
+        from .distributed import check_client
+
+        check_client(client)
     reserved = sorted(set(fit_kwargs) & set(_RESERVED))
     if reserved:
         raise ValueError(
@@ -866,7 +1189,16 @@ def fit_catalog(
     path_out = Path(path_out)
     _format_of(path_out)  # unknown suffix: refused before any work
     if path_out.exists() and not overwrite:
-        raise FileExistsError(f"{path_out} exists; pass overwrite=True to replace it")
+        parts = parts_folder(path_out)
+        raise FileExistsError(
+            f"{path_out} exists; pass overwrite=True to replace it"
+            + (
+                f" ({parts} is also there: kept, or left by a run stopped after "
+                "its final write; overwrite=True rebuilds the file from it)"
+                if parts.is_dir()
+                else ""
+            )
+        )
     if not path_out.parent.is_dir():
         raise FileNotFoundError(f"folder {path_out.parent} does not exist")
     if isinstance(emulator, str | os.PathLike):
@@ -911,42 +1243,94 @@ def fit_catalog(
                 f"p0 {np.shape(p0)} must be ({emulator.n_labels},) or "
                 f"({n}, {emulator.n_labels}) for the catalog's {n} spectra"
             )
+        bounds = chunk_bounds(n, chunk_size)
+        identity = _run_identity(
+            cat,
+            emulator,
+            mdn=mdn,
+            method=method,
+            chunk_size=chunk_size,
+            mask=mask,
+            p0=p0,
+            fit_kwargs=fit_kwargs,
+        )
+        parts = _Parts.open(path_out, identity, bounds, restart=restart)
+        todo = parts.missing()
+        n_resumed = len(bounds) - len(todo)
+        if n_resumed:
+            _log.info(
+                "%s: resuming, %d of %d chunks done",
+                parts.folder,
+                n_resumed,
+                len(bounds),
+            )
+        settings = {
+            "emulator": emulator,
+            "wavelength": wavelength,
+            "mask": mask,
+            "fit_kwargs": {"method": method, **fit_kwargs},
+        }
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n, desc="fit_catalog", unit="spec", smoothing=0.1)
-        # One chunk at a time; chunk i always covers the same rows (chunk_bounds), so
-        # a resumable run can record finished chunk indices (with their results) and
-        # skip them on restart without changing this loop's body.
-        tables = []
+            bar = tqdm(
+                total=n,
+                initial=n - sum(bounds[i][1] - bounds[i][0] for i in todo),
+                desc="fit_catalog",
+                unit="spec",
+                smoothing=0.1,
+            )
+
+        def record(i, table):
+            parts.write(i, table)
+            if bar is not None:
+                bar.update(bounds[i][1] - bounds[i][0])
+
+        n_workers = 0
         try:
-            for start, stop in chunk_bounds(n, chunk_size):
-                tables.append(
-                    _fit_chunk(
-                        cat,
-                        start,
-                        stop,
-                        emulator,
-                        wavelength=wavelength,
-                        mask=mask,
-                        p0=p0,
-                        fit_kwargs={"method": method, **fit_kwargs},
+            if client is None:
+                for i in todo:
+                    start, stop = bounds[i]
+                    table = _fit_rows(
+                        cat.read(start, stop), p0=_chunk_p0(p0, start, stop), **settings
                     )
+                    record(i, table)
+            else:
+                from .distributed import fit_chunks
+
+                n_workers = fit_chunks(
+                    client,
+                    cat,
+                    bounds,
+                    todo,
+                    settings,
+                    p0_of=lambda start, stop: _chunk_p0(p0, start, stop),
+                    record=record,
                 )
-                if bar is not None:
-                    bar.update(stop - start)
+        except BaseException:
+            if parts.created and not parts.done:
+                parts.remove()  # nothing of this run to resume from
+            raise
         finally:
             if bar is not None:
                 bar.close()
         source = cat.source
+        tables = [parts.read(i) for i in range(len(bounds))]
     table = _stack(tables)
     seconds = time.perf_counter() - t0
     table.meta.update(
-        catalog=source, n_spec=n, chunk_size=chunk_size, fit_seconds=round(seconds, 3)
+        catalog=source,
+        n_spec=n,
+        chunk_size=chunk_size,
+        n_chunks_resumed=n_resumed,
+        n_workers=n_workers,
+        fit_seconds=round(seconds, 3),
     )
     table.meta.update(meta or {})
     write_results(table, path_out, overwrite=overwrite)
+    if not keep_parts:
+        parts.remove()
     return table
 
 

@@ -1056,6 +1056,22 @@ def _add_fit(sub) -> None:
                    help="overwrite RESULTS if it exists (otherwise refused)")
     p.add_argument("--no-progress", action="store_true",
                    help="do not show a progress bar")
+    g = p.add_argument_group(
+        "distributed and resumable runs",
+        "Each chunk's results are kept in RESULTS.parts/ as soon as they exist; the\n"
+        "same command run again after a crash or kill fits only the missing chunks\n"
+        "(other inputs or options are refused). The folder is deleted once RESULTS\n"
+        "is written. --scheduler/--workers need `pip install payne-lite[dask]`.")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="fit chunks on the workers of a running Dask scheduler, e.g. "
+                        "tcp://host:8786 (the catalog is read here and sent to them)")
+    g.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="fit chunks on a local Dask cluster of N worker processes")
+    g.add_argument("--restart", action="store_true",
+                   help="discard the results of an earlier run in RESULTS.parts/ and "
+                        "fit every chunk again")
+    g.add_argument("--keep-parts", action="store_true",
+                   help="keep RESULTS.parts/ after RESULTS is written")
 
 
 def _parse_fixed(items: Sequence[str] | None) -> dict[str, float]:
@@ -1109,13 +1125,22 @@ def _run_fit(args) -> int:
                    else f"{len(cat_paths)} FITS files"))
         _log.info("fitting %s with %r", what, emu)
         out.parent.mkdir(parents=True, exist_ok=True)
-        table = fit_catalog(
-            cat, out, emu, mdn=mdn, method=args.method, chunk_size=args.chunk_size,
-            overwrite=args.force, progress=not args.no_progress,
-            cont_deg=args.cont_deg, max_iter=args.max_iter, fixed=fixed or None,
-            **({"mdn_starts": args.mdn_starts} if args.mdn_starts else {}),
-            meta={"command": args.command_line, "emulator_file": str(emu_path),
-                  **({"mdn_file": str(args.mdn)} if mdn is not None else {})})
+        from .distributed import connect, require
+
+        if args.scheduler is not None or args.workers is not None:
+            try:
+                require()
+            except ImportError as err:
+                raise ValueError(f"--scheduler/--workers: {err}") from err
+        with connect(args.scheduler, args.workers) as client:
+            table = fit_catalog(
+                cat, out, emu, mdn=mdn, method=args.method, chunk_size=args.chunk_size,
+                overwrite=args.force, progress=not args.no_progress, client=client,
+                restart=args.restart, keep_parts=args.keep_parts,
+                cont_deg=args.cont_deg, max_iter=args.max_iter, fixed=fixed or None,
+                **({"mdn_starts": args.mdn_starts} if args.mdn_starts else {}),
+                meta={"command": args.command_line, "emulator_file": str(emu_path),
+                      **({"mdn_file": str(args.mdn)} if mdn is not None else {})})
     seconds = time.perf_counter() - t0
     flags = np.asarray(table["flags"])
     n_flagged = int(np.count_nonzero(flags))

@@ -1,0 +1,242 @@
+"""Fit catalogs on a Dask distributed cluster (optional: ``pip install payne-lite[dask]``).
+
+:func:`payne_lite.fit_catalog` with ``client=`` calls :func:`fit_chunks`; the
+``payne-lite fit`` command gets its client from :func:`connect` (``--scheduler
+ADDRESS`` for a running cluster, ``--workers N`` for a :func:`local_client`).
+
+How the work is shared:
+
+* the emulator, the MDN and the fit settings are scattered once to every worker
+  (``broadcast=True``); every task gets that worker's one copy, so a worker
+  deserialises the emulator once and keeps its device arrays and compiled solver
+  (chunks of one shape compile once per worker);
+* the catalog is read here, one chunk at a time, and each chunk is sent to the
+  cluster with its task; at most two chunks per worker thread are in flight, so
+  memory stays bounded however large the catalog. Workers need no shared file system:
+  they neither read the catalog nor write results;
+* each finished chunk's table comes back here and is recorded at once (the caller's
+  ``record``: fit_catalog writes it to its parts folder), in whatever order chunks
+  finish; the final table is assembled in input order by the caller.
+
+A worker that dies loses only its tasks in flight: the scheduler runs them again on
+another worker. If this process dies, the chunks already recorded are kept (see
+fit_catalog's resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+_log = logging.getLogger(__name__)
+
+#: JAX's monitoring event for one XLA backend compilation (jax._src.dispatch).
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+#: Per-process counters, read by :func:`worker_stats` (for tests and diagnostics).
+_STATS: dict = {"tasks": 0, "compiles": 0, "compiles_per_task": [], "settings": set()}
+_STATS_LOCK = threading.Lock()
+_listening = False
+
+
+def require():
+    """The ``distributed`` module; ImportError with the install command if absent."""
+    try:
+        import distributed
+    except ImportError as err:
+        raise ImportError(
+            "Dask-distributed catalog fitting needs dask.distributed: pip install "
+            "'payne-lite[dask]' (or 'dask[distributed]')"
+        ) from err
+    return distributed
+
+
+def check_client(client) -> None:
+    """Raise TypeError unless ``client`` is a ``distributed.Client``."""
+    distributed = require()
+    if not isinstance(client, distributed.Client):
+        raise TypeError(
+            f"client must be a distributed.Client (or None to fit in this process), "
+            f"got {type(client).__name__}"
+        )
+
+
+@contextlib.contextmanager
+def local_client(n_workers: int, **cluster_kwargs) -> Iterator:
+    """A ``distributed.Client`` on a ``LocalCluster`` of ``n_workers`` processes.
+
+    Each worker process runs one task at a time (``threads_per_worker=1``); a task's
+    :func:`payne_lite.fit` fits its batches in threads of its own (``n_threads``).
+    No dashboard is started. The cluster is shut down when the block ends.
+
+    Args:
+        n_workers: worker processes (>= 1).
+        **cluster_kwargs: passed to ``distributed.LocalCluster`` (for example
+            ``memory_limit``).
+    """
+    distributed = require()
+    if isinstance(n_workers, bool) or int(n_workers) != n_workers or n_workers < 1:
+        raise ValueError(f"n_workers must be a positive int, got {n_workers!r}")
+    kw = {
+        "n_workers": int(n_workers),
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.ERROR,
+        **cluster_kwargs,
+    }
+    with distributed.LocalCluster(**kw) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None) -> Iterator:
+    """The client for ``payne-lite fit``: None (this process), a scheduler's, or local.
+
+    Args:
+        scheduler: address of a running scheduler (``tcp://host:8786``); its workers
+            are used as they are.
+        workers: with no scheduler, start a :func:`local_client` of this many
+            worker processes.
+
+    Raises:
+        ValueError: both given, or ``workers`` < 1.
+        ImportError: dask.distributed is not installed.
+    """
+    if scheduler is not None and workers is not None:
+        raise ValueError(
+            "give --scheduler or --workers, not both (a scheduler has its own workers)"
+        )
+    if scheduler is not None:
+        distributed = require()
+        with distributed.Client(scheduler) as c:
+            yield c
+    elif workers is not None:
+        with local_client(workers) as c:
+            yield c
+    else:
+        yield None
+
+
+def _on_event(event: str, *args, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+        with _STATS_LOCK:
+            _STATS["compiles"] += 1
+
+
+def _listen() -> None:
+    global _listening
+    with _STATS_LOCK:
+        if _listening:
+            return
+        _listening = True
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _fit_task(chunk, settings: dict, p0):
+    """Run on a worker: fit one chunk with the worker's copy of ``settings``."""
+    from .catalog import _fit_rows
+
+    _listen()
+    before = _STATS["compiles"]
+    table = _fit_rows(chunk, p0=p0, **settings)
+    with _STATS_LOCK:
+        _STATS["tasks"] += 1
+        _STATS["compiles_per_task"].append(_STATS["compiles"] - before)
+        _STATS["settings"].add(id(settings["emulator"]))
+    return table
+
+
+def worker_stats() -> dict:
+    """This process's counters: ``pid``, ``tasks`` run, XLA ``compiles`` (since the
+    first task), ``compiles_per_task`` and ``emulator_copies`` (distinct emulator
+    objects the tasks got). Run it on every worker with ``client.run(worker_stats)``.
+    """
+    with _STATS_LOCK:
+        return {
+            "pid": os.getpid(),
+            "tasks": _STATS["tasks"],
+            "compiles": _STATS["compiles"],
+            "compiles_per_task": list(_STATS["compiles_per_task"]),
+            "emulator_copies": len(_STATS["settings"]),
+        }
+
+
+def fit_chunks(
+    client,
+    cat,
+    bounds: list[tuple[int, int]],
+    todo: list[int],
+    settings: dict,
+    *,
+    p0_of: Callable,
+    record: Callable,
+) -> int:
+    """Fit chunks ``todo`` of ``cat`` on ``client``'s workers; ``record(i, table)``
+    each as it finishes (in completion order).
+
+    Args:
+        client: a ``distributed.Client``.
+        cat: an open catalog reader (read here, a chunk at a time).
+        bounds: ``[(start, stop), ...]`` of every chunk.
+        todo: indices of the chunks to fit.
+        settings: ``emulator``, ``wavelength``, ``mask``, ``fit_kwargs`` of
+            ``catalog._fit_rows``; scattered once to every worker.
+        p0_of: ``(start, stop) -> p0`` for a chunk (None, (L,) or (m, L)).
+        record: called here with each finished chunk's index and table.
+
+    Returns:
+        The number of workers when the work started.
+
+    Raises:
+        Whatever a task raised (the chunks not yet finished are cancelled; those
+        recorded stay recorded).
+    """
+    distributed = require()
+    n_workers = len(client.scheduler_info().get("workers", {}))
+    threads = sum(client.nthreads().values()) or 1
+    window = max(2, 2 * threads)
+    [settings_f] = client.scatter([settings], broadcast=True, hash=False)
+    run = uuid.uuid4().hex[:8]
+    pending = iter(todo)
+    in_flight: dict[str, tuple[int, object, object]] = {}
+    done = distributed.as_completed()
+
+    def submit_next() -> None:
+        i = next(pending, None)
+        if i is None:
+            return
+        start, stop = bounds[i]
+        [chunk_f] = client.scatter([cat.read(start, stop)], hash=False)
+        fut = client.submit(
+            _fit_task,
+            chunk_f,
+            settings_f,
+            p0_of(start, stop),
+            key=f"payne-lite-chunk-{run}-{i}",
+            pure=False,
+        )
+        in_flight[fut.key] = (i, fut, chunk_f)
+        done.add(fut)
+
+    try:
+        for _ in range(window):
+            submit_next()
+        for fut in done:
+            i, _, chunk_f = in_flight.pop(fut.key)
+            table = fut.result()
+            record(i, table)
+            fut.release()
+            chunk_f.release()
+            submit_next()
+    except BaseException:
+        client.cancel([f for _, f, _ in in_flight.values()])
+        raise
+    finally:
+        settings_f.release()
+    return n_workers

@@ -1,0 +1,288 @@
+"""Catalog fitting at scale: Dask workers, resume after a kill, refused resumes.
+
+One 2,000-spectrum catalog (the small random emulator of conftest: 60 pixels, 3
+labels) in chunks of 250, fitted once in this process as the reference. Every other
+run must give the same file, row for row and number for number: a row's fit depends
+only on the row and the settings, not on the chunk, the worker or a restart.
+
+The Dask tests need dask.distributed (the ``dask`` extra) and skip without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import payne_lite as pl
+from payne_lite import catalog as catalog_mod
+from payne_lite.catalog import parts_folder
+
+N_SPEC, N_PIX, CHUNK = 2000, 60, 250
+N_CHUNKS = N_SPEC // CHUNK
+#: meta entries that describe the run, not the results.
+RUN_META = ("fit_seconds", "n_chunks_resumed", "n_workers", "command", "emulator_file")
+
+needs_dask = pytest.mark.skipif(
+    importlib.util.find_spec("distributed") is None,
+    reason="dask.distributed is not installed (pip install 'payne-lite[dask]')",
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(catalog path, emulator path, emulator) of the 2,000-spectrum catalog."""
+    from conftest import build_tiny_emulator
+
+    emu = build_tiny_emulator(n_pix=N_PIX, n_hid=3, seed=3)
+    rng = np.random.default_rng(8)
+    lo, hi = emu.label_lo, emu.label_hi
+    labels = lo + (hi - lo) * rng.uniform(0.15, 0.85, (N_SPEC, emu.n_labels))
+    clean = emu.predict(labels).astype(np.float64)
+    err = np.full_like(clean, 0.02) * rng.uniform(0.8, 1.2, clean.shape)
+    flux = clean + err * rng.normal(size=clean.shape)
+    mask = np.zeros(flux.shape, bool)
+    mask[5, :] = True  # no usable pixel: a flagged row, not a lost one
+    mask[17, 10:40] = True
+    ids = np.array([f"star{i:05d}" for i in range(N_SPEC)])
+    d = tmp_path_factory.mktemp("scale")
+    cat = pl.write_catalog(
+        d / "catalog.h5",
+        flux.astype(np.float32),
+        err.astype(np.float32),
+        emu.wavelength,
+        mask=mask,
+        ids=ids,
+    )
+    emu.save(d / "emulator.h5")
+    return cat, d / "emulator.h5", emu
+
+
+@pytest.fixture(scope="module")
+def reference(files, tmp_path_factory):
+    """The uninterrupted single-process run, read back from its file."""
+    cat, _, emu = files
+    out = tmp_path_factory.mktemp("ref") / "results.fits"
+    pl.fit_catalog(cat, out, emu, chunk_size=CHUNK, progress=False)
+    return pl.read_results(out)
+
+
+@pytest.fixture(scope="module")
+def client():
+    pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    from payne_lite.distributed import local_client
+
+    with local_client(2) as c:
+        yield c
+
+
+def assert_same_results(got, ref):
+    """Same columns, units and rows, every number bit for bit (NaN == NaN)."""
+    assert got.colnames == ref.colnames
+    assert len(got) == len(ref) == N_SPEC
+    assert list(got["id"]) == [f"star{i:05d}" for i in range(N_SPEC)]  # once, in order
+    for name in ref.colnames:
+        a, b = np.asarray(got[name]), np.asarray(ref[name])
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+        assert got[name].unit == ref[name].unit, name
+    strip = lambda m: {k: v for k, v in m.items() if k not in RUN_META}  # noqa: E731
+    assert strip(got.meta) == strip(ref.meta)
+
+
+# --- Dask ---------------------------------------------------------------------------
+@needs_dask
+def test_two_worker_processes_equal_one_process(files, reference, client, tmp_path):
+    from payne_lite.distributed import worker_stats
+
+    cat, _, emu = files
+    before = client.run(worker_stats)
+    assert len(before) == 2
+    assert len({s["pid"] for s in before.values()} | {os.getpid()}) == 3
+    out = tmp_path / "results.fits"
+    table = pl.fit_catalog(
+        cat, out, emu, chunk_size=CHUNK, progress=False, client=client
+    )
+    assert table.meta["n_workers"] == 2 and table.meta["n_chunks_resumed"] == 0
+    assert_same_results(pl.read_results(out), reference)
+    assert not parts_folder(out).exists()
+
+    after = client.run(worker_stats)
+    tasks = {w: after[w]["tasks"] - before[w]["tasks"] for w in after}
+    assert sum(tasks.values()) == N_CHUNKS and min(tasks.values()) >= 1, tasks
+    for w, s in after.items():
+        new = s["compiles_per_task"][len(before[w]["compiles_per_task"]) :]
+        # the emulator arrived once per worker (scattered), not with every task
+        assert s["emulator_copies"] - before[w]["emulator_copies"] == 1, (w, s)
+        # equal chunk shapes: a worker compiles in its first chunk only
+        assert all(c == 0 for c in new[1:]), (w, new)
+
+
+@needs_dask
+def test_cli_scheduler_and_workers_options(files, reference, client, tmp_path, capsys):
+    from payne_lite.cli import main
+
+    cat, emu_path, _ = files
+    out = tmp_path / "cli.fits"
+    address = client.scheduler.address
+    argv = ["fit", str(cat), "--emulator", str(emu_path), "-o", str(out),
+            "--chunk-size", str(CHUNK), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--scheduler", address]) == 0
+    got = pl.read_results(out)
+    assert got.meta["n_workers"] == 2
+    assert_same_results(got, reference)
+    capsys.readouterr()
+    assert main([*argv, "--force", "--scheduler", address, "--workers", "2"]) == 2
+    assert "give --scheduler or --workers, not both" in capsys.readouterr().err
+
+
+# --- resume and no loss -------------------------------------------------------------
+_KILLED_RUN = """
+import sys, time
+import payne_lite as pl
+from payne_lite import catalog
+
+fit_rows = catalog._fit_rows
+
+def slow(*args, **kwargs):  # time to be killed between chunks
+    table = fit_rows(*args, **kwargs)
+    time.sleep(0.4)
+    return table
+
+catalog._fit_rows = slow
+pl.fit_catalog(sys.argv[1], sys.argv[2], sys.argv[3], chunk_size=int(sys.argv[4]),
+               progress=False)
+"""
+
+
+def _done_in_manifest(path: Path) -> list[int]:
+    try:
+        return json.loads(path.read_text())["done"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def test_killed_run_resumes_with_every_row_once(
+    files, reference, tmp_path, monkeypatch
+):
+    cat, emu_path, _ = files
+    out = tmp_path / "results.fits"
+    manifest = parts_folder(out) / "manifest.json"
+    env = dict(os.environ)
+    root = str(Path(pl.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    log = tmp_path / "killed_run.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_KILLED_RUN),
+             str(cat), str(out), str(emu_path), str(CHUNK)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(_done_in_manifest(manifest)) < 3:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no chunk finished in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    done = sorted(
+        int(p.stem.split("-")[1]) for p in parts_folder(out).glob("chunk-*.h5")
+    )
+    assert 3 <= len(done) < N_CHUNKS
+    # a kill during a write leaves a temporary file: ignored and removed on resume
+    (parts_folder(out) / f".chunk-{N_CHUNKS - 1:06d}.h5.dead.tmp.h5").write_bytes(b"x")
+
+    fitted = []
+    fit_rows = catalog_mod._fit_rows
+
+    def counting(chunk, **kw):
+        fitted.append(chunk.ids[0])
+        return fit_rows(chunk, **kw)
+
+    monkeypatch.setattr(catalog_mod, "_fit_rows", counting)
+    # the same call again: only the missing chunks are fitted
+    table = pl.fit_catalog(cat, out, emu_path, chunk_size=CHUNK, progress=False)
+    missing = [i for i in range(N_CHUNKS) if i not in done]
+    assert fitted == [f"star{i * CHUNK:05d}" for i in missing]
+    assert table.meta["n_chunks_resumed"] == len(done)
+    assert_same_results(pl.read_results(out), reference)
+    assert not parts_folder(out).exists()  # cleaned up after the final write
+
+
+def test_resume_with_other_inputs_or_options_is_refused(files, reference, tmp_path):
+    cat, _, emu = files
+    out = tmp_path / "results.h5"
+    kw = dict(chunk_size=CHUNK, progress=False)
+    pl.fit_catalog(cat, out, emu, keep_parts=True, **kw)
+    parts = parts_folder(out)
+    files_before = sorted(p.name for p in parts.iterdir())
+    assert files_before == [*(f"chunk-{i:06d}.h5" for i in range(N_CHUNKS)),
+                            "manifest.json"]  # fmt: skip
+    assert_same_results(pl.read_results(out), reference)
+    with pytest.raises(FileExistsError, match=r"results\.h5\.parts is also there"):
+        pl.fit_catalog(cat, out, emu, **kw)
+    out.unlink()  # as if the final write had not happened
+
+    from conftest import build_tiny_emulator
+
+    other_emu = build_tiny_emulator(n_pix=N_PIX, n_hid=3, seed=4)
+    for call, differs in [
+        (dict(emulator=other_emu), "emulator_sha256"),
+        (dict(emulator=emu, max_iter=50), "fit_options_sha256"),
+        (dict(emulator=emu, cont_deg=1), "fit_options"),
+        (dict(emulator=emu, method="curve_fit"), "method"),
+        (dict(emulator=emu, mask=np.arange(N_PIX) < 3), "mask_sha256"),
+        (dict(emulator=emu, chunk_size=200), "chunk_size"),
+    ]:
+        args = {**kw, **call}
+        with pytest.raises(ValueError, match=rf"cannot resume: .*differs: .*{differs}"):
+            pl.fit_catalog(cat, out, args.pop("emulator"), **args)
+    # the same catalog file, touched: its modification time is part of its identity
+    os.utime(cat, ns=(time.time_ns(), time.time_ns()))
+    with pytest.raises(ValueError, match=r"differs: input\.files.*--restart"):
+        pl.fit_catalog(cat, out, emu, **kw)
+    assert sorted(p.name for p in parts.iterdir()) == files_before
+    assert not out.exists()
+
+    # restart=True discards the old parts and fits everything again
+    table = pl.fit_catalog(cat, out, emu, restart=True, **kw)
+    assert table.meta["n_chunks_resumed"] == 0
+    assert_same_results(pl.read_results(out), reference)
+    assert not parts.exists()
+
+
+def test_parts_folder_name_taken_or_foreign(files, tmp_path):
+    cat, _, emu = files
+    out = tmp_path / "r.fits"
+    parts_folder(out).write_text("not a folder")
+    with pytest.raises(FileExistsError, match=r"r\.fits\.parts exists and is not a"):
+        pl.fit_catalog(cat, out, emu, chunk_size=CHUNK, progress=False)
+    parts_folder(out).unlink()
+    parts_folder(out).mkdir()
+    (parts_folder(out) / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no manifest.json"):
+        pl.fit_catalog(cat, out, emu, chunk_size=CHUNK, progress=False)
+    assert (parts_folder(out) / "notes.txt").read_text() == "mine"
+
+
+def test_failed_first_chunk_leaves_no_parts(files, tmp_path):
+    cat, _, emu = files
+    out = tmp_path / "r.fits"
+    with pytest.raises(ValueError, match="fixed"):
+        pl.fit_catalog(cat, out, emu, chunk_size=CHUNK, progress=False,
+                       fixed={"nope": 1.0})  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
