@@ -92,3 +92,46 @@ def existing_file(path: str | os.PathLike) -> Path:
     if p.is_dir():
         raise ValueError(f"{p}: is a directory, expected a file")
     return p
+
+
+class WavelengthGridWarning(UserWarning):
+    """Spectra on a grid of the emulator's length that is not the emulator's grid."""
+
+
+def warn_if_near_grid(
+    wave,
+    reference,
+    *,
+    name: str = "wavelength",
+    what: str = "the emulator's",
+    hint: str = "pass wavelength=None if they are on it",
+) -> bool:
+    """Warn when ``wave`` has as many pixels as ``reference`` but other values.
+
+    Spectra on another grid are legitimate (they are resampled), but a grid of the
+    same length that differs is more likely a mistake (a shifted or air/vacuum grid,
+    or spectra that are on the reference grid with a wrong ``wavelength``). A grid of
+    another length, or one equal within 1e-9 (relative), passes silently.
+
+    Returns:
+        True when it warned.
+    """
+    import warnings
+
+    try:
+        w = np.asarray(wave, np.float64)
+    except (TypeError, ValueError):
+        return False  # not numbers: the caller's own validation names the problem
+    ref = np.asarray(reference, np.float64)
+    if w.shape != ref.shape or np.allclose(w, ref, rtol=1e-9, atol=0.0):
+        return False
+    diff = np.abs(w - ref)
+    i = int(np.argmax(diff))
+    warnings.warn(
+        f"{name} has {what} {ref.size} pixels but is not {what} grid (max "
+        f"|difference| {diff[i]:.3g} A at pixel {i}: {w[i]:.6g} vs {ref[i]:.6g}); "
+        f"the spectra are resampled onto the model: {hint}",
+        WavelengthGridWarning,
+        stacklevel=3,
+    )
+    return True

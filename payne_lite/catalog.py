@@ -51,6 +51,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -60,7 +61,12 @@ import numpy as np
 
 from . import _h5
 from ._h5 import FileFormatError
-from ._validate import as_float_array, check_wavelength
+from ._validate import (
+    WavelengthGridWarning,
+    as_float_array,
+    check_wavelength,
+    warn_if_near_grid,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -1061,16 +1067,18 @@ def _fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs
     m = chunk.mask
     if mask is not None:
         m = mask if m is None else (m | mask[None, :])
-    table = fit(
-        chunk.flux,
-        chunk.flux_err,
-        emulator,
-        mask=m,
-        wavelength=wavelength,
-        p0=p0,
-        progress=False,
-        **fit_kwargs,
-    )
+    with warnings.catch_warnings():  # fit_catalog warned once for the catalog
+        warnings.simplefilter("ignore", WavelengthGridWarning)
+        table = fit(
+            chunk.flux,
+            chunk.flux_err,
+            emulator,
+            mask=m,
+            wavelength=wavelength,
+            p0=p0,
+            progress=False,
+            **fit_kwargs,
+        )
     if chunk.ids is not None:
         table.add_column(chunk.ids, name="id", index=0)
     return table
@@ -1231,6 +1239,13 @@ def fit_catalog(
             wave, emulator.wavelength
         )
         wavelength = None if same else wave
+        if wavelength is not None:  # once here; the chunks' fits do not repeat it
+            warn_if_near_grid(
+                wave,
+                emulator.wavelength,
+                name=f"{cat.source}: wavelength",
+                hint="write the catalog with the emulator's grid if they are on it",
+            )
         if mask is not None:
             mask = np.asarray(mask)
             if mask.dtype != bool or mask.shape != wave.shape:
@@ -1243,6 +1258,8 @@ def fit_catalog(
                 f"p0 {np.shape(p0)} must be ({emulator.n_labels},) or "
                 f"({n}, {emulator.n_labels}) for the catalog's {n} spectra"
             )
+        if p0 is not None:  # every row, before any chunk is fitted
+            emulator.check_labels(p0, name="p0")
         bounds = chunk_bounds(n, chunk_size)
         identity = _run_identity(
             cat,

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -1487,6 +1488,10 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``payne-lite`` on ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
@@ -1500,7 +1505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.command_line = shlex.join([PROG, *argv])
     _, run = _COMMANDS[args.command]
-    with _logging_to_stderr(args.verbose):
+    with _logging_to_stderr(args.verbose), warnings.catch_warnings():
+        if not args.debug:  # one line per warning, like the errors (no source line)
+            warnings.showwarning = _show_warning
         try:
             return run(args)
         except (OSError, ValueError) as err:  # FileFormatError is a ValueError

@@ -591,30 +591,38 @@ class Emulator:
             np.asarray(scaled, dtype=float), self.label_lo, self.label_hi
         )
 
-    def check_labels(self, labels, *, allow_outside: bool = False) -> np.ndarray:
+    def check_labels(
+        self, labels, *, allow_outside: bool = False, name: str = "labels"
+    ) -> np.ndarray:
         """Validate physical labels; returns them as a (n, L) float64 copy.
+
+        ``name`` is the argument named in the error messages (e.g. ``"p0"``).
 
         Raises:
             ValueError: wrong shape, non-finite values, or (unless ``allow_outside``)
                 a value outside the training box, naming the label and the value.
         """
-        x = as_float_array(labels, "labels", ndim=(1, 2))
+        x = as_float_array(labels, name, ndim=(1, 2))
         x2 = x[None] if x.ndim == 1 else x
         if x2.shape[1] != self.n_labels:
             raise ValueError(
-                f"labels {x.shape} must have {self.n_labels} columns "
+                f"{name} {x.shape} must have {self.n_labels} columns "
                 f"({', '.join(self.label_names)})"
             )
-        check_finite(x2, "labels")
+        check_finite(x2, name)
         if not allow_outside:
             out = (x2 < self.label_lo) | (x2 > self.label_hi)
             if out.any():
                 i, j = (int(v) for v in np.argwhere(out)[0])
+                hint = (
+                    "; pass allow_outside=True to extrapolate"
+                    if name == "labels"
+                    else ""
+                )
                 raise ValueError(
-                    f"labels[{i}] {self.label_names[j]} = {float(x2[i, j]):g} is outside the "
+                    f"{name}[{i}] {self.label_names[j]} = {float(x2[i, j]):g} is outside the "
                     f"training box [{float(self.label_lo[j]):g}, {float(self.label_hi[j]):g}] "
-                    f"({int(out.any(axis=1).sum())} row(s) outside); pass "
-                    f"allow_outside=True to extrapolate"
+                    f"({int(out.any(axis=1).sum())} row(s) outside){hint}"
                 )
         return x2
 

@@ -88,7 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._serial import serial_jit
-from ._validate import as_float_array
+from ._validate import as_float_array, warn_if_near_grid
 from .constants import C_KMS
 from .emulator import KERNEL_COMPILER_OPTIONS, Emulator, forward
 from .model import (
@@ -999,6 +999,8 @@ def fit(
             method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
             ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
     """
+    if wavelength is not None:
+        warn_if_near_grid(wavelength, emulator.wavelength)
     if method in SAMPLERS:
         # posteriors: payne_lite.posterior.sample with the same model and options
         from .posterior import sample
@@ -1055,7 +1057,7 @@ def fit(
 
     # Starting labels (scaled), one row per start: (S, L) shared or (n, 1, L).
     if p0 is not None:
-        p0_arr = emulator.check_labels(p0)
+        p0_arr = emulator.check_labels(p0, name="p0")
         if p0_arr.shape[0] not in (1, n):
             raise ValueError(f"p0 {np.shape(p0)} must be ({n_lab},) or ({n}, {n_lab})")
         starts = np.broadcast_to(emulator.scale(p0_arr), (n, n_lab))[:, None, :]

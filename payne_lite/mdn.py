@@ -445,6 +445,11 @@ class MDN:
                 f"{w.size} pixels [{w.min() if w.size else np.nan:g}, "
                 f"{w.max() if w.size else np.nan:g}] A: resample the spectra onto "
                 "the MDN's grid or train an MDN for this grid"
+                + (
+                    f" (max |difference| {np.max(np.abs(w - self.wavelength)):.3g} A)"
+                    if w.shape == self.wavelength.shape
+                    else ""
+                )
             )
 
     # -- jitted pieces --------------------------------------------------------------
