@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 from tqdm.auto import tqdm
 
+from . import _h5
+from ._validate import check_finite
 from .emulator import ACTIVATIONS, Emulator, PixelNet, pixel_forward
 from .grid import SpectralGrid
 
@@ -69,6 +75,10 @@ class TrainConfig:
         batch_size: Adam mini-batch size (spectra).
         init_scale: standard deviation of the first-layer weights at initialisation.
         seed: seed of the split, the initialisation and the restarts.
+        divergence_factor: the run stops (:class:`TrainingDivergedError`) when the
+            median validation RMS of the active pixels exceeds this many times the
+            median RMS of the starting networks (which predict each pixel's mean
+            flux), i.e. when the loss explodes; a NaN or infinite loss stops it too.
     """
 
     hidden: int | tuple[int, ...] = 10
@@ -86,6 +96,7 @@ class TrainConfig:
     batch_size: int = 256
     init_scale: float = 2.0
     seed: int = 0
+    divergence_factor: float = 1e3
 
     def __post_init__(self):
         hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
@@ -109,7 +120,13 @@ class TrainConfig:
             )
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
-        for name in ("learning_rate", "lm_lambda0", "init_scale", "restart_threshold"):
+        for name in (
+            "learning_rate",
+            "lm_lambda0",
+            "init_scale",
+            "restart_threshold",
+            "divergence_factor",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -322,6 +339,171 @@ class _PixelTracker:
         self.active &= ~((self.stall >= self.cfg.patience) & ~self.to_restart())
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite, or exploded; the run was stopped.
+
+    The last checkpoint written before it (``train_emulator(..., checkpoint=...)``)
+    is kept as it was.
+    """
+
+
+CHECKPOINT_FORMAT = "payne_lite.TrainCheckpoint"
+CHECKPOINT_VERSION = 1
+#: TrainConfig fields that may differ between a checkpoint and the run resuming it.
+_RESUMABLE_CHANGES = ("max_iter",)
+
+
+def _grid_digest(grid: SpectralGrid) -> str:
+    """sha256 of a grid's numbers and names (what a checkpoint was trained on)."""
+    h = hashlib.sha256()
+    for a in (grid.wavelength, grid.labels, grid.flux, *grid.label_box):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    if grid.flux_err is not None:
+        h.update(np.ascontiguousarray(grid.flux_err, np.float64).tobytes())
+    h.update(json.dumps(list(grid.label_names)).encode())
+    return h.hexdigest()
+
+
+class _Checkpoint:
+    """A training run's state in one HDF5 file, written atomically, with its identity.
+
+    Layout (``format = "payne_lite.TrainCheckpoint"``, ``format_version = 1``):
+    attrs ``identity`` (JSON: the TrainConfig, sha256 digests of the training and
+    validation grids, dtype, optimiser, padded pixel count), ``iteration`` (completed
+    iterations), ``history`` and ``rng_state`` (JSON); datasets ``state/<name>``
+    (parameters, damping or optimiser state, best parameters) and ``tracker/<name>``
+    (per-pixel best losses, patience counters, restarts, active flags).
+    """
+
+    def __init__(self, path, identity: dict, every: int):
+        self.path = Path(path)
+        self.identity = identity
+        self.every = every
+        self.last_iteration = None  # iterations completed at the last write
+
+    def check(self, resume: bool) -> dict | None:
+        """The saved state to resume from, or None to start afresh."""
+        if not self.path.exists():
+            if resume:
+                log.info("%s: no checkpoint yet, starting from scratch", self.path)
+            return None
+        if not resume:
+            raise FileExistsError(
+                f"checkpoint {self.path} exists; pass resume=True (payne-lite train "
+                "--resume) to continue from it, or remove it"
+            )
+        return self.load()
+
+    def load(self) -> dict:
+        with _h5.open_checked(self.path, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,)) as f:
+            saved = _h5.get_json_attr(f, "identity", self.path)
+            diff = _identity_differences(saved, self.identity)
+            if diff:
+                raise ValueError(
+                    f"checkpoint {self.path} was written by another training run: "
+                    + "; ".join(diff)
+                    + " (use a new checkpoint path, or the settings it was written with)"
+                )
+            out = {
+                "iteration": int(f.attrs["iteration"]),
+                "history": _h5.get_json_attr(f, "history", self.path),
+                "rng_state": _h5.get_json_attr(f, "rng_state", self.path),
+                "elapsed": float(f.attrs["elapsed"]),
+            }
+            for group in ("state", "tracker"):
+                if group not in f:
+                    raise _h5.FileFormatError(f"{self.path}: missing group {group!r}")
+                out[group] = {
+                    k: _h5.read_dataset(f[group], k, self.path) for k in f[group]
+                }
+        self.last_iteration = out["iteration"]
+        return out
+
+    def save(self, iteration, state: dict, tracker, hist, rng, elapsed) -> None:
+        with _h5.atomic_h5_writer(
+            self.path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+        ) as f:
+            _h5.set_json_attr(f, "identity", self.identity)
+            _h5.set_json_attr(f, "history", hist)
+            _h5.set_json_attr(f, "rng_state", rng.bit_generator.state)
+            f.attrs["iteration"] = int(iteration)
+            f.attrs["elapsed"] = float(elapsed)
+            g = f.create_group("state")
+            for k, v in state.items():
+                _h5.write_dataset(g, k, np.asarray(v), compress=False)
+            g = f.create_group("tracker")
+            for k in ("best", "best_mae", "stall", "restarts", "active"):
+                _h5.write_dataset(g, k, getattr(tracker, k), compress=False)
+        self.last_iteration = int(iteration)
+        log.debug("%s: checkpoint after %d iterations", self.path, iteration)
+
+    def describe(self) -> str:
+        if self.last_iteration is None:
+            return f"no checkpoint was written to {self.path} before it"
+        return (
+            f"the checkpoint {self.path} from iteration {self.last_iteration} is kept"
+        )
+
+
+def _identity_differences(saved: dict, now: dict) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [
+                f"{key}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            what = "another grid" if key.endswith("grid_sha256") else f"{a!r}"
+            out.append(f"{key}: {what} in the checkpoint, {b!r} now")
+    return out
+
+
+def _restore_tracker(tracker: _PixelTracker, saved: dict, n_tot: int) -> None:
+    for k, v in saved.items():
+        v = np.asarray(v)
+        if v.shape != (n_tot,):
+            raise _h5.FileFormatError(
+                f"tracker/{k} has shape {v.shape}, not ({n_tot},)"
+            )
+        setattr(tracker, k, v.astype(getattr(tracker, k).dtype))
+
+
+def _check_divergence(
+    it, cfg, tracker, train_loss, val_mse, ref_mse, n_pix, wave, ckpt, optimizer
+) -> None:
+    """Raise TrainingDivergedError on a non-finite or exploding loss of active pixels."""
+    act = tracker.active.copy()
+    act[n_pix:] = False
+    bad = act & ~(np.isfinite(train_loss) & np.isfinite(val_mse))
+    where = (
+        ckpt.describe()
+        if ckpt is not None
+        else "no checkpoint was kept (pass checkpoint=PATH to keep one)"
+    )
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TrainingDivergedError(
+            f"training ({optimizer}) diverged at iteration {it + 1}: non-finite loss "
+            f"for {int(bad.sum())} pixel(s), first pixel {i} at {wave[i]:.6g} A "
+            f"(non-finite flux, labels or errors in the grid?); {where}"
+        )
+    if act.any():
+        now = float(np.sqrt(np.median(val_mse[act])))
+        start = float(np.sqrt(np.median(ref_mse[:n_pix])))
+        if now > cfg.divergence_factor * max(start, 1e-12):
+            raise TrainingDivergedError(
+                f"training ({optimizer}) diverged at iteration {it + 1}: median "
+                f"validation RMS {now:.3g} is more than divergence_factor="
+                f"{cfg.divergence_factor:g} times the starting {start:.3g} (a smaller "
+                f"learning_rate or lm_lambda0?); {where}"
+            )
+
+
 def _mesh():
     devices = np.array(jax.devices())
     return Mesh(devices, ("pix",)), devices.size
@@ -336,6 +518,9 @@ def train_emulator(
     valid: SpectralGrid | None = None,
     progress: bool = True,
     dtype=None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 10,
     **overrides,
 ) -> Emulator:
     """Train a per-pixel emulator on a grid of spectra.
@@ -352,10 +537,27 @@ def train_emulator(
             ``grid`` is held out.
         progress: show a progress bar.
         dtype: float dtype of training (default: JAX's default float).
+        checkpoint: path of an HDF5 checkpoint file, written (atomically) every
+            ``checkpoint_every`` iterations and when the run ends: parameters,
+            optimiser and RNG state, per-pixel bookkeeping, loss curves, the config
+            and digests of the grids. An existing file is refused unless ``resume``.
+        resume: continue from ``checkpoint`` (if the file exists; otherwise start
+            afresh, so a requeued job can always pass it). The checkpoint must come
+            from the same grid(s), dtype, pixel layout and config, except
+            ``max_iter``, which may grow to train longer; anything else is refused
+            (``ValueError`` naming it). A resumed run gives the parameters of an
+            uninterrupted one.
+        checkpoint_every: iterations (LM) or epochs (Adam) between checkpoints.
 
     Returns:
         The :class:`Emulator` with the best-on-validation parameters per pixel, its
         per-pixel validation RMS (``pixel_error``) and loss curves (``history``).
+
+    Raises:
+        TrainingDivergedError: the loss became NaN/inf or exploded (see
+            ``TrainConfig.divergence_factor``); the last checkpoint is kept.
+        ValueError: bad settings or grids (named); a checkpoint of another run.
+        FileExistsError: ``checkpoint`` exists and ``resume`` is False.
 
     Examples:
         >>> emu = pl.train_emulator(grid, hidden=10, seed=0)   # doctest: +SKIP
@@ -383,6 +585,18 @@ def train_emulator(
             )
     if train.n_spec < 2:
         raise ValueError(f"need at least 2 training spectra, got {train.n_spec}")
+    for which, g in (("grid", train), ("valid", valid)):
+        # SpectralGrid checks on construction; its arrays can be changed in place since
+        for name in ("labels", "flux"):
+            check_finite(np.asarray(getattr(g, name)), f"{which} {name}")
+    if (
+        isinstance(checkpoint_every, bool)
+        or int(checkpoint_every) != checkpoint_every
+        or (checkpoint_every <= 0)
+    ):
+        raise ValueError(
+            f"checkpoint_every must be a positive int, got {checkpoint_every!r}"
+        )
     dtype = jnp.dtype(dtype or jnp.result_type(float))
     # The training box: the grid's design box where it has one, else the labels' range.
     lo = np.minimum(train.label_box[0], valid.label_box[0])
@@ -393,9 +607,28 @@ def train_emulator(
             f"label {train.label_names[j]!r} takes a single value "
             f"({lo[j]!r}) in the grid: it cannot be learned; drop it"
         )
+    ckpt = None
+    if checkpoint is not None:
+        identity = {
+            "config": {
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if k not in _RESUMABLE_CHANGES
+            },
+            "train_grid_sha256": _grid_digest(train),
+            "valid_grid_sha256": _grid_digest(valid),
+            "dtype": str(dtype),
+        }
+        ckpt = _Checkpoint(
+            checkpoint, json.loads(json.dumps(identity)), int(checkpoint_every)
+        )
+    elif resume:
+        raise ValueError("resume=True needs checkpoint=PATH")
     t0 = time.perf_counter()
     fit = _train_lm if cfg.optimizer == "lm" else _train_adam
-    theta, unravel, tracker, history = fit(train, valid, lo, hi, cfg, dtype, progress)
+    theta, unravel, tracker, history = fit(
+        train, valid, lo, hi, cfg, dtype, progress, ckpt=ckpt, resume=resume
+    )
     net = _theta_to_net(theta, unravel)
     # Final held-out statistics of the kept parameters.
     s_v = jnp.asarray((valid.labels - lo) / (hi - lo) - 0.5, dtype=dtype)
@@ -496,12 +729,64 @@ def _start(data, n_lab: int, cfg: TrainConfig):
     return unravel, np.random.default_rng(cfg.seed), wmean
 
 
-def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
+def _ref_mse(theta: np.ndarray, data, chunks, chunk: int, kw) -> np.ndarray:
+    """Validation MSE (n_tot,) of the starting networks (the divergence yardstick)."""
+    out = np.empty(theta.shape[0])
+    for c, ch in enumerate(chunks):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        mse, _, _ = _valid_stats(
+            jnp.asarray(theta[sl]), data["s_v"], ch["y_v"], ch["sw_v"], **kw
+        )
+        out[sl] = np.asarray(mse)
+    return out
+
+
+def _resume_state(ckpt, resume, n_tot, optimizer, tracker, rng, hist):
+    """Load a checkpoint into ``tracker``, ``rng`` and ``hist``; its arrays, the
+    iterations done and the seconds spent (or None, 0, 0 to start afresh)."""
+    if ckpt is None:
+        return None, 0, 0.0
+    ckpt.identity.update(optimizer=optimizer, n_pix_padded=int(n_tot))
+    saved = ckpt.check(resume)
+    if saved is None:
+        return None, 0, 0.0
+    _restore_tracker(tracker, saved["tracker"], n_tot)
+    rng.bit_generator.state = saved["rng_state"]
+    for k in _HISTORY_KEYS:
+        hist[k] = list(saved["history"].get(k, []))
+    log.info("%s: resuming after %d iterations", ckpt.path, saved["iteration"])
+    return saved["state"], saved["iteration"], saved["elapsed"]
+
+
+def _state_array(state: dict, name: str, shape, dtype, path) -> np.ndarray:
+    a = np.asarray(state.get(name))
+    if a.shape != tuple(shape):
+        raise _h5.FileFormatError(
+            f"{path}: state/{name} has shape {a.shape}, expected {tuple(shape)}"
+        )
+    return a.astype(dtype)
+
+
+def _train_lm(
+    train, valid, lo, hi, cfg: TrainConfig, dtype, progress, *, ckpt=None, resume=False
+):
     data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
     unravel, rng, wmean = _start(data, n_lab, cfg)
     theta0 = _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
     n_par = theta0.shape[1]
+    kw = dict(unravel=unravel, activation=cfg.activation)
+    ref_mse = _ref_mse(theta0, data, chunks, chunk, kw)
+    lam0 = np.full(n_tot, cfg.lm_lambda0, dtype=dtype)
+    best_theta = theta0.copy()
+    tracker = _PixelTracker(n_tot, cfg)
+    hist = {k: [] for k in _HISTORY_KEYS}
+    state, it0, elapsed0 = _resume_state(ckpt, resume, n_tot, "lm", tracker, rng, hist)
+    if state is not None:
+        shape = (n_tot, n_par)
+        theta0 = _state_array(state, "theta", shape, dtype, ckpt.path)
+        best_theta = _state_array(state, "best_theta", shape, dtype, ckpt.path)
+        lam0 = _state_array(state, "lam", (n_tot,), dtype, ckpt.path)
     row = NamedSharding(mesh, PS("pix"))
     row2 = NamedSharding(mesh, PS("pix", None))
     theta = [
@@ -509,20 +794,37 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
         for c in range(len(chunks))
     ]
     lam = [
-        jax.device_put(np.full(chunk, cfg.lm_lambda0, dtype=dtype), row) for _ in chunks
+        jax.device_put(lam0[c * chunk : (c + 1) * chunk], row)
+        for c in range(len(chunks))
     ]
-    best_theta = theta0.copy()
-    tracker = _PixelTracker(n_tot, cfg)
-    kw = dict(unravel=unravel, activation=cfg.activation)
-    hist = {k: [] for k in _HISTORY_KEYS}
+
+    def save(it):
+        ckpt.save(
+            it,
+            {
+                "theta": np.concatenate([np.asarray(t) for t in theta]),
+                "lam": np.concatenate([np.asarray(v) for v in lam]),
+                "best_theta": best_theta,
+            },
+            tracker,
+            hist,
+            rng,
+            elapsed0 + time.perf_counter() - t0,
+        )
+
     t0 = time.perf_counter()
     bar = tqdm(
-        range(cfg.max_iter),
+        range(it0, max(cfg.max_iter, it0)),
         desc=f"LM training {n_pix} px x {n_par} params",
         disable=not progress,
         unit="it",
+        initial=it0,
+        total=cfg.max_iter,
     )
-    for _ in bar:
+    it = it0
+    for it in bar:
+        if not tracker.active.any():
+            break
         train_loss = np.zeros(n_tot)
         val_mse = np.full(n_tot, np.inf)
         val_mae = np.full(n_tot, np.inf)
@@ -544,6 +846,10 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
                 np.asarray(mse),
                 np.asarray(mae),
             )
+        _check_divergence(
+            it, cfg, tracker, train_loss, val_mse, ref_mse, n_pix, train.wavelength,
+            ckpt, "lm",
+        )  # fmt: skip
         # Frozen pixels keep their best values; only active ones can improve.
         val_mse = np.where(tracker.active, val_mse, np.inf)
         better = tracker.update(val_mse, val_mae)
@@ -584,11 +890,15 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
         hist["valid_mae"].append(float(np.median(tracker.best_mae[real])))
         hist["n_active"].append(int(act.sum()))
         hist["n_restarted"].append(int((tracker.restarts[real] > 0).sum()))
-        hist["seconds"].append(time.perf_counter() - t0)
+        hist["seconds"].append(elapsed0 + time.perf_counter() - t0)
         bar.set_postfix(valid_rms=f"{hist['valid_rms'][-1]:.2e}", active=int(act.sum()))
+        if ckpt is not None and (it + 1) % ckpt.every == 0:
+            save(it + 1)
         if not tracker.active.any():
             break
     bar.close()
+    if ckpt is not None and ckpt.last_iteration != len(hist["valid_rms"]):
+        save(len(hist["valid_rms"]))
     return (
         best_theta[:n_pix],
         unravel,
@@ -597,43 +907,95 @@ def _train_lm(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
     )
 
 
-def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
-    data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
-    n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
-    unravel, rng, wmean = _start(data, n_lab, cfg)
-    theta = jax.device_put(
-        _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype),
-        NamedSharding(mesh, PS("pix", None)),
-    )
-    y_t = jax.device_put(data["y_t"], NamedSharding(mesh, PS("pix", None)))
-    sw_t = jax.device_put(data["sw_t"], NamedSharding(mesh, PS("pix", None)))
-    opt = optax.adam(cfg.learning_rate)
-    opt_state = opt.init(theta)
-    kw = dict(unravel=unravel, activation=cfg.activation)
+def _make_adam_step(opt, unravel, activation):
+    """A jitted Adam step: (theta, opt_state, s, y, sw) -> (theta, opt_state, loss)
+    with ``loss`` (C,) the per-pixel mean squared weighted error of the batch."""
+    kw = dict(unravel=unravel, activation=activation)
 
     @jax.jit
     def step(theta, opt_state, s, y, sw):
         def loss_fn(th):
             pred = _fwd(th, s, **kw)
-            return jnp.sum(jnp.mean((sw * (pred - y)) ** 2, axis=1))
+            per_pixel = jnp.mean((sw * (pred - y)) ** 2, axis=1)
+            return jnp.sum(per_pixel), per_pixel
 
-        loss, grads = jax.value_and_grad(loss_fn)(theta)
+        (_, per_pixel), grads = jax.value_and_grad(loss_fn, has_aux=True)(theta)
         updates, opt_state = opt.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state, loss
+        return optax.apply_updates(theta, updates), opt_state, per_pixel
+
+    return step
+
+
+def _train_adam(
+    train, valid, lo, hi, cfg: TrainConfig, dtype, progress, *, ckpt=None, resume=False
+):
+    data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
+    n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
+    unravel, rng, wmean = _start(data, n_lab, cfg)
+    kw = dict(unravel=unravel, activation=cfg.activation)
+    theta0 = _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
+    ref_mse = _ref_mse(theta0, data, chunks, chunk, kw)
+    row2 = NamedSharding(mesh, PS("pix", None))
+    theta = jax.device_put(theta0, row2)
+    y_t = jax.device_put(data["y_t"], row2)
+    sw_t = jax.device_put(data["sw_t"], row2)
+    opt = optax.adam(cfg.learning_rate)
+    opt_state = opt.init(theta)
+    step = _make_adam_step(opt, unravel, cfg.activation)
 
     n_train = train.n_spec
     bs = min(cfg.batch_size, n_train)
-    best_theta = np.asarray(theta).copy()
+    best_theta = theta0.copy()
     tracker = _PixelTracker(n_tot, cfg)
     hist = {k: [] for k in _HISTORY_KEYS}
+    state, it0, elapsed0 = _resume_state(
+        ckpt, resume, n_tot, "adam", tracker, rng, hist
+    )
+    if state is not None:
+        shape = theta0.shape
+        theta = jax.device_put(
+            _state_array(state, "theta", shape, dtype, ckpt.path), row2
+        )
+        best_theta = _state_array(state, "best_theta", shape, dtype, ckpt.path)
+        leaves, treedef = jax.tree_util.tree_flatten(opt_state)
+        opt_state = jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                jax.device_put(
+                    _state_array(state, f"opt_{i}", leaf.shape, leaf.dtype, ckpt.path),
+                    leaf.sharding,
+                )
+                for i, leaf in enumerate(leaves)
+            ],
+        )
+
+    def save(it):
+        leaves = jax.tree_util.tree_leaves(opt_state)
+        ckpt.save(
+            it,
+            {
+                "theta": np.asarray(theta),
+                "best_theta": best_theta,
+                **{f"opt_{i}": np.asarray(v) for i, v in enumerate(leaves)},
+            },
+            tracker,
+            hist,
+            rng,
+            elapsed0 + time.perf_counter() - t0,
+        )
+
     t0 = time.perf_counter()
     bar = tqdm(
-        range(cfg.max_iter),
+        range(it0, max(cfg.max_iter, it0)),
         desc=f"Adam training {n_pix} px",
         unit="epoch",
         disable=not progress,
+        initial=it0,
+        total=cfg.max_iter,
     )
-    for _ in bar:
+    for it in bar:
+        if not tracker.active.any():
+            break
         perm = rng.permutation(n_train)
         losses = []
         for b in range(n_train // bs):  # fixed-size batches: one compilation
@@ -642,6 +1004,7 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
                 theta, opt_state, data["s_t"][sel], y_t[:, sel], sw_t[:, sel]
             )
             losses.append(loss)
+        train_loss = np.mean(np.asarray(jnp.stack(losses)), axis=0)  # (n_tot,)
         val_mse, val_mae = np.empty(n_tot), np.empty(n_tot)
         th_np = np.asarray(theta)
         for c, ch in enumerate(chunks):
@@ -650,21 +1013,29 @@ def _train_adam(train, valid, lo, hi, cfg: TrainConfig, dtype, progress):
                 jnp.asarray(th_np[sl]), data["s_v"], ch["y_v"], ch["sw_v"], **kw
             )
             val_mse[sl], val_mae[sl] = np.asarray(mse), np.asarray(mae)
+        _check_divergence(
+            it, cfg, tracker, train_loss, val_mse, ref_mse, n_pix, train.wavelength,
+            ckpt, "adam",
+        )  # fmt: skip
         val_mse = np.where(tracker.active, val_mse, np.inf)
         better = tracker.update(val_mse, val_mae)
         best_theta[better] = th_np[better]
         tracker.retire()
         real = slice(0, n_pix)
-        hist["train_rms"].append(float(np.sqrt(np.mean(np.asarray(losses)) / n_pix)))
+        hist["train_rms"].append(float(np.sqrt(np.sum(train_loss[real]) / n_pix)))
         hist["valid_rms"].append(float(np.sqrt(np.median(tracker.best[real]))))
         hist["valid_mae"].append(float(np.median(tracker.best_mae[real])))
         hist["n_active"].append(int(tracker.active[real].sum()))
         hist["n_restarted"].append(0)
-        hist["seconds"].append(time.perf_counter() - t0)
+        hist["seconds"].append(elapsed0 + time.perf_counter() - t0)
         bar.set_postfix(valid_rms=f"{hist['valid_rms'][-1]:.2e}")
+        if ckpt is not None and (it + 1) % ckpt.every == 0:
+            save(it + 1)
         if not tracker.active.any():
             break
     bar.close()
+    if ckpt is not None and ckpt.last_iteration != len(hist["valid_rms"]):
+        save(len(hist["valid_rms"]))
     return (
         best_theta[:n_pix],
         unravel,
