@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
 from ._h5 import FileFormatError as FileFormatError
+from ._validate import WavelengthGridWarning as WavelengthGridWarning
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
 from .catalog import open_catalog as open_catalog
@@ -26,6 +27,7 @@ from .posterior import sample as sample
 from .results import read_results as read_results
 from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
+from .train import TrainingDivergedError as TrainingDivergedError
 from .train import train_emulator as train_emulator
 
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ __all__ = [
     "SamplingWarning",
     "SpectralGrid",
     "TrainConfig",
+    "TrainingDivergedError",
+    "WavelengthGridWarning",
     "fit",
     "fit_catalog",
     "iter_catalog",

@@ -125,6 +125,10 @@ def warn_if_near_grid(
     ref = np.asarray(reference, np.float64)
     if w.shape != ref.shape or np.allclose(w, ref, rtol=1e-9, atol=0.0):
         return False
+    if not (np.all(np.isfinite(w)) and np.all(np.diff(w) > 0)):
+        return False  # an invalid grid: refused by the caller's validation
+    if w[-1] <= ref[0] or w[0] >= ref[-1]:
+        return False  # no overlap: refused by the caller
     diff = np.abs(w - ref)
     i = int(np.argmax(diff))
     warnings.warn(

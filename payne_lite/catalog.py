@@ -561,8 +561,11 @@ def read_apogee_fits(
         raise FileFormatError(f"{path}: not a readable FITS file ({err})") from err
     with hdul:
         try:
-            n_hdu = len(hdul)
-        except (OSError, ValueError) as err:
+            with warnings.catch_warnings():
+                # astropy only warns on a short file, then reads fewer HDUs
+                warnings.filterwarnings("error", message=".*may have been truncated")
+                n_hdu = len(hdul)
+        except (OSError, ValueError, UserWarning) as err:
             raise FileFormatError(
                 f"{path}: truncated or corrupt FITS file ({err})"
             ) from err

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import __version__, _h5, synth
 from ._h5 import FileFormatError
-from ._validate import existing_file
+from ._validate import WavelengthGridWarning, existing_file
 from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
 from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
@@ -51,10 +51,11 @@ from .fitter import FLAG_BITS, METHODS, fit
 from .grid import GRID_FORMAT, SpectralGrid
 from .mdn import MDN_FORMAT
 from .results import FORMATS as RESULTS_FORMATS
-from .train import TrainConfig, train_emulator
+from .train import TrainConfig, TrainingDivergedError, train_emulator
 
 PROG = "payne-lite"
 EXIT_OK = 0
+EXIT_FAILED = 1  # a run that failed on valid input (training diverged)
 EXIT_USAGE = 2  # bad input: same code as argparse's own usage errors
 EXIT_INTERRUPTED = 130
 
@@ -311,6 +312,16 @@ def _add_train(sub) -> None:
                         "order (default label_0, label_1, ...); .h5 grids carry theirs")
     p.add_argument("--no-progress", action="store_true",
                    help="do not show a progress bar")
+    ck = p.add_argument_group("checkpoints (resume a killed or requeued run)")
+    ck.add_argument("--checkpoint", metavar="CKPT.h5",
+                    help="write the training state to this file every "
+                         "--checkpoint-every iterations and at the end (atomically)")
+    ck.add_argument("--checkpoint-every", type=_positive_int, default=10, metavar="N",
+                    help="iterations (LM) or epochs (Adam) between checkpoints")
+    ck.add_argument("--resume", action="store_true",
+                    help="continue from --checkpoint if it exists (same grid and "
+                         "settings; --max-iter may grow); without --resume an "
+                         "existing checkpoint is refused")
     cfg = p.add_argument_group(
         "training settings (TrainConfig fields; defaults shown are TrainConfig's)")
     sup = argparse.SUPPRESS  # absent flags do not override --config
@@ -403,9 +414,22 @@ def _run_train(args) -> int:
         settings.update(_config_from_json(_require_file(args.config)))
     settings.update({k: getattr(args, k) for k in _CONFIG_FIELDS if hasattr(args, k)})
     config = TrainConfig(**settings)  # validates: ValueError names the bad setting
+    ckpt = None
+    if args.checkpoint is not None:
+        ckpt = _check_output(args.checkpoint, inputs=[grid_path])
+        if ckpt.resolve() == out.resolve():
+            raise ValueError(f"--checkpoint {ckpt} is the output file; give another "
+                             "name")
+        if ckpt.exists() and not args.resume:
+            raise FileExistsError(f"checkpoint {ckpt} exists; add --resume to "
+                                  "continue from it, or remove it")
+    elif args.resume:
+        raise ValueError("--resume needs --checkpoint CKPT.h5")
     grid = _load_grid(grid_path, args.label_names)
     _log.info("training on %r with %s", grid, config)
-    emu = train_emulator(grid, config=config, progress=not args.no_progress)
+    emu = train_emulator(grid, config=config, progress=not args.no_progress,
+                         checkpoint=ckpt, resume=args.resume,
+                         checkpoint_every=args.checkpoint_every)
     emu = dataclasses.replace(emu, meta={**emu.meta, "command": args.command_line,
                                          "grid_file": str(grid_path)})
     emu.save(out)
@@ -1495,7 +1519,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``payne-lite`` on ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
-    Exit codes: 0 success, 2 bad input or usage (one line on stderr), 130 interrupted.
+    Exit codes: 0 success, 1 training diverged, 2 bad input or usage (one line on
+    stderr), 130 interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -1508,6 +1533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _logging_to_stderr(args.verbose), warnings.catch_warnings():
         if not args.debug:  # one line per warning, like the errors (no source line)
             warnings.showwarning = _show_warning
+        warnings.simplefilter("default", WavelengthGridWarning)  # shown, never raised
         try:
             return run(args)
         except (OSError, ValueError) as err:  # FileFormatError is a ValueError
@@ -1515,6 +1541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
             return EXIT_USAGE
+        except TrainingDivergedError as err:
+            if args.debug:
+                raise
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_FAILED
         except KeyboardInterrupt:
             if args.debug:
                 raise
