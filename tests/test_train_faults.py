@@ -1,0 +1,371 @@
+"""Training faults and checkpoints (issue 8, item 5), and the GPU-node recipe (item 3).
+
+* a NaN or exploding loss stops LM and Adam runs with TrainingDivergedError, and the
+  checkpoint written before it is kept (and resumable);
+* a run stopped after k iterations (or killed) and resumed from its checkpoint ends
+  with the parameters and loss curves of an uninterrupted run;
+* a checkpoint of another config, grid, optimiser or format is refused;
+* training/train_gpu.sbatch's command line and gpu_node.json parse with today's CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from test_train import _teacher_grid
+
+import payne_lite as pl
+from payne_lite import train as T
+from payne_lite.cli import _CONFIG_FIELDS, _config_from_json, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+# small, with retirements and restarts (both use the saved bookkeeping and RNG)
+KW = dict(hidden=3, pixel_batch=8, progress=False, patience=3, restart_threshold=1.01)
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return _teacher_grid(n_spec=90, n_pix=21)[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(grid):
+    """12-iteration runs without checkpoints, per optimiser."""
+    return {
+        opt: pl.train_emulator(grid, max_iter=12, optimizer=opt, **KW)
+        for opt in ("lm", "adam")
+    }
+
+
+def _params(emu):
+    return [np.asarray(a) for a in emu.net.weights + emu.net.biases]
+
+
+def assert_same_run(a, b):
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for key in a.history:
+        if key != "seconds":
+            np.testing.assert_array_equal(a.history[key], b.history[key], err_msg=key)
+    np.testing.assert_array_equal(a.pixel_error, b.pixel_error)
+
+
+def _iteration(path) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["iteration"])
+
+
+# --------------------------------------------------------------------------------------
+# resume
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["lm", "adam"])
+def test_stop_and_resume_equals_uninterrupted(grid, uninterrupted, tmp_path, optimizer):
+    ckpt = tmp_path / "ckpt.h5"
+    short = pl.train_emulator(
+        grid, max_iter=5, optimizer=optimizer, checkpoint=ckpt, checkpoint_every=2, **KW
+    )
+    assert _iteration(ckpt) == len(short.history["valid_rms"]) == 5
+    resumed = pl.train_emulator(
+        grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, resume=True, **KW
+    )
+    assert_same_run(resumed, uninterrupted[optimizer])
+    assert _iteration(ckpt) == 12
+
+
+@pytest.mark.parametrize("optimizer", ["lm", "adam"])
+def test_killed_run_resumes_to_the_uninterrupted_result(
+    grid, uninterrupted, tmp_path, monkeypatch, optimizer
+):
+    """A KeyboardInterrupt in the middle of iteration 7 (any kill) leaves the
+    checkpoint of iteration 6; resuming from it gives the uninterrupted run."""
+    ckpt = tmp_path / "ckpt.h5"
+    calls = {"n": 0}
+    if optimizer == "lm":
+        real = T._lm_step
+
+        def step(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 6 * 3 + 2:  # 3 chunks of 8 pixels per iteration
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(T, "_lm_step", step)
+    else:
+        real_make = T._make_adam_step
+
+        def make(*a, **k):
+            real = real_make(*a, **k)
+
+            def step(*args):
+                calls["n"] += 1
+                if calls["n"] == 6 * 1 + 1:  # one batch of 72 spectra per epoch
+                    raise KeyboardInterrupt
+                return real(*args)
+
+            return step
+
+        monkeypatch.setattr(T, "_make_adam_step", make)
+    with pytest.raises(KeyboardInterrupt):
+        pl.train_emulator(
+            grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, checkpoint_every=3,
+            **KW,
+        )  # fmt: skip
+    assert _iteration(ckpt) == 6
+    monkeypatch.undo()
+    resumed = pl.train_emulator(
+        grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, resume=True, **KW
+    )
+    assert_same_run(resumed, uninterrupted[optimizer])
+
+
+def test_resume_without_a_checkpoint_file_starts_afresh(grid, uninterrupted, tmp_path):
+    """resume=True on a missing file trains from scratch (a requeued job's first run)."""
+    emu = pl.train_emulator(
+        grid, max_iter=12, checkpoint=tmp_path / "new.h5", resume=True, **KW
+    )
+    assert_same_run(emu, uninterrupted["lm"])
+
+
+# --------------------------------------------------------------------------------------
+# divergence
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["lm", "adam"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    grid, uninterrupted, tmp_path, monkeypatch, optimizer
+):
+    ckpt = tmp_path / "ckpt.h5"
+    calls = {"n": 0}
+    if optimizer == "lm":
+        real = T._lm_step
+        nan_from = 4 * 3 + 1  # iteration 5, first chunk
+
+        def step(*a, **k):
+            calls["n"] += 1
+            theta, lam, loss = real(*a, **k)
+            if calls["n"] >= nan_from:
+                return theta * np.nan, lam, loss * np.nan
+            return theta, lam, loss
+
+        monkeypatch.setattr(T, "_lm_step", step)
+    else:
+        real_make = T._make_adam_step
+
+        def make(*a, **k):
+            real = real_make(*a, **k)
+
+            def step(*args):
+                calls["n"] += 1
+                theta, state, loss = real(*args)
+                if calls["n"] >= 5:  # epoch 5
+                    return theta * np.nan, state, loss * np.nan
+                return theta, state, loss
+
+            return step
+
+        monkeypatch.setattr(T, "_make_adam_step", make)
+    msg = (
+        rf"^training \({optimizer}\) diverged at iteration 5: non-finite loss for "
+        rf"\d+ pixel\(s\), first pixel \d+ at 150\d\d A \(non-finite flux, labels or "
+        rf"errors in the grid\?\); the checkpoint {re.escape(str(ckpt))} from "
+        rf"iteration 4 is kept$"
+    )
+    with pytest.raises(pl.TrainingDivergedError, match=msg):
+        pl.train_emulator(
+            grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, checkpoint_every=2,
+            **KW,
+        )  # fmt: skip
+    assert _iteration(ckpt) == 4
+    with h5py.File(ckpt, "r") as f:
+        assert np.all(np.isfinite(f["state/theta"][()]))
+    monkeypatch.undo()
+    resumed = pl.train_emulator(
+        grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, resume=True, **KW
+    )
+    assert_same_run(resumed, uninterrupted[optimizer])
+
+
+def test_exploding_adam_loss_stops_the_run(grid, tmp_path):
+    with pytest.raises(
+        pl.TrainingDivergedError,
+        match=r"^training \(adam\) diverged at iteration 1: median validation RMS "
+        r"\S+ is more than divergence_factor=1000 times the starting \S+ \(a "
+        r"smaller learning_rate or lm_lambda0\?\); no checkpoint was written to "
+        r".*ckpt\.h5 before it$",
+    ):
+        pl.train_emulator(
+            grid, optimizer="adam", learning_rate=1e4, max_iter=5,
+            checkpoint=tmp_path / "ckpt.h5", **KW,
+        )  # fmt: skip
+    assert not (tmp_path / "ckpt.h5").exists()
+
+
+def test_divergence_without_checkpoint_says_so(grid, monkeypatch):
+    real = T._lm_step
+    monkeypatch.setattr(T, "_lm_step", lambda *a, **k: (lambda r: (r[0], r[1], r[2] * np.inf))(real(*a, **k)))  # noqa: E501
+    with pytest.raises(
+        pl.TrainingDivergedError,
+        match=r"iteration 1: non-finite loss .*; no checkpoint was kept \(pass "
+        r"checkpoint=PATH to keep one\)$",
+    ):
+        pl.train_emulator(grid, max_iter=3, **KW)
+
+
+def test_divergence_factor_is_validated():
+    with pytest.raises(ValueError, match=r"divergence_factor must be > 0, got -1"):
+        pl.TrainConfig(divergence_factor=-1)
+
+
+# --------------------------------------------------------------------------------------
+# refusals
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def lm_checkpoint(grid, tmp_path):
+    ckpt = tmp_path / "ckpt.h5"
+    pl.train_emulator(grid, max_iter=2, checkpoint=ckpt, **KW)
+    return ckpt
+
+
+def _other_grid(grid):
+    flux = np.array(grid.flux)
+    flux[0, 0] += 1e-3
+    return pl.SpectralGrid(
+        wavelength=grid.wavelength, labels=grid.labels, flux=flux,
+        label_names=grid.label_names, label_units=grid.label_units,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "match"),
+    [
+        (dict(hidden=4), ValueError,
+         r"written by another training run: config\.hidden: \[3\] in the checkpoint, "
+         r"\[4\] now \(use a new checkpoint path"),
+        (dict(optimizer="adam"), ValueError, r"config\.optimizer: 'lm' in the "
+         r"checkpoint, 'adam' now"),
+        (dict(seed=1), ValueError, r"config\.seed: 0 in the checkpoint, 1 now"),
+        (dict(grid=_other_grid), ValueError,
+         r"train_grid_sha256: another grid in the checkpoint"),
+        (dict(pixel_batch=16), ValueError, r"config\.pixel_batch: 8 in the checkpoint, "
+         r"16 now"),
+        (dict(resume=False), FileExistsError,
+         r"checkpoint .*ckpt\.h5 exists; pass resume=True \(payne-lite train "
+         r"--resume\) to continue from it, or remove it"),
+    ],
+    ids=["hidden", "optimizer", "seed", "grid", "pixel_batch", "no-resume"],
+)  # fmt: skip
+def test_mismatched_checkpoint_is_refused(grid, lm_checkpoint, change, exc, match):
+    kw = {**KW, "max_iter": 4, "checkpoint": lm_checkpoint, "resume": True}
+    g = grid
+    for key, value in change.items():
+        if key == "grid":
+            g = value(grid)
+        else:
+            kw[key] = value
+    before = lm_checkpoint.read_bytes()
+    with pytest.raises(exc, match=match):
+        pl.train_emulator(g, **kw)
+    assert lm_checkpoint.read_bytes() == before  # left as it was
+
+
+@pytest.mark.parametrize("damage", ["truncated", "v2", "other_format"])
+def test_damaged_checkpoint_is_refused(grid, lm_checkpoint, damage):
+    raw = lm_checkpoint.read_bytes()
+    if damage == "truncated":
+        lm_checkpoint.write_bytes(raw[: len(raw) // 2])
+        match = r"not a readable HDF5 file \(corrupt or truncated\?\)"
+    else:
+        with h5py.File(lm_checkpoint, "a") as f:
+            if damage == "v2":
+                f.attrs["format_version"] = 2
+                match = r"payne_lite\.TrainCheckpoint format_version=2 is not supported"
+            else:
+                f.attrs["format"] = "payne_lite.Emulator"
+                match = r"expected a 'payne_lite\.TrainCheckpoint' file"
+    with pytest.raises(pl.FileFormatError, match=match):
+        pl.train_emulator(grid, max_iter=4, checkpoint=lm_checkpoint, resume=True, **KW)
+
+
+def test_resume_needs_a_checkpoint(grid):
+    with pytest.raises(ValueError, match=r"resume=True needs checkpoint=PATH"):
+        pl.train_emulator(grid, max_iter=2, resume=True, **KW)
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def _main(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_checkpoint_resume_and_divergence(grid, tmp_path):
+    grid.save(tmp_path / "grid.h5")
+    flags = ["--hidden", "3", "--pixel-batch", "8", "--patience", "3", "--no-progress"]
+    ckpt = tmp_path / "emu.ckpt.h5"
+    code, _, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "a.h5",
+                         "--max-iter", "4", "--checkpoint", ckpt, *flags)
+    assert code == 0, err
+    assert _iteration(ckpt) == 4
+    code, out, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "b.h5",
+                           "--max-iter", "8", "--checkpoint", ckpt, *flags)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"payne-lite: error: checkpoint {ckpt} exists; add --resume "
+                           "to continue from it, or remove it")
+    code, _, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "b.h5",
+                         "--max-iter", "8", "--checkpoint", ckpt, "--resume", *flags)
+    assert code == 0, err
+    direct = pl.train_emulator(grid, max_iter=8, hidden=3, pixel_batch=8, patience=3,
+                               progress=False)
+    for x, y in zip(_params(pl.Emulator.load(tmp_path / "b.h5")), _params(direct),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+    code, out, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "c.h5",
+                           "--optimizer", "adam", "--learning-rate", "1e4", *flags)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "payne-lite: error: training (adam) diverged at iteration 1: median validation"
+    ), err
+    assert not (tmp_path / "c.h5").exists()
+
+
+# --------------------------------------------------------------------------------------
+# the GPU-node recipe (training/)
+# --------------------------------------------------------------------------------------
+def test_gpu_recipe_matches_the_cli():
+    """The sbatch script's payne-lite command and gpu_node.json parse with today's CLI
+    and TrainConfig (a renamed flag or field fails here, not on the cluster)."""
+    script = (ROOT / "training" / "train_gpu.sbatch").read_text()
+    joined = re.sub(r"\\\n\s*", " ", script)
+    cmd = next(ln for ln in joined.splitlines() if ln.lstrip().startswith("payne-lite "))
+    argv = shlex.split(cmd)[1:]
+    subs = {"$GRID": "grid.h5", "$OUT": "emu.h5", "$CONFIG": "gpu_node.json",
+            "$CKPT": "emu.ckpt.h5"}
+    argv = [subs.get(a, a) for a in argv]
+    args = build_parser().parse_args(argv)
+    assert args.command == "train"
+    assert (args.config, args.checkpoint, args.resume) == (
+        "gpu_node.json", "emu.ckpt.h5", True)
+    settings = _config_from_json(ROOT / "training" / "gpu_node.json")
+    assert set(settings) <= set(_CONFIG_FIELDS)
+    cfg = pl.TrainConfig(**settings)
+    assert cfg.pixel_batch == 2048 and cfg.optimizer == "lm"
+    readme = (ROOT / "training" / "README.md").read_text()
+    for flag in re.findall(r"`(--[a-z-]+)", readme):
+        assert flag in script or any(flag in a.option_strings for a in
+                                     _train_actions()), flag
+
+
+def _train_actions():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["train"]._actions
