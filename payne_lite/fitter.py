@@ -999,7 +999,7 @@ def fit(
             method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
             ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
     """
-    if wavelength is not None:
+    if wavelength is not None and mdn is None:  # an MDN refuses any other grid
         warn_if_near_grid(wavelength, emulator.wavelength)
     if method in SAMPLERS:
         # posteriors: payne_lite.posterior.sample with the same model and options

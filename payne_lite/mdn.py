@@ -908,6 +908,8 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
 
     Raises:
         ValueError: bad settings (named), or ``config`` and keywords both given.
+        TrainingDivergedError: the training or validation NLL became NaN or
+            infinite (the run stops instead of returning a half-trained MDN).
     """
     from tqdm.auto import tqdm
 
@@ -1000,6 +1002,15 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
             tot = tot + loss
         tr = float(tot) / n_batch
         va = float(valid_loss(net, x_va_j, y_va_j))
+        if not (np.isfinite(tr) and np.isfinite(va)):
+            from .train import TrainingDivergedError
+
+            raise TrainingDivergedError(
+                f"train_mdn diverged at epoch {_epoch + 1}: training NLL {tr:.4g}, "
+                f"validation NLL {va:.4g} (the best so far was {best:.4g} after "
+                f"{len(hist_va)} epoch(s)); a smaller learning_rate, or check the "
+                "emulator for non-finite spectra"
+            )
         hist_tr.append(tr)
         hist_va.append(va)
         bar.set_postfix(train=f"{tr:.3f}", valid=f"{va:.3f}")

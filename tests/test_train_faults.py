@@ -369,3 +369,23 @@ def _train_actions():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     return sub.choices["train"]._actions
+
+
+# --------------------------------------------------------------------------------------
+# train_mdn
+# --------------------------------------------------------------------------------------
+def test_train_mdn_stops_on_a_nan_loss(monkeypatch):
+    """A non-finite NLL used to end the run quietly through the patience rule."""
+    from conftest import build_tiny_emulator
+
+    from payne_lite import mdn as M
+
+    real = M.mixture_nll
+    monkeypatch.setattr(M, "mixture_nll", lambda *a: real(*a) * np.nan)
+    with pytest.raises(
+        pl.TrainingDivergedError,
+        match=r"^train_mdn diverged at epoch 1: training NLL nan, validation NLL nan "
+        r"\(the best so far was inf after 0 epoch\(s\)\); a smaller learning_rate",
+    ):
+        pl.train_mdn(build_tiny_emulator(n_pix=40), n_train=200, n_valid=40, epochs=3,
+                     n_pca=4, hidden=(8,), progress=False)
