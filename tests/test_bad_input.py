@@ -195,7 +195,8 @@ def _fit_catalog(c, *, source, **kw):
     src = source(c) if callable(source) else c.dir / source
     kw = {k: (v(c) if callable(v) else v) for k, v in kw.items()}
     out = _out(c)
-    return pl.fit_catalog(src, out, c.emu, progress=False, n_threads=1, **kw)
+    emu = kw.pop("emulator", c.emu)
+    return pl.fit_catalog(src, out, emu, progress=False, n_threads=1, **kw)
 
 
 def _mdn_predict(c, *, flux=None, err=None, **kw):
@@ -346,6 +347,10 @@ CASES = [
          Raises(ValueError, r"p0 \(2,\) must have 3 columns \(Teff, logg, \[Fe/H\]\)")),
     Case("fit", "p0 rows != stars", dict(p0=np.tile([5000.0, 3.0, 0.0], (2, 1))),
          Raises(ValueError, r"p0 \(2, 3\) must be \(3,\) or \(3, 3\)")),
+    Case("fit", "with an MDN: a same-length grid that is not the MDN's",
+         dict(mdn=lambda c: c.mdn, wavelength=lambda c: c.emu.wavelength + 0.05),
+         Raises(ValueError, r"MDN trained on a wavelength grid of 60 pixels .*\(max "
+                r"\|difference\| 0\.05 A\)")),
     Case("fit", "rv_range empty (user bounds)", dict(rv_range=(100.0, -100.0)),
          Raises(ValueError, r"rv_range must be \(lo, hi\) with lo < hi")),
     # ---- fit_catalog ----------------------------------------------------------------
@@ -384,6 +389,10 @@ CASES = [
     Case("fit_catalog", "fixed= outside the box", dict(source="cat.h5",
          fixed={"[Fe/H]": 2.0}),
          Raises(ValueError, r"fixed: \[Fe/H\] = 2 is outside the training box")),
+    Case("fit_catalog", "emulator file of another format version",
+         dict(source="cat.h5", emulator=lambda c: c.bad["emu"]["v99"]),
+         Raises(pl.FileFormatError, r"emu_v99\.h5: payne_lite\.Emulator "
+                r"format_version=99 is not supported")),
     # ---- MDN.predict: bad rows are NaN, the others answered --------------------------
     Case("MDN.predict", "NaN flux (one star)", dict(flux=_set_row(1, np.nan)), Flagged((1,))),
     Case("MDN.predict", "zero errors (one star)", dict(err=_set_row(0, 0.0)), Flagged((0,))),
@@ -453,6 +462,18 @@ CASES = [
          dict(argv=lambda c: ["train", c.bad["grid"]["corrupt"], "-o", _out(c, ".h5"),
                               "--no-progress"]),
          Exit(2, r"^payne-lite: error: .*grid_corrupt\.h5: .*corrupt")),
+    Case("cli", "predict: labels outside the training box",
+         dict(argv=lambda c: ["predict", c.dir / "emu.h5", "--labels", "9000,3,0",
+                              "-o", _out(c, ".npy")]),
+         Exit(2, r"^payne-lite: error: label row 0: Teff = 9000 is outside the "
+              r"emulator's training box \[4000, 7000\] K")),
+    Case("cli", "train-mdn: an emulator of another format version",
+         dict(argv=lambda c: ["train-mdn", c.bad["emu"]["v99"], "-o", _out(c, ".h5"),
+                              "--no-progress"]),
+         Exit(2, r"^payne-lite: error: .*payne_lite\.Emulator format_version=99")),
+    Case("cli", "fit: a truncated FITS star",
+         dict(argv=lambda c: _cli_fit(c, c.dir / "star_truncated.fits")),
+         Exit(2, r"^payne-lite: error: .*star_truncated\.fits: truncated or corrupt")),
     Case("cli", "train: --resume without --checkpoint",
          dict(argv=lambda c: ["train", c.dir / "grid.h5", "-o", _out(c, ".h5"),
                               "--resume", "--no-progress"]),
