@@ -188,6 +188,80 @@ def test_mismatched_emulator_refused(trained, emu, tmp_path):
         )
 
 
+def test_load_refuses_version_1_files(trained, tmp_path):
+    """Version-1 files hold an MLP trained on other features: refused, not misread."""
+    import h5py
+
+    path = tmp_path / "m.h5"
+    trained.save(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+    with pytest.raises(pl.FileFormatError, match="format_version=1"):
+        pl.MDN.load(path)
+
+
+# --------------------------------------------------------------------------------------
+# Feature extraction on a log-uniform grid with a gap (the APOGEE layout)
+# --------------------------------------------------------------------------------------
+def _log_grid_wave(n_a=300, n_b=260, gap=40, step=6e-6 * np.log(10.0)):
+    idx = np.concatenate([np.arange(n_a), n_a + gap + np.arange(n_b)])
+    return np.exp(np.log(15200.0) + step * idx), step
+
+
+def test_rest_frame_shift_on_log_grid_matches_numpy():
+    """The batched span shift equals linear interpolation in ln(lambda) by NumPy:
+    NaN where a neighbour is unusable, off the grid or across the gap."""
+    from payne_lite.constants import C_KMS
+
+    wave, step = _log_grid_wave()
+    grid = mdn_mod._grid_model(wave, 200.0, jnp.float32)
+    assert grid.log_grid is not None
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.0, 1.0, (6, wave.size)).astype(np.float32)
+    d[1, 40:45] = np.nan
+    d[2, 299] = np.nan  # last pixel before the gap
+    rv = np.array([0.7, 13.7, -41.2, 120.5, -150.0, 3.3])
+    span = np.asarray(mdn_mod._rest_span_rows(grid, jnp.asarray(d), jnp.asarray(rv)))
+    pos = mdn_mod._to_span(grid.log_grid, np.arange(1, wave.size + 1))
+    rest = span[:, np.flatnonzero(pos)]  # the span at the pixels (gaps dropped)
+    ln = np.log(wave)
+    u = np.round((ln - ln[0]) / step).astype(int)  # grid index of each pixel
+    full = np.full((d.shape[0], u[-1] + 1), np.nan)
+    full[:, u] = d
+    for i, v in enumerate(rv):
+        x = (ln - ln[0]) / step + np.arctanh(v / C_KMS) / step  # where to read
+        k = np.floor(x).astype(int)
+        t = x - k
+        ok = (k >= 0) & (k + 1 <= u[-1])
+        a = np.where(ok, full[i, np.clip(k, 0, u[-1])], np.nan)
+        b = np.where(ok, full[i, np.clip(k + 1, 0, u[-1])], np.nan)
+        ref = a + t * (b - a)
+        np.testing.assert_array_equal(np.isnan(rest[i]), np.isnan(ref))
+        fin = np.isfinite(ref)
+        assert fin.sum() > 400
+        np.testing.assert_allclose(rest[i][fin], ref[fin], atol=2e-5, rtol=0)
+
+
+def test_low_rank_fine_ccf_matches_full_templates():
+    """The rank-r fine templates give the full 41-template CCF to 1e-5."""
+    wave, _ = _log_grid_wave()
+    rng = np.random.default_rng(5)
+    lines = 1.0 - 0.4 * np.exp(-0.5 * ((np.arange(wave.size)[:, None] - rng.uniform(
+        0, wave.size, 40)) / 1.5) ** 2).sum(axis=1)  # fmt: skip
+    grid = mdn_mod._grid_model(wave, 600.0, jnp.float32)
+    coarse, fine = mdn_mod._rv_grids((-500.0, 500.0))
+    tf = np.asarray(
+        mdn_mod._template_rows(grid, jnp.asarray(1.0 - lines), jnp.asarray(fine)),
+        float,
+    )
+    tq = mdn_mod._to_span(grid.log_grid, tf)
+    v, a = mdn_mod._low_rank(tq, mdn_mod.FINE_RTOL)
+    assert v.shape[1] < len(fine)
+    x = rng.normal(0.0, 0.1, (20, tq.shape[1])) + tq[rng.integers(0, len(fine), 20)]
+    full = x @ tq.T
+    np.testing.assert_allclose((x @ v) @ a.T, full, atol=1e-5 * np.abs(full).max())
+
+
 def test_load_refuses_other_files(emu, tmp_path):
     path = tmp_path / "emu.h5"
     emu.save(path)
