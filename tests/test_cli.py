@@ -270,13 +270,14 @@ def test_info_results(fit_files, tmp_path, capsys, suffix):
 
 
 def test_info_mdn(tmp_path, capsys):
+    from payne_lite import mdn as mdn_mod
     from payne_lite.demo import DEFAULT_MDN
 
     if not DEFAULT_MDN.exists():
         pytest.skip(f"{DEFAULT_MDN} not in this checkout")
     code, out, err = run(capsys, "info", DEFAULT_MDN)
     assert code == 0, err
-    assert out.startswith(f"{DEFAULT_MDN}: payne_lite.MDN v1, ")
+    assert out.startswith(f"{DEFAULT_MDN}: payne_lite.MDN v{mdn_mod.MDN_VERSION}, ")
     assert "MDN(1 component(s), 8366 pixels" in out and "8366 pixels (log-uniform" in out
 
 
