@@ -979,7 +979,7 @@ def fit(
         emulator: the rest-frame spectrum emulator.
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
         wavelength: observed wavelength [A]: (P,) one grid for all spectra, or
-            (n, P) one grid per spectrum (NaN entries are masked pixels, e.g. the
+            (n, P) one grid per spectrum; NaN entries are masked pixels (e.g. the
             padding of a ragged catalog); None = the emulator's grid. Spectra on
             identical grids are fitted together, and grids of one shape share the
             compiled solver (except grids made of the emulator's own log-uniform
@@ -1075,6 +1075,11 @@ def fit(
         wavelength = air_to_vacuum(
             as_float_array(wavelength, "wavelength", ndim=(1, 2))
         )
+    if wavelength is not None and np.ndim(wavelength) == 1:
+        wave1 = as_float_array(wavelength, "wavelength", ndim=1)
+        if not np.all(np.isfinite(wave1)):  # NaN entries: masked pixels
+            wavelength, missing = _fill_grid(wave1, 0)
+            mask = missing if mask is None else np.asarray(mask) | missing
     if wavelength is not None and np.ndim(wavelength) == 2:
         return _fit_per_star_grids(
             flux, flux_err, emulator, wavelength, mask=mask, p0=p0,
@@ -1304,7 +1309,7 @@ def fit(
 
 
 def _fill_grid(wave: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """(filled grid (P,), missing (P,) bool) of one star's grid with NaN entries.
+    """(filled grid (P,), missing (P,) bool) of a grid with NaN entries (row ``row``).
 
     Missing wavelengths are filled by linear interpolation in pixel index between
     their neighbours (the end steps extrapolated), so the grid stays strictly
