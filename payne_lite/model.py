@@ -1005,13 +1005,18 @@ def param_layout(
     return ParamLayout(names, lo, hi, n_lab, int(cont_deg), broadening)
 
 
-def make_model(emulator: Emulator, *, wavelength=None, cont_deg: int = 0):
+def make_model(
+    emulator: Emulator, *, wavelength=None, cont_deg: int = 0, **options
+):
     """The observation model of ``emulator`` as a pure function of one star's params.
 
     Args:
         emulator: the rest-frame spectrum emulator.
         wavelength: (P_obs,) observed wavelength grid [A]; None = the emulator's.
         cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
+        **options: ``resolution``, ``lsf_sigma``, ``emulator_resolution``,
+            ``broadening`` (e.g. ``("vsini",)``: parameters appended after the
+            continuum's) and ``limb_darkening``, as for :func:`build_obs_model`.
 
     Returns:
         ``(model, layout)``: ``model(params) -> (flux (P_obs,), valid (P_obs,) bool)``
@@ -1023,5 +1028,10 @@ def make_model(emulator: Emulator, *, wavelength=None, cont_deg: int = 0):
         >>> model, layout = make_model(emu, cont_deg=1)        # doctest: +SKIP
         >>> flux, valid = jax.jit(model)(jnp.array([0, 0, 0, 12.0, 1.0, 0.0]))
     """
-    obs = build_obs_model(emulator, wavelength=wavelength, cont_deg=cont_deg)
-    return functools.partial(observe, obs), param_layout(emulator, cont_deg=cont_deg)
+    obs = build_obs_model(
+        emulator, wavelength=wavelength, cont_deg=cont_deg, **options
+    )
+    layout = param_layout(
+        emulator, cont_deg=cont_deg, broadening=options.get("broadening", ())
+    )
+    return functools.partial(observe, obs), layout
