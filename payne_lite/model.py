@@ -149,7 +149,14 @@ class JetNet(NamedTuple):
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=[
-        "net", "x_rest", "gap_cum", "x_obs", "wave_obs", "basis", "lookup", "jet",
+        "net",
+        "x_rest",
+        "gap_cum",
+        "x_obs",
+        "wave_obs",
+        "basis",
+        "lookup",
+        "jet",
         "lsf",
     ],
     meta_fields=["activation", "n_labels", "cont_deg", "log_grid", "broad"],
@@ -1005,9 +1012,7 @@ def param_layout(
     return ParamLayout(names, lo, hi, n_lab, int(cont_deg), broadening)
 
 
-def make_model(
-    emulator: Emulator, *, wavelength=None, cont_deg: int = 0, **options
-):
+def make_model(emulator: Emulator, *, wavelength=None, cont_deg: int = 0, **options):
     """The observation model of ``emulator`` as a pure function of one star's params.
 
     Args:
@@ -1028,9 +1033,7 @@ def make_model(
         >>> model, layout = make_model(emu, cont_deg=1)        # doctest: +SKIP
         >>> flux, valid = jax.jit(model)(jnp.array([0, 0, 0, 12.0, 1.0, 0.0]))
     """
-    obs = build_obs_model(
-        emulator, wavelength=wavelength, cont_deg=cont_deg, **options
-    )
+    obs = build_obs_model(emulator, wavelength=wavelength, cont_deg=cont_deg, **options)
     layout = param_layout(
         emulator, cont_deg=cont_deg, broadening=options.get("broadening", ())
     )
