@@ -1081,7 +1081,7 @@ def fit(
             wavelength, missing = _fill_grid(wave1, 0)
             mask = missing if mask is None else np.asarray(mask) | missing
     if wavelength is not None and np.ndim(wavelength) == 2:
-        return _fit_per_star_grids(
+        t = _fit_per_star_grids(
             flux, flux_err, emulator, wavelength, mask=mask, p0=p0,
             resolution=resolution, lsf_sigma=lsf_sigma, method=method,
             cont_deg=cont_deg, rv_range=rv_range, fixed=fixed, max_iter=max_iter,
@@ -1091,6 +1091,8 @@ def fit(
             mdn_starts=mdn_starts, emulator_resolution=emulator_resolution,
             vsini=vsini, vmacro=vmacro, limb_darkening=limb_darkening,
         )  # fmt: skip
+        t.meta["wavelength_air"] = bool(air)
+        return t
     if method in SAMPLERS:
         # posteriors: payne_lite.posterior.sample with the same model and options
         from .posterior import sample
