@@ -69,6 +69,16 @@ kept; ``mdn_refit`` marks them and their ``n_iter`` counts both passes. Columns
 ``<label>_mdn``, ``<label>_mdn_sigma``, ``rv_mdn``, ``rv_mdn_sigma`` hold the MDN's
 Gaussians.
 
+Real instruments (``resolution=``, ``lsf_sigma=``, ``vsini=``, ``vmacro=``, ``air=``,
+per-star ``wavelength`` (n, P)): the model is :func:`payne_lite.model.observe` with
+the rest-frame broadening of :func:`payne_lite.model.rest_model`; the RV-scan
+template is broadened at the start values (``BROADENING_START``, or the fixed
+ones); the Jacobian is ``jax.jacfwd`` of the model (the fast normal equations apply
+to the unbroadened model only). Broadening parameters come after the continuum's in
+the parameter vector and in ``meta["cov_params"]``; their columns are in km/s.
+Spectra with per-star grids are grouped by grid and fitted group by group
+(:func:`_fit_per_star_grids`).
+
 Precision: JAX's default float (float32 unless x64 is enabled); the covariance is
 inverted on the host in float64.
 
