@@ -6,8 +6,11 @@ Please cite Ting et al. 2019 (ApJ 879, 69), "The Payne", whose method this imple
 from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
+from . import broadening as broadening
 from ._h5 import FileFormatError as FileFormatError
 from ._validate import WavelengthGridWarning as WavelengthGridWarning
+from .broadening import air_to_vacuum as air_to_vacuum
+from .broadening import vacuum_to_air as vacuum_to_air
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
 from .catalog import open_catalog as open_catalog
@@ -45,6 +48,8 @@ __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
     "WavelengthGridWarning",
+    "air_to_vacuum",
+    "broadening",
     "fit",
     "fit_catalog",
     "iter_catalog",
@@ -54,6 +59,7 @@ __all__ = [
     "sample",
     "train_emulator",
     "train_mdn",
+    "vacuum_to_air",
     "write_catalog",
     "write_results",
 ]

@@ -524,6 +524,23 @@ class Emulator:
         return tuple(int(np.shape(w)[0]) for w in self.net.weights[:-1])
 
     @property
+    def resolution(self) -> float | None:
+        """Resolving power R = lambda / FWHM of the emulated spectra, or None if unknown.
+
+        ``meta["resolution"]`` when set (set it for imported networks, e.g. 22,500
+        for The Payne's APOGEE networks), else the training grid's
+        (``meta["grid_meta"]["resolution"]``: the built-in synthesizer records the R
+        it convolved with). The fitter assumes
+        :data:`payne_lite.model.DEFAULT_EMULATOR_RESOLUTION` (APOGEE's 22,500) when
+        this is None and a lower instrumental resolution is requested.
+        """
+        for meta in (self.meta, self.meta.get("grid_meta") or {}):
+            r = meta.get("resolution") if isinstance(meta, dict) else None
+            if isinstance(r, int | float) and np.isfinite(r) and r > 0:
+                return float(r)
+        return None
+
+    @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi): the training box in physical units, each (L,)."""
         return self.label_lo, self.label_hi

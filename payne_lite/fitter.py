@@ -69,6 +69,16 @@ kept; ``mdn_refit`` marks them and their ``n_iter`` counts both passes. Columns
 ``<label>_mdn``, ``<label>_mdn_sigma``, ``rv_mdn``, ``rv_mdn_sigma`` hold the MDN's
 Gaussians.
 
+Real instruments (``resolution=``, ``lsf_sigma=``, ``vsini=``, ``vmacro=``, ``air=``,
+per-star ``wavelength`` (n, P)): the model is :func:`payne_lite.model.observe` with
+the rest-frame broadening of :func:`payne_lite.model.rest_model`; the RV-scan
+template is broadened at the start values (``BROADENING_START``, or the fixed
+ones); the Jacobian is ``jax.jacfwd`` of the model (the fast normal equations apply
+to the unbroadened model only). Broadening parameters come after the continuum's in
+the parameter vector and in ``meta["cov_params"]``; their columns are in km/s.
+Spectra with per-star grids are grouped by grid and fitted group by group
+(:func:`_fit_per_star_grids`).
+
 Precision: JAX's default float (float32 unless x64 is enabled); the covariance is
 inverted on the host in float64.
 
@@ -89,18 +99,23 @@ import numpy as np
 
 from ._serial import serial_jit
 from ._validate import as_float_array, warn_if_near_grid
+from .broadening import LIMB_DARKENING, air_to_vacuum
 from .constants import C_KMS
-from .emulator import KERNEL_COMPILER_OPTIONS, Emulator, forward
+from .emulator import KERNEL_COMPILER_OPTIONS, Emulator
 from .model import (
+    BROADENING_PARAMS,
+    BROADENING_RANGE,
     LABEL_BOUND,
     ObsModel,
     _shift_pair,
     build_obs_model,
     embed_obs,
+    lsf_sigma_pixels,
     normal_equations,
     observe,
     observe_jac_t,
     param_layout,
+    rest_model,
     window_valid,
 )
 
@@ -151,6 +166,8 @@ MDN_NSIGMA = 3.0
 MDN_FLAG_NSIGMA = 4.0
 #: Median S/N per pixel below which a fit is flagged low_snr (bit 5).
 LOW_SNR = 10.0
+#: Start (and RV-scan template) value of a fitted broadening parameter [km/s].
+BROADENING_START = {"vsini": 10.0, "vmacro": 5.0}
 
 METHODS = ("lm", "curve_fit")
 #: Posterior samplers ``fit`` hands to :func:`payne_lite.posterior.sample`.
@@ -163,10 +180,11 @@ SAMPLERS = ("emcee", "mdn-is")
 @functools.partial(
     jax.jit, static_argnames=("common",), compiler_options=KERNEL_COMPILER_OPTIONS
 )
-def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w, *, common=False):
+def _scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     """Best RV (n,) and continuum (n, n_c) from a chi2 scan over ``rv_grid`` (R,).
 
-    The template is the model at scaled labels ``s0`` (L,), shifted to every RV once
+    The template is the model at scaled labels ``s0`` (L,) (broadened by ``b0``
+    (n_broad,) [km/s] and at the instrumental resolution), shifted to every RV once
     for the whole batch; chi2 for all stars and RVs comes from (n, P) @ (P, R)
     products. With a continuum (``cont_deg > 0``) its coefficients are solved
     linearly at each RV; without, the single coefficient is 1.
@@ -176,7 +194,7 @@ def _scan_batch(obs: ObsModel, s0, rv_grid, flux, w, *, common=False):
     constant term needs no product (2 products instead of 4 without a continuum).
     Otherwise chi2 per valid pixel is compared (the pixel set changes with RV).
     """
-    f_rest = jax.lax.optimization_barrier(forward(obs.net, s0, obs.activation))
+    f_rest = jax.lax.optimization_barrier(rest_model(obs, s0, b0))
 
     def shifted(rv):
         ma, mb, t, _, valid = _shift_pair(obs, f_rest[None], rv)
@@ -588,11 +606,15 @@ def _teff_index(names) -> int:
     return 0
 
 
-def _check_fixed(fixed, emulator, rv_range):
-    """{name: value} -> {index: value in fit space}; unknown names refused."""
+def _check_fixed(fixed, emulator, rv_range, layout=None):
+    """{name: value} -> {index: value in fit space}; unknown names refused.
+
+    Broadening parameters (``vsini``, ``vmacro`` [km/s]) are accepted when
+    ``layout`` has them."""
     if not fixed:
         return {}
-    valid = (*emulator.label_names, "rv")
+    broad = () if layout is None else tuple(layout.broadening)
+    valid = (*emulator.label_names, "rv", *broad)
     out = {}
     for name, value in dict(fixed).items():
         if name not in valid:
@@ -602,7 +624,14 @@ def _check_fixed(fixed, emulator, rv_range):
         v = float(value)
         if not np.isfinite(v):
             raise ValueError(f"fixed: {name} = {value!r} is not finite")
-        if name == "rv":
+        if name in broad:
+            lo, hi = BROADENING_RANGE[name]
+            if not lo <= v <= hi:
+                raise ValueError(
+                    f"fixed: {name} = {v:g} km/s is outside its range [{lo:g}, {hi:g}]"
+                )
+            out[layout.names.index(name)] = v
+        elif name == "rv":
             if not rv_range[0] <= v <= rv_range[1]:
                 raise ValueError(
                     f"fixed: rv = {v:g} km/s is outside rv_range {rv_range}"
@@ -676,6 +705,7 @@ class _BatchContext(NamedTuple):
     rv_grid: Array
     scan_pixels: np.ndarray | None
     s_scan: Array
+    b_scan: Array  # (n_broad,) start values of the broadening parameters [km/s]
     max_iter: int
     return_model: bool
     emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
@@ -827,15 +857,17 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
         c0[:, 0] = 1.0
     elif layout.rv_index in fix:
         rv0 = np.full(size, fix[layout.rv_index])
-        _, c0 = _scan_batch(obs, ctx.s_scan, jnp.asarray(rv0[:1], dt), f_j, w_j)
+        _, c0 = _scan_batch(
+            obs, ctx.s_scan, ctx.b_scan, jnp.asarray(rv0[:1], dt), f_j, w_j
+        )
         rv_lo, rv_hi = rv0, rv0
     else:
         if ctx.scan_pixels is None:
-            rv0, c0 = _scan_batch(obs, ctx.s_scan, ctx.rv_grid, f_j, w_j)
+            rv0, c0 = _scan_batch(obs, ctx.s_scan, ctx.b_scan, ctx.rv_grid, f_j, w_j)
         else:
             w_scan = jnp.asarray(np.where(ctx.scan_pixels, wb, 0.0), dt)
             rv0, c0 = _scan_batch(
-                obs, ctx.s_scan, ctx.rv_grid, f_j, w_scan, common=True
+                obs, ctx.s_scan, ctx.b_scan, ctx.rv_grid, f_j, w_scan, common=True
             )
         rv0 = np.asarray(rv0, np.float64)
         rv_lo = np.maximum(rv0 - RV_WINDOW, rv_range[0])
@@ -865,6 +897,8 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
     p_start[:, :, n_lab] = rv0[:, None]
     if obs.n_cont:
         p_start[:, :, layout.cont_slice] = c0[:, None, :]
+    if layout.broadening:
+        p_start[:, :, layout.broad_slice] = np.asarray(ctx.b_scan, np.float64)
     lo = np.broadcast_to(layout.lower, (size, k)).copy()
     hi = np.broadcast_to(layout.upper, (size, k)).copy()
     lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
@@ -938,6 +972,13 @@ def fit(
     progress: bool = False,
     mdn=None,
     mdn_starts: int = 0,
+    air: bool = False,
+    resolution=None,
+    lsf_sigma=None,
+    emulator_resolution=None,
+    vsini: bool = False,
+    vmacro: bool = False,
+    limb_darkening: float = LIMB_DARKENING,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
@@ -947,7 +988,14 @@ def fit(
             non-finite flux) give that pixel zero weight.
         emulator: the rest-frame spectrum emulator.
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
-        wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
+        wavelength: observed wavelength [A]: (P,) one grid for all spectra, or
+            (n, P) one grid per spectrum; NaN entries are masked pixels (e.g. the
+            padding of a ragged catalog); None = the emulator's grid. Spectra on
+            identical grids are fitted together, and grids of one shape share the
+            compiled solver (except grids made of the emulator's own log-uniform
+            pixels, whose layout is static: one compilation per such layout). The
+            model is computed on the emulator's grid and linearly interpolated at
+            each observed wavelength (see :mod:`payne_lite.model`).
         method: ``"lm"`` (batched Levenberg-Marquardt in JAX, see :func:`_lm_lanes` for
             damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian);
             ``"emcee"`` or ``"mdn-is"`` return posterior summaries from
@@ -982,6 +1030,31 @@ def fit(
             from the MDN's Gaussian (mean, sigma) within its +- 3 sigma bounds; as
             with the default starts, all are screened by chi2, LM runs from the
             best, and the others only when that fit is doubtful.
+        air: the observed ``wavelength`` is in air (converted to vacuum with
+            :func:`payne_lite.broadening.air_to_vacuum`, IAU standard; emulator
+            grids are vacuum, as APOGEE's).
+        resolution: instrumental resolving power R = lambda / FWHM to degrade the
+            model to: a number, a callable ``R(wavelength [A])``, or (P,) one R per
+            observed pixel ((n, P) with per-star grids). The model is convolved
+            with a Gaussian of the quadrature difference between this and the
+            emulator's own resolution (:func:`payne_lite.model.lsf_sigma_pixels`).
+        lsf_sigma: instead of ``resolution``, the Gaussian LSF sigma [A], a number
+            or (P,) per observed pixel ((n, P) with per-star grids).
+        emulator_resolution: R of the emulator's spectra; default
+            :attr:`Emulator.resolution`, else 22,500 (APOGEE, as The Payne's
+            networks).
+        vsini: fit the projected rotation velocity ``vsini`` [km/s] (Gray's
+            rotation profile with linear limb darkening ``limb_darkening``), bounded
+            to [0, 100] km/s and started at 10 km/s; ``fixed={"vsini": v}`` holds it
+            (and turns it on). Below about half a pixel of the emulator's grid
+            (~2 km/s for APOGEE's 4.1 km/s pixels) rotation changes the spectrum
+            by a term quadratic in vsini, so a star without measurable rotation
+            ends near or at the lower bound 0; there its derivative vanishes,
+            ``vsini_err`` is NaN and the other errors are those with vsini held.
+        vmacro: fit a Gaussian macroturbulence, its FWHM ``vmacro`` [km/s] in
+            [0, 50], started at 5; not with an emulator that has a ``vmacro``
+            label (The Payne's APOGEE network and the built-in one do).
+        limb_darkening: linear limb-darkening coefficient of the rotation profile.
 
     Returns:
         astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
@@ -999,12 +1072,48 @@ def fit(
             method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
             ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
     """
-    if wavelength is not None and mdn is None:  # an MDN refuses any other grid
-        warn_if_near_grid(wavelength, emulator.wavelength)
+    broadening = tuple(
+        b for b in BROADENING_PARAMS if (b == "vsini" and vsini)
+        or (b == "vmacro" and vmacro)
+        or (b in (fixed or {}) and b not in emulator.label_names)
+    )  # fmt: skip
+    if air:
+        if wavelength is None:
+            raise ValueError(
+                "air=True needs the observed wavelength (the emulator's grid is vacuum)"
+            )
+        wavelength = air_to_vacuum(
+            as_float_array(wavelength, "wavelength", ndim=(1, 2))
+        )
+    if wavelength is not None and np.ndim(wavelength) == 1:
+        wave1 = as_float_array(wavelength, "wavelength", ndim=1)
+        if mdn is None and np.all(np.isfinite(wave1)):  # an MDN refuses others
+            warn_if_near_grid(wave1, emulator.wavelength)
+        if not np.all(np.isfinite(wave1)):  # NaN entries: masked pixels
+            wavelength, missing = _fill_grid(wave1, 0)
+            mask = missing if mask is None else np.asarray(mask) | missing
+    if wavelength is not None and np.ndim(wavelength) == 2:
+        t = _fit_per_star_grids(
+            flux, flux_err, emulator, wavelength, mask=mask, p0=p0,
+            resolution=resolution, lsf_sigma=lsf_sigma, method=method,
+            cont_deg=cont_deg, rv_range=rv_range, fixed=fixed, max_iter=max_iter,
+            seed=seed, return_model=return_model, batch_size=batch_size,
+            n_threads=n_threads, scale_errors=scale_errors,
+            emulator_error=emulator_error, progress=progress, mdn=mdn,
+            mdn_starts=mdn_starts, emulator_resolution=emulator_resolution,
+            vsini=vsini, vmacro=vmacro, limb_darkening=limb_darkening,
+        )  # fmt: skip
+        t.meta["wavelength_air"] = bool(air)
+        return t
     if method in SAMPLERS:
         # posteriors: payne_lite.posterior.sample with the same model and options
         from .posterior import sample
 
+        if broadening or resolution is not None or lsf_sigma is not None:
+            raise ValueError(
+                f"method={method!r}: broadening and resolution are not implemented "
+                "for the samplers yet; use method='lm' or 'curve_fit'"
+            )
         if p0 is not None or mdn_starts or return_model or scale_errors:
             raise ValueError(
                 f"method={method!r}: p0, mdn_starts, return_model and scale_errors "
@@ -1038,19 +1147,26 @@ def fit(
         mdn.check_emulator(emulator)
         if wavelength is not None:
             mdn.check_wavelength(wavelength)
+    layout = param_layout(
+        emulator, cont_deg=cont_deg, rv_range=rv_range, broadening=broadening
+    )
     obs = build_obs_model(
         emulator,
         wavelength=wavelength,
         cont_deg=cont_deg,
         rv_max=max(abs(v) for v in rv_range),
+        resolution=resolution,
+        lsf_sigma=lsf_sigma,
+        emulator_resolution=emulator_resolution,
+        broadening=broadening,
+        limb_darkening=limb_darkening,
     )
-    layout = param_layout(emulator, cont_deg=cont_deg, rv_range=rv_range)
     n_pix = obs.x_obs.shape[0]
     flux2, ivar = _check_inputs(flux, flux_err, mask, n_pix)
     n = flux2.shape[0]
     n_lab = emulator.n_labels
     k = len(layout.names)
-    fix = _check_fixed(fixed, emulator, rv_range)
+    fix = _check_fixed(fixed, emulator, rv_range, layout)
     free = np.ones(k, bool)
     for j in fix:
         free[j] = False
@@ -1085,6 +1201,10 @@ def fit(
         rv_grid=jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt),
         scan_pixels=_scan_pixels(obs, rv_range),
         s_scan=jnp.asarray(s_scan, dt),
+        b_scan=jnp.asarray(
+            [fix.get(layout.names.index(b), BROADENING_START[b]) for b in broadening],
+            dt,
+        ),
         max_iter=int(max_iter),
         return_model=bool(return_model),
         emulator_error=(
@@ -1183,10 +1303,132 @@ def fit(
         scale_errors=scale_errors,
         emulator_error_used=ctx.emulator_error is not None,
     )
+    if obs.broad is not None:
+        wave_obs = np.asarray(obs.wave_obs, np.float64)
+        sig_pix, r_emu = lsf_sigma_pixels(
+            emulator, wave_obs, resolution=resolution, lsf_sigma=lsf_sigma,
+            emulator_resolution=emulator_resolution,
+        )  # fmt: skip
+        t.meta.update(
+            emulator_resolution=r_emu,
+            lsf_sigma_pixels_max=None if sig_pix is None else float(np.max(sig_pix)),
+            limb_darkening=float(limb_darkening),
+            broadening=list(broadening),
+        )
+    t.meta["wavelength_air"] = bool(air)
     if mdn is not None:
         _add_mdn_columns(t, layout, mdn_mean, mdn_sigma, refit, mdn_ok)
         t.meta.update(mdn_seconds=round(t_mdn, 4), mdn_n_components=mdn.n_components)
     return t
+
+
+def _fill_grid(wave: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(filled grid (P,), missing (P,) bool) of a grid with NaN entries (row ``row``).
+
+    Missing wavelengths are filled by linear interpolation in pixel index between
+    their neighbours (the end steps extrapolated), so the grid stays strictly
+    increasing; their pixels are masked."""
+    ok = np.isfinite(wave)
+    v = np.flatnonzero(ok)
+    if v.size < 2:
+        raise ValueError(
+            f"wavelength row {row} has {v.size} finite value(s); at least 2 needed"
+        )
+    w = wave[v]
+    if np.any(np.diff(w) <= 0):
+        raise ValueError(
+            f"wavelength row {row}: the finite wavelengths must be strictly increasing"
+        )
+    idx = np.arange(wave.size, dtype=np.float64)
+    filled = np.interp(idx, v, w)
+    head, tail = idx < v[0], idx > v[-1]
+    filled[head] = w[0] - (w[1] - w[0]) * (v[0] - idx[head])
+    filled[tail] = w[-1] + (w[-1] - w[-2]) * (idx[tail] - v[-1])
+    return filled, ~ok
+
+
+def _fit_per_star_grids(
+    flux, flux_err, emulator, wavelength, *, mask, p0, resolution, lsf_sigma, **kw
+):
+    """:func:`fit` with one wavelength grid per spectrum, (n, P).
+
+    Spectra on identical grids (and identical per-pixel ``resolution`` /
+    ``lsf_sigma`` rows) are fitted in one call; the tables are stacked back in the
+    input order, with a ``grid_group`` column (index of the distinct grid). Every
+    grid is checked against the emulator's range before anything is fitted.
+    """
+    from astropy.table import vstack
+
+    wave = as_float_array(wavelength, "wavelength", ndim=2)
+    f2 = np.atleast_2d(as_float_array(flux, "flux", ndim=(1, 2)))
+    e2 = np.atleast_2d(as_float_array(flux_err, "flux_err", ndim=(1, 2)))
+    if f2.shape != wave.shape or e2.shape != wave.shape:
+        raise ValueError(
+            f"with one grid per spectrum, wavelength {wave.shape}, flux "
+            f"{np.shape(flux)} and flux_err {np.shape(flux_err)} must all be (n, P)"
+        )
+    n, n_pix = wave.shape
+    m2 = np.zeros((n, n_pix), bool)
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype != bool or m.shape not in ((n_pix,), (n, n_pix)):
+            raise ValueError(
+                f"mask must be boolean ({n_pix},) or ({n}, {n_pix}), got "
+                f"{m.dtype} {m.shape}"
+            )
+        m2 |= m
+    per_star = {}
+    for name, val in (("resolution", resolution), ("lsf_sigma", lsf_sigma)):
+        if val is not None and not callable(val) and np.ndim(val) == 2:
+            arr = np.asarray(val, np.float64)
+            if arr.shape != wave.shape:
+                raise ValueError(
+                    f"{name} {arr.shape} must match wavelength {wave.shape} when 2-D"
+                )
+            per_star[name] = arr
+    filled = np.empty_like(wave)
+    wave_rest = np.asarray(emulator.wavelength, np.float64)
+    for i in range(n):
+        filled[i], missing = _fill_grid(wave[i], i)
+        m2[i] |= missing
+        w = wave[i][~missing]
+        if w[-1] <= wave_rest[0] or w[0] >= wave_rest[-1]:
+            raise ValueError(
+                f"wavelength row {i}: grid [{w[0]:g}, {w[-1]:g}] A does not overlap "
+                f"the emulator's [{wave_rest[0]:g}, {wave_rest[-1]:g}] A"
+            )
+    key = np.concatenate([filled, *per_star.values()], axis=1)
+    _, first, group = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    group = np.asarray(group).reshape(-1)
+    p0_arr = None if p0 is None else np.asarray(p0, np.float64)
+    tables, rows = [], []
+    for g in range(first.size):
+        sel = np.flatnonzero(group == g)
+        i0 = sel[0]
+        opts = dict(kw)
+        for name, arr in per_star.items():
+            opts[name] = arr[i0]
+        t = fit(
+            f2[sel],
+            e2[sel],
+            emulator,
+            mask=m2[sel],
+            wavelength=filled[i0],
+            p0=p0_arr if p0_arr is None or p0_arr.ndim == 1 else p0_arr[sel],
+            resolution=opts.pop("resolution", resolution),
+            lsf_sigma=opts.pop("lsf_sigma", lsf_sigma),
+            **opts,
+        )
+        t["grid_group"] = np.full(len(t), g, np.int32)
+        tables.append(t)
+        rows.append(sel)
+    out = vstack(tables, metadata_conflicts="silent")
+    order = np.empty(n, np.int64)
+    order[np.concatenate(rows)] = np.arange(n)
+    out = out[order]
+    out["grid_group"].description = "index of the spectrum's distinct wavelength grid"
+    out.meta["n_wavelength_grids"] = int(first.size)
+    return out
 
 
 def _run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None):
@@ -1288,7 +1530,7 @@ def _mdn_prior(mdn, emulator, flux2, ivar, s_default, fix, rv_range):
     for j, v in fix.items():
         if j < n_lab:
             s0[:, j], lo[:, j], hi[:, j] = v, -LABEL_BOUND, LABEL_BOUND
-        else:
+        elif j == n_lab:
             rv0[:], rv_lo[:], rv_hi[:] = v, v, v
     # rows the MDN cannot inform: the default start, never used (they are refitted)
     s0 = np.where(ok[:, None], s0, s_default)
@@ -1426,7 +1668,22 @@ def _results_table(
     n, k = p.shape
     n_lab = layout.n_labels
     n_free = int(free.sum())
+    # A broadening parameter whose derivative vanishes (vsini = 0: rotation changes
+    # the spectrum at second order) has no error: held for the covariance, NaN.
+    a = a.copy()
+    held = np.zeros((n, k), bool)
+    for j in range(layout.broad_slice.start, k):
+        if free[j]:
+            aj = a[:, j, j]
+            scale = np.max(np.abs(np.diagonal(a, axis1=1, axis2=2)), axis=1)
+            held[:, j] = ~(aj > 1e-9 * scale)
+            a[held[:, j], j, :] = 0.0
+            a[held[:, j], :, j] = 0.0
+            a[held[:, j], j, j] = 1.0
     cov, ill = _covariance(a, free, obs.x_obs.dtype)
+    for j in np.flatnonzero(held.any(axis=0)):
+        cov[held[:, j], j, :] = np.nan
+        cov[held[:, j], :, j] = np.nan
     # scaled -> physical: x = (s + 0.5) (hi - lo) + lo
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     cov = cov * span[None, :, None] * span[None, None, :]
@@ -1449,6 +1706,9 @@ def _results_table(
             # at an edge with chi2 still falling outwards (g = J^T W r = chi2'/2)
             outside |= (p[:, j] > 0.5 - tol_s) & (g[:, j] < 0)
             outside |= (p[:, j] < -0.5 + tol_s) & (g[:, j] > 0)
+    for j in range(layout.broad_slice.start, k):
+        if free[j]:  # the upper bound only: 0 is a physical value
+            at_bound |= np.abs(p[:, j] - layout.upper[j]) < tol_rv
     if free[n_lab]:
         at_bound |= (np.abs(p[:, n_lab] - rv_lo) < tol_rv) & (rv_lo > rv_range[0])
         at_bound |= (np.abs(p[:, n_lab] - rv_hi) < tol_rv) & (rv_hi < rv_range[1])
@@ -1470,7 +1730,13 @@ def _results_table(
     n_iter = np.where(failed, 0, n_iter)
 
     t = Table()
-    units = list(emulator.label_units) + ["km/s"] + [""] * (k - n_lab - 1)
+    n_broad = len(layout.broadening)
+    units = (
+        list(emulator.label_units)
+        + ["km/s"]
+        + [""] * (k - n_lab - 1 - n_broad)
+        + ["km/s"] * n_broad
+    )
     for j, name in enumerate(layout.names):
         unit = units[j] or None
         t[name] = phys[:, j]

@@ -203,7 +203,10 @@ def test_load_refuses_version_1_files(trained, tmp_path):
 # --------------------------------------------------------------------------------------
 # Feature extraction on a log-uniform grid with a gap (the APOGEE layout)
 # --------------------------------------------------------------------------------------
-def _log_grid_wave(n_a=300, n_b=260, gap=40, step=6e-6 * np.log(10.0)):
+APOGEE_STEP = 6e-6 * np.log(10.0)  # ln(lambda) step of APOGEE's grid
+
+
+def _log_grid_wave(n_a=300, n_b=260, gap=40, step=APOGEE_STEP):
     idx = np.concatenate([np.arange(n_a), n_a + gap + np.arange(n_b)])
     return np.exp(np.log(15200.0) + step * idx), step
 
