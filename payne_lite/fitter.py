@@ -34,6 +34,18 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    covariance by the reduced chi2 when it is above 1 (never shrinks it), the usual
    remedy when flux errors are underestimated or the model does not fit.
 
+Several visits of one star (``group=``): each spectrum gets steps 1-2 alone; then
+the visits of a star are fitted together (step 3) with the parameter vector
+``[s (L), rv_1 .. rv_V, c_1 .. c_V]`` (:func:`visit_index`): the normal equations are
+the sums of the visits' own (:func:`_lane_normal`), so the fast single-spectrum
+kernels are reused; stars with fewer than V visits carry padding visits of zero
+weight. One row per star (see :func:`fit`).
+
+Profiled continuum (``continuum="profile"``): the Chebyshev coefficients are solved
+by weighted linear least squares at every LM step and the step is taken in labels and
+rv with the Schur complement ``J_perp^T J_perp`` (:func:`_profiled_normal`); same
+minimum and covariance as fitting them (``continuum="fit"``).
+
 QA bitmask (column ``flags``):
 
 ===  ==========  =================================================================
