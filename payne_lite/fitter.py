@@ -668,6 +668,48 @@ def _final_batch(obs, p, flux, w):
 
 
 @jax.jit
+def _sandwich_batch(obs, p, w, var, basis):
+    """The 'meat' of the sandwich covariance at the best fits ``p`` (n, k):
+    ``J^T W D W J`` (n, k, k) and ``J^T W B^T`` (n, k, K), with ``w`` (n, P) the
+    fit's weights, ``var`` (n, P) the data variances and ``basis`` (K, P_rest) the
+    emulator's error basis, shifted to each star's rv (and times its continuum)
+    like the model."""
+    n_lab = obs.n_labels
+
+    def one(args):
+        q, w1, v1 = args
+        _, _, jac = observe_jac_t(obs, q)
+        ma, mb, t, _, _ = _shift_pair(obs, basis, q[n_lab])
+        b = ma + t * (mb - ma)
+        if obs.cont_deg > 0:
+            b = b * (q[n_lab + 1 :] @ obs.basis.T)
+        jw = jac * w1
+        return (jw * v1) @ jw.T, jw @ b.T
+
+    return _over(one, (p, w, var))
+
+
+def _sandwich_meat(ctx, p, w_fit, w_data):
+    """``J^T W D W J`` (n, k, k) and ``J^T W B^T`` (n, k, K) at the best fits
+    (float64); ``M`` = the first + the second times its transpose, and the label
+    covariance ``A^-1 M A^-1`` with ``A = J^T W J``."""
+    dt = ctx.obs.x_obs.dtype
+    with np.errstate(divide="ignore"):
+        var = np.where((w_fit > 0) & (w_data > 0), 1.0 / w_data, 0.0)
+    m1, m2 = _sandwich_batch(
+        ctx.obs,
+        jnp.asarray(p, dt),
+        jnp.asarray(w_fit, dt),
+        jnp.asarray(var, dt),
+        ctx.error_basis,
+    )
+    return np.asarray(m1, np.float64), np.asarray(m2, np.float64)
+
+
+_sandwich_batch = serial_jit(_sandwich_batch, key=_sequential_lanes)
+
+
+@jax.jit
 def _model_batch(obs, p):
     """Model flux (n, P) at parameters ``p`` (n, k)."""
     return _over(lambda q: observe(obs, q)[0], p)
@@ -829,6 +871,7 @@ class _BatchContext(NamedTuple):
     return_model: bool
     emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
     profile: bool = False  # continuum="profile": variable projection
+    error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
 
 
 def emulator_error_on(wave_obs, wave_rest, pixel_error, rv) -> np.ndarray:
@@ -1094,7 +1137,12 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
         chi2_f, a_f, g_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
     snr = _median_snr(fb, wb, w_data)
+    meat = None
+    if ctx.error_basis is not None:
+        m1, m2 = _sandwich_meat(ctx, p_best, wb, w_data)
+        meat = m1 + m2 @ np.swapaxes(m2, 1, 2)
     return dict(
+        meat=meat,
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),
         a=np.asarray(a_f, np.float64),
@@ -1169,7 +1217,17 @@ def fit(
         emulator_error: add the emulator's own per-pixel error (``pixel_error``,
             measured on held-out spectra when it was trained; shifted to each
             star's RV from the scan) in quadrature to the flux errors, when the
-            emulator has one (emulators imported from The Payne have none).
+            emulator has one (emulators imported from The Payne have none). With
+            an ``error_basis`` too (emulators trained by payne_lite), the errors
+            are also treated as correlated across pixels, as they are (an
+            emulator's error at one label vector is a smooth pattern that moves
+            the labels coherently): the covariance becomes the sandwich
+            ``A^-1 (J^T W D W J + J^T W C_emu W J) A^-1`` (``A = J^T W J`` with the
+            fit's weights W, D the data variances, ``C_emu = B^T B`` from the
+            basis shifted to the star's rv; for ``group=`` fits the visits share
+            one emulator error). ``meta["emulator_error_correlated"]`` says
+            whether it was used. Per-pixel quadrature alone leaves the errors too
+            small at high S/N (``benchmarks/bench_emulator_error.py``).
         progress: show a tqdm progress bar over spectra.
         mdn: a :class:`payne_lite.MDN` trained for ``emulator``: its means start and
             its +- 3 sigma intervals bound each fit, with a fallback to the default
@@ -1342,6 +1400,11 @@ def fit(
             else None
         ),
         profile=continuum == "profile",
+        error_basis=(
+            jnp.asarray(emulator.error_basis, dt)
+            if emulator_error and emulator.error_basis is not None
+            else None
+        ),
     )
     if group is not None:
         if p0 is not None and np.ndim(p0) != 1:
@@ -1440,6 +1503,7 @@ def fit(
         rv_range=rv_range,
         scale_errors=scale_errors,
         emulator_error_used=ctx.emulator_error is not None,
+        meat=res["meat"],
     )
     if mdn is not None:
         _add_mdn_columns(t, layout, mdn_mean, mdn_sigma, refit, mdn_ok)
@@ -1541,6 +1605,7 @@ def _fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_
         rr = np.where(ok, r, 0)
         fb = np.where(ok[..., None], flux2[rr], 0.0)
         wb = np.where(ok[..., None], w_fit[rr], 0.0)
+        wd = np.where(ok[..., None], w_data[rr], 0.0)
         n_good = np.count_nonzero(wb > 0, axis=(1, 2))
         alive = (np.arange(g_size) < m) & (n_good > n_par[gi])
         p_start = np.zeros((g_size, n_s, k))
@@ -1582,7 +1647,25 @@ def _fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_
             g[:, vidx[v]] += g_v[:, v]
             own = vidx[v, n_lab:]
             a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
+        meat = None
+        if ctx.error_basis is not None:
+            # the emulator's error is that of the star's labels, shared by its
+            # visits: their J^T W B^T add up before the outer product
+            m1, m2 = _sandwich_meat(
+                ctx, pv, wb.reshape(g_size * n_vis, -1), wd.reshape(g_size * n_vis, -1)
+            )
+            m1 = m1.reshape(g_size, n_vis, kv, kv)
+            m2 = m2.reshape(g_size, n_vis, kv, -1)
+            meat = np.zeros((g_size, k, k))
+            m2_j = np.zeros((g_size, k, m2.shape[-1]))
+            for v in range(n_vis):
+                meat[:, vidx[v][:, None], vidx[v][None, :]] += m1[:, v]
+                m2_j[:, vidx[v]] += m2[:, v]
+                own = vidx[v, n_lab:]
+                meat[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
+            meat += m2_j @ np.swapaxes(m2_j, 1, 2)
         out = dict(
+            meat=meat,
             p=p_best,
             chi2=np.where(ok, chi2_v, 0.0).sum(axis=1),
             chi2_visit=np.where(ok, chi2_v, np.nan),
@@ -1627,6 +1710,7 @@ def _fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_
         scale_errors=scale_errors,
         emulator_error_used=ctx.emulator_error is not None,
         n_par=n_par,
+        meat=res.get("meat"),
     )
     return _group_table(
         t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx
@@ -1765,6 +1849,7 @@ def _run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=Non
 
 
 _RESULT_KEYS = (
+    "meat",
     "p",
     "chi2",
     "a",
@@ -1968,15 +2053,20 @@ def _results_table(
     scale_errors=False,
     emulator_error_used=False,
     n_par=None,
+    meat=None,
 ):
     """The results table; ``n_par`` (n,) overrides the number of free parameters of
-    each row (joint fits of stars with fewer visits than the longest)."""
+    each row (joint fits of stars with fewer visits than the longest); ``meat``
+    (n, k, k): the covariance is the sandwich ``A^-1 meat A^-1`` instead of
+    ``A^-1`` (the emulator's correlated error, :func:`_sandwich_meat`)."""
     from astropy.table import Table
 
     n, k = p.shape
     n_lab = layout.n_labels
     n_free = int(free.sum()) if n_par is None else np.asarray(n_par)
     cov, ill = _covariance(a, free, obs.x_obs.dtype)
+    if meat is not None:
+        cov = cov @ np.nan_to_num(meat) @ cov
     # scaled -> physical: x = (s + 0.5) (hi - lo) + lo
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     cov = cov * span[None, :, None] * span[None, None, :]
@@ -2056,6 +2146,7 @@ def _results_table(
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,
+        emulator_error_correlated=meat is not None,
         flag_bits={str(b): s for b, s in FLAG_BITS.items()},
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
         reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",
