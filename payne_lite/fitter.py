@@ -26,9 +26,13 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    ``method="curve_fit"``: ``scipy.optimize.curve_fit``
    (``method="trf"``) per star with the JAX Jacobian, same model, bounds and starts.
    The emulator's own per-pixel error, when it has one, is added in quadrature to
-   the flux errors (``emulator_error=True``, the default; :func:`emulator_error_on`).
+   the flux errors (``emulator_error=True``, the default; :func:`emulator_error_on`);
+   with an ``error_basis`` too, step 4 treats it as correlated across pixels.
 4. Errors from the covariance ``(J^T W J)^-1`` at the best fit, transformed from
-   scaled to physical label units. By default not rescaled (the errors are then
+   scaled to physical label units; with the emulator's ``error_basis`` B and
+   ``emulator_error=True``, the sandwich ``A^-1 (J^T W D W J + J^T W B_s^T B_s W J)
+   A^-1`` (``A = J^T W J``, D the data variances, ``B_s`` the basis shifted to the
+   star's rv: :func:`_sandwich_meat`). By default not rescaled (the errors are then
    right when the flux errors are right and the model fits: their coverage is
    checked in ``benchmarks/bench_fit.py``); ``scale_errors=True`` multiplies the
    covariance by the reduced chi2 when it is above 1 (never shrinks it), the usual
