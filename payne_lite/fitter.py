@@ -1255,7 +1255,9 @@ def fit(
             can sort): spectra with the same identifier are visits of one star,
             fitted jointly with shared labels, one rv (and continuum) per visit.
             The table then has one row per star (see Returns). LM only, without
-            ``mdn``, ``p0`` of shape (n, L) or a fixed rv.
+            ``mdn``, ``p0`` of shape (n, L) or a fixed rv; batches of stars run one
+            after the other (``n_threads`` is not used) and ``progress`` shows no
+            bar.
 
     Returns:
         astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label

@@ -409,15 +409,16 @@ def train_emulator(
         activation=cfg.activation,
     )
     rms, mae = np.asarray(rms), np.asarray(mae)
+    nb = min(valid.n_spec, ERROR_BASIS_MAX_SPECTRA)  # the split is random already
     basis = _error_basis(
         _fwd(
             jnp.asarray(theta, dtype=dtype),
-            s_v,
+            s_v[:nb],
             unravel=unravel,
             activation=cfg.activation,
         ),
-        valid.flux.T,
-        np.asarray(sw_v.T),
+        valid.flux[:nb].T,
+        np.asarray(sw_v[:nb].T),
     )
     elapsed = time.perf_counter() - t0
     meta = {
@@ -457,6 +458,8 @@ def train_emulator(
 
 #: Principal components of the held-out errors kept as ``Emulator.error_basis``.
 ERROR_BASIS_RANK = 32
+#: At most this many held-out spectra enter the basis (an SVD of N x P: N^2 P).
+ERROR_BASIS_MAX_SPECTRA = 512
 
 
 def _error_basis(pred, flux, sw) -> np.ndarray:

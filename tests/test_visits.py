@@ -135,7 +135,7 @@ def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu):
 
 
 # --- joint fits: mechanics ---------------------------------------------------------------
-def test_group_fit_recovers_noise_free_visits_with_unequal_visit_counts(emu):
+def test_group_fit_recovers_noise_free_visits_with_unequal_visit_counts(emu, tmp_path):
     rng = np.random.default_rng(5)
     s = rng.uniform(-0.35, 0.35, (3, 3))  # three stars
     star = np.array([0, 1, 0, 2, 0, 1])  # 3, 2 and 1 visits, interleaved
@@ -166,6 +166,13 @@ def test_group_fit_recovers_noise_free_visits_with_unequal_visit_counts(emu):
     np.testing.assert_allclose(
         t["chi2_red"], t["chi2"] / (np.asarray(t["n_good_pixels"]) - n_par)
     )
+    # the (n_star, V) columns survive FITS (safe names) and ECSV
+    from payne_lite.results import read_results, write_results
+
+    for suffix in (".fits", ".ecsv"):
+        back = read_results(write_results(t, tmp_path / f"groups{suffix}"))
+        np.testing.assert_array_equal(np.asarray(back["rv"]), np.asarray(t["rv"]))
+        assert back["rv"].unit == t["rv"].unit and back.meta["group"] is True
     # a one-visit group is the single-spectrum fit
     one = fit(flux[3:4], err[3:4], emu)
     # (both stop within XTOL = 0.01 sigma of the minimum, by different paths)
