@@ -244,7 +244,8 @@ def test_group_bad_input(emu):
 # --- the profiled continuum: fits ----------------------------------------------------------
 @pytest.mark.parametrize("fast", [False, True], ids=["general", "log-grid-fast"])
 def test_profiled_continuum_gives_the_same_fit_and_errors(emu, log_emu, fast):
-    """Must-show C: the same best fit, label errors within 10 % (seen: 1e-4)."""
+    """Must-show C: the same best fit, label errors within 10 % (seen: labels
+    within 0.012 sigma, errors within 2e-5)."""
     e = log_emu if fast else emu
     rng = np.random.default_rng(10)
     s = rng.uniform(-0.35, 0.35, (8, 3))
@@ -367,8 +368,8 @@ def test_three_visits_shrink_label_errors_by_sqrt3(payne5):
     """Must-show A: 3 visits of one star (same labels, rv -60, 0, +60 km/s, S/N 40
     each) fitted jointly: label errors / one visit's = 1/sqrt(3) (tested: the
     ratio one-visit / joint within 1.5-2.0 for every label of every star; seen
-    1.71-1.75), the joint labels within 3 sigma of the truth, and the visit rvs
-    within 2 sigma (all 3 of each of 6 stars: seen max |z| 1.8)."""
+    1.62-1.91), the joint labels within 3 sigma of the truth, and the visit rvs
+    within 2 sigma (all 3 of each of 6 stars: seen max |z| 1.94; labels max |z| 1.94)."""
     e, mask = payne5
     rng = np.random.default_rng(40)
     n_star = 6
