@@ -83,7 +83,7 @@ bit  value       meaning
                  (2M13012770+5754582, S/N 197) with chi2_red 4.0, a 0.9 % misfit,
                  while single-star fits of a double-lined binary's visits
                  (2M06133561+2433362, S/N 100) have chi2_red 3.6-8.6, misfits
-                 1.6-2.6 % (cont_deg 0-2). The 1.2 % is set between those two real
+                 1.6-2.7 % (cont_deg 0-2). The 1.2 % is set between those two real
                  cases; a fit of a joint group uses the visits' S/N
 ===  ==========  =================================================================
 

@@ -399,7 +399,7 @@ def test_three_visits_shrink_label_errors_by_sqrt3(payne5):
 
 def test_double_lined_binary_visits_are_flagged_poor_fit(payne5, payne_data):
     """Must-show B: the real visits of the SB2 2M06133561+2433362 are fitted badly
-    by one star, alone and jointly (chi2_red 4.9-8.6 seen, bit 7 set); the real
+    by one star, alone and jointly (single-visit chi2_red 4.9-8.6 seen, bit 7 set); the real
     single star 2M13012770+5754582 (chi2_red 4.0 at S/N 197: the network's own
     ~0.9 % misfit) and a simulated S/N-100 star are not flagged."""
     e, mask = payne5
