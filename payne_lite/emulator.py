@@ -18,6 +18,9 @@ item                      shape / type           meaning
 ``net/W0 .. net/W{k}``    see PixelNet/DenseNet  weights
 ``net/b0 .. net/b{k}``    see PixelNet/DenseNet  biases
 ``pixel_error``           (P,) float32           optional: validation RMS error per pixel
+``error_basis``           (K, P) float32         optional: the validation errors' leading
+                                                 principal components, scaled so that
+                                                 ``B^T B`` approximates their covariance
 ``history/<name>``        (n_iter,)              optional: loss curves from training
 attr ``kind``             "pixel" or "dense"     network family
 attr ``activation``       str                    see :data:`ACTIVATIONS`
@@ -435,6 +438,12 @@ class Emulator:
             [flux units]; the fitter can add it in quadrature to observed errors.
         history: loss curves from training, name -> (n_iter,) array.
         meta: provenance (training settings, source file).
+        error_basis: optional (K, P) [flux units]: the emulator's errors on
+            held-out spectra as a low-rank covariance, ``C ~ error_basis.T @
+            error_basis`` (their K leading principal components over the held-out
+            spectra, each scaled by singular value / sqrt(n_valid)). The errors are
+            correlated across pixels (they shift labels coherently); the fitter
+            uses this for the label errors (see :func:`payne_lite.fit`).
 
     Examples:
         >>> flux = emu.predict([5000.0, 4.5, 0.0, 0.1, 5.0])      # doctest: +SKIP
@@ -450,6 +459,7 @@ class Emulator:
     pixel_error: np.ndarray | None = None
     history: dict = dataclasses.field(default_factory=dict)
     meta: dict = dataclasses.field(default_factory=dict)
+    error_basis: np.ndarray | None = None
     _device_cache: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
@@ -486,7 +496,19 @@ class Emulator:
                 raise ValueError(
                     f"pixel_error {perr.shape} must match wavelength {wave.shape}"
                 )
+        basis = None
+        if self.error_basis is not None:
+            basis = as_float_array(
+                self.error_basis, "error_basis", ndim=2, dtype=np.float32
+            )
+            if basis.shape[1] != wave.size:
+                raise ValueError(
+                    f"error_basis {basis.shape} must be (K, {wave.size}): one column "
+                    "per wavelength pixel"
+                )
+            check_finite(basis, "error_basis")
         for name, val in [
+            ("error_basis", basis),
             ("net", net_np),
             ("label_names", names),
             ("label_units", units),
@@ -720,6 +742,8 @@ class Emulator:
                 _h5.write_dataset(g, name, arr)
             if self.pixel_error is not None:
                 _h5.write_dataset(f, "pixel_error", self.pixel_error)
+            if self.error_basis is not None:
+                _h5.write_dataset(f, "error_basis", self.error_basis)
             h = f.create_group("history")
             for name, arr in self.history.items():
                 _h5.write_dataset(h, name, np.asarray(arr))
@@ -763,6 +787,11 @@ class Emulator:
                 ),
                 history=hist,
                 meta=_h5.get_json_attr(f, "meta", path),
+                error_basis=(
+                    _h5.read_dataset(f, "error_basis", path)
+                    if "error_basis" in f
+                    else None
+                ),
             )
         try:
             return cls(**kw)

@@ -26,13 +26,29 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
    ``method="curve_fit"``: ``scipy.optimize.curve_fit``
    (``method="trf"``) per star with the JAX Jacobian, same model, bounds and starts.
    The emulator's own per-pixel error, when it has one, is added in quadrature to
-   the flux errors (``emulator_error=True``, the default; :func:`emulator_error_on`).
+   the flux errors (``emulator_error=True``, the default; :func:`emulator_error_on`);
+   with an ``error_basis`` too, step 4 treats it as correlated across pixels.
 4. Errors from the covariance ``(J^T W J)^-1`` at the best fit, transformed from
-   scaled to physical label units. By default not rescaled (the errors are then
+   scaled to physical label units; with the emulator's ``error_basis`` B and
+   ``emulator_error=True``, the sandwich ``A^-1 (J^T W D W J + J^T W B_s^T B_s W J)
+   A^-1`` (``A = J^T W J``, D the data variances, ``B_s`` the basis shifted to the
+   star's rv: :func:`_sandwich_meat`). By default not rescaled (the errors are then
    right when the flux errors are right and the model fits: their coverage is
    checked in ``benchmarks/bench_fit.py``); ``scale_errors=True`` multiplies the
    covariance by the reduced chi2 when it is above 1 (never shrinks it), the usual
    remedy when flux errors are underestimated or the model does not fit.
+
+Several visits of one star (``group=``): each spectrum gets steps 1-2 alone; then
+the visits of a star are fitted together (step 3) with the parameter vector
+``[s (L), rv_1 .. rv_V, c_1 .. c_V]`` (:func:`visit_index`): the normal equations are
+the sums of the visits' own (:func:`_lane_normal`), so the fast single-spectrum
+kernels are reused; stars with fewer than V visits carry padding visits of zero
+weight. One row per star (see :func:`fit`).
+
+Profiled continuum (``continuum="profile"``): the Chebyshev coefficients are solved
+by weighted linear least squares at every LM step and the step is taken in labels and
+rv with the Schur complement ``J_perp^T J_perp`` (:func:`_profiled_normal`); same
+minimum and covariance as fitting them (``continuum="fit"``).
 
 QA bitmask (column ``flags``):
 
@@ -55,6 +71,20 @@ bit  value       meaning
                  than ``MDN_FLAG_NSIGMA`` (4) MDN sigmas from the MDN mean: the
                  spectrum is unlike the MDN's training spectra, or the fit or the
                  MDN went wrong (the cheapest out-of-distribution signal)
+7    128         poor fit: the model does not describe the spectrum (a double-lined
+                 binary, a star unlike the training set, bad data). Both:
+                 ``chi2_red > 1 + POOR_FIT_NSIGMA sqrt(2 / ndof)`` (beyond what noise
+                 explains: 5 sigma of the chi2 distribution with ``ndof = n_good -
+                 n_free`` degrees of freedom, so the threshold falls with the number
+                 of pixels: 1.09 for 6,000 pixels) and ``sqrt(chi2_red - 1) / snr >
+                 POOR_FIT_MISFIT`` (0.012: the residuals' RMS beyond the noise is more
+                 than 1.2 % of the flux). chi2_red alone grows with S/N for any model
+                 error: The Payne's APOGEE network fits a real single dwarf
+                 (2M13012770+5754582, S/N 197) with chi2_red 4.0, a 0.9 % misfit,
+                 while single-star fits of a double-lined binary's visits
+                 (2M06133561+2433362, S/N 100) have chi2_red 3.6-8.6, misfits
+                 1.6-2.7 % (cont_deg 0-2). The 1.2 % is set between those two real
+                 cases; a fit of a joint group uses the visits' S/N
 ===  ==========  =================================================================
 
 With an MDN (``fit(..., mdn=mdn)``, :mod:`payne_lite.mdn`), as LUCI does: the MDN's
@@ -150,6 +180,7 @@ FLAG_ILL_CONDITIONED = 8
 FLAG_OUTSIDE_BOX = 16
 FLAG_LOW_SNR = 32
 FLAG_MDN_DISAGREE = 64
+FLAG_POOR_FIT = 128
 FLAG_BITS = {
     0: "not converged",
     1: "at a bound (training box or rv window)",
@@ -159,7 +190,14 @@ FLAG_BITS = {
     5: "low S/N: median |flux| / error of the used pixels below LOW_SNR",
     6: "MDN disagrees: a label or rv more than MDN_FLAG_NSIGMA MDN sigmas from the "
     "MDN mean (fits with an MDN only)",
+    7: "poor fit: chi2_red > 1 + POOR_FIT_NSIGMA sqrt(2 / ndof) and the misfit beyond "
+    "noise, sqrt(chi2_red - 1) / snr, above POOR_FIT_MISFIT of the flux",
 }
+#: QA bit 7 (poor fit): chi2_red beyond 1 + POOR_FIT_NSIGMA sqrt(2 / ndof) ...
+POOR_FIT_NSIGMA = 5.0
+#: ... and an RMS misfit beyond the noise, sqrt(chi2_red - 1) / snr, above this
+#: fraction of the flux.
+POOR_FIT_MISFIT = 0.012
 #: With an MDN: label and rv bounds are the MDN mean +- MDN_NSIGMA sigma (and box).
 MDN_NSIGMA = 3.0
 #: With an MDN: QA bit 6 when the fit is more than this many MDN sigmas from its mean.
@@ -170,6 +208,8 @@ LOW_SNR = 10.0
 BROADENING_START = {"vsini": 10.0, "vmacro": 5.0}
 
 METHODS = ("lm", "curve_fit")
+#: ``fit(continuum=...)``: Chebyshev coefficients as LM parameters, or profiled out.
+CONTINUUM_MODES = ("fit", "profile")
 #: Posterior samplers ``fit`` hands to :func:`payne_lite.posterior.sample`.
 SAMPLERS = ("emcee", "mdn-is")
 
@@ -343,12 +383,18 @@ class _LMState(NamedTuple):
     conv: Array  # () bool
 
 
-def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter):
+def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter, normal=None):
     """Levenberg-Marquardt for one lane; returns (p, chi2, n_iter, converged, A, g).
 
     ``p0``, ``lo``, ``hi`` (k,): start and box; ``flux``, ``sw`` (P,): the star's
     flux and sqrt(weights); ``alive`` False: do nothing (batch padding, or a start
     that needs no run); ``free`` (k,) False for fixed parameters.
+
+    ``normal(p) -> (p', chi2, A, g, r)``: the lane's normal equations (default
+    :func:`_normal` of one spectrum, ``p' = p``). The variable-projection and
+    multi-visit forms (:func:`_lane_normal`) return ``p'`` with the profiled
+    continuum coefficients solved, and unit rows in ``A`` (zero in ``g``) for
+    parameters that the step must not move.
 
     Damping (Marquardt, Jacobi-scaled): each iteration solves
     ``(A + lam diag A) d = -J^T r`` with ``A = J^T J`` of the weighted residuals and
@@ -387,11 +433,15 @@ def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter):
     convergence.
     """
     k = p0.shape[0]
+    if normal is None:
+
+        def normal(p):
+            return (p, *_normal(obs, p, flux, sw))
 
     def start(_):
-        chi2, a, g, r = _normal(obs, p0, flux, sw)
+        p, chi2, a, g, r = normal(p0)
         return _LMState(
-            p0, chi2, r, a, g, jnp.asarray(LAM_INIT, p0.dtype),
+            p, chi2, r, a, g, jnp.asarray(LAM_INIT, p0.dtype),
             jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), bool),
         )  # fmt: skip
 
@@ -409,14 +459,14 @@ def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter):
         p_new = jnp.clip(st.p + step, lo, hi)
 
         def trial(_):
-            chi2, a, g, r = _normal(obs, p_new, flux, sw)
-            return chi2, (r - st.r) @ (r + st.r), a, g, r
+            p, chi2, a, g, r = normal(p_new)
+            return p, chi2, (r - st.r) @ (r + st.r), a, g, r
 
         def skip(_):
             zero = jnp.zeros((), p0.dtype)
-            return zero, zero, st.a, st.g, st.r
+            return st.p, zero, zero, st.a, st.g, st.r
 
-        chi2_new, dchi2, a_new, g_new, r_new = jax.lax.cond(
+        p_new, chi2_new, dchi2, a_new, g_new, r_new = jax.lax.cond(
             ~conv & ~tiny, trial, skip, None
         )
         acc = (dchi2 < 0) & ~conv & ~tiny
@@ -455,11 +505,110 @@ def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter):
     return jax.lax.cond(alive, run, dead, None)
 
 
-def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
+def _solve_ridge(a, b):
+    """``a^-1 b`` for a symmetric positive semi-definite ``a`` (m, m), with a ridge
+    of 1e-7 of its mean diagonal (as the RV scan's continuum solve); an all-zero
+    ``a`` (a padded visit) gives 0."""
+    m = a.shape[0]
+    scale = jnp.maximum(jnp.trace(a) / m, 1e-30)
+    return jnp.linalg.solve(a + 1e-7 * scale * jnp.eye(m, dtype=a.dtype), b)
+
+
+def _profiled_normal(obs, p, flux, sw):
+    """:func:`_normal` with the continuum profiled out (variable projection).
+
+    The model is linear in the continuum coefficients ``c``: for the labels and rv
+    ``theta`` of ``p`` it solves ``c*(theta)`` by weighted linear least squares
+    (from the model flux with a flat continuum, no Jacobian), evaluates the normal
+    equations at ``(theta, c*)`` and returns, for ``theta``, the Schur complement
+    ``A_tt - A_tc A_cc^-1 A_ct``, which is ``J_perp^T J_perp`` with the projected
+    Jacobian ``J_perp = (I - P_c) J_theta`` (``P_c`` the weighted projector onto
+    the continuum's columns), and the gradient ``J_theta^T r`` (``J_c^T r = 0`` at
+    ``c*``). The continuum block of ``A`` is the identity and its gradient zero,
+    so the LM step never moves ``c``; the next evaluation solves it again.
+    Returns ``(p with c*, chi2, A, g, r)``. Cost: one model evaluation more than
+    :func:`_normal` (about 1/5 of an LM step).
+    """
+    n_nl = obs.n_labels + 1
+    n_c = obs.n_cont
+    flat = jnp.zeros(n_c, p.dtype).at[0].set(1.0)  # c = (1, 0, ...): T_0 = 1
+    m, _ = observe(obs, jnp.concatenate([p[:n_nl], flat]))
+    if obs.jet is not None:
+        m, basis = embed_obs(obs, m), obs.jet.basis
+    else:
+        basis = obs.basis.T
+    x = basis * (sw * m)  # (n_c, P): the weighted continuum columns of J
+    c_star = _solve_ridge(x @ x.T, x @ (sw * flux))
+    c_star = jnp.where(jnp.sum(sw * sw) > 0, c_star, p[n_nl:])  # no pixels: keep c
+    p = jnp.concatenate([p[:n_nl], c_star])
+    chi2, a, g, r = _normal(obs, p, flux, sw)
+    a_tc, a_cc = a[:n_nl, n_nl:], a[n_nl:, n_nl:]
+    sol = _solve_ridge(a_cc, jnp.concatenate([a_tc.T, g[n_nl:, None]], axis=1))
+    schur = a[:n_nl, :n_nl] - a_tc @ sol[:, :n_nl]
+    g_t = g[:n_nl] - a_tc @ sol[:, n_nl]
+    k = p.shape[0]
+    a_out = jnp.eye(k, dtype=a.dtype).at[:n_nl, :n_nl].set(schur)
+    g_out = jnp.zeros(k, g.dtype).at[:n_nl].set(g_t)
+    return p, chi2, a_out, g_out, r
+
+
+def visit_index(n_labels: int, n_visits: int, n_cont: int) -> np.ndarray:
+    """(V, L + 1 + n_cont) int: positions in a multi-visit parameter vector
+    ``[s (L), rv_1 .. rv_V, c_1 (n_cont), .., c_V (n_cont)]`` of each visit's own
+    single-spectrum vector ``[s, rv_v, c_v]``."""
+    rows = []
+    for v in range(n_visits):
+        c0 = n_labels + n_visits + v * n_cont
+        rows.append(
+            np.r_[np.arange(n_labels), n_labels + v, np.arange(c0, c0 + n_cont)]
+        )
+    return np.asarray(rows, np.int32).reshape(n_visits, n_labels + 1 + n_cont)
+
+
+def _lane_normal(obs, flux, sw, mode):
+    """The ``normal(p)`` of :func:`_lm_one` for one lane of ``mode``.
+
+    ``mode = (n_visits, profile)``: ``n_visits = 0`` one spectrum (``flux``, ``sw``
+    (P,)), else a joint fit of ``n_visits`` spectra of one star (``flux``, ``sw``
+    (V, P)) with shared labels, one rv and continuum per visit (the vector of
+    :func:`visit_index`). Its normal equations are sums of the visits'
+    single-spectrum ones, scattered into the joint vector. A visit with no
+    weighted pixels (padding, for stars with fewer visits) contributes nothing and
+    gets unit rows for its rv and continuum (they stay put). ``profile``: the
+    continuum is profiled out (:func:`_profiled_normal`), per visit.
+    """
+    n_visits, profile = mode
+    one = _profiled_normal if profile and obs.n_cont else _normal_p
+    if not n_visits:
+        return lambda p: one(obs, p, flux, sw)
+    idx = jnp.asarray(visit_index(obs.n_labels, n_visits, obs.n_cont))
+    own = idx[:, obs.n_labels :]  # (V, 1 + n_c): each visit's own parameters
+    dead = ~(jnp.sum(sw * sw, axis=1) > 0)  # (V,)
+
+    def normal(p):
+        pv, chi2, a, g, r = _over(lambda x: one(obs, *x), (p[idx], flux, sw))
+        k = p.shape[0]
+        a_j = jnp.zeros((k, k), a.dtype).at[idx[:, :, None], idx[:, None, :]].add(a)
+        a_j = a_j.at[own, own].add(dead[:, None].astype(a.dtype))
+        g_j = jnp.zeros(k, g.dtype).at[idx].add(g)
+        p = p.at[own].set(pv[:, obs.n_labels :])
+        return p, jnp.sum(chi2), a_j, g_j, r.reshape(-1)
+
+    return normal
+
+
+def _normal_p(obs, p, flux, sw):
+    """:func:`_normal` in the ``(p, chi2, A, g, r)`` form of :func:`_lm_one`."""
+    return (p, *_normal(obs, p, flux, sw))
+
+
+def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter, mode=(0, False)):
     """:func:`_lm_one` for N lanes; returns (p, chi2, n_iter, converged, A, g).
 
     ``p0``, ``lo``, ``hi`` (N, k): start and box of each lane; ``star`` (N,): the row
     of ``flux``, ``w`` (n, P) it fits; ``alive`` (N,) False for lanes not to run.
+    ``mode`` (static): ``(n_visits, profile)`` of :func:`_lane_normal`; with
+    ``n_visits`` > 0, ``flux`` and ``w`` are (n, V, P), one row per star.
 
     On CPU the lanes run one after the other (``lax.map``), each to its own end:
     this is the per-star early stopping inside a batch (a lane that stops, or never
@@ -476,15 +625,18 @@ def _lm_lanes(obs, p0, star, alive, flux, w, lo, hi, free, max_iter):
 
     def one(args):
         q, i, go, l, h = args
-        return _lm_one(obs, q, go, flux[i], sw[i], l, h, free, max_iter)
+        normal = None if mode == (0, False) else _lane_normal(obs, flux[i], sw[i], mode)
+        return _lm_one(obs, q, go, flux[i], sw[i], l, h, free, max_iter, normal)
 
     return _over(one, (p0, star, alive, lo, hi))
 
 
 @functools.partial(
-    jax.jit, static_argnames=("max_iter",), compiler_options=KERNEL_COMPILER_OPTIONS
+    jax.jit,
+    static_argnames=("max_iter", "mode"),
+    compiler_options=KERNEL_COMPILER_OPTIONS,
 )
-def _lm_batch(obs, p0, alive, flux, w, lo, hi, free, *, max_iter):
+def _lm_batch(obs, p0, alive, flux, w, lo, hi, free, *, max_iter, mode=(0, False)):
     """LM over stars (axis 0) and starting points (axis 1 of ``p0`` (n, S, k)).
 
     The n * S (star, start) pairs are the lanes of :func:`_lm_lanes`; ``alive`` (n, S)
@@ -505,6 +657,7 @@ def _lm_batch(obs, p0, alive, flux, w, lo, hi, free, *, max_iter):
         rep(hi),
         free,
         max_iter,
+        *(() if mode == (0, False) else (mode,)),
     )
     return (
         p.reshape(n, n_s, k),
@@ -537,6 +690,48 @@ def _final_batch(obs, p, flux, w):
 
 
 @jax.jit
+def _sandwich_batch(obs, p, w, var, basis):
+    """The 'meat' of the sandwich covariance at the best fits ``p`` (n, k):
+    ``J^T W D W J`` (n, k, k) and ``J^T W B^T`` (n, k, K), with ``w`` (n, P) the
+    fit's weights, ``var`` (n, P) the data variances and ``basis`` (K, P_rest) the
+    emulator's error basis, shifted to each star's rv (and times its continuum)
+    like the model."""
+    n_lab = obs.n_labels
+
+    def one(args):
+        q, w1, v1 = args
+        _, _, jac = observe_jac_t(obs, q)
+        ma, mb, t, _, _ = _shift_pair(obs, basis, q[n_lab])
+        b = ma + t * (mb - ma)
+        if obs.cont_deg > 0:
+            b = b * (q[n_lab + 1 :] @ obs.basis.T)
+        jw = jac * w1
+        return (jw * v1) @ jw.T, jw @ b.T
+
+    return _over(one, (p, w, var))
+
+
+def _sandwich_meat(ctx, p, w_fit, w_data):
+    """``J^T W D W J`` (n, k, k) and ``J^T W B^T`` (n, k, K) at the best fits
+    (float64); ``M`` = the first + the second times its transpose, and the label
+    covariance ``A^-1 M A^-1`` with ``A = J^T W J``."""
+    dt = ctx.obs.x_obs.dtype
+    with np.errstate(divide="ignore"):
+        var = np.where((w_fit > 0) & (w_data > 0), 1.0 / w_data, 0.0)
+    m1, m2 = _sandwich_batch(
+        ctx.obs,
+        jnp.asarray(p, dt),
+        jnp.asarray(w_fit, dt),
+        jnp.asarray(var, dt),
+        ctx.error_basis,
+    )
+    return np.asarray(m1, np.float64), np.asarray(m2, np.float64)
+
+
+_sandwich_batch = serial_jit(_sandwich_batch, key=_sequential_lanes)
+
+
+@jax.jit
 def _model_batch(obs, p):
     """Model flux (n, P) at parameters ``p`` (n, k)."""
     return _over(lambda q: observe(obs, q)[0], p)
@@ -557,7 +752,7 @@ def _jac_one(obs, p):
 _scan_batch = serial_jit(_scan_batch, ("common",), key=_sequential_lanes)
 _chi2_batch = serial_jit(_chi2_batch, key=_sequential_lanes)
 _window_batch = serial_jit(_window_batch, key=_sequential_lanes)
-_lm_batch = serial_jit(_lm_batch, ("max_iter",), key=_sequential_lanes)
+_lm_batch = serial_jit(_lm_batch, ("max_iter", "mode"), key=_sequential_lanes)
 _final_batch = serial_jit(_final_batch, key=_sequential_lanes)
 _model_batch = serial_jit(_model_batch, key=_sequential_lanes)
 
@@ -709,6 +904,8 @@ class _BatchContext(NamedTuple):
     max_iter: int
     return_model: bool
     emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
+    profile: bool = False  # continuum="profile": variable projection
+    error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
 
 
 def emulator_error_on(wave_obs, wave_rest, pixel_error, rv) -> np.ndarray:
@@ -754,8 +951,14 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good):
+def _lm_with_starts(
+    ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_visits=0, free=None
+):
     """LM from the best-screened start; the other starts only for doubtful fits.
+
+    ``n_visits`` > 0: joint fits of several spectra per star (``f_j``, ``w_j``
+    (n, V, P); parameters of :func:`visit_index`); ``free`` then replaces
+    ``ctx.free`` (the joint vector's).
 
     1. Screening: chi2 at every start (the model only, no Jacobian: ~1/5 of an LM
        step), ranked per star.
@@ -772,12 +975,25 @@ def _lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good):
     chi2_red of a few), every star is rescued, i.e. fitted from every start, as
     before.
     """
-    obs, free = ctx.obs, ctx.free
+    obs = ctx.obs
+    free = ctx.free if free is None else free
+    mode = (int(n_visits), ctx.profile)
     dt = obs.x_obs.dtype
     size, n_s, _ = p_start.shape
     rows = np.arange(size)
     bounds = (jnp.asarray(lo, dt), jnp.asarray(hi, dt), jnp.asarray(free))
-    if n_s > 1:
+    if n_s > 1 and n_visits:
+        # screened visit by visit (one spectrum each), chi2 summed over visits
+        idx = visit_index(ctx.layout.n_labels, n_visits, obs.n_cont)
+        pv = np.swapaxes(p_start[:, :, idx], 1, 2).reshape(size * n_visits, n_s, -1)
+        c0 = _chi2_batch(
+            obs,
+            jnp.asarray(pv, dt),
+            f_j.reshape(size * n_visits, -1),
+            w_j.reshape(size * n_visits, -1),
+        )
+        c0 = np.asarray(c0, np.float64).reshape(size, n_visits, n_s).sum(axis=1)
+    elif n_s > 1:
         c0 = np.asarray(_chi2_batch(obs, jnp.asarray(p_start, dt), f_j, w_j))
         order = np.argsort(np.where(np.isfinite(c0), c0, np.inf), axis=1, kind="stable")
         p_start = p_start[rows[:, None], order]
@@ -789,6 +1005,7 @@ def _lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good):
         w_j,
         *bounds,
         max_iter=ctx.max_iter,
+        mode=mode,
     )
     p_best = np.array(p, np.float64)[:, 0]
     chi2_best = np.where(np.isfinite(chi2[:, 0]), np.asarray(chi2[:, 0]), np.inf)
@@ -817,6 +1034,7 @@ def _lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good):
             w_j,
             *bounds,
             max_iter=ctx.max_iter,
+            mode=mode,
         )
         chi2_2 = np.where(np.isfinite(chi2_2), np.asarray(chi2_2), np.inf)
         j = np.argmin(chi2_2, axis=1)
@@ -830,20 +1048,17 @@ def _lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good):
     return p_best, it_best, conv_best, chi2_best, a_best, g_best
 
 
-def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
-    """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
-    ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
+def _prepare_batch(ctx: _BatchContext, fb, wb, prior=None):
+    """Steps 1-2 of a fit for a padded batch of spectra ``fb``, ``wb`` (size, P):
+    the RV scan (or the MDN's / a fixed rv), the pixels valid over each RV window
+    and the emulator's error in the weights.
 
-    ``prior`` (the MDN path): dict of per-row ``lo``, ``hi`` (size, L) scaled label
-    bounds and ``rv0``, ``rv_lo``, ``rv_hi`` (size,) [km/s]; then there is no RV
-    scan (the continuum, if any, starts flat) and the labels are bounded by
-    ``lo``/``hi`` instead of the box."""
-    obs, layout, fix, free = ctx.obs, ctx.layout, ctx.fix, ctx.free
+    Returns ``(rv0, rv_lo, rv_hi, c0, wb, w_data)``: scan rv and window (size,)
+    [km/s], continuum at the scan (size, max(n_cont, 1)), the fit's inverse
+    variances (size, P) and those of the data alone (for the S/N)."""
+    obs, layout, fix = ctx.obs, ctx.layout, ctx.fix
     dt = obs.x_obs.dtype
-    size, n_pix = fb.shape
-    n_lab = layout.n_labels
-    k = len(layout.names)
-    n_free = int(free.sum())
+    size = fb.shape[0]
     rv_range = ctx.rv_range
     f_j = jnp.asarray(fb, dt)
     w_j = jnp.asarray(wb, dt)
@@ -885,6 +1100,39 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
         pe = emulator_error_on(wave_obs, wave_rest, pixel_error, rv0)
         with np.errstate(divide="ignore"):
             wb = np.where(wb > 0, 1.0 / (1.0 / wb + pe**2), 0.0)
+    return rv0, rv_lo, rv_hi, c0, wb, w_data
+
+
+def _median_snr(fb, wb, w_data):
+    """(size,) median |flux| / error (data errors) over the pixels with ``wb > 0``
+    (sorted rows, the unused pixels as +inf at the end: 10x faster than nanmedian
+    row by row); 0 for rows without any."""
+    size, n_pix = fb.shape
+    snr = np.where(wb > 0, np.sqrt(w_data) * np.abs(fb), np.inf).astype(np.float32)
+    snr.sort(axis=1)
+    cnt = np.count_nonzero(wb > 0, axis=1)
+    rows = np.arange(size)
+    lo_i, hi_i = np.maximum(cnt - 1, 0) // 2, np.minimum(cnt // 2, n_pix - 1)
+    snr = np.where(cnt > 0, 0.5 * (snr[rows, lo_i] + snr[rows, hi_i]), 0.0)
+    return snr.astype(np.float64)
+
+
+def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
+    """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
+    ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
+
+    ``prior`` (the MDN path): dict of per-row ``lo``, ``hi`` (size, L) scaled label
+    bounds and ``rv0``, ``rv_lo``, ``rv_hi`` (size,) [km/s]; then there is no RV
+    scan (the continuum, if any, starts flat) and the labels are bounded by
+    ``lo``/``hi`` instead of the box."""
+    obs, layout, free = ctx.obs, ctx.layout, ctx.free
+    dt = obs.x_obs.dtype
+    size, n_pix = fb.shape
+    n_lab = layout.n_labels
+    k = len(layout.names)
+    n_free = int(free.sum())
+    f_j = jnp.asarray(fb, dt)
+    rv0, rv_lo, rv_hi, c0, wb, w_data = _prepare_batch(ctx, fb, wb, prior)
     w_j = jnp.asarray(wb, dt)
     n_good = np.count_nonzero(wb > 0, axis=1)
     # Padding rows, and stars with too few pixels (flagged failed later), do not run.
@@ -912,6 +1160,8 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
         p_best, it_best, conv_best, chi2_f, a_f, g_f = _lm_with_starts(
             ctx, p_start, alive, f_j, w_j, lo, hi, n_good
         )
+        if ctx.profile:  # the full J^T W J at (theta, c*): the table's covariance
+            chi2_f, a_f, g_f, _ = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
         if ctx.return_model:
             model_f = _model_batch(obs, jnp.asarray(p_best, dt))
     else:
@@ -924,16 +1174,13 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
         chi2_f, a_f, g_f, model_f = _final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
-    # median S/N of the pixels that carry weight, |flux| / error (sorted rows, the
-    # unused pixels as +inf at the end: 10x faster than nanmedian row by row)
-    snr = np.where(wb > 0, np.sqrt(w_data) * np.abs(fb), np.inf).astype(np.float32)
-    snr.sort(axis=1)
-    cnt = np.count_nonzero(wb > 0, axis=1)
-    rows = np.arange(size)
-    lo_i, hi_i = np.maximum(cnt - 1, 0) // 2, np.minimum(cnt // 2, n_pix - 1)
-    snr = np.where(cnt > 0, 0.5 * (snr[rows, lo_i] + snr[rows, hi_i]), 0.0)
-    snr = snr.astype(np.float64)
+    snr = _median_snr(fb, wb, w_data)
+    meat = None
+    if ctx.error_basis is not None:
+        m1, m2 = _sandwich_meat(ctx, p_best, wb, w_data)
+        meat = m1 + m2 @ np.swapaxes(m2, 1, 2)
     return dict(
+        meat=meat,
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),
         a=np.asarray(a_f, np.float64),
@@ -979,6 +1226,8 @@ def fit(
     vsini: bool = False,
     vmacro: bool = False,
     limb_darkening: float = LIMB_DARKENING,
+    continuum: str = "fit",
+    group=None,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
@@ -1020,7 +1269,17 @@ def fit(
         emulator_error: add the emulator's own per-pixel error (``pixel_error``,
             measured on held-out spectra when it was trained; shifted to each
             star's RV from the scan) in quadrature to the flux errors, when the
-            emulator has one (emulators imported from The Payne have none).
+            emulator has one (emulators imported from The Payne have none). With
+            an ``error_basis`` too (emulators trained by payne_lite), the errors
+            are also treated as correlated across pixels, as they are (an
+            emulator's error at one label vector is a smooth pattern that moves
+            the labels coherently): the covariance becomes the sandwich
+            ``A^-1 (J^T W D W J + J^T W C_emu W J) A^-1`` (``A = J^T W J`` with the
+            fit's weights W, D the data variances, ``C_emu = B^T B`` from the
+            basis shifted to the star's rv; for ``group=`` fits the visits share
+            one emulator error). ``meta["emulator_error_correlated"]`` says
+            whether it was used. Per-pixel quadrature alone leaves the errors too
+            small at high S/N (``benchmarks/bench_emulator_error.py``).
         progress: show a tqdm progress bar over spectra.
         mdn: a :class:`payne_lite.MDN` trained for ``emulator``: its means start and
             its +- 3 sigma intervals bound each fit, with a fallback to the default
@@ -1055,6 +1314,23 @@ def fit(
             [0, 50], started at 5; not with an emulator that has a ``vmacro``
             label (The Payne's APOGEE network and the built-in one do).
         limb_darkening: linear limb-darkening coefficient of the rotation profile.
+        continuum: with ``cont_deg >= 1``: ``"fit"`` (the Chebyshev coefficients are
+            LM parameters) or ``"profile"`` (variable projection: at every LM step
+            the coefficients are solved by weighted linear least squares for the
+            current labels and rv, and the step is taken in labels and rv alone
+            with the projected Jacobian ``J_perp = (I - P_c) J``). The best fit is
+            the same (the same chi2 minimum); the errors are too: ``J_perp^T
+            J_perp`` is the Schur complement of the continuum block of the full
+            ``J^T W J``, so its inverse is the labels' and rv's marginal covariance
+            with the continuum's uncertainty included, and the table reports the
+            full covariance at the best fit (continuum coefficients included).
+        group: (n,) star identifier of each spectrum (any values ``numpy.unique``
+            can sort): spectra with the same identifier are visits of one star,
+            fitted jointly with shared labels, one rv (and continuum) per visit.
+            The table then has one row per star (see Returns). LM only, without
+            ``mdn``, ``p0`` of shape (n, L) or a fixed rv; batches of stars run one
+            after the other (``n_threads`` is not used) and ``progress`` shows no
+            bar.
 
     Returns:
         astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
@@ -1067,6 +1343,18 @@ def fit(
         ``<label>_mdn_sigma``, ``rv_mdn``, ``rv_mdn_sigma`` and ``mdn_refit``, and
         ``meta["mdn_seconds"]``.
 
+        With ``group``: one row per star, in the order of first appearance, with
+        ``group`` (the identifier), ``n_visits``, ``visit_rows`` (n_star, V) int
+        (rows of ``flux`` in each star's visit order, -1 for padding), ``rv`` and
+        ``rv_err`` (n_star, V) [km/s] (visit v of star i in ``rv[i, v]``, NaN after
+        a star's last visit; V = the most visits of any star), ``cont_<k>``,
+        ``cont_<k>_err`` (n_star, V) likewise, ``chi2_visit``,
+        ``n_good_pixels_visit``, ``snr_visit`` (n_star, V), ``snr`` the combined
+        S/N ``sqrt(sum snr_visit^2)``, and ``chi2``, ``chi2_red``,
+        ``n_good_pixels`` over all visits; ``covariance`` is over
+        ``meta["cov_params"]`` (labels, ``rv_1`` .. ``rv_V``, ``cont_<k>_<v>``),
+        NaN for padding. Bit 1 (at a bound) looks at every visit's rv.
+
     Raises:
         ValueError: shapes that do not fit together (named in the message), an unknown
             method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
@@ -1077,6 +1365,16 @@ def fit(
         or (b == "vmacro" and vmacro)
         or (b in (fixed or {}) and b not in emulator.label_names)
     )  # fmt: skip
+    if group is not None and (
+        broadening
+        or resolution is not None
+        or lsf_sigma is not None
+        or (wavelength is not None and np.ndim(wavelength) == 2)
+    ):
+        raise ValueError(
+            "group= (joint multi-visit fits) does not take broadening, resolution, "
+            "lsf_sigma or per-spectrum wavelength grids yet"
+        )
     if air:
         if wavelength is None:
             raise ValueError(
@@ -1128,6 +1426,26 @@ def fit(
         raise ValueError(
             f"method must be one of {METHODS + SAMPLERS}, got {method!r}"
         )
+    if continuum not in CONTINUUM_MODES:
+        raise ValueError(
+            f"continuum must be one of {CONTINUUM_MODES}, got {continuum!r}"
+        )
+    if continuum == "profile" and not (
+        isinstance(cont_deg, int | np.integer) and cont_deg >= 1
+    ):
+        raise ValueError(
+            f"continuum='profile' needs a continuum to profile: cont_deg >= 1, "
+            f"got {cont_deg!r}"
+        )
+    if continuum == "profile" and method != "lm":
+        raise ValueError(f"continuum='profile' is an LM option, not for {method!r}")
+    if group is not None:
+        if method != "lm" or mdn is not None:
+            raise ValueError(
+                "group= (joint multi-visit fits) needs method='lm' and no mdn"
+            )
+        if fixed and "rv" in dict(fixed):
+            raise ValueError("group=: each visit has its own rv; rv cannot be fixed")
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if batch_size <= 0:
@@ -1219,7 +1537,28 @@ def fit(
             if emulator_error and emulator.pixel_error is not None
             else None
         ),
+        profile=continuum == "profile",
+        error_basis=(
+            jnp.asarray(emulator.error_basis, dt)
+            if emulator_error and emulator.error_basis is not None
+            else None
+        ),
     )
+    if group is not None:
+        if p0 is not None and np.ndim(p0) != 1:
+            raise ValueError(
+                f"group=: p0 must be one label vector ({n_lab},), got {np.shape(p0)}"
+            )
+        return _fit_groups(
+            ctx,
+            emulator,
+            flux2,
+            ivar,
+            starts[0],
+            group,
+            batch_size=batch_size,
+            scale_errors=scale_errors,
+        )
     if n_threads is None:
         n_threads = _default_threads() if method == "lm" else 1
     if isinstance(n_threads, bool) or int(n_threads) != n_threads or n_threads < 1:
@@ -1302,6 +1641,7 @@ def fit(
         rv_range=rv_range,
         scale_errors=scale_errors,
         emulator_error_used=ctx.emulator_error is not None,
+        meat=res["meat"],
     )
     if obs.broad is not None:
         wave_obs = np.asarray(obs.wave_obs, np.float64)
@@ -1319,6 +1659,7 @@ def fit(
     if mdn is not None:
         _add_mdn_columns(t, layout, mdn_mean, mdn_sigma, refit, mdn_ok)
         t.meta.update(mdn_seconds=round(t_mdn, 4), mdn_n_components=mdn.n_components)
+    t.meta["continuum"] = continuum
     return t
 
 
@@ -1431,6 +1772,292 @@ def _fit_per_star_grids(
     return out
 
 
+def _group_rows(group, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stars in the order of first appearance: their identifiers (n_star,) and
+    ``rows`` (n_star, V) int, the spectra of each star in input order, -1 after
+    its last visit."""
+    g = np.asarray(group)
+    if g.shape != (n,):
+        raise ValueError(f"group {g.shape} must be ({n},): one star id per spectrum")
+    try:
+        ids, first, inv = np.unique(g, return_index=True, return_inverse=True)
+    except TypeError as err:
+        raise ValueError(f"group: identifiers that cannot be sorted ({err})") from err
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    star = rank[inv.reshape(-1)]
+    counts = np.bincount(star, minlength=ids.size)
+    srt = np.argsort(star, kind="stable")
+    pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows = np.full((ids.size, int(counts.max())), -1, np.int64)
+    rows[star[srt], pos] = srt
+    return ids[order], rows
+
+
+def _fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_errors):
+    """``fit(..., group=...)``: joint fits of the visits of each star.
+
+    Each spectrum is prepared alone (RV scan, RV window, emulator error:
+    :func:`_prepare_batch`); then the stars are fitted in padded batches of
+    (stars, V visits) with the parameter vector of :func:`visit_index` (one
+    compilation per (V, batch shape)). Stars with fewer visits than V carry
+    visits with no weight (their rv and continuum stay at their start and are
+    reported as NaN). ``starts`` (S, L): the scaled starting labels of every star.
+    """
+    obs, layout, fix = ctx.obs, ctx.layout, ctx.fix
+    dt = obs.x_obs.dtype
+    n, n_pix = flux2.shape
+    n_lab, n_c = layout.n_labels, obs.n_cont
+    ids, rows = _group_rows(group, n)
+    n_star, n_vis = rows.shape
+    real = rows >= 0
+    n_visits = real.sum(axis=1)
+
+    # 1-2. Every spectrum alone: RV scan, window, emulator error.
+    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
+    prep = {}
+    for start in range(0, n, size):
+        sel = np.arange(start, min(start + size, n))
+        idx = np.concatenate([sel, np.repeat(sel[:1], size - sel.size)])
+        wb = ivar[idx].copy()
+        wb[sel.size :] = 0.0
+        out = _prepare_batch(ctx, flux2[idx], wb)
+        out = (*out, _median_snr(flux2[idx], out[4], out[5]))
+        for j, val in enumerate(out):
+            prep.setdefault(j, []).append(np.asarray(val)[: sel.size])
+    rv0, rv_lo, rv_hi, c0, w_fit, w_data, snr1 = (
+        np.concatenate(prep[j]) for j in range(7)
+    )
+
+    # The joint vector: [s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c)].
+    vidx = visit_index(n_lab, n_vis, n_c)
+    k = n_lab + n_vis * (1 + n_c)
+    names = (
+        tuple(layout.names[:n_lab])
+        + tuple(f"rv_{v + 1}" for v in range(n_vis))
+        + tuple(f"cont_{j}_{v + 1}" for v in range(n_vis) for j in range(n_c))
+    )
+    lower = np.zeros(k)
+    upper = np.zeros(k)
+    for v in range(n_vis):
+        lower[vidx[v]], upper[vidx[v]] = layout.lower, layout.upper
+    joint = layout._replace(names=names, lower=lower, upper=upper)
+    free = np.ones(k, bool)
+    for j in fix:
+        free[j] = False  # labels only: a fixed rv is refused with group=
+    n_lab_free = int(free[:n_lab].sum())
+    n_par = n_lab_free + n_visits * (1 + n_c)
+
+    # 3. Stars in padded batches; a padding visit is row 0 with no weight.
+    g_size = min(
+        max(8, 1 << int(np.ceil(np.log2(max(1, batch_size // n_vis))))),
+        max(8, 1 << int(np.ceil(np.log2(n_star)))),
+    )
+    n_s = starts.shape[0]
+    res: dict = {}
+    for start in range(0, n_star, g_size):
+        sel = np.arange(start, min(start + g_size, n_star))
+        m = sel.size
+        gi = np.concatenate([sel, np.repeat(sel[:1], g_size - m)])
+        r = rows[gi]
+        ok = real[gi] & (np.arange(g_size) < m)[:, None]
+        rr = np.where(ok, r, 0)
+        fb = np.where(ok[..., None], flux2[rr], 0.0)
+        wb = np.where(ok[..., None], w_fit[rr], 0.0)
+        wd = np.where(ok[..., None], w_data[rr], 0.0)
+        n_good = np.count_nonzero(wb > 0, axis=(1, 2))
+        alive = (np.arange(g_size) < m) & (n_good > n_par[gi])
+        p_start = np.zeros((g_size, n_s, k))
+        p_start[:, :, :n_lab] = starts[None]
+        lo = np.broadcast_to(lower, (g_size, k)).copy()
+        hi = np.broadcast_to(upper, (g_size, k)).copy()
+        for v in range(n_vis):
+            j_rv = n_lab + v
+            rv_v = np.where(ok[:, v], rv0[rr[:, v]], 0.0)
+            p_start[:, :, j_rv] = rv_v[:, None]
+            lo[:, j_rv] = np.where(ok[:, v], rv_lo[rr[:, v]], 0.0)
+            hi[:, j_rv] = np.where(ok[:, v], rv_hi[rr[:, v]], 0.0)
+            if n_c:
+                cs = vidx[v, n_lab + 1 :]
+                p_start[:, :, cs] = np.where(ok[:, v, None], c0[rr[:, v]], 0.0)[:, None]
+                lo[:, cs] = np.where(ok[:, v, None], lo[:, cs], 0.0)
+                hi[:, cs] = np.where(ok[:, v, None], hi[:, cs], 0.0)
+        p_start = np.clip(p_start, lo[:, None], hi[:, None])
+        f_j, w_j = jnp.asarray(fb, dt), jnp.asarray(wb, dt)
+        p_best, it_best, conv_best, _, _, _ = _lm_with_starts(
+            ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_vis, free
+        )
+        # the full normal equations at the best fits, visit by visit
+        pv = p_best[:, vidx].reshape(g_size * n_vis, -1)
+        chi2_v, a_v, g_v, model_v = _final_batch(
+            obs,
+            jnp.asarray(pv, dt),
+            f_j.reshape(g_size * n_vis, n_pix),
+            w_j.reshape(g_size * n_vis, n_pix),
+        )
+        kv = vidx.shape[1]
+        chi2_v = np.asarray(chi2_v, np.float64).reshape(g_size, n_vis)
+        a_v = np.asarray(a_v, np.float64).reshape(g_size, n_vis, kv, kv)
+        g_v = np.asarray(g_v, np.float64).reshape(g_size, n_vis, kv)
+        a = np.zeros((g_size, k, k))
+        g = np.zeros((g_size, k))
+        for v in range(n_vis):
+            a[:, vidx[v][:, None], vidx[v][None, :]] += a_v[:, v]
+            g[:, vidx[v]] += g_v[:, v]
+            own = vidx[v, n_lab:]
+            a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
+        meat = None
+        if ctx.error_basis is not None:
+            # the emulator's error is that of the star's labels, shared by its
+            # visits: their J^T W B^T add up before the outer product
+            m1, m2 = _sandwich_meat(
+                ctx, pv, wb.reshape(g_size * n_vis, -1), wd.reshape(g_size * n_vis, -1)
+            )
+            m1 = m1.reshape(g_size, n_vis, kv, kv)
+            m2 = m2.reshape(g_size, n_vis, kv, -1)
+            meat = np.zeros((g_size, k, k))
+            m2_j = np.zeros((g_size, k, m2.shape[-1]))
+            for v in range(n_vis):
+                meat[:, vidx[v][:, None], vidx[v][None, :]] += m1[:, v]
+                m2_j[:, vidx[v]] += m2[:, v]
+                own = vidx[v, n_lab:]
+                meat[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
+            meat += m2_j @ np.swapaxes(m2_j, 1, 2)
+        out = dict(
+            meat=meat,
+            p=p_best,
+            chi2=np.where(ok, chi2_v, 0.0).sum(axis=1),
+            chi2_visit=np.where(ok, chi2_v, np.nan),
+            a=a,
+            g=g,
+            it=it_best,
+            conv=conv_best,
+            n_good=n_good,
+            n_good_visit=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
+            model=np.asarray(model_v, np.float64).reshape(g_size, n_vis, n_pix)
+            if ctx.return_model
+            else None,
+        )
+        for key, val in out.items():
+            if val is None:
+                continue
+            res.setdefault(key, np.zeros((n_star, *val.shape[1:]), val.dtype))
+            res[key][sel] = val[:m]
+
+    snr_visit = np.where(real, snr1[np.where(real, rows, 0)], np.nan)
+    snr = np.sqrt(np.nansum(snr_visit**2, axis=1))
+    rv_lo_v = np.where(real, rv_lo[np.where(real, rows, 0)], np.nan)
+    rv_hi_v = np.where(real, rv_hi[np.where(real, rows, 0)], np.nan)
+    t = _results_table(
+        emulator,
+        joint,
+        obs,
+        free,
+        res["p"],
+        res["chi2"],
+        res["a"],
+        res["g"],
+        snr,
+        res["it"],
+        res["conv"],
+        res["n_good"],
+        rv_lo_v[:, 0],
+        rv_hi_v[:, 0],
+        res.get("model"),
+        method=ctx.method,
+        rv_range=ctx.rv_range,
+        scale_errors=scale_errors,
+        emulator_error_used=ctx.emulator_error is not None,
+        n_par=n_par,
+        meat=res.get("meat"),
+    )
+    return _group_table(
+        t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx
+    )
+
+
+def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx):
+    """Collapse the per-visit columns of a joint fit's table into (n_star, V)
+    columns, NaN for padding; rv at a bound of any visit's window sets bit 1."""
+    from astropy.table import Table
+
+    n_lab = joint.n_labels
+    n_vis = rows.shape[1]
+    real = rows >= 0
+    failed = (np.asarray(t["flags"]) & FLAG_FAILED) > 0
+    rv = np.column_stack([np.asarray(t[f"rv_{v + 1}"]) for v in range(n_vis)])
+    tol = AT_BOUND_TOL[1]
+    with np.errstate(invalid="ignore"):
+        at_bound = (np.abs(rv - rv_lo_v) < tol) & (rv_lo_v > ctx.rv_range[0])
+        at_bound |= (np.abs(rv - rv_hi_v) < tol) & (rv_hi_v < ctx.rv_range[1])
+        at_bound |= (np.abs(rv - ctx.rv_range[0]) < tol) | (
+            np.abs(rv - ctx.rv_range[1]) < tol
+        )
+    at_bound = np.any(at_bound & real, axis=1) & ~failed
+    flags = np.asarray(t["flags"]) | np.where(at_bound, FLAG_AT_BOUND, 0)
+    # poor fit: the misfit is per pixel of a visit, at the visits' own S/N (the
+    # RMS of snr_visit over the used pixels), not at the combined S/N
+    n_pix_v = res["n_good_visit"]
+    snr_pix = np.sqrt(
+        np.nansum(n_pix_v * snr_visit**2, axis=1) / np.maximum(n_pix_v.sum(axis=1), 1)
+    )
+    ndof = np.asarray(t["n_good_pixels"]) - n_par
+    bad = poor_fit(t["chi2_red"], ndof, snr_pix) & ~failed
+    flags = (flags & ~FLAG_POOR_FIT) | np.where(bad, FLAG_POOR_FIT, 0)
+
+    out = Table()
+    out["group"] = ids
+    out["n_visits"] = real.sum(axis=1)
+    for name in joint.names[:n_lab]:
+        out[name] = t[name]
+        out[f"{name}_err"] = t[f"{name}_err"]
+
+    def stack(fmt):
+        cols = [np.asarray(t[fmt.format(v + 1)], np.float64) for v in range(n_vis)]
+        return np.where(real, np.column_stack(cols), np.nan)
+
+    out["rv"] = stack("rv_{}")
+    out["rv_err"] = stack("rv_{}_err")
+    out["rv"].unit = out["rv_err"].unit = "km/s"
+    for j in range(ctx.obs.n_cont):
+        out[f"cont_{j}"] = stack(f"cont_{j}_{{}}")
+        out[f"cont_{j}_err"] = stack(f"cont_{j}_{{}}_err")
+    cov = np.array(t["covariance"])
+    vidx = visit_index(n_lab, n_vis, ctx.obs.n_cont)
+    for v in range(n_vis):
+        pad = ~real[:, v]
+        own = vidx[v, n_lab:]
+        cov[np.ix_(pad, own, np.arange(cov.shape[2]))] = np.nan
+        cov[np.ix_(pad, np.arange(cov.shape[1]), own)] = np.nan
+    for name in ("chi2", "chi2_red", "n_good_pixels", "snr", "n_iter", "converged"):
+        out[name] = t[name]
+    out["flags"] = flags.astype(np.int32)
+    out["covariance"] = cov
+    out["visit_rows"] = rows
+    out["chi2_visit"] = res["chi2_visit"]
+    out["n_good_pixels_visit"] = res["n_good_visit"]
+    out["snr_visit"] = snr_visit
+    if "model_flux" in t.colnames:
+        out["model_flux"] = t["model_flux"]
+    for name in t.colnames:
+        if name in out.colnames and t[name].description:
+            out[name].description = t[name].description
+    out["snr"].description = "combined S/N of the visits, sqrt(sum snr_visit^2)"
+    out["n_good_pixels"].description = "weighted pixels of all visits"
+    out["visit_rows"].description = "rows of the input of each visit; -1 = none"
+    out["chi2_visit"].description = "chi2 of each visit at the joint fit"
+    out["snr_visit"].description = "median |flux| / error of each visit's pixels"
+    out["rv"].description = "rv of each visit; NaN after a star's last visit"
+    out.meta.update(t.meta)
+    out.meta.update(
+        group=True,
+        n_visits_max=int(n_vis),
+        continuum="profile" if ctx.profile else "fit",
+    )
+    return out
+
+
 def _run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None):
     """Fit the spectra ``rows`` in padded batches of ``size``, ``n_threads`` at a time.
 
@@ -1482,6 +2109,7 @@ def _run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=Non
 
 
 _RESULT_KEYS = (
+    "meat",
     "p",
     "chi2",
     "a",
@@ -1603,6 +2231,28 @@ def _add_mdn_columns(t, layout, mean, sigma, refit, ok):
     )
 
 
+def poor_fit(chi2_red, ndof, snr) -> np.ndarray:
+    """QA bit 7 (see the module docstring): True where the fit is beyond noise
+    (``chi2_red > 1 + POOR_FIT_NSIGMA sqrt(2 / ndof)``) and the RMS misfit beyond
+    noise, ``sqrt(chi2_red - 1) / snr``, exceeds ``POOR_FIT_MISFIT`` of the flux.
+
+    Args:
+        chi2_red: (n,) reduced chi2; ndof: (n,) degrees of freedom; snr: (n,)
+            median |flux| / error of the pixels used.
+
+    Returns:
+        (n,) bool (False where any input is NaN or ``ndof`` < 1).
+    """
+    chi2_red = np.asarray(chi2_red, np.float64)
+    ndof = np.asarray(ndof, np.float64)
+    snr = np.asarray(snr, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beyond = chi2_red > 1.0 + POOR_FIT_NSIGMA * np.sqrt(2.0 / ndof)
+        misfit = np.sqrt(np.clip(chi2_red - 1.0, 0.0, None)) / snr
+        out = beyond & (ndof >= 1) & (misfit > POOR_FIT_MISFIT)
+    return np.asarray(out & np.isfinite(chi2_red), bool)
+
+
 def _covariance(a, free, dtype):
     """Covariance (n, k, k) in fit space from J^T W J, and an ill-conditioned flag.
 
@@ -1662,12 +2312,18 @@ def _results_table(
     rv_range,
     scale_errors=False,
     emulator_error_used=False,
+    n_par=None,
+    meat=None,
 ):
+    """The results table; ``n_par`` (n,) overrides the number of free parameters of
+    each row (joint fits of stars with fewer visits than the longest); ``meat``
+    (n, k, k): the covariance is the sandwich ``A^-1 meat A^-1`` instead of
+    ``A^-1`` (the emulator's correlated error, :func:`_sandwich_meat`)."""
     from astropy.table import Table
 
     n, k = p.shape
     n_lab = layout.n_labels
-    n_free = int(free.sum())
+    n_free = int(free.sum()) if n_par is None else np.asarray(n_par)
     # A broadening parameter whose derivative vanishes (vsini = 0: rotation changes
     # the spectrum at second order) has no error: held for the covariance, NaN.
     a = a.copy()
@@ -1681,6 +2337,9 @@ def _results_table(
             a[held[:, j], :, j] = 0.0
             a[held[:, j], j, j] = 1.0
     cov, ill = _covariance(a, free, obs.x_obs.dtype)
+    if meat is not None:
+        m = np.where(held[:, :, None] | held[:, None, :], 0.0, np.nan_to_num(meat))
+        cov = cov @ m @ cov
     for j in np.flatnonzero(held.any(axis=0)):
         cov[held[:, j], j, :] = np.nan
         cov[held[:, j], :, j] = np.nan
@@ -1722,6 +2381,7 @@ def _results_table(
         | np.where(ill & ~failed, FLAG_ILL_CONDITIONED, 0)
         | np.where(outside & ~failed, FLAG_OUTSIDE_BOX, 0)
         | np.where((snr < LOW_SNR) & ~failed, FLAG_LOW_SNR, 0)
+        | np.where(poor_fit(chi2_red, n_good - n_free, snr) & ~failed, FLAG_POOR_FIT, 0)
     ).astype(np.int32)
     phys[failed] = np.nan
     err[failed] = np.nan
@@ -1771,6 +2431,7 @@ def _results_table(
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,
+        emulator_error_correlated=meat is not None,
         flag_bits={str(b): s for b, s in FLAG_BITS.items()},
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
         reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",

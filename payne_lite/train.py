@@ -642,6 +642,17 @@ def train_emulator(
         activation=cfg.activation,
     )
     rms, mae = np.asarray(rms), np.asarray(mae)
+    nb = min(valid.n_spec, ERROR_BASIS_MAX_SPECTRA)  # the split is random already
+    basis = _error_basis(
+        _fwd(
+            jnp.asarray(theta, dtype=dtype),
+            s_v[:nb],
+            unravel=unravel,
+            activation=cfg.activation,
+        ),
+        valid.flux[:nb].T,
+        np.asarray(sw_v[:nb].T),
+    )
     elapsed = time.perf_counter() - t0
     meta = {
         "trained_by": "payne_lite.train_emulator",
@@ -674,7 +685,26 @@ def train_emulator(
         pixel_error=rms,
         history=history,
         meta=meta,
+        error_basis=basis,
     )
+
+
+#: Principal components of the held-out errors kept as ``Emulator.error_basis``.
+ERROR_BASIS_RANK = 32
+#: At most this many held-out spectra enter the basis (an SVD of N x P: N^2 P).
+ERROR_BASIS_MAX_SPECTRA = 512
+
+
+def _error_basis(pred, flux, sw) -> np.ndarray:
+    """(K, P) leading principal components of the held-out errors ``pred - flux``
+    ((P, N) each; pixels with ``sw == 0`` count as 0), scaled by singular value /
+    sqrt(N), so that ``B^T B`` is their covariance truncated to rank K
+    (:data:`ERROR_BASIS_RANK`)."""
+    r = np.where(np.asarray(sw) > 0, np.asarray(pred, np.float64) - flux, 0.0).T
+    n = r.shape[0]
+    _, sv, vt = np.linalg.svd(r, full_matrices=False)
+    k = min(ERROR_BASIS_RANK, sv.size)
+    return (sv[:k, None] * vt[:k] / np.sqrt(n)).astype(np.float32)
 
 
 def _prepare(train, valid, lo, hi, cfg, dtype):
