@@ -154,7 +154,7 @@ LOW_SNR = 10.0
 
 METHODS = ("lm", "curve_fit")
 #: Posterior samplers ``fit`` hands to :func:`payne_lite.posterior.sample`.
-SAMPLERS = ("emcee", "mdn-is")
+SAMPLERS = ("emcee", "mdn-is", "nuts")
 
 
 # --------------------------------------------------------------------------------------
