@@ -1133,13 +1133,20 @@ def sample(
     if warn:
         bad = np.flatnonzero(~np.asarray(table["converged"]))
         if bad.size:
+            rules = {
+                "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < "
+                f"{RHAT_MAX}",
+                "mdn-is": f"mdn-is ESS >= {ess_min:g}",
+                "nuts": f"nuts ESS >= {ess_target:g}, split R-hat < "
+                f"{NUTS_RHAT_MAX} and no divergence",
+            }
+            used = [m for m in METHODS if m in set(table["method"][bad])]
             warnings.warn(
                 f"{bad.size} of {n} star(s) did not pass the convergence rule "
                 f"(rows {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}): "
-                f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < {RHAT_MAX}, "
-                f"mdn-is ESS >= {ess_min:g}, nuts ESS >= {ess_target:g}, split "
-                f"R-hat < {NUTS_RHAT_MAX} and no divergence; see the table's "
-                "diagnostics",
+                + ", ".join(rules[m] for m in used)
+                + ("; " if used else "")
+                + "see the table's diagnostics",
                 SamplingWarning,
                 stacklevel=2,
             )
