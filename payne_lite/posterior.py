@@ -73,6 +73,23 @@ ESS is below ``ess_min`` (default ``IS_ESS_MIN`` = 200), or whose MDN gave no
 answer, are sampled again by emcee (``init`` as given, default the LM solution):
 column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
 
+``"nuts"``: the No-U-Turn sampler (Hoffman & Gelman 2014; blackjax's multinomial
+NUTS) on the same log posterior, with JAX gradients. It samples unconstrained
+coordinates ``u`` (kf,): ``x = lo + (hi - lo) sigmoid(u)`` maps R^kf onto the
+prior's support (the box, the RV window, the continuum bounds, or the MDN's
++-3 sigma), and the log density of ``u`` adds the Jacobian
+``sum log((hi - lo) sigmoid(u) sigmoid(-u))``, so a uniform prior stays uniform
+in ``x`` and trajectories meet no wall (:func:`_log_density_u`). ``n_chains``
+(default ``NUTS_CHAINS`` = 4) chains start at the LM solution plus
+``NUTS_INIT_SCALE`` (1) x the LM covariance's square root times N(0, 1) draws
+(``init="lm"``; the MDN's Gaussians with ``init="mdn"``), each adapts its step
+size and (by default dense) inverse mass matrix with Stan's window adaptation
+(``blackjax.window_adaptation``, ``n_warmup`` = ``NUTS_WARMUP`` = 500 steps,
+discarded), then draws in blocks of ``check_every`` (default ``NUTS_BLOCK`` =
+100) per chain until its rule holds or ``n_steps`` draws per chain are done. The
+warm-up and each block are one jitted call, vmapped over the chains; the star's
+data are arguments, so the compilation is shared by every star of the same shape.
+
 Diagnostics and the convergence rule (emcee)
 --------------------------------------------
 From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
@@ -94,17 +111,29 @@ From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
 
 For ``"mdn-is"``, ``converged`` means ``ess >= ess_min``.
 
+For ``"nuts"`` the same ``chain_diagnostics`` run on the draws (chains as walkers,
+no burn-in: the warm-up is already gone): ``tau``, ``ess`` (``n_chains * n / tau``;
+above ``n_chains * n`` when draws anticorrelate), split R-hat over the 2
+``n_chains`` half-chains; ``converged``: the smallest ESS >= ``ess_target``
+(default ``NUTS_ESS_MIN`` = 400), max split R-hat < ``NUTS_RHAT_MAX`` (1.01;
+Vehtari et al. 2021 advise both) and no divergent transition after the warm-up
+(column ``n_divergent``; one in a posterior of smooth nets means the step size
+is too large for some region, and the draws there are biased).
+
 Summaries (columns, physical units)
 -----------------------------------
 For each label, ``rv`` [km/s] and continuum coefficient: ``<name>`` = posterior
 median, ``<name>_err`` = half the 16-84 % range, ``<name>_p16``, ``<name>_p50``,
 ``<name>_p84``, ``<name>_std``; with ``init="lm"`` also the LM solution
 ``<name>_lm``, ``<name>_lm_err``; with an MDN ``<name>_mdn``, ``<name>_mdn_sigma``.
-Then ``method`` (per row: "emcee", "mdn-is"), ``converged``, ``fallback``,
+Then ``method`` (per row: "emcee", "mdn-is", "nuts"), ``converged``, ``fallback``,
 ``n_steps``, ``n_burn``, ``acceptance``, ``tau`` (n, k) and ``rhat`` (n, k) over
 ``meta["sample_params"]``, ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
 (samples behind the summaries), ``n_evals`` (log-posterior evaluations), ``is_ess``, ``is_ess_mdn``,
-``is_max_weight`` (mdn-is: the largest normalised weight), ``n_good_pixels``,
+``is_max_weight`` (mdn-is: the largest normalised weight), ``n_divergent``,
+``step_size`` (median over chains), ``n_leapfrog`` (mean per draw; nuts: ``n_steps``
+= draws per chain, ``n_burn`` = warm-up steps, ``acceptance`` = mean acceptance
+statistic, ``n_evals`` = gradient evaluations with the warm-up's), ``n_good_pixels``,
 ``chi2_min`` (the best sample's chi2), ``seconds``.
 
 Precision: the log probability in JAX's default float (float32 unless x64 is
@@ -116,6 +145,10 @@ References:
     Foreman-Mackey, Hogg, Lang & Goodman 2013, PASP 125, 306 (emcee).
     Rhea et al. 2021, AJ 162, 4 (LUCI: MDN priors).
     Gelman et al. 2013, Bayesian Data Analysis, 3rd ed. (split R-hat).
+    Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS).
+    Vehtari, Gelman, Simpson, Carpenter & Buerkner 2021, Bayesian Analysis 16, 667
+    (R-hat < 1.01, ESS > 400).
+    Cabezas et al. 2024, arXiv:2402.10797 (blackjax).
 """
 
 from __future__ import annotations
@@ -215,6 +248,13 @@ class PosteriorSamples(NamedTuple):
         weights: one (m_i,) array of normalised weights per star (mdn-is), or None
             (equal weights).
         method: per star, the sampler that produced them.
+        n_chains: per star, the chains interleaved in ``samples`` (emcee: walkers,
+            nuts: chains; rows are step-major, so ``samples.reshape(-1, n_chains,
+            k)`` gives the (thinned) traces); 0 for mdn-is draws and failed stars.
+        prior_lo, prior_hi: per star, (k,) the prior's support [physical units],
+            or None where no sampler ran.
+        prior_mu, prior_sd: per star, (k,) the Gaussian prior's mean and sd
+            (``mdn-gauss``; sd = inf where the prior is flat), or None.
     """
 
     names: tuple[str, ...]
@@ -222,6 +262,11 @@ class PosteriorSamples(NamedTuple):
     samples: list
     weights: list
     method: list
+    n_chains: list | None = None
+    prior_lo: list | None = None
+    prior_hi: list | None = None
+    prior_mu: list | None = None
+    prior_sd: list | None = None
 
 
 class _Target(NamedTuple):
@@ -962,6 +1007,7 @@ def sample(
         return _to_device(tg, dt)
 
     rows_out: list[dict] = [None] * n  # type: ignore[list-item]
+    priors_out: list = [None] * n  # each star's target (its prior), last one used
     samples_out: list = [None] * n
     weights_out: list = [None] * n
     bar = None
@@ -980,6 +1026,7 @@ def sample(
                 centre[: n_lab + 1] = m
                 centre[:n_lab] = np.clip(centre[:n_lab], -LABEL_BOUND, LABEL_BOUND)
                 tg = target(i, centre)
+                priors_out[i] = tg
                 n_good = int(np.count_nonzero(tg["w"] > 0))
                 if n_good <= kf:
                     rows_out[i] = _failed_row(
@@ -1048,6 +1095,7 @@ def sample(
                     bar.update(1)
                 continue
             tg = target(i, centre)
+            priors_out[i] = tg
             n_good = int(np.count_nonzero(tg["w"] > 0))
             if n_good <= kf:
                 rows_out[i] = _failed_row(f"{n_good} usable pixels for {kf} parameters")
@@ -1127,9 +1175,28 @@ def sample(
             phys.append(np.empty((0, kf)))
             continue
         phys.append(_to_physical(x, idx, emulator, n_lab))
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    pri = {key: [] for key in ("lo", "hi", "mu", "sd")}
+    for i in range(n):
+        tg = priors_out[i] if samples_out[i] is not None else None
+        if tg is None:
+            for key in pri:
+                pri[key].append(None)
+            continue
+        for key in ("lo", "hi", "mu"):
+            pri[key].append(_to_physical(tg[key][None], idx, emulator, n_lab)[0])
+        with np.errstate(divide="ignore"):
+            pri["sd"].append(
+                np.where(tg["ivp"] > 0, 1.0 / np.sqrt(tg["ivp"]), np.inf) * span[idx]
+            )
+    n_ch = {"emcee": int(n_walkers), "nuts": int(n_chains)}
+    methods_out = [r.get("method", "") for r in rows_out]
     post = PosteriorSamples(
-        names, units, phys, weights_out, [r.get("method", "") for r in rows_out]
-    )
+        names, units, phys, weights_out, methods_out,
+        n_chains=[n_ch.get(m, 0) for m in methods_out],
+        prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
+        prior_sd=pri["sd"],
+    )  # fmt: skip
     if warn:
         bad = np.flatnonzero(~np.asarray(table["converged"]))
         if bad.size:
@@ -1637,6 +1704,62 @@ def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None
         for i, x in enumerate(post.samples):
             g = f.create_group(f"star_{i}")
             g.attrs["method"] = post.method[i]
+            if post.n_chains is not None:
+                g.attrs["n_chains"] = int(post.n_chains[i])
             g.create_dataset("samples", data=np.asarray(x), compression="gzip")
             if post.weights[i] is not None:
                 g.create_dataset("weights", data=np.asarray(post.weights[i]))
+            for key in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
+                val = getattr(post, key)
+                if val is not None and val[i] is not None:
+                    g.create_dataset(key, data=np.asarray(val[i], np.float64))
+
+
+def load_samples(path) -> tuple[PosteriorSamples, dict]:
+    """Read a file written by :func:`save_samples` (``sample(samples_path=...)``).
+
+    Returns:
+        (:class:`PosteriorSamples`, the sampling table's meta).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a samples file, or of another format version.
+    """
+    import h5py
+
+    from ._h5 import get_json_attr
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with h5py.File(path, "r") as f:
+        fmt = f.attrs.get("format", "")
+        if fmt != SAMPLES_FORMAT:
+            raise ValueError(f"{path}: not a payne_lite samples file (format {fmt!r})")
+        ver = int(f.attrs.get("format_version", -1))
+        if ver != SAMPLES_VERSION:
+            raise ValueError(
+                f"{path}: samples format version {ver}, this code reads "
+                f"{SAMPLES_VERSION}"
+            )
+        meta = get_json_attr(f, "meta", path) if "meta" in f.attrs else {}
+        stars = sorted(
+            (k for k in f if k.startswith("star_")), key=lambda k: int(k[5:])
+        )
+        keys = ("samples", "weights", "method", "n_chains", "prior_lo", "prior_hi",
+                "prior_mu", "prior_sd")  # fmt: skip
+        out = {key: [] for key in keys}
+        for key in stars:
+            g = f[key]
+            out["samples"].append(g["samples"][...])
+            out["weights"].append(g["weights"][...] if "weights" in g else None)
+            out["method"].append(str(g.attrs["method"]))
+            out["n_chains"].append(int(g.attrs.get("n_chains", 0)))
+            for p in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
+                out[p].append(g[p][...] if p in g else None)
+        post = PosteriorSamples(
+            tuple(str(v) for v in f.attrs["names"]),
+            tuple(str(v) for v in f.attrs["units"]),
+            **out,
+        )
+    return post, meta
