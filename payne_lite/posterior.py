@@ -1375,6 +1375,8 @@ def _run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
             lst.append(np.asarray(a))
         n_done += todo
         i += 1
+        if n_done < 4 and n_done < n_steps:  # diagnostics need a few draws
+            continue
         u = np.concatenate(pos, axis=1).astype(np.float64)  # (C, n, kf)
         x = lo + (hi - lo) * expit(u)
         chain = np.swapaxes(x, 0, 1)  # (n, C, kf)
