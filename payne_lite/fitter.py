@@ -950,7 +950,7 @@ def fit(
         wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
         method: ``"lm"`` (batched Levenberg-Marquardt in JAX, see :func:`_lm_lanes` for
             damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian);
-            ``"emcee"`` or ``"mdn-is"`` return posterior summaries from
+            ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` return posterior summaries from
             :func:`payne_lite.posterior.sample` (box prior, LM-ball start; call it
             directly for its other options).
         cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
