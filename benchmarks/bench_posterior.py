@@ -1,8 +1,9 @@
-"""Posterior benchmark (issue 7): calibration and cost of emcee and mdn-is.
+"""Posterior benchmark (issue 7): calibration and cost of emcee, NUTS and mdn-is.
 
     python benchmarks/bench_posterior.py --n 30                  # ~6 min on 2 cores
     python benchmarks/bench_posterior.py                         # the issue's 200 stars
     python benchmarks/bench_posterior.py --n 50 --mdn mdn.h5 --json out.json
+    python benchmarks/bench_posterior.py --n 20 --methods emcee nuts mdn-is  # cost
 
 With the real 5-label Payne network (../shared/data/payne_apogee) as the emulator:
 
@@ -19,7 +20,13 @@ With the real 5-label Payne network (../shared/data/payne_apogee) as the emulato
   /tmp/mdn_apogee3.h5 when it exists, else one trained here with
   ``payne_lite.train_mdn(emu, seed=0)``, a few minutes); stars whose ESS is below
   ``IS_ESS_MIN`` fall back to emcee (reported separately).
-* Both run once on one star first (compilation), then timed.
+* nuts: ``payne_lite.sample(method="nuts")``, box prior, 4 chains from the LM
+  solution's Laplace approximation, 500 warm-up steps, then blocks of 100 draws per
+  chain until its smallest ESS reaches the median ESS emcee reached in this run
+  (``--nuts-ess``; NUTS_ESS_MIN = 400 without emcee), split R-hat < 1.01 and no
+  divergence: the same ESS (emcee's estimator, chains as walkers), so seconds per
+  star compare like for like.
+* Each runs once on one star first (compilation), then timed.
 
 Reported, per method and per label and rv: the fraction of stars whose truth lies in
 the 16-84 % credible interval (target 0.60-0.76; for mdn-is over the stars whose ESS
@@ -28,7 +35,8 @@ posterior sd to the LM covariance error over well-constrained stars (LM flags 0,
 emcee converged; target within 20 %), seconds per star (median, mean), effective
 samples per second (median of ess / seconds, ess being the smallest over
 parameters for emcee), the fraction converged / passing, and the cost ratio emcee /
-mdn-is per star (target >= 20 where mdn-is passes). Binomial noise on a coverage
+mdn-is per star (target >= 20 where mdn-is passes), emcee / nuts per star, and the
+divergent transitions of NUTS. Binomial noise on a coverage
 fraction of 0.68 is sqrt(0.68 * 0.32 / n): 0.085 for n = 30, 0.033 for n = 200.
 """
 
@@ -47,7 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fit import PARAMS, load_data, make_test_set  # noqa: E402
 
 import payne_lite as pl  # noqa: E402
-from payne_lite.posterior import IS_ESS_MIN, SamplingWarning  # noqa: E402
+from payne_lite.posterior import (  # noqa: E402
+    IS_ESS_MIN,
+    NUTS_ESS_MIN,
+    SamplingWarning,
+)
 
 COVERAGE_RANGE = (0.60, 0.76)
 SD_RATIO_TOL = 0.2
@@ -80,12 +92,14 @@ def cost(t, rows):
     )
 
 
-def run_method(method, emu, flux, err, mask, lm, mdn, seed, max_steps):
+def run_method(method, emu, flux, err, mask, lm, mdn, seed, max_steps, ess=None):
     kw = dict(
         mask=mask, lm_table=lm, seed=seed, n_steps=max_steps, warn=False
     )  # fmt: skip
     if method == "mdn-is":
         kw.update(method="mdn-is", mdn=mdn)
+    if method == "nuts":
+        kw.update(method="nuts", ess_target=ess or NUTS_ESS_MIN)
     # warm up (compilation) on the first star
     pl.sample(flux[:1], err[:1], emu, **{**kw, "mask": mask[:1], "lm_table": lm[:1]})
     t0 = time.perf_counter()
@@ -105,6 +119,12 @@ def main(argv=None):
     ap.add_argument("--mdn", type=Path, default=None, help="a trained MDN (HDF5)")
     ap.add_argument("--methods", nargs="+", default=["emcee", "mdn-is"])
     ap.add_argument("--max-steps", type=int, default=10_000, help="emcee cap")
+    ap.add_argument(
+        "--nuts-ess",
+        type=float,
+        default=None,
+        help="NUTS's ESS target (default: emcee's median ESS in this run)",
+    )
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args(argv)
 
@@ -145,15 +165,30 @@ def main(argv=None):
         lm_seconds_per_star=t_lm / args.n, methods={},
     )  # fmt: skip
     tables = {}
-    for method in args.methods:
+    order = [m for m in ("emcee", "mdn-is", "nuts") if m in args.methods]
+    for method in order:
+        ess = args.nuts_ess
+        if method == "nuts" and ess is None and "emcee" in res["methods"]:
+            ess = res["methods"]["emcee"]["cost"]["ess_median"]
         t, wall = run_method(
-            method, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps
+            method, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps, ess
         )
         tables[method] = t
         all_rows = np.arange(args.n)
         conv = np.asarray(t["converged"], bool)
         r = dict(wall_seconds=wall, converged=float(conv.mean()))
-        if method == "emcee":
+        if method == "nuts":
+            r["ess_target"] = float(ess or NUTS_ESS_MIN)
+            r["coverage"] = coverage(t, truth, all_rows)
+            r["coverage_converged"] = coverage(t, truth, np.flatnonzero(conv))
+            r["cost"] = cost(t, all_rows)
+            r["divergent_total"] = int(np.sum(t["n_divergent"]))
+            r["stars_with_divergences"] = int(np.sum(np.asarray(t["n_divergent"]) > 0))
+            r["n_steps_median"] = float(np.median(t["n_steps"]))
+            r["n_leapfrog_median"] = float(np.median(t["n_leapfrog"]))
+            r["step_size_median"] = float(np.median(t["step_size"]))
+            r["rhat_max_median"] = float(np.median(t["rhat_max"]))
+        elif method == "emcee":
             r["coverage"] = coverage(t, truth, all_rows)
             r["coverage_converged"] = coverage(t, truth, np.flatnonzero(conv))
             r["cost"] = cost(t, all_rows)
@@ -199,6 +234,15 @@ def main(argv=None):
                 f"  acceptance {r['acceptance_median']:.2f}, tau_max "
                 f"{r['tau_max_median']:.0f} steps, n_steps {r['n_steps_median']:.0f}"
             )
+        elif method == "nuts":
+            print(
+                f"  ESS target {r['ess_target']:.0f}; draws per chain "
+                f"{r['n_steps_median']:.0f} (median), leapfrog steps per draw "
+                f"{r['n_leapfrog_median']:.1f}, step size "
+                f"{r['step_size_median']:.3f}, split R-hat max "
+                f"{r['rhat_max_median']:.3f}; divergent transitions "
+                f"{r['divergent_total']} in {r['stars_with_divergences']} star(s)"
+            )
         else:
             print(
                 f"  ESS >= {IS_ESS_MIN:g}: {r['passed']:.2f} of the stars, "
@@ -212,6 +256,7 @@ def main(argv=None):
     checks = []
     rows = [("emcee", "coverage", "emcee, all stars")]
     rows += [("emcee", "coverage_converged", "emcee, converged")]
+    rows += [("nuts", "coverage", "nuts, all stars")]
     rows += [("mdn-is", "coverage", "mdn-is, ESS passed")]
     rows += [("mdn-is", "coverage_all", "mdn-is, all (+fallback)")]
     for method, key, label in rows:
@@ -245,6 +290,27 @@ def main(argv=None):
         print(f"\nseconds per star, emcee / mdn-is (ESS passed): {ratio:.1f}x")
         checks.append(
             (f"mdn-is >= {COST_RATIO_MIN:g}x cheaper", ratio >= COST_RATIO_MIN)
+        )
+    meth = res["methods"]
+    if "emcee" in meth:
+        e = meth["emcee"]["cost"]
+        for other in ("nuts", "mdn-is"):
+            if other in meth:
+                o = meth[other]["cost"]
+                res[f"ess_per_sec_{other}_over_emcee"] = (
+                    o["ess_per_sec"] / e["ess_per_sec"]
+                )
+                print(
+                    f"effective samples per second, {other} / emcee: "
+                    f"{res[f'ess_per_sec_{other}_over_emcee']:.1f}x"
+                )
+        if "nuts" in meth:
+            ratio = e["sec_median"] / meth["nuts"]["cost"]["sec_median"]
+            res["cost_ratio_emcee_over_nuts"] = ratio
+            print(f"seconds per star, emcee / nuts (same ESS target): {ratio:.1f}x")
+    if "nuts" in meth:
+        checks.append(
+            ("nuts: no divergent transition", meth["nuts"]["divergent_total"] == 0)
         )
     print()
     for what, ok in checks:

@@ -22,8 +22,10 @@ single benchmarks (``bench_emulator.py``, ``bench_fit.py``, ``bench_mdn.py``):
 * ``mdn``: MDN calibration (1 and 3 sigma), whether it helps the fit (catastrophic
   failures, LM iterations, time per spectrum with and without it), inference time
   over fit time (issue 4).
-* ``posterior``: posterior calibration and cost (issue 7), pending: the section is
-  listed as skipped until :func:`section_posterior` measures something.
+* ``posterior``: posterior calibration and cost (issue 7): emcee and NUTS (and
+  mdn-is when an MDN is given or in full mode) on mock stars at S/N 50: 68 %
+  credible-interval coverage, NUTS against emcee (medians, sds), divergences, the
+  fraction converged, and effective samples per second as ratios within the run.
 
 Setups. With ``../shared/data/payne_apogee`` beside the repository the emulator is
 the real 5-label Payne network (setup ``payne_apogee``); without it, the shipped
@@ -133,8 +135,12 @@ MODES = {
         throughput=dict(n_spec=10_000, rounds=5, rows=None),
         fit=dict(n_spec=500, snr=(100.0, 30.0), rounds=10),
         mdn=dict(train={}, n_cal=2000, n_speed=10_000, rounds=2),
+        posterior=dict(n_star=50, snr=50.0, seed=7, nuts_ess=None, mdn_is=True),
     ),
 }
+MODES["quick"]["posterior"] = dict(
+    n_star=4, snr=50.0, seed=7, nuts_ess=400.0, mdn_is=False
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -795,17 +801,172 @@ def section_mdn(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
 
 
 def section_posterior(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
-    """Posterior calibration and cost (issue 7): the place for them.
+    """Posterior calibration and cost (issue 7), bench_posterior's measurements.
 
-    When the samplers exist, measure here: the fraction of truths within the 16-84 %
-    and 2.5-97.5 % posterior intervals over mock stars (``coverage`` rules, nominal
-    0.68 / 0.95) and seconds per star for emcee, NUTS and mdn-is as ratios to the LM
-    fit timed in the same run (``speed`` rules).
+    ``n_star`` mock stars (bench_fit's test set at S/N ``snr``), the LM fit, then
+    emcee (its convergence rule), NUTS (4 chains, to ``nuts_ess``, default emcee's
+    median ESS of this run) and, with an MDN (``--mdn``, or trained here in full
+    mode), mdn-is; each sampler warmed up on one star first. Gated: 68 % coverage
+    pooled over stars and parameters (``coverage``: the intervals of one star are
+    correlated, so the binomial atol over n_star x 6 is optimistic), NUTS against
+    emcee (largest over parameters of the median |median difference| / emcee sd, and
+    of |median sd ratio - 1|: ``accuracy``), NUTS's divergent transitions
+    (``work``), the fraction converged, and effective samples per second of NUTS
+    and mdn-is over emcee's (``speed``, same run). Seconds per star: ``info``.
     """
-    raise Skip(
-        "posterior calibration and cost come with issue 7 (Bayesian inference); "
-        "not measured yet"
+    import warnings
+
+    import payne_lite as pl
+    from payne_lite.posterior import SamplingWarning
+
+    _, bench_fit, _ = _import_benchmarks()
+    c = cfg["posterior"]
+    full = opts.mode == "full"
+    n, snr = c["n_star"], c["snr"]
+    labels, rv, flux, err, mask = bench_fit.make_test_set(
+        setup.net, setup.mask, n, snr, c["seed"]
     )
+    truth = np.column_stack([labels, rv])
+    params = list(bench_fit.PARAMS)
+    lm = pl.fit(flux, err, setup.emu, mask=mask)
+    mdn = None
+    if c["mdn_is"] or opts.mdn:
+        if opts.mdn:
+            mdn = pl.MDN.load(opts.mdn, emulator=setup.emu)
+        else:
+            mdn = pl.train_mdn(setup.emu, seed=0, progress=opts.progress)
+
+    def run(method, **kw):
+        kw = dict(mask=mask, lm_table=lm, seed=c["seed"], warn=False, method=method,
+                  **kw)  # fmt: skip
+        one = {**kw, "mask": mask[:1], "lm_table": lm[:1]}
+        pl.sample(flux[:1], err[:1], setup.emu, **one)  # compile
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SamplingWarning)
+            t = pl.sample(flux, err, setup.emu, **kw)
+        return t, time.perf_counter() - t0
+
+    tables, walls = {}, {}
+    tables["emcee"], walls["emcee"] = run("emcee")
+    ess_e = float(np.median(tables["emcee"]["ess"]))
+    nuts_ess = c["nuts_ess"] or ess_e
+    tables["nuts"], walls["nuts"] = run("nuts", ess_target=nuts_ess)
+    if mdn is not None:
+        tables["mdn-is"], walls["mdn-is"] = run("mdn-is", mdn=mdn)
+
+    def pooled_coverage(t, rows):
+        inside = [
+            (truth[rows, j] >= np.asarray(t[f"{p}_p16"], float)[rows])
+            & (truth[rows, j] <= np.asarray(t[f"{p}_p84"], float)[rows])
+            for j, p in enumerate(params)
+        ]
+        return float(np.mean(inside)) if rows.size else float("nan")
+
+    details = dict(n_star=n, snr=snr, nuts_ess_target=nuts_ess, methods={})
+    m = {}
+    where = f"{n} mock stars at S/N {snr:g}"
+    ess_per_sec = {}
+    for method, t in tables.items():
+        rows = np.arange(n)
+        if method == "mdn-is":
+            rows = np.flatnonzero(np.asarray(t["method"]) == "mdn-is")
+        sec = np.asarray(t["seconds"], float)
+        ess = np.asarray(t["ess"], float)
+        ess_per_sec[method] = (
+            float(np.median(ess[rows] / sec[rows])) if rows.size else float("nan")
+        )
+        cov = pooled_coverage(t, rows)
+        details["methods"][method] = dict(
+            wall_seconds=walls[method],
+            sec_median=float(np.median(sec)),
+            ess_median=float(np.median(ess)),
+            ess_per_sec=ess_per_sec[method],
+            converged=float(np.mean(t["converged"])),
+            coverage68=cov,
+            rows=int(rows.size),
+        )
+        key = method.replace("-", "_")
+        m[f"posterior.coverage68.{key}"] = metric(
+            cov,
+            Rule(
+                "coverage",
+                "nominal",
+                atol=coverage_atol(max(rows.size, 1) * 6),
+                nominal=COVERAGE_1SIGMA,
+            ),  # fmt: skip
+            what=f"{where}: fraction of truths in the 16-84 % interval, pooled over "
+            "labels and rv"
+            + (" (stars whose ESS passed)" if method == "mdn-is" else ""),
+            target="0.60-0.76",
+        )
+        m[f"posterior.converged.{key}"] = metric(
+            np.mean(t["converged"]),
+            Rule("accuracy", "higher", atol=0.05 if full else 0.25),
+            what=f"{where}: fraction passing {method}'s convergence rule",
+            target="1",
+        )
+        m[f"posterior.seconds_per_star.{key}"] = metric(
+            np.median(sec), INFO, unit="s",
+            what=f"{where}: median seconds per star ({method})",
+        )  # fmt: skip
+    te, tn = tables["emcee"], tables["nuts"]
+    diff = {}
+    sdr = {}
+    for p in params:
+        sd_e = np.asarray(te[f"{p}_std"], float)
+        diff[p] = float(
+            np.median(
+                np.abs(np.asarray(tn[p], float) - np.asarray(te[p], float)) / sd_e
+            )
+        )
+        sdr[p] = float(np.median(np.asarray(tn[f"{p}_std"], float) / sd_e))
+    details["nuts_vs_emcee"] = dict(median_diff_over_sd=diff, sd_ratio=sdr)
+    m["posterior.nuts_vs_emcee.median_diff"] = metric(
+        max(diff.values()),
+        Rule("accuracy", "lower", atol=0.1 if full else 0.15),
+        what=f"{where}: largest over parameters of the median over stars of "
+        "|NUTS median - emcee median| / emcee sd",
+        target="< 0.15",
+    )
+    m["posterior.nuts_vs_emcee.sd_ratio_offset"] = metric(
+        max(abs(v - 1.0) for v in sdr.values()),
+        Rule("accuracy", "lower", atol=0.1 if full else 0.15),
+        what=f"{where}: largest over parameters of |median NUTS sd / emcee sd - 1|",
+        target="< 0.1",
+    )
+    m["posterior.nuts.divergent"] = metric(
+        int(np.sum(tn["n_divergent"])),
+        Rule("work", "lower", atol=0.0),
+        unit="transitions",
+        what=f"{where}: NUTS divergent transitions after warm-up, all stars",
+        target="0",
+    )
+    m["posterior.ess_per_sec.nuts_over_emcee"] = metric(
+        ess_per_sec["nuts"] / ess_per_sec["emcee"],
+        SPEED_HIGHER,
+        unit="x",
+        what=f"{where}: median effective samples per second, NUTS (to ESS "
+        f"{nuts_ess:.0f}) over emcee (its rule), same run",
+    )
+    if "mdn-is" in tables:
+        m["posterior.ess_per_sec.mdn_is_over_emcee"] = metric(
+            ess_per_sec["mdn-is"] / ess_per_sec["emcee"],
+            SPEED_HIGHER,
+            unit="x",
+            what=f"{where}: median effective samples per second, mdn-is (stars "
+            "whose ESS passed) over emcee, same run",
+        )
+        m["posterior.seconds.emcee_over_mdn_is"] = metric(
+            details["methods"]["emcee"]["sec_median"]
+            / float(np.median(np.asarray(tables["mdn-is"]["seconds"], float))),
+            SPEED_HIGHER,
+            unit="x",
+            what=f"{where}: median seconds per star, emcee over mdn-is (all stars, "
+            "fallbacks included), same run",
+            target=">= 20",
+        )
+    return m, details
 
 
 SECTION_FUNCS: dict[str, Callable] = {

@@ -211,7 +211,7 @@ METHODS = ("lm", "curve_fit")
 #: ``fit(continuum=...)``: Chebyshev coefficients as LM parameters, or profiled out.
 CONTINUUM_MODES = ("fit", "profile")
 #: Posterior samplers ``fit`` hands to :func:`payne_lite.posterior.sample`.
-SAMPLERS = ("emcee", "mdn-is")
+SAMPLERS = ("emcee", "mdn-is", "nuts")
 
 
 # --------------------------------------------------------------------------------------
@@ -1247,7 +1247,7 @@ def fit(
             each observed wavelength (see :mod:`payne_lite.model`).
         method: ``"lm"`` (batched Levenberg-Marquardt in JAX, see :func:`_lm_lanes` for
             damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian);
-            ``"emcee"`` or ``"mdn-is"`` return posterior summaries from
+            ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` return posterior summaries from
             :func:`payne_lite.posterior.sample` (box prior, LM-ball start; call it
             directly for its other options).
         cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).

@@ -12,6 +12,10 @@ function                            figure
 :func:`coverage_plot`               calibration: fraction of truths within z sigma
                                     against the Gaussian expectation erf(z / sqrt 2)
 :func:`corner_plot`                 1-D and 2-D marginals of posterior samples
+:func:`trace_plot`                  MCMC traces per parameter and chain, with each
+                                    chain's marginal beside them
+:func:`prior_posterior_plot`        per parameter, the posterior over the prior on
+                                    the prior's whole support, and zoomed
 ==================================  ===================================================
 
 Every figure function returns the paths it wrote, ``[png, pdf]``. :func:`coverage`
@@ -911,6 +915,261 @@ def corner_plot(
     return _save(fig, stem)
 
 
+#: At most this many chains (emcee walkers) are drawn in a trace plot.
+TRACE_MAX_CHAINS = 8
+
+
+def trace_plot(
+    chains,
+    names,
+    stem: Path,
+    *,
+    units=None,
+    truths=None,
+    title: str = "",
+    max_chains: int = TRACE_MAX_CHAINS,
+) -> list[Path]:
+    """Trace plot: one row per parameter, the value against the step of each chain
+    (left) and each chain's histogram beside it (right, same vertical axis).
+
+    Chains that agree overlap on the right; a chain stuck apart, or a trend on the
+    left, is what R-hat and the autocorrelation time report as numbers.
+
+    Args:
+        chains: (n_steps, n_chains, d) draws (emcee: walkers as chains; nuts: its
+            chains), or (n_steps, d) for one chain.
+        names: d parameter names; units: optional d units.
+        truths: optional (d,) true values (blue lines).
+        title: figure title.
+        max_chains: draw at most this many chains (the first ones).
+
+    Raises:
+        ValueError: shapes that do not fit, fewer than 2 steps, non-finite draws.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    plt = _pyplot()
+    x = np.asarray(chains, dtype=float)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    if x.ndim != 3 or x.shape[0] < 2 or x.shape[2] < 1:
+        raise ValueError("chains must be (n_steps, n_chains, d) or (n_steps, d) with "
+                         f"n_steps >= 2, got shape {np.shape(chains)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("chains hold non-finite values")
+    n, c, d = x.shape
+    units = [""] * d if units is None else list(units)
+    if len(names) != d or len(units) != d:
+        raise ValueError(f"{len(names)} names and {len(units)} units for {d} "
+                         "parameters")
+    tr = None
+    if truths is not None:
+        tr = np.asarray(truths, dtype=float)
+        if tr.shape != (d,):
+            raise ValueError(f"truths {tr.shape} must be ({d},)")
+    shown = min(c, max_chains)
+    colors = [f"C{j % 10}" for j in range(shown)]
+    fig, axes = plt.subplots(d, 2, figsize=(9.0, 0.4 + 1.35 * d), squeeze=False,
+                             sharey="row", width_ratios=(4, 1),
+                             layout="constrained")
+    steps = np.arange(n)
+    for i in range(d):
+        ax, side = axes[i]
+        lo, hi = np.percentile(x[:, :, i], [0.1, 99.9])
+        if tr is not None and np.isfinite(tr[i]):
+            lo, hi = min(lo, tr[i]), max(hi, tr[i])
+        pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo) * 1e-3, 1e-3)
+        edges = np.linspace(lo - pad, hi + pad, 41)
+        for j in range(shown):
+            ax.plot(steps, x[:, j, i], color=colors[j], lw=0.5, alpha=0.8,
+                    rasterized=True)
+            side.hist(x[:, j, i], bins=edges, orientation="horizontal",
+                      histtype="step", color=colors[j], density=True, lw=0.8)
+        if tr is not None:
+            ax.axhline(tr[i], color="C0", lw=1.2, ls="--")
+            side.axhline(tr[i], color="C0", lw=1.2, ls="--")
+        ax.set_ylim(edges[0], edges[-1])
+        ax.set_xlim(0, n - 1)
+        ax.set_ylabel(f"{names[i]}{_unit(units[i])}", fontsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(4))
+        ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+        side.set_xticks([])
+        for a in (ax, side):
+            a.tick_params(labelsize=7)
+        if i < d - 1:
+            ax.tick_params(labelbottom=False)
+    axes[-1, 0].set_xlabel("step (after burn-in / warm-up, thinned as saved)",
+                           fontsize=8)
+    axes[-1, 1].set_xlabel("density", fontsize=8)
+    what = f"{shown} of {c} chains" if shown < c else f"{c} chain{'s' * (c > 1)}"
+    handles = [Line2D([], [], color="C0", lw=0.8, label=f"{what}, {n} steps each")]
+    if tr is not None:
+        handles.append(Line2D([], [], color="C0", ls="--", lw=1.2, label="truth"))
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, stem)
+
+
+def prior_posterior_plot(
+    samples,
+    names,
+    stem: Path,
+    *,
+    prior_lo,
+    prior_hi,
+    prior_mu=None,
+    prior_sd=None,
+    weights=None,
+    units=None,
+    truths=None,
+    bins: int = 40,
+    title: str = "",
+) -> list[Path]:
+    """Prior against posterior, one row per parameter: on the prior's whole support
+    (left, each density scaled to its own peak, so that a flat prior is a band and a
+    well-measured label's posterior a spike in it), and the posterior zoomed
+    (right, the region outside the prior's support shaded).
+
+    The prior is uniform on [prior_lo, prior_hi], or a Gaussian (prior_mu, prior_sd)
+    truncated to it where ``prior_sd`` is finite. Each row gives the ratio of
+    posterior to prior sd (how much the data taught; 1 = nothing).
+
+    Args:
+        samples: (n, d) posterior samples; weights: optional (n,) (importance
+            sampling), else equal.
+        names: d parameter names; units: optional d units.
+        prior_lo, prior_hi: (d,) the prior's support.
+        prior_mu, prior_sd: optional (d,) Gaussian prior (sd = inf: flat).
+        truths: optional (d,) true values (blue lines).
+        bins: histogram bins of the zoomed panel.
+        title: figure title.
+
+    Raises:
+        ValueError: shapes that do not fit, a support with lo >= hi, fewer than 2
+            samples, non-finite samples or weights.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from scipy.stats import truncnorm
+
+    plt = _pyplot()
+    x = np.asarray(samples, dtype=float)
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"samples must be (n, d) with n >= 2, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("samples hold non-finite values")
+    n, d = x.shape
+    w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, float)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be (n,) = ({n},), finite, >= 0, not all 0")
+    w = w / w.sum()
+    units = [""] * d if units is None else list(units)
+    if len(names) != d or len(units) != d:
+        raise ValueError(f"{len(names)} names and {len(units)} units for {d} "
+                         "parameters")
+
+    def vec(val, key, default):
+        if val is None:
+            return np.full(d, default)
+        v = np.asarray(val, dtype=float)
+        if v.shape != (d,):
+            raise ValueError(f"{key} {v.shape} must be ({d},)")
+        return v
+
+    lo, hi = vec(prior_lo, "prior_lo", np.nan), vec(prior_hi, "prior_hi", np.nan)
+    if not np.all(np.isfinite(lo) & np.isfinite(hi) & (lo < hi)):
+        raise ValueError("prior_lo and prior_hi must be finite with lo < hi")
+    mu, sd = vec(prior_mu, "prior_mu", 0.0), vec(prior_sd, "prior_sd", np.inf)
+    tr = None if truths is None else vec(truths, "truths", np.nan)
+
+    fig, axes = plt.subplots(d, 2, figsize=(9.0, 0.5 + 1.45 * d), squeeze=False,
+                             layout="constrained")
+
+    def prior_pdf(j, grid):
+        if np.isfinite(sd[j]) and sd[j] > 0:
+            a, b = (lo[j] - mu[j]) / sd[j], (hi[j] - mu[j]) / sd[j]
+            return truncnorm.pdf(grid, a, b, loc=mu[j], scale=sd[j])
+        return np.where((grid >= lo[j]) & (grid <= hi[j]), 1.0 / (hi[j] - lo[j]), 0.0)
+
+    def prior_sd_of(j):
+        if np.isfinite(sd[j]) and sd[j] > 0:
+            a, b = (lo[j] - mu[j]) / sd[j], (hi[j] - mu[j]) / sd[j]
+            return float(truncnorm.std(a, b, loc=mu[j], scale=sd[j]))
+        return (hi[j] - lo[j]) / math.sqrt(12.0)
+
+    for j in range(d):
+        left, right = axes[j]
+        mean = float(w @ x[:, j])
+        post_sd = float(np.sqrt(max(w @ (x[:, j] - mean) ** 2, 0.0)))
+        ratio = post_sd / prior_sd_of(j)
+        # whole support
+        span = hi[j] - lo[j]
+        grid = np.linspace(lo[j] - 0.03 * span, hi[j] + 0.03 * span, 600)
+        pp = prior_pdf(j, grid)
+        left.fill_between(grid, pp / pp.max(), color="0.82", lw=0)
+        edges = np.linspace(lo[j], hi[j], 201)
+        h, _ = np.histogram(x[:, j], bins=edges, weights=w)
+        left.stairs(h / h.max(), edges, color="k", lw=0.9)
+        left.set_xlim(grid[0], grid[-1])
+        left.set_ylim(0, 1.35)
+        left.text(0.99 if mean < 0.5 * (lo[j] + hi[j]) else 0.01, 0.95,
+                  f"sd posterior / prior = {ratio:.3g}", transform=left.transAxes,
+                  fontsize=7, va="top",
+                  ha="right" if mean < 0.5 * (lo[j] + hi[j]) else "left")
+        # zoom on the posterior
+        q = _wquantiles(x[:, j], w, [0.001, 0.16, 0.5, 0.84, 0.999])
+        zlo, zhi = q[0], q[-1]
+        if tr is not None and np.isfinite(tr[j]):
+            zlo, zhi = min(zlo, tr[j]), max(zhi, tr[j])
+        pad = 0.05 * (zhi - zlo) if zhi > zlo else max(abs(zlo) * 1e-3, 1e-3)
+        zlo, zhi = zlo - pad, zhi + pad
+        zedges = np.linspace(zlo, zhi, bins + 1)
+        hz, _ = np.histogram(x[:, j], bins=zedges, weights=w)
+        hz = hz / (zedges[1] - zedges[0])  # density of the whole posterior
+        right.stairs(hz, zedges, color="k", lw=0.9, fill=False)
+        if zlo < lo[j]:
+            right.axvspan(zlo, lo[j], color="0.82", lw=0)
+        if zhi > hi[j]:
+            right.axvspan(hi[j], zhi, color="0.82", lw=0)
+        for v, ls in zip(q[1:4], ("--", "-", "--"), strict=True):
+            right.axvline(v, color="k", ls=ls, lw=0.7)
+        right.set_xlim(zlo, zhi)
+        right.set_ylim(0, None)
+        right.set_title(f"{names[j]} = " + _median_text(q[2], q[3] - q[2], q[2] - q[1])
+                        + _sp(units[j]), fontsize=8)
+        for a in (left, right):
+            if tr is not None and np.isfinite(tr[j]):
+                a.axvline(tr[j], color="C0", lw=1.1)
+            a.tick_params(labelsize=7)
+            a.set_yticks([])
+            a.xaxis.set_major_locator(MaxNLocator(5))
+            a.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+        left.set_ylabel(f"{names[j]}{_unit(units[j])}", fontsize=8)
+    axes[0, 0].set_title("on the prior's support, each density scaled to its peak",
+                         fontsize=8, loc="left")
+    handles = [Line2D([], [], color="0.82", lw=6, label="prior"),
+               Line2D([], [], color="k", lw=0.9, label="posterior"),
+               Line2D([], [], color="k", ls="--", lw=0.7,
+                      label="median, 16th/84th percentiles (zoomed)")]
+    if tr is not None:
+        handles.append(Line2D([], [], color="C0", lw=1.1, label="truth"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
+               fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, stem)
+
+
+def _wquantiles(x, w, q) -> np.ndarray:
+    """Weighted quantiles of one sample (midpoint CDF, as posterior's)."""
+    order = np.argsort(x)
+    xs, ws = x[order], w[order]
+    cdf = (np.cumsum(ws) - 0.5 * ws) / ws.sum()
+    return np.interp(q, cdf, xs)
+
+
 def _decimals(err: float) -> int:
     """Decimals that show two significant digits of ``err`` (3 if it is not > 0)."""
     if not (np.isfinite(err) and err > 0):
@@ -990,6 +1249,12 @@ def figures_from_files(
     emulator                              ``emulator_loss`` (its training history),
                                           ``emulator_pixel_error`` (its held-out error)
     mdn                                   ``mdn_loss`` (its training history)
+    samples (in the place of results)     per star (``rows``, default the first 3 with
+                                          samples): ``trace_star<N>`` (emcee, nuts),
+                                          ``prior_posterior_star<N>``,
+                                          ``corner_star<N>`` (mdn-is: resampled by
+                                          weight); the file from
+                                          ``payne_lite.sample(samples_path=...)``
     ====================================  ===============================================
 
     Args:
@@ -1006,7 +1271,8 @@ def figures_from_files(
         emulator: an emulator file: models for ``spectra``, and its own figures.
         mdn: an MDN file.
         rows: results rows to draw spectra for (default: the one with the median
-            and the one with the highest ``chi2_red``).
+            and the one with the highest ``chi2_red``), or the stars of a samples
+            file.
         windows, window_width: zoom windows, see :func:`spectrum_with_model`.
 
     Returns:
@@ -1020,6 +1286,7 @@ def figures_from_files(
     """
     from .emulator import EMULATOR_FORMAT
     from .mdn import MDN_FORMAT
+    from .posterior import SAMPLES_FORMAT
 
     outdir = Path(outdir)
     paths = {}
@@ -1038,8 +1305,13 @@ def figures_from_files(
                     raise ValueError(f"{paths['results']} is an {kind} file, not a "
                                      "results table")
                 paths[kind] = paths.pop("results")
+        if fmt == SAMPLES_FORMAT:
+            if truth is not None or spectra is not None:
+                raise ValueError(f"{paths['results']} is a samples file: its figures "
+                                 "need no truth table or spectra")
+            paths["samples"] = paths.pop("results")
     res_path = paths.get("results")
-    if res_path is None and not ({"emulator", "mdn"} & set(paths)):
+    if res_path is None and not ({"emulator", "mdn", "samples"} & set(paths)):
         raise ValueError("nothing to plot: give a results table, an emulator file or "
                          "an MDN file")
     if res_path is None and (truth is not None or spectra is not None):
@@ -1049,7 +1321,7 @@ def figures_from_files(
         raise ValueError(f"{res_path}: a results table alone makes no figure; add the "
                          "truth table (fit minus truth, calibration) or the spectra "
                          "it was fitted from (spectra with their models)")
-    if rows is not None and spectra is None:
+    if rows is not None and spectra is None and "samples" not in paths:
         raise ValueError("rows choose the spectra to draw: give the spectra too")
 
     from .emulator import Emulator
@@ -1069,6 +1341,8 @@ def figures_from_files(
             _spectrum_figures(outdir, res, res_path, params, units, spectra, emu,
                               paths.get("emulator"), rows, windows, window_width,
                               written)
+    if "samples" in paths:
+        _samples_figures(outdir, paths["samples"], rows, written, skipped)
     if emu is not None:
         _emulator_figures(outdir, emu, paths["emulator"], written, skipped)
     if "mdn" in paths:
@@ -1087,6 +1361,53 @@ def figures_from_files(
     if not written:
         raise ValueError("nothing to plot: " + "; ".join(skipped))
     return Figures(written, skipped)
+
+
+def _samples_figures(outdir, path, rows, written, skipped) -> None:
+    """Trace, prior-posterior and corner figures of stars of a samples file."""
+    from .posterior import load_samples
+
+    post, meta = load_samples(path)
+    n_star = len(post.samples)
+    have = [i for i in range(n_star) if post.samples[i].shape[0] >= 2]
+    if rows is None:
+        rows = have[:3]
+    bad = [r for r in rows if r >= n_star]
+    if bad:
+        raise ValueError(f"{path}: rows {bad} out of range (it has {n_star} stars)")
+    for i in rows:
+        x = np.asarray(post.samples[i], float)
+        method = post.method[i]
+        if x.shape[0] < 2:
+            skipped.append(f"{path}: star {i} has no samples ({method})")
+            continue
+        head = f"{path.name}, star {i}: {method}"
+        c = post.n_chains[i] if post.n_chains is not None else 0
+        if c > 0 and x.shape[0] % c == 0 and x.shape[0] // c >= 2:
+            written.append((f"star {i}: traces of {c} chains ({method})",
+                            trace_plot(x.reshape(-1, c, x.shape[1]), post.names,
+                                       outdir / f"trace_star{i}", units=post.units,
+                                       title=f"{head}, traces")))
+        else:
+            skipped.append(f"{path}: star {i} ({method}) has no chains to trace")
+        w = post.weights[i]
+        if post.prior_lo is not None and post.prior_lo[i] is not None:
+            written.append((f"star {i}: prior and posterior per parameter",
+                            prior_posterior_plot(
+                                x, post.names, outdir / f"prior_posterior_star{i}",
+                                prior_lo=post.prior_lo[i], prior_hi=post.prior_hi[i],
+                                prior_mu=post.prior_mu[i], prior_sd=post.prior_sd[i],
+                                weights=w, units=post.units,
+                                title=f"{head}, prior {meta.get('prior', '?')}")))
+        else:
+            skipped.append(f"{path}: star {i} has no prior stored")
+        xc = x
+        if w is not None:  # equal-weight draws for the corner plot
+            rng = np.random.default_rng(i)
+            xc = x[rng.choice(x.shape[0], size=x.shape[0], p=w / w.sum())]
+        written.append((f"star {i}: corner plot ({method})",
+                        corner_plot(xc, post.names, outdir / f"corner_star{i}",
+                                    units=post.units, title=head)))
 
 
 def _hdf5_format(path: Path) -> str | None:

@@ -73,6 +73,23 @@ ESS is below ``ess_min`` (default ``IS_ESS_MIN`` = 200), or whose MDN gave no
 answer, are sampled again by emcee (``init`` as given, default the LM solution):
 column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
 
+``"nuts"``: the No-U-Turn sampler (Hoffman & Gelman 2014; blackjax's multinomial
+NUTS) on the same log posterior, with JAX gradients. It samples unconstrained
+coordinates ``u`` (kf,): ``x = lo + (hi - lo) sigmoid(u)`` maps R^kf onto the
+prior's support (the box, the RV window, the continuum bounds, or the MDN's
++-3 sigma), and the log density of ``u`` adds the Jacobian
+``sum log((hi - lo) sigmoid(u) sigmoid(-u))``, so a uniform prior stays uniform
+in ``x`` and trajectories meet no wall (:func:`_log_density_u`). ``n_chains``
+(default ``NUTS_CHAINS`` = 4) chains start at the LM solution plus
+``NUTS_INIT_SCALE`` (1) x the LM covariance's square root times N(0, 1) draws
+(``init="lm"``; the MDN's Gaussians with ``init="mdn"``), each adapts its step
+size and (by default dense) inverse mass matrix with Stan's window adaptation
+(``blackjax.window_adaptation``, ``n_warmup`` = ``NUTS_WARMUP`` = 500 steps,
+discarded), then draws in blocks of ``check_every`` (default ``NUTS_BLOCK`` =
+100) per chain until its rule holds or ``n_steps`` draws per chain are done. The
+warm-up and each block are one jitted call, vmapped over the chains; the star's
+data are arguments, so the compilation is shared by every star of the same shape.
+
 Diagnostics and the convergence rule (emcee)
 --------------------------------------------
 From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
@@ -94,17 +111,29 @@ From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
 
 For ``"mdn-is"``, ``converged`` means ``ess >= ess_min``.
 
+For ``"nuts"`` the same ``chain_diagnostics`` run on the draws (chains as walkers,
+no burn-in: the warm-up is already gone): ``tau``, ``ess`` (``n_chains * n / tau``;
+above ``n_chains * n`` when draws anticorrelate), split R-hat over the 2
+``n_chains`` half-chains; ``converged``: the smallest ESS >= ``ess_target``
+(default ``NUTS_ESS_MIN`` = 400), max split R-hat < ``NUTS_RHAT_MAX`` (1.01;
+Vehtari et al. 2021 advise both) and no divergent transition after the warm-up
+(column ``n_divergent``; one in a posterior of smooth nets means the step size
+is too large for some region, and the draws there are biased).
+
 Summaries (columns, physical units)
 -----------------------------------
 For each label, ``rv`` [km/s] and continuum coefficient: ``<name>`` = posterior
 median, ``<name>_err`` = half the 16-84 % range, ``<name>_p16``, ``<name>_p50``,
 ``<name>_p84``, ``<name>_std``; with ``init="lm"`` also the LM solution
 ``<name>_lm``, ``<name>_lm_err``; with an MDN ``<name>_mdn``, ``<name>_mdn_sigma``.
-Then ``method`` (per row: "emcee", "mdn-is"), ``converged``, ``fallback``,
+Then ``method`` (per row: "emcee", "mdn-is", "nuts"), ``converged``, ``fallback``,
 ``n_steps``, ``n_burn``, ``acceptance``, ``tau`` (n, k) and ``rhat`` (n, k) over
 ``meta["sample_params"]``, ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
 (samples behind the summaries), ``n_evals`` (log-posterior evaluations), ``is_ess``, ``is_ess_mdn``,
-``is_max_weight`` (mdn-is: the largest normalised weight), ``n_good_pixels``,
+``is_max_weight`` (mdn-is: the largest normalised weight), ``n_divergent``,
+``step_size`` (median over chains), ``n_leapfrog`` (mean per draw; nuts: ``n_steps``
+= draws per chain, ``n_burn`` = warm-up steps, ``acceptance`` = mean acceptance
+statistic, ``n_evals`` = gradient evaluations with the warm-up's), ``n_good_pixels``,
 ``chi2_min`` (the best sample's chi2), ``seconds``.
 
 Precision: the log probability in JAX's default float (float32 unless x64 is
@@ -116,11 +145,16 @@ References:
     Foreman-Mackey, Hogg, Lang & Goodman 2013, PASP 125, 306 (emcee).
     Rhea et al. 2021, AJ 162, 4 (LUCI: MDN priors).
     Gelman et al. 2013, Bayesian Data Analysis, 3rd ed. (split R-hat).
+    Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS).
+    Vehtari, Gelman, Simpson, Carpenter & Buerkner 2021, Bayesian Analysis 16, 667
+    (R-hat < 1.01, ESS > 400).
+    Cabezas et al. 2024, arXiv:2402.10797 (blackjax).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 import warnings
@@ -152,7 +186,7 @@ from .model import (
 
 Array = jax.Array
 
-METHODS = ("emcee", "mdn-is")
+METHODS = ("emcee", "mdn-is", "nuts")
 PRIORS = ("box", "mdn-uniform", "mdn-gauss")
 INITS = ("lm", "mdn")
 
@@ -180,6 +214,20 @@ IS_ADAPT_DONE = 0.25
 IS_DF = 5.0
 #: mdn-is: draws evaluated per jitted call.
 IS_CHUNK = 64
+#: nuts: independent chains (each with its own window adaptation).
+NUTS_CHAINS = 4
+#: nuts: warm-up (window adaptation) steps per chain, discarded.
+NUTS_WARMUP = 500
+#: nuts: draws per chain between two checks of the convergence rule.
+NUTS_BLOCK = 100
+#: nuts: converged when the smallest ESS reaches this (Vehtari et al. 2021: 400) ...
+NUTS_ESS_MIN = 400.0
+#: ... the largest split R-hat over the chains is below this (Vehtari et al. 2021) ...
+NUTS_RHAT_MAX = 1.01
+#: ... and no transition diverged. Chains start at the LM solution plus
+#: NUTS_INIT_SCALE x (LM covariance)^(1/2) z: dispersed as the posterior is, so that
+#: R-hat can see chains that do not mix.
+NUTS_INIT_SCALE = 1.0
 #: Format tag and version of the saved-samples file.
 SAMPLES_FORMAT = "payne_lite.samples"
 SAMPLES_VERSION = 1
@@ -200,6 +248,13 @@ class PosteriorSamples(NamedTuple):
         weights: one (m_i,) array of normalised weights per star (mdn-is), or None
             (equal weights).
         method: per star, the sampler that produced them.
+        n_chains: per star, the chains interleaved in ``samples`` (emcee: walkers,
+            nuts: chains; rows are step-major, so ``samples.reshape(-1, n_chains,
+            k)`` gives the (thinned) traces); 0 for mdn-is draws and failed stars.
+        prior_lo, prior_hi: per star, (k,) the prior's support [physical units],
+            or None where no sampler ran.
+        prior_mu, prior_sd: per star, (k,) the Gaussian prior's mean and sd
+            (``mdn-gauss``; sd = inf where the prior is flat), or None.
     """
 
     names: tuple[str, ...]
@@ -207,6 +262,11 @@ class PosteriorSamples(NamedTuple):
     samples: list
     weights: list
     method: list
+    n_chains: list | None = None
+    prior_lo: list | None = None
+    prior_hi: list | None = None
+    prior_mu: list | None = None
+    prior_sd: list | None = None
 
 
 class _Target(NamedTuple):
@@ -229,14 +289,20 @@ class _Target(NamedTuple):
 # --------------------------------------------------------------------------------------
 # Pure, jitted core
 # --------------------------------------------------------------------------------------
-def _log_prob_one(obs: ObsModel, x, t: _Target):
-    """Log posterior (up to a constant) of one star at free parameters ``x`` (kf,);
-    ``-inf`` outside the prior's support (and for a non-finite value)."""
+def _log_like_prior(obs: ObsModel, x, t: _Target):
+    """``-chi2 / 2`` plus the Gaussian prior term at free parameters ``x`` (kf,),
+    with no support check (differentiable: the NUTS target builds on it)."""
     p = t.base.at[t.idx].set(x)
     f, _ = observe(obs, p)
     r = f - t.flux
     chi2 = jnp.sum(t.w * r * r)
-    lp = -0.5 * chi2 - 0.5 * jnp.sum(t.ivp * (x - t.mu) ** 2)
+    return -0.5 * chi2 - 0.5 * jnp.sum(t.ivp * (x - t.mu) ** 2)
+
+
+def _log_prob_one(obs: ObsModel, x, t: _Target):
+    """Log posterior (up to a constant) of one star at free parameters ``x`` (kf,);
+    ``-inf`` outside the prior's support (and for a non-finite value)."""
+    lp = _log_like_prior(obs, x, t)
     inside = jnp.all((x >= t.lo) & (x <= t.hi))
     return jnp.where(inside & jnp.isfinite(lp), lp, -jnp.inf)
 
@@ -250,6 +316,90 @@ def _log_prob_batch(obs: ObsModel, xs, t: _Target):
 @jax.jit
 def _window_valid_batch(obs: ObsModel, rv_lo, rv_hi):
     return jax.vmap(window_valid, in_axes=(None, 0, 0))(obs, rv_lo, rv_hi)
+
+
+# NUTS: the prior's support (a box in fit space) mapped onto R^kf, so that the
+# sampler meets no hard walls: x = lo + (hi - lo) sigmoid(u), and the density of u
+# carries the Jacobian |dx/du| = (hi - lo) sigmoid(u) sigmoid(-u).
+def _from_unconstrained(u, lo, hi):
+    return lo + (hi - lo) * jax.nn.sigmoid(u)
+
+
+def _log_jacobian(u, lo, hi):
+    return jnp.sum(jnp.log(hi - lo) + jax.nn.log_sigmoid(u) + jax.nn.log_sigmoid(-u))
+
+
+def _log_density_u(obs: ObsModel, u, t: _Target):
+    """Log posterior of one star in the unconstrained coordinates ``u`` (kf,)."""
+    x = _from_unconstrained(u, t.lo, t.hi)
+    lp = _log_like_prior(obs, x, t) + _log_jacobian(u, t.lo, t.hi)
+    return jnp.where(jnp.isfinite(lp), lp, -jnp.inf)
+
+
+def _warmup_info(state, info, adaptation_state):
+    """What the window adaptation keeps per step: the gradient evaluations."""
+    del state, adaptation_state
+    return info.num_integration_steps
+
+
+@functools.partial(jax.jit, static_argnames=("n_warmup", "dense"))
+def _nuts_warmup(obs: ObsModel, t: _Target, keys, u0, *, n_warmup, dense):
+    """Stan-style window adaptation (blackjax.window_adaptation) of each chain.
+
+    ``keys`` (C,), ``u0`` (C, kf) starting points. Returns the chains' last states,
+    step sizes (C,), inverse mass matrices (C, kf[, kf]) and gradient evaluations (C,).
+    """
+    import blackjax
+
+    def one(key, u):
+        def logdensity(v):
+            return _log_density_u(obs, v, t)
+
+        warmup = blackjax.window_adaptation(
+            blackjax.nuts, logdensity, is_mass_matrix_diagonal=not dense,
+            adaptation_info_fn=_warmup_info,
+        )  # fmt: skip
+        (state, params), n_int = warmup.run(key, u, num_steps=n_warmup)
+        return (
+            state,
+            params["step_size"],
+            params["inverse_mass_matrix"],
+            jnp.sum(n_int),
+        )
+
+    return jax.vmap(one)(keys, u0)
+
+
+@functools.partial(jax.jit, static_argnames=("n_draws",))
+def _nuts_draws(obs: ObsModel, t: _Target, keys, state, step_size, imm, *, n_draws):
+    """``n_draws`` NUTS transitions of each chain (vmapped over the C chains).
+
+    Returns the new states and, per chain and draw, (position (C, n, kf),
+    log density (C, n), divergent (C, n), integration steps (C, n), acceptance
+    (C, n)).
+    """
+    import blackjax
+
+    def one(key, st, eps, m):
+        def logdensity(v):
+            return _log_density_u(obs, v, t)
+
+        kernel = blackjax.nuts(logdensity, eps, m)
+
+        def body(s, k):
+            s, info = kernel.step(k, s)
+            out = (
+                s.position,
+                s.logdensity,
+                info.is_divergent,
+                info.num_integration_steps,
+                info.acceptance_rate,
+            )
+            return s, out
+
+        return jax.lax.scan(body, st, jax.random.split(key, n_draws))
+
+    return jax.vmap(one)(keys, state, step_size, imm)
 
 
 # --------------------------------------------------------------------------------------
@@ -684,7 +834,11 @@ def sample(
     fixed=None,
     n_walkers: int | None = None,
     n_steps: int = 10_000,
-    check_every: int = 500,
+    check_every: int | None = None,
+    n_chains: int = NUTS_CHAINS,
+    n_warmup: int = NUTS_WARMUP,
+    ess_target: float = NUTS_ESS_MIN,
+    dense_mass: bool = True,
     n_draws: int = 2048,
     ess_min: float = IS_ESS_MIN,
     is_scale: float = IS_SCALE,
@@ -707,7 +861,7 @@ def sample(
         flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
             non-finite flux) give that pixel zero weight, as in :func:`fit`.
         emulator: the rest-frame spectrum emulator.
-        method: ``"emcee"`` or ``"mdn-is"`` (see the module docstring).
+        method: ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` (see the module docstring).
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
         wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
         prior: ``"box"``, ``"mdn-uniform"`` or ``"mdn-gauss"`` (the last two need
@@ -722,10 +876,16 @@ def sample(
         fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
         n_walkers: emcee walkers (even, >= 2 kf + 2); default ``max(32, 4 kf)``
             rounded up to even, kf the number of sampled parameters.
-        n_steps: emcee: the most steps per star.
-        check_every: emcee: the convergence rule is checked every this many steps
-            and the chain stops when it holds (``check_every >= n_steps``: one run
-            of ``n_steps``).
+        n_steps: emcee: the most steps per star; nuts: the most draws per chain
+            (after the warm-up).
+        check_every: the convergence rule is checked every this many steps (emcee,
+            default 500) or draws per chain (nuts, default NUTS_BLOCK = 100) and
+            the chain stops when it holds (``check_every >= n_steps``: one run of
+            ``n_steps``).
+        n_chains: nuts: independent chains, each with its own adaptation.
+        n_warmup: nuts: window-adaptation steps per chain (discarded).
+        ess_target: nuts: the smallest ESS over parameters the rule asks for.
+        dense_mass: nuts: adapt a dense (else diagonal) inverse mass matrix.
         n_draws: mdn-is: draws per star.
         ess_min: mdn-is: stars with a smaller ESS fall back to emcee.
         is_scale: mdn-is: the proposal's sigma over the MDN's.
@@ -773,7 +933,13 @@ def sample(
             f"use cont_deg=0 or method='emcee', got cont_deg={cont_deg}"
         )
     n_steps = _check_int(n_steps, "n_steps", 4)
+    if check_every is None:
+        check_every = NUTS_BLOCK if method == "nuts" else 500
     check_every = _check_int(check_every, "check_every", 1)
+    n_chains = _check_int(n_chains, "n_chains", 1)
+    n_warmup = _check_int(n_warmup, "n_warmup", 10)
+    if not (np.isfinite(ess_target) and ess_target > 0):
+        raise ValueError(f"ess_target must be > 0, got {ess_target!r}")
     n_draws = _check_int(n_draws, "n_draws", 2)
     thin = _check_int(thin, "thin", 1)
     is_adapt = _check_int(is_adapt, "is_adapt", 0)
@@ -809,7 +975,9 @@ def sample(
 
     # LM solutions, when needed (all stars for emcee with init="lm").
     lm = lm_table
-    run_emcee = np.full(n, method == "emcee")
+    # "emcee" rows: run an MCMC sampler (emcee, or NUTS for method="nuts"; mdn-is
+    # falls back to emcee)
+    run_emcee = np.full(n, method in ("emcee", "nuts"))
     if method == "mdn-is":
         run_emcee = ~mdn_ok  # more join after the IS pass
 
@@ -839,6 +1007,7 @@ def sample(
         return _to_device(tg, dt)
 
     rows_out: list[dict] = [None] * n  # type: ignore[list-item]
+    priors_out: list = [None] * n  # each star's target (its prior), last one used
     samples_out: list = [None] * n
     weights_out: list = [None] * n
     bar = None
@@ -857,6 +1026,7 @@ def sample(
                 centre[: n_lab + 1] = m
                 centre[:n_lab] = np.clip(centre[:n_lab], -LABEL_BOUND, LABEL_BOUND)
                 tg = target(i, centre)
+                priors_out[i] = tg
                 n_good = int(np.count_nonzero(tg["w"] > 0))
                 if n_good <= kf:
                     rows_out[i] = _failed_row(
@@ -925,28 +1095,39 @@ def sample(
                     bar.update(1)
                 continue
             tg = target(i, centre)
+            priors_out[i] = tg
             n_good = int(np.count_nonzero(tg["w"] > 0))
             if n_good <= kf:
                 rows_out[i] = _failed_row(f"{n_good} usable pixels for {kf} parameters")
                 if bar is not None:
                     bar.update(1)
                 continue
+            n_start = n_chains if method == "nuts" else n_walkers
             if init == "lm":
                 p0 = _ball(
-                    rng, centre[idx], lmr["cov"][np.ix_(idx, idx)], tg, n_walkers
-                )
+                    rng, centre[idx], lmr["cov"][np.ix_(idx, idx)], tg, n_start,
+                    scale=NUTS_INIT_SCALE if method == "nuts" else BALL_SCALE,
+                )  # fmt: skip
             else:
                 m, s = mdn_fit_space(i)
                 mi, si = centre[idx].copy(), np.full(kf, 1e-3)
                 nl = np.flatnonzero(idx <= n_lab)
                 mi[nl], si[nl] = m[idx[nl]], s[idx[nl]]
                 mi = np.clip(mi, tg["lo"], tg["hi"])
-                p0 = _truncnorm_draw(rng, mi, si, tg["lo"], tg["hi"], n_walkers)
-            res = _run_emcee(
-                obs, to_device(tg), tg, p0, n_steps=n_steps, check_every=check_every,
-                seed=seed + int(i), backend_path=backend_path, star=int(i),
-                moves=moves, dt=dt, thin=thin,
-            )  # fmt: skip
+                p0 = _truncnorm_draw(rng, mi, si, tg["lo"], tg["hi"], n_start)
+            if method == "nuts":
+                res = _run_nuts(
+                    obs, to_device(tg), tg, p0, n_warmup=n_warmup, n_steps=n_steps,
+                    block=check_every, ess_target=ess_target, seed=seed + int(i),
+                    dense=bool(dense_mass), dt=dt, thin=thin,
+                )  # fmt: skip
+            else:
+                res = _run_emcee(
+                    obs, to_device(tg), tg, p0, n_steps=n_steps,
+                    check_every=check_every, seed=seed + int(i),
+                    backend_path=backend_path, star=int(i), moves=moves, dt=dt,
+                    thin=thin,
+                )  # fmt: skip
             res["seconds"] = (
                 time.perf_counter()
                 - t0
@@ -979,6 +1160,8 @@ def sample(
             method=method, prior=prior, init=init, cont_deg=int(cont_deg),
             rv_window=float(rv_window), rv_range=list(rv_range), seed=int(seed),
             n_walkers=int(n_walkers), thin=int(thin), ess_min=float(ess_min),
+            n_chains=int(n_chains), n_warmup=int(n_warmup),
+            ess_target=float(ess_target), dense_mass=bool(dense_mass),
             is_scale=float(is_scale), n_draws=int(n_draws), is_adapt=int(is_adapt),
             emulator_error_in_likelihood=perr is not None,
         ),
@@ -992,17 +1175,45 @@ def sample(
             phys.append(np.empty((0, kf)))
             continue
         phys.append(_to_physical(x, idx, emulator, n_lab))
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    pri = {key: [] for key in ("lo", "hi", "mu", "sd")}
+    for i in range(n):
+        tg = priors_out[i] if samples_out[i] is not None else None
+        if tg is None:
+            for key in pri:
+                pri[key].append(None)
+            continue
+        for key in ("lo", "hi", "mu"):
+            pri[key].append(_to_physical(tg[key][None], idx, emulator, n_lab)[0])
+        with np.errstate(divide="ignore"):
+            pri["sd"].append(
+                np.where(tg["ivp"] > 0, 1.0 / np.sqrt(tg["ivp"]), np.inf) * span[idx]
+            )
+    n_ch = {"emcee": int(n_walkers), "nuts": int(n_chains)}
+    methods_out = [r.get("method", "") for r in rows_out]
     post = PosteriorSamples(
-        names, units, phys, weights_out, [r.get("method", "") for r in rows_out]
-    )
+        names, units, phys, weights_out, methods_out,
+        n_chains=[n_ch.get(m, 0) for m in methods_out],
+        prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
+        prior_sd=pri["sd"],
+    )  # fmt: skip
     if warn:
         bad = np.flatnonzero(~np.asarray(table["converged"]))
         if bad.size:
+            rules = {
+                "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < "
+                f"{RHAT_MAX}",
+                "mdn-is": f"mdn-is ESS >= {ess_min:g}",
+                "nuts": f"nuts ESS >= {ess_target:g}, split R-hat < "
+                f"{NUTS_RHAT_MAX} and no divergence",
+            }
+            used = [m for m in METHODS if m in set(table["method"][bad])]
             warnings.warn(
                 f"{bad.size} of {n} star(s) did not pass the convergence rule "
                 f"(rows {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}): "
-                f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < {RHAT_MAX}, "
-                f"mdn-is ESS >= {ess_min:g}; see the table's diagnostics",
+                + ", ".join(rules[m] for m in used)
+                + ("; " if used else "")
+                + "see the table's diagnostics",
                 SamplingWarning,
                 stacklevel=2,
             )
@@ -1029,8 +1240,8 @@ def _lm_row(t, i, layout, emulator) -> dict:
     return dict(p=p, cov=cov, phys=phys, err=err, flags=int(t["flags"][i]))
 
 
-def _ball(rng, centre, cov, tg, n_walkers):
-    """Walkers (n_walkers, kf) at ``centre + BALL_SCALE chol(cov) z``, reflected into
+def _ball(rng, centre, cov, tg, n_walkers, scale=BALL_SCALE):
+    """Walkers (n_walkers, kf) at ``centre + scale chol(cov) z``, reflected into
     the prior's support; a tiny isotropic ball where the covariance is unusable."""
     kf = centre.size
     lo, hi = tg["lo"], tg["hi"]
@@ -1043,7 +1254,7 @@ def _ball(rng, centre, cov, tg, n_walkers):
     except np.linalg.LinAlgError:
         chol = np.diag(1e-3 * np.minimum(hi - lo, 1.0))
     z = rng.standard_normal((n_walkers, kf))
-    x = centre[None, :] + BALL_SCALE * z @ chol.T
+    x = centre[None, :] + scale * z @ chol.T
     return _reflect(x, lo[None, :], hi[None, :])
 
 
@@ -1128,6 +1339,83 @@ def _run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, st
         n_draws=int(kept.shape[0] * n_walkers),
         n_evals=int(sampler.iteration * n_walkers),
         lp_best=float(best),
+        fallback=False,
+        is_ess=np.nan,
+        is_max_weight=np.nan,
+    )
+
+
+def _run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
+              dense, dt, thin):  # fmt: skip
+    """One star's NUTS chains; returns its row dict (with the kept samples ``x``).
+
+    ``x0`` (C, kf) starting points in fit space, inside the support. Warm-up by
+    window adaptation, then blocks of ``block`` draws per chain until the rule
+    (ESS >= ``ess_target``, split R-hat < NUTS_RHAT_MAX, no divergence) holds or
+    ``n_steps`` draws per chain are done.
+    """
+    from scipy.special import expit
+
+    n_chains, kf = x0.shape
+    lo, hi = tg["lo"], tg["hi"]
+    z = np.clip((x0 - lo) / (hi - lo), 1e-6, 1.0 - 1e-6)
+    u0 = np.log(z) - np.log1p(-z)
+    key_w, key_d = jax.random.split(jax.random.key(seed))
+    state, eps, imm, n_int_w = _nuts_warmup(
+        obs, tgt, jax.random.split(key_w, n_chains), jnp.asarray(u0, dt),
+        n_warmup=n_warmup, dense=dense,
+    )  # fmt: skip
+    pos, lpu, div, nint, acc = [], [], [], [], []
+    n_done, i = 0, 0
+    while True:
+        todo = min(block, n_steps - n_done)
+        keys = jax.random.split(jax.random.fold_in(key_d, i), n_chains)
+        state, out = _nuts_draws(obs, tgt, keys, state, eps, imm, n_draws=todo)
+        for lst, a in zip((pos, lpu, div, nint, acc), out, strict=True):
+            lst.append(np.asarray(a))
+        n_done += todo
+        i += 1
+        if n_done < 4 and n_done < n_steps:  # diagnostics need a few draws
+            continue
+        u = np.concatenate(pos, axis=1).astype(np.float64)  # (C, n, kf)
+        x = lo + (hi - lo) * expit(u)
+        chain = np.swapaxes(x, 0, 1)  # (n, C, kf)
+        diag = chain_diagnostics(chain, n_burn=0)
+        n_div = int(np.sum(np.concatenate(div, axis=1)))
+        ok = bool(
+            np.isfinite(diag["ess_min"])
+            and diag["ess_min"] >= ess_target
+            and np.isfinite(diag["rhat_max"])
+            and diag["rhat_max"] < NUTS_RHAT_MAX
+            and n_div == 0
+        )
+        if ok or n_done >= n_steps:
+            break
+    lp_u = np.concatenate(lpu, axis=1).astype(np.float64)  # (C, n)
+    log_jac = np.sum(
+        np.log(hi - lo) - np.logaddexp(0.0, -u) - np.logaddexp(0.0, u), axis=-1
+    )
+    lp = lp_u - log_jac
+    n_int = np.concatenate(nint, axis=1)
+    return dict(
+        method="nuts",
+        x=chain[::thin].reshape(-1, kf),
+        summary=_summarise(chain.reshape(-1, kf), None),
+        n_steps=int(n_done),
+        n_burn=int(n_warmup),
+        acceptance=float(np.mean(np.concatenate(acc, axis=1))),
+        tau=diag["tau"],
+        rhat=diag["rhat"],
+        tau_max=diag["tau_max"],
+        rhat_max=diag["rhat_max"],
+        ess=diag["ess_min"],
+        converged=ok,
+        n_draws=int(n_done * n_chains),
+        n_evals=int(np.sum(n_int) + np.sum(np.asarray(n_int_w))),
+        lp_best=float(np.nanmax(lp)) if np.any(np.isfinite(lp)) else np.nan,
+        n_divergent=n_div,
+        step_size=float(np.median(np.asarray(eps, np.float64))),
+        n_leapfrog=float(np.mean(n_int)),
         fallback=False,
         is_ess=np.nan,
         is_max_weight=np.nan,
@@ -1346,6 +1634,9 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
     t["is_ess"] = col("is_ess", np.nan)
     t["is_ess_mdn"] = col("is_ess_mdn", np.nan)
     t["is_max_weight"] = col("is_max_weight", np.nan)
+    t["n_divergent"] = col("n_divergent", 0, np.int64)
+    t["step_size"] = col("step_size", np.nan)
+    t["n_leapfrog"] = col("n_leapfrog", np.nan)
     t["n_draws"] = col("n_draws", 0, np.int64)
     t["n_evals"] = col("n_evals", 0, np.int64)
     t["n_good_pixels"] = col("n_good", 0, np.int64)
@@ -1357,9 +1648,12 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
     t["tau"].description = "integrated autocorrelation time per meta['sample_params']"
     t["rhat"].description = "split R-hat per meta['sample_params']"
     t["ess"].description = (
-        "effective samples: emcee min over parameters of n_walkers n_kept / tau; "
-        "mdn-is Kish's (sum w)^2 / sum w^2"
+        "effective samples: emcee and nuts min over parameters of n_chains n_kept "
+        "/ tau; mdn-is Kish's (sum w)^2 / sum w^2"
     )
+    t["n_divergent"].description = "nuts: divergent transitions after the warm-up"
+    t["step_size"].description = "nuts: adapted step size (median over chains)"
+    t["n_leapfrog"].description = "nuts: mean leapfrog steps per draw"
     t[
         "chi2_min"
     ].description = "-2 x the largest log posterior sampled (chi2 for the box prior)"
@@ -1381,11 +1675,13 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
         convergence_rule=(
             f"emcee: kept steps >= {N_TAU_MIN:g} x max tau and max split R-hat < "
             f"{RHAT_MAX}; burn-in min(ceil({BURN_TAU:g} tau_0), n_steps // 2); "
-            f"mdn-is: Kish ESS >= ess_min"
+            f"mdn-is: Kish ESS >= ess_min; nuts: min ESS >= ess_target, max split "
+            f"R-hat < {NUTS_RHAT_MAX} over the chains, no divergent transition"
         ),
         reference=(
             "Ting et al. 2019, ApJ 879, 69 (The Payne); Foreman-Mackey et al. 2013, "
-            "PASP 125, 306 (emcee)"
+            "PASP 125, 306 (emcee); Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS); "
+            "Cabezas et al. 2024, arXiv:2402.10797 (blackjax)"
         ),
     )
     return t
@@ -1410,6 +1706,62 @@ def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None
         for i, x in enumerate(post.samples):
             g = f.create_group(f"star_{i}")
             g.attrs["method"] = post.method[i]
+            if post.n_chains is not None:
+                g.attrs["n_chains"] = int(post.n_chains[i])
             g.create_dataset("samples", data=np.asarray(x), compression="gzip")
             if post.weights[i] is not None:
                 g.create_dataset("weights", data=np.asarray(post.weights[i]))
+            for key in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
+                val = getattr(post, key)
+                if val is not None and val[i] is not None:
+                    g.create_dataset(key, data=np.asarray(val[i], np.float64))
+
+
+def load_samples(path) -> tuple[PosteriorSamples, dict]:
+    """Read a file written by :func:`save_samples` (``sample(samples_path=...)``).
+
+    Returns:
+        (:class:`PosteriorSamples`, the sampling table's meta).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a samples file, or of another format version.
+    """
+    import h5py
+
+    from ._h5 import get_json_attr
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with h5py.File(path, "r") as f:
+        fmt = f.attrs.get("format", "")
+        if fmt != SAMPLES_FORMAT:
+            raise ValueError(f"{path}: not a payne_lite samples file (format {fmt!r})")
+        ver = int(f.attrs.get("format_version", -1))
+        if ver != SAMPLES_VERSION:
+            raise ValueError(
+                f"{path}: samples format version {ver}, this code reads "
+                f"{SAMPLES_VERSION}"
+            )
+        meta = get_json_attr(f, "meta", path) if "meta" in f.attrs else {}
+        stars = sorted(
+            (k for k in f if k.startswith("star_")), key=lambda k: int(k[5:])
+        )
+        keys = ("samples", "weights", "method", "n_chains", "prior_lo", "prior_hi",
+                "prior_mu", "prior_sd")  # fmt: skip
+        out = {key: [] for key in keys}
+        for key in stars:
+            g = f[key]
+            out["samples"].append(g["samples"][...])
+            out["weights"].append(g["weights"][...] if "weights" in g else None)
+            out["method"].append(str(g.attrs["method"]))
+            out["n_chains"].append(int(g.attrs.get("n_chains", 0)))
+            for p in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
+                out[p].append(g[p][...] if p in g else None)
+        post = PosteriorSamples(
+            tuple(str(v) for v in f.attrs["names"]),
+            tuple(str(v) for v in f.attrs["units"]),
+            **out,
+        )
+    return post, meta

@@ -315,6 +315,89 @@ def test_corner_contour_levels_enclose_the_gaussian_mass():
     np.testing.assert_allclose(levels, expect, rtol=0.06)
 
 
+# --------------------------------------------------------------------------------------
+# trace and prior-posterior plots
+# --------------------------------------------------------------------------------------
+def test_trace_plot_writes_files(tmp_path):
+    rng = np.random.default_rng(0)
+    chains = rng.normal([5500.0, 4.4, -0.2], [50.0, 0.1, 0.05], (300, 12, 3))
+    stem = tmp_path / "trace"
+    paths = plots.trace_plot(chains, NAMES, stem, units=UNITS,
+                             truths=[5520.0, 4.4, -0.2], title="12 chains, 8 drawn")
+    assert_figure(paths, stem)
+    # one chain, (n, d)
+    assert_figure(plots.trace_plot(chains[:, 0], NAMES, tmp_path / "one"))
+
+
+def test_trace_plot_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="n_steps >= 2"):
+        plots.trace_plot(np.zeros((1, 2, 3)), NAMES, tmp_path / "t")
+    with pytest.raises(ValueError, match="3 names and 3 units for 2"):
+        plots.trace_plot(np.zeros((5, 2, 2)), NAMES, tmp_path / "t", units=UNITS)
+    with pytest.raises(ValueError, match="non-finite"):
+        plots.trace_plot(np.full((5, 2, 3), np.nan), NAMES, tmp_path / "t")
+    with pytest.raises(ValueError, match=r"truths \(2,\) must be \(3,\)"):
+        plots.trace_plot(np.zeros((5, 2, 3)), NAMES, tmp_path / "t", truths=[1, 2])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_prior_posterior_plot_writes_files(tmp_path, weighted):
+    rng = np.random.default_rng(1)
+    x = rng.normal([5500.0, 4.4, -0.2], [30.0, 0.05, 0.04], (4000, 3))
+    lo, hi = np.array([4000.0, 1.0, -2.0]), np.array([7000.0, 5.0, 0.5])
+    mu, sd = np.array([0.0, 4.3, 0.0]), np.array([np.inf, 0.2, np.inf])  # one Gauss
+    w = rng.uniform(0.5, 1.5, 4000) if weighted else None
+    stem = tmp_path / "prior_post"
+    paths = plots.prior_posterior_plot(
+        x, NAMES, stem, prior_lo=lo, prior_hi=hi, prior_mu=mu, prior_sd=sd,
+        weights=w, units=UNITS, truths=[5510.0, 4.4, -0.21], title="test")
+    assert_figure(paths, stem)
+
+
+def test_prior_posterior_plot_bad_input(tmp_path):
+    x = np.zeros((10, 3)) + [5500.0, 4.4, -0.2]
+    kw = dict(prior_lo=[4000.0, 1.0, -2.0], prior_hi=[7000.0, 5.0, 0.5])
+    with pytest.raises(ValueError, match="lo < hi"):
+        plots.prior_posterior_plot(x, NAMES, tmp_path / "p",
+                                   prior_lo=kw["prior_hi"], prior_hi=kw["prior_lo"])
+    with pytest.raises(ValueError, match=r"prior_lo \(2,\) must be \(3,\)"):
+        plots.prior_posterior_plot(x, NAMES, tmp_path / "p", prior_lo=[1.0, 2.0],
+                                   prior_hi=kw["prior_hi"])
+    with pytest.raises(ValueError, match="weights must be"):
+        plots.prior_posterior_plot(x, NAMES, tmp_path / "p", weights=np.ones(3), **kw)
+    with pytest.raises(ValueError, match="n >= 2"):
+        plots.prior_posterior_plot(x[:1], NAMES, tmp_path / "p", **kw)
+
+
+def test_plot_samples_file(capsys, tmp_path):
+    """`payne-lite plot SAMPLES`: traces, prior-posterior and corner per star, from
+    the file payne_lite.sample(samples_path=...) writes (emcee, a short chain)."""
+    from conftest import build_tiny_emulator
+
+    emu = build_tiny_emulator(60, seed=4)
+    rng = np.random.default_rng(2)
+    truth = np.array([[5200.0, 3.0, -0.5], [6000.0, 4.0, -1.0]])
+    flux = np.asarray(emu.predict(truth)) + rng.normal(0.0, 0.01, (2, 60))
+    path = tmp_path / "samples.h5"
+    pl.sample(flux, np.full_like(flux, 0.01), emu, fixed={"rv": 0.0}, n_walkers=16,
+              n_steps=60, check_every=60, warn=False, samples_path=path)
+    code, out, err = run(capsys, "plot", path, "-o", tmp_path / "figs")
+    assert code == 0, err
+    for star in (0, 1):
+        for kind in ("trace", "prior_posterior", "corner"):
+            stem = tmp_path / "figs" / f"{kind}_star{star}"
+            assert_figure([stem.with_suffix(".png"), stem.with_suffix(".pdf")])
+    assert "traces of 16 chains (emcee)" in out
+    code, out, err = run(capsys, "plot", path, "-o", tmp_path / "f2", "--rows", "1")
+    assert code == 0 and (tmp_path / "f2" / "trace_star1.png").exists()
+    assert not (tmp_path / "f2" / "trace_star0.png").exists()
+    assert_one_line_error(*run(capsys, "plot", path, "--rows", "5"),
+                          "rows [5] out of range (it has 2 stars)")
+    post, meta = pl.posterior.load_samples(path)
+    assert post.n_chains == [16, 16] and meta["method"] == "emcee"
+    np.testing.assert_allclose(post.prior_lo[0], [*emu.label_lo, -20.0][:3])
+
+
 def test_corner_plot_bad_input(tmp_path):
     x = np.zeros((10, 2))
     with pytest.raises(ValueError, match="names"):

@@ -370,7 +370,10 @@ def test_samples_saved(toy, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(method="nuts"), "method must be one of"),
+        (dict(method="hmc"), "method must be one of"),
+        (dict(method="nuts", n_chains=0), "n_chains must be an int >= 1"),
+        (dict(method="nuts", n_warmup=5), "n_warmup must be an int >= 10"),
+        (dict(method="nuts", ess_target=0.0), "ess_target must be > 0"),
         (dict(prior="flat"), "prior must be one of"),
         (dict(init="random"), "init must be one of"),
         (dict(prior="mdn-gauss"), "needs an mdn"),
@@ -429,5 +432,163 @@ def test_fit_forwards_the_samplers_to_sample(toy):
         np.testing.assert_array_equal(got[f"{name}_p50"], ref[f"{name}_p50"])
     with pytest.raises(ValueError, match="are LM options"):
         pl_fit(flux, err, emu, method="emcee", return_model=True, **kw)
-    with pytest.raises(ValueError, match="'emcee', 'mdn-is'"):
-        pl_fit(flux, err, emu, method="nuts")
+    with pytest.raises(ValueError, match="'emcee', 'mdn-is', 'nuts'"):
+        pl_fit(flux, err, emu, method="hmc")
+    kw = dict(fixed={"rv": 0.0}, seed=3)
+    got = pl_fit(flux, err, emu, method="nuts", **kw)
+    ref = sample(flux, err, emu, method="nuts", **kw)
+    assert got["method"][0] == "nuts"
+    for name in TINY_NAMES:
+        np.testing.assert_array_equal(got[f"{name}_p50"], ref[f"{name}_p50"])
+
+
+# --------------------------------------------------------------------------------------
+# NUTS
+# --------------------------------------------------------------------------------------
+def test_nuts_recovers_gaussian_posterior(toy):
+    emu, flux, err, mean, sd = toy
+    t, post = sample(
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=1, ess_target=2000,
+        n_chains=4, return_samples=True,
+    )  # fmt: skip
+    assert t["method"][0] == "nuts" and bool(t["converged"][0])
+    assert t["n_divergent"][0] == 0
+    assert t["ess"][0] >= 2000 and t["rhat_max"][0] < sample_mod.NUTS_RHAT_MAX
+    assert t["n_burn"][0] == sample_mod.NUTS_WARMUP and t["n_steps"][0] % 100 == 0
+    assert t["n_evals"][0] > t["n_draws"][0] == 4 * t["n_steps"][0]
+    assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
+    assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)
+    _check_recovered(t, TINY_NAMES, mean, sd)
+    assert post.method == ["nuts"] and post.samples[0].shape == (t["n_draws"][0], 3)
+    # the best sample's chi2 is that of the exact posterior mode, or just above
+    a, c = linear_parts(emu)
+    chi2_mode = np.sum(((a @ emu.scale(mean) + c - flux) / err) ** 2)
+    assert chi2_mode <= t["chi2_min"][0] < chi2_mode + 1.0
+
+
+def test_nuts_target_is_the_log_posterior_plus_the_logit_jacobian(toy):
+    """NUTS samples u with x = lo + (hi - lo) sigmoid(u): its log density must be
+    log_posterior(x(u)) + sum log((hi - lo) s (1 - s)), s = sigmoid(u) (by hand),
+    with a finite gradient everywhere (no walls)."""
+    import jax
+    import jax.numpy as jnp
+
+    emu, flux, err, _, _ = toy
+    pb = sample_mod._prepare(
+        flux, err, emu, mask=None, wavelength=None, prior="box", mdn=None,
+        cont_deg=0, rv_range=(-500.0, 500.0), rv_window=20.0, fixed=None,
+        emulator_error=True,
+    )  # fmt: skip
+    centre = np.zeros(4)
+    tg = pb.target(0, centre)
+    dt = pb.obs.x_obs.dtype
+    tgt = sample_mod._to_device(tg, dt)
+    rng = np.random.default_rng(0)
+    u = rng.normal(0.0, 2.0, (5, 4))
+    u[0] = [8.0, -8.0, 0.0, 3.0]  # deep in the tails of the box
+    lo, hi = tg["lo"], tg["hi"]
+    s = 1.0 / (1.0 + np.exp(-u))
+    x = lo + (hi - lo) * s
+    phys = np.column_stack([emu.unscale(x[:, :3]), x[:, 3]])
+    lp = log_posterior(flux, err, emu, phys, rv_centre=0.0)
+    want = lp + np.sum(np.log((hi - lo) * s * (1.0 - s)), axis=1)
+    dens = jax.jit(jax.vmap(sample_mod._log_density_u, in_axes=(None, 0, None)))
+    got = np.asarray(dens(pb.obs, jnp.asarray(u, dt), tgt), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    grad = jax.vmap(jax.grad(sample_mod._log_density_u, argnums=1), (None, 0, None))
+    assert np.all(np.isfinite(np.asarray(grad(pb.obs, jnp.asarray(u, dt), tgt))))
+
+
+def test_nuts_flat_likelihood_gives_the_box_prior_back():
+    """A flux that does not depend on the labels: the posterior is the uniform box
+    prior; the logit transform's Jacobian is what makes it uniform (without it the
+    chains would sample a logistic density in u, piled at the box's centre)."""
+    emu = linear_emulator(slope=0.0)
+    flux = np.ones(emu.n_pix)
+    err = np.full(emu.n_pix, 0.01)
+    t = sample(
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=5, ess_target=3000,
+        init="mdn", mdn=StandInMDN(np.r_[TINY_LO + 0.5 * SPAN, 0.0],
+                                   np.r_[0.2 * SPAN, 1.0]),
+    )  # fmt: skip
+    assert bool(t["converged"][0]) and t["n_divergent"][0] == 0
+    for j, name in enumerate(TINY_NAMES):
+        mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
+        assert abs(t[f"{name}_p50"][0] - mid) < 0.05 * SPAN[j]
+        assert abs(t[f"{name}_std"][0] / sd - 1) < 0.05
+        assert abs(t[f"{name}_p16"][0] - (TINY_LO[j] + 0.16 * SPAN[j])) < 0.05 * SPAN[j]
+
+
+def test_nuts_short_run_is_flagged(toy):
+    """A run capped below the ESS it was asked for: not converged, and warned.
+    (The default warm-up and block: the shapes the other NUTS tests compiled.)"""
+    emu, flux, err, _, _ = toy
+    with pytest.warns(SamplingWarning, match=r"\): nuts ESS >= 100000, split R-hat"):
+        t = sample(
+            flux, err, emu, method="nuts", fixed={"rv": 0.0}, n_steps=100,
+            ess_target=1e5,
+        )  # fmt: skip
+    assert not t["converged"][0] and t["n_steps"][0] == 100
+    assert t["ess"][0] < 1e5
+
+
+def emulator_25(n_pix=1000, *, seed=0, n_hid=5) -> Emulator:
+    """A random 25-label per-pixel sigmoid emulator with smooth weights.
+
+    Each weight and bias varies smoothly along the pixels (a sum of 4 random
+    sinusoids of periods 20-400 pixels), so that every label changes the spectrum
+    in its own broad pattern, as abundances do; flux ~ 1 +- 0.1.
+    """
+    rng = np.random.default_rng(seed)
+    n_lab = 25
+    pix = np.arange(n_pix)[:, None]
+
+    def smooth(*shape, amp):
+        m = int(np.prod(shape))
+        per = rng.uniform(20.0, 400.0, (4, m))
+        ph = rng.uniform(0.0, 2 * np.pi, (4, m))
+        a = rng.normal(0.0, 1.0, (4, m))
+        f = np.einsum("km,pkm->pm", a, np.sin(2 * np.pi * pix[:, None] / per + ph))
+        return amp * f.reshape(n_pix, *shape) / 2.0
+
+    w0 = smooth(n_hid, n_lab, amp=1.0)
+    b0 = smooth(n_hid, amp=0.5)
+    w1 = smooth(n_hid, amp=0.1)
+    b1 = 1.0 - 0.5 * w1.sum(axis=1)
+    names = tuple(f"X{j}" for j in range(n_lab))
+    return Emulator(
+        net=PixelNet((w0, w1), (b0, b1)),
+        activation="sigmoid",
+        label_names=names,
+        label_units=("dex",) * n_lab,
+        label_lo=np.full(n_lab, -1.0),
+        label_hi=np.full(n_lab, 1.0),
+        wavelength=np.geomspace(15100.0, 15100.0 * 1.00002 ** (n_pix - 1), n_pix),
+    )
+
+
+@pytest.mark.slow
+def test_nuts_25_labels_no_divergences():
+    """25 labels, 1000 pixels, a noise-free star at S/N 100 (rv fixed): NUTS with a
+    dense mass matrix converges with no divergent transition and the truth lies
+    within 3 posterior sd of every label's median (the posterior of a noise-free
+    star is centred on the truth up to the model's curvature)."""
+    emu = emulator_25()
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(-0.6, 0.6, 25)
+    flux = np.asarray(emu.predict(truth), np.float64)
+    err = np.full(emu.n_pix, 0.01)
+    t = sample(
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=0, n_chains=2,
+        n_warmup=300, ess_target=200,
+    )  # fmt: skip
+    assert t["n_divergent"][0] == 0
+    assert bool(t["converged"][0]), (t["ess"][0], t["rhat_max"][0])
+    med = np.array([t[f"X{j}"][0] for j in range(25)])
+    sd = np.array([t[f"X{j}_std"][0] for j in range(25)])
+    assert np.all(sd < 0.2), sd  # constrained well inside the box (width 2)
+    assert np.all(np.abs(med - truth) < 3 * sd), (med - truth) / sd
+    # the LM covariance of this near-linear problem predicts the posterior's sd
+    np.testing.assert_allclose(
+        sd, np.asarray([t[f"X{j}_lm_err"][0] for j in range(25)]), rtol=0.2
+    )
