@@ -737,7 +737,7 @@ def _rest_segments(wave_rest: np.ndarray) -> tuple[float, tuple[tuple[int, int],
         raise ValueError(
             "broadening and resolution need an emulator on a log-uniform wavelength "
             f"grid (chip gaps allowed); this one's ln(lambda) steps range over "
-            f"[{np.min(np.diff(ln_r)):.3g}, {np.max(np.diff(ln_r)):.3g}]"
+            f"[{np.min(np.diff(ln_r)):.6g}, {np.max(np.diff(ln_r)):.6g}]"
         )
     runs = _runs(n.astype(np.int64), 0)
     return step, tuple((a, length) for a, _, length in runs)

@@ -34,6 +34,7 @@ from conftest import build_tiny_emulator
 import payne_lite as pl
 from payne_lite.cli import main
 from payne_lite.fitter import FLAG_FAILED, FLAG_NOT_CONVERGED
+from payne_lite.mdn import MDN_VERSION
 
 FAILED = FLAG_FAILED | FLAG_NOT_CONVERGED  # a row with no usable fit: flags 5
 TRUTH = np.array([[5000.0, 3.0, -0.5], [5500.0, 4.0, 0.0], [6000.0, 2.0, -1.0]])
@@ -334,8 +335,8 @@ CASES = [
          Raises(ValueError, r"fixed: Teff = 9000 is outside the training box \[4000, 7000\]")),
     Case("fit", "fixed= NaN", dict(fixed={"logg": np.nan}),
          Raises(ValueError, r"fixed: logg = nan is not finite")),
-    Case("fit", "fixed= unknown label", dict(fixed={"vsini": 3.0}),
-         Raises(ValueError, r"fixed: unknown parameter 'vsini'; valid names are")),
+    Case("fit", "fixed= unknown label", dict(fixed={"vturb": 3.0}),
+         Raises(ValueError, r"fixed: unknown parameter 'vturb'; valid names are")),
     Case("fit", "fixed rv outside rv_range", dict(fixed={"rv": 900.0}),
          Raises(ValueError, r"fixed: rv = 900 km/s is outside rv_range")),
     Case("fit", "p0 outside the training box", dict(p0=[9000.0, 3.0, 0.0]),
@@ -412,11 +413,11 @@ CASES = [
     *[
         Case("load", f"{loader}: {kind} file", dict(loader=loader, file=file, kind=kind),
              Raises(exc, rx))
-        for loader, file, fmt in (
-            ("Emulator.load", "emu", "Emulator"),
-            ("MDN.load", "mdn", "MDN"),
-            ("SpectralGrid.load", "grid", "SpectralGrid"),
-            ("open_catalog", "cat", "Catalog"),
+        for loader, file, fmt, ver in (
+            ("Emulator.load", "emu", "Emulator", 1),
+            ("MDN.load", "mdn", "MDN", MDN_VERSION),
+            ("SpectralGrid.load", "grid", "SpectralGrid", 1),
+            ("open_catalog", "cat", "Catalog", 1),
         )
         for kind, exc, rx in (
             ("truncated", pl.FileFormatError, r"not a readable HDF5 file \(corrupt or "
@@ -424,7 +425,7 @@ CASES = [
             ("text", pl.FileFormatError, r"not a readable HDF5 file .*file signature "
              r"not found"),
             ("v99", pl.FileFormatError, rf"payne_lite\.{fmt} format_version=99 is not "
-             r"supported \(this payne_lite reads \[1\]\)"),
+             rf"supported \(this payne_lite reads \[{ver}\]\)"),
             ("corrupt", pl.FileFormatError, r"corrupt"),
         )
         if not (loader == "open_catalog" and kind == "corrupt")  # rows read lazily
