@@ -25,8 +25,10 @@ from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
 from .posterior import PosteriorSamples as PosteriorSamples
 from .posterior import SamplingWarning as SamplingWarning
+from .posterior import load_samples as load_samples
 from .posterior import log_posterior as log_posterior
 from .posterior import sample as sample
+from .posterior import save_samples as save_samples
 from .results import read_results as read_results
 from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
@@ -53,10 +55,12 @@ __all__ = [
     "fit",
     "fit_catalog",
     "iter_catalog",
+    "load_samples",
     "log_posterior",
     "open_catalog",
     "read_results",
     "sample",
+    "save_samples",
     "train_emulator",
     "train_mdn",
     "vacuum_to_air",

@@ -1689,16 +1689,14 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
 
 def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None:
     """Write :class:`PosteriorSamples` to an HDF5 file (group ``star_<i>`` per star,
-    datasets ``samples`` (m, k) physical and ``weights`` (m,) when weighted)."""
-    import h5py
+    datasets ``samples`` (m, k) physical and ``weights`` (m,) when weighted).
 
-    from ._h5 import set_json_attr
+    The file is written beside ``path`` and renamed over it when complete, so an
+    interrupted write never leaves a half file under that name.
+    """
+    from ._h5 import atomic_h5_writer, set_json_attr
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = SAMPLES_FORMAT
-        f.attrs["format_version"] = SAMPLES_VERSION
+    with atomic_h5_writer(path, SAMPLES_FORMAT, SAMPLES_VERSION) as f:
         f.attrs["names"] = list(post.names)
         f.attrs["units"] = list(post.units)
         if meta:
@@ -1708,9 +1706,13 @@ def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None
             g.attrs["method"] = post.method[i]
             if post.n_chains is not None:
                 g.attrs["n_chains"] = int(post.n_chains[i])
-            g.create_dataset("samples", data=np.asarray(x), compression="gzip")
+            g.create_dataset(
+                "samples", data=np.asarray(x), compression="gzip", fletcher32=True
+            )
             if post.weights[i] is not None:
-                g.create_dataset("weights", data=np.asarray(post.weights[i]))
+                g.create_dataset(
+                    "weights", data=np.asarray(post.weights[i]), fletcher32=True
+                )
             for key in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
                 val = getattr(post, key)
                 if val is not None and val[i] is not None:
@@ -1725,25 +1727,17 @@ def load_samples(path) -> tuple[PosteriorSamples, dict]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a samples file, or of another format version.
-    """
-    import h5py
+        payne_lite.FileFormatError: not HDF5, corrupt or truncated, not a samples
+            file, or of another format version.
 
-    from ._h5 import get_json_attr
+    Examples:
+        >>> post, meta = load_samples("samples.h5")              # doctest: +SKIP
+        >>> x = post.samples[0]        # star 0: (m, k) in physical units
+    """
+    from ._h5 import FileFormatError, get_json_attr, open_checked, read_dataset
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with h5py.File(path, "r") as f:
-        fmt = f.attrs.get("format", "")
-        if fmt != SAMPLES_FORMAT:
-            raise ValueError(f"{path}: not a payne_lite samples file (format {fmt!r})")
-        ver = int(f.attrs.get("format_version", -1))
-        if ver != SAMPLES_VERSION:
-            raise ValueError(
-                f"{path}: samples format version {ver}, this code reads "
-                f"{SAMPLES_VERSION}"
-            )
+    with open_checked(path, SAMPLES_FORMAT, (SAMPLES_VERSION,)) as f:
         meta = get_json_attr(f, "meta", path) if "meta" in f.attrs else {}
         stars = sorted(
             (k for k in f if k.startswith("star_")), key=lambda k: int(k[5:])
@@ -1753,12 +1747,16 @@ def load_samples(path) -> tuple[PosteriorSamples, dict]:
         out = {key: [] for key in keys}
         for key in stars:
             g = f[key]
-            out["samples"].append(g["samples"][...])
-            out["weights"].append(g["weights"][...] if "weights" in g else None)
+            if "samples" not in g:
+                raise FileFormatError(f"{path}: {key} has no samples")
+            out["samples"].append(read_dataset(g, "samples", path))
+            out["weights"].append(
+                read_dataset(g, "weights", path) if "weights" in g else None
+            )
             out["method"].append(str(g.attrs["method"]))
             out["n_chains"].append(int(g.attrs.get("n_chains", 0)))
             for p in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
-                out[p].append(g[p][...] if p in g else None)
+                out[p].append(read_dataset(g, p, path) if p in g else None)
         post = PosteriorSamples(
             tuple(str(v) for v in f.attrs["names"]),
             tuple(str(v) for v in f.attrs["units"]),

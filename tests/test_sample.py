@@ -22,6 +22,7 @@ import pytest
 from conftest import TINY_HI, TINY_LO, TINY_NAMES, TINY_UNITS
 from test_fit import _factor, reference_spectra, smooth_emulator
 
+import payne_lite as pl
 from payne_lite import Emulator, PixelNet
 from payne_lite import posterior as sample_mod
 from payne_lite.fitter import fit as pl_fit
@@ -365,6 +366,30 @@ def test_samples_saved(toy, tmp_path):
         assert f.attrs["format"] == sample_mod.SAMPLES_FORMAT
         assert list(f.attrs["names"]) == list(TINY_NAMES)
         np.testing.assert_array_equal(f["star_0/samples"][...], post.samples[0])
+    # the public reader gives back what was sampled, and the table's meta
+    back, meta = pl.load_samples(path)
+    assert back.names == post.names and back.units == post.units
+    assert back.method == post.method
+    np.testing.assert_array_equal(back.samples[0], post.samples[0])
+    np.testing.assert_array_equal(back.prior_lo[0], post.prior_lo[0])
+    assert meta["method"] == "emcee"
+    # refused: a wrong version, another kind of file, a truncated file, no file
+    bad = tmp_path / "v2.h5"
+    bad.write_bytes(path.read_bytes())
+    with h5py.File(bad, "a") as f:
+        f.attrs["format_version"] = 2
+    with pytest.raises(pl.FileFormatError, match="format_version=2 is not supported"):
+        pl.load_samples(bad)
+    with h5py.File(bad, "a") as f:
+        f.attrs["format"] = "payne_lite.catalog"
+    with pytest.raises(pl.FileFormatError, match="expected a 'payne_lite.samples'"):
+        pl.load_samples(bad)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(pl.FileFormatError, match="corrupt or truncated"):
+        pl.load_samples(cut)
+    with pytest.raises(FileNotFoundError):
+        pl.load_samples(tmp_path / "none.h5")
 
 
 @pytest.mark.parametrize(
