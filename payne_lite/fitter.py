@@ -1589,10 +1589,10 @@ def fit(
         # posteriors: payne_lite.posterior.sample with the same model and options
         from .posterior import sample
 
-        if broadening or resolution is not None or lsf_sigma is not None:
+        if group is not None or continuum != "fit":
             raise ValueError(
-                f"method={method!r}: broadening and resolution are not implemented "
-                "for the samplers yet; use method='lm' or 'curve_fit'"
+                f"method={method!r}: group= and continuum='profile' are LM options "
+                "(the samplers sample one spectrum at a time, continuum included)"
             )
         if p0 is not None or mdn_starts or return_model or scale_errors:
             raise ValueError(
@@ -1602,7 +1602,9 @@ def fit(
         return sample(
             flux, flux_err, emulator, method=method, mask=mask, wavelength=wavelength,
             mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, fixed=fixed, seed=seed,
-            emulator_error=emulator_error, progress=progress,
+            emulator_error=emulator_error, progress=progress, resolution=resolution,
+            lsf_sigma=lsf_sigma, emulator_resolution=emulator_resolution,
+            vsini=vsini, vmacro=vmacro, limb_darkening=limb_darkening,
         )  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS + SAMPLERS}, got {method!r}")

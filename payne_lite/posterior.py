@@ -6,9 +6,13 @@ spectrum, with posterior medians, 16/84 % quantiles and sampling diagnostics.
 The target (one star)
 ---------------------
 The parameters are those of :mod:`payne_lite.model`, sampled in fit space:
-scaled labels ``s`` (the training box -> [-0.5, 0.5]), ``rv`` [km/s] and, when
-``cont_deg > 0``, the Chebyshev continuum coefficients; parameters held by ``fixed``
-are not sampled. The log posterior is ::
+scaled labels ``s`` (the training box -> [-0.5, 0.5]), ``rv`` [km/s], when
+``cont_deg > 0`` the Chebyshev continuum coefficients, and with ``vsini=True`` /
+``vmacro=True`` those broadening parameters [km/s] (uniform on their ranges);
+parameters held by ``fixed`` are not sampled. The instrument options of
+:func:`payne_lite.fit` (``air``, ``resolution``, ``lsf_sigma``,
+``emulator_resolution``, ``limb_darkening``) build the same observation model. The
+log posterior is ::
 
     log p(x | flux) = -1/2 sum_i w_i (model_i(x) - flux_i)^2 + log prior(x) + const
 
@@ -28,7 +32,8 @@ fitter centres its window on its RV scan instead, a few km/s away at most: the
 pixel sets can differ by a pixel at the window's edges.
 
 Priors (``prior=``), all in fit space, all with rv uniform on the RV window and
-continuum coefficients uniform on ``+-CONT_BOUND`` (the optimiser's bounds):
+continuum coefficients uniform on ``+-CONT_BOUND`` (the optimiser's bounds) and
+broadening parameters on ``BROADENING_RANGE``:
 
 * ``"box"`` (default): labels uniform on the training box.
 * ``"mdn-uniform"``: LUCI's informed prior (Rhea et al. 2021): labels and rv
@@ -166,8 +171,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._validate import as_float_array
+from .broadening import LIMB_DARKENING, air_to_vacuum
 from .emulator import Emulator
 from .fitter import (
+    BROADENING_START,
     MDN_NSIGMA,
     RV_WINDOW,
     _check_fixed,
@@ -176,6 +183,7 @@ from .fitter import (
     fit,
 )
 from .model import (
+    BROADENING_PARAMS,
     LABEL_BOUND,
     ObsModel,
     build_obs_model,
@@ -673,11 +681,37 @@ def _to_device(tg: dict, dt) -> _Target:
     )
 
 
+def _instrument(fixed, emulator, *, air, wavelength, vsini, vmacro):
+    """(broadening names, vacuum wavelength) as :func:`payne_lite.fit` takes them."""
+    broadening = tuple(
+        b for b in BROADENING_PARAMS if (b == "vsini" and vsini)
+        or (b == "vmacro" and vmacro)
+        or (b in (fixed or {}) and b not in emulator.label_names)
+    )  # fmt: skip
+    if air:
+        if wavelength is None:
+            raise ValueError(
+                "air=True needs the observed wavelength (the emulator's grid is vacuum)"
+            )
+        wavelength = air_to_vacuum(as_float_array(wavelength, "wavelength", ndim=1))
+    if wavelength is not None and np.ndim(wavelength) != 1:
+        raise ValueError(
+            f"the samplers take one wavelength grid (P,), got {np.shape(wavelength)}; "
+            "sample spectra on different grids in separate calls"
+        )
+    return broadening, wavelength
+
+
 def _prepare(
     flux, flux_err, emulator, *, mask, wavelength, prior, mdn, cont_deg, rv_range,
-    rv_window, fixed, emulator_error,
+    rv_window, fixed, emulator_error, model_options=None,
 ) -> _Problem:  # fmt: skip
-    """Validate the inputs shared by :func:`sample` and :func:`log_posterior`."""
+    """Validate the inputs shared by :func:`sample` and :func:`log_posterior`.
+
+    ``model_options``: ``resolution``, ``lsf_sigma``, ``emulator_resolution``,
+    ``broadening`` (names) and ``limb_darkening``, for :func:`build_obs_model`."""
+    opts = dict(model_options or {})
+    broadening = tuple(opts.get("broadening", ()))
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     if mdn is None and prior != "box":
@@ -698,11 +732,14 @@ def _prepare(
         wavelength=wavelength,
         cont_deg=cont_deg,
         rv_max=max(abs(v) for v in rv_range),
+        **opts,
     )
-    layout = param_layout(emulator, cont_deg=cont_deg, rv_range=rv_range)
+    layout = param_layout(
+        emulator, cont_deg=cont_deg, rv_range=rv_range, broadening=broadening
+    )
     flux2, ivar = _check_inputs(flux, flux_err, mask, obs.x_obs.shape[0])
     n = flux2.shape[0]
-    fix = _check_fixed(fixed, emulator, rv_range)
+    fix = _check_fixed(fixed, emulator, rv_range, layout)
     free = np.ones(len(layout.names), bool)
     free[list(fix)] = False
     mdn_mean = mdn_sigma = None
@@ -764,6 +801,13 @@ def log_posterior(
     rv_window: float = RV_WINDOW,
     fixed=None,
     emulator_error: bool = True,
+    air: bool = False,
+    resolution=None,
+    lsf_sigma=None,
+    emulator_resolution=None,
+    vsini: bool = False,
+    vmacro: bool = False,
+    limb_darkening: float = LIMB_DARKENING,
 ) -> np.ndarray:
     """The log posterior :func:`sample` samples, for one spectrum, up to a constant.
 
@@ -775,7 +819,8 @@ def log_posterior(
         rv_centre: centre of the RV window [km/s] (:func:`sample` uses the LM or
             MDN rv); it also fixes the pixel set and the emulator-error shift.
         mask, wavelength, prior, mdn, cont_deg, rv_range, rv_window, fixed,
-        emulator_error: as in :func:`sample`.
+        emulator_error, air, resolution, lsf_sigma, emulator_resolution, vsini,
+        vmacro, limb_darkening: as in :func:`sample`.
 
     Returns:
         (m,) float64 log posterior (``-inf`` outside the prior's support), or a
@@ -786,10 +831,18 @@ def log_posterior(
     """
     if np.ndim(flux) != 1:
         raise ValueError(f"log_posterior takes one spectrum (P,), got {np.shape(flux)}")
+    broadening, wavelength = _instrument(
+        fixed, emulator, air=air, wavelength=wavelength, vsini=vsini, vmacro=vmacro
+    )
     pb = _prepare(
         flux, flux_err, emulator, mask=mask, wavelength=wavelength, prior=prior,
         mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, rv_window=rv_window,
         fixed=fixed, emulator_error=emulator_error,
+        model_options=dict(
+            resolution=resolution, lsf_sigma=lsf_sigma,
+            emulator_resolution=emulator_resolution, broadening=broadening,
+            limb_darkening=limb_darkening,
+        ),
     )  # fmt: skip
     x = as_float_array(params, "params", ndim=(1, 2))
     x2 = np.atleast_2d(x)
@@ -853,6 +906,13 @@ def sample(
     lm_table=None,
     progress: bool = False,
     warn: bool = True,
+    air: bool = False,
+    resolution=None,
+    lsf_sigma=None,
+    emulator_resolution=None,
+    vsini: bool = False,
+    vmacro: bool = False,
+    limb_darkening: float = LIMB_DARKENING,
 ):
     """Posterior samples of labels, rv (and continuum) per spectrum, summarised.
 
@@ -906,6 +966,12 @@ def sample(
             ``fixed``), to skip the LM fit of ``init="lm"``.
         progress: a tqdm bar over stars.
         warn: emit a :class:`SamplingWarning` for stars that fail their rule.
+        air, resolution, lsf_sigma, emulator_resolution, vsini, vmacro,
+            limb_darkening: the observation model, as in :func:`payne_lite.fit`
+            (air wavelengths, the instrumental profile, and ``vsini`` / ``vmacro``
+            [km/s] sampled with a uniform prior on their ranges; ``fixed`` may hold
+            them). ``method="mdn-is"`` takes no broadening parameter (the MDN has
+            no proposal for it).
 
     Returns:
         astropy Table, one row per spectrum (columns in the module docstring); with
@@ -932,6 +998,20 @@ def sample(
             "method='mdn-is' samples no continuum (the MDN has no proposal for it): "
             f"use cont_deg=0 or method='emcee', got cont_deg={cont_deg}"
         )
+    broadening, wavelength = _instrument(
+        fixed, emulator, air=air, wavelength=wavelength, vsini=vsini, vmacro=vmacro
+    )
+    free_broad = [b for b in broadening if b not in dict(fixed or {})]
+    if method == "mdn-is" and free_broad:
+        raise ValueError(
+            f"method='mdn-is' samples no broadening (the MDN has no proposal for "
+            f"{free_broad}): fix them or use method='emcee' or 'nuts'"
+        )
+    model_options = dict(
+        resolution=resolution, lsf_sigma=lsf_sigma,
+        emulator_resolution=emulator_resolution, broadening=broadening,
+        limb_darkening=limb_darkening,
+    )  # fmt: skip
     n_steps = _check_int(n_steps, "n_steps", 4)
     if check_every is None:
         check_every = NUTS_BLOCK if method == "nuts" else 500
@@ -950,9 +1030,15 @@ def sample(
     pb = _prepare(
         flux, flux_err, emulator, mask=mask, wavelength=wavelength, prior=prior,
         mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, rv_window=rv_window,
-        fixed=fixed, emulator_error=emulator_error,
+        fixed=fixed, emulator_error=emulator_error, model_options=model_options,
     )  # fmt: skip
     obs, layout, fix, idx = pb.obs, pb.layout, pb.fix, pb.idx
+    fit_options = dict(
+        wavelength=wavelength, cont_deg=cont_deg, rv_range=rv_range, fixed=fixed,
+        emulator_error=emulator_error, resolution=resolution, lsf_sigma=lsf_sigma,
+        emulator_resolution=emulator_resolution, vsini=vsini, vmacro=vmacro,
+        limb_darkening=limb_darkening,
+    )  # fmt: skip
     flux2, ivar = pb.flux2, pb.ivar
     rv_range = pb.rv_range
     n = flux2.shape[0]
@@ -984,16 +1070,7 @@ def sample(
     lm_cache: dict[int, dict] = {}
 
     def _fit_subset(rows):
-        sub = fit(
-            flux2[rows],
-            _err_from_ivar(ivar[rows]),
-            emulator,
-            wavelength=wavelength,
-            cont_deg=cont_deg,
-            rv_range=rv_range,
-            fixed=fixed,
-            emulator_error=emulator_error,
-        )
+        sub = fit(flux2[rows], _err_from_ivar(ivar[rows]), emulator, **fit_options)
         for j, i in enumerate(rows):
             lm_cache[int(i)] = _lm_row(sub, j, layout, emulator)
         return None
@@ -1056,16 +1133,7 @@ def sample(
         if em_rows.size and init == "lm":
             if lm is None:
                 if em_rows.size == n:
-                    lm = fit(
-                        flux2,
-                        _err_from_ivar(ivar),
-                        emulator,
-                        wavelength=wavelength,
-                        cont_deg=cont_deg,
-                        rv_range=rv_range,
-                        fixed=fixed,
-                        emulator_error=emulator_error,
-                    )
+                    lm = fit(flux2, _err_from_ivar(ivar), emulator, **fit_options)
                 else:
                     _fit_subset(em_rows)
         for i in em_rows:
@@ -1084,6 +1152,8 @@ def sample(
                 centre = np.zeros(k)
                 centre[: n_lab + 1] = m
                 centre[:n_lab] = np.clip(centre[:n_lab], -LABEL_BOUND, LABEL_BOUND)
+                for b in layout.broadening:
+                    centre[layout.names.index(b)] = BROADENING_START[b]
                 if obs.n_cont:
                     tmp = target(i, centre)
                     centre[layout.cont_slice] = _linear_continuum(
@@ -1164,10 +1234,15 @@ def sample(
             ess_target=float(ess_target), dense_mass=bool(dense_mass),
             is_scale=float(is_scale), n_draws=int(n_draws), is_adapt=int(is_adapt),
             emulator_error_in_likelihood=perr is not None,
+            broadening=list(broadening), wavelength_air=bool(air),
+            instrumental_profile=(
+                "resolution" if resolution is not None
+                else "lsf_sigma" if lsf_sigma is not None else None
+            ),
         ),
     )  # fmt: skip
     names = tuple(layout.names[j] for j in idx)
-    units_all = list(emulator.label_units) + ["km/s"] + [""] * (k - n_lab - 1)
+    units_all = _param_units(emulator, layout)
     units = tuple(units_all[j] for j in idx)
     phys = []
     for x in samples_out:
@@ -1544,6 +1619,17 @@ def _to_physical(x, idx, emulator, n_lab):
     return out
 
 
+def _param_units(emulator, layout) -> list[str]:
+    """Units of ``layout.names``: the labels', km/s for rv and broadening, "" for
+    continuum coefficients."""
+    rest = layout.names[layout.n_labels + 1 :]
+    return [
+        *emulator.label_units,
+        "km/s",
+        *("km/s" if name in BROADENING_PARAMS else "" for name in rest),
+    ]
+
+
 def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta):
     from astropy.table import Table
 
@@ -1552,7 +1638,7 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
     n_lab = layout.n_labels
     k = len(layout.names)
     kf = idx.size
-    units = list(emulator.label_units) + ["km/s"] + [""] * (k - n_lab - 1)
+    units = _param_units(emulator, layout)
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     offset = np.concatenate([emulator.label_lo, np.zeros(k - n_lab)])
     label_shift = np.concatenate([np.full(n_lab, 0.5), np.zeros(k - n_lab)])
