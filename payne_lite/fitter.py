@@ -172,6 +172,9 @@ RESCUE_SIGMA = 5.0
 RV_PROBE_CELLS = 3
 RV_PROBE_OFFSETS = (1 / 8, *(0.25 * np.arange(1, 4 * RV_PROBE_CELLS + 1)))
 RV_PROBE_GAIN = 1.0
+#: ... repeated for the stars that moved, at most this many rounds in all (the
+#: chi2 of a weak-lined broad star can be a washboard of minima a pixel apart).
+RV_POLISH_ROUNDS = 3
 #: LM: initial, minimum and maximum damping.
 LAM_INIT, LAM_MIN, LAM_MAX = 1e-3, 1e-9, 1e10
 #: LM: converged when the Gauss-Newton step is below XTOL (in units of each
@@ -1046,9 +1049,9 @@ def _lm_with_starts(
        box, or has ``chi2 > ndof + RESCUE_SIGMA sqrt(2 ndof)`` (more than noise can
        explain) is fitted again from each of its other starts, and the lowest chi2
        is kept.
-    4. RV polish (single spectra with a free rv): chi2 probed at rv offsets with
-       the rest held; a star with a lower probe is fitted again from it
-       (:func:`_rv_polish`).
+    4. RV polish (a free rv): chi2 probed at rv offsets with the rest held (each
+       visit's alone in joint fits); a star with a lower probe is fitted again from
+       it (:func:`_rv_polish`).
 
     Measured on 512 noisy spectra of the real APOGEE network (S/N 100 and 30), the
     best of three starts after 8 steps was never more than chi2 + 1 below the centre
@@ -1100,10 +1103,10 @@ def _lm_with_starts(
             ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode,
             (p_best, it_best, conv_best, chi2_best, a_best, g_best),
         )  # fmt: skip
-    if not n_visits and free[ctx.layout.rv_index]:
+    if free[ctx.layout.rv_index]:
         p_best, it_best, conv_best, chi2_best, a_best, g_best = _rv_polish(
             ctx, alive, f_j, w_j, bounds, lo, hi, mode,
-            (p_best, it_best, conv_best, chi2_best, a_best, g_best),
+            (p_best, it_best, conv_best, chi2_best, a_best, g_best), n_visits,
         )  # fmt: skip
     return p_best, it_best, conv_best, chi2_best, a_best, g_best
 
@@ -1157,7 +1160,34 @@ def _rv_pixel_kms(obs: ObsModel) -> float:
     return float(C_KMS * np.median(np.diff(np.log(wave))))
 
 
-def _rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best):
+def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i, chi2_now):
+    """The probe of :func:`_rv_polish` for single-spectrum vectors ``p`` (N, k)
+    whose rv is entry ``rv_i``, bounded by ``rv_lo``, ``rv_hi`` (N,): returns the
+    best probed rv (N,) and whether its chi2 is more than ``RV_PROBE_GAIN`` below
+    ``chi2_now`` (N,) (only where ``run``)."""
+    dt = obs.x_obs.dtype
+    px = _rv_pixel_kms(obs)
+    if obs.log_grid is not None:
+        steps = np.arange(-RV_PROBE_CELLS, RV_PROBE_CELLS + 1, dtype=np.float64)
+    else:
+        steps = np.asarray(RV_PROBE_OFFSETS, np.float64)
+        steps = np.concatenate([-steps[::-1], steps])
+    rv = p[:, rv_i]
+    dv = np.clip(rv[:, None] + steps[None, :] * px, rv_lo[:, None], rv_hi[:, None])
+    dv = dv - rv[:, None]
+    c_probe, rv_probe = _rv_probe_batch(
+        obs, jnp.asarray(p, dt), jnp.asarray(dv, dt), f_j, w_j, jnp.asarray(run)
+    )
+    c_probe = np.asarray(c_probe, np.float64)
+    c_probe = np.where(np.isfinite(c_probe), c_probe, np.inf)
+    j = np.argmin(c_probe, axis=1)
+    rows = np.arange(p.shape[0])
+    gain = run & (c_probe[rows, j] < chi2_now - RV_PROBE_GAIN)
+    rv_new = np.clip(np.asarray(rv_probe, np.float64)[rows, j], rv_lo, rv_hi)
+    return rv_new, gain
+
+
+def _rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     """Step 4 of :func:`_lm_with_starts`: leave a local minimum in rv.
 
     The model's chi2 is not smooth in rv: the Doppler shift interpolates linearly
@@ -1176,58 +1206,72 @@ def _rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best):
     rest-frame model per star), else sampled at ``RV_PROBE_OFFSETS`` pixels either
     side; inside the star's rv bounds. A star with a probe more than
     ``RV_PROBE_GAIN`` below its chi2 is fitted again from there; the lower chi2 is
-    kept.
+    kept. Joint fits of visits (``n_visits`` > 0) probe each visit's rv alone, the
+    labels and the other visits held, against that visit's chi2, and refit the
+    star jointly from the moved rvs. Stars that moved are probed again, up to
+    ``RV_POLISH_ROUNDS`` rounds: a weak-lined star with broad lines can have a
+    minimum at every pixel crossing, each a little lower towards the truth.
     """
+    p_best, it_best, conv_best, chi2_best, a_best, g_best = best
+    run = alive & np.isfinite(chi2_best)
+    for _ in range(RV_POLISH_ROUNDS):
+        if not run.any():
+            break
+        p0, again = _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits)
+        if not again.any():
+            break
+        dt = ctx.obs.x_obs.dtype
+        p2, chi2_2, it2, conv2, a2, g2 = _lm_batch(
+            ctx.obs,
+            jnp.asarray(p0[:, None], dt),
+            jnp.asarray(again[:, None]),
+            f_j,
+            w_j,
+            *bounds,
+            max_iter=ctx.max_iter,
+            mode=mode,
+        )
+        chi2_2 = np.where(np.isfinite(chi2_2[:, 0]), np.asarray(chi2_2[:, 0]), np.inf)
+        better = again & (chi2_2 < chi2_best)
+        p_best[better] = np.asarray(p2, np.float64)[:, 0][better]
+        it_best[better] += np.asarray(it2)[:, 0][better]
+        conv_best[better] = np.asarray(conv2)[:, 0][better]
+        chi2_best[better] = chi2_2[better]
+        a_best[better] = np.asarray(a2, np.float64)[:, 0][better]
+        g_best[better] = np.asarray(g2, np.float64)[:, 0][better]
+        run = better  # the next round probes only the stars that moved
+    return p_best, it_best, conv_best, chi2_best, a_best, g_best
+
+
+def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits):
+    """One probe of :func:`_rv_polish`: the starting vectors (n, k) with the probed
+    rvs, and which stars (n,) have a probe more than ``RV_PROBE_GAIN`` lower."""
     obs = ctx.obs
     dt = obs.x_obs.dtype
-    p_best, it_best, conv_best, chi2_best, a_best, g_best = best
-    rv_i = ctx.layout.rv_index
-    run = alive & np.isfinite(chi2_best)
-    if not run.any():
-        return best
-    px = _rv_pixel_kms(obs)
-    if obs.log_grid is not None:
-        steps = np.arange(-RV_PROBE_CELLS, RV_PROBE_CELLS + 1, dtype=np.float64)
-    else:
-        steps = np.asarray(RV_PROBE_OFFSETS, np.float64)
-        steps = np.concatenate([-steps[::-1], steps])
-    rv = p_best[:, rv_i]
-    dv = np.clip(
-        rv[:, None] + steps[None, :] * px, lo[:, rv_i, None], hi[:, rv_i, None]
-    ) - rv[:, None]  # fmt: skip
-    c_probe, rv_probe = _rv_probe_batch(
-        obs, jnp.asarray(p_best, dt), jnp.asarray(dv, dt), f_j, w_j, jnp.asarray(run)
-    )
-    c_probe = np.asarray(c_probe, np.float64)
-    c_probe = np.where(np.isfinite(c_probe), c_probe, np.inf)
-    j = np.argmin(c_probe, axis=1)
-    rows = np.arange(p_best.shape[0])
-    again = run & (c_probe[rows, j] < chi2_best - RV_PROBE_GAIN)
-    if not again.any():
-        return best
+    n_lab = ctx.layout.n_labels
     p0 = p_best.copy()
-    p0[:, rv_i] = np.clip(
-        np.asarray(rv_probe, np.float64)[rows, j], lo[:, rv_i], hi[:, rv_i]
-    )
-    p2, chi2_2, it2, conv2, a2, g2 = _lm_batch(
-        obs,
-        jnp.asarray(p0[:, None], dt),
-        jnp.asarray(again[:, None]),
-        f_j,
-        w_j,
-        *bounds,
-        max_iter=ctx.max_iter,
-        mode=mode,
-    )
-    chi2_2 = np.where(np.isfinite(chi2_2[:, 0]), np.asarray(chi2_2[:, 0]), np.inf)
-    better = again & (chi2_2 < chi2_best)
-    p_best[better] = np.asarray(p2, np.float64)[:, 0][better]
-    it_best[better] += np.asarray(it2)[:, 0][better]
-    conv_best[better] = np.asarray(conv2)[:, 0][better]
-    chi2_best[better] = chi2_2[better]
-    a_best[better] = np.asarray(a2, np.float64)[:, 0][better]
-    g_best[better] = np.asarray(g2, np.float64)[:, 0][better]
-    return p_best, it_best, conv_best, chi2_best, a_best, g_best
+    if not n_visits:
+        rv_new, gain = _rv_probe(
+            obs, p_best, f_j, w_j, run, lo[:, n_lab], hi[:, n_lab], n_lab, chi2_best
+        )
+        p0[:, n_lab] = np.where(gain, rv_new, p0[:, n_lab])
+        return p0, gain
+    # each visit alone, the labels and the other visits held
+    size = p_best.shape[0]
+    vidx = visit_index(n_lab, n_visits, obs.n_cont)
+    pv = p_best[:, vidx].reshape(size * n_visits, -1)
+    fv = f_j.reshape(size * n_visits, -1)
+    wv = w_j.reshape(size * n_visits, -1)
+    runv = np.repeat(run, n_visits) & np.any(np.asarray(wv) > 0, axis=1)
+    chi2_v = np.asarray(_chi2_batch(obs, jnp.asarray(pv[:, None], dt), fv, wv))
+    rv_sl = slice(n_lab, n_lab + n_visits)
+    rv_new, gain = _rv_probe(
+        obs, pv, fv, wv, runv, lo[:, rv_sl].reshape(-1), hi[:, rv_sl].reshape(-1),
+        n_lab, np.asarray(chi2_v[:, 0], np.float64),
+    )  # fmt: skip
+    gain = gain.reshape(size, n_visits)
+    p0[:, rv_sl] = np.where(gain, rv_new.reshape(size, n_visits), p0[:, rv_sl])
+    return p0, gain.any(axis=1)
 
 
 def _prepare_batch(ctx: _BatchContext, fb, wb, prior=None):

@@ -492,3 +492,37 @@ def test_correlated_emulator_error_is_the_sandwich_covariance(emu):
         np.testing.assert_allclose(
             np.diag(np.asarray(plain["covariance"][i])), np.diag(cov0), rtol=0.01
         )
+
+
+def test_group_fit_leaves_local_rv_minima_of_each_visit(payne5, monkeypatch):
+    """Real network, 60 stars x 3 visits at S/N 50: each visit's rv chi2 has a kink
+    at every pixel crossing; the polish probes each visit alone and refits the star
+    jointly. Without it several visit rvs are > 4 sigma off (measured on 120 stars:
+    12 of 360 visits), with it at most two: here one at 4.7 sigma, and one whose
+    RV scan (box-centre template, a weak-lined star with 40 km/s vmacro) landed 27
+    km/s off, so that the truth lies outside the visit's +-20 km/s window, which
+    the polish does not leave. The polish never ends higher."""
+    emu, mask = payne5
+    rng = np.random.default_rng(11)
+    n, n_vis = 60, 3
+    s = rng.uniform(-0.4, 0.4, (n, 5))
+    rv = rng.uniform(-200.0, 200.0, (n, n_vis))
+    flux = reference_spectra(emu, np.repeat(s, n_vis, axis=0), rv.ravel())
+    err = np.full_like(flux, 0.02)
+    flux = flux + err * rng.standard_normal(flux.shape)
+    gid = np.repeat(np.arange(n), n_vis)
+
+    def z_rv(t):
+        return np.abs(np.asarray(t["rv"]) - rv) / np.asarray(t["rv_err"])
+
+    t = fit(flux, err, emu, mask=mask, group=gid)
+    assert np.sum(z_rv(t) > 4) <= 2, np.sort(z_rv(t).ravel())[-5:]
+    monkeypatch.setattr(
+        fit_mod,
+        "_rv_polish",
+        lambda *a, **k: a[8],  # a[8]: the fit as it was
+    )
+    t_off = fit(flux, err, emu, mask=mask, group=gid)
+    assert np.sum(z_rv(t_off) > 4) >= 3, np.sort(z_rv(t_off).ravel())[-5:]
+    worse = np.asarray(t_off["chi2"]) - np.asarray(t["chi2"])
+    assert worse.min() > -1.0 and worse.max() > 20.0
