@@ -50,6 +50,27 @@ def payne_data() -> Path:
     return PAYNE_DIR
 
 
+#: Label names and units of The Payne's 5-label APOGEE network (its README).
+PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
+PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
+
+
+@pytest.fixture(scope="session")
+def payne_apogee(payne_data) -> tuple[Emulator, np.ndarray]:
+    """The real 5-label Payne network on the APOGEE grid, and the APOGEE mask (P,)."""
+    with np.load(payne_data / "apogee_wavelength.npz") as d:
+        wave = d["wavelength"]
+    with np.load(payne_data / "apogee_mask.npz") as d:
+        mask = d["apogee_mask"]
+    emu = Emulator.from_payne_npz(
+        payne_data / "nn_normalized_spectra_5label.npz",
+        label_names=PAYNE_LABELS_5,
+        label_units=PAYNE_UNITS_5,
+        wavelength=wave,
+    )
+    return emu, mask
+
+
 @pytest.fixture(scope="session")
 def payne_dir_optional() -> Path | None:
     """Like ``payne_data`` but ``None`` instead of a skip (for tests that must run)."""

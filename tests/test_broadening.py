@@ -511,7 +511,8 @@ def test_per_star_grids_match_separate_fits_and_share_one_compilation(
     print("LM traces: three separate grids", first, "then the joint call", n_traces)
     # at most two LM programs (best start; the other starts of doubtful fits) for
     # all three grids, and none new for the joint call
-    assert 1 <= first <= 2 and n_traces == first
+    assert 1 <= first <= 2, first
+    assert n_traces == first, (first, n_traces)
     assert list(t["grid_group"]) == [0, 2, 1]  # np.unique's order of the grids
     for i in range(3):
         for name in (*default_emu.label_names, "rv", "chi2"):

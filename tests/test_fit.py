@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_HI, TINY_LO, TINY_NAMES, TINY_UNITS
+from conftest import (
+    PAYNE_LABELS_5,
+    TINY_HI,
+    TINY_LO,
+    TINY_NAMES,
+    TINY_UNITS,
+)
 from scipy.ndimage import gaussian_filter1d
 from scipy.optimize import minimize_scalar
 
@@ -34,8 +40,6 @@ from payne_lite.model import (
 fit_mod = importlib.import_module("payne_lite.fitter")
 
 N_PIX = 400
-PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
-PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
 
 
 def _factor(rv):
@@ -407,23 +411,8 @@ def test_one_compilation_per_batch_shape(monkeypatch):
 
 
 # --- the real Payne network ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def payne5(payne_data):
-    with np.load(payne_data / "apogee_wavelength.npz") as d:
-        wave = d["wavelength"]
-    with np.load(payne_data / "apogee_mask.npz") as d:
-        mask = d["apogee_mask"]
-    emu = Emulator.from_payne_npz(
-        payne_data / "nn_normalized_spectra_5label.npz",
-        label_names=PAYNE_LABELS_5,
-        label_units=PAYNE_UNITS_5,
-        wavelength=wave,
-    )
-    return emu, mask
-
-
-def test_real_network_recovery_and_errors(payne5):
-    emu, mask = payne5
+def test_real_network_recovery_and_errors(payne_apogee):
+    emu, mask = payne_apogee
     rng = np.random.default_rng(2019)
     s = rng.uniform(-0.4, 0.4, (20, 5))  # the middle 80 % of the box
     rv = rng.uniform(-200.0, 200.0, 20)
@@ -740,12 +729,12 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
     assert abs(v_fast[np.argmin(c_fast)] - grid[np.argmin(dense)]) < 0.05
 
 
-def test_fit_leaves_local_rv_minima(payne5, monkeypatch):
+def test_fit_leaves_local_rv_minima(payne_apogee, monkeypatch):
     """Real network, 200 stars at S/N 50: the rv chi2 has a kink at every pixel
     crossing and a fit can stop in the wrong basin; the polish step finds the lower
     one. Without it several rvs are > 4 sigma off (measured: 24 of 1,000 stars);
     with it at most one (0.013 expected by chance)."""
-    emu, mask = payne5
+    emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n = 200
     s = rng.uniform(-0.4, 0.4, (n, 5))

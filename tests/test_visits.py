@@ -19,7 +19,6 @@ from conftest import TINY_NAMES
 from test_fit import (
     N_PIX,
     PAYNE_LABELS_5,
-    PAYNE_UNITS_5,
     log_wavelength,
     reference_spectra,
     scaled_labels,
@@ -349,28 +348,13 @@ def test_student_pixel_error_round_trips_and_is_on(tmp_path, emu):
 
 
 # --- the real network ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def payne5(payne_data):
-    with np.load(payne_data / "apogee_wavelength.npz") as d:
-        wave = d["wavelength"]
-    with np.load(payne_data / "apogee_mask.npz") as d:
-        mask = d["apogee_mask"]
-    e = Emulator.from_payne_npz(
-        payne_data / "nn_normalized_spectra_5label.npz",
-        label_names=PAYNE_LABELS_5,
-        label_units=PAYNE_UNITS_5,
-        wavelength=wave,
-    )
-    return e, mask
-
-
-def test_three_visits_shrink_label_errors_by_sqrt3(payne5):
+def test_three_visits_shrink_label_errors_by_sqrt3(payne_apogee):
     """Must-show A: 3 visits of one star (same labels, rv -60, 0, +60 km/s, S/N 40
     each) fitted jointly: label errors / one visit's = 1/sqrt(3) (tested: the
     ratio one-visit / joint within 1.5-2.0 for every label of every star; seen
     1.62-1.91), the joint labels within 3 sigma of the truth, and the visit rvs
     within 2 sigma (all 3 of each of 6 stars: seen max |z| 1.94; labels max |z| 1.94)."""
-    e, mask = payne5
+    e, mask = payne_apogee
     rng = np.random.default_rng(40)
     n_star = 6
     s = rng.uniform(-0.3, 0.3, (n_star, 5))
@@ -397,12 +381,12 @@ def test_three_visits_shrink_label_errors_by_sqrt3(payne5):
     assert not np.any(np.asarray(joint["flags"]) & FLAG_POOR_FIT)
 
 
-def test_double_lined_binary_visits_are_flagged_poor_fit(payne5, payne_data):
+def test_double_lined_binary_visits_are_flagged_poor_fit(payne_apogee, payne_data):
     """Must-show B: the real visits of the SB2 2M06133561+2433362 are fitted badly
     by one star, alone and jointly (single-visit chi2_red 4.9-8.6 seen, bit 7 set); the real
     single star 2M13012770+5754582 (chi2_red 4.0 at S/N 197: the network's own
     ~0.9 % misfit) and a simulated S/N-100 star are not flagged."""
-    e, mask = payne5
+    e, mask = payne_apogee
     with np.load(payne_data / "apogee_visits_2M06133561+2433362.npz") as d:
         flux, err = d["spectra"], d["spec_errs"]
     alone = fit(flux, err, e, mask=mask)
@@ -494,7 +478,7 @@ def test_correlated_emulator_error_is_the_sandwich_covariance(emu):
         )
 
 
-def test_group_fit_leaves_local_rv_minima_of_each_visit(payne5, monkeypatch):
+def test_group_fit_leaves_local_rv_minima_of_each_visit(payne_apogee, monkeypatch):
     """Real network, 60 stars x 3 visits at S/N 50: each visit's rv chi2 has a kink
     at every pixel crossing; the polish probes each visit alone and refits the star
     jointly. Without it several visit rvs are > 4 sigma off (measured on 120 stars:
@@ -502,7 +486,7 @@ def test_group_fit_leaves_local_rv_minima_of_each_visit(payne5, monkeypatch):
     RV scan (box-centre template, a weak-lined star with 40 km/s vmacro) landed 27
     km/s off, so that the truth lies outside the visit's +-20 km/s window, which
     the polish does not leave. The polish never ends higher."""
-    emu, mask = payne5
+    emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n, n_vis = 60, 3
     s = rng.uniform(-0.4, 0.4, (n, 5))
