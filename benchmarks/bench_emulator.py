@@ -116,7 +116,11 @@ def numpy_original(emu: pl.Emulator | None = None):
 
 #: Rows of :func:`bench_throughput` (the key of each timed variant).
 THROUGHPUT_ROWS = (
-    "released_512", "released_512_fast", "kept_512", "one_call", "public",
+    "released_512",
+    "released_512_fast",
+    "kept_512",
+    "one_call",
+    "public",
     "public_fast",
 )
 
@@ -162,6 +166,7 @@ def bench_throughput(
             for c in cs:
                 res = predict_kernel(k, c, k_act, fast_tanh=fast_tanh)
             res.block_until_ready()
+
         return run
 
     def kept(size):  # every chunk's output kept, as a list of JAX arrays
@@ -210,39 +215,50 @@ def bench_throughput(
     bound = tanh_rate / n_act
     rates = {name: n_spec / t for name, t in best.items()}
     res = dict(
-        n_spec=n_spec, baseline_spectra_per_s=base_rate,
+        n_spec=n_spec,
+        baseline_spectra_per_s=base_rate,
         **{f"{k}_spectra_per_s": v for k, v in rates.items()},
         **{f"{k}_speedup": v / base_rate for k, v in rates.items()},
         **{f"{k}_fraction_of_bound": v / bound for k, v in rates.items()},
-        activations_per_spectrum=n_act, tanh_per_s=tanh_rate,
-        tanh_512bit_per_s=tanh_k_rate, tanh_rational_512bit_per_s=rational_rate,
+        activations_per_spectrum=n_act,
+        tanh_per_s=tanh_rate,
+        tanh_512bit_per_s=tanh_k_rate,
+        tanh_rational_512bit_per_s=rational_rate,
         sigmoid_per_s=sig_rate,
         activation_bound_spectra_per_s=bound,
         rational_bound_spectra_per_s=rational_rate / n_act,
         max_abs_err_vs_original=float(err),
     )
-    print(f"throughput ({n_spec} spectra, {emu.n_pix} px, float32, best of {rounds} "
-          "interleaved rounds; x = ratio to the original, % = of the jnp.tanh bound, "
-          "own = of the bound of the activation the row evaluates):")
+    print(
+        f"throughput ({n_spec} spectra, {emu.n_pix} px, float32, best of {rounds} "
+        "interleaved rounds; x = ratio to the original, % = of the jnp.tanh bound, "
+        "own = of the bound of the activation the row evaluates):"
+    )
     print(f"  {'original (NumPy, 1 spectrum/call)':<52}: {base_rate:9,.0f} spectra/s")
     own = {False: tanh_k_rate / n_act, True: rational_rate / n_act}
-    table = [("jitted calls of 512, each output released", "released_512", False),
-             ("  the same, fast_tanh=True (tanh_rational)", "released_512_fast", True),
-             ("jitted calls of 512, all outputs kept (JAX)", "kept_512", False),
-             ("one jitted call of all spectra", "one_call", False),
-             (f"Emulator.predict -> one (n, {emu.n_pix}) NumPy array", "public", False),
-             ("  the same, fast_tanh=True", "public_fast", True)]
+    table = [
+        ("jitted calls of 512, each output released", "released_512", False),
+        ("  the same, fast_tanh=True (tanh_rational)", "released_512_fast", True),
+        ("jitted calls of 512, all outputs kept (JAX)", "kept_512", False),
+        ("one jitted call of all spectra", "one_call", False),
+        (f"Emulator.predict -> one (n, {emu.n_pix}) NumPy array", "public", False),
+        ("  the same, fast_tanh=True", "public_fast", True),
+    ]
     for text, key, fast in table:
         if key not in rates:
             continue
-        print(f"  {text:<52}: {rates[key]:9,.0f} spectra/s  "
-              f"x{rates[key] / base_rate:5.1f}  {rates[key] / bound:4.0%}  "
-              f"own {rates[key] / own[fast]:4.0%}")
-    print(f"  activation bound: {n_act} tanh per spectrum; jnp.tanh on a flat array "
-          f"runs at {tanh_rate:.2e}/s -> {bound:,.0f} spectra/s (the issue's bound); "
-          f"compiled like the kernel (512-bit vectors) jnp.tanh runs at "
-          f"{tanh_k_rate:.2e}/s -> {own[False]:,.0f}/s, tanh_rational at "
-          f"{rational_rate:.2e}/s -> {own[True]:,.0f}/s (sigmoid {sig_rate:.2e}/s).")
+        print(
+            f"  {text:<52}: {rates[key]:9,.0f} spectra/s  "
+            f"x{rates[key] / base_rate:5.1f}  {rates[key] / bound:4.0%}  "
+            f"own {rates[key] / own[fast]:4.0%}"
+        )
+    print(
+        f"  activation bound: {n_act} tanh per spectrum; jnp.tanh on a flat array "
+        f"runs at {tanh_rate:.2e}/s -> {bound:,.0f} spectra/s (the issue's bound); "
+        f"compiled like the kernel (512-bit vectors) jnp.tanh runs at "
+        f"{tanh_k_rate:.2e}/s -> {own[False]:,.0f}/s, tanh_rational at "
+        f"{rational_rate:.2e}/s -> {own[True]:,.0f}/s (sigmoid {sig_rate:.2e}/s)."
+    )
     print(f"  max |ours - original| on 64 spectra: {err:.1e}")
     return res
 

@@ -817,7 +817,7 @@ def section_posterior(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     import warnings
 
     import payne_lite as pl
-    from payne_lite.posterior import SamplingWarning
+    from payne_lite.errors import SamplingWarning
 
     _, bench_fit, _ = _import_benchmarks()
     c = cfg["posterior"]

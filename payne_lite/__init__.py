@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
 from . import broadening as broadening
-from ._h5 import FileFormatError as FileFormatError
-from ._validate import WavelengthGridWarning as WavelengthGridWarning
+from ._version import __version__ as __version__
 from .broadening import air_to_vacuum as air_to_vacuum
 from .broadening import vacuum_to_air as vacuum_to_air
 from .catalog import fit_catalog as fit_catalog
@@ -18,13 +17,16 @@ from .catalog import write_catalog as write_catalog
 from .emulator import DenseNet as DenseNet
 from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
+from .errors import FileFormatError as FileFormatError
+from .errors import SamplingWarning as SamplingWarning
+from .errors import TrainingDivergedError as TrainingDivergedError
+from .errors import WavelengthGridWarning as WavelengthGridWarning
 from .fitter import fit as fit
 from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
 from .posterior import PosteriorSamples as PosteriorSamples
-from .posterior import SamplingWarning as SamplingWarning
 from .posterior import load_samples as load_samples
 from .posterior import log_posterior as log_posterior
 from .posterior import sample as sample
@@ -32,10 +34,7 @@ from .posterior import save_samples as save_samples
 from .results import read_results as read_results
 from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
-from .train import TrainingDivergedError as TrainingDivergedError
 from .train import train_emulator as train_emulator
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DenseNet",

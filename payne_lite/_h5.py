@@ -21,9 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-
-class FileFormatError(ValueError):
-    """A file is corrupt, truncated, of another kind or of an unsupported version."""
+from .errors import FileFormatError
 
 
 def write_dataset(group: h5py.Group, name: str, data, *, compress: bool = True) -> None:

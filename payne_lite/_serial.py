@@ -112,3 +112,13 @@ class serial_jit:  # noqa: N801 - used like jax.jit
 
     def lower(self, *args, **kwargs):
         return self._fn.lower(*args, **kwargs)
+
+
+def default_threads() -> int:
+    """Batches fitted at once: one per CPU core on the CPU backend, else one."""
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WavelengthGridWarning
+
 
 def as_float_array(
     x, name: str, *, ndim: int | tuple[int, ...] | None = None, dtype=np.float64
@@ -48,7 +50,9 @@ def check_wavelength(wave: np.ndarray, name: str = "wavelength") -> None:
         )
     check_finite(wave, name)
     if np.any(wave <= 0):
-        raise ValueError(f"{name} must be positive [Angstrom], min is {float(wave.min())}")
+        raise ValueError(
+            f"{name} must be positive [Angstrom], min is {float(wave.min())}"
+        )
     step = np.diff(wave)
     if np.any(step <= 0):
         i = int(np.argmax(step <= 0))
@@ -92,10 +96,6 @@ def existing_file(path: str | os.PathLike) -> Path:
     if p.is_dir():
         raise ValueError(f"{p}: is a directory, expected a file")
     return p
-
-
-class WavelengthGridWarning(UserWarning):
-    """Spectra on a grid of the emulator's length that is not the emulator's grid."""
 
 
 def warn_if_near_grid(

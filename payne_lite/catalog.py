@@ -60,13 +60,12 @@ import h5py
 import numpy as np
 
 from . import _h5
-from ._h5 import FileFormatError
 from ._validate import (
-    WavelengthGridWarning,
     as_float_array,
     check_wavelength,
     warn_if_near_grid,
 )
+from .errors import FileFormatError, WavelengthGridWarning
 
 _log = logging.getLogger(__name__)
 
@@ -1058,7 +1057,7 @@ class _Parts:
 _RESERVED = ("wavelength", "return_model", "progress")
 
 
-def _fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
+def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
     """Fit one chunk of rows: a results Table (with ``id`` if the chunk has ids).
 
     Depends only on the rows and the settings (fit's rows do not depend on the batch
@@ -1183,7 +1182,7 @@ def fit_catalog(
             other inputs or options.
     """
     from .emulator import Emulator
-    from .results import _format_of, write_results
+    from .results import format_of, write_results
 
     if client is not None:
         from .distributed import check_client
@@ -1198,7 +1197,7 @@ def fit_catalog(
         )
     chunk_size = _check_chunk_size(chunk_size)
     path_out = Path(path_out)
-    _format_of(path_out)  # unknown suffix: refused before any work
+    format_of(path_out)  # unknown suffix: refused before any work
     if path_out.exists() and not overwrite:
         parts = parts_folder(path_out)
         raise FileExistsError(
@@ -1312,7 +1311,7 @@ def fit_catalog(
             if client is None:
                 for i in todo:
                     start, stop = bounds[i]
-                    table = _fit_rows(
+                    table = fit_rows(
                         cat.read(start, stop), p0=_chunk_p0(p0, start, stop), **settings
                     )
                     record(i, table)
@@ -1325,6 +1324,7 @@ def fit_catalog(
                     bounds,
                     todo,
                     settings,
+                    task=fit_rows,
                     p0_of=lambda start, stop: _chunk_p0(p0, start, stop),
                     record=record,
                 )

@@ -41,17 +41,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__, _h5, synth
-from ._h5 import FileFormatError
-from ._validate import WavelengthGridWarning, existing_file
+from . import _h5, synth
+from ._validate import existing_file
+from ._version import __version__
 from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
 from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
+from .errors import FileFormatError, TrainingDivergedError, WavelengthGridWarning
 from .fitter import FLAG_BITS, METHODS, fit
 from .grid import GRID_FORMAT, SpectralGrid
 from .mdn import MDN_FORMAT
 from .results import FORMATS as RESULTS_FORMATS
-from .train import TrainConfig, TrainingDivergedError, train_emulator
+from .train import TrainConfig, train_emulator
 
 PROG = "payne-lite"
 EXIT_OK = 0
@@ -67,8 +68,9 @@ _PREDICT_SUFFIXES = (".npy", ".h5", ".hdf5", ".csv")
 _log = logging.getLogger("payne_lite.cli")  # also when run as __main__
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter,
-                 argparse.RawDescriptionHelpFormatter):
+class _Formatter(
+    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
     """Show defaults and keep the hand-made line breaks of descriptions and epilogs.
 
     On/off flags and options without a default get no "(default: ...)" suffix.
@@ -76,7 +78,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter,
 
     def _get_help_string(self, action):
         if any(action.default is d for d in (None, False, argparse.SUPPRESS)) or (
-                isinstance(action, argparse._CountAction)):
+            isinstance(action, argparse._CountAction)
+        ):
             return action.help
         return super()._get_help_string(action)
 
@@ -98,11 +101,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser(sub, name: str, *, help: str, description: str, epilog: str = ""
-            ) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description, epilog=epilog,
-                          formatter_class=_Formatter,
-                          parents=[_common_options(sub=True)])
+def _parser(
+    sub, name: str, *, help: str, description: str, epilog: str = ""
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=_Formatter,
+        parents=[_common_options(sub=True)],
+    )
 
 
 def _common_options(*, sub: bool) -> argparse.ArgumentParser:
@@ -110,10 +119,19 @@ def _common_options(*, sub: bool) -> argparse.ArgumentParser:
     p = _ArgumentParser(add_help=False)
     # In a subcommand, SUPPRESS keeps an absent flag from resetting the top-level value.
     sup = argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="count", default=sup if sub else 0,
-                   help="log progress messages (INFO) to stderr; -vv for DEBUG")
-    p.add_argument("--debug", action="store_true", default=sup if sub else False,
-                   help="on error, show the full Python traceback instead of one line")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=sup if sub else 0,
+        help="log progress messages (INFO) to stderr; -vv for DEBUG",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=sup if sub else False,
+        help="on error, show the full Python traceback instead of one line",
+    )
     return p
 
 
@@ -131,8 +149,10 @@ def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Pa
         raise ValueError(f"{p}: is a directory; give an output file name")
     for src in inputs:
         if p.exists() and p.resolve() == src.resolve():
-            raise ValueError(f"{p}: output would overwrite the input file; "
-                             "choose another output name")
+            raise ValueError(
+                f"{p}: output would overwrite the input file; "
+                "choose another output name"
+            )
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # the missing folders will be created
@@ -140,8 +160,9 @@ def _check_output(path: str | os.PathLike, *, inputs: Sequence[Path] = ()) -> Pa
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise OSError(err.errno, f"cannot write into {parent}: {err.strerror}",
-                      str(p)) from err
+        raise OSError(
+            err.errno, f"cannot write into {parent}: {err.strerror}", str(p)
+        ) from err
     return p
 
 
@@ -187,7 +208,7 @@ def _fmt_wavelength(wave: np.ndarray) -> str:
 
 def _fmt_value(value, width: int = 70) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # ======================================================================================
@@ -195,48 +216,110 @@ def _fmt_value(value, width: int = 70) -> str:
 # ======================================================================================
 def _add_grid(sub) -> None:
     lo, hi = synth.DEFAULT_BOX
-    box = "\n".join(f"  {n:<11} {a:>7g} .. {b:<7g} {u}" for n, u, a, b in zip(
-        synth.DEFAULT_LABEL_NAMES, synth.DEFAULT_LABEL_UNITS, lo, hi, strict=True))
+    box = "\n".join(
+        f"  {n:<11} {a:>7g} .. {b:<7g} {u}"
+        for n, u, a, b in zip(
+            synth.DEFAULT_LABEL_NAMES, synth.DEFAULT_LABEL_UNITS, lo, hi, strict=True
+        )
+    )
     p = _parser(
-        sub, "grid", help="make a training grid with the built-in synthesizer",
+        sub,
+        "grid",
+        help="make a training grid with the built-in synthesizer",
         description=(
             "Make a grid of continuum-normalised synthetic spectra with the built-in\n"
             "toy synthesizer (physically motivated, not physically exact) and save it\n"
             "as one HDF5 file for `payne-lite train`. Labels are drawn inside:\n"
-            f"{box}"),
-        epilog=("example:\n  payne-lite grid -o grid.h5 --n-spec 3000 --seed 1\n"
-                "  payne-lite grid -o small.h5 --n-spec 200 --lam-min 15100 "
-                "--lam-max 15300"))
-    p.add_argument("-o", "--output", required=True, metavar="GRID.h5",
-                   help="output HDF5 file (payne_lite.SpectralGrid format)")
-    p.add_argument("--n-spec", type=_positive_int, default=3000, metavar="N",
-                   help="number of spectra")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the label sampling (same seed, same labels)")
-    p.add_argument("--sampling", choices=("lhs", "uniform"), default="lhs",
-                   help="label sampling: lhs = Latin hypercube (even coverage of each "
-                        "label), uniform = independent uniform draws")
-    p.add_argument("--n-lines", type=_positive_int, default=synth.DEFAULT_N_LINES,
-                   metavar="N",
-                   help="number of lines in the seeded synthetic line list")
-    p.add_argument("--linelist-seed", type=int, default=0, metavar="SEED",
-                   help="seed of the line list (kept apart from --seed so that grids "
-                        "with different labels share one line list)")
-    p.add_argument("--resolution", type=float, default=APOGEE_R, metavar="R",
-                   help="instrumental resolving power lambda/FWHM (Gaussian profile)")
-    p.add_argument("--lam-min", type=float, default=synth.DEFAULT_LAM_MIN,
-                   metavar="A", help="first wavelength [Angstrom, vacuum]")
-    p.add_argument("--lam-max", type=float, default=synth.DEFAULT_LAM_MAX,
-                   metavar="A", help="upper wavelength limit; the last pixel is at or "
-                                     "below it [Angstrom, vacuum]")
-    p.add_argument("--dloglam", type=float, default=APOGEE_DLOGLAM, metavar="STEP",
-                   help="pixel step in log10(wavelength) (6e-6 is APOGEE's, "
-                        "about 4.1 km/s)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
-                   help="spectra per compiled batch (peak memory about 3 MB per "
-                        "spectrum with the default wavelengths and line list)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="do not show a progress bar")
+            f"{box}"
+        ),
+        epilog=(
+            "example:\n  payne-lite grid -o grid.h5 --n-spec 3000 --seed 1\n"
+            "  payne-lite grid -o small.h5 --n-spec 200 --lam-min 15100 "
+            "--lam-max 15300"
+        ),
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="GRID.h5",
+        help="output HDF5 file (payne_lite.SpectralGrid format)",
+    )
+    p.add_argument(
+        "--n-spec",
+        type=_positive_int,
+        default=3000,
+        metavar="N",
+        help="number of spectra",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the label sampling (same seed, same labels)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=("lhs", "uniform"),
+        default="lhs",
+        help="label sampling: lhs = Latin hypercube (even coverage of each "
+        "label), uniform = independent uniform draws",
+    )
+    p.add_argument(
+        "--n-lines",
+        type=_positive_int,
+        default=synth.DEFAULT_N_LINES,
+        metavar="N",
+        help="number of lines in the seeded synthetic line list",
+    )
+    p.add_argument(
+        "--linelist-seed",
+        type=int,
+        default=0,
+        metavar="SEED",
+        help="seed of the line list (kept apart from --seed so that grids "
+        "with different labels share one line list)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=APOGEE_R,
+        metavar="R",
+        help="instrumental resolving power lambda/FWHM (Gaussian profile)",
+    )
+    p.add_argument(
+        "--lam-min",
+        type=float,
+        default=synth.DEFAULT_LAM_MIN,
+        metavar="A",
+        help="first wavelength [Angstrom, vacuum]",
+    )
+    p.add_argument(
+        "--lam-max",
+        type=float,
+        default=synth.DEFAULT_LAM_MAX,
+        metavar="A",
+        help="upper wavelength limit; the last pixel is at or "
+        "below it [Angstrom, vacuum]",
+    )
+    p.add_argument(
+        "--dloglam",
+        type=float,
+        default=APOGEE_DLOGLAM,
+        metavar="STEP",
+        help="pixel step in log10(wavelength) (6e-6 is APOGEE's, about 4.1 km/s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="spectra per compiled batch (peak memory about 3 MB per "
+        "spectrum with the default wavelengths and line list)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show a progress bar"
+    )
 
 
 def _run_grid(args) -> int:
@@ -244,20 +327,31 @@ def _run_grid(args) -> int:
     out = _check_output(args.output)
     wave = None  # make_grid records "default" wavelengths in the grid's meta
     if (args.lam_min, args.lam_max, args.dloglam) != (
-            synth.DEFAULT_LAM_MIN, synth.DEFAULT_LAM_MAX, APOGEE_DLOGLAM):
+        synth.DEFAULT_LAM_MIN,
+        synth.DEFAULT_LAM_MAX,
+        APOGEE_DLOGLAM,
+    ):
         wave = synth.default_wavelength(args.lam_min, args.lam_max, args.dloglam)
     grid = synth.make_grid(
-        args.n_spec, seed=args.seed, sampling=args.sampling, n_lines=args.n_lines,
-        linelist_seed=args.linelist_seed, wavelength=wave,
-        resolution=args.resolution, batch_size=args.batch_size,
-        progress=not args.no_progress)
+        args.n_spec,
+        seed=args.seed,
+        sampling=args.sampling,
+        n_lines=args.n_lines,
+        linelist_seed=args.linelist_seed,
+        wavelength=wave,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     grid = dataclasses.replace(grid, meta={**grid.meta, "command": args.command_line})
     grid.save(out)
     lo, hi = grid.label_box
-    print(f"wrote {out}: {grid.n_spec} spectra x {grid.n_pix} pixels, "
-          f"{grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A; labels "
-          f"{_fmt_box(grid.label_names, grid.label_units, lo, hi)}; "
-          f"{_human_size(out.stat().st_size)}; {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {out}: {grid.n_spec} spectra x {grid.n_pix} pixels, "
+        f"{grid.wavelength[0]:.1f}-{grid.wavelength[-1]:.1f} A; labels "
+        f"{_fmt_box(grid.label_names, grid.label_units, lo, hi)}; "
+        f"{_human_size(out.stat().st_size)}; {time.perf_counter() - t0:.1f} s"
+    )
     return EXIT_OK
 
 
@@ -277,81 +371,172 @@ def _parse_hidden(text: str) -> int | tuple[int, ...]:
         widths = tuple(int(t) for t in text.replace(" ", "").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a width like 10 or widths like 10,10, got {text!r}") from None
+            f"expected a width like 10 or widths like 10,10, got {text!r}"
+        ) from None
     return widths[0] if len(widths) == 1 else widths
 
 
 def _add_train(sub) -> None:
     p = _parser(
-        sub, "train", help="train a per-pixel emulator on a grid",
+        sub,
+        "train",
+        help="train a per-pixel emulator on a grid",
         description=(
             "Train a per-pixel neural-network emulator (The Payne, Ting et al. 2019)\n"
             "on a grid of spectra and save it as one HDF5 file. Settings come from\n"
             "the TrainConfig defaults, then --config, then the flags given here.\n"
             "A part of the grid (--valid-fraction) is held out: it decides early\n"
-            "stopping and measures the error printed at the end."),
+            "stopping and measures the error printed at the end."
+        ),
         epilog=(
             "config file: a JSON object whose keys are TrainConfig fields:\n"
-            + textwrap.fill(", ".join(_CONFIG_FIELDS), 76, initial_indent="  ",
-                            subsequent_indent="  ") + "\n"
+            + textwrap.fill(
+                ", ".join(_CONFIG_FIELDS),
+                76,
+                initial_indent="  ",
+                subsequent_indent="  ",
+            )
+            + "\n"
             'e.g. {"hidden": [10, 10], "max_iter": 300, "min_improvement": 1e-4}\n\n'
             "examples:\n  payne-lite train grid.h5 -o emulator.h5\n"
             "  payne-lite train grid.h5 -o emu.h5 --hidden 10,10 --max-iter 300\n"
             "  payne-lite train payne_training.npz -o emu.h5 "
-            "--label-names Teff,logg,[Fe/H]"))
-    p.add_argument("grid", metavar="GRID",
-                   help="training grid: a payne_lite .h5 grid, or a training .npz in "
-                        "The Payne's layout (labels, spectra, wavelength)")
-    p.add_argument("-o", "--output", required=True, metavar="EMULATOR.h5",
-                   help="output HDF5 file (payne_lite.Emulator format)")
-    p.add_argument("--config", metavar="CONFIG.json",
-                   help="JSON file of TrainConfig settings (see below); flags given "
-                        "on the command line override it")
-    p.add_argument("--label-names", metavar="NAMES",
-                   help="comma-separated label names for a .npz grid, in its column "
-                        "order (default label_0, label_1, ...); .h5 grids carry theirs")
-    p.add_argument("--no-progress", action="store_true",
-                   help="do not show a progress bar")
+            "--label-names Teff,logg,[Fe/H]"
+        ),
+    )
+    p.add_argument(
+        "grid",
+        metavar="GRID",
+        help="training grid: a payne_lite .h5 grid, or a training .npz in "
+        "The Payne's layout (labels, spectra, wavelength)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="EMULATOR.h5",
+        help="output HDF5 file (payne_lite.Emulator format)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="CONFIG.json",
+        help="JSON file of TrainConfig settings (see below); flags given "
+        "on the command line override it",
+    )
+    p.add_argument(
+        "--label-names",
+        metavar="NAMES",
+        help="comma-separated label names for a .npz grid, in its column "
+        "order (default label_0, label_1, ...); .h5 grids carry theirs",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show a progress bar"
+    )
     ck = p.add_argument_group("checkpoints (resume a killed or requeued run)")
-    ck.add_argument("--checkpoint", metavar="CKPT.h5",
-                    help="write the training state to this file every "
-                         "--checkpoint-every iterations and at the end (atomically)")
-    ck.add_argument("--checkpoint-every", type=_positive_int, default=10, metavar="N",
-                    help="iterations (LM) or epochs (Adam) between checkpoints")
-    ck.add_argument("--resume", action="store_true",
-                    help="continue from --checkpoint if it exists (same grid and "
-                         "settings; --max-iter may grow); without --resume an "
-                         "existing checkpoint is refused")
+    ck.add_argument(
+        "--checkpoint",
+        metavar="CKPT.h5",
+        help="write the training state to this file every "
+        "--checkpoint-every iterations and at the end (atomically)",
+    )
+    ck.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="iterations (LM) or epochs (Adam) between checkpoints",
+    )
+    ck.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint if it exists (same grid and "
+        "settings; --max-iter may grow); without --resume an "
+        "existing checkpoint is refused",
+    )
     cfg = p.add_argument_group(
-        "training settings (TrainConfig fields; defaults shown are TrainConfig's)")
+        "training settings (TrainConfig fields; defaults shown are TrainConfig's)"
+    )
     sup = argparse.SUPPRESS  # absent flags do not override --config
 
     def add(flag, name, help, **kw):
-        cfg.add_argument(flag, dest=name, default=sup,
-                         help=f"{help} (default: {_cfg_default(name)})", **kw)
+        cfg.add_argument(
+            flag,
+            dest=name,
+            default=sup,
+            help=f"{help} (default: {_cfg_default(name)})",
+            **kw,
+        )
 
-    add("--hidden", "hidden", "hidden-layer width(s) of each pixel's network: 10 "
-        "for one layer, 10,10 for two", type=_parse_hidden, metavar="H[,H...]")
-    add("--activation", "activation", "activation of the hidden units",
-        choices=sorted(ACTIVATIONS))
-    add("--optimizer", "optimizer", "lm = Levenberg-Marquardt on all spectra "
+    add(
+        "--hidden",
+        "hidden",
+        "hidden-layer width(s) of each pixel's network: 10 "
+        "for one layer, 10,10 for two",
+        type=_parse_hidden,
+        metavar="H[,H...]",
+    )
+    add(
+        "--activation",
+        "activation",
+        "activation of the hidden units",
+        choices=sorted(ACTIVATIONS),
+    )
+    add(
+        "--optimizer",
+        "optimizer",
+        "lm = Levenberg-Marquardt on all spectra "
         "(second order, few iterations), adam = optax Adam on mini-batches",
-        choices=("lm", "adam"))
-    add("--max-iter", "max_iter", "maximum LM iterations, or Adam epochs",
-        type=_positive_int, metavar="N")
-    add("--valid-fraction", "valid_fraction", "fraction of the grid held out for "
-        "validation and early stopping, in (0, 1)", type=float, metavar="F")
-    add("--patience", "patience", "iterations without improvement of a pixel's "
-        "validation loss before it stops (or restarts)", type=_positive_int,
-        metavar="N")
-    add("--seed", "seed", "seed of the split, the initialisation and the restarts",
-        type=int)
-    add("--pixel-batch", "pixel_batch", "pixels per LM step; memory grows as "
-        "n_spec x pixel_batch x n_params x 4 bytes", type=_positive_int, metavar="N")
-    add("--learning-rate", "learning_rate", "Adam step size (adam only)", type=float,
-        metavar="LR")
-    add("--batch-size", "batch_size", "Adam mini-batch size in spectra (adam only)",
-        type=_positive_int, metavar="N")
+        choices=("lm", "adam"),
+    )
+    add(
+        "--max-iter",
+        "max_iter",
+        "maximum LM iterations, or Adam epochs",
+        type=_positive_int,
+        metavar="N",
+    )
+    add(
+        "--valid-fraction",
+        "valid_fraction",
+        "fraction of the grid held out for validation and early stopping, in (0, 1)",
+        type=float,
+        metavar="F",
+    )
+    add(
+        "--patience",
+        "patience",
+        "iterations without improvement of a pixel's "
+        "validation loss before it stops (or restarts)",
+        type=_positive_int,
+        metavar="N",
+    )
+    add(
+        "--seed",
+        "seed",
+        "seed of the split, the initialisation and the restarts",
+        type=int,
+    )
+    add(
+        "--pixel-batch",
+        "pixel_batch",
+        "pixels per LM step; memory grows as n_spec x pixel_batch x n_params x 4 bytes",
+        type=_positive_int,
+        metavar="N",
+    )
+    add(
+        "--learning-rate",
+        "learning_rate",
+        "Adam step size (adam only)",
+        type=float,
+        metavar="LR",
+    )
+    add(
+        "--batch-size",
+        "batch_size",
+        "Adam mini-batch size in spectra (adam only)",
+        type=_positive_int,
+        metavar="N",
+    )
 
 
 def _config_from_json(path: Path) -> dict:
@@ -361,21 +546,28 @@ def _config_from_json(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a text (JSON) file") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column "
-                         f"{err.colno}: {err.msg}") from err
+        raise ValueError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of TrainConfig settings, got "
-                         f"a {type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON object of TrainConfig settings, got "
+            f"a {type(data).__name__}"
+        )
     unknown = sorted(set(data) - set(_CONFIG_FIELDS))
     if unknown:
-        raise ValueError(f"{path}: unknown TrainConfig key(s) {unknown}; valid keys: "
-                         f"{', '.join(_CONFIG_FIELDS)}")
+        raise ValueError(
+            f"{path}: unknown TrainConfig key(s) {unknown}; valid keys: "
+            f"{', '.join(_CONFIG_FIELDS)}"
+        )
     for key, value in data.items():
         default = _CONFIG_FIELDS[key].default
         if key == "hidden":
             ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-                isinstance(value, list) and value and all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in value))
+                isinstance(value, list)
+                and value
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            )
             want = "an integer or a list of integers"
         elif isinstance(default, bool) or default is None:
             ok, want = True, ""
@@ -401,8 +593,10 @@ def _load_grid(path: Path, label_names: str | None) -> SpectralGrid:
             names = [s.strip() for s in label_names.split(",")]
         return _read(SpectralGrid.from_payne_npz, path, label_names=names)
     if label_names is not None:
-        raise ValueError("--label-names applies to .npz grids only; an .h5 grid "
-                         "carries its own label names")
+        raise ValueError(
+            "--label-names applies to .npz grids only; an .h5 grid "
+            "carries its own label names"
+        )
     return _read(SpectralGrid.load, path)
 
 
@@ -418,29 +612,41 @@ def _run_train(args) -> int:
     if args.checkpoint is not None:
         ckpt = _check_output(args.checkpoint, inputs=[grid_path])
         if ckpt.resolve() == out.resolve():
-            raise ValueError(f"--checkpoint {ckpt} is the output file; give another "
-                             "name")
+            raise ValueError(
+                f"--checkpoint {ckpt} is the output file; give another name"
+            )
         if ckpt.exists() and not args.resume:
-            raise FileExistsError(f"checkpoint {ckpt} exists; add --resume to "
-                                  "continue from it, or remove it")
+            raise FileExistsError(
+                f"checkpoint {ckpt} exists; add --resume to "
+                "continue from it, or remove it"
+            )
     elif args.resume:
         raise ValueError("--resume needs --checkpoint CKPT.h5")
     grid = _load_grid(grid_path, args.label_names)
     _log.info("training on %r with %s", grid, config)
-    emu = train_emulator(grid, config=config, progress=not args.no_progress,
-                         checkpoint=ckpt, resume=args.resume,
-                         checkpoint_every=args.checkpoint_every)
-    emu = dataclasses.replace(emu, meta={**emu.meta, "command": args.command_line,
-                                         "grid_file": str(grid_path)})
+    emu = train_emulator(
+        grid,
+        config=config,
+        progress=not args.no_progress,
+        checkpoint=ckpt,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+    )
+    emu = dataclasses.replace(
+        emu,
+        meta={**emu.meta, "command": args.command_line, "grid_file": str(grid_path)},
+    )
     emu.save(out)
     m = emu.meta
     n_iter = len(emu.history.get("valid_rms", ()))
-    print(f"trained {emu.n_pix} pixels ({config.optimizer}, hidden "
-          f"{','.join(map(str, emu.hidden))}, {config.activation}, {n_iter} "
-          f"iterations) on {m['n_train']} spectra, {m['n_valid']} held out: "
-          f"held-out median |error| {m['valid_median_abs_error']:.2e}, 99th "
-          f"percentile pixel {m['valid_p99_pixel_abs_error']:.2e}; "
-          f"{m['train_seconds']:.1f} s; wrote {out}")
+    print(
+        f"trained {emu.n_pix} pixels ({config.optimizer}, hidden "
+        f"{','.join(map(str, emu.hidden))}, {config.activation}, {n_iter} "
+        f"iterations) on {m['n_train']} spectra, {m['n_valid']} held out: "
+        f"held-out median |error| {m['valid_median_abs_error']:.2e}, 99th "
+        f"percentile pixel {m['valid_p99_pixel_abs_error']:.2e}; "
+        f"{m['train_seconds']:.1f} s; wrote {out}"
+    )
     return EXIT_OK
 
 
@@ -449,7 +655,9 @@ def _run_train(args) -> int:
 # ======================================================================================
 def _add_predict(sub) -> None:
     p = _parser(
-        sub, "predict", help="predict spectra for given labels with an emulator",
+        sub,
+        "predict",
+        help="predict spectra for given labels with an emulator",
         description=(
             "Evaluate an emulator at physical labels and write wavelength and flux.\n"
             "Labels must lie inside the emulator's training box unless\n"
@@ -460,7 +668,8 @@ def _add_predict(sub) -> None:
             "  .h5/.hdf5 datasets wavelength (n_pix,), flux (n, n_pix), labels (n, L)\n"
             "            with label names and units as attributes\n"
             "  .csv      one row per pixel, columns wavelength,flux_0,flux_1,...\n"
-            "            where flux_i belongs to label row i"),
+            "            where flux_i belongs to label row i"
+        ),
         epilog=(
             "labels files:\n"
             "  .npy: an (n, L) or (L,) array, or a structured array with named fields\n"
@@ -471,20 +680,37 @@ def _add_predict(sub) -> None:
             "  payne-lite predict emu.h5 --labels 5000,4.5,0,0.1,5 -o flux.npy\n"
             "  payne-lite predict emu.h5 --labels 5000,4.5,0,0.1,5 "
             "--labels 6000,4,-1,0.2,8 \\\n      -o flux.csv\n"
-            "  payne-lite predict emu.h5 --labels-file stars.csv -o flux.h5"))
+            "  payne-lite predict emu.h5 --labels-file stars.csv -o flux.h5"
+        ),
+    )
     p.add_argument("emulator", metavar="EMULATOR.h5", help="a payne_lite emulator file")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--labels", action="append", metavar="VALUES",
-                     help="one star's labels, comma-separated, in physical units and "
-                          "in the emulator's order (the `info` command lists it); "
-                          "repeat the option for more stars")
-    src.add_argument("--labels-file", metavar="LABELS.{csv,txt,npy}",
-                     help="labels of many stars, one per row (see below)")
-    p.add_argument("-o", "--output", required=True, metavar="FLUX.{npy,h5,csv}",
-                   help="output file; its suffix picks the format (see above)")
-    p.add_argument("--allow-outside", action="store_true",
-                   help="evaluate labels outside the training box (extrapolate) "
-                        "instead of refusing them")
+    src.add_argument(
+        "--labels",
+        action="append",
+        metavar="VALUES",
+        help="one star's labels, comma-separated, in physical units and "
+        "in the emulator's order (the `info` command lists it); "
+        "repeat the option for more stars",
+    )
+    src.add_argument(
+        "--labels-file",
+        metavar="LABELS.{csv,txt,npy}",
+        help="labels of many stars, one per row (see below)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FLUX.{npy,h5,csv}",
+        help="output file; its suffix picks the format (see above)",
+    )
+    p.add_argument(
+        "--allow-outside",
+        action="store_true",
+        help="evaluate labels outside the training box (extrapolate) "
+        "instead of refusing them",
+    )
 
 
 _NUMBER_LIST = re.compile(r"^-\.?\d")
@@ -494,8 +720,11 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     """``--labels -1,2`` -> ``--labels=-1,2`` (argparse takes ``-1,2`` for a flag)."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == "--labels" and i + 1 < len(argv) and _NUMBER_LIST.match(
-                argv[i + 1]):
+        if (
+            argv[i] == "--labels"
+            and i + 1 < len(argv)
+            and _NUMBER_LIST.match(argv[i + 1])
+        ):
             out.append(f"--labels={argv[i + 1]}")
             i += 2
         else:
@@ -515,30 +744,40 @@ def _labels_from_flags(values: list[str], names: tuple[str, ...]) -> np.ndarray:
     rows = []
     for k, text in enumerate(values):
         tokens = [t for t in re.split(r"[,\s]+", text.strip()) if t]
-        where = f"--labels {text!r}" if len(values) == 1 else (
-            f"--labels #{k + 1} {text!r}")
+        where = (
+            f"--labels {text!r}"
+            if len(values) == 1
+            else (f"--labels #{k + 1} {text!r}")
+        )
         if len(tokens) != len(names):
-            raise ValueError(f"{where} has {len(tokens)} value(s); the emulator takes "
-                             f"{len(names)}: {', '.join(names)}")
+            raise ValueError(
+                f"{where} has {len(tokens)} value(s); the emulator takes "
+                f"{len(names)}: {', '.join(names)}"
+            )
         rows.append([_parse_number(t, where) for t in tokens])
     return np.array(rows, dtype=np.float64)
 
 
-def _order_columns(header: Sequence[str], names: tuple[str, ...], where: str
-                   ) -> np.ndarray:
+def _order_columns(
+    header: Sequence[str], names: tuple[str, ...], where: str
+) -> np.ndarray:
     """Column index of each emulator label in a file whose columns are ``header``."""
     header = [h.strip() for h in header]
     unknown = [h for h in header if h not in names]
     if unknown:
-        raise ValueError(f"{where}: unknown label name(s) {unknown}; the emulator's "
-                         f"labels are {', '.join(names)}")
+        raise ValueError(
+            f"{where}: unknown label name(s) {unknown}; the emulator's "
+            f"labels are {', '.join(names)}"
+        )
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise ValueError(f"{where}: label name(s) {dup} appear more than once")
     missing = [n for n in names if n not in header]
     if missing:
-        raise ValueError(f"{where}: missing label(s) {missing}; the emulator needs "
-                         f"{', '.join(names)}")
+        raise ValueError(
+            f"{where}: missing label(s) {missing}; the emulator needs "
+            f"{', '.join(names)}"
+        )
     return np.array([header.index(n) for n in names])
 
 
@@ -548,8 +787,9 @@ def _labels_from_npy(path: Path, names: tuple[str, ...]) -> np.ndarray:
     except (OSError, ValueError) as err:
         raise FileFormatError(f"{path}: not a readable .npy file: {err}") from err
     if not isinstance(arr, np.ndarray):
-        raise FileFormatError(f"{path}: holds several arrays (.npz?); expected one "
-                              "array of labels")
+        raise FileFormatError(
+            f"{path}: holds several arrays (.npz?); expected one array of labels"
+        )
     if arr.dtype.names:  # structured array: columns by name
         order = _order_columns(arr.dtype.names, names, str(path))
         cols = [np.asarray(arr[arr.dtype.names[i]], dtype=np.float64) for i in order]
@@ -557,23 +797,30 @@ def _labels_from_npy(path: Path, names: tuple[str, ...]) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != len(names):
-        raise ValueError(f"{path}: labels array {arr.shape} must be ({len(names)},) or "
-                         f"(n, {len(names)}) for labels {', '.join(names)}")
+        raise ValueError(
+            f"{path}: labels array {arr.shape} must be ({len(names)},) or "
+            f"(n, {len(names)}) for labels {', '.join(names)}"
+        )
     try:
         return np.asarray(arr, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: labels array of dtype {arr.dtype} is not "
-                         "numeric") from err
+        raise ValueError(
+            f"{path}: labels array of dtype {arr.dtype} is not numeric"
+        ) from err
 
 
 def _labels_from_text(path: Path, names: tuple[str, ...]) -> np.ndarray:
     try:
         text = path.read_text()
     except UnicodeDecodeError as err:
-        raise FileFormatError(f"{path}: not a text file (use .npy for binary "
-                              "labels)") from err
-    lines = [(i + 1, line) for i, line in enumerate(text.splitlines())
-             if line.strip() and not line.lstrip().startswith("#")]
+        raise FileFormatError(
+            f"{path}: not a text file (use .npy for binary labels)"
+        ) from err
+    lines = [
+        (i + 1, line)
+        for i, line in enumerate(text.splitlines())
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not lines:
         raise ValueError(f"{path}: no label rows found")
     comma = "," in lines[0][1]
@@ -595,13 +842,16 @@ def _labels_from_text(path: Path, names: tuple[str, ...]) -> np.ndarray:
             raise ValueError(f"{path}: a header row but no label rows") from None
     n_col = len(first)
     if n_col != len(names):
-        raise ValueError(f"{path} line {rows[0][0]}: {n_col} column(s); the emulator "
-                         f"takes {len(names)} labels: {', '.join(names)}")
+        raise ValueError(
+            f"{path} line {rows[0][0]}: {n_col} column(s); the emulator "
+            f"takes {len(names)} labels: {', '.join(names)}"
+        )
     out = np.empty((len(rows), n_col))
     for k, (n, tokens) in enumerate(rows):
         if len(tokens) != n_col:
-            raise ValueError(f"{path} line {n}: {len(tokens)} column(s), expected "
-                             f"{n_col}")
+            raise ValueError(
+                f"{path} line {n}: {len(tokens)} column(s), expected {n_col}"
+            )
         out[k] = [_parse_number(t, f"{path} line {n}") for t in tokens]
     return out[:, order]
 
@@ -617,13 +867,18 @@ def _check_values(emu: Emulator, labels: np.ndarray, *, allow_outside: bool) -> 
     bad = ~np.isfinite(labels)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(f"label row {i}: {emu.label_names[j]} = {labels[i, j]} is not "
-                         f"a finite number ({int(bad.sum())} such value(s))")
+        raise ValueError(
+            f"label row {i}: {emu.label_names[j]} = {labels[i, j]} is not "
+            f"a finite number ({int(bad.sum())} such value(s))"
+        )
     out = (labels < emu.label_lo) | (labels > emu.label_hi)
     if out.any() and allow_outside:
-        _log.warning("%d of %d label row(s) lie outside the training box: their "
-                     "spectra are extrapolated", int(out.any(axis=1).sum()),
-                     labels.shape[0])
+        _log.warning(
+            "%d of %d label row(s) lie outside the training box: their "
+            "spectra are extrapolated",
+            int(out.any(axis=1).sum()),
+            labels.shape[0],
+        )
     elif out.any():
         i, j = (int(v) for v in np.argwhere(out)[0])
         unit = f" {emu.label_units[j]}" if emu.label_units[j] else ""
@@ -631,11 +886,13 @@ def _check_values(emu: Emulator, labels: np.ndarray, *, allow_outside: bool) -> 
             f"label row {i}: {emu.label_names[j]} = {labels[i, j]:g} is outside the "
             f"emulator's training box [{emu.label_lo[j]:g}, {emu.label_hi[j]:g}]{unit} "
             f"({int(out.any(axis=1).sum())} of {labels.shape[0]} row(s) outside); "
-            "pass --allow-outside to extrapolate")
+            "pass --allow-outside to extrapolate"
+        )
 
 
-def _write_spectra(path: Path, emu: Emulator, emu_path: Path, labels: np.ndarray,
-                   flux: np.ndarray) -> None:
+def _write_spectra(
+    path: Path, emu: Emulator, emu_path: Path, labels: np.ndarray, flux: np.ndarray
+) -> None:
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
@@ -647,14 +904,22 @@ def _write_spectra(path: Path, emu: Emulator, emu_path: Path, labels: np.ndarray
             _h5.write_dataset(f, "flux", flux)
             _h5.set_json_attr(f, "label_names", list(emu.label_names))
             _h5.set_json_attr(f, "label_units", list(emu.label_units))
-            _h5.set_json_attr(f, "meta", {"emulator": str(emu_path),
-                                          "generator": "payne-lite predict"})
+            _h5.set_json_attr(
+                f,
+                "meta",
+                {"emulator": str(emu_path), "generator": "payne-lite predict"},
+            )
     elif suffix == ".csv":
         # Plain CSV (no comment lines) so that every reader takes it as it is.
         header = ",".join(["wavelength"] + [f"flux_{i}" for i in range(len(flux))])
-        np.savetxt(path, np.column_stack([emu.wavelength, flux.T]), delimiter=",",
-                   fmt=["%.10g"] + ["%.8g"] * flux.shape[0], header=header,
-                   comments="")
+        np.savetxt(
+            path,
+            np.column_stack([emu.wavelength, flux.T]),
+            delimiter=",",
+            fmt=["%.10g"] + ["%.8g"] * flux.shape[0],
+            header=header,
+            comments="",
+        )
     else:  # checked before the work; kept as a guard
         raise ValueError(f"{path}: unknown output format")
 
@@ -666,8 +931,10 @@ def _run_predict(args) -> int:
         inputs.append(_require_file(args.labels_file))
     out = _check_output(args.output, inputs=inputs)
     if out.suffix.lower() not in _PREDICT_SUFFIXES:
-        raise ValueError(f"{out}: unknown output format {out.suffix!r}; use one of "
-                         f"{', '.join(_PREDICT_SUFFIXES)}")
+        raise ValueError(
+            f"{out}: unknown output format {out.suffix!r}; use one of "
+            f"{', '.join(_PREDICT_SUFFIXES)}"
+        )
     emu = _read(Emulator.load, emu_path)
     if args.labels is not None:
         labels = _labels_from_flags(args.labels, emu.label_names)
@@ -677,9 +944,11 @@ def _run_predict(args) -> int:
     flux = emu.predict(labels, allow_outside=True)
     _write_spectra(out, emu, emu_path, labels, flux)
     n = labels.shape[0]
-    print(f"wrote {out}: {n} spectr{'um' if n == 1 else 'a'} x {emu.n_pix} pixels, "
-          f"{emu.wavelength[0]:.1f}-{emu.wavelength[-1]:.1f} A, flux "
-          f"{flux.min():.3g}..{flux.max():.3g}")
+    print(
+        f"wrote {out}: {n} spectr{'um' if n == 1 else 'a'} x {emu.n_pix} pixels, "
+        f"{emu.wavelength[0]:.1f}-{emu.wavelength[-1]:.1f} A, flux "
+        f"{flux.min():.3g}..{flux.max():.3g}"
+    )
     return EXIT_OK
 
 
@@ -688,16 +957,23 @@ def _run_predict(args) -> int:
 # ======================================================================================
 def _add_info(sub) -> None:
     p = _parser(
-        sub, "info", help="describe a grid, emulator, MDN, catalog, spectra or results "
-                          "file",
-        description=("Print what a payne_lite file holds: its kind and format\n"
-                     "version, labels and their box, the wavelength grid, and for\n"
-                     "emulators the network and a summary of its training."),
-        epilog="example:\n  payne-lite info emulator.h5")
-    p.add_argument("file", metavar="FILE",
-                   help="a payne_lite .h5 file (grid, emulator, MDN, catalog or "
-                        "predicted spectra), a results table (.fits, .ecsv, .h5 from "
-                        "payne-lite fit), or a training .npz in The Payne's layout")
+        sub,
+        "info",
+        help="describe a grid, emulator, MDN, catalog, spectra or results file",
+        description=(
+            "Print what a payne_lite file holds: its kind and format\n"
+            "version, labels and their box, the wavelength grid, and for\n"
+            "emulators the network and a summary of its training."
+        ),
+        epilog="example:\n  payne-lite info emulator.h5",
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="a payne_lite .h5 file (grid, emulator, MDN, catalog or "
+        "predicted spectra), a results table (.fits, .ecsv, .h5 from "
+        "payne-lite fit), or a training .npz in The Payne's layout",
+    )
 
 
 def _file_format(path: Path) -> tuple[str, int]:
@@ -706,14 +982,17 @@ def _file_format(path: Path) -> tuple[str, int]:
             fmt = f.attrs.get("format")
             ver = f.attrs.get("format_version")
     except OSError as err:
-        raise FileFormatError(f"{path}: not a readable HDF5 file (corrupt or "
-                              f"truncated?): {err}") from err
+        raise FileFormatError(
+            f"{path}: not a readable HDF5 file (corrupt or truncated?): {err}"
+        ) from err
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
     known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT, MDN_FORMAT)
     if fmt not in known:
-        raise FileFormatError(f"{path}: not a payne_lite file (format={fmt!r}); info "
-                              f"reads {', '.join(known)}")
+        raise FileFormatError(
+            f"{path}: not a payne_lite file (format={fmt!r}); info "
+            f"reads {', '.join(known)}"
+        )
     return str(fmt), int(ver) if ver is not None else -1
 
 
@@ -739,10 +1018,13 @@ def _label_rows(names, units, lo, hi, note: str) -> list[str]:
     lows = [f"{a:.6g}" for a in lo]
     highs = [f"{b:.6g}" for b in hi]
     wl, wh = max(map(len, lows)), max(map(len, highs))
-    rows = [f"{n:<{w}}  {a:>{wl}} .. {b:<{wh}}  {u}".rstrip()
-            for n, a, b, u in zip(names, lows, highs, units, strict=True)]
+    rows = [
+        f"{n:<{w}}  {a:>{wl}} .. {b:<{wh}}  {u}".rstrip()
+        for n, a, b, u in zip(names, lows, highs, units, strict=True)
+    ]
     return [_row("labels" if i == 0 else "", r) for i, r in enumerate(rows)] + [
-        _row("", f"({note})")]
+        _row("", f"({note})")
+    ]
 
 
 def _meta_rows(meta: dict, prefix: str = "meta.") -> list[str]:
@@ -756,57 +1038,97 @@ def _meta_rows(meta: dict, prefix: str = "meta.") -> list[str]:
 def _wrapped_pairs(key: str, mapping: dict) -> list[str]:
     """``key  a=1; b=2; ...`` wrapped to 88 columns."""
     text = "; ".join(f"{k}={_fmt_value(v, 60)}" for k, v in mapping.items())
-    return textwrap.wrap(text, 88, initial_indent=_row(key, ""),
-                         subsequent_indent=" " * 14, break_long_words=False,
-                         break_on_hyphens=False)
+    return textwrap.wrap(
+        text,
+        88,
+        initial_indent=_row(key, ""),
+        subsequent_indent=" " * 14,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def _lines_grid(grid: SpectralGrid) -> list[str]:
     lo, hi = grid.label_box
     err = "none" if grid.flux_err is None else "yes"
-    return [_row("spectra", str(grid.n_spec)),
-            _row("wavelength", _fmt_wavelength(grid.wavelength)),
-            *_label_rows(grid.label_names, grid.label_units, lo, hi,
-                         "range of the grid's labels"),
-            _row("flux", f"{grid.flux.min():.3g}..{grid.flux.max():.3g}; "
-                         f"flux_err: {err}"),
-            *_meta_rows(grid.meta)]
+    return [
+        _row("spectra", str(grid.n_spec)),
+        _row("wavelength", _fmt_wavelength(grid.wavelength)),
+        *_label_rows(
+            grid.label_names, grid.label_units, lo, hi, "range of the grid's labels"
+        ),
+        _row("flux", f"{grid.flux.min():.3g}..{grid.flux.max():.3g}; flux_err: {err}"),
+        *_meta_rows(grid.meta),
+    ]
 
 
 def _lines_emulator(emu: Emulator) -> list[str]:
     n_par = sum(int(np.size(a)) for a in emu.net.weights + emu.net.biases)
-    lines = [_row("network", f"{emu.kind}, hidden {','.join(map(str, emu.hidden))}, "
-                             f"{emu.activation}, {emu.n_pix} pixels x {emu.n_labels} "
-                             f"labels, {n_par} parameters"),
-             _row("wavelength", _fmt_wavelength(emu.wavelength)),
-             *_label_rows(emu.label_names, emu.label_units, emu.label_lo,
-                          emu.label_hi, "training box: predictions outside it "
-                          "extrapolate")]
+    lines = [
+        _row(
+            "network",
+            f"{emu.kind}, hidden {','.join(map(str, emu.hidden))}, "
+            f"{emu.activation}, {emu.n_pix} pixels x {emu.n_labels} "
+            f"labels, {n_par} parameters",
+        ),
+        _row("wavelength", _fmt_wavelength(emu.wavelength)),
+        *_label_rows(
+            emu.label_names,
+            emu.label_units,
+            emu.label_lo,
+            emu.label_hi,
+            "training box: predictions outside it extrapolate",
+        ),
+    ]
     m = emu.meta
     if "config" in m:
         cfg = m["config"]
         n_iter = len(emu.history.get("valid_rms", ()))
-        lines.append(_row("training", (
-            f"{cfg.get('optimizer')}, {n_iter} of {cfg.get('max_iter')} iterations "
-            f"in {m.get('train_seconds', math.nan):.1f} s ({m.get('dtype')}), "
-            f"{m.get('n_train')} training + {m.get('n_valid')} held-out spectra, "
-            f"{m.get('n_restarted_pixels', 0)} pixels restarted")))
+        lines.append(
+            _row(
+                "training",
+                (
+                    f"{cfg.get('optimizer')}, {n_iter} of {cfg.get('max_iter')} iterations "
+                    f"in {m.get('train_seconds', math.nan):.1f} s ({m.get('dtype')}), "
+                    f"{m.get('n_train')} training + {m.get('n_valid')} held-out spectra, "
+                    f"{m.get('n_restarted_pixels', 0)} pixels restarted"
+                ),
+            )
+        )
         med = m.get("valid_median_abs_error", math.nan)
         p99 = m.get("valid_p99_pixel_abs_error", math.nan)
-        lines.append(_row("held-out", f"median |error| {med:.2e}; 99th percentile "
-                                      f"over pixels {p99:.2e}"))
+        lines.append(
+            _row(
+                "held-out",
+                f"median |error| {med:.2e}; 99th percentile over pixels {p99:.2e}",
+            )
+        )
     if emu.pixel_error is not None:
         k = int(np.argmax(emu.pixel_error))
-        lines.append(_row("pixel_error", (
-            f"held-out RMS per pixel: median {np.median(emu.pixel_error):.2e}, "
-            f"max {emu.pixel_error[k]:.2e} at {emu.wavelength[k]:.2f} A")))
+        lines.append(
+            _row(
+                "pixel_error",
+                (
+                    f"held-out RMS per pixel: median {np.median(emu.pixel_error):.2e}, "
+                    f"max {emu.pixel_error[k]:.2e} at {emu.wavelength[k]:.2f} A"
+                ),
+            )
+        )
     if "config" in m:
         lines += _wrapped_pairs("config", m["config"])
     if m.get("grid_meta"):
         lines += _wrapped_pairs("grid", m["grid_meta"])
-    shown = {"config", "grid_meta", "n_train", "n_valid", "train_seconds", "dtype",
-             "valid_median_abs_error", "valid_p99_pixel_abs_error",
-             "n_restarted_pixels"}
+    shown = {
+        "config",
+        "grid_meta",
+        "n_train",
+        "n_valid",
+        "train_seconds",
+        "dtype",
+        "valid_median_abs_error",
+        "valid_p99_pixel_abs_error",
+        "n_restarted_pixels",
+    }
     lines += _meta_rows({k: v for k, v in m.items() if k not in shown})
     return lines
 
@@ -819,12 +1141,15 @@ def _lines_spectra(path: Path) -> list[str]:
         names = _h5.get_json_attr(f, "label_names", path)
         units = _h5.get_json_attr(f, "label_units", path)
         meta = _h5.get_json_attr(f, "meta", path)
-    return [_row("spectra", str(flux.shape[0])),
-            _row("wavelength", _fmt_wavelength(wave)),
-            *_label_rows(names, units, labels.min(0), labels.max(0),
-                         "range of the spectra's labels"),
-            _row("flux", f"{flux.min():.3g}..{flux.max():.3g}"),
-            *_meta_rows(meta)]
+    return [
+        _row("spectra", str(flux.shape[0])),
+        _row("wavelength", _fmt_wavelength(wave)),
+        *_label_rows(
+            names, units, labels.min(0), labels.max(0), "range of the spectra's labels"
+        ),
+        _row("flux", f"{flux.min():.3g}..{flux.max():.3g}"),
+        *_meta_rows(meta),
+    ]
 
 
 def _lines_catalog(path: Path) -> list[str]:
@@ -838,11 +1163,16 @@ def _lines_catalog(path: Path) -> list[str]:
         if cat.has_ids:
             first, last = cat.read(0, 1).ids[0], cat.read(n - 1, n).ids[0]
             ids = f"{str(first)!r} .. {str(last)!r}"
-        return [_row("spectra", f"{n} (flux and flux_err {dtype}; mask: "
-                                f"{'yes' if cat.has_mask else 'none'})"),
-                _row("wavelength", _fmt_wavelength(cat.wavelength)),
-                _row("ids", ids),
-                *_meta_rows(cat.meta)]
+        return [
+            _row(
+                "spectra",
+                f"{n} (flux and flux_err {dtype}; mask: "
+                f"{'yes' if cat.has_mask else 'none'})",
+            ),
+            _row("wavelength", _fmt_wavelength(cat.wavelength)),
+            _row("ids", ids),
+            *_meta_rows(cat.meta),
+        ]
 
 
 def _lines_results(table) -> list[str]:
@@ -850,26 +1180,53 @@ def _lines_results(table) -> list[str]:
     meta = table.meta
     n = len(table)
     labels = [c for c in table.colnames if f"{c}_err" in table.colnames]
-    rows = [_row("fits", f"{n} (method {meta.get('method', '?')})"),
-            _row("parameters", ", ".join(
+    rows = [
+        _row("fits", f"{n} (method {meta.get('method', '?')})"),
+        _row(
+            "parameters",
+            ", ".join(
                 f"{c} [{table[c].unit}]" if table[c].unit is not None else c
-                for c in labels))]
+                for c in labels
+            ),
+        ),
+    ]
     if n and "chi2_red" in table.colnames:
         chi2 = np.asarray(table["chi2_red"], float)
-        conv = np.asarray(table["converged"], bool) if "converged" in table.colnames \
+        conv = (
+            np.asarray(table["converged"], bool)
+            if "converged" in table.colnames
             else np.ones(n, bool)
-        rows.append(_row("fit quality", f"{int(conv.sum())} converged, median "
-                                        f"chi2_red {np.nanmedian(chi2):.3g}"))
+        )
+        rows.append(
+            _row(
+                "fit quality",
+                f"{int(conv.sum())} converged, median "
+                f"chi2_red {np.nanmedian(chi2):.3g}",
+            )
+        )
     if n and "flags" in table.colnames:
         flags = np.asarray(table["flags"])
-        per_bit = [f"{int(np.count_nonzero(flags & (1 << b)))} {_flag_name(text)}"
-                   for b, text in FLAG_BITS.items() if np.any(flags & (1 << b))]
-        rows.append(_row("flags", f"{int(np.count_nonzero(flags))} flagged"
-                                  + (f" ({', '.join(per_bit)})" if per_bit else "")))
+        per_bit = [
+            f"{int(np.count_nonzero(flags & (1 << b)))} {_flag_name(text)}"
+            for b, text in FLAG_BITS.items()
+            if np.any(flags & (1 << b))
+        ]
+        rows.append(
+            _row(
+                "flags",
+                f"{int(np.count_nonzero(flags))} flagged"
+                + (f" ({', '.join(per_bit)})" if per_bit else ""),
+            )
+        )
     if "mdn_refit" in table.colnames:
-        rows.append(_row("MDN", f"columns <name>_mdn, <name>_mdn_sigma; "
-                                f"{int(np.count_nonzero(table['mdn_refit']))} "
-                                "refitted without its bounds"))
+        rows.append(
+            _row(
+                "MDN",
+                f"columns <name>_mdn, <name>_mdn_sigma; "
+                f"{int(np.count_nonzero(table['mdn_refit']))} "
+                "refitted without its bounds",
+            )
+        )
     skip = {"flag_bits", "cov_params", "column_names"}
     return rows + _meta_rows({k: v for k, v in meta.items() if k not in skip})
 
@@ -878,9 +1235,11 @@ def _lines_mdn(path: Path) -> list[str]:
     from .mdn import MDN
 
     mdn = MDN.load(path)
-    return [_row("network", repr(mdn)),
-            _row("wavelength", _fmt_wavelength(np.asarray(mdn.wavelength))),
-            *_meta_rows(mdn.meta)]
+    return [
+        _row("network", repr(mdn)),
+        _row("wavelength", _fmt_wavelength(np.asarray(mdn.wavelength))),
+        *_meta_rows(mdn.meta),
+    ]
 
 
 def _run_info(args) -> int:
@@ -923,32 +1282,64 @@ def _run_info(args) -> int:
 
 def _add_demo(sub) -> None:
     p = _parser(
-        sub, "demo", help="run the main job on the built-in default (nothing downloaded)",
+        sub,
+        "demo",
+        help="run the main job on the built-in default (nothing downloaded)",
         description=(
             "The main job on the embedded default: load the default emulator and\n"
             "MDN (data/default_emulator.h5, data/default_mdn.h5; either is built in\n"
             "a few minutes if missing), simulate a catalog of spectra with known\n"
             "labels from the built-in synthesizer, check the emulator against them,\n"
             "fit them (MDN starts and bounds + Levenberg-Marquardt, and the MDN-free\n"
-            "default for comparison), and write the tables, figures and a summary."),
-        epilog="example:\n  payne-lite demo -o demo_out --n-spec 300")
-    p.add_argument("-o", "--outdir", default="payne_lite_demo", metavar="DIR",
-                   help="folder for the table (catalog_truth.ecsv) and figures/")
-    p.add_argument("--n-spec", type=_positive_int, default=300, metavar="N",
-                   help="spectra in the simulated catalog")
-    p.add_argument("--seed", type=int, default=1,
-                   help="seed of the catalog's labels (the default emulator was "
-                        "trained on seed 0)")
-    p.add_argument("--emulator", default=None, metavar="EMULATOR.h5",
-                   help="use this emulator file instead of the default (it must have "
-                        "the built-in synthesizer's labels)")
-    p.add_argument("--mdn", default=None, metavar="MDN.h5",
-                   help="use this MDN file (trained for the emulator) instead of the "
-                        "default; trained on the spot and saved there if missing")
-    p.add_argument("--emcee-stars", type=int, default=3, metavar="N",
-                   help="stars sampled with emcee after the fits (default 3; 0 = none)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="do not show progress bars")
+            "default for comparison), and write the tables, figures and a summary."
+        ),
+        epilog="example:\n  payne-lite demo -o demo_out --n-spec 300",
+    )
+    p.add_argument(
+        "-o",
+        "--outdir",
+        default="payne_lite_demo",
+        metavar="DIR",
+        help="folder for the table (catalog_truth.ecsv) and figures/",
+    )
+    p.add_argument(
+        "--n-spec",
+        type=_positive_int,
+        default=300,
+        metavar="N",
+        help="spectra in the simulated catalog",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the catalog's labels (the default emulator was "
+        "trained on seed 0)",
+    )
+    p.add_argument(
+        "--emulator",
+        default=None,
+        metavar="EMULATOR.h5",
+        help="use this emulator file instead of the default (it must have "
+        "the built-in synthesizer's labels)",
+    )
+    p.add_argument(
+        "--mdn",
+        default=None,
+        metavar="MDN.h5",
+        help="use this MDN file (trained for the emulator) instead of the "
+        "default; trained on the spot and saved there if missing",
+    )
+    p.add_argument(
+        "--emcee-stars",
+        type=int,
+        default=3,
+        metavar="N",
+        help="stars sampled with emcee after the fits (default 3; 0 = none)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show progress bars"
+    )
 
 
 def _run_demo(args) -> int:
@@ -956,45 +1347,77 @@ def _run_demo(args) -> int:
 
     if args.emulator is not None:
         _require_file(args.emulator)
-    res = run_demo(args.outdir, n_spec=args.n_spec, seed=args.seed,
-                   emulator=args.emulator, mdn=args.mdn, n_emcee=args.emcee_stars,
-                   progress=not args.no_progress)
+    res = run_demo(
+        args.outdir,
+        n_spec=args.n_spec,
+        seed=args.seed,
+        emulator=args.emulator,
+        mdn=args.mdn,
+        n_emcee=args.emcee_stars,
+        progress=not args.no_progress,
+    )
     print(f"payne-lite demo: {res['n_spec']} simulated spectra x {res['n_pix']} pixels")
-    print(f"  emulator vs synthesizer on unseen labels: median |error| "
-          f"{res['median_abs_error']:.1e}, 99th-percentile pixel "
-          f"{res['p99_pixel_error']:.1e}")
-    print(f"  emulator {res['emulator_spectra_per_s']:,.0f} spectra/s, synthesizer "
-          f"{res['synth_spectra_per_s']:,.0f} spectra/s on this machine")
-    print(f"  fit (MDN starts and bounds + batched Levenberg-Marquardt): "
-          f"{res['fit_spectra_per_s']:,.0f} spectra/s once compiled (first call "
-          f"{res['fit_first_call_seconds']:.0f} s; MDN {res['mdn_seconds']:.2f} s of "
-          f"it), median {res['fit_median_iter']:.0f} LM steps, "
-          f"{res['mdn_refit']} refitted without the MDN, {res['fit_flagged']} flagged")
-    print(f"  without the MDN (3 Teff starts, rv scan +-500 km/s): "
-          f"{res['plain_spectra_per_s']:,.0f} spectra/s, median "
-          f"{res['plain_median_iter']:.0f} LM steps")
-    print(f"  {'fit - truth':<12} {'bias':>9} {'scatter':>9} {'in 1 sigma':>10}"
-          f"   {'no MDN':>9}   {'MDN in 1, 3 sigma':>17}")
+    print(
+        f"  emulator vs synthesizer on unseen labels: median |error| "
+        f"{res['median_abs_error']:.1e}, 99th-percentile pixel "
+        f"{res['p99_pixel_error']:.1e}"
+    )
+    print(
+        f"  emulator {res['emulator_spectra_per_s']:,.0f} spectra/s, synthesizer "
+        f"{res['synth_spectra_per_s']:,.0f} spectra/s on this machine"
+    )
+    print(
+        f"  fit (MDN starts and bounds + batched Levenberg-Marquardt): "
+        f"{res['fit_spectra_per_s']:,.0f} spectra/s once compiled (first call "
+        f"{res['fit_first_call_seconds']:.0f} s; MDN {res['mdn_seconds']:.2f} s of "
+        f"it), median {res['fit_median_iter']:.0f} LM steps, "
+        f"{res['mdn_refit']} refitted without the MDN, {res['fit_flagged']} flagged"
+    )
+    print(
+        f"  without the MDN (3 Teff starts, rv scan +-500 km/s): "
+        f"{res['plain_spectra_per_s']:,.0f} spectra/s, median "
+        f"{res['plain_median_iter']:.0f} LM steps"
+    )
+    print(
+        f"  {'fit - truth':<12} {'bias':>9} {'scatter':>9} {'in 1 sigma':>10}"
+        f"   {'no MDN':>9}   {'MDN in 1, 3 sigma':>17}"
+    )
     for name, b, sc, w, sp, m1, m3 in zip(
-            res["fit_labels"], res["fit_bias"], res["fit_scatter"],
-            res["fit_within_1sigma"], res["plain_scatter"], res["mdn_within_1sigma"],
-            res["mdn_within_3sigma"], strict=True):
-        print(f"  {name:<12} {b:>9.3g} {sc:>9.3g} {w:>10.0%}   {sp:>9.3g}"
-              f"   {m1:>8.0%} {m3:>8.0%}")
-    print("  (scatter: half the 16-84 % range of fit - truth; 'no MDN': the same for\n"
-          "   the MDN-free fit; last columns: the MDN's own Gaussians against the truth)")
-    print("  (errors: flux noise and the emulator's per-pixel error in quadrature; the\n"
-          "   emulator's errors are correlated across pixels, which that does not\n"
-          "   capture, so fewer than 68 % of truths fall within 1 sigma here)")
+        res["fit_labels"],
+        res["fit_bias"],
+        res["fit_scatter"],
+        res["fit_within_1sigma"],
+        res["plain_scatter"],
+        res["mdn_within_1sigma"],
+        res["mdn_within_3sigma"],
+        strict=True,
+    ):
+        print(
+            f"  {name:<12} {b:>9.3g} {sc:>9.3g} {w:>10.0%}   {sp:>9.3g}"
+            f"   {m1:>8.0%} {m3:>8.0%}"
+        )
+    print(
+        "  (scatter: half the 16-84 % range of fit - truth; 'no MDN': the same for\n"
+        "   the MDN-free fit; last columns: the MDN's own Gaussians against the truth)"
+    )
+    print(
+        "  (errors: flux noise and the emulator's per-pixel error in quadrature; the\n"
+        "   emulator's errors are correlated across pixels, which that does not\n"
+        "   capture, so fewer than 68 % of truths fall within 1 sigma here)"
+    )
     if res["emcee_stars"]:
         n_e = res["emcee_stars"]
-        print(f"  emcee on {n_e} star{'s' if n_e > 1 else ''}: {res['emcee_converged']} "
-              f"converged, {res['emcee_seconds_per_star']:.0f} s per star, truth inside "
-              f"the 16-84 % interval for {res['emcee_truth_in_68']:.0%} of their "
-              f"parameters (posterior_emcee.ecsv, figures/corner_emcee_row0)")
-    print(f"  wrote {res['outdir']}/catalog_truth.ecsv, catalog.h5, results.fits and "
-          f"figures/ "
-          f"({res['total_seconds']:.0f} s)")
+        print(
+            f"  emcee on {n_e} star{'s' if n_e > 1 else ''}: {res['emcee_converged']} "
+            f"converged, {res['emcee_seconds_per_star']:.0f} s per star, truth inside "
+            f"the 16-84 % interval for {res['emcee_truth_in_68']:.0%} of their "
+            f"parameters (posterior_emcee.ecsv, figures/corner_emcee_row0)"
+        )
+    print(
+        f"  wrote {res['outdir']}/catalog_truth.ecsv, catalog.h5, results.fits and "
+        f"figures/ "
+        f"({res['total_seconds']:.0f} s)"
+    )
     return EXIT_OK
 
 
@@ -1017,7 +1440,9 @@ def _nonnegative_int(text: str) -> int:
 
 def _add_fit(sub) -> None:
     p = _parser(
-        sub, "fit", help="fit a catalog of observed spectra with an emulator",
+        sub,
+        "fit",
+        help="fit a catalog of observed spectra with an emulator",
         description=(
             "Fit labels, radial velocity and (optionally) a continuum to every\n"
             "spectrum of a catalog with an emulator, one chunk of spectra at a time\n"
@@ -1034,69 +1459,133 @@ def _add_fit(sub) -> None:
             "results formats, chosen by the file name:\n"
             "  .fits     FITS-safe column names (TEFF, FE_H, ALPHA_FE, FE_H_ERR, ...)\n"
             "  .ecsv     text, column names as in memory ([Fe/H], [Fe/H]_err, ...)\n"
-            "  .h5       HDF5, column names as in memory"),
+            "  .h5       HDF5, column names as in memory"
+        ),
         epilog=(
-            textwrap.fill("flags column (a bitmask): " + "; ".join(
-                f"{1 << b} = {text}" for b, text in FLAG_BITS.items()), 76,
-                subsequent_indent="  ")
+            textwrap.fill(
+                "flags column (a bitmask): "
+                + "; ".join(f"{1 << b} = {text}" for b, text in FLAG_BITS.items()),
+                76,
+                subsequent_indent="  ",
+            )
             + "\n\nexamples:\n"
             "  payne-lite fit catalog.h5 --emulator emu.h5 -o results.fits\n"
             "  payne-lite fit aspcapStar-*.fits --emulator emu.h5 -o results.ecsv \\\n"
-            "      --cont-deg 2 --fixed vmacro=5 rv=0"))
-    p.add_argument("catalog", nargs="+", metavar="CATALOG",
-                   help="a payne_lite catalog (.h5), or one or more APOGEE-like FITS "
-                        "files (see above)")
-    p.add_argument("--emulator", required=True, metavar="EMULATOR.h5",
-                   help="a payne_lite emulator file")
-    p.add_argument("-o", "--output", required=True,
-                   metavar="RESULTS.{fits,ecsv,h5}",
-                   help="results table; its suffix picks the format (see above)")
-    p.add_argument("--method", choices=METHODS, default=_fit_default("method"),
-                   help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
-                        "scipy.optimize.curve_fit per spectrum (the reference)")
-    p.add_argument("--cont-deg", type=_nonnegative_int,
-                   default=_fit_default("cont_deg"), metavar="N",
-                   help="degree of a multiplicative Chebyshev continuum fitted with "
-                        "the labels (0 = spectra are already continuum-normalised)")
-    p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
-                   metavar="N",
-                   help="spectra read and fitted at a time (memory grows with it)")
-    p.add_argument("--max-iter", type=_positive_int, default=_fit_default("max_iter"),
-                   metavar="N",
-                   help="iteration cap per starting point (curve_fit: function "
-                        "evaluations)")
-    p.add_argument("--fixed", action="extend", nargs="+", metavar="NAME=VALUE",
-                   help="hold a label [physical units] or rv [km/s] fixed, e.g. "
-                        "--fixed vmacro=5 rv=0 (label names as `payne-lite info "
-                        "EMULATOR` lists them)")
-    p.add_argument("--mdn", metavar="MDN.h5",
-                   help="an MDN file (payne-lite train-mdn) trained for EMULATOR: its "
-                        "means start and its +-3 sigma intervals bound each fit, and "
-                        "the results get <label>_mdn and <label>_mdn_sigma columns")
-    p.add_argument("--mdn-starts", type=int, default=0, metavar="N",
-                   help="with --mdn: N extra starting points per star drawn from the "
-                        "MDN's Gaussians (screened by chi2 like the default starts; "
-                        "default 0)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite RESULTS if it exists (otherwise refused)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="do not show a progress bar")
+            "      --cont-deg 2 --fixed vmacro=5 rv=0"
+        ),
+    )
+    p.add_argument(
+        "catalog",
+        nargs="+",
+        metavar="CATALOG",
+        help="a payne_lite catalog (.h5), or one or more APOGEE-like FITS "
+        "files (see above)",
+    )
+    p.add_argument(
+        "--emulator",
+        required=True,
+        metavar="EMULATOR.h5",
+        help="a payne_lite emulator file",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="RESULTS.{fits,ecsv,h5}",
+        help="results table; its suffix picks the format (see above)",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=_fit_default("method"),
+        help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
+        "scipy.optimize.curve_fit per spectrum (the reference)",
+    )
+    p.add_argument(
+        "--cont-deg",
+        type=_nonnegative_int,
+        default=_fit_default("cont_deg"),
+        metavar="N",
+        help="degree of a multiplicative Chebyshev continuum fitted with "
+        "the labels (0 = spectra are already continuum-normalised)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="N",
+        help="spectra read and fitted at a time (memory grows with it)",
+    )
+    p.add_argument(
+        "--max-iter",
+        type=_positive_int,
+        default=_fit_default("max_iter"),
+        metavar="N",
+        help="iteration cap per starting point (curve_fit: function evaluations)",
+    )
+    p.add_argument(
+        "--fixed",
+        action="extend",
+        nargs="+",
+        metavar="NAME=VALUE",
+        help="hold a label [physical units] or rv [km/s] fixed, e.g. "
+        "--fixed vmacro=5 rv=0 (label names as `payne-lite info "
+        "EMULATOR` lists them)",
+    )
+    p.add_argument(
+        "--mdn",
+        metavar="MDN.h5",
+        help="an MDN file (payne-lite train-mdn) trained for EMULATOR: its "
+        "means start and its +-3 sigma intervals bound each fit, and "
+        "the results get <label>_mdn and <label>_mdn_sigma columns",
+    )
+    p.add_argument(
+        "--mdn-starts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --mdn: N extra starting points per star drawn from the "
+        "MDN's Gaussians (screened by chi2 like the default starts; "
+        "default 0)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite RESULTS if it exists (otherwise refused)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show a progress bar"
+    )
     g = p.add_argument_group(
         "distributed and resumable runs",
         "Each chunk's results are kept in RESULTS.parts/ as soon as they exist; the\n"
         "same command run again after a crash or kill fits only the missing chunks\n"
         "(other inputs or options are refused). The folder is deleted once RESULTS\n"
-        "is written. --scheduler/--workers need `pip install payne-lite[dask]`.")
-    g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="fit chunks on the workers of a running Dask scheduler, e.g. "
-                        "tcp://host:8786 (the catalog is read here and sent to them)")
-    g.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="fit chunks on a local Dask cluster of N worker processes")
-    g.add_argument("--restart", action="store_true",
-                   help="discard the results of an earlier run in RESULTS.parts/ and "
-                        "fit every chunk again")
-    g.add_argument("--keep-parts", action="store_true",
-                   help="keep RESULTS.parts/ after RESULTS is written")
+        "is written. --scheduler/--workers need `pip install payne-lite[dask]`.",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="fit chunks on the workers of a running Dask scheduler, e.g. "
+        "tcp://host:8786 (the catalog is read here and sent to them)",
+    )
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="fit chunks on a local Dask cluster of N worker processes",
+    )
+    g.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the results of an earlier run in RESULTS.parts/ and "
+        "fit every chunk again",
+    )
+    g.add_argument(
+        "--keep-parts",
+        action="store_true",
+        help="keep RESULTS.parts/ after RESULTS is written",
+    )
 
 
 def _parse_fixed(items: Sequence[str] | None) -> dict[str, float]:
@@ -1105,8 +1594,10 @@ def _parse_fixed(items: Sequence[str] | None) -> dict[str, float]:
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"--fixed {item!r}: expected NAME=VALUE, e.g. vmacro=5 "
-                             "(give CATALOG before --fixed)")
+            raise ValueError(
+                f"--fixed {item!r}: expected NAME=VALUE, e.g. vmacro=5 "
+                "(give CATALOG before --fixed)"
+            )
         if name in fixed:
             raise ValueError(f"--fixed: {name} is given more than once")
         fixed[name] = _parse_number(text.strip(), f"--fixed {item!r}")
@@ -1125,8 +1616,10 @@ def _run_fit(args) -> int:
     cat_paths = [_require_file(c) for c in args.catalog]
     out = Path(args.output)
     if out.suffix.lower() not in RESULTS_FORMATS:
-        raise ValueError(f"{out}: unknown results file suffix {out.suffix!r}; expected "
-                         f"one of {', '.join(sorted(RESULTS_FORMATS))}")
+        raise ValueError(
+            f"{out}: unknown results file suffix {out.suffix!r}; expected "
+            f"one of {', '.join(sorted(RESULTS_FORMATS))}"
+        )
     out = _check_output(out, inputs=[emu_path, *cat_paths])
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; use --force to overwrite it")
@@ -1145,9 +1638,9 @@ def _run_fit(args) -> int:
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
     with _read(open_catalog, source) as cat:
         n, n_pix = len(cat), cat.wavelength.size
-        what = (f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels from "
-                + (str(cat_paths[0]) if len(cat_paths) == 1
-                   else f"{len(cat_paths)} FITS files"))
+        what = f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels from " + (
+            str(cat_paths[0]) if len(cat_paths) == 1 else f"{len(cat_paths)} FITS files"
+        )
         _log.info("fitting %s with %r", what, emu)
         out.parent.mkdir(parents=True, exist_ok=True)
         from .distributed import connect, require
@@ -1159,30 +1652,59 @@ def _run_fit(args) -> int:
                 raise ValueError(f"--scheduler/--workers: {err}") from err
         with connect(args.scheduler, args.workers) as client:
             table = fit_catalog(
-                cat, out, emu, mdn=mdn, method=args.method, chunk_size=args.chunk_size,
-                overwrite=args.force, progress=not args.no_progress, client=client,
-                restart=args.restart, keep_parts=args.keep_parts,
-                cont_deg=args.cont_deg, max_iter=args.max_iter, fixed=fixed or None,
+                cat,
+                out,
+                emu,
+                mdn=mdn,
+                method=args.method,
+                chunk_size=args.chunk_size,
+                overwrite=args.force,
+                progress=not args.no_progress,
+                client=client,
+                restart=args.restart,
+                keep_parts=args.keep_parts,
+                cont_deg=args.cont_deg,
+                max_iter=args.max_iter,
+                fixed=fixed or None,
                 **({"mdn_starts": args.mdn_starts} if args.mdn_starts else {}),
-                meta={"command": args.command_line, "emulator_file": str(emu_path),
-                      **({"mdn_file": str(args.mdn)} if mdn is not None else {})})
+                meta={
+                    "command": args.command_line,
+                    "emulator_file": str(emu_path),
+                    **({"mdn_file": str(args.mdn)} if mdn is not None else {}),
+                },
+            )
     seconds = time.perf_counter() - t0
     flags = np.asarray(table["flags"])
     n_flagged = int(np.count_nonzero(flags))
-    per_bit = [f"{int(np.count_nonzero(flags & (1 << b)))} {_flag_name(text)}"
-               for b, text in FLAG_BITS.items() if np.any(flags & (1 << b))]
+    per_bit = [
+        f"{int(np.count_nonzero(flags & (1 << b)))} {_flag_name(text)}"
+        for b, text in FLAG_BITS.items()
+        if np.any(flags & (1 << b))
+    ]
     chi2_red = np.asarray(table["chi2_red"], dtype=float)
-    median = (f"; median chi2_red {np.nanmedian(chi2_red):.3g}"
-              if np.isfinite(chi2_red).any() else "")
-    print(f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
-          + (", MDN starts and bounds" if mdn is not None else "") + ")")
+    median = (
+        f"; median chi2_red {np.nanmedian(chi2_red):.3g}"
+        if np.isfinite(chi2_red).any()
+        else ""
+    )
+    print(
+        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
+        + (", MDN starts and bounds" if mdn is not None else "")
+        + ")"
+    )
     if mdn is not None:
-        print(f"  {int(np.count_nonzero(table['mdn_refit']))} refitted without the "
-              "MDN bounds")
-    print(f"  {int(np.count_nonzero(table['converged']))} converged, {n_flagged} "
-          f"flagged" + (f" ({', '.join(per_bit)})" if per_bit else "") + median)
-    print(f"  {_fmt_seconds(seconds / n)} per spectrum ({seconds:.1f} s in all, "
-          "compilation included)")
+        print(
+            f"  {int(np.count_nonzero(table['mdn_refit']))} refitted without the "
+            "MDN bounds"
+        )
+    print(
+        f"  {int(np.count_nonzero(table['converged']))} converged, {n_flagged} "
+        f"flagged" + (f" ({', '.join(per_bit)})" if per_bit else "") + median
+    )
+    print(
+        f"  {_fmt_seconds(seconds / n)} per spectrum ({seconds:.1f} s in all, "
+        "compilation included)"
+    )
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -1195,42 +1717,95 @@ def _add_train_mdn(sub) -> None:
 
     d = {f.name: f.default for f in dataclasses.fields(MDNConfig)}
     p = _parser(
-        sub, "train-mdn", help="train a mixture density network for an emulator",
+        sub,
+        "train-mdn",
+        help="train a mixture density network for an emulator",
         description=(
             "Train a mixture density network (MDN) that maps an observed spectrum to\n"
             "a Gaussian per label and rv, on noisy spectra simulated from EMULATOR\n"
             "(random labels in its box, rv, S/N, masked chunks, continuum tilts), and\n"
             "save it as one HDF5 file. `payne-lite fit --mdn` uses it to start and\n"
-            "bound the fits."),
-        epilog=("examples:\n  payne-lite train-mdn emulator.h5 -o mdn.h5\n"
-                "  payne-lite train-mdn emulator.h5 -o mdn.h5 --n-train 200000 "
-                "--snr-range 20,300 --rv-range -300,300"))
+            "bound the fits."
+        ),
+        epilog=(
+            "examples:\n  payne-lite train-mdn emulator.h5 -o mdn.h5\n"
+            "  payne-lite train-mdn emulator.h5 -o mdn.h5 --n-train 200000 "
+            "--snr-range 20,300 --rv-range -300,300"
+        ),
+    )
     p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
-    p.add_argument("-o", "--output", required=True, metavar="MDN.h5",
-                   help="output HDF5 file (payne_lite.MDN format)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="MDN.h5",
+        help="output HDF5 file (payne_lite.MDN format)",
+    )
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
-    p.add_argument("--n-train", type=_positive_int, default=d["n_train"], metavar="N",
-                   help="simulated training spectra")
-    p.add_argument("--n-valid", type=_positive_int, default=d["n_valid"], metavar="N",
-                   help="simulated validation spectra (early stopping)")
-    p.add_argument("--epochs", type=_positive_int, default=d["epochs"], metavar="N",
-                   help="maximum passes over the training spectra")
-    p.add_argument("--patience", type=_positive_int, default=d["patience"],
-                   metavar="N", help="epochs without validation improvement before "
-                                     "stopping")
-    p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
-                   metavar="N", help="spectra per Adam step")
-    p.add_argument("--learning-rate", type=float, default=d["learning_rate"],
-                   metavar="LR", help="Adam step size (cosine decay)")
-    p.add_argument("--n-components", type=_positive_int, default=d["n_components"],
-                   metavar="M", help="Gaussians per label (a mixture when > 1)")
-    p.add_argument("--snr-range", default=",".join(map(str, d["snr_range"])),
-                   metavar="LO,HI", help="S/N per pixel of the training spectra "
-                                         "(log-uniform)")
-    p.add_argument("--rv-range", default=",".join(map(str, d["rv_range"])),
-                   metavar="LO,HI", help="rv [km/s] of the training spectra (uniform)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="do not show progress bars")
+    p.add_argument(
+        "--n-train",
+        type=_positive_int,
+        default=d["n_train"],
+        metavar="N",
+        help="simulated training spectra",
+    )
+    p.add_argument(
+        "--n-valid",
+        type=_positive_int,
+        default=d["n_valid"],
+        metavar="N",
+        help="simulated validation spectra (early stopping)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=d["epochs"],
+        metavar="N",
+        help="maximum passes over the training spectra",
+    )
+    p.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=d["patience"],
+        metavar="N",
+        help="epochs without validation improvement before stopping",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d["batch_size"],
+        metavar="N",
+        help="spectra per Adam step",
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=d["learning_rate"],
+        metavar="LR",
+        help="Adam step size (cosine decay)",
+    )
+    p.add_argument(
+        "--n-components",
+        type=_positive_int,
+        default=d["n_components"],
+        metavar="M",
+        help="Gaussians per label (a mixture when > 1)",
+    )
+    p.add_argument(
+        "--snr-range",
+        default=",".join(map(str, d["snr_range"])),
+        metavar="LO,HI",
+        help="S/N per pixel of the training spectra (log-uniform)",
+    )
+    p.add_argument(
+        "--rv-range",
+        default=",".join(map(str, d["rv_range"])),
+        metavar="LO,HI",
+        help="rv [km/s] of the training spectra (uniform)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show progress bars"
+    )
 
 
 def _pair(text: str, flag: str) -> tuple[float, float]:
@@ -1246,24 +1821,34 @@ def _run_train_mdn(args) -> int:
     emu_path = _require_file(args.emulator)
     out = _check_output(args.output, inputs=[emu_path])
     config = MDNConfig(
-        n_train=args.n_train, n_valid=args.n_valid, epochs=args.epochs,
-        patience=args.patience, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, n_components=args.n_components,
+        n_train=args.n_train,
+        n_valid=args.n_valid,
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        n_components=args.n_components,
         snr_range=_pair(args.snr_range, "--snr-range"),
-        rv_range=_pair(args.rv_range, "--rv-range"), seed=args.seed)
+        rv_range=_pair(args.rv_range, "--rv-range"),
+        seed=args.seed,
+    )
     emu = _read(Emulator.load, emu_path)
     _log.info("training an MDN for %r with %s", emu, config)
     mdn = train_mdn(emu, config=config, progress=not args.no_progress)
-    mdn = dataclasses.replace(mdn, meta={**mdn.meta, "command": args.command_line,
-                                         "emulator_file": str(emu_path)})
+    mdn = dataclasses.replace(
+        mdn,
+        meta={**mdn.meta, "command": args.command_line, "emulator_file": str(emu_path)},
+    )
     mdn.save(out)
     m = mdn.meta
-    print(f"trained an MDN ({mdn.n_components} component(s)) for "
-          f"{', '.join(mdn.output_names)} on {config.n_train} simulated spectra "
-          f"(S/N {config.snr_range[0]:g}-{config.snr_range[1]:g}, rv "
-          f"{config.rv_range[0]:g} to {config.rv_range[1]:g} km/s), "
-          f"{m['epochs_run']} epochs: validation NLL {m['best_valid_nll']:.3f}; "
-          f"{m['train_seconds']:.1f} s; wrote {out}")
+    print(
+        f"trained an MDN ({mdn.n_components} component(s)) for "
+        f"{', '.join(mdn.output_names)} on {config.n_train} simulated spectra "
+        f"(S/N {config.snr_range[0]:g}-{config.snr_range[1]:g}, rv "
+        f"{config.rv_range[0]:g} to {config.rv_range[1]:g} km/s), "
+        f"{m['epochs_run']} epochs: validation NLL {m['best_valid_nll']:.3f}; "
+        f"{m['train_seconds']:.1f} s; wrote {out}"
+    )
     return EXIT_OK
 
 
@@ -1277,7 +1862,9 @@ def _flag_name(text: str) -> str:
 # ======================================================================================
 def _add_plot(sub) -> None:
     p = _parser(
-        sub, "plot", help="make figures from saved results, emulator and MDN files",
+        sub,
+        "plot",
+        help="make figures from saved results, emulator and MDN files",
         description=(
             "Make the figures (PNG and PDF) that the given saved files allow, write\n"
             "them into FOLDER (replacing figures of the same name) and list them.\n\n"
@@ -1300,37 +1887,70 @@ def _add_plot(sub) -> None:
             "RESULTS is a table written by `payne-lite fit` (.fits, .ecsv, .h5); an\n"
             "emulator, MDN or samples file in its place is plotted as such.\n"
             "TRUTH is a table (.ecsv, .fits, .h5) with columns named like the fitted\n"
-            "labels and rv, on RESULTS' rows in order, or matched by an id column."),
-        epilog=("examples:\n"
-                "  payne-lite plot payne_lite_demo/results.fits \\\n"
-                "      --truth payne_lite_demo/catalog_truth.ecsv\n"
-                "  payne-lite plot results.fits --spectra catalog.h5 --emulator emu.h5 "
-                "--rows 0,17\n"
-                "  payne-lite plot emulator.h5 -o figures/\n"
-                "  payne-lite plot --mdn mdn.h5 --emulator emulator.h5"))
-    p.add_argument("results", nargs="?", metavar="RESULTS",
-                   help="a results table from `payne-lite fit` (or an emulator or MDN "
-                        "file)")
-    p.add_argument("--truth", metavar="TRUTH",
-                   help="table of the true labels and rv of RESULTS' spectra")
-    p.add_argument("--spectra", nargs="+", metavar="CATALOG",
-                   help="the catalog RESULTS was fitted from (.h5, or FITS files; "
-                        "give RESULTS before --spectra)")
-    p.add_argument("--emulator", metavar="EMULATOR.h5",
-                   help="the emulator of the fit (models for --spectra) and its "
-                        "figures")
+            "labels and rv, on RESULTS' rows in order, or matched by an id column."
+        ),
+        epilog=(
+            "examples:\n"
+            "  payne-lite plot payne_lite_demo/results.fits \\\n"
+            "      --truth payne_lite_demo/catalog_truth.ecsv\n"
+            "  payne-lite plot results.fits --spectra catalog.h5 --emulator emu.h5 "
+            "--rows 0,17\n"
+            "  payne-lite plot emulator.h5 -o figures/\n"
+            "  payne-lite plot --mdn mdn.h5 --emulator emulator.h5"
+        ),
+    )
+    p.add_argument(
+        "results",
+        nargs="?",
+        metavar="RESULTS",
+        help="a results table from `payne-lite fit` (or an emulator or MDN file)",
+    )
+    p.add_argument(
+        "--truth",
+        metavar="TRUTH",
+        help="table of the true labels and rv of RESULTS' spectra",
+    )
+    p.add_argument(
+        "--spectra",
+        nargs="+",
+        metavar="CATALOG",
+        help="the catalog RESULTS was fitted from (.h5, or FITS files; "
+        "give RESULTS before --spectra)",
+    )
+    p.add_argument(
+        "--emulator",
+        metavar="EMULATOR.h5",
+        help="the emulator of the fit (models for --spectra) and its figures",
+    )
     p.add_argument("--mdn", metavar="MDN.h5", help="an MDN file: its loss curves")
-    p.add_argument("-o", "--outdir", default="figures", metavar="FOLDER",
-                   help="folder for the figures")
-    p.add_argument("--rows", metavar="N[,N...]",
-                   help="RESULTS rows (from 0) to draw spectra for (default: the "
-                        "rows with the median and the highest chi2_red)")
-    p.add_argument("--windows", default="auto", metavar="auto|LO-HI[,LO-HI...]",
-                   help="zoom windows [Angstrom] of the spectrum figures; auto = "
-                        "where the lines are strongest and where the residuals are "
-                        "largest")
-    p.add_argument("--window-width", type=float, default=30.0, metavar="A",
-                   help="width of the automatic zoom windows [Angstrom]")
+    p.add_argument(
+        "-o",
+        "--outdir",
+        default="figures",
+        metavar="FOLDER",
+        help="folder for the figures",
+    )
+    p.add_argument(
+        "--rows",
+        metavar="N[,N...]",
+        help="RESULTS rows (from 0) to draw spectra for (default: the "
+        "rows with the median and the highest chi2_red)",
+    )
+    p.add_argument(
+        "--windows",
+        default="auto",
+        metavar="auto|LO-HI[,LO-HI...]",
+        help="zoom windows [Angstrom] of the spectrum figures; auto = "
+        "where the lines are strongest and where the residuals are "
+        "largest",
+    )
+    p.add_argument(
+        "--window-width",
+        type=float,
+        default=30.0,
+        metavar="A",
+        help="width of the automatic zoom windows [Angstrom]",
+    )
 
 
 def _parse_rows(text: str | None) -> list[int] | None:
@@ -1352,8 +1972,10 @@ def _parse_windows(text: str):
     for item in text.replace(" ", "").split(","):
         lo, sep, hi = item.partition("-")
         if not sep:
-            raise ValueError(f"--windows {text!r}: expected auto or LO-HI pairs like "
-                             "15200-15350,16150-16300")
+            raise ValueError(
+                f"--windows {text!r}: expected auto or LO-HI pairs like "
+                "15200-15350,16150-16300"
+            )
         out.append((_parse_number(lo, "--windows"), _parse_number(hi, "--windows")))
     return out
 
@@ -1364,9 +1986,16 @@ def _run_plot(args) -> int:
     if not args.window_width > 0:
         raise ValueError(f"--window-width must be > 0, got {args.window_width:g}")
     figs = figures_from_files(
-        args.outdir, results=args.results, truth=args.truth, spectra=args.spectra,
-        emulator=args.emulator, mdn=args.mdn, rows=_parse_rows(args.rows),
-        windows=_parse_windows(args.windows), window_width=args.window_width)
+        args.outdir,
+        results=args.results,
+        truth=args.truth,
+        spectra=args.spectra,
+        emulator=args.emulator,
+        mdn=args.mdn,
+        rows=_parse_rows(args.rows),
+        windows=_parse_windows(args.windows),
+        window_width=args.window_width,
+    )
     print(f"payne-lite plot: {len(figs.written)} figure(s) in {args.outdir}")
     for what, paths in figs.written:
         print(f"  wrote {paths[0]} and .pdf: {what}")
@@ -1391,11 +2020,11 @@ def _bench_suite_or_error():
             f"payne-lite bench runs the repository's benchmarks/suite.py, which this "
             f"installation does not have (looked for {BENCH_SUITE}): clone the "
             "repository and install it editable (pip install -e .), or run "
-            "python benchmarks/suite.py in the checkout")
+            "python benchmarks/suite.py in the checkout"
+        )
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("payne_lite_bench_suite",
-                                                  BENCH_SUITE)
+    spec = importlib.util.spec_from_file_location("payne_lite_bench_suite", BENCH_SUITE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:  # a broken suite must not break the other commands
@@ -1413,8 +2042,9 @@ def _bench_suite():
 
 def _add_bench(sub) -> None:
     p = _parser(
-        sub, "bench", help="run the regression benchmark suite (needs a repository "
-                           "checkout)",
+        sub,
+        "bench",
+        help="run the regression benchmark suite (needs a repository checkout)",
         description=(
             "Run the regression benchmark suite of the repository's benchmarks/\n"
             "folder: emulator accuracy and training time, evaluation throughput and\n"
@@ -1424,21 +2054,30 @@ def _add_bench(sub) -> None:
             "committed reference (benchmarks/reference_<mode>.json): accuracy and\n"
             "coverage gate with stated tolerances, speed only as ratios to the\n"
             "same-run baseline. Exit status 1 on a regression or a failed section.\n"
-            "Details: benchmarks/suite.py and benchmarks/README.md."),
-        epilog=("examples:\n  payne-lite bench --quick\n"
-                "  payne-lite bench --mdn mdn.h5 -o bench_out\n"
-                "  payne-lite bench --quick --compare bench_out/results.json"))
+            "Details: benchmarks/suite.py and benchmarks/README.md."
+        ),
+        epilog=(
+            "examples:\n  payne-lite bench --quick\n"
+            "  payne-lite bench --mdn mdn.h5 -o bench_out\n"
+            "  payne-lite bench --quick --compare bench_out/results.json"
+        ),
+    )
     suite = _bench_suite()
     if suite is not None:
         suite.add_arguments(p)
         return
     # Without the suite its options are unknown: take every argument as it is, so
     # that _run_bench can say what is missing (instead of "unrecognized arguments").
-    p.add_argument("suite_args", nargs="*", metavar="OPTIONS",
-                   help=f"the suite's options (unavailable: "
-                        f"{_bench_suite_or_error()[1]})")
+    p.add_argument(
+        "suite_args",
+        nargs="*",
+        metavar="OPTIONS",
+        help=f"the suite's options (unavailable: {_bench_suite_or_error()[1]})",
+    )
     p.parse_known_args = lambda args=None, namespace=None: (
-        argparse.Namespace(suite_args=list(args or [])), [])
+        argparse.Namespace(suite_args=list(args or [])),
+        [],
+    )
 
 
 def _run_bench(args) -> int:
@@ -1469,21 +2108,30 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``payne-lite`` argument parser with all subcommands."""
     parser = _ArgumentParser(
-        prog=PROG, formatter_class=_Formatter, parents=[_common_options(sub=False)],
-        description=("payne_lite: emulate and fit stellar spectra with per-pixel\n"
-                     "neural networks (The Payne; Ting et al. 2019, ApJ 879, 69)."),
-        epilog=("typical session:\n"
-                "  payne-lite grid -o grid.h5\n"
-                "  payne-lite train grid.h5 -o emulator.h5\n"
-                "  payne-lite info emulator.h5\n"
-                "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
-                "-o flux.csv\n"
-                "  payne-lite fit catalog.h5 --emulator emulator.h5 -o results.fits\n"
-                f"\n`{PROG} COMMAND --help` describes each command's options."))
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                title="commands")
+        prog=PROG,
+        formatter_class=_Formatter,
+        parents=[_common_options(sub=False)],
+        description=(
+            "payne_lite: emulate and fit stellar spectra with per-pixel\n"
+            "neural networks (The Payne; Ting et al. 2019, ApJ 879, 69)."
+        ),
+        epilog=(
+            "typical session:\n"
+            "  payne-lite grid -o grid.h5\n"
+            "  payne-lite train grid.h5 -o emulator.h5\n"
+            "  payne-lite info emulator.h5\n"
+            "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
+            "-o flux.csv\n"
+            "  payne-lite fit catalog.h5 --emulator emulator.h5 -o results.fits\n"
+            f"\n`{PROG} COMMAND --help` describes each command's options."
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, title="commands"
+    )
     for add, _ in _COMMANDS.values():
         add(sub)
     return parser
@@ -1494,11 +2142,17 @@ def _logging_to_stderr(verbosity: int):
     """Route the package's log records to stderr for the duration of one command."""
     logger = logging.getLogger("payne_lite")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
     old_level = logger.level
-    logger.setLevel(logging.WARNING if verbosity <= 0 else
-                    logging.INFO if verbosity == 1 else logging.DEBUG)
+    logger.setLevel(
+        logging.WARNING
+        if verbosity <= 0
+        else logging.INFO
+        if verbosity == 1
+        else logging.DEBUG
+    )
     logger.addHandler(handler)
     try:
         yield

@@ -58,8 +58,9 @@ def load_default_emulator(
     return emu
 
 
-def load_default_mdn(emulator: Emulator, path: Path | None = None, *,
-                     progress: bool = True):
+def load_default_mdn(
+    emulator: Emulator, path: Path | None = None, *, progress: bool = True
+):
     """The default MDN for ``emulator``: from ``path`` (default :data:`DEFAULT_MDN`)
     when that file was trained for this emulator, else trained on the spot (a few
     minutes; as ``data/make_default_mdn.py`` does, with 30,000 training spectra) and
@@ -145,8 +146,9 @@ def run_demo(
     rng = np.random.default_rng(seed + 1)
     rv = rng.uniform(-RV_MAX, RV_MAX, n_spec)
     snr = rng.uniform(*SNR_RANGE, n_spec)
-    obs, ok = (np.asarray(a) for a in _shift_all(doppler_shift, emu.wavelength,
-                                                  truth_flux, rv))
+    obs, ok = (
+        np.asarray(a) for a in _shift_all(doppler_shift, emu.wavelength, truth_flux, rv)
+    )
     err = np.where(ok, 1.0, np.inf) * np.abs(obs) / snr[:, None]
     noisy = np.where(ok, obs + err * rng.standard_normal(obs.shape), np.nan)
     err = np.where(ok, err, np.inf)
@@ -166,8 +168,9 @@ def run_demo(
     model_fit = np.asarray(res["model_flux"])
     del res["model_flux"]  # 20 MB; `payne-lite plot` rebuilds it from the emulator
     write_results(res, outdir / "results.fits", overwrite=True)
-    write_catalog(outdir / "catalog.h5", noisy, err, emu.wavelength, mask=~ok,
-                  overwrite=True)
+    write_catalog(
+        outdir / "catalog.h5", noisy, err, emu.wavelength, mask=~ok, overwrite=True
+    )
     fit(noisy, err, emu, progress=progress)
     t = time.perf_counter()
     res_plain = fit(noisy, err, emu)
@@ -199,28 +202,56 @@ def run_demo(
     truth = np.column_stack([labels, rv])
     got = np.column_stack([np.asarray(res[n], float) for n in params])
     got_err = np.column_stack([np.asarray(res[f"{n}_err"], float) for n in params])
-    plots.fit_vs_truth(truth, got, got_err, params, [*emu.label_units, "km/s"],
-                       figs / "fit_vs_truth", color=snr, color_label="S/N")
+    plots.fit_vs_truth(
+        truth,
+        got,
+        got_err,
+        params,
+        [*emu.label_units, "km/s"],
+        figs / "fit_vs_truth",
+        color=snr,
+        color_label="S/N",
+    )
     d = got - truth
     q16, q50, q84 = np.nanpercentile(d, [16, 50, 84], axis=0)
     within = np.abs(d) < got_err
     mdn_mean = np.column_stack([np.asarray(res[f"{n}_mdn"], float) for n in params])
     mdn_sd = np.column_stack([np.asarray(res[f"{n}_mdn_sigma"], float) for n in params])
     mdn_z = np.abs(mdn_mean - truth) / mdn_sd
-    plots.coverage_plot(truth, mdn_mean, mdn_sd, params, figs / "mdn_coverage",
-                        title="MDN Gaussians vs truth (demo catalog)")
-    plots.coverage_plot(truth, got, got_err, params, figs / "fit_coverage",
-                        title="fit errors vs truth (demo catalog)")
+    plots.coverage_plot(
+        truth,
+        mdn_mean,
+        mdn_sd,
+        params,
+        figs / "mdn_coverage",
+        title="MDN Gaussians vs truth (demo catalog)",
+    )
+    plots.coverage_plot(
+        truth,
+        got,
+        got_err,
+        params,
+        figs / "fit_coverage",
+        title="fit errors vs truth (demo catalog)",
+    )
     if mdn_model.history:
-        plots.loss_curves(mdn_model.history, figs / "mdn_training_loss",
-                          title="default MDN")
+        plots.loss_curves(
+            mdn_model.history, figs / "mdn_training_loss", title="default MDN"
+        )
     best = int(np.argmin(np.abs(np.asarray(res["chi2_red"]) - 1.0)))
     plots.spectrum_with_model(
-        emu.wavelength, noisy[best], model_fit[best],
-        figs / "spectrum_fit_example", err=err[best], mask=~ok[best],
-        title=_label_text(emu, got[best, :-1]) + f", rv={got[best, -1]:.2f} km/s"
+        emu.wavelength,
+        noisy[best],
+        model_fit[best],
+        figs / "spectrum_fit_example",
+        err=err[best],
+        mask=~ok[best],
+        title=_label_text(emu, got[best, :-1])
+        + f", rv={got[best, -1]:.2f} km/s"
         + f"  (fit of catalog row {best})",
-        data_label="simulated observation", model_label="best fit")
+        data_label="simulated observation",
+        model_label="best fit",
+    )
     got_plain = np.column_stack([np.asarray(res_plain[n], float) for n in params])
     p16, p84 = np.nanpercentile(got_plain - truth, [16, 84], axis=0)
 

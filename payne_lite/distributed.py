@@ -138,17 +138,16 @@ def _listen() -> None:
     jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
-def _fit_task(chunk, settings: dict, p0):
-    """Run on a worker: fit one chunk with the worker's copy of ``settings``."""
-    from .catalog import _fit_rows
-
+def _fit_task(task: Callable, chunk, settings: dict, p0):
+    """Run on a worker: ``task(chunk, p0=p0, **settings)`` with the worker's copy of
+    ``settings``."""
     _listen()
     before = _STATS["compiles"]
-    table = _fit_rows(chunk, p0=p0, **settings)
+    table = task(chunk, p0=p0, **settings)
     with _STATS_LOCK:
         _STATS["tasks"] += 1
         _STATS["compiles_per_task"].append(_STATS["compiles"] - before)
-        _STATS["settings"].add(id(settings["emulator"]))
+        _STATS["settings"].add(id(settings.get("emulator")))
     return table
 
 
@@ -174,6 +173,7 @@ def fit_chunks(
     todo: list[int],
     settings: dict,
     *,
+    task: Callable,
     p0_of: Callable,
     record: Callable,
 ) -> int:
@@ -185,8 +185,10 @@ def fit_chunks(
         cat: an open catalog reader (read here, a chunk at a time).
         bounds: ``[(start, stop), ...]`` of every chunk.
         todo: indices of the chunks to fit.
-        settings: ``emulator``, ``wavelength``, ``mask``, ``fit_kwargs`` of
-            ``catalog._fit_rows``; scattered once to every worker.
+        settings: keyword arguments of ``task`` (the emulator among them); scattered
+            once to every worker.
+        task: ``task(chunk, p0=p0, **settings) -> Table``, run on the workers (a
+            module-level function, so that it pickles by name).
         p0_of: ``(start, stop) -> p0`` for a chunk (None, (L,) or (m, L)).
         record: called here with each finished chunk's index and table.
 
@@ -215,6 +217,7 @@ def fit_chunks(
         [chunk_f] = client.scatter([cat.read(start, stop)], hash=False)
         fut = client.submit(
             _fit_task,
+            task,
             chunk_f,
             settings_f,
             p0_of(start, stop),

@@ -50,6 +50,7 @@ from ._validate import (
     check_names,
     check_wavelength,
 )
+from .errors import FileFormatError
 
 EMULATOR_FORMAT = "payne_lite.Emulator"
 EMULATOR_VERSION = 1
@@ -761,14 +762,14 @@ class Emulator:
         with _h5.open_checked(path, EMULATOR_FORMAT, (EMULATOR_VERSION,)) as f:
             kind = str(f.attrs.get("kind", ""))
             if "net" not in f:
-                raise _h5.FileFormatError(f"{path}: missing group 'net'")
+                raise FileFormatError(f"{path}: missing group 'net'")
             g = f["net"]
             n_layers = sum(1 for k in g if k.startswith("W"))
             weights = tuple(_h5.read_dataset(g, f"W{i}", path) for i in range(n_layers))
             biases = tuple(_h5.read_dataset(g, f"b{i}", path) for i in range(n_layers))
             net = (DenseNet if kind == "dense" else PixelNet)(weights, biases)
             if kind not in ("pixel", "dense"):
-                raise _h5.FileFormatError(f"{path}: unknown network kind {kind!r}")
+                raise FileFormatError(f"{path}: unknown network kind {kind!r}")
             hist = {
                 k: _h5.read_dataset(f["history"], k, path) for k in f.get("history", {})
             }
@@ -796,9 +797,7 @@ class Emulator:
         try:
             return cls(**kw)
         except ValueError as err:
-            raise _h5.FileFormatError(
-                f"{path}: inconsistent emulator file: {err}"
-            ) from err
+            raise FileFormatError(f"{path}: inconsistent emulator file: {err}") from err
 
     @classmethod
     def from_payne_npz(
@@ -849,7 +848,7 @@ class Emulator:
             n_layers = 3
             cls_net, activation = DenseNet, "leaky_relu"
         else:
-            raise _h5.FileFormatError(
+            raise FileFormatError(
                 f"{path}: w_array_0 {w0.shape} is neither a "
                 "per-pixel (P,H,L) nor a dense (H,L) network"
             )
@@ -857,7 +856,7 @@ class Emulator:
             weights = [np.asarray(data[f"w_array_{i}"]) for i in range(n_layers)]
             biases = [np.asarray(data[f"b_array_{i}"]) for i in range(n_layers)]
         except KeyError as err:
-            raise _h5.FileFormatError(f"{path}: missing {err.args[0]}") from err
+            raise FileFormatError(f"{path}: missing {err.args[0]}") from err
         if flux_scale != 1.0:  # in float64: exact to ~1e-16, not float32 rounding
             weights[-1] = np.asarray(weights[-1], dtype=np.float64) * flux_scale
             biases[-1] = np.asarray(biases[-1], dtype=np.float64) * flux_scale

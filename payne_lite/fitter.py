@@ -119,7 +119,6 @@ References:
 from __future__ import annotations
 
 import functools
-import os
 import time
 from typing import NamedTuple
 
@@ -127,7 +126,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._serial import serial_jit
+from ._serial import default_threads, serial_jit
 from ._validate import as_float_array, warn_if_near_grid
 from .broadening import LIMB_DARKENING, air_to_vacuum
 from .constants import C_KMS
@@ -137,9 +136,8 @@ from .model import (
     BROADENING_RANGE,
     LABEL_BOUND,
     ObsModel,
-    _embed,
-    _shift_pair,
     build_obs_model,
+    embed,
     embed_obs,
     lsf_sigma_pixels,
     normal_equations,
@@ -147,6 +145,7 @@ from .model import (
     observe_jac_t,
     param_layout,
     rest_model,
+    shift_pair,
     window_valid,
 )
 
@@ -249,7 +248,7 @@ def _scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     f_rest = jax.lax.optimization_barrier(rest_model(obs, s0, b0))
 
     def shifted(rv):
-        ma, mb, t, _, valid = _shift_pair(obs, f_rest[None], rv)
+        ma, mb, t, _, valid = shift_pair(obs, f_rest[None], rv)
         return (ma + t * (mb - ma))[0], valid
 
     t, v = _over(shifted, rv_grid)  # (R, P)
@@ -353,7 +352,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         if lg is None:
 
             def at(vi):
-                ma, mb, t, _, _ = _shift_pair(obs, f_rest[None], vi)
+                ma, mb, t, _, _ = shift_pair(obs, f_rest[None], vi)
                 r = (ma[0] + t * (mb[0] - ma[0])) * cont - f
                 return wi @ (r * r)
 
@@ -362,7 +361,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         # from one dynamic slice per observed run of the embedded rest model
         u_top = jnp.floor(-jnp.arctanh(jnp.max(v) / C_KMS) * lg.inv_step)
         k = u_top.astype(jnp.int32)
-        emb = _embed(lg, f_rest[None])[0]
+        emb = embed(lg, f_rest[None])[0]
         n_r = d.shape[0]
 
         def residual(j):  # (P,) model slid by k + j pixels, minus the data
@@ -782,7 +781,7 @@ def _sandwich_batch(obs, p, w, var, basis):
     def one(args):
         q, w1, v1 = args
         _, _, jac = observe_jac_t(obs, q)
-        ma, mb, t, _, _ = _shift_pair(obs, basis, q[n_lab])
+        ma, mb, t, _, _ = shift_pair(obs, basis, q[n_lab])
         b = ma + t * (mb - ma)
         if obs.cont_deg > 0:
             b = b * (q[n_lab + 1 :] @ obs.basis.T)
@@ -1021,16 +1020,6 @@ def _scan_pixels(obs: ObsModel, rv_range) -> np.ndarray | None:
         window_valid(obs, jnp.asarray(rv_range[0], dt), jnp.asarray(rv_range[1], dt))
     )
     return ok if ok.mean() >= SCAN_COMMON_MIN else None
-
-
-def _default_threads() -> int:
-    """Batches fitted at once: one per CPU core on the CPU backend, else one."""
-    if jax.default_backend() != "cpu":
-        return 1
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _lm_with_starts(
@@ -1786,7 +1775,7 @@ def fit(
             scale_errors=scale_errors,
         )
     if n_threads is None:
-        n_threads = _default_threads() if method == "lm" else 1
+        n_threads = default_threads() if method == "lm" else 1
     if isinstance(n_threads, bool) or int(n_threads) != n_threads or n_threads < 1:
         raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
     # Batches of a power of two (>= 8) spectra, so that similar sizes share one

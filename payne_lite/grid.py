@@ -31,6 +31,7 @@ from ._validate import (
     check_names,
     check_wavelength,
 )
+from .errors import FileFormatError
 
 GRID_FORMAT = "payne_lite.SpectralGrid"
 GRID_VERSION = 1
@@ -228,7 +229,7 @@ class SpectralGrid:
         try:
             return cls(**kw)
         except ValueError as err:
-            raise _h5.FileFormatError(f"{path}: invalid grid contents: {err}") from err
+            raise FileFormatError(f"{path}: invalid grid contents: {err}") from err
 
     @classmethod
     def from_payne_npz(
@@ -252,7 +253,7 @@ class SpectralGrid:
         flux = np.asarray(data["spectra"])
         labels = np.asarray(data["labels"])
         if labels.ndim != 2 or flux.ndim != 2:
-            raise _h5.FileFormatError(
+            raise FileFormatError(
                 f"{path}: labels {labels.shape} and spectra "
                 f"{flux.shape} must both be 2-D"
             )
@@ -264,14 +265,12 @@ class SpectralGrid:
             # The Payne stores (n_lab, n_spec); a square array is read that way too.
             labels = labels.T
         if labels.shape[0] != n_spec:
-            raise _h5.FileFormatError(
+            raise FileFormatError(
                 f"{path}: labels {data['labels'].shape} do not match {n_spec} spectra"
             )
         if wavelength is None:
             if "wavelength" not in data:
-                raise _h5.FileFormatError(
-                    f"{path}: no 'wavelength' key; pass wavelength="
-                )
+                raise FileFormatError(f"{path}: no 'wavelength' key; pass wavelength=")
             wavelength = data["wavelength"]
         n_lab = labels.shape[1]
         if label_names is None:

@@ -19,7 +19,7 @@ taken in the rest frame found by cross-correlation:
    over the training rv range), normalised by the template's norm over the usable
    pixels (the least-squares peak; unnormalised, masks beside lines biased rv),
    parabolic peak ``rv_c``; the spectrum is moved to that frame (the fitter's
-   relativistic shift and linear interpolation, :func:`payne_lite.model._shift_pair`)
+   relativistic shift and linear interpolation, :func:`payne_lite.model.shift_pair`)
    and correlated again on a fine grid (``RV_FINE_STEP`` = 0.5 km/s within +-
    ``RV_FINE_HALF``), parabolic peak ``rv_ccf``.
 2. Compression: the residual of the spectrum in the ``rv_c`` frame from the mean
@@ -70,7 +70,8 @@ import optax
 from . import _h5
 from ._validate import as_float_array
 from .constants import C_KMS
-from .model import ObsModel, _gap_cum, _make_log_grid, _make_lookup, _shift_pair
+from .errors import FileFormatError
+from .model import ObsModel, gap_cum, make_log_grid, make_lookup, shift_pair
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -153,7 +154,7 @@ def _to_rest(grid: ObsModel, d, g, rv):
     Unusable pixels enter as NaN, so one interpolated row carries both: a rest
     pixel is usable when both its neighbours were (half the work of shifting the
     mask as a second row)."""
-    ma, mb, t, _, valid = _shift_pair(grid, jnp.where(g > 0, d, jnp.nan)[None], -rv)
+    ma, mb, t, _, valid = shift_pair(grid, jnp.where(g > 0, d, jnp.nan)[None], -rv)
     out = (ma + t * (mb - ma))[0]
     ok = valid & jnp.isfinite(out)
     return jnp.where(ok, out, 0.0), ok
@@ -333,7 +334,7 @@ def _shift_batch(grid, rest, rv):
     """Rest-frame spectra (n, P) observed at rv (n,): flux and validity (n, P)."""
 
     def one(f, v):
-        ma, mb, t, _, valid = _shift_pair(grid, f[None], v)
+        ma, mb, t, _, valid = shift_pair(grid, f[None], v)
         return (ma + t * (mb - ma))[0], valid
 
     return jax.vmap(one)(rest, rv)
@@ -344,7 +345,7 @@ def _template_rows(grid, t0, rvs):
     """``t0`` (P,) shifted to every rv of ``rvs`` (R,); 0 where not valid."""
 
     def one(v):
-        ma, mb, t, _, valid = _shift_pair(grid, t0[None], v)
+        ma, mb, t, _, valid = shift_pair(grid, t0[None], v)
         return jnp.where(valid, (ma + t * (mb - ma))[0], 0.0)
 
     return jax.lax.map(one, rvs)
@@ -360,15 +361,15 @@ def _grid_model(wavelength: np.ndarray, rv_max: float, dtype) -> ObsModel:
     return ObsModel(
         net=None,
         x_rest=jnp.asarray(wave - ref, dtype),
-        gap_cum=jnp.asarray(_gap_cum(wave)),
+        gap_cum=jnp.asarray(gap_cum(wave)),
         x_obs=jnp.asarray(wave - ref, dtype),
         wave_obs=jnp.asarray(wave, dtype),
         basis=jnp.ones((wave.size, 1), dtype),
-        lookup=_make_lookup(wave - ref, dtype),
+        lookup=make_lookup(wave - ref, dtype),
         activation="",
         n_labels=0,
         cont_deg=0,
-        log_grid=_make_log_grid(wave, wave, rv_max),
+        log_grid=make_log_grid(wave, wave, rv_max),
     )
 
 
@@ -646,9 +647,9 @@ class MDN:
 
         starts = range(0, n, size)
         if n_threads is None:
-            from .fitter import _default_threads
+            from ._serial import default_threads
 
-            n_threads = _default_threads()
+            n_threads = default_threads()
         if n_threads > 1 and len(starts) > 1:
             # JAX releases the GIL while a batch runs: the per-row shifts (lax.map)
             # run on one core, so one batch per core (measured 1.7x on 2 cores)
@@ -713,7 +714,7 @@ class MDN:
         """
         with _h5.open_checked(path, MDN_FORMAT, (MDN_VERSION,)) as f:
             if "net" not in f:
-                raise _h5.FileFormatError(f"{path}: missing group 'net'")
+                raise FileFormatError(f"{path}: missing group 'net'")
             n_layers = int(f.attrs.get("n_layers", 0))
             g = f["net"]
             net = MLP(
@@ -747,7 +748,7 @@ class MDN:
         try:
             mdn = cls(**kw)
         except (ValueError, TypeError, IndexError) as err:
-            raise _h5.FileFormatError(f"{path}: inconsistent MDN file: {err}") from err
+            raise FileFormatError(f"{path}: inconsistent MDN file: {err}") from err
         if emulator is not None:
             mdn.check_emulator(emulator)
         return mdn
@@ -1100,7 +1101,7 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
         tr = float(tot) / n_batch
         va = float(valid_loss(net, x_va_j, y_va_j))
         if not (np.isfinite(tr) and np.isfinite(va)):
-            from .train import TrainingDivergedError
+            from .errors import TrainingDivergedError
 
             raise TrainingDivergedError(
                 f"train_mdn diverged at epoch {_epoch + 1}: training NLL {tr:.4g}, "

@@ -177,7 +177,7 @@ class ObsModel:
             ``cont_deg == 0``).
         lookup: ``(x0, 1/h, table)``: a bucket table of the rest grid (bucket width
             h below its smallest step) that finds a wavelength's rest interval in
-            O(1) instead of a binary search (:func:`_make_lookup`).
+            O(1) instead of a binary search (:func:`make_lookup`).
         activation, n_labels, cont_deg: static.
         log_grid: static :class:`LogGrid` when the rest and observed grids are
             pixels of one log-uniform grid (APOGEE's, the built-in synthesizer's;
@@ -270,7 +270,7 @@ def _interval(x_rest, xq):
     return jnp.clip(jnp.searchsorted(x_rest, xq, side="right") - 1, 0, n - 2)
 
 
-def _make_lookup(x_rest: np.ndarray, dtype) -> tuple:
+def make_lookup(x_rest: np.ndarray, dtype) -> tuple:
     """``(x0, 1/h, table)`` with ``table[b]`` the rest interval at ``x0 + b h``."""
     x = np.asarray(x_rest, dtype=np.float64)
     h = 0.999 * float(np.min(np.diff(x)))
@@ -324,7 +324,7 @@ def _shift(x_rest, gap_cum, flux_rest, x_obs, wave_obs, rv, lookup=None):
     return flux, inside & (gap_cum[i + 1] - gap_cum[i] == 0)
 
 
-def _gap_cum(wave: np.ndarray) -> np.ndarray:
+def gap_cum(wave: np.ndarray) -> np.ndarray:
     dln = np.diff(np.log(wave))
     gap = dln > GAP_FACTOR * np.median(dln)
     return np.concatenate([[0], np.cumsum(gap)]).astype(np.int32)
@@ -341,7 +341,7 @@ def _runs(idx: np.ndarray, offset: int) -> tuple[tuple[int, int, int], ...]:
     )
 
 
-def _make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
+def make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
     """:class:`LogGrid` for the two grids, or None when they are not on one."""
     ln_r = np.log(np.asarray(wave_rest, np.float64))
     ln_o = np.log(np.asarray(wave_obs, np.float64))
@@ -369,7 +369,7 @@ def _make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
     )
 
 
-def _embed(lg: LogGrid, m):
+def embed(lg: LogGrid, m):
     """(..., P_rest) -> (..., lg.size): rest pixels at their grid index, zeros between."""
     xp = np if isinstance(m, np.ndarray) else jnp
     lead = m.shape[:-1]
@@ -383,7 +383,7 @@ def _embed(lg: LogGrid, m):
     return xp.concatenate(parts, axis=-1)
 
 
-def _shift_pair(obs: ObsModel, m, rv):
+def shift_pair(obs: ObsModel, m, rv):
     """Interpolation of rest-frame rows ``m`` (c, P_rest) at lambda_obs / f.
 
     Returns ``(ma, mb, t, dt_drv, valid)``: the bracketing rest values (c, P_obs),
@@ -401,8 +401,8 @@ def _shift_pair(obs: ObsModel, m, rv):
         k = jnp.floor(u)
         t = u - k
         k = k.astype(jnp.int32)
-        emb = _embed(lg, m)  # (c, size): contiguous rows
-        ok = jnp.asarray(_embed(lg, np.ones(obs.x_rest.shape[0], bool)))
+        emb = embed(lg, m)  # (c, size): contiguous rows
+        ok = jnp.asarray(embed(lg, np.ones(obs.x_rest.shape[0], bool)))
         ma, mb, va = [], [], []
         for _, e0, n in lg.obs:
             # two slices, not one of n + 1 sliced again: XLA:CPU vectorises a
@@ -478,7 +478,7 @@ def observe(obs: ObsModel, params: Array) -> tuple[Array, Array]:
     flux_rest = jax.lax.optimization_barrier(
         rest_model(obs, params[:n_lab], params[obs.n_params - obs.n_broad :])
     )
-    ma, mb, t, _, valid = _shift_pair(obs, flux_rest[None], params[n_lab])
+    ma, mb, t, _, valid = shift_pair(obs, flux_rest[None], params[n_lab])
     flux = (ma + t * (mb - ma))[0]
     if obs.cont_deg > 0:
         flux = flux * (obs.basis @ obs.cont_params(params))
@@ -540,7 +540,7 @@ def observe_jac(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
     * labels: the rest-frame derivatives (:func:`_rest_with_jac`), shifted with the
       flux by the same interpolation weights, times the continuum;
     * rv: the slope of the interpolating segment times ``dt/drv``
-      (:func:`_shift_pair`); zero where the interpolation is clamped at the grid's
+      (:func:`shift_pair`); zero where the interpolation is clamped at the grid's
       ends. On a grid node (for example rv = 0 on the emulator's own grid) the
       right-hand segment's slope is used, where ``jax.jacfwd`` of the clipped
       interpolation would give half of it;
@@ -566,7 +566,7 @@ def observe_jac_t(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
         jac, (flux, valid) = jax.jacfwd(f, has_aux=True)(params)
         return flux, valid, jac.T
     m = _rest_with_jac(obs, params[:n_lab])
-    ma, mb, t, dt_drv, valid = _shift_pair(obs, m, params[n_lab])
+    ma, mb, t, dt_drv, valid = shift_pair(obs, m, params[n_lab])
     diff = mb - ma
     mi = ma + t * diff
     flux = mi[0]
@@ -689,7 +689,7 @@ def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetN
     for r0, e0, n in lg.obs:
         basis_e[:, e0 - e_first : e0 - e_first + n] = basis[r0 : r0 + n].T
     return JetNet(
-        *(jnp.asarray(_embed(lg, x), dtype) for x in (w0, b0, v, c)),
+        *(jnp.asarray(embed(lg, x), dtype) for x in (w0, b0, v, c)),
         basis=jnp.asarray(basis_e, dtype),
     )
 
@@ -697,7 +697,7 @@ def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetN
 def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
     """(P_obs,) bool: pixels valid for every rv in [rv_lo, rv_hi] (one star).
 
-    That is, valid in the sense of :func:`_shift_pair` at every rv of the window.
+    That is, valid in the sense of :func:`shift_pair` at every rv of the window.
     On a :class:`LogGrid`: the rest points from ``floor(u(rv_hi))`` to
     ``floor(u(rv_lo)) + 1`` pixels away all exist (a difference of a cumulative
     count, two slices per chip); else by interval search in lambda.
@@ -709,7 +709,7 @@ def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
         return _span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
     k_lo = jnp.floor(-jnp.arctanh(rv_hi / C_KMS) * lg.inv_step).astype(jnp.int32)
     k_hi = jnp.floor(-jnp.arctanh(rv_lo / C_KMS) * lg.inv_step).astype(jnp.int32)
-    ok = _embed(lg, np.ones(obs.x_rest.shape[0], np.int32))
+    ok = embed(lg, np.ones(obs.x_rest.shape[0], np.int32))
     cum = jnp.asarray(np.concatenate([[0], np.cumsum(ok)]).astype(np.int32))
     parts = []
     for _, e0, n in lg.obs:
@@ -904,7 +904,7 @@ def build_obs_model(
     net, activation = (
         kernel if kernel is not None else (emulator.params(dtype), emulator.activation)
     )
-    lg = _make_log_grid(wave_rest, wave_obs, rv_max) if log_grid else None
+    lg = make_log_grid(wave_rest, wave_obs, rv_max) if log_grid else None
     broadening = tuple(broadening)
     bad = [b for b in broadening if b not in BROADENING_PARAMS]
     if bad or len(set(broadening)) != len(broadening):
@@ -953,11 +953,11 @@ def build_obs_model(
     return ObsModel(
         net=net,
         x_rest=jnp.asarray(wave_rest - ref, dtype=dtype),
-        gap_cum=jnp.asarray(_gap_cum(wave_rest)),
+        gap_cum=jnp.asarray(gap_cum(wave_rest)),
         x_obs=jnp.asarray(wave_obs - ref, dtype=dtype),
         wave_obs=jnp.asarray(wave_obs, dtype=dtype),
         basis=jnp.asarray(basis, dtype=dtype),
-        lookup=_make_lookup(wave_rest - ref, dtype),
+        lookup=make_lookup(wave_rest - ref, dtype),
         activation=activation,
         n_labels=emulator.n_labels,
         cont_deg=int(cont_deg),

@@ -110,15 +110,19 @@ def fit_vs_truth(
         ValueError: shapes that do not fit together.
     """
     plt = _pyplot()
-    truth, fit, err = (_as_2d(a, n) for a, n in [(truth, "truth"), (fit, "fit"),
-                                                 (err, "err")])
+    truth, fit, err = (
+        _as_2d(a, n) for a, n in [(truth, "truth"), (fit, "fit"), (err, "err")]
+    )
     n, n_lab = truth.shape
     if fit.shape != truth.shape or err.shape != truth.shape:
-        raise ValueError(f"truth {truth.shape}, fit {fit.shape} and err {err.shape} "
-                         "must have one shape (n, L)")
+        raise ValueError(
+            f"truth {truth.shape}, fit {fit.shape} and err {err.shape} "
+            "must have one shape (n, L)"
+        )
     if len(names) != n_lab or len(units) != n_lab:
-        raise ValueError(f"{len(names)} names and {len(units)} units for {n_lab} "
-                         "labels")
+        raise ValueError(
+            f"{len(names)} names and {len(units)} units for {n_lab} labels"
+        )
     flag = np.zeros(n, bool) if flagged is None else np.asarray(flagged, bool)
     if flag.shape != (n,):
         raise ValueError(f"flagged {flag.shape} must be ({n},)")
@@ -128,8 +132,13 @@ def fit_vs_truth(
     err = np.where(np.isfinite(err) & (err >= 0), err, np.nan)
     ncol = min(n_lab, 3)
     nrow = -(-n_lab // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.3 * ncol + 0.8, 3.3 * nrow + 0.5),
-                             layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        nrow,
+        ncol,
+        figsize=(4.3 * ncol + 0.8, 3.3 * nrow + 0.5),
+        layout="constrained",
+        squeeze=False,
+    )
     sc = None
     any_flag = False
     for j in range(n_lab):
@@ -138,21 +147,50 @@ def fit_vs_truth(
         ok = np.isfinite(d)
         u = units[j]
         if ok.any():
-            ax.errorbar(truth[ok, j], d[ok], yerr=err[ok, j], fmt="none",
-                        ecolor="0.75", lw=0.6, zorder=1)
-            sc = ax.scatter(truth[ok, j], d[ok], c=None if col is None else col[ok],
-                            s=9, cmap="viridis", zorder=2)
+            ax.errorbar(
+                truth[ok, j],
+                d[ok],
+                yerr=err[ok, j],
+                fmt="none",
+                ecolor="0.75",
+                lw=0.6,
+                zorder=1,
+            )
+            sc = ax.scatter(
+                truth[ok, j],
+                d[ok],
+                c=None if col is None else col[ok],
+                s=9,
+                cmap="viridis",
+                zorder=2,
+            )
             bad = ok & flag
             if bad.any():
                 any_flag = True
-                ax.scatter(truth[bad, j], d[bad], s=40, facecolors="none",
-                           edgecolors="C3", lw=0.9, zorder=3)
+                ax.scatter(
+                    truth[bad, j],
+                    d[bad],
+                    s=40,
+                    facecolors="none",
+                    edgecolors="C3",
+                    lw=0.9,
+                    zorder=3,
+                )
             lo, hi = np.percentile(d[ok], [16, 84])
-            ax.set_title(f"{names[j]}: bias {np.median(d[ok]):+.3g}{_sp(u)}, "
-                         f"scatter {(hi - lo) / 2:.3g}{_sp(u)}", fontsize=9)
+            ax.set_title(
+                f"{names[j]}: bias {np.median(d[ok]):+.3g}{_sp(u)}, "
+                f"scatter {(hi - lo) / 2:.3g}{_sp(u)}",
+                fontsize=9,
+            )
         else:
-            ax.text(0.5, 0.5, "no finite fits", transform=ax.transAxes,
-                    ha="center", va="center")
+            ax.text(
+                0.5,
+                0.5,
+                "no finite fits",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+            )
             ax.set_title(names[j], fontsize=9)
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xlabel(f"true {names[j]}{_unit(u)}")
@@ -162,12 +200,20 @@ def fit_vs_truth(
     if col is not None and sc is not None:
         fig.colorbar(sc, ax=axes, label=color_label, shrink=0.8)
     if any_flag:
-        axes.flat[0].scatter([], [], s=40, facecolors="none", edgecolors="C3",
-                             label=f"flagged fit ({int(flag.sum())})")
+        axes.flat[0].scatter(
+            [],
+            [],
+            s=40,
+            facecolors="none",
+            edgecolors="C3",
+            label=f"flagged fit ({int(flag.sum())})",
+        )
         axes.flat[0].legend(fontsize=8, loc="best")
-    fig.suptitle((title + "\n" if title else "") + f"{n} spectra; bias = median, "
-                 "scatter = half the 16-84th percentile range of fit − true",
-                 fontsize=9)
+    fig.suptitle(
+        (title + "\n" if title else "") + f"{n} spectra; bias = median, "
+        "scatter = half the 16-84th percentile range of fit − true",
+        fontsize=9,
+    )
     return _save(fig, stem)
 
 
@@ -225,8 +271,10 @@ def spectrum_with_model(
     wave, flux, model = (np.asarray(a, dtype=float) for a in (wave, flux, model))
     n_pix = wave.size
     if wave.ndim != 1 or flux.shape != wave.shape or model.shape != wave.shape:
-        raise ValueError(f"wave {wave.shape}, flux {flux.shape} and model "
-                         f"{model.shape} must all be (P,)")
+        raise ValueError(
+            f"wave {wave.shape}, flux {flux.shape} and model "
+            f"{model.shape} must all be (P,)"
+        )
     if n_pix < 2 or not np.all(np.diff(wave) > 0):
         raise ValueError("wave must hold at least 2 strictly increasing wavelengths")
     bad = ~np.isfinite(flux) | ~np.isfinite(model)
@@ -265,17 +313,36 @@ def spectrum_with_model(
     diff = f"{data_label} − {model_label}"
     rlabel = f"({diff}) / σ" if residual == "sigma" else diff
     runit = "resid. [σ]" if residual == "sigma" else "resid. [flux]"
-    _spectrum_panel(a_full, r_full, wave, flux, model, resid, bad, wave[0], wave[-1],
-                    zoom=False, sigma=residual == "sigma")
+    _spectrum_panel(
+        a_full,
+        r_full,
+        wave,
+        flux,
+        model,
+        resid,
+        bad,
+        wave[0],
+        wave[-1],
+        zoom=False,
+        sigma=residual == "sigma",
+    )
     if nw:  # headroom for the window letters
         ylo, yhi = a_full.get_ylim()
         a_full.set_ylim(ylo, yhi + 0.12 * (yhi - ylo))
     for k, (lo, hi, _) in enumerate(wins):
         for ax in (a_full, r_full):
             ax.axvspan(lo, hi, color=_WINDOW, alpha=0.25, lw=0, zorder=0)
-        a_full.text((lo + hi) / 2, 0.97, "abcdefghij"[k % 10], color="C1",
-                    transform=a_full.get_xaxis_transform(), ha="center", va="top",
-                    fontsize=9, fontweight="bold")
+        a_full.text(
+            (lo + hi) / 2,
+            0.97,
+            "abcdefghij"[k % 10],
+            color="C1",
+            transform=a_full.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            fontsize=9,
+            fontweight="bold",
+        )
     a_full.set_ylabel("normalised flux")
     r_full.set_ylabel(runit)
     r_full.set_xlabel("wavelength [Å]")
@@ -287,24 +354,48 @@ def spectrum_with_model(
         a_full.plot([], [], color=_RESID, lw=1, label=f"residual: {rlabel}")[0],
     ]
     if bad.any():
-        handles.append(a_full.fill_between([], [], color=_MASKED,
-                                           label=f"masked ({int(bad.sum())} pixels)"))
+        handles.append(
+            a_full.fill_between(
+                [], [], color=_MASKED, label=f"masked ({int(bad.sum())} pixels)"
+            )
+        )
     if nw:
-        handles.append(a_full.fill_between([], [], color=_WINDOW, alpha=0.25,
-                                           label="zoom window"))
-    a_full.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0),
-                  ncols=len(handles), frameon=False, fontsize=8, borderaxespad=0.2)
+        handles.append(
+            a_full.fill_between([], [], color=_WINDOW, alpha=0.25, label="zoom window")
+        )
+    a_full.legend(
+        handles=handles,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncols=len(handles),
+        frameon=False,
+        fontsize=8,
+        borderaxespad=0.2,
+    )
     a_full.set_title("full range", loc="left", fontsize=9)
     if nw:
-        axes = bottom.subplots(2, nw, sharex="col", height_ratios=[3, 1],
-                               squeeze=False)
+        axes = bottom.subplots(2, nw, sharex="col", height_ratios=[3, 1], squeeze=False)
         for k, (lo, hi, why) in enumerate(wins):
             a, r = axes[0, k], axes[1, k]
-            _spectrum_panel(a, r, wave, flux, model, resid, bad, lo, hi, zoom=True,
-                            sigma=residual == "sigma")
+            _spectrum_panel(
+                a,
+                r,
+                wave,
+                flux,
+                model,
+                resid,
+                bad,
+                lo,
+                hi,
+                zoom=True,
+                sigma=residual == "sigma",
+            )
             a.set_xlim(lo, hi)
-            a.set_title(f"({'abcdefghij'[k % 10]}) {lo:.1f}–{hi:.1f} Å"
-                        + (f": {why}" if why else ""), fontsize=9)
+            a.set_title(
+                f"({'abcdefghij'[k % 10]}) {lo:.1f}–{hi:.1f} Å"
+                + (f": {why}" if why else ""),
+                fontsize=9,
+            )
             r.set_xlabel("wavelength [Å]")
             for ax in (a, r):
                 ax.xaxis.set_major_locator(_max_n_locator(4))
@@ -355,8 +446,12 @@ def _runs(flag: np.ndarray, gaps: np.ndarray) -> list[tuple[int, int]]:
     edges = np.concatenate([[0], np.flatnonzero(gaps) + 1, [flag.size]])
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         d = np.diff(np.concatenate([[0], flag[a:b].astype(np.int8), [0]]))
-        out += [(a + i, a + j) for i, j in zip(np.flatnonzero(d == 1),
-                                               np.flatnonzero(d == -1), strict=True)]
+        out += [
+            (a + i, a + j)
+            for i, j in zip(
+                np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True
+            )
+        ]
     return out
 
 
@@ -376,12 +471,20 @@ def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, si
         half = np.minimum(np.r_[d[0], d], np.r_[d, d[-1]]) / 2
     else:
         half = np.array([0.5])
-    spans = [(w[i] - half[i], w[j - 1] + half[j - 1] - (w[i] - half[i]))
-             for i, j in _runs(b, gaps)]
+    spans = [
+        (w[i] - half[i], w[j - 1] + half[j - 1] - (w[i] - half[i]))
+        for i, j in _runs(b, gaps)
+    ]
     for ax in (top, bot):
         if spans:
-            ax.broken_barh(spans, (0, 1), transform=ax.get_xaxis_transform(),
-                           color=_MASKED, lw=0, zorder=0)
+            ax.broken_barh(
+                spans,
+                (0, 1),
+                transform=ax.get_xaxis_transform(),
+                color=_MASKED,
+                lw=0,
+                zorder=0,
+            )
     if b.any():
         top.plot(w[b], f[b], ".", color="0.55", ms=2 if zoom else 1, zorder=1)
     ww, gf, gm, gr = _gap_breaks(w, good_f, mo, r)
@@ -391,15 +494,16 @@ def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, si
     good_m = mo[~b & np.isfinite(mo)]
     good_d = good_f[np.isfinite(good_f)]
     if good_d.size and not zoom:  # single spikes (cosmics, sky) do not set the range
-        good_d = good_d[(good_d >= np.percentile(good_d, 0.1))
-                        & (good_d <= np.percentile(good_d, 99.9))]
+        good_d = good_d[
+            (good_d >= np.percentile(good_d, 0.1))
+            & (good_d <= np.percentile(good_d, 99.9))
+        ]
     vals = np.concatenate([good_d, good_m])
     if vals.size:
         vlo, vhi = vals.min(), vals.max()
         pad = 0.05 * max(vhi - vlo, 1e-3)
         top.set_ylim(vlo - pad, vhi + pad)
-    bot.plot(ww, gr, color=_RESID, lw=lw if zoom else 0.4, rasterized=raster,
-             **style)
+    bot.plot(ww, gr, color=_RESID, lw=lw if zoom else 0.4, rasterized=raster, **style)
     bot.axhline(0.0, color="k", lw=0.6)
     if sigma:
         bot.axhspan(-1.0, 1.0, color=_RESID, alpha=0.12, lw=0)
@@ -410,10 +514,16 @@ def _spectrum_panel(top, bot, wave, flux, model, resid, bad, lo, hi, *, zoom, si
         bot.set_ylim(-lim, lim)
         n_out = int(np.count_nonzero(fin > lim))
         if n_out:
-            bot.text(0.005, 0.04, f"{n_out} pixel{'s' if n_out > 1 else ''} beyond "
-                     f"±{lim:.3g}", transform=bot.transAxes, fontsize=7,
-                     color="0.2", va="bottom",
-                     bbox=dict(facecolor="white", alpha=0.8, lw=0, pad=1))
+            bot.text(
+                0.005,
+                0.04,
+                f"{n_out} pixel{'s' if n_out > 1 else ''} beyond ±{lim:.3g}",
+                transform=bot.transAxes,
+                fontsize=7,
+                color="0.2",
+                va="bottom",
+                bbox=dict(facecolor="white", alpha=0.8, lw=0, pad=1),
+            )
 
 
 def _choose_windows(wave, model, resid, bad, windows, n_windows, width):
@@ -422,8 +532,9 @@ def _choose_windows(wave, model, resid, bad, windows, n_windows, width):
         return []
     if isinstance(windows, str):
         if windows != "auto":
-            raise ValueError(f"windows must be 'auto', None or (lo, hi) pairs, got "
-                             f"{windows!r}")
+            raise ValueError(
+                f"windows must be 'auto', None or (lo, hi) pairs, got {windows!r}"
+            )
         if n_windows <= 0:
             return []
         if not width > 0:
@@ -432,8 +543,9 @@ def _choose_windows(wave, model, resid, bad, windows, n_windows, width):
         depth = np.nan_to_num(depth, nan=0.0)
         chi = np.nan_to_num(np.where(bad, 0.0, resid) ** 2, nan=0.0)
         out = _pick_windows(wave, depth, width, 1, [], "strongest lines")
-        out = _pick_windows(wave, chi, width, n_windows - len(out), out,
-                            "largest residuals")
+        out = _pick_windows(
+            wave, chi, width, n_windows - len(out), out, "largest residuals"
+        )
         return sorted(out)
     out = []
     for item in windows:
@@ -463,8 +575,10 @@ def _pick_windows(wave, score, width, n, taken, reason):
         inside = (wave >= wave[0] + half) & (wave <= wave[-1] - half)
     centres = wave[inside]
     csum = np.concatenate([[0.0], np.cumsum(score)])
-    tot = (csum[np.searchsorted(wave, centres + half, "right")]
-           - csum[np.searchsorted(wave, centres - half, "left")])
+    tot = (
+        csum[np.searchsorted(wave, centres + half, "right")]
+        - csum[np.searchsorted(wave, centres - half, "left")]
+    )
     for lo, hi, _ in out:
         tot[np.abs(centres - (lo + hi) / 2) < width] = -np.inf
     for _ in range(n):
@@ -496,8 +610,9 @@ def emulator_error_histogram(resid: np.ndarray, stem: Path) -> list[Path]:
     a.set_yscale("log")
     a.set_xlabel("emulator − truth [normalised flux]")
     a.set_ylabel("pixels × spectra")
-    a.set_title(f"all held-out pixels ({resid.shape[0]} spectra; central 99.9 %)",
-                fontsize=10)
+    a.set_title(
+        f"all held-out pixels ({resid.shape[0]} spectra; central 99.9 %)", fontsize=10
+    )
     _log_histogram(b, pixel_mae)
     b.set_xlabel("per-pixel median |emulator − truth| [normalised flux]")
     b.set_title(f"per pixel ({resid.shape[1]} pixels)", fontsize=10)
@@ -508,8 +623,14 @@ def _log_histogram(ax, values) -> None:
     """Histogram of positive ``values`` on log-spaced bins, 50th / 99th percentiles."""
     v = values[np.isfinite(values) & (values > 0)]
     if v.size == 0:
-        ax.text(0.5, 0.5, "no positive values", transform=ax.transAxes,
-                ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            "no positive values",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
         return
     lo, hi = max(v.min(), 1e-7), max(v.max(), 1e-7)
     bins = np.logspace(np.log10(lo), np.log10(hi * 1.0001), 60) if hi > lo else 10
@@ -536,10 +657,12 @@ def pixel_error_plot(wave, pixel_error, stem: Path, *, title: str = "") -> list[
     wave = np.asarray(wave, dtype=float)
     err = np.asarray(pixel_error, dtype=float)
     if wave.ndim != 1 or err.shape != wave.shape:
-        raise ValueError(f"wave {wave.shape} and pixel_error {err.shape} must both be "
-                         "(P,)")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8), width_ratios=[1.8, 1],
-                               layout="constrained")
+        raise ValueError(
+            f"wave {wave.shape} and pixel_error {err.shape} must both be (P,)"
+        )
+    fig, (a, b) = plt.subplots(
+        1, 2, figsize=(12, 3.8), width_ratios=[1.8, 1], layout="constrained"
+    )
     w, e = _gap_breaks(wave, np.where(err > 0, err, np.nan))
     a.plot(w, e, color="C0", lw=0.4)
     a.set_yscale("log")
@@ -561,8 +684,10 @@ def pixel_error_plot(wave, pixel_error, stem: Path, *, title: str = "") -> list[
 _CURVES = {
     "train_rms": ("training: median pixel RMS", dict(color="C0")),
     "valid_rms": ("validation, best so far: median pixel RMS", dict(color="C1")),
-    "valid_mae": ("validation, best so far: median pixel median |error|",
-                  dict(color="C1", ls="--")),
+    "valid_mae": (
+        "validation, best so far: median pixel median |error|",
+        dict(color="C1", ls="--"),
+    ),
     "train_nll": ("training", dict(color="C0")),
     "valid_nll": ("validation", dict(color="C1")),
 }
@@ -603,25 +728,43 @@ def loss_curves(
             if np.isfinite(a).any():
                 curves[k] = a
     if not curves:
-        raise ValueError("history has no train_* or valid_* curve with finite values "
-                         f"(names: {sorted(history)})")
+        raise ValueError(
+            "history has no train_* or valid_* curve with finite values "
+            f"(names: {sorted(history)})"
+        )
     nll = "train_nll" in curves or "valid_nll" in curves
     emu = "train_rms" in curves or "valid_rms" in curves
     if xlabel is None:
         xlabel = "epoch" if nll else "iteration"
     if ylabel is None:
-        ylabel = ("negative log-likelihood per spectrum (scaled units)" if nll
-                  else "error [normalised flux]" if emu else "loss")
+        ylabel = (
+            "negative log-likelihood per spectrum (scaled units)"
+            if nll
+            else "error [normalised flux]"
+            if emu
+            else "loss"
+        )
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     for k, a in curves.items():
-        label, style = _CURVES.get(k, (k.replace("train_", "training ", 1)
-                                       .replace("valid_", "validation ", 1), {}))
+        label, style = _CURVES.get(
+            k,
+            (
+                k.replace("train_", "training ", 1).replace("valid_", "validation ", 1),
+                {},
+            ),
+        )
         ax.plot(np.arange(1, a.size + 1), a, label=label, **style)
     if "valid_nll" in curves:
         v = curves["valid_nll"]
         k = int(np.nanargmin(v))
-        ax.plot(k + 1, v[k], "o", color="C1", ms=6,
-                label=f"lowest validation: epoch {k + 1} (parameters kept)")
+        ax.plot(
+            k + 1,
+            v[k],
+            "o",
+            color="C1",
+            ms=6,
+            label=f"lowest validation: epoch {k + 1} (parameters kept)",
+        )
     # log scale for errors spanning a decade or more; an NLL is a log already
     fin = np.concatenate([a[np.isfinite(a)] for a in curves.values()])
     if not nll and fin.min() > 0 and fin.max() > 10 * fin.min():
@@ -666,11 +809,14 @@ def coverage(truth, mean, sigma, z) -> np.ndarray:
                [0.75],
                [1.  ]])
     """
-    truth, mean, sigma = (_as_2d(a, n) for a, n in [(truth, "truth"), (mean, "mean"),
-                                                    (sigma, "sigma")])
+    truth, mean, sigma = (
+        _as_2d(a, n) for a, n in [(truth, "truth"), (mean, "mean"), (sigma, "sigma")]
+    )
     if mean.shape != truth.shape or sigma.shape != truth.shape:
-        raise ValueError(f"truth {truth.shape}, mean {mean.shape} and sigma "
-                         f"{sigma.shape} must have one shape (n, d)")
+        raise ValueError(
+            f"truth {truth.shape}, mean {mean.shape} and sigma "
+            f"{sigma.shape} must have one shape (n, d)"
+        )
     z_arr = np.asarray(z, dtype=float)
     if z_arr.ndim > 1 or not np.all(np.isfinite(z_arr)) or np.any(z_arr < 0):
         raise ValueError(f"z must be a scalar or (m,) of values >= 0, got {z!r}")
@@ -721,15 +867,18 @@ def coverage_plot(
     cov = coverage(truth, mean, sigma, z)
     mean, sigma = _as_2d(mean, "mean"), _as_2d(sigma, "sigma")
     with np.errstate(invalid="ignore"):
-        n = (np.isfinite(truth) & np.isfinite(mean) & np.isfinite(sigma)
-             & (sigma > 0)).sum(axis=0)
+        n = (
+            np.isfinite(truth) & np.isfinite(mean) & np.isfinite(sigma) & (sigma > 0)
+        ).sum(axis=0)
     if not np.any(n > 0):
         raise ValueError("no row has a finite truth, estimate and sigma > 0")
     nominal = erf(z / np.sqrt(2.0))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11.0, 5.4), width_ratios=[1.0, 1.3],
-                               layout="constrained")
-    a.plot([0, 1], [0, 1], color="k", lw=1, ls="--",
-           label="Gaussian expectation erf(z/√2)")
+    fig, (a, b) = plt.subplots(
+        1, 2, figsize=(11.0, 5.4), width_ratios=[1.0, 1.3], layout="constrained"
+    )
+    a.plot(
+        [0, 1], [0, 1], color="k", lw=1, ls="--", label="Gaussian expectation erf(z/√2)"
+    )
     marks = np.searchsorted(z, [1.0, 2.0, 3.0])
     for j in range(d):
         if n[j] == 0:
@@ -751,8 +900,9 @@ def coverage_plot(
     top.tick_params(labelsize=8)
     n_min = int(n[n > 0].min())
     band = 2.0 * np.sqrt(nominal * (1.0 - nominal) / n_min)
-    b.fill_between(z, -band, band, color="0.85", lw=0,
-                   label=f"±2σ binomial scatter (n = {n_min})")
+    b.fill_between(
+        z, -band, band, color="0.85", lw=0, label=f"±2σ binomial scatter (n = {n_min})"
+    )
     b.axhline(0.0, color="k", lw=1, ls="--")
     b.set_xlim(0, z[-1])
     b.set_xlabel("z [multiples of the quoted σ]")
@@ -760,8 +910,9 @@ def coverage_plot(
     b.legend(fontsize=8, loc="lower right")
     b.grid(alpha=0.3)
     a.grid(alpha=0.3)
-    fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncols=3,
-               fontsize=8)
+    fig.legend(
+        *a.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8
+    )
     if len(set(n[n > 0])) == 1:
         title = (title + f" (n = {n_min})") if title else f"n = {n_min}"
     if title:
@@ -815,8 +966,9 @@ def corner_plot(
     n, d = x.shape
     units = [""] * d if units is None else list(units)
     if len(names) != d or len(units) != d:
-        raise ValueError(f"{len(names)} names and {len(units)} units for {d} "
-                         "parameters")
+        raise ValueError(
+            f"{len(names)} names and {len(units)} units for {d} parameters"
+        )
     pts = {}
     for key, val in [("truths", truths), ("best", best)]:
         if val is not None:
@@ -836,8 +988,13 @@ def corner_plot(
         ranges.append((lo - pad, hi + pad))
 
     size = min(2.1 * d + 0.6, 15.0)
-    fig, axes = plt.subplots(d, d, figsize=(max(size, 5.0), max(size, 3.8)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        d,
+        d,
+        figsize=(max(size, 5.0), max(size, 3.8)),
+        squeeze=False,
+        layout="constrained",
+    )
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.03, hspace=0.03)
     q = np.percentile(x, [16, 50, 84], axis=0)
     for i in range(d):
@@ -847,25 +1004,34 @@ def corner_plot(
                 ax.set_visible(False)
                 continue
             if i == j:
-                ax.hist(x[:, j], bins=bins, range=ranges[j], histtype="step",
-                        color="k", density=True)
+                ax.hist(
+                    x[:, j],
+                    bins=bins,
+                    range=ranges[j],
+                    histtype="step",
+                    color="k",
+                    density=True,
+                )
                 for v, ls in zip(q[:, j], ("--", "-", "--"), strict=True):
                     ax.axvline(v, color="k", ls=ls, lw=0.8)
                 ax.set_yticks([])
-                ax.set_title(f"{names[j]}{_unit(units[j])}\n"
-                             + _median_text(q[1, j], q[2, j] - q[1, j],
-                                            q[1, j] - q[0, j]), fontsize=8)
+                ax.set_title(
+                    f"{names[j]}{_unit(units[j])}\n"
+                    + _median_text(q[1, j], q[2, j] - q[1, j], q[1, j] - q[0, j]),
+                    fontsize=8,
+                )
             else:
-                h, xe, ye = np.histogram2d(x[:, j], x[:, i], bins=bins,
-                                           range=[ranges[j], ranges[i]])
+                h, xe, ye = np.histogram2d(
+                    x[:, j], x[:, i], bins=bins, range=[ranges[j], ranges[i]]
+                )
                 h = gaussian_filter(h, 0.8)
-                ax.pcolormesh(xe, ye, h.T, cmap="Greys", shading="flat",
-                              rasterized=True)
+                ax.pcolormesh(
+                    xe, ye, h.T, cmap="Greys", shading="flat", rasterized=True
+                )
                 levels = _density_levels(h, CORNER_LEVELS)
                 if levels is not None:
                     xc, yc = (xe[1:] + xe[:-1]) / 2, (ye[1:] + ye[:-1]) / 2
-                    ax.contour(xc, yc, h.T, levels=levels, colors="k",
-                               linewidths=0.8)
+                    ax.contour(xc, yc, h.T, levels=levels, colors="k", linewidths=0.8)
                 ax.set_ylim(ranges[i])
             ax.set_xlim(ranges[j])
             for key, color in [("truths", "C0"), ("best", "C3")]:
@@ -876,8 +1042,13 @@ def corner_plot(
                 ax.axvline(v[j], color=color, lw=1, ls=ls)
                 if i != j:
                     ax.axhline(v[i], color=color, lw=1, ls=ls)
-                    ax.plot(v[j], v[i], "*" if key == "best" else "s", color=color,
-                            ms=7 if key == "best" else 4)
+                    ax.plot(
+                        v[j],
+                        v[i],
+                        "*" if key == "best" else "s",
+                        color=color,
+                        ms=7 if key == "best" else 4,
+                    )
             axis_list = [ax.xaxis] if i == j else [ax.xaxis, ax.yaxis]
             for axis in axis_list:
                 axis.set_major_locator(MaxNLocator(3, prune="both"))
@@ -894,22 +1065,45 @@ def corner_plot(
                 ax.set_ylabel(f"{names[i]}{_unit(units[i])}", fontsize=8)
             elif i != j:
                 ax.tick_params(labelleft=False)
-    handles = [Line2D([], [], color="k", ls="--", lw=0.8,
-                      label="median and 16th/84th percentiles")]
+    handles = [
+        Line2D(
+            [], [], color="k", ls="--", lw=0.8, label="median and 16th/84th percentiles"
+        )
+    ]
     if d > 1:
-        handles.append(Line2D([], [], color="k", lw=0.8,
-                              label="39 % and 86 % contours (1σ, 2σ in 2-D)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="k",
+                lw=0.8,
+                label="39 % and 86 % contours (1σ, 2σ in 2-D)",
+            )
+        )
     if "truths" in pts:
         handles.append(Line2D([], [], color="C0", marker="s", ms=4, label="truth"))
     if "best" in pts:
-        handles.append(Line2D([], [], color="C3", ls=":", marker="*", ms=7,
-                              label="best fit"))
+        handles.append(
+            Line2D([], [], color="C3", ls=":", marker="*", ms=7, label="best fit")
+        )
     if d > 1:  # the empty upper-right triangle
-        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.98, 0.95),
-                   fontsize=8, frameon=False, title=f"{n} samples", title_fontsize=8)
+        fig.legend(
+            handles=handles,
+            loc="upper right",
+            bbox_to_anchor=(0.98, 0.95),
+            fontsize=8,
+            frameon=False,
+            title=f"{n} samples",
+            title_fontsize=8,
+        )
     else:
-        axes[0, 0].legend(handles=handles, fontsize=7, loc="upper right",
-                          title=f"{n} samples", title_fontsize=7)
+        axes[0, 0].legend(
+            handles=handles,
+            fontsize=7,
+            loc="upper right",
+            title=f"{n} samples",
+            title_fontsize=7,
+        )
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, stem)
@@ -954,15 +1148,18 @@ def trace_plot(
     if x.ndim == 2:
         x = x[:, None, :]
     if x.ndim != 3 or x.shape[0] < 2 or x.shape[2] < 1:
-        raise ValueError("chains must be (n_steps, n_chains, d) or (n_steps, d) with "
-                         f"n_steps >= 2, got shape {np.shape(chains)}")
+        raise ValueError(
+            "chains must be (n_steps, n_chains, d) or (n_steps, d) with "
+            f"n_steps >= 2, got shape {np.shape(chains)}"
+        )
     if not np.all(np.isfinite(x)):
         raise ValueError("chains hold non-finite values")
     n, c, d = x.shape
     units = [""] * d if units is None else list(units)
     if len(names) != d or len(units) != d:
-        raise ValueError(f"{len(names)} names and {len(units)} units for {d} "
-                         "parameters")
+        raise ValueError(
+            f"{len(names)} names and {len(units)} units for {d} parameters"
+        )
     tr = None
     if truths is not None:
         tr = np.asarray(truths, dtype=float)
@@ -970,9 +1167,15 @@ def trace_plot(
             raise ValueError(f"truths {tr.shape} must be ({d},)")
     shown = min(c, max_chains)
     colors = [f"C{j % 10}" for j in range(shown)]
-    fig, axes = plt.subplots(d, 2, figsize=(9.0, 0.4 + 1.35 * d), squeeze=False,
-                             sharey="row", width_ratios=(4, 1),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        d,
+        2,
+        figsize=(9.0, 0.4 + 1.35 * d),
+        squeeze=False,
+        sharey="row",
+        width_ratios=(4, 1),
+        layout="constrained",
+    )
     steps = np.arange(n)
     for i in range(d):
         ax, side = axes[i]
@@ -982,10 +1185,18 @@ def trace_plot(
         pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo) * 1e-3, 1e-3)
         edges = np.linspace(lo - pad, hi + pad, 41)
         for j in range(shown):
-            ax.plot(steps, x[:, j, i], color=colors[j], lw=0.5, alpha=0.8,
-                    rasterized=True)
-            side.hist(x[:, j, i], bins=edges, orientation="horizontal",
-                      histtype="step", color=colors[j], density=True, lw=0.8)
+            ax.plot(
+                steps, x[:, j, i], color=colors[j], lw=0.5, alpha=0.8, rasterized=True
+            )
+            side.hist(
+                x[:, j, i],
+                bins=edges,
+                orientation="horizontal",
+                histtype="step",
+                color=colors[j],
+                density=True,
+                lw=0.8,
+            )
         if tr is not None:
             ax.axhline(tr[i], color="C0", lw=1.2, ls="--")
             side.axhline(tr[i], color="C0", lw=1.2, ls="--")
@@ -999,8 +1210,9 @@ def trace_plot(
             a.tick_params(labelsize=7)
         if i < d - 1:
             ax.tick_params(labelbottom=False)
-    axes[-1, 0].set_xlabel("step (after burn-in / warm-up, thinned as saved)",
-                           fontsize=8)
+    axes[-1, 0].set_xlabel(
+        "step (after burn-in / warm-up, thinned as saved)", fontsize=8
+    )
     axes[-1, 1].set_xlabel("density", fontsize=8)
     what = f"{shown} of {c} chains" if shown < c else f"{c} chain{'s' * (c > 1)}"
     handles = [Line2D([], [], color="C0", lw=0.8, label=f"{what}, {n} steps each")]
@@ -1067,8 +1279,9 @@ def prior_posterior_plot(
     w = w / w.sum()
     units = [""] * d if units is None else list(units)
     if len(names) != d or len(units) != d:
-        raise ValueError(f"{len(names)} names and {len(units)} units for {d} "
-                         "parameters")
+        raise ValueError(
+            f"{len(names)} names and {len(units)} units for {d} parameters"
+        )
 
     def vec(val, key, default):
         if val is None:
@@ -1084,8 +1297,9 @@ def prior_posterior_plot(
     mu, sd = vec(prior_mu, "prior_mu", 0.0), vec(prior_sd, "prior_sd", np.inf)
     tr = None if truths is None else vec(truths, "truths", np.nan)
 
-    fig, axes = plt.subplots(d, 2, figsize=(9.0, 0.5 + 1.45 * d), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        d, 2, figsize=(9.0, 0.5 + 1.45 * d), squeeze=False, layout="constrained"
+    )
 
     def prior_pdf(j, grid):
         if np.isfinite(sd[j]) and sd[j] > 0:
@@ -1114,10 +1328,15 @@ def prior_posterior_plot(
         left.stairs(h / h.max(), edges, color="k", lw=0.9)
         left.set_xlim(grid[0], grid[-1])
         left.set_ylim(0, 1.35)
-        left.text(0.99 if mean < 0.5 * (lo[j] + hi[j]) else 0.01, 0.95,
-                  f"sd posterior / prior = {ratio:.3g}", transform=left.transAxes,
-                  fontsize=7, va="top",
-                  ha="right" if mean < 0.5 * (lo[j] + hi[j]) else "left")
+        left.text(
+            0.99 if mean < 0.5 * (lo[j] + hi[j]) else 0.01,
+            0.95,
+            f"sd posterior / prior = {ratio:.3g}",
+            transform=left.transAxes,
+            fontsize=7,
+            va="top",
+            ha="right" if mean < 0.5 * (lo[j] + hi[j]) else "left",
+        )
         # zoom on the posterior
         q = _wquantiles(x[:, j], w, [0.001, 0.16, 0.5, 0.84, 0.999])
         zlo, zhi = q[0], q[-1]
@@ -1137,8 +1356,12 @@ def prior_posterior_plot(
             right.axvline(v, color="k", ls=ls, lw=0.7)
         right.set_xlim(zlo, zhi)
         right.set_ylim(0, None)
-        right.set_title(f"{names[j]} = " + _median_text(q[2], q[3] - q[2], q[2] - q[1])
-                        + _sp(units[j]), fontsize=8)
+        right.set_title(
+            f"{names[j]} = "
+            + _median_text(q[2], q[3] - q[2], q[2] - q[1])
+            + _sp(units[j]),
+            fontsize=8,
+        )
         for a in (left, right):
             if tr is not None and np.isfinite(tr[j]):
                 a.axvline(tr[j], color="C0", lw=1.1)
@@ -1147,16 +1370,32 @@ def prior_posterior_plot(
             a.xaxis.set_major_locator(MaxNLocator(5))
             a.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
         left.set_ylabel(f"{names[j]}{_unit(units[j])}", fontsize=8)
-    axes[0, 0].set_title("on the prior's support, each density scaled to its peak",
-                         fontsize=8, loc="left")
-    handles = [Line2D([], [], color="0.82", lw=6, label="prior"),
-               Line2D([], [], color="k", lw=0.9, label="posterior"),
-               Line2D([], [], color="k", ls="--", lw=0.7,
-                      label="median, 16th/84th percentiles (zoomed)")]
+    axes[0, 0].set_title(
+        "on the prior's support, each density scaled to its peak",
+        fontsize=8,
+        loc="left",
+    )
+    handles = [
+        Line2D([], [], color="0.82", lw=6, label="prior"),
+        Line2D([], [], color="k", lw=0.9, label="posterior"),
+        Line2D(
+            [],
+            [],
+            color="k",
+            ls="--",
+            lw=0.7,
+            label="median, 16th/84th percentiles (zoomed)",
+        ),
+    ]
     if tr is not None:
         handles.append(Line2D([], [], color="C0", lw=1.1, label="truth"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
-               fontsize=7, frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=len(handles),
+        fontsize=7,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, stem)
@@ -1201,8 +1440,9 @@ def _density_levels(h, fractions) -> list[float] | None:
     if total <= 0:
         return None
     cum = np.cumsum(flat) / total
-    levels = sorted({float(flat[min(np.searchsorted(cum, f), flat.size - 1)])
-                     for f in fractions})
+    levels = sorted(
+        {float(flat[min(np.searchsorted(cum, f), flat.size - 1)]) for f in fractions}
+    )
     levels = [v for v in levels if v > 0]
     return levels if len(levels) == len(fractions) else None
 
@@ -1290,37 +1530,52 @@ def figures_from_files(
 
     outdir = Path(outdir)
     paths = {}
-    for key, val in [("results", results), ("truth", truth), ("emulator", emulator),
-                     ("mdn", mdn)]:
+    for key, val in [
+        ("results", results),
+        ("truth", truth),
+        ("emulator", emulator),
+        ("mdn", mdn),
+    ]:
         if val is not None:
             paths[key] = existing_file(val)
     if spectra is not None:
-        spectra = ([existing_file(spectra)] if isinstance(spectra, str | Path)
-                   else [existing_file(p) for p in spectra])
+        spectra = (
+            [existing_file(spectra)]
+            if isinstance(spectra, str | Path)
+            else [existing_file(p) for p in spectra]
+        )
     if "results" in paths:  # an emulator or MDN file where a results table goes
         fmt = _hdf5_format(paths["results"])
         for kind, known in [("emulator", EMULATOR_FORMAT), ("mdn", MDN_FORMAT)]:
             if fmt == known:
                 if kind in paths or truth is not None or spectra is not None:
-                    raise ValueError(f"{paths['results']} is an {kind} file, not a "
-                                     "results table")
+                    raise ValueError(
+                        f"{paths['results']} is an {kind} file, not a results table"
+                    )
                 paths[kind] = paths.pop("results")
         if fmt == SAMPLES_FORMAT:
             if truth is not None or spectra is not None:
-                raise ValueError(f"{paths['results']} is a samples file: its figures "
-                                 "need no truth table or spectra")
+                raise ValueError(
+                    f"{paths['results']} is a samples file: its figures "
+                    "need no truth table or spectra"
+                )
             paths["samples"] = paths.pop("results")
     res_path = paths.get("results")
     if res_path is None and not ({"emulator", "mdn", "samples"} & set(paths)):
-        raise ValueError("nothing to plot: give a results table, an emulator file or "
-                         "an MDN file")
+        raise ValueError(
+            "nothing to plot: give a results table, an emulator file or an MDN file"
+        )
     if res_path is None and (truth is not None or spectra is not None):
-        raise ValueError("a truth table and spectra are compared with a results "
-                         "table: give the results table too")
+        raise ValueError(
+            "a truth table and spectra are compared with a results "
+            "table: give the results table too"
+        )
     if res_path is not None and truth is None and spectra is None:
-        raise ValueError(f"{res_path}: a results table alone makes no figure; add the "
-                         "truth table (fit minus truth, calibration) or the spectra "
-                         "it was fitted from (spectra with their models)")
+        raise ValueError(
+            f"{res_path}: a results table alone makes no figure; add the "
+            "truth table (fit minus truth, calibration) or the spectra "
+            "it was fitted from (spectra with their models)"
+        )
     if rows is not None and spectra is None and "samples" not in paths:
         raise ValueError("rows choose the spectra to draw: give the spectra too")
 
@@ -1335,12 +1590,32 @@ def figures_from_files(
         params, units = _fit_params(res, res_path)
         if truth is not None:
             tru = _read_table(paths["truth"])
-            _truth_figures(outdir, res, res_path, params, units, tru, paths["truth"],
-                           written, skipped)
+            _truth_figures(
+                outdir,
+                res,
+                res_path,
+                params,
+                units,
+                tru,
+                paths["truth"],
+                written,
+                skipped,
+            )
         if spectra is not None:
-            _spectrum_figures(outdir, res, res_path, params, units, spectra, emu,
-                              paths.get("emulator"), rows, windows, window_width,
-                              written)
+            _spectrum_figures(
+                outdir,
+                res,
+                res_path,
+                params,
+                units,
+                spectra,
+                emu,
+                paths.get("emulator"),
+                rows,
+                windows,
+                window_width,
+                written,
+            )
     if "samples" in paths:
         _samples_figures(outdir, paths["samples"], rows, written, skipped)
     if emu is not None:
@@ -1350,12 +1625,19 @@ def figures_from_files(
 
         net = MDN.load(paths["mdn"])
         if net.history:
-            written.append((
-                f"MDN training and validation loss ({len(next(iter(net.history.values())))}"
-                " epochs)",
-                loss_curves(net.history, outdir / "mdn_loss", xlabel="epoch",
-                            title=f"MDN {paths['mdn'].name}: {net.n_components} "
-                            f"component(s), outputs {', '.join(net.output_names)}")))
+            written.append(
+                (
+                    f"MDN training and validation loss ({len(next(iter(net.history.values())))}"
+                    " epochs)",
+                    loss_curves(
+                        net.history,
+                        outdir / "mdn_loss",
+                        xlabel="epoch",
+                        title=f"MDN {paths['mdn'].name}: {net.n_components} "
+                        f"component(s), outputs {', '.join(net.output_names)}",
+                    ),
+                )
+            )
         else:
             skipped.append(f"{paths['mdn']}: no training history, no loss curves")
     if not written:
@@ -1384,30 +1666,57 @@ def _samples_figures(outdir, path, rows, written, skipped) -> None:
         head = f"{path.name}, star {i}: {method}"
         c = post.n_chains[i] if post.n_chains is not None else 0
         if c > 0 and x.shape[0] % c == 0 and x.shape[0] // c >= 2:
-            written.append((f"star {i}: traces of {c} chains ({method})",
-                            trace_plot(x.reshape(-1, c, x.shape[1]), post.names,
-                                       outdir / f"trace_star{i}", units=post.units,
-                                       title=f"{head}, traces")))
+            written.append(
+                (
+                    f"star {i}: traces of {c} chains ({method})",
+                    trace_plot(
+                        x.reshape(-1, c, x.shape[1]),
+                        post.names,
+                        outdir / f"trace_star{i}",
+                        units=post.units,
+                        title=f"{head}, traces",
+                    ),
+                )
+            )
         else:
             skipped.append(f"{path}: star {i} ({method}) has no chains to trace")
         w = post.weights[i]
         if post.prior_lo is not None and post.prior_lo[i] is not None:
-            written.append((f"star {i}: prior and posterior per parameter",
-                            prior_posterior_plot(
-                                x, post.names, outdir / f"prior_posterior_star{i}",
-                                prior_lo=post.prior_lo[i], prior_hi=post.prior_hi[i],
-                                prior_mu=post.prior_mu[i], prior_sd=post.prior_sd[i],
-                                weights=w, units=post.units,
-                                title=f"{head}, prior {meta.get('prior', '?')}")))
+            written.append(
+                (
+                    f"star {i}: prior and posterior per parameter",
+                    prior_posterior_plot(
+                        x,
+                        post.names,
+                        outdir / f"prior_posterior_star{i}",
+                        prior_lo=post.prior_lo[i],
+                        prior_hi=post.prior_hi[i],
+                        prior_mu=post.prior_mu[i],
+                        prior_sd=post.prior_sd[i],
+                        weights=w,
+                        units=post.units,
+                        title=f"{head}, prior {meta.get('prior', '?')}",
+                    ),
+                )
+            )
         else:
             skipped.append(f"{path}: star {i} has no prior stored")
         xc = x
         if w is not None:  # equal-weight draws for the corner plot
             rng = np.random.default_rng(i)
             xc = x[rng.choice(x.shape[0], size=x.shape[0], p=w / w.sum())]
-        written.append((f"star {i}: corner plot ({method})",
-                        corner_plot(xc, post.names, outdir / f"corner_star{i}",
-                                    units=post.units, title=head)))
+        written.append(
+            (
+                f"star {i}: corner plot ({method})",
+                corner_plot(
+                    xc,
+                    post.names,
+                    outdir / f"corner_star{i}",
+                    units=post.units,
+                    title=head,
+                ),
+            )
+        )
 
 
 def _hdf5_format(path: Path) -> str | None:
@@ -1462,16 +1771,22 @@ def _fit_params(res, path: Path) -> tuple[list[str], list[str]]:
         label_units = list(res.meta.get("label_units") or [""] * len(label_names))
         unit_of = dict(zip(names, [*label_units, "km/s"], strict=False))
     else:  # not written by payne_lite: every <name> with a <name>_err
-        names = [c[:-4] for c in res.colnames
-                 if c.endswith("_err") and c[:-4] in res.colnames
-                 and not c.startswith("cont_")]
+        names = [
+            c[:-4]
+            for c in res.colnames
+            if c.endswith("_err")
+            and c[:-4] in res.colnames
+            and not c.startswith("cont_")
+        ]
         unit_of = {}
     params = [p for p in names if p in res.colnames and f"{p}_err" in res.colnames]
     if not params:
         raise ValueError(
             f"{path}: no fitted parameter columns (a <name> column with its "
             "<name>_err, e.g. Teff and Teff_err, as payne-lite fit writes); columns: "
-            + ", ".join(res.colnames[:12]) + (" ..." if len(res.colnames) > 12 else ""))
+            + ", ".join(res.colnames[:12])
+            + (" ..." if len(res.colnames) > 12 else "")
+        )
     units = []
     for p in params:
         u = unit_of.get(p)
@@ -1489,24 +1804,31 @@ def _truth_rows(res, res_path, tru, tru_path) -> np.ndarray:
         ids = [str(v) for v in res["id"]]
         missing = [i for i in ids if i not in where]
         if missing:
-            raise ValueError(f"{tru_path}: no row for id {missing[0]!r} of {res_path} "
-                             f"({len(missing)} of {len(ids)} ids missing)")
+            raise ValueError(
+                f"{tru_path}: no row for id {missing[0]!r} of {res_path} "
+                f"({len(missing)} of {len(ids)} ids missing)"
+            )
         return np.array([where[i] for i in ids], dtype=int)
     if len(tru) != len(res):
-        raise ValueError(f"{res_path} has {len(res)} rows and {tru_path} {len(tru)}: "
-                         "the truth table must hold the results' rows in order (or "
-                         "both need an id column)")
+        raise ValueError(
+            f"{res_path} has {len(res)} rows and {tru_path} {len(tru)}: "
+            "the truth table must hold the results' rows in order (or "
+            "both need an id column)"
+        )
     return np.arange(len(res))
 
 
-def _truth_figures(outdir, res, res_path, params, units, tru, tru_path, written,
-                   skipped):
+def _truth_figures(
+    outdir, res, res_path, params, units, tru, tru_path, written, skipped
+):
     common = [j for j, p in enumerate(params) if p in tru.colnames]
     if not common:
         raise ValueError(
             f"{tru_path}: none of the fitted parameters ({', '.join(params)}) is a "
-            "column; columns: " + ", ".join(tru.colnames[:12])
-            + (" ..." if len(tru.colnames) > 12 else ""))
+            "column; columns: "
+            + ", ".join(tru.colnames[:12])
+            + (" ..." if len(tru.colnames) > 12 else "")
+        )
     idx = _truth_rows(res, res_path, tru, tru_path)
     names = [params[j] for j in common]
     unit = [units[j] for j in common]
@@ -1521,29 +1843,69 @@ def _truth_figures(outdir, res, res_path, params, units, tru, tru_path, written,
     flagged = (np.asarray(res["flags"]) != 0) if "flags" in res.colnames else None
     n = len(res)
     what = f"{res_path.name} against {tru_path.name}"
-    written.append((f"fit minus truth, {len(names)} parameters x {n} spectra",
-                    fit_vs_truth(t, f, e, names, unit, outdir / "fit_vs_truth",
-                                 color=snr, color_label="S/N", flagged=flagged,
-                                 title=what)))
-    scaled = " (scaled by sqrt(chi2_red))" if res.meta.get(
-        "errors_scaled_by_chi2_red") else ""
-    written.append((f"coverage of the fit errors, {len(names)} parameters",
-                    coverage_plot(t, f, e, names, outdir / "fit_coverage",
-                                  title=f"calibration of the fit errors{scaled}: "
-                                        + what)))
-    mdn_cols = [j for j, p in enumerate(names)
-                if f"{p}_mdn" in res.colnames and f"{p}_mdn_sigma" in res.colnames]
+    written.append(
+        (
+            f"fit minus truth, {len(names)} parameters x {n} spectra",
+            fit_vs_truth(
+                t,
+                f,
+                e,
+                names,
+                unit,
+                outdir / "fit_vs_truth",
+                color=snr,
+                color_label="S/N",
+                flagged=flagged,
+                title=what,
+            ),
+        )
+    )
+    scaled = (
+        " (scaled by sqrt(chi2_red))"
+        if res.meta.get("errors_scaled_by_chi2_red")
+        else ""
+    )
+    written.append(
+        (
+            f"coverage of the fit errors, {len(names)} parameters",
+            coverage_plot(
+                t,
+                f,
+                e,
+                names,
+                outdir / "fit_coverage",
+                title=f"calibration of the fit errors{scaled}: " + what,
+            ),
+        )
+    )
+    mdn_cols = [
+        j
+        for j, p in enumerate(names)
+        if f"{p}_mdn" in res.colnames and f"{p}_mdn_sigma" in res.colnames
+    ]
     if not mdn_cols:
-        skipped.append(f"{res_path}: no <name>_mdn / <name>_mdn_sigma columns (fit "
-                       "without an MDN), no MDN calibration")
+        skipped.append(
+            f"{res_path}: no <name>_mdn / <name>_mdn_sigma columns (fit "
+            "without an MDN), no MDN calibration"
+        )
         return
     m = np.column_stack([_values(res, f"{names[j]}_mdn", res_path) for j in mdn_cols])
-    s = np.column_stack([_values(res, f"{names[j]}_mdn_sigma", res_path)
-                         for j in mdn_cols])
-    written.append((f"coverage of the MDN sigmas, {len(mdn_cols)} parameters",
-                    coverage_plot(t[:, mdn_cols], m, s, [names[j] for j in mdn_cols],
-                                  outdir / "mdn_coverage",
-                                  title=f"calibration of the MDN: {what}")))
+    s = np.column_stack(
+        [_values(res, f"{names[j]}_mdn_sigma", res_path) for j in mdn_cols]
+    )
+    written.append(
+        (
+            f"coverage of the MDN sigmas, {len(mdn_cols)} parameters",
+            coverage_plot(
+                t[:, mdn_cols],
+                m,
+                s,
+                [names[j] for j in mdn_cols],
+                outdir / "mdn_coverage",
+                title=f"calibration of the MDN: {what}",
+            ),
+        )
+    )
 
 
 def _default_rows(res) -> list[tuple[int, str]]:
@@ -1561,8 +1923,20 @@ def _default_rows(res) -> list[tuple[int, str]]:
     return out
 
 
-def _spectrum_figures(outdir, res, res_path, params, units, spectra, emu, emu_path,
-                      rows, windows, window_width, written):
+def _spectrum_figures(
+    outdir,
+    res,
+    res_path,
+    params,
+    units,
+    spectra,
+    emu,
+    emu_path,
+    rows,
+    windows,
+    window_width,
+    written,
+):
     from .catalog import open_catalog
 
     n = len(res)
@@ -1572,32 +1946,45 @@ def _spectrum_figures(outdir, res, res_path, params, units, spectra, emu, emu_pa
         chosen = []
         for r in rows:
             if isinstance(r, bool) or int(r) != r or not 0 <= r < n:
-                raise ValueError(f"row {r!r} is not one of the {n} rows (0..{n - 1}) "
-                                 f"of {res_path}")
+                raise ValueError(
+                    f"row {r!r} is not one of the {n} rows (0..{n - 1}) of {res_path}"
+                )
             chosen.append((int(r), ""))
     source = spectra[0] if len(spectra) == 1 else spectra
     with open_catalog(source) as cat:
         if len(cat) != n:
-            raise ValueError(f"{cat.source} holds {len(cat)} spectra and {res_path} "
-                             f"{n} rows: give the catalog the results were fitted from")
+            raise ValueError(
+                f"{cat.source} holds {len(cat)} spectra and {res_path} "
+                f"{n} rows: give the catalog the results were fitted from"
+            )
         wave = cat.wavelength
-        has_model = ("model_flux" in res.colnames
-                     and np.shape(res["model_flux"])[1:] == wave.shape)
+        has_model = (
+            "model_flux" in res.colnames
+            and np.shape(res["model_flux"])[1:] == wave.shape
+        )
         if not has_model and emu is None:
-            raise ValueError(f"{res_path} has no model_flux column: give the emulator "
-                             "to compute the best-fit models")
-        model_fn = None if has_model else _model_function(res, res_path, emu,
-                                                          emu_path, wave)
+            raise ValueError(
+                f"{res_path} has no model_flux column: give the emulator "
+                "to compute the best-fit models"
+            )
+        model_fn = (
+            None if has_model else _model_function(res, res_path, emu, emu_path, wave)
+        )
         for row, why in chosen:
             chunk = cat.read(row, row + 1)
             rid = None if chunk.ids is None else str(chunk.ids[0])
             if rid is not None and "id" in res.colnames and str(res["id"][row]) != rid:
-                raise ValueError(f"row {row}: catalog id {rid!r} but results id "
-                                 f"{str(res['id'][row])!r}: not the same spectra")
+                raise ValueError(
+                    f"row {row}: catalog id {rid!r} but results id "
+                    f"{str(res['id'][row])!r}: not the same spectra"
+                )
             flux = np.asarray(chunk.flux[0], dtype=float)
             err = np.asarray(chunk.flux_err[0], dtype=float)
-            mask = (np.zeros(wave.size, bool) if chunk.mask is None
-                    else np.asarray(chunk.mask[0], bool))
+            mask = (
+                np.zeros(wave.size, bool)
+                if chunk.mask is None
+                else np.asarray(chunk.mask[0], bool)
+            )
             note = ""
             if has_model:
                 model = np.asarray(res["model_flux"][row], dtype=float)
@@ -1607,13 +1994,25 @@ def _spectrum_figures(outdir, res, res_path, params, units, spectra, emu, emu_pa
                 mask = mask | ~valid
             title = _row_title(res, row, rid, params, units, why) + note
             stem = outdir / f"spectrum_row{row}"
-            written.append((f"spectrum, model and residuals of row {row}"
-                            + (f" ({rid})" if rid else "") + (f", {why}" if why else ""),
-                            spectrum_with_model(wave, flux, model, stem, err=err,
-                                                mask=mask, title=title,
-                                                model_label="best-fit model",
-                                                windows=windows,
-                                                window_width=window_width)))
+            written.append(
+                (
+                    f"spectrum, model and residuals of row {row}"
+                    + (f" ({rid})" if rid else "")
+                    + (f", {why}" if why else ""),
+                    spectrum_with_model(
+                        wave,
+                        flux,
+                        model,
+                        stem,
+                        err=err,
+                        mask=mask,
+                        title=title,
+                        model_label="best-fit model",
+                        windows=windows,
+                        window_width=window_width,
+                    ),
+                )
+            )
 
 
 def _model_function(res, res_path, emu, emu_path, wave):
@@ -1624,8 +2023,10 @@ def _model_function(res, res_path, emu, emu_path, wave):
 
     names = list(res.meta.get("label_names") or emu.label_names)
     if tuple(names) != tuple(emu.label_names):
-        raise ValueError(f"{emu_path} has the labels {list(emu.label_names)}, "
-                         f"{res_path} was fitted with {names}: not its emulator")
+        raise ValueError(
+            f"{emu_path} has the labels {list(emu.label_names)}, "
+            f"{res_path} was fitted with {names}: not its emulator"
+        )
     need = [*emu.label_names, "rv"]
     missing = [c for c in need if c not in res.colnames]
     if missing:
@@ -1633,24 +2034,32 @@ def _model_function(res, res_path, emu, emu_path, wave):
     cont_deg = int(res.meta.get("cont_deg", 0) or 0)
     cont = [f"cont_{k}" for k in range(cont_deg + 1)] if cont_deg > 0 else []
     if any(c not in res.colnames for c in cont):
-        raise ValueError(f"{res_path}: cont_deg {cont_deg} but columns "
-                         f"{[c for c in cont if c not in res.colnames]} are missing")
+        raise ValueError(
+            f"{res_path}: cont_deg {cont_deg} but columns "
+            f"{[c for c in cont if c not in res.colnames]} are missing"
+        )
     rv_all = _values(res, "rv", res_path)
     rv_range = res.meta.get("rv_range") or RV_RANGE
-    rv_max = max(max(abs(float(v)) for v in rv_range),
-                 float(np.nanmax(np.abs(rv_all), initial=0.0)) + 1.0)
+    rv_max = max(
+        max(abs(float(v)) for v in rv_range),
+        float(np.nanmax(np.abs(rv_all), initial=0.0)) + 1.0,
+    )
     obs = build_obs_model(emu, wavelength=wave, cont_deg=cont_deg, rv_max=rv_max)
     add_emu_err = bool(res.meta.get("emulator_error_in_likelihood")) and (
-        emu.pixel_error is not None)
+        emu.pixel_error is not None
+    )
 
     def model_fn(row, err):
         labels = np.array([_values(res, c, res_path)[row] for c in emu.label_names])
         rv = rv_all[row]
         if not (np.all(np.isfinite(labels)) and np.isfinite(rv)):
-            raise ValueError(f"row {row} of {res_path}: the fit failed (NaN labels), "
-                             "there is no model to draw")
-        p = np.concatenate([emu.scale(labels), [rv],
-                            [_values(res, c, res_path)[row] for c in cont]])
+            raise ValueError(
+                f"row {row} of {res_path}: the fit failed (NaN labels), "
+                "there is no model to draw"
+            )
+        p = np.concatenate(
+            [emu.scale(labels), [rv], [_values(res, c, res_path)[row] for c in cont]]
+        )
         model, valid = observe(obs, p)
         note = ""
         if add_emu_err:
@@ -1682,16 +2091,31 @@ def _emulator_figures(outdir, emu, path, written, skipped):
         opt = (emu.meta.get("config") or {}).get("optimizer")
         xlabel = {"lm": "Levenberg-Marquardt iteration", "adam": "epoch"}.get(opt)
         n_iter = max(len(np.ravel(v)) for v in emu.history.values())
-        written.append((f"emulator training and validation loss ({n_iter} "
-                        f"{'epochs' if opt == 'adam' else 'iterations'})",
-                        loss_curves(emu.history, outdir / "emulator_loss",
-                                    xlabel=xlabel, title=f"emulator {path.name}")))
+        written.append(
+            (
+                f"emulator training and validation loss ({n_iter} "
+                f"{'epochs' if opt == 'adam' else 'iterations'})",
+                loss_curves(
+                    emu.history,
+                    outdir / "emulator_loss",
+                    xlabel=xlabel,
+                    title=f"emulator {path.name}",
+                ),
+            )
+        )
     else:
         skipped.append(f"{path}: no training history, no loss curves")
     if emu.pixel_error is not None:
-        written.append(("emulator error per pixel on held-out spectra",
-                        pixel_error_plot(emu.wavelength, emu.pixel_error,
-                                         outdir / "emulator_pixel_error",
-                                         title=f"emulator {path.name}: {emu!r}")))
+        written.append(
+            (
+                "emulator error per pixel on held-out spectra",
+                pixel_error_plot(
+                    emu.wavelength,
+                    emu.pixel_error,
+                    outdir / "emulator_pixel_error",
+                    title=f"emulator {path.name}: {emu!r}",
+                ),
+            )
+        )
     else:
         skipped.append(f"{path}: no pixel_error (held-out error), no error figure")

@@ -173,6 +173,7 @@ import numpy as np
 from ._validate import as_float_array
 from .broadening import LIMB_DARKENING, air_to_vacuum
 from .emulator import Emulator
+from .errors import SamplingWarning
 from .fitter import (
     BROADENING_START,
     MDN_NSIGMA,
@@ -239,10 +240,6 @@ NUTS_INIT_SCALE = 1.0
 #: Format tag and version of the saved-samples file.
 SAMPLES_FORMAT = "payne_lite.samples"
 SAMPLES_VERSION = 1
-
-
-class SamplingWarning(UserWarning):
-    """A posterior that did not pass its convergence rule (or fell back)."""
 
 
 class PosteriorSamples(NamedTuple):
@@ -1820,7 +1817,8 @@ def load_samples(path) -> tuple[PosteriorSamples, dict]:
         >>> post, meta = load_samples("samples.h5")              # doctest: +SKIP
         >>> x = post.samples[0]        # star 0: (m, k) in physical units
     """
-    from ._h5 import FileFormatError, get_json_attr, open_checked, read_dataset
+    from ._h5 import get_json_attr, open_checked, read_dataset
+    from .errors import FileFormatError
 
     path = Path(path)
     with open_checked(path, SAMPLES_FORMAT, (SAMPLES_VERSION,)) as f:

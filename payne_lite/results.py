@@ -193,7 +193,7 @@ def _dumps(obj) -> str:
 # --------------------------------------------------------------------------------------
 # formats
 # --------------------------------------------------------------------------------------
-def _format_of(path: Path) -> str:
+def format_of(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(
@@ -280,7 +280,7 @@ def write_results(table, path, *, overwrite: bool = False) -> Path:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
-    fmt = _format_of(path)
+    fmt = format_of(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if not path.parent.is_dir():
@@ -374,7 +374,7 @@ def read_results(path):
     from astropy.table import Table
 
     path = Path(path)
-    fmt = _format_of(path)
+    fmt = format_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} not found")
     if fmt == "fits":

@@ -102,8 +102,10 @@ _log = logging.getLogger(__name__)
 DEFAULT_LABEL_NAMES = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
 DEFAULT_LABEL_UNITS = ("K", "dex", "dex", "dex", "km/s")
 #: (lo, hi) of the labels the synthesizer accepts, in the order of DEFAULT_LABEL_NAMES.
-DEFAULT_BOX = (np.array([4000.0, 1.0, -2.0, -0.2, 0.0]),
-               np.array([7000.0, 5.0, 0.5, 0.6, 30.0]))
+DEFAULT_BOX = (
+    np.array([4000.0, 1.0, -2.0, -0.2, 0.0]),
+    np.array([7000.0, 5.0, 0.5, 0.6, 30.0]),
+)
 _N_LABELS = len(DEFAULT_LABEL_NAMES)
 
 # --- default wavelength grid and line list ------------------------------------------
@@ -235,8 +237,15 @@ _RECIPES: dict[str, _Recipe] = {
 }
 #: 12C16O second-overtone (Delta v = 3) band heads in the H band [Angstrom, vacuum]
 #: and the lower vibrational level v'' of each band.
-_CO_BAND_HEADS = ((15582.0, 0), (15780.0, 1), (15982.0, 2), (16189.0, 3),
-                  (16402.0, 4), (16618.0, 5), (16840.0, 6))
+_CO_BAND_HEADS = (
+    (15582.0, 0),
+    (15780.0, 1),
+    (15982.0, 2),
+    (16189.0, 3),
+    (16402.0, 4),
+    (16618.0, 5),
+    (16840.0, 6),
+)
 _CO_VIB_EV = 0.266  # [eV] energy per vibrational quantum of CO
 _CO_ROT_EV = 2.39e-4  # [eV] rotational constant B of CO: E_J = B J (J + 1)
 _CO_J_MAX = 90
@@ -316,8 +325,10 @@ def _alpha_weights() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _check_linelist(linelist: LineList) -> LineList:
     if not isinstance(linelist, LineList):
-        raise ValueError(f"linelist must be a payne_lite.synth.LineList, "
-                         f"got {type(linelist).__name__}")
+        raise ValueError(
+            f"linelist must be a payne_lite.synth.LineList, "
+            f"got {type(linelist).__name__}"
+        )
     cols = {}
     n = None
     for name, col in zip(LineList._fields, linelist, strict=True):
@@ -325,8 +336,9 @@ def _check_linelist(linelist: LineList) -> LineList:
         if n is None:
             n = arr.size
         if arr.size != n:
-            raise ValueError(f"linelist.{name} has {arr.size} lines, "
-                             f"linelist.wavelength has {n}")
+            raise ValueError(
+                f"linelist.{name} has {arr.size} lines, linelist.wavelength has {n}"
+            )
         if not np.all(np.isfinite(arr)):
             i = int(np.argmax(~np.isfinite(arr)))
             raise ValueError(f"linelist.{name}[{i}] = {float(arr[i])!r} is not finite")
@@ -337,18 +349,22 @@ def _check_linelist(linelist: LineList) -> LineList:
     bad = (sp != np.round(sp)) | (sp < 0) | (sp >= len(SPECIES))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"linelist.species[{i}] = {float(sp[i])!r} is not an index "
-                         f"into SPECIES (0..{len(SPECIES) - 1})")
+        raise ValueError(
+            f"linelist.species[{i}] = {float(sp[i])!r} is not an index "
+            f"into SPECIES (0..{len(SPECIES) - 1})"
+        )
     cols["species"] = sp.astype(np.int64)
     if np.any(cols["wavelength"] <= 0):
         raise ValueError("linelist.wavelength must be positive [Angstrom]")
     return LineList(**cols)
 
 
-def make_linelist(n_lines: int = DEFAULT_N_LINES, *, seed: int = 0,
-                  wavelength_range: tuple[float, float] = (DEFAULT_LAM_MIN,
-                                                           DEFAULT_LAM_MAX)
-                  ) -> LineList:
+def make_linelist(
+    n_lines: int = DEFAULT_N_LINES,
+    *,
+    seed: int = 0,
+    wavelength_range: tuple[float, float] = (DEFAULT_LAM_MIN, DEFAULT_LAM_MAX),
+) -> LineList:
     """A seeded, reproducible toy H-band line list.
 
     Species are drawn with fixed weights (Fe I most common, half of the lines from CO,
@@ -376,8 +392,10 @@ def make_linelist(n_lines: int = DEFAULT_N_LINES, *, seed: int = 0,
     n_lines = int(n_lines)
     lo, hi = (float(x) for x in wavelength_range)
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"wavelength_range must be (lo, hi) with 0 < lo < hi "
-                         f"[Angstrom], got {wavelength_range!r}")
+        raise ValueError(
+            f"wavelength_range must be (lo, hi) with 0 < lo < hi "
+            f"[Angstrom], got {wavelength_range!r}"
+        )
     rng = np.random.default_rng(seed)
     names = list(_RECIPES)
     weights = np.array([_RECIPES[k].weight for k in names])
@@ -404,17 +422,23 @@ def make_linelist(n_lines: int = DEFAULT_N_LINES, *, seed: int = 0,
         log_gamma[sel] = rng.normal(rec.log_gamma, rec.log_gamma_sd, m)
 
     order = np.argsort(wave, kind="stable")
-    lines = LineList(wavelength=wave[order], species=species[order],
-                     excitation_potential=chi[order],
-                     log_gf=np.zeros(n_lines), log_gamma=log_gamma[order])
+    lines = LineList(
+        wavelength=wave[order],
+        species=species[order],
+        excitation_potential=chi[order],
+        log_gf=np.zeros(n_lines),
+        log_gamma=log_gamma[order],
+    )
     ref = np.array([TEFF_REF, LOGG_REF, 0.0, 0.0, 0.0], dtype=np.float32)
-    log_tau_zero_gf = np.asarray(_log_tau0_jit(ref, _line_arrays(lines)),
-                                 dtype=np.float64)
+    log_tau_zero_gf = np.asarray(
+        _log_tau0_jit(ref, _line_arrays(lines)), dtype=np.float64
+    )
     return lines._replace(log_gf=np.round(log_tau[order] - log_tau_zero_gf, 3))
 
 
-def _co_lines(rng: np.random.Generator, m: int, lo: float, hi: float
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _co_lines(
+    rng: np.random.Generator, m: int, lo: float, hi: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Wavelengths [A] and excitation energies [eV] of ``m`` CO lines in (lo, hi)."""
     heads = np.array([h for h, _ in _CO_BAND_HEADS])
     vib = np.array([v for _, v in _CO_BAND_HEADS])
@@ -432,7 +456,8 @@ def _co_lines(rng: np.random.Generator, m: int, lo: float, hi: float
         keep = (w > lo) & (w < hi)
         wave[todo[keep]] = w[keep]
         chi[todo[keep]] = _CO_VIB_EV * vib[band[keep]] + _CO_ROT_EV * j[keep] * (
-            j[keep] + 1)
+            j[keep] + 1
+        )
         todo = todo[~keep]
     return wave, chi
 
@@ -471,16 +496,20 @@ def _line_arrays(lines: LineList) -> _LineArrays:
     sp = np.asarray(lines.species)
     alpha_a, feh_b, alpha_b = _alpha_weights()
     t_half = _species_column("t_half", float)
-    theta_half = np.where(t_half > 0, THETA_CONST / np.where(t_half > 0, t_half, 1.0),
-                          0.0)
+    theta_half = np.where(
+        t_half > 0, THETA_CONST / np.where(t_half > 0, t_half, 1.0), 0.0
+    )
     cols = dict(
         log_gf_eps=np.asarray(lines.log_gf) + _species_column("a_x", float)[sp] - 12.0,
         chi_exc=np.asarray(lines.excitation_potential),
         chi_ion=_species_column("chi_ion", float)[sp],
         ion=_species_column("ion", float)[sp],
         molecule=(_species_column("d0", float)[sp] > 0).astype(float),
-        alpha_a=alpha_a[sp], feh_b=feh_b[sp], alpha_b=alpha_b[sp],
-        d0=_species_column("d0", float)[sp], theta_half=theta_half[sp],
+        alpha_a=alpha_a[sp],
+        feh_b=feh_b[sp],
+        alpha_b=alpha_b[sp],
+        d0=_species_column("d0", float)[sp],
+        theta_half=theta_half[sp],
         mass=_species_column("mass", float)[sp],
         log_gamma=np.asarray(lines.log_gamma),
     )
@@ -497,28 +526,43 @@ def _log_tau0(labels: jax.Array, lines: _LineArrays) -> jax.Array:
     teff, logg, feh, afe = labels[0], labels[1], labels[2], labels[3]
     theta = THETA_CONST / teff
     log_t = jnp.log10(teff)
-    log_pe = (LOG_PE_REF + LOG_PE_DLOGG * (logg - LOGG_REF) + LOG_PE_DFEH * feh
-              + LOG_PE_DLOGTEFF * (log_t - math.log10(TEFF_REF)))
+    log_pe = (
+        LOG_PE_REF
+        + LOG_PE_DLOGG * (logg - LOGG_REF)
+        + LOG_PE_DFEH * feh
+        + LOG_PE_DLOGTEFF * (log_t - math.log10(TEFF_REF))
+    )
     log_pg = LOG_PG_REF + LOG_PG_DLOGG * (logg - LOGG_REF) + LOG_PG_DFEH * feh
     log_kappa = log_pe + KAPPA_THETA * theta
     # atoms: fraction in the line's ionisation stage (Saha)
     log_ratio = SAHA_CONST + 2.5 * log_t - theta * lines.chi_ion - log_pe
     log_stage = lines.ion * log_ratio - _log10_1p_exp10(log_ratio)
     # molecules: fraction of the rarer atom bound (dissociation equilibrium)
-    x = (lines.d0 * (theta - lines.theta_half) + lines.feh_b * feh
-         + lines.alpha_b * afe + (log_pg - LOG_PG_REF))
+    x = (
+        lines.d0 * (theta - lines.theta_half)
+        + lines.feh_b * feh
+        + lines.alpha_b * afe
+        + (log_pg - LOG_PG_REF)
+    )
     log_assoc = -_log10_1p_exp10(-x)
     log_pop = jnp.where(lines.molecule > 0, log_assoc, log_stage)
     x_h = feh + lines.alpha_a * afe
-    return (lines.log_gf_eps + x_h - theta * lines.chi_exc + log_pop - log_kappa
-            + LOG_TAU_CONST)
+    return (
+        lines.log_gf_eps
+        + x_h
+        - theta * lines.chi_exc
+        + log_pop
+        - log_kappa
+        + LOG_TAU_CONST
+    )
 
 
 _log_tau0_jit = jax.jit(_log_tau0)
 
 
-def _line_params(labels: jax.Array, lines: _LineArrays
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _line_params(
+    labels: jax.Array, lines: _LineArrays
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Line-centre optical depth tau0, Doppler width b [km/s] and Lorentz HWHM [km/s].
 
     Args:
@@ -545,8 +589,14 @@ def _pseudo_voigt_coeffs(tau0, b, gamma):
     """
     f_g = _FWHM_PER_B * b
     f_l = 2.0 * gamma
-    f = (f_g**5 + 2.69269 * f_g**4 * f_l + 2.42843 * f_g**3 * f_l**2
-         + 4.47163 * f_g**2 * f_l**3 + 0.07842 * f_g * f_l**4 + f_l**5) ** 0.2
+    f = (
+        f_g**5
+        + 2.69269 * f_g**4 * f_l
+        + 2.42843 * f_g**3 * f_l**2
+        + 4.47163 * f_g**2 * f_l**3
+        + 0.07842 * f_g * f_l**4
+        + f_l**5
+    ) ** 0.2
     r = f_l / f
     eta = 1.36603 * r - 0.47719 * r**2 + 0.11116 * r**3
     hw = 0.5 * f
@@ -568,15 +618,18 @@ def _synth_one(labels: jax.Array, lines: _LineArrays, samp: _Sampling) -> jax.Ar
     tau0, b, gamma = _line_params(labels, lines)
     g_amp, g_k, l_amp, hw2 = _pseudo_voigt_coeffs(tau0, b, gamma)
     dv2 = samp.dv**2
-    tau_win = (g_amp[:, None] * jnp.exp(-g_k[:, None] * dv2)
-               + l_amp[:, None] / (dv2 + hw2[:, None])) * samp.taper
+    tau_win = (
+        g_amp[:, None] * jnp.exp(-g_k[:, None] * dv2)
+        + l_amp[:, None] / (dv2 + hw2[:, None])
+    ) * samp.taper
     n_fine = 2 * (samp.freq2.shape[0] - 1)
     tau = jnp.zeros(n_fine, tau_win.dtype).at[samp.idx].add(tau_win)
     depth = -jnp.expm1(-tau)
     fwhm2 = (C_KMS / labels[5]) ** 2 + labels[4] ** 2  # [km/s]^2
     sigma_pix2 = fwhm2 / (_FWHM_PER_SIGMA**2 * samp.dv_fine**2)
-    depth = jnp.fft.irfft(jnp.fft.rfft(depth) * jnp.exp(-samp.freq2 * sigma_pix2),
-                          n=n_fine)
+    depth = jnp.fft.irfft(
+        jnp.fft.rfft(depth) * jnp.exp(-samp.freq2 * sigma_pix2), n=n_fine
+    )
     w1 = samp.out_w1
     out = depth[samp.out_i0] * (1.0 - w1) + depth[samp.out_i0 + 1] * w1
     return jnp.clip(1.0 - out, FLUX_FLOOR, 1.0)
@@ -587,8 +640,9 @@ _synth_batch = jax.jit(jax.vmap(_synth_one, in_axes=(0, None, None)))
 
 
 # --- NumPy side ---------------------------------------------------------------------
-def _make_sampling(wave: np.ndarray, lines: LineList, *, max_resolution_fwhm: float
-                   ) -> tuple[_Sampling, np.ndarray]:
+def _make_sampling(
+    wave: np.ndarray, lines: LineList, *, max_resolution_fwhm: float
+) -> tuple[_Sampling, np.ndarray]:
     """Fine grid, line windows and output interpolation for ``wave``.
 
     Args:
@@ -600,8 +654,13 @@ def _make_sampling(wave: np.ndarray, lines: LineList, *, max_resolution_fwhm: fl
         (sampling constants, mask (n_lines,) of the lines that touch the fine grid).
     """
     ln_wave = np.log(wave)
-    step = float(np.clip(np.min(np.diff(ln_wave)) * C_KMS / OVERSAMPLE,
-                         MIN_FINE_STEP_KMS, MAX_FINE_STEP_KMS))  # [km/s]
+    step = float(
+        np.clip(
+            np.min(np.diff(ln_wave)) * C_KMS / OVERSAMPLE,
+            MIN_FINE_STEP_KMS,
+            MAX_FINE_STEP_KMS,
+        )
+    )  # [km/s]
     du = step / C_KMS
     half_win = int(math.ceil(LINE_WINDOW_KMS / step))
     sigma = max_resolution_fwhm / _FWHM_PER_SIGMA
@@ -645,18 +704,23 @@ def _check_labels(labels) -> tuple[np.ndarray, bool]:
     single = arr.ndim == 1
     arr2 = arr[None, :] if single else arr
     if arr2.shape[-1] != _N_LABELS or arr2.shape[0] < 1:
-        raise ValueError(f"labels must be ({_N_LABELS},) or (n, {_N_LABELS}) with "
-                         f"columns {list(DEFAULT_LABEL_NAMES)}, got shape {arr.shape}")
+        raise ValueError(
+            f"labels must be ({_N_LABELS},) or (n, {_N_LABELS}) with "
+            f"columns {list(DEFAULT_LABEL_NAMES)}, got shape {arr.shape}"
+        )
     lo, hi = DEFAULT_BOX
-    for bad, what in ((~np.isfinite(arr2), "is not finite"),
-                      ((arr2 < lo) | (arr2 > hi), "is outside the synthesizer's box")):
+    for bad, what in (
+        (~np.isfinite(arr2), "is not finite"),
+        ((arr2 < lo) | (arr2 > hi), "is outside the synthesizer's box"),
+    ):
         if bad.any():
             i, j = (int(k) for k in np.argwhere(bad)[0])
             where = f"labels[{j}]" if single else f"labels[{i}, {j}]"
             raise ValueError(
                 f"{where} ({DEFAULT_LABEL_NAMES[j]}) = {float(arr2[i, j])!r} {what} "
                 f"[{lo[j]:g}, {hi[j]:g}] {DEFAULT_LABEL_UNITS[j]} "
-                f"({int(bad.sum())} bad value(s) in total)")
+                f"({int(bad.sum())} bad value(s) in total)"
+            )
     return arr2, single
 
 
@@ -694,8 +758,15 @@ def _prepare(wavelength, linelist, resolution):
     return wave, lines, _line_arrays(lines.select(touch)), samp
 
 
-def _run_batches(labels: np.ndarray, resolution: float, larr: _LineArrays,
-                 samp: _Sampling, *, batch_size: int, progress: bool) -> np.ndarray:
+def _run_batches(
+    labels: np.ndarray,
+    resolution: float,
+    larr: _LineArrays,
+    samp: _Sampling,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> np.ndarray:
     """(n, 5) labels -> (n, n_pix) float32 flux, in padded fixed-size batches."""
     n = labels.shape[0]
     size = min(batch_size, 1 << max(0, (n - 1).bit_length()))  # few distinct shapes
@@ -705,22 +776,25 @@ def _run_batches(labels: np.ndarray, resolution: float, larr: _LineArrays,
     full[:, _N_LABELS] = resolution
     flux = np.empty((n, samp.out_i0.shape[0]), dtype=np.float32)
     n_batch = -(-n // size)
-    with tqdm(total=n_batch, disable=not progress, desc="synthesizing",
-              unit="batch") as bar:
+    with tqdm(
+        total=n_batch, disable=not progress, desc="synthesizing", unit="batch"
+    ) as bar:
         for start in range(0, n, size):
-            chunk = full[start:start + size]
+            chunk = full[start : start + size]
             m = chunk.shape[0]
             if m < size:  # pad with copies of the last star: one compiled shape
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - m, 0)])
-            flux[start:start + m] = np.asarray(_synth_batch(chunk, larr, samp))[:m]
+            flux[start : start + m] = np.asarray(_synth_batch(chunk, larr, samp))[:m]
             bar.update(1)
     return flux
 
 
 # --- public API ---------------------------------------------------------------------
-def default_wavelength(lam_min: float = DEFAULT_LAM_MIN,
-                       lam_max: float = DEFAULT_LAM_MAX,
-                       dloglam: float = APOGEE_DLOGLAM) -> np.ndarray:
+def default_wavelength(
+    lam_min: float = DEFAULT_LAM_MIN,
+    lam_max: float = DEFAULT_LAM_MAX,
+    dloglam: float = APOGEE_DLOGLAM,
+) -> np.ndarray:
     """An APOGEE-like log-uniform vacuum wavelength grid.
 
     Args:
@@ -738,13 +812,20 @@ def default_wavelength(lam_min: float = DEFAULT_LAM_MIN,
         raise ValueError(f"lam_max ({lam_max}) must exceed lam_min ({lam_min})")
     n = int(np.floor(np.log10(lam_max / lam_min) / dloglam + 1e-9)) + 1
     if n < 2:
-        raise ValueError(f"dloglam={dloglam} leaves fewer than 2 pixels in "
-                         f"[{lam_min}, {lam_max}]")
+        raise ValueError(
+            f"dloglam={dloglam} leaves fewer than 2 pixels in [{lam_min}, {lam_max}]"
+        )
     return 10.0 ** (np.log10(lam_min) + dloglam * np.arange(n))
 
 
-def synthesize(labels, *, wavelength=None, linelist: LineList | None = None,
-               resolution: float = APOGEE_R, batch_size: int = 256) -> np.ndarray:
+def synthesize(
+    labels,
+    *,
+    wavelength=None,
+    linelist: LineList | None = None,
+    resolution: float = APOGEE_R,
+    batch_size: int = 256,
+) -> np.ndarray:
     """Continuum-normalised synthetic spectra for physical labels.
 
     Args:
@@ -778,13 +859,15 @@ def synthesize(labels, *, wavelength=None, linelist: LineList | None = None,
     arr, single = _check_labels(labels)
     batch_size = _check_batch_size(batch_size)
     _, _, larr, samp = _prepare(wavelength, linelist, resolution)
-    flux = _run_batches(arr, float(resolution), larr, samp, batch_size=batch_size,
-                        progress=False)
+    flux = _run_batches(
+        arr, float(resolution), larr, samp, batch_size=batch_size, progress=False
+    )
     return flux[0] if single else flux
 
 
-def sample_labels(n: int, *, box=DEFAULT_BOX, method: str = "lhs", seed: int = 0
-                  ) -> np.ndarray:
+def sample_labels(
+    n: int, *, box=DEFAULT_BOX, method: str = "lhs", seed: int = 0
+) -> np.ndarray:
     """Random labels filling a box, reproducible from ``seed``.
 
     Args:
@@ -817,10 +900,18 @@ def sample_labels(n: int, *, box=DEFAULT_BOX, method: str = "lhs", seed: int = 0
     return np.clip(lo + unit * (hi - lo), lo, hi)
 
 
-def make_grid(n_spec: int = 3000, *, seed: int = 0, sampling: str = "lhs",
-              n_lines: int = DEFAULT_N_LINES, linelist_seed: int = 0,
-              wavelength=None, resolution: float = APOGEE_R, batch_size: int = 256,
-              progress: bool = True) -> SpectralGrid:
+def make_grid(
+    n_spec: int = 3000,
+    *,
+    seed: int = 0,
+    sampling: str = "lhs",
+    n_lines: int = DEFAULT_N_LINES,
+    linelist_seed: int = 0,
+    wavelength=None,
+    resolution: float = APOGEE_R,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> SpectralGrid:
     """A training grid from the built-in synthesizer.
 
     Args:
@@ -848,16 +939,20 @@ def make_grid(n_spec: int = 3000, *, seed: int = 0, sampling: str = "lhs",
     wave = default_wavelength() if wavelength is None else wavelength
     wave = as_float_array(wave, "wavelength", ndim=1)
     check_wavelength(wave)
-    lam_range = (min(DEFAULT_LAM_MIN, float(wave[0])),
-                 max(DEFAULT_LAM_MAX, float(wave[-1])))
+    lam_range = (
+        min(DEFAULT_LAM_MIN, float(wave[0])),
+        max(DEFAULT_LAM_MAX, float(wave[-1])),
+    )
     linelist = make_linelist(n_lines, seed=linelist_seed, wavelength_range=lam_range)
     _, _, larr, samp = _prepare(wave, linelist, resolution)
     t0 = time.perf_counter()
-    flux = _run_batches(labels, float(resolution), larr, samp, batch_size=batch_size,
-                        progress=progress)
+    flux = _run_batches(
+        labels, float(resolution), larr, samp, batch_size=batch_size, progress=progress
+    )
     elapsed = time.perf_counter() - t0
-    _log.info("synthesized %d spectra x %d pixels in %.1f s", n_spec, wave.size,
-              elapsed)
+    _log.info(
+        "synthesized %d spectra x %d pixels in %.1f s", n_spec, wave.size, elapsed
+    )
     lo, hi = DEFAULT_BOX
     meta = {
         "generator": "payne_lite.synth",
@@ -878,9 +973,15 @@ def make_grid(n_spec: int = 3000, *, seed: int = 0, sampling: str = "lhs",
         "dtype": "float32",
         "seconds": round(elapsed, 2),
     }
-    return SpectralGrid(wavelength=wave, labels=labels, flux=flux,
-                        label_names=DEFAULT_LABEL_NAMES,
-                        label_units=DEFAULT_LABEL_UNITS, meta=meta, box=(lo, hi))
+    return SpectralGrid(
+        wavelength=wave,
+        labels=labels,
+        flux=flux,
+        label_names=DEFAULT_LABEL_NAMES,
+        label_units=DEFAULT_LABEL_UNITS,
+        meta=meta,
+        box=(lo, hi),
+    )
 
 
 def _package_version() -> str:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import _h5
 from ._validate import check_finite
 from .emulator import ACTIVATIONS, Emulator, PixelNet, pixel_forward
+from .errors import FileFormatError, TrainingDivergedError
 from .grid import SpectralGrid
 
 log = logging.getLogger(__name__)
@@ -339,14 +340,6 @@ class _PixelTracker:
         self.active &= ~((self.stall >= self.cfg.patience) & ~self.to_restart())
 
 
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite, or exploded; the run was stopped.
-
-    The last checkpoint written before it (``train_emulator(..., checkpoint=...)``)
-    is kept as it was.
-    """
-
-
 CHECKPOINT_FORMAT = "payne_lite.TrainCheckpoint"
 CHECKPOINT_VERSION = 1
 #: TrainConfig fields that may differ between a checkpoint and the run resuming it.
@@ -414,7 +407,7 @@ class _Checkpoint:
             }
             for group in ("state", "tracker"):
                 if group not in f:
-                    raise _h5.FileFormatError(f"{self.path}: missing group {group!r}")
+                    raise FileFormatError(f"{self.path}: missing group {group!r}")
                 out[group] = {
                     k: _h5.read_dataset(f[group], k, self.path) for k in f[group]
                 }
@@ -467,9 +460,7 @@ def _restore_tracker(tracker: _PixelTracker, saved: dict, n_tot: int) -> None:
     for k, v in saved.items():
         v = np.asarray(v)
         if v.shape != (n_tot,):
-            raise _h5.FileFormatError(
-                f"tracker/{k} has shape {v.shape}, not ({n_tot},)"
-            )
+            raise FileFormatError(f"tracker/{k} has shape {v.shape}, not ({n_tot},)")
         setattr(tracker, k, v.astype(getattr(tracker, k).dtype))
 
 
@@ -791,7 +782,7 @@ def _resume_state(ckpt, resume, n_tot, optimizer, tracker, rng, hist):
 def _state_array(state: dict, name: str, shape, dtype, path) -> np.ndarray:
     a = np.asarray(state.get(name))
     if a.shape != tuple(shape):
-        raise _h5.FileFormatError(
+        raise FileFormatError(
             f"{path}: state/{name} has shape {a.shape}, expected {tuple(shape)}"
         )
     return a.astype(dtype)

@@ -303,116 +303,308 @@ CASES = [
     Case("fit", "negative errors", dict(err=_set_row(2, -0.01)), Flagged((2,))),
     Case("fit", "NaN errors", dict(err=_set_row(1, np.nan)), Flagged((1,))),
     Case("fit", "all pixels masked (one star)", dict(mask=_mask_row(1)), Flagged((1,))),
-    Case("fit", "all pixels masked (every star)", dict(mask=np.ones(N_PIX, bool)),
-         Flagged((0, 1, 2))),
+    Case(
+        "fit",
+        "all pixels masked (every star)",
+        dict(mask=np.ones(N_PIX, bool)),
+        Flagged((0, 1, 2)),
+    ),
     # ---- fit: wrong shapes and values refused ---------------------------------------
-    Case("fit", "spectrum of the wrong length", dict(flux=lambda a: a[:, :50],
-         err=lambda a: a[:, :50]),
-         Raises(ValueError, r"flux \(3, 50\) has 50 pixels.*expected \(n_spec, 60\)")),
-    Case("fit", "flux_err shape differs", dict(err=lambda a: a[:, :50]),
-         Raises(ValueError, r"flux \(3, 60\) and flux_err \(3, 50\) must have the same")),
-    Case("fit", "no spectra", dict(flux=lambda a: a[:0], err=lambda a: a[:0]),
-         Raises(ValueError, r"flux \(0, 60\) holds no spectra")),
-    Case("fit", "mask not boolean", dict(mask=np.zeros(N_PIX)),
-         Raises(ValueError, r"mask must be boolean \(True = ignore\), got float64")),
-    Case("fit", "mask of the wrong shape", dict(mask=np.zeros(50, bool)),
-         Raises(ValueError, r"mask \(50,\) must be \(60,\) or the shape of flux")),
-    Case("fit", "wavelength: same length, not the emulator's",
-         dict(wavelength=lambda c: c.emu.wavelength + 0.05),
-         Warns(pl.WavelengthGridWarning,
-               r"wavelength has the emulator's 60 pixels but is not the emulator's "
-               r"grid \(max \|difference\| 0\.05 A")),
-    Case("fit", "wavelength: another length covering the range (resampled)",
-         dict(wavelength=lambda c: np.linspace(15100.0, 15111.8, N_PIX)[:-1],
-              flux=lambda a: a[:, :-1], err=lambda a: a[:, :-1]),
-         Warns(pl.WavelengthGridWarning, "", n=0)),
-    Case("fit", "wavelength: no overlap", dict(wavelength=lambda c: c.emu.wavelength + 1e3),
-         Raises(ValueError, r"wavelength grid \[16100, 16111\.8\] A \(60 pixels\) does "
-                r"not overlap the emulator's \[15100, 15111\.8\] A")),
-    Case("fit", "wavelength: decreasing", dict(wavelength=lambda c: c.emu.wavelength[::-1]),
-         Raises(ValueError, r"wavelength must be strictly increasing")),
-    Case("fit", "fixed= outside the training box", dict(fixed={"Teff": 9000.0}),
-         Raises(ValueError, r"fixed: Teff = 9000 is outside the training box \[4000, 7000\]")),
-    Case("fit", "fixed= NaN", dict(fixed={"logg": np.nan}),
-         Raises(ValueError, r"fixed: logg = nan is not finite")),
-    Case("fit", "fixed= unknown label", dict(fixed={"vturb": 3.0}),
-         Raises(ValueError, r"fixed: unknown parameter 'vturb'; valid names are")),
-    Case("fit", "fixed rv outside rv_range", dict(fixed={"rv": 900.0}),
-         Raises(ValueError, r"fixed: rv = 900 km/s is outside rv_range")),
-    Case("fit", "p0 outside the training box", dict(p0=[9000.0, 3.0, 0.0]),
-         Raises(ValueError, r"^p0\[0\] Teff = 9000 is outside the training box "
-                r"\[4000, 7000\] \(1 row\(s\) outside\)$")),
-    Case("fit", "p0 NaN", dict(p0=[5000.0, np.nan, 0.0]),
-         Raises(ValueError, r"p0 has 1 non-finite value\(s\); first at index \(0, 1\)")),
-    Case("fit", "p0 of the wrong length", dict(p0=[5000.0, 3.0]),
-         Raises(ValueError, r"p0 \(2,\) must have 3 columns \(Teff, logg, \[Fe/H\]\)")),
-    Case("fit", "p0 rows != stars", dict(p0=np.tile([5000.0, 3.0, 0.0], (2, 1))),
-         Raises(ValueError, r"p0 \(2, 3\) must be \(3,\) or \(3, 3\)")),
-    Case("fit", "with an MDN: a same-length grid that is not the MDN's",
-         dict(mdn=lambda c: c.mdn, wavelength=lambda c: c.emu.wavelength + 0.05),
-         Raises(ValueError, r"MDN trained on a wavelength grid of 60 pixels .*\(max "
-                r"\|difference\| 0\.05 A\)")),
-    Case("fit", "rv_range empty (user bounds)", dict(rv_range=(100.0, -100.0)),
-         Raises(ValueError, r"rv_range must be \(lo, hi\) with lo < hi")),
+    Case(
+        "fit",
+        "spectrum of the wrong length",
+        dict(flux=lambda a: a[:, :50], err=lambda a: a[:, :50]),
+        Raises(ValueError, r"flux \(3, 50\) has 50 pixels.*expected \(n_spec, 60\)"),
+    ),
+    Case(
+        "fit",
+        "flux_err shape differs",
+        dict(err=lambda a: a[:, :50]),
+        Raises(ValueError, r"flux \(3, 60\) and flux_err \(3, 50\) must have the same"),
+    ),
+    Case(
+        "fit",
+        "no spectra",
+        dict(flux=lambda a: a[:0], err=lambda a: a[:0]),
+        Raises(ValueError, r"flux \(0, 60\) holds no spectra"),
+    ),
+    Case(
+        "fit",
+        "mask not boolean",
+        dict(mask=np.zeros(N_PIX)),
+        Raises(ValueError, r"mask must be boolean \(True = ignore\), got float64"),
+    ),
+    Case(
+        "fit",
+        "mask of the wrong shape",
+        dict(mask=np.zeros(50, bool)),
+        Raises(ValueError, r"mask \(50,\) must be \(60,\) or the shape of flux"),
+    ),
+    Case(
+        "fit",
+        "wavelength: same length, not the emulator's",
+        dict(wavelength=lambda c: c.emu.wavelength + 0.05),
+        Warns(
+            pl.WavelengthGridWarning,
+            r"wavelength has the emulator's 60 pixels but is not the emulator's "
+            r"grid \(max \|difference\| 0\.05 A",
+        ),
+    ),
+    Case(
+        "fit",
+        "wavelength: another length covering the range (resampled)",
+        dict(
+            wavelength=lambda c: np.linspace(15100.0, 15111.8, N_PIX)[:-1],
+            flux=lambda a: a[:, :-1],
+            err=lambda a: a[:, :-1],
+        ),
+        Warns(pl.WavelengthGridWarning, "", n=0),
+    ),
+    Case(
+        "fit",
+        "wavelength: no overlap",
+        dict(wavelength=lambda c: c.emu.wavelength + 1e3),
+        Raises(
+            ValueError,
+            r"wavelength grid \[16100, 16111\.8\] A \(60 pixels\) does "
+            r"not overlap the emulator's \[15100, 15111\.8\] A",
+        ),
+    ),
+    Case(
+        "fit",
+        "wavelength: decreasing",
+        dict(wavelength=lambda c: c.emu.wavelength[::-1]),
+        Raises(ValueError, r"wavelength must be strictly increasing"),
+    ),
+    Case(
+        "fit",
+        "fixed= outside the training box",
+        dict(fixed={"Teff": 9000.0}),
+        Raises(
+            ValueError, r"fixed: Teff = 9000 is outside the training box \[4000, 7000\]"
+        ),
+    ),
+    Case(
+        "fit",
+        "fixed= NaN",
+        dict(fixed={"logg": np.nan}),
+        Raises(ValueError, r"fixed: logg = nan is not finite"),
+    ),
+    Case(
+        "fit",
+        "fixed= unknown label",
+        dict(fixed={"vturb": 3.0}),
+        Raises(ValueError, r"fixed: unknown parameter 'vturb'; valid names are"),
+    ),
+    Case(
+        "fit",
+        "fixed rv outside rv_range",
+        dict(fixed={"rv": 900.0}),
+        Raises(ValueError, r"fixed: rv = 900 km/s is outside rv_range"),
+    ),
+    Case(
+        "fit",
+        "p0 outside the training box",
+        dict(p0=[9000.0, 3.0, 0.0]),
+        Raises(
+            ValueError,
+            r"^p0\[0\] Teff = 9000 is outside the training box "
+            r"\[4000, 7000\] \(1 row\(s\) outside\)$",
+        ),
+    ),
+    Case(
+        "fit",
+        "p0 NaN",
+        dict(p0=[5000.0, np.nan, 0.0]),
+        Raises(ValueError, r"p0 has 1 non-finite value\(s\); first at index \(0, 1\)"),
+    ),
+    Case(
+        "fit",
+        "p0 of the wrong length",
+        dict(p0=[5000.0, 3.0]),
+        Raises(ValueError, r"p0 \(2,\) must have 3 columns \(Teff, logg, \[Fe/H\]\)"),
+    ),
+    Case(
+        "fit",
+        "p0 rows != stars",
+        dict(p0=np.tile([5000.0, 3.0, 0.0], (2, 1))),
+        Raises(ValueError, r"p0 \(2, 3\) must be \(3,\) or \(3, 3\)"),
+    ),
+    Case(
+        "fit",
+        "with an MDN: a same-length grid that is not the MDN's",
+        dict(mdn=lambda c: c.mdn, wavelength=lambda c: c.emu.wavelength + 0.05),
+        Raises(
+            ValueError,
+            r"MDN trained on a wavelength grid of 60 pixels .*\(max "
+            r"\|difference\| 0\.05 A\)",
+        ),
+    ),
+    Case(
+        "fit",
+        "rv_range empty (user bounds)",
+        dict(rv_range=(100.0, -100.0)),
+        Raises(ValueError, r"rv_range must be \(lo, hi\) with lo < hi"),
+    ),
     # ---- fit_catalog ----------------------------------------------------------------
-    Case("fit_catalog", "NaN-flux and negative-error stars in a catalog",
-         dict(source="cat_badstars.h5", chunk_size=2), Flagged((2, 4))),
-    Case("fit_catalog", "a FITS star with NaN flux among good ones",
-         dict(source=lambda c: [c.fits_ok[0], c.fits_nan, c.fits_ok[2]]),
-         Flagged((1,))),
-    Case("fit_catalog", "empty catalog", dict(source="cat_empty.h5"),
-         Raises(pl.FileFormatError, r"cat_empty\.h5: the catalog holds no spectra")),
-    Case("fit_catalog", "truncated catalog", dict(source=lambda c: c.bad["cat"]["truncated"]),
-         Raises(pl.FileFormatError, r"not a readable HDF5 file \(corrupt or truncated\?\)")),
-    Case("fit_catalog", "corrupt catalog rows", dict(source=lambda c: c.bad["cat"]["corrupt"]),
-         Raises(pl.FileFormatError, r"rows \[0, 3\) are corrupt or unreadable")),
-    Case("fit_catalog", "catalog of another format version",
-         dict(source=lambda c: c.bad["cat"]["v99"]),
-         Raises(pl.FileFormatError, r"payne_lite\.Catalog format_version=99 is not "
-                r"supported \(this payne_lite reads \[1\]\)")),
-    Case("fit_catalog", "not a catalog (a grid file)", dict(source="grid.h5"),
-         Raises(pl.FileFormatError, r"expected a 'payne_lite\.Catalog' file, found "
-                r"format='payne_lite\.SpectralGrid'")),
-    Case("fit_catalog", "truncated FITS star",
-         dict(source=lambda c: [c.fits_ok[0], c.dir / "star_truncated.fits"]),
-         Raises(pl.FileFormatError, r"star_truncated\.fits: truncated or corrupt FITS "
-                r"file \(File may have been truncated")),
-    Case("fit_catalog", "wavelength: same length, not the emulator's (warned once)",
-         dict(source="cat_shifted.h5", chunk_size=1),
-         Warns(pl.WavelengthGridWarning, r"cat_shifted\.h5: wavelength has the "
-               r"emulator's 60 pixels but is not", n=1)),
-    Case("fit_catalog", "wavelength: no overlap", dict(source="cat_far.h5"),
-         Raises(ValueError, r"does not overlap the emulator's")),
-    Case("fit_catalog", "p0 row outside the box (global row, before any fit)",
-         dict(source="cat_badstars.h5", chunk_size=2,
-              p0=_set((3, 0), 9000.0)(np.tile([5000.0, 3.0, 0.0], (6, 1)))),
-         Raises(ValueError, r"^p0\[3\] Teff = 9000 is outside the training box")),
-    Case("fit_catalog", "fixed= outside the box", dict(source="cat.h5",
-         fixed={"[Fe/H]": 2.0}),
-         Raises(ValueError, r"fixed: \[Fe/H\] = 2 is outside the training box")),
-    Case("fit_catalog", "emulator file of another format version",
-         dict(source="cat.h5", emulator=lambda c: c.bad["emu"]["v99"]),
-         Raises(pl.FileFormatError, r"emu_v99\.h5: payne_lite\.Emulator "
-                r"format_version=99 is not supported")),
+    Case(
+        "fit_catalog",
+        "NaN-flux and negative-error stars in a catalog",
+        dict(source="cat_badstars.h5", chunk_size=2),
+        Flagged((2, 4)),
+    ),
+    Case(
+        "fit_catalog",
+        "a FITS star with NaN flux among good ones",
+        dict(source=lambda c: [c.fits_ok[0], c.fits_nan, c.fits_ok[2]]),
+        Flagged((1,)),
+    ),
+    Case(
+        "fit_catalog",
+        "empty catalog",
+        dict(source="cat_empty.h5"),
+        Raises(pl.FileFormatError, r"cat_empty\.h5: the catalog holds no spectra"),
+    ),
+    Case(
+        "fit_catalog",
+        "truncated catalog",
+        dict(source=lambda c: c.bad["cat"]["truncated"]),
+        Raises(
+            pl.FileFormatError, r"not a readable HDF5 file \(corrupt or truncated\?\)"
+        ),
+    ),
+    Case(
+        "fit_catalog",
+        "corrupt catalog rows",
+        dict(source=lambda c: c.bad["cat"]["corrupt"]),
+        Raises(pl.FileFormatError, r"rows \[0, 3\) are corrupt or unreadable"),
+    ),
+    Case(
+        "fit_catalog",
+        "catalog of another format version",
+        dict(source=lambda c: c.bad["cat"]["v99"]),
+        Raises(
+            pl.FileFormatError,
+            r"payne_lite\.Catalog format_version=99 is not "
+            r"supported \(this payne_lite reads \[1\]\)",
+        ),
+    ),
+    Case(
+        "fit_catalog",
+        "not a catalog (a grid file)",
+        dict(source="grid.h5"),
+        Raises(
+            pl.FileFormatError,
+            r"expected a 'payne_lite\.Catalog' file, found "
+            r"format='payne_lite\.SpectralGrid'",
+        ),
+    ),
+    Case(
+        "fit_catalog",
+        "truncated FITS star",
+        dict(source=lambda c: [c.fits_ok[0], c.dir / "star_truncated.fits"]),
+        Raises(
+            pl.FileFormatError,
+            r"star_truncated\.fits: truncated or corrupt FITS "
+            r"file \(File may have been truncated",
+        ),
+    ),
+    Case(
+        "fit_catalog",
+        "wavelength: same length, not the emulator's (warned once)",
+        dict(source="cat_shifted.h5", chunk_size=1),
+        Warns(
+            pl.WavelengthGridWarning,
+            r"cat_shifted\.h5: wavelength has the "
+            r"emulator's 60 pixels but is not",
+            n=1,
+        ),
+    ),
+    Case(
+        "fit_catalog",
+        "wavelength: no overlap",
+        dict(source="cat_far.h5"),
+        Raises(ValueError, r"does not overlap the emulator's"),
+    ),
+    Case(
+        "fit_catalog",
+        "p0 row outside the box (global row, before any fit)",
+        dict(
+            source="cat_badstars.h5",
+            chunk_size=2,
+            p0=_set((3, 0), 9000.0)(np.tile([5000.0, 3.0, 0.0], (6, 1))),
+        ),
+        Raises(ValueError, r"^p0\[3\] Teff = 9000 is outside the training box"),
+    ),
+    Case(
+        "fit_catalog",
+        "fixed= outside the box",
+        dict(source="cat.h5", fixed={"[Fe/H]": 2.0}),
+        Raises(ValueError, r"fixed: \[Fe/H\] = 2 is outside the training box"),
+    ),
+    Case(
+        "fit_catalog",
+        "emulator file of another format version",
+        dict(source="cat.h5", emulator=lambda c: c.bad["emu"]["v99"]),
+        Raises(
+            pl.FileFormatError,
+            r"emu_v99\.h5: payne_lite\.Emulator "
+            r"format_version=99 is not supported",
+        ),
+    ),
     # ---- MDN.predict: bad rows are NaN, the others answered --------------------------
-    Case("MDN.predict", "NaN flux (one star)", dict(flux=_set_row(1, np.nan)), Flagged((1,))),
-    Case("MDN.predict", "zero errors (one star)", dict(err=_set_row(0, 0.0)), Flagged((0,))),
-    Case("MDN.predict", "all pixels masked", dict(mask=np.ones(N_PIX, bool)),
-         Flagged((0, 1, 2))),
-    Case("MDN.predict", "spectrum of the wrong length",
-         dict(flux=lambda a: a[:, :50], err=lambda a: a[:, :50]),
-         Raises(ValueError, r"flux \(3, 50\) and flux_err \(3, 50\) must both be "
-                r"\(n_spec, 60\) or \(60,\) \(the MDN's wavelength grid\)")),
-    Case("MDN.predict", "another wavelength grid of the same length",
-         dict(wavelength=lambda c: c.emu.wavelength + 0.05),
-         Raises(ValueError, r"resample the spectra onto the MDN's grid .*\(max "
-                r"\|difference\| 0\.05 A\)")),
-    Case("MDN.predict", "flux not numeric", dict(flux=lambda a: np.full(a.shape, "x")),
-         Raises(ValueError, r"flux must be a numeric \(n_spec, 60\) array")),
+    Case(
+        "MDN.predict",
+        "NaN flux (one star)",
+        dict(flux=_set_row(1, np.nan)),
+        Flagged((1,)),
+    ),
+    Case(
+        "MDN.predict",
+        "zero errors (one star)",
+        dict(err=_set_row(0, 0.0)),
+        Flagged((0,)),
+    ),
+    Case(
+        "MDN.predict",
+        "all pixels masked",
+        dict(mask=np.ones(N_PIX, bool)),
+        Flagged((0, 1, 2)),
+    ),
+    Case(
+        "MDN.predict",
+        "spectrum of the wrong length",
+        dict(flux=lambda a: a[:, :50], err=lambda a: a[:, :50]),
+        Raises(
+            ValueError,
+            r"flux \(3, 50\) and flux_err \(3, 50\) must both be "
+            r"\(n_spec, 60\) or \(60,\) \(the MDN's wavelength grid\)",
+        ),
+    ),
+    Case(
+        "MDN.predict",
+        "another wavelength grid of the same length",
+        dict(wavelength=lambda c: c.emu.wavelength + 0.05),
+        Raises(
+            ValueError,
+            r"resample the spectra onto the MDN's grid .*\(max "
+            r"\|difference\| 0\.05 A\)",
+        ),
+    ),
+    Case(
+        "MDN.predict",
+        "flux not numeric",
+        dict(flux=lambda a: np.full(a.shape, "x")),
+        Raises(ValueError, r"flux must be a numeric \(n_spec, 60\) array"),
+    ),
     # ---- loaders --------------------------------------------------------------------
     *[
-        Case("load", f"{loader}: {kind} file", dict(loader=loader, file=file, kind=kind),
-             Raises(exc, rx))
+        Case(
+            "load",
+            f"{loader}: {kind} file",
+            dict(loader=loader, file=file, kind=kind),
+            Raises(exc, rx),
+        )
         for loader, file, fmt, ver in (
             ("Emulator.load", "emu", "Emulator", 1),
             ("MDN.load", "mdn", "MDN", MDN_VERSION),
@@ -420,65 +612,171 @@ CASES = [
             ("open_catalog", "cat", "Catalog", 1),
         )
         for kind, exc, rx in (
-            ("truncated", pl.FileFormatError, r"not a readable HDF5 file \(corrupt or "
-             r"truncated\?\): .*truncated file"),
-            ("text", pl.FileFormatError, r"not a readable HDF5 file .*file signature "
-             r"not found"),
-            ("v99", pl.FileFormatError, rf"payne_lite\.{fmt} format_version=99 is not "
-             rf"supported \(this payne_lite reads \[{ver}\]\)"),
+            (
+                "truncated",
+                pl.FileFormatError,
+                r"not a readable HDF5 file \(corrupt or "
+                r"truncated\?\): .*truncated file",
+            ),
+            (
+                "text",
+                pl.FileFormatError,
+                r"not a readable HDF5 file .*file signature "
+                r"not found",
+            ),
+            (
+                "v99",
+                pl.FileFormatError,
+                rf"payne_lite\.{fmt} format_version=99 is not "
+                rf"supported \(this payne_lite reads \[{ver}\]\)",
+            ),
             ("corrupt", pl.FileFormatError, r"corrupt"),
         )
         if not (loader == "open_catalog" and kind == "corrupt")  # rows read lazily
     ],
-    Case("load", "Emulator.load: a grid file", dict(loader="Emulator.load", file="grid",
-         kind=None), Raises(pl.FileFormatError, r"expected a 'payne_lite\.Emulator' "
-                            r"file, found format='payne_lite\.SpectralGrid'")),
-    Case("SpectralGrid", "a grid with a NaN flux row", dict(flux=_set_row(1, np.nan)),
-         Raises(ValueError, r"flux has 60 non-finite value\(s\); first at index "
-                r"\(1, 0\): nan")),
+    Case(
+        "load",
+        "Emulator.load: a grid file",
+        dict(loader="Emulator.load", file="grid", kind=None),
+        Raises(
+            pl.FileFormatError,
+            r"expected a 'payne_lite\.Emulator' "
+            r"file, found format='payne_lite\.SpectralGrid'",
+        ),
+    ),
+    Case(
+        "SpectralGrid",
+        "a grid with a NaN flux row",
+        dict(flux=_set_row(1, np.nan)),
+        Raises(
+            ValueError,
+            r"flux has 60 non-finite value\(s\); first at index "
+            r"\(1, 0\): nan",
+        ),
+    ),
     # ---- the command line -----------------------------------------------------------
-    Case("cli", "fit: a catalog with bad stars (flagged, the rest fitted)",
-         dict(argv=lambda c: _cli_fit(c, "cat_badstars.h5")),
-         Exit(0, r"^  \d converged, 2 flagged \(.*2 failed")),
-    Case("cli", "fit: an empty catalog", dict(argv=lambda c: _cli_fit(c, "cat_empty.h5")),
-         Exit(2, r"^payne-lite: error: .*cat_empty\.h5: the catalog holds no spectra$")),
-    Case("cli", "fit: a truncated emulator file",
-         dict(argv=lambda c: _cli_fit(c, "cat.h5", emulator=c.bad["emu"]["truncated"])),
-         Exit(2, r"^payne-lite: error: .*emu_truncated\.h5: not a readable HDF5 file")),
-    Case("cli", "fit: an emulator of another format version",
-         dict(argv=lambda c: _cli_fit(c, "cat.h5", emulator=c.bad["emu"]["v99"])),
-         Exit(2, r"^payne-lite: error: .*format_version=99 is not supported")),
-    Case("cli", "fit: --fixed outside the box",
-         dict(argv=lambda c: _cli_fit(c, "cat.h5", "--fixed", "Teff=9000")),
-         Exit(2, r"^payne-lite: error: fixed: Teff = 9000 is outside the training box")),
-    Case("cli", "fit: a catalog on a shifted grid of the emulator's length (warning)",
-         dict(argv=lambda c: _cli_fit(c, "cat_shifted.h5")),
-         Exit(0, r"^payne-lite: warning: .*cat_shifted\.h5: wavelength has the "
-              r"emulator's 60 pixels but is not the emulator's grid")),
-    Case("cli", "train: a grid of another format version",
-         dict(argv=lambda c: ["train", c.bad["grid"]["v99"], "-o", _out(c, ".h5"),
-                              "--no-progress"]),
-         Exit(2, r"^payne-lite: error: .*format_version=99 is not supported")),
-    Case("cli", "train: a corrupt grid",
-         dict(argv=lambda c: ["train", c.bad["grid"]["corrupt"], "-o", _out(c, ".h5"),
-                              "--no-progress"]),
-         Exit(2, r"^payne-lite: error: .*grid_corrupt\.h5: .*corrupt")),
-    Case("cli", "predict: labels outside the training box",
-         dict(argv=lambda c: ["predict", c.dir / "emu.h5", "--labels", "9000,3,0",
-                              "-o", _out(c, ".npy")]),
-         Exit(2, r"^payne-lite: error: label row 0: Teff = 9000 is outside the "
-              r"emulator's training box \[4000, 7000\] K")),
-    Case("cli", "train-mdn: an emulator of another format version",
-         dict(argv=lambda c: ["train-mdn", c.bad["emu"]["v99"], "-o", _out(c, ".h5"),
-                              "--no-progress"]),
-         Exit(2, r"^payne-lite: error: .*payne_lite\.Emulator format_version=99")),
-    Case("cli", "fit: a truncated FITS star",
-         dict(argv=lambda c: _cli_fit(c, c.dir / "star_truncated.fits")),
-         Exit(2, r"^payne-lite: error: .*star_truncated\.fits: truncated or corrupt")),
-    Case("cli", "train: --resume without --checkpoint",
-         dict(argv=lambda c: ["train", c.dir / "grid.h5", "-o", _out(c, ".h5"),
-                              "--resume", "--no-progress"]),
-         Exit(2, r"^payne-lite: error: --resume needs --checkpoint CKPT\.h5$")),
+    Case(
+        "cli",
+        "fit: a catalog with bad stars (flagged, the rest fitted)",
+        dict(argv=lambda c: _cli_fit(c, "cat_badstars.h5")),
+        Exit(0, r"^  \d converged, 2 flagged \(.*2 failed"),
+    ),
+    Case(
+        "cli",
+        "fit: an empty catalog",
+        dict(argv=lambda c: _cli_fit(c, "cat_empty.h5")),
+        Exit(2, r"^payne-lite: error: .*cat_empty\.h5: the catalog holds no spectra$"),
+    ),
+    Case(
+        "cli",
+        "fit: a truncated emulator file",
+        dict(argv=lambda c: _cli_fit(c, "cat.h5", emulator=c.bad["emu"]["truncated"])),
+        Exit(2, r"^payne-lite: error: .*emu_truncated\.h5: not a readable HDF5 file"),
+    ),
+    Case(
+        "cli",
+        "fit: an emulator of another format version",
+        dict(argv=lambda c: _cli_fit(c, "cat.h5", emulator=c.bad["emu"]["v99"])),
+        Exit(2, r"^payne-lite: error: .*format_version=99 is not supported"),
+    ),
+    Case(
+        "cli",
+        "fit: --fixed outside the box",
+        dict(argv=lambda c: _cli_fit(c, "cat.h5", "--fixed", "Teff=9000")),
+        Exit(2, r"^payne-lite: error: fixed: Teff = 9000 is outside the training box"),
+    ),
+    Case(
+        "cli",
+        "fit: a catalog on a shifted grid of the emulator's length (warning)",
+        dict(argv=lambda c: _cli_fit(c, "cat_shifted.h5")),
+        Exit(
+            0,
+            r"^payne-lite: warning: .*cat_shifted\.h5: wavelength has the "
+            r"emulator's 60 pixels but is not the emulator's grid",
+        ),
+    ),
+    Case(
+        "cli",
+        "train: a grid of another format version",
+        dict(
+            argv=lambda c: [
+                "train",
+                c.bad["grid"]["v99"],
+                "-o",
+                _out(c, ".h5"),
+                "--no-progress",
+            ]
+        ),
+        Exit(2, r"^payne-lite: error: .*format_version=99 is not supported"),
+    ),
+    Case(
+        "cli",
+        "train: a corrupt grid",
+        dict(
+            argv=lambda c: [
+                "train",
+                c.bad["grid"]["corrupt"],
+                "-o",
+                _out(c, ".h5"),
+                "--no-progress",
+            ]
+        ),
+        Exit(2, r"^payne-lite: error: .*grid_corrupt\.h5: .*corrupt"),
+    ),
+    Case(
+        "cli",
+        "predict: labels outside the training box",
+        dict(
+            argv=lambda c: [
+                "predict",
+                c.dir / "emu.h5",
+                "--labels",
+                "9000,3,0",
+                "-o",
+                _out(c, ".npy"),
+            ]
+        ),
+        Exit(
+            2,
+            r"^payne-lite: error: label row 0: Teff = 9000 is outside the "
+            r"emulator's training box \[4000, 7000\] K",
+        ),
+    ),
+    Case(
+        "cli",
+        "train-mdn: an emulator of another format version",
+        dict(
+            argv=lambda c: [
+                "train-mdn",
+                c.bad["emu"]["v99"],
+                "-o",
+                _out(c, ".h5"),
+                "--no-progress",
+            ]
+        ),
+        Exit(2, r"^payne-lite: error: .*payne_lite\.Emulator format_version=99"),
+    ),
+    Case(
+        "cli",
+        "fit: a truncated FITS star",
+        dict(argv=lambda c: _cli_fit(c, c.dir / "star_truncated.fits")),
+        Exit(2, r"^payne-lite: error: .*star_truncated\.fits: truncated or corrupt"),
+    ),
+    Case(
+        "cli",
+        "train: --resume without --checkpoint",
+        dict(
+            argv=lambda c: [
+                "train",
+                c.dir / "grid.h5",
+                "-o",
+                _out(c, ".h5"),
+                "--resume",
+                "--no-progress",
+            ]
+        ),
+        Exit(2, r"^payne-lite: error: --resume needs --checkpoint CKPT\.h5$"),
+    ),
 ]
 
 
@@ -527,8 +825,11 @@ def test_bad_input(ctx, case):
         code, out, err = run()
         assert code == exp.code, (out, err)
         assert "Traceback" not in err
-        lines = err.strip().splitlines() if code else (err.strip().splitlines()
-                                                       or out.splitlines())
+        lines = (
+            err.strip().splitlines()
+            if code
+            else (err.strip().splitlines() or out.splitlines())
+        )
         if code:
             assert len(lines) == 1, err
         assert any(re.search(exp.match, ln) for ln in lines + out.splitlines()), (
@@ -566,10 +867,19 @@ def test_fit_catalog_bad_p0_leaves_nothing_behind(ctx):
     out = _out(ctx)
     p0 = np.tile([5000.0, 3.0, 0.0], (6, 1))
     p0[5, 1] = np.nan
-    with pytest.raises(ValueError, match=r"^p0 has 1 non-finite value\(s\); first at "
-                       r"index \(5, 1\)"):
-        pl.fit_catalog(ctx.dir / "cat_badstars.h5", out, ctx.emu, p0=p0,
-                       chunk_size=2, progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"^p0 has 1 non-finite value\(s\); first at "
+        r"index \(5, 1\)",
+    ):
+        pl.fit_catalog(
+            ctx.dir / "cat_badstars.h5",
+            out,
+            ctx.emu,
+            p0=p0,
+            chunk_size=2,
+            progress=False,
+        )
     assert not out.exists()
     assert not pl.catalog.parts_folder(out).exists()
 
@@ -581,5 +891,7 @@ def test_train_emulator_refuses_a_grid_changed_in_place(ctx):
     flux = np.array(grid.flux)
     flux[4, 7] = np.nan
     object.__setattr__(grid, "flux", flux)
-    with pytest.raises(ValueError, match=r"flux has 1 non-finite value\(s\); first at index"):
+    with pytest.raises(
+        ValueError, match=r"flux has 1 non-finite value\(s\); first at index"
+    ):
         pl.train_emulator(grid, hidden=2, max_iter=2, progress=False)

@@ -26,8 +26,17 @@ import payne_lite as pl
 from payne_lite import Emulator, SpectralGrid
 from payne_lite.cli import build_parser, main
 
-SMALL_GRID = ["--n-spec", "40", "--n-lines", "200", "--lam-min", "15100",
-              "--lam-max", "15200", "--no-progress"]
+SMALL_GRID = [
+    "--n-spec",
+    "40",
+    "--n-lines",
+    "200",
+    "--lam-min",
+    "15100",
+    "--lam-max",
+    "15200",
+    "--no-progress",
+]
 TINY_TRAIN = ["--hidden", "3", "--max-iter", "5", "--no-progress"]
 STAR = [5000.0, 4.5, 0.0, 0.1, 5.0]  # Teff, logg, [Fe/H], [alpha/Fe], vmacro
 STAR_TEXT = ",".join(f"{v:g}" for v in STAR)
@@ -62,8 +71,9 @@ def files(tmp_path_factory) -> SimpleNamespace:
         code_train = main(["train", str(grid), "-o", str(emu), *TINY_TRAIN])
     assert (code_grid, code_train) == (0, 0), err.getvalue()
     grid_line, train_line = out.getvalue().splitlines()
-    return SimpleNamespace(dir=d, grid=grid, emu=emu, grid_line=grid_line,
-                           train_line=train_line)
+    return SimpleNamespace(
+        dir=d, grid=grid, emu=emu, grid_line=grid_line, train_line=train_line
+    )
 
 
 # --- grid and train ---------------------------------------------------------------
@@ -74,8 +84,13 @@ def test_grid_writes_file_and_one_line_summary(files):
     assert grid.meta["command"].startswith("payne-lite grid -o ")
     line = files.grid_line
     assert line.startswith(f"wrote {files.grid}: 40 spectra x 478 pixels, ")
-    for frag in ("15100.0-15199.8 A", "Teff [4000, 7000] K", "vmacro [0, 30] km/s",
-                 " kB; ", " s"):
+    for frag in (
+        "15100.0-15199.8 A",
+        "Teff [4000, 7000] K",
+        "vmacro [0, 30] km/s",
+        " kB; ",
+        " s",
+    ):
         assert frag in line, frag
 
 
@@ -96,8 +111,19 @@ def test_train_config_file_overridden_by_flags(files, tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"hidden": [2], "max_iter": 2, "patience": 3}))
     out_path = tmp_path / "emu2.h5"
-    code, out, err = run(capsys, "-v", "train", files.grid, "-o", out_path,
-                         "--config", cfg, "--max-iter", "3", "--no-progress")
+    code, out, err = run(
+        capsys,
+        "-v",
+        "train",
+        files.grid,
+        "-o",
+        out_path,
+        "--config",
+        cfg,
+        "--max-iter",
+        "3",
+        "--no-progress",
+    )
     assert code == 0, err
     config = Emulator.load(out_path).meta["config"]
     assert (config["hidden"], config["max_iter"], config["patience"]) == ([2], 3, 3)
@@ -125,11 +151,22 @@ def test_predict_from_labels_flags(files, tmp_path, capsys, suffix):
     emu = Emulator.load(files.emu)
     other = [5500.0, 3.0, -1.0, 0.3, 10.0]
     out_path = tmp_path / f"flux{suffix}"
-    code, out, err = run(capsys, "predict", files.emu, "--labels", STAR_TEXT,
-                         "--labels", " ".join(map(str, other)), "-o", out_path)
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels",
+        STAR_TEXT,
+        "--labels",
+        " ".join(map(str, other)),
+        "-o",
+        out_path,
+    )
     assert code == 0, err
-    assert out.strip() == (f"wrote {out_path}: 2 spectra x 478 pixels, 15100.0-15199.8 "
-                           f"A, flux {out.split('flux ')[1].strip()}")
+    assert out.strip() == (
+        f"wrote {out_path}: 2 spectra x 478 pixels, 15100.0-15199.8 "
+        f"A, flux {out.split('flux ')[1].strip()}"
+    )
     wave, flux = read_spectra(out_path)
     np.testing.assert_allclose(wave, emu.wavelength, rtol=1e-9)
     np.testing.assert_allclose(flux, emu.predict([STAR, other]), rtol=1e-6, atol=1e-7)
@@ -140,12 +177,24 @@ def test_predict_labels_csv_with_reordered_header(files, tmp_path, capsys):
     names = ["logg", "vmacro", "Teff", "[alpha/Fe]", "[Fe/H]"]
     rows = np.array([STAR, [6000.0, 4.0, -0.5, 0.2, 8.0]])
     order = [emu.label_names.index(n) for n in names]
-    text = "# two stars\n" + ",".join(names) + "\n" + "\n".join(
-        ",".join(f"{v:g}" for v in row[order]) for row in rows) + "\n"
+    text = (
+        "# two stars\n"
+        + ",".join(names)
+        + "\n"
+        + "\n".join(",".join(f"{v:g}" for v in row[order]) for row in rows)
+        + "\n"
+    )
     (tmp_path / "stars.csv").write_text(text)
     out_path = tmp_path / "flux.h5"
-    code, out, err = run(capsys, "predict", files.emu, "--labels-file",
-                         tmp_path / "stars.csv", "-o", out_path)
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels-file",
+        tmp_path / "stars.csv",
+        "-o",
+        out_path,
+    )
     assert code == 0, err
     with h5py.File(out_path, "r") as f:
         np.testing.assert_array_equal(f["labels"][()], rows)
@@ -154,8 +203,16 @@ def test_predict_labels_csv_with_reordered_header(files, tmp_path, capsys):
 
 def test_predict_allow_outside_extrapolates_with_a_warning(files, tmp_path, capsys):
     out_path = tmp_path / "flux.npy"
-    code, out, err = run(capsys, "predict", files.emu, "--labels",
-                         "9000,4.5,0,0.1,5", "-o", out_path, "--allow-outside")
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels",
+        "9000,4.5,0,0.1,5",
+        "-o",
+        out_path,
+        "--allow-outside",
+    )
     assert code == 0, err
     assert "outside the training box" in err and "WARNING" in err
     assert np.load(out_path).shape == (2, 478)
@@ -166,8 +223,14 @@ def test_info_grid(files, capsys):
     code, out, err = run(capsys, "info", files.grid)
     assert code == 0, err
     assert out.startswith(f"{files.grid}: payne_lite.SpectralGrid v1, ")
-    for frag in ("spectra     40", "15100.00-15199.84 A, 478 pixels", "log-uniform",
-                 "[alpha/Fe]", "meta.n_lines", "flux_err: none"):
+    for frag in (
+        "spectra     40",
+        "15100.00-15199.84 A, 478 pixels",
+        "log-uniform",
+        "[alpha/Fe]",
+        "meta.n_lines",
+        "flux_err: none",
+    ):
         assert frag in out, frag
 
 
@@ -175,9 +238,16 @@ def test_info_emulator(files, capsys):
     code, out, err = run(capsys, "info", files.emu)
     assert code == 0, err
     assert out.startswith(f"{files.emu}: payne_lite.Emulator v1, ")
-    for frag in ("pixel, hidden 3, sigmoid, 478 pixels x 5 labels", "training box",
-                 "lm, ", "of 5 iterations", "held-out    median |error|", "config",
-                 "max_iter=5", "pixel_error"):
+    for frag in (
+        "pixel, hidden 3, sigmoid, 478 pixels x 5 labels",
+        "training box",
+        "lm, ",
+        "of 5 iterations",
+        "held-out    median |error|",
+        "config",
+        "max_iter=5",
+        "pixel_error",
+    ):
         assert frag in out, frag
 
 
@@ -207,14 +277,32 @@ def fit_files(files):
 
 def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
     out_path = tmp_path / "results.fits"
-    argv = ["fit", fit_files.cat, "--emulator", files.emu, "-o", out_path,
-            "--chunk-size", "4", "--max-iter", "20", "--fixed", "vmacro=5",
-            "--no-progress"]
+    argv = [
+        "fit",
+        fit_files.cat,
+        "--emulator",
+        files.emu,
+        "-o",
+        out_path,
+        "--chunk-size",
+        "4",
+        "--max-iter",
+        "20",
+        "--fixed",
+        "vmacro=5",
+        "--no-progress",
+    ]
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     table = pl.read_results(out_path)
-    ref = pl.fit(fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask,
-                 fixed={"vmacro": 5.0}, max_iter=20)
+    ref = pl.fit(
+        fit_files.flux,
+        fit_files.err,
+        fit_files.emu,
+        mask=fit_files.mask,
+        fixed={"vmacro": 5.0},
+        max_iter=20,
+    )
     assert list(table["id"]) == fit_files.ids
     assert_tables_equal(table, ref, ref.colnames)
     np.testing.assert_allclose(table["vmacro"], 5.0, rtol=1e-6)  # float32 fit space
@@ -223,7 +311,10 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
     lines = out.splitlines()
     n_conv = int(np.count_nonzero(table["converged"]))
     n_flag = int(np.count_nonzero(table["flags"]))
-    assert lines[0] == f"fitted 6 spectra x 478 pixels from {fit_files.cat} (lm, cont_deg 0)"
+    assert (
+        lines[0]
+        == f"fitted 6 spectra x 478 pixels from {fit_files.cat} (lm, cont_deg 0)"
+    )
     assert lines[1].startswith(f"  {n_conv} converged, {n_flag} flagged")
     assert "median chi2_red" in lines[1]
     assert lines[2].startswith("  ") and " per spectrum (" in lines[2]
@@ -242,8 +333,11 @@ def test_info_catalog(fit_files, capsys):
     code, out, err = run(capsys, "info", fit_files.cat)
     assert code == 0, err
     assert out.startswith(f"{fit_files.cat}: payne_lite.Catalog v1, ")
-    for frag in ("spectra     6 (flux and flux_err float32; mask: yes)",
-                 "15100.00-15199.84 A, 478 pixels", "ids         'star0' .. 'star5'"):
+    for frag in (
+        "spectra     6 (flux and flux_err float32; mask: yes)",
+        "15100.00-15199.84 A, 478 pixels",
+        "ids         'star0' .. 'star5'",
+    ):
         assert frag in out, frag
 
 
@@ -251,8 +345,9 @@ def test_info_catalog(fit_files, capsys):
 def test_info_results(fit_files, tmp_path, capsys, suffix):
     """A results table in any of the three formats: rows, parameters with units,
     convergence, chi2_red and flags as in the table, then its meta."""
-    table = pl.fit(fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask,
-                   max_iter=20)
+    table = pl.fit(
+        fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask, max_iter=20
+    )
     table["flags"][0] |= 4
     path = tmp_path / f"r{suffix}"
     pl.write_results(table, path)
@@ -278,7 +373,9 @@ def test_info_mdn(tmp_path, capsys):
     code, out, err = run(capsys, "info", DEFAULT_MDN)
     assert code == 0, err
     assert out.startswith(f"{DEFAULT_MDN}: payne_lite.MDN v{mdn_mod.MDN_VERSION}, ")
-    assert "MDN(1 component(s), 8366 pixels" in out and "8366 pixels (log-uniform" in out
+    assert (
+        "MDN(1 component(s), 8366 pixels" in out and "8366 pixels (log-uniform" in out
+    )
 
 
 def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
@@ -292,22 +389,45 @@ def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
         hdr = fits.Header()
         hdr["CRVAL1"], hdr["CDELT1"], hdr["CTYPE1"] = x0, dlog, "LOG-LINEAR"
         p = tmp_path / f"aspcapStar-{i}.fits"
-        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(fit_files.flux[i], header=hdr),
-                      fits.ImageHDU(fit_files.err[i])]).writeto(p)
+        fits.HDUList(
+            [
+                fits.PrimaryHDU(),
+                fits.ImageHDU(fit_files.flux[i], header=hdr),
+                fits.ImageHDU(fit_files.err[i]),
+            ]
+        ).writeto(p)
         paths.append(p)
     out_path = tmp_path / "sub" / "results.ecsv"
-    code, out, err = run(capsys, "fit", *paths, "--emulator", files.emu, "-o",
-                         out_path, "--cont-deg", "1", "--max-iter", "10",
-                         "--no-progress")
+    code, out, err = run(
+        capsys,
+        "fit",
+        *paths,
+        "--emulator",
+        files.emu,
+        "-o",
+        out_path,
+        "--cont-deg",
+        "1",
+        "--max-iter",
+        "10",
+        "--no-progress",
+    )
     assert code == 0, err
-    assert out.splitlines()[0] == ("fitted 2 spectra x 478 pixels from 2 FITS files "
-                                   "(lm, cont_deg 1)")
+    assert out.splitlines()[0] == (
+        "fitted 2 spectra x 478 pixels from 2 FITS files (lm, cont_deg 1)"
+    )
     table = pl.read_results(out_path)
     with pl.open_catalog(paths) as cat:
         wave = cat.wavelength
     np.testing.assert_allclose(wave, emu.wavelength, rtol=1e-12)
-    ref = pl.fit(fit_files.flux[:2], fit_files.err[:2], emu, cont_deg=1, max_iter=10,
-                 wavelength=None if np.array_equal(wave, emu.wavelength) else wave)
+    ref = pl.fit(
+        fit_files.flux[:2],
+        fit_files.err[:2],
+        emu,
+        cont_deg=1,
+        max_iter=10,
+        wavelength=None if np.array_equal(wave, emu.wavelength) else wave,
+    )
     assert list(table["id"]) == ["aspcapStar-0", "aspcapStar-1"]
     assert "cont_1" in table.colnames
     assert_tables_equal(table, ref, ref.colnames)
@@ -315,23 +435,38 @@ def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
 
 def test_fit_bad_input_is_one_line(files, fit_files, tmp_path, capsys):
     def fit_cli(*extra, cat=fit_files.cat, out=tmp_path / "r.fits"):
-        return run(capsys, "fit", cat, "--emulator", files.emu, "-o", out,
-                   "--no-progress", *extra)
+        return run(
+            capsys,
+            "fit",
+            cat,
+            "--emulator",
+            files.emu,
+            "-o",
+            out,
+            "--no-progress",
+            *extra,
+        )
 
-    assert_one_line_error(*fit_cli("--fixed", "vmacro5"),
-                          "--fixed 'vmacro5': expected NAME=VALUE")
+    assert_one_line_error(
+        *fit_cli("--fixed", "vmacro5"), "--fixed 'vmacro5': expected NAME=VALUE"
+    )
     assert_one_line_error(*fit_cli("--fixed", "vmacro=fast"), "'fast' is not a number")
-    assert_one_line_error(*fit_cli("--fixed", "vturb=1"),
-                          "unknown parameter 'vturb'", "vmacro")
-    assert_one_line_error(*fit_cli(out=tmp_path / "r.txt"),
-                          "unknown results file suffix '.txt'")
-    assert_one_line_error(*fit_cli(cat=tmp_path / "missing.h5"),
-                          "missing.h5: no such file")
-    assert_one_line_error(*fit_cli(cat=files.grid),
-                          "expected a 'payne_lite.Catalog' file")
+    assert_one_line_error(
+        *fit_cli("--fixed", "vturb=1"), "unknown parameter 'vturb'", "vmacro"
+    )
+    assert_one_line_error(
+        *fit_cli(out=tmp_path / "r.txt"), "unknown results file suffix '.txt'"
+    )
+    assert_one_line_error(
+        *fit_cli(cat=tmp_path / "missing.h5"), "missing.h5: no such file"
+    )
+    assert_one_line_error(
+        *fit_cli(cat=files.grid), "expected a 'payne_lite.Catalog' file"
+    )
     assert_one_line_error(*fit_cli(out=fit_files.cat), "overwrite the input")
-    assert_one_line_error(*fit_cli("--chunk-size", "0"), "--chunk-size",
-                          "positive integer")
+    assert_one_line_error(
+        *fit_cli("--chunk-size", "0"), "--chunk-size", "positive integer"
+    )
     assert not (tmp_path / "r.fits").exists()
 
 
@@ -339,9 +474,11 @@ def test_fit_bad_input_is_one_line(files, fit_files, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["train", "predict", "info"])
 def test_missing_file_is_one_line_exit_2(tmp_path, capsys, command):
     missing = tmp_path / "missing.h5"
-    extra = {"train": ["-o", tmp_path / "e.h5"],
-             "predict": ["--labels", STAR_TEXT, "-o", tmp_path / "f.npy"],
-             "info": []}[command]
+    extra = {
+        "train": ["-o", tmp_path / "e.h5"],
+        "predict": ["--labels", STAR_TEXT, "-o", tmp_path / "f.npy"],
+        "info": [],
+    }[command]
     code, out, err = run(capsys, command, missing, *extra)
     assert_one_line_error(code, out, err, str(missing), "no such file")
 
@@ -355,66 +492,113 @@ def test_corrupt_file_is_one_line_exit_2(files, tmp_path, capsys, command, damag
         bad.write_bytes(b"this is not an HDF5 file\n" * 10)
     else:
         bad.write_bytes(source.read_bytes()[:3000])
-    extra = {"train": ["-o", tmp_path / "e.h5"],
-             "predict": ["--labels", STAR_TEXT, "-o", tmp_path / "f.npy"],
-             "info": []}[command]
+    extra = {
+        "train": ["-o", tmp_path / "e.h5"],
+        "predict": ["--labels", STAR_TEXT, "-o", tmp_path / "f.npy"],
+        "info": [],
+    }[command]
     code, out, err = run(capsys, command, bad, *extra)
     assert_one_line_error(code, out, err, str(bad), "corrupt or truncated")
 
 
 def test_wrong_kind_of_file_is_one_line_exit_2(files, tmp_path, capsys):
-    code, out, err = run(capsys, "predict", files.grid, "--labels", STAR_TEXT,
-                         "-o", tmp_path / "f.npy")
+    code, out, err = run(
+        capsys, "predict", files.grid, "--labels", STAR_TEXT, "-o", tmp_path / "f.npy"
+    )
     assert_one_line_error(code, out, err, "expected a 'payne_lite.Emulator' file")
 
 
 def test_wrong_number_of_labels(files, tmp_path, capsys):
-    code, out, err = run(capsys, "predict", files.emu, "--labels", "5000,4.5,0,0.1",
-                         "-o", tmp_path / "f.npy")
-    assert_one_line_error(code, out, err, "4 value(s)", "takes 5",
-                          "Teff, logg, [Fe/H], [alpha/Fe], vmacro")
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels",
+        "5000,4.5,0,0.1",
+        "-o",
+        tmp_path / "f.npy",
+    )
+    assert_one_line_error(
+        code,
+        out,
+        err,
+        "4 value(s)",
+        "takes 5",
+        "Teff, logg, [Fe/H], [alpha/Fe], vmacro",
+    )
     (tmp_path / "four.txt").write_text("5000 4.5 0 0.1\n")
-    code, out, err = run(capsys, "predict", files.emu, "--labels-file",
-                         tmp_path / "four.txt", "-o", tmp_path / "f.npy")
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels-file",
+        tmp_path / "four.txt",
+        "-o",
+        tmp_path / "f.npy",
+    )
     assert_one_line_error(code, out, err, "4 column(s)", "5 labels")
 
 
 def test_unknown_label_name_in_header(files, tmp_path, capsys):
     (tmp_path / "s.csv").write_text("Teff,logg,[Fe/H],alpha,vmacro\n5000,4.5,0,0.1,5\n")
-    code, out, err = run(capsys, "predict", files.emu, "--labels-file",
-                         tmp_path / "s.csv", "-o", tmp_path / "f.npy")
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels-file",
+        tmp_path / "s.csv",
+        "-o",
+        tmp_path / "f.npy",
+    )
     assert_one_line_error(code, out, err, "unknown label name(s) ['alpha']")
 
 
 @pytest.mark.parametrize("teff", ["9000", "-5000"])  # a leading minus is a value too
 def test_labels_outside_box_mention_allow_outside(files, tmp_path, capsys, teff):
-    code, out, err = run(capsys, "predict", files.emu, "--labels",
-                         f"{teff},4.5,0,0.1,5", "-o", tmp_path / "f.npy")
-    assert_one_line_error(code, out, err, f"Teff = {teff}", "training box",
-                          "--allow-outside")
+    code, out, err = run(
+        capsys,
+        "predict",
+        files.emu,
+        "--labels",
+        f"{teff},4.5,0,0.1,5",
+        "-o",
+        tmp_path / "f.npy",
+    )
+    assert_one_line_error(
+        code, out, err, f"Teff = {teff}", "training box", "--allow-outside"
+    )
     assert not (tmp_path / "f.npy").exists()
 
 
 def test_unknown_config_key_lists_valid_keys(files, tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"hiden": 3, "max_iter": 2}))
-    code, out, err = run(capsys, "train", files.grid, "-o", tmp_path / "e.h5",
-                         "--config", cfg)
-    assert_one_line_error(code, out, err, "unknown TrainConfig key(s) ['hiden']",
-                          "valid keys: hidden, activation, optimizer, max_iter")
+    code, out, err = run(
+        capsys, "train", files.grid, "-o", tmp_path / "e.h5", "--config", cfg
+    )
+    assert_one_line_error(
+        code,
+        out,
+        err,
+        "unknown TrainConfig key(s) ['hiden']",
+        "valid keys: hidden, activation, optimizer, max_iter",
+    )
     cfg.write_text(json.dumps({"max_iter": "many"}))
-    code, out, err = run(capsys, "train", files.grid, "-o", tmp_path / "e.h5",
-                         "--config", cfg)
+    code, out, err = run(
+        capsys, "train", files.grid, "-o", tmp_path / "e.h5", "--config", cfg
+    )
     assert_one_line_error(code, out, err, "max_iter must be an integer")
 
 
 def test_invalid_setting_and_usage_errors_are_one_line(files, tmp_path, capsys):
-    code, out, err = run(capsys, "train", files.grid, "-o", tmp_path / "e.h5",
-                         "--valid-fraction", "1.5")
+    code, out, err = run(
+        capsys, "train", files.grid, "-o", tmp_path / "e.h5", "--valid-fraction", "1.5"
+    )
     assert_one_line_error(code, out, err, "valid_fraction must be in (0, 1)")
     code, out, err = run(capsys, "grid", "-o", tmp_path / "g.h5", "--n-spec", "0")
-    assert_one_line_error(code, out, err, "--n-spec", "positive integer",
-                          "payne-lite grid --help")
+    assert_one_line_error(
+        code, out, err, "--n-spec", "positive integer", "payne-lite grid --help"
+    )
     code, out, err = run(capsys, "train", files.grid, "-o", files.grid)
     assert_one_line_error(code, out, err, "overwrite the input")
     code, out, err = run(capsys)
@@ -429,8 +613,9 @@ def test_debug_shows_the_exception(tmp_path):
 # --- help -------------------------------------------------------------------------
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
-    action = next(a for a in parser._actions
-                  if isinstance(a, argparse._SubParsersAction))
+    action = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
     return dict(action.choices)
 
 
@@ -458,10 +643,13 @@ def test_console_script_runs():
     exe = Path(sys.executable).with_name("payne-lite")
     script = str(exe) if exe.exists() else shutil.which("payne-lite")
     if script is None:
-        pytest.skip("the payne-lite console script is not installed "
-                    "(pip install -e . puts it on PATH)")
-    proc = subprocess.run([script, "--help"], capture_output=True, text=True,
-                          timeout=120, check=False)
+        pytest.skip(
+            "the payne-lite console script is not installed "
+            "(pip install -e . puts it on PATH)"
+        )
+    proc = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: payne-lite")
     assert "predict" in proc.stdout

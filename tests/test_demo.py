@@ -40,8 +40,18 @@ def test_default_emulator_is_accurate_on_unseen_spectra(default_emu):
 
 
 def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
-    code = cli.main(["demo", "-o", str(tmp_path / "out"), "--n-spec", "16",
-                     "--emcee-stars", "1", "--no-progress"])
+    code = cli.main(
+        [
+            "demo",
+            "-o",
+            str(tmp_path / "out"),
+            "--n-spec",
+            "16",
+            "--emcee-stars",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "median |error|" in text and "wrote" in text
@@ -69,9 +79,17 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     assert abs(post["Teff_p50"][0] - table["Teff"][0]) < 4 * width
     assert {"Teff_mdn", "Teff_mdn_sigma", "rv_mdn", "mdn_refit"} <= set(res.colnames)
     figs = tmp_path / "out" / "figures"
-    for stem in ("emulator_error_hist", "spectrum_model_worst", "training_loss",
-                 "fit_vs_truth", "mdn_coverage", "fit_coverage", "mdn_training_loss",
-                 "spectrum_fit_example", "corner_emcee_row0"):
+    for stem in (
+        "emulator_error_hist",
+        "spectrum_model_worst",
+        "training_loss",
+        "fit_vs_truth",
+        "mdn_coverage",
+        "fit_coverage",
+        "mdn_training_loss",
+        "spectrum_fit_example",
+        "corner_emcee_row0",
+    ):
         for ext in (".png", ".pdf"):
             assert (figs / (stem + ext)).stat().st_size > 5000
 
@@ -99,8 +117,13 @@ def test_default_mdn_is_calibrated_for_the_default_emulator(default_emu):
     from payne_lite.mdn import simulate
 
     mdn = load_default_mdn(default_emu)
-    sim = simulate(default_emu, 300, rng=np.random.default_rng(2024),
-                   snr_range=(20.0, 200.0), rv_range=(-300.0, 300.0))
+    sim = simulate(
+        default_emu,
+        300,
+        rng=np.random.default_rng(2024),
+        snr_range=(20.0, 200.0),
+        rv_range=(-300.0, 300.0),
+    )
     mean, sigma = mdn.predict(sim["flux"], sim["err"], mask=sim["mask"])
     z = np.abs(mean - np.column_stack([sim["labels"], sim["rv"]])) / sigma
     assert np.all(sigma > 0)

@@ -136,16 +136,22 @@ def _load_payne(path, **kw):
 
 @pytest.fixture(scope="module")
 def payne5(payne_data, apogee_wave):
-    return _load_payne(payne_data / "nn_normalized_spectra_5label.npz",
-                       label_names=PAYNE_LABELS_5, label_units=PAYNE_UNITS_5,
-                       wavelength=apogee_wave)
+    return _load_payne(
+        payne_data / "nn_normalized_spectra_5label.npz",
+        label_names=PAYNE_LABELS_5,
+        label_units=PAYNE_UNITS_5,
+        wavelength=apogee_wave,
+    )
 
 
 @pytest.fixture(scope="module")
 def payne4(payne_data, apogee_wave):
-    return _load_payne(payne_data / "nn_unnormalized_spectra_4label.npz",
-                       label_names=PAYNE_LABELS_5[:4], wavelength=apogee_wave,
-                       flux_scale=1e-6)
+    return _load_payne(
+        payne_data / "nn_unnormalized_spectra_4label.npz",
+        label_names=PAYNE_LABELS_5[:4],
+        wavelength=apogee_wave,
+        flux_scale=1e-6,
+    )
 
 
 def test_payne5_import(payne5, apogee_wave):

@@ -469,9 +469,9 @@ def test_bucket_lookup_interpolation_equals_binary_search():
     wave = np.concatenate([wave[:400], wave[520:]])  # a chip gap
     ref = 0.5 * (wave[0] + wave[-1])
     x_rest = jnp.asarray(wave - ref)
-    gap_cum = jnp.asarray(M._gap_cum(wave))
+    gap_cum = jnp.asarray(M.gap_cum(wave))
     flux = jnp.asarray(rng.uniform(0.3, 1.0, wave.size))
-    lookup = M._make_lookup(wave - ref, jnp.float32)
+    lookup = M.make_lookup(wave - ref, jnp.float32)
     obs = np.sort(
         np.concatenate(
             [rng.uniform(wave[0] - 2, wave[-1] + 2, 3000), wave[:50], wave[-50:]]

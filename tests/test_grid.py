@@ -483,7 +483,9 @@ def test_box_round_trip_and_label_box(tmp_path):
 
 
 def test_labels_outside_the_box_are_refused():
-    with pytest.raises(ValueError, match=r"labels\[\d+\] logg = .* outside the grid's box"):
+    with pytest.raises(
+        ValueError, match=r"labels\[\d+\] logg = .* outside the grid's box"
+    ):
         SpectralGrid(**_grid_kwargs(), box=(BOX[0], np.array([7000.0, 4.0, 0.5])))
     with pytest.raises(ValueError, match="empty"):
         SpectralGrid(**_grid_kwargs(), box=(BOX[1], BOX[0]))

@@ -322,8 +322,14 @@ def test_trace_plot_writes_files(tmp_path):
     rng = np.random.default_rng(0)
     chains = rng.normal([5500.0, 4.4, -0.2], [50.0, 0.1, 0.05], (300, 12, 3))
     stem = tmp_path / "trace"
-    paths = plots.trace_plot(chains, NAMES, stem, units=UNITS,
-                             truths=[5520.0, 4.4, -0.2], title="12 chains, 8 drawn")
+    paths = plots.trace_plot(
+        chains,
+        NAMES,
+        stem,
+        units=UNITS,
+        truths=[5520.0, 4.4, -0.2],
+        title="12 chains, 8 drawn",
+    )
     assert_figure(paths, stem)
     # one chain, (n, d)
     assert_figure(plots.trace_plot(chains[:, 0], NAMES, tmp_path / "one"))
@@ -349,8 +355,18 @@ def test_prior_posterior_plot_writes_files(tmp_path, weighted):
     w = rng.uniform(0.5, 1.5, 4000) if weighted else None
     stem = tmp_path / "prior_post"
     paths = plots.prior_posterior_plot(
-        x, NAMES, stem, prior_lo=lo, prior_hi=hi, prior_mu=mu, prior_sd=sd,
-        weights=w, units=UNITS, truths=[5510.0, 4.4, -0.21], title="test")
+        x,
+        NAMES,
+        stem,
+        prior_lo=lo,
+        prior_hi=hi,
+        prior_mu=mu,
+        prior_sd=sd,
+        weights=w,
+        units=UNITS,
+        truths=[5510.0, 4.4, -0.21],
+        title="test",
+    )
     assert_figure(paths, stem)
 
 
@@ -358,11 +374,13 @@ def test_prior_posterior_plot_bad_input(tmp_path):
     x = np.zeros((10, 3)) + [5500.0, 4.4, -0.2]
     kw = dict(prior_lo=[4000.0, 1.0, -2.0], prior_hi=[7000.0, 5.0, 0.5])
     with pytest.raises(ValueError, match="lo < hi"):
-        plots.prior_posterior_plot(x, NAMES, tmp_path / "p",
-                                   prior_lo=kw["prior_hi"], prior_hi=kw["prior_lo"])
+        plots.prior_posterior_plot(
+            x, NAMES, tmp_path / "p", prior_lo=kw["prior_hi"], prior_hi=kw["prior_lo"]
+        )
     with pytest.raises(ValueError, match=r"prior_lo \(2,\) must be \(3,\)"):
-        plots.prior_posterior_plot(x, NAMES, tmp_path / "p", prior_lo=[1.0, 2.0],
-                                   prior_hi=kw["prior_hi"])
+        plots.prior_posterior_plot(
+            x, NAMES, tmp_path / "p", prior_lo=[1.0, 2.0], prior_hi=kw["prior_hi"]
+        )
     with pytest.raises(ValueError, match="weights must be"):
         plots.prior_posterior_plot(x, NAMES, tmp_path / "p", weights=np.ones(3), **kw)
     with pytest.raises(ValueError, match="n >= 2"):
@@ -379,8 +397,17 @@ def test_plot_samples_file(capsys, tmp_path):
     truth = np.array([[5200.0, 3.0, -0.5], [6000.0, 4.0, -1.0]])
     flux = np.asarray(emu.predict(truth)) + rng.normal(0.0, 0.01, (2, 60))
     path = tmp_path / "samples.h5"
-    pl.sample(flux, np.full_like(flux, 0.01), emu, fixed={"rv": 0.0}, n_walkers=16,
-              n_steps=60, check_every=60, warn=False, samples_path=path)
+    pl.sample(
+        flux,
+        np.full_like(flux, 0.01),
+        emu,
+        fixed={"rv": 0.0},
+        n_walkers=16,
+        n_steps=60,
+        check_every=60,
+        warn=False,
+        samples_path=path,
+    )
     code, out, err = run(capsys, "plot", path, "-o", tmp_path / "figs")
     assert code == 0, err
     for star in (0, 1):
@@ -391,8 +418,10 @@ def test_plot_samples_file(capsys, tmp_path):
     code, out, err = run(capsys, "plot", path, "-o", tmp_path / "f2", "--rows", "1")
     assert code == 0 and (tmp_path / "f2" / "trace_star1.png").exists()
     assert not (tmp_path / "f2" / "trace_star0.png").exists()
-    assert_one_line_error(*run(capsys, "plot", path, "--rows", "5"),
-                          "rows [5] out of range (it has 2 stars)")
+    assert_one_line_error(
+        *run(capsys, "plot", path, "--rows", "5"),
+        "rows [5] out of range (it has 2 stars)",
+    )
     post, meta = pl.posterior.load_samples(path)
     assert post.n_chains == [16, 16] and meta["method"] == "emcee"
     np.testing.assert_allclose(post.prior_lo[0], [*emu.label_lo, -20.0][:3])

@@ -151,14 +151,14 @@ import sys, time
 import payne_lite as pl
 from payne_lite import catalog
 
-fit_rows = catalog._fit_rows
+fit_rows = catalog.fit_rows
 
 def slow(*args, **kwargs):  # time to be killed between chunks
     table = fit_rows(*args, **kwargs)
     time.sleep(0.4)
     return table
 
-catalog._fit_rows = slow
+catalog.fit_rows = slow
 pl.fit_catalog(sys.argv[1], sys.argv[2], sys.argv[3], chunk_size=int(sys.argv[4]),
                progress=False)
 """
@@ -207,13 +207,13 @@ def test_killed_run_resumes_with_every_row_once(
     (parts_folder(out) / f".chunk-{N_CHUNKS - 1:06d}.h5.dead.tmp.h5").write_bytes(b"x")
 
     fitted = []
-    fit_rows = catalog_mod._fit_rows
+    fit_rows = catalog_mod.fit_rows
 
     def counting(chunk, **kw):
         fitted.append(chunk.ids[0])
         return fit_rows(chunk, **kw)
 
-    monkeypatch.setattr(catalog_mod, "_fit_rows", counting)
+    monkeypatch.setattr(catalog_mod, "fit_rows", counting)
     # the same call again: only the missing chunks are fitted
     table = pl.fit_catalog(cat, out, emu_path, chunk_size=CHUNK, progress=False)
     missing = [i for i in range(N_CHUNKS) if i not in done]

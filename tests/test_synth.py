@@ -61,8 +61,9 @@ def one_line() -> synth.LineList:
     """One Fe I line at LINE_WAVE, negligible damping, tau0 = 1e-3 in the Sun."""
     lines = synth.make_linelist(60, seed=3)
     i = int(np.flatnonzero(lines.species_names == "Fe I")[0])
-    line = lines.select([i])._replace(wavelength=np.array([LINE_WAVE]),
-                                      log_gamma=np.array([-8.0]))
+    line = lines.select([i])._replace(
+        wavelength=np.array([LINE_WAVE]), log_gamma=np.array([-8.0])
+    )
     tau0, _, _ = _line_params(SUN, line)
     return line._replace(log_gf=line.log_gf - np.log10(tau0) - 3.0)
 
@@ -87,11 +88,12 @@ def _reference_log_tau0(labels, lines: synth.LineList) -> np.ndarray:
     """Independent float64 NumPy version of the strength formula (module docstring)."""
     teff, logg, feh, afe = (float(x) for x in labels[:4])
     theta = THETA_CONST / teff
-    log_pe = (1.3 + (logg - 4.4) / 3.0 + 0.4 * feh + 5.0 * math.log10(teff / 5800.0))
+    log_pe = 1.3 + (logg - 4.4) / 3.0 + 0.4 * feh + 5.0 * math.log10(teff / 5800.0)
     log_pg = 5.0 + 2.0 * (logg - 4.4) / 3.0 - 0.3 * feh
     out = []
-    for sp_i, chi, gf in zip(lines.species, lines.excitation_potential, lines.log_gf,
-                             strict=True):
+    for sp_i, chi, gf in zip(
+        lines.species, lines.excitation_potential, lines.log_gf, strict=True
+    ):
         sp = synth.SPECIES[sp_i]
         x_h = feh + (afe if sp.alpha else 0.0)
         if sp.d0 > 0:
@@ -102,8 +104,16 @@ def _reference_log_tau0(labels, lines: synth.LineList) -> np.ndarray:
             log_r = -0.1762 + 2.5 * math.log10(teff) - theta * sp.chi_ion - log_pe
             frac_ii = 10.0**log_r / (1.0 + 10.0**log_r)
             log_pop = math.log10(frac_ii if sp.ion else 1.0 - frac_ii)
-        out.append(gf + sp.a_x - 12.0 + x_h - theta * chi + log_pop
-                   - (log_pe + 0.4 * theta) + synth.LOG_TAU_CONST)
+        out.append(
+            gf
+            + sp.a_x
+            - 12.0
+            + x_h
+            - theta * chi
+            + log_pop
+            - (log_pe + 0.4 * theta)
+            + synth.LOG_TAU_CONST
+        )
     return np.array(out)
 
 
@@ -229,15 +239,18 @@ def test_broadening_conserves_ew_and_adds_fwhm_in_quadrature(fine_wave, one_line
     fwhm_doppler = 2.0 * math.sqrt(math.log(2.0)) * b[0]
     for resolution in (22500.0, 10000.0):
         labels = np.array([[*SUN[:4], vm] for vm in (0.0, 10.0, 25.0)])
-        flux = synth.synthesize(labels, wavelength=fine_wave, linelist=lines,
-                                resolution=resolution)
+        flux = synth.synthesize(
+            labels, wavelength=fine_wave, linelist=lines, resolution=resolution
+        )
         ew = _ew_angstrom(fine_wave, flux)
         np.testing.assert_allclose(ew, ew[0], rtol=2e-3)
         for lab, f in zip(labels, flux, strict=True):
-            expected = math.sqrt((C_KMS / resolution) ** 2 + lab[4] ** 2
-                                 + fwhm_doppler**2)
-            assert _fwhm_kms(fine_wave, f, LINE_WAVE) == pytest.approx(expected,
-                                                                       rel=0.02)
+            expected = math.sqrt(
+                (C_KMS / resolution) ** 2 + lab[4] ** 2 + fwhm_doppler**2
+            )
+            assert _fwhm_kms(fine_wave, f, LINE_WAVE) == pytest.approx(
+                expected, rel=0.02
+            )
 
 
 def test_cooler_stars_have_stronger_molecular_bands(window):
@@ -262,8 +275,12 @@ def test_metallicity_deepens_fe_lines(window):
 def test_alpha_deepens_mg_si_lines_but_not_fe_lines(window):
     wave, lines = window
     labels = np.array([[5000.0, 3.0, -0.5, afe, 5.0] for afe in (-0.2, 0.2, 0.6)])
-    ew_alpha = _ew_angstrom(wave, synth.synthesize(
-        labels, wavelength=wave, linelist=_only(lines, ["Mg I", "Si I"])))
+    ew_alpha = _ew_angstrom(
+        wave,
+        synth.synthesize(
+            labels, wavelength=wave, linelist=_only(lines, ["Mg I", "Si I"])
+        ),
+    )
     assert np.all(np.diff(ew_alpha) > 0.02 * ew_alpha[0])
     flux_fe = synth.synthesize(labels, wavelength=wave, linelist=_only(lines, ["Fe I"]))
     np.testing.assert_allclose(flux_fe[1:], flux_fe[[0, 0]], atol=1e-6)
@@ -300,17 +317,28 @@ def test_latin_hypercube_has_one_sample_per_stratum():
 
 
 # --- bad input ----------------------------------------------------------------------
-@pytest.mark.parametrize(("labels", "match"), [
-    ([5800.0, np.nan, 0.0, 0.0, 5.0], r"labels\[1\] \(logg\) = nan"),
-    ([[5800.0, 4.4, 0.0, 0.0, 5.0], [5800.0, 4.4, np.inf, 0.0, 5.0]],
-     r"labels\[1, 2\] \(\[Fe/H\]\) = inf"),
-    ([8000.0, 4.4, 0.0, 0.0, 5.0], r"\(Teff\) = 8000.0 is outside .*4000, 7000\] K"),
-    ([[5800.0, 4.4, 0.0, 0.0, 45.0]], r"labels\[0, 4\] \(vmacro\) = 45.0 is outside"),
-    ([5800.0, 4.4, 0.0, 0.0], r"shape \(4,\)"),
-    (np.zeros((2, 6)), r"shape \(2, 6\)"),
-    (np.zeros((1, 2, 5)), "dimension"),
-    ("hot", "numeric"),
-])
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        ([5800.0, np.nan, 0.0, 0.0, 5.0], r"labels\[1\] \(logg\) = nan"),
+        (
+            [[5800.0, 4.4, 0.0, 0.0, 5.0], [5800.0, 4.4, np.inf, 0.0, 5.0]],
+            r"labels\[1, 2\] \(\[Fe/H\]\) = inf",
+        ),
+        (
+            [8000.0, 4.4, 0.0, 0.0, 5.0],
+            r"\(Teff\) = 8000.0 is outside .*4000, 7000\] K",
+        ),
+        (
+            [[5800.0, 4.4, 0.0, 0.0, 45.0]],
+            r"labels\[0, 4\] \(vmacro\) = 45.0 is outside",
+        ),
+        ([5800.0, 4.4, 0.0, 0.0], r"shape \(4,\)"),
+        (np.zeros((2, 6)), r"shape \(2, 6\)"),
+        (np.zeros((1, 2, 5)), "dimension"),
+        ("hot", "numeric"),
+    ],
+)
 def test_bad_labels_raise_naming_the_problem(labels, match):
     with pytest.raises(ValueError, match=match):
         synth.synthesize(labels)
@@ -343,8 +371,9 @@ def test_bad_settings_raise():
 # --- make_grid ----------------------------------------------------------------------
 def test_make_grid_round_trips_through_save_and_load(tmp_path, window):
     wave, _ = window
-    grid = synth.make_grid(6, seed=2, n_lines=300, wavelength=wave, batch_size=4,
-                           progress=False)
+    grid = synth.make_grid(
+        6, seed=2, n_lines=300, wavelength=wave, batch_size=4, progress=False
+    )
     assert isinstance(grid, SpectralGrid)
     assert grid.label_names == synth.DEFAULT_LABEL_NAMES
     assert grid.label_units == synth.DEFAULT_LABEL_UNITS

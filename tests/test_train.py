@@ -283,9 +283,14 @@ def test_sharded_training_on_4_devices_matches_one_device(tmp_path):
 def test_emulator_box_is_the_grid_design_box():
     grid, _ = _teacher_grid(n_spec=40, n_pix=4)
     box = (np.full(3, -0.25), np.full(3, 1.5))
-    g = pl.SpectralGrid(wavelength=grid.wavelength, labels=grid.labels, flux=grid.flux,
-                        label_names=grid.label_names, label_units=grid.label_units,
-                        box=box)
+    g = pl.SpectralGrid(
+        wavelength=grid.wavelength,
+        labels=grid.labels,
+        flux=grid.flux,
+        label_names=grid.label_names,
+        label_units=grid.label_units,
+        box=box,
+    )
     emu = pl.train_emulator(g, hidden=2, max_iter=2, progress=False)
     np.testing.assert_array_equal(emu.label_lo, box[0])
     np.testing.assert_array_equal(emu.label_hi, box[1])

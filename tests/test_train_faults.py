@@ -208,7 +208,11 @@ def test_exploding_adam_loss_stops_the_run(grid, tmp_path):
 
 def test_divergence_without_checkpoint_says_so(grid, monkeypatch):
     real = T._lm_step
-    monkeypatch.setattr(T, "_lm_step", lambda *a, **k: (lambda r: (r[0], r[1], r[2] * np.inf))(real(*a, **k)))  # noqa: E501
+    monkeypatch.setattr(
+        T,
+        "_lm_step",
+        lambda *a, **k: (lambda r: (r[0], r[1], r[2] * np.inf))(real(*a, **k)),
+    )  # noqa: E501
     with pytest.raises(
         pl.TrainingDivergedError,
         match=r"iteration 1: non-finite loss .*; no checkpoint was kept \(pass "
@@ -311,25 +315,66 @@ def test_cli_checkpoint_resume_and_divergence(grid, tmp_path):
     grid.save(tmp_path / "grid.h5")
     flags = ["--hidden", "3", "--pixel-batch", "8", "--patience", "3", "--no-progress"]
     ckpt = tmp_path / "emu.ckpt.h5"
-    code, _, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "a.h5",
-                         "--max-iter", "4", "--checkpoint", ckpt, *flags)
+    code, _, err = _main(
+        "train",
+        tmp_path / "grid.h5",
+        "-o",
+        tmp_path / "a.h5",
+        "--max-iter",
+        "4",
+        "--checkpoint",
+        ckpt,
+        *flags,
+    )
     assert code == 0, err
     assert _iteration(ckpt) == 4
-    code, out, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "b.h5",
-                           "--max-iter", "8", "--checkpoint", ckpt, *flags)
+    code, out, err = _main(
+        "train",
+        tmp_path / "grid.h5",
+        "-o",
+        tmp_path / "b.h5",
+        "--max-iter",
+        "8",
+        "--checkpoint",
+        ckpt,
+        *flags,
+    )
     assert code == 2 and out == ""
-    assert err.strip() == (f"payne-lite: error: checkpoint {ckpt} exists; add --resume "
-                           "to continue from it, or remove it")
-    code, _, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "b.h5",
-                         "--max-iter", "8", "--checkpoint", ckpt, "--resume", *flags)
+    assert err.strip() == (
+        f"payne-lite: error: checkpoint {ckpt} exists; add --resume "
+        "to continue from it, or remove it"
+    )
+    code, _, err = _main(
+        "train",
+        tmp_path / "grid.h5",
+        "-o",
+        tmp_path / "b.h5",
+        "--max-iter",
+        "8",
+        "--checkpoint",
+        ckpt,
+        "--resume",
+        *flags,
+    )
     assert code == 0, err
-    direct = pl.train_emulator(grid, max_iter=8, hidden=3, pixel_batch=8, patience=3,
-                               progress=False)
-    for x, y in zip(_params(pl.Emulator.load(tmp_path / "b.h5")), _params(direct),
-                    strict=True):
+    direct = pl.train_emulator(
+        grid, max_iter=8, hidden=3, pixel_batch=8, patience=3, progress=False
+    )
+    for x, y in zip(
+        _params(pl.Emulator.load(tmp_path / "b.h5")), _params(direct), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
-    code, out, err = _main("train", tmp_path / "grid.h5", "-o", tmp_path / "c.h5",
-                           "--optimizer", "adam", "--learning-rate", "1e4", *flags)
+    code, out, err = _main(
+        "train",
+        tmp_path / "grid.h5",
+        "-o",
+        tmp_path / "c.h5",
+        "--optimizer",
+        "adam",
+        "--learning-rate",
+        "1e4",
+        *flags,
+    )
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
@@ -346,23 +391,33 @@ def test_gpu_recipe_matches_the_cli():
     and TrainConfig (a renamed flag or field fails here, not on the cluster)."""
     script = (ROOT / "training" / "train_gpu.sbatch").read_text()
     joined = re.sub(r"\\\n\s*", " ", script)
-    cmd = next(ln for ln in joined.splitlines() if ln.lstrip().startswith("payne-lite "))
+    cmd = next(
+        ln for ln in joined.splitlines() if ln.lstrip().startswith("payne-lite ")
+    )
     argv = shlex.split(cmd)[1:]
-    subs = {"$GRID": "grid.h5", "$OUT": "emu.h5", "$CONFIG": "gpu_node.json",
-            "$CKPT": "emu.ckpt.h5"}
+    subs = {
+        "$GRID": "grid.h5",
+        "$OUT": "emu.h5",
+        "$CONFIG": "gpu_node.json",
+        "$CKPT": "emu.ckpt.h5",
+    }
     argv = [subs.get(a, a) for a in argv]
     args = build_parser().parse_args(argv)
     assert args.command == "train"
     assert (args.config, args.checkpoint, args.resume) == (
-        "gpu_node.json", "emu.ckpt.h5", True)
+        "gpu_node.json",
+        "emu.ckpt.h5",
+        True,
+    )
     settings = _config_from_json(ROOT / "training" / "gpu_node.json")
     assert set(settings) <= set(_CONFIG_FIELDS)
     cfg = pl.TrainConfig(**settings)
     assert cfg.pixel_batch == 2048 and cfg.optimizer == "lm"
     readme = (ROOT / "training" / "README.md").read_text()
     for flag in re.findall(r"`(--[a-z-]+)", readme):
-        assert flag in script or any(flag in a.option_strings for a in
-                                     _train_actions()), flag
+        assert flag in script or any(
+            flag in a.option_strings for a in _train_actions()
+        ), flag
 
 
 def _train_actions():
@@ -387,5 +442,12 @@ def test_train_mdn_stops_on_a_nan_loss(monkeypatch):
         match=r"^train_mdn diverged at epoch 1: training NLL nan, validation NLL nan "
         r"\(the best so far was inf after 0 epoch\(s\)\); a smaller learning_rate",
     ):
-        pl.train_mdn(build_tiny_emulator(n_pix=40), n_train=200, n_valid=40, epochs=3,
-                     n_pca=4, hidden=(8,), progress=False)
+        pl.train_mdn(
+            build_tiny_emulator(n_pix=40),
+            n_train=200,
+            n_valid=40,
+            epochs=3,
+            n_pca=4,
+            hidden=(8,),
+            progress=False,
+        )
