@@ -118,6 +118,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import NamedTuple
@@ -126,14 +127,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._problem import (
+    BROADENING_START,
+    MDN_NSIGMA,
+    RV_WINDOW,
+    check_fixed,
+    check_inputs,
+    check_rv_range,
+    emulator_error_on,
+    fill_grid,
+    teff_index,
+)
 from ._serial import default_threads, serial_jit
 from ._validate import as_float_array, warn_if_near_grid
-from .broadening import LIMB_DARKENING, air_to_vacuum
 from .constants import C_KMS
 from .emulator import KERNEL_COMPILER_OPTIONS, Emulator
+from .instrument import Instrument
 from .model import (
-    BROADENING_PARAMS,
-    BROADENING_RANGE,
     LABEL_BOUND,
     ObsModel,
     build_obs_model,
@@ -148,6 +158,7 @@ from .model import (
     shift_pair,
     window_valid,
 )
+from .options import CurveFitOptions, LMOptions, options_for
 
 Array = jax.Array
 
@@ -156,8 +167,6 @@ RV_SCAN_STEP = 4.0
 #: The RV scan compares chi2 over the pixels valid at every RV of the scan when
 #: they are at least this fraction of the grid (see :func:`_scan_pixels`).
 SCAN_COMMON_MIN = 0.75
-#: Half-width of the RV window of the local fit around the scan's RV [km/s].
-RV_WINDOW = 20.0
 #: Scaled-Teff starting points of the local fit (other labels start at the centre).
 TEFF_STARTS = (-0.3, 0.0, 0.3)
 #: LM: a fit from the best-screened start with chi2 above ndof + RESCUE_SIGMA *
@@ -209,14 +218,10 @@ POOR_FIT_NSIGMA = 5.0
 #: ... and an RMS misfit beyond the noise, sqrt(chi2_red - 1) / snr, above this
 #: fraction of the flux.
 POOR_FIT_MISFIT = 0.012
-#: With an MDN: label and rv bounds are the MDN mean +- MDN_NSIGMA sigma (and box).
-MDN_NSIGMA = 3.0
 #: With an MDN: QA bit 6 when the fit is more than this many MDN sigmas from its mean.
 MDN_FLAG_NSIGMA = 4.0
 #: Median S/N per pixel below which a fit is flagged low_snr (bit 5).
 LOW_SNR = 10.0
-#: Start (and RV-scan template) value of a fitted broadening parameter [km/s].
-BROADENING_START = {"vsini": 10.0, "vmacro": 5.0}
 
 METHODS = ("lm", "curve_fit")
 #: ``fit(continuum=...)``: Chebyshev coefficients as LM parameters, or profiled out.
@@ -841,87 +846,6 @@ _model_batch = serial_jit(_model_batch, key=_sequential_lanes)
 # --------------------------------------------------------------------------------------
 # NumPy boundary
 # --------------------------------------------------------------------------------------
-def _check_inputs(flux, flux_err, mask, n_pix):
-    """(flux, ivar) as (n, P) float64 copies; bad pixels get ivar = 0."""
-    f = as_float_array(flux, "flux", ndim=(1, 2))
-    e = as_float_array(flux_err, "flux_err", ndim=(1, 2))
-    if f.shape != e.shape:
-        raise ValueError(
-            f"flux {f.shape} and flux_err {e.shape} must have the same shape, "
-            f"(n_spec, {n_pix}) or ({n_pix},)"
-        )
-    if f.shape[-1] != n_pix:
-        raise ValueError(
-            f"flux {f.shape} has {f.shape[-1]} pixels, the wavelength grid has "
-            f"{n_pix}: expected (n_spec, {n_pix}) or ({n_pix},)"
-        )
-    f2 = np.atleast_2d(f)
-    e2 = np.atleast_2d(e)
-    if f2.shape[0] == 0:
-        raise ValueError(f"flux {f.shape} holds no spectra")
-    bad = ~np.isfinite(f2) | ~np.isfinite(e2) | ~(e2 > 0)
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.dtype != bool:
-            raise ValueError(f"mask must be boolean (True = ignore), got {m.dtype}")
-        if m.shape not in ((n_pix,), f.shape, f2.shape):
-            raise ValueError(
-                f"mask {m.shape} must be ({n_pix},) or the shape of flux {f.shape}"
-            )
-        bad = bad | np.broadcast_to(m, f2.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ivar = np.where(bad, 0.0, 1.0 / e2**2)
-    f2 = np.where(bad, 0.0, f2)  # garbage in ignored pixels must not reach the model
-    return f2, ivar
-
-
-def _teff_index(names) -> int:
-    for i, n in enumerate(names):
-        if n.lower().replace("_", "") in ("teff", "t", "temperature"):
-            return i
-    return 0
-
-
-def _check_fixed(fixed, emulator, rv_range, layout=None):
-    """{name: value} -> {index: value in fit space}; unknown names refused.
-
-    Broadening parameters (``vsini``, ``vmacro`` [km/s]) are accepted when
-    ``layout`` has them."""
-    if not fixed:
-        return {}
-    broad = () if layout is None else tuple(layout.broadening)
-    valid = (*emulator.label_names, "rv", *broad)
-    out = {}
-    for name, value in dict(fixed).items():
-        if name not in valid:
-            raise ValueError(
-                f"fixed: unknown parameter {name!r}; valid names are {list(valid)}"
-            )
-        v = float(value)
-        if not np.isfinite(v):
-            raise ValueError(f"fixed: {name} = {value!r} is not finite")
-        if name in broad:
-            lo, hi = BROADENING_RANGE[name]
-            if not lo <= v <= hi:
-                raise ValueError(
-                    f"fixed: {name} = {v:g} km/s is outside its range [{lo:g}, {hi:g}]"
-                )
-            out[layout.names.index(name)] = v
-        elif name == "rv":
-            if not rv_range[0] <= v <= rv_range[1]:
-                raise ValueError(
-                    f"fixed: rv = {v:g} km/s is outside rv_range {rv_range}"
-                )
-            out[emulator.n_labels] = v
-        else:
-            j = emulator.label_names.index(name)
-            lo, hi = emulator.label_lo[j], emulator.label_hi[j]
-            if not lo <= v <= hi:
-                raise ValueError(
-                    f"fixed: {name} = {v:g} is outside the training box [{lo:g}, {hi:g}]"
-                )
-            out[j] = (v - lo) / (hi - lo) - 0.5
-    return out
 
 
 def _curve_fit_one(obs, p_starts, flux, w, lo, hi, free, max_iter):
@@ -987,28 +911,6 @@ class _BatchContext(NamedTuple):
     emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
     profile: bool = False  # continuum="profile": variable projection
     error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
-
-
-def emulator_error_on(wave_obs, wave_rest, pixel_error, rv) -> np.ndarray:
-    """The emulator's per-pixel error (on its rest grid) at each star's observed pixels.
-
-    Observed pixel ``lambda`` sees the rest-frame model at ``lambda / f(rv)``
-    (relativistic Doppler factor), so the error is interpolated there (linearly; 0
-    off the rest grid, where the pixel has no model anyway).
-
-    Args:
-        wave_obs: (P_obs,) observed wavelength [A]; wave_rest, pixel_error: (P_rest,).
-        rv: (n,) radial velocity of each star [km/s].
-
-    Returns:
-        (n, P_obs) emulator error, to add in quadrature to the flux errors.
-    """
-    beta = np.asarray(rv, np.float64) / C_KMS
-    inv_f = np.sqrt((1.0 - beta) / (1.0 + beta))
-    lam = np.asarray(wave_obs, np.float64)[None, :] * inv_f[:, None]
-    return np.stack(
-        [np.interp(row, wave_rest, pixel_error, left=0.0, right=0.0) for row in lam]
-    )
 
 
 def _scan_pixels(obs: ObsModel, rv_range) -> np.ndarray | None:
@@ -1412,7 +1314,7 @@ def _fit_batch(ctx: _BatchContext, fb, wb, sb, m, prior=None) -> dict:
     )
 
 
-def fit(
+def fit_spectra(
     flux,
     flux_err,
     emulator: Emulator,
@@ -1420,231 +1322,30 @@ def fit(
     mask=None,
     wavelength=None,
     method: str = "lm",
+    instrument: Instrument | None = None,
     cont_deg: int = 0,
     rv_range=(-500.0, 500.0),
     p0=None,
     fixed=None,
-    max_iter: int = 100,
-    seed: int = 0,
-    return_model: bool = False,
-    batch_size: int = 256,
-    n_threads: int | None = None,
-    scale_errors: bool = False,
-    emulator_error: bool = True,
-    progress: bool = False,
     mdn=None,
-    mdn_starts: int = 0,
-    air: bool = False,
-    resolution=None,
-    lsf_sigma=None,
-    emulator_resolution=None,
-    vsini: bool = False,
-    vmacro: bool = False,
-    limb_darkening: float = LIMB_DARKENING,
-    continuum: str = "fit",
     group=None,
+    seed: int = 0,
+    emulator_error: bool = True,
+    return_model: bool = False,
+    progress: bool = False,
+    options: LMOptions | CurveFitOptions | None = None,
 ):
-    """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
-
-    Args:
-        flux: (n, P) or (P,) observed flux on ``wavelength``.
-        flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
-            non-finite flux) give that pixel zero weight.
-        emulator: the rest-frame spectrum emulator.
-        mask: optional bool (P,) or (n, P), True = ignore the pixel.
-        wavelength: observed wavelength [A]: (P,) one grid for all spectra, or
-            (n, P) one grid per spectrum; NaN entries are masked pixels (e.g. the
-            padding of a ragged catalog); None = the emulator's grid. Spectra on
-            identical grids are fitted together, and grids of one shape share the
-            compiled solver (except grids made of the emulator's own log-uniform
-            pixels, whose layout is static: one compilation per such layout). The
-            model is computed on the emulator's grid and linearly interpolated at
-            each observed wavelength (see :mod:`payne_lite.model`).
-        method: ``"lm"`` (batched Levenberg-Marquardt in JAX, see :func:`_lm_lanes` for
-            damping and stopping rules) or ``"curve_fit"`` (scipy, trf, JAX Jacobian);
-            ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` return posterior summaries from
-            :func:`payne_lite.posterior.sample` (box prior, LM-ball start; call it
-            directly for its other options).
-        cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
-        rv_range: (lo, hi) [km/s] searched by the RV scan and bounding the fit.
-        p0: optional starting labels [physical], (L,) or (n, L); replaces the Teff
-            starts. A 1-D ``p0`` is also the RV-scan template (else the box centre).
-        fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
-        max_iter: LM iterations (curve_fit: function evaluations) per start.
-        seed: seeds the random starts of ``mdn_starts`` (the default starts are a
-            fixed Teff grid).
-        return_model: add a ``model_flux`` (n, P) column with the best-fit spectra.
-        batch_size: spectra per jitted call; batches are padded to a power of two
-            (at least 8) up to this, so similar batch sizes share one compilation.
-        n_threads: batches fitted at once, in threads (JAX releases the GIL while a
-            batch runs). Default: the number of CPU cores for ``"lm"`` on the CPU
-            backend, else 1. Results do not depend on it.
-        scale_errors: multiply each covariance by its reduced chi2 when that is
-            above 1 (see the module docstring); recorded in the table's meta.
-        emulator_error: add the emulator's own per-pixel error (``pixel_error``,
-            measured on held-out spectra when it was trained; shifted to each
-            star's RV from the scan) in quadrature to the flux errors, when the
-            emulator has one (emulators imported from The Payne have none). With
-            an ``error_basis`` too (emulators trained by payne_lite), the errors
-            are also treated as correlated across pixels, as they are (an
-            emulator's error at one label vector is a smooth pattern that moves
-            the labels coherently): the covariance becomes the sandwich
-            ``A^-1 (J^T W D W J + J^T W C_emu W J) A^-1`` (``A = J^T W J`` with the
-            fit's weights W, D the data variances, ``C_emu = B^T B`` from the
-            basis shifted to the star's rv; for ``group=`` fits the visits share
-            one emulator error). ``meta["emulator_error_correlated"]`` says
-            whether it was used. Per-pixel quadrature alone leaves the errors too
-            small at high S/N (``benchmarks/bench_emulator_error.py``).
-        progress: show a tqdm progress bar over spectra.
-        mdn: a :class:`payne_lite.MDN` trained for ``emulator``: its means start and
-            its +- 3 sigma intervals bound each fit, with a fallback to the default
-            path (see the module docstring). Not together with ``p0``; the spectra
-            must be on the MDN's (the emulator's) wavelength grid.
-        mdn_starts: with ``mdn``, this many extra starting points per star drawn
-            from the MDN's Gaussian (mean, sigma) within its +- 3 sigma bounds; as
-            with the default starts, all are screened by chi2, LM runs from the
-            best, and the others only when that fit is doubtful.
-        air: the observed ``wavelength`` is in air (converted to vacuum with
-            :func:`payne_lite.broadening.air_to_vacuum`, IAU standard; emulator
-            grids are vacuum, as APOGEE's).
-        resolution: instrumental resolving power R = lambda / FWHM to degrade the
-            model to: a number, a callable ``R(wavelength [A])``, or (P,) one R per
-            observed pixel ((n, P) with per-star grids). The model is convolved
-            with a Gaussian of the quadrature difference between this and the
-            emulator's own resolution (:func:`payne_lite.model.lsf_sigma_pixels`).
-        lsf_sigma: instead of ``resolution``, the Gaussian LSF sigma [A], a number
-            or (P,) per observed pixel ((n, P) with per-star grids).
-        emulator_resolution: R of the emulator's spectra; default
-            :attr:`Emulator.resolution`, else 22,500 (APOGEE, as The Payne's
-            networks).
-        vsini: fit the projected rotation velocity ``vsini`` [km/s] (Gray's
-            rotation profile with linear limb darkening ``limb_darkening``), bounded
-            to [0, 100] km/s and started at 10 km/s; ``fixed={"vsini": v}`` holds it
-            (and turns it on). Below about half a pixel of the emulator's grid
-            (~2 km/s for APOGEE's 4.1 km/s pixels) rotation changes the spectrum
-            by a term quadratic in vsini, so a star without measurable rotation
-            ends near or at the lower bound 0; there its derivative vanishes,
-            ``vsini_err`` is NaN and the other errors are those with vsini held.
-        vmacro: fit a Gaussian macroturbulence, its FWHM ``vmacro`` [km/s] in
-            [0, 50], started at 5; not with an emulator that has a ``vmacro``
-            label (The Payne's APOGEE network and the built-in one do).
-        limb_darkening: linear limb-darkening coefficient of the rotation profile.
-        continuum: with ``cont_deg >= 1``: ``"fit"`` (the Chebyshev coefficients are
-            LM parameters) or ``"profile"`` (variable projection: at every LM step
-            the coefficients are solved by weighted linear least squares for the
-            current labels and rv, and the step is taken in labels and rv alone
-            with the projected Jacobian ``J_perp = (I - P_c) J``). The best fit is
-            the same (the same chi2 minimum); the errors are too: ``J_perp^T
-            J_perp`` is the Schur complement of the continuum block of the full
-            ``J^T W J``, so its inverse is the labels' and rv's marginal covariance
-            with the continuum's uncertainty included, and the table reports the
-            full covariance at the best fit (continuum coefficients included).
-        group: (n,) star identifier of each spectrum (any values ``numpy.unique``
-            can sort): spectra with the same identifier are visits of one star,
-            fitted jointly with shared labels, one rv (and continuum) per visit.
-            The table then has one row per star (see Returns). LM only, without
-            ``mdn``, ``p0`` of shape (n, L) or a fixed rv; batches of stars run one
-            after the other (``n_threads`` is not used) and ``progress`` shows no
-            bar.
-
-    Returns:
-        astropy Table, one row per spectrum: ``<label>``, ``<label>_err`` [label
-        units], ``rv``, ``rv_err`` [km/s], ``cont_<k>``, ``cont_<k>_err`` (if
-        ``cont_deg > 0``), ``chi2``, ``chi2_red``, ``n_good_pixels``, ``n_iter``,
-        ``converged``, ``flags`` (bitmask, see the module docstring) and
-        ``covariance`` (n, k, k) in physical units over ``meta["cov_params"]``,
-        ``snr`` (median S/N of the used pixels). Errors are not rescaled by
-        ``chi2_red`` unless ``scale_errors``. With an MDN also ``<label>_mdn``,
-        ``<label>_mdn_sigma``, ``rv_mdn``, ``rv_mdn_sigma`` and ``mdn_refit``, and
-        ``meta["mdn_seconds"]``.
-
-        With ``group``: one row per star, in the order of first appearance, with
-        ``group`` (the identifier), ``n_visits``, ``visit_rows`` (n_star, V) int
-        (rows of ``flux`` in each star's visit order, -1 for padding), ``rv`` and
-        ``rv_err`` (n_star, V) [km/s] (visit v of star i in ``rv[i, v]``, NaN after
-        a star's last visit; V = the most visits of any star), ``cont_<k>``,
-        ``cont_<k>_err`` (n_star, V) likewise, ``chi2_visit``,
-        ``n_good_pixels_visit``, ``snr_visit`` (n_star, V), ``snr`` the combined
-        S/N ``sqrt(sum snr_visit^2)``, and ``chi2``, ``chi2_red``,
-        ``n_good_pixels`` over all visits; ``covariance`` is over
-        ``meta["cov_params"]`` (labels, ``rv_1`` .. ``rv_V``, ``cont_<k>_<v>``),
-        NaN for padding. Bit 1 (at a bound) looks at every visit's rv.
-
-    Raises:
-        ValueError: shapes that do not fit together (named in the message), an unknown
-            method or fixed parameter, a bad ``rv_range``, ``p0`` outside the box,
-            ``p0`` with ``mdn``, an MDN trained for another emulator or grid.
-    """
-    broadening = tuple(
-        b for b in BROADENING_PARAMS if (b == "vsini" and vsini)
-        or (b == "vmacro" and vmacro)
-        or (b in (fixed or {}) and b not in emulator.label_names)
-    )  # fmt: skip
-    if group is not None and (
-        broadening
-        or resolution is not None
-        or lsf_sigma is not None
-        or (wavelength is not None and np.ndim(wavelength) == 2)
-    ):
-        raise ValueError(
-            "group= (joint multi-visit fits) does not take broadening, resolution, "
-            "lsf_sigma or per-spectrum wavelength grids yet"
-        )
-    if air:
-        if wavelength is None:
-            raise ValueError(
-                "air=True needs the observed wavelength (the emulator's grid is vacuum)"
-            )
-        wavelength = air_to_vacuum(
-            as_float_array(wavelength, "wavelength", ndim=(1, 2))
-        )
-    if wavelength is not None and np.ndim(wavelength) == 1:
-        wave1 = as_float_array(wavelength, "wavelength", ndim=1)
-        if mdn is None and np.all(np.isfinite(wave1)):  # an MDN refuses others
-            warn_if_near_grid(wave1, emulator.wavelength)
-        if not np.all(np.isfinite(wave1)):  # NaN entries: masked pixels
-            wavelength, missing = _fill_grid(wave1, 0)
-            mask = missing if mask is None else np.asarray(mask) | missing
-    if wavelength is not None and np.ndim(wavelength) == 2:
-        t = _fit_per_star_grids(
-            flux, flux_err, emulator, wavelength, mask=mask, p0=p0,
-            resolution=resolution, lsf_sigma=lsf_sigma, method=method,
-            cont_deg=cont_deg, rv_range=rv_range, fixed=fixed, max_iter=max_iter,
-            seed=seed, return_model=return_model, batch_size=batch_size,
-            n_threads=n_threads, scale_errors=scale_errors,
-            emulator_error=emulator_error, progress=progress, mdn=mdn,
-            mdn_starts=mdn_starts, emulator_resolution=emulator_resolution,
-            vsini=vsini, vmacro=vmacro, limb_darkening=limb_darkening,
-        )  # fmt: skip
-        t.meta["wavelength_air"] = bool(air)
-        return t
-    if method in SAMPLERS:
-        # posteriors: payne_lite.posterior.sample with the same model and options
-        from .posterior import sample
-
-        if group is not None or continuum != "fit":
-            raise ValueError(
-                f"method={method!r}: group= and continuum='profile' are LM options "
-                "(the samplers sample one spectrum at a time, continuum included)"
-            )
-        if p0 is not None or mdn_starts or return_model or scale_errors:
-            raise ValueError(
-                f"method={method!r}: p0, mdn_starts, return_model and scale_errors "
-                "are LM options; see payne_lite.sample for the samplers' options"
-            )
-        return sample(
-            flux, flux_err, emulator, method=method, mask=mask, wavelength=wavelength,
-            mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, fixed=fixed, seed=seed,
-            emulator_error=emulator_error, progress=progress, resolution=resolution,
-            lsf_sigma=lsf_sigma, emulator_resolution=emulator_resolution,
-            vsini=vsini, vmacro=vmacro, limb_darkening=limb_darkening,
-        )  # fmt: skip
+    """The point-fit path of :func:`payne_lite.fit` (``method="lm"`` or
+    ``"curve_fit"``): arguments, returns and errors as documented there."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS + SAMPLERS}, got {method!r}")
-    if continuum not in CONTINUUM_MODES:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    opts = options_for(method, options)
+    inst = Instrument() if instrument is None else instrument
+    if not isinstance(inst, Instrument):
         raise ValueError(
-            f"continuum must be one of {CONTINUUM_MODES}, got {continuum!r}"
+            f"instrument must be a payne_lite.Instrument, got {type(inst).__name__}"
         )
+    continuum = getattr(opts, "continuum", "fit")
     if continuum == "profile" and not (
         isinstance(cont_deg, int | np.integer) and cont_deg >= 1
     ):
@@ -1652,8 +1353,47 @@ def fit(
             f"continuum='profile' needs a continuum to profile: cont_deg >= 1, "
             f"got {cont_deg!r}"
         )
-    if continuum == "profile" and method != "lm":
-        raise ValueError(f"continuum='profile' is an LM option, not for {method!r}")
+    broadening = inst.broadening(fixed, emulator)
+    # the instrument as fitted: a kernel that ``fixed`` switched on is recorded on
+    inst = dataclasses.replace(
+        inst, vsini="vsini" in broadening, vmacro="vmacro" in broadening
+    )
+    if group is not None and (
+        broadening
+        or inst.has_profile
+        or (wavelength is not None and np.ndim(wavelength) == 2)
+    ):
+        raise ValueError(
+            "group= (joint multi-visit fits) does not take broadening, resolution, "
+            "lsf_sigma or per-spectrum wavelength grids yet"
+        )
+    if inst.per_star and not (wavelength is not None and np.ndim(wavelength) == 2):
+        raise ValueError(
+            "a per-star (n, P) resolution or lsf_sigma needs per-star wavelength "
+            "grids (n, P)"
+        )
+    wavelength = inst.vacuum_wavelength(wavelength)
+    if wavelength is not None and np.ndim(wavelength) == 1:
+        wave1 = as_float_array(wavelength, "wavelength", ndim=1)
+        if mdn is None and np.all(np.isfinite(wave1)):  # an MDN refuses others
+            warn_if_near_grid(wave1, emulator.wavelength)
+        if not np.all(np.isfinite(wave1)):  # NaN entries: masked pixels
+            wavelength, missing = fill_grid(wave1, 0)
+            mask = missing if mask is None else np.asarray(mask) | missing
+    if wavelength is not None and np.ndim(wavelength) == 2:
+        # the wavelengths are vacuum now: the per-grid fits must not convert again
+        t = _fit_per_star_grids(
+            flux, flux_err, emulator, wavelength, mask=mask, p0=p0,
+            instrument=dataclasses.replace(inst, air=False),
+            settings=dict(
+                method=method, cont_deg=cont_deg, rv_range=rv_range, fixed=fixed,
+                mdn=mdn, seed=seed, emulator_error=emulator_error,
+                return_model=return_model, progress=progress, options=opts,
+            ),
+        )  # fmt: skip
+        t.meta["instrument"] = inst.to_meta(wavelength)
+        t.meta["wavelength_air"] = inst.air
+        return t
     if group is not None:
         if method != "lm" or mdn is not None:
             raise ValueError(
@@ -1661,19 +1401,12 @@ def fit(
             )
         if fixed and "rv" in dict(fixed):
             raise ValueError("group=: each visit has its own rv; rv cannot be fixed")
-    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    rv_range = tuple(float(v) for v in rv_range)
-    if len(rv_range) != 2 or not (
-        np.all(np.isfinite(rv_range)) and rv_range[0] < rv_range[1]
-    ):
-        raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {rv_range}")
-    if isinstance(mdn_starts, bool) or int(mdn_starts) != mdn_starts or mdn_starts < 0:
-        raise ValueError(f"mdn_starts must be an int >= 0, got {mdn_starts!r}")
+    rv_range = check_rv_range(rv_range)
+    max_iter, batch_size = opts.max_iter, opts.batch_size
+    n_threads, mdn_starts = opts.n_threads, opts.mdn_starts
+    scale_errors = opts.scale_errors
     if mdn_starts and mdn is None:
-        raise ValueError("mdn_starts needs an mdn")
+        raise ValueError(f"{type(opts).__name__}(mdn_starts={mdn_starts}) needs an mdn")
     if mdn is not None:
         if p0 is not None:
             raise ValueError("pass p0 or mdn, not both (the MDN sets the starts)")
@@ -1688,18 +1421,14 @@ def fit(
         wavelength=wavelength,
         cont_deg=cont_deg,
         rv_max=max(abs(v) for v in rv_range),
-        resolution=resolution,
-        lsf_sigma=lsf_sigma,
-        emulator_resolution=emulator_resolution,
-        broadening=broadening,
-        limb_darkening=limb_darkening,
+        **inst.model_options(fixed, emulator),
     )
     n_pix = obs.x_obs.shape[0]
-    flux2, ivar = _check_inputs(flux, flux_err, mask, n_pix)
+    flux2, ivar = check_inputs(flux, flux_err, mask, n_pix)
     n = flux2.shape[0]
     n_lab = emulator.n_labels
     k = len(layout.names)
-    fix = _check_fixed(fixed, emulator, rv_range, layout)
+    fix = check_fixed(fixed, emulator, rv_range, layout)
     free = np.ones(k, bool)
     for j in fix:
         free[j] = False
@@ -1713,7 +1442,7 @@ def fit(
         s_scan = emulator.scale(p0_arr[0]) if p0_arr.shape[0] == 1 else np.zeros(n_lab)
     else:
         starts = np.zeros((len(TEFF_STARTS), n_lab))
-        starts[:, _teff_index(emulator.label_names)] = TEFF_STARTS
+        starts[:, teff_index(emulator.label_names)] = TEFF_STARTS
         starts = np.broadcast_to(starts, (n, *starts.shape))
         s_scan = np.zeros(n_lab)
     starts = np.array(starts, dtype=np.float64)
@@ -1722,6 +1451,9 @@ def fit(
             starts[:, :, j] = v
             s_scan[j] = v
 
+    wave_vac = np.asarray(
+        emulator.wavelength if wavelength is None else wavelength, np.float64
+    )
     dt = obs.x_obs.dtype
     n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / RV_SCAN_STEP))
     ctx = _BatchContext(
@@ -1764,7 +1496,7 @@ def fit(
             raise ValueError(
                 f"group=: p0 must be one label vector ({n_lab},), got {np.shape(p0)}"
             )
-        return _fit_groups(
+        t = _fit_groups(
             ctx,
             emulator,
             flux2,
@@ -1774,10 +1506,12 @@ def fit(
             batch_size=batch_size,
             scale_errors=scale_errors,
         )
+        t.meta["instrument"] = inst.to_meta(wave_vac)
+        t.meta["wavelength_air"] = inst.air
+        t.meta["continuum"] = continuum
+        return t
     if n_threads is None:
         n_threads = default_threads() if method == "lm" else 1
-    if isinstance(n_threads, bool) or int(n_threads) != n_threads or n_threads < 1:
-        raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
     # Batches of a power of two (>= 8) spectra, so that similar sizes share one
     # compilation; small catalogs are split so that every thread gets a batch.
     per_thread = -(-n // int(n_threads))
@@ -1861,16 +1595,17 @@ def fit(
     if obs.broad is not None:
         wave_obs = np.asarray(obs.wave_obs, np.float64)
         sig_pix, r_emu = lsf_sigma_pixels(
-            emulator, wave_obs, resolution=resolution, lsf_sigma=lsf_sigma,
-            emulator_resolution=emulator_resolution,
+            emulator, wave_obs, resolution=inst.resolution,
+            lsf_sigma=inst.lsf_sigma, emulator_resolution=inst.emulator_resolution,
         )  # fmt: skip
         t.meta.update(
             emulator_resolution=r_emu,
             lsf_sigma_pixels_max=None if sig_pix is None else float(np.max(sig_pix)),
-            limb_darkening=float(limb_darkening),
+            limb_darkening=inst.limb_darkening,
             broadening=list(broadening),
         )
-    t.meta["wavelength_air"] = bool(air)
+    t.meta["instrument"] = inst.to_meta(wave_vac)
+    t.meta["wavelength_air"] = inst.air
     if mdn is not None:
         _add_mdn_columns(t, layout, mdn_mean, mdn_sigma, refit, mdn_ok)
         t.meta.update(mdn_seconds=round(t_mdn, 4), mdn_n_components=mdn.n_components)
@@ -1878,40 +1613,17 @@ def fit(
     return t
 
 
-def _fill_grid(wave: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """(filled grid (P,), missing (P,) bool) of a grid with NaN entries (row ``row``).
-
-    Missing wavelengths are filled by linear interpolation in pixel index between
-    their neighbours (the end steps extrapolated), so the grid stays strictly
-    increasing; their pixels are masked."""
-    ok = np.isfinite(wave)
-    v = np.flatnonzero(ok)
-    if v.size < 2:
-        raise ValueError(
-            f"wavelength row {row} has {v.size} finite value(s); at least 2 needed"
-        )
-    w = wave[v]
-    if np.any(np.diff(w) <= 0):
-        raise ValueError(
-            f"wavelength row {row}: the finite wavelengths must be strictly increasing"
-        )
-    idx = np.arange(wave.size, dtype=np.float64)
-    filled = np.interp(idx, v, w)
-    head, tail = idx < v[0], idx > v[-1]
-    filled[head] = w[0] - (w[1] - w[0]) * (v[0] - idx[head])
-    filled[tail] = w[-1] + (w[-1] - w[-2]) * (idx[tail] - v[-1])
-    return filled, ~ok
-
-
 def _fit_per_star_grids(
-    flux, flux_err, emulator, wavelength, *, mask, p0, resolution, lsf_sigma, **kw
+    flux, flux_err, emulator, wavelength, *, mask, p0, instrument, settings
 ):
-    """:func:`fit` with one wavelength grid per spectrum, (n, P).
+    """:func:`fit_spectra` with one wavelength grid per spectrum, (n, P).
 
     Spectra on identical grids (and identical per-pixel ``resolution`` /
-    ``lsf_sigma`` rows) are fitted in one call; the tables are stacked back in the
-    input order, with a ``grid_group`` column (index of the distinct grid). Every
-    grid is checked against the emulator's range before anything is fitted.
+    ``lsf_sigma`` rows of ``instrument``) are fitted in one call, with every other
+    setting (``settings``: the keyword arguments of :func:`fit_spectra`) passed on
+    whole; the tables are stacked back in the input order, with a ``grid_group``
+    column (index of the distinct grid). Every grid is checked against the
+    emulator's range before anything is fitted.
     """
     from astropy.table import vstack
 
@@ -1934,9 +1646,10 @@ def _fit_per_star_grids(
             )
         m2 |= m
     per_star = {}
-    for name, val in (("resolution", resolution), ("lsf_sigma", lsf_sigma)):
-        if val is not None and not callable(val) and np.ndim(val) == 2:
-            arr = np.asarray(val, np.float64)
+    for name in ("resolution", "lsf_sigma"):
+        val = getattr(instrument, name)
+        if isinstance(val, np.ndarray) and val.ndim == 2:
+            arr = val
             if arr.shape != wave.shape:
                 raise ValueError(
                     f"{name} {arr.shape} must match wavelength {wave.shape} when 2-D"
@@ -1945,7 +1658,7 @@ def _fit_per_star_grids(
     filled = np.empty_like(wave)
     wave_rest = np.asarray(emulator.wavelength, np.float64)
     for i in range(n):
-        filled[i], missing = _fill_grid(wave[i], i)
+        filled[i], missing = fill_grid(wave[i], i)
         m2[i] |= missing
         w = wave[i][~missing]
         if w[-1] <= wave_rest[0] or w[0] >= wave_rest[-1]:
@@ -1961,19 +1674,15 @@ def _fit_per_star_grids(
     for g in range(first.size):
         sel = np.flatnonzero(group == g)
         i0 = sel[0]
-        opts = dict(kw)
-        for name, arr in per_star.items():
-            opts[name] = arr[i0]
-        t = fit(
+        t = fit_spectra(
             f2[sel],
             e2[sel],
             emulator,
             mask=m2[sel],
             wavelength=filled[i0],
             p0=p0_arr if p0_arr is None or p0_arr.ndim == 1 else p0_arr[sel],
-            resolution=opts.pop("resolution", resolution),
-            lsf_sigma=opts.pop("lsf_sigma", lsf_sigma),
-            **opts,
+            instrument=instrument.for_star(i0),
+            **settings,
         )
         t["grid_group"] = np.full(len(t), g, np.int32)
         tables.append(t)

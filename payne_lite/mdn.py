@@ -68,6 +68,7 @@ import numpy as np
 import optax
 
 from . import _h5
+from ._problem import check_rv_range
 from ._validate import as_float_array
 from .constants import C_KMS
 from .errors import FileFormatError
@@ -446,9 +447,7 @@ class MDN:
                 f"network output {net.weights[-1].shape[-1]} does not match "
                 f"{self.n_components} component(s) x 3 x {n_lab + 1} outputs"
             )
-        rv_range = tuple(float(v) for v in self.rv_range)
-        if len(rv_range) != 2 or not rv_range[0] < rv_range[1]:
-            raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {rv_range}")
+        rv_range = check_rv_range(self.rv_range)
         for name, val in [
             ("net", net),
             ("mean_flux", mean),
@@ -843,9 +842,7 @@ class MDNConfig:
         s = tuple(float(v) for v in self.snr_range)
         if len(s) != 2 or not 0 < s[0] <= s[1]:
             raise ValueError(f"snr_range must be (lo, hi) with 0 < lo <= hi, got {s}")
-        r = tuple(float(v) for v in self.rv_range)
-        if len(r) != 2 or not r[0] < r[1]:
-            raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {r}")
+        r = check_rv_range(self.rv_range)
         hidden = (self.hidden,) if isinstance(self.hidden, int) else self.hidden
         if not hidden or any(int(h) <= 0 for h in hidden):
             raise ValueError(f"hidden must be positive width(s), got {self.hidden!r}")

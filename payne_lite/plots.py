@@ -2017,9 +2017,12 @@ def _spectrum_figures(
 
 def _model_function(res, res_path, emu, emu_path, wave):
     """``f(row, err) -> (model, valid, err, note)`` computing the best-fit model of a
-    results row with the emulator (and the errors the fit used)."""
-    from .fitter import emulator_error_on
-    from .model import RV_RANGE, build_obs_model, observe
+    results row with the emulator (:func:`payne_lite.results.model_from_results`:
+    the instrument and continuum recorded in the table), and the errors the fit
+    used."""
+    from ._problem import emulator_error_on
+    from .instrument import Instrument
+    from .results import model_from_results
 
     names = list(res.meta.get("label_names") or emu.label_names)
     if tuple(names) != tuple(emu.label_names):
@@ -2039,12 +2042,7 @@ def _model_function(res, res_path, emu, emu_path, wave):
             f"{[c for c in cont if c not in res.colnames]} are missing"
         )
     rv_all = _values(res, "rv", res_path)
-    rv_range = res.meta.get("rv_range") or RV_RANGE
-    rv_max = max(
-        max(abs(float(v)) for v in rv_range),
-        float(np.nanmax(np.abs(rv_all), initial=0.0)) + 1.0,
-    )
-    obs = build_obs_model(emu, wavelength=wave, cont_deg=cont_deg, rv_max=rv_max)
+    wave_vac = Instrument.from_meta(res.meta.get("instrument")).vacuum_wavelength(wave)
     add_emu_err = bool(res.meta.get("emulator_error_in_likelihood")) and (
         emu.pixel_error is not None
     )
@@ -2057,16 +2055,13 @@ def _model_function(res, res_path, emu, emu_path, wave):
                 f"row {row} of {res_path}: the fit failed (NaN labels), "
                 "there is no model to draw"
             )
-        p = np.concatenate(
-            [emu.scale(labels), [rv], [_values(res, c, res_path)[row] for c in cont]]
-        )
-        model, valid = observe(obs, p)
+        model, valid = model_from_results(res, emu, wave, rows=[row])
         note = ""
         if add_emu_err:
-            e_emu = emulator_error_on(wave, emu.wavelength, emu.pixel_error, [rv])[0]
-            err = np.sqrt(err**2 + e_emu**2)
+            e_emu = emulator_error_on(wave_vac, emu.wavelength, emu.pixel_error, [rv])
+            err = np.sqrt(err**2 + e_emu[0] ** 2)
             note = "; σ = flux error ⊕ emulator error, as in the fit"
-        return np.asarray(model, float), np.asarray(valid, bool), err, note
+        return model[0], valid[0], err, note
 
     return model_fn
 

@@ -19,10 +19,10 @@ log posterior is ::
 with the optimiser's likelihood (:func:`payne_lite.fit`): the same observation model
 (:func:`payne_lite.model.observe`), and the same weights ``w_i``: zero for masked
 pixels, non-finite flux, non-finite or non-positive errors (the fitter's
-``_check_inputs``), zero for pixels not valid over the whole RV window (so that the
+``check_inputs``), zero for pixels not valid over the whole RV window (so that the
 pixel set does not change with rv), else ``1 / (err_i^2 + e_i^2)`` with ``e_i`` the
 emulator's own per-pixel error at the window's centre rv
-(:func:`payne_lite.fitter.emulator_error_on`, ``emulator_error=True``, when the
+(:func:`payne_lite._problem.emulator_error_on`, ``emulator_error=True``, when the
 emulator has one).
 
 The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
@@ -170,19 +170,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import as_float_array
-from .broadening import LIMB_DARKENING, air_to_vacuum
-from .emulator import Emulator
-from .errors import SamplingWarning
-from .fitter import (
+from ._problem import (
     BROADENING_START,
     MDN_NSIGMA,
     RV_WINDOW,
-    _check_fixed,
-    _check_inputs,
+    check_fixed,
+    check_inputs,
+    check_rv_range,
     emulator_error_on,
-    fit,
 )
+from ._validate import as_float_array
+from .emulator import Emulator
+from .errors import SamplingWarning
+from .fitter import fit_spectra
+from .instrument import Instrument
 from .model import (
     BROADENING_PARAMS,
     LABEL_BOUND,
@@ -192,12 +193,17 @@ from .model import (
     param_layout,
     window_valid,
 )
+from .options import (
+    EmceeOptions,
+    ISOptions,
+    NUTSOptions,
+    options_for,
+)
 
 Array = jax.Array
 
 METHODS = ("emcee", "mdn-is", "nuts")
 PRIORS = ("box", "mdn-uniform", "mdn-gauss")
-INITS = ("lm", "mdn")
 
 #: Converged (emcee): kept steps >= N_TAU_MIN * the largest autocorrelation time ...
 N_TAU_MIN = 50.0
@@ -207,14 +213,6 @@ RHAT_MAX = 1.1
 BURN_TAU = 5.0
 #: Walkers start at the LM solution + BALL_SCALE * (LM covariance)^(1/2) z.
 BALL_SCALE = 0.1
-#: mdn-is: stars with an effective sample size below this fall back to emcee.
-IS_ESS_MIN = 200.0
-#: mdn-is: the proposal's sigma is the MDN's times this (a wider proposal is safer
-#: against an MDN that is too confident, at the cost of ESS).
-IS_SCALE = 1.5
-#: mdn-is: at most this many adapted stages after the MDN stage (0 = the MDN
-#: proposal only).
-IS_ADAPT = 4
 #: mdn-is: adaptation stops after a stage whose ESS reaches this fraction of its
 #: draws (512 of 2048, 2.5x IS_ESS_MIN: on 30 APOGEE mock stars at S/N 50, 0.5 made
 #: most stars run all four stages for a median final ESS of 1340).
@@ -223,14 +221,6 @@ IS_ADAPT_DONE = 0.25
 IS_DF = 5.0
 #: mdn-is: draws evaluated per jitted call.
 IS_CHUNK = 64
-#: nuts: independent chains (each with its own window adaptation).
-NUTS_CHAINS = 4
-#: nuts: warm-up (window adaptation) steps per chain, discarded.
-NUTS_WARMUP = 500
-#: nuts: draws per chain between two checks of the convergence rule.
-NUTS_BLOCK = 100
-#: nuts: converged when the smallest ESS reaches this (Vehtari et al. 2021: 400) ...
-NUTS_ESS_MIN = 400.0
 #: ... the largest split R-hat over the chains is below this (Vehtari et al. 2021) ...
 NUTS_RHAT_MAX = 1.01
 #: ... and no transition diverged. Chains start at the LM solution plus
@@ -678,25 +668,29 @@ def _to_device(tg: dict, dt) -> _Target:
     )
 
 
-def _instrument(fixed, emulator, *, air, wavelength, vsini, vmacro):
-    """(broadening names, vacuum wavelength) as :func:`payne_lite.fit` takes them."""
-    broadening = tuple(
-        b for b in BROADENING_PARAMS if (b == "vsini" and vsini)
-        or (b == "vmacro" and vmacro)
-        or (b in (fixed or {}) and b not in emulator.label_names)
-    )  # fmt: skip
-    if air:
-        if wavelength is None:
-            raise ValueError(
-                "air=True needs the observed wavelength (the emulator's grid is vacuum)"
-            )
-        wavelength = air_to_vacuum(as_float_array(wavelength, "wavelength", ndim=1))
+def _check_instrument(instrument) -> Instrument:
+    if instrument is None:
+        return Instrument()
+    if not isinstance(instrument, Instrument):
+        raise ValueError(
+            f"instrument must be a payne_lite.Instrument, got {type(instrument).__name__}"
+        )
+    return instrument
+
+
+def _instrument(inst: Instrument, fixed, emulator, wavelength):
+    """(broadening names, vacuum wavelength) of the samplers' one grid."""
     if wavelength is not None and np.ndim(wavelength) != 1:
         raise ValueError(
             f"the samplers take one wavelength grid (P,), got {np.shape(wavelength)}; "
             "sample spectra on different grids in separate calls"
         )
-    return broadening, wavelength
+    if inst.per_star:
+        raise ValueError(
+            "the samplers take one wavelength grid: a per-star (n, P) resolution or "
+            "lsf_sigma is refused; sample such spectra in separate calls"
+        )
+    return inst.broadening(fixed, emulator), inst.vacuum_wavelength(wavelength)
 
 
 def _prepare(
@@ -715,11 +709,7 @@ def _prepare(
         raise ValueError(f"prior={prior!r} needs an mdn")
     if not (np.isfinite(rv_window) and rv_window > 0):
         raise ValueError(f"rv_window must be > 0 [km/s], got {rv_window!r}")
-    rv_range = tuple(float(v) for v in rv_range)
-    if len(rv_range) != 2 or not (
-        np.all(np.isfinite(rv_range)) and rv_range[0] < rv_range[1]
-    ):
-        raise ValueError(f"rv_range must be (lo, hi) with lo < hi, got {rv_range}")
+    rv_range = check_rv_range(rv_range)
     if mdn is not None:
         mdn.check_emulator(emulator)
         if wavelength is not None:
@@ -734,9 +724,9 @@ def _prepare(
     layout = param_layout(
         emulator, cont_deg=cont_deg, rv_range=rv_range, broadening=broadening
     )
-    flux2, ivar = _check_inputs(flux, flux_err, mask, obs.x_obs.shape[0])
+    flux2, ivar = check_inputs(flux, flux_err, mask, obs.x_obs.shape[0])
     n = flux2.shape[0]
-    fix = _check_fixed(fixed, emulator, rv_range, layout)
+    fix = check_fixed(fixed, emulator, rv_range, layout)
     free = np.ones(len(layout.names), bool)
     free[list(fix)] = False
     mdn_mean = mdn_sigma = None
@@ -791,6 +781,7 @@ def log_posterior(
     rv_centre: float,
     mask=None,
     wavelength=None,
+    instrument: Instrument | None = None,
     prior: str = "box",
     mdn=None,
     cont_deg: int = 0,
@@ -798,13 +789,6 @@ def log_posterior(
     rv_window: float = RV_WINDOW,
     fixed=None,
     emulator_error: bool = True,
-    air: bool = False,
-    resolution=None,
-    lsf_sigma=None,
-    emulator_resolution=None,
-    vsini: bool = False,
-    vmacro: bool = False,
-    limb_darkening: float = LIMB_DARKENING,
 ) -> np.ndarray:
     """The log posterior :func:`sample` samples, for one spectrum, up to a constant.
 
@@ -815,9 +799,8 @@ def log_posterior(
             coefficients], the parameters held by ``fixed`` left out.
         rv_centre: centre of the RV window [km/s] (:func:`sample` uses the LM or
             MDN rv); it also fixes the pixel set and the emulator-error shift.
-        mask, wavelength, prior, mdn, cont_deg, rv_range, rv_window, fixed,
-        emulator_error, air, resolution, lsf_sigma, emulator_resolution, vsini,
-        vmacro, limb_darkening: as in :func:`sample`.
+        mask, wavelength, instrument, prior, mdn, cont_deg, rv_range, rv_window,
+        fixed, emulator_error: as in :func:`sample`.
 
     Returns:
         (m,) float64 log posterior (``-inf`` outside the prior's support), or a
@@ -828,18 +811,13 @@ def log_posterior(
     """
     if np.ndim(flux) != 1:
         raise ValueError(f"log_posterior takes one spectrum (P,), got {np.shape(flux)}")
-    broadening, wavelength = _instrument(
-        fixed, emulator, air=air, wavelength=wavelength, vsini=vsini, vmacro=vmacro
-    )
+    inst = _check_instrument(instrument)
+    _, wavelength = _instrument(inst, fixed, emulator, wavelength)
     pb = _prepare(
         flux, flux_err, emulator, mask=mask, wavelength=wavelength, prior=prior,
         mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, rv_window=rv_window,
         fixed=fixed, emulator_error=emulator_error,
-        model_options=dict(
-            resolution=resolution, lsf_sigma=lsf_sigma,
-            emulator_resolution=emulator_resolution, broadening=broadening,
-            limb_darkening=limb_darkening,
-        ),
+        model_options=inst.model_options(fixed, emulator),
     )  # fmt: skip
     x = as_float_array(params, "params", ndim=(1, 2))
     x2 = np.atleast_2d(x)
@@ -875,41 +853,19 @@ def sample(
     method: str = "emcee",
     mask=None,
     wavelength=None,
+    instrument: Instrument | None = None,
     prior: str = "box",
     mdn=None,
-    init: str = "lm",
     cont_deg: int = 0,
     rv_range=(-500.0, 500.0),
     rv_window: float = RV_WINDOW,
     fixed=None,
-    n_walkers: int | None = None,
-    n_steps: int = 10_000,
-    check_every: int | None = None,
-    n_chains: int = NUTS_CHAINS,
-    n_warmup: int = NUTS_WARMUP,
-    ess_target: float = NUTS_ESS_MIN,
-    dense_mass: bool = True,
-    n_draws: int = 2048,
-    ess_min: float = IS_ESS_MIN,
-    is_scale: float = IS_SCALE,
-    is_adapt: int = IS_ADAPT,
-    moves=None,
     seed: int = 0,
-    backend_path=None,
-    thin: int = 1,
-    return_samples: bool = False,
-    samples_path=None,
     emulator_error: bool = True,
+    options: EmceeOptions | NUTSOptions | ISOptions | None = None,
     lm_table=None,
+    return_samples: bool = False,
     progress: bool = False,
-    warn: bool = True,
-    air: bool = False,
-    resolution=None,
-    lsf_sigma=None,
-    emulator_resolution=None,
-    vsini: bool = False,
-    vmacro: bool = False,
-    limb_darkening: float = LIMB_DARKENING,
 ):
     """Posterior samples of labels, rv (and continuum) per spectrum, summarised.
 
@@ -923,52 +879,36 @@ def sample(
         wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
         prior: ``"box"``, ``"mdn-uniform"`` or ``"mdn-gauss"`` (the last two need
             ``mdn``).
+        instrument: the observation side (:class:`payne_lite.Instrument`), as in
+            :func:`payne_lite.fit`; ``vsini`` / ``vmacro`` [km/s] are sampled with a
+            uniform prior on their ranges unless ``fixed`` holds them.
+            ``method="mdn-is"`` takes no free broadening parameter (the MDN has no
+            proposal for it).
+        prior: ``"box"``, ``"mdn-uniform"`` or ``"mdn-gauss"`` (the last two need
+            ``mdn``).
         mdn: a :class:`payne_lite.MDN` for ``emulator`` (priors, ``init="mdn"``,
             ``method="mdn-is"``).
-        init: emcee walkers around the LM solution (``"lm"``, runs :func:`fit`) or
-            drawn from the MDN's Gaussians (``"mdn"``).
         cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
         rv_range: (lo, hi) [km/s] for the LM fit and the RV window's limits.
         rv_window: half-width of the RV window [km/s] (the rv prior's support).
         fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
-        n_walkers: emcee walkers (even, >= 2 kf + 2); default ``max(32, 4 kf)``
-            rounded up to even, kf the number of sampled parameters.
-        n_steps: emcee: the most steps per star; nuts: the most draws per chain
-            (after the warm-up).
-        check_every: the convergence rule is checked every this many steps (emcee,
-            default 500) or draws per chain (nuts, default NUTS_BLOCK = 100) and
-            the chain stops when it holds (``check_every >= n_steps``: one run of
-            ``n_steps``).
-        n_chains: nuts: independent chains, each with its own adaptation.
-        n_warmup: nuts: window-adaptation steps per chain (discarded).
-        ess_target: nuts: the smallest ESS over parameters the rule asks for.
-        dense_mass: nuts: adapt a dense (else diagonal) inverse mass matrix.
-        n_draws: mdn-is: draws per star.
-        ess_min: mdn-is: stars with a smaller ESS fall back to emcee.
-        is_scale: mdn-is: the proposal's sigma over the MDN's.
-        is_adapt: mdn-is: adapted stages after the MDN stage (0 = the MDN
-            proposal alone; see the module docstring).
-        moves: emcee moves (passed to ``emcee.EnsembleSampler``; default stretch).
         seed: seeds the walkers, emcee's generator and the draws (star i uses
             ``seed + i``).
-        backend_path: emcee: HDF5 file for the chains (group ``star_<i>``); an
-            existing group with the same data and settings is continued.
-        thin: keep every ``thin``-th step in the returned or saved samples
-            (summaries use every kept step).
-        return_samples: also return a :class:`PosteriorSamples`.
-        samples_path: write the (thinned) samples to this HDF5 file.
         emulator_error: add the emulator's per-pixel error in quadrature (as in
             :func:`fit`).
+        options: the sampler's settings: :class:`payne_lite.EmceeOptions`,
+            :class:`payne_lite.NUTSOptions` or :class:`payne_lite.ISOptions` (its
+            ``fallback`` holds the emcee settings of stars that fall back); None =
+            the method's defaults. Another method's options are refused.
         lm_table: a :func:`fit` table of these spectra (same ``cont_deg``,
             ``fixed``), to skip the LM fit of ``init="lm"``.
+        return_samples: also return a :class:`PosteriorSamples` (save it with
+            :func:`save_samples`).
         progress: a tqdm bar over stars.
-        warn: emit a :class:`SamplingWarning` for stars that fail their rule.
-        air, resolution, lsf_sigma, emulator_resolution, vsini, vmacro,
-            limb_darkening: the observation model, as in :func:`payne_lite.fit`
-            (air wavelengths, the instrumental profile, and ``vsini`` / ``vmacro``
-            [km/s] sampled with a uniform prior on their ranges; ``fixed`` may hold
-            them). ``method="mdn-is"`` takes no broadening parameter (the MDN has
-            no proposal for it).
+
+        Stars that fail their convergence rule are named in a
+        :class:`payne_lite.SamplingWarning` (filter it with :mod:`warnings` to
+        silence it) and have ``converged`` False in the table.
 
     Returns:
         astropy Table, one row per spectrum (columns in the module docstring); with
@@ -980,13 +920,19 @@ def sample(
             sampler settings, a backend group from other data or settings.
 
     Examples:
-        >>> t = sample(flux, err, emu, n_steps=4000)            # doctest: +SKIP
+        >>> t = sample(flux, err, emu, options=EmceeOptions(n_steps=4000))  # doctest: +SKIP
         >>> t["Teff"], t["Teff_p16"], t["Teff_p84"], t["converged"]
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    opts = options_for(method, options)
+    inst = _check_instrument(instrument)
+    # emcee's settings: its own, or those of mdn-is's fallback
+    em = opts.fallback if method == "mdn-is" else opts
+    init = getattr(em, "init", "lm")
+    nuts = opts if method == "nuts" else NUTSOptions()
+    is_opts = opts if method == "mdn-is" else ISOptions()
+    n_steps, check_every, thin = em.n_steps, em.check_every, em.thin
     if mdn is None and (init == "mdn" or method == "mdn-is"):
         need = "init='mdn'" if init == "mdn" else "method='mdn-is'"
         raise ValueError(f"{need} needs an mdn")
@@ -995,8 +941,9 @@ def sample(
             "method='mdn-is' samples no continuum (the MDN has no proposal for it): "
             f"use cont_deg=0 or method='emcee', got cont_deg={cont_deg}"
         )
-    broadening, wavelength = _instrument(
-        fixed, emulator, air=air, wavelength=wavelength, vsini=vsini, vmacro=vmacro
+    broadening, wavelength = _instrument(inst, fixed, emulator, wavelength)
+    inst = dataclasses.replace(
+        inst, vsini="vsini" in broadening, vmacro="vmacro" in broadening
     )
     free_broad = [b for b in broadening if b not in dict(fixed or {})]
     if method == "mdn-is" and free_broad:
@@ -1004,37 +951,18 @@ def sample(
             f"method='mdn-is' samples no broadening (the MDN has no proposal for "
             f"{free_broad}): fix them or use method='emcee' or 'nuts'"
         )
-    model_options = dict(
-        resolution=resolution, lsf_sigma=lsf_sigma,
-        emulator_resolution=emulator_resolution, broadening=broadening,
-        limb_darkening=limb_darkening,
-    )  # fmt: skip
-    n_steps = _check_int(n_steps, "n_steps", 4)
-    if check_every is None:
-        check_every = NUTS_BLOCK if method == "nuts" else 500
-    check_every = _check_int(check_every, "check_every", 1)
-    n_chains = _check_int(n_chains, "n_chains", 1)
-    n_warmup = _check_int(n_warmup, "n_warmup", 10)
-    if not (np.isfinite(ess_target) and ess_target > 0):
-        raise ValueError(f"ess_target must be > 0, got {ess_target!r}")
-    n_draws = _check_int(n_draws, "n_draws", 2)
-    thin = _check_int(thin, "thin", 1)
-    is_adapt = _check_int(is_adapt, "is_adapt", 0)
-    if not (np.isfinite(is_scale) and is_scale > 0):
-        raise ValueError(f"is_scale must be > 0, got {is_scale!r}")
-    if not np.isfinite(ess_min) or ess_min < 0:
-        raise ValueError(f"ess_min must be >= 0, got {ess_min!r}")
+    model_options = inst.model_options(fixed, emulator)
     pb = _prepare(
         flux, flux_err, emulator, mask=mask, wavelength=wavelength, prior=prior,
         mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, rv_window=rv_window,
         fixed=fixed, emulator_error=emulator_error, model_options=model_options,
     )  # fmt: skip
     obs, layout, fix, idx = pb.obs, pb.layout, pb.fix, pb.idx
+    # the LM start: the same model (the wavelengths are vacuum already)
     fit_options = dict(
         wavelength=wavelength, cont_deg=cont_deg, rv_range=rv_range, fixed=fixed,
-        emulator_error=emulator_error, resolution=resolution, lsf_sigma=lsf_sigma,
-        emulator_resolution=emulator_resolution, vsini=vsini, vmacro=vmacro,
-        limb_darkening=limb_darkening,
+        emulator_error=emulator_error,
+        instrument=dataclasses.replace(inst, air=False),
     )  # fmt: skip
     flux2, ivar = pb.flux2, pb.ivar
     rv_range = pb.rv_range
@@ -1042,12 +970,15 @@ def sample(
     n_lab = emulator.n_labels
     k = len(layout.names)
     kf = idx.size
+    n_walkers = em.n_walkers
     if n_walkers is None:
         n_walkers = max(32, 4 * kf)
         n_walkers += n_walkers % 2
-    n_walkers = _check_int(n_walkers, "n_walkers", 2 * kf + 2)
-    if n_walkers % 2:
-        raise ValueError(f"n_walkers must be even, got {n_walkers}")
+    elif n_walkers < 2 * kf + 2:
+        raise ValueError(
+            f"EmceeOptions.n_walkers must be >= 2 kf + 2 = {2 * kf + 2} for the "
+            f"{kf} sampled parameters, got {n_walkers}"
+        )
     if lm_table is not None and len(lm_table) != n:
         raise ValueError(f"lm_table has {len(lm_table)} rows for {n} spectra")
     mdn_ok = pb.mdn_ok
@@ -1067,7 +998,9 @@ def sample(
     lm_cache: dict[int, dict] = {}
 
     def _fit_subset(rows):
-        sub = fit(flux2[rows], _err_from_ivar(ivar[rows]), emulator, **fit_options)
+        sub = fit_spectra(
+            flux2[rows], _err_from_ivar(ivar[rows]), emulator, **fit_options
+        )
         for j, i in enumerate(rows):
             lm_cache[int(i)] = _lm_row(sub, j, layout, emulator)
         return None
@@ -1110,12 +1043,12 @@ def sample(
                         bar.update(1)
                     continue
                 res = _run_is(
-                    obs, to_device(tg), tg, m[idx], s[idx] * is_scale, n_draws,
-                    seed + int(i), dt, is_adapt,
+                    obs, to_device(tg), tg, m[idx], s[idx] * is_opts.scale,
+                    is_opts.n_draws, seed + int(i), dt, is_opts.adapt,
                 )  # fmt: skip
                 res["seconds"] = time.perf_counter() - t0
                 res["n_good"] = n_good
-                if res["ess"] < ess_min:
+                if res["ess"] < is_opts.ess_min:
                     run_emcee[i] = True
                     res["fallback_from_is"] = True
                 rows_out[i] = res
@@ -1130,7 +1063,9 @@ def sample(
         if em_rows.size and init == "lm":
             if lm is None:
                 if em_rows.size == n:
-                    lm = fit(flux2, _err_from_ivar(ivar), emulator, **fit_options)
+                    lm = fit_spectra(
+                        flux2, _err_from_ivar(ivar), emulator, **fit_options
+                    )
                 else:
                     _fit_subset(em_rows)
         for i in em_rows:
@@ -1169,7 +1104,7 @@ def sample(
                 if bar is not None:
                     bar.update(1)
                 continue
-            n_start = n_chains if method == "nuts" else n_walkers
+            n_start = nuts.n_chains if method == "nuts" else n_walkers
             if init == "lm":
                 p0 = _ball(
                     rng, centre[idx], lmr["cov"][np.ix_(idx, idx)], tg, n_start,
@@ -1184,15 +1119,15 @@ def sample(
                 p0 = _truncnorm_draw(rng, mi, si, tg["lo"], tg["hi"], n_start)
             if method == "nuts":
                 res = _run_nuts(
-                    obs, to_device(tg), tg, p0, n_warmup=n_warmup, n_steps=n_steps,
-                    block=check_every, ess_target=ess_target, seed=seed + int(i),
-                    dense=bool(dense_mass), dt=dt, thin=thin,
+                    obs, to_device(tg), tg, p0, n_warmup=nuts.n_warmup,
+                    n_steps=n_steps, block=check_every, ess_target=nuts.ess_target,
+                    seed=seed + int(i), dense=nuts.dense_mass, dt=dt, thin=thin,
                 )  # fmt: skip
             else:
                 res = _run_emcee(
                     obs, to_device(tg), tg, p0, n_steps=n_steps,
                     check_every=check_every, seed=seed + int(i),
-                    backend_path=backend_path, star=int(i), moves=moves, dt=dt,
+                    backend_path=em.backend_path, star=int(i), moves=em.moves, dt=dt,
                     thin=thin,
                 )  # fmt: skip
             res["seconds"] = (
@@ -1226,15 +1161,15 @@ def sample(
         meta=dict(
             method=method, prior=prior, init=init, cont_deg=int(cont_deg),
             rv_window=float(rv_window), rv_range=list(rv_range), seed=int(seed),
-            n_walkers=int(n_walkers), thin=int(thin), ess_min=float(ess_min),
-            n_chains=int(n_chains), n_warmup=int(n_warmup),
-            ess_target=float(ess_target), dense_mass=bool(dense_mass),
-            is_scale=float(is_scale), n_draws=int(n_draws), is_adapt=int(is_adapt),
+            options=opts.to_meta(), thin=int(thin),
+            n_walkers=int(n_walkers) if method != "nuts" else None,
+            n_chains=nuts.n_chains if method == "nuts" else None,
             emulator_error_in_likelihood=perr is not None,
-            broadening=list(broadening), wavelength_air=bool(air),
+            broadening=list(broadening), wavelength_air=inst.air,
+            instrument=inst.to_meta(pb.wave_obs),
             instrumental_profile=(
-                "resolution" if resolution is not None
-                else "lsf_sigma" if lsf_sigma is not None else None
+                "resolution" if inst.resolution is not None
+                else "lsf_sigma" if inst.lsf_sigma is not None else None
             ),
         ),
     )  # fmt: skip
@@ -1261,7 +1196,7 @@ def sample(
             pri["sd"].append(
                 np.where(tg["ivp"] > 0, 1.0 / np.sqrt(tg["ivp"]), np.inf) * span[idx]
             )
-    n_ch = {"emcee": int(n_walkers), "nuts": int(n_chains)}
+    n_ch = {"emcee": int(n_walkers), "nuts": nuts.n_chains}
     methods_out = [r.get("method", "") for r in rows_out]
     post = PosteriorSamples(
         names, units, phys, weights_out, methods_out,
@@ -1269,28 +1204,24 @@ def sample(
         prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
         prior_sd=pri["sd"],
     )  # fmt: skip
-    if warn:
-        bad = np.flatnonzero(~np.asarray(table["converged"]))
-        if bad.size:
-            rules = {
-                "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < "
-                f"{RHAT_MAX}",
-                "mdn-is": f"mdn-is ESS >= {ess_min:g}",
-                "nuts": f"nuts ESS >= {ess_target:g}, split R-hat < "
-                f"{NUTS_RHAT_MAX} and no divergence",
-            }
-            used = [m for m in METHODS if m in set(table["method"][bad])]
-            warnings.warn(
-                f"{bad.size} of {n} star(s) did not pass the convergence rule "
-                f"(rows {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}): "
-                + ", ".join(rules[m] for m in used)
-                + ("; " if used else "")
-                + "see the table's diagnostics",
-                SamplingWarning,
-                stacklevel=2,
-            )
-    if samples_path is not None:
-        save_samples(samples_path, post, table.meta)
+    bad = np.flatnonzero(~np.asarray(table["converged"]))
+    if bad.size:
+        rules = {
+            "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < {RHAT_MAX}",
+            "mdn-is": f"mdn-is ESS >= {is_opts.ess_min:g}",
+            "nuts": f"nuts ESS >= {nuts.ess_target:g}, split R-hat < "
+            f"{NUTS_RHAT_MAX} and no divergence",
+        }
+        used = [m for m in METHODS if m in set(table["method"][bad])]
+        warnings.warn(
+            f"{bad.size} of {n} star(s) did not pass the convergence rule "
+            f"(rows {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}): "
+            + ", ".join(rules[m] for m in used)
+            + ("; " if used else "")
+            + "see the table's diagnostics",
+            SamplingWarning,
+            stacklevel=2,
+        )
     return (table, post) if return_samples else table
 
 

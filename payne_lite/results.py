@@ -387,3 +387,84 @@ def read_results(path):
     if version is not None:
         _check_version(path, version)
     return t
+
+
+def model_from_results(table, emulator, wavelength=None, *, rows=None):
+    """The best-fit model spectra of a results table, rebuilt from the table alone.
+
+    The observation model is the one that was fitted: the instrument from
+    ``meta["instrument"]`` (:meth:`payne_lite.Instrument.from_meta`: air wavelengths,
+    resolution, rotation and macroturbulence), the continuum degree from
+    ``meta["cont_deg"]``, and each row's labels, rv, continuum and broadening
+    columns. ``payne-lite plot`` draws these.
+
+    Args:
+        table: a table of :func:`payne_lite.fit` (or read by :func:`read_results`).
+        emulator: the emulator it was fitted with (label names are checked).
+        wavelength: the observed wavelength [A] the spectra were fitted on, (P,) (in
+            air if the instrument says so); None = the emulator's grid.
+        rows: optional row indices (default all).
+
+    Returns:
+        ``(model, valid)``: (m, P) model flux and (m, P) bool, False where the model
+        is undefined (shifted off the emulator's grid); NaN rows where the fit
+        failed.
+
+    Raises:
+        ValueError: another emulator's labels, missing columns, a per-star
+            instrument (one row at a time through ``rows`` is needed then).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from .instrument import Instrument
+    from .model import RV_RANGE, build_obs_model, observe
+
+    names = list(table.meta.get("label_names") or emulator.label_names)
+    if tuple(names) != tuple(emulator.label_names):
+        raise ValueError(
+            f"the table was fitted with the labels {names}, the emulator has "
+            f"{list(emulator.label_names)}"
+        )
+    inst = Instrument.from_meta(table.meta.get("instrument"))
+    cont_deg = int(table.meta.get("cont_deg", 0) or 0)
+    cont = [f"cont_{k}" for k in range(cont_deg + 1)] if cont_deg > 0 else []
+    broad = list(inst.broadening(None, emulator))
+    need = [*emulator.label_names, "rv", *cont, *broad]
+    missing = [c for c in need if c not in table.colnames]
+    if missing:
+        raise ValueError(f"the table has no columns {missing} for the model")
+    idx = np.arange(len(table)) if rows is None else np.atleast_1d(np.asarray(rows))
+    if np.ndim(table["rv"]) != 1:
+        raise ValueError("model_from_results takes one-spectrum rows (not group= fits)")
+    if inst.per_star:
+        if idx.size != 1:
+            raise ValueError(
+                "a per-star instrument: ask for one row at a time (rows=i)"
+            )
+        inst = inst.for_star(int(idx[0]))
+    wave = inst.vacuum_wavelength(wavelength)
+    rv = np.asarray(table["rv"], np.float64)[idx]
+    rv_range = table.meta.get("rv_range") or RV_RANGE
+    rv_max = max(
+        max(abs(float(v)) for v in rv_range),
+        float(np.nanmax(np.abs(rv), initial=0.0)) + 1.0,
+    )
+    obs = build_obs_model(
+        emulator,
+        wavelength=wave,
+        cont_deg=cont_deg,
+        rv_max=rv_max,
+        **inst.model_options(None, emulator),
+    )
+    labels = np.stack([np.asarray(table[c], np.float64)[idx] for c in names], axis=1)
+    extra = [np.asarray(table[c], np.float64)[idx] for c in cont + broad]
+    p = np.column_stack([emulator.scale(labels), rv, *extra])
+    dt = obs.x_obs.dtype
+    model, valid = jax.vmap(observe, in_axes=(None, 0))(obs, jnp.asarray(p, dt))
+    model = np.array(model, np.float64)
+    valid = np.array(valid, bool)
+    failed = ~np.all(np.isfinite(p), axis=1)
+    model[failed] = np.nan
+    valid[failed] = False
+    return model, valid

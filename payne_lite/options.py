@@ -1,0 +1,339 @@
+"""Settings of each fitting method, one frozen object per method.
+
+The model (emulator, instrument, continuum degree, rv range, fixed parameters,
+priors) is described by the arguments of :func:`payne_lite.fit` and
+:func:`payne_lite.sample`; *how* a method works through it is its options object,
+as optimistix keeps tolerances in its solver and emcee its strategy in ``moves=``:
+
+==================  ===========================  =====================================
+method              options                      what they set
+==================  ===========================  =====================================
+``"lm"``            :class:`LMOptions`           iterations, batching, threads, MDN
+                                                 starts, profiled continuum, error
+                                                 scaling
+``"curve_fit"``     :class:`CurveFitOptions`     function evaluations, batching, MDN
+                                                 starts, error scaling
+``"emcee"``         :class:`EmceeOptions`        walkers, steps, convergence checks,
+                                                 moves, backend, thinning, start
+``"nuts"``          :class:`NUTSOptions`         chains, warm-up, draws, ESS target,
+                                                 mass matrix, thinning, start
+``"mdn-is"``        :class:`ISOptions`           draws, ESS threshold, proposal
+                                                 scale, adaptation, emcee fallback
+==================  ===========================  =====================================
+
+A method refuses another method's options, naming the class it takes
+(:func:`options_for`). Every field is validated when the object is made, so a bad
+setting fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CONTINUUM_MODES",
+    "CurveFitOptions",
+    "EmceeOptions",
+    "ISOptions",
+    "LMOptions",
+    "NUTSOptions",
+    "OPTIONS_BY_METHOD",
+    "options_for",
+]
+
+#: ``LMOptions(continuum=...)``: Chebyshev coefficients as LM parameters, or profiled.
+CONTINUUM_MODES = ("fit", "profile")
+#: Where emcee's walkers / NUTS's chains start: around the LM solution, or from the
+#: MDN's Gaussians.
+INITS = ("lm", "mdn")
+
+#: mdn-is: stars with an effective sample size below this fall back to emcee.
+IS_ESS_MIN = 200.0
+#: mdn-is: the proposal's sigma is the MDN's times this (a wider proposal is safer
+#: against an MDN that is too confident, at the cost of ESS).
+IS_SCALE = 1.5
+#: mdn-is: at most this many adapted stages after the MDN stage (0 = the MDN
+#: proposal only).
+IS_ADAPT = 4
+#: nuts: independent chains (each with its own window adaptation).
+NUTS_CHAINS = 4
+#: nuts: warm-up (window adaptation) steps per chain, discarded.
+NUTS_WARMUP = 500
+#: nuts: draws per chain between two checks of the convergence rule.
+NUTS_BLOCK = 100
+#: nuts: converged when the smallest ESS reaches this (Vehtari et al. 2021: 400) ...
+NUTS_ESS_MIN = 400.0
+#: emcee: steps between two checks of the convergence rule.
+EMCEE_CHECK_EVERY = 500
+
+
+def _int(value, name: str, minimum: int, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _positive(value, name: str, owner: str, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}") from None
+    ok = v >= 0 if allow_zero else v > 0
+    if not (np.isfinite(v) and ok):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{owner}.{name} must be finite and {bound}, got {value!r}")
+    return v
+
+
+def _bool(value, name: str, owner: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class _Options:
+    """Shared validation helpers; subclasses are frozen keyword-only dataclasses."""
+
+    method: str = ""
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def to_meta(self) -> dict:
+        """JSON-compatible record of the settings (for a results table's meta)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, _Options):
+                v = v.to_meta()
+            elif isinstance(v, Path):
+                v = str(v)
+            elif v is not None and not isinstance(v, bool | int | float | str):
+                v = repr(v)  # e.g. emcee moves
+            out[f.name] = v
+        return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMOptions(_Options):
+    """Batched Levenberg-Marquardt in JAX (``method="lm"``).
+
+    Args:
+        max_iter: LM iterations per start.
+        batch_size: spectra per jitted call; batches are padded to a power of two
+            (at least 8) up to this, so similar batch sizes share one compilation.
+        n_threads: batches fitted at once, in threads (JAX releases the GIL while a
+            batch runs); None = one per CPU core on the CPU backend, else 1. Results
+            do not depend on it.
+        mdn_starts: with an MDN, this many extra starting points per star drawn from
+            its Gaussians within its +- 3 sigma bounds (screened by chi2 with the
+            others).
+        continuum: with ``cont_deg >= 1``: ``"fit"`` (the Chebyshev coefficients are
+            LM parameters) or ``"profile"`` (variable projection: solved by linear
+            least squares at every step; the same minimum and errors).
+        scale_errors: multiply each covariance by its reduced chi2 when that is
+            above 1; recorded in the table's meta.
+    """
+
+    method = "lm"
+    max_iter: int = 100
+    batch_size: int = 256
+    n_threads: int | None = None
+    mdn_starts: int = 0
+    continuum: str = "fit"
+    scale_errors: bool = False
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._set("max_iter", _int(self.max_iter, "max_iter", 1, owner))
+        self._set("batch_size", _int(self.batch_size, "batch_size", 1, owner))
+        if self.n_threads is not None:
+            self._set("n_threads", _int(self.n_threads, "n_threads", 1, owner))
+        self._set("mdn_starts", _int(self.mdn_starts, "mdn_starts", 0, owner))
+        if self.continuum not in CONTINUUM_MODES:
+            raise ValueError(
+                f"{owner}.continuum must be one of {CONTINUUM_MODES}, "
+                f"got {self.continuum!r}"
+            )
+        self._set("scale_errors", _bool(self.scale_errors, "scale_errors", owner))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CurveFitOptions(_Options):
+    """``scipy.optimize.curve_fit`` (trf) with a JAX Jacobian, one star at a time
+    (``method="curve_fit"``).
+
+    Args:
+        max_iter: function evaluations per start (``max_nfev``).
+        batch_size: spectra per batch of the shared steps (RV scan, starts).
+        n_threads: batches at once, in threads; None = 1.
+        mdn_starts: as :class:`LMOptions`.
+        scale_errors: as :class:`LMOptions`.
+    """
+
+    method = "curve_fit"
+    max_iter: int = 100
+    batch_size: int = 256
+    n_threads: int | None = None
+    mdn_starts: int = 0
+    scale_errors: bool = False
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._set("max_iter", _int(self.max_iter, "max_iter", 1, owner))
+        self._set("batch_size", _int(self.batch_size, "batch_size", 1, owner))
+        if self.n_threads is not None:
+            self._set("n_threads", _int(self.n_threads, "n_threads", 1, owner))
+        self._set("mdn_starts", _int(self.mdn_starts, "mdn_starts", 0, owner))
+        self._set("scale_errors", _bool(self.scale_errors, "scale_errors", owner))
+
+
+def _check_init(self, owner: str) -> None:
+    if self.init not in INITS:
+        raise ValueError(f"{owner}.init must be one of {INITS}, got {self.init!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmceeOptions(_Options):
+    """emcee's affine-invariant ensemble sampler (``method="emcee"``).
+
+    Args:
+        n_walkers: walkers (even, >= 2 kf + 2 for kf sampled parameters); None =
+            ``max(32, 4 kf)`` rounded up to even.
+        n_steps: the most steps per star.
+        check_every: the convergence rule is checked every this many steps and the
+            chain stops when it holds (``>= n_steps``: one run of ``n_steps``).
+        moves: emcee moves (``emcee.EnsembleSampler(moves=...)``; None = stretch).
+        backend_path: HDF5 file for the chains (group ``star_<i>``); an existing
+            group with the same data and settings is continued.
+        thin: keep every ``thin``-th step in the returned or saved samples.
+        init: walkers around the LM solution (``"lm"``) or drawn from the MDN's
+            Gaussians (``"mdn"``, needs an MDN).
+    """
+
+    method = "emcee"
+    n_walkers: int | None = None
+    n_steps: int = 10_000
+    check_every: int = EMCEE_CHECK_EVERY
+    moves: Any = None
+    backend_path: str | Path | None = None
+    thin: int = 1
+    init: str = "lm"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        if self.n_walkers is not None:
+            n = _int(self.n_walkers, "n_walkers", 2, owner)
+            if n % 2:
+                raise ValueError(f"{owner}.n_walkers must be even, got {n}")
+            self._set("n_walkers", n)
+        self._set("n_steps", _int(self.n_steps, "n_steps", 4, owner))
+        self._set("check_every", _int(self.check_every, "check_every", 1, owner))
+        self._set("thin", _int(self.thin, "thin", 1, owner))
+        _check_init(self, owner)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NUTSOptions(_Options):
+    """The No-U-Turn sampler (blackjax) with window adaptation (``method="nuts"``).
+
+    Args:
+        n_chains: independent chains, each with its own adaptation.
+        n_warmup: window-adaptation steps per chain (discarded).
+        n_steps: the most draws per chain after the warm-up.
+        check_every: draws per chain between two checks of the convergence rule.
+        ess_target: the smallest ESS over parameters the rule asks for.
+        dense_mass: adapt a dense (else diagonal) inverse mass matrix.
+        thin: keep every ``thin``-th draw in the returned or saved samples.
+        init: chains around the LM solution (``"lm"``) or from the MDN (``"mdn"``).
+    """
+
+    method = "nuts"
+    n_chains: int = NUTS_CHAINS
+    n_warmup: int = NUTS_WARMUP
+    n_steps: int = 10_000
+    check_every: int = NUTS_BLOCK
+    ess_target: float = NUTS_ESS_MIN
+    dense_mass: bool = True
+    thin: int = 1
+    init: str = "lm"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._set("n_chains", _int(self.n_chains, "n_chains", 1, owner))
+        self._set("n_warmup", _int(self.n_warmup, "n_warmup", 10, owner))
+        self._set("n_steps", _int(self.n_steps, "n_steps", 4, owner))
+        self._set("check_every", _int(self.check_every, "check_every", 1, owner))
+        self._set("ess_target", _positive(self.ess_target, "ess_target", owner))
+        self._set("dense_mass", _bool(self.dense_mass, "dense_mass", owner))
+        self._set("thin", _int(self.thin, "thin", 1, owner))
+        _check_init(self, owner)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ISOptions(_Options):
+    """Importance sampling from the MDN's proposal (``method="mdn-is"``).
+
+    Args:
+        n_draws: draws per star.
+        ess_min: stars with a smaller effective sample size fall back to emcee.
+        scale: the proposal's sigma over the MDN's.
+        adapt: adapted stages after the MDN stage (0 = the MDN proposal alone).
+        fallback: the emcee settings of the stars that fall back.
+    """
+
+    method = "mdn-is"
+    n_draws: int = 2048
+    ess_min: float = IS_ESS_MIN
+    scale: float = IS_SCALE
+    adapt: int = IS_ADAPT
+    fallback: EmceeOptions = dataclasses.field(default_factory=EmceeOptions)
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._set("n_draws", _int(self.n_draws, "n_draws", 2, owner))
+        self._set("ess_min", _positive(self.ess_min, "ess_min", owner, allow_zero=True))
+        self._set("scale", _positive(self.scale, "scale", owner))
+        self._set("adapt", _int(self.adapt, "adapt", 0, owner))
+        if not isinstance(self.fallback, EmceeOptions):
+            raise ValueError(
+                f"{owner}.fallback must be an EmceeOptions, got "
+                f"{type(self.fallback).__name__}"
+            )
+
+
+#: The options class of each method.
+OPTIONS_BY_METHOD: dict[str, type] = {
+    cls.method: cls
+    for cls in (LMOptions, CurveFitOptions, EmceeOptions, NUTSOptions, ISOptions)
+}
+
+
+def options_for(method: str, options=None):
+    """``options`` checked against ``method`` (None = the method's defaults).
+
+    Raises:
+        ValueError: an unknown method, or options of another method's class (named
+            with the class ``method`` takes).
+    """
+    if method not in OPTIONS_BY_METHOD:
+        raise ValueError(
+            f"method must be one of {tuple(OPTIONS_BY_METHOD)}, got {method!r}"
+        )
+    cls = OPTIONS_BY_METHOD[method]
+    if options is None:
+        return cls()
+    if type(options) is not cls:
+        other = getattr(options, "method", None)
+        given = type(options).__name__
+        what = f"{given} is for method={other!r}" if other else f"a {given}"
+        raise ValueError(
+            f"options: {what}; method={method!r} takes payne_lite.{cls.__name__}(...)"
+        )
+    return options
