@@ -165,7 +165,7 @@ def correlated_errors(student, table, err, mask, residuals) -> np.ndarray:
     ``C_emu = R^T R / N`` from ``residuals`` R (N, P), the student's held-out
     errors, shifted to each star's rv. An independent check of the library's
     ``error_basis`` path, computed here."""
-    from payne_lite.fitter import emulator_error_on
+    from payne_lite._problem import emulator_error_on
     from payne_lite.model import build_obs_model, observe_jac
 
     obs = build_obs_model(student)

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fit import CATASTROPHIC, PARAMS, load_data, make_test_set  # noqa: E402
+import payne_lite as pl
+from payne_lite.mdn import simulate
 
-import payne_lite as pl  # noqa: E402
-from payne_lite.mdn import simulate  # noqa: E402
+if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+from .bench_fit import CATASTROPHIC, PARAMS, load_data, make_test_set  # noqa: E402
 
 CAL_1SIG = (0.62, 0.74)
 CAL_3SIG = 0.98

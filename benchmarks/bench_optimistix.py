@@ -61,7 +61,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
 
 
 def _import_optimistix():
@@ -78,14 +80,14 @@ def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
     box-centre labels)."""
     import jax.numpy as jnp
 
-    from payne_lite import fitter
+    from payne_lite import _problem, fitter
     from payne_lite.model import build_obs_model, param_layout
 
     obs = build_obs_model(emu, cont_deg=0, rv_max=max(abs(v) for v in rv_range))
     layout = param_layout(emu, cont_deg=0, rv_range=rv_range)
     dt = obs.x_obs.dtype
     n_pix = obs.x_obs.shape[0]
-    flux2, ivar = fitter._check_inputs(flux, err, mask, n_pix)
+    flux2, ivar = _problem.check_inputs(flux, err, mask, n_pix)
     n, n_lab, k = flux2.shape[0], emu.n_labels, len(layout.names)
     n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / fitter.RV_SCAN_STEP))
     rv_grid = jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt)
@@ -94,8 +96,8 @@ def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
         obs, jnp.zeros(n_lab, dt), rv_grid, f_j, jnp.asarray(ivar, dt)
     )
     rv0 = np.asarray(rv0, np.float64)
-    rv_lo = np.maximum(rv0 - fitter.RV_WINDOW, rv_range[0])
-    rv_hi = np.minimum(rv0 + fitter.RV_WINDOW, rv_range[1])
+    rv_lo = np.maximum(rv0 - _problem.RV_WINDOW, rv_range[0])
+    rv_hi = np.minimum(rv0 + _problem.RV_WINDOW, rv_range[1])
     valid = np.asarray(
         fitter._window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
     )
@@ -283,10 +285,11 @@ def main(argv=None) -> None:
     optx = _import_optimistix()
     if optx is None:
         sys.exit("skipped: optimistix not installed (pip install optimistix)")
-    import bench_fit
     import jax
 
     import payne_lite as pl
+
+    from . import bench_fit
 
     emu, net, apogee_mask = bench_fit.load_data()
     print(

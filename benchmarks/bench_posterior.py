@@ -51,15 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fit import PARAMS, load_data, make_test_set  # noqa: E402
+import payne_lite as pl
+from payne_lite.options import IS_ESS_MIN, NUTS_ESS_MIN
+from payne_lite.posterior import SamplingWarning
 
-import payne_lite as pl  # noqa: E402
-from payne_lite.posterior import (  # noqa: E402
-    IS_ESS_MIN,
-    NUTS_ESS_MIN,
-    SamplingWarning,
-)
+if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+from .bench_fit import PARAMS, load_data, make_test_set  # noqa: E402
 
 COVERAGE_RANGE = (0.60, 0.76)
 SD_RATIO_TOL = 0.2
@@ -93,18 +92,25 @@ def cost(t, rows):
 
 
 def run_method(method, emu, flux, err, mask, lm, mdn, seed, max_steps, ess=None):
-    kw = dict(
-        mask=mask, lm_table=lm, seed=seed, n_steps=max_steps, warn=False
-    )  # fmt: skip
+    kw = dict(mask=mask, lm_table=lm, seed=seed, method=method)
+    if method == "emcee":
+        kw.update(options=pl.EmceeOptions(n_steps=max_steps))
     if method == "mdn-is":
-        kw.update(method="mdn-is", mdn=mdn)
+        kw.update(
+            mdn=mdn,
+            options=pl.ISOptions(fallback=pl.EmceeOptions(n_steps=max_steps)),
+        )
     if method == "nuts":
-        kw.update(method="nuts", ess_target=ess or NUTS_ESS_MIN)
-    # warm up (compilation) on the first star
-    pl.sample(flux[:1], err[:1], emu, **{**kw, "mask": mask[:1], "lm_table": lm[:1]})
-    t0 = time.perf_counter()
+        kw.update(
+            options=pl.NUTSOptions(n_steps=max_steps, ess_target=ess or NUTS_ESS_MIN)
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SamplingWarning)
+        # warm up (compilation) on the first star
+        pl.sample(
+            flux[:1], err[:1], emu, **{**kw, "mask": mask[:1], "lm_table": lm[:1]}
+        )
+        t0 = time.perf_counter()
         t = pl.sample(flux, err, emu, **kw)
     return t, time.perf_counter() - t0
 

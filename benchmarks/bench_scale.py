@@ -41,10 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
 
-from bench_catalog import PAYNE_DIR, load_emulator  # noqa: E402
+from .bench_catalog import PAYNE_DIR, load_emulator  # noqa: E402
 
 RUN_META = ("fit_seconds", "n_chunks_resumed", "n_workers")
 
@@ -83,7 +84,8 @@ def same_results(a, b) -> bool:
 
 
 def run_setup(name, cat, emu, out_dir, *, n, chunk_size, workers, fit_kw):
-    """Cold and warm fit_catalog runs of one setup; a dict of timings."""
+    """Cold and warm fit_catalog runs of one setup (``fit_kw``: pl.LMOptions
+    fields); a dict of timings."""
     import payne_lite as pl
     from payne_lite.distributed import local_client, worker_stats
 
@@ -92,7 +94,7 @@ def run_setup(name, cat, emu, out_dir, *, n, chunk_size, workers, fit_kw):
         t0 = time.perf_counter()
         pl.fit_catalog(
             cat, out, emu, chunk_size=chunk_size, progress=False, client=client,
-            **fit_kw,
+            options=pl.LMOptions(**fit_kw),
         )  # fmt: skip
         return time.perf_counter() - t0, out
 

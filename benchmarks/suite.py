@@ -90,6 +90,10 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
@@ -274,11 +278,7 @@ def metric(
 # --------------------------------------------------------------------------------------
 def _import_benchmarks():
     """The single benchmarks as modules (they live beside this file)."""
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    import bench_emulator
-    import bench_fit
-    import bench_mdn
+    from . import bench_emulator, bench_fit, bench_mdn
 
     return bench_emulator, bench_fit, bench_mdn
 
@@ -837,13 +837,12 @@ def section_posterior(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
             mdn = pl.train_mdn(setup.emu, seed=0, progress=opts.progress)
 
     def run(method, **kw):
-        kw = dict(mask=mask, lm_table=lm, seed=c["seed"], warn=False, method=method,
-                  **kw)  # fmt: skip
+        kw = dict(mask=mask, lm_table=lm, seed=c["seed"], method=method, **kw)
         one = {**kw, "mask": mask[:1], "lm_table": lm[:1]}
-        pl.sample(flux[:1], err[:1], setup.emu, **one)  # compile
-        t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SamplingWarning)
+            pl.sample(flux[:1], err[:1], setup.emu, **one)  # compile
+            t0 = time.perf_counter()
             t = pl.sample(flux, err, setup.emu, **kw)
         return t, time.perf_counter() - t0
 
@@ -851,7 +850,9 @@ def section_posterior(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
     tables["emcee"], walls["emcee"] = run("emcee")
     ess_e = float(np.median(tables["emcee"]["ess"]))
     nuts_ess = c["nuts_ess"] or ess_e
-    tables["nuts"], walls["nuts"] = run("nuts", ess_target=nuts_ess)
+    tables["nuts"], walls["nuts"] = run(
+        "nuts", options=pl.NUTSOptions(ess_target=nuts_ess)
+    )
     if mdn is not None:
         tables["mdn-is"], walls["mdn-is"] = run("mdn-is", mdn=mdn)
 

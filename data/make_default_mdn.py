@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 import payne_lite as pl
-from payne_lite.demo import DEFAULT_EMULATOR
 from payne_lite.mdn import simulate
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +31,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("-o", "--out", type=Path, default=HERE / "default_mdn.h5")
-    ap.add_argument("--emulator", type=Path, default=DEFAULT_EMULATOR)
+    # the emulator beside it: the shipped MDN must match the shipped emulator
+    ap.add_argument("--emulator", type=Path, default=HERE / "default_emulator.h5")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
 from . import broadening as broadening
+from ._api import fit as fit
 from ._version import __version__ as __version__
 from .broadening import air_to_vacuum as air_to_vacuum
 from .broadening import vacuum_to_air as vacuum_to_air
@@ -21,22 +22,34 @@ from .errors import FileFormatError as FileFormatError
 from .errors import SamplingWarning as SamplingWarning
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
-from .fitter import fit as fit
 from .grid import SpectralGrid as SpectralGrid
+from .instrument import Instrument as Instrument
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
+from .options import CurveFitOptions as CurveFitOptions
+from .options import EmceeOptions as EmceeOptions
+from .options import ISOptions as ISOptions
+from .options import LMOptions as LMOptions
+from .options import NUTSOptions as NUTSOptions
 from .posterior import PosteriorSamples as PosteriorSamples
 from .posterior import load_samples as load_samples
 from .posterior import log_posterior as log_posterior
 from .posterior import sample as sample
 from .posterior import save_samples as save_samples
+from .results import model_from_results as model_from_results
 from .results import read_results as read_results
 from .results import write_results as write_results
 from .train import TrainConfig as TrainConfig
 from .train import train_emulator as train_emulator
 
 __all__ = [
+    "CurveFitOptions",
+    "EmceeOptions",
+    "ISOptions",
+    "Instrument",
+    "LMOptions",
+    "NUTSOptions",
     "DenseNet",
     "Emulator",
     "FileFormatError",
@@ -56,6 +69,7 @@ __all__ = [
     "iter_catalog",
     "load_samples",
     "log_posterior",
+    "model_from_results",
     "open_catalog",
     "read_results",
     "sample",

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -60,12 +61,15 @@ import h5py
 import numpy as np
 
 from . import _h5
+from ._api import fit
 from ._validate import (
     as_float_array,
     check_wavelength,
     warn_if_near_grid,
 )
 from .errors import FileFormatError, WavelengthGridWarning
+from .instrument import Instrument
+from .options import options_for
 
 _log = logging.getLogger(__name__)
 
@@ -866,6 +870,8 @@ def _run_identity(cat, emulator, *, mdn, method, chunk_size, mask, p0, fit_kwarg
     """Everything a resumed run must share with the run that wrote the parts."""
     opts = {k: v for k, v in fit_kwargs.items() if k not in _NOT_IDENTITY}
     opts.pop("mdn", None)
+    if hasattr(opts.get("options"), "n_threads"):  # threads never change results
+        opts["options"] = dataclasses.replace(opts["options"], n_threads=None)
     ident = {
         "input": _input_identity(cat),
         "emulator_sha256": _digest(emulator),
@@ -1057,6 +1063,30 @@ class _Parts:
 _RESERVED = ("wavelength", "return_model", "progress")
 
 
+def _check_fit_options(method: str, fit_kwargs: dict) -> None:
+    """Bind the options to :func:`payne_lite.fit`'s signature and check the method's
+    options object, before a catalog is opened or any work starts."""
+    names = set(inspect.signature(fit).parameters) - {"flux", "flux_err", "emulator"}
+    unknown = sorted(set(fit_kwargs) - names)
+    if unknown:
+        raise TypeError(
+            f"fit_catalog: unknown fit option(s) {unknown}; payne_lite.fit takes "
+            f"{sorted(names - set(_RESERVED) - {'mask', 'p0', 'method', 'mdn'})} "
+            "(method settings such as max_iter go in options=payne_lite.LMOptions(...))"
+        )
+    options_for(method, fit_kwargs.get("options"))
+    if fit_kwargs.get("group") is not None:
+        raise ValueError(
+            "group= (joint multi-visit fits) is not through fit_catalog yet: a chunk "
+            "would split a star's visits; fit the visits with payne_lite.fit"
+        )
+    instrument = fit_kwargs.get("instrument")
+    if instrument is not None and not isinstance(instrument, Instrument):
+        raise TypeError(
+            f"instrument must be a payne_lite.Instrument, got {type(instrument).__name__}"
+        )
+
+
 def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
     """Fit one chunk of rows: a results Table (with ``id`` if the chunk has ids).
 
@@ -1064,8 +1094,6 @@ def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs)
     they share or on threads), so a chunk fitted again, after a restart or on another
     worker, gives the same rows. ``p0`` is None, (L,) or this chunk's (m, L).
     """
-    from .fitter import fit
-
     m = chunk.mask
     if mask is not None:
         m = mask if m is None else (m | mask[None, :])
@@ -1127,7 +1155,7 @@ def fit_catalog(
     modification times, row count, wavelength grid), sha256 digests of the emulator
     and MDN weights, ``method``, ``chunk_size``, ``mask``, ``p0`` and the other fit
     options; a resume whose identity differs is refused (``ValueError`` naming what
-    differs) rather than mixing results. ``n_threads``, ``client``, ``progress``,
+    differs) rather than mixing results. ``options.n_threads``, ``client``, ``progress``,
     ``meta``, ``overwrite`` and ``keep_parts`` may change between runs.
 
     **Dask.** With ``client`` (a ``distributed.Client``; see
@@ -1149,8 +1177,8 @@ def fit_catalog(
             wavelength grid.
         method: ``"lm"`` or ``"curve_fit"`` (see :func:`payne_lite.fit`).
         client: optional ``distributed.Client``; None fits in this process.
-        chunk_size: spectra per chunk (read, fitted, recorded); a multiple of fit's
-            ``batch_size`` (256) keeps every batch full.
+        chunk_size: spectra per chunk (read, fitted, recorded); a multiple of
+            ``LMOptions.batch_size`` (256) keeps every batch full.
         mask: optional (P,) bool, True = ignore the pixel in every spectrum (for
             example known model problems); combined with the catalog's own mask.
         p0: optional starting labels [physical], (L,) for all or (n, L) per spectrum.
@@ -1161,8 +1189,10 @@ def fit_catalog(
         keep_parts: keep the parts folder after the final file is written.
         progress: show a tqdm progress bar over spectra.
         meta: JSON-compatible entries added to the table's meta (provenance).
-        **fit_kwargs: passed to :func:`payne_lite.fit` (``cont_deg``, ``fixed``,
-            ``max_iter``, ``rv_range``, ``batch_size``, ``n_threads``, ...).
+        **fit_kwargs: passed to :func:`payne_lite.fit` (``instrument``,
+            ``cont_deg``, ``rv_range``, ``fixed``, ``group``, ``options``, ...);
+            checked against its signature and ``method`` before the catalog is
+            opened (a misspelled name is a ``TypeError`` naming it).
 
     Returns:
         The results table (also written to ``path_out``): fit's columns, preceded by
@@ -1195,6 +1225,7 @@ def fit_catalog(
             "spectra, which would not fit in memory for a catalog; its own progress "
             "bar); do not pass them"
         )
+    _check_fit_options(method, fit_kwargs)
     chunk_size = _check_chunk_size(chunk_size)
     path_out = Path(path_out)
     format_of(path_out)  # unknown suffix: refused before any work

@@ -42,15 +42,19 @@ import h5py
 import numpy as np
 
 from . import _h5, synth
+from ._api import fit
 from ._validate import existing_file
 from ._version import __version__
 from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
 from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
 from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
 from .errors import FileFormatError, TrainingDivergedError, WavelengthGridWarning
-from .fitter import FLAG_BITS, METHODS, fit
+from .fitter import FLAG_BITS
+from .fitter import METHODS as POINT_METHODS
 from .grid import GRID_FORMAT, SpectralGrid
+from .instrument import Instrument
 from .mdn import MDN_FORMAT
+from .options import OPTIONS_BY_METHOD
 from .results import FORMATS as RESULTS_FORMATS
 from .train import TrainConfig, train_emulator
 
@@ -98,6 +102,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 
@@ -1287,11 +1301,12 @@ def _add_demo(sub) -> None:
         help="run the main job on the built-in default (nothing downloaded)",
         description=(
             "The main job on the embedded default: load the default emulator and\n"
-            "MDN (data/default_emulator.h5, data/default_mdn.h5; either is built in\n"
-            "a few minutes if missing), simulate a catalog of spectra with known\n"
-            "labels from the built-in synthesizer, check the emulator against them,\n"
-            "fit them (MDN starts and bounds + Levenberg-Marquardt, and the MDN-free\n"
-            "default for comparison), and write the tables, figures and a summary."
+            "MDN shipped with the package (either is built in a few minutes into\n"
+            "the user cache, $PAYNE_LITE_CACHE or ~/.cache/payne_lite, if missing),\n"
+            "simulate a catalog of spectra with known labels from the built-in\n"
+            "synthesizer, check the emulator against them, fit them (MDN starts and\n"
+            "bounds + Levenberg-Marquardt, and the MDN-free default for comparison),\n"
+            "and write the tables, figures and a summary."
         ),
         epilog="example:\n  payne-lite demo -o demo_out --n-spec 300",
     )
@@ -1496,7 +1511,7 @@ def _add_fit(sub) -> None:
     )
     p.add_argument(
         "--method",
-        choices=METHODS,
+        choices=POINT_METHODS,
         default=_fit_default("method"),
         help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
         "scipy.optimize.curve_fit per spectrum (the reference)",
@@ -1519,7 +1534,7 @@ def _add_fit(sub) -> None:
     p.add_argument(
         "--max-iter",
         type=_positive_int,
-        default=_fit_default("max_iter"),
+        default=OPTIONS_BY_METHOD["lm"]().max_iter,
         metavar="N",
         help="iteration cap per starting point (curve_fit: function evaluations)",
     )
@@ -1555,6 +1570,46 @@ def _add_fit(sub) -> None:
     )
     p.add_argument(
         "--no-progress", action="store_true", help="do not show a progress bar"
+    )
+    inst = p.add_argument_group(
+        "instrument (payne_lite.Instrument; recorded in the results' meta)",
+        "How the emulator's spectra are observed. --fixed vsini=V or vmacro=V holds a\n"
+        "broadening parameter and turns its kernel on.",
+    )
+    inst.add_argument(
+        "--air",
+        action="store_true",
+        help="the catalog's wavelengths are in air (converted to vacuum)",
+    )
+    prof = inst.add_mutually_exclusive_group()
+    prof.add_argument(
+        "--resolution",
+        type=_positive_float,
+        metavar="R",
+        help="instrumental resolving power lambda / FWHM to degrade the model to",
+    )
+    prof.add_argument(
+        "--lsf-sigma",
+        type=_positive_float,
+        metavar="A",
+        help="instead of --resolution, the Gaussian LSF sigma [A]",
+    )
+    inst.add_argument(
+        "--emulator-resolution",
+        type=_positive_float,
+        metavar="R",
+        help="R of the emulator's spectra (default: its own, else 22,500)",
+    )
+    inst.add_argument(
+        "--vsini",
+        action="store_true",
+        help="fit the projected rotation velocity vsini [km/s]",
+    )
+    inst.add_argument(
+        "--vmacro",
+        action="store_true",
+        help="fit a Gaussian macroturbulence vmacro [km/s] (emulators without a "
+        "vmacro label)",
     )
     g = p.add_argument_group(
         "distributed and resumable runs",
@@ -1630,6 +1685,17 @@ def _run_fit(args) -> int:
         raise ValueError("--mdn-starts needs --mdn")
     if args.mdn_starts < 0:
         raise ValueError(f"--mdn-starts must be >= 0, got {args.mdn_starts}")
+    instrument = Instrument(
+        air=args.air,
+        resolution=args.resolution,
+        lsf_sigma=args.lsf_sigma,
+        emulator_resolution=args.emulator_resolution,
+        vsini=args.vsini,
+        vmacro=args.vmacro,
+    )
+    options = OPTIONS_BY_METHOD[args.method](
+        max_iter=args.max_iter, mdn_starts=args.mdn_starts
+    )
     if args.mdn is not None:
         from .mdn import MDN
 
@@ -1664,9 +1730,9 @@ def _run_fit(args) -> int:
                 restart=args.restart,
                 keep_parts=args.keep_parts,
                 cont_deg=args.cont_deg,
-                max_iter=args.max_iter,
                 fixed=fixed or None,
-                **({"mdn_starts": args.mdn_starts} if args.mdn_starts else {}),
+                instrument=instrument,
+                options=options,
                 meta={
                     "command": args.command_line,
                     "emulator_file": str(emu_path),
@@ -2008,13 +2074,37 @@ def _run_plot(args) -> int:
 # bench
 # ======================================================================================
 #: The regression suite lives in the repository, beside the package (an editable
-#: install or a checkout); wheels do not carry it.
+#: install or a checkout); wheels do not carry it. Only ``payne-lite bench`` loads it,
+#: when it runs, as the package :data:`_BENCH_PACKAGE` (the checkout's benchmarks/).
 BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+_BENCH_PACKAGE = "payne_lite_benchmarks"
+
+_BENCH_DESCRIPTION = (
+    "Run the regression benchmark suite of the repository's benchmarks/\n"
+    "folder: emulator accuracy and training time, evaluation throughput and\n"
+    "fraction of the activation bound, fit accuracy and speed next to a\n"
+    "The-Payne-style baseline timed in the same run, MDN calibration and\n"
+    "speed-up. Writes results.json and results.md and compares them with the\n"
+    "committed reference (benchmarks/reference_<mode>.json): accuracy and\n"
+    "coverage gate with stated tolerances, speed only as ratios to the\n"
+    "same-run baseline. Exit status 1 on a regression or a failed section.\n"
+    "Details: benchmarks/suite.py and benchmarks/README.md."
+)
+_BENCH_EPILOG = (
+    "examples:\n  payne-lite bench --quick\n"
+    "  payne-lite bench --mdn mdn.h5 -o bench_out\n"
+    "  payne-lite bench --quick --compare bench_out/results.json"
+)
 
 
 @functools.cache
 def _bench_suite_or_error():
-    """(``benchmarks/suite.py`` as a module or None, why it is None)."""
+    """(``benchmarks/suite.py`` as a module or None, why it is None).
+
+    Imports the checkout's ``benchmarks/`` folder as the package
+    :data:`_BENCH_PACKAGE` (a private name: no clash with any other ``benchmarks``),
+    so that the suite's relative imports of the single benchmarks work.
+    """
     if not BENCH_SUITE.is_file():
         return None, (
             f"payne-lite bench runs the repository's benchmarks/suite.py, which this "
@@ -2022,15 +2112,32 @@ def _bench_suite_or_error():
             "repository and install it editable (pip install -e .), or run "
             "python benchmarks/suite.py in the checkout"
         )
+    import importlib
     import importlib.util
+    import types
 
-    spec = importlib.util.spec_from_file_location("payne_lite_bench_suite", BENCH_SUITE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    def forget():
+        for name in [n for n in sys.modules if n.split(".")[0] == _BENCH_PACKAGE]:
+            del sys.modules[name]
+
+    forget()  # a suite loaded from another BENCH_SUITE before
+    folder = BENCH_SUITE.parent
     try:  # a broken suite must not break the other commands
-        spec.loader.exec_module(module)
+        init = folder / "__init__.py"
+        if init.is_file():
+            spec = importlib.util.spec_from_file_location(
+                _BENCH_PACKAGE, init, submodule_search_locations=[str(folder)]
+            )
+            package = importlib.util.module_from_spec(spec)
+            sys.modules[_BENCH_PACKAGE] = package
+            spec.loader.exec_module(package)
+        else:
+            package = types.ModuleType(_BENCH_PACKAGE)
+            package.__path__ = [str(folder)]
+            sys.modules[_BENCH_PACKAGE] = package
+        module = importlib.import_module(f"{_BENCH_PACKAGE}.{BENCH_SUITE.stem}")
     except Exception as err:
-        del sys.modules[spec.name]
+        forget()
         return None, f"{BENCH_SUITE} does not load: {type(err).__name__}: {err}"
     return module, ""
 
@@ -2040,51 +2147,65 @@ def _bench_suite():
     return _bench_suite_or_error()[0]
 
 
+class _BenchArguments(argparse.Action):
+    """Keep the arguments of ``payne-lite bench`` for the suite's own parser, built
+    when the command runs (:func:`_run_bench`); only -v and --debug are taken out
+    here, as :func:`main` needs them before the command runs."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        common, rest = _common_options(sub=True).parse_known_args(list(values))
+        for key, value in vars(common).items():
+            setattr(namespace, key, value)
+        setattr(namespace, self.dest, rest)
+
+
 def _add_bench(sub) -> None:
-    p = _parser(
-        sub,
+    # Nothing of the suite is loaded here: building the parser (for any command)
+    # must not run the repository's benchmark code. "+" as the only prefix makes
+    # every argument, options included, a value of bench_args.
+    p = sub.add_parser(
         "bench",
         help="run the regression benchmark suite (needs a repository checkout)",
-        description=(
-            "Run the regression benchmark suite of the repository's benchmarks/\n"
-            "folder: emulator accuracy and training time, evaluation throughput and\n"
-            "fraction of the activation bound, fit accuracy and speed next to a\n"
-            "The-Payne-style baseline timed in the same run, MDN calibration and\n"
-            "speed-up. Writes results.json and results.md and compares them with the\n"
-            "committed reference (benchmarks/reference_<mode>.json): accuracy and\n"
-            "coverage gate with stated tolerances, speed only as ratios to the\n"
-            "same-run baseline. Exit status 1 on a regression or a failed section.\n"
-            "Details: benchmarks/suite.py and benchmarks/README.md."
-        ),
-        epilog=(
-            "examples:\n  payne-lite bench --quick\n"
-            "  payne-lite bench --mdn mdn.h5 -o bench_out\n"
-            "  payne-lite bench --quick --compare bench_out/results.json"
-        ),
+        description=_BENCH_DESCRIPTION,
+        epilog=_BENCH_EPILOG,
+        formatter_class=_Formatter,
+        prefix_chars="+",
+        add_help=False,
     )
-    suite = _bench_suite()
-    if suite is not None:
-        suite.add_arguments(p)
-        return
-    # Without the suite its options are unknown: take every argument as it is, so
-    # that _run_bench can say what is missing (instead of "unrecognized arguments").
     p.add_argument(
-        "suite_args",
+        "bench_args",
         nargs="*",
-        metavar="OPTIONS",
-        help=f"the suite's options (unavailable: {_bench_suite_or_error()[1]})",
+        action=_BenchArguments,
+        metavar="options",  # the "options:" that `payne-lite bench --help` lists
+        help="the suite's options (benchmarks/suite.py), read when the command runs",
     )
-    p.parse_known_args = lambda args=None, namespace=None: (
-        argparse.Namespace(suite_args=list(args or [])),
-        [],
+
+
+def _bench_parser(suite) -> argparse.ArgumentParser:
+    """The parser of ``payne-lite bench``: the common options and the suite's."""
+    p = _ArgumentParser(
+        prog=f"{PROG} bench",
+        description=_BENCH_DESCRIPTION,
+        epilog=_BENCH_EPILOG,
+        formatter_class=_Formatter,
+        parents=[_common_options(sub=True)],
     )
+    suite.add_arguments(p)
+    return p
 
 
 def _run_bench(args) -> int:
     suite, why = _bench_suite_or_error()
     if suite is None:
         raise FileNotFoundError(why)
-    return suite.run(args)
+    try:
+        bench_args = _bench_parser(suite).parse_args(args.bench_args)
+    except SystemExit as exc:  # --help and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    for key in ("verbose", "debug", "command", "command_line"):
+        if hasattr(args, key):
+            setattr(bench_args, key, getattr(args, key))
+    return suite.run(bench_args)
 
 
 # ======================================================================================

@@ -8,6 +8,11 @@ emulator against the synthesizer on them, observes them (random radial velocity 
 Levenberg-Marquardt fitter started and bounded by the default MDN (and, for
 comparison, from the MDN-free multi-start default), and writes the truth and
 results tables and figures, and samples the posterior of a few stars with emcee.
+
+The default emulator and MDN are the files the package ships
+(:func:`payne_lite._datafiles.shipped_file`); what is built or trained when they are
+missing (or, for the MDN, made for another emulator) is saved into the user cache
+(:func:`payne_lite._datafiles.cache_dir`), never next to the package.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _datafiles
 from .emulator import Emulator
 
 log = logging.getLogger(__name__)
@@ -29,24 +35,39 @@ EMCEE_MAX_STEPS = 6000
 RV_MAX = 200.0
 SNR_RANGE = (30.0, 150.0)
 
-#: Where the checkout keeps the default emulator (``data/make_default_emulator.py``).
-DEFAULT_EMULATOR = Path(__file__).resolve().parents[1] / "data" / "default_emulator.h5"
-#: ... and the default MDN trained for it (``data/make_default_mdn.py``).
-DEFAULT_MDN = DEFAULT_EMULATOR.with_name("default_mdn.h5")
+
+def default_emulator_path() -> Path:
+    """The default emulator's file: the shipped one (``data/default_emulator.h5``,
+    made by ``data/make_default_emulator.py``), else its place in the user cache,
+    where :func:`load_default_emulator` builds it (that file may not exist yet)."""
+    return _shipped_or_cached(_datafiles.DEFAULT_EMULATOR)
+
+
+def default_mdn_path() -> Path:
+    """The default MDN's file: the shipped one (``data/default_mdn.h5``, made by
+    ``data/make_default_mdn.py`` for the default emulator), else its place in the
+    user cache (that file may not exist yet)."""
+    return _shipped_or_cached(_datafiles.DEFAULT_MDN)
+
+
+def _shipped_or_cached(name: str) -> Path:
+    return _datafiles.shipped_file(name) or _datafiles.cache_dir() / name
 
 
 def load_default_emulator(
     path: Path | None = None, *, progress: bool = True
 ) -> Emulator:
-    """The default emulator: from ``path`` (default :data:`DEFAULT_EMULATOR`), else built.
+    """The default emulator: from ``path`` (default :func:`default_emulator_path`),
+    else built.
 
     Building it from scratch (no file) makes the default grid and trains on it, as
-    ``data/make_default_emulator.py`` does, and saves it to ``path``: a few minutes.
+    ``data/make_default_emulator.py`` does, and saves it to ``path``, or without
+    ``path`` into the user cache: a few minutes.
     """
     from . import synth
     from .train import train_emulator
 
-    path = Path(path) if path is not None else DEFAULT_EMULATOR
+    path = Path(path) if path is not None else default_emulator_path()
     if path.exists():
         return Emulator.load(path)
     log.warning(
@@ -61,25 +82,36 @@ def load_default_emulator(
 def load_default_mdn(
     emulator: Emulator, path: Path | None = None, *, progress: bool = True
 ):
-    """The default MDN for ``emulator``: from ``path`` (default :data:`DEFAULT_MDN`)
-    when that file was trained for this emulator, else trained on the spot (a few
-    minutes; as ``data/make_default_mdn.py`` does, with 30,000 training spectra) and
-    saved to ``path`` when ``path`` was given or the default file is missing."""
+    """The default MDN for ``emulator``.
+
+    With ``path``: the MDN of that file when it was trained for this emulator, else
+    one trained on the spot (a few minutes; as ``data/make_default_mdn.py`` does,
+    with 30,000 training spectra) and saved to ``path``. Without: the shipped MDN
+    (:func:`default_mdn_path`) or the one in the user cache, whichever was trained
+    for this emulator, else one trained on the spot and saved into the user cache
+    (the shipped file is never replaced).
+    """
     from .mdn import MDN, train_mdn
 
-    target = Path(path) if path is not None else DEFAULT_MDN
-    if target.exists():
-        try:
-            return MDN.load(target, emulator=emulator)
-        except ValueError as err:  # trained for another emulator
-            log.warning("%s: %s; training an MDN for this emulator", target, err)
-            if path is None:
-                target = None  # keep the shipped file
+    if path is not None:
+        candidates, target = [Path(path)], Path(path)
     else:
-        log.warning("%s not found: training an MDN (a few minutes)", target)
+        target = _datafiles.cache_dir() / _datafiles.DEFAULT_MDN
+        candidates = [default_mdn_path(), target]
+    for candidate in dict.fromkeys(candidates):  # the cache may be the default
+        if not candidate.exists():
+            continue
+        try:
+            return MDN.load(candidate, emulator=emulator)
+        except ValueError as err:  # trained for another emulator, or unreadable
+            log.warning("%s: %s; not using it", candidate, err)
+    log.warning(
+        "no MDN for this emulator in %s: training one into %s (a few minutes)",
+        " or ".join(str(c) for c in dict.fromkeys(candidates)),
+        target,
+    )
     mdn = train_mdn(emulator, n_train=30_000, n_valid=5_000, seed=0, progress=progress)
-    if target is not None:
-        mdn.save(target)
+    mdn.save(target)
     return mdn
 
 
@@ -102,14 +134,14 @@ def run_demo(
     ``<label>_mdn`` / ``<label>_mdn_sigma``) and ``figures/`` (PNG and PDF).
     ``posterior_emcee.ecsv``: emcee posterior summaries of the first ``n_emcee``
     stars (their corner plot in ``figures/``).
-    ``mdn``: an MDN file for the emulator (default :data:`DEFAULT_MDN`, trained on
-    the spot if missing or made for another emulator).
+    ``mdn``: an MDN file for the emulator (default: see :func:`load_default_mdn`;
+    trained on the spot if missing or made for another emulator).
     """
     from astropy.table import Table
 
     from . import plots, synth
+    from ._api import fit
     from .catalog import write_catalog
-    from .fitter import fit
     from .model import doppler_shift
     from .results import write_results
 
@@ -257,17 +289,23 @@ def run_demo(
 
     # emcee on a handful of stars (walkers from the LM fits): posterior summaries and
     # a corner plot of the first, with the truth and the LM solution marked
+    import warnings
+
+    from .errors import SamplingWarning
+    from .options import EmceeOptions
     from .posterior import sample
 
     rows_e = np.arange(min(n_emcee, n_spec))
     t_emcee = 0.0
     if rows_e.size:
         t = time.perf_counter()
-        post, chains = sample(
-            noisy[rows_e], err[rows_e], emu, method="emcee", mdn=mdn_model,
-            n_steps=EMCEE_MAX_STEPS, seed=seed, return_samples=True, progress=progress,
-            warn=False,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SamplingWarning)
+            post, chains = sample(
+                noisy[rows_e], err[rows_e], emu, method="emcee", mdn=mdn_model,
+                options=EmceeOptions(n_steps=EMCEE_MAX_STEPS), seed=seed,
+                return_samples=True, progress=progress,
+            )  # fmt: skip
         t_emcee = time.perf_counter() - t
         post["id"] = rows_e
         post.write(outdir / "posterior_emcee.ecsv", overwrite=True)

@@ -73,8 +73,8 @@ one's ESS reaches ``IS_ADAPT_DONE`` (1/4) of its draws (:func:`_run_is`); draws
 outside the support get zero weight (the proposal truncated to the support: its
 normalisation is a constant that self-normalised weights do not see). The last
 stage gives the summaries, weights and ``ess``; ``n_evals`` counts every stage's
-draws. ``is_adapt=0`` is the MDN proposal alone, ``n_draws`` of it. Stars whose
-ESS is below ``ess_min`` (default ``IS_ESS_MIN`` = 200), or whose MDN gave no
+draws. ``ISOptions(adapt=0)`` is the MDN proposal alone, ``n_draws`` of it. Stars whose
+ESS is below ``ISOptions.ess_min`` (default 200), or whose MDN gave no
 answer, are sampled again by emcee (``init`` as given, default the LM solution):
 column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
 
@@ -89,7 +89,7 @@ in ``x`` and trajectories meet no wall (:func:`_log_density_u`). ``n_chains``
 ``NUTS_INIT_SCALE`` (1) x the LM covariance's square root times N(0, 1) draws
 (``init="lm"``; the MDN's Gaussians with ``init="mdn"``), each adapts its step
 size and (by default dense) inverse mass matrix with Stan's window adaptation
-(``blackjax.window_adaptation``, ``n_warmup`` = ``NUTS_WARMUP`` = 500 steps,
+(``blackjax.window_adaptation``, ``NUTSOptions.n_warmup`` = 500 steps,
 discarded), then draws in blocks of ``check_every`` (default ``NUTS_BLOCK`` =
 100) per chain until its rule holds or ``n_steps`` draws per chain are done. The
 warm-up and each block are one jitted call, vmapped over the chains; the star's
@@ -970,7 +970,7 @@ def sample(
     n_lab = emulator.n_labels
     k = len(layout.names)
     kf = idx.size
-    n_walkers = em.n_walkers
+    n_walkers = getattr(em, "n_walkers", None)  # NUTSOptions has none
     if n_walkers is None:
         n_walkers = max(32, 4 * kf)
         n_walkers += n_walkers % 2
@@ -1626,7 +1626,9 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
         [
             bool(r["converged"])
             if r.get("converged") is not None
-            else (r.get("method") == "mdn-is" and r["ess"] >= meta["ess_min"])
+            else (
+                r.get("method") == "mdn-is" and r["ess"] >= meta["options"]["ess_min"]
+            )
             for r in rows
         ]
     )
@@ -1734,7 +1736,7 @@ def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None
 
 
 def load_samples(path) -> tuple[PosteriorSamples, dict]:
-    """Read a file written by :func:`save_samples` (``sample(samples_path=...)``).
+    """Read a file written by :func:`save_samples` (``save_samples(path, samples, table.meta)``).
 
     Returns:
         (:class:`PosteriorSamples`, the sampling table's meta).

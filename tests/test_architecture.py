@@ -23,11 +23,13 @@ STAGES = {
     # layer 0: leaf helpers, import nothing from the package
     "errors": 0,
     "constants": 0,
+    "options": 0,
     "_validate": 0,
     "_h5": 0,
     "_serial": 0,
     "_jaxcheck": 0,
     "_version": 0,
+    "_datafiles": 0,
     # layer 1: data in
     "grid": 1,
     "synth": 1,
@@ -38,6 +40,8 @@ STAGES = {
     "broadening": 3,
     "model": 3,
     "observe": 3,
+    "_problem": 3,
+    "instrument": 3,
     # layer 4: MDN; 5: point fits; 6: posteriors (built on the LM start)
     "mdn": 4,
     "fitter": 5,
@@ -58,12 +62,7 @@ STAGES = {
 }
 
 #: Known violations, as "importer -> imported" strings. Only ever shrink this.
-ALLOWED: set[str] = {
-    "cycle: payne_lite.fitter <-> payne_lite.posterior",
-    "payne_lite.fitter -> payne_lite.posterior (upward: stage fitter imports posterior)",
-    "payne_lite.posterior -> payne_lite.fitter._check_fixed (private name)",
-    "payne_lite.posterior -> payne_lite.fitter._check_inputs (private name)",
-}
+ALLOWED: set[str] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -190,8 +189,8 @@ def test_the_checker_sees_violations():
     """The walk itself: a cycle, an upward edge and a private import are caught."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
-    node = ast.parse("from ..model import embed").body[0]
-    assert _resolve("payne_lite.fitting._lm", False, node) == "payne_lite.model"
+    node = ast.parse("from ..observe import _embed").body[0]
+    assert _resolve("payne_lite.fitting._lm", False, node) == "payne_lite.observe"
     node = ast.parse("from . import _lm").body[0]
     assert _resolve("payne_lite.fitting", True, node) == "payne_lite.fitting"
 

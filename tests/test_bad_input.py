@@ -185,7 +185,7 @@ def _fit(c, *, flux=None, err=None, **kw):
     f = c.flux.copy() if flux is None else flux(c.flux.copy())
     e = c.err.copy() if err is None else err(c.err.copy())
     kw = {k: (v(c) if callable(v) else v) for k, v in kw.items()}
-    return pl.fit(f, e, c.emu, n_threads=1, **kw)
+    return pl.fit(f, e, c.emu, options=pl.LMOptions(n_threads=1), **kw)
 
 
 def _out(c, suffix=".fits") -> Path:
@@ -197,7 +197,9 @@ def _fit_catalog(c, *, source, **kw):
     kw = {k: (v(c) if callable(v) else v) for k, v in kw.items()}
     out = _out(c)
     emu = kw.pop("emulator", c.emu)
-    return pl.fit_catalog(src, out, emu, progress=False, n_threads=1, **kw)
+    return pl.fit_catalog(
+        src, out, emu, progress=False, options=pl.LMOptions(n_threads=1), **kw
+    )
 
 
 def _mdn_predict(c, *, flux=None, err=None, **kw):
@@ -444,7 +446,9 @@ CASES = [
         "fit",
         "rv_range empty (user bounds)",
         dict(rv_range=(100.0, -100.0)),
-        Raises(ValueError, r"rv_range must be \(lo, hi\) with lo < hi"),
+        Raises(
+            ValueError, r"rv_range must be \(lo, hi\) \[km/s\], finite, with lo < hi"
+        ),
     ),
     # ---- fit_catalog ----------------------------------------------------------------
     Case(

@@ -22,7 +22,7 @@ import pytest
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter1d
 
-from payne_lite import Emulator, PixelNet, fit
+from payne_lite import Emulator, Instrument, PixelNet, fit
 from payne_lite.broadening import (
     FWHM_PER_SIGMA,
     air_to_vacuum,
@@ -50,8 +50,9 @@ PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
 # --- fixtures ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def default_emu() -> Emulator:
-    from payne_lite.demo import DEFAULT_EMULATOR
+    from payne_lite.demo import default_emulator_path
 
+    DEFAULT_EMULATOR = default_emulator_path()
     if not DEFAULT_EMULATOR.exists():
         pytest.skip(f"{DEFAULT_EMULATOR} not in this checkout")
     return Emulator.load(DEFAULT_EMULATOR)
@@ -159,7 +160,7 @@ def test_vacuum_to_air_hand_worked_and_round_trip():
 
 
 def test_fit_air_switch_is_the_vacuum_fit(default_emu):
-    """Air wavelengths with air=True fit as their vacuum equivalents do."""
+    """Air wavelengths with Instrument(air=True) fit as their vacuum equivalents do."""
     wave_vac = np.linspace(15600.0, 16400.0, 1500)
     s_true = np.array([0.1, -0.2, 0.05, 0.0, -0.1])
     f = np.interp(
@@ -169,15 +170,18 @@ def test_fit_air_switch_is_the_vacuum_fit(default_emu):
     )
     err = np.full_like(f, 0.01)
     t_vac = fit(f, err, default_emu, wavelength=wave_vac)
-    t_air = fit(f, err, default_emu, wavelength=vacuum_to_air(wave_vac), air=True)
+    t_air = fit(
+        f, err, default_emu, wavelength=vacuum_to_air(wave_vac),
+        instrument=Instrument(air=True),
+    )  # fmt: skip
     for name in (*default_emu.label_names, "rv"):
         np.testing.assert_allclose(t_air[name], t_vac[name], rtol=1e-6, atol=1e-4)
     assert t_air.meta["wavelength_air"] is True
     # the same spectrum read as vacuum is ~82 km/s off
     t_wrong = fit(f, err, default_emu, wavelength=vacuum_to_air(wave_vac))
     assert abs(t_wrong["rv"][0] - t_vac["rv"][0]) > 70.0
-    with pytest.raises(ValueError, match="air=True needs"):
-        fit(f, err, default_emu, air=True)
+    with pytest.raises(ValueError, match=r"Instrument\(air=True\) needs"):
+        fit(f, err, default_emu, instrument=Instrument(air=True))
 
 
 # --- kernels ----------------------------------------------------------------------------
@@ -397,7 +401,10 @@ def test_fit_at_lower_resolution_on_a_coarser_grid(default_emu):
     err = np.concatenate(
         [np.full((n_free, wave_obs.size), 1e-4), np.full_like(flux, 0.01)]
     )
-    t = fit(both, err, default_emu, wavelength=wave_obs, resolution=7500.0)
+    t = fit(
+        both, err, default_emu, wavelength=wave_obs,
+        instrument=Instrument(resolution=7500.0),
+    )  # fmt: skip
     assert t.meta["emulator_resolution"] == 22500.0
     assert np.all(t["converged"])
     s_fit = scaled(default_emu, t)
@@ -443,7 +450,10 @@ def test_vsini_recovered_with_the_real_apogee_network(payne5):
     noisy = flux + 0.01 * rng.standard_normal(flux.shape)
     both = np.concatenate([flux, noisy])
     err = np.concatenate([np.full_like(flux, 1e-4), np.full_like(flux, 0.01)])
-    t = fit(both, err, emu, wavelength=wave, vsini=True, fixed={"vmacro": 8.0})
+    t = fit(
+        both, err, emu, wavelength=wave, instrument=Instrument(vsini=True),
+        fixed={"vmacro": 8.0},
+    )  # fmt: skip
     print("vsini noise-free", list(t["vsini"][:3]), "S/N 100", list(t["vsini"][3:]))
     print("vsini_err", list(t["vsini_err"]))
     assert t["vsini"].unit == "km / s" and t["vsini_err"].unit == "km / s"
@@ -459,7 +469,7 @@ def test_vsini_recovered_with_the_real_apogee_network(payne5):
     )
     assert t2["vsini"][0] == 10.0 and t2["vsini_err"][0] == 0.0
     with pytest.raises(ValueError, match="already has a label named 'vmacro'"):
-        fit(noisy[1], err[4], emu, wavelength=wave, vmacro=True)
+        fit(noisy[1], err[4], emu, wavelength=wave, instrument=Instrument(vmacro=True))
     with pytest.raises(ValueError, match="vsini = 500 km/s is outside"):
         fit(noisy[1], err[4], emu, wavelength=wave, fixed={"vsini": 500.0})
 

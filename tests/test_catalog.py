@@ -428,7 +428,10 @@ def test_fit_catalog_other_wavelengths_p0_and_fit_kwargs(tmp_path, emu):
     pix_mask = np.zeros(wave.size, bool)
     pix_mask[:3] = True
     fixed = {"logg": 3.0, "rv": 0.0}  # rv fixed: all overlapping pixels count
-    kw = dict(p0=p0, mask=pix_mask, fixed=fixed, cont_deg=1, max_iter=30)
+    kw = dict(
+        p0=p0, mask=pix_mask, fixed=fixed, cont_deg=1,
+        options=pl.LMOptions(max_iter=30),
+    )  # fmt: skip
     table = pl.fit_catalog(
         cat, tmp_path / "r.ecsv", emu, chunk_size=2, progress=False, **kw
     )

@@ -301,7 +301,7 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
         fit_files.emu,
         mask=fit_files.mask,
         fixed={"vmacro": 5.0},
-        max_iter=20,
+        options=pl.LMOptions(max_iter=20),
     )
     assert list(table["id"]) == fit_files.ids
     assert_tables_equal(table, ref, ref.colnames)
@@ -346,8 +346,9 @@ def test_info_results(fit_files, tmp_path, capsys, suffix):
     """A results table in any of the three formats: rows, parameters with units,
     convergence, chi2_red and flags as in the table, then its meta."""
     table = pl.fit(
-        fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask, max_iter=20
-    )
+        fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask,
+        options=pl.LMOptions(max_iter=20),
+    )  # fmt: skip
     table["flags"][0] |= 4
     path = tmp_path / f"r{suffix}"
     pl.write_results(table, path)
@@ -366,8 +367,9 @@ def test_info_results(fit_files, tmp_path, capsys, suffix):
 
 def test_info_mdn(tmp_path, capsys):
     from payne_lite import mdn as mdn_mod
-    from payne_lite.demo import DEFAULT_MDN
+    from payne_lite.demo import default_mdn_path
 
+    DEFAULT_MDN = default_mdn_path()
     if not DEFAULT_MDN.exists():
         pytest.skip(f"{DEFAULT_MDN} not in this checkout")
     code, out, err = run(capsys, "info", DEFAULT_MDN)
@@ -425,7 +427,7 @@ def test_fit_apogee_fits_files_to_ecsv(files, fit_files, tmp_path, capsys):
         fit_files.err[:2],
         emu,
         cont_deg=1,
-        max_iter=10,
+        options=pl.LMOptions(max_iter=10),
         wavelength=None if np.array_equal(wave, emu.wavelength) else wave,
     )
     assert list(table["id"]) == ["aspcapStar-0", "aspcapStar-1"]

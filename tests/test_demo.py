@@ -9,8 +9,8 @@ from astropy.table import Table
 from payne_lite import cli, synth
 from payne_lite.catalog import open_catalog as pl_open_catalog
 from payne_lite.demo import (
-    DEFAULT_EMULATOR,
-    DEFAULT_MDN,
+    default_emulator_path,
+    default_mdn_path,
     load_default_emulator,
     load_default_mdn,
     run_demo,
@@ -20,8 +20,8 @@ from payne_lite.results import read_results
 
 @pytest.fixture(scope="module")
 def default_emu():
-    if not DEFAULT_EMULATOR.exists():
-        pytest.skip(f"{DEFAULT_EMULATOR} not in this checkout")
+    if not default_emulator_path().exists():
+        pytest.skip(f"{default_emulator_path()} not in this checkout")
     return load_default_emulator()
 
 
@@ -112,8 +112,8 @@ def test_default_mdn_is_calibrated_for_the_default_emulator(default_emu):
     """The shipped MDN belongs to the shipped emulator and its Gaussians are honest
     on spectra it never saw: 1-sigma coverage near 0.68, 3-sigma near 1 (binomial
     error on 300 spectra: +-0.027)."""
-    if not DEFAULT_MDN.exists():
-        pytest.skip(f"{DEFAULT_MDN} not in this checkout")
+    if not default_mdn_path().exists():
+        pytest.skip(f"{default_mdn_path()} not in this checkout")
     from payne_lite.mdn import simulate
 
     mdn = load_default_mdn(default_emu)

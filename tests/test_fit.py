@@ -26,9 +26,9 @@ from conftest import (
 from scipy.ndimage import gaussian_filter1d
 from scipy.optimize import minimize_scalar
 
-from payne_lite import Emulator, PixelNet
+from payne_lite import Emulator, LMOptions, PixelNet, _problem, fit
 from payne_lite.constants import C_KMS
-from payne_lite.fitter import FLAG_FAILED, fit
+from payne_lite.fitter import FLAG_FAILED
 from payne_lite.model import (
     build_obs_model,
     doppler_shift,
@@ -403,7 +403,10 @@ def test_one_compilation_per_batch_shape(monkeypatch):
     for _ in range(3):
         s, rv = rng.uniform(-0.4, 0.4, (5, 3)), rng.uniform(-50, 50, 5)
         flux = reference_spectra(emu, s, rv)
-        fit(flux, np.full_like(flux, 0.01), emu, rv_range=(-100, 100), max_iter=20)
+        fit(
+            flux, np.full_like(flux, 0.01), emu, rv_range=(-100, 100),
+            options=LMOptions(max_iter=20),
+        )  # fmt: skip
         counts.append(n_traces)
     # at most two programs per batch shape (all starts; then the best start of stars
     # not yet converged), compiled by the first batch and reused by the others
@@ -551,7 +554,7 @@ def test_scale_errors_multiplies_by_sqrt_chi2_red(emu, truth, noise_free):
     rng = np.random.default_rng(5)
     noisy = flux[:4] + 0.02 * rng.standard_normal(flux[:4].shape)
     plain = fit(noisy, err[:4], emu)
-    scaled = fit(noisy, err[:4], emu, scale_errors=True)
+    scaled = fit(noisy, err[:4], emu, options=LMOptions(scale_errors=True))
     assert np.all(plain["chi2_red"] > 3.0) and np.all(plain["chi2_red"] < 5.0)
     np.testing.assert_array_equal(plain["Teff"], scaled["Teff"])
     for name in ("Teff", "logg", "rv"):
@@ -600,7 +603,7 @@ def test_vmapped_lanes_accelerator_path_gives_the_same_fits(
     flux, err = noise_free[0][:6], noise_free[1][:6]
     rng = np.random.default_rng(8)
     noisy = flux + 0.01 * rng.standard_normal(flux.shape)
-    seq = fit(noisy, err, emu, batch_size=8)
+    seq = fit(noisy, err, emu, options=LMOptions(batch_size=8))
     jax.clear_caches()
     monkeypatch.setattr(fit_mod, "SEQUENTIAL_LANES", False)
     seen = []
@@ -609,7 +612,7 @@ def test_vmapped_lanes_accelerator_path_gives_the_same_fits(
         fit_mod, "_sequential_lanes", lambda: seen.append(original()) or seen[-1]
     )
     try:
-        par = fit(noisy, err, emu, batch_size=8)
+        par = fit(noisy, err, emu, options=LMOptions(batch_size=8))
     finally:
         jax.clear_caches()
     assert seen and not any(seen)  # traced, and on the vmap path
@@ -628,7 +631,7 @@ def test_emulator_error_is_shifted_to_each_stars_rest_wavelength():
     wave = np.linspace(15000.0, 15100.0, 501)
     ramp = 1e-3 + 1e-5 * (wave - wave[0])  # linear: interpolation is exact
     rv = np.array([0.0, 150.0, -300.0])
-    got = fit_mod.emulator_error_on(wave, wave, ramp, rv)
+    got = _problem.emulator_error_on(wave, wave, ramp, rv)
     lam_rest = wave[None, :] / _factor(rv)[:, None]
     expected = np.where(
         (lam_rest >= wave[0]) & (lam_rest <= wave[-1]),

@@ -344,16 +344,21 @@ def test_fit_with_extra_mdn_starts(trained, emu, fit_set):
     d = fit_set
     kw = dict(mask=d["mask"], rv_range=RV_RANGE, mdn=trained)
     one = pl.fit(d["flux"], d["err"], emu, **kw)
-    more = pl.fit(d["flux"], d["err"], emu, mdn_starts=4, seed=1, **kw)
+    more = pl.fit(
+        d["flux"], d["err"], emu, options=pl.LMOptions(mdn_starts=4), seed=1, **kw
+    )
     assert np.all(more["converged"])
     for name in (*emu.label_names, "rv"):
         z = np.abs(np.asarray(more[name]) - np.asarray(one[name])) / one[f"{name}_err"]
         assert np.max(z) < 0.2, name
     assert np.all(np.asarray(more["chi2"]) <= np.asarray(one["chi2"]) + 0.05)
     with pytest.raises(ValueError, match="mdn_starts"):
-        pl.fit(d["flux"], d["err"], emu, mdn_starts=-1, **kw)
+        pl.LMOptions(mdn_starts=-1)
     with pytest.raises(ValueError, match="needs an mdn"):
-        pl.fit(d["flux"], d["err"], emu, mdn_starts=2, mask=d["mask"])
+        pl.fit(
+            d["flux"], d["err"], emu, options=pl.LMOptions(mdn_starts=2),
+            mask=d["mask"],
+        )  # fmt: skip
 
 
 class _ShiftedMDN:

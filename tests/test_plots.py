@@ -9,6 +9,7 @@ APOGEE spectrum fitted with The Payne's network.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,8 +21,9 @@ from scipy.special import erf
 import payne_lite as pl
 from payne_lite import plots
 from payne_lite.cli import main
-from payne_lite.demo import DEFAULT_EMULATOR, load_default_emulator
+from payne_lite.demo import default_emulator_path, load_default_emulator
 
+DEFAULT_EMULATOR = default_emulator_path()
 NAMES = ["Teff", "logg", "[Fe/H]"]
 UNITS = ["K", "dex", "dex"]
 
@@ -389,7 +391,8 @@ def test_prior_posterior_plot_bad_input(tmp_path):
 
 def test_plot_samples_file(capsys, tmp_path):
     """`payne-lite plot SAMPLES`: traces, prior-posterior and corner per star, from
-    the file payne_lite.sample(samples_path=...) writes (emcee, a short chain)."""
+    the file payne_lite.save_samples writes from payne_lite.sample(...,
+    return_samples=True) (emcee, a short chain)."""
     from conftest import build_tiny_emulator
 
     emu = build_tiny_emulator(60, seed=4)
@@ -397,17 +400,17 @@ def test_plot_samples_file(capsys, tmp_path):
     truth = np.array([[5200.0, 3.0, -0.5], [6000.0, 4.0, -1.0]])
     flux = np.asarray(emu.predict(truth)) + rng.normal(0.0, 0.01, (2, 60))
     path = tmp_path / "samples.h5"
-    pl.sample(
-        flux,
-        np.full_like(flux, 0.01),
-        emu,
-        fixed={"rv": 0.0},
-        n_walkers=16,
-        n_steps=60,
-        check_every=60,
-        warn=False,
-        samples_path=path,
-    )
+    with warnings.catch_warnings():  # a deliberately short chain
+        warnings.simplefilter("ignore", pl.SamplingWarning)
+        t, samples = pl.sample(
+            flux,
+            np.full_like(flux, 0.01),
+            emu,
+            fixed={"rv": 0.0},
+            options=pl.EmceeOptions(n_walkers=16, n_steps=60, check_every=60),
+            return_samples=True,
+        )
+    pl.save_samples(path, samples, t.meta)
     code, out, err = run(capsys, "plot", path, "-o", tmp_path / "figs")
     assert code == 0, err
     for star in (0, 1):

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 
 import h5py
 import numpy as np
@@ -25,8 +27,8 @@ from test_fit import _factor, reference_spectra, smooth_emulator
 
 import payne_lite as pl
 from payne_lite import Emulator, PixelNet
+from payne_lite import fit as pl_fit
 from payne_lite import posterior as sample_mod
-from payne_lite.fitter import fit as pl_fit
 from payne_lite.model import build_obs_model, window_valid
 from payne_lite.posterior import (
     SamplingWarning,
@@ -115,6 +117,14 @@ def toy():
     return emu, flux, err, mean, sd
 
 
+@contextlib.contextmanager
+def no_sampling_warning():
+    """Silence the SamplingWarning of deliberately short runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplingWarning)
+        yield
+
+
 def _check_recovered(t, names, mean, sd, *, tol=0.05):
     got_mean = np.array([float(t[f"{n}_p50"][0]) for n in names])
     got_sd = np.array([float(t[f"{n}_std"][0]) for n in names])
@@ -193,9 +203,11 @@ def test_emcee_recovers_gaussian_posterior(toy, init):
     emu, flux, err, mean, sd = toy
     mdn = StandInMDN(np.r_[mean + sd, 0.0], np.r_[2 * sd, 1.0])
     t, post = sample(
-        flux, err, emu, fixed={"rv": 0.0}, init=init,
-        mdn=mdn if init == "mdn" else None, n_walkers=32, n_steps=8000,
-        check_every=1000, seed=1, return_samples=True, thin=5,
+        flux, err, emu, fixed={"rv": 0.0}, mdn=mdn if init == "mdn" else None,
+        seed=1, return_samples=True,
+        options=pl.EmceeOptions(
+            init=init, n_walkers=32, n_steps=8000, check_every=1000, thin=5
+        ),
     )  # fmt: skip
     assert t["method"][0] == "emcee"
     assert bool(t["converged"][0])
@@ -219,11 +231,11 @@ def test_mdn_is_recovers_gaussian_posterior(toy, is_adapt):
     # a proposal off-centre by half an sd and too narrow: the weights correct it
     mdn = StandInMDN(np.r_[mean + 0.5 * sd, 0.0], np.r_[0.8 * sd, 1.0])
     t, post = sample(
-        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=20000,
-        seed=2, return_samples=True, is_adapt=is_adapt,
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=2,
+        return_samples=True, options=pl.ISOptions(n_draws=20000, adapt=is_adapt),
     )  # fmt: skip
     assert t["method"][0] == "mdn-is" and not t["fallback"][0]
-    assert t["ess"][0] >= sample_mod.IS_ESS_MIN and bool(t["converged"][0])
+    assert t["ess"][0] >= pl.ISOptions().ess_min and bool(t["converged"][0])
     _check_recovered(t, TINY_NAMES, mean, sd)
     w = post.weights[0]
     assert w.shape == (20000,) and np.isclose(w.sum(), 1.0)
@@ -244,8 +256,8 @@ def test_mdn_is_truncated_proposal_weights_are_right(is_adapt):
     err = np.full(emu.n_pix, 0.01)
     mdn = StandInMDN(np.r_[TINY_HI - 0.05 * SPAN, 0.0], np.r_[0.3 * SPAN, 1.0])
     t = sample(
-        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=40000,
-        seed=3, ess_min=100, is_adapt=is_adapt,
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=3,
+        options=pl.ISOptions(n_draws=40000, ess_min=100, adapt=is_adapt),
     )  # fmt: skip
     for j, name in enumerate(TINY_NAMES):
         mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
@@ -258,11 +270,13 @@ def test_mdn_is_low_ess_falls_back_to_emcee(toy):
     emu, flux, err, mean, sd = toy
     mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])  # far off
     t = sample(
-        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, n_draws=512,
-        n_steps=4000, check_every=1000, seed=4,
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=4,
+        options=pl.ISOptions(
+            n_draws=512, fallback=pl.EmceeOptions(n_steps=4000, check_every=1000)
+        ),
     )  # fmt: skip
     assert t["method"][0] == "emcee" and bool(t["fallback"][0])
-    assert t["is_ess"][0] < sample_mod.IS_ESS_MIN
+    assert t["is_ess"][0] < pl.ISOptions().ess_min
     assert bool(t["converged"][0])
     _check_recovered(t, TINY_NAMES, mean, sd, tol=0.1)
 
@@ -302,7 +316,10 @@ def test_diagnostics_flag_a_short_chain():
 def test_short_sampler_run_warns(toy):
     emu, flux, err, _, _ = toy
     with pytest.warns(SamplingWarning, match="did not pass the convergence rule"):
-        t = sample(flux, err, emu, fixed={"rv": 0.0}, n_steps=60, check_every=60)
+        t = sample(
+            flux, err, emu, fixed={"rv": 0.0},
+            options=pl.EmceeOptions(n_steps=60, check_every=60),
+        )  # fmt: skip
     assert not t["converged"][0] and t["n_steps"][0] == 60
 
 
@@ -331,39 +348,52 @@ def test_log_prob_compiled_once_per_shape(toy, monkeypatch):
 
     monkeypatch.setattr(sample_mod, "_log_prob_one", counted)
     # 26 walkers: a shape no other test uses, so the first call must trace
-    kw = dict(fixed={"rv": 0.0}, n_walkers=26, n_steps=40, check_every=40, warn=False)
+    opts = pl.EmceeOptions(n_walkers=26, n_steps=40, check_every=40)
     rng = np.random.default_rng(0)
     for n_star in (2, 3):
         many = flux + rng.normal(0.0, 0.01, (n_star, flux.size))
-        sample(many, np.broadcast_to(err, many.shape), emu, **kw)
+        with no_sampling_warning():
+            sample(
+                many, np.broadcast_to(err, many.shape), emu, fixed={"rv": 0.0},
+                options=opts,
+            )  # fmt: skip
     assert len(traces) == 2  # (26, 3) and (13, 3), for all five stars
 
 
 def test_backend_resumes(toy, tmp_path):
     emu, flux, err, _, _ = toy
     path = tmp_path / "chains.h5"
-    kw = dict(fixed={"rv": 0.0}, n_walkers=16, backend_path=path, warn=False)
-    t1 = sample(flux, err, emu, n_steps=100, check_every=100, **kw)
+
+    def opts(n):
+        return pl.EmceeOptions(
+            n_walkers=16, backend_path=path, n_steps=n, check_every=n
+        )
+
+    with no_sampling_warning():
+        t1 = sample(flux, err, emu, fixed={"rv": 0.0}, options=opts(100))
     assert t1["n_steps"][0] == 100
     with h5py.File(path, "r") as f:
         assert f["star_0/chain"].shape == (100, 16, 3)
         first = f["star_0/chain"][:100]
-    t2 = sample(flux, err, emu, n_steps=150, check_every=150, **kw)
+    with no_sampling_warning():
+        t2 = sample(flux, err, emu, fixed={"rv": 0.0}, options=opts(150))
     assert t2["n_steps"][0] == 150
     with h5py.File(path, "r") as f:
         assert f["star_0/chain"].shape == (150, 16, 3)
         np.testing.assert_array_equal(f["star_0/chain"][:100], first)
     with pytest.raises(ValueError, match="other data or settings"):
-        sample(flux + 0.01, err, emu, n_steps=150, check_every=150, **kw)
+        sample(flux + 0.01, err, emu, fixed={"rv": 0.0}, options=opts(150))
 
 
 def test_samples_saved(toy, tmp_path):
     emu, flux, err, _, _ = toy
     path = tmp_path / "samples.h5"
-    _, post = sample(
-        flux, err, emu, fixed={"rv": 0.0}, n_steps=80, check_every=80, thin=4,
-        samples_path=path, return_samples=True, warn=False,
-    )  # fmt: skip
+    with no_sampling_warning():
+        t, post = sample(
+            flux, err, emu, fixed={"rv": 0.0}, return_samples=True,
+            options=pl.EmceeOptions(n_steps=80, check_every=80, thin=4),
+        )  # fmt: skip
+    pl.save_samples(path, post, t.meta)
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == sample_mod.SAMPLES_FORMAT
         assert list(f.attrs["names"]) == list(TINY_NAMES)
@@ -374,7 +404,7 @@ def test_samples_saved(toy, tmp_path):
     assert back.method == post.method
     np.testing.assert_array_equal(back.samples[0], post.samples[0])
     np.testing.assert_array_equal(back.prior_lo[0], post.prior_lo[0])
-    assert meta["method"] == "emcee"
+    assert meta["method"] == "emcee" and meta["options"]["thin"] == 4
     # refused: a wrong version, another kind of file, a truncated file, no file
     bad = tmp_path / "v2.h5"
     bad.write_bytes(path.read_bytes())
@@ -398,28 +428,63 @@ def test_samples_saved(toy, tmp_path):
     ("kwargs", "match"),
     [
         (dict(method="hmc"), "method must be one of"),
-        (dict(method="nuts", n_chains=0), "n_chains must be an int >= 1"),
-        (dict(method="nuts", n_warmup=5), "n_warmup must be an int >= 10"),
-        (dict(method="nuts", ess_target=0.0), "ess_target must be > 0"),
         (dict(prior="flat"), "prior must be one of"),
-        (dict(init="random"), "init must be one of"),
         (dict(prior="mdn-gauss"), "needs an mdn"),
         (dict(method="mdn-is"), "needs an mdn"),
-        (dict(init="mdn"), "needs an mdn"),
-        (dict(n_walkers=5), "n_walkers must be an int >= 10"),
-        (dict(n_walkers=13), "n_walkers must be even"),
-        (dict(n_steps=3), "n_steps must be an int >= 4"),
-        (dict(thin=0), "thin must be an int >= 1"),
+        (dict(options=pl.EmceeOptions(init="mdn")), "needs an mdn"),
+        # even but too few for the 4 sampled parameters (labels and rv)
+        (
+            dict(options=pl.EmceeOptions(n_walkers=6)),
+            r"n_walkers must be >= 2 kf \+ 2 = 10",
+        ),
         (dict(rv_window=-1.0), "rv_window must be > 0"),
         (dict(fixed={"vturb": 1.0}), "unknown parameter"),
-        (dict(vsini=True), "need an emulator on a log-uniform wavelength grid"),
+        (
+            dict(instrument=pl.Instrument(vsini=True)),
+            "need an emulator on a log-uniform wavelength grid",
+        ),
         (dict(wavelength=np.ones((2, 120))), "the samplers take one wavelength grid"),
+        (
+            dict(method="emcee", options=pl.NUTSOptions()),
+            r"NUTSOptions is for method='nuts'; method='emcee' takes "
+            r"payne_lite\.EmceeOptions",
+        ),
+        (
+            dict(method="mdn-is", options=pl.EmceeOptions()),
+            r"method='mdn-is' takes payne_lite\.ISOptions",
+        ),
     ],
 )
 def test_bad_input(toy, kwargs, match):
     emu, flux, err, _, _ = toy
     with pytest.raises(ValueError, match=match):
         sample(flux, err, emu, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: pl.NUTSOptions(n_chains=0), "n_chains must be an int >= 1"),
+        (lambda: pl.NUTSOptions(n_warmup=5), "n_warmup must be an int >= 10"),
+        (lambda: pl.NUTSOptions(ess_target=0.0), "ess_target must be finite and > 0"),
+        (lambda: pl.EmceeOptions(init="random"), "init must be one of"),
+        (lambda: pl.NUTSOptions(init="random"), "init must be one of"),
+        (lambda: pl.EmceeOptions(n_walkers=1), "n_walkers must be an int >= 2"),
+        (lambda: pl.EmceeOptions(n_walkers=13), "n_walkers must be even"),
+        (lambda: pl.EmceeOptions(n_steps=3), "n_steps must be an int >= 4"),
+        (lambda: pl.NUTSOptions(n_steps=3), "n_steps must be an int >= 4"),
+        (lambda: pl.EmceeOptions(thin=0), "thin must be an int >= 1"),
+        (lambda: pl.NUTSOptions(thin=0), "thin must be an int >= 1"),
+        (lambda: pl.ISOptions(n_draws=1), "n_draws must be an int >= 2"),
+        (lambda: pl.ISOptions(scale=0.0), "scale must be finite and > 0"),
+        (lambda: pl.ISOptions(adapt=-1), "adapt must be an int >= 0"),
+        (lambda: pl.ISOptions(fallback=pl.NUTSOptions()), "must be an EmceeOptions"),
+    ],
+)
+def test_bad_sampler_options(make, match):
+    """Bad sampler settings are refused when the options object is made."""
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 def test_bad_shapes_and_mdn_is_continuum(toy):
@@ -443,15 +508,20 @@ def test_inputs_not_mutated(toy):
     mask = np.zeros(flux.size, bool)
     mask[3] = True
     m = mask.copy()
-    sample(f, e, emu, mask=m, fixed={"rv": 0.0}, n_steps=20, check_every=20, warn=False)
+    with no_sampling_warning():
+        sample(
+            f, e, emu, mask=m, fixed={"rv": 0.0},
+            options=pl.EmceeOptions(n_steps=20, check_every=20),
+        )  # fmt: skip
     np.testing.assert_array_equal(f, flux)
     np.testing.assert_array_equal(e, err)
     np.testing.assert_array_equal(m, mask)
 
 
 def test_fit_forwards_the_samplers_to_sample(toy):
-    """fit(method="emcee") is sample() with the same model options; LM-only options
-    are refused with a message, unknown methods list every method."""
+    """fit(method="emcee") is sample() with the same model options; point-fit
+    arguments and LM options are refused with a message, unknown methods list every
+    method."""
     emu, flux, err, mean, sd = toy
     kw = dict(fixed={"rv": 0.0}, seed=2)
     got = pl_fit(flux, err, emu, method="emcee", **kw)
@@ -459,10 +529,15 @@ def test_fit_forwards_the_samplers_to_sample(toy):
     assert got["method"][0] == "emcee"
     for name in (*TINY_NAMES, "rv"):
         np.testing.assert_array_equal(got[f"{name}_p50"], ref[f"{name}_p50"])
-    with pytest.raises(ValueError, match="are LM options"):
+    with pytest.raises(ValueError, match="return_model is a point-fit argument"):
         pl_fit(flux, err, emu, method="emcee", return_model=True, **kw)
-    with pytest.raises(ValueError, match="group= and continuum='profile' are LM"):
+    with pytest.raises(ValueError, match="group is a point-fit argument"):
         pl_fit(flux, err, emu, method="emcee", group=[0], **kw)
+    with pytest.raises(ValueError, match=r"LMOptions is for method='lm'"):
+        pl_fit(
+            flux, err, emu, method="emcee", options=pl.LMOptions(continuum="profile"),
+            **kw,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="'emcee', 'mdn-is', 'nuts'"):
         pl_fit(flux, err, emu, method="hmc")
     kw = dict(fixed={"rv": 0.0}, seed=3)
@@ -479,13 +554,13 @@ def test_fit_forwards_the_samplers_to_sample(toy):
 def test_nuts_recovers_gaussian_posterior(toy):
     emu, flux, err, mean, sd = toy
     t, post = sample(
-        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=1, ess_target=2000,
-        n_chains=4, return_samples=True,
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=1,
+        return_samples=True, options=pl.NUTSOptions(ess_target=2000, n_chains=4),
     )  # fmt: skip
     assert t["method"][0] == "nuts" and bool(t["converged"][0])
     assert t["n_divergent"][0] == 0
     assert t["ess"][0] >= 2000 and t["rhat_max"][0] < sample_mod.NUTS_RHAT_MAX
-    assert t["n_burn"][0] == sample_mod.NUTS_WARMUP and t["n_steps"][0] % 100 == 0
+    assert t["n_burn"][0] == pl.NUTSOptions().n_warmup and t["n_steps"][0] % 100 == 0
     assert t["n_evals"][0] > t["n_draws"][0] == 4 * t["n_steps"][0]
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
     assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)
@@ -538,9 +613,9 @@ def test_nuts_flat_likelihood_gives_the_box_prior_back():
     flux = np.ones(emu.n_pix)
     err = np.full(emu.n_pix, 0.01)
     t = sample(
-        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=5, ess_target=3000,
-        init="mdn", mdn=StandInMDN(np.r_[TINY_LO + 0.5 * SPAN, 0.0],
-                                   np.r_[0.2 * SPAN, 1.0]),
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=5,
+        options=pl.NUTSOptions(ess_target=3000, init="mdn"),
+        mdn=StandInMDN(np.r_[TINY_LO + 0.5 * SPAN, 0.0], np.r_[0.2 * SPAN, 1.0]),
     )  # fmt: skip
     assert bool(t["converged"][0]) and t["n_divergent"][0] == 0
     for j, name in enumerate(TINY_NAMES):
@@ -556,8 +631,8 @@ def test_nuts_short_run_is_flagged(toy):
     emu, flux, err, _, _ = toy
     with pytest.warns(SamplingWarning, match=r"\): nuts ESS >= 100000, split R-hat"):
         t = sample(
-            flux, err, emu, method="nuts", fixed={"rv": 0.0}, n_steps=100,
-            ess_target=1e5,
+            flux, err, emu, method="nuts", fixed={"rv": 0.0},
+            options=pl.NUTSOptions(n_steps=100, ess_target=1e5),
         )  # fmt: skip
     assert not t["converged"][0] and t["n_steps"][0] == 100
     assert t["ess"][0] < 1e5
@@ -610,8 +685,8 @@ def test_nuts_25_labels_no_divergences():
     flux = np.asarray(emu.predict(truth), np.float64)
     err = np.full(emu.n_pix, 0.01)
     t = sample(
-        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=0, n_chains=2,
-        n_warmup=300, ess_target=200,
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=0,
+        options=pl.NUTSOptions(n_chains=2, n_warmup=300, ess_target=200),
     )  # fmt: skip
     assert t["n_divergent"][0] == 0
     assert bool(t["converged"][0]), (t["ess"][0], t["rhat_max"][0])
@@ -639,7 +714,9 @@ def instrument_star():
     clean = degrade_reference(wave, rotate_reference(wave, rest, 20.0), 7500.0, 22500.0)
     err = np.full(wave.size, 0.01)
     flux = clean + err * np.random.default_rng(4).standard_normal(wave.size)
-    opts = dict(wavelength=wave, resolution=7500.0, vsini=True)
+    opts = dict(
+        wavelength=wave, instrument=pl.Instrument(resolution=7500.0, vsini=True)
+    )
     lm = pl_fit(flux, err, emu, **opts)
     return emu, flux, err, s_true, opts, lm
 
@@ -671,8 +748,9 @@ def test_log_posterior_with_resolution_and_vsini_matches_numpy(instrument_star):
     # differences between points: tighter, the references' errors mostly cancel
     np.testing.assert_allclose(got - got[0], want - want[0], rtol=0, atol=0.05)
     no_lsf = log_posterior(
-        flux, err, emu, params, rv_centre=0.0, mask=mask, wavelength=wave, vsini=True
-    )
+        flux, err, emu, params, rv_centre=0.0, mask=mask, wavelength=wave,
+        instrument=pl.Instrument(vsini=True),
+    )  # fmt: skip
     assert np.all(want - no_lsf > 50.0)
 
 
@@ -685,6 +763,8 @@ def test_samplers_take_resolution_and_vsini(instrument_star):
     emu, flux, err, s_true, opts, lm = instrument_star
     t = sample(flux, err, emu, lm_table=lm, seed=1, **opts)
     assert bool(t["converged"][0]) and t.meta["broadening"] == ["vsini"]
+    inst = pl.Instrument.from_meta(t.meta["instrument"])
+    assert inst.resolution == 7500.0 and inst.vsini and not inst.vmacro
     assert t["vsini"].unit == "km / s" and t["vsini_p16"].unit == "km / s"
     for name in (*TINY_NAMES, "rv", "vsini"):
         med, sd = float(t[f"{name}_p50"][0]), float(t[f"{name}_std"][0])
@@ -697,7 +777,7 @@ def test_samplers_take_resolution_and_vsini(instrument_star):
     import jax.numpy as jnp
 
     broadening, wave = sample_mod._instrument(
-        None, emu, air=False, wavelength=opts["wavelength"], vsini=True, vmacro=False
+        pl.Instrument(vsini=True), None, emu, opts["wavelength"]
     )
     pb = sample_mod._prepare(
         flux, err, emu, mask=None, wavelength=wave, prior="box", mdn=None,

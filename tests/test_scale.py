@@ -242,7 +242,7 @@ def test_resume_with_other_inputs_or_options_is_refused(files, reference, tmp_pa
     other_emu = build_tiny_emulator(n_pix=N_PIX, n_hid=3, seed=4)
     for call, differs in [
         (dict(emulator=other_emu), "emulator_sha256"),
-        (dict(emulator=emu, max_iter=50), "fit_options_sha256"),
+        (dict(emulator=emu, options=pl.LMOptions(max_iter=50)), "fit_options_sha256"),
         (dict(emulator=emu, cont_deg=1), "fit_options"),
         (dict(emulator=emu, method="curve_fit"), "method"),
         (dict(emulator=emu, mask=np.arange(N_PIX) < 3), "mask_sha256"),

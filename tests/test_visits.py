@@ -1,6 +1,6 @@
 """Joint multi-visit fits (``fit(..., group=)``), the profiled continuum
-(``continuum="profile"``), the poor-fit QA bit, and the emulator's error in the
-likelihood.
+(``LMOptions(continuum="profile")``), the poor-fit QA bit, and the emulator's error
+in the likelihood.
 
 Small smooth random emulators (from ``test_fit``) for the mechanics; the real
 APOGEE Payne network and real visits of a double-lined binary where
@@ -25,8 +25,8 @@ from test_fit import (
     smooth_emulator,
 )
 
-from payne_lite import Emulator
-from payne_lite.fitter import FLAG_BITS, FLAG_POOR_FIT, fit, poor_fit, visit_index
+from payne_lite import Emulator, LMOptions, _problem, fit
+from payne_lite.fitter import FLAG_BITS, FLAG_POOR_FIT, poor_fit, visit_index
 from payne_lite.model import build_obs_model, embed_obs, observe_jac
 
 fit_mod = importlib.import_module("payne_lite.fitter")
@@ -193,7 +193,10 @@ def test_group_fit_with_per_visit_continuum_and_noise(emu):
     err = np.full_like(flux, 0.01)
     noisy = flux + err * rng.standard_normal(flux.shape)
     for mode in ("fit", "profile"):
-        t = fit(noisy, err, emu, group=[7, 7, 7], cont_deg=1, continuum=mode)
+        t = fit(
+            noisy, err, emu, group=[7, 7, 7], cont_deg=1,
+            options=LMOptions(continuum=mode),
+        )  # fmt: skip
         assert t.meta["continuum"] == mode
         assert t["cont_1"].shape == (1, 3)
         z = (np.asarray(t["cont_1"][0]) - cont[:, 1]) / np.asarray(t["cont_1_err"][0])
@@ -235,9 +238,9 @@ def test_group_bad_input(emu):
     with pytest.raises(ValueError, match="method='lm'"):
         fit(flux, err, emu, group=[1, 1], method="curve_fit")
     with pytest.raises(ValueError, match="cont_deg >= 1"):
-        fit(flux, err, emu, continuum="profile")
+        fit(flux, err, emu, options=LMOptions(continuum="profile"))
     with pytest.raises(ValueError, match="continuum must be one of"):
-        fit(flux, err, emu, continuum="spline", cont_deg=1)
+        LMOptions(continuum="spline")
 
 
 # --- the profiled continuum: fits ----------------------------------------------------------
@@ -254,7 +257,7 @@ def test_profiled_continuum_gives_the_same_fit_and_errors(emu, log_emu, fast):
     err = np.full_like(flux, 0.01)
     noisy = flux + err * rng.standard_normal(flux.shape)
     full = fit(noisy, err, e, cont_deg=2)
-    prof = fit(noisy, err, e, cont_deg=2, continuum="profile")
+    prof = fit(noisy, err, e, cont_deg=2, options=LMOptions(continuum="profile"))
     assert np.all(full["flags"] == 0) and np.all(prof["flags"] == 0)
     for name in (*TINY_NAMES, "rv", "cont_0", "cont_1", "cont_2"):
         sig = np.asarray(full[f"{name}_err"])
@@ -329,7 +332,7 @@ def test_emulator_error_reaches_the_likelihood_on_the_observed_grid(emu, monkeyp
         w, p = seen[0]
         w = w.reshape(-1, w.shape[-1])[:2]  # (spectra or visits, P)
         rv_start = p[:2, 3] if group is None else p[0, 3:5]
-        expected = fit_mod.emulator_error_on(wave_obs, emu.wavelength, pe, rv_start)
+        expected = _problem.emulator_error_on(wave_obs, emu.wavelength, pe, rv_start)
         used = w > 0
         assert used.mean() > 0.8
         np.testing.assert_allclose(
