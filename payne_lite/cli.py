@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from . import _h5, synth
+from ._api import METHODS as FIT_METHODS
 from ._api import fit
 from ._validate import existing_file
 from ._version import __version__
@@ -1511,10 +1512,12 @@ def _add_fit(sub) -> None:
     )
     p.add_argument(
         "--method",
-        choices=POINT_METHODS,
+        choices=FIT_METHODS,
         default=_fit_default("method"),
         help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
-        "scipy.optimize.curve_fit per spectrum (the reference)",
+        "scipy.optimize.curve_fit per spectrum (the reference); emcee, nuts, "
+        "mdn-is (needs --mdn) = posterior summaries (percentile columns) with "
+        "their default settings (pl.sample for more)",
     )
     p.add_argument(
         "--cont-deg",
@@ -1534,9 +1537,17 @@ def _add_fit(sub) -> None:
     p.add_argument(
         "--max-iter",
         type=_positive_int,
-        default=OPTIONS_BY_METHOD["lm"]().max_iter,
+        default=None,
         metavar="N",
-        help="iteration cap per starting point (curve_fit: function evaluations)",
+        help="iteration cap per starting point (curve_fit: function evaluations; "
+        f"default {OPTIONS_BY_METHOD['lm']().max_iter}); lm and curve_fit only",
+    )
+    p.add_argument(
+        "--options",
+        metavar="JSON",
+        help="the method's settings as a JSON object of its options fields, e.g. "
+        '\'{"max_iter": 60, "batch_size": 128}\' for lm (payne_lite.LMOptions), '
+        "'{\"n_steps\": 4000}' for emcee (EmceeOptions), NUTSOptions, ISOptions",
     )
     p.add_argument(
         "--fixed",
@@ -1643,6 +1654,42 @@ def _add_fit(sub) -> None:
     )
 
 
+def _method_options(args):
+    """The method's options object: ``--options JSON`` (its fields), with --max-iter
+    and --mdn-starts as shortcuts of the point fits' fields."""
+    cls = OPTIONS_BY_METHOD[args.method]
+    fields = {}
+    if args.options is not None:
+        try:
+            fields = json.loads(args.options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--options: not JSON ({err}): {args.options!r}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"moves", "fallback"}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(
+            f"--options: {unknown} are not {cls.__name__} fields (--method "
+            f"{args.method} takes {sorted(names)})"
+        )
+    for flag, name, value in (
+        ("--max-iter", "max_iter", args.max_iter),
+        ("--mdn-starts", "mdn_starts", args.mdn_starts or None),
+    ):
+        if value is None:
+            continue
+        if name not in names:
+            raise ValueError(
+                f"{flag} is an lm / curve_fit option, not for {args.method}"
+            )
+        fields[name] = value
+    try:
+        return cls(**fields)
+    except TypeError as err:  # e.g. a list where a number goes
+        raise ValueError(f"--options: {err}") from None
+
+
 def _parse_fixed(items: Sequence[str] | None) -> dict[str, float]:
     fixed: dict[str, float] = {}
     for item in items or ():
@@ -1693,9 +1740,7 @@ def _run_fit(args) -> int:
         vsini=args.vsini,
         vmacro=args.vmacro,
     )
-    options = OPTIONS_BY_METHOD[args.method](
-        max_iter=args.max_iter, mdn_starts=args.mdn_starts
-    )
+    options = _method_options(args)
     if args.mdn is not None:
         from .mdn import MDN
 
@@ -1747,18 +1792,22 @@ def _run_fit(args) -> int:
         for b, text in FLAG_BITS.items()
         if np.any(flags & (1 << b))
     ]
-    chi2_red = np.asarray(table["chi2_red"], dtype=float)
+    chi2_red = np.asarray(
+        table["chi2_red"] if "chi2_red" in table.colnames else [np.nan], dtype=float
+    )
     median = (
         f"; median chi2_red {np.nanmedian(chi2_red):.3g}"
         if np.isfinite(chi2_red).any()
         else ""
     )
+    sampler = args.method not in POINT_METHODS
     print(
         f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
-        + (", MDN starts and bounds" if mdn is not None else "")
+        + (", MDN starts and bounds" if mdn is not None and not sampler else "")
+        + (", MDN proposal" if mdn is not None and sampler else "")
         + ")"
     )
-    if mdn is not None:
+    if mdn is not None and "mdn_refit" in table.colnames:
         print(
             f"  {int(np.count_nonzero(table['mdn_refit']))} refitted without the "
             "MDN bounds"

@@ -849,11 +849,18 @@ _model_batch = serial_jit(_model_batch, key=_sequential_lanes)
 
 
 def _curve_fit_one(obs, p_starts, flux, w, lo, hi, free, max_iter):
-    """scipy curve_fit (trf) from each start; best (p, chi2, nfev, converged)."""
-    from scipy.optimize import curve_fit
+    """scipy's curve_fit (trf) from each start; best (p, chi2, nfev, converged).
+
+    Called as ``curve_fit`` calls it (residuals and Jacobian divided by sigma,
+    ``scipy.optimize.least_squares`` with method "trf", the bounds and
+    ``max_nfev``), but through ``least_squares`` itself: ``curve_fit`` raises a
+    RuntimeError when a star reaches ``max_nfev``, which would stop every other
+    star's fit; here that star is reported not converged instead.
+    """
+    from scipy.optimize import least_squares
 
     good = np.flatnonzero(w > 0)
-    sigma = 1.0 / np.sqrt(w[good])
+    sw = np.sqrt(w[good])
     idx = np.flatnonzero(free)
     best = None
     for start in p_starts:
@@ -864,32 +871,28 @@ def _curve_fit_one(obs, p_starts, flux, w, lo, hi, free, max_iter):
             p[idx] = q
             return jnp.asarray(p, dtype=obs.x_obs.dtype)
 
-        def f(_x, *q, base=base):
-            return np.asarray(_model_one(obs, full(q, base)), dtype=np.float64)[good]
+        def resid(q, base=base):
+            m = np.asarray(_model_one(obs, full(q, base)), dtype=np.float64)[good]
+            return (m - flux[good]) * sw
 
-        def jac(_x, *q, base=base):
+        def jac(q, base=base):
             j = np.asarray(_jac_one(obs, full(q, base)), dtype=np.float64)
-            return j[np.ix_(good, idx)]
+            return j[np.ix_(good, idx)] * sw[:, None]
 
         x0 = np.clip(start[idx], lo[idx], hi[idx])
-        popt, _, info, _, ier = curve_fit(
-            f,
-            good,
-            flux[good],
-            p0=x0,
-            sigma=sigma,
-            absolute_sigma=True,
+        res = least_squares(
+            resid,
+            x0,
+            jac=jac,
             bounds=(lo[idx], hi[idx]),
             method="trf",
-            jac=jac,
-            full_output=True,
             max_nfev=max_iter,
         )
         p = base.copy()
-        p[idx] = popt
-        chi2 = float(np.sum(info["fvec"] ** 2))
+        p[idx] = res.x
+        chi2 = float(np.sum(res.fun**2))
         if best is None or chi2 < best[1]:
-            best = (p, chi2, int(info["nfev"]), ier > 0)
+            best = (p, chi2, int(res.nfev), res.status > 0)
     return best
 
 

@@ -182,7 +182,7 @@ from ._problem import (
 from ._validate import as_float_array
 from .emulator import Emulator
 from .errors import SamplingWarning
-from .fitter import fit_spectra
+from .fitter import FLAG_BITS, FLAG_FAILED, FLAG_NOT_CONVERGED, fit_spectra
 from .instrument import Instrument
 from .model import (
     BROADENING_PARAMS,
@@ -1659,6 +1659,13 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
     t["chi2_min"] = -2.0 * col("lp_best", np.nan)
     t["seconds"] = col("seconds", np.nan)
     t["failure"] = [r.get("failure", "") for r in rows]
+    # the point fits' QA bits that apply to a posterior: not converged, failed
+    failed = np.array([m == "failed" for m in method], bool)
+    t["flags"] = (
+        np.where(conv | failed, 0, FLAG_NOT_CONVERGED)
+        | np.where(failed, FLAG_FAILED, 0)
+    ).astype(np.int32)
+    t["flags"].description = "QA bitmask, see meta['flag_bits'] (bits 0 and 2 here)"
     t["seconds"].unit = "s"
     t["tau"].unit = "steps"
     t["tau"].description = "integrated autocorrelation time per meta['sample_params']"
@@ -1687,6 +1694,7 @@ def _table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta)
         label_names=list(emulator.label_names),
         label_units=list(emulator.label_units),
         sample_params=[layout.names[j] for j in idx],
+        flag_bits={str(b): text for b, text in FLAG_BITS.items()},
         fixed={layout.names[j]: float(phys(j, v)) for j, v in fix.items()},
         convergence_rule=(
             f"emcee: kept steps >= {N_TAU_MIN:g} x max tau and max split R-hat < "
