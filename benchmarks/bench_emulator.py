@@ -337,7 +337,7 @@ def bench_teacher(
 
 
 def bench_default_grid() -> dict:
-    from payne_lite import synth
+    from payne_lite.grid import synth
 
     path = ROOT / "data" / "default_emulator.h5"
     emu = pl.Emulator.load(path)

@@ -40,7 +40,7 @@ import numpy as np
 
 import payne_lite as pl
 from payne_lite.constants import C_KMS
-from payne_lite.train import TrainConfig
+from payne_lite.emulator import TrainConfig
 
 PAYNE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "payne_apogee"
 NAMES = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
@@ -165,8 +165,7 @@ def correlated_errors(student, table, err, mask, residuals) -> np.ndarray:
     ``C_emu = R^T R / N`` from ``residuals`` R (N, P), the student's held-out
     errors, shifted to each star's rv. An independent check of the library's
     ``error_basis`` path, computed here."""
-    from payne_lite._problem import emulator_error_on
-    from payne_lite.model import build_obs_model, observe_jac
+    from payne_lite.observe import build_obs_model, emulator_error_on, observe_jac
 
     obs = build_obs_model(student)
     dt = obs.x_obs.dtype

@@ -80,8 +80,8 @@ def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
     box-centre labels)."""
     import jax.numpy as jnp
 
-    from payne_lite import _problem, fitter
-    from payne_lite.model import build_obs_model, param_layout
+    from payne_lite.fitting import _fitter as fitter
+    from payne_lite.observe import _problem, build_obs_model, param_layout
 
     obs = build_obs_model(emu, cont_deg=0, rv_max=max(abs(v) for v in rv_range))
     layout = param_layout(emu, cont_deg=0, rv_range=rv_range)
@@ -118,7 +118,7 @@ def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
 # --------------------------------------------------------------------------------------
 def _compiler_options():
     """The XLA options payne_lite compiles its LM with (if any), for every method."""
-    from payne_lite import fitter
+    from payne_lite.fitting import _fitter as fitter
 
     return getattr(fitter, "KERNEL_COMPILER_OPTIONS", None)
 
@@ -144,7 +144,7 @@ def payne_lite_solver(max_iter):
     compiler options), one start per star."""
     import jax.numpy as jnp
 
-    from payne_lite import fitter
+    from payne_lite.fitting import _fitter as fitter
 
     def wrap(data):
         obs, p0, flux, w, lo, hi, free = data
@@ -163,7 +163,7 @@ def _analytic_model():
     """``observe(obs, p)[0]`` with payne_lite's analytic Jacobian as its JVP."""
     import jax
 
-    from payne_lite.model import observe, observe_jac_t
+    from payne_lite.observe import observe, observe_jac_t
 
     @jax.custom_jvp
     def model(p, obs):
@@ -186,7 +186,7 @@ def optx_solver(optx, tol, max_iter, jac="fwd", batch="vmap", bounds="sin"):
     import jax
     import jax.numpy as jnp
 
-    from payne_lite.model import observe
+    from payne_lite.observe import observe
 
     if jac == "analytic":
         model = _analytic_model()
@@ -239,7 +239,7 @@ def optx_solver(optx, tol, max_iter, jac="fwd", batch="vmap", bounds="sin"):
 def chi2_of(obs, p, flux, w):
     import jax
 
-    from payne_lite.model import observe
+    from payne_lite.observe import observe
 
     @jax.jit
     def f(obs, p, flux, w):

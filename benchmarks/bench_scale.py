@@ -87,7 +87,7 @@ def run_setup(name, cat, emu, out_dir, *, n, chunk_size, workers, fit_kw):
     """Cold and warm fit_catalog runs of one setup (``fit_kw``: pl.LMOptions
     fields); a dict of timings."""
     import payne_lite as pl
-    from payne_lite.distributed import local_client, worker_stats
+    from payne_lite.catalog import local_client, worker_stats
 
     def fit(client, tag):
         out = out_dir / f"{name.replace(' ', '_').replace(',', '')}-{tag}.fits"

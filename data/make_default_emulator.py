@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import payne_lite as pl
-from payne_lite import synth
+from payne_lite.grid import synth
 
 HERE = Path(__file__).resolve().parent
 

@@ -6,27 +6,27 @@ Please cite Ting et al. 2019 (ApJ 879, 69), "The Payne", whose method this imple
 from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
-from . import broadening as broadening
 from ._api import fit as fit
 from ._version import __version__ as __version__
-from .broadening import air_to_vacuum as air_to_vacuum
-from .broadening import vacuum_to_air as vacuum_to_air
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
+from .catalog import model_from_results, read_results, write_results
 from .catalog import open_catalog as open_catalog
 from .catalog import write_catalog as write_catalog
 from .emulator import DenseNet as DenseNet
 from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
+from .emulator import TrainConfig, train_emulator
 from .errors import FileFormatError as FileFormatError
 from .errors import SamplingWarning as SamplingWarning
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
 from .grid import SpectralGrid as SpectralGrid
-from .instrument import Instrument as Instrument
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
+from .observe import Instrument, broadening
+from .observe.broadening import air_to_vacuum, vacuum_to_air
 from .options import CurveFitOptions as CurveFitOptions
 from .options import EmceeOptions as EmceeOptions
 from .options import ISOptions as ISOptions
@@ -37,11 +37,6 @@ from .posterior import load_samples as load_samples
 from .posterior import log_posterior as log_posterior
 from .posterior import sample as sample
 from .posterior import save_samples as save_samples
-from .results import model_from_results as model_from_results
-from .results import read_results as read_results
-from .results import write_results as write_results
-from .train import TrainConfig as TrainConfig
-from .train import train_emulator as train_emulator
 
 __all__ = [
     "CurveFitOptions",

@@ -1,6 +1,6 @@
 """The public :func:`fit`: one entry point for point fits and posteriors.
 
-It hands ``method="lm"`` / ``"curve_fit"`` to :func:`payne_lite.fitter.fit_spectra`
+It hands ``method="lm"`` / ``"curve_fit"`` to :func:`payne_lite.fitting.fit_spectra`
 and the samplers to :func:`payne_lite.posterior.sample`, with the same model
 (emulator, instrument, continuum, rv range, fixed parameters) and the method's own
 options object. The point fits know nothing of the samplers: the samplers build on
@@ -10,9 +10,9 @@ the point fits (their LM start), and this module sits above both.
 from __future__ import annotations
 
 from .emulator import Emulator
-from .fitter import METHODS as POINT_METHODS
-from .fitter import fit_spectra
-from .instrument import Instrument
+from .fitting import METHODS as POINT_METHODS
+from .fitting import fit_spectra
+from .observe import Instrument
 from .posterior import METHODS as SAMPLERS
 from .posterior import sample
 
@@ -58,7 +58,7 @@ def fit(
             compiled solver (except grids made of the emulator's own log-uniform
             pixels, whose layout is static: one compilation per such layout). The
             model is computed on the emulator's grid and linearly interpolated at
-            each observed wavelength (see :mod:`payne_lite.model`).
+            each observed wavelength (see :mod:`payne_lite.observe`).
         method: ``"lm"`` (batched Levenberg-Marquardt in JAX, the default) or
             ``"curve_fit"`` (scipy, trf, JAX Jacobian) for point fits;
             ``"emcee"``, ``"nuts"`` or ``"mdn-is"`` return posterior summaries from

@@ -64,8 +64,8 @@ def load_default_emulator(
     ``data/make_default_emulator.py`` does, and saves it to ``path``, or without
     ``path`` into the user cache: a few minutes.
     """
-    from . import synth
-    from .train import train_emulator
+    from .emulator import train_emulator
+    from .grid import synth
 
     path = Path(path) if path is not None else default_emulator_path()
     if path.exists():
@@ -139,11 +139,11 @@ def run_demo(
     """
     from astropy.table import Table
 
-    from . import plots, synth
     from ._api import fit
-    from .catalog import write_catalog
-    from .model import doppler_shift
-    from .results import write_results
+    from .catalog import write_catalog, write_results
+    from .grid import synth
+    from .observe import doppler_shift
+    from .plots import _plots as plots
 
     outdir = Path(outdir)
     (outdir / "figures").mkdir(parents=True, exist_ok=True)

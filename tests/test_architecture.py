@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "payne_lite"
 #: Pipeline stage of each top-level module or subpackage of ``payne_lite``: a module
 #: may import from its own stage or lower ones only.
 STAGES = {
-    # layer 0: leaf helpers, import nothing from the package
+    # layer 0: leaf helpers and settings, import nothing from the package
     "errors": 0,
     "constants": 0,
     "options": 0,
@@ -30,29 +30,17 @@ STAGES = {
     "_jaxcheck": 0,
     "_version": 0,
     "_datafiles": 0,
-    # layer 1: data in
+    # layer 1: data in; 2: emulate; 3: the observation model
     "grid": 1,
-    "synth": 1,
-    # layer 2: emulate
     "emulator": 2,
-    "train": 2,
-    # layer 3: the observation model
-    "broadening": 3,
-    "model": 3,
     "observe": 3,
-    "_problem": 3,
-    "instrument": 3,
     # layer 4: MDN; 5: point fits; 6: posteriors (built on the LM start)
     "mdn": 4,
-    "fitter": 5,
     "fitting": 5,
     "posterior": 6,
-    # layer 7: the public fit, the results schema and its files
+    # layer 7: the public fit; 8: catalogs and results files
     "_api": 7,
-    "results": 7,
-    # layer 8: catalogs
     "catalog": 8,
-    "distributed": 8,
     # layer 9: views and entry points
     "plots": 9,
     "demo": 9,

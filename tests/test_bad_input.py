@@ -33,7 +33,7 @@ from conftest import build_tiny_emulator
 
 import payne_lite as pl
 from payne_lite.cli import main
-from payne_lite.fitter import FLAG_FAILED, FLAG_NOT_CONVERGED
+from payne_lite.fitting import FLAG_FAILED, FLAG_NOT_CONVERGED
 from payne_lite.mdn import MDN_VERSION
 
 FAILED = FLAG_FAILED | FLAG_NOT_CONVERGED  # a row with no usable fit: flags 5

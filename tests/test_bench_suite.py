@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from payne_lite import cli
+from payne_lite.cli import _cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 suite = cli._bench_suite()  # the module the CLI runs

@@ -1,6 +1,6 @@
 """Tests for the forward model of real instruments (issue 6, items 1-3).
 
-* kernels of :mod:`payne_lite.broadening` against hand-worked values and
+* kernels of :mod:`payne_lite.observe.broadening` against hand-worked values and
   independent NumPy/SciPy computations;
 * air/vacuum wavelengths;
 * the fitter with an instrumental resolution (shipped default emulator), rotation
@@ -23,7 +23,9 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter1d
 
 from payne_lite import Emulator, Instrument, PixelNet, fit
-from payne_lite.broadening import (
+from payne_lite.constants import C_KMS
+from payne_lite.observe import build_obs_model, lsf_sigma_pixels, observe, observe_jac_t
+from payne_lite.observe.broadening import (
     FWHM_PER_SIGMA,
     air_to_vacuum,
     convolve_segments,
@@ -33,15 +35,8 @@ from payne_lite.broadening import (
     rotation_profile,
     vacuum_to_air,
 )
-from payne_lite.constants import C_KMS
-from payne_lite.model import (
-    build_obs_model,
-    lsf_sigma_pixels,
-    observe,
-    observe_jac_t,
-)
 
-fit_mod = importlib.import_module("payne_lite.fitter")
+fit_mod = importlib.import_module("payne_lite.fitting")
 
 PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
 PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
@@ -335,7 +330,7 @@ def test_fast_path_used_and_unchanged_when_broadening_is_off(monkeypatch):
     monkeypatch.setattr(fit_mod, "normal_equations", counted)
     p = jnp.asarray([0.1, -0.2, 0.3, 17.0])
     flux, sw = jnp.ones(emu.n_pix), jnp.full(emu.n_pix, 10.0)
-    from payne_lite.model import embed_obs
+    from payne_lite.observe import embed_obs
 
     jax.make_jaxpr(
         lambda: fit_mod._normal(plain, p, embed_obs(plain, flux), embed_obs(plain, sw))

@@ -127,7 +127,7 @@ def test_train_config_file_overridden_by_flags(files, tmp_path, capsys):
     assert code == 0, err
     config = Emulator.load(out_path).meta["config"]
     assert (config["hidden"], config["max_iter"], config["patience"]) == ([2], 3, 3)
-    assert "INFO payne_lite.train: trained 478 pixels" in err  # -v logs to stderr
+    assert "INFO payne_lite.emulator: trained 478 pixels" in err  # -v logs to stderr
 
 
 # --- predict ----------------------------------------------------------------------
@@ -366,8 +366,8 @@ def test_info_results(fit_files, tmp_path, capsys, suffix):
 
 
 def test_info_mdn(tmp_path, capsys):
-    from payne_lite import mdn as mdn_mod
     from payne_lite.demo import default_mdn_path
+    from payne_lite.mdn import _mdn as mdn_mod
 
     DEFAULT_MDN = default_mdn_path()
     if not DEFAULT_MDN.exists():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from payne_lite import cli, synth
 from payne_lite.catalog import open_catalog as pl_open_catalog
+from payne_lite.catalog import read_results
+from payne_lite.cli import _cli as cli
 from payne_lite.demo import (
     default_emulator_path,
     default_mdn_path,
@@ -15,7 +16,7 @@ from payne_lite.demo import (
     load_default_mdn,
     run_demo,
 )
-from payne_lite.results import read_results
+from payne_lite.grid import synth
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_default_emulator_is_accurate_on_unseen_spectra(default_emu):
     assert np.median(err) < 1e-3
     # provenance: made by the project's own script, from seeds
     assert default_emu.meta["trained_by"] == "payne_lite.train_emulator"
-    assert default_emu.meta["grid_meta"]["generator"] == "payne_lite.synth"
+    assert default_emu.meta["grid_meta"]["generator"] == "payne_lite.grid.synth"
 
 
 def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):

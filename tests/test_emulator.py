@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import payne_lite
-import payne_lite.emulator as emulator_mod
 from payne_lite import DenseNet, Emulator, PixelNet, SpectralGrid
+from payne_lite.emulator import _emulator as emulator_mod
 
 #: Label order of ``nn_normalized_spectra_5label.npz`` (see the data README).
 PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")

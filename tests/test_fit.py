@@ -1,4 +1,4 @@
-"""Tests for the observation model (payne_lite.model) and the fitter (payne_lite.fitter).
+"""Tests for the observation model (payne_lite.observe) and the fitter (payne_lite.fitting).
 
 Synthetic spectra come from a small random per-pixel emulator whose weights are
 smoothed along the pixel axis, so that its spectra are oversampled like real ones
@@ -26,10 +26,11 @@ from conftest import (
 from scipy.ndimage import gaussian_filter1d
 from scipy.optimize import minimize_scalar
 
-from payne_lite import Emulator, LMOptions, PixelNet, _problem, fit
+from payne_lite import Emulator, LMOptions, PixelNet, fit
 from payne_lite.constants import C_KMS
-from payne_lite.fitter import FLAG_FAILED
-from payne_lite.model import (
+from payne_lite.fitting import FLAG_FAILED
+from payne_lite.observe import (
+    _problem,
     build_obs_model,
     doppler_shift,
     make_model,
@@ -37,7 +38,7 @@ from payne_lite.model import (
     observe_jac,
 )
 
-fit_mod = importlib.import_module("payne_lite.fitter")
+fit_mod = importlib.import_module("payne_lite.fitting")
 
 N_PIX = 400
 
@@ -234,8 +235,8 @@ def test_fast_normal_equations_match_the_general_path(cont_deg):
     rv row first, residual row in the product) gives the chi2, J^T W J, J^T W r and
     residuals of the general path (observe_jac_t and explicit products), float64,
     with masked pixels, at rv values across the range."""
-    from payne_lite.fitter import _normal
-    from payne_lite.model import embed_obs, normal_equations
+    from payne_lite.fitting._fitter import _normal
+    from payne_lite.observe import embed_obs, normal_equations
 
     emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
     rng = np.random.default_rng(5)
@@ -442,7 +443,7 @@ def test_real_network_recovery_and_errors(payne_apogee):
 def test_rv_scan_parabola_vertex_hand_worked():
     """chi2 = 2 (rv - v)^2 + 7 sampled every 4 km/s: the vertex is v exactly; at the
     grid's ends, or where the three values are not convex, the grid RV is kept."""
-    from payne_lite.fitter import _parabola_vertex
+    from payne_lite.fitting._fitter import _parabola_vertex
 
     grid = jnp.arange(-20.0, 20.1, 4.0)  # 11 points
     true = np.array([3.3, -1.9, 0.0, -20.0, 20.0])
@@ -465,7 +466,7 @@ def test_bucket_lookup_interpolation_equals_binary_search():
     validity as the binary search, on a grid with a gap, at random and edge points."""
     import jax.numpy as jnp
 
-    from payne_lite import model as M
+    from payne_lite.observe import _model as M
 
     rng = np.random.default_rng(11)
     wave = 15100.0 * np.exp(6e-6 * np.arange(900) * np.log(10))
@@ -502,7 +503,7 @@ def test_bucket_lookup_interpolation_equals_binary_search():
 def test_window_validity_is_validity_at_every_rv_of_the_window():
     """window_valid (slices of a cumulative count on a log grid; interval search
     otherwise) against the AND of observe's validity over a fine rv sweep."""
-    from payne_lite import model as M
+    from payne_lite.observe import _model as M
 
     sweep_valid = jax.jit(jax.vmap(lambda o, p: observe(o, p)[1], in_axes=(None, 0)))
     for wave in (log_wavelength(), None):

@@ -20,8 +20,8 @@ import jaxlib
 import numpy as np
 import pytest
 
-import payne_lite.emulator as emulator_mod
 from payne_lite import Emulator, PixelNet
+from payne_lite.emulator import _emulator as emulator_mod
 
 N_PIX, N_HID, N_LAB, N_BATCH = 7214, 5, 5, 64
 WORKAROUND = "--xla_cpu_experimental_ynn_fusion_type=-reduce"

@@ -12,7 +12,6 @@ import pytest
 from test_fit import smooth_emulator
 
 import payne_lite as pl
-from payne_lite import mdn as mdn_mod
 from payne_lite.mdn import (
     SIGMA_FLOOR,
     mixture_moments,
@@ -20,6 +19,7 @@ from payne_lite.mdn import (
     mixture_params,
     simulate,
 )
+from payne_lite.mdn import _mdn as mdn_mod
 
 RV_RANGE = (-150.0, 150.0)
 
@@ -318,7 +318,7 @@ def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
 
 
 def test_mdn_start_points_drawn_inside_the_mdn_bounds():
-    from payne_lite.fitter import _mdn_start_points
+    from payne_lite.fitting._fitter import _mdn_start_points
 
     n, n_lab = 50, 3
     rng = np.random.default_rng(1)

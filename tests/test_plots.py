@@ -19,9 +19,9 @@ from astropy.table import Table
 from scipy.special import erf
 
 import payne_lite as pl
-from payne_lite import plots
 from payne_lite.cli import main
 from payne_lite.demo import default_emulator_path, load_default_emulator
+from payne_lite.plots import _plots as plots
 
 DEFAULT_EMULATOR = default_emulator_path()
 NAMES = ["Teff", "logg", "[Fe/H]"]
@@ -450,7 +450,7 @@ def fitted(tmp_path_factory) -> SimpleNamespace:
     if not DEFAULT_EMULATOR.exists():
         pytest.skip(f"{DEFAULT_EMULATOR} not in this checkout")
     from payne_lite.demo import _shift_all
-    from payne_lite.model import doppler_shift
+    from payne_lite.observe import doppler_shift
 
     d = tmp_path_factory.mktemp("plot")
     emu = load_default_emulator(progress=False)

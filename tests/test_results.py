@@ -1,4 +1,4 @@
-"""Tests for payne_lite.results: results tables to FITS / ECSV / HDF5 and back.
+"""Tests for payne_lite.catalog: results tables to FITS / ECSV / HDF5 and back.
 
 The table comes from a real ``payne_lite.fit`` call on noise-free spectra of a tiny
 random emulator (labels Teff, logg, [Fe/H]; units K, dex, dex), with a continuum and
@@ -17,8 +17,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from payne_lite import fit
-from payne_lite.fitter import FLAG_FAILED
-from payne_lite.results import (
+from payne_lite.catalog import (
     KEY_COLUMNS,
     KEY_VERSION,
     SAFE_NAME_EXAMPLES,
@@ -26,6 +25,7 @@ from payne_lite.results import (
     safe_column_name,
     write_results,
 )
+from payne_lite.fitting import FLAG_FAILED
 
 SUFFIXES = (".fits", ".fit", ".ecsv", ".h5", ".hdf5")
 FITS_SAFE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -203,7 +203,7 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(results, tmp_path, monke
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("payne_lite.results.os.replace", boom)
+    monkeypatch.setattr("payne_lite.catalog._results.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_results(results, path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["r.fits"]

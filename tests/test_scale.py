@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import payne_lite as pl
-from payne_lite import catalog as catalog_mod
+from payne_lite.catalog import _catalog as catalog_mod
 from payne_lite.catalog import parts_folder
 
 N_SPEC, N_PIX, CHUNK = 2000, 60, 250
@@ -79,7 +79,7 @@ def reference(files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client():
     pytest.importorskip("distributed", reason="dask.distributed is not installed")
-    from payne_lite.distributed import local_client
+    from payne_lite.catalog import local_client
 
     with local_client(2) as c:
         yield c
@@ -102,7 +102,7 @@ def assert_same_results(got, ref):
 # --- Dask ---------------------------------------------------------------------------
 @needs_dask
 def test_two_worker_processes_equal_one_process(files, reference, client, tmp_path):
-    from payne_lite.distributed import worker_stats
+    from payne_lite.catalog import worker_stats
 
     cat, _, emu = files
     before = client.run(worker_stats)

@@ -109,8 +109,8 @@ def test_default_emulator_is_built_into_the_cache_not_next_to_the_package(
         calls.append(kw)
         return tiny_emulator
 
-    monkeypatch.setattr("payne_lite.synth.make_grid", lambda *a, **kw: "grid")
-    monkeypatch.setattr("payne_lite.train.train_emulator", fake_train)
+    monkeypatch.setattr("payne_lite.grid.synth.make_grid", lambda *a, **kw: "grid")
+    monkeypatch.setattr("payne_lite.emulator.train_emulator", fake_train)
     target = cache / _datafiles.DEFAULT_EMULATOR
     assert demo.default_emulator_path() == target
     with caplog.at_level("WARNING", logger="payne_lite.demo"):
@@ -133,7 +133,7 @@ def test_mdn_for_another_emulator_is_trained_into_the_cache(
 ):
     """The shipped MDN does not fit the tiny emulator: the MDN trained for it goes
     to the cache, the shipped file is left alone, and the next call reuses it."""
-    from payne_lite import mdn as mdn_mod
+    from payne_lite import mdn as mdn_mod  # demo looks train_mdn up here
 
     shipped = _datafiles.shipped_file(_datafiles.DEFAULT_MDN)
     if shipped is None:
@@ -166,7 +166,7 @@ def test_mdn_for_another_emulator_is_trained_into_the_cache(
 _NO_BENCH = r"""
 import json, sys
 from pathlib import Path
-from payne_lite import cli
+from payne_lite.cli import _cli as cli
 
 bench_dir = cli.BENCH_SUITE.parent.resolve()
 
@@ -222,13 +222,13 @@ def test_cli_does_not_load_the_benchmarks_for_other_commands():
 
 
 def cli_has_suite() -> bool:
-    from payne_lite import cli
+    from payne_lite.cli import _cli as cli
 
     return cli.BENCH_SUITE.is_file()
 
 
 def test_bench_help_shows_the_suite_options(capsys):
-    from payne_lite import cli
+    from payne_lite.cli import _cli as cli
 
     if not cli_has_suite():
         pytest.skip("no benchmarks/ beside the package")
@@ -242,7 +242,7 @@ def test_bench_help_shows_the_suite_options(capsys):
 def test_bench_without_the_suite_says_it_needs_a_checkout(
     tmp_path, monkeypatch, capsys
 ):
-    from payne_lite import cli
+    from payne_lite.cli import _cli as cli
 
     monkeypatch.setattr(cli, "BENCH_SUITE", tmp_path / "benchmarks" / "suite.py")
     cli._bench_suite_or_error.cache_clear()
@@ -257,7 +257,7 @@ def test_bench_without_the_suite_says_it_needs_a_checkout(
 
 
 def test_bench_passes_verbose_and_debug_on():
-    from payne_lite import cli
+    from payne_lite.cli import _cli as cli
 
     ns = cli.build_parser().parse_args(
         ["bench", "--quick", "-v", "--only", "fit", "mdn", "--debug"]

@@ -1,4 +1,4 @@
-"""Tests of the built-in synthesizer (payne_lite.synth).
+"""Tests of the built-in synthesizer (payne_lite.grid.synth).
 
 Small line lists and short wavelength grids keep the file fast; the tests that vary a
 label reuse one line list shape (unwanted species are switched off through log_gf)
@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from payne_lite import synth
 from payne_lite.constants import C_KMS, THETA_CONST
-from payne_lite.grid import SpectralGrid
+from payne_lite.grid import SpectralGrid, synth
 
 SUN = np.array([5800.0, 4.4, 0.0, 0.0, 5.0])
 LINE_WAVE = 16010.0  # [A] centre of the isolated test line
@@ -379,7 +378,7 @@ def test_make_grid_round_trips_through_save_and_load(tmp_path, window):
     assert grid.label_units == synth.DEFAULT_LABEL_UNITS
     assert grid.flux.shape == (6, wave.size)
     np.testing.assert_array_equal(grid.labels, synth.sample_labels(6, seed=2))
-    assert grid.meta["generator"] == "payne_lite.synth"
+    assert grid.meta["generator"] == "payne_lite.grid.synth"
     assert grid.meta["n_lines"] == 300 and grid.meta["seed"] == 2
     assert "payne_lite_version" in grid.meta
     path = tmp_path / "grid.h5"

@@ -17,8 +17,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import payne_lite as pl
-from payne_lite import train as T
 from payne_lite.emulator import PixelNet
+from payne_lite.emulator import _train as T
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,9 @@ import pytest
 from test_train import _teacher_grid
 
 import payne_lite as pl
-from payne_lite import train as T
-from payne_lite.cli import _CONFIG_FIELDS, _config_from_json, build_parser, main
+from payne_lite.cli import build_parser, main
+from payne_lite.cli._cli import _CONFIG_FIELDS, _config_from_json
+from payne_lite.emulator import _train as T
 
 ROOT = Path(__file__).resolve().parents[1]
 # small, with retirements and restarts (both use the saved bookkeeping and RNG)
@@ -433,7 +434,7 @@ def test_train_mdn_stops_on_a_nan_loss(monkeypatch):
     """A non-finite NLL used to end the run quietly through the patience rule."""
     from conftest import build_tiny_emulator
 
-    from payne_lite import mdn as M
+    from payne_lite.mdn import _mdn as M
 
     real = M.mixture_nll
     monkeypatch.setattr(M, "mixture_nll", lambda *a: real(*a) * np.nan)

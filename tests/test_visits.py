@@ -25,11 +25,11 @@ from test_fit import (
     smooth_emulator,
 )
 
-from payne_lite import Emulator, LMOptions, _problem, fit
-from payne_lite.fitter import FLAG_BITS, FLAG_POOR_FIT, poor_fit, visit_index
-from payne_lite.model import build_obs_model, embed_obs, observe_jac
+from payne_lite import Emulator, LMOptions, fit
+from payne_lite.fitting import FLAG_BITS, FLAG_POOR_FIT, poor_fit, visit_index
+from payne_lite.observe import _problem, build_obs_model, embed_obs, observe_jac
 
-fit_mod = importlib.import_module("payne_lite.fitter")
+fit_mod = importlib.import_module("payne_lite.fitting")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_group_fit_recovers_noise_free_visits_with_unequal_visit_counts(emu, tmp
         t["chi2_red"], t["chi2"] / (np.asarray(t["n_good_pixels"]) - n_par)
     )
     # the (n_star, V) columns survive FITS (safe names) and ECSV
-    from payne_lite.results import read_results, write_results
+    from payne_lite.catalog import read_results, write_results
 
     for suffix in (".fits", ".ecsv"):
         back = read_results(write_results(t, tmp_path / f"groups{suffix}"))
@@ -416,7 +416,7 @@ def test_trained_emulator_stores_an_error_basis_that_round_trips(tmp_path):
     from test_train import _teacher_grid
 
     import payne_lite as pl
-    from payne_lite.train import ERROR_BASIS_RANK
+    from payne_lite.emulator import ERROR_BASIS_RANK
 
     grid, _ = _teacher_grid(n_spec=120, n_pix=24)  # 24 held-out spectra
     e = pl.train_emulator(grid, hidden=2, max_iter=5, seed=0, progress=False)

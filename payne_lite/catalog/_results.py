@@ -417,8 +417,7 @@ def model_from_results(table, emulator, wavelength=None, *, rows=None):
     import jax
     import jax.numpy as jnp
 
-    from .instrument import Instrument
-    from .model import RV_RANGE, build_obs_model, observe
+    from ..observe import RV_RANGE, Instrument, build_obs_model, observe
 
     names = list(table.meta.get("label_names") or emulator.label_names)
     if tuple(names) != tuple(emulator.label_names):

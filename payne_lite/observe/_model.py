@@ -15,7 +15,7 @@ The parameter vector of one star is::
 * ``b`` (B,): broadening parameters [km/s] when requested (``vsini``, ``vmacro``, in
   that order; :class:`BroadSpec`).
 
-Rest-frame broadening and instrumental resolution (:mod:`payne_lite.broadening`),
+Rest-frame broadening and instrumental resolution (:mod:`payne_lite.observe.broadening`),
 applied on the emulator's log-uniform grid before the Doppler shift, each chip on
 its own: the rest-frame model is convolved with the rotation profile (``vsini``,
 linear limb darkening) and a Gaussian macroturbulence (``vmacro``, FWHM), then with
@@ -55,10 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import broadening as _broad
-from ._validate import as_float_array, check_wavelength
-from .constants import APOGEE_R, C_KMS
-from .emulator import (
+from .._validate import as_float_array, check_wavelength
+from ..constants import APOGEE_R, C_KMS
+from ..emulator import (
     ACTIVATIONS,
     DenseNet,
     Emulator,
@@ -68,6 +67,7 @@ from .emulator import (
     kernel_forward_jac,
     kernel_layout,
 )
+from . import broadening as _broad
 
 Array = jax.Array
 
@@ -188,7 +188,7 @@ class ObsModel:
             fitter's normal equations, :func:`normal_equations`), else None; always
             None when broadening is on.
         lsf: (2 K + 1, P_rest) weights of the instrumental Gaussian per rest pixel
-            (:func:`payne_lite.broadening.gaussian_kernels`), or None (the
+            (:func:`payne_lite.observe.broadening.gaussian_kernels`), or None (the
             emulator's own resolution).
         broad: static :class:`BroadSpec` when ``lsf`` or broadening parameters are
             in use, else None.

@@ -43,11 +43,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 from tqdm.auto import tqdm
 
-from . import _h5
-from ._validate import check_finite
-from .emulator import ACTIVATIONS, Emulator, PixelNet, pixel_forward
-from .errors import FileFormatError, TrainingDivergedError
-from .grid import SpectralGrid
+from .. import _h5
+from .._validate import check_finite
+from ..errors import FileFormatError, TrainingDivergedError
+from ..grid import SpectralGrid
+from ._emulator import ACTIVATIONS, Emulator, PixelNet, pixel_forward
 
 log = logging.getLogger(__name__)
 

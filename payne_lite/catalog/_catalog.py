@@ -2,7 +2,7 @@
 
 ``fit_catalog(path_in, path_out, emulator, ...)`` streams a catalog in chunks of rows,
 fits every chunk with :func:`payne_lite.fit` (in this process, or on Dask workers with
-``client=``; see :mod:`payne_lite.distributed`) and writes one results table; only one
+``client=``; see :mod:`payne_lite.catalog`) and writes one results table; only one
 chunk of spectra is in memory at a time (a few per worker with Dask). Each chunk's
 results are kept in ``<path_out>.parts/`` as they are made, so a killed run resumes
 where it stopped (see :func:`fit_catalog`).
@@ -60,16 +60,12 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from . import _h5
-from ._api import fit
-from ._validate import (
-    as_float_array,
-    check_wavelength,
-    warn_if_near_grid,
-)
-from .errors import FileFormatError, WavelengthGridWarning
-from .instrument import Instrument
-from .options import options_for
+from .. import _h5
+from .._api import fit
+from .._validate import as_float_array, check_wavelength, warn_if_near_grid
+from ..errors import FileFormatError, WavelengthGridWarning
+from ..observe import Instrument
+from ..options import options_for
 
 _log = logging.getLogger(__name__)
 
@@ -1017,7 +1013,7 @@ class _Parts:
 
     def write(self, i: int, table) -> None:
         """Record chunk ``i``'s results (atomically), then the manifest."""
-        from .results import write_results
+        from ._results import write_results
 
         start, stop = self.bounds[i]
         if len(table) != stop - start:
@@ -1032,7 +1028,7 @@ class _Parts:
 
     def read(self, i: int):
         """Chunk ``i``'s results table, checked to be this run's and complete."""
-        from .results import read_results
+        from ._results import read_results
 
         p = self.file(i)
         t = read_results(p)
@@ -1159,7 +1155,7 @@ def fit_catalog(
     ``meta``, ``overwrite`` and ``keep_parts`` may change between runs.
 
     **Dask.** With ``client`` (a ``distributed.Client``; see
-    :func:`payne_lite.distributed.local_client`), the emulator, MDN and settings are
+    :func:`payne_lite.catalog.local_client`), the emulator, MDN and settings are
     scattered to every worker once, chunks are read here and sent to the workers (at
     most two per worker in flight, so memory stays bounded), and results come back
     here to be written; workers need neither the catalog nor the output folder. A
@@ -1211,11 +1207,11 @@ def fit_catalog(
         ValueError: bad settings or shapes (named in the message); a resume with
             other inputs or options.
     """
-    from .emulator import Emulator
-    from .results import format_of, write_results
+    from ..emulator import Emulator
+    from ._results import format_of, write_results
 
     if client is not None:
-        from .distributed import check_client
+        from ._distributed import check_client
 
         check_client(client)
     reserved = sorted(set(fit_kwargs) & set(_RESERVED))
@@ -1245,7 +1241,7 @@ def fit_catalog(
     if isinstance(emulator, str | os.PathLike):
         emulator = Emulator.load(emulator)
     if mdn is not None:
-        from .mdn import MDN
+        from ..mdn import MDN
 
         if isinstance(mdn, str | os.PathLike):
             mdn = MDN.load(mdn, emulator=emulator)
@@ -1347,7 +1343,7 @@ def fit_catalog(
                     )
                     record(i, table)
             else:
-                from .distributed import fit_chunks
+                from ._distributed import fit_chunks
 
                 n_workers = fit_chunks(
                     client,

@@ -23,15 +23,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import _h5
-from ._validate import (
+from .. import _h5
+from .._validate import (
     as_float_array,
     check_box,
     check_finite,
     check_names,
     check_wavelength,
 )
-from .errors import FileFormatError
+from ..errors import FileFormatError
 
 GRID_FORMAT = "payne_lite.SpectralGrid"
 GRID_VERSION = 1

@@ -5,7 +5,7 @@ spectrum, with posterior medians, 16/84 % quantiles and sampling diagnostics.
 
 The target (one star)
 ---------------------
-The parameters are those of :mod:`payne_lite.model`, sampled in fit space:
+The parameters are those of :mod:`payne_lite.observe`, sampled in fit space:
 scaled labels ``s`` (the training box -> [-0.5, 0.5]), ``rv`` [km/s], when
 ``cont_deg > 0`` the Chebyshev continuum coefficients, and with ``vsini=True`` /
 ``vmacro=True`` those broadening parameters [km/s] (uniform on their ranges);
@@ -17,12 +17,12 @@ log posterior is ::
     log p(x | flux) = -1/2 sum_i w_i (model_i(x) - flux_i)^2 + log prior(x) + const
 
 with the optimiser's likelihood (:func:`payne_lite.fit`): the same observation model
-(:func:`payne_lite.model.observe`), and the same weights ``w_i``: zero for masked
+(:func:`payne_lite.observe.observe`), and the same weights ``w_i``: zero for masked
 pixels, non-finite flux, non-finite or non-positive errors (the fitter's
 ``check_inputs``), zero for pixels not valid over the whole RV window (so that the
 pixel set does not change with rv), else ``1 / (err_i^2 + e_i^2)`` with ``e_i`` the
 emulator's own per-pixel error at the window's centre rv
-(:func:`payne_lite._problem.emulator_error_on`, ``emulator_error=True``, when the
+(:func:`payne_lite.observe.emulator_error_on`, ``emulator_error=True``, when the
 emulator has one).
 
 The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
@@ -170,35 +170,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._problem import (
+from .._validate import as_float_array
+from ..emulator import Emulator
+from ..errors import SamplingWarning
+from ..fitting import FLAG_BITS, FLAG_FAILED, FLAG_NOT_CONVERGED, fit_spectra
+from ..observe import (
+    BROADENING_PARAMS,
     BROADENING_START,
+    LABEL_BOUND,
     MDN_NSIGMA,
     RV_WINDOW,
+    Instrument,
+    ObsModel,
+    build_obs_model,
     check_fixed,
     check_inputs,
     check_rv_range,
     emulator_error_on,
-)
-from ._validate import as_float_array
-from .emulator import Emulator
-from .errors import SamplingWarning
-from .fitter import FLAG_BITS, FLAG_FAILED, FLAG_NOT_CONVERGED, fit_spectra
-from .instrument import Instrument
-from .model import (
-    BROADENING_PARAMS,
-    LABEL_BOUND,
-    ObsModel,
-    build_obs_model,
     observe,
     param_layout,
     window_valid,
 )
-from .options import (
-    EmceeOptions,
-    ISOptions,
-    NUTSOptions,
-    options_for,
-)
+from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
 
 Array = jax.Array
 
@@ -1718,7 +1711,7 @@ def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None
     The file is written beside ``path`` and renamed over it when complete, so an
     interrupted write never leaves a half file under that name.
     """
-    from ._h5 import atomic_h5_writer, set_json_attr
+    from .._h5 import atomic_h5_writer, set_json_attr
 
     with atomic_h5_writer(path, SAMPLES_FORMAT, SAMPLES_VERSION) as f:
         f.attrs["names"] = list(post.names)
@@ -1758,8 +1751,8 @@ def load_samples(path) -> tuple[PosteriorSamples, dict]:
         >>> post, meta = load_samples("samples.h5")              # doctest: +SKIP
         >>> x = post.samples[0]        # star 0: (m, k) in physical units
     """
-    from ._h5 import get_json_attr, open_checked, read_dataset
-    from .errors import FileFormatError
+    from .._h5 import get_json_attr, open_checked, read_dataset
+    from ..errors import FileFormatError
 
     path = Path(path)
     with open_checked(path, SAMPLES_FORMAT, (SAMPLES_VERSION,)) as f:

@@ -78,9 +78,9 @@ import numpy as np
 import scipy.fft
 from tqdm import tqdm
 
-from ._validate import as_float_array, check_box, check_wavelength
-from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS, K_BOLTZMANN_EV, THETA_CONST
-from .grid import SpectralGrid
+from .._validate import as_float_array, check_box, check_wavelength
+from ..constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS, K_BOLTZMANN_EV, THETA_CONST
+from ._grid import SpectralGrid
 
 __all__ = [
     "DEFAULT_BOX",
@@ -326,7 +326,7 @@ def _alpha_weights() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _check_linelist(linelist: LineList) -> LineList:
     if not isinstance(linelist, LineList):
         raise ValueError(
-            f"linelist must be a payne_lite.synth.LineList, "
+            f"linelist must be a payne_lite.grid.synth.LineList, "
             f"got {type(linelist).__name__}"
         )
     cols = {}
@@ -955,7 +955,7 @@ def make_grid(
     )
     lo, hi = DEFAULT_BOX
     meta = {
-        "generator": "payne_lite.synth",
+        "generator": "payne_lite.grid.synth",
         "payne_lite_version": _package_version(),
         "n_spec": int(n_spec),
         "seed": int(seed),

@@ -42,15 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _h5
-from ._validate import (
+from .. import _h5
+from .._validate import (
     as_float_array,
     check_box,
     check_finite,
     check_names,
     check_wavelength,
 )
-from .errors import FileFormatError
+from ..errors import FileFormatError
 
 EMULATOR_FORMAT = "payne_lite.Emulator"
 EMULATOR_VERSION = 1
@@ -311,7 +311,7 @@ def kernel_forward_jac(k: KernelNet, s: Array, activation: str) -> Array:
     through every label contraction (``H L^2`` more). On XLA:CPU both run at the
     same speed once stacked into one (1 + L, P) array (~100 us for the real 5-label
     network against ~15 us for the forward pass: the concatenation is emitted as
-    scalar code); the fitter's fast path (:func:`payne_lite.model.normal_equations`)
+    scalar code); the fitter's fast path (:func:`payne_lite.observe.normal_equations`)
     avoids the stacking.
     """
     act = ACTIVATIONS[activation]
@@ -554,7 +554,7 @@ class Emulator:
         for The Payne's APOGEE networks), else the training grid's
         (``meta["grid_meta"]["resolution"]``: the built-in synthesizer records the R
         it convolved with). The fitter assumes
-        :data:`payne_lite.model.DEFAULT_EMULATOR_RESOLUTION` (APOGEE's 22,500) when
+        :data:`payne_lite.observe._model.DEFAULT_EMULATOR_RESOLUTION` (APOGEE's 22,500) when
         this is None and a lower instrumental resolution is requested.
         """
         for meta in (self.meta, self.meta.get("grid_meta") or {}):

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validate import existing_file
+from .._validate import existing_file
 
 #: Pixels further apart than this many median steps are a gap (APOGEE's chip gaps):
 #: lines are not drawn across it.
@@ -1524,9 +1524,9 @@ def figures_from_files(
             columns, tables whose rows do not match, rows out of range.
         payne_lite.FileFormatError: an unreadable or corrupt file.
     """
-    from .emulator import EMULATOR_FORMAT
-    from .mdn import MDN_FORMAT
-    from .posterior import SAMPLES_FORMAT
+    from ..emulator import EMULATOR_FORMAT
+    from ..mdn import MDN_FORMAT
+    from ..posterior import SAMPLES_FORMAT
 
     outdir = Path(outdir)
     paths = {}
@@ -1579,8 +1579,8 @@ def figures_from_files(
     if rows is not None and spectra is None and "samples" not in paths:
         raise ValueError("rows choose the spectra to draw: give the spectra too")
 
-    from .emulator import Emulator
-    from .results import read_results
+    from ..catalog import read_results
+    from ..emulator import Emulator
 
     written: list = []
     skipped: list = []
@@ -1621,7 +1621,7 @@ def figures_from_files(
     if emu is not None:
         _emulator_figures(outdir, emu, paths["emulator"], written, skipped)
     if "mdn" in paths:
-        from .mdn import MDN
+        from ..mdn import MDN
 
         net = MDN.load(paths["mdn"])
         if net.history:
@@ -1647,7 +1647,7 @@ def figures_from_files(
 
 def _samples_figures(outdir, path, rows, written, skipped) -> None:
     """Trace, prior-posterior and corner figures of stars of a samples file."""
-    from .posterior import load_samples
+    from ..posterior import load_samples
 
     post, meta = load_samples(path)
     n_star = len(post.samples)
@@ -1737,7 +1737,7 @@ def _read_table(path: Path):
     """A table in any format :func:`payne_lite.read_results` or astropy reads."""
     from astropy.table import Table
 
-    from .results import FORMATS, HDF5_PATH, read_results
+    from ..catalog import FORMATS, HDF5_PATH, read_results
 
     fmt = FORMATS.get(path.suffix.lower())
     if fmt == "hdf5":
@@ -1937,7 +1937,7 @@ def _spectrum_figures(
     window_width,
     written,
 ):
-    from .catalog import open_catalog
+    from ..catalog import open_catalog
 
     n = len(res)
     if rows is None:
@@ -2017,12 +2017,11 @@ def _spectrum_figures(
 
 def _model_function(res, res_path, emu, emu_path, wave):
     """``f(row, err) -> (model, valid, err, note)`` computing the best-fit model of a
-    results row with the emulator (:func:`payne_lite.results.model_from_results`:
+    results row with the emulator (:func:`payne_lite.catalog.model_from_results`:
     the instrument and continuum recorded in the table), and the errors the fit
     used."""
-    from ._problem import emulator_error_on
-    from .instrument import Instrument
-    from .results import model_from_results
+    from ..catalog import model_from_results
+    from ..observe import Instrument, emulator_error_on
 
     names = list(res.meta.get("label_names") or emu.label_names)
     if tuple(names) != tuple(emu.label_names):

@@ -2,7 +2,7 @@
 
 ``fit(flux, flux_err, emulator, ...) -> astropy.table.Table``, one row per spectrum.
 
-Steps, for a batch of spectra (the model is in :mod:`payne_lite.model`):
+Steps, for a batch of spectra (the model is in :mod:`payne_lite.observe`):
 
 1. Validation at the NumPy boundary: shapes are checked (``ValueError`` naming them);
    masked pixels and pixels with non-finite flux or non-finite / non-positive errors
@@ -100,8 +100,8 @@ kept; ``mdn_refit`` marks them and their ``n_iter`` counts both passes. Columns
 Gaussians.
 
 Real instruments (``resolution=``, ``lsf_sigma=``, ``vsini=``, ``vmacro=``, ``air=``,
-per-star ``wavelength`` (n, P)): the model is :func:`payne_lite.model.observe` with
-the rest-frame broadening of :func:`payne_lite.model.rest_model`; the RV-scan
+per-star ``wavelength`` (n, P)): the model is :func:`payne_lite.observe.observe` with
+the rest-frame broadening of :func:`payne_lite.observe.rest_model`; the RV-scan
 template is broadened at the start values (``BROADENING_START``, or the fixed
 ones); the Jacobian is ``jax.jacfwd`` of the model (the fast normal equations apply
 to the unbroadened model only). Broadening parameters come after the continuum's in
@@ -127,28 +127,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._problem import (
+from .._serial import default_threads, serial_jit
+from .._validate import as_float_array, warn_if_near_grid
+from ..constants import C_KMS
+from ..emulator import KERNEL_COMPILER_OPTIONS, Emulator
+from ..observe import (
     BROADENING_START,
+    LABEL_BOUND,
     MDN_NSIGMA,
     RV_WINDOW,
+    Instrument,
+    ObsModel,
+    build_obs_model,
     check_fixed,
     check_inputs,
     check_rv_range,
-    emulator_error_on,
-    fill_grid,
-    teff_index,
-)
-from ._serial import default_threads, serial_jit
-from ._validate import as_float_array, warn_if_near_grid
-from .constants import C_KMS
-from .emulator import KERNEL_COMPILER_OPTIONS, Emulator
-from .instrument import Instrument
-from .model import (
-    LABEL_BOUND,
-    ObsModel,
-    build_obs_model,
     embed,
     embed_obs,
+    emulator_error_on,
+    fill_grid,
     lsf_sigma_pixels,
     normal_equations,
     observe,
@@ -156,9 +153,10 @@ from .model import (
     param_layout,
     rest_model,
     shift_pair,
+    teff_index,
     window_valid,
 )
-from .options import CurveFitOptions, LMOptions, options_for
+from ..options import CurveFitOptions, LMOptions, options_for
 
 Array = jax.Array
 
@@ -330,7 +328,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
     (n, R) [km/s], the labels, broadening and continuum held; the rest-frame model
     is computed once per star, and only where ``run`` (n,) (chi2 inf elsewhere).
 
-    On a :class:`~payne_lite.model.LogGrid` ``dv`` must be whole pixels apart
+    On a :class:`~payne_lite.observe.LogGrid` ``dv`` must be whole pixels apart
     (consecutive pixel intervals): every pixel sits at the same fraction ``t`` of its
     rest interval, so within interval j the model is ``m_j + t (m_j+1 - m_j)`` for
     every pixel (``m_j`` the rest model slid by j pixels) and chi2 a parabola in
@@ -401,12 +399,12 @@ def _window_batch(obs, rv_lo, rv_hi):
 def _normal(obs, p, flux, sw):
     """chi2, J^T J, J^T r and the weighted residual ``r`` (P,) at ``p`` (one star).
 
-    The Jacobian is analytic (:func:`payne_lite.model.observe_jac`): the rest-frame
+    The Jacobian is analytic (:func:`payne_lite.observe.observe_jac`): the rest-frame
     derivatives come from forward-mode through the network and are shifted with the
     flux. ``jax.jacfwd`` through the Doppler-shift gather cost 0.8 ms per star and
     step on the APOGEE network; this, with the lanes of :func:`_lm_lanes` and the
     log-grid shift, about 0.16 ms; one-hidden-layer nets on a log grid (``obs.jet``)
-    take :func:`payne_lite.model.normal_equations`, about 0.1 ms, with ``flux`` and
+    take :func:`payne_lite.observe.normal_equations`, about 0.1 ms, with ``flux`` and
     ``sw`` in its layout (``r`` then is too).
     """
     if obs.jet is not None:  # flux, sw already in embed_obs's layout (_lm_lanes)

@@ -41,23 +41,28 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import _h5, synth
-from ._api import METHODS as FIT_METHODS
-from ._api import fit
-from ._validate import existing_file
-from ._version import __version__
-from .catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
-from .constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
-from .emulator import ACTIVATIONS, EMULATOR_FORMAT, Emulator
-from .errors import FileFormatError, TrainingDivergedError, WavelengthGridWarning
-from .fitter import FLAG_BITS
-from .fitter import METHODS as POINT_METHODS
-from .grid import GRID_FORMAT, SpectralGrid
-from .instrument import Instrument
-from .mdn import MDN_FORMAT
-from .options import OPTIONS_BY_METHOD
-from .results import FORMATS as RESULTS_FORMATS
-from .train import TrainConfig, train_emulator
+from .. import _h5
+from .._api import METHODS as FIT_METHODS
+from .._api import fit
+from .._validate import existing_file
+from .._version import __version__
+from ..catalog import CATALOG_FORMAT, DEFAULT_CHUNK_SIZE
+from ..catalog import FORMATS as RESULTS_FORMATS
+from ..constants import APOGEE_DLOGLAM, APOGEE_R, C_KMS
+from ..emulator import (
+    ACTIVATIONS,
+    EMULATOR_FORMAT,
+    Emulator,
+    TrainConfig,
+    train_emulator,
+)
+from ..errors import FileFormatError, TrainingDivergedError, WavelengthGridWarning
+from ..fitting import FLAG_BITS
+from ..fitting import METHODS as POINT_METHODS
+from ..grid import GRID_FORMAT, SpectralGrid, synth
+from ..mdn import MDN_FORMAT
+from ..observe import Instrument
+from ..options import OPTIONS_BY_METHOD
 
 PROG = "payne-lite"
 EXIT_OK = 0
@@ -1169,7 +1174,7 @@ def _lines_spectra(path: Path) -> list[str]:
 
 def _lines_catalog(path: Path) -> list[str]:
     """Summary of a catalog file; reads the wavelength, not the spectra."""
-    from .catalog import HDF5Catalog
+    from ..catalog import HDF5Catalog
 
     with HDF5Catalog(path) as cat:
         n = len(cat)
@@ -1247,7 +1252,7 @@ def _lines_results(table) -> list[str]:
 
 
 def _lines_mdn(path: Path) -> list[str]:
-    from .mdn import MDN
+    from ..mdn import MDN
 
     mdn = MDN.load(path)
     return [
@@ -1267,14 +1272,14 @@ def _run_info(args) -> int:
         print("\n".join(_lines_grid(grid)))
         return EXIT_OK
     if suffix in RESULTS_FORMATS and RESULTS_FORMATS[suffix] != "hdf5":
-        from .results import read_results
+        from ..catalog import read_results
 
         table = _read(read_results, path)
         print(f"{path}: fit results ({RESULTS_FORMATS[suffix]}), {size}")
         print("\n".join(_lines_results(table)))
         return EXIT_OK
     if _is_results_hdf5(path):
-        from .results import read_results
+        from ..catalog import read_results
 
         print(f"{path}: fit results (hdf5), {size}")
         print("\n".join(_lines_results(_read(read_results, path))))
@@ -1359,7 +1364,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     if args.emulator is not None:
         _require_file(args.emulator)
@@ -1711,7 +1716,7 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 def _run_fit(args) -> int:
-    from .catalog import fit_catalog, open_catalog
+    from ..catalog import fit_catalog, open_catalog
 
     t0 = time.perf_counter()
     emu_path = _require_file(args.emulator)
@@ -1742,7 +1747,7 @@ def _run_fit(args) -> int:
     )
     options = _method_options(args)
     if args.mdn is not None:
-        from .mdn import MDN
+        from ..mdn import MDN
 
         mdn_path = _require_file(args.mdn)
         mdn = _read(MDN.load, mdn_path, emulator=emu)
@@ -1754,7 +1759,7 @@ def _run_fit(args) -> int:
         )
         _log.info("fitting %s with %r", what, emu)
         out.parent.mkdir(parents=True, exist_ok=True)
-        from .distributed import connect, require
+        from ..catalog import connect, require
 
         if args.scheduler is not None or args.workers is not None:
             try:
@@ -1828,7 +1833,7 @@ def _run_fit(args) -> int:
 # train-mdn
 # ======================================================================================
 def _add_train_mdn(sub) -> None:
-    from .mdn import MDNConfig
+    from ..mdn import MDNConfig
 
     d = {f.name: f.default for f in dataclasses.fields(MDNConfig)}
     p = _parser(
@@ -1931,7 +1936,7 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 
 
 def _run_train_mdn(args) -> int:
-    from .mdn import MDNConfig, train_mdn
+    from ..mdn import MDNConfig, train_mdn
 
     emu_path = _require_file(args.emulator)
     out = _check_output(args.output, inputs=[emu_path])
@@ -2096,7 +2101,7 @@ def _parse_windows(text: str):
 
 
 def _run_plot(args) -> int:
-    from .plots import figures_from_files
+    from ..plots import figures_from_files
 
     if not args.window_width > 0:
         raise ValueError(f"--window-width must be > 0, got {args.window_width:g}")
@@ -2125,7 +2130,7 @@ def _run_plot(args) -> int:
 #: The regression suite lives in the repository, beside the package (an editable
 #: install or a checkout); wheels do not carry it. Only ``payne-lite bench`` loads it,
 #: when it runs, as the package :data:`_BENCH_PACKAGE` (the checkout's benchmarks/).
-BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+BENCH_SUITE = Path(__file__).resolve().parents[2] / "benchmarks" / "suite.py"
 _BENCH_PACKAGE = "payne_lite_benchmarks"
 
 _BENCH_DESCRIPTION = (

@@ -1,6 +1,6 @@
 """What every fitting method checks and shares: inputs, fixed parameters, rv range.
 
-The point fits (:mod:`payne_lite.fitter`), the posteriors
+The point fits (:mod:`payne_lite.fitting`), the posteriors
 (:mod:`payne_lite.posterior`) and the MDN validate through these, so that one rule
 holds for every method.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import as_float_array
-from .constants import C_KMS
-from .model import BROADENING_RANGE
+from .._validate import as_float_array
+from ..constants import C_KMS
+from ._model import BROADENING_RANGE
 
 __all__ = [
     "BROADENING_START",

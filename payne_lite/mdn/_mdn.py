@@ -19,7 +19,7 @@ taken in the rest frame found by cross-correlation:
    over the training rv range), normalised by the template's norm over the usable
    pixels (the least-squares peak; unnormalised, masks beside lines biased rv),
    parabolic peak ``rv_c``; the spectrum is moved to that frame (the fitter's
-   relativistic shift and linear interpolation, :func:`payne_lite.model.shift_pair`)
+   relativistic shift and linear interpolation, :func:`payne_lite.observe.shift_pair`)
    and correlated again on a fine grid (``RV_FINE_STEP`` = 0.5 km/s within +-
    ``RV_FINE_HALF``), parabolic peak ``rv_ccf``.
 2. Compression: the residual of the spectrum in the ``rv_c`` frame from the mean
@@ -67,12 +67,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _h5
-from ._problem import check_rv_range
-from ._validate import as_float_array
-from .constants import C_KMS
-from .errors import FileFormatError
-from .model import ObsModel, gap_cum, make_log_grid, make_lookup, shift_pair
+from .. import _h5
+from .._validate import as_float_array
+from ..constants import C_KMS
+from ..errors import FileFormatError
+from ..observe import (
+    ObsModel,
+    check_rv_range,
+    gap_cum,
+    make_log_grid,
+    make_lookup,
+    shift_pair,
+)
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -646,7 +652,7 @@ class MDN:
 
         starts = range(0, n, size)
         if n_threads is None:
-            from ._serial import default_threads
+            from .._serial import default_threads
 
             n_threads = default_threads()
         if n_threads > 1 and len(starts) > 1:
@@ -1098,7 +1104,7 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
         tr = float(tot) / n_batch
         va = float(valid_loss(net, x_va_j, y_va_j))
         if not (np.isfinite(tr) and np.isfinite(va)):
-            from .errors import TrainingDivergedError
+            from ..errors import TrainingDivergedError
 
             raise TrainingDivergedError(
                 f"train_mdn diverged at epoch {_epoch + 1}: training NLL {tr:.4g}, "

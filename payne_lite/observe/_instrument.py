@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from ._validate import as_float_array
+from .._validate import as_float_array
+from ._model import BROADENING_PARAMS
 from .broadening import LIMB_DARKENING, air_to_vacuum
-from .model import BROADENING_PARAMS
 
 __all__ = ["Instrument"]
 
@@ -69,7 +69,7 @@ class Instrument:
             model to: a number, a callable ``R(wavelength [A])``, or an array of R
             per observed pixel, (P,) or (n, P) with per-star grids. The model is
             convolved with the quadrature difference of this and
-            ``emulator_resolution`` (:func:`payne_lite.model.lsf_sigma_pixels`).
+            ``emulator_resolution`` (:func:`payne_lite.observe.lsf_sigma_pixels`).
         lsf_sigma: instead of ``resolution``, the Gaussian LSF sigma [A]: a number
             or an array per observed pixel.
         emulator_resolution: R of the emulator's spectra; None = the emulator's
@@ -146,7 +146,7 @@ class Instrument:
 
     def broadening(self, fixed=None, emulator=None) -> tuple[str, ...]:
         """Names of the broadening parameters in the model, in
-        :data:`payne_lite.model.BROADENING_PARAMS` order: those switched on here and
+        :data:`payne_lite.observe.BROADENING_PARAMS` order: those switched on here and
         those that ``fixed`` holds (unless ``emulator`` has a label of that name)."""
         fixed = dict(fixed or {})
         labels = () if emulator is None else tuple(emulator.label_names)
@@ -183,7 +183,7 @@ class Instrument:
         return dataclasses.replace(self, **changes) if changes else self
 
     def model_options(self, fixed=None, emulator=None) -> dict:
-        """Keyword arguments of :func:`payne_lite.model.build_obs_model` for this
+        """Keyword arguments of :func:`payne_lite.observe.build_obs_model` for this
         instrument (and the broadening that ``fixed`` switches on)."""
         if self.per_star:
             raise ValueError(

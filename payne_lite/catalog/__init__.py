@@ -1,0 +1,75 @@
+"""payne_lite.catalog: see the modules inside; public names re-exported here."""
+
+from __future__ import annotations
+
+from ._catalog import APOGEE_BAD_PIXEL_BITS as APOGEE_BAD_PIXEL_BITS
+from ._catalog import CATALOG_FORMAT as CATALOG_FORMAT
+from ._catalog import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
+from ._catalog import ApogeeFitsCatalog as ApogeeFitsCatalog
+from ._catalog import ApogeeSpectrum as ApogeeSpectrum
+from ._catalog import CatalogChunk as CatalogChunk
+from ._catalog import CatalogWriter as CatalogWriter
+from ._catalog import HDF5Catalog as HDF5Catalog
+from ._catalog import catalog_writer as catalog_writer
+from ._catalog import chunk_bounds as chunk_bounds
+from ._catalog import fit_catalog as fit_catalog
+from ._catalog import fit_rows as fit_rows
+from ._catalog import iter_catalog as iter_catalog
+from ._catalog import open_catalog as open_catalog
+from ._catalog import parts_folder as parts_folder
+from ._catalog import read_apogee_fits as read_apogee_fits
+from ._catalog import write_catalog as write_catalog
+from ._distributed import check_client as check_client
+from ._distributed import connect as connect
+from ._distributed import fit_chunks as fit_chunks
+from ._distributed import local_client as local_client
+from ._distributed import require as require
+from ._distributed import worker_stats as worker_stats
+from ._results import FORMATS as FORMATS
+from ._results import HDF5_PATH as HDF5_PATH
+from ._results import KEY_COLUMNS as KEY_COLUMNS
+from ._results import KEY_VERSION as KEY_VERSION
+from ._results import SAFE_NAME_EXAMPLES as SAFE_NAME_EXAMPLES
+from ._results import format_of as format_of
+from ._results import model_from_results as model_from_results
+from ._results import read_results as read_results
+from ._results import safe_column_name as safe_column_name
+from ._results import safe_column_names as safe_column_names
+from ._results import write_results as write_results
+
+__all__ = [
+    "APOGEE_BAD_PIXEL_BITS",
+    "ApogeeFitsCatalog",
+    "ApogeeSpectrum",
+    "CATALOG_FORMAT",
+    "CatalogChunk",
+    "CatalogWriter",
+    "DEFAULT_CHUNK_SIZE",
+    "FORMATS",
+    "HDF5Catalog",
+    "HDF5_PATH",
+    "KEY_COLUMNS",
+    "KEY_VERSION",
+    "SAFE_NAME_EXAMPLES",
+    "catalog_writer",
+    "check_client",
+    "chunk_bounds",
+    "connect",
+    "fit_catalog",
+    "fit_chunks",
+    "fit_rows",
+    "format_of",
+    "iter_catalog",
+    "local_client",
+    "model_from_results",
+    "open_catalog",
+    "parts_folder",
+    "read_apogee_fits",
+    "read_results",
+    "require",
+    "safe_column_name",
+    "safe_column_names",
+    "worker_stats",
+    "write_catalog",
+    "write_results",
+]
