@@ -28,9 +28,10 @@ from test_fit import _factor, reference_spectra, smooth_emulator
 import payne_lite as pl
 from payne_lite import Emulator, PixelNet
 from payne_lite import fit as pl_fit
+from payne_lite.errors import SamplingWarning
 from payne_lite.observe import build_obs_model, window_valid
+from payne_lite.posterior import _posterior as sample_mod
 from payne_lite.posterior import (
-    SamplingWarning,
     chain_diagnostics,
     kish_ess,
     log_posterior,
@@ -38,7 +39,6 @@ from payne_lite.posterior import (
     split_rhat,
     weighted_quantiles,
 )
-from payne_lite.posterior import _posterior as sample_mod
 
 SPAN = TINY_HI - TINY_LO
 
