@@ -12,12 +12,12 @@ script exits with "skipped: optimistix not installed".
 Same problem for every method: the noisy spectra of ``bench_fit.make_test_set`` (real
 5-label APOGEE Payne network, rv uniform in +-200 km/s, APOGEE mask), the ObsModel,
 pixel weights, start point and bounds of ``payne_lite.fit(method="lm")`` with
-``cont_deg=0``: RV from payne_lite's scan (``_scan_batch``), pixels valid over the
-whole +-20 km/s RV window (``_window_batch``), scaled labels starting at the box
+``cont_deg=0``: RV from payne_lite's scan (``_rvscan.scan_batch``), pixels valid over
+the whole +-20 km/s RV window (``_rvscan.window_batch``), scaled labels starting at the box
 centre (one start per star; ``fit`` screens three Teff starts, not done here), bounds
 = training box and the RV window. Methods:
 
-* ``payne_lite``: ``fitter._lm_batch`` (the hand-written loop: per-star early stopping
+* ``payne_lite``: ``_lm.lm_batch`` (the hand-written loop: per-star early stopping
   inside the batch by ``lax.map`` + ``lax.cond`` over lanes, analytic Jacobian, normal
   equations), ``max_iter=100``.
 * ``optx-vmap-<jac>``: ``jax.vmap`` over stars of ``optimistix.least_squares`` with
@@ -32,7 +32,7 @@ centre (one start per star; ``fit`` screens three Teff starts, not done here), b
   ``<jac>`` = ``fwd``: optimistix's default Jacobian (``jax.linearize`` of the
   residual, materialised by its QR solver: forward mode through the network AND the
   Doppler-shift gather); ``analytic``: the model wrapped in ``jax.custom_jvp`` whose
-  rule is payne_lite's ``observe_jac_t`` (what ``_lm_lanes`` uses).
+  rule is payne_lite's ``observe_jac_t`` (what ``_lm._lm_lanes`` uses).
 * ``optx-map-<jac>``: the same per-star solve under ``jax.lax.map`` instead of
   ``vmap``: stars one after the other, so a finished star does not wait for the
   slowest one of the batch (under ``vmap`` the while loop runs until every star has
@@ -76,11 +76,11 @@ def _import_optimistix():
 
 def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
     """ObsModel, start p0 (n, k), flux (n, P), weights (n, P), bounds lo, hi (n, k) and
-    the free mask (k,), as ``payne_lite.fit`` -> ``_fit_batch`` builds them (cont_deg 0,
-    box-centre labels)."""
+    the free mask (k,), as ``payne_lite.fit`` -> ``_driver._fit_batch`` builds them
+    (cont_deg 0, box-centre labels, no broadening)."""
     import jax.numpy as jnp
 
-    from payne_lite.fitting import _fitter as fitter
+    from payne_lite.fitting import _rvscan
     from payne_lite.observe import _problem, build_obs_model, param_layout
 
     obs = build_obs_model(emu, cont_deg=0, rv_max=max(abs(v) for v in rv_range))
@@ -89,17 +89,18 @@ def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
     n_pix = obs.x_obs.shape[0]
     flux2, ivar = _problem.check_inputs(flux, err, mask, n_pix)
     n, n_lab, k = flux2.shape[0], emu.n_labels, len(layout.names)
-    n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / fitter.RV_SCAN_STEP))
+    n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / _rvscan.RV_SCAN_STEP))
     rv_grid = jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt)
     f_j = jnp.asarray(flux2, dt)
-    rv0, _ = fitter._scan_batch(
-        obs, jnp.zeros(n_lab, dt), rv_grid, f_j, jnp.asarray(ivar, dt)
+    b0 = jnp.zeros(0, dt)  # the broadening start values: none here
+    rv0, _ = _rvscan.scan_batch(
+        obs, jnp.zeros(n_lab, dt), b0, rv_grid, f_j, jnp.asarray(ivar, dt)
     )
     rv0 = np.asarray(rv0, np.float64)
     rv_lo = np.maximum(rv0 - _problem.RV_WINDOW, rv_range[0])
     rv_hi = np.minimum(rv0 + _problem.RV_WINDOW, rv_range[1])
     valid = np.asarray(
-        fitter._window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
+        _rvscan.window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
     )
     w = np.where(valid, ivar, 0.0)
     lo = np.broadcast_to(layout.lower, (n, k)).copy()
@@ -118,9 +119,9 @@ def prepare(emu, flux, err, mask, rv_range=(-500.0, 500.0)):
 # --------------------------------------------------------------------------------------
 def _compiler_options():
     """The XLA options payne_lite compiles its LM with (if any), for every method."""
-    from payne_lite.fitting import _fitter as fitter
+    from payne_lite import emulator
 
-    return getattr(fitter, "KERNEL_COMPILER_OPTIONS", None)
+    return getattr(emulator, "KERNEL_COMPILER_OPTIONS", None)
 
 
 class Solver:
@@ -140,11 +141,11 @@ class Solver:
 
 
 def payne_lite_solver(max_iter):
-    """``fitter._lm_batch``, called as payne_lite calls it (top-level jit, own
+    """``_lm.lm_batch``, called as payne_lite calls it (top-level jit, own
     compiler options), one start per star."""
     import jax.numpy as jnp
 
-    from payne_lite.fitting import _fitter as fitter
+    from payne_lite.fitting import _lm
 
     def wrap(data):
         obs, p0, flux, w, lo, hi, free = data
@@ -156,7 +157,7 @@ def payne_lite_solver(max_iter):
         p, _, it, conv, a, _ = out
         return p[:, 0], it[:, 0], conv[:, 0], a[:, 0]
 
-    return Solver(fitter._lm_batch, wrap, post)
+    return Solver(_lm.lm_batch, wrap, post)
 
 
 def _analytic_model():

@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 import payne_lite as pl
+from payne_lite.errors import SamplingWarning
 from payne_lite.options import IS_ESS_MIN, NUTS_ESS_MIN
-from payne_lite.posterior import SamplingWarning
 
 if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -137,14 +138,6 @@ def run_demo(
     ``mdn``: an MDN file for the emulator (default: see :func:`load_default_mdn`;
     trained on the spot if missing or made for another emulator).
     """
-    from astropy.table import Table
-
-    from ._api import fit
-    from .catalog import write_catalog, write_results
-    from .grid import synth
-    from .observe import doppler_shift
-    from .plots import _plots as plots
-
     outdir = Path(outdir)
     (outdir / "figures").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -155,6 +148,51 @@ def run_demo(
         emu, None if mdn is None else Path(mdn), progress=progress
     )
     t_load = time.perf_counter() - t0
+
+    cat = _simulate_catalog(emu, n_spec, seed, outdir)
+    fits = _fit_catalog(cat, emu, mdn_model, outdir, progress)
+    res = fits.res
+    params = [*emu.label_names, "rv"]
+    truth = np.column_stack([cat.labels, cat.rv])
+    got = np.column_stack([np.asarray(res[n], float) for n in params])
+    got_err = np.column_stack([np.asarray(res[f"{n}_err"], float) for n in params])
+    _demo_figures(outdir / "figures", emu, mdn_model, cat, fits, truth, got, got_err)
+    emcee = _emcee_stars(
+        cat,
+        emu,
+        mdn_model,
+        outdir,
+        truth,
+        got,
+        n_emcee=n_emcee,
+        seed=seed,
+        progress=progress,
+    )
+    return _summary(
+        cat, fits, emcee, emu, truth, got, got_err, t_load=t_load, t0=t0, outdir=outdir
+    )
+
+
+def _simulate_catalog(emu: Emulator, n_spec: int, seed: int, outdir: Path):
+    """The demo's catalog: labels drawn uniformly in the synthesizer's box, their
+    spectra from the synthesizer and the emulator (timed), then observed: Doppler
+    shifted by rv uniform in +-RV_MAX km/s (the relativistic formula and linear
+    interpolation of the fitter's model; pixels shifted off the grid are masked)
+    and with Gaussian noise at an S/N uniform in SNR_RANGE. Writes
+    ``outdir/catalog_truth.ecsv``.
+
+    Returns:
+        A namespace: ``labels`` (n_spec, L); ``truth_flux``, ``model_flux`` (n_spec, P)
+        synthesizer and emulator spectra and ``resid`` their difference [normalised
+        flux]; ``rv`` [km/s], ``snr`` (n_spec,); ``noisy``, ``err`` (n_spec, P) the
+        observations and their 1-sigma errors (NaN / inf off the grid); ``ok``
+        (n_spec, P) bool, pixel on the grid; ``table`` the truth table; ``t_synth``,
+        ``t_emu`` the seconds to synthesize and to emulate the catalog.
+    """
+    from astropy.table import Table
+
+    from .grid import synth
+    from .observe import doppler_shift
 
     labels = synth.sample_labels(n_spec, seed=seed, method="uniform")
     t = time.perf_counter()
@@ -188,9 +226,38 @@ def run_demo(
     table["rv"].unit = "km/s"
     table.meta["emulator"] = repr(emu)
     table.write(outdir / "catalog_truth.ecsv", overwrite=True)
+    return SimpleNamespace(
+        labels=labels,
+        truth_flux=truth_flux,
+        model_flux=model_flux,
+        resid=resid,
+        rv=rv,
+        snr=snr,
+        noisy=noisy,
+        err=err,
+        ok=ok,
+        table=table,
+        t_synth=t_synth,
+        t_emu=t_emu,
+    )
 
-    # Each path twice: the first call compiles for these batch shapes, the second
-    # is timed without compilation.
+
+def _fit_catalog(cat, emu: Emulator, mdn_model, outdir: Path, progress: bool):
+    """Fit the catalog of :func:`_simulate_catalog` with the MDN's starts and bounds
+    and without the MDN, each path twice (the first call compiles for these batch
+    shapes, the second is timed without compilation); writes
+    ``outdir/results.fits`` (MDN fit, without its models) and ``outdir/catalog.h5``.
+
+    Returns:
+        A namespace: ``res`` the MDN fit's table, ``model_fit`` (n_spec, P) its
+        best-fit models, ``res_plain`` the MDN-free fit's table; ``t_fit_first``,
+        ``t_fit``, ``t_plain`` [s]: the MDN fit's first (compiling) and second call,
+        the MDN-free fit's second call.
+    """
+    from ._api import fit
+    from .catalog import write_catalog, write_results
+
+    noisy, err = cat.noisy, cat.err
     t = time.perf_counter()
     res = fit(noisy, err, emu, mdn=mdn_model, return_model=True, progress=progress)
     t_fit_first = time.perf_counter() - t
@@ -201,39 +268,56 @@ def run_demo(
     del res["model_flux"]  # 20 MB; `payne-lite plot` rebuilds it from the emulator
     write_results(res, outdir / "results.fits", overwrite=True)
     write_catalog(
-        outdir / "catalog.h5", noisy, err, emu.wavelength, mask=~ok, overwrite=True
+        outdir / "catalog.h5", noisy, err, emu.wavelength, mask=~cat.ok, overwrite=True
     )
     fit(noisy, err, emu, progress=progress)
     t = time.perf_counter()
     res_plain = fit(noisy, err, emu)
     t_plain = time.perf_counter() - t
+    return SimpleNamespace(
+        res=res,
+        model_fit=model_fit,
+        res_plain=res_plain,
+        t_fit_first=t_fit_first,
+        t_fit=t_fit,
+        t_plain=t_plain,
+    )
 
-    figs = outdir / "figures"
+
+def _demo_figures(figs: Path, emu, mdn_model, cat, fits, truth, got, got_err) -> None:
+    """The demo's figures in ``figs``: emulator error and spectra, training losses,
+    fit minus truth, calibration of the MDN and of the fit errors, an example fit.
+
+    Args:
+        cat, fits: from :func:`_simulate_catalog` and :func:`_fit_catalog`.
+        truth, got, got_err: (n_spec, L + 1) true labels and rv, the MDN fit's
+            values and 1-sigma errors.
+    """
+    from . import plots
+
+    res, labels, ok = fits.res, cat.labels, cat.ok
+    params = [*emu.label_names, "rv"]
     names = dict(data_label="synthesizer", model_label="emulator")
-    plots.emulator_error_histogram(resid, figs / "emulator_error_hist")
-    worst = int(np.argmax(table["emu_rms_err"]))
+    plots.emulator_error_histogram(cat.resid, figs / "emulator_error_hist")
+    worst = int(np.argmax(cat.table["emu_rms_err"]))
     plots.spectrum_with_model(
         emu.wavelength,
-        truth_flux[worst],
-        model_flux[worst],
+        cat.truth_flux[worst],
+        cat.model_flux[worst],
         figs / "spectrum_model_worst",
         title=_label_text(emu, labels[worst]) + "  (worst of catalog)",
         **names,
     )
     plots.spectrum_with_model(
         emu.wavelength,
-        truth_flux[0],
-        model_flux[0],
+        cat.truth_flux[0],
+        cat.model_flux[0],
         figs / "spectrum_model_example",
         title=_label_text(emu, labels[0]),
         **names,
     )
     if emu.history:
         plots.loss_curves(emu.history, figs / "training_loss")
-    params = [*emu.label_names, "rv"]
-    truth = np.column_stack([labels, rv])
-    got = np.column_stack([np.asarray(res[n], float) for n in params])
-    got_err = np.column_stack([np.asarray(res[f"{n}_err"], float) for n in params])
     plots.fit_vs_truth(
         truth,
         got,
@@ -241,15 +325,10 @@ def run_demo(
         params,
         [*emu.label_units, "km/s"],
         figs / "fit_vs_truth",
-        color=snr,
+        color=cat.snr,
         color_label="S/N",
     )
-    d = got - truth
-    q16, q50, q84 = np.nanpercentile(d, [16, 50, 84], axis=0)
-    within = np.abs(d) < got_err
-    mdn_mean = np.column_stack([np.asarray(res[f"{n}_mdn"], float) for n in params])
-    mdn_sd = np.column_stack([np.asarray(res[f"{n}_mdn_sigma"], float) for n in params])
-    mdn_z = np.abs(mdn_mean - truth) / mdn_sd
+    mdn_mean, mdn_sd = _mdn_columns(res, params)
     plots.coverage_plot(
         truth,
         mdn_mean,
@@ -273,10 +352,10 @@ def run_demo(
     best = int(np.argmin(np.abs(np.asarray(res["chi2_red"]) - 1.0)))
     plots.spectrum_with_model(
         emu.wavelength,
-        noisy[best],
-        model_fit[best],
+        cat.noisy[best],
+        fits.model_fit[best],
         figs / "spectrum_fit_example",
-        err=err[best],
+        err=cat.err[best],
         mask=~ok[best],
         title=_label_text(emu, got[best, :-1])
         + f", rv={got[best, -1]:.2f} km/s"
@@ -284,52 +363,92 @@ def run_demo(
         data_label="simulated observation",
         model_label="best fit",
     )
-    got_plain = np.column_stack([np.asarray(res_plain[n], float) for n in params])
-    p16, p84 = np.nanpercentile(got_plain - truth, [16, 84], axis=0)
 
-    # emcee on a handful of stars (walkers from the LM fits): posterior summaries and
-    # a corner plot of the first, with the truth and the LM solution marked
+
+def _mdn_columns(res, params) -> tuple[np.ndarray, np.ndarray]:
+    """(n_spec, len(params)) MDN means and sigmas of a fit made with an MDN."""
+    mdn_mean = np.column_stack([np.asarray(res[f"{n}_mdn"], float) for n in params])
+    mdn_sd = np.column_stack([np.asarray(res[f"{n}_mdn_sigma"], float) for n in params])
+    return mdn_mean, mdn_sd
+
+
+def _emcee_stars(
+    cat, emu, mdn_model, outdir: Path, truth, got, *, n_emcee, seed, progress
+):
+    """emcee on the first ``n_emcee`` stars (walkers from the LM fits): posterior
+    summaries in ``outdir/posterior_emcee.ecsv`` and a corner plot of the first,
+    with the truth and the LM solution marked.
+
+    Args:
+        truth, got: (n_spec, L + 1) true labels and rv, and the LM fit's values.
+
+    Returns:
+        A namespace: ``rows`` the stars sampled, ``seconds`` the time taken,
+        ``post`` the posterior table (None without stars), ``inside`` (stars, L + 1)
+        bool, truth within the 16-84th percentiles (None without stars).
+    """
     import warnings
 
+    from . import plots
     from .errors import SamplingWarning
     from .options import EmceeOptions
     from .posterior import sample
 
-    rows_e = np.arange(min(n_emcee, n_spec))
-    t_emcee = 0.0
-    if rows_e.size:
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SamplingWarning)
-            post, chains = sample(
-                noisy[rows_e], err[rows_e], emu, method="emcee", mdn=mdn_model,
-                options=EmceeOptions(n_steps=EMCEE_MAX_STEPS), seed=seed,
-                return_samples=True, progress=progress,
-            )  # fmt: skip
-        t_emcee = time.perf_counter() - t
-        post["id"] = rows_e
-        post.write(outdir / "posterior_emcee.ecsv", overwrite=True)
-        k = [params.index(n) for n in chains.names]
-        plots.corner_plot(
-            chains.samples[0], chains.names, figs / "corner_emcee_row0",
-            units=chains.units, truths=truth[0, k], best=got[0, k],
-            title=f"emcee posterior, catalog row 0 ({_label_text(emu, labels[0])}, "
-            f"rv={rv[0]:.1f} km/s)",
+    noisy, err, labels, rv = cat.noisy, cat.err, cat.labels, cat.rv
+    params = [*emu.label_names, "rv"]
+    rows_e = np.arange(min(n_emcee, len(noisy)))
+    out = SimpleNamespace(rows=rows_e, seconds=0.0, post=None, inside=None)
+    if not rows_e.size:
+        return out
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplingWarning)
+        post, chains = sample(
+            noisy[rows_e], err[rows_e], emu, method="emcee", mdn=mdn_model,
+            options=EmceeOptions(n_steps=EMCEE_MAX_STEPS), seed=seed,
+            return_samples=True, progress=progress,
         )  # fmt: skip
-        e16 = np.column_stack([np.asarray(post[f"{n}_p16"], float) for n in params])
-        e84 = np.column_stack([np.asarray(post[f"{n}_p84"], float) for n in params])
-        inside = (truth[rows_e] >= e16) & (truth[rows_e] <= e84)
+    out.seconds = time.perf_counter() - t
+    post["id"] = rows_e
+    post.write(outdir / "posterior_emcee.ecsv", overwrite=True)
+    k = [params.index(n) for n in chains.names]
+    plots.corner_plot(
+        chains.samples[0], chains.names, outdir / "figures" / "corner_emcee_row0",
+        units=chains.units, truths=truth[0, k], best=got[0, k],
+        title=f"emcee posterior, catalog row 0 ({_label_text(emu, labels[0])}, "
+        f"rv={rv[0]:.1f} km/s)",
+    )  # fmt: skip
+    e16 = np.column_stack([np.asarray(post[f"{n}_p16"], float) for n in params])
+    e84 = np.column_stack([np.asarray(post[f"{n}_p84"], float) for n in params])
+    out.post = post
+    out.inside = (truth[rows_e] >= e16) & (truth[rows_e] <= e84)
+    return out
 
-    pixel_mae = np.median(np.abs(resid), axis=0)
+
+def _summary(cat, fits, emcee, emu, truth, got, got_err, *, t_load, t0, outdir):
+    """The numbers :func:`run_demo` returns (see there), from the namespaces of
+    :func:`_simulate_catalog`, :func:`_fit_catalog` and :func:`_emcee_stars`."""
+    res, res_plain = fits.res, fits.res_plain
+    n_spec = len(cat.labels)
+    params = [*emu.label_names, "rv"]
+    d = got - truth
+    q16, q50, q84 = np.nanpercentile(d, [16, 50, 84], axis=0)
+    within = np.abs(d) < got_err
+    mdn_mean, mdn_sd = _mdn_columns(res, params)
+    mdn_z = np.abs(mdn_mean - truth) / mdn_sd
+    got_plain = np.column_stack([np.asarray(res_plain[n], float) for n in params])
+    p16, p84 = np.nanpercentile(got_plain - truth, [16, 84], axis=0)
+    pixel_mae = np.median(np.abs(cat.resid), axis=0)
+    rows_e, post = emcee.rows, emcee.post
     summary = dict(
         n_spec=n_spec,
         n_pix=emu.n_pix,
         median_abs_error=float(np.median(pixel_mae)),
         p99_pixel_error=float(np.percentile(pixel_mae, 99)),
-        emulator_spectra_per_s=n_spec / t_emu,
-        synth_spectra_per_s=n_spec / t_synth,
-        fit_spectra_per_s=n_spec / t_fit,
-        fit_first_call_seconds=t_fit_first,
+        emulator_spectra_per_s=n_spec / cat.t_emu,
+        synth_spectra_per_s=n_spec / cat.t_synth,
+        fit_spectra_per_s=n_spec / fits.t_fit,
+        fit_first_call_seconds=fits.t_fit_first,
         fit_labels=params,
         fit_scatter=[float(x) for x in (q84 - q16) / 2],
         fit_bias=[float(x) for x in q50],
@@ -340,15 +459,15 @@ def run_demo(
         mdn_seconds=float(res.meta["mdn_seconds"]),
         mdn_within_1sigma=[float(x) for x in np.mean(mdn_z < 1, axis=0)],
         mdn_within_3sigma=[float(x) for x in np.mean(mdn_z < 3, axis=0)],
-        plain_spectra_per_s=n_spec / t_plain,
+        plain_spectra_per_s=n_spec / fits.t_plain,
         plain_median_iter=float(np.median(res_plain["n_iter"])),
         plain_scatter=[float(x) for x in (p84 - p16) / 2],
         load_seconds=t_load,
         total_seconds=time.perf_counter() - t0,
         emcee_stars=int(rows_e.size),
-        emcee_seconds_per_star=t_emcee / max(rows_e.size, 1),
+        emcee_seconds_per_star=emcee.seconds / max(rows_e.size, 1),
         emcee_converged=int(np.count_nonzero(post["converged"])) if rows_e.size else 0,
-        emcee_truth_in_68=float(np.mean(inside)) if rows_e.size else float("nan"),
+        emcee_truth_in_68=float(np.mean(emcee.inside)) if rows_e.size else float("nan"),
         outdir=str(outdir),
     )
     return summary

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from payne_lite.cli import _cli as cli
+from payne_lite.cli import _bench, main
 
 ROOT = Path(__file__).resolve().parents[1]
-suite = cli._bench_suite()  # the module the CLI runs
+suite = _bench._bench_suite()  # the module the CLI runs
 if suite is None:
     pytest.skip(
-        f"{cli.BENCH_SUITE} not found (not a repository checkout)",
+        f"{_bench.BENCH_SUITE} not found (not a repository checkout)",
         allow_module_level=True,
     )
 
@@ -261,12 +261,12 @@ def test_cli_compare_exit_status(tmp_path, capsys):
         tmp_path / "bad.json",
         reference_with(res, fit__snr30__speedup_vs_baseline=100.0),
     )
-    assert cli.main(["bench", "--compare", str(results), "--reference", str(ok)]) == 0
+    assert main(["bench", "--compare", str(results), "--reference", str(ok)]) == 0
     assert "no regressions" in capsys.readouterr().out
-    assert cli.main(["bench", "--compare", str(results), "--reference", str(bad)]) == 1
+    assert main(["bench", "--compare", str(results), "--reference", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "REGRESSION: fit.snr30.speedup_vs_baseline" in out
-    code = cli.main(
+    code = main(
         [
             "bench",
             "--compare",
@@ -280,23 +280,23 @@ def test_cli_compare_exit_status(tmp_path, capsys):
 
 
 def test_cli_says_when_benchmarks_are_absent(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "BENCH_SUITE", tmp_path / "benchmarks" / "suite.py")
-    cli._bench_suite_or_error.cache_clear()
+    monkeypatch.setattr(_bench, "BENCH_SUITE", tmp_path / "benchmarks" / "suite.py")
+    _bench._bench_suite_or_error.cache_clear()
     try:
-        assert cli.main(["bench", "--quick"]) == 2
+        assert main(["bench", "--quick"]) == 2
         err = capsys.readouterr().err
         assert "benchmarks/suite.py" in err and "pip install -e ." in err
         # a suite that does not load: bench says why, the other commands still work
         broken = tmp_path / "broken" / "suite.py"
         broken.parent.mkdir()
         broken.write_text("raise RuntimeError('half-edited')\n")
-        monkeypatch.setattr(cli, "BENCH_SUITE", broken)
-        cli._bench_suite_or_error.cache_clear()
-        assert cli.main(["bench", "--quick"]) == 2
+        monkeypatch.setattr(_bench, "BENCH_SUITE", broken)
+        _bench._bench_suite_or_error.cache_clear()
+        assert main(["bench", "--quick"]) == 2
         assert "does not load: RuntimeError: half-edited" in capsys.readouterr().err
-        assert cli.main(["--version"]) == 0
+        assert main(["--version"]) == 0
     finally:
-        cli._bench_suite_or_error.cache_clear()
+        _bench._bench_suite_or_error.cache_clear()
 
 
 def test_committed_references_are_valid():
@@ -364,7 +364,7 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
     m[scatter]["value"] = res["metrics"][scatter]["value"] - 0.3
     m[speed]["value"] = res["metrics"][speed]["value"] * 4
     bad = _write(tmp_path / "bad_reference.json", ref)
-    code = cli.main(
+    code = main(
         ["bench", "--compare", str(out / "results.json"), "--reference", str(bad)]
     )
     assert code == 1

@@ -36,7 +36,7 @@ from payne_lite.observe.broadening import (
     vacuum_to_air,
 )
 
-fit_mod = importlib.import_module("payne_lite.fitting")
+lm_mod = importlib.import_module("payne_lite.fitting._lm")
 
 PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
 PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
@@ -321,22 +321,22 @@ def test_fast_path_used_and_unchanged_when_broadening_is_off(monkeypatch):
     assert rot.jet is None and rot.broad is not None
 
     calls = []
-    original = fit_mod.normal_equations
+    original = lm_mod.normal_equations
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(fit_mod, "normal_equations", counted)
+    monkeypatch.setattr(lm_mod, "normal_equations", counted)
     p = jnp.asarray([0.1, -0.2, 0.3, 17.0])
     flux, sw = jnp.ones(emu.n_pix), jnp.full(emu.n_pix, 10.0)
     from payne_lite.observe import embed_obs
 
     jax.make_jaxpr(
-        lambda: fit_mod._normal(plain, p, embed_obs(plain, flux), embed_obs(plain, sw))
+        lambda: lm_mod._normal(plain, p, embed_obs(plain, flux), embed_obs(plain, sw))
     )()
     assert len(calls) == 1
-    jax.make_jaxpr(lambda: fit_mod._normal(rot, jnp.append(p, 0.0), flux, sw))()
+    jax.make_jaxpr(lambda: lm_mod._normal(rot, jnp.append(p, 0.0), flux, sw))()
     assert len(calls) == 1  # the general path
 
     f0, v0, j0 = observe_jac_t(plain, p)
@@ -352,13 +352,13 @@ def test_fit_without_new_options_takes_the_fast_path(monkeypatch):
     (a pixel count no other test uses, so that both compile here)."""
     emu = log_emulator(n_pix=283, seed=4)
     calls = []
-    original = fit_mod.normal_equations
+    original = lm_mod.normal_equations
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(fit_mod, "normal_equations", counted)
+    monkeypatch.setattr(lm_mod, "normal_equations", counted)
     s = np.array([0.1, -0.1, 0.2])
     f = emu.predict(emu.unscale(s)).astype(np.float64)
     t = fit(f, np.full_like(f, 1e-3), emu, rv_range=(-50, 50))
@@ -500,14 +500,14 @@ def test_per_star_grids_match_separate_fits_and_share_one_compilation(
     err = np.full_like(flux, 0.01)
 
     n_traces = 0
-    original = fit_mod._lm_lanes
+    original = lm_mod._lm_lanes
 
     def counted(*args):
         nonlocal n_traces
         n_traces += 1
         return original(*args)
 
-    monkeypatch.setattr(fit_mod, "_lm_lanes", counted)
+    monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
     # compiled programs from earlier tests (or a rerun) would hide the first trace
     jax.clear_caches()
     sep = [fit(flux[i], err[i], default_emu, wavelength=grids[i]) for i in range(3)]

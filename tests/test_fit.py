@@ -38,7 +38,10 @@ from payne_lite.observe import (
     observe_jac,
 )
 
-fit_mod = importlib.import_module("payne_lite.fitting")
+lm_mod = importlib.import_module("payne_lite.fitting._lm")
+rvscan_mod = importlib.import_module("payne_lite.fitting._rvscan")
+driver_mod = importlib.import_module("payne_lite.fitting._driver")
+schema_mod = importlib.import_module("payne_lite.fitting._schema")
 
 N_PIX = 400
 
@@ -235,7 +238,7 @@ def test_fast_normal_equations_match_the_general_path(cont_deg):
     rv row first, residual row in the product) gives the chi2, J^T W J, J^T W r and
     residuals of the general path (observe_jac_t and explicit products), float64,
     with masked pixels, at rv values across the range."""
-    from payne_lite.fitting._fitter import _normal
+    from payne_lite.fitting._lm import _normal
     from payne_lite.observe import embed_obs, normal_equations
 
     emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
@@ -391,14 +394,14 @@ def test_bad_input_errors(emu, noise_free):
 def test_one_compilation_per_batch_shape(monkeypatch):
     emu = smooth_emulator(123, 3, seed=5)  # a pixel count no other test uses
     n_traces = 0
-    original = fit_mod._lm_lanes
+    original = lm_mod._lm_lanes
 
     def counted(*args):
         nonlocal n_traces
         n_traces += 1
         return original(*args)
 
-    monkeypatch.setattr(fit_mod, "_lm_lanes", counted)
+    monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
     rng = np.random.default_rng(11)
     counts = []
     for _ in range(3):
@@ -443,7 +446,7 @@ def test_real_network_recovery_and_errors(payne_apogee):
 def test_rv_scan_parabola_vertex_hand_worked():
     """chi2 = 2 (rv - v)^2 + 7 sampled every 4 km/s: the vertex is v exactly; at the
     grid's ends, or where the three values are not convex, the grid RV is kept."""
-    from payne_lite.fitting._fitter import _parabola_vertex
+    from payne_lite.fitting._rvscan import _parabola_vertex
 
     grid = jnp.arange(-20.0, 20.1, 4.0)  # 11 points
     true = np.array([3.3, -1.9, 0.0, -20.0, 20.0])
@@ -530,7 +533,9 @@ def test_label_beyond_the_box_is_flagged_outside_training_box(emu):
     rest = emu.predict(emu.unscale(s), allow_outside=True).astype(np.float64)
     t = fit(rest, np.full_like(rest, 0.005), emu)
     flags = np.asarray(t["flags"])
-    assert flags[0] & fit_mod.FLAG_OUTSIDE_BOX and flags[0] & fit_mod.FLAG_AT_BOUND
+    assert (
+        flags[0] & schema_mod.FLAG_OUTSIDE_BOX and flags[0] & schema_mod.FLAG_AT_BOUND
+    )
     assert t["Teff"][0] == pytest.approx(emu.label_hi[0], abs=1e-3)
     assert flags[1] == 0, flags[1]
     assert t.meta["flag_bits"]["4"].startswith("outside the training box")
@@ -544,8 +549,8 @@ def test_low_snr_flag_and_snr_column(emu, noise_free):
     np.testing.assert_allclose(
         t["snr"], np.median(np.abs(f), axis=1) / err[:, 0], rtol=0.05
     )
-    assert t["flags"][0] & fit_mod.FLAG_LOW_SNR
-    assert not t["flags"][1] & fit_mod.FLAG_LOW_SNR
+    assert t["flags"][0] & schema_mod.FLAG_LOW_SNR
+    assert not t["flags"][1] & schema_mod.FLAG_LOW_SNR
 
 
 def test_scale_errors_multiplies_by_sqrt_chi2_red(emu, truth, noise_free):
@@ -581,14 +586,14 @@ def test_covariance_batch_matches_per_star_inverse_and_flags_bad_ones():
     bad[0, 1] = np.nan
     a = np.stack([good, tilted, near, singular, bad])
     free = np.array([True, True, True, True])
-    cov, ill = fit_mod._covariance(a, free, np.float32)
+    cov, ill = schema_mod._covariance(a, free, np.float32)
     np.testing.assert_allclose(cov[0], np.linalg.inv(good), rtol=1e-10)
     np.testing.assert_allclose(cov[1], np.linalg.inv(tilted), rtol=1e-8)  # scaling is
     # removed before the condition test: the correlation form is well conditioned
     assert list(ill) == [False, False, True, True, True]
     assert np.all(np.isnan(cov[3])) and np.all(np.isnan(cov[4]))
     # a fixed parameter's row and column are zero; the rest is the free block's inverse
-    cov_f, ill_f = fit_mod._covariance(
+    cov_f, ill_f = schema_mod._covariance(
         a[:1], np.array([True, False, True, True]), np.float32
     )
     sub = np.ix_([0, 2, 3], [0, 2, 3])
@@ -606,11 +611,11 @@ def test_vmapped_lanes_accelerator_path_gives_the_same_fits(
     noisy = flux + 0.01 * rng.standard_normal(flux.shape)
     seq = fit(noisy, err, emu, options=LMOptions(batch_size=8))
     jax.clear_caches()
-    monkeypatch.setattr(fit_mod, "SEQUENTIAL_LANES", False)
+    monkeypatch.setattr(lm_mod, "SEQUENTIAL_LANES", False)
     seen = []
-    original = fit_mod._sequential_lanes
+    original = lm_mod.sequential_lanes
     monkeypatch.setattr(
-        fit_mod, "_sequential_lanes", lambda: seen.append(original()) or seen[-1]
+        lm_mod, "sequential_lanes", lambda: seen.append(original()) or seen[-1]
     )
     try:
         par = fit(noisy, err, emu, options=LMOptions(batch_size=8))
@@ -680,7 +685,7 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
         slow = build_obs_model(
             emu_log, cont_deg=cont_deg, dtype=jnp.float64, log_grid=False
         )
-        px = fit_mod._rv_pixel_kms(fast)
+        px = rvscan_mod._rv_pixel_kms(fast)
         assert px == pytest.approx(1.3e-5 * C_KMS, rel=1e-9)
         flux = reference_spectra(
             emu_log, s, [39.0], cont=None if cont is None else [cont]
@@ -689,18 +694,20 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
         rv0 = 37.3
         p = np.concatenate([s[0], [rv0], cont or []])
         dv = np.arange(-3, 4) * px
-        valid = np.asarray(fit_mod.window_valid(fast, rv0 - 4.5 * px, rv0 + 4.5 * px))
+        valid = np.asarray(
+            rvscan_mod.window_valid(fast, rv0 - 4.5 * px, rv0 + 4.5 * px)
+        )
         w = np.where(valid, 1.0 / err**2, 0.0)[None]
         args = (jnp.asarray(p[None]), jnp.asarray(dv[None]), jnp.asarray(flux), w)
         c_fast, v_fast = (
             np.asarray(a)[0]
-            for a in fit_mod._rv_probe_batch(fast, *args, jnp.ones(1, bool))
+            for a in rvscan_mod._rv_probe_batch(fast, *args, jnp.ones(1, bool))
         )
         c_slow, v_slow = (
             np.asarray(a)[0]
-            for a in fit_mod._rv_probe_batch(slow, *args, jnp.ones(1, bool))
+            for a in rvscan_mod._rv_probe_batch(slow, *args, jnp.ones(1, bool))
         )
-        skipped = fit_mod._rv_probe_batch(fast, *args, jnp.zeros(1, bool))[0]
+        skipped = rvscan_mod._rv_probe_batch(fast, *args, jnp.zeros(1, bool))[0]
     assert np.all(np.isinf(np.asarray(skipped)))
 
     def chi2_np(v):
@@ -752,7 +759,7 @@ def test_fit_leaves_local_rv_minima(payne_apogee, monkeypatch):
     t = fit(flux, err, emu, mask=mask)
     assert np.all(t["converged"])
     assert np.sum(z_rv(t) > 4) <= 1, np.sort(z_rv(t))[-5:]
-    monkeypatch.setattr(fit_mod, "_rv_polish", lambda *a, **k: a[8])  # a[8]: best
+    monkeypatch.setattr(driver_mod, "rv_polish", lambda *a, **k: a[8])  # a[8]: best
     t_off = fit(flux, err, emu, mask=mask)
     assert np.sum(z_rv(t_off) > 4) >= 3, np.sort(z_rv(t_off))[-5:]
     worse = np.asarray(t_off["chi2"]) - np.asarray(t["chi2"])

@@ -19,7 +19,8 @@ from payne_lite.mdn import (
     mixture_params,
     simulate,
 )
-from payne_lite.mdn import _mdn as mdn_mod
+from payne_lite.mdn import _mixture as mix_mod
+from payne_lite.mdn import _train as train_mod
 
 RV_RANGE = (-150.0, 150.0)
 
@@ -217,15 +218,15 @@ def test_rest_frame_shift_on_log_grid_matches_numpy():
     from payne_lite.constants import C_KMS
 
     wave, step = _log_grid_wave()
-    grid = mdn_mod._grid_model(wave, 200.0, jnp.float32)
+    grid = mix_mod.grid_model(wave, 200.0, jnp.float32)
     assert grid.log_grid is not None
     rng = np.random.default_rng(3)
     d = rng.normal(0.0, 1.0, (6, wave.size)).astype(np.float32)
     d[1, 40:45] = np.nan
     d[2, 299] = np.nan  # last pixel before the gap
     rv = np.array([0.7, 13.7, -41.2, 120.5, -150.0, 3.3])
-    span = np.asarray(mdn_mod._rest_span_rows(grid, jnp.asarray(d), jnp.asarray(rv)))
-    pos = mdn_mod._to_span(grid.log_grid, np.arange(1, wave.size + 1))
+    span = np.asarray(mix_mod._rest_span_rows(grid, jnp.asarray(d), jnp.asarray(rv)))
+    pos = mix_mod.to_span(grid.log_grid, np.arange(1, wave.size + 1))
     rest = span[:, np.flatnonzero(pos)]  # the span at the pixels (gaps dropped)
     ln = np.log(wave)
     u = np.round((ln - ln[0]) / step).astype(int)  # grid index of each pixel
@@ -251,14 +252,14 @@ def test_low_rank_fine_ccf_matches_full_templates():
     rng = np.random.default_rng(5)
     lines = 1.0 - 0.4 * np.exp(-0.5 * ((np.arange(wave.size)[:, None] - rng.uniform(
         0, wave.size, 40)) / 1.5) ** 2).sum(axis=1)  # fmt: skip
-    grid = mdn_mod._grid_model(wave, 600.0, jnp.float32)
-    coarse, fine = mdn_mod._rv_grids((-500.0, 500.0))
+    grid = mix_mod.grid_model(wave, 600.0, jnp.float32)
+    coarse, fine = mix_mod.rv_grids((-500.0, 500.0))
     tf = np.asarray(
-        mdn_mod._template_rows(grid, jnp.asarray(1.0 - lines), jnp.asarray(fine)),
+        mix_mod.template_rows(grid, jnp.asarray(1.0 - lines), jnp.asarray(fine)),
         float,
     )
-    tq = mdn_mod._to_span(grid.log_grid, tf)
-    v, a = mdn_mod._low_rank(tq, mdn_mod.FINE_RTOL)
+    tq = mix_mod.to_span(grid.log_grid, tf)
+    v, a = mix_mod.low_rank(tq, mix_mod.FINE_RTOL)
     assert v.shape[1] < len(fine)
     x = rng.normal(0.0, 0.1, (20, tq.shape[1])) + tq[rng.integers(0, len(fine), 20)]
     full = x @ tq.T
@@ -276,11 +277,11 @@ def test_load_refuses_other_files(emu, tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="n_train"):
-        mdn_mod.MDNConfig(n_train=0)
+        train_mod.MDNConfig(n_train=0)
     with pytest.raises(ValueError, match="snr_range"):
-        mdn_mod.MDNConfig(snr_range=(0.0, 10.0))
+        train_mod.MDNConfig(snr_range=(0.0, 10.0))
     with pytest.raises(ValueError, match="config or keyword"):
-        pl.train_mdn(None, config=mdn_mod.MDNConfig(), seed=1)
+        pl.train_mdn(None, config=train_mod.MDNConfig(), seed=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
 
 
 def test_mdn_start_points_drawn_inside_the_mdn_bounds():
-    from payne_lite.fitting._fitter import _mdn_start_points
+    from payne_lite.fitting._mdn_bounds import mdn_start_points as _mdn_start_points
 
     n, n_lab = 50, 3
     rng = np.random.default_rng(1)

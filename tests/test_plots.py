@@ -19,9 +19,10 @@ from astropy.table import Table
 from scipy.special import erf
 
 import payne_lite as pl
+from payne_lite import plots
 from payne_lite.cli import main
 from payne_lite.demo import default_emulator_path, load_default_emulator
-from payne_lite.plots import _plots as plots
+from payne_lite.plots import _files, _fits, _posterior
 
 DEFAULT_EMULATOR = default_emulator_path()
 NAMES = ["Teff", "logg", "[Fe/H]"]
@@ -166,7 +167,7 @@ def test_auto_windows_find_the_strongest_line_and_the_misfit():
     s = spectrum()
     resid = np.where(s.mask | ~np.isfinite(s.flux), np.nan, (s.flux - s.model) / s.err)
     bad = s.mask | ~np.isfinite(s.flux)
-    wins = plots._choose_windows(s.wave, s.model, resid, bad, "auto", 3, 8.0)
+    wins = _fits._choose_windows(s.wave, s.model, resid, bad, "auto", 3, 8.0)
     assert len(wins) == 3
     assert [w[0] for w in wins] == sorted(w[0] for w in wins)  # by wavelength
     lines = [w for w in wins if w[2] == "strongest lines"]
@@ -311,7 +312,7 @@ def test_corner_contour_levels_enclose_the_gaussian_mass():
     n, bins = 400_000, 60
     x = rng.standard_normal((n, 2))
     h, xe, _ = np.histogram2d(x[:, 0], x[:, 1], bins=bins, range=[[-4, 4], [-4, 4]])
-    levels = plots._density_levels(h, plots.CORNER_LEVELS)
+    levels = _posterior._density_levels(h, _posterior.CORNER_LEVELS)
     area = (xe[1] - xe[0]) ** 2
     expect = [n * area * math.exp(-r * r / 2) / (2 * math.pi) for r in (2.0, 1.0)]
     np.testing.assert_allclose(levels, expect, rtol=0.06)
@@ -534,9 +535,9 @@ def test_plot_results_truth_spectra_and_emulator(fitted, capsys):
 
 def test_default_rows_are_median_and_highest_chi2_red():
     t = Table({"chi2_red": [1.0, np.nan, 3.0, 0.5, 2.0]})
-    assert plots._default_rows(t) == [(0, "median chi2_red"), (2, "highest chi2_red")]
-    assert plots._default_rows(Table({"chi2_red": [1.0]})) == [(0, "median chi2_red")]
-    assert plots._default_rows(Table({"x": [1.0]})) == [(0, "first row")]
+    assert _files._default_rows(t) == [(0, "median chi2_red"), (2, "highest chi2_red")]
+    assert _files._default_rows(Table({"chi2_red": [1.0]})) == [(0, "median chi2_red")]
+    assert _files._default_rows(Table({"x": [1.0]})) == [(0, "first row")]
 
 
 def test_plot_mdn_calibration_from_mdn_columns(fitted, capsys, tmp_path):

@@ -30,7 +30,10 @@ from payne_lite import Emulator, PixelNet
 from payne_lite import fit as pl_fit
 from payne_lite.errors import SamplingWarning
 from payne_lite.observe import build_obs_model, window_valid
-from payne_lite.posterior import _posterior as sample_mod
+from payne_lite.posterior import _diagnostics as diag_mod
+from payne_lite.posterior import _likelihood as lik_mod
+from payne_lite.posterior import _nuts as nuts_mod
+from payne_lite.posterior import _problem as problem_mod
 from payne_lite.posterior import (
     chain_diagnostics,
     kish_ess,
@@ -213,7 +216,7 @@ def test_emcee_recovers_gaussian_posterior(toy, init):
     assert bool(t["converged"][0])
     assert 0.2 < t["acceptance"][0] < 0.9
     assert t["tau"].shape == (1, 3)
-    assert t["n_steps"][0] >= sample_mod.N_TAU_MIN * t["tau_max"][0] + t["n_burn"][0]
+    assert t["n_steps"][0] >= diag_mod.N_TAU_MIN * t["tau_max"][0] + t["n_burn"][0]
     _check_recovered(t, TINY_NAMES, mean, sd)
     # rv was fixed: reported at its value with zero spread, not sampled
     assert t["rv"][0] == 0.0 and t["rv_std"][0] == 0.0
@@ -299,7 +302,7 @@ def test_diagnostics_flag_a_short_chain():
     short = _ar1(rng, 200, 32, 3, 0.98)
     d = chain_diagnostics(short)
     assert not d["converged"]
-    assert d["tau_max"] > 10 and d["n_kept"] < sample_mod.N_TAU_MIN * d["tau_max"]
+    assert d["tau_max"] > 10 and d["n_kept"] < diag_mod.N_TAU_MIN * d["tau_max"]
     good = _ar1(rng, 2000, 32, 3, 0.5)  # tau = 3
     d = chain_diagnostics(good)
     assert d["converged"]
@@ -340,13 +343,13 @@ def test_log_prob_compiled_once_per_shape(toy, monkeypatch):
     step), shared by every star: the star's data are arguments, not constants."""
     emu, flux, err, _, _ = toy
     traces = []
-    orig = sample_mod._log_prob_one
+    orig = lik_mod._log_prob_one
 
     def counted(obs, x, t):  # runs only while _log_prob_batch is traced
         traces.append(x.shape)
         return orig(obs, x, t)
 
-    monkeypatch.setattr(sample_mod, "_log_prob_one", counted)
+    monkeypatch.setattr(lik_mod, "_log_prob_one", counted)
     # 26 walkers: a shape no other test uses, so the first call must trace
     opts = pl.EmceeOptions(n_walkers=26, n_steps=40, check_every=40)
     rng = np.random.default_rng(0)
@@ -395,7 +398,7 @@ def test_samples_saved(toy, tmp_path):
         )  # fmt: skip
     pl.save_samples(path, post, t.meta)
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == sample_mod.SAMPLES_FORMAT
+        assert f.attrs["format"] == pl.posterior.SAMPLES_FORMAT
         assert list(f.attrs["names"]) == list(TINY_NAMES)
         np.testing.assert_array_equal(f["star_0/samples"][...], post.samples[0])
     # the public reader gives back what was sampled, and the table's meta
@@ -559,7 +562,7 @@ def test_nuts_recovers_gaussian_posterior(toy):
     )  # fmt: skip
     assert t["method"][0] == "nuts" and bool(t["converged"][0])
     assert t["n_divergent"][0] == 0
-    assert t["ess"][0] >= 2000 and t["rhat_max"][0] < sample_mod.NUTS_RHAT_MAX
+    assert t["ess"][0] >= 2000 and t["rhat_max"][0] < nuts_mod.NUTS_RHAT_MAX
     assert t["n_burn"][0] == pl.NUTSOptions().n_warmup and t["n_steps"][0] % 100 == 0
     assert t["n_evals"][0] > t["n_draws"][0] == 4 * t["n_steps"][0]
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
@@ -580,7 +583,7 @@ def test_nuts_target_is_the_log_posterior_plus_the_logit_jacobian(toy):
     import jax.numpy as jnp
 
     emu, flux, err, _, _ = toy
-    pb = sample_mod._prepare(
+    pb = problem_mod.prepare(
         flux, err, emu, mask=None, wavelength=None, prior="box", mdn=None,
         cont_deg=0, rv_range=(-500.0, 500.0), rv_window=20.0, fixed=None,
         emulator_error=True,
@@ -588,7 +591,7 @@ def test_nuts_target_is_the_log_posterior_plus_the_logit_jacobian(toy):
     centre = np.zeros(4)
     tg = pb.target(0, centre)
     dt = pb.obs.x_obs.dtype
-    tgt = sample_mod._to_device(tg, dt)
+    tgt = problem_mod.to_device(tg, dt)
     rng = np.random.default_rng(0)
     u = rng.normal(0.0, 2.0, (5, 4))
     u[0] = [8.0, -8.0, 0.0, 3.0]  # deep in the tails of the box
@@ -598,10 +601,10 @@ def test_nuts_target_is_the_log_posterior_plus_the_logit_jacobian(toy):
     phys = np.column_stack([emu.unscale(x[:, :3]), x[:, 3]])
     lp = log_posterior(flux, err, emu, phys, rv_centre=0.0)
     want = lp + np.sum(np.log((hi - lo) * s * (1.0 - s)), axis=1)
-    dens = jax.jit(jax.vmap(sample_mod._log_density_u, in_axes=(None, 0, None)))
+    dens = jax.jit(jax.vmap(lik_mod.log_density_u, in_axes=(None, 0, None)))
     got = np.asarray(dens(pb.obs, jnp.asarray(u, dt), tgt), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
-    grad = jax.vmap(jax.grad(sample_mod._log_density_u, argnums=1), (None, 0, None))
+    grad = jax.vmap(jax.grad(lik_mod.log_density_u, argnums=1), (None, 0, None))
     assert np.all(np.isfinite(np.asarray(grad(pb.obs, jnp.asarray(u, dt), tgt))))
 
 
@@ -776,10 +779,10 @@ def test_samplers_take_resolution_and_vsini(instrument_star):
     import jax
     import jax.numpy as jnp
 
-    broadening, wave = sample_mod._instrument(
+    broadening, wave = problem_mod.sampler_instrument(
         pl.Instrument(vsini=True), None, emu, opts["wavelength"]
     )
-    pb = sample_mod._prepare(
+    pb = problem_mod.prepare(
         flux, err, emu, mask=None, wavelength=wave, prior="box", mdn=None,
         cont_deg=0, rv_range=(-500.0, 500.0), rv_window=20.0, fixed=None,
         emulator_error=True,
@@ -795,8 +798,8 @@ def test_samplers_take_resolution_and_vsini(instrument_star):
     want = log_posterior(flux, err, emu, phys, rv_centre=0.0, **opts)
     want = want + np.sum(np.log((hi - lo) * sg * (1.0 - sg)), axis=1)
     dt = pb.obs.x_obs.dtype
-    dens = jax.vmap(sample_mod._log_density_u, in_axes=(None, 0, None))
-    got = dens(pb.obs, jnp.asarray(u, dt), sample_mod._to_device(tg, dt))
+    dens = jax.vmap(lik_mod.log_density_u, in_axes=(None, 0, None))
+    got = dens(pb.obs, jnp.asarray(u, dt), problem_mod.to_device(tg, dt))
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-2)
 
     mdn = StandInMDN(np.r_[emu.unscale(s_true), 0.0], np.r_[0.01 * SPAN, 1.0])

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import payne_lite as pl
-from payne_lite.catalog import _catalog as catalog_mod
+from payne_lite.catalog import _runner as catalog_mod  # fit_catalog finds fit_rows
 from payne_lite.catalog import parts_folder
 
 N_SPEC, N_PIX, CHUNK = 2000, 60, 250
@@ -149,16 +149,16 @@ def test_cli_scheduler_and_workers_options(files, reference, client, tmp_path, c
 _KILLED_RUN = """
 import sys, time
 import payne_lite as pl
-from payne_lite import catalog
+from payne_lite.catalog import _runner  # fit_catalog looks fit_rows up here
 
-fit_rows = catalog.fit_rows
+fit_rows = _runner.fit_rows
 
 def slow(*args, **kwargs):  # time to be killed between chunks
     table = fit_rows(*args, **kwargs)
     time.sleep(0.4)
     return table
 
-catalog.fit_rows = slow
+_runner.fit_rows = slow
 pl.fit_catalog(sys.argv[1], sys.argv[2], sys.argv[3], chunk_size=int(sys.argv[4]),
                progress=False)
 """

@@ -166,9 +166,9 @@ def test_mdn_for_another_emulator_is_trained_into_the_cache(
 _NO_BENCH = r"""
 import json, sys
 from pathlib import Path
-from payne_lite.cli import _cli as cli
+from payne_lite.cli import _bench, build_parser, main
 
-bench_dir = cli.BENCH_SUITE.parent.resolve()
+bench_dir = _bench.BENCH_SUITE.parent.resolve()
 
 def bench_modules():
     out = []
@@ -181,9 +181,9 @@ def bench_modules():
             out.append(name)
     return out
 
-cli.build_parser()
+build_parser()
 after_parser = bench_modules()
-codes = [cli.main(argv) for argv in json.loads(sys.argv[1])]
+codes = [main(argv) for argv in json.loads(sys.argv[1])]
 print(json.dumps(dict(after_parser=after_parser, codes=codes, after=bench_modules())))
 """
 
@@ -222,17 +222,17 @@ def test_cli_does_not_load_the_benchmarks_for_other_commands():
 
 
 def cli_has_suite() -> bool:
-    from payne_lite.cli import _cli as cli
+    from payne_lite.cli import _bench
 
-    return cli.BENCH_SUITE.is_file()
+    return _bench.BENCH_SUITE.is_file()
 
 
 def test_bench_help_shows_the_suite_options(capsys):
-    from payne_lite.cli import _cli as cli
+    from payne_lite.cli import main
 
     if not cli_has_suite():
         pytest.skip("no benchmarks/ beside the package")
-    assert cli.main(["bench", "--help"]) == 0
+    assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: payne-lite bench")
     for option in ("--quick", "--compare", "--only", "-v", "--debug"):
@@ -242,24 +242,24 @@ def test_bench_help_shows_the_suite_options(capsys):
 def test_bench_without_the_suite_says_it_needs_a_checkout(
     tmp_path, monkeypatch, capsys
 ):
-    from payne_lite.cli import _cli as cli
+    from payne_lite.cli import _bench, main
 
-    monkeypatch.setattr(cli, "BENCH_SUITE", tmp_path / "benchmarks" / "suite.py")
-    cli._bench_suite_or_error.cache_clear()
+    monkeypatch.setattr(_bench, "BENCH_SUITE", tmp_path / "benchmarks" / "suite.py")
+    _bench._bench_suite_or_error.cache_clear()
     try:
         for argv in (["bench", "--quick"], ["bench", "--help"], ["-v", "bench"]):
-            assert cli.main(argv) == 2
+            assert main(argv) == 2
             err = capsys.readouterr().err
             assert err.startswith("payne-lite: error: payne-lite bench runs the ")
             assert "repository" in err and "Traceback" not in err
     finally:
-        cli._bench_suite_or_error.cache_clear()
+        _bench._bench_suite_or_error.cache_clear()
 
 
 def test_bench_passes_verbose_and_debug_on():
-    from payne_lite.cli import _cli as cli
+    from payne_lite.cli import build_parser
 
-    ns = cli.build_parser().parse_args(
+    ns = build_parser().parse_args(
         ["bench", "--quick", "-v", "--only", "fit", "mdn", "--debug"]
     )
     assert ns.verbose == 1 and ns.debug is True

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from payne_lite.constants import C_KMS, THETA_CONST
-from payne_lite.grid import SpectralGrid, synth
+from payne_lite.grid import SpectralGrid, _lines, synth
 
 SUN = np.array([5800.0, 4.4, 0.0, 0.0, 5.0])
 LINE_WAVE = 16010.0  # [A] centre of the isolated test line
@@ -79,7 +79,7 @@ def window():
 def _line_params(labels, lines: synth.LineList):
     """(tau0, b [km/s], gamma [km/s]) of each line, as float64 NumPy arrays."""
     labels = jnp.asarray(labels, jnp.float32)
-    out = synth._line_params(labels, synth._line_arrays(lines))
+    out = _lines.line_params(labels, _lines.line_arrays(lines))
     return tuple(np.asarray(x, dtype=np.float64) for x in out)
 
 

@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 import payne_lite as pl
 from payne_lite.emulator import PixelNet
 from payne_lite.emulator import _train as T
+from payne_lite.emulator import _train_steps as TS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,20 +59,20 @@ def _teacher_grid(n_spec=240, n_pix=24, n_lab=3, n_hid=3, seed=1, noise_pixel=No
 def test_analytic_jacobian_matches_jacfwd(activation):
     rng = np.random.default_rng(0)
     n_lab, hidden = 4, (3,)
-    _, unravel = ravel_pytree(T._pixel_template(n_lab, hidden))
+    _, unravel = ravel_pytree(TS.pixel_template(n_lab, hidden))
     theta = jnp.asarray(
-        T._init_theta(rng, 7, n_lab, hidden, np.ones(7), 2.0, np.float32)
+        TS.init_theta(rng, 7, n_lab, hidden, np.ones(7), 2.0, np.float32)
     )
     s = jnp.asarray(rng.uniform(-0.5, 0.5, (11, n_lab)), dtype=jnp.float32)
-    f, jac = T._fwd_jac(theta, s, unravel=unravel, activation=activation)
-    one = functools.partial(T._pixel_model, unravel=unravel, activation=activation)
+    f, jac = TS.fwd_jac(theta, s, unravel=unravel, activation=activation)
+    one = functools.partial(TS._pixel_model, unravel=unravel, activation=activation)
     ref = jax.vmap(jax.vmap(jax.jacfwd(one), in_axes=(None, 0)), in_axes=(0, None))(
         theta, s
     )
     np.testing.assert_allclose(np.asarray(jac), np.asarray(ref), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(
         np.asarray(f),
-        np.asarray(T._fwd(theta, s, unravel=unravel, activation=activation)),
+        np.asarray(TS.fwd(theta, s, unravel=unravel, activation=activation)),
         atol=1e-6,
     )
 
@@ -89,8 +90,8 @@ def test_lm_step_equals_a_hand_computed_damped_gauss_newton_step():
     central finite differences of an independent NumPy forward pass."""
     rng = np.random.default_rng(3)
     n_lab, n_hid, n, lam = 2, 3, 50, 1e-3
-    _, unravel = ravel_pytree(T._pixel_template(n_lab, (n_hid,)))
-    theta0 = T._init_theta(rng, 1, n_lab, (n_hid,), np.ones(1), 2.0, np.float64)[0]
+    _, unravel = ravel_pytree(TS.pixel_template(n_lab, (n_hid,)))
+    theta0 = TS.init_theta(rng, 1, n_lab, (n_hid,), np.ones(1), 2.0, np.float64)[0]
     s = rng.uniform(-0.5, 0.5, (n, n_lab))
     y = _np_pixel(theta0 + rng.normal(0, 0.05, theta0.size), s, n_lab, n_hid)
     r = _np_pixel(theta0, s, n_lab, n_hid) - y
@@ -110,7 +111,7 @@ def test_lm_step_equals_a_hand_computed_damped_gauss_newton_step():
     delta = -np.linalg.solve(a + np.diag(lam * d + 1e-6 * d.max()), jac.T @ r)
     expect = theta0 + delta
     with jax.enable_x64(True):
-        theta, lam_new, loss = T._lm_step(
+        theta, lam_new, loss = TS.lm_step(
             jnp.asarray(theta0[None]),
             jnp.asarray([lam]),
             jnp.asarray(s),

@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     ckpt = tmp_path / "ckpt.h5"
     calls = {"n": 0}
     if optimizer == "lm":
-        real = T._lm_step
+        real = T.lm_step
 
         def step(*a, **k):
             calls["n"] += 1
@@ -97,9 +97,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
                 raise KeyboardInterrupt
             return real(*a, **k)
 
-        monkeypatch.setattr(T, "_lm_step", step)
+        monkeypatch.setattr(T, "lm_step", step)
     else:
-        real_make = T._make_adam_step
+        real_make = T.make_adam_step
 
         def make(*a, **k):
             real = real_make(*a, **k)
@@ -112,7 +112,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
 
             return step
 
-        monkeypatch.setattr(T, "_make_adam_step", make)
+        monkeypatch.setattr(T, "make_adam_step", make)
     with pytest.raises(KeyboardInterrupt):
         pl.train_emulator(
             grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, checkpoint_every=3,
@@ -144,7 +144,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     ckpt = tmp_path / "ckpt.h5"
     calls = {"n": 0}
     if optimizer == "lm":
-        real = T._lm_step
+        real = T.lm_step
         nan_from = 4 * 3 + 1  # iteration 5, first chunk
 
         def step(*a, **k):
@@ -154,9 +154,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
                 return theta * np.nan, lam, loss * np.nan
             return theta, lam, loss
 
-        monkeypatch.setattr(T, "_lm_step", step)
+        monkeypatch.setattr(T, "lm_step", step)
     else:
-        real_make = T._make_adam_step
+        real_make = T.make_adam_step
 
         def make(*a, **k):
             real = real_make(*a, **k)
@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
             return step
 
-        monkeypatch.setattr(T, "_make_adam_step", make)
+        monkeypatch.setattr(T, "make_adam_step", make)
     msg = (
         rf"^training \({optimizer}\) diverged at iteration 5: non-finite loss for "
         rf"\d+ pixel\(s\), first pixel \d+ at 150\d\d A \(non-finite flux, labels or "
@@ -208,10 +208,10 @@ def test_exploding_adam_loss_stops_the_run(grid, tmp_path):
 
 
 def test_divergence_without_checkpoint_says_so(grid, monkeypatch):
-    real = T._lm_step
+    real = T.lm_step
     monkeypatch.setattr(
         T,
-        "_lm_step",
+        "lm_step",
         lambda *a, **k: (lambda r: (r[0], r[1], r[2] * np.inf))(real(*a, **k)),
     )  # noqa: E501
     with pytest.raises(
@@ -434,7 +434,7 @@ def test_train_mdn_stops_on_a_nan_loss(monkeypatch):
     """A non-finite NLL used to end the run quietly through the patience rule."""
     from conftest import build_tiny_emulator
 
-    from payne_lite.mdn import _mdn as M
+    from payne_lite.mdn import _train as M  # where train_mdn finds mixture_nll
 
     real = M.mixture_nll
     monkeypatch.setattr(M, "mixture_nll", lambda *a: real(*a) * np.nan)

@@ -29,7 +29,9 @@ from payne_lite import Emulator, LMOptions, fit
 from payne_lite.fitting import FLAG_BITS, FLAG_POOR_FIT, poor_fit, visit_index
 from payne_lite.observe import _problem, build_obs_model, embed_obs, observe_jac
 
-fit_mod = importlib.import_module("payne_lite.fitting")
+lm_mod = importlib.import_module("payne_lite.fitting._lm")
+driver_mod = importlib.import_module("payne_lite.fitting._driver")
+visits_mod = importlib.import_module("payne_lite.fitting._visits")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,11 @@ def test_visit_index_layout_hand_worked():
 
 
 def test_group_rows_first_appearance_and_padding():
-    ids, rows = fit_mod._group_rows(np.array(["b", "a", "b", "c", "b", "a"]), 6)
+    ids, rows = visits_mod._group_rows(np.array(["b", "a", "b", "c", "b", "a"]), 6)
     assert list(ids) == ["b", "a", "c"]
     np.testing.assert_array_equal(rows, [[0, 2, 4], [1, 5, -1], [3, -1, -1]])
     with pytest.raises(ValueError, match=r"group \(5,\) must be \(6,\)"):
-        fit_mod._group_rows(np.arange(5), 6)
+        visits_mod._group_rows(np.arange(5), 6)
 
 
 # --- the profiled continuum: normal equations ----------------------------------------------
@@ -81,14 +83,14 @@ def test_profiled_normal_equations_are_the_projected_jacobian(emu, log_emu, fast
     f_in, sw_in = jnp.asarray(flux), jnp.asarray(sw)
     if fast:
         f_in, sw_in = embed_obs(obs, f_in), embed_obs(obs, sw_in)
-    p_star, chi2, a, g, _ = fit_mod._profiled_normal(obs, p, f_in, sw_in)
+    p_star, chi2, a, g, _ = lm_mod._profiled_normal(obs, p, f_in, sw_in)
     p_star, a, g = (np.asarray(x, np.float64) for x in (p_star, a, g))
 
     # reference in float64 NumPy from the explicit Jacobian
     _, _, jac = observe_jac(obs, jnp.asarray(p_star))
     jac = np.asarray(jac, np.float64) * sw[:, None]
     j_t, j_c = jac[:, :4], jac[:, 4:]
-    model = np.asarray(fit_mod._model_one(obs, jnp.asarray(p_star)), np.float64)
+    model = np.asarray(lm_mod.model_one(obs, jnp.asarray(p_star)), np.float64)
     r = sw * (model - flux)
     # c* is the continuum's optimum: J_c^T r = 0 (to float32 rounding)
     cos = np.abs(j_c.T @ r) / (np.linalg.norm(j_c, axis=0) * np.linalg.norm(r))
@@ -116,13 +118,13 @@ def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu):
     sw[2] = 0.0
     p = np.r_[s, rvs + 1.0, 0.0, 1.0, 0.01, 1.0, 0.0, 1.0, 0.0]  # L + 3 rv + 3 * 2 c
     f_e, sw_e = embed_obs(obs, jnp.asarray(flux)), embed_obs(obs, jnp.asarray(sw))
-    normal = fit_mod._lane_normal(obs, f_e, sw_e, (3, False))
+    normal = lm_mod._lane_normal(obs, f_e, sw_e, (3, False))
     _, chi2, a, g, _ = normal(jnp.asarray(p))
     a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
     idx = visit_index(3, 3, 2)
     a_ref, g_ref, chi2_ref = np.zeros((12, 12)), np.zeros(12), 0.0
     for v in range(2):
-        c, av, gv, _ = fit_mod._normal(obs, jnp.asarray(p[idx[v]]), f_e[v], sw_e[v])
+        c, av, gv, _ = lm_mod._normal(obs, jnp.asarray(p[idx[v]]), f_e[v], sw_e[v])
         a_ref[np.ix_(idx[v], idx[v])] += np.asarray(av)
         g_ref[idx[v]] += np.asarray(gv)
         chi2_ref += float(c)
@@ -209,14 +211,14 @@ def test_group_fit_with_per_visit_continuum_and_noise(emu):
 def test_group_fit_compiles_once_per_visit_count_and_batch_shape(monkeypatch):
     e = smooth_emulator(131, 3, seed=8)  # a pixel count no other test uses
     n_traces = 0
-    original = fit_mod._lm_lanes
+    original = lm_mod._lm_lanes
 
     def counted(*args):
         nonlocal n_traces
         n_traces += 1
         return original(*args)
 
-    monkeypatch.setattr(fit_mod, "_lm_lanes", counted)
+    monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
     rng = np.random.default_rng(9)
     counts = []
     for _ in range(3):  # different stars, same V = 2 and batch shape
@@ -319,13 +321,15 @@ def test_emulator_error_reaches_the_likelihood_on_the_observed_grid(emu, monkeyp
     flux = reference_spectra(emu, s, rv, wave_obs=wave_obs)
     err = np.full_like(flux, 0.005)
     seen = []
-    original = fit_mod._lm_with_starts
+    original = driver_mod.lm_with_starts
 
     def spy(ctx, p_start, alive, f_j, w_j, *args, **kw):
         seen.append((np.asarray(w_j, np.float64), p_start[:, 0]))
         return original(ctx, p_start, alive, f_j, w_j, *args, **kw)
 
-    monkeypatch.setattr(fit_mod, "_lm_with_starts", spy)
+    # called by the single-spectrum batches and by the joint fits of group=
+    monkeypatch.setattr(driver_mod, "lm_with_starts", spy)
+    monkeypatch.setattr(visits_mod, "lm_with_starts", spy)
     for group in (None, [1, 1]):
         seen.clear()
         fit(flux, err, e, wavelength=wave_obs, group=group)
@@ -505,8 +509,8 @@ def test_group_fit_leaves_local_rv_minima_of_each_visit(payne_apogee, monkeypatc
     t = fit(flux, err, emu, mask=mask, group=gid)
     assert np.sum(z_rv(t) > 4) <= 2, np.sort(z_rv(t).ravel())[-5:]
     monkeypatch.setattr(
-        fit_mod,
-        "_rv_polish",
+        driver_mod,
+        "rv_polish",
         lambda *a, **k: a[8],  # a[8]: the fit as it was
     )
     t_off = fit(flux, err, emu, mask=mask, group=gid)

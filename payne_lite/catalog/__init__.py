@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from ._catalog import APOGEE_BAD_PIXEL_BITS as APOGEE_BAD_PIXEL_BITS
-from ._catalog import CATALOG_FORMAT as CATALOG_FORMAT
-from ._catalog import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
-from ._catalog import ApogeeFitsCatalog as ApogeeFitsCatalog
-from ._catalog import ApogeeSpectrum as ApogeeSpectrum
-from ._catalog import CatalogChunk as CatalogChunk
-from ._catalog import CatalogWriter as CatalogWriter
-from ._catalog import HDF5Catalog as HDF5Catalog
-from ._catalog import catalog_writer as catalog_writer
-from ._catalog import chunk_bounds as chunk_bounds
-from ._catalog import fit_catalog as fit_catalog
-from ._catalog import fit_rows as fit_rows
-from ._catalog import iter_catalog as iter_catalog
-from ._catalog import open_catalog as open_catalog
-from ._catalog import parts_folder as parts_folder
-from ._catalog import read_apogee_fits as read_apogee_fits
-from ._catalog import write_catalog as write_catalog
+from ._apogee import APOGEE_BAD_PIXEL_BITS as APOGEE_BAD_PIXEL_BITS
+from ._apogee import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
+from ._apogee import ApogeeFitsCatalog as ApogeeFitsCatalog
+from ._apogee import ApogeeSpectrum as ApogeeSpectrum
+from ._apogee import chunk_bounds as chunk_bounds
+from ._apogee import iter_catalog as iter_catalog
+from ._apogee import open_catalog as open_catalog
+from ._apogee import read_apogee_fits as read_apogee_fits
 from ._distributed import check_client as check_client
 from ._distributed import connect as connect
 from ._distributed import fit_chunks as fit_chunks
 from ._distributed import local_client as local_client
 from ._distributed import require as require
 from ._distributed import worker_stats as worker_stats
+from ._hdf5 import CATALOG_FORMAT as CATALOG_FORMAT
+from ._hdf5 import CatalogChunk as CatalogChunk
+from ._hdf5 import CatalogWriter as CatalogWriter
+from ._hdf5 import HDF5Catalog as HDF5Catalog
+from ._hdf5 import catalog_writer as catalog_writer
+from ._hdf5 import write_catalog as write_catalog
+from ._parts import parts_folder as parts_folder
 from ._results import FORMATS as FORMATS
 from ._results import HDF5_PATH as HDF5_PATH
 from ._results import KEY_COLUMNS as KEY_COLUMNS
@@ -36,6 +34,8 @@ from ._results import read_results as read_results
 from ._results import safe_column_name as safe_column_name
 from ._results import safe_column_names as safe_column_names
 from ._results import write_results as write_results
+from ._runner import fit_catalog as fit_catalog
+from ._runner import fit_rows as fit_rows
 
 __all__ = [
     "APOGEE_BAD_PIXEL_BITS",

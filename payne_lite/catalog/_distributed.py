@@ -32,7 +32,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("payne_lite.catalog")  # one logger per stage
 
 #: JAX's monitoring event for one XLA backend compilation (jax._src.dispatch).
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._cli import build_parser as build_parser
-from ._cli import main as main
+from ._main import build_parser as build_parser
+from ._main import main as main
 
 __all__ = [
     "build_parser",

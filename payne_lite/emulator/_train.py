@@ -21,35 +21,52 @@ makes a pixel worse).
 
 Multi-device: the pixel axis is sharded over all local devices (``jax.sharding``); the
 same code runs on one CPU or on a GPU node. Randomness comes from ``seed`` only.
+
+This module holds the host-side drivers; the jitted kernels are in
+:mod:`payne_lite.emulator._train_steps`, the checkpoint file in
+:mod:`payne_lite.emulator._train_ckpt`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from tqdm.auto import tqdm
 
-from .. import _h5
 from .._validate import check_finite
-from ..errors import FileFormatError, TrainingDivergedError
+from ..errors import TrainingDivergedError
 from ..grid import SpectralGrid
-from ._emulator import ACTIVATIONS, Emulator, PixelNet, pixel_forward
+from ._emulator import ACTIVATIONS, Emulator
+from ._train_ckpt import (
+    RESUMABLE_CHANGES,
+    TrainCheckpoint,
+    grid_digest,
+    resume_state,
+    state_array,
+)
+from ._train_steps import (
+    device_mesh,
+    fwd,
+    init_theta,
+    lm_step,
+    make_adam_step,
+    pixel_template,
+    theta_to_net,
+    valid_stats,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("payne_lite.emulator")  # one logger per stage
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,160 +150,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Per-pixel parameter vectors
-# --------------------------------------------------------------------------------------
-def _pixel_template(n_lab: int, hidden: tuple[int, ...]):
-    """Shapes of one pixel's network as a (weights, biases) pytree of zeros."""
-    ws, bs, width = [], [], n_lab
-    for h in hidden:
-        ws.append(jnp.zeros((h, width)))
-        bs.append(jnp.zeros((h,)))
-        width = h
-    ws.append(jnp.zeros((width,)))
-    bs.append(jnp.zeros(()))
-    return (tuple(ws), tuple(bs))
-
-
-def _pixel_model(theta, s, unravel, activation):
-    """One pixel's flux (scalar) for scaled labels ``s`` (L,) and flat params ``theta``."""
-    ws, bs = unravel(theta)
-    net = PixelNet(tuple(w[None] for w in ws), tuple(b[None] for b in bs))
-    return pixel_forward(net, s, activation)[0]
-
-
-def _init_theta(
-    rng: np.random.Generator,
-    n: int,
-    n_lab: int,
-    hidden,
-    mean_flux,
-    init_scale: float,
-    dtype,
-) -> np.ndarray:
-    """Random flat parameters (n, n_par) for ``n`` pixels with output mean ``mean_flux``."""
-    parts_w, parts_b, width = [], [], n_lab
-    for i, h in enumerate(hidden):
-        scale = init_scale if i == 0 else init_scale / np.sqrt(width)
-        parts_w.append(rng.normal(0.0, scale, (n, h, width)))
-        parts_b.append(rng.normal(0.0, 0.5 if i == 0 else 0.1, (n, h)))
-        width = h
-    parts_w.append(rng.normal(0.0, 0.1 / np.sqrt(width), (n, width)))
-    parts_b.append(np.asarray(mean_flux, dtype=float).reshape(n))
-    # Same ordering as ravel_pytree((weights, biases)) of the template.
-    flat = [a.reshape(n, -1) for a in parts_w] + [a.reshape(n, -1) for a in parts_b]
-    return np.concatenate(flat, axis=1).astype(dtype)
-
-
-def _theta_to_net(theta: np.ndarray, unravel) -> PixelNet:
-    ws, bs = jax.vmap(unravel)(jnp.asarray(theta))
-    return PixelNet(tuple(np.asarray(w) for w in ws), tuple(np.asarray(b) for b in bs))
-
-
-# --------------------------------------------------------------------------------------
-# Jitted kernels (pure)
-# --------------------------------------------------------------------------------------
-def _act_and_grad(z, activation):
-    """Activation a(z) and its derivative a'(z), elementwise."""
-    if activation == "sigmoid":
-        a = jax.nn.sigmoid(z)
-        return a, a * (1.0 - a)
-    if activation == "tanh":
-        a = jnp.tanh(z)
-        return a, 1.0 - a * a
-    return jax.jvp(ACTIVATIONS[activation], (z,), (jnp.ones_like(z),))
-
-
-def _fwd(theta, s, *, unravel, activation):
-    """Flux (C, N) of C pixels' networks ``theta`` (C, n_par) at scaled labels s (N, L)."""
-    one = functools.partial(_pixel_model, unravel=unravel, activation=activation)
-    return jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))(theta, s)
-
-
-def _fwd_jac(theta, s, *, unravel, activation):
-    """Flux (C, N) and Jacobian (C, N, n_par) with respect to each pixel's parameters.
-
-    One hidden layer: the Jacobian is written out from the forward pass's activations
-    (``[W1 a'(z) s, a(z), W1 a'(z), 1]`` in ravel order ``W0, W1, b0, b1``), 4-5x
-    faster than ``jax.jacfwd``; deeper networks use ``jax.jacfwd``.
-    """
-    ws, bs = jax.vmap(unravel)(theta)
-    if len(ws) == 2:
-        (w0, w1), (b0, b1) = ws, bs
-        n_pix, n_hid, n_lab = w0.shape
-        n = s.shape[0]
-        z = jnp.einsum("chl,nl->cnh", w0, s) + b0[:, None, :]
-        a, da = _act_and_grad(z, activation)
-        g = w1[:, None, :] * da
-        f = jnp.einsum("cnh,ch->cn", a, w1) + b1[:, None]
-        jac = jnp.concatenate(
-            [
-                (g[..., None] * s[None, :, None, :]).reshape(n_pix, n, n_hid * n_lab),
-                a,
-                g,
-                jnp.ones((n_pix, n, 1), dtype=a.dtype),
-            ],
-            axis=-1,
-        )
-        return f, jac
-    one = functools.partial(_pixel_model, unravel=unravel, activation=activation)
-    jac = jax.vmap(jax.vmap(jax.jacfwd(one), in_axes=(None, 0)), in_axes=(0, None))(
-        theta, s
-    )
-    return _fwd(theta, s, unravel=unravel, activation=activation), jac
-
-
-@functools.partial(
-    jax.jit, static_argnames=("unravel", "activation"), donate_argnames=("theta", "lam")
-)
-def _lm_step(theta, lam, s, y, sw, *, unravel, activation):
-    """One Levenberg-Marquardt iteration for C pixels at once.
-
-    Args:
-        theta: (C, n_par) flat parameters; lam: (C,) damping.
-        s: (N, L) scaled training labels; y: (C, N) flux; sw: (C, N) sqrt weights.
-
-    Returns:
-        (theta, lam, loss) with loss (C,) the weighted sum of squares after the step.
-    """
-    kw = dict(unravel=unravel, activation=activation)
-    f, jac = _fwd_jac(theta, s, **kw)
-    r = sw * (f - y)
-    jac = sw[..., None] * jac
-    a = jnp.einsum("cni,cnj->cij", jac, jac)
-    g = jnp.einsum("cni,cn->ci", jac, r)
-    d = jnp.diagonal(a, axis1=1, axis2=2)
-    eps = 1e-6 * jnp.max(d, axis=1, keepdims=True) + jnp.finfo(a.dtype).tiny
-    a_damped = a + jax.vmap(jnp.diag)(lam[:, None] * d + eps)
-    chol = jnp.linalg.cholesky(a_damped)
-    delta = -jax.scipy.linalg.cho_solve((chol, True), g[..., None])[..., 0]
-    th_new = theta + delta
-    r_new = sw * (_fwd(th_new, s, **kw) - y)
-    loss, loss_new = jnp.sum(r * r, axis=1), jnp.sum(r_new * r_new, axis=1)
-    ok = jnp.isfinite(loss_new) & (loss_new < loss)
-    return (
-        jnp.where(ok[:, None], th_new, theta),
-        jnp.clip(jnp.where(ok, lam / 3.0, lam * 4.0), 1e-10, 1e10),
-        jnp.where(ok, loss_new, loss),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("unravel", "activation"))
-def _valid_stats(theta, s, y, sw, *, unravel, activation):
-    """Per-pixel validation statistics, each (C,): weighted MSE, RMS, median |error|.
-
-    ``y`` and ``sw`` are (C, N); pixels with zero weight do not count.
-    """
-    err = _fwd(theta, s, unravel=unravel, activation=activation) - y
-    wsum = jnp.maximum(jnp.sum(sw**2, axis=1), jnp.finfo(y.dtype).tiny)
-    mse_w = jnp.sum((sw * err) ** 2, axis=1) / wsum
-    good = sw > 0
-    n_good = jnp.maximum(jnp.sum(good, axis=1), 1)
-    rms = jnp.sqrt(jnp.sum(jnp.where(good, err**2, 0.0), axis=1) / n_good)
-    mae = jnp.nanmedian(jnp.where(good, jnp.abs(err), jnp.nan), axis=1)
-    return mse_w, rms, mae
-
-
-# --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
 def _sqrt_weights(grid: SpectralGrid, dtype) -> np.ndarray:
@@ -340,130 +203,6 @@ class _PixelTracker:
         self.active &= ~((self.stall >= self.cfg.patience) & ~self.to_restart())
 
 
-CHECKPOINT_FORMAT = "payne_lite.TrainCheckpoint"
-CHECKPOINT_VERSION = 1
-#: TrainConfig fields that may differ between a checkpoint and the run resuming it.
-_RESUMABLE_CHANGES = ("max_iter",)
-
-
-def _grid_digest(grid: SpectralGrid) -> str:
-    """sha256 of a grid's numbers and names (what a checkpoint was trained on)."""
-    h = hashlib.sha256()
-    for a in (grid.wavelength, grid.labels, grid.flux, *grid.label_box):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    if grid.flux_err is not None:
-        h.update(np.ascontiguousarray(grid.flux_err, np.float64).tobytes())
-    h.update(json.dumps(list(grid.label_names)).encode())
-    return h.hexdigest()
-
-
-class _Checkpoint:
-    """A training run's state in one HDF5 file, written atomically, with its identity.
-
-    Layout (``format = "payne_lite.TrainCheckpoint"``, ``format_version = 1``):
-    attrs ``identity`` (JSON: the TrainConfig, sha256 digests of the training and
-    validation grids, dtype, optimiser, padded pixel count), ``iteration`` (completed
-    iterations), ``history`` and ``rng_state`` (JSON); datasets ``state/<name>``
-    (parameters, damping or optimiser state, best parameters) and ``tracker/<name>``
-    (per-pixel best losses, patience counters, restarts, active flags).
-    """
-
-    def __init__(self, path, identity: dict, every: int):
-        self.path = Path(path)
-        self.identity = identity
-        self.every = every
-        self.last_iteration = None  # iterations completed at the last write
-
-    def check(self, resume: bool) -> dict | None:
-        """The saved state to resume from, or None to start afresh."""
-        if not self.path.exists():
-            if resume:
-                log.info("%s: no checkpoint yet, starting from scratch", self.path)
-            return None
-        if not resume:
-            raise FileExistsError(
-                f"checkpoint {self.path} exists; pass resume=True (payne-lite train "
-                "--resume) to continue from it, or remove it"
-            )
-        return self.load()
-
-    def load(self) -> dict:
-        with _h5.open_checked(self.path, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,)) as f:
-            saved = _h5.get_json_attr(f, "identity", self.path)
-            diff = _identity_differences(saved, self.identity)
-            if diff:
-                raise ValueError(
-                    f"checkpoint {self.path} was written by another training run: "
-                    + "; ".join(diff)
-                    + " (use a new checkpoint path, or the settings it was written with)"
-                )
-            out = {
-                "iteration": int(f.attrs["iteration"]),
-                "history": _h5.get_json_attr(f, "history", self.path),
-                "rng_state": _h5.get_json_attr(f, "rng_state", self.path),
-                "elapsed": float(f.attrs["elapsed"]),
-            }
-            for group in ("state", "tracker"):
-                if group not in f:
-                    raise FileFormatError(f"{self.path}: missing group {group!r}")
-                out[group] = {
-                    k: _h5.read_dataset(f[group], k, self.path) for k in f[group]
-                }
-        self.last_iteration = out["iteration"]
-        return out
-
-    def save(self, iteration, state: dict, tracker, hist, rng, elapsed) -> None:
-        with _h5.atomic_h5_writer(
-            self.path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-        ) as f:
-            _h5.set_json_attr(f, "identity", self.identity)
-            _h5.set_json_attr(f, "history", hist)
-            _h5.set_json_attr(f, "rng_state", rng.bit_generator.state)
-            f.attrs["iteration"] = int(iteration)
-            f.attrs["elapsed"] = float(elapsed)
-            g = f.create_group("state")
-            for k, v in state.items():
-                _h5.write_dataset(g, k, np.asarray(v), compress=False)
-            g = f.create_group("tracker")
-            for k in ("best", "best_mae", "stall", "restarts", "active"):
-                _h5.write_dataset(g, k, getattr(tracker, k), compress=False)
-        self.last_iteration = int(iteration)
-        log.debug("%s: checkpoint after %d iterations", self.path, iteration)
-
-    def describe(self) -> str:
-        if self.last_iteration is None:
-            return f"no checkpoint was written to {self.path} before it"
-        return (
-            f"the checkpoint {self.path} from iteration {self.last_iteration} is kept"
-        )
-
-
-def _identity_differences(saved: dict, now: dict) -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [
-                f"{key}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            what = "another grid" if key.endswith("grid_sha256") else f"{a!r}"
-            out.append(f"{key}: {what} in the checkpoint, {b!r} now")
-    return out
-
-
-def _restore_tracker(tracker: _PixelTracker, saved: dict, n_tot: int) -> None:
-    for k, v in saved.items():
-        v = np.asarray(v)
-        if v.shape != (n_tot,):
-            raise FileFormatError(f"tracker/{k} has shape {v.shape}, not ({n_tot},)")
-        setattr(tracker, k, v.astype(getattr(tracker, k).dtype))
-
-
 def _check_divergence(
     it, cfg, tracker, train_loss, val_mse, ref_mse, n_pix, wave, ckpt, optimizer
 ) -> None:
@@ -495,9 +234,69 @@ def _check_divergence(
             )
 
 
-def _mesh():
-    devices = np.array(jax.devices())
-    return Mesh(devices, ("pix",)), devices.size
+def _split_and_check(grid, valid, cfg: TrainConfig, checkpoint_every):
+    """The (training, validation) grids, checked: ``valid`` split off ``grid`` when
+    None, else on the same wavelengths and labels; finite labels and flux; a
+    positive int ``checkpoint_every``. Raises ValueError naming what is wrong."""
+    if valid is None:
+        train, valid = grid.split(cfg.valid_fraction, seed=cfg.seed)
+    else:
+        train = grid
+        if valid.n_pix != grid.n_pix or not np.allclose(
+            valid.wavelength, grid.wavelength
+        ):
+            raise ValueError(
+                "valid grid has another wavelength grid than the training grid"
+            )
+        if valid.label_names != grid.label_names:
+            raise ValueError(
+                f"valid labels {valid.label_names} differ from {grid.label_names}"
+            )
+    if train.n_spec < 2:
+        raise ValueError(f"need at least 2 training spectra, got {train.n_spec}")
+    for which, g in (("grid", train), ("valid", valid)):
+        # SpectralGrid checks on construction; its arrays can be changed in place since
+        for name in ("labels", "flux"):
+            check_finite(np.asarray(getattr(g, name)), f"{which} {name}")
+    if (
+        isinstance(checkpoint_every, bool)
+        or int(checkpoint_every) != checkpoint_every
+        or (checkpoint_every <= 0)
+    ):
+        raise ValueError(
+            f"checkpoint_every must be a positive int, got {checkpoint_every!r}"
+        )
+    return train, valid
+
+
+def _held_out_stats(theta, unravel, valid, lo, hi, cfg: TrainConfig, dtype):
+    """Final held-out statistics of the kept parameters ``theta`` (P, n_par): per-pixel
+    validation RMS (P,) and median |error| (P,) in flux units, and the error basis
+    (K, P) (see :func:`_error_basis`)."""
+    # Final held-out statistics of the kept parameters.
+    s_v = jnp.asarray((valid.labels - lo) / (hi - lo) - 0.5, dtype=dtype)
+    sw_v = jnp.asarray(_sqrt_weights(valid, dtype))
+    _, rms, mae = valid_stats(
+        jnp.asarray(theta, dtype=dtype),
+        s_v,
+        jnp.asarray(valid.flux.T, dtype=dtype),
+        sw_v.T,
+        unravel=unravel,
+        activation=cfg.activation,
+    )
+    rms, mae = np.asarray(rms), np.asarray(mae)
+    nb = min(valid.n_spec, ERROR_BASIS_MAX_SPECTRA)  # the split is random already
+    basis = _error_basis(
+        fwd(
+            jnp.asarray(theta, dtype=dtype),
+            s_v[:nb],
+            unravel=unravel,
+            activation=cfg.activation,
+        ),
+        valid.flux[:nb].T,
+        np.asarray(sw_v[:nb].T),
+    )
+    return rms, mae, basis
 
 
 def train_emulator(
@@ -560,34 +359,7 @@ def train_emulator(
     if seed is not None:
         overrides["seed"] = seed
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-    if valid is None:
-        train, valid = grid.split(cfg.valid_fraction, seed=cfg.seed)
-    else:
-        train = grid
-        if valid.n_pix != grid.n_pix or not np.allclose(
-            valid.wavelength, grid.wavelength
-        ):
-            raise ValueError(
-                "valid grid has another wavelength grid than the training grid"
-            )
-        if valid.label_names != grid.label_names:
-            raise ValueError(
-                f"valid labels {valid.label_names} differ from {grid.label_names}"
-            )
-    if train.n_spec < 2:
-        raise ValueError(f"need at least 2 training spectra, got {train.n_spec}")
-    for which, g in (("grid", train), ("valid", valid)):
-        # SpectralGrid checks on construction; its arrays can be changed in place since
-        for name in ("labels", "flux"):
-            check_finite(np.asarray(getattr(g, name)), f"{which} {name}")
-    if (
-        isinstance(checkpoint_every, bool)
-        or int(checkpoint_every) != checkpoint_every
-        or (checkpoint_every <= 0)
-    ):
-        raise ValueError(
-            f"checkpoint_every must be a positive int, got {checkpoint_every!r}"
-        )
+    train, valid = _split_and_check(grid, valid, cfg, checkpoint_every)
     dtype = jnp.dtype(dtype or jnp.result_type(float))
     # The training box: the grid's design box where it has one, else the labels' range.
     lo = np.minimum(train.label_box[0], valid.label_box[0])
@@ -604,13 +376,13 @@ def train_emulator(
             "config": {
                 k: v
                 for k, v in dataclasses.asdict(cfg).items()
-                if k not in _RESUMABLE_CHANGES
+                if k not in RESUMABLE_CHANGES
             },
-            "train_grid_sha256": _grid_digest(train),
-            "valid_grid_sha256": _grid_digest(valid),
+            "train_grid_sha256": grid_digest(train),
+            "valid_grid_sha256": grid_digest(valid),
             "dtype": str(dtype),
         }
-        ckpt = _Checkpoint(
+        ckpt = TrainCheckpoint(
             checkpoint, json.loads(json.dumps(identity)), int(checkpoint_every)
         )
     elif resume:
@@ -620,30 +392,8 @@ def train_emulator(
     theta, unravel, tracker, history = fit(
         train, valid, lo, hi, cfg, dtype, progress, ckpt=ckpt, resume=resume
     )
-    net = _theta_to_net(theta, unravel)
-    # Final held-out statistics of the kept parameters.
-    s_v = jnp.asarray((valid.labels - lo) / (hi - lo) - 0.5, dtype=dtype)
-    sw_v = jnp.asarray(_sqrt_weights(valid, dtype))
-    _, rms, mae = _valid_stats(
-        jnp.asarray(theta, dtype=dtype),
-        s_v,
-        jnp.asarray(valid.flux.T, dtype=dtype),
-        sw_v.T,
-        unravel=unravel,
-        activation=cfg.activation,
-    )
-    rms, mae = np.asarray(rms), np.asarray(mae)
-    nb = min(valid.n_spec, ERROR_BASIS_MAX_SPECTRA)  # the split is random already
-    basis = _error_basis(
-        _fwd(
-            jnp.asarray(theta, dtype=dtype),
-            s_v[:nb],
-            unravel=unravel,
-            activation=cfg.activation,
-        ),
-        valid.flux[:nb].T,
-        np.asarray(sw_v[:nb].T),
-    )
+    net = theta_to_net(theta, unravel)
+    rms, mae, basis = _held_out_stats(theta, unravel, valid, lo, hi, cfg, dtype)
     elapsed = time.perf_counter() - t0
     meta = {
         "trained_by": "payne_lite.train_emulator",
@@ -700,7 +450,7 @@ def _error_basis(pred, flux, sw) -> np.ndarray:
 
 def _prepare(train, valid, lo, hi, cfg, dtype):
     """Scaled labels, flux and weights, padded on the pixel axis to whole chunks."""
-    mesh, n_dev = _mesh()
+    mesh, n_dev = device_mesh()
     n_pix = train.n_pix
     chunk = int(np.ceil(min(cfg.pixel_batch, n_pix) / n_dev) * n_dev)
     n_chunks = int(np.ceil(n_pix / chunk))
@@ -744,7 +494,7 @@ _HISTORY_KEYS = (
 
 def _start(data, n_lab: int, cfg: TrainConfig):
     """Per-pixel parameter layout, the run's RNG, and each pixel's weighted mean flux."""
-    _, unravel = ravel_pytree(_pixel_template(n_lab, cfg.hidden))
+    _, unravel = ravel_pytree(pixel_template(n_lab, cfg.hidden))
     w2 = data["sw_t"] ** 2
     wmean = np.sum(w2 * data["y_t"], 1) / np.maximum(np.sum(w2, 1), 1e-30)
     return unravel, np.random.default_rng(cfg.seed), wmean
@@ -755,37 +505,72 @@ def _ref_mse(theta: np.ndarray, data, chunks, chunk: int, kw) -> np.ndarray:
     out = np.empty(theta.shape[0])
     for c, ch in enumerate(chunks):
         sl = slice(c * chunk, (c + 1) * chunk)
-        mse, _, _ = _valid_stats(
+        mse, _, _ = valid_stats(
             jnp.asarray(theta[sl]), data["s_v"], ch["y_v"], ch["sw_v"], **kw
         )
         out[sl] = np.asarray(mse)
     return out
 
 
-def _resume_state(ckpt, resume, n_tot, optimizer, tracker, rng, hist):
-    """Load a checkpoint into ``tracker``, ``rng`` and ``hist``; its arrays, the
-    iterations done and the seconds spent (or None, 0, 0 to start afresh)."""
-    if ckpt is None:
-        return None, 0, 0.0
-    ckpt.identity.update(optimizer=optimizer, n_pix_padded=int(n_tot))
-    saved = ckpt.check(resume)
-    if saved is None:
-        return None, 0, 0.0
-    _restore_tracker(tracker, saved["tracker"], n_tot)
-    rng.bit_generator.state = saved["rng_state"]
-    for k in _HISTORY_KEYS:
-        hist[k] = list(saved["history"].get(k, []))
-    log.info("%s: resuming after %d iterations", ckpt.path, saved["iteration"])
-    return saved["state"], saved["iteration"], saved["elapsed"]
+def _lm_sweep(theta, lam, data, chunks, chunk: int, active, kw):
+    """One LM iteration over every chunk that has an active pixel.
 
-
-def _state_array(state: dict, name: str, shape, dtype, path) -> np.ndarray:
-    a = np.asarray(state.get(name))
-    if a.shape != tuple(shape):
-        raise FileFormatError(
-            f"{path}: state/{name} has shape {a.shape}, expected {tuple(shape)}"
+    ``theta`` (list of (chunk, n_par)) and ``lam`` (list of (chunk,)) are replaced in
+    place by the stepped device arrays. Returns (train_loss, val_mse, val_mae), each
+    (n_tot,) = (len(chunks) * chunk,): the weighted training sum of squares after the
+    step, and the validation MSE and median |error| (``inf`` for skipped chunks; 0
+    training loss).
+    """
+    n_tot = len(chunks) * chunk
+    train_loss = np.zeros(n_tot)
+    val_mse = np.full(n_tot, np.inf)
+    val_mae = np.full(n_tot, np.inf)
+    pending = []  # dispatch every chunk first; read results back once (no per-chunk sync)
+    for c, ch in enumerate(chunks):
+        if not active[c * chunk : (c + 1) * chunk].any():
+            continue
+        theta[c], lam[c], loss = lm_step(
+            theta[c], lam[c], data["s_t"], ch["y_t"], ch["sw_t"], **kw
         )
-    return a.astype(dtype)
+        mse, _, mae = valid_stats(theta[c], data["s_v"], ch["y_v"], ch["sw_v"], **kw)
+        pending.append((c, loss, mse, mae))
+    for c, loss, mse, mae in pending:
+        sl = slice(c * chunk, (c + 1) * chunk)
+        train_loss[sl], val_mse[sl], val_mae[sl] = (
+            np.asarray(loss),
+            np.asarray(mse),
+            np.asarray(mae),
+        )
+    return train_loss, val_mse, val_mae
+
+
+def _restart_lm_pixels(
+    restart, theta, lam, tracker, rng, wmean, n_lab: int, cfg, dtype, chunk, rows
+):
+    """Re-initialise the pixels of mask ``restart`` (n_tot,) from new random points
+    (damping back to ``cfg.lm_lambda0``), in the chunked device lists ``theta`` and
+    ``lam`` (replaced in place, put with the shardings ``rows = (row2, row)``), and
+    count the restarts."""
+    row2, row = rows
+    new = init_theta(
+        rng,
+        int(restart.sum()),
+        n_lab,
+        cfg.hidden,
+        wmean[restart],
+        cfg.init_scale,
+        dtype,
+    )
+    tracker.restarts[restart] += 1
+    tracker.stall[restart] = 0
+    pos = np.nonzero(restart)[0]
+    for c in np.unique(pos // chunk):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        th, lm = np.array(theta[c]), np.array(lam[c])
+        sel = pos[(pos >= sl.start) & (pos < sl.stop)]
+        th[sel - sl.start] = new[np.searchsorted(pos, sel)]
+        lm[sel - sl.start] = cfg.lm_lambda0
+        theta[c], lam[c] = jax.device_put(th, row2), jax.device_put(lm, row)
 
 
 def _train_lm(
@@ -794,7 +579,7 @@ def _train_lm(
     data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
     unravel, rng, wmean = _start(data, n_lab, cfg)
-    theta0 = _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
+    theta0 = init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
     n_par = theta0.shape[1]
     kw = dict(unravel=unravel, activation=cfg.activation)
     ref_mse = _ref_mse(theta0, data, chunks, chunk, kw)
@@ -802,12 +587,12 @@ def _train_lm(
     best_theta = theta0.copy()
     tracker = _PixelTracker(n_tot, cfg)
     hist = {k: [] for k in _HISTORY_KEYS}
-    state, it0, elapsed0 = _resume_state(ckpt, resume, n_tot, "lm", tracker, rng, hist)
+    state, it0, elapsed0 = resume_state(ckpt, resume, n_tot, "lm", tracker, rng, hist)
     if state is not None:
         shape = (n_tot, n_par)
-        theta0 = _state_array(state, "theta", shape, dtype, ckpt.path)
-        best_theta = _state_array(state, "best_theta", shape, dtype, ckpt.path)
-        lam0 = _state_array(state, "lam", (n_tot,), dtype, ckpt.path)
+        theta0 = state_array(state, "theta", shape, dtype, ckpt.path)
+        best_theta = state_array(state, "best_theta", shape, dtype, ckpt.path)
+        lam0 = state_array(state, "lam", (n_tot,), dtype, ckpt.path)
     row = NamedSharding(mesh, PS("pix"))
     row2 = NamedSharding(mesh, PS("pix", None))
     theta = [
@@ -846,27 +631,9 @@ def _train_lm(
     for it in bar:
         if not tracker.active.any():
             break
-        train_loss = np.zeros(n_tot)
-        val_mse = np.full(n_tot, np.inf)
-        val_mae = np.full(n_tot, np.inf)
-        pending = []  # dispatch every chunk first; read results back once (no per-chunk sync)
-        for c, ch in enumerate(chunks):
-            if not tracker.active[c * chunk : (c + 1) * chunk].any():
-                continue
-            theta[c], lam[c], loss = _lm_step(
-                theta[c], lam[c], data["s_t"], ch["y_t"], ch["sw_t"], **kw
-            )
-            mse, _, mae = _valid_stats(
-                theta[c], data["s_v"], ch["y_v"], ch["sw_v"], **kw
-            )
-            pending.append((c, loss, mse, mae))
-        for c, loss, mse, mae in pending:
-            sl = slice(c * chunk, (c + 1) * chunk)
-            train_loss[sl], val_mse[sl], val_mae[sl] = (
-                np.asarray(loss),
-                np.asarray(mse),
-                np.asarray(mae),
-            )
+        train_loss, val_mse, val_mae = _lm_sweep(
+            theta, lam, data, chunks, chunk, tracker.active, kw
+        )
         _check_divergence(
             it, cfg, tracker, train_loss, val_mse, ref_mse, n_pix, train.wavelength,
             ckpt, "lm",
@@ -882,25 +649,10 @@ def _train_lm(
                 best_theta[sl][m] = th[m]
         restart = tracker.to_restart()
         if restart.any():
-            new = _init_theta(
-                rng,
-                int(restart.sum()),
-                n_lab,
-                cfg.hidden,
-                wmean[restart],
-                cfg.init_scale,
-                dtype,
-            )
-            tracker.restarts[restart] += 1
-            tracker.stall[restart] = 0
-            pos = np.nonzero(restart)[0]
-            for c in np.unique(pos // chunk):
-                sl = slice(c * chunk, (c + 1) * chunk)
-                th, lm = np.array(theta[c]), np.array(lam[c])
-                sel = pos[(pos >= sl.start) & (pos < sl.stop)]
-                th[sel - sl.start] = new[np.searchsorted(pos, sel)]
-                lm[sel - sl.start] = cfg.lm_lambda0
-                theta[c], lam[c] = jax.device_put(th, row2), jax.device_put(lm, row)
+            _restart_lm_pixels(
+                restart, theta, lam, tracker, rng, wmean, n_lab, cfg, dtype, chunk,
+                (row2, row),
+            )  # fmt: skip
         tracker.retire()
         real = slice(0, n_pix)
         act = tracker.active[real]
@@ -928,25 +680,6 @@ def _train_lm(
     )
 
 
-def _make_adam_step(opt, unravel, activation):
-    """A jitted Adam step: (theta, opt_state, s, y, sw) -> (theta, opt_state, loss)
-    with ``loss`` (C,) the per-pixel mean squared weighted error of the batch."""
-    kw = dict(unravel=unravel, activation=activation)
-
-    @jax.jit
-    def step(theta, opt_state, s, y, sw):
-        def loss_fn(th):
-            pred = _fwd(th, s, **kw)
-            per_pixel = jnp.mean((sw * (pred - y)) ** 2, axis=1)
-            return jnp.sum(per_pixel), per_pixel
-
-        (_, per_pixel), grads = jax.value_and_grad(loss_fn, has_aux=True)(theta)
-        updates, opt_state = opt.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state, per_pixel
-
-    return step
-
-
 def _train_adam(
     train, valid, lo, hi, cfg: TrainConfig, dtype, progress, *, ckpt=None, resume=False
 ):
@@ -954,7 +687,7 @@ def _train_adam(
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
     unravel, rng, wmean = _start(data, n_lab, cfg)
     kw = dict(unravel=unravel, activation=cfg.activation)
-    theta0 = _init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
+    theta0 = init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
     ref_mse = _ref_mse(theta0, data, chunks, chunk, kw)
     row2 = NamedSharding(mesh, PS("pix", None))
     theta = jax.device_put(theta0, row2)
@@ -962,28 +695,26 @@ def _train_adam(
     sw_t = jax.device_put(data["sw_t"], row2)
     opt = optax.adam(cfg.learning_rate)
     opt_state = opt.init(theta)
-    step = _make_adam_step(opt, unravel, cfg.activation)
+    step = make_adam_step(opt, unravel, cfg.activation)
 
     n_train = train.n_spec
     bs = min(cfg.batch_size, n_train)
     best_theta = theta0.copy()
     tracker = _PixelTracker(n_tot, cfg)
     hist = {k: [] for k in _HISTORY_KEYS}
-    state, it0, elapsed0 = _resume_state(
-        ckpt, resume, n_tot, "adam", tracker, rng, hist
-    )
+    state, it0, elapsed0 = resume_state(ckpt, resume, n_tot, "adam", tracker, rng, hist)
     if state is not None:
         shape = theta0.shape
         theta = jax.device_put(
-            _state_array(state, "theta", shape, dtype, ckpt.path), row2
+            state_array(state, "theta", shape, dtype, ckpt.path), row2
         )
-        best_theta = _state_array(state, "best_theta", shape, dtype, ckpt.path)
+        best_theta = state_array(state, "best_theta", shape, dtype, ckpt.path)
         leaves, treedef = jax.tree_util.tree_flatten(opt_state)
         opt_state = jax.tree_util.tree_unflatten(
             treedef,
             [
                 jax.device_put(
-                    _state_array(state, f"opt_{i}", leaf.shape, leaf.dtype, ckpt.path),
+                    state_array(state, f"opt_{i}", leaf.shape, leaf.dtype, ckpt.path),
                     leaf.sharding,
                 )
                 for i, leaf in enumerate(leaves)
@@ -1030,7 +761,7 @@ def _train_adam(
         th_np = np.asarray(theta)
         for c, ch in enumerate(chunks):
             sl = slice(c * chunk, (c + 1) * chunk)
-            mse, _, mae = _valid_stats(
+            mse, _, mae = valid_stats(
                 jnp.asarray(th_np[sl]), data["s_v"], ch["y_v"], ch["sw_v"], **kw
             )
             val_mse[sl], val_mae[sl] = np.asarray(mse), np.asarray(mae)

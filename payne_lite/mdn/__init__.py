@@ -5,17 +5,17 @@ from __future__ import annotations
 from ._mdn import MDN as MDN
 from ._mdn import MDN_FORMAT as MDN_FORMAT
 from ._mdn import MDN_VERSION as MDN_VERSION
-from ._mdn import MLP as MLP
-from ._mdn import SIGMA_FLOOR as SIGMA_FLOOR
-from ._mdn import Features as Features
-from ._mdn import MDNConfig as MDNConfig
-from ._mdn import features as features
-from ._mdn import mixture_moments as mixture_moments
-from ._mdn import mixture_nll as mixture_nll
-from ._mdn import mixture_params as mixture_params
-from ._mdn import mlp_forward as mlp_forward
-from ._mdn import simulate as simulate
-from ._mdn import train_mdn as train_mdn
+from ._mixture import MLP as MLP
+from ._mixture import SIGMA_FLOOR as SIGMA_FLOOR
+from ._mixture import Features as Features
+from ._mixture import features as features
+from ._mixture import mixture_moments as mixture_moments
+from ._mixture import mixture_nll as mixture_nll
+from ._mixture import mixture_params as mixture_params
+from ._mixture import mlp_forward as mlp_forward
+from ._train import MDNConfig as MDNConfig
+from ._train import simulate as simulate
+from ._train import train_mdn as train_mdn
 
 __all__ = [
     "Features",

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from . import broadening as broadening
+from ._doppler import LogGrid as LogGrid
+from ._doppler import doppler_shift as doppler_shift
+from ._doppler import embed as embed
+from ._doppler import gap_cum as gap_cum
+from ._doppler import make_log_grid as make_log_grid
+from ._doppler import make_lookup as make_lookup
+from ._doppler import shift_pair as shift_pair
 from ._instrument import Instrument as Instrument
 from ._model import BROADENING_PARAMS as BROADENING_PARAMS
 from ._model import BROADENING_RANGE as BROADENING_RANGE
@@ -10,17 +17,11 @@ from ._model import LABEL_BOUND as LABEL_BOUND
 from ._model import RV_RANGE as RV_RANGE
 from ._model import BroadSpec as BroadSpec
 from ._model import JetNet as JetNet
-from ._model import LogGrid as LogGrid
 from ._model import ObsModel as ObsModel
 from ._model import ParamLayout as ParamLayout
 from ._model import build_obs_model as build_obs_model
-from ._model import doppler_shift as doppler_shift
-from ._model import embed as embed
 from ._model import embed_obs as embed_obs
-from ._model import gap_cum as gap_cum
 from ._model import lsf_sigma_pixels as lsf_sigma_pixels
-from ._model import make_log_grid as make_log_grid
-from ._model import make_lookup as make_lookup
 from ._model import make_model as make_model
 from ._model import normal_equations as normal_equations
 from ._model import observe as observe
@@ -28,7 +29,6 @@ from ._model import observe_jac as observe_jac
 from ._model import observe_jac_t as observe_jac_t
 from ._model import param_layout as param_layout
 from ._model import rest_model as rest_model
-from ._model import shift_pair as shift_pair
 from ._model import window_valid as window_valid
 from ._problem import BROADENING_START as BROADENING_START
 from ._problem import MDN_NSIGMA as MDN_NSIGMA

@@ -33,16 +33,7 @@ pixel (and so including the pixel's own width, as APOGEE's) describes. A
 flux-conserving rebinning would add the pixel width a second time; it is not
 implemented.
 
-Doppler shift (relativistic): the observed flux at ``lambda_obs`` is the rest-frame
-model at ``lambda_obs / f`` with ``f = sqrt((1 + v/c) / (1 - v/c))``, by linear
-interpolation on the emulator's grid. Observed pixels that map outside the emulator's
-grid, or into a gap of it (for example APOGEE's chip gaps), are flagged invalid.
-
-Precision: the wavelengths enter the jitted code as offsets from a reference
-wavelength, computed on the host in float64, and ``1/f - 1 = expm1(-atanh(v/c))`` is
-formed without cancellation, so that float32 (JAX's default) resolves the shift to
-about 1e-3 km/s; on absolute float32 wavelengths near 16000 A the rounding alone
-would be about 0.02 km/s.
+Doppler shift and its precision: :mod:`payne_lite.observe._doppler`.
 """
 
 from __future__ import annotations
@@ -68,8 +59,25 @@ from ..emulator import (
     kernel_layout,
 )
 from . import broadening as _broad
+from ._doppler import (
+    LOG_GRID_TOL,
+    LogGrid,
+    embed,
+    gap_cum,
+    index_runs,
+    inv_factor_m1,
+    make_log_grid,
+    make_lookup,
+    shift,
+    shift_pair,
+    span_valid,
+)
 
 Array = jax.Array
+
+#: The interpolation on the rest grid, under the name tests read it by
+#: (``payne_lite.observe._model._shift``); it lives in :mod:`._doppler`.
+_shift = shift
 
 #: Lower/upper bound of the scaled labels (the training box).
 LABEL_BOUND = 0.5
@@ -77,12 +85,6 @@ LABEL_BOUND = 0.5
 RV_RANGE = (-500.0, 500.0)
 #: Bound on each continuum coefficient ("unbounded-ish": normalised spectra need ~1).
 CONT_BOUND = 100.0
-#: A step of the rest grid larger than this multiple of the median step (in
-#: ln lambda) is a gap: interpolating across it is not allowed.
-GAP_FACTOR = 3.0
-#: Grids are treated as log-uniform when every pixel lies within this fraction of a
-#: step of ``ln(lambda_0) + n * step`` (APOGEE's and the synthesizer's: 1e-7).
-LOG_GRID_TOL = 1e-4
 #: Resolving power assumed for an emulator that does not record its own
 #: (:attr:`payne_lite.Emulator.resolution`): APOGEE's, as for The Payne's networks.
 DEFAULT_EMULATOR_RESOLUTION = APOGEE_R
@@ -106,22 +108,6 @@ class BroadSpec(NamedTuple):
     dv: float
     vel_half: int
     epsilon: float
-
-
-class LogGrid(NamedTuple):
-    """Rest and observed grids as pixels of one log-uniform grid (static, hashable).
-
-    The rest-frame model is embedded in an array of ``size`` points of that grid
-    (zeros in gaps, ``pad`` points of margin each side for the largest shift);
-    ``rest`` and ``obs`` list contiguous runs ``(first pixel, first embedded index,
-    length)``.
-    """
-
-    inv_step: float  # 1 / step in ln(lambda)
-    pad: int
-    size: int
-    rest: tuple[tuple[int, int, int], ...]
-    obs: tuple[tuple[int, int, int], ...]
 
 
 class JetNet(NamedTuple):
@@ -259,215 +245,6 @@ class ParamLayout(NamedTuple):
 # --------------------------------------------------------------------------------------
 # Pure numerical core
 # --------------------------------------------------------------------------------------
-def _inv_factor_m1(rv):
-    """``1/f - 1`` for the relativistic Doppler factor f, without cancellation."""
-    return jnp.expm1(-jnp.arctanh(rv / C_KMS))
-
-
-def _interval(x_rest, xq):
-    """Index i of the rest interval [x_i, x_{i+1}] holding xq (clipped to the grid)."""
-    n = x_rest.shape[0]
-    return jnp.clip(jnp.searchsorted(x_rest, xq, side="right") - 1, 0, n - 2)
-
-
-def make_lookup(x_rest: np.ndarray, dtype) -> tuple:
-    """``(x0, 1/h, table)`` with ``table[b]`` the rest interval at ``x0 + b h``."""
-    x = np.asarray(x_rest, dtype=np.float64)
-    h = 0.999 * float(np.min(np.diff(x)))
-    nb = int(np.ceil((x[-1] - x[0]) / h)) + 2
-    table = np.searchsorted(x, x[0] + h * np.arange(nb), side="right") - 1
-    table = np.clip(table, 0, x.size - 2).astype(np.int32)
-    return (jnp.asarray(x[0], dtype), jnp.asarray(1.0 / h, dtype), jnp.asarray(table))
-
-
-def _interval_lookup(x_rest, lookup, xq):
-    """:func:`_interval` by bucket table: at most one rest point lies in a bucket, and
-    rounding can put ``xq`` in a neighbouring bucket, so one step each way corrects."""
-    x0, inv_h, table = lookup
-    n = x_rest.shape[0]
-    b = jnp.clip(jnp.floor((xq - x0) * inv_h), 0, table.shape[0] - 1).astype(jnp.int32)
-    i = table[b]
-    i = i + (x_rest[jnp.minimum(i + 1, n - 1)] <= xq)
-    i = i + (x_rest[jnp.minimum(i + 1, n - 1)] <= xq)
-    i = i - (x_rest[i] > xq)
-    return jnp.clip(i, 0, n - 2)
-
-
-def _span_valid(x_rest, gap_cum, xq_lo, xq_hi, lookup=None):
-    """True where every point of [xq_lo, xq_hi] lies on the rest grid, off any gap."""
-    inside = (xq_lo >= x_rest[0]) & (xq_hi <= x_rest[-1])
-    if lookup is None:
-        ia, ib = _interval(x_rest, xq_lo), _interval(x_rest, xq_hi)
-    else:
-        ia = _interval_lookup(x_rest, lookup, xq_lo)
-        ib = _interval_lookup(x_rest, lookup, xq_hi)
-    return inside & (gap_cum[ib + 1] - gap_cum[ia] == 0)
-
-
-def _shift(x_rest, gap_cum, flux_rest, x_obs, wave_obs, rv, lookup=None):
-    """Shifted flux and validity on the observed grid (offset wavelengths).
-
-    Linear interpolation, clamped at the grid's ends (as ``jnp.interp``); with a
-    ``lookup`` table the interval search is O(1) per pixel instead of a binary search
-    (the search dominated the model's cost inside the fitter).
-    """
-    xq = x_obs + wave_obs * _inv_factor_m1(rv)
-    if lookup is None:
-        i = _interval(x_rest, xq)
-    else:
-        i = _interval_lookup(x_rest, lookup, xq)
-    xa, xb = x_rest[i], x_rest[i + 1]
-    t = jnp.clip((xq - xa) / (xb - xa), 0.0, 1.0)
-    fa = flux_rest[i]
-    flux = fa + t * (flux_rest[i + 1] - fa)
-    inside = (xq >= x_rest[0]) & (xq <= x_rest[-1])
-    return flux, inside & (gap_cum[i + 1] - gap_cum[i] == 0)
-
-
-def gap_cum(wave: np.ndarray) -> np.ndarray:
-    dln = np.diff(np.log(wave))
-    gap = dln > GAP_FACTOR * np.median(dln)
-    return np.concatenate([[0], np.cumsum(gap)]).astype(np.int32)
-
-
-def _runs(idx: np.ndarray, offset: int) -> tuple[tuple[int, int, int], ...]:
-    """Contiguous runs of integer grid indices as (first pixel, first index, length)."""
-    cut = np.flatnonzero(np.diff(idx) != 1) + 1
-    first = np.concatenate([[0], cut])
-    last = np.concatenate([cut, [idx.size]])
-    return tuple(
-        (int(a), int(idx[a]) + offset, int(b - a))
-        for a, b in zip(first, last, strict=True)
-    )
-
-
-def make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
-    """:class:`LogGrid` for the two grids, or None when they are not on one."""
-    ln_r = np.log(np.asarray(wave_rest, np.float64))
-    ln_o = np.log(np.asarray(wave_obs, np.float64))
-    step = float(np.median(np.diff(ln_r)))
-    if not step > 0:
-        return None
-    u_r = (ln_r - ln_r[0]) / step
-    u_o = (ln_o - ln_r[0]) / step
-    n_r, n_o = np.round(u_r), np.round(u_o)
-    if (
-        np.max(np.abs(u_r - n_r)) > LOG_GRID_TOL
-        or np.max(np.abs(u_o - n_o)) > LOG_GRID_TOL
-        or np.any(np.diff(n_o) < 1)
-    ):
-        return None
-    pad = int(np.ceil(np.arctanh(min(rv_max, 0.5 * C_KMS) / C_KMS) / step)) + 2
-    lo = int(min(n_r[0], n_o[0]))
-    size = int(max(n_r[-1], n_o[-1])) - lo + 1 + 2 * pad
-    return LogGrid(
-        inv_step=1.0 / step,
-        pad=pad,
-        size=size,
-        rest=_runs(n_r.astype(np.int64), pad - lo),
-        obs=_runs(n_o.astype(np.int64), pad - lo),
-    )
-
-
-def embed(lg: LogGrid, m):
-    """(..., P_rest) -> (..., lg.size): rest pixels at their grid index, zeros between."""
-    xp = np if isinstance(m, np.ndarray) else jnp
-    lead = m.shape[:-1]
-    parts, pos = [], 0
-    for r0, e0, n in lg.rest:
-        if e0 > pos:
-            parts.append(xp.zeros((*lead, e0 - pos), m.dtype))
-        parts.append(m[..., r0 : r0 + n])
-        pos = e0 + n
-    parts.append(xp.zeros((*lead, lg.size - pos), m.dtype))
-    return xp.concatenate(parts, axis=-1)
-
-
-def shift_pair(obs: ObsModel, m, rv):
-    """Interpolation of rest-frame rows ``m`` (c, P_rest) at lambda_obs / f.
-
-    Returns ``(ma, mb, t, dt_drv, valid)``: the bracketing rest values (c, P_obs),
-    the weight t (the value is ``ma + t (mb - ma)``), ``dt/drv`` [1/(km/s)] and the
-    validity (P_obs,): False off the rest grid or across one of its gaps. ``t`` and
-    ``dt_drv`` are scalars on a :class:`LogGrid` (linear interpolation in
-    ln lambda, which differs from interpolation in lambda by at most step/8 of the
-    interval: 2e-6 of it for APOGEE), else (P_obs,) (linear in lambda, as
-    ``np.interp``).
-    """
-    lg = obs.log_grid
-    dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))  # d atanh(v/c) / dv
-    if lg is not None:
-        u = -jnp.arctanh(rv / C_KMS) * lg.inv_step  # rest - obs position [pixels]
-        k = jnp.floor(u)
-        t = u - k
-        k = k.astype(jnp.int32)
-        emb = embed(lg, m)  # (c, size): contiguous rows
-        ok = jnp.asarray(embed(lg, np.ones(obs.x_rest.shape[0], bool)))
-        ma, mb, va = [], [], []
-        for _, e0, n in lg.obs:
-            # two slices, not one of n + 1 sliced again: XLA:CPU vectorises a
-            # dynamic slice consumed directly, not a slice of one (3.5x per row)
-            ma.append(jax.lax.dynamic_slice_in_dim(emb, e0 + k, n, axis=1))
-            mb.append(jax.lax.dynamic_slice_in_dim(emb, e0 + k + 1, n, axis=1))
-            va.append(
-                jax.lax.dynamic_slice_in_dim(ok, e0 + k, n)
-                & jax.lax.dynamic_slice_in_dim(ok, e0 + k + 1, n)
-            )
-        valid = jnp.concatenate(va) & (jnp.abs(k) <= lg.pad - 2)
-        ma, mb = jnp.concatenate(ma, axis=1), jnp.concatenate(mb, axis=1)
-        return ma, mb, t, -lg.inv_step * dv, valid
-    inv_m1 = _inv_factor_m1(rv)
-    xq = obs.x_obs + obs.wave_obs * inv_m1
-    if obs.lookup is None:
-        i = _interval(obs.x_rest, xq)
-    else:
-        i = _interval_lookup(obs.x_rest, obs.lookup, xq)
-    xa, xb = obs.x_rest[i], obs.x_rest[i + 1]
-    h = xb - xa
-    t = jnp.clip((xq - xa) / h, 0.0, 1.0)
-    inside = (xq >= obs.x_rest[0]) & (xq <= obs.x_rest[-1])
-    # d xq / dv = lambda_obs d(1/f)/dv with d(1/f)/dv = -(1/f) d atanh(v/c)/dv: the
-    # slope of the segment [x_i, x_i+1) holding xq (on a node: the segment to its
-    # right); zero where the interpolation is clamped off the grid's ends.
-    dt_drv = jnp.where(inside, -(inv_m1 + 1.0) * dv * obs.wave_obs / h, 0.0)
-    valid = inside & (obs.gap_cum[i + 1] - obs.gap_cum[i] == 0)
-    return m[:, i], m[:, i + 1], t, dt_drv, valid
-
-
-def doppler_shift(wave_rest, flux_rest, rv, wave_obs):
-    """Doppler-shift a rest-frame spectrum onto an observed wavelength grid.
-
-    ``flux_obs(lambda) = flux_rest(lambda / f)``, ``f = sqrt((1 + v/c) / (1 - v/c))``,
-    by linear interpolation (``jnp.interp``). Pure JAX, one star (vmap over ``rv``).
-
-    Args:
-        wave_rest: (P_rest,) strictly increasing rest wavelength [A].
-        flux_rest: (P_rest,) rest-frame flux.
-        rv: scalar radial velocity [km/s], positive = redshift.
-        wave_obs: (P_obs,) observed wavelength [A].
-
-    Returns:
-        ``(flux, valid)``: (P_obs,) shifted flux, and (P_obs,) bool, False where
-        ``lambda / f`` falls outside the rest grid or inside one of its gaps (a step
-        more than ``GAP_FACTOR`` times the median step in ln lambda).
-
-    Note:
-        Precision follows the dtype of the wavelengths given; :func:`make_model`
-        precomputes float64 offsets so that float32 suffices there.
-    """
-    wave_rest = jnp.asarray(wave_rest)
-    wave_obs = jnp.asarray(wave_obs)
-    ref = wave_rest[0]
-    dln = jnp.diff(jnp.log(wave_rest))
-    gap = dln > GAP_FACTOR * jnp.median(dln)
-    gap_cum = jnp.concatenate(
-        [jnp.zeros(1, jnp.int32), jnp.cumsum(gap, dtype=jnp.int32)]
-    )
-    return _shift(
-        wave_rest - ref, gap_cum, jnp.asarray(flux_rest), wave_obs - ref, wave_obs, rv
-    )
-
-
 def observe(obs: ObsModel, params: Array) -> tuple[Array, Array]:
     """Model flux (P_obs,) and validity (P_obs,) bool for one star's ``params`` (k,).
 
@@ -704,9 +481,9 @@ def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
     """
     lg = obs.log_grid
     if lg is None:
-        xq_hi = obs.x_obs + obs.wave_obs * _inv_factor_m1(rv_lo)  # smaller rv: redder
-        xq_lo = obs.x_obs + obs.wave_obs * _inv_factor_m1(rv_hi)
-        return _span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
+        xq_hi = obs.x_obs + obs.wave_obs * inv_factor_m1(rv_lo)  # smaller rv: redder
+        xq_lo = obs.x_obs + obs.wave_obs * inv_factor_m1(rv_hi)
+        return span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
     k_lo = jnp.floor(-jnp.arctanh(rv_hi / C_KMS) * lg.inv_step).astype(jnp.int32)
     k_hi = jnp.floor(-jnp.arctanh(rv_lo / C_KMS) * lg.inv_step).astype(jnp.int32)
     ok = embed(lg, np.ones(obs.x_rest.shape[0], np.int32))
@@ -739,7 +516,7 @@ def _rest_segments(wave_rest: np.ndarray) -> tuple[float, tuple[tuple[int, int],
             f"grid (chip gaps allowed); this one's ln(lambda) steps range over "
             f"[{np.min(np.diff(ln_r)):.6g}, {np.max(np.diff(ln_r)):.6g}]"
         )
-    runs = _runs(n.astype(np.int64), 0)
+    runs = index_runs(n.astype(np.int64), 0)
     return step, tuple((a, length) for a, _, length in runs)
 
 

@@ -1,18 +1,25 @@
-"""payne_lite.posterior: see the modules inside; public names re-exported here."""
+"""payne_lite.posterior: see the modules inside; public names re-exported here.
+
+``_sample`` (:func:`sample`, :func:`log_posterior`; the method's description),
+``_likelihood`` (the jitted log posterior), ``_problem`` (inputs, per-star targets,
+starting points), ``_emcee`` / ``_nuts`` / ``_is`` (one star's sampler),
+``_diagnostics`` (convergence diagnostics), ``_table`` (the results table), ``_io``
+(:class:`PosteriorSamples`, :func:`save_samples`, :func:`load_samples`).
+"""
 
 from __future__ import annotations
 
-from ._posterior import METHODS as METHODS
-from ._posterior import SAMPLES_FORMAT as SAMPLES_FORMAT
-from ._posterior import PosteriorSamples as PosteriorSamples
-from ._posterior import chain_diagnostics as chain_diagnostics
-from ._posterior import kish_ess as kish_ess
-from ._posterior import load_samples as load_samples
-from ._posterior import log_posterior as log_posterior
-from ._posterior import sample as sample
-from ._posterior import save_samples as save_samples
-from ._posterior import split_rhat as split_rhat
-from ._posterior import weighted_quantiles as weighted_quantiles
+from ._diagnostics import chain_diagnostics as chain_diagnostics
+from ._diagnostics import kish_ess as kish_ess
+from ._diagnostics import split_rhat as split_rhat
+from ._diagnostics import weighted_quantiles as weighted_quantiles
+from ._io import SAMPLES_FORMAT as SAMPLES_FORMAT
+from ._io import PosteriorSamples as PosteriorSamples
+from ._io import load_samples as load_samples
+from ._io import save_samples as save_samples
+from ._sample import METHODS as METHODS
+from ._sample import log_posterior as log_posterior
+from ._sample import sample as sample
 
 __all__ = [
     "METHODS",

@@ -1,0 +1,414 @@
+"""fit_catalog: fit every spectrum of a catalog, chunk by chunk, resumably.
+
+``fit_catalog(path_in, path_out, emulator, ...)`` streams a catalog in chunks of rows,
+fits every chunk with :func:`payne_lite.fit` (in this process, or on Dask workers with
+``client=``; see :mod:`payne_lite.catalog`) and writes one results table; only one
+chunk of spectra is in memory at a time (a few per worker with Dask). Each chunk's
+results are kept in ``<path_out>.parts/`` as they are made, so a killed run resumes
+where it stopped (see :func:`fit_catalog`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .._api import fit
+from .._validate import warn_if_near_grid
+from ..errors import WavelengthGridWarning
+from ..observe import Instrument
+from ..options import options_for
+from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds, open_catalog
+from ._hdf5 import CatalogChunk, Reader
+from ._parts import Parts, parts_folder, run_identity
+
+_log = logging.getLogger("payne_lite.catalog")  # one logger per stage
+
+#: fit() arguments that fit_catalog sets itself.
+_RESERVED = ("wavelength", "return_model", "progress")
+
+
+def _check_fit_options(method: str, fit_kwargs: dict) -> None:
+    """Bind the options to :func:`payne_lite.fit`'s signature and check the method's
+    options object, before a catalog is opened or any work starts."""
+    names = set(inspect.signature(fit).parameters) - {"flux", "flux_err", "emulator"}
+    unknown = sorted(set(fit_kwargs) - names)
+    if unknown:
+        raise TypeError(
+            f"fit_catalog: unknown fit option(s) {unknown}; payne_lite.fit takes "
+            f"{sorted(names - set(_RESERVED) - {'mask', 'p0', 'method', 'mdn'})} "
+            "(method settings such as max_iter go in options=payne_lite.LMOptions(...))"
+        )
+    options_for(method, fit_kwargs.get("options"))
+    if fit_kwargs.get("group") is not None:
+        raise ValueError(
+            "group= (joint multi-visit fits) is not through fit_catalog yet: a chunk "
+            "would split a star's visits; fit the visits with payne_lite.fit"
+        )
+    instrument = fit_kwargs.get("instrument")
+    if instrument is not None and not isinstance(instrument, Instrument):
+        raise TypeError(
+            f"instrument must be a payne_lite.Instrument, got {type(instrument).__name__}"
+        )
+
+
+def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
+    """Fit one chunk of rows: a results Table (with ``id`` if the chunk has ids).
+
+    Depends only on the rows and the settings (fit's rows do not depend on the batch
+    they share or on threads), so a chunk fitted again, after a restart or on another
+    worker, gives the same rows. ``p0`` is None, (L,) or this chunk's (m, L).
+    """
+    m = chunk.mask
+    if mask is not None:
+        m = mask if m is None else (m | mask[None, :])
+    with warnings.catch_warnings():  # fit_catalog warned once for the catalog
+        warnings.simplefilter("ignore", WavelengthGridWarning)
+        table = fit(
+            chunk.flux,
+            chunk.flux_err,
+            emulator,
+            mask=m,
+            wavelength=wavelength,
+            p0=p0,
+            progress=False,
+            **fit_kwargs,
+        )
+    if chunk.ids is not None:
+        table.add_column(chunk.ids, name="id", index=0)
+    return table
+
+
+def _chunk_p0(p0, start: int, stop: int):
+    return p0[start:stop] if p0 is not None and np.ndim(p0) == 2 else p0
+
+
+def fit_catalog(
+    path_in,
+    path_out: str | os.PathLike,
+    emulator,
+    *,
+    mdn=None,
+    method: str = "lm",
+    client=None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mask=None,
+    p0=None,
+    overwrite: bool = False,
+    restart: bool = False,
+    keep_parts: bool = False,
+    progress: bool = True,
+    meta: dict | None = None,
+    **fit_kwargs,
+):
+    """Fit every spectrum of a catalog, chunk by chunk, resumably; write one table.
+
+    The catalog is read ``chunk_size`` rows at a time; each chunk is fitted with
+    :func:`payne_lite.fit` (same model, starts and flags), in this process or on the
+    workers of a Dask ``client``. A row's results depend only on that row and the
+    settings, so the output is the same, number for number, however it was run.
+
+    **Resume.** Each chunk's results are written, as soon as they exist, to the parts
+    folder ``<path_out>.parts/`` (``chunk-000000.h5``, ... and ``manifest.json``;
+    :func:`parts_folder`). Every write is atomic (a temporary file, then a rename), so
+    a run killed at any point (Ctrl-C, a killed process or worker, a crash) leaves
+    only complete chunk files. The same call (or ``payne-lite fit`` command) run again
+    fits only the chunks that are missing; the final file is assembled from the
+    chunk files in input order (each input row exactly once) and written atomically,
+    then the parts folder is deleted (``keep_parts=True`` keeps it). The manifest
+    records the run's identity: the catalog (resolved file paths, sizes and
+    modification times, row count, wavelength grid), sha256 digests of the emulator
+    and MDN weights, ``method``, ``chunk_size``, ``mask``, ``p0`` and the other fit
+    options; a resume whose identity differs is refused (``ValueError`` naming what
+    differs) rather than mixing results. ``options.n_threads``, ``client``, ``progress``,
+    ``meta``, ``overwrite`` and ``keep_parts`` may change between runs.
+
+    **Dask.** With ``client`` (a ``distributed.Client``; see
+    :func:`payne_lite.catalog.local_client`), the emulator, MDN and settings are
+    scattered to every worker once, chunks are read here and sent to the workers (at
+    most two per worker in flight, so memory stays bounded), and results come back
+    here to be written; workers need neither the catalog nor the output folder. A
+    worker keeps its compiled solver: chunks of one shape compile once per worker.
+
+    Args:
+        path_in: a catalog ``.h5`` (:func:`write_catalog`), one or more APOGEE FITS
+            files, or an open reader (see :func:`open_catalog`).
+        path_out: results file, ``.fits``, ``.ecsv`` or ``.h5`` (see
+            :func:`payne_lite.write_results`; FITS gets FITS-safe column names).
+        emulator: a :class:`payne_lite.Emulator`, or the path of an emulator file.
+        mdn: optional :class:`payne_lite.MDN` (or the path of an MDN file) trained
+            for ``emulator``: passed to :func:`payne_lite.fit` (MDN starts and
+            bounds, ``<label>_mdn`` columns); the catalog must be on the emulator's
+            wavelength grid.
+        method: ``"lm"`` or ``"curve_fit"`` (see :func:`payne_lite.fit`).
+        client: optional ``distributed.Client``; None fits in this process.
+        chunk_size: spectra per chunk (read, fitted, recorded); a multiple of
+            ``LMOptions.batch_size`` (256) keeps every batch full.
+        mask: optional (P,) bool, True = ignore the pixel in every spectrum (for
+            example known model problems); combined with the catalog's own mask.
+        p0: optional starting labels [physical], (L,) for all or (n, L) per spectrum.
+        overwrite: replace an existing ``path_out`` (otherwise refused before any
+            fitting starts).
+        restart: discard the results of an earlier run in the parts folder and fit
+            every chunk again.
+        keep_parts: keep the parts folder after the final file is written.
+        progress: show a tqdm progress bar over spectra.
+        meta: JSON-compatible entries added to the table's meta (provenance).
+        **fit_kwargs: passed to :func:`payne_lite.fit` (``instrument``,
+            ``cont_deg``, ``rv_range``, ``fixed``, ``group``, ``options``, ...);
+            checked against its signature and ``method`` before the catalog is
+            opened (a misspelled name is a ``TypeError`` naming it).
+
+    Returns:
+        The results table (also written to ``path_out``): fit's columns, preceded by
+        ``id`` when the catalog has ids; ``meta`` adds ``catalog``, ``n_spec``,
+        ``chunk_size``, ``n_chunks_resumed`` (chunks taken from an earlier run),
+        ``n_workers`` (0 without a client) and ``fit_seconds`` (this run).
+
+    Raises:
+        TypeError: ``client`` not a ``distributed.Client``; ``mdn`` neither an MDN
+            nor a path.
+        ImportError: ``client`` given but dask.distributed is not installed.
+        FileExistsError: ``path_out`` exists and ``overwrite`` is False; the parts
+            folder's name is taken by something else.
+        FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog; an
+            unreadable manifest.
+        ValueError: bad settings or shapes (named in the message); a resume with
+            other inputs or options.
+    """
+    from ._results import write_results
+
+    chunk_size, path_out = _check_call(
+        client, method, chunk_size, path_out, overwrite, fit_kwargs
+    )
+    emulator, mdn, fit_kwargs = _load_models(emulator, mdn, fit_kwargs)
+
+    t0 = time.perf_counter()
+    # a reader passed in stays open for its owner; paths are opened and closed here
+    opened = (
+        contextlib.nullcontext(path_in)
+        if isinstance(path_in, Reader)
+        else open_catalog(path_in)
+    )
+    with opened as cat:
+        n = len(cat)
+        wavelength, mask = _check_catalog(cat, emulator, mask, p0)
+        bounds = chunk_bounds(n, chunk_size)
+        identity = run_identity(
+            cat,
+            emulator,
+            mdn=mdn,
+            method=method,
+            chunk_size=chunk_size,
+            mask=mask,
+            p0=p0,
+            fit_kwargs=fit_kwargs,
+        )
+        parts = Parts.open(path_out, identity, bounds, restart=restart)
+        todo = parts.missing()
+        n_resumed = len(bounds) - len(todo)
+        if n_resumed:
+            _log.info(
+                "%s: resuming, %d of %d chunks done",
+                parts.folder,
+                n_resumed,
+                len(bounds),
+            )
+        settings = {
+            "emulator": emulator,
+            "wavelength": wavelength,
+            "mask": mask,
+            "fit_kwargs": {"method": method, **fit_kwargs},
+        }
+        n_workers = _fit_missing(
+            cat, parts, todo, settings, p0=p0, client=client, progress=progress
+        )
+        source = cat.source
+        tables = [parts.read(i) for i in range(len(bounds))]
+    table = _stack(tables)
+    seconds = time.perf_counter() - t0
+    table.meta.update(
+        catalog=source,
+        n_spec=n,
+        chunk_size=chunk_size,
+        n_chunks_resumed=n_resumed,
+        n_workers=n_workers,
+        fit_seconds=round(seconds, 3),
+    )
+    table.meta.update(meta or {})
+    write_results(table, path_out, overwrite=overwrite)
+    if not keep_parts:
+        parts.remove()
+    return table
+
+
+def _check_call(client, method, chunk_size, path_out, overwrite, fit_kwargs):
+    """fit_catalog's settings checked before any file is opened: the client, the
+    fit options, ``chunk_size`` and ``path_out``. Returns ``(chunk_size, path_out)``
+    as int and Path."""
+    from ._results import format_of
+
+    if client is not None:
+        from ._distributed import check_client
+
+        check_client(client)
+    reserved = sorted(set(fit_kwargs) & set(_RESERVED))
+    if reserved:
+        raise ValueError(
+            f"fit_catalog sets {reserved} itself (the catalog's wavelength; no model "
+            "spectra, which would not fit in memory for a catalog; its own progress "
+            "bar); do not pass them"
+        )
+    _check_fit_options(method, fit_kwargs)
+    chunk_size = check_chunk_size(chunk_size)
+    path_out = Path(path_out)
+    format_of(path_out)  # unknown suffix: refused before any work
+    if path_out.exists() and not overwrite:
+        parts = parts_folder(path_out)
+        raise FileExistsError(
+            f"{path_out} exists; pass overwrite=True to replace it"
+            + (
+                f" ({parts} is also there: kept, or left by a run stopped after "
+                "its final write; overwrite=True rebuilds the file from it)"
+                if parts.is_dir()
+                else ""
+            )
+        )
+    if not path_out.parent.is_dir():
+        raise FileNotFoundError(f"folder {path_out.parent} does not exist")
+    return chunk_size, path_out
+
+
+def _load_models(emulator, mdn, fit_kwargs):
+    """``(emulator, mdn, fit_kwargs)`` with paths loaded and the MDN checked against
+    the emulator; an MDN is added to the fit options as ``mdn``."""
+    from ..emulator import Emulator
+
+    if isinstance(emulator, str | os.PathLike):
+        emulator = Emulator.load(emulator)
+    if mdn is not None:
+        from ..mdn import MDN
+
+        if isinstance(mdn, str | os.PathLike):
+            mdn = MDN.load(mdn, emulator=emulator)
+        elif not isinstance(mdn, MDN):
+            raise TypeError(
+                f"mdn must be a payne_lite.MDN or the path of an MDN file, got "
+                f"{type(mdn).__name__}"
+            )
+        else:
+            mdn.check_emulator(emulator)
+        fit_kwargs = {**fit_kwargs, "mdn": mdn}
+    return emulator, mdn, fit_kwargs
+
+
+def _check_catalog(cat, emulator, mask, p0):
+    """Check the settings that depend on the open catalog ``cat``; returns the
+    wavelength to pass to fit (None when the catalog is on the emulator's grid) and
+    ``mask`` as a (P,) bool array (or None). Warns once if the grids nearly agree."""
+    n = len(cat)
+    wave = cat.wavelength
+    same = wave.shape == emulator.wavelength.shape and np.array_equal(
+        wave, emulator.wavelength
+    )
+    wavelength = None if same else wave
+    if wavelength is not None:  # once here; the chunks' fits do not repeat it
+        warn_if_near_grid(
+            wave,
+            emulator.wavelength,
+            name=f"{cat.source}: wavelength",
+            hint="write the catalog with the emulator's grid if they are on it",
+        )
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != wave.shape:
+            raise ValueError(
+                f"mask must be a bool array ({wave.size},) over the catalog's "
+                f"pixels, got {mask.dtype} {mask.shape}"
+            )
+    if p0 is not None and np.ndim(p0) == 2 and np.shape(p0)[0] != n:
+        raise ValueError(
+            f"p0 {np.shape(p0)} must be ({emulator.n_labels},) or "
+            f"({n}, {emulator.n_labels}) for the catalog's {n} spectra"
+        )
+    if p0 is not None:  # every row, before any chunk is fitted
+        emulator.check_labels(p0, name="p0")
+    return wavelength, mask
+
+
+def _fit_missing(cat, parts, todo, settings, *, p0, client, progress) -> int:
+    """Fit chunks ``todo`` of ``cat`` (here, or on the workers of ``client``) and
+    record each in ``parts`` as it arrives; returns the number of workers (0 here).
+
+    A run that fails before any chunk is recorded removes the parts folder it
+    created (nothing to resume from)."""
+    bounds = parts.bounds
+    n = len(cat)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=n,
+            initial=n - sum(bounds[i][1] - bounds[i][0] for i in todo),
+            desc="fit_catalog",
+            unit="spec",
+            smoothing=0.1,
+        )
+
+    def record(i, table):
+        parts.write(i, table)
+        if bar is not None:
+            bar.update(bounds[i][1] - bounds[i][0])
+
+    n_workers = 0
+    try:
+        if client is None:
+            for i in todo:
+                start, stop = bounds[i]
+                table = fit_rows(
+                    cat.read(start, stop), p0=_chunk_p0(p0, start, stop), **settings
+                )
+                record(i, table)
+        else:
+            from ._distributed import fit_chunks
+
+            n_workers = fit_chunks(
+                client,
+                cat,
+                bounds,
+                todo,
+                settings,
+                task=fit_rows,
+                p0_of=lambda start, stop: _chunk_p0(p0, start, stop),
+                record=record,
+            )
+    except BaseException:
+        if parts.created and not parts.done:
+            parts.remove()  # nothing of this run to resume from
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return n_workers
+
+
+def _stack(tables):
+    """One table from the per-chunk tables (same columns; meta of the first)."""
+    from astropy.table import vstack
+
+    if len(tables) == 1:
+        return tables[0]
+    meta = dict(tables[0].meta)
+    for t in tables:
+        t.meta.clear()
+    out = vstack(tables, join_type="exact")
+    out.meta.update(meta)
+    return out

@@ -1,0 +1,444 @@
+"""``payne-lite fit``: fit a catalog with an emulator (payne_lite.catalog.fit_catalog),
+with the instrument, the method's options and distributed, resumable runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._api import METHODS as FIT_METHODS
+from .._api import fit
+from ..catalog import DEFAULT_CHUNK_SIZE
+from ..catalog import FORMATS as RESULTS_FORMATS
+from ..emulator import Emulator
+from ..fitting import FLAG_BITS
+from ..fitting import METHODS as POINT_METHODS
+from ..observe import Instrument
+from ..options import OPTIONS_BY_METHOD
+from ._common import (
+    EXIT_OK,
+    add_subcommand,
+    check_output,
+    checked_read,
+    flag_name,
+    parse_number,
+    positive_float,
+    positive_int,
+    require_file,
+)
+
+_log = logging.getLogger("payne_lite.cli")
+
+
+def _fit_default(name: str):
+    """The default of argument ``name`` of payne_lite.fit."""
+    return inspect.signature(fit).parameters[name].default
+
+
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def add_fit(sub) -> None:
+    """Declare ``payne-lite fit`` in the subparsers ``sub``."""
+    p = add_subcommand(
+        sub,
+        "fit",
+        help="fit a catalog of observed spectra with an emulator",
+        description=(
+            "Fit labels, radial velocity and (optionally) a continuum to every\n"
+            "spectrum of a catalog with an emulator, one chunk of spectra at a time\n"
+            "(bounded memory), and write one results table: one row per spectrum with\n"
+            "each label, its error, rv, chi2, chi2_red, n_iter, converged and flags\n"
+            "(see payne_lite.fit).\n\n"
+            "catalogs:\n"
+            "  .h5       a payne_lite catalog (payne_lite.write_catalog): flux,\n"
+            "            flux_err, optional mask and ids\n"
+            "  .fits     one or more APOGEE aspcapStar/apStar-like files, one spectrum\n"
+            "            each: flux in HDU 1, errors in HDU 2, optional pixel bitmask\n"
+            "            in HDU 3, log10 wavelength from CRVAL1/CDELT1; ids are the\n"
+            "            file names\n\n"
+            "results formats, chosen by the file name:\n"
+            "  .fits     FITS-safe column names (TEFF, FE_H, ALPHA_FE, FE_H_ERR, ...)\n"
+            "  .ecsv     text, column names as in memory ([Fe/H], [Fe/H]_err, ...)\n"
+            "  .h5       HDF5, column names as in memory"
+        ),
+        epilog=(
+            textwrap.fill(
+                "flags column (a bitmask): "
+                + "; ".join(f"{1 << b} = {text}" for b, text in FLAG_BITS.items()),
+                76,
+                subsequent_indent="  ",
+            )
+            + "\n\nexamples:\n"
+            "  payne-lite fit catalog.h5 --emulator emu.h5 -o results.fits\n"
+            "  payne-lite fit aspcapStar-*.fits --emulator emu.h5 -o results.ecsv \\\n"
+            "      --cont-deg 2 --fixed vmacro=5 rv=0"
+        ),
+    )
+    p.add_argument(
+        "catalog",
+        nargs="+",
+        metavar="CATALOG",
+        help="a payne_lite catalog (.h5), or one or more APOGEE-like FITS "
+        "files (see above)",
+    )
+    p.add_argument(
+        "--emulator",
+        required=True,
+        metavar="EMULATOR.h5",
+        help="a payne_lite emulator file",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="RESULTS.{fits,ecsv,h5}",
+        help="results table; its suffix picks the format (see above)",
+    )
+    _add_method_options(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite RESULTS if it exists (otherwise refused)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show a progress bar"
+    )
+    _add_instrument_options(p)
+    _add_distributed_options(p)
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """--method and how it fits: --cont-deg, --chunk-size, --max-iter, --options,
+    --fixed, --mdn and --mdn-starts."""
+    p.add_argument(
+        "--method",
+        choices=FIT_METHODS,
+        default=_fit_default("method"),
+        help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
+        "scipy.optimize.curve_fit per spectrum (the reference); emcee, nuts, "
+        "mdn-is (needs --mdn) = posterior summaries (percentile columns) with "
+        "their default settings (pl.sample for more)",
+    )
+    p.add_argument(
+        "--cont-deg",
+        type=_nonnegative_int,
+        default=_fit_default("cont_deg"),
+        metavar="N",
+        help="degree of a multiplicative Chebyshev continuum fitted with "
+        "the labels (0 = spectra are already continuum-normalised)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="N",
+        help="spectra read and fitted at a time (memory grows with it)",
+    )
+    p.add_argument(
+        "--max-iter",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="iteration cap per starting point (curve_fit: function evaluations; "
+        f"default {OPTIONS_BY_METHOD['lm']().max_iter}); lm and curve_fit only",
+    )
+    p.add_argument(
+        "--options",
+        metavar="JSON",
+        help="the method's settings as a JSON object of its options fields, e.g. "
+        '\'{"max_iter": 60, "batch_size": 128}\' for lm (payne_lite.LMOptions), '
+        "'{\"n_steps\": 4000}' for emcee (EmceeOptions), NUTSOptions, ISOptions",
+    )
+    p.add_argument(
+        "--fixed",
+        action="extend",
+        nargs="+",
+        metavar="NAME=VALUE",
+        help="hold a label [physical units] or rv [km/s] fixed, e.g. "
+        "--fixed vmacro=5 rv=0 (label names as `payne-lite info "
+        "EMULATOR` lists them)",
+    )
+    p.add_argument(
+        "--mdn",
+        metavar="MDN.h5",
+        help="an MDN file (payne-lite train-mdn) trained for EMULATOR: its "
+        "means start and its +-3 sigma intervals bound each fit, and "
+        "the results get <label>_mdn and <label>_mdn_sigma columns",
+    )
+    p.add_argument(
+        "--mdn-starts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --mdn: N extra starting points per star drawn from the "
+        "MDN's Gaussians (screened by chi2 like the default starts; "
+        "default 0)",
+    )
+
+
+def _add_instrument_options(p: argparse.ArgumentParser) -> None:
+    """The group of payne_lite.Instrument's settings: --air, --resolution or
+    --lsf-sigma, --emulator-resolution, --vsini, --vmacro."""
+    inst = p.add_argument_group(
+        "instrument (payne_lite.Instrument; recorded in the results' meta)",
+        "How the emulator's spectra are observed. --fixed vsini=V or vmacro=V holds a\n"
+        "broadening parameter and turns its kernel on.",
+    )
+    inst.add_argument(
+        "--air",
+        action="store_true",
+        help="the catalog's wavelengths are in air (converted to vacuum)",
+    )
+    prof = inst.add_mutually_exclusive_group()
+    prof.add_argument(
+        "--resolution",
+        type=positive_float,
+        metavar="R",
+        help="instrumental resolving power lambda / FWHM to degrade the model to",
+    )
+    prof.add_argument(
+        "--lsf-sigma",
+        type=positive_float,
+        metavar="A",
+        help="instead of --resolution, the Gaussian LSF sigma [A]",
+    )
+    inst.add_argument(
+        "--emulator-resolution",
+        type=positive_float,
+        metavar="R",
+        help="R of the emulator's spectra (default: its own, else 22,500)",
+    )
+    inst.add_argument(
+        "--vsini",
+        action="store_true",
+        help="fit the projected rotation velocity vsini [km/s]",
+    )
+    inst.add_argument(
+        "--vmacro",
+        action="store_true",
+        help="fit a Gaussian macroturbulence vmacro [km/s] (emulators without a "
+        "vmacro label)",
+    )
+
+
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """The group of Dask and resumable runs: --scheduler, --workers, --restart,
+    --keep-parts."""
+    g = p.add_argument_group(
+        "distributed and resumable runs",
+        "Each chunk's results are kept in RESULTS.parts/ as soon as they exist; the\n"
+        "same command run again after a crash or kill fits only the missing chunks\n"
+        "(other inputs or options are refused). The folder is deleted once RESULTS\n"
+        "is written. --scheduler/--workers need `pip install payne-lite[dask]`.",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="fit chunks on the workers of a running Dask scheduler, e.g. "
+        "tcp://host:8786 (the catalog is read here and sent to them)",
+    )
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="fit chunks on a local Dask cluster of N worker processes",
+    )
+    g.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the results of an earlier run in RESULTS.parts/ and "
+        "fit every chunk again",
+    )
+    g.add_argument(
+        "--keep-parts",
+        action="store_true",
+        help="keep RESULTS.parts/ after RESULTS is written",
+    )
+
+
+def _method_options(args):
+    """The method's options object: ``--options JSON`` (its fields), with --max-iter
+    and --mdn-starts as shortcuts of the point fits' fields."""
+    cls = OPTIONS_BY_METHOD[args.method]
+    fields = {}
+    if args.options is not None:
+        try:
+            fields = json.loads(args.options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--options: not JSON ({err}): {args.options!r}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"moves", "fallback"}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(
+            f"--options: {unknown} are not {cls.__name__} fields (--method "
+            f"{args.method} takes {sorted(names)})"
+        )
+    for flag, name, value in (
+        ("--max-iter", "max_iter", args.max_iter),
+        ("--mdn-starts", "mdn_starts", args.mdn_starts or None),
+    ):
+        if value is None:
+            continue
+        if name not in names:
+            raise ValueError(
+                f"{flag} is an lm / curve_fit option, not for {args.method}"
+            )
+        fields[name] = value
+    try:
+        return cls(**fields)
+    except TypeError as err:  # e.g. a list where a number goes
+        raise ValueError(f"--options: {err}") from None
+
+
+def _parse_fixed(items: Sequence[str] | None) -> dict[str, float]:
+    fixed: dict[str, float] = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(
+                f"--fixed {item!r}: expected NAME=VALUE, e.g. vmacro=5 "
+                "(give CATALOG before --fixed)"
+            )
+        if name in fixed:
+            raise ValueError(f"--fixed: {name} is given more than once")
+        fixed[name] = parse_number(text.strip(), f"--fixed {item!r}")
+    return fixed
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
+
+
+def run_fit(args) -> int:
+    from ..catalog import fit_catalog, open_catalog
+
+    t0 = time.perf_counter()
+    emu_path = require_file(args.emulator)
+    cat_paths = [require_file(c) for c in args.catalog]
+    out = Path(args.output)
+    if out.suffix.lower() not in RESULTS_FORMATS:
+        raise ValueError(
+            f"{out}: unknown results file suffix {out.suffix!r}; expected "
+            f"one of {', '.join(sorted(RESULTS_FORMATS))}"
+        )
+    out = check_output(out, inputs=[emu_path, *cat_paths])
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; use --force to overwrite it")
+    fixed = _parse_fixed(args.fixed)
+    emu = checked_read(Emulator.load, emu_path)
+    mdn = None
+    if args.mdn_starts and args.mdn is None:
+        raise ValueError("--mdn-starts needs --mdn")
+    if args.mdn_starts < 0:
+        raise ValueError(f"--mdn-starts must be >= 0, got {args.mdn_starts}")
+    instrument = Instrument(
+        air=args.air,
+        resolution=args.resolution,
+        lsf_sigma=args.lsf_sigma,
+        emulator_resolution=args.emulator_resolution,
+        vsini=args.vsini,
+        vmacro=args.vmacro,
+    )
+    options = _method_options(args)
+    if args.mdn is not None:
+        from ..mdn import MDN
+
+        mdn_path = require_file(args.mdn)
+        mdn = checked_read(MDN.load, mdn_path, emulator=emu)
+    source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
+    with checked_read(open_catalog, source) as cat:
+        n, n_pix = len(cat), cat.wavelength.size
+        what = f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels from " + (
+            str(cat_paths[0]) if len(cat_paths) == 1 else f"{len(cat_paths)} FITS files"
+        )
+        _log.info("fitting %s with %r", what, emu)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from ..catalog import connect, require
+
+        if args.scheduler is not None or args.workers is not None:
+            try:
+                require()
+            except ImportError as err:
+                raise ValueError(f"--scheduler/--workers: {err}") from err
+        with connect(args.scheduler, args.workers) as client:
+            table = fit_catalog(
+                cat,
+                out,
+                emu,
+                mdn=mdn,
+                method=args.method,
+                chunk_size=args.chunk_size,
+                overwrite=args.force,
+                progress=not args.no_progress,
+                client=client,
+                restart=args.restart,
+                keep_parts=args.keep_parts,
+                cont_deg=args.cont_deg,
+                fixed=fixed or None,
+                instrument=instrument,
+                options=options,
+                meta={
+                    "command": args.command_line,
+                    "emulator_file": str(emu_path),
+                    **({"mdn_file": str(args.mdn)} if mdn is not None else {}),
+                },
+            )
+    seconds = time.perf_counter() - t0
+    flags = np.asarray(table["flags"])
+    n_flagged = int(np.count_nonzero(flags))
+    per_bit = [
+        f"{int(np.count_nonzero(flags & (1 << b)))} {flag_name(text)}"
+        for b, text in FLAG_BITS.items()
+        if np.any(flags & (1 << b))
+    ]
+    chi2_red = np.asarray(
+        table["chi2_red"] if "chi2_red" in table.colnames else [np.nan], dtype=float
+    )
+    median = (
+        f"; median chi2_red {np.nanmedian(chi2_red):.3g}"
+        if np.isfinite(chi2_red).any()
+        else ""
+    )
+    sampler = args.method not in POINT_METHODS
+    print(
+        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
+        + (", MDN starts and bounds" if mdn is not None and not sampler else "")
+        + (", MDN proposal" if mdn is not None and sampler else "")
+        + ")"
+    )
+    if mdn is not None and "mdn_refit" in table.colnames:
+        print(
+            f"  {int(np.count_nonzero(table['mdn_refit']))} refitted without the "
+            "MDN bounds"
+        )
+    print(
+        f"  {int(np.count_nonzero(table['converged']))} converged, {n_flagged} "
+        f"flagged" + (f" ({', '.join(per_bit)})" if per_bit else "") + median
+    )
+    print(
+        f"  {_fmt_seconds(seconds / n)} per spectrum ({seconds:.1f} s in all, "
+        "compilation included)"
+    )
+    print(f"wrote {out}")
+    return EXIT_OK

@@ -1,0 +1,374 @@
+"""``payne-lite info``: what a payne_lite file (grid, emulator, MDN, catalog, predicted
+spectra, results table) holds, as aligned ``key  text`` lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import _h5
+from ..catalog import CATALOG_FORMAT
+from ..catalog import FORMATS as RESULTS_FORMATS
+from ..constants import C_KMS
+from ..emulator import EMULATOR_FORMAT, Emulator
+from ..errors import FileFormatError
+from ..fitting import FLAG_BITS
+from ..grid import GRID_FORMAT, SpectralGrid
+from ..mdn import MDN_FORMAT
+from ._common import (
+    EXIT_OK,
+    add_subcommand,
+    checked_read,
+    flag_name,
+    human_size,
+    require_file,
+)
+from ._predict import SPECTRA_FORMAT, SPECTRA_VERSION
+
+
+def add_info(sub) -> None:
+    p = add_subcommand(
+        sub,
+        "info",
+        help="describe a grid, emulator, MDN, catalog, spectra or results file",
+        description=(
+            "Print what a payne_lite file holds: its kind and format\n"
+            "version, labels and their box, the wavelength grid, and for\n"
+            "emulators the network and a summary of its training."
+        ),
+        epilog="example:\n  payne-lite info emulator.h5",
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="a payne_lite .h5 file (grid, emulator, MDN, catalog or "
+        "predicted spectra), a results table (.fits, .ecsv, .h5 from "
+        "payne-lite fit), or a training .npz in The Payne's layout",
+    )
+
+
+def _file_format(path: Path) -> tuple[str, int]:
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+            ver = f.attrs.get("format_version")
+    except OSError as err:
+        raise FileFormatError(
+            f"{path}: not a readable HDF5 file (corrupt or truncated?): {err}"
+        ) from err
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT, MDN_FORMAT)
+    if fmt not in known:
+        raise FileFormatError(
+            f"{path}: not a payne_lite file (format={fmt!r}); info "
+            f"reads {', '.join(known)}"
+        )
+    return str(fmt), int(ver) if ver is not None else -1
+
+
+def _is_results_hdf5(path: Path) -> bool:
+    """An HDF5 file without a payne_lite format attribute holding an astropy table
+    (how write_results stores results)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "format" not in f.attrs and any(
+                isinstance(f[k], h5py.Dataset) and f[k].dtype.names for k in f
+            )
+    except OSError:
+        return False
+
+
+def _row(key: str, text: str) -> str:
+    return f"  {key:<11} {text}"
+
+
+def _label_rows(names, units, lo, hi, note: str) -> list[str]:
+    """One line per label: name, range and unit, as a small table."""
+    w = max(len(n) for n in names)
+    lows = [f"{a:.6g}" for a in lo]
+    highs = [f"{b:.6g}" for b in hi]
+    wl, wh = max(map(len, lows)), max(map(len, highs))
+    rows = [
+        f"{n:<{w}}  {a:>{wl}} .. {b:<{wh}}  {u}".rstrip()
+        for n, a, b, u in zip(names, lows, highs, units, strict=True)
+    ]
+    return [_row("labels" if i == 0 else "", r) for i, r in enumerate(rows)] + [
+        _row("", f"({note})")
+    ]
+
+
+def _meta_rows(meta: dict, prefix: str = "meta.") -> list[str]:
+    """One line per provenance entry."""
+    if not meta:
+        return []
+    w = max(len(prefix + k) for k in meta)
+    return [f"  {prefix + k:<{w}}  {_fmt_value(v, 100)}" for k, v in meta.items()]
+
+
+def _wrapped_pairs(key: str, mapping: dict) -> list[str]:
+    """``key  a=1; b=2; ...`` wrapped to 88 columns."""
+    text = "; ".join(f"{k}={_fmt_value(v, 60)}" for k, v in mapping.items())
+    return textwrap.wrap(
+        text,
+        88,
+        initial_indent=_row(key, ""),
+        subsequent_indent=" " * 14,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _lines_grid(grid: SpectralGrid) -> list[str]:
+    lo, hi = grid.label_box
+    err = "none" if grid.flux_err is None else "yes"
+    return [
+        _row("spectra", str(grid.n_spec)),
+        _row("wavelength", _fmt_wavelength(grid.wavelength)),
+        *_label_rows(
+            grid.label_names, grid.label_units, lo, hi, "range of the grid's labels"
+        ),
+        _row("flux", f"{grid.flux.min():.3g}..{grid.flux.max():.3g}; flux_err: {err}"),
+        *_meta_rows(grid.meta),
+    ]
+
+
+def _lines_emulator(emu: Emulator) -> list[str]:
+    n_par = sum(int(np.size(a)) for a in emu.net.weights + emu.net.biases)
+    lines = [
+        _row(
+            "network",
+            f"{emu.kind}, hidden {','.join(map(str, emu.hidden))}, "
+            f"{emu.activation}, {emu.n_pix} pixels x {emu.n_labels} "
+            f"labels, {n_par} parameters",
+        ),
+        _row("wavelength", _fmt_wavelength(emu.wavelength)),
+        *_label_rows(
+            emu.label_names,
+            emu.label_units,
+            emu.label_lo,
+            emu.label_hi,
+            "training box: predictions outside it extrapolate",
+        ),
+    ]
+    m = emu.meta
+    if "config" in m:
+        cfg = m["config"]
+        n_iter = len(emu.history.get("valid_rms", ()))
+        lines.append(
+            _row(
+                "training",
+                (
+                    f"{cfg.get('optimizer')}, {n_iter} of {cfg.get('max_iter')} iterations "
+                    f"in {m.get('train_seconds', math.nan):.1f} s ({m.get('dtype')}), "
+                    f"{m.get('n_train')} training + {m.get('n_valid')} held-out spectra, "
+                    f"{m.get('n_restarted_pixels', 0)} pixels restarted"
+                ),
+            )
+        )
+        med = m.get("valid_median_abs_error", math.nan)
+        p99 = m.get("valid_p99_pixel_abs_error", math.nan)
+        lines.append(
+            _row(
+                "held-out",
+                f"median |error| {med:.2e}; 99th percentile over pixels {p99:.2e}",
+            )
+        )
+    if emu.pixel_error is not None:
+        k = int(np.argmax(emu.pixel_error))
+        lines.append(
+            _row(
+                "pixel_error",
+                (
+                    f"held-out RMS per pixel: median {np.median(emu.pixel_error):.2e}, "
+                    f"max {emu.pixel_error[k]:.2e} at {emu.wavelength[k]:.2f} A"
+                ),
+            )
+        )
+    if "config" in m:
+        lines += _wrapped_pairs("config", m["config"])
+    if m.get("grid_meta"):
+        lines += _wrapped_pairs("grid", m["grid_meta"])
+    shown = {
+        "config",
+        "grid_meta",
+        "n_train",
+        "n_valid",
+        "train_seconds",
+        "dtype",
+        "valid_median_abs_error",
+        "valid_p99_pixel_abs_error",
+        "n_restarted_pixels",
+    }
+    lines += _meta_rows({k: v for k, v in m.items() if k not in shown})
+    return lines
+
+
+def _lines_spectra(path: Path) -> list[str]:
+    with _h5.open_checked(path, SPECTRA_FORMAT, (SPECTRA_VERSION,)) as f:
+        wave = _h5.read_dataset(f, "wavelength", path)
+        labels = _h5.read_dataset(f, "labels", path)
+        flux = _h5.read_dataset(f, "flux", path)
+        names = _h5.get_json_attr(f, "label_names", path)
+        units = _h5.get_json_attr(f, "label_units", path)
+        meta = _h5.get_json_attr(f, "meta", path)
+    return [
+        _row("spectra", str(flux.shape[0])),
+        _row("wavelength", _fmt_wavelength(wave)),
+        *_label_rows(
+            names, units, labels.min(0), labels.max(0), "range of the spectra's labels"
+        ),
+        _row("flux", f"{flux.min():.3g}..{flux.max():.3g}"),
+        *_meta_rows(meta),
+    ]
+
+
+def _lines_catalog(path: Path) -> list[str]:
+    """Summary of a catalog file; reads the wavelength, not the spectra."""
+    from ..catalog import HDF5Catalog
+
+    with HDF5Catalog(path) as cat:
+        n = len(cat)
+        dtype = cat.read(0, 1).flux.dtype
+        ids = "none"
+        if cat.has_ids:
+            first, last = cat.read(0, 1).ids[0], cat.read(n - 1, n).ids[0]
+            ids = f"{str(first)!r} .. {str(last)!r}"
+        return [
+            _row(
+                "spectra",
+                f"{n} (flux and flux_err {dtype}; mask: "
+                f"{'yes' if cat.has_mask else 'none'})",
+            ),
+            _row("wavelength", _fmt_wavelength(cat.wavelength)),
+            _row("ids", ids),
+            *_meta_rows(cat.meta),
+        ]
+
+
+def _lines_results(table) -> list[str]:
+    """Summary of a fit results table (payne_lite.fit / fit_catalog)."""
+    meta = table.meta
+    n = len(table)
+    labels = [c for c in table.colnames if f"{c}_err" in table.colnames]
+    rows = [
+        _row("fits", f"{n} (method {meta.get('method', '?')})"),
+        _row(
+            "parameters",
+            ", ".join(
+                f"{c} [{table[c].unit}]" if table[c].unit is not None else c
+                for c in labels
+            ),
+        ),
+    ]
+    if n and "chi2_red" in table.colnames:
+        chi2 = np.asarray(table["chi2_red"], float)
+        conv = (
+            np.asarray(table["converged"], bool)
+            if "converged" in table.colnames
+            else np.ones(n, bool)
+        )
+        rows.append(
+            _row(
+                "fit quality",
+                f"{int(conv.sum())} converged, median "
+                f"chi2_red {np.nanmedian(chi2):.3g}",
+            )
+        )
+    if n and "flags" in table.colnames:
+        flags = np.asarray(table["flags"])
+        per_bit = [
+            f"{int(np.count_nonzero(flags & (1 << b)))} {flag_name(text)}"
+            for b, text in FLAG_BITS.items()
+            if np.any(flags & (1 << b))
+        ]
+        rows.append(
+            _row(
+                "flags",
+                f"{int(np.count_nonzero(flags))} flagged"
+                + (f" ({', '.join(per_bit)})" if per_bit else ""),
+            )
+        )
+    if "mdn_refit" in table.colnames:
+        rows.append(
+            _row(
+                "MDN",
+                f"columns <name>_mdn, <name>_mdn_sigma; "
+                f"{int(np.count_nonzero(table['mdn_refit']))} "
+                "refitted without its bounds",
+            )
+        )
+    skip = {"flag_bits", "cov_params", "column_names"}
+    return rows + _meta_rows({k: v for k, v in meta.items() if k not in skip})
+
+
+def _lines_mdn(path: Path) -> list[str]:
+    from ..mdn import MDN
+
+    mdn = MDN.load(path)
+    return [
+        _row("network", repr(mdn)),
+        _row("wavelength", _fmt_wavelength(np.asarray(mdn.wavelength))),
+        *_meta_rows(mdn.meta),
+    ]
+
+
+def run_info(args) -> int:
+    path = require_file(args.file)
+    size = human_size(path.stat().st_size)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        grid = checked_read(SpectralGrid.from_payne_npz, path)
+        print(f"{path}: The Payne training grid (.npz), {size}")
+        print("\n".join(_lines_grid(grid)))
+        return EXIT_OK
+    if suffix in RESULTS_FORMATS and RESULTS_FORMATS[suffix] != "hdf5":
+        from ..catalog import read_results
+
+        table = checked_read(read_results, path)
+        print(f"{path}: fit results ({RESULTS_FORMATS[suffix]}), {size}")
+        print("\n".join(_lines_results(table)))
+        return EXIT_OK
+    if _is_results_hdf5(path):
+        from ..catalog import read_results
+
+        print(f"{path}: fit results (hdf5), {size}")
+        print("\n".join(_lines_results(checked_read(read_results, path))))
+        return EXIT_OK
+    fmt, ver = checked_read(_file_format, path)
+    if fmt == GRID_FORMAT:
+        lines = _lines_grid(checked_read(SpectralGrid.load, path))
+    elif fmt == EMULATOR_FORMAT:
+        lines = _lines_emulator(checked_read(Emulator.load, path))
+    elif fmt == CATALOG_FORMAT:
+        lines = checked_read(_lines_catalog, path)
+    elif fmt == MDN_FORMAT:
+        lines = checked_read(_lines_mdn, path)
+    else:
+        lines = checked_read(_lines_spectra, path)
+    print(f"{path}: {fmt} v{ver}, {size}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _fmt_wavelength(wave: np.ndarray) -> str:
+    """Range, pixel count and sampling of a wavelength grid [Angstrom]."""
+    text = f"{wave[0]:.2f}-{wave[-1]:.2f} A, {wave.size} pixels"
+    dlog = np.diff(np.log10(wave))
+    if np.allclose(dlog, dlog[0], rtol=1e-4, atol=0.0):
+        kms = (10.0 ** dlog[0] - 1.0) * C_KMS
+        text += f" (log-uniform, dlog10(lambda) = {dlog[0]:.3g}, {kms:.3g} km/s/pixel)"
+    else:
+        step = np.diff(wave)
+        text += f" (step {step.min():.3g}-{step.max():.3g} A)"
+    return text
+
+
+def _fmt_value(value, width: int = 70) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -1,0 +1,159 @@
+"""``payne-lite train-mdn``: train a mixture density network for an emulator."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..emulator import Emulator
+from ._common import (
+    EXIT_OK,
+    add_subcommand,
+    check_output,
+    checked_read,
+    parse_number,
+    positive_int,
+    require_file,
+)
+
+_log = logging.getLogger("payne_lite.cli")
+
+
+def add_train_mdn(sub) -> None:
+    from ..mdn import MDNConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(MDNConfig)}
+    p = add_subcommand(
+        sub,
+        "train-mdn",
+        help="train a mixture density network for an emulator",
+        description=(
+            "Train a mixture density network (MDN) that maps an observed spectrum to\n"
+            "a Gaussian per label and rv, on noisy spectra simulated from EMULATOR\n"
+            "(random labels in its box, rv, S/N, masked chunks, continuum tilts), and\n"
+            "save it as one HDF5 file. `payne-lite fit --mdn` uses it to start and\n"
+            "bound the fits."
+        ),
+        epilog=(
+            "examples:\n  payne-lite train-mdn emulator.h5 -o mdn.h5\n"
+            "  payne-lite train-mdn emulator.h5 -o mdn.h5 --n-train 200000 "
+            "--snr-range 20,300 --rv-range -300,300"
+        ),
+    )
+    p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="MDN.h5",
+        help="output HDF5 file (payne_lite.MDN format)",
+    )
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
+    p.add_argument(
+        "--n-train",
+        type=positive_int,
+        default=d["n_train"],
+        metavar="N",
+        help="simulated training spectra",
+    )
+    p.add_argument(
+        "--n-valid",
+        type=positive_int,
+        default=d["n_valid"],
+        metavar="N",
+        help="simulated validation spectra (early stopping)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=d["epochs"],
+        metavar="N",
+        help="maximum passes over the training spectra",
+    )
+    p.add_argument(
+        "--patience",
+        type=positive_int,
+        default=d["patience"],
+        metavar="N",
+        help="epochs without validation improvement before stopping",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=d["batch_size"],
+        metavar="N",
+        help="spectra per Adam step",
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=d["learning_rate"],
+        metavar="LR",
+        help="Adam step size (cosine decay)",
+    )
+    p.add_argument(
+        "--n-components",
+        type=positive_int,
+        default=d["n_components"],
+        metavar="M",
+        help="Gaussians per label (a mixture when > 1)",
+    )
+    p.add_argument(
+        "--snr-range",
+        default=",".join(map(str, d["snr_range"])),
+        metavar="LO,HI",
+        help="S/N per pixel of the training spectra (log-uniform)",
+    )
+    p.add_argument(
+        "--rv-range",
+        default=",".join(map(str, d["rv_range"])),
+        metavar="LO,HI",
+        help="rv [km/s] of the training spectra (uniform)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not show progress bars"
+    )
+
+
+def _pair(text: str, flag: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"{flag} {text!r}: expected LO,HI, e.g. 10,300")
+    return (parse_number(parts[0], flag), parse_number(parts[1], flag))
+
+
+def run_train_mdn(args) -> int:
+    from ..mdn import MDNConfig, train_mdn
+
+    emu_path = require_file(args.emulator)
+    out = check_output(args.output, inputs=[emu_path])
+    config = MDNConfig(
+        n_train=args.n_train,
+        n_valid=args.n_valid,
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        n_components=args.n_components,
+        snr_range=_pair(args.snr_range, "--snr-range"),
+        rv_range=_pair(args.rv_range, "--rv-range"),
+        seed=args.seed,
+    )
+    emu = checked_read(Emulator.load, emu_path)
+    _log.info("training an MDN for %r with %s", emu, config)
+    mdn = train_mdn(emu, config=config, progress=not args.no_progress)
+    mdn = dataclasses.replace(
+        mdn,
+        meta={**mdn.meta, "command": args.command_line, "emulator_file": str(emu_path)},
+    )
+    mdn.save(out)
+    m = mdn.meta
+    print(
+        f"trained an MDN ({mdn.n_components} component(s)) for "
+        f"{', '.join(mdn.output_names)} on {config.n_train} simulated spectra "
+        f"(S/N {config.snr_range[0]:g}-{config.snr_range[1]:g}, rv "
+        f"{config.rv_range[0]:g} to {config.rv_range[1]:g} km/s), "
+        f"{m['epochs_run']} epochs: validation NLL {m['best_valid_nll']:.3f}; "
+        f"{m['train_seconds']:.1f} s; wrote {out}"
+    )
+    return EXIT_OK

@@ -1,0 +1,358 @@
+"""Joint fits of the visits of each star (``fit(..., group=...)``)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._driver import lm_with_starts, median_snr, prepare_batch
+from ._lm import final_batch, sandwich_meat, visit_index
+from ._schema import (
+    AT_BOUND_TOL,
+    FLAG_AT_BOUND,
+    FLAG_FAILED,
+    FLAG_POOR_FIT,
+    poor_fit,
+    results_table,
+)
+
+
+def _group_rows(group, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stars in the order of first appearance: their identifiers (n_star,) and
+    ``rows`` (n_star, V) int, the spectra of each star in input order, -1 after
+    its last visit."""
+    g = np.asarray(group)
+    if g.shape != (n,):
+        raise ValueError(f"group {g.shape} must be ({n},): one star id per spectrum")
+    try:
+        ids, first, inv = np.unique(g, return_index=True, return_inverse=True)
+    except TypeError as err:
+        raise ValueError(f"group: identifiers that cannot be sorted ({err})") from err
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    star = rank[inv.reshape(-1)]
+    counts = np.bincount(star, minlength=ids.size)
+    srt = np.argsort(star, kind="stable")
+    pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows = np.full((ids.size, int(counts.max())), -1, np.int64)
+    rows[star[srt], pos] = srt
+    return ids[order], rows
+
+
+def fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_errors):
+    """``fit(..., group=...)``: joint fits of the visits of each star.
+
+    Each spectrum is prepared alone (RV scan, RV window, emulator error:
+    :func:`prepare_batch`); then the stars are fitted in padded batches of
+    (stars, V visits) with the parameter vector of :func:`visit_index` (one
+    compilation per (V, batch shape)). Stars with fewer visits than V carry
+    visits with no weight (their rv and continuum stay at their start and are
+    reported as NaN). ``starts`` (S, L): the scaled starting labels of every star.
+    """
+    obs, layout, fix = ctx.obs, ctx.layout, ctx.fix
+    n = flux2.shape[0]
+    n_lab, n_c = layout.n_labels, obs.n_cont
+    ids, rows = _group_rows(group, n)
+    n_star, n_vis = rows.shape
+    real = rows >= 0
+    n_visits = real.sum(axis=1)
+
+    # 1-2. Every spectrum alone: RV scan, window, emulator error.
+    prep = _prepare_visits(ctx, flux2, ivar, batch_size)
+    rv_lo, rv_hi, snr1 = prep[1], prep[2], prep[6]
+
+    # The joint vector: [s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c)].
+    joint = _joint_layout(layout, n_vis, n_c)
+    free = np.ones(len(joint.names), bool)
+    for j in fix:
+        free[j] = False  # labels only: a fixed rv is refused with group=
+    n_lab_free = int(free[:n_lab].sum())
+    n_par = n_lab_free + n_visits * (1 + n_c)
+
+    # 3. Stars in padded batches; a padding visit is row 0 with no weight.
+    g_size = min(
+        max(8, 1 << int(np.ceil(np.log2(max(1, batch_size // n_vis))))),
+        max(8, 1 << int(np.ceil(np.log2(n_star)))),
+    )
+    res: dict = {}
+    for start in range(0, n_star, g_size):
+        sel = np.arange(start, min(start + g_size, n_star))
+        m = sel.size
+        gi = np.concatenate([sel, np.repeat(sel[:1], g_size - m)])
+        out = _fit_star_batch(
+            ctx, flux2, prep, starts, rows[gi], m, joint, free, n_par[gi]
+        )
+        for key, val in out.items():
+            if val is None:
+                continue
+            res.setdefault(key, np.zeros((n_star, *val.shape[1:]), val.dtype))
+            res[key][sel] = val[:m]
+
+    snr_visit = np.where(real, snr1[np.where(real, rows, 0)], np.nan)
+    snr = np.sqrt(np.nansum(snr_visit**2, axis=1))
+    rv_lo_v = np.where(real, rv_lo[np.where(real, rows, 0)], np.nan)
+    rv_hi_v = np.where(real, rv_hi[np.where(real, rows, 0)], np.nan)
+    t = results_table(
+        emulator,
+        joint,
+        obs,
+        free,
+        res["p"],
+        res["chi2"],
+        res["a"],
+        res["g"],
+        snr,
+        res["it"],
+        res["conv"],
+        res["n_good"],
+        rv_lo_v[:, 0],
+        rv_hi_v[:, 0],
+        res.get("model"),
+        method=ctx.method,
+        rv_range=ctx.rv_range,
+        scale_errors=scale_errors,
+        emulator_error_used=ctx.emulator_error is not None,
+        n_par=n_par,
+        meat=res.get("meat"),
+    )
+    return _group_table(
+        t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx
+    )
+
+
+def _prepare_visits(ctx, flux2, ivar, batch_size):
+    """Steps 1-2 of :func:`fit_groups`, every spectrum alone (:func:`prepare_batch`
+    in padded batches): ``(rv0, rv_lo, rv_hi, c0, w_fit, w_data, snr)``, one row
+    per spectrum, as :func:`prepare_batch` returns them, and the median S/N."""
+    n = flux2.shape[0]
+    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
+    prep = {}
+    for start in range(0, n, size):
+        sel = np.arange(start, min(start + size, n))
+        idx = np.concatenate([sel, np.repeat(sel[:1], size - sel.size)])
+        wb = ivar[idx].copy()
+        wb[sel.size :] = 0.0
+        out = prepare_batch(ctx, flux2[idx], wb)
+        out = (*out, median_snr(flux2[idx], out[4], out[5]))
+        for j, val in enumerate(out):
+            prep.setdefault(j, []).append(np.asarray(val)[: sel.size])
+    return tuple(np.concatenate(prep[j]) for j in range(7))
+
+
+def _joint_layout(layout, n_vis, n_c):
+    """The parameter layout of a joint fit of ``n_vis`` visits, the vector
+    ``[s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c)]`` of :func:`visit_index`, each
+    visit's rv and continuum with the single-spectrum bounds."""
+    n_lab = layout.n_labels
+    vidx = visit_index(n_lab, n_vis, n_c)
+    k = n_lab + n_vis * (1 + n_c)
+    names = (
+        tuple(layout.names[:n_lab])
+        + tuple(f"rv_{v + 1}" for v in range(n_vis))
+        + tuple(f"cont_{j}_{v + 1}" for v in range(n_vis) for j in range(n_c))
+    )
+    lower = np.zeros(k)
+    upper = np.zeros(k)
+    for v in range(n_vis):
+        lower[vidx[v]], upper[vidx[v]] = layout.lower, layout.upper
+    return layout._replace(names=names, lower=lower, upper=upper)
+
+
+def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
+    """Step 3 of :func:`fit_groups` for one padded batch of stars: ``r`` (size, V)
+    their spectra's rows (-1 after a star's last visit), rows from ``m`` on
+    padding; ``prep`` the per-spectrum output of :func:`_prepare_visits`; ``n_par``
+    (size,) the free parameters of each star. Returns the batch's results (dict of
+    (size, ...) arrays, ``model`` and ``meat`` None when not asked for)."""
+    obs = ctx.obs
+    dt = obs.x_obs.dtype
+    n_pix = flux2.shape[1]
+    n_lab, n_c = joint.n_labels, obs.n_cont
+    w_fit, w_data = prep[4], prep[5]
+    g_size, n_vis = r.shape
+    k = len(joint.names)
+    vidx = visit_index(n_lab, n_vis, n_c)
+    ok = (r >= 0) & (np.arange(g_size) < m)[:, None]
+    rr = np.where(ok, r, 0)
+    fb = np.where(ok[..., None], flux2[rr], 0.0)
+    wb = np.where(ok[..., None], w_fit[rr], 0.0)
+    wd = np.where(ok[..., None], w_data[rr], 0.0)
+    n_good = np.count_nonzero(wb > 0, axis=(1, 2))
+    alive = (np.arange(g_size) < m) & (n_good > n_par)
+    p_start, lo, hi = _joint_starts(prep, starts, ok, rr, joint, vidx, n_c)
+    f_j, w_j = jnp.asarray(fb, dt), jnp.asarray(wb, dt)
+    p_best, it_best, conv_best, _, _, _ = lm_with_starts(
+        ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_vis, free
+    )
+    # the full normal equations at the best fits, visit by visit
+    pv = p_best[:, vidx].reshape(g_size * n_vis, -1)
+    chi2_v, a_v, g_v, model_v = final_batch(
+        obs,
+        jnp.asarray(pv, dt),
+        f_j.reshape(g_size * n_vis, n_pix),
+        w_j.reshape(g_size * n_vis, n_pix),
+    )
+    kv = vidx.shape[1]
+    chi2_v = np.asarray(chi2_v, np.float64).reshape(g_size, n_vis)
+    a_v = np.asarray(a_v, np.float64).reshape(g_size, n_vis, kv, kv)
+    g_v = np.asarray(g_v, np.float64).reshape(g_size, n_vis, kv)
+    a = np.zeros((g_size, k, k))
+    g = np.zeros((g_size, k))
+    for v in range(n_vis):
+        a[:, vidx[v][:, None], vidx[v][None, :]] += a_v[:, v]
+        g[:, vidx[v]] += g_v[:, v]
+        own = vidx[v, n_lab:]
+        a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
+    meat = None
+    if ctx.error_basis is not None:
+        meat = _joint_meat(ctx, pv, wb, wd, ok, vidx, k)
+    return dict(
+        meat=meat,
+        p=p_best,
+        chi2=np.where(ok, chi2_v, 0.0).sum(axis=1),
+        chi2_visit=np.where(ok, chi2_v, np.nan),
+        a=a,
+        g=g,
+        it=it_best,
+        conv=conv_best,
+        n_good=n_good,
+        n_good_visit=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
+        model=np.asarray(model_v, np.float64).reshape(g_size, n_vis, n_pix)
+        if ctx.return_model
+        else None,
+    )
+
+
+def _joint_starts(prep, starts, ok, rr, joint, vidx, n_c):
+    """Starting vectors (size, S, k) and bounds (size, k) of a batch of joint fits:
+    the labels at ``starts`` (S, L), each visit's rv and continuum at its RV scan's
+    (``prep``; zero, and bounds zero, for padding visits: ``ok`` False)."""
+    rv0, rv_lo, rv_hi, c0 = prep[:4]
+    g_size, n_vis = ok.shape
+    n_lab = joint.n_labels
+    k = len(joint.names)
+    n_s = starts.shape[0]
+    p_start = np.zeros((g_size, n_s, k))
+    p_start[:, :, :n_lab] = starts[None]
+    lo = np.broadcast_to(joint.lower, (g_size, k)).copy()
+    hi = np.broadcast_to(joint.upper, (g_size, k)).copy()
+    for v in range(n_vis):
+        j_rv = n_lab + v
+        rv_v = np.where(ok[:, v], rv0[rr[:, v]], 0.0)
+        p_start[:, :, j_rv] = rv_v[:, None]
+        lo[:, j_rv] = np.where(ok[:, v], rv_lo[rr[:, v]], 0.0)
+        hi[:, j_rv] = np.where(ok[:, v], rv_hi[rr[:, v]], 0.0)
+        if n_c:
+            cs = vidx[v, n_lab + 1 :]
+            p_start[:, :, cs] = np.where(ok[:, v, None], c0[rr[:, v]], 0.0)[:, None]
+            lo[:, cs] = np.where(ok[:, v, None], lo[:, cs], 0.0)
+            hi[:, cs] = np.where(ok[:, v, None], hi[:, cs], 0.0)
+    return np.clip(p_start, lo[:, None], hi[:, None]), lo, hi
+
+
+def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
+    """The sandwich meat (size, k, k) of a batch of joint fits (see
+    :func:`sandwich_meat`) from the visits' own at their best vectors ``pv``
+    (size * V, kv), fit and data weights ``wb``, ``wd`` (size, V, P); unit
+    diagonal for the rv and continuum of padding visits."""
+    g_size, n_vis = ok.shape
+    n_lab = vidx.shape[1] - 1 - ctx.obs.n_cont
+    kv = vidx.shape[1]
+    # the emulator's error is that of the star's labels, shared by its
+    # visits: their J^T W B^T add up before the outer product
+    m1, m2 = sandwich_meat(
+        ctx, pv, wb.reshape(g_size * n_vis, -1), wd.reshape(g_size * n_vis, -1)
+    )
+    m1 = m1.reshape(g_size, n_vis, kv, kv)
+    m2 = m2.reshape(g_size, n_vis, kv, -1)
+    meat = np.zeros((g_size, k, k))
+    m2_j = np.zeros((g_size, k, m2.shape[-1]))
+    for v in range(n_vis):
+        meat[:, vidx[v][:, None], vidx[v][None, :]] += m1[:, v]
+        m2_j[:, vidx[v]] += m2[:, v]
+        own = vidx[v, n_lab:]
+        meat[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
+    meat += m2_j @ np.swapaxes(m2_j, 1, 2)
+    return meat
+
+
+def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx):
+    """Collapse the per-visit columns of a joint fit's table into (n_star, V)
+    columns, NaN for padding; rv at a bound of any visit's window sets bit 1."""
+    from astropy.table import Table
+
+    n_lab = joint.n_labels
+    n_vis = rows.shape[1]
+    real = rows >= 0
+    failed = (np.asarray(t["flags"]) & FLAG_FAILED) > 0
+    rv = np.column_stack([np.asarray(t[f"rv_{v + 1}"]) for v in range(n_vis)])
+    tol = AT_BOUND_TOL[1]
+    with np.errstate(invalid="ignore"):
+        at_bound = (np.abs(rv - rv_lo_v) < tol) & (rv_lo_v > ctx.rv_range[0])
+        at_bound |= (np.abs(rv - rv_hi_v) < tol) & (rv_hi_v < ctx.rv_range[1])
+        at_bound |= (np.abs(rv - ctx.rv_range[0]) < tol) | (
+            np.abs(rv - ctx.rv_range[1]) < tol
+        )
+    at_bound = np.any(at_bound & real, axis=1) & ~failed
+    flags = np.asarray(t["flags"]) | np.where(at_bound, FLAG_AT_BOUND, 0)
+    # poor fit: the misfit is per pixel of a visit, at the visits' own S/N (the
+    # RMS of snr_visit over the used pixels), not at the combined S/N
+    n_pix_v = res["n_good_visit"]
+    snr_pix = np.sqrt(
+        np.nansum(n_pix_v * snr_visit**2, axis=1) / np.maximum(n_pix_v.sum(axis=1), 1)
+    )
+    ndof = np.asarray(t["n_good_pixels"]) - n_par
+    bad = poor_fit(t["chi2_red"], ndof, snr_pix) & ~failed
+    flags = (flags & ~FLAG_POOR_FIT) | np.where(bad, FLAG_POOR_FIT, 0)
+
+    out = Table()
+    out["group"] = ids
+    out["n_visits"] = real.sum(axis=1)
+    for name in joint.names[:n_lab]:
+        out[name] = t[name]
+        out[f"{name}_err"] = t[f"{name}_err"]
+
+    def stack(fmt):
+        cols = [np.asarray(t[fmt.format(v + 1)], np.float64) for v in range(n_vis)]
+        return np.where(real, np.column_stack(cols), np.nan)
+
+    out["rv"] = stack("rv_{}")
+    out["rv_err"] = stack("rv_{}_err")
+    out["rv"].unit = out["rv_err"].unit = "km/s"
+    for j in range(ctx.obs.n_cont):
+        out[f"cont_{j}"] = stack(f"cont_{j}_{{}}")
+        out[f"cont_{j}_err"] = stack(f"cont_{j}_{{}}_err")
+    cov = np.array(t["covariance"])
+    vidx = visit_index(n_lab, n_vis, ctx.obs.n_cont)
+    for v in range(n_vis):
+        pad = ~real[:, v]
+        own = vidx[v, n_lab:]
+        cov[np.ix_(pad, own, np.arange(cov.shape[2]))] = np.nan
+        cov[np.ix_(pad, np.arange(cov.shape[1]), own)] = np.nan
+    for name in ("chi2", "chi2_red", "n_good_pixels", "snr", "n_iter", "converged"):
+        out[name] = t[name]
+    out["flags"] = flags.astype(np.int32)
+    out["covariance"] = cov
+    out["visit_rows"] = rows
+    out["chi2_visit"] = res["chi2_visit"]
+    out["n_good_pixels_visit"] = res["n_good_visit"]
+    out["snr_visit"] = snr_visit
+    if "model_flux" in t.colnames:
+        out["model_flux"] = t["model_flux"]
+    for name in t.colnames:
+        if name in out.colnames and t[name].description:
+            out[name].description = t[name].description
+    out["snr"].description = "combined S/N of the visits, sqrt(sum snr_visit^2)"
+    out["n_good_pixels"].description = "weighted pixels of all visits"
+    out["visit_rows"].description = "rows of the input of each visit; -1 = none"
+    out["chi2_visit"].description = "chi2 of each visit at the joint fit"
+    out["snr_visit"].description = "median |flux| / error of each visit's pixels"
+    out["rv"].description = "rv of each visit; NaN after a star's last visit"
+    out.meta.update(t.meta)
+    out.meta.update(
+        group=True,
+        n_visits_max=int(n_vis),
+        continuum="profile" if ctx.profile else "fit",
+    )
+    return out

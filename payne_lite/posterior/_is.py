@@ -1,0 +1,117 @@
+"""mdn-is for one star: importance sampling from the MDN's truncated Gaussians, then
+adapted multivariate Student-t stages (see :mod:`payne_lite.posterior._sample`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._diagnostics import summarise
+from ._likelihood import log_prob_batch
+from ._problem import truncnorm_draw, truncnorm_logpdf
+
+#: mdn-is: adaptation stops after a stage whose ESS reaches this fraction of its
+#: draws (512 of 2048, 2.5x IS_ESS_MIN: on 30 APOGEE mock stars at S/N 50, 0.5 made
+#: most stars run all four stages for a median final ESS of 1340).
+IS_ADAPT_DONE = 0.25
+#: mdn-is: degrees of freedom of the adapted multivariate Student-t proposal.
+IS_DF = 5.0
+#: mdn-is: draws evaluated per jitted call.
+IS_CHUNK = 64
+
+
+def _is_log_prob(obs, tgt, x, dt):
+    """Log posterior (m,) float64 at draws ``x`` (m, kf), in IS_CHUNK-row calls."""
+    n = x.shape[0]
+    out = np.empty(n)
+    for a in range(0, n, IS_CHUNK):
+        chunk = x[a : a + IS_CHUNK]
+        m = chunk.shape[0]
+        if m < IS_CHUNK:  # one compiled shape
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], IS_CHUNK - m, 0)])
+        lp = log_prob_batch(obs, jnp.asarray(chunk, dt), tgt)
+        out[a : a + m] = np.asarray(lp, np.float64)[:m]
+    return out
+
+
+def _normalised_weights(log_w):
+    """(w (m,) summing to 1, Kish ESS) from log weights; zero weight where -inf."""
+    ok = np.isfinite(log_w)
+    if not ok.any():
+        return np.full(log_w.size, 1.0 / log_w.size), 0.0
+    w = np.where(ok, np.exp(log_w - np.max(np.where(ok, log_w, -np.inf))), 0.0)
+    w /= w.sum()
+    return w, float(1.0 / np.sum(w * w))
+
+
+def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
+    """mdn-is for one star; returns its row dict (with draws ``x`` and ``weights``).
+
+    Stage 0 draws from the MDN's Gaussians truncated to the support (``n_draws``
+    when ``n_adapt == 0``, else ``n0 = max(IS_CHUNK, n_draws // 4)``). Then up to
+    ``n_adapt`` adapted stages of ``n_draws``, each from a multivariate Student-t
+    (``IS_DF`` degrees of freedom) with the previous stage's weighted mean and
+    covariance (shrunk towards the stage-0 proposal's diagonal by ``kf + 2``
+    pseudo-samples, so that a stage with a handful of effective samples still gives
+    a usable proposal); adaptation stops after a stage whose ESS reaches
+    ``IS_ADAPT_DONE`` (1/4) of its draws. (Measured on 6 stars of the APOGEE
+    network at S/N 50: ESS after each stage of 2048 about 10-80, 30-900,
+    130-1600, 550-1600; smaller intermediate stages adapted more slowly for the
+    same cost.) Draws outside the prior's support get zero weight: that is the proposal
+    truncated to the support, its normalisation a constant that the
+    self-normalised weights do not see. The summaries, weights and ESS are the last
+    stage's; ``is_ess_mdn`` is stage 0's.
+    """
+    from scipy.stats import multivariate_t
+
+    rng = np.random.default_rng(seed)
+    lo, hi = tg["lo"], tg["hi"]
+    kf = mu.size
+    mu = np.clip(mu, lo, hi)
+    n0 = n_draws if n_adapt == 0 else max(IS_CHUNK, n_draws // 4)
+    x = truncnorm_draw(rng, mu, sd, lo, hi, n0)
+    log_q = np.sum(truncnorm_logpdf(x, mu, sd, lo, hi), axis=1)
+    log_p = _is_log_prob(obs, tgt, x, dt)
+    w, ess = _normalised_weights(log_p - log_q)
+    ess_mdn, n_evals = ess, n0
+    lp_best = np.max(log_p)
+    for _ in range(n_adapt):
+        if ess <= 0.0:
+            break
+        m = n_draws
+        mean = w @ x
+        d = x - mean
+        cov = (d * w[:, None]).T @ d / max(1.0 - np.sum(w * w), 1e-12)
+        n_prior = kf + 2.0
+        cov = (ess * cov + n_prior * np.diag(sd**2)) / (ess + n_prior)
+        prop = multivariate_t(loc=mean, shape=cov, df=IS_DF, allow_singular=True)
+        x = np.atleast_2d(prop.rvs(size=m, random_state=rng)).reshape(m, kf)
+        log_q = prop.logpdf(x)
+        log_p = _is_log_prob(obs, tgt, x, dt)
+        w, ess = _normalised_weights(log_p - log_q)
+        n_evals += m
+        lp_best = max(lp_best, np.max(log_p))
+        if ess >= IS_ADAPT_DONE * m:
+            break
+    return dict(
+        method="mdn-is",
+        x=x,
+        weights=w,
+        summary=summarise(x, w),
+        n_steps=0,
+        n_burn=0,
+        acceptance=np.nan,
+        tau=np.full(kf, np.nan),
+        rhat=np.full(kf, np.nan),
+        tau_max=np.nan,
+        rhat_max=np.nan,
+        ess=ess,
+        converged=None,  # set by the caller's threshold (ess >= ess_min)
+        n_draws=int(x.shape[0]),
+        n_evals=int(n_evals),
+        lp_best=float(lp_best) if np.isfinite(lp_best) else np.nan,
+        fallback=False,
+        is_ess=ess,
+        is_ess_mdn=ess_mdn,
+        is_max_weight=float(np.max(w)),
+    )

@@ -1,0 +1,743 @@
+"""Posterior sampling of labels, radial velocity and continuum for observed spectra.
+
+``sample(flux, flux_err, emulator, ...) -> astropy.table.Table``, one row per
+spectrum, with posterior medians, 16/84 % quantiles and sampling diagnostics.
+
+The target (one star)
+---------------------
+The parameters are those of :mod:`payne_lite.observe`, sampled in fit space:
+scaled labels ``s`` (the training box -> [-0.5, 0.5]), ``rv`` [km/s], when
+``cont_deg > 0`` the Chebyshev continuum coefficients, and with ``vsini=True`` /
+``vmacro=True`` those broadening parameters [km/s] (uniform on their ranges);
+parameters held by ``fixed`` are not sampled. The instrument options of
+:func:`payne_lite.fit` (``air``, ``resolution``, ``lsf_sigma``,
+``emulator_resolution``, ``limb_darkening``) build the same observation model. The
+log posterior is ::
+
+    log p(x | flux) = -1/2 sum_i w_i (model_i(x) - flux_i)^2 + log prior(x) + const
+
+with the optimiser's likelihood (:func:`payne_lite.fit`): the same observation model
+(:func:`payne_lite.observe.observe`), and the same weights ``w_i``: zero for masked
+pixels, non-finite flux, non-finite or non-positive errors (the fitter's
+``check_inputs``), zero for pixels not valid over the whole RV window (so that the
+pixel set does not change with rv), else ``1 / (err_i^2 + e_i^2)`` with ``e_i`` the
+emulator's own per-pixel error at the window's centre rv
+(:func:`payne_lite.observe.emulator_error_on`, ``emulator_error=True``, when the
+emulator has one).
+
+The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
+fitter's) intersected with ``rv_range``, around ``rv_c``: the LM fit's rv
+(``init="lm"``) or the MDN's mean rv (``init="mdn"`` and ``method="mdn-is"``). The
+fitter centres its window on its RV scan instead, a few km/s away at most: the
+pixel sets can differ by a pixel at the window's edges.
+
+Priors (``prior=``), all in fit space, all with rv uniform on the RV window and
+continuum coefficients uniform on ``+-CONT_BOUND`` (the optimiser's bounds) and
+broadening parameters on ``BROADENING_RANGE``:
+
+* ``"box"`` (default): labels uniform on the training box.
+* ``"mdn-uniform"``: LUCI's informed prior (Rhea et al. 2021): labels and rv
+  uniform on the MDN's mean +- ``MDN_NSIGMA`` (3) sigma, intersected with the box
+  and the RV window.
+* ``"mdn-gauss"``: labels and rv Gaussian with the MDN's mean and sigma, truncated
+  to the box and the RV window.
+
+Samplers (``method=``)
+----------------------
+``"emcee"``: the affine-invariant ensemble sampler (Foreman-Mackey et al. 2013) with
+``vectorize=True``: every log-probability call evaluates all the walkers it is given
+by ONE jitted JAX function (:func:`._likelihood.log_prob_batch`; emcee's stretch
+move calls it twice per step, with half the walkers each), compiled once per shape
+and reused for every star (the star's data are arguments, not constants). Walkers
+start in a small ball around the LM solution (``init="lm"``:
+``p_LM + BALL_SCALE * chol(C_LM) z``, reflected into the prior's support) or are
+drawn from the MDN's Gaussians (``init="mdn"``, truncated to the support). The chain
+runs in blocks of ``check_every`` steps until the convergence rule holds or
+``n_steps`` are done.
+An emcee HDF5 backend (``backend_path``, one group per star) keeps the chains; a run
+on an existing file continues each star's chain where it stopped (the data and
+settings must be the same: checked by a hash stored in the group's attributes).
+
+``"mdn-is"``: importance sampling with the MDN as proposal ``q``. Stage 0 draws
+from independent Gaussians per label and rv (the MDN's mean, its sigma times
+``is_scale``), *truncated* to the prior's support (drawn by inverse CDF; ``log q``
+includes the truncation's normalisation; clipping instead would put point masses on
+the edges that no density accounts for). Weights ``log w = log L + log prior -
+log q`` in float64 on the host, self-normalised; effective sample size is Kish's
+``(sum w)^2 / sum w^2`` (column ``is_ess_mdn`` for stage 0). The MDN's Gaussians are
+independent and, on the APOGEE network at S/N 50, about twice as wide as the
+posterior: stage 0 alone keeps ESS ~ 3-15 of 512 draws. So up to ``is_adapt``
+(default ``IS_ADAPT`` = 4) adapted stages of ``n_draws`` follow, each a
+multivariate Student-t (``IS_DF`` = 5) with the previous stage's weighted mean and
+covariance (shrunk towards stage 0's diagonal by ``kf + 2`` pseudo-samples), until
+one's ESS reaches ``IS_ADAPT_DONE`` (1/4) of its draws (:func:`._is.run_is`); draws
+outside the support get zero weight (the proposal truncated to the support: its
+normalisation is a constant that self-normalised weights do not see). The last
+stage gives the summaries, weights and ``ess``; ``n_evals`` counts every stage's
+draws. ``ISOptions(adapt=0)`` is the MDN proposal alone, ``n_draws`` of it. Stars whose
+ESS is below ``ISOptions.ess_min`` (default 200), or whose MDN gave no
+answer, are sampled again by emcee (``init`` as given, default the LM solution):
+column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
+
+``"nuts"``: the No-U-Turn sampler (Hoffman & Gelman 2014; blackjax's multinomial
+NUTS) on the same log posterior, with JAX gradients. It samples unconstrained
+coordinates ``u`` (kf,): ``x = lo + (hi - lo) sigmoid(u)`` maps R^kf onto the
+prior's support (the box, the RV window, the continuum bounds, or the MDN's
++-3 sigma), and the log density of ``u`` adds the Jacobian
+``sum log((hi - lo) sigmoid(u) sigmoid(-u))``, so a uniform prior stays uniform
+in ``x`` and trajectories meet no wall (:func:`._likelihood.log_density_u`).
+``n_chains`` (default ``NUTS_CHAINS`` = 4) chains start at the LM solution plus
+``NUTS_INIT_SCALE`` (1) x the LM covariance's square root times N(0, 1) draws
+(``init="lm"``; the MDN's Gaussians with ``init="mdn"``), each adapts its step
+size and (by default dense) inverse mass matrix with Stan's window adaptation
+(``blackjax.window_adaptation``, ``NUTSOptions.n_warmup`` = 500 steps,
+discarded), then draws in blocks of ``check_every`` (default ``NUTS_BLOCK`` =
+100) per chain until its rule holds or ``n_steps`` draws per chain are done. The
+warm-up and each block are one jitted call, vmapped over the chains; the star's
+data are arguments, so the compilation is shared by every star of the same shape.
+
+Diagnostics and the convergence rule (emcee)
+--------------------------------------------
+From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
+
+* burn-in: ``n_burn = min(ceil(BURN_TAU * tau_0), n_steps // 2)`` steps, with
+  ``tau_0`` the largest autocorrelation time of the chain's second half (walkers
+  started in a small ball need a few tau to spread out);
+* ``tau``: per parameter, emcee's integrated autocorrelation time of the kept chain
+  (``emcee.autocorr.integrated_time(..., tol=0)``: the estimate is always returned,
+  and the rule below decides whether to trust it) [steps];
+* ``ess``: per parameter ``n_walkers * n_kept / tau``; column ``ess`` is the smallest;
+* ``rhat``: split R-hat (Gelman et al. 2013) over the walkers' chains, each split
+  in halves (2 * n_walkers chains), per parameter; column ``rhat_max``;
+* ``acceptance``: emcee's mean acceptance fraction over walkers;
+* ``converged``: ``n_kept >= N_TAU_MIN * max(tau)`` (50, emcee's advice for a
+  trustworthy tau) and ``max(rhat) < RHAT_MAX`` (1.1; with 25 tau per half-chain,
+  R-hat of a converged ensemble is about 1.02, so 1.01 would reject good chains),
+  with finite tau. A :class:`SamplingWarning` names the stars that fail.
+
+For ``"mdn-is"``, ``converged`` means ``ess >= ess_min``.
+
+For ``"nuts"`` the same ``chain_diagnostics`` run on the draws (chains as walkers,
+no burn-in: the warm-up is already gone): ``tau``, ``ess`` (``n_chains * n / tau``;
+above ``n_chains * n`` when draws anticorrelate), split R-hat over the 2
+``n_chains`` half-chains; ``converged``: the smallest ESS >= ``ess_target``
+(default ``NUTS_ESS_MIN`` = 400), max split R-hat < ``NUTS_RHAT_MAX`` (1.01;
+Vehtari et al. 2021 advise both) and no divergent transition after the warm-up
+(column ``n_divergent``; one in a posterior of smooth nets means the step size
+is too large for some region, and the draws there are biased).
+
+Summaries (columns, physical units)
+-----------------------------------
+For each label, ``rv`` [km/s] and continuum coefficient: ``<name>`` = posterior
+median, ``<name>_err`` = half the 16-84 % range, ``<name>_p16``, ``<name>_p50``,
+``<name>_p84``, ``<name>_std``; with ``init="lm"`` also the LM solution
+``<name>_lm``, ``<name>_lm_err``; with an MDN ``<name>_mdn``, ``<name>_mdn_sigma``.
+Then ``method`` (per row: "emcee", "mdn-is", "nuts"), ``converged``, ``fallback``,
+``n_steps``, ``n_burn``, ``acceptance``, ``tau`` (n, k) and ``rhat`` (n, k) over
+``meta["sample_params"]``, ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
+(samples behind the summaries), ``n_evals`` (log-posterior evaluations), ``is_ess``, ``is_ess_mdn``,
+``is_max_weight`` (mdn-is: the largest normalised weight), ``n_divergent``,
+``step_size`` (median over chains), ``n_leapfrog`` (mean per draw; nuts: ``n_steps``
+= draws per chain, ``n_burn`` = warm-up steps, ``acceptance`` = mean acceptance
+statistic, ``n_evals`` = gradient evaluations with the warm-up's), ``n_good_pixels``,
+``chi2_min`` (the best sample's chi2), ``seconds``.
+
+Precision: the log probability in JAX's default float (float32 unless x64 is
+enabled): chi2 of ~7000 pixels is then resolved to ~1e-3, far below the unit
+changes that matter to a sampler. Weights and summaries are float64 on the host.
+
+References:
+    Ting, Conroy, Rix & Cargile 2019, ApJ 879, 69 ("The Payne").
+    Foreman-Mackey, Hogg, Lang & Goodman 2013, PASP 125, 306 (emcee).
+    Rhea et al. 2021, AJ 162, 4 (LUCI: MDN priors).
+    Gelman et al. 2013, Bayesian Data Analysis, 3rd ed. (split R-hat).
+    Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS).
+    Vehtari, Gelman, Simpson, Carpenter & Buerkner 2021, Bayesian Analysis 16, 667
+    (R-hat < 1.01, ESS > 400).
+    Cabezas et al. 2024, arXiv:2402.10797 (blackjax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._validate import as_float_array
+from ..emulator import Emulator
+from ..errors import SamplingWarning
+from ..fitting import fit_spectra
+from ..observe import BROADENING_START, LABEL_BOUND, RV_WINDOW, Instrument
+from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
+from ._diagnostics import N_TAU_MIN, RHAT_MAX
+from ._emcee import run_emcee
+from ._io import PosteriorSamples
+from ._is import run_is
+from ._likelihood import log_prob_batch
+from ._nuts import NUTS_INIT_SCALE, NUTS_RHAT_MAX, run_nuts
+from ._problem import (
+    BALL_SCALE,
+    Problem,
+    ball,
+    check_instrument,
+    err_from_ivar,
+    linear_continuum,
+    prepare,
+    sampler_instrument,
+    to_device,
+    truncnorm_draw,
+)
+from ._table import param_units, results_table, to_physical
+
+METHODS = ("emcee", "mdn-is", "nuts")
+
+
+def log_posterior(
+    flux,
+    flux_err,
+    emulator: Emulator,
+    params,
+    *,
+    rv_centre: float,
+    mask=None,
+    wavelength=None,
+    instrument: Instrument | None = None,
+    prior: str = "box",
+    mdn=None,
+    cont_deg: int = 0,
+    rv_range=(-500.0, 500.0),
+    rv_window: float = RV_WINDOW,
+    fixed=None,
+    emulator_error: bool = True,
+) -> np.ndarray:
+    """The log posterior :func:`sample` samples, for one spectrum, up to a constant.
+
+    Args:
+        flux, flux_err: (P,) one observed spectrum and its errors.
+        emulator: the rest-frame spectrum emulator.
+        params: (m, k) or (k,) points [physical labels, rv [km/s], continuum
+            coefficients], the parameters held by ``fixed`` left out.
+        rv_centre: centre of the RV window [km/s] (:func:`sample` uses the LM or
+            MDN rv); it also fixes the pixel set and the emulator-error shift.
+        mask, wavelength, instrument, prior, mdn, cont_deg, rv_range, rv_window,
+        fixed, emulator_error: as in :func:`sample`.
+
+    Returns:
+        (m,) float64 log posterior (``-inf`` outside the prior's support), or a
+        float for one point.
+
+    Raises:
+        ValueError: more than one spectrum, or ``params`` of the wrong width.
+    """
+    if np.ndim(flux) != 1:
+        raise ValueError(f"log_posterior takes one spectrum (P,), got {np.shape(flux)}")
+    inst = check_instrument(instrument)
+    _, wavelength = sampler_instrument(inst, fixed, emulator, wavelength)
+    pb = prepare(
+        flux, flux_err, emulator, mask=mask, wavelength=wavelength, prior=prior,
+        mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, rv_window=rv_window,
+        fixed=fixed, emulator_error=emulator_error,
+        model_options=inst.model_options(fixed, emulator),
+    )  # fmt: skip
+    x = as_float_array(params, "params", ndim=(1, 2))
+    x2 = np.atleast_2d(x)
+    kf = pb.idx.size
+    if x2.shape[1] != kf:
+        names = [pb.layout.names[j] for j in pb.idx]
+        raise ValueError(f"params {x.shape} must have {kf} columns {names}")
+    n_lab = emulator.n_labels
+    xs = x2.copy()
+    lab = pb.idx < n_lab
+    j = pb.idx[lab]
+    xs[:, lab] = (x2[:, lab] - emulator.label_lo[j]) / (
+        emulator.label_hi[j] - emulator.label_lo[j]
+    ) - 0.5
+    centre = np.zeros(len(pb.layout.names))
+    centre[n_lab] = float(rv_centre)
+    dt = pb.obs.x_obs.dtype
+    tg = pb.target(0, centre)
+    lp = np.asarray(
+        log_prob_batch(pb.obs, jnp.asarray(xs, dt), to_device(tg, dt)), np.float64
+    )
+    return lp if x.ndim == 2 else float(lp[0])
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------
+def sample(
+    flux,
+    flux_err,
+    emulator: Emulator,
+    *,
+    method: str = "emcee",
+    mask=None,
+    wavelength=None,
+    instrument: Instrument | None = None,
+    prior: str = "box",
+    mdn=None,
+    cont_deg: int = 0,
+    rv_range=(-500.0, 500.0),
+    rv_window: float = RV_WINDOW,
+    fixed=None,
+    seed: int = 0,
+    emulator_error: bool = True,
+    options: EmceeOptions | NUTSOptions | ISOptions | None = None,
+    lm_table=None,
+    return_samples: bool = False,
+    progress: bool = False,
+):
+    """Posterior samples of labels, rv (and continuum) per spectrum, summarised.
+
+    Args:
+        flux: (n, P) or (P,) observed flux on ``wavelength``.
+        flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
+            non-finite flux) give that pixel zero weight, as in :func:`fit`.
+        emulator: the rest-frame spectrum emulator.
+        method: ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` (see the module docstring).
+        mask: optional bool (P,) or (n, P), True = ignore the pixel.
+        wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
+        instrument: the observation side (:class:`payne_lite.Instrument`), as in
+            :func:`payne_lite.fit`; ``vsini`` / ``vmacro`` [km/s] are sampled with a
+            uniform prior on their ranges unless ``fixed`` holds them.
+            ``method="mdn-is"`` takes no free broadening parameter (the MDN has no
+            proposal for it).
+        prior: ``"box"``, ``"mdn-uniform"`` or ``"mdn-gauss"`` (the last two need
+            ``mdn``).
+        mdn: a :class:`payne_lite.MDN` for ``emulator`` (priors, ``init="mdn"``,
+            ``method="mdn-is"``).
+        cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
+        rv_range: (lo, hi) [km/s] for the LM fit and the RV window's limits.
+        rv_window: half-width of the RV window [km/s] (the rv prior's support).
+        fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
+        seed: seeds the walkers, emcee's generator and the draws (star i uses
+            ``seed + i``).
+        emulator_error: add the emulator's per-pixel error in quadrature (as in
+            :func:`fit`).
+        options: the sampler's settings: :class:`payne_lite.EmceeOptions`,
+            :class:`payne_lite.NUTSOptions` or :class:`payne_lite.ISOptions` (its
+            ``fallback`` holds the emcee settings of stars that fall back); None =
+            the method's defaults. Another method's options are refused.
+        lm_table: a :func:`fit` table of these spectra (same ``cont_deg``,
+            ``fixed``), to skip the LM fit of ``init="lm"``.
+        return_samples: also return a :class:`PosteriorSamples` (save it with
+            :func:`save_samples`).
+        progress: a tqdm bar over stars.
+
+        Stars that fail their convergence rule are named in a
+        :class:`payne_lite.SamplingWarning` (filter it with :mod:`warnings` to
+        silence it) and have ``converged`` False in the table.
+
+    Returns:
+        astropy Table, one row per spectrum (columns in the module docstring); with
+        ``return_samples``, ``(table, PosteriorSamples)``.
+
+    Raises:
+        ValueError: bad shapes (named), an unknown method / prior / init, a prior or
+            method that needs an MDN without one, ``mdn-is`` with a continuum, bad
+            sampler settings, a backend group from other data or settings.
+
+    Examples:
+        >>> t = sample(flux, err, emu, options=EmceeOptions(n_steps=4000))  # doctest: +SKIP
+        >>> t["Teff"], t["Teff_p16"], t["Teff_p84"], t["converged"]
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    opts = options_for(method, options)
+    inst = check_instrument(instrument)
+    # emcee's settings: its own, or those of mdn-is's fallback
+    em = opts.fallback if method == "mdn-is" else opts
+    init = getattr(em, "init", "lm")
+    if mdn is None and (init == "mdn" or method == "mdn-is"):
+        need = "init='mdn'" if init == "mdn" else "method='mdn-is'"
+        raise ValueError(f"{need} needs an mdn")
+    if method == "mdn-is" and cont_deg:
+        raise ValueError(
+            "method='mdn-is' samples no continuum (the MDN has no proposal for it): "
+            f"use cont_deg=0 or method='emcee', got cont_deg={cont_deg}"
+        )
+    broadening, wavelength = sampler_instrument(inst, fixed, emulator, wavelength)
+    inst = dataclasses.replace(
+        inst, vsini="vsini" in broadening, vmacro="vmacro" in broadening
+    )
+    free_broad = [b for b in broadening if b not in dict(fixed or {})]
+    if method == "mdn-is" and free_broad:
+        raise ValueError(
+            f"method='mdn-is' samples no broadening (the MDN has no proposal for "
+            f"{free_broad}): fix them or use method='emcee' or 'nuts'"
+        )
+    model_options = inst.model_options(fixed, emulator)
+    pb = prepare(
+        flux, flux_err, emulator, mask=mask, wavelength=wavelength, prior=prior,
+        mdn=mdn, cont_deg=cont_deg, rv_range=rv_range, rv_window=rv_window,
+        fixed=fixed, emulator_error=emulator_error, model_options=model_options,
+    )  # fmt: skip
+    n = pb.flux2.shape[0]
+    n_walkers = _n_walkers(em, pb.idx.size)
+    if lm_table is not None and len(lm_table) != n:
+        raise ValueError(f"lm_table has {len(lm_table)} rows for {n} spectra")
+    run = _Run(
+        pb=pb, method=method, init=init, em=em,
+        nuts=opts if method == "nuts" else NUTSOptions(),
+        is_opts=opts if method == "mdn-is" else ISOptions(),
+        n_walkers=n_walkers, seed=seed, lm=lm_table,
+        # the LM start: the same model (the wavelengths are vacuum already)
+        fit_options=dict(
+            wavelength=wavelength, cont_deg=cont_deg, rv_range=rv_range,
+            fixed=fixed, emulator_error=emulator_error,
+            instrument=dataclasses.replace(inst, air=False),
+        ),
+    )  # fmt: skip
+    _run_samplers(run, progress)
+    lm_used = init == "lm" and (run.lm is not None or run.lm_cache)
+    table = results_table(
+        run.rows, run.samples, run.weights, emulator, pb.layout, pb.idx, pb.fix,
+        lm=(run.lm, run.lm_cache) if lm_used else None,
+        mdn=(pb.mdn_mean, pb.mdn_sigma) if mdn is not None else None,
+        meta=dict(
+            method=method, prior=prior, init=init, cont_deg=int(cont_deg),
+            rv_window=float(rv_window), rv_range=list(pb.rv_range), seed=int(seed),
+            options=opts.to_meta(), thin=int(em.thin),
+            n_walkers=int(n_walkers) if method != "nuts" else None,
+            n_chains=run.nuts.n_chains if method == "nuts" else None,
+            emulator_error_in_likelihood=pb.perr is not None,
+            broadening=list(broadening), wavelength_air=inst.air,
+            instrument=inst.to_meta(pb.wave_obs),
+            instrumental_profile=(
+                "resolution" if inst.resolution is not None
+                else "lsf_sigma" if inst.lsf_sigma is not None else None
+            ),
+        ),
+    )  # fmt: skip
+    post = _posterior_samples(run)
+    _warn_unconverged(table, run)
+    return (table, post) if return_samples else table
+
+
+# --------------------------------------------------------------------------------------
+# sample's stages (host side)
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    """One :func:`sample` call: its settings and, per star, its results.
+
+    ``rows`` (n,) row dicts (None until a sampler ran), ``priors`` each star's
+    target dict (its prior; the last one used), ``samples`` (m_i, kf) fit-space
+    samples, ``weights`` (m_i,) or None, ``run_emcee`` (n,) bool: the stars an MCMC
+    sampler runs for (emcee, or NUTS for ``method="nuts"``; mdn-is falls back to
+    emcee).
+    """
+
+    pb: Problem
+    method: str
+    init: str  # the MCMC start: "lm" or "mdn"
+    em: EmceeOptions | NUTSOptions  # the MCMC settings (mdn-is: its fallback's)
+    nuts: NUTSOptions
+    is_opts: ISOptions
+    n_walkers: int
+    seed: int
+    fit_options: dict  # fit_spectra's keywords for the LM start
+    lm: object = None  # a fit table of all the stars, or None
+    lm_cache: dict = dataclasses.field(default_factory=dict)  # star -> _lm_row
+    bar: object = None  # the tqdm bar, or None
+
+    def __post_init__(self):
+        n = self.n
+        self.rows: list = [None] * n
+        self.priors: list = [None] * n
+        self.samples: list = [None] * n
+        self.weights: list = [None] * n
+        self.run_emcee = np.full(n, self.method in ("emcee", "nuts"))
+        if self.method == "mdn-is":
+            self.run_emcee = ~self.pb.mdn_ok  # more join after the IS pass
+
+    @property
+    def n(self) -> int:
+        return self.pb.flux2.shape[0]
+
+
+def _n_walkers(em, kf) -> int:
+    """emcee's walkers: ``EmceeOptions.n_walkers`` (>= 2 kf + 2), default
+    ``max(32, 4 kf)`` rounded up to even."""
+    n_walkers = getattr(em, "n_walkers", None)  # NUTSOptions has none
+    if n_walkers is None:
+        n_walkers = max(32, 4 * kf)
+        n_walkers += n_walkers % 2
+    elif n_walkers < 2 * kf + 2:
+        raise ValueError(
+            f"EmceeOptions.n_walkers must be >= 2 kf + 2 = {2 * kf + 2} for the "
+            f"{kf} sampled parameters, got {n_walkers}"
+        )
+    return n_walkers
+
+
+def _run_samplers(run: _Run, progress: bool) -> None:
+    """Every star's sampler: mdn-is first (``method="mdn-is"``), then emcee or NUTS
+    for the stars that need it; fills ``run``'s per-star lists."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(total=run.n, desc="sample", unit="spectrum")
+    try:
+        # 1. mdn-is for every star the MDN answers for.
+        if run.method == "mdn-is":
+            for i in np.flatnonzero(run.pb.mdn_ok):
+                _is_star(run, i)
+        # 2. emcee (or NUTS).
+        em_rows = np.flatnonzero(run.run_emcee)
+        if em_rows.size and run.init == "lm" and run.lm is None:
+            _lm_fits(run, em_rows)
+        for i in em_rows:
+            _mcmc_star(run, i)
+        # stars with neither (mdn-is, MDN failed and emcee from the MDN): failed
+        for i in range(run.n):
+            if run.rows[i] is None:
+                run.rows[i] = _failed_row("no sampler ran")
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+
+
+def _tick(run: _Run) -> None:
+    if run.bar is not None:
+        run.bar.update(1)
+
+
+def _fail(run: _Run, i, reason: str) -> None:
+    run.rows[i] = _failed_row(reason)
+    _tick(run)
+
+
+def _mdn_centre(pb: Problem, m) -> np.ndarray:
+    """(k,) fit-space point at the MDN's mean ``m`` (L + 1,) (labels clipped to the
+    box), zero elsewhere."""
+    n_lab = pb.emulator.n_labels
+    centre = np.zeros(len(pb.layout.names))
+    centre[: n_lab + 1] = m
+    centre[:n_lab] = np.clip(centre[:n_lab], -LABEL_BOUND, LABEL_BOUND)
+    return centre
+
+
+def _is_star(run: _Run, i) -> None:
+    """mdn-is for star ``i``; a star whose ESS is below ``ess_min`` is marked for
+    emcee (its row kept for the fallback columns)."""
+    pb, o = run.pb, run.is_opts
+    kf, dt = pb.idx.size, pb.obs.x_obs.dtype
+    t0 = time.perf_counter()
+    m, s = pb.mdn_fit_space(i)
+    tg = pb.target(i, _mdn_centre(pb, m))
+    run.priors[i] = tg
+    n_good = int(np.count_nonzero(tg["w"] > 0))
+    if n_good <= kf:
+        _fail(run, i, f"{n_good} usable pixels for {kf} parameters")
+        return
+    res = run_is(
+        pb.obs, to_device(tg, dt), tg, m[pb.idx], s[pb.idx] * o.scale, o.n_draws,
+        run.seed + int(i), dt, o.adapt,
+    )  # fmt: skip
+    res["seconds"] = time.perf_counter() - t0
+    res["n_good"] = n_good
+    if res["ess"] < o.ess_min:
+        run.run_emcee[i] = True
+        res["fallback_from_is"] = True
+    run.rows[i] = res
+    if not run.run_emcee[i]:
+        run.samples[i] = res.pop("x")
+        run.weights[i] = res.pop("weights")
+        _tick(run)
+
+
+def _lm_fits(run: _Run, rows) -> None:
+    """The LM starts of ``rows``: one fit of all the stars (``run.lm``), or of the
+    subset (``run.lm_cache``)."""
+    pb = run.pb
+    if rows.size == run.n:
+        run.lm = fit_spectra(
+            pb.flux2, err_from_ivar(pb.ivar), pb.emulator, **run.fit_options
+        )
+        return
+    sub = fit_spectra(
+        pb.flux2[rows], err_from_ivar(pb.ivar[rows]), pb.emulator, **run.fit_options
+    )
+    for j, i in enumerate(rows):
+        run.lm_cache[int(i)] = _lm_row(sub, j, pb.layout, pb.emulator)
+
+
+def _lm_of(run: _Run, i) -> dict:
+    if int(i) in run.lm_cache:
+        return run.lm_cache[int(i)]
+    return _lm_row(run.lm, i, run.pb.layout, run.pb.emulator)
+
+
+def _mcmc_centre(run: _Run, i):
+    """Star ``i``'s MCMC centre (k,) in fit space and its LM row (None with
+    ``init="mdn"``); None (the row failed) when the MDN gave no answer."""
+    pb = run.pb
+    if run.init == "lm":
+        lmr = _lm_of(run, i)
+        return lmr["p"], lmr
+    if not pb.mdn_ok[i]:
+        _fail(run, i, "the MDN gave no answer")
+        return None
+    m, _ = pb.mdn_fit_space(i)
+    centre = _mdn_centre(pb, m)
+    layout, obs = pb.layout, pb.obs
+    for b in layout.broadening:
+        centre[layout.names.index(b)] = BROADENING_START[b]
+    if obs.n_cont:
+        tmp = pb.target(i, centre)
+        centre[layout.cont_slice] = linear_continuum(
+            obs, centre, pb.flux2[i], tmp["w"], obs.n_cont
+        )
+    return centre, None
+
+
+def _start_points(run: _Run, i, centre, lmr, tg, rng) -> np.ndarray:
+    """(n_walkers or n_chains, kf) starting points inside the prior's support: a
+    ball around the LM solution (``init="lm"``) or the MDN's truncated Gaussians."""
+    pb = run.pb
+    idx, kf, n_lab = pb.idx, pb.idx.size, pb.emulator.n_labels
+    n_start = run.nuts.n_chains if run.method == "nuts" else run.n_walkers
+    if run.init == "lm":
+        return ball(
+            rng, centre[idx], lmr["cov"][np.ix_(idx, idx)], tg, n_start,
+            scale=NUTS_INIT_SCALE if run.method == "nuts" else BALL_SCALE,
+        )  # fmt: skip
+    m, s = pb.mdn_fit_space(i)
+    mi, si = centre[idx].copy(), np.full(kf, 1e-3)
+    nl = np.flatnonzero(idx <= n_lab)
+    mi[nl], si[nl] = m[idx[nl]], s[idx[nl]]
+    mi = np.clip(mi, tg["lo"], tg["hi"])
+    return truncnorm_draw(rng, mi, si, tg["lo"], tg["hi"], n_start)
+
+
+def _mcmc_star(run: _Run, i) -> None:
+    """emcee (or NUTS) for star ``i``; a star that fell back from mdn-is keeps its
+    IS diagnostics in the fallback columns, and its time and evaluations."""
+    pb, em = run.pb, run.em
+    kf, dt = pb.idx.size, pb.obs.x_obs.dtype
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(run.seed + int(i))
+    start = _mcmc_centre(run, i)
+    if start is None:
+        return
+    centre, lmr = start
+    if not np.all(np.isfinite(centre)):
+        _fail(run, i, "no finite starting point (LM failed)")
+        return
+    tg = pb.target(i, centre)
+    run.priors[i] = tg
+    n_good = int(np.count_nonzero(tg["w"] > 0))
+    if n_good <= kf:
+        _fail(run, i, f"{n_good} usable pixels for {kf} parameters")
+        return
+    p0 = _start_points(run, i, centre, lmr, tg, rng)
+    if run.method == "nuts":
+        nuts = run.nuts
+        res = run_nuts(
+            pb.obs, to_device(tg, dt), tg, p0, n_warmup=nuts.n_warmup,
+            n_steps=em.n_steps, block=em.check_every, ess_target=nuts.ess_target,
+            seed=run.seed + int(i), dense=nuts.dense_mass, dt=dt, thin=em.thin,
+        )  # fmt: skip
+    else:
+        res = run_emcee(
+            pb.obs, to_device(tg, dt), tg, p0, n_steps=em.n_steps,
+            check_every=em.check_every, seed=run.seed + int(i),
+            backend_path=em.backend_path, star=int(i), moves=em.moves, dt=dt,
+            thin=em.thin,
+        )  # fmt: skip
+    prev = run.rows[i]
+    res["seconds"] = (
+        time.perf_counter() - t0 + (prev["seconds"] if prev is not None else 0.0)
+    )
+    if prev is not None and prev.get("fallback_from_is"):
+        res["fallback"] = True
+        res["is_ess"] = prev["ess"]
+        res["is_ess_mdn"] = prev["is_ess_mdn"]
+        res["n_evals"] += prev["n_evals"]
+    res["n_good"] = n_good
+    run.samples[i] = res.pop("x")
+    run.weights[i] = None
+    run.rows[i] = res
+    _tick(run)
+
+
+def _posterior_samples(run: _Run) -> PosteriorSamples:
+    """The stars' samples and priors in physical units."""
+    pb = run.pb
+    emulator, layout, idx = pb.emulator, pb.layout, pb.idx
+    n_lab, k, kf = emulator.n_labels, len(layout.names), idx.size
+    names = tuple(layout.names[j] for j in idx)
+    units_all = param_units(emulator, layout)
+    units = tuple(units_all[j] for j in idx)
+    phys = []
+    for x in run.samples:
+        if x is None:
+            phys.append(np.empty((0, kf)))
+            continue
+        phys.append(to_physical(x, idx, emulator, n_lab))
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    pri = {key: [] for key in ("lo", "hi", "mu", "sd")}
+    for i in range(run.n):
+        tg = run.priors[i] if run.samples[i] is not None else None
+        if tg is None:
+            for key in pri:
+                pri[key].append(None)
+            continue
+        for key in ("lo", "hi", "mu"):
+            pri[key].append(to_physical(tg[key][None], idx, emulator, n_lab)[0])
+        with np.errstate(divide="ignore"):
+            pri["sd"].append(
+                np.where(tg["ivp"] > 0, 1.0 / np.sqrt(tg["ivp"]), np.inf) * span[idx]
+            )
+    n_ch = {"emcee": int(run.n_walkers), "nuts": run.nuts.n_chains}
+    methods_out = [r.get("method", "") for r in run.rows]
+    return PosteriorSamples(
+        names, units, phys, run.weights, methods_out,
+        n_chains=[n_ch.get(m, 0) for m in methods_out],
+        prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
+        prior_sd=pri["sd"],
+    )  # fmt: skip
+
+
+def _warn_unconverged(table, run: _Run) -> None:
+    """A :class:`SamplingWarning` naming the stars that failed their rule (at the
+    caller of :func:`sample`)."""
+    bad = np.flatnonzero(~np.asarray(table["converged"]))
+    if bad.size:
+        rules = {
+            "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < {RHAT_MAX}",
+            "mdn-is": f"mdn-is ESS >= {run.is_opts.ess_min:g}",
+            "nuts": f"nuts ESS >= {run.nuts.ess_target:g}, split R-hat < "
+            f"{NUTS_RHAT_MAX} and no divergence",
+        }
+        used = [m for m in METHODS if m in set(table["method"][bad])]
+        warnings.warn(
+            f"{bad.size} of {run.n} star(s) did not pass the convergence rule "
+            f"(rows {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}): "
+            + ", ".join(rules[m] for m in used)
+            + ("; " if used else "")
+            + "see the table's diagnostics",
+            SamplingWarning,
+            stacklevel=3,  # sample's caller
+        )
+
+
+def _lm_row(t, i, layout, emulator) -> dict:
+    """The LM solution (k,) in fit space and its covariance (k, k) in fit space."""
+    n_lab = layout.n_labels
+    k = len(layout.names)
+    phys = np.array([float(t[name][i]) for name in layout.names])
+    p = phys.copy()
+    p[:n_lab] = emulator.scale(phys[:n_lab])
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    cov = np.asarray(t["covariance"][i], np.float64) / span[:, None] / span[None, :]
+    err = np.array([float(t[f"{name}_err"][i]) for name in layout.names])
+    return dict(p=p, cov=cov, phys=phys, err=err, flags=int(t["flags"][i]))
+
+
+def _failed_row(reason: str) -> dict:
+    return dict(method="failed", failure=reason)

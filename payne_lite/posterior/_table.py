@@ -1,0 +1,222 @@
+"""The results table of :func:`payne_lite.posterior.sample`: summaries in physical
+units, diagnostics, QA flags and meta (columns in :mod:`payne_lite.posterior._sample`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..fitting import FLAG_BITS, FLAG_FAILED, FLAG_NOT_CONVERGED
+from ..observe import BROADENING_PARAMS
+from ._diagnostics import BURN_TAU, N_TAU_MIN, RHAT_MAX
+from ._nuts import NUTS_RHAT_MAX
+
+
+def to_physical(x, idx, emulator, n_lab):
+    """Fit-space points ``x`` (m, kf) over parameters ``idx`` (kf,) -> physical
+    (labels unscaled from [-0.5, 0.5]; rv, broadening and continuum unchanged)."""
+    out = np.array(x, np.float64, copy=True)
+    lab = idx < n_lab
+    j = idx[lab]
+    out[:, lab] = (x[:, lab] + 0.5) * (emulator.label_hi[j] - emulator.label_lo[j])
+    out[:, lab] += emulator.label_lo[j]
+    return out
+
+
+def param_units(emulator, layout) -> list[str]:
+    """Units of ``layout.names``: the labels', km/s for rv and broadening, "" for
+    continuum coefficients."""
+    rest = layout.names[layout.n_labels + 1 :]
+    return [
+        *emulator.label_units,
+        "km/s",
+        *("km/s" if name in BROADENING_PARAMS else "" for name in rest),
+    ]
+
+
+def results_table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta):
+    """The astropy Table of :func:`payne_lite.posterior.sample`, one row per star.
+
+    Args:
+        rows: (n,) the stars' row dicts (summaries in fit space, diagnostics).
+        samples, weights: unused (the samples travel in ``PosteriorSamples``).
+        emulator, layout: the emulator and the parameter layout (k parameters).
+        idx: (kf,) int the sampled parameters; ``fix``: ``{j: fit-space value}``.
+        lm: (LM table or None, {star: LM row}) with ``init="lm"``, else None.
+        mdn: (mean, sigma) (n, L + 1) physical, or None.
+        meta: the call's settings, stored in ``meta``.
+    """
+    from astropy.table import Table
+
+    del samples, weights
+    n = len(rows)
+    phys, span = _fit_to_physical(emulator, layout)
+    stats = _stats(rows, idx, fix, len(layout.names), phys, span)
+    t = Table()
+    _parameter_columns(t, stats, emulator, layout, lm, mdn, n)
+    _diagnostic_columns(t, rows, meta, idx.size)
+    if lm is not None:
+        flags = np.zeros(n, np.int32)
+        table_lm, cache = lm
+        for i in range(n):
+            if i in cache:
+                flags[i] = cache[i]["flags"]
+            elif table_lm is not None:
+                flags[i] = int(table_lm["flags"][i])
+        t["lm_flags"] = flags
+    t.meta.update(meta)
+    t.meta.update(
+        label_names=list(emulator.label_names),
+        label_units=list(emulator.label_units),
+        sample_params=[layout.names[j] for j in idx],
+        flag_bits={str(b): text for b, text in FLAG_BITS.items()},
+        fixed={layout.names[j]: float(phys(j, v)) for j, v in fix.items()},
+        convergence_rule=(
+            f"emcee: kept steps >= {N_TAU_MIN:g} x max tau and max split R-hat < "
+            f"{RHAT_MAX}; burn-in min(ceil({BURN_TAU:g} tau_0), n_steps // 2); "
+            f"mdn-is: Kish ESS >= ess_min; nuts: min ESS >= ess_target, max split "
+            f"R-hat < {NUTS_RHAT_MAX} over the chains, no divergent transition"
+        ),
+        reference=(
+            "Ting et al. 2019, ApJ 879, 69 (The Payne); Foreman-Mackey et al. 2013, "
+            "PASP 125, 306 (emcee); Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS); "
+            "Cabezas et al. 2024, arXiv:2402.10797 (blackjax)"
+        ),
+    )
+    return t
+
+
+def _fit_to_physical(emulator, layout):
+    """(``phys(j, v)``: parameter j's fit-space location v -> physical, ``span`` (k,):
+    the scale of a fit-space width)."""
+    n_lab = layout.n_labels
+    k = len(layout.names)
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    offset = np.concatenate([emulator.label_lo, np.zeros(k - n_lab)])
+    label_shift = np.concatenate([np.full(n_lab, 0.5), np.zeros(k - n_lab)])
+
+    def phys(j, v):  # fit space -> physical, a location
+        return (v + label_shift[j]) * span[j] + offset[j]
+
+    return phys, span
+
+
+def _stats(rows, idx, fix, k, phys, span) -> dict:
+    """p16, p50, p84, std (n, k) each, physical (fixed parameters: their value, sd 0;
+    stars with no summary: NaN)."""
+    n = len(rows)
+    stats = {s: np.full((n, k), np.nan) for s in ("p16", "p50", "p84", "std")}
+    for i, r in enumerate(rows):
+        if "summary" not in r:
+            continue
+        for col, j in enumerate(idx):
+            for s in ("p16", "p50", "p84"):
+                stats[s][i, j] = phys(j, r["summary"][s][col])
+            stats["std"][i, j] = r["summary"]["std"][col] * span[j]
+    for j, v in fix.items():
+        for s in ("p16", "p50", "p84"):
+            stats[s][:, j] = phys(j, v)
+        stats["std"][:, j] = 0.0
+    return stats
+
+
+def _parameter_columns(t, stats, emulator, layout, lm, mdn, n) -> None:
+    """Per parameter: median, err, p16/p50/p84, std, the LM's and the MDN's values."""
+    n_lab = layout.n_labels
+    units = param_units(emulator, layout)
+    for j, name in enumerate(layout.names):
+        unit = units[j] or None
+        cols = {
+            name: stats["p50"][:, j],
+            f"{name}_err": 0.5 * (stats["p84"][:, j] - stats["p16"][:, j]),
+            f"{name}_p16": stats["p16"][:, j],
+            f"{name}_p50": stats["p50"][:, j],
+            f"{name}_p84": stats["p84"][:, j],
+            f"{name}_std": stats["std"][:, j],
+        }
+        if lm is not None:
+            table_lm, cache = lm
+            vals, errs = np.full(n, np.nan), np.full(n, np.nan)
+            for i in range(n):
+                if i in cache:
+                    vals[i], errs[i] = cache[i]["phys"][j], cache[i]["err"][j]
+                elif table_lm is not None:
+                    vals[i] = float(table_lm[name][i])
+                    errs[i] = float(table_lm[f"{name}_err"][i])
+            cols[f"{name}_lm"] = vals
+            cols[f"{name}_lm_err"] = errs
+        if mdn is not None and j <= n_lab:
+            cols[f"{name}_mdn"] = mdn[0][:, j]
+            cols[f"{name}_mdn_sigma"] = mdn[1][:, j]
+        for c, v in cols.items():
+            t[c] = v
+            if unit is not None:
+                t[c].unit = unit
+
+
+def _diagnostic_columns(t, rows, meta, kf) -> None:
+    """The sampler, convergence, diagnostics, cost and QA-flag columns."""
+    n = len(rows)
+
+    def col(key, default, dtype=float):
+        return np.array([r.get(key, default) for r in rows], dtype=dtype)
+
+    method = [r.get("method", "failed") for r in rows]
+    ess = col("ess", np.nan)
+    conv = np.array(
+        [
+            bool(r["converged"])
+            if r.get("converged") is not None
+            else (
+                r.get("method") == "mdn-is" and r["ess"] >= meta["options"]["ess_min"]
+            )
+            for r in rows
+        ]
+    )
+    t["method"] = method
+    t["converged"] = conv
+    t["fallback"] = col("fallback", False, bool)
+    t["n_steps"] = col("n_steps", 0, np.int64)
+    t["n_burn"] = col("n_burn", 0, np.int64)
+    t["acceptance"] = col("acceptance", np.nan)
+    t["tau"] = np.array([r.get("tau", np.full(kf, np.nan)) for r in rows]).reshape(
+        n, kf
+    )
+    t["rhat"] = np.array([r.get("rhat", np.full(kf, np.nan)) for r in rows]).reshape(
+        n, kf
+    )
+    t["tau_max"] = col("tau_max", np.nan)
+    t["rhat_max"] = col("rhat_max", np.nan)
+    t["ess"] = ess
+    t["is_ess"] = col("is_ess", np.nan)
+    t["is_ess_mdn"] = col("is_ess_mdn", np.nan)
+    t["is_max_weight"] = col("is_max_weight", np.nan)
+    t["n_divergent"] = col("n_divergent", 0, np.int64)
+    t["step_size"] = col("step_size", np.nan)
+    t["n_leapfrog"] = col("n_leapfrog", np.nan)
+    t["n_draws"] = col("n_draws", 0, np.int64)
+    t["n_evals"] = col("n_evals", 0, np.int64)
+    t["n_good_pixels"] = col("n_good", 0, np.int64)
+    t["chi2_min"] = -2.0 * col("lp_best", np.nan)
+    t["seconds"] = col("seconds", np.nan)
+    t["failure"] = [r.get("failure", "") for r in rows]
+    # the point fits' QA bits that apply to a posterior: not converged, failed
+    failed = np.array([m == "failed" for m in method], bool)
+    t["flags"] = (
+        np.where(conv | failed, 0, FLAG_NOT_CONVERGED)
+        | np.where(failed, FLAG_FAILED, 0)
+    ).astype(np.int32)
+    t["flags"].description = "QA bitmask, see meta['flag_bits'] (bits 0 and 2 here)"
+    t["seconds"].unit = "s"
+    t["tau"].unit = "steps"
+    t["tau"].description = "integrated autocorrelation time per meta['sample_params']"
+    t["rhat"].description = "split R-hat per meta['sample_params']"
+    t["ess"].description = (
+        "effective samples: emcee and nuts min over parameters of n_chains n_kept "
+        "/ tau; mdn-is Kish's (sum w)^2 / sum w^2"
+    )
+    t["n_divergent"].description = "nuts: divergent transitions after the warm-up"
+    t["step_size"].description = "nuts: adapted step size (median over chains)"
+    t["n_leapfrog"].description = "nuts: mean leapfrog steps per draw"
+    t[
+        "chi2_min"
+    ].description = "-2 x the largest log posterior sampled (chi2 for the box prior)"
