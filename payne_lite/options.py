@@ -121,7 +121,27 @@ class _Options:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LMOptions(_Options):
+class _PointFitOptions(_Options):
+    """The settings the two point fits share (see :class:`LMOptions`)."""
+
+    max_iter: int = 100
+    batch_size: int = 256
+    n_threads: int | None = None
+    mdn_starts: int = 0
+    scale_errors: bool = False
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._set("max_iter", _int(self.max_iter, "max_iter", 1, owner))
+        self._set("batch_size", _int(self.batch_size, "batch_size", 1, owner))
+        if self.n_threads is not None:
+            self._set("n_threads", _int(self.n_threads, "n_threads", 1, owner))
+        self._set("mdn_starts", _int(self.mdn_starts, "mdn_starts", 0, owner))
+        self._set("scale_errors", _bool(self.scale_errors, "scale_errors", owner))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMOptions(_PointFitOptions):
     """Batched Levenberg-Marquardt in JAX (``method="lm"``).
 
     Args:
@@ -142,30 +162,19 @@ class LMOptions(_Options):
     """
 
     method = "lm"
-    max_iter: int = 100
-    batch_size: int = 256
-    n_threads: int | None = None
-    mdn_starts: int = 0
     continuum: str = "fit"
-    scale_errors: bool = False
 
     def __post_init__(self):
-        owner = type(self).__name__
-        self._set("max_iter", _int(self.max_iter, "max_iter", 1, owner))
-        self._set("batch_size", _int(self.batch_size, "batch_size", 1, owner))
-        if self.n_threads is not None:
-            self._set("n_threads", _int(self.n_threads, "n_threads", 1, owner))
-        self._set("mdn_starts", _int(self.mdn_starts, "mdn_starts", 0, owner))
+        super().__post_init__()
         if self.continuum not in CONTINUUM_MODES:
             raise ValueError(
-                f"{owner}.continuum must be one of {CONTINUUM_MODES}, "
+                f"{type(self).__name__}.continuum must be one of {CONTINUUM_MODES}, "
                 f"got {self.continuum!r}"
             )
-        self._set("scale_errors", _bool(self.scale_errors, "scale_errors", owner))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CurveFitOptions(_Options):
+class CurveFitOptions(_PointFitOptions):
     """``scipy.optimize.curve_fit`` (trf) with a JAX Jacobian, one star at a time
     (``method="curve_fit"``).
 
@@ -178,20 +187,6 @@ class CurveFitOptions(_Options):
     """
 
     method = "curve_fit"
-    max_iter: int = 100
-    batch_size: int = 256
-    n_threads: int | None = None
-    mdn_starts: int = 0
-    scale_errors: bool = False
-
-    def __post_init__(self):
-        owner = type(self).__name__
-        self._set("max_iter", _int(self.max_iter, "max_iter", 1, owner))
-        self._set("batch_size", _int(self.batch_size, "batch_size", 1, owner))
-        if self.n_threads is not None:
-            self._set("n_threads", _int(self.n_threads, "n_threads", 1, owner))
-        self._set("mdn_starts", _int(self.mdn_starts, "mdn_starts", 0, owner))
-        self._set("scale_errors", _bool(self.scale_errors, "scale_errors", owner))
 
 
 def _check_init(self, owner: str) -> None:
