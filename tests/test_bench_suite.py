@@ -316,10 +316,18 @@ def test_committed_references_are_valid():
 
 
 # --- end to end: the quick suite as CI runs it -----------------------------------
+#: The sections CI runs end to end (all but "posterior").
+CI_SECTIONS = ("emulator", "throughput", "fit", "mdn")
+
+
 @pytest.mark.slow
 def test_quick_suite_end_to_end(tmp_path, capsys):
     """``payne-lite bench --quick`` passes against the committed reference, and an
-    injected regression in its reference makes the same results fail."""
+    injected regression in its reference makes the same results fail.
+
+    CI runs every section but the posterior one (~2.5 of the suite's ~4 minutes:
+    samplers run to an ESS target); its gates run in ``payne-lite bench --quick``
+    itself, and the samplers' correctness is asserted in tests/test_sample.py."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
@@ -334,12 +342,14 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
             "bench",
             "--quick",
             "--no-progress",
+            "--only",
+            *CI_SECTIONS,
             "-o",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=1500,  # ~2 min + the posterior section's samplers (~4 min)
+        timeout=1500,  # ~2 min
         env=env,
         check=False,
     )
@@ -348,7 +358,8 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["comparison"]["regressions"] == [], log
     setup = res["setup"]
-    for name in ("emulator", "throughput", "fit", "mdn", "posterior"):
+    assert sorted(res["sections"]) == sorted(CI_SECTIONS)
+    for name in CI_SECTIONS:
         assert res["sections"][name]["status"] == "ok", (name, res["sections"][name])
     ref = suite.load_reference(suite.REFERENCE["quick"])
     assert setup in ref["setups"], f"no committed quick reference for {setup}"

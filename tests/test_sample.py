@@ -29,6 +29,7 @@ import payne_lite as pl
 from payne_lite import Emulator, PixelNet
 from payne_lite import fit as pl_fit
 from payne_lite.errors import SamplingWarning
+from payne_lite.fitting import FLAG_FAILED
 from payne_lite.observe import build_obs_model, window_valid
 from payne_lite.posterior import _diagnostics as diag_mod
 from payne_lite.posterior import _likelihood as lik_mod
@@ -282,6 +283,54 @@ def test_mdn_is_low_ess_falls_back_to_emcee(toy):
     assert t["is_ess"][0] < pl.ISOptions().ess_min
     assert bool(t["converged"][0])
     _check_recovered(t, TINY_NAMES, mean, sd, tol=0.1)
+
+
+def test_failed_and_fallback_stars_give_complete_rows(toy):
+    """Three stars through mdn-is: one it samples, one whose ESS is too low (emcee's
+    fallback), one with no usable pixel (all NaN: "failed"). Every row has every
+    column, no masked cell: the methods' own values, the fallback's IS diagnostics,
+    the failed star's defaults (NaN, 0, its reason, the FAILED flag)."""
+    emu, flux, err, mean, sd = toy
+    a, c = linear_parts(emu)
+    far = a @ (emu.scale(mean) + 0.3) + c  # far from the MDN's proposal
+    fluxes = np.stack([flux, far, np.full_like(flux, np.nan)])
+    mdn = StandInMDN(np.r_[mean, 0.0], np.r_[1.2 * sd, 1.0])
+    opts = pl.ISOptions(
+        n_draws=512, fallback=pl.EmceeOptions(n_steps=400, check_every=200)
+    )
+    with pytest.warns(SamplingWarning, match="did not pass"):
+        t, post = sample(
+            fluxes, np.stack([err] * 3), emu, method="mdn-is", mdn=mdn,
+            fixed={"rv": 0.0}, seed=2, options=opts, return_samples=True,
+        )  # fmt: skip
+    assert list(t["method"]) == ["mdn-is", "emcee", "failed"]
+    assert list(t["fallback"]) == [False, True, False]
+    assert not t.has_masked_values and len(t) == 3
+    for name in ("n_steps", "n_burn", "n_divergent", "n_draws", "n_evals"):
+        assert t[name].dtype == np.int64, name
+    assert t["tau"].shape == t["rhat"].shape == (3, 3)
+    # the IS star
+    assert bool(t["converged"][0]) and t["is_ess"][0] == t["ess"][0] >= 200
+    assert np.all(np.isnan(t["tau"][0])) and t["n_steps"][0] == 0
+    # the fallback: emcee's chain, the IS run's ESS, both runs' cost
+    fb = t[1]
+    assert fb["is_ess"] < opts.ess_min and np.isfinite(fb["is_ess_mdn"])
+    assert fb["n_steps"] == 400 and np.all(np.isfinite(fb["tau"]))
+    n_emcee = 400 * post.n_chains[1]  # steps x walkers; then IS's 128 + <= 4 x 512
+    assert n_emcee + 128 <= fb["n_evals"] <= n_emcee + 128 + opts.adapt * 512
+    assert np.isnan(fb["is_max_weight"]) and fb["failure"] == ""
+    assert fb["n_good_pixels"] == emu.n_pix and fb["seconds"] > 0
+    assert all(np.isfinite(fb[f"{n}_{s}"]) for n in TINY_NAMES for s in ("p50", "lm"))
+    # the failed star: defaults, and why
+    bad = t[2]
+    assert bad["failure"] == "0 usable pixels for 3 parameters"
+    assert bad["flags"] & FLAG_FAILED and not bad["converged"]
+    assert np.isnan(bad["ess"]) and np.all(np.isnan(bad["tau"]))
+    assert bad["n_draws"] == bad["n_evals"] == bad["n_good_pixels"] == 0
+    assert np.isnan(bad["Teff"]) and bad["rv"] == 0.0  # rv held fixed
+    assert post.method == ["mdn-is", "emcee", "failed"]
+    assert post.weights[1] is None and post.weights[2] is None
+    assert post.samples[2].shape == (0, 3) and post.prior_lo[2] is None
 
 
 # --------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 ``_sample`` (:func:`sample`, :func:`log_posterior`; the method's description),
 ``_likelihood`` (the jitted log posterior), ``_problem`` (inputs, per-star targets,
 starting points), ``_emcee`` / ``_nuts`` / ``_is`` (one star's sampler),
-``_diagnostics`` (convergence diagnostics), ``_table`` (the results table), ``_io``
+``_diagnostics`` (convergence diagnostics), ``_rows`` (what a sampler reports per
+star: ``StarDraws``, ``LMSolution``), ``_table`` (the results table), ``_io``
 (:class:`PosteriorSamples`, :func:`save_samples`, :func:`load_samples`).
 """
 

@@ -4,6 +4,8 @@ convergence rule, Kish's ESS and (weighted) quantile summaries, float64 NumPy
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 #: Converged (emcee): kept steps >= N_TAU_MIN * the largest autocorrelation time ...
@@ -135,8 +137,25 @@ def weighted_quantiles(x, q, weights=None) -> np.ndarray:
     return out
 
 
-def summarise(x, w) -> dict:
-    """p16, p50, p84, mean, std (kf,) each, in fit space."""
+class Summary(NamedTuple):
+    """Quantiles and moments of one star's draws, per parameter.
+
+    Attributes:
+        p16, p50, p84: (kf,) the 16, 50 and 84 % quantiles.
+        mean: (kf,) the mean.
+        std: (kf,) the standard deviation.
+    """
+
+    p16: np.ndarray
+    p50: np.ndarray
+    p84: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def summarise(x, w) -> Summary:
+    """The :class:`Summary` of draws ``x`` (m, kf), weighted by ``w`` (m,) or
+    None (equal weights), in the draws' units (fit space)."""
     q = weighted_quantiles(x, [0.16, 0.5, 0.84], w)
     if w is None:
         mean = np.mean(x, axis=0)
@@ -144,4 +163,4 @@ def summarise(x, w) -> dict:
     else:
         mean = w @ x
         std = np.sqrt(np.maximum(w @ (x - mean) ** 2, 0.0))
-    return dict(p16=q[0], p50=q[1], p84=q[2], mean=mean, std=std)
+    return Summary(p16=q[0], p50=q[1], p84=q[2], mean=mean, std=std)

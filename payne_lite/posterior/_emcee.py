@@ -11,6 +11,7 @@ import numpy as np
 
 from ._diagnostics import chain_diagnostics, summarise
 from ._likelihood import log_prob_batch
+from ._rows import StarDraws
 
 
 def _data_hash(flux, w, lo, hi, mu, ivp, base) -> str:
@@ -22,7 +23,8 @@ def _data_hash(flux, w, lo, hi, mu, ivp, base) -> str:
 
 def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, star,
                moves, dt, thin):  # fmt: skip
-    """One star's ensemble; returns its row dict (with the kept samples ``x``)."""
+    """One star's ensemble: its :class:`StarDraws` (with the kept samples ``x``;
+    ``n_good`` and ``seconds`` are the caller's)."""
     import emcee
 
     n_walkers, kf = p0.shape
@@ -85,7 +87,7 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
     kept = chain[diag["n_burn"] :]
     best = np.nanmax(log_p[diag["n_burn"] :])
     xk = kept[::thin].reshape(-1, kf)
-    return dict(
+    return StarDraws(
         method="emcee",
         x=xk,
         summary=summarise(kept.reshape(-1, kf), None),
@@ -101,7 +103,4 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
         n_draws=int(kept.shape[0] * n_walkers),
         n_evals=int(sampler.iteration * n_walkers),
         lp_best=float(best),
-        fallback=False,
-        is_ess=np.nan,
-        is_max_weight=np.nan,
     )

@@ -9,6 +9,7 @@ import numpy as np
 from ._diagnostics import summarise
 from ._likelihood import log_prob_batch
 from ._problem import truncnorm_draw, truncnorm_logpdf
+from ._rows import StarDraws
 
 #: mdn-is: adaptation stops after a stage whose ESS reaches this fraction of its
 #: draws (512 of 2048, 2.5x IS_ESS_MIN: on 30 APOGEE mock stars at S/N 50, 0.5 made
@@ -45,7 +46,8 @@ def _normalised_weights(log_w):
 
 
 def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
-    """mdn-is for one star; returns its row dict (with draws ``x`` and ``weights``).
+    """mdn-is for one star: its :class:`StarDraws` (with draws ``x`` and ``weights``;
+    ``converged``, ``fallback``, ``n_good`` and ``seconds`` are the caller's).
 
     Stage 0 draws from the MDN's Gaussians truncated to the support (``n_draws``
     when ``n_adapt == 0``, else ``n0 = max(IS_CHUNK, n_draws // 4)``). Then up to
@@ -93,24 +95,17 @@ def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
         lp_best = max(lp_best, np.max(log_p))
         if ess >= IS_ADAPT_DONE * m:
             break
-    return dict(
+    return StarDraws(
         method="mdn-is",
         x=x,
         weights=w,
         summary=summarise(x, w),
-        n_steps=0,
-        n_burn=0,
-        acceptance=np.nan,
         tau=np.full(kf, np.nan),
         rhat=np.full(kf, np.nan),
-        tau_max=np.nan,
-        rhat_max=np.nan,
         ess=ess,
-        converged=None,  # set by the caller's threshold (ess >= ess_min)
         n_draws=int(x.shape[0]),
         n_evals=int(n_evals),
         lp_best=float(lp_best) if np.isfinite(lp_best) else np.nan,
-        fallback=False,
         is_ess=ess,
         is_ess_mdn=ess_mdn,
         is_max_weight=float(np.max(w)),

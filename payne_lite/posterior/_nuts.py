@@ -13,6 +13,7 @@ import numpy as np
 from ..observe import ObsModel
 from ._diagnostics import chain_diagnostics, summarise
 from ._likelihood import Target, log_density_u
+from ._rows import StarDraws
 
 #: nuts converged: the smallest ESS reaches ``ess_target`` (NUTSOptions), ...
 #: ... the largest split R-hat over the chains is below this (Vehtari et al. 2021) ...
@@ -97,7 +98,8 @@ def _nuts_draws(obs: ObsModel, t: Target, keys, state, step_size, imm, *, n_draw
 # --------------------------------------------------------------------------------------
 def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
               dense, dt, thin):  # fmt: skip
-    """One star's NUTS chains; returns its row dict (with the kept samples ``x``).
+    """One star's NUTS chains: its :class:`StarDraws` (with the kept samples ``x``;
+    ``n_good`` and ``seconds`` are the caller's).
 
     ``x0`` (C, kf) starting points in fit space, inside the support. Warm-up by
     window adaptation, then blocks of ``block`` draws per chain until the rule
@@ -147,7 +149,7 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
     )
     lp = lp_u - log_jac
     n_int = np.concatenate(nint, axis=1)
-    return dict(
+    return StarDraws(
         method="nuts",
         x=chain[::thin].reshape(-1, kf),
         summary=summarise(chain.reshape(-1, kf), None),
@@ -166,7 +168,4 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
         n_divergent=n_div,
         step_size=float(np.median(np.asarray(eps, np.float64))),
         n_leapfrog=float(np.mean(n_int)),
-        fallback=False,
-        is_ess=np.nan,
-        is_max_weight=np.nan,
     )

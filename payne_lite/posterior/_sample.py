@@ -190,6 +190,7 @@ from ._problem import (
     to_device,
     truncnorm_draw,
 )
+from ._rows import LMSolution, StarDraws, failed_star
 from ._table import param_units, results_table, to_physical
 
 METHODS = ("emcee", "mdn-is", "nuts")
@@ -394,7 +395,7 @@ def sample(
     _run_samplers(run, progress)
     lm_used = init == "lm" and (run.lm is not None or run.lm_cache)
     table = results_table(
-        run.rows, run.samples, run.weights, emulator, pb.layout, pb.idx, pb.fix,
+        run.rows, emulator, pb.layout, pb.idx, pb.fix,
         lm=(run.lm, run.lm_cache) if lm_used else None,
         mdn=(pb.mdn_mean, pb.mdn_sigma) if mdn is not None else None,
         meta=dict(
@@ -424,11 +425,11 @@ def sample(
 class _Run:
     """One :func:`sample` call: its settings and, per star, its results.
 
-    ``rows`` (n,) row dicts (None until a sampler ran), ``priors`` each star's
-    target dict (its prior; the last one used), ``samples`` (m_i, kf) fit-space
-    samples, ``weights`` (m_i,) or None, ``run_emcee`` (n,) bool: the stars an MCMC
-    sampler runs for (emcee, or NUTS for ``method="nuts"``; mdn-is falls back to
-    emcee).
+    ``rows`` (n,) each star's :class:`StarDraws` (None until a sampler ran; its
+    draws ``x`` (m_i, kf) in fit space, ``weights`` (m_i,) or None), ``priors``
+    each star's target dict (its prior; the last one used), ``run_emcee`` (n,)
+    bool: the stars an MCMC sampler runs for (emcee, or NUTS for
+    ``method="nuts"``; mdn-is falls back to emcee).
     """
 
     pb: Problem
@@ -441,15 +442,14 @@ class _Run:
     seed: int
     fit_options: dict  # fit_spectra's keywords for the LM start
     lm: object = None  # a fit table of all the stars, or None
-    lm_cache: dict = dataclasses.field(default_factory=dict)  # star -> _lm_row
+    # star -> its LMSolution, when only some stars were fitted
+    lm_cache: dict[int, LMSolution] = dataclasses.field(default_factory=dict)
     bar: object = None  # the tqdm bar, or None
 
     def __post_init__(self):
         n = self.n
-        self.rows: list = [None] * n
+        self.rows: list[StarDraws | None] = [None] * n
         self.priors: list = [None] * n
-        self.samples: list = [None] * n
-        self.weights: list = [None] * n
         self.run_emcee = np.full(n, self.method in ("emcee", "nuts"))
         if self.method == "mdn-is":
             self.run_emcee = ~self.pb.mdn_ok  # more join after the IS pass
@@ -495,7 +495,7 @@ def _run_samplers(run: _Run, progress: bool) -> None:
         # stars with neither (mdn-is, MDN failed and emcee from the MDN): failed
         for i in range(run.n):
             if run.rows[i] is None:
-                run.rows[i] = _failed_row("no sampler ran")
+                run.rows[i] = failed_star("no sampler ran")
     finally:
         if run.bar is not None:
             run.bar.close()
@@ -507,7 +507,7 @@ def _tick(run: _Run) -> None:
 
 
 def _fail(run: _Run, i, reason: str) -> None:
-    run.rows[i] = _failed_row(reason)
+    run.rows[i] = failed_star(reason)
     _tick(run)
 
 
@@ -523,7 +523,7 @@ def _mdn_centre(pb: Problem, m) -> np.ndarray:
 
 def _is_star(run: _Run, i) -> None:
     """mdn-is for star ``i``; a star whose ESS is below ``ess_min`` is marked for
-    emcee (its row kept for the fallback columns)."""
+    emcee (its record kept, ``fallback`` True, for the fallback columns)."""
     pb, o = run.pb, run.is_opts
     kf, dt = pb.idx.size, pb.obs.x_obs.dtype
     t0 = time.perf_counter()
@@ -538,15 +538,14 @@ def _is_star(run: _Run, i) -> None:
         pb.obs, to_device(tg, dt), tg, m[pb.idx], s[pb.idx] * o.scale, o.n_draws,
         run.seed + int(i), dt, o.adapt,
     )  # fmt: skip
-    res["seconds"] = time.perf_counter() - t0
-    res["n_good"] = n_good
-    if res["ess"] < o.ess_min:
+    fallback = bool(res.ess < o.ess_min)
+    run.rows[i] = res._replace(
+        converged=not fallback, fallback=fallback, n_good=n_good,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+    if fallback:
         run.run_emcee[i] = True
-        res["fallback_from_is"] = True
-    run.rows[i] = res
-    if not run.run_emcee[i]:
-        run.samples[i] = res.pop("x")
-        run.weights[i] = res.pop("weights")
+    else:
         _tick(run)
 
 
@@ -566,7 +565,7 @@ def _lm_fits(run: _Run, rows) -> None:
         run.lm_cache[int(i)] = _lm_row(sub, j, pb.layout, pb.emulator)
 
 
-def _lm_of(run: _Run, i) -> dict:
+def _lm_of(run: _Run, i) -> LMSolution:
     if int(i) in run.lm_cache:
         return run.lm_cache[int(i)]
     return _lm_row(run.lm, i, run.pb.layout, run.pb.emulator)
@@ -578,7 +577,7 @@ def _mcmc_centre(run: _Run, i):
     pb = run.pb
     if run.init == "lm":
         lmr = _lm_of(run, i)
-        return lmr["p"], lmr
+        return lmr.p, lmr
     if not pb.mdn_ok[i]:
         _fail(run, i, "the MDN gave no answer")
         return None
@@ -603,7 +602,7 @@ def _start_points(run: _Run, i, centre, lmr, tg, rng) -> np.ndarray:
     n_start = run.nuts.n_chains if run.method == "nuts" else run.n_walkers
     if run.init == "lm":
         return ball(
-            rng, centre[idx], lmr["cov"][np.ix_(idx, idx)], tg, n_start,
+            rng, centre[idx], lmr.cov[np.ix_(idx, idx)], tg, n_start,
             scale=NUTS_INIT_SCALE if run.method == "nuts" else BALL_SCALE,
         )  # fmt: skip
     m, s = pb.mdn_fit_space(i)
@@ -649,19 +648,16 @@ def _mcmc_star(run: _Run, i) -> None:
             backend_path=em.backend_path, star=int(i), moves=em.moves, dt=dt,
             thin=em.thin,
         )  # fmt: skip
-    prev = run.rows[i]
-    res["seconds"] = (
-        time.perf_counter() - t0 + (prev["seconds"] if prev is not None else 0.0)
-    )
-    if prev is not None and prev.get("fallback_from_is"):
-        res["fallback"] = True
-        res["is_ess"] = prev["ess"]
-        res["is_ess_mdn"] = prev["is_ess_mdn"]
-        res["n_evals"] += prev["n_evals"]
-    res["n_good"] = n_good
-    run.samples[i] = res.pop("x")
-    run.weights[i] = None
-    run.rows[i] = res
+    seconds = time.perf_counter() - t0
+    prev = run.rows[i]  # an mdn-is record handed over (fallback), or None
+    if prev is not None:
+        seconds += prev.seconds
+    if prev is not None and prev.fallback:
+        res = res._replace(
+            fallback=True, is_ess=prev.ess, is_ess_mdn=prev.is_ess_mdn,
+            n_evals=res.n_evals + prev.n_evals,
+        )  # fmt: skip
+    run.rows[i] = res._replace(n_good=n_good, seconds=seconds)
     _tick(run)
 
 
@@ -674,15 +670,15 @@ def _posterior_samples(run: _Run) -> PosteriorSamples:
     units_all = param_units(emulator, layout)
     units = tuple(units_all[j] for j in idx)
     phys = []
-    for x in run.samples:
-        if x is None:
+    for r in run.rows:
+        if r.x is None:
             phys.append(np.empty((0, kf)))
             continue
-        phys.append(to_physical(x, idx, emulator, n_lab))
+        phys.append(to_physical(r.x, idx, emulator, n_lab))
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     pri = {key: [] for key in ("lo", "hi", "mu", "sd")}
     for i in range(run.n):
-        tg = run.priors[i] if run.samples[i] is not None else None
+        tg = run.priors[i] if run.rows[i].x is not None else None
         if tg is None:
             for key in pri:
                 pri[key].append(None)
@@ -694,9 +690,9 @@ def _posterior_samples(run: _Run) -> PosteriorSamples:
                 np.where(tg["ivp"] > 0, 1.0 / np.sqrt(tg["ivp"]), np.inf) * span[idx]
             )
     n_ch = {"emcee": int(run.n_walkers), "nuts": run.nuts.n_chains}
-    methods_out = [r.get("method", "") for r in run.rows]
+    methods_out = [r.method for r in run.rows]
     return PosteriorSamples(
-        names, units, phys, run.weights, methods_out,
+        names, units, phys, [r.weights for r in run.rows], methods_out,
         n_chains=[n_ch.get(m, 0) for m in methods_out],
         prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
         prior_sd=pri["sd"],
@@ -726,8 +722,8 @@ def _warn_unconverged(table, run: _Run) -> None:
         )
 
 
-def _lm_row(t, i, layout, emulator) -> dict:
-    """The LM solution (k,) in fit space and its covariance (k, k) in fit space."""
+def _lm_row(t, i, layout, emulator) -> LMSolution:
+    """Star ``i``'s LM solution from the fit table ``t``, in fit space and physical."""
     n_lab = layout.n_labels
     k = len(layout.names)
     phys = np.array([float(t[name][i]) for name in layout.names])
@@ -736,8 +732,4 @@ def _lm_row(t, i, layout, emulator) -> dict:
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     cov = np.asarray(t["covariance"][i], np.float64) / span[:, None] / span[None, :]
     err = np.array([float(t[f"{name}_err"][i]) for name in layout.names])
-    return dict(p=p, cov=cov, phys=phys, err=err, flags=int(t["flags"][i]))
-
-
-def _failed_row(reason: str) -> dict:
-    return dict(method="failed", failure=reason)
+    return LMSolution(p=p, cov=cov, phys=phys, err=err, flags=int(t["flags"][i]))

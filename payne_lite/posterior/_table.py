@@ -9,6 +9,7 @@ from ..fitting import FLAG_BITS, FLAG_FAILED, FLAG_NOT_CONVERGED
 from ..observe import BROADENING_PARAMS
 from ._diagnostics import BURN_TAU, N_TAU_MIN, RHAT_MAX
 from ._nuts import NUTS_RHAT_MAX
+from ._rows import StarDraws
 
 
 def to_physical(x, idx, emulator, n_lab):
@@ -33,33 +34,33 @@ def param_units(emulator, layout) -> list[str]:
     ]
 
 
-def results_table(rows, samples, weights, emulator, layout, idx, fix, *, lm, mdn, meta):
+def results_table(rows: list[StarDraws], emulator, layout, idx, fix, *, lm, mdn, meta):
     """The astropy Table of :func:`payne_lite.posterior.sample`, one row per star.
 
     Args:
-        rows: (n,) the stars' row dicts (summaries in fit space, diagnostics).
-        samples, weights: unused (the samples travel in ``PosteriorSamples``).
+        rows: (n,) the stars' :class:`StarDraws` (summaries in fit space,
+            diagnostics; the draws themselves travel in ``PosteriorSamples``).
         emulator, layout: the emulator and the parameter layout (k parameters).
         idx: (kf,) int the sampled parameters; ``fix``: ``{j: fit-space value}``.
-        lm: (LM table or None, {star: LM row}) with ``init="lm"``, else None.
+        lm: (LM table or None, {star: :class:`LMSolution`}) with ``init="lm"``,
+            else None.
         mdn: (mean, sigma) (n, L + 1) physical, or None.
         meta: the call's settings, stored in ``meta``.
     """
     from astropy.table import Table
 
-    del samples, weights
     n = len(rows)
     phys, span = _fit_to_physical(emulator, layout)
     stats = _stats(rows, idx, fix, len(layout.names), phys, span)
     t = Table()
     _parameter_columns(t, stats, emulator, layout, lm, mdn, n)
-    _diagnostic_columns(t, rows, meta, idx.size)
+    _diagnostic_columns(t, rows, idx.size)
     if lm is not None:
         flags = np.zeros(n, np.int32)
         table_lm, cache = lm
         for i in range(n):
             if i in cache:
-                flags[i] = cache[i]["flags"]
+                flags[i] = cache[i].flags
             elif table_lm is not None:
                 flags[i] = int(table_lm["flags"][i])
         t["lm_flags"] = flags
@@ -100,18 +101,19 @@ def _fit_to_physical(emulator, layout):
     return phys, span
 
 
-def _stats(rows, idx, fix, k, phys, span) -> dict:
+def _stats(rows: list[StarDraws], idx, fix, k, phys, span) -> dict:
     """p16, p50, p84, std (n, k) each, physical (fixed parameters: their value, sd 0;
     stars with no summary: NaN)."""
     n = len(rows)
     stats = {s: np.full((n, k), np.nan) for s in ("p16", "p50", "p84", "std")}
     for i, r in enumerate(rows):
-        if "summary" not in r:
+        q = r.summary
+        if q is None:
             continue
-        for col, j in enumerate(idx):
-            for s in ("p16", "p50", "p84"):
-                stats[s][i, j] = phys(j, r["summary"][s][col])
-            stats["std"][i, j] = r["summary"]["std"][col] * span[j]
+        stats["p16"][i, idx] = phys(idx, q.p16)
+        stats["p50"][i, idx] = phys(idx, q.p50)
+        stats["p84"][i, idx] = phys(idx, q.p84)
+        stats["std"][i, idx] = q.std * span[idx]
     for j, v in fix.items():
         for s in ("p16", "p50", "p84"):
             stats[s][:, j] = phys(j, v)
@@ -138,7 +140,7 @@ def _parameter_columns(t, stats, emulator, layout, lm, mdn, n) -> None:
             vals, errs = np.full(n, np.nan), np.full(n, np.nan)
             for i in range(n):
                 if i in cache:
-                    vals[i], errs[i] = cache[i]["phys"][j], cache[i]["err"][j]
+                    vals[i], errs[i] = cache[i].phys[j], cache[i].err[j]
                 elif table_lm is not None:
                     vals[i] = float(table_lm[name][i])
                     errs[i] = float(table_lm[f"{name}_err"][i])
@@ -153,52 +155,39 @@ def _parameter_columns(t, stats, emulator, layout, lm, mdn, n) -> None:
                 t[c].unit = unit
 
 
-def _diagnostic_columns(t, rows, meta, kf) -> None:
+def _diagnostic_columns(t, rows: list[StarDraws], kf) -> None:
     """The sampler, convergence, diagnostics, cost and QA-flag columns."""
     n = len(rows)
+    no_chain = np.full(kf, np.nan)  # tau, rhat of a failed star
 
-    def col(key, default, dtype=float):
-        return np.array([r.get(key, default) for r in rows], dtype=dtype)
+    def col(values, dtype=float):
+        return np.array(list(values), dtype=dtype)
 
-    method = [r.get("method", "failed") for r in rows]
-    ess = col("ess", np.nan)
-    conv = np.array(
-        [
-            bool(r["converged"])
-            if r.get("converged") is not None
-            else (
-                r.get("method") == "mdn-is" and r["ess"] >= meta["options"]["ess_min"]
-            )
-            for r in rows
-        ]
-    )
+    method = [r.method for r in rows]
+    conv = col((r.converged for r in rows), bool)
     t["method"] = method
     t["converged"] = conv
-    t["fallback"] = col("fallback", False, bool)
-    t["n_steps"] = col("n_steps", 0, np.int64)
-    t["n_burn"] = col("n_burn", 0, np.int64)
-    t["acceptance"] = col("acceptance", np.nan)
-    t["tau"] = np.array([r.get("tau", np.full(kf, np.nan)) for r in rows]).reshape(
-        n, kf
-    )
-    t["rhat"] = np.array([r.get("rhat", np.full(kf, np.nan)) for r in rows]).reshape(
-        n, kf
-    )
-    t["tau_max"] = col("tau_max", np.nan)
-    t["rhat_max"] = col("rhat_max", np.nan)
-    t["ess"] = ess
-    t["is_ess"] = col("is_ess", np.nan)
-    t["is_ess_mdn"] = col("is_ess_mdn", np.nan)
-    t["is_max_weight"] = col("is_max_weight", np.nan)
-    t["n_divergent"] = col("n_divergent", 0, np.int64)
-    t["step_size"] = col("step_size", np.nan)
-    t["n_leapfrog"] = col("n_leapfrog", np.nan)
-    t["n_draws"] = col("n_draws", 0, np.int64)
-    t["n_evals"] = col("n_evals", 0, np.int64)
-    t["n_good_pixels"] = col("n_good", 0, np.int64)
-    t["chi2_min"] = -2.0 * col("lp_best", np.nan)
-    t["seconds"] = col("seconds", np.nan)
-    t["failure"] = [r.get("failure", "") for r in rows]
+    t["fallback"] = col((r.fallback for r in rows), bool)
+    t["n_steps"] = col((r.n_steps for r in rows), np.int64)
+    t["n_burn"] = col((r.n_burn for r in rows), np.int64)
+    t["acceptance"] = col(r.acceptance for r in rows)
+    t["tau"] = col(no_chain if r.tau is None else r.tau for r in rows).reshape(n, kf)
+    t["rhat"] = col(no_chain if r.rhat is None else r.rhat for r in rows).reshape(n, kf)
+    t["tau_max"] = col(r.tau_max for r in rows)
+    t["rhat_max"] = col(r.rhat_max for r in rows)
+    t["ess"] = col(r.ess for r in rows)
+    t["is_ess"] = col(r.is_ess for r in rows)
+    t["is_ess_mdn"] = col(r.is_ess_mdn for r in rows)
+    t["is_max_weight"] = col(r.is_max_weight for r in rows)
+    t["n_divergent"] = col((r.n_divergent for r in rows), np.int64)
+    t["step_size"] = col(r.step_size for r in rows)
+    t["n_leapfrog"] = col(r.n_leapfrog for r in rows)
+    t["n_draws"] = col((r.n_draws for r in rows), np.int64)
+    t["n_evals"] = col((r.n_evals for r in rows), np.int64)
+    t["n_good_pixels"] = col((r.n_good for r in rows), np.int64)
+    t["chi2_min"] = -2.0 * col(r.lp_best for r in rows)
+    t["seconds"] = col(r.seconds for r in rows)
+    t["failure"] = [r.failure for r in rows]
     # the point fits' QA bits that apply to a posterior: not converged, failed
     failed = np.array([m == "failed" for m in method], bool)
     t["flags"] = (
