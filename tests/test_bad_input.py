@@ -490,7 +490,7 @@ CASES = [
         Raises(
             pl.FileFormatError,
             r"payne_lite\.Catalog format_version=99 is not "
-            r"supported \(this payne_lite reads \[1\]\)",
+            r"supported \(this payne_lite reads \[1, 2\]\)",
         ),
     ),
     Case(
@@ -613,7 +613,7 @@ CASES = [
             ("Emulator.load", "emu", "Emulator", 1),
             ("MDN.load", "mdn", "MDN", MDN_VERSION),
             ("SpectralGrid.load", "grid", "SpectralGrid", 1),
-            ("open_catalog", "cat", "Catalog", 1),
+            ("open_catalog", "cat", "Catalog", "1, 2"),
         )
         for kind, exc, rx in (
             (

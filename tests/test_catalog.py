@@ -200,9 +200,9 @@ def test_read_bad_files(tmp_path, emu, cat_path, data):
         "'payne_lite.SpectralGrid'",
     ):
         pl.open_catalog(grid)
-    _raw_catalog(tmp_path / "v2.h5", wave, flux, err, version=2)
-    with pytest.raises(FileFormatError, match="format_version=2 is not supported"):
-        pl.open_catalog(tmp_path / "v2.h5")
+    _raw_catalog(tmp_path / "v9.h5", wave, flux, err, version=9)
+    with pytest.raises(FileFormatError, match="format_version=9 is not supported"):
+        pl.open_catalog(tmp_path / "v9.h5")
     _raw_catalog(tmp_path / "empty.h5", wave, flux[:0], err[:0])
     with pytest.raises(FileFormatError, match="empty.h5: the catalog holds no spectra"):
         pl.open_catalog(tmp_path / "empty.h5")
@@ -469,3 +469,310 @@ def test_fit_catalog_refuses_bad_settings_before_fitting(tmp_path, emu, cat_path
         pl.fit_catalog(cat_path, out, emu)
     assert out.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.fits"]
+
+
+# --- one wavelength grid per spectrum (format version 2) ----------------------------
+N_ROW, N_LOG = 10, 120
+
+
+@pytest.fixture(scope="module")
+def log_emu():
+    """The tiny emulator on a log-uniform grid of 120 pixels (as in test_matrix)."""
+    from conftest import build_tiny_emulator
+
+    base = build_tiny_emulator(n_pix=N_LOG, n_hid=3, seed=4)
+    wave = np.exp(np.linspace(np.log(15100.0), np.log(15180.0), N_LOG))
+    return pl.Emulator(
+        net=base.net,
+        activation=base.activation,
+        label_names=base.label_names,
+        label_units=base.label_units,
+        label_lo=base.label_lo,
+        label_hi=base.label_hi,
+        wavelength=wave,
+    )
+
+
+@pytest.fixture(scope="module")
+def rows(log_emu):
+    """(flux, flux_err, wavelength, mask, ids) of 10 spectra, each on one of two
+    slices of the emulator's grid (6 pixels shorter); row 4's first two pixels have
+    no wavelength (NaN), row 6 is partly masked."""
+    _, full, err = spectra(log_emu, N_ROW, seed=5, snr=100.0)
+    m = N_LOG - 6
+    start = np.array([0, 0, 3, 3, 0, 3, 3, 0, 0, 3])
+    flux = np.stack([full[i, k : k + m] for i, k in enumerate(start)])
+    err = np.stack([err[i, k : k + m] for i, k in enumerate(start)])
+    wave = np.stack([log_emu.wavelength[k : k + m] for k in start])
+    wave[4, :2] = np.nan
+    mask = np.zeros(flux.shape, bool)
+    mask[6, 20:50] = True
+    ids = np.array([f"v{i:02d}" for i in range(N_ROW)])
+    return flux, err, wave, mask, ids
+
+
+@pytest.fixture(scope="module")
+def row_cat(tmp_path_factory, rows):
+    flux, err, wave, mask, ids = rows
+    path = tmp_path_factory.mktemp("rowcat") / "rows.h5"
+    return pl.write_catalog(path, flux, err, wave, mask=mask, ids=ids)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_row_grids_round_trip(tmp_path, rows, dtype):
+    flux, err, wave, mask, ids = rows
+    flux, err = flux.astype(dtype), err.astype(dtype)
+    path = pl.write_catalog(tmp_path / "c.h5", flux, err, wave, mask=mask, ids=ids)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2  # older readers refuse it by version
+        ds = f["wavelength"]
+        assert ds.shape == flux.shape and ds.dtype == np.float64
+        assert ds.chunks[1] == flux.shape[1] and ds.fletcher32  # rows, checksummed
+    with pl.open_catalog(path) as cat:
+        assert cat.per_row_wavelength and cat.wavelength is None
+        assert cat.n_pix == flux.shape[1] and len(cat) == N_ROW
+        assert "wavelength='per row'" in repr(cat)
+        chunk = cat.read(0, N_ROW)
+        part = cat.read(3, 7)
+        grids = cat.read_wavelength(2, 5)
+    assert chunk.flux.dtype == dtype and chunk.flux_err.dtype == dtype
+    assert chunk.wavelength.dtype == np.float64
+    for got, ref in zip(chunk, (flux, err, mask, ids, wave), strict=True):
+        np.testing.assert_array_equal(got, ref)  # NaN == NaN here
+    np.testing.assert_array_equal(part.wavelength, wave[3:7])
+    np.testing.assert_array_equal(grids, wave[2:5])
+
+    # the same file from blocks appended with their grids
+    blocks = tmp_path / "blocks.h5"
+    with catalog_writer(blocks, None, dtype=dtype, with_mask=True, with_ids=True) as w:
+        for s, e in [(0, 3), (3, 4), (4, 10)]:
+            w.append(flux[s:e], err[s:e], wavelength=wave[s:e], mask=mask[s:e],
+                     ids=ids[s:e])  # fmt: skip
+    with pl.open_catalog(blocks) as cat:
+        again = cat.read(0, N_ROW)
+    for u, v in zip(again, chunk, strict=True):
+        np.testing.assert_array_equal(u, v)
+    starts, parts = zip(*pl.iter_catalog(blocks, chunk_size=4), strict=True)
+    assert starts == (0, 4, 8)
+    np.testing.assert_array_equal(np.concatenate([p.wavelength for p in parts]), wave)
+
+
+def test_one_grid_catalogs_stay_version_1(tmp_path, emu, cat_path):
+    _, flux, err = spectra(emu, 3)
+    with catalog_writer(tmp_path / "w.h5", emu.wavelength) as w:
+        w.append(flux, err)
+    for path in (cat_path, tmp_path / "w.h5"):
+        with h5py.File(path, "r") as f:
+            assert f.attrs["format_version"] == 1 and f["wavelength"].ndim == 1
+        with pl.open_catalog(path) as cat:
+            assert not cat.per_row_wavelength and cat.n_pix == N_PIX
+            assert cat.read(0, 2).wavelength is None
+            grids = cat.read_wavelength(0, 2)
+        assert grids.shape == (2, N_PIX)
+        np.testing.assert_array_equal(grids, np.stack([emu.wavelength] * 2))
+
+
+def test_per_row_grids_bad_input(tmp_path, rows, emu):
+    flux, err, wave, _, _ = rows
+    path = tmp_path / "a.h5"
+    with pytest.raises(ValueError, match=r"wavelength \(9, 114\) must have the shape"):
+        pl.write_catalog(path, flux, err, wave[1:])
+    bad = wave.copy()
+    bad[3, 10] = bad[3, 9]
+    with pytest.raises(ValueError, match="wavelength row 3 must be strictly incr"):
+        pl.write_catalog(path, flux, err, bad)
+    bad = wave.copy()
+    bad[5, 1:] = np.nan
+    with pytest.raises(ValueError, match="wavelength row 5 has 1 finite value"):
+        pl.write_catalog(path, flux, err, bad)
+    bad = wave.copy()
+    bad[2, 0] = -1.0
+    with pytest.raises(ValueError, match="wavelength row 2 must be positive"):
+        pl.write_catalog(path, flux, err, bad)
+    with pytest.raises(ValueError, match="one wavelength grid per spectrum: pass"):
+        with catalog_writer(path, None) as w:
+            w.append(flux, err)
+    block = wave[5:].copy()
+    block[2] = block[2, ::-1]  # row 7 of the catalog
+    with pytest.raises(ValueError, match="wavelength row 7 must be strictly incr"):
+        with catalog_writer(path, None) as w:  # rows counted across appends
+            w.append(flux[:5], err[:5], wavelength=wave[:5])
+            w.append(flux[5:], err[5:], wavelength=block)
+    _, f1, e1 = spectra(emu, 2)
+    with pytest.raises(ValueError, match="one wavelength grid .given to catalog_wr"):
+        with catalog_writer(path, emu.wavelength) as w:
+            w.append(f1, e1, wavelength=np.stack([emu.wavelength] * 2))
+    with pytest.raises(ValueError, match=r"wavelength must be \(P,\), one grid"):
+        with catalog_writer(path, np.stack([emu.wavelength] * 2)):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_catalog_versions_and_bad_per_row_files(tmp_path, rows, row_cat, emu, data):
+    flux, err, wave, _, _ = rows
+    # a hand-written version-1 file (as earlier payne_lite wrote them) still reads
+    f1, e1, _, _ = data
+    _raw_catalog(tmp_path / "v1.h5", emu.wavelength, f1, e1, version=1)
+    with pl.open_catalog(tmp_path / "v1.h5") as cat:
+        np.testing.assert_array_equal(cat.read(0, N_SPEC).flux, f1)
+        np.testing.assert_array_equal(cat.wavelength, emu.wavelength)
+    # version 1 holds one grid: a (n, P) wavelength there is not read as one
+    _raw_catalog(tmp_path / "v1rows.h5", wave, flux, err, version=1)
+    with pytest.raises(FileFormatError, match="format_version 1 catalog holds one"):
+        pl.open_catalog(tmp_path / "v1rows.h5")
+    _raw_catalog(tmp_path / "v3.h5", wave, flux, err, version=3)
+    with pytest.raises(
+        FileFormatError,
+        match=r"v3.h5: payne_lite.Catalog format_version=3 is not supported "
+        r"\(this payne_lite reads \[1, 2\]\)",
+    ):
+        pl.open_catalog(tmp_path / "v3.h5")
+    _raw_catalog(tmp_path / "rowshape.h5", wave[:4], flux, err, version=2)
+    with pytest.raises(
+        FileFormatError, match=r"wavelength \(4, 114\) must have the shape of flux"
+    ):
+        pl.open_catalog(tmp_path / "rowshape.h5")
+    bad = wave.copy()
+    bad[6, 30] = bad[6, 29]
+    _raw_catalog(tmp_path / "badrow.h5", bad, flux, err, version=2)
+    with pl.open_catalog(tmp_path / "badrow.h5") as cat:
+        cat.read(0, 6)  # rows are checked as they are read
+        with pytest.raises(
+            FileFormatError, match="badrow.h5: invalid wavelength row 6 must be"
+        ):
+            cat.read(4, 8)
+    # a damaged storage chunk of the grids is reported, not read as numbers
+    raw = bytearray(row_cat.read_bytes())
+    with h5py.File(row_cat, "r") as f:
+        info = f["wavelength"].id.get_chunk_info(0)
+    for k in range(16):
+        raw[info.byte_offset + 100 + k] ^= 0xFF
+    (tmp_path / "bitrot.h5").write_bytes(bytes(raw))
+    with pl.open_catalog(tmp_path / "bitrot.h5") as cat:
+        with pytest.raises(FileFormatError, match=r"rows \[0, 2\) are corrupt"):
+            cat.read(0, 2)
+
+
+#: fit options of the per-row catalog's fits
+ROW_KW = dict(cont_deg=1, progress=False, options=pl.LMOptions(max_iter=30))
+
+
+@pytest.fixture(scope="module")
+def row_table(tmp_path_factory, log_emu, row_cat):
+    """fit_catalog of the per-row catalog in chunks of 3, and its output file."""
+    out = tmp_path_factory.mktemp("rowfit") / "r.fits"
+    return pl.fit_catalog(row_cat, out, log_emu, chunk_size=3, **ROW_KW), out
+
+
+def assert_same_numbers(got, ref):
+    """Same columns and every number bit for bit (NaN == NaN)."""
+    assert got.colnames == ref.colnames
+    for name in ref.colnames:
+        a, b = np.asarray(got[name]), np.asarray(ref[name])
+        assert a.dtype == b.dtype, name
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+
+
+def test_fit_catalog_per_row_grids_equals_fit(log_emu, rows, row_table):
+    flux, err, wave, mask, ids = rows
+    table, out = row_table
+    kw = {k: v for k, v in ROW_KW.items() if k != "progress"}
+    ref = pl.fit(flux, err, log_emu, wavelength=wave, mask=mask, **kw)
+    assert table.colnames == ["id", *ref.colnames]
+    assert list(table["id"]) == list(ids)
+    same = [c for c in ref.colnames if c != "grid_group"]
+    assert_tables_equal(table, ref, same)
+    for name in log_emu.label_names:  # labels to 1e-3 of their error
+        a, b = np.asarray(table[name]), np.asarray(ref[name])
+        assert np.all(np.abs(a - b) <= 1e-3 * np.asarray(ref[f"{name}_err"])), name
+    assert np.count_nonzero(table["converged"]) >= N_ROW // 2  # real fits
+    assert table["n_good_pixels"][4] == ref["n_good_pixels"][4] < wave.shape[1] - 1
+    # grid_group: the catalog's distinct grids (row 4's NaN ends make a third) in the
+    # order of their first rows, whatever the chunks; the same partition as fit's
+    np.testing.assert_array_equal(table["grid_group"], [0, 0, 1, 1, 2, 1, 1, 0, 0, 1])
+    pairs = set(
+        zip(np.asarray(table["grid_group"]), np.asarray(ref["grid_group"]), strict=True)
+    )
+    assert len(pairs) == 3 == table.meta["n_wavelength_grids"]
+    back = pl.read_results(out)
+    np.testing.assert_array_equal(back["grid_group"], table["grid_group"])
+
+
+def test_fit_catalog_per_row_grids_resume(
+    tmp_path, monkeypatch, log_emu, rows, row_table
+):
+    from payne_lite.catalog import _runner as catalog_mod
+    from payne_lite.catalog import parts_folder
+
+    flux, err, wave, mask, ids = rows
+    cat = pl.write_catalog(tmp_path / "c.h5", flux, err, wave, mask=mask, ids=ids)
+    kw = dict(chunk_size=5, **ROW_KW)
+
+    fit_rows, calls = catalog_mod.fit_rows, []
+
+    def dies_in_chunk_2(chunk, *args, **kwargs):
+        calls.append(len(chunk.flux))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C would
+        return fit_rows(chunk, *args, **kwargs)
+
+    out = tmp_path / "r.fits"
+    monkeypatch.setattr(catalog_mod, "fit_rows", dies_in_chunk_2)
+    with pytest.raises(KeyboardInterrupt):
+        pl.fit_catalog(cat, out, log_emu, **kw)
+    monkeypatch.setattr(catalog_mod, "fit_rows", fit_rows)
+    assert parts_folder(out).is_dir() and not out.exists()
+    table = pl.fit_catalog(cat, out, log_emu, keep_parts=True, **kw)
+    assert table.meta["n_chunks_resumed"] == 1 and len(calls) == 2
+    # the same numbers as one uninterrupted run in other chunks
+    assert_same_numbers(table, row_table[0])
+    assert table.meta["n_wavelength_grids"] == 3
+
+    # the kept parts do not resume onto other grids (same rows, same file size)
+    shifted = wave.copy()
+    shifted[9] += 0.01
+    pl.write_catalog(cat, flux, err, shifted, mask=mask, ids=ids, overwrite=True)
+    with pytest.raises(ValueError, match="cannot resume.*wavelength_sha256"):
+        pl.fit_catalog(cat, out, log_emu, overwrite=True, **kw)
+
+
+def test_fit_catalog_per_row_grids_checked_before_fitting(tmp_path, log_emu, rows):
+    flux, err, wave, _, _ = rows
+    out = tmp_path / "r.fits"
+    far = wave.copy()
+    far[7] += 500.0  # row 7 is off the emulator's range
+    cat = pl.write_catalog(tmp_path / "far.h5", flux, err, far)
+    with pytest.raises(ValueError, match=r"far.h5: wavelength row 7: grid \[156"):
+        pl.fit_catalog(cat, out, log_emu, chunk_size=3, progress=False)
+    with pytest.raises(ValueError, match="the samplers take one wavelength grid"):
+        pl.fit_catalog(cat, out, log_emu, method="emcee", progress=False)
+    # spectra of the emulator's length: a grid that nearly equals its grid warns once
+    rest = log_emu.wavelength
+    near = np.stack([rest, rest + 0.01, rest + 0.02, rest + 600.0])
+    f4 = np.ones(near.shape)
+    cat = pl.write_catalog(tmp_path / "near.h5", f4, 0.01 * f4, near)
+    with pytest.warns(pl.WavelengthGridWarning, match="near.h5: wavelength row 1 "):
+        with pytest.raises(ValueError, match="wavelength row 3: grid"):
+            pl.fit_catalog(cat, out, log_emu, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.h5", "near.h5"]
+
+
+needs_dask = pytest.mark.skipif(
+    importlib.util.find_spec("distributed") is None,
+    reason="dask.distributed is not installed (pip install 'payne-lite[dask]')",
+)
+
+
+@needs_dask
+def test_fit_catalog_per_row_grids_on_dask(tmp_path, log_emu, row_cat, row_table):
+    import distributed
+
+    with distributed.Client(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as client:  # an in-process worker: chunks still go through the scheduler
+        table = pl.fit_catalog(
+            row_cat, tmp_path / "dask.fits", log_emu, client=client, chunk_size=4,
+            **ROW_KW,
+        )  # fmt: skip
+    assert table.meta["n_workers"] == 1
+    assert_same_numbers(table, row_table[0])

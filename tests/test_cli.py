@@ -329,6 +329,57 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
     assert out.splitlines()[-1] == f"wrote {out_path}"
 
 
+def test_fit_and_info_on_a_catalog_with_one_grid_per_spectrum(
+    files, fit_files, tmp_path, capsys
+):
+    emu = fit_files.emu
+    m = emu.n_pix - 10
+    start = [0, 5, 0, 5, 5, 0]  # two slices of the emulator's grid
+    flux = np.stack([fit_files.flux[i, k : k + m] for i, k in enumerate(start)])
+    err = np.stack([fit_files.err[i, k : k + m] for i, k in enumerate(start)])
+    wave = np.stack([emu.wavelength[k : k + m] for k in start])
+    wave[3, -4:] = np.nan  # missing pixels at the red end: a third grid
+    cat = pl.write_catalog(tmp_path / "rows.h5", flux, err, wave, ids=fit_files.ids)
+
+    code, out, err_text = run(capsys, "info", cat)
+    assert code == 0, err_text
+    assert out.startswith(f"{cat}: payne_lite.Catalog v2, ")
+    assert f"one grid per spectrum, {m} pixels; row 0: 15100.00-" in out
+
+    out_path = tmp_path / "rows.ecsv"
+    code, out, err_text = run(
+        capsys, "fit", cat, "--emulator", files.emu, "-o", out_path,
+        "--chunk-size", "4", "--max-iter", "20", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err_text
+    assert out.splitlines()[0] == (
+        f"fitted 6 spectra x {m} pixels (one wavelength grid each) from {cat} "
+        "(lm, cont_deg 0)"
+    )
+    table = pl.read_results(out_path)
+    ref = pl.fit(flux, err, emu, wavelength=wave, options=pl.LMOptions(max_iter=20))
+    assert list(table["id"]) == fit_files.ids
+    assert_tables_equal(table, ref, [c for c in ref.colnames if c != "grid_group"])
+    np.testing.assert_array_equal(table["grid_group"], [0, 1, 0, 2, 1, 0])
+    assert table.meta["n_wavelength_grids"] == 3
+    assert table["n_good_pixels"][3] <= m - 4
+    # spectrum figures take one grid: refused in one line, not a traceback
+    assert_one_line_error(
+        *run(
+            capsys,
+            "plot",
+            out_path,
+            "--spectra",
+            cat,
+            "--emulator",
+            files.emu,
+            "-o",
+            tmp_path / "figs",
+        ),  # fmt: skip
+        "rows.h5 has one wavelength grid per spectrum: spectrum figures",
+    )
+
+
 def test_info_catalog(fit_files, capsys):
     code, out, err = run(capsys, "info", fit_files.cat)
     assert code == 0, err

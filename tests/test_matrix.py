@@ -54,9 +54,6 @@ def refusal(method, grid, visits, instrument, entry) -> str | None:
     In the order the checks meet a call."""
     sampler = method in SAMPLERS
     plain = instrument == "no_instrument"
-    if entry in ("fit_catalog", "cli") and grid == "per_star_grids":
-        # a catalog holds one wavelength grid (P,): refused by its writer
-        return r"wavelength must have 1 dimension"
     if entry == "cli" and visits == "group":
         return r"unrecognized arguments: --group"
     if entry == "fit_catalog" and visits == "group":

@@ -251,7 +251,9 @@ class ApogeeFitsCatalog(Reader):
                 raise FileFormatError(
                     f"{p}: wavelength grid ({w.size} pixels, {w[0]:.3f}-{w[-1]:.3f} A) "
                     f"differs from {first}'s ({wave.size} pixels, "
-                    f"{wave[0]:.3f}-{wave[-1]:.3f} A); one catalog needs one grid"
+                    f"{wave[0]:.3f}-{wave[-1]:.3f} A); a list of FITS files is one "
+                    "catalog on one grid (spectra on several grids: write them to "
+                    "one catalog with payne_lite.write_catalog(..., wavelength (n, P)))"
                 )
         self.wavelength = wave
         self.wavelength.setflags(write=False)
@@ -298,8 +300,10 @@ def open_catalog(source, **kw) -> HDF5Catalog | ApogeeFitsCatalog:
         **kw: passed to :class:`ApogeeFitsCatalog` (``bad_bits``).
 
     Returns:
-        A reader with ``len()``, ``wavelength`` (P,), ``has_mask``, ``has_ids`` and
-        ``read(start, stop) -> CatalogChunk``; use it as a context manager.
+        A reader with ``len()``, ``n_pix``, ``wavelength`` (P,) (None for an HDF5
+        catalog with one grid per spectrum: ``per_row_wavelength``), ``has_mask``,
+        ``has_ids``, ``read(start, stop) -> CatalogChunk`` and
+        ``read_wavelength(start, stop)``; use it as a context manager.
 
     Raises:
         ValueError: an unknown file type, an empty list, a list mixing HDF5 and FITS.

@@ -1,11 +1,18 @@
 """HDF5 catalogs of observed spectra: the file layout, a writer and a reader.
 
-Catalog file layout (``format = "payne_lite.Catalog"``, ``format_version = 1``):
+Catalog file layout (``format = "payne_lite.Catalog"``, ``format_version`` 1 or 2):
 
 =====================  =========================  ==========================================
 item                   shape / type               meaning
 =====================  =========================  ==========================================
-``wavelength``         (P,) float64               observed vacuum wavelength [Angstrom],
+``wavelength``         (P,) float64               one grid for every spectrum: observed
+                                                  vacuum wavelength [Angstrom], finite,
+                                                  positive, strictly increasing
+                       or (n, P) float64          (version 2) one grid per spectrum (row
+                                                  i is spectrum i's); NaN marks a missing
+                                                  pixel (masked when fitted, as in
+                                                  :func:`payne_lite.fit`); each row has at
+                                                  least 2 finite values, positive and
                                                   strictly increasing
 ``flux``               (n, P) float32 or float64  observed flux (dtype kept as written)
 ``flux_err``           (n, P) like ``flux``       1-sigma errors; non-finite or <= 0 means
@@ -15,11 +22,17 @@ item                   shape / type               meaning
 attr ``meta``          JSON object                provenance
 =====================  =========================  ==========================================
 
+Versions: version 2 added the (n, P) ``wavelength``. A catalog with one grid is
+written as version 1, so that every payne_lite reads it; one with a grid per spectrum
+as version 2, which older readers refuse by its version (instead of misreading it).
+This reader reads both and refuses any other version (``FileFormatError``).
+
 The row datasets are stored in chunks of whole rows (about 1 MB each), so reading a
-slab of rows touches only those rows; ``flux``, ``flux_err`` and ``mask`` carry
-Fletcher-32 checksums, so a damaged chunk is reported instead of read as numbers
-(variable-length ``ids`` cannot). ``flux`` and ``flux_err`` are not compressed (noisy
-floats barely compress and would cost time on every read); the mask is (gzip).
+slab of rows touches only those rows; ``flux``, ``flux_err``, ``mask`` and a per-row
+``wavelength`` carry Fletcher-32 checksums, so a damaged chunk is reported instead of
+read as numbers (variable-length ``ids`` cannot). ``flux``, ``flux_err`` and
+``wavelength`` are not compressed (noisy floats barely compress and would cost time on
+every read); the mask is (gzip).
 """
 
 from __future__ import annotations
@@ -38,7 +51,11 @@ from .._validate import as_float_array, check_wavelength
 from ..errors import FileFormatError
 
 CATALOG_FORMAT = "payne_lite.Catalog"
-CATALOG_VERSION = 1
+#: The newest catalog layout (2: a wavelength grid per spectrum may be stored). A
+#: catalog with one grid is still written as version 1 (see the module docstring).
+CATALOG_VERSION = 2
+#: The catalog versions this reader reads.
+CATALOG_VERSIONS = (1, 2)
 
 #: Target size of one HDF5 storage chunk of ``flux`` / ``flux_err`` [bytes].
 _CHUNK_BYTES = 1 << 20
@@ -52,12 +69,50 @@ class CatalogChunk(NamedTuple):
         flux_err: (m, P) 1-sigma errors.
         mask: (m, P) bool, True = ignore; None when the catalog has no mask.
         ids: (m,) str identifiers; None when the catalog has none.
+        wavelength: (m, P) float64 observed wavelength [Angstrom] of each row (NaN =
+            missing pixel) when the catalog has one grid per spectrum; None when it
+            has one grid for all (the reader's ``wavelength``).
     """
 
     flux: np.ndarray
     flux_err: np.ndarray
     mask: np.ndarray | None
     ids: np.ndarray | None
+    wavelength: np.ndarray | None = None
+
+
+def _check_row_grids(wave: np.ndarray, first_row: int = 0) -> None:
+    """Per-spectrum grids (m, P) (rows ``first_row`` on): every row has at least 2
+    finite values, positive and strictly increasing; non-finite entries (NaN) are
+    missing pixels, as :func:`payne_lite.fit` takes them. ValueError naming the first
+    bad row."""
+    ok = np.isfinite(wave)
+    n_ok = ok.sum(axis=1)
+    bad = np.flatnonzero(n_ok < 2)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"wavelength row {first_row + i} has {int(n_ok[i])} finite value(s); at "
+            "least 2 needed (NaN marks a missing pixel)"
+        )
+    bad = np.flatnonzero(np.any(ok & ~(np.where(ok, wave, 1.0) > 0), axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"wavelength row {first_row + i} must be positive [Angstrom], min is "
+            f"{float(np.nanmin(wave[i]))}"
+        )
+    full = ok.all(axis=1)
+    rising = np.ones(wave.shape[0], bool)
+    if full.any():
+        rising[full] = np.all(np.diff(wave[full], axis=1) > 0, axis=1)
+    for i in np.flatnonzero(~full):
+        rising[i] = bool(np.all(np.diff(wave[i][ok[i]]) > 0))
+    if not rising.all():
+        i = int(np.flatnonzero(~rising)[0])
+        raise ValueError(
+            f"wavelength row {first_row + i} must be strictly increasing (where finite)"
+        )
 
 
 # ======================================================================================
@@ -104,17 +159,57 @@ def _check_rows(flux, flux_err, mask, ids, n_pix: int | None, where: str):
     return f, e, m, i
 
 
+def _row_wavelength(wavelength, shape, where: str, first_row: int) -> np.ndarray:
+    """A validated float64 copy of per-spectrum grids, which must have ``shape``."""
+    w = as_float_array(wavelength, "wavelength", ndim=2)
+    if w.shape != tuple(shape):
+        raise ValueError(
+            f"{where}: wavelength {w.shape} must have the shape of flux "
+            f"{tuple(shape)} (one grid per spectrum)"
+        )
+    try:
+        _check_row_grids(w, first_row)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return w
+
+
 class CatalogWriter:
-    """Appends rows to an open catalog file; made by :func:`catalog_writer`."""
+    """Appends rows to an open catalog file; made by :func:`catalog_writer`.
+
+    Attributes:
+        path: the catalog being written.
+        n_pix: pixels per spectrum (None until the first append of a catalog with
+            one grid per spectrum).
+        per_row_wavelength: whether each append passes its rows' wavelength grids.
+        with_mask, with_ids: whether each append passes a mask / ids.
+        n_spec: rows appended so far.
+    """
 
     def __init__(
-        self, f: h5py.File, path: Path, n_pix: int, dtype, with_mask, with_ids
+        self,
+        f: h5py.File,
+        path: Path,
+        n_pix: int | None,
+        dtype,
+        with_mask,
+        with_ids,
+        per_row_wavelength: bool = False,
     ):
-        self._f, self.path, self.n_pix = f, path, n_pix
+        self._f, self.path, self.n_pix = f, path, None
         self._dtype = np.dtype(dtype)
         self.with_mask, self.with_ids = with_mask, with_ids
-        rows = max(1, _CHUNK_BYTES // (n_pix * self._dtype.itemsize))
+        self.per_row_wavelength = per_row_wavelength
         self._sets = {}
+        self.n_spec = 0
+        if n_pix is not None:
+            self._create(n_pix)
+
+    def _create(self, n_pix: int) -> None:
+        """The row datasets, chunked by whole rows, for spectra of ``n_pix`` pixels."""
+        f = self._f
+        self.n_pix = n_pix
+        rows = max(1, _CHUNK_BYTES // (n_pix * self._dtype.itemsize))
         for name in ("flux", "flux_err"):
             self._sets[name] = f.create_dataset(
                 name,
@@ -124,7 +219,16 @@ class CatalogWriter:
                 chunks=(rows, n_pix),
                 fletcher32=True,
             )
-        if with_mask:
+        if self.per_row_wavelength:
+            self._sets["wavelength"] = f.create_dataset(
+                "wavelength",
+                shape=(0, n_pix),
+                maxshape=(None, n_pix),
+                dtype=np.float64,
+                chunks=(max(1, _CHUNK_BYTES // (n_pix * 8)), n_pix),
+                fletcher32=True,
+            )
+        if self.with_mask:
             self._sets["mask"] = f.create_dataset(
                 "mask",
                 shape=(0, n_pix),
@@ -135,7 +239,7 @@ class CatalogWriter:
                 compression="gzip",
                 compression_opts=4,
             )
-        if with_ids:
+        if self.with_ids:
             self._sets["ids"] = f.create_dataset(
                 "ids",
                 shape=(0,),
@@ -143,12 +247,24 @@ class CatalogWriter:
                 dtype=h5py.string_dtype(),
                 chunks=(max(rows, 1024),),  # variable-length: no checksum filter
             )
-        self.n_spec = 0
 
-    def append(self, flux, flux_err, *, mask=None, ids=None) -> None:
-        """Append rows: flux, flux_err (m, P); mask (m, P) bool and ids (m,) if the
-        writer was opened ``with_mask`` / ``with_ids`` (and only then)."""
+    def append(self, flux, flux_err, *, wavelength=None, mask=None, ids=None) -> None:
+        """Append rows: flux, flux_err (m, P); wavelength (m, P), the rows' grids
+        [Angstrom] (NaN = missing pixel), if the catalog has one grid per spectrum
+        (and only then); mask (m, P) bool and ids (m,) if the writer was opened
+        ``with_mask`` / ``with_ids`` (and only then)."""
         where = f"{self.path}: append"
+        if (wavelength is not None) != self.per_row_wavelength:
+            raise ValueError(
+                f"{where}: "
+                + (
+                    "the catalog has one wavelength grid per spectrum: pass each "
+                    "block's wavelength (m, P)"
+                    if self.per_row_wavelength
+                    else "the catalog has one wavelength grid (given to "
+                    "catalog_writer); pass no wavelength"
+                )
+            )
         if (mask is not None) != self.with_mask:
             raise ValueError(
                 f"{where}: the catalog was opened with_mask={self.with_mask}; "
@@ -160,8 +276,14 @@ class CatalogWriter:
                 f"got ids={'an array' if ids is not None else 'None'}"
             )
         f, e, m, i = _check_rows(flux, flux_err, mask, ids, self.n_pix, where)
+        w = None
+        if self.per_row_wavelength:
+            w = _row_wavelength(wavelength, f.shape, where, self.n_spec)
+        if self.n_pix is None:
+            self._create(f.shape[1])
         start, stop = self.n_spec, self.n_spec + f.shape[0]
-        for name, arr in (("flux", f), ("flux_err", e), ("mask", m), ("ids", i)):
+        blocks = (("flux", f), ("flux_err", e), ("wavelength", w), ("mask", m))
+        for name, arr in (*blocks, ("ids", i)):
             if arr is None:
                 continue
             ds = self._sets[name]
@@ -193,7 +315,10 @@ def catalog_writer(
 
     Args:
         path: the ``.h5`` file to write.
-        wavelength: (P,) observed vacuum wavelength [Angstrom], strictly increasing.
+        wavelength: (P,) observed vacuum wavelength [Angstrom], strictly increasing,
+            of every spectrum (a version-1 file); or None for one grid per spectrum
+            (a version-2 file): every :meth:`CatalogWriter.append` then passes its
+            rows' grids (m, P), and P is set by the first append.
         dtype: storage dtype of flux and flux_err (float32 or float64).
         with_mask, with_ids: whether every :meth:`CatalogWriter.append` passes a mask
             / ids.
@@ -207,14 +332,33 @@ def catalog_writer(
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    wave = as_float_array(wavelength, "wavelength", ndim=1)
-    check_wavelength(wave)
+    per_row = wavelength is None
+    wave = None
+    if not per_row:
+        wave = as_float_array(wavelength, "wavelength", ndim=(1, 2))
+        if wave.ndim != 1:
+            raise ValueError(
+                f"catalog_writer: wavelength must be (P,), one grid for every "
+                f"spectrum, or None, one grid per spectrum passed with each append; "
+                f"got shape {wave.shape}"
+            )
+        check_wavelength(wave)
     if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-    with _h5.atomic_h5_writer(path, CATALOG_FORMAT, CATALOG_VERSION) as f:
-        f.create_dataset("wavelength", data=wave)
+    version = CATALOG_VERSION if per_row else 1  # the oldest that holds the file
+    with _h5.atomic_h5_writer(path, CATALOG_FORMAT, version) as f:
+        if not per_row:
+            f.create_dataset("wavelength", data=wave)
         _h5.set_json_attr(f, "meta", dict(meta or {}))
-        writer = CatalogWriter(f, path, wave.size, dtype, with_mask, with_ids)
+        writer = CatalogWriter(
+            f,
+            path,
+            None if per_row else wave.size,
+            dtype,
+            with_mask,
+            with_ids,
+            per_row_wavelength=per_row,
+        )
         yield writer
         if writer.n_spec == 0:
             raise ValueError(
@@ -240,7 +384,11 @@ def write_catalog(
         flux: (n, P) observed flux; float32 is stored as float32, anything else as
             float64.
         flux_err: (n, P) 1-sigma errors.
-        wavelength: (P,) observed vacuum wavelength [Angstrom], strictly increasing.
+        wavelength: observed vacuum wavelength [Angstrom]: (P,), strictly increasing,
+            one grid for every spectrum; or (n, P), one grid per spectrum (for
+            example visits not resampled, or several spectrographs), NaN for a
+            missing pixel, each row's finite values strictly increasing (stored as
+            format version 2).
         mask: optional (n, P) bool, True = ignore the pixel.
         ids: optional (n,) identifiers, stored as str.
         meta: JSON-compatible provenance.
@@ -251,23 +399,36 @@ def write_catalog(
 
     Raises:
         ValueError: shapes that do not fit together (named), no spectra, a bad
-            wavelength grid.
+            wavelength grid (naming the row).
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+
+    Examples:
+        >>> import numpy as np, payne_lite as pl
+        >>> wave = np.linspace(15100.0, 15200.0, 50)
+        >>> grids = np.stack([wave, wave + 0.5])  # two spectra, two grids
+        >>> flux = np.ones((2, 50))
+        >>> path = pl.write_catalog(  # doctest: +SKIP
+        ...     "c.h5", flux, 0.01 * flux, grids)
     """
-    wave = as_float_array(wavelength, "wavelength", ndim=1)
-    f, e, m, i = _check_rows(flux, flux_err, mask, ids, wave.size, str(path))
+    wave = as_float_array(wavelength, "wavelength", ndim=(1, 2))
+    per_row = wave.ndim == 2
+    f, e, m, i = _check_rows(
+        flux, flux_err, mask, ids, None if per_row else wave.size, str(path)
+    )
     if f.shape[0] == 0:
         raise ValueError(f"{path}: flux {f.shape} holds no spectra")
+    if per_row:
+        wave = _row_wavelength(wave, f.shape, str(path), 0)
     with catalog_writer(
         path,
-        wave,
+        None if per_row else wave,
         dtype=f.dtype,
         with_mask=m is not None,
         with_ids=i is not None,
         meta=meta,
         overwrite=overwrite,
     ) as w:
-        w.append(f, e, mask=m, ids=i)
+        w.append(f, e, wavelength=wave if per_row else None, mask=m, ids=i)
     return Path(path)
 
 
@@ -275,21 +436,40 @@ def write_catalog(
 # Readers
 # ======================================================================================
 class Reader:
-    """Common interface: ``len``, ``wavelength`` (P,), ``read(start, stop)``, ``source``.
+    """Common interface: ``len``, ``n_pix``, ``wavelength``, ``read(start, stop)``,
+    ``read_wavelength(start, stop)``, ``source``.
 
+    ``wavelength`` is the (P,) grid of every spectrum; it is None when the catalog has
+    one grid per spectrum (``per_row_wavelength``): the grids then come with each
+    chunk (:attr:`CatalogChunk.wavelength`) and from :meth:`read_wavelength`.
     Readers are context managers; :meth:`close` releases open files.
     """
 
     source: str
-    wavelength: np.ndarray
+    wavelength: np.ndarray | None
     has_mask: bool
     has_ids: bool
+    #: True when every spectrum has its own wavelength grid (then ``wavelength`` is
+    #: None).
+    per_row_wavelength: bool = False
 
     def __len__(self) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    @property
+    def n_pix(self) -> int:
+        """Pixels per spectrum (P)."""
+        return int(self.wavelength.size)
+
     def read(self, start: int, stop: int) -> CatalogChunk:  # pragma: no cover
         raise NotImplementedError
+
+    def read_wavelength(self, start: int, stop: int) -> np.ndarray:
+        """(m, P) float64 wavelength grids [Angstrom] of rows ``start:stop`` (NaN =
+        missing pixel), without their spectra; for a catalog with one grid, that grid
+        repeated (a read-only view)."""
+        start, stop = self._check_range(start, stop)
+        return np.broadcast_to(self.wavelength, (stop - start, self.n_pix))
 
     def close(self) -> None:
         pass
@@ -309,7 +489,9 @@ class Reader:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.source!r}, n_spec={len(self)}, "
-            f"n_pix={self.wavelength.size}, mask={self.has_mask}, ids={self.has_ids})"
+            f"n_pix={self.n_pix}, mask={self.has_mask}, ids={self.has_ids}"
+            + (", wavelength='per row'" if self.per_row_wavelength else "")
+            + ")"
         )
 
 
@@ -317,11 +499,12 @@ class HDF5Catalog(Reader):
     """A catalog file written by :func:`write_catalog`, read a slab of rows at a time.
 
     The file stays open until :meth:`close` (or the end of a ``with`` block); the
-    constructor checks format, version and shapes and reads only ``wavelength``.
+    constructor checks format, version and shapes and reads only a one-grid
+    ``wavelength``. Per-spectrum grids are read (and checked) with their rows.
 
     Raises:
         FileNotFoundError: no such file.
-        payne_lite.FileFormatError: not a catalog file, another version, corrupt or
+        payne_lite.FileFormatError: not a catalog file, an unknown version, corrupt or
             truncated, missing datasets, shapes that do not fit together, no spectra.
     """
 
@@ -331,30 +514,64 @@ class HDF5Catalog(Reader):
         self._stack = contextlib.ExitStack()
         try:
             self._f = self._stack.enter_context(
-                _h5.open_checked(self.path, CATALOG_FORMAT, (CATALOG_VERSION,))
+                _h5.open_checked(self.path, CATALOG_FORMAT, CATALOG_VERSIONS)
             )
             self._open()
         except BaseException:
             self._stack.close()
             raise
 
-    def _open(self) -> None:
+    def _open_wavelength(self) -> int:
+        """Check ``wavelength``; keep a one-grid one (read) or the per-row dataset.
+        Returns P."""
         p, f = self.path, self._f
-        wave = _h5.read_dataset(f, "wavelength", p)
+        if "wavelength" not in f or not isinstance(f["wavelength"], h5py.Dataset):
+            raise FileFormatError(f"{p}: missing dataset 'wavelength'")
+        ds = f["wavelength"]
+        self.version = int(f.attrs["format_version"])
+        self._wave = None
+        self.per_row_wavelength = ds.ndim == 2
+        if self.per_row_wavelength:
+            if self.version < 2:
+                raise FileFormatError(
+                    f"{p}: wavelength {ds.shape}: a format_version 1 catalog holds one "
+                    "grid (P,); one grid per spectrum needs format_version 2"
+                )
+            if ds.dtype.kind != "f":
+                raise FileFormatError(
+                    f"{p}: wavelength must be floating point, got {ds.dtype}"
+                )
+            self._wave, self.wavelength = ds, None
+            return int(ds.shape[1])
         try:
-            wave = as_float_array(wave, "wavelength", ndim=1)
+            wave = as_float_array(_h5.read_dataset(f, "wavelength", p), "wavelength")
+            if wave.ndim != 1:
+                raise ValueError(
+                    f"wavelength must be (P,) or (n_spec, P), got shape {wave.shape}"
+                )
             check_wavelength(wave)
         except ValueError as err:
             raise FileFormatError(f"{p}: invalid wavelength: {err}") from err
+        self.wavelength = wave
+        self.wavelength.setflags(write=False)
+        return int(wave.size)
+
+    def _open(self) -> None:
+        p, f = self.path, self._f
         for name in ("flux", "flux_err"):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise FileFormatError(f"{p}: missing dataset {name!r}")
+        n_pix = self._open_wavelength()
         flux, err = f["flux"], f["flux_err"]
-        n_pix = wave.size
         if flux.ndim != 2 or flux.shape[1] != n_pix:
             raise FileFormatError(
                 f"{p}: flux {flux.shape} must be (n_spec, {n_pix}) for the "
                 f"{n_pix}-pixel wavelength grid"
+            )
+        if self._wave is not None and self._wave.shape != flux.shape:
+            raise FileFormatError(
+                f"{p}: wavelength {self._wave.shape} must have the shape of flux "
+                f"{flux.shape} (one grid per spectrum)"
             )
         if err.shape != flux.shape:
             raise FileFormatError(
@@ -380,9 +597,7 @@ class HDF5Catalog(Reader):
             raise FileFormatError(
                 f"{p}: ids {self._ids.shape} must be ({flux.shape[0]},), one per spectrum"
             )
-        self._flux, self._err = flux, err
-        self.wavelength = wave
-        self.wavelength.setflags(write=False)
+        self._flux, self._err, self._n_pix = flux, err, n_pix
         self.has_mask = self._mask is not None
         self.has_ids = self._ids is not None
         self.meta = _h5.get_json_attr(f, "meta", p) if "meta" in f.attrs else {}
@@ -390,22 +605,50 @@ class HDF5Catalog(Reader):
     def __len__(self) -> int:
         return int(self._flux.shape[0])
 
+    @property
+    def n_pix(self) -> int:
+        """Pixels per spectrum (P)."""
+        return self._n_pix
+
+    def _unreadable(self, start: int, stop: int, err) -> FileFormatError:
+        return FileFormatError(
+            f"{self.source}: rows [{start}, {stop}) are corrupt or unreadable ({err})"
+        )
+
+    def _grids(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a per-row ``wavelength``, read and checked."""
+        try:
+            wave = np.asarray(self._wave[start:stop], np.float64)
+        except (OSError, KeyError, RuntimeError) as err:
+            raise self._unreadable(start, stop, err) from err
+        try:
+            _check_row_grids(wave, start)
+        except ValueError as err:
+            raise FileFormatError(f"{self.source}: invalid {err}") from err
+        return wave
+
+    def read_wavelength(self, start: int, stop: int) -> np.ndarray:
+        """(m, P) float64 grids [Angstrom] of rows ``start:stop`` (only those are
+        read; NaN = missing pixel); a one-grid catalog's grid repeated (read-only)."""
+        if not self.per_row_wavelength:
+            return super().read_wavelength(start, stop)
+        start, stop = self._check_range(start, stop)
+        return self._grids(start, stop)
+
     def read(self, start: int, stop: int) -> CatalogChunk:
         """Rows ``start:stop`` (only those are read from disk)."""
         start, stop = self._check_range(start, stop)
+        wave = self._grids(start, stop) if self.per_row_wavelength else None
         try:
             mask = self._mask[start:stop] if self.has_mask else None
             ids = None
             if self.has_ids:
                 ids = np.array(self._ids.asstr()[start:stop], dtype=str)
             return CatalogChunk(
-                self._flux[start:stop], self._err[start:stop], mask, ids
+                self._flux[start:stop], self._err[start:stop], mask, ids, wave
             )
         except (OSError, KeyError, RuntimeError) as err:
-            raise FileFormatError(
-                f"{self.source}: rows [{start}, {stop}) are corrupt or unreadable "
-                f"({err})"
-            ) from err
+            raise self._unreadable(start, stop, err) from err
 
     def close(self) -> None:
         self._stack.close()

@@ -88,15 +88,20 @@ def _digest(obj) -> str:
     return h.hexdigest()
 
 
-def _input_identity(cat) -> dict:
-    """What identifies the catalog: its files (resolved path, size, mtime), rows, grid."""
+def _input_identity(cat, grids=None) -> dict:
+    """What identifies the catalog: its files (resolved path, size, mtime), rows,
+    grid (every row's, from ``grids``, for a catalog with one grid per spectrum)."""
     ident = {
         "n_spec": len(cat),
-        "n_pix": int(cat.wavelength.size),
-        "wavelength_sha256": _digest(cat.wavelength),
+        "n_pix": int(cat.n_pix),
+        "wavelength_sha256": (
+            _digest(cat.wavelength) if grids is None else grids.sha256
+        ),
         "has_mask": bool(cat.has_mask),
         "has_ids": bool(cat.has_ids),
     }
+    if grids is not None:  # absent for one grid: earlier runs' identities hold
+        ident["per_row_wavelength"] = True
     if isinstance(cat, HDF5Catalog):
         paths = [cat.path]
     elif isinstance(cat, ApogeeFitsCatalog):
@@ -114,14 +119,19 @@ def _input_identity(cat) -> dict:
     return ident
 
 
-def run_identity(cat, emulator, *, mdn, method, chunk_size, mask, p0, fit_kwargs):
-    """Everything a resumed run must share with the run that wrote the parts."""
+def run_identity(
+    cat, emulator, *, mdn, method, chunk_size, mask, p0, fit_kwargs, grids=None
+):
+    """Everything a resumed run must share with the run that wrote the parts.
+
+    ``grids``: the :class:`CatalogGrids` of a catalog with one grid per spectrum
+    (their digest covers every row's grid), else None."""
     opts = {k: v for k, v in fit_kwargs.items() if k not in _NOT_IDENTITY}
     opts.pop("mdn", None)
     if hasattr(opts.get("options"), "n_threads"):  # threads never change results
         opts["options"] = dataclasses.replace(opts["options"], n_threads=None)
     ident = {
-        "input": _input_identity(cat),
+        "input": _input_identity(cat, grids),
         "emulator_sha256": _digest(emulator),
         "mdn_sha256": None if mdn is None else _digest(mdn),
         "method": method,

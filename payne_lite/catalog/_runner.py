@@ -23,11 +23,13 @@ import numpy as np
 from .._api import fit
 from .._validate import warn_if_near_grid
 from ..errors import WavelengthGridWarning
+from ..fitting import METHODS as POINT_METHODS
 from ..observe import Instrument
 from ..options import options_for
 from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds, open_catalog
 from ._hdf5 import CatalogChunk, Reader
 from ._parts import Parts, parts_folder, run_identity
+from ._wavegrids import scan_grids
 
 _log = logging.getLogger("payne_lite.catalog")  # one logger per stage
 
@@ -57,6 +59,12 @@ def _check_fit_options(method: str, fit_kwargs: dict) -> None:
         raise TypeError(
             f"instrument must be a payne_lite.Instrument, got {type(instrument).__name__}"
         )
+    if instrument is not None and instrument.per_star:
+        raise ValueError(
+            "a per-star (n, P) resolution or lsf_sigma is not through fit_catalog: "
+            "its rows would have to follow the chunks; fit those spectra with "
+            "payne_lite.fit"
+        )
 
 
 def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
@@ -64,8 +72,13 @@ def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs)
 
     Depends only on the rows and the settings (fit's rows do not depend on the batch
     they share or on threads), so a chunk fitted again, after a restart or on another
-    worker, gives the same rows. ``p0`` is None, (L,) or this chunk's (m, L).
+    worker, gives the same rows. ``p0`` is None, (L,) or this chunk's (m, L). The
+    chunk's own grids (``chunk.wavelength``, one per row) replace ``wavelength``
+    when it has them; the ``grid_group`` that fit then numbers per chunk is made
+    catalog-wide by :func:`fit_catalog`.
     """
+    if chunk.wavelength is not None:
+        wavelength = chunk.wavelength
     m = chunk.mask
     if mask is not None:
         m = mask if m is None else (m | mask[None, :])
@@ -124,11 +137,12 @@ def fit_catalog(
     chunk files in input order (each input row exactly once) and written atomically,
     then the parts folder is deleted (``keep_parts=True`` keeps it). The manifest
     records the run's identity: the catalog (resolved file paths, sizes and
-    modification times, row count, wavelength grid), sha256 digests of the emulator
-    and MDN weights, ``method``, ``chunk_size``, ``mask``, ``p0`` and the other fit
-    options; a resume whose identity differs is refused (``ValueError`` naming what
-    differs) rather than mixing results. ``options.n_threads``, ``client``, ``progress``,
-    ``meta``, ``overwrite`` and ``keep_parts`` may change between runs.
+    modification times, row count, wavelength grid or every row's grid), sha256
+    digests of the emulator and MDN weights, ``method``, ``chunk_size``, ``mask``,
+    ``p0`` and the other fit options; a resume whose identity differs is refused
+    (``ValueError`` naming what differs) rather than mixing results.
+    ``options.n_threads``, ``client``, ``progress``, ``meta``, ``overwrite`` and
+    ``keep_parts`` may change between runs.
 
     **Dask.** With ``client`` (a ``distributed.Client``; see
     :func:`payne_lite.catalog.local_client`), the emulator, MDN and settings are
@@ -137,9 +151,21 @@ def fit_catalog(
     here to be written; workers need neither the catalog nor the output folder. A
     worker keeps its compiled solver: chunks of one shape compile once per worker.
 
+    **One grid per spectrum.** A catalog written with a (n, P) ``wavelength``
+    (:func:`write_catalog`) is fitted chunk by chunk with each chunk's grids, as
+    :func:`payne_lite.fit` fits ``wavelength=`` (n, P) (the spectra of a chunk that
+    share a grid are fitted together). Before any chunk is fitted, every row's grid
+    is read once, a slab of rows at a time, and checked against the emulator (and
+    the MDN) as fit would, naming the row; point fits only (``"lm"``,
+    ``"curve_fit"``: the samplers take one grid). The table's ``grid_group`` column
+    numbers the distinct grids catalog-wide, in the order of their first rows (the
+    same however the catalog is chunked), and ``meta["n_wavelength_grids"]`` counts
+    them.
+
     Args:
-        path_in: a catalog ``.h5`` (:func:`write_catalog`), one or more APOGEE FITS
-            files, or an open reader (see :func:`open_catalog`).
+        path_in: a catalog ``.h5`` (:func:`write_catalog`: one wavelength grid, or
+            one per spectrum), one or more APOGEE FITS files, or an open reader
+            (see :func:`open_catalog`).
         path_out: results file, ``.fits``, ``.ecsv`` or ``.h5`` (see
             :func:`payne_lite.write_results`; FITS gets FITS-safe column names).
         emulator: a :class:`payne_lite.Emulator`, or the path of an emulator file.
@@ -168,9 +194,10 @@ def fit_catalog(
 
     Returns:
         The results table (also written to ``path_out``): fit's columns, preceded by
-        ``id`` when the catalog has ids; ``meta`` adds ``catalog``, ``n_spec``,
-        ``chunk_size``, ``n_chunks_resumed`` (chunks taken from an earlier run),
-        ``n_workers`` (0 without a client) and ``fit_seconds`` (this run).
+        ``id`` when the catalog has ids (``grid_group`` catalog-wide, see above);
+        ``meta`` adds ``catalog``, ``n_spec``, ``chunk_size``, ``n_chunks_resumed``
+        (chunks taken from an earlier run), ``n_workers`` (0 without a client) and
+        ``fit_seconds`` (this run).
 
     Raises:
         TypeError: ``client`` not a ``distributed.Client``; ``mdn`` neither an MDN
@@ -181,7 +208,9 @@ def fit_catalog(
         FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog; an
             unreadable manifest.
         ValueError: bad settings or shapes (named in the message); a resume with
-            other inputs or options.
+            other inputs or options; a per-spectrum grid outside the emulator's
+            range (naming the row); a sampler ``method`` or a per-star (n, P)
+            instrument profile.
     """
     from ._results import write_results
 
@@ -200,6 +229,9 @@ def fit_catalog(
     with opened as cat:
         n = len(cat)
         wavelength, mask = _check_catalog(cat, emulator, mask, p0)
+        grids = None
+        if cat.per_row_wavelength:  # every grid checked before any chunk is fitted
+            grids = _scan_row_grids(cat, emulator, method, fit_kwargs)
         bounds = chunk_bounds(n, chunk_size)
         identity = run_identity(
             cat,
@@ -210,6 +242,7 @@ def fit_catalog(
             mask=mask,
             p0=p0,
             fit_kwargs=fit_kwargs,
+            grids=grids,
         )
         parts = Parts.open(path_out, identity, bounds, restart=restart)
         todo = parts.missing()
@@ -228,7 +261,14 @@ def fit_catalog(
             "fit_kwargs": {"method": method, **fit_kwargs},
         }
         n_workers = _fit_missing(
-            cat, parts, todo, settings, p0=p0, client=client, progress=progress
+            cat,
+            parts,
+            todo,
+            settings,
+            p0=p0,
+            grids=grids,
+            client=client,
+            progress=progress,
         )
         source = cat.source
         tables = [parts.read(i) for i in range(len(bounds))]
@@ -311,12 +351,14 @@ def _load_models(emulator, mdn, fit_kwargs):
 
 def _check_catalog(cat, emulator, mask, p0):
     """Check the settings that depend on the open catalog ``cat``; returns the
-    wavelength to pass to fit (None when the catalog is on the emulator's grid) and
-    ``mask`` as a (P,) bool array (or None). Warns once if the grids nearly agree."""
-    n = len(cat)
+    wavelength to pass to fit (None when the catalog is on the emulator's grid or
+    has one grid per spectrum, which come with its chunks) and ``mask`` as a (P,)
+    bool array (or None). Warns once if the grids nearly agree."""
+    n, n_pix = len(cat), cat.n_pix
     wave = cat.wavelength
-    same = wave.shape == emulator.wavelength.shape and np.array_equal(
-        wave, emulator.wavelength
+    same = wave is None or (
+        wave.shape == emulator.wavelength.shape
+        and np.array_equal(wave, emulator.wavelength)
     )
     wavelength = None if same else wave
     if wavelength is not None:  # once here; the chunks' fits do not repeat it
@@ -328,9 +370,9 @@ def _check_catalog(cat, emulator, mask, p0):
         )
     if mask is not None:
         mask = np.asarray(mask)
-        if mask.dtype != bool or mask.shape != wave.shape:
+        if mask.dtype != bool or mask.shape != (n_pix,):
             raise ValueError(
-                f"mask must be a bool array ({wave.size},) over the catalog's "
+                f"mask must be a bool array ({n_pix},) over the catalog's "
                 f"pixels, got {mask.dtype} {mask.shape}"
             )
     if p0 is not None and np.ndim(p0) == 2 and np.shape(p0)[0] != n:
@@ -343,9 +385,45 @@ def _check_catalog(cat, emulator, mask, p0):
     return wavelength, mask
 
 
-def _fit_missing(cat, parts, todo, settings, *, p0, client, progress) -> int:
+def _scan_row_grids(cat, emulator, method, fit_kwargs):
+    """:func:`scan_grids` of a catalog with one grid per spectrum, for ``method``
+    (a point fit: the samplers take one grid)."""
+    if method not in POINT_METHODS:
+        raise ValueError(
+            f"method={method!r}: the samplers take one wavelength grid (P,); "
+            f"{cat.source} has one grid per spectrum: fit it with "
+            f"{' or '.join(map(repr, POINT_METHODS))}"
+        )
+    _log.info("%s: checking the wavelength grid of every spectrum", cat.source)
+    grids = scan_grids(
+        cat,
+        emulator,
+        instrument=fit_kwargs.get("instrument"),
+        mdn=fit_kwargs.get("mdn"),
+    )
+    _log.info("%s: %d distinct wavelength grids", cat.source, grids.n_grids)
+    return grids
+
+
+def _catalog_grid_groups(table, grids, start: int, stop: int):
+    """``table`` (rows ``start:stop``) with fit's per-chunk ``grid_group`` replaced
+    by the catalog-wide index of each row's grid."""
+    col = table["grid_group"]
+    table["grid_group"] = grids.group[start:stop]
+    table["grid_group"].description = (
+        "index of the spectrum's distinct wavelength grid in the catalog (in the "
+        "order of the grids' first rows)"
+    )
+    table["grid_group"].unit = col.unit
+    table.meta["n_wavelength_grids"] = grids.n_grids
+    return table
+
+
+def _fit_missing(cat, parts, todo, settings, *, p0, grids, client, progress) -> int:
     """Fit chunks ``todo`` of ``cat`` (here, or on the workers of ``client``) and
     record each in ``parts`` as it arrives; returns the number of workers (0 here).
+    With ``grids`` (a catalog with one grid per spectrum), each chunk's
+    ``grid_group`` is renumbered catalog-wide before it is recorded.
 
     A run that fails before any chunk is recorded removes the parts folder it
     created (nothing to resume from)."""
@@ -364,6 +442,8 @@ def _fit_missing(cat, parts, todo, settings, *, p0, client, progress) -> int:
         )
 
     def record(i, table):
+        if grids is not None:
+            table = _catalog_grid_groups(table, grids, *bounds[i])
         parts.write(i, table)
         if bar is not None:
             bar.update(bounds[i][1] - bounds[i][0])

@@ -368,8 +368,12 @@ def run_fit(args) -> int:
         mdn = checked_read(MDN.load, mdn_path, emulator=emu)
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
     with checked_read(open_catalog, source) as cat:
-        n, n_pix = len(cat), cat.wavelength.size
-        what = f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels from " + (
+        n, n_pix = len(cat), cat.n_pix
+        what = (
+            f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels "
+            + ("(one wavelength grid each) " if cat.per_row_wavelength else "")
+            + "from "
+        ) + (
             str(cat_paths[0]) if len(cat_paths) == 1 else f"{len(cat_paths)} FITS files"
         )
         _log.info("fitting %s with %r", what, emu)

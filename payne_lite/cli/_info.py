@@ -245,10 +245,25 @@ def _lines_catalog(path: Path) -> list[str]:
                 f"{n} (flux and flux_err {dtype}; mask: "
                 f"{'yes' if cat.has_mask else 'none'})",
             ),
-            _row("wavelength", _fmt_wavelength(cat.wavelength)),
+            _row("wavelength", _catalog_wavelength(cat)),
             _row("ids", ids),
             *_meta_rows(cat.meta),
         ]
+
+
+def _catalog_wavelength(cat) -> str:
+    """A catalog's grid; with one grid per spectrum, the first row's (the others
+    are not read: the catalog may be large)."""
+    if not cat.per_row_wavelength:
+        return _fmt_wavelength(cat.wavelength)
+    row = cat.read_wavelength(0, 1)[0]
+    finite = row[np.isfinite(row)]
+    text = f"one grid per spectrum, {cat.n_pix} pixels; row 0: " + _fmt_wavelength(
+        finite
+    )
+    if finite.size < row.size:
+        text += f", {row.size - finite.size} missing (NaN)"
+    return text
 
 
 def _lines_results(table) -> list[str]:

@@ -541,6 +541,12 @@ def _spectrum_figures(
                 f"{cat.source} holds {len(cat)} spectra and {res_path} "
                 f"{n} rows: give the catalog the results were fitted from"
             )
+        if cat.per_row_wavelength:
+            raise ValueError(
+                f"{cat.source} has one wavelength grid per spectrum: spectrum "
+                "figures are drawn for catalogs with one grid only (not yet for "
+                "per-spectrum grids)"
+            )
         wave = cat.wavelength
         has_model = (
             "model_flux" in res.colnames
