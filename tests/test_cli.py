@@ -290,6 +290,9 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
         "20",
         "--fixed",
         "vmacro=5",
+        "--rv-range",
+        "-200",
+        "150",
         "--no-progress",
     ]
     code, out, err = run(capsys, *argv)
@@ -301,9 +304,11 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
         fit_files.emu,
         mask=fit_files.mask,
         fixed={"vmacro": 5.0},
+        rv_range=(-200.0, 150.0),
         options=pl.LMOptions(max_iter=20),
     )
     assert list(table["id"]) == fit_files.ids
+    assert table.meta["rv_range"] == [-200.0, 150.0]
     assert_tables_equal(table, ref, ref.colnames)
     np.testing.assert_allclose(table["vmacro"], 5.0, rtol=1e-6)  # float32 fit space
     assert table["n_good_pixels"][1] <= 478 - 100
@@ -520,6 +525,7 @@ def test_fit_bad_input_is_one_line(files, fit_files, tmp_path, capsys):
     assert_one_line_error(
         *fit_cli("--chunk-size", "0"), "--chunk-size", "positive integer"
     )
+    assert_one_line_error(*fit_cli("--rv-range", "50", "-50"), "rv_range", "lo < hi")
     assert not (tmp_path / "r.fits").exists()
 
 

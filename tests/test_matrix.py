@@ -190,6 +190,7 @@ def _run(case, method, grid, visits, instrument, entry, tag):
         if k not in ("fallback", "moves", "backend_path") and v is not None
     }
     argv += ["--method", method, "--options", json.dumps(opts), "--no-progress"]
+    argv += ["--rv-range", "-50", "50"]  # as the other entries: one compilation
     if inst is not None:
         argv += ["--resolution", "8000", "--vsini"]
     if method == "mdn-is":

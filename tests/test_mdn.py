@@ -446,7 +446,9 @@ def test_cli_train_mdn_and_fit_with_mdn(emu, fit_set, tmp_path, capsys):
             "200",
             "--epochs",
             "2",
-            "--rv-range=-150,150",
+            "--rv-range",
+            "-150",
+            "150",
             "--no-progress",
         ]
     )

@@ -126,7 +126,7 @@ def add_fit(sub) -> None:
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
-    """--method and how it fits: --cont-deg, --chunk-size, --max-iter, --options,
+    """--method and how it fits: --cont-deg, --rv-range, --chunk-size, --max-iter, --options,
     --fixed, --mdn and --mdn-starts."""
     p.add_argument(
         "--method",
@@ -144,6 +144,15 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="degree of a multiplicative Chebyshev continuum fitted with "
         "the labels (0 = spectra are already continuum-normalised)",
+    )
+    p.add_argument(
+        "--rv-range",
+        nargs=2,
+        type=float,
+        default=tuple(_fit_default("rv_range")),
+        metavar=("LO", "HI"),
+        help="rv [km/s] searched and allowed; a narrower range is faster and "
+        "avoids aliases",
     )
     p.add_argument(
         "--chunk-size",
@@ -399,6 +408,7 @@ def run_fit(args) -> int:
                 restart=args.restart,
                 keep_parts=args.keep_parts,
                 cont_deg=args.cont_deg,
+                rv_range=tuple(args.rv_range),
                 fixed=fixed or None,
                 instrument=instrument,
                 options=options,

@@ -11,7 +11,6 @@ from ._common import (
     add_subcommand,
     check_output,
     checked_read,
-    parse_number,
     positive_int,
     require_file,
 )
@@ -37,7 +36,7 @@ def add_train_mdn(sub) -> None:
         epilog=(
             "examples:\n  payne-lite train-mdn emulator.h5 -o mdn.h5\n"
             "  payne-lite train-mdn emulator.h5 -o mdn.h5 --n-train 200000 "
-            "--snr-range 20,300 --rv-range -300,300"
+            "--snr-range 20 300 --rv-range -300 300"
         ),
     )
     p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
@@ -100,26 +99,23 @@ def add_train_mdn(sub) -> None:
     )
     p.add_argument(
         "--snr-range",
-        default=",".join(map(str, d["snr_range"])),
-        metavar="LO,HI",
+        nargs=2,
+        type=float,
+        default=tuple(d["snr_range"]),
+        metavar=("LO", "HI"),
         help="S/N per pixel of the training spectra (log-uniform)",
     )
     p.add_argument(
         "--rv-range",
-        default=",".join(map(str, d["rv_range"])),
-        metavar="LO,HI",
+        nargs=2,
+        type=float,
+        default=tuple(d["rv_range"]),
+        metavar=("LO", "HI"),
         help="rv [km/s] of the training spectra (uniform)",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="do not show progress bars"
     )
-
-
-def _pair(text: str, flag: str) -> tuple[float, float]:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise ValueError(f"{flag} {text!r}: expected LO,HI, e.g. 10,300")
-    return (parse_number(parts[0], flag), parse_number(parts[1], flag))
 
 
 def run_train_mdn(args) -> int:
@@ -135,8 +131,8 @@ def run_train_mdn(args) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         n_components=args.n_components,
-        snr_range=_pair(args.snr_range, "--snr-range"),
-        rv_range=_pair(args.rv_range, "--rv-range"),
+        snr_range=tuple(args.snr_range),
+        rv_range=tuple(args.rv_range),
         seed=args.seed,
     )
     emu = checked_read(Emulator.load, emu_path)
