@@ -110,10 +110,15 @@ def fit(
             (continuum coefficients included).
         group: (n,) star identifier of each spectrum (any values ``numpy.unique``
             can sort): spectra with the same identifier are visits of one star,
-            fitted jointly with shared labels, one rv (and continuum) per visit.
-            The table then has one row per star (see Returns). LM only, without
-            ``mdn``, ``p0`` of shape (n, L) or a fixed rv; batches of stars run one
-            after the other (``LMOptions.n_threads`` is not used) and ``progress``
+            fitted jointly with shared labels (and ``vsini`` / ``vmacro``: the
+            star's), one rv (and continuum) per visit; the instrument's profile
+            applies to every visit. The table then has one row per star (see
+            Returns). With ``method="lm"`` or ``"curve_fit"``; with per-spectrum
+            grids (n, P) all visits of a star must be on one grid; with an ``mdn``
+            its labels of each star's highest-S/N visit are one more start
+            (screened with the others; the fit is bounded by the box, not by the
+            MDN). Not with ``p0`` of shape (n, L) or a fixed rv; batches of stars
+            run one after the other (``n_threads`` is not used) and ``progress``
             shows no bar.
 
     Returns:
@@ -138,8 +143,13 @@ def fit(
         ``n_good_pixels_visit``, ``snr_visit`` (n_star, V), ``snr`` the combined
         S/N ``sqrt(sum snr_visit^2)``, and ``chi2``, ``chi2_red``,
         ``n_good_pixels`` over all visits; ``covariance`` is over
-        ``meta["cov_params"]`` (labels, ``rv_1`` .. ``rv_V``, ``cont_<k>_<v>``),
-        NaN for padding. Bit 1 (at a bound) looks at every visit's rv.
+        ``meta["cov_params"]`` (labels, ``rv_1`` .. ``rv_V``, ``cont_<k>_<v>``,
+        broadening), NaN for padding; ``vsini``, ``vsini_err`` (``vmacro``) one
+        per star when modelled; with per-spectrum grids ``grid_group``; with an
+        MDN ``<label>_mdn``, ``<label>_mdn_sigma`` (of the visit ``mdn_visit``
+        that started the fit), ``rv_mdn``, ``rv_mdn_sigma`` (n_star, V). Bit 1
+        (at a bound) looks at every visit's rv. :func:`payne_lite.fitting.pad_visits`
+        pads such a table to more visits (to stack tables).
 
     Raises:
         ValueError: shapes that do not fit together (named in the message), an unknown

@@ -64,10 +64,6 @@ def refusal(method, grid, visits, instrument, entry) -> str | None:
         return r"the samplers take one wavelength grid"
     if method == "mdn-is" and not plain:
         return r"'mdn-is' samples no broadening"
-    if visits == "group" and (not plain or grid == "per_star_grids"):
-        return r"group= \(joint multi-visit fits\) does not take broadening"
-    if visits == "group" and method == "curve_fit":
-        return r"group= \(joint multi-visit fits\) needs method='lm'"
     return None
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_NAMES
+from test_broadening import degrade_reference, log_emulator, rotate_reference
 from test_fit import (
     N_PIX,
     PAYNE_LABELS_5,
@@ -25,10 +27,19 @@ from test_fit import (
     smooth_emulator,
 )
 
-from payne_lite import Emulator, LMOptions, fit
-from payne_lite.fitting import FLAG_BITS, FLAG_POOR_FIT, poor_fit, visit_index
+from payne_lite import CurveFitOptions, Emulator, Instrument, LMOptions, fit
+from payne_lite.constants import C_KMS
+from payne_lite.fitting import (
+    FLAG_BITS,
+    FLAG_NOT_CONVERGED,
+    FLAG_POOR_FIT,
+    pad_visits,
+    poor_fit,
+    visit_index,
+)
 from payne_lite.observe import _problem, build_obs_model, embed_obs, observe_jac
 
+fitting_mod = importlib.import_module("payne_lite.fitting._fit")
 lm_mod = importlib.import_module("payne_lite.fitting._lm")
 driver_mod = importlib.import_module("payne_lite.fitting._driver")
 visits_mod = importlib.import_module("payne_lite.fitting._visits")
@@ -54,6 +65,11 @@ def test_visit_index_layout_hand_worked():
         [[0, 1, 2, 5, 6], [0, 1, 3, 7, 8], [0, 1, 4, 9, 10]],
     )
     np.testing.assert_array_equal(visit_index(3, 2, 0), [[0, 1, 2, 3], [0, 1, 2, 4]])
+    # L = 1, V = 2, n_c = 1, B = 2: [s | rv1 rv2 | c1 c2 | vsini vmacro]: each row the
+    # single-spectrum vector [s, rv_v, c_v, vsini, vmacro]
+    np.testing.assert_array_equal(
+        visit_index(1, 2, 1, 2), [[0, 1, 3, 5, 6], [0, 2, 4, 5, 6]]
+    )
 
 
 def test_group_rows_first_appearance_and_padding():
@@ -65,13 +81,16 @@ def test_group_rows_first_appearance_and_padding():
 
 
 # --- the profiled continuum: normal equations ----------------------------------------------
-@pytest.mark.parametrize("fast", [False, True], ids=["general", "log-grid-fast"])
-def test_profiled_normal_equations_are_the_projected_jacobian(emu, log_emu, fast):
+@pytest.mark.parametrize("case", ["general", "log-grid-fast", "vsini"], ids=str)
+def test_profiled_normal_equations_are_the_projected_jacobian(emu, log_emu, case):
     """J_perp = (I - P_c) J_theta at c*(theta): J_perp^T J_perp equals the Schur
     complement the LM steps with, and its inverse equals the (theta, theta) block
-    of the full inverse, i.e. the marginal covariance with the continuum's."""
-    e = log_emu if fast else emu
-    obs = build_obs_model(e, cont_deg=2)
+    of the full inverse, i.e. the marginal covariance with the continuum's; theta
+    is the labels, rv and broadening (after the continuum in the vector)."""
+    fast = case == "log-grid-fast"
+    e = emu if case == "general" else log_emu
+    broad = ("vsini",) if case == "vsini" else ()
+    obs = build_obs_model(e, cont_deg=2, broadening=broad)
     assert (obs.jet is not None) == fast
     rng = np.random.default_rng(3)
     s, rv = rng.uniform(-0.3, 0.3, (1, 3)), np.array([23.0])
@@ -79,17 +98,20 @@ def test_profiled_normal_equations_are_the_projected_jacobian(emu, log_emu, fast
     flux = flux + 0.01 * rng.standard_normal(flux.size)
     sw = np.full(flux.size, 100.0)
     sw[:8] = 0.0  # a few unused pixels
-    p = jnp.asarray(np.r_[s[0] + 0.02, rv + 0.5, 1.0, 0.0, 0.0])  # c far off c*
+    # c far off c*; vsini 12 km/s
+    p = jnp.asarray(np.r_[s[0] + 0.02, rv + 0.5, 1.0, 0.0, 0.0, [12.0] * len(broad)])
     f_in, sw_in = jnp.asarray(flux), jnp.asarray(sw)
     if fast:
         f_in, sw_in = embed_obs(obs, f_in), embed_obs(obs, sw_in)
     p_star, chi2, a, g, _ = lm_mod._profiled_normal(obs, p, f_in, sw_in)
     p_star, a, g = (np.asarray(x, np.float64) for x in (p_star, a, g))
+    np.testing.assert_array_equal(p_star[7:], np.asarray(p)[7:])  # vsini kept
 
     # reference in float64 NumPy from the explicit Jacobian
     _, _, jac = observe_jac(obs, jnp.asarray(p_star))
     jac = np.asarray(jac, np.float64) * sw[:, None]
-    j_t, j_c = jac[:, :4], jac[:, 4:]
+    t_i = np.r_[0:4, 7 : 7 + len(broad)]  # labels, rv, broadening
+    j_t, j_c = jac[:, t_i], jac[:, 4:7]
     model = np.asarray(lm_mod.model_one(obs, jnp.asarray(p_star)), np.float64)
     r = sw * (model - flux)
     # c* is the continuum's optimum: J_c^T r = 0 (to float32 rounding)
@@ -97,18 +119,25 @@ def test_profiled_normal_equations_are_the_projected_jacobian(emu, log_emu, fast
     assert np.all(cos < 1e-4), cos
     proj = j_c @ np.linalg.solve(j_c.T @ j_c, j_c.T)
     j_perp = j_t - proj @ j_t
-    np.testing.assert_allclose(a[:4, :4], j_perp.T @ j_perp, rtol=2e-3)
-    np.testing.assert_allclose(a[4:, 4:], np.eye(3))  # c is not stepped by LM
-    np.testing.assert_allclose(g[4:], 0.0)
+    np.testing.assert_allclose(a[np.ix_(t_i, t_i)], j_perp.T @ j_perp, rtol=2e-3)
+    np.testing.assert_allclose(a[4:7, 4:7], np.eye(3))  # c is not stepped by LM
+    np.testing.assert_allclose(g[4:7], 0.0)
     full = jac.T @ jac
     np.testing.assert_allclose(
-        np.linalg.inv(a[:4, :4]), np.linalg.inv(full)[:4, :4], rtol=5e-3
+        np.linalg.inv(a[np.ix_(t_i, t_i)]),
+        np.linalg.inv(full)[np.ix_(t_i, t_i)],
+        rtol=5e-3,
     )
     np.testing.assert_allclose(float(chi2), float(r @ r), rtol=1e-4)
 
 
-def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu):
-    obs = build_obs_model(log_emu, cont_deg=1)
+@pytest.mark.parametrize("broad", [(), ("vsini", "vmacro")], ids=["plain", "broad"])
+def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu, broad):
+    """The joint normal equations are the visits' own scattered by visit_index; the
+    broadening (shared, last) sums over the visits, a padding visit's rv and
+    continuum get unit rows."""
+    obs = build_obs_model(log_emu, cont_deg=1, broadening=broad)
+    b = len(broad)
     rng = np.random.default_rng(4)
     s = rng.uniform(-0.3, 0.3, 3)
     rvs = np.array([-40.0, 25.0])
@@ -116,22 +145,30 @@ def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu):
     flux = np.vstack([flux, np.zeros(N_PIX)])  # visit 3: padding
     sw = np.full_like(flux, 100.0)
     sw[2] = 0.0
-    p = np.r_[s, rvs + 1.0, 0.0, 1.0, 0.01, 1.0, 0.0, 1.0, 0.0]  # L + 3 rv + 3 * 2 c
-    f_e, sw_e = embed_obs(obs, jnp.asarray(flux)), embed_obs(obs, jnp.asarray(sw))
+    # L + 3 rv + 3 * 2 c + broadening [km/s]
+    p = np.r_[s, rvs + 1.0, 0.0, 1.0, 0.01, 1.0, 0.0, 1.0, 0.0, [9.0, 6.0][:b]]
+    k = 12 + b
+    f_e, sw_e = jnp.asarray(flux), jnp.asarray(sw)
+    if obs.jet is not None:
+        f_e, sw_e = embed_obs(obs, f_e), embed_obs(obs, sw_e)
     normal = lm_mod._lane_normal(obs, f_e, sw_e, (3, False))
     _, chi2, a, g, _ = normal(jnp.asarray(p))
     a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
-    idx = visit_index(3, 3, 2)
-    a_ref, g_ref, chi2_ref = np.zeros((12, 12)), np.zeros(12), 0.0
+    idx = visit_index(3, 3, 2, b)
+    assert list(idx[1]) == [0, 1, 2, 4, 8, 9, *range(12, k)]
+    a_ref, g_ref, chi2_ref = np.zeros((k, k)), np.zeros(k), 0.0
     for v in range(2):
         c, av, gv, _ = lm_mod._normal(obs, jnp.asarray(p[idx[v]]), f_e[v], sw_e[v])
         a_ref[np.ix_(idx[v], idx[v])] += np.asarray(av)
         g_ref[idx[v]] += np.asarray(gv)
         chi2_ref += float(c)
-    own = idx[2, 3:]
+    own = idx[2, 3:6]
     a_ref[own, own] = 1.0  # the padded visit's rv and continuum: unit rows
-    np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-6 * np.abs(a_ref).max())
-    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6 * np.abs(g_ref).max())
+    if b:  # both visits inform the shared broadening
+        assert np.all(np.diag(a)[12:] > 0)
+    rtol = 3e-5  # float32 sums of the two visits' terms, in another order
+    np.testing.assert_allclose(a, a_ref, rtol=rtol, atol=1e-6 * np.abs(a_ref).max())
+    np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=1e-6 * np.abs(g_ref).max())
     np.testing.assert_allclose(float(chi2), chi2_ref, rtol=1e-5)
 
 
@@ -231,18 +268,387 @@ def test_group_fit_compiles_once_per_visit_count_and_batch_shape(monkeypatch):
 
 
 def test_group_bad_input(emu):
+    """Refused at the boundary, before any compilation."""
     flux = reference_spectra(emu, np.zeros((2, 3)), [0.0, 5.0])
     err = np.full_like(flux, 0.01)
-    with pytest.raises(ValueError, match=r"group \(3,\) must be \(2,\)"):
-        fit(flux, err, emu, group=[1, 2, 3])
-    with pytest.raises(ValueError, match="rv cannot be fixed"):
-        fit(flux, err, emu, group=[1, 1], fixed={"rv": 0.0})
-    with pytest.raises(ValueError, match="method='lm'"):
-        fit(flux, err, emu, group=[1, 1], method="curve_fit")
+    with CompileCounter() as cc:
+        with pytest.raises(ValueError, match=r"group \(3,\) must be \(2,\)"):
+            fit(flux, err, emu, group=[1, 2, 3])
+        with pytest.raises(ValueError, match="rv cannot be fixed"):
+            fit(flux, err, emu, group=[1, 1], fixed={"rv": 0.0})
+    assert cc.n == 0
+    with pytest.raises(ValueError, match=r"p0 must be one label vector \(3,\)"):
+        fit(flux, err, emu, group=[1, 1], p0=np.tile([5000.0, 3.0, -0.5], (2, 1)))
     with pytest.raises(ValueError, match="cont_deg >= 1"):
         fit(flux, err, emu, options=LMOptions(continuum="profile"))
     with pytest.raises(ValueError, match="continuum must be one of"):
         LMOptions(continuum="spline")
+
+
+# --- joint fits with the instrument, broadening, curve_fit, per-spectrum grids, MDN -------
+class CompileCounter:
+    """XLA compilations while inside (jax.monitoring), as tests/test_matrix.py."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+    count = 0
+    registered = False
+
+    @classmethod
+    def on(cls, event, *args, **kwargs):
+        if event == cls.EVENT:
+            cls.count += 1
+
+    def __enter__(self):
+        if not CompileCounter.registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileCounter.on)
+            CompileCounter.registered = True
+        self.before = CompileCounter.count
+        return self
+
+    @property
+    def n(self):
+        return CompileCounter.count - self.before
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture(scope="module")
+def broad_emu():
+    """A small random net on a log-uniform grid with a gap (the broadening kernels
+    need one), resolution 22,500 in its meta."""
+    return log_emulator()
+
+
+def broadened_visits(emu, s, vsini, rv, resolution=None):
+    """Visits by NumPy/SciPy (not payne_lite's kernels): each star's rest spectrum
+    rotated (Gray profile on a 10x finer grid: test_broadening.rotate_reference),
+    degraded to ``resolution`` (scipy's Gaussian), shifted by np.interp to each rv."""
+    wave = emu.wavelength
+    rest = emu.predict(emu.unscale(s)).astype(np.float64)
+    out = []
+    for star, v in rv:
+        f = rotate_reference(wave, rest[star], vsini[star])
+        if resolution is not None:
+            f = degrade_reference(wave, f, resolution, emu.meta["resolution"])
+        out.append(
+            np.interp(wave / np.sqrt((1 + v / C_KMS) / (1 - v / C_KMS)), wave, f)
+        )
+    return np.array(out)
+
+
+@pytest.mark.slow
+def test_group_fit_with_resolution_and_vsini_recovers_the_truth(broad_emu):
+    """Two stars (3 and 2 visits, vsini 15 and 32 km/s, R = 8000) made by NumPy/SciPy
+    at S/N 150 and fitted jointly with Instrument(resolution=8000, vsini=True): the
+    labels, the star's vsini and every visit's rv within 4 sigma of the truth (seen:
+    max |z| 2.8), vsini to 0.5 km/s, chi2_red near 1; vsini is a star column."""
+    e = broad_emu
+    rng = np.random.default_rng(21)
+    s = rng.uniform(-0.3, 0.3, (2, 3))
+    vsini = np.array([15.0, 32.0])
+    star = np.array([0, 1, 0, 1, 0])
+    rv = rng.uniform(-60.0, 60.0, star.size)
+    flux = broadened_visits(e, s, vsini, zip(star, rv, strict=True), resolution=8000.0)
+    err = np.full_like(flux, 1.0 / 150.0)
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    inst = Instrument(resolution=8000.0, vsini=True)
+    t = fit(noisy, err, e, instrument=inst, group=star)
+    assert list(t["n_visits"]) == [3, 2] and np.all(t["converged"])
+    assert t["vsini"].shape == (2,) and str(t["vsini"].unit) == "km / s"
+    assert t.meta["cov_params"][-1] == "vsini" and t.meta["broadening"] == ["vsini"]
+    assert t.meta["instrument"]["resolution"] == 8000.0
+    z = [(t["vsini"] - vsini) / t["vsini_err"]]
+    truth = e.unscale(s)
+    for j, name in enumerate(e.label_names):
+        z.append((t[name] - truth[:, j]) / t[f"{name}_err"])
+    rows = np.asarray(t["visit_rows"])
+    z_rv = (np.asarray(t["rv"]) - rv[rows]) / np.asarray(t["rv_err"])
+    z = np.concatenate([np.ravel(z), z_rv[rows >= 0]])
+    print(
+        "resolution + vsini joint: |z| max", np.abs(z).max(), "vsini", list(t["vsini"])
+    )
+    assert np.all(np.abs(z) < 4), z
+    np.testing.assert_allclose(t["vsini"], vsini, atol=0.5)
+    assert np.all((t["chi2_red"] > 0.8) & (t["chi2_red"] < 1.25)), list(t["chi2_red"])
+    assert np.all(np.isfinite(np.asarray(t["covariance"])[0]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setting",
+    ["resolution-vsini", "lsf-fixed-vsini-profile"],
+)
+def test_group_of_one_visit_per_star_is_the_single_fit(broad_emu, setting):
+    """A joint fit of one visit per star is the single-spectrum fit of that
+    spectrum: the same labels, rv, broadening (to 1e-6 of their errors) and errors
+    (to 1e-4), with an instrumental profile (resolution or lsf_sigma), a fitted or
+    a fixed vsini, and the profiled continuum. (Each setting compiles its own
+    programs: ~40 s alone on 2 cores.)"""
+    e = broad_emu
+    rng = np.random.default_rng(22)
+    s = rng.uniform(-0.3, 0.3, (2, 3))
+    rv = [(0, -25.0), (1, 40.0)]
+    if setting == "resolution-vsini":
+        inst, fixed, kw = Instrument(resolution=8000.0, vsini=True), None, {}
+        flux = broadened_visits(e, s, [12.0, 25.0], rv, resolution=8000.0)
+        broad = ("vsini",)
+    else:
+        inst = Instrument(lsf_sigma=0.8)
+        fixed = {"vsini": 30.0}
+        kw = dict(cont_deg=1, options=LMOptions(continuum="profile"))
+        flux = broadened_visits(e, s, [30.0, 30.0], rv)
+        flux = flux * np.linspace(0.97, 1.03, e.n_pix)
+        broad = ("vsini",)
+    err = np.full_like(flux, 0.005)
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    one = fit(noisy, err, e, instrument=inst, fixed=fixed, **kw)
+    joint = fit(noisy, err, e, instrument=inst, fixed=fixed, group=["x", "y"], **kw)
+    assert joint.meta["broadening"] == list(broad)
+    names = (*e.label_names, *broad)
+    for name in (*names, "rv"):
+        got = np.asarray(joint[name]).reshape(2, -1)[:, 0]
+        got_err = np.asarray(joint[f"{name}_err"]).reshape(2, -1)[:, 0]
+        ref, sig = np.asarray(one[name]), np.asarray(one[f"{name}_err"])
+        dz = np.abs(got - ref) / np.where(sig > 0, sig, 1.0)
+        assert np.all(dz < 1e-6), (name, dz)
+        np.testing.assert_allclose(got_err, sig, rtol=1e-4)
+    np.testing.assert_allclose(joint["chi2"], one["chi2"], rtol=1e-5)
+    if fixed:  # held: the value, no error
+        assert np.all(joint["vsini"] == 30.0) and np.all(joint["vsini_err"] == 0.0)
+        assert joint.meta["continuum"] == "profile" and joint["cont_1"].shape == (2, 1)
+
+
+def test_group_curve_fit_agrees_with_lm(emu):
+    """method="curve_fit" with group= (scipy trf on the visits' stacked residuals):
+    the same table as LM's, labels, rvs and continua within 0.05 sigma of LM's,
+    errors within 1 %; one that hits max_nfev is reported not converged."""
+    rng = np.random.default_rng(23)
+    s = rng.uniform(-0.3, 0.3, (2, 3))
+    star = np.array([0, 0, 1])
+    rv = np.array([-30.0, 45.0, 10.0])
+    cont = np.array([[1.0, 0.04], [0.97, -0.02], [1.02, 0.01]])
+    flux = reference_spectra(emu, s[star], rv, cont=cont)
+    err = np.full_like(flux, 0.01)
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    lm = fit(noisy, err, emu, cont_deg=1, group=star)
+    cf = fit(noisy, err, emu, cont_deg=1, group=star, method="curve_fit")
+    assert cf.colnames == lm.colnames and cf.meta["method"] == "curve_fit"
+    assert np.all(cf["converged"]) and np.all(cf["flags"] == 0)
+    assert np.all(np.asarray(cf["n_iter"]) > 0)
+    for name in (*TINY_NAMES, "rv", "cont_0", "cont_1"):
+        a, b = np.asarray(cf[name]), np.asarray(lm[name])
+        sig = np.asarray(lm[f"{name}_err"])
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        ok = ~np.isnan(b)
+        assert np.all(np.abs(a - b)[ok] < 0.05 * sig[ok]), (name, (a - b) / sig)
+        np.testing.assert_allclose(
+            np.asarray(cf[f"{name}_err"])[ok], sig[ok], rtol=0.01
+        )
+    np.testing.assert_array_equal(cf["visit_rows"], lm["visit_rows"])
+    short = fit(
+        noisy, err, emu, cont_deg=1, group=star, method="curve_fit",
+        options=CurveFitOptions(max_iter=2),
+    )  # fmt: skip
+    assert not np.any(short["converged"])
+    assert np.all(np.asarray(short["flags"]) & FLAG_NOT_CONVERGED)
+
+
+def per_grid_case(emu):
+    """Six spectra of three stars on two grids of one shape (slices of the
+    emulator's): 'b' three visits on grid 1, 'a' two and 'c' one on grid 0,
+    interleaved."""
+    rng = np.random.default_rng(24)
+    wave = emu.wavelength
+    grids = np.stack([wave[10:370], wave[30:390]])
+    ids = np.array(["b", "a", "b", "c", "a", "b"])
+    grid_of = np.array([1, 0, 1, 0, 0, 1])
+    s = {k: rng.uniform(-0.3, 0.3, 3) for k in "abc"}
+    rv = rng.uniform(-60.0, 60.0, ids.size)
+    flux = np.stack(
+        [
+            reference_spectra(emu, s[k][None], [v], wave_obs=grids[g])[0]
+            for k, v, g in zip(ids, rv, grid_of, strict=True)
+        ]
+    )
+    return dict(
+        flux=flux, err=np.full_like(flux, 0.01), wave=grids[grid_of], ids=ids,
+        grid_of=grid_of, s=s, rv=rv, grids=grids,
+    )  # fmt: skip
+
+
+def test_group_with_per_spectrum_grids(emu):
+    """Stars on per-spectrum grids are fitted grid by grid; the star tables are
+    padded to the most visits (3), their visit_rows are rows of the input, the
+    stars in order of first appearance (b, a, c), and each grid's stars are the
+    joint fit of that grid alone (padded); noise-free labels and rvs recovered."""
+    d = per_grid_case(emu)
+    t = fit(d["flux"], d["err"], emu, wavelength=d["wave"], group=d["ids"])
+    assert list(t["group"]) == ["b", "a", "c"] and list(t["n_visits"]) == [3, 2, 1]
+    np.testing.assert_array_equal(t["visit_rows"], [[0, 2, 5], [1, 4, -1], [3, -1, -1]])
+    assert list(t["grid_group"]) == [1, 0, 0] and t.meta["n_visits_max"] == 3
+    assert t.meta["cov_params"][3:6] == ["rv_1", "rv_2", "rv_3"]
+    rows = np.asarray(t["visit_rows"])
+    np.testing.assert_allclose(
+        np.asarray(t["rv"])[rows >= 0], d["rv"][rows[rows >= 0]], atol=0.02
+    )
+    for i, k in enumerate("bac"):
+        np.testing.assert_allclose(scaled_labels(emu, t)[i], d["s"][k], atol=2e-4)
+    # grid 0 alone: stars a (rows 1, 4) and c (row 3), V = 2
+    sel = np.array([1, 3, 4])
+    alone = fit(
+        d["flux"][sel], d["err"][sel], emu, wavelength=d["grids"][0],
+        group=d["ids"][sel],
+    )  # fmt: skip
+    padded = pad_visits(alone, 3)
+    for name in (*TINY_NAMES, "rv", "rv_err", "chi2_visit", "covariance"):
+        np.testing.assert_array_equal(np.asarray(t[name])[1:], np.asarray(padded[name]))
+    assert t.meta["cov_params"] == padded.meta["cov_params"]
+    assert t.meta["label_names"] == list(TINY_NAMES)  # not one copy per grid
+
+
+def test_group_star_on_two_grids_is_refused_before_any_work(emu):
+    d = per_grid_case(emu)
+    ids = d["ids"].copy()
+    ids[3] = "b"  # b now has a visit on grid 0 too
+    with CompileCounter() as cc, pytest.raises(ValueError) as info:
+        fit(d["flux"], d["err"], emu, wavelength=d["wave"], group=ids)
+    assert str(info.value) == (
+        "group=: the visits of star 'b' are on 2 different wavelength grids; "
+        "resample them onto one grid"
+    )
+    assert cc.n == 0
+
+
+def test_pad_visits_hand_worked():
+    """L = 1, V = 2 -> 3, one continuum coefficient, vsini: the joint vector
+    [Teff, rv_1, rv_2, cont_0_1, cont_0_2, vsini] -> [Teff, rv_1, rv_2, rv_3,
+    cont_0_1, cont_0_2, cont_0_3, vsini]; new visits NaN, visit_rows -1,
+    n_good_pixels_visit 0; star columns untouched."""
+    from astropy.table import Table
+
+    cov = np.arange(2 * 36, dtype=float).reshape(2, 6, 6)
+    t = Table()
+    t["group"] = ["p", "q"]
+    t["Teff"] = [5000.0, 6000.0]
+    t["rv"] = np.array([[1.0, 2.0], [3.0, np.nan]])
+    t["rv"].unit = "km/s"
+    t["cont_0"] = np.array([[1.0, 1.1], [0.9, np.nan]])
+    t["cont_0_err"] = np.full((2, 2), 0.01)
+    t["vsini"] = [10.0, 20.0]
+    t["covariance"] = cov
+    t["visit_rows"] = np.array([[0, 2], [1, -1]])
+    t["n_good_pixels_visit"] = np.array([[50, 60], [70, 0]])
+    t["snr_visit"] = np.array([[30.0, 40.0], [50.0, np.nan]])
+    names = ["Teff", "rv_1", "rv_2", "cont_0_1", "cont_0_2", "vsini"]
+    t.meta.update(group=True, n_visits_max=2, label_names=["Teff"], cov_params=names)
+    p = pad_visits(t, 3)
+    assert p.meta["cov_params"] == [
+        "Teff", "rv_1", "rv_2", "rv_3", "cont_0_1", "cont_0_2", "cont_0_3", "vsini",
+    ]  # fmt: skip
+    assert p.meta["n_visits_max"] == 3 and t.meta["n_visits_max"] == 2
+    np.testing.assert_array_equal(p["visit_rows"], [[0, 2, -1], [1, -1, -1]])
+    np.testing.assert_array_equal(p["n_good_pixels_visit"], [[50, 60, 0], [70, 0, 0]])
+    np.testing.assert_array_equal(p["rv"], [[1.0, 2.0, np.nan], [3.0, np.nan, np.nan]])
+    assert p["rv"].unit == "km / s"
+    assert np.all(np.isnan(p["cont_0"][:, 2])) and np.all(
+        np.isnan(p["snr_visit"][:, 2])
+    )
+    np.testing.assert_array_equal(p["Teff"], t["Teff"])
+    np.testing.assert_array_equal(p["vsini"], t["vsini"])
+    pc = np.asarray(p["covariance"])
+    assert pc.shape == (2, 8, 8)
+    new = p.meta["cov_params"]
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            np.testing.assert_array_equal(
+                pc[:, new.index(a), new.index(b)], cov[:, i, j]
+            )
+    for name in ("rv_3", "cont_0_3"):
+        assert np.all(np.isnan(pc[:, new.index(name), :]))
+        assert np.all(np.isnan(pc[:, :, new.index(name)]))
+    assert pad_visits(t, 2).meta["cov_params"] == names
+    with pytest.raises(ValueError, match="n_visits = 1 is below the table's 2"):
+        pad_visits(t, 1)
+    with pytest.raises(ValueError, match="not the table of a fit"):
+        pad_visits(Table({"a": [1]}), 3)
+
+
+class FakeMDN:
+    """An MDN stand-in that answers every spectrum with given labels and rv
+    (``mean`` (n, L + 1), ``sigma`` likewise); ``None`` rows: no answer (NaN)."""
+
+    n_components = 1
+
+    def __init__(self, mean, sigma):
+        self.mean, self.sigma = np.asarray(mean, float), np.asarray(sigma, float)
+
+    def check_emulator(self, emulator):
+        pass
+
+    def check_wavelength(self, wavelength, **kw):
+        pass
+
+    def predict(self, flux, err, mask=None):
+        return self.mean.copy(), self.sigma.copy()
+
+
+def test_group_with_mdn_starts_from_the_best_visit(emu, monkeypatch):
+    """With an MDN, each star also starts from the MDN's labels of its
+    highest-S/N visit (the MDN is per spectrum): that start is first among the
+    screened ones, the fit is the fit without the MDN (same minimum), the MDN
+    columns hold that visit's labels and every visit's rv; a confidently wrong
+    MDN sets bit 6 (64) and does not move the fit."""
+    rng = np.random.default_rng(25)
+    s = rng.uniform(-0.3, 0.3, (2, 3))
+    star = np.array([0, 1, 0, 0, 1])
+    rv = rng.uniform(-60.0, 60.0, star.size)
+    flux = reference_spectra(emu, s[star], rv)
+    err = np.full_like(flux, 0.01)
+    err[3] = 0.004  # star 0's best visit: its third (row 3); star 1's: its second
+    err[4] = 0.006
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    truth = emu.unscale(s[star])
+    mean = np.column_stack([truth + [[40.0, 0.05, 0.02]] * np.arange(5)[:, None], rv])
+    sigma = np.tile([100.0, 0.2, 0.1, 1.0], (5, 1))
+    seen = []
+    original = visits_mod.lm_with_starts
+
+    def spy(ctx, p_start, *args, **kw):
+        seen.append(p_start.copy())
+        return original(ctx, p_start, *args, **kw)
+
+    monkeypatch.setattr(visits_mod, "lm_with_starts", spy)
+    t = fit(noisy, err, emu, group=star, mdn=FakeMDN(mean, sigma))
+    ref = fit(noisy, err, emu, group=star)
+    # star 0: visit 2 (row 3), the highest S/N; star 1: visit 1 (row 4)
+    np.testing.assert_array_equal(t["mdn_visit"], [2, 1])
+    np.testing.assert_array_equal(
+        np.nanargmax(np.asarray(t["snr_visit"]), axis=1), [2, 1]
+    )
+    np.testing.assert_allclose(
+        seen[0][:2, 0, :3], emu.scale(mean[[3, 4], :3]), atol=1e-12
+    )
+    assert seen[0].shape[1] == 1 + len(fitting_mod.TEFF_STARTS)
+    np.testing.assert_allclose(t["Teff_mdn"], mean[[3, 4], 0])
+    np.testing.assert_allclose(t["logg_mdn_sigma"], [0.2, 0.2])
+    rows = np.asarray(t["visit_rows"])
+    np.testing.assert_allclose(np.asarray(t["rv_mdn"])[rows >= 0], rv[rows[rows >= 0]])
+    assert t["Teff_mdn"].unit == t["Teff"].unit and "mdn_seconds" in t.meta
+    for name in (*TINY_NAMES, "rv"):
+        dz = (np.asarray(t[name]) - np.asarray(ref[name])) / np.asarray(
+            ref[f"{name}_err"]
+        )
+        assert np.all(np.abs(dz[np.isfinite(dz)]) < 0.05), (name, dz)
+    assert not np.any(np.asarray(t["flags"]) & 64)
+    wrong = mean.copy()
+    wrong[:, 0] += 800.0
+    sig_w = sigma.copy()
+    sig_w[:, 0] = 20.0
+    t_w = fit(noisy, err, emu, group=star, mdn=FakeMDN(wrong, sig_w))
+    assert np.all(np.asarray(t_w["flags"]) & 64)
+    dz = (np.asarray(t_w["Teff"]) - ref["Teff"]) / np.asarray(ref["Teff_err"])
+    assert np.all(np.abs(dz) < 0.05), dz
 
 
 # --- the profiled continuum: fits ----------------------------------------------------------

@@ -41,10 +41,17 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.observe`):
 
 Several visits of one star (``group=``): each spectrum gets steps 1-2 alone; then
 the visits of a star are fitted together (step 3) with the parameter vector
-``[s (L), rv_1 .. rv_V, c_1 .. c_V]`` (:func:`visit_index`): the normal equations are
-the sums of the visits' own (:func:`._lm._lane_normal`), so the fast single-spectrum
-kernels are reused; stars with fewer than V visits carry padding visits of zero
-weight. One row per star (see :func:`payne_lite.fit`).
+``[s (L), rv_1 .. rv_V, c_1 .. c_V, b]`` (:func:`visit_index`; ``b`` the broadening,
+vsini and vmacro, a property of the star shared by its visits): the normal equations
+are the sums of the visits' own (:func:`._lm._lane_normal`), so the single-spectrum
+kernels are reused (with ``method="curve_fit"``, scipy's trf on the visits' stacked
+residuals, :func:`._curve_fit.curve_fit_joint`); stars with fewer than V visits carry
+padding visits of zero weight. The instrument's profile and broadening are those of
+every single-spectrum fit; per-spectrum grids are fitted grid by grid, each star's
+visits on one grid, and the star tables padded to one V (:func:`pad_visits`). With
+an MDN, its labels of a star's highest-S/N visit are one more start (screened with
+the Teff starts; the fit is bounded by the box). One row per star (see
+:func:`payne_lite.fit`).
 
 Profiled continuum (``continuum="profile"``): the Chebyshev coefficients are solved
 by weighted linear least squares at every LM step and the step is taken in labels and
@@ -93,6 +100,7 @@ from ._schema import FLAG_FAILED as FLAG_FAILED
 from ._schema import FLAG_NOT_CONVERGED as FLAG_NOT_CONVERGED
 from ._schema import FLAG_POOR_FIT as FLAG_POOR_FIT
 from ._schema import poor_fit as poor_fit
+from ._visits import pad_visits as pad_visits
 
 __all__ = [
     "FLAG_BITS",
@@ -101,6 +109,7 @@ __all__ = [
     "FLAG_POOR_FIT",
     "METHODS",
     "fit_spectra",
+    "pad_visits",
     "poor_fit",
     "visit_index",
 ]

@@ -77,7 +77,7 @@ def lm_with_starts(
     bounds = (jnp.asarray(lo, dt), jnp.asarray(hi, dt), jnp.asarray(free))
     if n_s > 1 and n_visits:
         # screened visit by visit (one spectrum each), chi2 summed over visits
-        idx = visit_index(ctx.layout.n_labels, n_visits, obs.n_cont)
+        idx = visit_index(ctx.layout.n_labels, n_visits, obs.n_cont, obs.n_broad)
         pv = np.swapaxes(p_start[:, :, idx], 1, 2).reshape(size * n_visits, n_s, -1)
         c0 = chi2_batch(
             obs,
@@ -88,6 +88,7 @@ def lm_with_starts(
         c0 = np.asarray(c0, np.float64).reshape(size, n_visits, n_s).sum(axis=1)
     elif n_s > 1:
         c0 = np.asarray(chi2_batch(obs, jnp.asarray(p_start, dt), f_j, w_j))
+    if n_s > 1:
         order = np.argsort(np.where(np.isfinite(c0), c0, np.inf), axis=1, kind="stable")
         p_start = p_start[rows[:, None], order]
     p, chi2, it, conv, a, g = lm_batch(

@@ -29,7 +29,7 @@ from ._grids import fit_per_star_grids
 from ._mdn_bounds import add_mdn_columns, at_mdn_bound, mdn_prior, mdn_start_points
 from ._rvscan import RV_SCAN_STEP, scan_pixels
 from ._schema import results_table
-from ._visits import fit_groups
+from ._visits import check_group, fit_groups
 
 #: Scaled-Teff starting points of the local fit (other labels start at the centre).
 TEFF_STARTS = (-0.3, 0.0, 0.3)
@@ -67,8 +67,10 @@ def fit_spectra(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     opts = options_for(method, options)
+    if group is not None:
+        _check_group_args(group, flux, fixed, p0, emulator)
     inst, broadening, continuum = _instrument_as_fitted(
-        instrument, opts, cont_deg, fixed, emulator, group, wavelength
+        instrument, opts, cont_deg, fixed, emulator, wavelength
     )
     wavelength = inst.vacuum_wavelength(wavelength)
     if wavelength is not None and np.ndim(wavelength) == 1:
@@ -83,17 +85,11 @@ def fit_spectra(
                 mdn=mdn, seed=seed, emulator_error=emulator_error,
                 return_model=return_model, progress=progress, options=opts,
             ),
+            group=group,
         )  # fmt: skip
         t.meta["instrument"] = inst.to_meta(wavelength)
         t.meta["wavelength_air"] = inst.air
         return t
-    if group is not None:
-        if method != "lm" or mdn is not None:
-            raise ValueError(
-                "group= (joint multi-visit fits) needs method='lm' and no mdn"
-            )
-        if fixed and "rv" in dict(fixed):
-            raise ValueError("group=: each visit has its own rv; rv cannot be fixed")
     rv_range = check_rv_range(rv_range)
     max_iter, batch_size = opts.max_iter, opts.batch_size
     n_threads, mdn_starts = opts.n_threads, opts.mdn_starts
@@ -119,7 +115,6 @@ def fit_spectra(
     n_pix = obs.x_obs.shape[0]
     flux2, ivar = check_inputs(flux, flux_err, mask, n_pix)
     n = flux2.shape[0]
-    n_lab = emulator.n_labels
     k = len(layout.names)
     fix = check_fixed(fixed, emulator, rv_range, layout)
     free = np.ones(k, bool)
@@ -137,24 +132,13 @@ def fit_spectra(
         continuum=continuum,
     )  # fmt: skip
     if group is not None:
-        if p0 is not None and np.ndim(p0) != 1:
-            raise ValueError(
-                f"group=: p0 must be one label vector ({n_lab},), got {np.shape(p0)}"
-            )
         t = fit_groups(
-            ctx,
-            emulator,
-            flux2,
-            ivar,
-            starts[0],
-            group,
-            batch_size=batch_size,
-            scale_errors=scale_errors,
+            ctx, emulator, flux2, ivar, starts[0], group, batch_size=batch_size,
+            scale_errors=scale_errors, mdn=mdn, mdn_starts=mdn_starts, seed=seed,
+        )  # fmt: skip
+        return _finish_meta(
+            t, ctx, emulator, inst, broadening, continuum, wave_vac, None, None
         )
-        t.meta["instrument"] = inst.to_meta(wave_vac)
-        t.meta["wavelength_air"] = inst.air
-        t.meta["continuum"] = continuum
-        return t
     if n_threads is None:
         n_threads = default_threads() if method == "lm" else 1
     # Batches of a power of two (>= 8) spectra, so that similar sizes share one
@@ -171,11 +155,23 @@ def fit_spectra(
     )
 
 
-def _instrument_as_fitted(
-    instrument, opts, cont_deg, fixed, emulator, group, wavelength
-):
-    """The checks of :func:`fit_spectra` on the instrument, continuum and ``group``
-    settings; returns ``(inst, broadening, continuum)``: the instrument as fitted
+def _check_group_args(group, flux, fixed, p0, emulator):
+    """The checks of :func:`fit_spectra` on ``group=`` (before any work): one star
+    id per spectrum, no fixed rv, one ``p0`` label vector."""
+    n = 1 if np.ndim(flux) == 1 else int(np.shape(flux)[0])
+    check_group(group, n)
+    if fixed and "rv" in dict(fixed):
+        raise ValueError("group=: each visit has its own rv; rv cannot be fixed")
+    if p0 is not None and np.ndim(p0) != 1:
+        raise ValueError(
+            f"group=: p0 must be one label vector ({emulator.n_labels},), got "
+            f"{np.shape(p0)}"
+        )
+
+
+def _instrument_as_fitted(instrument, opts, cont_deg, fixed, emulator, wavelength):
+    """The checks of :func:`fit_spectra` on the instrument and continuum settings;
+    returns ``(inst, broadening, continuum)``: the instrument as fitted
     (a kernel that ``fixed`` switched on is recorded on), the broadening parameters
     fitted or fixed, and the continuum mode."""
     inst = Instrument() if instrument is None else instrument
@@ -196,15 +192,6 @@ def _instrument_as_fitted(
     inst = dataclasses.replace(
         inst, vsini="vsini" in broadening, vmacro="vmacro" in broadening
     )
-    if group is not None and (
-        broadening
-        or inst.has_profile
-        or (wavelength is not None and np.ndim(wavelength) == 2)
-    ):
-        raise ValueError(
-            "group= (joint multi-visit fits) does not take broadening, resolution, "
-            "lsf_sigma or per-spectrum wavelength grids yet"
-        )
     if inst.per_star and not (wavelength is not None and np.ndim(wavelength) == 2):
         raise ValueError(
             "a per-star (n, P) resolution or lsf_sigma needs per-star wavelength "

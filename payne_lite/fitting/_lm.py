@@ -231,52 +231,63 @@ def _solve_ridge(a, b):
 def _profiled_normal(obs, p, flux, sw):
     """:func:`_normal` with the continuum profiled out (variable projection).
 
-    The model is linear in the continuum coefficients ``c``: for the labels and rv
-    ``theta`` of ``p`` it solves ``c*(theta)`` by weighted linear least squares
-    (from the model flux with a flat continuum, no Jacobian), evaluates the normal
-    equations at ``(theta, c*)`` and returns, for ``theta``, the Schur complement
-    ``A_tt - A_tc A_cc^-1 A_ct``, which is ``J_perp^T J_perp`` with the projected
-    Jacobian ``J_perp = (I - P_c) J_theta`` (``P_c`` the weighted projector onto
-    the continuum's columns), and the gradient ``J_theta^T r`` (``J_c^T r = 0`` at
-    ``c*``). The continuum block of ``A`` is the identity and its gradient zero,
-    so the LM step never moves ``c``; the next evaluation solves it again.
-    Returns ``(p with c*, chi2, A, g, r)``. Cost: one model evaluation more than
-    :func:`_normal` (about 1/5 of an LM step).
+    The model is linear in the continuum coefficients ``c``: for the labels, rv
+    and broadening ``theta`` of ``p`` it solves ``c*(theta)`` by weighted linear
+    least squares (from the model flux with a flat continuum, no Jacobian),
+    evaluates the normal equations at ``(theta, c*)`` and returns, for ``theta``,
+    the Schur complement ``A_tt - A_tc A_cc^-1 A_ct``, which is ``J_perp^T J_perp``
+    with the projected Jacobian ``J_perp = (I - P_c) J_theta`` (``P_c`` the
+    weighted projector onto the continuum's columns), and the gradient
+    ``J_theta^T r`` (``J_c^T r = 0`` at ``c*``). The continuum block of ``A`` is
+    the identity and its gradient zero, so the LM step never moves ``c``; the next
+    evaluation solves it again. Returns ``(p with c*, chi2, A, g, r)``. Cost: one
+    model evaluation more than :func:`_normal` (about 1/5 of an LM step).
     """
-    n_nl = obs.n_labels + 1
     n_c = obs.n_cont
+    k = p.shape[0]
+    c_i = np.arange(obs.n_labels + 1, obs.n_labels + 1 + n_c)  # continuum
+    t_i = np.setdiff1d(np.arange(k), c_i)  # labels, rv and broadening
     flat = jnp.zeros(n_c, p.dtype).at[0].set(1.0)  # c = (1, 0, ...): T_0 = 1
-    m, _ = observe(obs, jnp.concatenate([p[:n_nl], flat]))
+    m, _ = observe(obs, p.at[c_i].set(flat))
     if obs.jet is not None:
         m, basis = embed_obs(obs, m), obs.jet.basis
     else:
         basis = obs.basis.T
     x = basis * (sw * m)  # (n_c, P): the weighted continuum columns of J
     c_star = _solve_ridge(x @ x.T, x @ (sw * flux))
-    c_star = jnp.where(jnp.sum(sw * sw) > 0, c_star, p[n_nl:])  # no pixels: keep c
-    p = jnp.concatenate([p[:n_nl], c_star])
+    c_star = jnp.where(jnp.sum(sw * sw) > 0, c_star, p[c_i])  # no pixels: keep c
+    p = p.at[c_i].set(c_star)
     chi2, a, g, r = _normal(obs, p, flux, sw)
-    a_tc, a_cc = a[:n_nl, n_nl:], a[n_nl:, n_nl:]
-    sol = _solve_ridge(a_cc, jnp.concatenate([a_tc.T, g[n_nl:, None]], axis=1))
-    schur = a[:n_nl, :n_nl] - a_tc @ sol[:, :n_nl]
-    g_t = g[:n_nl] - a_tc @ sol[:, n_nl]
-    k = p.shape[0]
-    a_out = jnp.eye(k, dtype=a.dtype).at[:n_nl, :n_nl].set(schur)
-    g_out = jnp.zeros(k, g.dtype).at[:n_nl].set(g_t)
+    a_tt, a_tc, a_cc = a[t_i][:, t_i], a[t_i][:, c_i], a[c_i][:, c_i]
+    n_t = t_i.size
+    sol = _solve_ridge(a_cc, jnp.concatenate([a_tc.T, g[c_i, None]], axis=1))
+    schur = a_tt - a_tc @ sol[:, :n_t]
+    g_t = g[t_i] - a_tc @ sol[:, n_t]
+    a_out = jnp.eye(k, dtype=a.dtype).at[t_i[:, None], t_i[None, :]].set(schur)
+    g_out = jnp.zeros(k, g.dtype).at[t_i].set(g_t)
     return p, chi2, a_out, g_out, r
 
 
-def visit_index(n_labels: int, n_visits: int, n_cont: int) -> np.ndarray:
-    """(V, L + 1 + n_cont) int: positions in a multi-visit parameter vector
-    ``[s (L), rv_1 .. rv_V, c_1 (n_cont), .., c_V (n_cont)]`` of each visit's own
-    single-spectrum vector ``[s, rv_v, c_v]``."""
+def visit_index(
+    n_labels: int, n_visits: int, n_cont: int, n_broad: int = 0
+) -> np.ndarray:
+    """(V, L + 1 + n_cont + n_broad) int: positions in a multi-visit parameter vector
+    ``[s (L), rv_1 .. rv_V, c_1 (n_cont), .., c_V (n_cont), b (n_broad)]`` of each
+    visit's own single-spectrum vector ``[s, rv_v, c_v, b]`` (the labels and the
+    broadening ``b``, properties of the star, are shared by its visits)."""
+    b0 = n_labels + n_visits * (1 + n_cont)
     rows = []
     for v in range(n_visits):
         c0 = n_labels + n_visits + v * n_cont
         rows.append(
-            np.r_[np.arange(n_labels), n_labels + v, np.arange(c0, c0 + n_cont)]
+            np.r_[
+                np.arange(n_labels),
+                n_labels + v,
+                np.arange(c0, c0 + n_cont),
+                np.arange(b0, b0 + n_broad),
+            ]
         )
-    return np.asarray(rows, np.int32).reshape(n_visits, n_labels + 1 + n_cont)
+    return np.asarray(rows, np.int32).reshape(n_visits, n_labels + 1 + n_cont + n_broad)
 
 
 def _lane_normal(obs, flux, sw, mode):
@@ -284,9 +295,9 @@ def _lane_normal(obs, flux, sw, mode):
 
     ``mode = (n_visits, profile)``: ``n_visits = 0`` one spectrum (``flux``, ``sw``
     (P,)), else a joint fit of ``n_visits`` spectra of one star (``flux``, ``sw``
-    (V, P)) with shared labels, one rv and continuum per visit (the vector of
-    :func:`visit_index`). Its normal equations are sums of the visits'
-    single-spectrum ones, scattered into the joint vector. A visit with no
+    (V, P)) with shared labels (and broadening), one rv and continuum per visit
+    (the vector of :func:`visit_index`). Its normal equations are sums of the
+    visits' single-spectrum ones, scattered into the joint vector. A visit with no
     weighted pixels (padding, for stars with fewer visits) contributes nothing and
     gets unit rows for its rv and continuum (they stay put). ``profile``: the
     continuum is profiled out (:func:`_profiled_normal`), per visit.
@@ -295,8 +306,9 @@ def _lane_normal(obs, flux, sw, mode):
     one = _profiled_normal if profile and obs.n_cont else _normal_p
     if not n_visits:
         return lambda p: one(obs, p, flux, sw)
-    idx = jnp.asarray(visit_index(obs.n_labels, n_visits, obs.n_cont))
-    own = idx[:, obs.n_labels :]  # (V, 1 + n_c): each visit's own parameters
+    n_lab, n_own = obs.n_labels, 1 + obs.n_cont
+    idx = jnp.asarray(visit_index(n_lab, n_visits, obs.n_cont, obs.n_broad))
+    own = idx[:, n_lab : n_lab + n_own]  # (V, 1 + n_c): each visit's own parameters
     dead = ~(jnp.sum(sw * sw, axis=1) > 0)  # (V,)
 
     def normal(p):
@@ -305,7 +317,7 @@ def _lane_normal(obs, flux, sw, mode):
         a_j = jnp.zeros((k, k), a.dtype).at[idx[:, :, None], idx[:, None, :]].add(a)
         a_j = a_j.at[own, own].add(dead[:, None].astype(a.dtype))
         g_j = jnp.zeros(k, g.dtype).at[idx].add(g)
-        p = p.at[own].set(pv[:, obs.n_labels :])
+        p = p.at[own].set(pv[:, n_lab : n_lab + n_own])
         return p, jnp.sum(chi2), a_j, g_j, r.reshape(-1)
 
     return normal
@@ -418,7 +430,7 @@ def _sandwich_batch(obs, p, w, var, basis):
         ma, mb, t, _, _ = shift_pair(obs, basis, q[n_lab])
         b = ma + t * (mb - ma)
         if obs.cont_deg > 0:
-            b = b * (q[n_lab + 1 :] @ obs.basis.T)
+            b = b * (obs.cont_params(q) @ obs.basis.T)
         jw = jac * w1
         return (jw * v1) @ jw.T, jw @ b.T
 

@@ -331,7 +331,7 @@ def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits):
         return p0, gain
     # each visit alone, the labels and the other visits held
     size = p_best.shape[0]
-    vidx = visit_index(n_lab, n_visits, obs.n_cont)
+    vidx = visit_index(n_lab, n_visits, obs.n_cont, obs.n_broad)
     pv = p_best[:, vidx].reshape(size * n_visits, -1)
     fv = f_j.reshape(size * n_visits, -1)
     wv = w_j.reshape(size * n_visits, -1)

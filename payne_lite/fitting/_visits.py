@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import jax.numpy as jnp
 import numpy as np
 
+from ..observe import BROADENING_PARAMS
+from ._curve_fit import curve_fit_joint
 from ._driver import lm_with_starts, median_snr, prepare_batch
 from ._lm import final_batch, sandwich_meat, visit_index
+from ._mdn_bounds import mdn_prior, mdn_start_points
 from ._schema import (
     AT_BOUND_TOL,
     FLAG_AT_BOUND,
     FLAG_FAILED,
+    FLAG_MDN_DISAGREE,
     FLAG_POOR_FIT,
+    MDN_FLAG_NSIGMA,
     poor_fit,
     results_table,
 )
@@ -40,17 +48,29 @@ def _group_rows(group, n: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], rows
 
 
-def fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_errors):
+def check_group(group, n: int) -> None:
+    """Refuse a ``group`` that is not one sortable star id per spectrum (n,)."""
+    _group_rows(group, n)
+
+
+def fit_groups(
+    ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_errors,
+    mdn=None, mdn_starts=0, seed=0,
+):  # fmt: skip
     """``fit(..., group=...)``: joint fits of the visits of each star.
 
     Each spectrum is prepared alone (RV scan, RV window, emulator error:
     :func:`prepare_batch`); then the stars are fitted in padded batches of
     (stars, V visits) with the parameter vector of :func:`visit_index` (one
-    compilation per (V, batch shape)). Stars with fewer visits than V carry
-    visits with no weight (their rv and continuum stay at their start and are
-    reported as NaN). ``starts`` (S, L): the scaled starting labels of every star.
+    compilation per (V, batch shape)): LM (:func:`lm_with_starts`) or, with
+    ``ctx.method == "curve_fit"``, scipy's trf star by star
+    (:func:`curve_fit_joint`). Stars with fewer visits than V carry visits with no
+    weight (their rv and continuum stay at their start and are reported as NaN).
+    ``starts`` (S, L): the scaled starting labels of every star; with an ``mdn``,
+    each star also starts from the MDN's labels of its highest-S/N visit (and
+    ``mdn_starts`` draws from that visit's Gaussians), screened with the others.
     """
-    obs, layout, fix = ctx.obs, ctx.layout, ctx.fix
+    obs, layout = ctx.obs, ctx.layout
     n = flux2.shape[0]
     n_lab, n_c = layout.n_labels, obs.n_cont
     ids, rows = _group_rows(group, n)
@@ -61,14 +81,21 @@ def fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_e
     # 1-2. Every spectrum alone: RV scan, window, emulator error.
     prep = _prepare_visits(ctx, flux2, ivar, batch_size)
     rv_lo, rv_hi, snr1 = prep[1], prep[2], prep[6]
+    star_starts = np.broadcast_to(starts, (n_star, *starts.shape))
+    mdn_info = None
+    if mdn is not None:
+        star_starts, mdn_info = _mdn_starts(
+            ctx, mdn, emulator, flux2, ivar, starts, rows, snr1, mdn_starts, seed
+        )
 
-    # The joint vector: [s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c)].
+    # The joint vector: [s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c), b (B)].
     joint = _joint_layout(layout, n_vis, n_c)
+    vidx0 = visit_index(n_lab, n_vis, n_c, len(layout.broadening))[0]
     free = np.ones(len(joint.names), bool)
-    for j in fix:
-        free[j] = False  # labels only: a fixed rv is refused with group=
-    n_lab_free = int(free[:n_lab].sum())
-    n_par = n_lab_free + n_visits * (1 + n_c)
+    for j in ctx.fix:
+        free[vidx0[j]] = False  # labels, broadening: a fixed rv is refused
+    n_shared = int(free[:n_lab].sum()) + int(free[joint.broad_slice].sum())
+    n_par = n_shared + n_visits * (1 + n_c)
 
     # 3. Stars in padded batches; a padding visit is row 0 with no weight.
     g_size = min(
@@ -81,7 +108,7 @@ def fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_e
         m = sel.size
         gi = np.concatenate([sel, np.repeat(sel[:1], g_size - m)])
         out = _fit_star_batch(
-            ctx, flux2, prep, starts, rows[gi], m, joint, free, n_par[gi]
+            ctx, flux2, prep, star_starts[gi], rows[gi], m, joint, free, n_par[gi]
         )
         for key, val in out.items():
             if val is None:
@@ -116,8 +143,92 @@ def fit_groups(ctx, emulator, flux2, ivar, starts, group, *, batch_size, scale_e
         n_par=n_par,
         meat=res.get("meat"),
     )
-    return _group_table(
-        t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx
+    t = _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx)
+    if mdn_info is not None:
+        _add_group_mdn_columns(t, layout, rows, mdn_info)
+        t.meta.update(
+            mdn_seconds=round(mdn_info["seconds"], 4),
+            mdn_n_components=mdn.n_components,
+        )
+    return t
+
+
+def _mdn_starts(ctx, mdn, emulator, flux2, ivar, starts, rows, snr1, n_extra, seed):
+    """Starting labels (n_star, 1 + n_extra + S, L) of the joint fits with an MDN:
+    the MDN's mean labels of each star's highest-S/N visit that the MDN answers
+    (:func:`mdn_prior`; ``n_extra`` draws from its Gaussians:
+    :func:`mdn_start_points`), then the default ``starts`` (S, L). A star none of
+    whose visits the MDN answers starts from ``starts`` alone (its MDN rows repeat
+    ``starts[0]``). The fits are bounded by the box, not the MDN: the MDN only
+    starts them. Returns the starts and a dict of the MDN's answers (``mean``,
+    ``sigma`` (n, L + 1), ``ok`` (n,), ``visit`` (n_star,) the visit used or -1,
+    ``seconds``)."""
+    n_star, n_vis = rows.shape
+    t0 = time.perf_counter()
+    prior, ok, mean, sigma = mdn_prior(
+        mdn, emulator, flux2, ivar, starts[0], ctx.fix, ctx.rv_range
+    )
+    seconds = time.perf_counter() - t0
+    real = rows >= 0
+    rr = np.where(real, rows, 0)
+    score = np.where(real & ok[rr], snr1[rr], -np.inf)
+    visit = np.argmax(score, axis=1)
+    has = np.isfinite(score[np.arange(n_star), visit])
+    pick = rr[np.arange(n_star), visit]
+    s_mdn = mdn_start_points(
+        {key: val[pick] for key, val in prior.items()}, int(n_extra), ctx.fix, seed
+    )
+    s_mdn = np.where(has[:, None, None], s_mdn, starts[0])
+    out = np.concatenate(
+        [s_mdn, np.broadcast_to(starts, (n_star, *starts.shape))], axis=1
+    )
+    info = dict(
+        mean=mean, sigma=sigma, ok=ok, visit=np.where(has, visit, -1), seconds=seconds
+    )
+    return out, info
+
+
+def _add_group_mdn_columns(t, layout, rows, info):
+    """The MDN's answers in a group table: ``<label>_mdn``, ``<label>_mdn_sigma``
+    (n_star,) of the visit whose labels started the fit (``mdn_visit``, -1: none,
+    NaN), ``rv_mdn``, ``rv_mdn_sigma`` (n_star, V) of every visit; QA bit 6 where a
+    label is more than ``MDN_FLAG_NSIGMA`` of that visit's sigmas from its mean,
+    or a visit's rv from its own."""
+    n_lab = layout.n_labels
+    n_star = len(t)
+    real = rows >= 0
+    rr = np.where(real, rows, 0)
+    has = info["visit"] >= 0
+    pick = rr[np.arange(n_star), np.maximum(info["visit"], 0)]
+    mean, sigma, ok = info["mean"], info["sigma"], info["ok"]
+    far = np.zeros(n_star, bool)
+    for j, name in enumerate(layout.names[:n_lab]):
+        mu = np.where(has, mean[pick, j], np.nan)
+        sd = np.where(has, sigma[pick, j], np.nan)
+        t[f"{name}_mdn"], t[f"{name}_mdn_sigma"] = mu, sd
+        with np.errstate(invalid="ignore"):
+            far |= np.abs(np.asarray(t[name]) - mu) > MDN_FLAG_NSIGMA * sd
+    use = real & ok[rr]
+    t["rv_mdn"] = np.where(use, mean[rr, n_lab], np.nan)
+    t["rv_mdn_sigma"] = np.where(use, sigma[rr, n_lab], np.nan)
+    with np.errstate(invalid="ignore"):
+        dev = np.abs(np.asarray(t["rv"]) - t["rv_mdn"]) > MDN_FLAG_NSIGMA * np.asarray(
+            t["rv_mdn_sigma"]
+        )
+    far |= np.any(dev & use, axis=1)
+    for name in (*layout.names[:n_lab], "rv"):
+        if t[name].unit is not None:
+            t[f"{name}_mdn"].unit = t[f"{name}_mdn_sigma"].unit = t[name].unit
+    failed = (np.asarray(t["flags"]) & FLAG_FAILED) > 0
+    t["flags"] = (
+        np.asarray(t["flags"]) | np.where(far & ~failed, FLAG_MDN_DISAGREE, 0)
+    ).astype(np.int32)
+    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t["mdn_visit"] = info["visit"].astype(np.int64)
+    t[
+        "mdn_visit"
+    ].description = (
+        "visit (index into visit_rows) whose MDN labels started the fit; -1: none"
     )
 
 
@@ -142,15 +253,18 @@ def _prepare_visits(ctx, flux2, ivar, batch_size):
 
 def _joint_layout(layout, n_vis, n_c):
     """The parameter layout of a joint fit of ``n_vis`` visits, the vector
-    ``[s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c)]`` of :func:`visit_index`, each
-    visit's rv and continuum with the single-spectrum bounds."""
+    ``[s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c), b (B)]`` of :func:`visit_index`,
+    each visit's rv and continuum with the single-spectrum bounds, the broadening
+    ``b`` (B = ``layout.broadening``, shared by the visits) last as there."""
     n_lab = layout.n_labels
-    vidx = visit_index(n_lab, n_vis, n_c)
-    k = n_lab + n_vis * (1 + n_c)
+    broad = tuple(layout.broadening)
+    vidx = visit_index(n_lab, n_vis, n_c, len(broad))
+    k = n_lab + n_vis * (1 + n_c) + len(broad)
     names = (
         tuple(layout.names[:n_lab])
         + tuple(f"rv_{v + 1}" for v in range(n_vis))
         + tuple(f"cont_{j}_{v + 1}" for v in range(n_vis) for j in range(n_c))
+        + broad
     )
     lower = np.zeros(k)
     upper = np.zeros(k)
@@ -162,8 +276,9 @@ def _joint_layout(layout, n_vis, n_c):
 def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     """Step 3 of :func:`fit_groups` for one padded batch of stars: ``r`` (size, V)
     their spectra's rows (-1 after a star's last visit), rows from ``m`` on
-    padding; ``prep`` the per-spectrum output of :func:`_prepare_visits`; ``n_par``
-    (size,) the free parameters of each star. Returns the batch's results (dict of
+    padding; ``prep`` the per-spectrum output of :func:`_prepare_visits`;
+    ``starts`` (size, S, L) each star's starting labels; ``n_par`` (size,) the
+    free parameters of each star. Returns the batch's results (dict of
     (size, ...) arrays, ``model`` and ``meat`` None when not asked for)."""
     obs = ctx.obs
     dt = obs.x_obs.dtype
@@ -172,7 +287,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     w_fit, w_data = prep[4], prep[5]
     g_size, n_vis = r.shape
     k = len(joint.names)
-    vidx = visit_index(n_lab, n_vis, n_c)
+    vidx = visit_index(n_lab, n_vis, n_c, obs.n_broad)
     ok = (r >= 0) & (np.arange(g_size) < m)[:, None]
     rr = np.where(ok, r, 0)
     fb = np.where(ok[..., None], flux2[rr], 0.0)
@@ -180,11 +295,16 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     wd = np.where(ok[..., None], w_data[rr], 0.0)
     n_good = np.count_nonzero(wb > 0, axis=(1, 2))
     alive = (np.arange(g_size) < m) & (n_good > n_par)
-    p_start, lo, hi = _joint_starts(prep, starts, ok, rr, joint, vidx, n_c)
+    p_start, lo, hi = _joint_starts(ctx, prep, starts, ok, rr, joint, vidx)
     f_j, w_j = jnp.asarray(fb, dt), jnp.asarray(wb, dt)
-    p_best, it_best, conv_best, _, _, _ = lm_with_starts(
-        ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_vis, free
-    )
+    if ctx.method == "lm":
+        p_best, it_best, conv_best, _, _, _ = lm_with_starts(
+            ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_vis, free
+        )
+    else:
+        p_best, it_best, conv_best = _curve_fit_stars(
+            ctx, p_start, alive, fb, wb, lo, hi, free, vidx
+        )
     # the full normal equations at the best fits, visit by visit
     pv = p_best[:, vidx].reshape(g_size * n_vis, -1)
     chi2_v, a_v, g_v, model_v = final_batch(
@@ -202,7 +322,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     for v in range(n_vis):
         a[:, vidx[v][:, None], vidx[v][None, :]] += a_v[:, v]
         g[:, vidx[v]] += g_v[:, v]
-        own = vidx[v, n_lab:]
+        own = vidx[v, n_lab : n_lab + 1 + n_c]
         a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
     meat = None
     if ctx.error_basis is not None:
@@ -218,23 +338,46 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         conv=conv_best,
         n_good=n_good,
         n_good_visit=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
-        model=np.asarray(model_v, np.float64).reshape(g_size, n_vis, n_pix)
+        model=np.where(  # NaN for padding visits
+            ok[..., None],
+            np.asarray(model_v, np.float64).reshape(g_size, n_vis, n_pix),
+            np.nan,
+        )
         if ctx.return_model
         else None,
     )
 
 
-def _joint_starts(prep, starts, ok, rr, joint, vidx, n_c):
+def _curve_fit_stars(ctx, p_start, alive, fb, wb, lo, hi, free, vidx):
+    """``method="curve_fit"`` for a batch of joint fits: :func:`curve_fit_joint`
+    star by star from all its starts (``p_start`` (size, S, k)); returns the best
+    vectors (size, k), function evaluations and converged (size,) (the first
+    start, 0 and False for stars that do not run)."""
+    size = p_start.shape[0]
+    p_best = p_start[:, 0].copy()
+    it_best = np.zeros(size, np.int64)
+    conv_best = np.zeros(size, bool)
+    for i in np.flatnonzero(alive):
+        p_i, _, it_i, conv_i = curve_fit_joint(
+            ctx.obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, ctx.max_iter, vidx
+        )
+        p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
+    return p_best, it_best, conv_best
+
+
+def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
     """Starting vectors (size, S, k) and bounds (size, k) of a batch of joint fits:
-    the labels at ``starts`` (S, L), each visit's rv and continuum at its RV scan's
-    (``prep``; zero, and bounds zero, for padding visits: ``ok`` False)."""
+    the labels at ``starts`` (size, S, L), each visit's rv and continuum at its RV
+    scan's (``prep``; zero, and bounds zero, for padding visits: ``ok`` False), the
+    broadening at ``ctx.b_scan`` (its start values, or the fixed ones)."""
     rv0, rv_lo, rv_hi, c0 = prep[:4]
     g_size, n_vis = ok.shape
     n_lab = joint.n_labels
     k = len(joint.names)
-    n_s = starts.shape[0]
+    n_s = starts.shape[1]
     p_start = np.zeros((g_size, n_s, k))
-    p_start[:, :, :n_lab] = starts[None]
+    p_start[:, :, :n_lab] = starts
+    p_start[:, :, joint.broad_slice] = np.asarray(ctx.b_scan, np.float64)
     lo = np.broadcast_to(joint.lower, (g_size, k)).copy()
     hi = np.broadcast_to(joint.upper, (g_size, k)).copy()
     for v in range(n_vis):
@@ -243,8 +386,8 @@ def _joint_starts(prep, starts, ok, rr, joint, vidx, n_c):
         p_start[:, :, j_rv] = rv_v[:, None]
         lo[:, j_rv] = np.where(ok[:, v], rv_lo[rr[:, v]], 0.0)
         hi[:, j_rv] = np.where(ok[:, v], rv_hi[rr[:, v]], 0.0)
-        if n_c:
-            cs = vidx[v, n_lab + 1 :]
+        cs = vidx[v, n_lab + 1 : n_lab + 1 + ctx.obs.n_cont]
+        if cs.size:
             p_start[:, :, cs] = np.where(ok[:, v, None], c0[rr[:, v]], 0.0)[:, None]
             lo[:, cs] = np.where(ok[:, v, None], lo[:, cs], 0.0)
             hi[:, cs] = np.where(ok[:, v, None], hi[:, cs], 0.0)
@@ -257,7 +400,8 @@ def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
     (size * V, kv), fit and data weights ``wb``, ``wd`` (size, V, P); unit
     diagonal for the rv and continuum of padding visits."""
     g_size, n_vis = ok.shape
-    n_lab = vidx.shape[1] - 1 - ctx.obs.n_cont
+    n_lab = ctx.obs.n_labels
+    n_own = 1 + ctx.obs.n_cont
     kv = vidx.shape[1]
     # the emulator's error is that of the star's labels, shared by its
     # visits: their J^T W B^T add up before the outer product
@@ -271,7 +415,7 @@ def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
     for v in range(n_vis):
         meat[:, vidx[v][:, None], vidx[v][None, :]] += m1[:, v]
         m2_j[:, vidx[v]] += m2[:, v]
-        own = vidx[v, n_lab:]
+        own = vidx[v, n_lab : n_lab + n_own]
         meat[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
     meat += m2_j @ np.swapaxes(m2_j, 1, 2)
     return meat
@@ -320,14 +464,18 @@ def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, c
     out["rv"] = stack("rv_{}")
     out["rv_err"] = stack("rv_{}_err")
     out["rv"].unit = out["rv_err"].unit = "km/s"
-    for j in range(ctx.obs.n_cont):
+    n_c = ctx.obs.n_cont
+    for j in range(n_c):
         out[f"cont_{j}"] = stack(f"cont_{j}_{{}}")
         out[f"cont_{j}_err"] = stack(f"cont_{j}_{{}}_err")
+    for name in joint.broadening:  # the star's, shared by its visits
+        out[name] = t[name]
+        out[f"{name}_err"] = t[f"{name}_err"]
     cov = np.array(t["covariance"])
-    vidx = visit_index(n_lab, n_vis, ctx.obs.n_cont)
+    vidx = visit_index(n_lab, n_vis, n_c, len(joint.broadening))
     for v in range(n_vis):
         pad = ~real[:, v]
-        own = vidx[v, n_lab:]
+        own = vidx[v, n_lab : n_lab + 1 + n_c]
         cov[np.ix_(pad, own, np.arange(cov.shape[2]))] = np.nan
         cov[np.ix_(pad, np.arange(cov.shape[1]), own)] = np.nan
     for name in ("chi2", "chi2_red", "n_good_pixels", "snr", "n_iter", "converged"):
@@ -356,3 +504,94 @@ def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, c
         continuum="profile" if ctx.profile else "fit",
     )
     return out
+
+
+#: The (n_star, V, ...) columns of a group table (besides ``cont_<k>[_err]``) and
+#: the value of a padding visit (NaN for the others).
+_VISIT_COLUMNS = (
+    "rv", "rv_err", "visit_rows", "chi2_visit", "n_good_pixels_visit", "snr_visit",
+    "model_flux", "rv_mdn", "rv_mdn_sigma",
+)  # fmt: skip
+_VISIT_FILL = {"visit_rows": -1, "n_good_pixels_visit": 0}
+
+
+def pad_visits(table, n_visits: int):
+    """A group table (``fit(..., group=...)``) with room for ``n_visits`` visits.
+
+    Tables of joint fits hold V columns of visits, V the most visits of any of
+    their stars; to stack tables of different V (chunks of a catalog, grids of
+    per-spectrum wavelength grids), pad them to the largest first. The visit-axis
+    columns (``rv``, ``rv_err``, ``cont_<k>``, ``cont_<k>_err``, ``chi2_visit``,
+    ``snr_visit``, ``model_flux``, ``rv_mdn``, ``rv_mdn_sigma``) get NaN visits,
+    ``visit_rows`` -1 and ``n_good_pixels_visit`` 0; the covariance gets NaN rows
+    and columns at the new visits' rv and continuum positions of the joint vector
+    ``[labels, rv_1 .. rv_V, cont_<k>_<v> .., broadening]``, and
+    ``meta["cov_params"]``, ``meta["n_visits_max"]`` follow.
+
+    Args:
+        table: an astropy Table from ``fit(..., group=...)`` (not modified).
+        n_visits: the visits to hold, at least the table's V.
+
+    Returns:
+        A new table with (n_star, n_visits) visit columns.
+
+    Raises:
+        ValueError: not a group table, or ``n_visits`` below its V.
+    """
+    if not table.meta.get("group") or "visit_rows" not in table.colnames:
+        raise ValueError("pad_visits: not the table of a fit(..., group=...)")
+    n_old = int(np.shape(table["visit_rows"])[1])
+    n_new = int(n_visits)
+    if n_new < n_old:
+        raise ValueError(
+            f"pad_visits: n_visits = {n_new} is below the table's {n_old} visits"
+        )
+    out = table.copy(copy_data=True)
+    if n_new == n_old:
+        return out
+    is_cont = re.compile(r"cont_\d+(_err)?$").match
+    for name in table.colnames:
+        if name not in _VISIT_COLUMNS and not is_cont(name):
+            continue
+        col = table[name]
+        val = np.asarray(col)
+        fill = _VISIT_FILL.get(name, np.nan)
+        extra = np.full((val.shape[0], n_new - n_old, *val.shape[2:]), fill, val.dtype)
+        new = type(col)(np.concatenate([val, extra], axis=1), name=name)
+        new.unit, new.description = col.unit, col.description
+        out.replace_column(name, new)
+    names = list(table.meta["cov_params"])
+    n_lab = len(table.meta["label_names"])
+    n_broad = sum(name in BROADENING_PARAMS for name in names[n_lab:])
+    n_c = (len(names) - n_lab - n_old - n_broad) // n_old
+    to = _joint_positions(n_lab, n_old, n_new, n_c, len(names))
+    cov = np.asarray(table["covariance"])
+    k_new = len(names) + (n_new - n_old) * (1 + n_c)
+    big = np.full((cov.shape[0], k_new, k_new), np.nan, cov.dtype)
+    big[:, to[:, None], to[None, :]] = cov
+    new = type(table["covariance"])(big, name="covariance")
+    new.unit, new.description = (
+        table["covariance"].unit,
+        table["covariance"].description,
+    )
+    out.replace_column("covariance", new)
+    new_names = [""] * k_new
+    for i, j in enumerate(to):
+        new_names[j] = names[i]
+    for v in range(n_old, n_new):
+        new_names[n_lab + v] = f"rv_{v + 1}"
+        for j in range(n_c):
+            new_names[n_lab + n_new + v * n_c + j] = f"cont_{j}_{v + 1}"
+    out.meta["cov_params"] = new_names
+    out.meta["n_visits_max"] = n_new
+    return out
+
+
+def _joint_positions(n_lab, n_old, n_new, n_c, k_old) -> np.ndarray:
+    """(k_old,) int: where each entry of a joint vector of ``n_old`` visits sits
+    in one of ``n_new`` (:func:`visit_index` layout)."""
+    old = visit_index(n_lab, n_old, n_c, k_old - n_lab - n_old * (1 + n_c))
+    new = visit_index(n_lab, n_new, n_c, k_old - n_lab - n_old * (1 + n_c))
+    to = np.empty(k_old, np.int64)
+    to[old] = new[:n_old]
+    return to
