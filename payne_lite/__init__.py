@@ -21,6 +21,7 @@ from .errors import FileFormatError as FileFormatError
 from .errors import SamplingWarning as SamplingWarning
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
+from .fitting import check_results_schema as check_results_schema
 from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
@@ -59,6 +60,7 @@ __all__ = [
     "WavelengthGridWarning",
     "air_to_vacuum",
     "broadening",
+    "check_results_schema",
     "fit",
     "fit_catalog",
     "iter_catalog",

@@ -202,6 +202,9 @@ def _run(case, method, grid, visits, instrument, entry, tag):
 def _check_schema(t, case, method, visits, instrument):
     n_rows = 2 if visits == "group" else 4
     assert len(t) == n_rows
+    pl.check_results_schema(t)  # the one schema: columns, units, meta
+    kind = "posterior" if method in SAMPLERS else visits.replace("single", "point")
+    assert t.meta["kind"] == kind and t.meta["method"] == method
     for name in case["emu"].label_names:
         assert name in t.colnames and f"{name}_err" in t.colnames
     for name in ("rv", "rv_err", "flags", "converged"):

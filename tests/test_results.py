@@ -25,7 +25,7 @@ from payne_lite.catalog import (
     safe_column_name,
     write_results,
 )
-from payne_lite.fitting import FLAG_FAILED
+from payne_lite.fitting import FLAG_FAILED, check_results_schema
 
 SUFFIXES = (".fits", ".fit", ".ecsv", ".h5", ".hdf5")
 FITS_SAFE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -67,6 +67,22 @@ def test_round_trip(results, tmp_path, suffix):
     assert back["converged"].dtype == bool and back["flags"].dtype == np.int32
     assert back.meta["flag_bits"]["2"].startswith("failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp left
+
+
+def test_results_schema_checked(results, tmp_path):
+    """The schema holds through a file round trip; what a table lacks is named."""
+    back = read_results(write_results(results, tmp_path / "r.fits"))
+    check_results_schema(back)
+    assert back.meta["kind"] == "point" and back.meta["rv_range"] == [-100.0, 100.0]
+    broken = back.copy()
+    broken.remove_column("logg_err")
+    broken["Teff"].unit = "km/s"
+    del broken.meta["instrument"]
+    with pytest.raises(ValueError) as info:
+        check_results_schema(broken)
+    text = str(info.value)
+    for what in ("meta['instrument']", "'logg_err'", "'Teff' in km / s, not K"):
+        assert what in text, text
 
 
 def test_fits_file_has_safe_names_and_complete_mapping(results, tmp_path):

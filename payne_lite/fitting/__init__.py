@@ -99,17 +99,33 @@ from ._schema import FLAG_BITS as FLAG_BITS
 from ._schema import FLAG_FAILED as FLAG_FAILED
 from ._schema import FLAG_NOT_CONVERGED as FLAG_NOT_CONVERGED
 from ._schema import FLAG_POOR_FIT as FLAG_POOR_FIT
+from ._schema import FLAGS_DESCRIPTION as FLAGS_DESCRIPTION
+from ._schema import REFERENCE_PAYNE as REFERENCE_PAYNE
+from ._schema import RESULT_KINDS as RESULT_KINDS
+from ._schema import SCHEMA_COLUMNS as SCHEMA_COLUMNS
+from ._schema import SCHEMA_META as SCHEMA_META
+from ._schema import check_results_schema as check_results_schema
+from ._schema import param_units as param_units
 from ._schema import poor_fit as poor_fit
+from ._schema import schema_meta as schema_meta
 from ._visits import pad_visits as pad_visits
 
 __all__ = [
+    "FLAGS_DESCRIPTION",
     "FLAG_BITS",
     "FLAG_FAILED",
     "FLAG_NOT_CONVERGED",
     "FLAG_POOR_FIT",
     "METHODS",
+    "REFERENCE_PAYNE",
+    "RESULT_KINDS",
+    "SCHEMA_COLUMNS",
+    "SCHEMA_META",
+    "check_results_schema",
     "fit_spectra",
     "pad_visits",
+    "param_units",
     "poor_fit",
+    "schema_meta",
     "visit_index",
 ]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..observe import LABEL_BOUND, MDN_NSIGMA
-from ._schema import AT_BOUND_TOL, FLAG_FAILED, FLAG_MDN_DISAGREE, MDN_FLAG_NSIGMA
+from ._schema import (
+    AT_BOUND_TOL,
+    FLAG_FAILED,
+    FLAG_MDN_DISAGREE,
+    FLAGS_DESCRIPTION,
+    MDN_FLAG_NSIGMA,
+)
 
 
 def mdn_prior(mdn, emulator, flux2, ivar, s_default, fix, rv_range):
@@ -105,7 +111,7 @@ def add_mdn_columns(t, layout, mean, sigma, refit, ok):
     t["flags"] = np.asarray(t["flags"]) | np.where(
         far & ok & ~failed, FLAG_MDN_DISAGREE, 0
     ).astype(np.int32)
-    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t["flags"].description = FLAGS_DESCRIPTION
     t["mdn_refit"] = refit
     t["mdn_refit"].description = (
         "refitted from the default starts over the box: the MDN-bounded fit ended at "

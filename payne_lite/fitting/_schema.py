@@ -38,6 +38,34 @@ bit  value       meaning
 ===  ==========  =================================================================
 
 The point fit itself is described in :mod:`payne_lite.fitting`.
+
+The results schema: what every results table has, whichever method made it
+(``meta["kind"]``: ``"point"``, one row per spectrum, :func:`payne_lite.fit` with
+lm or curve_fit; ``"group"``, one row per star, joint visit fits; ``"posterior"``,
+one row per star, the samplers' summaries). Built here (:func:`schema_meta`,
+:func:`param_units`) and checked by :func:`check_results_schema`:
+
+=========================  ===================================================
+column                     meaning
+=========================  ===================================================
+``<label>``                each of ``meta["label_names"]``, in its unit of
+                           ``meta["label_units"]`` (posterior: the median)
+``<label>_err``            its 1-sigma error (posterior: half the 16-84 %
+                           interval), same unit
+``rv``, ``rv_err``         radial velocity [km/s]; (n_star, V) per visit for
+                           ``"group"`` (NaN after a star's last visit)
+``converged``              bool
+``flags``                  int32 QA bitmask (bits above; ``meta["flag_bits"]``)
+``n_good_pixels``          pixels with weight > 0
+=========================  ===================================================
+
+meta: ``kind``, ``method``, ``label_names``, ``label_units``, ``flag_bits``,
+``rv_range`` [km/s], ``instrument`` (:meth:`payne_lite.Instrument.to_meta`, the
+instrument as fitted) and ``reference``. Each kind adds its own columns (point fits:
+``chi2``, ``chi2_red``, ``snr``, ``n_iter``, ``covariance`` over
+``meta["cov_params"]``; group: ``group``, ``n_visits``, ``visit_rows`` and the
+per-visit columns; posterior: percentiles, ``ess``, ``rhat`` ... over
+``meta["sample_params"]``).
 """
 
 from __future__ import annotations
@@ -78,6 +106,89 @@ POOR_FIT_MISFIT = 0.012
 MDN_FLAG_NSIGMA = 4.0
 #: Median S/N per pixel below which a fit is flagged low_snr (bit 5).
 LOW_SNR = 10.0
+
+
+#: ``meta["kind"]`` of a results table (see the module docstring).
+RESULT_KINDS = ("point", "group", "posterior")
+#: Columns every results table has besides each label's and its ``_err``.
+SCHEMA_COLUMNS = ("rv", "rv_err", "converged", "flags", "n_good_pixels")
+#: meta keys every results table has.
+SCHEMA_META = (
+    "kind", "method", "label_names", "label_units", "flag_bits", "rv_range",
+    "instrument", "reference",
+)  # fmt: skip
+#: ``flags`` column description (all kinds).
+FLAGS_DESCRIPTION = "QA bitmask, see meta['flag_bits']"
+#: The papers a results table rests on.
+REFERENCE_PAYNE = "Ting et al. 2019, ApJ 879, 69 (The Payne)"
+
+
+def param_units(emulator, names) -> list[str]:
+    """Units of the fit parameters ``names`` (a layout's): each label's, km/s for
+    rv (and ``rv_<v>``) and the broadening parameters, "" for continuum
+    coefficients."""
+    from ..observe import BROADENING_PARAMS
+
+    units = dict(zip(emulator.label_names, emulator.label_units, strict=True))
+    out = []
+    for name in names:
+        if name in units:
+            out.append(units[name])
+        elif name == "rv" or name.startswith("rv_") or name in BROADENING_PARAMS:
+            out.append("km/s")
+        else:
+            out.append("")
+    return out
+
+
+def schema_meta(emulator, *, kind: str, method: str, rv_range, reference: str) -> dict:
+    """The meta keys of :data:`SCHEMA_META` that the emulator and the call fix (the
+    caller adds ``instrument``, as fitted)."""
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"kind must be one of {RESULT_KINDS}, got {kind!r}")
+    return dict(
+        kind=kind,
+        method=method,
+        label_names=list(emulator.label_names),
+        label_units=list(emulator.label_units),
+        flag_bits={str(b): text for b, text in FLAG_BITS.items()},
+        rv_range=[float(v) for v in rv_range],
+        reference=reference,
+    )
+
+
+def check_results_schema(table) -> None:
+    """Raise ``ValueError`` listing what a results table lacks of the schema (the
+    module docstring): the columns of every label and :data:`SCHEMA_COLUMNS`, the
+    labels' units, ``flags`` as integers, the meta keys of :data:`SCHEMA_META`."""
+    meta = table.meta
+    problems = [f"meta[{k!r}]" for k in SCHEMA_META if k not in meta]
+    if meta.get("kind") not in (None, *RESULT_KINDS):
+        problems.append(f"meta['kind'] = {meta['kind']!r} not in {RESULT_KINDS}")
+    names = list(meta.get("label_names", []))
+    units = list(meta.get("label_units", [""] * len(names)))
+    for name, unit in zip(names, units, strict=False):
+        for col in (name, f"{name}_err"):
+            if col not in table.colnames:
+                problems.append(f"column {col!r}")
+            elif unit and table[col].unit != _unit(unit):
+                problems.append(f"column {col!r} in {table[col].unit}, not {unit}")
+    problems += [f"column {c!r}" for c in SCHEMA_COLUMNS if c not in table.colnames]
+    if "flags" in table.colnames and table["flags"].dtype.kind not in "iu":
+        problems.append(f"flags of dtype {table['flags'].dtype}, not integer")
+    if meta.get("kind") == "group" and "group" not in table.colnames:
+        problems.append("column 'group' (kind 'group')")
+    if problems:
+        raise ValueError(
+            "not a payne_lite results table: missing or wrong " + "; ".join(problems)
+        )
+
+
+def _unit(text: str):
+    """``text`` as an astropy unit (an unrecognised one as astropy reads it)."""
+    from astropy import units
+
+    return units.Unit(text, parse_strict="silent")
 
 
 def poor_fit(chi2_red, ndof, snr) -> np.ndarray:
@@ -239,13 +350,7 @@ def results_table(
     n_iter = np.where(failed, 0, n_iter)
 
     t = Table()
-    n_broad = len(layout.broadening)
-    units = (
-        list(emulator.label_units)
-        + ["km/s"]
-        + [""] * (k - n_lab - 1 - n_broad)
-        + ["km/s"] * n_broad
-    )
+    units = param_units(emulator, layout.names)
     for j, name in enumerate(layout.names):
         unit = units[j] or None
         t[name] = phys[:, j]
@@ -263,26 +368,27 @@ def results_table(
     t["covariance"] = cov
     if model_flux is not None:
         t["model_flux"] = model_flux
-    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t["flags"].description = FLAGS_DESCRIPTION
     t["covariance"].description = "covariance of meta['cov_params'], physical units"
     t["n_good_pixels"].description = "pixels with weight > 0 over the whole RV window"
     t["snr"].description = "median |flux| / error over those pixels"
     t.meta.update(
-        label_names=list(emulator.label_names),
-        label_units=list(emulator.label_units),
+        schema_meta(
+            emulator,
+            kind="point",
+            method=method,
+            rv_range=rv_range,
+            reference=REFERENCE_PAYNE,
+        ),
         emulator_source=str(
             emulator.meta.get("source", emulator.meta.get("trained_by", ""))
         ),
         n_pix_emulator=int(emulator.n_pix),
-        method=method,
         cont_deg=layout.cont_deg,
-        rv_range=list(rv_range),
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,
         emulator_error_correlated=meat is not None,
-        flag_bits={str(b): s for b, s in FLAG_BITS.items()},
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
-        reference="Ting et al. 2019, ApJ 879, 69 (The Payne)",
     )
     return t

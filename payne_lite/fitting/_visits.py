@@ -19,6 +19,7 @@ from ._schema import (
     FLAG_FAILED,
     FLAG_MDN_DISAGREE,
     FLAG_POOR_FIT,
+    FLAGS_DESCRIPTION,
     MDN_FLAG_NSIGMA,
     poor_fit,
     results_table,
@@ -223,7 +224,7 @@ def _add_group_mdn_columns(t, layout, rows, info):
     t["flags"] = (
         np.asarray(t["flags"]) | np.where(far & ~failed, FLAG_MDN_DISAGREE, 0)
     ).astype(np.int32)
-    t["flags"].description = "QA bitmask, see meta['flag_bits']"
+    t["flags"].description = FLAGS_DESCRIPTION
     t["mdn_visit"] = info["visit"].astype(np.int64)
     t[
         "mdn_visit"
@@ -499,6 +500,7 @@ def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, c
     out["rv"].description = "rv of each visit; NaN after a star's last visit"
     out.meta.update(t.meta)
     out.meta.update(
+        kind="group",
         group=True,
         n_visits_max=int(n_vis),
         continuum="profile" if ctx.profile else "fit",

@@ -169,7 +169,7 @@ import numpy as np
 from .._validate import as_float_array
 from ..emulator import Emulator
 from ..errors import SamplingWarning
-from ..fitting import fit_spectra
+from ..fitting import fit_spectra, param_units
 from ..observe import BROADENING_START, LABEL_BOUND, RV_WINDOW, Instrument
 from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
 from ._diagnostics import N_TAU_MIN, RHAT_MAX
@@ -191,7 +191,7 @@ from ._problem import (
     truncnorm_draw,
 )
 from ._rows import LMSolution, StarDraws, failed_star
-from ._table import param_units, results_table, to_physical
+from ._table import results_table, to_physical
 
 METHODS = ("emcee", "mdn-is", "nuts")
 
@@ -667,7 +667,7 @@ def _posterior_samples(run: _Run) -> PosteriorSamples:
     emulator, layout, idx = pb.emulator, pb.layout, pb.idx
     n_lab, k, kf = emulator.n_labels, len(layout.names), idx.size
     names = tuple(layout.names[j] for j in idx)
-    units_all = param_units(emulator, layout)
+    units_all = param_units(emulator, layout.names)
     units = tuple(units_all[j] for j in idx)
     phys = []
     for r in run.rows:

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..fitting import FLAG_BITS, FLAG_FAILED, FLAG_NOT_CONVERGED
-from ..observe import BROADENING_PARAMS
+from ..fitting import (
+    FLAG_FAILED,
+    FLAG_NOT_CONVERGED,
+    FLAGS_DESCRIPTION,
+    REFERENCE_PAYNE,
+    param_units,
+    schema_meta,
+)
 from ._diagnostics import BURN_TAU, N_TAU_MIN, RHAT_MAX
 from ._nuts import NUTS_RHAT_MAX
 from ._rows import StarDraws
@@ -21,17 +27,6 @@ def to_physical(x, idx, emulator, n_lab):
     out[:, lab] = (x[:, lab] + 0.5) * (emulator.label_hi[j] - emulator.label_lo[j])
     out[:, lab] += emulator.label_lo[j]
     return out
-
-
-def param_units(emulator, layout) -> list[str]:
-    """Units of ``layout.names``: the labels', km/s for rv and broadening, "" for
-    continuum coefficients."""
-    rest = layout.names[layout.n_labels + 1 :]
-    return [
-        *emulator.label_units,
-        "km/s",
-        *("km/s" if name in BROADENING_PARAMS else "" for name in rest),
-    ]
 
 
 def results_table(rows: list[StarDraws], emulator, layout, idx, fix, *, lm, mdn, meta):
@@ -66,10 +61,15 @@ def results_table(rows: list[StarDraws], emulator, layout, idx, fix, *, lm, mdn,
         t["lm_flags"] = flags
     t.meta.update(meta)
     t.meta.update(
-        label_names=list(emulator.label_names),
-        label_units=list(emulator.label_units),
+        schema_meta(
+            emulator, kind="posterior", method=meta["method"],
+            rv_range=meta["rv_range"], reference=REFERENCE_PAYNE + (
+                "; Foreman-Mackey et al. 2013, PASP 125, 306 (emcee); Hoffman & "
+                "Gelman 2014, JMLR 15, 1593 (NUTS); Cabezas et al. 2024, "
+                "arXiv:2402.10797 (blackjax)"
+            ),
+        ),
         sample_params=[layout.names[j] for j in idx],
-        flag_bits={str(b): text for b, text in FLAG_BITS.items()},
         fixed={layout.names[j]: float(phys(j, v)) for j, v in fix.items()},
         convergence_rule=(
             f"emcee: kept steps >= {N_TAU_MIN:g} x max tau and max split R-hat < "
@@ -77,12 +77,7 @@ def results_table(rows: list[StarDraws], emulator, layout, idx, fix, *, lm, mdn,
             f"mdn-is: Kish ESS >= ess_min; nuts: min ESS >= ess_target, max split "
             f"R-hat < {NUTS_RHAT_MAX} over the chains, no divergent transition"
         ),
-        reference=(
-            "Ting et al. 2019, ApJ 879, 69 (The Payne); Foreman-Mackey et al. 2013, "
-            "PASP 125, 306 (emcee); Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS); "
-            "Cabezas et al. 2024, arXiv:2402.10797 (blackjax)"
-        ),
-    )
+    )  # fmt: skip
     return t
 
 
@@ -124,7 +119,7 @@ def _stats(rows: list[StarDraws], idx, fix, k, phys, span) -> dict:
 def _parameter_columns(t, stats, emulator, layout, lm, mdn, n) -> None:
     """Per parameter: median, err, p16/p50/p84, std, the LM's and the MDN's values."""
     n_lab = layout.n_labels
-    units = param_units(emulator, layout)
+    units = param_units(emulator, layout.names)
     for j, name in enumerate(layout.names):
         unit = units[j] or None
         cols = {
@@ -194,7 +189,7 @@ def _diagnostic_columns(t, rows: list[StarDraws], kf) -> None:
         np.where(conv | failed, 0, FLAG_NOT_CONVERGED)
         | np.where(failed, FLAG_FAILED, 0)
     ).astype(np.int32)
-    t["flags"].description = "QA bitmask, see meta['flag_bits'] (bits 0 and 2 here)"
+    t["flags"].description = FLAGS_DESCRIPTION + " (bits 0 and 2 here)"
     t["seconds"].unit = "s"
     t["tau"].unit = "steps"
     t["tau"].description = "integrated autocorrelation time per meta['sample_params']"
