@@ -537,8 +537,9 @@ def test_per_row_grids_round_trip(tmp_path, rows, dtype):
         grids = cat.read_wavelength(2, 5)
     assert chunk.flux.dtype == dtype and chunk.flux_err.dtype == dtype
     assert chunk.wavelength.dtype == np.float64
-    for got, ref in zip(chunk, (flux, err, mask, ids, wave), strict=True):
+    for got, ref in zip(chunk[:5], (flux, err, mask, ids, wave), strict=True):
         np.testing.assert_array_equal(got, ref)  # NaN == NaN here
+    assert chunk.group is None and chunk.rows is None
     np.testing.assert_array_equal(part.wavelength, wave[3:7])
     np.testing.assert_array_equal(grids, wave[2:5])
 
@@ -776,3 +777,256 @@ def test_fit_catalog_per_row_grids_on_dask(tmp_path, log_emu, row_cat, row_table
         )  # fmt: skip
     assert table.meta["n_workers"] == 1
     assert_same_numbers(table, row_table[0])
+
+
+# --- star ids (group) and joint fits of visits ----------------------------------------
+def test_group_round_trip_and_read_rows(tmp_path, emu, data, row_cat, rows):
+    flux, err, mask, ids = data
+    star = np.arange(N_SPEC) % 7  # ints, stored as str; stars not contiguous
+    path = pl.write_catalog(
+        tmp_path / "g.h5", flux, err, emu.wavelength, mask=mask, ids=ids, group=star
+    )
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 1  # an optional dataset: no new version
+        assert list(f["group"].asstr()[()]) == [str(s) for s in star]
+    with pl.open_catalog(path) as cat:
+        assert cat.has_group and "group=True" in repr(cat)
+        assert list(cat.read_group()) == [str(s) for s in star]
+        assert list(cat.read(3, 6).group) == ["3", "4", "5"]
+        assert cat.read(3, 6).rows is None
+        want = np.array([17, 2, 9, 3, 4, 0])  # any order; a run of rows and gaps
+        got = cat.read_rows(want)
+        np.testing.assert_array_equal(got.rows, want)
+        for name, full in (("flux", flux), ("flux_err", err), ("mask", mask)):
+            np.testing.assert_array_equal(getattr(got, name), full[want])
+        assert list(got.ids) == list(ids[want])
+        assert list(got.group) == [str(s) for s in star[want]]
+        np.testing.assert_array_equal(cat.read_rows(np.arange(4, 8)).flux, flux[4:8])
+        for bad, match in (([3, 3], "repeat"), ([0, N_SPEC], "outside"), ([], "1-D")):
+            with pytest.raises(IndexError, match=match):
+                cat.read_rows(np.array(bad, int))
+    with pl.open_catalog(row_cat) as cat:  # per-row grids come with their rows
+        assert not cat.has_group and cat.read_group() is None
+        assert cat.read(0, 2).group is None
+        got = cat.read_rows([9, 2, 4])
+        np.testing.assert_array_equal(got.wavelength, rows[2][[9, 2, 4]])
+        np.testing.assert_array_equal(got.flux, rows[0][[9, 2, 4]])
+
+    # in blocks: a star's visits in several appends
+    blocks = tmp_path / "blocks.h5"
+    with catalog_writer(blocks, emu.wavelength, with_group=True) as w:
+        for s, e in [(0, 7), (7, 20)]:
+            w.append(flux[s:e], err[s:e], group=star[s:e])
+        with pytest.raises(ValueError, match="opened with_group=True; got group=None"):
+            w.append(flux[:1], err[:1])
+    with pl.open_catalog(blocks) as cat:
+        assert list(cat.read_group()) == [str(s) for s in star]
+    with pytest.raises(ValueError, match=r"group of row 2 is empty"):
+        pl.write_catalog(tmp_path / "e.h5", flux[:3], err[:3], emu.wavelength,
+                         group=["a", "a", ""])  # fmt: skip
+    with pytest.raises(ValueError, match=r"group \(2,\) must be \(3,\)"):
+        pl.write_catalog(tmp_path / "e.h5", flux[:3], err[:3], emu.wavelength,
+                         group=["a", "a"])  # fmt: skip
+    # a file whose stored group has an empty id, or the wrong length, is refused
+    with h5py.File(blocks, "a") as f:
+        f["group"][5] = ""
+    with pl.open_catalog(blocks) as cat:
+        with pytest.raises(FileFormatError, match="group of row 5 is empty"):
+            cat.read_group()
+    with h5py.File(blocks, "a") as f:
+        del f["group"]
+        f["group"] = np.array(["a"] * 3, dtype=object).astype(h5py.string_dtype())
+    with pytest.raises(FileFormatError, match=r"group \(3,\) must be \(20,\)"):
+        pl.open_catalog(blocks)
+    assert not (tmp_path / "e.h5").exists()
+
+
+def test_fits_catalog_read_rows(tmp_path, apogee_star):
+    k, _, flux, err = apogee_star
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"aspcapStar-{i}.fits")
+        write_apogee_file(paths[-1], k, flux * (1 + 0.01 * i), err)
+    with pl.open_catalog(paths) as cat:
+        assert not cat.has_group and cat.read_group() is None
+        got = cat.read_rows([3, 0, 1])
+    assert list(got.ids) == ["aspcapStar-3", "aspcapStar-0", "aspcapStar-1"]
+    np.testing.assert_array_equal(got.rows, [3, 0, 1])
+    for row, i in enumerate([3, 0, 1]):
+        want = (flux * (1 + 0.01 * i)).astype(np.float32)  # as written
+        np.testing.assert_array_equal(got.flux[row, k], want)
+
+
+#: Star of each row of the visits catalog: B, A, C, D in order of first appearance
+#: with 3, 3, 1 and 2 visits, rows interleaved; chunks of 4 spectra hold [B], [A, C]
+#: and [D] (a chunk ends between stars, never inside one).
+VISIT_STARS = np.array(["B", "A", "C", "B", "D", "A", "D", "B", "A"])
+#: Options of the joint fits (rv_range narrow: one scan, fast).
+VISIT_KW = dict(cont_deg=1, rv_range=(-60.0, 60.0), options=pl.LMOptions(max_iter=30))
+
+
+@pytest.fixture(scope="module")
+def visits(tmp_path_factory, log_emu):
+    """(flux, flux_err, ids, catalog) of 9 visits of 4 stars, each visit at its own
+    rv, S/N 80, in a catalog with ids and group."""
+    truth = {"A": [5000.0, 3.0, -0.5], "B": [6200.0, 4.2, 0.0],
+             "C": [4500.0, 2.0, -1.0], "D": [5600.0, 4.0, -0.2]}  # fmt: skip
+    rng = np.random.default_rng(11)
+    labels = np.array([truth[s] for s in VISIT_STARS])
+    rv = rng.uniform(-30.0, 30.0, VISIT_STARS.size)
+    wave = log_emu.wavelength
+    clean = np.stack(
+        [
+            np.interp(wave, wave * (1 + v / 299792.458), f)
+            for v, f in zip(rv, log_emu.predict(labels), strict=True)
+        ]
+    )
+    err = np.full_like(clean, 1.0 / 80.0)
+    flux = clean + err * rng.normal(size=clean.shape)
+    ids = np.array([f"visit{i}" for i in range(VISIT_STARS.size)])
+    path = tmp_path_factory.mktemp("visits") / "visits.h5"
+    pl.write_catalog(path, flux, err, wave, ids=ids, group=VISIT_STARS)
+    return flux, err, ids, path
+
+
+@pytest.fixture(scope="module")
+def group_table(tmp_path_factory, log_emu, visits):
+    """fit_catalog(group=True) of the visits catalog in chunks of 4, and its file."""
+    out = tmp_path_factory.mktemp("groupfit") / "stars.fits"
+    table = pl.fit_catalog(
+        visits[3], out, log_emu, group=True, chunk_size=4, progress=False, **VISIT_KW
+    )
+    return table, out
+
+
+def test_fit_catalog_group_equals_fit(log_emu, visits, group_table):
+    flux, err, ids, _ = visits
+    table, out = group_table
+    ref = pl.fit(flux, err, log_emu, group=VISIT_STARS, **VISIT_KW)
+    assert table.colnames == ["id", *ref.colnames]
+    assert list(table["group"]) == ["B", "A", "C", "D"] == list(ref["group"])
+    assert_tables_equal(table, ref, ref.colnames)
+    for name in log_emu.label_names:  # labels to 1e-3 of their error
+        a, b = np.asarray(table[name]), np.asarray(ref[name])
+        assert np.all(np.abs(a - b) <= 1e-3 * np.asarray(ref[f"{name}_err"])), name
+    np.testing.assert_array_equal(
+        table["visit_rows"], [[0, 3, 7], [1, 5, 8], [2, -1, -1], [4, 6, -1]]
+    )
+    np.testing.assert_array_equal(table["visit_rows"], ref["visit_rows"])
+    vr = np.asarray(table["visit_rows"])
+    assert np.array_equal(table["id"], np.where(vr >= 0, ids[np.maximum(vr, 0)], ""))
+    np.testing.assert_allclose(table["rv"], ref["rv"], rtol=0, atol=1e-3)
+    assert np.all(np.isnan(table["rv"][2, 1:])) and np.all(table["converged"])
+    assert table.meta["n_spec"] == 9 and table.meta["n_stars"] == 4
+    assert table.meta["n_visits_max"] == 3  # 3 labels, 3 x (rv, 2 cont):
+    assert np.shape(table["covariance"]) == (4, 12, 12)
+    pl.check_results_schema(table)
+    back = pl.read_results(out)
+    assert back.colnames == table.colnames
+    assert_tables_equal(back, table, table.colnames)
+
+
+def test_fit_catalog_group_resume(tmp_path, monkeypatch, log_emu, visits, group_table):
+    from payne_lite.catalog import _runner as catalog_mod
+    from payne_lite.catalog import parts_folder
+
+    cat = visits[3]
+    kw = dict(chunk_size=4, progress=False, **VISIT_KW)
+    fit_rows, calls = catalog_mod.fit_rows, []
+
+    def dies_in_chunk_2(chunk, *args, **kwargs):
+        calls.append(list(chunk.rows))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C would
+        return fit_rows(chunk, *args, **kwargs)
+
+    out = tmp_path / "r.fits"
+    monkeypatch.setattr(catalog_mod, "fit_rows", dies_in_chunk_2)
+    with pytest.raises(KeyboardInterrupt):
+        pl.fit_catalog(cat, out, log_emu, group=True, **kw)
+    monkeypatch.setattr(catalog_mod, "fit_rows", fit_rows)
+    assert calls == [[0, 3, 7], [1, 2, 5, 8]]  # chunks of whole stars
+    assert parts_folder(out).is_dir() and not out.exists()
+    table = pl.fit_catalog(cat, out, log_emu, group=True, keep_parts=True, **kw)
+    assert table.meta["n_chunks_resumed"] == 1 and len(calls) == 2
+    assert_same_numbers(table, group_table[0])  # as one uninterrupted run
+
+    # the kept parts do not resume onto another grouping, nor onto single fits
+    other = np.where(VISIT_STARS == "D", "C", VISIT_STARS)
+    with pytest.raises(ValueError, match=r"cannot resume.*\(differs: group_sha256"):
+        pl.fit_catalog(cat, out, log_emu, group=other, overwrite=True, **kw)
+    with pytest.raises(ValueError, match=r"cannot resume.*\(differs: group_sha256"):
+        pl.fit_catalog(cat, out, log_emu, overwrite=True, **kw)
+
+
+def test_fit_catalog_group_checked_before_fitting(tmp_path, log_emu, emu, cat_path):
+    out = tmp_path / "r.fits"
+    missing = tmp_path / "missing.h5"  # refused before the catalog is opened:
+    with pytest.raises(ValueError, match="method='emcee': group is a point-fit arg"):
+        pl.fit_catalog(missing, out, log_emu, method="emcee", group=True)
+    with pytest.raises(ValueError, match="rv cannot be fixed"):
+        pl.fit_catalog(missing, out, log_emu, group=True, fixed={"rv": 0.0})
+    with pytest.raises(ValueError, match=r"group must be True .* got shape \(\)"):
+        pl.fit_catalog(missing, out, log_emu, group="A")
+    # refused once the catalog is open, before any fit
+    with pytest.raises(ValueError, match="group=True: .*catalog.h5 holds no group"):
+        pl.fit_catalog(cat_path, out, emu, group=True, progress=False)
+    with pytest.raises(ValueError, match=r"group \(5,\) must be \(20,\): one star"):
+        pl.fit_catalog(cat_path, out, emu, group=np.arange(5), progress=False)
+    with pytest.raises(ValueError, match=r"group=: p0 must be one label vector"):
+        p0 = np.tile([5000.0, 3.0, -0.5], (N_SPEC, 1))
+        pl.fit_catalog(cat_path, out, emu, group=np.arange(N_SPEC), p0=p0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_catalog_group_per_row_grids(tmp_path, log_emu):
+    # two grids of one shape off the emulator's pixels (one compiled solver), each
+    # star on one; chunks of 4 spectra hold [p, r] and [q, s]
+    star = np.array(["p", "r", "q", "p", "s", "r", "q", "s"])
+    on_b = np.isin(star, ["r", "s"])[:, None]
+    rest = log_emu.wavelength[3:-3]
+    wave = np.where(on_b, rest - 0.021, rest + 0.013)
+    _, flux, err = spectra(log_emu, star.size, seed=5, snr=100.0)
+    flux, err = flux[:, 3:-3], err[:, 3:-3]
+    ids = np.array([f"v{i}" for i in range(star.size)])
+    cat = pl.write_catalog(tmp_path / "c.h5", flux, err, wave, ids=ids, group=star)
+    table = pl.fit_catalog(
+        cat, tmp_path / "r.h5", log_emu, group=True, chunk_size=4, progress=False,
+        **VISIT_KW,
+    )  # fmt: skip
+    ref = pl.fit(flux, err, log_emu, wavelength=wave, group=star, **VISIT_KW)
+    assert list(table["group"]) == ["p", "r", "q", "s"] == list(ref["group"])
+    assert_tables_equal(table, ref, [c for c in ref.colnames if c != "grid_group"])
+    np.testing.assert_array_equal(table["visit_rows"], [[0, 3], [1, 5], [2, 6], [4, 7]])
+    # the catalog's grids in the order of their first rows, whatever the chunks
+    np.testing.assert_array_equal(table["grid_group"], [0, 1, 0, 1])
+    assert table.meta["n_wavelength_grids"] == 2
+
+    # a star with visits on two grids: refused before any chunk is fitted
+    star[1] = "p"
+    bad = pl.write_catalog(tmp_path / "bad.h5", flux, err, wave, group=star)
+    with pytest.raises(
+        ValueError, match=r"bad.h5: group: the visits of star 'p' \(rows 0, 1, 3\) "
+        "are on 2 different wavelength grids",
+    ):  # fmt: skip
+        pl.fit_catalog(bad, tmp_path / "bad.fits", log_emu, group=True, **VISIT_KW)
+    assert not (tmp_path / "bad.fits.parts").exists()
+
+
+@needs_dask
+def test_fit_catalog_group_on_dask(tmp_path, log_emu, visits, group_table):
+    import distributed
+
+    star = np.unique(VISIT_STARS, return_inverse=True)[1] + 100  # ids as ints
+    with distributed.Client(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as client:
+        table = pl.fit_catalog(
+            visits[3], tmp_path / "dask.h5", log_emu, client=client, chunk_size=4,
+            group=star, progress=False, **VISIT_KW,
+        )  # fmt: skip
+    assert table.meta["n_workers"] == 1
+    assert list(table["group"]) == [101, 100, 102, 103]
+    ref = group_table[0]
+    ref = ref[[c for c in ref.colnames if c != "group"]]
+    assert_same_numbers(table[ref.colnames], ref)

@@ -385,6 +385,53 @@ def test_fit_and_info_on_a_catalog_with_one_grid_per_spectrum(
     )
 
 
+def test_fit_group_fits_each_stars_visits_jointly(files, fit_files, tmp_path, capsys):
+    f = fit_files
+    star = ["a", "b", "a", "c", "b", "a"]  # 3 stars; their visits not contiguous
+    cat = pl.write_catalog(
+        tmp_path / "visits.h5", f.flux, f.err, f.emu.wavelength, mask=f.mask,
+        ids=f.ids, group=star,
+    )  # fmt: skip
+    code, out, err = run(capsys, "info", cat)
+    assert code == 0, err
+    assert "group       3 stars (up to 3 visits each; payne-lite fit --group)" in out
+    out_path = tmp_path / "stars.fits"
+    code, out, err = run(
+        capsys, "fit", cat, "--emulator", files.emu, "-o", out_path, "--group",
+        "--max-iter", "20", "--fixed", "vmacro=5", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines()[0] == (
+        f"fitted 6 spectra (3 stars, joint visits) x 478 pixels from {cat} "
+        "(lm, cont_deg 0)"
+    )
+    table = pl.read_results(out_path)
+    ref = pl.fit(
+        f.flux, f.err, f.emu, mask=f.mask, group=star, fixed={"vmacro": 5.0},
+        options=pl.LMOptions(max_iter=20),
+    )  # fmt: skip
+    assert list(table["group"]) == ["a", "b", "c"] and table.meta["n_stars"] == 3
+    assert_tables_equal(table, ref, ref.colnames)
+    assert table["id"][0].tolist() == ["star0", "star2", "star5"]
+    # a catalog without group ids: one line, before any fit
+    assert_one_line_error(
+        *run(
+            capsys,
+            "fit",
+            f.cat,
+            "--emulator",
+            files.emu,
+            "-o",
+            tmp_path / "x.fits",
+            "--group",
+            "--no-progress",
+        ),  # fmt: skip
+        f"--group: {f.cat} holds no group ids",
+    )
+    assert not (tmp_path / "x.fits").exists()
+    assert not (tmp_path / "x.fits.parts").exists()
+
+
 def test_info_catalog(fit_files, capsys):
     code, out, err = run(capsys, "info", fit_files.cat)
     assert code == 0, err
@@ -393,6 +440,7 @@ def test_info_catalog(fit_files, capsys):
         "spectra     6 (flux and flux_err float32; mask: yes)",
         "15100.00-15199.84 A, 478 pixels",
         "ids         'star0' .. 'star5'",
+        "group       none",
     ):
         assert frag in out, frag
 

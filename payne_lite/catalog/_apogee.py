@@ -3,7 +3,9 @@
 APOGEE FITS files (:func:`read_apogee_fits`, aspcapStar / apStar-like): flux in HDU 1,
 errors in HDU 2, an optional integer pixel bitmask in HDU 3 (apStar; aspcapStar's HDU 3
 holds the floating-point best-fit model and is not a mask, so floating HDU 3 data are
-ignored). A 2-D HDU (apStar with visits) gives its first row, the combined spectrum.
+ignored). A 2-D HDU (apStar with visits) gives its first row, the combined spectrum
+(the visit rows are not read, so such a catalog has no ``group`` ids; joint fits of
+visits take them from an HDF5 catalog, or ``fit_catalog(..., group=<ids>)``).
 Wavelengths come from ``CRVAL1``, ``CDELT1`` (and ``CRPIX1``, default 1) of HDU 1's
 header, or the primary header's if HDU 1 lacks them: ``log10(lambda) = CRVAL1 + CDELT1
 (i + 1 - CRPIX1)`` as in APOGEE (``DC-FLAG = 1`` or ``CTYPE1 = 'LOG-LINEAR'``); with
@@ -216,8 +218,9 @@ class ApogeeFitsCatalog(Reader):
 
     The constructor reads every file's headers (not its data) and refuses the list
     unless all files have the expected HDUs and share the first file's wavelength grid.
-    ``read(start, stop)`` opens files ``start:stop`` only. The catalog always has a
-    mask (from HDU 3 bitmasks where present) and ids (file names).
+    ``read(start, stop)`` opens files ``start:stop`` only (``read_rows(rows)`` the
+    files ``rows`` only). The catalog always has a mask (from HDU 3 bitmasks where
+    present) and ids (file names); it has no group ids (one spectrum per file).
 
     Raises:
         FileNotFoundError: a missing file.

@@ -176,6 +176,7 @@ def fit_chunks(
     task: Callable,
     p0_of: Callable,
     record: Callable,
+    read: Callable | None = None,
 ) -> int:
     """Fit chunks ``todo`` of ``cat`` on ``client``'s workers; ``record(i, table)``
     each as it finishes (in completion order).
@@ -191,6 +192,10 @@ def fit_chunks(
             module-level function, so that it pickles by name).
         p0_of: ``(start, stop) -> p0`` for a chunk (None, (L,) or (m, L)).
         record: called here with each finished chunk's index and table.
+        read: ``read(i) -> CatalogChunk``, chunk ``i`` read here (for example the
+            rows of some stars, :meth:`Reader.read_rows`: the chunk carries its
+            rows and star ids to the worker); None reads ``cat.read(*bounds[i])``
+            (``p0_of`` gets ``bounds[i]`` either way).
 
     Returns:
         The number of workers when the work started.
@@ -214,7 +219,8 @@ def fit_chunks(
         if i is None:
             return
         start, stop = bounds[i]
-        [chunk_f] = client.scatter([cat.read(start, stop)], hash=False)
+        chunk = cat.read(start, stop) if read is None else read(i)
+        [chunk_f] = client.scatter([chunk], hash=False)
         fut = client.submit(
             _fit_task,
             task,

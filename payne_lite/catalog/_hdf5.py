@@ -19,6 +19,11 @@ item                   shape / type               meaning
                                                   the pixel is unusable
 ``mask``               (n, P) bool                optional, True = ignore the pixel
 ``ids``                (n,) UTF-8 str             optional, one identifier per spectrum
+``group``              (n,) UTF-8 str             optional, the star of each spectrum:
+                                                  spectra with the same (non-empty)
+                                                  value are visits of one star, fitted
+                                                  jointly by ``fit_catalog(...,
+                                                  group=True)``
 attr ``meta``          JSON object                provenance
 =====================  =========================  ==========================================
 
@@ -27,12 +32,18 @@ written as version 1, so that every payne_lite reads it; one with a grid per spe
 as version 2, which older readers refuse by its version (instead of misreading it).
 This reader reads both and refuses any other version (``FileFormatError``).
 
+``group`` needs no new version: it changes no other item, and a reader that does not
+know it reads every spectrum as it is stored; its only use is to ask for joint fits
+(``fit_catalog(..., group=True)``, ``payne-lite fit --group``), which such a reader
+cannot be asked for. An older payne_lite fits the visits one by one, which is what it
+can do, and says so by its one row per spectrum.
+
 The row datasets are stored in chunks of whole rows (about 1 MB each), so reading a
 slab of rows touches only those rows; ``flux``, ``flux_err``, ``mask`` and a per-row
 ``wavelength`` carry Fletcher-32 checksums, so a damaged chunk is reported instead of
-read as numbers (variable-length ``ids`` cannot). ``flux``, ``flux_err`` and
-``wavelength`` are not compressed (noisy floats barely compress and would cost time on
-every read); the mask is (gzip).
+read as numbers (variable-length ``ids`` and ``group`` cannot). ``flux``,
+``flux_err`` and ``wavelength`` are not compressed (noisy floats barely compress and
+would cost time on every read); the mask is (gzip).
 """
 
 from __future__ import annotations
@@ -62,7 +73,8 @@ _CHUNK_BYTES = 1 << 20
 
 
 class CatalogChunk(NamedTuple):
-    """Rows ``start:stop`` of a catalog.
+    """Rows of a catalog: ``start:stop`` (:meth:`Reader.read`) or given rows
+    (:meth:`Reader.read_rows`).
 
     Attributes:
         flux: (m, P) observed flux.
@@ -72,6 +84,10 @@ class CatalogChunk(NamedTuple):
         wavelength: (m, P) float64 observed wavelength [Angstrom] of each row (NaN =
             missing pixel) when the catalog has one grid per spectrum; None when it
             has one grid for all (the reader's ``wavelength``).
+        group: (m,) the star of each row (visits of one star share it): the
+            catalog's ``group`` (str), or the ids a caller set; None when absent.
+        rows: (m,) int64, the catalog row of each row, from :meth:`Reader.read_rows`;
+            None for rows ``start:stop``.
     """
 
     flux: np.ndarray
@@ -79,27 +95,33 @@ class CatalogChunk(NamedTuple):
     mask: np.ndarray | None
     ids: np.ndarray | None
     wavelength: np.ndarray | None = None
+    group: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
 
-def _check_row_grids(wave: np.ndarray, first_row: int = 0) -> None:
-    """Per-spectrum grids (m, P) (rows ``first_row`` on): every row has at least 2
-    finite values, positive and strictly increasing; non-finite entries (NaN) are
-    missing pixels, as :func:`payne_lite.fit` takes them. ValueError naming the first
-    bad row."""
+def _check_row_grids(wave: np.ndarray, first_row: int = 0, rows=None) -> None:
+    """Per-spectrum grids (m, P) (rows ``first_row`` on, or the catalog rows
+    ``rows`` (m,)): every row has at least 2 finite values, positive and strictly
+    increasing; non-finite entries (NaN) are missing pixels, as
+    :func:`payne_lite.fit` takes them. ValueError naming the first bad row."""
+
+    def row(i) -> int:
+        return first_row + int(i) if rows is None else int(rows[i])
+
     ok = np.isfinite(wave)
     n_ok = ok.sum(axis=1)
     bad = np.flatnonzero(n_ok < 2)
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"wavelength row {first_row + i} has {int(n_ok[i])} finite value(s); at "
+            f"wavelength row {row(i)} has {int(n_ok[i])} finite value(s); at "
             "least 2 needed (NaN marks a missing pixel)"
         )
     bad = np.flatnonzero(np.any(ok & ~(np.where(ok, wave, 1.0) > 0), axis=1))
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"wavelength row {first_row + i} must be positive [Angstrom], min is "
+            f"wavelength row {row(i)} must be positive [Angstrom], min is "
             f"{float(np.nanmin(wave[i]))}"
         )
     full = ok.all(axis=1)
@@ -111,15 +133,36 @@ def _check_row_grids(wave: np.ndarray, first_row: int = 0) -> None:
     if not rising.all():
         i = int(np.flatnonzero(~rising)[0])
         raise ValueError(
-            f"wavelength row {first_row + i} must be strictly increasing (where finite)"
+            f"wavelength row {row(i)} must be strictly increasing (where finite)"
         )
 
 
 # ======================================================================================
 # HDF5 catalogs: writing
 # ======================================================================================
-def _check_rows(flux, flux_err, mask, ids, n_pix: int | None, where: str):
-    """Validated (flux, flux_err, mask, ids) copies of one block of rows."""
+def _str_per_row(values, name: str, n: int, where: str, *, empty: bool = True):
+    """``values`` as a (n,) str array (bytes decoded), one per row; ``empty=False``
+    refuses an empty string (naming the row)."""
+    if np.shape(values) != (n,):
+        raise ValueError(
+            f"{where}: {name} {np.shape(values)} must be ({n},), one per spectrum"
+        )
+    out = np.array(
+        [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(values)],
+        dtype=str,
+    )
+    if not empty:
+        bad = np.flatnonzero(out == "")
+        if bad.size:
+            raise ValueError(
+                f"{where}: {name} of row {int(bad[0])} is empty; every spectrum "
+                "needs its star's identifier"
+            )
+    return out
+
+
+def _check_rows(flux, flux_err, mask, ids, n_pix: int | None, where: str, group=None):
+    """Validated (flux, flux_err, mask, ids, group) copies of one block of rows."""
     f = np.asarray(flux)
     e = np.asarray(flux_err)
     dtype = np.float32 if f.dtype == np.float32 else np.float64
@@ -146,17 +189,11 @@ def _check_rows(flux, flux_err, mask, ids, n_pix: int | None, where: str):
             raise ValueError(
                 f"{where}: mask {m.shape} must have the shape of flux {f.shape}"
             )
-    i = None
-    if ids is not None:
-        if np.shape(ids) != (f.shape[0],):
-            raise ValueError(
-                f"{where}: ids {np.shape(ids)} must be ({f.shape[0]},), one per spectrum"
-            )
-        i = np.array(
-            [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(ids)],
-            dtype=str,
-        )
-    return f, e, m, i
+    i = None if ids is None else _str_per_row(ids, "ids", f.shape[0], where)
+    g = None
+    if group is not None:
+        g = _str_per_row(group, "group", f.shape[0], where, empty=False)
+    return f, e, m, i, g
 
 
 def _row_wavelength(wavelength, shape, where: str, first_row: int) -> np.ndarray:
@@ -182,7 +219,8 @@ class CatalogWriter:
         n_pix: pixels per spectrum (None until the first append of a catalog with
             one grid per spectrum).
         per_row_wavelength: whether each append passes its rows' wavelength grids.
-        with_mask, with_ids: whether each append passes a mask / ids.
+        with_mask, with_ids, with_group: whether each append passes a mask / ids /
+            group (star ids).
         n_spec: rows appended so far.
     """
 
@@ -195,10 +233,12 @@ class CatalogWriter:
         with_mask,
         with_ids,
         per_row_wavelength: bool = False,
+        with_group: bool = False,
     ):
         self._f, self.path, self.n_pix = f, path, None
         self._dtype = np.dtype(dtype)
         self.with_mask, self.with_ids = with_mask, with_ids
+        self.with_group = with_group
         self.per_row_wavelength = per_row_wavelength
         self._sets = {}
         self.n_spec = 0
@@ -239,20 +279,24 @@ class CatalogWriter:
                 compression="gzip",
                 compression_opts=4,
             )
-        if self.with_ids:
-            self._sets["ids"] = f.create_dataset(
-                "ids",
-                shape=(0,),
-                maxshape=(None,),
-                dtype=h5py.string_dtype(),
-                chunks=(max(rows, 1024),),  # variable-length: no checksum filter
-            )
+        for name, given in (("ids", self.with_ids), ("group", self.with_group)):
+            if given:
+                self._sets[name] = f.create_dataset(
+                    name,
+                    shape=(0,),
+                    maxshape=(None,),
+                    dtype=h5py.string_dtype(),
+                    chunks=(max(rows, 1024),),  # variable-length: no checksum filter
+                )
 
-    def append(self, flux, flux_err, *, wavelength=None, mask=None, ids=None) -> None:
+    def append(
+        self, flux, flux_err, *, wavelength=None, mask=None, ids=None, group=None
+    ) -> None:
         """Append rows: flux, flux_err (m, P); wavelength (m, P), the rows' grids
         [Angstrom] (NaN = missing pixel), if the catalog has one grid per spectrum
-        (and only then); mask (m, P) bool and ids (m,) if the writer was opened
-        ``with_mask`` / ``with_ids`` (and only then)."""
+        (and only then); mask (m, P) bool, ids (m,) and group (m,) (each row's star,
+        not empty; visits of one star may be in different appends) if the writer was
+        opened ``with_mask`` / ``with_ids`` / ``with_group`` (and only then)."""
         where = f"{self.path}: append"
         if (wavelength is not None) != self.per_row_wavelength:
             raise ValueError(
@@ -270,12 +314,18 @@ class CatalogWriter:
                 f"{where}: the catalog was opened with_mask={self.with_mask}; "
                 f"got mask={'an array' if mask is not None else 'None'}"
             )
-        if (ids is not None) != self.with_ids:
-            raise ValueError(
-                f"{where}: the catalog was opened with_ids={self.with_ids}; "
-                f"got ids={'an array' if ids is not None else 'None'}"
-            )
-        f, e, m, i = _check_rows(flux, flux_err, mask, ids, self.n_pix, where)
+        for name, val, opened in (
+            ("ids", ids, self.with_ids),
+            ("group", group, self.with_group),
+        ):
+            if (val is not None) != opened:
+                raise ValueError(
+                    f"{where}: the catalog was opened with_{name}={opened}; "
+                    f"got {name}={'an array' if val is not None else 'None'}"
+                )
+        f, e, m, i, g = _check_rows(
+            flux, flux_err, mask, ids, self.n_pix, where, group=group
+        )
         w = None
         if self.per_row_wavelength:
             w = _row_wavelength(wavelength, f.shape, where, self.n_spec)
@@ -283,14 +333,14 @@ class CatalogWriter:
             self._create(f.shape[1])
         start, stop = self.n_spec, self.n_spec + f.shape[0]
         blocks = (("flux", f), ("flux_err", e), ("wavelength", w), ("mask", m))
-        for name, arr in (*blocks, ("ids", i)):
+        for name, arr in (*blocks, ("ids", i), ("group", g)):
             if arr is None:
                 continue
             ds = self._sets[name]
             ds.resize(stop, axis=0)
             if name.startswith("flux"):
                 arr = arr.astype(self._dtype, copy=False)
-            elif name == "ids":
+            elif name in ("ids", "group"):
                 arr = arr.astype(object)
             ds[start:stop] = arr
         self.n_spec = stop
@@ -304,6 +354,7 @@ def catalog_writer(
     dtype=np.float32,
     with_mask: bool = False,
     with_ids: bool = False,
+    with_group: bool = False,
     meta: dict | None = None,
     overwrite: bool = False,
 ) -> Iterator[CatalogWriter]:
@@ -320,8 +371,8 @@ def catalog_writer(
             (a version-2 file): every :meth:`CatalogWriter.append` then passes its
             rows' grids (m, P), and P is set by the first append.
         dtype: storage dtype of flux and flux_err (float32 or float64).
-        with_mask, with_ids: whether every :meth:`CatalogWriter.append` passes a mask
-            / ids.
+        with_mask, with_ids, with_group: whether every :meth:`CatalogWriter.append`
+            passes a mask / ids / group (the star of each spectrum).
         meta: JSON-compatible provenance stored as ``attrs["meta"]``.
         overwrite: replace an existing file (otherwise FileExistsError).
 
@@ -358,6 +409,7 @@ def catalog_writer(
             with_mask,
             with_ids,
             per_row_wavelength=per_row,
+            with_group=with_group,
         )
         yield writer
         if writer.n_spec == 0:
@@ -374,6 +426,7 @@ def write_catalog(
     *,
     mask=None,
     ids=None,
+    group=None,
     meta: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -391,6 +444,9 @@ def write_catalog(
             format version 2).
         mask: optional (n, P) bool, True = ignore the pixel.
         ids: optional (n,) identifiers, stored as str.
+        group: optional (n,) star identifier of each spectrum (not empty), stored
+            as str: spectra with the same value are visits of one star, fitted
+            jointly by ``fit_catalog(..., group=True)`` (in any row order).
         meta: JSON-compatible provenance.
         overwrite: replace an existing file (otherwise FileExistsError).
 
@@ -412,8 +468,8 @@ def write_catalog(
     """
     wave = as_float_array(wavelength, "wavelength", ndim=(1, 2))
     per_row = wave.ndim == 2
-    f, e, m, i = _check_rows(
-        flux, flux_err, mask, ids, None if per_row else wave.size, str(path)
+    f, e, m, i, g = _check_rows(
+        flux, flux_err, mask, ids, None if per_row else wave.size, str(path), group
     )
     if f.shape[0] == 0:
         raise ValueError(f"{path}: flux {f.shape} holds no spectra")
@@ -425,23 +481,43 @@ def write_catalog(
         dtype=f.dtype,
         with_mask=m is not None,
         with_ids=i is not None,
+        with_group=g is not None,
         meta=meta,
         overwrite=overwrite,
     ) as w:
-        w.append(f, e, wavelength=wave if per_row else None, mask=m, ids=i)
+        w.append(f, e, wavelength=wave if per_row else None, mask=m, ids=i, group=g)
     return Path(path)
 
 
 # ======================================================================================
 # Readers
 # ======================================================================================
+def _take(chunk: CatalogChunk, index) -> CatalogChunk:
+    """``chunk``'s rows ``index`` (every per-row field)."""
+    return CatalogChunk(*(None if a is None else a[index] for a in chunk))
+
+
+def _concat(chunks: list[CatalogChunk]) -> CatalogChunk:
+    """The rows of ``chunks`` one after the other (fields None stay None)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return CatalogChunk(
+        *(
+            None if parts[0] is None else np.concatenate(parts)
+            for parts in zip(*chunks, strict=True)
+        )
+    )
+
+
 class Reader:
     """Common interface: ``len``, ``n_pix``, ``wavelength``, ``read(start, stop)``,
-    ``read_wavelength(start, stop)``, ``source``.
+    ``read_rows(rows)``, ``read_wavelength(start, stop)``, ``read_group()``,
+    ``source``.
 
     ``wavelength`` is the (P,) grid of every spectrum; it is None when the catalog has
     one grid per spectrum (``per_row_wavelength``): the grids then come with each
     chunk (:attr:`CatalogChunk.wavelength`) and from :meth:`read_wavelength`.
+    ``has_group``: the catalog names the star of each spectrum (:meth:`read_group`).
     Readers are context managers; :meth:`close` releases open files.
     """
 
@@ -452,6 +528,8 @@ class Reader:
     #: True when every spectrum has its own wavelength grid (then ``wavelength`` is
     #: None).
     per_row_wavelength: bool = False
+    #: True when the catalog holds the star of each spectrum (``group``).
+    has_group: bool = False
 
     def __len__(self) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -463,6 +541,23 @@ class Reader:
 
     def read(self, start: int, stop: int) -> CatalogChunk:  # pragma: no cover
         raise NotImplementedError
+
+    def read_rows(self, rows) -> CatalogChunk:
+        """The catalog rows ``rows`` ((m,) int, each once, in any order), in that
+        order, with :attr:`CatalogChunk.rows` set: for example the visits of some
+        stars, wherever they are in the catalog. Only those rows are read (this
+        default reads each run of consecutive rows with :meth:`read`)."""
+        r, order = self._row_indices(rows)
+        srt = r[order]
+        cuts = np.flatnonzero(np.diff(srt) != 1) + 1
+        runs = np.split(srt, cuts)
+        chunk = _concat([self.read(int(run[0]), int(run[-1]) + 1) for run in runs])
+        return self._in_order(chunk, r, order)
+
+    def read_group(self) -> np.ndarray | None:
+        """(n,) str, the star of every row (visits of one star share it); None when
+        the catalog has none (``has_group`` False)."""
+        return None
 
     def read_wavelength(self, start: int, stop: int) -> np.ndarray:
         """(m, P) float64 wavelength grids [Angstrom] of rows ``start:stop`` (NaN =
@@ -486,11 +581,43 @@ class Reader:
             raise IndexError(f"{self.source}: rows [{start}, {stop}) outside [0, {n})")
         return int(start), int(stop)
 
+    def _row_indices(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """``rows`` checked (1-D ints in [0, n), each once, at least one) as int64,
+        and the order that sorts them."""
+        r = np.asarray(rows)
+        n = len(self)
+        if r.ndim != 1 or r.size == 0 or r.dtype.kind not in "iu":
+            raise IndexError(
+                f"{self.source}: rows must be a non-empty 1-D array of ints, got "
+                f"{r.dtype} {r.shape}"
+            )
+        r = r.astype(np.int64)
+        order = np.argsort(r, kind="stable")
+        srt = r[order]
+        if srt[0] < 0 or srt[-1] >= n:
+            raise IndexError(
+                f"{self.source}: rows {int(srt[0])}..{int(srt[-1])} outside [0, {n})"
+            )
+        if np.any(np.diff(srt) == 0):
+            raise IndexError(f"{self.source}: rows repeat a row")
+        return r, order
+
+    @staticmethod
+    def _in_order(chunk: CatalogChunk, r, order) -> CatalogChunk:
+        """``chunk`` of the sorted rows ``r[order]`` put back in the order of ``r``,
+        with ``rows`` = ``r``."""
+        if np.any(np.diff(order) != 1):
+            back = np.empty_like(order)
+            back[order] = np.arange(order.size)
+            chunk = _take(chunk, back)
+        return chunk._replace(rows=r)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.source!r}, n_spec={len(self)}, "
             f"n_pix={self.n_pix}, mask={self.has_mask}, ids={self.has_ids}"
             + (", wavelength='per row'" if self.per_row_wavelength else "")
+            + (", group=True" if self.has_group else "")
             + ")"
         )
 
@@ -592,14 +719,19 @@ class HDF5Catalog(Reader):
                 f"{p}: mask {self._mask.shape} {self._mask.dtype} must be bool with "
                 f"the shape of flux {flux.shape}"
             )
-        self._ids = f.get("ids")
-        if self._ids is not None and self._ids.shape != (flux.shape[0],):
-            raise FileFormatError(
-                f"{p}: ids {self._ids.shape} must be ({flux.shape[0]},), one per spectrum"
-            )
+        self._ids, self._group = f.get("ids"), f.get("group")
+        for name, ds in (("ids", self._ids), ("group", self._group)):
+            if ds is not None and (
+                not isinstance(ds, h5py.Dataset) or ds.shape != (flux.shape[0],)
+            ):
+                raise FileFormatError(
+                    f"{p}: {name} {getattr(ds, 'shape', '')} must be "
+                    f"({flux.shape[0]},), one per spectrum"
+                )
         self._flux, self._err, self._n_pix = flux, err, n_pix
         self.has_mask = self._mask is not None
         self.has_ids = self._ids is not None
+        self.has_group = self._group is not None
         self.meta = _h5.get_json_attr(f, "meta", p) if "meta" in f.attrs else {}
 
     def __len__(self) -> int:
@@ -615,14 +747,18 @@ class HDF5Catalog(Reader):
             f"{self.source}: rows [{start}, {stop}) are corrupt or unreadable ({err})"
         )
 
-    def _grids(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a per-row ``wavelength``, read and checked."""
+    def _grids(self, sel, start: int, stop: int) -> np.ndarray:
+        """Rows ``sel`` (a slice, or increasing rows) of a per-row ``wavelength``,
+        read and checked; ``start:stop`` spans them."""
         try:
-            wave = np.asarray(self._wave[start:stop], np.float64)
+            wave = np.asarray(self._wave[sel], np.float64)
         except (OSError, KeyError, RuntimeError) as err:
             raise self._unreadable(start, stop, err) from err
         try:
-            _check_row_grids(wave, start)
+            if isinstance(sel, slice):
+                _check_row_grids(wave, start)
+            else:
+                _check_row_grids(wave, rows=sel)
         except ValueError as err:
             raise FileFormatError(f"{self.source}: invalid {err}") from err
         return wave
@@ -633,22 +769,60 @@ class HDF5Catalog(Reader):
         if not self.per_row_wavelength:
             return super().read_wavelength(start, stop)
         start, stop = self._check_range(start, stop)
-        return self._grids(start, stop)
+        return self._grids(slice(start, stop), start, stop)
 
     def read(self, start: int, stop: int) -> CatalogChunk:
         """Rows ``start:stop`` (only those are read from disk)."""
         start, stop = self._check_range(start, stop)
-        wave = self._grids(start, stop) if self.per_row_wavelength else None
+        return self._read(slice(start, stop), start, stop)
+
+    def _read(self, sel, start: int, stop: int) -> CatalogChunk:
+        """The rows ``sel`` (a slice, or increasing row numbers: h5py's fancy
+        indexing) of every row dataset; ``start:stop`` spans them (for messages)."""
+        wave = self._grids(sel, start, stop) if self.per_row_wavelength else None
         try:
-            mask = self._mask[start:stop] if self.has_mask else None
-            ids = None
+            mask = self._mask[sel] if self.has_mask else None
+            ids = group = None
             if self.has_ids:
-                ids = np.array(self._ids.asstr()[start:stop], dtype=str)
-            return CatalogChunk(
-                self._flux[start:stop], self._err[start:stop], mask, ids, wave
-            )
+                ids = np.array(self._ids.asstr()[sel], dtype=str)
+            if self.has_group:
+                group = np.array(self._group.asstr()[sel], dtype=str)
+            return CatalogChunk(self._flux[sel], self._err[sel], mask, ids, wave, group)
         except (OSError, KeyError, RuntimeError) as err:
             raise self._unreadable(start, stop, err) from err
+
+    def read_rows(self, rows) -> CatalogChunk:
+        """The rows ``rows`` ((m,) int, each once, any order), in that order, with
+        :attr:`CatalogChunk.rows` set; only those rows are read (consecutive rows
+        as one slab, others with h5py's fancy indexing in increasing order)."""
+        r, order = self._row_indices(rows)
+        srt = r[order]
+        start, stop = int(srt[0]), int(srt[-1]) + 1
+        sel = slice(start, stop) if stop - start == srt.size else srt
+        return self._in_order(self._read(sel, start, stop), r, order)
+
+    def read_group(self) -> np.ndarray | None:
+        """(n,) str, the star of every row (the ``group`` dataset, read whole);
+        None when the catalog has none.
+
+        Raises:
+            payne_lite.FileFormatError: unreadable, or an empty identifier (naming
+                the row).
+        """
+        if not self.has_group:
+            return None
+        n = len(self)
+        try:
+            group = np.array(self._group.asstr()[()], dtype=str)
+        except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:
+            raise self._unreadable(0, n, err) from err
+        bad = np.flatnonzero(group == "")
+        if bad.size:
+            raise FileFormatError(
+                f"{self.source}: group of row {int(bad[0])} is empty; every spectrum "
+                "needs its star's identifier"
+            )
+        return group
 
     def close(self) -> None:
         self._stack.close()

@@ -120,12 +120,15 @@ def _input_identity(cat, grids=None) -> dict:
 
 
 def run_identity(
-    cat, emulator, *, mdn, method, chunk_size, mask, p0, fit_kwargs, grids=None
-):
+    cat, emulator, *, mdn, method, chunk_size, mask, p0, fit_kwargs, grids=None,
+    group=None,
+):  # fmt: skip
     """Everything a resumed run must share with the run that wrote the parts.
 
     ``grids``: the :class:`CatalogGrids` of a catalog with one grid per spectrum
-    (their digest covers every row's grid), else None."""
+    (their digest covers every row's grid), else None. ``group``: the digest of
+    the star ids of a joint fit of visits (:class:`StarChunks`), else None (then
+    absent, so that earlier runs' identities hold)."""
     opts = {k: v for k, v in fit_kwargs.items() if k not in _NOT_IDENTITY}
     opts.pop("mdn", None)
     if hasattr(opts.get("options"), "n_threads"):  # threads never change results
@@ -141,6 +144,8 @@ def run_identity(
         "fit_options_sha256": _digest(opts),
         "fit_options": sorted(opts),
     }
+    if group is not None:
+        ident["group_sha256"] = group
     return json.loads(json.dumps(ident))  # as it reads back from the manifest
 
 
@@ -177,6 +182,8 @@ class Parts:
     written under a temporary name and renamed, so it exists only complete; its meta
     repeats the run key, chunk index and rows. The manifest (JSON, also replaced
     atomically) holds the run identity and, for progress, the chunks done.
+    ``bounds``: each chunk's ``(start, stop)`` catalog rows, or, for joint fits of
+    visits (one table row per star), its range of stars.
     """
 
     def __init__(self, folder: Path, identity: dict, bounds, done: set[int]):

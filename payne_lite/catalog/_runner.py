@@ -27,6 +27,7 @@ from ..fitting import METHODS as POINT_METHODS
 from ..observe import Instrument
 from ..options import options_for
 from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds, open_catalog
+from ._groups import check_star_grids, pad_chunk, star_chunks, visit_table
 from ._hdf5 import CatalogChunk, Reader
 from ._parts import Parts, parts_folder, run_identity
 from ._wavegrids import scan_grids
@@ -49,11 +50,6 @@ def _check_fit_options(method: str, fit_kwargs: dict) -> None:
             "(method settings such as max_iter go in options=payne_lite.LMOptions(...))"
         )
     options_for(method, fit_kwargs.get("options"))
-    if fit_kwargs.get("group") is not None:
-        raise ValueError(
-            "group= (joint multi-visit fits) is not through fit_catalog yet: a chunk "
-            "would split a star's visits; fit the visits with payne_lite.fit"
-        )
     instrument = fit_kwargs.get("instrument")
     if instrument is not None and not isinstance(instrument, Instrument):
         raise TypeError(
@@ -67,7 +63,53 @@ def _check_fit_options(method: str, fit_kwargs: dict) -> None:
         )
 
 
-def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs):
+def _check_group(group, method: str, fit_kwargs: dict):
+    """fit_catalog's ``group`` before any file is opened: None (or False), True
+    (the catalog's ``group`` dataset) or a 1-D array of star ids (its length is
+    checked against the catalog's once open). Point fits only, as in
+    :func:`payne_lite.fit`, and no fixed rv."""
+    if group is None or group is False:
+        return None
+    if method not in POINT_METHODS:  # the words of fit's own refusal
+        raise ValueError(
+            f"method={method!r}: group is a point-fit argument (lm, curve_fit); the "
+            "samplers start from their own LM fit"
+        )
+    if "rv" in (fit_kwargs.get("fixed") or {}):
+        raise ValueError("group=: each visit has its own rv; rv cannot be fixed")
+    if group is True:
+        return True
+    ids = np.asarray(group)
+    if ids.ndim != 1:
+        raise ValueError(
+            "group must be True (the catalog's group ids) or an (n,) array of star "
+            f"ids, one per catalog row; got shape {ids.shape}"
+        )
+    return ids
+
+
+def _star_chunks(cat, group, p0, chunk_size: int):
+    """The :class:`StarChunks` of a joint fit of ``cat``'s visits: by the catalog's
+    ``group`` (``group`` True) or the given ids; refuses a (n, L) ``p0``."""
+    if p0 is not None and np.ndim(p0) == 2:
+        raise ValueError(
+            f"group=: p0 must be one label vector (L,) for every star, got "
+            f"{np.shape(p0)}"
+        )
+    if group is True:
+        if not cat.has_group:
+            raise ValueError(
+                f"group=True: {cat.source} holds no group ids (the star of each "
+                "spectrum: payne_lite.write_catalog(..., group=ids)); pass them as "
+                "group=<(n,) array>"
+            )
+        group = cat.read_group()
+    return star_chunks(group, len(cat), chunk_size, where=cat.source)
+
+
+def fit_rows(
+    chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs, group=False
+):
     """Fit one chunk of rows: a results Table (with ``id`` if the chunk has ids).
 
     Depends only on the rows and the settings (fit's rows do not depend on the batch
@@ -76,6 +118,11 @@ def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs)
     chunk's own grids (``chunk.wavelength``, one per row) replace ``wavelength``
     when it has them; the ``grid_group`` that fit then numbers per chunk is made
     catalog-wide by :func:`fit_catalog`.
+
+    ``group`` True: joint fits of the visits of each star (``fit(...,
+    group=chunk.group)``; the chunk holds whole stars, read with
+    :meth:`Reader.read_rows`): one row per star, ``visit_rows`` catalog rows and
+    ``id`` (n_star, V) the ids of the visits (:func:`visit_table`).
     """
     if chunk.wavelength is not None:
         wavelength = chunk.wavelength
@@ -92,8 +139,11 @@ def fit_rows(chunk: CatalogChunk, emulator, *, wavelength, mask, p0, fit_kwargs)
             wavelength=wavelength,
             p0=p0,
             progress=False,
+            **({"group": chunk.group} if group else {}),
             **fit_kwargs,
         )
+    if group:
+        return visit_table(table, chunk)
     if chunk.ids is not None:
         table.add_column(chunk.ids, name="id", index=0)
     return table
@@ -114,6 +164,7 @@ def fit_catalog(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     mask=None,
     p0=None,
+    group=None,
     overwrite: bool = False,
     restart: bool = False,
     keep_parts: bool = False,
@@ -139,8 +190,8 @@ def fit_catalog(
     records the run's identity: the catalog (resolved file paths, sizes and
     modification times, row count, wavelength grid or every row's grid), sha256
     digests of the emulator and MDN weights, ``method``, ``chunk_size``, ``mask``,
-    ``p0`` and the other fit options; a resume whose identity differs is refused
-    (``ValueError`` naming what differs) rather than mixing results.
+    ``p0``, the grouping and the other fit options; a resume whose identity differs
+    is refused (``ValueError`` naming what differs) rather than mixing results.
     ``options.n_threads``, ``client``, ``progress``, ``meta``, ``overwrite`` and
     ``keep_parts`` may change between runs.
 
@@ -162,6 +213,24 @@ def fit_catalog(
     same however the catalog is chunked), and ``meta["n_wavelength_grids"]`` counts
     them.
 
+    **Joint fits of visits** (``group``). The visits of each star are fitted
+    together, as ``payne_lite.fit(..., group=ids)`` fits them: one label vector per
+    star, one rv and continuum per visit, one results row per star. ``group=True``
+    takes the star of each spectrum from the catalog (its ``group`` dataset,
+    :func:`write_catalog`); an (n,) array gives it, one id per catalog row. Chunks
+    hold whole stars: the stars in the order of their first row, consecutive stars
+    until a chunk holds ``chunk_size`` spectra (a star with more visits gets a chunk
+    of its own); a chunk's rows are read wherever they are in the catalog (the
+    visits of a star need not be contiguous), in catalog order, so the table is
+    that of ``fit`` on the whole catalog: the stars in the order of their first row,
+    ``visit_rows`` (n_star, V) catalog rows, V the most visits of any star (chunk
+    tables are padded to it, :func:`payne_lite.fitting.pad_visits`), ``id``
+    (n_star, V) the ids of the visits ('' after a star's last) when the catalog
+    has ids. The run's identity includes a digest of the ids, so a changed grouping
+    does not resume. With one grid per spectrum, a star whose visits are on two
+    grids is refused before any chunk is fitted. Point fits only, ``p0`` (L,) only,
+    no fixed rv (as ``fit``).
+
     Args:
         path_in: a catalog ``.h5`` (:func:`write_catalog`: one wavelength grid, or
             one per spectrum), one or more APOGEE FITS files, or an open reader
@@ -180,6 +249,9 @@ def fit_catalog(
         mask: optional (P,) bool, True = ignore the pixel in every spectrum (for
             example known model problems); combined with the catalog's own mask.
         p0: optional starting labels [physical], (L,) for all or (n, L) per spectrum.
+        group: None (one fit per spectrum), True (joint fits of the visits of each
+            star by the catalog's ``group`` dataset) or an (n,) array of star ids,
+            one per catalog row (any values ``numpy.unique`` can sort); see above.
         overwrite: replace an existing ``path_out`` (otherwise refused before any
             fitting starts).
         restart: discard the results of an earlier run in the parts folder and fit
@@ -188,16 +260,17 @@ def fit_catalog(
         progress: show a tqdm progress bar over spectra.
         meta: JSON-compatible entries added to the table's meta (provenance).
         **fit_kwargs: passed to :func:`payne_lite.fit` (``instrument``,
-            ``cont_deg``, ``rv_range``, ``fixed``, ``group``, ``options``, ...);
+            ``cont_deg``, ``rv_range``, ``fixed``, ``options``, ...);
             checked against its signature and ``method`` before the catalog is
             opened (a misspelled name is a ``TypeError`` naming it).
 
     Returns:
         The results table (also written to ``path_out``): fit's columns, preceded by
-        ``id`` when the catalog has ids (``grid_group`` catalog-wide, see above);
-        ``meta`` adds ``catalog``, ``n_spec``, ``chunk_size``, ``n_chunks_resumed``
-        (chunks taken from an earlier run), ``n_workers`` (0 without a client) and
-        ``fit_seconds`` (this run).
+        ``id`` when the catalog has ids (``grid_group`` catalog-wide, see above;
+        with ``group``, one row per star, see above); ``meta`` adds ``catalog``,
+        ``n_spec``, ``n_stars`` (with ``group``), ``chunk_size``,
+        ``n_chunks_resumed`` (chunks taken from an earlier run), ``n_workers`` (0
+        without a client) and ``fit_seconds`` (this run).
 
     Raises:
         TypeError: ``client`` not a ``distributed.Client``; ``mdn`` neither an MDN
@@ -210,13 +283,16 @@ def fit_catalog(
         ValueError: bad settings or shapes (named in the message); a resume with
             other inputs or options; a per-spectrum grid outside the emulator's
             range (naming the row); a sampler ``method`` or a per-star (n, P)
-            instrument profile.
+            instrument profile; ``group=True`` for a catalog without group ids,
+            ``group`` not one id per row, with a sampler, a (n, L) ``p0`` or a
+            fixed rv, or a star whose visits are on two grids.
     """
     from ._results import write_results
 
     chunk_size, path_out = _check_call(
         client, method, chunk_size, path_out, overwrite, fit_kwargs
     )
+    group = _check_group(group, method, fit_kwargs)
     emulator, mdn, fit_kwargs = _load_models(emulator, mdn, fit_kwargs)
 
     t0 = time.perf_counter()
@@ -229,10 +305,13 @@ def fit_catalog(
     with opened as cat:
         n = len(cat)
         wavelength, mask = _check_catalog(cat, emulator, mask, p0)
+        stars = None if group is None else _star_chunks(cat, group, p0, chunk_size)
         grids = None
         if cat.per_row_wavelength:  # every grid checked before any chunk is fitted
             grids = _scan_row_grids(cat, emulator, method, fit_kwargs)
-        bounds = chunk_bounds(n, chunk_size)
+            if stars is not None:
+                check_star_grids(stars, grids.group, cat.source)
+        bounds = chunk_bounds(n, chunk_size) if stars is None else stars.bounds
         identity = run_identity(
             cat,
             emulator,
@@ -243,6 +322,7 @@ def fit_catalog(
             p0=p0,
             fit_kwargs=fit_kwargs,
             grids=grids,
+            group=None if stars is None else stars.sha256,
         )
         parts = Parts.open(path_out, identity, bounds, restart=restart)
         todo = parts.missing()
@@ -259,6 +339,7 @@ def fit_catalog(
             "wavelength": wavelength,
             "mask": mask,
             "fit_kwargs": {"method": method, **fit_kwargs},
+            **({} if stars is None else {"group": True}),
         }
         n_workers = _fit_missing(
             cat,
@@ -267,6 +348,7 @@ def fit_catalog(
             settings,
             p0=p0,
             grids=grids,
+            stars=stars,
             client=client,
             progress=progress,
         )
@@ -277,6 +359,7 @@ def fit_catalog(
     table.meta.update(
         catalog=source,
         n_spec=n,
+        **({} if stars is None else {"n_stars": stars.n_stars}),
         chunk_size=chunk_size,
         n_chunks_resumed=n_resumed,
         n_workers=n_workers,
@@ -406,56 +489,79 @@ def _scan_row_grids(cat, emulator, method, fit_kwargs):
 
 
 def _catalog_grid_groups(table, grids, start: int, stop: int):
-    """``table`` (rows ``start:stop``) with fit's per-chunk ``grid_group`` replaced
-    by the catalog-wide index of each row's grid."""
+    """``table`` (rows ``start:stop``, or a joint fit's stars) with fit's per-chunk
+    ``grid_group`` replaced by the catalog-wide index of each row's (each star's)
+    grid."""
     col = table["grid_group"]
-    table["grid_group"] = grids.group[start:stop]
+    if "visit_rows" in table.colnames:  # a star's visits share its grid
+        table["grid_group"] = grids.group[np.asarray(table["visit_rows"])[:, 0]]
+    else:
+        table["grid_group"] = grids.group[start:stop]
     table["grid_group"].description = (
-        "index of the spectrum's distinct wavelength grid in the catalog (in the "
-        "order of the grids' first rows)"
+        f"index of the {'star' if 'visit_rows' in table.colnames else 'spectrum'}'s "
+        "distinct wavelength grid in the catalog (in the order of the grids' first "
+        "rows)"
     )
     table["grid_group"].unit = col.unit
     table.meta["n_wavelength_grids"] = grids.n_grids
     return table
 
 
-def _fit_missing(cat, parts, todo, settings, *, p0, grids, client, progress) -> int:
+def _fit_missing(
+    cat, parts, todo, settings, *, p0, grids, stars, client, progress
+) -> int:
     """Fit chunks ``todo`` of ``cat`` (here, or on the workers of ``client``) and
     record each in ``parts`` as it arrives; returns the number of workers (0 here).
     With ``grids`` (a catalog with one grid per spectrum), each chunk's
-    ``grid_group`` is renumbered catalog-wide before it is recorded.
+    ``grid_group`` is renumbered catalog-wide before it is recorded. With ``stars``
+    (joint fits of visits: ``parts.bounds`` are ranges of stars), each chunk is
+    read by its stars' rows and its table padded to the catalog's most visits.
 
     A run that fails before any chunk is recorded removes the parts folder it
     created (nothing to resume from)."""
     bounds = parts.bounds
     n = len(cat)
+    if stars is None:
+
+        def read(i):
+            return cat.read(*bounds[i])
+
+        def n_rows(i):
+            return bounds[i][1] - bounds[i][0]
+
+    else:
+
+        def read(i):
+            return stars.read(cat, i)
+
+        n_rows = stars.n_rows
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(
             total=n,
-            initial=n - sum(bounds[i][1] - bounds[i][0] for i in todo),
+            initial=n - sum(n_rows(i) for i in todo),
             desc="fit_catalog",
             unit="spec",
             smoothing=0.1,
         )
 
     def record(i, table):
+        if stars is not None:
+            table = pad_chunk(table, stars.n_visits_max)
         if grids is not None:
             table = _catalog_grid_groups(table, grids, *bounds[i])
         parts.write(i, table)
         if bar is not None:
-            bar.update(bounds[i][1] - bounds[i][0])
+            bar.update(n_rows(i))
 
     n_workers = 0
     try:
         if client is None:
             for i in todo:
                 start, stop = bounds[i]
-                table = fit_rows(
-                    cat.read(start, stop), p0=_chunk_p0(p0, start, stop), **settings
-                )
+                table = fit_rows(read(i), p0=_chunk_p0(p0, start, stop), **settings)
                 record(i, table)
         else:
             from ._distributed import fit_chunks
@@ -469,6 +575,7 @@ def _fit_missing(cat, parts, todo, settings, *, p0, grids, client, progress) -> 
                 task=fit_rows,
                 p0_of=lambda start, stop: _chunk_p0(p0, start, stop),
                 record=record,
+                read=read,
             )
     except BaseException:
         if parts.created and not parts.done:

@@ -66,10 +66,12 @@ def add_fit(sub) -> None:
             "spectrum of a catalog with an emulator, one chunk of spectra at a time\n"
             "(bounded memory), and write one results table: one row per spectrum with\n"
             "each label, its error, rv, chi2, chi2_red, n_iter, converged and flags\n"
-            "(see payne_lite.fit).\n\n"
+            "(see payne_lite.fit); with --group one row per star, its visits fitted\n"
+            "jointly (rv per visit).\n\n"
             "catalogs:\n"
             "  .h5       a payne_lite catalog (payne_lite.write_catalog): flux,\n"
-            "            flux_err, optional mask and ids\n"
+            "            flux_err, optional mask, ids and group (the star of each\n"
+            "            spectrum: --group fits each star's visits jointly)\n"
             "  .fits     one or more APOGEE aspcapStar/apStar-like files, one spectrum\n"
             "            each: flux in HDU 1, errors in HDU 2, optional pixel bitmask\n"
             "            in HDU 3, log10 wavelength from CRVAL1/CDELT1; ids are the\n"
@@ -89,7 +91,8 @@ def add_fit(sub) -> None:
             + "\n\nexamples:\n"
             "  payne-lite fit catalog.h5 --emulator emu.h5 -o results.fits\n"
             "  payne-lite fit aspcapStar-*.fits --emulator emu.h5 -o results.ecsv \\\n"
-            "      --cont-deg 2 --fixed vmacro=5 rv=0"
+            "      --cont-deg 2 --fixed vmacro=5 rv=0\n"
+            "  payne-lite fit visits.h5 --emulator emu.h5 -o stars.fits --group"
         ),
     )
     p.add_argument(
@@ -184,6 +187,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         help="hold a label [physical units] or rv [km/s] fixed, e.g. "
         "--fixed vmacro=5 rv=0 (label names as `payne-lite info "
         "EMULATOR` lists them)",
+    )
+    p.add_argument(
+        "--group",
+        action="store_true",
+        help="fit the visits of each star jointly, by the catalog's group ids "
+        "(write_catalog(..., group=ids)): one label vector per star, one rv and "
+        "continuum per visit, one results row per star (lm, curve_fit)",
     )
     p.add_argument(
         "--mdn",
@@ -339,22 +349,8 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1e3:.0f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
 
 
-def run_fit(args) -> int:
-    from ..catalog import fit_catalog, open_catalog
-
-    t0 = time.perf_counter()
-    emu_path = require_file(args.emulator)
-    cat_paths = [require_file(c) for c in args.catalog]
-    out = Path(args.output)
-    if out.suffix.lower() not in RESULTS_FORMATS:
-        raise ValueError(
-            f"{out}: unknown results file suffix {out.suffix!r}; expected "
-            f"one of {', '.join(sorted(RESULTS_FORMATS))}"
-        )
-    out = check_output(out, inputs=[emu_path, *cat_paths])
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; use --force to overwrite it")
-    fixed = _parse_fixed(args.fixed)
+def _models(args, emu_path):
+    """``(emulator, mdn or None, instrument, options)`` from the arguments."""
     emu = checked_read(Emulator.load, emu_path)
     mdn = None
     if args.mdn_starts and args.mdn is None:
@@ -375,20 +371,53 @@ def run_fit(args) -> int:
 
         mdn_path = require_file(args.mdn)
         mdn = checked_read(MDN.load, mdn_path, emulator=emu)
+    return emu, mdn, instrument, options
+
+
+def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
+    """ "6 spectra (3 stars, joint visits) x 478 pixels from catalog.h5"."""
+    n = len(cat)
+    return (
+        f"{n} spectr{'um' if n == 1 else 'a'} "
+        + (
+            f"({n_stars} star{'' if n_stars == 1 else 's'}, joint visits) "
+            if n_stars is not None
+            else ""
+        )
+        + f"x {cat.n_pix} pixels "
+        + ("(one wavelength grid each) " if cat.per_row_wavelength else "")
+        + "from "
+        + (str(cat_paths[0]) if len(cat_paths) == 1 else f"{len(cat_paths)} FITS files")
+    )
+
+
+def run_fit(args) -> int:
+    from ..catalog import connect, fit_catalog, open_catalog, require
+
+    t0 = time.perf_counter()
+    emu_path = require_file(args.emulator)
+    cat_paths = [require_file(c) for c in args.catalog]
+    out = Path(args.output)
+    if out.suffix.lower() not in RESULTS_FORMATS:
+        raise ValueError(
+            f"{out}: unknown results file suffix {out.suffix!r}; expected "
+            f"one of {', '.join(sorted(RESULTS_FORMATS))}"
+        )
+    out = check_output(out, inputs=[emu_path, *cat_paths])
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; use --force to overwrite it")
+    fixed = _parse_fixed(args.fixed)
+    emu, mdn, instrument, options = _models(args, emu_path)
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
     with checked_read(open_catalog, source) as cat:
-        n, n_pix = len(cat), cat.n_pix
-        what = (
-            f"{n} spectr{'um' if n == 1 else 'a'} x {n_pix} pixels "
-            + ("(one wavelength grid each) " if cat.per_row_wavelength else "")
-            + "from "
-        ) + (
-            str(cat_paths[0]) if len(cat_paths) == 1 else f"{len(cat_paths)} FITS files"
-        )
-        _log.info("fitting %s with %r", what, emu)
+        if args.group and not cat.has_group:
+            raise ValueError(
+                f"--group: {source if len(cat_paths) == 1 else cat.source} holds no "
+                "group ids (the star of each spectrum: write the catalog with "
+                "payne_lite.write_catalog(..., group=ids))"
+            )
+        _log.info("fitting %s with %r", _describe(cat, cat_paths), emu)
         out.parent.mkdir(parents=True, exist_ok=True)
-        from ..catalog import connect, require
-
         if args.scheduler is not None or args.workers is not None:
             try:
                 require()
@@ -402,6 +431,7 @@ def run_fit(args) -> int:
                 mdn=mdn,
                 method=args.method,
                 chunk_size=args.chunk_size,
+                group=True if args.group else None,
                 overwrite=args.force,
                 progress=not args.no_progress,
                 client=client,
@@ -418,7 +448,14 @@ def run_fit(args) -> int:
                     **({"mdn_file": str(args.mdn)} if mdn is not None else {}),
                 },
             )
-    seconds = time.perf_counter() - t0
+        what = _describe(cat, cat_paths, len(table) if args.group else None)
+    _print_summary(args, table, what, mdn, time.perf_counter() - t0, out)
+    return EXIT_OK
+
+
+def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> None:
+    """The lines ``payne-lite fit`` prints once the results are written."""
+    n = int(table.meta.get("n_spec", len(table)))
     flags = np.asarray(table["flags"])
     n_flagged = int(np.count_nonzero(flags))
     per_bit = [
@@ -455,4 +492,3 @@ def run_fit(args) -> int:
         "compilation included)"
     )
     print(f"wrote {out}")
-    return EXIT_OK

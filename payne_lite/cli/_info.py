@@ -247,8 +247,23 @@ def _lines_catalog(path: Path) -> list[str]:
             ),
             _row("wavelength", _catalog_wavelength(cat)),
             _row("ids", ids),
+            _row("group", _catalog_group(cat)),
             *_meta_rows(cat.meta),
         ]
+
+
+def _catalog_group(cat) -> str:
+    """The catalog's group ids (the star of each spectrum): how many stars, and the
+    most visits of one."""
+    group = cat.read_group()
+    if group is None:
+        return "none"
+    _, counts = np.unique(group, return_counts=True)
+    return (
+        f"{counts.size} star{'' if counts.size == 1 else 's'} (up to "
+        f"{int(counts.max())} visit{'' if counts.max() == 1 else 's'} each; "
+        "payne-lite fit --group)"
+    )
 
 
 def _catalog_wavelength(cat) -> str:
