@@ -114,6 +114,40 @@ def build_tiny_emulator(
     )
 
 
+def build_log_emulator(n_pix: int = 120, *, seed: int = 4) -> Emulator:
+    """:func:`build_tiny_emulator`'s network on a log-uniform grid (15100-15180 A;
+    the broadening kernels need one), without a pixel error."""
+    base = build_tiny_emulator(n_pix=n_pix, seed=seed)
+    return Emulator(
+        net=base.net,
+        activation=base.activation,
+        label_names=base.label_names,
+        label_units=base.label_units,
+        label_lo=base.label_lo,
+        label_hi=base.label_hi,
+        wavelength=np.exp(np.linspace(np.log(15100.0), np.log(15180.0), n_pix)),
+        meta={"source": "tests/conftest.py", "seed": seed},
+    )
+
+
+def interrupt_chunk(monkeypatch, n: int, record) -> None:
+    """Make fit_catalog's ``n``-th chunk fit raise KeyboardInterrupt (as a Ctrl-C
+    would); ``record(chunk)`` is called for every chunk. Undo with
+    ``monkeypatch.undo()``."""
+    from payne_lite.catalog import _runner
+
+    fit_rows, calls = _runner.fit_rows, []
+
+    def dies(chunk, *args, **kwargs):
+        calls.append(chunk)
+        record(chunk)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fit_rows(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(_runner, "fit_rows", dies)
+
+
 @pytest.fixture(scope="session")
 def make_emulator() -> Callable[..., Emulator]:
     """Factory with the signature of :func:`build_tiny_emulator`."""

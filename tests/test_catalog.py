@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from astropy.io import fits
+from conftest import interrupt_chunk
 
 import payne_lite as pl
 from payne_lite import FileFormatError
@@ -478,19 +479,9 @@ N_ROW, N_LOG = 10, 120
 @pytest.fixture(scope="module")
 def log_emu():
     """The tiny emulator on a log-uniform grid of 120 pixels (as in test_matrix)."""
-    from conftest import build_tiny_emulator
+    from conftest import build_log_emulator
 
-    base = build_tiny_emulator(n_pix=N_LOG, n_hid=3, seed=4)
-    wave = np.exp(np.linspace(np.log(15100.0), np.log(15180.0), N_LOG))
-    return pl.Emulator(
-        net=base.net,
-        activation=base.activation,
-        label_names=base.label_names,
-        label_units=base.label_units,
-        label_lo=base.label_lo,
-        label_hi=base.label_hi,
-        wavelength=wave,
-    )
+    return build_log_emulator(N_LOG)
 
 
 @pytest.fixture(scope="module")
@@ -702,26 +693,18 @@ def test_fit_catalog_per_row_grids_equals_fit(log_emu, rows, row_table):
 def test_fit_catalog_per_row_grids_resume(
     tmp_path, monkeypatch, log_emu, rows, row_table
 ):
-    from payne_lite.catalog import _runner as catalog_mod
     from payne_lite.catalog import parts_folder
 
     flux, err, wave, mask, ids = rows
     cat = pl.write_catalog(tmp_path / "c.h5", flux, err, wave, mask=mask, ids=ids)
     kw = dict(chunk_size=5, **ROW_KW)
 
-    fit_rows, calls = catalog_mod.fit_rows, []
-
-    def dies_in_chunk_2(chunk, *args, **kwargs):
-        calls.append(len(chunk.flux))
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as a Ctrl-C would
-        return fit_rows(chunk, *args, **kwargs)
-
+    calls = []
     out = tmp_path / "r.fits"
-    monkeypatch.setattr(catalog_mod, "fit_rows", dies_in_chunk_2)
+    interrupt_chunk(monkeypatch, 2, lambda chunk: calls.append(len(chunk.flux)))
     with pytest.raises(KeyboardInterrupt):
         pl.fit_catalog(cat, out, log_emu, **kw)
-    monkeypatch.setattr(catalog_mod, "fit_rows", fit_rows)
+    monkeypatch.undo()
     assert parts_folder(out).is_dir() and not out.exists()
     table = pl.fit_catalog(cat, out, log_emu, keep_parts=True, **kw)
     assert table.meta["n_chunks_resumed"] == 1 and len(calls) == 2
@@ -927,24 +910,16 @@ def test_fit_catalog_group_equals_fit(log_emu, visits, group_table):
 
 
 def test_fit_catalog_group_resume(tmp_path, monkeypatch, log_emu, visits, group_table):
-    from payne_lite.catalog import _runner as catalog_mod
     from payne_lite.catalog import parts_folder
 
     cat = visits[3]
     kw = dict(chunk_size=4, progress=False, **VISIT_KW)
-    fit_rows, calls = catalog_mod.fit_rows, []
-
-    def dies_in_chunk_2(chunk, *args, **kwargs):
-        calls.append(list(chunk.rows))
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as a Ctrl-C would
-        return fit_rows(chunk, *args, **kwargs)
-
+    calls = []
     out = tmp_path / "r.fits"
-    monkeypatch.setattr(catalog_mod, "fit_rows", dies_in_chunk_2)
+    interrupt_chunk(monkeypatch, 2, lambda chunk: calls.append(list(chunk.rows)))
     with pytest.raises(KeyboardInterrupt):
         pl.fit_catalog(cat, out, log_emu, group=True, **kw)
-    monkeypatch.setattr(catalog_mod, "fit_rows", fit_rows)
+    monkeypatch.undo()
     assert calls == [[0, 3, 7], [1, 2, 5, 8]]  # chunks of whole stars
     assert parts_folder(out).is_dir() and not out.exists()
     table = pl.fit_catalog(cat, out, log_emu, group=True, keep_parts=True, **kw)

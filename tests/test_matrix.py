@@ -24,7 +24,7 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from conftest import build_tiny_emulator
+from conftest import build_log_emulator
 
 import payne_lite as pl
 from payne_lite.cli import main
@@ -92,18 +92,8 @@ def case(tmp_path_factory):
     """Emulator, MDN, spectra and files shared by every cell."""
     tmp = tmp_path_factory.mktemp("matrix")
     n_pix = 120
-    base = build_tiny_emulator(n_pix=n_pix, seed=4)
-    wave = np.exp(np.linspace(np.log(15100.0), np.log(15180.0), n_pix))
-    emu = pl.Emulator(
-        net=base.net,
-        activation=base.activation,
-        label_names=base.label_names,
-        label_units=base.label_units,
-        label_lo=base.label_lo,
-        label_hi=base.label_hi,
-        wavelength=wave,
-        meta={"source": "tests/test_matrix.py"},
-    )
+    emu = build_log_emulator(n_pix)
+    wave = emu.wavelength
     truth = np.array(
         [
             [5000.0, 3.0, -0.5],
