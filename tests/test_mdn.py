@@ -319,17 +319,19 @@ def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
 
 
 def test_mdn_start_points_drawn_inside_the_mdn_bounds():
+    from payne_lite.fitting._mdn_bounds import MDNPrior
     from payne_lite.fitting._mdn_bounds import mdn_start_points as _mdn_start_points
 
     n, n_lab = 50, 3
     rng = np.random.default_rng(1)
     s0 = rng.uniform(-0.3, 0.3, (n, n_lab))
     sd = np.full((n, n_lab), 0.05)
-    prior = dict(s0=s0, sd=sd, lo=s0 - 3 * sd, hi=s0 + 3 * sd)
+    rv = np.zeros(n)
+    prior = MDNPrior(s0, sd, s0 - 3 * sd, s0 + 3 * sd, rv0=rv, rv_lo=rv, rv_hi=rv)
     pts = _mdn_start_points(prior, 400, {1: 0.2}, seed=3)
     assert pts.shape == (n, 401, n_lab)
     np.testing.assert_array_equal(pts[:, 0], s0)  # the mean comes first
-    assert np.all(pts >= prior["lo"][:, None]) and np.all(pts <= prior["hi"][:, None])
+    assert np.all(pts >= prior.lo[:, None]) and np.all(pts <= prior.hi[:, None])
     assert np.all(pts[:, :, 1] == s0[:, None, 1])  # fixed label held
     # the free draws follow the MDN Gaussian: sd 0.05 (clipping at 3 sigma: -1.5 %)
     z = (pts[:, 1:, [0, 2]] - s0[:, None, [0, 2]]) / 0.05

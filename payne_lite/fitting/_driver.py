@@ -41,6 +41,95 @@ class BatchContext(NamedTuple):
     error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
 
 
+class Prepared(NamedTuple):
+    """Steps 1-2 of a fit (:func:`prepare_batch`), one row per spectrum.
+
+    Attributes:
+        rv0: (n,) rv of the scan (or the MDN's, or the fixed one) [km/s].
+        rv_lo: (n,) lower end of the fit's rv window [km/s].
+        rv_hi: (n,) upper end of the fit's rv window [km/s].
+        c0: (n, max(n_cont, 1)) continuum coefficients at ``rv0`` (flat with an MDN).
+        w_fit: (n, P) inverse variances of the fit [flux^-2]: zero outside the pixels
+            valid over the whole rv window, the emulator's error added in quadrature.
+        w_data: (n, P) those of the data alone [flux^-2] (for the S/N).
+        snr: (n,) median |flux| / error of the pixels used (:func:`median_snr`), or
+            None (:func:`prepare_batch` leaves it; the joint fits add it).
+    """
+
+    rv0: np.ndarray
+    rv_lo: np.ndarray
+    rv_hi: np.ndarray
+    c0: np.ndarray
+    w_fit: np.ndarray
+    w_data: np.ndarray
+    snr: np.ndarray | None = None
+
+
+class BatchFit(NamedTuple):
+    """The per-row results of point fits in fit space, one row per spectrum (per
+    star for joint fits of visits): what :func:`._schema.results_table` turns
+    into the table.
+
+    Attributes:
+        p: (n, k) best parameter vectors, ``layout.names``: scaled labels (the box
+            is -0.5 .. 0.5), rv [km/s], continuum coefficients, broadening [km/s].
+        chi2: (n,) chi2 at ``p``.
+        a: (n, k, k) J^T W J at ``p`` (fit space).
+        g: (n, k) J^T W r at ``p``: half the chi2 gradient.
+        snr: (n,) median |flux| / error of the pixels used (joint fits: the
+            visits' combined, sqrt(sum snr_v^2)).
+        n_iter: (n,) int LM iterations (curve_fit: function evaluations); after an
+            MDN refit, both passes'.
+        converged: (n,) bool.
+        n_good: (n,) int pixels with weight > 0 (joint fits: of all visits).
+        rv_lo: (n,) lower end of the rv window [km/s] (joint fits: the first
+            visit's).
+        rv_hi: (n,) upper end of the rv window [km/s] (joint fits: the first
+            visit's).
+        model: (n, P) model flux at ``p`` ((n, V, P) for joint fits, NaN for
+            padding visits), or None when not asked for.
+        meat: (n, k, k) sandwich meat (:func:`._lm.sandwich_meat`), or None
+            without the emulator's error basis.
+    """
+
+    p: np.ndarray
+    chi2: np.ndarray
+    a: np.ndarray
+    g: np.ndarray
+    snr: np.ndarray
+    n_iter: np.ndarray
+    converged: np.ndarray
+    n_good: np.ndarray
+    rv_lo: np.ndarray
+    rv_hi: np.ndarray
+    model: np.ndarray | None = None
+    meat: np.ndarray | None = None
+
+
+def take_rows(res, rows):
+    """``res``, a NamedTuple of per-row arrays (:class:`BatchFit`,
+    :class:`Prepared`, ``MDNPrior`` ...), at ``rows`` (indices, mask or slice);
+    None fields stay None."""
+    return type(res)(*(None if val is None else val[rows] for val in res))
+
+
+def scatter_rows(full, rows, part, n: int = 0):
+    """Write ``part``'s rows into ``full`` (same NamedTuple type) at ``rows``, in
+    place, and return ``full``; ``full`` None: zeros of ``n`` rows in ``part``'s
+    shapes and dtypes first. A field None in either is left as it is."""
+    if full is None:
+        full = type(part)(
+            *(
+                None if val is None else np.zeros((n, *val.shape[1:]), val.dtype)
+                for val in part
+            )
+        )
+    for dst, src in zip(full, part, strict=True):
+        if dst is not None and src is not None:
+            dst[rows] = src
+    return full
+
+
 def lm_with_starts(
     ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_visits=0, free=None
 ):
@@ -161,14 +250,11 @@ def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best)
     return p_best, it_best, conv_best, chi2_best, a_best, g_best
 
 
-def prepare_batch(ctx: BatchContext, fb, wb, prior=None):
+def prepare_batch(ctx: BatchContext, fb, wb, prior=None) -> Prepared:
     """Steps 1-2 of a fit for a padded batch of spectra ``fb``, ``wb`` (size, P):
-    the RV scan (or the MDN's / a fixed rv), the pixels valid over each RV window
-    and the emulator's error in the weights.
-
-    Returns ``(rv0, rv_lo, rv_hi, c0, wb, w_data)``: scan rv and window (size,)
-    [km/s], continuum at the scan (size, max(n_cont, 1)), the fit's inverse
-    variances (size, P) and those of the data alone (for the S/N)."""
+    the RV scan (or the MDN's ``prior``, a :class:`._mdn_bounds.MDNPrior`, or a
+    fixed rv), the pixels valid over each RV window and the emulator's error in
+    the weights. Returns them as :class:`Prepared` (without ``snr``)."""
     obs, layout, fix = ctx.obs, ctx.layout, ctx.fix
     dt = obs.x_obs.dtype
     size = fb.shape[0]
@@ -178,9 +264,9 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None):
 
     # 1. RV scan (and linear continuum at the best RV).
     if prior is not None:
-        rv0 = np.asarray(prior["rv0"], np.float64)
-        rv_lo = np.asarray(prior["rv_lo"], np.float64)
-        rv_hi = np.asarray(prior["rv_hi"], np.float64)
+        rv0 = np.asarray(prior.rv0, np.float64)
+        rv_lo = np.asarray(prior.rv_lo, np.float64)
+        rv_hi = np.asarray(prior.rv_hi, np.float64)
         c0 = np.zeros((size, max(obs.n_cont, 1)))
         c0[:, 0] = 1.0
     elif layout.rv_index in fix:
@@ -213,7 +299,7 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None):
         pe = emulator_error_on(wave_obs, wave_rest, pixel_error, rv0)
         with np.errstate(divide="ignore"):
             wb = np.where(wb > 0, 1.0 / (1.0 / wb + pe**2), 0.0)
-    return rv0, rv_lo, rv_hi, c0, wb, w_data
+    return Prepared(rv0, rv_lo, rv_hi, c0, wb, w_data)
 
 
 def median_snr(fb, wb, w_data):
@@ -230,14 +316,13 @@ def median_snr(fb, wb, w_data):
     return snr.astype(np.float64)
 
 
-def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> dict:
+def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
     ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
 
-    ``prior`` (the MDN path): dict of per-row ``lo``, ``hi`` (size, L) scaled label
-    bounds and ``rv0``, ``rv_lo``, ``rv_hi`` (size,) [km/s]; then there is no RV
-    scan (the continuum, if any, starts flat) and the labels are bounded by
-    ``lo``/``hi`` instead of the box."""
+    ``prior`` (the MDN path): the batch's rows of a :class:`._mdn_bounds.MDNPrior`;
+    then there is no RV scan (the continuum, if any, starts flat), the rv window is
+    the MDN's and the labels are bounded by its ``lo``/``hi`` instead of the box."""
     obs, layout, free = ctx.obs, ctx.layout, ctx.free
     dt = obs.x_obs.dtype
     size, n_pix = fb.shape
@@ -245,7 +330,8 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> dict:
     k = len(layout.names)
     n_free = int(free.sum())
     f_j = jnp.asarray(fb, dt)
-    rv0, rv_lo, rv_hi, c0, wb, w_data = prepare_batch(ctx, fb, wb, prior)
+    prep = prepare_batch(ctx, fb, wb, prior)
+    wb, w_data = prep.w_fit, prep.w_data
     w_j = jnp.asarray(wb, dt)
     n_good = np.count_nonzero(wb > 0, axis=1)
     # Padding rows, and stars with too few pixels (flagged failed later), do not run.
@@ -255,16 +341,16 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> dict:
     n_s = sb.shape[1]
     p_start = np.zeros((size, n_s, k))
     p_start[:, :, :n_lab] = sb
-    p_start[:, :, n_lab] = rv0[:, None]
+    p_start[:, :, n_lab] = prep.rv0[:, None]
     if obs.n_cont:
-        p_start[:, :, layout.cont_slice] = c0[:, None, :]
+        p_start[:, :, layout.cont_slice] = prep.c0[:, None, :]
     if layout.broadening:
         p_start[:, :, layout.broad_slice] = np.asarray(ctx.b_scan, np.float64)
     lo = np.broadcast_to(layout.lower, (size, k)).copy()
     hi = np.broadcast_to(layout.upper, (size, k)).copy()
-    lo[:, n_lab], hi[:, n_lab] = rv_lo, rv_hi
+    lo[:, n_lab], hi[:, n_lab] = prep.rv_lo, prep.rv_hi
     if prior is not None:
-        lo[:, :n_lab], hi[:, :n_lab] = prior["lo"], prior["hi"]
+        lo[:, :n_lab], hi[:, :n_lab] = prior.lo, prior.hi
     p_start = np.clip(p_start, lo[:, None], hi[:, None])
 
     model_f = None
@@ -292,33 +378,31 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> dict:
     if ctx.error_basis is not None:
         m1, m2 = sandwich_meat(ctx, p_best, wb, w_data)
         meat = m1 + m2 @ np.swapaxes(m2, 1, 2)
-    return dict(
-        meat=meat,
+    return BatchFit(
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),
         a=np.asarray(a_f, np.float64),
         g=np.asarray(g_f, np.float64),
         snr=snr,
-        it=it_best,
-        conv=conv_best,
+        n_iter=it_best,
+        converged=conv_best,
         n_good=n_good,
-        rv_lo=rv_lo,
-        rv_hi=rv_hi,
-        lo=lo,
-        hi=hi,
+        rv_lo=prep.rv_lo,
+        rv_hi=prep.rv_hi,
         model=None if model_f is None else np.asarray(model_f, np.float64),
+        meat=meat,
     )
 
 
 def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None):
     """Fit the spectra ``rows`` in padded batches of ``size``, ``n_threads`` at a time.
 
-    Returns a dict of per-row arrays (``p``, ``chi2``, ``a``, ``g``, ``snr``, ``it``,
-    ``conv``, ``n_good``, ``rv_lo``, ``rv_hi``, ``model`` or None) in the order of
-    ``rows``; ``starts`` and ``prior`` are indexed by spectrum.
+    Returns the :class:`BatchFit` of the rows, in the order of ``rows`` (all fields
+    None when there are none); ``starts`` and ``prior`` (a
+    :class:`._mdn_bounds.MDNPrior`) are indexed by spectrum.
     """
     n = rows.size
-    out_all: dict = {}
+    full = None
 
     def run(start):
         sel = rows[start : min(start + size, n)]
@@ -328,7 +412,7 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
         fb = flux2[idx]
         wb = ivar[idx]
         wb[m:] = 0.0
-        pb = None if prior is None else {k: v[idx] for k, v in prior.items()}
+        pb = None if prior is None else take_rows(prior, idx)
         return start, m, _fit_batch(ctx, fb, wb, starts[idx], m, prior=pb)
 
     starts_at = range(0, n, size)
@@ -342,37 +426,13 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
         # core busy (the LM runs its lanes one after the other, on one core).
         done = pool.map(run, starts_at) if pool is not None else map(run, starts_at)
         for start, m, out in done:
-            for key in _RESULT_KEYS:
-                val = out[key]
-                if val is None:
-                    out_all[key] = None
-                    continue
-                if key not in out_all:
-                    out_all[key] = np.zeros((n, *val.shape[1:]), val.dtype)
-                out_all[key][start : start + m] = val[:m]
+            part = take_rows(out, slice(0, m))
+            full = scatter_rows(full, slice(start, start + m), part, n)
             if bar is not None:
                 bar.update(m)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    if n == 0:
-        return {key: None for key in _RESULT_KEYS}
-    return out_all
-
-
-_RESULT_KEYS = (
-    "meat",
-    "p",
-    "chi2",
-    "a",
-    "g",
-    "snr",
-    "it",
-    "conv",
-    "n_good",
-    "rv_lo",
-    "rv_hi",
-    "lo",
-    "hi",
-    "model",
-)
+    if full is None:  # no rows
+        return BatchFit(*(None,) * len(BatchFit._fields))
+    return full

@@ -24,7 +24,7 @@ from ..observe import (
     teff_index,
 )
 from ..options import CurveFitOptions, LMOptions, options_for
-from ._driver import BatchContext, run_batches
+from ._driver import BatchContext, run_batches, scatter_rows, take_rows
 from ._grids import fit_per_star_grids
 from ._mdn_bounds import add_mdn_columns, at_mdn_bound, mdn_prior, mdn_start_points
 from ._rvscan import RV_SCAN_STEP, scan_pixels
@@ -286,8 +286,8 @@ def _run_all(
     progress,
 ):  # fmt: skip
     """Every spectrum in batches of ``size`` (with a progress bar if ``progress``);
-    with an MDN, :func:`_fit_with_mdn`. Returns ``(res, mdn_out)``: the per-row
-    results of :func:`run_batches` and, with an MDN, what
+    with an MDN, :func:`_fit_with_mdn`. Returns ``(res, mdn_out)``: the
+    :class:`._driver.BatchFit` of :func:`run_batches` and, with an MDN, what
     :func:`_fit_with_mdn` returns with them (else None)."""
     n = flux2.shape[0]
     rows_all = np.arange(n)
@@ -319,9 +319,9 @@ def _fit_with_mdn(
     """The MDN path: fits inside the MDN's bounds from its starts (``n_extra`` draws
     besides the mean); the stars that end at an MDN bound, are NaN or have no MDN
     answer are refitted by the default path (``starts``, whole box) and the lower
-    chi2 kept. Returns ``(res, (refit, ok, mean, sigma, seconds))``: the per-row
-    results and the MDN's (n,) refit and answer flags, its Gaussians (n, L + 1) and
-    its run time [s]."""
+    chi2 kept. Returns ``(res, (refit, ok, mean, sigma, seconds))``: the
+    :class:`._driver.BatchFit` and the MDN's (n,) refit and answer flags, its
+    Gaussians (n, L + 1) and its run time [s]."""
     fix, free, layout, rv_range = ctx.fix, ctx.free, ctx.layout, ctx.rv_range
     rows_all = np.arange(flux2.shape[0])
     t0 = time.perf_counter()
@@ -340,50 +340,35 @@ def _fit_with_mdn(
         None,
         prior=prior,
     )
-    refit = ~mdn_ok | at_mdn_bound(res, prior, free, layout, rv_range)
-    refit |= ~np.all(np.isfinite(res["p"]), axis=1) | ~np.isfinite(res["chi2"])
+    refit = ~mdn_ok | at_mdn_bound(res.p, prior, free, layout, rv_range)
+    refit |= ~np.all(np.isfinite(res.p), axis=1) | ~np.isfinite(res.chi2)
     rows = np.flatnonzero(refit)
     if rows.size:
         # batches sized for the stars refitted (a few %), not for all
         per = -(-rows.size // int(n_threads))
         size2 = min(size, max(8, 1 << int(np.ceil(np.log2(per)))))
         res2 = run_batches(ctx, flux2, ivar, starts, rows, size2, n_threads, None)
-        first_it = res["it"][rows]
+        first_it = res.n_iter[rows]
         better = (
-            ~np.isfinite(res["chi2"][rows])
-            | (res2["chi2"] < res["chi2"][rows])
-            | ~mdn_ok[rows]
+            ~np.isfinite(res.chi2[rows]) | (res2.chi2 < res.chi2[rows]) | ~mdn_ok[rows]
         )
-        for key, val in res2.items():
-            if val is not None:
-                res[key][rows[better]] = val[better]
-        res["it"][rows] = first_it + res2["it"]  # the work done, both passes
+        scatter_rows(res, rows[better], take_rows(res2, better))
+        res.n_iter[rows] = first_it + res2.n_iter  # the work done, both passes
     return res, (refit, mdn_ok, mdn_mean, mdn_sigma, t_mdn)
 
 
 def _point_table(ctx, emulator, res, scale_errors):
-    """:func:`results_table` of the per-row results ``res`` of one fit."""
+    """:func:`results_table` of the :class:`._driver.BatchFit` ``res`` of one fit."""
     return results_table(
         emulator,
         ctx.layout,
         ctx.obs,
         ctx.free,
-        res["p"],
-        res["chi2"],
-        res["a"],
-        res["g"],
-        res["snr"],
-        res["it"],
-        res["conv"],
-        res["n_good"],
-        res["rv_lo"],
-        res["rv_hi"],
-        res["model"],
+        res,
         method=ctx.method,
         rv_range=ctx.rv_range,
         scale_errors=scale_errors,
         emulator_error_used=ctx.emulator_error is not None,
-        meat=res["meat"],
     )
 
 

@@ -251,44 +251,15 @@ def _covariance(a, free, dtype):
     return cov, ill
 
 
-def results_table(
-    emulator,
-    layout,
-    obs,
-    free,
-    p,
-    chi2,
-    a,
-    g,
-    snr,
-    n_iter,
-    conv,
-    n_good,
-    rv_lo,
-    rv_hi,
-    model_flux,
-    *,
-    method,
-    rv_range,
-    scale_errors=False,
-    emulator_error_used=False,
-    n_par=None,
-    meat=None,
-):
-    """The results table; ``n_par`` (n,) overrides the number of free parameters of
-    each row (joint fits of stars with fewer visits than the longest); ``meat``
-    (n, k, k): the covariance is the sandwich ``A^-1 meat A^-1`` instead of
-    ``A^-1`` (the emulator's correlated error, :func:`._lm.sandwich_meat`)."""
-    from astropy.table import Table
-
-    n, k = p.shape
-    n_lab = layout.n_labels
-    n_free = int(free.sum()) if n_par is None else np.asarray(n_par)
-    # A broadening parameter whose derivative vanishes (vsini = 0: rotation changes
-    # the spectrum at second order) has no error: held for the covariance, NaN.
+def _hold_flat_broadening(a, free, start):
+    """A broadening parameter (``start`` on) whose derivative vanishes (vsini = 0:
+    rotation changes the spectrum at second order) has no error: held for the
+    covariance (unit diagonal in a copy of ``a`` (n, k, k)), NaN in the table.
+    Returns ``(a, held)``, ``held`` (n, k) bool."""
+    n, k, _ = a.shape
     a = a.copy()
     held = np.zeros((n, k), bool)
-    for j in range(layout.broad_slice.start, k):
+    for j in range(start, k):
         if free[j]:
             aj = a[:, j, j]
             scale = np.max(np.abs(np.diagonal(a, axis1=1, axis2=2)), axis=1)
@@ -296,9 +267,38 @@ def results_table(
             a[held[:, j], j, :] = 0.0
             a[held[:, j], :, j] = 0.0
             a[held[:, j], j, j] = 1.0
+    return a, held
+
+
+def results_table(
+    emulator,
+    layout,
+    obs,
+    free,
+    fit,
+    *,
+    method,
+    rv_range,
+    scale_errors=False,
+    emulator_error_used=False,
+    n_par=None,
+):
+    """The results table of the fits ``fit`` (a :class:`._driver.BatchFit`, one
+    row per table row) with parameters ``layout.names`` (``free`` (k,) bool);
+    ``n_par`` (n,) overrides the number of free parameters of each row (joint fits
+    of stars with fewer visits than the longest). With ``fit.meat`` the covariance
+    is the sandwich ``A^-1 meat A^-1`` instead of ``A^-1`` (the emulator's
+    correlated error, :func:`._lm.sandwich_meat`)."""
+    from astropy.table import Table
+
+    p, g, n_good, snr = fit.p, fit.g, fit.n_good, fit.snr
+    n, k = p.shape
+    n_lab = layout.n_labels
+    n_free = int(free.sum()) if n_par is None else np.asarray(n_par)
+    a, held = _hold_flat_broadening(fit.a, free, layout.broad_slice.start)
     cov, ill = _covariance(a, free, obs.x_obs.dtype)
-    if meat is not None:
-        m = np.where(held[:, :, None] | held[:, None, :], 0.0, np.nan_to_num(meat))
+    if fit.meat is not None:
+        m = np.where(held[:, :, None] | held[:, None, :], 0.0, np.nan_to_num(fit.meat))
         cov = cov @ m @ cov
     for j in np.flatnonzero(held.any(axis=0)):
         cov[held[:, j], j, :] = np.nan
@@ -307,7 +307,7 @@ def results_table(
     span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
     cov = cov * span[None, :, None] * span[None, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        chi2_red = np.where(n_good > n_free, chi2 / (n_good - n_free), np.nan)
+        chi2_red = np.where(n_good > n_free, fit.chi2 / (n_good - n_free), np.nan)
     if scale_errors:
         cov = cov * np.maximum(np.nan_to_num(chi2_red, nan=1.0), 1.0)[:, None, None]
     err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
@@ -329,11 +329,12 @@ def results_table(
         if free[j]:  # the upper bound only: 0 is a physical value
             at_bound |= np.abs(p[:, j] - layout.upper[j]) < tol_rv
     if free[n_lab]:
+        rv_lo, rv_hi = fit.rv_lo, fit.rv_hi
         at_bound |= (np.abs(p[:, n_lab] - rv_lo) < tol_rv) & (rv_lo > rv_range[0])
         at_bound |= (np.abs(p[:, n_lab] - rv_hi) < tol_rv) & (rv_hi < rv_range[1])
         at_bound |= np.abs(p[:, n_lab] - rv_range[0]) < tol_rv
         at_bound |= np.abs(p[:, n_lab] - rv_range[1]) < tol_rv
-    conv = conv & ~failed
+    conv = fit.converged & ~failed
     flags = (
         np.where(conv, 0, FLAG_NOT_CONVERGED)
         | np.where(at_bound & ~failed, FLAG_AT_BOUND, 0)
@@ -346,8 +347,8 @@ def results_table(
     phys[failed] = np.nan
     err[failed] = np.nan
     cov[failed] = np.nan
-    chi2 = np.where(failed, np.nan, chi2)
-    n_iter = np.where(failed, 0, n_iter)
+    chi2 = np.where(failed, np.nan, fit.chi2)
+    n_iter = np.where(failed, 0, fit.n_iter)
 
     t = Table()
     units = param_units(emulator, layout.names)
@@ -366,8 +367,8 @@ def results_table(
     t["converged"] = conv
     t["flags"] = flags
     t["covariance"] = cov
-    if model_flux is not None:
-        t["model_flux"] = model_flux
+    if fit.model is not None:
+        t["model_flux"] = fit.model
     t["flags"].description = FLAGS_DESCRIPTION
     t["covariance"].description = "covariance of meta['cov_params'], physical units"
     t["n_good_pixels"].description = "pixels with weight > 0 over the whole RV window"
@@ -388,7 +389,7 @@ def results_table(
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,
-        emulator_error_correlated=meat is not None,
+        emulator_error_correlated=fit.meat is not None,
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
     )
     return t

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import re
 import time
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from ..observe import BROADENING_PARAMS
 from ._curve_fit import curve_fit_joint
-from ._driver import lm_with_starts, median_snr, prepare_batch
+from ._driver import (
+    BatchFit,
+    Prepared,
+    lm_with_starts,
+    median_snr,
+    prepare_batch,
+    scatter_rows,
+    take_rows,
+)
 from ._lm import final_batch, sandwich_meat, visit_index
 from ._mdn_bounds import mdn_prior, mdn_start_points
 from ._schema import (
@@ -24,6 +33,39 @@ from ._schema import (
     poor_fit,
     results_table,
 )
+
+
+class VisitFits(NamedTuple):
+    """The per-visit results of joint fits of visits, (n_star, V) each, one row
+    per star (:func:`_fit_star_batch`); padding visits (after a star's last) NaN,
+    ``n_good`` 0.
+
+    Attributes:
+        chi2: (n_star, V) chi2 of each visit at the joint fit.
+        n_good: (n_star, V) int pixels with weight > 0 of each visit.
+        snr: (n_star, V) median |flux| / error of each visit's pixels used.
+        rv_lo: (n_star, V) lower end of each visit's rv window [km/s].
+        rv_hi: (n_star, V) upper end of each visit's rv window [km/s].
+    """
+
+    chi2: np.ndarray
+    n_good: np.ndarray
+    snr: np.ndarray
+    rv_lo: np.ndarray
+    rv_hi: np.ndarray
+
+
+class _StarMDN(NamedTuple):
+    """The MDN's answers of a joint fit (:func:`_mdn_starts`): ``mean``, ``sigma``
+    (n, L + 1) per spectrum, physical units; ``ok`` (n,) bool, the MDN answered;
+    ``visit`` (n_star,) the visit whose labels started the star's fit, or -1;
+    ``seconds`` the MDN's run time [s]."""
+
+    mean: np.ndarray
+    sigma: np.ndarray
+    ok: np.ndarray
+    visit: np.ndarray
+    seconds: float
 
 
 def _group_rows(group, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,12 +123,11 @@ def fit_groups(
 
     # 1-2. Every spectrum alone: RV scan, window, emulator error.
     prep = _prepare_visits(ctx, flux2, ivar, batch_size)
-    rv_lo, rv_hi, snr1 = prep[1], prep[2], prep[6]
     star_starts = np.broadcast_to(starts, (n_star, *starts.shape))
     mdn_info = None
     if mdn is not None:
         star_starts, mdn_info = _mdn_starts(
-            ctx, mdn, emulator, flux2, ivar, starts, rows, snr1, mdn_starts, seed
+            ctx, mdn, emulator, flux2, ivar, starts, rows, prep.snr, mdn_starts, seed
         )
 
     # The joint vector: [s (L), rv_1 .. rv_V, c_1 (n_c) .. c_V (n_c), b (B)].
@@ -103,52 +144,34 @@ def fit_groups(
         max(8, 1 << int(np.ceil(np.log2(max(1, batch_size // n_vis))))),
         max(8, 1 << int(np.ceil(np.log2(n_star)))),
     )
-    res: dict = {}
+    fit = visits = None
     for start in range(0, n_star, g_size):
         sel = np.arange(start, min(start + g_size, n_star))
         m = sel.size
         gi = np.concatenate([sel, np.repeat(sel[:1], g_size - m)])
-        out = _fit_star_batch(
+        part, part_v = _fit_star_batch(
             ctx, flux2, prep, star_starts[gi], rows[gi], m, joint, free, n_par[gi]
         )
-        for key, val in out.items():
-            if val is None:
-                continue
-            res.setdefault(key, np.zeros((n_star, *val.shape[1:]), val.dtype))
-            res[key][sel] = val[:m]
+        fit = scatter_rows(fit, sel, take_rows(part, slice(0, m)), n_star)
+        visits = scatter_rows(visits, sel, take_rows(part_v, slice(0, m)), n_star)
 
-    snr_visit = np.where(real, snr1[np.where(real, rows, 0)], np.nan)
-    snr = np.sqrt(np.nansum(snr_visit**2, axis=1))
-    rv_lo_v = np.where(real, rv_lo[np.where(real, rows, 0)], np.nan)
-    rv_hi_v = np.where(real, rv_hi[np.where(real, rows, 0)], np.nan)
     t = results_table(
         emulator,
         joint,
         obs,
         free,
-        res["p"],
-        res["chi2"],
-        res["a"],
-        res["g"],
-        snr,
-        res["it"],
-        res["conv"],
-        res["n_good"],
-        rv_lo_v[:, 0],
-        rv_hi_v[:, 0],
-        res.get("model"),
+        fit,
         method=ctx.method,
         rv_range=ctx.rv_range,
         scale_errors=scale_errors,
         emulator_error_used=ctx.emulator_error is not None,
         n_par=n_par,
-        meat=res.get("meat"),
     )
-    t = _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx)
+    t = _group_table(t, joint, ids, rows, visits, n_par, ctx)
     if mdn_info is not None:
         _add_group_mdn_columns(t, layout, rows, mdn_info)
         t.meta.update(
-            mdn_seconds=round(mdn_info["seconds"], 4),
+            mdn_seconds=round(mdn_info.seconds, 4),
             mdn_n_components=mdn.n_components,
         )
     return t
@@ -161,9 +184,7 @@ def _mdn_starts(ctx, mdn, emulator, flux2, ivar, starts, rows, snr1, n_extra, se
     :func:`mdn_start_points`), then the default ``starts`` (S, L). A star none of
     whose visits the MDN answers starts from ``starts`` alone (its MDN rows repeat
     ``starts[0]``). The fits are bounded by the box, not the MDN: the MDN only
-    starts them. Returns the starts and a dict of the MDN's answers (``mean``,
-    ``sigma`` (n, L + 1), ``ok`` (n,), ``visit`` (n_star,) the visit used or -1,
-    ``seconds``)."""
+    starts them. Returns the starts and the MDN's answers (:class:`_StarMDN`)."""
     n_star, n_vis = rows.shape
     t0 = time.perf_counter()
     prior, ok, mean, sigma = mdn_prior(
@@ -176,16 +197,12 @@ def _mdn_starts(ctx, mdn, emulator, flux2, ivar, starts, rows, snr1, n_extra, se
     visit = np.argmax(score, axis=1)
     has = np.isfinite(score[np.arange(n_star), visit])
     pick = rr[np.arange(n_star), visit]
-    s_mdn = mdn_start_points(
-        {key: val[pick] for key, val in prior.items()}, int(n_extra), ctx.fix, seed
-    )
+    s_mdn = mdn_start_points(take_rows(prior, pick), int(n_extra), ctx.fix, seed)
     s_mdn = np.where(has[:, None, None], s_mdn, starts[0])
     out = np.concatenate(
         [s_mdn, np.broadcast_to(starts, (n_star, *starts.shape))], axis=1
     )
-    info = dict(
-        mean=mean, sigma=sigma, ok=ok, visit=np.where(has, visit, -1), seconds=seconds
-    )
+    info = _StarMDN(mean, sigma, ok, np.where(has, visit, -1), seconds)
     return out, info
 
 
@@ -199,9 +216,9 @@ def _add_group_mdn_columns(t, layout, rows, info):
     n_star = len(t)
     real = rows >= 0
     rr = np.where(real, rows, 0)
-    has = info["visit"] >= 0
-    pick = rr[np.arange(n_star), np.maximum(info["visit"], 0)]
-    mean, sigma, ok = info["mean"], info["sigma"], info["ok"]
+    has = info.visit >= 0
+    pick = rr[np.arange(n_star), np.maximum(info.visit, 0)]
+    mean, sigma, ok = info.mean, info.sigma, info.ok
     far = np.zeros(n_star, bool)
     for j, name in enumerate(layout.names[:n_lab]):
         mu = np.where(has, mean[pick, j], np.nan)
@@ -225,7 +242,7 @@ def _add_group_mdn_columns(t, layout, rows, info):
         np.asarray(t["flags"]) | np.where(far & ~failed, FLAG_MDN_DISAGREE, 0)
     ).astype(np.int32)
     t["flags"].description = FLAGS_DESCRIPTION
-    t["mdn_visit"] = info["visit"].astype(np.int64)
+    t["mdn_visit"] = info.visit.astype(np.int64)
     t[
         "mdn_visit"
     ].description = (
@@ -233,23 +250,22 @@ def _add_group_mdn_columns(t, layout, rows, info):
     )
 
 
-def _prepare_visits(ctx, flux2, ivar, batch_size):
+def _prepare_visits(ctx, flux2, ivar, batch_size) -> Prepared:
     """Steps 1-2 of :func:`fit_groups`, every spectrum alone (:func:`prepare_batch`
-    in padded batches): ``(rv0, rv_lo, rv_hi, c0, w_fit, w_data, snr)``, one row
-    per spectrum, as :func:`prepare_batch` returns them, and the median S/N."""
+    in padded batches): its :class:`Prepared`, one row per spectrum, with the
+    median S/N."""
     n = flux2.shape[0]
     size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
-    prep = {}
+    prep = None
     for start in range(0, n, size):
         sel = np.arange(start, min(start + size, n))
         idx = np.concatenate([sel, np.repeat(sel[:1], size - sel.size)])
         wb = ivar[idx].copy()
         wb[sel.size :] = 0.0
         out = prepare_batch(ctx, flux2[idx], wb)
-        out = (*out, median_snr(flux2[idx], out[4], out[5]))
-        for j, val in enumerate(out):
-            prep.setdefault(j, []).append(np.asarray(val)[: sel.size])
-    return tuple(np.concatenate(prep[j]) for j in range(7))
+        out = out._replace(snr=median_snr(flux2[idx], out.w_fit, out.w_data))
+        prep = scatter_rows(prep, sel, take_rows(out, slice(0, sel.size)), n)
+    return prep
 
 
 def _joint_layout(layout, n_vis, n_c):
@@ -277,23 +293,23 @@ def _joint_layout(layout, n_vis, n_c):
 def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     """Step 3 of :func:`fit_groups` for one padded batch of stars: ``r`` (size, V)
     their spectra's rows (-1 after a star's last visit), rows from ``m`` on
-    padding; ``prep`` the per-spectrum output of :func:`_prepare_visits`;
-    ``starts`` (size, S, L) each star's starting labels; ``n_par`` (size,) the
-    free parameters of each star. Returns the batch's results (dict of
-    (size, ...) arrays, ``model`` and ``meat`` None when not asked for)."""
+    padding; ``prep`` the per-spectrum :class:`._driver.Prepared` of
+    :func:`_prepare_visits`; ``starts`` (size, S, L) each star's starting labels;
+    ``n_par`` (size,) the free parameters of each star. Returns the batch's
+    ``(BatchFit, VisitFits)``, (size, ...) arrays (``model`` and ``meat`` None
+    when not asked for)."""
     obs = ctx.obs
     dt = obs.x_obs.dtype
     n_pix = flux2.shape[1]
     n_lab, n_c = joint.n_labels, obs.n_cont
-    w_fit, w_data = prep[4], prep[5]
     g_size, n_vis = r.shape
     k = len(joint.names)
     vidx = visit_index(n_lab, n_vis, n_c, obs.n_broad)
     ok = (r >= 0) & (np.arange(g_size) < m)[:, None]
     rr = np.where(ok, r, 0)
     fb = np.where(ok[..., None], flux2[rr], 0.0)
-    wb = np.where(ok[..., None], w_fit[rr], 0.0)
-    wd = np.where(ok[..., None], w_data[rr], 0.0)
+    wb = np.where(ok[..., None], prep.w_fit[rr], 0.0)
+    wd = np.where(ok[..., None], prep.w_data[rr], 0.0)
     n_good = np.count_nonzero(wb > 0, axis=(1, 2))
     alive = (np.arange(g_size) < m) & (n_good > n_par)
     p_start, lo, hi = _joint_starts(ctx, prep, starts, ok, rr, joint, vidx)
@@ -328,17 +344,24 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     meat = None
     if ctx.error_basis is not None:
         meat = _joint_meat(ctx, pv, wb, wd, ok, vidx, k)
-    return dict(
-        meat=meat,
+    visits = VisitFits(
+        chi2=np.where(ok, chi2_v, np.nan),
+        n_good=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
+        snr=np.where(ok, prep.snr[rr], np.nan),
+        rv_lo=np.where(ok, prep.rv_lo[rr], np.nan),
+        rv_hi=np.where(ok, prep.rv_hi[rr], np.nan),
+    )
+    fit = BatchFit(
         p=p_best,
         chi2=np.where(ok, chi2_v, 0.0).sum(axis=1),
-        chi2_visit=np.where(ok, chi2_v, np.nan),
         a=a,
         g=g,
-        it=it_best,
-        conv=conv_best,
+        snr=np.sqrt(np.nansum(visits.snr**2, axis=1)),
+        n_iter=it_best,
+        converged=conv_best,
         n_good=n_good,
-        n_good_visit=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
+        rv_lo=visits.rv_lo[:, 0],
+        rv_hi=visits.rv_hi[:, 0],
         model=np.where(  # NaN for padding visits
             ok[..., None],
             np.asarray(model_v, np.float64).reshape(g_size, n_vis, n_pix),
@@ -346,7 +369,9 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         )
         if ctx.return_model
         else None,
+        meat=meat,
     )
+    return fit, visits
 
 
 def _curve_fit_stars(ctx, p_start, alive, fb, wb, lo, hi, free, vidx):
@@ -369,9 +394,9 @@ def _curve_fit_stars(ctx, p_start, alive, fb, wb, lo, hi, free, vidx):
 def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
     """Starting vectors (size, S, k) and bounds (size, k) of a batch of joint fits:
     the labels at ``starts`` (size, S, L), each visit's rv and continuum at its RV
-    scan's (``prep``; zero, and bounds zero, for padding visits: ``ok`` False), the
-    broadening at ``ctx.b_scan`` (its start values, or the fixed ones)."""
-    rv0, rv_lo, rv_hi, c0 = prep[:4]
+    scan's (``prep``, a :class:`._driver.Prepared`; zero, and bounds zero, for
+    padding visits: ``ok`` False), the broadening at ``ctx.b_scan`` (its start
+    values, or the fixed ones)."""
     g_size, n_vis = ok.shape
     n_lab = joint.n_labels
     k = len(joint.names)
@@ -383,13 +408,14 @@ def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
     hi = np.broadcast_to(joint.upper, (g_size, k)).copy()
     for v in range(n_vis):
         j_rv = n_lab + v
-        rv_v = np.where(ok[:, v], rv0[rr[:, v]], 0.0)
+        rv_v = np.where(ok[:, v], prep.rv0[rr[:, v]], 0.0)
         p_start[:, :, j_rv] = rv_v[:, None]
-        lo[:, j_rv] = np.where(ok[:, v], rv_lo[rr[:, v]], 0.0)
-        hi[:, j_rv] = np.where(ok[:, v], rv_hi[rr[:, v]], 0.0)
+        lo[:, j_rv] = np.where(ok[:, v], prep.rv_lo[rr[:, v]], 0.0)
+        hi[:, j_rv] = np.where(ok[:, v], prep.rv_hi[rr[:, v]], 0.0)
         cs = vidx[v, n_lab + 1 : n_lab + 1 + ctx.obs.n_cont]
         if cs.size:
-            p_start[:, :, cs] = np.where(ok[:, v, None], c0[rr[:, v]], 0.0)[:, None]
+            c0_v = np.where(ok[:, v, None], prep.c0[rr[:, v]], 0.0)
+            p_start[:, :, cs] = c0_v[:, None]
             lo[:, cs] = np.where(ok[:, v, None], lo[:, cs], 0.0)
             hi[:, cs] = np.where(ok[:, v, None], hi[:, cs], 0.0)
     return np.clip(p_start, lo[:, None], hi[:, None]), lo, hi
@@ -422,9 +448,10 @@ def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
     return meat
 
 
-def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, ctx):
+def _group_table(t, joint, ids, rows, visits, n_par, ctx):
     """Collapse the per-visit columns of a joint fit's table into (n_star, V)
-    columns, NaN for padding; rv at a bound of any visit's window sets bit 1."""
+    columns, NaN for padding, and add those of ``visits`` (:class:`VisitFits`);
+    rv at a bound of any visit's window sets bit 1."""
     from astropy.table import Table
 
     n_lab = joint.n_labels
@@ -434,8 +461,9 @@ def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, c
     rv = np.column_stack([np.asarray(t[f"rv_{v + 1}"]) for v in range(n_vis)])
     tol = AT_BOUND_TOL[1]
     with np.errstate(invalid="ignore"):
-        at_bound = (np.abs(rv - rv_lo_v) < tol) & (rv_lo_v > ctx.rv_range[0])
-        at_bound |= (np.abs(rv - rv_hi_v) < tol) & (rv_hi_v < ctx.rv_range[1])
+        rv_lo, rv_hi = visits.rv_lo, visits.rv_hi
+        at_bound = (np.abs(rv - rv_lo) < tol) & (rv_lo > ctx.rv_range[0])
+        at_bound |= (np.abs(rv - rv_hi) < tol) & (rv_hi < ctx.rv_range[1])
         at_bound |= (np.abs(rv - ctx.rv_range[0]) < tol) | (
             np.abs(rv - ctx.rv_range[1]) < tol
         )
@@ -443,9 +471,9 @@ def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, c
     flags = np.asarray(t["flags"]) | np.where(at_bound, FLAG_AT_BOUND, 0)
     # poor fit: the misfit is per pixel of a visit, at the visits' own S/N (the
     # RMS of snr_visit over the used pixels), not at the combined S/N
-    n_pix_v = res["n_good_visit"]
+    n_pix_v = visits.n_good
     snr_pix = np.sqrt(
-        np.nansum(n_pix_v * snr_visit**2, axis=1) / np.maximum(n_pix_v.sum(axis=1), 1)
+        np.nansum(n_pix_v * visits.snr**2, axis=1) / np.maximum(n_pix_v.sum(axis=1), 1)
     )
     ndof = np.asarray(t["n_good_pixels"]) - n_par
     bad = poor_fit(t["chi2_red"], ndof, snr_pix) & ~failed
@@ -484,9 +512,9 @@ def _group_table(t, joint, ids, rows, res, snr_visit, rv_lo_v, rv_hi_v, n_par, c
     out["flags"] = flags.astype(np.int32)
     out["covariance"] = cov
     out["visit_rows"] = rows
-    out["chi2_visit"] = res["chi2_visit"]
-    out["n_good_pixels_visit"] = res["n_good_visit"]
-    out["snr_visit"] = snr_visit
+    out["chi2_visit"] = visits.chi2
+    out["n_good_pixels_visit"] = visits.n_good
+    out["snr_visit"] = visits.snr
     if "model_flux" in t.colnames:
         out["model_flux"] = t["model_flux"]
     for name in t.colnames:
