@@ -294,6 +294,7 @@ def test_curve_fit_agrees_with_lm(emu, noise_free, lm_fit):
         scaled_labels(emu, t), scaled_labels(emu, lm_fit[:6]), atol=1e-3
     )
     np.testing.assert_allclose(t["rv"], lm_fit["rv"][:6], atol=0.01)
+    assert t.colnames == lm_fit.colnames  # the same table (no model unless asked)
 
 
 def test_continuum_tilt_recovered(emu, truth):

@@ -373,6 +373,8 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
         chi2_f, a_f, g_f, model_f = final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+        if not ctx.return_model:  # as the lm path: model_flux only when asked for
+            model_f = None
     snr = median_snr(fb, wb, w_data)
     meat = None
     if ctx.error_basis is not None:
