@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
 from ._api import fit as fit
+from ._compile import compilation_cache_dir as compilation_cache_dir
+from ._compile import enable_default_cache as _enable_default_cache
+from ._compile import set_compilation_cache as set_compilation_cache
 from ._version import __version__ as __version__
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
@@ -39,6 +42,8 @@ from .posterior import log_posterior as log_posterior
 from .posterior import sample as sample
 from .posterior import save_samples as save_samples
 
+_enable_default_cache()  # JAX's persistent compilation cache (see payne_lite._compile)
+
 __all__ = [
     "CurveFitOptions",
     "EmceeOptions",
@@ -61,6 +66,7 @@ __all__ = [
     "air_to_vacuum",
     "broadening",
     "check_results_schema",
+    "compilation_cache_dir",
     "fit",
     "fit_catalog",
     "iter_catalog",
@@ -71,6 +77,7 @@ __all__ = [
     "read_results",
     "sample",
     "save_samples",
+    "set_compilation_cache",
     "train_emulator",
     "train_mdn",
     "vacuum_to_air",

@@ -4,6 +4,7 @@
 * ``make_emulator`` / ``tiny_emulator``: small random per-pixel emulators built in
   memory (no data files), seeded with ``np.random.default_rng``.
 * ``tol``: dtype-keyed tolerances (float32 vs float64).
+* JAX's persistent compilation cache is off (``PAYNE_LITE_COMPILATION_CACHE=off``).
 
 Precision is never switched globally here: float64 checks use ``jax.enable_x64(True)``
 as a context manager inside the test.
@@ -11,13 +12,19 @@ as a context manager inside the test.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from payne_lite import Emulator, PixelNet
+# The suite compiles for itself: no persistent cache shared between runs (so that
+# compile counts and timings mean the same every run); tests/test_compile.py turns
+# it on in subprocesses of its own.
+os.environ.setdefault("PAYNE_LITE_COMPILATION_CACHE", "off")
+
+from payne_lite import Emulator, PixelNet  # noqa: E402
 
 #: The shared reference data; the repository clone sits beside ``shared/`` (also in CI).
 PAYNE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "payne_apogee"

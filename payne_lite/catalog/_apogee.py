@@ -29,7 +29,7 @@ from ..errors import FileFormatError
 from ._hdf5 import CatalogChunk, HDF5Catalog, Reader
 
 #: Spectra per fit_catalog chunk (the unit of reading, fitting and, later, resuming).
-#: A multiple of fit()'s default ``batch_size`` (256) keeps every batch full. Peak
+#: A multiple of fit()'s default ``batch_size`` (128) keeps every batch full. Peak
 #: memory grows as about ``chunk_size x n_pix x 60`` bytes (float64 copies in fit).
 DEFAULT_CHUNK_SIZE = 512
 

@@ -245,7 +245,7 @@ def fit_catalog(
         method: ``"lm"`` or ``"curve_fit"`` (see :func:`payne_lite.fit`).
         client: optional ``distributed.Client``; None fits in this process.
         chunk_size: spectra per chunk (read, fitted, recorded); a multiple of
-            ``LMOptions.batch_size`` (256) keeps every batch full.
+            ``LMOptions.batch_size`` (128) keeps every batch full.
         mask: optional (P,) bool, True = ignore the pixel in every spectrum (for
             example known model problems); combined with the catalog's own mask.
         p0: optional starting labels [physical], (L,) for all or (n, L) per spectrum.

@@ -228,17 +228,25 @@ def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best)
     )
     again = alive & doubtful
     if again.any():
-        p2, chi2_2, it2, conv2, a2, g2 = lm_batch(
-            obs,
-            jnp.asarray(p_start[:, 1:], dt),
-            jnp.asarray(np.repeat(again[:, None], n_s - 1, axis=1)),
-            f_j,
-            w_j,
-            *bounds,
-            max_iter=ctx.max_iter,
-            mode=mode,
+        # one start per call: the (n, 1, k) shape of step 2's executable (a lane
+        # that does not run costs nothing), so no shape of its own to compile
+        outs = [
+            lm_batch(
+                obs,
+                jnp.asarray(p_start[:, j : j + 1], dt),
+                jnp.asarray(again[:, None]),
+                f_j,
+                w_j,
+                *bounds,
+                max_iter=ctx.max_iter,
+                mode=mode,
+            )
+            for j in range(1, n_s)
+        ]
+        p2, chi2_2, it2, conv2, a2, g2 = (
+            np.concatenate([np.asarray(o[i]) for o in outs], axis=1) for i in range(6)
         )
-        chi2_2 = np.where(np.isfinite(chi2_2), np.asarray(chi2_2), np.inf)
+        chi2_2 = np.where(np.isfinite(chi2_2), chi2_2, np.inf)
         j = np.argmin(chi2_2, axis=1)
         better = again & (chi2_2[rows, j] < chi2_best)
         p_best[better] = np.asarray(p2, np.float64)[rows, j][better]

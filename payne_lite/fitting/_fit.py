@@ -141,10 +141,9 @@ def fit_spectra(
         )
     if n_threads is None:
         n_threads = default_threads() if method == "lm" else 1
-    # Batches of a power of two (>= 8) spectra, so that similar sizes share one
-    # compilation; small catalogs are split so that every thread gets a batch.
-    per_thread = -(-n // int(n_threads))
-    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(per_thread)))))
+    # Every batch has batch_size rows (the last padded with zero weight): one
+    # compiled executable serves any number of spectra (padding lanes do not run).
+    size = int(batch_size)
     res, mdn_out = _run_all(
         ctx, emulator, flux2, ivar, starts, size, n_threads,
         mdn=mdn, mdn_starts=mdn_starts, seed=seed, progress=progress,
@@ -344,10 +343,7 @@ def _fit_with_mdn(
     refit |= ~np.all(np.isfinite(res.p), axis=1) | ~np.isfinite(res.chi2)
     rows = np.flatnonzero(refit)
     if rows.size:
-        # batches sized for the stars refitted (a few %), not for all
-        per = -(-rows.size // int(n_threads))
-        size2 = min(size, max(8, 1 << int(np.ceil(np.log2(per)))))
-        res2 = run_batches(ctx, flux2, ivar, starts, rows, size2, n_threads, None)
+        res2 = run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, None)
         first_it = res.n_iter[rows]
         better = (
             ~np.isfinite(res.chi2[rows]) | (res2.chi2 < res.chi2[rows]) | ~mdn_ok[rows]

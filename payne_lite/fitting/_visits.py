@@ -105,7 +105,8 @@ def fit_groups(
     Each spectrum is prepared alone (RV scan, RV window, emulator error:
     :func:`prepare_batch`); then the stars are fitted in padded batches of
     (stars, V visits) with the parameter vector of :func:`visit_index` (one
-    compilation per (V, batch shape)): LM (:func:`lm_with_starts`) or, with
+    compilation per V: the batch of stars is fixed by ``batch_size`` and V): LM
+    (:func:`lm_with_starts`) or, with
     ``ctx.method == "curve_fit"``, scipy's trf star by star
     (:func:`curve_fit_joint`). Stars with fewer visits than V carry visits with no
     weight (their rv and continuum stay at their start and are reported as NaN).
@@ -140,10 +141,8 @@ def fit_groups(
     n_par = n_shared + n_visits * (1 + n_c)
 
     # 3. Stars in padded batches; a padding visit is row 0 with no weight.
-    g_size = min(
-        max(8, 1 << int(np.ceil(np.log2(max(1, batch_size // n_vis))))),
-        max(8, 1 << int(np.ceil(np.log2(n_star)))),
-    )
+    # (batch_size // V rounded down to a power of two, >= 8): one executable per V
+    g_size = max(8, 1 << int(np.floor(np.log2(max(1, batch_size // n_vis)))))
     fit = visits = None
     for start in range(0, n_star, g_size):
         sel = np.arange(start, min(start + g_size, n_star))
@@ -255,7 +254,7 @@ def _prepare_visits(ctx, flux2, ivar, batch_size) -> Prepared:
     in padded batches): its :class:`Prepared`, one row per spectrum, with the
     median S/N."""
     n = flux2.shape[0]
-    size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
+    size = int(batch_size)  # fixed: the executables of the point fits' steps 1-2
     prep = None
     for start in range(0, n, size):
         sel = np.arange(start, min(start + size, n))
