@@ -12,11 +12,18 @@ from .errors import WavelengthGridWarning
 
 
 def as_float_array(
-    x, name: str, *, ndim: int | tuple[int, ...] | None = None, dtype=np.float64
+    x,
+    name: str,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtype=np.float64,
+    copy: bool = True,
 ) -> np.ndarray:
-    """Return ``x`` as a new floating array, checking its number of dimensions."""
+    """Return ``x`` as a floating array, checking its number of dimensions: a new
+    array, or with ``copy=False`` ``x`` itself when it already is one of ``dtype``
+    (the caller must not write to it)."""
     try:
-        arr = np.array(x, dtype=dtype, copy=True)
+        arr = np.array(x, dtype=dtype, copy=True) if copy else np.asarray(x, dtype)
     except (TypeError, ValueError) as err:
         raise ValueError(
             f"{name} must be a numeric array, got {type(x).__name__}"
