@@ -10,6 +10,7 @@ from ._api import fit as fit
 from ._compile import compilation_cache_dir as compilation_cache_dir
 from ._compile import enable_default_cache as _enable_default_cache
 from ._compile import set_compilation_cache as set_compilation_cache
+from ._memory import limit_malloc_arenas as _limit_malloc_arenas
 from ._version import __version__ as __version__
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
@@ -43,6 +44,7 @@ from .posterior import sample as sample
 from .posterior import save_samples as save_samples
 
 _enable_default_cache()  # JAX's persistent compilation cache (see payne_lite._compile)
+_limit_malloc_arenas()  # resident memory flat over many fits (see payne_lite._memory)
 
 __all__ = [
     "CurveFitOptions",
