@@ -19,13 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _mock(emu, n, seed, snr=50.0):
     """Rest-frame mock spectra of ``emu`` (n, P): labels in the middle of the box,
-    Gaussian noise, one chunk of 150 NaN pixels each (as real spectra have)."""
+    Gaussian noise, one chunk of NaN pixels each (150, at most P/8; as real spectra
+    have)."""
     rng = np.random.default_rng(seed)
     lo, hi = emu.label_lo, emu.label_hi
     labels = lo + (hi - lo) * rng.uniform(0.2, 0.8, (n, emu.n_labels))
     flux = emu.predict(labels) + rng.normal(0.0, 1.0 / snr, (n, emu.n_pix))
-    for i, a in enumerate(rng.integers(0, emu.n_pix - 150, n)):
-        flux[i, a : a + 150] = np.nan
+    chunk = min(150, emu.n_pix // 8)
+    for i, a in enumerate(rng.integers(0, emu.n_pix - chunk, n)):
+        flux[i, a : a + chunk] = np.nan
     return flux, np.full_like(flux, 1.0 / snr)
 
 
@@ -160,3 +162,29 @@ def test_lm_loop_runs_without_host_transfers(payne_apogee):
         p, chi2, it, conv, a, g = lm_batch(obs, *args, max_iter=20)
         assert all(isinstance(x, jax.Array) for x in (p, chi2, it, conv, a, g))
     assert np.all(np.asarray(it) > 0) and np.all(np.isfinite(np.asarray(chi2)))
+
+
+def test_log_posterior_of_any_number_of_points_compiles_once():
+    """The samplers' public log posterior: after a first call, calls with 5, 64 and
+    200 points reuse its executable, and a point's value does not depend on the
+    call it is in."""
+    from conftest import build_log_emulator
+
+    emu = build_log_emulator()
+    flux, err = _mock(emu, 1, seed=4)
+    flux = np.nan_to_num(flux[0], nan=1.0)
+    rng = np.random.default_rng(1)
+    lo, hi = emu.label_lo, emu.label_hi
+    pts = np.column_stack(
+        [lo + (hi - lo) * rng.uniform(0.3, 0.7, (200, 3)), rng.uniform(-5, 5, 200)]
+    )
+    kw = dict(rv_centre=0.0)
+    one = pl.log_posterior(flux, err[0], emu, pts[0], **kw)
+    with CompileCounter() as cc:
+        out = {
+            n: pl.log_posterior(flux, err[0], emu, pts[:n], **kw) for n in (5, 64, 200)
+        }
+    assert cc.traces == 0 and cc.compiles == 0, dict(cc.events)
+    assert np.all(np.isfinite(out[200]))
+    assert out[5][0] == one
+    np.testing.assert_array_equal(out[64], out[200][:64])

@@ -194,6 +194,8 @@ from ._rows import LMSolution, StarDraws, failed_star
 from ._table import results_table, to_physical
 
 METHODS = ("emcee", "mdn-is", "nuts")
+#: :func:`log_posterior` evaluates its points in calls of this many.
+LOG_POSTERIOR_ROWS = 64
 
 
 def log_posterior(
@@ -259,10 +261,16 @@ def log_posterior(
     centre = np.zeros(len(pb.layout.names))
     centre[n_lab] = float(rv_centre)
     dt = pb.obs.x_obs.dtype
-    tg = pb.target(0, centre)
-    lp = np.asarray(
-        log_prob_batch(pb.obs, jnp.asarray(xs, dt), to_device(tg, dt)), np.float64
-    )
+    tg = to_device(pb.target(0, centre), dt)
+    # calls of LOG_POSTERIOR_ROWS points (the last padded with copies of its first):
+    # one compilation for any number of points
+    m = xs.shape[0]
+    lp = np.empty(m)
+    for a in range(0, m, LOG_POSTERIOR_ROWS):
+        part = xs[a : a + LOG_POSTERIOR_ROWS]
+        pad = np.repeat(part[:1], LOG_POSTERIOR_ROWS - part.shape[0], axis=0)
+        out = log_prob_batch(pb.obs, jnp.asarray(np.vstack([part, pad]), dt), tg)
+        lp[a : a + part.shape[0]] = np.asarray(out, np.float64)[: part.shape[0]]
     return lp if x.ndim == 2 else float(lp[0])
 
 
