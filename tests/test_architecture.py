@@ -30,6 +30,8 @@ STAGES = {
     "_jaxcheck": 0,
     "_version": 0,
     "_datafiles": 0,
+    "_compile": 0,
+    "_memory": 0,
     # layer 1: data in; 2: emulate; 3: the observation model
     "grid": 1,
     "emulator": 2,
