@@ -20,6 +20,7 @@ import pytest
 
 import payne_lite
 from payne_lite import DenseNet, Emulator, PixelNet, SpectralGrid
+from payne_lite._compile import CompileCounter
 from payne_lite.emulator import _emulator as emulator_mod
 
 #: Label order of ``nn_normalized_spectra_5label.npz`` (see the data README).
@@ -408,6 +409,37 @@ def test_varied_batch_sizes_agree_per_row(tiny_emulator):
     )
 
 
+def test_predict_into_out(tiny_emulator):
+    """``out=``: the flux is written into the caller's array, which is returned."""
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(10), emu.label_lo, emu.label_hi, 70)
+    with jax.enable_x64(False):
+        fresh = emu.predict(x)
+        buf = np.full((70, 50), np.nan, np.float32)
+        assert emu.predict(x, out=buf) is buf
+        np.testing.assert_array_equal(buf, fresh)
+        # a strided view works too; a single label vector takes a (P,) array
+        big = np.zeros((70, 100), np.float32)
+        emu.predict(x, out=big[:, ::2])
+        np.testing.assert_array_equal(big[:, ::2], fresh)
+        assert not big[:, 1::2].any()
+        one = np.empty(50, np.float32)
+        assert emu.predict(x[3], out=one) is one
+        np.testing.assert_array_equal(one, fresh[3])
+        for bad in (
+            np.empty((70, 49), np.float32),
+            np.empty((70, 50), np.float64),
+            np.empty((50,), np.float32),
+            [[0.0] * 50] * 70,
+        ):
+            with pytest.raises(ValueError, match="out must be a NumPy array"):
+                emu.predict(x, out=bad)
+        frozen = np.empty((70, 50), np.float32)
+        frozen.setflags(write=False)
+        with pytest.raises(ValueError, match="read-only"):
+            emu.predict(x, out=frozen)
+
+
 def test_batch_size_must_be_positive(tiny_emulator):
     with pytest.raises(ValueError, match="batch_size must be > 0"):
         tiny_emulator.predict(np.full(3, 0.0) + tiny_emulator.label_lo, batch_size=0)
@@ -504,7 +536,8 @@ def test_predict_does_not_mutate_inputs(tiny_emulator):
 
 # --- compile once ---------------------------------------------------------------------
 def test_predict_does_not_retrace(make_emulator, monkeypatch):
-    """Trace-time side effect: the hot path body runs once per compilation."""
+    """Trace-time side effect: the hot path body runs only while compiling (once per
+    branch of :func:`predict_chunk`), never again for another n."""
     traces = []
     original = emulator_mod._pixel_batch_1layer
 
@@ -514,23 +547,107 @@ def test_predict_does_not_retrace(make_emulator, monkeypatch):
 
     monkeypatch.setattr(emulator_mod, "_pixel_batch_1layer", counted)
     emu = make_emulator(n_pix=37, seed=37)  # a pixel count no other test compiles
-    x = _inside(np.random.default_rng(0), emu.label_lo, emu.label_hi, 16)
-    cache_size = getattr(emulator_mod.predict_batch, "_cache_size", None)
+    x = _inside(np.random.default_rng(0), emu.label_lo, emu.label_hi, 300)
+    cache_size = getattr(emulator_mod.predict_chunk, "_cache_size", None)
     with jax.enable_x64(False):
         emu.predict(x[:5])
-        assert len(traces) == 1, traces  # the counter sees the first compilation
+        n_first = len(traces)
+        assert n_first >= 1, traces  # the counter sees the first compilation
         n_cached = cache_size() if cache_size else None
         for _ in range(3):
             emu.predict(x[:5])
-        for n in (1, 2, 6, 7, 8, 5):  # padded to the same batch of 8 (the minimum)
+        for n in (1, 2, 6, 7, 8, 5, 12, 16, 65, 300):  # chunks of one size, any n
             emu.predict(x[:n])
-        assert len(traces) == 1, f"predict retraced: {traces}"
+        assert len(traces) == n_first, f"predict retraced: {traces[n_first:]}"
         if cache_size:
             assert cache_size() == n_cached
-        # a new padded size is a new (single) compilation, then cached too
-        emu.predict(x[:12])
-        emu.predict(x[:11])
-    assert len(traces) == 2, traces
+        # another batch_size is a new compilation, then cached too
+        emu.predict(x[:12], batch_size=4)
+        n_second = len(traces)
+        assert n_second > n_first
+        emu.predict(x[:3], batch_size=4)
+    assert len(traces) == n_second, traces
+
+
+def _compile_events(counter) -> dict:
+    return {k: v for k, v in counter.events.items() if v}
+
+
+def test_predict_compiles_nothing_after_the_first_call(make_emulator):
+    """One executable serves every n: chunks of a fixed size, only the last padded.
+
+    Counted with ``jax.monitoring`` (payne_lite's CompileCounter): tracing to a jaxpr
+    (also when the persistent cache then supplies the executable) and XLA's backend
+    compile, in the real predict path (no monkeypatching).
+    """
+    emu = make_emulator(n_pix=41, seed=41)  # a pixel count no other test compiles
+    x = _inside(np.random.default_rng(41), emu.label_lo, emu.label_hi, 1000)
+    with jax.enable_x64(False):
+        with CompileCounter() as first:
+            full = emu.predict(x)
+        assert first.traces >= 1, _compile_events(first)  # the counter sees compiles
+        with CompileCounter() as later:
+            rows = {n: emu.predict(x[:n]) for n in (1, 7, 300, 1000)}
+            single = emu.predict(x[3])
+    assert later.traces == 0 and later.compiles == 0, _compile_events(later)
+    # the same executable for every n: a row's flux does not depend on its batch
+    for n, flux in rows.items():
+        np.testing.assert_array_equal(flux, full[:n], err_msg=f"predict of {n}")
+    np.testing.assert_array_equal(single, full[3])
+
+
+def test_dense_predict_compiles_nothing_after_the_first_call(tmp_path):
+    path = tmp_path / "mlp.npz"
+    d = _write_dense_npz(path, n_pix=43, h1=7, h2=5, seed=43)
+    emu = Emulator.from_payne_npz(path, wavelength=np.linspace(15000.0, 15010.0, 43))
+    x = _inside(np.random.default_rng(43), d["x_min"], d["x_max"], 300)
+    with jax.enable_x64(False):
+        full = emu.predict(x)
+        with CompileCounter() as later:
+            rows = {n: emu.predict(x[:n]) for n in (1, 7, 300)}
+    assert later.traces == 0 and later.compiles == 0, _compile_events(later)
+    for n, flux in rows.items():
+        np.testing.assert_array_equal(flux, full[:n], err_msg=f"predict of {n}")
+
+
+def test_predict_chunks_are_fixed_size(make_emulator, monkeypatch):
+    """Every jitted call gets ``batch_size`` rows and the count of real ones; the rows
+    of a partial last chunk are real predictions, and the padding never reaches the
+    output."""
+    calls = []
+    original = emulator_mod.predict_chunk
+
+    def recorded(net, s, n_valid, *args, **kwargs):
+        calls.append((s.shape, n_valid))
+        return original(net, s, n_valid, *args, **kwargs)
+
+    monkeypatch.setattr(emulator_mod, "predict_chunk", recorded)
+    emu = make_emulator(n_pix=40, seed=40)
+    x = _inside(np.random.default_rng(40), emu.label_lo, emu.label_hi, 150)
+    with jax.enable_x64(False):
+        flux = emu.predict(x, batch_size=64)
+        one = emu.predict(x[5], batch_size=64)
+    assert calls == [((64, 3), 64), ((64, 3), 64), ((64, 3), 22), ((64, 3), 1)]
+    assert flux.shape == (150, 40) and one.shape == (40,)
+    ref = ref_emulator(emu, x)
+    _assert_close(flux, ref, 1e-5, scale=np.abs(ref).max())
+    np.testing.assert_array_equal(one, flux[5])
+
+
+def test_predict_chunk_branches_agree(make_emulator):
+    """predict_chunk evaluates only the first n_valid rows (rounded up to a branch);
+    every branch gives the full chunk's rows exactly."""
+    emu = make_emulator(n_pix=70, seed=70)
+    k, act = emu.kernel_params(np.float32)
+    x = _inside(np.random.default_rng(70), emu.label_lo, emu.label_hi, 128)
+    s = jax.numpy.asarray(emu.scale(x), dtype=np.float32)
+    with jax.enable_x64(False):
+        full = np.asarray(emulator_mod.predict_chunk(k, s, 128, act))
+        for n in (1, 8, 9, 64, 65, 127):
+            part = np.asarray(emulator_mod.predict_chunk(k, s, n, act))
+            np.testing.assert_array_equal(part[:n], full[:n], err_msg=f"n_valid={n}")
+    ref = ref_emulator(emu, x)
+    _assert_close(full, ref, 1e-5, scale=np.abs(ref).max())
 
 
 def test_dense_predict_does_not_retrace(tmp_path, monkeypatch):
@@ -547,9 +664,12 @@ def test_dense_predict_does_not_retrace(tmp_path, monkeypatch):
     emu = Emulator.from_payne_npz(path, wavelength=np.linspace(15000.0, 15010.0, 33))
     x = _inside(np.random.default_rng(1), d["x_min"], d["x_max"], 4)
     with jax.enable_x64(False):
-        for _ in range(4):
-            emu.predict(x)
-    assert len(traces) == 1
+        emu.predict(x)
+        n_first = len(traces)
+        assert n_first >= 1
+        for n in (4, 4, 1, 3):
+            emu.predict(x[:n])
+    assert len(traces) == n_first
 
 
 # --- model files ----------------------------------------------------------------------

@@ -365,10 +365,64 @@ def predict_batch(net, s: Array, activation: str) -> Array:
     with :func:`kernel_layout` and call :func:`predict_kernel` (what
     :meth:`Emulator.predict` does): here the rearrangement is redone on every call.
     """
+    return _batch_flux(net, s, activation)
+
+
+def _batch_flux(net, s: Array, activation: str, *, fast_tanh: bool = False) -> Array:
+    """The body of :func:`predict_batch` and :func:`predict_chunk` (not jitted)."""
+    if isinstance(net, KernelNet):
+        return _pixel_batch_1layer(net, s, activation, fast_tanh=fast_tanh)
     if isinstance(net, PixelNet) and len(net.weights) == 2:
         k, kernel_act = kernel_layout(net, activation)
         return _pixel_batch_1layer(k, s, kernel_act)
     return jax.vmap(forward, in_axes=(None, 0, None))(net, s, activation)
+
+
+#: Row counts below the chunk that :func:`predict_chunk` evaluates on their own.
+PREDICT_SMALL_ROWS = (8, 64)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("activation", "fast_tanh", "small"),
+    compiler_options=KERNEL_COMPILER_OPTIONS,
+)
+def predict_chunk(
+    net,
+    s: Array,
+    n_valid,
+    activation: str,
+    *,
+    fast_tanh: bool = False,
+    small: tuple[int, ...] = PREDICT_SMALL_ROWS,
+) -> Array:
+    """Flux (C, P) for the first ``n_valid`` rows of a fixed-size chunk ``s`` (C, L).
+
+    The executable of :meth:`Emulator.predict`: one compilation per chunk size serves
+    every number of spectra. ``n_valid`` is traced, so it costs no recompilation; a
+    switch evaluates only the first ``r`` rows for the smallest ``r`` in ``small``
+    with ``n_valid <= r`` (rows ``r..C`` of the result are then zero), all ``C``
+    otherwise. Every branch is the same elementwise arithmetic, so a row's flux does
+    not depend on the branch (or chunk) it is computed in.
+
+    ``net``: a :class:`KernelNet` (the batched kernel, ``activation`` as returned by
+    :func:`kernel_layout`; ``fast_tanh`` as in :func:`predict_kernel`) or any
+    :class:`PixelNet` / :class:`DenseNet` (as :func:`predict_batch`).
+    """
+    n_chunk = s.shape[0]
+    sizes = tuple(r for r in sorted(set(small)) if 0 < r < n_chunk)
+
+    def rows(r):
+        def f(s):
+            out = _batch_flux(net, s[:r], activation, fast_tanh=fast_tanh)
+            return out if r == n_chunk else jnp.pad(out, ((0, n_chunk - r), (0, 0)))
+
+        return f
+
+    if not sizes:
+        return rows(n_chunk)(s)
+    index = sum((n_valid > r).astype(jnp.int32) for r in sizes)
+    return jax.lax.switch(index, [rows(r) for r in (*sizes, n_chunk)], s)
 
 
 # --------------------------------------------------------------------------------------
@@ -421,6 +475,16 @@ def _check_net(net, kind: str, n_pix: int, n_lab: int) -> None:
             )
     else:
         raise ValueError(f"unknown network kind {kind!r}; expected 'pixel' or 'dense'")
+
+
+#: Spectra per jitted call of :meth:`Emulator.predict` (its default ``batch_size``).
+PREDICT_CHUNK = 256
+
+
+def _copy_rows(out: np.ndarray, start: int, res) -> None:
+    """Copy the rows of one chunk's result ``res`` that ``out[start:]`` holds."""
+    m = min(out.shape[0] - start, res.shape[0])
+    out[start : start + m] = np.asarray(res)[:m]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -672,8 +736,9 @@ class Emulator:
         *,
         allow_outside: bool = False,
         dtype=None,
-        batch_size: int = 512,
+        batch_size: int | None = None,
         fast_tanh: bool = False,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Normalised flux for physical labels.
 
@@ -683,23 +748,31 @@ class Emulator:
                 of raising.
             dtype: computation dtype (default: JAX's default float, float32 unless
                 x64 is enabled).
-            batch_size: spectra per jitted call; the last call is padded so that one
-                compilation serves every call of the same size. A few hundred is
-                fastest on CPU: each call's (batch, P) output (15 MB for 512 x 7214
-                float32) stays in the cache and is reused by the allocator, where one
-                call of 10,000 spectra spends more time writing a fresh 288 MB buffer
-                than computing (measured in benchmarks/bench_emulator.py).
+            batch_size: spectra per jitted call (default :data:`PREDICT_CHUNK`).
+                Every call gets exactly this many rows (the last chunk is padded)
+                and the count of real ones, so one compilation serves every ``n``
+                and a row's result does not depend on the call it is in. A chunk
+                with at most 8 or 64 real rows evaluates only those (see
+                :func:`predict_chunk`), so a few spectra do not pay for a chunk.
             fast_tanh: float32 one-hidden-layer tanh or sigmoid networks only:
                 evaluate tanh with :func:`tanh_rational` (max error 4.5e-7 per
                 activation, 1e-6 in flux for the real Payne network; about 20 %
                 faster on CPU). Off by default, so that spectra agree to rounding
                 with the fitter's model, which uses ``jnp.tanh``.
+            out: optional NumPy array to write the flux into (and return), of the
+                shape and dtype that would be returned. Reusing one array across
+                calls saves the operating system's zeroing of a fresh result's
+                pages on first write: for 10,000 x 7214 float32 (288 MB) 30-40 ms
+                on the 2-core machine of benchmarks/bench_emulator.py, against
+                about 100 ms for the evaluation.
 
         Returns:
-            (n, P) flux, or (P,) for a single label vector, as NumPy.
+            (n, P) flux, or (P,) for a single label vector, as NumPy (``out`` if
+            given).
         """
         x = self.check_labels(labels, allow_outside=allow_outside)
-        if batch_size <= 0:
+        size = PREDICT_CHUNK if batch_size is None else batch_size
+        if size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         net = self.params(dtype)
         dt = net.biases[-1].dtype
@@ -707,24 +780,37 @@ class Emulator:
         # scaled in float64, rounded to the computation dtype once, on the host
         s = self.scale(x).astype(dt)
         n = s.shape[0]
-        # Pad to a power of two (at least 8) up to batch_size, so that varied n reuse
-        # a few compilations and a row's result does not depend on the batch it is in.
-        size = min(batch_size, max(8, 1 << int(np.ceil(np.log2(max(n, 1))))))
-        out = np.empty((n, self.n_pix), dtype=dt)
-        # One chunk at a time: queueing the next chunk while this one is copied out
-        # was slower here (the copy then competes with XLA's threads for 2 cores).
+        shape = (self.n_pix,) if np.ndim(labels) == 1 else (n, self.n_pix)
+        if out is None:
+            result = np.empty(shape, dtype=dt)
+        elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
+            raise ValueError(
+                f"out must be a NumPy array of shape {shape} and dtype {dt}, got "
+                f"{type(out).__name__} {getattr(out, 'shape', '')} "
+                f"{getattr(out, 'dtype', '')}"
+            )
+        elif not out.flags.writeable:
+            raise ValueError("out is read-only")
+        else:
+            result = out
+        rows = result[None] if result.ndim == 1 else result  # views: (n, P)
+        # Fixed-size chunks, dispatched one ahead: chunk i+1 is queued (JAX dispatch
+        # is asynchronous) before chunk i is copied into the result.
+        params, act = kernel if kernel is not None else (net, self.activation)
+        fast_tanh = bool(fast_tanh) and kernel is not None  # no effect otherwise
+        pending = None
         for start in range(0, n, size):
             chunk = s[start : start + size]
             m = chunk.shape[0]
             if m < size:
                 chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]), dt)])
-            chunk = jnp.asarray(chunk)
-            if kernel is not None:
-                res = predict_kernel(kernel[0], chunk, kernel[1], fast_tanh=fast_tanh)
-            else:
-                res = predict_batch(net, chunk, self.activation)
-            out[start : start + m] = np.asarray(res)[:m]
-        return out[0] if np.ndim(labels) == 1 else out
+            res = predict_chunk(params, jnp.asarray(chunk), m, act, fast_tanh=fast_tanh)
+            if pending is not None:
+                _copy_rows(rows, *pending)
+            pending = (start, res)
+        if pending is not None:
+            _copy_rows(rows, *pending)
+        return result
 
     # -- files ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
