@@ -383,7 +383,8 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         chi2_f, a_f, g_f, model_f = final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
         if not ctx.return_model:  # as the lm path: model_flux only when asked for
             model_f = None
-    snr = median_snr(fb, wb, w_data)
+    snr = np.zeros(size)
+    snr[:m] = median_snr(fb[:m], wb[:m], w_data[:m])  # the padding rows are not sorted
     meat = None
     if ctx.error_basis is not None:
         m1, m2 = sandwich_meat(ctx, p_best, wb, w_data)
@@ -405,7 +406,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
 
 
 def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None):
-    """Fit the spectra ``rows`` in padded batches of ``size``, ``n_threads`` at a time.
+    """Fit the spectra ``rows`` in batches padded to ``size``, ``n_threads`` at a time.
 
     Returns the :class:`BatchFit` of the rows, in the order of ``rows`` (all fields
     None when there are none); ``starts`` and ``prior`` (a
@@ -414,8 +415,9 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
     n = rows.size
     full = None
 
-    def run(start):
-        sel = rows[start : min(start + size, n)]
+    def run(bounds):
+        start, stop = bounds
+        sel = rows[start:stop]
         m = sel.size
         pad = size - m
         idx = np.concatenate([sel, np.repeat(sel[:1], pad)])
@@ -425,7 +427,10 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
         pb = None if prior is None else take_rows(prior, idx)
         return start, m, _fit_batch(ctx, fb, wb, starts[idx], m, prior=pb)
 
-    starts_at = range(0, n, size)
+    # full batches, the last one padded: a batch has a fixed cost (RV scan of every
+    # row, host work on (size, P) arrays) that splitting few rows over threads pays
+    # twice (40 spectra: 0.155 s in two batches on two threads, 0.119 s in one)
+    starts_at = [(a, min(a + size, n)) for a in range(0, n, size)]
     pool = None
     if n_threads > 1 and len(starts_at) > 1:
         from concurrent.futures import ThreadPoolExecutor

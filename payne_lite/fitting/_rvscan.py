@@ -116,14 +116,20 @@ def _parabola_vertex(red, i, rv_grid):
 
 @functools.partial(jax.jit, compiler_options=KERNEL_COMPILER_OPTIONS)
 def chi2_batch(obs, p, flux, w):
-    """chi2 (n, S) of the model at ``p`` (n, S, k) against each star's ``flux``."""
+    """chi2 (n, S) of the model at ``p`` (n, S, k) against each star's ``flux``
+    (0 for rows without any weight, such as batch padding, not computed)."""
     n, n_s, k = p.shape
     star = jnp.repeat(jnp.arange(n), n_s)
+    live = jnp.any(w > 0, axis=1)  # padding rows: no model (on CPU, lane by lane)
 
     def one(args):
         q, i = args
-        f, _ = observe(obs, q)
-        return w[i] @ (f - flux[i]) ** 2
+
+        def chi2(_):
+            f, _ = observe(obs, q)
+            return w[i] @ (f - flux[i]) ** 2
+
+        return jax.lax.cond(live[i], chi2, lambda _: jnp.zeros((), w.dtype), None)
 
     return over(one, (p.reshape(n * n_s, k), star)).reshape(n, n_s)
 
