@@ -22,6 +22,7 @@ import payne_lite
 from payne_lite import DenseNet, Emulator, PixelNet, SpectralGrid
 from payne_lite._compile import CompileCounter
 from payne_lite.emulator import _emulator as emulator_mod
+from payne_lite.emulator import _nets as nets_mod
 
 #: Label order of ``nn_normalized_spectra_5label.npz`` (see the data README).
 PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
@@ -251,7 +252,7 @@ def test_from_payne_npz_refuses_non_network(tmp_path):
 
 
 # --- tiny random emulators against the reference --------------------------------------
-@pytest.mark.parametrize("activation", sorted(emulator_mod.ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(nets_mod.ACTIVATIONS))
 def test_tiny_one_layer_matches_reference(make_emulator, activation, tol):
     emu = make_emulator(activation=activation, seed=11)
     x = _inside(np.random.default_rng(1), emu.label_lo, emu.label_hi, 16)
@@ -288,7 +289,7 @@ def test_tanh_rational_max_error():
     x = bits.view(np.float32)
     x = np.concatenate([x, -x, np.float32([8.3, 8.31, 20.0, 1e30, -1e30, 3e38])])
     with jax.enable_x64(False):
-        got = np.asarray(jax.jit(emulator_mod.tanh_rational)(x))
+        got = np.asarray(jax.jit(nets_mod.tanh_rational)(x))
     assert got.dtype == F32
     err = np.abs(got.astype(np.float64) - np.tanh(x.astype(np.float64)))
     assert err.max() <= 4.5e-7, (err.max(), x[err.argmax()])
@@ -296,12 +297,12 @@ def test_tanh_rational_max_error():
 
 
 def test_kernel_activation_is_exact_unless_fast_float32_tanh():
-    act = emulator_mod._kernel_activation
-    assert act("tanh", np.float32, True) is emulator_mod.tanh_rational
-    assert act("tanh", np.float32) is emulator_mod.ACTIVATIONS["tanh"]
-    assert act("tanh", np.float64, True) is emulator_mod.ACTIVATIONS["tanh"]
+    act = nets_mod._kernel_activation
+    assert act("tanh", np.float32, True) is nets_mod.tanh_rational
+    assert act("tanh", np.float32) is nets_mod.ACTIVATIONS["tanh"]
+    assert act("tanh", np.float64, True) is nets_mod.ACTIVATIONS["tanh"]
     for name in ("leaky_relu", "softplus", "silu"):
-        assert act(name, np.float32, True) is emulator_mod.ACTIVATIONS[name]
+        assert act(name, np.float32, True) is nets_mod.ACTIVATIONS[name]
 
 
 def test_payne5_fast_tanh_matches_reference(payne5, tol):
@@ -327,7 +328,7 @@ def test_default_predict_agrees_with_kernel_forward(make_emulator, activation):
     with jax.enable_x64(False):
         k, act = emu.kernel_params(F32)
         s = jax.numpy.asarray(emu.scale(x), dtype=F32)
-        one = np.stack([emulator_mod.kernel_forward(k, row, act) for row in s])
+        one = np.stack([nets_mod.kernel_forward(k, row, act) for row in s])
         flux = emu.predict(x)
     np.testing.assert_allclose(flux, one, rtol=0, atol=_ulp_scale(F32, one))
 
@@ -339,7 +340,7 @@ def test_kernel_pixel_counts_around_the_block(
     make_emulator, n_pix, dtype, fast_tanh, tol
 ):
     """Pixel counts below, at and above the kernel's block size, padded and not."""
-    assert emulator_mod.PIXEL_BLOCK == 64
+    assert nets_mod.PIXEL_BLOCK == 64
     emu = make_emulator(n_pix=n_pix, n_hid=4, seed=n_pix)
     x = _inside(np.random.default_rng(n_pix), emu.label_lo, emu.label_hi, 11)
     ref = ref_emulator(emu, x)
@@ -539,16 +540,16 @@ def test_predict_does_not_retrace(make_emulator, monkeypatch):
     """Trace-time side effect: the hot path body runs only while compiling (once per
     branch of :func:`predict_chunk`), never again for another n."""
     traces = []
-    original = emulator_mod._pixel_batch_1layer
+    original = nets_mod._pixel_batch_1layer
 
     def counted(*args, **kwargs):
         traces.append(args[1].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(emulator_mod, "_pixel_batch_1layer", counted)
+    monkeypatch.setattr(nets_mod, "_pixel_batch_1layer", counted)
     emu = make_emulator(n_pix=37, seed=37)  # a pixel count no other test compiles
     x = _inside(np.random.default_rng(0), emu.label_lo, emu.label_hi, 300)
-    cache_size = getattr(emulator_mod.predict_chunk, "_cache_size", None)
+    cache_size = getattr(nets_mod.predict_chunk, "_cache_size", None)
     with jax.enable_x64(False):
         emu.predict(x[:5])
         n_first = len(traces)
@@ -642,9 +643,9 @@ def test_predict_chunk_branches_agree(make_emulator):
     x = _inside(np.random.default_rng(70), emu.label_lo, emu.label_hi, 128)
     s = jax.numpy.asarray(emu.scale(x), dtype=np.float32)
     with jax.enable_x64(False):
-        full = np.asarray(emulator_mod.predict_chunk(k, s, 128, act))
+        full = np.asarray(nets_mod.predict_chunk(k, s, 128, act))
         for n in (1, 8, 9, 64, 65, 127):
-            part = np.asarray(emulator_mod.predict_chunk(k, s, n, act))
+            part = np.asarray(nets_mod.predict_chunk(k, s, n, act))
             np.testing.assert_array_equal(part[:n], full[:n], err_msg=f"n_valid={n}")
     ref = ref_emulator(emu, x)
     _assert_close(full, ref, 1e-5, scale=np.abs(ref).max())
@@ -652,13 +653,13 @@ def test_predict_chunk_branches_agree(make_emulator):
 
 def test_dense_predict_does_not_retrace(tmp_path, monkeypatch):
     traces = []
-    original = emulator_mod.dense_forward
+    original = nets_mod.dense_forward
 
     def counted(*args, **kwargs):
         traces.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(emulator_mod, "dense_forward", counted)
+    monkeypatch.setattr(nets_mod, "dense_forward", counted)
     path = tmp_path / "mlp.npz"
     d = _write_dense_npz(path, n_pix=33, h1=7, h2=5, seed=33)
     emu = Emulator.from_payne_npz(path, wavelength=np.linspace(15000.0, 15010.0, 33))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from payne_lite import Emulator, PixelNet
-from payne_lite.emulator import _emulator as emulator_mod
+from payne_lite.emulator import _nets as nets_mod
 
 N_PIX, N_HID, N_LAB, N_BATCH = 7214, 5, 5, 64
 WORKAROUND = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
@@ -131,7 +131,7 @@ def test_predict_batch_matches_numpy(network, scaled_labels, dtype):
             ),
         )
         s = jnp.asarray(scaled_labels, dtype=dtype)
-        flux = np.asarray(emulator_mod.predict_batch(net, s, "sigmoid"))
+        flux = np.asarray(nets_mod.predict_batch(net, s, "sigmoid"))
     _assert_matches(
         flux,
         _reference_flux(network, scaled_labels),

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from ._emulator import ACTIVATIONS as ACTIVATIONS
 from ._emulator import EMULATOR_FORMAT as EMULATOR_FORMAT
-from ._emulator import KERNEL_COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
-from ._emulator import DenseNet as DenseNet
 from ._emulator import Emulator as Emulator
-from ._emulator import KernelNet as KernelNet
-from ._emulator import PixelNet as PixelNet
-from ._emulator import dense_forward as dense_forward
-from ._emulator import forward as forward
-from ._emulator import kernel_forward as kernel_forward
-from ._emulator import kernel_forward_jac as kernel_forward_jac
-from ._emulator import kernel_layout as kernel_layout
-from ._emulator import pixel_forward as pixel_forward
-from ._emulator import predict_batch as predict_batch
-from ._emulator import predict_kernel as predict_kernel
-from ._emulator import scale_labels as scale_labels
-from ._emulator import tanh_rational as tanh_rational
-from ._emulator import unscale_labels as unscale_labels
+from ._nets import ACTIVATIONS as ACTIVATIONS
+from ._nets import KERNEL_COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
+from ._nets import DenseNet as DenseNet
+from ._nets import KernelNet as KernelNet
+from ._nets import PixelNet as PixelNet
+from ._nets import dense_forward as dense_forward
+from ._nets import forward as forward
+from ._nets import kernel_forward as kernel_forward
+from ._nets import kernel_forward_jac as kernel_forward_jac
+from ._nets import kernel_layout as kernel_layout
+from ._nets import pixel_forward as pixel_forward
+from ._nets import predict_batch as predict_batch
+from ._nets import predict_kernel as predict_kernel
+from ._nets import scale_labels as scale_labels
+from ._nets import tanh_rational as tanh_rational
+from ._nets import unscale_labels as unscale_labels
 from ._train import ERROR_BASIS_RANK as ERROR_BASIS_RANK
 from ._train import TrainConfig as TrainConfig
 from ._train import train_emulator as train_emulator

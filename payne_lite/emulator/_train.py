@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from .._validate import check_finite
 from ..errors import TrainingDivergedError
 from ..grid import SpectralGrid
-from ._emulator import ACTIVATIONS, Emulator
+from ._emulator import Emulator
+from ._nets import ACTIVATIONS
 from ._train_ckpt import (
     RESUMABLE_CHANGES,
     TrainCheckpoint,

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ._emulator import ACTIVATIONS, PixelNet, pixel_forward
+from ._nets import ACTIVATIONS, PixelNet, pixel_forward
 
 
 # --------------------------------------------------------------------------------------
