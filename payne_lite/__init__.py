@@ -22,6 +22,7 @@ from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
 from .emulator import TrainConfig, train_emulator
 from .errors import FileFormatError as FileFormatError
+from .errors import OutputLockedError as OutputLockedError
 from .errors import SamplingWarning as SamplingWarning
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
@@ -56,6 +57,7 @@ __all__ = [
     "DenseNet",
     "Emulator",
     "FileFormatError",
+    "OutputLockedError",
     "MDN",
     "MDNConfig",
     "PixelNet",

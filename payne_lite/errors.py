@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "FileFormatError",
+    "OutputLockedError",
     "SamplingWarning",
     "TrainingDivergedError",
     "WavelengthGridWarning",
@@ -15,6 +16,18 @@ __all__ = [
 
 class FileFormatError(ValueError):
     """A file is corrupt, truncated, of another kind or of an unsupported version."""
+
+
+class OutputLockedError(RuntimeError):
+    """Another live run owns this output (its lock file, ``<output>.lock``).
+
+    ``owner``: what the lock file says of that run (host, pid, start time, command
+    line), or None when it could not be read.
+    """
+
+    def __init__(self, message: str, owner: dict | None = None):
+        super().__init__(message)
+        self.owner = owner
 
 
 class WavelengthGridWarning(UserWarning):

@@ -29,6 +29,7 @@ from ..options import options_for
 from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds, open_catalog
 from ._groups import check_star_grids, pad_chunk, star_chunks, visit_table
 from ._hdf5 import CatalogChunk, Reader
+from ._lock import OutputLock
 from ._parts import Parts, parts_folder, run_identity
 from ._wavegrids import scan_grids
 
@@ -278,6 +279,10 @@ def fit_catalog(
         ImportError: ``client`` given but dask.distributed is not installed.
         FileExistsError: ``path_out`` exists and ``overwrite`` is False; the parts
             folder's name is taken by something else.
+        payne_lite.OutputLockedError: another live run owns ``path_out`` (its lock
+            file ``<path_out>.lock``, held while a run lives, names it); raised
+            before anything is read, deleted (``restart``) or written. A lock left
+            by a run that died is taken over with a RuntimeWarning.
         FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog; an
             unreadable manifest.
         ValueError: bad settings or shapes (named in the message); a resume with
@@ -296,80 +301,84 @@ def fit_catalog(
     emulator, mdn, fit_kwargs = _load_models(emulator, mdn, fit_kwargs)
 
     t0 = time.perf_counter()
-    # a reader passed in stays open for its owner; paths are opened and closed here
-    opened = (
-        contextlib.nullcontext(path_in)
-        if isinstance(path_in, Reader)
-        else open_catalog(path_in)
-    )
-    with opened as cat:
-        n = len(cat)
-        wavelength, mask = _check_catalog(cat, emulator, mask, p0)
-        stars = None if group is None else _star_chunks(cat, group, p0, chunk_size)
-        grids = None
-        if cat.per_row_wavelength:  # every grid checked before any chunk is fitted
-            grids = _scan_row_grids(cat, emulator, method, fit_kwargs)
-            if stars is not None:
-                check_star_grids(stars, grids.group, cat.source)
-        bounds = chunk_bounds(n, chunk_size) if stars is None else stars.bounds
-        identity = run_identity(
-            cat,
-            emulator,
-            mdn=mdn,
-            method=method,
-            chunk_size=chunk_size,
-            mask=mask,
-            p0=p0,
-            fit_kwargs=fit_kwargs,
-            grids=grids,
-            group=None if stars is None else stars.sha256,
+    # one run per output: a second is refused here, before it reads, deletes
+    # (restart) or writes anything of the first's
+    with OutputLock(path_out):
+        _check_output(path_out, overwrite)  # again: a run that just finished
+        # a reader passed in stays open for its owner; paths are opened and closed here
+        opened = (
+            contextlib.nullcontext(path_in)
+            if isinstance(path_in, Reader)
+            else open_catalog(path_in)
         )
-        parts = Parts.open(path_out, identity, bounds, restart=restart)
-        todo = parts.missing()
-        n_resumed = len(bounds) - len(todo)
-        if n_resumed:
-            _log.info(
-                "%s: resuming, %d of %d chunks done",
-                parts.folder,
-                n_resumed,
-                len(bounds),
+        with opened as cat:
+            n = len(cat)
+            wavelength, mask = _check_catalog(cat, emulator, mask, p0)
+            stars = None if group is None else _star_chunks(cat, group, p0, chunk_size)
+            grids = None
+            if cat.per_row_wavelength:  # every grid checked before any chunk is fitted
+                grids = _scan_row_grids(cat, emulator, method, fit_kwargs)
+                if stars is not None:
+                    check_star_grids(stars, grids.group, cat.source)
+            bounds = chunk_bounds(n, chunk_size) if stars is None else stars.bounds
+            identity = run_identity(
+                cat,
+                emulator,
+                mdn=mdn,
+                method=method,
+                chunk_size=chunk_size,
+                mask=mask,
+                p0=p0,
+                fit_kwargs=fit_kwargs,
+                grids=grids,
+                group=None if stars is None else stars.sha256,
             )
-        settings = {
-            "emulator": emulator,
-            "wavelength": wavelength,
-            "mask": mask,
-            "fit_kwargs": {"method": method, **fit_kwargs},
-            **({} if stars is None else {"group": True}),
-        }
-        n_workers = _fit_missing(
-            cat,
-            parts,
-            todo,
-            settings,
-            p0=p0,
-            grids=grids,
-            stars=stars,
-            client=client,
-            progress=progress,
+            parts = Parts.open(path_out, identity, bounds, restart=restart)
+            todo = parts.missing()
+            n_resumed = len(bounds) - len(todo)
+            if n_resumed:
+                _log.info(
+                    "%s: resuming, %d of %d chunks done",
+                    parts.folder,
+                    n_resumed,
+                    len(bounds),
+                )
+            settings = {
+                "emulator": emulator,
+                "wavelength": wavelength,
+                "mask": mask,
+                "fit_kwargs": {"method": method, **fit_kwargs},
+                **({} if stars is None else {"group": True}),
+            }
+            n_workers = _fit_missing(
+                cat,
+                parts,
+                todo,
+                settings,
+                p0=p0,
+                grids=grids,
+                stars=stars,
+                client=client,
+                progress=progress,
+            )
+            source = cat.source
+            tables = [parts.read(i) for i in range(len(bounds))]
+        table = _stack(tables)
+        seconds = time.perf_counter() - t0
+        table.meta.update(
+            catalog=source,
+            n_spec=n,
+            **({} if stars is None else {"n_stars": stars.n_stars}),
+            chunk_size=chunk_size,
+            n_chunks_resumed=n_resumed,
+            n_workers=n_workers,
+            fit_seconds=round(seconds, 3),
         )
-        source = cat.source
-        tables = [parts.read(i) for i in range(len(bounds))]
-    table = _stack(tables)
-    seconds = time.perf_counter() - t0
-    table.meta.update(
-        catalog=source,
-        n_spec=n,
-        **({} if stars is None else {"n_stars": stars.n_stars}),
-        chunk_size=chunk_size,
-        n_chunks_resumed=n_resumed,
-        n_workers=n_workers,
-        fit_seconds=round(seconds, 3),
-    )
-    table.meta.update(meta or {})
-    write_results(table, path_out, overwrite=overwrite)
-    if not keep_parts:
-        parts.remove()
-    return table
+        table.meta.update(meta or {})
+        write_results(table, path_out, overwrite=overwrite)
+        if not keep_parts:
+            parts.remove()
+        return table
 
 
 def _check_call(client, method, chunk_size, path_out, overwrite, fit_kwargs):
@@ -393,6 +402,14 @@ def _check_call(client, method, chunk_size, path_out, overwrite, fit_kwargs):
     chunk_size = check_chunk_size(chunk_size)
     path_out = Path(path_out)
     format_of(path_out)  # unknown suffix: refused before any work
+    if not path_out.parent.is_dir():
+        raise FileNotFoundError(f"folder {path_out.parent} does not exist")
+    _check_output(path_out, overwrite)
+    return chunk_size, path_out
+
+
+def _check_output(path_out: Path, overwrite: bool) -> None:
+    """An existing ``path_out`` is refused without ``overwrite``."""
     if path_out.exists() and not overwrite:
         parts = parts_folder(path_out)
         raise FileExistsError(
@@ -404,9 +421,6 @@ def _check_call(client, method, chunk_size, path_out, overwrite, fit_kwargs):
                 else ""
             )
         )
-    if not path_out.parent.is_dir():
-        raise FileNotFoundError(f"folder {path_out.parent} does not exist")
-    return chunk_size, path_out
 
 
 def _load_models(emulator, mdn, fit_kwargs):
