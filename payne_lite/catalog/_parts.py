@@ -163,6 +163,8 @@ def _is_temp(p: Path) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    from ._results import disk_error
+
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -170,6 +172,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise disk_error(err, path) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -64,6 +64,8 @@ folder and moved into place with ``os.replace``; an existing file is refused unl
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -294,16 +296,60 @@ def write_results(table, path, *, overwrite: bool = False) -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
     try:
         if fmt == "fits":
-            hdul.writeto(tmp)
+            buf = io.BytesIO()  # astropy's own writes report a full disk as a
+            hdul.writeto(buf)  # short write ("9600 requested and 4480 written")
+            _write_bytes(tmp, buf)
         elif fmt == "ecsv":
             out.write(tmp, format="ascii.ecsv")
         else:
-            out.write(tmp, format="hdf5", path=HDF5_PATH, serialize_meta=True)
+            _write_bytes(tmp, _hdf5_table_bytes(out))
         os.replace(tmp, path)
+    except OSError as err:
+        raise disk_error(err, path) from err
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+#: errnos of a full disk or quota, or a file size limit
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_error(err: OSError, path) -> OSError:
+    """``err`` raised while writing ``path``, as an OSError that names the file
+    and, for a full disk (``ENOSPC``, ``EDQUOT``) or a file-size limit
+    (``EFBIG``), says so; other errors as they are."""
+    if err.errno not in DISK_FULL:
+        return err
+    what = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large (a file-size limit: ulimit -f)",
+    }[err.errno]
+    new = OSError(err.errno, f"cannot write: {what}; nothing was written in its place")
+    new.filename = str(path)
+    return new
+
+
+def _hdf5_table_bytes(table) -> io.BytesIO:
+    """The table as an HDF5 file in memory. Written by the HDF5 library straight to
+    a full disk, a results file was left half-written and the process crashed
+    (h5py 3: SIGSEGV while it freed its objects); from memory, a full disk is an
+    OSError of :func:`_write_bytes`."""
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        table.write(f, format="hdf5", path=HDF5_PATH, serialize_meta=True)
+    return buf
+
+
+def _write_bytes(path: Path, buf: io.BytesIO) -> None:
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _read_fits(path: Path):

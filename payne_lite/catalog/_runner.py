@@ -303,7 +303,7 @@ def fit_catalog(
     t0 = time.perf_counter()
     # one run per output: a second is refused here, before it reads, deletes
     # (restart) or writes anything of the first's
-    with OutputLock(path_out):
+    with OutputLock(path_out), _resume_hint(path_out):
         _check_output(path_out, overwrite)  # again: a run that just finished
         # a reader passed in stays open for its owner; paths are opened and closed here
         opened = (
@@ -379,6 +379,28 @@ def fit_catalog(
         if not keep_parts:
             parts.remove()
         return table
+
+
+@contextlib.contextmanager
+def _resume_hint(path_out: Path):
+    """A full disk (or quota, or file-size limit) while fit_catalog writes: the
+    error says what is kept and how to go on."""
+    from ._results import DISK_FULL
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        folder = parts_folder(path_out)
+        n_kept = len(list(folder.glob("chunk-*.h5"))) if folder.is_dir() else 0
+        new = OSError(
+            err.errno,
+            f"{err.strerror}. {n_kept} finished chunk(s) are kept in {folder}: free "
+            "some space and run the same command again to resume",
+        )
+        new.filename = err.filename
+        raise new from err
 
 
 def _check_call(client, method, chunk_size, path_out, overwrite, fit_kwargs):
