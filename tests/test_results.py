@@ -16,10 +16,11 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from payne_lite import fit
+from payne_lite import FileFormatError, fit
 from payne_lite.catalog import (
     KEY_COLUMNS,
     KEY_VERSION,
+    RESULTS_FORMAT_VERSION,
     SAFE_NAME_EXAMPLES,
     read_results,
     safe_column_name,
@@ -92,7 +93,9 @@ def test_fits_file_has_safe_names_and_complete_mapping(results, tmp_path):
         names = list(hdu.columns.names)
         hdr = hdu.header
         mapping = json.loads(hdr[KEY_COLUMNS])
-        assert hdr[KEY_VERSION] == 1
+        assert hdr[KEY_VERSION] == RESULTS_FORMAT_VERSION
+        assert "CHECKSUM" in hdr and "DATASUM" in hdr  # verified on read
+        assert hdu.verify_checksum() == 1 and hdu.verify_datasum() == 1
         for i, name in enumerate(names, start=1):
             assert FITS_SAFE.match(name), name
             assert not set("[/]") & set(name)
@@ -168,8 +171,14 @@ def test_bad_meta_and_names_refused_before_writing(results, tmp_path):
 
 def test_newer_file_version_refused(results, tmp_path):
     path = write_results(results[:1], tmp_path / "r.fits")
-    fits.setval(path, KEY_VERSION, value=99, ext=1)
-    with pytest.raises(ValueError, match="version 99 is newer"):
+    with fits.open(path, mode="update") as hdul:  # as a newer payne_lite writes it
+        hdul[1].header[KEY_VERSION] = 99
+        hdul[1].add_checksum()
+    with pytest.raises(FileFormatError, match="version 99 is newer"):
+        read_results(path)
+    raw = path.read_bytes()  # edited by hand, the checksum not updated
+    path.write_bytes(raw.replace(b"flags bit", b"flags BIT", 1))
+    with pytest.raises(FileFormatError, match="Checksum verification failed"):
         read_results(path)
 
 
@@ -224,3 +233,88 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(results, tmp_path, monke
         write_results(results, path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["r.fits"]
     assert len(read_results(path)) == 1
+
+
+_FUZZ_CHILD = r"""
+import json, sys, warnings
+import numpy as np
+from payne_lite import FileFormatError
+from payne_lite.catalog import read_results
+warnings.simplefilter("ignore")
+ref = read_results(sys.argv[1])
+
+def same(t):
+    if t.colnames != ref.colnames or len(t) != len(ref) or t.meta != ref.meta:
+        return False
+    for c in ref.colnames:
+        a, b = np.asarray(t[c]), np.asarray(ref[c])
+        if a.shape != b.shape or str(t[c].unit) != str(ref[c].unit):
+            return False
+        if a.dtype.kind == "f":
+            if not np.array_equal(a, b, equal_nan=True):
+                return False
+        elif not np.array_equal(a, b):
+            return False
+    return True
+
+out = {}
+for path in sys.argv[2:]:
+    try:
+        out[path] = "same" if same(read_results(path)) else "changed"
+    except FileFormatError:
+        out[path] = "refused"
+    except Exception as err:
+        out[path] = f"other: {type(err).__name__}: {err}"[:300]
+print(json.dumps(out))
+"""
+
+
+def _damaged_copies(path, folder, rng, n_flip=12):
+    """Truncated copies, copies with one bit flipped (in the first 4 kB, where the
+    headers are, and anywhere), and copies with a 512-byte block zeroed."""
+    data = path.read_bytes()
+    cases = {}
+    for frac in (0.1, 0.5, 0.9, 0.99):
+        cases[f"truncated-{frac}"] = data[: int(len(data) * frac)]
+    for i in range(n_flip):
+        b = bytearray(data)
+        pos = int(rng.integers(0, min(len(b), 4096) if i % 2 else len(b)))
+        b[pos] ^= 1 << int(rng.integers(0, 8))
+        cases[f"flip-{i}-at-{pos}"] = bytes(b)
+    for i in range(4):
+        b = bytearray(data)
+        pos = int(rng.integers(0, max(len(b) - 512, 1)))
+        b[pos : pos + 512] = bytes(min(512, len(b) - pos))
+        cases[f"zeroed-{i}-at-{pos}"] = bytes(b)
+    paths = []
+    for name, raw in cases.items():
+        p = folder / f"{name}{path.suffix}"
+        p.write_bytes(raw)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("suffix", [".fits", ".ecsv", ".h5"])
+def test_damaged_results_files_are_refused_or_read_unchanged(results, tmp_path, suffix):
+    """Every damaged copy (truncated, a bit flipped, a block zeroed) raises
+    FileFormatError or reads back exactly as written: never other values silently
+    (before the checksums, 4 of 12 damaged FITS and HDF5 files were read with
+    changed values). Read in a child process with a timeout: a hang or a crash
+    fails the test too."""
+    import subprocess
+    import sys
+
+    src = write_results(results, tmp_path / f"r{suffix}")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    paths = _damaged_copies(src, bad, np.random.default_rng(7))
+    proc = subprocess.run(
+        [sys.executable, "-c", _FUZZ_CHILD, str(src), *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == len(paths)
+    wrong = {k: v for k, v in got.items() if v not in ("refused", "same")}
+    assert not wrong, wrong
+    assert sum(v == "refused" for v in got.values()) >= len(paths) // 2

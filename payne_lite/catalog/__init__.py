@@ -27,6 +27,7 @@ from ._results import FORMATS as FORMATS
 from ._results import HDF5_PATH as HDF5_PATH
 from ._results import KEY_COLUMNS as KEY_COLUMNS
 from ._results import KEY_VERSION as KEY_VERSION
+from ._results import RESULTS_FORMAT_VERSION as RESULTS_FORMAT_VERSION
 from ._results import SAFE_NAME_EXAMPLES as SAFE_NAME_EXAMPLES
 from ._results import format_of as format_of
 from ._results import model_from_results as model_from_results
@@ -50,6 +51,7 @@ __all__ = [
     "HDF5_PATH",
     "KEY_COLUMNS",
     "KEY_VERSION",
+    "RESULTS_FORMAT_VERSION",
     "SAFE_NAME_EXAMPLES",
     "catalog_writer",
     "check_client",

@@ -57,9 +57,19 @@ Meta: every format stores the meta as plain JSON-compatible values (str keys; di
 list, str, int, float, bool, None; tuples become lists, NumPy scalars and arrays become
 Python numbers and lists). Anything else is refused with a ``TypeError`` naming the key.
 
-Writes are atomic: the file is written under a temporary name in the destination
-folder and moved into place with ``os.replace``; an existing file is refused unless
-``overwrite=True``.
+Writes are atomic: the file is built in memory, written under a temporary name in
+the destination folder and moved into place with ``os.replace``; an existing file is
+refused unless ``overwrite=True``. A full disk (or quota, or file-size limit) is an
+OSError that names the file, and nothing is left in its place.
+
+Checksums (format version 2): FITS files carry the standard ``CHECKSUM`` /
+``DATASUM`` cards in every HDU; ECSV and HDF5 files a SHA-256 of their content
+(:func:`content_digest`: names, units, descriptions, values, meta) in the meta; HDF5
+files also start with a 512-byte user block holding the SHA-256 of the rest of the
+file (:data:`H5_MAGIC`), checked before the HDF5 library reads it (libhdf5 can abort
+on a damaged file). ``read_results`` verifies them: a damaged file (truncated, bits
+flipped, a block zeroed) raises :class:`~payne_lite.FileFormatError`, as does any
+other failure to parse a results file. Format-1 files (no checksums) are still read.
 """
 
 from __future__ import annotations
@@ -75,11 +85,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import FileFormatError
+
 #: Version of the results file layout written here: header keyword ``PLVERS`` in FITS,
 #: meta key :data:`META_VERSION_KEY` in ECSV / HDF5 (removed again on reading). Files
 #: with a newer version are refused.
-RESULTS_FORMAT_VERSION = 1
+RESULTS_FORMAT_VERSION = 2  # 2: checksums (FITS CHECKSUM/DATASUM, content digest)
 META_VERSION_KEY = "payne_lite_results_version"
+#: meta key of the content checksum of ECSV and HDF5 results (:func:`content_digest`)
+META_DIGEST_KEY = "payne_lite_results_sha256"
 
 #: in-memory name -> FITS column name (the module docstring's table).
 SAFE_NAME_EXAMPLES = {
@@ -293,11 +307,14 @@ def write_results(table, path, *, overwrite: bool = False) -> Path:
         out = table.copy(copy_data=False)
         out.meta = _plain(dict(table.meta), "")
         out.meta[META_VERSION_KEY] = RESULTS_FORMAT_VERSION
+        out.meta[META_DIGEST_KEY] = content_digest(out)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
     try:
         if fmt == "fits":
             buf = io.BytesIO()  # astropy's own writes report a full disk as a
-            hdul.writeto(buf)  # short write ("9600 requested and 4480 written")
+            hdul.writeto(
+                buf, checksum=True
+            )  # short write ("9600 requested and 4480 written")
             _write_bytes(tmp, buf)
         elif fmt == "ecsv":
             out.write(tmp, format="ascii.ecsv")
@@ -332,17 +349,58 @@ def disk_error(err: OSError, path) -> OSError:
     return new
 
 
+#: HDF5 results files start with a user block (ignored by HDF5) that holds this
+#: magic and the SHA-256 of the rest of the file, checked before HDF5 reads a byte:
+#: the HDF5 library can crash (abort) or hang on a damaged file.
+H5_MAGIC = b"payne_lite.results sha256="
+H5_USERBLOCK = 512
+_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def _hdf5_table_bytes(table) -> io.BytesIO:
-    """The table as an HDF5 file in memory. Written by the HDF5 library straight to
-    a full disk, a results file was left half-written and the process crashed
-    (h5py 3: SIGSEGV while it freed its objects); from memory, a full disk is an
-    OSError of :func:`_write_bytes`."""
+    """The table as an HDF5 file in memory, behind a user block with its checksum
+    (:data:`H5_MAGIC`). Written by the HDF5 library straight to a full disk, a
+    results file was left half-written and the process crashed (h5py 3: SIGSEGV
+    while it freed its objects); from memory, a full disk is an OSError of
+    :func:`_write_bytes`."""
+    import hashlib
+
     import h5py
 
     buf = io.BytesIO()
-    with h5py.File(buf, "w") as f:
+    with h5py.File(buf, "w", userblock_size=H5_USERBLOCK) as f:
         table.write(f, format="hdf5", path=HDF5_PATH, serialize_meta=True)
+    view = buf.getbuffer()
+    head = H5_MAGIC + hashlib.sha256(view[H5_USERBLOCK:]).hexdigest().encode() + b"\n"
+    view[: len(head)] = head
+    del view
     return buf
+
+
+def _check_hdf5_file(path: Path) -> None:
+    """Refuse an HDF5 results file whose bytes do not match the checksum in its user
+    block, before the HDF5 library opens it. Files of format 1 (no user block: the
+    HDF5 signature at byte 0) are not checked; anything else is refused."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        head = f.read(H5_USERBLOCK)
+        if head.startswith(_H5_SIGNATURE):
+            return  # format 1, written before the checksum
+        if not head.startswith(H5_MAGIC) or len(head) < H5_USERBLOCK:
+            raise FileFormatError(
+                f"{path}: not a payne_lite HDF5 results file (no checksum block, "
+                "no HDF5 signature: damaged, or another kind of file)"
+            )
+        want = head[len(H5_MAGIC) : len(H5_MAGIC) + 64].decode("ascii", "replace")
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise FileFormatError(
+            f"{path}: its bytes do not match the checksum written with it (the file "
+            "is damaged or truncated)"
+        )
 
 
 def _write_bytes(path: Path, buf: io.BytesIO) -> None:
@@ -356,21 +414,26 @@ def _read_fits(path: Path):
     from astropy.io import fits
     from astropy.table import Table
 
-    with fits.open(path) as hdul:
+    # checksum=True: CHECKSUM / DATASUM are verified where present (payne_lite
+    # writes them); a mismatch is an AstropyUserWarning, an error in read_results
+    with fits.open(path, checksum=True) as hdul:
         names = [h.name for h in hdul]
         hdu = FITS_EXTNAME if FITS_EXTNAME in names else 1
         hdr = hdul[hdu].header
         version = hdr.get(KEY_VERSION)
         cols_json = hdr.get(KEY_COLUMNS)
         meta_json = hdr.get(KEY_META)
-    t = Table.read(
-        path,
-        format="fits",
-        hdu=hdu,
-        mask_invalid=False,
-        unit_parse_strict="silent",
-        character_as_bytes=False,
-    )
+        if _checked(version) and "CHECKSUM" not in hdr:
+            raise FileFormatError(f"{path}: its CHECKSUM card is missing")
+        t = Table.read(
+            hdul,
+            format="fits",
+            hdu=hdu,
+            mask_invalid=False,
+            unit_parse_strict="silent",
+            character_as_bytes=False,
+        )
+        t = t.copy()  # not a view of the file's memory map
     if version is None:  # not written here: the table as astropy reads it
         return t
     _check_version(path, version)
@@ -379,7 +442,7 @@ def _read_fits(path: Path):
     cols = json.loads(cols_json) if cols_json else []
     missing = [c["fits"] for c in cols if c["fits"] not in t.colnames]
     if missing or len(cols) != len(t.colnames):
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: the {KEY_COLUMNS} mapping does not match the table columns "
             f"(missing {missing}, {len(cols)} mapped, {len(t.colnames)} in the file)"
         )
@@ -399,7 +462,7 @@ def _read_fits(path: Path):
 
 def _check_version(path, version) -> None:
     if int(version) > RESULTS_FORMAT_VERSION:
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: results file version {version} is newer than this payne_lite "
             f"reads ({RESULTS_FORMAT_VERSION}); upgrade payne_lite"
         )
@@ -423,16 +486,100 @@ def read_results(path):
     fmt = format_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} not found")
+    failed = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if fmt == "fits":
+                t = _read_fits(path)
+            elif fmt == "ecsv":
+                t = Table.read(path, format="ascii.ecsv")
+            else:
+                _check_hdf5_file(path)
+                t = Table.read(
+                    path, format="hdf5", path=HDF5_PATH, character_as_bytes=False
+                )
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as err:  # noqa: BLE001 - any damage: one error type
+            failed = err
+    for w in caught:  # astropy reports a failed checksum or a truncation as a warning
+        if _DAMAGE.search(str(w.message)):
+            raise FileFormatError(f"{path}: {' '.join(str(w.message).split())}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if isinstance(failed, FileFormatError):
+        raise failed
+    if failed is not None:
+        raise FileFormatError(
+            f"{path}: not a readable results file ({type(failed).__name__}: "
+            f"{' '.join(str(failed).split())[:200]})"
+        ) from failed
     if fmt == "fits":
-        return _read_fits(path)
-    if fmt == "ecsv":
-        t = Table.read(path, format="ascii.ecsv")
-    else:
-        t = Table.read(path, format="hdf5", path=HDF5_PATH, character_as_bytes=False)
-    version = t.meta.pop(META_VERSION_KEY, None)
+        return t
+    version = t.meta.get(META_VERSION_KEY)
     if version is not None:
         _check_version(path, version)
+    elif any(k in t.meta for k in _OURS):
+        raise FileFormatError(  # damage in the meta lost the version (and checksum)
+            f"{path}: a payne_lite results table without its {META_VERSION_KEY!r}: "
+            "the file is damaged"
+        )
+    digest = t.meta.pop(META_DIGEST_KEY, None)
+    if (digest is not None or _checked(version)) and digest != content_digest(t):
+        raise FileFormatError(
+            f"{path}: its content does not match the checksum written with it "
+            "(the file is damaged)"
+        )
+    t.meta.pop(META_VERSION_KEY, None)
     return t
+
+
+#: astropy's warnings of a damaged file
+_DAMAGE = re.compile(r"checksum|datasum|truncat", re.IGNORECASE)
+#: meta keys that every table of payne_lite.fit has (:mod:`payne_lite.fitting._schema`)
+_OURS = (META_DIGEST_KEY, "flag_bits", "label_names")
+
+
+def _checked(version) -> bool:
+    """Whether a file of results format ``version`` carries checksums (from 2 on:
+    FITS CHECKSUM / DATASUM, :func:`content_digest` in ECSV and HDF5)."""
+    try:
+        return int(version) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
+def content_digest(table) -> str:
+    """SHA-256 of a results table's content: column names, units, descriptions and
+    values (NaN in one form, strings as UTF-8) and the meta (as JSON, without this
+    digest). The same before an ECSV or HDF5 round trip and after: written into
+    the meta, it is checked by :func:`read_results`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in table.colnames:
+        col = table[name]
+        unit = "" if col.unit is None else col.unit.to_string()
+        h.update(json.dumps([name, unit, col.info.description or ""]).encode())
+        data = np.asarray(col)
+        if data.dtype.kind in "US":
+            data = np.char.encode(data.astype(str), "utf-8")
+            h.update(b"\0".join(data.ravel().tolist()))
+            h.update(repr(data.shape).encode())
+            continue
+        if data.dtype.kind == "f":
+            data = np.where(np.isnan(data), np.nan, data).astype("<f8")
+        elif data.dtype.kind in "iub":
+            data = data.astype("<i8")
+        else:
+            data = data.astype(str)
+            h.update("\0".join(data.ravel().tolist()).encode())
+            continue
+        h.update(repr(data.shape).encode())
+        h.update(np.ascontiguousarray(data).tobytes())
+    meta = {k: v for k, v in table.meta.items() if k != META_DIGEST_KEY}
+    h.update(json.dumps(_plain(meta, ""), sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def model_from_results(table, emulator, wavelength=None, *, rows=None):

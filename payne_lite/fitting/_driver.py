@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._serial import default_threads
 from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
 from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
@@ -324,6 +325,19 @@ def median_snr(fb, wb, w_data):
     return snr.astype(np.float64)
 
 
+_HOST_POOL = None
+
+
+def _host_pool():
+    """Threads for host work that runs beside a batch's XLA programs."""
+    global _HOST_POOL
+    if _HOST_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HOST_POOL = ThreadPoolExecutor(default_threads(), "payne_lite-host")
+    return _HOST_POOL
+
+
 def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
     ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
@@ -342,6 +356,9 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     wb, w_data = prep.w_fit, prep.w_data
     w_j = jnp.asarray(wb, dt)
     n_good = np.count_nonzero(wb > 0, axis=1)
+    # The S/N (a sort of every row on the host) runs beside the fit's XLA programs,
+    # on a core that a batch of its own does not use.
+    snr_job = _host_pool().submit(median_snr, fb[:m], wb[:m], w_data[:m])
     # Padding rows, and stars with too few pixels (flagged failed later), do not run.
     alive = (np.arange(size) < m) & (n_good > n_free)
 
@@ -384,7 +401,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         if not ctx.return_model:  # as the lm path: model_flux only when asked for
             model_f = None
     snr = np.zeros(size)
-    snr[:m] = median_snr(fb[:m], wb[:m], w_data[:m])  # the padding rows are not sorted
+    snr[:m] = snr_job.result()  # the padding rows are not sorted
     meat = None
     if ctx.error_basis is not None:
         m1, m2 = sandwich_meat(ctx, p_best, wb, w_data)
