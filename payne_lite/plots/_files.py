@@ -321,10 +321,12 @@ def _read_table(path: Path):
     """A table in any format :func:`payne_lite.read_results` or astropy reads."""
     from astropy.table import Table
 
-    from ..catalog import FORMATS, HDF5_PATH, read_results
+    from ..catalog import FORMATS, H5_MAGIC, HDF5_PATH, read_results
 
     fmt = FORMATS.get(path.suffix.lower())
-    if fmt == "hdf5":
+    with open(path, "rb") as fh:
+        ours = fh.read(len(H5_MAGIC)) == H5_MAGIC  # checked before libhdf5 opens it
+    if fmt == "hdf5" and not ours:
         import h5py
 
         with h5py.File(path, "r") as f:
