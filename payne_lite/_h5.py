@@ -2,11 +2,16 @@
 
 Every file carries ``attrs["format"]`` (what it holds) and ``attrs["format_version"]``.
 Datasets are written with HDF5's Fletcher-32 checksum filter, so a corrupted chunk is
-detected on read instead of yielding wrong numbers. The checksums cover dataset chunks,
-not HDF5's own metadata: damaged metadata is reported as a FileFormatError where h5py
-notices it, but the HDF5 library itself can hang or crash on some damaged headers.
-Writes are atomic: a temporary file in the target folder is renamed over the target
-once complete.
+detected on read instead of yielding wrong numbers.
+
+The whole file is covered too, HDF5's own metadata (headers, attributes) included: it
+starts with a 512-byte user block (which the HDF5 library skips) holding
+:data:`MAGIC` and the SHA-256 of the rest of the file. :func:`check_stamp` verifies
+it before the HDF5 library reads a byte, because libhdf5 can abort the process
+("corrupted double-linked list") or hang on a damaged header. Files written before
+the stamp (the HDF5 signature at byte 0) are read without it; anything else is
+refused. Writes are atomic: a temporary file in the target folder is renamed over
+the target once complete and stamped.
 """
 
 from __future__ import annotations
@@ -22,6 +27,69 @@ import h5py
 import numpy as np
 
 from .errors import FileFormatError
+
+#: Size of the user block in front of the HDF5 data, and what it starts with.
+USERBLOCK = 512
+MAGIC = b"payne_lite sha256="
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_STAMP_LEN = len(MAGIC) + 64 + 1
+
+
+def _sha256_after_userblock(fh) -> str:
+    import hashlib
+
+    fh.seek(USERBLOCK)
+    h = hashlib.sha256()
+    while block := fh.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def stamp(fh) -> None:
+    """Write :data:`MAGIC` and the SHA-256 of everything after the user block into
+    the user block of the HDF5 file open in ``fh`` (binary, read-write, seekable;
+    written with ``userblock_size=USERBLOCK`` and closed by h5py)."""
+    digest = _sha256_after_userblock(fh)
+    fh.seek(0)
+    fh.write(MAGIC + digest.encode() + b"\n")
+
+
+def looks_stamped(path: str | os.PathLike) -> bool:
+    """Whether the file starts with :data:`MAGIC` (for code that sniffs any file)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def check_stamp(path: str | os.PathLike) -> bool:
+    """Verify the stamp of a payne_lite HDF5 file before anything opens it.
+
+    Returns True for a stamped file that matches, False for a file written before
+    stamps (the HDF5 signature at byte 0: not checked).
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: a stamp that does not match (damaged, truncated), or
+            neither a stamp nor the HDF5 signature at the start.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(USERBLOCK)
+        if head.startswith(_SIGNATURE):
+            return False
+        if not head.startswith(MAGIC) or len(head) < _STAMP_LEN:
+            raise FileFormatError(
+                f"{path}: not a readable HDF5 file (corrupt or truncated?): neither "
+                "payne_lite's checksum block nor the HDF5 signature at its start"
+            )
+        want = head[len(MAGIC) : len(MAGIC) + 64].decode("ascii", "replace")
+        if _sha256_after_userblock(fh) != want:
+            raise FileFormatError(
+                f"{path}: corrupt or truncated: its bytes do not match the checksum "
+                "written with it"
+            )
+    return True
 
 
 def write_dataset(group: h5py.Group, name: str, data, *, compress: bool = True) -> None:
@@ -50,19 +118,29 @@ def get_json_attr(obj, name: str, path):
 
 @contextlib.contextmanager
 def atomic_h5_writer(
-    path: str | os.PathLike, fmt: str, version: int
+    path: str | os.PathLike, fmt: str, version: int, *, stamped: bool = True
 ) -> Iterator[h5py.File]:
-    """Open a temporary HDF5 file next to ``path``; rename it over ``path`` on success."""
+    """Open a temporary HDF5 file next to ``path``; rename it over ``path`` on success.
+
+    ``stamped``: the file gets its checksum block (:func:`stamp`). Catalogs do not:
+    they can be many GB (a whole-file hash at every open), and a damaged chunk of
+    one flags its rows (Fletcher-32) instead of refusing the whole catalog.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=USERBLOCK if stamped else 0) as f:
             f.attrs["format"] = fmt
             f.attrs["format_version"] = version
             f.attrs["creator"] = "payne_lite"
             yield f
+        if stamped:
+            with open(tmp, "r+b") as fh:
+                stamp(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -83,6 +161,7 @@ def open_checked(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    check_stamp(path)
     try:
         f = h5py.File(path, "r")
     except (OSError, KeyError, RuntimeError) as err:

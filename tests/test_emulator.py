@@ -17,6 +17,7 @@ import h5py
 import jax
 import numpy as np
 import pytest
+from conftest import restamp
 
 import payne_lite
 from payne_lite import DenseNet, Emulator, PixelNet, SpectralGrid
@@ -770,7 +771,10 @@ def test_load_refuses_corrupt_weights(saved_emulator):
     for i in range(middle, middle + 8):
         data[i] ^= 0xFF
     saved_emulator.write_bytes(bytes(data))
-    with _refuses(saved_emulator, "corrupt"):
+    with _refuses(saved_emulator, "corrupt or truncated: its bytes do not match"):
+        Emulator.load(saved_emulator)  # the file's checksum block sees it first
+    restamp(saved_emulator)  # behind it, the datasets' Fletcher-32 sees it too
+    with _refuses(saved_emulator, "dataset 'W0' is corrupt"):
         Emulator.load(saved_emulator)
 
 
@@ -799,6 +803,7 @@ def test_load_refuses_grid_file(tmp_path, tiny_emulator):
 def test_load_refuses_other_format_version(saved_emulator, version):
     with h5py.File(saved_emulator, "r+") as f:
         f.attrs["format_version"] = version
+    restamp(saved_emulator)
     with _refuses(saved_emulator, "format_version.*not supported"):
         Emulator.load(saved_emulator)
 
@@ -808,6 +813,7 @@ def test_load_refuses_wavelength_of_other_length(saved_emulator):
         wave = f["wavelength"][()]
         del f["wavelength"]
         f["wavelength"] = wave[:-1]
+    restamp(saved_emulator)
     with _refuses(saved_emulator, "inconsistent emulator file.*49"):
         Emulator.load(saved_emulator)
 
@@ -815,6 +821,7 @@ def test_load_refuses_wavelength_of_other_length(saved_emulator):
 def test_load_refuses_inconsistent_names(saved_emulator):
     with h5py.File(saved_emulator, "r+") as f:
         f.attrs["label_names"] = '["Teff", "logg"]'
+    restamp(saved_emulator)
     with _refuses(saved_emulator, "label_names"):
         Emulator.load(saved_emulator)
 
@@ -822,6 +829,7 @@ def test_load_refuses_inconsistent_names(saved_emulator):
 def test_load_refuses_missing_network(saved_emulator):
     with h5py.File(saved_emulator, "r+") as f:
         del f["net"]
+    restamp(saved_emulator)
     with _refuses(saved_emulator, "missing group 'net'"):
         Emulator.load(saved_emulator)
 

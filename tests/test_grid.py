@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import restamp
 
 import payne_lite
 from payne_lite import SpectralGrid
@@ -273,6 +274,7 @@ def test_load_refuses_corrupted_flux(tmp_path):
         spans,
     )
     _flip_bytes(path, middle)
+    restamp(path)  # past the file's checksum block: the datasets' own checksums
     with pytest.raises(
         payne_lite.FileFormatError, match=re.escape(str(path)) + ".*'flux' is corrupt"
     ):
@@ -283,6 +285,7 @@ def test_load_refuses_corrupted_uncompressed_labels(saved_grid):
     """Labels are stored uncompressed: only the Fletcher-32 checksum can notice."""
     (offset, size), *_ = _chunk_spans(saved_grid, "labels")
     _flip_bytes(saved_grid, offset + size // 2, n=4)
+    restamp(saved_grid)  # past the file's checksum block: Fletcher-32 alone
     with pytest.raises(
         payne_lite.FileFormatError,
         match=re.escape(str(saved_grid)) + ".*'labels' is corrupt",
@@ -303,6 +306,7 @@ def test_load_refuses_emulator_file(tmp_path, tiny_emulator):
 def test_load_refuses_other_format_version(saved_grid):
     with h5py.File(saved_grid, "r+") as f:
         f.attrs["format_version"] = 99
+    restamp(saved_grid)
     with pytest.raises(
         payne_lite.FileFormatError,
         match=re.escape(str(saved_grid))
@@ -322,6 +326,7 @@ def test_load_refuses_foreign_hdf5(tmp_path):
 def test_load_refuses_missing_dataset(saved_grid):
     with h5py.File(saved_grid, "r+") as f:
         del f["labels"]
+    restamp(saved_grid)
     with pytest.raises(payne_lite.FileFormatError, match="missing dataset 'labels'"):
         SpectralGrid.load(saved_grid)
 
@@ -331,6 +336,7 @@ def test_load_refuses_inconsistent_contents(saved_grid):
         wave = f["wavelength"][()]
         del f["wavelength"]
         f["wavelength"] = wave[:-1]
+    restamp(saved_grid)
     with pytest.raises(
         payne_lite.FileFormatError,
         match=re.escape(str(saved_grid)) + ".*invalid grid contents",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import restamp
 from test_fit import smooth_emulator
 
 import payne_lite as pl
@@ -197,6 +198,7 @@ def test_load_refuses_version_1_files(trained, tmp_path):
     trained.save(path)
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 1
+    restamp(path)
     with pytest.raises(pl.FileFormatError, match="format_version=1"):
         pl.MDN.load(path)
 

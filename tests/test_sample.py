@@ -21,7 +21,7 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY_HI, TINY_LO, TINY_NAMES, TINY_UNITS
+from conftest import TINY_HI, TINY_LO, TINY_NAMES, TINY_UNITS, restamp
 from test_broadening import degrade_reference, log_emulator, rotate_reference
 from test_fit import _factor, reference_spectra, smooth_emulator
 
@@ -462,10 +462,12 @@ def test_samples_saved(toy, tmp_path):
     bad.write_bytes(path.read_bytes())
     with h5py.File(bad, "a") as f:
         f.attrs["format_version"] = 2
+    restamp(bad)  # as a newer payne_lite would write it
     with pytest.raises(pl.FileFormatError, match="format_version=2 is not supported"):
         pl.load_samples(bad)
     with h5py.File(bad, "a") as f:
         f.attrs["format"] = "payne_lite.catalog"
+    restamp(bad)
     with pytest.raises(pl.FileFormatError, match="expected a 'payne_lite.samples'"):
         pl.load_samples(bad)
     cut = tmp_path / "cut.h5"

@@ -24,7 +24,6 @@ from ._hdf5 import catalog_writer as catalog_writer
 from ._hdf5 import write_catalog as write_catalog
 from ._parts import parts_folder as parts_folder
 from ._results import FORMATS as FORMATS
-from ._results import H5_MAGIC as H5_MAGIC
 from ._results import HDF5_PATH as HDF5_PATH
 from ._results import KEY_COLUMNS as KEY_COLUMNS
 from ._results import KEY_VERSION as KEY_VERSION
@@ -49,7 +48,6 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FORMATS",
     "HDF5Catalog",
-    "H5_MAGIC",
     "HDF5_PATH",
     "KEY_COLUMNS",
     "KEY_VERSION",

@@ -397,7 +397,7 @@ def catalog_writer(
     if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     version = CATALOG_VERSION if per_row else 1  # the oldest that holds the file
-    with _h5.atomic_h5_writer(path, CATALOG_FORMAT, version) as f:
+    with _h5.atomic_h5_writer(path, CATALOG_FORMAT, version, stamped=False) as f:
         if not per_row:
             f.create_dataset("wavelength", data=wave)
         _h5.set_json_attr(f, "meta", dict(meta or {}))

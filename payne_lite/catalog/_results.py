@@ -66,10 +66,11 @@ Checksums (format version 2): FITS files carry the standard ``CHECKSUM`` /
 ``DATASUM`` cards in every HDU; ECSV and HDF5 files a SHA-256 of their content
 (:func:`content_digest`: names, units, descriptions, values, meta) in the meta; HDF5
 files also start with a 512-byte user block holding the SHA-256 of the rest of the
-file (:data:`H5_MAGIC`), checked before the HDF5 library reads it (libhdf5 can abort
-on a damaged file). ``read_results`` verifies them: a damaged file (truncated, bits
-flipped, a block zeroed) raises :class:`~payne_lite.FileFormatError`, as does any
-other failure to parse a results file. Format-1 files (no checksums) are still read.
+file, checked before the HDF5 library reads it (:func:`payne_lite._h5.check_stamp`:
+libhdf5 can abort on a damaged file). ``read_results`` verifies them: a damaged
+file (truncated, bits flipped, a block zeroed) raises
+:class:`~payne_lite.FileFormatError`, as does any other failure to parse a results
+file. Format-1 files (no checksums) are still read.
 """
 
 from __future__ import annotations
@@ -349,58 +350,21 @@ def disk_error(err: OSError, path) -> OSError:
     return new
 
 
-#: HDF5 results files start with a user block (ignored by HDF5) that holds this
-#: magic and the SHA-256 of the rest of the file, checked before HDF5 reads a byte:
-#: the HDF5 library can crash (abort) or hang on a damaged file.
-H5_MAGIC = b"payne_lite.results sha256="
-H5_USERBLOCK = 512
-_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 def _hdf5_table_bytes(table) -> io.BytesIO:
     """The table as an HDF5 file in memory, behind a user block with its checksum
-    (:data:`H5_MAGIC`). Written by the HDF5 library straight to a full disk, a
+    (:func:`payne_lite._h5.stamp`). Written by the HDF5 library straight to a full disk, a
     results file was left half-written and the process crashed (h5py 3: SIGSEGV
     while it freed its objects); from memory, a full disk is an OSError of
     :func:`_write_bytes`."""
-    import hashlib
-
     import h5py
 
+    from .. import _h5
+
     buf = io.BytesIO()
-    with h5py.File(buf, "w", userblock_size=H5_USERBLOCK) as f:
+    with h5py.File(buf, "w", userblock_size=_h5.USERBLOCK) as f:
         table.write(f, format="hdf5", path=HDF5_PATH, serialize_meta=True)
-    view = buf.getbuffer()
-    head = H5_MAGIC + hashlib.sha256(view[H5_USERBLOCK:]).hexdigest().encode() + b"\n"
-    view[: len(head)] = head
-    del view
+    _h5.stamp(buf)
     return buf
-
-
-def _check_hdf5_file(path: Path) -> None:
-    """Refuse an HDF5 results file whose bytes do not match the checksum in its user
-    block, before the HDF5 library opens it. Files of format 1 (no user block: the
-    HDF5 signature at byte 0) are not checked; anything else is refused."""
-    import hashlib
-
-    with open(path, "rb") as f:
-        head = f.read(H5_USERBLOCK)
-        if head.startswith(_H5_SIGNATURE):
-            return  # format 1, written before the checksum
-        if not head.startswith(H5_MAGIC) or len(head) < H5_USERBLOCK:
-            raise FileFormatError(
-                f"{path}: not a payne_lite HDF5 results file (no checksum block, "
-                "no HDF5 signature: damaged, or another kind of file)"
-            )
-        want = head[len(H5_MAGIC) : len(H5_MAGIC) + 64].decode("ascii", "replace")
-        h = hashlib.sha256()
-        while block := f.read(1 << 20):
-            h.update(block)
-    if h.hexdigest() != want:
-        raise FileFormatError(
-            f"{path}: its bytes do not match the checksum written with it (the file "
-            "is damaged or truncated)"
-        )
 
 
 def _write_bytes(path: Path, buf: io.BytesIO) -> None:
@@ -482,6 +446,8 @@ def read_results(path):
     """
     from astropy.table import Table
 
+    from .. import _h5
+
     path = Path(path)
     fmt = format_of(path)
     if not path.is_file():
@@ -495,7 +461,7 @@ def read_results(path):
             elif fmt == "ecsv":
                 t = Table.read(path, format="ascii.ecsv")
             else:
-                _check_hdf5_file(path)
+                _h5.check_stamp(path)
                 t = Table.read(
                     path, format="hdf5", path=HDF5_PATH, character_as_bytes=False
                 )

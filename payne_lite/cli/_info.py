@@ -53,6 +53,7 @@ def add_info(sub) -> None:
 
 
 def _file_format(path: Path) -> tuple[str, int]:
+    _h5.check_stamp(path)  # before libhdf5 reads a byte of it
     try:
         with h5py.File(path, "r") as f:
             fmt = f.attrs.get("format")
@@ -76,6 +77,7 @@ def _is_results_hdf5(path: Path) -> bool:
     """An HDF5 file without a payne_lite format attribute holding an astropy table
     (how write_results stores results)."""
     try:
+        _h5.check_stamp(path)
         with h5py.File(path, "r") as f:
             return "format" not in f.attrs and any(
                 isinstance(f[k], h5py.Dataset) and f[k].dtype.names for k in f

@@ -307,7 +307,11 @@ def _hdf5_format(path: Path) -> str | None:
     """The ``format`` attribute of an HDF5 file, or None (not HDF5, no attribute)."""
     import h5py
 
-    if not h5py.is_hdf5(path):
+    from .. import _h5
+
+    if _h5.looks_stamped(path):
+        _h5.check_stamp(path)  # before libhdf5 reads a byte of it
+    elif not h5py.is_hdf5(path):
         return None
     try:
         with h5py.File(path, "r") as f:
@@ -321,13 +325,14 @@ def _read_table(path: Path):
     """A table in any format :func:`payne_lite.read_results` or astropy reads."""
     from astropy.table import Table
 
-    from ..catalog import FORMATS, H5_MAGIC, HDF5_PATH, read_results
+    from .. import _h5
+    from ..catalog import FORMATS, HDF5_PATH, read_results
 
     fmt = FORMATS.get(path.suffix.lower())
-    with open(path, "rb") as fh:
-        ours = fh.read(len(H5_MAGIC)) == H5_MAGIC  # checked before libhdf5 opens it
-    if fmt == "hdf5" and not ours:
+    if fmt == "hdf5":
         import h5py
+
+        _h5.check_stamp(path)  # before libhdf5 reads a byte of it
 
         with h5py.File(path, "r") as f:
             has_results = HDF5_PATH in f
