@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import re
 import shutil
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -250,3 +251,20 @@ def test_sdist_keeps_the_data_folders():
         if PurePosixPath(f).match(pat.lstrip("/"))
     ]
     assert not dropped
+
+
+# --- the README's examples run on the shipped data ----------------------------------
+def test_readme_quick_start_runs_on_the_shipped_data(tmp_path, monkeypatch):
+    """The README's Python quick start (predict with The Payne's network, fit the real
+    spectrum) runs as written from a folder with nothing beside it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python quick start") :]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    assert "pl.datasets.payne_apogee()" in blocks[0] and "D." in blocks[1]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), scope)
+    assert scope["flux"].shape == (2, 7214)
+    assert (tmp_path / "apogee_payne.h5").is_file()
+    table = scope["table"]
+    assert len(table) == 1 and 4500 < table["Teff"][0] < 5500
