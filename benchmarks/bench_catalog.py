@@ -10,7 +10,7 @@ fit on the same arrays"):
 
 1. Writes an ``--n``-spectrum catalog (``payne_lite.catalog.catalog_writer``, in blocks,
    so writing is bounded too): noiseless spectra of the real 5-label Payne network
-   (../shared/data/payne_apogee; ``--emulator default`` or without that folder:
+   (``pl.datasets.payne_apogee()``; ``--emulator default`` or without that data:
    data/default_emulator.h5) at labels uniform in the middle 80 % of the box, rest
    frame, plus Gaussian noise of sigma = 1/``--snr``; float32 flux and errors, ids,
    and the APOGEE pixel mask stored as the per-spectrum mask (Payne network only).
@@ -42,13 +42,21 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
 DEFAULT_EMULATOR = ROOT / "data" / "default_emulator.h5"
-NAMES = ["Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro"]
-UNITS = ["K", "dex", "dex", "dex", "km/s"]
 BOX_FRACTION = 0.8
 BLOCK = 1000  # spectra generated and appended at a time
 COMPARE_TOL = 1e-2  # |fit_catalog - fit| / sigma allowed for labels and rv
+
+
+def payne_available() -> bool:
+    """Whether the real Payne/APOGEE example data is installed."""
+    import payne_lite as pl
+
+    try:
+        pl.datasets.payne_apogee()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def load_emulator(which: str):
@@ -56,15 +64,8 @@ def load_emulator(which: str):
     import payne_lite as pl
 
     if which == "payne":
-        wave = np.load(PAYNE_DIR / "apogee_wavelength.npz")["wavelength"]
-        emu = pl.Emulator.from_payne_npz(
-            PAYNE_DIR / "nn_normalized_spectra_5label.npz",
-            label_names=NAMES,
-            label_units=UNITS,
-            wavelength=wave,
-        )
-        mask = np.load(PAYNE_DIR / "apogee_mask.npz")["apogee_mask"].astype(bool)
-        return emu, mask, "real 5-label Payne network (APOGEE, 7214 pixels)"
+        d = pl.datasets.payne_apogee()
+        return d.emulator(), d.mask, "real 5-label Payne network (APOGEE, 7214 pixels)"
     emu = pl.Emulator.load(DEFAULT_EMULATOR)
     return emu, None, f"default emulator ({emu.n_pix} pixels)"
 
@@ -200,8 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--emulator",
         choices=("payne", "default"),
-        default="payne" if PAYNE_DIR.is_dir() else "default",
-        help="payne = the real Payne network (needs ../shared/data/payne_apogee)",
+        default="payne" if payne_available() else "default",
+        help="payne = the real Payne network (payne_lite's example data)",
     )
     ap.add_argument(
         "--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "catalog"

@@ -5,7 +5,7 @@
     python benchmarks/bench_compile.py batch-sizes --json out.json
 
 ``first-fit``: a fresh Python process loads the real APOGEE Payne network
-(../shared/data/payne_apogee) and fits one mock spectrum (S/N 50), three ways in
+(``pl.datasets.payne_apogee()``) and fits one mock spectrum (S/N 50), three ways in
 this run: with the persistent compilation cache off (``PAYNE_LITE_COMPILATION_CACHE
 =off``), with an empty cache directory (cold: compiles and writes), and again with
 that directory (warm: loads). Each process prints its import, first-fit and

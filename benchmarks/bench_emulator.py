@@ -5,7 +5,7 @@
     python benchmarks/bench_emulator.py default-grid    # the shipped default emulator
     python benchmarks/bench_emulator.py all --json out.json
 
-``throughput``: the real 7214-pixel Payne network (../shared/data/payne_apogee) for
+``throughput``: the real 7214-pixel Payne network (``pl.datasets.payne_apogee()``) for
 10,000 label vectors, our batched jitted evaluation against the original's way (NumPy
 einsum, one spectrum per call, exactly The Payne's code: x_min in float64), all timed
 in interleaved rounds of this run, after warm-up, best of 5. Rows: jitted calls of 512
@@ -64,21 +64,18 @@ from payne_lite.emulator import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
-NAMES = ["Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro"]
-UNITS = ["K", "dex", "dex", "dex", "km/s"]
+
+
+def payne_data() -> pl.datasets.PayneApogee:
+    """The real Payne/APOGEE example data shipped with payne_lite (exits if absent)."""
+    try:
+        return pl.datasets.payne_apogee()
+    except FileNotFoundError as err:
+        sys.exit(f"skipped: real Payne network needed: {err}")
 
 
 def load_teacher() -> pl.Emulator:
-    if not PAYNE_DIR.exists():
-        sys.exit(f"skipped: {PAYNE_DIR} not found (real Payne network needed)")
-    wave = np.load(PAYNE_DIR / "apogee_wavelength.npz")["wavelength"]
-    return pl.Emulator.from_payne_npz(
-        PAYNE_DIR / "nn_normalized_spectra_5label.npz",
-        label_names=NAMES,
-        label_units=UNITS,
-        wavelength=wave,
-    )
+    return payne_data().emulator()
 
 
 def _activation_loop(act, n=1 << 20, total=4e8, compiler_options=None):
@@ -100,7 +97,7 @@ def numpy_original(emu: pl.Emulator | None = None):
     as the classic Payne network and the shipped default emulator have).
     """
     if emu is None:
-        raw = np.load(PAYNE_DIR / "nn_normalized_spectra_5label.npz")
+        raw = np.load(payne_data().network)
         w0, b0, w1, b1 = (
             raw[k] for k in ("w_array_0", "b_array_0", "w_array_1", "b_array_1")
         )

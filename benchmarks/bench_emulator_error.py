@@ -1,7 +1,7 @@
 """Does the emulator's own error in the likelihood keep label errors calibrated?
 
 An honest experiment with a known truth: The Payne's trained APOGEE network (real,
-``../shared/data/payne_apogee``) plays the role of the true spectra; a smaller
+``pl.datasets.payne_apogee()``) plays the role of the true spectra; a smaller
 *student* emulator is trained on spectra of it with :func:`payne_lite.train_emulator`
 (so its ``pixel_error`` is the RMS on its own held-out validation spectra, measured at
 training time, as for any emulator trained here). Mock stars are made from the true
@@ -42,24 +42,14 @@ import payne_lite as pl
 from payne_lite.constants import C_KMS
 from payne_lite.emulator import TrainConfig
 
-PAYNE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "payne_apogee"
-NAMES = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
-UNITS = ("K", "dex", "dex", "dex", "km/s")
+NAMES = pl.datasets.PAYNE_LABELS_5
 
 
-def truth_emulator(data_dir: Path = PAYNE_DIR) -> tuple[pl.Emulator, np.ndarray]:
-    """The real 5-label APOGEE network (no pixel error of its own) and its mask."""
-    with np.load(data_dir / "apogee_wavelength.npz") as d:
-        wave = d["wavelength"]
-    with np.load(data_dir / "apogee_mask.npz") as d:
-        mask = d["apogee_mask"]
-    emu = pl.Emulator.from_payne_npz(
-        data_dir / "nn_normalized_spectra_5label.npz",
-        label_names=NAMES,
-        label_units=UNITS,
-        wavelength=wave,
-    )
-    return emu, mask
+def truth_emulator(data_dir: Path | None = None) -> tuple[pl.Emulator, np.ndarray]:
+    """The real 5-label APOGEE network (no pixel error of its own) and its mask, from
+    payne_lite's example data (or a copy of it in ``data_dir``)."""
+    d = pl.datasets.payne_apogee(data_dir)
+    return d.emulator(), d.mask
 
 
 def train_student(
@@ -200,9 +190,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    if not PAYNE_DIR.is_dir():
-        raise SystemExit(f"needs the real data in {PAYNE_DIR}")
-    truth, mask = truth_emulator()
+    try:
+        truth, mask = truth_emulator()
+    except FileNotFoundError as err:
+        raise SystemExit(f"needs the real data: {err}") from None
     t0 = time.perf_counter()
     student = train_student(
         truth,

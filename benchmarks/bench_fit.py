@@ -6,7 +6,7 @@
 
 What it measures (issue 3, "What it must show"):
 
-* Test set: the real 5-label per-pixel Payne network (../shared/data/payne_apogee),
+* Test set: the real 5-label per-pixel Payne network (``pl.datasets.payne_apogee()``),
   labels uniform in the middle 80 % of its box, RV uniform in [-200, 200] km/s
   (relativistic shift, linear interpolation of the rest-frame model onto the observed
   grid, as the data README says), Gaussian noise sigma = 1/SNR per pixel, the APOGEE
@@ -53,11 +53,9 @@ from scipy.optimize import curve_fit
 import payne_lite as pl
 
 ROOT = Path(__file__).resolve().parents[1]
-PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
-NET_FILE = "nn_normalized_spectra_5label.npz"
-REAL_FILE = "apogee_combined_2M13012770+5754582.npz"
-NAMES = ["Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro"]
-UNITS = ["K", "dex", "dex", "dex", "km/s"]
+#: The real APOGEE spectrum of bench_real (the shipped example data's combined file).
+REAL_FILE = pl.datasets.PAYNE_APOGEE_FILES["combined_file"]
+NAMES = list(pl.datasets.PAYNE_LABELS_5)
 PARAMS = [*NAMES, "rv"]
 C_KMS = 299_792.458
 GAP_FACTOR = 3.0  # a rest-grid step > 3x the median (in ln lambda) is a chip gap
@@ -139,15 +137,21 @@ class PayneNumpy:
 # --------------------------------------------------------------------------------------
 # Test set
 # --------------------------------------------------------------------------------------
+def payne_data_or_reason():
+    """The real Payne/APOGEE data shipped with payne_lite, or None (with the reason)
+    when this install lacks it: ``(pl.datasets.PayneApogee | None, str)``."""
+    try:
+        return pl.datasets.payne_apogee(), ""
+    except FileNotFoundError as err:
+        return None, str(err)
+
+
 def load_data():
-    if not PAYNE_DIR.exists():
-        sys.exit(f"skipped: {PAYNE_DIR} not found (real Payne network needed)")
-    wave = np.load(PAYNE_DIR / "apogee_wavelength.npz")["wavelength"]
-    emu = pl.Emulator.from_payne_npz(
-        PAYNE_DIR / NET_FILE, label_names=NAMES, label_units=UNITS, wavelength=wave
-    )
-    mask = np.load(PAYNE_DIR / "apogee_mask.npz")["apogee_mask"].astype(bool)
-    return emu, PayneNumpy(PAYNE_DIR / NET_FILE, wave), mask
+    """(Emulator, PayneNumpy, mask (P,) bool) of the real 5-label network."""
+    d, why = payne_data_or_reason()
+    if d is None:
+        sys.exit(f"skipped: real Payne network needed: {why}")
+    return d.emulator(), PayneNumpy(d.network, d.wavelength), d.mask
 
 
 def make_test_set(net: PayneNumpy, apogee_mask, n: int, snr: float, seed: int):
@@ -443,8 +447,8 @@ def bench_snr(emu, net, apogee_mask, snr, n, seed, methods, tol, rounds):
 
 
 def bench_real(emu, net, apogee_mask, tol, methods):
-    d = np.load(PAYNE_DIR / REAL_FILE)
-    flux, err = np.asarray(d["spectrum"], float), np.asarray(d["spec_err"], float)
+    spec = pl.datasets.payne_apogee().combined_spectrum()
+    flux, err = np.asarray(spec.flux, float), np.asarray(spec.flux_err, float)
     bad = apogee_mask | ~np.isfinite(flux) | ~np.isfinite(err) | ~(err > 0)
     base = Baseline(net, tol)
     base.prepare()

@@ -4,7 +4,7 @@
     python benchmarks/bench_mdn.py --mdn mdn_apogee.h5   # reuse a trained MDN
     python benchmarks/bench_mdn.py --save mdn.h5 --json out.json
 
-With the real 5-label Payne network (../shared/data/payne_apogee) as the emulator:
+With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emulator:
 
 * Training: ``payne_lite.train_mdn(emu, seed=0)`` with its defaults (100,000
   simulated training spectra, 10,000 validation), wall time (target < 15 min).

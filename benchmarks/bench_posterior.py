@@ -5,7 +5,7 @@
     python benchmarks/bench_posterior.py --n 50 --mdn mdn.h5 --json out.json
     python benchmarks/bench_posterior.py --n 20 --methods emcee nuts mdn-is  # cost
 
-With the real 5-label Payne network (../shared/data/payne_apogee) as the emulator:
+With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emulator:
 
 * Mock stars: bench_fit's test set (labels uniform in the middle 80 % of the box,
   rv uniform in +-200 km/s, Gaussian noise 1/SNR, the APOGEE mask and the pixels

@@ -7,8 +7,8 @@ What it does (issue 8, "Scale past one machine", must show: "a benchmark reports
 catalog throughput on 1 vs 2 local workers (spectra per second, ratio)"):
 
 1. Writes an ``--n``-spectrum catalog: noisy spectra (S/N ``--snr``, float32) of the
-   real 5-label Payne network (../shared/data/payne_apogee, 7214 APOGEE pixels;
-   ``--emulator default`` or without that folder: data/default_emulator.h5) at labels
+   real 5-label Payne network (``pl.datasets.payne_apogee()``, 7214 APOGEE pixels;
+   ``--emulator default`` or without that data: data/default_emulator.h5) at labels
    uniform in the middle 80 % of the box.
 2. Fits it with ``fit_catalog(..., chunk_size=--chunk-size)`` in these setups:
 
@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: import the siblings as benchma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from .bench_catalog import PAYNE_DIR, load_emulator  # noqa: E402
+from .bench_catalog import load_emulator, payne_available  # noqa: E402
 
 RUN_META = ("fit_seconds", "n_chunks_resumed", "n_workers")
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--emulator",
         choices=["payne", "default"],
-        default="payne" if PAYNE_DIR.is_dir() else "default",
+        default="payne" if payne_available() else "default",
     )
     ap.add_argument(
         "--setups",

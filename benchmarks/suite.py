@@ -27,10 +27,10 @@ single benchmarks (``bench_emulator.py``, ``bench_fit.py``, ``bench_mdn.py``):
   credible-interval coverage, NUTS against emcee (medians, sds), divergences, the
   fraction converged, and effective samples per second as ratios within the run.
 
-Setups. With ``../shared/data/payne_apogee`` beside the repository the emulator is
-the real 5-label Payne network (setup ``payne_apogee``); without it, the shipped
-``data/default_emulator.h5`` (setup ``default_emulator``; the real-spectrum check is
-skipped). ``--emulator`` forces one. The precision (float32, or float64 under
+Setups. The emulator is the real 5-label Payne network that ships as example data
+(``pl.datasets.payne_apogee()``, setup ``payne_apogee``); on an install without it,
+the shipped ``data/default_emulator.h5`` (setup ``default_emulator``; the
+real-spectrum check is skipped). ``--emulator`` forces one. The precision (float32, or float64 under
 ``JAX_ENABLE_X64=1``) is part of the setup name: results are only compared with a
 reference of the same setup, mode and precision.
 
@@ -96,7 +96,6 @@ if __package__ in (None, ""):  # run as a script: import the siblings as benchma
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-PAYNE_DIR = ROOT.parent / "shared" / "data" / "payne_apogee"
 DEFAULT_EMULATOR = ROOT / "data" / "default_emulator.h5"
 REFERENCE = {
     "quick": BENCH_DIR / "reference_quick.json",
@@ -332,26 +331,23 @@ def load_setup(which: str = "auto") -> tuple[Setup | None, str]:
     _, bench_fit, _ = _import_benchmarks()
     if which not in ("auto", "payne", "default"):
         raise ValueError(f"emulator must be auto, payne or default, got {which!r}")
-    if which == "payne" and not PAYNE_DIR.is_dir():
-        raise ValueError(f"--emulator payne: {PAYNE_DIR} not found")
-    if which in ("auto", "payne") and PAYNE_DIR.is_dir():
+    data, why = bench_fit.payne_data_or_reason()
+    if which == "payne" and data is None:
+        raise ValueError(f"--emulator payne: {why}")
+    if which in ("auto", "payne") and data is not None:
         emu, net, mask = bench_fit.load_data()
         return Setup(
             "payne_apogee",
-            f"real 5-label Payne network (APOGEE, 7214 pixels), {PAYNE_DIR}",
+            f"real 5-label Payne network (APOGEE, 7214 pixels), {data.root}",
             emu,
             net,
             mask,
             True,
         ), ""
-    note = (
-        f"{PAYNE_DIR} not found: using the shipped default emulator"
-        if which == "auto"
-        else ""
-    )
+    note = f"{why}: using the shipped default emulator" if which == "auto" else ""
     if not DEFAULT_EMULATOR.is_file():
         return None, (
-            f"{PAYNE_DIR} not found and {DEFAULT_EMULATOR} missing (rebuild it with "
+            f"{why}; and {DEFAULT_EMULATOR} missing (rebuild it with "
             "data/make_default_emulator.py): nothing to benchmark"
         )
     emu = pl.Emulator.load(DEFAULT_EMULATOR)
@@ -1453,8 +1449,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--emulator",
         choices=("auto", "payne", "default"),
         default="auto",
-        help="auto = the real Payne network if ../shared/data/payne_apogee "
-        "exists, else data/default_emulator.h5",
+        help="auto = the real Payne network (payne_lite's example data) if it is "
+        "installed, else data/default_emulator.h5",
     )
     p.add_argument(
         "--mdn",

@@ -6,6 +6,7 @@ Please cite Ting et al. 2019 (ApJ 879, 69), "The Payne", whose method this imple
 from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
+from . import datasets as datasets
 from ._api import fit as fit
 from ._compile import compilation_cache_dir as compilation_cache_dir
 from ._compile import enable_default_cache as _enable_default_cache
@@ -71,6 +72,7 @@ __all__ = [
     "broadening",
     "check_results_schema",
     "compilation_cache_dir",
+    "datasets",
     "fit",
     "fit_catalog",
     "iter_catalog",

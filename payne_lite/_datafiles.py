@@ -1,10 +1,12 @@
 """Where the package finds the data files it ships, and where it caches what it builds.
 
 The default emulator and MDN are made by ``data/make_default_emulator.py`` and
-``data/make_default_mdn.py`` into the repository's top-level ``data/`` folder; wheels
-carry them as package data, ``payne_lite/_data/`` (``force-include`` in
-``pyproject.toml``). :func:`shipped_file` looks in the installed package data first,
-then in the checkout's ``data/`` (an editable install, or the source tree itself).
+``data/make_default_mdn.py`` into the repository's top-level ``data/`` folder, beside
+the real example data (``data/payne_apogee/``, ``data/apogee_raw/``, read through
+:mod:`payne_lite.datasets`); wheels carry them as package data, ``payne_lite/_data/``
+(``force-include`` in ``pyproject.toml``). :func:`shipped_file` and
+:func:`shipped_dir` look in the installed package data first, then in the checkout's
+``data/`` (an editable install, or the source tree itself).
 Whatever the package builds when nothing is shipped goes to :func:`cache_dir`, never
 next to the package.
 
@@ -26,7 +28,8 @@ CACHE_ENV = "PAYNE_LITE_CACHE"
 
 
 def search_roots() -> list[Path]:
-    """The folders :func:`shipped_file` looks in, first match wins.
+    """The folders :func:`shipped_file` and :func:`shipped_dir` look in, first match
+    wins.
 
     1. ``payne_lite/_data`` of the installed package (a wheel install);
     2. ``data/`` of the repository checkout the package is imported from (an
@@ -48,6 +51,15 @@ def shipped_file(name: str) -> Path | None:
     for root in search_roots():
         path = root / name
         if path.is_file():
+            return path
+    return None
+
+
+def shipped_dir(name: str) -> Path | None:
+    """The shipped data folder ``name`` (e.g. ``"payne_apogee"``), or None."""
+    for root in search_roots():
+        path = root / name
+        if path.is_dir():
             return path
     return None
 

@@ -1,6 +1,8 @@
 """Shared fixtures for the payne_lite test suite.
 
-* ``payne_data``: the real Payne/APOGEE reference files, or a skip giving the reason.
+* ``payne_data``: the real Payne/APOGEE example data that ships in ``data/``
+  (``payne_lite.datasets.payne_apogee()``); ``payne_apogee``: its 5-label network and
+  mask.
 * ``make_emulator`` / ``tiny_emulator``: small random per-pixel emulators built in
   memory (no data files), seeded with ``np.random.default_rng``.
 * ``tol``: dtype-keyed tolerances (float32 vs float64).
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +25,7 @@ import pytest
 # it on in subprocesses of its own.
 os.environ.setdefault("PAYNE_LITE_COMPILATION_CACHE", "off")
 
-from payne_lite import Emulator, PixelNet  # noqa: E402
-
-#: The shared reference data; the repository clone sits beside ``shared/`` (also in CI).
-PAYNE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "payne_apogee"
+from payne_lite import Emulator, PixelNet, datasets  # noqa: E402
 
 #: Relative tolerances (times the magnitude of the reference) by computation dtype.
 _TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
@@ -50,38 +48,21 @@ def tol() -> Callable[[object], float]:
 
 
 @pytest.fixture(scope="session")
-def payne_data() -> Path:
-    """Folder of the real Payne/APOGEE files; skips the test when it is absent."""
-    if not PAYNE_DIR.is_dir():
-        pytest.skip(f"The Payne reference data folder {PAYNE_DIR} not found")
-    return PAYNE_DIR
+def payne_data() -> datasets.PayneApogee:
+    """The real Payne/APOGEE example data that ships with the package (paths and
+    loaders; a FileNotFoundError naming where it looked if the checkout lacks it)."""
+    return datasets.payne_apogee()
 
 
 #: Label names and units of The Payne's 5-label APOGEE network (its README).
-PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
-PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
+PAYNE_LABELS_5 = datasets.PAYNE_LABELS_5
+PAYNE_UNITS_5 = datasets.PAYNE_UNITS_5
 
 
 @pytest.fixture(scope="session")
 def payne_apogee(payne_data) -> tuple[Emulator, np.ndarray]:
     """The real 5-label Payne network on the APOGEE grid, and the APOGEE mask (P,)."""
-    with np.load(payne_data / "apogee_wavelength.npz") as d:
-        wave = d["wavelength"]
-    with np.load(payne_data / "apogee_mask.npz") as d:
-        mask = d["apogee_mask"]
-    emu = Emulator.from_payne_npz(
-        payne_data / "nn_normalized_spectra_5label.npz",
-        label_names=PAYNE_LABELS_5,
-        label_units=PAYNE_UNITS_5,
-        wavelength=wave,
-    )
-    return emu, mask
-
-
-@pytest.fixture(scope="session")
-def payne_dir_optional() -> Path | None:
-    """Like ``payne_data`` but ``None`` instead of a skip (for tests that must run)."""
-    return PAYNE_DIR if PAYNE_DIR.is_dir() else None
+    return payne_data.emulator(), payne_data.mask
 
 
 def build_tiny_emulator(

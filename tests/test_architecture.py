@@ -35,6 +35,7 @@ STAGES = {
     # layer 1: data in; 2: emulate; 3: the observation model
     "grid": 1,
     "emulator": 2,
+    "datasets": 2,  # the shipped example data, loaded as Emulators and arrays
     "observe": 3,
     # layer 4: MDN; 5: point fits; 6: posteriors (built on the LM start)
     "mdn": 4,

@@ -4,7 +4,7 @@
   independent NumPy/SciPy computations;
 * air/vacuum wavelengths;
 * the fitter with an instrumental resolution (shipped default emulator), rotation
-  (the real APOGEE network, ../shared/data), per-star wavelength grids;
+  (the real APOGEE network shipped in data/payne_apogee), per-star wavelength grids;
 * the fast normal-equations path is still taken, and unchanged, with broadening off.
 
 Reference spectra are made here by NumPy/SciPy (``gaussian_filter1d``, a cubic
@@ -38,9 +38,6 @@ from payne_lite.observe.broadening import (
 
 lm_mod = importlib.import_module("payne_lite.fitting._lm")
 
-PAYNE_LABELS_5 = ("Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro")
-PAYNE_UNITS_5 = ("K", "dex", "dex", "dex", "km/s")
-
 
 # --- fixtures ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -55,14 +52,7 @@ def default_emu() -> Emulator:
 
 @pytest.fixture(scope="module")
 def payne5(payne_data) -> Emulator:
-    with np.load(payne_data / "apogee_wavelength.npz") as d:
-        wave = d["wavelength"]
-    return Emulator.from_payne_npz(
-        payne_data / "nn_normalized_spectra_5label.npz",
-        label_names=PAYNE_LABELS_5,
-        label_units=PAYNE_UNITS_5,
-        wavelength=wave,
-    )
+    return payne_data.emulator()
 
 
 def log_emulator(n_pix: int = 300, gap=(120, 150), seed: int = 2) -> Emulator:

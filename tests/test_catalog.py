@@ -239,20 +239,15 @@ def test_corrupt_rows_are_reported_not_read(tmp_path, cat_path):
 
 # --- APOGEE FITS ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def apogee_star(payne_dir_optional):
-    """(wavelength, flux, err) of a real APOGEE spectrum on the 7214-pixel grid; random
-    values on that grid's layout when the shared data are absent."""
-    k = np.r_[322:3242, 3648:6048, 6412:8306]  # the 7214 ASPCAP pixels, gaps out
-    if payne_dir_optional is None:
-        rng = np.random.default_rng(5)
-        flux = rng.uniform(0.5, 1.1, k.size).astype(np.float32)
-        err = rng.uniform(0.005, 0.05, k.size).astype(np.float32)
-        wave = 10.0 ** (APOGEE_CRVAL1 + APOGEE_CDELT1 * k)
-        return k, wave, flux, err
-    d = np.load(payne_dir_optional / "apogee_combined_2M13012770+5754582.npz")
-    wave = np.load(payne_dir_optional / "apogee_wavelength.npz")["wavelength"]
+def apogee_star(payne_data):
+    """(pixel index k on the 8575-pixel grid, wavelength, flux, err) of a real APOGEE
+    spectrum on the 7214-pixel grid (shipped in data/payne_apogee)."""
+    spec = payne_data.combined_spectrum()
+    wave = spec.wavelength
     k = np.rint((np.log10(wave) - APOGEE_CRVAL1) / APOGEE_CDELT1).astype(int)
-    return k, wave, d["spectrum"], d["spec_err"]
+    # the 7214 ASPCAP pixels, gaps out
+    np.testing.assert_array_equal(k, np.r_[322:3242, 3648:6048, 6412:8306])
+    return k, wave, spec.flux, spec.flux_err
 
 
 def write_apogee_file(

@@ -126,8 +126,7 @@ DTYPES = [pytest.param(F32, id="float32"), pytest.param(F64, id="float64")]
 # --- the real Payne networks ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def apogee_wave(payne_data) -> np.ndarray:
-    with np.load(payne_data / "apogee_wavelength.npz") as d:
-        return d["wavelength"]
+    return payne_data.wavelength
 
 
 def _load_payne(path, **kw):
@@ -140,7 +139,7 @@ def _load_payne(path, **kw):
 @pytest.fixture(scope="module")
 def payne5(payne_data, apogee_wave):
     return _load_payne(
-        payne_data / "nn_normalized_spectra_5label.npz",
+        payne_data.network,
         label_names=PAYNE_LABELS_5,
         label_units=PAYNE_UNITS_5,
         wavelength=apogee_wave,
@@ -150,7 +149,7 @@ def payne5(payne_data, apogee_wave):
 @pytest.fixture(scope="module")
 def payne4(payne_data, apogee_wave):
     return _load_payne(
-        payne_data / "nn_unnormalized_spectra_4label.npz",
+        payne_data.network_unnormalized,
         label_names=PAYNE_LABELS_5[:4],
         wavelength=apogee_wave,
         flux_scale=1e-6,

@@ -4,7 +4,7 @@ Synthetic spectra come from a small random per-pixel emulator whose weights are
 smoothed along the pixel axis, so that its spectra are oversampled like real ones
 (a few pixels per feature). Spectra of independent random pixels ("white noise")
 have a local chi2 minimum in RV one pixel from the truth, which no real spectrograph
-produces. The real 5-label Payne network is used where ../shared/data is present.
+produces. The real 5-label Payne network (shipped in data/payne_apogee) is used too.
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ jaxlib 0.10.2 offloads some float32/float64 broadcast-multiply-reduce fusions to
 on CPU and returns wrong numbers without any error. The emulator's forward pass is made
 of such products and reductions, so these tests compare jitted JAX (the package's
 ``predict_batch`` and the bare einsum/broadcast forms) against NumPy float64 on the real
-problem size: 7214 APOGEE pixels, 5 labels, 5 hidden units, a batch of 64 stars. They
-use the real Payne network when ``../shared/data/payne_apogee`` is present and random
-weights of the same size otherwise, so they always run. On a miscompiling jaxlib they
+problem size: 7214 APOGEE pixels, 5 labels, 5 hidden units, a batch of 64 stars, with
+the real Payne network (shipped in ``data/payne_apogee``). On a miscompiling jaxlib they
 fail with a message that names the installed version and the workaround.
 """
 
@@ -55,21 +54,10 @@ def _assert_matches(actual, reference, dtype, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def network(payne_dir_optional) -> dict[str, np.ndarray]:
-    """The classic per-pixel Payne network: the real one if present, else random."""
-    if payne_dir_optional is not None:
-        with np.load(payne_dir_optional / "nn_normalized_spectra_5label.npz") as d:
-            net = {k: d[k] for k in d.files}
-    else:
-        rng = np.random.default_rng(39103)
-        net = dict(
-            w_array_0=rng.normal(0.0, 3.0, (N_PIX, N_HID, N_LAB)).astype(np.float32),
-            b_array_0=rng.normal(0.0, 2.0, (N_PIX, N_HID)).astype(np.float32),
-            w_array_1=rng.normal(0.0, 0.5, (N_PIX, N_HID)).astype(np.float32),
-            b_array_1=(1.0 + rng.normal(0.0, 0.1, N_PIX)).astype(np.float32),
-            x_min=np.array([4200.0, 4.0, -0.8, -0.3, -2.8]),
-            x_max=np.array([7000.0, 5.0, 0.4, 0.5, 45.0]),
-        )
+def network(payne_data) -> dict[str, np.ndarray]:
+    """The classic per-pixel Payne network, The Payne's real APOGEE one."""
+    with np.load(payne_data.network) as d:
+        net = {k: d[k] for k in d.files}
     assert net["w_array_0"].shape == (N_PIX, N_HID, N_LAB)
     return net
 

@@ -2,8 +2,8 @@
 
 Figure functions run on small synthetic inputs; the command runs on a results table
 made by ``payne_lite.fit`` on six spectra simulated from the shipped default emulator
-(one module fixture, a few seconds), and, when ``../shared`` is present, on a real
-APOGEE spectrum fitted with The Payne's network.
+(one module fixture, a few seconds), and on a real APOGEE spectrum fitted with The
+Payne's network (both shipped in ``data/payne_apogee``).
 """
 
 from __future__ import annotations
@@ -739,17 +739,11 @@ def test_plot_truth_without_results(fitted, capsys):
 # real data: an APOGEE spectrum and The Payne's network
 # --------------------------------------------------------------------------------------
 def test_plot_real_apogee_spectrum(payne_data, capsys, tmp_path):
-    wave = np.load(payne_data / "apogee_wavelength.npz")["wavelength"]
-    mask = np.load(payne_data / "apogee_mask.npz")["apogee_mask"]
-    emu = pl.Emulator.from_payne_npz(
-        payne_data / "nn_normalized_spectra_5label.npz",
-        wavelength=wave,
-        label_names=["Teff", "logg", "[Fe/H]", "[alpha/Fe]", "vmacro"],
-        label_units=["K", "dex", "dex", "dex", "km/s"],
-    )
+    wave, mask = payne_data.wavelength, payne_data.mask
+    emu = payne_data.emulator()
     emu.save(tmp_path / "payne.h5")
-    d = np.load(payne_data / "apogee_combined_2M13012770+5754582.npz")
-    flux, err = d["spectrum"][None], d["spec_err"][None]
+    spec = payne_data.combined_spectrum()
+    flux, err = spec.flux[None], spec.flux_err[None]
     pl.write_catalog(
         tmp_path / "cat.h5",
         flux,

@@ -3,8 +3,8 @@
 in the likelihood.
 
 Small smooth random emulators (from ``test_fit``) for the mechanics; the real
-APOGEE Payne network and real visits of a double-lined binary where
-``../shared/data/payne_apogee`` is present (skipped with the reason otherwise).
+APOGEE Payne network and real visits of a double-lined binary, shipped in
+``data/payne_apogee`` (``payne_lite.datasets.payne_apogee()``).
 """
 
 from __future__ import annotations
@@ -800,15 +800,16 @@ def test_double_lined_binary_visits_are_flagged_poor_fit(payne_apogee, payne_dat
     single star 2M13012770+5754582 (chi2_red 4.0 at S/N 197: the network's own
     ~0.9 % misfit) and a simulated S/N-100 star are not flagged."""
     e, mask = payne_apogee
-    with np.load(payne_data / "apogee_visits_2M06133561+2433362.npz") as d:
-        flux, err = d["spectra"], d["spec_errs"]
+    visits = payne_data.visits()
+    assert visits.star == "2M06133561+2433362"
+    flux, err = visits.flux, visits.flux_err
     alone = fit(flux, err, e, mask=mask)
     joint = fit(flux, err, e, mask=mask, group=np.zeros(3, int))
     for t in (alone, joint):
         assert np.all(np.asarray(t["chi2_red"]) > 3.0), list(t["chi2_red"])
         assert np.all(np.asarray(t["flags"]) & FLAG_POOR_FIT), list(t["flags"])
-    with np.load(payne_data / "apogee_combined_2M13012770+5754582.npz") as d:
-        good = fit(d["spectrum"], d["spec_err"], e, mask=mask)
+    single = payne_data.combined_spectrum()
+    good = fit(single.flux, single.flux_err, e, mask=mask)
     assert good["chi2_red"][0] > 2.0  # beyond noise, yet a good fit
     assert not good["flags"][0] & FLAG_POOR_FIT
     rng = np.random.default_rng(100)
