@@ -118,6 +118,21 @@ def build_log_emulator(n_pix: int = 120, *, seed: int = 4) -> Emulator:
     )
 
 
+def write_tiny_catalog(path, emu, n: int, *, seed: int = 1, noise: float = 0.02):
+    """A catalog file of ``n`` noisy spectra of ``emu`` (labels uniform in the middle
+    60 % of its box, flux errors ``noise``, ids ``s0``, ``s1`` ...); returns the path."""
+    import payne_lite as pl
+
+    rng = np.random.default_rng(seed)
+    lo, hi = emu.label_lo, emu.label_hi
+    labels = lo + (hi - lo) * rng.uniform(0.2, 0.8, (n, emu.n_labels))
+    flux = emu.predict(labels) + rng.normal(0, noise, (n, emu.wavelength.size))
+    ids = [f"s{i}" for i in range(n)]
+    return pl.write_catalog(
+        path, flux, np.full_like(flux, noise), emu.wavelength, ids=ids
+    )
+
+
 def restamp(path) -> None:
     """Stamp an HDF5 file again (:func:`payne_lite._h5.stamp`) after a test edited it
     in place, as a file written that way (another version, another content) would be;

@@ -38,18 +38,11 @@ sys.exit(main({argv!r}))
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from conftest import build_tiny_emulator
+    from conftest import build_tiny_emulator, write_tiny_catalog
 
     emu = build_tiny_emulator(n_pix=N_PIX, n_hid=3, seed=3)
-    rng = np.random.default_rng(1)
-    lo, hi = emu.label_lo, emu.label_hi
-    labels = lo + (hi - lo) * rng.uniform(0.2, 0.8, (N_SPEC, emu.n_labels))
-    flux = emu.predict(labels) + rng.normal(0, 0.02, (N_SPEC, N_PIX))
     folder = tmp_path_factory.mktemp("diskfull")
-    ids = [f"s{i}" for i in range(N_SPEC)]
-    cat = pl.write_catalog(
-        folder / "cat.h5", flux, np.full_like(flux, 0.02), emu.wavelength, ids=ids
-    )
+    cat = write_tiny_catalog(folder / "cat.h5", emu, N_SPEC)
     emu.save(folder / "emu.h5")
     ref = pl.fit_catalog(cat, folder / "ref.h5", emu, chunk_size=CHUNK, progress=False)
     return cat, folder / "emu.h5", ref

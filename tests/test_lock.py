@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import write_tiny_catalog
 
 import payne_lite as pl
 from payne_lite import OutputLockedError
@@ -51,14 +51,8 @@ def emu():
 
 @pytest.fixture(scope="module")
 def cat(tmp_path_factory, emu):
-    rng = np.random.default_rng(1)
-    lo, hi = emu.label_lo, emu.label_hi
-    labels = lo + (hi - lo) * rng.uniform(0.2, 0.8, (N_SPEC, emu.n_labels))
-    flux = emu.predict(labels) + rng.normal(0, 0.02, (N_SPEC, N_PIX))
-    err = np.full_like(flux, 0.02)
     folder = tmp_path_factory.mktemp("lockcat")
-    ids = [f"star{i}" for i in range(N_SPEC)]
-    path = pl.write_catalog(folder / "cat.h5", flux, err, emu.wavelength, ids=ids)
+    path = write_tiny_catalog(folder / "cat.h5", emu, N_SPEC)
     emu_path = folder / "emu.h5"
     emu.save(emu_path)
     return path, emu_path
@@ -161,7 +155,7 @@ def test_two_runs_started_together_one_wins(tmp_path, cat):
         "exists" in loser
     ), loser
     t = pl.read_results(out)
-    assert list(t["id"]) == [f"star{i}" for i in range(N_SPEC)]  # each once
+    assert list(t["id"]) == [f"s{i}" for i in range(N_SPEC)]  # each once
     assert not lock_path(out).exists()
     assert not (tmp_path / "out.h5.parts").exists()
 
