@@ -72,7 +72,9 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("suffix", [".fits", ".ecsv", ".h5"])
+# ECSV is written by Python's own file writes (already a clean OSError); FITS and
+# HDF5 went through astropy's numpy writes and libhdf5
+@pytest.mark.parametrize("suffix", [".fits", ".h5"])
 def test_final_table_on_a_full_disk_then_resume(tmp_path, files, suffix):
     out = tmp_path / f"out{suffix}"
     code, err = _fit(files, out, limit=16_000)

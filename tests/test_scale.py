@@ -214,8 +214,10 @@ def test_killed_run_resumes_with_every_row_once(
         return fit_rows(chunk, **kw)
 
     monkeypatch.setattr(catalog_mod, "fit_rows", counting)
-    # the same call again: only the missing chunks are fitted
-    table = pl.fit_catalog(cat, out, emu_path, chunk_size=CHUNK, progress=False)
+    # the same call again: only the missing chunks are fitted; the killed run's
+    # lock is taken over, with a warning that names it
+    with pytest.warns(RuntimeWarning, match=f"taking over the lock of pid {proc.pid}"):
+        table = pl.fit_catalog(cat, out, emu_path, chunk_size=CHUNK, progress=False)
     missing = [i for i in range(N_CHUNKS) if i not in done]
     assert fitted == [f"star{i * CHUNK:05d}" for i in missing]
     assert table.meta["n_chunks_resumed"] == len(done)
