@@ -1,5 +1,5 @@
 """Damaged model files (issue: faults at catalog scale, fuzz every file type): each
-damaged copy of an emulator or a grid file (truncated, a bit flipped in the headers
+damaged copy of an emulator, a grid or an MDN file (truncated, a bit flipped in the headers
 or anywhere, a 512-byte block zeroed) is refused with FileFormatError or loads with
 its content unchanged; never other numbers, an exception of another kind, a hang or
 a crash. The loads run in a child process with a timeout, because libhdf5 can abort
@@ -25,6 +25,10 @@ import numpy as np
 import payne_lite as pl
 warnings.simplefilter("ignore")
 kind, ref_path, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+emu_path = None
+if kind == "mdn":  # the MDN's own emulator: the shipped default
+    from payne_lite._datafiles import DEFAULT_EMULATOR, shipped_file
+    emu_path = shipped_file(DEFAULT_EMULATOR)
 
 def fingerprint(path):
     h = hashlib.sha256()
@@ -33,6 +37,13 @@ def fingerprint(path):
         lab = e.label_lo + (e.label_hi - e.label_lo) * np.linspace(0.2, 0.8, 3)[:, None]
         arrays = [e.predict(lab), e.wavelength, e.label_lo, e.label_hi]
         h.update(json.dumps([list(e.label_names), list(e.label_units)]).encode())
+    elif kind == "mdn":
+        m = pl.MDN.load(path)
+        e = pl.Emulator.load(emu_path)
+        lab = e.label_lo + (e.label_hi - e.label_lo) * np.linspace(0.3, 0.7, 2)[:, None]
+        flux = e.predict(lab)
+        arrays = list(m.predict(flux, np.full_like(flux, 0.01)))
+        h.update(json.dumps(list(m.label_names)).encode())
     else:
         g = pl.SpectralGrid.load(path)
         arrays = [g.labels, g.flux, g.wavelength]
@@ -71,10 +82,16 @@ def model_files(tmp_path_factory):
         label_units=emu.label_units,
     )
     grid.save(folder / "grid.h5")
-    return {"emulator": folder / "emu.h5", "grid": folder / "grid.h5"}
+    from payne_lite._datafiles import DEFAULT_MDN, shipped_file
+
+    return {
+        "emulator": folder / "emu.h5",
+        "grid": folder / "grid.h5",
+        "mdn": shipped_file(DEFAULT_MDN),  # a real trained MDN (2 MB)
+    }
 
 
-@pytest.mark.parametrize("kind", ["emulator", "grid"])
+@pytest.mark.parametrize("kind", ["emulator", "grid", "mdn"])
 def test_damaged_model_files_are_refused_or_read_unchanged(model_files, tmp_path, kind):
     src = model_files[kind]
     paths = _damaged_copies(src, tmp_path, np.random.default_rng(3), n_flip=16)
