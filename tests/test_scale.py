@@ -79,9 +79,15 @@ def reference(files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client():
     pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    import dask
+
     from payne_lite.catalog import local_client
 
-    with local_client(2) as c:
+    # the active memory manager every 10 ms, not 2 s: it drops replicas of scattered
+    # data that no queued task on a worker needs (the emulator arrived twice on one
+    # worker in a CI run when it was scattered; it now travels as a worker plugin)
+    amm = {"distributed.scheduler.active-memory-manager.interval": "10ms"}
+    with dask.config.set(amm), local_client(2) as c:
         yield c
 
 

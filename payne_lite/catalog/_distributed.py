@@ -6,10 +6,14 @@ ADDRESS`` for a running cluster, ``--workers N`` for a :func:`local_client`).
 
 How the work is shared:
 
-* the emulator, the MDN and the fit settings are scattered once to every worker
-  (``broadcast=True``); every task gets that worker's one copy, so a worker
-  deserialises the emulator once and keeps its device arrays and compiled solver
-  (chunks of one shape compile once per worker);
+* the emulator, the MDN and the fit settings travel once to every worker as a
+  worker plugin (:class:`._dask_plugin.Settings`); every task uses that worker's one copy, so a
+  worker deserialises the emulator once and keeps its device arrays and compiled
+  solver (chunks of one shape compile once per worker). A plugin, not a scattered
+  future: Dask's active memory manager drops replicas of scattered data that no
+  queued task on a worker needs at that moment, and the worker then fetched the
+  emulator again (2 copies in 7 tasks, seen under load); a worker that joins later,
+  or replaces a dead one, gets the plugin from the scheduler before its first task;
 * the catalog is read here, one chunk at a time, and each chunk is sent to the
   cluster with its task; at most two chunks per worker thread are in flight, so
   memory stays bounded however large the catalog. Workers need no shared file system:
@@ -138,10 +142,19 @@ def _listen() -> None:
     jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
-def _fit_task(task: Callable, chunk, settings: dict, p0):
+def _worker_settings(name: str) -> dict:
+    distributed = require()
+    plugin = distributed.get_worker().plugins.get(name)
+    if plugin is None or plugin.settings is None:
+        raise RuntimeError(f"worker has no plugin {name!r}: the run's settings are gone")
+    return plugin.settings
+
+
+def _fit_task(task: Callable, chunk, settings_name: str, p0):
     """Run on a worker: ``task(chunk, p0=p0, **settings)`` with the worker's copy of
-    ``settings``."""
+    the run's settings (plugin ``settings_name``)."""
     _listen()
+    settings = _worker_settings(settings_name)
     before = _STATS["compiles"]
     table = task(chunk, p0=p0, **settings)
     with _STATS_LOCK:
@@ -186,8 +199,8 @@ def fit_chunks(
         cat: an open catalog reader (read here, a chunk at a time).
         bounds: ``[(start, stop), ...]`` of every chunk.
         todo: indices of the chunks to fit.
-        settings: keyword arguments of ``task`` (the emulator among them); scattered
-            once to every worker.
+        settings: keyword arguments of ``task`` (the emulator among them); sent once
+            to every worker (a worker plugin, removed when this returns).
         task: ``task(chunk, p0=p0, **settings) -> Table``, run on the workers (a
             module-level function, so that it pickles by name).
         p0_of: ``(start, stop) -> p0`` for a chunk (None, (L,) or (m, L)).
@@ -208,7 +221,10 @@ def fit_chunks(
     n_workers = len(client.scheduler_info().get("workers", {}))
     threads = sum(client.nthreads().values()) or 1
     window = max(2, 2 * threads)
-    [settings_f] = client.scatter([settings], broadcast=True, hash=False)
+    from ._dask_plugin import Settings
+
+    plugin = Settings(settings)
+    client.register_plugin(plugin, name=plugin.name)
     run = uuid.uuid4().hex[:8]
     pending = iter(todo)
     in_flight: dict[str, tuple[int, object, object]] = {}
@@ -225,7 +241,7 @@ def fit_chunks(
             _fit_task,
             task,
             chunk_f,
-            settings_f,
+            plugin.name,
             p0_of(start, stop),
             key=f"payne-lite-chunk-{run}-{i}",
             pure=False,
@@ -247,5 +263,6 @@ def fit_chunks(
         client.cancel([f for _, f, _ in in_flight.values()])
         raise
     finally:
-        settings_f.release()
+        with contextlib.suppress(Exception):  # a scheduler that has gone away
+            client.unregister_worker_plugin(plugin.name)
     return n_workers

@@ -198,7 +198,7 @@ def fit_catalog(
 
     **Dask.** With ``client`` (a ``distributed.Client``; see
     :func:`payne_lite.catalog.local_client`), the emulator, MDN and settings are
-    scattered to every worker once, chunks are read here and sent to the workers (at
+    sent to every worker once (a worker plugin), chunks are read here and sent to the workers (at
     most two per worker in flight, so memory stays bounded), and results come back
     here to be written; workers need neither the catalog nor the output folder. A
     worker keeps its compiled solver: chunks of one shape compile once per worker.
