@@ -146,7 +146,9 @@ def _worker_settings(name: str) -> dict:
     distributed = require()
     plugin = distributed.get_worker().plugins.get(name)
     if plugin is None or plugin.settings is None:
-        raise RuntimeError(f"worker has no plugin {name!r}: the run's settings are gone")
+        raise RuntimeError(
+            f"worker has no plugin {name!r}: the run's settings are gone"
+        )
     return plugin.settings
 
 
