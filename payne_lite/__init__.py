@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import _jaxcheck  # noqa: F401  (warns about known-bad jaxlib builds)
 from . import datasets as datasets
+from . import spectra as spectra
 from ._api import fit as fit
 from ._compile import compilation_cache_dir as compilation_cache_dir
 from ._compile import enable_default_cache as _enable_default_cache
@@ -73,6 +74,7 @@ __all__ = [
     "check_results_schema",
     "compilation_cache_dir",
     "datasets",
+    "spectra",
     "fit",
     "fit_catalog",
     "iter_catalog",

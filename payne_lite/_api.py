@@ -15,6 +15,7 @@ from .fitting import fit_spectra
 from .observe import Instrument
 from .posterior import METHODS as SAMPLERS
 from .posterior import sample
+from .spectra import unpack
 
 __all__ = ["METHODS", "fit"]
 
@@ -24,8 +25,8 @@ METHODS = (*POINT_METHODS, *SAMPLERS)
 
 def fit(
     flux,
-    flux_err,
-    emulator: Emulator,
+    flux_err=None,
+    emulator: Emulator | None = None,
     *,
     mask=None,
     wavelength=None,
@@ -46,10 +47,18 @@ def fit(
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
     Args:
-        flux: (n, P) or (P,) observed flux on ``wavelength``.
+        flux: (n, P) or (P,) observed flux on ``wavelength``; or a
+            ``specutils.Spectrum`` (one, or several on one spectral axis), a list of
+            them (any grids) or a ``SpectrumCollection``: wavelength (with its unit,
+            air or vacuum), flux, uncertainty and mask are taken from it
+            (:mod:`payne_lite.spectra` says how; ``flux_err`` and ``wavelength``
+            are then None, and ``pl.fit(spectrum, emulator=emu)`` or
+            ``pl.fit(spectrum, emu)`` both work). The table's ``meta["input"]`` says
+            what was read; :func:`payne_lite.spectra.model_spectrum` turns
+            ``return_model``'s column into spectra.
         flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
             non-finite flux) give that pixel zero weight.
-        emulator: the rest-frame spectrum emulator.
+        emulator: the rest-frame spectrum emulator (required).
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
         wavelength: observed wavelength [A]: (P,) one grid for all spectra, or
             (n, P) one grid per spectrum; NaN entries are masked pixels (e.g. the
@@ -163,6 +172,10 @@ def fit(
         ...            instrument=pl.Instrument(resolution=8000.0, vsini=True),
         ...            cont_deg=1, options=pl.LMOptions(max_iter=60))
     """
+    flux, flux_err, emulator, mask, wavelength, instrument, read = unpack(
+        flux, flux_err, emulator, mask=mask, wavelength=wavelength,
+        instrument=instrument, cont_deg=cont_deg,
+    )  # fmt: skip
     if method in SAMPLERS:
         given = [
             name for name, value in (("p0", p0), ("group", group)) if value is not None
@@ -173,17 +186,22 @@ def fit(
                 f"{'is a point-fit argument' if len(given) == 1 else 'are point-fit arguments'}"
                 " (lm, curve_fit); the samplers start from their own LM fit"
             )
-        return sample(
+        table = sample(
             flux, flux_err, emulator, method=method, mask=mask, wavelength=wavelength,
             instrument=instrument, mdn=mdn, cont_deg=cont_deg, rv_range=rv_range,
             fixed=fixed, seed=seed, emulator_error=emulator_error, progress=progress,
             options=options,
         )  # fmt: skip
-    if method not in POINT_METHODS:
+    elif method not in POINT_METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return fit_spectra(
-        flux, flux_err, emulator, mask=mask, wavelength=wavelength, method=method,
-        instrument=instrument, cont_deg=cont_deg, rv_range=rv_range, p0=p0,
-        fixed=fixed, mdn=mdn, group=group, seed=seed, emulator_error=emulator_error,
-        return_model=return_model, progress=progress, options=options,
-    )  # fmt: skip
+    else:
+        table = fit_spectra(
+            flux, flux_err, emulator, mask=mask, wavelength=wavelength, method=method,
+            instrument=instrument, cont_deg=cont_deg, rv_range=rv_range, p0=p0,
+            fixed=fixed, mdn=mdn, group=group, seed=seed,
+            emulator_error=emulator_error, return_model=return_model,
+            progress=progress, options=options,
+        )  # fmt: skip
+    if read is not None:
+        table.meta["input"] = read
+    return table

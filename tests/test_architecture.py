@@ -37,6 +37,7 @@ STAGES = {
     "emulator": 2,
     "datasets": 2,  # the shipped example data, loaded as Emulators and arrays
     "observe": 3,
+    "spectra": 3,  # specutils spectra in (as observe's arrays and Instrument) and out
     # layer 4: MDN; 5: point fits; 6: posteriors (built on the LM start)
     "mdn": 4,
     "fitting": 5,

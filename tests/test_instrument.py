@@ -140,6 +140,27 @@ def test_bug3_sampler_options_belong_to_their_method(tiny_emulator):
         )
     assert t.meta["options"]["n_walkers"] == 16
     assert "n_draws" not in t.meta["options"] and "n_draws" not in t.meta
+    # the same star as a specutils Spectrum (tests/test_spectra.py has the rest)
+    specutils = pytest.importorskip("specutils")
+    import astropy.units as u
+    from astropy.nddata import StdDevUncertainty
+
+    sp = specutils.Spectrum(
+        flux=flux * u.one,
+        spectral_axis=tiny_emulator.wavelength * u.AA,
+        uncertainty=StdDevUncertainty(err),
+        meta={"medium": "vacuum"},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pl.SamplingWarning)
+        t_sp = pl.sample(
+            sp,
+            emulator=tiny_emulator,
+            options=pl.EmceeOptions(n_walkers=16, n_steps=40, check_every=40),
+        )
+    assert t_sp.meta["input"]["kind"] == "specutils.Spectrum"
+    for c in ("Teff", "Teff_p16", "Teff_p84", "rv", "rv_p84"):
+        np.testing.assert_array_equal(t_sp[c], t[c])
 
 
 @pytest.mark.parametrize("rv_range", [(-np.inf, np.inf), (100.0, -100.0), (0.0, 0.0)])

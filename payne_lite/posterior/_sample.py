@@ -172,6 +172,7 @@ from ..errors import SamplingWarning
 from ..fitting import fit_spectra, param_units
 from ..observe import BROADENING_START, LABEL_BOUND, RV_WINDOW, Instrument
 from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
+from ..spectra import unpack
 from ._diagnostics import N_TAU_MIN, RHAT_MAX
 from ._emcee import run_emcee
 from ._io import PosteriorSamples
@@ -279,8 +280,8 @@ def log_posterior(
 # --------------------------------------------------------------------------------------
 def sample(
     flux,
-    flux_err,
-    emulator: Emulator,
+    flux_err=None,
+    emulator: Emulator | None = None,
     *,
     method: str = "emcee",
     mask=None,
@@ -302,10 +303,14 @@ def sample(
     """Posterior samples of labels, rv (and continuum) per spectrum, summarised.
 
     Args:
-        flux: (n, P) or (P,) observed flux on ``wavelength``.
+        flux: (n, P) or (P,) observed flux on ``wavelength``; or a
+            ``specutils.Spectrum`` (or a list of them, or a ``SpectrumCollection``) on
+            one grid, with its uncertainty, mask, units and medium
+            (:mod:`payne_lite.spectra`; then ``flux_err`` and ``wavelength`` are
+            None and the table's ``meta["input"]`` says what was read).
         flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
             non-finite flux) give that pixel zero weight, as in :func:`fit`.
-        emulator: the rest-frame spectrum emulator.
+        emulator: the rest-frame spectrum emulator (required).
         method: ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` (see the module docstring).
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
         wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
@@ -353,6 +358,10 @@ def sample(
         >>> t = sample(flux, err, emu, options=EmceeOptions(n_steps=4000))  # doctest: +SKIP
         >>> t["Teff"], t["Teff_p16"], t["Teff_p84"], t["converged"]
     """
+    flux, flux_err, emulator, mask, wavelength, instrument, given = unpack(
+        flux, flux_err, emulator, mask=mask, wavelength=wavelength,
+        instrument=instrument, cont_deg=cont_deg,
+    )  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     opts = options_for(method, options)
@@ -421,6 +430,8 @@ def sample(
             ),
         ),
     )  # fmt: skip
+    if given is not None:
+        table.meta["input"] = given
     post = _posterior_samples(run)
     _warn_unconverged(table, run)
     return (table, post) if return_samples else table
