@@ -7,8 +7,6 @@ from ._apogee import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
 from ._apogee import ApogeeFitsCatalog as ApogeeFitsCatalog
 from ._apogee import ApogeeSpectrum as ApogeeSpectrum
 from ._apogee import chunk_bounds as chunk_bounds
-from ._apogee import iter_catalog as iter_catalog
-from ._apogee import open_catalog as open_catalog
 from ._apogee import read_apogee_fits as read_apogee_fits
 from ._distributed import check_client as check_client
 from ._distributed import connect as connect
@@ -20,9 +18,16 @@ from ._hdf5 import CATALOG_FORMAT as CATALOG_FORMAT
 from ._hdf5 import CatalogChunk as CatalogChunk
 from ._hdf5 import CatalogWriter as CatalogWriter
 from ._hdf5 import HDF5Catalog as HDF5Catalog
+from ._hdf5 import Reader as Reader
 from ._hdf5 import catalog_writer as catalog_writer
 from ._hdf5 import write_catalog as write_catalog
 from ._parts import parts_folder as parts_folder
+from ._plain import FitsTableCatalog as FitsTableCatalog
+from ._plain import PlainHDF5Catalog as PlainHDF5Catalog
+from ._readers import iter_catalog as iter_catalog
+from ._readers import open_catalog as open_catalog
+from ._readers import reader_names as reader_names
+from ._readers import register_reader as register_reader
 from ._results import FORMATS as FORMATS
 from ._results import HDF5_PATH as HDF5_PATH
 from ._results import KEY_COLUMNS as KEY_COLUMNS
@@ -37,6 +42,7 @@ from ._results import safe_column_names as safe_column_names
 from ._results import write_results as write_results
 from ._runner import fit_catalog as fit_catalog
 from ._runner import fit_rows as fit_rows
+from ._specutils import SpecutilsCatalog as SpecutilsCatalog
 
 __all__ = [
     "APOGEE_BAD_PIXEL_BITS",
@@ -46,9 +52,13 @@ __all__ = [
     "CatalogChunk",
     "CatalogWriter",
     "DEFAULT_CHUNK_SIZE",
+    "FitsTableCatalog",
     "FORMATS",
     "HDF5Catalog",
     "HDF5_PATH",
+    "PlainHDF5Catalog",
+    "Reader",
+    "SpecutilsCatalog",
     "KEY_COLUMNS",
     "KEY_VERSION",
     "RESULTS_FORMAT_VERSION",
@@ -67,6 +77,8 @@ __all__ = [
     "open_catalog",
     "parts_folder",
     "read_apogee_fits",
+    "reader_names",
+    "register_reader",
     "read_results",
     "require",
     "safe_column_name",

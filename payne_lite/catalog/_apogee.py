@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from .._validate import check_wavelength
 from ..errors import FileFormatError
-from ._hdf5 import CatalogChunk, HDF5Catalog, Reader
+from ._hdf5 import FITS_SUFFIXES, CatalogChunk, Reader, has_suffix
 
 #: Spectra per fit_catalog chunk (the unit of reading, fitting and, later, resuming).
 #: A multiple of fit()'s default ``batch_size`` (128) keeps every batch full. Peak
@@ -37,10 +37,6 @@ DEFAULT_CHUNK_SIZE = 512
 #: 3 UNFIXABLE, 4 BADDARK, 5 BADFLAT, 6 BADERR, 7 NOSKY. (Bits 9-14: persistence,
 #: significant sky / telluric lines, are warnings and are kept.)
 APOGEE_BAD_PIXEL_BITS = 0b1111_1111
-
-#: File name endings read as HDF5 catalogs and as APOGEE FITS files.
-HDF5_SUFFIXES = (".h5", ".hdf5")
-FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
 
 
 # --------------------------------------------------------------------------------------
@@ -229,6 +225,16 @@ class ApogeeFitsCatalog(Reader):
         ValueError: an empty list.
     """
 
+    name = "apogee-fits"
+
+    @classmethod
+    def claims(cls, paths: list[Path]) -> bool:
+        """FITS files (by name; their HDUs are checked when opened)."""
+        return all(has_suffix(p, FITS_SUFFIXES) for p in paths)
+
+    def options(self) -> dict:
+        return {"bad_bits": self.bad_bits}
+
     def __init__(
         self,
         paths: Sequence[str | os.PathLike],
@@ -289,56 +295,6 @@ class ApogeeFitsCatalog(Reader):
 # --------------------------------------------------------------------------------------
 # Any catalog: open, chunk, iterate
 # --------------------------------------------------------------------------------------
-def _is_fits(path: Path) -> bool:
-    return any(path.name.lower().endswith(s) for s in FITS_SUFFIXES)
-
-
-def open_catalog(source, **kw) -> HDF5Catalog | ApogeeFitsCatalog:
-    """A reader for ``source``: a catalog ``.h5`` file, or one or more APOGEE FITS files.
-
-    Args:
-        source: path of a ``.h5``/``.hdf5`` catalog (:func:`write_catalog`), or of a
-            ``.fits`` file, or a list of ``.fits`` paths (one spectrum each), or a
-            reader (returned as is).
-        **kw: passed to :class:`ApogeeFitsCatalog` (``bad_bits``).
-
-    Returns:
-        A reader with ``len()``, ``n_pix``, ``wavelength`` (P,) (None for an HDF5
-        catalog with one grid per spectrum: ``per_row_wavelength``), ``has_mask``,
-        ``has_ids``, ``read(start, stop) -> CatalogChunk`` and
-        ``read_wavelength(start, stop)``; use it as a context manager.
-
-    Raises:
-        ValueError: an unknown file type, an empty list, a list mixing HDF5 and FITS.
-        FileNotFoundError, payne_lite.FileFormatError: see the readers.
-    """
-    if isinstance(source, Reader):
-        return source
-    paths = (
-        [Path(source)]
-        if isinstance(source, str | os.PathLike)
-        else [Path(p) for p in source]
-    )
-    if not paths:
-        raise ValueError("no catalog files given")
-    if all(_is_fits(p) for p in paths):
-        return ApogeeFitsCatalog(paths, **kw)
-    if len(paths) == 1 and paths[0].suffix.lower() in HDF5_SUFFIXES:
-        if kw:
-            raise ValueError(f"{sorted(kw)} apply to FITS catalogs only")
-        return HDF5Catalog(paths[0])
-    bad = [str(p) for p in paths if not _is_fits(p)]
-    if len(paths) > 1:
-        raise ValueError(
-            f"a catalog is one HDF5 file ({'/'.join(HDF5_SUFFIXES)}) or a list of FITS "
-            f"files ({'/'.join(FITS_SUFFIXES)}); not FITS: {', '.join(bad[:3])}"
-        )
-    raise ValueError(
-        f"{paths[0]}: unknown catalog file type {paths[0].suffix!r}; expected an HDF5 "
-        f"catalog ({'/'.join(HDF5_SUFFIXES)}) or APOGEE FITS ({'/'.join(FITS_SUFFIXES)})"
-    )
-
-
 def chunk_bounds(n_spec: int, chunk_size: int) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``range(n_spec)`` in chunks of ``chunk_size``
     (the last one shorter). Chunk ``i`` always covers the same rows, so a chunk index
@@ -350,17 +306,3 @@ def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return int(chunk_size)
-
-
-def iter_catalog(
-    source, chunk_size: int = DEFAULT_CHUNK_SIZE, **kw
-) -> Iterator[tuple[int, CatalogChunk]]:
-    """Yield ``(start, CatalogChunk)`` for consecutive chunks of ``chunk_size`` rows.
-
-    Only one chunk is in memory at a time; files are closed when the iteration ends.
-    ``source`` and ``kw`` are as for :func:`open_catalog`.
-    """
-    chunk_size = check_chunk_size(chunk_size)
-    with open_catalog(source, **kw) as cat:
-        for start, stop in chunk_bounds(len(cat), chunk_size):
-            yield start, cat.read(start, stop)

@@ -52,7 +52,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import h5py
 import numpy as np
@@ -67,6 +67,10 @@ CATALOG_FORMAT = "payne_lite.Catalog"
 CATALOG_VERSION = 2
 #: The catalog versions this reader reads.
 CATALOG_VERSIONS = (1, 2)
+
+#: File name endings of HDF5 and FITS files (catalog readers claim files by them).
+HDF5_SUFFIXES = (".h5", ".hdf5")
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
 
 #: Target size of one HDF5 storage chunk of ``flux`` / ``flux_err`` [bytes].
 _CHUNK_BYTES = 1 << 20
@@ -99,7 +103,7 @@ class CatalogChunk(NamedTuple):
     rows: np.ndarray | None = None
 
 
-def _check_row_grids(wave: np.ndarray, first_row: int = 0, rows=None) -> None:
+def check_row_grids(wave: np.ndarray, first_row: int = 0, rows=None) -> None:
     """Per-spectrum grids (m, P) (rows ``first_row`` on, or the catalog rows
     ``rows`` (m,)): every row has at least 2 finite values, positive and strictly
     increasing; non-finite entries (NaN) are missing pixels, as
@@ -205,7 +209,7 @@ def _row_wavelength(wavelength, shape, where: str, first_row: int) -> np.ndarray
             f"{tuple(shape)} (one grid per spectrum)"
         )
     try:
-        _check_row_grids(w, first_row)
+        check_row_grids(w, first_row)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     return w
@@ -509,10 +513,28 @@ def _concat(chunks: list[CatalogChunk]) -> CatalogChunk:
     )
 
 
+def one_path(paths, name: str) -> Path:
+    """The one path of a one-file reader; ValueError otherwise."""
+    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if len(paths) != 1:
+        raise ValueError(f"the {name!r} reader reads one file, got {len(paths)}")
+    return Path(paths[0])
+
+
+def has_suffix(path: Path, suffixes) -> bool:
+    """``path``'s name ends with one of ``suffixes`` (case-insensitive)."""
+    return any(Path(path).name.lower().endswith(s) for s in suffixes)
+
+
 class Reader:
     """Common interface: ``len``, ``n_pix``, ``wavelength``, ``read(start, stop)``,
     ``read_rows(rows)``, ``read_wavelength(start, stop)``, ``read_group()``,
     ``source``.
+
+    A reader class is registered (:func:`payne_lite.catalog.register_reader`) with a
+    ``name``, :meth:`claims` (is this source mine? from names and headers, cheaply)
+    and :meth:`open` (``cls(paths, **options)`` unless overridden); :meth:`identity`
+    is what a resumed ``fit_catalog`` run compares.
 
     ``wavelength`` is the (P,) grid of every spectrum; it is None when the catalog has
     one grid per spectrum (``per_row_wavelength``): the grids then come with each
@@ -521,10 +543,29 @@ class Reader:
     Readers are context managers; :meth:`close` releases open files.
     """
 
+    #: The reader's name in the registry (``open_catalog(..., reader=name)``).
+    name: ClassVar[str] = ""
     source: str
     wavelength: np.ndarray | None
     has_mask: bool
     has_ids: bool
+    #: The files read (for the resume identity: path, size, modification time).
+    paths: list[Path] = []
+
+    @classmethod
+    def claims(cls, paths: list[Path]) -> bool:
+        """Whether ``paths`` (existing files) are this reader's to read."""
+        return False
+
+    @classmethod
+    def open(cls, paths: list[Path], **options) -> Reader:
+        """A reader of ``paths`` with the reader's ``options``."""
+        return cls(paths, **options)
+
+    def options(self) -> dict:
+        """The reader's settings that change what is read (part of the identity)."""
+        return {}
+
     #: True when every spectrum has its own wavelength grid (then ``wavelength`` is
     #: None).
     per_row_wavelength: bool = False
@@ -635,8 +676,31 @@ class HDF5Catalog(Reader):
             truncated, missing datasets, shapes that do not fit together, no spectra.
     """
 
+    name = "payne-lite"
+
+    @classmethod
+    def claims(cls, paths: list[Path]) -> bool:
+        """One HDF5 file with a ``format`` attribute, as payne_lite writes (or that
+        cannot be opened, so that its error is this reader's)."""
+        if len(paths) != 1 or not has_suffix(paths[0], HDF5_SUFFIXES):
+            return False
+        try:
+            with h5py.File(paths[0], "r") as f:
+                return "format" in f.attrs or "format_version" in f.attrs
+        except (OSError, ValueError):
+            return True
+
+    @classmethod
+    def open(cls, paths, **options) -> HDF5Catalog:
+        if options:
+            raise ValueError(
+                f"the {cls.name!r} reader takes no options, got {sorted(options)}"
+            )
+        return cls(one_path(paths, cls.name))
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.paths = [self.path]
         self.source = str(self.path)
         self._stack = contextlib.ExitStack()
         try:
@@ -756,9 +820,9 @@ class HDF5Catalog(Reader):
             raise self._unreadable(start, stop, err) from err
         try:
             if isinstance(sel, slice):
-                _check_row_grids(wave, start)
+                check_row_grids(wave, start)
             else:
-                _check_row_grids(wave, rows=sel)
+                check_row_grids(wave, rows=sel)
         except ValueError as err:
             raise FileFormatError(f"{self.source}: invalid {err}") from err
         return wave

@@ -107,7 +107,11 @@ def _input_identity(cat, grids=None) -> dict:
     elif isinstance(cat, ApogeeFitsCatalog):
         paths = cat.paths
         ident["bad_bits"] = cat.bad_bits
-    else:  # another reader: its description is all there is
+    elif cat.paths:  # the other registered readers: name, settings and files
+        paths = cat.paths
+        ident["reader"] = cat.name
+        ident["reader_options"] = cat.options()
+    else:  # a reader of no files: its description is all there is
         ident["source"] = cat.source
         return ident
     files = []

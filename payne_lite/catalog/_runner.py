@@ -26,11 +26,12 @@ from ..errors import WavelengthGridWarning
 from ..fitting import METHODS as POINT_METHODS
 from ..observe import Instrument
 from ..options import options_for
-from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds, open_catalog
+from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds
 from ._groups import check_star_grids, pad_chunk, star_chunks, visit_table
 from ._hdf5 import CatalogChunk, Reader
 from ._lock import OutputLock
 from ._parts import Parts, parts_folder, run_identity
+from ._readers import open_catalog
 from ._wavegrids import scan_grids
 
 _log = logging.getLogger("payne_lite.catalog")  # one logger per stage

@@ -72,10 +72,17 @@ def add_fit(sub) -> None:
             "  .h5       a payne_lite catalog (payne_lite.write_catalog): flux,\n"
             "            flux_err, optional mask, ids and group (the star of each\n"
             "            spectrum: --group fits each star's visits jointly)\n"
-            "  .fits     one or more APOGEE aspcapStar/apStar-like files, one spectrum\n"
-            "            each: flux in HDU 1, errors in HDU 2, optional pixel bitmask\n"
-            "            in HDU 3, log10 wavelength from CRVAL1/CDELT1; ids are the\n"
-            "            file names\n\n"
+            "  .h5       any other HDF5 file with flux, error (or ivar) and\n"
+            "            wavelength datasets, names guessed (or --reader-option\n"
+            "            datasets=flux:F,flux_err:E,wavelength:W)\n"
+            "  .fits     a FITS binary table of spectra (one row each, array columns\n"
+            "            named as above), or one or more APOGEE aspcapStar/apStar-like\n"
+            "            files, one spectrum each: flux in HDU 1, errors in HDU 2,\n"
+            "            optional pixel bitmask in HDU 3, log10 wavelength from\n"
+            "            CRVAL1/CDELT1; ids are the file names\n"
+            "  FOLDER    its .h5/.fits files, by name\n"
+            "  --reader specutils [--reader-option format=FORMAT]: any files\n"
+            "            specutils' loaders read, one spectrum each\n\n"
             "results formats, chosen by the file name:\n"
             "  .fits     FITS-safe column names (TEFF, FE_H, ALPHA_FE, FE_H_ERR, ...)\n"
             "  .ecsv     text, column names as in memory ([Fe/H], [Fe/H]_err, ...)\n"
@@ -99,8 +106,23 @@ def add_fit(sub) -> None:
         "catalog",
         nargs="+",
         metavar="CATALOG",
-        help="a payne_lite catalog (.h5), or one or more APOGEE-like FITS "
-        "files (see above)",
+        help="a catalog file, a folder, or several FITS files (see above)",
+    )
+    p.add_argument(
+        "--reader",
+        default=None,
+        metavar="NAME",
+        help="the catalog reader (default: chosen from the files): "
+        "payne-lite, hdf5, fits-table, apogee-fits, specutils",
+    )
+    p.add_argument(
+        "--reader-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a reader option, repeatable: format=NAME (specutils), hdu=N "
+        "(fits-table), bad_bits=N (apogee-fits), datasets=ROLE:NAME,... (hdf5), "
+        "columns=ROLE:NAME,... (fits-table)",
     )
     p.add_argument(
         "--emulator",
@@ -374,6 +396,30 @@ def _models(args, emu_path):
     return emu, mdn, instrument, options
 
 
+def _reader_options(reader: str | None, options: list[str]) -> dict:
+    """``--reader`` and ``--reader-option KEY=VALUE`` as open_catalog's keywords:
+    integers where they parse, ``ROLE:NAME,...`` as a dict."""
+    kw: dict = {} if reader is None else {"reader": reader}
+    for item in options:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--reader-option {item!r}: expected KEY=VALUE")
+        if key in ("datasets", "columns"):
+            pairs = [v.partition(":") for v in value.split(",") if v.strip()]
+            if not pairs or any(not sep2 for _, sep2, _ in pairs):
+                raise ValueError(
+                    f"--reader-option {item!r}: expected {key}=ROLE:NAME,ROLE:NAME"
+                )
+            kw[key] = {r.strip(): n.strip() for r, _, n in pairs}
+        else:
+            try:
+                kw[key] = int(value, 0)
+            except ValueError:
+                kw[key] = value
+    return kw
+
+
 def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
     """ "6 spectra (3 stars, joint visits) x 478 pixels from catalog.h5"."""
     n = len(cat)
@@ -387,7 +433,13 @@ def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
         + f"x {cat.n_pix} pixels "
         + ("(one wavelength grid each) " if cat.per_row_wavelength else "")
         + "from "
-        + (str(cat_paths[0]) if len(cat_paths) == 1 else f"{len(cat_paths)} FITS files")
+        + (
+            str(cat_paths[0])
+            if len(cat_paths) == 1
+            else f"{len(cat_paths)} {'FITS ' if cat.name == 'apogee-fits' else ''}files"
+        )
+        # the readers chosen by a file's kind go without saying
+        + ("" if cat.name in ("payne-lite", "apogee-fits") else f" ({cat.name} reader)")
     )
 
 
@@ -396,7 +448,8 @@ def run_fit(args) -> int:
 
     t0 = time.perf_counter()
     emu_path = require_file(args.emulator)
-    cat_paths = [require_file(c) for c in args.catalog]
+    cat_paths = [Path(c) if Path(c).is_dir() else require_file(c) for c in args.catalog]
+    reader_kw = _reader_options(args.reader, args.reader_option)
     out = Path(args.output)
     if out.suffix.lower() not in RESULTS_FORMATS:
         raise ValueError(
@@ -409,7 +462,7 @@ def run_fit(args) -> int:
     fixed = _parse_fixed(args.fixed)
     emu, mdn, instrument, options = _models(args, emu_path)
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
-    with checked_read(open_catalog, source) as cat:
+    with checked_read(open_catalog, source, **reader_kw) as cat:
         if args.group and not cat.has_group:
             raise ValueError(
                 f"--group: {source if len(cat_paths) == 1 else cat.source} holds no "
