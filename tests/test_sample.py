@@ -37,10 +37,11 @@ from payne_lite.posterior import _nuts as nuts_mod
 from payne_lite.posterior import _problem as problem_mod
 from payne_lite.posterior import (
     chain_diagnostics,
+    ess_mcse,
     kish_ess,
     log_posterior,
+    rank_rhat,
     sample,
-    split_rhat,
     weighted_quantiles,
 )
 
@@ -202,6 +203,23 @@ def test_log_posterior_matches_hand_computation(prior):
 # --------------------------------------------------------------------------------------
 # Recovery of an exactly Gaussian posterior
 # --------------------------------------------------------------------------------------
+def _check_arviz_columns(t, names) -> None:
+    """ArviZ's bulk ESS near the tau-based ``ess`` (within 2x), and the MCSEs in
+    physical units: of the mean the posterior sd over sqrt(ESS) (within 30 %), of
+    the sd about sd / sqrt(2 ESS)."""
+    if diag_mod._arviz() is None:
+        assert np.all(np.isnan(t["ess_bulk"]))
+        return
+    bulk = np.asarray(t["ess_bulk"][0])
+    assert 0.5 < np.min(bulk) / t["ess"][0] < 2.0
+    assert np.all(t["ess_tail"][0] > 0.1 * bulk)
+    sd = np.array([t[f"{n}_std"][0] for n in names])
+    np.testing.assert_allclose(t["mcse_mean"][0], sd / np.sqrt(bulk), rtol=0.3)
+    # Gaussian: MCSE of the sd = sd / sqrt(2 ESS), with the sd's own ESS
+    ratio = t["mcse_sd"][0] * np.sqrt(2 * bulk) / sd
+    assert np.all((ratio > 1 / 3) & (ratio < 3)), ratio
+
+
 @pytest.mark.parametrize("init", ["lm", "mdn"])
 def test_emcee_recovers_gaussian_posterior(toy, init):
     emu, flux, err, mean, sd = toy
@@ -219,6 +237,7 @@ def test_emcee_recovers_gaussian_posterior(toy, init):
     assert t["tau"].shape == (1, 3)
     assert t["n_steps"][0] >= diag_mod.N_TAU_MIN * t["tau_max"][0] + t["n_burn"][0]
     _check_recovered(t, TINY_NAMES, mean, sd)
+    _check_arviz_columns(t, TINY_NAMES)
     # rv was fixed: reported at its value with zero spread, not sampled
     assert t["rv"][0] == 0.0 and t["rv_std"][0] == 0.0
     assert post.names == TINY_NAMES and post.samples[0].shape[1] == 3
@@ -361,8 +380,109 @@ def test_diagnostics_flag_a_short_chain():
     # walkers stuck in two places: R-hat sees it
     split = good.copy()
     split[:, :16] += 3.0
-    assert np.all(split_rhat(split) > 1.5)
+    assert np.all(rank_rhat(split) > 1.5)
     assert not chain_diagnostics(split)["converged"]
+    # lazy: no R-hat while the tau rule fails anyway; the same answer otherwise
+    assert np.all(np.isnan(chain_diagnostics(short, lazy_rhat=True)["rhat"]))
+    lazy = chain_diagnostics(good, lazy_rhat=True)
+    np.testing.assert_array_equal(lazy["rhat"], d["rhat"])
+    assert lazy["converged"]
+
+
+def _rhat_limit(shift: float, n_chains: int) -> float:
+    """Rank-normalised R-hat of infinitely long chains of N(0, 1) draws, one of
+    ``n_chains`` shifted by ``shift``, by quadrature (Vehtari et al. 2021, eqs. 4-7
+    with the normal scores of the mixture's CDF; independent of ArviZ)."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+    from scipy.special import ndtri
+    from scipy.stats import norm
+
+    f1 = 1.0 / n_chains
+
+    def cdf(x):  # the pooled draws
+        return (1 - f1) * norm.cdf(x) + f1 * norm.cdf(x - shift)
+
+    med = brentq(lambda x: cdf(x) - 0.5, -5, 5)
+
+    def folded_cdf(y):  # of |x - med|
+        return cdf(med + y) - cdf(med - y)
+
+    def moments(score, pdf, lo, hi):
+        m1 = quad(lambda x: score(x) * pdf(x), lo, hi, limit=200)[0]
+        m2 = quad(lambda x: score(x) ** 2 * pdf(x), lo, hi, limit=200)[0]
+        return m1, m2 - m1**2
+
+    def rhat(score, pdfs, lo, hi):
+        (m0, v0), (m1, v1) = (moments(score, p, lo, hi) for p in pdfs)
+        # 2 n_chains half-chains: 2 shifted ones; B / n = their means' var (ddof 1)
+        means = np.r_[np.full(2, m1), np.full(2 * n_chains - 2, m0)]
+        w = (2 * v1 + (2 * n_chains - 2) * v0) / (2 * n_chains)
+        return np.sqrt(1.0 + np.var(means, ddof=1) / w)
+
+    def pdfs_folded(y, s):  # density of |x - med| for x ~ N(s, 1)
+        return norm.pdf(med + y - s) + norm.pdf(med - y - s)
+
+    bulk = rhat(
+        lambda x: ndtri(cdf(x)),
+        (norm.pdf, lambda x: norm.pdf(x - shift)),
+        -8, 8,
+    )  # fmt: skip
+    tail = rhat(  # folded_cdf(0) = 0: its score starts at -inf (integrable)
+        lambda y: ndtri(folded_cdf(y)),
+        (lambda y: pdfs_folded(y, 0.0), lambda y: pdfs_folded(y, shift)),
+        1e-12, 8,
+    )  # fmt: skip
+    return max(bulk, tail)
+
+
+def test_rhat_and_ess_of_known_chains():
+    """ArviZ's R-hat and ESS on the issue's known cases: 4 chains of 4000
+    independent N(0, 1) draws (R-hat within 0.01 of 1, bulk and tail ESS within 10 %
+    of the 16000 draws, MCSE of the mean 1 / sqrt(16000)); one chain shifted by
+    1 sigma: R-hat equals its infinite-chain value 1.1007 (by quadrature) within
+    0.01, i.e. 3 sd of its scatter over seeds (so "above 1.1" holds only on
+    average), and the NUTS rule (1.01) rejects it. The NumPy fallback used without
+    ArviZ gives ArviZ's R-hat."""
+    pytest.importorskip("arviz")
+    rng = np.random.default_rng(7)
+    n, c = 4000, 4
+    iid = rng.standard_normal((n, c, 2))
+    assert np.all(np.abs(rank_rhat(iid) - 1.0) < 0.01)
+    more = ess_mcse(iid)
+    np.testing.assert_allclose(more["ess_bulk"], n * c, rtol=0.1)
+    np.testing.assert_allclose(more["ess_tail"], n * c, rtol=0.1)
+    np.testing.assert_allclose(more["mcse_mean"], 1 / np.sqrt(n * c), rtol=0.1)
+    shifted = iid.copy()
+    shifted[:, 0] += 1.0
+    limit = _rhat_limit(1.0, c)
+    assert 1.1 < limit < 1.103
+    r = rank_rhat(shifted)
+    np.testing.assert_allclose(r, limit, atol=0.01)
+    assert np.all(r > nuts_mod.NUTS_RHAT_MAX)
+    assert chain_diagnostics(shifted, n_burn=0)["rhat_max"] == np.max(r)
+    # the fallback, on these and on autocorrelated walkers, one stuck apart
+    ar = _ar1(rng, 500, 8, 2, 0.7)
+    ar[:, 0, 1] += 0.5
+    for chain in (iid, shifted, ar):
+        np.testing.assert_allclose(
+            diag_mod._rank_rhat_numpy(chain), rank_rhat(chain), rtol=1e-12
+        )
+
+
+def test_diagnostics_without_arviz(monkeypatch):
+    """Without the arviz extra: R-hat from NumPy (the rule unchanged), bulk / tail
+    ESS and MCSE NaN."""
+    monkeypatch.setattr(diag_mod, "_arviz", lambda: None)
+    rng = np.random.default_rng(3)
+    chain = _ar1(rng, 400, 8, 2, 0.5)
+    chain[:, :4, 0] += 3.0
+    r = rank_rhat(chain)
+    assert r[0] > 1.5 and abs(r[1] - 1.0) < 0.02
+    d = chain_diagnostics(chain, n_burn=0, full=True)
+    for key in ("ess_bulk", "ess_tail", "mcse_mean", "mcse_sd"):
+        assert d[key].shape == (2,) and np.all(np.isnan(d[key]))
+    assert np.all(np.isfinite(d["tau"])) and not d["converged"]
 
 
 def test_short_sampler_run_warns(toy):
@@ -619,6 +739,7 @@ def test_nuts_recovers_gaussian_posterior(toy):
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
     assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)
     _check_recovered(t, TINY_NAMES, mean, sd)
+    _check_arviz_columns(t, TINY_NAMES)
     assert post.method == ["nuts"] and post.samples[0].shape == (t["n_draws"][0], 3)
     # the best sample's chi2 is that of the exact posterior mode, or just above
     a, c = linear_parts(emu)
@@ -683,7 +804,7 @@ def test_nuts_short_run_is_flagged(toy):
     """A run capped below the ESS it was asked for: not converged, and warned.
     (The default warm-up and block: the shapes the other NUTS tests compiled.)"""
     emu, flux, err, _, _ = toy
-    with pytest.warns(SamplingWarning, match=r"\): nuts ESS >= 100000, split R-hat"):
+    with pytest.warns(SamplingWarning, match=r"\): nuts ESS >= 100000, R-hat"):
         t = sample(
             flux, err, emu, method="nuts", fixed={"rv": 0.0},
             options=pl.NUTSOptions(n_steps=100, ess_target=1e5),

@@ -11,8 +11,9 @@ star: ``StarDraws``, ``LMSolution``), ``_table`` (the results table), ``_io``
 from __future__ import annotations
 
 from ._diagnostics import chain_diagnostics as chain_diagnostics
+from ._diagnostics import ess_mcse as ess_mcse
 from ._diagnostics import kish_ess as kish_ess
-from ._diagnostics import split_rhat as split_rhat
+from ._diagnostics import rank_rhat as rank_rhat
 from ._diagnostics import weighted_quantiles as weighted_quantiles
 from ._io import SAMPLES_FORMAT as SAMPLES_FORMAT
 from ._io import PosteriorSamples as PosteriorSamples
@@ -27,11 +28,12 @@ __all__ = [
     "PosteriorSamples",
     "SAMPLES_FORMAT",
     "chain_diagnostics",
+    "ess_mcse",
     "kish_ess",
     "load_samples",
     "log_posterior",
+    "rank_rhat",
     "sample",
     "save_samples",
-    "split_rhat",
     "weighted_quantiles",
 ]
