@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import warnings
 
 import h5py
@@ -598,6 +599,97 @@ def test_samples_saved(toy, tmp_path):
         pl.load_samples(tmp_path / "none.h5")
 
 
+def test_samples_to_arviz_round_trip(toy, tmp_path):
+    """The ArviZ export of saved samples: chain c, draw d is walker c's step
+    ``n_burn + d * thin`` of emcee's own chain (its HDF5 backend, fit space) and
+    ``lp`` its log probability; written to netCDF and read back by ArviZ (one
+    star) and by xarray (the tree of stars), every value and label comes back."""
+    az = pytest.importorskip("arviz")
+    import xarray as xr
+
+    from payne_lite.posterior import _table, to_datatree, to_inference_data
+
+    emu, flux, err, _, _ = toy
+    chains = tmp_path / "chains.h5"
+    with no_sampling_warning():
+        t, post = sample(
+            flux, err, emu, fixed={"rv": 0.0}, return_samples=True,
+            options=pl.EmceeOptions(
+                n_steps=80, check_every=80, thin=4, backend_path=chains
+            ),
+        )  # fmt: skip
+    pl.save_samples(tmp_path / "samples.h5", post, t.meta)
+    back, meta = pl.load_samples(tmp_path / "samples.h5")
+    np.testing.assert_array_equal(back.log_prob[0], post.log_prob[0])
+    assert back.diverging == [None]  # emcee has no divergences
+    with h5py.File(chains, "r") as f:
+        raw = f["star_0/chain"][...]  # (steps, walkers, k) fit space
+        raw_lp = f["star_0/log_prob"][...]
+    steps = np.arange(int(t["n_burn"][0]), raw.shape[0], 4)
+    want = _table.to_physical(
+        raw[steps].reshape(-1, 3), np.arange(3), emu, emu.n_labels
+    ).reshape(steps.size, 32, 3)
+    want = np.swapaxes(want, 0, 1)  # (chain = walker, draw, label)
+
+    idata = to_inference_data(back, 0, meta=meta)
+    idata.to_netcdf(tmp_path / "star0.nc")
+    got = az.from_netcdf(tmp_path / "star0.nc")
+    labels = got.posterior["labels"]
+    assert labels.dims == ("chain", "draw", "label") and "rv" not in got.posterior
+    assert labels["label"].values.tolist() == list(TINY_NAMES)
+    assert labels["label_unit"].values.tolist() == list(TINY_UNITS)
+    np.testing.assert_allclose(labels.values, want, rtol=1e-12)
+    np.testing.assert_array_equal(got.sample_stats["lp"].values, raw_lp[steps].T)
+    np.testing.assert_array_equal(got.constant_data["prior_hi"], post.prior_hi[0])
+    assert got.posterior.attrs["method"] == "emcee"
+    assert json.loads(got.posterior.attrs["payne_lite_meta"])["seed"] == meta["seed"]
+    # ArviZ's own diagnostics read the export: its R-hat is posterior.rank_rhat's
+    np.testing.assert_allclose(
+        az.rhat(got)["labels"].values,
+        rank_rhat(np.swapaxes(labels.values, 0, 1)),
+        rtol=1e-12,
+    )
+
+    to_datatree(back, meta=meta).to_netcdf(tmp_path / "tree.nc")
+    tree = xr.open_datatree(tmp_path / "tree.nc")
+    assert tree.attrs["n_stars"] == 1 and tree["star_0"].attrs["method"] == "emcee"
+    np.testing.assert_allclose(tree["star_0/posterior/labels"].values, want)
+    one = az.from_datatree(tree["star_0"])
+    np.testing.assert_array_equal(one.sample_stats["lp"], raw_lp[steps].T)
+
+
+def test_arviz_export_of_weighted_and_failed_stars():
+    """mdn-is draws: one chain, their weights in sample_stats; rv, continuum and
+    broadening as their own variables; a failed star: an empty group in the tree,
+    refused alone."""
+    pytest.importorskip("arviz")
+    from payne_lite.posterior import PosteriorSamples, to_datatree, to_inference_data
+
+    rng = np.random.default_rng(2)
+    names = ("Teff", "[Fe/H]", "rv", "cont_0", "cont_1", "vsini")
+    x = rng.standard_normal((64, 6))
+    w = rng.uniform(size=64)
+    post = PosteriorSamples(
+        names, ("K", "dex", "km/s", "", "", "km/s"), [x, np.empty((0, 6))],
+        [w / w.sum(), None], ["mdn-is", "failed"], n_chains=[0, 0],
+    )  # fmt: skip
+    idata = to_inference_data(post, 0)
+    p = idata.posterior
+    assert p["labels"].shape == (1, 64, 2) and p["rv"].attrs["units"] == "km/s"
+    np.testing.assert_array_equal(p["labels"].values[0], x[:, :2])
+    np.testing.assert_array_equal(p["rv"].values[0], x[:, 2])
+    np.testing.assert_array_equal(p["cont"].sel(cont_coef=1).values[0], x[:, 4])
+    np.testing.assert_array_equal(p["vsini"].values[0], x[:, 5])
+    np.testing.assert_allclose(idata.sample_stats["weight"].values[0], w / w.sum())
+    assert "lp" not in idata.sample_stats
+    with pytest.raises(ValueError, match="star 1 has no samples"):
+        to_inference_data(post, 1)
+    with pytest.raises(IndexError, match="star 2 out of range"):
+        to_inference_data(post, 2)
+    tree = to_datatree(post)
+    assert tree["star_1"].attrs["method"] == "failed" and not tree["star_1"].children
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -741,6 +833,10 @@ def test_nuts_recovers_gaussian_posterior(toy):
     _check_recovered(t, TINY_NAMES, mean, sd)
     _check_arviz_columns(t, TINY_NAMES)
     assert post.method == ["nuts"] and post.samples[0].shape == (t["n_draws"][0], 3)
+    # per draw (not thinned): the divergences the table counts, the log posterior
+    assert post.diverging[0].shape == post.log_prob[0].shape == (t["n_draws"][0],)
+    assert int(np.sum(post.diverging[0])) == t["n_divergent"][0]
+    assert np.max(post.log_prob[0]) == -0.5 * t["chi2_min"][0]
     # the best sample's chi2 is that of the exact posterior mode, or just above
     a, c = linear_parts(emu)
     chi2_mode = np.sum(((a @ emu.scale(mean) + c - flux) / err) ** 2)

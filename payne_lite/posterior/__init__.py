@@ -3,13 +3,16 @@
 ``_sample`` (:func:`sample`, :func:`log_posterior`; the method's description),
 ``_likelihood`` (the jitted log posterior), ``_problem`` (inputs, per-star targets,
 starting points), ``_emcee`` / ``_nuts`` / ``_is`` (one star's sampler),
-``_diagnostics`` (convergence diagnostics), ``_rows`` (what a sampler reports per
+``_diagnostics`` (convergence diagnostics), ``_arviz`` (samples as ArviZ data:
+:func:`to_inference_data`, :func:`to_datatree`), ``_rows`` (what a sampler reports per
 star: ``StarDraws``, ``LMSolution``), ``_table`` (the results table), ``_io``
 (:class:`PosteriorSamples`, :func:`save_samples`, :func:`load_samples`).
 """
 
 from __future__ import annotations
 
+from ._arviz import to_datatree as to_datatree
+from ._arviz import to_inference_data as to_inference_data
 from ._diagnostics import chain_diagnostics as chain_diagnostics
 from ._diagnostics import ess_mcse as ess_mcse
 from ._diagnostics import kish_ess as kish_ess
@@ -35,5 +38,7 @@ __all__ = [
     "rank_rhat",
     "sample",
     "save_samples",
+    "to_datatree",
+    "to_inference_data",
     "weighted_quantiles",
 ]

@@ -61,6 +61,7 @@ def _per_parameter(func, chain: np.ndarray, **kw) -> np.ndarray:
     out = np.empty(chain.shape[2])
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", "More chains", UserWarning)
         for j in range(chain.shape[2]):
             out[j] = float(func(np.ascontiguousarray(chain[:, :, j].T), **kw))
     return out

@@ -92,6 +92,7 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
     return StarDraws(
         method="emcee",
         x=xk,
+        lp=log_p[diag["n_burn"] :][::thin].reshape(-1),
         summary=summarise(kept.reshape(-1, kf), None),
         n_steps=int(sampler.iteration),
         n_burn=diag["n_burn"],

@@ -150,10 +150,13 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
     )
     lp = lp_u - log_jac
     n_int = np.concatenate(nint, axis=1)
+    diverging = np.concatenate(div, axis=1).T  # (n, C), as chain
     more = ess_mcse(chain)
     return StarDraws(
         method="nuts",
         x=chain[::thin].reshape(-1, kf),
+        lp=lp.T[::thin].reshape(-1),
+        diverging=diverging[::thin].reshape(-1).astype(bool),
         summary=summarise(chain.reshape(-1, kf), None),
         n_steps=int(n_done),
         n_burn=int(n_warmup),

@@ -33,6 +33,10 @@ class StarDraws(NamedTuple):
             stage's draws); None when failed.
         weights: (m,) mdn-is: the self-normalised importance weights of ``x``
             (summing to 1); None for MCMC draws.
+        lp: (m,) the log posterior at each draw of ``x`` (fit space, up to a
+            constant); None when failed.
+        diverging: (m,) bool, nuts: the transition to each draw of ``x``
+            diverged; None for the other methods.
         converged: the method's convergence rule held (emcee: >= N_TAU_MIN tau and
             R-hat < RHAT_MAX; nuts: ESS >= ess_target, R-hat <
             NUTS_RHAT_MAX, no divergence; mdn-is: ESS >= ess_min).
@@ -78,6 +82,8 @@ class StarDraws(NamedTuple):
     summary: Summary | None = None
     x: np.ndarray | None = None
     weights: np.ndarray | None = None
+    lp: np.ndarray | None = None
+    diverging: np.ndarray | None = None
     converged: bool = False
     fallback: bool = False
     n_steps: int = 0

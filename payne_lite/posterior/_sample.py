@@ -713,7 +713,8 @@ def _posterior_samples(run: _Run) -> PosteriorSamples:
         names, units, phys, [r.weights for r in run.rows], methods_out,
         n_chains=[n_ch.get(m, 0) for m in methods_out],
         prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
-        prior_sd=pri["sd"],
+        prior_sd=pri["sd"], log_prob=[r.lp for r in run.rows],
+        diverging=[r.diverging for r in run.rows],
     )  # fmt: skip
 
 
