@@ -126,8 +126,8 @@ def _star_groups(samples: PosteriorSamples, star: int, meta: dict | None):
     if x.shape[0] % max(c, 1):
         raise ValueError(f"star {star}: {x.shape[0]} samples are not {c} chains")
     xc = _chains(x, c)
-    lab = [j for j, n in enumerate(names) if n not in _SCALARS and "cont_" not in n]
     cont = [j for j, n in enumerate(names) if n.startswith("cont_")]
+    lab = [j for j in range(len(names)) if names[j] not in _SCALARS and j not in cont]
     post = {}
     coords = {}
     dims = {}
