@@ -15,7 +15,7 @@ With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emul
   the samplers' seconds per star).
 * emcee: ``payne_lite.sample(method="emcee")``, box prior, walkers around the LM
   solution, run in blocks of 500 steps until the convergence rule (kept steps
-  >= 50 tau and split R-hat < 1.1) holds, at most ``--max-steps``.
+  >= 50 tau and R-hat < 1.1) holds, at most ``--max-steps``.
 * mdn-is: ``payne_lite.sample(method="mdn-is")`` with the MDN ``--mdn`` (default
   /tmp/mdn_apogee3.h5 when it exists, else one trained here with
   ``payne_lite.train_mdn(emu, seed=0)``, a few minutes); stars whose ESS is below
@@ -23,7 +23,7 @@ With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emul
 * nuts: ``payne_lite.sample(method="nuts")``, box prior, 4 chains from the LM
   solution's Laplace approximation, 500 warm-up steps, then blocks of 100 draws per
   chain until its smallest ESS reaches the median ESS emcee reached in this run
-  (``--nuts-ess``; NUTS_ESS_MIN = 400 without emcee), split R-hat < 1.01 and no
+  (``--nuts-ess``; NUTS_ESS_MIN = 400 without emcee), R-hat < 1.01 and no
   divergence: the same ESS (emcee's estimator, chains as walkers), so seconds per
   star compare like for like.
 * Each runs once on one star first (compilation), then timed.
@@ -245,7 +245,7 @@ def main(argv=None):
                 f"  ESS target {r['ess_target']:.0f}; draws per chain "
                 f"{r['n_steps_median']:.0f} (median), leapfrog steps per draw "
                 f"{r['n_leapfrog_median']:.1f}, step size "
-                f"{r['step_size_median']:.3f}, split R-hat max "
+                f"{r['step_size_median']:.3f}, R-hat max "
                 f"{r['rhat_max_median']:.3f}; divergent transitions "
                 f"{r['divergent_total']} in {r['stars_with_divergences']} star(s)"
             )

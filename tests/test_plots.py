@@ -305,17 +305,37 @@ def test_corner_plot_of_a_known_gaussian(tmp_path):
     assert_figure(plots.corner_plot(samples[:, :1], ["Teff"], tmp_path / "one"))
 
 
-def test_corner_contour_levels_enclose_the_gaussian_mass():
-    """On a fine histogram of a 2-D standard Gaussian the 39.3 % and 86.5 % levels
-    are the density at r = 1 and r = 2: n * bin area * exp(-r^2 / 2) / (2 pi)."""
+def _corner_contour_radii(monkeypatch, tmp_path, x, **kw) -> list[float]:
+    """The median distance from the origin of each contour line that
+    :func:`plots.corner_plot` draws in the lower-left panel of a 2-D corner plot."""
+    figs = []
+    save = _posterior.save_figure
+
+    def keep(fig, stem):
+        figs.append(fig)
+        return save(fig, stem)
+
+    monkeypatch.setattr(_posterior, "save_figure", keep)
+    plots.corner_plot(x, ["a", "b"], tmp_path / "c", bins=40, **kw)
+    (cs,) = [
+        c for c in figs[0].axes[2].collections if getattr(c, "filled", True) is False
+    ]
+    return [float(np.median(np.hypot(*p.vertices.T))) for p in cs.get_paths()]
+
+
+def test_corner_contours_enclose_the_gaussian_mass(monkeypatch, tmp_path):
+    """corner draws the CORNER_LEVELS contours: for a 2-D standard Gaussian the
+    39.3 % and 86.5 % regions are the circles r = 2 and r = 1 (outer level first),
+    and weights are passed on: N(0, 2^2) draws weighted by N(0, 1) / N(0, 2^2) are
+    the same Gaussian."""
     rng = np.random.default_rng(5)
-    n, bins = 400_000, 60
-    x = rng.standard_normal((n, 2))
-    h, xe, _ = np.histogram2d(x[:, 0], x[:, 1], bins=bins, range=[[-4, 4], [-4, 4]])
-    levels = _posterior._density_levels(h, _posterior.CORNER_LEVELS)
-    area = (xe[1] - xe[0]) ** 2
-    expect = [n * area * math.exp(-r * r / 2) / (2 * math.pi) for r in (2.0, 1.0)]
-    np.testing.assert_allclose(levels, expect, rtol=0.06)
+    x = rng.standard_normal((100_000, 2))
+    r = _corner_contour_radii(monkeypatch, tmp_path, x)
+    np.testing.assert_allclose(r, [2.0, 1.0], rtol=0.05)
+    wide = 2.0 * rng.standard_normal((200_000, 2))
+    w = np.exp(-0.5 * np.sum(wide**2, axis=1) * (1.0 - 0.25))
+    r = _corner_contour_radii(monkeypatch, tmp_path, wide, weights=w)
+    np.testing.assert_allclose(r, [2.0, 1.0], rtol=0.06)
 
 
 # --------------------------------------------------------------------------------------
@@ -439,6 +459,10 @@ def test_corner_plot_bad_input(tmp_path):
         plots.corner_plot(x, ["a", "b"], tmp_path / "c", truths=[1, 2, 3])
     with pytest.raises(ValueError, match="non-finite"):
         plots.corner_plot(np.full((10, 2), np.nan), ["a", "b"], tmp_path / "c")
+    with pytest.raises(ValueError, match="n >= d"):
+        plots.corner_plot(np.zeros((2, 3)), ["a", "b", "c"], tmp_path / "c")
+    with pytest.raises(ValueError, match="weights"):
+        plots.corner_plot(x, ["a", "b"], tmp_path / "c", weights=-np.ones(10))
 
 
 # --------------------------------------------------------------------------------------

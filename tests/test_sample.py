@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import warnings
 
 import h5py
@@ -37,10 +38,11 @@ from payne_lite.posterior import _nuts as nuts_mod
 from payne_lite.posterior import _problem as problem_mod
 from payne_lite.posterior import (
     chain_diagnostics,
+    ess_mcse,
     kish_ess,
     log_posterior,
+    rank_rhat,
     sample,
-    split_rhat,
     weighted_quantiles,
 )
 
@@ -202,6 +204,23 @@ def test_log_posterior_matches_hand_computation(prior):
 # --------------------------------------------------------------------------------------
 # Recovery of an exactly Gaussian posterior
 # --------------------------------------------------------------------------------------
+def _check_arviz_columns(t, names) -> None:
+    """ArviZ's bulk ESS near the tau-based ``ess`` (within 2x), and the MCSEs in
+    physical units: of the mean the posterior sd over sqrt(ESS) (within 30 %), of
+    the sd about sd / sqrt(2 ESS)."""
+    if diag_mod._arviz() is None:
+        assert np.all(np.isnan(t["ess_bulk"]))
+        return
+    bulk = np.asarray(t["ess_bulk"][0])
+    assert 0.5 < np.min(bulk) / t["ess"][0] < 2.0
+    assert np.all(t["ess_tail"][0] > 0.1 * bulk)
+    sd = np.array([t[f"{n}_std"][0] for n in names])
+    np.testing.assert_allclose(t["mcse_mean"][0], sd / np.sqrt(bulk), rtol=0.3)
+    # Gaussian: MCSE of the sd = sd / sqrt(2 ESS), with the sd's own ESS
+    ratio = t["mcse_sd"][0] * np.sqrt(2 * bulk) / sd
+    assert np.all((ratio > 1 / 3) & (ratio < 3)), ratio
+
+
 @pytest.mark.parametrize("init", ["lm", "mdn"])
 def test_emcee_recovers_gaussian_posterior(toy, init):
     emu, flux, err, mean, sd = toy
@@ -219,6 +238,7 @@ def test_emcee_recovers_gaussian_posterior(toy, init):
     assert t["tau"].shape == (1, 3)
     assert t["n_steps"][0] >= diag_mod.N_TAU_MIN * t["tau_max"][0] + t["n_burn"][0]
     _check_recovered(t, TINY_NAMES, mean, sd)
+    _check_arviz_columns(t, TINY_NAMES)
     # rv was fixed: reported at its value with zero spread, not sampled
     assert t["rv"][0] == 0.0 and t["rv_std"][0] == 0.0
     assert post.names == TINY_NAMES and post.samples[0].shape[1] == 3
@@ -361,8 +381,109 @@ def test_diagnostics_flag_a_short_chain():
     # walkers stuck in two places: R-hat sees it
     split = good.copy()
     split[:, :16] += 3.0
-    assert np.all(split_rhat(split) > 1.5)
+    assert np.all(rank_rhat(split) > 1.5)
     assert not chain_diagnostics(split)["converged"]
+    # lazy: no R-hat while the tau rule fails anyway; the same answer otherwise
+    assert np.all(np.isnan(chain_diagnostics(short, lazy_rhat=True)["rhat"]))
+    lazy = chain_diagnostics(good, lazy_rhat=True)
+    np.testing.assert_array_equal(lazy["rhat"], d["rhat"])
+    assert lazy["converged"]
+
+
+def _rhat_limit(shift: float, n_chains: int) -> float:
+    """Rank-normalised R-hat of infinitely long chains of N(0, 1) draws, one of
+    ``n_chains`` shifted by ``shift``, by quadrature (Vehtari et al. 2021, eqs. 4-7
+    with the normal scores of the mixture's CDF; independent of ArviZ)."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+    from scipy.special import ndtri
+    from scipy.stats import norm
+
+    f1 = 1.0 / n_chains
+
+    def cdf(x):  # the pooled draws
+        return (1 - f1) * norm.cdf(x) + f1 * norm.cdf(x - shift)
+
+    med = brentq(lambda x: cdf(x) - 0.5, -5, 5)
+
+    def folded_cdf(y):  # of |x - med|
+        return cdf(med + y) - cdf(med - y)
+
+    def moments(score, pdf, lo, hi):
+        m1 = quad(lambda x: score(x) * pdf(x), lo, hi, limit=200)[0]
+        m2 = quad(lambda x: score(x) ** 2 * pdf(x), lo, hi, limit=200)[0]
+        return m1, m2 - m1**2
+
+    def rhat(score, pdfs, lo, hi):
+        (m0, v0), (m1, v1) = (moments(score, p, lo, hi) for p in pdfs)
+        # 2 n_chains half-chains: 2 shifted ones; B / n = their means' var (ddof 1)
+        means = np.r_[np.full(2, m1), np.full(2 * n_chains - 2, m0)]
+        w = (2 * v1 + (2 * n_chains - 2) * v0) / (2 * n_chains)
+        return np.sqrt(1.0 + np.var(means, ddof=1) / w)
+
+    def pdfs_folded(y, s):  # density of |x - med| for x ~ N(s, 1)
+        return norm.pdf(med + y - s) + norm.pdf(med - y - s)
+
+    bulk = rhat(
+        lambda x: ndtri(cdf(x)),
+        (norm.pdf, lambda x: norm.pdf(x - shift)),
+        -8, 8,
+    )  # fmt: skip
+    tail = rhat(  # folded_cdf(0) = 0: its score starts at -inf (integrable)
+        lambda y: ndtri(folded_cdf(y)),
+        (lambda y: pdfs_folded(y, 0.0), lambda y: pdfs_folded(y, shift)),
+        1e-12, 8,
+    )  # fmt: skip
+    return max(bulk, tail)
+
+
+def test_rhat_and_ess_of_known_chains():
+    """ArviZ's R-hat and ESS on the issue's known cases: 4 chains of 4000
+    independent N(0, 1) draws (R-hat within 0.01 of 1, bulk and tail ESS within 10 %
+    of the 16000 draws, MCSE of the mean 1 / sqrt(16000)); one chain shifted by
+    1 sigma: R-hat equals its infinite-chain value 1.1007 (by quadrature) within
+    0.01, i.e. 3 sd of its scatter over seeds (so "above 1.1" holds only on
+    average), and the NUTS rule (1.01) rejects it. The NumPy fallback used without
+    ArviZ gives ArviZ's R-hat."""
+    pytest.importorskip("arviz")
+    rng = np.random.default_rng(7)
+    n, c = 4000, 4
+    iid = rng.standard_normal((n, c, 2))
+    assert np.all(np.abs(rank_rhat(iid) - 1.0) < 0.01)
+    more = ess_mcse(iid)
+    np.testing.assert_allclose(more["ess_bulk"], n * c, rtol=0.1)
+    np.testing.assert_allclose(more["ess_tail"], n * c, rtol=0.1)
+    np.testing.assert_allclose(more["mcse_mean"], 1 / np.sqrt(n * c), rtol=0.1)
+    shifted = iid.copy()
+    shifted[:, 0] += 1.0
+    limit = _rhat_limit(1.0, c)
+    assert 1.1 < limit < 1.103
+    r = rank_rhat(shifted)
+    np.testing.assert_allclose(r, limit, atol=0.01)
+    assert np.all(r > nuts_mod.NUTS_RHAT_MAX)
+    assert chain_diagnostics(shifted, n_burn=0)["rhat_max"] == np.max(r)
+    # the fallback, on these and on autocorrelated walkers, one stuck apart
+    ar = _ar1(rng, 500, 8, 2, 0.7)
+    ar[:, 0, 1] += 0.5
+    for chain in (iid, shifted, ar):
+        np.testing.assert_allclose(
+            diag_mod._rank_rhat_numpy(chain), rank_rhat(chain), rtol=1e-12
+        )
+
+
+def test_diagnostics_without_arviz(monkeypatch):
+    """Without the arviz extra: R-hat from NumPy (the rule unchanged), bulk / tail
+    ESS and MCSE NaN."""
+    monkeypatch.setattr(diag_mod, "_arviz", lambda: None)
+    rng = np.random.default_rng(3)
+    chain = _ar1(rng, 400, 8, 2, 0.5)
+    chain[:, :4, 0] += 3.0
+    r = rank_rhat(chain)
+    assert r[0] > 1.5 and abs(r[1] - 1.0) < 0.02
+    d = chain_diagnostics(chain, n_burn=0, full=True)
+    for key in ("ess_bulk", "ess_tail", "mcse_mean", "mcse_sd"):
+        assert d[key].shape == (2,) and np.all(np.isnan(d[key]))
+    assert np.all(np.isfinite(d["tau"])) and not d["converged"]
 
 
 def test_short_sampler_run_warns(toy):
@@ -476,6 +597,97 @@ def test_samples_saved(toy, tmp_path):
         pl.load_samples(cut)
     with pytest.raises(FileNotFoundError):
         pl.load_samples(tmp_path / "none.h5")
+
+
+def test_samples_to_arviz_round_trip(toy, tmp_path):
+    """The ArviZ export of saved samples: chain c, draw d is walker c's step
+    ``n_burn + d * thin`` of emcee's own chain (its HDF5 backend, fit space) and
+    ``lp`` its log probability; written to netCDF and read back by ArviZ (one
+    star) and by xarray (the tree of stars), every value and label comes back."""
+    az = pytest.importorskip("arviz")
+    import xarray as xr
+
+    from payne_lite.posterior import _table, to_datatree, to_inference_data
+
+    emu, flux, err, _, _ = toy
+    chains = tmp_path / "chains.h5"
+    with no_sampling_warning():
+        t, post = sample(
+            flux, err, emu, fixed={"rv": 0.0}, return_samples=True,
+            options=pl.EmceeOptions(
+                n_steps=80, check_every=80, thin=4, backend_path=chains
+            ),
+        )  # fmt: skip
+    pl.save_samples(tmp_path / "samples.h5", post, t.meta)
+    back, meta = pl.load_samples(tmp_path / "samples.h5")
+    np.testing.assert_array_equal(back.log_prob[0], post.log_prob[0])
+    assert back.diverging == [None]  # emcee has no divergences
+    with h5py.File(chains, "r") as f:
+        raw = f["star_0/chain"][...]  # (steps, walkers, k) fit space
+        raw_lp = f["star_0/log_prob"][...]
+    steps = np.arange(int(t["n_burn"][0]), raw.shape[0], 4)
+    want = _table.to_physical(
+        raw[steps].reshape(-1, 3), np.arange(3), emu, emu.n_labels
+    ).reshape(steps.size, 32, 3)
+    want = np.swapaxes(want, 0, 1)  # (chain = walker, draw, label)
+
+    idata = to_inference_data(back, 0, meta=meta)
+    idata.to_netcdf(tmp_path / "star0.nc")
+    got = az.from_netcdf(tmp_path / "star0.nc")
+    labels = got.posterior["labels"]
+    assert labels.dims == ("chain", "draw", "label") and "rv" not in got.posterior
+    assert labels["label"].values.tolist() == list(TINY_NAMES)
+    assert labels["label_unit"].values.tolist() == list(TINY_UNITS)
+    np.testing.assert_allclose(labels.values, want, rtol=1e-12)
+    np.testing.assert_array_equal(got.sample_stats["lp"].values, raw_lp[steps].T)
+    np.testing.assert_array_equal(got.constant_data["prior_hi"], post.prior_hi[0])
+    assert got.posterior.attrs["method"] == "emcee"
+    assert json.loads(got.posterior.attrs["payne_lite_meta"])["seed"] == meta["seed"]
+    # ArviZ's own diagnostics read the export: its R-hat is posterior.rank_rhat's
+    np.testing.assert_allclose(
+        az.rhat(got)["labels"].values,
+        rank_rhat(np.swapaxes(labels.values, 0, 1)),
+        rtol=1e-12,
+    )
+
+    to_datatree(back, meta=meta).to_netcdf(tmp_path / "tree.nc")
+    tree = xr.open_datatree(tmp_path / "tree.nc")
+    assert tree.attrs["n_stars"] == 1 and tree["star_0"].attrs["method"] == "emcee"
+    np.testing.assert_allclose(tree["star_0/posterior/labels"].values, want)
+    one = az.from_datatree(tree["star_0"])
+    np.testing.assert_array_equal(one.sample_stats["lp"], raw_lp[steps].T)
+
+
+def test_arviz_export_of_weighted_and_failed_stars():
+    """mdn-is draws: one chain, their weights in sample_stats; rv, continuum and
+    broadening as their own variables; a failed star: an empty group in the tree,
+    refused alone."""
+    pytest.importorskip("arviz")
+    from payne_lite.posterior import PosteriorSamples, to_datatree, to_inference_data
+
+    rng = np.random.default_rng(2)
+    names = ("Teff", "[Fe/H]", "rv", "cont_0", "cont_1", "vsini")
+    x = rng.standard_normal((64, 6))
+    w = rng.uniform(size=64)
+    post = PosteriorSamples(
+        names, ("K", "dex", "km/s", "", "", "km/s"), [x, np.empty((0, 6))],
+        [w / w.sum(), None], ["mdn-is", "failed"], n_chains=[0, 0],
+    )  # fmt: skip
+    idata = to_inference_data(post, 0)
+    p = idata.posterior
+    assert p["labels"].shape == (1, 64, 2) and p["rv"].attrs["units"] == "km/s"
+    np.testing.assert_array_equal(p["labels"].values[0], x[:, :2])
+    np.testing.assert_array_equal(p["rv"].values[0], x[:, 2])
+    np.testing.assert_array_equal(p["cont"].sel(cont_coef=1).values[0], x[:, 4])
+    np.testing.assert_array_equal(p["vsini"].values[0], x[:, 5])
+    np.testing.assert_allclose(idata.sample_stats["weight"].values[0], w / w.sum())
+    assert "lp" not in idata.sample_stats
+    with pytest.raises(ValueError, match="star 1 has no samples"):
+        to_inference_data(post, 1)
+    with pytest.raises(IndexError, match="star 2 out of range"):
+        to_inference_data(post, 2)
+    tree = to_datatree(post)
+    assert tree["star_1"].attrs["method"] == "failed" and not tree["star_1"].children
 
 
 @pytest.mark.parametrize(
@@ -619,7 +831,12 @@ def test_nuts_recovers_gaussian_posterior(toy):
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
     assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)
     _check_recovered(t, TINY_NAMES, mean, sd)
+    _check_arviz_columns(t, TINY_NAMES)
     assert post.method == ["nuts"] and post.samples[0].shape == (t["n_draws"][0], 3)
+    # per draw (not thinned): the divergences the table counts, the log posterior
+    assert post.diverging[0].shape == post.log_prob[0].shape == (t["n_draws"][0],)
+    assert int(np.sum(post.diverging[0])) == t["n_divergent"][0]
+    assert np.max(post.log_prob[0]) == -0.5 * t["chi2_min"][0]
     # the best sample's chi2 is that of the exact posterior mode, or just above
     a, c = linear_parts(emu)
     chi2_mode = np.sum(((a @ emu.scale(mean) + c - flux) / err) ** 2)
@@ -683,7 +900,7 @@ def test_nuts_short_run_is_flagged(toy):
     """A run capped below the ESS it was asked for: not converged, and warned.
     (The default warm-up and block: the shapes the other NUTS tests compiled.)"""
     emu, flux, err, _, _ = toy
-    with pytest.warns(SamplingWarning, match=r"\): nuts ESS >= 100000, split R-hat"):
+    with pytest.warns(SamplingWarning, match=r"\): nuts ESS >= 100000, R-hat"):
         t = sample(
             flux, err, emu, method="nuts", fixed={"rv": 0.0},
             options=pl.NUTSOptions(n_steps=100, ess_target=1e5),

@@ -13,6 +13,7 @@ function                            figure
 :func:`coverage_plot`               calibration: fraction of truths within z sigma
                                     against the Gaussian expectation erf(z / sqrt 2)
 :func:`corner_plot`                 1-D and 2-D marginals of posterior samples
+                                    (drawn by ``corner``)
 :func:`trace_plot`                  MCMC traces per parameter and chain, with each
                                     chain's marginal beside them
 :func:`prior_posterior_plot`        per parameter, the posterior over the prior on

@@ -244,7 +244,7 @@ def _samples_figures(outdir, path, rows, written, skipped) -> None:
     for i in rows:
         x = np.asarray(post.samples[i], float)
         method = post.method[i]
-        if x.shape[0] < 2:
+        if x.shape[0] < max(2, x.shape[1]):  # a corner plot needs n >= d
             skipped.append(f"{path}: star {i} has no samples ({method})")
             continue
         head = f"{path.name}, star {i}: {method}"
@@ -285,18 +285,15 @@ def _samples_figures(outdir, path, rows, written, skipped) -> None:
             )
         else:
             skipped.append(f"{path}: star {i} has no prior stored")
-        xc = x
-        if w is not None:  # equal-weight draws for the corner plot
-            rng = np.random.default_rng(i)
-            xc = x[rng.choice(x.shape[0], size=x.shape[0], p=w / w.sum())]
         written.append(
             (
                 f"star {i}: corner plot ({method})",
                 corner_plot(
-                    xc,
+                    x,
                     post.names,
                     outdir / f"corner_star{i}",
                     units=post.units,
+                    weights=w,
                     title=head,
                 ),
             )

@@ -3,16 +3,20 @@
 ``_sample`` (:func:`sample`, :func:`log_posterior`; the method's description),
 ``_likelihood`` (the jitted log posterior), ``_problem`` (inputs, per-star targets,
 starting points), ``_emcee`` / ``_nuts`` / ``_is`` (one star's sampler),
-``_diagnostics`` (convergence diagnostics), ``_rows`` (what a sampler reports per
+``_diagnostics`` (convergence diagnostics), ``_arviz`` (samples as ArviZ data:
+:func:`to_inference_data`, :func:`to_datatree`), ``_rows`` (what a sampler reports per
 star: ``StarDraws``, ``LMSolution``), ``_table`` (the results table), ``_io``
 (:class:`PosteriorSamples`, :func:`save_samples`, :func:`load_samples`).
 """
 
 from __future__ import annotations
 
+from ._arviz import to_datatree as to_datatree
+from ._arviz import to_inference_data as to_inference_data
 from ._diagnostics import chain_diagnostics as chain_diagnostics
+from ._diagnostics import ess_mcse as ess_mcse
 from ._diagnostics import kish_ess as kish_ess
-from ._diagnostics import split_rhat as split_rhat
+from ._diagnostics import rank_rhat as rank_rhat
 from ._diagnostics import weighted_quantiles as weighted_quantiles
 from ._io import SAMPLES_FORMAT as SAMPLES_FORMAT
 from ._io import PosteriorSamples as PosteriorSamples
@@ -27,11 +31,14 @@ __all__ = [
     "PosteriorSamples",
     "SAMPLES_FORMAT",
     "chain_diagnostics",
+    "ess_mcse",
     "kish_ess",
     "load_samples",
     "log_posterior",
+    "rank_rhat",
     "sample",
     "save_samples",
-    "split_rhat",
+    "to_datatree",
+    "to_inference_data",
     "weighted_quantiles",
 ]

@@ -9,7 +9,7 @@ import hashlib
 import jax.numpy as jnp
 import numpy as np
 
-from ._diagnostics import chain_diagnostics, summarise
+from ._diagnostics import chain_diagnostics, ess_mcse, summarise
 from ._likelihood import log_prob_batch
 from ._rows import StarDraws
 
@@ -70,10 +70,11 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
     else:
         state = None
 
-    def judge():  # diagnostics need a few steps
-        return (
-            chain_diagnostics(sampler.get_chain()) if sampler.iteration >= 4 else None
-        )
+    def judge():  # diagnostics need a few steps; R-hat only when it can decide
+        if sampler.iteration < 4:
+            return None
+        last = sampler.iteration >= n_steps
+        return chain_diagnostics(sampler.get_chain(), lazy_rhat=not last)
 
     # a resumed chain is judged before it is extended
     diag = judge() if resume else None
@@ -85,11 +86,13 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
     chain = sampler.get_chain()
     log_p = sampler.get_log_prob()
     kept = chain[diag["n_burn"] :]
+    more = ess_mcse(kept)  # once per star: ArviZ's ESS and MCSE are slow
     best = np.nanmax(log_p[diag["n_burn"] :])
     xk = kept[::thin].reshape(-1, kf)
     return StarDraws(
         method="emcee",
         x=xk,
+        lp=log_p[diag["n_burn"] :][::thin].reshape(-1),
         summary=summarise(kept.reshape(-1, kf), None),
         n_steps=int(sampler.iteration),
         n_burn=diag["n_burn"],
@@ -99,6 +102,10 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
         tau_max=diag["tau_max"],
         rhat_max=diag["rhat_max"],
         ess=diag["ess_min"],
+        ess_bulk=more["ess_bulk"],
+        ess_tail=more["ess_tail"],
+        mcse_mean=more["mcse_mean"],
+        mcse_sd=more["mcse_sd"],
         converged=diag["converged"],
         n_draws=int(kept.shape[0] * n_walkers),
         n_evals=int(sampler.iteration * n_walkers),

@@ -31,6 +31,12 @@ class PosteriorSamples(NamedTuple):
             or None where no sampler ran.
         prior_mu, prior_sd: per star, (k,) the Gaussian prior's mean and sd
             (``mdn-gauss``; sd = inf where the prior is flat), or None.
+        log_prob: per star, (m_i,) the log posterior at each sample (in the
+            sampler's coordinates, up to a constant), or None (failed stars, files
+            written before it was kept).
+        diverging: per star, (m_i,) bool, nuts: the transition to each kept draw
+            diverged (draws thinned away are not seen: the table's
+            ``n_divergent`` counts all); None for the other methods.
     """
 
     names: tuple[str, ...]
@@ -43,11 +49,14 @@ class PosteriorSamples(NamedTuple):
     prior_hi: list | None = None
     prior_mu: list | None = None
     prior_sd: list | None = None
+    log_prob: list | None = None
+    diverging: list | None = None
 
 
 def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None:
     """Write :class:`PosteriorSamples` to an HDF5 file (group ``star_<i>`` per star,
-    datasets ``samples`` (m, k) physical and ``weights`` (m,) when weighted).
+    datasets ``samples`` (m, k) physical, ``weights`` (m,) when weighted, and
+    ``log_prob``, ``diverging`` (m,) and the prior's vectors when known).
 
     The file is written beside ``path`` and renamed over it when complete, so an
     interrupted write never leaves a half file under that name.
@@ -71,10 +80,12 @@ def save_samples(path, post: PosteriorSamples, meta: dict | None = None) -> None
                 g.create_dataset(
                     "weights", data=np.asarray(post.weights[i]), fletcher32=True
                 )
-            for key in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
+            for key in ("prior_lo", "prior_hi", "prior_mu", "prior_sd", "log_prob"):
                 val = getattr(post, key)
                 if val is not None and val[i] is not None:
                     g.create_dataset(key, data=np.asarray(val[i], np.float64))
+            if post.diverging is not None and post.diverging[i] is not None:
+                g.create_dataset("diverging", data=np.asarray(post.diverging[i], bool))
 
 
 def load_samples(path) -> tuple[PosteriorSamples, dict]:
@@ -101,8 +112,9 @@ def load_samples(path) -> tuple[PosteriorSamples, dict]:
         stars = sorted(
             (k for k in f if k.startswith("star_")), key=lambda k: int(k[5:])
         )
-        keys = ("samples", "weights", "method", "n_chains", "prior_lo", "prior_hi",
-                "prior_mu", "prior_sd")  # fmt: skip
+        optional = ("prior_lo", "prior_hi", "prior_mu", "prior_sd", "log_prob",
+                    "diverging")  # fmt: skip
+        keys = ("samples", "weights", "method", "n_chains", *optional)
         out = {key: [] for key in keys}
         for key in stars:
             g = f[key]
@@ -114,7 +126,7 @@ def load_samples(path) -> tuple[PosteriorSamples, dict]:
             )
             out["method"].append(str(g.attrs["method"]))
             out["n_chains"].append(int(g.attrs.get("n_chains", 0)))
-            for p in ("prior_lo", "prior_hi", "prior_mu", "prior_sd"):
+            for p in optional:
                 out[p].append(read_dataset(g, p, path) if p in g else None)
         post = PosteriorSamples(
             tuple(str(v) for v in f.attrs["names"]),

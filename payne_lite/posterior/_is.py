@@ -99,6 +99,7 @@ def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
         method="mdn-is",
         x=x,
         weights=w,
+        lp=log_p,
         summary=summarise(x, w),
         tau=np.full(kf, np.nan),
         rhat=np.full(kf, np.nan),

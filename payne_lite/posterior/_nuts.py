@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..observe import ObsModel
-from ._diagnostics import chain_diagnostics, summarise
+from ._diagnostics import chain_diagnostics, ess_mcse, summarise
 from ._likelihood import Target, log_density_u
 from ._rows import StarDraws
 
 #: nuts converged: the smallest ESS reaches ``ess_target`` (NUTSOptions), ...
-#: ... the largest split R-hat over the chains is below this (Vehtari et al. 2021) ...
+#: ... the largest rank-normalised R-hat over the chains is below this (Vehtari et
+#: al. 2021) ...
 NUTS_RHAT_MAX = 1.01
 #: ... and no transition diverged. Chains start at the LM solution plus
 #: NUTS_INIT_SCALE x (LM covariance)^(1/2) z: dispersed as the posterior is, so that
@@ -103,7 +104,7 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
 
     ``x0`` (C, kf) starting points in fit space, inside the support. Warm-up by
     window adaptation, then blocks of ``block`` draws per chain until the rule
-    (ESS >= ``ess_target``, split R-hat < NUTS_RHAT_MAX, no divergence) holds or
+    (ESS >= ``ess_target``, rank R-hat < NUTS_RHAT_MAX, no divergence) holds or
     ``n_steps`` draws per chain are done.
     """
     from scipy.special import expit
@@ -149,9 +150,13 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
     )
     lp = lp_u - log_jac
     n_int = np.concatenate(nint, axis=1)
+    diverging = np.concatenate(div, axis=1).T  # (n, C), as chain
+    more = ess_mcse(chain)
     return StarDraws(
         method="nuts",
         x=chain[::thin].reshape(-1, kf),
+        lp=lp.T[::thin].reshape(-1),
+        diverging=diverging[::thin].reshape(-1).astype(bool),
         summary=summarise(chain.reshape(-1, kf), None),
         n_steps=int(n_done),
         n_burn=int(n_warmup),
@@ -161,6 +166,10 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
         tau_max=diag["tau_max"],
         rhat_max=diag["rhat_max"],
         ess=diag["ess_min"],
+        ess_bulk=more["ess_bulk"],
+        ess_tail=more["ess_tail"],
+        mcse_mean=more["mcse_mean"],
+        mcse_sd=more["mcse_sd"],
         converged=ok,
         n_draws=int(n_done * n_chains),
         n_evals=int(np.sum(n_int) + np.sum(np.asarray(n_int_w))),

@@ -33,8 +33,12 @@ class StarDraws(NamedTuple):
             stage's draws); None when failed.
         weights: (m,) mdn-is: the self-normalised importance weights of ``x``
             (summing to 1); None for MCMC draws.
+        lp: (m,) the log posterior at each draw of ``x`` (fit space, up to a
+            constant); None when failed.
+        diverging: (m,) bool, nuts: the transition to each draw of ``x``
+            diverged; None for the other methods.
         converged: the method's convergence rule held (emcee: >= N_TAU_MIN tau and
-            split R-hat < RHAT_MAX; nuts: ESS >= ess_target, R-hat <
+            R-hat < RHAT_MAX; nuts: ESS >= ess_target, R-hat <
             NUTS_RHAT_MAX, no divergence; mdn-is: ESS >= ess_min).
         fallback: mdn-is's ESS was below ``ess_min``, so emcee sampled the star;
             ``is_ess``, ``is_ess_mdn`` are then the IS run's (on an mdn-is record:
@@ -46,7 +50,12 @@ class StarDraws(NamedTuple):
             acceptance statistic; NaN for mdn-is.
         tau: (kf,) integrated autocorrelation time per parameter [steps]; NaN for
             mdn-is; None when failed.
-        rhat: (kf,) split R-hat per parameter; NaN for mdn-is; None when failed.
+        rhat: (kf,) rank-normalised split R-hat per parameter; NaN for mdn-is;
+            None when failed.
+        ess_bulk, ess_tail: (kf,) ArviZ's bulk and tail ESS per parameter (MCMC,
+            with ArviZ installed; else NaN); None when not computed.
+        mcse_mean, mcse_sd: (kf,) ArviZ's Monte Carlo standard errors of the mean
+            and the sd per parameter, fit space (as ``ess_bulk``).
         tau_max: the largest finite ``tau`` [steps].
         rhat_max: the largest finite ``rhat``.
         ess: effective sample size: MCMC the smallest over parameters of
@@ -73,6 +82,8 @@ class StarDraws(NamedTuple):
     summary: Summary | None = None
     x: np.ndarray | None = None
     weights: np.ndarray | None = None
+    lp: np.ndarray | None = None
+    diverging: np.ndarray | None = None
     converged: bool = False
     fallback: bool = False
     n_steps: int = 0
@@ -83,6 +94,10 @@ class StarDraws(NamedTuple):
     tau_max: float = np.nan
     rhat_max: float = np.nan
     ess: float = np.nan
+    ess_bulk: np.ndarray | None = None
+    ess_tail: np.ndarray | None = None
+    mcse_mean: np.ndarray | None = None
+    mcse_sd: np.ndarray | None = None
     is_ess: float = np.nan
     is_ess_mdn: float = np.nan
     is_max_weight: float = np.nan

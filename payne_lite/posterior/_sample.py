@@ -107,8 +107,15 @@ From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
   (``emcee.autocorr.integrated_time(..., tol=0)``: the estimate is always returned,
   and the rule below decides whether to trust it) [steps];
 * ``ess``: per parameter ``n_walkers * n_kept / tau``; column ``ess`` is the smallest;
-* ``rhat``: split R-hat (Gelman et al. 2013) over the walkers' chains, each split
-  in halves (2 * n_walkers chains), per parameter; column ``rhat_max``;
+* ``rhat``: rank-normalised split R-hat (Vehtari et al. 2021; ArviZ's
+  ``rhat(method="rank")``, or the same formula in NumPy without ArviZ,
+  :func:`rank_rhat`) over the walkers' chains, each split in halves (2 *
+  n_walkers chains), per parameter; column ``rhat_max``. It is worked out only
+  when the chain is long enough for the tau rule (and at the last check);
+* ``ess_bulk``, ``ess_tail``, ``mcse_mean``, ``mcse_sd``: per parameter, ArviZ's
+  bulk and tail ESS and Monte Carlo standard errors of the mean and sd (physical
+  units) of the kept chain, walkers as chains (:func:`ess_mcse`; NaN without the
+  ``arviz`` extra); reported, not part of the rule;
 * ``acceptance``: emcee's mean acceptance fraction over walkers;
 * ``converged``: ``n_kept >= N_TAU_MIN * max(tau)`` (50, emcee's advice for a
   trustworthy tau) and ``max(rhat) < RHAT_MAX`` (1.1; with 25 tau per half-chain,
@@ -119,9 +126,10 @@ For ``"mdn-is"``, ``converged`` means ``ess >= ess_min``.
 
 For ``"nuts"`` the same ``chain_diagnostics`` run on the draws (chains as walkers,
 no burn-in: the warm-up is already gone): ``tau``, ``ess`` (``n_chains * n / tau``;
-above ``n_chains * n`` when draws anticorrelate), split R-hat over the 2
-``n_chains`` half-chains; ``converged``: the smallest ESS >= ``ess_target``
-(default ``NUTS_ESS_MIN`` = 400), max split R-hat < ``NUTS_RHAT_MAX`` (1.01;
+above ``n_chains * n`` when draws anticorrelate), rank-normalised R-hat over the 2
+``n_chains`` half-chains, ArviZ's bulk / tail ESS and MCSE; ``converged``: the
+smallest ``ess`` >= ``ess_target`` (default ``NUTS_ESS_MIN`` = 400), max R-hat <
+``NUTS_RHAT_MAX`` (1.01;
 Vehtari et al. 2021 advise both) and no divergent transition after the warm-up
 (column ``n_divergent``; one in a posterior of smooth nets means the step size
 is too large for some region, and the draws there are biased).
@@ -133,8 +141,9 @@ median, ``<name>_err`` = half the 16-84 % range, ``<name>_p16``, ``<name>_p50``,
 ``<name>_p84``, ``<name>_std``; with ``init="lm"`` also the LM solution
 ``<name>_lm``, ``<name>_lm_err``; with an MDN ``<name>_mdn``, ``<name>_mdn_sigma``.
 Then ``method`` (per row: "emcee", "mdn-is", "nuts"), ``converged``, ``fallback``,
-``n_steps``, ``n_burn``, ``acceptance``, ``tau`` (n, k) and ``rhat`` (n, k) over
-``meta["sample_params"]``, ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
+``n_steps``, ``n_burn``, ``acceptance``, ``tau``, ``rhat``, ``ess_bulk``,
+``ess_tail``, ``mcse_mean``, ``mcse_sd`` ((n, k) each, over
+``meta["sample_params"]``), ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
 (samples behind the summaries), ``n_evals`` (log-posterior evaluations), ``is_ess``, ``is_ess_mdn``,
 ``is_max_weight`` (mdn-is: the largest normalised weight), ``n_divergent``,
 ``step_size`` (median over chains), ``n_leapfrog`` (mean per draw; nuts: ``n_steps``
@@ -151,9 +160,10 @@ References:
     Foreman-Mackey, Hogg, Lang & Goodman 2013, PASP 125, 306 (emcee).
     Rhea et al. 2021, AJ 162, 4 (LUCI: MDN priors).
     Gelman et al. 2013, Bayesian Data Analysis, 3rd ed. (split R-hat).
+    Kumar, Carroll, Hartikainen & Martin 2019, JOSS 4, 1143 (ArviZ).
     Hoffman & Gelman 2014, JMLR 15, 1593 (NUTS).
     Vehtari, Gelman, Simpson, Carpenter & Buerkner 2021, Bayesian Analysis 16, 667
-    (R-hat < 1.01, ESS > 400).
+    (rank-normalised R-hat, bulk and tail ESS; R-hat < 1.01, ESS > 400).
     Cabezas et al. 2024, arXiv:2402.10797 (blackjax).
 """
 
@@ -714,7 +724,8 @@ def _posterior_samples(run: _Run) -> PosteriorSamples:
         names, units, phys, [r.weights for r in run.rows], methods_out,
         n_chains=[n_ch.get(m, 0) for m in methods_out],
         prior_lo=pri["lo"], prior_hi=pri["hi"], prior_mu=pri["mu"],
-        prior_sd=pri["sd"],
+        prior_sd=pri["sd"], log_prob=[r.lp for r in run.rows],
+        diverging=[r.diverging for r in run.rows],
     )  # fmt: skip
 
 
@@ -724,9 +735,9 @@ def _warn_unconverged(table, run: _Run) -> None:
     bad = np.flatnonzero(~np.asarray(table["converged"]))
     if bad.size:
         rules = {
-            "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and split R-hat < {RHAT_MAX}",
+            "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and R-hat < {RHAT_MAX}",
             "mdn-is": f"mdn-is ESS >= {run.is_opts.ess_min:g}",
-            "nuts": f"nuts ESS >= {run.nuts.ess_target:g}, split R-hat < "
+            "nuts": f"nuts ESS >= {run.nuts.ess_target:g}, R-hat < "
             f"{NUTS_RHAT_MAX} and no divergence",
         }
         used = [m for m in METHODS if m in set(table["method"][bad])]

@@ -49,7 +49,7 @@ def results_table(rows: list[StarDraws], emulator, layout, idx, fix, *, lm, mdn,
     stats = _stats(rows, idx, fix, len(layout.names), phys, span)
     t = Table()
     _parameter_columns(t, stats, emulator, layout, lm, mdn, n)
-    _diagnostic_columns(t, rows, idx.size)
+    _diagnostic_columns(t, rows, span[idx])
     if lm is not None:
         flags = np.zeros(n, np.int32)
         table_lm, cache = lm
@@ -72,9 +72,9 @@ def results_table(rows: list[StarDraws], emulator, layout, idx, fix, *, lm, mdn,
         sample_params=[layout.names[j] for j in idx],
         fixed={layout.names[j]: float(phys(j, v)) for j, v in fix.items()},
         convergence_rule=(
-            f"emcee: kept steps >= {N_TAU_MIN:g} x max tau and max split R-hat < "
+            f"emcee: kept steps >= {N_TAU_MIN:g} x max tau and max rank R-hat < "
             f"{RHAT_MAX}; burn-in min(ceil({BURN_TAU:g} tau_0), n_steps // 2); "
-            f"mdn-is: Kish ESS >= ess_min; nuts: min ESS >= ess_target, max split "
+            f"mdn-is: Kish ESS >= ess_min; nuts: min ESS >= ess_target, max rank "
             f"R-hat < {NUTS_RHAT_MAX} over the chains, no divergent transition"
         ),
     )  # fmt: skip
@@ -150,9 +150,11 @@ def _parameter_columns(t, stats, emulator, layout, lm, mdn, n) -> None:
                 t[c].unit = unit
 
 
-def _diagnostic_columns(t, rows: list[StarDraws], kf) -> None:
-    """The sampler, convergence, diagnostics, cost and QA-flag columns."""
+def _diagnostic_columns(t, rows: list[StarDraws], span) -> None:
+    """The sampler, convergence, diagnostics, cost and QA-flag columns (``span``
+    (kf,): the physical width of a unit fit-space width, for the MCSEs)."""
     n = len(rows)
+    kf = span.size
     no_chain = np.full(kf, np.nan)  # tau, rhat of a failed star
 
     def col(values, dtype=float):
@@ -168,6 +170,11 @@ def _diagnostic_columns(t, rows: list[StarDraws], kf) -> None:
     t["acceptance"] = col(r.acceptance for r in rows)
     t["tau"] = col(no_chain if r.tau is None else r.tau for r in rows).reshape(n, kf)
     t["rhat"] = col(no_chain if r.rhat is None else r.rhat for r in rows).reshape(n, kf)
+    for key in ("ess_bulk", "ess_tail", "mcse_mean", "mcse_sd"):
+        v = col(
+            no_chain if getattr(r, key) is None else getattr(r, key) for r in rows
+        ).reshape(n, kf)
+        t[key] = v * span if key.startswith("mcse") else v
     t["tau_max"] = col(r.tau_max for r in rows)
     t["rhat_max"] = col(r.rhat_max for r in rows)
     t["ess"] = col(r.ess for r in rows)
@@ -193,7 +200,16 @@ def _diagnostic_columns(t, rows: list[StarDraws], kf) -> None:
     t["seconds"].unit = "s"
     t["tau"].unit = "steps"
     t["tau"].description = "integrated autocorrelation time per meta['sample_params']"
-    t["rhat"].description = "split R-hat per meta['sample_params']"
+    t[
+        "rhat"
+    ].description = (
+        "rank-normalised split R-hat (Vehtari et al. 2021) per meta['sample_params']"
+    )
+    per = "per meta['sample_params'] (MCMC; NaN without the arviz extra)"
+    t["ess_bulk"].description = f"ArviZ's bulk ESS {per}"
+    t["ess_tail"].description = f"ArviZ's tail ESS (5 and 95 % quantiles) {per}"
+    t["mcse_mean"].description = f"ArviZ's MCSE of the mean, physical units, {per}"
+    t["mcse_sd"].description = f"ArviZ's MCSE of the sd, physical units, {per}"
     t["ess"].description = (
         "effective samples: emcee and nuts min over parameters of n_chains n_kept "
         "/ tau; mdn-is Kish's (sum w)^2 / sum w^2"
