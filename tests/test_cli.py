@@ -334,6 +334,83 @@ def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
     assert out.splitlines()[-1] == f"wrote {out_path}"
 
 
+#: Every argument of pl.fit, pl.sample and pl.fit_catalog -> the `payne-lite fit`
+#: flags that reach it (the others are listed, with reasons, in PYTHON_ONLY).
+CLI_OF = {
+    "flux": ["CATALOG"], "flux_err": ["CATALOG"], "wavelength": ["CATALOG"],
+    "path_in": ["CATALOG", "--reader", "--reader-option"], "path_out": ["--output"],
+    "emulator": ["--emulator"], "mdn": ["--mdn"], "method": ["--method"],
+    "mask": ["--mask"], "p0": ["--p0"], "group": ["--group"], "fixed": ["--fixed"],
+    "instrument": ["--air", "--resolution", "--lsf-sigma", "--emulator-resolution",
+                   "--vsini", "--vmacro"],
+    "cont_deg": ["--cont-deg"], "rv_range": ["--rv-range"], "seed": ["--seed"],
+    "emulator_error": ["--no-emulator-error"],
+    "progress": ["--no-progress"], "options": ["--options", "--max-iter", "--mdn-starts"],
+    "chunk_size": ["--chunk-size"], "overwrite": ["--force"], "restart": ["--restart"],
+    "keep_parts": ["--keep-parts"], "meta": ["--meta"],
+    "fit_kwargs": [],  # pl.fit's own arguments, each mapped above
+}  # fmt: skip
+
+
+def test_every_python_argument_has_a_flag_or_a_reason():
+    import inspect
+
+    from payne_lite.cli._fit import PYTHON_ONLY
+    from payne_lite.cli._main import build_parser
+
+    sub = next(
+        a
+        for a in build_parser()._actions
+        if isinstance(a, __import__("argparse")._SubParsersAction)
+    )
+    fit_parser = sub.choices["fit"]
+    flags = {o for a in fit_parser._actions for o in a.option_strings} | {"CATALOG"}
+    names = set()
+    for f in (pl.fit, pl.sample, pl.fit_catalog):
+        names |= set(inspect.signature(f).parameters)
+    assert not (set(CLI_OF) & set(PYTHON_ONLY))
+    assert names == set(CLI_OF) | set(PYTHON_ONLY), names ^ (
+        set(CLI_OF) | set(PYTHON_ONLY)
+    )
+    for name, wanted in CLI_OF.items():
+        assert set(wanted) <= flags, (name, set(wanted) - flags)
+    help_text = fit_parser.format_help()
+    for name in PYTHON_ONLY:
+        assert f"  {name}: " in help_text
+
+
+def test_fit_run_options_reach_fit(files, fit_files, tmp_path, capsys):
+    """--p0, --mask, --seed, --no-emulator-error, --meta: the table is pl.fit's with
+    the same arguments."""
+    emu = fit_files.emu
+    p0 = np.array([5200.0, 3.5, -0.2])[: len(emu.label_names)]
+    if len(emu.label_names) > 3:
+        p0 = np.r_[p0, 0.5 * (emu.label_lo + emu.label_hi)[3:]]
+    pix = np.zeros(fit_files.flux.shape[1], bool)
+    pix[100:140] = True
+    np.save(tmp_path / "mask.npy", pix)
+    out_path = tmp_path / "run.fits"
+    code, out, err = run(
+        capsys, "fit", fit_files.cat, "--emulator", files.emu, "-o", out_path,
+        "--no-progress", "--max-iter", "20", "--p0", ",".join(map(str, p0)),
+        "--mask", tmp_path / "mask.npy", "--no-emulator-error", "--seed", "3",
+        "--meta", "survey=test",
+    )  # fmt: skip
+    assert code == 0, err
+    table = pl.read_results(out_path)
+    ref = pl.fit(
+        fit_files.flux, fit_files.err, emu, mask=fit_files.mask | pix, p0=p0, seed=3,
+        emulator_error=False, options=pl.LMOptions(max_iter=20),
+    )  # fmt: skip
+    assert_tables_equal(table, ref, ref.colnames)
+    assert table.meta["survey"] == "test"
+    code, out, err = run(
+        capsys, "fit", fit_files.cat, "--emulator", files.emu, "-o", out_path,
+        "--force", "--p0", "1,2",
+    )  # fmt: skip
+    assert_one_line_error(code, out, err, "--p0: 2 labels given, the emulator has")
+
+
 def test_fit_and_info_on_a_catalog_with_one_grid_per_spectrum(
     files, fit_files, tmp_path, capsys
 ):
@@ -760,3 +837,50 @@ def test_console_script_runs():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: payne-lite")
     assert "predict" in proc.stdout
+
+
+def test_info_samples_parts_folder_and_lock(tmp_path, capsys):
+    """info describes the other files fit_catalog and pl.sample write: a samples file,
+    a parts folder left by a killed run, an output lock."""
+    import json
+
+    from payne_lite.catalog._lock import LOCK_FORMAT
+    from payne_lite.catalog._parts import PARTS_FORMAT
+    from payne_lite.posterior import PosteriorSamples, save_samples
+
+    rng = np.random.default_rng(0)
+    post = PosteriorSamples(
+        names=("Teff", "rv"), units=("K", "km/s"),
+        samples=[rng.normal(size=(40, 2)), rng.normal(size=(64, 2))],
+        weights=[None, np.full(64, 1 / 64)], method=["emcee", "mdn-is"],
+    )  # fmt: skip
+    save_samples(tmp_path / "post.h5", post, {"method": "mdn-is", "seed": 4})
+    code, out, err = run(capsys, "info", tmp_path / "post.h5")
+    assert code == 0, err
+    assert "payne_lite.samples v1" in out and "Teff [K], rv [km/s]" in out
+    assert (
+        "40-64 per star" in out
+        and "emcee x1, mdn-is x1" in out
+        and "yes (mdn-is)" in out
+    )
+
+    parts = tmp_path / "out.fits.parts"
+    parts.mkdir()
+    man = {"format": PARTS_FORMAT, "format_version": 1, "n_chunks": 5, "done": [0, 2],
+           "identity": {"method": "lm", "chunk_size": 64,
+                        "input": {"n_spec": 300, "n_pix": 7214}}}  # fmt: skip
+    (parts / "manifest.json").write_text(json.dumps(man))
+    code, out, err = run(capsys, "info", parts)
+    assert code == 0, err
+    assert "2 of 5 done (3 to fit)" in out and "300 spectra x 7214 pixels" in out
+
+    lock = tmp_path / "out.fits.lock"
+    owner = {"format": LOCK_FORMAT, "host": "node7", "pid": 4242, "started": "today",
+             "argv": ["payne-lite", "fit", "cat.h5"]}  # fmt: skip
+    lock.write_text(json.dumps(owner))
+    code, out, err = run(capsys, "info", lock)
+    assert code == 0, err
+    assert "pid 4242 on host 'node7'" in out and "payne-lite fit cat.h5" in out
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "info", tmp_path / "empty")
+    assert_one_line_error(code, out, err, "a folder without manifest.json")

@@ -74,6 +74,10 @@ def test_stop_and_resume_equals_uninterrupted(grid, uninterrupted, tmp_path, opt
         grid, max_iter=5, optimizer=optimizer, checkpoint=ckpt, checkpoint_every=2, **KW
     )
     assert _iteration(ckpt) == len(short.history["valid_rms"]) == 5
+    if optimizer == "lm":  # payne-lite info describes the checkpoint
+        from payne_lite.cli import main
+
+        assert main(["info", str(ckpt)]) == 0
     resumed = pl.train_emulator(
         grid, max_iter=12, optimizer=optimizer, checkpoint=ckpt, resume=True, **KW
     )

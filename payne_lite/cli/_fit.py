@@ -38,6 +38,20 @@ from ._common import (
 
 _log = logging.getLogger("payne_lite.cli")
 
+#: Arguments of pl.fit, pl.sample and pl.fit_catalog that ``payne-lite fit`` has no
+#: flag for, and why (tests/test_cli.py maps every other one to its flag).
+PYTHON_ONLY = {
+    "lm_table": "an LM results table in memory: the command runs the LM start itself",
+    "return_samples": "posterior samples files: pl.sample(..., return_samples=True) "
+    "and pl.save_samples",
+    "prior": "pl.sample's: the command's samplers (--method emcee, nuts, mdn-is) use "
+    "the box prior",
+    "rv_window": "pl.sample's: the command's samplers use the default rv window",
+    "return_model": "a catalog's model spectra would not fit in memory: "
+    "pl.model_from_results(pl.read_results(RESULTS), emulator) rebuilds any rows'",
+    "client": "a Dask client object: --scheduler ADDRESS or --workers N make one",
+}
+
 
 def _fit_default(name: str):
     """The default of argument ``name`` of payne_lite.fit."""
@@ -95,6 +109,13 @@ def add_fit(sub) -> None:
                 76,
                 subsequent_indent="  ",
             )
+            + "\n\nfrom Python only (pl.fit, pl.sample, pl.fit_catalog):\n"
+            + "\n".join(
+                textwrap.fill(
+                    f"{k}: {v}", 76, initial_indent="  ", subsequent_indent="    "
+                )
+                for k, v in PYTHON_ONLY.items()
+            )
             + "\n\nexamples:\n"
             "  payne-lite fit catalog.h5 --emulator emu.h5 -o results.fits\n"
             "  payne-lite fit aspcapStar-*.fits --emulator emu.h5 -o results.ecsv \\\n"
@@ -146,6 +167,7 @@ def add_fit(sub) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="do not show a progress bar"
     )
+    _add_run_options(p)
     _add_instrument_options(p)
     _add_distributed_options(p)
 
@@ -233,6 +255,87 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         "MDN's Gaussians (screened by chi2 like the default starts; "
         "default 0)",
     )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Starts, pixel masks, the error model, random seed and what goes in the
+    results: the rest of payne_lite.fit's and fit_catalog's arguments."""
+    g = p.add_argument_group("starts, masks and results")
+    g.add_argument(
+        "--p0",
+        default=None,
+        metavar="LABELS|FILE.npy",
+        help="starting labels [physical units]: one vector for every spectrum "
+        "(comma-separated, in the emulator's label order), or a .npy file of "
+        "(L,) or (n, L), one row per spectrum",
+    )
+    g.add_argument(
+        "--mask",
+        default=None,
+        metavar="FILE.npy",
+        help="a (P,) bool .npy file, True = ignore that pixel in every spectrum "
+        "(joined with the catalog's own mask)",
+    )
+    g.add_argument(
+        "--no-emulator-error",
+        action="store_true",
+        help="leave the emulator's own error out of the flux errors (see "
+        "payne_lite.fit's emulator_error)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of random starts (--mdn-starts) and of the samplers "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a key and value recorded in the results' meta, repeatable",
+    )
+
+
+def _run_kwargs(args, n_labels: int) -> dict:
+    """fit_catalog's ``p0``, ``mask``, ``seed`` and ``emulator_error`` from the
+    arguments (only the ones given)."""
+    kw: dict = {}
+    if args.p0 is not None:
+        if args.p0.lower().endswith(".npy"):
+            kw["p0"] = np.load(require_file(args.p0), allow_pickle=False)
+        else:
+            kw["p0"] = np.array(
+                [parse_number(t, "--p0") for t in args.p0.split(",")], float
+            )
+        if kw["p0"].shape[-1] != n_labels:
+            raise ValueError(
+                f"--p0: {kw['p0'].shape[-1]} labels given, the emulator has {n_labels}"
+            )
+    if args.mask is not None:
+        mask = np.load(require_file(args.mask), allow_pickle=False)
+        if mask.dtype != bool or mask.ndim != 1:
+            raise ValueError(
+                f"--mask: expected a (P,) bool array, got {mask.dtype} {mask.shape}"
+            )
+        kw["mask"] = mask
+    if args.seed != 0:
+        kw["seed"] = args.seed
+    if args.no_emulator_error:
+        kw["emulator_error"] = False
+    return kw
+
+
+def _meta_items(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--meta {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
 
 
 def _add_instrument_options(p: argparse.ArgumentParser) -> None:
@@ -495,7 +598,9 @@ def run_fit(args) -> int:
                 fixed=fixed or None,
                 instrument=instrument,
                 options=options,
+                **_run_kwargs(args, len(emu.label_names)),
                 meta={
+                    **_meta_items(args.meta),
                     "command": args.command_line,
                     "emulator_file": str(emu_path),
                     **({"mdn_file": str(args.mdn)} if mdn is not None else {}),

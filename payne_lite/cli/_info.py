@@ -16,10 +16,12 @@ from ..catalog import CATALOG_FORMAT
 from ..catalog import FORMATS as RESULTS_FORMATS
 from ..constants import C_KMS
 from ..emulator import EMULATOR_FORMAT, Emulator
+from ..emulator._train_ckpt import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from ..errors import FileFormatError
 from ..fitting import FLAG_BITS
 from ..grid import GRID_FORMAT, SpectralGrid
 from ..mdn import MDN_FORMAT
+from ..posterior import SAMPLES_FORMAT
 from ._common import (
     EXIT_OK,
     add_subcommand,
@@ -64,7 +66,10 @@ def _file_format(path: Path) -> tuple[str, int]:
         ) from err
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
-    known = (GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT, MDN_FORMAT)
+    known = (
+        GRID_FORMAT, EMULATOR_FORMAT, SPECTRA_FORMAT, CATALOG_FORMAT, MDN_FORMAT,
+        SAMPLES_FORMAT, CHECKPOINT_FORMAT,
+    )  # fmt: skip
     if fmt not in known:
         raise FileFormatError(
             f"{path}: not a payne_lite file (format={fmt!r}); info "
@@ -350,10 +355,123 @@ def _lines_mdn(path: Path) -> list[str]:
     ]
 
 
+def _lines_samples(path: Path) -> list[str]:
+    from ..posterior import load_samples
+
+    post, meta = load_samples(path)
+    n = len(post.samples)
+    sizes = [int(np.shape(x)[0]) for x in post.samples]
+    ran = [m for m in post.method if m]
+    lines = [
+        _row("stars", f"{n}"),
+        _row(
+            "parameters",
+            ", ".join(
+                f"{nm} [{u}]" if u else nm
+                for nm, u in zip(post.names, post.units, strict=True)
+            ),
+        ),  # fmt: skip
+        _row("draws", f"{min(sizes)}-{max(sizes)} per star" if sizes else "none"),
+        _row(
+            "methods",
+            ", ".join(f"{m} x{ran.count(m)}" for m in dict.fromkeys(ran)) or "none",
+        ),
+        _row(
+            "weighted",
+            "yes (mdn-is)" if any(w is not None for w in post.weights) else "no",
+        ),
+        _row(
+            "kept",
+            ", ".join(
+                k
+                for k, v in (("log_prob", post.log_prob), ("diverging", post.diverging))
+                if v is not None and any(x is not None for x in v)
+            )
+            or "draws only",
+        ),  # fmt: skip
+    ]
+    return lines + _meta_rows(
+        {k: meta[k] for k in ("method", "prior", "seed") if k in meta}
+    )
+
+
+def _lines_checkpoint(path: Path) -> list[str]:
+    with _h5.open_checked(path, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,)) as f:
+        ident = _h5.get_json_attr(f, "identity", path)
+        it = int(f.attrs.get("iteration", -1))
+        states = sorted(f["state"]) if "state" in f else []
+    cfg = ident.get("config", {}) if isinstance(ident, dict) else {}
+    return [
+        _row("iterations", f"{it} completed (payne-lite train --resume continues)"),
+        _row("state", ", ".join(states) or "none"),
+        *[_row(k, _fmt_value(v)) for k, v in sorted(cfg.items())[:12]],
+    ]
+
+
+def _describe_folder(path: Path) -> int:
+    """A fit_catalog parts folder: its manifest (chunks done of all)."""
+    from ..catalog._parts import PARTS_FORMAT
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise FileFormatError(
+            f"{path}: a folder without manifest.json; info describes files and "
+            "fit_catalog parts folders (RESULTS.parts/)"
+        )
+    try:
+        man = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{manifest}: unreadable manifest ({err})") from err
+    if not isinstance(man, dict) or man.get("format") != PARTS_FORMAT:
+        raise FileFormatError(f"{manifest}: not a fit_catalog manifest")
+    ident = man.get("identity", {})
+    done, n = man.get("done", []), int(man.get("n_chunks", 0))
+    chunks = sorted(path.glob("chunk-*.h5"))
+    size = human_size(sum(c.stat().st_size for c in chunks))
+    print(f"{path}: fit_catalog parts folder (v{man.get('format_version')}), {size}")
+    inp = ident.get("input", {}) if isinstance(ident, dict) else {}
+    lines = [
+        _row(
+            "chunks",
+            f"{len(done)} of {n} done ({n - len(done)} to fit); "
+            f"{len(chunks)} chunk files",
+        ),  # fmt: skip
+        _row(
+            "catalog",
+            f"{inp.get('n_spec', '?')} spectra x {inp.get('n_pix', '?')} pixels",
+        ),
+        _row("method", str(ident.get("method", "?"))),
+        _row("chunk size", str(ident.get("chunk_size", "?"))),
+        _row("resume", "run the same command again; --restart discards these"),
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _describe_lock(path: Path) -> int:
+    from ..catalog._lock import LOCK_FORMAT, describe
+
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path}: unreadable lock file ({err})") from err
+    if not isinstance(owner, dict) or owner.get("format") != LOCK_FORMAT:
+        raise FileFormatError(f"{path}: not a fit_catalog lock file")
+    print(f"{path}: fit_catalog output lock")
+    print(_row("owner", describe(owner)))
+    print(_row("note", "held while that run lives; a dead run's lock is taken over"))
+    return EXIT_OK
+
+
 def run_info(args) -> int:
+    given = Path(args.file)
+    if given.is_dir():
+        return _describe_folder(given)
     path = require_file(args.file)
     size = human_size(path.stat().st_size)
     suffix = path.suffix.lower()
+    if suffix == ".lock":
+        return _describe_lock(path)
     if suffix == ".npz":
         grid = checked_read(SpectralGrid.from_payne_npz, path)
         print(f"{path}: The Payne training grid (.npz), {size}")
@@ -381,6 +499,10 @@ def run_info(args) -> int:
         lines = checked_read(_lines_catalog, path)
     elif fmt == MDN_FORMAT:
         lines = checked_read(_lines_mdn, path)
+    elif fmt == SAMPLES_FORMAT:
+        lines = checked_read(_lines_samples, path)
+    elif fmt == CHECKPOINT_FORMAT:
+        lines = checked_read(_lines_checkpoint, path)
     else:
         lines = checked_read(_lines_spectra, path)
     print(f"{path}: {fmt} v{ver}, {size}")
