@@ -521,3 +521,63 @@ def test_per_star_grids_match_separate_fits_and_share_one_compilation(
         fit(flux, err, default_emu, wavelength=bad)
     with pytest.raises(ValueError, match="does not overlap"):
         fit(flux[1], err[1], default_emu, wavelength=bad[1])
+
+
+# --- chip ends (issue 17, part 6) ------------------------------------------------------
+def test_chip_end_pixels_carry_no_weight():
+    """A broadened pixel within a kernel's reach of a chip end or gap is not the model
+    (convolve_segments holds the end pixel): those observed pixels get zero weight, so
+    corrupting them moves no label, on the emulator's own grid and on another one."""
+    from payne_lite.observe import complete_rest, kernel_reach, shift_pair, window_valid
+
+    emu = log_emulator()
+    inst = Instrument(resolution=15000.0, vsini=True)
+    wave = emu.wavelength
+    obs = build_obs_model(
+        emu, wavelength=wave, resolution=15000.0, broadening=("vsini",)
+    )
+    k = kernel_reach(obs)
+    lsf_half = (obs.lsf.shape[0] - 1) // 2
+    assert k == obs.broad.vel_half + lsf_half and k > 5
+    ok = complete_rest(obs)
+    segs = obs.broad.segments
+    assert segs == ((0, 120), (120, 180)) and ok.sum() == 300 - 4 * k
+    assert not ok[:k].any() and ok[k] and not ok[120 - k : 120 + k].any()
+    rng = np.random.default_rng(5)
+    truth = np.array([[5200.0, 3.0, -0.4, 0.0, 12.0]])
+    clean_rest = np.asarray(
+        observe(obs, jnp.asarray(np.r_[emu.scale(truth[:, :3])[0], 8.0, 12.0]))[0]
+    )
+    flux = clean_rest + 0.002 * rng.standard_normal(clean_rest.shape)
+    err = np.full_like(flux, 0.002)
+    # observed pixels that read an incomplete rest pixel at every rv of the range
+    # (+-50 km/s is 12.1 pixels of 4.14 km/s): within k - 14 pixels of a chip end.
+    # Before, only the last ~13 were left out: these were fitted with the held end
+    # value.
+    near = np.zeros(wave.size, bool)
+    for a, n in segs:
+        lo, hi = emu.wavelength[a], emu.wavelength[a + n - 1]
+        step = np.log(emu.wavelength[1] / emu.wavelength[0])
+        near |= np.abs(np.log(wave / lo)) < (k - 14) * step
+        near |= np.abs(np.log(wave / hi)) < (k - 14) * step
+    bad = flux.copy()
+    bad[near] = 3.0  # a cosmic ray in each
+    kw = dict(wavelength=wave, instrument=inst, rv_range=(-50.0, 50.0), fixed={})
+    t_clean = fit(flux, err, emu, **kw)
+    t_bad = fit(bad, err, emu, **kw)
+    for c in ("Teff", "logg", "[Fe/H]", "rv", "vsini", "chi2"):
+        np.testing.assert_array_equal(t_bad[c], t_clean[c], err_msg=c)
+    assert t_clean["n_good_pixels"][0] <= wave.size - near.sum()
+    assert abs(t_clean["vsini"][0] - 12.0) < 3 * t_clean["vsini_err"][0] + 0.5
+    # off the emulator's grid (interpolation in lambda): the same pixels are left out
+    wave2 = emu.wavelength[3:-3] * (1 + 1e-6)
+    obs2 = build_obs_model(
+        emu, wavelength=wave2, resolution=15000.0, broadening=("vsini",)
+    )
+    assert obs2.log_grid is None
+    near2 = near[3:-3]
+    for rv in np.linspace(-50.0, 50.0, 9):
+        valid = np.asarray(shift_pair(obs2, jnp.zeros((1, 300)), jnp.asarray(rv))[-1])
+        assert not valid[near2].any(), rv
+    v2 = np.asarray(window_valid(obs2, jnp.asarray(-50.0), jnp.asarray(50.0)))
+    assert not v2[near2].any() and v2.sum() > 50

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from . import broadening as broadening
 from ._doppler import LogGrid as LogGrid
+from ._doppler import complete_rest as complete_rest
 from ._doppler import doppler_shift as doppler_shift
 from ._doppler import embed as embed
 from ._doppler import gap_cum as gap_cum
+from ._doppler import kernel_reach as kernel_reach
 from ._doppler import make_log_grid as make_log_grid
 from ._doppler import make_lookup as make_lookup
 from ._doppler import shift_pair as shift_pair
@@ -78,4 +80,6 @@ __all__ = [
     "shift_pair",
     "teff_index",
     "window_valid",
+    "complete_rest",
+    "kernel_reach",
 ]

@@ -177,6 +177,36 @@ def embed(lg: LogGrid, m):
     return xp.concatenate(parts, axis=-1)
 
 
+def kernel_reach(obs) -> int:
+    """Rest pixels a broadened rest pixel reads on each side: the velocity kernel's
+    static half-width plus the instrumental profile's (0 without broadening)."""
+    if obs.broad is None:
+        return 0
+    lsf_half = 0 if obs.lsf is None else (int(obs.lsf.shape[0]) - 1) // 2
+    return int(obs.broad.vel_half) + lsf_half
+
+
+def complete_rest(obs) -> np.ndarray:
+    """(P_rest,) bool: rest pixels whose broadening kernels stay inside their chip.
+
+    :func:`payne_lite.observe.broadening.convolve_segments` pads a chip's ends with
+    its end pixel, so the broadened flux within :func:`kernel_reach` pixels of a
+    chip end (or a gap) is not the model's; those rest pixels are left out of
+    :func:`shift_pair`'s validity and :func:`~payne_lite.observe.window_valid`
+    (observed pixels that read them get zero weight). The reach is static: the
+    widest kernel the parameters' ranges allow (vsini up to its range's top: ~30
+    APOGEE pixels at each chip end when vsini is fitted)."""
+    n = int(obs.x_rest.shape[0])
+    k = kernel_reach(obs)
+    ok = np.ones(n, bool)
+    if k == 0:
+        return ok
+    ok[:] = False
+    for a, length in obs.broad.segments:
+        ok[a + k : a + length - k] = True
+    return ok
+
+
 def shift_pair(obs, m, rv):
     """Interpolation of rest-frame rows ``m`` (c, P_rest) at lambda_obs / f.
 
@@ -185,7 +215,8 @@ def shift_pair(obs, m, rv):
 
     Returns ``(ma, mb, t, dt_drv, valid)``: the bracketing rest values (c, P_obs),
     the weight t (the value is ``ma + t (mb - ma)``), ``dt/drv`` [1/(km/s)] and the
-    validity (P_obs,): False off the rest grid or across one of its gaps. ``t`` and
+    validity (P_obs,): False off the rest grid, across one of its gaps, or from a
+    rest pixel whose broadening kernel leaves its chip (:func:`complete_rest`). ``t`` and
     ``dt_drv`` are scalars on a :class:`LogGrid` (linear interpolation in
     ln lambda, which differs from interpolation in lambda by at most step/8 of the
     interval: 2e-6 of it for APOGEE), else (P_obs,) (linear in lambda, as
@@ -199,7 +230,7 @@ def shift_pair(obs, m, rv):
         t = u - k
         k = k.astype(jnp.int32)
         emb = embed(lg, m)  # (c, size): contiguous rows
-        ok = jnp.asarray(embed(lg, np.ones(obs.x_rest.shape[0], bool)))
+        ok = jnp.asarray(embed(lg, complete_rest(obs)))
         ma, mb, va = [], [], []
         for _, e0, n in lg.obs:
             # two slices, not one of n + 1 sliced again: XLA:CPU vectorises a
@@ -228,6 +259,10 @@ def shift_pair(obs, m, rv):
     # right); zero where the interpolation is clamped off the grid's ends.
     dt_drv = jnp.where(inside, -(inv_m1 + 1.0) * dv * obs.wave_obs / h, 0.0)
     valid = inside & (obs.gap_cum[i + 1] - obs.gap_cum[i] == 0)
+    complete = complete_rest(obs)
+    if not complete.all():
+        c = jnp.asarray(complete)
+        valid = valid & c[i] & c[i + 1]
     return m[:, i], m[:, i + 1], t, dt_drv, valid
 
 

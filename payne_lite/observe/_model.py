@@ -62,9 +62,12 @@ from . import broadening as _broad
 from ._doppler import (
     LOG_GRID_TOL,
     LogGrid,
+    complete_rest,
     embed,
     gap_cum,
     index_runs,
+    interval,
+    interval_lookup,
     inv_factor_m1,
     make_log_grid,
     make_lookup,
@@ -474,19 +477,32 @@ def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetN
 def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
     """(P_obs,) bool: pixels valid for every rv in [rv_lo, rv_hi] (one star).
 
-    That is, valid in the sense of :func:`shift_pair` at every rv of the window.
-    On a :class:`LogGrid`: the rest points from ``floor(u(rv_hi))`` to
-    ``floor(u(rv_lo)) + 1`` pixels away all exist (a difference of a cumulative
-    count, two slices per chip); else by interval search in lambda.
+    That is, valid in the sense of :func:`shift_pair` at every rv of the window,
+    and reading no rest pixel whose broadening kernel leaves its chip
+    (:func:`complete_rest`). On a :class:`LogGrid`: the rest points from
+    ``floor(u(rv_hi))`` to ``floor(u(rv_lo)) + 1`` pixels away all exist (a
+    difference of a cumulative count, two slices per chip); else by interval search
+    in lambda.
     """
     lg = obs.log_grid
+    complete = complete_rest(obs)
     if lg is None:
         xq_hi = obs.x_obs + obs.wave_obs * inv_factor_m1(rv_lo)  # smaller rv: redder
         xq_lo = obs.x_obs + obs.wave_obs * inv_factor_m1(rv_hi)
-        return span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
+        ok = span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
+        if complete.all():
+            return ok
+        # no incomplete rest pixel among those the interpolation reads, ia .. ib + 1
+        bad = jnp.asarray(np.concatenate([[0], np.cumsum(~complete)]).astype(np.int32))
+        if obs.lookup is None:
+            ia, ib = interval(obs.x_rest, xq_lo), interval(obs.x_rest, xq_hi)
+        else:
+            ia = interval_lookup(obs.x_rest, obs.lookup, xq_lo)
+            ib = interval_lookup(obs.x_rest, obs.lookup, xq_hi)
+        return ok & (bad[ib + 2] - bad[ia] == 0)
     k_lo = jnp.floor(-jnp.arctanh(rv_hi / C_KMS) * lg.inv_step).astype(jnp.int32)
     k_hi = jnp.floor(-jnp.arctanh(rv_lo / C_KMS) * lg.inv_step).astype(jnp.int32)
-    ok = embed(lg, np.ones(obs.x_rest.shape[0], np.int32))
+    ok = embed(lg, complete.astype(np.int32))
     cum = jnp.asarray(np.concatenate([[0], np.cumsum(ok)]).astype(np.int32))
     parts = []
     for _, e0, n in lg.obs:
