@@ -94,6 +94,7 @@ def qa_bit_lines() -> list[str]:
     ]
     for bit, text in sorted(s.FLAG_BITS.items()):
         value = 1 << bit
+        text = text.replace("|", "\\|")  # |flux| is no reST substitution
         text = re.sub(r"\b(" + "|".join(THRESHOLDS) + r")\b", r"``\1``", text)
         lines += [
             f"   * - {bit}",
