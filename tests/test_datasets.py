@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
-import importlib.util
-import re
 import shutil
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -252,28 +250,3 @@ def test_sdist_keeps_the_data_folders():
         if PurePosixPath(f).match(pat.lstrip("/"))
     ]
     assert not dropped
-
-
-# --- the README's examples run on the shipped data ----------------------------------
-def test_readme_quick_start_runs_on_the_shipped_data(tmp_path, monkeypatch):
-    """The README's Python quick start (predict with The Payne's network, fit the real
-    spectrum) runs as written from a folder with nothing beside it."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Python quick start") :]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)[:3]
-    assert "pl.datasets.payne_apogee()" in blocks[0] and "D." in blocks[1]
-    assert "from specutils import Spectrum" in blocks[2]
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile("\n".join(blocks[:2]), "README.md", "exec"), scope)
-    assert scope["flux"].shape == (2, 7214)
-    assert (tmp_path / "apogee_payne.h5").is_file()
-    table = scope["table"]
-    assert len(table) == 1 and 4500 < table["Teff"][0] < 5500
-    if importlib.util.find_spec("specutils") is None:
-        return
-    exec(compile(blocks[2], "README.md", "exec"), scope)  # the same star as a Spectrum
-    spec_table, model = scope["table"], scope["model"]
-    for c in ("Teff", "logg", "[Fe/H]", "rv"):
-        assert spec_table[c][0] == pytest.approx(table[c][0], rel=1e-6, abs=1e-6)
-    assert str(model.spectral_axis.unit) == "nm" and model.flux.shape == (7214,)

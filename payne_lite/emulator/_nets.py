@@ -168,13 +168,13 @@ def _horner(coeffs, t):
 def tanh_rational(x: Array) -> Array:
     """tanh for float32 in 12 vector operations: two clamps, 9 multiply(-add)s, 1 divide.
 
-    Max |error| over every float32 in [-10, 10] is 4.5e-7 (``jnp.tanh``: 2.9e-7), about
+    Max ``|error|`` over every float32 in [-10, 10] is 4.5e-7 (``jnp.tanh``: 2.9e-7), about
     4 units in the last place near +-1, mostly float32 rounding; tanh is odd and the
     result is within 3e-7 of +-1 beyond the clamp, so the bound holds for all finite x.
     A spectrum's error is at most ``sum_h |w1[p, h]|`` times that: 1e-6 for the real
-    Payne network (sum |w1| <= 2.3 after the sigmoid fold), against 3e-7 of float32
+    Payne network (``sum |w1| <= 2.3`` after the sigmoid fold), against 3e-7 of float32
     rounding elsewhere in the network. ``jnp.tanh`` (XLA's [13/6] rational with
-    extra branches for small |x|) costs about 20 % more in the batched kernel, where the
+    extra branches for small ``|x|``) costs about 20 % more in the batched kernel, where the
     activations are most of the work. Opt-in (``fast_tanh=True``): spectra made with it
     differ from the fitter's model (:func:`kernel_forward`, ``jnp.tanh``) by ~1e-7,
     and ``tests/test_fit.py::test_real_network_recovery_and_errors`` then sees one of

@@ -198,7 +198,7 @@ def poor_fit(chi2_red, ndof, snr) -> np.ndarray:
 
     Args:
         chi2_red: (n,) reduced chi2; ndof: (n,) degrees of freedom; snr: (n,)
-            median |flux| / error of the pixels used.
+            median ``|flux| / error`` of the pixels used.
 
     Returns:
         (n,) bool (False where any input is NaN or ``ndof`` < 1).

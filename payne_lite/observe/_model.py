@@ -654,7 +654,7 @@ def build_obs_model(
 ) -> ObsModel:
     """The :class:`ObsModel` pytree for ``emulator`` observed on ``wavelength``.
 
-    ``rv_max`` [km/s] is the largest |rv| the model will be asked for (it sizes the
+    ``rv_max`` [km/s] is the largest ``|rv|`` the model will be asked for (it sizes the
     margin of the log-uniform fast path; beyond it pixels are flagged invalid);
     ``log_grid=False`` turns that path off (per-pixel interpolation in lambda).
     ``resolution``, ``lsf_sigma``, ``emulator_resolution``: the instrumental

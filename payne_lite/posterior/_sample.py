@@ -236,8 +236,9 @@ def log_posterior(
             coefficients], the parameters held by ``fixed`` left out.
         rv_centre: centre of the RV window [km/s] (:func:`sample` uses the LM or
             MDN rv); it also fixes the pixel set and the emulator-error shift.
-        mask, wavelength, instrument, prior, mdn, cont_deg, rv_range, rv_window,
-        fixed, emulator_error: as in :func:`sample`.
+        mask: as in :func:`sample`, as are ``wavelength``, ``instrument``,
+            ``prior``, ``mdn``, ``cont_deg``, ``rv_range``, ``rv_window``, ``fixed``
+            and ``emulator_error``.
 
     Returns:
         (m,) float64 log posterior (``-inf`` outside the prior's support), or a
@@ -351,9 +352,9 @@ def sample(
             :func:`save_samples`).
         progress: a tqdm bar over stars.
 
-        Stars that fail their convergence rule are named in a
-        :class:`payne_lite.SamplingWarning` (filter it with :mod:`warnings` to
-        silence it) and have ``converged`` False in the table.
+    Stars that fail their convergence rule are named in a
+    :class:`payne_lite.SamplingWarning` (filter it with :mod:`warnings` to
+    silence it) and have ``converged`` False in the table.
 
     Returns:
         astropy Table, one row per spectrum (columns in the module docstring); with
