@@ -102,7 +102,8 @@ def describe(owner: dict | None) -> str:
     )
 
 
-def _read_owner(path: Path) -> dict | None:
+def read_owner(path: Path) -> dict | None:
+    """A lock file's owner (its JSON), or None when it is unreadable or foreign."""
     try:
         owner = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -164,7 +165,7 @@ class OutputLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 kernel = self._flock(fd)
-                old = _read_owner(self.path)
+                old = read_owner(self.path)
                 empty = os.fstat(fd).st_size == 0
                 if kernel is False:
                     self._refuse(old)

@@ -183,6 +183,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+def read_manifest(path: Path) -> dict:
+    """A parts folder's ``manifest.json``, checked (format and version)."""
+    try:
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path}: unreadable manifest ({err})") from err
+    if not isinstance(man, dict) or man.get("format") != PARTS_FORMAT:
+        raise FileFormatError(f"{path}: not a {PARTS_FORMAT} manifest")
+    if man.get("format_version") != PARTS_VERSION:
+        raise FileFormatError(
+            f"{path}: {PARTS_FORMAT} format_version={man.get('format_version')!r} "
+            f"is not supported (this payne_lite reads [{PARTS_VERSION}]); pass "
+            "restart=True (payne-lite fit --restart) to discard those results"
+        )
+    return man
+
+
 class Parts:
     """The parts folder of one fit_catalog run: a manifest and one file per chunk.
 
@@ -216,10 +233,10 @@ class Parts:
                         "folder; move it away"
                     )
             elif restart:
-                cls._read_manifest(manifest)  # only ever delete a parts folder
+                read_manifest(manifest)  # only ever delete a parts folder
                 shutil.rmtree(folder)
             else:
-                old = cls._read_manifest(manifest)
+                old = read_manifest(manifest)
                 if old["identity"] != identity:
                     diff = _differences(old["identity"], identity)
                     raise ValueError(
@@ -237,22 +254,6 @@ class Parts:
         parts.created = not parts.done
         parts._write_manifest()
         return parts
-
-    @staticmethod
-    def _read_manifest(path: Path) -> dict:
-        try:
-            man = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise FileFormatError(f"{path}: unreadable manifest ({err})") from err
-        if not isinstance(man, dict) or man.get("format") != PARTS_FORMAT:
-            raise FileFormatError(f"{path}: not a {PARTS_FORMAT} manifest")
-        if man.get("format_version") != PARTS_VERSION:
-            raise FileFormatError(
-                f"{path}: {PARTS_FORMAT} format_version={man.get('format_version')!r} "
-                f"is not supported (this payne_lite reads [{PARTS_VERSION}]); pass "
-                "restart=True (payne-lite fit --restart) to discard those results"
-            )
-        return man
 
     def file(self, i: int) -> Path:
         return self.folder / f"chunk-{i:06d}.h5"

@@ -167,6 +167,13 @@ def _wave_values(raw, role: str, scale: float, where: str, stated: bool) -> np.n
 class _ArrayCatalog(Reader):
     """Rows of array-likes (h5py datasets or memory-mapped FITS columns)."""
 
+    def _set_path(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.paths = [self.path]
+        self.source = str(self.path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such file")
+
     def _setup(
         self, arrays: dict, roles: dict[str, str], wave_unit, where: str
     ) -> None:
@@ -322,11 +329,7 @@ class PlainHDF5Catalog(_ArrayCatalog):
         return cls(one_path(paths, cls.name), **options)
 
     def __init__(self, path: str | os.PathLike, *, datasets: dict | None = None):
-        self.path = Path(path)
-        self.paths = [self.path]
-        self.source = str(self.path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such file")
+        self._set_path(path)
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as err:
@@ -393,11 +396,7 @@ class FitsTableCatalog(_ArrayCatalog):
     ):
         from astropy.io import fits
 
-        self.path = Path(path)
-        self.paths = [self.path]
-        self.source = str(self.path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such file")
+        self._set_path(path)
         try:
             self._hdul = fits.open(self.path, memmap=True)
         except (OSError, ValueError, TypeError) as err:

@@ -410,7 +410,7 @@ def _lines_checkpoint(path: Path) -> list[str]:
 
 def _describe_folder(path: Path) -> int:
     """A fit_catalog parts folder: its manifest (chunks done of all)."""
-    from ..catalog._parts import PARTS_FORMAT
+    from ..catalog._parts import read_manifest
 
     manifest = path / "manifest.json"
     if not manifest.is_file():
@@ -418,12 +418,7 @@ def _describe_folder(path: Path) -> int:
             f"{path}: a folder without manifest.json; info describes files and "
             "fit_catalog parts folders (RESULTS.parts/)"
         )
-    try:
-        man = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"{manifest}: unreadable manifest ({err})") from err
-    if not isinstance(man, dict) or man.get("format") != PARTS_FORMAT:
-        raise FileFormatError(f"{manifest}: not a fit_catalog manifest")
+    man = read_manifest(manifest)
     ident = man.get("identity", {})
     done, n = man.get("done", []), int(man.get("n_chunks", 0))
     chunks = sorted(path.glob("chunk-*.h5"))
@@ -449,14 +444,11 @@ def _describe_folder(path: Path) -> int:
 
 
 def _describe_lock(path: Path) -> int:
-    from ..catalog._lock import LOCK_FORMAT, describe
+    from ..catalog._lock import describe, read_owner
 
-    try:
-        owner = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"{path}: unreadable lock file ({err})") from err
-    if not isinstance(owner, dict) or owner.get("format") != LOCK_FORMAT:
-        raise FileFormatError(f"{path}: not a fit_catalog lock file")
+    owner = read_owner(path)
+    if owner is None:
+        raise FileFormatError(f"{path}: not a readable fit_catalog lock file")
     print(f"{path}: fit_catalog output lock")
     print(_row("owner", describe(owner)))
     print(_row("note", "held while that run lives; a dead run's lock is taken over"))
