@@ -239,8 +239,8 @@ class Baseline:
         )
 
 
-def run_payne_lite(emu, flux, err, mask, method):
-    t = pl.fit(flux, err, emu, mask=mask, method=method)
+def run_payne_lite(emu, flux, err, mask, method, *, emulator_error=True):
+    t = pl.fit(flux, err, emu, mask=mask, method=method, emulator_error=emulator_error)
     return dict(
         values=np.column_stack([np.asarray(t[p], np.float64) for p in PARAMS]),
         errors=np.column_stack([np.asarray(t[f"{p}_err"], np.float64) for p in PARAMS]),

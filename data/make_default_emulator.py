@@ -4,8 +4,11 @@
     python data/make_default_emulator.py --grid-out data/default_grid.h5
 
 Everything is made by payne_lite itself from seeds: the built-in synthesizer's line
-list (seed 0) and Latin-hypercube labels (seed 0), then LM training (seed 0). The same
-two steps on the command line:
+list (seed 0) and Latin-hypercube labels (seed 0), then LM training (seed 0), which
+also stores the emulator's error on its held-out spectra: per pixel (``pixel_error``)
+and as their 32 leading principal components (``error_basis``, the fit's correlated
+emulator error). A rebuild on this project's machine gave the shipped network bit
+for bit. The same two steps on the command line:
 
     payne-lite grid -o default_grid.h5 --n-spec 2000 --seed 0
     payne-lite train default_grid.h5 -o default_emulator.h5 --hidden 10 --max-iter 150

@@ -247,6 +247,8 @@ def test_info_emulator(files, capsys):
         "config",
         "max_iter=5",
         "pixel_error",
+        "error_basis",
+        f"{Emulator.load(files.emu).error_basis.shape[0]} principal components",
     ):
         assert frag in out, frag
 

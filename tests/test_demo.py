@@ -33,8 +33,19 @@ def test_default_emulator_is_accurate_on_unseen_spectra(default_emu):
     np.testing.assert_array_equal(default_emu.label_lo, synth.DEFAULT_BOX[0])
     np.testing.assert_array_equal(default_emu.wavelength, synth.default_wavelength())
     labels = synth.sample_labels(24, seed=987, method="uniform")
-    err = np.abs(default_emu.predict(labels) - synth.synthesize(labels))
-    assert np.median(err) < 1e-3
+    resid = (default_emu.predict(labels) - synth.synthesize(labels)).astype(float)
+    assert np.median(np.abs(resid)) < 1e-3
+    # its correlated error (issue 16: the shipped default carries it, so the fit's
+    # errors include it): a rank-K covariance B^T B of the held-out errors that
+    # describes these unseen errors too: their mean energy within a factor 2 of its
+    # trace, and much of it in B's span (a random K-dimensional span holds K/P)
+    basis = np.asarray(default_emu.error_basis, float)
+    k, n_pix = basis.shape
+    assert n_pix == default_emu.n_pix and 8 <= k < n_pix // 100
+    energy = np.mean(np.sum(resid**2, axis=1))
+    assert 0.5 < np.sum(basis**2) / energy < 2.0
+    q, _ = np.linalg.qr(basis.T)
+    assert np.sum((resid @ q) ** 2) / np.sum(resid**2) > 50 * k / n_pix
     # provenance: made by the project's own script, from seeds
     assert default_emu.meta["trained_by"] == "payne_lite.train_emulator"
     # the built-in synthesizer's module, named as it was when the file was made (it
@@ -77,6 +88,10 @@ def test_demo_writes_table_and_figures(tmp_path, default_emu, capsys):
     assert np.median(np.abs(res["Teff"] - table["Teff"])) < 60.0
     assert "fit - truth" in text and "spectra/s once compiled" in text
     assert "MDN in 1, 3 sigma" in text and "without the MDN" in text
+    # the note says what the errors include: the default's correlated emulator error
+    assert res.meta["emulator_error_correlated"] is True
+    assert "correlated across pixels" in text and "not yet a" in text
+    assert "below / above the median" in text
     assert "emcee on 1 star: 1 converged" in text
     post = Table.read(tmp_path / "out" / "posterior_emcee.ecsv")
     assert len(post) == 1 and post["method"][0] == "emcee"
@@ -112,6 +127,12 @@ def test_demo_summary_numbers(tmp_path, default_emu):
     assert plain["Teff"] < 100.0 and plain["rv"] < 0.5, plain
     assert res["plain_spectra_per_s"] > 0 and res["mdn_seconds"] > 0
     assert len(res["mdn_within_3sigma"]) == len(res["fit_labels"])
+    # the default's errors include its correlated emulator error
+    assert res["fit_emulator_error"] and res["fit_emulator_error_correlated"]
+    assert res["emulator_error_rank"] == default_emu.error_basis.shape[0]
+    for key in ("fit_within_1sigma_emu_better", "fit_within_1sigma_emu_worse"):
+        assert len(res[key]) == len(res["fit_labels"])
+        assert all(0.0 <= x <= 1.0 for x in res[key])
 
 
 def test_default_mdn_is_calibrated_for_the_default_emulator(default_emu):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from ._common import EXIT_OK, add_subcommand, positive_int, require_file
 
 
@@ -123,14 +125,24 @@ def run_demo(args) -> int:
             f"   {m1:>8.0%} {m3:>8.0%}"
         )
     print(
-        "  (scatter: half the 16-84 % range of fit - truth; 'no MDN': the same for\n"
-        "   the MDN-free fit; last columns: the MDN's own Gaussians against the truth)"
+        "  (scatter: half the 16-84 % range of fit - truth; in 1 sigma: the fraction\n"
+        "   of truths within the fit's 1-sigma errors, 68 % if the errors were exact;\n"
+        "   'no MDN': the scatter of the MDN-free fit; last columns: the MDN's own\n"
+        "   Gaussians against the truth)"
     )
-    print(
-        "  (errors: flux noise and the emulator's per-pixel error in quadrature; the\n"
-        "   emulator's errors are correlated across pixels, which that does not\n"
-        "   capture, so fewer than 68 % of truths fall within 1 sigma here)"
+    print(_error_note(res))
+    split = ", ".join(  # no-break spaces inside an entry: wrapped between entries
+        f"{name}\xa0{a:.0%}/{b:.0%}"
+        for name, a, b in zip(
+            res["fit_labels"],
+            res["fit_within_1sigma_emu_better"],
+            res["fit_within_1sigma_emu_worse"],
+            strict=True,
+        )
     )
+    print("  in 1 sigma, stars whose emulator error is below / above the median:")
+    split = textwrap.fill(split, 80, initial_indent=" " * 4, subsequent_indent=" " * 4)
+    print(split.replace("\xa0", " "))
     if res["emcee_stars"]:
         n_e = res["emcee_stars"]
         print(
@@ -145,3 +157,31 @@ def run_demo(args) -> int:
         f"({res['total_seconds']:.0f} s)"
     )
     return EXIT_OK
+
+
+def _error_note(res) -> str:
+    """What the fit's errors include, from the results table's meta (see
+    :func:`payne_lite.demo.run_demo`): the note printed under the coverage table."""
+    if res["fit_emulator_error_correlated"]:
+        return (
+            "  (errors: flux noise plus the emulator's own error measured on held-out\n"
+            "   spectra: per pixel in the fit's weights, and correlated across pixels\n"
+            f"   (its {res['emulator_error_rank']} leading principal components, "
+            "emu.error_basis) in the\n"
+            "   covariance. That error is one average over the label box, not yet a\n"
+            "   function of the labels: where the emulator's error is above its\n"
+            "   median the label errors are still too small (the split below), and\n"
+            "   the rv errors are too small as well. The emcee posteriors use the\n"
+            "   per-pixel term only)"
+        )
+    if res["fit_emulator_error"]:
+        return (
+            "  (errors: flux noise and the emulator's per-pixel error in quadrature;\n"
+            "   this emulator has no error_basis, so the correlation of its errors\n"
+            "   across pixels is missing and the errors are too small: fewer than\n"
+            "   68 % of truths fall within 1 sigma)"
+        )
+    return (
+        "  (errors: flux noise only; this emulator carries no estimate of its own\n"
+        "   error, so the errors are too small where that error matters)"
+    )

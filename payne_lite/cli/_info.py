@@ -197,6 +197,18 @@ def _lines_emulator(emu: Emulator) -> list[str]:
                 ),
             )
         )
+    if emu.error_basis is not None:
+        basis = np.asarray(emu.error_basis, np.float64)
+        lines.append(
+            _row(
+                "error_basis",
+                (
+                    f"{basis.shape[0]} principal components of the held-out errors "
+                    f"(RMS {np.sqrt(np.mean(np.sum(basis**2, axis=0))):.2e}): the "
+                    "fit's correlated emulator error"
+                ),
+            )
+        )
     if "config" in m:
         lines += _wrapped_pairs("config", m["config"])
     if m.get("grid_meta"):
