@@ -331,7 +331,19 @@ def test_fast_path_used_and_unchanged_when_broadening_is_off(monkeypatch):
 
     f0, v0, j0 = observe_jac_t(plain, p)
     f1, v1, j1 = observe_jac_t(rot, jnp.append(p, 0.0))
-    np.testing.assert_array_equal(v0, v1)
+    # valid: the plain model's pixels that read two rest pixels whose kernels stay
+    # in their chip (rv 17 km/s reads rest pixels j + k, j + k + 1)
+    from payne_lite.observe import complete_rest
+
+    step = np.log(emu.wavelength[1] / emu.wavelength[0])
+    k = int(np.floor(-np.arctanh(17.0 / C_KMS) / step))
+    c = complete_rest(rot)
+    idx = np.arange(emu.n_pix)
+    inside = (idx + k >= 0) & (idx + k + 1 < emu.n_pix)
+    reads = np.zeros(emu.n_pix, bool)
+    reads[inside] = c[idx[inside] + k] & c[idx[inside] + k + 1]
+    np.testing.assert_array_equal(np.asarray(v1), np.asarray(v0) & reads)
+    assert np.asarray(v1).sum() > 100
     np.testing.assert_allclose(f1, f0, atol=2e-6)
     np.testing.assert_allclose(j1[:4], j0, atol=2e-4 * float(jnp.abs(j0).max()))
     np.testing.assert_allclose(j1[4], 0.0, atol=1e-6)  # d/dvsini at 0: second order

@@ -342,7 +342,7 @@ def test_group_fit_with_resolution_and_vsini_recovers_the_truth(broad_emu):
     """Two stars (3 and 2 visits, vsini 15 and 32 km/s, R = 8000) made by NumPy/SciPy
     at S/N 150 and fitted jointly with Instrument(resolution=8000, vsini=True): the
     labels, the star's vsini and every visit's rv within 4 sigma of the truth (seen:
-    max |z| 2.8), vsini to 0.5 km/s, chi2_red near 1; vsini is a star column."""
+    max |z| 2.8), vsini to 1 km/s, chi2_red near 1; vsini is a star column."""
     e = broad_emu
     rng = np.random.default_rng(21)
     s = rng.uniform(-0.3, 0.3, (2, 3))
@@ -369,7 +369,9 @@ def test_group_fit_with_resolution_and_vsini_recovers_the_truth(broad_emu):
         "resolution + vsini joint: |z| max", np.abs(z).max(), "vsini", list(t["vsini"])
     )
     assert np.all(np.abs(z) < 4), z
-    np.testing.assert_allclose(t["vsini"], vsini, atol=0.5)
+    # to 1 km/s: the pixels within the kernels' static reach of a chip end (4 x 39
+    # of this grid's 300) carry no weight, so vsini is less precise than with them
+    np.testing.assert_allclose(t["vsini"], vsini, atol=1.0)
     assert np.all((t["chi2_red"] > 0.8) & (t["chi2_red"] < 1.25)), list(t["chi2_red"])
     assert np.all(np.isfinite(np.asarray(t["covariance"])[0]))
 
