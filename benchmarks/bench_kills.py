@@ -84,12 +84,22 @@ def main(argv=None) -> int:
         print(f"{args.n} spectra of the {what}, {n_chunks} chunks of {args.chunk_size}")
 
         ref_path = tmp / "ref.fits"
+        ref_manifest = pl.catalog.parts_folder(ref_path) / "manifest.json"
         t0 = time.perf_counter()
-        subprocess.run(_command(cat, emu_path, ref_path, args.chunk_size), check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(_command(cat, emu_path, ref_path, args.chunk_size),
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+        t_first = None
+        while proc.poll() is None:
+            if t_first is None and _done(ref_manifest):
+                t_first = time.perf_counter() - t0
+            time.sleep(0.01)
+        assert proc.returncode == 0, "the uninterrupted run failed"
         t_ref = time.perf_counter() - t0
+        t_first = t_first or 0.5 * t_ref
         ref = pl.read_results(ref_path)
-        print(f"uninterrupted run: {t_ref:.1f} s")
+        print(
+            f"uninterrupted run: {t_ref:.1f} s (first chunk recorded at {t_first:.1f} s)"
+        )
 
         out = tmp / "out.fits"
         parts = pl.catalog.parts_folder(out)
@@ -97,7 +107,7 @@ def main(argv=None) -> int:
         log = open(tmp / "runs.log", "ab")  # noqa: SIM115 - one log for every run
         kills = merge_kills = runs = 0
         chunks_fitted = 0
-        max_delay = 0.8 * t_ref
+        restarts = 0
         while kills < args.kills:
             in_merge = kills >= args.kills - args.merge_kills
             before = len(_done(manifest))
@@ -109,6 +119,9 @@ def main(argv=None) -> int:
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.5))
             else:
+                # start-up, then the chunks still to fit: kills land before the end
+                left = (n_chunks - before) / n_chunks
+                max_delay = t_first + 0.9 * left * (t_ref - t_first)
                 deadline = time.monotonic() + rng.uniform(0.0, max_delay)
                 while time.monotonic() < deadline and proc.poll() is None:
                     time.sleep(0.01)
@@ -116,11 +129,14 @@ def main(argv=None) -> int:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
-                merge_kills += in_merge and len(_done(manifest)) == n_chunks
-            else:  # it finished first: start over on a fresh output
+                merge_kills += int(in_merge and len(_done(manifest)) == n_chunks)
+            else:  # it finished first: the kills so far were not in one run
                 if out.exists():
                     out.unlink()
-                print(f"  run {runs} finished before its kill; output removed")
+                kills = merge_kills = chunks_fitted = 0
+                restarts += 1
+                print(f"  run {runs} finished before its kill: output removed, kills "
+                      "counted again from 0")  # fmt: skip
             chunks_fitted += max(0, len(_done(manifest)) - before)
             print(f"  run {runs}: {'killed' if proc.returncode == -9 else 'ended'}, "
                   f"{len(_done(manifest))}/{n_chunks} chunks recorded")  # fmt: skip
@@ -145,6 +161,7 @@ def main(argv=None) -> int:
             "kills": kills,
             "kills_during_merge": int(merge_kills),
             "runs": runs,
+            "restarts_from_scratch": restarts,
             "chunks_recorded_by_killed_runs": chunks_fitted - (n_chunks - before),
             "rows_checked": len(ids),
             "every_row_once_in_order": once,
