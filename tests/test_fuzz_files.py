@@ -1,10 +1,11 @@
 """Damaged model files (issue: faults at catalog scale, fuzz every file type): each
-damaged copy of an emulator, a grid or an MDN file (truncated, a bit flipped in the headers
-or anywhere, a 512-byte block zeroed) is refused with FileFormatError or loads with
-its content unchanged; never other numbers, an exception of another kind, a hang or
-a crash. The loads run in a child process with a timeout, because libhdf5 can abort
-the process on a damaged header (the files' checksum block is checked before it
-reads them: payne_lite._h5.check_stamp). Results files: tests/test_results.py.
+damaged copy of an emulator, a grid, an MDN or a posterior-samples file (truncated, a
+bit flipped in the headers or anywhere, a 512-byte block zeroed) is refused with
+FileFormatError or loads with its content unchanged; never other numbers, an
+exception of another kind, a hang or a crash. The loads run in a child process with a
+timeout, because libhdf5 can abort the process on a damaged header (the files'
+checksum block is checked before it reads them: payne_lite._h5.check_stamp). Results
+files: tests/test_results.py.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def fingerprint(path):
         flux = e.predict(lab)
         arrays = list(m.predict(flux, np.full_like(flux, 0.01)))
         h.update(json.dumps(list(m.label_names)).encode())
+    elif kind == "samples":
+        from payne_lite.posterior import load_samples
+        post, meta = load_samples(path)
+        arrays = [*post.samples, *(w for w in post.weights if w is not None)]
+        h.update(json.dumps([list(post.names), list(post.units), list(post.method),
+                             meta], sort_keys=True, default=str).encode())
     else:
         g = pl.SpectralGrid.load(path)
         arrays = [g.labels, g.flux, g.wavelength]
@@ -83,15 +90,24 @@ def model_files(tmp_path_factory):
     )
     grid.save(folder / "grid.h5")
     from payne_lite._datafiles import DEFAULT_MDN, shipped_file
+    from payne_lite.posterior import PosteriorSamples, save_samples
 
+    post = PosteriorSamples(
+        names=("Teff", "logg", "rv"), units=("K", "dex", "km/s"),
+        samples=[rng.normal(size=(300, 3)), rng.normal(size=(200, 3))],
+        weights=[None, rng.dirichlet(np.ones(200))], method=["emcee", "mdn-is"],
+        n_chains=[30, 0], log_prob=[rng.normal(size=300), None],
+    )  # fmt: skip
+    save_samples(folder / "samples.h5", post, {"method": "emcee", "seed": 3})
     return {
+        "samples": folder / "samples.h5",
         "emulator": folder / "emu.h5",
         "grid": folder / "grid.h5",
         "mdn": shipped_file(DEFAULT_MDN),  # a real trained MDN (2 MB)
     }
 
 
-@pytest.mark.parametrize("kind", ["emulator", "grid", "mdn"])
+@pytest.mark.parametrize("kind", ["emulator", "grid", "mdn", "samples"])
 def test_damaged_model_files_are_refused_or_read_unchanged(model_files, tmp_path, kind):
     src = model_files[kind]
     paths = _damaged_copies(src, tmp_path, np.random.default_rng(3), n_flip=16)
