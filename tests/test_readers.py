@@ -259,3 +259,22 @@ def test_cli_reads_them_too(mock, tmp_path, capsys):
         "the 'hdf5' reader takes no option(s) ['bad_bits']; its options: ['datasets']"
         in err_text
     )
+
+
+def test_plain_hdf5_per_row_grids(mock, tmp_path):
+    """(n, P) wavelengths that differ by row: one grid per spectrum, read with their
+    rows; a row that does not increase is refused naming it."""
+    emu, flux, err, ids, _ = mock
+    wave = np.stack([emu.wavelength * (1 + 1e-5 * i) for i in range(N)])
+    path = tmp_path / "rows.h5"
+    with h5py.File(path, "w") as f:
+        f["flux"], f["flux_err"], f["wavelength"] = flux, err, wave
+    with pl.open_catalog(path) as cat:
+        assert cat.per_row_wavelength and cat.wavelength is None
+        np.testing.assert_array_equal(cat.read_wavelength(2, 5), wave[2:5])
+        np.testing.assert_array_equal(cat.read(1, 3).wavelength, wave[1:3])
+    wave[4, 10] = wave[4, 9]
+    with h5py.File(path, "w") as f:
+        f["flux"], f["flux_err"], f["wavelength"] = flux, err, wave
+    with pytest.raises(FileFormatError, match="row 4"):
+        pl.open_catalog(path)

@@ -81,6 +81,8 @@ NAMES: dict[str, tuple[str, ...]] = {
     "group": ("group",),
 }
 _ERRORS = ("flux_err", "flux_ivar", "flux_var")
+#: Rows of a per-row wavelength array compared or checked at a time when opened.
+_WAVE_BLOCK = 4096
 _WAVES = ("wavelength", "log_wavelength")
 
 
@@ -203,22 +205,25 @@ class _ArrayCatalog(Reader):
             )
             grid = grid.reshape(p)
         elif not self._one and wave.shape == (n, p):
-            grid = None
-            first = _wave_values(
-                wave[0], self._wave_role, self._wave_scale, where, stated
-            )
-            rows = _wave_values(
-                wave[...], self._wave_role, self._wave_scale, where, stated
-            )
-            if np.array_equal(rows, np.broadcast_to(first, rows.shape), equal_nan=True):
-                grid = first  # every row on one grid: say so
-            else:
-                try:
-                    check_row_grids(rows)
-                except ValueError as err:
-                    raise FileFormatError(f"{where}: invalid {err}") from err
+            # compared a block of rows at a time: a catalog's grids are not all read
+            # into memory (they are read with their rows if they differ)
+            self._stated = stated
+            first = self._grid_rows(0, 1)[0]
+            grid = first  # every row on one grid: said so
+            for a in range(0, n, _WAVE_BLOCK):
+                rows = self._grid_rows(a, min(a + _WAVE_BLOCK, n))
+                if not np.array_equal(
+                    rows, np.broadcast_to(first, rows.shape), equal_nan=True
+                ):
+                    grid = None
+                    break
+            if grid is None:
                 self.per_row_wavelength, self.wavelength = True, None
-                self._rows_wave = rows
+                for a in range(0, n, _WAVE_BLOCK):  # checked once, block by block
+                    try:
+                        check_row_grids(self._grid_rows(a, min(a + _WAVE_BLOCK, n)), a)
+                    except ValueError as err:
+                        raise FileFormatError(f"{where}: invalid {err}") from err
         else:
             raise FileFormatError(
                 f"{where}: {roles[self._wave_role]} {wave.shape} must be ({p},) or "
@@ -267,7 +272,14 @@ class _ArrayCatalog(Reader):
         if not self.per_row_wavelength:
             return super().read_wavelength(start, stop)
         start, stop = self._check_range(start, stop)
-        return self._rows_wave[start:stop]
+        return self._grid_rows(start, stop)
+
+    def _grid_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a per-row wavelength array, in Angstrom."""
+        return _wave_values(
+            self._arrays[self._wave_role][start:stop], self._wave_role,
+            self._wave_scale, self.source, self._stated,
+        )  # fmt: skip
 
     def read_group(self) -> np.ndarray | None:
         return self._strings("group", 0, self._n) if self.has_group else None
