@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from .._serial import default_threads
+from .._serial import default_threads, to_device
 from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
 from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
-from ._rvscan import chi2_batch, rv_polish, scan_batch, window_batch
+from ._rvscan import chi2_batch, rv_polish, scan_batch, screen_starts, window_batch
 from ._schema import AT_BOUND_TOL
 
 Array = jax.Array
@@ -140,8 +139,9 @@ def lm_with_starts(
     (n, V, P); parameters of :func:`visit_index`); ``free`` then replaces
     ``ctx.free`` (the joint vector's).
 
-    1. Screening: chi2 at every start (the model only, no Jacobian: ~1/5 of an LM
-       step), ranked per star.
+    1. Screening: chi2 at every start (the model only, no Jacobian), ranked per
+       star; the default starts, the same for every star, are evaluated once per
+       batch and shifted to each star's rv (:func:`._rvscan.screen_starts`).
     2. LM from each star's best start, to convergence.
     3. Rescue: a star whose fit did not converge, stopped at an edge of the training
        box, or has ``chi2 > ndof + RESCUE_SIGMA sqrt(2 ndof)`` (more than noise can
@@ -164,27 +164,27 @@ def lm_with_starts(
     dt = obs.x_obs.dtype
     size, n_s, _ = p_start.shape
     rows = np.arange(size)
-    bounds = (jnp.asarray(lo, dt), jnp.asarray(hi, dt), jnp.asarray(free))
+    bounds = (to_device(lo, dt), to_device(hi, dt), to_device(free))
     if n_s > 1 and n_visits:
         # screened visit by visit (one spectrum each), chi2 summed over visits
         idx = visit_index(ctx.layout.n_labels, n_visits, obs.n_cont, obs.n_broad)
         pv = np.swapaxes(p_start[:, :, idx], 1, 2).reshape(size * n_visits, n_s, -1)
         c0 = chi2_batch(
             obs,
-            jnp.asarray(pv, dt),
+            to_device(pv, dt),
             f_j.reshape(size * n_visits, -1),
             w_j.reshape(size * n_visits, -1),
         )
         c0 = np.asarray(c0, np.float64).reshape(size, n_visits, n_s).sum(axis=1)
     elif n_s > 1:
-        c0 = np.asarray(chi2_batch(obs, jnp.asarray(p_start, dt), f_j, w_j))
+        c0 = screen_starts(obs, p_start, f_j, w_j)
     if n_s > 1:
         order = np.argsort(np.where(np.isfinite(c0), c0, np.inf), axis=1, kind="stable")
         p_start = p_start[rows[:, None], order]
     p, chi2, it, conv, a, g = lm_batch(
         obs,
-        jnp.asarray(p_start[:, :1], dt),
-        jnp.asarray(alive[:, None]),
+        to_device(p_start[:, :1], dt),
+        to_device(alive[:, None]),
         f_j,
         w_j,
         *bounds,
@@ -234,8 +234,8 @@ def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best)
         outs = [
             lm_batch(
                 obs,
-                jnp.asarray(p_start[:, j : j + 1], dt),
-                jnp.asarray(again[:, None]),
+                to_device(p_start[:, j : j + 1], dt),
+                to_device(again[:, None]),
                 f_j,
                 w_j,
                 *bounds,
@@ -268,8 +268,8 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None) -> Prepared:
     dt = obs.x_obs.dtype
     size = fb.shape[0]
     rv_range = ctx.rv_range
-    f_j = jnp.asarray(fb, dt)
-    w_j = jnp.asarray(wb, dt)
+    f_j = to_device(fb, dt)
+    w_j = to_device(wb, dt)
 
     # 1. RV scan (and linear continuum at the best RV).
     if prior is not None:
@@ -281,14 +281,14 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None) -> Prepared:
     elif layout.rv_index in fix:
         rv0 = np.full(size, fix[layout.rv_index])
         _, c0 = scan_batch(
-            obs, ctx.s_scan, ctx.b_scan, jnp.asarray(rv0[:1], dt), f_j, w_j
+            obs, ctx.s_scan, ctx.b_scan, to_device(rv0[:1], dt), f_j, w_j
         )
         rv_lo, rv_hi = rv0, rv0
     else:
         if ctx.scan_pixels is None:
             rv0, c0 = scan_batch(obs, ctx.s_scan, ctx.b_scan, ctx.rv_grid, f_j, w_j)
         else:
-            w_scan = jnp.asarray(np.where(ctx.scan_pixels, wb, 0.0), dt)
+            w_scan = to_device(np.where(ctx.scan_pixels, wb, 0.0), dt)
             rv0, c0 = scan_batch(
                 obs, ctx.s_scan, ctx.b_scan, ctx.rv_grid, f_j, w_scan, common=True
             )
@@ -298,9 +298,7 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None) -> Prepared:
     c0 = np.asarray(c0, np.float64)
 
     # 2. Pixels valid over the whole RV window carry the weight.
-    valid = np.asarray(
-        window_batch(obs, jnp.asarray(rv_lo, dt), jnp.asarray(rv_hi, dt))
-    )
+    valid = np.asarray(window_batch(obs, to_device(rv_lo, dt), to_device(rv_hi, dt)))
     wb = np.where(valid, wb, 0.0)
     w_data = wb  # the observed errors alone (for the S/N column)
     if ctx.emulator_error is not None:
@@ -351,10 +349,10 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     n_lab = layout.n_labels
     k = len(layout.names)
     n_free = int(free.sum())
-    f_j = jnp.asarray(fb, dt)
+    f_j = to_device(fb, dt)
     prep = prepare_batch(ctx, fb, wb, prior)
     wb, w_data = prep.w_fit, prep.w_data
-    w_j = jnp.asarray(wb, dt)
+    w_j = to_device(wb, dt)
     n_good = np.count_nonzero(wb > 0, axis=1)
     # The S/N (a sort of every row on the host) runs beside the fit's XLA programs,
     # on a core that a batch of its own does not use (measured, 7 interleaved runs
@@ -386,9 +384,9 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
             ctx, p_start, alive, f_j, w_j, lo, hi, n_good
         )
         if ctx.profile:  # the full J^T W J at (theta, c*): the table's covariance
-            chi2_f, a_f, g_f, _ = final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+            chi2_f, a_f, g_f, _ = final_batch(obs, to_device(p_best, dt), f_j, w_j)
         if ctx.return_model:
-            model_f = model_batch(obs, jnp.asarray(p_best, dt))
+            model_f = model_batch(obs, to_device(p_best, dt))
     else:
         p_best = p_start[:, 0].copy()
         it_best = np.zeros(size, np.int64)
@@ -398,7 +396,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
                 obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, ctx.max_iter
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
-        chi2_f, a_f, g_f, model_f = final_batch(obs, jnp.asarray(p_best, dt), f_j, w_j)
+        chi2_f, a_f, g_f, model_f = final_batch(obs, to_device(p_best, dt), f_j, w_j)
         if not ctx.return_model:  # as the lm path: model_flux only when asked for
             model_f = None
     snr = np.zeros(size)
@@ -423,6 +421,25 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     )
 
 
+def batch_bounds(n: int, size: int, n_threads: int) -> list[tuple[int, int]]:
+    """(start, stop) of the batches of ``n`` rows, at most ``size`` each.
+
+    As few batches as fit, and, when there are more than one, a multiple of
+    ``n_threads`` of them with the rows spread evenly, so that every thread gets the
+    same number of rows: 300 spectra in batches of 128 on two threads are four
+    batches of 75 (two a thread), not 128, 128 and 44 (one thread fits 172 rows
+    while the other idles after 128). Every batch is padded to ``size`` rows, so
+    the executables are the same. One batch is never split: a batch has a fixed
+    cost (the RV scan of every row, host work on (size, P) arrays) that splitting
+    few rows over threads pays twice (40 spectra: 0.155 s in two batches on two
+    threads, 0.119 s in one)."""
+    n_b = -(-n // size)
+    if n_b > 1 and n_threads > 1:
+        n_b = -(-n_b // n_threads) * n_threads
+    per = -(-n // max(n_b, 1))
+    return [(a, min(a + per, n)) for a in range(0, n, per)]
+
+
 def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None):
     """Fit the spectra ``rows`` in batches padded to ``size``, ``n_threads`` at a time.
 
@@ -445,10 +462,7 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
         pb = None if prior is None else take_rows(prior, idx)
         return start, m, _fit_batch(ctx, fb, wb, starts[idx], m, prior=pb)
 
-    # full batches, the last one padded: a batch has a fixed cost (RV scan of every
-    # row, host work on (size, P) arrays) that splitting few rows over threads pays
-    # twice (40 spectra: 0.155 s in two batches on two threads, 0.119 s in one)
-    starts_at = [(a, min(a + size, n)) for a in range(0, n, size)]
+    starts_at = batch_bounds(n, size, n_threads)
     pool = None
     if n_threads > 1 and len(starts_at) > 1:
         from concurrent.futures import ThreadPoolExecutor

@@ -6,9 +6,9 @@ import re
 import time
 from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
+from .._serial import to_device
 from ..observe import BROADENING_PARAMS
 from ._curve_fit import curve_fit_joint
 from ._driver import (
@@ -312,7 +312,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     n_good = np.count_nonzero(wb > 0, axis=(1, 2))
     alive = (np.arange(g_size) < m) & (n_good > n_par)
     p_start, lo, hi = _joint_starts(ctx, prep, starts, ok, rr, joint, vidx)
-    f_j, w_j = jnp.asarray(fb, dt), jnp.asarray(wb, dt)
+    f_j, w_j = to_device(fb, dt), to_device(wb, dt)
     if ctx.method == "lm":
         p_best, it_best, conv_best, _, _, _ = lm_with_starts(
             ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_vis, free
@@ -325,7 +325,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     pv = p_best[:, vidx].reshape(g_size * n_vis, -1)
     chi2_v, a_v, g_v, model_v = final_batch(
         obs,
-        jnp.asarray(pv, dt),
+        to_device(pv, dt),
         f_j.reshape(g_size * n_vis, n_pix),
         w_j.reshape(g_size * n_vis, n_pix),
     )
