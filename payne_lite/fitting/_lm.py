@@ -174,7 +174,7 @@ def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter, normal=None):
 
         def trial(_):
             p, chi2, a, g, r = normal(p_new)
-            return p, chi2, (r - st.r) @ (r + st.r), a, g, r
+            return p, chi2, jnp.sum((r - st.r) * (r + st.r)), a, g, r
 
         def skip(_):
             zero = jnp.zeros((), p0.dtype)

@@ -113,17 +113,25 @@ class BroadSpec(NamedTuple):
     epsilon: float
 
 
+#: :class:`JetNet` rows are padded with zeros to a multiple of this.
+JET_ROWS = 8
+
+
 class JetNet(NamedTuple):
     """A one-hidden-layer pixel net laid out for :func:`normal_equations`.
 
     All arrays are embedded in the :class:`LogGrid` (``S = log_grid.size`` points,
     zero weights in gaps and margins, so the flux there is 0): ``w0 (L, H, S)``,
     ``b0 (H, S)`` as in :class:`~payne_lite.emulator.KernelNet`, and the output
-    layer with the chain rule folded in: rows 0 and L + 1 of ``v (L + 2, H, S)``
-    are ``w1``, row ``1 + j`` is ``w1 * w0[j]``; ``c (L + 2, S)`` is
+    layer with the chain rule folded in: rows 0 and L + 1 of ``v (R, H, S)``
+    are ``w1``, row ``1 + j`` is ``w1 * w0[j]``; ``c (R, S)`` is
     ``[b1, 0, ..., 0, b1]``. Then ``flux = c[0] + sum_h v[0, h] act(z_h)`` (and row
     L + 1 again) and ``d flux / d s_j = sum_h v[1 + j, h] act'(z_h)``: one
-    (L + 2, S) loop.
+    (R, S) loop. Rows from L + 2 on are zero, so that ``R`` is a multiple of
+    :data:`JET_ROWS`: the (R, n_emb) @ (n_emb, R) product of
+    :func:`normal_equations` is 1.5x faster with 8 rows than with 7 (XLA:CPU's
+    matrix kernels; measured 59 -> 39 us per star on the APOGEE grid), and the
+    zero row costs a few us in the fused loop that makes it.
     ``basis (n_c, n_emb)``: the continuum basis on the observed pixels' embedded
     span (zeros in gaps).
     """
@@ -405,9 +413,11 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
             z = z + jet.w0[j, h] * s[j]
         acts.append(jax.jvp(act, (z,), (jnp.ones_like(z),)))
     # rows 0 .. L: flux and its label derivatives; row L + 1: the flux again, for
-    # the residual row below (so that one loop makes every row of the products)
+    # the residual row below (so that one loop makes every row of the products);
+    # then zero rows (JET_ROWS)
     row = jax.lax.broadcasted_iota(jnp.int32, jet.c.shape, 0)
     first = (row == 0) | (row == n_lab + 1)
+    res = n_lab + 1  # the residual row
     m = jet.c
     for h, (a, da) in enumerate(acts):
         m = m + jet.v[:, h] * jnp.where(first, a[None], da[None])
@@ -431,28 +441,28 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
         x = sw_e * jnp.where(
             row == 0,
             diff * (-lg.inv_step * dv) * cont,
-            jnp.where(row == n_lab + 1, val * cont - flux_e, val * cont),
+            jnp.where(row == res, val * cont - flux_e, val * cont),
         )
         jc = jet.basis * (sw_e * (ma[0] + t * diff[0]))
         prod = x @ x.T
-        cross = jc @ x.T  # (n_c, L + 2)
+        cross = jc @ x.T  # (n_c, R)
         a = jnp.concatenate(
             [
-                jnp.concatenate([prod[: n_lab + 1, : n_lab + 1], cross[:, :-1].T], 1),
-                jnp.concatenate([cross[:, :-1], jc @ jc.T], 1),
+                jnp.concatenate([prod[:res, :res], cross[:, :res].T], 1),
+                jnp.concatenate([cross[:, :res], jc @ jc.T], 1),
             ]
         )
-        g = jnp.concatenate([prod[: n_lab + 1, -1], cross[:, -1]])
+        g = jnp.concatenate([prod[:res, res], cross[:, res]])
     else:
         x = sw_e * jnp.where(
             row == 0,
             diff * (-lg.inv_step * dv),
-            jnp.where(row == n_lab + 1, val - flux_e, val),
+            jnp.where(row == res, val - flux_e, val),
         )
-        prod = x @ x.T  # (L + 2, L + 2): J^T W J, J^T W r and chi2 in one product
-        a, g = prod[: n_lab + 1, : n_lab + 1], prod[: n_lab + 1, -1]
-    perm = np.r_[1 : n_lab + 1, 0, n_lab + 1 : a.shape[0]]
-    return prod[-1, -1], a[perm][:, perm], g[perm], x[-1]
+        prod = x @ x.T  # (R, R): J^T W J, J^T W r and chi2 in one product
+        a, g = prod[:res, :res], prod[:res, res]
+    perm = np.r_[1:res, 0, res : a.shape[0]]
+    return prod[res, res], a[perm][:, perm], g[perm], x[res]
 
 
 def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetNet:
@@ -462,8 +472,14 @@ def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetN
         tuple(np.asarray(b, np.float64) for b in emulator.net.biases),
     )
     w0, b0, w1, b1 = kernel_layout(net, emulator.activation, xp=np)[0]
-    v = np.concatenate([w1[None], w1[None] * w0, w1[None]])
-    c = np.concatenate([b1[None], np.zeros((w0.shape[0], b1.shape[0])), b1[None]])
+    n_lab = w0.shape[0]
+    # rows 0 .. L + 1, then zero rows up to a multiple of JET_ROWS (see JetNet)
+    n_pad = -(n_lab + 2) % JET_ROWS
+    v = np.concatenate(
+        [w1[None], w1[None] * w0, w1[None], np.zeros((n_pad, *w1.shape))]
+    )
+    c = np.concatenate([b1[None], np.zeros((n_lab, b1.shape[0])), b1[None]])
+    c = np.concatenate([c, np.zeros((n_pad, b1.shape[0]))])
     e_first, n_emb = _obs_span(lg)
     basis_e = np.zeros((basis.shape[1], n_emb))
     for r0, e0, n in lg.obs:
