@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from ._diagnostics import import_arviz
 from ._io import PosteriorSamples
 
 #: Broadening parameters: scalar variables of the posterior, like ``rv``.
@@ -24,7 +25,7 @@ def _arviz():
         ImportError: ArviZ is not installed, with the extra to install.
     """
     try:
-        import arviz
+        arviz = import_arviz()
     except ImportError as err:
         raise ImportError(
             "exporting samples to ArviZ needs the arviz package: "

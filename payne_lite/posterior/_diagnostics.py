@@ -31,14 +31,29 @@ RHAT_MAX = 1.1
 BURN_TAU = 5.0
 
 
+def import_arviz():
+    """The ``arviz`` module (ImportError when the optional extra is missing).
+
+    ArviZ 0.23 warns (FutureWarning) at its first import of each day, from a date
+    stamp in the user's cache directory; under warnings-as-errors (the test suite,
+    or a user's own setting) that made the first sampling call of a day fail,
+    whatever it did. That one warning is silenced here; ArviZ's others are not.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", r"\s*ArviZ is undergoing a major refactor", FutureWarning
+        )
+        import arviz
+    return arviz
+
+
 @functools.cache
 def _arviz():
     """The ``arviz`` module, or None when the optional extra is not installed."""
     try:
-        import arviz
+        return import_arviz()
     except ImportError:
         return None
-    return arviz
 
 
 def _autocorr_time(chain: np.ndarray) -> np.ndarray:
