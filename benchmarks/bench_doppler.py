@@ -1,0 +1,174 @@
+"""How the fit's radial velocities behave on spectra the fitter did not shift itself.
+
+    python benchmarks/bench_doppler.py                  # 1,000 stars, S/N 50, ~1 min
+    python benchmarks/bench_doppler.py --n 300 --snr 100
+
+Mock stars of the real APOGEE Payne network (``pl.datasets.payne_apogee()``), labels
+uniform in the middle of its box as in ``bench_fit.py``, S/N ``--snr``, rv uniform in
++-200 km/s, each spectrum made four ways from the same rest-frame model and noise:
+
+* ``linear``: shifted by linear interpolation on the rest grid (``np.interp``, the
+  fitter's own interpolant: bench_fit's mocks);
+* ``cubic``: shifted by a cubic spline through the rest model, chip by chip (an
+  interpolant other than the fitter's own, as real spectra are);
+* ``sinc``: shifted by Lanczos-8 (windowed sinc) interpolation, a band-limited
+  shift (a third interpolant);
+* ``rest``: not shifted (rv = 0 exactly: every pixel sits on a rest node, where the
+  linear interpolant's chi2(rv) has a kink).
+
+Printed per set: the fraction of fitted rvs more than 3 (and 5) quoted sigma from
+the truth (0.27 % expected for Gaussian errors), the 1-sigma coverage of rv and of
+each label, and the LM iterations (median, mean, 90th percentile). The issue's
+targets: beyond 3 sigma at most 0.6 %, and rest-frame spectra needing no more LM
+steps than shifted ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_fit import BOX_FRACTION, C_KMS, load_data  # noqa: E402
+
+RV_MAX = 200.0
+
+
+def cubic_shift(net, flux_rest: np.ndarray, rv: float) -> np.ndarray:
+    """The rest model at lambda / f by a not-a-knot cubic spline in ln lambda,
+    fitted chip by chip (no spline across a chip gap); NaN off the chips."""
+    from scipy.interpolate import CubicSpline
+
+    x = np.log(net.wave)
+    xq = x - np.arctanh(rv / C_KMS)  # ln(lambda / f)
+    out = np.full_like(flux_rest, np.nan)
+    cuts = np.concatenate([[0], np.flatnonzero(net.gap_after) + 1, [x.size]])
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        spl = CubicSpline(x[a:b], flux_rest[a:b])
+        inside = (xq >= x[a]) & (xq <= x[b - 1])
+        out[inside] = spl(xq[inside])
+    return out
+
+
+def lanczos_shift(net, flux_rest: np.ndarray, rv: float, a: int = 8) -> np.ndarray:
+    """The rest model at lambda / f by Lanczos-``a`` (windowed sinc) interpolation
+    in ln lambda on its log-uniform grid, chip by chip, the weights normalised to
+    sum 1; NaN where a tap would leave the chip (a band-limited shift, unlike
+    both the fitter's linear and a cubic spline)."""
+    x = np.log(net.wave)
+    step = np.median(np.diff(x))
+    cuts = np.concatenate([[0], np.flatnonzero(net.gap_after) + 1, [x.size]])
+    out = np.full_like(flux_rest, np.nan)
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        u = (x[lo:hi] - np.arctanh(rv / C_KMS) - x[lo]) / step  # fractional index
+        k0 = np.floor(u).astype(int)
+        taps = k0[:, None] + np.arange(-a + 1, a + 1)[None, :]
+        d = u[:, None] - taps
+        w = np.sinc(d) * np.sinc(d / a)
+        w /= w.sum(axis=1, keepdims=True)
+        ok = (taps[:, 0] >= 0) & (taps[:, -1] < hi - lo)
+        seg = flux_rest[lo:hi]
+        val = np.sum(w * seg[np.clip(taps, 0, hi - lo - 1)], axis=1)
+        out[lo:hi] = np.where(ok, val, np.nan)
+    return out
+
+
+def make_sets(net, amask, n: int, snr: float, seed: int):
+    """Labels (n, L), rv (n,), and per set name (flux, err, mask)."""
+    rng = np.random.default_rng(seed)
+    half = BOX_FRACTION / 2
+    s = rng.uniform(-half, half, (n, net.x_min.size))
+    rv = rng.uniform(-RV_MAX, RV_MAX, n)
+    noise = rng.normal(0.0, 1.0 / snr, (n, net.wave.size))
+    err = np.full_like(noise, 1.0 / snr)
+    sets = {}
+    rest = np.stack([net.rest(si) for si in s])
+    lin = np.stack([net.shift(f, v) for f, v in zip(rest, rv, strict=True)])
+    cub = np.stack([cubic_shift(net, f, v) for f, v in zip(rest, rv, strict=True)])
+    cover = np.stack([amask | ~net.covered(v) for v in rv])
+    sets["linear"] = (lin + noise, err, cover)
+    cub_mask = cover | ~np.isfinite(cub)
+    sets["cubic"] = (np.where(cub_mask, 1.0, cub) + noise, err, cub_mask)
+    snc = np.stack([lanczos_shift(net, f, v) for f, v in zip(rest, rv, strict=True)])
+    snc_mask = cover | ~np.isfinite(snc)
+    sets["sinc"] = (np.where(snc_mask, 1.0, snc) + noise, err, snc_mask)
+    sets["rest"] = (rest + noise, err, np.broadcast_to(amask, rest.shape).copy())
+    return net.unscale(s), rv, sets
+
+
+def summarise(table, labels, rv_true, names) -> dict:
+    out = {}
+    d = np.asarray(table["rv"]) - rv_true
+    e = np.asarray(table["rv_err"])
+    with np.errstate(invalid="ignore"):
+        z = np.abs(d) / e
+    out["rv_beyond_3sigma"] = float(np.mean(~(z <= 3)))
+    out["rv_beyond_5sigma"] = float(np.mean(~(z <= 5)))
+    out["coverage"] = {"rv": float(np.mean(z < 1))}
+    for j, name in enumerate(names):
+        dj = np.asarray(table[name]) - labels[:, j]
+        with np.errstate(invalid="ignore"):
+            out["coverage"][name] = float(np.mean(np.abs(dj) < table[f"{name}_err"]))
+    it = np.asarray(table["n_iter"])
+    out["n_iter"] = dict(
+        median=float(np.median(it)),
+        mean=float(it.mean()),
+        p90=float(np.percentile(it, 90)),
+    )
+    out["flagged"] = float(np.mean(np.asarray(table["flags"]) != 0))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--snr", type=float, default=50.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    import payne_lite as pl
+
+    emu, net, amask = load_data()
+    t0 = time.perf_counter()
+    labels, rv, sets = make_sets(net, amask, args.n, args.snr, args.seed)
+    print(f"{args.n} mock stars, S/N {args.snr:g}, rv +-{RV_MAX:g} km/s "
+          f"(made in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    names = list(emu.label_names)
+    res = {}
+    for name, (flux, err, mask) in sets.items():
+        truth = np.zeros_like(rv) if name == "rest" else rv
+        t0 = time.perf_counter()
+        table = pl.fit(flux, err, emu, mask=mask)
+        res[name] = summarise(table, labels, truth, names)
+        res[name]["seconds"] = time.perf_counter() - t0
+    cols = ["rv", *names]
+    print(f"\n{'set':<8} {'>3sig':>6} {'>5sig':>6}  1-sigma coverage "
+          f"({', '.join(cols)})  LM iterations med/mean/p90  flagged")  # fmt: skip
+    for name, r in res.items():
+        cov = " ".join(f"{r['coverage'][c]:.2f}" for c in cols)
+        it = r["n_iter"]
+        print(
+            f"{name:<8} {100 * r['rv_beyond_3sigma']:5.2f}% {100 * r['rv_beyond_5sigma']:5.2f}%"
+            f"  {cov}  {it['median']:.0f}/{it['mean']:.2f}/{it['p90']:.0f}"
+            f"  {100 * r['flagged']:.1f}%"
+        )
+    print("\ntargets: rvs beyond 3 sigma <= 0.6 % (0.27 % expected); coverage "
+          "0.62-0.74; rest-frame LM iterations no more than shifted ones")  # fmt: skip
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                dict(args=vars(args) | {"json": str(args.json)}, results=res), indent=1
+            )
+        )
+    return res
+
+
+if __name__ == "__main__":
+    main()
