@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import broadening as broadening
 from ._continuum import APOGEE_CHIPS as APOGEE_CHIPS
+from ._continuum import MIN_PIXELS_PER_COEF as MIN_PIXELS_PER_COEF
 from ._continuum import NORMALIZERS as NORMALIZERS
 from ._continuum import ContinuumPixels as ContinuumPixels
 from ._continuum import NoNormalization as NoNormalization
@@ -53,6 +54,7 @@ from ._problem import teff_index as teff_index
 __all__ = [
     "APOGEE_CHIPS",
     "ContinuumPixels",
+    "MIN_PIXELS_PER_COEF",
     "NORMALIZERS",
     "Normalized",
     "Normalizer",
