@@ -197,3 +197,42 @@ def test_chips_split_at_runs_of_bad_pixels_without_a_chip_list():
 def test_bad_settings_and_inputs_are_refused(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_refine_continuum_recovers_the_fit_of_perfectly_normalised_spectra(
+    payne_apogee,
+):
+    """Mocks of the real network at S/N 50, fitted as they are (the reference) and
+    times a continuum (up to 2x across a chip) normalised through The Cannon's
+    pixels: with ``refine_continuum=2`` the labels land on the reference fit's
+    (same noise draws), closer than without; the input arrays are left alone."""
+    emu, mask = payne_apogee
+    d = pl.datasets.payne_apogee()
+    rng = np.random.default_rng(8)
+    lo, hi = emu.bounds
+    labels = lo + (hi - lo) * rng.uniform(0.25, 0.75, (6, lo.size))
+    err = np.full((6, d.wavelength.size), 0.02)
+    flux = np.asarray(emu.predict(labels), np.float64)
+    flux = flux + err * rng.standard_normal(flux.shape)
+    cont = np.stack([_chip_continuum(d.wavelength, rng, 1.0) for _ in labels])
+    normed = pl.ContinuumPixels.apogee()(d.wavelength, flux * cont, err * cont)
+    f_in, e_in = normed.flux.copy(), normed.flux_err.copy()
+    names = list(emu.label_names)
+    kw = {"mask": mask, "return_model": True}  # one compilation for all fits
+    ref = pl.fit(flux, err, emu, **kw)
+    plain = pl.fit(normed.flux, normed.flux_err, emu, **kw)
+    refined = pl.fit(normed.flux, normed.flux_err, emu, refine_continuum=2, **kw)
+    np.testing.assert_array_equal(normed.flux, f_in)
+    np.testing.assert_array_equal(normed.flux_err, e_in)
+    assert refined.meta["continuum_refined"] == {"passes": 2, "deg": 3}
+
+    def dist(t):  # |fit - reference fit| in units of the reference's errors
+        return np.median(
+            [np.abs(np.asarray(t[k]) - ref[k]) / ref[f"{k}_err"] for k in names]
+        )
+
+    assert dist(refined) < 0.25 < dist(plain), (dist(refined), dist(plain))
+    with pytest.raises(ValueError, match="refine_continuum must be an int"):
+        pl.fit(flux, err, emu, refine_continuum=-1)
+    with pytest.raises(ValueError, match="refine_continuum is a point-fit"):
+        pl.fit(flux, err, emu, method="emcee", refine_continuum=1)

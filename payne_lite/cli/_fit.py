@@ -149,6 +149,17 @@ def add_fit(sub) -> None:
         "(hdf5), columns=ROLE:NAME,... (fits-table)",
     )
     p.add_argument(
+        "--refine-continuum",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="passes of continuum refinement after the fit (payne_lite.fit's "
+        "refine_continuum): the flux divided by a degree-3 polynomial per chip "
+        "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
+        "recovers the label precision of perfectly normalised spectra from apStar "
+        "files normalised through the continuum pixels (default 0)",
+    )
+    p.add_argument(
         "--continuum",
         default=None,
         choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
@@ -338,6 +349,8 @@ def _run_kwargs(args, n_labels: int) -> dict:
         kw["seed"] = args.seed
     if args.no_emulator_error:
         kw["emulator_error"] = False
+    if args.refine_continuum:
+        kw["refine_continuum"] = args.refine_continuum
     return kw
 
 
@@ -660,6 +673,11 @@ def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> No
         )
     print(
         f"fitted {what} ({args.method}, cont_deg {args.cont_deg}{normalised}"
+        + (
+            f", continuum refined {args.refine_continuum}x"
+            if getattr(args, "refine_continuum", 0)
+            else ""
+        )
         + (", MDN starts and bounds" if mdn is not None and not sampler else "")
         + (", MDN proposal" if mdn is not None and sampler else "")
         + ")"
