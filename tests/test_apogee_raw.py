@@ -182,3 +182,27 @@ def test_cli_fits_the_visits_of_apstar_files_with_group(tmp_path, payne_apogee, 
     assert t.meta["apogee_rows"].startswith("visits: HDU rows 2 and up")
     assert t.meta["continuum"]["method"] == "continuum-pixels"
     assert t.meta["continuum"]["file_kinds"] == ["apStar"]
+
+
+def test_a_resumed_run_must_read_the_files_the_same_way(payne_apogee):
+    """The resume identity of an apogee-fits catalog holds its normalisation and
+    rows: another continuum or visits=True is another run; aspcapStar files read
+    as they are keep the identity earlier versions wrote (no new keys)."""
+    from payne_lite.catalog._parts import run_identity
+
+    emu, _ = payne_apogee
+
+    def ident(paths, **kw):
+        with pl.open_catalog(paths, **kw) as cat:
+            return run_identity(
+                cat, emu, mdn=None, method="lm", chunk_size=512, mask=None, p0=None,
+                fit_kwargs={},
+            )["input"]  # fmt: skip
+
+    auto = ident(list(RAW.apstar))
+    assert auto["continuum"]["method"] == "continuum-pixels"
+    assert ident(list(RAW.apstar), continuum="sigma-clipped") != auto
+    assert ident(list(RAW.apstar), visits=True) != auto
+    assert ident(list(RAW.apstar)) == auto
+    plain = ident(list(RAW.aspcapstar))
+    assert "continuum" not in plain and "visits" not in plain
