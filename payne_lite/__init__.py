@@ -33,7 +33,14 @@ from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
-from .observe import Instrument, broadening
+from .observe import (
+    ContinuumPixels,
+    Instrument,
+    NoNormalization,
+    Normalizer,
+    SigmaClipped,
+    broadening,
+)
 from .observe.broadening import air_to_vacuum, vacuum_to_air
 from .options import CurveFitOptions as CurveFitOptions
 from .options import EmceeOptions as EmceeOptions
@@ -53,7 +60,11 @@ __all__ = [
     "CurveFitOptions",
     "EmceeOptions",
     "ISOptions",
+    "ContinuumPixels",
     "Instrument",
+    "NoNormalization",
+    "Normalizer",
+    "SigmaClipped",
     "LMOptions",
     "NUTSOptions",
     "DenseNet",

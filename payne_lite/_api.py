@@ -9,10 +9,12 @@ the point fits (their LM start), and this module sits above both.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .emulator import Emulator
 from .fitting import METHODS as POINT_METHODS
 from .fitting import fit_spectra
-from .observe import Instrument
+from .observe import ContinuumPixels, Instrument
 from .posterior import METHODS as SAMPLERS
 from .posterior import sample
 from .spectra import unpack
@@ -21,6 +23,9 @@ __all__ = ["METHODS", "fit"]
 
 #: Every ``fit(method=...)``.
 METHODS = (*POINT_METHODS, *SAMPLERS)
+
+#: Degree of the per-chip polynomial of ``fit(..., refine_continuum=n)``.
+REFINE_DEG = 3
 
 
 def fit(
@@ -43,6 +48,7 @@ def fit(
     return_model: bool = False,
     progress: bool = False,
     options=None,
+    refine_continuum: int = 0,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
@@ -117,6 +123,19 @@ def fit(
             labels' and rv's marginal covariance with the continuum's uncertainty
             included; the table reports the full covariance at the best fit
             (continuum coefficients included).
+        refine_continuum: passes of continuum refinement for flux normalised
+            through a few pixels (``payne-lite fit`` on apStar files, through The
+            Cannon's 529): after the fit, the flux (and its errors) is divided by a
+            degree-3 polynomial per chip (the grid split at its gaps and at runs of
+            masked pixels) fitted by weighted least squares to flux / best-fit
+            model over every good pixel, and fitted again; 0 = none. Alternating
+            labels and continuum approaches their joint fit: on 200 mocks of the
+            real APOGEE network at S/N 50 times a random quadratic continuum per
+            chip, normalised through The Cannon's pixels, two passes bring the
+            labels' robust scatter from 1.09-1.77x to 0.92-1.14x that of the same
+            mocks perfectly normalised, no fit more than 5 sigma from the latter's
+            (``benchmarks/bench_continuum.py``).
+            ``meta["continuum_refined"]`` records it. Point fits only.
         group: (n,) star identifier of each spectrum (any values ``numpy.unique``
             can sort): spectra with the same identifier are visits of one star,
             fitted jointly with shared labels (and ``vsini`` / ``vmacro``: the
@@ -176,10 +195,22 @@ def fit(
         flux, flux_err, emulator, mask=mask, wavelength=wavelength,
         instrument=instrument, cont_deg=cont_deg,
     )  # fmt: skip
+    if isinstance(refine_continuum, bool) or not isinstance(
+        refine_continuum, int | np.integer
+    ) or not 0 <= refine_continuum <= 10:  # fmt: skip
+        raise ValueError(
+            f"refine_continuum must be an int in 0..10 (passes), got {refine_continuum!r}"
+        )
     if method in SAMPLERS:
-        given = [
-            name for name, value in (("p0", p0), ("group", group)) if value is not None
-        ] + (["return_model"] if return_model else [])
+        given = (
+            [
+                name
+                for name, value in (("p0", p0), ("group", group))
+                if value is not None
+            ]
+            + (["return_model"] if return_model else [])
+            + (["refine_continuum"] if refine_continuum else [])
+        )
         if given:
             raise ValueError(
                 f"method={method!r}: {', '.join(given)} "
@@ -195,13 +226,59 @@ def fit(
     elif method not in POINT_METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     else:
-        table = fit_spectra(
-            flux, flux_err, emulator, mask=mask, wavelength=wavelength, method=method,
+        kw = dict(
+            emulator=emulator, mask=mask, wavelength=wavelength, method=method,
             instrument=instrument, cont_deg=cont_deg, rv_range=rv_range, p0=p0,
             fixed=fixed, mdn=mdn, group=group, seed=seed,
-            emulator_error=emulator_error, return_model=return_model,
-            progress=progress, options=options,
+            emulator_error=emulator_error, progress=progress, options=options,
         )  # fmt: skip
+        table = fit_spectra(
+            flux, flux_err, return_model=return_model or refine_continuum > 0, **kw
+        )
+        for k in range(int(refine_continuum)):
+            wave = emulator.wavelength if wavelength is None else wavelength
+            flux, flux_err = _refined(flux, flux_err, mask, wave, table)
+            table = fit_spectra(
+                flux, flux_err, return_model=return_model or k < refine_continuum - 1,
+                **kw,
+            )  # fmt: skip
+        if refine_continuum:
+            if not return_model and "model_flux" in table.colnames:
+                table.remove_column("model_flux")
+            table.meta["continuum_refined"] = {
+                "passes": int(refine_continuum),
+                "deg": REFINE_DEG,
+            }
     if read is not None:
         table.meta["input"] = read
     return table
+
+
+def _refined(flux, flux_err, mask, wave, table):
+    """``(flux / c, err')`` with ``c`` (n, P) per chip a degree-:data:`REFINE_DEG`
+    polynomial fitted to flux / model (``table["model_flux"]``, rows by
+    ``visit_rows`` for joint fits) over the good pixels, and the errors propagated
+    as by :class:`payne_lite.ContinuumPixels`."""
+    flux = np.atleast_2d(np.asarray(flux, np.float64))
+    err = np.atleast_2d(np.asarray(flux_err, np.float64))
+    mf = np.asarray(table["model_flux"], np.float64)
+    if "visit_rows" in table.colnames:  # (n_star, V, P) -> (n, P)
+        vr = np.asarray(table["visit_rows"])
+        model = np.full(flux.shape, np.nan)
+        ok = vr >= 0
+        model[vr[ok]] = mf[ok]
+    else:
+        model = mf.reshape(flux.shape)
+    bad = ~(model > 0) | ~np.isfinite(flux) | ~(err > 0)
+    if mask is not None:
+        bad = bad | np.asarray(mask, bool)
+    with np.errstate(all="ignore"):
+        ratio_f = np.where(bad, 1.0, flux / model)
+        ratio_e = np.where(bad, 1.0, err / model)
+    w = np.asarray(wave, np.float64)
+    every = ContinuumPixels(wavelength=np.unique(w[np.isfinite(w)]), deg=REFINE_DEG)
+    out = every(w, ratio_f, ratio_e, bad)
+    c = np.where(np.isfinite(out.continuum) & (out.continuum > 0), out.continuum, 1.0)
+    with np.errstate(all="ignore"):
+        new_err = np.where(out.mask, err / c, out.flux_err * model)
+    return flux / c, new_err

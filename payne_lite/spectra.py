@@ -295,8 +295,11 @@ def _check_flux_unit(unit, cont_deg: int) -> None:
     if str(physical) != "unknown" and unit.decompose() != u.dimensionless_unscaled:
         raise ValueError(
             f"the spectrum's flux is in {unit} ({physical}), not continuum-normalised, "
-            "and the emulator models normalised flux: normalise it, or fit a "
-            "multiplicative continuum (cont_deg >= 1) that absorbs its scale"
+            "and the emulator models normalised flux: normalise it (a "
+            "payne_lite.Normalizer: ContinuumPixels.apogee() for APOGEE, "
+            "SigmaClipped() without a pixel list; APOGEE apStar files read with "
+            "payne_lite.open_catalog come normalised), or fit a multiplicative "
+            "continuum (cont_deg >= 1) that absorbs its scale"
         )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ._apogee import APOGEE_BAD_PIXEL_BITS as APOGEE_BAD_PIXEL_BITS
+from ._apogee import APOGEE_PIXMASK_BITS as APOGEE_PIXMASK_BITS
 from ._apogee import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
 from ._apogee import ApogeeFitsCatalog as ApogeeFitsCatalog
 from ._apogee import ApogeeSpectrum as ApogeeSpectrum
 from ._apogee import chunk_bounds as chunk_bounds
 from ._apogee import read_apogee_fits as read_apogee_fits
+from ._apogee import visit_rows as visit_rows
 from ._distributed import check_client as check_client
 from ._distributed import connect as connect
 from ._distributed import fit_chunks as fit_chunks
@@ -46,6 +48,7 @@ from ._specutils import SpecutilsCatalog as SpecutilsCatalog
 
 __all__ = [
     "APOGEE_BAD_PIXEL_BITS",
+    "APOGEE_PIXMASK_BITS",
     "ApogeeFitsCatalog",
     "ApogeeSpectrum",
     "CATALOG_FORMAT",
@@ -83,6 +86,7 @@ __all__ = [
     "require",
     "safe_column_name",
     "safe_column_names",
+    "visit_rows",
     "worker_stats",
     "write_catalog",
     "write_results",

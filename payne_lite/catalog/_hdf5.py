@@ -566,6 +566,12 @@ class Reader:
         """The reader's settings that change what is read (part of the identity)."""
         return {}
 
+    def provenance(self) -> dict:
+        """What the reader did to the spectra, JSON-compatible, for the results'
+        meta (:func:`payne_lite.fit_catalog` adds it): for example the continuum
+        normalisation (``"continuum"``); {} = the spectra as stored."""
+        return {}
+
     #: True when every spectrum has its own wavelength grid (then ``wavelength`` is
     #: None).
     per_row_wavelength: bool = False

@@ -107,6 +107,12 @@ def _input_identity(cat, grids=None) -> dict:
     elif isinstance(cat, ApogeeFitsCatalog):
         paths = cat.paths
         ident["bad_bits"] = cat.bad_bits
+        # absent when nothing was normalised and the combined rows were read, so
+        # that the identities of earlier runs of aspcapStar files hold
+        cont = cat.provenance()["continuum"]
+        if cont.get("method") != "none" or cat.visits:
+            ident["continuum"] = cont
+            ident["visits"] = cat.visits
     elif cat.paths:  # the other registered readers: name, settings and files
         paths = cat.paths
         ident["reader"] = cat.name

@@ -363,6 +363,7 @@ def fit_catalog(
                 progress=progress,
             )
             source = cat.source
+            provenance = cat.provenance()
             tables = [parts.read(i) for i in range(len(bounds))]
         table = _stack(tables)
         seconds = time.perf_counter() - t0
@@ -375,6 +376,7 @@ def fit_catalog(
             n_workers=n_workers,
             fit_seconds=round(seconds, 3),
         )
+        table.meta.update(provenance)
         table.meta.update(meta or {})
         write_results(table, path_out, overwrite=overwrite)
         if not keep_parts:

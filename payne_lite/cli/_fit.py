@@ -93,7 +93,9 @@ def add_fit(sub) -> None:
             "            named as above), or one or more APOGEE aspcapStar/apStar-like\n"
             "            files, one spectrum each: flux in HDU 1, errors in HDU 2,\n"
             "            optional pixel bitmask in HDU 3, log10 wavelength from\n"
-            "            CRVAL1/CDELT1; ids are the file names\n"
+            "            CRVAL1/CDELT1; ids are the file names; apStar files are\n"
+            "            continuum-normalised (--continuum), and with --group their\n"
+            "            visits (HDU rows 2+) are fitted jointly, star by file\n"
             "  FOLDER    its .h5/.fits files, by name\n"
             "  --reader specutils [--reader-option format=FORMAT]: any files\n"
             "            specutils' loaders read, one spectrum each\n\n"
@@ -120,7 +122,8 @@ def add_fit(sub) -> None:
             "  payne-lite fit catalog.h5 --emulator emu.h5 -o results.fits\n"
             "  payne-lite fit aspcapStar-*.fits --emulator emu.h5 -o results.ecsv \\\n"
             "      --cont-deg 2 --fixed vmacro=5 rv=0\n"
-            "  payne-lite fit visits.h5 --emulator emu.h5 -o stars.fits --group"
+            "  payne-lite fit visits.h5 --emulator emu.h5 -o stars.fits --group\n"
+            "  payne-lite fit apStar-*.fits --emulator emu.h5 -o stars.fits --group"
         ),
     )
     p.add_argument(
@@ -142,8 +145,28 @@ def add_fit(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a reader option, repeatable: format=NAME (specutils), hdu=N "
-        "(fits-table), bad_bits=N (apogee-fits), datasets=ROLE:NAME,... (hdf5), "
-        "columns=ROLE:NAME,... (fits-table)",
+        "(fits-table), bad_bits=N, visits=1 (apogee-fits), datasets=ROLE:NAME,... "
+        "(hdf5), columns=ROLE:NAME,... (fits-table)",
+    )
+    p.add_argument(
+        "--refine-continuum",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="passes of continuum refinement after the fit (payne_lite.fit's "
+        "refine_continuum): the flux divided by a degree-3 polynomial per chip "
+        "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
+        "recovers the label precision of perfectly normalised spectra from apStar "
+        "files normalised through the continuum pixels (default 0)",
+    )
+    p.add_argument(
+        "--continuum",
+        default=None,
+        choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
+        help="continuum normalisation of APOGEE FITS files (apogee-fits reader): "
+        "auto (the default) = apStar files through The Cannon's continuum pixels, "
+        "aspcapStar files as they are; none; continuum-pixels; sigma-clipped "
+        "(ASPCAP-style, no pixel list). The results' meta records it",
     )
     p.add_argument(
         "--emulator",
@@ -236,7 +259,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         "--group",
         action="store_true",
         help="fit the visits of each star jointly, by the catalog's group ids "
-        "(write_catalog(..., group=ids)): one label vector per star, one rv and "
+        "(write_catalog(..., group=ids); apStar files: each file's visits): one "
+        "label vector per star, one rv and "
         "continuum per visit, one results row per star (lm, curve_fit)",
     )
     p.add_argument(
@@ -325,6 +349,8 @@ def _run_kwargs(args, n_labels: int) -> dict:
         kw["seed"] = args.seed
     if args.no_emulator_error:
         kw["emulator_error"] = False
+    if args.refine_continuum:
+        kw["refine_continuum"] = args.refine_continuum
     return kw
 
 
@@ -564,8 +590,14 @@ def run_fit(args) -> int:
         raise FileExistsError(f"{out} exists; use --force to overwrite it")
     fixed = _parse_fixed(args.fixed)
     emu, mdn, instrument, options = _models(args, emu_path)
+    if args.continuum is not None:
+        reader_kw["continuum"] = args.continuum
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
-    with checked_read(open_catalog, source, **reader_kw) as cat:
+    cat = checked_read(open_catalog, source, **reader_kw)
+    if args.group and cat.name == "apogee-fits" and not cat.has_group:
+        cat.close()  # apStar files: their visits, each file's the star's
+        cat = checked_read(open_catalog, source, **{**reader_kw, "visits": True})
+    with cat:
         if args.group and not cat.has_group:
             raise ValueError(
                 f"--group: {source if len(cat_paths) == 1 else cat.source} holds no "
@@ -630,8 +662,22 @@ def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> No
         else ""
     )
     sampler = args.method not in POINT_METHODS
+    cont = table.meta.get("continuum")
+    normalised = ""
+    if isinstance(cont, dict) and cont.get("method") != "none":
+        kinds = [k for k in cont if isinstance(cont[k], dict)]
+        normalised = ", normalised: " + (
+            ", ".join(f"{k} {cont[k]['method']}" for k in kinds)
+            if kinds
+            else cont["method"]
+        )
     print(
-        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
+        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}{normalised}"
+        + (
+            f", continuum refined {args.refine_continuum}x"
+            if getattr(args, "refine_continuum", 0)
+            else ""
+        )
         + (", MDN starts and bounds" if mdn is not None and not sampler else "")
         + (", MDN proposal" if mdn is not None and sampler else "")
         + ")"

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from . import broadening as broadening
+from ._continuum import APOGEE_CHIPS as APOGEE_CHIPS
+from ._continuum import MIN_PIXELS_PER_COEF as MIN_PIXELS_PER_COEF
+from ._continuum import NORMALIZERS as NORMALIZERS
+from ._continuum import ContinuumPixels as ContinuumPixels
+from ._continuum import NoNormalization as NoNormalization
+from ._continuum import Normalized as Normalized
+from ._continuum import Normalizer as Normalizer
+from ._continuum import SigmaClipped as SigmaClipped
+from ._continuum import normalizer as normalizer
 from ._doppler import LogGrid as LogGrid
 from ._doppler import complete_rest as complete_rest
 from ._doppler import doppler_shift as doppler_shift
@@ -43,6 +52,15 @@ from ._problem import fill_grid as fill_grid
 from ._problem import teff_index as teff_index
 
 __all__ = [
+    "APOGEE_CHIPS",
+    "ContinuumPixels",
+    "MIN_PIXELS_PER_COEF",
+    "NORMALIZERS",
+    "Normalized",
+    "Normalizer",
+    "NoNormalization",
+    "SigmaClipped",
+    "normalizer",
     "BROADENING_PARAMS",
     "BROADENING_RANGE",
     "BROADENING_START",
