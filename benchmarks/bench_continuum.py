@@ -18,8 +18,8 @@ S/N ``--snr`` per pixel) are fitted four ways, with the same noise draws:
   :class:`payne_lite.SigmaClipped` (no pixel list; ASPCAP-style upper envelope);
 * ``<each of the three>-refined``: the same normalised spectra, then the continuum
   refined against the best-fit model over all pixels and fitted again
-  (``pl.fit(..., refine_continuum=2)``): alternating labels and continuum, a
-  stand-in for a continuum profiled in the fit (issue 20 item 2).
+  (``pl.fit(..., options=pl.LMOptions(refine_continuum=2))``): alternating labels
+  and continuum, a stand-in for a continuum profiled in the fit (issue 20 item 2).
 
 Each is fitted with ``pl.fit`` (LM, the APOGEE mask). The table gives per label the
 robust scatter of fit - truth (1.4826 x MAD), its ratio to the reference's, the
@@ -106,7 +106,8 @@ def run(n: int = 200, snr: float = 50.0, seed: int = 0, refine_passes: int = 2) 
         mask = d.mask if len(case) == 2 else (d.mask | case[2])
         t0 = time.perf_counter()
         refine = refine_passes if name.endswith("-refined") else 0
-        t = pl.fit(f, e, emu, mask=mask, refine_continuum=refine)
+        opts = pl.LMOptions(refine_continuum=refine)
+        t = pl.fit(f, e, emu, mask=mask, options=opts)
         seconds = time.perf_counter() - t0
         fitted = np.stack([np.asarray(t[k], np.float64) for k in NAMES], axis=1)
         diff = fitted - labels

@@ -15,6 +15,7 @@ from .emulator import Emulator
 from .fitting import METHODS as POINT_METHODS
 from .fitting import fit_spectra
 from .observe import ContinuumPixels, Instrument
+from .options import options_for
 from .posterior import METHODS as SAMPLERS
 from .posterior import sample
 from .spectra import unpack
@@ -24,7 +25,7 @@ __all__ = ["METHODS", "fit"]
 #: Every ``fit(method=...)``.
 METHODS = (*POINT_METHODS, *SAMPLERS)
 
-#: Degree of the per-chip polynomial of ``fit(..., refine_continuum=n)``.
+#: Degree of the per-chip polynomial of ``LMOptions(refine_continuum=n)``.
 REFINE_DEG = 3
 
 
@@ -48,7 +49,6 @@ def fit(
     return_model: bool = False,
     progress: bool = False,
     options=None,
-    refine_continuum: int = 0,
 ):
     """Fit labels, radial velocity and (optionally) a continuum to observed spectra.
 
@@ -123,19 +123,6 @@ def fit(
             labels' and rv's marginal covariance with the continuum's uncertainty
             included; the table reports the full covariance at the best fit
             (continuum coefficients included).
-        refine_continuum: passes of continuum refinement for flux normalised
-            through a few pixels (``payne-lite fit`` on apStar files, through The
-            Cannon's 529): after the fit, the flux (and its errors) is divided by a
-            degree-3 polynomial per chip (the grid split at its gaps and at runs of
-            masked pixels) fitted by weighted least squares to flux / best-fit
-            model over every good pixel, and fitted again; 0 = none. Alternating
-            labels and continuum approaches their joint fit: on 200 mocks of the
-            real APOGEE network at S/N 50 times a random quadratic continuum per
-            chip, normalised through The Cannon's pixels, two passes bring the
-            labels' robust scatter from 1.09-1.77x to 0.92-1.14x that of the same
-            mocks perfectly normalised, no fit more than 5 sigma from the latter's
-            (``benchmarks/bench_continuum.py``).
-            ``meta["continuum_refined"]`` records it. Point fits only.
         group: (n,) star identifier of each spectrum (any values ``numpy.unique``
             can sort): spectra with the same identifier are visits of one star,
             fitted jointly with shared labels (and ``vsini`` / ``vmacro``: the
@@ -195,22 +182,10 @@ def fit(
         flux, flux_err, emulator, mask=mask, wavelength=wavelength,
         instrument=instrument, cont_deg=cont_deg,
     )  # fmt: skip
-    if isinstance(refine_continuum, bool) or not isinstance(
-        refine_continuum, int | np.integer
-    ) or not 0 <= refine_continuum <= 10:  # fmt: skip
-        raise ValueError(
-            f"refine_continuum must be an int in 0..10 (passes), got {refine_continuum!r}"
-        )
     if method in SAMPLERS:
-        given = (
-            [
-                name
-                for name, value in (("p0", p0), ("group", group))
-                if value is not None
-            ]
-            + (["return_model"] if return_model else [])
-            + (["refine_continuum"] if refine_continuum else [])
-        )
+        given = [
+            name for name, value in (("p0", p0), ("group", group)) if value is not None
+        ] + (["return_model"] if return_model else [])
         if given:
             raise ValueError(
                 f"method={method!r}: {', '.join(given)} "
@@ -232,6 +207,7 @@ def fit(
             fixed=fixed, mdn=mdn, group=group, seed=seed,
             emulator_error=emulator_error, progress=progress, options=options,
         )  # fmt: skip
+        refine_continuum = options_for(method, options).refine_continuum
         table = fit_spectra(
             flux, flux_err, return_model=return_model or refine_continuum > 0, **kw
         )

@@ -347,8 +347,8 @@ CLI_OF = {
                    "--vsini", "--vmacro"],
     "cont_deg": ["--cont-deg"], "rv_range": ["--rv-range"], "seed": ["--seed"],
     "emulator_error": ["--no-emulator-error"],
-    "refine_continuum": ["--refine-continuum"],
-    "progress": ["--no-progress"], "options": ["--options", "--max-iter", "--mdn-starts"],
+    "progress": ["--no-progress"], "options": ["--options", "--max-iter", "--mdn-starts",
+                "--refine-continuum"],
     "chunk_size": ["--chunk-size"], "overwrite": ["--force"], "restart": ["--restart"],
     "keep_parts": ["--keep-parts"], "meta": ["--meta"],
     "fit_kwargs": [],  # pl.fit's own arguments, each mapped above

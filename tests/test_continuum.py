@@ -221,7 +221,10 @@ def test_refine_continuum_recovers_the_fit_of_perfectly_normalised_spectra(
     kw = {"mask": mask, "return_model": True}  # one compilation for all fits
     ref = pl.fit(flux, err, emu, **kw)
     plain = pl.fit(normed.flux, normed.flux_err, emu, **kw)
-    refined = pl.fit(normed.flux, normed.flux_err, emu, refine_continuum=2, **kw)
+    refined = pl.fit(
+        normed.flux, normed.flux_err, emu,
+        options=pl.LMOptions(refine_continuum=2), **kw,
+    )  # fmt: skip
     np.testing.assert_array_equal(normed.flux, f_in)
     np.testing.assert_array_equal(normed.flux_err, e_in)
     assert refined.meta["continuum_refined"] == {"passes": 2, "deg": 3}
@@ -232,7 +235,7 @@ def test_refine_continuum_recovers_the_fit_of_perfectly_normalised_spectra(
         )
 
     assert dist(refined) < 0.25 < dist(plain), (dist(refined), dist(plain))
-    with pytest.raises(ValueError, match="refine_continuum must be an int"):
-        pl.fit(flux, err, emu, refine_continuum=-1)
-    with pytest.raises(ValueError, match="refine_continuum is a point-fit"):
-        pl.fit(flux, err, emu, method="emcee", refine_continuum=1)
+    with pytest.raises(ValueError, match="refine_continuum must be"):
+        pl.LMOptions(refine_continuum=-1)
+    with pytest.raises(ValueError, match="refine_continuum must be <= 10"):
+        pl.CurveFitOptions(refine_continuum=11)

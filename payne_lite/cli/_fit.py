@@ -153,7 +153,7 @@ def add_fit(sub) -> None:
         type=_nonnegative_int,
         default=0,
         metavar="N",
-        help="passes of continuum refinement after the fit (payne_lite.fit's "
+        help="passes of continuum refinement after the fit (LMOptions."
         "refine_continuum): the flux divided by a degree-3 polynomial per chip "
         "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
         "recovers the label precision of perfectly normalised spectra from apStar "
@@ -349,8 +349,6 @@ def _run_kwargs(args, n_labels: int) -> dict:
         kw["seed"] = args.seed
     if args.no_emulator_error:
         kw["emulator_error"] = False
-    if args.refine_continuum:
-        kw["refine_continuum"] = args.refine_continuum
     return kw
 
 
@@ -445,8 +443,8 @@ def _add_distributed_options(p: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args):
-    """The method's options object: ``--options JSON`` (its fields), with --max-iter
-    and --mdn-starts as shortcuts of the point fits' fields."""
+    """The method's options object: ``--options JSON`` (its fields), with --max-iter,
+    --mdn-starts and --refine-continuum as shortcuts of the point fits' fields."""
     cls = OPTIONS_BY_METHOD[args.method]
     fields = {}
     if args.options is not None:
@@ -466,6 +464,7 @@ def _method_options(args):
     for flag, name, value in (
         ("--max-iter", "max_iter", args.max_iter),
         ("--mdn-starts", "mdn_starts", args.mdn_starts or None),
+        ("--refine-continuum", "refine_continuum", args.refine_continuum or None),
     ):
         if value is None:
             continue
