@@ -29,6 +29,7 @@ from .errors import SamplingWarning as SamplingWarning
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
 from .fitting import check_results_schema as check_results_schema
+from .fitting import pixel_residuals as pixel_residuals
 from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
@@ -83,6 +84,7 @@ __all__ = [
     "air_to_vacuum",
     "broadening",
     "check_results_schema",
+    "pixel_residuals",
     "compilation_cache_dir",
     "datasets",
     "spectra",

@@ -95,8 +95,11 @@ from __future__ import annotations
 from ._fit import METHODS as METHODS
 from ._fit import fit_spectra as fit_spectra
 from ._lm import visit_index as visit_index
+from ._ppc import PixelResiduals as PixelResiduals
+from ._ppc import pixel_residuals as pixel_residuals
 from ._schema import FLAG_BITS as FLAG_BITS
 from ._schema import FLAG_FAILED as FLAG_FAILED
+from ._schema import FLAG_LOCAL_MISFIT as FLAG_LOCAL_MISFIT
 from ._schema import FLAG_NOT_CONVERGED as FLAG_NOT_CONVERGED
 from ._schema import FLAG_POOR_FIT as FLAG_POOR_FIT
 from ._schema import FLAGS_DESCRIPTION as FLAGS_DESCRIPTION
@@ -111,10 +114,13 @@ from ._schema import schema_meta as schema_meta
 from ._visits import pad_visits as pad_visits
 
 __all__ = [
+    "PixelResiduals",
+    "pixel_residuals",
     "FLAGS_DESCRIPTION",
     "FLAG_BITS",
     "FLAG_FAILED",
     "FLAG_NOT_CONVERGED",
+    "FLAG_LOCAL_MISFIT",
     "FLAG_POOR_FIT",
     "METHODS",
     "REFERENCE_PAYNE",
