@@ -96,6 +96,7 @@ from ._fit import METHODS as METHODS
 from ._fit import fit_spectra as fit_spectra
 from ._lm import visit_index as visit_index
 from ._schema import FLAG_BITS as FLAG_BITS
+from ._schema import FLAG_EMULATOR_POOR as FLAG_EMULATOR_POOR
 from ._schema import FLAG_FAILED as FLAG_FAILED
 from ._schema import FLAG_NOT_CONVERGED as FLAG_NOT_CONVERGED
 from ._schema import FLAG_POOR_FIT as FLAG_POOR_FIT
@@ -113,6 +114,7 @@ from ._visits import pad_visits as pad_visits
 __all__ = [
     "FLAGS_DESCRIPTION",
     "FLAG_BITS",
+    "FLAG_EMULATOR_POOR",
     "FLAG_FAILED",
     "FLAG_NOT_CONVERGED",
     "FLAG_POOR_FIT",
