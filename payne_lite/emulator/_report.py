@@ -2,14 +2,14 @@
 
 :class:`ValidationReport` holds the emulator's errors on held-out spectra and what
 made it (grid digest and provenance, training config, package version, time,
-device). Everything in its tables is derived from three stored arrays, so a report
+device). Its tables are derived from the stored arrays, so a report
 read back from a file gives the same tables:
 
 * ``labels`` (N, L) and ``spectrum_error`` (N,): each held-out spectrum's labels
-  and its **median |emulator - truth| over the usable pixels** (the spectrum's
+  and its median ``|emulator - truth|`` over the usable pixels (the spectrum's
   error, in normalised flux);
 * ``pixel_median``, ``pixel_p99`` (P,): per pixel, the median and 99th percentile
-  of |emulator - truth| over the held-out spectra;
+  of ``|emulator - truth|`` over the held-out spectra;
 * ``coverage`` (L, B) and ``coverage_2d`` (L, L, B, B): counts of the *training*
   labels in each label bin (and pair of bins).
 
@@ -118,10 +118,10 @@ class ValidationReport:
         label_names, label_units: L names and units.
         label_lo, label_hi: (L,) the emulator's training box (the bins cut it).
         labels: (N, L) held-out labels [physical units].
-        spectrum_error: (N,) each held-out spectrum's median |emulator - truth| over
+        spectrum_error: (N,) each held-out spectrum's median ``|emulator - truth|`` over
             its usable pixels [normalised flux].
         pixel_median, pixel_p99: (P,) per pixel, median and 99th percentile of
-            |emulator - truth| over the held-out spectra [normalised flux].
+            ``|emulator - truth|`` over the held-out spectra [normalised flux].
         coverage: optional (L, B) training labels per bin (B = :data:`REPORT_BINS`).
         coverage_2d: optional (L, L, B, B) training labels per pair of bins.
         provenance: JSON-able dict: ``grid_sha256`` and ``grid_meta`` of the training
@@ -217,10 +217,10 @@ class ValidationReport:
         train_labels=None,
         provenance: dict | None = None,
     ) -> ValidationReport:
-        """A report from |emulator - truth| of held-out spectra.
+        """A report from ``|emulator - truth|`` of held-out spectra.
 
         Args:
-            abs_error: (N, P) |emulator - truth| [normalised flux]; NaN marks an
+            abs_error: (N, P) ``|emulator - truth|`` [normalised flux]; NaN marks an
                 unusable pixel (left out of that spectrum's and pixel's statistics).
             labels: (N, L) the held-out spectra's labels [physical units].
             label_names, label_units, label_lo, label_hi: the emulator's.
