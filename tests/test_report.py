@@ -170,6 +170,15 @@ def test_files_without_a_report_still_work(tiny_emulator, tmp_path, capsys):
     assert "payne_lite.Emulator v1" in out and "no validation report" in out
 
 
+def test_the_shipped_payne_network_has_no_report(payne_apogee, tmp_path, capsys):
+    emu = payne_apogee[0]
+    assert emu.report is None
+    emu.save(tmp_path / "payne.h5")
+    assert pl.Emulator.load(tmp_path / "payne.h5").report is None
+    assert main(["info", str(tmp_path / "payne.h5")]) == 0
+    assert "no validation report in this file" in capsys.readouterr().out
+
+
 def test_a_damaged_report_is_refused(toy, tmp_path):
     path = tmp_path / "emu.h5"
     toy[0].save(path)
