@@ -186,3 +186,30 @@ def test_unrecognised_layouts_list_what_was_found(source, tmp_path):
              label_names=np.array(source.label_names))  # fmt: skip
     with pytest.raises(pl.FileFormatError, match="invalid grid contents.*flux"):
         pl.SpectralGrid.from_file(path)
+
+
+def test_payne_lite_train_reads_these_grids(source, tmp_path, capsys):
+    """`payne-lite train FOLDER --labels TABLE` and `payne-lite train OTHER.npz`."""
+    from payne_lite.cli import main
+
+    _write_payne_zero(tmp_path / "pz", source)
+    table = Table({"filename": [f"spec_{i}.npz" for i in range(source.n_spec)]})
+    for j, name in enumerate(source.label_names):
+        table[name] = source.labels[:, j]
+    table.write(tmp_path / "labels.ecsv")
+    np.savez(tmp_path / "other.npz", flux=source.flux, wave=source.wavelength,
+             params=source.labels, label_names=np.array(source.label_names))  # fmt: skip
+    fast = ["--hidden", "3", "--max-iter", "3", "--no-progress"]
+    for grid, extra in (
+        (tmp_path / "pz", ["--labels", str(tmp_path / "labels.ecsv")]),
+        (tmp_path / "other.npz", []),
+    ):
+        out = tmp_path / f"{grid.stem}_emu.h5"
+        assert main(["train", str(grid), "-o", str(out), *fast, *extra]) == 0
+        emu = pl.Emulator.load(out)
+        assert emu.label_names == source.label_names
+        np.testing.assert_allclose(emu.wavelength, source.wavelength, rtol=1e-14)
+        assert emu.report.n_spectra == 30
+    assert main(["train", str(tmp_path / "other.npz"), "-o", str(tmp_path / "x.h5"),
+                 "--labels", "labels.ecsv", *fast]) == 2  # fmt: skip
+    assert "--labels applies to a folder" in capsys.readouterr().err
