@@ -96,6 +96,10 @@ def test_payne_zero_bad_folders_are_refused_with_what_was_found(source, tmp_path
         pl.SpectralGrid.from_payne_zero(folder, table)
     with pytest.raises(ValueError, match="no column of file names"):
         pl.SpectralGrid.from_payne_zero(folder, {"Teff": np.ones(4)})
+    holes = Table({"file": ["spec_0", "spec_1"], "Teff": [5000.0, 6000.0]}, masked=True)
+    holes["Teff"].mask = [False, True]  # a blank cell of a CSV
+    with pytest.raises(ValueError, match=r"missing values in column\(s\) \['Teff'\]"):
+        pl.SpectralGrid.from_payne_zero(folder, holes)
     with pytest.raises(pl.FileFormatError, match="no labels: no metadata_json"):
         pl.SpectralGrid.from_payne_zero(folder)
     np.savez(folder / "spec_1.npz", wave=np.arange(3.0), flux=np.ones(3))
@@ -177,6 +181,18 @@ def test_unrecognised_layouts_list_what_was_found(source, tmp_path):
     np.savez(path, flux=source.flux[:, :-1], wavelength=source.wavelength)
     with pytest.raises(pl.FileFormatError, match=r"is not \(n_spec, 40\)"):
         pl.SpectralGrid.from_file(path)
+    with h5py.File(tmp_path / "um.h5", "w") as f:
+        f["flux"], f["wavelength"] = source.flux, source.wavelength / 1e4
+        f["wavelength"].attrs["unit"] = "um"
+        f["labels"] = source.labels
+        f["labels"].attrs["label_names"] = json.dumps(list(source.label_names))
+    np.testing.assert_allclose(
+        pl.SpectralGrid.from_file(tmp_path / "um.h5").wavelength, source.wavelength
+    )
+    with h5py.File(tmp_path / "um.h5", "r+") as f:
+        f["wavelength"].attrs["unit"] = "furlong"
+    with pytest.raises(pl.FileFormatError, match="unit of 'wavelength' is 'furlong'"):
+        pl.SpectralGrid.from_file(tmp_path / "um.h5")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(pl.FileFormatError, match="neither a .npz nor a readable HDF5"):
         pl.SpectralGrid.from_file(tmp_path / "junk.h5")

@@ -64,6 +64,12 @@ FILE_COLUMNS = ("file", "filename", "path", "spectrum", "name", "id")
 #: What Payne Zero's spectrum archives hold (``Spectrum.save_npz``).
 PAYNE_ZERO_KEYS = ("wavelength_nm", "normalized_flux")
 NM_TO_ANGSTROM = 10.0
+#: Wavelength units read (lower case) and their factor to Angstrom.
+TO_ANGSTROM = {
+    "angstrom": 1.0, "angstroms": 1.0, "aa": 1.0, "a": 1.0, "å": 1.0,
+    "nm": NM_TO_ANGSTROM, "nanometer": NM_TO_ANGSTROM, "nanometre": NM_TO_ANGSTROM,
+    "nanometers": NM_TO_ANGSTROM, "um": 1e4, "micron": 1e4, "µm": 1e4,
+}  # fmt: skip
 
 
 # ======================================================================================
@@ -225,6 +231,11 @@ def _as_columns(labels) -> dict[str, np.ndarray]:
     if isinstance(labels, np.ndarray) and labels.dtype.names:
         return {n: np.asarray(labels[n]) for n in labels.dtype.names}
     if hasattr(labels, "colnames"):
+        blank = [
+            n for n in labels.colnames if np.any(getattr(labels[n], "mask", False))
+        ]
+        if blank:
+            raise ValueError(f"label table has missing values in column(s) {blank}")
         return {n: np.asarray(labels[n]) for n in labels.colnames}
     if isinstance(labels, Mapping):
         return {str(k): np.asarray(v) for k, v in labels.items()}
@@ -286,13 +297,15 @@ def file_arrays(
             ``labels=None`` and no labels array, the names of 1-D arrays).
         label_units: their units (default: an HDF5 attribute ``label_units`` /
             ``units`` of the labels, else empty strings).
-        wavelength_unit: ``"Angstrom"`` or ``"nm"`` (default: from the name or an
-            HDF5 ``unit`` attribute, else Angstrom).
+        wavelength_unit: a key of :data:`TO_ANGSTROM` (``"Angstrom"``, ``"nm"``,
+            ``"um"`` ...; default: from the name or an HDF5 ``unit`` attribute,
+            else Angstrom).
 
     Raises:
         FileNotFoundError: no such file.
         payne_lite.FileFormatError: unreadable, or the flux, wavelength or labels
-            not found or not fitting together; the message lists what was found.
+            not found or not fitting together, or a wavelength unit not known;
+            the message lists what was found.
     """
     path = Path(path)
     if not path.is_file():
@@ -332,10 +345,14 @@ def file_arrays(
         if err.shape != fl.shape:
             raise fail(f"flux_err {ekey!r} {err.shape} does not match flux {fl.shape}")
     unit = wavelength_unit or _wave_unit(wkey, attrs.get(wkey, {}))
-    if unit.lower() in ("nm", "nanometer", "nanometers", "nanometre"):
-        wave = wave * NM_TO_ANGSTROM
-    elif unit.lower() not in ("angstrom", "aa", "a", "angstroms", "å"):
-        raise ValueError(f"wavelength_unit must be 'Angstrom' or 'nm', got {unit!r}")
+    factor = TO_ANGSTROM.get(unit.strip().lower())
+    if factor is None:
+        where = "wavelength_unit" if wavelength_unit else f"the unit of {wkey!r}"
+        raise fail(
+            f"{where} is {unit!r}, not one of {sorted(TO_ANGSTROM)}: pass "
+            "wavelength_unit="
+        )
+    wave = wave * factor
     return dict(
         wavelength=wave,
         labels=lab,
