@@ -229,3 +229,22 @@ def test_payne_lite_train_reads_these_grids(source, tmp_path, capsys):
     assert main(["train", str(tmp_path / "other.npz"), "-o", str(tmp_path / "x.h5"),
                  "--labels", "labels.ecsv", *fast]) == 2  # fmt: skip
     assert "--labels applies to a folder" in capsys.readouterr().err
+
+
+def test_info_describes_foreign_grids(source, tmp_path, capsys):
+    from payne_lite.cli import main
+
+    np.savez(tmp_path / "other.npz", flux=source.flux, wave=source.wavelength,
+             params=source.labels, label_names=np.array(source.label_names))  # fmt: skip
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["spectra"], f["wavelength"] = source.flux, source.wavelength
+        f["labels"] = source.labels
+        f["labels"].attrs["label_names"] = json.dumps(list(source.label_names))
+    for name, kind in (("other.npz", "(.npz)"), ("other.h5", "(HDF5)")):
+        assert main(["info", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert f"a grid {kind} as SpectralGrid.from_file reads it" in out
+        assert f"spectra     {source.n_spec}" in out and "Teff" in out
+    np.savez(tmp_path / "odd.npz", y=source.flux)
+    assert main(["info", str(tmp_path / "odd.npz")]) == 2
+    assert "no flux array" in capsys.readouterr().err

@@ -128,6 +128,8 @@ def test_report_round_trips_through_the_file(toy, tmp_path):
         np.testing.assert_array_equal(getattr(back, name), getattr(emu.report, name))
     assert back.provenance == emu.report.provenance
     assert back.label_names == emu.label_names
+    assert repr(back) == repr(emu.report)
+    assert repr(back).startswith(f"ValidationReport({back.n_spectra} held-out spectra")
     for a, b in zip(back.poor_cells(), emu.report.poor_cells(), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -92,6 +92,18 @@ def _is_results_hdf5(path: Path) -> bool:
         return False
 
 
+def _is_foreign_hdf5(path: Path) -> bool:
+    """An HDF5 file without payne_lite's checksum block or ``format`` attribute (a
+    grid from another code, read by :meth:`SpectralGrid.from_file`)."""
+    if _h5.looks_stamped(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "format" not in f.attrs
+    except OSError:
+        return False  # not HDF5: _file_format names why
+
+
 def _row(key: str, text: str) -> str:
     return f"  {key:<11} {text}"
 
@@ -583,8 +595,15 @@ def run_info(args) -> int:
     if suffix == ".lock":
         return _describe_lock(path)
     if suffix == ".npz":
-        grid = checked_read(SpectralGrid.from_payne_npz, path)
-        print(f"{path}: The Payne training grid (.npz), {size}")
+        try:
+            grid = checked_read(SpectralGrid.from_payne_npz, path)
+            kind = "The Payne training grid (.npz)"
+        except FileFormatError as err:  # another layout: as payne-lite train reads it
+            if "not a Payne training set" not in str(err):
+                raise
+            grid = checked_read(SpectralGrid.from_file, path)
+            kind = "a grid (.npz) as SpectralGrid.from_file reads it"
+        print(f"{path}: {kind}, {size}")
         print("\n".join(_lines_grid(grid)))
         return EXIT_OK
     if suffix in RESULTS_FORMATS and RESULTS_FORMATS[suffix] != "hdf5":
@@ -599,6 +618,11 @@ def run_info(args) -> int:
 
         print(f"{path}: fit results (hdf5), {size}")
         print("\n".join(_lines_results(checked_read(read_results, path))))
+        return EXIT_OK
+    if _is_foreign_hdf5(path):
+        grid = checked_read(SpectralGrid.from_file, path)
+        print(f"{path}: a grid (HDF5) as SpectralGrid.from_file reads it, {size}")
+        print("\n".join(_lines_grid(grid)))
         return EXIT_OK
     fmt, ver = checked_read(_file_format, path)
     if fmt == GRID_FORMAT:

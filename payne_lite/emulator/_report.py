@@ -203,6 +203,14 @@ class ValidationReport:
                 val.setflags(write=False)
             object.__setattr__(self, name, val)
 
+    def __repr__(self) -> str:
+        n_poor = int(sum(int(c.sum()) for c in self.poor_cells()))
+        return (
+            f"ValidationReport({self.n_spectra} held-out spectra, "
+            f"{len(self.label_names)} labels, {self.pixel_median.size} pixels, median "
+            f"error {self.median_error:.2e}, {n_poor} poor cell(s))"
+        )
+
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_errors(
