@@ -80,6 +80,9 @@ def test_report_agrees_with_a_new_held_out_grid_within_sampling_noise(toy):
     emu, _, new = toy
     again = emu.validate(new)
     assert again.n_spectra == new.n_spec
+    prov = again.provenance
+    assert prov["validated_grid_sha256"] == pl.emulator._train_ckpt.grid_digest(new)
+    assert prov["grid_sha256"] == emu.report.provenance["grid_sha256"]  # training's
     np.testing.assert_array_equal(again.coverage, emu.report.coverage)
     z = []
     for a, b in (

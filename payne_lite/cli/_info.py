@@ -324,8 +324,10 @@ def _lines_report(emu: Emulator) -> list[str]:
             )
         )
     sha = prov.get("grid_sha256")
+    checked = prov.get("validated_grid_sha256")
     made = {
         "grid_sha256": f"{sha[:16]}..." if isinstance(sha, str) else None,
+        "validated_on": f"{checked[:16]}..." if isinstance(checked, str) else None,
         "payne_lite": prov.get("payne_lite_version"),
         "created": prov.get("created"),
         "train_seconds": (

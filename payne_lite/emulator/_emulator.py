@@ -527,6 +527,7 @@ class Emulator:
             good = np.isfinite(grid.flux_err) & (grid.flux_err > 0)
             err = np.where(good, err, np.nan)
         old = self.report
+        digest = grid_digest(grid)
         report = ValidationReport.from_errors(
             err,
             grid.labels,
@@ -535,9 +536,14 @@ class Emulator:
             label_lo=self.label_lo,
             label_hi=self.label_hi,
             provenance={
-                "held_out": "Emulator.validate",
-                "grid_sha256": grid_digest(grid),
-                "grid_meta": grid.meta,
+                "held_out": f"Emulator.validate on a grid of sha256 {digest[:16]}...",
+                "validated_grid_sha256": digest,
+                "validated_grid_meta": grid.meta,
+                **{
+                    k: v
+                    for k, v in (old.provenance if old is not None else {}).items()
+                    if k in ("grid_sha256", "grid_meta", "config")
+                },
             },
         )
         if old is not None and old.coverage is not None:
