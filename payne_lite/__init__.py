@@ -23,6 +23,7 @@ from .emulator import DenseNet as DenseNet
 from .emulator import Emulator as Emulator
 from .emulator import PixelNet as PixelNet
 from .emulator import TrainConfig, train_emulator
+from .emulator import ValidationReport as ValidationReport
 from .errors import FileFormatError as FileFormatError
 from .errors import OutputLockedError as OutputLockedError
 from .errors import SamplingWarning as SamplingWarning
@@ -80,6 +81,7 @@ __all__ = [
     "SpectralGrid",
     "TrainConfig",
     "TrainingDivergedError",
+    "ValidationReport",
     "WavelengthGridWarning",
     "air_to_vacuum",
     "broadening",

@@ -237,7 +237,7 @@ def test_info_grid(files, capsys):
 def test_info_emulator(files, capsys):
     code, out, err = run(capsys, "info", files.emu)
     assert code == 0, err
-    assert out.startswith(f"{files.emu}: payne_lite.Emulator v1, ")
+    assert out.startswith(f"{files.emu}: payne_lite.Emulator v2, ")
     for frag in (
         "pixel, hidden 3, sigmoid, 478 pixels x 5 labels",
         "training box",
@@ -249,6 +249,10 @@ def test_info_emulator(files, capsys):
         "pixel_error",
         "error_basis",
         f"{Emulator.load(files.emu).error_basis.shape[0]} principal components",
+        "validation  ",  # the validation report training wrote (tests/test_report.py)
+        "held-out spectra: split off the training grid",
+        "by label",
+        "trained on",
     ):
         assert frag in out, frag
 

@@ -1,6 +1,7 @@
 """Damaged model files (issue: faults at catalog scale, fuzz every file type): each
-damaged copy of an emulator, a grid, an MDN or a posterior-samples file (truncated, a
-bit flipped in the headers or anywhere, a 512-byte block zeroed) is refused with
+damaged copy of an emulator (with a validation report), a grid, an MDN or a
+posterior-samples file (truncated, a bit flipped in the headers or anywhere, a
+512-byte block zeroed) is refused with
 FileFormatError or loads with its content unchanged; never other numbers, an
 exception of another kind, a hang or a crash. The loads run in a child process with a
 timeout, because libhdf5 can abort the process on a damaged header (the files'
@@ -10,6 +11,7 @@ files: tests/test_results.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,7 +39,11 @@ def fingerprint(path):
         e = pl.Emulator.load(path)
         lab = e.label_lo + (e.label_hi - e.label_lo) * np.linspace(0.2, 0.8, 3)[:, None]
         arrays = [e.predict(lab), e.wavelength, e.label_lo, e.label_hi]
-        h.update(json.dumps([list(e.label_names), list(e.label_units)]).encode())
+        r = e.report  # the validation report: its arrays and the tables made of them
+        arrays += [r.labels, r.spectrum_error, r.pixel_p99, r.coverage_2d,
+                   r.label_bins().median, r.edge_bins().count]
+        h.update(json.dumps([list(e.label_names), list(e.label_units),
+                             r.provenance], sort_keys=True).encode())
     elif kind == "mdn":
         m = pl.MDN.load(path)
         e = pl.Emulator.load(emu_path)
@@ -78,8 +84,20 @@ def model_files(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("fuzz")
     emu = build_tiny_emulator(n_pix=80, n_hid=3, seed=5)
-    emu.save(folder / "emu.h5")
     rng = np.random.default_rng(2)
+    held = emu.label_lo + (emu.label_hi - emu.label_lo) * rng.uniform(size=(40, 3))
+    report = pl.ValidationReport.from_errors(
+        rng.uniform(0, 0.01, (40, 80)),
+        held,
+        label_names=emu.label_names,
+        label_units=emu.label_units,
+        label_lo=emu.label_lo,
+        label_hi=emu.label_hi,
+        train_labels=held[:30],
+        provenance={"grid_sha256": "0" * 64, "config": {"hidden": [3]}},
+    )
+    emu = dataclasses.replace(emu, report=report)
+    emu.save(folder / "emu.h5")
     lab = emu.label_lo + (emu.label_hi - emu.label_lo) * rng.uniform(size=(20, 3))
     grid = pl.SpectralGrid(
         wavelength=emu.wavelength,

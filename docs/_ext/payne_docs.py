@@ -72,7 +72,15 @@ class PayneAPI(SphinxDirective):
 
 
 #: constants named in FLAG_BITS texts, shown with their values
-THRESHOLDS = ("LOW_SNR", "MDN_FLAG_NSIGMA", "POOR_FIT_NSIGMA", "POOR_FIT_MISFIT")
+THRESHOLDS = (
+    "LOW_SNR",
+    "MDN_FLAG_NSIGMA",
+    "POOR_FIT_NSIGMA",
+    "POOR_FIT_MISFIT",
+    "POOR_FACTOR",
+    "POOR_MIN_COUNT",
+    "RUN_FALSE_ALARM",
+)
 
 
 def qa_bit_lines() -> list[str]:

@@ -16,6 +16,7 @@ from ..catalog import CATALOG_FORMAT
 from ..catalog import FORMATS as RESULTS_FORMATS
 from ..constants import C_KMS
 from ..emulator import EMULATOR_FORMAT, Emulator
+from ..emulator._report import NEAR_EDGE, POOR_FACTOR, POOR_MIN_COUNT
 from ..emulator._train_ckpt import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from ..errors import FileFormatError
 from ..fitting import FLAG_BITS
@@ -89,6 +90,18 @@ def _is_results_hdf5(path: Path) -> bool:
             )
     except OSError:
         return False
+
+
+def _is_foreign_hdf5(path: Path) -> bool:
+    """An HDF5 file without payne_lite's checksum block or ``format`` attribute (a
+    grid from another code, read by :meth:`SpectralGrid.from_file`)."""
+    if _h5.looks_stamped(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "format" not in f.attrs
+    except OSError:
+        return False  # not HDF5: _file_format names why
 
 
 def _row(key: str, text: str) -> str:
@@ -209,6 +222,7 @@ def _lines_emulator(emu: Emulator) -> list[str]:
                 ),
             )
         )
+    lines += _lines_report(emu)
     if "config" in m:
         lines += _wrapped_pairs("config", m["config"])
     if m.get("grid_meta"):
@@ -226,6 +240,112 @@ def _lines_emulator(emu: Emulator) -> list[str]:
     }
     lines += _meta_rows({k: v for k, v in m.items() if k not in shown})
     return lines
+
+
+def _lines_report(emu: Emulator) -> list[str]:
+    """The emulator's validation report: held-out errors by label bin, box edges
+    and corners, the training labels' coverage and the provenance."""
+    rep = emu.report
+    if rep is None:
+        return [
+            _row(
+                "validation",
+                "no validation report in this file (an imported network or a file "
+                "from before format v2); Emulator.validate(grid) makes one",
+            )
+        ]
+    prov = rep.provenance
+    k = int(np.argmax(rep.pixel_p99))
+    out = [
+        _row(
+            "validation",
+            f"{rep.n_spectra} held-out spectra: {prov.get('held_out', '?')}",
+        ),
+        _row(
+            "",
+            "error of a spectrum = its median |emulator - truth| over the pixels; "
+            f"median over all {rep.median_error:.2e}",
+        ),
+        _row(
+            "",
+            f"per pixel, |error| over the spectra: median {np.median(rep.pixel_median):.2e}"
+            f" and 99th percentile {np.median(rep.pixel_p99):.2e} (median over pixels;"
+            f" worst 99th {rep.pixel_p99[k]:.2e} at {emu.wavelength[k]:.2f} A)",
+        ),
+        _row(
+            "",
+            "cells: median error (held-out spectra in the cell); * = poor: median > "
+            f"{POOR_FACTOR:g} x {rep.median_error:.2e} with >= {POOR_MIN_COUNT} spectra",
+        ),
+    ]
+    lab, edge, corner = rep.poor_cells()
+    t = rep.label_bins()
+    names = [
+        f"{n} [{u}]" if u else n
+        for n, u in zip(rep.label_names, rep.label_units, strict=True)
+    ]
+    w = max(len(n) for n in names + ["fraction of box"])
+    cell = 15
+    out.append(
+        _row("by label", f"{'fraction of box':<{w}} "
+             + "".join(f"{c:>{cell - 1}} " for c in t.labels).rstrip())
+    )  # fmt: skip
+    for j, name in enumerate(names):
+        cells = [
+            _cell(t.median[j, b], t.count[j, b], lab[j, b], cell)
+            for b in range(t.median.shape[1])
+        ]
+        out.append(_row("", f"{name:<{w}} " + "".join(cells).rstrip()))
+        if rep.coverage is not None:
+            out.append(
+                _row("", f"{'  trained on':<{w}} "
+                     + "".join(f"{int(c):>{cell - 1}} " for c in rep.coverage[j]).rstrip())
+            )  # fmt: skip
+    for key, title, tab, poor in (
+        ("box edge", "distance to the nearest face (fraction of range)", rep.edge_bins(), edge),
+        ("corners", f"labels in the outer {NEAR_EDGE:g} of their range", rep.corner_bins(), corner),
+    ):  # fmt: skip
+        out.append(_row(key, title))
+        out.append(
+            _row(
+                "",
+                f"{'':<{w}} "
+                + "".join(f"{c:>{cell - 1}} " for c in tab.labels).rstrip(),
+            )
+        )
+        out.append(
+            _row(
+                "",
+                f"{'':<{w}} "
+                + "".join(
+                    _cell(tab.median[c], tab.count[c], poor[c], cell)
+                    for c in range(tab.median.size)
+                ).rstrip(),
+            )
+        )
+    sha = prov.get("grid_sha256")
+    checked = prov.get("validated_grid_sha256")
+    made = {
+        "grid_sha256": f"{sha[:16]}..." if isinstance(sha, str) else None,
+        "validated_on": f"{checked[:16]}..." if isinstance(checked, str) else None,
+        "payne_lite": prov.get("payne_lite_version"),
+        "created": prov.get("created"),
+        "train_seconds": (
+            round(prov["train_seconds"], 2)
+            if isinstance(prov.get("train_seconds"), int | float)
+            else None
+        ),
+        "devices": prov.get("devices"),
+    }
+    out += _wrapped_pairs("made by", {k: v for k, v in made.items() if v is not None})
+    return out
+
+
+def _cell(median: float, count: int, poor: bool, width: int) -> str:
+    """``1.23e-03 (25)*`` right-aligned in ``width``; ``-`` for an empty cell."""
+    if count == 0 or not np.isfinite(median):
+        return f"{'- (0)':>{width}}"
+    return f"{f'{median:.2e} ({int(count)})' + ('*' if poor else ' '):>{width}}"
 
 
 def _lines_spectra(path: Path) -> list[str]:
@@ -477,8 +597,15 @@ def run_info(args) -> int:
     if suffix == ".lock":
         return _describe_lock(path)
     if suffix == ".npz":
-        grid = checked_read(SpectralGrid.from_payne_npz, path)
-        print(f"{path}: The Payne training grid (.npz), {size}")
+        try:
+            grid = checked_read(SpectralGrid.from_payne_npz, path)
+            kind = "The Payne training grid (.npz)"
+        except FileFormatError as err:  # another layout: as payne-lite train reads it
+            if "not a Payne training set" not in str(err):
+                raise
+            grid = checked_read(SpectralGrid.from_file, path)
+            kind = "a grid (.npz) as SpectralGrid.from_file reads it"
+        print(f"{path}: {kind}, {size}")
         print("\n".join(_lines_grid(grid)))
         return EXIT_OK
     if suffix in RESULTS_FORMATS and RESULTS_FORMATS[suffix] != "hdf5":
@@ -493,6 +620,11 @@ def run_info(args) -> int:
 
         print(f"{path}: fit results (hdf5), {size}")
         print("\n".join(_lines_results(checked_read(read_results, path))))
+        return EXIT_OK
+    if _is_foreign_hdf5(path):
+        grid = checked_read(SpectralGrid.from_file, path)
+        print(f"{path}: a grid (HDF5) as SpectralGrid.from_file reads it, {size}")
+        print("\n".join(_lines_grid(grid)))
         return EXIT_OK
     fmt, ver = checked_read(_file_format, path)
     if fmt == GRID_FORMAT:

@@ -10,6 +10,10 @@ import logging
 import textwrap
 from pathlib import Path
 
+import h5py
+import numpy as np
+
+from .. import _h5
 from ..emulator import ACTIVATIONS, TrainConfig, train_emulator
 from ..grid import SpectralGrid
 from ._common import (
@@ -68,14 +72,24 @@ def add_train(sub) -> None:
             "examples:\n  payne-lite train grid.h5 -o emulator.h5\n"
             "  payne-lite train grid.h5 -o emu.h5 --hidden 10,10 --max-iter 300\n"
             "  payne-lite train payne_training.npz -o emu.h5 "
-            "--label-names Teff,logg,[Fe/H]"
+            "--label-names Teff,logg,[Fe/H]\n"
+            "  payne-lite train payne_zero_spectra/ --labels labels.csv -o emu.h5"
         ),
     )
     p.add_argument(
         "grid",
         metavar="GRID",
-        help="training grid: a payne_lite .h5 grid, or a training .npz in "
-        "The Payne's layout (labels, spectra, wavelength)",
+        help="training grid: a payne_lite .h5 grid, a training .npz in "
+        "The Payne's layout (labels, spectra, wavelength), a folder of Payne "
+        "Zero spectrum archives (with --labels), or another .npz / HDF5 file "
+        "holding flux, wavelength and labels (names guessed)",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="TABLE",
+        help="label table of a Payne Zero folder GRID (CSV, ECSV or FITS; a "
+        "column 'file' naming each spectrum's archive); without it, each "
+        "archive's metadata_json labels",
     )
     p.add_argument(
         "-o",
@@ -93,8 +107,9 @@ def add_train(sub) -> None:
     p.add_argument(
         "--label-names",
         metavar="NAMES",
-        help="comma-separated label names for a .npz grid, in its column "
-        "order (default label_0, label_1, ...); .h5 grids carry theirs",
+        help="comma-separated label names for a .npz or foreign HDF5 grid, in "
+        "its column order (default label_0, label_1, ...), or the labels to "
+        "use of a Payne Zero folder's; payne_lite .h5 grids carry theirs",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="do not show a progress bar"
@@ -267,22 +282,57 @@ def config_from_json(path: Path) -> dict:
     return data
 
 
-def _load_grid(path: Path, label_names: str | None) -> SpectralGrid:
+def _load_grid(path: Path, label_names: str | None, labels: str | None) -> SpectralGrid:
+    """The grid GRID names: a payne_lite grid, The Payne's .npz, a Payne Zero
+    folder (with its label table) or another .npz / HDF5 grid."""
+    names = None
+    if label_names is not None:
+        names = [s.strip() for s in label_names.split(",")]
+    if path.is_dir():
+        table = None if labels is None else require_file(labels)
+        return checked_read(
+            SpectralGrid.from_payne_zero, path, labels=table, label_names=names
+        )
+    if labels is not None:
+        raise ValueError("--labels applies to a folder of Payne Zero spectra only")
     if path.suffix.lower() == ".npz":
-        names = None
-        if label_names is not None:
-            names = [s.strip() for s in label_names.split(",")]
-        return checked_read(SpectralGrid.from_payne_npz, path, label_names=names)
+        if _is_payne_training_npz(path):
+            return checked_read(SpectralGrid.from_payne_npz, path, label_names=names)
+        return checked_read(SpectralGrid.from_file, path, label_names=names)
+    if not _is_payne_lite_hdf5(path):
+        return checked_read(SpectralGrid.from_file, path, label_names=names)
     if label_names is not None:
         raise ValueError(
-            "--label-names applies to .npz grids only; an .h5 grid "
-            "carries its own label names"
+            "--label-names applies to .npz and foreign HDF5 grids only; a "
+            "payne_lite .h5 grid carries its own label names"
         )
     return checked_read(SpectralGrid.load, path)
 
 
+def _is_payne_training_npz(path: Path) -> bool:
+    """A .npz with The Payne's ``labels`` and ``spectra`` (else: another layout;
+    an unreadable file is left to the reader to refuse)."""
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {"labels", "spectra"} <= set(d.files)
+    except (OSError, ValueError, EOFError):
+        return True
+
+
+def _is_payne_lite_hdf5(path: Path) -> bool:
+    """A file payne_lite wrote (its checksum block, or a ``format`` attribute);
+    others are read as foreign grids."""
+    if _h5.looks_stamped(path):
+        return True
+    try:
+        with h5py.File(path, "r") as f:
+            return "format" in f.attrs
+    except (OSError, KeyError, RuntimeError):
+        return True  # not HDF5 at all: SpectralGrid.load refuses it, naming why
+
+
 def run_train(args) -> int:
-    grid_path = require_file(args.grid)
+    grid_path = Path(args.grid) if Path(args.grid).is_dir() else require_file(args.grid)
     out = check_output(args.output, inputs=[grid_path])
     settings = {}
     if args.config is not None:
@@ -303,7 +353,7 @@ def run_train(args) -> int:
             )
     elif args.resume:
         raise ValueError("--resume needs --checkpoint CKPT.h5")
-    grid = _load_grid(grid_path, args.label_names)
+    grid = _load_grid(grid_path, args.label_names, args.labels)
     _log.info("training on %r with %s", grid, config)
     emu = train_emulator(
         grid,

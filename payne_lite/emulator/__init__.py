@@ -20,20 +20,30 @@ from ._nets import predict_kernel as predict_kernel
 from ._nets import scale_labels as scale_labels
 from ._nets import tanh_rational as tanh_rational
 from ._nets import unscale_labels as unscale_labels
+from ._report import POOR_FACTOR as POOR_FACTOR
+from ._report import POOR_MIN_COUNT as POOR_MIN_COUNT
+from ._report import REPORT_BINS as REPORT_BINS
+from ._report import BinTable as BinTable
+from ._report import ValidationReport as ValidationReport
 from ._train import ERROR_BASIS_RANK as ERROR_BASIS_RANK
 from ._train import TrainConfig as TrainConfig
 from ._train import train_emulator as train_emulator
 
 __all__ = [
     "ACTIVATIONS",
+    "BinTable",
     "DenseNet",
     "EMULATOR_FORMAT",
     "ERROR_BASIS_RANK",
     "Emulator",
     "KERNEL_COMPILER_OPTIONS",
     "KernelNet",
+    "POOR_FACTOR",
+    "POOR_MIN_COUNT",
     "PixelNet",
+    "REPORT_BINS",
     "TrainConfig",
+    "ValidationReport",
     "dense_forward",
     "forward",
     "kernel_forward",

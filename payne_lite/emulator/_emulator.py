@@ -8,7 +8,8 @@ emulator error, and a versioned HDF5 file format.
 Labels enter the networks scaled to the training box, ``s = (x - lo) / (hi - lo) - 0.5``,
 so the box maps to ``[-0.5, 0.5]`` as in The Payne (Ting et al. 2019, ApJ 879, 69).
 
-Emulator file layout (``format = "payne_lite.Emulator"``, ``format_version = 1``):
+Emulator file layout (``format = "payne_lite.Emulator"``, ``format_version = 2``;
+version 1 files, without ``report/``, are read too):
 
 ========================  =====================  =========================================
 item                      shape / type           meaning
@@ -22,6 +23,15 @@ item                      shape / type           meaning
                                                  principal components, scaled so that
                                                  ``B^T B`` approximates their covariance
 ``history/<name>``        (n_iter,)              optional: loss curves from training
+``report/``               group                  optional (v2): the validation report,
+                                                 :class:`ValidationReport`: datasets
+                                                 ``labels`` (N, L), ``spectrum_error``
+                                                 (N,), ``pixel_median``, ``pixel_p99``
+                                                 (P,), ``label_lo``, ``label_hi`` (L,),
+                                                 ``coverage`` (L, B), ``coverage_2d``
+                                                 (L, L, B, B); JSON attrs
+                                                 ``label_names``, ``label_units``,
+                                                 ``provenance``
 attr ``kind``             "pixel" or "dense"     network family
 attr ``activation``       str                    see :data:`ACTIVATIONS`
 attr ``label_names``      JSON list of str
@@ -59,9 +69,13 @@ from ._nets import (
     scale_labels,
     unscale_labels,
 )
+from ._report import ValidationReport
+from ._train_ckpt import grid_digest
 
 EMULATOR_FORMAT = "payne_lite.Emulator"
-EMULATOR_VERSION = 1
+EMULATOR_VERSION = 2
+#: Versions :meth:`Emulator.load` reads (1: before the validation report).
+EMULATOR_VERSIONS = (1, 2)
 
 Array = jax.Array
 
@@ -118,6 +132,23 @@ def _check_net(net, kind: str, n_pix: int, n_lab: int) -> None:
         raise ValueError(f"unknown network kind {kind!r}; expected 'pixel' or 'dense'")
 
 
+def _check_report(report, names: tuple[str, ...], n_pix: int) -> None:
+    """Raise ValueError unless ``report`` is a ValidationReport of these labels and
+    pixels."""
+    if not isinstance(report, ValidationReport):
+        raise ValueError(
+            f"report must be a ValidationReport, got {type(report).__name__}"
+        )
+    if report.label_names != names:
+        raise ValueError(
+            f"report labels {list(report.label_names)} differ from {list(names)}"
+        )
+    if report.pixel_median.size != n_pix:
+        raise ValueError(
+            f"report has {report.pixel_median.size} pixels, the network {n_pix}"
+        )
+
+
 #: Spectra per jitted call of :meth:`Emulator.predict` (its default ``batch_size``).
 PREDICT_CHUNK = 256
 
@@ -150,6 +181,10 @@ class Emulator:
             spectra, each scaled by singular value / sqrt(n_valid)). The errors are
             correlated across pixels (they shift labels coherently); the fitter
             uses this for the label errors (see :func:`payne_lite.fit`).
+        report: optional :class:`ValidationReport`: the held-out errors across the
+            label box and the provenance of training (written by
+            :func:`payne_lite.train_emulator`; None for imported networks and files
+            older than format version 2). :meth:`validate` makes one on any grid.
 
     Examples:
         >>> flux = emu.predict([5000.0, 4.5, 0.0, 0.1, 5.0])      # doctest: +SKIP
@@ -166,6 +201,7 @@ class Emulator:
     history: dict = dataclasses.field(default_factory=dict)
     meta: dict = dataclasses.field(default_factory=dict)
     error_basis: np.ndarray | None = None
+    report: ValidationReport | None = None
     _device_cache: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
@@ -213,6 +249,8 @@ class Emulator:
                     "per wavelength pixel"
                 )
             check_finite(basis, "error_basis")
+        if self.report is not None:
+            _check_report(self.report, names, wave.size)
         for name, val in [
             ("error_basis", basis),
             ("net", net_np),
@@ -453,6 +491,67 @@ class Emulator:
             _copy_rows(rows, *pending)
         return result
 
+    def validate(self, grid, *, batch_size: int | None = None) -> ValidationReport:
+        """A :class:`ValidationReport` of this emulator on the held-out ``grid``.
+
+        The same tables as the report written by training (same bins of the
+        training box), recomputed on ``grid``'s spectra; the coverage maps (of the
+        training labels) are carried over from :attr:`report` when there is one.
+        Pixels with a non-finite or non-positive ``flux_err`` are left out.
+
+        Args:
+            grid: a :class:`payne_lite.SpectralGrid` with this emulator's label
+                names (same order) and wavelength grid; labels outside the box are
+                evaluated (extrapolated) and counted in the end bins.
+            batch_size: passed to :meth:`predict`.
+
+        Raises:
+            ValueError: other label names or another wavelength grid.
+        """
+        if tuple(grid.label_names) != self.label_names:
+            raise ValueError(
+                f"grid labels {list(grid.label_names)} differ from the emulator's "
+                f"{list(self.label_names)}"
+            )
+        if grid.n_pix != self.n_pix or not np.allclose(
+            grid.wavelength, self.wavelength, rtol=1e-9, atol=0.0
+        ):
+            raise ValueError(
+                f"grid wavelengths ({grid.n_pix} pixels, {grid.wavelength[0]:.6g}-"
+                f"{grid.wavelength[-1]:.6g}) differ from the emulator's ({self.n_pix}, "
+                f"{self.wavelength[0]:.6g}-{self.wavelength[-1]:.6g})"
+            )
+        pred = self.predict(grid.labels, allow_outside=True, batch_size=batch_size)
+        err = np.abs(pred.astype(np.float32) - grid.flux)
+        if grid.flux_err is not None:
+            good = np.isfinite(grid.flux_err) & (grid.flux_err > 0)
+            err = np.where(good, err, np.nan)
+        old = self.report
+        digest = grid_digest(grid)
+        report = ValidationReport.from_errors(
+            err,
+            grid.labels,
+            label_names=self.label_names,
+            label_units=self.label_units,
+            label_lo=self.label_lo,
+            label_hi=self.label_hi,
+            provenance={
+                "held_out": f"Emulator.validate on a grid of sha256 {digest[:16]}...",
+                "validated_grid_sha256": digest,
+                "validated_grid_meta": grid.meta,
+                **{
+                    k: v
+                    for k, v in (old.provenance if old is not None else {}).items()
+                    if k in ("grid_sha256", "grid_meta", "config")
+                },
+            },
+        )
+        if old is not None and old.coverage is not None:
+            report = dataclasses.replace(
+                report, coverage=old.coverage, coverage_2d=old.coverage_2d
+            )
+        return report
+
     # -- files ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the emulator to one versioned HDF5 file (atomically)."""
@@ -475,6 +574,8 @@ class Emulator:
             h = f.create_group("history")
             for name, arr in self.history.items():
                 _h5.write_dataset(h, name, np.asarray(arr))
+            if self.report is not None:
+                self.report.write(f.create_group("report"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Emulator:
@@ -486,7 +587,7 @@ class Emulator:
                 corrupt/truncated data, or contents that do not fit together (for
                 example a wavelength grid whose length differs from the network's).
         """
-        with _h5.open_checked(path, EMULATOR_FORMAT, (EMULATOR_VERSION,)) as f:
+        with _h5.open_checked(path, EMULATOR_FORMAT, EMULATOR_VERSIONS) as f:
             kind = str(f.attrs.get("kind", ""))
             if "net" not in f:
                 raise FileFormatError(f"{path}: missing group 'net'")
@@ -519,6 +620,9 @@ class Emulator:
                     _h5.read_dataset(f, "error_basis", path)
                     if "error_basis" in f
                     else None
+                ),
+                report=(
+                    ValidationReport.read(f["report"], path) if "report" in f else None
                 ),
             )
         try:

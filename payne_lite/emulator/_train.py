@@ -49,6 +49,7 @@ from ..errors import TrainingDivergedError
 from ..grid import SpectralGrid
 from ._emulator import Emulator
 from ._nets import ACTIVATIONS
+from ._report import ValidationReport
 from ._train_ckpt import (
     RESUMABLE_CHANGES,
     TrainCheckpoint,
@@ -272,32 +273,64 @@ def _split_and_check(grid, valid, cfg: TrainConfig, checkpoint_every):
 
 def _held_out_stats(theta, unravel, valid, lo, hi, cfg: TrainConfig, dtype):
     """Final held-out statistics of the kept parameters ``theta`` (P, n_par): per-pixel
-    validation RMS (P,) and median |error| (P,) in flux units, and the error basis
-    (K, P) (see :func:`_error_basis`)."""
-    # Final held-out statistics of the kept parameters.
+    validation RMS (P,) and median |error| (P,) in flux units, the error basis
+    (K, P) (see :func:`_error_basis`) and |error| (N, P) float32 of every held-out
+    spectrum (NaN at pixels without weight), for the validation report."""
     s_v = jnp.asarray((valid.labels - lo) / (hi - lo) - 0.5, dtype=dtype)
     sw_v = jnp.asarray(_sqrt_weights(valid, dtype))
+    th = jnp.asarray(theta, dtype=dtype)
+    kw = dict(unravel=unravel, activation=cfg.activation)
     _, rms, mae = valid_stats(
-        jnp.asarray(theta, dtype=dtype),
-        s_v,
-        jnp.asarray(valid.flux.T, dtype=dtype),
-        sw_v.T,
-        unravel=unravel,
-        activation=cfg.activation,
+        th, s_v, jnp.asarray(valid.flux.T, dtype=dtype), sw_v.T, **kw
     )
     rms, mae = np.asarray(rms), np.asarray(mae)
+    # |error| of every held-out spectrum, REPORT_PIXELS pixels' networks at a time
+    abs_err = np.empty(valid.flux.shape, np.float32)
+    for start in range(0, valid.n_pix, REPORT_PIXELS):
+        sl = slice(start, start + REPORT_PIXELS)
+        pred = np.asarray(_fwd_jit(th[sl], s_v, **kw), np.float32).T
+        abs_err[:, sl] = np.abs(pred - valid.flux[:, sl])
+    abs_err[np.asarray(sw_v) == 0] = np.nan
     nb = min(valid.n_spec, ERROR_BASIS_MAX_SPECTRA)  # the split is random already
     basis = _error_basis(
-        fwd(
-            jnp.asarray(theta, dtype=dtype),
-            s_v[:nb],
-            unravel=unravel,
-            activation=cfg.activation,
-        ),
-        valid.flux[:nb].T,
-        np.asarray(sw_v[:nb].T),
+        fwd(th, s_v[:nb], **kw), valid.flux[:nb].T, np.asarray(sw_v[:nb].T)
     )
-    return rms, mae, basis
+    return rms, mae, basis, abs_err
+
+
+#: Pixels whose held-out predictions are made per call for the validation report.
+REPORT_PIXELS = 512
+_fwd_jit = jax.jit(fwd, static_argnames=("unravel", "activation"))
+
+
+def _report(abs_err, train, valid, grid, lo, hi, cfg, meta, external: bool):
+    """The :class:`ValidationReport` written with a trained emulator."""
+    held_out = (
+        f"a separate validation grid (sha256 {grid_digest(valid)[:16]}...)"
+        if external
+        else f"split off the training grid, valid_fraction {cfg.valid_fraction:g}, "
+        f"seed {cfg.seed}"
+    )
+    return ValidationReport.from_errors(
+        abs_err,
+        valid.labels,
+        label_names=grid.label_names,
+        label_units=grid.label_units,
+        label_lo=lo,
+        label_hi=hi,
+        train_labels=train.labels,
+        provenance={
+            "held_out": held_out,
+            "grid_sha256": grid_digest(grid),
+            "grid_meta": grid.meta,
+            "config": meta["config"],
+            "train_seconds": meta["train_seconds"],
+            "devices": meta["devices"],
+            "dtype": meta["dtype"],
+            "n_train": meta["n_train"],
+            "n_valid": meta["n_valid"],
+        },
+    )
 
 
 def train_emulator(
@@ -360,6 +393,7 @@ def train_emulator(
     if seed is not None:
         overrides["seed"] = seed
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    external = valid is not None  # a separate validation grid, not a split
     train, valid = _split_and_check(grid, valid, cfg, checkpoint_every)
     dtype = jnp.dtype(dtype or jnp.result_type(float))
     # The training box: the grid's design box where it has one, else the labels' range.
@@ -394,7 +428,9 @@ def train_emulator(
         train, valid, lo, hi, cfg, dtype, progress, ckpt=ckpt, resume=resume
     )
     net = theta_to_net(theta, unravel)
-    rms, mae, basis = _held_out_stats(theta, unravel, valid, lo, hi, cfg, dtype)
+    rms, mae, basis, abs_err = _held_out_stats(
+        theta, unravel, valid, lo, hi, cfg, dtype
+    )
     elapsed = time.perf_counter() - t0
     meta = {
         "trained_by": "payne_lite.train_emulator",
@@ -428,6 +464,7 @@ def train_emulator(
         history=history,
         meta=meta,
         error_basis=basis,
+        report=_report(abs_err, train, valid, grid, lo, hi, cfg, meta, external),
     )
 
 

@@ -98,6 +98,7 @@ from ._lm import visit_index as visit_index
 from ._ppc import PixelResiduals as PixelResiduals
 from ._ppc import pixel_residuals as pixel_residuals
 from ._schema import FLAG_BITS as FLAG_BITS
+from ._schema import FLAG_EMULATOR_POOR as FLAG_EMULATOR_POOR
 from ._schema import FLAG_FAILED as FLAG_FAILED
 from ._schema import FLAG_LOCAL_MISFIT as FLAG_LOCAL_MISFIT
 from ._schema import FLAG_NOT_CONVERGED as FLAG_NOT_CONVERGED
@@ -118,6 +119,7 @@ __all__ = [
     "pixel_residuals",
     "FLAGS_DESCRIPTION",
     "FLAG_BITS",
+    "FLAG_EMULATOR_POOR",
     "FLAG_FAILED",
     "FLAG_NOT_CONVERGED",
     "FLAG_LOCAL_MISFIT",

@@ -35,6 +35,13 @@ bit  value       meaning
                  (2M06133561+2433362, S/N 100) have chi2_red 3.6-8.6, misfits
                  1.6-2.7 % (cont_deg 0-2). The 1.2 % is set between those two real
                  cases; a fit of a joint group uses the visits' S/N
+8    256         emulator poor here: the fitted labels fall in a cell of the
+                 emulator's validation report (a label's bin, a distance to the box
+                 edge, a number of labels near an edge) whose median held-out error
+                 is above ``POOR_FACTOR`` (2) times the median over all held-out
+                 spectra, with at least ``POOR_MIN_COUNT`` (10) spectra in the
+                 cell (:class:`payne_lite.ValidationReport`); only for emulators
+                 with a report (trained by payne_lite)
 9    512         localised misfit (point fits): ``max_dip``, the largest sum of the
                  normalised residuals over 5 pixels in sigma, reaches
                  :func:`._ppc.dip_limit` (noise alone does so with a chance below
@@ -81,7 +88,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._ppc import chi2_pvalue, dip_limit
+# QA bit 8's thresholds, named here with the other bits' (the docs table reads them)
+from ..emulator import POOR_FACTOR, POOR_MIN_COUNT  # noqa: F401
+from ._ppc import RUN_FALSE_ALARM, chi2_pvalue, dip_limit  # noqa: F401 (QA bit 9)
 
 #: Covariance condition-number limit (correlation form) per dtype.
 COND_LIMIT = {np.dtype(np.float32): 1e6, np.dtype(np.float64): 1e12}
@@ -96,6 +105,7 @@ FLAG_OUTSIDE_BOX = 16
 FLAG_LOW_SNR = 32
 FLAG_MDN_DISAGREE = 64
 FLAG_POOR_FIT = 128
+FLAG_EMULATOR_POOR = 256
 FLAG_LOCAL_MISFIT = 512
 FLAG_BITS = {
     0: "not converged",
@@ -108,6 +118,9 @@ FLAG_BITS = {
     "MDN mean (fits with an MDN only)",
     7: "poor fit: chi2_red > 1 + POOR_FIT_NSIGMA sqrt(2 / ndof) and the misfit beyond "
     "noise, sqrt(chi2_red - 1) / snr, above POOR_FIT_MISFIT of the flux",
+    8: "emulator poor here: the labels fall in a cell of the emulator's validation "
+    "report with a median held-out error above POOR_FACTOR times the overall median "
+    "(emulators with a report only)",
     9: "localised misfit: max_dip, the largest sum of normalised residuals over 5 "
     "pixels / sqrt(5), beyond the normal quantile at RUN_FALSE_ALARM / n_good "
     "(5.4 sigma for 6,000 pixels; point fits)",
@@ -226,6 +239,15 @@ def poor_fit(chi2_red, ndof, snr) -> np.ndarray:
         misfit = np.sqrt(np.clip(chi2_red - 1.0, 0.0, None)) / snr
         out = beyond & (ndof >= 1) & (misfit > POOR_FIT_MISFIT)
     return np.asarray(out & np.isfinite(chi2_red), bool)
+
+
+def emulator_poor(emulator, labels) -> np.ndarray:
+    """QA bit 8: True where physical ``labels`` (n, L) fall in a cell where the
+    emulator's validation report says it is poor (all False without a report)."""
+    report = getattr(emulator, "report", None)
+    if report is None:
+        return np.zeros(len(labels), bool)
+    return report.poor(labels)
 
 
 def _covariance(a, free, dtype):
@@ -358,6 +380,9 @@ def results_table(
         | np.where(outside & ~failed, FLAG_OUTSIDE_BOX, 0)
         | np.where((snr < LOW_SNR) & ~failed, FLAG_LOW_SNR, 0)
         | np.where(poor_fit(chi2_red, n_good - n_free, snr) & ~failed, FLAG_POOR_FIT, 0)
+        | np.where(
+            emulator_poor(emulator, phys[:, :n_lab]) & ~failed, FLAG_EMULATOR_POOR, 0
+        )
     ).astype(np.int32)
     if fit.max_run is not None:
         local = fit.max_dip >= dip_limit(n_good)

@@ -32,6 +32,7 @@ from .._validate import (
     check_wavelength,
 )
 from ..errors import FileFormatError
+from ._readers import file_arrays, payne_zero_arrays
 
 GRID_FORMAT = "payne_lite.SpectralGrid"
 GRID_VERSION = 1
@@ -286,3 +287,107 @@ class SpectralGrid:
             flux_err=data.get("spectra_err"),
             meta={"source": f"The Payne npz: {os.path.basename(path)}"},
         )
+
+    @classmethod
+    def from_payne_zero(
+        cls,
+        folder: str | os.PathLike,
+        labels=None,
+        *,
+        label_names: Sequence[str] | None = None,
+        label_units: Sequence[str] | None = None,
+        file_column: str | None = None,
+        flux: str = "normalized_flux",
+        pattern: str = "*.npz",
+    ) -> SpectralGrid:
+        """Read a folder of Payne Zero spectrum archives (one ``.npz`` per spectrum,
+        wavelength in nm) with a label table.
+
+        The layout read and the guesses made are described in
+        ``payne_lite/grid/_readers.py`` (shown in the file formats page).
+
+        Args:
+            folder: the folder of ``.npz`` spectrum archives.
+            labels: the label table: a path (CSV, ECSV, FITS), an astropy
+                ``Table``, a dict of columns or a structured array; one row per
+                spectrum and a column (``file_column``, else ``file``,
+                ``filename``, ``path``, ``spectrum``, ``name`` or ``id``) naming
+                its file (with or without ``.npz``). None: each archive's
+                ``metadata_json`` labels (Payne Zero's label-driven spectra).
+            label_names: labels to use, in order (default: every numeric column
+                but the file names).
+            label_units: their units.
+            file_column: the table's column of file names.
+            flux: ``"normalized_flux"`` (default) or ``"flux_total"``.
+            pattern: files to read without a table.
+
+        Raises:
+            FileNotFoundError: no folder, or a file the table names is missing.
+            payne_lite.FileFormatError: an archive of another layout (its keys are
+                listed), spectra on different wavelength grids, no labels found,
+                or arrays a grid cannot hold (non-finite values, wavelengths not
+                increasing).
+            ValueError: a bad label table.
+        """
+        kw = payne_zero_arrays(
+            folder,
+            labels,
+            label_names=label_names,
+            label_units=label_units,
+            file_column=file_column,
+            flux=flux,
+            pattern=pattern,
+        )
+        try:
+            return cls(**kw)
+        except ValueError as err:
+            raise FileFormatError(f"{folder}: invalid grid contents: {err}") from err
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        flux: str | None = None,
+        wavelength: str | None = None,
+        labels: str | None = None,
+        flux_err: str | None = None,
+        label_names: Sequence[str] | None = None,
+        label_units: Sequence[str] | None = None,
+        wavelength_unit: str | None = None,
+    ) -> SpectralGrid:
+        """Read a generic ``.npz`` or HDF5 grid: a flux array, a wavelength array and
+        labels, by the names given or guessed (the names tried are in
+        ``payne_lite/grid/_readers.py``, shown in the file formats page).
+
+        Args:
+            path: a ``.npz`` file, or anything else as HDF5.
+            flux, wavelength, labels, flux_err: the arrays' names (HDF5: dataset
+                paths or their last component); default guessed.
+            label_names: the labels' names when the file has none, or the 1-D
+                arrays holding one label each.
+            label_units: their units.
+            wavelength_unit: ``"Angstrom"`` or ``"nm"`` (default: ``nm`` for a name
+                ending ``_nm`` or an HDF5 ``unit`` attribute saying so, else
+                Angstrom).
+
+        Raises:
+            FileNotFoundError: no such file.
+            payne_lite.FileFormatError: the layout is not recognised: the message
+                lists every array found (name, shape, dtype) and the names tried;
+                or arrays a grid cannot hold.
+        """
+        kw = file_arrays(
+            path,
+            flux=flux,
+            wavelength=wavelength,
+            labels=labels,
+            flux_err=flux_err,
+            label_names=label_names,
+            label_units=label_units,
+            wavelength_unit=wavelength_unit,
+        )
+        try:
+            return cls(**kw)
+        except ValueError as err:
+            raise FileFormatError(f"{path}: invalid grid contents: {err}") from err

@@ -10,6 +10,8 @@ function                            figure
 :func:`emulator_error_histogram`    emulator minus truth on held-out spectra
 :func:`pixel_error_plot`            an emulator's stored per-pixel held-out error
 :func:`loss_curves`                 training and validation loss (emulator or MDN)
+:func:`validation_report_plot`      an emulator's held-out error across its label
+                                    box, from its validation report
 :func:`coverage_plot`               calibration: fraction of truths within z sigma
                                     against the Gaussian expectation erf(z / sqrt 2)
 :func:`corner_plot`                 1-D and 2-D marginals of posterior samples
@@ -25,7 +27,8 @@ gives the calibration numbers behind :func:`coverage_plot`; :func:`figures_from_
 makes every figure a set of saved files allows (``payne-lite plot``).
 
 Modules: ``_fits`` (fit minus truth, spectrum with model, calibration), ``_training``
-(emulator error, loss curves), ``_posterior`` (corner, trace, prior against
+(emulator error, loss curves), ``_validation`` (the validation report),
+``_posterior`` (corner, trace, prior against
 posterior), ``_files`` (figures from saved files), ``_style`` (helpers they share).
 """
 
@@ -43,6 +46,7 @@ from ._posterior import trace_plot as trace_plot
 from ._training import emulator_error_histogram as emulator_error_histogram
 from ._training import loss_curves as loss_curves
 from ._training import pixel_error_plot as pixel_error_plot
+from ._validation import validation_report_plot as validation_report_plot
 
 __all__ = [
     "Figures",
@@ -57,4 +61,5 @@ __all__ = [
     "prior_posterior_plot",
     "spectrum_with_model",
     "trace_plot",
+    "validation_report_plot",
 ]

@@ -13,6 +13,7 @@ from ._fits import WINDOW_WIDTH, coverage_plot, fit_vs_truth, spectrum_with_mode
 from ._posterior import corner_plot, prior_posterior_plot, trace_plot
 from ._style import value_text
 from ._training import loss_curves, pixel_error_plot
+from ._validation import validation_report_plot
 
 
 # ======================================================================================
@@ -693,6 +694,19 @@ def _emulator_figures(outdir, emu, path, written, skipped):
         )
     else:
         skipped.append(f"{path}: no training history, no loss curves")
+    if emu.report is not None:
+        written.append(
+            (
+                "emulator held-out error across the label box (validation report)",
+                validation_report_plot(
+                    emu.report,
+                    outdir / "emulator_validation",
+                    title=f"emulator {path.name}",
+                ),
+            )
+        )
+    else:
+        skipped.append(f"{path}: no validation report, no error across the box")
     if emu.pixel_error is not None:
         written.append(
             (
