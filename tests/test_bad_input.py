@@ -611,7 +611,7 @@ CASES = [
             Raises(exc, rx),
         )
         for loader, file, fmt, ver in (
-            ("Emulator.load", "emu", "Emulator", 1),
+            ("Emulator.load", "emu", "Emulator", "1, 2"),
             ("MDN.load", "mdn", "MDN", MDN_VERSION),
             ("SpectralGrid.load", "grid", "SpectralGrid", 1),
             ("open_catalog", "cat", "Catalog", "1, 2"),

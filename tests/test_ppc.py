@@ -1,4 +1,4 @@
-"""Posterior predictive checks of point fits: chi2_pvalue, max_run, max_dip, QA bit 9."""
+"""Posterior predictive checks of point fits: chi2_pvalue, max_dip, QA bit 9."""
 
 from __future__ import annotations
 
@@ -9,22 +9,13 @@ from scipy.stats import norm
 
 import payne_lite as pl
 from payne_lite.fitting import FLAG_LOCAL_MISFIT
-from payne_lite.fitting._ppc import chi2_pvalue, dip_limit, max_dip, max_run, run_limit
+from payne_lite.fitting._ppc import chi2_pvalue, dip_limit, max_dip
 
 
 def test_statistics_by_hand():
-    flux = np.array([[1, 1, 1, -1, -1, 1, 1, 1, 1, 0.0], [0.0] * 10])
-    w = np.ones_like(flux)
-    model = np.zeros_like(flux)
-    # runs: +++ -- ++++ and a zero residual (sign 0) ends the last run
-    assert max_run(flux, w, model).tolist() == [4, 0]
-    w2 = w.copy()
-    w2[0, 3:5] = 0.0  # the two negative pixels carry no weight: 3 + 4, split
-    assert max_run(flux, w2, model)[0] == 4
-    flux3 = np.array([[1.0] * 8])
-    w3 = np.ones_like(flux3)
-    w3[0, 4] = 0  # an unweighted pixel ends a run
-    assert max_run(flux3, w3, np.zeros_like(flux3))[0] == 4
+    flux = np.zeros((1, 10))
+    assert max_dip(flux, np.ones_like(flux), flux)[0] == 0.0
+    assert max_dip(flux + 1, np.zeros_like(flux), flux)[0] == 0.0  # no weight
     # dip: residuals 0 except 2 sigma on 3 pixels (error 0.5 -> weight 4)
     r = np.zeros((1, 12))
     r[0, 4:7] = 1.0
@@ -32,7 +23,6 @@ def test_statistics_by_hand():
     want = 3 * 2.0 / np.sqrt(5)  # the best 5-pixel window holds all three
     assert max_dip(r, wd, np.zeros_like(r))[0] == pytest.approx(want)
     assert max_dip(-r, wd, np.zeros_like(r))[0] == pytest.approx(want)
-    assert run_limit(6000) == 23  # log2(6000 / 1e-3) = 22.5
     assert dip_limit(6000) == pytest.approx(norm.isf(0.5e-3 / 6000))
     assert chi2_pvalue(100.0, 100) == pytest.approx(chi2_dist.sf(100.0, 100))
     assert np.isnan(chi2_pvalue(np.nan, 10)) and np.isnan(chi2_pvalue(5.0, 0))
@@ -42,7 +32,7 @@ def test_good_fits_pass_and_unmodelled_lines_are_flagged(payne_apogee):
     """Mocks of the real network at S/N 100 (rv fixed at 0): the chi2 p-values are
     uniform (as many below 0.5 as above, within noise) and bit 9 is rare; the same
     spectra with three unmodelled Gaussian lines each (15 % deep, sigma 2 pixels)
-    are all flagged by bit 9, which the runs alone would miss."""
+    are all flagged by bit 9."""
     emu, mask = payne_apogee
     rng = np.random.default_rng(3)
     n = 120
@@ -51,12 +41,15 @@ def test_good_fits_pass_and_unmodelled_lines_are_flagged(payne_apogee):
     clean = emu.predict(labels).astype(np.float64)
     err = np.full_like(clean, 0.01)
     flux = clean + err * rng.standard_normal(clean.shape)
-    t = pl.fit(flux, err, emu, mask=mask, fixed={"rv": 0.0})
+    t = pl.fit(flux, err, emu, mask=mask, fixed={"rv": 0.0}, return_model=True)
+    # the fit's max_dip (on the device, float32) is the NumPy statistic's
+    w = np.where(mask, 0.0, 1.0 / err**2)
+    want = max_dip(flux, w, np.asarray(t["model_flux"], np.float64))
+    np.testing.assert_allclose(t["max_dip"], want, rtol=1e-3)
     p = np.asarray(t["chi2_pvalue"])
     assert 0.35 < np.mean(p < 0.5) < 0.65, np.mean(p < 0.5)
     assert np.mean(p < 0.05) < 0.12
     assert np.sum((t["flags"] & FLAG_LOCAL_MISFIT) != 0) <= 2
-    assert np.median(t["max_run"]) < run_limit(6000) - 5
     x = np.arange(clean.shape[1])
     lines = flux.copy()
     good = np.flatnonzero(~mask[20:-20]) + 20
@@ -65,7 +58,6 @@ def test_good_fits_pass_and_unmodelled_lines_are_flagged(payne_apogee):
             lines[i] *= 1 - 0.15 * np.exp(-0.5 * ((x - c) / 2.0) ** 2)
     t2 = pl.fit(lines, err, emu, mask=mask, fixed={"rv": 0.0})
     assert np.all((t2["flags"] & FLAG_LOCAL_MISFIT) != 0)
-    assert np.median(t2["max_run"]) < run_limit(6000)  # runs alone: not enough
     assert np.all(np.asarray(t2["chi2_pvalue"]) < 1e-6)
 
 

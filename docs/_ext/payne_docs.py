@@ -79,7 +79,7 @@ THRESHOLDS = (
     "POOR_FIT_MISFIT",
     "POOR_FACTOR",
     "POOR_MIN_COUNT",
-    "RUN_FALSE_ALARM",
+    "DIP_FALSE_ALARM",
 )
 
 

@@ -10,8 +10,8 @@ import numpy as np
 from .._serial import default_threads, to_device
 from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
-from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
-from ._ppc import max_dip, max_run
+from ._lm import final_batch, lm_batch, sandwich_meat, visit_index
+from ._ppc import model_dip_batch
 from ._rvscan import chi2_batch, rv_polish, scan_batch, screen_starts, window_batch
 from ._schema import AT_BOUND_TOL
 
@@ -91,8 +91,6 @@ class BatchFit(NamedTuple):
             padding visits), or None when not asked for.
         meat: (n, k, k) sandwich meat (:func:`._lm.sandwich_meat`), or None
             without the emulator's error basis.
-        max_run: (n,) int longest run of one-signed residuals at ``p``
-            (:func:`._ppc.max_run`), or None (joint fits).
         max_dip: (n,) largest window sum of the residuals in sigma
             (:func:`._ppc.max_dip`), or None (joint fits).
     """
@@ -109,7 +107,6 @@ class BatchFit(NamedTuple):
     rv_hi: np.ndarray
     model: np.ndarray | None = None
     meat: np.ndarray | None = None
-    max_run: np.ndarray | None = None
     max_dip: np.ndarray | None = None
 
 
@@ -392,8 +389,8 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         )
         if ctx.profile:  # the full J^T W J at (theta, c*): the table's covariance
             chi2_f, a_f, g_f, _ = final_batch(obs, to_device(p_best, dt), f_j, w_j)
-        # the model at the fit, for the residuals' runs (and model_flux if asked)
-        model_f = model_batch(obs, to_device(p_best, dt))
+        # the model at the fit, for the residuals' checks (and model_flux if asked)
+        model_f, dip_f = model_dip_batch(obs, to_device(p_best, dt), f_j, w_j)
     else:
         p_best = p_start[:, 0].copy()
         it_best = np.zeros(size, np.int64)
@@ -403,12 +400,10 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
                 obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, ctx.max_iter
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
-        chi2_f, a_f, g_f, model_f = final_batch(obs, to_device(p_best, dt), f_j, w_j)
+        chi2_f, a_f, g_f, _ = final_batch(obs, to_device(p_best, dt), f_j, w_j)
+        model_f, dip_f = model_dip_batch(obs, to_device(p_best, dt), f_j, w_j)
     model_f = np.asarray(model_f, np.float64)
-    runs = np.zeros(size, np.int64)
-    runs[:m] = max_run(fb[:m], wb[:m], model_f[:m])
-    dips = np.zeros(size)
-    dips[:m] = max_dip(fb[:m], wb[:m], model_f[:m])
+    dips = np.where(np.arange(size) < m, np.asarray(dip_f, np.float64), 0.0)
     snr = np.zeros(size)
     snr[:m] = snr_job.result()  # the padding rows are not sorted
     meat = None
@@ -428,7 +423,6 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         rv_hi=prep.rv_hi,
         model=model_f if ctx.return_model else None,
         meat=meat,
-        max_run=runs,
         max_dip=dips,
     )
 

@@ -7,30 +7,23 @@ best fit, beside chi2 itself:
   model were right and the errors Gaussian (chi2 distribution with ``ndof = n_good -
   n_free`` degrees of freedom). Uniform on [0, 1] for spectra the model describes;
   near 0 for any misfit, and, at high S/N, for any emulator error.
-* ``max_run``: the longest run of consecutive pixels whose residuals have one sign
-  (a pixel with no weight ends a run). chi2 sums the misfit over every pixel; a
-  localised one (a line missing from the training grid, a telluric residual, a
-  cosmic ray trail, an unmasked bad column) moves few pixels but all in one
-  direction. For independent residuals of random sign, the chance that ``N`` pixels
-  hold a run of ``L`` or more is at most ``N 2^-L`` (:func:`run_limit`: 23 pixels
-  for 6,000 at ``RUN_FALSE_ALARM``). Reported, not flagged: a run says nothing of
-  the residuals' size (a noise-free fit's rounding-level residuals run for hundreds
-  of pixels), and correlated noise (resampled spectra) lengthens runs.
-
 * ``max_dip``: the largest ``|sum of (flux - model) / error|`` over ``DIP_WIDTH``
   (5) consecutive weighted pixels, over the square root of their number: a narrow
-  unmodelled line (a few pixels, too short for a run to stand out) in units of
-  sigma. Each window is N(0, 1) for a good fit; QA bit 9 is set when it
+  unmodelled line in units of sigma. Each window is N(0, 1) for a good fit; QA bit 9 is set when it
   reaches :func:`dip_limit` (Bonferroni over the spectrum's windows at
-  ``RUN_FALSE_ALARM``: 5.4 sigma for 6,000 pixels).
+  ``DIP_FALSE_ALARM``: 5.4 sigma for 6,000 pixels).
 
 Measured on 300 mocks of the real APOGEE network at S/N 100 (rv fixed):
-``chi2_pvalue`` below 0.05 for 3.3 % and below 0.5 for 47 %, ``max_run`` median 12,
-at most 19, no bit 9; with three unmodelled Gaussian lines each (depth 15 %, sigma 2
-pixels) ``max_run`` barely moves (median 13) while ``max_dip`` flags them.
+``chi2_pvalue`` below 0.05 for 3.3 % and below 0.5 for 47 %, ``max_dip`` median 3.8,
+at most 5.7, one spectrum with bit 9; with three unmodelled Gaussian lines each
+(depth 15 %, sigma 2 pixels) all are flagged (``max_dip`` median 27). The longest
+run of one-signed residuals, tried as well, moved from a median of 12 to 13 pixels
+there (the lines are too narrow), said nothing of the residuals' size (a noise-free
+fit's rounding-level residuals run for hundreds of pixels) and cost ~10 ms of host
+time a batch of 128: not kept.
 
-All are computed from the fit's own model (one model evaluation per spectrum,
-about 3 % of a default fit) on the host.
+Both come from the fit's own model, evaluated once more per spectrum on the device
+with the window sums (:func:`model_dip_batch`: about 3 % of a default fit).
 
 Across a catalog, :func:`pixel_residuals` gathers each pixel's residuals over many
 fits; :meth:`PixelResiduals.propose_mask` marks the pixels whose residuals are
@@ -42,11 +35,17 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from .._serial import serial_jit
+from ..observe import observe
+from ._lm import over, sequential_lanes
+
 #: QA bit 9: the chance of a dip (:func:`max_dip`) this large from noise alone, per
-#: spectrum (and of a run as long, :func:`run_limit`).
-RUN_FALSE_ALARM = 1e-3
+#: spectrum.
+DIP_FALSE_ALARM = 1e-3
 #: Pixels of the window of ``max_dip``.
 DIP_WIDTH = 5
 
@@ -62,30 +61,6 @@ def chi2_pvalue(chi2, ndof) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         p = dist.sf(np.where(ok, chi2, 0.0), np.where(ok, ndof, 1.0))
     return np.where(ok, p, np.nan)
-
-
-def max_run(flux, weight, model) -> np.ndarray:
-    """(n,) longest run of consecutive pixels with residuals ``flux - model`` of one
-    sign, among pixels with ``weight > 0`` (the others end runs); 0 for rows
-    without any. ``flux``, ``weight``, ``model``: (n, P)."""
-    r = np.where(weight > 0, np.asarray(flux) - np.asarray(model), 0.0)
-    s = np.sign(np.nan_to_num(r)).astype(np.int8)
-    n, p = s.shape
-    if p == 0:
-        return np.zeros(n, np.int64)
-    idx = np.broadcast_to(np.arange(p), s.shape)
-    prev = np.concatenate([np.zeros((n, 1), np.int8), s[:, :-1]], axis=1)
-    start = (s != prev) | (s == 0)
-    first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)
-    length = np.where(s != 0, idx - first + 1, 0)
-    return length.max(axis=1).astype(np.int64)
-
-
-def run_limit(n_good) -> np.ndarray:
-    """Run length (n,) at which a spectrum of ``n_good`` weighted pixels gets QA bit
-    9: the smallest ``L`` with ``n_good 2^-L <= RUN_FALSE_ALARM``."""
-    n_good = np.maximum(np.asarray(n_good, np.float64), 1.0)
-    return np.ceil(np.log2(n_good / RUN_FALSE_ALARM)).astype(np.int64)
 
 
 def max_dip(flux, weight, model, width: int = DIP_WIDTH) -> np.ndarray:
@@ -111,11 +86,11 @@ def max_dip(flux, weight, model, width: int = DIP_WIDTH) -> np.ndarray:
 
 def dip_limit(n_good) -> np.ndarray:
     """``max_dip`` (n,) at which a spectrum of ``n_good`` weighted pixels gets QA
-    bit 9: the two-sided normal quantile at ``RUN_FALSE_ALARM / n_good``."""
+    bit 9: the two-sided normal quantile at ``DIP_FALSE_ALARM / n_good``."""
     from scipy.stats import norm
 
     n_good = np.maximum(np.asarray(n_good, np.float64), 1.0)
-    return norm.isf(0.5 * RUN_FALSE_ALARM / n_good)
+    return norm.isf(0.5 * DIP_FALSE_ALARM / n_good)
 
 
 class PixelResiduals(NamedTuple):
@@ -132,9 +107,9 @@ class PixelResiduals(NamedTuple):
     mean: np.ndarray
     rms: np.ndarray
 
-    def propose_mask(self, false_alarm: float = RUN_FALSE_ALARM) -> np.ndarray:
+    def propose_mask(self, false_alarm: float = DIP_FALSE_ALARM) -> np.ndarray:
         """(P,) bool, True for pixels whose residuals no model here describes: the
-        mean of z beyond what noise allows (|mean| sqrt(n) above the two-sided
+        mean of z beyond what noise allows (``abs(mean) sqrt(n)`` above the two-sided
         normal quantile at ``false_alarm / P``: a line missing from the training
         grid, a telluric band), or the sum of z^2 beyond the chi2(n) quantile at
         ``false_alarm / P`` (excess scatter: a variable sky line, a bad column).
@@ -195,3 +170,31 @@ def pixel_residuals(flux, flux_err, table, mask=None) -> PixelResiduals:
         mean = np.where(n > 0, z.sum(axis=0) / n, 0.0)
         rms = np.where(n > 0, np.sqrt((z * z).sum(axis=0) / n), 0.0)
     return PixelResiduals(n=n.astype(np.int64), mean=mean, rms=rms)
+
+
+@jax.jit
+def model_dip_batch(obs, p, flux, w):
+    """Model flux (n, P) at parameters ``p`` (n, k) and :func:`max_dip` (n,) of
+    ``flux`` (n, P) with weights ``w`` (n, P), on the device: the window sums are
+    ``DIP_WIDTH`` shifted slices of the residuals, fused with the model (about
+    20 us a spectrum; the NumPy form took 70 ms a batch of 128)."""
+    half = DIP_WIDTH // 2 + 1
+
+    def one(args):
+        q, f, wi = args
+        m = observe(obs, q)[0]
+        good = wi > 0
+        z = jnp.where(good, (f - m) * jnp.sqrt(jnp.where(good, wi, 0.0)), 0.0)
+        g = good.astype(z.dtype)
+        n_win = z.shape[0] - DIP_WIDTH + 1
+        if n_win < 1:
+            return m, jnp.zeros((), z.dtype)
+        zs = sum(z[k : k + n_win] for k in range(DIP_WIDTH))
+        gs = sum(g[k : k + n_win] for k in range(DIP_WIDTH))
+        stat = jnp.where(gs >= half, jnp.abs(zs) / jnp.sqrt(jnp.maximum(gs, 1.0)), 0.0)
+        return m, jnp.max(stat)
+
+    return over(one, (p, flux, w))
+
+
+model_dip_batch = serial_jit(model_dip_batch, key=sequential_lanes)

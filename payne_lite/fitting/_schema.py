@@ -45,12 +45,9 @@ bit  value       meaning
 9    512         localised misfit (point fits): ``max_dip``, the largest sum of the
                  normalised residuals over 5 pixels in sigma, reaches
                  :func:`._ppc.dip_limit` (noise alone does so with a chance below
-                 ``RUN_FALSE_ALARM``, 1e-3, per spectrum: 5.4 sigma for 6,000
+                 ``DIP_FALSE_ALARM``, 1e-3, per spectrum: 5.4 sigma for 6,000
                  pixels); a line missing from the training grid, a telluric
-                 residual, an unmasked bad column (:mod:`._ppc`). ``max_run`` (the
-                 longest run of one-signed residuals) is reported, not flagged: a
-                 run says nothing of the residuals' size (a noise-free fit's
-                 rounding-level residuals run for hundreds of pixels)
+                 residual, an unmasked bad column (:mod:`._ppc`)
 ===  ==========  =================================================================
 
 The point fit itself is described in :mod:`payne_lite.fitting`.
@@ -90,7 +87,7 @@ import numpy as np
 
 # QA bit 8's thresholds, named here with the other bits' (the docs table reads them)
 from ..emulator import POOR_FACTOR, POOR_MIN_COUNT  # noqa: F401
-from ._ppc import RUN_FALSE_ALARM, chi2_pvalue, dip_limit  # noqa: F401 (QA bit 9)
+from ._ppc import DIP_FALSE_ALARM, chi2_pvalue, dip_limit  # noqa: F401 (QA bit 9)
 
 #: Covariance condition-number limit (correlation form) per dtype.
 COND_LIMIT = {np.dtype(np.float32): 1e6, np.dtype(np.float64): 1e12}
@@ -122,7 +119,7 @@ FLAG_BITS = {
     "report with a median held-out error above POOR_FACTOR times the overall median "
     "(emulators with a report only)",
     9: "localised misfit: max_dip, the largest sum of normalised residuals over 5 "
-    "pixels / sqrt(5), beyond the normal quantile at RUN_FALSE_ALARM / n_good "
+    "pixels / sqrt(5), beyond the normal quantile at DIP_FALSE_ALARM / n_good "
     "(5.4 sigma for 6,000 pixels; point fits)",
 }
 #: QA bit 7 (poor fit): chi2_red beyond 1 + POOR_FIT_NSIGMA sqrt(2 / ndof) ...
@@ -384,7 +381,7 @@ def results_table(
             emulator_poor(emulator, phys[:, :n_lab]) & ~failed, FLAG_EMULATOR_POOR, 0
         )
     ).astype(np.int32)
-    if fit.max_run is not None:
+    if fit.max_dip is not None:
         local = fit.max_dip >= dip_limit(n_good)
         flags = flags | np.where(local & ~failed, FLAG_LOCAL_MISFIT, 0).astype(np.int32)
     phys[failed] = np.nan
@@ -409,10 +406,8 @@ def results_table(
         "P(chi2 >= the fit's) for a chi2 distribution with n_good_pixels - n_free "
         "degrees of freedom: uniform when the model describes the spectrum"
     )
-    if fit.max_run is not None:
-        t["max_run"] = np.where(failed, 0, fit.max_run)
+    if fit.max_dip is not None:
         t["max_dip"] = np.where(failed, 0.0, fit.max_dip)
-        t["max_run"].description = "longest run of one-signed residuals"
         t["max_dip"].description = "largest residual sum over 5 pixels [sigma] (bit 9)"
     t["n_good_pixels"] = n_good
     t["snr"] = snr
