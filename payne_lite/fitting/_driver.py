@@ -10,8 +10,8 @@ import numpy as np
 from .._serial import default_threads, to_device
 from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
-from ._lm import final_batch, lm_batch, sandwich_meat, visit_index
-from ._ppc import model_dip_batch
+from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
+from ._ppc import dip_batch
 from ._rvscan import chi2_batch, rv_polish, scan_batch, screen_starts, window_batch
 from ._schema import AT_BOUND_TOL
 
@@ -389,8 +389,8 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         )
         if ctx.profile:  # the full J^T W J at (theta, c*): the table's covariance
             chi2_f, a_f, g_f, _ = final_batch(obs, to_device(p_best, dt), f_j, w_j)
-        # the model at the fit, for the residuals' checks (and model_flux if asked)
-        model_f, dip_f = model_dip_batch(obs, to_device(p_best, dt), f_j, w_j)
+        if ctx.return_model:
+            model_f = model_batch(obs, to_device(p_best, dt))
     else:
         p_best = p_start[:, 0].copy()
         it_best = np.zeros(size, np.int64)
@@ -400,9 +400,8 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
                 obs, p_start[i], fb[i], wb[i], lo[i], hi[i], free, ctx.max_iter
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
-        chi2_f, a_f, g_f, _ = final_batch(obs, to_device(p_best, dt), f_j, w_j)
-        model_f, dip_f = model_dip_batch(obs, to_device(p_best, dt), f_j, w_j)
-    model_f = np.asarray(model_f, np.float64)
+        chi2_f, a_f, g_f, model_f = final_batch(obs, to_device(p_best, dt), f_j, w_j)
+    dip_f = dip_batch(obs, to_device(p_best, dt), f_j, w_j)  # the residuals' check
     dips = np.where(np.arange(size) < m, np.asarray(dip_f, np.float64), 0.0)
     snr = np.zeros(size)
     snr[:m] = snr_job.result()  # the padding rows are not sorted
@@ -421,7 +420,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         n_good=n_good,
         rv_lo=prep.rv_lo,
         rv_hi=prep.rv_hi,
-        model=model_f if ctx.return_model else None,
+        model=np.asarray(model_f, np.float64) if ctx.return_model else None,
         meat=meat,
         max_dip=dips,
     )

@@ -40,6 +40,7 @@ from ._model import observe_jac as observe_jac
 from ._model import observe_jac_t as observe_jac_t
 from ._model import param_layout as param_layout
 from ._model import rest_model as rest_model
+from ._model import weighted_residuals as weighted_residuals
 from ._model import window_valid as window_valid
 from ._problem import BROADENING_START as BROADENING_START
 from ._problem import MDN_NSIGMA as MDN_NSIGMA

@@ -465,6 +465,35 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     return prod[res, res], a[perm][:, perm], g[perm], x[res]
 
 
+def weighted_residuals(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
+    """``sw_e (model - flux_e)`` (n_emb,) at ``params`` for one star, on the fast
+    path of :func:`normal_equations` (``obs.jet`` set; ``flux_e``, ``sw_e`` in the
+    layout of :func:`embed_obs`, and so is the result): the flux row of its
+    (R, S) loop only, without the derivatives and without :func:`observe`'s
+    concatenation of per-chip slices (XLA:CPU writes that as scalar code)."""
+    jet, lg = obs.jet, obs.log_grid
+    n_lab = obs.n_labels
+    s, rv = params[:n_lab], params[n_lab]
+    act = ACTIVATIONS[obs.activation]
+    f = jet.c[0]
+    for h in range(jet.b0.shape[0]):
+        z = jet.b0[h]
+        for j in range(n_lab):
+            z = z + jet.w0[j, h] * s[j]
+        f = f + jet.v[0, h] * act(z)
+    u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
+    k = jnp.floor(u)
+    t = u - k
+    k = k.astype(jnp.int32)
+    e_first, n_emb = _obs_span(lg)
+    ma = jax.lax.dynamic_slice_in_dim(f, e_first + k, n_emb)
+    mb = jax.lax.dynamic_slice_in_dim(f, e_first + k + 1, n_emb)
+    val = ma + t * (mb - ma)
+    if obs.cont_deg > 0:
+        val = val * (params[n_lab + 1 :] @ jet.basis)
+    return sw_e * (val - flux_e)
+
+
 def _make_jet(emulator: Emulator, lg: LogGrid, basis: np.ndarray, dtype) -> JetNet:
     """:class:`JetNet` of a one-hidden-layer pixel net (folded in float64)."""
     net = PixelNet(
