@@ -189,6 +189,11 @@ def dip_batch(obs, p, flux, w):
 
     def one(args):
         q, f, swi = args
+        return jax.lax.cond(
+            jnp.any(swi > 0), dip, lambda *_: jnp.zeros((), swi.dtype), q, f, swi
+        )  # batch padding (no weight) is not computed
+
+    def dip(q, f, swi):
         good = swi > 0
         if obs.jet is not None:
             z = weighted_residuals(obs, q, f, swi)
