@@ -707,7 +707,12 @@ class HDF5Catalog(Reader):
             self._f = self._stack.enter_context(
                 _h5.open_checked(self.path, CATALOG_FORMAT, CATALOG_VERSIONS)
             )
-            self._open()
+            try:
+                self._open()
+            except (OSError, KeyError, RuntimeError) as err:  # h5py on damaged metadata
+                raise FileFormatError(
+                    f"{self.path}: damaged HDF5 catalog ({err})"
+                ) from err
         except BaseException:
             self._stack.close()
             raise
