@@ -352,3 +352,22 @@ def test_damaged_catalogs_are_refused_or_read(tmp_path):
     assert len(got) == len(paths)
     wrong = {k: v for k, v in got.items() if v not in ("refused", "same", "changed")}
     assert not wrong, wrong
+
+
+def test_catalog_id_not_utf8_is_refused(tmp_path):
+    """An id whose bytes are damaged into invalid UTF-8 (found by
+    benchmarks/bench_fuzz.py: a raw UnicodeDecodeError from h5py before the fix)
+    is a FileFormatError naming the rows."""
+    from conftest import build_tiny_emulator, write_tiny_catalog
+
+    emu = build_tiny_emulator(n_pix=20, n_hid=3, seed=5)
+    src = write_tiny_catalog(tmp_path / "catalog.h5", emu, 150)
+    data = bytearray(src.read_bytes())
+    at = data.find(b"s123")
+    assert at > 0 and data.count(b"s123") == 1
+    data[at] = 0xB1  # not a UTF-8 start byte
+    src.write_bytes(bytes(data))
+    with pl.open_catalog(src) as cat:
+        cat.read(0, 100)  # rows before the damaged id read as written
+        with pytest.raises(pl.FileFormatError, match=r"rows \[100, 150\) are corrupt"):
+            cat.read(100, 150)

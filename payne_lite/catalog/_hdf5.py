@@ -857,7 +857,7 @@ class HDF5Catalog(Reader):
             if self.has_group:
                 group = np.array(self._group.asstr()[sel], dtype=str)
             return CatalogChunk(self._flux[sel], self._err[sel], mask, ids, wave, group)
-        except (OSError, KeyError, RuntimeError) as err:
+        except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:
             raise self._unreadable(start, stop, err) from err
 
     def read_rows(self, rows) -> CatalogChunk:
