@@ -95,6 +95,9 @@ def local_client(n_workers: int, **cluster_kwargs) -> Iterator:
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
+        # the scheduler's HTTP server (health checks) on a free port, not 8787: a
+        # second cluster in one process would warn that 8787 is taken
+        "scheduler_kwargs": {"dashboard": False, "dashboard_address": ":0"},
         "silence_logs": logging.ERROR,
         **cluster_kwargs,
     }
