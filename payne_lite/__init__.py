@@ -27,6 +27,7 @@ from .emulator import ValidationReport as ValidationReport
 from .errors import FileFormatError as FileFormatError
 from .errors import OutputLockedError as OutputLockedError
 from .errors import SamplingWarning as SamplingWarning
+from .errors import SchedulerLostError as SchedulerLostError
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
 from .fitting import check_results_schema as check_results_schema
@@ -78,6 +79,7 @@ __all__ = [
     "PixelNet",
     "PosteriorSamples",
     "SamplingWarning",
+    "SchedulerLostError",
     "SpectralGrid",
     "TrainConfig",
     "TrainingDivergedError",

@@ -9,6 +9,7 @@ __all__ = [
     "FileFormatError",
     "OutputLockedError",
     "SamplingWarning",
+    "SchedulerLostError",
     "TrainingDivergedError",
     "WavelengthGridWarning",
 ]
@@ -28,6 +29,15 @@ class OutputLockedError(RuntimeError):
     def __init__(self, message: str, owner: dict | None = None):
         super().__init__(message)
         self.owner = owner
+
+
+class SchedulerLostError(RuntimeError):
+    """The Dask scheduler of a catalog run went away (closed, killed, unreachable).
+
+    The chunks recorded before it are kept in the run's parts folder; the same
+    ``fit_catalog`` call (or ``payne-lite fit`` command), with a scheduler that is up,
+    other workers or none, fits only the chunks that are missing.
+    """
 
 
 class WavelengthGridWarning(UserWarning):

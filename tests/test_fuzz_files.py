@@ -1,7 +1,8 @@
-"""Damaged model files (issue: faults at catalog scale, fuzz every file type): each
-damaged copy of an emulator (with a validation report), a grid, an MDN or a
-posterior-samples file (truncated, a bit flipped in the headers or anywhere, a
-512-byte block zeroed) is refused with
+"""Damaged model and run files (issue: faults at catalog scale, fuzz every file type):
+each damaged copy of an emulator (with a validation report), a grid, an MDN, a
+posterior-samples file, a fit_catalog parts manifest or a training checkpoint
+(truncated, a bit flipped in the headers or anywhere, a 512-byte block zeroed; for the
+last two also another format version and foreign files) is refused with
 FileFormatError or loads with its content unchanged; never other numbers, an
 exception of another kind, a hang or a crash. The loads run in a child process with a
 timeout, because libhdf5 can abort the process on a damaged header (the files'
@@ -21,6 +22,7 @@ import pytest
 from test_results import _damaged_copies
 
 import payne_lite as pl
+from payne_lite.catalog import parts_folder
 
 _CHILD = r"""
 import hashlib, json, sys, warnings
@@ -139,3 +141,250 @@ def test_damaged_model_files_are_refused_or_read_unchanged(model_files, tmp_path
     wrong = {k: v for k, v in got.items() if v not in ("refused", "same")}
     assert not wrong, wrong
     assert sum(v == "refused" for v in got.values()) >= len(paths) // 2
+
+
+# --- the parts manifest and training checkpoints --------------------------------------
+_CHILD_RUN = r"""
+import hashlib, json, sys, warnings
+import numpy as np
+import payne_lite as pl
+warnings.simplefilter("ignore")
+kind, ref_path, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+def fingerprint(path):
+    if kind == "manifest":
+        from payne_lite.catalog._parts import read_manifest
+        from pathlib import Path
+        return json.dumps(read_manifest(Path(path)), sort_keys=True)
+    import h5py
+    from payne_lite.emulator._train_ckpt import TrainCheckpoint
+    with h5py.File(ref_path, "r") as f:  # the identity a resuming run would have
+        identity = json.loads(f.attrs["identity"])
+    saved = TrainCheckpoint(path, identity, 1).load()
+    h = hashlib.sha256()
+    h.update(json.dumps([saved["iteration"], saved["elapsed"], saved["history"],
+                         saved["rng_state"]], sort_keys=True).encode())
+    for group in ("state", "tracker"):
+        for k in sorted(saved[group]):
+            a = np.ascontiguousarray(saved[group][k])
+            h.update(f"{group}/{k}{a.dtype.str}{a.shape}".encode() + a.tobytes())
+    return h.hexdigest()
+
+ref = fingerprint(ref_path)
+out = {}
+for p in paths:
+    try:
+        out[p] = "same" if fingerprint(p) == ref else "changed"
+    except pl.FileFormatError:
+        out[p] = "refused"
+    except Exception as err:
+        out[p] = f"other: {type(err).__name__}: {err}"[:300]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    """A parts folder of a finished 3-chunk catalog run (kept; its final file removed
+    again, as if the run had stopped before it), the run's arguments and reference
+    table, and a training checkpoint after 2 iterations."""
+    from conftest import build_tiny_emulator, write_tiny_catalog
+    from test_train import _teacher_grid
+
+    d = tmp_path_factory.mktemp("runs")
+    emu = build_tiny_emulator(n_pix=40, n_hid=3, seed=6)
+    cat = write_tiny_catalog(d / "cat.h5", emu, 150)
+    out = d / "out.fits"
+    kw = dict(chunk_size=50, progress=False)
+    pl.fit_catalog(cat, out, emu, keep_parts=True, **kw)
+    reference = pl.read_results(out)
+    out.unlink()
+    grid = _teacher_grid(n_spec=60, n_pix=12)[0]
+    ckpt = d / "ckpt.h5"
+    pl.train_emulator(
+        grid, max_iter=2, hidden=3, pixel_batch=8, progress=False,
+        checkpoint=ckpt, checkpoint_every=1,
+    )  # fmt: skip
+    return {
+        "manifest": parts_folder(out) / "manifest.json",
+        "checkpoint": ckpt,
+        "fit": (cat, out, emu, kw),
+        "reference": reference,
+        "emulator_file": emu.save(d / "emu.h5") or d / "emu.h5",
+    }
+
+
+def _wrong_and_foreign(kind: str, src, folder, emulator_file) -> list:
+    """A copy of another format version (checksummed as that version would be), and
+    foreign files: an emulator file, an empty file, JSON of something else."""
+    import shutil
+
+    from conftest import restamp
+
+    paths = []
+    if kind == "manifest":
+        from payne_lite.catalog._parts import manifest_sha256
+
+        man = json.loads(src.read_text())
+        man["format_version"] = 99
+        man["sha256"] = manifest_sha256(man)
+        paths.append(folder / "version-99.json")
+        paths[-1].write_text(json.dumps(man))
+        paths.append(folder / "other.json")
+        paths[-1].write_text(json.dumps({"format": "something.else", "done": [0]}))
+    else:
+        import h5py
+
+        paths.append(folder / "version-99.h5")
+        shutil.copy(src, paths[-1])
+        with h5py.File(paths[-1], "r+") as f:
+            f.attrs["format_version"] = 99
+        restamp(paths[-1])
+    paths.append(folder / f"emulator{src.suffix}")
+    shutil.copy(emulator_file, paths[-1])
+    paths.append(folder / f"empty{src.suffix}")
+    paths[-1].write_bytes(b"")
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["manifest", "checkpoint"])
+def test_damaged_run_files_are_refused_or_read_unchanged(run_files, tmp_path, kind):
+    """Damaged copies of a parts manifest (JSON with a sha256 of its content) and of
+    a training checkpoint (HDF5 with the checksum block), copies of another format
+    version and foreign files: FileFormatError or the same content, in a child
+    process with a timeout (no hang, no crash, no other exception)."""
+    src = run_files[kind]
+    paths = _damaged_copies(src, tmp_path, np.random.default_rng(5), n_flip=16)
+    odd = _wrong_and_foreign(kind, src, tmp_path, run_files["emulator_file"])
+    paths += odd
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD_RUN, kind, str(src), *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == len(paths)
+    wrong = {k: v for k, v in got.items() if v not in ("refused", "same")}
+    assert not wrong, wrong
+    assert all(got[str(p)] == "refused" for p in odd), got  # version, foreign
+    assert sum(v == "refused" for v in got.values()) >= len(paths) // 2
+
+
+def _flip_in_identity(manifest) -> None:
+    """Change one hex digit of the emulator digest: still valid JSON (before the
+    checksum, a resume read it as a run of another emulator)."""
+    text = manifest.read_text()
+    key = '"emulator_sha256": "'
+    i = text.index(key) + len(key)
+    manifest.write_text(text[:i] + ("0" if text[i] != "0" else "1") + text[i + 1 :])
+
+
+def test_damaged_manifest_rebuilt_from_this_runs_chunks_or_refused(run_files):
+    """A resume finding its manifest damaged (valid JSON, one identity digit
+    changed) rebuilds it, with a warning, when every chunk file is this run's: the
+    table equals the uninterrupted run. With a chunk file that is not this run's it
+    is refused with FileFormatError and nothing is deleted; restart=True discards."""
+    import shutil
+
+    cat, out, emu, kw = run_files["fit"]
+    parts = parts_folder(out)
+    keep = out.parent / "kept.parts"
+    shutil.copytree(parts, keep)
+    try:
+        _flip_in_identity(parts / "manifest.json")
+        with pytest.warns(RuntimeWarning, match="damaged manifest .*written again"):
+            table = pl.fit_catalog(cat, out, emu, keep_parts=True, **kw)
+        assert table.meta["n_chunks_resumed"] == 3
+        got, ref = pl.read_results(out), run_files["reference"]
+        for name in ref.colnames:
+            a, b = np.asarray(got[name]), np.asarray(ref[name])
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+        out.unlink()
+
+        _flip_in_identity(parts / "manifest.json")
+        (parts / "chunk-000001.h5").write_bytes(b"not a chunk")
+        before = sorted(p.name for p in parts.iterdir())
+        with pytest.raises(pl.FileFormatError, match="chunk-000001.h5, which is not"):
+            pl.fit_catalog(cat, out, emu, **kw)
+        assert sorted(p.name for p in parts.iterdir()) == before
+        assert not out.exists()
+        table = pl.fit_catalog(cat, out, emu, restart=True, **kw)
+        assert table.meta["n_chunks_resumed"] == 0 and not parts.exists()
+        out.unlink()
+    finally:  # the module's parts folder as it was
+        shutil.rmtree(parts, ignore_errors=True)
+        shutil.copytree(keep, parts)
+        shutil.rmtree(keep)
+
+
+_CHILD_CATALOG = r"""
+import hashlib, json, sys, warnings
+import numpy as np
+import payne_lite as pl
+warnings.simplefilter("ignore")
+
+def fingerprint(path):
+    h = hashlib.sha256()
+    with pl.open_catalog(path) as cat:
+        h.update(f"{len(cat)} {cat.n_pix}".encode())
+        h.update(np.ascontiguousarray(cat.wavelength).tobytes())
+        for start in range(0, len(cat), 64):
+            c = cat.read(start, min(start + 64, len(cat)))
+            for a in (c.flux, c.flux_err, c.mask, c.ids):
+                if a is not None:
+                    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+ref = fingerprint(sys.argv[1])
+out = {}
+for p in sys.argv[2:]:
+    try:
+        out[p] = "same" if fingerprint(p) == ref else "changed"
+    except pl.FileFormatError:
+        out[p] = "refused"
+    except Exception as err:
+        out[p] = f"other: {type(err).__name__}: {err}"[:300]
+print(json.dumps(out))
+"""
+
+
+def test_damaged_catalogs_are_refused_or_read(tmp_path):
+    """Catalogs carry no checksum (they can be many GB): a damaged copy may read with
+    changed numbers, but never ends in another exception (h5py's RuntimeError on a
+    damaged link table, before the fix: seed 11, 10 flips, flip 5), a crash or a
+    hang."""
+    from conftest import build_tiny_emulator, write_tiny_catalog
+
+    emu = build_tiny_emulator(n_pix=80, n_hid=3, seed=5)
+    src = write_tiny_catalog(tmp_path / "catalog.h5", emu, 150)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    paths = _damaged_copies(src, bad, np.random.default_rng(11), n_flip=10)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD_CATALOG, str(src), *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == len(paths)
+    wrong = {k: v for k, v in got.items() if v not in ("refused", "same", "changed")}
+    assert not wrong, wrong
+
+
+def test_catalog_id_not_utf8_is_refused(tmp_path):
+    """An id whose bytes are damaged into invalid UTF-8 (found by
+    benchmarks/bench_fuzz.py: a raw UnicodeDecodeError from h5py before the fix)
+    is a FileFormatError naming the rows."""
+    from conftest import build_tiny_emulator, write_tiny_catalog
+
+    emu = build_tiny_emulator(n_pix=20, n_hid=3, seed=5)
+    src = write_tiny_catalog(tmp_path / "catalog.h5", emu, 150)
+    data = bytearray(src.read_bytes())
+    at = data.find(b"s123")
+    assert at > 0 and data.count(b"s123") == 1
+    data[at] = 0xB1  # not a UTF-8 start byte
+    src.write_bytes(bytes(data))
+    with pl.open_catalog(src) as cat:
+        cat.read(0, 100)  # rows before the damaged id read as written
+        with pytest.raises(pl.FileFormatError, match=r"rows \[100, 150\) are corrupt"):
+            cat.read(100, 150)

@@ -294,6 +294,19 @@ def _damaged_copies(path, folder, rng, n_flip=12):
     return paths
 
 
+def test_ecsv_whose_meta_key_is_damaged_is_refused(results, tmp_path):
+    """A bit flip that turns the ECSV header's ``meta`` key into ``metA`` makes
+    astropy read the table with no meta at all, checksum included (found by
+    benchmarks/bench_fuzz.py: read as a foreign table, with changed content, before
+    the fix): the header still names payne_lite's keys, so it is refused."""
+    src = write_results(results, tmp_path / "r.ecsv")
+    text = src.read_text()
+    assert text.count("# meta: ") == 1
+    src.write_text(text.replace("# meta: ", "# metA: "))
+    with pytest.raises(FileFormatError, match="the file is damaged"):
+        read_results(src)
+
+
 @pytest.mark.parametrize("suffix", [".fits", ".ecsv", ".h5"])
 def test_damaged_results_files_are_refused_or_read_unchanged(results, tmp_path, suffix):
     """Every damaged copy (truncated, a bit flipped, a block zeroed) raises

@@ -10,13 +10,16 @@ The Dask tests need dask.distributed (the ``dask`` extra) and skip without it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -149,6 +152,152 @@ def test_cli_scheduler_and_workers_options(files, reference, client, tmp_path, c
     capsys.readouterr()
     assert main([*argv, "--force", "--scheduler", address, "--workers", "2"]) == 2
     assert "give --scheduler or --workers, not both" in capsys.readouterr().err
+
+
+# --- Dask faults: a worker killed mid-chunk, the scheduler gone ----------------------
+@pytest.fixture(scope="module")
+def fault_clusters():
+    """``get()``: a client of a 2-process LocalCluster (short connect timeouts) whose
+    scheduler is up; the same one while it lives (its workers compile once), a new
+    one after a test closed its scheduler."""
+    pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    import dask
+
+    from payne_lite.catalog import local_client
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(dask.config.set({"distributed.comm.timeouts.connect": "3s"}))
+    live = []
+
+    def get():
+        if not live or live[-1].status != "running":
+            live.append(stack.enter_context(local_client(2)))
+        return live[-1]
+
+    with stack:
+        yield get
+
+
+@contextlib.contextmanager
+def _holding(tmp_path, hold_chunk: int):
+    """fit_catalog's task made :class:`_held_task.HoldChunk`, which keeps chunk
+    ``hold_chunk`` waiting (``<tmp>/hold/held-<pid>``) until its worker dies (or
+    60 s). Yields the hold folder."""
+    import _held_task
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(_held_task)  # workers need not import it
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    task = _held_task.HoldChunk(hold, f"star{hold_chunk * CHUNK:05d}", timeout=60)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(catalog_mod, "fit_rows", task)
+        yield hold
+
+
+def _held_pid(hold: Path, min_parts: Path | None = None, timeout: float = 120) -> int:
+    """The pid of the worker holding the chunk, once it holds it (and, with
+    ``min_parts``, once that parts folder holds two chunk files)."""
+    deadline = time.monotonic() + timeout
+    while not (held := list(hold.glob("held-*"))) or (
+        min_parts is not None and len(list(min_parts.glob("chunk-*.h5"))) < 2
+    ):
+        assert time.monotonic() < deadline, "the held chunk never started"
+        time.sleep(0.01)
+    return int(held[0].name.split("-")[1])
+
+
+def _runs(hold: Path, chunk: int) -> list[int]:
+    """Pids of the processes that fitted ``chunk`` to the end."""
+    return [
+        int(p.name.split("-")[2]) for p in hold.glob(f"ran-star{chunk * CHUNK:05d}-*")
+    ]
+
+
+@needs_dask
+def test_worker_killed_mid_chunk_chunk_fitted_elsewhere(
+    files, reference, fault_clusters, tmp_path
+):
+    """SIGKILL the worker process while it fits the last chunk: the chunk (whose data
+    died with the worker) is fitted on a live worker, and the table has every row
+    once, equal to the one-process run. Before the fix the run died with
+    FutureCancelledError ("already forgotten"): scattered data is not recomputed.
+    The last chunk, so that no chunk is on its way to the worker when it dies (then
+    distributed leaves an unretrieved asyncio error that fails the test; the run
+    itself sends the chunk again, _distributed._scatter)."""
+    cat, _, emu = files
+    out = tmp_path / "results.fits"
+    client = fault_clusters()
+    with _holding(tmp_path, hold_chunk=N_CHUNKS - 1) as hold:
+        killed = []
+
+        def kill():
+            killed.append(_held_pid(hold))
+            os.kill(killed[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill, daemon=True)
+        killer.start()
+        table = pl.fit_catalog(
+            cat, out, emu, chunk_size=CHUNK, progress=False, client=client
+        )
+        killer.join()
+    assert killed and table.meta["n_chunks_resumed"] == 0
+    runs = _runs(hold, N_CHUNKS - 1)
+    assert len(runs) == 1 and runs[0] != killed[0], (runs, killed)  # elsewhere, once
+    assert_same_results(pl.read_results(out), reference)
+    assert not parts_folder(out).exists()
+
+
+@needs_dask
+def test_scheduler_gone_clear_error_then_resume(
+    files, reference, fault_clusters, tmp_path, capsys
+):
+    """The scheduler closes while chunk 1 is fitted (two others recorded): ``payne-lite
+    fit --scheduler`` stops with one line that says so and how to resume (exit code
+    1), the chunk files already written are intact, and the same command without a
+    cluster fits only the missing chunks: every row once, equal to the one-process
+    run. Before the fix: a FutureCancelledError traceback from distributed."""
+    from payne_lite.cli import main
+
+    cat, emu_path, _ = files
+    out = tmp_path / "results.fits"
+    argv = ["fit", str(cat), "--emulator", str(emu_path), "-o", str(out),
+            "--chunk-size", str(CHUNK), "--no-progress"]  # fmt: skip
+    client = fault_clusters()
+    with _holding(tmp_path, hold_chunk=1) as hold:
+        cluster = client.cluster
+
+        def close_scheduler():
+            _held_pid(hold, min_parts=parts_folder(out))
+            cluster.sync(cluster.scheduler.close)
+
+        closer = threading.Thread(target=close_scheduler, daemon=True)
+        closer.start()
+        code = main([*argv, "--scheduler", client.scheduler.address])
+        closer.join()
+        err = capsys.readouterr().err
+    assert code == 1, err
+    mine = [line for line in err.splitlines() if line.startswith("payne-lite")]
+    assert len(mine) == 1 and "Traceback" not in err, err
+    assert re.search(
+        r"payne-lite: error: the Dask scheduler tcp://\S+ went away .* (\d+) finished "
+        r"chunk\(s\) are kept in \S+results\.fits\.parts: run the same command "
+        "again to resume",
+        mine[0],
+    ), mine[0]
+    kept = {p.name: p.read_bytes() for p in parts_folder(out).glob("chunk-*.h5")}
+    assert 2 <= len(kept) < N_CHUNKS and "chunk-000001.h5" not in kept
+    assert not out.exists()
+    for name in kept:  # intact: each reads back as its rows of the reference
+        i = int(name[6:12])
+        part = pl.read_results(parts_folder(out) / name)
+        assert list(part["id"]) == list(reference["id"][i * CHUNK : (i + 1) * CHUNK])
+
+    # the same command, in this process: only the missing chunks are fitted
+    assert main(argv) == 0
+    got = pl.read_results(out)
+    assert got.meta["n_chunks_resumed"] == len(kept)
+    assert_same_results(got, reference)
 
 
 # --- resume and no loss -------------------------------------------------------------

@@ -23,8 +23,10 @@ How the work is shared:
   finish; the final table is assembled in input order by the caller.
 
 A worker that dies loses only its tasks in flight: the scheduler runs them again on
-another worker. If this process dies, the chunks already recorded are kept (see
-fit_catalog's resume).
+another worker, and a chunk whose data died with it (scattered data cannot be
+recomputed) is read and sent again from here. A scheduler that goes away stops the
+run with :class:`payne_lite.SchedulerLostError`; as when this process dies, the
+chunks already recorded are kept (see fit_catalog's resume).
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
+
+from ..errors import SchedulerLostError
 
 _log = logging.getLogger("payne_lite.catalog")  # one logger per stage
 
@@ -89,6 +95,9 @@ def local_client(n_workers: int, **cluster_kwargs) -> Iterator:
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
+        # the scheduler's HTTP server (health checks) on a free port, not 8787: a
+        # second cluster in one process would warn that 8787 is taken
+        "scheduler_kwargs": {"dashboard": False, "dashboard_address": ":0"},
         "silence_logs": logging.ERROR,
         **cluster_kwargs,
     }
@@ -116,13 +125,32 @@ def connect(scheduler: str | None = None, workers: int | None = None) -> Iterato
         )
     if scheduler is not None:
         distributed = require()
-        with distributed.Client(scheduler) as c:
+        c = distributed.Client(scheduler)
+        try:
             yield c
+        finally:
+            _close_quietly(c)
     elif workers is not None:
         with local_client(workers) as c:
             yield c
     else:
         yield None
+
+
+def _close_quietly(client) -> None:
+    """Close ``client``; if its scheduler went away, without the errors distributed
+    logs when a client is closed while it tries to reconnect (the run has already
+    said what happened, in one line)."""
+    if client.status == "running":
+        client.close()
+        return
+    logger = logging.getLogger("distributed.client")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        client.close()
+    finally:
+        logger.setLevel(level)
 
 
 def _on_event(event: str, *args, **kwargs) -> None:
@@ -215,7 +243,13 @@ def fit_chunks(
     Returns:
         The number of workers when the work started.
 
+    A chunk whose worker died is fitted again elsewhere: the scheduler runs the
+    task again, or, when the chunk's data died with the worker (it was scattered
+    there), the chunk is read and sent again (at most :data:`MAX_RESENDS` times).
+
     Raises:
+        SchedulerLostError: the scheduler went away (closed, killed, unreachable);
+            the chunks recorded before stay recorded.
         Whatever a task raised (the chunks not yet finished are cancelled; those
         recorded stay recorded).
     """
@@ -230,41 +264,122 @@ def fit_chunks(
     run = uuid.uuid4().hex[:8]
     pending = iter(todo)
     in_flight: dict[str, tuple[int, object, object]] = {}
+    resent: dict[int, int] = {}
     done = distributed.as_completed()
 
-    def submit_next() -> None:
-        i = next(pending, None)
-        if i is None:
-            return
+    def submit(i: int) -> None:
+        if client.status != "running":  # do not wait for a reconnection here
+            raise CancelledError("scheduler-connection-lost")
         start, stop = bounds[i]
         chunk = cat.read(start, stop) if read is None else read(i)
-        [chunk_f] = client.scatter([chunk], hash=False)
+        chunk_f = _scatter(client, chunk)
         fut = client.submit(
             _fit_task,
             task,
             chunk_f,
             plugin.name,
             p0_of(start, stop),
-            key=f"payne-lite-chunk-{run}-{i}",
+            key=f"payne-lite-chunk-{run}-{i}-{resent.get(i, 0)}",
             pure=False,
         )
         in_flight[fut.key] = (i, fut, chunk_f)
         done.add(fut)
 
+    def submit_next() -> None:
+        i = next(pending, None)
+        if i is not None:
+            submit(i)
+
+    n_recorded = 0
     try:
         for _ in range(window):
             submit_next()
         for fut in done:
             i, _, chunk_f = in_flight.pop(fut.key)
-            table = fut.result()
+            try:
+                table = fut.result()
+            except CancelledError as err:
+                if _scheduler_gone(client, err):
+                    raise
+                # the worker that held the chunk's data died (the scheduler cannot
+                # recompute scattered data): read the chunk again and send it anew
+                resent[i] = resent.get(i, 0) + 1
+                if resent[i] > MAX_RESENDS:
+                    raise RuntimeError(
+                        f"chunk {i} was lost with a worker {resent[i]} times; "
+                        "stopping (do its spectra kill the workers?)"
+                    ) from err
+                _log.warning(
+                    "chunk %d was lost with a worker (%s); sending it again",
+                    i,
+                    getattr(err, "reason", err),
+                )
+                chunk_f.release()
+                submit(i)
+                continue
             record(i, table)
+            n_recorded += 1
             fut.release()
             chunk_f.release()
             submit_next()
-    except BaseException:
-        client.cancel([f for _, f, _ in in_flight.values()])
+    except BaseException as err:
+        if _scheduler_gone(client, err):
+            raise SchedulerLostError(
+                f"the Dask scheduler {_address(client)} went away (the connection "
+                f"to it was lost) after {n_recorded} of the {len(todo)} chunk(s) "
+                "this run had to fit were recorded"
+            ) from err
+        with contextlib.suppress(Exception):
+            client.cancel([f for _, f, _ in in_flight.values()])
         raise
     finally:
-        with contextlib.suppress(Exception):  # a scheduler that has gone away
-            client.unregister_worker_plugin(plugin.name)
+        if client.status == "running":  # a scheduler that went away: nothing to undo
+            with contextlib.suppress(Exception):
+                client.unregister_worker_plugin(plugin.name)
     return n_workers
+
+
+#: Times a chunk is sent again after the worker that held it died, before giving up.
+MAX_RESENDS = 3
+
+
+#: Tries to scatter a chunk (the worker chosen may die meanwhile), and the pause
+#: between them (seconds).
+_SCATTER_TRIES, _SCATTER_PAUSE = 5, 0.5
+
+
+def _scatter(client, chunk):
+    """``client.scatter`` of one chunk, tried again when the worker it went to died
+    during the transfer; a scheduler that went away meanwhile is a CancelledError
+    "scheduler-connection-lost"."""
+    for attempt in range(_SCATTER_TRIES):
+        try:
+            [chunk_f] = client.scatter([chunk], hash=False)
+            return chunk_f
+        except OSError as err:  # distributed's CommClosedError is an OSError
+            if _scheduler_gone(client, err) or attempt == _SCATTER_TRIES - 1:
+                raise
+            _log.warning("sending a chunk failed (%s); sending it again", err)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _scheduler_gone(client, err: BaseException) -> bool:
+    """Whether ``err`` (raised while a run waited on ``client``) means the scheduler
+    went away: its futures cancelled as "scheduler-connection-lost", or a client no
+    longer running (after a closed connection, once the client has had
+    ``_SCATTER_PAUSE`` s to notice: a closed connection to a worker that died is not
+    the scheduler's)."""
+    if isinstance(err, KeyboardInterrupt):
+        return False
+    if "scheduler-connection-lost" in (getattr(err, "reason", None), str(err)):
+        return True
+    if isinstance(err, OSError) and client.status == "running":
+        time.sleep(_SCATTER_PAUSE)
+    return client.status != "running"
+
+
+def _address(client) -> str:
+    try:
+        return str(client.scheduler.address)
+    except Exception:  # pragma: no cover - a client without a scheduler object
+        return "(address unknown)"

@@ -713,7 +713,12 @@ class HDF5Catalog(Reader):
             self._f = self._stack.enter_context(
                 _h5.open_checked(self.path, CATALOG_FORMAT, CATALOG_VERSIONS)
             )
-            self._open()
+            try:
+                self._open()
+            except (OSError, KeyError, RuntimeError) as err:  # h5py on damaged metadata
+                raise FileFormatError(
+                    f"{self.path}: damaged HDF5 catalog ({err})"
+                ) from err
         except BaseException:
             self._stack.close()
             raise
@@ -858,7 +863,7 @@ class HDF5Catalog(Reader):
             if self.has_group:
                 group = np.array(self._group.asstr()[sel], dtype=str)
             return CatalogChunk(self._flux[sel], self._err[sel], mask, ids, wave, group)
-        except (OSError, KeyError, RuntimeError) as err:
+        except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:
             raise self._unreadable(start, stop, err) from err
 
     def read_rows(self, rows) -> CatalogChunk:

@@ -4,6 +4,16 @@ A run's identity (the catalog files, digests of the emulator, MDN and options) i
 recorded in ``<path_out>.parts/manifest.json``; each chunk's results are written there
 as one file, atomically, so a killed run resumes where it stopped (see
 :func:`payne_lite.catalog.fit_catalog`).
+
+The manifest (JSON, format version 2) carries ``sha256``, the SHA-256 of its other
+entries (``json.dumps(..., sort_keys=True, separators=(",", ":"))``), checked when it
+is read: a damaged manifest (a changed identity would otherwise read as "a run with
+other inputs", a changed ``done`` list as progress that is not there) is never
+trusted. A resume that finds it damaged rebuilds it when the folder holds chunk files
+and every one is a complete chunk of this run (each carries the run's key and its own
+checksum), with a RuntimeWarning; otherwise it is refused with ``FileFormatError``
+(``restart=True`` discards the folder). Version 1 manifests (no ``sha256``), written by
+earlier versions, are read as they are.
 """
 
 from __future__ import annotations
@@ -14,8 +24,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +40,9 @@ _log = logging.getLogger("payne_lite.catalog")  # one logger per stage
 
 #: Layout of the parts folder of a fit_catalog run (see :func:`fit_catalog`).
 PARTS_FORMAT = "payne_lite.fit_catalog.parts"
-PARTS_VERSION = 1
+PARTS_VERSION = 2
+#: Manifest versions read (1: no sha256, written by earlier payne_lite versions).
+PARTS_READABLE = (1, 2)
 #: The parts folder of ``results.fits`` is ``results.fits.parts`` (same folder).
 PARTS_SUFFIX = ".parts"
 _MANIFEST = "manifest.json"
@@ -189,21 +203,99 @@ def _atomic_write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+class DamagedManifestError(FileFormatError):
+    """A manifest that is not what was written (unreadable JSON, a checksum that
+    does not match, entries of the wrong kind); not raised for another version."""
+
+
+def manifest_sha256(man: dict) -> str:
+    """SHA-256 (hex) of a manifest's entries other than ``sha256``, canonical JSON."""
+    body = {k: v for k, v in man.items() if k != "sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def read_manifest(path: Path) -> dict:
-    """A parts folder's ``manifest.json``, checked (format and version)."""
+    """A parts folder's ``manifest.json``, checked: format, version, checksum
+    (version 2) and the kinds of its entries. Raises FileFormatError
+    (:class:`DamagedManifestError` for damage, not for another version)."""
     try:
-        man = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"{path}: unreadable manifest ({err})") from err
+        man = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        raise DamagedManifestError(f"{path}: unreadable manifest ({err})") from err
     if not isinstance(man, dict) or man.get("format") != PARTS_FORMAT:
-        raise FileFormatError(f"{path}: not a {PARTS_FORMAT} manifest")
-    if man.get("format_version") != PARTS_VERSION:
+        raise DamagedManifestError(f"{path}: not a {PARTS_FORMAT} manifest")
+    version = man.get("format_version")
+    if isinstance(version, bool) or version not in PARTS_READABLE:
         raise FileFormatError(
-            f"{path}: {PARTS_FORMAT} format_version={man.get('format_version')!r} "
-            f"is not supported (this payne_lite reads [{PARTS_VERSION}]); pass "
+            f"{path}: {PARTS_FORMAT} format_version={version!r} "
+            f"is not supported (this payne_lite reads {list(PARTS_READABLE)}); pass "
             "restart=True (payne-lite fit --restart) to discard those results"
         )
+    if version >= 2 and man.get("sha256") != manifest_sha256(man):
+        raise DamagedManifestError(
+            f"{path}: damaged manifest (its sha256 does not match its content)"
+        )
+    done, n = man.get("done", []), man.get("n_chunks", 0)
+    if (
+        not isinstance(man.get("identity"), dict)
+        or not isinstance(n, int)
+        or not isinstance(done, list)
+        or not all(isinstance(i, int) and 0 <= i < n for i in done)
+    ):
+        raise DamagedManifestError(f"{path}: damaged manifest (entries of wrong kind)")
     return man
+
+
+_CHUNK_NAME = re.compile(r"chunk-(\d{6})\.h5")
+
+
+def _check_only_parts(folder: Path) -> None:
+    """Refuse (FileExistsError) to delete ``folder`` unless it holds only what a
+    parts folder holds: the manifest, chunk files and temporary files."""
+    other = [
+        p.name
+        for p in folder.iterdir()
+        if p.name != _MANIFEST and not _CHUNK_NAME.fullmatch(p.name) and not _is_temp(p)
+    ]
+    if other:
+        raise FileExistsError(
+            f"{folder}: its manifest is damaged and it holds other files "
+            f"({', '.join(sorted(other)[:3])}): not deleted; move it away"
+        )
+
+
+def _check_all_ours(folder: Path, identity: dict, bounds, err: Exception) -> None:
+    """A damaged manifest is rebuilt (RuntimeWarning) only if ``folder`` holds chunk
+    files and every one is a complete chunk of the run of ``identity``; else ``err``
+    again, with what to do."""
+    probe, n_ours = Parts(folder, identity, bounds, set()), 0
+    for p in sorted(folder.iterdir()):
+        if p.name == _MANIFEST or _is_temp(p):
+            continue
+        m = _CHUNK_NAME.fullmatch(p.name)
+        try:
+            if m is None or int(m.group(1)) >= len(bounds):
+                raise FileFormatError(f"{p.name}: not a chunk of this run")
+            probe.read(int(m.group(1)))
+        except (OSError, ValueError) as bad:
+            raise DamagedManifestError(
+                f"{err}; {folder} also holds {p.name}, which is not a complete "
+                f"chunk of this run ({bad}): pass restart=True (payne-lite fit "
+                "--restart) to discard the folder"
+            ) from err
+        n_ours += 1
+    if not n_ours:  # nothing to keep: the file may be someone else's
+        raise DamagedManifestError(
+            f"{err}; {folder} holds no chunk file to resume from: pass restart=True "
+            "(payne-lite fit --restart) to discard the folder"
+        ) from err
+    warnings.warn(
+        f"{err}; every chunk file in {folder} is a complete chunk of this run: "
+        "the manifest is written again and the run resumes",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 class Parts:
@@ -239,10 +331,17 @@ class Parts:
                         "folder; move it away"
                     )
             elif restart:
-                read_manifest(manifest)  # only ever delete a parts folder
+                try:
+                    read_manifest(manifest)  # only ever delete a parts folder
+                except DamagedManifestError:
+                    _check_only_parts(folder)  # ... or one that holds only parts
                 shutil.rmtree(folder)
             else:
-                old = read_manifest(manifest)
+                try:
+                    old = read_manifest(manifest)
+                except DamagedManifestError as err:
+                    _check_all_ours(folder, identity, bounds, err)
+                    old = {"identity": identity}  # rebuilt below
                 if old["identity"] != identity:
                     diff = _differences(old["identity"], identity)
                     raise ValueError(
@@ -290,6 +389,7 @@ class Parts:
             "n_chunks": len(self.bounds),
             "done": sorted(self.done),
         }
+        man["sha256"] = manifest_sha256(man)
         _atomic_write_text(self.folder / _MANIFEST, json.dumps(man, indent=1) + "\n")
 
     def missing(self) -> list[int]:

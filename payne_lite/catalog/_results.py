@@ -485,8 +485,10 @@ def read_results(path):
     version = t.meta.get(META_VERSION_KEY)
     if version is not None:
         _check_version(path, version)
-    elif any(k in t.meta for k in _OURS):
-        raise FileFormatError(  # damage in the meta lost the version (and checksum)
+    elif any(k in t.meta for k in _OURS) or (
+        fmt == "ecsv" and _header_mentions(path, (META_VERSION_KEY, META_DIGEST_KEY))
+    ):  # damage in the meta lost the version (and checksum), or all of the meta
+        raise FileFormatError(
             f"{path}: a payne_lite results table without its {META_VERSION_KEY!r}: "
             "the file is damaged"
         )
@@ -498,6 +500,18 @@ def read_results(path):
         )
     t.meta.pop(META_VERSION_KEY, None)
     return t
+
+
+def _header_mentions(path: Path, keys) -> bool:
+    """Whether the ``#`` header lines of a text table name any of ``keys`` (an ECSV
+    file whose ``meta`` key is damaged reads with no meta at all)."""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.startswith(b"#"):
+                return False
+            if any(k.encode() in line for k in keys):
+                return True
+    return False
 
 
 #: astropy's warnings of a damaged file

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._api import fit
 from .._validate import warn_if_near_grid
-from ..errors import WavelengthGridWarning
+from ..errors import SchedulerLostError, WavelengthGridWarning
 from ..fitting import METHODS as POINT_METHODS
 from ..observe import Instrument
 from ..options import options_for
@@ -284,6 +284,10 @@ def fit_catalog(
             file ``<path_out>.lock``, held while a run lives, names it); raised
             before anything is read, deleted (``restart``) or written. A lock left
             by a run that died is taken over with a RuntimeWarning.
+        payne_lite.SchedulerLostError: the Dask scheduler of ``client`` went away
+            during the run (the chunks recorded before are kept: the same call
+            resumes, on another cluster or in this process). A worker that dies
+            is not an error: its chunks are fitted again on the others.
         FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog; an
             unreadable manifest.
         ValueError: bad settings or shapes (named in the message); a resume with
@@ -386,8 +390,8 @@ def fit_catalog(
 
 @contextlib.contextmanager
 def _resume_hint(path_out: Path):
-    """A full disk (or quota, or file-size limit) while fit_catalog writes: the
-    error says what is kept and how to go on."""
+    """A full disk (or quota, or file-size limit) while fit_catalog writes, or a Dask
+    scheduler that went away: the error says what is kept and how to go on."""
     from ._results import DISK_FULL
 
     try:
@@ -395,15 +399,25 @@ def _resume_hint(path_out: Path):
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
-        folder = parts_folder(path_out)
-        n_kept = len(list(folder.glob("chunk-*.h5"))) if folder.is_dir() else 0
         new = OSError(
             err.errno,
-            f"{err.strerror}. {n_kept} finished chunk(s) are kept in {folder}: free "
-            "some space and run the same command again to resume",
+            f"{err.strerror}. {_kept(path_out)}: free some space and run the same "
+            "command again to resume",
         )
         new.filename = err.filename
         raise new from err
+    except SchedulerLostError as err:
+        raise SchedulerLostError(
+            f"{err}. {_kept(path_out)}: run the same command again to resume (with "
+            "a scheduler that is up, other workers, or none to fit in this process)"
+        ) from err
+
+
+def _kept(path_out: Path) -> str:
+    """'N finished chunk(s) are kept in <parts folder>'."""
+    folder = parts_folder(path_out)
+    n_kept = len(list(folder.glob("chunk-*.h5"))) if folder.is_dir() else 0
+    return f"{n_kept} finished chunk(s) are kept in {folder}"
 
 
 def _check_call(client, method, chunk_size, path_out, overwrite, fit_kwargs):

@@ -19,7 +19,8 @@ from ..errors import FileFormatError
 
 PROG = "payne-lite"
 EXIT_OK = 0
-EXIT_FAILED = 1  # a run that failed on valid input (training diverged)
+EXIT_FAILED = 1  # a run that failed on valid input (training diverged, output locked,
+# the Dask scheduler went away)
 EXIT_USAGE = 2  # bad input: same code as argparse's own usage errors
 EXIT_INTERRUPTED = 130
 

@@ -27,7 +27,12 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from .._version import __version__
-from ..errors import OutputLockedError, TrainingDivergedError, WavelengthGridWarning
+from ..errors import (
+    OutputLockedError,
+    SchedulerLostError,
+    TrainingDivergedError,
+    WavelengthGridWarning,
+)
 from ._bench import add_bench, run_bench
 from ._common import (
     EXIT_FAILED,
@@ -136,8 +141,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``payne-lite`` on ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
-    Exit codes: 0 success, 1 training diverged or another run owns the output, 2 bad
-    input or usage (one line on stderr), 130 interrupted.
+    Exit codes: 0 success, 1 training diverged, another run owns the output or the
+    Dask scheduler went away, 2 bad input or usage (one line on stderr), 130
+    interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
             return EXIT_USAGE
-        except (TrainingDivergedError, OutputLockedError) as err:
+        except (TrainingDivergedError, OutputLockedError, SchedulerLostError) as err:
             if args.debug:
                 raise
             print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
