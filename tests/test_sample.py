@@ -830,7 +830,10 @@ def test_nuts_recovers_gaussian_posterior(toy):
     assert t["n_evals"][0] > t["n_draws"][0] == 4 * t["n_steps"][0]
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
     assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)
-    _check_recovered(t, TINY_NAMES, mean, sd)
+    # sd within 4 of its Monte Carlo errors, 1 / sqrt(2 ESS) each (6 % at ESS
+    # 2,000): seeds 1-6 here gave sd ratios 0.947-1.030 (spread 2.4 %), so a fixed
+    # 5 % failed for seed 1 once the LM start moved by rounding (session 11)
+    _check_recovered(t, TINY_NAMES, mean, sd, tol=4.0 / np.sqrt(2.0 * t["ess"][0]))
     _check_arviz_columns(t, TINY_NAMES)
     assert post.method == ["nuts"] and post.samples[0].shape == (t["n_draws"][0], 3)
     # per draw (not thinned): the divergences the table counts, the log posterior
