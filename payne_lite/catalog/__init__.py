@@ -18,11 +18,8 @@ from ._distributed import require as require
 from ._distributed import worker_stats as worker_stats
 from ._hdf5 import CATALOG_FORMAT as CATALOG_FORMAT
 from ._hdf5 import CatalogChunk as CatalogChunk
-from ._hdf5 import CatalogWriter as CatalogWriter
 from ._hdf5 import HDF5Catalog as HDF5Catalog
 from ._hdf5 import Reader as Reader
-from ._hdf5 import catalog_writer as catalog_writer
-from ._hdf5 import write_catalog as write_catalog
 from ._parts import parts_folder as parts_folder
 from ._plain import FitsTableCatalog as FitsTableCatalog
 from ._plain import PlainHDF5Catalog as PlainHDF5Catalog
@@ -45,6 +42,9 @@ from ._results import write_results as write_results
 from ._runner import fit_catalog as fit_catalog
 from ._runner import fit_rows as fit_rows
 from ._specutils import SpecutilsCatalog as SpecutilsCatalog
+from ._writer import CatalogWriter as CatalogWriter
+from ._writer import catalog_writer as catalog_writer
+from ._writer import write_catalog as write_catalog
 
 __all__ = [
     "APOGEE_BAD_PIXEL_BITS",

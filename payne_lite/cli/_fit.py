@@ -132,42 +132,7 @@ def add_fit(sub) -> None:
         metavar="CATALOG",
         help="a catalog file, a folder, or several FITS files (see above)",
     )
-    p.add_argument(
-        "--reader",
-        default=None,
-        metavar="NAME",
-        help="the catalog reader (default: chosen from the files): "
-        "payne-lite, hdf5, fits-table, apogee-fits, specutils",
-    )
-    p.add_argument(
-        "--reader-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a reader option, repeatable: format=NAME (specutils), hdu=N "
-        "(fits-table), bad_bits=N, visits=1 (apogee-fits), datasets=ROLE:NAME,... "
-        "(hdf5), columns=ROLE:NAME,... (fits-table)",
-    )
-    p.add_argument(
-        "--refine-continuum",
-        type=_nonnegative_int,
-        default=0,
-        metavar="N",
-        help="passes of continuum refinement after the fit (LMOptions."
-        "refine_continuum): the flux divided by a degree-3 polynomial per chip "
-        "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
-        "recovers the label precision of perfectly normalised spectra from apStar "
-        "files normalised through the continuum pixels (default 0)",
-    )
-    p.add_argument(
-        "--continuum",
-        default=None,
-        choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
-        help="continuum normalisation of APOGEE FITS files (apogee-fits reader): "
-        "auto (the default) = apStar files through The Cannon's continuum pixels, "
-        "aspcapStar files as they are; none; continuum-pixels; sigma-clipped "
-        "(ASPCAP-style, no pixel list). The results' meta records it",
-    )
+    _add_reader_options(p)
     p.add_argument(
         "--emulator",
         required=True,
@@ -195,9 +160,49 @@ def add_fit(sub) -> None:
     _add_distributed_options(p)
 
 
+def _add_reader_options(p: argparse.ArgumentParser) -> None:
+    """How CATALOG is read: --reader, --reader-option and --continuum."""
+    p.add_argument(
+        "--reader",
+        default=None,
+        metavar="NAME",
+        help="the catalog reader (default: chosen from the files): "
+        "payne-lite, hdf5, fits-table, apogee-fits, specutils",
+    )
+    p.add_argument(
+        "--reader-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a reader option, repeatable: format=NAME (specutils), hdu=N "
+        "(fits-table), bad_bits=N, visits=1 (apogee-fits), datasets=ROLE:NAME,... "
+        "(hdf5), columns=ROLE:NAME,... (fits-table)",
+    )
+    p.add_argument(
+        "--continuum",
+        default=None,
+        choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
+        help="continuum normalisation of APOGEE FITS files (apogee-fits reader): "
+        "auto (the default) = apStar files through The Cannon's continuum pixels, "
+        "aspcapStar files as they are; none; continuum-pixels; sigma-clipped "
+        "(ASPCAP-style, no pixel list). The results' meta records it",
+    )
+
+
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     """--method and how it fits: --cont-deg, --rv-range, --chunk-size, --max-iter, --options,
-    --fixed, --mdn and --mdn-starts."""
+    --fixed, --mdn, --mdn-starts and --refine-continuum."""
+    p.add_argument(
+        "--refine-continuum",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="passes of continuum refinement after the fit (LMOptions."
+        "refine_continuum): the flux divided by a degree-3 polynomial per chip "
+        "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
+        "recovers the label precision of perfectly normalised spectra from apStar "
+        "files normalised through the continuum pixels (default 0)",
+    )
     p.add_argument(
         "--method",
         choices=FIT_METHODS,

@@ -263,7 +263,7 @@ def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best)
     return p_best, it_best, conv_best, chi2_best, a_best, g_best
 
 
-def prepare_batch(ctx: BatchContext, fb, wb, prior=None) -> Prepared:
+def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
     """Steps 1-2 of a fit for a padded batch of spectra ``fb``, ``wb`` (size, P):
     the RV scan (or the MDN's ``prior``, a :class:`._mdn_bounds.MDNPrior`, or a
     fixed rv), the pixels valid over each RV window and the emulator's error in
@@ -272,7 +272,7 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None) -> Prepared:
     dt = obs.x_obs.dtype
     size = fb.shape[0]
     rv_range = ctx.rv_range
-    f_j = to_device(fb, dt)
+    f_j = to_device(fb, dt) if f_j is None else f_j  # the caller's, when it has one
     w_j = to_device(wb, dt)
 
     # 1. RV scan (and linear continuum at the best RV).
@@ -354,7 +354,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     k = len(layout.names)
     n_free = int(free.sum())
     f_j = to_device(fb, dt)
-    prep = prepare_batch(ctx, fb, wb, prior)
+    prep = prepare_batch(ctx, fb, wb, prior, f_j)
     wb, w_data = prep.w_fit, prep.w_data
     w_j = to_device(wb, dt)
     n_good = np.count_nonzero(wb > 0, axis=1)
