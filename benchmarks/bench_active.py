@@ -96,7 +96,7 @@ def figure(results, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    colours = {"error": "C3", "random": "C0"}
+    colours = {"error": "C3", "space": "C2", "random": "C0"}
     for r in results:
         for ax, key in zip(axes, KEYS, strict=True):
             lhs = r["lhs"][key]
@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hidden", type=int, default=10)
     p.add_argument("--max-iter", type=int, default=150)
     p.add_argument("--refine-iter", type=int, default=60)
-    p.add_argument("--strategies", nargs="+", default=["error", "random"])
+    p.add_argument("--strategies", nargs="+", default=["error", "space", "random"])
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--figure", type=Path, default=Path("benchmarks/results/active_learning.png")

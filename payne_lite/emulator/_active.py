@@ -15,9 +15,12 @@ spectra go matters. :func:`active_learning` grows a grid in rounds:
 4. synthesize it with the user's callable, append it, and retrain from the current
    parameters (warm start, ``refine_iter`` iterations).
 
-``strategy="random"`` draws every batch uniformly instead (the control: same loop and
-warm starts, no error map). The learning curve records, per round, the grid size and the
-held-out errors (the probes', and a separate ``test`` grid's when given).
+``strategy="space"`` fills the largest holes of the grid instead (greedy maximin over
+the same candidates: the emulator's uncertainty taken as growing with the distance to
+the nearest grid point, as a Gaussian process's does), and ``strategy="random"`` draws
+every batch uniformly (the control: same loop and warm starts, no map). The learning
+curve records, per round, the grid size and the held-out errors (the probes', and a
+separate ``test`` grid's when given).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from ._train import TrainConfig, train_emulator
 log = logging.getLogger("payne_lite.emulator")
 
 #: Strategies of :func:`active_learning`.
-ACTIVE_STRATEGIES = ("error", "random")
+ACTIVE_STRATEGIES = ("error", "space", "random")
 #: Entries of :attr:`ActiveLearningResult.curve`.
 CURVE_KEYS = (
     "n_spec",
@@ -126,7 +129,7 @@ def spectrum_errors(emulator: Emulator, grid: SpectralGrid) -> np.ndarray:
 def propose_labels(
     labels: np.ndarray,
     probe_labels: np.ndarray,
-    probe_errors: np.ndarray,
+    probe_errors: np.ndarray | None,
     box: tuple[np.ndarray, np.ndarray],
     n: int,
     *,
@@ -135,12 +138,15 @@ def propose_labels(
     n_candidates: int = 20000,
     n_neighbours: int = 8,
 ) -> np.ndarray:
-    """New labels where the regressed held-out error is largest (see the module doc).
+    """New labels where the regressed held-out error is largest (see the module doc),
+    or, without errors, where the grid has its largest holes.
 
     Args:
         labels: (N, L) labels already in the grid [physical units].
         probe_labels: (M, L) held-out labels whose errors are known.
-        probe_errors: (M,) their errors (positive; their log is regressed).
+        probe_errors: (M,) their errors (positive; their log is regressed); None:
+            pick greedily the candidate farthest from the grid and earlier picks
+            (a maximin, space-filling design; ``probe_labels`` unused).
         box: (lo, hi), each (L,): the label box.
         n: how many to propose.
         rng: the random generator (candidates and the exploratory share).
@@ -155,18 +161,24 @@ def propose_labels(
     n_rand = int(round(explore * n))
     unit = lambda x: (np.asarray(x, np.float64) - lo) / (hi - lo)  # noqa: E731
     cand = rng.random((n_candidates, lo.size))
-    k = min(n_neighbours, len(probe_errors))
-    dist, idx = cKDTree(unit(probe_labels)).query(cand, k=k)
-    dist, idx = dist.reshape(n_candidates, k), idx.reshape(n_candidates, k)
-    w = 1.0 / np.maximum(dist, 1e-9) ** 2
-    log_err = np.log(np.maximum(probe_errors, 1e-30))[idx]
-    score = np.exp(np.sum(w * log_err, 1) / np.sum(w, 1))
     have = unit(labels)
-    d_typ = np.median(cKDTree(have).query(have, k=2)[0][:, 1])
     d_near = cKDTree(have).query(cand)[0]
+    if probe_errors is None:
+        score, d_typ = np.ones(n_candidates), np.inf  # d_near itself: maximin
+    else:
+        k = min(n_neighbours, len(probe_errors))
+        dist, idx = cKDTree(unit(probe_labels)).query(cand, k=k)
+        dist, idx = dist.reshape(n_candidates, k), idx.reshape(n_candidates, k)
+        w = 1.0 / np.maximum(dist, 1e-9) ** 2
+        log_err = np.log(np.maximum(probe_errors, 1e-30))[idx]
+        score = np.exp(np.sum(w * log_err, 1) / np.sum(w, 1))
+        d_typ = np.median(cKDTree(have).query(have, k=2)[0][:, 1])
     picks = []
     for _ in range(n - n_rand):
-        j = int(np.argmax(score * np.minimum(1.0, d_near / max(d_typ, 1e-12))))
+        spread = (
+            d_near if np.isinf(d_typ) else np.minimum(1.0, d_near / max(d_typ, 1e-12))
+        )
+        j = int(np.argmax(score * spread))
         picks.append(j)
         d_near = np.minimum(d_near, np.linalg.norm(cand - cand[j], axis=1))
     new = np.concatenate([cand[picks], rng.random((n_rand, lo.size))])
@@ -225,8 +237,9 @@ def active_learning(
             :func:`payne_lite.grid.synth.synthesize`, or of Korg / Turbospectrum.
         n_total: stop when the grid holds this many spectra (starting grid included).
         batch_size: new spectra per round (the last round may be smaller).
-        strategy: ``"error"`` (the error map, see the module doc) or ``"random"``
-            (uniform draws; the control).
+        strategy: ``"error"`` (the error map, see the module doc), ``"space"``
+            (fill the grid's largest holes) or ``"random"`` (uniform draws; the
+            control).
         test: an optional held-out grid on the same pixels: its median |error| is
             recorded each round (not used to choose labels).
         probe_fraction: share of the starting grid and of each batch held out.
@@ -295,6 +308,9 @@ def active_learning(
         if strategy == "random":
             lo, hi = box
             new = lo + rng.random((n, lo.size)) * (hi - lo)
+        elif strategy == "space":
+            new = propose_labels(labels, None, None, box, n, rng=rng, explore=0.0,
+                                 n_candidates=n_candidates)  # fmt: skip
         else:
             p = np.nonzero(probe)[0]
             err = spectrum_errors(
