@@ -95,7 +95,16 @@ def run_seed(seed, wave, test, args) -> dict:
     return out
 
 
+def _flag(key: str, value: str) -> list[str]:
+    """Command-line words of a saved argument (``str`` of an int or a list of them)."""
+    words = value.strip("[]").replace(",", " ").replace("'", "").split()
+    return [f"--{key.replace('_', '-')}", *words]
+
+
 def figure(results, args, path: Path) -> None:
+    """Per strategy the mean curve over seeds (thick) and each seed's (thin); per LHS
+    budget its mean over seeds as a horizontal line and a marker with the seeds' range
+    at its size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,18 +112,22 @@ def figure(results, args, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     colours = {"error": "C3", "space": "C2", "random": "C0"}
-    styles = ["--", ":", "-."]
-    for r in results:
-        first = r is results[0]
-        for ax, key in zip(axes, KEYS, strict=True):
-            for b, ls in zip(args.lhs_max_iter, styles, strict=False):
-                v = r["lhs"][b][key]
-                ax.axhline(v, color="0.4", lw=0.8, ls=ls,
-                           label=f"LHS {args.n_lhs}, {b} it." if first else None)  # fmt: skip
-            for s in args.strategies:
-                c = r[s]["curve"]
-                ax.plot(c["n_spec"], c[key], "o-", color=colours.get(s), ms=3,
-                        lw=1, alpha=0.8, label=s if first else None)  # fmt: skip
+    for ax, key in zip(axes, KEYS, strict=True):
+        for b, (ls, mk) in zip(
+            args.lhs_max_iter, [("--", "s"), (":", "D")], strict=False
+        ):
+            v = np.array([r["lhs"][b][key] for r in results])
+            ax.axhline(v.mean(), color="0.3", lw=1, ls=ls)
+            ax.errorbar([args.n_lhs], [v.mean()], yerr=[[v.mean() - v.min()],
+                        [v.max() - v.mean()]], fmt=mk, color="0.3", ms=5, capsize=3,
+                        label=f"LHS {args.n_lhs}, {b} LM it.")  # fmt: skip
+        for s in args.strategies:
+            n = np.asarray(results[0][s]["curve"]["n_spec"])
+            ys = np.array([r[s]["curve"][key] for r in results])
+            for y in ys:
+                ax.plot(n, y, "-", color=colours.get(s), lw=0.7, alpha=0.35)
+            ax.plot(n, ys.mean(0), "o-", color=colours.get(s), ms=4, lw=2,
+                    label=f"active: {s}")  # fmt: skip
     for ax, title in zip(
         axes,
         ("median |error| over test spectra and pixels",
@@ -127,8 +140,8 @@ def figure(results, args, path: Path) -> None:
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"Active learning on the built-in synthesizer ({args.n_pix} pixels), one line "
-        f"per seed ({', '.join(map(str, args.seeds))}); horizontal: Latin hypercube",
+        f"Built-in synthesizer, {args.n_pix} pixels, one test grid of {args.n_test}: "
+        f"mean of seeds {', '.join(map(str, args.seeds))} (thin: each seed)",
         fontsize=10,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,10 +168,20 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     p.add_argument("--strategies", nargs="+", default=["error", "space", "random"])
     p.add_argument("--json", type=Path)
+    p.add_argument("--replot", type=Path, help="redraw the figure from a --json file")
     p.add_argument(
         "--figure", type=Path, default=Path("benchmarks/results/active_learning.png")
     )
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        old = p.parse_args([a for k, v in saved["args"].items() if k not in
+                            ("json", "replot", "figure") for a in _flag(k, v)])  # fmt: skip
+        results = saved["results"]
+        for r in results:
+            r["lhs"] = {int(b): v for b, v in r["lhs"].items()}
+        figure(results, old, args.figure)
+        return saved
     wave = synth.default_wavelength()[2000 : 2000 + args.n_pix]
     test = synth.make_grid(
         args.n_test, wavelength=wave, seed=99_999, sampling="uniform", progress=False

@@ -6,15 +6,17 @@ Every case runs ``train_emulator`` (LM, ``--hidden`` units, ``--iters`` iteratio
 early stopping off) on a built-in synthesizer grid in a fresh child process, so that
 its peak resident memory (``ru_maxrss``) and compilation are its own. Time per
 iteration is taken from the run's history after the first iteration (which includes
-compilation). A child run with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-shards the pixel axis over N simulated CPU devices (the GPU-node code path; on a
-2-core machine it measures that the path works and what it costs, not a speed-up).
+compilation): the median over the later iterations, and their minimum (the least
+disturbed by other processes on a shared machine). A child run with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` shards the pixel axis over N
+simulated CPU devices (the GPU-node code path; on a 2-core machine it measures that the
+path works and what it costs, not a speed-up).
 
-Projection: a least-squares power law ``t_iter = a * n_pix^p * n_spec^q`` fitted to
-the single-device cases, evaluated at 10^5 pixels and 10^4 spectra (the training share,
-0.8 of them), times ``--project-iter`` iterations (300, ``training/gpu_node.json``'s
-``max_iter``, an upper bound as pixels stop early); the LM Jacobian's memory per device
-is ``n_train * pixel_batch / n_dev * n_par * 4`` bytes.
+Projection: a least-squares power law ``t_iter = a * n_pix^p * n_spec^q`` fitted to the
+single-device cases' minimum time per iteration, evaluated at 10^5 pixels and 10^4
+spectra (the training share, 0.8 of them), times ``--project-iter`` iterations (300,
+``training/gpu_node.json``'s ``max_iter``, an upper bound as pixels stop early); the
+LM Jacobian's memory per device is ``n_train * pixel_batch / n_dev * n_par * 4`` bytes.
 
     python benchmarks/bench_train_scale.py                     # ~5 min on 2 cores
     python benchmarks/bench_train_scale.py --pixels 64 256 --spectra 250 500 --iters 5
@@ -54,7 +56,8 @@ print(json.dumps({
     "n_pix": n_pix, "n_spec": n_spec, "n_train": emu.meta["n_train"],
     "n_dev": jax.device_count(), "iters": int(sec.size),
     "first_iter_s": float(sec[0]),
-    "s_per_iter": float((sec[-1] - sec[0]) / max(sec.size - 1, 1)),
+    "s_per_iter": float(np.median(np.diff(sec))),
+    "s_per_iter_min": float(np.min(np.diff(sec))),
     "total_s": total,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "rss_after_grid_mb": rss_grid,
@@ -92,7 +95,7 @@ def run_case(n_pix, n_spec, args, n_dev=1) -> dict:
 def project(rows, n_pix, n_train, iters) -> dict:
     """Power law ``t = a n_pix^p n_train^q`` fitted in log space, evaluated."""
     x = np.array([[1.0, np.log(r["n_pix"]), np.log(r["n_train"])] for r in rows])
-    y = np.log([r["s_per_iter"] for r in rows])
+    y = np.log([r["s_per_iter_min"] for r in rows])
     (la, p, q), *_ = np.linalg.lstsq(x, y, rcond=None)
     t_iter = float(np.exp(la + p * np.log(n_pix) + q * np.log(n_train)))
     return {"p_pixels": float(p), "q_spectra": float(q), "s_per_iter": t_iter,
@@ -126,15 +129,16 @@ def main(argv=None) -> dict:
     n_par = (5 + 1) * args.hidden + args.hidden + 1
     jac_gb = 8_000 * 2048 / 4 * n_par * 4 / 1e9
 
-    print("\n| pixels | spectra (train) | devices | ms / LM iteration | first "
-          "iteration (compile) s | peak RSS MB | device peak bytes |")  # fmt: skip
+    print("\n| pixels | spectra (train) | devices | ms / LM iteration (median, min) "
+          "| first iteration (compile) s | peak RSS MB | device peak bytes |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in rows + multi:
         dev = r["device_peak_bytes"]
         dev = "n/a (CPU)" if all(d is None for d in dev) else ", ".join(map(str, dev))
         print(
             f"| {r['n_pix']} | {r['n_spec']} ({r['n_train']}) | {r['n_dev']} | "
-            f"{r['s_per_iter'] * 1e3:.1f} | {r['first_iter_s']:.1f} | "
+            f"{r['s_per_iter'] * 1e3:.0f}, {r['s_per_iter_min'] * 1e3:.0f} | "
+            f"{r['first_iter_s']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {dev} |"
         )
     print(

@@ -300,7 +300,10 @@ def active_learning(
         curve["test_p90_spectrum_error"].append(p90)
         curve["train_seconds"].append(secs)
         curve["n_iter"].append(len(emu.history["valid_rms"]))
-        log.info("active learning: %d spectra, curve %s", g.n_spec, curve)
+        log.info(
+            "active learning: %d spectra, probe median |err| %.3e, test %.3e, %.1f s",
+            g.n_spec, curve["probe_median_abs_error"][-1], med, secs,
+        )  # fmt: skip
 
     record(grid, secs)
     while labels.shape[0] < n_total:
