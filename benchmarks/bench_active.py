@@ -14,7 +14,7 @@ for better labels). Reported: the spectra each strategy needs to reach each targ
 (first round at or below it; mean over seeds, inf when never), the final errors, and
 the learning curves as a PNG.
 
-    python benchmarks/bench_active.py                          # 3 seeds, ~30 min on 2 busy cores
+    python benchmarks/bench_active.py                          # 3 seeds, ~35 min on 2 busy cores
     python benchmarks/bench_active.py --seeds 0 --n-total 1000 --n-pix 60   # quick
 
 Prints a Markdown table; ``--json PATH`` writes the numbers, ``--figure PATH`` the
