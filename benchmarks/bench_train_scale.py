@@ -67,22 +67,29 @@ print(json.dumps({
 """
 
 
-def run_case(n_pix, n_spec, args, n_dev=1) -> dict:
+def run_case(n_pix, n_spec, args, n_dev=1, timeout=3600) -> dict:
+    """One training in a child process; ``{"hung": True, ...}`` after ``timeout`` s."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
     )
     env["JAX_PLATFORMS"] = "cpu"
     argv = [n_pix, n_spec, args.hidden, args.iters, args.pixel_batch]
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, *map(str, argv)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=True,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, *map(str, argv)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"  {n_pix:>6} px {n_spec:>6} spectra {n_dev} dev: no result after "
+              f"{timeout} s (killed)", flush=True)  # fmt: skip
+        return {"n_pix": n_pix, "n_spec": n_spec, "n_dev": n_dev, "hung": True,
+                "timeout_s": timeout}  # fmt: skip
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     print(
         f"  {n_pix:>6} px {n_spec:>6} spectra {n_dev} dev: "
@@ -113,6 +120,12 @@ def main(argv=None) -> dict:
     p.add_argument("--pixel-batch", type=int, default=256)
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--project-iter", type=int, default=300)
+    p.add_argument("--multi-size", type=int, nargs=2, default=[64, 1000],
+                   metavar=("PIXELS", "SPECTRA"), help="the multi-device case")  # fmt: skip
+    p.add_argument("--multi-large", type=int, nargs=2, default=[256, 1000],
+                   metavar=("PIXELS", "SPECTRA"),
+                   help="a larger multi-device case (hung on the 2-core machine)")  # fmt: skip
+    p.add_argument("--multi-timeout", type=int, default=300)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     print("pixels sweep", flush=True)
@@ -120,10 +133,16 @@ def main(argv=None) -> dict:
     print("spectra sweep", flush=True)
     by_spec = [run_case(args.base_pixels, n, args) for n in args.spectra]
     print(f"{args.devices} simulated CPU devices", flush=True)
+    mp, ms = args.multi_size
     multi = [
-        run_case(args.base_pixels, args.base_spectra, args, n_dev=args.devices),
-        run_case(args.base_pixels, args.base_spectra, args, n_dev=1),
+        run_case(mp, ms, args, n_dev=args.devices, timeout=args.multi_timeout),
+        run_case(mp, ms, args, n_dev=1),
     ]
+    if args.multi_large:
+        lp, ls = args.multi_large
+        multi.append(
+            run_case(lp, ls, args, n_dev=args.devices, timeout=args.multi_timeout)
+        )
     rows = by_pix + by_spec
     proj = project(rows, 100_000, 8_000, args.project_iter)
     n_par = (5 + 1) * args.hidden + args.hidden + 1
@@ -133,6 +152,10 @@ def main(argv=None) -> dict:
           "| first iteration (compile) s | peak RSS MB | device peak bytes |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in rows + multi:
+        if r.get("hung"):
+            print(f"| {r['n_pix']} | {r['n_spec']} | {r['n_dev']} | no result in "
+                  f"{r['timeout_s']} s (killed) | | | |")  # fmt: skip
+            continue
         dev = r["device_peak_bytes"]
         dev = "n/a (CPU)" if all(d is None for d in dev) else ", ".join(map(str, dev))
         print(
