@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
         f"\nAt {args.n_total} spectra (median, p90 per seed) against LHS-{args.n_lhs}"
     )
     print(
-        "\n| method | median |error| | p90 of spectra's mean |error| |\n|---|---|---|"
+        "\n| method | median abs. error | p90 of spectra's mean abs. error |\n|---|---|---|"
     )
     for b in args.lhs_max_iter:
         cells = [[r["lhs"][b][k] for r in results] for k in KEYS]

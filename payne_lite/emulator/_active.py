@@ -5,7 +5,7 @@ spectra go matters. :func:`active_learning` grows a grid in rounds:
 
 1. train an emulator on the current grid, holding out a fixed random *probe* share of
    every batch (``probe_fraction``) for early stopping and as the error map's data;
-2. measure the emulator's error on each probe spectrum (mean |error| over pixels: out of
+2. measure the emulator's error on each probe spectrum (mean absolute error over pixels: out of
    sample, since probes are never trained on) and regress its logarithm over the label
    box by inverse-distance weighting of the ``n_neighbours`` nearest probes;
 3. propose a batch: ``explore`` of it uniform in the box, the rest greedily where the
@@ -64,10 +64,10 @@ class ActiveLearningResult:
             on ``grid[probe]``.
         probe: (n_spec,) bool, the held-out rows (never trained on).
         curve: per round (R,) arrays: ``n_spec`` (grid size), ``n_train``,
-            ``probe_median_abs_error`` (median |error| over probe spectra and pixels),
+            ``probe_median_abs_error`` (median absolute error over probe spectra and pixels),
             ``test_median_abs_error`` (the same on ``test``; NaN without it),
             ``test_p90_spectrum_error`` (90th percentile over ``test`` spectra of
-            their mean |error| over pixels: the tail; NaN without ``test``),
+            their mean absolute error over pixels: the tail; NaN without ``test``),
             ``train_seconds`` and ``n_iter`` (iterations of that round's training).
     """
 
@@ -121,7 +121,8 @@ def _synthesize(synthesize, labels: np.ndarray, n_pix: int) -> np.ndarray:
 
 
 def spectrum_errors(emulator: Emulator, grid: SpectralGrid) -> np.ndarray:
-    """Mean |emulated - true| flux over pixels of each spectrum of ``grid`` (n_spec,)."""
+    """Each spectrum's mean absolute error (emulated - true flux) over its pixels,
+    for the spectra of ``grid`` (n_spec,)."""
     pred = np.asarray(emulator.predict(grid.labels, allow_outside=True))
     return np.mean(np.abs(pred - grid.flux), axis=1)
 
@@ -200,8 +201,8 @@ def _train_round(grid, probe, init, refine_iter, train_kw):
 
 
 def _held_out_errors(emulator: Emulator, grid: SpectralGrid) -> tuple[float, float]:
-    """Median |error| over spectra and pixels, and the 90th percentile over spectra
-    of each spectrum's mean |error|."""
+    """Median absolute error over spectra and pixels, and the 90th percentile over spectra
+    of each spectrum's mean absolute error."""
     err = np.abs(
         np.asarray(emulator.predict(grid.labels, allow_outside=True)) - grid.flux
     )
@@ -240,7 +241,7 @@ def active_learning(
         strategy: ``"error"`` (the error map, see the module doc), ``"space"``
             (fill the grid's largest holes) or ``"random"`` (uniform draws; the
             control).
-        test: an optional held-out grid on the same pixels: its median |error| is
+        test: an optional held-out grid on the same pixels: its median absolute error is
             recorded each round (not used to choose labels).
         probe_fraction: share of the starting grid and of each batch held out.
         explore: share of each ``"error"`` batch drawn uniformly in the box.
