@@ -5,15 +5,19 @@
 * a run stopped after k iterations (or killed) and resumed from its checkpoint ends
   with the parameters and loss curves of an uninterrupted run;
 * a checkpoint of another config, grid, optimiser or format is refused;
-* training/train_gpu.sbatch's command line and gpu_node.json parse with today's CLI.
+* training/train_gpu.sbatch's command line and gpu_node.json parse with today's CLI,
+  and run through it on a tiny grid with 4 simulated CPU devices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -393,23 +397,27 @@ def test_cli_checkpoint_resume_and_divergence(grid, tmp_path):
 # --------------------------------------------------------------------------------------
 # the GPU-node recipe (training/)
 # --------------------------------------------------------------------------------------
-def test_gpu_recipe_matches_the_cli():
-    """The sbatch script's payne-lite command and gpu_node.json parse with today's CLI
-    and TrainConfig (a renamed flag or field fails here, not on the cluster)."""
+def _recipe_argv(subs: dict) -> list[str]:
+    """The sbatch script's ``payne-lite`` arguments, its shell variables replaced."""
     script = (ROOT / "training" / "train_gpu.sbatch").read_text()
     joined = re.sub(r"\\\n\s*", " ", script)
     cmd = next(
         ln for ln in joined.splitlines() if ln.lstrip().startswith("payne-lite ")
     )
-    argv = shlex.split(cmd)[1:]
+    return [subs.get(a, a) for a in shlex.split(cmd)[1:]]
+
+
+def test_gpu_recipe_matches_the_cli():
+    """The sbatch script's payne-lite command and gpu_node.json parse with today's CLI
+    and TrainConfig (a renamed flag or field fails here, not on the cluster)."""
+    script = (ROOT / "training" / "train_gpu.sbatch").read_text()
     subs = {
         "$GRID": "grid.h5",
         "$OUT": "emu.h5",
         "$CONFIG": "gpu_node.json",
         "$CKPT": "emu.ckpt.h5",
     }
-    argv = [subs.get(a, a) for a in argv]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_recipe_argv(subs))
     assert args.command == "train"
     assert (args.config, args.checkpoint, args.resume) == (
         "gpu_node.json",
@@ -425,6 +433,42 @@ def test_gpu_recipe_matches_the_cli():
         assert flag in script or any(
             flag in a.option_strings for a in _train_actions()
         ), flag
+
+
+def test_gpu_recipe_runs_on_4_simulated_devices(tmp_path):
+    """The sbatch script's command, with training/gpu_node.json, trains a tiny grid
+    through the CLI on 4 simulated CPU devices (the pixel axis sharded as on a GPU
+    node; 3 iterations instead of 300), writes its checkpoint and a loadable emulator
+    whose settings are the recipe's."""
+    grid = _teacher_grid(n_spec=60, n_pix=10)[0]
+    grid.save(tmp_path / "grid.h5")
+    subs = {
+        "$GRID": str(tmp_path / "grid.h5"),
+        "$OUT": str(tmp_path / "emu.h5"),
+        "$CONFIG": str(ROOT / "training" / "gpu_node.json"),
+        "$CKPT": str(tmp_path / "emu.ckpt.h5"),
+    }
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    )
+    argv = [sys.executable, "-m", "payne_lite", *_recipe_argv(subs), "--max-iter", "3"]
+    proc = subprocess.run(
+        argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emu = pl.Emulator.load(tmp_path / "emu.h5")
+    assert len(emu.meta["devices"]) == 4, emu.meta["devices"]
+    recipe = _config_from_json(ROOT / "training" / "gpu_node.json")
+    same = set(recipe) - {"hidden", "max_iter"}  # max_iter: 3 given on the command line
+    assert {k: emu.meta["config"][k] for k in same} == {k: recipe[k] for k in same}
+    assert list(emu.meta["config"]["hidden"]) == [recipe["hidden"]]
+    assert len(emu.history["valid_rms"]) == 3
+    assert (tmp_path / "emu.ckpt.h5").exists()
+    np.testing.assert_array_less(
+        np.median(np.abs(emu.predict(grid.labels) - grid.flux)),
+        np.median(np.abs(grid.flux - grid.flux.mean(0))),
+    )  # better than each pixel's mean after 3 LM iterations
 
 
 def _train_actions():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from ._active import ACTIVE_STRATEGIES as ACTIVE_STRATEGIES
+from ._active import ActiveLearningResult as ActiveLearningResult
+from ._active import active_learning as active_learning
+from ._active import propose_labels as propose_labels
+from ._active import spectrum_errors as spectrum_errors
 from ._emulator import EMULATOR_FORMAT as EMULATOR_FORMAT
 from ._emulator import Emulator as Emulator
 from ._nets import ACTIVATIONS as ACTIVATIONS
@@ -31,6 +36,8 @@ from ._train import train_emulator as train_emulator
 
 __all__ = [
     "ACTIVATIONS",
+    "ACTIVE_STRATEGIES",
+    "ActiveLearningResult",
     "BinTable",
     "DenseNet",
     "EMULATOR_FORMAT",
@@ -43,6 +50,7 @@ __all__ = [
     "PixelNet",
     "REPORT_BINS",
     "TrainConfig",
+    "active_learning",
     "ValidationReport",
     "dense_forward",
     "forward",
@@ -52,7 +60,9 @@ __all__ = [
     "pixel_forward",
     "predict_batch",
     "predict_kernel",
+    "propose_labels",
     "scale_labels",
+    "spectrum_errors",
     "tanh_rational",
     "train_emulator",
     "unscale_labels",

@@ -30,6 +30,7 @@ This module holds the host-side drivers; the jitted kernels are in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ from .._validate import check_finite
 from ..errors import TrainingDivergedError
 from ..grid import SpectralGrid
 from ._emulator import Emulator
-from ._nets import ACTIVATIONS
+from ._nets import ACTIVATIONS, PixelNet
 from ._report import ValidationReport
 from ._train_ckpt import (
     RESUMABLE_CHANGES,
@@ -63,6 +64,7 @@ from ._train_steps import (
     init_theta,
     lm_step,
     make_adam_step,
+    net_to_theta,
     pixel_template,
     theta_to_net,
     valid_stats,
@@ -345,6 +347,7 @@ def train_emulator(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every: int = 10,
+    init: Emulator | None = None,
     **overrides,
 ) -> Emulator:
     """Train a per-pixel emulator on a grid of spectra.
@@ -372,6 +375,12 @@ def train_emulator(
             (``ValueError`` naming it). A resumed run gives the parameters of an
             uninterrupted one.
         checkpoint_every: iterations (LM) or epochs (Adam) between checkpoints.
+        init: warm start: an emulator (per-pixel networks of the same widths and
+            activation, same labels and number of pixels) whose parameters start
+            the run instead of random ones, e.g. the last one trained on a grid that
+            has since grown (:func:`~payne_lite.emulator.active_learning`). Its
+            label box may differ from this grid's: the first layer is re-scaled
+            exactly. Restarts of stalled pixels are still random.
 
     Returns:
         The :class:`Emulator` with the best-on-validation parameters per pixel, its
@@ -405,9 +414,11 @@ def train_emulator(
             f"label {train.label_names[j]!r} takes a single value "
             f"({lo[j]!r}) in the grid: it cannot be learned; drop it"
         )
+    theta_init = None if init is None else _init_theta(init, grid, cfg, lo, hi, dtype)
     ckpt = None
     if checkpoint is not None:
         identity = {
+            "init_sha256": None if init is None else _digest(theta_init),
             "config": {
                 k: v
                 for k, v in dataclasses.asdict(cfg).items()
@@ -425,8 +436,9 @@ def train_emulator(
     t0 = time.perf_counter()
     fit = _train_lm if cfg.optimizer == "lm" else _train_adam
     theta, unravel, tracker, history = fit(
-        train, valid, lo, hi, cfg, dtype, progress, ckpt=ckpt, resume=resume
-    )
+        train, valid, lo, hi, cfg, dtype, progress, ckpt=ckpt, resume=resume,
+        init=theta_init,
+    )  # fmt: skip
     net = theta_to_net(theta, unravel)
     rms, mae, basis, abs_err = _held_out_stats(
         theta, unravel, valid, lo, hi, cfg, dtype
@@ -444,6 +456,7 @@ def train_emulator(
         "valid_p99_pixel_abs_error": float(np.percentile(mae, 99)),
         "n_restarted_pixels": int((tracker.restarts > 0).sum()),
         "grid_meta": grid.meta,
+        "warm_start": init is not None,
     }
     log.info(
         "trained %d pixels in %.1f s: held-out median |err| %.2e, 99th pct pixel %.2e",
@@ -466,6 +479,28 @@ def train_emulator(
         error_basis=basis,
         report=_report(abs_err, train, valid, grid, lo, hi, cfg, meta, external),
     )
+
+
+def _init_theta(init, grid, cfg: TrainConfig, lo, hi, dtype) -> np.ndarray:
+    """The warm start's flat parameters (P, n_par) over the box (lo, hi); ValueError
+    naming what does not match the grid or the config."""
+    if not isinstance(init, Emulator) or not isinstance(init.net, PixelNet):
+        raise ValueError("init must be an Emulator of per-pixel networks (PixelNet)")
+    widths = tuple(int(w.shape[1]) for w in init.net.weights[:-1])
+    for what, theirs, ours in (
+        ("labels", tuple(init.label_names), tuple(grid.label_names)),
+        ("pixels", init.n_pix, grid.n_pix),
+        ("hidden", widths, cfg.hidden),
+        ("activation", init.activation, cfg.activation),
+    ):
+        if theirs != ours:
+            raise ValueError(f"init emulator has {what} {theirs!r}, training {ours!r}")
+    box = (init.label_lo, init.label_hi)
+    return net_to_theta(init.net, box, (lo, hi), dtype)
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 #: Principal components of the held-out errors kept as ``Emulator.error_basis``.
@@ -530,12 +565,17 @@ _HISTORY_KEYS = (
 )
 
 
-def _start(data, n_lab: int, cfg: TrainConfig):
-    """Per-pixel parameter layout, the run's RNG, and each pixel's weighted mean flux."""
+def _start(data, n_lab: int, cfg: TrainConfig, idx, dtype, init):
+    """Per-pixel parameter layout, the run's RNG, each pixel's weighted mean flux and
+    the starting parameters (n_tot, n_par): random, or ``init`` (P, n_par) padded."""
     _, unravel = ravel_pytree(pixel_template(n_lab, cfg.hidden))
     w2 = data["sw_t"] ** 2
     wmean = np.sum(w2 * data["y_t"], 1) / np.maximum(np.sum(w2, 1), 1e-30)
-    return unravel, np.random.default_rng(cfg.seed), wmean
+    rng = np.random.default_rng(cfg.seed)
+    if init is not None:
+        return unravel, rng, wmean, np.asarray(init, dtype)[idx]
+    theta0 = init_theta(rng, idx.size, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
+    return unravel, rng, wmean, theta0
 
 
 def _ref_mse(theta: np.ndarray, data, chunks, chunk: int, kw) -> np.ndarray:
@@ -612,12 +652,11 @@ def _restart_lm_pixels(
 
 
 def _train_lm(
-    train, valid, lo, hi, cfg: TrainConfig, dtype, progress, *, ckpt=None, resume=False
+    train, valid, lo, hi, cfg, dtype, progress, *, ckpt=None, resume=False, init=None
 ):
     data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
-    unravel, rng, wmean = _start(data, n_lab, cfg)
-    theta0 = init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
+    unravel, rng, wmean, theta0 = _start(data, n_lab, cfg, idx, dtype, init)
     n_par = theta0.shape[1]
     kw = dict(unravel=unravel, activation=cfg.activation)
     ref_mse = _ref_mse(theta0, data, chunks, chunk, kw)
@@ -719,13 +758,12 @@ def _train_lm(
 
 
 def _train_adam(
-    train, valid, lo, hi, cfg: TrainConfig, dtype, progress, *, ckpt=None, resume=False
+    train, valid, lo, hi, cfg, dtype, progress, *, ckpt=None, resume=False, init=None
 ):
     data, chunks, idx, chunk, mesh = _prepare(train, valid, lo, hi, cfg, dtype)
     n_pix, n_lab, n_tot = train.n_pix, train.n_labels, idx.size
-    unravel, rng, wmean = _start(data, n_lab, cfg)
+    unravel, rng, wmean, theta0 = _start(data, n_lab, cfg, idx, dtype, init)
     kw = dict(unravel=unravel, activation=cfg.activation)
-    theta0 = init_theta(rng, n_tot, n_lab, cfg.hidden, wmean, cfg.init_scale, dtype)
     ref_mse = _ref_mse(theta0, data, chunks, chunk, kw)
     row2 = NamedSharding(mesh, PS("pix", None))
     theta = jax.device_put(theta0, row2)

@@ -65,6 +65,25 @@ def init_theta(
     return np.concatenate(flat, axis=1).astype(dtype)
 
 
+def net_to_theta(net: PixelNet, box_from: tuple, box_to: tuple, dtype) -> np.ndarray:
+    """Flat parameters (P, n_par) of a trained :class:`PixelNet` (the inverse of
+    :func:`theta_to_net`), for labels scaled over the box ``box_to`` = (lo, hi) instead
+    of the box ``box_from`` the network was trained on: the first layer absorbs the
+    affine map between the two scalings, so the networks' outputs are unchanged."""
+    lo0, hi0 = (np.asarray(b, np.float64) for b in box_from)
+    lo1, hi1 = (np.asarray(b, np.float64) for b in box_to)
+    # s_from = a * s_to + c, elementwise over labels
+    a = (hi1 - lo1) / (hi0 - lo0)
+    c = (lo1 - lo0 + 0.5 * (hi1 - lo1)) / (hi0 - lo0) - 0.5
+    ws = [np.asarray(w, np.float64) for w in net.weights]
+    bs = [np.asarray(b, np.float64) for b in net.biases]
+    bs[0] = bs[0] + ws[0] @ c
+    ws[0] = ws[0] * a
+    n = ws[0].shape[0]
+    flat = [w.reshape(n, -1) for w in ws] + [b.reshape(n, -1) for b in bs]
+    return np.concatenate(flat, axis=1).astype(dtype)
+
+
 def theta_to_net(theta: np.ndarray, unravel) -> PixelNet:
     """Flat per-pixel parameters ``theta`` (P, n_par) as a :class:`PixelNet` of NumPy
     arrays (weights (P, H, L) ... (P, H), biases (P, H) ... (P,))."""

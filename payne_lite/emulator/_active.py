@@ -1,0 +1,354 @@
+"""Active learning of grid points: synthesize new spectra where the emulator is worst.
+
+Training grids from physical codes cost minutes to hours per spectrum, so where the next
+spectra go matters. :func:`active_learning` grows a grid in rounds:
+
+1. train an emulator on the current grid, holding out a fixed random *probe* share of
+   every batch (``probe_fraction``) for early stopping and as the error map's data;
+2. measure the emulator's error on each probe spectrum (mean absolute error over pixels: out of
+   sample, since probes are never trained on) and regress its logarithm over the label
+   box by inverse-distance weighting of the ``n_neighbours`` nearest probes;
+3. propose a batch: ``explore`` of it uniform in the box, the rest greedily where the
+   predicted error times a spacing factor ``min(1, d / d_typ)`` is largest (``d`` the
+   distance to the nearest grid point or earlier pick, ``d_typ`` the grid's median
+   nearest-neighbour distance, in unit-box coordinates), so that picks spread out;
+4. synthesize it with the user's callable, append it, and retrain from the current
+   parameters (warm start, ``refine_iter`` iterations).
+
+``strategy="space"`` fills the largest holes of the grid instead (greedy maximin over
+the same candidates: the emulator's uncertainty taken as growing with the distance to
+the nearest grid point, as a Gaussian process's does), and ``strategy="random"`` draws
+every batch uniformly (the control: same loop and warm starts, no map). The learning
+curve records, per round, the grid size and the held-out errors (the probes', and a
+separate ``test`` grid's when given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from ..grid import SpectralGrid
+from ._emulator import Emulator
+from ._train import TrainConfig, train_emulator
+
+log = logging.getLogger("payne_lite.emulator")
+
+#: Strategies of :func:`active_learning`.
+ACTIVE_STRATEGIES = ("error", "space", "random")
+#: Entries of :attr:`ActiveLearningResult.curve`.
+CURVE_KEYS = (
+    "n_spec",
+    "n_train",
+    "probe_median_abs_error",
+    "test_median_abs_error",
+    "test_p90_spectrum_error",
+    "train_seconds",
+    "n_iter",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveLearningResult:
+    """What :func:`active_learning` returns.
+
+    Attributes:
+        grid: every spectrum: the starting grid's rows first, then each batch in order
+            (``meta["active_learning"]`` records the settings and the rounds).
+        emulator: the last emulator, trained on ``grid[~probe]`` and stopped early
+            on ``grid[probe]``.
+        probe: (n_spec,) bool, the held-out rows (never trained on).
+        curve: per round (R,) arrays: ``n_spec`` (grid size), ``n_train``,
+            ``probe_median_abs_error`` (median absolute error over probe spectra and pixels),
+            ``test_median_abs_error`` (the same on ``test``; NaN without it),
+            ``test_p90_spectrum_error`` (90th percentile over ``test`` spectra of
+            their mean absolute error over pixels: the tail; NaN without ``test``),
+            ``train_seconds`` and ``n_iter`` (iterations of that round's training).
+    """
+
+    grid: SpectralGrid
+    emulator: Emulator
+    probe: np.ndarray
+    curve: dict[str, np.ndarray]
+
+
+def _check_args(grid, synthesize, n_total, batch_size, strategy, test, fractions):
+    if not isinstance(grid, SpectralGrid):
+        raise TypeError(f"grid must be a SpectralGrid, got {type(grid).__name__}")
+    if not callable(synthesize):
+        raise TypeError(f"synthesize must be callable, got {type(synthesize).__name__}")
+    if grid.flux_err is not None:
+        raise ValueError(
+            "grid has flux_err; active learning grows noise-free synthetic grids only"
+        )
+    for name, v in (("n_total", n_total), ("batch_size", batch_size)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if n_total < grid.n_spec:
+        raise ValueError(f"n_total={n_total} is below the grid's {grid.n_spec} spectra")
+    if strategy not in ACTIVE_STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {ACTIVE_STRATEGIES}, got {strategy!r}"
+        )
+    for name, v in fractions.items():
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+    if test is not None and (
+        test.n_pix != grid.n_pix or tuple(test.label_names) != tuple(grid.label_names)
+    ):
+        raise ValueError("test grid has other pixels or labels than grid")
+
+
+def _synthesize(synthesize, labels: np.ndarray, n_pix: int) -> np.ndarray:
+    """Call the user's synthesizer and check its answer (n, n_pix), finite."""
+    flux = np.asarray(synthesize(labels), dtype=np.float32)
+    if flux.shape != (labels.shape[0], n_pix):
+        raise ValueError(
+            f"synthesize returned shape {flux.shape} for {labels.shape[0]} label "
+            f"vectors; expected ({labels.shape[0]}, {n_pix})"
+        )
+    if not np.all(np.isfinite(flux)):
+        bad = int(np.argmax(~np.all(np.isfinite(flux), axis=1)))
+        raise ValueError(
+            f"synthesize returned non-finite flux for labels {labels[bad].tolist()}"
+        )
+    return flux
+
+
+def spectrum_errors(emulator: Emulator, grid: SpectralGrid) -> np.ndarray:
+    """Each spectrum's mean absolute error (emulated - true flux) over its pixels,
+    for the spectra of ``grid`` (n_spec,)."""
+    pred = np.asarray(emulator.predict(grid.labels, allow_outside=True))
+    return np.mean(np.abs(pred - grid.flux), axis=1)
+
+
+def propose_labels(
+    labels: np.ndarray,
+    probe_labels: np.ndarray,
+    probe_errors: np.ndarray | None,
+    box: tuple[np.ndarray, np.ndarray],
+    n: int,
+    *,
+    rng: np.random.Generator,
+    explore: float = 0.2,
+    n_candidates: int = 20000,
+    n_neighbours: int = 8,
+) -> np.ndarray:
+    """New labels where the regressed held-out error is largest (see the module doc),
+    or, without errors, where the grid has its largest holes.
+
+    Args:
+        labels: (N, L) labels already in the grid [physical units].
+        probe_labels: (M, L) held-out labels whose errors are known.
+        probe_errors: (M,) their errors (positive; their log is regressed); None:
+            pick greedily the candidate farthest from the grid and earlier picks
+            (a maximin, space-filling design; ``probe_labels`` unused).
+        box: (lo, hi), each (L,): the label box.
+        n: how many to propose.
+        rng: the random generator (candidates and the exploratory share).
+        explore: share of the ``n`` drawn uniformly in the box.
+        n_candidates: uniform candidates scored by the error map.
+        n_neighbours: probes in the inverse-distance-weighted regression.
+
+    Returns:
+        (n, L) labels inside the box.
+    """
+    lo, hi = (np.asarray(b, np.float64) for b in box)
+    n_rand = int(round(explore * n))
+    unit = lambda x: (np.asarray(x, np.float64) - lo) / (hi - lo)  # noqa: E731
+    cand = rng.random((n_candidates, lo.size))
+    have = unit(labels)
+    d_near = cKDTree(have).query(cand)[0]
+    if probe_errors is None:
+        score, d_typ = np.ones(n_candidates), np.inf  # d_near itself: maximin
+    else:
+        k = min(n_neighbours, len(probe_errors))
+        dist, idx = cKDTree(unit(probe_labels)).query(cand, k=k)
+        dist, idx = dist.reshape(n_candidates, k), idx.reshape(n_candidates, k)
+        w = 1.0 / np.maximum(dist, 1e-9) ** 2
+        log_err = np.log(np.maximum(probe_errors, 1e-30))[idx]
+        score = np.exp(np.sum(w * log_err, 1) / np.sum(w, 1))
+        d_typ = np.median(cKDTree(have).query(have, k=2)[0][:, 1])
+    picks = []
+    for _ in range(n - n_rand):
+        spread = (
+            d_near if np.isinf(d_typ) else np.minimum(1.0, d_near / max(d_typ, 1e-12))
+        )
+        j = int(np.argmax(score * spread))
+        picks.append(j)
+        d_near = np.minimum(d_near, np.linalg.norm(cand - cand[j], axis=1))
+    new = np.concatenate([cand[picks], rng.random((n_rand, lo.size))])
+    return np.clip(lo + new * (hi - lo), lo, hi)
+
+
+def _train_round(grid, probe, init, refine_iter, train_kw):
+    kw = dict(train_kw)
+    if init is not None:
+        kw["max_iter"] = refine_iter
+    t0 = time.perf_counter()
+    emu = train_emulator(
+        grid.subset(np.nonzero(~probe)[0]),
+        valid=grid.subset(np.nonzero(probe)[0]),
+        init=init,
+        **kw,
+    )
+    return emu, time.perf_counter() - t0
+
+
+def _held_out_errors(emulator: Emulator, grid: SpectralGrid) -> tuple[float, float]:
+    """Median absolute error over spectra and pixels, and the 90th percentile over spectra
+    of each spectrum's mean absolute error."""
+    err = np.abs(
+        np.asarray(emulator.predict(grid.labels, allow_outside=True)) - grid.flux
+    )
+    return float(np.median(err)), float(np.percentile(err.mean(axis=1), 90))
+
+
+def active_learning(
+    grid: SpectralGrid,
+    synthesize: Callable[[np.ndarray], np.ndarray],
+    *,
+    n_total: int,
+    batch_size: int = 200,
+    strategy: str = "error",
+    test: SpectralGrid | None = None,
+    probe_fraction: float = 0.2,
+    explore: float = 0.2,
+    warm_start: bool = True,
+    refine_iter: int = 60,
+    n_candidates: int = 20000,
+    n_neighbours: int = 8,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    progress: bool = False,
+    **overrides,
+) -> ActiveLearningResult:
+    """Grow a training grid where the emulator is least accurate, retraining as it grows.
+
+    Args:
+        grid: the starting grid (for example a small Latin hypercube); its design box
+            (``grid.label_box``) bounds the new labels.
+        synthesize: ``labels (n, L) -> flux (n, n_pix)`` on ``grid.wavelength``, labels
+            in ``grid.label_names`` order [physical units]; e.g. a wrapper of
+            :func:`payne_lite.grid.synth.synthesize`, or of Korg / Turbospectrum.
+        n_total: stop when the grid holds this many spectra (starting grid included).
+        batch_size: new spectra per round (the last round may be smaller).
+        strategy: ``"error"`` (the error map, see the module doc), ``"space"``
+            (fill the grid's largest holes) or ``"random"`` (uniform draws; the
+            control).
+        test: an optional held-out grid on the same pixels: its median absolute error is
+            recorded each round (not used to choose labels).
+        probe_fraction: share of the starting grid and of each batch held out.
+        explore: share of each ``"error"`` batch drawn uniformly in the box.
+        warm_start: retrain each round from the last parameters (``refine_iter``
+            iterations); otherwise from scratch with ``config.max_iter``.
+        refine_iter: LM iterations (Adam epochs) of a warm-started round.
+        n_candidates: uniform candidates scored per round.
+        n_neighbours: probes in the error map's regression.
+        seed: seed of the probe draws, the candidates and, unless ``config`` or
+            ``overrides`` set it, of training.
+        config: training settings (:class:`TrainConfig`); ``overrides`` replace
+            fields of it, e.g. ``hidden=10``.
+        progress: show training progress bars.
+
+    Returns:
+        An :class:`ActiveLearningResult`: the grown grid, the last emulator, the probe
+        mask and the learning curve.
+
+    Raises:
+        ValueError: bad settings; a synthesizer answer of the wrong shape or with
+            non-finite flux (naming the labels).
+        TypeError: ``grid`` not a :class:`SpectralGrid` or ``synthesize`` not callable.
+
+    Examples:
+        >>> from payne_lite.grid import synth                   # doctest: +SKIP
+        >>> wave = synth.default_wavelength()[:200]              # doctest: +SKIP
+        >>> start = synth.make_grid(400, wavelength=wave)        # doctest: +SKIP
+        >>> run = active_learning(                               # doctest: +SKIP
+        ...     start, lambda x: synth.synthesize(x, wavelength=wave), n_total=1000)
+        >>> run.curve["n_spec"], run.emulator                    # doctest: +SKIP
+    """
+    fractions = {"probe_fraction": probe_fraction, "explore": explore}
+    _check_args(grid, synthesize, n_total, batch_size, strategy, test, fractions)
+    rng = np.random.default_rng(seed)
+    overrides.setdefault("seed", seed)
+    train_kw = dict(config=config, progress=progress, **overrides)
+
+    def draw_probe(m: int) -> np.ndarray:
+        mask = np.zeros(m, bool)
+        mask[rng.permutation(m)[: max(1, int(round(probe_fraction * m)))]] = True
+        return mask
+
+    labels, flux = np.asarray(grid.labels, np.float64), np.asarray(grid.flux)
+    probe = draw_probe(grid.n_spec)
+    box = grid.label_box
+    emu, secs = _train_round(grid, probe, None, refine_iter, train_kw)
+    curve = {k: [] for k in CURVE_KEYS}
+
+    def record(g, secs):
+        curve["n_spec"].append(g.n_spec)
+        curve["n_train"].append(int((~probe).sum()))
+        curve["probe_median_abs_error"].append(
+            _held_out_errors(emu, g.subset(np.nonzero(probe)[0]))[0]
+        )
+        med, p90 = (np.nan, np.nan) if test is None else _held_out_errors(emu, test)
+        curve["test_median_abs_error"].append(med)
+        curve["test_p90_spectrum_error"].append(p90)
+        curve["train_seconds"].append(secs)
+        curve["n_iter"].append(len(emu.history["valid_rms"]))
+        log.info(
+            "active learning: %d spectra, probe median |err| %.3e, test %.3e, %.1f s",
+            g.n_spec, curve["probe_median_abs_error"][-1], med, secs,
+        )  # fmt: skip
+
+    record(grid, secs)
+    while labels.shape[0] < n_total:
+        n = min(batch_size, n_total - labels.shape[0])
+        if strategy == "random":
+            lo, hi = box
+            new = lo + rng.random((n, lo.size)) * (hi - lo)
+        elif strategy == "space":
+            new = propose_labels(labels, None, None, box, n, rng=rng, explore=0.0,
+                                 n_candidates=n_candidates)  # fmt: skip
+        else:
+            p = np.nonzero(probe)[0]
+            err = spectrum_errors(
+                emu, SpectralGrid(**_fields(grid, labels[p], flux[p]))
+            )
+            new = propose_labels(
+                labels, labels[p], err, box, n, rng=rng, explore=explore,
+                n_candidates=n_candidates, n_neighbours=n_neighbours,
+            )  # fmt: skip
+        labels = np.concatenate([labels, new])
+        flux = np.concatenate([flux, _synthesize(synthesize, new, grid.n_pix)])
+        probe = np.concatenate([probe, draw_probe(n)])
+        grown = SpectralGrid(**_fields(grid, labels, flux))
+        emu, secs = _train_round(grown, probe, emu if warm_start else None,
+                                 refine_iter, train_kw)  # fmt: skip
+        record(grown, secs)
+    settings = dict(strategy=strategy, batch_size=batch_size, seed=seed,
+                    probe_fraction=probe_fraction, explore=explore,
+                    warm_start=warm_start, refine_iter=refine_iter,
+                    n_start=grid.n_spec)  # fmt: skip
+    meta = {**grid.meta, "active_learning": settings}
+    out = SpectralGrid(**_fields(grid, labels, flux, meta))
+    curve = {k: np.asarray(v) for k, v in curve.items()}
+    return ActiveLearningResult(grid=out, emulator=emu, probe=probe, curve=curve)
+
+
+def _fields(grid: SpectralGrid, labels, flux, meta=None) -> dict:
+    """Constructor fields of a grid like ``grid`` with other labels and flux."""
+    return dict(
+        wavelength=grid.wavelength,
+        labels=labels,
+        flux=flux,
+        label_names=grid.label_names,
+        label_units=grid.label_units,
+        meta=grid.meta if meta is None else meta,
+        box=grid.label_box,
+    )
