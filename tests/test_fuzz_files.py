@@ -326,11 +326,16 @@ warnings.simplefilter("ignore")
 def fingerprint(path):
     h = hashlib.sha256()
     with pl.open_catalog(path) as cat:
-        h.update(f"{len(cat)} {cat.n_pix}".encode())
-        h.update(np.ascontiguousarray(cat.wavelength).tobytes())
+        h.update(f"{len(cat)} {cat.n_pix} {cat.per_row_wavelength}".encode())
+        h.update(json.dumps(getattr(cat, "meta", None), sort_keys=True).encode())
+        if cat.wavelength is not None:
+            h.update(np.ascontiguousarray(cat.wavelength).tobytes())
+        group = cat.read_group()
+        if group is not None:
+            h.update("\0".join(group).encode())
         for start in range(0, len(cat), 64):
             c = cat.read(start, min(start + 64, len(cat)))
-            for a in (c.flux, c.flux_err, c.mask, c.ids):
+            for a in (c.flux, c.flux_err, c.mask, c.ids, c.wavelength, c.group):
                 if a is not None:
                     h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -348,18 +353,38 @@ print(json.dumps(out))
 """
 
 
-def test_damaged_catalogs_are_refused_or_read(tmp_path):
-    """Catalogs carry no checksum (they can be many GB): a damaged copy may read with
-    changed numbers, but never ends in another exception (h5py's RuntimeError on a
-    damaged link table, before the fix: seed 11, 10 flips, flip 5), a crash or a
-    hang."""
-    from conftest import build_tiny_emulator, write_tiny_catalog
+def write_fuzz_catalog(path, emu, n: int, *, per_row: bool = False):
+    """A catalog with every item: ``n`` spectra of ``emu`` with a mask, ids, a group
+    (3 visits per star) and meta; ``per_row``: each spectrum on its own grid."""
+    rng = np.random.default_rng(4)
+    lo, hi = emu.label_lo, emu.label_hi
+    flux = emu.predict(lo + (hi - lo) * rng.uniform(0.2, 0.8, (n, emu.n_labels)))
+    wave = emu.wavelength
+    if per_row:
+        wave = wave * (1 + rng.uniform(-1e-4, 1e-4, (n, 1)))
+    return pl.write_catalog(
+        path, flux, np.full_like(flux, 0.02), wave,
+        mask=rng.uniform(size=flux.shape) < 0.05,
+        ids=[f"2M{i:08d}" for i in range(n)], group=[f"star{i // 3}" for i in range(n)],
+        meta={"survey": "fuzz", "n": n},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-grid", "per-row-grids"])
+def test_damaged_catalogs_are_refused_or_read_unchanged(tmp_path, per_row):
+    """Catalogs (format version 3: HDF5 metadata checksums, Fletcher-32 on every
+    numeric dataset, a SHA-256 of ids and group): each damaged copy is refused with
+    FileFormatError or read with every item unchanged (before version 3, 4 of 158
+    copies were read with changed values: benchmarks/bench_fuzz.py); never another
+    exception (h5py's RuntimeError on a damaged link table, or its KeyError on a
+    header failing its checksum, before the fixes), a crash or a hang."""
+    from conftest import build_tiny_emulator
 
     emu = build_tiny_emulator(n_pix=80, n_hid=3, seed=5)
-    src = write_tiny_catalog(tmp_path / "catalog.h5", emu, 150)
+    src = write_fuzz_catalog(tmp_path / "catalog.h5", emu, 150, per_row=per_row)
     bad = tmp_path / "bad"
     bad.mkdir()
-    paths = _damaged_copies(src, bad, np.random.default_rng(11), n_flip=10)
+    paths = _damaged_copies(src, bad, np.random.default_rng(11), n_flip=16)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD_CATALOG, str(src), *map(str, paths)],
         capture_output=True, text=True, timeout=120,
@@ -367,15 +392,65 @@ def test_damaged_catalogs_are_refused_or_read(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(got) == len(paths)
-    wrong = {k: v for k, v in got.items() if v not in ("refused", "same", "changed")}
+    wrong = {k: v for k, v in got.items() if v not in ("refused", "same")}
     assert not wrong, wrong
+    assert sum(v == "refused" for v in got.values()) >= len(paths) // 2
+
+
+def test_catalog_checksums_and_older_versions(tmp_path):
+    """A value changed in place (a valid HDF5 file, so only payne_lite's checksums
+    can tell) is refused: an id by ``strings_sha256``, a flux value by
+    Fletcher-32 (h5py writes it again, so only through the raw bytes). A file
+    labelled version 3 without the checksums is refused; versions 1 and 2 (written
+    before the checksums, the one-grid wavelength unfiltered) are still read."""
+    import h5py
+    from conftest import build_tiny_emulator
+
+    emu = build_tiny_emulator(n_pix=20, n_hid=3, seed=5)
+    src = write_fuzz_catalog(tmp_path / "c.h5", emu, 30)
+    with pl.open_catalog(src) as cat:
+        ref = cat.read(0, 30)
+    edited = tmp_path / "ids.h5"
+    edited.write_bytes(src.read_bytes())
+    with h5py.File(edited, "a") as f:
+        f["ids"][7] = "2M99999999"
+    with pytest.raises(pl.FileFormatError, match="'ids' do not match the checksum"):
+        pl.open_catalog(edited)
+    data = bytearray(src.read_bytes())
+    at = data.find(np.asarray(ref.flux[11]).tobytes())
+    assert at > 0
+    data[at + 3] ^= 0x10
+    edited.write_bytes(bytes(data))
+    with pl.open_catalog(edited) as cat:  # one storage chunk holds all 30 rows
+        with pytest.raises(pl.FileFormatError, match=r"rows \[10, 15\) are corrupt"):
+            cat.read(10, 15)
+    for version, wave in ((1, emu.wavelength), (2, np.stack([emu.wavelength] * 30)),
+                          (3, emu.wavelength)):  # fmt: skip
+        old = tmp_path / f"v{version}.h5"
+        with h5py.File(old, "w") as f:  # as payne_lite wrote them before version 3
+            f.attrs["format"], f.attrs["format_version"] = "payne_lite.Catalog", version
+            f["wavelength"] = wave
+            for name in ("flux", "flux_err"):
+                f.create_dataset(name, data=getattr(ref, name), chunks=(8, 20),
+                                 fletcher32=True)  # fmt: skip
+            f["ids"] = ref.ids.astype(object).astype(h5py.string_dtype())
+        if version == 3:
+            with pytest.raises(pl.FileFormatError, match="has HDF5 metadata checksums"):
+                pl.open_catalog(old)
+            continue
+        with pl.open_catalog(old) as cat:
+            got = cat.read(0, 30)
+        np.testing.assert_array_equal(got.flux, ref.flux)
+        np.testing.assert_array_equal(got.ids, ref.ids)
 
 
 def test_catalog_id_not_utf8_is_refused(tmp_path):
     """An id whose bytes are damaged into invalid UTF-8 (found by
     benchmarks/bench_fuzz.py: a raw UnicodeDecodeError from h5py before the fix)
-    is a FileFormatError naming the rows."""
-    from conftest import build_tiny_emulator, write_tiny_catalog
+    is refused by the ids' checksum; with a checksum that matches (as a file
+    written so, or of version 1 or 2, would have) it is a FileFormatError naming
+    the rows."""
+    from conftest import build_tiny_emulator, redigest_catalog, write_tiny_catalog
 
     emu = build_tiny_emulator(n_pix=20, n_hid=3, seed=5)
     src = write_tiny_catalog(tmp_path / "catalog.h5", emu, 150)
@@ -384,6 +459,9 @@ def test_catalog_id_not_utf8_is_refused(tmp_path):
     assert at > 0 and data.count(b"s123") == 1
     data[at] = 0xB1  # not a UTF-8 start byte
     src.write_bytes(bytes(data))
+    with pytest.raises(pl.FileFormatError, match="'ids' do not match the checksum"):
+        pl.open_catalog(src)
+    redigest_catalog(src)
     with pl.open_catalog(src) as cat:
         cat.read(0, 100)  # rows before the damaged id read as written
         with pytest.raises(pl.FileFormatError, match=r"rows \[100, 150\) are corrupt"):
