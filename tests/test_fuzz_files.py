@@ -466,3 +466,177 @@ def test_catalog_id_not_utf8_is_refused(tmp_path):
         cat.read(0, 100)  # rows before the damaged id read as written
         with pytest.raises(pl.FileFormatError, match=r"rows \[100, 150\) are corrupt"):
             cat.read(100, 150)
+
+
+# --- inputs: APOGEE FITS files and plain HDF5 / FITS-table catalogs ---------------------
+_CHILD_INPUT = r"""
+import hashlib, json, sys, warnings
+import numpy as np
+import payne_lite as pl
+warnings.simplefilter("ignore")
+ref_path, paths = sys.argv[1], sys.argv[2:]
+
+def fingerprint(path):
+    h = hashlib.sha256()
+    ways = [{}]  # as open_catalog reads it (APOGEE: normalised by the kind of file)
+    if path.endswith(".fits") and "table" not in path:  # and every row, as stored
+        ways.append(dict(visits=True, continuum="none"))
+    for opts in ways:
+        with pl.open_catalog(path, **opts) as cat:
+            h.update(f"{type(cat).__name__} {len(cat)} {cat.n_pix}".encode())
+            h.update(json.dumps(cat.provenance(), sort_keys=True).encode())
+            if cat.wavelength is not None:
+                h.update(np.ascontiguousarray(cat.wavelength).tobytes())
+            c = cat.read(0, len(cat))
+            for a in (c.flux, c.flux_err, c.mask, c.ids, c.wavelength, c.group):
+                if a is not None:
+                    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+jobs = {ref_path: paths}
+if ref_path == "-":  # several originals: {original: [damaged copies]} on stdin
+    jobs = json.loads(sys.stdin.read())
+out = {}
+for ref_path, paths in jobs.items():
+    ref = fingerprint(ref_path)
+    for p in paths:
+        try:
+            out[p] = "same" if fingerprint(p) == ref else "changed"
+        except pl.FileFormatError:
+            out[p] = "refused"
+        except Exception as err:
+            out[p] = f"other: {type(err).__name__}: {err}"[:300]
+print(json.dumps(out))
+"""
+
+#: Input kinds fuzzed and whether their files carry checksums (FITS CHECKSUM /
+#: DATASUM): without, damage to the numbers cannot be told from other numbers.
+INPUT_KINDS = {
+    "apstar": False,  # the real survey files: no CHECKSUM / DATASUM
+    "aspcapstar": False,
+    "apstar-checksum": True,  # the real apStar written again with them
+    "plain-h5": False,  # an HDF5 file as h5py writes one by default
+    "fits-table": False,
+    "fits-table-checksum": True,
+}
+
+
+def input_files(folder) -> dict:
+    """A file of each of :data:`INPUT_KINDS`: the real DR13 apStar and aspcapStar
+    files of one star (``data/apogee_raw``), the apStar file written again by astropy
+    with CHECKSUM / DATASUM, and its rows (combined spectra and visits) as a plain
+    HDF5 file and as a FITS table of spectra (with and without checksums)."""
+    import h5py
+    from astropy.io import fits
+
+    star = pl.datasets.apogee_raw().stars[1]
+    files = {"apstar": star.apstar, "aspcapstar": star.aspcapstar}
+    files["apstar-checksum"] = folder / star.apstar.name
+    with fits.open(star.apstar) as hdul:
+        hdul.writeto(files["apstar-checksum"], checksum=True)
+        n_rows = hdul[1].shape[0]
+    rows = [pl.catalog.read_apogee_fits(star.apstar, row=r) for r in range(n_rows)]
+    flux = np.stack([r.flux for r in rows]).astype(np.float32)
+    err = np.stack([r.flux_err for r in rows]).astype(np.float32)
+    err[~np.isfinite(err) | (err > 1e9)] = 1e9
+    mask = np.stack([r.mask for r in rows])
+    ids = [f"{star.star}[{r}]" for r in range(n_rows)]
+    files["plain-h5"] = folder / "plain.h5"
+    with h5py.File(files["plain-h5"], "w") as f:
+        f["flux"], f["flux_err"], f["mask"] = flux, err, mask
+        f["wavelength"] = rows[0].wavelength
+        f["ids"] = np.array(ids, dtype=object).astype(h5py.string_dtype())
+    p = flux.shape[1]
+    cols = [
+        fits.Column("FLUX", f"{p}E", array=flux),
+        fits.Column("FLUX_ERR", f"{p}E", array=err),
+        fits.Column("WAVELENGTH", f"{p}D", unit="Angstrom",
+                    array=np.broadcast_to(rows[0].wavelength, flux.shape)),
+        fits.Column("MASK", f"{p}L", array=mask),
+        fits.Column("ID", "24A", array=np.array(ids)),
+    ]  # fmt: skip
+    table = fits.BinTableHDU.from_columns(cols)
+    for kind, checksum in (("fits-table", False), ("fits-table-checksum", True)):
+        files[kind] = folder / f"{kind}.fits"
+        fits.HDUList([fits.PrimaryHDU(), table]).writeto(files[kind], checksum=checksum)
+    return files
+
+
+def damaged_inputs(src, folder, rng, n_flip: int) -> list:
+    """:func:`_damaged_copies` of ``src``, each in a folder of its own under the
+    name of ``src`` (APOGEE files are told apart by their names, and their ids are
+    the names)."""
+    import shutil
+
+    flat = folder / "flat"
+    flat.mkdir(parents=True)
+    out = []
+    for p in _damaged_copies(src, flat, rng, n_flip=n_flip):
+        (folder / p.stem).mkdir()
+        out.append(folder / p.stem / src.name)
+        shutil.move(p, out[-1])
+    flat.rmdir()
+    return out
+
+
+def test_damaged_inputs_are_refused_or_read(tmp_path):
+    """Damaged copies of APOGEE apStar / aspcapStar files and plain HDF5 / FITS-table
+    catalogs: refused with FileFormatError or read, never another exception (an
+    astropy KeyError or VerifyError, h5py's RuntimeError, before the fixes), a crash
+    or a hang; files that carry FITS checksums are refused or read unchanged
+    (without checksums, damage to the numbers reads as other numbers:
+    benchmarks/bench_fuzz.py counts it)."""
+    files = input_files(tmp_path)
+    jobs, checked = {}, {}
+    for kind, has_checksum in INPUT_KINDS.items():
+        paths = damaged_inputs(
+            files[kind], tmp_path / kind, np.random.default_rng(7), n_flip=4
+        )
+        jobs[str(files[kind])] = [str(p) for p in paths]
+        checked.update(dict.fromkeys(jobs[str(files[kind])], has_checksum))
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD_INPUT, "-"], input=json.dumps(jobs),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(got) == sorted(checked)
+    ok = {True: ("refused", "same"), False: ("refused", "same", "changed")}
+    wrong = {k: v for k, v in got.items() if v not in ok[checked[k]]}
+    assert not wrong, wrong
+    n_checked_refused = sum(v == "refused" for k, v in got.items() if checked[k])
+    assert n_checked_refused >= sum(checked.values()) // 2  # the checksums work
+
+
+def test_checksummed_fits_inputs_are_verified(tmp_path):
+    """One flipped bit in the flux of a FITS file with CHECKSUM / DATASUM (an apStar
+    file, a FITS table of spectra) is refused naming the checksum; the same flip in
+    the file without them reads as another value (only its structure can be
+    checked)."""
+    from astropy.io import fits
+
+    files = input_files(tmp_path)
+    for kind, opts in (("apstar", {"continuum": "none"}), ("fits-table", {})):
+        for src, checksummed in (
+            (files[kind], False),
+            (files[f"{kind}-checksum"], True),
+        ):
+            with pl.open_catalog(src, **opts) as cat:
+                before = cat.read(0, 1).flux[0]
+            with fits.open(src) as hdul:  # pixel 3000 of row 0's flux, as stored
+                raw = hdul[1].data if kind == "apstar" else hdul[1].data["FLUX"]
+                value = np.array(raw[0, 3000], dtype=">f4").tobytes()
+            data = bytearray(src.read_bytes())
+            at = data.find(value)
+            assert at > 2880  # in the data, after the primary header
+            data[at] ^= 0x01  # the exponent's lowest bit: twice or half the value
+            bad = tmp_path / f"bad-{kind}-{checksummed}" / src.name
+            bad.parent.mkdir()
+            bad.write_bytes(bytes(data))
+            if checksummed:
+                with pytest.raises(pl.FileFormatError, match="verification failed"):
+                    pl.open_catalog(bad, **opts)
+                continue
+            with pl.open_catalog(bad, **opts) as cat:
+                after = cat.read(0, 1).flux[0]
+            assert np.flatnonzero(after != before).tolist() == [3000]
