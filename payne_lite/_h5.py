@@ -10,7 +10,9 @@ starts with a 512-byte user block (which the HDF5 library skips) holding
 it before the HDF5 library reads a byte, because libhdf5 can abort the process
 ("corrupted double-linked list") or hang on a damaged header. Files written before
 the stamp (the HDF5 signature at byte 0) are read without it; anything else is
-refused. Writes are atomic: a temporary file in the target folder is renamed over
+refused. Catalogs, which can be many GB, have no stamp: they are covered by HDF5's
+own metadata checksums (:data:`CHECKSUMMED_LIBVER`) and their own (see
+:mod:`payne_lite.catalog._hdf5`). Writes are atomic: a temporary file in the target folder is renamed over
 the target once complete and stamped.
 """
 

@@ -521,6 +521,7 @@ def test_info_catalog(fit_files, capsys):
     assert code == 0, err
     assert out.startswith(f"{fit_files.cat}: payne_lite.Catalog v3, ")
     for frag in (
+        "HDF5 metadata, Fletcher-32 on every numeric dataset, SHA-256 of ids",
         "spectra     6 (flux and flux_err float32; mask: yes)",
         "15100.00-15199.84 A, 478 pixels",
         "ids         'star0' .. 'star5'",
