@@ -42,10 +42,12 @@ def fingerprint(path):
         lab = e.label_lo + (e.label_hi - e.label_lo) * np.linspace(0.2, 0.8, 3)[:, None]
         arrays = [e.predict(lab), e.wavelength, e.label_lo, e.label_hi]
         r = e.report  # the validation report: its arrays and the tables made of them
-        arrays += [r.labels, r.spectrum_error, r.pixel_p99, r.coverage_2d,
-                   r.label_bins().median, r.edge_bins().count]
+        if r is not None:  # (benchmarks/bench_fuzz.py's emulator has none)
+            arrays += [r.labels, r.spectrum_error, r.pixel_p99, r.coverage_2d,
+                       r.label_bins().median, r.edge_bins().count]
         h.update(json.dumps([list(e.label_names), list(e.label_units),
-                             r.provenance], sort_keys=True).encode())
+                             None if r is None else r.provenance],
+                            sort_keys=True).encode())
     elif kind == "mdn":
         m = pl.MDN.load(path)
         e = pl.Emulator.load(emu_path)
