@@ -12,8 +12,8 @@ it before the HDF5 library reads a byte, because libhdf5 can abort the process
 the stamp (the HDF5 signature at byte 0) are read without it; anything else is
 refused. Catalogs, which can be many GB, have no stamp: they are covered by HDF5's
 own metadata checksums (:data:`CHECKSUMMED_LIBVER`) and their own (see
-:mod:`payne_lite.catalog._hdf5`). Writes are atomic: a temporary file in the target folder is renamed over
-the target once complete and stamped.
+:mod:`payne_lite.catalog._hdf5`). Writes are atomic: a temporary file in the target
+folder is renamed over the target once complete and stamped.
 """
 
 from __future__ import annotations
