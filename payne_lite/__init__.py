@@ -25,6 +25,7 @@ from .emulator import PixelNet as PixelNet
 from .emulator import TrainConfig, train_emulator
 from .emulator import ValidationReport as ValidationReport
 from .errors import FileFormatError as FileFormatError
+from .errors import KilledWorkerError as KilledWorkerError
 from .errors import OutputLockedError as OutputLockedError
 from .errors import SamplingWarning as SamplingWarning
 from .errors import SchedulerLostError as SchedulerLostError
@@ -73,6 +74,7 @@ __all__ = [
     "DenseNet",
     "Emulator",
     "FileFormatError",
+    "KilledWorkerError",
     "OutputLockedError",
     "MDN",
     "MDNConfig",

@@ -10,8 +10,10 @@ starts with a 512-byte user block (which the HDF5 library skips) holding
 it before the HDF5 library reads a byte, because libhdf5 can abort the process
 ("corrupted double-linked list") or hang on a damaged header. Files written before
 the stamp (the HDF5 signature at byte 0) are read without it; anything else is
-refused. Writes are atomic: a temporary file in the target folder is renamed over
-the target once complete and stamped.
+refused. Catalogs, which can be many GB, have no stamp: they are covered by HDF5's
+own metadata checksums (:data:`CHECKSUMMED_LIBVER`) and their own (see
+:mod:`payne_lite.catalog._hdf5`). Writes are atomic: a temporary file in the target
+folder is renamed over the target once complete and stamped.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ USERBLOCK = 512
 MAGIC = b"payne_lite sha256="
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _STAMP_LEN = len(MAGIC) + 64 + 1
+#: HDF5 file-format bounds under which every metadata structure the library writes
+#: (superblock 3, object headers 2 with their attributes, the chunk indexes of
+#: resizable datasets) carries a checksum that the library verifies on read. Files
+#: written so need HDF5 >= 1.10 to be read.
+CHECKSUMMED_LIBVER = ("v110", "latest")
 
 
 def _sha256_after_userblock(fh) -> str:
@@ -118,20 +125,27 @@ def get_json_attr(obj, name: str, path):
 
 @contextlib.contextmanager
 def atomic_h5_writer(
-    path: str | os.PathLike, fmt: str, version: int, *, stamped: bool = True
+    path: str | os.PathLike,
+    fmt: str,
+    version: int,
+    *,
+    stamped: bool = True,
+    libver: tuple[str, str] | None = None,
 ) -> Iterator[h5py.File]:
     """Open a temporary HDF5 file next to ``path``; rename it over ``path`` on success.
 
     ``stamped``: the file gets its checksum block (:func:`stamp`). Catalogs do not:
-    they can be many GB (a whole-file hash at every open), and a damaged chunk of
-    one flags its rows (Fletcher-32) instead of refusing the whole catalog.
+    they can be many GB (a whole-file hash at every open); they are written with
+    ``libver`` :data:`CHECKSUMMED_LIBVER` instead, whose HDF5 metadata carries the
+    library's own checksums, and Fletcher-32 on their datasets.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w", userblock_size=USERBLOCK if stamped else 0) as f:
+        ub = USERBLOCK if stamped else 0
+        with h5py.File(tmp, "w", userblock_size=ub, libver=libver) as f:
             f.attrs["format"] = fmt
             f.attrs["format_version"] = version
             f.attrs["creator"] = "payne_lite"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "FileFormatError",
+    "KilledWorkerError",
     "OutputLockedError",
     "SamplingWarning",
     "SchedulerLostError",
@@ -38,6 +39,27 @@ class SchedulerLostError(RuntimeError):
     ``fit_catalog`` call (or ``payne-lite fit`` command), with a scheduler that is up,
     other workers or none, fits only the chunks that are missing.
     """
+
+
+class KilledWorkerError(RuntimeError):
+    """On a Dask cluster, the workers that ran one chunk of a catalog run died each
+    time (distributed's ``KilledWorker``: the scheduler gives a task up after
+    ``distributed.scheduler.allowed-failures`` workers died running it); the run
+    stopped.
+
+    The chunks recorded before it are kept in the run's parts folder; the same
+    ``fit_catalog`` call (or ``payne-lite fit`` command) fits only the chunks that
+    are missing. Workers that die on a chunk usually run out of memory (give them
+    more, or use a smaller ``chunk_size`` with ``restart=True``), or crash on its
+    spectra (fit its rows in one process to see).
+
+    ``chunk``: the chunk's index; ``rows``: its ``(start, stop)`` catalog rows, or
+    None when its rows are not one slice (visits of stars, ``group=True``).
+    """
+
+    def __init__(self, message: str, chunk: int, rows: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.chunk, self.rows = chunk, rows
 
 
 class WavelengthGridWarning(UserWarning):

@@ -35,3 +35,21 @@ class HoldChunk:
         table = fit_rows(chunk, **kwargs)
         (folder / f"ran-{first}-{pid}-{uuid.uuid4().hex[:6]}").write_text("")
         return table
+
+
+class DieOnChunk:
+    """A catalog task whose process dies (``os._exit``) whenever it is given the
+    chunk whose first id is ``first_id``, after leaving ``<folder>/died-<pid>``;
+    other chunks are fitted as usual."""
+
+    def __init__(self, folder, first_id: str):
+        self.folder, self.first_id = str(folder), first_id
+
+    def __call__(self, chunk, **kwargs):
+        from payne_lite.catalog._runner import fit_rows
+
+        if str(chunk.ids[0]) == self.first_id:
+            (Path(self.folder) / f"died-{os.getpid()}").write_text("")
+            time.sleep(0.3)  # dies in the middle of the chunk, as out of memory
+            os._exit(3)
+        return fit_rows(chunk, **kwargs)

@@ -186,6 +186,26 @@ def restamp(path) -> None:
             _h5.stamp(fh)
 
 
+def redigest_catalog(path) -> None:
+    """Write a version-3 catalog's string checksums (``strings_sha256``) again after a
+    test edited its ``ids`` or ``group`` in place, as a file written with those
+    values would have them."""
+    import json
+
+    import h5py
+
+    from payne_lite.catalog._hdf5 import STRINGS_DIGEST_ATTR, StringsDigest
+
+    with h5py.File(path, "a") as f:
+        digests = {}
+        for name in ("ids", "group"):
+            if name in f:
+                d = StringsDigest()
+                d.update(f[name][()])
+                digests[name] = d.hexdigest()
+        f.attrs[STRINGS_DIGEST_ATTR] = json.dumps(digests)
+
+
 def interrupt_chunk(monkeypatch, n: int, record) -> None:
     """Make fit_catalog's ``n``-th chunk fit raise KeyboardInterrupt (as a Ctrl-C
     would); ``record(chunk)`` is called for every chunk. Undo with

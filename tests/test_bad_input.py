@@ -491,7 +491,7 @@ CASES = [
         Raises(
             pl.FileFormatError,
             r"payne_lite\.Catalog format_version=99 is not "
-            r"supported \(this payne_lite reads \[1, 2\]\)",
+            r"supported \(this payne_lite reads \[1, 2, 3\]\)",
         ),
     ),
     Case(
@@ -614,7 +614,7 @@ CASES = [
             ("Emulator.load", "emu", "Emulator", "1, 2"),
             ("MDN.load", "mdn", "MDN", MDN_VERSION),
             ("SpectralGrid.load", "grid", "SpectralGrid", 1),
-            ("open_catalog", "cat", "Catalog", "1, 2"),
+            ("open_catalog", "cat", "Catalog", "1, 2, 3"),
         )
         for kind, exc, rx in (
             (

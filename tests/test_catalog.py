@@ -8,12 +8,13 @@ fits compile and run in seconds.
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import h5py
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import interrupt_chunk
+from conftest import interrupt_chunk, redigest_catalog
 
 import payne_lite as pl
 from payne_lite import FileFormatError
@@ -86,7 +87,9 @@ def test_layout_is_versioned_and_chunked_along_rows(cat_path, data):
     flux, err, mask, ids = data
     with h5py.File(cat_path, "r") as f:
         assert f.attrs["format"] == "payne_lite.Catalog"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 3
+        assert f.id.get_create_plist().get_version()[0] >= 2  # metadata checksums
+        assert f["wavelength"].fletcher32
         for name in ("flux", "flux_err", "mask"):
             ds = f[name]
             assert ds.shape == (N_SPEC, N_PIX)
@@ -510,7 +513,7 @@ def test_per_row_grids_round_trip(tmp_path, rows, dtype):
     flux, err = flux.astype(dtype), err.astype(dtype)
     path = pl.write_catalog(tmp_path / "c.h5", flux, err, wave, mask=mask, ids=ids)
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 2  # older readers refuse it by version
+        assert f.attrs["format_version"] == 3  # older readers refuse it by version
         ds = f["wavelength"]
         assert ds.shape == flux.shape and ds.dtype == np.float64
         assert ds.chunks[1] == flux.shape[1] and ds.fletcher32  # rows, checksummed
@@ -544,13 +547,13 @@ def test_per_row_grids_round_trip(tmp_path, rows, dtype):
     np.testing.assert_array_equal(np.concatenate([p.wavelength for p in parts]), wave)
 
 
-def test_one_grid_catalogs_stay_version_1(tmp_path, emu, cat_path):
+def test_one_grid_catalogs(tmp_path, emu, cat_path):
     _, flux, err = spectra(emu, 3)
     with catalog_writer(tmp_path / "w.h5", emu.wavelength) as w:
         w.append(flux, err)
     for path in (cat_path, tmp_path / "w.h5"):
         with h5py.File(path, "r") as f:
-            assert f.attrs["format_version"] == 1 and f["wavelength"].ndim == 1
+            assert f["wavelength"].ndim == 1
         with pl.open_catalog(path) as cat:
             assert not cat.per_row_wavelength and cat.n_pix == N_PIX
             assert cat.read(0, 2).wavelength is None
@@ -607,13 +610,13 @@ def test_catalog_versions_and_bad_per_row_files(tmp_path, rows, row_cat, emu, da
     _raw_catalog(tmp_path / "v1rows.h5", wave, flux, err, version=1)
     with pytest.raises(FileFormatError, match="format_version 1 catalog holds one"):
         pl.open_catalog(tmp_path / "v1rows.h5")
-    _raw_catalog(tmp_path / "v3.h5", wave, flux, err, version=3)
+    _raw_catalog(tmp_path / "v4.h5", wave, flux, err, version=4)
     with pytest.raises(
         FileFormatError,
-        match=r"v3.h5: payne_lite.Catalog format_version=3 is not supported "
-        r"\(this payne_lite reads \[1, 2\]\)",
+        match=r"v4.h5: payne_lite.Catalog format_version=4 is not supported "
+        r"\(this payne_lite reads \[1, 2, 3\]\)",
     ):
-        pl.open_catalog(tmp_path / "v3.h5")
+        pl.open_catalog(tmp_path / "v4.h5")
     _raw_catalog(tmp_path / "rowshape.h5", wave[:4], flux, err, version=2)
     with pytest.raises(
         FileFormatError, match=r"wavelength \(4, 114\) must have the shape of flux"
@@ -765,7 +768,7 @@ def test_group_round_trip_and_read_rows(tmp_path, emu, data, row_cat, rows):
         tmp_path / "g.h5", flux, err, emu.wavelength, mask=mask, ids=ids, group=star
     )
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 1  # an optional dataset: no new version
+        assert "group" in json.loads(f.attrs["strings_sha256"])
         assert list(f["group"].asstr()[()]) == [str(s) for s in star]
     with pl.open_catalog(path) as cat:
         assert cat.has_group and "group=True" in repr(cat)
@@ -805,15 +808,20 @@ def test_group_round_trip_and_read_rows(tmp_path, emu, data, row_cat, rows):
     with pytest.raises(ValueError, match=r"group \(2,\) must be \(3,\)"):
         pl.write_catalog(tmp_path / "e.h5", flux[:3], err[:3], emu.wavelength,
                          group=["a", "a"])  # fmt: skip
-    # a file whose stored group has an empty id, or the wrong length, is refused
+    # a file whose stored group has an empty id, or the wrong length, is refused:
+    # by its checksum, and when written so, by the checks of the values
     with h5py.File(blocks, "a") as f:
         f["group"][5] = ""
+    with pytest.raises(FileFormatError, match="'group' do not match the checksum"):
+        pl.open_catalog(blocks)
+    redigest_catalog(blocks)
     with pl.open_catalog(blocks) as cat:
         with pytest.raises(FileFormatError, match="group of row 5 is empty"):
             cat.read_group()
     with h5py.File(blocks, "a") as f:
         del f["group"]
         f["group"] = np.array(["a"] * 3, dtype=object).astype(h5py.string_dtype())
+    redigest_catalog(blocks)
     with pytest.raises(FileFormatError, match=r"group \(3,\) must be \(20,\)"):
         pl.open_catalog(blocks)
     assert not (tmp_path / "e.h5").exists()

@@ -432,7 +432,7 @@ def test_fit_and_info_on_a_catalog_with_one_grid_per_spectrum(
 
     code, out, err_text = run(capsys, "info", cat)
     assert code == 0, err_text
-    assert out.startswith(f"{cat}: payne_lite.Catalog v2, ")
+    assert out.startswith(f"{cat}: payne_lite.Catalog v3, ")
     assert f"one grid per spectrum, {m} pixels; row 0: 15100.00-" in out
 
     out_path = tmp_path / "rows.ecsv"
@@ -519,8 +519,9 @@ def test_fit_group_fits_each_stars_visits_jointly(files, fit_files, tmp_path, ca
 def test_info_catalog(fit_files, capsys):
     code, out, err = run(capsys, "info", fit_files.cat)
     assert code == 0, err
-    assert out.startswith(f"{fit_files.cat}: payne_lite.Catalog v1, ")
+    assert out.startswith(f"{fit_files.cat}: payne_lite.Catalog v3, ")
     for frag in (
+        "HDF5 metadata, Fletcher-32 on every numeric dataset, SHA-256 of ids",
         "spectra     6 (flux and flux_err float32; mask: yes)",
         "15100.00-15199.84 A, 478 pixels",
         "ids         'star0' .. 'star5'",

@@ -300,6 +300,65 @@ def test_scheduler_gone_clear_error_then_resume(
     assert_same_results(got, reference)
 
 
+@needs_dask
+def test_chunk_that_kills_its_workers_clear_error(files, tmp_path):
+    """A chunk whose worker process dies every time it runs stops the run with
+    ``pl.KilledWorkerError`` naming the chunk, its rows and what to do, not a raw
+    RuntimeError (or distributed's ``KilledWorker``) traceback. Short: one chunk,
+    one death (``MAX_RESENDS`` = 0; the default is 3), no fit compiled on the worker.
+    (That the other chunks are kept and resumed: the scheduler test above; that a
+    chunk waiting on the dying worker is not blamed: the same rule, ``_distributed.
+    _was_running``.)"""
+    import _held_task
+    import cloudpickle
+
+    from payne_lite.catalog import _distributed, local_client
+
+    cloudpickle.register_pickle_by_value(_held_task)  # workers need not import it
+    _, _, emu = files
+    with pl.open_catalog(files[0]) as big:
+        c = big.read(0, 20)
+    cat = pl.write_catalog(
+        tmp_path / "c.h5", c.flux, c.flux_err, emu.wavelength, ids=c.ids
+    )
+    out = tmp_path / "results.fits"
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    with local_client(1) as client, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(catalog_mod, "fit_rows", _held_task.DieOnChunk(dead, "star00000"))
+        mp.setattr(_distributed, "MAX_RESENDS", 0)
+        with pytest.raises(pl.KilledWorkerError) as info:
+            pl.fit_catalog(cat, out, emu, chunk_size=20, progress=False, client=client)
+    err = info.value
+    assert (err.chunk, err.rows) == (0, (0, 20))
+    assert len(list(dead.glob("died-*"))) == 1  # its worker process died on it
+    assert re.search(
+        r"chunk 0 \(catalog rows 0:20\) stopped the run: the Dask workers it was "
+        r"sent to died 1 time\(s\) while they held or ran it .* run out of memory "
+        r".* 0 finished chunk\(s\) are kept in \S+results\.fits\.parts: run the "
+        "same command again to resume",
+        str(err),
+    ), err
+    assert not out.exists()
+
+
+def test_killed_worker_is_the_packages_error():
+    """distributed's ``KilledWorker`` (the scheduler gave a chunk's task up after
+    ``allowed-failures`` + 1 worker deaths) becomes ``pl.KilledWorkerError`` with the
+    chunk, its rows and the number of deaths."""
+    distributed = pytest.importorskip("distributed")
+    from payne_lite.catalog._distributed import _killed
+
+    raw = distributed.KilledWorker("payne-lite-chunk-x-4-0", None, 3)
+    err = _killed(4, (1000, 1250), raw.allowed_failures + 1, raw)
+    assert isinstance(err, pl.KilledWorkerError) and isinstance(err, RuntimeError)
+    assert (err.chunk, err.rows) == (4, (1000, 1250))
+    assert str(err).startswith(
+        "chunk 4 (catalog rows 1000:1250) stopped the run: the Dask workers it was "
+        "sent to died 4 time(s) while they held or ran it (KilledWorker)."
+    )
+
+
 # --- resume and no loss -------------------------------------------------------------
 _KILLED_RUN = """
 import sys, time

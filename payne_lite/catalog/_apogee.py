@@ -200,72 +200,119 @@ class _FileRows(NamedTuple):
 def _read_file(
     path: Path, rows: list[int] | None, bad_bits: int, wavelength_only: bool = False
 ) -> _FileRows:
-    """Rows ``rows`` of an APOGEE-like file (None: none, headers only)."""
+    """Rows ``rows`` of an APOGEE-like file (None: none, headers only).
+
+    A file with CHECKSUM / DATASUM cards (FITS checksums) is verified against them
+    (``checksum=True``: every HDU, when the file is opened); a file without them can
+    only be checked for its structure (damage to its numbers cannot be told)."""
     from astropy.io import fits
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        hdul = fits.open(path, memmap=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise FileFormatError(f"{path}: not a readable FITS file ({err})") from err
+    hdul, n_hdu = open_fits_checked(path, memmap=False)
     with hdul:
         try:
-            with warnings.catch_warnings():
-                # astropy only warns on a short file, then reads fewer HDUs
-                warnings.filterwarnings("error", message=".*may have been truncated")
-                n_hdu = len(hdul)
-        except (OSError, ValueError, UserWarning) as err:
+            return _read_hdus(path, hdul, n_hdu, rows, bad_bits, wavelength_only)
+        except FileFormatError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, fits.VerifyError) as err:
             raise FileFormatError(
-                f"{path}: truncated or corrupt FITS file ({err})"
+                f"{path}: truncated or corrupt FITS file ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]})"
             ) from err
-        if n_hdu < 3:
+
+
+def open_fits_checked(path: Path, *, memmap: bool):
+    """``(hdul, n_hdu)``: the FITS file ``path`` opened with every HDU read and,
+    where an HDU has CHECKSUM / DATASUM cards, verified against them (its header and
+    its data: one pass over the data).
+
+    Raises:
+        payne_lite.FileFormatError: not FITS, truncated, a failed checksum, a header
+            astropy cannot parse.
+    """
+    from astropy.io import fits
+
+    try:
+        hdul = fits.open(path, memmap=memmap)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise FileFormatError(f"{path}: not a readable FITS file ({err})") from err
+    try:
+        with warnings.catch_warnings():
+            # astropy only warns on a short file, then reads fewer HDUs
+            warnings.filterwarnings("error", message=".*may have been truncated")
+            n_hdu = len(hdul)
+        for k, hdu in enumerate(hdul):
+            for card, verify in (
+                ("CHECKSUM", hdu.verify_checksum),
+                ("DATASUM", hdu.verify_datasum),
+            ):
+                if card in hdu.header and verify() != 1:
+                    raise FileFormatError(
+                        f"{path}: damaged FITS file: HDU {k} does not match its "
+                        f"{card} card (checksum verification failed)"
+                    )
+    except FileFormatError:
+        hdul.close()
+        raise
+    except (OSError, ValueError, TypeError, KeyError, UserWarning) as err:
+        hdul.close()
+        raise FileFormatError(
+            f"{path}: truncated or corrupt FITS file "
+            f"({' '.join(str(err).split())[:200]})"
+        ) from err
+    return hdul, n_hdu
+
+
+def _read_hdus(path, hdul, n_hdu, rows, bad_bits, wavelength_only) -> _FileRows:
+    """:func:`_read_file` of the HDUs ``hdul`` (``n_hdu`` of them) of ``path``."""
+    from astropy.io import fits
+
+    if n_hdu < 3:
+        raise FileFormatError(
+            f"{path}: expected an APOGEE-like FITS file with flux in HDU 1 and "
+            f"errors in HDU 2, found {n_hdu} HDU(s)"
+        )
+    summed = ["CHECKSUM" in hdul[k].header for k in range(min(n_hdu, 4))]
+    if any(summed) and not all(summed):
+        raise FileFormatError(
+            f"{path}: damaged FITS file: HDU {summed.index(False)} has no CHECKSUM "
+            f"card, HDU {summed.index(True)} has one"
+        )
+    for k, what in ((1, "flux"), (2, "error")):
+        if not isinstance(hdul[k], fits.ImageHDU | fits.CompImageHDU):
             raise FileFormatError(
-                f"{path}: expected an APOGEE-like FITS file with flux in HDU 1 and "
-                f"errors in HDU 2, found {n_hdu} HDU(s)"
+                f"{path}: HDU {k} ({what}) must be an image, got "
+                f"{type(hdul[k]).__name__}"
             )
-        for k, what in ((1, "flux"), (2, "error")):
-            if not isinstance(hdul[k], fits.ImageHDU | fits.CompImageHDU):
+    shape = hdul[1].shape
+    if len(shape) not in (1, 2) or shape[-1] < 2:
+        raise FileFormatError(
+            f"{path}: HDU 1 (flux) {shape} must be (n_pix,) or (n_rows, n_pix)"
+        )
+    wave = _fits_wavelength(path, hdul, shape[-1])
+    if hdul[2].shape[-1:] != shape[-1:]:
+        raise FileFormatError(
+            f"{path}: HDU 2 (error) {hdul[2].shape} does not match HDU 1 (flux) {shape}"
+        )
+    kind = _file_kind(path, hdul)
+    n_rows = 1 if len(shape) == 1 else int(shape[0])
+    if wavelength_only or rows is None:
+        empty = np.zeros((0, shape[-1]))
+        return _FileRows(empty, empty, empty.astype(bool), wave, kind, n_rows)
+    flux = _rows_of(path, hdul[1].data, "HDU 1 (flux)", rows)
+    error = _rows_of(path, hdul[2].data, "HDU 2 (error)", rows)
+    mask = np.zeros(flux.shape, bool)
+    if n_hdu > 3 and isinstance(hdul[3], fits.ImageHDU):
+        data = hdul[3].data
+        if data is not None and np.asarray(data).dtype.kind in "iu":
+            if np.shape(data) != shape:
                 raise FileFormatError(
-                    f"{path}: HDU {k} ({what}) must be an image, got "
-                    f"{type(hdul[k]).__name__}"
+                    f"{path}: HDU 3 (bitmask) {data.shape} does not match "
+                    f"HDU 1 (flux) {shape}"
                 )
-        shape = hdul[1].shape
-        if len(shape) not in (1, 2) or shape[-1] < 2:
-            raise FileFormatError(
-                f"{path}: HDU 1 (flux) {shape} must be (n_pix,) or (n_rows, n_pix)"
-            )
-        wave = _fits_wavelength(path, hdul, shape[-1])
-        if hdul[2].shape[-1:] != shape[-1:]:
-            raise FileFormatError(
-                f"{path}: HDU 2 (error) {hdul[2].shape} does not match HDU 1 (flux) "
-                f"{shape}"
-            )
-        kind = _file_kind(path, hdul)
-        n_rows = 1 if len(shape) == 1 else int(shape[0])
-        if wavelength_only or rows is None:
-            empty = np.zeros((0, shape[-1]))
-            return _FileRows(empty, empty, empty.astype(bool), wave, kind, n_rows)
-        try:
-            flux = _rows_of(path, hdul[1].data, "HDU 1 (flux)", rows)
-            error = _rows_of(path, hdul[2].data, "HDU 2 (error)", rows)
-            mask = np.zeros(flux.shape, bool)
-            if len(hdul) > 3 and isinstance(hdul[3], fits.ImageHDU):
-                data = hdul[3].data
-                if data is not None and np.asarray(data).dtype.kind in "iu":
-                    if np.shape(data) != shape:
-                        raise FileFormatError(
-                            f"{path}: HDU 3 (bitmask) {data.shape} does not match "
-                            f"HDU 1 (flux) {shape}"
-                        )
-                    bits = _rows_of(path, data, "HDU 3 (bitmask)", rows)
-                    mask = (bits.astype(np.int64) & int(bad_bits)) != 0
-        except (OSError, ValueError, TypeError) as err:
-            if isinstance(err, FileFormatError):
-                raise
-            raise FileFormatError(
-                f"{path}: truncated or corrupt FITS data ({err})"
-            ) from err
+            bits = _rows_of(path, data, "HDU 3 (bitmask)", rows)
+            mask = (bits.astype(np.int64) & int(bad_bits)) != 0
     if error.shape != flux.shape:
         raise FileFormatError(
             f"{path}: HDU 2 (error) {hdul[2].shape} does not match HDU 1 (flux) {shape}"

@@ -26,7 +26,11 @@ A worker that dies loses only its tasks in flight: the scheduler runs them again
 another worker, and a chunk whose data died with it (scattered data cannot be
 recomputed) is read and sent again from here. A scheduler that goes away stops the
 run with :class:`payne_lite.SchedulerLostError`; as when this process dies, the
-chunks already recorded are kept (see fit_catalog's resume).
+chunks already recorded are kept (see fit_catalog's resume). A chunk whose workers
+die every time it runs (distributed's ``KilledWorker``, after
+``distributed.scheduler.allowed-failures`` deaths) stops the run with
+:class:`payne_lite.KilledWorkerError`, which names the chunk; the chunks recorded
+are kept too.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 
-from ..errors import SchedulerLostError
+from ..errors import KilledWorkerError, SchedulerLostError
 
 _log = logging.getLogger("payne_lite.catalog")  # one logger per stage
 
@@ -180,13 +184,23 @@ def _worker_settings(name: str) -> dict:
     return plugin.settings
 
 
+#: The scheduler's event topic on which each task says it started and ended
+#: (``"start <key>"``, ``"end <key>"``): a chunk lost with a worker is blamed for
+#: the death only if it was running there.
+_RUNNING_TOPIC = "payne-lite-chunk-running"
+
+
 def _fit_task(task: Callable, chunk, settings_name: str, p0):
     """Run on a worker: ``task(chunk, p0=p0, **settings)`` with the worker's copy of
     the run's settings (plugin ``settings_name``)."""
     _listen()
+    worker = require().get_worker()
+    key = str(worker.get_current_task())
+    worker.log_event(_RUNNING_TOPIC, f"start {key}")  # see fit_chunks
     settings = _worker_settings(settings_name)
     before = _STATS["compiles"]
     table = task(chunk, p0=p0, **settings)
+    worker.log_event(_RUNNING_TOPIC, f"end {key}")
     with _STATS_LOCK:
         _STATS["tasks"] += 1
         _STATS["compiles_per_task"].append(_STATS["compiles"] - before)
@@ -245,11 +259,14 @@ def fit_chunks(
 
     A chunk whose worker died is fitted again elsewhere: the scheduler runs the
     task again, or, when the chunk's data died with the worker (it was scattered
-    there), the chunk is read and sent again (at most :data:`MAX_RESENDS` times).
+    there), the chunk is read and sent again (at most :data:`MAX_RESENDS` times;
+    then, or when the scheduler gives the task up, :class:`KilledWorkerError`).
 
     Raises:
         SchedulerLostError: the scheduler went away (closed, killed, unreachable);
             the chunks recorded before stay recorded.
+        KilledWorkerError: the workers that ran a chunk died every time
+            (distributed's ``KilledWorker``); the chunks recorded stay recorded.
         Whatever a task raised (the chunks not yet finished are cancelled; those
         recorded stay recorded).
     """
@@ -264,7 +281,8 @@ def fit_chunks(
     run = uuid.uuid4().hex[:8]
     pending = iter(todo)
     in_flight: dict[str, tuple[int, object, object]] = {}
-    resent: dict[int, int] = {}
+    resent: dict[int, int] = {}  # times each chunk was lost with a worker
+    died: dict[int, int] = {}  # ... while it was running there
     done = distributed.as_completed()
 
     def submit(i: int) -> None:
@@ -285,6 +303,9 @@ def fit_chunks(
         in_flight[fut.key] = (i, fut, chunk_f)
         done.add(fut)
 
+    def rows_of(i: int) -> tuple[int, int] | None:  # a slice of the catalog, or not
+        return bounds[i] if read is None else None
+
     def submit_next() -> None:
         i = next(pending, None)
         if i is not None:
@@ -298,17 +319,23 @@ def fit_chunks(
             i, _, chunk_f = in_flight.pop(fut.key)
             try:
                 table = fut.result()
+            except distributed.KilledWorker as err:
+                n = getattr(err, "allowed_failures", None)
+                raise _killed(i, rows_of(i), None if n is None else n + 1, err) from err
             except CancelledError as err:
                 if _scheduler_gone(client, err):
                     raise
                 # the worker that held the chunk's data died (the scheduler cannot
-                # recompute scattered data): read the chunk again and send it anew
+                # recompute scattered data): read the chunk again and send it anew.
+                # Counted against the chunk if it was running there (it may have
+                # killed the worker), not if it only waited there (a bounded
+                # number of times)
+                key = fut.key
                 resent[i] = resent.get(i, 0) + 1
-                if resent[i] > MAX_RESENDS:
-                    raise RuntimeError(
-                        f"chunk {i} was lost with a worker {resent[i]} times; "
-                        "stopping (do its spectra kill the workers?)"
-                    ) from err
+                if _was_running(client, key):
+                    died[i] = died.get(i, 0) + 1
+                if died.get(i, 0) > MAX_RESENDS or resent[i] > 3 * (MAX_RESENDS + 1):
+                    raise _killed(i, rows_of(i), resent[i], err) from err
                 _log.warning(
                     "chunk %d was lost with a worker (%s); sending it again",
                     i,
@@ -337,6 +364,33 @@ def fit_chunks(
             with contextlib.suppress(Exception):
                 client.unregister_worker_plugin(plugin.name)
     return n_workers
+
+
+def _was_running(client, key) -> bool:
+    """Whether the task ``key`` started and did not end (:data:`_RUNNING_TOPIC`)."""
+    try:
+        said = {msg for _, msg in client.get_events(_RUNNING_TOPIC)}
+    except Exception:  # noqa: BLE001 - no answer: blamed, as before this check
+        return True
+    return f"start {key}" in said and f"end {key}" not in said
+
+
+def _killed(i: int, rows, n_deaths: int | None, err) -> KilledWorkerError:
+    """The package's error for chunk ``i`` (catalog rows ``rows``, or None) whose
+    workers died ``n_deaths`` times (None: unknown) while they held or ran it:
+    distributed's ``KilledWorker``, or the chunk's data lost more than
+    :data:`MAX_RESENDS` times (``err``)."""
+    times = "again and again" if n_deaths is None else f"{n_deaths} time(s)"
+    where = "" if rows is None else f" (catalog rows {rows[0]}:{rows[1]})"
+    return KilledWorkerError(
+        f"chunk {i}{where} stopped the run: the Dask workers it was sent to died "
+        f"{times} while they held or ran it ({type(err).__name__}). Workers that "
+        "die on a chunk usually run out of memory (give them more, or fit smaller chunks: "
+        "chunk_size / --chunk-size, with restart) or crash on its spectra (fit "
+        "those rows in one process to see)",
+        chunk=i,
+        rows=None if rows is None else (int(rows[0]), int(rows[1])),
+    )
 
 
 #: Times a chunk is sent again after the worker that held it died, before giving up.

@@ -32,6 +32,7 @@ import numpy as np
 
 from .._validate import check_wavelength
 from ..errors import FileFormatError
+from ._apogee import open_fits_checked
 from ._hdf5 import (
     FITS_SUFFIXES,
     HDF5_SUFFIXES,
@@ -305,7 +306,9 @@ class _ArrayCatalog(Reader):
                 mask = m.astype(bool) if m.dtype == bool else (m != 0)
             ids = self._strings("ids", start, stop) if self.has_ids else None
             group = self._strings("group", start, stop) if self.has_group else None
-        except (OSError, KeyError, RuntimeError) as err:
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as err:
+            # ValueError: UnicodeDecodeError of a damaged id, a FITS column whose
+            # heap is damaged; TypeError: a FITS file shorter than its header says
             raise FileFormatError(
                 f"{self.source}: rows [{start}, {stop}) are corrupt or unreadable ({err})"
             ) from err
@@ -344,7 +347,7 @@ class PlainHDF5Catalog(_ArrayCatalog):
         self._set_path(path)
         try:
             self._f = h5py.File(self.path, "r")
-        except OSError as err:
+        except (OSError, KeyError, RuntimeError) as err:
             raise FileFormatError(
                 f"{self.path}: not a readable HDF5 file ({err})"
             ) from err
@@ -360,6 +363,9 @@ class PlainHDF5Catalog(_ArrayCatalog):
             if isinstance(unit, bytes):
                 unit = unit.decode()
             self._setup(arrays, roles, unit, self.source)
+        except (OSError, KeyError, RuntimeError) as err:  # h5py on damaged metadata
+            self._f.close()
+            raise FileFormatError(f"{self.path}: damaged HDF5 file ({err})") from err
         except BaseException:
             self._f.close()
             raise
@@ -392,7 +398,7 @@ class FitsTableCatalog(_ArrayCatalog):
                 warnings.simplefilter("ignore")  # e.g. truncated: reported when read
                 with fits.open(paths[0], memmap=True) as hdul:
                     return len(hdul) > 1 and isinstance(hdul[1], fits.BinTableHDU)
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, KeyError):
             return False  # the APOGEE reader reports what is wrong with it
 
     @classmethod
@@ -409,34 +415,49 @@ class FitsTableCatalog(_ArrayCatalog):
         from astropy.io import fits
 
         self._set_path(path)
+        self._hdul, n_hdu = open_fits_checked(self.path, memmap=True)
         try:
-            self._hdul = fits.open(self.path, memmap=True)
-        except (OSError, ValueError, TypeError) as err:
+            self._open_table(columns, hdu, n_hdu)
+        except FileFormatError:
+            self._hdul.close()
+            raise
+        except (OSError, ValueError, TypeError, KeyError, fits.VerifyError) as err:
+            self._hdul.close()
             raise FileFormatError(
-                f"{self.path}: not a readable FITS file ({err})"
+                f"{self.path}: truncated or corrupt FITS file ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]})"
             ) from err
-        try:
-            tables = [h for h in self._hdul if isinstance(h, fits.BinTableHDU)]
-            table = (
-                self._hdul[hdu] if hdu is not None else (tables[0] if tables else None)
-            )
-            if not isinstance(table, fits.BinTableHDU):
-                raise FileFormatError(f"{self.path}: no binary table HDU of spectra")
-            self._hdu = hdu
-            names = list(table.columns.names)
-            roles = _find(names, dict(columns or {}), self.source, "column")
-            data = table.data
-            arrays = {role: data[name] for role, name in roles.items()}
-            if arrays["flux"].ndim == 1:  # one scalar per row: not spectra
-                raise FileFormatError(
-                    f"{self.path}: column {roles['flux']!r} holds one value per row; "
-                    "spectra are array columns (one spectrum per row)"
-                )
-            wave_col = table.columns[roles[next(r for r in _WAVES if r in roles)]]
-            self._setup(arrays, roles, wave_col.unit, self.source)
         except BaseException:
             self._hdul.close()
             raise
+
+    def _open_table(self, columns, hdu, n_hdu: int) -> None:
+        """Find the table and its columns (the HDUs were verified against their
+        CHECKSUM / DATASUM where they have them: a table's data in one pass)."""
+        from astropy.io import fits
+
+        summed = ["CHECKSUM" in h.header for h in self._hdul[: min(n_hdu, 2)]]
+        if any(summed) and not all(summed):
+            raise FileFormatError(
+                f"{self.path}: damaged FITS file: HDU {summed.index(False)} has no "
+                f"CHECKSUM card, HDU {summed.index(True)} has one"
+            )
+        tables = [h for h in self._hdul if isinstance(h, fits.BinTableHDU)]
+        table = self._hdul[hdu] if hdu is not None else (tables[0] if tables else None)
+        if not isinstance(table, fits.BinTableHDU):
+            raise FileFormatError(f"{self.path}: no binary table HDU of spectra")
+        self._hdu = hdu
+        names = list(table.columns.names)
+        roles = _find(names, dict(columns or {}), self.source, "column")
+        data = table.data
+        arrays = {role: data[name] for role, name in roles.items()}
+        if arrays["flux"].ndim == 1:  # one scalar per row: not spectra
+            raise FileFormatError(
+                f"{self.path}: column {roles['flux']!r} holds one value per row; "
+                "spectra are array columns (one spectrum per row)"
+            )
+        wave_col = table.columns[roles[next(r for r in _WAVES if r in roles)]]
+        self._setup(arrays, roles, wave_col.unit, self.source)
 
     def options(self) -> dict:
         return {**super().options(), "hdu": self._hdu}

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._api import fit
 from .._validate import warn_if_near_grid
-from ..errors import SchedulerLostError, WavelengthGridWarning
+from ..errors import KilledWorkerError, SchedulerLostError, WavelengthGridWarning
 from ..fitting import METHODS as POINT_METHODS
 from ..observe import Instrument
 from ..options import options_for
@@ -288,6 +288,9 @@ def fit_catalog(
             during the run (the chunks recorded before are kept: the same call
             resumes, on another cluster or in this process). A worker that dies
             is not an error: its chunks are fitted again on the others.
+        payne_lite.KilledWorkerError: the Dask workers running one chunk died each
+            time it ran (distributed's ``KilledWorker``); the error names the chunk,
+            the chunks recorded are kept and the same call resumes.
         FileNotFoundError, payne_lite.FileFormatError: a missing or bad catalog; an
             unreadable manifest.
         ValueError: bad settings or shapes (named in the message); a resume with
@@ -410,6 +413,12 @@ def _resume_hint(path_out: Path):
         raise SchedulerLostError(
             f"{err}. {_kept(path_out)}: run the same command again to resume (with "
             "a scheduler that is up, other workers, or none to fit in this process)"
+        ) from err
+    except KilledWorkerError as err:
+        raise KilledWorkerError(
+            f"{err}. {_kept(path_out)}: run the same command again to resume from them",
+            chunk=err.chunk,
+            rows=err.rows,
         ) from err
 
 
@@ -628,7 +637,7 @@ def _fit_missing(
                 task=fit_rows,
                 p0_of=lambda start, stop: _chunk_p0(p0, start, stop),
                 record=record,
-                read=read,
+                read=None if stars is None else read,  # None: chunks are row slices
             )
     except BaseException:
         if parts.created and not parts.done:

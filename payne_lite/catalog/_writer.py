@@ -15,7 +15,13 @@ import numpy as np
 
 from .. import _h5
 from .._validate import as_float_array, check_wavelength
-from ._hdf5 import CATALOG_FORMAT, CATALOG_VERSION, check_row_grids
+from ._hdf5 import (
+    CATALOG_FORMAT,
+    CATALOG_VERSION,
+    STRINGS_DIGEST_ATTR,
+    StringsDigest,
+    check_row_grids,
+)
 
 #: Target size of one HDF5 storage chunk of ``flux`` / ``flux_err`` [bytes].
 _CHUNK_BYTES = 1 << 20
@@ -125,6 +131,7 @@ class CatalogWriter:
         self.with_group = with_group
         self.per_row_wavelength = per_row_wavelength
         self._sets = {}
+        self._digests = {}
         self.n_spec = 0
         if n_pix is not None:
             self._create(n_pix)
@@ -172,6 +179,7 @@ class CatalogWriter:
                     dtype=h5py.string_dtype(),
                     chunks=(max(rows, 1024),),  # variable-length: no checksum filter
                 )
+                self._digests[name] = StringsDigest()  # their checksum instead
 
     def append(
         self, flux, flux_err, *, wavelength=None, mask=None, ids=None, group=None
@@ -225,9 +233,14 @@ class CatalogWriter:
             if name.startswith("flux"):
                 arr = arr.astype(self._dtype, copy=False)
             elif name in ("ids", "group"):
+                self._digests[name].update(arr)
                 arr = arr.astype(object)
             ds[start:stop] = arr
         self.n_spec = stop
+
+    def strings_digests(self) -> dict:
+        """{name: SHA-256 hex} of the string datasets written (``ids``, ``group``)."""
+        return {name: d.hexdigest() for name, d in self._digests.items()}
 
 
 @contextlib.contextmanager
@@ -251,9 +264,9 @@ def catalog_writer(
     Args:
         path: the ``.h5`` file to write.
         wavelength: (P,) observed vacuum wavelength [Angstrom], strictly increasing,
-            of every spectrum (a version-1 file); or None for one grid per spectrum
-            (a version-2 file): every :meth:`CatalogWriter.append` then passes its
-            rows' grids (m, P), and P is set by the first append.
+            of every spectrum; or None for one grid per spectrum: every
+            :meth:`CatalogWriter.append` then passes its rows' grids (m, P), and P
+            is set by the first append.
         dtype: storage dtype of flux and flux_err (float32 or float64).
         with_mask, with_ids, with_group: whether every :meth:`CatalogWriter.append`
             passes a mask / ids / group (the star of each spectrum).
@@ -280,10 +293,15 @@ def catalog_writer(
         check_wavelength(wave)
     if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-    version = CATALOG_VERSION if per_row else 1  # the oldest that holds the file
-    with _h5.atomic_h5_writer(path, CATALOG_FORMAT, version, stamped=False) as f:
-        if not per_row:
-            f.create_dataset("wavelength", data=wave)
+    with _h5.atomic_h5_writer(
+        path,
+        CATALOG_FORMAT,
+        CATALOG_VERSION,
+        stamped=False,
+        libver=_h5.CHECKSUMMED_LIBVER,  # metadata checksums (the layout's docstring)
+    ) as f:
+        if not per_row:  # chunked, with its Fletcher-32 checksum
+            _h5.write_dataset(f, "wavelength", wave, compress=False)
         _h5.set_json_attr(f, "meta", dict(meta or {}))
         writer = CatalogWriter(
             f,
@@ -300,6 +318,7 @@ def catalog_writer(
             raise ValueError(
                 f"{path}: no spectra were appended; a catalog is never empty"
             )
+        _h5.set_json_attr(f, STRINGS_DIGEST_ATTR, writer.strings_digests())
 
 
 def write_catalog(
@@ -314,7 +333,8 @@ def write_catalog(
     meta: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write spectra to one catalog file (layout in the module docstring).
+    """Write spectra to one catalog file (format version 3, with checksums: the
+    layout is in :mod:`payne_lite.catalog._hdf5`).
 
     Args:
         path: the ``.h5`` file to write (atomically).
@@ -324,8 +344,7 @@ def write_catalog(
         wavelength: observed vacuum wavelength [Angstrom]: (P,), strictly increasing,
             one grid for every spectrum; or (n, P), one grid per spectrum (for
             example visits not resampled, or several spectrographs), NaN for a
-            missing pixel, each row's finite values strictly increasing (stored as
-            format version 2).
+            missing pixel, each row's finite values strictly increasing.
         mask: optional (n, P) bool, True = ignore the pixel.
         ids: optional (n,) identifiers, stored as str.
         group: optional (n,) star identifier of each spectrum (not empty), stored

@@ -387,6 +387,14 @@ def _lines_catalog(path: Path) -> list[str]:
             _row("wavelength", _catalog_wavelength(cat)),
             _row("ids", ids),
             _row("group", _catalog_group(cat)),
+            _row(
+                "checksums",
+                "HDF5 metadata, Fletcher-32 on every numeric dataset, SHA-256 of "
+                "ids and group (verified)"
+                if cat.version >= 3
+                else f"Fletcher-32 on the row datasets only (format version "
+                f"{cat.version}, written before catalogs had checksums)",
+            ),
             *_meta_rows(cat.meta),
         ]
 

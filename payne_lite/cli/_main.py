@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 from .._version import __version__
 from ..errors import (
+    KilledWorkerError,
     OutputLockedError,
     SchedulerLostError,
     TrainingDivergedError,
@@ -164,7 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
             return EXIT_USAGE
-        except (TrainingDivergedError, OutputLockedError, SchedulerLostError) as err:
+        except (
+            TrainingDivergedError,
+            OutputLockedError,
+            SchedulerLostError,
+            KilledWorkerError,
+        ) as err:
             if args.debug:
                 raise
             print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
