@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._fusion import materialize
 from .._validate import as_float_array, check_wavelength
 from ..constants import APOGEE_R, C_KMS
 from ..emulator import (
@@ -421,6 +422,9 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     m = jet.c
     for h, (a, da) in enumerate(acts):
         m = m + jet.v[:, h] * jnp.where(first, a[None], da[None])
+    # the rows materialised first: else XLA fuses the loop above into both slices
+    # of the shift and evaluates the network's output layer twice (see _fusion)
+    m = materialize(m, jnp.isfinite(rv))
     # the shift: rest position = observed position - u pixels
     dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
     u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
@@ -481,6 +485,7 @@ def weighted_residuals(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array)
         for j in range(n_lab):
             z = z + jet.w0[j, h] * s[j]
         f = f + jet.v[0, h] * act(z)
+    f = materialize(f, jnp.isfinite(rv))  # evaluated once, not once per slice
     u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
     k = jnp.floor(u)
     t = u - k

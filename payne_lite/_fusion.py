@@ -1,0 +1,27 @@
+"""Keeping XLA from fusing an array's computation into each of its consumers.
+
+XLA fuses elementwise producers into their consumers: an array read by several
+dynamic slices (the two ends of the Doppler interpolation, :mod:`payne_lite.observe`)
+is then recomputed once per slice. ``jax.lax.optimization_barrier`` does not stop
+that on XLA:CPU (jaxlib 0.10: the barrier is expanded away before fusion; the dumped
+optimised HLO of the fitter's normal equations has no barrier left, and the
+network's output layer sits inside the shift's fusion, evaluated once per slice). An
+operand of a conditional, on the other hand, is a buffer: :func:`materialize` passes
+the array through a ``lax.cond`` on a predicate known only at run time.
+
+Under ``jax.vmap`` with a batched predicate the conditional becomes a ``select``
+and the array may be fused again: the result is the same, only the saving is lost.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def materialize(x, ok):
+    """``x`` itself, computed once into a buffer: the identity through a
+    conditional on the run-time scalar ``ok``. Where ``ok`` is False the result is
+    NaN, so pass a predicate that holds for every input whose result is used (for
+    example a finite rv: with a NaN rv the model is NaN anyway)."""
+    return jax.lax.cond(ok, lambda y: y, lambda y: jnp.full_like(y, jnp.nan), x)
