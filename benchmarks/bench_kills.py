@@ -14,8 +14,9 @@ run"):
    saves the emulator to a file.
 2. Runs ``payne-lite fit`` on it once, uninterrupted: the reference table.
 3. Starts the same command again and again on another output, killing it with
-   SIGKILL after a random delay (uniform between 0 and the time the first run took
-   to record its first chunks, so kills land in start-up, mid-chunk, mid-write),
+   SIGKILL after a random delay (uniform between 0 and the start-up plus the chunks
+   still to fit, as timed in the first run, so kills land in start-up, mid-chunk,
+   mid-write; a run that reaches its merge before the delay is up is killed there),
    until ``--kills`` kills have landed; the last ``--merge-kills`` of them wait until
    every chunk is recorded and kill during the final merge and write (0-0.5 s after
    the manifest lists every chunk). Then the command runs to the end.
@@ -88,18 +89,24 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         proc = subprocess.Popen(_command(cat, emu_path, ref_path, args.chunk_size),
                                 stdout=subprocess.DEVNULL)  # fmt: skip
-        t_first = None
+        recorded = {}  # chunks recorded -> seconds since start
         while proc.poll() is None:
-            if t_first is None and _done(ref_manifest):
-                t_first = time.perf_counter() - t0
+            recorded.setdefault(len(_done(ref_manifest)), time.perf_counter() - t0)
             time.sleep(0.01)
         assert proc.returncode == 0, "the uninterrupted run failed"
         t_ref = time.perf_counter() - t0
-        t_first = t_first or 0.5 * t_ref
-        ref = pl.read_results(ref_path)
-        print(
-            f"uninterrupted run: {t_ref:.1f} s (first chunk recorded at {t_first:.1f} s)"
+        # start-up (import, compile) and the time per chunk, from when chunks were
+        # recorded: a resumed run with k chunks left takes about start + k * per_chunk
+        k_last = max(recorded)
+        t_first = recorded.get(1, 0.5 * t_ref)
+        per_chunk = (
+            (recorded[k_last] - t_first) / max(k_last - 1, 1) if k_last > 1 else 0
         )
+        per_chunk = per_chunk or (t_ref - t_first) / n_chunks
+        t_start = max(t_first - per_chunk, 0.1 * t_first)
+        ref = pl.read_results(ref_path)
+        print(f"uninterrupted run: {t_ref:.1f} s (start-up ~{t_start:.1f} s, "
+              f"~{per_chunk:.2f} s per chunk)")  # fmt: skip
 
         out = tmp / "out.fits"
         parts = pl.catalog.parts_folder(out)
@@ -119,17 +126,21 @@ def main(argv=None) -> int:
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.5))
             else:
-                # start-up, then the chunks still to fit: kills land before the end
-                left = (n_chunks - before) / n_chunks
-                max_delay = t_first + 0.9 * left * (t_ref - t_first)
-                deadline = time.monotonic() + rng.uniform(0.0, max_delay)
-                while time.monotonic() < deadline and proc.poll() is None:
+                # a moment in start-up or in the chunks still to fit; should the run
+                # reach its merge first (a slow moment of the machine), the kill lands
+                # there, so that no run ends and the kills stay in one run
+                left = max(n_chunks - before - 0.5, 0.5)
+                deadline = time.monotonic() + rng.uniform(
+                    0.0, t_start + left * per_chunk
+                )
+                while (time.monotonic() < deadline and proc.poll() is None
+                       and len(_done(manifest)) < n_chunks):  # fmt: skip
                     time.sleep(0.01)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
-                merge_kills += int(in_merge and len(_done(manifest)) == n_chunks)
+                merge_kills += int(len(_done(manifest)) == n_chunks)
             else:  # it finished first: the kills so far were not in one run
                 if out.exists():
                     out.unlink()
