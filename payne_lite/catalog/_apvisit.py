@@ -231,7 +231,9 @@ def read_apvisit(path: str | os.PathLike) -> ApVisit:
             return _read_hdus(path, hdul, n_hdu)
         except FileFormatError:
             raise
-        except (OSError, ValueError, TypeError, KeyError, fits.VerifyError) as err:
+        except (
+            OSError, ValueError, TypeError, KeyError, IndexError, fits.VerifyError
+        ) as err:  # fmt: skip
             raise FileFormatError(
                 f"{path}: truncated or corrupt FITS file ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:200]})"
@@ -241,7 +243,7 @@ def read_apvisit(path: str | os.PathLike) -> ApVisit:
 def _read_hdus(path: Path, hdul, n_hdu: int) -> ApVisit:
     from astropy.io import fits
 
-    if "CRVAL1" in hdul[1].header or "CRVAL1" in hdul[0].header:
+    if n_hdu > 1 and ("CRVAL1" in hdul[1].header or "CRVAL1" in hdul[0].header):
         raise FileFormatError(
             f"{path}: not an apVisit file (its wavelength is in header keywords, as "
             "in apStar / aspcapStar files: the 'apogee-fits' reader's); a list of "
