@@ -313,3 +313,46 @@ def test_bad_files_are_refused(visits, payne_apogee, tmp_path):
         pl.open_catalog([paths[0], pl.datasets.apogee_raw().apstar[0]])
     with pytest.raises(ValueError, match="frame must be"):
         pl.open_catalog(paths, frame="heliocentric")
+
+
+def test_a_resumed_run_must_read_the_visits_the_same_way(visits, payne_apogee):
+    """The resume identity holds the reader, its options (frame, visits, continuum,
+    bad bits) and the files."""
+    from payne_lite.catalog._parts import run_identity
+
+    emu, _ = payne_apogee
+    paths, _ = visits
+
+    def ident(**kw):
+        with pl.open_catalog(paths, **kw) as cat:
+            return run_identity(
+                cat, emu, mdn=None, method="lm", chunk_size=512, mask=None, p0=None,
+                fit_kwargs={},
+            )["input"]  # fmt: skip
+
+    auto = ident()
+    assert auto["reader"] == "apogee-visit"
+    assert auto["reader_options"]["frame"] == "barycentric"
+    assert ident(frame="observed") != auto
+    assert ident(visits=False) != auto
+    assert ident(continuum="sigma-clipped") != auto
+    assert ident() == auto
+    with pl.open_catalog(paths, frame="observed") as cat:
+        prov = cat.provenance()
+    assert prov["apvisit"]["frame"] == "observed"
+    assert prov["continuum"]["pixels_moved_by"] == "each visit's VRAD"
+
+
+def test_an_apvisit_file_is_recognised_by_its_layout_too(visits, tmp_path):
+    """Renamed, an apVisit file is still claimed by its HDUs (2-D flux without
+    wavelength keywords, a wavelength image of its shape in HDU 4); apStar files
+    are not."""
+    paths, _ = visits
+    renamed = tmp_path / "visit-one.fits"
+    renamed.write_bytes(paths[0].read_bytes())
+    with pl.open_catalog([renamed]) as cat:
+        assert cat.name == "apogee-visit" and cat.read(0, 1).ids.tolist() == [
+            "visit-one"
+        ]
+    with pl.open_catalog(pl.datasets.apogee_raw().apstar[0]) as cat:
+        assert cat.name == "apogee-fits"

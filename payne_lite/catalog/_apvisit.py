@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -192,22 +193,29 @@ def looks_like_apvisit(path) -> bool:
         return True
     if not has_suffix(path, FITS_SUFFIXES) or not path.is_file():
         return False
+    try:
+        with warnings.catch_warnings():  # a short file warns: not ours to say
+            warnings.simplefilter("ignore")
+            return _laid_out_as_apvisit(path)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, UserWarning):
+        return False
+
+
+def _laid_out_as_apvisit(path: Path) -> bool:
+    """:func:`looks_like_apvisit` of an existing FITS file not named as one."""
     from astropy.io import fits
 
-    try:
-        with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
-            h1 = hdul[1].header
-            h4 = hdul[4].header
-            return (
-                h1.get("NAXIS") == 2
-                and "CRVAL1" not in h1
-                and "CRVAL1" not in hdul[0].header
-                and h4.get("NAXIS") == 2
-                and (h4.get("NAXIS1"), h4.get("NAXIS2"))
-                == (h1.get("NAXIS1"), h1.get("NAXIS2"))
-            )
-    except (OSError, ValueError, TypeError, KeyError, IndexError):
-        return False
+    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        h1 = hdul[1].header
+        h4 = hdul[4].header
+        return (
+            h1.get("NAXIS") == 2
+            and "CRVAL1" not in h1
+            and "CRVAL1" not in hdul[0].header
+            and h4.get("NAXIS") == 2
+            and (h4.get("NAXIS1"), h4.get("NAXIS2"))
+            == (h1.get("NAXIS1"), h1.get("NAXIS2"))
+        )
 
 
 def read_apvisit(path: str | os.PathLike) -> ApVisit:
