@@ -374,8 +374,8 @@ class ApogeeVisitCatalog(Reader):
         continuum: ``"auto"`` (The Cannon's continuum pixels, moved by each visit's
             velocity), a name (``"none"``, ``"continuum-pixels"``,
             ``"sigma-clipped"``) or a :class:`payne_lite.Normalizer`.
-        visits: one row per visit (True, default None means True) or one combined
-            row per star (False).
+        visits: one row per visit (True; None, the default, means True) or one
+            combined row per star (False).
         frame: ``"barycentric"`` (default; needs ``BC``, or ``VHELIO`` and ``VRAD``,
             in every header) or ``"observed"``: the frame of the visits' rows (the
             combined rows are at rest).
