@@ -119,7 +119,7 @@ class ApogeeSpectrum(NamedTuple):
     row: int = 0
 
 
-def _fits_id(path: Path) -> str:
+def fits_id(path: Path) -> str:
     name = path.name
     for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
@@ -354,11 +354,11 @@ def read_apogee_fits(
     if wavelength_only:
         empty = np.zeros(0)
         return ApogeeSpectrum(
-            empty, empty, empty.astype(bool), r.wavelength, _fits_id(path), r.kind,
+            empty, empty, empty.astype(bool), r.wavelength, fits_id(path), r.kind,
             r.n_rows, int(row),
         )  # fmt: skip
     return ApogeeSpectrum(
-        r.flux[0], r.flux_err[0], r.mask[0], r.wavelength, _fits_id(path), r.kind,
+        r.flux[0], r.flux_err[0], r.mask[0], r.wavelength, fits_id(path), r.kind,
         r.n_rows, int(row),
     )  # fmt: skip
 
@@ -466,7 +466,7 @@ class ApogeeFitsCatalog(Reader):
             self._norms = {k: norm for k in set(kinds)}
         for k, n in self._norms.items():
             if isinstance(n, ContinuumPixels):
-                _check_pixels_on_grid(n, wave, k, self.source)
+                check_pixels_on_grid(n, wave, k, self.source)
         self.has_mask = True
         self.has_ids = True
         self.has_group = self.visits
@@ -494,7 +494,7 @@ class ApogeeFitsCatalog(Reader):
     def read_group(self) -> np.ndarray | None:
         if not self.visits:
             return None
-        return np.array([_fits_id(self.paths[i]) for i in self._rows[:, 0]], dtype=str)
+        return np.array([fits_id(self.paths[i]) for i in self._rows[:, 0]], dtype=str)
 
     def read(self, start: int, stop: int) -> CatalogChunk:
         """Spectra of rows ``start:stop``, normalised; their files' grids are
@@ -513,7 +513,7 @@ class ApogeeFitsCatalog(Reader):
             norm = self._norms[self.kinds[i]]
             no_data = ~(r.flux_err < APOGEE_NO_DATA_ERROR)
             out = norm(self.wavelength, r.flux, r.flux_err, r.mask | no_data)
-            fid = _fits_id(p)
+            fid = fits_id(p)
             ids = [f"{fid}[{h}]" if self.visits else fid for h in hdu_rows]
             parts.append((r.flux.dtype, out, ids))
         dtype = np.result_type(*(d for d, _, _ in parts), np.float32)
@@ -523,14 +523,14 @@ class ApogeeFitsCatalog(Reader):
             np.concatenate([o.mask for _, o, _ in parts]),
             np.array([x for _, _, ids in parts for x in ids], dtype=str),
             group=(
-                np.array([_fits_id(self.paths[i]) for i in rows[:, 0]], dtype=str)
+                np.array([fits_id(self.paths[i]) for i in rows[:, 0]], dtype=str)
                 if self.visits
                 else None
             ),
         )
 
 
-def _check_pixels_on_grid(norm, wave, kind: str, source: str) -> None:
+def check_pixels_on_grid(norm, wave, kind: str, source: str) -> None:
     """Continuum pixels must land on the grid: enough of them in every chip that
     the grid covers."""
     hit = norm.pixels(wave)

@@ -95,7 +95,10 @@ def add_fit(sub) -> None:
             "            optional pixel bitmask in HDU 3, log10 wavelength from\n"
             "            CRVAL1/CDELT1; ids are the file names; apStar files are\n"
             "            continuum-normalised (--continuum), and with --group their\n"
-            "            visits (HDU rows 2+) are fitted jointly, star by file\n"
+            "            visits (HDU rows 2+) are fitted jointly, star by file;\n"
+            "            apVisit files (one visit each, observed frame) are resampled\n"
+            "            onto the apStar grid (barycentric frame), normalised, and with\n"
+            "            --group fitted jointly, star by header OBJID\n"
             "  FOLDER    its .h5/.fits files, by name\n"
             "  --reader specutils [--reader-option format=FORMAT]: any files\n"
             "            specutils' loaders read, one spectrum each\n\n"
@@ -167,7 +170,7 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="the catalog reader (default: chosen from the files): "
-        "payne-lite, hdf5, fits-table, apogee-fits, specutils",
+        "payne-lite, hdf5, fits-table, apogee-visit, apogee-fits, specutils",
     )
     p.add_argument(
         "--reader-option",
@@ -175,15 +178,18 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a reader option, repeatable: format=NAME (specutils), hdu=N "
-        "(fits-table), bad_bits=N, visits=1 (apogee-fits), datasets=ROLE:NAME,... "
+        "(fits-table), bad_bits=N, visits=1 (apogee-fits), visits=0 (apogee-visit: "
+        "one combined spectrum per star), frame=observed (apogee-visit), "
+        "datasets=ROLE:NAME,... "
         "(hdf5), columns=ROLE:NAME,... (fits-table)",
     )
     p.add_argument(
         "--continuum",
         default=None,
         choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
-        help="continuum normalisation of APOGEE FITS files (apogee-fits reader): "
-        "auto (the default) = apStar files through The Cannon's continuum pixels, "
+        help="continuum normalisation of APOGEE FITS files (apogee-fits and "
+        "apogee-visit readers): auto (the default) = apStar and apVisit files "
+        "through The Cannon's continuum pixels, "
         "aspcapStar files as they are; none; continuum-pixels; sigma-clipped "
         "(ASPCAP-style, no pixel list). The results' meta records it",
     )
@@ -553,6 +559,11 @@ def _reader_options(reader: str | None, options: list[str]) -> dict:
     return kw
 
 
+#: What ``_describe`` calls the files of a reader, and the readers it does not name.
+_FILE_KINDS = {"apogee-fits": "FITS ", "apogee-visit": "apVisit "}
+_SAID_BY_KIND = ("payne-lite", "apogee-fits", "apogee-visit")
+
+
 def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
     """ "6 spectra (3 stars, joint visits) x 478 pixels from catalog.h5"."""
     n = len(cat)
@@ -569,10 +580,10 @@ def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
         + (
             str(cat_paths[0])
             if len(cat_paths) == 1
-            else f"{len(cat_paths)} {'FITS ' if cat.name == 'apogee-fits' else ''}files"
+            else f"{len(cat_paths)} {_FILE_KINDS.get(cat.name, '')}files"
         )
         # the readers chosen by a file's kind go without saying
-        + ("" if cat.name in ("payne-lite", "apogee-fits") else f" ({cat.name} reader)")
+        + ("" if cat.name in _SAID_BY_KIND else f" ({cat.name} reader)")
     )
 
 
