@@ -73,11 +73,16 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     b = jnp.stack([wf @ (t * basis[:, a]).T for a in range(n_c)], axis=-1)
     t2 = t * t
     m = [[None] * n_c for _ in range(n_c)]
+    # per chip (ChipPolynomial), columns of different chips never overlap
+    per_chip = 1 if obs.cont is None else obs.cont.deg + 1
     for a in range(n_c):
         for c in range(a, n_c):
-            m[a][c] = m[c][a] = w @ (t2 * (basis[:, a] * basis[:, c])).T
+            if a // per_chip != c // per_chip:
+                m[a][c] = m[c][a] = jnp.zeros_like(b[..., 0])
+            else:
+                m[a][c] = m[c][a] = w @ (t2 * (basis[:, a] * basis[:, c])).T
     m = jnp.stack([jnp.stack(row, axis=-1) for row in m], axis=-2)  # (n, R, nc, nc)
-    if obs.cont_deg > 0:
+    if obs.n_cont:
         scale = jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1) / n_c, 1e-30)
         eye = jnp.eye(n_c, dtype=m.dtype)
         coef = jnp.linalg.solve(m + 1e-7 * scale[..., None, None] * eye, b[..., None])
@@ -160,7 +165,7 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
         def chi2(_):
             ma, mb, t, _, _ = shift_pair(obs, rest, q[n_lab])
             m = ma + t * (mb - ma)
-            if obs.cont_deg > 0:
+            if obs.n_cont:
                 m = m * (obs.basis @ obs.cont_params(q))
             r = m - f
             return (r * r) @ wi
@@ -225,7 +230,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         f_rest = jax.lax.optimization_barrier(
             rest_model(obs, q[:n_lab], q[obs.n_params - obs.n_broad :])
         )
-        cont = obs.basis @ obs.cont_params(q) if obs.cont_deg > 0 else 1.0
+        cont = obs.basis @ obs.cont_params(q) if obs.n_cont else 1.0
         v = q[n_lab] + d
         if lg is None:
 
@@ -245,7 +250,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         # chip by chip: XLA:CPU writes a concatenation of dynamic slices as scalar
         # code (~3 ns per element); the sums need none
         runs = [(r0, e0, n) for r0, e0, n in lg.obs]
-        cont_c = [cont if obs.cont_deg == 0 else cont[r0 : r0 + n] for r0, _, n in runs]
+        cont_c = [cont if not obs.n_cont else cont[r0 : r0 + n] for r0, _, n in runs]
         f_c = [f[r0 : r0 + n] for r0, _, n in runs]
         w_c = [wi[r0 : r0 + n] for r0, _, n in runs]
 
