@@ -170,3 +170,18 @@ def test_the_profiled_and_fitted_continua_per_chip_reach_the_same_minimum(raw_mo
         scale = float(np.max(np.abs(lm[spec.names[0]])))
         np.testing.assert_allclose(prof[c], lm[c], rtol=1e-3, atol=1e-3 * scale)
     np.testing.assert_allclose(prof["chi2"], lm["chi2"], rtol=1e-4)
+
+
+def test_the_scan_solves_the_continuum_as_numpy_does():
+    """The RV scan's unrolled Cholesky solve (no LAPACK call: two threads' batches
+    calling jnp.linalg.solve at once hung) against numpy's, with its ridge."""
+    from payne_lite.fitting._rvscan import _spd_solve
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(7, 5, 4, 6))
+    m = a @ np.swapaxes(a, -1, -2)  # (7, 5, 4, 4), positive definite
+    b = rng.normal(size=(7, 5, 4))
+    ridge = 1e-7 * np.trace(m, axis1=-2, axis2=-1)[..., None, None] / 4 * np.eye(4)
+    want = np.linalg.solve(m + ridge, b[..., None])[..., 0]
+    got = np.stack([np.asarray(x) for x in _spd_solve(m, b)], axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

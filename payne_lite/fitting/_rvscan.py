@@ -83,10 +83,14 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
                 m[a][c] = m[c][a] = w @ (t2 * (basis[:, a] * basis[:, c])).T
     m = jnp.stack([jnp.stack(row, axis=-1) for row in m], axis=-2)  # (n, R, nc, nc)
     if obs.n_cont:
-        scale = jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1) / n_c, 1e-30)
-        eye = jnp.eye(n_c, dtype=m.dtype)
-        coef = jnp.linalg.solve(m + 1e-7 * scale[..., None, None] * eye, b[..., None])
-        coef = coef[..., 0]
+        # chip by chip (the blocks of a ChipPolynomial), by an unrolled Cholesky
+        # solve: elementwise over (n, R), no LAPACK call (jnp.linalg.solve here hung
+        # two batches run in threads at once: futex waits, no CPU, in XLA:CPU)
+        coef = []
+        for a0 in range(0, n_c, per_chip):
+            blk = slice(a0, a0 + per_chip)
+            coef.extend(_spd_solve(m[..., blk, blk], b[..., blk]))
+        coef = jnp.stack(coef, axis=-1)
         chi2 = sff - jnp.sum(coef * b, axis=-1)
     else:
         coef = jnp.ones_like(b)
@@ -101,6 +105,40 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     return _parabola_vertex(red, i, rv_grid), jnp.take_along_axis(
         coef, i[:, None, None], axis=1
     )[:, 0]
+
+
+def _spd_solve(m, b):
+    """``m^-1 b`` as a list of k (...) arrays, for symmetric positive semi-definite
+    ``m`` (..., k, k) with a ridge of 1e-7 of its mean diagonal (the continuum's
+    normal equations), ``b`` (..., k): Cholesky written out for small k."""
+    k = m.shape[-1]
+    scale = jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1) / k, 1e-30)
+    a = [[m[..., i, j] for j in range(k)] for i in range(k)]
+    for i in range(k):
+        a[i][i] = a[i][i] + 1e-7 * scale
+    low = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1):
+            acc = a[i][j]
+            for q in range(j):
+                acc = acc - low[i][q] * low[j][q]
+            if i == j:
+                low[i][i] = jnp.sqrt(jnp.maximum(acc, 1e-30 * scale))
+            else:
+                low[i][j] = acc / low[j][j]
+    y = []
+    for i in range(k):
+        acc = b[..., i]
+        for q in range(i):
+            acc = acc - low[i][q] * y[q]
+        y.append(acc / low[i][i])
+    x = [None] * k
+    for i in reversed(range(k)):
+        acc = y[i]
+        for q in range(i + 1, k):
+            acc = acc - low[q][i] * x[q]
+        x[i] = acc / low[i][i]
+    return x
 
 
 def _parabola_vertex(red, i, rv_grid):
