@@ -38,6 +38,7 @@ from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
 from .observe import (
+    ChipPolynomial,
     ContinuumPixels,
     Instrument,
     NoNormalization,
@@ -64,6 +65,7 @@ __all__ = [
     "CurveFitOptions",
     "EmceeOptions",
     "ISOptions",
+    "ChipPolynomial",
     "ContinuumPixels",
     "Instrument",
     "NoNormalization",

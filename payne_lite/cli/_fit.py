@@ -22,7 +22,7 @@ from ..catalog import FORMATS as RESULTS_FORMATS
 from ..emulator import Emulator
 from ..fitting import FLAG_BITS
 from ..fitting import METHODS as POINT_METHODS
-from ..observe import Instrument
+from ..observe import ChipPolynomial, Instrument
 from ..options import OPTIONS_BY_METHOD
 from ._common import (
     EXIT_OK,
@@ -225,6 +225,16 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="degree of a multiplicative Chebyshev continuum fitted with "
         "the labels (0 = spectra are already continuum-normalised)",
+    )
+    p.add_argument(
+        "--cont-chips",
+        nargs="+",
+        default=None,
+        metavar="LO:HI",
+        help="one continuum polynomial of degree --cont-deg per chip instead of one "
+        "over the whole spectrum: wavelength ranges LO:HI [A], or 'apogee' for "
+        "APOGEE's three detectors (pl.ChipPolynomial); with --options "
+        "continuum=profile the way to fit unnormalised flux",
     )
     p.add_argument(
         "--rv-range",
@@ -640,7 +650,7 @@ def run_fit(args) -> int:
                 client=client,
                 restart=args.restart,
                 keep_parts=args.keep_parts,
-                cont_deg=args.cont_deg,
+                cont_deg=_continuum(args),
                 rv_range=tuple(args.rv_range),
                 fixed=fixed or None,
                 instrument=instrument,
@@ -656,6 +666,25 @@ def run_fit(args) -> int:
         what = _describe(cat, cat_paths, len(table) if args.group else None)
     _print_summary(args, table, what, mdn, time.perf_counter() - t0, out)
     return EXIT_OK
+
+
+def _continuum(args):
+    """``cont_deg`` of ``pl.fit`` from --cont-deg and --cont-chips."""
+    if not args.cont_chips:
+        return args.cont_deg
+    if [c.lower() for c in args.cont_chips] == ["apogee"]:
+        return ChipPolynomial.apogee(args.cont_deg)
+    chips = []
+    for text in args.cont_chips:
+        try:
+            lo, hi = (float(v) for v in text.split(":"))
+        except ValueError as err:
+            raise ValueError(
+                f"--cont-chips: {text!r} is not LO:HI (a wavelength range [A]) or "
+                "'apogee'"
+            ) from err
+        chips.append((lo, hi))
+    return ChipPolynomial(args.cont_deg, tuple(chips))
 
 
 def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> None:
@@ -687,7 +716,9 @@ def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> No
             else cont["method"]
         )
     print(
-        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}{normalised}"
+        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
+        + (" per chip" if getattr(args, "cont_chips", None) else "")
+        + normalised
         + (
             f", continuum refined {args.refine_continuum}x"
             if getattr(args, "refine_continuum", 0)

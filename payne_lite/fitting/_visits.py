@@ -14,6 +14,7 @@ from ._curve_fit import curve_fit_joint
 from ._driver import (
     BatchFit,
     Prepared,
+    cont_bounds,
     lm_with_starts,
     median_snr,
     prepare_batch,
@@ -276,10 +277,11 @@ def _joint_layout(layout, n_vis, n_c):
     broad = tuple(layout.broadening)
     vidx = visit_index(n_lab, n_vis, n_c, len(broad))
     k = n_lab + n_vis * (1 + n_c) + len(broad)
+    cs = layout.cont_slice
     names = (
         tuple(layout.names[:n_lab])
         + tuple(f"rv_{v + 1}" for v in range(n_vis))
-        + tuple(f"cont_{j}_{v + 1}" for v in range(n_vis) for j in range(n_c))
+        + tuple(f"{c}_{v + 1}" for v in range(n_vis) for c in layout.names[cs])
         + broad
     )
     lower = np.zeros(k)
@@ -415,8 +417,9 @@ def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
         if cs.size:
             c0_v = np.where(ok[:, v, None], prep.c0[rr[:, v]], 0.0)
             p_start[:, :, cs] = c0_v[:, None]
-            lo[:, cs] = np.where(ok[:, v, None], lo[:, cs], 0.0)
-            hi[:, cs] = np.where(ok[:, v, None], hi[:, cs], 0.0)
+            lo_v, hi_v = cont_bounds(lo[:, cs], hi[:, cs], c0_v)
+            lo[:, cs] = np.where(ok[:, v, None], lo_v, 0.0)
+            hi[:, cs] = np.where(ok[:, v, None], hi_v, 0.0)
     return np.clip(p_start, lo[:, None], hi[:, None]), lo, hi
 
 
@@ -493,9 +496,9 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
     out["rv_err"] = stack("rv_{}_err")
     out["rv"].unit = out["rv_err"].unit = "km/s"
     n_c = ctx.obs.n_cont
-    for j in range(n_c):
-        out[f"cont_{j}"] = stack(f"cont_{j}_{{}}")
-        out[f"cont_{j}_err"] = stack(f"cont_{j}_{{}}_err")
+    for c in ctx.layout.names[ctx.layout.cont_slice]:
+        out[c] = stack(f"{c}_{{}}")
+        out[f"{c}_err"] = stack(f"{c}_{{}}_err")
     for name in joint.broadening:  # the star's, shared by its visits
         out[name] = t[name]
         out[f"{name}_err"] = t[f"{name}_err"]

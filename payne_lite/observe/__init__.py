@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from . import broadening as broadening
+from ._chippoly import ChipPolynomial as ChipPolynomial
+from ._chippoly import as_continuum as as_continuum
+from ._chippoly import continuum_meta as continuum_meta
+from ._chippoly import continuum_names as continuum_names
 from ._continuum import APOGEE_CHIPS as APOGEE_CHIPS
 from ._continuum import MIN_PIXELS_PER_COEF as MIN_PIXELS_PER_COEF
 from ._continuum import NORMALIZERS as NORMALIZERS
@@ -54,6 +58,10 @@ from ._problem import teff_index as teff_index
 
 __all__ = [
     "APOGEE_CHIPS",
+    "ChipPolynomial",
+    "as_continuum",
+    "continuum_meta",
+    "continuum_names",
     "ContinuumPixels",
     "MIN_PIXELS_PER_COEF",
     "NORMALIZERS",

@@ -180,7 +180,13 @@ from .._validate import as_float_array
 from ..emulator import Emulator
 from ..errors import SamplingWarning
 from ..fitting import fit_spectra, param_units
-from ..observe import BROADENING_START, LABEL_BOUND, RV_WINDOW, Instrument
+from ..observe import (
+    BROADENING_START,
+    LABEL_BOUND,
+    RV_WINDOW,
+    Instrument,
+    continuum_meta,
+)
 from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
 from ..spectra import unpack
 from ._diagnostics import N_TAU_MIN, RHAT_MAX
@@ -427,7 +433,7 @@ def sample(
         lm=(run.lm, run.lm_cache) if lm_used else None,
         mdn=(pb.mdn_mean, pb.mdn_sigma) if mdn is not None else None,
         meta=dict(
-            method=method, prior=prior, init=init, cont_deg=int(cont_deg),
+            method=method, prior=prior, init=init, **continuum_meta(cont_deg),
             rv_window=float(rv_window), rv_range=list(pb.rv_range), seed=int(seed),
             options=opts.to_meta(), thin=int(em.thin),
             n_walkers=int(n_walkers) if method != "nuts" else None,
