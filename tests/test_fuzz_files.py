@@ -24,7 +24,25 @@ from test_results import _damaged_copies
 import payne_lite as pl
 from payne_lite.catalog import parts_folder
 
-_CHILD = r"""
+#: The children's last part: each damaged copy's fingerprint against its
+#: original's, as "same", "changed", "refused" or "other: ..." (JSON on stdout).
+_JOB_LOOP = r"""
+out = {}
+for ref_path, paths in jobs.items():
+    ref = fingerprint(ref_path)
+    for p in paths:
+        try:
+            out[p] = "same" if fingerprint(p) == ref else "changed"
+        except pl.FileFormatError:
+            out[p] = "refused"
+        except Exception as err:
+            out[p] = f"other: {type(err).__name__}: {err}"[:300]
+print(json.dumps(out))
+"""
+
+
+_CHILD = (
+    r"""
 import hashlib, json, sys, warnings
 import numpy as np
 import payne_lite as pl
@@ -69,17 +87,10 @@ def fingerprint(path):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
-ref = fingerprint(ref_path)
-out = {}
-for p in paths:
-    try:
-        out[p] = "same" if fingerprint(p) == ref else "changed"
-    except pl.FileFormatError:
-        out[p] = "refused"
-    except Exception as err:
-        out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
+jobs = {ref_path: paths}
 """
+    + _JOB_LOOP
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +157,8 @@ def test_damaged_model_files_are_refused_or_read_unchanged(model_files, tmp_path
 
 
 # --- the parts manifest and training checkpoints --------------------------------------
-_CHILD_RUN = r"""
+_CHILD_RUN = (
+    r"""
 import hashlib, json, sys, warnings
 import numpy as np
 import payne_lite as pl
@@ -172,17 +184,10 @@ def fingerprint(path):
             h.update(f"{group}/{k}{a.dtype.str}{a.shape}".encode() + a.tobytes())
     return h.hexdigest()
 
-ref = fingerprint(ref_path)
-out = {}
-for p in paths:
-    try:
-        out[p] = "same" if fingerprint(p) == ref else "changed"
-    except pl.FileFormatError:
-        out[p] = "refused"
-    except Exception as err:
-        out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
+jobs = {ref_path: paths}
 """
+    + _JOB_LOOP
+)
 
 
 @pytest.fixture(scope="module")
@@ -317,23 +322,6 @@ def test_damaged_manifest_rebuilt_from_this_runs_chunks_or_refused(run_files):
         shutil.rmtree(parts, ignore_errors=True)
         shutil.copytree(keep, parts)
         shutil.rmtree(keep)
-
-
-#: The children's last part: each damaged copy's fingerprint against its
-#: original's, as "same", "changed", "refused" or "other: ..." (JSON on stdout).
-_JOB_LOOP = r"""
-out = {}
-for ref_path, paths in jobs.items():
-    ref = fingerprint(ref_path)
-    for p in paths:
-        try:
-            out[p] = "same" if fingerprint(p) == ref else "changed"
-        except pl.FileFormatError:
-            out[p] = "refused"
-        except Exception as err:
-            out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
-"""
 
 
 _CHILD_CATALOG = (
