@@ -31,10 +31,17 @@ from pathlib import Path
 import numpy as np
 
 import payne_lite as pl
-from payne_lite.emulator import active_learning
+from payne_lite.emulator import ErrorMap, active_learning
 from payne_lite.grid import synth
 
 KEYS = ("test_median_abs_error", "test_p90_spectrum_error")
+
+
+def strategy_of(name: str):
+    """``"error:0.5"``: the error map with exponent 0.5; other names as they are."""
+    if name.startswith("error:"):
+        return ErrorMap(exponent=float(name.split(":", 1)[1]))
+    return name
 
 
 def held_out(emu, test) -> tuple[float, float]:
@@ -74,7 +81,7 @@ def run_seed(seed, wave, test, args) -> dict:
             lambda x: synth.synthesize(x, wavelength=wave),
             n_total=args.n_total,
             batch_size=args.batch,
-            strategy=strategy,
+            strategy=strategy_of(strategy),
             test=test,
             seed=seed,
             hidden=args.hidden,
