@@ -6,11 +6,12 @@ seed: a Latin-hypercube grid of ``--n-lhs`` spectra is trained from scratch
 |error| on one fixed held-out test grid (``--n-test`` uniform draws, the same for every
 seed and method) is the target. Then ``active_learning`` grows a ``--n-start``
 Latin-hypercube grid by ``--batch`` spectra per round up to ``--n-total``, once per
-strategy (``error``: the regressed error map; ``random``: uniform draws, the control),
-warm-starting every round. The Latin hypercube is trained with each budget of
-``--lhs-max-iter`` (the default 150 iterations, and 630: as many as the active runs may
-spend over all their rounds, so that warm-started extra iterations are not mistaken
-for better labels). Reported: the spectra each strategy needs to reach each target
+strategy (``error``: the default, the regressed error map tempered to a density ~
+error**0.5; ``error:X``: exponent X; ``space``: boundary-corrected maximin; ``random``:
+uniform draws, the control), warm-starting every round. The Latin hypercube is trained
+with each budget of ``--lhs-max-iter`` (the default 150 iterations, and 630: as many as
+the active runs may spend over all their rounds, so that warm-started extra iterations
+are not mistaken for better labels). Reported: the spectra each strategy needs to reach each target
 (first round at or below it; mean over seeds, inf when never), the final errors, and
 the learning curves as a PNG.
 
