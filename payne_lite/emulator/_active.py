@@ -15,11 +15,14 @@ spectra go matters. :func:`active_learning` grows a grid in rounds:
 3. propose the batch's training labels by a greedy *weighted maximin* over uniform
    candidates (unit-box coordinates): pick the candidate that maximises
    ``e(x) ** (exponent / L) * d(x)``, ``d`` its distance to the nearest training label
-   or earlier pick, or to its own mirror image across the nearest face of the box
-   (twice its distance to that face; without it a maximin piles its picks on the
-   faces), ``L`` the number of labels. Picks then end up spaced as ``1 / e **
-   (exponent / L)``: a density proportional to ``e ** exponent``. ``exponent`` 0 is a
-   space-filling design, large exponents pile the batch where the error is largest;
+   or earlier pick, or 4 times its distance to the nearest face of the box if smaller
+   (``_WALL_FACTOR``), ``L`` the number of labels. Picks then end up spaced as
+   ``1 / e ** (exponent / L)``: a density proportional to ``e ** exponent``.
+   ``exponent`` 0 is a space-filling design, large exponents pile the batch where the
+   error is largest. Without the faces a maximin piles its picks on them; with twice
+   the distance (a mirror image) it leaves a layer of half a spacing along them empty,
+   most of a 5-dimensional box's volume and where the worst spectra are; with 4 the
+   picks come to about a quarter spacing from them;
 4. synthesize it with the user's callable, append it, and retrain from the current
    parameters (warm start, ``refine_iter`` iterations).
 
@@ -56,6 +59,9 @@ from ._train import TrainConfig, train_emulator
 
 log = logging.getLogger("payne_lite.emulator")
 
+#: A candidate's distance to the grid is at most this many times its distance to the
+#: nearest face of the box (2: to its mirror image; see the module doc).
+_WALL_FACTOR = 4.0
 #: Strategies of :func:`active_learning`.
 ACTIVE_STRATEGIES = ("error", "space", "random")
 #: Entries of :attr:`ActiveLearningResult.curve`.
@@ -201,9 +207,9 @@ def propose_labels(
     lo, hi = (np.asarray(b, np.float64) for b in box)
     unit = lambda x: (np.asarray(x, np.float64) - lo) / (hi - lo)  # noqa: E731
     cand = rng.random((n_candidates, lo.size))
-    # a candidate's distance to the grid, or to its own mirror image across the nearest
-    # face: without the mirror a maximin design piles its picks on the box's faces
-    d_wall = 2.0 * np.minimum(cand, 1.0 - cand).min(axis=1)
+    # a candidate's distance to the grid, capped by its distance to the nearest face
+    # (scaled): without the cap a maximin piles its picks on the box's faces
+    d_wall = _WALL_FACTOR * np.minimum(cand, 1.0 - cand).min(axis=1)
     d_near = np.minimum(cKDTree(unit(labels)).query(cand)[0], d_wall)
     weight = np.ones(n_candidates)
     if probe_errors is not None and exponent != 0.0:
