@@ -182,6 +182,19 @@ def test_cli_fits_the_visits_of_apstar_files_with_group(tmp_path, payne_apogee, 
     assert t.meta["apogee_rows"].startswith("visits: HDU rows 2 and up")
     assert t.meta["continuum"]["method"] == "continuum-pixels"
     assert t.meta["continuum"]["file_kinds"] == ["apStar"]
+    # the same from Python: group=True reads the files' visits (Reader.grouped),
+    # no visits=True needed; a reader passed in is left open for its owner
+    with pl.open_catalog(list(RAW.apstar)) as cat:
+        assert not cat.has_group
+        api = pl.fit_catalog(
+            cat, tmp_path / "api.fits", emu, group=True, progress=False
+        )
+        assert len(cat) == 2 and not cat.has_group  # still the combined rows
+    assert list(api["n_visits"]) == [3, 4]
+    assert api["id"][1].tolist() == t["id"][1].tolist()
+    assert api.meta["apogee_rows"] == t.meta["apogee_rows"]
+    for name in (*emu.label_names, "chi2"):
+        np.testing.assert_array_equal(api[name], t[name])
 
 
 def test_a_resumed_run_must_read_the_files_the_same_way(payne_apogee):

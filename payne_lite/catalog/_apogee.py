@@ -403,6 +403,9 @@ class ApogeeFitsCatalog(Reader):
         """FITS files (by name; their HDUs are checked when opened)."""
         return all(has_suffix(p, FITS_SUFFIXES) for p in paths)
 
+    #: ``visits=True`` reads each star's visits, grouped by star (:meth:`grouped`)
+    visits_option = "visits"
+
     def options(self) -> dict:
         return {
             "bad_bits": self.bad_bits,

@@ -397,6 +397,9 @@ class ApogeeVisitCatalog(Reader):
         (the others are checked when opened)."""
         return bool(paths) and looks_like_apvisit(paths[0])
 
+    #: ``visits=True`` reads each star's visits, grouped by star (:meth:`grouped`)
+    visits_option = "visits"
+
     def options(self) -> dict:
         return {
             "bad_bits": self.bad_bits,

@@ -90,6 +90,18 @@ def _check_group(group, method: str, fit_kwargs: dict):
     return ids
 
 
+@contextlib.contextmanager
+def _grouped(cat: Reader, group):
+    """``cat`` as stars of visits for ``group=True`` (:meth:`Reader.grouped`: an
+    apStar file's visits), closed here when it is a reader of its own."""
+    grouped = cat.grouped() if group is True else cat
+    try:
+        yield grouped
+    finally:
+        if grouped is not cat:
+            grouped.close()
+
+
 def _star_chunks(cat, group, p0, chunk_size: int):
     """The :class:`StarChunks` of a joint fit of ``cat``'s visits: by the catalog's
     ``group`` (``group`` True) or the given ids; refuses a (n, L) ``p0``."""
@@ -319,7 +331,7 @@ def fit_catalog(
             if isinstance(path_in, Reader)
             else open_catalog(path_in)
         )
-        with opened as cat:
+        with opened as cat, _grouped(cat, group) as cat:
             n = len(cat)
             wavelength, mask = _check_catalog(cat, emulator, mask, p0)
             stars = None if group is None else _star_chunks(cat, group, p0, chunk_size)

@@ -619,9 +619,11 @@ def run_fit(args) -> int:
         reader_kw["continuum"] = args.continuum
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
     cat = checked_read(open_catalog, source, **reader_kw)
-    if args.group and cat.name == "apogee-fits" and not cat.has_group:
-        cat.close()  # apStar files: their visits, each file's the star's
-        cat = checked_read(open_catalog, source, **{**reader_kw, "visits": True})
+    if args.group:  # apStar files: their visits, each file the star of its own
+        grouped = cat.grouped()
+        if grouped is not cat:
+            cat.close()
+            cat = grouped
     with cat:
         if args.group and not cat.has_group:
             raise ValueError(
