@@ -11,9 +11,8 @@ The parameter vector of one star is::
 * ``c`` (d + 1,): Chebyshev coefficients of a multiplicative continuum correction
   ``sum_k c_k T_k(x)`` in the observed wavelength scaled to ``x`` in [-1, 1]. Only
   present when ``cont_deg = d >= 1``; ``cont_deg = 0`` means no continuum correction
-  (and no continuum parameters). With a :class:`ChipPolynomial` (``cont_deg=`` one),
-  ``(deg + 1)`` coefficients per chip, chip after chip, each chip's polynomial in
-  its own ``x`` (:mod:`payne_lite.observe._chippoly`).
+  (and no continuum parameters). A :class:`ChipPolynomial` has ``deg + 1`` coefficients
+  per chip, chip after chip, each in its chip's own ``x``.
 * ``b`` (B,): broadening parameters [km/s] when requested (``vsini``, ``vmacro``, in
   that order; :class:`BroadSpec`).
 
@@ -241,8 +240,7 @@ class ObsModel:
 class ParamLayout(NamedTuple):
     """Names and box bounds of the parameter vector ``[s (L,), rv, c (n_cont,)]``.
 
-    ``cont_deg`` is the continuum's degree (0 without one) and ``cont`` its
-    :class:`ChipPolynomial` (None without one).
+    ``cont_deg``: the continuum's degree, ``cont`` its :class:`ChipPolynomial` (0, None).
 
     ``lower``/``upper`` are (k,) float64 in fit space: scaled labels in [-0.5, 0.5],
     rv [km/s], continuum coefficients in [-CONT_BOUND, CONT_BOUND].
@@ -437,8 +435,7 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     m = jet.c
     for h, (a, da) in enumerate(acts):
         m = m + jet.v[:, h] * jnp.where(first, a[None], da[None])
-    # the rows materialised first: else XLA fuses the loop above into both slices
-    # of the shift and evaluates the network's output layer twice (see _fusion)
+    # materialised: else XLA fuses the loop above into both slices (see _fusion)
     m = materialize(m, jnp.isfinite(rv))
     # the shift: rest position = observed position - u pixels
     dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
@@ -719,9 +716,8 @@ def build_obs_model(
 ) -> ObsModel:
     """The :class:`ObsModel` pytree for ``emulator`` observed on ``wavelength``.
 
-    ``cont_deg``: the multiplicative continuum, an int (degree of one Chebyshev
-    polynomial over the whole grid; 0 = none) or a :class:`ChipPolynomial` (one
-    per chip).
+    ``cont_deg``: the continuum, an int (degree of one Chebyshev polynomial over the
+    grid; 0 = none) or a :class:`ChipPolynomial` (one per chip).
 
     ``rv_max`` [km/s] is the largest ``|rv|`` the model will be asked for (it sizes the
     margin of the log-uniform fast path; beyond it pixels are flagged invalid);
