@@ -180,7 +180,10 @@ def lm_step(theta, lam, s, y, sw, *, unravel, activation):
     d = jnp.diagonal(a, axis1=1, axis2=2)
     eps = 1e-6 * jnp.max(d, axis=1, keepdims=True) + jnp.finfo(a.dtype).tiny
     a_damped = a + jax.vmap(jnp.diag)(lam[:, None] * d + eps)
-    delta = -jax.lax.map(_spd_solve, (a_damped, g))
+    if jax.default_backend() == "cpu":  # one matrix per LAPACK call (_spd_solve)
+        delta = -jax.lax.map(_spd_solve, (a_damped, g))
+    else:  # GPU solvers take the batch at once, without the CPU pool's deadlock
+        delta = -jax.vmap(_spd_solve)((a_damped, g))
     th_new = theta + delta
     r_new = sw * (fwd(th_new, s, **kw) - y)
     loss, loss_new = jnp.sum(r * r, axis=1), jnp.sum(r_new * r_new, axis=1)
