@@ -18,8 +18,9 @@ S/N ``--snr`` per pixel) are fitted four ways, with the same noise draws:
   :class:`payne_lite.SigmaClipped` (no pixel list; ASPCAP-style upper envelope);
 * ``<each of the three>-refined``: the same normalised spectra, then the continuum
   refined against the best-fit model over all pixels and fitted again
-  (``pl.fit(..., options=pl.LMOptions(refine_continuum=2))``): alternating labels
-  and continuum, a stand-in for a continuum profiled in the fit (issue 20 item 2);
+  (``pl.fit(..., options=pl.LMOptions(refine_continuum=4, refine_deg=2))``; degree
+  3 for the cubic continua): alternating labels and continuum, towards their joint
+  fit;
 * ``chip-profiled-deg<d>`` (``-cubic``: on the cubic-continuum spectra): no
   normalisation step; the unnormalised flux is fitted with the emulator times a
   Chebyshev polynomial of degree d per APOGEE chip whose coefficients are profiled
@@ -96,7 +97,7 @@ def run(
     n: int = 200,
     snr: float = 50.0,
     seed: int = 0,
-    refine_passes: int = 2,
+    refine_passes: int = 4,
     chip_degs=(2, 3, 4),
 ) -> dict:
     """The cases' numbers (see the module docstring) as a dict; ``chip_degs``: the
@@ -133,7 +134,10 @@ def run(
                 options=pl.LMOptions(continuum="profile"),
             )
         else:
-            kw = dict(options=pl.LMOptions(refine_continuum=refine))
+            # refined with the normalisation's degree (2), or 3 where the
+            # continua are cubic
+            deg = 3 if "deg3" in name else 2
+            kw = dict(options=pl.LMOptions(refine_continuum=refine, refine_deg=deg))
         t = pl.fit(f, e, emu, mask=mask, **kw)
         seconds = time.perf_counter() - t0
         fitted = np.stack([np.asarray(t[k], np.float64) for k in NAMES], axis=1)
@@ -204,8 +208,21 @@ def main(argv=None) -> dict:
         metavar="D",
         help="degrees of the per-chip profiled continuum (default 2 3 4)",
     )
+    ap.add_argument(
+        "--refine-passes",
+        type=int,
+        default=4,
+        metavar="N",
+        help="passes of LMOptions.refine_continuum in the -refined cases (4)",
+    )
     args = ap.parse_args(argv)
-    res = run(args.n, args.snr, args.seed, chip_degs=tuple(args.chip_degs))
+    res = run(
+        args.n,
+        args.snr,
+        args.seed,
+        refine_passes=args.refine_passes,
+        chip_degs=tuple(args.chip_degs),
+    )
     print(markdown(res))
     if args.json:
         with open(args.json, "w") as f:

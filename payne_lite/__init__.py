@@ -40,6 +40,7 @@ from .mdn import train_mdn as train_mdn
 from .observe import (
     ChipPolynomial,
     ContinuumPixels,
+    FitContinuum,
     Instrument,
     NoNormalization,
     Normalizer,
@@ -67,6 +68,7 @@ __all__ = [
     "ISOptions",
     "ChipPolynomial",
     "ContinuumPixels",
+    "FitContinuum",
     "Instrument",
     "NoNormalization",
     "Normalizer",

@@ -25,9 +25,6 @@ __all__ = ["METHODS", "fit"]
 #: Every ``fit(method=...)``.
 METHODS = (*POINT_METHODS, *SAMPLERS)
 
-#: Degree of the per-chip polynomial of ``LMOptions(refine_continuum=n)``.
-REFINE_DEG = 3
-
 
 def fit(
     flux,
@@ -207,13 +204,16 @@ def fit(
             fixed=fixed, mdn=mdn, group=group, seed=seed,
             emulator_error=emulator_error, progress=progress, options=options,
         )  # fmt: skip
-        refine_continuum = options_for(method, options).refine_continuum
+        opts = options_for(method, options)
+        refine_continuum = opts.refine_continuum
         table = fit_spectra(
             flux, flux_err, return_model=return_model or refine_continuum > 0, **kw
         )
         for k in range(int(refine_continuum)):
             wave = emulator.wavelength if wavelength is None else wavelength
-            flux, flux_err = _refined(flux, flux_err, mask, wave, table)
+            flux, flux_err = _refined(
+                flux, flux_err, mask, wave, table, opts.refine_deg
+            )
             table = fit_spectra(
                 flux, flux_err, return_model=return_model or k < refine_continuum - 1,
                 **kw,
@@ -223,15 +223,15 @@ def fit(
                 table.remove_column("model_flux")
             table.meta["continuum_refined"] = {
                 "passes": int(refine_continuum),
-                "deg": REFINE_DEG,
+                "deg": opts.refine_deg,
             }
     if read is not None:
         table.meta["input"] = read
     return table
 
 
-def _refined(flux, flux_err, mask, wave, table):
-    """``(flux / c, err')`` with ``c`` (n, P) per chip a degree-:data:`REFINE_DEG`
+def _refined(flux, flux_err, mask, wave, table, deg: int):
+    """``(flux / c, err')`` with ``c`` (n, P) per chip a degree-``deg``
     polynomial fitted to flux / model (``table["model_flux"]``, rows by
     ``visit_rows`` for joint fits) over the good pixels, and the errors propagated
     as by :class:`payne_lite.ContinuumPixels`."""
@@ -252,7 +252,7 @@ def _refined(flux, flux_err, mask, wave, table):
         ratio_f = np.where(bad, 1.0, flux / model)
         ratio_e = np.where(bad, 1.0, err / model)
     w = np.asarray(wave, np.float64)
-    every = ContinuumPixels(wavelength=np.unique(w[np.isfinite(w)]), deg=REFINE_DEG)
+    every = ContinuumPixels(wavelength=np.unique(w[np.isfinite(w)]), deg=deg)
     out = every(w, ratio_f, ratio_e, bad)
     c = np.where(np.isfinite(out.continuum) & (out.continuum > 0), out.continuum, 1.0)
     with np.errstate(all="ignore"):

@@ -13,12 +13,15 @@ header, or the primary header's if HDU 1 lacks them: ``log10(lambda) = CRVAL1 + 
 Several such files read as one catalog (:func:`open_catalog` with a list) must share
 one wavelength grid.
 
-:class:`ApogeeFitsCatalog` continuum-normalises what it reads (a normaliser of
-:mod:`payne_lite.observe`), by default by the kind of each file: ``apStar`` files
+:class:`ApogeeFitsCatalog` treats the continuum of what it reads with a normaliser
+of :mod:`payne_lite.observe`, by default by the kind of each file: ``apStar`` files
 (flux in 1e-17 erg/s/cm^2/A: named ``apStar-`` / ``asStar-``, or with a ``NVISITS``
-primary keyword or a flux ``BUNIT`` in erg) through The Cannon's continuum pixels
-(:meth:`payne_lite.ContinuumPixels.apogee`), everything else (``aspcapStar``: ASPCAP
-normalised it) as it is. With ``visits=True`` its rows are the visits of each apStar
+primary keyword or a flux ``BUNIT`` in erg) are left unnormalised for a quadratic
+continuum per chip fitted with the labels (:class:`payne_lite.FitContinuum`, handed to
+the fit by :meth:`~ApogeeFitsCatalog.fit_defaults`: on mock spectra it recovers the
+labels better than a pseudo-continuum through The Cannon's continuum pixels,
+``continuum="continuum-pixels"``), everything else (``aspcapStar``: ASPCAP normalised
+it) as it is. With ``visits=True`` its rows are the visits of each apStar
 file, with the file as their star (``group``), for joint fits.
 """
 
@@ -364,7 +367,7 @@ def read_apogee_fits(
 
 
 class ApogeeFitsCatalog(Reader):
-    """A list of APOGEE-like FITS files read as one catalog, continuum-normalised.
+    """A list of APOGEE-like FITS files read as one catalog, its continuum treated.
 
     One row per file (its combined spectrum, HDU row 0), or with ``visits=True``
     one row per visit (apStar rows 2 and up, :func:`visit_rows`; a file with one
@@ -380,12 +383,14 @@ class ApogeeFitsCatalog(Reader):
     Args:
         paths: the FITS files.
         bad_bits: HDU 3 bits that mark a bad pixel (:data:`APOGEE_BAD_PIXEL_BITS`).
-        continuum: ``"auto"`` (the default: apStar files through The Cannon's
-            continuum pixels, :meth:`payne_lite.ContinuumPixels.apogee`, the others
-            as they are), a name (``"none"``, ``"continuum-pixels"``,
-            ``"sigma-clipped"``) or a :class:`payne_lite.Normalizer` for every
-            file. What was used is :meth:`provenance` (``fit_catalog`` writes it
-            to the results' ``meta["continuum"]``).
+        continuum: ``"auto"`` (the default: apStar files unnormalised, their
+            continuum fitted with the model, :meth:`payne_lite.FitContinuum.apogee`;
+            the others as they are), a name (``"none"``, ``"continuum-pixels"``
+            (The Cannon's pixels), ``"sigma-clipped"``, ``"fit"``) or a
+            :class:`payne_lite.Normalizer` for every file. What was used is
+            :meth:`provenance` (``fit_catalog`` writes it to the results'
+            ``meta["continuum"]``); the continuum left to the fit is
+            :meth:`fit_defaults`.
         visits: read the visits instead of the combined spectra.
 
     Raises:
@@ -421,7 +426,12 @@ class ApogeeFitsCatalog(Reader):
         continuum="auto",
         visits: bool = False,
     ):
-        from ..observe import ContinuumPixels, NoNormalization, normalizer
+        from ..observe import (
+            ContinuumPixels,
+            FitContinuum,
+            NoNormalization,
+            normalizer,
+        )
 
         self.paths = [Path(p) for p in paths]
         if not self.paths:
@@ -461,9 +471,9 @@ class ApogeeFitsCatalog(Reader):
         self.kinds = kinds
         self._rows = np.array(rows, np.int64).reshape(-1, 2)
         if self.continuum_spec == "auto":
-            pixels = ContinuumPixels.apogee()
+            raw = FitContinuum.apogee()
             self._norms = {
-                k: pixels if k == APSTAR else NoNormalization() for k in set(kinds)
+                k: raw if k == APSTAR else NoNormalization() for k in set(kinds)
             }
         else:
             self._norms = {k: norm for k in set(kinds)}
@@ -490,6 +500,13 @@ class ApogeeFitsCatalog(Reader):
             else "combined: HDU row 0"
         )
         return {"continuum": cont, "apogee_rows": rows}
+
+    def fit_defaults(self) -> dict:
+        """``{"cont_deg": <ChipPolynomial>}`` when files are read unnormalised for a
+        continuum fitted with the model (:class:`payne_lite.FitContinuum`: apStar
+        files by default), applied to every row (a file of another kind, already
+        normalised, then fits a continuum close to 1); else {}."""
+        return continuum_to_fit(self._norms.values())
 
     def __len__(self) -> int:
         return int(self._rows.shape[0])
@@ -531,6 +548,15 @@ class ApogeeFitsCatalog(Reader):
                 else None
             ),
         )
+
+
+def continuum_to_fit(norms) -> dict:
+    """``{"cont_deg": cont}`` of the normalisers ``norms`` that leave the continuum
+    to the fit (:class:`payne_lite.FitContinuum`: its ``cont``), {} for none."""
+    conts = {n.cont for n in norms if getattr(n, "cont", None) is not None}
+    if len(conts) > 1:
+        raise ValueError(f"one catalog, several continua to fit: {sorted(conts)}")
+    return {"cont_deg": conts.pop()} if conts else {}
 
 
 def check_pixels_on_grid(norm, wave, kind: str, source: str) -> None:

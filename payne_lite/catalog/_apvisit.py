@@ -73,6 +73,7 @@ from ._apogee import (
     APOGEE_BAD_PIXEL_BITS,
     APOGEE_NO_DATA_ERROR,
     check_pixels_on_grid,
+    continuum_to_fit,
     fits_id,
     open_fits_checked,
 )
@@ -503,6 +504,11 @@ class ApogeeVisitCatalog(Reader):
         if not self.visits:
             return -info["vrad"]  # at rest
         return info["bc"] if self.frame == "barycentric" else 0.0
+
+    def fit_defaults(self) -> dict:
+        """``{"cont_deg": <ChipPolynomial>}`` with ``continuum="fit"`` (the visits
+        unnormalised, their continuum fitted with the model); else {}."""
+        return continuum_to_fit([self._norm])
 
     def provenance(self) -> dict:
         """``continuum`` (the normaliser's record, how its pixels were moved),

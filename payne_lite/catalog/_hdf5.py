@@ -272,6 +272,16 @@ class Reader:
         normalisation (``"continuum"``); {} = the spectra as stored."""
         return {}
 
+    def fit_defaults(self) -> dict:
+        """Keywords of :func:`payne_lite.fit` that this catalog's spectra need, as
+        the reader read them; the caller's own win. :func:`payne_lite.fit_catalog`
+        and ``payne-lite fit`` use them; with ``open_catalog`` and ``pl.fit``, pass
+        them on (``pl.fit(..., **{**cat.fit_defaults(), **mine})``). For example
+        ``{"cont_deg": ChipPolynomial}`` when the flux was left unnormalised for a
+        continuum fitted with the model (:class:`payne_lite.FitContinuum`); {} =
+        none."""
+        return {}
+
     #: True when every spectrum has its own wavelength grid (then ``wavelength`` is
     #: None).
     per_row_wavelength: bool = False

@@ -186,12 +186,13 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--continuum",
         default=None,
-        choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
-        help="continuum normalisation of APOGEE FITS files (apogee-fits and "
-        "apogee-visit readers): auto (the default) = apStar and apVisit files "
-        "through The Cannon's continuum pixels, "
-        "aspcapStar files as they are; none; continuum-pixels; sigma-clipped "
-        "(ASPCAP-style, no pixel list). The results' meta records it",
+        choices=("auto", "none", "continuum-pixels", "sigma-clipped", "fit"),
+        help="continuum of APOGEE FITS files (apogee-fits and apogee-visit "
+        "readers): auto (the default) = apStar files unnormalised with a "
+        "quadratic continuum per chip fitted with the labels (as 'fit'), apVisit "
+        "files through The Cannon's continuum pixels, aspcapStar files as they "
+        "are; none; continuum-pixels; sigma-clipped (ASPCAP-style, no pixel "
+        "list); fit. The results' meta records it",
     )
 
 
@@ -204,10 +205,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="passes of continuum refinement after the fit (LMOptions."
-        "refine_continuum): the flux divided by a degree-3 polynomial per chip "
-        "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
-        "recovers the label precision of perfectly normalised spectra from apStar "
-        "files normalised through the continuum pixels (default 0)",
+        "refine_continuum): the flux divided by a polynomial per chip (degree 2; "
+        "--options refine_deg=N) fitted to flux / best-fit model over all pixels, "
+        "and fitted again; 4 recovers the label precision of perfectly normalised "
+        "spectra from apStar files normalised through the continuum pixels "
+        "(--continuum continuum-pixels) (default 0)",
     )
     p.add_argument(
         "--method",
@@ -221,10 +223,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cont-deg",
         type=_nonnegative_int,
-        default=_fit_default("cont_deg"),
+        default=None,
         metavar="N",
         help="degree of a multiplicative Chebyshev continuum fitted with "
-        "the labels (0 = spectra are already continuum-normalised)",
+        "the labels (0 = spectra are already continuum-normalised; default: what "
+        "the reader asks for, a quadratic per chip for apStar files, else 0)",
     )
     p.add_argument(
         "--cont-chips",
@@ -652,7 +655,7 @@ def run_fit(args) -> int:
                 client=client,
                 restart=args.restart,
                 keep_parts=args.keep_parts,
-                cont_deg=_continuum(args),
+                **_continuum(args),
                 rv_range=tuple(args.rv_range),
                 fixed=fixed or None,
                 instrument=instrument,
@@ -670,14 +673,21 @@ def run_fit(args) -> int:
     return EXIT_OK
 
 
-def _continuum(args):
-    """``cont_deg`` of ``pl.fit`` from --cont-deg and --cont-chips."""
-    if not args.cont_chips:
-        return args.cont_deg
-    if [c.lower() for c in args.cont_chips] == ["apogee"]:
-        return ChipPolynomial.apogee(args.cont_deg)
+def _continuum(args) -> dict:
+    """``{"cont_deg": ...}`` of ``pl.fit`` from --cont-deg and --cont-chips; {}
+    without either (the reader's choice, ``Reader.fit_defaults``, else none)."""
+    if args.cont_deg is None and not args.cont_chips:
+        return {}
+    deg = 0 if args.cont_deg is None else args.cont_deg
+    return {"cont_deg": _chips(args.cont_chips, deg) if args.cont_chips else deg}
+
+
+def _chips(texts, deg: int) -> ChipPolynomial:
+    """The ChipPolynomial of --cont-chips."""
+    if [c.lower() for c in texts] == ["apogee"]:
+        return ChipPolynomial.apogee(deg)
     chips = []
-    for text in args.cont_chips:
+    for text in texts:
         try:
             lo, hi = (float(v) for v in text.split(":"))
         except ValueError as err:
@@ -686,7 +696,32 @@ def _continuum(args):
                 "'apogee'"
             ) from err
         chips.append((lo, hi))
-    return ChipPolynomial(args.cont_deg, tuple(chips))
+    return ChipPolynomial(deg, tuple(chips))
+
+
+def _continuum_words(meta) -> str:
+    """How the continuum was treated, from a results table's meta: the continuum
+    fitted (``cont_deg N``, ``per chip``) and what the reader did
+    (``meta["continuum"]``: normalised, or left unnormalised for the fit)."""
+    cont = ChipPolynomial.from_meta(meta)
+    words = f"cont_deg {0 if cont is None else cont.deg}" + (
+        " per chip" if cont is not None and cont.chips is not None else ""
+    )
+    norm = meta.get("continuum")
+    if not isinstance(norm, dict):
+        return words
+    kinds = [k for k in norm if isinstance(norm[k], dict)]
+    methods = (
+        {k: norm[k]["method"] for k in kinds}
+        if kinds
+        else {"/".join(norm.get("file_kinds", [])): norm["method"]}
+    )
+    said = [
+        f"{k} unnormalised".strip() if m == "fit" else f"{k} normalised: {m}".strip()
+        for k, m in methods.items()
+        if m != "none"
+    ]
+    return ", ".join([words, *said])
 
 
 def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> None:
@@ -708,19 +743,8 @@ def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> No
         else ""
     )
     sampler = args.method not in POINT_METHODS
-    cont = table.meta.get("continuum")
-    normalised = ""
-    if isinstance(cont, dict) and cont.get("method") != "none":
-        kinds = [k for k in cont if isinstance(cont[k], dict)]
-        normalised = ", normalised: " + (
-            ", ".join(f"{k} {cont[k]['method']}" for k in kinds)
-            if kinds
-            else cont["method"]
-        )
     print(
-        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}"
-        + (" per chip" if getattr(args, "cont_chips", None) else "")
-        + normalised
+        f"fitted {what} ({args.method}, {_continuum_words(table.meta)}"
         + (
             f", continuum refined {args.refine_continuum}x"
             if getattr(args, "refine_continuum", 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import broadening as broadening
 from ._chippoly import ChipPolynomial as ChipPolynomial
+from ._chippoly import FitContinuum as FitContinuum
 from ._chippoly import as_continuum as as_continuum
 from ._chippoly import continuum_meta as continuum_meta
 from ._chippoly import continuum_names as continuum_names
@@ -63,6 +64,7 @@ __all__ = [
     "continuum_meta",
     "continuum_names",
     "ContinuumPixels",
+    "FitContinuum",
     "MIN_PIXELS_PER_COEF",
     "NORMALIZERS",
     "Normalized",
