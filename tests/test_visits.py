@@ -574,6 +574,83 @@ def test_pad_visits_hand_worked():
         pad_visits(t, 1)
     with pytest.raises(ValueError, match="not the table of a fit"):
         pad_visits(Table({"a": [1]}), 3)
+    # trim_visits undoes it, bit for bit (what fit_groups reports after fitting
+    # with room for more visits: visit_bucket)
+    back = visits_mod.trim_visits(p, 2)
+    assert back.colnames == t.colnames and back.meta == t.meta
+    for name in t.colnames:
+        np.testing.assert_array_equal(back[name], t[name], err_msg=name)
+        assert back[name].unit == t[name].unit
+    with pytest.raises(ValueError, match="more than 1 visits"):
+        visits_mod.trim_visits(t, 1)
+
+
+def test_pad_and_trim_visits_with_a_continuum_per_chip():
+    """Per-chip continuum columns (``cont_<chip>_<k>``, joint names
+    ``cont_<chip>_<k>_<visit>``) are visit columns too: padded, named and trimmed
+    like the others."""
+    from astropy.table import Table
+
+    names = ["Teff", "rv_1", "rv_2", "cont_0_0_1", "cont_1_0_1", "cont_0_0_2",
+             "cont_1_0_2"]  # fmt: skip
+    t = Table()
+    t["Teff"] = [5000.0]
+    t["rv"] = np.array([[1.0, 2.0]])
+    for c in ("cont_0_0", "cont_1_0"):
+        t[c] = np.array([[1.0, 1.1]])
+        t[f"{c}_err"] = np.array([[0.01, 0.02]])
+    t["covariance"] = np.arange(49.0).reshape(1, 7, 7)
+    t["visit_rows"] = np.array([[0, 1]])
+    t.meta.update(group=True, n_visits_max=2, label_names=["Teff"], cov_params=names)
+    p = pad_visits(t, 3)
+    assert p["cont_1_0_err"].shape == (1, 3) and np.isnan(p["cont_1_0"][0, 2])
+    assert p.meta["cov_params"] == [
+        "Teff", "rv_1", "rv_2", "rv_3", "cont_0_0_1", "cont_1_0_1", "cont_0_0_2",
+        "cont_1_0_2", "cont_0_0_3", "cont_1_0_3",
+    ]  # fmt: skip
+    back = visits_mod.trim_visits(p, 2)
+    assert back.meta == t.meta
+    for name in t.colnames:
+        np.testing.assert_array_equal(back[name], t[name], err_msg=name)
+
+
+def test_visit_counts_share_executables_in_buckets(monkeypatch):
+    """Joint fits are compiled for V = visit_bucket(most visits): 1, 2, 3, 4, 6, 8,
+    12, 16, 24, 32, ...; a catalog whose stars have at most 5 and then at most 6
+    visits traces the joint LM once. The table keeps the stars' own most visits
+    (5: rv (n, 5), 3 + 5 entries of the covariance, all finite), and star 0's
+    results do not depend on the other star in its batch."""
+    assert [visits_mod.visit_bucket(n) for n in range(1, 18)] == [
+        1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
+    ]  # fmt: skip
+    e = smooth_emulator(127, 3, seed=3)  # a pixel count no other test uses
+    n_traces = 0
+    original = lm_mod._lm_lanes
+
+    def counted(*args):
+        nonlocal n_traces
+        n_traces += 1
+        return original(*args)
+
+    monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
+    rng = np.random.default_rng(4)
+    s = rng.uniform(-0.4, 0.4, (2, 3))
+    star = np.array([0] * 5 + [1] * 6)
+    rv = rng.uniform(-50, 50, star.size)
+    flux = reference_spectra(e, s[star], rv)
+    err = np.full_like(flux, 0.01)
+    kw = dict(rv_range=(-100, 100))
+    five = fit(flux[:5], err[:5], e, group=star[:5], **kw)  # star 0: 5 visits
+    first = n_traces
+    both = fit(flux, err, e, group=star, **kw)  # and star 1: 6
+    assert first >= 1 and n_traces == first, (first, n_traces)
+    assert five["rv"].shape == (1, 5) and five.meta["n_visits_max"] == 5
+    assert five.meta["cov_params"] == [*TINY_NAMES, *(f"rv_{v}" for v in range(1, 6))]
+    assert np.shape(five["covariance"]) == (1, 8, 8)
+    assert np.all(np.isfinite(five["covariance"]))
+    np.testing.assert_array_equal(both["rv"][0, :5], five["rv"][0])
+    for name in (*TINY_NAMES, "chi2"):
+        np.testing.assert_array_equal(both[name][:1], five[name])
 
 
 class FakeMDN:
