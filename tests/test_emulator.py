@@ -309,28 +309,33 @@ def test_payne5_fast_tanh_matches_reference(payne5, tol):
     emu, d = payne5
     x = _inside(np.random.default_rng(55), d["x_min"], d["x_max"], 100)
     ref = ref_payne_npz(d, x)
-    exact = _predict(emu, x, F32)
+    exact = _predict(emu, x, F32, fast_tanh=False)
     fast = _predict(emu, x, F32, fast_tanh=True)
     assert fast.dtype == F32 and fast.shape == (100, 7214)
     _assert_close(fast, ref, tol(F32))
+    _assert_close(exact, ref, tol(F32))
     # tanh_rational's 4.5e-7 times sum_h |w1| <= 2.3, plus float32 rounding
     assert np.abs(fast - exact).max() < 1.5e-6
+    np.testing.assert_array_equal(_predict(emu, x, F32), fast)  # the default
     with jax.enable_x64(True):  # float64 ignores fast_tanh: still exact
         fast64 = emu.predict(x, dtype=F64, fast_tanh=True)
     _assert_close(fast64, ref, tol(F64))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
-def test_default_predict_agrees_with_kernel_forward(make_emulator, activation):
-    """Exact by default: the batched kernel and the fitter's single-star form agree."""
+def test_exact_predict_agrees_with_kernel_forward(make_emulator, activation):
+    """fast_tanh=False: the batched kernel and the fitter's single-star form agree to
+    float32 rounding; the default (tanh_rational) is within 1.5e-6 of both."""
     emu = make_emulator(n_pix=70, n_hid=5, activation=activation, seed=70)
     x = _inside(np.random.default_rng(70), emu.label_lo, emu.label_hi, 9)
     with jax.enable_x64(False):
         k, act = emu.kernel_params(F32)
         s = jax.numpy.asarray(emu.scale(x), dtype=F32)
         one = np.stack([nets_mod.kernel_forward(k, row, act) for row in s])
-        flux = emu.predict(x)
+        flux = emu.predict(x, fast_tanh=False)
+        default = emu.predict(x)
     np.testing.assert_allclose(flux, one, rtol=0, atol=_ulp_scale(F32, one))
+    assert np.abs(default - one).max() < 1.5e-6
 
 
 @pytest.mark.parametrize("fast_tanh", [False, True], ids=["exact", "fast_tanh"])

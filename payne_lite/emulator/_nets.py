@@ -174,12 +174,14 @@ def tanh_rational(x: Array) -> Array:
     A spectrum's error is at most ``sum_h |w1[p, h]|`` times that: 1e-6 for the real
     Payne network (``sum |w1| <= 2.3`` after the sigmoid fold), against 3e-7 of float32
     rounding elsewhere in the network. ``jnp.tanh`` (XLA's [13/6] rational with
-    extra branches for small ``|x|``) costs about 20 % more in the batched kernel, where the
-    activations are most of the work. Opt-in (``fast_tanh=True``): spectra made with it
-    differ from the fitter's model (:func:`kernel_forward`, ``jnp.tanh``) by ~1e-7,
-    and ``tests/test_fit.py::test_real_network_recovery_and_errors`` then sees one of
-    its 20 noisy float32 fits stall (as it does for 1 in 5 random 2e-7 perturbations
-    of its data with ``jnp.tanh``).
+    extra branches for small ``|x|``) costs about 35 % more in the batched kernel, where
+    the activations are most of the work. :meth:`Emulator.predict` uses it by default
+    (``fast_tanh=True``); the fitter's model (:func:`kernel_forward`) keeps
+    ``jnp.tanh``, from which the spectra differ by up to 6.6e-7 (median 6e-8).
+    ``tests/test_fit.py::test_real_network_recovery_and_errors`` makes its data with
+    ``fast_tanh=False``: with ``tanh_rational`` data one of its 20 noisy float32 fits
+    stalled (as it does for 1 in 5 random 2e-7 perturbations of its data with
+    ``jnp.tanh``).
     """
     x = jnp.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
     t = x * x
@@ -306,7 +308,7 @@ def predict_kernel(
 ) -> Array:
     """Flux (B, P) for scaled labels ``s`` (B, L) from a :class:`KernelNet`. Pure.
 
-    ``fast_tanh``: evaluate float32 tanh with :func:`tanh_rational` (about 20 % faster
+    ``fast_tanh``: evaluate float32 tanh with :func:`tanh_rational` (about 25 % faster
     here; max error 4.5e-7 per activation); float64 is always exact.
     """
     return _pixel_batch_1layer(k, s, activation, fast_tanh=fast_tanh)
