@@ -446,6 +446,36 @@ def test_predict_into_out(tiny_emulator):
             emu.predict(x, out=frozen)
 
 
+def test_large_results_reuse_freed_memory(tiny_emulator, monkeypatch):
+    """Results of at least ``_outpool.MIN_BYTES`` reuse the memory of a freed earlier
+    result, only once no array or view uses it; a live result is never written."""
+    from payne_lite.emulator import _outpool
+
+    monkeypatch.setattr(_outpool, "MIN_BYTES", 1)
+    _outpool.clear()
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(11), emu.label_lo, emu.label_hi, 70)
+    with jax.enable_x64(False):
+        ref = emu.predict(x, out=np.empty((70, 50), np.float32))
+        first = emu.predict(x)
+        addr = first.ctypes.data
+        view = first[5:7]
+        del first  # the view keeps the memory in use
+        second = emu.predict(x[::-1])
+        assert second.ctypes.data != addr
+        np.testing.assert_array_equal(view, ref[5:7])
+        del view  # now free: the next result of at most twice its size reuses it
+        third = emu.predict(x[:40])
+        assert third.ctypes.data == addr
+        assert third.flags.writeable and third.flags.c_contiguous
+        np.testing.assert_array_equal(third, ref[:40])
+        np.testing.assert_array_equal(second, ref[::-1])
+        del third
+        assert emu.predict(x[:30]).ctypes.data != addr  # 70 rows > 2 x 30: not reused
+    _outpool.clear()
+    assert not _outpool._free
+
+
 def test_batch_size_must_be_positive(tiny_emulator):
     with pytest.raises(ValueError, match="batch_size must be > 0"):
         tiny_emulator.predict(np.full(3, 0.0) + tiny_emulator.label_lo, batch_size=0)

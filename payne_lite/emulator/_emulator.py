@@ -59,6 +59,7 @@ from .._validate import (
     check_wavelength,
 )
 from ..errors import FileFormatError
+from . import _outpool
 from ._nets import (
     ACTIVATIONS,
     DenseNet,
@@ -445,11 +446,14 @@ class Emulator:
                 (:func:`kernel_forward`) to float32 rounding: use it to make
                 spectra that a float32 fit must match to the last bit.
             out: optional NumPy array to write the flux into (and return), of the
-                shape and dtype that would be returned. Reusing one array across
-                calls saves the operating system's zeroing of a fresh result's
-                pages on first write: for 10,000 x 7214 float32 (288 MB) 30-40 ms
-                on the 2-core machine of benchmarks/bench_emulator.py, against
-                about 100 ms for the evaluation.
+                shape and dtype that would be returned. Without it, a result of
+                4 MB or more is made in the memory of an earlier large result that
+                has been freed, if there is one (kept for reuse; see
+                ``payne_lite/emulator/_outpool.py``), which saves the operating
+                system's page faults and zeroing of fresh pages: for 10,000 x
+                7214 float32 (288 MB) 30-40 ms on the quiet 2-core machine of
+                benchmarks/bench_emulator.py, against about 150 ms for the
+                evaluation, 0.4 s under load.
 
         Returns:
             (n, P) flux, or (P,) for a single label vector, as NumPy (``out`` if
@@ -466,8 +470,8 @@ class Emulator:
         s = self.scale(x).astype(dt)
         n = s.shape[0]
         shape = (self.n_pix,) if np.ndim(labels) == 1 else (n, self.n_pix)
-        if out is None:
-            result = np.empty(shape, dtype=dt)
+        if out is None:  # large results reuse freed earlier results' memory
+            result = _outpool.empty(shape, dt)
         elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
             raise ValueError(
                 f"out must be a NumPy array of shape {shape} and dtype {dt}, got "
