@@ -344,8 +344,8 @@ def test_exact_predict_agrees_with_kernel_forward(make_emulator, activation):
 def test_kernel_pixel_counts_around_the_block(
     make_emulator, n_pix, dtype, fast_tanh, tol
 ):
-    """Pixel counts below, at and above a multiple of the vector width (and of the
-    64-pixel blocks an earlier kernel used)."""
+    """Pixel counts below, at and above the kernel's block size, padded and not."""
+    assert nets_mod.PIXEL_BLOCK == 64
     emu = make_emulator(n_pix=n_pix, n_hid=4, seed=n_pix)
     x = _inside(np.random.default_rng(n_pix), emu.label_lo, emu.label_hi, 11)
     ref = ref_emulator(emu, x)
