@@ -93,7 +93,7 @@ def reference_spectra(emu, scaled, rv, wave_obs=None, cont=None):
     wave = emu.wavelength
     wave_obs = wave if wave_obs is None else wave_obs
     # jnp.tanh, the fitter's model, to the last bit (predict's default tanh differs
-    # by up to 6.6e-7, enough to stall one of the 20 noisy float32 fits below)
+    # by up to 6e-7, enough to stall one of the 20 noisy float32 fits below)
     rest = emu.predict(emu.unscale(scaled), fast_tanh=False).astype(np.float64)
     out = np.array(
         [
