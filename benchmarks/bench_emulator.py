@@ -13,10 +13,12 @@ spectra whose outputs are released as they come (the evaluation itself; the allo
 reuses the output buffers), calls of 512 whose 20 outputs are all kept as JAX arrays
 (each a fresh 15 MB buffer, written while the kernel computes), one jitted call of all
 10,000 (a fresh 288 MB output), and the public ``Emulator.predict``, which delivers
-one (10000, 7214) NumPy array (validation, and a copy of each chunk into a fresh
-288 MB array, whose pages the operating system zeroes on first write), and the same
-into one caller-owned array reused across calls (``out=``: no fresh pages). The public
-rows also print their ratio to the calls of 512 of the same run. Timed in the same
+one (10000, 7214) NumPy array (validation, and a copy of each chunk of 256 into it;
+the array reuses the memory of the previous call's freed result, see
+``payne_lite/emulator/_outpool.py``, as consecutive predict calls in a user's loop
+do; a first call pays the page faults of a fresh array, the ``fresh_array`` row), and
+the same into one caller-owned array reused across calls (``out=``). The public rows
+also print their ratio to the calls of 512 of the same run. Timed in the same
 rounds: the 1-spectrum latency of ``Emulator.predict`` (best of 30 calls per round)
 against the original's time per spectrum, and a fresh (10000, 7214) float32 array
 written once (np.empty + fill: the operating system's share of a fresh result). On
