@@ -322,6 +322,24 @@ def test_payne5_fast_tanh_matches_reference(payne5, tol):
     _assert_close(fast64, ref, tol(F64))
 
 
+def test_payne5_default_predict_chunks_and_single_rows(payne5):
+    """The real network through the default predict (tanh_rational, tree sums): a
+    full chunk of 256, a last chunk padded from 44 rows (its 64-row branch) and one
+    label vector (its 8-row branch) agree with The Payne's float64 formula to 1e-6
+    and with ``fast_tanh=False`` to 1e-6, and a row does not depend on its call."""
+    emu, d = payne5
+    x = _inside(np.random.default_rng(300), d["x_min"], d["x_max"], 300)
+    ref = ref_payne_npz(d, x)
+    with jax.enable_x64(False):
+        flux = emu.predict(x)
+        exact = emu.predict(x, fast_tanh=False)
+        one = emu.predict(x[290])
+    assert flux.shape == (300, 7214) and flux.dtype == F32
+    assert np.abs(flux - ref).max() < 1e-6
+    assert np.abs(flux - exact).max() < 1e-6
+    np.testing.assert_array_equal(one, flux[290])
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
 def test_exact_predict_agrees_with_kernel_forward(make_emulator, activation):
     """fast_tanh=False: the batched kernel and the fitter's single-star form agree to
