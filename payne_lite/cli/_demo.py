@@ -172,7 +172,7 @@ def _error_note(res) -> str:
             "   function of the labels: where the emulator's error is above its\n"
             "   median the label errors are still too small (the split below), and\n"
             "   the rv errors are too small as well. The emcee posteriors use the\n"
-            "   per-pixel term only)"
+            "   same error model)"
         )
     if res["fit_emulator_error"]:
         return (
