@@ -147,6 +147,11 @@ def test_sampler_log_likelihood_is_the_dense_gaussian():
         model = np.asarray(observe(obs, jnp.asarray(p, jnp.float32))[0], np.float64)
         r = (model - flux)[keep]
         np.testing.assert_allclose(lp[i], -0.5 * r @ np.linalg.solve(c, r), rtol=2e-4)
+    # with a continuum (cont_deg=1) and none in the centre, the basis is placed
+    # with a flat one: at c = (1, 0) the same model and the same value
+    lp_c = log_posterior(flux, err, e, np.r_[pts[0], 1.0, 0.0][None], rv_centre=rv,
+                         mask=mask, cont_deg=1)  # fmt: skip
+    np.testing.assert_allclose(lp_c[0], lp[0], rtol=2e-4)
     # without the basis: the per-pixel quadrature weights, as before
     plain = dataclasses.replace(e, error_basis=None)
     lp0 = log_posterior(flux, err, plain, pts[:1], rv_centre=rv, mask=mask)

@@ -112,7 +112,9 @@ class Problem:
         """Star i's :class:`Target` as a dict of NumPy arrays.
 
         ``centre`` (k,) in fit space: its rv is the RV window's centre, its values
-        of fixed parameters are replaced by ``fixed``'s, its other entries unused.
+        of fixed parameters are replaced by ``fixed``'s; with the emulator's error
+        basis, its rv and continuum (a flat one where all zero) place the basis
+        (:func:`payne_lite.observe.basis_on`); its other entries unused.
         """
         layout, n_lab = self.layout, self.layout.n_labels
         k = len(layout.names)
@@ -143,6 +145,9 @@ class Problem:
         else:  # the error model with the basis at the centre's rv and continuum
             q = base.copy()
             q[n_lab] = rv_c
+            cs = layout.cont_slice
+            if self.obs.n_cont and not np.any(q[cs]):  # no continuum given: 1
+                q[cs] = self.obs.cont.flat()
             u = np.asarray(
                 _basis_on(self.obs, jnp.asarray(self.basis, dt), jnp.asarray(q, dt)),
                 np.float64,
