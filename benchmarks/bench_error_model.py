@@ -147,8 +147,10 @@ def main(argv=None) -> dict:
                 snr=snr,
                 seed=args.seed + 1,
                 max_steps=args.max_steps,
-            )  # fmt: skip
+            )
         )
+        ratios = {n: round(runs[-1]["params"][n]["median_ratio"], 3) for n in names}
+        print(f"S/N {snr:g} done: {ratios}", flush=True)
     print()
     print("| S/N | stars used | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
