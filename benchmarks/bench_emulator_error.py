@@ -15,13 +15,10 @@ term, the errors are too small (coverage well below 0.68). Added in quadrature p
 pixel (``pixel_error`` alone) they are still too small: the emulator's error at one
 label vector is a smooth pattern, correlated across pixels, that moves the labels
 coherently. With the ``error_basis`` that ``train_emulator`` also stores (the
-held-out errors' principal components), ``fit`` used the sandwich covariance and the
-coverage was close to 0.68; since issue 18 it reports ``(J^T C^-1 J)^-1`` of the one
-error model the samplers share (:mod:`payne_lite.observe._noise`), narrower, and at
-S/N 300 too narrow (benchmarks/README.md, "One error model"). The 'residuals' row
-still computes the sandwich, from this benchmark's own held-out residuals. Test
-stars are drawn like the training set (labels uniform in the middle 90 % of the
-box): the population whose errors ``pixel_error`` and ``error_basis`` describe.
+held-out errors' principal components), ``fit`` uses the sandwich covariance and the
+coverage is close to 0.68. Test stars are drawn like the training set (labels
+uniform in the middle 90 % of the box): the population whose errors ``pixel_error``
+and ``error_basis`` describe.
 
     python benchmarks/bench_emulator_error.py                 # the full table
     python benchmarks/bench_emulator_error.py --n-train 400 --n-test 40 --snr 300
@@ -259,7 +256,9 @@ def main(argv=None) -> dict:
     print("calibrated errors give 0.68 (0.67). off: emulator_error=False; pixel:")
     print("emulator_error=True with pixel_error only (per-pixel quadrature); on:")
     print("emulator_error=True with pixel_error and error_basis (the default for an")
-    print("emulator trained by payne_lite: (J^T C^-1 J)^-1); residuals: the 'pixel'")
+    print(
+        "emulator trained by payne_lite: sandwich covariance); residuals: the 'pixel'"
+    )
     print("fits with the sandwich covariance from this benchmark's own held-out")
     print("residuals (an independent check of 'on')")
     if args.json:

@@ -3,8 +3,14 @@
 Flux errors, the emulator's per-pixel error and its correlated part (the
 ``error_basis``) enter every method's likelihood as one covariance
 ``C = diag(D) + U^T U`` (:mod:`payne_lite.observe._noise`): the samplers' log
-likelihood is ``-1/2 r^T C^-1 r``, the LM table's covariance ``(J^T C^-1 J)^-1``.
-This benchmark checks that the two agree on the same stars.
+likelihood is ``-1/2 r^T C^-1 r``. The LM's estimator is least squares with the
+per-pixel weights ``1 / diag(C)``; its table's covariance is that estimator's
+scatter under the same error, the sandwich ``A^-1 J^T W C_s W J A^-1``
+(:func:`payne_lite.fitting._lm.sandwich_meat`). The posterior's width is about
+``(J^T C^-1 J)^-1``, the generalised least-squares estimator's variance, which is
+smaller where ``U^T U`` dominates ``D`` (high S/N): there sigma_emcee / sigma_LM is
+expected below 1 while both coverages stay near 0.68 (each for its own centre).
+This benchmark measures both on the same stars.
 
 The setup is bench_emulator_error's, which has a known truth and an emulator with
 a real, measured error: The Payne's APOGEE network (``pl.datasets.payne_apogee()``)
@@ -18,7 +24,7 @@ fitted with ``payne_lite.fit`` (LM) and sampled with ``payne_lite.sample``
 with ``emulator_error=True`` (the default).
 
 Printed per S/N, per label and rv: the median over stars of sigma_emcee /
-sigma_LM (sigma_emcee the posterior sd; target 0.9-1.1), and the fraction of
+sigma_LM (sigma_emcee the posterior sd; 0.9-1.1 = the two agree), and the fraction of
 truths within the LM's 1 sigma and within emcee's 16-84 % interval (0.68 when the
 errors are right). Stars count when the LM flags are 0 and emcee converged.
 

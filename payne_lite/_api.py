@@ -99,14 +99,17 @@ def fit(
             an ``error_basis`` too (emulators trained by payne_lite), the errors
             are also treated as correlated across pixels, as they are (an
             emulator's error at one label vector is a smooth pattern that moves
-            the labels coherently): one error model ``C = diag(D) + U^T U``
-            (``U`` the basis shifted to the star's rv and times its continuum,
-            ``D`` the flux variances plus the per-pixel emulator variance that
-            ``U`` does not hold; :mod:`payne_lite.observe._noise`), the same that
-            :func:`payne_lite.sample` samples: the LM step keeps the per-pixel
-            weights ``1 / diag(C)``, the covariance is ``(J^T C^-1 J)^-1`` at the
-            best fit (Woodbury; for ``group=`` fits the visits share one
-            emulator error). ``meta["emulator_error_correlated"]`` says
+            the labels coherently): the covariance becomes the sandwich
+            ``A^-1 (J^T W D W J + J^T W C_emu W J) A^-1`` (``A = J^T W J`` with the
+            fit's weights W, D the data variances, ``C_emu = B^T B`` from the
+            basis shifted to the star's rv; for ``group=`` fits the visits share
+            one emulator error): the scatter of this weighted fit under that
+            error. :func:`payne_lite.sample` samples the posterior under the same
+            error model ``C = diag(D) + U^T U``
+            (:mod:`payne_lite.observe._noise`), whose width is about
+            ``(J^T C^-1 J)^-1``, the generalised least-squares one: narrower than
+            the sandwich where ``U^T U`` dominates ``D`` (high S/N), about equal
+            where it does not. ``meta["emulator_error_correlated"]`` says
             whether it was used. Per-pixel quadrature alone leaves the errors too
             small at high S/N (``benchmarks/bench_emulator_error.py``).
         progress: show a tqdm progress bar over spectra.

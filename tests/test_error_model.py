@@ -1,7 +1,7 @@
 """The one error model (payne_lite.observe._noise): flux errors, the emulator's
 per-pixel error and its correlated part as ``C = diag(D) + U^T U``, handled with the
 Woodbury identity; checked against dense NumPy linear algebra, in the samplers'
-log likelihood and in the point fits' covariance."""
+log likelihood, and the point fits' sandwich covariance under it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import TINY_NAMES
 from test_fit import N_PIX, reference_spectra, smooth_emulator
 
@@ -163,10 +164,13 @@ def test_sampler_log_likelihood_is_the_dense_gaussian():
     np.testing.assert_allclose(lp0[0], -0.5 * chi2, rtol=2e-4)
 
 
-def test_point_fit_covariance_is_the_posterior_one():
-    """The LM table's covariance is (J^T C^-1 J)^-1 at its best fit with the same C
-    as the samplers' (for a locally linear model: the posterior's covariance),
-    the basis shifted to the fit's rv; without the basis (J^T W J)^-1."""
+def test_point_fit_covariance_is_the_sandwich_of_the_error_model():
+    """The LM table's covariance is the weighted estimator's scatter, the sandwich
+    A^-1 J^T W C_s W J A^-1 (A = J^T W J, W = 1 / diag(C) the fit's weights) with
+    C_s = diag(err^2) + U^T U: the samplers' C less the per-pixel emulator variance
+    that U does not hold (the basis shifted to the fit's rv, as the samplers place
+    it); without the basis (J^T W J)^-1. Not the posterior's (J^T C^-1 J)^-1,
+    which is narrower here."""
     e, basis, pe = _emulator_with_basis()
     rng = np.random.default_rng(13)
     mask = np.zeros(N_PIX, bool)
@@ -184,29 +188,40 @@ def test_point_fit_covariance_is_the_posterior_one():
     span = np.r_[e.label_hi - e.label_lo, 1.0]
     keep = ~mask
     for i in range(2):
-        p = np.r_[e.scale(np.array([t[n][i] for n in TINY_NAMES])), t["rv"][i]]
+        rv_i = float(t["rv"][i])
+        p = np.r_[e.scale(np.array([t[n][i] for n in TINY_NAMES])), rv_i]
         _, _, jac = observe_jac(obs, jnp.asarray(p, obs.x_obs.dtype))
         j = np.asarray(jac, np.float64)[keep]
-        _, c = _dense_c(e, basis, pe, err[i], keep, float(t["rv"][i]))
-        cov = np.linalg.inv(j.T @ np.linalg.solve(c, j)) * span[:, None] * span
-        got = np.asarray(t["covariance"][i])
-        np.testing.assert_allclose(got, cov, rtol=0.01, atol=1e-3 * np.sqrt(
-            np.outer(np.diag(cov), np.diag(cov))).max())  # fmt: skip
-        f = np.sqrt((1 + t["rv"][i] / C_KMS) / (1 - t["rv"][i] / C_KMS))
+        b_s, c = _dense_c(e, basis, pe, err[i], keep, rv_i)
+        u = b_s[:, keep]
+        f = np.sqrt((1 + rv_i / C_KMS) / (1 - rv_i / C_KMS))
         pe_s = np.interp(e.wavelength / f, e.wavelength, pe, left=0.0, right=0.0)
-        w = np.where(keep, 1.0 / (err[i] ** 2 + pe_s**2), 0.0)
+        w = 1.0 / (err[i] ** 2 + pe_s**2)[keep]  # the fit's weights
+        c_s = np.diag(err[i][keep] ** 2) + u.T @ u
+        jw = j * w[:, None]
+        ai = np.linalg.inv(j.T @ jw)
+        sand = (ai @ (jw.T @ c_s @ jw) @ ai) * span[:, None] * span
+        got = np.asarray(t["covariance"][i])
+        np.testing.assert_allclose(got, sand, rtol=0.01, atol=1e-3 * np.sqrt(
+            np.outer(np.diag(sand), np.diag(sand))).max())  # fmt: skip
+        gls = np.linalg.inv(j.T @ np.linalg.solve(c, j)) * span[:, None] * span
+        assert np.all(np.diag(gls)[:3] < np.diag(got)[:3])
         jf = np.asarray(jac, np.float64)
-        cov0 = np.linalg.inv(jf.T @ (w[:, None] * jf)) * span[:, None] * span
+        w0 = np.zeros(N_PIX)
+        w0[keep] = w
+        cov0 = np.linalg.inv(jf.T @ (w0[:, None] * jf)) * span[:, None] * span
         np.testing.assert_allclose(
             np.diag(np.asarray(plain["covariance"][i])), np.diag(cov0), rtol=0.01
         )
 
 
+@pytest.mark.slow
 def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
     """A model exactly linear in the labels (rv fixed) with correlated emulator
     error: the posterior is Gaussian with covariance (A^T C^-1 A)^-1 and mean
-    that times A^T C^-1 (flux - c). The LM covariance equals it; emcee's draws
-    recover it (sd within 6 %, mean within 0.12 sd)."""
+    that times A^T C^-1 (flux - c); emcee's draws recover it (sd within 6 %, mean
+    within 0.12 sd). The LM errors are the per-pixel-weighted estimator's, the
+    sandwich with the flux variances and U^T U, wider than the posterior's."""
     import warnings
 
     from test_sample import SPAN, linear_emulator, linear_parts
@@ -235,10 +250,16 @@ def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
         warnings.simplefilter("ignore", SamplingWarning)
         t = pl.sample(
             flux, err, e, fixed={"rv": 0.0}, seed=1,
-            options=pl.EmceeOptions(n_walkers=32, n_steps=6000, check_every=1000),
+            options=pl.EmceeOptions(n_walkers=24, n_steps=2000, check_every=500),
         )  # fmt: skip
+    w = 1.0 / (err**2 + pe**2)
+    aw = a * w[:, None]
+    ai = np.linalg.inv(a.T @ aw)
+    meat = aw.T @ (np.diag(err**2) + basis.T @ basis) @ aw
+    sand = (ai @ meat @ ai) * SPAN[:, None] * SPAN[None, :]
     lm_err = np.array([float(t[f"{n}_lm_err"][0]) for n in TINY_NAMES])
-    np.testing.assert_allclose(lm_err, sd, rtol=2e-3)
+    np.testing.assert_allclose(lm_err, np.sqrt(np.diag(sand)), rtol=2e-3)
+    assert np.all(sd < lm_err)
     got_sd = np.array([float(t[f"{n}_std"][0]) for n in TINY_NAMES])
     got_mean = np.array([float(t[f"{n}_p50"][0]) for n in TINY_NAMES])
     np.testing.assert_allclose(got_sd, sd, rtol=0.06)

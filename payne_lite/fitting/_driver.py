@@ -8,9 +8,9 @@ import jax
 import numpy as np
 
 from .._serial import default_threads, to_device
-from ..observe import RV_WINDOW, ObsModel, emulator_error_on, woodbury_information
+from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
-from ._lm import final_batch, information_pieces, lm_batch, model_batch, visit_index
+from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
 from ._ppc import dip_batch
 from ._rvscan import chi2_batch, rv_polish, scan_batch, screen_starts, window_batch
 from ._schema import AT_BOUND_TOL
@@ -89,10 +89,8 @@ class BatchFit(NamedTuple):
             visit's).
         model: (n, P) model flux at ``p`` ((n, V, P) for joint fits, NaN for
             padding visits), or None when not asked for.
-        info: (n, k, k) ``J^T C^-1 J`` at ``p`` with the whole error model (the
-            emulator's error basis too: :func:`._lm.information_pieces`), whose
-            inverse is the reported covariance; None without a basis (then ``a``
-            is, ``C`` being diagonal).
+        meat: (n, k, k) sandwich meat (:func:`._lm.sandwich_meat`), or None
+            without the emulator's error basis.
         max_dip: (n,) largest window sum of the residuals in sigma
             (:func:`._ppc.max_dip`), or None (joint fits).
     """
@@ -108,7 +106,7 @@ class BatchFit(NamedTuple):
     rv_lo: np.ndarray
     rv_hi: np.ndarray
     model: np.ndarray | None = None
-    info: np.ndarray | None = None
+    meat: np.ndarray | None = None
     max_dip: np.ndarray | None = None
 
 
@@ -421,9 +419,10 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     dips = np.where(np.arange(size) < m, np.asarray(dip_f, np.float64), 0.0)
     snr = np.zeros(size)
     snr[:m] = snr_job.result()  # the padding rows are not sorted
-    info = None
+    meat = None
     if ctx.error_basis is not None:
-        info = woodbury_information(*information_pieces(ctx, p_best, wb, w_data))
+        m1, m2 = sandwich_meat(ctx, p_best, wb, w_data)
+        meat = m1 + m2 @ np.swapaxes(m2, 1, 2)
     return BatchFit(
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),
@@ -436,7 +435,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         rv_lo=prep.rv_lo,
         rv_hi=prep.rv_hi,
         model=np.asarray(model_f, np.float64) if ctx.return_model else None,
-        info=info,
+        meat=meat,
         max_dip=dips,
     )
 

@@ -1,5 +1,4 @@
-"""The pure LM kernel: normal equations, damped step, lanes, batches, and the
-covariance pieces of the error model with the emulator's error basis.
+"""The pure LM kernel: normal equations, damped step, lanes, batches, sandwich.
 
 Jitted functions of JAX arrays only (the NumPy boundary is in :mod:`._driver`); the
 per-star loops are compiled by :func:`payne_lite._serial.serial_jit` without XLA's
@@ -17,14 +16,7 @@ import numpy as np
 
 from .._serial import serial_jit
 from ..emulator import KERNEL_COMPILER_OPTIONS
-from ..observe import (
-    basis_on,
-    embed_obs,
-    low_rank_pieces,
-    normal_equations,
-    observe,
-    observe_jac_t,
-)
+from ..observe import embed_obs, normal_equations, observe, observe_jac_t, shift_pair
 
 Array = jax.Array
 
@@ -424,48 +416,45 @@ def final_batch(obs, p, flux, w):
 
 
 @jax.jit
-def _pieces_batch(obs, p, var, var_emu, basis):
-    """:func:`payne_lite.observe.low_rank_pieces` at the best fits ``p`` (n, k):
-    ``J^T D^-1 J`` (n, k, k), ``U D^-1 J^T`` (n, K, k), ``U D^-1 U^T`` (n, K, K),
-    with ``var``, ``var_emu`` (n, P) the data's and the emulator's per-pixel
-    variances (``var`` 0 = pixel unused) and ``U`` the emulator's error basis
-    ``basis`` (K, P_rest) at each fit's rv and continuum
-    (:func:`payne_lite.observe.basis_on`)."""
+def _sandwich_batch(obs, p, w, var, basis):
+    """The 'meat' of the sandwich covariance at the best fits ``p`` (n, k):
+    ``J^T W D W J`` (n, k, k) and ``J^T W B^T`` (n, k, K), with ``w`` (n, P) the
+    fit's weights, ``var`` (n, P) the data variances and ``basis`` (K, P_rest) the
+    emulator's error basis, shifted to each star's rv (and times its continuum)
+    like the model."""
+    n_lab = obs.n_labels
 
     def one(args):
-        q, v1, e1 = args
+        q, w1, v1 = args
         _, _, jac = observe_jac_t(obs, q)
-        return low_rank_pieces(jac, v1, e1, basis_on(obs, basis, q))
+        ma, mb, t, _, _ = shift_pair(obs, basis, q[n_lab])
+        b = ma + t * (mb - ma)
+        if obs.n_cont:
+            b = b * (obs.cont_params(q) @ obs.basis.T)
+        jw = jac * w1
+        return (jw * v1) @ jw.T, jw @ b.T
 
-    return over(one, (p, var, var_emu))
+    return over(one, (p, w, var))
 
 
-def information_pieces(ctx, p, w_fit, w_data):
-    """The pieces (float64) of ``J^T C^-1 J`` at the best fits ``p`` (n, k) with the
-    one error model (:mod:`payne_lite.observe._noise`): ``C = diag(D) + U^T U``,
-    ``D`` the data variances (``1 / w_data``) plus the emulator's per-pixel
-    variance that the fit's weights hold (``1 / w_fit - 1 / w_data``) less the
-    basis's diagonal, ``U`` the emulator's ``error_basis`` at each fit. Pixels with
-    ``w_fit == 0`` are unused. Returns ``(A_D, H, M0)`` of
-    :func:`payne_lite.observe.low_rank_pieces` ((n, k, k), (n, K, k), (n, K, K));
-    :func:`payne_lite.observe.woodbury_information` of their sums over a star's
-    visits is ``J^T C^-1 J``."""
+def sandwich_meat(ctx, p, w_fit, w_data):
+    """``J^T W D W J`` (n, k, k) and ``J^T W B^T`` (n, k, K) at the best fits
+    (float64); ``M`` = the first + the second times its transpose, and the label
+    covariance ``A^-1 M A^-1`` with ``A = J^T W J``."""
     dt = ctx.obs.x_obs.dtype
-    good = (w_fit > 0) & (w_data > 0)
     with np.errstate(divide="ignore"):
-        var = np.where(good, 1.0 / np.where(good, w_data, 1.0), 0.0)
-        var_emu = np.where(good, 1.0 / np.where(good, w_fit, 1.0) - var, 0.0)
-    a_d, h, m0 = _pieces_batch(
+        var = np.where((w_fit > 0) & (w_data > 0), 1.0 / w_data, 0.0)
+    m1, m2 = _sandwich_batch(
         ctx.obs,
         jnp.asarray(p, dt),
+        jnp.asarray(w_fit, dt),
         jnp.asarray(var, dt),
-        jnp.asarray(np.maximum(var_emu, 0.0), dt),
         ctx.error_basis,
     )
-    return tuple(np.asarray(x, np.float64) for x in (a_d, h, m0))
+    return np.asarray(m1, np.float64), np.asarray(m2, np.float64)
 
 
-_pieces_batch = serial_jit(_pieces_batch, key=sequential_lanes)
+_sandwich_batch = serial_jit(_sandwich_batch, key=sequential_lanes)
 
 
 @jax.jit

@@ -321,18 +321,20 @@ def results_table(
     """The results table of the fits ``fit`` (a :class:`._driver.BatchFit`, one
     row per table row) with parameters ``layout.names`` (``free`` (k,) bool);
     ``n_par`` (n,) overrides the number of free parameters of each row (joint fits
-    of stars with fewer visits than the longest). The covariance is the inverse of
-    ``fit.info`` (``J^T C^-1 J`` with the emulator's correlated error,
-    :func:`._lm.information_pieces`) when there is one, else of ``fit.a``."""
+    of stars with fewer visits than the longest). With ``fit.meat`` the covariance
+    is the sandwich ``A^-1 meat A^-1`` instead of ``A^-1`` (the emulator's
+    correlated error, :func:`._lm.sandwich_meat`)."""
     from astropy.table import Table
 
     p, g, n_good, snr = fit.p, fit.g, fit.n_good, fit.snr
     n, k = p.shape
     n_lab = layout.n_labels
     n_free = int(free.sum()) if n_par is None else np.asarray(n_par)
-    info = fit.a if fit.info is None else fit.info
-    a, held = _hold_flat_broadening(info, free, layout.broad_slice.start)
+    a, held = _hold_flat_broadening(fit.a, free, layout.broad_slice.start)
     cov, ill = _covariance(a, free, obs.x_obs.dtype)
+    if fit.meat is not None:
+        m = np.where(held[:, :, None] | held[:, None, :], 0.0, np.nan_to_num(fit.meat))
+        cov = cov @ m @ cov
     for j in np.flatnonzero(held.any(axis=0)):
         cov[held[:, j], j, :] = np.nan
         cov[held[:, j], :, j] = np.nan
@@ -436,7 +438,7 @@ def results_table(
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,
-        emulator_error_correlated=fit.info is not None,
+        emulator_error_correlated=fit.meat is not None,
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
     )
     return t

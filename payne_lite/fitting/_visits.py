@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._serial import to_device
-from ..observe import BROADENING_PARAMS, woodbury_information
+from ..observe import BROADENING_PARAMS
 from ._curve_fit import curve_fit_joint
 from ._driver import (
     BatchFit,
@@ -21,7 +21,7 @@ from ._driver import (
     scatter_rows,
     take_rows,
 )
-from ._lm import final_batch, information_pieces, visit_index
+from ._lm import final_batch, sandwich_meat, visit_index
 from ._mdn_bounds import mdn_prior, mdn_start_points
 from ._schema import (
     AT_BOUND_TOL,
@@ -297,7 +297,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     padding; ``prep`` the per-spectrum :class:`._driver.Prepared` of
     :func:`_prepare_visits`; ``starts`` (size, S, L) each star's starting labels;
     ``n_par`` (size,) the free parameters of each star. Returns the batch's
-    ``(BatchFit, VisitFits)``, (size, ...) arrays (``model`` and ``info`` None
+    ``(BatchFit, VisitFits)``, (size, ...) arrays (``model`` and ``meat`` None
     when not asked for)."""
     obs = ctx.obs
     dt = obs.x_obs.dtype
@@ -342,9 +342,9 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         g[:, vidx[v]] += g_v[:, v]
         own = vidx[v, n_lab : n_lab + 1 + n_c]
         a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
-    info = None
+    meat = None
     if ctx.error_basis is not None:
-        info = _joint_info(ctx, pv, wb, wd, ok, vidx, k)
+        meat = _joint_meat(ctx, pv, wb, wd, ok, vidx, k)
     visits = VisitFits(
         chi2=np.where(ok, chi2_v, np.nan),
         n_good=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
@@ -370,7 +370,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         )
         if ctx.return_model
         else None,
-        info=info,
+        meat=meat,
     )
     return fit, visits
 
@@ -423,35 +423,31 @@ def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
     return np.clip(p_start, lo[:, None], hi[:, None]), lo, hi
 
 
-def _joint_info(ctx, pv, wb, wd, ok, vidx, k):
-    """``J^T C^-1 J`` (size, k, k) of a batch of joint fits with the whole error
-    model (see :func:`information_pieces`) from the visits' own pieces at their
-    best vectors ``pv`` (size * V, kv), fit and data weights ``wb``, ``wd``
-    (size, V, P); unit diagonal for the rv and continuum of padding visits.
-
-    The emulator's error is that of the star's labels, the same in each visit: one
-    low-rank part ``U_all = [U_1 .. U_V]`` across the visits (``C`` is block
-    diagonal in ``D`` plus ``U_all^T U_all``), so the visits' ``U D^-1 J^T`` and
-    ``U D^-1 U^T`` add up before the Woodbury step."""
+def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
+    """The sandwich meat (size, k, k) of a batch of joint fits (see
+    :func:`sandwich_meat`) from the visits' own at their best vectors ``pv``
+    (size * V, kv), fit and data weights ``wb``, ``wd`` (size, V, P); unit
+    diagonal for the rv and continuum of padding visits."""
     g_size, n_vis = ok.shape
     n_lab = ctx.obs.n_labels
     n_own = 1 + ctx.obs.n_cont
     kv = vidx.shape[1]
-    a_v, h_v, m_v = information_pieces(
+    # the emulator's error is that of the star's labels, shared by its
+    # visits: their J^T W B^T add up before the outer product
+    m1, m2 = sandwich_meat(
         ctx, pv, wb.reshape(g_size * n_vis, -1), wd.reshape(g_size * n_vis, -1)
     )
-    n_b = h_v.shape[1]
-    a_v = a_v.reshape(g_size, n_vis, kv, kv)
-    h_v = h_v.reshape(g_size, n_vis, n_b, kv)
-    a_d = np.zeros((g_size, k, k))
-    h = np.zeros((g_size, n_b, k))
+    m1 = m1.reshape(g_size, n_vis, kv, kv)
+    m2 = m2.reshape(g_size, n_vis, kv, -1)
+    meat = np.zeros((g_size, k, k))
+    m2_j = np.zeros((g_size, k, m2.shape[-1]))
     for v in range(n_vis):
-        a_d[:, vidx[v][:, None], vidx[v][None, :]] += a_v[:, v]
-        h[:, :, vidx[v]] += h_v[:, v]
+        meat[:, vidx[v][:, None], vidx[v][None, :]] += m1[:, v]
+        m2_j[:, vidx[v]] += m2[:, v]
         own = vidx[v, n_lab : n_lab + n_own]
-        a_d[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
-    m0 = m_v.reshape(g_size, n_vis, n_b, n_b).sum(axis=1)
-    return woodbury_information(a_d, h, m0)
+        meat[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
+    meat += m2_j @ np.swapaxes(m2_j, 1, 2)
+    return meat
 
 
 def _group_table(t, joint, ids, rows, visits, n_par, ctx):

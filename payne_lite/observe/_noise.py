@@ -33,10 +33,15 @@ one rv and continuum: the LM fit's, or the sampler's window centre), so
 ``log det C`` is constant in the parameters and the log posterior omits it.
 
 Who uses it: the samplers' log likelihood (:mod:`payne_lite.posterior`: emcee,
-NUTS, mdn-is, through their ``Target``: ``w = 1 / D``, ``v = V``), and the point
-fits' covariance (:mod:`payne_lite.fitting`: LM and curve_fit report
-``(J^T C^-1 J)^-1`` at the best fit, from :func:`low_rank_pieces` and
-:func:`woodbury_information`), so that both describe the same likelihood.
+NUTS, mdn-is, through their ``Target``: ``w = 1 / D``, ``v = V``). The point fits
+(:mod:`payne_lite.fitting`, LM and curve_fit) do not: their estimator is least
+squares with the per-pixel weights ``1 / diag(C)``, and the covariance they report
+is that estimator's scatter under ``C``'s low-rank part plus the flux variances,
+the sandwich (:func:`payne_lite.fitting._lm.sandwich_meat`, the basis placed as
+:func:`basis_on` does). ``(J^T C^-1 J)^-1`` (:func:`low_rank_pieces`,
+:func:`woodbury_information`) is the generalised least-squares estimator's
+variance, about the posterior's width: at most the sandwich, much below it where
+``U^T U`` dominates ``D`` (high S/N).
 """
 
 from __future__ import annotations

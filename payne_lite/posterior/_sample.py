@@ -24,11 +24,13 @@ pixel set does not change with rv), else ``1 / (err_i^2 + e_i^2)`` with ``e_i`` 
 emulator's own per-pixel error at the window's centre rv
 (:func:`payne_lite.observe.emulator_error_on`, ``emulator_error=True``, when the
 emulator has one). With the emulator's ``error_basis`` the sum becomes
-``r^T C^-1 r`` of the one error model :func:`payne_lite.fit` reports its covariance
-from (:mod:`payne_lite.observe._noise`): ``C = diag(D) + U^T U``, ``U`` the basis at
-the window's centre rv (and the centre's continuum), ``D`` the flux variances plus
-the per-pixel emulator variance ``U`` does not hold; ``C^-1`` by the Woodbury
-identity, no P x P matrix; ``log det C`` is constant in the parameters and omitted.
+``r^T C^-1 r`` of the error model :mod:`payne_lite.observe._noise` (the error
+:func:`payne_lite.fit`'s sandwich covariance describes; the posterior, weighting by
+all of ``C``, is narrower than the sandwich where ``U^T U`` dominates, high S/N):
+``C = diag(D) + U^T U``, ``U`` the basis at the window's centre rv (and the
+centre's continuum), ``D`` the flux variances plus the per-pixel emulator variance
+``U`` does not hold; ``C^-1`` by the Woodbury identity, no P x P matrix;
+``log det C`` is constant in the parameters and omitted.
 
 The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
 fitter's) intersected with ``rv_range``, around ``rv_c``: the LM fit's rv
