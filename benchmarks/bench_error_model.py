@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
         print(f"| {r['snr']:g} | {r['n_used']}/{r['n']} | " + " | ".join(cells) + " |")
     print(
         "\ncells: median sigma_emcee / sigma_LM over the stars used (LM flags 0, emcee "
-        f"converged; target {RATIO_RANGE[0]}-{RATIO_RANGE[1]}), and (fraction of "
+        f"converged; {RATIO_RANGE[0]}-{RATIO_RANGE[1]} = agreement), and (fraction of "
         "truths within the LM's 1 sigma / within emcee's 16-84 %; 0.68 when right)"
     )
     for r in runs:
