@@ -100,7 +100,13 @@ def fit(
             ``A^-1 (J^T W D W J + J^T W C_emu W J) A^-1`` (``A = J^T W J`` with the
             fit's weights W, D the data variances, ``C_emu = B^T B`` from the
             basis shifted to the star's rv; for ``group=`` fits the visits share
-            one emulator error). ``meta["emulator_error_correlated"]`` says
+            one emulator error): the scatter of this weighted fit under that
+            error. :func:`payne_lite.sample` samples the posterior under the same
+            error model ``C = diag(D) + U^T U``
+            (:mod:`payne_lite.observe._noise`), whose width is about
+            ``(J^T C^-1 J)^-1``, the generalised least-squares one: narrower than
+            the sandwich where ``U^T U`` dominates ``D`` (high S/N), about equal
+            where it does not. ``meta["emulator_error_correlated"]`` says
             whether it was used. Per-pixel quadrature alone leaves the errors too
             small at high S/N (``benchmarks/bench_emulator_error.py``).
         progress: show a tqdm progress bar over spectra.

@@ -47,6 +47,13 @@ from ._model import param_layout as param_layout
 from ._model import rest_model as rest_model
 from ._model import weighted_residuals as weighted_residuals
 from ._model import window_valid as window_valid
+from ._noise import ErrorModel as ErrorModel
+from ._noise import basis_on as basis_on
+from ._noise import build_error_model as build_error_model
+from ._noise import diagonal_variance as diagonal_variance
+from ._noise import log_det as log_det
+from ._noise import low_rank_pieces as low_rank_pieces
+from ._noise import woodbury_information as woodbury_information
 from ._problem import BROADENING_START as BROADENING_START
 from ._problem import MDN_NSIGMA as MDN_NSIGMA
 from ._problem import RV_WINDOW as RV_WINDOW
@@ -94,6 +101,13 @@ __all__ = [
     "embed",
     "embed_obs",
     "emulator_error_on",
+    "ErrorModel",
+    "basis_on",
+    "build_error_model",
+    "diagonal_variance",
+    "log_det",
+    "low_rank_pieces",
+    "woodbury_information",
     "fill_grid",
     "gap_cum",
     "lsf_sigma_pixels",
