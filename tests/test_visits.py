@@ -245,17 +245,22 @@ def test_group_fit_with_per_visit_continuum_and_noise(emu):
         assert 0.8 < t["chi2_red"][0] < 1.2
 
 
-def test_group_fit_compiles_once_per_visit_count_and_batch_shape(monkeypatch):
-    e = smooth_emulator(131, 3, seed=8)  # a pixel count no other test uses
-    n_traces = 0
+@pytest.fixture
+def lm_traces(monkeypatch):
+    """A list whose length counts the traces of the joint LM (``_lm_lanes``)."""
+    traces = []
     original = lm_mod._lm_lanes
 
     def counted(*args):
-        nonlocal n_traces
-        n_traces += 1
+        traces.append(1)
         return original(*args)
 
     monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
+    return traces
+
+
+def test_group_fit_compiles_once_per_visit_count_and_batch_shape(lm_traces):
+    e = smooth_emulator(131, 3, seed=8)  # a pixel count no other test uses
     rng = np.random.default_rng(9)
     counts = []
     for _ in range(3):  # different stars, same V = 2 and batch shape
@@ -263,7 +268,7 @@ def test_group_fit_compiles_once_per_visit_count_and_batch_shape(monkeypatch):
         star = np.repeat(np.arange(4), 2)[:-1]  # the last star has one visit
         flux = reference_spectra(e, s[star], rng.uniform(-50, 50, star.size))
         fit(flux, np.full_like(flux, 0.01), e, group=star, rv_range=(-100, 100))
-        counts.append(n_traces)
+        counts.append(len(lm_traces))
     assert counts[0] >= 1 and counts[-1] == counts[0], counts
 
 
@@ -614,7 +619,7 @@ def test_pad_and_trim_visits_with_a_continuum_per_chip():
         np.testing.assert_array_equal(back[name], t[name], err_msg=name)
 
 
-def test_visit_counts_share_executables_in_buckets(monkeypatch):
+def test_visit_counts_share_executables_in_buckets(lm_traces):
     """Joint fits are compiled for V = visit_bucket(most visits): 1, 2, 3, 4, 6, 8,
     12, 16, 24, 32, ...; a catalog whose stars have at most 5 and then at most 6
     visits traces the joint LM once. The table keeps the stars' own most visits
@@ -624,15 +629,6 @@ def test_visit_counts_share_executables_in_buckets(monkeypatch):
         1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
     ]  # fmt: skip
     e = smooth_emulator(127, 3, seed=3)  # a pixel count no other test uses
-    n_traces = 0
-    original = lm_mod._lm_lanes
-
-    def counted(*args):
-        nonlocal n_traces
-        n_traces += 1
-        return original(*args)
-
-    monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
     rng = np.random.default_rng(4)
     s = rng.uniform(-0.4, 0.4, (2, 3))
     star = np.array([0] * 5 + [1] * 6)
@@ -641,9 +637,9 @@ def test_visit_counts_share_executables_in_buckets(monkeypatch):
     err = np.full_like(flux, 0.01)
     kw = dict(rv_range=(-100, 100))
     five = fit(flux[:5], err[:5], e, group=star[:5], **kw)  # star 0: 5 visits
-    first = n_traces
+    first = len(lm_traces)
     both = fit(flux, err, e, group=star, **kw)  # and star 1: 6
-    assert first >= 1 and n_traces == first, (first, n_traces)
+    assert first >= 1 and len(lm_traces) == first, (first, len(lm_traces))
     assert five["rv"].shape == (1, 5) and five.meta["n_visits_max"] == 5
     assert five.meta["cov_params"] == [*TINY_NAMES, *(f"rv_{v}" for v in range(1, 6))]
     assert np.shape(five["covariance"]) == (1, 8, 8)

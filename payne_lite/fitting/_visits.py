@@ -606,10 +606,7 @@ def pad_visits(table, n_visits: int):
         new = type(col)(np.concatenate([val, extra], axis=1), name=name)
         new.unit, new.description = col.unit, col.description
         out.replace_column(name, new)
-    names = list(table.meta["cov_params"])
-    n_lab = len(table.meta["label_names"])
-    n_broad = sum(name in BROADENING_PARAMS for name in names[n_lab:])
-    n_c = (len(names) - n_lab - n_old - n_broad) // n_old
+    names, n_lab, n_c = _joint_shape(table, n_old)
     to = _joint_positions(n_lab, n_old, n_new, n_c, len(names))
     cov = np.asarray(table["covariance"])
     k_new = len(names) + (n_new - n_old) * (1 + n_c)
@@ -652,10 +649,7 @@ def trim_visits(table, n_visits: int):
         new = type(col)(np.asarray(col)[:, :n_new], name=name)
         new.unit, new.description = col.unit, col.description
         out.replace_column(name, new)
-    names = list(table.meta["cov_params"])
-    n_lab = len(table.meta["label_names"])
-    n_broad = sum(name in BROADENING_PARAMS for name in names[n_lab:])
-    n_c = (len(names) - n_lab - n_old - n_broad) // n_old
+    names, n_lab, n_c = _joint_shape(table, n_old)
     k_new = len(names) - (n_old - n_new) * (1 + n_c)
     keep = _joint_positions(n_lab, n_new, n_old, n_c, k_new)
     cov = table["covariance"]
@@ -665,6 +659,15 @@ def trim_visits(table, n_visits: int):
     out.meta = {**table.meta, "cov_params": [names[j] for j in keep]}
     out.meta["n_visits_max"] = n_new
     return out
+
+
+def _joint_shape(table, n_vis: int) -> tuple[list[str], int, int]:
+    """The joint vector's names (``meta["cov_params"]``), its labels L and the
+    continuum coefficients per visit of a group table of ``n_vis`` visits."""
+    names = list(table.meta["cov_params"])
+    n_lab = len(table.meta["label_names"])
+    n_broad = sum(name in BROADENING_PARAMS for name in names[n_lab:])
+    return names, n_lab, (len(names) - n_lab - n_vis - n_broad) // n_vis
 
 
 def _is_visit_column(name: str) -> bool:
