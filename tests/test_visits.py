@@ -330,7 +330,7 @@ def broadened_visits(emu, s, vsini, rv, resolution=None):
     rotated (Gray profile on a 10x finer grid: test_broadening.rotate_reference),
     degraded to ``resolution`` (scipy's Gaussian), shifted by np.interp to each rv."""
     wave = emu.wavelength
-    rest = emu.predict(emu.unscale(s)).astype(np.float64)
+    rest = emu.predict(emu.unscale(s), fast_tanh=False).astype(np.float64)
     out = []
     for star, v in rv:
         f = rotate_reference(wave, rest[star], vsini[star])
