@@ -206,6 +206,9 @@ def test_point_fit_covariance_is_the_sandwich_of_the_error_model():
             np.outer(np.diag(sand), np.diag(sand))).max())  # fmt: skip
         gls = np.linalg.inv(j.T @ np.linalg.solve(c, j)) * span[:, None] * span
         assert np.all(np.diag(gls)[:3] < np.diag(got)[:3])
+        # here the correlated error inflates the label errors (not necessarily rv's)
+        plain_var = np.diag(np.asarray(plain["covariance"][i]))
+        assert np.all(np.diag(got)[:3] > 1.5 * plain_var[:3])
         jf = np.asarray(jac, np.float64)
         w0 = np.zeros(N_PIX)
         w0[keep] = w

@@ -920,53 +920,6 @@ def test_trained_emulator_stores_an_error_basis_that_round_trips(tmp_path):
         dataclasses.replace(e, error_basis=np.zeros((2, 23)))
 
 
-def test_correlated_emulator_error_is_the_sandwich_covariance(emu):
-    """With an error_basis B the table's covariance is A^-1 (J^T W D W J +
-    J^T W B_s^T B_s W J) A^-1 (B_s: B at lambda_obs / f(rv)); off, or without a
-    basis, it is A^-1."""
-    rng = np.random.default_rng(13)
-    x = np.linspace(0.0, 1.0, N_PIX)
-    basis = 0.003 * np.sin(2 * np.pi * np.outer(rng.uniform(1, 6, 4), x) + 1.0)
-    mask = np.zeros(N_PIX, bool)
-    mask[:25] = mask[-25:] = True  # the same pixels for any rv window here
-    pe = np.sqrt(np.sum(basis**2, axis=0))
-    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
-    s, rv = rng.uniform(-0.3, 0.3, (2, 3)), np.array([-35.0, 50.0])
-    flux = reference_spectra(emu, s, rv)
-    err = np.full_like(flux, 0.005)
-    noisy = flux + err * rng.standard_normal(flux.shape)
-    t = fit(noisy, err, e, mask=mask)
-    plain = fit(noisy, err, dataclasses.replace(e, error_basis=None), mask=mask)
-    assert t.meta["emulator_error_correlated"] is True
-    assert plain.meta["emulator_error_correlated"] is False
-    np.testing.assert_allclose(t["Teff"], plain["Teff"], rtol=1e-6)  # same fit
-    obs = build_obs_model(e)
-    span = np.r_[e.label_hi - e.label_lo, 1.0]
-    for i in range(2):
-        p = np.r_[e.scale(np.array([t[n][i] for n in TINY_NAMES])), t["rv"][i]]
-        _, _, jac = observe_jac(obs, jnp.asarray(p, obs.x_obs.dtype))
-        j = np.asarray(jac, np.float64)
-        f = np.sqrt((1 + t["rv"][i] / 299792.458) / (1 - t["rv"][i] / 299792.458))
-        lam = e.wavelength / f
-        pe_i = np.interp(lam, e.wavelength, pe, left=0.0, right=0.0)
-        b_s = np.stack([np.interp(lam, e.wavelength, b) for b in basis])
-        w = np.where(~mask, 1.0 / (err[i] ** 2 + pe_i**2), 0.0)
-        a = j.T @ (w[:, None] * j)
-        jw = j * w[:, None]
-        meat = jw.T @ (err[i][:, None] ** 2 * jw) + (jw.T @ b_s.T) @ (b_s @ jw)
-        ai = np.linalg.inv(a)
-        cov = (ai @ meat @ ai) * span[:, None] * span[None, :]
-        got = np.asarray(t["covariance"][i])
-        np.testing.assert_allclose(np.diag(got), np.diag(cov), rtol=0.01)
-        # here the correlated error inflates the label errors (not necessarily rv's)
-        plain_var = np.diag(np.asarray(plain["covariance"][i]))
-        assert np.all(np.diag(got)[:3] > 1.5 * plain_var[:3])
-        cov0 = ai * span[:, None] * span[None, :]
-        np.testing.assert_allclose(
-            np.diag(np.asarray(plain["covariance"][i])), np.diag(cov0), rtol=0.01
-        )
-
-
 def test_group_fit_leaves_local_rv_minima_of_each_visit(payne_apogee, monkeypatch):
     """Real network, 60 stars x 3 visits at S/N 50: each visit's rv chi2 has a kink
     at every pixel crossing; the polish probes each visit alone and refits the star
