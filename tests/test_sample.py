@@ -257,7 +257,8 @@ def test_mdn_is_recovers_gaussian_posterior(toy, is_adapt):
     mdn = StandInMDN(np.r_[mean + 0.5 * sd, 0.0], np.r_[0.8 * sd, 1.0])
     t, post = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=2,
-        return_samples=True, options=pl.ISOptions(n_draws=20000, adapt=is_adapt),
+        return_samples=True,
+        options=pl.ISOptions(n_draws=20000, adapt=is_adapt, lm_share=0.0),
     )  # fmt: skip
     assert t["method"][0] == "mdn-is" and not t["fallback"][0]
     assert t["ess"][0] >= pl.ISOptions().ess_min and bool(t["converged"][0])
@@ -282,7 +283,7 @@ def test_mdn_is_truncated_proposal_weights_are_right(is_adapt):
     mdn = StandInMDN(np.r_[TINY_HI - 0.05 * SPAN, 0.0], np.r_[0.3 * SPAN, 1.0])
     t = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=3,
-        options=pl.ISOptions(n_draws=40000, ess_min=100, adapt=is_adapt),
+        options=pl.ISOptions(n_draws=40000, ess_min=100, adapt=is_adapt, lm_share=0.0),
     )  # fmt: skip
     for j, name in enumerate(TINY_NAMES):
         mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
@@ -376,7 +377,8 @@ def test_mdn_is_low_ess_falls_back_to_emcee(toy):
     t = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=4,
         options=pl.ISOptions(
-            n_draws=512, fallback=pl.EmceeOptions(n_steps=4000, check_every=1000)
+            n_draws=512, lm_share=0.0,  # the MDN alone: far off, ESS ~ 0
+            fallback=pl.EmceeOptions(n_steps=4000, check_every=1000),
         ),
     )  # fmt: skip
     assert t["method"][0] == "emcee" and bool(t["fallback"][0])
@@ -396,7 +398,9 @@ def test_failed_and_fallback_stars_give_complete_rows(toy):
     fluxes = np.stack([flux, far, np.full_like(flux, np.nan)])
     mdn = StandInMDN(np.r_[mean, 0.0], np.r_[1.2 * sd, 1.0])
     opts = pl.ISOptions(
-        n_draws=512, fallback=pl.EmceeOptions(n_steps=400, check_every=200)
+        n_draws=512,
+        lm_share=0.0,  # the MDN alone: the far star falls back
+        fallback=pl.EmceeOptions(n_steps=400, check_every=200),
     )
     with pytest.warns(SamplingWarning, match="did not pass"):
         t, post = sample(
@@ -824,6 +828,8 @@ def test_bad_input(toy, kwargs, match):
         (lambda: pl.ISOptions(n_draws=1), "n_draws must be an int >= 2"),
         (lambda: pl.ISOptions(scale=0.0), "scale must be finite and > 0"),
         (lambda: pl.ISOptions(adapt=-1), "adapt must be an int >= 0"),
+        (lambda: pl.ISOptions(lm_share=1.5), r"lm_share must be in \[0, 1\]"),
+        (lambda: pl.ISOptions(lm_share=-0.1), "lm_share must be finite and >= 0"),
         (lambda: pl.ISOptions(fallback=pl.NUTSOptions()), "must be an EmceeOptions"),
     ],
 )
