@@ -282,10 +282,10 @@ def main(argv=None):
                 f"  ESS >= {IS_ESS_MIN:g}: {r['passed']:.2f} of the stars, "
                 f"fell back to emcee: {r['fallback']:.2f} (their median "
                 f"{r['cost_fallback']['sec_median']:.2f} s per star); stage-0 "
-                f"(MDN proposal) ESS median {r['is_ess_mdn_median']:.1f}"
+                f"ESS median {r['is_ess_mdn_median']:.1f}"
             )
     print()
-    head = f"{'68% coverage':<28}" + "".join(f"{p:>11}" for p in PARAMS)
+    head = f"{'68% coverage':<36}" + "".join(f"{p:>11}" for p in PARAMS)
     print(head)
     checks = []
     rows = [("emcee", "coverage", "emcee, all stars")]
@@ -301,7 +301,7 @@ def main(argv=None):
         if method is not None and method not in res["methods"]:
             continue
         cov = res["coverage_lm"] if method is None else res["methods"][method][key]
-        print(f"{label:<28}" + "".join(f"{cov[p]:>11.2f}" for p in PARAMS))
+        print(f"{label:<36}" + "".join(f"{cov[p]:>11.2f}" for p in PARAMS))
         if key == "coverage":
             ok = all(COVERAGE_RANGE[0] <= cov[p] <= COVERAGE_RANGE[1] for p in PARAMS)
             checks.append((f"{method} 68% coverage in {COVERAGE_RANGE}", ok))
@@ -309,7 +309,7 @@ def main(argv=None):
         r = res["methods"]["emcee"]["sd_over_lm_err"]
         n_wc = res["methods"]["emcee"]["n_well_constrained"]
         print(
-            f"{'emcee sd / LM err (median)':<28}"
+            f"{'emcee sd / LM err (median)':<36}"
             + "".join(f"{r[p]:>11.3f}" for p in PARAMS)
             + f"   ({n_wc} stars)"
         )
