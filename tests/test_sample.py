@@ -371,6 +371,24 @@ def test_mdn_is_lm_mixture_recovers_gaussian_posterior(toy, is_adapt):
         assert t["ess"][0] >= is_mod.IS_ADAPT_DONE * 20000
 
 
+def test_mdn_is_lm_stage0_short_of_ess_min_adapts(toy):
+    """n_draws 512: stage 0's 256 draws cannot reach ess_min (200) with 0.8 of them
+    from the LM (ESS ~ 0.7 x 256); the star adapts instead of stopping there and
+    falling back to emcee."""
+    emu, flux, err, mean, sd = toy
+    mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])
+    opts = pl.ISOptions(n_draws=512)
+    t = sample(
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=2,
+        options=opts,
+    )  # fmt: skip
+    assert t["method"][0] == "mdn-is" and not t["fallback"][0]
+    assert t["is_ess_mdn"][0] < opts.ess_min <= t["ess"][0]
+    n0 = 512 // is_mod.IS_STAGE0_LM
+    assert t["n_evals"][0] > n0 and (t["n_evals"][0] - n0) % 512 == 0
+    _check_recovered(t, TINY_NAMES, mean, sd, tol=0.1)
+
+
 def test_mdn_is_low_ess_falls_back_to_emcee(toy):
     emu, flux, err, mean, sd = toy
     mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])  # far off

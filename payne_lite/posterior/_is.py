@@ -19,7 +19,7 @@ IS_ADAPT_DONE = 0.25
 IS_DF = 5.0
 #: mdn-is with the LM proposal (``ISOptions.lm_share > 0``): stage 0 draws
 #: ``n_draws // IS_STAGE0_LM``, and no adapted stage follows when its ESS reaches
-#: ``IS_ADAPT_DONE * n_draws``.
+#: ``IS_ADAPT_DONE * n_draws`` (and ``ISOptions.ess_min``).
 IS_STAGE0_LM = 2
 #: mdn-is: draws evaluated per jitted call.
 IS_CHUNK = 64
@@ -83,7 +83,9 @@ def _stage0_draws(rng, mu, sd, lo, hi, m, lm, share):
     return x
 
 
-def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt, lm=None, share=0.0):
+def run_is(
+    obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt, lm=None, share=0.0, ess_min=0.0
+):
     """mdn-is for one star: its :class:`StarDraws` (with draws ``x`` and ``weights``;
     ``converged``, ``fallback``, ``n_good`` and ``seconds`` are the caller's).
 
@@ -108,8 +110,10 @@ def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt, lm=None, share=0.0)
     Student-t (``IS_DF``) with the LM's mean and covariance, the rest from the
     MDN's truncated Gaussians, each weighted by the mixture's density
     (:func:`mixture_log_q`), so the weights stay exact whichever part drew it. No
-    adapted stage follows when its ESS reaches ``IS_ADAPT_DONE * n_draws`` (at S/N
-    50 the LM's Gaussian is close to the posterior: ESS about 0.65 n0).
+    adapted stage follows when its ESS reaches ``IS_ADAPT_DONE * n_draws`` and
+    ``ess_min`` (the fallback's threshold: a small ``n_draws`` adapts rather than
+    stop short of it; at S/N 50 the LM's Gaussian is close to the posterior: ESS
+    about 0.65 n0).
     """
     from scipy.stats import multivariate_t
 
@@ -128,7 +132,7 @@ def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt, lm=None, share=0.0)
     w, ess = _normalised_weights(log_p - log_q)
     ess_mdn, n_evals = ess, n0
     lp_best = np.max(log_p)
-    done = share > 0 and ess >= IS_ADAPT_DONE * n_draws
+    done = share > 0 and ess >= max(IS_ADAPT_DONE * n_draws, ess_min)
     for _ in range(0 if done else n_adapt):
         if ess <= 0.0:
             break

@@ -588,6 +588,7 @@ def _is_star(run: _Run, i) -> None:
     res = run_is(
         pb.obs, to_device(tg, dt), tg, m[pb.idx], s[pb.idx] * o.scale, o.n_draws,
         run.seed + int(i), dt, o.adapt, lm=_is_lm(run, i), share=o.lm_share,
+        ess_min=o.ess_min,
     )  # fmt: skip
     fallback = bool(res.ess < o.ess_min)
     run.rows[i] = res._replace(
