@@ -91,14 +91,27 @@ def cost(t, rows):
     )
 
 
-def run_method(method, emu, flux, err, mask, lm, mdn, seed, max_steps, ess=None):
+def lm_coverage(lm, truth, rows):
+    """Per parameter: fraction of ``rows`` with truth within the LM's 1 sigma."""
+    out = {}
+    for j, name in enumerate(PARAMS):
+        p = np.asarray(lm[name], float)[rows]
+        e = np.asarray(lm[f"{name}_err"], float)[rows]
+        out[name] = float(np.mean(np.abs(truth[rows, j] - p) <= e))
+    return out
+
+
+def run_method(
+    method, emu, flux, err, mask, lm, mdn, seed, max_steps, ess=None, lm_share=None
+):
     kw = dict(mask=mask, lm_table=lm, seed=seed, method=method)
     if method == "emcee":
         kw.update(options=pl.EmceeOptions(n_steps=max_steps))
     if method == "mdn-is":
+        share = {} if lm_share is None else dict(lm_share=lm_share)
         kw.update(
             mdn=mdn,
-            options=pl.ISOptions(fallback=pl.EmceeOptions(n_steps=max_steps)),
+            options=pl.ISOptions(fallback=pl.EmceeOptions(n_steps=max_steps), **share),
         )
     if method == "nuts":
         kw.update(
@@ -130,6 +143,14 @@ def main(argv=None):
         type=float,
         default=None,
         help="NUTS's ESS target (default: emcee's median ESS in this run)",
+    )
+    ap.add_argument(
+        "--lm-share",
+        type=float,
+        nargs="+",
+        default=None,
+        help="mdn-is: ISOptions.lm_share, one mdn-is run per value on the same "
+        "stars (default: ISOptions' default)",
     )
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args(argv)
@@ -171,15 +192,21 @@ def main(argv=None):
         lm_seconds_per_star=t_lm / args.n, methods={},
     )  # fmt: skip
     tables = {}
-    order = [m for m in ("emcee", "mdn-is", "nuts") if m in args.methods]
-    for method in order:
+    order = []
+    for m in ("emcee", "mdn-is", "nuts"):
+        if m in args.methods and m == "mdn-is" and args.lm_share:
+            order += [(m, f"mdn-is lm_share={v:g}", v) for v in args.lm_share]
+        elif m in args.methods:
+            order.append((m, m, None))
+    for method, key, share in order:
         ess = args.nuts_ess
         if method == "nuts" and ess is None and "emcee" in res["methods"]:
             ess = res["methods"]["emcee"]["cost"]["ess_median"]
         t, wall = run_method(
-            method, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps, ess
-        )
-        tables[method] = t
+            method, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps, ess,
+            share,
+        )  # fmt: skip
+        tables[key] = t
         all_rows = np.arange(args.n)
         conv = np.asarray(t["converged"], bool)
         r = dict(wall_seconds=wall, converged=float(conv.mean()))
@@ -222,7 +249,8 @@ def main(argv=None):
             r["cost"] = cost(t, passed)
             r["cost_fallback"] = cost(t, fell)
             r["is_ess_mdn_median"] = float(np.median(t["is_ess_mdn"]))
-        res["methods"][method] = r
+            r["coverage_lm_same_stars"] = lm_coverage(lm, truth, passed)
+        res["methods"][key] = r
 
     # report
     print()
@@ -254,22 +282,26 @@ def main(argv=None):
                 f"  ESS >= {IS_ESS_MIN:g}: {r['passed']:.2f} of the stars, "
                 f"fell back to emcee: {r['fallback']:.2f} (their median "
                 f"{r['cost_fallback']['sec_median']:.2f} s per star); stage-0 "
-                f"(MDN proposal) ESS median {r['is_ess_mdn_median']:.1f}"
+                f"ESS median {r['is_ess_mdn_median']:.1f}"
             )
     print()
-    head = f"{'68% coverage':<28}" + "".join(f"{p:>11}" for p in PARAMS)
+    head = f"{'68% coverage':<36}" + "".join(f"{p:>11}" for p in PARAMS)
     print(head)
     checks = []
     rows = [("emcee", "coverage", "emcee, all stars")]
     rows += [("emcee", "coverage_converged", "emcee, converged")]
     rows += [("nuts", "coverage", "nuts, all stars")]
-    rows += [("mdn-is", "coverage", "mdn-is, ESS passed")]
-    rows += [("mdn-is", "coverage_all", "mdn-is, all (+fallback)")]
+    for key in (k for k in res["methods"] if k.startswith("mdn-is")):
+        rows += [(key, "coverage", f"{key}, ESS passed")]
+        rows += [(key, "coverage_all", f"{key}, all (+fallback)")]
+        rows += [(key, "coverage_lm_same_stars", "  LM errors, same stars")]
+    rows += [(None, "lm", "LM errors, all stars")]
+    res["coverage_lm"] = lm_coverage(lm, truth, np.arange(args.n))
     for method, key, label in rows:
-        if method not in res["methods"]:
+        if method is not None and method not in res["methods"]:
             continue
-        cov = res["methods"][method][key]
-        print(f"{label:<28}" + "".join(f"{cov[p]:>11.2f}" for p in PARAMS))
+        cov = res["coverage_lm"] if method is None else res["methods"][method][key]
+        print(f"{label:<36}" + "".join(f"{cov[p]:>11.2f}" for p in PARAMS))
         if key == "coverage":
             ok = all(COVERAGE_RANGE[0] <= cov[p] <= COVERAGE_RANGE[1] for p in PARAMS)
             checks.append((f"{method} 68% coverage in {COVERAGE_RANGE}", ok))
@@ -277,7 +309,7 @@ def main(argv=None):
         r = res["methods"]["emcee"]["sd_over_lm_err"]
         n_wc = res["methods"]["emcee"]["n_well_constrained"]
         print(
-            f"{'emcee sd / LM err (median)':<28}"
+            f"{'emcee sd / LM err (median)':<36}"
             + "".join(f"{r[p]:>11.3f}" for p in PARAMS)
             + f"   ({n_wc} stars)"
         )

@@ -33,6 +33,7 @@ from payne_lite.errors import SamplingWarning
 from payne_lite.fitting import FLAG_FAILED
 from payne_lite.observe import build_obs_model, window_valid
 from payne_lite.posterior import _diagnostics as diag_mod
+from payne_lite.posterior import _is as is_mod
 from payne_lite.posterior import _likelihood as lik_mod
 from payne_lite.posterior import _nuts as nuts_mod
 from payne_lite.posterior import _problem as problem_mod
@@ -256,7 +257,8 @@ def test_mdn_is_recovers_gaussian_posterior(toy, is_adapt):
     mdn = StandInMDN(np.r_[mean + 0.5 * sd, 0.0], np.r_[0.8 * sd, 1.0])
     t, post = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=2,
-        return_samples=True, options=pl.ISOptions(n_draws=20000, adapt=is_adapt),
+        return_samples=True,
+        options=pl.ISOptions(n_draws=20000, adapt=is_adapt, lm_share=0.0),
     )  # fmt: skip
     assert t["method"][0] == "mdn-is" and not t["fallback"][0]
     assert t["ess"][0] >= pl.ISOptions().ess_min and bool(t["converged"][0])
@@ -281,7 +283,7 @@ def test_mdn_is_truncated_proposal_weights_are_right(is_adapt):
     mdn = StandInMDN(np.r_[TINY_HI - 0.05 * SPAN, 0.0], np.r_[0.3 * SPAN, 1.0])
     t = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=3,
-        options=pl.ISOptions(n_draws=40000, ess_min=100, adapt=is_adapt),
+        options=pl.ISOptions(n_draws=40000, ess_min=100, adapt=is_adapt, lm_share=0.0),
     )  # fmt: skip
     for j, name in enumerate(TINY_NAMES):
         mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
@@ -290,13 +292,111 @@ def test_mdn_is_truncated_proposal_weights_are_right(is_adapt):
         assert abs(t[f"{name}_p16"][0] - (TINY_LO[j] + 0.16 * SPAN[j])) < 0.05 * SPAN[j]
 
 
+def test_mixture_log_q_matches_direct_evaluation():
+    """Stage 0's log q: (1 - share) x the truncated Gaussians + share x the LM's
+    Student-t, against the densities written out (erf and gamma functions)."""
+    from math import erf, lgamma, log, pi, sqrt
+
+    rng = np.random.default_rng(7)
+    k, share, df = 3, 0.3, is_mod.IS_DF
+    mu, sd = np.array([0.1, -0.2, 0.0]), np.array([0.1, 0.2, 0.05])
+    lo, hi = np.full(k, -0.5), np.array([0.5, 0.5, 0.02])  # truncates the third
+    a = rng.normal(size=(k, k))
+    lm = (np.array([0.05, -0.1, 0.01]), 0.01 * (a @ a.T + k * np.eye(k)))
+    x = rng.uniform(-0.3, 0.3, (50, k))  # some above hi[2]: the MDN's part is 0
+
+    def phi(z):
+        return 0.5 * (1.0 + erf(z / sqrt(2.0)))
+
+    def direct(xi):
+        q_mdn = 1.0
+        for j in range(k):
+            if not lo[j] <= xi[j] <= hi[j]:
+                q_mdn = 0.0
+                break
+            z = (xi[j] - mu[j]) / sd[j]
+            mass = phi((hi[j] - mu[j]) / sd[j]) - phi((lo[j] - mu[j]) / sd[j])
+            q_mdn *= np.exp(-0.5 * z * z) / (sd[j] * sqrt(2 * pi) * mass)
+        d = xi - lm[0]
+        maha = d @ np.linalg.solve(lm[1], d)
+        log_t = (
+            lgamma((df + k) / 2) - lgamma(df / 2) - 0.5 * k * log(df * pi)
+            - 0.5 * np.linalg.slogdet(lm[1])[1]
+            - 0.5 * (df + k) * np.log1p(maha / df)
+        )  # fmt: skip
+        return log((1 - share) * q_mdn + share * np.exp(log_t)), log_t
+
+    want = np.array([direct(xi) for xi in x])
+    got = is_mod.mixture_log_q(x, mu, sd, lo, hi, lm, share)
+    assert np.any(x[:, 2] > hi[2])
+    np.testing.assert_allclose(got, want[:, 0], rtol=1e-10)
+    np.testing.assert_allclose(
+        is_mod.mixture_log_q(x, mu, sd, lo, hi, lm, 1.0), want[:, 1], rtol=1e-10
+    )
+    # share 0 or no LM: the truncated Gaussians alone
+    inside = x[:, 2] <= hi[2]
+    mdn_only = is_mod.mixture_log_q(x, mu, sd, lo, hi, None, share)
+    assert np.all(np.isneginf(mdn_only[~inside]))
+    np.testing.assert_allclose(
+        mdn_only[inside], is_mod.mixture_log_q(x, mu, sd, lo, hi, lm, 0.0)[inside]
+    )
+    # the stage-0 draws: round(share * m) of them from the LM's part
+    xd = is_mod._stage0_draws(rng, mu, sd, lo, hi, 1000, lm, share)
+    assert xd.shape == (1000, k) and np.all(xd[:700, 2] <= hi[2])
+
+
+@pytest.mark.parametrize("is_adapt", [0, 2])
+def test_mdn_is_lm_mixture_recovers_gaussian_posterior(toy, is_adapt):
+    """An MDN 20 sd off (alone, the star falls back to emcee: the test below); with
+    0.8 of stage 0 from the LM's Student-t the weights recover the exact
+    posterior's mean, sd and correlations (the LM is exact for a linear model)."""
+    emu, flux, err, mean, sd = toy
+    _, cov = exact_posterior(emu, flux, err)
+    mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])
+    t, post = sample(
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=4,
+        return_samples=True,
+        options=pl.ISOptions(n_draws=20000, adapt=is_adapt, lm_share=0.8),
+    )  # fmt: skip
+    assert t["method"][0] == "mdn-is" and not t["fallback"][0]
+    _check_recovered(t, TINY_NAMES, mean, sd)
+    x, w = post.samples[0], post.weights[0]
+    d = x - w @ x
+    got = (d * w[:, None]).T @ d
+    corr = got / np.sqrt(np.outer(np.diag(got), np.diag(got)))
+    want = cov / np.outer(sd, sd)
+    np.testing.assert_allclose(corr, want, atol=0.03)
+    if is_adapt:  # stage 0 reached its ESS: no adapted stage
+        assert t["n_evals"][0] == t["n_draws"][0] == 20000 // is_mod.IS_STAGE0_LM
+        assert t["ess"][0] >= is_mod.IS_ADAPT_DONE * 20000
+
+
+def test_mdn_is_lm_stage0_short_of_ess_min_adapts(toy):
+    """n_draws 512: stage 0's 256 draws cannot reach ess_min (200) with 0.8 of them
+    from the LM (ESS ~ 0.7 x 256); the star adapts instead of stopping there and
+    falling back to emcee."""
+    emu, flux, err, mean, sd = toy
+    mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])
+    opts = pl.ISOptions(n_draws=512)
+    t = sample(
+        flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=2,
+        options=opts,
+    )  # fmt: skip
+    assert t["method"][0] == "mdn-is" and not t["fallback"][0]
+    assert t["is_ess_mdn"][0] < opts.ess_min <= t["ess"][0]
+    n0 = 512 // is_mod.IS_STAGE0_LM
+    assert t["n_evals"][0] > n0 and (t["n_evals"][0] - n0) % 512 == 0
+    _check_recovered(t, TINY_NAMES, mean, sd, tol=0.1)
+
+
 def test_mdn_is_low_ess_falls_back_to_emcee(toy):
     emu, flux, err, mean, sd = toy
     mdn = StandInMDN(np.r_[mean + 20 * sd, 0.0], np.r_[0.5 * sd, 1.0])  # far off
     t = sample(
         flux, err, emu, method="mdn-is", mdn=mdn, fixed={"rv": 0.0}, seed=4,
         options=pl.ISOptions(
-            n_draws=512, fallback=pl.EmceeOptions(n_steps=4000, check_every=1000)
+            n_draws=512, lm_share=0.0,  # the MDN alone: far off, ESS ~ 0
+            fallback=pl.EmceeOptions(n_steps=4000, check_every=1000),
         ),
     )  # fmt: skip
     assert t["method"][0] == "emcee" and bool(t["fallback"][0])
@@ -316,7 +416,9 @@ def test_failed_and_fallback_stars_give_complete_rows(toy):
     fluxes = np.stack([flux, far, np.full_like(flux, np.nan)])
     mdn = StandInMDN(np.r_[mean, 0.0], np.r_[1.2 * sd, 1.0])
     opts = pl.ISOptions(
-        n_draws=512, fallback=pl.EmceeOptions(n_steps=400, check_every=200)
+        n_draws=512,
+        lm_share=0.0,  # the MDN alone: the far star falls back
+        fallback=pl.EmceeOptions(n_steps=400, check_every=200),
     )
     with pytest.warns(SamplingWarning, match="did not pass"):
         t, post = sample(
@@ -744,6 +846,8 @@ def test_bad_input(toy, kwargs, match):
         (lambda: pl.ISOptions(n_draws=1), "n_draws must be an int >= 2"),
         (lambda: pl.ISOptions(scale=0.0), "scale must be finite and > 0"),
         (lambda: pl.ISOptions(adapt=-1), "adapt must be an int >= 0"),
+        (lambda: pl.ISOptions(lm_share=1.5), r"lm_share must be in \[0, 1\]"),
+        (lambda: pl.ISOptions(lm_share=-0.1), "lm_share must be finite and >= 0"),
         (lambda: pl.ISOptions(fallback=pl.NUTSOptions()), "must be an EmceeOptions"),
     ],
 )

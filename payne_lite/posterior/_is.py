@@ -17,20 +17,29 @@ from ._rows import StarDraws
 IS_ADAPT_DONE = 0.25
 #: mdn-is: degrees of freedom of the adapted multivariate Student-t proposal.
 IS_DF = 5.0
+#: mdn-is with the LM proposal (``ISOptions.lm_share > 0``): stage 0 draws
+#: ``n_draws // IS_STAGE0_LM``, and no adapted stage follows when its ESS reaches
+#: ``IS_ADAPT_DONE * n_draws`` (and ``ISOptions.ess_min``).
+IS_STAGE0_LM = 2
 #: mdn-is: draws evaluated per jitted call.
 IS_CHUNK = 64
 
 
 def _is_log_prob(obs, tgt, x, dt):
-    """Log posterior (m,) float64 at draws ``x`` (m, kf), in IS_CHUNK-row calls."""
+    """Log posterior (m,) float64 at draws ``x`` (m, kf), in IS_CHUNK-row calls,
+    all dispatched before the first result is read (JAX's asynchronous dispatch:
+    the host prepares the next chunk while the device computes; 0.078 s per star
+    instead of 0.099, 3 interleaved runs of 60 APOGEE stars, the same numbers)."""
     n = x.shape[0]
     out = np.empty(n)
+    pending = []
     for a in range(0, n, IS_CHUNK):
         chunk = x[a : a + IS_CHUNK]
         m = chunk.shape[0]
         if m < IS_CHUNK:  # one compiled shape
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], IS_CHUNK - m, 0)])
-        lp = log_prob_batch(obs, jnp.asarray(chunk, dt), tgt)
+        pending.append((a, m, log_prob_batch(obs, jnp.asarray(chunk, dt), tgt)))
+    for a, m, lp in pending:
         out[a : a + m] = np.asarray(lp, np.float64)[:m]
     return out
 
@@ -45,7 +54,43 @@ def _normalised_weights(log_w):
     return w, float(1.0 / np.sum(w * w))
 
 
-def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
+def mixture_log_q(x, mu, sd, lo, hi, lm=None, share=0.0):
+    """log q (m,) of stage 0's proposal at ``x`` (m, kf): ``(1 - share)`` x the MDN's
+    independent Gaussians (``mu``, ``sd`` (kf,)) truncated to ``[lo, hi]``, plus
+    ``share`` x the multivariate Student-t (``IS_DF``) with the LM solution's mean
+    and covariance ``lm = (mean (kf,), cov (kf, kf))`` (not truncated: its draws
+    outside the support get zero weight, so inside it the draws' density is this
+    sum). ``lm`` None or ``share`` 0: the MDN's part alone."""
+    from scipy.stats import multivariate_t
+
+    with np.errstate(divide="ignore"):
+        log_mdn = np.sum(truncnorm_logpdf(x, mu, sd, lo, hi), axis=1)
+    if lm is None or share <= 0.0:
+        return log_mdn
+    log_lm = multivariate_t(loc=lm[0], shape=lm[1], df=IS_DF).logpdf(x)
+    if share >= 1.0:
+        return log_lm
+    return np.logaddexp(np.log1p(-share) + log_mdn, np.log(share) + log_lm)
+
+
+def _stage0_draws(rng, mu, sd, lo, hi, m, lm, share):
+    """Stage 0's ``m`` draws (m, kf): ``round(share * m)`` from the LM's Student-t,
+    the rest from the MDN's truncated Gaussians (a deterministic mixture: fixed
+    counts, weighted by the mixture's density, Owen & Zhou 2000)."""
+    from scipy.stats import multivariate_t
+
+    n_lm = int(round(share * m)) if lm is not None else 0
+    x = truncnorm_draw(rng, mu, sd, lo, hi, m - n_lm)
+    if n_lm:
+        t = multivariate_t(loc=lm[0], shape=lm[1], df=IS_DF)
+        x_lm = np.reshape(t.rvs(size=n_lm, random_state=rng), (n_lm, mu.size))
+        x = np.concatenate([x, x_lm])
+    return x
+
+
+def run_is(
+    obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt, lm=None, share=0.0, ess_min=0.0
+):
     """mdn-is for one star: its :class:`StarDraws` (with draws ``x`` and ``weights``;
     ``converged``, ``fallback``, ``n_good`` and ``seconds`` are the caller's).
 
@@ -63,6 +108,17 @@ def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
     truncated to the support, its normalisation a constant that the
     self-normalised weights do not see. The summaries, weights and ESS are the last
     stage's; ``is_ess_mdn`` is stage 0's.
+
+    With the LM solution ``lm = (mean (kf,), cov (kf, kf))`` and ``share > 0``,
+    stage 0 is a defensive mixture (Hesterberg 1995): ``n0 = n_draws //
+    IS_STAGE0_LM`` draws, ``round(share * n0)`` of them from a multivariate
+    Student-t (``IS_DF``) with the LM's mean and covariance, the rest from the
+    MDN's truncated Gaussians, each weighted by the mixture's density
+    (:func:`mixture_log_q`), so the weights stay exact whichever part drew it. No
+    adapted stage follows when its ESS reaches ``IS_ADAPT_DONE * n_draws`` and
+    ``ess_min`` (the fallback's threshold: a small ``n_draws`` adapts rather than
+    stop short of it; at S/N 50 the LM's Gaussian is close to the posterior: ESS
+    about 0.65 n0).
     """
     from scipy.stats import multivariate_t
 
@@ -70,14 +126,19 @@ def run_is(obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt):
     lo, hi = tg["lo"], tg["hi"]
     kf = mu.size
     mu = np.clip(mu, lo, hi)
-    n0 = n_draws if n_adapt == 0 else max(IS_CHUNK, n_draws // 4)
-    x = truncnorm_draw(rng, mu, sd, lo, hi, n0)
-    log_q = np.sum(truncnorm_logpdf(x, mu, sd, lo, hi), axis=1)
+    share = share if lm is not None else 0.0
+    if n_adapt == 0:
+        n0 = n_draws
+    else:
+        n0 = max(IS_CHUNK, n_draws // (IS_STAGE0_LM if share > 0 else 4))
+    x = _stage0_draws(rng, mu, sd, lo, hi, n0, lm, share)
+    log_q = mixture_log_q(x, mu, sd, lo, hi, lm, share)
     log_p = _is_log_prob(obs, tgt, x, dt)
     w, ess = _normalised_weights(log_p - log_q)
     ess_mdn, n_evals = ess, n0
     lp_best = np.max(log_p)
-    for _ in range(n_adapt):
+    done = share > 0 and ess >= max(IS_ADAPT_DONE * n_draws, ess_min)
+    for _ in range(0 if done else n_adapt):
         if ess <= 0.0:
             break
         m = n_draws

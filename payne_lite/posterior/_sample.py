@@ -81,7 +81,11 @@ one's ESS reaches ``IS_ADAPT_DONE`` (1/4) of its draws (:func:`._is.run_is`); dr
 outside the support get zero weight (the proposal truncated to the support: its
 normalisation is a constant that self-normalised weights do not see). The last
 stage gives the summaries, weights and ``ess``; ``n_evals`` counts every stage's
-draws. ``ISOptions(adapt=0)`` is the MDN proposal alone, ``n_draws`` of it. Stars whose
+draws. ``ISOptions(adapt=0)`` is the MDN proposal alone, ``n_draws`` of it. With
+``ISOptions.lm_share`` > 0 stage 0 is a defensive mixture: that share of its draws
+from a Student-t with the LM fit's mean and covariance (the LM fit of every star runs
+first unless ``lm_table`` is given; its time is not in ``seconds``), the mixture's
+density in ``log q`` (:func:`._is.mixture_log_q`). Stars whose
 ESS is below ``ISOptions.ess_min`` (default 200), or whose MDN gave no
 answer, are sampled again by emcee (``init`` as given, default the LM solution):
 column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
@@ -529,6 +533,8 @@ def _run_samplers(run: _Run, progress: bool) -> None:
     try:
         # 1. mdn-is for every star the MDN answers for.
         if run.method == "mdn-is":
+            if run.is_opts.lm_share > 0 and run.lm is None:
+                _lm_fits(run, np.arange(run.n))  # the LM proposal (and emcee's start)
             for i in np.flatnonzero(run.pb.mdn_ok):
                 _is_star(run, i)
         # 2. emcee (or NUTS).
@@ -581,7 +587,8 @@ def _is_star(run: _Run, i) -> None:
         return
     res = run_is(
         pb.obs, to_device(tg, dt), tg, m[pb.idx], s[pb.idx] * o.scale, o.n_draws,
-        run.seed + int(i), dt, o.adapt,
+        run.seed + int(i), dt, o.adapt, lm=_is_lm(run, i), share=o.lm_share,
+        ess_min=o.ess_min,
     )  # fmt: skip
     fallback = bool(res.ess < o.ess_min)
     run.rows[i] = res._replace(
@@ -592,6 +599,22 @@ def _is_star(run: _Run, i) -> None:
         run.run_emcee[i] = True
     else:
         _tick(run)
+
+
+def _is_lm(run: _Run, i):
+    """Star ``i``'s LM proposal (mean (kf,), covariance (kf, kf)) in fit space, or
+    None (``lm_share`` 0, or the LM solution not finite or not positive definite)."""
+    if run.is_opts.lm_share <= 0:
+        return None
+    lmr, idx = _lm_of(run, i), run.pb.idx
+    mean, cov = lmr.p[idx], lmr.cov[np.ix_(idx, idx)]
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
+        return None
+    try:
+        np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        return None
+    return mean, cov
 
 
 def _lm_fits(run: _Run, rows) -> None:
