@@ -13,16 +13,18 @@ With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emul
 * LM: ``payne_lite.fit`` once for all stars; its table starts emcee's walkers and
   gives the covariance errors compared below (its time is reported, not counted in
   the samplers' seconds per star).
-* emcee: ``payne_lite.sample(method="emcee")``, box prior, walkers around the LM
-  solution, run in blocks of 500 steps until the convergence rule (kept steps
-  >= 50 tau and R-hat < 1.1) holds, at most ``--max-steps``.
+* emcee: ``payne_lite.sample(method="emcee")``, box prior, walkers drawn from the
+  LM solution's Gaussian, differential-evolution move, run in blocks of at most 500
+  steps until the convergence rule (kept steps >= 50 tau, tau within 5 % of the
+  previous check's, R-hat < 1.1) holds, at most ``--max-steps``.
 * mdn-is: ``payne_lite.sample(method="mdn-is")`` with the MDN ``--mdn`` (default
   /tmp/mdn_apogee3.h5 when it exists, else one trained here with
   ``payne_lite.train_mdn(emu, seed=0)``, a few minutes); stars whose ESS is below
   ``IS_ESS_MIN`` fall back to emcee (reported separately).
 * nuts: ``payne_lite.sample(method="nuts")``, box prior, 4 chains from the LM
-  solution's Laplace approximation, 500 warm-up steps, then blocks of 100 draws per
-  chain until its smallest ESS reaches the median ESS emcee reached in this run
+  solution's Laplace approximation, the LM covariance as the inverse mass matrix,
+  100 warm-up steps tuning the step size, then blocks of 50 draws per chain until
+  its smallest ESS reaches the median ESS emcee reached in this run
   (``--nuts-ess``; NUTS_ESS_MIN = 400 without emcee), R-hat < 1.01 and no
   divergence: the same ESS (emcee's estimator, chains as walkers), so seconds per
   star compare like for like.
