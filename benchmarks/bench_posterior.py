@@ -13,19 +13,28 @@ With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emul
 * LM: ``payne_lite.fit`` once for all stars; its table starts emcee's walkers and
   gives the covariance errors compared below (its time is reported, not counted in
   the samplers' seconds per star).
-* emcee: ``payne_lite.sample(method="emcee")``, box prior, walkers around the LM
-  solution, run in blocks of 500 steps until the convergence rule (kept steps
-  >= 50 tau and R-hat < 1.1) holds, at most ``--max-steps``.
+* emcee: ``payne_lite.sample(method="emcee")``, box prior, walkers drawn from the
+  LM solution's Gaussian, differential-evolution move, run in blocks of at most 500
+  steps until the convergence rule (kept steps >= 50 tau, tau within 5 % of the
+  previous check's, R-hat < 1.1) holds, at most ``--max-steps``.
 * mdn-is: ``payne_lite.sample(method="mdn-is")`` with the MDN ``--mdn`` (default
   /tmp/mdn_apogee3.h5 when it exists, else one trained here with
   ``payne_lite.train_mdn(emu, seed=0)``, a few minutes); stars whose ESS is below
   ``IS_ESS_MIN`` fall back to emcee (reported separately).
 * nuts: ``payne_lite.sample(method="nuts")``, box prior, 4 chains from the LM
-  solution's Laplace approximation, 500 warm-up steps, then blocks of 100 draws per
-  chain until its smallest ESS reaches the median ESS emcee reached in this run
+  solution's Laplace approximation, the LM covariance as the inverse mass matrix,
+  100 warm-up steps tuning the step size, then blocks of 50 draws per chain until
+  its smallest ESS reaches the median ESS emcee reached in this run
   (``--nuts-ess``; NUTS_ESS_MIN = 400 without emcee), R-hat < 1.01 and no
   divergence: the same ESS (emcee's estimator, chains as walkers), so seconds per
   star compare like for like.
+* ``emcee-old`` and ``nuts-old`` (in ``--methods``): the same samplers with the
+  settings before issue 18 item 4, on the same stars: emcee with the stretch move,
+  walkers in a ball of 0.1 x the LM covariance's square root and no tau-stability
+  check (``EmceeOptions(moves=StretchMove(), init_scale=0.1, tau_rtol=None)``;
+  the block schedule is today's); NUTS with the window adaptation
+  (``NUTSOptions(adaptation="window", check_every=100)``, 500 warm-up steps,
+  blocks of 100 draws).
 * Each runs once on one star first (compilation), then timed.
 
 Reported, per method and per label and rv: the fraction of stars whose truth lies in
@@ -61,6 +70,13 @@ if __package__ in (None, ""):  # run as a script: import the siblings as benchma
 from .bench_fit import PARAMS, load_data, make_test_set  # noqa: E402
 
 COVERAGE_RANGE = (0.60, 0.76)
+#: --methods variants: (the sampler, its options' fields) with the settings before
+#: issue 18 item 4 (the moves are filled in by legacy_options).
+LEGACY = {
+    "emcee-old": ("emcee", dict(init_scale=0.1, tau_rtol=None)),
+    "nuts-old": ("nuts", dict(adaptation="window", check_every=100)),
+}
+METHOD_ORDER = ("emcee-old", "emcee", "mdn-is", "nuts-old", "nuts")
 SD_RATIO_TOL = 0.2
 COST_RATIO_MIN = 20.0
 DEFAULT_MDN = Path("/tmp/mdn_apogee3.h5")
@@ -101,12 +117,35 @@ def lm_coverage(lm, truth, rows):
     return out
 
 
+def legacy_options(name) -> dict:
+    """The options' fields of a ``LEGACY`` variant (the stretch move for emcee)."""
+    base, fields = LEGACY.get(name, (name, {}))
+    if base == "emcee" and name in LEGACY:
+        import emcee
+
+        fields = {**fields, "moves": emcee.moves.StretchMove()}
+    return fields
+
+
+def ess_per_label(t):
+    """Per parameter, the median over stars of its ESS, ``n_draws / tau``
+    (emcee's estimator; the table's ``ess`` is the smallest over parameters)."""
+    names = list(t.meta["sample_params"])
+    tau = np.asarray(t["tau"], float)
+    n = np.asarray(t["n_draws"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ess = n[:, None] / tau
+    return {p: float(np.nanmedian(ess[:, names.index(p)])) for p in PARAMS}
+
+
 def run_method(
     method, emu, flux, err, mask, lm, mdn, seed, max_steps, ess=None, lm_share=None
 ):
+    extra = legacy_options(method)
+    method = LEGACY.get(method, (method,))[0]
     kw = dict(mask=mask, lm_table=lm, seed=seed, method=method)
     if method == "emcee":
-        kw.update(options=pl.EmceeOptions(n_steps=max_steps))
+        kw.update(options=pl.EmceeOptions(n_steps=max_steps, **extra))
     if method == "mdn-is":
         share = {} if lm_share is None else dict(lm_share=lm_share)
         kw.update(
@@ -115,7 +154,9 @@ def run_method(
         )
     if method == "nuts":
         kw.update(
-            options=pl.NUTSOptions(n_steps=max_steps, ess_target=ess or NUTS_ESS_MIN)
+            options=pl.NUTSOptions(
+                n_steps=max_steps, ess_target=ess or NUTS_ESS_MIN, **extra
+            )
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SamplingWarning)
@@ -136,7 +177,9 @@ def main(argv=None):
     ap.add_argument("--snr", type=float, default=50.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mdn", type=Path, default=None, help="a trained MDN (HDF5)")
-    ap.add_argument("--methods", nargs="+", default=["emcee", "mdn-is"])
+    ap.add_argument(
+        "--methods", nargs="+", default=["emcee", "mdn-is"], choices=METHOD_ORDER
+    )
     ap.add_argument("--max-steps", type=int, default=10_000, help="emcee cap")
     ap.add_argument(
         "--nuts-ess",
@@ -193,23 +236,25 @@ def main(argv=None):
     )  # fmt: skip
     tables = {}
     order = []
-    for m in ("emcee", "mdn-is", "nuts"):
-        if m in args.methods and m == "mdn-is" and args.lm_share:
-            order += [(m, f"mdn-is lm_share={v:g}", v) for v in args.lm_share]
-        elif m in args.methods:
-            order.append((m, m, None))
-    for method, key, share in order:
+    for name in METHOD_ORDER:
+        if name in args.methods and name == "mdn-is" and args.lm_share:
+            order += [(name, f"mdn-is lm_share={v:g}", v) for v in args.lm_share]
+        elif name in args.methods:
+            order.append((name, name, None))
+    for name, key, share in order:
+        method = LEGACY.get(name, (name,))[0]
         ess = args.nuts_ess
         if method == "nuts" and ess is None and "emcee" in res["methods"]:
             ess = res["methods"]["emcee"]["cost"]["ess_median"]
         t, wall = run_method(
-            method, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps, ess,
+            name, emu, flux, err, mask, lm, mdn, args.seed, args.max_steps, ess,
             share,
         )  # fmt: skip
         tables[key] = t
         all_rows = np.arange(args.n)
         conv = np.asarray(t["converged"], bool)
         r = dict(wall_seconds=wall, converged=float(conv.mean()))
+        r["ess_per_label_median"] = ess_per_label(t)
         if method == "nuts":
             r["ess_target"] = float(ess or NUTS_ESS_MIN)
             r["coverage"] = coverage(t, truth, all_rows)
@@ -239,6 +284,7 @@ def main(argv=None):
                 for name in PARAMS
             }
             r["n_well_constrained"] = int(good.sum())
+            r["n_walkers"] = int(t.meta["n_walkers"])
         else:
             passed = np.flatnonzero(np.asarray(t["method"]) == "mdn-is")
             fell = np.flatnonzero(np.asarray(t["fallback"], bool))
@@ -254,14 +300,17 @@ def main(argv=None):
 
     # report
     print()
-    for method, r in res["methods"].items():
+    for name, r in res["methods"].items():
+        method = LEGACY.get(name, (name,))[0]
         c = r["cost"]
+        e = r["ess_per_label_median"]
         print(
-            f"{method}: wall {r['wall_seconds']:.0f} s; per star median "
+            f"{name}: wall {r['wall_seconds']:.0f} s; per star median "
             f"{c['sec_median']:.2f} s, mean {c['sec_mean']:.2f} s; median ESS "
             f"{c.get('ess_median', np.nan):.0f}, ESS/s {c['ess_per_sec']:.0f}, "
             f"log-posterior evaluations {c.get('evals_median', np.nan):.0f}; "
-            f"converged {r['converged']:.2f}"
+            f"converged {r['converged']:.2f}\n  ESS per label (median over stars) "
+            + ", ".join(f"{p} {e[p]:.0f}" for p in PARAMS)
         )
         if method == "emcee":
             print(
@@ -288,8 +337,10 @@ def main(argv=None):
     head = f"{'68% coverage':<36}" + "".join(f"{p:>11}" for p in PARAMS)
     print(head)
     checks = []
-    rows = [("emcee", "coverage", "emcee, all stars")]
+    rows = [("emcee-old", "coverage", "emcee-old, all stars")]
+    rows += [("emcee", "coverage", "emcee, all stars")]
     rows += [("emcee", "coverage_converged", "emcee, converged")]
+    rows += [("nuts-old", "coverage", "nuts-old, all stars")]
     rows += [("nuts", "coverage", "nuts, all stars")]
     for key in (k for k in res["methods"] if k.startswith("mdn-is")):
         rows += [(key, "coverage", f"{key}, ESS passed")]
@@ -346,10 +397,19 @@ def main(argv=None):
             ratio = e["sec_median"] / meth["nuts"]["cost"]["sec_median"]
             res["cost_ratio_emcee_over_nuts"] = ratio
             print(f"seconds per star, emcee / nuts (same ESS target): {ratio:.1f}x")
-    if "nuts" in meth:
-        checks.append(
-            ("nuts: no divergent transition", meth["nuts"]["divergent_total"] == 0)
-        )
+    for new in ("emcee", "nuts"):
+        if f"{new}-old" in meth and new in meth:
+            ratio = (
+                meth[f"{new}-old"]["cost"]["sec_median"]
+                / meth[new]["cost"]["sec_median"]
+            )
+            res[f"speedup_{new}_old_over_new"] = ratio
+            print(f"seconds per star, {new}-old / {new}: {ratio:.1f}x")
+    for name in ("nuts-old", "nuts"):
+        if name in meth:
+            checks.append(
+                (f"{name}: no divergent transition", meth[name]["divergent_total"] == 0)
+            )
     print()
     for what, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {what}")

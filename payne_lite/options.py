@@ -69,12 +69,22 @@ IS_LM_SHARE = 0.8
 NUTS_CHAINS = 4
 #: nuts: warm-up (window adaptation) steps per chain, discarded.
 NUTS_WARMUP = 500
+#: nuts, ``adaptation="lm"``: warm-up (step-size dual averaging) steps per chain.
+NUTS_LM_WARMUP = 100
+#: nuts: how the warm-up sets the inverse mass matrix and step size.
+NUTS_ADAPTATIONS = ("lm", "window")
 #: nuts: draws per chain between two checks of the convergence rule.
-NUTS_BLOCK = 100
+NUTS_BLOCK = 50
 #: nuts: converged when the smallest ESS reaches this (Vehtari et al. 2021: 400) ...
 NUTS_ESS_MIN = 400.0
-#: emcee: steps between two checks of the convergence rule.
+#: emcee: steps between two checks of the convergence rule (at most).
 EMCEE_CHECK_EVERY = 500
+#: emcee: walkers start at the LM solution + init_scale x (LM covariance)^(1/2) z;
+#: 1 draws them from the LM Gaussian (the old small ball was 0.1).
+EMCEE_INIT_SCALE = 1.0
+#: emcee: the autocorrelation times of two successive checks agree to this
+#: (relative) before the chain counts as converged.
+EMCEE_TAU_RTOL = 0.05
 
 
 def _int(value, name: str, minimum: int, owner: str) -> int:
@@ -238,9 +248,21 @@ class EmceeOptions(_Options):
         n_walkers: walkers (even, >= 2 kf + 2 for kf sampled parameters); None =
             ``max(32, 4 kf)`` rounded up to even.
         n_steps: the most steps per star.
-        check_every: the convergence rule is checked every this many steps and the
-            chain stops when it holds (``>= n_steps``: one run of ``n_steps``).
-        moves: emcee moves (``emcee.EnsembleSampler(moves=...)``; None = stretch).
+        check_every: the convergence rule is checked at most this many steps
+            apart (sooner when the last check's tau says the chain is nearly long
+            enough) and the chain stops when it holds (``>= n_steps``: one run of
+            ``n_steps``).
+        moves: emcee moves (``emcee.EnsembleSampler(moves=...)``); None =
+            ``emcee.moves.DEMove()`` (differential evolution: autocorrelation times
+            ~3x shorter than the stretch move's on 6-parameter near-Gaussian
+            posteriors); ``emcee.moves.StretchMove()`` is emcee's own default.
+        init_scale: with ``init="lm"`` the walkers start at ``p_LM + init_scale
+            chol(C_LM) z``: 1 draws them from the LM Gaussian (a short burn-in
+            suffices when it is close to the posterior); 0.1 is the small ball
+            of before.
+        tau_rtol: the convergence rule also asks that every parameter's
+            autocorrelation time changed by less than this fraction since the
+            previous check (emcee's advice; None = no such check).
         backend_path: HDF5 file for the chains (group ``star_<i>``); an existing
             group with the same data and settings is continued.
         thin: keep every ``thin``-th step in the returned or saved samples.
@@ -256,6 +278,8 @@ class EmceeOptions(_Options):
     backend_path: str | Path | None = None
     thin: int = 1
     init: str = "lm"
+    init_scale: float = EMCEE_INIT_SCALE
+    tau_rtol: float | None = EMCEE_TAU_RTOL
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -268,26 +292,37 @@ class EmceeOptions(_Options):
         self._set("check_every", _int(self.check_every, "check_every", 1, owner))
         self._set("thin", _int(self.thin, "thin", 1, owner))
         _check_init(self, owner)
+        self._set("init_scale", _positive(self.init_scale, "init_scale", owner))
+        if self.tau_rtol is not None:
+            self._set("tau_rtol", _positive(self.tau_rtol, "tau_rtol", owner))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NUTSOptions(_Options):
-    """The No-U-Turn sampler (blackjax) with window adaptation (``method="nuts"``).
+    """The No-U-Turn sampler (blackjax) (``method="nuts"``).
 
     Args:
         n_chains: independent chains, each with its own adaptation.
-        n_warmup: window-adaptation steps per chain (discarded).
+        adaptation: ``"lm"``: the LM covariance (mapped to the unconstrained
+            coordinates) is the inverse mass matrix and the warm-up tunes the step
+            size alone (dual averaging); needs ``init="lm"`` (a star whose LM
+            covariance is unusable gets the window adaptation). ``"window"``:
+            Stan's window adaptation of the mass matrix and step size (blackjax).
+        n_warmup: warm-up steps per chain (discarded); None = ``NUTS_LM_WARMUP``
+            (100) with ``adaptation="lm"``, ``NUTS_WARMUP`` (500) with
+            ``"window"``.
         n_steps: the most draws per chain after the warm-up.
         check_every: draws per chain between two checks of the convergence rule.
         ess_target: the smallest ESS over parameters the rule asks for.
-        dense_mass: adapt a dense (else diagonal) inverse mass matrix.
+        dense_mass: a dense (else diagonal) inverse mass matrix.
         thin: keep every ``thin``-th draw in the returned or saved samples.
         init: chains around the LM solution (``"lm"``) or from the MDN (``"mdn"``).
     """
 
     method = "nuts"
     n_chains: int = NUTS_CHAINS
-    n_warmup: int = NUTS_WARMUP
+    adaptation: str = "lm"
+    n_warmup: int | None = None
     n_steps: int = 10_000
     check_every: int = NUTS_BLOCK
     ess_target: float = NUTS_ESS_MIN
@@ -298,6 +333,14 @@ class NUTSOptions(_Options):
     def __post_init__(self):
         owner = type(self).__name__
         self._set("n_chains", _int(self.n_chains, "n_chains", 1, owner))
+        if self.adaptation not in NUTS_ADAPTATIONS:
+            raise ValueError(
+                f"{owner}.adaptation must be one of {NUTS_ADAPTATIONS}, "
+                f"got {self.adaptation!r}"
+            )
+        if self.n_warmup is None:
+            lm = self.adaptation == "lm"
+            self._set("n_warmup", NUTS_LM_WARMUP if lm else NUTS_WARMUP)
         self._set("n_warmup", _int(self.n_warmup, "n_warmup", 10, owner))
         self._set("n_steps", _int(self.n_steps, "n_steps", 4, owner))
         self._set("check_every", _int(self.check_every, "check_every", 1, owner))

@@ -250,6 +250,72 @@ def test_emcee_recovers_gaussian_posterior(toy, init):
         np.testing.assert_allclose(np.asarray(t["Teff_lm_err"])[0], sd[0], rtol=1e-3)
 
 
+class _Started(Exception):
+    """Raised by a stand-in sampler once it has the starting points."""
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 0.1])
+def test_emcee_walkers_drawn_from_the_lm_gaussian(toy, monkeypatch, init_scale):
+    """``init="lm"``: the walkers are ``p_LM + init_scale chol(C_LM) z``. On the
+    linear toy the LM covariance is the exact posterior's, so the walkers' mean
+    must be the LM solution (:func:`fit`'s, float32: 0.1 sd off the exact mean)
+    and their covariance the exact posterior's (fit space) times
+    ``init_scale**2`` (1: drawn from the posterior itself)."""
+    import payne_lite.posterior._sample as sample_mod
+
+    emu, flux, err, _, _ = toy
+    _, cov = exact_posterior(emu, flux, err)
+    cov_s = cov / SPAN[:, None] / SPAN[None, :]
+    lm = pl_fit(flux, err, emu, fixed={"rv": 0.0})
+    mean_s = emu.scale(np.array([float(lm[n][0]) for n in TINY_NAMES]))
+    got = {}
+
+    def start_only(obs, tgt, tg, p0, **kw):
+        got["p0"] = p0
+        raise _Started
+
+    monkeypatch.setattr(sample_mod, "run_emcee", start_only)
+    n = 4000
+    with pytest.raises(_Started):
+        sample(
+            flux, err, emu, fixed={"rv": 0.0},
+            options=pl.EmceeOptions(n_walkers=n, init_scale=init_scale),
+        )  # fmt: skip
+    p0 = got["p0"]
+    assert p0.shape == (n, 3)
+    want = init_scale**2 * cov_s
+    sd = np.sqrt(np.diag(want))
+    # the sample mean within 4 standard errors, the covariance within 4 standard
+    # errors of its entries (sqrt((S_ij^2 + S_ii S_jj) / n))
+    assert np.all(np.abs(p0.mean(axis=0) - mean_s) < 4 * sd / np.sqrt(n))
+    se = np.sqrt((want**2 + np.outer(np.diag(want), np.diag(want))) / n)
+    assert np.all(np.abs(np.cov(p0.T) - want) < 4 * se), (np.cov(p0.T) - want) / se
+
+
+def test_emcee_tau_stability_rule():
+    """The rule's tau check: every finite tau within ``rtol`` of the previous
+    check's; never at the first check; always without a tolerance."""
+    from payne_lite.posterior._emcee import _tau_stable
+
+    tau = np.array([20.0, 30.0, np.nan])
+    assert _tau_stable(tau, None, None)
+    assert not _tau_stable(tau, None, 0.05)
+    assert _tau_stable(tau, np.array([19.2, 31.0, 5.0]), 0.05)
+    assert not _tau_stable(tau, np.array([18.0, 30.0, 5.0]), 0.05)
+
+
+def test_emcee_default_rule_holds_early_on_the_toy(toy):
+    """The default emcee (DE move, walkers from the LM Gaussian, tau-stability
+    check, blocks cut to what 50 tau need) converges, recovers the exact posterior
+    and stops short of the first full block after 50 tau."""
+    emu, flux, err, mean, sd = toy
+    t = sample(flux, err, emu, fixed={"rv": 0.0}, seed=2)
+    assert bool(t["converged"][0])
+    need = diag_mod.N_TAU_MIN * t["tau_max"][0] + t["n_burn"][0]
+    assert need <= t["n_steps"][0] < need + pl.EmceeOptions().check_every
+    _check_recovered(t, TINY_NAMES, mean, sd, tol=4.0 / np.sqrt(2.0 * t["ess"][0]))
+
+
 @pytest.mark.parametrize("is_adapt", [0, 1])
 def test_mdn_is_recovers_gaussian_posterior(toy, is_adapt):
     emu, flux, err, mean, sd = toy
@@ -834,6 +900,9 @@ def test_bad_input(toy, kwargs, match):
     [
         (lambda: pl.NUTSOptions(n_chains=0), "n_chains must be an int >= 1"),
         (lambda: pl.NUTSOptions(n_warmup=5), "n_warmup must be an int >= 10"),
+        (lambda: pl.NUTSOptions(adaptation="stan"), "adaptation must be one of"),
+        (lambda: pl.EmceeOptions(init_scale=0.0), "init_scale must be finite and > 0"),
+        (lambda: pl.EmceeOptions(tau_rtol=-1.0), "tau_rtol must be finite and > 0"),
         (lambda: pl.NUTSOptions(ess_target=0.0), "ess_target must be finite and > 0"),
         (lambda: pl.EmceeOptions(init="random"), "init must be one of"),
         (lambda: pl.NUTSOptions(init="random"), "init must be one of"),
@@ -921,16 +990,22 @@ def test_fit_forwards_the_samplers_to_sample(toy):
 # --------------------------------------------------------------------------------------
 # NUTS
 # --------------------------------------------------------------------------------------
-def test_nuts_recovers_gaussian_posterior(toy):
+@pytest.mark.parametrize("adaptation", ["lm", "window"])
+def test_nuts_recovers_gaussian_posterior(toy, adaptation):
+    """Both warm-ups: the LM covariance as the mass matrix with the step size
+    tuned alone (100 steps), and the window adaptation (500 steps)."""
     emu, flux, err, mean, sd = toy
+    opts = pl.NUTSOptions(ess_target=2000, n_chains=4, adaptation=adaptation)
     t, post = sample(
         flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=1,
-        return_samples=True, options=pl.NUTSOptions(ess_target=2000, n_chains=4),
+        return_samples=True, options=opts,
     )  # fmt: skip
     assert t["method"][0] == "nuts" and bool(t["converged"][0])
     assert t["n_divergent"][0] == 0
     assert t["ess"][0] >= 2000 and t["rhat_max"][0] < nuts_mod.NUTS_RHAT_MAX
-    assert t["n_burn"][0] == pl.NUTSOptions().n_warmup and t["n_steps"][0] % 100 == 0
+    assert t["n_burn"][0] == opts.n_warmup
+    assert t["n_steps"][0] % opts.check_every == 0
+    assert opts.n_warmup == (100 if adaptation == "lm" else 500)
     assert t["n_evals"][0] > t["n_draws"][0] == 4 * t["n_steps"][0]
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
     assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)
@@ -948,6 +1023,29 @@ def test_nuts_recovers_gaussian_posterior(toy):
     a, c = linear_parts(emu)
     chi2_mode = np.sum(((a @ emu.scale(mean) + c - flux) / err) ** 2)
     assert chi2_mode <= t["chi2_min"][0] < chi2_mode + 1.0
+
+
+def test_lm_inverse_mass_is_the_covariance_of_u():
+    """The LM covariance mapped to u = logit((x - lo) / (hi - lo)): for a Gaussian
+    narrow against the support, the covariance of u of its draws (by hand, NumPy);
+    its diagonal when not dense; None when the covariance is unusable."""
+    rng = np.random.default_rng(4)
+    lo, hi = np.array([-0.5, -0.5, -20.0]), np.array([0.5, 0.5, 20.0])
+    centre = np.array([0.1, -0.3, 2.0])
+    a = rng.normal(size=(3, 3))
+    d = np.diag([0.01, 0.015, 0.3])  # sd: ~1 % of the box, 0.3 km/s
+    cov = d @ (a @ a.T / 3 + np.eye(3)) @ d
+    x = rng.multivariate_normal(centre, cov, 200_000)
+    z = (x - lo) / (hi - lo)
+    u = np.log(z) - np.log1p(-z)
+    got = nuts_mod.lm_inverse_mass(centre, cov, lo, hi, dense=True)
+    np.testing.assert_allclose(got, np.cov(u.T), rtol=0.03, atol=0.01 * np.max(got))
+    diag = nuts_mod.lm_inverse_mass(centre, cov, lo, hi, dense=False)
+    np.testing.assert_allclose(diag, np.diag(got))
+    assert nuts_mod.lm_inverse_mass(centre, -cov, lo, hi, dense=True) is None
+    bad = cov.copy()
+    bad[0, 0] = np.nan
+    assert nuts_mod.lm_inverse_mass(centre, bad, lo, hi, dense=True) is None
 
 
 def test_nuts_target_is_the_log_posterior_plus_the_logit_jacobian(toy):

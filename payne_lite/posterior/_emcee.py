@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import hashlib
 
-import jax.numpy as jnp
 import numpy as np
 
-from ._diagnostics import chain_diagnostics, ess_mcse, summarise
+from ._diagnostics import N_TAU_MIN, chain_diagnostics, ess_mcse, summarise
 from ._likelihood import log_prob_batch
 from ._rows import StarDraws
 
@@ -21,16 +20,39 @@ def _data_hash(flux, w, lo, hi, mu, ivp, base, *more) -> str:
     return h.hexdigest()[:32]
 
 
+def _tau_stable(tau, tau_prev, rtol) -> bool:
+    """Every finite tau within ``rtol`` (relative) of the previous check's (True
+    without a tolerance; False without a previous check)."""
+    if rtol is None:
+        return True
+    if tau_prev is None:
+        return False
+    ok = np.isfinite(tau)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return bool(np.all(np.abs(tau[ok] - tau_prev[ok]) < rtol * tau[ok]))
+
+
 def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, star,
-               moves, dt, thin):  # fmt: skip
+               moves, dt, thin, tau_rtol=None):  # fmt: skip
     """One star's ensemble: its :class:`StarDraws` (with the kept samples ``x``;
-    ``n_good`` and ``seconds`` are the caller's)."""
+    ``n_good`` and ``seconds`` are the caller's).
+
+    The chain runs in blocks until :func:`chain_diagnostics`' rule holds and (with
+    ``tau_rtol``) every tau moved by less than ``tau_rtol`` since the previous
+    check. A block is ``check_every`` steps, or fewer (at least a fifth of it)
+    when the last check's tau and burn-in say that fewer reach ``N_TAU_MIN`` tau.
+    ``moves`` None is ``emcee.moves.DEMove()``.
+    """
     import emcee
 
     n_walkers, kf = p0.shape
+    if moves is None:
+        moves = emcee.moves.DEMove()
 
     def log_prob(x):
-        return np.asarray(log_prob_batch(obs, jnp.asarray(x, dt), tgt), np.float64)
+        # cast on the host: jnp.asarray(x, dt) converts on the device, one more
+        # dispatch per call (~0.3 ms of ~1.5 ms for 16 walkers, measured)
+        return np.asarray(log_prob_batch(obs, np.asarray(x, dt), tgt), np.float64)
 
     backend = None
     resume = False
@@ -70,17 +92,29 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
     else:
         state = None
 
+    tau_prev = None
+
     def judge():  # diagnostics need a few steps; R-hat only when it can decide
+        nonlocal tau_prev
         if sampler.iteration < 4:
             return None
         last = sampler.iteration >= n_steps
-        return chain_diagnostics(sampler.get_chain(), lazy_rhat=not last)
+        d = chain_diagnostics(sampler.get_chain(), lazy_rhat=not last)
+        d["converged"] = d["converged"] and _tau_stable(d["tau"], tau_prev, tau_rtol)
+        tau_prev = d["tau"]
+        return d
+
+    def block(d) -> int:
+        todo = check_every
+        if d is not None and np.isfinite(d["tau_max"]):
+            need = N_TAU_MIN * d["tau_max"] + d["n_burn"] - sampler.iteration
+            todo = min(todo, max(int(np.ceil(need)), max(1, check_every // 5)))
+        return min(todo, n_steps - sampler.iteration)
 
     # a resumed chain is judged before it is extended
     diag = judge() if resume else None
     while diag is None or not (diag["converged"] or sampler.iteration >= n_steps):
-        todo = min(check_every, n_steps - sampler.iteration)
-        sampler.run_mcmc(state, todo, progress=False)
+        sampler.run_mcmc(state, block(diag), progress=False)
         state = None
         diag = judge()
     chain = sampler.get_chain()

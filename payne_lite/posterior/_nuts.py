@@ -1,6 +1,7 @@
-"""NUTS for one star: blackjax's window adaptation and draws (jitted, vmapped over
-chains) and the host loop that runs them in blocks until the convergence rule holds
-(see :mod:`payne_lite.posterior._sample`)."""
+"""NUTS for one star: the warm-up (the LM covariance as the inverse mass matrix and a
+step size by dual averaging, or blackjax's window adaptation) and draws (jitted,
+vmapped over chains) and the host loop that runs them in blocks until the
+convergence rule holds (see :mod:`payne_lite.posterior._sample`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ NUTS_RHAT_MAX = 1.01
 #: NUTS_INIT_SCALE x (LM covariance)^(1/2) z: dispersed as the posterior is, so that
 #: R-hat can see chains that do not mix.
 NUTS_INIT_SCALE = 1.0
+#: The step size's dual averaging (``adaptation="lm"``) aims at this mean acceptance
+#: statistic (blackjax's and Stan's default for the window adaptation too).
+NUTS_TARGET_ACCEPT = 0.8
 
 
 # --------------------------------------------------------------------------------------
@@ -62,6 +66,59 @@ def _nuts_warmup(obs: ObsModel, t: Target, keys, u0, *, n_warmup, dense):
     return jax.vmap(one)(keys, u0)
 
 
+@functools.partial(jax.jit, static_argnames=("n_warmup",))
+def _nuts_step_size(obs: ObsModel, t: Target, keys, u0, imm, *, n_warmup):
+    """Dual averaging of the step size alone (Hoffman & Gelman 2014, sec. 3.2.1),
+    the inverse mass matrix held at ``imm`` (kf[, kf]), for each chain.
+
+    ``keys`` (C,), ``u0`` (C, kf) starting points. Returns what
+    :func:`_nuts_warmup` returns: the chains' last states, step sizes (C,), inverse
+    mass matrices (C, kf[, kf]) (``imm`` for each) and gradient evaluations (C,).
+    With ``imm`` the posterior's covariance the target is a unit Gaussian to the
+    sampler, for which a step of 1 is stable: dual averaging starts there.
+    """
+    import blackjax
+    from blackjax.adaptation.step_size import dual_averaging_adaptation
+
+    da_init, da_update, da_final = dual_averaging_adaptation(NUTS_TARGET_ACCEPT)
+    kernel = blackjax.mcmc.nuts.build_kernel()
+
+    def one(key, u):
+        def logdensity(v):
+            return log_density_u(obs, v, t)
+
+        def body(carry, k):
+            st, da = carry
+            st, info = kernel(k, st, logdensity, jnp.exp(da.log_step_size), imm)
+            return (st, da_update(da, info.acceptance_rate)), info.num_integration_steps
+
+        state = blackjax.mcmc.nuts.init(u, logdensity)
+        carry = (state, da_init(jnp.asarray(1.0, u.dtype)))
+        (state, da), n_int = jax.lax.scan(body, carry, jax.random.split(key, n_warmup))
+        return state, da_final(da), imm, jnp.sum(n_int)
+
+    return jax.vmap(one)(keys, u0)
+
+
+def lm_inverse_mass(centre, cov, lo, hi, *, dense):
+    """The LM covariance ``cov`` (kf, kf) at ``centre`` (kf,) [fit space] as NUTS's
+    inverse mass matrix in the unconstrained ``u``: ``J^-1 cov J^-1`` with ``J =
+    diag(dx/du) = diag((hi - lo) z (1 - z))``, ``z = (centre - lo) / (hi - lo)``
+    (the linearised map; exact for a Gaussian well inside the support); its
+    diagonal when not ``dense``. None when it is unusable (non-finite, or not
+    positive definite)."""
+    z = np.clip((centre - lo) / (hi - lo), 1e-6, 1.0 - 1e-6)
+    jac = (hi - lo) * z * (1.0 - z)
+    m = np.asarray(cov, np.float64) / jac[:, None] / jac[None, :]
+    if not np.all(np.isfinite(m)):
+        return None
+    try:
+        np.linalg.cholesky(m)
+    except np.linalg.LinAlgError:
+        return None
+    return m if dense else np.diag(m).copy()
+
+
 @functools.partial(jax.jit, static_argnames=("n_draws",))
 def _nuts_draws(obs: ObsModel, t: Target, keys, state, step_size, imm, *, n_draws):
     """``n_draws`` NUTS transitions of each chain (vmapped over the C chains).
@@ -98,12 +155,14 @@ def _nuts_draws(obs: ObsModel, t: Target, keys, state, step_size, imm, *, n_draw
 # Host side: one star's chains
 # --------------------------------------------------------------------------------------
 def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
-              dense, dt, thin):  # fmt: skip
+              dense, dt, thin, imm=None):  # fmt: skip
     """One star's NUTS chains: its :class:`StarDraws` (with the kept samples ``x``;
     ``n_good`` and ``seconds`` are the caller's).
 
-    ``x0`` (C, kf) starting points in fit space, inside the support. Warm-up by
-    window adaptation, then blocks of ``block`` draws per chain until the rule
+    ``x0`` (C, kf) starting points in fit space, inside the support. Warm-up: with
+    ``imm`` (kf[, kf], from :func:`lm_inverse_mass`) the step size alone by dual
+    averaging, the inverse mass matrix held at ``imm``; without, blackjax's window
+    adaptation of both. Then blocks of ``block`` draws per chain until the rule
     (ESS >= ``ess_target``, rank R-hat < NUTS_RHAT_MAX, no divergence) holds or
     ``n_steps`` draws per chain are done.
     """
@@ -114,10 +173,15 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
     z = np.clip((x0 - lo) / (hi - lo), 1e-6, 1.0 - 1e-6)
     u0 = np.log(z) - np.log1p(-z)
     key_w, key_d = jax.random.split(jax.random.key(seed))
-    state, eps, imm, n_int_w = _nuts_warmup(
-        obs, tgt, jax.random.split(key_w, n_chains), jnp.asarray(u0, dt),
-        n_warmup=n_warmup, dense=dense,
-    )  # fmt: skip
+    keys_w, u0 = jax.random.split(key_w, n_chains), jnp.asarray(u0, dt)
+    if imm is None:
+        state, eps, imm, n_int_w = _nuts_warmup(
+            obs, tgt, keys_w, u0, n_warmup=n_warmup, dense=dense
+        )
+    else:
+        state, eps, imm, n_int_w = _nuts_step_size(
+            obs, tgt, keys_w, u0, jnp.asarray(imm, dt), n_warmup=n_warmup
+        )
     pos, lpu, div, nint, acc = [], [], [], [], []
     n_done, i = 0, 0
     while True:

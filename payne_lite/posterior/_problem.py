@@ -29,7 +29,8 @@ from ..observe import (
 from ._likelihood import Target, window_valid_batch
 
 PRIORS = ("box", "mdn-uniform", "mdn-gauss")
-#: Walkers start at the LM solution + BALL_SCALE * (LM covariance)^(1/2) z.
+#: :func:`ball`'s default: points at the LM solution + BALL_SCALE * (LM
+#: covariance)^(1/2) z (emcee's walkers use ``EmceeOptions.init_scale``).
 BALL_SCALE = 0.1
 
 

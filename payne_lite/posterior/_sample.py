@@ -55,12 +55,17 @@ Samplers (``method=``)
 ``vectorize=True``: every log-probability call evaluates all the walkers it is given
 by ONE jitted JAX function (:func:`._likelihood.log_prob_batch`; emcee's stretch
 move calls it twice per step, with half the walkers each), compiled once per shape
-and reused for every star (the star's data are arguments, not constants). Walkers
-start in a small ball around the LM solution (``init="lm"``:
-``p_LM + BALL_SCALE * chol(C_LM) z``, reflected into the prior's support) or are
-drawn from the MDN's Gaussians (``init="mdn"``, truncated to the support). The chain
-runs in blocks of ``check_every`` steps until the convergence rule holds or
-``n_steps`` are done.
+and reused for every star (the star's data are arguments, not constants); the
+walkers are cast to its float on the host. The move is differential evolution
+(``emcee.moves.DEMove()``, ``EmceeOptions.moves`` None): on the APOGEE network's
+6-parameter posteriors its autocorrelation time is ~20 steps, the stretch move's
+~65, so the 50 tau the rule asks for take a third of the steps. Walkers are
+drawn from the LM Gaussian (``init="lm"``: ``p_LM + init_scale * chol(C_LM) z``,
+``EmceeOptions.init_scale`` = 1; 0.1 is the small ball of before), reflected into
+the prior's support, or from the MDN's Gaussians (``init="mdn"``, truncated to the
+support). The chain runs in blocks until the convergence rule holds or
+``n_steps`` are done: ``check_every`` steps, or fewer (at least a fifth of it)
+when the last check's tau and burn-in say fewer reach 50 tau.
 An emcee HDF5 backend (``backend_path``, one group per star) keeps the chains; a run
 on an existing file continues each star's chain where it stopped (the data and
 settings must be the same: checked by a hash stored in the group's attributes).
@@ -99,13 +104,19 @@ prior's support (the box, the RV window, the continuum bounds, or the MDN's
 in ``x`` and trajectories meet no wall (:func:`._likelihood.log_density_u`).
 ``n_chains`` (default ``NUTS_CHAINS`` = 4) chains start at the LM solution plus
 ``NUTS_INIT_SCALE`` (1) x the LM covariance's square root times N(0, 1) draws
-(``init="lm"``; the MDN's Gaussians with ``init="mdn"``), each adapts its step
-size and (by default dense) inverse mass matrix with Stan's window adaptation
-(``blackjax.window_adaptation``, ``NUTSOptions.n_warmup`` = 500 steps,
-discarded), then draws in blocks of ``check_every`` (default ``NUTS_BLOCK`` =
-100) per chain until its rule holds or ``n_steps`` draws per chain are done. The
-warm-up and each block are one jitted call, vmapped over the chains; the star's
-data are arguments, so the compilation is shared by every star of the same shape.
+(``init="lm"``; the MDN's Gaussians with ``init="mdn"``). With
+``NUTSOptions.adaptation="lm"`` (default) the inverse mass matrix is the LM
+covariance mapped to ``u`` (:func:`._nuts.lm_inverse_mass`; dense, or its
+diagonal with ``dense_mass=False``) and the warm-up (``n_warmup`` =
+``NUTS_LM_WARMUP`` = 100 steps, discarded) tunes each chain's step size alone by
+dual averaging towards a mean acceptance of 0.8; with ``"window"`` (and for
+``init="mdn"`` or a star whose LM covariance is unusable) each chain adapts its
+step size and inverse mass matrix with Stan's window adaptation
+(``blackjax.window_adaptation``, ``n_warmup`` = 500). Then draws in blocks of
+``check_every`` (default ``NUTS_BLOCK`` = 50) per chain until its rule holds or
+``n_steps`` draws per chain are done. The warm-up and each block are one jitted
+call, vmapped over the chains; the star's data are arguments, so the compilation
+is shared by every star of the same shape.
 
 Diagnostics and the convergence rule (emcee)
 --------------------------------------------
@@ -129,7 +140,9 @@ From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
   ``arviz`` extra); reported, not part of the rule;
 * ``acceptance``: emcee's mean acceptance fraction over walkers;
 * ``converged``: ``n_kept >= N_TAU_MIN * max(tau)`` (50, emcee's advice for a
-  trustworthy tau) and ``max(rhat) < RHAT_MAX`` (1.1; with 25 tau per half-chain,
+  trustworthy tau), every tau within ``EmceeOptions.tau_rtol`` (5 %) of the
+  previous check's (emcee's advice that the estimate be stable; so at least two
+  checks) and ``max(rhat) < RHAT_MAX`` (1.1; with 25 tau per half-chain,
   R-hat of a converged ensemble is about 1.02, so 1.01 would reject good chains),
   with finite tau. A :class:`SamplingWarning` names the stars that fail.
 
@@ -205,9 +218,8 @@ from ._emcee import run_emcee
 from ._io import PosteriorSamples
 from ._is import run_is
 from ._likelihood import log_prob_batch
-from ._nuts import NUTS_INIT_SCALE, NUTS_RHAT_MAX, run_nuts
+from ._nuts import NUTS_INIT_SCALE, NUTS_RHAT_MAX, lm_inverse_mass, run_nuts
 from ._problem import (
-    BALL_SCALE,
     Problem,
     ball,
     check_instrument,
@@ -671,7 +683,7 @@ def _start_points(run: _Run, i, centre, lmr, tg, rng) -> np.ndarray:
     if run.init == "lm":
         return ball(
             rng, centre[idx], lmr.cov[np.ix_(idx, idx)], tg, n_start,
-            scale=NUTS_INIT_SCALE if run.method == "nuts" else BALL_SCALE,
+            scale=NUTS_INIT_SCALE if run.method == "nuts" else run.em.init_scale,
         )  # fmt: skip
     m, s = pb.mdn_fit_space(i)
     mi, si = centre[idx].copy(), np.full(kf, 1e-3)
@@ -704,17 +716,24 @@ def _mcmc_star(run: _Run, i) -> None:
     p0 = _start_points(run, i, centre, lmr, tg, rng)
     if run.method == "nuts":
         nuts = run.nuts
+        imm = None
+        if nuts.adaptation == "lm" and lmr is not None:
+            ix = np.ix_(pb.idx, pb.idx)
+            imm = lm_inverse_mass(
+                centre[pb.idx], lmr.cov[ix], tg["lo"], tg["hi"], dense=nuts.dense_mass
+            )
         res = run_nuts(
             pb.obs, to_device(tg, dt), tg, p0, n_warmup=nuts.n_warmup,
             n_steps=em.n_steps, block=em.check_every, ess_target=nuts.ess_target,
             seed=run.seed + int(i), dense=nuts.dense_mass, dt=dt, thin=em.thin,
+            imm=imm,
         )  # fmt: skip
     else:
         res = run_emcee(
             pb.obs, to_device(tg, dt), tg, p0, n_steps=em.n_steps,
             check_every=em.check_every, seed=run.seed + int(i),
             backend_path=em.backend_path, star=int(i), moves=em.moves, dt=dt,
-            thin=em.thin,
+            thin=em.thin, tau_rtol=em.tau_rtol,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     prev = run.rows[i]  # an mdn-is record handed over (fallback), or None
@@ -774,7 +793,8 @@ def _warn_unconverged(table, run: _Run) -> None:
     bad = np.flatnonzero(~np.asarray(table["converged"]))
     if bad.size:
         rules = {
-            "emcee": f"emcee needs >= {N_TAU_MIN:g} tau and R-hat < {RHAT_MAX}",
+            "emcee": f"emcee needs >= {N_TAU_MIN:g} tau, a stable tau and R-hat < "
+            f"{RHAT_MAX}",
             "mdn-is": f"mdn-is ESS >= {run.is_opts.ess_min:g}",
             "nuts": f"nuts ESS >= {run.nuts.ess_target:g}, R-hat < "
             f"{NUTS_RHAT_MAX} and no divergence",
