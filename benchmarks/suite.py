@@ -658,7 +658,7 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         m["fit.real.delta_chi2_vs_baseline"] = metric(
             r["delta_chi2_vs_baseline"],
             Rule("accuracy", "lower", atol=0.1),
-            what=f"{what}: chi2 (common pixels, float64 model) minus the baseline's",
+            what=f"{what}: chi2 (common pixels, our float64 model) minus the baseline's",
             target=f"<= {bench_fit.CHI2_TOL}",
         )
         m["fit.real.max_sigma_vs_baseline"] = metric(
