@@ -91,7 +91,8 @@ def cubic_interp(xq, x, y, taps: int = 6):
     """NumPy reference of the fitter's Doppler interpolant: Keys' cubic convolution
     on the pixel index of the grid ``x`` (the fractional index linear in ``x``
     within its interval), the sum over the ``taps`` nearest pixels j of
-    ``keys_kernel(u - j) y_j``; NaN where a tap leaves the grid (``y`` (..., P))."""
+    ``keys_kernel(u - j) y_j``; NaN where a tap leaves the grid, except on a grid
+    point, where the value is that point's (``y`` (..., P))."""
     x = np.asarray(x, np.float64)
     xq = np.asarray(xq, np.float64)
     y = np.asarray(y, np.float64)
@@ -103,7 +104,10 @@ def cubic_interp(xq, x, y, taps: int = 6):
     for j in range(lo, hi + 1):
         idx = np.clip(i + j, 0, n - 1)
         out = out + keys_kernel(u - (i + j), taps) * y[..., idx]
-    bad = (i + lo < 0) | (i + hi > n - 1) | (xq < x[0]) | (xq > x[-1])
+    at = np.where(xq == x[i + 1], i + 1, i)
+    node = xq == x[at]  # on a rest pixel: its value, whatever the taps around
+    out = np.where(node, y[..., at], out)
+    bad = ((i + lo < 0) | (i + hi > n - 1)) & ~node | (xq < x[0]) | (xq > x[-1])
     return np.where(bad, np.nan, out)
 
 

@@ -32,6 +32,7 @@ STAGES = {
     "_datafiles": 0,
     "_compile": 0,
     "_memory": 0,
+    "_fusion": 0,
     # layer 1: data in; 2: emulate; 3: the observation model
     "grid": 1,
     "emulator": 2,

@@ -240,9 +240,11 @@ def _kernel(kind: str, a):
 def tap_weights(kind: str, t):
     """Weights of the taps :data:`TAP_OFFSETS` ``[kind]`` at the fraction ``t`` in
     [0, 1] of the interval, and their derivatives by ``t``: two tuples of arrays
-    shaped like ``t``. The weights sum to 1 for any ``t``. A tap at offset o <= 0
-    lies t - o to the left, one at o >= 1 lies o - t to the right (so that the
-    linear interpolant's derivative at a node is the right-hand segment's)."""
+    shaped like ``t``. The weights sum to 1 for any ``t``; at ``t == 0`` and
+    ``t == 1`` (a node) they are exactly 1 for offset 0 (1) and 0 for the others.
+    A tap at offset o <= 0 lies t - o to the left, one at o >= 1 lies o - t to the
+    right (so that the linear interpolant's derivative at a node is the right-hand
+    segment's)."""
     if kind not in TAP_OFFSETS:
         raise ValueError(f"unknown Doppler interpolant {kind!r}")
     one = jnp.ones_like(t)
@@ -254,7 +256,7 @@ def tap_weights(kind: str, t):
         wo, dwo = jax.jvp(
             lambda x, o=o, sign=sign: _kernel(kind, sign * (x - o)), (t,), (one,)
         )
-        w.append(wo)
+        w.append(jnp.where(t == 0, float(o == 0), jnp.where(t == 1, float(o == 1), wo)))
         dw.append(dwo)
     return tuple(w), tuple(dw)
 
@@ -344,6 +346,8 @@ def shift_pair(obs, m, rv) -> Shifted:
             for j, o in enumerate(offsets):
                 taps[j].append(jax.lax.dynamic_slice_in_dim(emb, e0 + k + o, n, axis=1))
                 okj = jax.lax.dynamic_slice_in_dim(ok, e0 + k + o, n)
+                if o != 0:  # at a node only tap 0 has weight
+                    okj = okj | (t == 0)
                 v = okj if v is None else v & okj
             va.append(v)
         valid = jnp.concatenate(va) & taps_inside(lg, obs.interp, k)
@@ -365,7 +369,11 @@ def shift_pair(obs, m, rv) -> Shifted:
     # right); zero where the interpolation is clamped off the grid's ends.
     dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
     dt_drv = jnp.where(inside, -(inv_m1 + 1.0) * dv * obs.wave_obs / h, 0.0)
-    lo, hi = i + offsets[0], i + offsets[-1]
+    # on a rest pixel (t 0 or 1): only that pixel's tap has weight
+    node = (t == 0) | (t == 1)
+    at = i + (t == 1)
+    lo = jnp.where(node, at, i + offsets[0])
+    hi = jnp.where(node, at, i + offsets[-1])
     inside = inside & (lo >= 0) & (hi <= n - 1)
     lo_c, hi_c = jnp.clip(lo, 0, n - 1), jnp.clip(hi, 0, n - 1)
     valid = inside & (obs.gap_cum[hi_c] - obs.gap_cum[lo_c] == 0)
@@ -374,7 +382,7 @@ def shift_pair(obs, m, rv) -> Shifted:
     if not complete.all():
         c = jnp.asarray(complete)
         for ij in idx:
-            valid = valid & c[ij]
+            valid = valid & (c[ij] | (node & (ij != at)))
     w, dw = tap_weights(obs.interp, t)
     taps = tuple(m[:, ij] for ij in idx)
     return Shifted(taps, w, tuple(d * dt_drv for d in dw), valid)

@@ -549,8 +549,12 @@ def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
         else:
             ia = interval_lookup(obs.x_rest, obs.lookup, xq_lo)
             ib = interval_lookup(obs.x_rest, obs.lookup, xq_hi)
-        # the taps of every rv in the window: rest pixels ia + o0 .. ib + o1
-        a, b = ia + o0, ib + o1
+        # the taps of every rv in the window: rest pixels ia + o0 .. ib + o1 (only
+        # tap 0 for a window that is one rv on a rest pixel)
+        on_a, on_b = xq_lo == obs.x_rest[ia], xq_lo == obs.x_rest[ia + 1]
+        node = (xq_lo == xq_hi) & (on_a | on_b)
+        at = jnp.where(on_a, ia, ia + 1)
+        a, b = jnp.where(node, at, ia + o0), jnp.where(node, at, ib + o1)
         ok = (xq_lo >= obs.x_rest[0]) & (xq_hi <= obs.x_rest[-1]) & (a >= 0) & (b < n)
         a, b = jnp.clip(a, 0, n - 1), jnp.clip(b, 0, n - 1)
         ok = ok & (obs.gap_cum[b] - obs.gap_cum[a] == 0)
@@ -558,8 +562,13 @@ def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
             return ok
         bad = jnp.asarray(np.concatenate([[0], np.cumsum(~complete)]).astype(np.int32))
         return ok & (bad[b + 1] - bad[a] == 0)
-    k_lo = jnp.floor(-jnp.arctanh(rv_hi / C_KMS) * lg.inv_step).astype(jnp.int32)
-    k_hi = jnp.floor(-jnp.arctanh(rv_lo / C_KMS) * lg.inv_step).astype(jnp.int32)
+    u_lo = -jnp.arctanh(rv_hi / C_KMS) * lg.inv_step
+    u_hi = -jnp.arctanh(rv_lo / C_KMS) * lg.inv_step
+    k_lo = jnp.floor(u_lo).astype(jnp.int32)
+    k_hi = jnp.floor(u_hi).astype(jnp.int32)
+    # one rv on a rest pixel (a fixed rv of 0 on the emulator's grid): tap 0 only
+    node = (u_lo == u_hi) & (u_lo == jnp.floor(u_lo))
+    o0, o1 = jnp.where(node, 0, o0), jnp.where(node, 0, o1)
     ok = embed(lg, complete.astype(np.int32))
     cum = jnp.asarray(np.concatenate([[0], np.cumsum(ok)]).astype(np.int32))
     parts = []
