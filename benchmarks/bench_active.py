@@ -6,11 +6,12 @@ seed: a Latin-hypercube grid of ``--n-lhs`` spectra is trained from scratch
 |error| on one fixed held-out test grid (``--n-test`` uniform draws, the same for every
 seed and method) is the target. Then ``active_learning`` grows a ``--n-start``
 Latin-hypercube grid by ``--batch`` spectra per round up to ``--n-total``, once per
-strategy (``error``: the regressed error map; ``random``: uniform draws, the control),
-warm-starting every round. The Latin hypercube is trained with each budget of
-``--lhs-max-iter`` (the default 150 iterations, and 630: as many as the active runs may
-spend over all their rounds, so that warm-started extra iterations are not mistaken
-for better labels). Reported: the spectra each strategy needs to reach each target
+strategy (``error``: the default, the regressed error map tempered to a density ~
+error**0.5; ``error:X``: exponent X; ``space``: boundary-corrected maximin; ``random``:
+uniform draws, the control), warm-starting every round. The Latin hypercube is trained
+with each budget of ``--lhs-max-iter`` (the default 150 iterations, and 630: as many as
+the active runs may spend over all their rounds, so that warm-started extra iterations
+are not mistaken for better labels). Reported: the spectra each strategy needs to reach each target
 (first round at or below it; mean over seeds, inf when never), the final errors, and
 the learning curves as a PNG.
 
@@ -31,10 +32,17 @@ from pathlib import Path
 import numpy as np
 
 import payne_lite as pl
-from payne_lite.emulator import active_learning
+from payne_lite.emulator import ErrorMap, active_learning
 from payne_lite.grid import synth
 
 KEYS = ("test_median_abs_error", "test_p90_spectrum_error")
+
+
+def strategy_of(name: str):
+    """``"error:0.5"``: the error map with exponent 0.5; other names as they are."""
+    if name.startswith("error:"):
+        return ErrorMap(exponent=float(name.split(":", 1)[1]))
+    return name
 
 
 def held_out(emu, test) -> tuple[float, float]:
@@ -74,7 +82,7 @@ def run_seed(seed, wave, test, args) -> dict:
             lambda x: synth.synthesize(x, wavelength=wave),
             n_total=args.n_total,
             batch_size=args.batch,
-            strategy=strategy,
+            strategy=strategy_of(strategy),
             test=test,
             seed=seed,
             hidden=args.hidden,

@@ -18,8 +18,14 @@ S/N ``--snr`` per pixel) are fitted four ways, with the same noise draws:
   :class:`payne_lite.SigmaClipped` (no pixel list; ASPCAP-style upper envelope);
 * ``<each of the three>-refined``: the same normalised spectra, then the continuum
   refined against the best-fit model over all pixels and fitted again
-  (``pl.fit(..., options=pl.LMOptions(refine_continuum=2))``): alternating labels
-  and continuum, a stand-in for a continuum profiled in the fit (issue 20 item 2).
+  (``pl.fit(..., options=pl.LMOptions(refine_continuum=4, refine_deg=2))``; degree
+  3 for the cubic continua): alternating labels and continuum, towards their joint
+  fit;
+* ``chip-profiled-deg<d>`` (``-cubic``: on the cubic-continuum spectra): no
+  normalisation step; the unnormalised flux is fitted with the emulator times a
+  Chebyshev polynomial of degree d per APOGEE chip whose coefficients are profiled
+  at every LM step (``pl.fit(..., cont_deg=pl.ChipPolynomial.apogee(d),
+  options=pl.LMOptions(continuum="profile"))``; issue 20 item 2).
 
 Each is fitted with ``pl.fit`` (LM, the APOGEE mask). The table gives per label the
 robust scatter of fit - truth (1.4826 x MAD), its ratio to the reference's, the
@@ -87,8 +93,16 @@ def robust(x, axis=0):
     return 1.4826 * np.median(np.abs(x - np.median(x, axis=axis)), axis=axis)
 
 
-def run(n: int = 200, snr: float = 50.0, seed: int = 0, refine_passes: int = 2) -> dict:
-    """The four cases' numbers (see the module docstring) as a dict."""
+def run(
+    n: int = 200,
+    snr: float = 50.0,
+    seed: int = 0,
+    refine_passes: int = 4,
+    chip_degs=(2, 3, 4),
+) -> dict:
+    """The cases' numbers (see the module docstring) as a dict; ``chip_degs``: the
+    degrees of the per-chip profiled continuum (those >= 3 also on the cubic
+    continua)."""
     emu, d, labels, flux, err, c2, c3 = mocks(n, snr, seed)
     wave = d.wavelength
     cases = {
@@ -99,15 +113,32 @@ def run(n: int = 200, snr: float = 50.0, seed: int = 0, refine_passes: int = 2) 
     }
     for name in ("continuum-pixels", "continuum-pixels-deg3", "sigma-clipped"):
         cases[f"{name}-refined"] = cases[name]
+    # no normalisation: the raw flux, the continuum profiled per chip in the fit
+    profiled = {}
+    for deg in chip_degs:
+        profiled[f"chip-profiled-deg{deg}"] = (flux * c2, err * c2, deg)
+    for deg in chip_degs:
+        if deg >= 3:
+            profiled[f"chip-profiled-deg{deg}-cubic"] = (flux * c3, err * c3, deg)
+    cases.update(profiled)
     out: dict = {"n": n, "snr": snr, "seed": seed, "labels": list(NAMES), "cases": {}}
     ref_scatter = None
     for name, case in cases.items():
         f, e = case[0], case[1]
-        mask = d.mask if len(case) == 2 else (d.mask | case[2])
+        mask = d.mask if name in profiled or len(case) == 2 else (d.mask | case[2])
         t0 = time.perf_counter()
         refine = refine_passes if name.endswith("-refined") else 0
-        opts = pl.LMOptions(refine_continuum=refine)
-        t = pl.fit(f, e, emu, mask=mask, options=opts)
+        if name in profiled:
+            kw = dict(
+                cont_deg=pl.ChipPolynomial.apogee(case[2]),
+                options=pl.LMOptions(continuum="profile"),
+            )
+        else:
+            # refined with the normalisation's degree (2), or 3 where the
+            # continua are cubic
+            deg = 3 if "deg3" in name else 2
+            kw = dict(options=pl.LMOptions(refine_continuum=refine, refine_deg=deg))
+        t = pl.fit(f, e, emu, mask=mask, **kw)
         seconds = time.perf_counter() - t0
         fitted = np.stack([np.asarray(t[k], np.float64) for k in NAMES], axis=1)
         diff = fitted - labels
@@ -169,8 +200,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--snr", type=float, default=50.0, help="S/N per pixel (50)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, metavar="PATH", help="write JSON here")
+    ap.add_argument(
+        "--chip-degs",
+        type=int,
+        nargs="+",
+        default=[2, 3, 4],
+        metavar="D",
+        help="degrees of the per-chip profiled continuum (default 2 3 4)",
+    )
+    ap.add_argument(
+        "--refine-passes",
+        type=int,
+        default=4,
+        metavar="N",
+        help="passes of LMOptions.refine_continuum in the -refined cases (4)",
+    )
     args = ap.parse_args(argv)
-    res = run(args.n, args.snr, args.seed)
+    res = run(
+        args.n,
+        args.snr,
+        args.seed,
+        refine_passes=args.refine_passes,
+        chip_degs=tuple(args.chip_degs),
+    )
     print(markdown(res))
     if args.json:
         with open(args.json, "w") as f:

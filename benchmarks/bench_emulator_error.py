@@ -87,6 +87,22 @@ def _shift(wave, flux, rv):
     return np.interp(wave / f, wave, flux)
 
 
+def mock_stars(truth: pl.Emulator, n: int, snr: float, seed: int):
+    """``n`` noisy spectra of ``truth``: labels (n, L) [physical] uniform in the
+    middle 90 % of the box (the population the student's ``pixel_error`` and
+    ``error_basis`` describe: its training spectra's), rv (n,) uniform in +-100
+    km/s, flux and err (n, P) with Gaussian noise 1 / ``snr``."""
+    rng = np.random.default_rng(seed)
+    labels = truth.unscale(rng.uniform(-0.45, 0.45, (n, truth.n_labels)))
+    rv = rng.uniform(-100.0, 100.0, n)
+    wave = np.asarray(truth.wavelength, np.float64)
+    flux = np.stack(
+        [_shift(wave, f, v) for f, v in zip(truth.predict(labels), rv, strict=True)]
+    )
+    err = np.full_like(flux, 1.0 / snr)
+    return labels, rv, flux + err * rng.standard_normal(flux.shape), err
+
+
 def coverage_run(
     truth: pl.Emulator,
     student: pl.Emulator,
@@ -100,16 +116,7 @@ def coverage_run(
     """Fit ``n_test`` noisy spectra of ``truth`` with ``student``, emulator error
     off and on: coverage and median |z| per label and rv. With ``residuals``
     (N, P) also those of :func:`correlated_errors` (key ``"correlated"``)."""
-    rng = np.random.default_rng(seed)
-    # the population pixel_error and error_basis describe: the training spectra's
-    labels = truth.unscale(rng.uniform(-0.45, 0.45, (n_test, truth.n_labels)))
-    rv = rng.uniform(-100.0, 100.0, n_test)
-    wave = np.asarray(truth.wavelength, np.float64)
-    flux = np.stack(
-        [_shift(wave, f, v) for f, v in zip(truth.predict(labels), rv, strict=True)]
-    )
-    err = np.full_like(flux, 1.0 / snr)
-    noisy = flux + err * rng.standard_normal(flux.shape)
+    labels, rv, noisy, err = mock_stars(truth, n_test, snr, seed)
     names = (*student.label_names, "rv")
     truth_p = np.column_stack([labels, rv])
 

@@ -12,13 +12,18 @@ run"):
 1. Writes an ``--n``-spectrum catalog of noisy spectra (S/N 50) of the real 5-label
    Payne network (7214 APOGEE pixels; ``--emulator default`` without that data) and
    saves the emulator to a file.
-2. Runs ``payne-lite fit`` on it once, uninterrupted: the reference table.
+2. Runs ``payne-lite fit`` on it twice, uninterrupted: the first compiles (and
+   fills the persistent compilation cache) and is the reference table; the second,
+   which must give the same table, is timed as the killed runs will run (start-up,
+   seconds per chunk).
 3. Starts the same command again and again on another output, killing it with
-   SIGKILL after a random delay (uniform between 0 and the time the first run took
-   to record its first chunks, so kills land in start-up, mid-chunk, mid-write),
-   until ``--kills`` kills have landed; the last ``--merge-kills`` of them wait until
-   every chunk is recorded and kill during the final merge and write (0-0.5 s after
-   the manifest lists every chunk). Then the command runs to the end.
+   SIGKILL at a random moment (a quarter in start-up, uniform over the timed run's
+   start-up; the rest once the run has recorded 1 or 2 more chunks, plus a random
+   share of a chunk's time: mid-chunk, mid-write; a run that reaches its merge
+   first is killed there), until ``--kills`` kills have landed; the last
+   ``--merge-kills`` of them wait until every chunk is recorded and kill during the
+   final merge and write (0-0.5 s after the manifest lists every chunk). Then the
+   command runs to the end.
 4. Checks the final table: the reference's columns, every row exactly once in
    order, every value bit for bit (NaN == NaN); no temporary file is left; the
    parts folder is gone.
@@ -83,23 +88,39 @@ def main(argv=None) -> int:
         emu.save(emu_path)
         print(f"{args.n} spectra of the {what}, {n_chunks} chunks of {args.chunk_size}")
 
+        def uninterrupted(path: Path):
+            """Run to the end; returns its seconds and {chunks recorded: seconds}."""
+            manifest = pl.catalog.parts_folder(path) / "manifest.json"
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(_command(cat, emu_path, path, args.chunk_size),
+                                    stdout=subprocess.DEVNULL)  # fmt: skip
+            recorded = {}
+            while proc.poll() is None:
+                recorded.setdefault(len(_done(manifest)), time.perf_counter() - t0)
+                time.sleep(0.01)
+            assert proc.returncode == 0, "an uninterrupted run failed"
+            return time.perf_counter() - t0, recorded
+
+        # the first run compiles (and fills the persistent compilation cache, which
+        # the later runs load from): the reference table; the second is timed, as
+        # the killed runs will start, and must give the same table
         ref_path = tmp / "ref.fits"
-        ref_manifest = pl.catalog.parts_folder(ref_path) / "manifest.json"
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(_command(cat, emu_path, ref_path, args.chunk_size),
-                                stdout=subprocess.DEVNULL)  # fmt: skip
-        t_first = None
-        while proc.poll() is None:
-            if t_first is None and _done(ref_manifest):
-                t_first = time.perf_counter() - t0
-            time.sleep(0.01)
-        assert proc.returncode == 0, "the uninterrupted run failed"
-        t_ref = time.perf_counter() - t0
-        t_first = t_first or 0.5 * t_ref
+        t_compile, _ = uninterrupted(ref_path)
         ref = pl.read_results(ref_path)
-        print(
-            f"uninterrupted run: {t_ref:.1f} s (first chunk recorded at {t_first:.1f} s)"
+        t_ref, recorded = uninterrupted(tmp / "ref2.fits")
+        repeat_same = same_results(pl.read_results(tmp / "ref2.fits"), ref)
+        # start-up and the time per chunk, from when chunks were recorded: a resumed
+        # run with k chunks left takes about start + k * per_chunk
+        k_last = max(recorded)
+        t_first = recorded.get(1, 0.5 * t_ref)
+        per_chunk = (
+            (recorded[k_last] - t_first) / max(k_last - 1, 1) if k_last > 1 else 0
         )
+        per_chunk = per_chunk or (t_ref - t_first) / n_chunks
+        t_start = max(t_first - per_chunk, 0.1 * t_first)
+        print(f"uninterrupted runs: {t_compile:.1f} s compiling, {t_ref:.1f} s "
+              f"(start-up ~{t_start:.1f} s, ~{per_chunk:.2f} s per chunk), same "
+              f"table twice: {repeat_same}")  # fmt: skip
 
         out = tmp / "out.fits"
         parts = pl.catalog.parts_folder(out)
@@ -119,17 +140,29 @@ def main(argv=None) -> int:
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.5))
             else:
-                # start-up, then the chunks still to fit: kills land before the end
-                left = (n_chunks - before) / n_chunks
-                max_delay = t_first + 0.9 * left * (t_ref - t_first)
-                deadline = time.monotonic() + rng.uniform(0.0, max_delay)
-                while time.monotonic() < deadline and proc.poll() is None:
+                # a moment chosen by events, not by a clock (a resumed run starts
+                # faster than the first, and a loaded machine slows everything):
+                # a quarter of the kills in start-up (before the run records a
+                # chunk), the rest after it records 1 or 2 more chunks and then a
+                # random share of a chunk's time (mid-chunk or mid-write); a run that
+                # reaches its merge first is killed there
+                left = n_chunks - before
+                if left <= 1 or rng.random() < 0.25:
+                    target, delay = before, rng.uniform(0.0, t_start)
+                else:
+                    target = before + int(rng.integers(1, min(2, left - 1) + 1))
+                    delay = rng.uniform(0.0, per_chunk)
+                while (len(_done(manifest)) < target and proc.poll() is None):  # fmt: skip
+                    time.sleep(0.01)
+                deadline = time.monotonic() + delay
+                while (time.monotonic() < deadline and proc.poll() is None
+                       and len(_done(manifest)) < n_chunks):  # fmt: skip
                     time.sleep(0.01)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
-                merge_kills += int(in_merge and len(_done(manifest)) == n_chunks)
+                merge_kills += int(len(_done(manifest)) == n_chunks)
             else:  # it finished first: the kills so far were not in one run
                 if out.exists():
                     out.unlink()
@@ -149,7 +182,7 @@ def main(argv=None) -> int:
         got = pl.read_results(out)
         ids = list(got["id"])
         once = ids == [f"s{i:07d}" for i in range(args.n)]
-        same = same_results(got, ref)
+        same = same_results(got, ref) and repeat_same
         leftovers = [
             p.name
             for p in tmp.iterdir()
@@ -166,6 +199,7 @@ def main(argv=None) -> int:
             "rows_checked": len(ids),
             "every_row_once_in_order": once,
             "identical_to_uninterrupted": same,
+            "uninterrupted_runs_identical": repeat_same,
             "parts_folder_left": parts.exists(),
             "temporary_files_left": leftovers,
         }

@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
                    metavar=("PIXELS", "SPECTRA"), help="the multi-device case")  # fmt: skip
     p.add_argument("--multi-large", type=int, nargs=2, default=[256, 1000],
                    metavar=("PIXELS", "SPECTRA"),
-                   help="a larger multi-device case (hung on the 2-core machine)")  # fmt: skip
+                   help="a larger multi-device case (hung when LAPACK got batches)")  # fmt: skip
     p.add_argument("--multi-timeout", type=int, default=300)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

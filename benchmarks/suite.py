@@ -62,6 +62,8 @@ the reference value (``REFERENCE`` files, committed in ``benchmarks/``):
   speed) fail only below 1/3 of the reference: load on a shared 2-core machine
   hurts the 2-thread side more. The training time, one long timing against a NumPy
   workload timed before and after, fails only above 3 x the reference.
+  Emulator.predict's ratio for 10,000 spectra (full mode) fails below issue 15's
+  target, 36x, whatever the reference (a floor, not a ratio to it).
 * ``info``: printed and stored, never gated (absolute times, raw rates).
 
 A metric present in the reference but missing from a run whose section ran is a
@@ -155,7 +157,9 @@ class Rule:
 
     ``kind``: accuracy | work | coverage | speed | info; ``direction``: lower |
     higher (which way is better) | nominal (coverage: closer to ``nominal`` is
-    better); ``rtol``/``atol`` (accuracy, work, coverage); ``ratio`` (speed).
+    better); ``rtol``/``atol`` (accuracy, work, coverage); ``ratio`` (speed);
+    ``floor`` (speed, higher is better): an issue's target, the limit whatever the
+    reference (instead of ``ratio`` x the reference).
     """
 
     kind: str
@@ -164,6 +168,7 @@ class Rule:
     atol: float = 0.0
     ratio: float = SPEED_RATIO
     nominal: float | None = None
+    floor: float | None = None
 
     def __post_init__(self):
         if self.kind not in ("accuracy", "work", "coverage", "speed", "info"):
@@ -172,6 +177,11 @@ class Rule:
             raise ValueError(f"unknown direction {self.direction!r}")
         if (self.direction == "nominal") != (self.nominal is not None):
             raise ValueError("direction 'nominal' needs nominal=, and only it")
+        if self.floor is not None and (self.kind, self.direction) != (
+            "speed",
+            "higher",
+        ):
+            raise ValueError("floor= is for speed metrics where higher is better")
 
     @property
     def gated(self) -> bool:
@@ -179,6 +189,8 @@ class Rule:
 
     def limit(self, ref: float) -> float:
         """The worst value that still passes (the distance from ``nominal`` for it)."""
+        if self.floor is not None:
+            return self.floor
         if self.kind == "speed":
             return ref * self.ratio if self.direction == "higher" else ref / self.ratio
         if self.direction == "nominal":
@@ -204,6 +216,8 @@ class Rule:
         """The rule in words, e.g. ``<= ref*1.2 + 0.01``."""
         if not self.gated:
             return "not gated"
+        if self.floor is not None:
+            return f">= {self.floor:g} (target)"
         if self.kind == "speed":
             if self.direction == "higher":
                 return f">= {self.ratio:.3g} x ref"
@@ -229,6 +243,8 @@ class Rule:
             d.pop("ratio")
         if d["nominal"] is None:
             d.pop("nominal")
+        if d["floor"] is None:
+            d.pop("floor")
         return d
 
     @classmethod
@@ -244,6 +260,9 @@ SPEED_LOWER = Rule("speed", "lower")
 #: our side more (issue 2's throughput read 24x under load 2.7 and 44x quiet), so
 #: these ratios fail only below a third of the reference.
 SPEED_VS_ONE_CORE = Rule("speed", "higher", ratio=1 / 3)
+#: Emulator.predict of 10,000 spectra over the original NumPy code (full mode): issue
+#: 15's target, 36x, whatever the reference.
+PUBLIC_PREDICT = Rule("speed", "higher", floor=36.0)
 
 
 def coverage_atol(n: int, p: float = COVERAGE_1SIGMA) -> float:
@@ -474,11 +493,18 @@ def section_throughput(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         ),
         "throughput.public_speedup_vs_numpy": metric(
             res["public_speedup"],
-            INFO,
+            PUBLIC_PREDICT if full else INFO,
             unit="x",
-            what="Emulator.predict (one fresh NumPy array out) over the original; "
-            "bound by page faults, it read 10x-32x on the same code under other "
-            "people's load: not gated",
+            what=f"{n}, Emulator.predict (one NumPy array out) over the original, "
+            "same run"
+            + ("" if full else "; gated at the issue's 36x in full mode only"),
+            target=">= 36" if full else "",
+        ),
+        "throughput.public_fraction_of_bound": metric(
+            res["public_fraction_of_bound"],
+            INFO,
+            what="Emulator.predict's spectra/s over the activation bound (jnp.tanh "
+            "rate on a flat array / tanh per spectrum), same run",
         ),
         "throughput.max_abs_err_vs_original": metric(
             res["max_abs_err_vs_original"],

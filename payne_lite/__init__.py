@@ -38,7 +38,9 @@ from .mdn import MDN as MDN
 from .mdn import MDNConfig as MDNConfig
 from .mdn import train_mdn as train_mdn
 from .observe import (
+    ChipPolynomial,
     ContinuumPixels,
+    FitContinuum,
     Instrument,
     NoNormalization,
     Normalizer,
@@ -64,7 +66,9 @@ __all__ = [
     "CurveFitOptions",
     "EmceeOptions",
     "ISOptions",
+    "ChipPolynomial",
     "ContinuumPixels",
+    "FitContinuum",
     "Instrument",
     "NoNormalization",
     "Normalizer",

@@ -25,9 +25,6 @@ __all__ = ["METHODS", "fit"]
 #: Every ``fit(method=...)``.
 METHODS = (*POINT_METHODS, *SAMPLERS)
 
-#: Degree of the per-chip polynomial of ``LMOptions(refine_continuum=n)``.
-REFINE_DEG = 3
-
 
 def fit(
     flux,
@@ -103,7 +100,13 @@ def fit(
             ``A^-1 (J^T W D W J + J^T W C_emu W J) A^-1`` (``A = J^T W J`` with the
             fit's weights W, D the data variances, ``C_emu = B^T B`` from the
             basis shifted to the star's rv; for ``group=`` fits the visits share
-            one emulator error). ``meta["emulator_error_correlated"]`` says
+            one emulator error): the scatter of this weighted fit under that
+            error. :func:`payne_lite.sample` samples the posterior under the same
+            error model ``C = diag(D) + U^T U``
+            (:mod:`payne_lite.observe._noise`), whose width is about
+            ``(J^T C^-1 J)^-1``, the generalised least-squares one: narrower than
+            the sandwich where ``U^T U`` dominates ``D`` (high S/N), about equal
+            where it does not. ``meta["emulator_error_correlated"]`` says
             whether it was used. Per-pixel quadrature alone leaves the errors too
             small at high S/N (``benchmarks/bench_emulator_error.py``).
         progress: show a tqdm progress bar over spectra.
@@ -207,13 +210,16 @@ def fit(
             fixed=fixed, mdn=mdn, group=group, seed=seed,
             emulator_error=emulator_error, progress=progress, options=options,
         )  # fmt: skip
-        refine_continuum = options_for(method, options).refine_continuum
+        opts = options_for(method, options)
+        refine_continuum = opts.refine_continuum
         table = fit_spectra(
             flux, flux_err, return_model=return_model or refine_continuum > 0, **kw
         )
         for k in range(int(refine_continuum)):
             wave = emulator.wavelength if wavelength is None else wavelength
-            flux, flux_err = _refined(flux, flux_err, mask, wave, table)
+            flux, flux_err = _refined(
+                flux, flux_err, mask, wave, table, opts.refine_deg
+            )
             table = fit_spectra(
                 flux, flux_err, return_model=return_model or k < refine_continuum - 1,
                 **kw,
@@ -223,15 +229,15 @@ def fit(
                 table.remove_column("model_flux")
             table.meta["continuum_refined"] = {
                 "passes": int(refine_continuum),
-                "deg": REFINE_DEG,
+                "deg": opts.refine_deg,
             }
     if read is not None:
         table.meta["input"] = read
     return table
 
 
-def _refined(flux, flux_err, mask, wave, table):
-    """``(flux / c, err')`` with ``c`` (n, P) per chip a degree-:data:`REFINE_DEG`
+def _refined(flux, flux_err, mask, wave, table, deg: int):
+    """``(flux / c, err')`` with ``c`` (n, P) per chip a degree-``deg``
     polynomial fitted to flux / model (``table["model_flux"]``, rows by
     ``visit_rows`` for joint fits) over the good pixels, and the errors propagated
     as by :class:`payne_lite.ContinuumPixels`."""
@@ -252,7 +258,7 @@ def _refined(flux, flux_err, mask, wave, table):
         ratio_f = np.where(bad, 1.0, flux / model)
         ratio_e = np.where(bad, 1.0, err / model)
     w = np.asarray(wave, np.float64)
-    every = ContinuumPixels(wavelength=np.unique(w[np.isfinite(w)]), deg=REFINE_DEG)
+    every = ContinuumPixels(wavelength=np.unique(w[np.isfinite(w)]), deg=deg)
     out = every(w, ratio_f, ratio_e, bad)
     c = np.where(np.isfinite(out.continuum) & (out.continuum > 0), out.continuum, 1.0)
     with np.errstate(all="ignore"):

@@ -130,6 +130,7 @@ class _PointFitOptions(_Options):
     mdn_starts: int = 0
     scale_errors: bool = False
     refine_continuum: int = 0
+    refine_deg: int = 2
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -137,6 +138,7 @@ class _PointFitOptions(_Options):
         if passes > 10:
             raise ValueError(f"{owner}.refine_continuum must be <= 10, got {passes}")
         self._set("refine_continuum", passes)
+        self._set("refine_deg", _int(self.refine_deg, "refine_deg", 0, owner))
         self._set("max_iter", _int(self.max_iter, "max_iter", 1, owner))
         self._set("batch_size", _int(self.batch_size, "batch_size", 1, owner))
         if self.n_threads is not None:
@@ -168,18 +170,24 @@ class LMOptions(_PointFitOptions):
         scale_errors: multiply each covariance by its reduced chi2 when that is
             above 1; recorded in the table's meta.
         refine_continuum: passes of continuum refinement, for flux normalised
-            through a few pixels (``payne-lite fit`` on apStar files, through The
-            Cannon's 529): after the fit, the flux (and its errors) is divided by a
-            degree-3 polynomial per chip (the grid split at its gaps and at runs of
+            through a few pixels (apStar files read with
+            ``continuum="continuum-pixels"``: The Cannon's 529): after the fit, the
+            flux (and its errors) is divided by a polynomial of degree
+            ``refine_deg`` per chip (the grid split at its gaps and at runs of
             masked pixels) fitted by weighted least squares to flux / best-fit
             model over every good pixel, and fitted again; 0 = none. Alternating
             labels and continuum approaches their joint fit: on 200 mocks of the
             real APOGEE network at S/N 50 times a random quadratic continuum per
-            chip, normalised through The Cannon's pixels, two passes bring the
-            labels' robust scatter from 1.09-1.77x to 0.92-1.14x that of the same
-            mocks perfectly normalised, no fit more than 5 sigma from the latter's
+            chip, normalised through The Cannon's pixels (degree 2), four passes of
+            degree 2 bring the labels' robust scatter from 1.09-1.77x to
+            1.02-1.09x that of the same mocks perfectly normalised (two passes:
+            1.05-1.10x), no fit more than 5 sigma from the latter's
             (``benchmarks/bench_continuum.py``). ``meta["continuum_refined"]``
             records it.
+        refine_deg: degree of the refinement's polynomial per chip: the
+            normalisation's own (2 for ``ContinuumPixels.apogee()``; a degree more
+            than the continuum needs costs logg precision: 1.14x instead of 1.03x
+            with 3 on the mocks above).
     """
 
     method = "lm"

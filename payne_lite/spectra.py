@@ -287,9 +287,11 @@ def read_spectra(obj) -> SpectraInput:
     )  # fmt: skip
 
 
-def _check_flux_unit(unit, cont_deg: int) -> None:
+def _check_flux_unit(unit, cont_deg) -> None:
+    from .observe import as_continuum
+
     u = _units()
-    if unit in (u.dimensionless_unscaled, None) or cont_deg >= 1:
+    if unit in (u.dimensionless_unscaled, None) or as_continuum(cont_deg) is not None:
         return
     physical = unit.physical_type
     if str(physical) != "unknown" and unit.decompose() != u.dimensionless_unscaled:
@@ -299,7 +301,8 @@ def _check_flux_unit(unit, cont_deg: int) -> None:
             "payne_lite.Normalizer: ContinuumPixels.apogee() for APOGEE, "
             "SigmaClipped() without a pixel list; APOGEE apStar files read with "
             "payne_lite.open_catalog come normalised), or fit a multiplicative "
-            "continuum (cont_deg >= 1) that absorbs its scale"
+            "continuum (cont_deg >= 1, or a payne_lite.ChipPolynomial) that absorbs "
+            "its scale"
         )
 
 

@@ -52,9 +52,10 @@ def test_grid():
 
 @pytest.fixture(scope="module")
 def run(start, test_grid):
-    """One round of 60 new spectra chosen by the error map (two trainings)."""
+    """One round of 60 new spectra chosen by the error map, its density ~ error**2
+    (two trainings)."""
     return active_learning(
-        start, toy_synth, strategy="error", explore=0.0, n_total=140, batch_size=60,
+        start, toy_synth, strategy=A.ErrorMap(exponent=2.0), n_total=140, batch_size=60,
         test=test_grid, seed=0, hidden=4, max_iter=20, refine_iter=8,
         n_candidates=4000, pixel_batch=8, probe_fraction=0.3,
     )  # fmt: skip
@@ -63,15 +64,18 @@ def run(start, test_grid):
 def test_active_learning_grows_the_grid_where_the_error_is_largest(
     run, start, test_grid
 ):
-    """New labels pile up in the hard corner: far more than its area share (9 % of
-    the box, what uniform draws would give); the loop warm-starts and records its
-    learning curve on a separate test grid."""
+    """The error map sends the new training labels to the hard corner: over three
+    times its area share (9 % of the box, what uniform draws would give); the batch's
+    probes are uniform draws. The loop warm-starts and records its learning curve on a
+    separate test grid."""
     test = test_grid
     new = run.grid.labels[start.n_spec :]
     assert run.grid.n_spec == 140 and new.shape == (60, 2)
     np.testing.assert_array_equal(run.grid.labels[: start.n_spec], start.labels)
     np.testing.assert_allclose(run.grid.flux, toy_synth(run.grid.labels))
-    share = _in_corner(new).mean()
+    new_probe = run.probe[start.n_spec :]
+    assert new_probe.sum() == 18 and np.all(new_probe[-18:])  # 30 % of 60, last
+    share = _in_corner(new[~new_probe]).mean()
     assert share > 3 * 0.09, share  # 0.09: the corner's area share
     c = run.curve
     np.testing.assert_array_equal(c["n_spec"], [80, 140])
@@ -82,7 +86,50 @@ def test_active_learning_grows_the_grid_where_the_error_is_largest(
     # the curve's test error is the emulator's own error on the test grid
     err = np.abs(np.asarray(run.emulator.predict(test.labels)) - test.flux)
     np.testing.assert_allclose(c["test_median_abs_error"][-1], np.median(err))
-    assert run.grid.meta["active_learning"]["strategy"] == "error"
+    assert run.grid.meta["active_learning"]["strategy"] == str(A.ErrorMap(2.0))
+
+
+def _closest(grid, new) -> float:
+    """The smallest distance of a new point to another point of grid + new."""
+    both = np.concatenate([grid, new])
+    d = np.linalg.norm(new[:, None] - both[None], axis=-1)
+    d[np.arange(len(new)), len(grid) + np.arange(len(new))] = np.inf
+    return float(d.min())
+
+
+def test_propose_labels_density_follows_the_error_to_the_exponent(monkeypatch):
+    """Weighted maximin: with exponent 0 the picks fill the box evenly (about uniform
+    draws' share right along its faces, where a plain maximin piles up); with exponent 1
+    the quadrant whose probes err 10 times more gets several times its area share,
+    more with exponent 2."""
+    rng = np.random.default_rng(0)
+    box = (np.zeros(2), np.ones(2))
+    grid, probes = rng.random((100, 2)), rng.random((400, 2))
+    hard = lambda x: np.all(x > 0.5, axis=1)  # noqa: E731
+    err = np.where(hard(probes), 10.0, 1.0)
+
+    def propose(exponent, errors=err):
+        return A.propose_labels(grid, probes, errors, box, 200, exponent=exponent,
+                                rng=np.random.default_rng(1), n_candidates=4000)  # fmt: skip
+
+    def at_face(x):  # within 0.02 of a face: 7.8 % of uniform draws
+        return np.mean(np.minimum(x, 1 - x).min(axis=1) < 0.02)
+
+    share = {}
+    for e in (0.0, 1.0, 2.0):
+        new = propose(e)
+        assert new.shape == (200, 2) and np.all((new >= 0) & (new <= 1))
+        share[e] = hard(new).mean()
+    even = propose(0.0)
+    assert at_face(even) < 0.12, at_face(even)
+    # and spread out: the closest pair is far apart compared to uniform draws'
+    assert _closest(grid, even) > 3 * _closest(grid, rng.random((200, 2)))
+    np.testing.assert_array_equal(propose(0.0, None), even)  # no errors: the same
+    monkeypatch.setattr(A, "_WALL_FACTOR", np.inf)  # a plain maximin
+    assert at_face(propose(0.0)) > 2 * at_face(even)
+    assert (
+        abs(share[0.0] - 0.25) < 0.05 and share[1.0] > 0.6 and share[2.0] > share[1.0]
+    )
 
 
 def test_warm_start_reproduces_the_init_emulator_in_another_box(run):
@@ -116,6 +163,8 @@ def test_active_learning_refuses_bad_settings_and_synthesizer_answers():
         active_learning(start, toy_synth, n_total=10)
     with pytest.raises(ValueError, match="strategy must be one of"):
         active_learning(start, toy_synth, n_total=30, strategy="ensemble")
+    with pytest.raises(ValueError, match="exponent must be finite and >= 0"):
+        A.ErrorMap(exponent=-1.0)
     x = np.full((3, 2), 0.5)
     with pytest.raises(ValueError, match=r"synthesize returned shape \(3, 5\)"):
         A._synthesize(lambda x: np.ones((len(x), 5)), x, N_PIX)

@@ -1,5 +1,5 @@
 """The two real DR13 stars as the survey delivers them (``data/apogee_raw``), read by
-the ``apogee-fits`` reader: continuum normalisation chosen by the kind of file,
+the ``apogee-fits`` reader: the continuum's treatment chosen by the kind of file,
 pixel masks from APOGEE_PIXMASK, the visits of an apStar file as a joint-fit group.
 
 References: the FITS files read directly with astropy (rows, bits), the normaliser
@@ -20,6 +20,7 @@ from payne_lite.catalog import (
     ApogeeFitsCatalog,
 )
 from payne_lite.fitting import FLAG_BITS
+from payne_lite.observe import APOGEE_CHIPS
 
 RAW = pl.datasets.apogee_raw()
 
@@ -43,29 +44,50 @@ def test_bad_bits_are_the_named_data_bits():
     assert all("warning" in APOGEE_PIXMASK_BITS[b][1] for b in range(8, 15))
 
 
-def test_apstar_is_normalised_through_the_cannon_pixels_aspcapstar_kept():
-    """Default ``continuum="auto"``: an apStar row equals ContinuumPixels.apogee()
-    applied by hand to HDU row 0 with its bad bits; an aspcapStar row is its HDU 1
-    as stored (bad pixels aside). The provenance says so, per kind of file."""
+def test_apstar_is_read_raw_for_a_fitted_continuum_aspcapstar_kept():
+    """Default ``continuum="auto"``: an apStar row is its HDU row 0 as stored (bad
+    bits masked), its continuum left to the fit (``fit_defaults``: a quadratic per
+    APOGEE chip); an aspcapStar row is its HDU 1 as stored (bad pixels aside). The
+    provenance says so, per kind of file."""
     cat = pl.open_catalog([RAW.apstar[0], RAW.aspcapstar[0]])
     assert isinstance(cat, ApogeeFitsCatalog) and cat.kinds == ["apStar", "aspcapStar"]
     chunk = cat.read(0, 2)
     w, f, e, bits = _hdu_rows(RAW.apstar[0], [0])
     mask = ((bits & APOGEE_BAD_PIXEL_BITS) != 0) | (e >= 1e9)  # 1e10: no data
-    ref = pl.ContinuumPixels.apogee()(w, f, e, mask)
-    np.testing.assert_array_equal(chunk.mask[0], ref.mask[0])
-    np.testing.assert_allclose(chunk.flux[0], ref.flux[0], rtol=1e-6)
-    np.testing.assert_allclose(chunk.flux_err[0], ref.flux_err[0], rtol=1e-6)
-    assert 0.9 < np.median(chunk.flux[0][~chunk.mask[0]]) < 1.1
+    np.testing.assert_array_equal(chunk.mask[0], mask[0])
+    good = ~mask[0]
+    np.testing.assert_allclose(chunk.flux[0][good], f[0][good], rtol=1e-6)
+    np.testing.assert_allclose(chunk.flux_err[0][good], e[0][good], rtol=1e-6)
+    assert np.all(np.isinf(chunk.flux_err[0][~good]))  # no weight, no NaN
+    assert cat.fit_defaults() == {"cont_deg": pl.ChipPolynomial.apogee(2)}
     with fits.open(RAW.aspcapstar[0]) as h:
         aspcap = np.asarray(h[1].data, np.float64)
     good = ~chunk.mask[1]
     np.testing.assert_allclose(chunk.flux[1][good], aspcap[good], rtol=1e-7)
     prov = cat.provenance()
     assert prov["continuum"]["method"] == "per-file-kind"
-    assert prov["continuum"]["apStar"]["method"] == "continuum-pixels"
+    assert prov["continuum"]["apStar"] == {
+        "method": "fit", "deg": 2, "chips": [list(c) for c in APOGEE_CHIPS],
+    }  # fmt: skip
     assert prov["continuum"]["aspcapStar"] == {"method": "none"}
     assert prov["apogee_rows"] == "combined: HDU row 0"
+
+
+def test_apstar_normalised_through_the_cannon_pixels_on_request():
+    """``continuum="continuum-pixels"``: an apStar row equals
+    ContinuumPixels.apogee() applied by hand to HDU row 0 with its bad bits, and
+    nothing is left to the fit."""
+    cat = pl.open_catalog([RAW.apstar[0]], continuum="continuum-pixels")
+    chunk = cat.read(0, 1)
+    w, f, e, bits = _hdu_rows(RAW.apstar[0], [0])
+    mask = ((bits & APOGEE_BAD_PIXEL_BITS) != 0) | (e >= 1e9)
+    ref = pl.ContinuumPixels.apogee()(w, f, e, mask)
+    np.testing.assert_array_equal(chunk.mask[0], ref.mask[0])
+    np.testing.assert_allclose(chunk.flux[0], ref.flux[0], rtol=1e-6)
+    np.testing.assert_allclose(chunk.flux_err[0], ref.flux_err[0], rtol=1e-6)
+    assert 0.9 < np.median(chunk.flux[0][~chunk.mask[0]]) < 1.1
+    assert cat.fit_defaults() == {}
+    assert cat.provenance()["continuum"]["method"] == "continuum-pixels"
 
 
 def test_visits_are_rows_2_and_up_grouped_by_file():
@@ -97,7 +119,7 @@ def test_continuum_pixels_off_the_grid_are_refused(tmp_path):
             h[k].header["CRVAL1"] = 4.179 + 3e-6  # half a pixel off
         h.writeto(tmp_path / "apStar-shifted.fits")
     with pytest.raises(ValueError, match="continuum pixels.*sigma-clipped"):
-        pl.open_catalog(tmp_path / "apStar-shifted.fits")
+        pl.open_catalog(tmp_path / "apStar-shifted.fits", continuum="continuum-pixels")
     with pytest.raises(ValueError, match="unknown continuum normalisation"):
         pl.open_catalog(RAW.apstar[0], continuum="spline")
 
@@ -117,7 +139,8 @@ def test_fits_of_apstar_and_aspcapstar_agree_in_their_flags(fits_of_both):
     normalisation the apStar fits sat at Teff = 6996 K, flagged just as well, so
     the labels are compared on mocks (benchmarks/bench_continuum.py)."""
     t = fits_of_both
-    assert t.meta["continuum"]["apStar"]["method"] == "continuum-pixels"
+    assert t.meta["continuum"]["apStar"]["method"] == "fit"
+    assert pl.ChipPolynomial.from_meta(t.meta) == pl.ChipPolynomial.apogee(2)
     bits = (1 << 1) | (1 << 7)
     assert "bound" in FLAG_BITS[1] and "poor fit" in FLAG_BITS[7]
     flags = np.asarray(t["flags"])
@@ -126,20 +149,47 @@ def test_fits_of_apstar_and_aspcapstar_agree_in_their_flags(fits_of_both):
     assert np.all(t["converged"])
 
 
+def test_the_fitted_continuum_normalises_apstar_as_aspcap_does(fits_of_both):
+    """The continuum fitted per chip (its coefficients in the results, the basis of
+    ChipPolynomial on the files' grid) divides each apStar spectrum into ASPCAP's
+    normalised flux to a few per cent on The Cannon's continuum pixels: per chip a
+    median ratio of 1.03-1.07 (ASPCAP puts these cool M dwarfs' continuum a few per
+    cent higher, as through the continuum pixels: tests/test_continuum.py) and a
+    robust spread under 2 % (measured 0.15-1.6 %)."""
+    t = fits_of_both
+    cont = pl.ChipPolynomial.from_meta(t.meta)
+    with pl.open_catalog(list(RAW.apstar)) as cat:
+        chunk, wave = cat.read(0, 2), cat.wavelength
+    basis = cont.basis(wave)
+    pixels = pl.ContinuumPixels.apogee().pixels(wave)
+    for i, path in enumerate(RAW.aspcapstar):
+        c = basis @ np.array([t[name][i] for name in cont.names])
+        with fits.open(path) as h:
+            aspcap = np.asarray(h[1].data, np.float64)
+        for lo, hi in APOGEE_CHIPS:
+            s = pixels & (wave >= lo) & (wave < hi) & ~chunk.mask[i] & (aspcap > 0)
+            ratio = chunk.flux[i][s] / c[s] / aspcap[s]
+            med = np.median(ratio)
+            assert 1.0 < med < 1.1, (path.name, lo, med)
+            assert 1.4826 * np.median(np.abs(ratio - med)) < 0.02, (path.name, lo)
+
+
 def test_n_good_pixels_counts_the_pixels_left_by_the_bitmask(payne_apogee):
     """One apStar spectrum fitted twice in one call, with and without its bad-bit
     mask: n_good_pixels drops by the flagged pixels that the fit would otherwise
     use (inside the model's chips, with data: errors of 1e10 are masked either
     way)."""
     emu, _ = payne_apogee
-    s = pl.open_catalog(RAW.apstar[:1]).read(0, 1)
+    cat = pl.open_catalog(RAW.apstar[:1])
+    s = cat.read(0, 1)
     none = pl.open_catalog(RAW.apstar[:1], bad_bits=0).read(0, 1)
     t = pl.fit(
         np.concatenate([s.flux, none.flux]),
         np.concatenate([s.flux_err, none.flux_err]),
         emu,
         mask=np.concatenate([s.mask, none.mask]),
-        wavelength=pl.open_catalog(RAW.apstar[:1]).wavelength,
+        wavelength=cat.wavelength,
+        **cat.fit_defaults(),  # the raw flux's continuum, fitted
     )
     n_masked, n_all = np.asarray(t["n_good_pixels"])
     extra = s.mask[0] & ~none.mask[0]  # flagged, with data (error below 1e10)
@@ -156,8 +206,8 @@ def test_n_good_pixels_counts_the_pixels_left_by_the_bitmask(payne_apogee):
 
 def test_cli_fits_the_visits_of_apstar_files_with_group(tmp_path, payne_apogee, capsys):
     """``payne-lite fit apStar-*.fits --group``: each file's visits fitted jointly,
-    normalised through the continuum pixels; the table says which rows (ids
-    ``<file>[<row>]``, ``meta["apogee_rows"]``) and which normalisation."""
+    unnormalised, each visit's continuum fitted per chip; the table says which rows
+    (ids ``<file>[<row>]``, ``meta["apogee_rows"]``) and which continuum."""
     from payne_lite.cli import main
 
     emu, _ = payne_apogee
@@ -169,7 +219,7 @@ def test_cli_fits_the_visits_of_apstar_files_with_group(tmp_path, payne_apogee, 
     assert code == 0, err
     assert stdout.splitlines()[0] == (
         "fitted 7 spectra (2 stars, joint visits) x 8575 pixels from 2 FITS files "
-        "(lm, cont_deg 0, normalised: continuum-pixels)"
+        "(lm, cont_deg 2 per chip, apStar unnormalised)"
     )
     t = pl.read_results(out)
     assert list(t["n_visits"]) == [3, 4]
@@ -180,8 +230,22 @@ def test_cli_fits_the_visits_of_apstar_files_with_group(tmp_path, payne_apogee, 
         f"{RAW.apstar[0].name[:-5]}[{r}]" for r in range(2, 5)
     ]
     assert t.meta["apogee_rows"].startswith("visits: HDU rows 2 and up")
-    assert t.meta["continuum"]["method"] == "continuum-pixels"
+    assert t.meta["continuum"]["method"] == "fit"
     assert t.meta["continuum"]["file_kinds"] == ["apStar"]
+    assert t.meta["cont_chips"] == [list(c) for c in APOGEE_CHIPS]
+    # the same from Python: group=True reads the files' visits (Reader.grouped),
+    # no visits=True needed; a reader passed in is left open for its owner
+    with pl.open_catalog(list(RAW.apstar)) as cat:
+        assert not cat.has_group
+        api = pl.fit_catalog(
+            cat, tmp_path / "api.fits", emu, group=True, progress=False
+        )
+        assert len(cat) == 2 and not cat.has_group  # still the combined rows
+    assert list(api["n_visits"]) == [3, 4]
+    assert api["id"][1].tolist() == t["id"][1].tolist()
+    assert api.meta["apogee_rows"] == t.meta["apogee_rows"]
+    for name in (*emu.label_names, "chi2"):
+        np.testing.assert_array_equal(api[name], t[name])
 
 
 def test_a_resumed_run_must_read_the_files_the_same_way(payne_apogee):
@@ -200,7 +264,7 @@ def test_a_resumed_run_must_read_the_files_the_same_way(payne_apogee):
             )["input"]  # fmt: skip
 
     auto = ident(list(RAW.apstar))
-    assert auto["continuum"]["method"] == "continuum-pixels"
+    assert auto["continuum"]["method"] == "fit"
     assert ident(list(RAW.apstar), continuum="sigma-clipped") != auto
     assert ident(list(RAW.apstar), visits=True) != auto
     assert ident(list(RAW.apstar)) == auto

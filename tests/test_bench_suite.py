@@ -125,6 +125,15 @@ def test_rules_limits_and_words():
     with pytest.raises(ValueError, match="nominal"):
         Rule("coverage", "nominal")
     assert Rule.from_dict(acc.to_dict()) == acc
+    # an issue's target as the limit, whatever the reference (public predict: 36x)
+    gate = suite.PUBLIC_PREDICT
+    assert gate.limit(22.0) == gate.limit(80.0) == 36.0
+    assert gate.passes(36.0, 80.0) and not gate.passes(35.9, 22.0)
+    assert gate.describe() == ">= 36 (target)"
+    assert Rule.from_dict(gate.to_dict()) == gate
+    assert "floor" not in suite.SPEED_HIGHER.to_dict()
+    with pytest.raises(ValueError, match="floor"):
+        Rule("accuracy", "lower", floor=1.0)
 
 
 def test_coverage_tolerance_is_twice_the_binomial_error():

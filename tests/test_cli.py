@@ -281,6 +281,32 @@ def fit_files(files):
     return SimpleNamespace(emu=emu, cat=cat, flux=flux, err=err, mask=mask, ids=ids)
 
 
+def test_fit_with_a_continuum_per_chip(files, fit_files, tmp_path, capsys):
+    """--cont-chips: one polynomial of degree --cont-deg per wavelength range, as
+    pl.fit(cont_deg=pl.ChipPolynomial(...)); a range that is not LO:HI is one line."""
+    wave = np.asarray(fit_files.emu.wavelength)
+    mid = float(wave[wave.size // 2])
+    chips = ((float(wave[0]), mid), (mid, float(wave[-1]) + 1.0))
+    out_path = tmp_path / "chips.ecsv"
+    ranges = [f"{lo!r}:{hi!r}" for lo, hi in chips]
+    argv = ["fit", fit_files.cat, "--emulator", files.emu, "-o", out_path,
+            "--cont-deg", "1", "--cont-chips", *ranges, "--max-iter", "10",
+            "--options", '{"continuum": "profile"}', "--no-progress"]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "(lm, cont_deg 1 per chip)" in out.splitlines()[0]
+    table = pl.read_results(out_path)
+    ref = pl.fit(
+        fit_files.flux, fit_files.err, fit_files.emu, mask=fit_files.mask,
+        cont_deg=pl.ChipPolynomial(1, chips),
+        options=pl.LMOptions(max_iter=10, continuum="profile"),
+    )  # fmt: skip
+    assert table.meta["cont_chips"] == [list(c) for c in chips]
+    assert_tables_equal(table, ref, ref.colnames)
+    code, out, err = run(capsys, *argv[:-6], "--force", "--cont-chips", "1-2")
+    assert_one_line_error(code, out, err, "--cont-chips: '1-2' is not LO:HI")
+
+
 def test_fit_end_to_end_and_force(files, fit_files, tmp_path, capsys):
     out_path = tmp_path / "results.fits"
     argv = [
@@ -349,7 +375,7 @@ CLI_OF = {
     "mask": ["--mask"], "p0": ["--p0"], "group": ["--group"], "fixed": ["--fixed"],
     "instrument": ["--air", "--resolution", "--lsf-sigma", "--emulator-resolution",
                    "--vsini", "--vmacro"],
-    "cont_deg": ["--cont-deg"], "rv_range": ["--rv-range"], "seed": ["--seed"],
+    "cont_deg": ["--cont-deg", "--cont-chips"], "rv_range": ["--rv-range"], "seed": ["--seed"],
     "emulator_error": ["--no-emulator-error"],
     "progress": ["--no-progress"], "options": ["--options", "--max-iter", "--mdn-starts",
                 "--refine-continuum"],

@@ -95,11 +95,24 @@ def test_second_process_loads_from_the_persistent_cache(tmp_path):
     assert warm["teff"] == cold["teff"]  # the loaded executables compute the same
 
 
-def test_environment_switch_turns_the_cache_off():
-    """conftest.py sets PAYNE_LITE_COMPILATION_CACHE=off before importing
-    payne_lite: no cache directory in this process."""
-    assert os.environ["PAYNE_LITE_COMPILATION_CACHE"] == "off"
-    assert pl.compilation_cache_dir() is None
+def test_environment_switch_turns_the_cache_off_or_moves_it(tmp_path):
+    """PAYNE_LITE_COMPILATION_CACHE set before ``import payne_lite``: ``off`` (or
+    0 / false / no) leaves the cache off, a directory is used instead of the
+    default; this process uses the run's own cache that conftest.py set up."""
+    assert pl.compilation_cache_dir() == os.environ["PAYNE_LITE_COMPILATION_CACHE"]
+    code = "import payne_lite as pl; print(repr(pl.compilation_cache_dir()))"
+    for value, want in [
+        ("off", None),
+        ("0", None),
+        ("No", None),
+        (str(tmp_path / "here"), str(tmp_path / "here")),
+    ]:
+        env = {**os.environ, "PAYNE_LITE_COMPILATION_CACHE": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert eval(out.stdout.strip().splitlines()[-1]) == want, value  # noqa: S307
 
 
 def test_user_cache_setting_is_kept_and_runtime_switch(tmp_path):

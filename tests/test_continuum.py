@@ -227,7 +227,7 @@ def test_refine_continuum_recovers_the_fit_of_perfectly_normalised_spectra(
     )  # fmt: skip
     np.testing.assert_array_equal(normed.flux, f_in)
     np.testing.assert_array_equal(normed.flux_err, e_in)
-    assert refined.meta["continuum_refined"] == {"passes": 2, "deg": 3}
+    assert refined.meta["continuum_refined"] == {"passes": 2, "deg": 2}
 
     def dist(t):  # |fit - reference fit| in units of the reference's errors
         return np.median(
@@ -239,3 +239,5 @@ def test_refine_continuum_recovers_the_fit_of_perfectly_normalised_spectra(
         pl.LMOptions(refine_continuum=-1)
     with pytest.raises(ValueError, match="refine_continuum must be <= 10"):
         pl.CurveFitOptions(refine_continuum=11)
+    with pytest.raises(ValueError, match="refine_deg"):
+        pl.LMOptions(refine_continuum=2, refine_deg=-1)

@@ -309,28 +309,51 @@ def test_payne5_fast_tanh_matches_reference(payne5, tol):
     emu, d = payne5
     x = _inside(np.random.default_rng(55), d["x_min"], d["x_max"], 100)
     ref = ref_payne_npz(d, x)
-    exact = _predict(emu, x, F32)
+    exact = _predict(emu, x, F32, fast_tanh=False)
     fast = _predict(emu, x, F32, fast_tanh=True)
     assert fast.dtype == F32 and fast.shape == (100, 7214)
     _assert_close(fast, ref, tol(F32))
+    _assert_close(exact, ref, tol(F32))
     # tanh_rational's 4.5e-7 times sum_h |w1| <= 2.3, plus float32 rounding
     assert np.abs(fast - exact).max() < 1.5e-6
+    np.testing.assert_array_equal(_predict(emu, x, F32), fast)  # the default
     with jax.enable_x64(True):  # float64 ignores fast_tanh: still exact
         fast64 = emu.predict(x, dtype=F64, fast_tanh=True)
     _assert_close(fast64, ref, tol(F64))
 
 
+def test_payne5_default_predict_chunks_and_single_rows(payne5):
+    """The real network through the default predict (tanh_rational, tree sums): a
+    full chunk of 256, a last chunk padded from 44 rows (its 64-row branch) and one
+    label vector (its 8-row branch) agree with The Payne's float64 formula to 1e-6
+    and with ``fast_tanh=False`` to 1e-6, and a row does not depend on its call."""
+    emu, d = payne5
+    x = _inside(np.random.default_rng(300), d["x_min"], d["x_max"], 300)
+    ref = ref_payne_npz(d, x)
+    with jax.enable_x64(False):
+        flux = emu.predict(x)
+        exact = emu.predict(x, fast_tanh=False)
+        one = emu.predict(x[290])
+    assert flux.shape == (300, 7214) and flux.dtype == F32
+    assert np.abs(flux - ref).max() < 1e-6
+    assert np.abs(flux - exact).max() < 1e-6
+    np.testing.assert_array_equal(one, flux[290])
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
-def test_default_predict_agrees_with_kernel_forward(make_emulator, activation):
-    """Exact by default: the batched kernel and the fitter's single-star form agree."""
+def test_exact_predict_agrees_with_kernel_forward(make_emulator, activation):
+    """fast_tanh=False: the batched kernel and the fitter's single-star form agree to
+    float32 rounding; the default (tanh_rational) is within 1.5e-6 of both."""
     emu = make_emulator(n_pix=70, n_hid=5, activation=activation, seed=70)
     x = _inside(np.random.default_rng(70), emu.label_lo, emu.label_hi, 9)
     with jax.enable_x64(False):
         k, act = emu.kernel_params(F32)
         s = jax.numpy.asarray(emu.scale(x), dtype=F32)
         one = np.stack([nets_mod.kernel_forward(k, row, act) for row in s])
-        flux = emu.predict(x)
+        flux = emu.predict(x, fast_tanh=False)
+        default = emu.predict(x)
     np.testing.assert_allclose(flux, one, rtol=0, atol=_ulp_scale(F32, one))
+    assert np.abs(default - one).max() < 1.5e-6
 
 
 @pytest.mark.parametrize("fast_tanh", [False, True], ids=["exact", "fast_tanh"])
@@ -439,6 +462,36 @@ def test_predict_into_out(tiny_emulator):
         frozen.setflags(write=False)
         with pytest.raises(ValueError, match="read-only"):
             emu.predict(x, out=frozen)
+
+
+def test_large_results_reuse_freed_memory(tiny_emulator, monkeypatch):
+    """Results of at least ``_outpool.MIN_BYTES`` reuse the memory of a freed earlier
+    result, only once no array or view uses it; a live result is never written."""
+    from payne_lite.emulator import _outpool
+
+    monkeypatch.setattr(_outpool, "MIN_BYTES", 1)
+    _outpool.clear()
+    emu = tiny_emulator
+    x = _inside(np.random.default_rng(11), emu.label_lo, emu.label_hi, 70)
+    with jax.enable_x64(False):
+        ref = emu.predict(x, out=np.empty((70, 50), np.float32))
+        first = emu.predict(x)
+        addr = first.ctypes.data
+        view = first[5:7]
+        del first  # the view keeps the memory in use
+        second = emu.predict(x[::-1])
+        assert second.ctypes.data != addr
+        np.testing.assert_array_equal(view, ref[5:7])
+        del view  # now free: the next result of at most twice its size reuses it
+        third = emu.predict(x[:40])
+        assert third.ctypes.data == addr
+        assert third.flags.writeable and third.flags.c_contiguous
+        np.testing.assert_array_equal(third, ref[:40])
+        np.testing.assert_array_equal(second, ref[::-1])
+        del third
+        assert emu.predict(x[:30]).ctypes.data != addr  # 70 rows > 2 x 30: not reused
+    _outpool.clear()
+    assert not _outpool._free
 
 
 def test_batch_size_must_be_positive(tiny_emulator):

@@ -96,7 +96,9 @@ def reference_spectra(emu, scaled, rv, wave_obs=None, cont=None):
     the rest grid (invalid in the model) get np.interp's value instead of NaN."""
     wave = emu.wavelength
     wave_obs = wave if wave_obs is None else wave_obs
-    rest = emu.predict(emu.unscale(scaled)).astype(np.float64)
+    # jnp.tanh, the fitter's model, to the last bit (predict's default tanh differs
+    # by up to 6e-7, enough to stall one of the 20 noisy float32 fits below)
+    rest = emu.predict(emu.unscale(scaled), fast_tanh=False).astype(np.float64)
     out = []
     for v, r in zip(rv, rest, strict=True):
         cubic = cubic_interp(wave_obs / _factor(v), wave, r)

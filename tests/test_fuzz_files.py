@@ -24,7 +24,25 @@ from test_results import _damaged_copies
 import payne_lite as pl
 from payne_lite.catalog import parts_folder
 
-_CHILD = r"""
+#: The children's last part: each damaged copy's fingerprint against its
+#: original's, as "same", "changed", "refused" or "other: ..." (JSON on stdout).
+_JOB_LOOP = r"""
+out = {}
+for ref_path, paths in jobs.items():
+    ref = fingerprint(ref_path)
+    for p in paths:
+        try:
+            out[p] = "same" if fingerprint(p) == ref else "changed"
+        except pl.FileFormatError:
+            out[p] = "refused"
+        except Exception as err:
+            out[p] = f"other: {type(err).__name__}: {err}"[:300]
+print(json.dumps(out))
+"""
+
+
+_CHILD = (
+    r"""
 import hashlib, json, sys, warnings
 import numpy as np
 import payne_lite as pl
@@ -69,17 +87,10 @@ def fingerprint(path):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
-ref = fingerprint(ref_path)
-out = {}
-for p in paths:
-    try:
-        out[p] = "same" if fingerprint(p) == ref else "changed"
-    except pl.FileFormatError:
-        out[p] = "refused"
-    except Exception as err:
-        out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
+jobs = {ref_path: paths}
 """
+    + _JOB_LOOP
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +157,8 @@ def test_damaged_model_files_are_refused_or_read_unchanged(model_files, tmp_path
 
 
 # --- the parts manifest and training checkpoints --------------------------------------
-_CHILD_RUN = r"""
+_CHILD_RUN = (
+    r"""
 import hashlib, json, sys, warnings
 import numpy as np
 import payne_lite as pl
@@ -172,17 +184,10 @@ def fingerprint(path):
             h.update(f"{group}/{k}{a.dtype.str}{a.shape}".encode() + a.tobytes())
     return h.hexdigest()
 
-ref = fingerprint(ref_path)
-out = {}
-for p in paths:
-    try:
-        out[p] = "same" if fingerprint(p) == ref else "changed"
-    except pl.FileFormatError:
-        out[p] = "refused"
-    except Exception as err:
-        out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
+jobs = {ref_path: paths}
 """
+    + _JOB_LOOP
+)
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +324,8 @@ def test_damaged_manifest_rebuilt_from_this_runs_chunks_or_refused(run_files):
         shutil.rmtree(keep)
 
 
-_CHILD_CATALOG = r"""
+_CHILD_CATALOG = (
+    r"""
 import hashlib, json, sys, warnings
 import numpy as np
 import payne_lite as pl
@@ -345,18 +351,9 @@ def fingerprint(path):
 jobs = {sys.argv[1]: sys.argv[2:]}
 if sys.argv[1] == "-":  # several originals: {original: [damaged copies]} on stdin
     jobs = json.loads(sys.stdin.read())
-out = {}
-for ref_path, paths in jobs.items():
-    ref = fingerprint(ref_path)
-    for p in paths:
-        try:
-            out[p] = "same" if fingerprint(p) == ref else "changed"
-        except pl.FileFormatError:
-            out[p] = "refused"
-        except Exception as err:
-            out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
 """
+    + _JOB_LOOP
+)
 
 
 def write_fuzz_catalog(path, emu, n: int, *, per_row: bool = False):
@@ -478,7 +475,8 @@ def test_catalog_id_not_utf8_is_refused(tmp_path):
 
 
 # --- inputs: APOGEE FITS files and plain HDF5 / FITS-table catalogs ---------------------
-_CHILD_INPUT = r"""
+_CHILD_INPUT = (
+    r"""
 import hashlib, json, sys, warnings
 import numpy as np
 import payne_lite as pl
@@ -505,18 +503,9 @@ def fingerprint(path):
 jobs = {ref_path: paths}
 if ref_path == "-":  # several originals: {original: [damaged copies]} on stdin
     jobs = json.loads(sys.stdin.read())
-out = {}
-for ref_path, paths in jobs.items():
-    ref = fingerprint(ref_path)
-    for p in paths:
-        try:
-            out[p] = "same" if fingerprint(p) == ref else "changed"
-        except pl.FileFormatError:
-            out[p] = "refused"
-        except Exception as err:
-            out[p] = f"other: {type(err).__name__}: {err}"[:300]
-print(json.dumps(out))
 """
+    + _JOB_LOOP
+)
 
 #: Input kinds fuzzed and whether their files carry checksums (FITS CHECKSUM /
 #: DATASUM): without, damage to the numbers cannot be told from other numbers.

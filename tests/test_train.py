@@ -128,6 +128,47 @@ def test_lm_step_equals_a_hand_computed_damped_gauss_newton_step():
     assert float(lam_new[0]) == pytest.approx(lam / 3)
 
 
+def _linalg_operands(jaxpr, names=("cholesky", "lu", "triangular_solve")):
+    """Shapes of every LAPACK-backed primitive's first operand in ``jaxpr`` and its
+    sub-jaxprs (loops, conditionals, calls)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            out.append((eqn.primitive.name, eqn.invars[0].aval.shape))
+        for val in eqn.params.values():
+            for sub in val if isinstance(val, tuple | list) else (val,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    out += _linalg_operands(sub, names)
+    return out
+
+
+def test_lm_step_calls_lapack_one_matrix_at_a_time():
+    """The step's Cholesky solves run one pixel's matrix per call (``lax.map``):
+    jaxlib's batched LAPACK kernels split a batch over XLA:CPU's intra-op pool and
+    wait for it, which deadlocked training on 4 simulated devices at 256 pixels
+    (every thread waiting in the Cholesky kernel's BlockingCounter). Checked on the
+    step's program: no LAPACK call takes a batch of matrices."""
+    n_lab, n_hid, c, n = 3, 4, 16, 40
+    _, unravel = ravel_pytree(TS.pixel_template(n_lab, (n_hid,)))
+    rng = np.random.default_rng(0)
+    theta = TS.init_theta(rng, c, n_lab, (n_hid,), np.ones(c), 2.0, np.float32)
+    args = (
+        jnp.asarray(theta),
+        jnp.full(c, 1e-3, jnp.float32),
+        jnp.asarray(rng.uniform(-0.5, 0.5, (n, n_lab)), jnp.float32),
+        jnp.ones((c, n), jnp.float32),
+        jnp.ones((c, n), jnp.float32),
+    )
+    jaxpr = jax.make_jaxpr(
+        functools.partial(TS.lm_step.__wrapped__, unravel=unravel, activation="tanh")
+    )(*args)
+    calls = _linalg_operands(jaxpr.jaxpr)
+    n_par = theta.shape[1]
+    assert ("cholesky", (n_par, n_par)) in calls, calls
+    assert all(len(shape) == 2 for _, shape in calls), calls
+
+
 def test_training_learns_a_teacher_network():
     grid, teacher = _teacher_grid()
     train, test = grid.split(0.25, seed=5)

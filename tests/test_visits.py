@@ -245,17 +245,22 @@ def test_group_fit_with_per_visit_continuum_and_noise(emu):
         assert 0.8 < t["chi2_red"][0] < 1.2
 
 
-def test_group_fit_compiles_once_per_visit_count_and_batch_shape(monkeypatch):
-    e = smooth_emulator(131, 3, seed=8)  # a pixel count no other test uses
-    n_traces = 0
+@pytest.fixture
+def lm_traces(monkeypatch):
+    """A list whose length counts the traces of the joint LM (``_lm_lanes``)."""
+    traces = []
     original = lm_mod._lm_lanes
 
     def counted(*args):
-        nonlocal n_traces
-        n_traces += 1
+        traces.append(1)
         return original(*args)
 
     monkeypatch.setattr(lm_mod, "_lm_lanes", counted)
+    return traces
+
+
+def test_group_fit_compiles_once_per_visit_count_and_batch_shape(lm_traces):
+    e = smooth_emulator(131, 3, seed=8)  # a pixel count no other test uses
     rng = np.random.default_rng(9)
     counts = []
     for _ in range(3):  # different stars, same V = 2 and batch shape
@@ -263,7 +268,7 @@ def test_group_fit_compiles_once_per_visit_count_and_batch_shape(monkeypatch):
         star = np.repeat(np.arange(4), 2)[:-1]  # the last star has one visit
         flux = reference_spectra(e, s[star], rng.uniform(-50, 50, star.size))
         fit(flux, np.full_like(flux, 0.01), e, group=star, rv_range=(-100, 100))
-        counts.append(n_traces)
+        counts.append(len(lm_traces))
     assert counts[0] >= 1 and counts[-1] == counts[0], counts
 
 
@@ -325,7 +330,7 @@ def broadened_visits(emu, s, vsini, rv, resolution=None):
     rotated (Gray profile on a 10x finer grid: test_broadening.rotate_reference),
     degraded to ``resolution`` (scipy's Gaussian), shifted by np.interp to each rv."""
     wave = emu.wavelength
-    rest = emu.predict(emu.unscale(s)).astype(np.float64)
+    rest = emu.predict(emu.unscale(s), fast_tanh=False).astype(np.float64)
     out = []
     for star, v in rv:
         f = rotate_reference(wave, rest[star], vsini[star])
@@ -574,6 +579,74 @@ def test_pad_visits_hand_worked():
         pad_visits(t, 1)
     with pytest.raises(ValueError, match="not the table of a fit"):
         pad_visits(Table({"a": [1]}), 3)
+    # trim_visits undoes it, bit for bit (what fit_groups reports after fitting
+    # with room for more visits: visit_bucket)
+    back = visits_mod.trim_visits(p, 2)
+    assert back.colnames == t.colnames and back.meta == t.meta
+    for name in t.colnames:
+        np.testing.assert_array_equal(back[name], t[name], err_msg=name)
+        assert back[name].unit == t[name].unit
+    with pytest.raises(ValueError, match="more than 1 visits"):
+        visits_mod.trim_visits(t, 1)
+
+
+def test_pad_and_trim_visits_with_a_continuum_per_chip():
+    """Per-chip continuum columns (``cont_<chip>_<k>``, joint names
+    ``cont_<chip>_<k>_<visit>``) are visit columns too: padded, named and trimmed
+    like the others."""
+    from astropy.table import Table
+
+    names = ["Teff", "rv_1", "rv_2", "cont_0_0_1", "cont_1_0_1", "cont_0_0_2",
+             "cont_1_0_2"]  # fmt: skip
+    t = Table()
+    t["Teff"] = [5000.0]
+    t["rv"] = np.array([[1.0, 2.0]])
+    for c in ("cont_0_0", "cont_1_0"):
+        t[c] = np.array([[1.0, 1.1]])
+        t[f"{c}_err"] = np.array([[0.01, 0.02]])
+    t["covariance"] = np.arange(49.0).reshape(1, 7, 7)
+    t["visit_rows"] = np.array([[0, 1]])
+    t.meta.update(group=True, n_visits_max=2, label_names=["Teff"], cov_params=names)
+    p = pad_visits(t, 3)
+    assert p["cont_1_0_err"].shape == (1, 3) and np.isnan(p["cont_1_0"][0, 2])
+    assert p.meta["cov_params"] == [
+        "Teff", "rv_1", "rv_2", "rv_3", "cont_0_0_1", "cont_1_0_1", "cont_0_0_2",
+        "cont_1_0_2", "cont_0_0_3", "cont_1_0_3",
+    ]  # fmt: skip
+    back = visits_mod.trim_visits(p, 2)
+    assert back.meta == t.meta
+    for name in t.colnames:
+        np.testing.assert_array_equal(back[name], t[name], err_msg=name)
+
+
+def test_visit_counts_share_executables_in_buckets(lm_traces):
+    """Joint fits are compiled for V = visit_bucket(most visits): 1, 2, 3, 4, 6, 8,
+    12, 16, 24, 32, ...; a catalog whose stars have at most 5 and then at most 6
+    visits traces the joint LM once. The table keeps the stars' own most visits
+    (5: rv (n, 5), 3 + 5 entries of the covariance, all finite), and star 0's
+    results do not depend on the other star in its batch."""
+    assert [visits_mod.visit_bucket(n) for n in range(1, 18)] == [
+        1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
+    ]  # fmt: skip
+    e = smooth_emulator(127, 3, seed=3)  # a pixel count no other test uses
+    rng = np.random.default_rng(4)
+    s = rng.uniform(-0.4, 0.4, (2, 3))
+    star = np.array([0] * 5 + [1] * 6)
+    rv = rng.uniform(-50, 50, star.size)
+    flux = reference_spectra(e, s[star], rv)
+    err = np.full_like(flux, 0.01)
+    kw = dict(rv_range=(-100, 100))
+    five = fit(flux[:5], err[:5], e, group=star[:5], **kw)  # star 0: 5 visits
+    first = len(lm_traces)
+    both = fit(flux, err, e, group=star, **kw)  # and star 1: 6
+    assert first >= 1 and len(lm_traces) == first, (first, len(lm_traces))
+    assert five["rv"].shape == (1, 5) and five.meta["n_visits_max"] == 5
+    assert five.meta["cov_params"] == [*TINY_NAMES, *(f"rv_{v}" for v in range(1, 6))]
+    assert np.shape(five["covariance"]) == (1, 8, 8)
+    assert np.all(np.isfinite(five["covariance"]))
+    np.testing.assert_array_equal(both["rv"][0, :5], five["rv"][0])
+    for name in (*TINY_NAMES, "chi2"):
+        np.testing.assert_array_equal(both[name][:1], five[name])
 
 
 class FakeMDN:
@@ -845,53 +918,6 @@ def test_trained_emulator_stores_an_error_basis_that_round_trips(tmp_path):
     np.testing.assert_array_equal(back.pixel_error, e.pixel_error)
     with pytest.raises(ValueError, match=r"error_basis \(2, 23\) must be \(K, 24\)"):
         dataclasses.replace(e, error_basis=np.zeros((2, 23)))
-
-
-def test_correlated_emulator_error_is_the_sandwich_covariance(emu):
-    """With an error_basis B the table's covariance is A^-1 (J^T W D W J +
-    J^T W B_s^T B_s W J) A^-1 (B_s: B at lambda_obs / f(rv)); off, or without a
-    basis, it is A^-1."""
-    rng = np.random.default_rng(13)
-    x = np.linspace(0.0, 1.0, N_PIX)
-    basis = 0.003 * np.sin(2 * np.pi * np.outer(rng.uniform(1, 6, 4), x) + 1.0)
-    mask = np.zeros(N_PIX, bool)
-    mask[:25] = mask[-25:] = True  # the same pixels for any rv window here
-    pe = np.sqrt(np.sum(basis**2, axis=0))
-    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
-    s, rv = rng.uniform(-0.3, 0.3, (2, 3)), np.array([-35.0, 50.0])
-    flux = reference_spectra(emu, s, rv)
-    err = np.full_like(flux, 0.005)
-    noisy = flux + err * rng.standard_normal(flux.shape)
-    t = fit(noisy, err, e, mask=mask)
-    plain = fit(noisy, err, dataclasses.replace(e, error_basis=None), mask=mask)
-    assert t.meta["emulator_error_correlated"] is True
-    assert plain.meta["emulator_error_correlated"] is False
-    np.testing.assert_allclose(t["Teff"], plain["Teff"], rtol=1e-6)  # same fit
-    obs = build_obs_model(e)
-    span = np.r_[e.label_hi - e.label_lo, 1.0]
-    for i in range(2):
-        p = np.r_[e.scale(np.array([t[n][i] for n in TINY_NAMES])), t["rv"][i]]
-        _, _, jac = observe_jac(obs, jnp.asarray(p, obs.x_obs.dtype))
-        j = np.asarray(jac, np.float64)
-        f = np.sqrt((1 + t["rv"][i] / 299792.458) / (1 - t["rv"][i] / 299792.458))
-        lam = e.wavelength / f
-        pe_i = np.interp(lam, e.wavelength, pe, left=0.0, right=0.0)
-        b_s = np.stack([np.interp(lam, e.wavelength, b) for b in basis])
-        w = np.where(~mask, 1.0 / (err[i] ** 2 + pe_i**2), 0.0)
-        a = j.T @ (w[:, None] * j)
-        jw = j * w[:, None]
-        meat = jw.T @ (err[i][:, None] ** 2 * jw) + (jw.T @ b_s.T) @ (b_s @ jw)
-        ai = np.linalg.inv(a)
-        cov = (ai @ meat @ ai) * span[:, None] * span[None, :]
-        got = np.asarray(t["covariance"][i])
-        np.testing.assert_allclose(np.diag(got), np.diag(cov), rtol=0.01)
-        # here the correlated error inflates the label errors (not necessarily rv's)
-        plain_var = np.diag(np.asarray(plain["covariance"][i]))
-        assert np.all(np.diag(got)[:3] > 1.5 * plain_var[:3])
-        cov0 = ai * span[:, None] * span[None, :]
-        np.testing.assert_allclose(
-            np.diag(np.asarray(plain["covariance"][i])), np.diag(cov0), rtol=0.01
-        )
 
 
 def test_group_fit_leaves_local_rv_minima_of_each_visit(payne_apogee, monkeypatch):

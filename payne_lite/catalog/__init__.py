@@ -10,6 +10,11 @@ from ._apogee import ApogeeSpectrum as ApogeeSpectrum
 from ._apogee import chunk_bounds as chunk_bounds
 from ._apogee import read_apogee_fits as read_apogee_fits
 from ._apogee import visit_rows as visit_rows
+from ._apvisit import ApogeeVisitCatalog as ApogeeVisitCatalog
+from ._apvisit import ApVisit as ApVisit
+from ._apvisit import apstar_wavelength as apstar_wavelength
+from ._apvisit import read_apvisit as read_apvisit
+from ._apvisit import resample_visit as resample_visit
 from ._distributed import check_client as check_client
 from ._distributed import connect as connect
 from ._distributed import fit_chunks as fit_chunks
@@ -51,6 +56,9 @@ __all__ = [
     "APOGEE_PIXMASK_BITS",
     "ApogeeFitsCatalog",
     "ApogeeSpectrum",
+    "ApogeeVisitCatalog",
+    "ApVisit",
+    "apstar_wavelength",
     "CATALOG_FORMAT",
     "CatalogChunk",
     "CatalogWriter",
@@ -80,10 +88,12 @@ __all__ = [
     "open_catalog",
     "parts_folder",
     "read_apogee_fits",
+    "read_apvisit",
     "reader_names",
     "register_reader",
     "read_results",
     "require",
+    "resample_visit",
     "safe_column_name",
     "safe_column_names",
     "visit_rows",

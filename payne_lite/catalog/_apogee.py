@@ -13,12 +13,15 @@ header, or the primary header's if HDU 1 lacks them: ``log10(lambda) = CRVAL1 + 
 Several such files read as one catalog (:func:`open_catalog` with a list) must share
 one wavelength grid.
 
-:class:`ApogeeFitsCatalog` continuum-normalises what it reads (a normaliser of
-:mod:`payne_lite.observe`), by default by the kind of each file: ``apStar`` files
+:class:`ApogeeFitsCatalog` treats the continuum of what it reads with a normaliser
+of :mod:`payne_lite.observe`, by default by the kind of each file: ``apStar`` files
 (flux in 1e-17 erg/s/cm^2/A: named ``apStar-`` / ``asStar-``, or with a ``NVISITS``
-primary keyword or a flux ``BUNIT`` in erg) through The Cannon's continuum pixels
-(:meth:`payne_lite.ContinuumPixels.apogee`), everything else (``aspcapStar``: ASPCAP
-normalised it) as it is. With ``visits=True`` its rows are the visits of each apStar
+primary keyword or a flux ``BUNIT`` in erg) are left unnormalised for a quadratic
+continuum per chip fitted with the labels (:class:`payne_lite.FitContinuum`, handed to
+the fit by :meth:`~ApogeeFitsCatalog.fit_defaults`: on mock spectra it recovers the
+labels better than a pseudo-continuum through The Cannon's continuum pixels,
+``continuum="continuum-pixels"``), everything else (``aspcapStar``: ASPCAP normalised
+it) as it is. With ``visits=True`` its rows are the visits of each apStar
 file, with the file as their star (``group``), for joint fits.
 """
 
@@ -119,7 +122,7 @@ class ApogeeSpectrum(NamedTuple):
     row: int = 0
 
 
-def _fits_id(path: Path) -> str:
+def fits_id(path: Path) -> str:
     name = path.name
     for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
@@ -354,17 +357,17 @@ def read_apogee_fits(
     if wavelength_only:
         empty = np.zeros(0)
         return ApogeeSpectrum(
-            empty, empty, empty.astype(bool), r.wavelength, _fits_id(path), r.kind,
+            empty, empty, empty.astype(bool), r.wavelength, fits_id(path), r.kind,
             r.n_rows, int(row),
         )  # fmt: skip
     return ApogeeSpectrum(
-        r.flux[0], r.flux_err[0], r.mask[0], r.wavelength, _fits_id(path), r.kind,
+        r.flux[0], r.flux_err[0], r.mask[0], r.wavelength, fits_id(path), r.kind,
         r.n_rows, int(row),
     )  # fmt: skip
 
 
 class ApogeeFitsCatalog(Reader):
-    """A list of APOGEE-like FITS files read as one catalog, continuum-normalised.
+    """A list of APOGEE-like FITS files read as one catalog, its continuum treated.
 
     One row per file (its combined spectrum, HDU row 0), or with ``visits=True``
     one row per visit (apStar rows 2 and up, :func:`visit_rows`; a file with one
@@ -380,12 +383,14 @@ class ApogeeFitsCatalog(Reader):
     Args:
         paths: the FITS files.
         bad_bits: HDU 3 bits that mark a bad pixel (:data:`APOGEE_BAD_PIXEL_BITS`).
-        continuum: ``"auto"`` (the default: apStar files through The Cannon's
-            continuum pixels, :meth:`payne_lite.ContinuumPixels.apogee`, the others
-            as they are), a name (``"none"``, ``"continuum-pixels"``,
-            ``"sigma-clipped"``) or a :class:`payne_lite.Normalizer` for every
-            file. What was used is :meth:`provenance` (``fit_catalog`` writes it
-            to the results' ``meta["continuum"]``).
+        continuum: ``"auto"`` (the default: apStar files unnormalised, their
+            continuum fitted with the model, :meth:`payne_lite.FitContinuum.apogee`;
+            the others as they are), a name (``"none"``, ``"continuum-pixels"``
+            (The Cannon's pixels), ``"sigma-clipped"``, ``"fit"``) or a
+            :class:`payne_lite.Normalizer` for every file. What was used is
+            :meth:`provenance` (``fit_catalog`` writes it to the results'
+            ``meta["continuum"]``); the continuum left to the fit is
+            :meth:`fit_defaults`.
         visits: read the visits instead of the combined spectra.
 
     Raises:
@@ -403,6 +408,9 @@ class ApogeeFitsCatalog(Reader):
         """FITS files (by name; their HDUs are checked when opened)."""
         return all(has_suffix(p, FITS_SUFFIXES) for p in paths)
 
+    #: ``visits=True`` reads each star's visits, grouped by star (:meth:`grouped`)
+    visits_option = "visits"
+
     def options(self) -> dict:
         return {
             "bad_bits": self.bad_bits,
@@ -418,7 +426,12 @@ class ApogeeFitsCatalog(Reader):
         continuum="auto",
         visits: bool = False,
     ):
-        from ..observe import ContinuumPixels, NoNormalization, normalizer
+        from ..observe import (
+            ContinuumPixels,
+            FitContinuum,
+            NoNormalization,
+            normalizer,
+        )
 
         self.paths = [Path(p) for p in paths]
         if not self.paths:
@@ -458,15 +471,15 @@ class ApogeeFitsCatalog(Reader):
         self.kinds = kinds
         self._rows = np.array(rows, np.int64).reshape(-1, 2)
         if self.continuum_spec == "auto":
-            pixels = ContinuumPixels.apogee()
+            raw = FitContinuum.apogee()
             self._norms = {
-                k: pixels if k == APSTAR else NoNormalization() for k in set(kinds)
+                k: raw if k == APSTAR else NoNormalization() for k in set(kinds)
             }
         else:
             self._norms = {k: norm for k in set(kinds)}
         for k, n in self._norms.items():
             if isinstance(n, ContinuumPixels):
-                _check_pixels_on_grid(n, wave, k, self.source)
+                check_pixels_on_grid(n, wave, k, self.source)
         self.has_mask = True
         self.has_ids = True
         self.has_group = self.visits
@@ -488,13 +501,20 @@ class ApogeeFitsCatalog(Reader):
         )
         return {"continuum": cont, "apogee_rows": rows}
 
+    def fit_defaults(self) -> dict:
+        """``{"cont_deg": <ChipPolynomial>}`` when files are read unnormalised for a
+        continuum fitted with the model (:class:`payne_lite.FitContinuum`: apStar
+        files by default), applied to every row (a file of another kind, already
+        normalised, then fits a continuum close to 1); else {}."""
+        return continuum_to_fit(self._norms.values())
+
     def __len__(self) -> int:
         return int(self._rows.shape[0])
 
     def read_group(self) -> np.ndarray | None:
         if not self.visits:
             return None
-        return np.array([_fits_id(self.paths[i]) for i in self._rows[:, 0]], dtype=str)
+        return np.array([fits_id(self.paths[i]) for i in self._rows[:, 0]], dtype=str)
 
     def read(self, start: int, stop: int) -> CatalogChunk:
         """Spectra of rows ``start:stop``, normalised; their files' grids are
@@ -513,7 +533,7 @@ class ApogeeFitsCatalog(Reader):
             norm = self._norms[self.kinds[i]]
             no_data = ~(r.flux_err < APOGEE_NO_DATA_ERROR)
             out = norm(self.wavelength, r.flux, r.flux_err, r.mask | no_data)
-            fid = _fits_id(p)
+            fid = fits_id(p)
             ids = [f"{fid}[{h}]" if self.visits else fid for h in hdu_rows]
             parts.append((r.flux.dtype, out, ids))
         dtype = np.result_type(*(d for d, _, _ in parts), np.float32)
@@ -523,14 +543,23 @@ class ApogeeFitsCatalog(Reader):
             np.concatenate([o.mask for _, o, _ in parts]),
             np.array([x for _, _, ids in parts for x in ids], dtype=str),
             group=(
-                np.array([_fits_id(self.paths[i]) for i in rows[:, 0]], dtype=str)
+                np.array([fits_id(self.paths[i]) for i in rows[:, 0]], dtype=str)
                 if self.visits
                 else None
             ),
         )
 
 
-def _check_pixels_on_grid(norm, wave, kind: str, source: str) -> None:
+def continuum_to_fit(norms) -> dict:
+    """``{"cont_deg": cont}`` of the normalisers ``norms`` that leave the continuum
+    to the fit (:class:`payne_lite.FitContinuum`: its ``cont``), {} for none."""
+    conts = {n.cont for n in norms if getattr(n, "cont", None) is not None}
+    if len(conts) > 1:
+        raise ValueError(f"one catalog, several continua to fit: {sorted(conts)}")
+    return {"cont_deg": conts.pop()} if conts else {}
+
+
+def check_pixels_on_grid(norm, wave, kind: str, source: str) -> None:
     """Continuum pixels must land on the grid: enough of them in every chip that
     the grid covers."""
     hit = norm.pixels(wave)

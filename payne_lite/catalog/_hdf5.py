@@ -249,10 +249,37 @@ class Reader:
         """The reader's settings that change what is read (part of the identity)."""
         return {}
 
+    #: The option (set to True) under which this reader reads each star's visits,
+    #: grouped by star (apStar, apVisit files: ``"visits"``); None when its files
+    #: cannot say which star a spectrum belongs to.
+    visits_option: str | None = None
+
+    def grouped(self) -> Reader:
+        """This catalog read as stars of one or more spectra, for joint visit fits
+        (``fit_catalog(group=True)``, ``payne-lite fit --group``): ``self`` when it
+        holds group ids or has no :attr:`visits_option`; else a new reader of the
+        same files with that option on (an apStar file's visits), which the caller
+        closes."""
+        if self.has_group or self.visits_option is None:
+            return self
+        return type(self).open(
+            self.paths, **{**self.options(), self.visits_option: True}
+        )
+
     def provenance(self) -> dict:
         """What the reader did to the spectra, JSON-compatible, for the results'
         meta (:func:`payne_lite.fit_catalog` adds it): for example the continuum
         normalisation (``"continuum"``); {} = the spectra as stored."""
+        return {}
+
+    def fit_defaults(self) -> dict:
+        """Keywords of :func:`payne_lite.fit` that this catalog's spectra need, as
+        the reader read them; the caller's own win. :func:`payne_lite.fit_catalog`
+        and ``payne-lite fit`` use them; with ``open_catalog`` and ``pl.fit``, pass
+        them on (``pl.fit(..., **{**cat.fit_defaults(), **mine})``). For example
+        ``{"cont_deg": ChipPolynomial}`` when the flux was left unnormalised for a
+        continuum fitted with the model (:class:`payne_lite.FitContinuum`); {} =
+        none."""
         return {}
 
     #: True when every spectrum has its own wavelength grid (then ``wavelength`` is

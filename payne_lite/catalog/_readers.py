@@ -9,6 +9,10 @@ The readers, in the order they are asked whether a source is theirs:
                           (:class:`PlainHDF5Catalog`: names given or guessed)
 ``"fits-table"``          a FITS binary table of spectra, one row each
                           (:class:`FitsTableCatalog`)
+``"apogee-visit"``        APOGEE apVisit files (one visit each, observed frame, own grid):
+                          resampled onto the apStar grid, one row per visit grouped by
+                          star, or one combined row per star
+                          (:class:`ApogeeVisitCatalog`)
 ``"apogee-fits"``         APOGEE aspcapStar / apStar-like FITS files, one spectrum each
                           (:class:`ApogeeFitsCatalog`)
 ``"specutils"``           any file specutils' loaders read, one spectrum each
@@ -32,6 +36,7 @@ from ._apogee import (
     check_chunk_size,
     chunk_bounds,
 )
+from ._apvisit import ApogeeVisitCatalog
 from ._hdf5 import (
     FITS_SUFFIXES,
     HDF5_SUFFIXES,
@@ -172,6 +177,7 @@ for _cls in (
     HDF5Catalog,
     PlainHDF5Catalog,
     FitsTableCatalog,
+    ApogeeVisitCatalog,
     ApogeeFitsCatalog,
     SpecutilsCatalog,
 ):

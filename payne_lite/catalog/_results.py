@@ -567,9 +567,10 @@ def model_from_results(table, emulator, wavelength=None, *, rows=None):
 
     The observation model is the one that was fitted: the instrument from
     ``meta["instrument"]`` (:meth:`payne_lite.Instrument.from_meta`: air wavelengths,
-    resolution, rotation and macroturbulence), the continuum degree from
-    ``meta["cont_deg"]``, and each row's labels, rv, continuum and broadening
-    columns. ``payne-lite plot`` draws these.
+    resolution, rotation and macroturbulence), the continuum from
+    ``meta["cont_deg"]`` (and ``meta["cont_chips"]``: :class:`payne_lite.
+    ChipPolynomial`), and each row's labels, rv, continuum and broadening columns.
+    ``payne-lite plot`` draws these.
 
     Args:
         table: a table of :func:`payne_lite.fit` (or read by :func:`read_results`).
@@ -590,7 +591,14 @@ def model_from_results(table, emulator, wavelength=None, *, rows=None):
     import jax
     import jax.numpy as jnp
 
-    from ..observe import RV_RANGE, Instrument, build_obs_model, observe
+    from ..observe import (
+        RV_RANGE,
+        ChipPolynomial,
+        Instrument,
+        build_obs_model,
+        continuum_names,
+        observe,
+    )
 
     names = list(table.meta.get("label_names") or emulator.label_names)
     if tuple(names) != tuple(emulator.label_names):
@@ -599,8 +607,8 @@ def model_from_results(table, emulator, wavelength=None, *, rows=None):
             f"{list(emulator.label_names)}"
         )
     inst = Instrument.from_meta(table.meta.get("instrument"))
-    cont_deg = int(table.meta.get("cont_deg", 0) or 0)
-    cont = [f"cont_{k}" for k in range(cont_deg + 1)] if cont_deg > 0 else []
+    cont_deg = ChipPolynomial.from_meta(table.meta)
+    cont = list(continuum_names(cont_deg))
     broad = list(inst.broadening(None, emulator))
     need = [*emulator.label_names, "rv", *cont, *broad]
     missing = [c for c in need if c not in table.colnames]

@@ -90,6 +90,18 @@ def _check_group(group, method: str, fit_kwargs: dict):
     return ids
 
 
+@contextlib.contextmanager
+def _grouped(cat: Reader, group):
+    """``cat`` as stars of visits for ``group=True`` (:meth:`Reader.grouped`: an
+    apStar file's visits), closed here when it is a reader of its own."""
+    grouped = cat.grouped() if group is True else cat
+    try:
+        yield grouped
+    finally:
+        if grouped is not cat:
+            grouped.close()
+
+
 def _star_chunks(cat, group, p0, chunk_size: int):
     """The :class:`StarChunks` of a joint fit of ``cat``'s visits: by the catalog's
     ``group`` (``group`` True) or the given ids; refuses a (n, L) ``p0``."""
@@ -264,7 +276,10 @@ def fit_catalog(
         **fit_kwargs: passed to :func:`payne_lite.fit` (``instrument``,
             ``cont_deg``, ``rv_range``, ``fixed``, ``options``, ...);
             checked against its signature and ``method`` before the catalog is
-            opened (a misspelled name is a ``TypeError`` naming it).
+            opened (a misspelled name is a ``TypeError`` naming it). Those the
+            reader asks for (:meth:`~payne_lite.catalog.Reader.fit_defaults`: the
+            continuum fitted for apStar files read unnormalised) are added where
+            not given.
 
     Returns:
         The results table (also written to ``path_out``): fit's columns, preceded by
@@ -319,7 +334,10 @@ def fit_catalog(
             if isinstance(path_in, Reader)
             else open_catalog(path_in)
         )
-        with opened as cat:
+        with opened as cat, _grouped(cat, group) as cat:
+            # what the reader's spectra need (a continuum left to the fit): the
+            # caller's own keywords win
+            fit_kwargs = {**cat.fit_defaults(), **fit_kwargs}
             n = len(cat)
             wavelength, mask = _check_catalog(cat, emulator, mask, p0)
             stars = None if group is None else _star_chunks(cat, group, p0, chunk_size)

@@ -172,7 +172,8 @@ def _error_note(res) -> str:
             "   function of the labels: where the emulator's error is above its\n"
             "   median the label errors are still too small (the split below), and\n"
             "   the rv errors are too small as well. The emcee posteriors use the\n"
-            "   per-pixel term only)"
+            "   same error model, and are narrower where it matters (high S/N):\n"
+            "   they weight the pixels by the whole covariance, the LM per pixel)"
         )
     if res["fit_emulator_error"]:
         return (

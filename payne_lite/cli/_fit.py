@@ -22,7 +22,7 @@ from ..catalog import FORMATS as RESULTS_FORMATS
 from ..emulator import Emulator
 from ..fitting import FLAG_BITS
 from ..fitting import METHODS as POINT_METHODS
-from ..observe import Instrument
+from ..observe import ChipPolynomial, Instrument
 from ..options import OPTIONS_BY_METHOD
 from ._common import (
     EXIT_OK,
@@ -95,7 +95,10 @@ def add_fit(sub) -> None:
             "            optional pixel bitmask in HDU 3, log10 wavelength from\n"
             "            CRVAL1/CDELT1; ids are the file names; apStar files are\n"
             "            continuum-normalised (--continuum), and with --group their\n"
-            "            visits (HDU rows 2+) are fitted jointly, star by file\n"
+            "            visits (HDU rows 2+) are fitted jointly, star by file;\n"
+            "            apVisit files (one visit each, observed frame) are resampled\n"
+            "            onto the apStar grid (barycentric frame), normalised, and with\n"
+            "            --group fitted jointly, star by header OBJID\n"
             "  FOLDER    its .h5/.fits files, by name\n"
             "  --reader specutils [--reader-option format=FORMAT]: any files\n"
             "            specutils' loaders read, one spectrum each\n\n"
@@ -167,7 +170,7 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="the catalog reader (default: chosen from the files): "
-        "payne-lite, hdf5, fits-table, apogee-fits, specutils",
+        "payne-lite, hdf5, fits-table, apogee-visit, apogee-fits, specutils",
     )
     p.add_argument(
         "--reader-option",
@@ -175,17 +178,21 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a reader option, repeatable: format=NAME (specutils), hdu=N "
-        "(fits-table), bad_bits=N, visits=1 (apogee-fits), datasets=ROLE:NAME,... "
+        "(fits-table), bad_bits=N, visits=1 (apogee-fits), visits=0 (apogee-visit: "
+        "one combined spectrum per star), frame=observed (apogee-visit), "
+        "datasets=ROLE:NAME,... "
         "(hdf5), columns=ROLE:NAME,... (fits-table)",
     )
     p.add_argument(
         "--continuum",
         default=None,
-        choices=("auto", "none", "continuum-pixels", "sigma-clipped"),
-        help="continuum normalisation of APOGEE FITS files (apogee-fits reader): "
-        "auto (the default) = apStar files through The Cannon's continuum pixels, "
-        "aspcapStar files as they are; none; continuum-pixels; sigma-clipped "
-        "(ASPCAP-style, no pixel list). The results' meta records it",
+        choices=("auto", "none", "continuum-pixels", "sigma-clipped", "fit"),
+        help="continuum of APOGEE FITS files (apogee-fits and apogee-visit "
+        "readers): auto (the default) = apStar files unnormalised with a "
+        "quadratic continuum per chip fitted with the labels (as 'fit'), apVisit "
+        "files through The Cannon's continuum pixels, aspcapStar files as they "
+        "are; none; continuum-pixels; sigma-clipped (ASPCAP-style, no pixel "
+        "list); fit. The results' meta records it",
     )
 
 
@@ -198,10 +205,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="passes of continuum refinement after the fit (LMOptions."
-        "refine_continuum): the flux divided by a degree-3 polynomial per chip "
-        "fitted to flux / best-fit model over all pixels, and fitted again; 2 "
-        "recovers the label precision of perfectly normalised spectra from apStar "
-        "files normalised through the continuum pixels (default 0)",
+        "refine_continuum): the flux divided by a polynomial per chip (degree 2; "
+        "--options refine_deg=N) fitted to flux / best-fit model over all pixels, "
+        "and fitted again; 4 recovers the label precision of perfectly normalised "
+        "spectra from apStar files normalised through the continuum pixels "
+        "(--continuum continuum-pixels) (default 0)",
     )
     p.add_argument(
         "--method",
@@ -215,10 +223,21 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cont-deg",
         type=_nonnegative_int,
-        default=_fit_default("cont_deg"),
+        default=None,
         metavar="N",
         help="degree of a multiplicative Chebyshev continuum fitted with "
-        "the labels (0 = spectra are already continuum-normalised)",
+        "the labels (0 = spectra are already continuum-normalised; default: what "
+        "the reader asks for, a quadratic per chip for apStar files, else 0)",
+    )
+    p.add_argument(
+        "--cont-chips",
+        nargs="+",
+        default=None,
+        metavar="LO:HI",
+        help="one continuum polynomial of degree --cont-deg per chip instead of one "
+        "over the whole spectrum: wavelength ranges LO:HI [A], or 'apogee' for "
+        "APOGEE's three detectors (pl.ChipPolynomial); with --options "
+        "continuum=profile the way to fit unnormalised flux",
     )
     p.add_argument(
         "--rv-range",
@@ -553,6 +572,11 @@ def _reader_options(reader: str | None, options: list[str]) -> dict:
     return kw
 
 
+#: What ``_describe`` calls the files of a reader, and the readers it does not name.
+_FILE_KINDS = {"apogee-fits": "FITS ", "apogee-visit": "apVisit "}
+_SAID_BY_KIND = ("payne-lite", "apogee-fits", "apogee-visit")
+
+
 def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
     """ "6 spectra (3 stars, joint visits) x 478 pixels from catalog.h5"."""
     n = len(cat)
@@ -569,10 +593,10 @@ def _describe(cat, cat_paths, n_stars: int | None = None) -> str:
         + (
             str(cat_paths[0])
             if len(cat_paths) == 1
-            else f"{len(cat_paths)} {'FITS ' if cat.name == 'apogee-fits' else ''}files"
+            else f"{len(cat_paths)} {_FILE_KINDS.get(cat.name, '')}files"
         )
         # the readers chosen by a file's kind go without saying
-        + ("" if cat.name in ("payne-lite", "apogee-fits") else f" ({cat.name} reader)")
+        + ("" if cat.name in _SAID_BY_KIND else f" ({cat.name} reader)")
     )
 
 
@@ -598,9 +622,11 @@ def run_fit(args) -> int:
         reader_kw["continuum"] = args.continuum
     source = cat_paths[0] if len(cat_paths) == 1 else cat_paths
     cat = checked_read(open_catalog, source, **reader_kw)
-    if args.group and cat.name == "apogee-fits" and not cat.has_group:
-        cat.close()  # apStar files: their visits, each file's the star's
-        cat = checked_read(open_catalog, source, **{**reader_kw, "visits": True})
+    if args.group:  # apStar files: their visits, each file the star of its own
+        grouped = cat.grouped()
+        if grouped is not cat:
+            cat.close()
+            cat = grouped
     with cat:
         if args.group and not cat.has_group:
             raise ValueError(
@@ -629,7 +655,7 @@ def run_fit(args) -> int:
                 client=client,
                 restart=args.restart,
                 keep_parts=args.keep_parts,
-                cont_deg=args.cont_deg,
+                **_continuum(args),
                 rv_range=tuple(args.rv_range),
                 fixed=fixed or None,
                 instrument=instrument,
@@ -645,6 +671,57 @@ def run_fit(args) -> int:
         what = _describe(cat, cat_paths, len(table) if args.group else None)
     _print_summary(args, table, what, mdn, time.perf_counter() - t0, out)
     return EXIT_OK
+
+
+def _continuum(args) -> dict:
+    """``{"cont_deg": ...}`` of ``pl.fit`` from --cont-deg and --cont-chips; {}
+    without either (the reader's choice, ``Reader.fit_defaults``, else none)."""
+    if args.cont_deg is None and not args.cont_chips:
+        return {}
+    deg = 0 if args.cont_deg is None else args.cont_deg
+    return {"cont_deg": _chips(args.cont_chips, deg) if args.cont_chips else deg}
+
+
+def _chips(texts, deg: int) -> ChipPolynomial:
+    """The ChipPolynomial of --cont-chips."""
+    if [c.lower() for c in texts] == ["apogee"]:
+        return ChipPolynomial.apogee(deg)
+    chips = []
+    for text in texts:
+        try:
+            lo, hi = (float(v) for v in text.split(":"))
+        except ValueError as err:
+            raise ValueError(
+                f"--cont-chips: {text!r} is not LO:HI (a wavelength range [A]) or "
+                "'apogee'"
+            ) from err
+        chips.append((lo, hi))
+    return ChipPolynomial(deg, tuple(chips))
+
+
+def _continuum_words(meta) -> str:
+    """How the continuum was treated, from a results table's meta: the continuum
+    fitted (``cont_deg N``, ``per chip``) and what the reader did
+    (``meta["continuum"]``: normalised, or left unnormalised for the fit)."""
+    cont = ChipPolynomial.from_meta(meta)
+    words = f"cont_deg {0 if cont is None else cont.deg}" + (
+        " per chip" if cont is not None and cont.chips is not None else ""
+    )
+    norm = meta.get("continuum")
+    if not isinstance(norm, dict):
+        return words
+    kinds = [k for k in norm if isinstance(norm[k], dict)]
+    methods = (
+        {k: norm[k]["method"] for k in kinds}
+        if kinds
+        else {"/".join(norm.get("file_kinds", [])): norm["method"]}
+    )
+    said = [
+        f"{k} unnormalised".strip() if m == "fit" else f"{k} normalised: {m}".strip()
+        for k, m in methods.items()
+        if m != "none"
+    ]
+    return ", ".join([words, *said])
 
 
 def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> None:
@@ -666,17 +743,8 @@ def _print_summary(args, table, what: str, mdn, seconds: float, out: Path) -> No
         else ""
     )
     sampler = args.method not in POINT_METHODS
-    cont = table.meta.get("continuum")
-    normalised = ""
-    if isinstance(cont, dict) and cont.get("method") != "none":
-        kinds = [k for k in cont if isinstance(cont[k], dict)]
-        normalised = ", normalised: " + (
-            ", ".join(f"{k} {cont[k]['method']}" for k in kinds)
-            if kinds
-            else cont["method"]
-        )
     print(
-        f"fitted {what} ({args.method}, cont_deg {args.cont_deg}{normalised}"
+        f"fitted {what} ({args.method}, {_continuum_words(table.meta)}"
         + (
             f", continuum refined {args.refine_continuum}x"
             if getattr(args, "refine_continuum", 0)

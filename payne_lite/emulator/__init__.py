@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._active import ACTIVE_STRATEGIES as ACTIVE_STRATEGIES
 from ._active import ActiveLearningResult as ActiveLearningResult
+from ._active import ErrorMap as ErrorMap
 from ._active import active_learning as active_learning
 from ._active import propose_labels as propose_labels
 from ._active import spectrum_errors as spectrum_errors
@@ -43,6 +44,7 @@ __all__ = [
     "EMULATOR_FORMAT",
     "ERROR_BASIS_RANK",
     "Emulator",
+    "ErrorMap",
     "KERNEL_COMPILER_OPTIONS",
     "KernelNet",
     "POOR_FACTOR",

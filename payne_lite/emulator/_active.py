@@ -3,24 +3,44 @@
 Training grids from physical codes cost minutes to hours per spectrum, so where the next
 spectra go matters. :func:`active_learning` grows a grid in rounds:
 
-1. train an emulator on the current grid, holding out a fixed random *probe* share of
-   every batch (``probe_fraction``) for early stopping and as the error map's data;
-2. measure the emulator's error on each probe spectrum (mean absolute error over pixels: out of
-   sample, since probes are never trained on) and regress its logarithm over the label
-   box by inverse-distance weighting of the ``n_neighbours`` nearest probes;
-3. propose a batch: ``explore`` of it uniform in the box, the rest greedily where the
-   predicted error times a spacing factor ``min(1, d / d_typ)`` is largest (``d`` the
-   distance to the nearest grid point or earlier pick, ``d_typ`` the grid's median
-   nearest-neighbour distance, in unit-box coordinates), so that picks spread out;
+1. train an emulator on the current grid, holding out a *probe* share
+   (``probe_fraction``) of the starting grid and of every batch, for early stopping
+   and as the error map's data; a batch's probes are uniform draws in the box, so
+   that they measure the error where the test stars are (a box-wide median), not where
+   the batch went;
+2. measure the emulator's error on each probe spectrum (mean absolute error over
+   pixels: out of sample, since probes are never trained on) and regress its logarithm
+   over the label box by inverse-distance weighting of the ``n_neighbours`` nearest
+   probes: the predicted error ``e(x)``;
+3. propose the batch's training labels by a greedy *weighted maximin* over uniform
+   candidates (unit-box coordinates): pick the candidate that maximises
+   ``e(x) ** (exponent / L) * d(x)``, ``d`` its distance to the nearest training label
+   or earlier pick, or 4 times its distance to the nearest face of the box if smaller
+   (``_WALL_FACTOR``), ``L`` the number of labels. Picks then end up spaced as
+   ``1 / e ** (exponent / L)``: a density proportional to ``e ** exponent``.
+   ``exponent`` 0 is a space-filling design, large exponents pile the batch where the
+   error is largest. Without the faces a maximin piles its picks on them; with twice
+   the distance (a mirror image) it leaves a layer of half a spacing along them empty,
+   most of a 5-dimensional box's volume and where the worst spectra are; with 4 the
+   picks come to about a quarter spacing from them;
 4. synthesize it with the user's callable, append it, and retrain from the current
    parameters (warm start, ``refine_iter`` iterations).
 
-``strategy="space"`` fills the largest holes of the grid instead (greedy maximin over
-the same candidates: the emulator's uncertainty taken as growing with the distance to
-the nearest grid point, as a Gaussian process's does), and ``strategy="random"`` draws
-every batch uniformly (the control: same loop and warm starts, no map). The learning
-curve records, per round, the grid size and the held-out errors (the probes', and a
-separate ``test`` grid's when given).
+``strategy="error"`` is :class:`ErrorMap` with its defaults (``exponent`` 0.5);
+``strategy="space"`` is the same design without the error map (exponent 0: the
+emulator's uncertainty taken as growing with the distance to the nearest training
+label, as a Gaussian process's does), and ``strategy="random"`` draws every batch
+uniformly (the control: same loop, probes and warm starts). The learning curve records,
+per round, the grid size and the held-out errors (the probes', and a separate ``test``
+grid's when given).
+
+Why a tempered exponent: an untempered map (the first version ranked candidates by the
+error times a spacing factor capped at 1: a density ~ ``e ** L``) sends every batch to
+the hardest corners, the networks' capacity goes there, and the box-wide median error
+rises. For a local approximation of order ``p`` the mean absolute error is smallest at
+a density ~ ``c ** (L / (L + p))``, ``c`` the local difficulty; as the measured error
+already falls where the grid is dense, exponent 1 settles near it. The median asks for
+less tilt: 0.5 (docs/benchmarks.md, issue 19).
 """
 
 from __future__ import annotations
@@ -39,6 +59,9 @@ from ._train import TrainConfig, train_emulator
 
 log = logging.getLogger("payne_lite.emulator")
 
+#: A candidate's distance to the grid is at most this many times its distance to the
+#: nearest face of the box (2: to its mirror image; see the module doc).
+_WALL_FACTOR = 4.0
 #: Strategies of :func:`active_learning`.
 ACTIVE_STRATEGIES = ("error", "space", "random")
 #: Entries of :attr:`ActiveLearningResult.curve`.
@@ -51,6 +74,27 @@ CURVE_KEYS = (
     "train_seconds",
     "n_iter",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorMap:
+    """The ``"error"`` strategy of :func:`active_learning` with its settings.
+
+    Attributes:
+        exponent: the training labels tend to a density proportional to the predicted
+            held-out error to this power (0: a space-filling design; large: the batches
+            pile up where the error is largest).
+        n_neighbours: probes in the inverse-distance-weighted regression of the error.
+    """
+
+    exponent: float = 0.5
+    n_neighbours: int = 8
+
+    def __post_init__(self):
+        if not (np.isfinite(self.exponent) and self.exponent >= 0):
+            raise ValueError(f"exponent must be finite and >= 0, got {self.exponent!r}")
+        if isinstance(self.n_neighbours, bool) or self.n_neighbours < 1:
+            raise ValueError(f"n_neighbours must be >= 1, got {self.n_neighbours!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +121,8 @@ class ActiveLearningResult:
     curve: dict[str, np.ndarray]
 
 
-def _check_args(grid, synthesize, n_total, batch_size, strategy, test, fractions):
+def _check_args(grid, synthesize, n_total, batch_size, strategy, test, probe_fraction):
+    """Check the settings; return the strategy, "error" as an :class:`ErrorMap`."""
     if not isinstance(grid, SpectralGrid):
         raise TypeError(f"grid must be a SpectralGrid, got {type(grid).__name__}")
     if not callable(synthesize):
@@ -91,17 +136,18 @@ def _check_args(grid, synthesize, n_total, batch_size, strategy, test, fractions
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if n_total < grid.n_spec:
         raise ValueError(f"n_total={n_total} is below the grid's {grid.n_spec} spectra")
-    if strategy not in ACTIVE_STRATEGIES:
+    if not isinstance(strategy, ErrorMap) and strategy not in ACTIVE_STRATEGIES:
         raise ValueError(
-            f"strategy must be one of {ACTIVE_STRATEGIES}, got {strategy!r}"
+            f"strategy must be one of {ACTIVE_STRATEGIES} or an ErrorMap, "
+            f"got {strategy!r}"
         )
-    for name, v in fractions.items():
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+    if not 0.0 <= probe_fraction < 1.0:
+        raise ValueError(f"probe_fraction must be in [0, 1), got {probe_fraction!r}")
     if test is not None and (
         test.n_pix != grid.n_pix or tuple(test.label_names) != tuple(grid.label_names)
     ):
         raise ValueError("test grid has other pixels or labels than grid")
+    return ErrorMap() if strategy == "error" else strategy
 
 
 def _synthesize(synthesize, labels: np.ndarray, n_pix: int) -> np.ndarray:
@@ -135,55 +181,52 @@ def propose_labels(
     n: int,
     *,
     rng: np.random.Generator,
-    explore: float = 0.2,
+    exponent: float = 0.5,
     n_candidates: int = 20000,
     n_neighbours: int = 8,
 ) -> np.ndarray:
-    """New labels where the regressed held-out error is largest (see the module doc),
-    or, without errors, where the grid has its largest holes.
+    """New labels by a greedy weighted maximin (see the module doc): where the grid's
+    holes, weighted by the regressed held-out error, are largest.
 
     Args:
         labels: (N, L) labels already in the grid [physical units].
         probe_labels: (M, L) held-out labels whose errors are known.
         probe_errors: (M,) their errors (positive; their log is regressed); None:
-            pick greedily the candidate farthest from the grid and earlier picks
-            (a maximin, space-filling design; ``probe_labels`` unused).
+            no weights, a plain (boundary-corrected) maximin design.
         box: (lo, hi), each (L,): the label box.
         n: how many to propose.
-        rng: the random generator (candidates and the exploratory share).
-        explore: share of the ``n`` drawn uniformly in the box.
-        n_candidates: uniform candidates scored by the error map.
+        rng: the random generator (the candidates).
+        exponent: the picks tend to a density proportional to the predicted error to
+            this power (0: uniform).
+        n_candidates: uniform candidates scored.
         n_neighbours: probes in the inverse-distance-weighted regression.
 
     Returns:
         (n, L) labels inside the box.
     """
     lo, hi = (np.asarray(b, np.float64) for b in box)
-    n_rand = int(round(explore * n))
     unit = lambda x: (np.asarray(x, np.float64) - lo) / (hi - lo)  # noqa: E731
     cand = rng.random((n_candidates, lo.size))
-    have = unit(labels)
-    d_near = cKDTree(have).query(cand)[0]
-    if probe_errors is None:
-        score, d_typ = np.ones(n_candidates), np.inf  # d_near itself: maximin
-    else:
+    # a candidate's distance to the grid, capped by its distance to the nearest face
+    # (scaled): without the cap a maximin piles its picks on the box's faces
+    d_wall = _WALL_FACTOR * np.minimum(cand, 1.0 - cand).min(axis=1)
+    d_near = np.minimum(cKDTree(unit(labels)).query(cand)[0], d_wall)
+    weight = np.ones(n_candidates)
+    if probe_errors is not None and exponent != 0.0:
         k = min(n_neighbours, len(probe_errors))
         dist, idx = cKDTree(unit(probe_labels)).query(cand, k=k)
         dist, idx = dist.reshape(n_candidates, k), idx.reshape(n_candidates, k)
         w = 1.0 / np.maximum(dist, 1e-9) ** 2
         log_err = np.log(np.maximum(probe_errors, 1e-30))[idx]
-        score = np.exp(np.sum(w * log_err, 1) / np.sum(w, 1))
-        d_typ = np.median(cKDTree(have).query(have, k=2)[0][:, 1])
+        # weight x distance is maximised: picks end up spaced ~ 1 / weight, a density
+        # ~ weight ** L = error ** exponent
+        weight = np.exp(exponent / lo.size * np.sum(w * log_err, 1) / np.sum(w, 1))
     picks = []
-    for _ in range(n - n_rand):
-        spread = (
-            d_near if np.isinf(d_typ) else np.minimum(1.0, d_near / max(d_typ, 1e-12))
-        )
-        j = int(np.argmax(score * spread))
+    for _ in range(n):
+        j = int(np.argmax(weight * d_near))
         picks.append(j)
         d_near = np.minimum(d_near, np.linalg.norm(cand - cand[j], axis=1))
-    new = np.concatenate([cand[picks], rng.random((n_rand, lo.size))])
-    return np.clip(lo + new * (hi - lo), lo, hi)
+    return np.clip(lo + cand[picks] * (hi - lo), lo, hi)
 
 
 def _train_round(grid, probe, init, refine_iter, train_kw):
@@ -215,14 +258,12 @@ def active_learning(
     *,
     n_total: int,
     batch_size: int = 200,
-    strategy: str = "error",
+    strategy: str | ErrorMap = "error",
     test: SpectralGrid | None = None,
     probe_fraction: float = 0.2,
-    explore: float = 0.2,
     warm_start: bool = True,
     refine_iter: int = 60,
     n_candidates: int = 20000,
-    n_neighbours: int = 8,
     seed: int = 0,
     config: TrainConfig | None = None,
     progress: bool = False,
@@ -238,18 +279,17 @@ def active_learning(
             :func:`payne_lite.grid.synth.synthesize`, or of Korg / Turbospectrum.
         n_total: stop when the grid holds this many spectra (starting grid included).
         batch_size: new spectra per round (the last round may be smaller).
-        strategy: ``"error"`` (the error map, see the module doc), ``"space"``
-            (fill the grid's largest holes) or ``"random"`` (uniform draws; the
-            control).
+        strategy: ``"error"`` (the error map with its default settings, see the
+            module doc), an :class:`ErrorMap` (other settings), ``"space"`` (fill the
+            grid's largest holes) or ``"random"`` (uniform draws; the control).
         test: an optional held-out grid on the same pixels: its median absolute error is
             recorded each round (not used to choose labels).
-        probe_fraction: share of the starting grid and of each batch held out.
-        explore: share of each ``"error"`` batch drawn uniformly in the box.
+        probe_fraction: share of the starting grid (a random subset) and of each batch
+            (uniform draws) held out.
         warm_start: retrain each round from the last parameters (``refine_iter``
             iterations); otherwise from scratch with ``config.max_iter``.
         refine_iter: LM iterations (Adam epochs) of a warm-started round.
         n_candidates: uniform candidates scored per round.
-        n_neighbours: probes in the error map's regression.
         seed: seed of the probe draws, the candidates and, unless ``config`` or
             ``overrides`` set it, of training.
         config: training settings (:class:`TrainConfig`); ``overrides`` replace
@@ -273,20 +313,22 @@ def active_learning(
         ...     start, lambda x: synth.synthesize(x, wavelength=wave), n_total=1000)
         >>> run.curve["n_spec"], run.emulator                    # doctest: +SKIP
     """
-    fractions = {"probe_fraction": probe_fraction, "explore": explore}
-    _check_args(grid, synthesize, n_total, batch_size, strategy, test, fractions)
+    strategy = _check_args(grid, synthesize, n_total, batch_size, strategy, test,
+                           probe_fraction)  # fmt: skip
     rng = np.random.default_rng(seed)
     overrides.setdefault("seed", seed)
     train_kw = dict(config=config, progress=progress, **overrides)
+    lo, hi = box = grid.label_box
 
-    def draw_probe(m: int) -> np.ndarray:
-        mask = np.zeros(m, bool)
-        mask[rng.permutation(m)[: max(1, int(round(probe_fraction * m)))]] = True
-        return mask
+    def uniform(m: int) -> np.ndarray:
+        return lo + rng.random((m, lo.size)) * (hi - lo)
+
+    def n_probe(m: int) -> int:
+        return min(m, max(1, int(round(probe_fraction * m))))
 
     labels, flux = np.asarray(grid.labels, np.float64), np.asarray(grid.flux)
-    probe = draw_probe(grid.n_spec)
-    box = grid.label_box
+    probe = np.zeros(grid.n_spec, bool)
+    probe[rng.permutation(grid.n_spec)[: n_probe(grid.n_spec)]] = True
     emu, secs = _train_round(grid, probe, None, refine_iter, train_kw)
     curve = {k: [] for k in CURVE_KEYS}
 
@@ -309,32 +351,32 @@ def active_learning(
     record(grid, secs)
     while labels.shape[0] < n_total:
         n = min(batch_size, n_total - labels.shape[0])
-        if strategy == "random":
-            lo, hi = box
-            new = lo + rng.random((n, lo.size)) * (hi - lo)
-        elif strategy == "space":
-            new = propose_labels(labels, None, None, box, n, rng=rng, explore=0.0,
-                                 n_candidates=n_candidates)  # fmt: skip
+        m = n - n_probe(n)  # training spectra; the probes are uniform draws
+        if strategy == "random" or m == 0:
+            new = uniform(m)
         else:
-            p = np.nonzero(probe)[0]
-            err = spectrum_errors(
-                emu, SpectralGrid(**_fields(grid, labels[p], flux[p]))
-            )
+            p, t = np.nonzero(probe)[0], np.nonzero(~probe)[0]
+            err, exponent, k = None, 0.0, 1
+            if isinstance(strategy, ErrorMap):
+                err = spectrum_errors(
+                    emu, SpectralGrid(**_fields(grid, labels[p], flux[p]))
+                )
+                exponent, k = strategy.exponent, strategy.n_neighbours
             new = propose_labels(
-                labels, labels[p], err, box, n, rng=rng, explore=explore,
-                n_candidates=n_candidates, n_neighbours=n_neighbours,
+                labels[t], labels[p], err, box, m, rng=rng, exponent=exponent,
+                n_candidates=n_candidates, n_neighbours=k,
             )  # fmt: skip
+        new = np.concatenate([new, uniform(n - m)])
         labels = np.concatenate([labels, new])
         flux = np.concatenate([flux, _synthesize(synthesize, new, grid.n_pix)])
-        probe = np.concatenate([probe, draw_probe(n)])
+        probe = np.concatenate([probe, np.arange(n) >= m])
         grown = SpectralGrid(**_fields(grid, labels, flux))
         emu, secs = _train_round(grown, probe, emu if warm_start else None,
                                  refine_iter, train_kw)  # fmt: skip
         record(grown, secs)
-    settings = dict(strategy=strategy, batch_size=batch_size, seed=seed,
-                    probe_fraction=probe_fraction, explore=explore,
-                    warm_start=warm_start, refine_iter=refine_iter,
-                    n_start=grid.n_spec)  # fmt: skip
+    settings = dict(strategy=str(strategy), batch_size=batch_size, seed=seed,
+                    probe_fraction=probe_fraction, warm_start=warm_start,
+                    refine_iter=refine_iter, n_start=grid.n_spec)  # fmt: skip
     meta = {**grid.meta, "active_learning": settings}
     out = SpectralGrid(**_fields(grid, labels, flux, meta))
     curve = {k: np.asarray(v) for k, v in curve.items()}

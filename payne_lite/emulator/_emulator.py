@@ -59,6 +59,7 @@ from .._validate import (
     check_wavelength,
 )
 from ..errors import FileFormatError
+from . import _outpool
 from ._nets import (
     ACTIVATIONS,
     DenseNet,
@@ -416,7 +417,7 @@ class Emulator:
         allow_outside: bool = False,
         dtype=None,
         batch_size: int | None = None,
-        fast_tanh: bool = False,
+        fast_tanh: bool = True,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Normalised flux for physical labels.
@@ -433,17 +434,27 @@ class Emulator:
                 and a row's result does not depend on the call it is in. A chunk
                 with at most 8 or 64 real rows evaluates only those (see
                 :func:`predict_chunk`), so a few spectra do not pay for a chunk.
-            fast_tanh: float32 one-hidden-layer tanh or sigmoid networks only:
-                evaluate tanh with :func:`tanh_rational` (max error 4.5e-7 per
-                activation, 1e-6 in flux for the real Payne network; about 20 %
-                faster on CPU). Off by default, so that spectra agree to rounding
-                with the fitter's model, which uses ``jnp.tanh``.
+            fast_tanh: float32 one-hidden-layer tanh or sigmoid networks (the
+                default; no effect otherwise): evaluate tanh with
+                :func:`tanh_rational` (max error 4.5e-7 per activation, against
+                2.9e-7 for ``jnp.tanh``) and the sums added as pairwise trees:
+                about a third less CPU time than ``jnp.tanh``. For the real Payne
+                network and 10,000 labels across its box the flux differs from
+                ``fast_tanh=False`` by at most 6.0e-7 (relative 9.7e-7; median
+                6e-8, one float32 unit in the last place), and from The Payne's
+                float64 code by 4.2e-7 (3.3e-7).
+                ``fast_tanh=False`` evaluates ``jnp.tanh``, the fitter's model
+                (:func:`kernel_forward`) to float32 rounding: use it to make
+                spectra that a float32 fit must match to the last bit.
             out: optional NumPy array to write the flux into (and return), of the
-                shape and dtype that would be returned. Reusing one array across
-                calls saves the operating system's zeroing of a fresh result's
-                pages on first write: for 10,000 x 7214 float32 (288 MB) 30-40 ms
-                on the 2-core machine of benchmarks/bench_emulator.py, against
-                about 100 ms for the evaluation.
+                shape and dtype that would be returned. Without it, a result of
+                4 MB or more is made in the memory of an earlier large result that
+                has been freed, if there is one (kept for reuse; see
+                ``payne_lite/emulator/_outpool.py``), which saves the operating
+                system's page faults and zeroing of fresh pages: for 10,000 x
+                7214 float32 (288 MB) 30-40 ms on the quiet 2-core machine of
+                benchmarks/bench_emulator.py, against about 150 ms for the
+                evaluation, 0.4 s under load.
 
         Returns:
             (n, P) flux, or (P,) for a single label vector, as NumPy (``out`` if
@@ -460,8 +471,8 @@ class Emulator:
         s = self.scale(x).astype(dt)
         n = s.shape[0]
         shape = (self.n_pix,) if np.ndim(labels) == 1 else (n, self.n_pix)
-        if out is None:
-            result = np.empty(shape, dtype=dt)
+        if out is None:  # large results reuse freed earlier results' memory
+            result = _outpool.empty(shape, dt)
         elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
             raise ValueError(
                 f"out must be a NumPy array of shape {shape} and dtype {dt}, got "
@@ -483,7 +494,9 @@ class Emulator:
             m = chunk.shape[0]
             if m < size:
                 chunk = np.concatenate([chunk, np.zeros((size - m, s.shape[1]), dt)])
-            res = predict_chunk(params, jnp.asarray(chunk), m, act, fast_tanh=fast_tanh)
+            # a NumPy chunk goes to the device inside the jitted call's C++ dispatch
+            # (35 us per call here, against 156 us with jnp.asarray first)
+            res = predict_chunk(params, chunk, m, act, fast_tanh=fast_tanh)
             if pending is not None:
                 _copy_rows(rows, *pending)
             pending = (start, res)

@@ -144,6 +144,20 @@ def fwd_jac(theta, s, *, unravel, activation):
     return fwd(theta, s, unravel=unravel, activation=activation), jac
 
 
+def _spd_solve(args):
+    """``a^-1 g`` for one symmetric positive definite ``a`` (n, n), by Cholesky.
+
+    One matrix per call, through ``lax.map``: jaxlib's batched LAPACK kernels
+    (Cholesky, LU) split a batch over XLA:CPU's intra-op thread pool and wait for
+    it (``ParallelBatchMap``), which deadlocks when several devices' programs run
+    on that pool at once (training on 4 simulated CPU devices hung at 256 pixels,
+    every thread waiting: a gdb backtrace shows the Cholesky kernel's
+    BlockingCounter). A batch of one is not split."""
+    a, g = args
+    chol = jnp.linalg.cholesky(a)
+    return jax.scipy.linalg.cho_solve((chol, True), g)
+
+
 @functools.partial(
     jax.jit, static_argnames=("unravel", "activation"), donate_argnames=("theta", "lam")
 )
@@ -166,8 +180,10 @@ def lm_step(theta, lam, s, y, sw, *, unravel, activation):
     d = jnp.diagonal(a, axis1=1, axis2=2)
     eps = 1e-6 * jnp.max(d, axis=1, keepdims=True) + jnp.finfo(a.dtype).tiny
     a_damped = a + jax.vmap(jnp.diag)(lam[:, None] * d + eps)
-    chol = jnp.linalg.cholesky(a_damped)
-    delta = -jax.scipy.linalg.cho_solve((chol, True), g[..., None])[..., 0]
+    if jax.default_backend() == "cpu":  # one matrix per LAPACK call (_spd_solve)
+        delta = -jax.lax.map(_spd_solve, (a_damped, g))
+    else:  # GPU solvers take the batch at once, without the CPU pool's deadlock
+        delta = -jax.vmap(_spd_solve)((a_damped, g))
     th_new = theta + delta
     r_new = sw * (fwd(th_new, s, **kw) - y)
     loss, loss_new = jnp.sum(r * r, axis=1), jnp.sum(r_new * r_new, axis=1)

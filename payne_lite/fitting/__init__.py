@@ -33,7 +33,20 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.observe`):
    scaled to physical label units; with the emulator's ``error_basis`` B and
    ``emulator_error=True``, the sandwich ``A^-1 (J^T W D W J + J^T W B_s^T B_s W J)
    A^-1`` (``A = J^T W J``, D the data variances, ``B_s`` the basis shifted to the
-   star's rv: :func:`._lm.sandwich_meat`). By default not rescaled (the errors are then
+   star's rv: :func:`._lm.sandwich_meat`): the scatter of the fit's own estimator,
+   least squares with the per-pixel weights ``W``, when the residuals have the
+   covariance ``D + B_s^T B_s`` (the low-rank part ``U^T U`` of the samplers' error
+   model :mod:`payne_lite.observe._noise`; the meat leaves out the per-pixel
+   emulator variance that ``U`` does not hold, which only the weights carry). The
+   samplers (:func:`payne_lite.sample`) sample the posterior under the full ``C =
+   diag(D) + U^T U`` instead, whose width is about ``(J^T C^-1 J)^-1``: the
+   variance of the generalised least-squares estimator, which the LM does not
+   compute. The two agree where ``U^T U`` is small next to ``D`` (low S/N); where
+   it dominates (high S/N) the posterior is narrower than the sandwich, as GLS
+   down-weights the correlated error that the per-pixel weights cannot
+   (``benchmarks/bench_error_model.py``; replacing the sandwich by
+   ``(J^T C^-1 J)^-1`` around the weighted fit's best values halved the coverage
+   at S/N 300). By default not rescaled (the errors are then
    right when the flux errors are right and the model fits: their coverage is
    checked in ``benchmarks/bench_fit.py``); ``scale_errors=True`` multiplies the
    covariance by the reduced chi2 when it is above 1 (never shrinks it), the usual

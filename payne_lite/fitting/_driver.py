@@ -292,8 +292,9 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
         rv0 = np.asarray(prior.rv0, np.float64)
         rv_lo = np.asarray(prior.rv_lo, np.float64)
         rv_hi = np.asarray(prior.rv_hi, np.float64)
-        c0 = np.zeros((size, max(obs.n_cont, 1)))
-        c0[:, 0] = 1.0
+        c0 = np.ones((size, 1))
+        if obs.n_cont:
+            c0 = np.broadcast_to(obs.cont.flat(), (size, obs.n_cont)).copy()
     elif layout.rv_index in fix:
         rv0 = np.full(size, fix[layout.rv_index])
         _, c0 = scan_batch(
@@ -352,6 +353,15 @@ def _host_pool():
     return _HOST_POOL
 
 
+def cont_bounds(lo, hi, c0):
+    """The continuum coefficients' bounds ``lo``, ``hi`` (n, n_cont) of the
+    layout (+-``CONT_BOUND``, for normalised flux) scaled by each star's flux level,
+    the largest of its starting coefficients ``c0`` (n, n_cont) (at least 1): the
+    continuum of unnormalised flux is in the flux's units."""
+    level = np.maximum(1.0, np.max(np.abs(np.nan_to_num(c0)), axis=1))[:, None]
+    return lo * level, hi * level
+
+
 def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
     ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
@@ -389,6 +399,10 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     lo = np.broadcast_to(layout.lower, (size, k)).copy()
     hi = np.broadcast_to(layout.upper, (size, k)).copy()
     lo[:, n_lab], hi[:, n_lab] = prep.rv_lo, prep.rv_hi
+    if obs.n_cont:
+        lo[:, layout.cont_slice], hi[:, layout.cont_slice] = cont_bounds(
+            lo[:, layout.cont_slice], hi[:, layout.cont_slice], prep.c0
+        )
     if prior is not None:
         lo[:, :n_lab], hi[:, :n_lab] = prior.lo, prior.hi
     p_start = np.clip(p_start, lo[:, None], hi[:, None])

@@ -14,6 +14,7 @@ from ..emulator import Emulator
 from ..observe import (
     BROADENING_START,
     Instrument,
+    as_continuum,
     build_obs_model,
     check_fixed,
     check_inputs,
@@ -179,12 +180,10 @@ def _instrument_as_fitted(instrument, opts, cont_deg, fixed, emulator, wavelengt
             f"instrument must be a payne_lite.Instrument, got {type(inst).__name__}"
         )
     continuum = getattr(opts, "continuum", "fit")
-    if continuum == "profile" and not (
-        isinstance(cont_deg, int | np.integer) and cont_deg >= 1
-    ):
+    if continuum == "profile" and as_continuum(cont_deg) is None:
         raise ValueError(
-            f"continuum='profile' needs a continuum to profile: cont_deg >= 1, "
-            f"got {cont_deg!r}"
+            f"continuum='profile' needs a continuum to profile: cont_deg >= 1 or a "
+            f"ChipPolynomial, got {cont_deg!r}"
         )
     broadening = inst.broadening(fixed, emulator)
     # the instrument as fitted: a kernel that ``fixed`` switched on is recorded on

@@ -247,7 +247,7 @@ def _profiled_normal(obs, p, flux, sw):
     k = p.shape[0]
     c_i = np.arange(obs.n_labels + 1, obs.n_labels + 1 + n_c)  # continuum
     t_i = np.setdiff1d(np.arange(k), c_i)  # labels, rv and broadening
-    flat = jnp.zeros(n_c, p.dtype).at[0].set(1.0)  # c = (1, 0, ...): T_0 = 1
+    flat = jnp.asarray(obs.cont.flat(), p.dtype)  # c = (1, 0, ...): T_0 = 1 per chip
     m, _ = observe(obs, p.at[c_i].set(flat))
     if obs.jet is not None:
         m, basis = embed_obs(obs, m), obs.jet.basis
@@ -428,7 +428,7 @@ def _sandwich_batch(obs, p, w, var, basis):
         q, w1, v1 = args
         _, _, jac = observe_jac_t(obs, q)
         b = shift_pair(obs, basis, q[n_lab]).value()
-        if obs.cont_deg > 0:
+        if obs.n_cont:
             b = b * (obs.cont_params(q) @ obs.basis.T)
         jw = jac * w1
         return (jw * v1) @ jw.T, jw @ b.T

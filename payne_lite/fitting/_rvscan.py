@@ -83,15 +83,24 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     b = jnp.stack([wf @ (t * basis[:, a]).T for a in range(n_c)], axis=-1)
     t2 = t * t
     m = [[None] * n_c for _ in range(n_c)]
+    # per chip (ChipPolynomial), columns of different chips never overlap
+    per_chip = 1 if obs.cont is None else obs.cont.deg + 1
     for a in range(n_c):
         for c in range(a, n_c):
-            m[a][c] = m[c][a] = w @ (t2 * (basis[:, a] * basis[:, c])).T
+            if a // per_chip != c // per_chip:
+                m[a][c] = m[c][a] = jnp.zeros_like(b[..., 0])
+            else:
+                m[a][c] = m[c][a] = w @ (t2 * (basis[:, a] * basis[:, c])).T
     m = jnp.stack([jnp.stack(row, axis=-1) for row in m], axis=-2)  # (n, R, nc, nc)
-    if obs.cont_deg > 0:
-        scale = jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1) / n_c, 1e-30)
-        eye = jnp.eye(n_c, dtype=m.dtype)
-        coef = jnp.linalg.solve(m + 1e-7 * scale[..., None, None] * eye, b[..., None])
-        coef = coef[..., 0]
+    if obs.n_cont:
+        # chip by chip (the blocks of a ChipPolynomial), by an unrolled Cholesky
+        # solve: elementwise over (n, R), no LAPACK call (jnp.linalg.solve here hung
+        # two batches run in threads at once: futex waits, no CPU, in XLA:CPU)
+        coef = []
+        for a0 in range(0, n_c, per_chip):
+            blk = slice(a0, a0 + per_chip)
+            coef.extend(_spd_solve(m[..., blk, blk], b[..., blk]))
+        coef = jnp.stack(coef, axis=-1)
         chi2 = sff - jnp.sum(coef * b, axis=-1)
     else:
         coef = jnp.ones_like(b)
@@ -106,6 +115,40 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     return _parabola_vertex(red, i, rv_grid), jnp.take_along_axis(
         coef, i[:, None, None], axis=1
     )[:, 0]
+
+
+def _spd_solve(m, b):
+    """``m^-1 b`` as a list of k (...) arrays, for symmetric positive semi-definite
+    ``m`` (..., k, k) with a ridge of 1e-7 of its mean diagonal (the continuum's
+    normal equations), ``b`` (..., k): Cholesky written out for small k."""
+    k = m.shape[-1]
+    scale = jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1) / k, 1e-30)
+    a = [[m[..., i, j] for j in range(k)] for i in range(k)]
+    for i in range(k):
+        a[i][i] = a[i][i] + 1e-7 * scale
+    low = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1):
+            acc = a[i][j]
+            for q in range(j):
+                acc = acc - low[i][q] * low[j][q]
+            if i == j:
+                low[i][i] = jnp.sqrt(jnp.maximum(acc, 1e-30 * scale))
+            else:
+                low[i][j] = acc / low[j][j]
+    y = []
+    for i in range(k):
+        acc = b[..., i]
+        for q in range(i):
+            acc = acc - low[i][q] * y[q]
+        y.append(acc / low[i][i])
+    x = [None] * k
+    for i in reversed(range(k)):
+        acc = y[i]
+        for q in range(i + 1, k):
+            acc = acc - low[q][i] * x[q]
+        x[i] = acc / low[i][i]
+    return x
 
 
 def _parabola_vertex(red, i, rv_grid):
@@ -170,7 +213,7 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
 
         def chi2(_):
             m = shift_pair(obs, rest, q[n_lab]).value()
-            if obs.cont_deg > 0:
+            if obs.n_cont:
                 m = m * (obs.basis @ obs.cont_params(q))
             r = m - f
             return (r * r) @ wi
@@ -236,7 +279,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
             rest_model(obs, q[:n_lab], q[obs.n_params - obs.n_broad :]),
             jnp.all(jnp.isfinite(q)),
         )
-        cont = obs.basis @ obs.cont_params(q) if obs.cont_deg > 0 else 1.0
+        cont = obs.basis @ obs.cont_params(q) if obs.n_cont else 1.0
         v = q[n_lab] + d
         if lg is None:
 
@@ -257,7 +300,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         # chip by chip: XLA:CPU writes a concatenation of dynamic slices as scalar
         # code (~3 ns per element); the sums need none
         runs = [(r0, e0, n) for r0, e0, n in lg.obs]
-        cont_c = [cont if obs.cont_deg == 0 else cont[r0 : r0 + n] for r0, _, n in runs]
+        cont_c = [cont if not obs.n_cont else cont[r0 : r0 + n] for r0, _, n in runs]
         f_c = [f[r0 : r0 + n] for r0, _, n in runs]
         w_c = [wi[r0 : r0 + n] for r0, _, n in runs]
 

@@ -87,6 +87,7 @@ import numpy as np
 
 # QA bit 8's thresholds, named here with the other bits' (the docs table reads them)
 from ..emulator import POOR_FACTOR, POOR_MIN_COUNT  # noqa: F401
+from ..observe import continuum_meta
 from ._ppc import DIP_FALSE_ALARM, chi2_pvalue, dip_limit  # noqa: F401 (QA bit 9)
 
 #: Covariance condition-number limit (correlation form) per dtype.
@@ -433,7 +434,7 @@ def results_table(
             emulator.meta.get("source", emulator.meta.get("trained_by", ""))
         ),
         n_pix_emulator=int(emulator.n_pix),
-        cont_deg=layout.cont_deg,
+        **continuum_meta(layout.cont),
         cov_params=list(layout.names),
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,

@@ -14,6 +14,7 @@ from ._curve_fit import curve_fit_joint
 from ._driver import (
     BatchFit,
     Prepared,
+    cont_bounds,
     lm_with_starts,
     median_snr,
     prepare_batch,
@@ -105,7 +106,8 @@ def fit_groups(
     Each spectrum is prepared alone (RV scan, RV window, emulator error:
     :func:`prepare_batch`); then the stars are fitted in padded batches of
     (stars, V visits) with the parameter vector of :func:`visit_index` (one
-    compilation per V: the batch of stars is fixed by ``batch_size`` and V): LM
+    compilation per V, the most visits of a star rounded up by
+    :func:`visit_bucket`: the batch of stars is fixed by ``batch_size`` and V): LM
     (:func:`lm_with_starts`) or, with
     ``ctx.method == "curve_fit"``, scipy's trf star by star
     (:func:`curve_fit_joint`). Stars with fewer visits than V carry visits with no
@@ -118,7 +120,11 @@ def fit_groups(
     n = flux2.shape[0]
     n_lab, n_c = layout.n_labels, obs.n_cont
     ids, rows = _group_rows(group, n)
-    n_star, n_vis = rows.shape
+    n_star, n_most = rows.shape
+    # fitted with room for V >= n_most visits (visit_bucket: one executable serves
+    # every count up to V; the extra visits carry no weight), reported with n_most
+    n_vis = visit_bucket(n_most)
+    rows = np.pad(rows, ((0, 0), (0, n_vis - n_most)), constant_values=-1)
     real = rows >= 0
     n_visits = real.sum(axis=1)
 
@@ -173,7 +179,19 @@ def fit_groups(
             mdn_seconds=round(mdn_info.seconds, 4),
             mdn_n_components=mdn.n_components,
         )
-    return t
+    return trim_visits(t, n_most)
+
+
+def visit_bucket(n_visits: int) -> int:
+    """The visit count V that joint fits of at most ``n_visits`` visits per star
+    are compiled for: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two
+    and 1.5 times them), so that catalogs whose chunks hold 5, 6 or 7 visits at
+    most compile once, at the cost of at most a third more visits' work."""
+    n = max(1, int(n_visits))
+    v = 1
+    while v < n:  # 1 -> 2; a power of two -> 1.5 times it -> the next power of two
+        v = 2 if v == 1 else (v * 3 // 2 if v & (v - 1) == 0 else v * 4 // 3)
+    return v
 
 
 def _mdn_starts(ctx, mdn, emulator, flux2, ivar, starts, rows, snr1, n_extra, seed):
@@ -276,10 +294,11 @@ def _joint_layout(layout, n_vis, n_c):
     broad = tuple(layout.broadening)
     vidx = visit_index(n_lab, n_vis, n_c, len(broad))
     k = n_lab + n_vis * (1 + n_c) + len(broad)
+    cs = layout.cont_slice
     names = (
         tuple(layout.names[:n_lab])
         + tuple(f"rv_{v + 1}" for v in range(n_vis))
-        + tuple(f"cont_{j}_{v + 1}" for v in range(n_vis) for j in range(n_c))
+        + tuple(f"{c}_{v + 1}" for v in range(n_vis) for c in layout.names[cs])
         + broad
     )
     lower = np.zeros(k)
@@ -415,8 +434,9 @@ def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
         if cs.size:
             c0_v = np.where(ok[:, v, None], prep.c0[rr[:, v]], 0.0)
             p_start[:, :, cs] = c0_v[:, None]
-            lo[:, cs] = np.where(ok[:, v, None], lo[:, cs], 0.0)
-            hi[:, cs] = np.where(ok[:, v, None], hi[:, cs], 0.0)
+            lo_v, hi_v = cont_bounds(lo[:, cs], hi[:, cs], c0_v)
+            lo[:, cs] = np.where(ok[:, v, None], lo_v, 0.0)
+            hi[:, cs] = np.where(ok[:, v, None], hi_v, 0.0)
     return np.clip(p_start, lo[:, None], hi[:, None]), lo, hi
 
 
@@ -493,9 +513,9 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
     out["rv_err"] = stack("rv_{}_err")
     out["rv"].unit = out["rv_err"].unit = "km/s"
     n_c = ctx.obs.n_cont
-    for j in range(n_c):
-        out[f"cont_{j}"] = stack(f"cont_{j}_{{}}")
-        out[f"cont_{j}_err"] = stack(f"cont_{j}_{{}}_err")
+    for c in ctx.layout.names[ctx.layout.cont_slice]:
+        out[c] = stack(f"{c}_{{}}")
+        out[f"{c}_err"] = stack(f"{c}_{{}}_err")
     for name in joint.broadening:  # the star's, shared by its visits
         out[name] = t[name]
         out[f"{name}_err"] = t[f"{name}_err"]
@@ -578,10 +598,7 @@ def pad_visits(table, n_visits: int):
     out = table.copy(copy_data=True)
     if n_new == n_old:
         return out
-    is_cont = re.compile(r"cont_\d+(_err)?$").match
-    for name in table.colnames:
-        if name not in _VISIT_COLUMNS and not is_cont(name):
-            continue
+    for name in filter(_is_visit_column, table.colnames):
         col = table[name]
         val = np.asarray(col)
         fill = _VISIT_FILL.get(name, np.nan)
@@ -589,10 +606,7 @@ def pad_visits(table, n_visits: int):
         new = type(col)(np.concatenate([val, extra], axis=1), name=name)
         new.unit, new.description = col.unit, col.description
         out.replace_column(name, new)
-    names = list(table.meta["cov_params"])
-    n_lab = len(table.meta["label_names"])
-    n_broad = sum(name in BROADENING_PARAMS for name in names[n_lab:])
-    n_c = (len(names) - n_lab - n_old - n_broad) // n_old
+    names, n_lab, n_c = _joint_shape(table, n_old)
     to = _joint_positions(n_lab, n_old, n_new, n_c, len(names))
     cov = np.asarray(table["covariance"])
     k_new = len(names) + (n_new - n_old) * (1 + n_c)
@@ -607,13 +621,62 @@ def pad_visits(table, n_visits: int):
     new_names = [""] * k_new
     for i, j in enumerate(to):
         new_names[j] = names[i]
+    # the continuum's names of visit 1, "cont_<k>_1" or "cont_<chip>_<k>_1"
+    cont = [names[n_lab + n_old + j].rsplit("_", 1)[0] for j in range(n_c)]
     for v in range(n_old, n_new):
         new_names[n_lab + v] = f"rv_{v + 1}"
         for j in range(n_c):
-            new_names[n_lab + n_new + v * n_c + j] = f"cont_{j}_{v + 1}"
+            new_names[n_lab + n_new + v * n_c + j] = f"{cont[j]}_{v + 1}"
     out.meta["cov_params"] = new_names
     out.meta["n_visits_max"] = n_new
     return out
+
+
+def trim_visits(table, n_visits: int):
+    """A group table of V visit columns cut to its first ``n_visits`` (the inverse
+    of :func:`pad_visits`): what :func:`fit_groups` reports after fitting with room
+    for more visits than any star has. Returns ``table`` itself when nothing is
+    cut."""
+    n_old = int(np.shape(table["visit_rows"])[1])
+    n_new = int(n_visits)
+    if n_new >= n_old:
+        return table
+    if np.any(np.asarray(table["visit_rows"])[:, n_new:] >= 0):
+        raise ValueError(f"trim_visits: a star has more than {n_new} visits")
+    out = table.copy(copy_data=False)
+    for name in filter(_is_visit_column, table.colnames):
+        col = table[name]
+        new = type(col)(np.asarray(col)[:, :n_new], name=name)
+        new.unit, new.description = col.unit, col.description
+        out.replace_column(name, new)
+    names, n_lab, n_c = _joint_shape(table, n_old)
+    k_new = len(names) - (n_old - n_new) * (1 + n_c)
+    keep = _joint_positions(n_lab, n_new, n_old, n_c, k_new)
+    cov = table["covariance"]
+    new = type(cov)(np.asarray(cov)[:, keep[:, None], keep[None, :]], name=cov.name)
+    new.unit, new.description = cov.unit, cov.description
+    out.replace_column("covariance", new)
+    out.meta = {**table.meta, "cov_params": [names[j] for j in keep]}
+    out.meta["n_visits_max"] = n_new
+    return out
+
+
+def _joint_shape(table, n_vis: int) -> tuple[list[str], int, int]:
+    """The joint vector's names (``meta["cov_params"]``), its labels L and the
+    continuum coefficients per visit of a group table of ``n_vis`` visits."""
+    names = list(table.meta["cov_params"])
+    n_lab = len(table.meta["label_names"])
+    n_broad = sum(name in BROADENING_PARAMS for name in names[n_lab:])
+    return names, n_lab, (len(names) - n_lab - n_vis - n_broad) // n_vis
+
+
+def _is_visit_column(name: str) -> bool:
+    """A (n_star, V, ...) column of a group table (:data:`_VISIT_COLUMNS`, and the
+    continuum coefficients ``cont_<k>`` / ``cont_<chip>_<k>`` and their errors)."""
+    return name in _VISIT_COLUMNS or _IS_CONT(name) is not None
+
+
+_IS_CONT = re.compile(r"cont_\d+(_\d+)?(_err)?$").match
 
 
 def _joint_positions(n_lab, n_old, n_new, n_c, k_old) -> np.ndarray:

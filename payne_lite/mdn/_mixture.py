@@ -344,7 +344,6 @@ def grid_model(wavelength: np.ndarray, rv_max: float, dtype) -> ObsModel:
         lookup=make_lookup(wave - ref, dtype),
         activation="",
         n_labels=0,
-        cont_deg=0,
         log_grid=make_log_grid(wave, wave, rv_max),
         interp="linear",
     )

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from . import broadening as broadening
+from ._chippoly import ChipPolynomial as ChipPolynomial
+from ._chippoly import FitContinuum as FitContinuum
+from ._chippoly import as_continuum as as_continuum
+from ._chippoly import continuum_meta as continuum_meta
+from ._chippoly import continuum_names as continuum_names
 from ._continuum import APOGEE_CHIPS as APOGEE_CHIPS
 from ._continuum import MIN_PIXELS_PER_COEF as MIN_PIXELS_PER_COEF
 from ._continuum import NORMALIZERS as NORMALIZERS
@@ -47,6 +52,13 @@ from ._model import param_layout as param_layout
 from ._model import rest_model as rest_model
 from ._model import weighted_residuals as weighted_residuals
 from ._model import window_valid as window_valid
+from ._noise import ErrorModel as ErrorModel
+from ._noise import basis_on as basis_on
+from ._noise import build_error_model as build_error_model
+from ._noise import diagonal_variance as diagonal_variance
+from ._noise import log_det as log_det
+from ._noise import low_rank_pieces as low_rank_pieces
+from ._noise import woodbury_information as woodbury_information
 from ._problem import BROADENING_START as BROADENING_START
 from ._problem import MDN_NSIGMA as MDN_NSIGMA
 from ._problem import RV_WINDOW as RV_WINDOW
@@ -59,7 +71,12 @@ from ._problem import teff_index as teff_index
 
 __all__ = [
     "APOGEE_CHIPS",
+    "ChipPolynomial",
+    "as_continuum",
+    "continuum_meta",
+    "continuum_names",
     "ContinuumPixels",
+    "FitContinuum",
     "MIN_PIXELS_PER_COEF",
     "NORMALIZERS",
     "Normalized",
@@ -89,6 +106,13 @@ __all__ = [
     "embed",
     "embed_obs",
     "emulator_error_on",
+    "ErrorModel",
+    "basis_on",
+    "build_error_model",
+    "diagonal_variance",
+    "log_det",
+    "low_rank_pieces",
+    "woodbury_information",
     "fill_grid",
     "gap_cum",
     "lsf_sigma_pixels",

@@ -417,7 +417,9 @@ NORMALIZERS = {
 def normalizer(spec) -> Normalizer:
     """A :class:`Normalizer` from ``spec``: one (returned as it is) or a name of
     :data:`NORMALIZERS` (``"none"``, ``"continuum-pixels"`` = The Cannon's APOGEE
-    pixels, ``"sigma-clipped"``), each with its defaults.
+    pixels, ``"sigma-clipped"``, ``"fit"`` = no normalisation, a quadratic per
+    APOGEE chip fitted with the model: :class:`payne_lite.FitContinuum`), each with
+    its defaults.
 
     Raises:
         ValueError: an unknown name; TypeError: neither a name nor a Normalizer.

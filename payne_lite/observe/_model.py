@@ -11,7 +11,8 @@ The parameter vector of one star is::
 * ``c`` (d + 1,): Chebyshev coefficients of a multiplicative continuum correction
   ``sum_k c_k T_k(x)`` in the observed wavelength scaled to ``x`` in [-1, 1]. Only
   present when ``cont_deg = d >= 1``; ``cont_deg = 0`` means no continuum correction
-  (and no continuum parameters).
+  (and no continuum parameters). A :class:`ChipPolynomial` has ``deg + 1`` coefficients
+  per chip, chip after chip, each in its chip's own ``x``.
 * ``b`` (B,): broadening parameters [km/s] when requested (``vsini``, ``vmacro``, in
   that order; :class:`BroadSpec`).
 
@@ -60,6 +61,7 @@ from ..emulator import (
     kernel_layout,
 )
 from . import broadening as _broad
+from ._chippoly import ChipPolynomial, as_continuum
 from ._doppler import (
     DOPPLER_INTERP,
     LOG_GRID_TOL,
@@ -163,7 +165,7 @@ class JetNet(NamedTuple):
         "jet",
         "lsf",
     ],
-    meta_fields=["activation", "n_labels", "cont_deg", "log_grid", "broad", "interp"],
+    meta_fields=["activation", "n_labels", "cont", "log_grid", "broad", "interp"],
 )
 @dataclasses.dataclass(frozen=True)
 class ObsModel:
@@ -177,12 +179,15 @@ class ObsModel:
             rest pixels i and j.
         x_obs: (P_obs,) observed wavelength minus the reference wavelength [A].
         wave_obs: (P_obs,) observed wavelength [A].
-        basis: (P_obs, n_cont) Chebyshev polynomials T_k(x) (a column of ones when
-            ``cont_deg == 0``).
+        basis: (P_obs, n_cont) the continuum's design matrix (Chebyshev polynomials
+            T_k(x), per chip when ``cont`` has chips: :meth:`ChipPolynomial.basis`;
+            a column of ones when there is no continuum).
         lookup: ``(x0, 1/h, table)``: a bucket table of the rest grid (bucket width
             h below its smallest step) that finds a wavelength's rest interval in
             O(1) instead of a binary search (:func:`make_lookup`).
-        activation, n_labels, cont_deg: static.
+        activation, n_labels: static.
+        cont: static :class:`ChipPolynomial`, the multiplicative continuum, or None
+            (none: ``n_cont == 0``).
         log_grid: static :class:`LogGrid` when the rest and observed grids are
             pixels of one log-uniform grid (APOGEE's, the built-in synthesizer's;
             chip gaps allowed), else None. Then a Doppler shift moves every pixel by
@@ -209,7 +214,7 @@ class ObsModel:
     lookup: tuple | None
     activation: str
     n_labels: int
-    cont_deg: int
+    cont: ChipPolynomial | None = None
     log_grid: LogGrid | None = None
     jet: JetNet | None = None
     lsf: Array | None = None
@@ -218,8 +223,13 @@ class ObsModel:
 
     @property
     def n_cont(self) -> int:
-        """Number of continuum parameters (0 when ``cont_deg == 0``)."""
-        return self.cont_deg + 1 if self.cont_deg > 0 else 0
+        """Number of continuum parameters (0 without a continuum)."""
+        return 0 if self.cont is None else self.cont.n_cont
+
+    @property
+    def cont_deg(self) -> int:
+        """Degree of the continuum's polynomial(s) (0 without a continuum)."""
+        return 0 if self.cont is None else self.cont.deg
 
     @property
     def n_broad(self) -> int:
@@ -239,6 +249,8 @@ class ObsModel:
 class ParamLayout(NamedTuple):
     """Names and box bounds of the parameter vector ``[s (L,), rv, c (n_cont,)]``.
 
+    ``cont_deg``: the continuum's degree, ``cont`` its :class:`ChipPolynomial` (0, None).
+
     ``lower``/``upper`` are (k,) float64 in fit space: scaled labels in [-0.5, 0.5],
     rv [km/s], continuum coefficients in [-CONT_BOUND, CONT_BOUND].
     """
@@ -249,6 +261,7 @@ class ParamLayout(NamedTuple):
     n_labels: int
     cont_deg: int
     broadening: tuple[str, ...] = ()
+    cont: ChipPolynomial | None = None
 
     @property
     def rv_index(self) -> int:
@@ -279,7 +292,7 @@ def observe(obs: ObsModel, params: Array) -> tuple[Array, Array]:
     )
     sh = shift_pair(obs, flux_rest[None], params[n_lab])
     flux, valid = sh.value()[0], sh.valid
-    if obs.cont_deg > 0:
+    if obs.n_cont:
         flux = flux * (obs.basis @ obs.cont_params(params))
     return flux, valid
 
@@ -369,7 +382,7 @@ def observe_jac_t(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
     mi, valid = sh.value(), sh.valid
     flux = mi[0]
     jac = jnp.concatenate([mi[1:], combine([t[:1] for t in sh.taps], sh.dw_drv)])
-    if obs.cont_deg > 0:
+    if obs.n_cont:
         basis_t = obs.basis.T
         cont = obs.cont_params(params) @ basis_t
         jac = jnp.concatenate([jac * cont, basis_t * flux])
@@ -446,7 +459,7 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     # rows: d/drv, d/ds_j (reordered to the parameter order below), the residual
     val = combine(taps, w)
     slope = combine(taps, [d * dt_drv for d in dw])
-    if obs.cont_deg > 0:
+    if obs.n_cont:
         cont = params[n_lab + 1 :] @ jet.basis
         x = sw_e * jnp.where(
             row == 0,
@@ -497,7 +510,7 @@ def weighted_residuals(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array)
         ],
         tap_weights(obs.interp, t)[0],
     )
-    if obs.cont_deg > 0:
+    if obs.n_cont:
         val = val * (params[n_lab + 1 :] @ jet.basis)
     return sw_e * (val - flux_e)
 
@@ -709,7 +722,7 @@ def build_obs_model(
     emulator: Emulator,
     *,
     wavelength=None,
-    cont_deg: int = 0,
+    cont_deg: int | ChipPolynomial = 0,
     dtype=None,
     rv_max: float = max(abs(v) for v in RV_RANGE),
     log_grid: bool = True,
@@ -720,6 +733,9 @@ def build_obs_model(
     limb_darkening: float = _broad.LIMB_DARKENING,
 ) -> ObsModel:
     """The :class:`ObsModel` pytree for ``emulator`` observed on ``wavelength``.
+
+    ``cont_deg``: the continuum, an int (degree of one Chebyshev polynomial over the
+    grid; 0 = none) or a :class:`ChipPolynomial` (one per chip).
 
     ``rv_max`` [km/s] is the largest ``|rv|`` the model will be asked for (it sizes the
     margin of the log-uniform fast path; beyond it pixels are flagged invalid);
@@ -734,10 +750,7 @@ def build_obs_model(
         ValueError: a bad ``cont_deg`` or wavelength grid, or an observed grid that
             does not overlap the emulator's; bad broadening or resolution inputs.
     """
-    if isinstance(cont_deg, bool) or not isinstance(cont_deg, int | np.integer):
-        raise ValueError(f"cont_deg must be an int >= 0, got {cont_deg!r}")
-    if cont_deg < 0:
-        raise ValueError(f"cont_deg must be >= 0, got {cont_deg}")
+    cont = as_continuum(cont_deg)
     dtype = jax.dtypes.canonicalize_dtype(dtype or jnp.result_type(float))
     wave_rest = np.asarray(emulator.wavelength, dtype=np.float64)
     if wavelength is None:
@@ -752,12 +765,7 @@ def build_obs_model(
                 f"[{wave_rest[0]:g}, {wave_rest[-1]:g}] A ({wave_rest.size} pixels)"
             )
     ref = 0.5 * (wave_rest[0] + wave_rest[-1])
-    x = 2.0 * (wave_obs - wave_obs[0]) / (wave_obs[-1] - wave_obs[0]) - 1.0
-    basis = (
-        np.polynomial.chebyshev.chebvander(x, cont_deg)
-        if cont_deg > 0
-        else np.ones((wave_obs.size, 1))
-    )
+    basis = np.ones((wave_obs.size, 1)) if cont is None else cont.basis(wave_obs)
     kernel = emulator.kernel_params(
         dtype
     )  # fast single-star form of 1-layer pixel nets
@@ -820,7 +828,7 @@ def build_obs_model(
         lookup=make_lookup(wave_rest - ref, dtype),
         activation=activation,
         n_labels=emulator.n_labels,
-        cont_deg=int(cont_deg),
+        cont=cont,
         log_grid=lg,
         jet=(
             None
@@ -833,13 +841,20 @@ def build_obs_model(
 
 
 def param_layout(
-    emulator: Emulator, *, cont_deg: int = 0, rv_range=RV_RANGE, broadening=()
+    emulator: Emulator,
+    *,
+    cont_deg: int | ChipPolynomial = 0,
+    rv_range=RV_RANGE,
+    broadening=(),
 ) -> ParamLayout:
     """Names and bounds of the fit parameters (see :class:`ParamLayout`);
-    ``broadening`` parameters [km/s] come last, bounded by
-    :data:`BROADENING_RANGE`."""
+    ``cont_deg`` an int or a :class:`ChipPolynomial` as for
+    :func:`build_obs_model`; ``broadening`` parameters [km/s] come last, bounded
+    by :data:`BROADENING_RANGE`."""
     n_lab = emulator.n_labels
-    n_cont = cont_deg + 1 if cont_deg > 0 else 0
+    cont = as_continuum(cont_deg)
+    cont_names = () if cont is None else cont.names
+    n_cont = len(cont_names)
     broadening = tuple(b for b in BROADENING_PARAMS if b in tuple(broadening))
     clash = [b for b in broadening if b in emulator.label_names]
     if clash:
@@ -847,12 +862,7 @@ def param_layout(
             f"the emulator already has a label named {clash[0]!r}; it cannot also be "
             "a broadening parameter (fit the label, or hold it with fixed=)"
         )
-    names = (
-        tuple(emulator.label_names)
-        + ("rv",)
-        + tuple(f"cont_{k}" for k in range(n_cont))
-        + broadening
-    )
+    names = tuple(emulator.label_names) + ("rv",) + cont_names + broadening
     lo = np.concatenate(
         [
             np.full(n_lab, -LABEL_BOUND),
@@ -869,16 +879,24 @@ def param_layout(
             [BROADENING_RANGE[b][1] for b in broadening],
         ]
     )
-    return ParamLayout(names, lo, hi, n_lab, int(cont_deg), broadening)
+    deg = 0 if cont is None else cont.deg
+    return ParamLayout(names, lo, hi, n_lab, deg, broadening, cont)
 
 
-def make_model(emulator: Emulator, *, wavelength=None, cont_deg: int = 0, **options):
+def make_model(
+    emulator: Emulator,
+    *,
+    wavelength=None,
+    cont_deg: int | ChipPolynomial = 0,
+    **options,
+):
     """The observation model of ``emulator`` as a pure function of one star's params.
 
     Args:
         emulator: the rest-frame spectrum emulator.
         wavelength: (P_obs,) observed wavelength grid [A]; None = the emulator's.
-        cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
+        cont_deg: degree of the multiplicative Chebyshev continuum (0 = none), or
+            a :class:`ChipPolynomial` (one polynomial per chip).
         **options: ``resolution``, ``lsf_sigma``, ``emulator_resolution``,
             ``broadening`` (e.g. ``("vsini",)``: parameters appended after the
             continuum's) and ``limb_darkening``, as for :func:`build_obs_model`.

@@ -616,7 +616,12 @@ def _model_function(res, res_path, emu, emu_path, wave):
     the instrument and continuum recorded in the table), and the errors the fit
     used."""
     from ..catalog import model_from_results
-    from ..observe import Instrument, emulator_error_on
+    from ..observe import (
+        ChipPolynomial,
+        Instrument,
+        continuum_names,
+        emulator_error_on,
+    )
 
     names = list(res.meta.get("label_names") or emu.label_names)
     if tuple(names) != tuple(emu.label_names):
@@ -628,11 +633,11 @@ def _model_function(res, res_path, emu, emu_path, wave):
     missing = [c for c in need if c not in res.colnames]
     if missing:
         raise ValueError(f"{res_path}: missing columns {missing} for the model")
-    cont_deg = int(res.meta.get("cont_deg", 0) or 0)
-    cont = [f"cont_{k}" for k in range(cont_deg + 1)] if cont_deg > 0 else []
+    cont_deg = ChipPolynomial.from_meta(res.meta)
+    cont = list(continuum_names(cont_deg))
     if any(c not in res.colnames for c in cont):
         raise ValueError(
-            f"{res_path}: cont_deg {cont_deg} but columns "
+            f"{res_path}: continuum {cont_deg} but columns "
             f"{[c for c in cont if c not in res.colnames]} are missing"
         )
     rv_all = _values(res, "rv", res_path)

@@ -14,9 +14,9 @@ from ._likelihood import log_prob_batch
 from ._rows import StarDraws
 
 
-def _data_hash(flux, w, lo, hi, mu, ivp, base) -> str:
+def _data_hash(flux, w, lo, hi, mu, ivp, base, *more) -> str:
     h = hashlib.sha256()
-    for a in (flux, w, lo, hi, mu, ivp, base):
+    for a in (flux, w, lo, hi, mu, ivp, base, *more):
         h.update(np.ascontiguousarray(a, np.float64).tobytes())
     return h.hexdigest()[:32]
 
@@ -37,7 +37,7 @@ def run_emcee(obs, tgt, tg, p0, *, n_steps, check_every, seed, backend_path, sta
     if backend_path is not None:
         backend = emcee.backends.HDFBackend(str(backend_path), name=f"star_{star}")
         digest = _data_hash(tg["flux"], tg["w"], tg["lo"], tg["hi"], tg["mu"],
-                            tg["ivp"], tg["base"])  # fmt: skip
+                            tg["ivp"], tg["base"], *([tg["v"]] if "v" in tg else []))  # fmt: skip
         if backend.initialized:
             import h5py
 

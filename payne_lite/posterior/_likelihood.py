@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..observe import ObsModel, observe, window_valid
+from ..observe import ErrorModel, ObsModel, observe, window_valid
 
 Array = jax.Array
 
@@ -22,7 +22,10 @@ class Target(NamedTuple):
     """One star's log posterior, as arrays (a pytree argument of the jitted core).
 
     ``x`` is the vector of the free parameters (kf,); ``base`` (k,) holds the fixed
-    values; ``idx`` (kf,) int the positions of the free ones in ``base``.
+    values; ``idx`` (kf,) int the positions of the free ones in ``base``. ``w`` and
+    ``v`` are the star's :class:`payne_lite.observe.ErrorModel`: ``C^-1 =
+    diag(w) - v^T v``; ``v`` None (no emulator error basis) is the diagonal
+    ``C^-1 = diag(w)``.
     """
 
     base: Array  # (k,)
@@ -33,6 +36,7 @@ class Target(NamedTuple):
     hi: Array  # (kf,)
     mu: Array  # (kf,) Gaussian prior mean (where ivp > 0)
     ivp: Array  # (kf,) Gaussian prior 1 / sigma^2 (0 = flat)
+    v: Array | None = None  # (K, P) low-rank part of C^-1, or None
 
 
 # --------------------------------------------------------------------------------------
@@ -40,11 +44,12 @@ class Target(NamedTuple):
 # --------------------------------------------------------------------------------------
 def _log_like_prior(obs: ObsModel, x, t: Target):
     """``-chi2 / 2`` plus the Gaussian prior term at free parameters ``x`` (kf,),
-    with no support check (differentiable: the NUTS target builds on it)."""
+    with no support check (differentiable: the NUTS target builds on it).
+    ``chi2 = r^T C^-1 r`` of the star's error model; its ``-1/2 log det C`` is
+    constant in ``x`` (``C`` is fixed per star) and left out."""
     p = t.base.at[t.idx].set(x)
     f, _ = observe(obs, p)
-    r = f - t.flux
-    chi2 = jnp.sum(t.w * r * r)
+    chi2 = ErrorModel(t.w, t.v).chi2(f - t.flux)
     return -0.5 * chi2 - 0.5 * jnp.sum(t.ivp * (x - t.mu) ** 2)
 
 

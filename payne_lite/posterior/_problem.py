@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,10 +15,13 @@ from ..observe import (
     MDN_NSIGMA,
     Instrument,
     ObsModel,
+    basis_on,
+    build_error_model,
     build_obs_model,
     check_fixed,
     check_inputs,
     check_rv_range,
+    diagonal_variance,
     emulator_error_on,
     observe,
     param_layout,
@@ -87,6 +91,7 @@ class Problem:
     rv_range: tuple
     rv_window: float
     perr: np.ndarray | None  # (P_rest,) emulator error, or None
+    basis: np.ndarray | None  # (K, P_rest) emulator error basis, or None
     wave_rest: np.ndarray
     wave_obs: np.ndarray
     mdn_mean: np.ndarray | None  # (n, L + 1) physical
@@ -107,7 +112,9 @@ class Problem:
         """Star i's :class:`Target` as a dict of NumPy arrays.
 
         ``centre`` (k,) in fit space: its rv is the RV window's centre, its values
-        of fixed parameters are replaced by ``fixed``'s, its other entries unused.
+        of fixed parameters are replaced by ``fixed``'s; with the emulator's error
+        basis, its rv and continuum (a flat one where all zero) place the basis
+        (:func:`payne_lite.observe.basis_on`); its other entries unused.
         """
         layout, n_lab = self.layout, self.layout.n_labels
         k = len(layout.names)
@@ -123,11 +130,31 @@ class Problem:
             )
         )[0]
         w = np.where(valid, self.ivar[i], 0.0)
+        var_emu = 0.0
         if self.perr is not None:
             pe = emulator_error_on(
                 self.wave_obs, self.wave_rest, self.perr, np.array([rv_c])
             )[0]
-            w = np.where(w > 0, 1.0 / (1.0 / np.where(w > 0, w, 1.0) + pe**2), 0.0)
+            var_emu = pe**2
+        base = np.array(centre, np.float64)
+        for j, v in self.fix.items():
+            base[j] = v
+        extra = {}
+        if self.basis is None:  # diagonal: 1 / (err^2 + e^2)
+            w = np.where(w > 0, 1.0 / (1.0 / np.where(w > 0, w, 1.0) + var_emu), 0.0)
+        else:  # the error model with the basis at the centre's rv and continuum
+            q = base.copy()
+            q[n_lab] = rv_c
+            cs = layout.cont_slice
+            if self.obs.n_cont and not np.any(q[cs]):  # no continuum given: 1
+                q[cs] = self.obs.cont.flat()
+            u = np.asarray(
+                _basis_on(self.obs, jnp.asarray(self.basis, dt), jnp.asarray(q, dt)),
+                np.float64,
+            )
+            var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), 0.0)
+            em = build_error_model(diagonal_variance(var, var_emu, u), u)
+            w, extra = em.d_inv, {"v": em.v}
         lo = layout.lower.copy()
         hi = layout.upper.copy()
         lo[n_lab], hi[n_lab] = rv_lo, rv_hi
@@ -141,14 +168,14 @@ class Problem:
             else:
                 mu[: n_lab + 1] = m
                 ivp[: n_lab + 1] = 1.0 / s**2
-        base = np.array(centre, np.float64)
-        for j, v in self.fix.items():
-            base[j] = v
         idx = self.idx
         return dict(
             base=base, idx=idx, flux=self.flux2[i], w=w, lo=lo[idx], hi=hi[idx],
-            mu=mu[idx], ivp=ivp[idx],
+            mu=mu[idx], ivp=ivp[idx], **extra,
         )  # fmt: skip
+
+
+_basis_on = jax.jit(basis_on)
 
 
 def to_device(tg: dict, dt) -> Target:
@@ -254,6 +281,11 @@ def prepare(
         perr=(
             np.asarray(emulator.pixel_error, np.float64)
             if emulator_error and emulator.pixel_error is not None
+            else None
+        ),
+        basis=(
+            np.asarray(emulator.error_basis, np.float64)
+            if emulator_error and emulator.error_basis is not None
             else None
         ),
         wave_rest=np.asarray(emulator.wavelength, np.float64),

@@ -23,7 +23,14 @@ pixels, non-finite flux, non-finite or non-positive errors (the fitter's
 pixel set does not change with rv), else ``1 / (err_i^2 + e_i^2)`` with ``e_i`` the
 emulator's own per-pixel error at the window's centre rv
 (:func:`payne_lite.observe.emulator_error_on`, ``emulator_error=True``, when the
-emulator has one).
+emulator has one). With the emulator's ``error_basis`` the sum becomes
+``r^T C^-1 r`` of the error model :mod:`payne_lite.observe._noise` (the error
+:func:`payne_lite.fit`'s sandwich covariance describes; the posterior, weighting by
+all of ``C``, is narrower than the sandwich where ``U^T U`` dominates, high S/N):
+``C = diag(D) + U^T U``, ``U`` the basis at the window's centre rv (and the
+centre's continuum), ``D`` the flux variances plus the per-pixel emulator variance
+``U`` does not hold; ``C^-1`` by the Woodbury identity, no P x P matrix;
+``log det C`` is constant in the parameters and omitted.
 
 The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
 fitter's) intersected with ``rv_range``, around ``rv_c``: the LM fit's rv
@@ -180,7 +187,13 @@ from .._validate import as_float_array
 from ..emulator import Emulator
 from ..errors import SamplingWarning
 from ..fitting import fit_spectra, param_units
-from ..observe import BROADENING_START, LABEL_BOUND, RV_WINDOW, Instrument
+from ..observe import (
+    BROADENING_START,
+    LABEL_BOUND,
+    RV_WINDOW,
+    Instrument,
+    continuum_meta,
+)
 from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
 from ..spectra import unpack
 from ._diagnostics import N_TAU_MIN, RHAT_MAX
@@ -340,8 +353,9 @@ def sample(
         fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
         seed: seeds the walkers, emcee's generator and the draws (star i uses
             ``seed + i``).
-        emulator_error: add the emulator's per-pixel error in quadrature (as in
-            :func:`fit`).
+        emulator_error: the emulator's error in the likelihood, as in
+            :func:`fit`: its per-pixel error in quadrature and, with an
+            ``error_basis``, its correlated part (``C = diag(D) + U^T U``).
         options: the sampler's settings: :class:`payne_lite.EmceeOptions`,
             :class:`payne_lite.NUTSOptions` or :class:`payne_lite.ISOptions` (its
             ``fallback`` holds the emcee settings of stars that fall back); None =
@@ -427,12 +441,13 @@ def sample(
         lm=(run.lm, run.lm_cache) if lm_used else None,
         mdn=(pb.mdn_mean, pb.mdn_sigma) if mdn is not None else None,
         meta=dict(
-            method=method, prior=prior, init=init, cont_deg=int(cont_deg),
+            method=method, prior=prior, init=init, **continuum_meta(cont_deg),
             rv_window=float(rv_window), rv_range=list(pb.rv_range), seed=int(seed),
             options=opts.to_meta(), thin=int(em.thin),
             n_walkers=int(n_walkers) if method != "nuts" else None,
             n_chains=run.nuts.n_chains if method == "nuts" else None,
             emulator_error_in_likelihood=pb.perr is not None,
+            emulator_error_correlated=pb.basis is not None,
             broadening=list(broadening), wavelength_air=inst.air,
             instrument=inst.to_meta(pb.wave_obs),
             instrumental_profile=(

@@ -1,0 +1,269 @@
+"""The one error model (payne_lite.observe._noise): flux errors, the emulator's
+per-pixel error and its correlated part as ``C = diag(D) + U^T U``, handled with the
+Woodbury identity; checked against dense NumPy linear algebra, in the samplers'
+log likelihood, and the point fits' sandwich covariance under it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_NAMES
+from test_fit import N_PIX, reference_spectra, smooth_emulator
+
+from payne_lite import fit, log_posterior
+from payne_lite.constants import C_KMS
+from payne_lite.observe import (
+    ErrorModel,
+    build_error_model,
+    build_obs_model,
+    diagonal_variance,
+    log_det,
+    low_rank_pieces,
+    observe,
+    observe_jac,
+    woodbury_information,
+)
+
+
+def _case(seed=0, n_pix=200, k=5, n_par=4):
+    """Random D (some pixels unused), U, residuals and a Jacobian (float64)."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.5, 2.0, n_pix) * 1e-4
+    d[rng.choice(n_pix, 20, replace=False)] = 0.0  # unused pixels
+    u = 0.01 * rng.standard_normal((k, n_pix))
+    r = 0.02 * rng.standard_normal(n_pix)
+    jac = rng.standard_normal((n_par, n_pix))
+    return d, u, r, jac
+
+
+def _dense(d, u):
+    """(good (P,), C^-1 over the good pixels) by numpy.linalg."""
+    good = d > 0
+    c = np.diag(d[good]) + u[:, good].T @ u[:, good]
+    return good, np.linalg.inv(c)
+
+
+def test_woodbury_chi2_normal_and_logdet_equal_the_dense_ones():
+    """r^T C^-1 r, J^T C^-1 J, J^T C^-1 r and log det C (P = 200, K = 5, float64)
+    equal numpy.linalg's on the used pixels' dense covariance."""
+    d, u, r, jac = _case()
+    good, ci = _dense(d, u)
+    em = build_error_model(d, u)
+    with jax.enable_x64(True):
+        em64 = ErrorModel(jnp.asarray(em.d_inv), jnp.asarray(em.v))
+        chi2 = float(em64.chi2(jnp.asarray(r)))
+        c2, a, g = em64.normal(jnp.asarray(jac), jnp.asarray(r))
+    rg, jg = r[good], jac[:, good]
+    np.testing.assert_allclose(chi2, rg @ ci @ rg, rtol=1e-10)
+    np.testing.assert_allclose(float(c2), chi2, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(a), jg @ ci @ jg.T, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(g), jg @ ci @ rg, rtol=1e-9, atol=1e-9)
+    c = np.diag(d[good]) + u[:, good].T @ u[:, good]
+    np.testing.assert_allclose(log_det(d, u), np.linalg.slogdet(c)[1], rtol=1e-10)
+    # the pieces summed by the point fits give the same J^T C^-1 J (D built from a
+    # data variance and an emulator variance partly held by U)
+    var_emu = np.sum(u * u, axis=0) + 3e-5
+    dd = diagonal_variance(d, var_emu, u)
+    np.testing.assert_allclose(dd[good], d[good] + 3e-5)
+    with jax.enable_x64(True):
+        pieces = low_rank_pieces(
+            jnp.asarray(jac), jnp.asarray(d), jnp.asarray(var_emu), jnp.asarray(u)
+        )
+    info = woodbury_information(*(np.asarray(x)[None] for x in pieces))[0]
+    _, ci2 = _dense(dd, u)
+    np.testing.assert_allclose(info, jg @ ci2 @ jg.T, rtol=1e-9)
+
+
+def test_masked_pixels_drop_out():
+    """Whatever the flux, residual or basis at unused pixels (1 / D = 0), chi2 is
+    the used pixels' own; without a basis the model is the diagonal one."""
+    d, u, r, _ = _case(seed=1)
+    bad = d == 0
+    em = build_error_model(d, u)
+    u2, r2 = u.copy(), r.copy()
+    u2[:, bad] = 1e3
+    r2[bad] = 1e3
+    em2 = build_error_model(d, u2)
+    assert np.all(em.d_inv[bad] == 0) and np.all(em2.v[:, bad] == 0)
+    np.testing.assert_allclose(
+        float(em2.chi2(jnp.asarray(r2))), float(em.chi2(jnp.asarray(r))), rtol=1e-5
+    )
+    diag = build_error_model(d)
+    assert diag.v is None
+    np.testing.assert_allclose(
+        float(diag.chi2(jnp.asarray(r))),
+        np.sum(np.where(bad, 0.0, r * r / np.where(bad, 1.0, d))),
+        rtol=1e-5,
+    )
+
+
+def _emulator_with_basis(seed=13, k=4):
+    """The smooth test emulator with a smooth correlated error (K = ``k``) and a
+    per-pixel error a little above the basis's diagonal."""
+    emu = smooth_emulator()
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.0, 1.0, N_PIX)
+    basis = 0.003 * np.sin(2 * np.pi * np.outer(rng.uniform(1, 6, k), x) + 1.0)
+    pe = np.sqrt(np.sum(basis**2, axis=0) + 0.001**2)
+    return dataclasses.replace(emu, pixel_error=pe, error_basis=basis), basis, pe
+
+
+def _dense_c(e, basis, pe, err, keep, rv, cont=None):
+    """(U_s (K, P), C over ``keep``) as numpy builds them: the basis and the
+    per-pixel error at lambda / f(rv), D = err^2 + max(pe^2 - diag(U^T U), 0)."""
+    f = np.sqrt((1 + rv / C_KMS) / (1 - rv / C_KMS))
+    lam = e.wavelength / f
+    pe_s = np.interp(lam, e.wavelength, pe, left=0.0, right=0.0)
+    b_s = np.stack([np.interp(lam, e.wavelength, b) for b in basis])
+    if cont is not None:
+        b_s = b_s * cont
+    dd = err**2 + np.maximum(pe_s**2 - np.sum(b_s**2, axis=0), 0.0)
+    ug = b_s[:, keep]
+    return b_s, np.diag(dd[keep]) + ug.T @ ug
+
+
+def test_sampler_log_likelihood_is_the_dense_gaussian():
+    """log_posterior (box prior: -chi2 / 2, the constant log det C left out) with an
+    error basis equals -1/2 r^T C^-1 r with the dense C built by numpy."""
+    e, basis, pe = _emulator_with_basis()
+    rng = np.random.default_rng(3)
+    mask = np.zeros(N_PIX, bool)
+    mask[:25] = mask[-25:] = True  # valid for any rv of the window
+    mask[200:210] = True
+    s, rv = rng.uniform(-0.3, 0.3, 3), 30.0
+    flux = reference_spectra(e, s[None], np.array([rv]))[0]
+    err = np.full(N_PIX, 0.004)
+    flux = flux + err * rng.standard_normal(N_PIX)
+    pts = np.array([np.r_[e.unscale(s), rv], np.r_[e.unscale(s + 0.01), rv + 0.5]])
+    lp = log_posterior(flux, err, e, pts, rv_centre=rv, mask=mask)
+    keep = ~mask
+    _, c = _dense_c(e, basis, pe, err, keep, rv)
+    obs = build_obs_model(e)
+    for i, pt in enumerate(pts):
+        p = np.r_[e.scale(pt[:3]), pt[3]]
+        model = np.asarray(observe(obs, jnp.asarray(p, jnp.float32))[0], np.float64)
+        r = (model - flux)[keep]
+        np.testing.assert_allclose(lp[i], -0.5 * r @ np.linalg.solve(c, r), rtol=2e-4)
+    # with a continuum (cont_deg=1) and none in the centre, the basis is placed
+    # with a flat one: at c = (1, 0) the same model and the same value
+    lp_c = log_posterior(flux, err, e, np.r_[pts[0], 1.0, 0.0][None], rv_centre=rv,
+                         mask=mask, cont_deg=1)  # fmt: skip
+    np.testing.assert_allclose(lp_c[0], lp[0], rtol=2e-4)
+    # without the basis: the per-pixel quadrature weights, as before
+    plain = dataclasses.replace(e, error_basis=None)
+    lp0 = log_posterior(flux, err, plain, pts[:1], rv_centre=rv, mask=mask)
+    p = np.r_[e.scale(pts[0, :3]), rv]
+    model = np.asarray(observe(obs, jnp.asarray(p, jnp.float32))[0], np.float64)
+    f = np.sqrt((1 + rv / C_KMS) / (1 - rv / C_KMS))
+    pe_s = np.interp(e.wavelength / f, e.wavelength, pe, left=0.0, right=0.0)
+    chi2 = np.sum(((model - flux) ** 2 / (err**2 + pe_s**2))[keep])
+    np.testing.assert_allclose(lp0[0], -0.5 * chi2, rtol=2e-4)
+
+
+def test_point_fit_covariance_is_the_sandwich_of_the_error_model():
+    """The LM table's covariance is the weighted estimator's scatter, the sandwich
+    A^-1 J^T W C_s W J A^-1 (A = J^T W J, W = 1 / diag(C) the fit's weights) with
+    C_s = diag(err^2) + U^T U: the samplers' C less the per-pixel emulator variance
+    that U does not hold (the basis shifted to the fit's rv, as the samplers place
+    it); without the basis (J^T W J)^-1. Not the posterior's (J^T C^-1 J)^-1,
+    which is narrower here."""
+    e, basis, pe = _emulator_with_basis()
+    rng = np.random.default_rng(13)
+    mask = np.zeros(N_PIX, bool)
+    mask[:25] = mask[-25:] = True
+    s, rv = rng.uniform(-0.3, 0.3, (2, 3)), np.array([-35.0, 50.0])
+    flux = reference_spectra(e, s, rv)
+    err = np.full_like(flux, 0.005)
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    t = fit(noisy, err, e, mask=mask)
+    plain = fit(noisy, err, dataclasses.replace(e, error_basis=None), mask=mask)
+    assert t.meta["emulator_error_correlated"] is True
+    assert plain.meta["emulator_error_correlated"] is False
+    np.testing.assert_allclose(t["Teff"], plain["Teff"], rtol=1e-6)  # same step
+    obs = build_obs_model(e)
+    span = np.r_[e.label_hi - e.label_lo, 1.0]
+    keep = ~mask
+    for i in range(2):
+        rv_i = float(t["rv"][i])
+        p = np.r_[e.scale(np.array([t[n][i] for n in TINY_NAMES])), rv_i]
+        _, _, jac = observe_jac(obs, jnp.asarray(p, obs.x_obs.dtype))
+        j = np.asarray(jac, np.float64)[keep]
+        b_s, c = _dense_c(e, basis, pe, err[i], keep, rv_i)
+        u = b_s[:, keep]
+        f = np.sqrt((1 + rv_i / C_KMS) / (1 - rv_i / C_KMS))
+        pe_s = np.interp(e.wavelength / f, e.wavelength, pe, left=0.0, right=0.0)
+        w = 1.0 / (err[i] ** 2 + pe_s**2)[keep]  # the fit's weights
+        c_s = np.diag(err[i][keep] ** 2) + u.T @ u
+        jw = j * w[:, None]
+        ai = np.linalg.inv(j.T @ jw)
+        sand = (ai @ (jw.T @ c_s @ jw) @ ai) * span[:, None] * span
+        got = np.asarray(t["covariance"][i])
+        np.testing.assert_allclose(got, sand, rtol=0.01, atol=1e-3 * np.sqrt(
+            np.outer(np.diag(sand), np.diag(sand))).max())  # fmt: skip
+        gls = np.linalg.inv(j.T @ np.linalg.solve(c, j)) * span[:, None] * span
+        assert np.all(np.diag(gls)[:3] < np.diag(got)[:3])
+        # here the correlated error inflates the label errors (not necessarily rv's)
+        plain_var = np.diag(np.asarray(plain["covariance"][i]))
+        assert np.all(np.diag(got)[:3] > 1.5 * plain_var[:3])
+        jf = np.asarray(jac, np.float64)
+        w0 = np.zeros(N_PIX)
+        w0[keep] = w
+        cov0 = np.linalg.inv(jf.T @ (w0[:, None] * jf)) * span[:, None] * span
+        np.testing.assert_allclose(
+            np.diag(np.asarray(plain["covariance"][i])), np.diag(cov0), rtol=0.01
+        )
+
+
+@pytest.mark.slow
+def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
+    """A model exactly linear in the labels (rv fixed) with correlated emulator
+    error: the posterior is Gaussian with covariance (A^T C^-1 A)^-1 and mean
+    that times A^T C^-1 (flux - c); emcee's draws recover it (sd within 6 %, mean
+    within 0.12 sd). The LM errors are the per-pixel-weighted estimator's, the
+    sandwich with the flux variances and U^T U, wider than the posterior's."""
+    import warnings
+
+    from test_sample import SPAN, linear_emulator, linear_parts
+
+    import payne_lite as pl
+    from payne_lite.errors import SamplingWarning
+
+    emu = linear_emulator()
+    p = emu.n_pix
+    x = np.linspace(0.0, 1.0, p)
+    rng = np.random.default_rng(2)
+    basis = 0.01 * np.sin(2 * np.pi * np.outer(rng.uniform(0.5, 3, 3), x) + 0.3)
+    pe = np.sqrt(np.sum(basis**2, axis=0) + 0.002**2)
+    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
+    a, c0 = linear_parts(emu)
+    err = np.full(p, 0.01)
+    c = np.diag(err**2 + 0.002**2) + basis.T @ basis
+    s_true = np.array([0.05, -0.1, 0.02])
+    flux = a @ s_true + c0 + np.linalg.cholesky(c) @ rng.standard_normal(p)
+    prec = a.T @ np.linalg.solve(c, a)
+    cov = np.linalg.inv(prec)
+    mean = e.unscale(cov @ a.T @ np.linalg.solve(c, flux - c0))
+    cov = cov * SPAN[:, None] * SPAN[None, :]
+    sd = np.sqrt(np.diag(cov))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplingWarning)
+        t = pl.sample(
+            flux, err, e, fixed={"rv": 0.0}, seed=1,
+            options=pl.EmceeOptions(n_walkers=24, n_steps=2000, check_every=500),
+        )  # fmt: skip
+    w = 1.0 / (err**2 + pe**2)
+    aw = a * w[:, None]
+    ai = np.linalg.inv(a.T @ aw)
+    meat = aw.T @ (np.diag(err**2) + basis.T @ basis) @ aw
+    sand = (ai @ meat @ ai) * SPAN[:, None] * SPAN[None, :]
+    lm_err = np.array([float(t[f"{n}_lm_err"][0]) for n in TINY_NAMES])
+    np.testing.assert_allclose(lm_err, np.sqrt(np.diag(sand)), rtol=2e-3)
+    assert np.all(sd < lm_err)
+    got_sd = np.array([float(t[f"{n}_std"][0]) for n in TINY_NAMES])
+    got_mean = np.array([float(t[f"{n}_p50"][0]) for n in TINY_NAMES])
+    np.testing.assert_allclose(got_sd, sd, rtol=0.06)
+    assert np.all(np.abs(got_mean - mean) < 0.12 * sd), (got_mean - mean) / sd
