@@ -31,6 +31,9 @@ RV_SCAN_STEP = 4.0
 #: The RV scan compares chi2 over the pixels valid at every RV of the scan when
 #: they are at least this fraction of the grid (see :func:`scan_pixels`).
 SCAN_COMMON_MIN = 0.75
+#: ... else chi2 per pixel is compared, at the RVs that keep at least this share of
+#: the most pixels any RV of the scan keeps for that star.
+SCAN_MIN_SHARE = 0.5
 #: LM: after the fit, chi2 is probed with the labels held, at rv offsets of up to
 #: RV_PROBE_CELLS pixels either side (on a log grid: its minimum within the current
 #: pixel interval and each of those, exactly; elsewhere at the offsets
@@ -109,7 +112,11 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
         red = jnp.where(jnp.isfinite(chi2), chi2, jnp.inf)
     else:
         n_ok = (w > 0).astype(t.dtype) @ vf.T
-        red = jnp.where(n_ok > 0, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
+        # an rv that keeps few of the pixels is no candidate: a handful of pixels
+        # can match better per pixel by chance (a spectrum shifted nearly off the
+        # grid, its last 2 pixels against 44 at the true rv)
+        few = n_ok < SCAN_MIN_SHARE * jnp.max(n_ok, axis=1, keepdims=True)
+        red = jnp.where((n_ok > 0) & ~few, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
         red = jnp.where(jnp.isfinite(red), red, jnp.inf)
     i = jnp.argmin(red, axis=1)
     return _parabola_vertex(red, i, rv_grid), jnp.take_along_axis(
