@@ -38,6 +38,7 @@ from payne_lite.observe import (
     make_model,
     observe,
     observe_jac,
+    window_valid,
 )
 
 lm_mod = importlib.import_module("payne_lite.fitting._lm")
@@ -276,9 +277,13 @@ def test_log_grid_fast_path_matches_per_pixel_interpolation():
             f2, v2, j2 = observe_jac(slow, p)
             v1, v2 = np.asarray(v1), np.array(v2)
             np.testing.assert_array_equal(v1, v2)
-            assert 0.3 * N_PIX < v1.sum() < N_PIX
+            assert 0.3 * N_PIX < v1.sum() <= N_PIX  # all at rv 0: every pixel on a node
             np.testing.assert_allclose(f1[v1], f2[v1], rtol=0, atol=2e-6)
-            np.testing.assert_allclose(j1[v1], j2[v1], rtol=1e-3, atol=2e-6)
+            # the derivatives where every tap is on the grid (on a node, rv 0, a
+            # pixel at a chip's edge is valid, its rv derivative undefined)
+            vj = v1 & np.asarray(window_valid(fast, rv - 1e-3, rv + 1e-3))
+            assert vj.sum() >= v1.sum() - 12  # 3 per chip end at most
+            np.testing.assert_allclose(j1[vj], j2[vj], rtol=1e-3, atol=2e-6)
             np.testing.assert_allclose(observe(fast, p)[0][v1], f1[v1], atol=1e-14)
 
 

@@ -256,7 +256,12 @@ def tap_weights(kind: str, t):
         wo, dwo = jax.jvp(
             lambda x, o=o, sign=sign: _kernel(kind, sign * (x - o)), (t,), (one,)
         )
-        w.append(jnp.where(t == 0, float(o == 0), jnp.where(t == 1, float(o == 1), wo)))
+        # on a node the weights are exactly one-hot (a tap off the grid gets 0, not
+        # a rounding residue), with the kernel's derivative kept (stop_gradient of
+        # the correction: jax.grad at a node is the kernel's, not 0)
+        at0 = wo + jax.lax.stop_gradient(float(o == 0) - wo)
+        at1 = wo + jax.lax.stop_gradient(float(o == 1) - wo)
+        w.append(jnp.where(t == 0, at0, jnp.where(t == 1, at1, wo)))
         dw.append(dwo)
     return tuple(w), tuple(dw)
 
