@@ -19,7 +19,8 @@ uniform in the middle of its box as in ``bench_fit.py``, S/N ``--snr``, rv unifo
 None of them is the fitter's own interpolant (Keys' six-tap cubic convolution,
 ``payne_lite.observe.DOPPLER_INTERP``). ``--no-polish`` switches the fit's rv polish
 off (to see whether it pays); ``--interp linear`` fits with the linear interpolant
-instead (the fitter before the cubic one: the "before" of the LM steps).
+instead (the fitter before the cubic one, but with today's polish rule: it probes
+only doubtful fits, so its rvs beyond 3 sigma are worse than that fitter's were).
 
 ``--real``: instead of mocks, the real spectra of ``pl.datasets.payne_apogee()``
 (one combined spectrum, three visits of a double-lined binary) fitted with the
