@@ -120,7 +120,7 @@ def _test_set(net, amask, n: int, seed: int):
     # possible after the fact, so the spectra are made again with the wider rvs
     s = net.scale(lab)
     rv = rng.uniform(-RV_MAX, RV_MAX, n)
-    clean = np.stack([net.model(si, v) for si, v in zip(s, rv, strict=True)])
+    clean = np.stack([net.observed(si, v) for si, v in zip(s, rv, strict=True)])
     flux = clean + rng.normal(0.0, 1.0 / SNR, clean.shape)
     mask = np.stack([amask | ~net.covered(v) for v in rv])
     start = rng.integers(0, flux.shape[1] - NAN_CHUNK, n)

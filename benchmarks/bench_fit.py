@@ -125,6 +125,29 @@ class PayneNumpy:
     def model(self, s, rv) -> np.ndarray:
         return self.shift(self.rest(s), rv)
 
+    def spline_shift(self, flux_rest, rv) -> np.ndarray:
+        """The rest model at lambda / f by a not-a-knot cubic spline in ln lambda,
+        fitted chip by chip (no spline across a chip gap); NaN off the chips. An
+        interpolant neither The Payne's (linear) nor the fitter's (Keys' cubic
+        convolution): the mocks' shift, as nature's is neither."""
+        from scipy.interpolate import CubicSpline
+
+        x = np.log(self.wave)
+        xq = x - np.arctanh(rv / C_KMS)  # ln(lambda / f)
+        out = np.full_like(flux_rest, np.nan)
+        cuts = np.concatenate([[0], np.flatnonzero(self.gap_after) + 1, [x.size]])
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            spl = CubicSpline(x[a:b], flux_rest[a:b])
+            inside = (xq >= x[a]) & (xq <= x[b - 1])
+            out[inside] = spl(xq[inside])
+        return out
+
+    def observed(self, s, rv) -> np.ndarray:
+        """A mock observation's noise-free flux: :meth:`spline_shift` of the rest
+        model, 1 where it is NaN (off the chips: :meth:`covered` masks those)."""
+        out = self.spline_shift(self.rest(s), rv)
+        return np.where(np.isfinite(out), out, 1.0)
+
     def covered(self, rv) -> np.ndarray:
         """(P,) bool: lambda / f lies on the rest grid, off the chip gaps."""
         f = np.sqrt((1.0 + rv / C_KMS) / (1.0 - rv / C_KMS))
@@ -161,7 +184,7 @@ def make_test_set(net: PayneNumpy, apogee_mask, n: int, snr: float, seed: int):
     s = rng.uniform(-half, half, (n, net.x_min.size))
     labels = net.unscale(s)
     rv = rng.uniform(-RV_TRUE, RV_TRUE, n)
-    clean = np.stack([net.model(si, v) for si, v in zip(s, rv, strict=True)])
+    clean = np.stack([net.observed(si, v) for si, v in zip(s, rv, strict=True)])
     flux = clean + rng.normal(0.0, 1.0 / snr, clean.shape)
     err = np.full_like(flux, 1.0 / snr)
     mask = np.stack([apogee_mask | ~net.covered(v) for v in rv])
@@ -446,6 +469,19 @@ def bench_snr(emu, net, apogee_mask, snr, n, seed, methods, tol, rounds):
     )
 
 
+def own_model_f64(emu, vals):
+    """payne_lite's model flux (P,) and validity (P,) at physical labels + rv
+    ``vals``, in float64."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64():
+        model, _ = pl.observe.make_model(emu, dtype=jnp.float64)
+        p = np.r_[emu.scale(np.asarray(vals[:-1])[None])[0], vals[-1]]
+        flux, valid = model(jnp.asarray(p, jnp.float64))
+        return np.asarray(flux, np.float64), np.asarray(valid)
+
+
 def bench_real(emu, net, apogee_mask, tol, methods):
     spec = pl.datasets.payne_apogee().combined_spectrum()
     flux, err = np.asarray(spec.flux, float), np.asarray(spec.flux_err, float)
@@ -458,11 +494,16 @@ def bench_real(emu, net, apogee_mask, tol, methods):
         rows[f"payne_lite {m}"] = run_payne_lite(
             emu, flux[None], err[None], bad[None], m
         )
-    # Both best fits' chi2 on one pixel set with the float64 NumPy model.
+    # Every best fit's chi2 in one model, payne_lite's in float64 (its Doppler
+    # interpolant is cubic; the baseline's, The Payne's, linear: each fit is best in
+    # its own model), on the pixels it covers at every fit's rv: does our optimiser
+    # find a point at least as good as the baseline's in the model it fits? The
+    # baseline's chi2 in its own model is the "own chi2" column.
     common = ~bad
-    for r in rows.values():
-        if np.isfinite(r["values"][0, -1]):
-            common &= net.covered(r["values"][0, -1])
+    models = {}
+    for m, r in rows.items():
+        models[m] = own_model_f64(emu, r["values"][0])
+        common &= models[m][1]
     w = 1.0 / err**2
     print(
         f"\n=== real spectrum {REAL_FILE} (APOGEE mask, {int((~bad).sum())} "
@@ -478,8 +519,7 @@ def bench_real(emu, net, apogee_mask, tol, methods):
             for p, v, e in zip(PARAMS, vals, errs, strict=True)
         )
         print(f"  {m:<22}{cells}")
-        s = net.scale(vals[:-1])
-        chi2_np = float(np.sum((w * (flux - net.model(s, vals[-1])) ** 2)[common]))
+        chi2_np = float(np.sum((w * (flux - models[m][0]) ** 2)[common]))
         out[m] = dict(
             values=vals.tolist(),
             errors=errs.tolist(),
@@ -514,7 +554,7 @@ def bench_real(emu, net, apogee_mask, tol, methods):
         dchi2 = out[m]["chi2_common"] - out["baseline"]["chi2_common"]
         ok = dchi2 <= CHI2_TOL
         print(
-            f"     {'PASS' if ok else 'FAIL'}  chi2 (common pixels, float64 model) "
+            f"     {'PASS' if ok else 'FAIL'}  chi2 (common pixels, our float64 model) "
             f"no worse than the baseline's: delta chi2 = {dchi2:+.3f} "
             f"(tolerance {CHI2_TOL})"
         )

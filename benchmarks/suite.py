@@ -684,14 +684,19 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         m["fit.real.delta_chi2_vs_baseline"] = metric(
             r["delta_chi2_vs_baseline"],
             Rule("accuracy", "lower", atol=0.1),
-            what=f"{what}: chi2 (common pixels, float64 model) minus the baseline's",
+            what=f"{what}: chi2 (common pixels, our float64 model) minus the baseline's",
             target=f"<= {bench_fit.CHI2_TOL}",
         )
+        # not gated: the baseline interpolates linearly, a blur that depends on
+        # the rv's pixel phase, which this star's chi2 likes (its lines are broader
+        # than the emulator's); the fitter's cubic interpolant does not blur, so the
+        # two differ by design (docs/guide/fitting.md, bench_doppler.py --real);
+        # the gate is the chi2 above, in our model
         m["fit.real.max_sigma_vs_baseline"] = metric(
             max(r["agrees_with_baseline_sigma"]),
-            Rule("accuracy", "lower", atol=0.2),
-            what=f"{what}: max |ours - baseline| / combined sigma over the labels, rv",
-            target="< 1",
+            INFO,
+            what=f"{what}: max |ours - baseline| / combined sigma over the labels, rv "
+            "(the baseline's linear interpolant blurs, ours does not)",
         )
     return m, details
 

@@ -1,13 +1,17 @@
 """Keeping XLA from fusing an array's computation into each of its consumers.
 
 XLA fuses elementwise producers into their consumers: an array read by several
-dynamic slices (the two ends of the Doppler interpolation, :mod:`payne_lite.observe`)
+dynamic slices (the taps of the Doppler interpolation, :mod:`payne_lite.observe`)
 is then recomputed once per slice. ``jax.lax.optimization_barrier`` does not stop
 that on XLA:CPU (jaxlib 0.10: the barrier is expanded away before fusion; the dumped
 optimised HLO of the fitter's normal equations has no barrier left, and the
 network's output layer sits inside the shift's fusion, evaluated once per slice). An
 operand of a conditional, on the other hand, is a buffer: :func:`materialize` passes
 the array through a ``lax.cond`` on a predicate known only at run time.
+
+Measured on the APOGEE network (one LM step's normal equations, 64 stars through
+``lax.map``, 2 cores): 158 -> 129 us per star with the two-tap linear shift, 285 ->
+150 us with the six-tap cubic one.
 
 Under ``jax.vmap`` with a batched predicate the conditional becomes a ``select``
 and the array may be fused again: the result is the same, only the saving is lost.

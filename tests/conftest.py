@@ -83,6 +83,52 @@ def payne_apogee(payne_data) -> tuple[Emulator, np.ndarray]:
     return payne_data.emulator(), payne_data.mask
 
 
+def keys_kernel(x, taps: int = 6):
+    """Keys' cubic convolution kernels (Keys 1981, IEEE TASSP 29, 1153), by their
+    piecewise formulas: the four-tap one (a = -1/2) and the six-tap one (exact for
+    cubics)."""
+    ax = np.abs(np.asarray(x, np.float64))
+    if taps == 4:
+        return np.where(
+            ax <= 1.0,
+            1.5 * ax**3 - 2.5 * ax**2 + 1.0,
+            np.where(ax < 2.0, -0.5 * ax**3 + 2.5 * ax**2 - 4.0 * ax + 2.0, 0.0),
+        )
+    return np.where(
+        ax <= 1.0,
+        4 / 3 * ax**3 - 7 / 3 * ax**2 + 1.0,
+        np.where(
+            ax <= 2.0,
+            -7 / 12 * ax**3 + 3 * ax**2 - 59 / 12 * ax + 15 / 6,
+            np.where(ax < 3.0, ax**3 / 12 - 2 / 3 * ax**2 + 7 / 4 * ax - 1.5, 0.0),
+        ),
+    )
+
+
+def cubic_interp(xq, x, y, taps: int = 6):
+    """NumPy reference of the fitter's Doppler interpolant: Keys' cubic convolution
+    on the pixel index of the grid ``x`` (the fractional index linear in ``x``
+    within its interval), the sum over the ``taps`` nearest pixels j of
+    ``keys_kernel(u - j) y_j``; NaN where a tap leaves the grid, except on a grid
+    point, where the value is that point's (``y`` (..., P))."""
+    x = np.asarray(x, np.float64)
+    xq = np.asarray(xq, np.float64)
+    y = np.asarray(y, np.float64)
+    n = x.size
+    i = np.clip(np.searchsorted(x, xq, side="right") - 1, 0, n - 2)
+    u = i + (xq - x[i]) / (x[i + 1] - x[i])
+    out = np.zeros(y.shape[:-1] + xq.shape)
+    lo, hi = -(taps // 2 - 1), taps // 2
+    for j in range(lo, hi + 1):
+        idx = np.clip(i + j, 0, n - 1)
+        out = out + keys_kernel(u - (i + j), taps) * y[..., idx]
+    at = np.where(xq == x[i + 1], i + 1, i)
+    node = xq == x[at]  # on a rest pixel: its value, whatever the taps around
+    out = np.where(node, y[..., at], out)
+    bad = ((i + lo < 0) | (i + hi > n - 1)) & ~node | (xq < x[0]) | (xq > x[-1])
+    return np.where(bad, np.nan, out)
+
+
 def build_tiny_emulator(
     n_pix: int = 50,
     n_hid: int | tuple[int, ...] = 3,

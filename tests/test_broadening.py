@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cubic_interp
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter1d
 
@@ -331,17 +332,19 @@ def test_fast_path_used_and_unchanged_when_broadening_is_off(monkeypatch):
 
     f0, v0, j0 = observe_jac_t(plain, p)
     f1, v1, j1 = observe_jac_t(rot, jnp.append(p, 0.0))
-    # valid: the plain model's pixels that read two rest pixels whose kernels stay
-    # in their chip (rv 17 km/s reads rest pixels j + k, j + k + 1)
-    from payne_lite.observe import complete_rest
+    # valid: the plain model's pixels whose interpolation taps all read rest pixels
+    # whose kernels stay in their chip (rv 17 km/s reads rest pixels j + k + o for
+    # the tap offsets o)
+    from payne_lite.observe import TAP_OFFSETS, complete_rest
 
     step = np.log(emu.wavelength[1] / emu.wavelength[0])
     k = int(np.floor(-np.arctanh(17.0 / C_KMS) / step))
     c = complete_rest(rot)
     idx = np.arange(emu.n_pix)
-    inside = (idx + k >= 0) & (idx + k + 1 < emu.n_pix)
+    offs = TAP_OFFSETS[rot.interp]
+    inside = (idx + k + offs[0] >= 0) & (idx + k + offs[-1] < emu.n_pix)
     reads = np.zeros(emu.n_pix, bool)
-    reads[inside] = c[idx[inside] + k] & c[idx[inside] + k + 1]
+    reads[inside] = np.all([c[idx[inside] + k + o] for o in offs], axis=0)
     np.testing.assert_array_equal(np.asarray(v1), np.asarray(v0) & reads)
     assert np.asarray(v1).sum() > 100
     np.testing.assert_allclose(f1, f0, atol=2e-6)
@@ -395,7 +398,7 @@ def test_fit_at_lower_resolution_on_a_coarser_grid(default_emu):
     for i in range(n):
         deg = degrade_reference(wave, rest[i], 7500.0, 22500.0)
         f = np.sqrt((1 + rv_true[i] / C_KMS) / (1 - rv_true[i] / C_KMS))
-        flux[i] = np.interp(wave_obs / f, wave, deg)
+        flux[i] = cubic_interp(wave_obs / f, wave, deg)  # the fitter's interpolant
     noisy = flux + 0.01 * rng.standard_normal(flux.shape)
     both = np.concatenate([flux[:n_free], noisy])
     err = np.concatenate(

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_NAMES
+from conftest import TINY_NAMES, cubic_interp
 from test_fit import N_PIX, reference_spectra, smooth_emulator
 
 from payne_lite import fit, log_posterior
@@ -113,12 +113,19 @@ def _emulator_with_basis(seed=13, k=4):
 
 
 def _dense_c(e, basis, pe, err, keep, rv, cont=None):
-    """(U_s (K, P), C over ``keep``) as numpy builds them: the basis and the
-    per-pixel error at lambda / f(rv), D = err^2 + max(pe^2 - diag(U^T U), 0)."""
+    """(U_s (K, P), C over ``keep``) as numpy builds them: the basis (as the model)
+    and the per-pixel error (linearly) at lambda / f(rv), D = err^2 + max(pe^2 - diag(U^T U), 0)."""
     f = np.sqrt((1 + rv / C_KMS) / (1 - rv / C_KMS))
     lam = e.wavelength / f
     pe_s = np.interp(lam, e.wavelength, pe, left=0.0, right=0.0)
-    b_s = np.stack([np.interp(lam, e.wavelength, b) for b in basis])
+    # the basis moves with the model, by the fitter's interpolant (conftest's
+    # reference; np.interp where its taps leave the grid: those pixels are masked)
+    b_s = np.stack(
+        [
+            np.where(np.isnan(c), np.interp(lam, e.wavelength, b), c)
+            for b, c in zip(basis, cubic_interp(lam, e.wavelength, basis), strict=True)
+        ]
+    )
     if cont is not None:
         b_s = b_s * cont
     dd = err**2 + np.maximum(pe_s**2 - np.sum(b_s**2, axis=0), 0.0)

@@ -22,6 +22,8 @@ from conftest import (
     TINY_LO,
     TINY_NAMES,
     TINY_UNITS,
+    cubic_interp,
+    keys_kernel,
 )
 from scipy.ndimage import gaussian_filter1d
 from scipy.optimize import minimize_scalar
@@ -36,6 +38,7 @@ from payne_lite.observe import (
     make_model,
     observe,
     observe_jac,
+    window_valid,
 )
 
 lm_mod = importlib.import_module("payne_lite.fitting._lm")
@@ -89,18 +92,21 @@ def smooth_emulator(
 
 
 def reference_spectra(emu, scaled, rv, wave_obs=None, cont=None):
-    """Observed spectra by NumPy: emulator flux, np.interp at lambda/f, continuum."""
+    """Observed spectra by NumPy: emulator flux, the fitter's interpolant
+    (:func:`conftest.cubic_interp`) at lambda/f, continuum. Pixels whose taps leave
+    the rest grid (invalid in the model) get np.interp's value instead of NaN."""
     wave = emu.wavelength
     wave_obs = wave if wave_obs is None else wave_obs
     # jnp.tanh, the fitter's model, to the last bit (predict's default tanh differs
     # by up to 6e-7, enough to stall one of the 20 noisy float32 fits below)
     rest = emu.predict(emu.unscale(scaled), fast_tanh=False).astype(np.float64)
-    out = np.array(
-        [
-            np.interp(wave_obs / _factor(v), wave, r)
-            for v, r in zip(rv, rest, strict=True)
-        ]
-    )
+    out = []
+    for v, r in zip(rv, rest, strict=True):
+        cubic = cubic_interp(wave_obs / _factor(v), wave, r)
+        out.append(
+            np.where(np.isnan(cubic), np.interp(wave_obs / _factor(v), wave, r), cubic)
+        )
+    out = np.array(out)
     if cont is not None:
         x = 2 * (wave_obs - wave_obs[0]) / (wave_obs[-1] - wave_obs[0]) - 1
         out = out * np.polynomial.chebyshev.chebval(x, np.asarray(cont).T)
@@ -166,6 +172,44 @@ def test_doppler_shift_flags_gaps():
     np.testing.assert_array_equal(np.asarray(valid), ~(inside_gap | below))
 
 
+@pytest.mark.parametrize("kind, degree", [("linear", 1), ("cubic", 2), ("cubic6", 3)])
+def test_doppler_interpolants_are_keys_kernels(kind, degree):
+    """tap_weights against the kernels' piecewise formulas (conftest.keys_kernel,
+    Keys 1981) and the hat function: weights summing to 1 that reproduce
+    polynomials up to the interpolant's degree exactly, derivatives by t that match
+    a central difference, and (the cubic ones) a derivative continuous across a
+    node: its value at t = 1 equals the next interval's at t = 0."""
+    from payne_lite.observe import TAP_OFFSETS, tap_weights
+
+    offs = np.array(TAP_OFFSETS[kind], np.float64)
+    t = np.linspace(0.0, 1.0, 41)[1:-1]
+    with jax.enable_x64():
+        w, dw = (np.array(x) for x in tap_weights(kind, jnp.asarray(t)))
+        h = 1e-6
+        up = np.array(tap_weights(kind, jnp.asarray(t + h))[0])
+        down = np.array(tap_weights(kind, jnp.asarray(t - h))[0])
+        w0, dw0 = (np.array(x) for x in tap_weights(kind, jnp.asarray(0.0)))
+        w1, dw1 = (np.array(x) for x in tap_weights(kind, jnp.asarray(1.0)))
+    dist = t[None, :] - offs[:, None]
+    ref = (
+        np.maximum(1.0 - np.abs(dist), 0.0)
+        if kind == "linear"
+        else keys_kernel(dist, taps=offs.size)
+    )
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, rtol=0, atol=1e-14)
+    for p in range(degree + 1):  # sum_j w_j o_j^p = t^p
+        np.testing.assert_allclose(offs**p @ w, t**p, rtol=0, atol=1e-12)
+    if kind != "linear":  # not exact one degree up
+        assert np.max(np.abs(offs ** (degree + 1) @ w - t ** (degree + 1))) > 1e-3
+    np.testing.assert_allclose(dw, (up - down) / (2 * h), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(w0, offs == 0, atol=1e-14)  # a node: one tap
+    if kind != "linear":
+        # the node at t = 1 is t = 0 of the next interval (taps one further on)
+        np.testing.assert_allclose(dw1[1:], dw0[:-1], atol=1e-12)
+        assert abs(dw1[0]) < 1e-12 and abs(dw0[-1]) < 1e-12
+
+
 def test_model_matches_numpy_reference(emu):
     model, layout = make_model(emu, cont_deg=2)
     assert layout.names == (*TINY_NAMES, "rv", "cont_0", "cont_1", "cont_2")
@@ -176,9 +220,10 @@ def test_model_matches_numpy_reference(emu):
     ref = reference_spectra(emu, s[None], [rv], cont=c[None])[0]
     valid = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(flux)[valid], ref[valid], atol=2e-4)
-    np.testing.assert_array_equal(
-        valid, emu.wavelength / _factor(rv) >= emu.wavelength[0]
+    taps_inside = np.isfinite(
+        cubic_interp(emu.wavelength / _factor(rv), *[emu.wavelength] * 2)
     )
+    np.testing.assert_array_equal(valid, taps_inside)
 
 
 @pytest.mark.parametrize("cont_deg", [0, 2])
@@ -195,19 +240,25 @@ def test_analytic_jacobian_matches_autodiff_and_finite_differences(emu, cont_deg
         np.testing.assert_array_equal(valid, ref_valid)
         np.testing.assert_allclose(flux, ref_flux, rtol=0, atol=1e-14)
         np.testing.assert_allclose(jac, ref_jac, rtol=1e-10, atol=1e-12)
-        h = 1e-4  # km/s; linear interpolation is smooth away from grid points
+        h = 1e-4  # km/s
         up, down = observe(obs, p.at[3].add(h))[0], observe(obs, p.at[3].add(-h))[0]
         fd = (up - down) / (2 * h)
         np.testing.assert_allclose(jac[:, 3], fd, rtol=1e-5, atol=1e-9)
         assert np.max(np.abs(jac[:, 3])) > 1e-4  # the rv column is not trivially zero
-        # rv = 0 on the emulator's own grid puts every pixel on a node: the slope of
-        # the segment to the right (smaller rv: a one-sided difference), not zero.
+        # rv = 0 on the emulator's own grid puts every pixel on a node, where the
+        # cubic interpolant's derivative is continuous: the central difference
+        # across the node, from both sides.
         p0 = p.at[3].set(0.0)
         jac0 = observe_jac(obs, p0)[2][:, 3]
-        fd0 = (observe(obs, p0)[0] - observe(obs, p0.at[3].add(-h))[0]) / h
-        ok = np.array(observe(obs, p0)[1])
-        ok[-1] = False  # the grid's end: clamped on one side
-        np.testing.assert_allclose(jac0[ok], fd0[ok], rtol=1e-5, atol=1e-9)
+        h = 1e-6  # the second derivative jumps at a node: an O(h) error here
+        fd0 = (observe(obs, p0.at[3].add(h))[0] - observe(obs, p0.at[3].add(-h))[0]) / (
+            2 * h
+        )
+        ok = np.asarray(
+            observe(obs, p0.at[3].add(h))[1] & observe(obs, p0.at[3].add(-h))[1]
+        )
+        assert ok.sum() > 0.9 * ok.size
+        np.testing.assert_allclose(jac0[ok], fd0[ok], rtol=1e-5, atol=1e-8)
 
 
 def test_log_grid_fast_path_matches_per_pixel_interpolation():
@@ -225,12 +276,14 @@ def test_log_grid_fast_path_matches_per_pixel_interpolation():
             f1, v1, j1 = observe_jac(fast, p)
             f2, v2, j2 = observe_jac(slow, p)
             v1, v2 = np.asarray(v1), np.array(v2)
-            if rv == 0.0:
-                v2[-1] = False  # the grid's last node: valid only in lambda-space
             np.testing.assert_array_equal(v1, v2)
-            assert 0.3 * N_PIX < v1.sum() < N_PIX
+            assert 0.3 * N_PIX < v1.sum() <= N_PIX  # all at rv 0: every pixel on a node
             np.testing.assert_allclose(f1[v1], f2[v1], rtol=0, atol=2e-6)
-            np.testing.assert_allclose(j1[v1], j2[v1], rtol=1e-3, atol=2e-6)
+            # the derivatives where every tap is on the grid (on a node, rv 0, a
+            # pixel at a chip's edge is valid, its rv derivative undefined)
+            vj = v1 & np.asarray(window_valid(fast, rv - 1e-3, rv + 1e-3))
+            assert vj.sum() >= v1.sum() - 12  # 3 per chip end at most
+            np.testing.assert_allclose(j1[vj], j2[vj], rtol=1e-3, atol=2e-6)
             np.testing.assert_allclose(observe(fast, p)[0][v1], f1[v1], atol=1e-14)
 
 
@@ -310,9 +363,9 @@ def test_continuum_tilt_recovered(emu, truth):
     np.testing.assert_allclose(t["cont_1"], 0.08, atol=1e-4)
     np.testing.assert_allclose(scaled_labels(emu, t), s, atol=1e-4)
     np.testing.assert_allclose(t["rv"], rv, atol=0.05)
-    good = np.isfinite(t["model_flux"]) & (
-        emu.wavelength / _factor(rv[:, None]) > 15105
-    )
+    lam = emu.wavelength / _factor(rv[:, None])
+    taps_inside = np.isfinite(cubic_interp(lam, emu.wavelength, emu.wavelength))
+    good = np.isfinite(t["model_flux"]) & (lam > 15105) & taps_inside
     np.testing.assert_allclose(t["model_flux"][good], flux[good], atol=1e-4)
 
 
@@ -675,7 +728,8 @@ def test_emulator_error_added_in_quadrature(emu, noise_free):
 @pytest.mark.parametrize("cont_deg", [0, 1])
 def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
     """On a log grid the probe returns, per pixel interval, chi2's minimum over rv
-    with the rest held: checked against NumPy chi2 (np.interp at lambda / f) on a
+    with the rest held: checked against NumPy chi2 (the model's cubic interpolant,
+    conftest.cubic_interp, at lambda / f) and Brent's minimum per interval on a
     dense rv grid over the seven intervals. Off the log grid it returns chi2 at the
     probe rvs themselves."""
     emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
@@ -739,15 +793,19 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
         assert c_fast[j] <= best.fun * (1 + 1e-6)
         outer = (u > u_top + j - 0.01) & (u < u_top + j + 1.01)
         assert c_fast[j] >= dense[outer].min() - 0.1
-    assert c_fast.min() == pytest.approx(dense.min(), rel=1e-5)
+    # chi2 of this strong-lined toy changes 4x within a tenth of a pixel: the probe
+    # may sit below the dense grid's best point, never above it by more than 0.1
+    assert dense.min() - 0.1 <= c_fast.min() <= dense.min() * (1 + 1e-6)
     assert abs(v_fast[np.argmin(c_fast)] - grid[np.argmin(dense)]) < 0.05
 
 
-def test_fit_leaves_local_rv_minima(payne_apogee, monkeypatch):
-    """Real network, 200 stars at S/N 50: the rv chi2 has a kink at every pixel
-    crossing and a fit can stop in the wrong basin; the polish step finds the lower
-    one. Without it several rvs are > 4 sigma off (measured: 24 of 1,000 stars);
-    with it at most one (0.013 expected by chance)."""
+def test_fit_leaves_no_local_rv_minima(payne_apogee, monkeypatch):
+    """Real network, 200 stars at S/N 50. With linear interpolation chi2(rv) had a
+    kink at every pixel crossing and fits stopped in notches or in the next basin
+    (24 of 1,000 rvs beyond 4 sigma without the rv polish, which then probed every
+    star). With the cubic interpolant chi2(rv) is smooth: the fits alone leave at
+    most one rv beyond 4 sigma (0.013 expected by chance), the polish (now only for
+    doubtful fits) changes none of these, and no chi2 ends higher with it."""
     emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n = 200
@@ -764,7 +822,6 @@ def test_fit_leaves_local_rv_minima(payne_apogee, monkeypatch):
     assert np.sum(z_rv(t) > 4) <= 1, np.sort(z_rv(t))[-5:]
     monkeypatch.setattr(driver_mod, "rv_polish", lambda *a, **k: a[8])  # a[8]: best
     t_off = fit(flux, err, emu, mask=mask)
-    assert np.sum(z_rv(t_off) > 4) >= 3, np.sort(z_rv(t_off))[-5:]
+    assert np.sum(z_rv(t_off) > 4) <= 1, np.sort(z_rv(t_off))[-5:]
     worse = np.asarray(t_off["chi2"]) - np.asarray(t["chi2"])
-    assert worse.min() > -1.0  # the polish never ends higher
-    assert worse.max() > 20.0
+    assert worse.min() > -1e-6 * np.asarray(t["chi2"]).max()  # never higher

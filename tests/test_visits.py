@@ -135,8 +135,16 @@ def test_profiled_normal_equations_are_the_projected_jacobian(emu, log_emu, case
 def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu, broad):
     """The joint normal equations are the visits' own scattered by visit_index; the
     broadening (shared, last) sums over the visits, a padding visit's rv and
-    continuum get unit rows."""
-    obs = build_obs_model(log_emu, cont_deg=1, broadening=broad)
+    continuum get unit rows. In float64: in float32 the two compilations differ by
+    more than rounding of the sums would (the continuum's g by 0.3 %, both paths
+    off float64's by as much): the model at a strong line moves with the float32
+    rounding of the Doppler position (~1e-6 pixel), coherently over every pixel."""
+    with jax.enable_x64():
+        _joint_normal_is_the_sum(log_emu, broad)
+
+
+def _joint_normal_is_the_sum(log_emu, broad):
+    obs = build_obs_model(log_emu, cont_deg=1, broadening=broad, dtype=jnp.float64)
     b = len(broad)
     rng = np.random.default_rng(4)
     s = rng.uniform(-0.3, 0.3, 3)
@@ -166,10 +174,10 @@ def test_joint_normal_is_the_sum_of_the_visits_and_pads_dead_visits(log_emu, bro
     a_ref[own, own] = 1.0  # the padded visit's rv and continuum: unit rows
     if b:  # both visits inform the shared broadening
         assert np.all(np.diag(a)[12:] > 0)
-    rtol = 3e-5  # float32 sums of the two visits' terms, in another order
-    np.testing.assert_allclose(a, a_ref, rtol=rtol, atol=1e-6 * np.abs(a_ref).max())
-    np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=1e-6 * np.abs(g_ref).max())
-    np.testing.assert_allclose(float(chi2), chi2_ref, rtol=1e-5)
+    rtol = 1e-10  # sums of the two visits' terms, in another order
+    np.testing.assert_allclose(a, a_ref, rtol=rtol, atol=1e-12 * np.abs(a_ref).max())
+    np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=1e-12 * np.abs(g_ref).max())
+    np.testing.assert_allclose(float(chi2), chi2_ref, rtol=1e-12)
 
 
 # --- joint fits: mechanics ---------------------------------------------------------------
@@ -920,14 +928,15 @@ def test_trained_emulator_stores_an_error_basis_that_round_trips(tmp_path):
         dataclasses.replace(e, error_basis=np.zeros((2, 23)))
 
 
-def test_group_fit_leaves_local_rv_minima_of_each_visit(payne_apogee, monkeypatch):
-    """Real network, 60 stars x 3 visits at S/N 50: each visit's rv chi2 has a kink
-    at every pixel crossing; the polish probes each visit alone and refits the star
-    jointly. Without it several visit rvs are > 4 sigma off (measured on 120 stars:
-    12 of 360 visits), with it at most two: here one at 4.7 sigma, and one whose
-    RV scan (box-centre template, a weak-lined star with 40 km/s vmacro) landed 27
-    km/s off, so that the truth lies outside the visit's +-20 km/s window, which
-    the polish does not leave. The polish never ends higher."""
+def test_group_fit_leaves_no_local_rv_minima_of_any_visit(payne_apogee, monkeypatch):
+    """Real network, 60 stars x 3 visits at S/N 50. With linear interpolation each
+    visit's chi2(rv) had a kink at every pixel crossing, and without the polish
+    (which probes each visit alone and refits the star jointly) several visit rvs
+    ended > 4 sigma off (measured on 120 stars: 12 of 360 visits). With the cubic
+    interpolant the joint fits alone leave at most two: both stars whose RV scan
+    (box-centre template) landed > 20 km/s off, so that the truth lies outside the
+    visit's +-20 km/s window, which neither the fit nor the polish leaves (34 and 79
+    sigma). The polish never ends higher."""
     emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n, n_vis = 60, 3
@@ -943,12 +952,13 @@ def test_group_fit_leaves_local_rv_minima_of_each_visit(payne_apogee, monkeypatc
 
     t = fit(flux, err, emu, mask=mask, group=gid)
     assert np.sum(z_rv(t) > 4) <= 2, np.sort(z_rv(t).ravel())[-5:]
+    assert np.sum((z_rv(t) > 3.5) & (z_rv(t) < 20)) == 0, np.sort(z_rv(t).ravel())[-5:]
     monkeypatch.setattr(
         driver_mod,
         "rv_polish",
         lambda *a, **k: a[8],  # a[8]: the fit as it was
     )
     t_off = fit(flux, err, emu, mask=mask, group=gid)
-    assert np.sum(z_rv(t_off) > 4) >= 3, np.sort(z_rv(t_off).ravel())[-5:]
+    assert np.sum(z_rv(t_off) > 4) <= 2, np.sort(z_rv(t_off).ravel())[-5:]
     worse = np.asarray(t_off["chi2"]) - np.asarray(t["chi2"])
-    assert worse.min() > -1.0 and worse.max() > 20.0
+    assert worse.min() > -1e-6 * np.asarray(t["chi2"]).max()  # never higher

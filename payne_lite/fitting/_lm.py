@@ -427,8 +427,7 @@ def _sandwich_batch(obs, p, w, var, basis):
     def one(args):
         q, w1, v1 = args
         _, _, jac = observe_jac_t(obs, q)
-        ma, mb, t, _, _ = shift_pair(obs, basis, q[n_lab])
-        b = ma + t * (mb - ma)
+        b = shift_pair(obs, basis, q[n_lab]).value()
         if obs.n_cont:
             b = b * (obs.cont_params(q) @ obs.basis.T)
         jw = jac * w1

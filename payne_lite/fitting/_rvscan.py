@@ -10,10 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._fusion import materialize
 from .._serial import serial_jit, to_device
 from ..constants import C_KMS
 from ..emulator import KERNEL_COMPILER_OPTIONS
-from ..observe import ObsModel, embed, observe, rest_model, shift_pair, window_valid
+from ..observe import (
+    TAP_OFFSETS,
+    ObsModel,
+    embed,
+    observe,
+    rest_model,
+    shift_pair,
+    tap_weights,
+    window_valid,
+)
 from ._lm import lm_batch, over, sequential_lanes, visit_index
 
 #: Step of the coarse RV chi2 scan [km/s].
@@ -21,6 +31,9 @@ RV_SCAN_STEP = 4.0
 #: The RV scan compares chi2 over the pixels valid at every RV of the scan when
 #: they are at least this fraction of the grid (see :func:`scan_pixels`).
 SCAN_COMMON_MIN = 0.75
+#: ... else chi2 per pixel is compared, at the RVs that keep at least this share of
+#: the most pixels any RV of the scan keeps for that star.
+SCAN_MIN_SHARE = 0.5
 #: LM: after the fit, chi2 is probed with the labels held, at rv offsets of up to
 #: RV_PROBE_CELLS pixels either side (on a log grid: its minimum within the current
 #: pixel interval and each of those, exactly; elsewhere at the offsets
@@ -54,11 +67,11 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     constant term needs no product (2 products instead of 4 without a continuum).
     Otherwise chi2 per valid pixel is compared (the pixel set changes with RV).
     """
-    f_rest = jax.lax.optimization_barrier(rest_model(obs, s0, b0))
+    f_rest = materialize(rest_model(obs, s0, b0), jnp.all(jnp.isfinite(s0)))
 
     def shifted(rv):
-        ma, mb, t, _, valid = shift_pair(obs, f_rest[None], rv)
-        return (ma + t * (mb - ma))[0], valid
+        sh = shift_pair(obs, f_rest[None], rv)
+        return sh.value()[0], sh.valid
 
     t, v = over(shifted, rv_grid)  # (R, P)
     vf = v.astype(t.dtype)
@@ -99,7 +112,11 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
         red = jnp.where(jnp.isfinite(chi2), chi2, jnp.inf)
     else:
         n_ok = (w > 0).astype(t.dtype) @ vf.T
-        red = jnp.where(n_ok > 0, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
+        # an rv that keeps few of the pixels is no candidate: a handful of pixels
+        # can match better per pixel by chance (a spectrum shifted nearly off the
+        # grid, its last 2 pixels against 44 at the true rv)
+        few = n_ok < SCAN_MIN_SHARE * jnp.max(n_ok, axis=1, keepdims=True)
+        red = jnp.where((n_ok > 0) & ~few, chi2 / jnp.maximum(n_ok, 1.0), jnp.inf)
         red = jnp.where(jnp.isfinite(red), red, jnp.inf)
     i = jnp.argmin(red, axis=1)
     return _parabola_vertex(red, i, rv_grid), jnp.take_along_axis(
@@ -192,8 +209,9 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
     order)."""
     n_lab = obs.n_labels
     n_s = s.shape[0]
-    rest = jax.lax.optimization_barrier(
-        jnp.stack([rest_model(obs, s[j], b) for j in range(n_s)])
+    rest = materialize(
+        jnp.stack([rest_model(obs, s[j], b) for j in range(n_s)]),
+        jnp.all(jnp.isfinite(s)),
     )
     live = jnp.any(w > 0, axis=1)
 
@@ -201,8 +219,7 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
         q, f, wi, go = args
 
         def chi2(_):
-            ma, mb, t, _, _ = shift_pair(obs, rest, q[n_lab])
-            m = ma + t * (mb - ma)
+            m = shift_pair(obs, rest, q[n_lab]).value()
             if obs.n_cont:
                 m = m * (obs.basis @ obs.cont_params(q))
             r = m - f
@@ -248,11 +265,11 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
 
     On a :class:`~payne_lite.observe.LogGrid` ``dv`` must be whole pixels apart
     (consecutive pixel intervals): every pixel sits at the same fraction ``t`` of its
-    rest interval, so within interval j the model is ``m_j + t (m_j+1 - m_j)`` for
-    every pixel (``m_j`` the rest model slid by j pixels) and chi2 a parabola in
-    ``t`` whose coefficients come from the Gram matrix (two diagonals) of the R + 1
-    slid models' residuals: the rv returned is chi2's minimum over each interval
-    (ends included), exactly.
+    rest interval, so within interval j the model is a fixed combination of the
+    rest model slid by j + (tap offset) pixels for every pixel, and chi2 a
+    polynomial in ``t`` whose coefficients come from the Gram matrix (as many
+    diagonals as taps) of the slid models' residuals: the rv returned is chi2's
+    minimum over each interval (ends included; :func:`_probe_minima`).
     Elsewhere chi2 and rv are those at rv + dv.
     """
     n_lab = obs.n_labels
@@ -265,25 +282,27 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         )
 
     def probe(q, d, f, wi):
-        f_rest = jax.lax.optimization_barrier(
-            rest_model(obs, q[:n_lab], q[obs.n_params - obs.n_broad :])
+        f_rest = materialize(
+            rest_model(obs, q[:n_lab], q[obs.n_params - obs.n_broad :]),
+            jnp.all(jnp.isfinite(q)),
         )
         cont = obs.basis @ obs.cont_params(q) if obs.n_cont else 1.0
         v = q[n_lab] + d
         if lg is None:
 
             def at(vi):
-                ma, mb, t, _, _ = shift_pair(obs, f_rest[None], vi)
-                r = (ma[0] + t * (mb[0] - ma[0])) * cont - f
+                r = shift_pair(obs, f_rest[None], vi).value()[0] * cont - f
                 return wi @ (r * r)
 
             return jax.lax.map(at, v), v
-        # the slid models m_0 .. m_R (the ends of the R intervals below u(v_max)),
-        # from one dynamic slice per observed run of the embedded rest model
+        # the slid models m_j (the rest model slid by k + j pixels) that the taps
+        # of the R intervals below u(v_max) read, from one dynamic slice per
+        # observed run of the embedded rest model
         u_top = jnp.floor(-jnp.arctanh(jnp.max(v) / C_KMS) * lg.inv_step)
         k = u_top.astype(jnp.int32)
         emb = embed(lg, f_rest[None])[0]
-        n_r = d.shape[0]
+        offs = TAP_OFFSETS[obs.interp]
+        n_r, nd = d.shape[0], len(offs)
 
         # chip by chip: XLA:CPU writes a concatenation of dynamic slices as scalar
         # code (~3 ns per element); the sums need none
@@ -298,27 +317,74 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
                 for (_, e0, n), cc, fc in zip(runs, cont_c, f_c, strict=True)
             ]
 
-        r_prev = residual(0)
-        gd, g10 = (
-            [sum(jnp.sum(wc * r * r) for wc, r in zip(w_c, r_prev, strict=True))],
-            [],
-        )
-        for j in range(1, n_r + 1):
-            r = residual(j)
-            rw = [wc * rc for wc, rc in zip(w_c, r, strict=True)]
-            gd.append(sum(jnp.sum(a * b) for a, b in zip(rw, r, strict=True)))
-            g10.append(sum(jnp.sum(a * b) for a, b in zip(rw, r_prev, strict=True)))
-            r_prev = r
-        gd, g01 = jnp.stack(gd), jnp.stack(g10)  # g01: sum w r_j r_j+1 (R,)
-        g0 = gd[:-1]
-        s0 = g0  # |a|^2, a = m_j - f
-        s1 = g01 - g0  # a . b, b = m_j+1 - m_j
-        s2 = gd[1:] - 2.0 * g01 + g0  # |b|^2
-        t_min = jnp.clip(-s1 / jnp.where(s2 > 0, s2, 1.0), 0.0, 1.0)
-        u = u_top + jnp.arange(n_r, dtype=t_min.dtype) + t_min
-        return s0 + t_min * (2.0 * s1 + t_min * s2), -C_KMS * jnp.tanh(u / lg.inv_step)
+        res = [residual(j) for j in range(offs[0], n_r + offs[-1])]
+        zero = jnp.zeros((), f.dtype)
+        gram = []  # gram[a][e] = sum w r_a r_a+e (the Gram matrix's diagonals)
+        for a, ra in enumerate(res):
+            rw = [wc * rc for wc, rc in zip(w_c, ra, strict=True)]
+            gram.append(
+                [
+                    sum(jnp.sum(x * y) for x, y in zip(rw, res[a + e], strict=True))
+                    if a + e < len(res)
+                    else zero
+                    for e in range(nd)
+                ]
+            )
+        return _probe_minima(obs.interp, jnp.asarray(gram), u_top, lg.inv_step)
 
     return over(one, (p, dv, flux, w, run))
+
+
+#: The probe's samples per pixel interval, and the Newton steps that refine the best.
+PROBE_SAMPLES = 9
+PROBE_NEWTON = 6
+
+
+def _probe_minima(kind, gram, u_top, inv_step):
+    """chi2 (R,) and rv (R,) at the minimum over each of the R pixel intervals of
+    :func:`_rv_probe_batch`, from the diagonals ``gram`` (R + taps - 1, taps) of the
+    Gram matrix of the slid models' weighted residuals.
+
+    Within interval j the model is ``sum_p w_p(t) m_(j + o_p)`` with weights that sum
+    to 1 (:func:`~payne_lite.observe.tap_weights`), so its residual is the same
+    combination of the slid residuals and chi2(t) = w(t)^T G_j w(t), G_j the taps'
+    block of the Gram matrix: a polynomial in t (a parabola for the linear
+    interpolant), sampled at ``PROBE_SAMPLES`` fractions, its best sample refined by
+    ``PROBE_NEWTON`` Newton steps kept between the neighbouring samples (chi2 of a
+    strong-lined star changes by orders of magnitude within a pixel), and the lower
+    of the two kept. The chi2 returned is the model's at the rv returned."""
+    n_res, nd = gram.shape
+    n_r = n_res - nd + 1
+    pq = np.arange(nd)
+    lo, dist = np.minimum.outer(pq, pq), np.abs(np.subtract.outer(pq, pq))
+    blocks = gram[np.arange(n_r)[:, None, None] + lo[None], dist[None]]  # (R, p, q)
+
+    def chi2_one(t, blk):  # scalar t, (p, q) block -> chi2
+        w = jnp.stack(tap_weights(kind, t)[0])
+        return w @ blk @ w
+
+    chi2_at = jax.vmap(jax.vmap(chi2_one, (0, None)), (0, 0))  # (R, S), (R, p, q)
+    grad = jax.vmap(jax.grad(chi2_one))
+    curv = jax.vmap(jax.grad(jax.grad(chi2_one)))
+    ts = jnp.linspace(0.0, 1.0, PROBE_SAMPLES, dtype=gram.dtype)
+    c = chi2_at(jnp.broadcast_to(ts, (n_r, PROBE_SAMPLES)), blocks)
+    i = jnp.argmin(c, axis=1)
+    rows = jnp.arange(n_r)
+    t_lo = ts[jnp.maximum(i - 1, 0)]
+    t_hi = ts[jnp.minimum(i + 1, PROBE_SAMPLES - 1)]
+    t = ts[i]
+    for _ in range(PROBE_NEWTON):
+        g, h = grad(t, blocks), curv(t, blocks)
+        step = jnp.where(
+            h > 0, t - g / jnp.where(h > 0, h, 1.0), jnp.where(g > 0, t_lo, t_hi)
+        )
+        t = jnp.clip(step, t_lo, t_hi)
+    c_ref = jax.vmap(chi2_one)(t, blocks)
+    use = c_ref <= c[rows, i]
+    t_min = jnp.where(use, t, ts[i])
+    c_min = jnp.where(use, c_ref, c[rows, i])
+    u = u_top + jnp.arange(n_r, dtype=t_min.dtype) + t_min
+    return c_min, -C_KMS * jnp.tanh(u / inv_step)
 
 
 @jax.jit
@@ -388,15 +454,15 @@ def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i, chi2_now):
 def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     """Step 4 of :func:`._driver.lm_with_starts`: leave a local minimum in rv.
 
-    The model's chi2 is not smooth in rv: the Doppler shift interpolates linearly
-    between rest pixels, so chi2(rv) has a kink wherever the pixels cross the rest
-    nodes (every pixel at once on a log grid) and a fit can stop in a kink's notch
-    or in the basin next to the true one, with labels bent to fit it. Measured on
-    1,000 mock stars of the APOGEE network at S/N 50 (seeds 0-4 of
-    ``benchmarks/bench_fit.py``'s test set), 3.3 % of the LM rvs were more than 3
-    sigma from the truth (0.3 % expected), with chi2 up to 1,700 above the truth's,
-    e.g. 7 km/s off for a broad-lined metal-poor star whose scan started it in
-    the wrong basin, and 0.7 km/s off in a notch (chi2 + 20).
+    Written when the Doppler shift interpolated linearly between rest pixels:
+    chi2(rv) then had a kink wherever the pixels cross the rest nodes (every pixel
+    at once on a log grid) and a fit could stop in a kink's notch or in the basin
+    next to the true one, with labels bent to fit it (on 1,000 mock stars of the
+    APOGEE network at S/N 50, 3.3 % of the LM rvs were more than 3 sigma from the
+    truth, 0.3 % expected). With the cubic interpolant chi2(rv) is smooth and the
+    polish changed no fit of those mocks; :func:`._driver.lm_with_starts` now runs
+    it only for the stars in ``alive`` whose fits are doubtful (a basin next to
+    the true one can still hold a fit whose scan started it there).
 
     The probe (:func:`_rv_probe_batch`): chi2 with the labels, continuum and
     broadening held, minimised over rv exactly within the current pixel interval and

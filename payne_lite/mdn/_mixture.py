@@ -130,9 +130,9 @@ def _to_rest(grid: ObsModel, d, g, rv):
     Unusable pixels enter as NaN, so one interpolated row carries both: a rest
     pixel is usable when both its neighbours were (half the work of shifting the
     mask as a second row)."""
-    ma, mb, t, _, valid = shift_pair(grid, jnp.where(g > 0, d, jnp.nan)[None], -rv)
-    out = (ma + t * (mb - ma))[0]
-    ok = valid & jnp.isfinite(out)
+    sh = shift_pair(grid, jnp.where(g > 0, d, jnp.nan)[None], -rv)
+    out = sh.value()[0]
+    ok = sh.valid & jnp.isfinite(out)
     return jnp.where(ok, out, 0.0), ok
 
 
@@ -310,8 +310,8 @@ def shift_batch(grid, rest, rv):
     """Rest-frame spectra (n, P) observed at rv (n,): flux and validity (n, P)."""
 
     def one(f, v):
-        ma, mb, t, _, valid = shift_pair(grid, f[None], v)
-        return (ma + t * (mb - ma))[0], valid
+        sh = shift_pair(grid, f[None], v)
+        return sh.value()[0], sh.valid
 
     return jax.vmap(one)(rest, rv)
 
@@ -321,8 +321,8 @@ def template_rows(grid, t0, rvs):
     """``t0`` (P,) shifted to every rv of ``rvs`` (R,); 0 where not valid."""
 
     def one(v):
-        ma, mb, t, _, valid = shift_pair(grid, t0[None], v)
-        return jnp.where(valid, (ma + t * (mb - ma))[0], 0.0)
+        sh = shift_pair(grid, t0[None], v)
+        return jnp.where(sh.valid, sh.value()[0], 0.0)
 
     return jax.lax.map(one, rvs)
 
@@ -345,6 +345,7 @@ def grid_model(wavelength: np.ndarray, rv_max: float, dtype) -> ObsModel:
         activation="",
         n_labels=0,
         log_grid=make_log_grid(wave, wave, rv_max),
+        interp="linear",
     )
 
 

@@ -17,15 +17,20 @@ from ._continuum import Normalized as Normalized
 from ._continuum import Normalizer as Normalizer
 from ._continuum import SigmaClipped as SigmaClipped
 from ._continuum import normalizer as normalizer
+from ._doppler import DOPPLER_INTERP as DOPPLER_INTERP
+from ._doppler import TAP_OFFSETS as TAP_OFFSETS
 from ._doppler import LogGrid as LogGrid
+from ._doppler import Shifted as Shifted
 from ._doppler import complete_rest as complete_rest
 from ._doppler import doppler_shift as doppler_shift
 from ._doppler import embed as embed
 from ._doppler import gap_cum as gap_cum
 from ._doppler import kernel_reach as kernel_reach
+from ._doppler import log_position as log_position
 from ._doppler import make_log_grid as make_log_grid
 from ._doppler import make_lookup as make_lookup
 from ._doppler import shift_pair as shift_pair
+from ._doppler import tap_weights as tap_weights
 from ._instrument import Instrument as Instrument
 from ._model import BROADENING_PARAMS as BROADENING_PARAMS
 from ._model import BROADENING_RANGE as BROADENING_RANGE
@@ -121,6 +126,11 @@ __all__ = [
     "param_layout",
     "rest_model",
     "shift_pair",
+    "DOPPLER_INTERP",
+    "TAP_OFFSETS",
+    "Shifted",
+    "log_position",
+    "tap_weights",
     "teff_index",
     "window_valid",
     "complete_rest",

@@ -1,9 +1,13 @@
 """The Doppler shift of a rest-frame model onto an observed grid (pure JAX, one star).
 
 Doppler shift (relativistic): the observed flux at ``lambda_obs`` is the rest-frame
-model at ``lambda_obs / f`` with ``f = sqrt((1 + v/c) / (1 - v/c))``, by linear
-interpolation on the emulator's grid. Observed pixels that map outside the emulator's
-grid, or into a gap of it (for example APOGEE's chip gaps), are flagged invalid.
+model at ``lambda_obs / f`` with ``f = sqrt((1 + v/c) / (1 - v/c))``, interpolated on
+the emulator's grid by Keys' cubic convolution (:data:`DOPPLER_INTERP`, four rest
+pixels per observed pixel): its value and first derivative are continuous in the
+position, so chi2(rv) is smooth, where linear interpolation (still available, and
+used by :func:`doppler_shift` and the MDN's features) puts a kink in chi2(rv) at
+every pixel crossing. Observed pixels whose taps fall outside the emulator's grid, or
+across a gap of it (for example APOGEE's chip gaps), are flagged invalid.
 
 Precision: the wavelengths enter the jitted code as offsets from a reference
 wavelength, computed on the host in float64, and ``1/f - 1 = expm1(-atanh(v/c))`` is
@@ -11,12 +15,13 @@ formed without cancellation, so that float32 (JAX's default) resolves the shift 
 about 1e-3 km/s; on absolute float32 wavelengths near 16000 A the rounding alone
 would be about 0.02 km/s.
 
-Two paths: linear interpolation in lambda at each observed pixel (the rest interval
-found by binary search, or in O(1) with a bucket table, :func:`make_lookup`); and,
-when the rest and observed grids are pixels of one log-uniform grid
-(:class:`LogGrid`, :func:`make_log_grid`), a shift that moves every pixel by the same
-fraction of a step: two contiguous slices per chip (:func:`shift_pair`). The
-observation model that uses them is :mod:`payne_lite.observe._model`.
+Two paths (:func:`shift_pair`): per observed pixel, the rest interval found by
+binary search or in O(1) with a bucket table (:func:`make_lookup`), the fraction
+taken linearly in lambda and the taps on the rest pixels around it; and, when the
+rest and observed grids are pixels of one log-uniform grid (:class:`LogGrid`,
+:func:`make_log_grid`), a shift that moves every pixel by the same fraction of a
+step: one contiguous slice per tap and chip. The observation model that uses them
+is :mod:`payne_lite.observe._model`.
 """
 
 from __future__ import annotations
@@ -87,17 +92,6 @@ def interval_lookup(x_rest, lookup, xq):
     return jnp.clip(i, 0, n - 2)
 
 
-def span_valid(x_rest, gap_cum, xq_lo, xq_hi, lookup=None):
-    """True where every point of [xq_lo, xq_hi] lies on the rest grid, off any gap."""
-    inside = (xq_lo >= x_rest[0]) & (xq_hi <= x_rest[-1])
-    if lookup is None:
-        ia, ib = interval(x_rest, xq_lo), interval(x_rest, xq_hi)
-    else:
-        ia = interval_lookup(x_rest, lookup, xq_lo)
-        ib = interval_lookup(x_rest, lookup, xq_hi)
-    return inside & (gap_cum[ib + 1] - gap_cum[ia] == 0)
-
-
 def shift(x_rest, gap_cum, flux_rest, x_obs, wave_obs, rv, lookup=None):
     """Shifted flux and validity on the observed grid (offset wavelengths).
 
@@ -151,7 +145,8 @@ def make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
         or np.any(np.diff(n_o) < 1)
     ):
         return None
-    pad = int(np.ceil(np.arctanh(min(rv_max, 0.5 * C_KMS) / C_KMS) / step)) + 2
+    # margin: the largest shift plus the widest interpolant's taps (TAP_OFFSETS)
+    pad = int(np.ceil(np.arctanh(min(rv_max, 0.5 * C_KMS) / C_KMS) / step)) + 4
     lo = int(min(n_r[0], n_o[0]))
     size = int(max(n_r[-1], n_o[-1])) - lo + 1 + 2 * pad
     return LogGrid(
@@ -207,45 +202,165 @@ def complete_rest(obs) -> np.ndarray:
     return ok
 
 
-def shift_pair(obs, m, rv):
+#: The Doppler interpolant of the observation model (:data:`TAP_OFFSETS`).
+DOPPLER_INTERP = "cubic6"
+#: Doppler interpolants: tap offsets from the rest pixel at or below the shifted
+#: position. ``"cubic"``: Keys' cubic convolution (a = -1/2, four taps), whose value
+#: and first derivative are continuous in the position, so chi2(rv) is smooth, and
+#: which reproduces quadratics exactly; ``"cubic6"``: Keys' six-tap cubic
+#: convolution (also C1, third-order accurate: closer to a band-limited shift);
+#: ``"linear"``: two-point linear interpolation (kinks at every node; the MDN's
+#: feature extraction, which was trained on it).
+TAP_OFFSETS = {"linear": (0, 1), "cubic": (-1, 0, 1, 2), "cubic6": (-2, -1, 0, 1, 2, 3)}
+
+
+def _kernel(kind: str, a):
+    """The interpolation kernel of ``kind`` at the distance ``a`` >= 0 [pixels]."""
+    if kind == "linear":
+        return jnp.maximum(1.0 - a, 0.0)
+    if kind == "cubic":
+        return jnp.where(
+            a <= 1.0,
+            (1.5 * a - 2.5) * a * a + 1.0,
+            jnp.where(a < 2.0, ((-0.5 * a + 2.5) * a - 4.0) * a + 2.0, 0.0),
+        )
+    if kind == "cubic6":
+        return jnp.where(
+            a <= 1.0,
+            (4.0 / 3.0 * a - 7.0 / 3.0) * a * a + 1.0,
+            jnp.where(
+                a <= 2.0,
+                ((-7.0 / 12.0 * a + 3.0) * a - 59.0 / 12.0) * a + 2.5,
+                jnp.where(a < 3.0, ((a / 12.0 - 2.0 / 3.0) * a + 1.75) * a - 1.5, 0.0),
+            ),
+        )
+    raise ValueError(f"unknown Doppler interpolant {kind!r}")
+
+
+def tap_weights(kind: str, t):
+    """Weights of the taps :data:`TAP_OFFSETS` ``[kind]`` at the fraction ``t`` in
+    [0, 1] of the interval, and their derivatives by ``t``: two tuples of arrays
+    shaped like ``t``. The weights sum to 1 for any ``t``; at ``t == 0`` and
+    ``t == 1`` (a node) they are exactly 1 for offset 0 (1) and 0 for the others.
+    A tap at offset o <= 0 lies t - o to the left, one at o >= 1 lies o - t to the
+    right (so that the linear interpolant's derivative at a node is the right-hand
+    segment's)."""
+    if kind not in TAP_OFFSETS:
+        raise ValueError(f"unknown Doppler interpolant {kind!r}")
+    one = jnp.ones_like(t)
+    if kind == "linear":
+        return (1.0 - t, t), (-one, one)
+    w, dw = [], []
+    for o in TAP_OFFSETS[kind]:
+        sign = 1.0 if o <= 0 else -1.0
+        wo, dwo = jax.jvp(
+            lambda x, o=o, sign=sign: _kernel(kind, sign * (x - o)), (t,), (one,)
+        )
+        # on a node the weights are exactly one-hot (a tap off the grid gets 0, not
+        # a rounding residue), with the kernel's derivative kept (stop_gradient of
+        # the correction: jax.grad at a node is the kernel's, not 0)
+        at0 = wo + jax.lax.stop_gradient(float(o == 0) - wo)
+        at1 = wo + jax.lax.stop_gradient(float(o == 1) - wo)
+        w.append(jnp.where(t == 0, at0, jnp.where(t == 1, at1, wo)))
+        dw.append(dwo)
+    return tuple(w), tuple(dw)
+
+
+def taps_inside(lg: LogGrid, kind: str, k):
+    """True where every tap of a shift by ``k`` whole pixels lies in the embedded
+    array of ``lg`` (its margin ``pad`` either side of the pixels)."""
+    off = TAP_OFFSETS[kind]
+    return (k + off[0] >= -lg.pad) & (k + off[-1] <= lg.pad)
+
+
+def combine(rows, weights):
+    """``sum_k weights[k] * rows[k]`` (taps of :class:`Shifted`)."""
+    out = weights[0] * rows[0]
+    for w, r in zip(weights[1:], rows[1:], strict=True):
+        out = out + w * r
+    return out
+
+
+class Shifted(NamedTuple):
+    """Rest-frame rows at the shifted positions, as taps and weights.
+
+    ``taps``: one (c, P_obs) array per tap offset; ``w`` and ``dw_drv``: per tap, the
+    weight and its derivative by rv [1/(km/s)], scalars on a :class:`LogGrid`
+    (every pixel at the same fraction of its interval) else (P_obs,); ``valid``
+    (P_obs,) bool.
+    """
+
+    taps: tuple
+    w: tuple
+    dw_drv: tuple
+    valid: object
+
+    def value(self):
+        """(c, P_obs): the interpolated rows."""
+        return combine(self.taps, self.w)
+
+    def slope(self):
+        """(c, P_obs): their derivative by rv [1/(km/s)]."""
+        return combine(self.taps, self.dw_drv)
+
+
+def log_position(lg: LogGrid, rv):
+    """``(k, t, dt_drv)``: rest position = observed position - ``u`` pixels with
+    ``u = k + t`` (k integer, t in [0, 1)), and ``dt/drv`` [1/(km/s)]."""
+    dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))  # d atanh(v/c) / dv
+    u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
+    k = jnp.floor(u)
+    return k.astype(jnp.int32), u - k, -lg.inv_step * dv
+
+
+def tap_span(kind: str) -> tuple[int, int]:
+    """First and last tap offset of the interpolant ``kind``."""
+    off = TAP_OFFSETS[kind]
+    return off[0], off[-1]
+
+
+def shift_pair(obs, m, rv) -> Shifted:
     """Interpolation of rest-frame rows ``m`` (c, P_rest) at lambda_obs / f.
 
-    ``obs`` is an :class:`~payne_lite.observe.ObsModel` (its ``log_grid``,
-    ``x_rest``, ``x_obs``, ``wave_obs``, ``lookup`` and ``gap_cum`` are read).
+    ``obs`` is an :class:`~payne_lite.observe.ObsModel` (its ``interp``,
+    ``log_grid``, ``x_rest``, ``x_obs``, ``wave_obs``, ``lookup`` and ``gap_cum``
+    are read). The interpolant is ``obs.interp`` (:data:`TAP_OFFSETS`): on a
+    :class:`LogGrid` in ln lambda (every pixel at the same fraction of its
+    interval), else in the pixel index of the rest grid with the fraction taken
+    linearly in lambda within the interval.
 
-    Returns ``(ma, mb, t, dt_drv, valid)``: the bracketing rest values (c, P_obs),
-    the weight t (the value is ``ma + t (mb - ma)``), ``dt/drv`` [1/(km/s)] and the
-    validity (P_obs,): False off the rest grid, across one of its gaps, or from a
-    rest pixel whose broadening kernel leaves its chip (:func:`complete_rest`). ``t`` and
-    ``dt_drv`` are scalars on a :class:`LogGrid` (linear interpolation in
-    ln lambda, which differs from interpolation in lambda by at most step/8 of the
-    interval: 2e-6 of it for APOGEE), else (P_obs,) (linear in lambda, as
-    ``np.interp``).
+    Returns a :class:`Shifted`: the taps (c, P_obs) and their weights; the validity
+    (P_obs,) is False where a tap falls off the rest grid or across one of its
+    gaps, or reads a rest pixel whose broadening kernel leaves its chip
+    (:func:`complete_rest`).
     """
     lg = obs.log_grid
-    dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))  # d atanh(v/c) / dv
+    offsets = TAP_OFFSETS[obs.interp]
     if lg is not None:
-        u = -jnp.arctanh(rv / C_KMS) * lg.inv_step  # rest - obs position [pixels]
-        k = jnp.floor(u)
-        t = u - k
-        k = k.astype(jnp.int32)
+        k, t, dt_drv = log_position(lg, rv)
+        w, dw = tap_weights(obs.interp, t)
         emb = embed(lg, m)  # (c, size): contiguous rows
         ok = jnp.asarray(embed(lg, complete_rest(obs)))
-        ma, mb, va = [], [], []
+        taps = [[] for _ in offsets]
+        va = []
         for _, e0, n in lg.obs:
-            # two slices, not one of n + 1 sliced again: XLA:CPU vectorises a
-            # dynamic slice consumed directly, not a slice of one (3.5x per row)
-            ma.append(jax.lax.dynamic_slice_in_dim(emb, e0 + k, n, axis=1))
-            mb.append(jax.lax.dynamic_slice_in_dim(emb, e0 + k + 1, n, axis=1))
-            va.append(
-                jax.lax.dynamic_slice_in_dim(ok, e0 + k, n)
-                & jax.lax.dynamic_slice_in_dim(ok, e0 + k + 1, n)
-            )
-        valid = jnp.concatenate(va) & (jnp.abs(k) <= lg.pad - 2)
-        ma, mb = jnp.concatenate(ma, axis=1), jnp.concatenate(mb, axis=1)
-        return ma, mb, t, -lg.inv_step * dv, valid
+            # one dynamic slice per tap, not one of n + 3 sliced again: XLA:CPU
+            # vectorises a dynamic slice consumed directly, not a slice of one
+            # (3.5x per row)
+            v = None
+            for j, o in enumerate(offsets):
+                taps[j].append(jax.lax.dynamic_slice_in_dim(emb, e0 + k + o, n, axis=1))
+                okj = jax.lax.dynamic_slice_in_dim(ok, e0 + k + o, n)
+                if o != 0:  # at a node only tap 0 has weight
+                    okj = okj | (t == 0)
+                v = okj if v is None else v & okj
+            va.append(v)
+        valid = jnp.concatenate(va) & taps_inside(lg, obs.interp, k)
+        taps = tuple(jnp.concatenate(tj, axis=1) for tj in taps)
+        return Shifted(taps, w, tuple(d * dt_drv for d in dw), valid)
     inv_m1 = inv_factor_m1(rv)
     xq = obs.x_obs + obs.wave_obs * inv_m1
+    n = obs.x_rest.shape[0]
     if obs.lookup is None:
         i = interval(obs.x_rest, xq)
     else:
@@ -257,13 +372,25 @@ def shift_pair(obs, m, rv):
     # d xq / dv = lambda_obs d(1/f)/dv with d(1/f)/dv = -(1/f) d atanh(v/c)/dv: the
     # slope of the segment [x_i, x_i+1) holding xq (on a node: the segment to its
     # right); zero where the interpolation is clamped off the grid's ends.
+    dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
     dt_drv = jnp.where(inside, -(inv_m1 + 1.0) * dv * obs.wave_obs / h, 0.0)
-    valid = inside & (obs.gap_cum[i + 1] - obs.gap_cum[i] == 0)
+    # on a rest pixel (t 0 or 1): only that pixel's tap has weight
+    node = (t == 0) | (t == 1)
+    at = i + (t == 1)
+    lo = jnp.where(node, at, i + offsets[0])
+    hi = jnp.where(node, at, i + offsets[-1])
+    inside = inside & (lo >= 0) & (hi <= n - 1)
+    lo_c, hi_c = jnp.clip(lo, 0, n - 1), jnp.clip(hi, 0, n - 1)
+    valid = inside & (obs.gap_cum[hi_c] - obs.gap_cum[lo_c] == 0)
     complete = complete_rest(obs)
+    idx = [jnp.clip(i + o, 0, n - 1) for o in offsets]
     if not complete.all():
         c = jnp.asarray(complete)
-        valid = valid & c[i] & c[i + 1]
-    return m[:, i], m[:, i + 1], t, dt_drv, valid
+        for ij in idx:
+            valid = valid & (c[ij] | (node & (ij != at)))
+    w, dw = tap_weights(obs.interp, t)
+    taps = tuple(m[:, ij] for ij in idx)
+    return Shifted(taps, w, tuple(d * dt_drv for d in dw), valid)
 
 
 def doppler_shift(wave_rest, flux_rest, rv, wave_obs):

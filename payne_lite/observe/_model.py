@@ -63,8 +63,11 @@ from ..emulator import (
 from . import broadening as _broad
 from ._chippoly import ChipPolynomial, as_continuum
 from ._doppler import (
+    DOPPLER_INTERP,
     LOG_GRID_TOL,
+    TAP_OFFSETS,
     LogGrid,
+    combine,
     complete_rest,
     embed,
     gap_cum,
@@ -72,11 +75,14 @@ from ._doppler import (
     interval,
     interval_lookup,
     inv_factor_m1,
+    log_position,
     make_log_grid,
     make_lookup,
     shift,
     shift_pair,
-    span_valid,
+    tap_span,
+    tap_weights,
+    taps_inside,
 )
 
 Array = jax.Array
@@ -159,7 +165,7 @@ class JetNet(NamedTuple):
         "jet",
         "lsf",
     ],
-    meta_fields=["activation", "n_labels", "cont", "log_grid", "broad"],
+    meta_fields=["activation", "n_labels", "cont", "log_grid", "broad", "interp"],
 )
 @dataclasses.dataclass(frozen=True)
 class ObsModel:
@@ -195,6 +201,8 @@ class ObsModel:
             emulator's own resolution).
         broad: static :class:`BroadSpec` when ``lsf`` or broadening parameters are
             in use, else None.
+        interp: static name of the Doppler interpolant (:data:`TAP_OFFSETS`):
+            ``"cubic"`` (the default, :data:`DOPPLER_INTERP`) or ``"linear"``.
     """
 
     net: PixelNet | DenseNet | KernelNet
@@ -211,6 +219,7 @@ class ObsModel:
     jet: JetNet | None = None
     lsf: Array | None = None
     broad: BroadSpec | None = None
+    interp: str = DOPPLER_INTERP
 
     @property
     def n_cont(self) -> int:
@@ -277,11 +286,12 @@ def observe(obs: ObsModel, params: Array) -> tuple[Array, Array]:
     """
     n_lab = obs.n_labels
     # Materialised before the shift (see _rest_with_jac): measured 1.8x faster.
-    flux_rest = jax.lax.optimization_barrier(
-        rest_model(obs, params[:n_lab], params[obs.n_params - obs.n_broad :])
+    flux_rest = materialize(
+        rest_model(obs, params[:n_lab], params[obs.n_params - obs.n_broad :]),
+        jnp.all(jnp.isfinite(params)),
     )
-    ma, mb, t, _, valid = shift_pair(obs, flux_rest[None], params[n_lab])
-    flux = (ma + t * (mb - ma))[0]
+    sh = shift_pair(obs, flux_rest[None], params[n_lab])
+    flux, valid = sh.value()[0], sh.valid
     if obs.n_cont:
         flux = flux * (obs.basis @ obs.cont_params(params))
     return flux, valid
@@ -320,17 +330,16 @@ def _rest_with_jac(obs: ObsModel, s: Array) -> Array:
     (measured 1.5x slower for the whole LM step).
     """
 
+    ok = jnp.all(jnp.isfinite(s))
     if isinstance(obs.net, KernelNet):
-        return jax.lax.optimization_barrier(
-            kernel_forward_jac(obs.net, s, obs.activation)
-        )
+        return materialize(kernel_forward_jac(obs.net, s, obs.activation), ok)
 
     def f(s):
         y = forward(obs.net, s, obs.activation)
         return y, y
 
     jac, flux = jax.jacfwd(f, has_aux=True)(s)
-    return jax.lax.optimization_barrier(jnp.concatenate([flux[None], jac.T]))
+    return materialize(jnp.concatenate([flux[None], jac.T]), ok)
 
 
 def observe_jac(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
@@ -341,10 +350,11 @@ def observe_jac(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
 
     * labels: the rest-frame derivatives (:func:`_rest_with_jac`), shifted with the
       flux by the same interpolation weights, times the continuum;
-    * rv: the slope of the interpolating segment times ``dt/drv``
-      (:func:`shift_pair`); zero where the interpolation is clamped at the grid's
-      ends. On a grid node (for example rv = 0 on the emulator's own grid) the
-      right-hand segment's slope is used, where ``jax.jacfwd`` of the clipped
+    * rv: the interpolant's derivative by the position times ``dt/drv``
+      (:meth:`Shifted.slope`); zero where the interpolation is clamped at the
+      grid's ends. The cubic interpolant's derivative is continuous; with the
+      linear one, on a grid node (for example rv = 0 on the emulator's own grid)
+      the right-hand segment's slope is used, where ``jax.jacfwd`` of the clipped
       interpolation would give half of it;
     * continuum coefficients: the Chebyshev basis times the shifted flux.
 
@@ -368,11 +378,10 @@ def observe_jac_t(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
         jac, (flux, valid) = jax.jacfwd(f, has_aux=True)(params)
         return flux, valid, jac.T
     m = _rest_with_jac(obs, params[:n_lab])
-    ma, mb, t, dt_drv, valid = shift_pair(obs, m, params[n_lab])
-    diff = mb - ma
-    mi = ma + t * diff
+    sh = shift_pair(obs, m, params[n_lab])
+    mi, valid = sh.value(), sh.valid
     flux = mi[0]
-    jac = jnp.concatenate([mi[1:], (diff[0] * dt_drv)[None]])
+    jac = jnp.concatenate([mi[1:], combine([t[:1] for t in sh.taps], sh.dw_drv)])
     if obs.n_cont:
         basis_t = obs.basis.T
         cont = obs.cont_params(params) @ basis_t
@@ -435,31 +444,29 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     m = jet.c
     for h, (a, da) in enumerate(acts):
         m = m + jet.v[:, h] * jnp.where(first, a[None], da[None])
-    # materialised: else XLA fuses the loop above into both slices (see _fusion)
+    # the shift: one dynamic slice per tap of the interpolant (:func:`shift_pair`),
+    # of the rows materialised first (else XLA fuses the loop above into every
+    # tap's slice and evaluates the network's output layer once per tap)
     m = materialize(m, jnp.isfinite(rv))
-    # the shift: rest position = observed position - u pixels
-    dv = 1.0 / (C_KMS * (1.0 - (rv / C_KMS) ** 2))
-    u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
-    k = jnp.floor(u)
-    t = u - k
-    k = k.astype(jnp.int32)
+    k, t, dt_drv = log_position(lg, rv)
+    w, dw = tap_weights(obs.interp, t)
     e_first, n_emb = _obs_span(lg)
     shape = (m.shape[0], n_emb)
     zero = jnp.zeros((), jnp.int32)
-    ma = jax.lax.dynamic_slice(m, (zero, e_first + k), shape)
-    mb = jax.lax.dynamic_slice(m, (zero, e_first + k + 1), shape)
-    diff = mb - ma
+    offs = TAP_OFFSETS[obs.interp]
+    taps = [jax.lax.dynamic_slice(m, (zero, e_first + k + o), shape) for o in offs]
     row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     # rows: d/drv, d/ds_j (reordered to the parameter order below), the residual
-    val = ma + t * diff
+    val = combine(taps, w)
+    slope = combine(taps, [d * dt_drv for d in dw])
     if obs.n_cont:
         cont = params[n_lab + 1 :] @ jet.basis
         x = sw_e * jnp.where(
             row == 0,
-            diff * (-lg.inv_step * dv) * cont,
+            slope * cont,
             jnp.where(row == res, val * cont - flux_e, val * cont),
         )
-        jc = jet.basis * (sw_e * (ma[0] + t * diff[0]))
+        jc = jet.basis * (sw_e * val[0])
         prod = x @ x.T
         cross = jc @ x.T  # (n_c, R)
         a = jnp.concatenate(
@@ -470,11 +477,7 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
         )
         g = jnp.concatenate([prod[:res, res], cross[:, res]])
     else:
-        x = sw_e * jnp.where(
-            row == 0,
-            diff * (-lg.inv_step * dv),
-            jnp.where(row == res, val - flux_e, val),
-        )
+        x = sw_e * jnp.where(row == 0, slope, jnp.where(row == res, val - flux_e, val))
         prod = x @ x.T  # (R, R): J^T W J, J^T W r and chi2 in one product
         a, g = prod[:res, :res], prod[:res, res]
     perm = np.r_[1:res, 0, res : a.shape[0]]
@@ -497,15 +500,16 @@ def weighted_residuals(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array)
         for j in range(n_lab):
             z = z + jet.w0[j, h] * s[j]
         f = f + jet.v[0, h] * act(z)
-    f = materialize(f, jnp.isfinite(rv))  # evaluated once, not once per slice
-    u = -jnp.arctanh(rv / C_KMS) * lg.inv_step
-    k = jnp.floor(u)
-    t = u - k
-    k = k.astype(jnp.int32)
+    f = materialize(f, jnp.isfinite(rv))  # evaluated once, not once per tap
+    k, t, _ = log_position(lg, rv)
     e_first, n_emb = _obs_span(lg)
-    ma = jax.lax.dynamic_slice_in_dim(f, e_first + k, n_emb)
-    mb = jax.lax.dynamic_slice_in_dim(f, e_first + k + 1, n_emb)
-    val = ma + t * (mb - ma)
+    val = combine(
+        [
+            jax.lax.dynamic_slice_in_dim(f, e_first + k + o, n_emb)
+            for o in TAP_OFFSETS[obs.interp]
+        ],
+        tap_weights(obs.interp, t)[0],
+    )
     if obs.n_cont:
         val = val * (params[n_lab + 1 :] @ jet.basis)
     return sw_e * (val - flux_e)
@@ -542,36 +546,50 @@ def window_valid(obs: ObsModel, rv_lo, rv_hi) -> Array:
     That is, valid in the sense of :func:`shift_pair` at every rv of the window,
     and reading no rest pixel whose broadening kernel leaves its chip
     (:func:`complete_rest`). On a :class:`LogGrid`: the rest points from
-    ``floor(u(rv_hi))`` to ``floor(u(rv_lo)) + 1`` pixels away all exist (a
-    difference of a cumulative count, two slices per chip); else by interval search
-    in lambda.
+    ``floor(u(rv_hi))`` plus the first tap offset to ``floor(u(rv_lo))`` plus the
+    last all exist (a difference of a cumulative count, two slices per chip); else
+    by interval search in lambda.
     """
     lg = obs.log_grid
     complete = complete_rest(obs)
+    o0, o1 = tap_span(obs.interp)
     if lg is None:
         xq_hi = obs.x_obs + obs.wave_obs * inv_factor_m1(rv_lo)  # smaller rv: redder
         xq_lo = obs.x_obs + obs.wave_obs * inv_factor_m1(rv_hi)
-        ok = span_valid(obs.x_rest, obs.gap_cum, xq_lo, xq_hi, obs.lookup)
-        if complete.all():
-            return ok
-        # no incomplete rest pixel among those the interpolation reads, ia .. ib + 1
-        bad = jnp.asarray(np.concatenate([[0], np.cumsum(~complete)]).astype(np.int32))
+        n = obs.x_rest.shape[0]
         if obs.lookup is None:
             ia, ib = interval(obs.x_rest, xq_lo), interval(obs.x_rest, xq_hi)
         else:
             ia = interval_lookup(obs.x_rest, obs.lookup, xq_lo)
             ib = interval_lookup(obs.x_rest, obs.lookup, xq_hi)
-        return ok & (bad[ib + 2] - bad[ia] == 0)
-    k_lo = jnp.floor(-jnp.arctanh(rv_hi / C_KMS) * lg.inv_step).astype(jnp.int32)
-    k_hi = jnp.floor(-jnp.arctanh(rv_lo / C_KMS) * lg.inv_step).astype(jnp.int32)
+        # the taps of every rv in the window: rest pixels ia + o0 .. ib + o1 (only
+        # tap 0 for a window that is one rv on a rest pixel)
+        on_a, on_b = xq_lo == obs.x_rest[ia], xq_lo == obs.x_rest[ia + 1]
+        node = (xq_lo == xq_hi) & (on_a | on_b)
+        at = jnp.where(on_a, ia, ia + 1)
+        a, b = jnp.where(node, at, ia + o0), jnp.where(node, at, ib + o1)
+        ok = (xq_lo >= obs.x_rest[0]) & (xq_hi <= obs.x_rest[-1]) & (a >= 0) & (b < n)
+        a, b = jnp.clip(a, 0, n - 1), jnp.clip(b, 0, n - 1)
+        ok = ok & (obs.gap_cum[b] - obs.gap_cum[a] == 0)
+        if complete.all():
+            return ok
+        bad = jnp.asarray(np.concatenate([[0], np.cumsum(~complete)]).astype(np.int32))
+        return ok & (bad[b + 1] - bad[a] == 0)
+    u_lo = -jnp.arctanh(rv_hi / C_KMS) * lg.inv_step
+    u_hi = -jnp.arctanh(rv_lo / C_KMS) * lg.inv_step
+    k_lo = jnp.floor(u_lo).astype(jnp.int32)
+    k_hi = jnp.floor(u_hi).astype(jnp.int32)
+    # one rv on a rest pixel (a fixed rv of 0 on the emulator's grid): tap 0 only
+    node = (u_lo == u_hi) & (u_lo == jnp.floor(u_lo))
+    o0, o1 = jnp.where(node, 0, o0), jnp.where(node, 0, o1)
     ok = embed(lg, complete.astype(np.int32))
     cum = jnp.asarray(np.concatenate([[0], np.cumsum(ok)]).astype(np.int32))
     parts = []
     for _, e0, n in lg.obs:
-        top = jax.lax.dynamic_slice_in_dim(cum, e0 + k_hi + 2, n)
-        bottom = jax.lax.dynamic_slice_in_dim(cum, e0 + k_lo, n)
-        parts.append(top - bottom == k_hi - k_lo + 2)
-    inside = (jnp.abs(k_lo) <= lg.pad - 2) & (jnp.abs(k_hi) <= lg.pad - 2)
+        top = jax.lax.dynamic_slice_in_dim(cum, e0 + k_hi + o1 + 1, n)
+        bottom = jax.lax.dynamic_slice_in_dim(cum, e0 + k_lo + o0, n)
+        parts.append(top - bottom == k_hi - k_lo + o1 - o0 + 1)
+    inside = taps_inside(lg, obs.interp, k_lo) & taps_inside(lg, obs.interp, k_hi)
     return jnp.concatenate(parts) & inside
 
 

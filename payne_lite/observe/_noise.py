@@ -155,8 +155,7 @@ def basis_on(obs, basis, p):
     parameters ``p`` (k,): shifted to ``p``'s rv and times its continuum (K, P_obs),
     as :func:`payne_lite.observe.observe` maps the emulator's flux (no instrumental
     broadening: the basis is the error of the rest-frame emulator). Pure, jittable."""
-    ma, mb, t, _, _ = shift_pair(obs, basis, p[obs.n_labels])
-    b = ma + t * (mb - ma)
+    b = shift_pair(obs, basis, p[obs.n_labels]).value()
     if obs.n_cont:
         b = b * (obs.cont_params(p) @ obs.basis.T)
     return b
