@@ -438,7 +438,8 @@ def test_fit_at_lower_resolution_on_a_coarser_grid(default_emu):
 # --- rotation in the fit (the real APOGEE network) -----------------------------------------
 def test_vsini_recovered_with_the_real_apogee_network(payne5):
     """vsini = 0, 10, 30 km/s (Gray profile, epsilon 0.6, made by NumPy/SciPy on a
-    10x finer grid) recovered at S/N 100 to 1.5 km/s, noise-free to 0.1 km/s, with
+    10x finer grid) recovered at S/N 100 to 1.5 km/s, noise-free to 0.1 km/s (vsini 0:
+    to the precision the data allow, see below), with
     the other labels free except the network's vmacro label, which is held at its
     true value (it broadens the lines too and is degenerate with vsini). The
     network's resolution is not in its file: the default, APOGEE's 22,500, is
@@ -461,7 +462,23 @@ def test_vsini_recovered_with_the_real_apogee_network(payne5):
     print("vsini_err", list(t["vsini_err"]))
     assert t["vsini"].unit == "km / s" and t["vsini_err"].unit == "km / s"
     assert "vsini" in t.meta["cov_params"]
-    np.testing.assert_allclose(t["vsini"][:3], vs, atol=0.1)
+    np.testing.assert_allclose(t["vsini"][1:3], vs[1:], atol=0.1)
+
+    # At vsini = 0 the rotation changes the flux as vsini^2 and chi2 as vsini^4: with
+    # errors of 1e-4, chi2 rises by 3.6 at 0.2 km/s and by 0.36 at 0.11 (measured),
+    # so the data tell 0 from 0.11 by less than 1 sigma, and float32 chi2 is noisy at
+    # the 0.2 level there. Asked of the fit: its chi2 within 1 of the chi2 at
+    # vsini = 0, and vsini below 0.2, which the data exclude (checked here).
+    def chi2_at(v):
+        t1 = fit(
+            flux[0], err[0], emu, wavelength=wave, fixed={"vsini": v, "vmacro": 8.0}
+        )
+        return float(t1["chi2"][0])
+
+    chi2_0 = chi2_at(0.0)
+    assert chi2_at(0.2) > chi2_0 + 1.0
+    assert 0.0 <= t["vsini"][0] < 0.2
+    assert t["chi2"][0] < chi2_0 + 1.0
     np.testing.assert_allclose(t["vsini"][3:], vs, atol=1.5)
     # errors from the covariance where vsini is measurable, a few 0.1 km/s
     assert np.all((t["vsini_err"][4:] > 0.02) & (t["vsini_err"][4:] < 1.0))
