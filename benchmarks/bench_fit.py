@@ -83,6 +83,29 @@ def catastrophic_max(snr: float) -> float:
     return 0.005 if snr >= 100 else 0.01
 
 
+def spline_shift(wave, flux_rest, rv, gap_after=None) -> np.ndarray:
+    """The rest-frame flux ``flux_rest`` (P,) on ``wave`` (P,) [A] seen at radial
+    velocity ``rv`` [km/s]: at lambda / f by a not-a-knot cubic spline in ln lambda,
+    fitted chip by chip (no spline across a chip gap, ``gap_after`` (P - 1,) bool,
+    by default a step over ``GAP_FACTOR`` times the median); NaN off the chips. An
+    interpolant neither The Payne's (linear) nor the fitter's (Keys' cubic
+    convolution): the mocks' shift, as nature's is neither."""
+    from scipy.interpolate import CubicSpline
+
+    x = np.log(np.asarray(wave, np.float64))
+    if gap_after is None:
+        dln = np.diff(x)
+        gap_after = dln > GAP_FACTOR * np.median(dln)
+    xq = x - np.arctanh(rv / C_KMS)  # ln(lambda / f)
+    out = np.full(x.shape, np.nan)
+    cuts = np.concatenate([[0], np.flatnonzero(gap_after) + 1, [x.size]])
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        spl = CubicSpline(x[a:b], flux_rest[a:b])
+        inside = (xq >= x[a]) & (xq <= x[b - 1])
+        out[inside] = spl(xq[inside])
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # The Payne's model in NumPy (float64)
 # --------------------------------------------------------------------------------------
@@ -126,21 +149,8 @@ class PayneNumpy:
         return self.shift(self.rest(s), rv)
 
     def spline_shift(self, flux_rest, rv) -> np.ndarray:
-        """The rest model at lambda / f by a not-a-knot cubic spline in ln lambda,
-        fitted chip by chip (no spline across a chip gap); NaN off the chips. An
-        interpolant neither The Payne's (linear) nor the fitter's (Keys' cubic
-        convolution): the mocks' shift, as nature's is neither."""
-        from scipy.interpolate import CubicSpline
-
-        x = np.log(self.wave)
-        xq = x - np.arctanh(rv / C_KMS)  # ln(lambda / f)
-        out = np.full_like(flux_rest, np.nan)
-        cuts = np.concatenate([[0], np.flatnonzero(self.gap_after) + 1, [x.size]])
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            spl = CubicSpline(x[a:b], flux_rest[a:b])
-            inside = (xq >= x[a]) & (xq <= x[b - 1])
-            out[inside] = spl(xq[inside])
-        return out
+        """:func:`spline_shift` on this network's grid (the mocks' shift)."""
+        return spline_shift(self.wave, flux_rest, rv, self.gap_after)
 
     def observed(self, s, rv) -> np.ndarray:
         """A mock observation's noise-free flux: :meth:`spline_shift` of the rest
