@@ -18,7 +18,8 @@ uniform in the middle of its box as in ``bench_fit.py``, S/N ``--snr``, rv unifo
 
 None of them is the fitter's own interpolant (Keys' six-tap cubic convolution,
 ``payne_lite.observe.DOPPLER_INTERP``). ``--no-polish`` switches the fit's rv polish
-off (to see whether it pays); ``--interp linear`` fits with the linear interpolant
+off (to see whether it pays); ``--interp lanczos6`` fits with a band-limited shift
+(twelve-tap Lanczos); ``--interp linear`` fits with the linear interpolant
 instead (the fitter before the cubic one, but with today's polish rule: it probes
 only doubtful fits, so its rvs beyond 3 sigma are worse than that fitter's were).
 
@@ -290,7 +291,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--no-polish", action="store_true", help="switch the fit's rv polish off"
     )
-    ap.add_argument("--interp", choices=("cubic6", "linear"), default="cubic6")
+    ap.add_argument(
+        "--interp", choices=("cubic6", "linear", "lanczos6"), default="cubic6"
+    )
     ap.add_argument("--real", action="store_true", help="the real-spectrum check")
     ap.add_argument(
         "--kernels", action="store_true", help="the interpolants' own shift bias"

@@ -146,7 +146,8 @@ def make_log_grid(wave_rest, wave_obs, rv_max: float) -> LogGrid | None:
     ):
         return None
     # margin: the largest shift plus the widest interpolant's taps (TAP_OFFSETS)
-    pad = int(np.ceil(np.arctanh(min(rv_max, 0.5 * C_KMS) / C_KMS) / step)) + 4
+    reach = max(max(abs(o) for o in offs) for offs in TAP_OFFSETS.values())
+    pad = int(np.ceil(np.arctanh(min(rv_max, 0.5 * C_KMS) / C_KMS) / step)) + reach
     lo = int(min(n_r[0], n_o[0]))
     size = int(max(n_r[-1], n_o[-1])) - lo + 1 + 2 * pad
     return LogGrid(
@@ -210,8 +211,18 @@ DOPPLER_INTERP = "cubic6"
 #: which reproduces quadratics exactly; ``"cubic6"``: Keys' six-tap cubic
 #: convolution (also C1, third-order accurate: closer to a band-limited shift);
 #: ``"linear"``: two-point linear interpolation (kinks at every node; the MDN's
-#: feature extraction, which was trained on it).
-TAP_OFFSETS = {"linear": (0, 1), "cubic": (-1, 0, 1, 2), "cubic6": (-2, -1, 0, 1, 2, 3)}
+#: feature extraction, which was trained on it); ``"lanczos6"``: the Lanczos kernel
+#: ``sinc(x) sinc(x / 6)``, twelve taps, the weights normalised to sum 1: a
+#: band-limited shift (C1), within 1.6e-3 pixels of the truth for Gaussian lines
+#: 2-5 pixels wide, where ``"cubic6"`` is off by up to 1.8e-2; 1.3x the fit's
+#: time. Not the default: ``benchmarks/bench_doppler.py --interp lanczos6`` and
+#: ``--kernels`` measure it (benchmarks/README.md).
+TAP_OFFSETS = {
+    "linear": (0, 1),
+    "cubic": (-1, 0, 1, 2),
+    "cubic6": (-2, -1, 0, 1, 2, 3),
+    "lanczos6": tuple(range(-5, 7)),
+}
 
 
 def _kernel(kind: str, a):
@@ -234,6 +245,8 @@ def _kernel(kind: str, a):
                 jnp.where(a < 3.0, ((a / 12.0 - 2.0 / 3.0) * a + 1.75) * a - 1.5, 0.0),
             ),
         )
+    if kind == "lanczos6":  # unnormalised (tap_weights normalises)
+        return jnp.where(a < 6.0, jnp.sinc(a) * jnp.sinc(a / 6.0), 0.0)
     raise ValueError(f"unknown Doppler interpolant {kind!r}")
 
 
@@ -241,7 +254,8 @@ def tap_weights(kind: str, t):
     """Weights of the taps :data:`TAP_OFFSETS` ``[kind]`` at the fraction ``t`` in
     [0, 1] of the interval, and their derivatives by ``t``: two tuples of arrays
     shaped like ``t``. The weights sum to 1 for any ``t``; at ``t == 0`` and
-    ``t == 1`` (a node) they are exactly 1 for offset 0 (1) and 0 for the others.
+    ``t == 1`` (a node) they are exactly 1 for offset 0 (1) and 0 for the others
+    (a Lanczos kernel's are normalised by their sum, with the quotient's derivative).
     A tap at offset o <= 0 lies t - o to the left, one at o >= 1 lies o - t to the
     right (so that the linear interpolant's derivative at a node is the right-hand
     segment's)."""
@@ -263,6 +277,10 @@ def tap_weights(kind: str, t):
         at1 = wo + jax.lax.stop_gradient(float(o == 1) - wo)
         w.append(jnp.where(t == 0, at0, jnp.where(t == 1, at1, wo)))
         dw.append(dwo)
+    if kind == "lanczos6":  # normalised to sum 1 (one-hot at a node already)
+        tot, dtot = sum(w), sum(dw)
+        dw = [(d * tot - x * dtot) / (tot * tot) for x, d in zip(w, dw, strict=True)]
+        w = [x / tot for x in w]
     return tuple(w), tuple(dw)
 
 
