@@ -341,14 +341,14 @@ def main(argv=None) -> dict:
         res[name]["seconds"] = time.perf_counter() - t0
     cols = ["rv", *names]
     print(f"\n{'set':<8} {'>3sig':>6} {'>5sig':>6}  1-sigma coverage "
-          f"({', '.join(cols)})  LM iterations med/mean/p90  flagged")  # fmt: skip
+          f"({', '.join(cols)})  LM iterations med/mean/p90  flagged  seconds")  # fmt: skip
     for name, r in res.items():
         cov = " ".join(f"{r['coverage'][c]:.2f}" for c in cols)
         it = r["n_iter"]
         print(
             f"{name:<8} {100 * r['rv_beyond_3sigma']:5.2f}% {100 * r['rv_beyond_5sigma']:5.2f}%"
             f"  {cov}  {it['median']:.0f}/{it['mean']:.2f}/{it['p90']:.0f}"
-            f"  {100 * r['flagged']:.1f}%"
+            f"  {100 * r['flagged']:.1f}%  {r['seconds']:.2f}"
         )
     print("\ntargets: rvs beyond 3 sigma <= 0.6 % (0.27 % expected); coverage "
           "0.62-0.74; rest-frame LM iterations no more than shifted ones")  # fmt: skip
