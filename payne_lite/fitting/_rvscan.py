@@ -311,33 +311,23 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         offs = TAP_OFFSETS[obs.interp]
         n_r, nd = d.shape[0], len(offs)
 
-        # chip by chip: XLA:CPU writes a concatenation of dynamic slices as scalar
-        # code (~3 ns per element); the sums need none
-        runs = [(r0, e0, n) for r0, e0, n in lg.obs]
-        cont_c = [cont if not obs.n_cont else cont[r0 : r0 + n] for r0, _, n in runs]
-        f_c = [f[r0 : r0 + n] for r0, _, n in runs]
-        w_c = [wi[r0 : r0 + n] for r0, _, n in runs]
-
-        def residual(j):  # per run: the model slid by k + j pixels, minus the data
-            return [
-                jax.lax.dynamic_slice_in_dim(emb, e0 + k + j, n) * cc - fc
-                for (_, e0, n), cc, fc in zip(runs, cont_c, f_c, strict=True)
-            ]
-
-        res = [residual(j) for j in range(offs[0], n_r + offs[-1])]
-        zero = jnp.zeros((), f.dtype)
-        gram = []  # gram[a][e] = sum w r_a r_a+e (the Gram matrix's diagonals)
-        for a, ra in enumerate(res):
-            rw = [wc * rc for wc, rc in zip(w_c, ra, strict=True)]
-            gram.append(
-                [
-                    sum(jnp.sum(x * y) for x, y in zip(rw, res[a + e], strict=True))
-                    if a + e < len(res)
-                    else zero
-                    for e in range(nd)
-                ]
-            )
-        return _probe_minima(obs.interp, jnp.asarray(gram), u_top, lg.inv_step)
+        # chip by chip: one dynamic slice per observed run holds every slid model
+        # (static slices of it), and one product per run gives the Gram matrix of
+        # the slid residuals, G[a, b] = sum w r_a r_b (a handful of operations to
+        # compile, where a sum per pair compiled for ~10 s)
+        n_res = n_r + nd - 1
+        g_full = jnp.zeros((n_res, n_res), f.dtype)
+        for r0, e0, n in lg.obs:
+            cc = cont if not obs.n_cont else cont[r0 : r0 + n]
+            win = jax.lax.dynamic_slice_in_dim(emb, e0 + k + offs[0], n + n_res - 1)
+            slid = jnp.stack([win[j : j + n] for j in range(n_res)])  # (n_res, n)
+            r = slid * cc - f[r0 : r0 + n]
+            g_full = g_full + (r * wi[r0 : r0 + n]) @ r.T
+        # its diagonals: gram[a, e] = G[a, a + e] (0 past the end)
+        a_i = np.arange(n_res)[:, None]
+        b_i = a_i + np.arange(nd)[None, :]
+        gram = jnp.where(b_i < n_res, g_full[a_i, np.minimum(b_i, n_res - 1)], 0.0)
+        return _probe_minima(obs.interp, gram, u_top, lg.inv_step)
 
     return over(one, (p, dv, flux, w, run))
 
@@ -366,27 +356,38 @@ def _probe_minima(kind, gram, u_top, inv_step):
     lo, dist = np.minimum.outer(pq, pq), np.abs(np.subtract.outer(pq, pq))
     blocks = gram[np.arange(n_r)[:, None, None] + lo[None], dist[None]]  # (R, p, q)
 
-    def chi2_one(t, blk):  # scalar t, (p, q) block -> chi2
-        w = jnp.stack(tap_weights(kind, t)[0])
-        return w @ blk @ w
+    def taps(t):  # (R,) -> weights, first and second derivatives by t, (R, p) each
+        def first(x):
+            return jnp.stack(tap_weights(kind, x)[1], axis=-1)
 
-    chi2_at = jax.vmap(jax.vmap(chi2_one, (0, None)), (0, 0))  # (R, S), (R, p, q)
-    grad = jax.vmap(jax.grad(chi2_one))
-    curv = jax.vmap(jax.grad(jax.grad(chi2_one)))
+        w = jnp.stack(tap_weights(kind, t)[0], axis=-1)
+        dw, d2w = jax.jvp(first, (t,), (jnp.ones_like(t),))
+        return w, dw, d2w
+
+    def quad(u, v):  # u_r^T G_r v_r per interval r
+        return jnp.einsum("rp,rpq,rq->r", u, blocks, v)
+
     ts = jnp.linspace(0.0, 1.0, PROBE_SAMPLES, dtype=gram.dtype)
-    c = chi2_at(jnp.broadcast_to(ts, (n_r, PROBE_SAMPLES)), blocks)
+    w_s = jnp.stack(tap_weights(kind, ts)[0], axis=-1)  # (S, p)
+    c = jnp.einsum("sp,rpq,sq->rs", w_s, blocks, w_s)  # (R, S)
     i = jnp.argmin(c, axis=1)
     rows = jnp.arange(n_r)
     t_lo = ts[jnp.maximum(i - 1, 0)]
     t_hi = ts[jnp.minimum(i + 1, PROBE_SAMPLES - 1)]
-    t = ts[i]
-    for _ in range(PROBE_NEWTON):
-        g, h = grad(t, blocks), curv(t, blocks)
+
+    def newton(_, t):  # chi2 = w^T G w: g = 2 w'^T G w, h = 2 (w''^T G w + w'^T G w')
+        w, dw, d2w = taps(t)
+        g = 2.0 * quad(dw, w)
+        h = 2.0 * (quad(d2w, w) + quad(dw, dw))
         step = jnp.where(
             h > 0, t - g / jnp.where(h > 0, h, 1.0), jnp.where(g > 0, t_lo, t_hi)
         )
-        t = jnp.clip(step, t_lo, t_hi)
-    c_ref = jax.vmap(chi2_one)(t, blocks)
+        return jnp.clip(step, t_lo, t_hi)
+
+    # a loop, not unrolled: the Newton steps were most of the probe's compile time
+    t = jax.lax.fori_loop(0, PROBE_NEWTON, newton, ts[i])
+    w_t = jnp.stack(tap_weights(kind, t)[0], axis=-1)
+    c_ref = quad(w_t, w_t)
     use = c_ref <= c[rows, i]
     t_min = jnp.where(use, t, ts[i])
     c_min = jnp.where(use, c_ref, c[rows, i])
