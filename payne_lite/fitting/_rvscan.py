@@ -216,9 +216,8 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
     order)."""
     n_lab = obs.n_labels
     n_s = s.shape[0]
-    rest = materialize(
-        jnp.stack([rest_model(obs, s[j], b) for j in range(n_s)]),
-        jnp.all(jnp.isfinite(s)),
+    rest = materialize(  # vmapped, not one model per start in the program
+        jax.vmap(lambda sj: rest_model(obs, sj, b))(s), jnp.all(jnp.isfinite(s))
     )
     live = jnp.any(w > 0, axis=1)
 
