@@ -338,16 +338,26 @@ class NUTSOptions(_Options):
                 f"{owner}.adaptation must be one of {NUTS_ADAPTATIONS}, "
                 f"got {self.adaptation!r}"
             )
-        if self.n_warmup is None:
-            lm = self.adaptation == "lm"
-            self._set("n_warmup", NUTS_LM_WARMUP if lm else NUTS_WARMUP)
-        self._set("n_warmup", _int(self.n_warmup, "n_warmup", 10, owner))
+        if self.n_warmup is not None:  # None stays None: see warmup_steps
+            self._set("n_warmup", _int(self.n_warmup, "n_warmup", 10, owner))
         self._set("n_steps", _int(self.n_steps, "n_steps", 4, owner))
         self._set("check_every", _int(self.check_every, "check_every", 1, owner))
         self._set("ess_target", _positive(self.ess_target, "ess_target", owner))
         self._set("dense_mass", _bool(self.dense_mass, "dense_mass", owner))
         self._set("thin", _int(self.thin, "thin", 1, owner))
         _check_init(self, owner)
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up steps per chain: ``n_warmup``, or the adaptation's default
+        when it is None (resolved here, not stored at construction, so that
+        ``dataclasses.replace(opts, adaptation="window")`` gets the window's 500)."""
+        if self.n_warmup is not None:
+            return self.n_warmup
+        return NUTS_LM_WARMUP if self.adaptation == "lm" else NUTS_WARMUP
+
+    def to_meta(self) -> dict:
+        return {**super().to_meta(), "n_warmup": self.warmup_steps}  # what ran
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

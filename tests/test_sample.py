@@ -895,6 +895,19 @@ def test_bad_input(toy, kwargs, match):
         sample(flux, err, emu, **kwargs)
 
 
+def test_nuts_warmup_default_follows_the_adaptation_through_replace():
+    """The default warm-up is the adaptation's (100 for "lm", 500 for "window"),
+    also when the adaptation is changed by dataclasses.replace; a number given
+    stays."""
+    lm = pl.NUTSOptions()
+    assert lm.n_warmup is None and lm.warmup_steps == 100
+    window = dataclasses.replace(lm, adaptation="window")
+    assert window.warmup_steps == 500
+    assert dataclasses.replace(window, n_warmup=40).warmup_steps == 40
+    assert pl.NUTSOptions(adaptation="window", n_warmup=20).warmup_steps == 20
+    assert window.to_meta()["n_warmup"] == 500  # the results record what ran
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -1003,9 +1016,9 @@ def test_nuts_recovers_gaussian_posterior(toy, adaptation):
     assert t["method"][0] == "nuts" and bool(t["converged"][0])
     assert t["n_divergent"][0] == 0
     assert t["ess"][0] >= 2000 and t["rhat_max"][0] < nuts_mod.NUTS_RHAT_MAX
-    assert t["n_burn"][0] == opts.n_warmup
+    assert t["n_burn"][0] == opts.warmup_steps
     assert t["n_steps"][0] % opts.check_every == 0
-    assert opts.n_warmup == (100 if adaptation == "lm" else 500)
+    assert opts.warmup_steps == (100 if adaptation == "lm" else 500)
     assert t["n_evals"][0] > t["n_draws"][0] == 4 * t["n_steps"][0]
     assert 0.6 < t["acceptance"][0] < 1.0 and t["step_size"][0] > 0
     assert t["rhat"].shape == (1, 3) and t["tau"].shape == (1, 3)

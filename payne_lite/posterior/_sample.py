@@ -723,7 +723,7 @@ def _mcmc_star(run: _Run, i) -> None:
                 centre[pb.idx], lmr.cov[ix], tg["lo"], tg["hi"], dense=nuts.dense_mass
             )
         res = run_nuts(
-            pb.obs, to_device(tg, dt), tg, p0, n_warmup=nuts.n_warmup,
+            pb.obs, to_device(tg, dt), tg, p0, n_warmup=nuts.warmup_steps,
             n_steps=em.n_steps, block=em.check_every, ess_target=nuts.ess_target,
             seed=run.seed + int(i), dense=nuts.dense_mass, dt=dt, thin=em.thin,
             imm=imm,
