@@ -170,40 +170,55 @@ def coverage_run(
     return out
 
 
+class Sandwich:
+    """The LM's sandwich covariance recomputed at a best fit with any emulator-error
+    rows (K, P_rest) (shifted to the star's rv like the model), on the fit's pixels:
+    unmasked and valid at that rv (not at the chips' ends, whose taps leave the
+    chip: their rv derivatives are meaningless, and with them the rv errors came
+    out 1.5-3x too small). Per-pixel quadrature weights ``1 / (err^2 + pe^2)``
+    as the fit's with ``emulator_error=True``."""
+
+    def __init__(self, student, mask=None):
+        from payne_lite.observe import build_obs_model, observe_jac
+
+        self.student = student
+        self.obs = obs = build_obs_model(student)
+        self.jac = jax.jit(lambda p: observe_jac(obs, p)[1:])  # (valid, J)
+        self.wave = np.asarray(student.wavelength, np.float64)
+        self.span = np.r_[student.label_hi - student.label_lo, 1.0]
+        self.keep = np.ones(self.wave.size, bool) if mask is None else ~np.asarray(mask)
+
+    def errors(self, s, rv, err, rows) -> np.ndarray:
+        """Errors (L + 1,) [label units, km/s] at scaled labels ``s`` and ``rv``:
+        the square roots of ``G (D + R^T R) G^T``'s diagonal, ``G = (J^T W J)^-1
+        J^T W``, D the data variances ``err`` ** 2, R the ``rows`` shifted."""
+        from payne_lite.observe import emulator_error_on
+
+        st = self.student
+        valid, j = self.jac(jnp.asarray(np.r_[s, rv], self.obs.x_obs.dtype))
+        j = np.asarray(j, np.float64)  # (P, k)
+        pe = emulator_error_on(self.wave, self.wave, st.pixel_error, [rv])[0]
+        w = np.where(self.keep & np.asarray(valid), 1.0 / (err**2 + pe**2), 0.0)
+        g = np.linalg.solve(j.T @ (w[:, None] * j), (j * w[:, None]).T)  # (k, P)
+        gr = g @ np.stack([_shift(self.wave, r, rv) for r in rows]).T
+        cov = g @ (err[:, None] ** 2 * g.T) + gr @ gr.T
+        return np.sqrt(np.diag(cov)) * self.span
+
+
 def correlated_errors(student, table, err, mask, residuals) -> np.ndarray:
     """Errors (n, L + 1) [label units, km/s] of the fits in ``table`` (made with
     ``emulator_error=True`` and per-pixel quadrature weights) with the emulator's
     error treated as *correlated* across pixels: the sandwich covariance
-    ``G (D + C_emu) G^T`` of the linearised estimator ``G = (J^T W J)^-1 J^T W``
-    (W the fit's weights, D the data variances, J at the best fit) with
-    ``C_emu = R^T R / N`` from ``residuals`` R (N, P), the student's held-out
-    errors, shifted to each star's rv. An independent check of the library's
-    ``error_basis`` path, computed here."""
-    from payne_lite.observe import build_obs_model, emulator_error_on, observe_jac
-
-    obs = build_obs_model(student)
-    dt = obs.x_obs.dtype
-    jac = jax.jit(lambda p: observe_jac(obs, p)[1:])  # (valid, J)
-    wave = np.asarray(student.wavelength, np.float64)
-    span = np.r_[student.label_hi - student.label_lo, 1.0]
-    keep = np.ones(wave.size, bool) if mask is None else ~np.asarray(mask)
+    ``G (D + C_emu) G^T`` (:class:`Sandwich`) with ``C_emu = R^T R / N`` from
+    ``residuals`` R (N, P), the student's held-out errors, shifted to each star's
+    rv. An independent check of the library's ``error_basis`` path, computed
+    here."""
+    sand = Sandwich(student, mask)
+    rows = np.asarray(residuals) / np.sqrt(len(residuals))
     out = np.zeros((len(table), student.n_labels + 1))
     for i in range(len(table)):
         s = student.scale(np.array([table[n][i] for n in student.label_names]))
-        v = float(table["rv"][i])
-        valid, j = jac(jnp.asarray(np.r_[s, v], dt))
-        j = np.asarray(j, np.float64)  # (P, k)
-        pe = emulator_error_on(wave, wave, student.pixel_error, [v])[0]
-        # the fit's pixels: not at the chips' ends, whose taps leave the chip (their
-        # rv derivatives are meaningless: with them the rv errors came out 1.5-3x
-        # too small)
-        w = np.where(keep & np.asarray(valid), 1.0 / (err[i] ** 2 + pe**2), 0.0)
-        a = j.T @ (w[:, None] * j)
-        g = np.linalg.solve(a, (j * w[:, None]).T)  # (k, P)
-        r = np.stack([_shift(wave, row, v) for row in residuals])
-        gr = g @ r.T
-        cov = g @ (err[i][:, None] ** 2 * g.T) + gr @ gr.T / r.shape[0]
-        out[i] = np.sqrt(np.diag(cov)) * span
+        out[i] = sand.errors(s, float(table["rv"][i]), err[i], rows)
     return out
 
 

@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import payne_lite as pl
@@ -40,6 +38,7 @@ import payne_lite as pl
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_emulator_error import (  # noqa: E402
+    Sandwich,
     _shift,
     train_student,
     truth_emulator,
@@ -64,35 +63,6 @@ def amplitude_model(s_val, resid):
     beta = np.linalg.solve(f.T @ f + 1e-3 * np.eye(f.shape[1]), f.T @ np.log(ms))
     c = 1.0 / np.mean(np.exp(f @ beta))
     return lambda s: np.clip(c * np.exp(quad_features(s) @ beta), 0.05, 20.0)
-
-
-class Sandwich:
-    """The LM's sandwich covariance recomputed at a best fit with any emulator-error
-    rows (K, P_rest) (shifted to the star's rv like the model), on the fit's pixels
-    (unmasked and valid at that rv)."""
-
-    def __init__(self, student, mask):
-        from payne_lite.observe import build_obs_model, observe_jac
-
-        self.student = student
-        self.obs = obs = build_obs_model(student)
-        self.jac = jax.jit(lambda p: observe_jac(obs, p)[1:])
-        self.wave = np.asarray(student.wavelength, np.float64)
-        self.span = np.r_[student.label_hi - student.label_lo, 1.0]
-        self.keep = ~np.asarray(mask)
-
-    def errors(self, s, rv, err, rows) -> np.ndarray:
-        from payne_lite.observe import emulator_error_on
-
-        st = self.student
-        valid, j = self.jac(jnp.asarray(np.r_[s, rv], self.obs.x_obs.dtype))
-        j = np.asarray(j, np.float64)
-        pe = emulator_error_on(self.wave, self.wave, st.pixel_error, [rv])[0]
-        w = np.where(self.keep & np.asarray(valid), 1.0 / (err**2 + pe**2), 0.0)
-        g = np.linalg.solve(j.T @ (w[:, None] * j), (j * w[:, None]).T)
-        gr = g @ np.stack([_shift(self.wave, r, rv) for r in rows]).T
-        cov = g @ (err[:, None] ** 2 * g.T) + gr @ gr.T
-        return np.sqrt(np.diag(cov)) * self.span
 
 
 def main(argv=None) -> None:
