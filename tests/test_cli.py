@@ -374,7 +374,7 @@ CLI_OF = {
     "emulator": ["--emulator"], "mdn": ["--mdn"], "method": ["--method"],
     "mask": ["--mask"], "p0": ["--p0"], "group": ["--group"], "fixed": ["--fixed"],
     "instrument": ["--air", "--resolution", "--lsf-sigma", "--emulator-resolution",
-                   "--vsini", "--vmacro"],
+                   "--vsini", "--vmacro", "--doppler"],
     "cont_deg": ["--cont-deg", "--cont-chips"], "rv_range": ["--rv-range"], "seed": ["--seed"],
     "emulator_error": ["--no-emulator-error"],
     "progress": ["--no-progress"], "options": ["--options", "--max-iter", "--mdn-starts",
@@ -410,6 +410,21 @@ def test_every_python_argument_has_a_flag_or_a_reason():
     help_text = fit_parser.format_help()
     for name in PYTHON_ONLY:
         assert f"  {name}: " in help_text
+
+
+def test_doppler_flag_reaches_the_instrument(files, fit_files):
+    """--doppler sets Instrument.doppler (cubic6 without it); an unknown name is
+    refused by the parser."""
+    from payne_lite.cli._fit import _models
+    from payne_lite.cli._main import build_parser
+
+    parser = build_parser()
+    base = ["fit", str(fit_files.cat), "--emulator", str(files.emu), "-o", "x.fits"]
+    for extra, want in (([], "cubic6"), (["--doppler", "lanczos6"], "lanczos6")):
+        args = parser.parse_args([*base, *extra])
+        assert _models(args, files.emu)[2].doppler == want
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--doppler", "sinc"])
 
 
 def test_fit_run_options_reach_fit(files, fit_files, tmp_path, capsys):

@@ -28,6 +28,7 @@ from conftest import (
 from scipy.ndimage import gaussian_filter1d
 from scipy.optimize import minimize_scalar
 
+import payne_lite as pl
 from payne_lite import Emulator, LMOptions, PixelNet, fit
 from payne_lite.constants import C_KMS
 from payne_lite.fitting import FLAG_FAILED
@@ -245,29 +246,46 @@ def test_lanczos_interpolant_is_a_normalised_windowed_sinc():
             assert err_l < err_k / 3, (period, phase, err_l, err_k)
 
 
-def test_lanczos_interpolant_in_the_fit_recovers_its_own_shift(emu, monkeypatch):
-    """The observation model with ``interp="lanczos6"``: the fit of a spectrum made
-    by that model (noise-free, rv 137.3 km/s, on a log grid) returns its labels
-    and rv, as for the default interpolant."""
-    import dataclasses
-
-    import payne_lite.fitting._fit as fit_mod
+def test_lanczos_interpolant_in_the_fit_recovers_its_own_shift(emu, tmp_path):
+    """``Instrument(doppler="lanczos6")``: the fit of a spectrum made by that
+    model (noise-free, rv 137.3 km/s, on a log grid) returns its labels and rv, as
+    for the default interpolant; the default fit of the same spectrum does not
+    (the interpolants differ); the table records the interpolant, and the model
+    rebuilt from the saved table is the fitted one."""
     from payne_lite.observe import observe
 
-    obs = dataclasses.replace(build_obs_model(emu), interp="lanczos6")
+    inst = pl.Instrument(doppler="lanczos6")
+    obs = build_obs_model(emu, **inst.model_options())
+    assert obs.interp == "lanczos6" and build_obs_model(emu).interp == "cubic6"
     s = np.array([0.1, -0.2, 0.15])
     p = jnp.asarray(np.r_[s, 137.3], obs.x_obs.dtype)
     flux = np.asarray(observe(obs, p)[0], np.float64)
     err = np.full_like(flux, 1e-4)
-    build = fit_mod.build_obs_model
-    monkeypatch.setattr(
-        fit_mod,
-        "build_obs_model",
-        lambda *a, **k: dataclasses.replace(build(*a, **k), interp="lanczos6"),
-    )
-    t = fit(flux, err, emu)
+    t = fit(flux, err, emu, instrument=inst, return_model=True)
     assert abs(float(t["rv"][0]) - 137.3) < 1e-3
     np.testing.assert_allclose(scaled_labels(emu, t)[0], s, atol=1e-4)
+    assert t.meta["instrument"]["doppler"] == "lanczos6"
+    # the default interpolant reads this spectrum's shift differently
+    plain = fit(flux, err, emu)
+    assert float(plain["chi2"][0]) > 10 * max(float(t["chi2"][0]), 1.0)
+    pl.write_results(t, tmp_path / "t.fits")
+    back = pl.read_results(tmp_path / "t.fits")
+    assert pl.Instrument.from_meta(back.meta["instrument"]).doppler == "lanczos6"
+    model, valid = pl.model_from_results(back, emu)
+    fitted = np.asarray(t["model_flux"], np.float64)
+    ok = valid & np.isfinite(fitted)
+    np.testing.assert_allclose(model[ok], fitted[ok], atol=1e-5, rtol=0)
+
+
+def test_instrument_doppler_is_validated_and_old_records_read(emu):
+    with pytest.raises(ValueError, match="Instrument.doppler must be one of"):
+        pl.Instrument(doppler="sinc")
+    old = pl.Instrument(resolution=8000.0).to_meta()
+    old["version"] = 1
+    del old["doppler"]  # a version-1 record (before the field existed)
+    assert pl.Instrument.from_meta(old).doppler == "cubic6"
+    with pytest.raises(ValueError, match="unknown Doppler interpolant"):
+        build_obs_model(emu, interp="sinc")
 
 
 def test_model_matches_numpy_reference(emu):

@@ -201,7 +201,8 @@ class ObsModel:
         broad: static :class:`BroadSpec` when ``lsf`` or broadening parameters are
             in use, else None.
         interp: static name of the Doppler interpolant (:data:`TAP_OFFSETS`):
-            ``"cubic"`` (the default, :data:`DOPPLER_INTERP`) or ``"linear"``.
+            ``"cubic6"`` (the default, :data:`DOPPLER_INTERP`), ``"lanczos6"``,
+            ``"cubic"`` or ``"linear"``.
     """
 
     net: PixelNet | DenseNet | KernelNet
@@ -608,6 +609,7 @@ def build_obs_model(
     emulator_resolution=None,
     broadening: tuple[str, ...] = (),
     limb_darkening: float = _broad.LIMB_DARKENING,
+    interp: str = DOPPLER_INTERP,
 ) -> ObsModel:
     """The :class:`ObsModel` pytree for ``emulator`` observed on ``wavelength``.
 
@@ -622,11 +624,18 @@ def build_obs_model(
     :data:`BROADENING_PARAMS` to add as parameters (after the continuum's), with
     the rotation profile's ``limb_darkening`` coefficient. Any of these needs a
     log-uniform emulator grid and turns the fast normal equations off.
+    ``interp``: the Doppler interpolant, a key of :data:`TAP_OFFSETS`
+    (:class:`payne_lite.Instrument`'s ``doppler``).
 
     Raises:
         ValueError: a bad ``cont_deg`` or wavelength grid, or an observed grid that
-            does not overlap the emulator's; bad broadening or resolution inputs.
+            does not overlap the emulator's; bad broadening or resolution inputs;
+            an unknown ``interp``.
     """
+    if interp not in TAP_OFFSETS:
+        raise ValueError(
+            f"unknown Doppler interpolant {interp!r}; one of {tuple(TAP_OFFSETS)}"
+        )
     cont = as_continuum(cont_deg)
     dtype = jax.dtypes.canonicalize_dtype(dtype or jnp.result_type(float))
     wave_rest = np.asarray(emulator.wavelength, dtype=np.float64)
@@ -714,6 +723,7 @@ def build_obs_model(
         ),
         lsf=lsf,
         broad=spec,
+        interp=interp,
     )
 
 
