@@ -352,9 +352,15 @@ class NUTSOptions(_Options):
         """The warm-up steps per chain: ``n_warmup``, or the adaptation's default
         when it is None (resolved here, not stored at construction, so that
         ``dataclasses.replace(opts, adaptation="window")`` gets the window's 500)."""
+        return self.warmup_steps_for(self.adaptation)
+
+    def warmup_steps_for(self, adaptation: str) -> int:
+        """:attr:`warmup_steps` for the adaptation that actually runs: a star
+        whose LM covariance is unusable falls back to ``"window"``, which needs
+        its own default (500), not the LM warm-up's 100."""
         if self.n_warmup is not None:
             return self.n_warmup
-        return NUTS_LM_WARMUP if self.adaptation == "lm" else NUTS_WARMUP
+        return NUTS_LM_WARMUP if adaptation == "lm" else NUTS_WARMUP
 
     def to_meta(self) -> dict:
         return {**super().to_meta(), "n_warmup": self.warmup_steps}  # what ran

@@ -906,6 +906,9 @@ def test_nuts_warmup_default_follows_the_adaptation_through_replace():
     assert dataclasses.replace(window, n_warmup=40).warmup_steps == 40
     assert pl.NUTSOptions(adaptation="window", n_warmup=20).warmup_steps == 20
     assert window.to_meta()["n_warmup"] == 500  # the results record what ran
+    # the fallback of a star without a usable LM covariance is the window's
+    assert lm.warmup_steps_for("window") == 500
+    assert pl.NUTSOptions(n_warmup=60).warmup_steps_for("window") == 60
 
 
 @pytest.mark.parametrize(
@@ -1003,6 +1006,33 @@ def test_fit_forwards_the_samplers_to_sample(toy):
 # --------------------------------------------------------------------------------------
 # NUTS
 # --------------------------------------------------------------------------------------
+def test_nuts_star_without_a_usable_lm_covariance_gets_the_window_warmup(
+    toy, monkeypatch
+):
+    """adaptation="lm" (default warm-up 100) with the LM covariance unusable: the
+    star falls back to the window adaptation and gets its 500 warm-up steps (it
+    had 100)."""
+    from payne_lite.posterior import _sample as sample_mod
+
+    emu, flux, err, _, _ = toy
+    monkeypatch.setattr(sample_mod, "lm_inverse_mass", lambda *a, **k: None)
+    seen = []
+    real = sample_mod.run_nuts
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["n_warmup"], kwargs["imm"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample_mod, "run_nuts", spy)
+    # (4 chains: the shapes of test_nuts_recovers_gaussian_posterior[window])
+    t = sample(
+        flux, err, emu, method="nuts", fixed={"rv": 0.0}, seed=1,
+        options=pl.NUTSOptions(n_chains=4, ess_target=50),
+    )  # fmt: skip
+    assert seen == [(500, None)]
+    assert t["n_burn"][0] == 500
+
+
 @pytest.mark.parametrize("adaptation", ["lm", "window"])
 def test_nuts_recovers_gaussian_posterior(toy, adaptation):
     """Both warm-ups: the LM covariance as the mass matrix with the step size

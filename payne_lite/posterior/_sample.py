@@ -722,8 +722,10 @@ def _mcmc_star(run: _Run, i) -> None:
             imm = lm_inverse_mass(
                 centre[pb.idx], lmr.cov[ix], tg["lo"], tg["hi"], dense=nuts.dense_mass
             )
+        adaptation = "lm" if imm is not None else "window"
         res = run_nuts(
-            pb.obs, to_device(tg, dt), tg, p0, n_warmup=nuts.warmup_steps,
+            pb.obs, to_device(tg, dt), tg, p0,
+            n_warmup=nuts.warmup_steps_for(adaptation),
             n_steps=em.n_steps, block=em.check_every, ess_target=nuts.ess_target,
             seed=run.seed + int(i), dense=nuts.dense_mass, dt=dt, thin=em.thin,
             imm=imm,
