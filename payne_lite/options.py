@@ -363,7 +363,9 @@ class NUTSOptions(_Options):
         return NUTS_LM_WARMUP if adaptation == "lm" else NUTS_WARMUP
 
     def to_meta(self) -> dict:
-        return {**super().to_meta(), "n_warmup": self.warmup_steps}  # what ran
+        # the configured adaptation's steps (a star that fell back to the window
+        # adaptation ran warmup_steps_for("window"): its n_burn column says)
+        return {**super().to_meta(), "n_warmup": self.warmup_steps}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -158,11 +158,9 @@ def _lm_one(obs, p0, alive, flux, sw, lo, hi, free, max_iter, normal=None):
             return (p, *_normal(obs, p, flux, sw))
 
     def start():
-        # the start is evaluated by the loop's first pass (``fresh``), so that the
-        # model and its Jacobian appear once in the program, not twice: half the
-        # compile time of a fit (the unrolled broadening convolutions most of it)
-        # (the residuals of every normal(): one per pixel of flux, visits flattened;
-        # a different shape fails the loop's carry check when traced)
+        # evaluated by the loop's first pass (``fresh``; see the docstring). r holds
+        # one residual per pixel of flux (visits flattened), as every normal()
+        # returns; a different shape fails the loop's carry check when traced
         zero = jnp.zeros((), p0.dtype)
         r = jnp.zeros(flux.size, p0.dtype)
         return _LMState(

@@ -356,11 +356,10 @@ def _probe_minima(kind, gram, u_top, inv_step):
     blocks = gram[np.arange(n_r)[:, None, None] + lo[None], dist[None]]  # (R, p, q)
 
     def taps(t):  # (R,) -> weights, first and second derivatives by t, (R, p) each
-        def first(x):
-            return jnp.stack(tap_weights(kind, x)[1], axis=-1)
+        def both(x):
+            return tuple(jnp.stack(a, axis=-1) for a in tap_weights(kind, x))
 
-        w = jnp.stack(tap_weights(kind, t)[0], axis=-1)
-        dw, d2w = jax.jvp(first, (t,), (jnp.ones_like(t),))
+        (w, dw), (_, d2w) = jax.jvp(both, (t,), (jnp.ones_like(t),))
         return w, dw, d2w
 
     def quad(u, v):  # u_r^T G_r v_r per interval r
