@@ -76,7 +76,8 @@ LEGACY = {
     "emcee-old": ("emcee", dict(init_scale=0.1, tau_rtol=None)),
     "nuts-old": ("nuts", dict(adaptation="window", check_every=100)),
 }
-METHOD_ORDER = ("emcee-old", "emcee", "mdn-is", "nuts-old", "nuts")
+METHOD_ORDER = ("emcee-old", "emcee", "mdn-is", "flow-is", "nuts-old", "nuts")
+IS_NAMES = ("mdn-is", "flow-is")
 SD_RATIO_TOL = 0.2
 COST_RATIO_MIN = 20.0
 DEFAULT_MDN = Path("/tmp/mdn_apogee3.h5")
@@ -127,6 +128,45 @@ def legacy_options(name) -> dict:
     return fields
 
 
+def flow_alone(mdn, emu, flux, err, mask, truth, seed, n_draws=2000):
+    """The flow as a posterior on its own: its draws' 68 % coverage, width (over
+    the LM errors of the same stars) and seconds per star; and the mean log
+    density of the truths under the flow and under the MDN's Gaussians (both in
+    the MDN's target space: scaled labels, rv - rv_ccf)."""
+    mdn.flow_sample(flux[:1], err[:1], mask[:1], n_draws=n_draws)  # compile
+    t0 = time.perf_counter()
+    d = mdn.flow_sample(flux, err, mask, n_draws=n_draws, seed=seed)
+    sec = (time.perf_counter() - t0) / len(flux)
+    lo, hi = np.percentile(d, [16, 84], axis=1)
+    feat, rv_ccf, _ = mdn.flow_context(flux, err, mask)
+    L = emu.n_labels
+    y = np.column_stack([emu.scale(truth[:, :L]), truth[:, L] - rv_ccf])
+    lp_flow = [mdn.flow.log_prob(feat[i], y[i : i + 1])[0] for i in range(len(y))]
+    mean, sigma = mdn.predict(flux, err, mask=mask)
+    span = emu.label_hi - emu.label_lo
+    m_s = np.column_stack([emu.scale(mean[:, :L]), mean[:, L] - rv_ccf])
+    s_s = np.column_stack([sigma[:, :L] / span, sigma[:, L]])
+    lp_mdn = np.sum(-0.5 * ((y - m_s) / s_s) ** 2 - np.log(s_s), axis=1)
+    lp_mdn -= 0.5 * (L + 1) * np.log(2 * np.pi)
+    lm = pl.fit(flux, err, emu, mask=mask)
+    return dict(
+        n_draws=n_draws,
+        sec_per_star=sec,
+        coverage={
+            p: float(np.mean((truth[:, j] >= lo[:, j]) & (truth[:, j] <= hi[:, j])))
+            for j, p in enumerate(PARAMS)
+        },
+        width_over_lm={
+            p: float(
+                np.median(0.5 * (hi[:, j] - lo[:, j]) / np.asarray(lm[f"{p}_err"]))
+            )
+            for j, p in enumerate(PARAMS)
+        },
+        lp_truth_flow=float(np.mean(lp_flow)),
+        lp_truth_mdn=float(np.mean(lp_mdn)),
+    )
+
+
 def ess_per_label(t):
     """Per parameter, the median over stars of its ESS, ``n_draws / tau``
     (emcee's estimator; the table's ``ess`` is the smallest over parameters)."""
@@ -146,7 +186,7 @@ def run_method(
     kw = dict(mask=mask, lm_table=lm, seed=seed, method=method)
     if method == "emcee":
         kw.update(options=pl.EmceeOptions(n_steps=max_steps, **extra))
-    if method == "mdn-is":
+    if method in IS_NAMES:
         share = {} if lm_share is None else dict(lm_share=lm_share)
         kw.update(
             mdn=mdn,
@@ -213,7 +253,7 @@ def main(argv=None):
 
     mdn = None
     mdn_note = None
-    if "mdn-is" in args.methods:
+    if {"mdn-is", "flow-is"} & set(args.methods):
         path = args.mdn or (DEFAULT_MDN if DEFAULT_MDN.exists() else None)
         if path is not None:
             mdn = pl.MDN.load(path, emulator=emu)
@@ -222,6 +262,10 @@ def main(argv=None):
             t0 = time.perf_counter()
             mdn = pl.train_mdn(emu, seed=0, progress=False)
             mdn_note = f"trained here in {time.perf_counter() - t0:.0f} s"
+        if "flow-is" in args.methods and mdn.flow is None:
+            t0 = time.perf_counter()
+            mdn = pl.train_flow(emu, mdn, progress=False)
+            mdn_note += f"; its flow trained here in {time.perf_counter() - t0:.0f} s"
         print(f"MDN: {mdn_note}")
 
     pl.fit(flux, err, emu, mask=mask)  # compile (the same batch shape)
@@ -237,8 +281,8 @@ def main(argv=None):
     tables = {}
     order = []
     for name in METHOD_ORDER:
-        if name in args.methods and name == "mdn-is" and args.lm_share:
-            order += [(name, f"mdn-is lm_share={v:g}", v) for v in args.lm_share]
+        if name in args.methods and name in IS_NAMES and args.lm_share:
+            order += [(name, f"{name} lm_share={v:g}", v) for v in args.lm_share]
         elif name in args.methods:
             order.append((name, name, None))
     for name, key, share in order:
@@ -286,7 +330,7 @@ def main(argv=None):
             r["n_well_constrained"] = int(good.sum())
             r["n_walkers"] = int(t.meta["n_walkers"])
         else:
-            passed = np.flatnonzero(np.asarray(t["method"]) == "mdn-is")
+            passed = np.flatnonzero(np.asarray(t["method"]) == method)
             fell = np.flatnonzero(np.asarray(t["fallback"], bool))
             r["passed"] = float(passed.size / args.n)
             r["fallback"] = float(fell.size / args.n)
@@ -342,10 +386,23 @@ def main(argv=None):
     rows += [("emcee", "coverage_converged", "emcee, converged")]
     rows += [("nuts-old", "coverage", "nuts-old, all stars")]
     rows += [("nuts", "coverage", "nuts, all stars")]
-    for key in (k for k in res["methods"] if k.startswith("mdn-is")):
+    if "flow-is" in args.methods:
+        res["flow_alone"] = flow_alone(mdn, emu, flux, err, mask, truth, args.seed)
+        fa = res["flow_alone"]
+        print(
+            f"the flow alone (MDN.flow_sample, {fa['n_draws']} draws, no likelihood): "
+            f"{fa['sec_per_star'] * 1e3:.1f} ms per star; mean log density of the "
+            f"truths (MDN target space) flow {fa['lp_truth_flow']:.2f}, MDN "
+            f"{fa['lp_truth_mdn']:.2f}; median 1-sigma width over the LM error "
+            + ", ".join(f"{p} {fa['width_over_lm'][p]:.2f}" for p in PARAMS)
+        )
+    for key in (k for k in res["methods"] if k.split()[0] in IS_NAMES):
         rows += [(key, "coverage", f"{key}, ESS passed")]
         rows += [(key, "coverage_all", f"{key}, all (+fallback)")]
         rows += [(key, "coverage_lm_same_stars", "  LM errors, same stars")]
+    if "flow_alone" in res:
+        rows += [("flow alone", "coverage", "flow alone (flow_sample), all")]
+        res["methods"]["flow alone"] = res.pop("flow_alone")
     rows += [(None, "lm", "LM errors, all stars")]
     res["coverage_lm"] = lm_coverage(lm, truth, np.arange(args.n))
     for method, key, label in rows:
@@ -381,9 +438,16 @@ def main(argv=None):
             (f"mdn-is >= {COST_RATIO_MIN:g}x cheaper", ratio >= COST_RATIO_MIN)
         )
     meth = res["methods"]
+    if {"mdn-is", "flow-is"} <= set(meth):
+        ratio = (
+            meth["flow-is"]["cost"]["ess_per_sec"]
+            / meth["mdn-is"]["cost"]["ess_per_sec"]
+        )
+        res["ess_per_sec_flow_is_over_mdn_is"] = ratio
+        print(f"effective samples per second, flow-is / mdn-is: {ratio:.2f}x")
     if "emcee" in meth:
         e = meth["emcee"]["cost"]
-        for other in ("nuts", "mdn-is"):
+        for other in ("nuts", "mdn-is", "flow-is"):
             if other in meth:
                 o = meth[other]["cost"]
                 res[f"ess_per_sec_{other}_over_emcee"] = (

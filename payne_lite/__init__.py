@@ -35,7 +35,9 @@ from .fitting import check_results_schema as check_results_schema
 from .fitting import pixel_residuals as pixel_residuals
 from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
+from .mdn import FlowConfig as FlowConfig
 from .mdn import MDNConfig as MDNConfig
+from .mdn import train_flow as train_flow
 from .mdn import train_mdn as train_mdn
 from .observe import (
     ChipPolynomial,
@@ -65,6 +67,7 @@ _limit_malloc_arenas()  # resident memory flat over many fits (see payne_lite._m
 __all__ = [
     "CurveFitOptions",
     "EmceeOptions",
+    "FlowConfig",
     "ISOptions",
     "ChipPolynomial",
     "ContinuumPixels",
@@ -110,6 +113,7 @@ __all__ = [
     "save_samples",
     "set_compilation_cache",
     "train_emulator",
+    "train_flow",
     "train_mdn",
     "vacuum_to_air",
     "write_catalog",

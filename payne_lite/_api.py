@@ -73,7 +73,7 @@ def fit(
             each observed wavelength (see :mod:`payne_lite.observe`).
         method: ``"lm"`` (batched Levenberg-Marquardt in JAX, the default) or
             ``"curve_fit"`` (scipy, trf, JAX Jacobian) for point fits;
-            ``"emcee"``, ``"nuts"`` or ``"mdn-is"`` return posterior summaries from
+            ``"emcee"``, ``"nuts"``, ``"mdn-is"`` or ``"flow-is"`` return posterior summaries from
             :func:`payne_lite.sample` (box prior; call it directly for priors and
             its other arguments). ``p0``, ``group`` and ``return_model`` are
             point-fit arguments and refused with a sampler.

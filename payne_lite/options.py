@@ -17,8 +17,8 @@ method              options                      what they set
                                                  moves, backend, thinning, start
 ``"nuts"``          :class:`NUTSOptions`         chains, warm-up, draws, ESS target,
                                                  mass matrix, thinning, start
-``"mdn-is"``        :class:`ISOptions`           draws, ESS threshold, proposal
-                                                 scale, adaptation, emcee fallback
+``"mdn-is"``,       :class:`ISOptions`           draws, ESS threshold, proposal
+``"flow-is"``                                    scale, adaptation, emcee fallback
 ==================  ===========================  =====================================
 
 A method refuses another method's options, naming the class it takes
@@ -370,12 +370,14 @@ class NUTSOptions(_Options):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ISOptions(_Options):
-    """Importance sampling from the MDN's proposal (``method="mdn-is"``).
+    """Importance sampling from the MDN's proposal (``method="mdn-is"``) or its
+    flow's (``method="flow-is"``).
 
     Args:
         n_draws: draws per star.
         ess_min: stars with a smaller effective sample size fall back to emcee.
-        scale: the proposal's sigma over the MDN's.
+        scale: the proposal's sigma over the MDN's (flow-is: the flow's base
+            distribution's standard deviation).
         adapt: adapted stages after the MDN stage (0 = the MDN proposal alone).
         lm_share: the share of stage 0's draws from a multivariate Student-t with
             the LM fit's mean and covariance, a defensive second proposal where the
@@ -409,11 +411,11 @@ class ISOptions(_Options):
             )
 
 
-#: The options class of each method.
+#: The options class of each method (ISOptions serves both IS methods).
 OPTIONS_BY_METHOD: dict[str, type] = {
     cls.method: cls
     for cls in (LMOptions, CurveFitOptions, EmceeOptions, NUTSOptions, ISOptions)
-}
+} | {"flow-is": ISOptions}
 
 
 def options_for(method: str, options=None):

@@ -393,21 +393,22 @@ def test_mixture_log_q_matches_direct_evaluation():
         return log((1 - share) * q_mdn + share * np.exp(log_t)), log_t
 
     want = np.array([direct(xi) for xi in x])
-    got = is_mod.mixture_log_q(x, mu, sd, lo, hi, lm, share)
+    mdn = is_mod.MDNProposal(mu, sd, lo, hi)
+    got = is_mod.mixture_log_q(x, mdn, lm, share)
     assert np.any(x[:, 2] > hi[2])
     np.testing.assert_allclose(got, want[:, 0], rtol=1e-10)
     np.testing.assert_allclose(
-        is_mod.mixture_log_q(x, mu, sd, lo, hi, lm, 1.0), want[:, 1], rtol=1e-10
+        is_mod.mixture_log_q(x, mdn, lm, 1.0), want[:, 1], rtol=1e-10
     )
     # share 0 or no LM: the truncated Gaussians alone
     inside = x[:, 2] <= hi[2]
-    mdn_only = is_mod.mixture_log_q(x, mu, sd, lo, hi, None, share)
+    mdn_only = is_mod.mixture_log_q(x, mdn, None, share)
     assert np.all(np.isneginf(mdn_only[~inside]))
     np.testing.assert_allclose(
-        mdn_only[inside], is_mod.mixture_log_q(x, mu, sd, lo, hi, lm, 0.0)[inside]
+        mdn_only[inside], is_mod.mixture_log_q(x, mdn, lm, 0.0)[inside]
     )
     # the stage-0 draws: round(share * m) of them from the LM's part
-    xd = is_mod._stage0_draws(rng, mu, sd, lo, hi, 1000, lm, share)
+    xd = is_mod._stage0_draws(rng, mdn, 1000, lm, share)
     assert xd.shape == (1000, k) and np.all(xd[:700, 2] <= hi[2])
 
 
@@ -993,7 +994,7 @@ def test_fit_forwards_the_samplers_to_sample(toy):
             flux, err, emu, method="emcee", options=pl.LMOptions(continuum="profile"),
             **kw,
         )  # fmt: skip
-    with pytest.raises(ValueError, match="'emcee', 'mdn-is', 'nuts'"):
+    with pytest.raises(ValueError, match="'emcee', 'mdn-is', 'flow-is', 'nuts'"):
         pl_fit(flux, err, emu, method="hmc")
     kw = dict(fixed={"rv": 0.0}, seed=3)
     got = pl_fit(flux, err, emu, method="nuts", **kw)

@@ -44,7 +44,8 @@ PYTHON_ONLY = {
     "lm_table": "an LM results table in memory: the command runs the LM start itself",
     "return_samples": "posterior samples files: pl.sample(..., return_samples=True) "
     "and pl.save_samples",
-    "prior": "pl.sample's: the command's samplers (--method emcee, nuts, mdn-is) use "
+    "prior": "pl.sample's: the command's samplers (--method emcee, nuts, mdn-is, "
+    "flow-is) use "
     "the box prior",
     "rv_window": "pl.sample's: the command's samplers use the default rv window",
     "return_model": "a catalog's model spectra would not fit in memory: "
@@ -217,7 +218,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         default=_fit_default("method"),
         help="lm = batched Levenberg-Marquardt in JAX (fast); curve_fit = "
         "scipy.optimize.curve_fit per spectrum (the reference); emcee, nuts, "
-        "mdn-is (needs --mdn) = posterior summaries (percentile columns) with "
+        "mdn-is (needs --mdn), flow-is (needs --mdn with a flow: payne-lite "
+        "train-flow) = posterior summaries (percentile columns) with "
         "their default settings (pl.sample for more)",
     )
     p.add_argument(

@@ -518,7 +518,11 @@ def _lines_samples(path: Path) -> list[str]:
         ),
         _row(
             "weighted",
-            "yes (mdn-is)" if any(w is not None for w in post.weights) else "no",
+            "yes ("
+            + (", ".join(m for m in dict.fromkeys(ran) if m.endswith("-is")) or "IS")
+            + ")"
+            if any(w is not None for w in post.weights)
+            else "no",
         ),
         _row(
             "kept",

@@ -48,7 +48,7 @@ from ._demo import add_demo, run_demo
 from ._fit import add_fit, run_fit
 from ._grid import add_grid, run_grid
 from ._info import add_info, run_info
-from ._mdn import add_train_mdn, run_train_mdn
+from ._mdn import add_train_flow, add_train_mdn, run_train_flow, run_train_mdn
 from ._plot import add_plot, run_plot
 from ._predict import add_predict, join_negative_values, run_predict
 from ._train import add_train, run_train
@@ -66,6 +66,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "demo": (add_demo, run_demo),
     "fit": (add_fit, run_fit),
     "train-mdn": (add_train_mdn, run_train_mdn),
+    "train-flow": (add_train_flow, run_train_flow),
     "plot": (add_plot, run_plot),
     "bench": (add_bench, run_bench),
 }

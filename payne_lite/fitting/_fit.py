@@ -39,7 +39,7 @@ METHODS = ("lm", "curve_fit")
 #: ``fit(continuum=...)``: Chebyshev coefficients as LM parameters, or profiled out.
 CONTINUUM_MODES = ("fit", "profile")
 #: Posterior samplers ``fit`` hands to :func:`payne_lite.posterior.sample`.
-SAMPLERS = ("emcee", "mdn-is", "nuts")
+SAMPLERS = ("emcee", "mdn-is", "flow-is", "nuts")
 
 
 def fit_spectra(

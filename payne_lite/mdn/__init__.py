@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._flow import Flow as Flow
+from ._flow import FlowNet as FlowNet
 from ._mdn import MDN as MDN
 from ._mdn import MDN_FORMAT as MDN_FORMAT
 from ._mdn import MDN_VERSION as MDN_VERSION
@@ -16,9 +18,14 @@ from ._mixture import mlp_forward as mlp_forward
 from ._train import MDNConfig as MDNConfig
 from ._train import simulate as simulate
 from ._train import train_mdn as train_mdn
+from ._train_flow import FlowConfig as FlowConfig
+from ._train_flow import train_flow as train_flow
 
 __all__ = [
     "Features",
+    "Flow",
+    "FlowConfig",
+    "FlowNet",
     "MDN",
     "MDNConfig",
     "MDN_FORMAT",
@@ -31,5 +38,6 @@ __all__ = [
     "mixture_params",
     "mlp_forward",
     "simulate",
+    "train_flow",
     "train_mdn",
 ]

@@ -29,6 +29,7 @@ from .. import _h5
 from .._validate import as_float_array
 from ..errors import FileFormatError
 from ..observe import check_rv_range
+from ._flow import Flow, FlowNet
 from ._mixture import (
     COARSE_BIN,
     FINE_RTOL,
@@ -38,6 +39,7 @@ from ._mixture import (
     RV_OUT_SCALE,
     Features,
     bin_rows,
+    context_scaled,
     grid_model,
     low_rank,
     predict_scaled,
@@ -48,8 +50,12 @@ from ._mixture import (
 
 MDN_FORMAT = "payne_lite.MDN"
 #: 2: binned coarse CCF, low-rank fine CCF, rest frame on the embedded span (the
-#: features of version-1 files differ: they are refused, retrain).
-MDN_VERSION = 2
+#: features of version-1 files differ: they are refused, retrain). 3: holds a
+#: conditional flow (group ``flow``). An MDN without a flow is written as version 2,
+#: which older payne_lite reads; a version-3 file they refuse (not a silent loss of
+#: the flow).
+MDN_VERSION = 3
+MDN_VERSIONS_READ = (2, 3)
 #: Rows with fewer usable pixels than this fraction get NaN from predict.
 MIN_GOOD_FRACTION = 0.05
 
@@ -70,6 +76,8 @@ class MDN:
         n_components: Gaussians per output dimension.
         history: loss curves, name -> (n_epoch,) array.
         meta: provenance (training settings, emulator source).
+        flow: an optional :class:`payne_lite.mdn.Flow` over the same outputs (the
+            joint posterior; :func:`payne_lite.mdn.train_flow`), or None.
     """
 
     net: MLP
@@ -86,6 +94,7 @@ class MDN:
     n_components: int = 1
     history: dict = dataclasses.field(default_factory=dict)
     meta: dict = dataclasses.field(default_factory=dict)
+    flow: Flow | None = None
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -119,6 +128,18 @@ class MDN:
                 f"{self.n_components} component(s) x 3 x {n_lab + 1} outputs"
             )
         rv_range = check_rv_range(self.rv_range)
+        if self.flow is not None:
+            if not isinstance(self.flow, Flow):
+                raise ValueError(f"flow must be a Flow or None, got {self.flow!r}")
+            n_feat = net.weights[0].shape[0]
+            if self.flow.n_dim != n_lab + 1 or (
+                self.flow.net.embed.weights[0].shape[0] != n_feat
+            ):
+                raise ValueError(
+                    f"flow over {self.flow.n_dim} outputs from "
+                    f"{self.flow.net.embed.weights[0].shape[0]} features does not "
+                    f"match the MDN's {n_lab + 1} outputs from {n_feat} features"
+                )
         for name, val in [
             ("net", net),
             ("mean_flux", mean),
@@ -150,9 +171,10 @@ class MDN:
         return (*self.label_names, "rv")
 
     def __repr__(self) -> str:
+        flow = f", {self.flow!r}" if self.flow is not None else ""
         return (
             f"MDN({self.n_components} component(s), {self.n_pix} pixels, "
-            f"outputs {list(self.output_names)}, rv {self.rv_range} km/s)"
+            f"outputs {list(self.output_names)}, rv {self.rv_range} km/s{flow})"
         )
 
     # -- checks ---------------------------------------------------------------------
@@ -279,35 +301,17 @@ class MDN:
         Raises:
             ValueError: shapes that do not fit the MDN's grid, another wavelength.
         """
-        if wavelength is not None:
-            self.check_wavelength(wavelength)
-        f, e, m_all = _check_shapes(flux, flux_err, mask, self.n_pix)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        net, grid, fx, rc, rf = self._device(dtype)
-        dt = fx.mean.dtype
-        n, P = f.shape
-        # every call has batch_size rows (the last padded): one executable for any n
-        size = int(batch_size)
-        mean = np.empty((n, self.n_labels + 1))
-        sigma = np.empty((n, self.n_labels + 1))
+        n_out = self.n_labels + 1
+        mean = np.empty((len(np.atleast_2d(flux)), n_out))
+        sigma = np.empty_like(mean)
 
-        def one(start):
-            sl = slice(start, min(start + size, n))
-            m = sl.stop - sl.start
-            mk = m_all[sl] if m_all.shape[0] == n else np.broadcast_to(m_all, (m, P))
+        def body(sl, fb, eb, mb, dev):
+            net, grid, fx, rc, rf = dev
             mu_s, sd_s, rv, frac = predict_scaled(
-                net,
-                grid,
-                fx,
-                rc,
-                rf,
-                _rows(f[sl], size, dt, 0.0),
-                _rows(e[sl], size, dt, 1.0),
-                _rows(mk, size, bool, True),
-                n_dim=self.n_labels + 1,
+                net, grid, fx, rc, rf, fb, eb, mb, n_dim=n_out,
                 n_comp=self.n_components,
-            )
+            )  # fmt: skip
+            m = sl.stop - sl.start
             mean[sl], sigma[sl] = self._unscale(
                 np.asarray(mu_s, np.float64)[:m],
                 np.asarray(sd_s, np.float64)[:m],
@@ -316,6 +320,43 @@ class MDN:
             low = np.asarray(frac)[:m] < MIN_GOOD_FRACTION
             mean[sl][low] = np.nan
             sigma[sl][low] = np.nan
+
+        self._map_rows(
+            body, flux, flux_err, mask, wavelength, batch_size, dtype, n_threads
+        )
+        if np.ndim(flux) == 1:
+            return mean[0], sigma[0]
+        return mean, sigma
+
+    def _map_rows(
+        self, body, flux, flux_err, mask, wavelength, batch_size, dtype, n_threads
+    ):
+        """Checks the spectra, then calls ``body(rows, flux, err, mask, device)`` on
+        batches of ``batch_size`` rows (device arrays, the last batch padded, so one
+        compilation serves any number of spectra; ``rows`` the batch's slice of
+        the spectra, ``device`` :meth:`_device`'s arrays), ``n_threads`` batches at
+        once (default: the CPU cores on the CPU backend)."""
+        if wavelength is not None:
+            self.check_wavelength(wavelength)
+        f, e, m_all = _check_shapes(flux, flux_err, mask, self.n_pix)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        dev = self._device(dtype)
+        dt = dev[2].mean.dtype
+        n, P = f.shape
+        size = int(batch_size)
+
+        def one(start):
+            sl = slice(start, min(start + size, n))
+            m = sl.stop - sl.start
+            mk = m_all[sl] if m_all.shape[0] == n else np.broadcast_to(m_all, (m, P))
+            body(
+                sl,
+                _rows(f[sl], size, dt, 0.0),
+                _rows(e[sl], size, dt, 1.0),
+                _rows(mk, size, bool, True),
+                dev,
+            )
 
         starts = range(0, n, size)
         if n_threads is None:
@@ -332,9 +373,73 @@ class MDN:
         else:
             for start in starts:
                 one(start)
-        if np.ndim(flux) == 1:
-            return mean[0], sigma[0]
-        return mean, sigma
+
+    def flow_context(
+        self, flux, flux_err, mask=None, *, wavelength=None, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the flow is conditioned on, per spectrum: the standardised features
+        (n, D) float32, ``rv_ccf`` (n,) [km/s] (the flow's rv is relative to it)
+        and whether the row is usable (n,) bool (at least ``MIN_GOOD_FRACTION`` of
+        its pixels). Arguments as :meth:`predict`'s."""
+        n = len(np.atleast_2d(flux))
+        feat = np.empty((n, self.net.weights[0].shape[0]), np.float32)
+        rv_ccf = np.empty(n)
+        ok = np.empty(n, bool)
+
+        def body(sl, fb, eb, mb, dev):
+            _, grid, fx, rc, rf = dev
+            x, rv, frac = context_scaled(grid, fx, rc, rf, fb, eb, mb)
+            m = sl.stop - sl.start
+            feat[sl] = np.asarray(x)[:m]
+            rv_ccf[sl] = np.asarray(rv, np.float64)[:m]
+            ok[sl] = np.asarray(frac)[:m] >= MIN_GOOD_FRACTION
+
+        self._map_rows(body, flux, flux_err, mask, wavelength, batch_size, None, 1)
+        return feat, rv_ccf, ok
+
+    def flow_sample(
+        self, flux, flux_err, mask=None, *, n_draws: int = 1000, seed: int = 0,
+        wavelength=None,
+    ) -> np.ndarray:  # fmt: skip
+        """Draws of the flow's joint posterior per spectrum, a fast approximate
+        posterior on its own (no likelihood evaluated; ``payne_lite.sample(...,
+        method="flow-is")`` weights such draws by the likelihood).
+
+        Args:
+            flux, flux_err, mask, wavelength: as :meth:`predict`'s.
+            n_draws: draws per spectrum.
+            seed: the base draws' seed.
+
+        Returns:
+            (n, n_draws, L + 1) labels [label units] then rv [km/s] ((n_draws, L + 1)
+            for one spectrum); NaN for rows with too few usable pixels.
+
+        Raises:
+            ValueError: no flow (train one with :func:`payne_lite.mdn.train_flow`),
+                bad shapes.
+        """
+        flow = self._need_flow()
+        feat, rv_ccf, ok = self.flow_context(
+            flux, flux_err, mask, wavelength=wavelength
+        )
+        rng = np.random.default_rng(seed)
+        L = self.n_labels
+        out = np.full((len(feat), int(n_draws), L + 1), np.nan)
+        for i in np.flatnonzero(ok):
+            y = flow.from_base(feat[i], rng.standard_normal((int(n_draws), L + 1)))
+            out[i, :, :L] = (y[:, :L] + 0.5) * (self.label_hi - self.label_lo)
+            out[i, :, :L] += self.label_lo
+            out[i, :, L] = y[:, L] * RV_OUT_SCALE + rv_ccf[i]
+        return out[0] if np.ndim(flux) == 1 else out
+
+    def _need_flow(self) -> Flow:
+        if self.flow is None:
+            raise ValueError(
+                "this MDN has no flow: train one with "
+                "payne_lite.mdn.train_flow(emulator, mdn) (or use the MDN's "
+                "Gaussians: method='mdn-is')"
+            )
+        return self.flow
 
     def _unscale(self, mu, sd, rv_ccf):
         span = self.label_hi - self.label_lo
@@ -350,7 +455,8 @@ class MDN:
     # -- files ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the MDN to one versioned HDF5 file (atomically)."""
-        with _h5.atomic_h5_writer(path, MDN_FORMAT, MDN_VERSION) as f:
+        version = MDN_VERSION if self.flow is not None else 2
+        with _h5.atomic_h5_writer(path, MDN_FORMAT, version) as f:
             _h5.set_json_attr(f, "label_names", list(self.label_names))
             _h5.set_json_attr(f, "label_units", list(self.label_units))
             _h5.set_json_attr(f, "rv_range", list(self.rv_range))
@@ -373,6 +479,8 @@ class MDN:
             h = f.create_group("history")
             for name, arr in self.history.items():
                 _h5.write_dataset(h, name, np.asarray(arr))
+            if self.flow is not None:
+                _save_flow(f.create_group("flow"), self.flow)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, emulator=None) -> MDN:
@@ -384,7 +492,7 @@ class MDN:
                 inconsistent contents.
             ValueError: ``emulator`` given and not the one the MDN was trained for.
         """
-        with _h5.open_checked(path, MDN_FORMAT, (MDN_VERSION,)) as f:
+        with _h5.open_checked(path, MDN_FORMAT, MDN_VERSIONS_READ) as f:
             if "net" not in f:
                 raise FileFormatError(f"{path}: missing group 'net'")
             n_layers = int(f.attrs.get("n_layers", 0))
@@ -404,6 +512,7 @@ class MDN:
                     k: _h5.read_dataset(f["history"], k, path)
                     for k in f.get("history", {})
                 },
+                flow=_load_flow(f["flow"], path) if "flow" in f else None,
                 **{
                     k: _h5.read_dataset(f, k, path)
                     for k in (
@@ -424,6 +533,56 @@ class MDN:
         if emulator is not None:
             mdn.check_emulator(emulator)
         return mdn
+
+
+def _save_flow(g, flow: Flow) -> None:
+    _h5.set_json_attr(g, "meta", flow.meta)
+    g.attrs["n_layers"] = flow.n_layers
+    g.attrs["n_embed"] = len(flow.net.embed.weights)
+    g.attrs["n_made"] = len(flow.net.made[0].weights)
+    _h5.write_dataset(g, "y_mu", flow.y_mu)
+    _h5.write_dataset(g, "y_sd", flow.y_sd)
+    for prefix, mlp in (("embed", flow.net.embed),) + tuple(
+        (f"made{i}", m) for i, m in enumerate(flow.net.made)
+    ):
+        for j, (w, b) in enumerate(zip(mlp.weights, mlp.biases, strict=True)):
+            _h5.write_dataset(g, f"{prefix}_W{j}", w)
+            _h5.write_dataset(g, f"{prefix}_b{j}", b)
+    h = g.create_group("history")
+    for name, arr in flow.history.items():
+        _h5.write_dataset(h, name, np.asarray(arr))
+
+
+def _load_flow(g, path) -> Flow:
+    def mlp(prefix, n):
+        return MLP(
+            tuple(_h5.read_dataset(g, f"{prefix}_W{j}", path) for j in range(n)),
+            tuple(_h5.read_dataset(g, f"{prefix}_b{j}", path) for j in range(n)),
+        )
+
+    missing = [k for k in ("n_layers", "n_embed", "n_made") if k not in g.attrs]
+    if missing:
+        raise FileFormatError(f"{path}: flow group without attribute(s) {missing}")
+    n_layers, n_embed, n_made = (
+        int(g.attrs[k]) for k in ("n_layers", "n_embed", "n_made")
+    )
+    net = FlowNet(
+        mlp("embed", n_embed), tuple(mlp(f"made{i}", n_made) for i in range(n_layers))
+    )
+    try:
+        return Flow(
+            net=net,
+            y_mu=_h5.read_dataset(g, "y_mu", path),
+            y_sd=_h5.read_dataset(g, "y_sd", path),
+            history={
+                k: _h5.read_dataset(g["history"], k, path) for k in g.get("history", {})
+            },
+            meta=_h5.get_json_attr(g, "meta", path),
+        )
+    except (ValueError, TypeError, IndexError) as err:
+        raise FileFormatError(
+            f"{path}: inconsistent flow in the MDN file: {err}"
+        ) from err
 
 
 def _rows(a, size: int, dtype, fill):

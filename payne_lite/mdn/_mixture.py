@@ -301,6 +301,14 @@ def predict_scaled(
 
 
 @jax.jit
+def context_scaled(grid, fx, rv_coarse, rv_fine, flux, err, mask):
+    """Standardised features (n, D) (the MLP's and the flow's input), rv_ccf (n,),
+    good fraction (n,)."""
+    feat, rv, frac = features(grid, fx, rv_coarse, rv_fine, flux, err, mask)
+    return (feat - fx.mu) / fx.sd, rv, frac
+
+
+@jax.jit
 def features_batch(grid, fx, rv_coarse, rv_fine, flux, err, mask):
     return features(grid, fx, rv_coarse, rv_fine, flux, err, mask)[:2]
 

@@ -203,7 +203,7 @@ def _targets(sim, rv_ccf):
     )
 
 
-def _sim_features(emulator, mdn_parts, n, rng, cfg, chunk=2048, bar=None):
+def sim_features(emulator, mdn_parts, n, rng, cfg, chunk=2048, bar=None):
     """Features (n, D) and targets (n, L + 1), simulated ``chunk`` spectra at a time."""
     grid, fx, rc, rf = mdn_parts
     dt = fx.mean.dtype
@@ -274,10 +274,10 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
         disable=not progress,
     )
     with bar:
-        x_tr, y_tr = _sim_features(
+        x_tr, y_tr = sim_features(
             emulator, (grid, fx, rc, rf), cfg.n_train, rng, cfg, bar=bar
         )
-        x_va, y_va = _sim_features(
+        x_va, y_va = sim_features(
             emulator, (grid, fx, rc, rf), cfg.n_valid, rng, cfg, bar=bar
         )
     t_sim = time.perf_counter() - t0
@@ -290,12 +290,18 @@ def train_mdn(emulator, *, config: MDNConfig | None = None, progress=True, **kw)
     x_tr = ((x_tr - mu) / sd).astype(np.float32)
     x_va = ((x_va - mu) / sd).astype(np.float32)
 
-    best, best_net, hist_tr, hist_va = _fit_net(
+    n_dim, n_comp = emulator.n_labels + 1, cfg.n_components
+
+    def loss_fn(net, x, y):
+        out = jax.vmap(mlp_forward, in_axes=(None, 0))(net, x)
+        return jnp.mean(mixture_nll(*mixture_params(out, n_dim, n_comp), y))
+
+    best, best_net, hist_tr, hist_va = fit_net(
         jax.tree.map(jnp.asarray, provisional.net),
         (x_tr, y_tr),
         (x_va, y_va),
         cfg,
-        n_dim=emulator.n_labels + 1,
+        loss_fn=loss_fn,
         rng=rng,
         progress=progress,
     )
@@ -352,18 +358,19 @@ def _provisional_mdn(emulator, cfg: MDNConfig, rng) -> MDN:
     )
 
 
-def _fit_net(net, train, valid, cfg: MDNConfig, *, n_dim: int, rng, progress):
-    """Adam on the mixture NLL with early stopping on the validation NLL.
+def fit_net(net, train, valid, cfg, *, loss_fn, rng, progress, name="train_mdn"):
+    """Adam on ``loss_fn`` with early stopping on the validation loss (the MDN's
+    mixture NLL, the flow's NLL).
 
     Args:
-        net: the initial :class:`MLP` (device arrays).
+        net: the initial parameters (a pytree of device arrays).
         train, valid: ``(x, y)`` standardised features (n, D) and scaled targets
             (n, n_dim), float32.
-        cfg: the settings (epochs, batch_size, learning_rate, patience,
-            n_components, n_train).
-        n_dim: output dimensions (L labels + rv).
+        cfg: the settings (epochs, batch_size, learning_rate, patience, n_train).
+        loss_fn: ``loss_fn(net, x, y)``, the mean loss per spectrum of a batch.
         rng: NumPy generator for the epochs' permutations.
         progress: a tqdm bar over epochs.
+        name: the error message's name (the bar's with "-" for "_").
 
     Returns:
         ``(best, best_net, hist_tr, hist_va)``: the lowest validation NLL, the
@@ -382,10 +389,6 @@ def _fit_net(net, train, valid, cfg: MDNConfig, *, n_dim: int, rng, progress):
     opt = optax.adam(sched)
     opt_state = opt.init(net)
 
-    def loss_fn(net, x, y):
-        out = jax.vmap(mlp_forward, in_axes=(None, 0))(net, x)
-        return jnp.mean(mixture_nll(*mixture_params(out, n_dim, cfg.n_components), y))
-
     @jax.jit
     def step(net, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(net, x, y)
@@ -401,7 +404,12 @@ def _fit_net(net, train, valid, cfg: MDNConfig, *, n_dim: int, rng, progress):
     n_batch = max(1, cfg.n_train // bs)
     hist_tr, hist_va = [], []
     best, best_net, since = np.inf, net, 0
-    bar = tqdm(range(cfg.epochs), desc="train-mdn", unit="epoch", disable=not progress)
+    bar = tqdm(
+        range(cfg.epochs),
+        desc=name.replace("_", "-"),
+        unit="epoch",
+        disable=not progress,
+    )
     for _epoch in bar:
         perm = rng.permutation(cfg.n_train)
         tot = jnp.zeros(())
@@ -417,7 +425,7 @@ def _fit_net(net, train, valid, cfg: MDNConfig, *, n_dim: int, rng, progress):
             from ..errors import TrainingDivergedError
 
             raise TrainingDivergedError(
-                f"train_mdn diverged at epoch {_epoch + 1}: training NLL {tr:.4g}, "
+                f"{name} diverged at epoch {_epoch + 1}: training NLL {tr:.4g}, "
                 f"validation NLL {va:.4g} (the best so far was {best:.4g} after "
                 f"{len(hist_va)} epoch(s)); a smaller learning_rate, or check the "
                 "emulator for non-finite spectra"

@@ -1,7 +1,10 @@
-"""mdn-is for one star: importance sampling from the MDN's truncated Gaussians, then
-adapted multivariate Student-t stages (see :mod:`payne_lite.posterior._sample`)."""
+"""mdn-is and flow-is for one star: importance sampling from the MDN's truncated
+Gaussians or its conditional flow, then adapted multivariate Student-t stages (see
+:mod:`payne_lite.posterior._sample`)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -54,51 +57,109 @@ def _normalised_weights(log_w):
     return w, float(1.0 / np.sum(w * w))
 
 
-def mixture_log_q(x, mu, sd, lo, hi, lm=None, share=0.0):
-    """log q (m,) of stage 0's proposal at ``x`` (m, kf): ``(1 - share)`` x the MDN's
-    independent Gaussians (``mu``, ``sd`` (kf,)) truncated to ``[lo, hi]``, plus
+class MDNProposal(NamedTuple):
+    """The MDN's independent Gaussians (``mu``, ``sd`` (kf,), fit space) truncated
+    to the support ``[lo, hi]``: mdn-is's stage-0 proposal."""
+
+    mu: np.ndarray
+    sd: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def spread(self) -> np.ndarray:
+        """(kf,) the scale the adapted stages shrink towards."""
+        return self.sd
+
+    def draw(self, rng, m: int) -> np.ndarray:
+        return truncnorm_draw(rng, self.mu, self.sd, self.lo, self.hi, m)
+
+    def log_q(self, x) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.sum(
+                truncnorm_logpdf(x, self.mu, self.sd, self.lo, self.hi), axis=1
+            )
+
+
+class FlowProposal:
+    """The MDN's conditional flow for one star (flow-is's stage-0 proposal): its
+    features ``feat`` (D,), the MDN's ``rv_ccf`` (the flow's rv is relative to it)
+    and the base distribution's standard deviation ``scale`` (> 1 widens it).
+
+    Fit space is the flow's target space with ``rv_ccf`` added to rv (labels
+    scaled to the box in both), so the densities agree without a Jacobian. Not
+    truncated: draws outside the support get zero weight (as the LM's part)."""
+
+    def __init__(self, flow, feat, rv_ccf: float, scale: float, n_lab: int):
+        self.flow, self.feat, self.rv_ccf = flow, feat, float(rv_ccf)
+        self.scale, self.n_lab = float(scale), int(n_lab)
+        self._spread = None
+
+    @property
+    def spread(self) -> np.ndarray:
+        """(kf,) the standard deviation of the last draws (the flow's spread for
+        this star)."""
+        return self._spread
+
+    def draw(self, rng, m: int) -> np.ndarray:
+        z = rng.standard_normal((m, self.flow.n_dim)) * self.scale
+        x = self.flow.from_base(self.feat, z)
+        x[:, self.n_lab] += self.rv_ccf
+        self._spread = np.maximum(np.std(x, axis=0), 1e-12)
+        return x
+
+    def log_q(self, x) -> np.ndarray:
+        y = np.array(x, np.float64)
+        y[:, self.n_lab] -= self.rv_ccf
+        return self.flow.log_prob(self.feat, y, self.scale)
+
+
+def mixture_log_q(x, proposal, lm=None, share=0.0):
+    """log q (m,) of stage 0's proposal at ``x`` (m, kf): ``(1 - share)`` x
+    ``proposal``'s density (:class:`MDNProposal`, :class:`FlowProposal`), plus
     ``share`` x the multivariate Student-t (``IS_DF``) with the LM solution's mean
     and covariance ``lm = (mean (kf,), cov (kf, kf))`` (not truncated: its draws
     outside the support get zero weight, so inside it the draws' density is this
-    sum). ``lm`` None or ``share`` 0: the MDN's part alone."""
+    sum). ``lm`` None or ``share`` 0: the proposal alone."""
     from scipy.stats import multivariate_t
 
-    with np.errstate(divide="ignore"):
-        log_mdn = np.sum(truncnorm_logpdf(x, mu, sd, lo, hi), axis=1)
     if lm is None or share <= 0.0:
-        return log_mdn
+        return proposal.log_q(x)
     log_lm = multivariate_t(loc=lm[0], shape=lm[1], df=IS_DF).logpdf(x)
     if share >= 1.0:
         return log_lm
-    return np.logaddexp(np.log1p(-share) + log_mdn, np.log(share) + log_lm)
+    return np.logaddexp(np.log1p(-share) + proposal.log_q(x), np.log(share) + log_lm)
 
 
-def _stage0_draws(rng, mu, sd, lo, hi, m, lm, share):
+def _stage0_draws(rng, proposal, m, lm, share):
     """Stage 0's ``m`` draws (m, kf): ``round(share * m)`` from the LM's Student-t,
-    the rest from the MDN's truncated Gaussians (a deterministic mixture: fixed
-    counts, weighted by the mixture's density, Owen & Zhou 2000)."""
+    the rest from ``proposal`` (a deterministic mixture: fixed counts, weighted by
+    the mixture's density, Owen & Zhou 2000)."""
     from scipy.stats import multivariate_t
 
     n_lm = int(round(share * m)) if lm is not None else 0
-    x = truncnorm_draw(rng, mu, sd, lo, hi, m - n_lm)
+    x = proposal.draw(rng, m - n_lm)
     if n_lm:
         t = multivariate_t(loc=lm[0], shape=lm[1], df=IS_DF)
-        x_lm = np.reshape(t.rvs(size=n_lm, random_state=rng), (n_lm, mu.size))
+        x_lm = np.reshape(t.rvs(size=n_lm, random_state=rng), (n_lm, x.shape[1]))
         x = np.concatenate([x, x_lm])
     return x
 
 
 def run_is(
-    obs, tgt, tg, mu, sd, n_draws, seed, dt, n_adapt, lm=None, share=0.0, ess_min=0.0
-):
-    """mdn-is for one star: its :class:`StarDraws` (with draws ``x`` and ``weights``;
-    ``converged``, ``fallback``, ``n_good`` and ``seconds`` are the caller's).
+    obs, tgt, tg, proposal, n_draws, seed, dt, n_adapt, lm=None, share=0.0,
+    ess_min=0.0, method="mdn-is",
+):  # fmt: skip
+    """mdn-is (or flow-is) for one star: its :class:`StarDraws` (with draws ``x``
+    and ``weights``; ``converged``, ``fallback``, ``n_good`` and ``seconds`` are the
+    caller's).
 
-    Stage 0 draws from the MDN's Gaussians truncated to the support (``n_draws``
+    Stage 0 draws from ``proposal``: the MDN's Gaussians truncated to the support
+    (:class:`MDNProposal`) or the MDN's flow (:class:`FlowProposal`) (``n_draws``
     when ``n_adapt == 0``, else ``n0 = max(IS_CHUNK, n_draws // 4)``). Then up to
     ``n_adapt`` adapted stages of ``n_draws``, each from a multivariate Student-t
     (``IS_DF`` degrees of freedom) with the previous stage's weighted mean and
-    covariance (shrunk towards the stage-0 proposal's diagonal by ``kf + 2``
+    covariance (shrunk towards the stage-0 proposal's spread by ``kf + 2``
     pseudo-samples, so that a stage with a handful of effective samples still gives
     a usable proposal); adaptation stops after a stage whose ESS reaches
     ``IS_ADAPT_DONE`` (1/4) of its draws. (Measured on 6 stars of the APOGEE
@@ -123,16 +184,14 @@ def run_is(
     from scipy.stats import multivariate_t
 
     rng = np.random.default_rng(seed)
-    lo, hi = tg["lo"], tg["hi"]
-    kf = mu.size
-    mu = np.clip(mu, lo, hi)
     share = share if lm is not None else 0.0
     if n_adapt == 0:
         n0 = n_draws
     else:
         n0 = max(IS_CHUNK, n_draws // (IS_STAGE0_LM if share > 0 else 4))
-    x = _stage0_draws(rng, mu, sd, lo, hi, n0, lm, share)
-    log_q = mixture_log_q(x, mu, sd, lo, hi, lm, share)
+    x = _stage0_draws(rng, proposal, n0, lm, share)
+    kf = x.shape[1]
+    log_q = mixture_log_q(x, proposal, lm, share)
     log_p = _is_log_prob(obs, tgt, x, dt)
     w, ess = _normalised_weights(log_p - log_q)
     ess_mdn, n_evals = ess, n0
@@ -146,7 +205,7 @@ def run_is(
         d = x - mean
         cov = (d * w[:, None]).T @ d / max(1.0 - np.sum(w * w), 1e-12)
         n_prior = kf + 2.0
-        cov = (ess * cov + n_prior * np.diag(sd**2)) / (ess + n_prior)
+        cov = (ess * cov + n_prior * np.diag(proposal.spread**2)) / (ess + n_prior)
         prop = multivariate_t(loc=mean, shape=cov, df=IS_DF, allow_singular=True)
         x = np.atleast_2d(prop.rvs(size=m, random_state=rng)).reshape(m, kf)
         log_q = prop.logpdf(x)
@@ -157,7 +216,7 @@ def run_is(
         if ess >= IS_ADAPT_DONE * m:
             break
     return StarDraws(
-        method="mdn-is",
+        method=method,
         x=x,
         weights=w,
         lp=log_p,

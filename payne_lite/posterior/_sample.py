@@ -34,7 +34,7 @@ centre's continuum), ``D`` the flux variances plus the per-pixel emulator varian
 
 The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
 fitter's) intersected with ``rv_range``, around ``rv_c``: the LM fit's rv
-(``init="lm"``) or the MDN's mean rv (``init="mdn"`` and ``method="mdn-is"``). The
+(``init="lm"``) or the MDN's mean rv (``init="mdn"``, ``"mdn-is"``, ``"flow-is"``). The
 fitter centres its window on its RV scan instead, a few km/s away at most: the
 pixel sets can differ by a pixel at the window's edges.
 
@@ -95,6 +95,14 @@ ESS is below ``ISOptions.ess_min`` (default 200), or whose MDN gave no
 answer, are sampled again by emcee (``init`` as given, default the LM solution):
 column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN and ``cont_deg=0``.
 
+``"flow-is"``: as mdn-is, with the MDN's conditional normalizing flow
+(:mod:`payne_lite.mdn._flow`, trained by :func:`payne_lite.train_flow`) as stage
+0's proposal: the joint density of the labels and rv given the spectrum, with the
+correlations that the MDN's independent Gaussians miss. Its base distribution is
+widened by ``ISOptions.scale``; not truncated (draws outside the support get zero
+weight). Every label and rv is sampled (no ``fixed``: the flow has no conditional
+for them); the same adapted stages, LM share and emcee fallback.
+
 ``"nuts"``: the No-U-Turn sampler (Hoffman & Gelman 2014; blackjax's multinomial
 NUTS) on the same log posterior, with JAX gradients. It samples unconstrained
 coordinates ``u`` (kf,): ``x = lo + (hi - lo) sigmoid(u)`` maps R^kf onto the
@@ -146,7 +154,7 @@ From the chain ``(n_steps, n_walkers, k)`` (:func:`chain_diagnostics`):
   R-hat of a converged ensemble is about 1.02, so 1.01 would reject good chains),
   with finite tau. A :class:`SamplingWarning` names the stars that fail.
 
-For ``"mdn-is"``, ``converged`` means ``ess >= ess_min``.
+For ``"mdn-is"`` and ``"flow-is"``, ``converged`` means ``ess >= ess_min``.
 
 For ``"nuts"`` the same ``chain_diagnostics`` run on the draws (chains as walkers,
 no burn-in: the warm-up is already gone): ``tau``, ``ess`` (``n_chains * n / tau``;
@@ -164,7 +172,7 @@ For each label, ``rv`` [km/s] and continuum coefficient: ``<name>`` = posterior
 median, ``<name>_err`` = half the 16-84 % range, ``<name>_p16``, ``<name>_p50``,
 ``<name>_p84``, ``<name>_std``; with ``init="lm"`` also the LM solution
 ``<name>_lm``, ``<name>_lm_err``; with an MDN ``<name>_mdn``, ``<name>_mdn_sigma``.
-Then ``method`` (per row: "emcee", "mdn-is", "nuts"), ``converged``, ``fallback``,
+Then ``method`` (per row: "emcee", "mdn-is", "flow-is", "nuts"), ``converged``, ``fallback``,
 ``n_steps``, ``n_burn``, ``acceptance``, ``tau``, ``rhat``, ``ess_bulk``,
 ``ess_tail``, ``mcse_mean``, ``mcse_sd`` ((n, k) each, over
 ``meta["sample_params"]``), ``tau_max``, ``rhat_max``, ``ess``, ``n_draws``
@@ -216,7 +224,7 @@ from ..spectra import unpack
 from ._diagnostics import N_TAU_MIN, RHAT_MAX
 from ._emcee import run_emcee
 from ._io import PosteriorSamples
-from ._is import run_is
+from ._is import FlowProposal, MDNProposal, run_is
 from ._likelihood import log_prob_batch
 from ._nuts import NUTS_INIT_SCALE, NUTS_RHAT_MAX, lm_inverse_mass, run_nuts
 from ._problem import (
@@ -233,7 +241,9 @@ from ._problem import (
 from ._rows import LMSolution, StarDraws, failed_star
 from ._table import results_table, to_physical
 
-METHODS = ("emcee", "mdn-is", "nuts")
+METHODS = ("emcee", "mdn-is", "flow-is", "nuts")
+#: The importance-sampling methods (ISOptions; emcee for the stars that fall back).
+IS_METHODS = ("mdn-is", "flow-is")
 #: :func:`log_posterior` evaluates its points in calls of this many.
 LOG_POSTERIOR_ROWS = 64
 
@@ -351,18 +361,20 @@ def sample(
         flux_err: same shape, 1-sigma errors; non-finite or non-positive errors (and
             non-finite flux) give that pixel zero weight, as in :func:`fit`.
         emulator: the rest-frame spectrum emulator (required).
-        method: ``"emcee"``, ``"mdn-is"`` or ``"nuts"`` (see the module docstring).
+        method: ``"emcee"``, ``"mdn-is"``, ``"flow-is"`` or ``"nuts"`` (see the
+            module docstring).
         mask: optional bool (P,) or (n, P), True = ignore the pixel.
         wavelength: (P,) observed wavelength [A]; None = the emulator's grid.
         instrument: the observation side (:class:`payne_lite.Instrument`), as in
             :func:`payne_lite.fit`; ``vsini`` / ``vmacro`` [km/s] are sampled with a
             uniform prior on their ranges unless ``fixed`` holds them.
-            ``method="mdn-is"`` takes no free broadening parameter (the MDN has no
-            proposal for it).
+            ``method="mdn-is"`` and ``"flow-is"`` take no free broadening parameter
+            (the MDN has no proposal for it).
         prior: ``"box"``, ``"mdn-uniform"`` or ``"mdn-gauss"`` (the last two need
             ``mdn``).
         mdn: a :class:`payne_lite.MDN` for ``emulator`` (priors, ``init="mdn"``,
-            ``method="mdn-is"``).
+            ``method="mdn-is"``; ``method="flow-is"``: one with a flow,
+            :func:`payne_lite.train_flow`).
         cont_deg: degree of the multiplicative Chebyshev continuum (0 = none).
         rv_range: (lo, hi) [km/s] for the LM fit and the RV window's limits.
         rv_window: half-width of the RV window [km/s] (the rv prior's support).
@@ -407,25 +419,28 @@ def sample(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     opts = options_for(method, options)
     inst = check_instrument(instrument)
-    # emcee's settings: its own, or those of mdn-is's fallback
-    em = opts.fallback if method == "mdn-is" else opts
+    # emcee's settings: its own, or those of the IS methods' fallback
+    is_method = method in IS_METHODS
+    em = opts.fallback if is_method else opts
     init = getattr(em, "init", "lm")
-    if mdn is None and (init == "mdn" or method == "mdn-is"):
-        need = "init='mdn'" if init == "mdn" else "method='mdn-is'"
+    if mdn is None and (init == "mdn" or is_method):
+        need = "init='mdn'" if init == "mdn" else f"method={method!r}"
         raise ValueError(f"{need} needs an mdn")
-    if method == "mdn-is" and cont_deg:
+    if method == "flow-is":
+        mdn._need_flow()
+    if is_method and cont_deg:
         raise ValueError(
-            "method='mdn-is' samples no continuum (the MDN has no proposal for it): "
-            f"use cont_deg=0 or method='emcee', got cont_deg={cont_deg}"
+            f"method={method!r} samples no continuum (the MDN has no proposal for "
+            f"it): use cont_deg=0 or method='emcee', got cont_deg={cont_deg}"
         )
     broadening, wavelength = sampler_instrument(inst, fixed, emulator, wavelength)
     inst = dataclasses.replace(
         inst, vsini="vsini" in broadening, vmacro="vmacro" in broadening
     )
     free_broad = [b for b in broadening if b not in dict(fixed or {})]
-    if method == "mdn-is" and free_broad:
+    if is_method and free_broad:
         raise ValueError(
-            f"method='mdn-is' samples no broadening (the MDN has no proposal for "
+            f"method={method!r} samples no broadening (the MDN has no proposal for "
             f"{free_broad}): fix them or use method='emcee' or 'nuts'"
         )
     model_options = inst.model_options(fixed, emulator)
@@ -435,14 +450,20 @@ def sample(
         fixed=fixed, emulator_error=emulator_error, model_options=model_options,
     )  # fmt: skip
     n = pb.flux2.shape[0]
+    if method == "flow-is" and pb.idx.size != emulator.n_labels + 1:
+        raise ValueError(
+            "method='flow-is' samples every label and rv (the flow's joint density "
+            "has no conditional for fixed ones): drop fixed="
+            f"{sorted(dict(fixed or {}))} or use method='mdn-is'"
+        )
     n_walkers = _n_walkers(em, pb.idx.size)
     if lm_table is not None and len(lm_table) != n:
         raise ValueError(f"lm_table has {len(lm_table)} rows for {n} spectra")
     run = _Run(
         pb=pb, method=method, init=init, em=em,
         nuts=opts if method == "nuts" else NUTSOptions(),
-        is_opts=opts if method == "mdn-is" else ISOptions(),
-        n_walkers=n_walkers, seed=seed, lm=lm_table,
+        is_opts=opts if is_method else ISOptions(),
+        n_walkers=n_walkers, seed=seed, lm=lm_table, mdn=mdn,
         # the LM start: the same model (the wavelengths are vacuum already)
         fit_options=dict(
             wavelength=wavelength, cont_deg=cont_deg, rv_range=rv_range,
@@ -506,13 +527,16 @@ class _Run:
     # star -> its LMSolution, when only some stars were fitted
     lm_cache: dict[int, LMSolution] = dataclasses.field(default_factory=dict)
     bar: object = None  # the tqdm bar, or None
+    mdn: object = None  # the MDN (flow-is: its flow)
+    # flow-is: per star the flow's context (standardised features (n, D), rv_ccf)
+    flow_ctx: tuple | None = None
 
     def __post_init__(self):
         n = self.n
         self.rows: list[StarDraws | None] = [None] * n
         self.priors: list = [None] * n
         self.run_emcee = np.full(n, self.method in ("emcee", "nuts"))
-        if self.method == "mdn-is":
+        if self.method in IS_METHODS:
             self.run_emcee = ~self.pb.mdn_ok  # more join after the IS pass
 
     @property
@@ -536,17 +560,23 @@ def _n_walkers(em, kf) -> int:
 
 
 def _run_samplers(run: _Run, progress: bool) -> None:
-    """Every star's sampler: mdn-is first (``method="mdn-is"``), then emcee or NUTS
+    """Every star's sampler: mdn-is or flow-is first, then emcee or NUTS
     for the stars that need it; fills ``run``'s per-star lists."""
     if progress:
         from tqdm.auto import tqdm
 
         run.bar = tqdm(total=run.n, desc="sample", unit="spectrum")
     try:
-        # 1. mdn-is for every star the MDN answers for.
-        if run.method == "mdn-is":
+        # 1. mdn-is / flow-is for every star the MDN answers for.
+        if run.method in IS_METHODS:
             if run.is_opts.lm_share > 0 and run.lm is None:
                 _lm_fits(run, np.arange(run.n))  # the LM proposal (and emcee's start)
+            if run.method == "flow-is":
+                pb = run.pb
+                feat, rv_ccf, _ = run.mdn.flow_context(
+                    pb.flux2, err_from_ivar(pb.ivar), mask=~(pb.ivar > 0)
+                )
+                run.flow_ctx = (feat, rv_ccf)
             for i in np.flatnonzero(run.pb.mdn_ok):
                 _is_star(run, i)
         # 2. emcee (or NUTS).
@@ -585,8 +615,9 @@ def _mdn_centre(pb: Problem, m) -> np.ndarray:
 
 
 def _is_star(run: _Run, i) -> None:
-    """mdn-is for star ``i``; a star whose ESS is below ``ess_min`` is marked for
-    emcee (its record kept, ``fallback`` True, for the fallback columns)."""
+    """mdn-is or flow-is for star ``i``; a star whose ESS is below ``ess_min`` is
+    marked for emcee (its record kept, ``fallback`` True, for the fallback
+    columns)."""
     pb, o = run.pb, run.is_opts
     kf, dt = pb.idx.size, pb.obs.x_obs.dtype
     t0 = time.perf_counter()
@@ -597,10 +628,19 @@ def _is_star(run: _Run, i) -> None:
     if n_good <= kf:
         _fail(run, i, f"{n_good} usable pixels for {kf} parameters")
         return
+    if run.method == "flow-is":
+        feat, rv_ccf = run.flow_ctx
+        proposal = FlowProposal(
+            run.mdn.flow, feat[i], rv_ccf[i], o.scale, pb.emulator.n_labels
+        )
+    else:
+        lo, hi = tg["lo"], tg["hi"]
+        mu = np.clip(m[pb.idx], lo, hi)
+        proposal = MDNProposal(mu, s[pb.idx] * o.scale, lo, hi)
     res = run_is(
-        pb.obs, to_device(tg, dt), tg, m[pb.idx], s[pb.idx] * o.scale, o.n_draws,
-        run.seed + int(i), dt, o.adapt, lm=_is_lm(run, i), share=o.lm_share,
-        ess_min=o.ess_min,
+        pb.obs, to_device(tg, dt), tg, proposal, o.n_draws, run.seed + int(i), dt,
+        o.adapt, lm=_is_lm(run, i), share=o.lm_share, ess_min=o.ess_min,
+        method=run.method,
     )  # fmt: skip
     fallback = bool(res.ess < o.ess_min)
     run.rows[i] = res._replace(
@@ -798,6 +838,7 @@ def _warn_unconverged(table, run: _Run) -> None:
             "emcee": f"emcee needs >= {N_TAU_MIN:g} tau, a stable tau and R-hat < "
             f"{RHAT_MAX}",
             "mdn-is": f"mdn-is ESS >= {run.is_opts.ess_min:g}",
+            "flow-is": f"flow-is ESS >= {run.is_opts.ess_min:g}",
             "nuts": f"nuts ESS >= {run.nuts.ess_target:g}, R-hat < "
             f"{NUTS_RHAT_MAX} and no divergence",
         }
