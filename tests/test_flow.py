@@ -117,10 +117,10 @@ def test_flow_learns_a_conditional_gaussian():
         y = mean + s * (rng.normal(size=(n, 3)) @ lmat.T)
         return c, y.astype(np.float32), mean, s
 
-    c, y, *_ = make(20000)
+    c, y, *_ = make(10000)
     cv, yv, *_ = make(2000)
     cfg = SimpleNamespace(
-        epochs=40, batch_size=256, learning_rate=3e-3, patience=10, n_train=20000
+        epochs=30, batch_size=256, learning_rate=3e-3, patience=10, n_train=10000
     )
     net0 = jax.tree.map(jnp.asarray, flow_mod.init_flow_net(rng, 3, 3, 16, (64, 64), 4))
     _, net, _, hist = fit_net(

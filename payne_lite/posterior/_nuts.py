@@ -66,40 +66,6 @@ def _nuts_warmup(obs: ObsModel, t: Target, keys, u0, *, n_warmup, dense):
     return jax.vmap(one)(keys, u0)
 
 
-@functools.partial(jax.jit, static_argnames=("n_warmup",))
-def _nuts_step_size(obs: ObsModel, t: Target, keys, u0, imm, *, n_warmup):
-    """Dual averaging of the step size alone (Hoffman & Gelman 2014, sec. 3.2.1),
-    the inverse mass matrix held at ``imm`` (kf[, kf]), for each chain.
-
-    ``keys`` (C,), ``u0`` (C, kf) starting points. Returns what
-    :func:`_nuts_warmup` returns: the chains' last states, step sizes (C,), inverse
-    mass matrices (C, kf[, kf]) (``imm`` for each) and gradient evaluations (C,).
-    With ``imm`` the posterior's covariance the target is a unit Gaussian to the
-    sampler, for which a step of 1 is stable: dual averaging starts there.
-    """
-    import blackjax
-    from blackjax.adaptation.step_size import dual_averaging_adaptation
-
-    da_init, da_update, da_final = dual_averaging_adaptation(NUTS_TARGET_ACCEPT)
-    kernel = blackjax.mcmc.nuts.build_kernel()
-
-    def one(key, u):
-        def logdensity(v):
-            return log_density_u(obs, v, t)
-
-        def body(carry, k):
-            st, da = carry
-            st, info = kernel(k, st, logdensity, jnp.exp(da.log_step_size), imm)
-            return (st, da_update(da, info.acceptance_rate)), info.num_integration_steps
-
-        state = blackjax.mcmc.nuts.init(u, logdensity)
-        carry = (state, da_init(jnp.asarray(1.0, u.dtype)))
-        (state, da), n_int = jax.lax.scan(body, carry, jax.random.split(key, n_warmup))
-        return state, da_final(da), imm, jnp.sum(n_int)
-
-    return jax.vmap(one)(keys, u0)
-
-
 def lm_inverse_mass(centre, cov, lo, hi, *, dense):
     """The LM covariance ``cov`` (kf, kf) at ``centre`` (kf,) [fit space] as NUTS's
     inverse mass matrix in the unconstrained ``u``: ``J^-1 cov J^-1`` with ``J =
@@ -119,24 +85,43 @@ def lm_inverse_mass(centre, cov, lo, hi, *, dense):
     return m if dense else np.diag(m).copy()
 
 
-@functools.partial(jax.jit, static_argnames=("n_draws",))
-def _nuts_draws(obs: ObsModel, t: Target, keys, state, step_size, imm, *, n_draws):
-    """``n_draws`` NUTS transitions of each chain (vmapped over the C chains).
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _nuts_block(obs: ObsModel, t: Target, keys, u, da, imm, i0, n_warmup, *, n_steps):
+    """``n_steps`` NUTS transitions of each chain (vmapped over the C chains), the
+    warm-up's and the draws' in one compiled program.
 
-    Returns the new states and, per chain and draw, (position (C, n, kf),
-    log density (C, n), divergent (C, n), integration steps (C, n), acceptance
-    (C, n)).
+    ``keys`` (C,), ``u`` (C, kf) the chains' positions, ``da`` the chains' dual
+    averaging states, ``imm`` (C, kf[, kf]) inverse mass matrices, ``i0`` the index
+    of this block's first transition in the run and ``n_warmup`` the run's warm-up
+    transitions (both traced: one compilation serves the warm-up's blocks and the
+    draws'). Transition ``i < n_warmup`` uses the step size ``exp(log_step_size)``
+    and updates it by dual averaging (Hoffman & Gelman 2014, sec. 3.2.1, towards
+    NUTS_TARGET_ACCEPT); later ones use the averaged one, ``exp(log_step_size_avg)``
+    (blackjax's ``final``), the state held. Each block starts from the positions
+    (the NUTS state is a function of them: one gradient per chain per block).
+
+    Returns the last positions (C, kf), dual averaging states and, per chain and
+    transition, (position (C, n, kf), log density (C, n), divergent (C, n),
+    integration steps (C, n), acceptance (C, n)).
     """
     import blackjax
+    from blackjax.adaptation.step_size import dual_averaging_adaptation
 
-    def one(key, st, eps, m):
+    _, da_update, _ = dual_averaging_adaptation(NUTS_TARGET_ACCEPT)
+    kernel = blackjax.mcmc.nuts.build_kernel()
+
+    def one(key, u0, da0, m):
         def logdensity(v):
             return log_density_u(obs, v, t)
 
-        kernel = blackjax.nuts(logdensity, eps, m)
-
-        def body(s, k):
-            s, info = kernel.step(k, s)
+        def body(carry, xs):
+            s, da = carry
+            k, i = xs
+            warm = i < n_warmup
+            log_eps = jnp.where(warm, da.log_step_size, da.log_step_size_avg)
+            s, info = kernel(k, s, logdensity, jnp.exp(log_eps), m)
+            new = da_update(da, info.acceptance_rate)
+            da = jax.tree.map(lambda a, b: jnp.where(warm, a, b), new, da)
             out = (
                 s.position,
                 s.logdensity,
@@ -144,11 +129,28 @@ def _nuts_draws(obs: ObsModel, t: Target, keys, state, step_size, imm, *, n_draw
                 info.num_integration_steps,
                 info.acceptance_rate,
             )
-            return s, out
+            return (s, da), out
 
-        return jax.lax.scan(body, st, jax.random.split(key, n_draws))
+        state = blackjax.mcmc.nuts.init(u0, logdensity)
+        xs = (jax.random.split(key, n_steps), i0 + jnp.arange(n_steps))
+        (state, da), out = jax.lax.scan(body, (state, da0), xs)
+        return state.position, da, out
 
-    return jax.vmap(one)(keys, state, step_size, imm)
+    return jax.vmap(one)(keys, u, da, imm)
+
+
+def _da_states(step_size, *, adapting: bool):
+    """Per-chain dual averaging states (C,) at ``step_size`` (C,): blackjax's
+    initial state (``adapting``: the warm-up tunes from there), else one whose
+    averaged step size is ``step_size`` (the draws after the window adaptation)."""
+    from blackjax.adaptation.step_size import dual_averaging_adaptation
+
+    da_init, _, _ = dual_averaging_adaptation(NUTS_TARGET_ACCEPT)
+    da = jax.vmap(da_init)(step_size)
+    if not adapting:
+        da = da._replace(log_step_size_avg=jnp.log(step_size))
+    # strongly typed, as _nuts_block returns them: one compilation for all blocks
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), da)
 
 
 # --------------------------------------------------------------------------------------
@@ -175,27 +177,41 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
     key_w, key_d = jax.random.split(jax.random.key(seed))
     keys_w, u0 = jax.random.split(key_w, n_chains), jnp.asarray(u0, dt)
     if imm is None:
+        # blackjax's window adaptation (its own program), then draws only
         state, eps, imm, n_int_w = _nuts_warmup(
             obs, tgt, keys_w, u0, n_warmup=n_warmup, dense=dense
         )
+        u, da = state.position, _da_states(eps, adapting=False)
+        n_adapt, n_int_w = 0, int(np.sum(np.asarray(n_int_w)))
     else:
-        state, eps, imm, n_int_w = _nuts_step_size(
-            obs, tgt, keys_w, u0, jnp.asarray(imm, dt), n_warmup=n_warmup
-        )
+        # the step size by dual averaging, the mass matrix held at the LM's: the
+        # warm-up's transitions run in the draws' blocks (one program for both)
+        imm = jnp.broadcast_to(jnp.asarray(imm, dt), (n_chains, *np.shape(imm)))
+        u, da = u0, _da_states(jnp.ones(n_chains, dt), adapting=True)
+        n_adapt, n_int_w = int(n_warmup), 0
     pos, lpu, div, nint, acc = [], [], [], [], []
-    n_done, i = 0, 0
+    n_done, i, i0 = 0, 0, 0
     while True:
-        todo = min(block, n_steps - n_done)
+        # full blocks always (one compiled shape); the draws beyond n_steps dropped
         keys = jax.random.split(jax.random.fold_in(key_d, i), n_chains)
-        state, out = _nuts_draws(obs, tgt, keys, state, eps, imm, n_draws=todo)
-        for lst, a in zip((pos, lpu, div, nint, acc), out, strict=True):
-            lst.append(np.asarray(a))
-        n_done += todo
+        u, da, out = _nuts_block(
+            obs, tgt, keys, u, da, imm, jnp.int32(i0), jnp.int32(n_adapt),
+            n_steps=block,
+        )  # fmt: skip
+        out = [np.asarray(a) for a in out]
+        first = max(n_adapt - i0, 0)  # this block's first draw after the warm-up
+        n_int_w += int(np.sum(out[3][:, :first]))
+        keep = min(block - first, n_steps - n_done)
+        if keep > 0:
+            for lst, a in zip((pos, lpu, div, nint, acc), out, strict=True):
+                lst.append(a[:, first : first + keep])
+            n_done += keep
+        i0 += block
         i += 1
         if n_done < 4 and n_done < n_steps:  # diagnostics need a few draws
             continue
-        u = np.concatenate(pos, axis=1).astype(np.float64)  # (C, n, kf)
-        x = lo + (hi - lo) * expit(u)
+        u_all = np.concatenate(pos, axis=1).astype(np.float64)  # (C, n, kf)
+        x = lo + (hi - lo) * expit(u_all)
         chain = np.swapaxes(x, 0, 1)  # (n, C, kf)
         diag = chain_diagnostics(chain, n_burn=0)
         n_div = int(np.sum(np.concatenate(div, axis=1)))
@@ -208,6 +224,8 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
         )
         if ok or n_done >= n_steps:
             break
+    u = u_all
+    eps = np.exp(np.asarray(da.log_step_size_avg, np.float64))
     lp_u = np.concatenate(lpu, axis=1).astype(np.float64)  # (C, n)
     log_jac = np.sum(
         np.log(hi - lo) - np.logaddexp(0.0, -u) - np.logaddexp(0.0, u), axis=-1
@@ -236,7 +254,7 @@ def run_nuts(obs, tgt, tg, x0, *, n_warmup, n_steps, block, ess_target, seed,
         mcse_sd=more["mcse_sd"],
         converged=ok,
         n_draws=int(n_done * n_chains),
-        n_evals=int(np.sum(n_int) + np.sum(np.asarray(n_int_w))),
+        n_evals=int(np.sum(n_int) + n_int_w),
         lp_best=float(np.nanmax(lp)) if np.any(np.isfinite(lp)) else np.nan,
         n_divergent=n_div,
         step_size=float(np.median(np.asarray(eps, np.float64))),
