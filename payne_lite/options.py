@@ -56,6 +56,11 @@ IS_ESS_MIN = 200.0
 #: mdn-is: the proposal's sigma is the MDN's times this (a wider proposal is safer
 #: against an MDN that is too confident, at the cost of ESS).
 IS_SCALE = 1.5
+#: flow-is: the flow's base distribution's standard deviation. 1 (the trained
+#: density): the flow is already ~1.8x wider than the posterior at S/N 50; on 100
+#: APOGEE mock stars (lm_share 0) 1.0 gave ESS/s 11,690 and no fallback, 1.5
+#: 8,172 and 2 fallbacks (benchmarks/README.md, "Flow proposal").
+FLOW_IS_SCALE = 1.0
 #: mdn-is: at most this many adapted stages after the MDN stage (0 = the MDN
 #: proposal only).
 IS_ADAPT = 4
@@ -376,8 +381,9 @@ class ISOptions(_Options):
     Args:
         n_draws: draws per star.
         ess_min: stars with a smaller effective sample size fall back to emcee.
-        scale: the proposal's sigma over the MDN's (flow-is: the flow's base
-            distribution's standard deviation).
+        scale: the proposal's sigma over the MDN's (mdn-is) or the flow's base
+            distribution's standard deviation (flow-is); None = the method's
+            default (``IS_SCALE`` 1.5, ``FLOW_IS_SCALE`` 1.0: :meth:`scale_for`).
         adapt: adapted stages after the MDN stage (0 = the MDN proposal alone).
         lm_share: the share of stage 0's draws from a multivariate Student-t with
             the LM fit's mean and covariance, a defensive second proposal where the
@@ -389,7 +395,7 @@ class ISOptions(_Options):
     method = "mdn-is"
     n_draws: int = 2048
     ess_min: float = IS_ESS_MIN
-    scale: float = IS_SCALE
+    scale: float | None = None
     adapt: int = IS_ADAPT
     lm_share: float = IS_LM_SHARE
     fallback: EmceeOptions = dataclasses.field(default_factory=EmceeOptions)
@@ -398,7 +404,8 @@ class ISOptions(_Options):
         owner = type(self).__name__
         self._set("n_draws", _int(self.n_draws, "n_draws", 2, owner))
         self._set("ess_min", _positive(self.ess_min, "ess_min", owner, allow_zero=True))
-        self._set("scale", _positive(self.scale, "scale", owner))
+        if self.scale is not None:
+            self._set("scale", _positive(self.scale, "scale", owner))
         self._set("adapt", _int(self.adapt, "adapt", 0, owner))
         share = _positive(self.lm_share, "lm_share", owner, allow_zero=True)
         if share > 1.0:
@@ -409,6 +416,14 @@ class ISOptions(_Options):
                 f"{owner}.fallback must be an EmceeOptions, got "
                 f"{type(self.fallback).__name__}"
             )
+
+    def scale_for(self, method: str) -> float:
+        """The proposal's scale for ``method`` ("mdn-is" or "flow-is"): ``scale``,
+        or that method's default when it is None (one options object serves both
+        methods, whose proposals need different widening)."""
+        if self.scale is not None:
+            return self.scale
+        return FLOW_IS_SCALE if method == "flow-is" else IS_SCALE
 
 
 #: The options class of each method (ISOptions serves both IS methods).

@@ -269,6 +269,7 @@ def test_flow_is_flat_likelihood_gives_the_prior_back(is_adapt):
         options=pl.ISOptions(n_draws=40000, ess_min=100, adapt=is_adapt, lm_share=0.0),
     )  # fmt: skip
     assert t["method"][0] == "flow-is" and not t["fallback"][0]
+    assert t.meta["options"]["scale"] == 1.0  # FLOW_IS_SCALE, the trained density
     for j, name in enumerate(TINY_NAMES):
         mid, sd = 0.5 * (TINY_LO[j] + TINY_HI[j]), SPAN[j] / np.sqrt(12)
         assert abs(t[f"{name}_p50"][0] - mid) < 0.05 * SPAN[j]
@@ -277,6 +278,16 @@ def test_flow_is_flat_likelihood_gives_the_prior_back(is_adapt):
     assert abs(t["rv_p50"][0]) < 0.05 * 40.0
     assert abs(t["rv_std"][0] / (40.0 / np.sqrt(12)) - 1) < 0.05
     assert np.isclose(post.weights[0].sum(), 1.0)
+
+
+def test_is_scale_default_follows_the_method():
+    from payne_lite.options import FLOW_IS_SCALE, IS_SCALE
+
+    o = pl.ISOptions()
+    assert o.scale is None
+    assert o.scale_for("flow-is") == FLOW_IS_SCALE == 1.0
+    assert o.scale_for("mdn-is") == IS_SCALE == 1.5
+    assert pl.ISOptions(scale=2.0).scale_for("flow-is") == 2.0
 
 
 def test_flow_is_refuses_what_the_flow_cannot_propose():

@@ -99,7 +99,8 @@ column ``fallback``; their ``seconds`` and ``n_evals`` count both. Needs an MDN 
 (:mod:`payne_lite.mdn._flow`, trained by :func:`payne_lite.train_flow`) as stage
 0's proposal: the joint density of the labels and rv given the spectrum, with the
 correlations that the MDN's independent Gaussians miss. Its base distribution is
-widened by ``ISOptions.scale``; not truncated (draws outside the support get zero
+widened by ``ISOptions.scale`` (default ``FLOW_IS_SCALE`` = 1, the trained
+density: it is already wider than the posterior); not truncated (draws outside the support get zero
 weight). Every label and rv is sampled (no ``fixed``: the flow has no conditional
 for them); the same adapted stages, LM share and emcee fallback.
 
@@ -480,7 +481,11 @@ def sample(
         meta=dict(
             method=method, prior=prior, init=init, **continuum_meta(cont_deg),
             rv_window=float(rv_window), rv_range=list(pb.rv_range), seed=int(seed),
-            options=opts.to_meta(), thin=int(em.thin),
+            options=(
+                {**opts.to_meta(), "scale": opts.scale_for(method)}
+                if is_method else opts.to_meta()
+            ),
+            thin=int(em.thin),
             n_walkers=int(n_walkers) if method != "nuts" else None,
             n_chains=run.nuts.n_chains if method == "nuts" else None,
             emulator_error_in_likelihood=pb.perr is not None,
@@ -631,12 +636,13 @@ def _is_star(run: _Run, i) -> None:
     if run.method == "flow-is":
         feat, rv_ccf = run.flow_ctx
         proposal = FlowProposal(
-            run.mdn.flow, feat[i], rv_ccf[i], o.scale, pb.emulator.n_labels
-        )
+            run.mdn.flow, feat[i], rv_ccf[i], o.scale_for(run.method),
+            pb.emulator.n_labels,
+        )  # fmt: skip
     else:
         lo, hi = tg["lo"], tg["hi"]
         mu = np.clip(m[pb.idx], lo, hi)
-        proposal = MDNProposal(mu, s[pb.idx] * o.scale, lo, hi)
+        proposal = MDNProposal(mu, s[pb.idx] * o.scale_for(run.method), lo, hi)
     res = run_is(
         pb.obs, to_device(tg, dt), tg, proposal, o.n_draws, run.seed + int(i), dt,
         o.adapt, lm=_is_lm(run, i), share=o.lm_share, ess_min=o.ess_min,
