@@ -1,9 +1,12 @@
-"""Posterior benchmark (issue 7): calibration and cost of emcee, NUTS and mdn-is.
+"""Posterior benchmark (issue 7): calibration and cost of emcee, NUTS, mdn-is and
+flow-is.
 
     python benchmarks/bench_posterior.py --n 30                  # ~6 min on 2 cores
     python benchmarks/bench_posterior.py                         # the issue's 200 stars
     python benchmarks/bench_posterior.py --n 50 --mdn mdn.h5 --json out.json
     python benchmarks/bench_posterior.py --n 20 --methods emcee nuts mdn-is  # cost
+    python benchmarks/bench_posterior.py --n 100 --methods emcee mdn-is flow-is \
+        --lm-share 0 0.8 --mdn mdn_flow.h5                       # the flow proposal
 
 With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emulator:
 
@@ -21,6 +24,13 @@ With the real 5-label Payne network (``pl.datasets.payne_apogee()``) as the emul
   /tmp/mdn_apogee3.h5 when it exists, else one trained here with
   ``payne_lite.train_mdn(emu, seed=0)``, a few minutes); stars whose ESS is below
   ``IS_ESS_MIN`` fall back to emcee (reported separately).
+* flow-is: ``payne_lite.sample(method="flow-is")``, the same with the MDN's
+  conditional flow as stage 0's proposal (the MDN file's flow; without one, a flow
+  trained here with ``payne_lite.train_flow(emu, mdn)``, 5-15 minutes). With it the
+  flow alone is reported too (``MDN.flow_sample``, 2,000 draws per star, no
+  likelihood): its 68 % coverage, its 1-sigma width over the LM error, its seconds
+  per star, and the mean log density of the truths under the flow and under the
+  MDN's independent Gaussians (the MDN's target space).
 * nuts: ``payne_lite.sample(method="nuts")``, box prior, 4 chains from the LM
   solution's Laplace approximation, the LM covariance as the inverse mass matrix,
   100 warm-up steps tuning the step size, then blocks of 50 draws per chain until
