@@ -284,6 +284,18 @@ def test_config_validation():
         train_mod.MDNConfig(snr_range=(0.0, 10.0))
     with pytest.raises(ValueError, match="config or keyword"):
         pl.train_mdn(None, config=train_mod.MDNConfig(), seed=1)
+    with pytest.raises(ValueError, match="tilt and mask_chunks"):
+        train_mod.MDNConfig(tilt=-0.1)
+    # the flow's settings: the same shared checks
+    for bad, match in (
+        (dict(n_layers=0), "n_layers must be a positive int"),
+        (dict(hidden=(64, 0)), "hidden must be positive"),
+        (dict(learning_rate=0.0), "learning_rate must be > 0"),
+        (dict(batch_size=0), "batch_size must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pl.FlowConfig(**bad)
+    assert pl.FlowConfig(hidden=32).hidden == (32,)
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,28 @@ from ._common import (
 _log = logging.getLogger("payne_lite.cli")
 
 
+def _add_training_options(p, d) -> None:
+    """The options train-mdn and train-flow share (``d``: the config's defaults):
+    seed, simulated spectra, epochs, early stopping, batch size, learning rate."""
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
+    for flag, name, what in (
+        ("--n-train", "n_train", "simulated training spectra"),
+        ("--n-valid", "n_valid", "simulated validation spectra (early stopping)"),
+        ("--epochs", "epochs", "maximum passes over the training spectra"),
+        ("--patience", "patience", "epochs without validation improvement before "
+         "stopping"),
+        ("--batch-size", "batch_size", "spectra per Adam step"),
+    ):  # fmt: skip
+        p.add_argument(
+            flag, type=positive_int, default=d[name], metavar="N", dest=name,
+            help=what,
+        )  # fmt: skip
+    p.add_argument(
+        "--learning-rate", type=float, default=d["learning_rate"], metavar="LR",
+        help="Adam step size (cosine decay)",
+    )  # fmt: skip
+
+
 def add_train_mdn(sub) -> None:
     from ..mdn import MDNConfig
 
@@ -49,49 +71,7 @@ def add_train_mdn(sub) -> None:
         metavar="MDN.h5",
         help="output HDF5 file (payne_lite.MDN format)",
     )
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
-    p.add_argument(
-        "--n-train",
-        type=positive_int,
-        default=d["n_train"],
-        metavar="N",
-        help="simulated training spectra",
-    )
-    p.add_argument(
-        "--n-valid",
-        type=positive_int,
-        default=d["n_valid"],
-        metavar="N",
-        help="simulated validation spectra (early stopping)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=d["epochs"],
-        metavar="N",
-        help="maximum passes over the training spectra",
-    )
-    p.add_argument(
-        "--patience",
-        type=positive_int,
-        default=d["patience"],
-        metavar="N",
-        help="epochs without validation improvement before stopping",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=d["batch_size"],
-        metavar="N",
-        help="spectra per Adam step",
-    )
-    p.add_argument(
-        "--learning-rate",
-        type=float,
-        default=d["learning_rate"],
-        metavar="LR",
-        help="Adam step size (cosine decay)",
-    )
+    _add_training_options(p, d)
     p.add_argument(
         "--n-components",
         type=positive_int,
@@ -185,22 +165,10 @@ def add_train_flow(sub) -> None:
         "-o", "--output", required=True, metavar="OUT.h5",
         help="output HDF5 file: the MDN with its flow",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
-    for flag, name, what in (
-        ("--n-train", "n_train", "simulated training spectra"),
-        ("--n-valid", "n_valid", "simulated validation spectra (early stopping)"),
-        ("--epochs", "epochs", "maximum passes over the training spectra"),
-        ("--patience", "patience", "epochs without improvement before stopping"),
-        ("--batch-size", "batch_size", "spectra per Adam step"),
-        ("--layers", "n_layers", "MADE layers of the flow"),
-    ):
-        p.add_argument(
-            flag, type=positive_int, default=d[name], metavar="N", dest=name,
-            help=what,
-        )  # fmt: skip
+    _add_training_options(p, d)
     p.add_argument(
-        "--learning-rate", type=float, default=d["learning_rate"], metavar="LR",
-        help="Adam step size (cosine decay)",
+        "--layers", type=positive_int, default=d["n_layers"], metavar="N",
+        dest="n_layers", help="MADE layers of the flow",
     )  # fmt: skip
     p.add_argument(
         "--no-progress", action="store_true", help="do not show progress bars"

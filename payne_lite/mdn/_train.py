@@ -82,25 +82,40 @@ class MDNConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_train", "n_valid", "n_components", "n_pca", "epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("batch_size", "patience"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_net_config(
+            self, ("n_train", "n_valid", "n_components", "n_pca", "epochs")
+        )
         s = tuple(float(v) for v in self.snr_range)
         if len(s) != 2 or not 0 < s[0] <= s[1]:
             raise ValueError(f"snr_range must be (lo, hi) with 0 < lo <= hi, got {s}")
         r = check_rv_range(self.rv_range)
-        hidden = (self.hidden,) if isinstance(self.hidden, int) else self.hidden
-        if not hidden or any(int(h) <= 0 for h in hidden):
-            raise ValueError(f"hidden must be positive width(s), got {self.hidden!r}")
-        if not self.learning_rate > 0 or self.tilt < 0 or self.mask_chunks < 0:
-            raise ValueError("learning_rate must be > 0, tilt and mask_chunks >= 0")
+        if self.tilt < 0 or self.mask_chunks < 0:
+            raise ValueError("tilt and mask_chunks must be >= 0")
         object.__setattr__(self, "snr_range", s)
         object.__setattr__(self, "rv_range", r)
-        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+
+
+def check_net_config(cfg, int_names) -> None:
+    """The checks the MDN's and the flow's training settings share: ``int_names``
+    positive ints, ``batch_size`` and ``patience`` > 0, ``hidden`` positive widths
+    (stored as a tuple), ``learning_rate`` > 0.
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    for name in int_names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or int(v) != v or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name in ("batch_size", "patience"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
+    hidden = (cfg.hidden,) if isinstance(cfg.hidden, int) else cfg.hidden
+    if not hidden or any(int(h) <= 0 for h in hidden):
+        raise ValueError(f"hidden must be positive width(s), got {cfg.hidden!r}")
+    if not cfg.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate!r}")
+    object.__setattr__(cfg, "hidden", tuple(int(h) for h in hidden))
 
 
 def simulate(emulator, n: int, *, rng, snr_range, rv_range, tilt=0.05, mask_chunks=8):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._flow import Flow, init_flow_net, nll_batch
 from ._mdn import MDN
-from ._train import MDNConfig, fit_net, sim_features
+from ._train import MDNConfig, check_net_config, fit_net, sim_features
 
 log = logging.getLogger("payne_lite.mdn")
 
@@ -40,19 +40,9 @@ class FlowConfig:
     seed: int = 1
 
     def __post_init__(self):
-        for name in ("n_train", "n_valid", "n_layers", "n_context", "epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("batch_size", "patience"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        hidden = (self.hidden,) if isinstance(self.hidden, int) else self.hidden
-        if not hidden or any(int(h) <= 0 for h in hidden):
-            raise ValueError(f"hidden must be positive width(s), got {self.hidden!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+        check_net_config(
+            self, ("n_train", "n_valid", "n_layers", "n_context", "epochs")
+        )
 
 
 def _sim_config(mdn: MDN) -> MDNConfig:
