@@ -579,6 +579,10 @@ def test_cli_train_flow(emu, trained, tmp_path, capsys):
     assert back.flow.n_layers == 2
     assert back.flow.meta["command"].startswith("payne-lite train-flow")
     np.testing.assert_array_equal(back.net.weights[0], trained.net.weights[0])
+    assert main(["info", str(tmp_path / "f.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "payne_lite.MDN v3" in out
+    assert "Flow(2 MADE layers" in out and "trained on 600 spectra, 2 epochs" in out
     # an emulator given as the MDN: one line, exit code 2, nothing written
     bad = [
         "train-flow",

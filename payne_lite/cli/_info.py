@@ -488,11 +488,28 @@ def _lines_mdn(path: Path) -> list[str]:
     from ..mdn import MDN
 
     mdn = MDN.load(path)
-    return [
+    rows = [
         _row("network", repr(mdn)),
         _row("wavelength", _fmt_wavelength(np.asarray(mdn.wavelength))),
         *_meta_rows(mdn.meta),
     ]
+    if mdn.flow is not None:
+        fm = mdn.flow.meta
+        cfg = fm.get("config", {})
+        rows.append(
+            _row(
+                "flow",
+                f"{mdn.flow!r}: trained on {cfg.get('n_train', '?')} spectra, "
+                f"{fm.get('epochs_run', '?')} epochs, validation NLL "
+                + (
+                    f"{fm['best_valid_nll']:.3f}"
+                    if isinstance(fm.get("best_valid_nll"), int | float)
+                    else "?"
+                )
+                + " (method='flow-is', MDN.flow_sample)",
+            )
+        )
+    return rows
 
 
 def _lines_samples(path: Path) -> list[str]:
