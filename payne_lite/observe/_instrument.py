@@ -172,10 +172,6 @@ class Instrument:
             b for b in BROADENING_PARAMS if on[b] or (b in fixed and b not in labels)
         )
 
-    def is_plain(self, fixed=None, emulator=None) -> bool:
-        """Nothing beyond the Doppler shift: no air, profile or broadening."""
-        return not (self.air or self.has_profile or self.broadening(fixed, emulator))
-
     # ---------------------------------------------------------------- the model
     def vacuum_wavelength(self, wavelength):
         """The observed ``wavelength`` (P,) or (n, P) in vacuum [A] (a float64 copy
