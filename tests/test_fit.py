@@ -882,8 +882,8 @@ def test_fit_leaves_no_local_rv_minima(payne_apogee, monkeypatch):
     kink at every pixel crossing and fits stopped in notches or in the next basin
     (24 of 1,000 rvs beyond 4 sigma without the rv polish, which then probed every
     star). With the cubic interpolant chi2(rv) is smooth: the fits alone leave at
-    most one rv beyond 4 sigma (0.013 expected by chance), the polish (now only for
-    doubtful fits) changes none of these, and no chi2 ends higher with it."""
+    most one rv beyond 4 sigma (0.013 expected by chance), the polish (for every
+    fit) changes none of these, and no chi2 ends higher with it."""
     emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n = 200

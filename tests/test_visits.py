@@ -933,10 +933,12 @@ def test_group_fit_leaves_no_local_rv_minima_of_any_visit(payne_apogee, monkeypa
     visit's chi2(rv) had a kink at every pixel crossing, and without the polish
     (which probes each visit alone and refits the star jointly) several visit rvs
     ended > 4 sigma off (measured on 120 stars: 12 of 360 visits). With the cubic
-    interpolant the joint fits alone leave at most two: both stars whose RV scan
-    (box-centre template) landed > 20 km/s off, so that the truth lies outside the
-    visit's +-20 km/s window, which neither the fit nor the polish leaves (34 and 79
-    sigma). The polish never ends higher."""
+    interpolant the joint fits alone leave two: one visit 8.4 km/s off inside its
+    window, and one whose RV scan (box-centre template) landed > 20 km/s off, so
+    that the truth lies outside the visit's +-20 km/s window, which neither the fit
+    nor the polish leaves. The polish (for every star: the first one's chi2 does
+    not flag it) moves the first to its truth; the second stays (40 sigma). The
+    polish never ends higher."""
     emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n, n_vis = 60, 3
@@ -951,7 +953,7 @@ def test_group_fit_leaves_no_local_rv_minima_of_any_visit(payne_apogee, monkeypa
         return np.abs(np.asarray(t["rv"]) - rv) / np.asarray(t["rv_err"])
 
     t = fit(flux, err, emu, mask=mask, group=gid)
-    assert np.sum(z_rv(t) > 4) <= 2, np.sort(z_rv(t).ravel())[-5:]
+    assert np.sum(z_rv(t) > 4) <= 1, np.sort(z_rv(t).ravel())[-5:]
     assert np.sum((z_rv(t) > 3.5) & (z_rv(t) < 20)) == 0, np.sort(z_rv(t).ravel())[-5:]
     monkeypatch.setattr(
         driver_mod,

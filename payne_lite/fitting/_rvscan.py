@@ -466,9 +466,9 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     next to the true one, with labels bent to fit it (on 1,000 mock stars of the
     APOGEE network at S/N 50, 3.3 % of the LM rvs were more than 3 sigma from the
     truth, 0.3 % expected). With the cubic interpolant chi2(rv) is smooth and the
-    polish changed no fit of those mocks; :func:`._driver.lm_with_starts` now runs
-    it only for the stars in ``alive`` whose fits are doubtful (a basin next to
-    the true one can still hold a fit whose scan started it there).
+    polish changed no fit of those mocks; it still finds the fits that the scan
+    started in the basin next to the true one, whose chi2 does not flag them, so
+    :func:`._driver.lm_with_starts` runs it for every fit (``alive``).
 
     The probe (:func:`_rv_probe_batch`): chi2 with the labels, continuum and
     broadening held, minimised over rv exactly within the current pixel interval and
