@@ -20,8 +20,8 @@ None of them is the fitter's own interpolant (Keys' six-tap cubic convolution,
 ``payne_lite.observe.DOPPLER_INTERP``). ``--no-polish`` switches the fit's rv polish
 off (to see whether it pays); ``--interp lanczos6`` fits with a band-limited shift
 (twelve-tap Lanczos); ``--interp linear`` fits with the linear interpolant
-instead (the fitter before the cubic one, but with today's polish rule: it probes
-only doubtful fits, so its rvs beyond 3 sigma are worse than that fitter's were).
+instead (the fitter before the cubic one, with today's polish, which probes every
+fit as that fitter's did).
 
 ``--kernels`` (``--n 100 --snr 300`` for the issue's case): the interpolants' own
 error. Where the truth is known (Gaussian lines sampled at integer pixels, one FWHM
