@@ -70,6 +70,22 @@ def test_round_trip(results, tmp_path, suffix):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp left
 
 
+@pytest.mark.parametrize("suffix", [".fits", ".ecsv", ".h5"])
+def test_empty_strings_round_trip(results, tmp_path, suffix):
+    """A string column with empty entries (a sampler's ``failure``: '' for every
+    star that did not fail) reads back as written. ECSV stores '' as an empty field,
+    which astropy reads as masked: the file's checksum failed on it ("its content
+    does not match the checksum") for every emcee / mdn-is / flow-is table."""
+    t = results.copy()
+    t["failure"] = ["", "no usable pixel", "", ""]
+    t["method"] = ["", "", "", ""]  # all empty: a one-character column
+    path = tmp_path / f"r{suffix}"
+    write_results(t, path)
+    back = read_results(path)
+    assert_tables_equal(back, t)
+    assert list(back["failure"]) == ["", "no usable pixel", "", ""]
+
+
 def test_results_schema_checked(results, tmp_path):
     """The schema holds through a file round trip; what a table lacks is named."""
     back = read_results(write_results(results, tmp_path / "r.fits"))

@@ -459,7 +459,7 @@ def read_results(path):
             if fmt == "fits":
                 t = _read_fits(path)
             elif fmt == "ecsv":
-                t = Table.read(path, format="ascii.ecsv")
+                t = _empty_strings_back(Table.read(path, format="ascii.ecsv"))
             else:
                 _h5.check_stamp(path)
                 t = Table.read(
@@ -527,6 +527,25 @@ def _checked(version) -> bool:
         return int(version) >= 2
     except (TypeError, ValueError):
         return False
+
+
+def _empty_strings_back(t):
+    """``t`` with its masked string columns as plain ones, the masked entries ''.
+
+    ECSV stores an empty string as an empty field, which astropy reads back as a
+    masked entry (a string column of a sampler's table, ``failure``, is '' for
+    every star that did not fail): the table written had no mask there, and the
+    content digest reads ''."""
+    from astropy.table import Column, MaskedColumn
+
+    for name in t.colnames:
+        col = t[name]
+        if isinstance(col, MaskedColumn) and col.dtype.kind in "US":
+            t[name] = Column(
+                col.filled(""), name=name, unit=col.unit,
+                description=col.info.description,
+            )  # fmt: skip
+    return t
 
 
 def content_digest(table) -> str:
