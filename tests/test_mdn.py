@@ -565,7 +565,9 @@ def test_flow_is_agrees_with_mdn_is(emu, with_flow, held_out):
         np.testing.assert_allclose(t_flow[f"{name}_std"], sd, rtol=0.2)
 
 
-def test_cli_train_flow(emu, trained, tmp_path, capsys):
+def test_cli_train_flow(emu, trained, fit_set, tmp_path, capsys):
+    """train-flow writes the MDN with its flow; info shows it; fit --method flow-is
+    samples with it (the user's path end to end)."""
     from payne_lite.cli import main
 
     emu.save(tmp_path / "emu.h5")
@@ -583,6 +585,24 @@ def test_cli_train_flow(emu, trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "payne_lite.MDN v3" in out
     assert "Flow(2 MADE layers" in out and "trained on 600 spectra, 2 epochs" in out
+    d = fit_set
+    cat = pl.write_catalog(
+        tmp_path / "cat.h5", d["flux"][:3], d["err"][:3], emu.wavelength
+    )
+    res = tmp_path / "post.ecsv"
+    fit_args = ["fit", cat, "--emulator", tmp_path / "emu.h5", "-o", res]
+    code = main(
+        [str(a) for a in [*fit_args, "--method", "flow-is", "--mdn", tmp_path / "f.h5"]]
+    )
+    assert code == 0, capsys.readouterr().err
+    t = pl.read_results(res)
+    assert set(t["method"]) <= {"flow-is", "emcee"} and "flow-is" in set(t["method"])
+    assert t.meta["method"] == "flow-is" and t.meta["options"]["scale"] == 1.0
+    lo, hi = np.asarray(t["Teff_p16"]), np.asarray(t["Teff_p84"])
+    assert np.all(lo < hi) and np.all(
+        np.abs(t["Teff"] - d["labels"][:3, 0]) < 5 * (hi - lo)
+    )
+    capsys.readouterr()  # the fit's progress bar
     # an emulator given as the MDN: one line, exit code 2, nothing written
     bad = [
         "train-flow",
