@@ -280,6 +280,28 @@ def test_flow_is_flat_likelihood_gives_the_prior_back(is_adapt):
     assert np.isclose(post.weights[0].sum(), 1.0)
 
 
+def test_flow_proposal_spread_without_stage0_flow_draws():
+    """With lm_share near 1 stage 0 draws (almost) nothing from the flow; the
+    adapted stages still need its spread: then from FLOW_SPREAD_DRAWS of its own,
+    finite, and the same every time (not NaN from an empty draw)."""
+    from payne_lite.posterior import _is as is_mod
+
+    flow = Flow(
+        net=random_flow(np.random.default_rng(2), n_feat=3, d=4, n_ctx=2),
+        y_mu=np.zeros(4),
+        y_sd=np.array([0.1, 0.1, 0.1, 5.0]),
+    )
+    prop = is_mod.FlowProposal(flow, np.zeros(3, np.float32), 30.0, 1.0, 3)
+    assert prop.draw(np.random.default_rng(1), 0).shape == (0, 4)
+    spread = prop.spread
+    assert spread.shape == (4,) and np.all(np.isfinite(spread) & (spread > 0))
+    ref = is_mod.FlowProposal(flow, np.zeros(3, np.float32), 30.0, 1.0, 3)
+    x = ref.draw(np.random.default_rng(0), is_mod.FLOW_SPREAD_DRAWS)
+    np.testing.assert_allclose(spread, np.std(x, axis=0))
+    prop.draw(np.random.default_rng(3), 2)  # too few: the spread stays
+    np.testing.assert_array_equal(prop.spread, spread)
+
+
 def test_is_scale_default_follows_the_method():
     from payne_lite.options import FLOW_IS_SCALE, IS_SCALE
 

@@ -424,12 +424,12 @@ class MDN:
         )
         rng = np.random.default_rng(seed)
         L = self.n_labels
-        out = np.full((len(feat), int(n_draws), L + 1), np.nan)
+        m = int(n_draws)
+        out = np.full((len(feat), m, L + 1), np.nan)
         for i in np.flatnonzero(ok):
-            y = flow.from_base(feat[i], rng.standard_normal((int(n_draws), L + 1)))
-            out[i, :, :L] = (y[:, :L] + 0.5) * (self.label_hi - self.label_lo)
-            out[i, :, :L] += self.label_lo
-            out[i, :, L] = y[:, L] * RV_OUT_SCALE + rv_ccf[i]
+            y = flow.from_base(feat[i], rng.standard_normal((m, L + 1)))
+            # the MDN's target space -> physical units, as predict's means
+            out[i] = self._unscale(y, np.zeros_like(y), np.full(m, rv_ccf[i]))[0]
         return out[0] if np.ndim(flux) == 1 else out
 
     def _need_flow(self) -> Flow:

@@ -24,6 +24,9 @@ IS_DF = 5.0
 #: ``n_draws // IS_STAGE0_LM``, and no adapted stage follows when its ESS reaches
 #: ``IS_ADAPT_DONE * n_draws`` (and ``ISOptions.ess_min``).
 IS_STAGE0_LM = 2
+#: flow-is: draws that set the flow's spread (the adapted stages' shrinkage target)
+#: when stage 0 drew fewer than that from the flow.
+FLOW_SPREAD_DRAWS = 256
 #: mdn-is: draws evaluated per jitted call.
 IS_CHUNK = 64
 
@@ -97,15 +100,19 @@ class FlowProposal:
 
     @property
     def spread(self) -> np.ndarray:
-        """(kf,) the standard deviation of the last draws (the flow's spread for
-        this star)."""
+        """(kf,) the standard deviation of the flow's draws for this star: those of
+        stage 0, or (when stage 0 drew too few from the flow, e.g. ``lm_share``
+        near 1) ``FLOW_SPREAD_DRAWS`` of its own."""
+        if self._spread is None:
+            self.draw(np.random.default_rng(0), FLOW_SPREAD_DRAWS)
         return self._spread
 
     def draw(self, rng, m: int) -> np.ndarray:
         z = rng.standard_normal((m, self.flow.n_dim)) * self.scale
         x = self.flow.from_base(self.feat, z)
         x[:, self.n_lab] += self.rv_ccf
-        self._spread = np.maximum(np.std(x, axis=0), 1e-12)
+        if m > self.flow.n_dim + 1:  # enough for a spread per dimension
+            self._spread = np.maximum(np.std(x, axis=0), 1e-12)
         return x
 
     def log_q(self, x) -> np.ndarray:
