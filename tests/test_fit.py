@@ -820,7 +820,7 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
         slow = build_obs_model(
             emu_log, cont_deg=cont_deg, dtype=jnp.float64, log_grid=False
         )
-        px = rvscan_mod._rv_pixel_kms(fast)
+        px = rvscan_mod.rv_pixel_kms(fast)
         assert px == pytest.approx(1.3e-5 * C_KMS, rel=1e-9)
         flux = reference_spectra(
             emu_log, s, [39.0], cont=None if cont is None else [cont]
@@ -903,3 +903,115 @@ def test_fit_leaves_no_local_rv_minima(payne_apogee, monkeypatch):
     assert np.sum(z_rv(t_off) > 4) <= 1, np.sort(z_rv(t_off))[-5:]
     worse = np.asarray(t_off["chi2"]) - np.asarray(t["chi2"])
     assert worse.min() > -1e-6 * np.asarray(t["chi2"]).max()  # never higher
+
+
+# --- a second RV scan when the first one put the window in the wrong place ------------------
+def test_near_window_edge_by_hand():
+    """A fit is scanned again when its rv is closer to an end of its window than
+    the rv polish's probe reaches: RV_PROBE_CELLS pixels (3 x 3.90 km/s on this
+    grid), at most a quarter of the window; never at an end of rv_range, never
+    for a NaN rv."""
+    from types import SimpleNamespace
+
+    obs = build_obs_model(smooth_emulator(wavelength=log_wavelength(), seed=3))
+    px = rvscan_mod.rv_pixel_kms(obs)
+    assert rvscan_mod.RV_PROBE_CELLS * px == pytest.approx(11.69, abs=0.01)
+    ctx = SimpleNamespace(obs=obs, rv_range=(-500.0, 500.0))
+    rv = np.array([9.9, 10.1, -10.1, -9.9, -499.0, 3.5, 2.0, 30.0, np.nan])
+    lo = np.array([-20, -20, -20, -20, -500, 0, 0, 20, -20], float)
+    hi = np.array([20, 20, 20, 20, -460, 4, 4, 80, 20], float)
+    # windows 40 km/s wide: reach min(11.69, 10) = 10; [0, 4]: 1; [20, 80]: 11.69
+    want = [False, True, True, False, False, True, False, True, False]
+    np.testing.assert_array_equal(driver_mod.near_window_edge(ctx, rv, lo, hi), want)
+
+
+def test_rescan_batch_scans_each_star_with_its_own_template():
+    """rescan_batch is scan_batch with one template per row: each row's rv and
+    continuum are those of scan_batch with that row's labels and broadening alone;
+    rows that do not run return rv 0 and continuum 1."""
+    emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
+    obs = build_obs_model(emu_log, cont_deg=1)
+    rng = np.random.default_rng(2)
+    s = np.array([[0.2, -0.1, 0.35], [-0.3, 0.25, -0.2], [0.0, 0.0, 0.0]])
+    rv_true = np.array([-61.0, 45.0, 3.0])
+    flux = reference_spectra(emu_log, s, rv_true, cont=[[1.1, 0.02]] * 3)
+    flux = flux + 0.01 * rng.standard_normal(flux.shape)
+    w = np.full(flux.shape, 1e4)
+    grid = jnp.linspace(-200.0, 200.0, 101)
+    b = np.zeros((3, 0))
+    run = np.array([True, True, False])
+    rv, c = (
+        np.asarray(a)
+        for a in rvscan_mod.rescan_batch(
+            obs,
+            jnp.asarray(s),
+            jnp.asarray(b),
+            grid,
+            jnp.asarray(flux),
+            jnp.asarray(w),
+            jnp.asarray(run),
+        )  # fmt: skip
+    )
+    for i in range(2):
+        rv_i, c_i = rvscan_mod.scan_batch(
+            obs,
+            jnp.asarray(s[i]),
+            jnp.asarray(b[i]),
+            grid,
+            flux[i : i + 1],
+            w[i : i + 1],
+        )
+        assert rv[i] == pytest.approx(float(rv_i[0]), abs=1e-3)
+        np.testing.assert_allclose(c[i], np.asarray(c_i)[0], rtol=1e-4)
+        assert abs(rv[i] - rv_true[i]) < 2.0  # its own template finds its rv
+    assert rv[2] == 0.0 and np.all(c[2] == 1.0)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_scan_that_landed_off_is_recovered_by_a_second_scan(
+    payne_apogee, monkeypatch, joint
+):
+    """Real network, S/N 50. The first RV scan (box-centre template) is made to
+    land 30 km/s above every spectrum's truth, so that the truth lies outside the
+    +-20 km/s window: without the second scan every rv ends at its window's end,
+    > 10 sigma off and flagged at a bound; with it (the fits near the window's end
+    scanned again with their own labels, refitted in the new window) every rv and
+    label is within 4 sigma of the truth, unflagged. Joint fits of 2 visits per
+    star: the same, per visit."""
+    emu, mask = payne_apogee
+    rng = np.random.default_rng(4)
+    n_star, n_vis = 4, 2 if joint else 1
+    s = rng.uniform(-0.3, 0.3, (n_star, 5))
+    rv = rng.uniform(-150.0, 150.0, (n_star, n_vis))
+    flux = reference_spectra(emu, np.repeat(s, n_vis, axis=0), rv.ravel())
+    err = np.full_like(flux, 0.02)
+    flux = flux + err * rng.standard_normal(flux.shape)
+    group = np.repeat(np.arange(n_star), n_vis) if joint else None
+    real_scan = driver_mod.scan_batch
+
+    def scan_off(*a, **k):
+        rv0, c0 = real_scan(*a, **k)
+        return rv0 + 30.0, c0
+
+    monkeypatch.setattr(driver_mod, "scan_batch", scan_off)
+
+    def z(t):
+        rv_fit = np.asarray(t["rv"]).reshape(n_star, n_vis)
+        return np.abs(rv_fit - rv) / np.asarray(t["rv_err"]).reshape(n_star, n_vis)
+
+    t = fit(flux, err, emu, mask=mask, group=group)
+    assert t.meta["rv_rescanned"] == n_star * n_vis
+    assert np.all(z(t) < 4), z(t)
+    assert np.all(np.asarray(t["flags"]) == 0), list(t["flags"])
+    for j, name in enumerate(emu.label_names):
+        truth = emu.unscale(s)[:, j]
+        assert np.all(np.abs(np.asarray(t[name]) - truth) < 4 * t[f"{name}_err"]), name
+    fit_mod = importlib.import_module("payne_lite.fitting._fit")
+    visits_mod = importlib.import_module("payne_lite.fitting._visits")
+    monkeypatch.setattr(
+        fit_mod, "rescan_fits", lambda ctx, f, i, res, *a: (res, np.zeros(len(f), bool))
+    )
+    monkeypatch.setattr(visits_mod, "_rescan_visits", lambda *a: 0)
+    t_off = fit(flux, err, emu, mask=mask, group=group)
+    assert np.all(z(t_off) > 10), z(t_off)
+    assert np.all(np.asarray(t_off["flags"]) & schema_mod.FLAG_AT_BOUND)

@@ -333,7 +333,7 @@ def test_fit_with_mdn_columns_and_agreement(trained, emu, fit_set):
 
 
 def test_mdn_start_points_drawn_inside_the_mdn_bounds():
-    from payne_lite.fitting._mdn_bounds import MDNPrior
+    from payne_lite.fitting._driver import FitPrior
     from payne_lite.fitting._mdn_bounds import mdn_start_points as _mdn_start_points
 
     n, n_lab = 50, 3
@@ -341,7 +341,7 @@ def test_mdn_start_points_drawn_inside_the_mdn_bounds():
     s0 = rng.uniform(-0.3, 0.3, (n, n_lab))
     sd = np.full((n, n_lab), 0.05)
     rv = np.zeros(n)
-    prior = MDNPrior(s0, sd, s0 - 3 * sd, s0 + 3 * sd, rv0=rv, rv_lo=rv, rv_hi=rv)
+    prior = FitPrior(s0, sd, s0 - 3 * sd, s0 + 3 * sd, rv0=rv, rv_lo=rv, rv_hi=rv)
     pts = _mdn_start_points(prior, 400, {1: 0.2}, seed=3)
     assert pts.shape == (n, 401, n_lab)
     np.testing.assert_array_equal(pts[:, 0], s0)  # the mean comes first

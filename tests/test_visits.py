@@ -937,8 +937,10 @@ def test_group_fit_leaves_no_local_rv_minima_of_any_visit(payne_apogee, monkeypa
     window, and one whose RV scan (box-centre template) landed > 20 km/s off, so
     that the truth lies outside the visit's +-20 km/s window, which neither the fit
     nor the polish leaves. The polish (for every star: the first one's chi2 does
-    not flag it) moves the first to its truth; the second stays (40 sigma). The
-    polish never ends higher."""
+    not flag it) moves the first to its truth and the second to its window's end,
+    where the second scan (its star's labels, the whole rv range) finds the truth
+    and the joint refit in the new window gets there: none is left beyond 4 sigma
+    (before the second scan: one, at 40 sigma). The polish never ends higher."""
     emu, mask = payne_apogee
     rng = np.random.default_rng(11)
     n, n_vis = 60, 3
@@ -953,8 +955,8 @@ def test_group_fit_leaves_no_local_rv_minima_of_any_visit(payne_apogee, monkeypa
         return np.abs(np.asarray(t["rv"]) - rv) / np.asarray(t["rv_err"])
 
     t = fit(flux, err, emu, mask=mask, group=gid)
-    assert np.sum(z_rv(t) > 4) <= 1, np.sort(z_rv(t).ravel())[-5:]
-    assert np.sum((z_rv(t) > 3.5) & (z_rv(t) < 20)) == 0, np.sort(z_rv(t).ravel())[-5:]
+    assert np.sum(z_rv(t) > 3.5) == 0, np.sort(z_rv(t).ravel())[-5:]
+    assert t.meta["rv_rescanned"] >= 1
     monkeypatch.setattr(
         driver_mod,
         "rv_polish",

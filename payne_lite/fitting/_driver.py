@@ -12,7 +12,16 @@ from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
 from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
 from ._ppc import dip_batch
-from ._rvscan import chi2_batch, rv_polish, scan_batch, screen_starts, window_batch
+from ._rvscan import (
+    RV_PROBE_CELLS,
+    chi2_batch,
+    rescan_batch,
+    rv_pixel_kms,
+    rv_polish,
+    scan_batch,
+    screen_starts,
+    window_batch,
+)
 from ._schema import AT_BOUND_TOL
 
 Array = jax.Array
@@ -40,6 +49,37 @@ class BatchContext(NamedTuple):
     emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
     profile: bool = False  # continuum="profile": variable projection
     error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
+
+
+class FitPrior(NamedTuple):
+    """Starts and bounds of fits that do not take them from the RV scan, one row
+    per spectrum, in fit space: the MDN's (:func:`._mdn_bounds.mdn_prior`), or
+    those of a second scan with the star's own labels (:func:`rescan_prior`).
+
+    Attributes:
+        s0: (n, L) starting labels, scaled (the box is -0.5 .. 0.5): the MDN mean
+            clipped into ``lo`` .. ``hi`` (the default start where the MDN gave
+            no answer); a rescan's: the fit's labels.
+        sd: (n, L) the MDN's sigma, scaled (1 where not finite; a rescan's: 1).
+        lo: (n, L) lower label bounds, scaled: mean - ``MDN_NSIGMA`` sigma, in the
+            box (a rescan's: the box).
+        hi: (n, L) upper label bounds, scaled: mean + ``MDN_NSIGMA`` sigma, in the
+            box (a rescan's: the box).
+        rv0: (n,) starting rv [km/s].
+        rv_lo: (n,) lower end of the rv window [km/s], in ``rv_range``.
+        rv_hi: (n,) upper end of the rv window [km/s], in ``rv_range``.
+        c0: (n, max(n_cont, 1)) starting continuum coefficients (a rescan's, at
+            its rv), or None: flat (the MDN knows no continuum).
+    """
+
+    s0: np.ndarray
+    sd: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    rv0: np.ndarray
+    rv_lo: np.ndarray
+    rv_hi: np.ndarray
+    c0: np.ndarray | None = None
 
 
 class Prepared(NamedTuple):
@@ -112,7 +152,7 @@ class BatchFit(NamedTuple):
 
 def take_rows(res, rows):
     """``res``, a NamedTuple of per-row arrays (:class:`BatchFit`,
-    :class:`Prepared`, ``MDNPrior`` ...), at ``rows`` (indices, mask or slice);
+    :class:`Prepared`, ``FitPrior`` ...), at ``rows`` (indices, mask or slice);
     None fields stay None."""
     return type(res)(*(None if val is None else val[rows] for val in res))
 
@@ -279,7 +319,7 @@ def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best)
 
 def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
     """Steps 1-2 of a fit for a padded batch of spectra ``fb``, ``wb`` (size, P):
-    the RV scan (or the MDN's ``prior``, a :class:`._mdn_bounds.MDNPrior`, or a
+    the RV scan (or the MDN's ``prior``, a :class:`FitPrior`, or a
     fixed rv), the pixels valid over each RV window and the emulator's error in
     the weights. Returns them as :class:`Prepared` (without ``snr``)."""
     obs, layout, fix = ctx.obs, ctx.layout, ctx.fix
@@ -294,9 +334,12 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
         rv0 = np.asarray(prior.rv0, np.float64)
         rv_lo = np.asarray(prior.rv_lo, np.float64)
         rv_hi = np.asarray(prior.rv_hi, np.float64)
-        c0 = np.ones((size, 1))
-        if obs.n_cont:
+        if prior.c0 is not None:
+            c0 = prior.c0
+        elif obs.n_cont:
             c0 = np.broadcast_to(obs.cont.flat(), (size, obs.n_cont)).copy()
+        else:
+            c0 = np.ones((size, 1))
     elif layout.rv_index in fix:
         rv0 = np.full(size, fix[layout.rv_index])
         _, c0 = scan_batch(
@@ -312,8 +355,7 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
                 obs, ctx.s_scan, ctx.b_scan, ctx.rv_grid, f_j, w_scan, common=True
             )
         rv0 = np.asarray(rv0, np.float64)
-        rv_lo = np.maximum(rv0 - RV_WINDOW, rv_range[0])
-        rv_hi = np.minimum(rv0 + RV_WINDOW, rv_range[1])
+        rv_lo, rv_hi = rv_window(rv0, rv_range)
     c0 = np.asarray(c0, np.float64)
 
     # 2. Pixels valid over the whole RV window carry the weight.
@@ -326,6 +368,14 @@ def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
         with np.errstate(divide="ignore"):
             wb = np.where(wb > 0, 1.0 / (1.0 / wb + pe**2), 0.0)
     return Prepared(rv0, rv_lo, rv_hi, c0, wb, w_data)
+
+
+def rv_window(rv0, rv_range):
+    """The fit's rv window around the scan's ``rv0`` (n,): ``rv0 +- RV_WINDOW``
+    inside ``rv_range``; returns ``(rv_lo, rv_hi)``."""
+    return np.maximum(rv0 - RV_WINDOW, rv_range[0]), np.minimum(
+        rv0 + RV_WINDOW, rv_range[1]
+    )
 
 
 def median_snr(fb, wb, w_data):
@@ -368,7 +418,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
     ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
 
-    ``prior`` (the MDN path): the batch's rows of a :class:`._mdn_bounds.MDNPrior`;
+    ``prior`` (the MDN path): the batch's rows of a :class:`FitPrior`;
     then there is no RV scan (the continuum, if any, starts flat), the rv window is
     the MDN's and the labels are bounded by its ``lo``/``hi`` instead of the box."""
     obs, layout, free = ctx.obs, ctx.layout, ctx.free
@@ -459,7 +509,7 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
 
     Returns the :class:`BatchFit` of the rows, in the order of ``rows`` (all fields
     None when there are none); ``starts`` and ``prior`` (a
-    :class:`._mdn_bounds.MDNPrior`) are indexed by spectrum.
+    :class:`FitPrior`) are indexed by spectrum.
     """
     n = rows.size
     full = None
@@ -503,3 +553,112 @@ def run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, bar, prior=None
     if full is None:  # no rows
         return BatchFit(*(None,) * len(BatchFit._fields))
     return full
+
+
+# --------------------------------------------------------------------------------------
+# Step 5: a second RV scan for fits that ended near an end of their window
+# --------------------------------------------------------------------------------------
+def near_window_edge(ctx: BatchContext, rv, rv_lo, rv_hi) -> np.ndarray:
+    """Bool, ``rv``'s shape: fitted rvs closer to an end of their window
+    ``rv_lo`` .. ``rv_hi`` than the rv polish's probe reaches (``RV_PROBE_CELLS``
+    pixels, at most a quarter of the window), at an end that is not
+    ``ctx.rv_range``'s. The probe could not look past that end, and the truth may
+    lie beyond it: the window is centred on a scan with the box-centre template,
+    which can land more than ``RV_WINDOW`` from the truth. NaN rvs are False."""
+    tol = AT_BOUND_TOL[1]
+    lo_r, hi_r = ctx.rv_range
+    with np.errstate(invalid="ignore"):
+        reach = np.minimum(
+            RV_PROBE_CELLS * rv_pixel_kms(ctx.obs), 0.25 * (rv_hi - rv_lo)
+        )
+        low = (rv - rv_lo < reach + tol) & (rv_lo > lo_r + tol)
+        high = (rv_hi - rv < reach + tol) & (rv_hi < hi_r - tol)
+    return low | high
+
+
+def rescan_prior(ctx: BatchContext, flux2, ivar, rows, p, size: int) -> FitPrior:
+    """The :class:`FitPrior` of a second RV scan of the spectra ``rows`` (m,)
+    (:func:`._rvscan.rescan_batch`, in batches of ``size``: one executable), each
+    with the template of its fit ``p`` (m, k) (the single-spectrum vector: labels,
+    rv, continuum, broadening): the new rv and its continuum, the window
+    ``rv0 +- RV_WINDOW`` (:func:`rv_window`), the labels starting at the fit's and
+    bounded by the box."""
+    obs, layout = ctx.obs, ctx.layout
+    dt = obs.x_obs.dtype
+    n_lab = layout.n_labels
+    m = rows.size
+    s = p[:, :n_lab]
+    b = p[:, p.shape[1] - obs.n_broad :]
+    common = ctx.scan_pixels is not None
+    rv0, c0 = np.zeros(m), None
+    for a in range(0, m, size):
+        sel = np.arange(a, min(a + size, m))
+        k = sel.size
+        pad = np.concatenate([sel, np.repeat(sel[:1], size - k)])
+        wb = ivar[rows[pad]]
+        if common:
+            wb = np.where(ctx.scan_pixels, wb, 0.0)
+        rv_b, c_b = rescan_batch(
+            obs,
+            to_device(s[pad], dt),
+            to_device(b[pad], dt),
+            ctx.rv_grid,
+            to_device(flux2[rows[pad]], dt),
+            to_device(wb, dt),
+            to_device(np.arange(size) < k),
+            common=common,
+        )
+        rv0[sel] = np.asarray(rv_b, np.float64)[:k]
+        c_b = np.asarray(c_b, np.float64)[:k]
+        if c0 is None:
+            c0 = np.zeros((m, c_b.shape[1]))
+        c0[sel] = c_b
+    rv_lo, rv_hi = rv_window(rv0, ctx.rv_range)
+    return FitPrior(
+        s0=s.copy(),
+        sd=np.ones_like(s),
+        lo=np.broadcast_to(layout.lower[:n_lab], s.shape).copy(),
+        hi=np.broadcast_to(layout.upper[:n_lab], s.shape).copy(),
+        rv0=rv0,
+        rv_lo=rv_lo,
+        rv_hi=rv_hi,
+        c0=c0 if obs.n_cont else None,
+    )
+
+
+def per_pixel(chi2, n_good):
+    """chi2 per pixel used: how fits over different pixel sets (different rv
+    windows keep different pixels valid) are compared."""
+    return chi2 / np.maximum(n_good, 1)
+
+
+def rescan_fits(ctx: BatchContext, flux2, ivar, res: BatchFit, size, n_threads):
+    """Step 5 of a fit of single spectra: the fits whose rv ended near an end of its
+    window (:func:`near_window_edge`) are scanned again with their own labels
+    (:func:`rescan_prior`) and fitted again (all of steps 2-4, :func:`run_batches`)
+    in the new window from their labels; the lower chi2 per pixel is kept.
+
+    Returns ``(res, rescanned)``: ``res`` updated in place (``n_iter``: both fits'
+    steps) and (n,) bool the rows scanned again."""
+    n = flux2.shape[0]
+    n_lab = ctx.layout.n_labels
+    edge = np.zeros(n, bool)
+    if n == 0 or not ctx.free[n_lab]:
+        return res, edge
+    live = np.all(np.isfinite(res.p), axis=1) & np.isfinite(res.chi2)
+    edge = live & near_window_edge(ctx, res.p[:, n_lab], res.rv_lo, res.rv_hi)
+    rows = np.flatnonzero(edge)
+    if not rows.size:
+        return res, edge
+    part = rescan_prior(ctx, flux2, ivar, rows, res.p[rows], size)
+    prior = scatter_rows(None, rows, part, n)
+    starts = np.zeros((n, 1, n_lab))
+    starts[rows, 0] = part.s0
+    res2 = run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, None, prior)
+    better = np.isfinite(res2.chi2) & (
+        per_pixel(res2.chi2, res2.n_good) < per_pixel(res.chi2[rows], res.n_good[rows])
+    )
+    first_it = res.n_iter[rows]
+    scatter_rows(res, rows[better], take_rows(res2, better))
+    res.n_iter[rows] = first_it + res2.n_iter
+    return res, edge

@@ -25,7 +25,7 @@ from ..observe import (
     teff_index,
 )
 from ..options import CurveFitOptions, LMOptions, options_for
-from ._driver import BatchContext, run_batches, scatter_rows, take_rows
+from ._driver import BatchContext, rescan_fits, run_batches, scatter_rows, take_rows
 from ._grids import fit_per_star_grids
 from ._mdn_bounds import add_mdn_columns, at_mdn_bound, mdn_prior, mdn_start_points
 from ._rvscan import RV_SCAN_STEP, scan_pixels
@@ -149,7 +149,9 @@ def fit_spectra(
         ctx, emulator, flux2, ivar, starts, size, n_threads,
         mdn=mdn, mdn_starts=mdn_starts, seed=seed, progress=progress,
     )  # fmt: skip
+    res, rescanned = rescan_fits(ctx, flux2, ivar, res, size, n_threads)
     t = _point_table(ctx, emulator, res, scale_errors)
+    t.meta["rv_rescanned"] = int(rescanned.sum())
     return _finish_meta(
         t, ctx, emulator, inst, broadening, continuum, wave_vac, mdn, mdn_out
     )

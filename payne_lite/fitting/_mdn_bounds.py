@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from ..observe import LABEL_BOUND, MDN_NSIGMA
+from ._driver import FitPrior
 from ._schema import (
     AT_BOUND_TOL,
     FLAG_FAILED,
@@ -16,38 +15,11 @@ from ._schema import (
 )
 
 
-class MDNPrior(NamedTuple):
-    """Starts and bounds of the MDN-bounded fits (:func:`mdn_prior`), one row per
-    spectrum, in fit space.
-
-    Attributes:
-        s0: (n, L) starting labels, scaled (the box is -0.5 .. 0.5): the MDN mean
-            clipped into ``lo`` .. ``hi`` (the default start where the MDN gave
-            no answer).
-        sd: (n, L) the MDN's sigma, scaled (1 where not finite).
-        lo: (n, L) lower label bounds, scaled: mean - ``MDN_NSIGMA`` sigma, in the
-            box.
-        hi: (n, L) upper label bounds, scaled: mean + ``MDN_NSIGMA`` sigma, in the
-            box.
-        rv0: (n,) starting rv [km/s].
-        rv_lo: (n,) lower end of the rv window [km/s], in ``rv_range``.
-        rv_hi: (n,) upper end of the rv window [km/s], in ``rv_range``.
-    """
-
-    s0: np.ndarray
-    sd: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    rv0: np.ndarray
-    rv_lo: np.ndarray
-    rv_hi: np.ndarray
-
-
 def mdn_prior(mdn, emulator, flux2, ivar, s_default, fix, rv_range):
     """Starts and bounds (fit space) from the MDN: mean clipped into the box, mean +-
     ``MDN_NSIGMA`` sigma intersected with the box (and ``rv_range``).
 
-    Returns ``(prior, ok, mean, sigma)``: ``prior`` the :class:`MDNPrior`; ``ok``
+    Returns ``(prior, ok, mean, sigma)``: ``prior`` the :class:`FitPrior`; ``ok``
     (n,) False where the MDN gave no usable answer (non-finite, or an empty
     interval), those rows fall back to the default starts; the MDN's ``mean`` and
     ``sigma`` (n, L + 1), physical units.
@@ -79,11 +51,11 @@ def mdn_prior(mdn, emulator, flux2, ivar, s_default, fix, rv_range):
             rv0[:], rv_lo[:], rv_hi[:] = v, v, v
     # rows the MDN cannot inform: the default start, never used (they are refitted)
     s0 = np.where(ok[:, None], s0, s_default)
-    prior = MDNPrior(s0=s0, sd=s_sd, lo=lo, hi=hi, rv0=rv0, rv_lo=rv_lo, rv_hi=rv_hi)
+    prior = FitPrior(s0=s0, sd=s_sd, lo=lo, hi=hi, rv0=rv0, rv_lo=rv_lo, rv_hi=rv_hi)
     return prior, ok, mean, sigma
 
 
-def mdn_start_points(prior: MDNPrior, n_extra: int, fix, seed) -> np.ndarray:
+def mdn_start_points(prior: FitPrior, n_extra: int, fix, seed) -> np.ndarray:
     """Starts (n, 1 + n_extra, L) [scaled]: the MDN mean, then ``n_extra`` draws
     from its Gaussian clipped into the MDN bounds (fixed labels at their value)."""
     s0 = prior.s0[:, None, :]
@@ -100,7 +72,7 @@ def mdn_start_points(prior: MDNPrior, n_extra: int, fix, seed) -> np.ndarray:
     return np.concatenate([s0, draws], axis=1)
 
 
-def at_mdn_bound(p, prior: MDNPrior, free, layout, rv_range):
+def at_mdn_bound(p, prior: FitPrior, free, layout, rv_range):
     """(n,) True where a free parameter of the fits ``p`` (n, k) ended at an MDN
     bound that is not the box's (or ``rv_range``'s) edge: the fit wanted to leave
     the MDN's interval."""

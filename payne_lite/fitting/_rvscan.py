@@ -75,6 +75,40 @@ def scan_batch(obs: ObsModel, s0, b0, rv_grid, flux, w, *, common=False):
     """
     obs = dataclasses.replace(obs, interp="linear")
     f_rest = materialize(rest_model(obs, s0, b0), jnp.all(jnp.isfinite(s0)))
+    return _scan_template(obs, f_rest, rv_grid, flux, w, common)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("common",), compiler_options=KERNEL_COMPILER_OPTIONS
+)
+def rescan_batch(obs: ObsModel, s, b, rv_grid, flux, w, run, *, common=False):
+    """:func:`scan_batch` with each star's own template: the model at its scaled
+    labels ``s`` (n, L) and broadening ``b`` (n, n_broad), for the rows where
+    ``run`` (n,) (rv 0 and continuum 1 elsewhere, not computed). The second scan
+    of a fit whose first one (box-centre template) may have put its rv window in
+    the wrong place (:func:`._fit.rescan_fits`)."""
+    obs = dataclasses.replace(obs, interp="linear")
+    n_c = obs.basis.shape[1]
+
+    def one(args):
+        si, bi, f, wi, go = args
+
+        def scan(_):
+            f_rest = materialize(rest_model(obs, si, bi), jnp.all(jnp.isfinite(si)))
+            rv, c = _scan_template(obs, f_rest, rv_grid, f[None], wi[None], common)
+            return rv[0], c[0]
+
+        def skip(_):
+            return jnp.zeros((), rv_grid.dtype), jnp.ones(n_c, f.dtype)
+
+        return jax.lax.cond(go, scan, skip, None)
+
+    return over(one, (s, b, flux, w, run))
+
+
+def _scan_template(obs, f_rest, rv_grid, flux, w, common):
+    """The chi2 scan of :func:`scan_batch` for the rest-frame template ``f_rest``
+    (P_rest,): best rv (n,) and continuum (n, n_c)."""
 
     def shifted(rv):
         sh = shift_pair(obs, f_rest[None], rv)
@@ -400,6 +434,7 @@ def window_batch(obs, rv_lo, rv_hi):
 
 # CPU executables compiled without XLA's intra-op task splitting (see ._lm).
 scan_batch = serial_jit(scan_batch, ("common",), key=sequential_lanes)
+rescan_batch = serial_jit(rescan_batch, ("common",), key=sequential_lanes)
 chi2_batch = serial_jit(chi2_batch, key=sequential_lanes)
 chi2_shared_batch = serial_jit(chi2_shared_batch, key=sequential_lanes)
 _rv_probe_batch = serial_jit(_rv_probe_batch, key=sequential_lanes)
@@ -422,7 +457,7 @@ def scan_pixels(obs: ObsModel, rv_range) -> np.ndarray | None:
     return ok if ok.mean() >= SCAN_COMMON_MIN else None
 
 
-def _rv_pixel_kms(obs: ObsModel) -> float:
+def rv_pixel_kms(obs: ObsModel) -> float:
     """Velocity width of a pixel of the observed grid [km/s] (the median step)."""
     if obs.log_grid is not None:
         return C_KMS / obs.log_grid.inv_step
@@ -436,7 +471,7 @@ def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i, chi2_now):
     best probed rv (N,) and whether its chi2 is more than ``RV_PROBE_GAIN`` below
     ``chi2_now`` (N,) (only where ``run``)."""
     dt = obs.x_obs.dtype
-    px = _rv_pixel_kms(obs)
+    px = rv_pixel_kms(obs)
     if obs.log_grid is not None:
         steps = np.arange(-RV_PROBE_CELLS, RV_PROBE_CELLS + 1, dtype=np.float64)
     else:

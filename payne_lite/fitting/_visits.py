@@ -17,7 +17,10 @@ from ._driver import (
     cont_bounds,
     lm_with_starts,
     median_snr,
+    near_window_edge,
+    per_pixel,
     prepare_batch,
+    rescan_prior,
     scatter_rows,
     take_rows,
 )
@@ -149,16 +152,15 @@ def fit_groups(
     # 3. Stars in padded batches; a padding visit is row 0 with no weight.
     # (batch_size // V rounded down to a power of two, >= 8): one executable per V
     g_size = max(8, 1 << int(np.floor(np.log2(max(1, batch_size // n_vis)))))
-    fit = visits = None
-    for start in range(0, n_star, g_size):
-        sel = np.arange(start, min(start + g_size, n_star))
-        m = sel.size
-        gi = np.concatenate([sel, np.repeat(sel[:1], g_size - m)])
-        part, part_v = _fit_star_batch(
-            ctx, flux2, prep, star_starts[gi], rows[gi], m, joint, free, n_par[gi]
-        )
-        fit = scatter_rows(fit, sel, take_rows(part, slice(0, m)), n_star)
-        visits = scatter_rows(visits, sel, take_rows(part_v, slice(0, m)), n_star)
+    fit, visits = _fit_stars(
+        ctx, flux2, prep, star_starts, rows, np.arange(n_star), joint, free, n_par,
+        g_size,
+    )  # fmt: skip
+    # 5. A second RV scan for the visits whose rv ended near an end of its window.
+    n_rescanned = _rescan_visits(
+        ctx, flux2, ivar, prep, rows, fit, visits, joint, free, n_par, g_size,
+        batch_size,
+    )  # fmt: skip
 
     t = results_table(
         emulator,
@@ -173,6 +175,7 @@ def fit_groups(
         n_par=n_par,
     )
     t = _group_table(t, joint, ids, rows, visits, n_par, ctx)
+    t.meta["rv_rescanned"] = n_rescanned
     if mdn_info is not None:
         _add_group_mdn_columns(t, layout, rows, mdn_info)
         t.meta.update(
@@ -180,6 +183,67 @@ def fit_groups(
             mdn_n_components=mdn.n_components,
         )
     return trim_visits(t, n_most)
+
+
+def _fit_stars(ctx, flux2, prep, starts, rows, stars, joint, free, n_par, g_size):
+    """Step 3 of :func:`fit_groups` for the stars ``stars`` (indices into
+    ``rows``, ``starts``, ``n_par``), in padded batches of ``g_size``
+    (:func:`_fit_star_batch`); returns their ``(BatchFit, VisitFits)``, one row per
+    star of ``stars``."""
+    n = stars.size
+    fit = visits = None
+    for start in range(0, n, g_size):
+        sel = np.arange(start, min(start + g_size, n))
+        m = sel.size
+        gi = stars[np.concatenate([sel, np.repeat(sel[:1], g_size - m)])]
+        part, part_v = _fit_star_batch(
+            ctx, flux2, prep, starts[gi], rows[gi], m, joint, free, n_par[gi]
+        )
+        fit = scatter_rows(fit, sel, take_rows(part, slice(0, m)), n)
+        visits = scatter_rows(visits, sel, take_rows(part_v, slice(0, m)), n)
+    return fit, visits
+
+
+def _rescan_visits(
+    ctx, flux2, ivar, prep, rows, fit, visits, joint, free, n_par, g_size, batch_size
+):
+    """Step 5 of :func:`fit_groups` (as :func:`._driver.rescan_fits` for single
+    spectra): every visit whose rv ended near an end of its window
+    (:func:`near_window_edge`) is scanned again with its star's labels and
+    broadening (:func:`rescan_prior`) and prepared again in the new window; its
+    star is fitted again jointly from its labels, and the lower chi2 per pixel kept.
+    ``fit``, ``visits`` and ``prep`` are updated in place; returns the number of
+    visits scanned again."""
+    obs = ctx.obs
+    n_lab = joint.n_labels
+    n_vis = rows.shape[1]
+    live = np.all(np.isfinite(fit.p), axis=1) & np.isfinite(fit.chi2)
+    rv = fit.p[:, n_lab : n_lab + n_vis]
+    edge = (rows >= 0) & live[:, None]
+    edge &= near_window_edge(ctx, rv, visits.rv_lo, visits.rv_hi)
+    if not edge.any():
+        return 0
+    star, vis = np.nonzero(edge)
+    spec = rows[star, vis]
+    vidx = visit_index(n_lab, n_vis, obs.n_cont, obs.n_broad)
+    p_one = fit.p[star[:, None], vidx[vis]]  # each visit's single-spectrum vector
+    part = rescan_prior(ctx, flux2, ivar, spec, p_one, int(batch_size))
+    prep2 = type(prep)(*(None if v is None else v.copy() for v in prep))
+    _prepare_visits(ctx, flux2, ivar, batch_size, spec, part, out=prep2)
+    stars = np.unique(star)
+    starts = fit.p[:, None, :n_lab]
+    fit2, visits2 = _fit_stars(
+        ctx, flux2, prep2, starts, rows, stars, joint, free, n_par, g_size
+    )
+    better = np.isfinite(fit2.chi2) & (
+        per_pixel(fit2.chi2, fit2.n_good)
+        < per_pixel(fit.chi2[stars], fit.n_good[stars])
+    )
+    first_it = fit.n_iter[stars]
+    scatter_rows(fit, stars[better], take_rows(fit2, better))
+    scatter_rows(visits, stars[better], take_rows(visits2, better))
+    fit.n_iter[stars] = first_it + fit2.n_iter
+    return int(edge.sum())
 
 
 def visit_bucket(n_visits: int) -> int:
@@ -267,22 +331,29 @@ def _add_group_mdn_columns(t, layout, rows, info):
     )
 
 
-def _prepare_visits(ctx, flux2, ivar, batch_size) -> Prepared:
+def _prepare_visits(
+    ctx, flux2, ivar, batch_size, spec=None, prior=None, out=None
+) -> Prepared:
     """Steps 1-2 of :func:`fit_groups`, every spectrum alone (:func:`prepare_batch`
     in padded batches): its :class:`Prepared`, one row per spectrum, with the
-    median S/N."""
+    median S/N. ``spec`` (m,): only these spectra, written into ``out`` (a
+    :class:`Prepared` of every spectrum, returned), with ``prior`` (a
+    :class:`._driver.FitPrior` of m rows, from :func:`rescan_prior`) instead of the scan."""
     n = flux2.shape[0]
+    spec = np.arange(n) if spec is None else spec
+    m = spec.size
     size = int(batch_size)  # fixed: the executables of the point fits' steps 1-2
-    prep = None
-    for start in range(0, n, size):
-        sel = np.arange(start, min(start + size, n))
-        idx = np.concatenate([sel, np.repeat(sel[:1], size - sel.size)])
+    for start in range(0, m, size):
+        sel = np.arange(start, min(start + size, m))
+        pad = np.concatenate([sel, np.repeat(sel[:1], size - sel.size)])
+        idx = spec[pad]
         wb = ivar[idx].copy()
         wb[sel.size :] = 0.0
-        out = prepare_batch(ctx, flux2[idx], wb)
-        out = out._replace(snr=median_snr(flux2[idx], out.w_fit, out.w_data))
-        prep = scatter_rows(prep, sel, take_rows(out, slice(0, sel.size)), n)
-    return prep
+        pb = None if prior is None else take_rows(prior, pad)
+        res = prepare_batch(ctx, flux2[idx], wb, pb)
+        res = res._replace(snr=median_snr(flux2[idx], res.w_fit, res.w_data))
+        out = scatter_rows(out, spec[sel], take_rows(res, slice(0, sel.size)), n)
+    return out
 
 
 def _joint_layout(layout, n_vis, n_c):
