@@ -83,6 +83,22 @@ def payne_apogee(payne_data) -> tuple[Emulator, np.ndarray]:
     return payne_data.emulator(), payne_data.mask
 
 
+def lanczos_shift(rest, u, a: int = 8):
+    """``rest`` (P,), samples on a uniform grid, read at positions ``j - u`` (j = 0
+    .. P - 1) by a Lanczos-``a`` windowed sinc (2a taps): a band-limited shift by
+    ``u`` pixels, written out in NumPy; NaN where a tap leaves the grid."""
+    x = np.arange(rest.size) - u
+    i0 = np.floor(x).astype(int)
+    out = np.zeros(rest.size)
+    for m in range(-a + 1, a + 1):
+        i = i0 + m
+        d = x - i
+        inside = (i >= 0) & (i < rest.size)
+        val = rest[np.clip(i, 0, rest.size - 1)]
+        out += np.where(inside, val * np.sinc(d) * np.sinc(d / a), np.nan)
+    return out
+
+
 def keys_kernel(x, taps: int = 6):
     """Keys' cubic convolution kernels (Keys 1981, IEEE TASSP 29, 1153), by their
     piecewise formulas: the four-tap one (a = -1/2) and the six-tap one (exact for
