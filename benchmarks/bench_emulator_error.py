@@ -65,16 +65,13 @@ def truth_emulator(data_dir: Path | None = None) -> tuple[pl.Emulator, np.ndarra
     return d.emulator(), d.mask
 
 
-def train_student(
-    truth: pl.Emulator, *, n_train: int, hidden: int, max_iter: int, seed: int = 0
-) -> pl.Emulator:
-    """A student emulator trained on ``n_train`` spectra of ``truth`` (labels
-    uniform in the middle 90 % of its box; the box itself is the truth's, so the
-    scaled labels of both agree); ``train_emulator`` keeps 20 % for validation and
-    measures ``pixel_error`` there."""
+def truth_grid(truth: pl.Emulator, n: int, seed: int) -> pl.SpectralGrid:
+    """``n`` rest-frame spectra of ``truth``, labels uniform in the middle 90 % of
+    its box (the box itself is the truth's, so the scaled labels of a student
+    trained on them agree)."""
     rng = np.random.default_rng(seed)
-    labels = truth.unscale(rng.uniform(-0.45, 0.45, (n_train, truth.n_labels)))
-    grid = pl.SpectralGrid(
+    labels = truth.unscale(rng.uniform(-0.45, 0.45, (n, truth.n_labels)))
+    return pl.SpectralGrid(
         wavelength=np.asarray(truth.wavelength),
         labels=labels,
         flux=truth.predict(labels),
@@ -83,6 +80,15 @@ def train_student(
         meta={"source": "bench_emulator_error: spectra of The Payne APOGEE network"},
         box=(np.asarray(truth.label_lo), np.asarray(truth.label_hi)),
     )
+
+
+def train_student(
+    truth: pl.Emulator, *, n_train: int, hidden: int, max_iter: int, seed: int = 0
+) -> pl.Emulator:
+    """A student emulator trained on ``n_train`` spectra of ``truth``
+    (:func:`truth_grid`); ``train_emulator`` keeps 20 % for validation and
+    measures ``pixel_error`` there."""
+    grid = truth_grid(truth, n_train, seed)
     cfg = TrainConfig(hidden=hidden, max_iter=max_iter, seed=seed)
     return pl.train_emulator(grid, config=cfg, progress=False)
 
@@ -129,10 +135,12 @@ def coverage_run(
     snr: float,
     seed: int = 1,
     residuals: np.ndarray | None = None,
+    scaled: pl.Emulator | None = None,
 ) -> dict:
     """Fit ``n_test`` noisy spectra of ``truth`` with ``student``, emulator error
     off and on: coverage and median |z| per label and rv. With ``residuals``
-    (N, P) also those of :func:`correlated_errors` (key ``"correlated"``)."""
+    (N, P) also those of :func:`correlated_errors` (key ``"correlated"``); with
+    ``scaled`` (the student with an ``error_scale``) its fits (key ``"scaled"``)."""
     labels, rv, noisy, err = mock_stars(truth, n_test, snr, seed)
     names = (*student.label_names, "rv")
     truth_p = np.column_stack([labels, rv])
@@ -149,11 +157,10 @@ def coverage_run(
 
     out: dict = {}
     per_pixel = dataclasses.replace(student, error_basis=None)
-    for key, emu, on in (
-        ("off", student, False),
-        ("pixel", per_pixel, True),
-        ("on", student, True),
-    ):
+    runs = [("off", student, False), ("pixel", per_pixel, True), ("on", student, True)]
+    if scaled is not None:
+        runs.append(("scaled", scaled, True))
+    for key, emu, on in runs:
         t0 = time.perf_counter()
         t = pl.fit(noisy, err, emu, mask=mask, emulator_error=on)
         sec = time.perf_counter() - t0
@@ -275,6 +282,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--snr", type=float, nargs="+", default=[300.0, 100.0, 30.0])
     ap.add_argument("--n-resid", type=int, default=100, help="held-out residuals")
     ap.add_argument("--student", type=Path, help="load (or save) the student here")
+    ap.add_argument(
+        "--n-cal",
+        type=int,
+        default=1000,
+        help="held-out spectra for the student's error_scale (0: no 'scaled' rows)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -298,6 +311,15 @@ def main(argv=None) -> dict:
     t_train = time.perf_counter() - t0
     pe = np.asarray(student.pixel_error)
     resid = held_out_residuals(truth, student, args.n_resid, args.seed + 100)
+    scaled = None
+    if args.n_cal:
+        # the label-space scale of the student's error, fitted on n_cal fresh spectra
+        # of the truth (rest frame, labels as the mocks'), none of them a test star's
+        held = truth_grid(truth, args.n_cal, args.seed + 200)
+        scaled = pl.calibrate_emulator_errors(student, held)
+        print(
+            f"error_scale on {args.n_cal} held-out spectra: {scaled.meta['error_scale']}"
+        )
     print(
         f"student: {args.hidden} hidden units, {args.n_train} spectra of the real "
         f"network, trained in {t_train:.0f} s; pixel_error (its validation RMS) "
@@ -325,9 +347,12 @@ def main(argv=None) -> dict:
             snr=snr,
             seed=args.seed + 1,
             residuals=resid,
+            scaled=scaled,
         )
         result["runs"][str(snr)] = res
-        for key in ("off", "pixel", "on", "residuals"):
+        for key in ("off", "pixel", "on", "residuals", "scaled"):
+            if key not in res:
+                continue
             r = res[key]
             cells = [
                 f"{r[n]['coverage_1sigma']:.2f} ({r[n]['median_abs_z']:.2f})"
@@ -346,7 +371,8 @@ def main(argv=None) -> dict:
         "emulator trained by payne_lite: sandwich covariance); residuals: the 'pixel'"
     )
     print("fits with the sandwich covariance from this benchmark's own held-out")
-    print("residuals (an independent check of 'on')")
+    print("residuals (an independent check of 'on'); scaled: 'on' with the")
+    print("student's error_scale fitted on --n-cal held-out spectra of the truth")
     print()
     print("rv without emulator error: the student's own spectra, shifted by a spline")
     print("(as the mocks above) or by the fitter's interpolant, emulator_error=False")

@@ -8,7 +8,10 @@ list (seed 0) and Latin-hypercube labels (seed 0), then LM training (seed 0), wh
 also stores the emulator's error on its held-out spectra: per pixel (``pixel_error``)
 and as their 32 leading principal components (``error_basis``, the fit's correlated
 emulator error). A rebuild on this project's machine gave the shipped network bit
-for bit. The same two steps on the command line:
+for bit. Last, the label-space scale of that error over the box (``error_scale``,
+:func:`payne_lite.calibrate_emulator_errors`) is fitted on 1,500 fresh spectra of the
+synthesizer (uniform labels, seed 1000); ``--calibrate-only`` does just that step on
+an existing file. The first two steps on the command line:
 
     payne-lite grid -o default_grid.h5 --n-spec 2000 --seed 0
     payne-lite train default_grid.h5 -o default_emulator.h5 --hidden 10 --max-iter 150
@@ -41,8 +44,18 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=10)
     ap.add_argument("--max-iter", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="only fit the error_scale of the emulator at --out, in place",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.calibrate_only:
+        emu = calibrate(pl.Emulator.load(args.out))
+        emu.save(args.out)
+        print(f"error_scale: {emu.meta['error_scale']} -> {args.out}")
+        return
 
     t0 = time.perf_counter()
     grid = synth.make_grid(args.n_spec, seed=args.seed)
@@ -52,6 +65,7 @@ def main() -> None:
     emu = pl.train_emulator(
         grid, hidden=args.hidden, seed=args.seed, max_iter=args.max_iter
     )
+    emu = calibrate(emu)
     emu.save(args.out)
     m = emu.meta
     print(
@@ -61,6 +75,24 @@ def main() -> None:
         f"({args.out.stat().st_size / 1e6:.1f} MB)"
     )
     print(f"  median pixel_error (RMS) {np.median(emu.pixel_error):.2e}")
+    print(f"  error_scale: {emu.meta['error_scale']}")
+
+
+def calibrate(emu: pl.Emulator, n: int = 1500, seed: int = 1000) -> pl.Emulator:
+    """``emu`` with its ``error_scale`` fitted on ``n`` fresh synthesizer spectra
+    (labels uniform in the box, ``seed``; the training grid's line list)."""
+    t0 = time.perf_counter()
+    labels = synth.sample_labels(n, seed=seed, method="uniform")
+    held_out = pl.SpectralGrid(
+        wavelength=emu.wavelength,
+        labels=labels,
+        flux=synth.synthesize(labels, wavelength=emu.wavelength),
+        label_names=emu.label_names,
+        label_units=emu.label_units,
+    )
+    out = pl.calibrate_emulator_errors(emu, held_out)
+    print(f"error_scale from {n} held-out spectra in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from .observe import (
     Normalizer,
     SigmaClipped,
     broadening,
+    calibrate_emulator_errors,
 )
 from .observe.broadening import air_to_vacuum, vacuum_to_air
 from .options import CurveFitOptions as CurveFitOptions
@@ -65,6 +66,7 @@ _enable_default_cache()  # JAX's persistent compilation cache (see payne_lite._c
 _limit_malloc_arenas()  # resident memory flat over many fits (see payne_lite._memory)
 
 __all__ = [
+    "calibrate_emulator_errors",
     "CurveFitOptions",
     "EmceeOptions",
     "FlowConfig",

@@ -459,7 +459,8 @@ def _summary(cat, fits, emcee, emu, truth, got, got_err, *, t_load, t0, outdir):
     q16, q50, q84 = np.nanpercentile(d, [16, 50, 84], axis=0)
     within = np.abs(d) < got_err
     # the same split by the emulator's own error on each star (its RMS against the
-    # synthesizer): the error model's emulator term is one average over the box
+    # synthesizer): the emulator term of the errors is one covariance over the box,
+    # scaled per label by the emulator's error_scale at the fitted labels
     worse = cat.table["emu_rms_err"] >= np.median(cat.table["emu_rms_err"])
     mdn_mean, mdn_sd = _mdn_columns(res, params)
     mdn_z = np.abs(mdn_mean - truth) / mdn_sd
@@ -487,6 +488,7 @@ def _summary(cat, fits, emcee, emu, truth, got, got_err, *, t_load, t0, outdir):
         # per-pixel error in the weights, its error basis in the covariance
         fit_emulator_error=bool(res.meta.get("emulator_error_in_likelihood")),
         fit_emulator_error_correlated=bool(res.meta.get("emulator_error_correlated")),
+        fit_emulator_error_scaled=bool(res.meta.get("emulator_error_scaled")),
         emulator_error_rank=(
             0 if emu.error_basis is None else int(np.shape(emu.error_basis)[0])
         ),

@@ -851,7 +851,7 @@ def test_load_refuses_grid_file(tmp_path, tiny_emulator):
         Emulator.load(path)
 
 
-@pytest.mark.parametrize("version", [0, 3, 99])
+@pytest.mark.parametrize("version", [0, 4, 99])
 def test_load_refuses_other_format_version(saved_emulator, version):
     with h5py.File(saved_emulator, "r+") as f:
         f.attrs["format_version"] = version

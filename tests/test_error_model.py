@@ -112,6 +112,18 @@ def _emulator_with_basis(seed=13, k=4):
     return dataclasses.replace(emu, pixel_error=pe, error_basis=basis), basis, pe
 
 
+def two_noisy_stars(e):
+    """Two noisy spectra of ``e`` (S/N 200, rv -35 and 50 km/s), their errors and a
+    mask of the 25 pixels at each end: ``(flux, err, mask)``."""
+    rng = np.random.default_rng(13)
+    mask = np.zeros(N_PIX, bool)
+    mask[:25] = mask[-25:] = True
+    s, rv = rng.uniform(-0.3, 0.3, (2, 3)), np.array([-35.0, 50.0])
+    flux = reference_spectra(e, s, rv)
+    err = np.full_like(flux, 0.005)
+    return flux + err * rng.standard_normal(flux.shape), err, mask
+
+
 def _dense_c(e, basis, pe, err, keep, rv, cont=None):
     """(U_s (K, P), C over ``keep``) as numpy builds them: the basis (as the model)
     and the per-pixel error (linearly) at lambda / f(rv), D = err^2 + max(pe^2 - diag(U^T U), 0)."""
@@ -179,13 +191,7 @@ def test_point_fit_covariance_is_the_sandwich_of_the_error_model():
     it); without the basis (J^T W J)^-1. Not the posterior's (J^T C^-1 J)^-1,
     which is narrower here."""
     e, basis, pe = _emulator_with_basis()
-    rng = np.random.default_rng(13)
-    mask = np.zeros(N_PIX, bool)
-    mask[:25] = mask[-25:] = True
-    s, rv = rng.uniform(-0.3, 0.3, (2, 3)), np.array([-35.0, 50.0])
-    flux = reference_spectra(e, s, rv)
-    err = np.full_like(flux, 0.005)
-    noisy = flux + err * rng.standard_normal(flux.shape)
+    noisy, err, mask = two_noisy_stars(e)
     t = fit(noisy, err, e, mask=mask)
     plain = fit(noisy, err, dataclasses.replace(e, error_basis=None), mask=mask)
     assert t.meta["emulator_error_correlated"] is True

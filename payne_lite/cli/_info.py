@@ -222,12 +222,30 @@ def _lines_emulator(emu: Emulator) -> list[str]:
                 ),
             )
         )
+    if emu.error_scale is not None:
+        cal = m.get("error_scale", {})
+        rms = cal.get("rms_z", {})
+        rms_s = cal.get("rms_z_scaled", {})
+        lines.append(
+            _row(
+                "error_scale",
+                (
+                    "the emulator term of each label's error scaled over the box, "
+                    f"fitted on {cal.get('n_spectra', '?')} held-out spectra; RMS of "
+                    "the emulator-induced shifts over that term: "
+                    + ", ".join(
+                        f"{k} {rms[k]:.2f} -> {rms_s.get(k, math.nan):.2f}" for k in rms
+                    )
+                ),
+            )
+        )
     lines += _lines_report(emu)
     if "config" in m:
         lines += _wrapped_pairs("config", m["config"])
     if m.get("grid_meta"):
         lines += _wrapped_pairs("grid", m["grid_meta"])
     shown = {
+        "error_scale",
         "config",
         "grid_meta",
         "n_train",

@@ -9,7 +9,9 @@ from ._active import active_learning as active_learning
 from ._active import propose_labels as propose_labels
 from ._active import spectrum_errors as spectrum_errors
 from ._emulator import EMULATOR_FORMAT as EMULATOR_FORMAT
+from ._emulator import ERROR_SCALE_RANGE as ERROR_SCALE_RANGE
 from ._emulator import Emulator as Emulator
+from ._emulator import error_scale_features as error_scale_features
 from ._nets import ACTIVATIONS as ACTIVATIONS
 from ._nets import KERNEL_COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
 from ._nets import DenseNet as DenseNet
@@ -43,6 +45,7 @@ __all__ = [
     "DenseNet",
     "EMULATOR_FORMAT",
     "ERROR_BASIS_RANK",
+    "ERROR_SCALE_RANGE",
     "Emulator",
     "ErrorMap",
     "KERNEL_COMPILER_OPTIONS",
@@ -55,6 +58,7 @@ __all__ = [
     "active_learning",
     "ValidationReport",
     "dense_forward",
+    "error_scale_features",
     "forward",
     "kernel_forward",
     "kernel_forward_jac",

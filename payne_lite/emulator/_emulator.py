@@ -8,8 +8,9 @@ emulator error, and a versioned HDF5 file format.
 Labels enter the networks scaled to the training box, ``s = (x - lo) / (hi - lo) - 0.5``,
 so the box maps to ``[-0.5, 0.5]`` as in The Payne (Ting et al. 2019, ApJ 879, 69).
 
-Emulator file layout (``format = "payne_lite.Emulator"``, ``format_version = 2``;
-version 1 files, without ``report/``, are read too):
+Emulator file layout (``format = "payne_lite.Emulator"``, ``format_version = 3``
+when the file has ``error_scale``, else 2, so that older readers read it; version 1
+files, without ``report/``, are read too):
 
 ========================  =====================  =========================================
 item                      shape / type           meaning
@@ -22,6 +23,10 @@ item                      shape / type           meaning
 ``error_basis``           (K, P) float32         optional: the validation errors' leading
                                                  principal components, scaled so that
                                                  ``B^T B`` approximates their covariance
+``error_scale``           (L + 1, F) float64     optional (v3): the label-space scale of
+                                                 the emulator's error over the box,
+                                                 coefficients of ``log kappa^2`` on
+                                                 :func:`error_scale_features`
 ``history/<name>``        (n_iter,)              optional: loss curves from training
 ``report/``               group                  optional (v2): the validation report,
                                                  :class:`ValidationReport`: datasets
@@ -74,9 +79,26 @@ from ._report import ValidationReport
 from ._train_ckpt import grid_digest
 
 EMULATOR_FORMAT = "payne_lite.Emulator"
-EMULATOR_VERSION = 2
-#: Versions :meth:`Emulator.load` reads (1: before the validation report).
-EMULATOR_VERSIONS = (1, 2)
+EMULATOR_VERSION = 3
+#: Versions :meth:`Emulator.load` reads (1: before the validation report; 2: before
+#: ``error_scale``). A file without ``error_scale`` is written as version 2.
+EMULATOR_VERSIONS = (1, 2, 3)
+#: The label-space scale of the emulator's error (:meth:`Emulator.error_scale_at`)
+#: is clipped to this range, and the scaled labels to the box before it is
+#: evaluated (its quadratic is fitted inside the box).
+ERROR_SCALE_RANGE = (0.25, 10.0)
+
+
+def error_scale_features(scaled) -> np.ndarray:
+    """(n, F) features of :attr:`Emulator.error_scale`: 1, the scaled labels (n, L)
+    and their products (``F = 1 + L + L (L + 1) / 2``), the labels clipped to the
+    box [-0.5, 0.5] first."""
+    s = np.clip(np.atleast_2d(np.asarray(scaled, np.float64)), -0.5, 0.5)
+    n_lab = s.shape[1]
+    cols = [np.ones(len(s))] + [s[:, j] for j in range(n_lab)]
+    cols += [s[:, i] * s[:, j] for i in range(n_lab) for j in range(i, n_lab)]
+    return np.column_stack(cols)
+
 
 Array = jax.Array
 
@@ -182,6 +204,13 @@ class Emulator:
             spectra, each scaled by singular value / sqrt(n_valid)). The errors are
             correlated across pixels (they shift labels coherently); the fitter
             uses this for the label errors (see :func:`payne_lite.fit`).
+        error_scale: optional (L + 1, F) float64: how the emulator's error, seen
+            in the labels (and rv) that a fit of it returns, varies over the box:
+            ``log kappa^2`` per label and rv as a quadratic in the scaled labels
+            (:func:`error_scale_features`), ``kappa`` the factor by which the
+            fitter's emulator term of each label's error (the sandwich with
+            ``error_basis``) must grow at those labels. Fitted on held-out spectra
+            by :func:`payne_lite.calibrate_emulator_errors`; None: 1 everywhere.
         report: optional :class:`ValidationReport`: the held-out errors across the
             label box and the provenance of training (written by
             :func:`payne_lite.train_emulator`; None for imported networks and files
@@ -203,6 +232,7 @@ class Emulator:
     meta: dict = dataclasses.field(default_factory=dict)
     error_basis: np.ndarray | None = None
     report: ValidationReport | None = None
+    error_scale: np.ndarray | None = None
     _device_cache: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
@@ -252,7 +282,20 @@ class Emulator:
             check_finite(basis, "error_basis")
         if self.report is not None:
             _check_report(self.report, names, wave.size)
+        scale = None
+        if self.error_scale is not None:
+            scale = as_float_array(self.error_scale, "error_scale", ndim=2)
+            n_feat = error_scale_features(np.zeros((1, n_lab))).shape[1]
+            if scale.shape != (n_lab + 1, n_feat):
+                raise ValueError(
+                    f"error_scale {scale.shape} must be ({n_lab + 1}, {n_feat}): one "
+                    "row per label and rv, one column per error_scale_features column"
+                )
+            check_finite(scale, "error_scale")
+            if basis is None:
+                raise ValueError("error_scale scales the error_basis: it needs one")
         for name, val in [
+            ("error_scale", scale),
             ("error_basis", basis),
             ("net", net_np),
             ("label_names", names),
@@ -265,7 +308,7 @@ class Emulator:
             ("meta", dict(self.meta)),
         ]:
             object.__setattr__(self, name, val)
-        for a in (lo, hi, wave, perr):
+        for a in (lo, hi, wave, perr, scale):
             if a is not None:
                 a.setflags(write=False)
 
@@ -282,6 +325,19 @@ class Emulator:
     @property
     def n_labels(self) -> int:
         return len(self.label_names)
+
+    def error_scale_at(self, scaled) -> np.ndarray:
+        """(n, L + 1) the factor ``kappa`` on the emulator's part of each label's
+        and rv's error at the scaled labels ``scaled`` (n, L) (see
+        :attr:`error_scale`; clipped to :data:`ERROR_SCALE_RANGE`); ones without
+        an ``error_scale``."""
+        s = np.atleast_2d(np.asarray(scaled, np.float64))
+        if self.error_scale is None:
+            return np.ones((s.shape[0], self.n_labels + 1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            kappa = np.sqrt(np.exp(error_scale_features(s) @ self.error_scale.T))
+        kappa = np.where(np.isfinite(kappa), kappa, ERROR_SCALE_RANGE[1])
+        return np.clip(kappa, *ERROR_SCALE_RANGE)
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -568,7 +624,8 @@ class Emulator:
     # -- files ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the emulator to one versioned HDF5 file (atomically)."""
-        with _h5.atomic_h5_writer(path, EMULATOR_FORMAT, EMULATOR_VERSION) as f:
+        version = EMULATOR_VERSION if self.error_scale is not None else 2
+        with _h5.atomic_h5_writer(path, EMULATOR_FORMAT, version) as f:
             f.attrs["kind"] = self.kind
             f.attrs["activation"] = self.activation
             _h5.set_json_attr(f, "label_names", list(self.label_names))
@@ -584,6 +641,8 @@ class Emulator:
                 _h5.write_dataset(f, "pixel_error", self.pixel_error)
             if self.error_basis is not None:
                 _h5.write_dataset(f, "error_basis", self.error_basis)
+            if self.error_scale is not None:
+                _h5.write_dataset(f, "error_scale", self.error_scale)
             h = f.create_group("history")
             for name, arr in self.history.items():
                 _h5.write_dataset(h, name, np.asarray(arr))
@@ -636,6 +695,11 @@ class Emulator:
                 ),
                 report=(
                     ValidationReport.read(f["report"], path) if "report" in f else None
+                ),
+                error_scale=(
+                    _h5.read_dataset(f, "error_scale", path)
+                    if "error_scale" in f
+                    else None
                 ),
             )
         try:

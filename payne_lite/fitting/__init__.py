@@ -37,9 +37,14 @@ Steps, for a batch of spectra (the model is in :mod:`payne_lite.observe`):
    least squares with the per-pixel weights ``W``, when the residuals have the
    covariance ``D + B_s^T B_s`` (the low-rank part ``U^T U`` of the samplers' error
    model :mod:`payne_lite.observe._noise`; the meat leaves out the per-pixel
-   emulator variance that ``U`` does not hold, which only the weights carry). The
-   samplers (:func:`payne_lite.sample`) sample the posterior under the full ``C =
-   diag(D) + U^T U`` instead, whose width is about ``(J^T C^-1 J)^-1``: the
+   emulator variance that ``U`` does not hold, which only the weights carry). With
+   the emulator's ``error_scale`` (:func:`payne_lite.calibrate_emulator_errors`)
+   the emulator part of each label's and rv's error is multiplied by ``kappa``
+   at the fitted labels (:func:`._schema.error_scale_vector`): the one covariance
+   ``B^T B`` over the box misjudges how the error moves the labels by a factor
+   that depends on where in the box the star is. The samplers
+   (:func:`payne_lite.sample`) sample the posterior under the full ``C =
+   diag(D) + U^T U`` instead (without the scale), whose width is about ``(J^T C^-1 J)^-1``: the
    variance of the generalised least-squares estimator, which the LM does not
    compute. The two agree where ``U^T U`` is small next to ``D`` (low S/N); where
    it dominates (high S/N) the posterior is narrower than the sandwich, as GLS

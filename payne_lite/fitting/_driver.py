@@ -129,8 +129,12 @@ class BatchFit(NamedTuple):
             visit's).
         model: (n, P) model flux at ``p`` ((n, V, P) for joint fits, NaN for
             padding visits), or None when not asked for.
-        meat: (n, k, k) sandwich meat (:func:`._lm.sandwich_meat`), or None
-            without the emulator's error basis.
+        meat: (n, k, k) the sandwich meat of the flux errors, ``J^T W D W J``
+            (:func:`._lm.sandwich_meat`), or None without the emulator's error
+            basis.
+        meat_emu: (n, k, k) that of the emulator's correlated error,
+            ``J^T W B^T B W J``, or None likewise: kept apart, since the table
+            scales it by the emulator's ``error_scale`` at the fitted labels.
         max_dip: (n,) largest window sum of the residuals in sigma
             (:func:`._ppc.max_dip`), or None (joint fits).
     """
@@ -147,6 +151,7 @@ class BatchFit(NamedTuple):
     rv_hi: np.ndarray
     model: np.ndarray | None = None
     meat: np.ndarray | None = None
+    meat_emu: np.ndarray | None = None
     max_dip: np.ndarray | None = None
 
 
@@ -483,10 +488,10 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     dips = np.where(np.arange(size) < m, np.asarray(dip_f, np.float64), 0.0)
     snr = np.zeros(size)
     snr[:m] = snr_job.result()  # the padding rows are not sorted
-    meat = None
+    meat = meat_emu = None
     if ctx.error_basis is not None:
-        m1, m2 = sandwich_meat(ctx, p_best, wb, w_data)
-        meat = m1 + m2 @ np.swapaxes(m2, 1, 2)
+        meat, m2 = sandwich_meat(ctx, p_best, wb, w_data)
+        meat_emu = m2 @ np.swapaxes(m2, 1, 2)
     return BatchFit(
         p=p_best,
         chi2=np.asarray(chi2_f, np.float64),
@@ -500,6 +505,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
         rv_hi=prep.rv_hi,
         model=np.asarray(model_f, np.float64) if ctx.return_model else None,
         meat=meat,
+        meat_emu=meat_emu,
         max_dip=dips,
     )
 

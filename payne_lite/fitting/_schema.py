@@ -83,6 +83,8 @@ per-visit columns; posterior: percentiles, ``ess``, ``rhat`` ... over
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 # QA bit 8's thresholds, named here with the other bits' (the docs table reads them)
@@ -305,6 +307,21 @@ def _hold_flat_broadening(a, free, start):
     return a, held
 
 
+def error_scale_vector(emulator, layout, p) -> np.ndarray:
+    """(n, k) the factor on each parameter's emulator error at the fits ``p`` (n,
+    k) (``layout.names``): the emulator's :meth:`~payne_lite.Emulator.error_scale_at`
+    for the labels and every rv (``rv``, or ``rv_1`` ... of a joint fit), 1 for the
+    continuum and broadening."""
+    n_lab = layout.n_labels
+    kappa = emulator.error_scale_at(p[:, :n_lab])
+    out = np.ones(p.shape)
+    out[:, :n_lab] = kappa[:, :n_lab]
+    for j, name in enumerate(layout.names):
+        if name == "rv" or re.fullmatch(r"rv_\d+", name):
+            out[:, j] = kappa[:, n_lab]
+    return out
+
+
 def results_table(
     emulator,
     layout,
@@ -323,7 +340,9 @@ def results_table(
     ``n_par`` (n,) overrides the number of free parameters of each row (joint fits
     of stars with fewer visits than the longest). With ``fit.meat`` the covariance
     is the sandwich ``A^-1 meat A^-1`` instead of ``A^-1`` (the emulator's
-    correlated error, :func:`._lm.sandwich_meat`)."""
+    correlated error, :func:`._lm.sandwich_meat`), its emulator part
+    (``fit.meat_emu``) scaled per label and rv by the emulator's ``error_scale``
+    at the fitted labels (:func:`error_scale_vector`)."""
     from astropy.table import Table
 
     p, g, n_good, snr = fit.p, fit.g, fit.n_good, fit.snr
@@ -333,8 +352,14 @@ def results_table(
     a, held = _hold_flat_broadening(fit.a, free, layout.broad_slice.start)
     cov, ill = _covariance(a, free, obs.x_obs.dtype)
     if fit.meat is not None:
-        m = np.where(held[:, :, None] | held[:, None, :], 0.0, np.nan_to_num(fit.meat))
-        cov = cov @ m @ cov
+        hold = held[:, :, None] | held[:, None, :]
+        m = np.where(hold, 0.0, np.nan_to_num(fit.meat))
+        sandwich = cov @ m @ cov
+        if fit.meat_emu is not None:
+            m = np.where(hold, 0.0, np.nan_to_num(fit.meat_emu))
+            kap = error_scale_vector(emulator, layout, p)
+            sandwich += kap[:, :, None] * (cov @ m @ cov) * kap[:, None, :]
+        cov = sandwich
     for j in np.flatnonzero(held.any(axis=0)):
         cov[held[:, j], j, :] = np.nan
         cov[held[:, j], :, j] = np.nan
@@ -439,6 +464,7 @@ def results_table(
         errors_scaled_by_chi2_red=bool(scale_errors),
         emulator_error_in_likelihood=emulator_error_used,
         emulator_error_correlated=fit.meat is not None,
+        emulator_error_scaled=fit.meat is not None and emulator.error_scale is not None,
         fit_dtype=str(np.dtype(obs.x_obs.dtype)),
     )
     return t

@@ -430,9 +430,9 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         g[:, vidx[v]] += g_v[:, v]
         own = vidx[v, n_lab : n_lab + 1 + n_c]
         a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
-    meat = None
+    meat = meat_emu = None
     if ctx.error_basis is not None:
-        meat = _joint_meat(ctx, pv, wb, wd, ok, vidx, k)
+        meat, meat_emu = _joint_meat(ctx, pv, wb, wd, ok, vidx, k)
     visits = VisitFits(
         chi2=np.where(ok, chi2_v, np.nan),
         n_good=np.where(ok, np.count_nonzero(wb > 0, axis=2), 0),
@@ -459,6 +459,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         if ctx.return_model
         else None,
         meat=meat,
+        meat_emu=meat_emu,
     )
     return fit, visits
 
@@ -512,10 +513,11 @@ def _joint_starts(ctx, prep, starts, ok, rr, joint, vidx):
 
 
 def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
-    """The sandwich meat (size, k, k) of a batch of joint fits (see
-    :func:`sandwich_meat`) from the visits' own at their best vectors ``pv``
-    (size * V, kv), fit and data weights ``wb``, ``wd`` (size, V, P); unit
-    diagonal for the rv and continuum of padding visits."""
+    """The sandwich meats (size, k, k) of a batch of joint fits, the flux
+    errors' and the emulator's (see :func:`sandwich_meat`), from the visits' own
+    at their best vectors ``pv`` (size * V, kv), fit and data weights ``wb``,
+    ``wd`` (size, V, P); unit diagonal for the rv and continuum of padding visits
+    (in the first)."""
     g_size, n_vis = ok.shape
     n_lab = ctx.obs.n_labels
     n_own = 1 + ctx.obs.n_cont
@@ -534,8 +536,7 @@ def _joint_meat(ctx, pv, wb, wd, ok, vidx, k):
         m2_j[:, vidx[v]] += m2[:, v]
         own = vidx[v, n_lab : n_lab + n_own]
         meat[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
-    meat += m2_j @ np.swapaxes(m2_j, 1, 2)
-    return meat
+    return meat, m2_j @ np.swapaxes(m2_j, 1, 2)
 
 
 def _group_table(t, joint, ids, rows, visits, n_par, ctx):

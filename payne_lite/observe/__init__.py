@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from . import broadening as broadening
+from ._calibrate import calibrate_emulator_errors as calibrate_emulator_errors
+from ._calibrate import emulator_error_z as emulator_error_z
 from ._chippoly import ChipPolynomial as ChipPolynomial
 from ._chippoly import FitContinuum as FitContinuum
 from ._chippoly import as_continuum as as_continuum
@@ -107,6 +109,8 @@ __all__ = [
     "embed_obs",
     "emulator_error_on",
     "ErrorModel",
+    "calibrate_emulator_errors",
+    "emulator_error_z",
     "basis_on",
     "build_error_model",
     "diagonal_variance",
