@@ -158,3 +158,32 @@ def test_calibration_refuses_bad_input():
     other = dataclasses.replace(grid, wavelength=grid.wavelength * 1.001)
     with pytest.raises(ValueError, match="wavelengths are not the emulator's"):
         pl.calibrate_emulator_errors(e, other)
+
+
+def test_cli_calibrate_errors(tmp_path, capsys):
+    """payne-lite calibrate-errors EMULATOR GRID -o OUT writes the emulator with
+    its error_scale and says what it measured; an emulator without an error basis
+    is refused in one line, with nothing written."""
+    e, basis, _ = _emulator_with_basis()
+    rng = np.random.default_rng(8)
+    labels = e.unscale(rng.uniform(-0.5, 0.5, (200, 3)))
+    flux = e.predict(labels) - rng.standard_normal((200, basis.shape[0])) @ basis
+    pl.SpectralGrid(
+        wavelength=e.wavelength, labels=labels, flux=flux,
+        label_names=TINY_NAMES, label_units=TINY_UNITS,
+    ).save(tmp_path / "held.h5")  # fmt: skip
+    e.save(tmp_path / "e.h5")
+    out = tmp_path / "cal.h5"
+    args = ["calibrate-errors", str(tmp_path / "e.h5"), str(tmp_path / "held.h5")]
+    assert main([*args, "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "error_scale fitted on 200 spectra" in text and f"wrote {out}" in text
+    cal = Emulator.load(out)
+    assert cal.error_scale.shape == (4, 10)
+    np.testing.assert_array_equal(cal.error_basis, e.error_basis)
+    dataclasses.replace(e, error_basis=None).save(tmp_path / "nobasis.h5")
+    bad = ["calibrate-errors", str(tmp_path / "nobasis.h5"), str(tmp_path / "held.h5")]
+    assert main([*bad, "-o", str(tmp_path / "x.h5")]) != 0
+    err = capsys.readouterr().err
+    assert "no error_basis" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.h5").exists()

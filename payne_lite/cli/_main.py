@@ -35,6 +35,7 @@ from ..errors import (
     WavelengthGridWarning,
 )
 from ._bench import add_bench, run_bench
+from ._calibrate import add_calibrate_errors, run_calibrate_errors
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -67,6 +68,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "fit": (add_fit, run_fit),
     "train-mdn": (add_train_mdn, run_train_mdn),
     "train-flow": (add_train_flow, run_train_flow),
+    "calibrate-errors": (add_calibrate_errors, run_calibrate_errors),
     "plot": (add_plot, run_plot),
     "bench": (add_bench, run_bench),
 }

@@ -1,0 +1,72 @@
+"""``payne-lite calibrate-errors``: fit an emulator's label-space error scale on
+held-out spectra (:func:`payne_lite.calibrate_emulator_errors`)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..emulator import Emulator
+from ..grid import SpectralGrid
+from ..observe import calibrate_emulator_errors
+from ._common import (
+    EXIT_OK,
+    add_subcommand,
+    check_output,
+    checked_read,
+    positive_float,
+    require_file,
+)
+
+_log = logging.getLogger("payne_lite.cli")
+
+
+def add_calibrate_errors(sub) -> None:
+    p = add_subcommand(
+        sub,
+        "calibrate-errors",
+        help="fit an emulator's error scale over its box on held-out spectra",
+        description=(
+            "Fit how the emulator's error, seen in the labels a fit returns, varies\n"
+            "over its box (Emulator.error_scale): from spectra of GRID that the\n"
+            "emulator was not trained on (a few hundred at least, a thousand or more\n"
+            "for a stable fit), on the emulator's wavelengths and inside its box.\n"
+            "The fit then scales the emulator term of each label's error at the\n"
+            "fitted labels. Needs an emulator with an error_basis (trained here)."
+        ),
+        epilog=(
+            "example:\n  payne-lite grid -o held_out.h5 --n-spec 1500 --seed 1000\n"
+            "  payne-lite calibrate-errors emulator.h5 held_out.h5 -o calibrated.h5"
+        ),
+    )
+    p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
+    p.add_argument(
+        "grid", metavar="GRID", help="a payne_lite grid file of held-out spectra"
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT.h5",
+        help="output emulator file (the input emulator with its error_scale)",
+    )  # fmt: skip
+    p.add_argument(
+        "--snr", type=positive_float, default=100.0,
+        help="S/N of the fit's weights in the calibration",
+    )  # fmt: skip
+
+
+def run_calibrate_errors(args) -> int:
+    emu_path = require_file(args.emulator)
+    grid_path = require_file(args.grid)
+    out = check_output(args.output, inputs=[emu_path, grid_path])
+    emu = checked_read(Emulator.load, emu_path)
+    grid = checked_read(SpectralGrid.load, grid_path)
+    _log.info("calibrating %r on %d spectra", emu, grid.labels.shape[0])
+    cal = calibrate_emulator_errors(emu, grid, snr=args.snr)
+    cal.save(out)
+    m = cal.meta["error_scale"]
+    shifts = ", ".join(
+        f"{k} {v:.2f} -> {m['rms_z_scaled'][k]:.2f}" for k, v in m["rms_z"].items()
+    )
+    print(
+        f"error_scale fitted on {m['n_spectra']} spectra; RMS of the emulator-induced "
+        f"shifts over the fit's emulator term: {shifts}; wrote {out}"
+    )
+    return EXIT_OK
