@@ -359,6 +359,42 @@ def test_killed_worker_is_the_packages_error():
     )
 
 
+def test_scatter_retries_a_worker_that_left_and_names_a_scheduler_that_did(
+    monkeypatch,
+):
+    """A chunk's scatter that fails with the scheduler's KeyError on the chosen
+    worker's address (distributed removed that worker during the transfer) is sent
+    again while the scheduler runs; when the scheduler is gone (client no longer
+    running) the error is raised for the run to report as SchedulerLostError
+    (CI saw the KeyError escape as a traceback when the scheduler closed mid-run)."""
+    from payne_lite.catalog import _distributed as dist
+
+    monkeypatch.setattr(dist, "_SCATTER_PAUSE", 0.0)
+
+    class Client:
+        def __init__(self, fails, status_after):
+            self.fails, self.status_after, self.status = fails, status_after, "running"
+            self.calls = 0
+
+        def scatter(self, data, hash):
+            self.calls += 1
+            if self.calls <= self.fails:
+                self.status = self.status_after
+                raise KeyError("tcp://127.0.0.1:32895")
+            return ["future"]
+
+    alive = Client(fails=2, status_after="running")
+    assert dist._scatter(alive, object()) == "future" and alive.calls == 3
+    gone = Client(fails=1, status_after="closed")
+    with pytest.raises(KeyError):
+        dist._scatter(gone, object())
+    assert gone.calls == 1 and dist._scheduler_gone(gone, KeyError("x"))
+    stubborn = Client(fails=99, status_after="running")
+    with pytest.raises(KeyError):
+        dist._scatter(stubborn, object())
+    assert stubborn.calls == dist._SCATTER_TRIES
+
+
 # --- resume and no loss -------------------------------------------------------------
 _KILLED_RUN = """
 import sys, time

@@ -404,16 +404,19 @@ _SCATTER_TRIES, _SCATTER_PAUSE = 5, 0.5
 
 def _scatter(client, chunk):
     """``client.scatter`` of one chunk, tried again when the worker it went to died
-    during the transfer; a scheduler that went away meanwhile is a CancelledError
-    "scheduler-connection-lost"."""
+    or left during the transfer: a closed connection (distributed's
+    ``CommClosedError``, an OSError), or the scheduler's own ``KeyError`` on that
+    worker's address (its ``update_data`` after the worker was removed: seen in
+    CI when the scheduler closed mid-run, before the client noticed). Either,
+    with the scheduler gone, is raised for :func:`_scheduler_gone` to name."""
     for attempt in range(_SCATTER_TRIES):
         try:
             [chunk_f] = client.scatter([chunk], hash=False)
             return chunk_f
-        except OSError as err:  # distributed's CommClosedError is an OSError
+        except (OSError, KeyError) as err:
             if _scheduler_gone(client, err) or attempt == _SCATTER_TRIES - 1:
                 raise
-            _log.warning("sending a chunk failed (%s); sending it again", err)
+            _log.warning("sending a chunk failed (%r); sending it again", err)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -421,13 +424,13 @@ def _scheduler_gone(client, err: BaseException) -> bool:
     """Whether ``err`` (raised while a run waited on ``client``) means the scheduler
     went away: its futures cancelled as "scheduler-connection-lost", or a client no
     longer running (after a closed connection, once the client has had
-    ``_SCATTER_PAUSE`` s to notice: a closed connection to a worker that died is not
-    the scheduler's)."""
+    ``_SCATTER_PAUSE`` s to notice, after a closed connection or a scatter's
+    KeyError: the one to a worker that died is not the scheduler's)."""
     if isinstance(err, KeyboardInterrupt):
         return False
     if "scheduler-connection-lost" in (getattr(err, "reason", None), str(err)):
         return True
-    if isinstance(err, OSError) and client.status == "running":
+    if isinstance(err, OSError | KeyError) and client.status == "running":
         time.sleep(_SCATTER_PAUSE)
     return client.status != "running"
 
