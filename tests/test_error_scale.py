@@ -56,6 +56,7 @@ def test_error_scale_formula_clipping_and_file_round_trip(tmp_path):
     np.testing.assert_allclose(
         es.error_scale_at(far), es.error_scale_at([[0.5, -0.5, 0.1]]), rtol=1e-12
     )
+    assert np.all(np.isnan(es.error_scale_at([[np.nan, 0.0, 0.0]])))
     big = dataclasses.replace(e, error_scale=np.full((4, 10), 50.0))
     assert np.all(big.error_scale_at(s) == ERROR_SCALE_RANGE[1])
     assert np.all(e.error_scale_at(s) == 1.0)
@@ -74,9 +75,10 @@ def test_error_scale_formula_clipping_and_file_round_trip(tmp_path):
 
 def test_fit_scales_only_the_emulator_term_of_each_error():
     """With kappa constant per parameter (the scale's intercepts), each label's and
-    rv's variance is var_flux + kappa^2 var_emu: for kappa^2 = 1, 4, 9 the
-    differences are in the ratio 5 : 3 (worked by hand, no reference code), the
-    fitted values do not change, and the table says the errors were scaled."""
+    rv's variance is var_flux + kappa^2 var_emu: with var_flux from the same fit
+    with a basis of zeros, kappa^2 = 4 and 9 add 4 and 9 times what kappa^2 = 1
+    adds (worked by hand, no reference code), the fitted values do not change, and
+    the table says the errors were scaled."""
     e, _, _ = _emulator_with_basis()
     noisy, err, mask = two_noisy_stars(e)
     tables = []
@@ -87,13 +89,21 @@ def test_fit_scales_only_the_emulator_term_of_each_error():
             fit(noisy, err, dataclasses.replace(e, error_scale=coef), mask=mask)
         )
     t1, t4, t9 = tables
+    # the flux term alone: the same fit with a basis of zeros (no emulator term)
+    zero = dataclasses.replace(e, error_basis=np.zeros_like(e.error_basis))
+    t0 = fit(noisy, err, zero, mask=mask)
     assert t4.meta["emulator_error_scaled"] is True
     assert fit(noisy, err, e, mask=mask).meta["emulator_error_scaled"] is False
     for name in [*TINY_NAMES, "rv"]:
         np.testing.assert_array_equal(t1[name], t9[name])
-        v1, v4, v9 = (np.asarray(t[f"{name}_err"], np.float64) ** 2 for t in tables)
-        np.testing.assert_allclose((v9 - v4) / (v4 - v1), 5.0 / 3.0, rtol=1e-4)
-        assert np.all(v4 > v1)
+        v0, v1, v4, v9 = (
+            np.asarray(t[f"{name}_err"], np.float64) ** 2 for t in (t0, *tables)
+        )
+        # var = v0 + kappa^2 (v1 - v0): only the emulator term is scaled (scaling the
+        # whole covariance would give v4 = 4 v1, not v0 + 4 (v1 - v0))
+        np.testing.assert_allclose(v4 - v0, 4.0 * (v1 - v0), rtol=1e-4)
+        np.testing.assert_allclose(v9 - v0, 9.0 * (v1 - v0), rtol=1e-4)
+        assert np.all(v1 > 1.05 * v0)  # the emulator term is not negligible here
     # kappa per label: only Teff's error grows
     coef = np.zeros((4, 10))
     coef[0, 0] = np.log(4.0)

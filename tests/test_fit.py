@@ -1002,6 +1002,18 @@ def test_a_scan_that_landed_off_is_recovered_by_a_second_scan(
     t = fit(flux, err, emu, mask=mask, group=group)
     assert t.meta["rv_rescanned"] == n_star * n_vis
     assert np.all(z(t) < 4), z(t)
+    if not joint:
+        # an MDN's windows are not the scan's: its fits are not rescanned, however
+        # near their window's end they stop (here rv_mdn = truth + 2, sigma 1: the
+        # window truth - 1 .. truth + 5, the fit 1 km/s from its end, inside the
+        # reach of a quarter window, 1.5 km/s)
+        from test_visits import FakeMDN
+
+        mean = np.column_stack([emu.unscale(s), rv[:, 0] + 2.0])
+        sigma = np.tile([200.0, 0.3, 0.2, 0.1, 3.0, 1.0], (n_star, 1))
+        t_mdn = fit(flux, err, emu, mask=mask, mdn=FakeMDN(mean, sigma))
+        assert t_mdn.meta["rv_rescanned"] == 0 and not np.any(t_mdn["mdn_refit"])
+        assert np.all(z(t_mdn) < 4), z(t_mdn)
     assert np.all(np.asarray(t["flags"]) == 0), list(t["flags"])
     for j, name in enumerate(emu.label_names):
         truth = emu.unscale(s)[:, j]

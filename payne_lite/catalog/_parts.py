@@ -58,6 +58,11 @@ def parts_folder(path_out: str | os.PathLike) -> Path:
     return path_out.with_name(path_out.name + PARTS_SUFFIX)
 
 
+#: Dataclass fields added after catalog runs could be resumed: left out of the
+#: digest when None, so that a run started before they existed resumes.
+_ADDED_LATER = frozenset({"error_scale"})
+
+
 def _feed(h, obj) -> None:
     """Feed a canonical byte form of ``obj`` to the hash ``h``."""
     if obj is None or isinstance(obj, bool | int | float | str):
@@ -76,6 +81,8 @@ def _feed(h, obj) -> None:
         for f in dataclasses.fields(obj):
             if f.name in ("history", "meta") or f.name.startswith("_"):
                 continue
+            if f.name in _ADDED_LATER and getattr(obj, f.name) is None:
+                continue  # absent as before the field existed: the same digest
             _feed(h, f.name)
             _feed(h, getattr(obj, f.name))
         h.update(b")")

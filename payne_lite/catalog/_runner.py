@@ -668,12 +668,15 @@ def _fit_missing(
 
 
 def _stack(tables):
-    """One table from the per-chunk tables (same columns; meta of the first)."""
+    """One table from the per-chunk tables (same columns; meta of the first, with
+    the chunks' ``rv_rescanned`` summed)."""
     from astropy.table import vstack
 
     if len(tables) == 1:
         return tables[0]
     meta = dict(tables[0].meta)
+    if all("rv_rescanned" in t.meta for t in tables):
+        meta["rv_rescanned"] = int(sum(t.meta["rv_rescanned"] for t in tables))
     for t in tables:
         t.meta.clear()
     out = vstack(tables, join_type="exact")

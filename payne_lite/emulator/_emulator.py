@@ -293,7 +293,11 @@ class Emulator:
                 )
             check_finite(scale, "error_scale")
             if basis is None:
-                raise ValueError("error_scale scales the error_basis: it needs one")
+                raise ValueError(
+                    "error_scale scales the error_basis: it needs one (to drop "
+                    "both: dataclasses.replace(emu, error_basis=None, "
+                    "error_scale=None))"
+                )
         for name, val in [
             ("error_scale", scale),
             ("error_basis", basis),
@@ -329,14 +333,15 @@ class Emulator:
     def error_scale_at(self, scaled) -> np.ndarray:
         """(n, L + 1) the factor ``kappa`` on the emulator's part of each label's
         and rv's error at the scaled labels ``scaled`` (n, L) (see
-        :attr:`error_scale`; clipped to :data:`ERROR_SCALE_RANGE`); ones without
-        an ``error_scale``."""
+        :attr:`error_scale`; clipped to :data:`ERROR_SCALE_RANGE`; NaN for NaN
+        labels); ones without an ``error_scale``."""
         s = np.atleast_2d(np.asarray(scaled, np.float64))
         if self.error_scale is None:
             return np.ones((s.shape[0], self.n_labels + 1))
         with np.errstate(over="ignore", invalid="ignore"):
             kappa = np.sqrt(np.exp(error_scale_features(s) @ self.error_scale.T))
-        kappa = np.where(np.isfinite(kappa), kappa, ERROR_SCALE_RANGE[1])
+        # overflow: the largest; NaN labels stay NaN (np.clip keeps NaN)
+        kappa = np.where(np.isposinf(kappa), ERROR_SCALE_RANGE[1], kappa)
         return np.clip(kappa, *ERROR_SCALE_RANGE)
 
     @property

@@ -62,9 +62,9 @@ class FitPrior(NamedTuple):
             no answer); a rescan's: the fit's labels.
         sd: (n, L) the MDN's sigma, scaled (1 where not finite; a rescan's: 1).
         lo: (n, L) lower label bounds, scaled: mean - ``MDN_NSIGMA`` sigma, in the
-            box (a rescan's: the box).
+            box (fixed labels, and a rescan's: the box).
         hi: (n, L) upper label bounds, scaled: mean + ``MDN_NSIGMA`` sigma, in the
-            box (a rescan's: the box).
+            box (fixed labels, and a rescan's: the box).
         rv0: (n,) starting rv [km/s].
         rv_lo: (n,) lower end of the rv window [km/s], in ``rv_range``.
         rv_hi: (n,) upper end of the rv window [km/s], in ``rv_range``.
@@ -423,9 +423,10 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     """Fit one padded batch: ``fb``, ``wb`` (size, P) flux and inverse variance,
     ``sb`` (size, S, L) scaled starting labels; rows from ``m`` on are padding.
 
-    ``prior`` (the MDN path): the batch's rows of a :class:`FitPrior`;
-    then there is no RV scan (the continuum, if any, starts flat), the rv window is
-    the MDN's and the labels are bounded by its ``lo``/``hi`` instead of the box."""
+    ``prior`` (the MDN path, or a rescan's): the batch's rows of a
+    :class:`FitPrior`; then there is no RV scan (the continuum, if any, starts at
+    ``prior.c0``, flat without one), the rv window is the prior's and the labels
+    are bounded by its ``lo``/``hi`` instead of the box."""
     obs, layout, free = ctx.obs, ctx.layout, ctx.free
     dt = obs.x_obs.dtype
     size, n_pix = fb.shape
@@ -632,17 +633,29 @@ def rescan_prior(ctx: BatchContext, flux2, ivar, rows, p, size: int) -> FitPrior
     )
 
 
+def new_window(ctx: BatchContext, part: FitPrior, rv_lo, rv_hi) -> np.ndarray:
+    """(m,) bool: the rescan's windows (``part``) that are not the old ones
+    ``rv_lo`` .. ``rv_hi`` within a pixel at both ends (refitting there would
+    repeat the fit)."""
+    px = rv_pixel_kms(ctx.obs)
+    return (np.abs(part.rv_lo - rv_lo) >= px) | (np.abs(part.rv_hi - rv_hi) >= px)
+
+
 def per_pixel(chi2, n_good):
     """chi2 per pixel used: how fits over different pixel sets (different rv
     windows keep different pixels valid) are compared."""
     return chi2 / np.maximum(n_good, 1)
 
 
-def rescan_fits(ctx: BatchContext, flux2, ivar, res: BatchFit, size, n_threads):
+def rescan_fits(
+    ctx: BatchContext, flux2, ivar, res: BatchFit, size, n_threads, scan_window
+):
     """Step 5 of a fit of single spectra: the fits whose rv ended near an end of its
-    window (:func:`near_window_edge`) are scanned again with their own labels
-    (:func:`rescan_prior`) and fitted again (all of steps 2-4, :func:`run_batches`)
-    in the new window from their labels; the lower chi2 per pixel is kept.
+    window (:func:`near_window_edge`), where that window is the scan's
+    (``scan_window`` (n,) bool: not an MDN's), are scanned again with their own
+    labels (:func:`rescan_prior`) and fitted again (all of steps 2-4,
+    :func:`run_batches`) in the new window from their labels, unless that window
+    is the old one within a pixel; the lower chi2 per pixel is kept.
 
     Returns ``(res, rescanned)``: ``res`` updated in place (``n_iter``: both fits'
     steps) and (n,) bool the rows scanned again."""
@@ -651,12 +664,16 @@ def rescan_fits(ctx: BatchContext, flux2, ivar, res: BatchFit, size, n_threads):
     edge = np.zeros(n, bool)
     if n == 0 or not ctx.free[n_lab]:
         return res, edge
-    live = np.all(np.isfinite(res.p), axis=1) & np.isfinite(res.chi2)
+    live = np.all(np.isfinite(res.p), axis=1) & np.isfinite(res.chi2) & scan_window
     edge = live & near_window_edge(ctx, res.p[:, n_lab], res.rv_lo, res.rv_hi)
     rows = np.flatnonzero(edge)
     if not rows.size:
         return res, edge
     part = rescan_prior(ctx, flux2, ivar, rows, res.p[rows], size)
+    moved = new_window(ctx, part, res.rv_lo[rows], res.rv_hi[rows])
+    rows, part = rows[moved], take_rows(part, moved)
+    if not rows.size:
+        return res, edge
     prior = scatter_rows(None, rows, part, n)
     starts = np.zeros((n, 1, n_lab))
     starts[rows, 0] = part.s0

@@ -149,7 +149,9 @@ def fit_spectra(
         ctx, emulator, flux2, ivar, starts, size, n_threads,
         mdn=mdn, mdn_starts=mdn_starts, seed=seed, progress=progress,
     )  # fmt: skip
-    res, rescanned = rescan_fits(ctx, flux2, ivar, res, size, n_threads)
+    # the MDN's windows are not the scan's: only fits in a scan window are rescanned
+    scan_window = np.ones(n, bool) if mdn_out is None else mdn_out[-1]
+    res, rescanned = rescan_fits(ctx, flux2, ivar, res, size, n_threads, scan_window)
     t = _point_table(ctx, emulator, res, scale_errors)
     t.meta["rv_rescanned"] = int(rescanned.sum())
     return _finish_meta(
@@ -319,9 +321,10 @@ def _fit_with_mdn(
     """The MDN path: fits inside the MDN's bounds from its starts (``n_extra`` draws
     besides the mean); the stars that end at an MDN bound, are NaN or have no MDN
     answer are refitted by the default path (``starts``, whole box) and the lower
-    chi2 kept. Returns ``(res, (refit, ok, mean, sigma, seconds))``: the
-    :class:`._driver.BatchFit` and the MDN's (n,) refit and answer flags, its
-    Gaussians (n, L + 1) and its run time [s]."""
+    chi2 kept. Returns ``(res, (refit, ok, mean, sigma, seconds, scan_window))``:
+    the :class:`._driver.BatchFit` and the MDN's (n,) refit and answer flags, its
+    Gaussians (n, L + 1), its run time [s], and (n,) whether the fit kept is the
+    default path's (its rv window the scan's, not the MDN's)."""
     fix, free, layout, rv_range = ctx.fix, ctx.free, ctx.layout, ctx.rv_range
     rows_all = np.arange(flux2.shape[0])
     t0 = time.perf_counter()
@@ -343,6 +346,7 @@ def _fit_with_mdn(
     refit = ~mdn_ok | at_mdn_bound(res.p, prior, free, layout, rv_range)
     refit |= ~np.all(np.isfinite(res.p), axis=1) | ~np.isfinite(res.chi2)
     rows = np.flatnonzero(refit)
+    scan_window = np.zeros(flux2.shape[0], bool)
     if rows.size:
         res2 = run_batches(ctx, flux2, ivar, starts, rows, size, n_threads, None)
         first_it = res.n_iter[rows]
@@ -351,7 +355,8 @@ def _fit_with_mdn(
         )
         scatter_rows(res, rows[better], take_rows(res2, better))
         res.n_iter[rows] = first_it + res2.n_iter  # the work done, both passes
-    return res, (refit, mdn_ok, mdn_mean, mdn_sigma, t_mdn)
+        scan_window[rows[better]] = True
+    return res, (refit, mdn_ok, mdn_mean, mdn_sigma, t_mdn, scan_window)
 
 
 def _point_table(ctx, emulator, res, scale_errors):
@@ -388,7 +393,7 @@ def _finish_meta(t, ctx, emulator, inst, broadening, continuum, wave_vac, mdn, m
     t.meta["instrument"] = inst.to_meta(wave_vac)
     t.meta["wavelength_air"] = inst.air
     if mdn is not None:
-        refit, mdn_ok, mdn_mean, mdn_sigma, t_mdn = mdn_out
+        refit, mdn_ok, mdn_mean, mdn_sigma, t_mdn, _ = mdn_out
         add_mdn_columns(t, ctx.layout, mdn_mean, mdn_sigma, refit, mdn_ok)
         t.meta.update(mdn_seconds=round(t_mdn, 4), mdn_n_components=mdn.n_components)
     t.meta["continuum"] = continuum

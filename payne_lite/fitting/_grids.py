@@ -142,11 +142,15 @@ def _check_star_grids(group, grid_of, per_star) -> np.ndarray:
 def _merged_meta(metas) -> dict:
     """The meta of the grids' tables stacked: the first's (vstack would concatenate
     their lists, e.g. ``label_names``), with the largest ``lsf_sigma_pixels_max``
-    and the summed ``mdn_seconds``."""
+    and the summed ``mdn_seconds`` and ``rv_rescanned``."""
     import copy
 
     out = copy.deepcopy(dict(metas[0]))
-    for key, how in (("lsf_sigma_pixels_max", max), ("mdn_seconds", sum)):
+    for key, how in (
+        ("lsf_sigma_pixels_max", max),
+        ("mdn_seconds", sum),
+        ("rv_rescanned", sum),
+    ):
         vals = [m[key] for m in metas if m.get(key) is not None]
         if vals:
             out[key] = how(vals)

@@ -86,7 +86,7 @@ def rescan_batch(obs: ObsModel, s, b, rv_grid, flux, w, run, *, common=False):
     labels ``s`` (n, L) and broadening ``b`` (n, n_broad), for the rows where
     ``run`` (n,) (rv 0 and continuum 1 elsewhere, not computed). The second scan
     of a fit whose first one (box-centre template) may have put its rv window in
-    the wrong place (:func:`._fit.rescan_fits`)."""
+    the wrong place (:func:`._driver.rescan_fits`)."""
     obs = dataclasses.replace(obs, interp="linear")
     n_c = obs.basis.shape[1]
 

@@ -18,6 +18,7 @@ from ._driver import (
     lm_with_starts,
     median_snr,
     near_window_edge,
+    new_window,
     per_pixel,
     prepare_batch,
     rescan_prior,
@@ -211,9 +212,9 @@ def _rescan_visits(
     spectra): every visit whose rv ended near an end of its window
     (:func:`near_window_edge`) is scanned again with its star's labels and
     broadening (:func:`rescan_prior`) and prepared again in the new window; its
-    star is fitted again jointly from its labels, and the lower chi2 per pixel kept.
-    ``fit``, ``visits`` and ``prep`` are updated in place; returns the number of
-    visits scanned again."""
+    star is fitted again jointly from its labels (unless no visit's window moved by
+    a pixel), and the lower chi2 per pixel kept. ``fit`` and ``visits`` are
+    updated in place; returns the number of visits scanned again."""
     obs = ctx.obs
     n_lab = joint.n_labels
     n_vis = rows.shape[1]
@@ -228,6 +229,10 @@ def _rescan_visits(
     vidx = visit_index(n_lab, n_vis, obs.n_cont, obs.n_broad)
     p_one = fit.p[star[:, None], vidx[vis]]  # each visit's single-spectrum vector
     part = rescan_prior(ctx, flux2, ivar, spec, p_one, int(batch_size))
+    moved = new_window(ctx, part, prep.rv_lo[spec], prep.rv_hi[spec])
+    if not moved.any():
+        return int(edge.sum())
+    star, spec, part = star[moved], spec[moved], take_rows(part, moved)
     prep2 = type(prep)(*(None if v is None else v.copy() for v in prep))
     _prepare_visits(ctx, flux2, ivar, batch_size, spec, part, out=prep2)
     stars = np.unique(star)
