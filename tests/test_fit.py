@@ -462,6 +462,32 @@ def test_fixed_parameter_held(emu, truth, noise_free):
         fit(noise_free[0][:4], noise_free[1][:4], emu, fixed={"vsini": 3.0})
 
 
+def test_every_parameter_fixed_gives_chi2_at_those_values(emu, truth, noise_free):
+    """With every label and rv fixed (chi2 at given values, a user's check of a
+    catalogue's labels) the fit returns that chi2 (hand-computed from the NumPy
+    reference model over the pixels it used), zero errors and no flag; it raised
+    an IndexError (no free parameter to invert) before."""
+    s, rv = truth[0][:2], truth[1][:2]
+    rng = np.random.default_rng(4)
+    flux = noise_free[0][:2] + 0.01 * rng.standard_normal((2, N_PIX))
+    labels = emu.unscale(s)
+    for i in range(2):
+        fixed = {n: float(labels[i, j]) for j, n in enumerate(TINY_NAMES)}
+        t = fit(
+            flux[i], noise_free[1][i], emu, fixed={**fixed, "rv": float(rv[i])},
+            return_model=True,
+        )  # fmt: skip
+        model = reference_spectra(emu, s[i : i + 1], rv[i : i + 1])[0]
+        # the fitted pixels: those valid at that rv (the window is one rv), where
+        # the reference is the fitter's interpolant
+        used = np.asarray(window_valid(build_obs_model(emu), rv[i], rv[i]))
+        assert used.sum() == t["n_good_pixels"][0] > 0.9 * N_PIX
+        assert np.abs(np.asarray(t["model_flux"][0]) - model)[used].max() < 1e-4
+        want = np.sum(((flux[i] - model) / 0.01)[used] ** 2)
+        assert t["chi2"][0] == pytest.approx(want, rel=1e-4)
+        assert t["flags"][0] == 0 and t["Teff_err"][0] == 0.0 and t["rv_err"][0] == 0.0
+
+
 # --- pixels that carry no weight ------------------------------------------------------------
 def test_masked_nan_inf_pixels_are_ignored(emu, truth, noise_free):
     rng = np.random.default_rng(3)

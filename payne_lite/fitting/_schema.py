@@ -260,6 +260,8 @@ def _covariance(a, free, dtype):
     n, k, _ = a.shape
     cov = np.full((n, k, k), 0.0)
     idx = np.flatnonzero(free)
+    if idx.size == 0:  # every parameter fixed: chi2 at the given values, no errors
+        return cov, np.zeros(n, bool)
     limit = COND_LIMIT.get(np.dtype(dtype), 1e6)
     af = a[:, idx[:, None], idx[None, :]]
     d = np.diagonal(af, axis1=1, axis2=2)
