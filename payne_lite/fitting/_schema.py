@@ -324,6 +324,33 @@ def error_scale_vector(emulator, layout, p) -> np.ndarray:
     return out
 
 
+def _fit_covariance(emulator, layout, obs, free, fit):
+    """The covariance (n, k, k) of the fits ``fit`` in physical units, and the
+    ill-conditioned flag (n,): ``A^-1``, or with ``fit.meat`` the sandwich
+    ``A^-1 meat A^-1`` plus its emulator part (``fit.meat_emu``) scaled by
+    :func:`error_scale_vector`; a flat broadening parameter NaN."""
+    p = fit.p
+    k = p.shape[1]
+    a, held = _hold_flat_broadening(fit.a, free, layout.broad_slice.start)
+    cov, ill = _covariance(a, free, obs.x_obs.dtype)
+    if fit.meat is not None:
+        hold = held[:, :, None] | held[:, None, :]
+        m = np.where(hold, 0.0, np.nan_to_num(fit.meat))
+        sandwich = cov @ m @ cov
+        if fit.meat_emu is not None:
+            m = np.where(hold, 0.0, np.nan_to_num(fit.meat_emu))
+            kap = error_scale_vector(emulator, layout, p)
+            sandwich += kap[:, :, None] * (cov @ m @ cov) * kap[:, None, :]
+        cov = sandwich
+    for j in np.flatnonzero(held.any(axis=0)):
+        cov[held[:, j], j, :] = np.nan
+        cov[held[:, j], :, j] = np.nan
+    # scaled -> physical: x = (s + 0.5) (hi - lo) + lo
+    n_lab = layout.n_labels
+    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
+    return cov * span[None, :, None] * span[None, None, :], ill
+
+
 def results_table(
     emulator,
     layout,
@@ -351,23 +378,7 @@ def results_table(
     n, k = p.shape
     n_lab = layout.n_labels
     n_free = int(free.sum()) if n_par is None else np.asarray(n_par)
-    a, held = _hold_flat_broadening(fit.a, free, layout.broad_slice.start)
-    cov, ill = _covariance(a, free, obs.x_obs.dtype)
-    if fit.meat is not None:
-        hold = held[:, :, None] | held[:, None, :]
-        m = np.where(hold, 0.0, np.nan_to_num(fit.meat))
-        sandwich = cov @ m @ cov
-        if fit.meat_emu is not None:
-            m = np.where(hold, 0.0, np.nan_to_num(fit.meat_emu))
-            kap = error_scale_vector(emulator, layout, p)
-            sandwich += kap[:, :, None] * (cov @ m @ cov) * kap[:, None, :]
-        cov = sandwich
-    for j in np.flatnonzero(held.any(axis=0)):
-        cov[held[:, j], j, :] = np.nan
-        cov[held[:, j], :, j] = np.nan
-    # scaled -> physical: x = (s + 0.5) (hi - lo) + lo
-    span = np.concatenate([emulator.label_hi - emulator.label_lo, np.ones(k - n_lab)])
-    cov = cov * span[None, :, None] * span[None, None, :]
+    cov, ill = _fit_covariance(emulator, layout, obs, free, fit)
     with np.errstate(divide="ignore", invalid="ignore"):
         chi2_red = np.where(n_good > n_free, fit.chi2 / (n_good - n_free), np.nan)
     if scale_errors:
