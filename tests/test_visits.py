@@ -396,10 +396,12 @@ def test_group_fit_with_resolution_and_vsini_recovers_the_truth(broad_emu):
 )
 def test_group_of_one_visit_per_star_is_the_single_fit(broad_emu, setting):
     """A joint fit of one visit per star is the single-spectrum fit of that
-    spectrum: the same labels, rv, broadening (to 1e-6 of their errors) and errors
-    (to 1e-4), with an instrumental profile (resolution or lsf_sigma), a fitted or
-    a fixed vsini, and the profiled continuum. (Each setting compiles its own
-    programs: ~40 s alone on 2 cores.)"""
+    spectrum: the same labels, rv, broadening (to 1e-3 of their errors: the two are
+    different XLA programs, whose float32 rounding differs, and the LM stops within
+    1e-2 of an error of its minimum; seen up to 7.5e-5) and errors (to 1e-4), with
+    an instrumental profile (resolution or lsf_sigma), a fitted or a fixed vsini,
+    and the profiled continuum. (Each setting compiles its own programs: ~40 s
+    alone on 2 cores.)"""
     e = broad_emu
     rng = np.random.default_rng(22)
     s = rng.uniform(-0.3, 0.3, (2, 3))
@@ -426,7 +428,7 @@ def test_group_of_one_visit_per_star_is_the_single_fit(broad_emu, setting):
         got_err = np.asarray(joint[f"{name}_err"]).reshape(2, -1)[:, 0]
         ref, sig = np.asarray(one[name]), np.asarray(one[f"{name}_err"])
         dz = np.abs(got - ref) / np.where(sig > 0, sig, 1.0)
-        assert np.all(dz < 1e-6), (name, dz)
+        assert np.all(dz < 1e-3), (name, dz)
         np.testing.assert_allclose(got_err, sig, rtol=1e-4)
     np.testing.assert_allclose(joint["chi2"], one["chi2"], rtol=1e-5)
     if fixed:  # held: the value, no error
