@@ -10,18 +10,19 @@ uniform in the middle of its box as in ``bench_fit.py``, S/N ``--snr``, rv unifo
 * ``linear``: shifted by linear interpolation on the rest grid (``np.interp``, The
   Payne's interpolant, and this fitter's before the cubic one);
 * ``cubic``: shifted by a not-a-knot cubic spline through the rest model, chip by
-  chip (``PayneNumpy.spline_shift``: bench_fit's mocks);
+  chip (``PayneNumpy.spline_shift``: bench_fit's mocks until the fitter's default
+  became Lanczos-6);
 * ``sinc``: shifted by Lanczos-8 (windowed sinc) interpolation, a band-limited
-  shift;
+  shift (``PayneNumpy.sinc_shift``: bench_fit's mocks);
 * ``rest``: not shifted (rv = 0 exactly: every pixel sits on a rest node, where a
   linear interpolant's chi2(rv) has a kink).
 
-None of them is the fitter's own interpolant (Keys' six-tap cubic convolution,
+None of them is the fitter's own interpolant (twelve-tap Lanczos-6,
 ``payne_lite.observe.DOPPLER_INTERP``). ``--no-polish`` switches the fit's rv polish
-off (to see whether it pays); ``--interp lanczos6`` fits with a band-limited shift
-(twelve-tap Lanczos); ``--interp linear`` fits with the linear interpolant
-instead (the fitter before the cubic one, with today's polish, which probes every
-fit as that fitter's did).
+off (to see whether it pays); ``--interp cubic6`` fits with Keys' six-tap cubic
+convolution (the default before Lanczos-6); ``--interp linear`` with the linear
+interpolant (the fitter before the cubic one, with today's polish, which probes
+every fit as that fitter's did).
 
 ``--kernels`` (``--n 100 --snr 300`` for the issue's case): the interpolants' own
 error. Where the truth is known (Gaussian lines sampled at integer pixels, one FWHM
@@ -54,32 +55,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_fit import BOX_FRACTION, C_KMS, load_data  # noqa: E402
+from benchmarks.bench_fit import BOX_FRACTION, load_data  # noqa: E402
+from payne_lite.observe import DOPPLER_INTERP  # noqa: E402
 
 RV_MAX = 200.0
-
-
-def lanczos_shift(net, flux_rest: np.ndarray, rv: float, a: int = 8) -> np.ndarray:
-    """The rest model at lambda / f by Lanczos-``a`` (windowed sinc) interpolation
-    in ln lambda on its log-uniform grid, chip by chip, the weights normalised to
-    sum 1; NaN where a tap would leave the chip (a band-limited shift, unlike
-    both the fitter's linear and a cubic spline)."""
-    x = np.log(net.wave)
-    step = np.median(np.diff(x))
-    cuts = np.concatenate([[0], np.flatnonzero(net.gap_after) + 1, [x.size]])
-    out = np.full_like(flux_rest, np.nan)
-    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-        u = (x[lo:hi] - np.arctanh(rv / C_KMS) - x[lo]) / step  # fractional index
-        k0 = np.floor(u).astype(int)
-        taps = k0[:, None] + np.arange(-a + 1, a + 1)[None, :]
-        d = u[:, None] - taps
-        w = np.sinc(d) * np.sinc(d / a)
-        w /= w.sum(axis=1, keepdims=True)
-        ok = (taps[:, 0] >= 0) & (taps[:, -1] < hi - lo)
-        seg = flux_rest[lo:hi]
-        val = np.sum(w * seg[np.clip(taps, 0, hi - lo - 1)], axis=1)
-        out[lo:hi] = np.where(ok, val, np.nan)
-    return out
 
 
 def make_sets(net, amask, n: int, snr: float, seed: int):
@@ -98,7 +77,7 @@ def make_sets(net, amask, n: int, snr: float, seed: int):
     sets["linear"] = (lin + noise, err, cover)
     cub_mask = cover | ~np.isfinite(cub)
     sets["cubic"] = (np.where(cub_mask, 1.0, cub) + noise, err, cub_mask)
-    snc = np.stack([lanczos_shift(net, f, v) for f, v in zip(rest, rv, strict=True)])
+    snc = np.stack([net.sinc_shift(f, v) for f, v in zip(rest, rv, strict=True)])
     snc_mask = cover | ~np.isfinite(snc)
     sets["sinc"] = (np.where(snc_mask, 1.0, snc) + noise, err, snc_mask)
     sets["rest"] = (rest + noise, err, np.broadcast_to(amask, rest.shape).copy())
@@ -144,8 +123,8 @@ def fit_interp(kind: str) -> None:
 
 
 def real_spectra() -> dict:
-    """chi2 of the real spectra, linear vs cubic interpolant, and the cubic one
-    with an instrumental resolution below the emulator's."""
+    """chi2 of the real spectra, linear vs cubic vs Lanczos-6 interpolant, and the
+    default (Lanczos-6) with an instrumental resolution below the emulator's."""
     import payne_lite as pl
 
     pa = pl.datasets.payne_apogee()
@@ -156,8 +135,9 @@ def real_spectra() -> dict:
     cases = [
         ("linear", None),
         ("cubic6", None),
-        ("cubic6", 21500.0),
-        ("cubic6", 19500.0),
+        ("lanczos6", None),
+        ("lanczos6", 21500.0),
+        ("lanczos6", 19500.0),
     ]
     out = {}
     print(f"{'spectrum':<34} {'interp':<7} {'R':>6} {'chi2':>9} {'rv':>8} "
@@ -171,7 +151,7 @@ def real_spectra() -> dict:
             print(f"{name:<34} {kind:<7} {res or 22500:6.0f} {r['chi2']:9.1f} "
                   f"{r['rv']:8.3f} {r['Teff']:6.0f} {r['logg']:5.2f} "
                   f"{r['[Fe/H]']:6.3f} {r[emu.label_names[-1]]:6.2f}")  # fmt: skip
-    fit_interp("cubic6")
+    fit_interp(DOPPLER_INTERP)
     return out
 
 
@@ -249,7 +229,7 @@ def kernels_real(emu, net, amask, n: int, snr: float, seed: int) -> dict:
     labels, rv, sets = make_sets(net, amask, n, snr, seed)
     flux, err, mask = sets["sinc"]
     t = pl.fit(flux, err, emu, mask=mask)
-    obs = build_obs_model(emu)
+    obs = build_obs_model(emu, interp="cubic6")  # "keys6" below
     jac = jax.jit(lambda p: observe_jac(obs, p))
     names = list(emu.label_names)
     diff = {k: [] for k in KERNELS}
@@ -261,11 +241,11 @@ def kernels_real(emu, net, amask, n: int, snr: float, seed: int) -> dict:
         w = np.where(~mask[i] & np.asarray(valid), 1.0 / err[i] ** 2, 0.0)
         g = np.linalg.solve(j.T @ (w[:, None] * j), (j * w[:, None]).T)[-1]
         rest = net.rest(s)
-        ref = lanczos_shift(net, rest, v, a=8)
+        ref = net.sinc_shift(rest, v, a=8)
         alt = {
             "keys6": np.asarray(model, np.float64),
-            "lanczos4": lanczos_shift(net, rest, v, a=4),
-            "lanczos6": lanczos_shift(net, rest, v, a=6),
+            "lanczos4": net.sinc_shift(rest, v, a=4),
+            "lanczos6": net.sinc_shift(rest, v, a=6),
             "spline": net.spline_shift(rest, v),
         }
         for k, a in alt.items():
@@ -298,7 +278,7 @@ def main(argv=None) -> dict:
         help="switch the fit's second RV scan (fits near a window's end) off",
     )
     ap.add_argument(
-        "--interp", choices=("cubic6", "linear", "lanczos6"), default="cubic6"
+        "--interp", choices=("cubic6", "linear", "lanczos6"), default=DOPPLER_INTERP
     )
     ap.add_argument("--real", action="store_true", help="the real-spectrum check")
     ap.add_argument(

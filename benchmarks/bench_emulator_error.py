@@ -18,15 +18,16 @@ coherently. With the ``error_basis`` that ``train_emulator`` also stores (the
 held-out errors' principal components), ``fit`` uses the sandwich covariance and the
 coverage is close to 0.68. Test stars are drawn like the training set (labels
 uniform in the middle 90 % of the box): the population whose errors ``pixel_error``
-and ``error_basis`` describe. The mocks are shifted by a cubic spline (not the
-fitter's interpolant; until 2026-12 they were shifted linearly, whose blur is a model
-error of its own).
+and ``error_basis`` describe. The mocks are shifted by a band-limited shift
+(Lanczos-8, bench_fit's mocks: near the fitter's Lanczos-6, not equal to it; until
+2026-12 a cubic spline, before that linear interpolation, whose blur is a model error
+of its own).
 
-rv is the exception at high S/N, and not for the emulator's sake: a second table
-fits the student's *own* spectra (no emulator error at all), shifted by the spline
-or by the fitter's own interpolant. Where the spline row's rv coverage falls short
-and the own row's does not, the rest grid's Doppler interpolation (about 2 pixels
-per resolution element) carries an rv error that no error model here holds.
+A second table, the control for rv: the student's *own* spectra (no emulator error
+at all), shifted by the sinc or by the fitter's own interpolant. Where the sinc
+row's rv coverage falls short and the own row's does not, the rest grid's Doppler
+interpolation (about 2 pixels per resolution element) carries an rv error that no
+error model here holds.
 
     python benchmarks/bench_emulator_error.py                 # the full table
     python benchmarks/bench_emulator_error.py --n-train 400 --n-test 40 --snr 300
@@ -53,7 +54,7 @@ from payne_lite.emulator import TrainConfig
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_fit import spline_shift  # noqa: E402
+from benchmarks.bench_fit import sinc_shift  # noqa: E402
 
 NAMES = pl.datasets.PAYNE_LABELS_5
 
@@ -102,12 +103,19 @@ def held_out_residuals(truth, student, n: int, seed: int) -> np.ndarray:
 
 
 def _shift(wave, flux, rv):
-    """``flux`` (P,) on ``wave`` shifted to ``rv`` by a cubic spline (bench_fit's
-    :func:`~benchmarks.bench_fit.spline_shift`: neither the fitter's interpolant nor
-    linear, whose rv-phase-dependent blur is a model error of its own), 1 off the
-    chips' ends."""
-    out = spline_shift(wave, flux, rv)
-    return np.where(np.isfinite(out), out, 1.0)
+    """``flux`` (P,) on ``wave`` shifted to ``rv`` by a band-limited (Lanczos-8)
+    shift (bench_fit's :func:`~benchmarks.bench_fit.sinc_shift`, its mocks' shift:
+    close to the fitter's Lanczos-6, not equal; until 2026-12 a cubic spline, and
+    before that linear interpolation, whose blur is a model error of its own); NaN
+    where a tap leaves a chip."""
+    return sinc_shift(wave, flux, rv)
+
+
+def _observed(flux, snr: float):
+    """Noise-free shifted spectra ``flux`` (n, P) (NaN: none there) -> the flux (1
+    there) and its errors (1 / ``snr``; inf there, which gives no weight)."""
+    ok = np.isfinite(flux)
+    return np.where(ok, flux, 1.0), np.where(ok, 1.0 / snr, np.inf)
 
 
 def mock_stars(truth: pl.Emulator, n: int, snr: float, seed: int):
@@ -119,11 +127,14 @@ def mock_stars(truth: pl.Emulator, n: int, snr: float, seed: int):
     labels = truth.unscale(rng.uniform(-0.45, 0.45, (n, truth.n_labels)))
     rv = rng.uniform(-100.0, 100.0, n)
     wave = np.asarray(truth.wavelength, np.float64)
-    flux = np.stack(
-        [_shift(wave, f, v) for f, v in zip(truth.predict(labels), rv, strict=True)]
+    flux, err = _observed(
+        np.stack(
+            [_shift(wave, f, v) for f, v in zip(truth.predict(labels), rv, strict=True)]
+        ),
+        snr,
     )
-    err = np.full_like(flux, 1.0 / snr)
-    return labels, rv, flux + err * rng.standard_normal(flux.shape), err
+    noise = rng.standard_normal(flux.shape) / snr
+    return labels, rv, flux + noise, err
 
 
 def coverage_run(
@@ -207,8 +218,9 @@ class Sandwich:
         pe = emulator_error_on(self.wave, self.wave, st.pixel_error, [rv])[0]
         w = np.where(self.keep & np.asarray(valid), 1.0 / (err**2 + pe**2), 0.0)
         g = np.linalg.solve(j.T @ (w[:, None] * j), (j * w[:, None]).T)  # (k, P)
-        gr = g @ np.stack([_shift(self.wave, r, rv) for r in rows]).T
-        cov = g @ (err[:, None] ** 2 * g.T) + gr @ gr.T
+        shifted = np.stack([_shift(self.wave, r, rv) for r in rows])
+        gr = g @ np.where(np.isfinite(shifted) & (w > 0), shifted, 0.0).T
+        cov = g @ (np.where(w > 0, err**2, 0.0)[:, None] * g.T) + gr @ gr.T
         return np.sqrt(np.diag(cov)) * self.span
 
 
@@ -232,10 +244,10 @@ def correlated_errors(student, table, err, mask, residuals) -> np.ndarray:
 def interpolation_control(student, mask, *, n: int, snr: float, seed: int) -> dict:
     """The rv error that is not the emulator's: ``n`` spectra of the *student itself*
     (no emulator error; labels and rvs as :func:`mock_stars`), shifted by the
-    spline of :func:`_shift` or by the fitter's own interpolant
+    sinc of :func:`_shift` or by the fitter's own interpolant
     (:func:`payne_lite.observe.observe`), with noise 1 / ``snr``, fitted with
     ``emulator_error=False``. Returns, per shift, rv's coverage and the sd of
-    (fit - truth) / error: where the spline row falls short and the own row does
+    (fit - truth) / error: where the sinc row falls short and the own row does
     not, the Doppler interpolation (a grid of about 2 pixels per resolution
     element) is a part of the rv error budget that no error model here holds."""
     from payne_lite.observe import build_obs_model, observe
@@ -249,7 +261,7 @@ def interpolation_control(student, mask, *, n: int, snr: float, seed: int) -> di
     own = jax.jit(lambda p: observe(obs, p)[0])
     dt = obs.x_obs.dtype
     shifted = {
-        "spline": np.stack([_shift(wave, f, v) for f, v in zip(rest, rv, strict=True)]),
+        "sinc": np.stack([_shift(wave, f, v) for f, v in zip(rest, rv, strict=True)]),
         "own": np.stack(
             [
                 np.asarray(own(jnp.asarray(np.r_[student.scale(x), v], dt)), np.float64)
@@ -259,8 +271,8 @@ def interpolation_control(student, mask, *, n: int, snr: float, seed: int) -> di
     }
     out = {}
     for key, flux in shifted.items():
-        err = np.full_like(flux, 1.0 / snr)
-        noisy = flux + err * rng.standard_normal(flux.shape)
+        flux, err = _observed(flux, snr)
+        noisy = flux + rng.standard_normal(flux.shape) / snr
         t = pl.fit(noisy, err, student, mask=mask, emulator_error=False)
         ok = np.asarray(t["flags"]) == 0
         z = ((np.asarray(t["rv"], np.float64) - rv) / np.asarray(t["rv_err"]))[ok]
@@ -374,7 +386,7 @@ def main(argv=None) -> dict:
     print("residuals (an independent check of 'on'); scaled: 'on' with the")
     print("student's error_scale fitted on --n-cal held-out spectra of the truth")
     print()
-    print("rv without emulator error: the student's own spectra, shifted by a spline")
+    print("rv without emulator error: the student's own spectra, shifted by a sinc")
     print("(as the mocks above) or by the fitter's interpolant, emulator_error=False")
     print("| S/N | shift | rv coverage | sd of z | median rv_err [km/s] | stars |")
     print("|---|---|---|---|---|---|")

@@ -8,11 +8,13 @@ What it measures (issue 3, "What it must show"):
 
 * Test set: the real 5-label per-pixel Payne network (``pl.datasets.payne_apogee()``),
   labels uniform in the middle 80 % of its box, RV uniform in [-200, 200] km/s
-  (relativistic shift, linear interpolation of the rest-frame model onto the observed
-  grid, as the data README says), Gaussian noise sigma = 1/SNR per pixel, the APOGEE
-  mask applied. Observed pixels whose rest-frame wavelength at the true RV falls off
-  the network's grid or into a chip gap have no model there; they are masked too (for
-  both methods), rather than filled with the interpolation across the gap.
+  (relativistic shift, a band-limited Lanczos-8 interpolation of the rest-frame model
+  onto the observed grid, :func:`sinc_shift`: the reconstruction of a well-sampled
+  spectrum, close to the fitter's Lanczos-6 but not equal; a cubic spline until
+  2026-12), Gaussian noise sigma = 1/SNR per pixel, the APOGEE mask applied.
+  Observed pixels whose rest-frame wavelength at the true RV falls off the network's
+  grid, or whose taps reach into a chip gap, have no model there; they are masked
+  too (for both methods), rather than filled with an interpolation across the gap.
 * Baseline, The-Payne-style, in NumPy/SciPy float64: the README's per-pixel network
   formula (The Payne's ``get_spectrum_from_neural_net``) and Doppler shift
   (``np.interp``, The Payne's ``doppler_shift``); RV first from a chi2 scan in 1 km/s
@@ -106,6 +108,34 @@ def spline_shift(wave, flux_rest, rv, gap_after=None) -> np.ndarray:
     return out
 
 
+def sinc_shift(wave, flux_rest, rv, gap_after=None, a: int = 8) -> np.ndarray:
+    """``flux_rest`` (P,) on ``wave`` (P,) [A] seen at ``rv`` [km/s]: at lambda / f by
+    Lanczos-``a`` (windowed sinc, ``2 a`` taps, the weights normalised to sum 1) in
+    ln lambda on the log-uniform grid, chip by chip; NaN where a tap would leave
+    the chip. A band-limited shift: a spectrum that the instrument's profile
+    band-limits is the sinc reconstruction of its samples (SDSS resamples APOGEE
+    visits so), which makes this the mocks' shift; the fitter's Lanczos-6 is within
+    1.6e-3 pixels of it for lines 2-5 pixels wide (benchmarks/README.md)."""
+    x = np.log(np.asarray(wave, np.float64))
+    step = np.median(np.diff(x))
+    if gap_after is None:
+        gap_after = np.diff(x) > GAP_FACTOR * step
+    cuts = np.concatenate([[0], np.flatnonzero(gap_after) + 1, [x.size]])
+    out = np.full(x.shape, np.nan)
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        u = (x[lo:hi] - np.arctanh(rv / C_KMS) - x[lo]) / step  # fractional index
+        k0 = np.floor(u).astype(int)
+        taps = k0[:, None] + np.arange(-a + 1, a + 1)[None, :]
+        d = u[:, None] - taps
+        w = np.sinc(d) * np.sinc(d / a)
+        w /= w.sum(axis=1, keepdims=True)
+        ok = (taps[:, 0] >= 0) & (taps[:, -1] < hi - lo)
+        seg = flux_rest[lo:hi]
+        val = np.sum(w * seg[np.clip(taps, 0, hi - lo - 1)], axis=1)
+        out[lo:hi] = np.where(ok, val, np.nan)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # The Payne's model in NumPy (float64)
 # --------------------------------------------------------------------------------------
@@ -149,14 +179,17 @@ class PayneNumpy:
         return self.shift(self.rest(s), rv)
 
     def spline_shift(self, flux_rest, rv) -> np.ndarray:
-        """:func:`spline_shift` on this network's grid (the mocks' shift)."""
+        """:func:`spline_shift` on this network's grid."""
         return spline_shift(self.wave, flux_rest, rv, self.gap_after)
 
+    def sinc_shift(self, flux_rest, rv, a: int = 8) -> np.ndarray:
+        """:func:`sinc_shift` on this network's grid (the mocks' shift)."""
+        return sinc_shift(self.wave, flux_rest, rv, self.gap_after, a)
+
     def observed(self, s, rv) -> np.ndarray:
-        """A mock observation's noise-free flux: :meth:`spline_shift` of the rest
-        model, 1 where it is NaN (off the chips: :meth:`covered` masks those)."""
-        out = self.spline_shift(self.rest(s), rv)
-        return np.where(np.isfinite(out), out, 1.0)
+        """A mock observation's noise-free flux: :meth:`sinc_shift` of the rest
+        model; NaN where it has none (off the chips, or taps across a chip's end)."""
+        return self.sinc_shift(self.rest(s), rv)
 
     def covered(self, rv) -> np.ndarray:
         """(P,) bool: lambda / f lies on the rest grid, off the chip gaps."""
@@ -195,9 +228,9 @@ def make_test_set(net: PayneNumpy, apogee_mask, n: int, snr: float, seed: int):
     labels = net.unscale(s)
     rv = rng.uniform(-RV_TRUE, RV_TRUE, n)
     clean = np.stack([net.observed(si, v) for si, v in zip(s, rv, strict=True)])
-    flux = clean + rng.normal(0.0, 1.0 / snr, clean.shape)
+    mask = apogee_mask | ~np.isfinite(clean)  # (off the chips: ~net.covered too)
+    flux = np.where(mask, 1.0, clean) + rng.normal(0.0, 1.0 / snr, clean.shape)
     err = np.full_like(flux, 1.0 / snr)
-    mask = np.stack([apogee_mask | ~net.covered(v) for v in rv])
     return labels, rv, flux, err, mask
 
 

@@ -44,6 +44,7 @@ def pytest_unconfigure(config):
 
 
 from payne_lite import Emulator, PixelNet, datasets  # noqa: E402
+from payne_lite.observe import DOPPLER_INTERP  # noqa: E402
 
 #: Relative tolerances (times the magnitude of the reference) by computation dtype.
 _TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
@@ -121,12 +122,33 @@ def keys_kernel(x, taps: int = 6):
     )
 
 
-def cubic_interp(xq, x, y, taps: int = 6):
-    """NumPy reference of the fitter's Doppler interpolant: Keys' cubic convolution
-    on the pixel index of the grid ``x`` (the fractional index linear in ``x``
-    within its interval), the sum over the ``taps`` nearest pixels j of
-    ``keys_kernel(u - j) y_j``; NaN where a tap leaves the grid, except on a grid
-    point, where the value is that point's (``y`` (..., P))."""
+def lanczos_kernel(x, a: int = 6):
+    """The Lanczos kernel ``sinc(x) sinc(x / a)`` (0 beyond ``a``), unnormalised."""
+    x = np.asarray(x, np.float64)
+    return np.where(np.abs(x) < a, np.sinc(x) * np.sinc(x / a), 0.0)
+
+
+def doppler_interp(xq, x, y, kind: str = DOPPLER_INTERP):
+    """NumPy reference of the fitter's Doppler interpolant ``kind`` (default: the
+    fitter's default), on the pixel index of the grid ``x`` as
+    :func:`cubic_interp`: Keys' kernels for ``"cubic"`` and ``"cubic6"``; for
+    ``"lanczos6"`` the twelve pixels ``i - 5 .. i + 6`` around the interval ``i``
+    weighted by :func:`lanczos_kernel`, the weights divided by their sum."""
+    if kind == "cubic":
+        return cubic_interp(xq, x, y, taps=4)
+    if kind == "cubic6":
+        return cubic_interp(xq, x, y, taps=6)
+    assert kind == "lanczos6", kind
+    return cubic_interp(xq, x, y, taps=12, kernel=lanczos_kernel)
+
+
+def cubic_interp(xq, x, y, taps: int = 6, kernel=None):
+    """NumPy reference of Keys' cubic convolution (the fitter's interpolant before
+    Lanczos-6) on the pixel index of the grid ``x`` (the fractional index linear in
+    ``x`` within its interval), the sum over the ``taps`` nearest pixels j of
+    ``keys_kernel(u - j) y_j`` (or of ``kernel(u - j) y_j`` over their sum);
+    NaN where a tap leaves the grid, except on a grid point, where the value is that
+    point's (``y`` (..., P))."""
     x = np.asarray(x, np.float64)
     xq = np.asarray(xq, np.float64)
     y = np.asarray(y, np.float64)
@@ -134,10 +156,15 @@ def cubic_interp(xq, x, y, taps: int = 6):
     i = np.clip(np.searchsorted(x, xq, side="right") - 1, 0, n - 2)
     u = i + (xq - x[i]) / (x[i + 1] - x[i])
     out = np.zeros(y.shape[:-1] + xq.shape)
+    total = np.zeros(xq.shape)
     lo, hi = -(taps // 2 - 1), taps // 2
     for j in range(lo, hi + 1):
         idx = np.clip(i + j, 0, n - 1)
-        out = out + keys_kernel(u - (i + j), taps) * y[..., idx]
+        k = keys_kernel(u - (i + j), taps) if kernel is None else kernel(u - (i + j))
+        out = out + k * y[..., idx]
+        total = total + k
+    if kernel is not None:  # (total 0: off the grid, NaN below)
+        out = out / np.where(total != 0, total, 1.0)
     at = np.where(xq == x[i + 1], i + 1, i)
     node = xq == x[at]  # on a rest pixel: its value, whatever the taps around
     out = np.where(node, y[..., at], out)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cubic_interp
+from conftest import doppler_interp
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter1d
 
@@ -398,7 +398,7 @@ def test_fit_at_lower_resolution_on_a_coarser_grid(default_emu):
     for i in range(n):
         deg = degrade_reference(wave, rest[i], 7500.0, 22500.0)
         f = np.sqrt((1 + rv_true[i] / C_KMS) / (1 - rv_true[i] / C_KMS))
-        flux[i] = cubic_interp(wave_obs / f, wave, deg)  # the fitter's interpolant
+        flux[i] = doppler_interp(wave_obs / f, wave, deg)  # the fitter's interpolant
     noisy = flux + 0.01 * rng.standard_normal(flux.shape)
     both = np.concatenate([flux[:n_free], noisy])
     err = np.concatenate(

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_NAMES, cubic_interp
+from conftest import TINY_NAMES, doppler_interp
 from test_fit import N_PIX, reference_spectra, smooth_emulator
 
 from payne_lite import fit, log_posterior
@@ -135,7 +135,9 @@ def _dense_c(e, basis, pe, err, keep, rv, cont=None):
     b_s = np.stack(
         [
             np.where(np.isnan(c), np.interp(lam, e.wavelength, b), c)
-            for b, c in zip(basis, cubic_interp(lam, e.wavelength, basis), strict=True)
+            for b, c in zip(
+                basis, doppler_interp(lam, e.wavelength, basis), strict=True
+            )
         ]
     )
     if cont is not None:

@@ -22,7 +22,7 @@ from conftest import (
     TINY_LO,
     TINY_NAMES,
     TINY_UNITS,
-    cubic_interp,
+    doppler_interp,
     keys_kernel,
 )
 from scipy.ndimage import gaussian_filter1d
@@ -33,6 +33,7 @@ from payne_lite import Emulator, LMOptions, PixelNet, fit
 from payne_lite.constants import C_KMS
 from payne_lite.fitting import FLAG_FAILED
 from payne_lite.observe import (
+    TAP_OFFSETS,
     _problem,
     build_obs_model,
     doppler_shift,
@@ -94,7 +95,7 @@ def smooth_emulator(
 
 def reference_spectra(emu, scaled, rv, wave_obs=None, cont=None):
     """Observed spectra by NumPy: emulator flux, the fitter's interpolant
-    (:func:`conftest.cubic_interp`) at lambda/f, continuum. Pixels whose taps leave
+    (:func:`conftest.doppler_interp`) at lambda/f, continuum. Pixels whose taps leave
     the rest grid (invalid in the model) get np.interp's value instead of NaN."""
     wave = emu.wavelength
     wave_obs = wave if wave_obs is None else wave_obs
@@ -103,7 +104,7 @@ def reference_spectra(emu, scaled, rv, wave_obs=None, cont=None):
     rest = emu.predict(emu.unscale(scaled), fast_tanh=False).astype(np.float64)
     out = []
     for v, r in zip(rv, rest, strict=True):
-        cubic = cubic_interp(wave_obs / _factor(v), wave, r)
+        cubic = doppler_interp(wave_obs / _factor(v), wave, r)
         out.append(
             np.where(np.isnan(cubic), np.interp(wave_obs / _factor(v), wave, r), cubic)
         )
@@ -246,17 +247,18 @@ def test_lanczos_interpolant_is_a_normalised_windowed_sinc():
             assert err_l < err_k / 3, (period, phase, err_l, err_k)
 
 
-def test_lanczos_interpolant_in_the_fit_recovers_its_own_shift(emu, tmp_path):
-    """``Instrument(doppler="lanczos6")``: the fit of a spectrum made by that
-    model (noise-free, rv 137.3 km/s, on a log grid) returns its labels and rv, as
-    for the default interpolant; the default fit of the same spectrum does not
-    (the interpolants differ); the table records the interpolant, and the model
-    rebuilt from the saved table is the fitted one."""
+def test_another_interpolant_in_the_fit_recovers_its_own_shift(emu, tmp_path):
+    """``Instrument(doppler="cubic6")`` (Keys' six-tap cubic, not the default
+    Lanczos-6): the fit of a spectrum made by that model (noise-free, rv 137.3
+    km/s, on a log grid) returns its labels and rv, as for the default interpolant;
+    the default fit of the same spectrum does not (the interpolants differ); the
+    table records the interpolant, and the model rebuilt from the saved table is
+    the fitted one."""
     from payne_lite.observe import observe
 
-    inst = pl.Instrument(doppler="lanczos6")
+    inst = pl.Instrument(doppler="cubic6")
     obs = build_obs_model(emu, **inst.model_options())
-    assert obs.interp == "lanczos6" and build_obs_model(emu).interp == "cubic6"
+    assert obs.interp == "cubic6" and build_obs_model(emu).interp == "lanczos6"
     s = np.array([0.1, -0.2, 0.15])
     p = jnp.asarray(np.r_[s, 137.3], obs.x_obs.dtype)
     flux = np.asarray(observe(obs, p)[0], np.float64)
@@ -264,13 +266,13 @@ def test_lanczos_interpolant_in_the_fit_recovers_its_own_shift(emu, tmp_path):
     t = fit(flux, err, emu, instrument=inst, return_model=True)
     assert abs(float(t["rv"][0]) - 137.3) < 1e-3
     np.testing.assert_allclose(scaled_labels(emu, t)[0], s, atol=1e-4)
-    assert t.meta["instrument"]["doppler"] == "lanczos6"
+    assert t.meta["instrument"]["doppler"] == "cubic6"
     # the default interpolant reads this spectrum's shift differently
     plain = fit(flux, err, emu)
     assert float(plain["chi2"][0]) > 10 * max(float(t["chi2"][0]), 1.0)
     pl.write_results(t, tmp_path / "t.fits")
     back = pl.read_results(tmp_path / "t.fits")
-    assert pl.Instrument.from_meta(back.meta["instrument"]).doppler == "lanczos6"
+    assert pl.Instrument.from_meta(back.meta["instrument"]).doppler == "cubic6"
     model, valid = pl.model_from_results(back, emu)
     fitted = np.asarray(t["model_flux"], np.float64)
     ok = valid & np.isfinite(fitted)
@@ -282,8 +284,9 @@ def test_instrument_doppler_is_validated_and_old_records_read(emu):
         pl.Instrument(doppler="sinc")
     old = pl.Instrument(resolution=8000.0).to_meta()
     old["version"] = 1
-    del old["doppler"]  # a version-1 record (before the field existed)
-    assert pl.Instrument.from_meta(old).doppler == "cubic6"
+    del old["doppler"]  # a version-1 record (before the field existed): fitted
+    assert pl.Instrument.from_meta(old).doppler == "cubic6"  # with the cubic then
+    assert pl.Instrument.from_meta({}).doppler == pl.Instrument().doppler
     with pytest.raises(ValueError, match="unknown Doppler interpolant"):
         build_obs_model(emu, interp="sinc")
 
@@ -299,7 +302,7 @@ def test_model_matches_numpy_reference(emu):
     valid = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(flux)[valid], ref[valid], atol=2e-4)
     taps_inside = np.isfinite(
-        cubic_interp(emu.wavelength / _factor(rv), *[emu.wavelength] * 2)
+        doppler_interp(emu.wavelength / _factor(rv), *[emu.wavelength] * 2)
     )
     np.testing.assert_array_equal(valid, taps_inside)
 
@@ -360,7 +363,8 @@ def test_log_grid_fast_path_matches_per_pixel_interpolation():
             # the derivatives where every tap is on the grid (on a node, rv 0, a
             # pixel at a chip's edge is valid, its rv derivative undefined)
             vj = v1 & np.asarray(window_valid(fast, rv - 1e-3, rv + 1e-3))
-            assert vj.sum() >= v1.sum() - 12  # 3 per chip end at most
+            reach = max(abs(o) for o in TAP_OFFSETS[fast.interp])  # cubic6: 3
+            assert vj.sum() >= v1.sum() - 4 * reach  # reach per chip end at most
             np.testing.assert_allclose(j1[vj], j2[vj], rtol=1e-3, atol=2e-6)
             np.testing.assert_allclose(observe(fast, p)[0][v1], f1[v1], atol=1e-14)
 
@@ -442,7 +446,7 @@ def test_continuum_tilt_recovered(emu, truth):
     np.testing.assert_allclose(scaled_labels(emu, t), s, atol=1e-4)
     np.testing.assert_allclose(t["rv"], rv, atol=0.05)
     lam = emu.wavelength / _factor(rv[:, None])
-    taps_inside = np.isfinite(cubic_interp(lam, emu.wavelength, emu.wavelength))
+    taps_inside = np.isfinite(doppler_interp(lam, emu.wavelength, emu.wavelength))
     good = np.isfinite(t["model_flux"]) & (lam > 15105) & taps_inside
     np.testing.assert_allclose(t["model_flux"][good], flux[good], atol=1e-4)
 
@@ -832,10 +836,11 @@ def test_emulator_error_added_in_quadrature(emu, noise_free):
 @pytest.mark.parametrize("cont_deg", [0, 1])
 def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
     """On a log grid the probe returns, per pixel interval, chi2's minimum over rv
-    with the rest held: checked against NumPy chi2 (the model's cubic interpolant,
-    conftest.cubic_interp, at lambda / f) and Brent's minimum per interval on a
-    dense rv grid over the seven intervals. Off the log grid it returns chi2 at the
-    probe rvs themselves."""
+    with the rest held: checked against NumPy chi2 (the model's interpolant,
+    conftest.doppler_interp, at lambda / f) and Brent's minimum per interval on a
+    dense rv grid over the seven intervals; and, as the reference of a probe's
+    gain, the minimum of the interval that holds the fit's rv. Off the log grid it
+    returns chi2 at the probe rvs themselves, and at the fit's rv."""
     emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
     rng = np.random.default_rng(5)
     s = np.array([[0.2, -0.1, 0.35]])
@@ -860,16 +865,16 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
         )
         w = np.where(valid, 1.0 / err**2, 0.0)[None]
         args = (jnp.asarray(p[None]), jnp.asarray(dv[None]), jnp.asarray(flux), w)
-        c_fast, v_fast = (
+        c_fast, v_fast, here_fast = (
             np.asarray(a)[0]
             for a in rvscan_mod._rv_probe_batch(fast, *args, jnp.ones(1, bool))
         )
-        c_slow, v_slow = (
+        c_slow, v_slow, here_slow = (
             np.asarray(a)[0]
             for a in rvscan_mod._rv_probe_batch(slow, *args, jnp.ones(1, bool))
         )
-        skipped = rvscan_mod._rv_probe_batch(fast, *args, jnp.zeros(1, bool))[0]
-    assert np.all(np.isinf(np.asarray(skipped)))
+        skipped = rvscan_mod._rv_probe_batch(fast, *args, jnp.zeros(1, bool))
+    assert np.all(np.isinf(np.asarray(skipped[0]))) and np.isinf(skipped[2][0])
 
     def chi2_np(v):
         m = reference_spectra(emu_log, s, [v], cont=None if cont is None else [cont])
@@ -878,6 +883,9 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
     # off the log grid: chi2 at rv0 + dv
     np.testing.assert_allclose(v_slow, rv0 + dv, rtol=0, atol=1e-12)
     np.testing.assert_allclose(c_slow, [chi2_np(v) for v in rv0 + dv], rtol=1e-6)
+    # the reference of a probe's gain: off the log grid chi2 at rv0 itself, on it
+    # the minimum over the interval that holds rv0
+    assert here_slow == pytest.approx(chi2_np(rv0), rel=1e-6)
     # on it: the minimum within each interval, at the rv that attains it
     grid = np.linspace(rv0 - 4.5 * px, rv0 + 4.5 * px, 6001)
     dense = np.array([chi2_np(v) for v in grid])
@@ -901,6 +909,83 @@ def test_rv_probe_is_the_exact_minimum_over_each_pixel_interval(cont_deg):
     # may sit below the dense grid's best point, never above it by more than 0.1
     assert dense.min() - 0.1 <= c_fast.min() <= dense.min() * (1 + 1e-6)
     assert abs(v_fast[np.argmin(c_fast)] - grid[np.argmin(dense)]) < 0.05
+    j0 = int(np.floor(-np.arctanh(rv0 / C_KMS) * inv_step) - u_top)
+    assert 0 <= j0 < dv.size and here_fast == c_fast[j0]
+
+
+def test_searches_shift_with_the_cheaper_interpolant(monkeypatch):
+    """Screening and the rv polish's probe compare chi2 values only among
+    themselves: with Lanczos-6 they shift with Keys' six-tap cubic
+    (SEARCH_INTERP), and the probe compares with its own chi2 at the fit's rv. So
+    a gain is measured within one interpolant, not across the two (whose chi2 at a
+    fit differ by far more than the probe's threshold): converged fits are not
+    moved, and a fit put two pixels off its minimum is moved back to within a
+    tenth of a pixel of it."""
+    emu_log = smooth_emulator(wavelength=log_wavelength(), seed=3)
+    inst = pl.Instrument(doppler="lanczos6")
+    obs = build_obs_model(emu_log, **inst.model_options())
+    assert rvscan_mod.search_model(obs).interp == "cubic6"
+    cub = build_obs_model(emu_log, interp="cubic6")
+    assert rvscan_mod.search_model(cub) is cub
+    seen = []
+    probe = rvscan_mod._rv_probe_batch
+    monkeypatch.setattr(
+        rvscan_mod,
+        "_rv_probe_batch",
+        lambda o, *a: seen.append(o.interp) or probe(o, *a),
+    )
+    rng = np.random.default_rng(8)
+    s = rng.uniform(-0.3, 0.3, (6, 3))
+    rv = rng.uniform(-80.0, 80.0, 6)
+    lam = emu_log.wavelength / _factor(rv[:, None])
+    rest = emu_log.predict(emu_log.unscale(s), fast_tanh=False).astype(np.float64)
+    clean = np.stack(
+        [
+            doppler_interp(x, emu_log.wavelength, r, "lanczos6")
+            for x, r in zip(lam, rest, strict=True)
+        ]
+    )
+    err = np.full(clean.shape, 0.002)
+    flux = np.where(np.isnan(clean), 1.0, clean) + err * rng.standard_normal(
+        clean.shape
+    )
+    err = np.where(np.isnan(clean), np.inf, err)
+    t = fit(flux, err, emu_log, instrument=inst)
+    assert seen and set(seen) == {"cubic6"}
+    assert np.all(t["flags"] == 0)
+    np.testing.assert_allclose(t["rv"], rv, atol=5 * np.max(t["rv_err"]))
+    # the probe at the fits: nobody moves (the two interpolants' chi2 differ by more
+    # than the probe's threshold, which compared with the fit's chi2 would move some)
+    p = np.column_stack([scaled_labels(emu_log, t), t["rv"]])
+    px = rvscan_mod.rv_pixel_kms(obs)
+    lo, hi = p[:, 3] - 20.0, p[:, 3] + 20.0
+    w = np.stack(
+        [
+            np.where(np.asarray(window_valid(obs, a, b)) & np.isfinite(err[i]),
+                     1.0 / err[i] ** 2, 0.0)
+            for i, (a, b) in enumerate(zip(lo, hi, strict=True))
+        ]
+    )  # fmt: skip
+    args = (jnp.asarray(flux, jnp.float32), jnp.asarray(w, jnp.float32))
+    run = np.ones(6, bool)
+    _, gain = rvscan_mod._rv_probe(obs, p, *args, run, lo, hi, 3)
+    assert not gain.any()
+    both = [build_obs_model(emu_log, interp=k) for k in ("lanczos6", "cubic6")]
+    c2 = [
+        np.asarray(
+            rvscan_mod.chi2_batch(o, jnp.asarray(p[:, None], jnp.float32), *args)
+        )
+        for o in both
+    ]
+    # the cubic's chi2 at a fit differs from the fit's own (Lanczos-6) by far more
+    # than the threshold (here 1-55 higher): compared with the fit's chi2, a gain
+    # that large would go unseen
+    assert np.max(np.abs(c2[1] - c2[0])) > 10 * rvscan_mod.RV_PROBE_GAIN
+    off = p.copy()
+    off[:, 3] += 2 * px
+    rv_new, gain = rvscan_mod._rv_probe(obs, off, *args, run, lo, hi, 3)
+    assert gain.all()
+    np.testing.assert_allclose(rv_new, p[:, 3], atol=0.1 * px)
 
 
 def test_fit_leaves_no_local_rv_minima(payne_apogee, monkeypatch):

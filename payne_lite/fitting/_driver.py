@@ -20,6 +20,7 @@ from ._rvscan import (
     rv_polish,
     scan_batch,
     screen_starts,
+    search_model,
     window_batch,
 )
 from ._schema import AT_BOUND_TOL
@@ -229,7 +230,7 @@ def lm_with_starts(
         idx = visit_index(ctx.layout.n_labels, n_visits, obs.n_cont, obs.n_broad)
         pv = np.swapaxes(p_start[:, :, idx], 1, 2).reshape(size * n_visits, n_s, -1)
         c0 = chi2_batch(
-            obs,
+            search_model(obs),
             to_device(pv, dt),
             f_j.reshape(size * n_visits, -1),
             w_j.reshape(size * n_visits, -1),

@@ -16,6 +16,7 @@ from .._serial import serial_jit, to_device
 from ..constants import C_KMS
 from ..emulator import KERNEL_COMPILER_OPTIONS
 from ..observe import (
+    SEARCH_INTERP,
     TAP_OFFSETS,
     ObsModel,
     embed,
@@ -38,8 +39,8 @@ SCAN_MIN_SHARE = 0.5
 #: LM: after the fit, chi2 is probed with the labels held, at rv offsets of up to
 #: RV_PROBE_CELLS pixels either side (on a log grid: its minimum within the current
 #: pixel interval and each of those, exactly; elsewhere at the offsets
-#: RV_PROBE_OFFSETS [pixels]); a star with a probe more than RV_PROBE_GAIN below its
-#: chi2 is refitted from there (see :func:`rv_polish`).
+#: RV_PROBE_OFFSETS [pixels]); a star with a probe more than RV_PROBE_GAIN below the
+#: probe's chi2 at its rv is refitted from there (see :func:`rv_polish`).
 RV_PROBE_CELLS = 3
 RV_PROBE_OFFSETS = (1 / 8, *(0.25 * np.arange(1, 4 * RV_PROBE_CELLS + 1)))
 RV_PROBE_GAIN = 1.0
@@ -270,10 +271,20 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
     return over(one, (p, flux, w, live))
 
 
+def search_model(obs: ObsModel) -> ObsModel:
+    """``obs`` with the Doppler interpolant of the fit's searches
+    (:data:`~payne_lite.observe.SEARCH_INTERP`: the screening of starts, the rv
+    polish's probe), which compare chi2 values only among themselves."""
+    kind = SEARCH_INTERP.get(obs.interp)
+    return obs if kind is None else dataclasses.replace(obs, interp=kind)
+
+
 def screen_starts(obs, p_start, f_j, w_j):
     """chi2 (n, S) of every star's starts ``p_start`` (n, S, k), a NumPy array:
     :func:`chi2_shared_batch` when the starts allow it (no ``p0`` per star, no MDN
-    bounds), else :func:`chi2_batch`."""
+    bounds), else :func:`chi2_batch`; both with the searches' interpolant
+    (:func:`search_model`)."""
+    obs = search_model(obs)
     dt = obs.x_obs.dtype
     n_lab = obs.n_labels
     k = p_start.shape[2]
@@ -300,8 +311,12 @@ def screen_starts(obs, p_start, f_j, w_j):
 @functools.partial(jax.jit, compiler_options=KERNEL_COMPILER_OPTIONS)
 def _rv_probe_batch(obs, p, dv, flux, w, run):
     """chi2 (n, R) and rv (n, R) [km/s] of the model at ``p`` (n, k) near rv + ``dv``
-    (n, R) [km/s], the labels, broadening and continuum held; the rest-frame model
-    is computed once per star, and only where ``run`` (n,) (chi2 inf elsewhere).
+    (n, R) [km/s], the labels, broadening and continuum held, and (n,) the
+    reference a probe's gain is measured from: on a log grid the minimum over the
+    pixel interval that holds the rv of ``p`` (the polynomial's minimum, where the
+    fit's own interpolant has its minimum if it is not the probe's), elsewhere chi2
+    at that rv; the rest-frame model is computed once per star, and only where
+    ``run`` (n,) (chi2 inf elsewhere).
 
     On a :class:`~payne_lite.observe.LogGrid` ``dv`` must be whole pixels apart
     (consecutive pixel intervals): every pixel sits at the same fraction ``t`` of its
@@ -317,9 +332,11 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
 
     def one(args):
         q, d, f, wi, go = args
-        return jax.lax.cond(
-            go, probe, lambda *_: (jnp.full_like(d, jnp.inf), q[n_lab] + d), q, d, f, wi
-        )
+
+        def skip(*_):
+            return jnp.full_like(d, jnp.inf), q[n_lab] + d, jnp.full_like(d[0], jnp.inf)
+
+        return jax.lax.cond(go, probe, skip, q, d, f, wi)
 
     def probe(q, d, f, wi):
         f_rest = materialize(
@@ -334,7 +351,7 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
                 r = shift_pair(obs, f_rest[None], vi).value()[0] * cont - f
                 return wi @ (r * r)
 
-            return jax.lax.map(at, v), v
+            return jax.lax.map(at, v), v, at(q[n_lab])
         # the slid models m_j (the rest model slid by k + j pixels) that the taps
         # of the R intervals below u(v_max) read, from one dynamic slice per
         # observed run of the embedded rest model
@@ -360,7 +377,8 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
         a_i = np.arange(n_res)[:, None]
         b_i = a_i + np.arange(nd)[None, :]
         gram = jnp.where(b_i < n_res, g_full[a_i, np.minimum(b_i, n_res - 1)], 0.0)
-        return _probe_minima(obs.interp, gram, u_top, lg.inv_step)
+        u_here = -jnp.arctanh(q[n_lab] / C_KMS) * lg.inv_step
+        return _probe_minima(obs.interp, gram, u_top, lg.inv_step, u_here)
 
     return over(one, (p, dv, flux, w, run))
 
@@ -370,10 +388,12 @@ PROBE_SAMPLES = 9
 PROBE_NEWTON = 6
 
 
-def _probe_minima(kind, gram, u_top, inv_step):
+def _probe_minima(kind, gram, u_top, inv_step, u_here):
     """chi2 (R,) and rv (R,) at the minimum over each of the R pixel intervals of
     :func:`_rv_probe_batch`, from the diagonals ``gram`` (R + taps - 1, taps) of the
-    Gram matrix of the slid models' weighted residuals.
+    Gram matrix of the slid models' weighted residuals; and () the minimum over the
+    interval that holds the position ``u_here`` [pixels] (the fit's rv; inf when it
+    is not one of the R).
 
     Within interval j the model is ``sum_p w_p(t) m_(j + o_p)`` with weights that sum
     to 1 (:func:`~payne_lite.observe.tap_weights`), so its residual is the same
@@ -424,7 +444,10 @@ def _probe_minima(kind, gram, u_top, inv_step):
     t_min = jnp.where(use, t, ts[i])
     c_min = jnp.where(use, c_ref, c[rows, i])
     u = u_top + jnp.arange(n_r, dtype=t_min.dtype) + t_min
-    return c_min, -C_KMS * jnp.tanh(u / inv_step)
+    j0 = jnp.floor(u_here) - u_top
+    c_here = c_min[jnp.clip(j0, 0, n_r - 1).astype(jnp.int32)]
+    c_here = jnp.where((j0 >= 0) & (j0 < n_r), c_here, jnp.inf)
+    return c_min, -C_KMS * jnp.tanh(u / inv_step), c_here
 
 
 @jax.jit
@@ -465,11 +488,18 @@ def rv_pixel_kms(obs: ObsModel) -> float:
     return float(C_KMS * np.median(np.diff(np.log(wave))))
 
 
-def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i, chi2_now):
+def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i):
     """The probe of :func:`rv_polish` for single-spectrum vectors ``p`` (N, k)
     whose rv is entry ``rv_i``, bounded by ``rv_lo``, ``rv_hi`` (N,): returns the
     best probed rv (N,) and whether its chi2 is more than ``RV_PROBE_GAIN`` below
-    ``chi2_now`` (N,) (only where ``run``)."""
+    the probe's own minimum at the current rv (only where ``run``).
+
+    The probe shifts with the searches' interpolant (:func:`search_model`); its
+    chi2 is compared with its own at the current rv (on a log grid its minimum
+    over the pixel interval of that rv: the probe's interpolant has its minimum a
+    little off the fit's), not with the fit's, so that an interpolant other than
+    the model's moves no fit by its own difference."""
+    obs = search_model(obs)
     dt = obs.x_obs.dtype
     px = rv_pixel_kms(obs)
     if obs.log_grid is not None:
@@ -480,14 +510,14 @@ def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i, chi2_now):
     rv = p[:, rv_i]
     dv = np.clip(rv[:, None] + steps[None, :] * px, rv_lo[:, None], rv_hi[:, None])
     dv = dv - rv[:, None]
-    c_probe, rv_probe = _rv_probe_batch(
+    c_probe, rv_probe, here = _rv_probe_batch(
         obs, to_device(p, dt), to_device(dv, dt), f_j, w_j, to_device(run)
     )
     c_probe = np.asarray(c_probe, np.float64)
     c_probe = np.where(np.isfinite(c_probe), c_probe, np.inf)
     j = np.argmin(c_probe, axis=1)
     rows = np.arange(p.shape[0])
-    gain = run & (c_probe[rows, j] < chi2_now - RV_PROBE_GAIN)
+    gain = run & (c_probe[rows, j] < np.asarray(here, np.float64) - RV_PROBE_GAIN)
     rv_new = np.clip(np.asarray(rv_probe, np.float64)[rows, j], rv_lo, rv_hi)
     return rv_new, gain
 
@@ -509,8 +539,9 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     broadening held, minimised over rv exactly within the current pixel interval and
     the ``RV_PROBE_CELLS`` intervals either side on a log grid (7 shifts of one
     rest-frame model per star), else sampled at ``RV_PROBE_OFFSETS`` pixels either
-    side; inside the star's rv bounds. A star with a probe more than
-    ``RV_PROBE_GAIN`` below its chi2 is fitted again from there; the lower chi2 is
+    side; inside the star's rv bounds, with the searches' interpolant
+    (:func:`search_model`). A star with a probe more than ``RV_PROBE_GAIN`` below the
+    probe's own chi2 at its rv is fitted again from there; the lower chi2 is
     kept. Joint fits of visits (``n_visits`` > 0) probe each visit's rv alone, the
     labels and the other visits held, against that visit's chi2, and refit the
     star jointly from the moved rvs. Stars that moved are probed again, up to
@@ -552,12 +583,11 @@ def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits):
     """One probe of :func:`rv_polish`: the starting vectors (n, k) with the probed
     rvs, and which stars (n,) have a probe more than ``RV_PROBE_GAIN`` lower."""
     obs = ctx.obs
-    dt = obs.x_obs.dtype
     n_lab = ctx.layout.n_labels
     p0 = p_best.copy()
     if not n_visits:
         rv_new, gain = _rv_probe(
-            obs, p_best, f_j, w_j, run, lo[:, n_lab], hi[:, n_lab], n_lab, chi2_best
+            obs, p_best, f_j, w_j, run, lo[:, n_lab], hi[:, n_lab], n_lab
         )
         p0[:, n_lab] = np.where(gain, rv_new, p0[:, n_lab])
         return p0, gain
@@ -568,11 +598,10 @@ def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits):
     fv = f_j.reshape(size * n_visits, -1)
     wv = w_j.reshape(size * n_visits, -1)
     runv = np.repeat(run, n_visits) & np.any(np.asarray(wv) > 0, axis=1)
-    chi2_v = np.asarray(chi2_batch(obs, to_device(pv[:, None], dt), fv, wv))
     rv_sl = slice(n_lab, n_lab + n_visits)
     rv_new, gain = _rv_probe(
         obs, pv, fv, wv, runv, lo[:, rv_sl].reshape(-1), hi[:, rv_sl].reshape(-1),
-        n_lab, np.asarray(chi2_v[:, 0], np.float64),
+        n_lab,
     )  # fmt: skip
     gain = gain.reshape(size, n_visits)
     p0[:, rv_sl] = np.where(gain, rv_new.reshape(size, n_visits), p0[:, rv_sl])

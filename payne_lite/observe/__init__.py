@@ -20,6 +20,7 @@ from ._continuum import Normalizer as Normalizer
 from ._continuum import SigmaClipped as SigmaClipped
 from ._continuum import normalizer as normalizer
 from ._doppler import DOPPLER_INTERP as DOPPLER_INTERP
+from ._doppler import SEARCH_INTERP as SEARCH_INTERP
 from ._doppler import TAP_OFFSETS as TAP_OFFSETS
 from ._doppler import LogGrid as LogGrid
 from ._doppler import Shifted as Shifted
@@ -131,6 +132,7 @@ __all__ = [
     "rest_model",
     "shift_pair",
     "DOPPLER_INTERP",
+    "SEARCH_INTERP",
     "TAP_OFFSETS",
     "Shifted",
     "log_position",

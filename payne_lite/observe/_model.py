@@ -201,7 +201,7 @@ class ObsModel:
         broad: static :class:`BroadSpec` when ``lsf`` or broadening parameters are
             in use, else None.
         interp: static name of the Doppler interpolant (:data:`TAP_OFFSETS`):
-            ``"cubic6"`` (the default, :data:`DOPPLER_INTERP`), ``"lanczos6"``,
+            ``"lanczos6"`` (the default, :data:`DOPPLER_INTERP`), ``"cubic6"``,
             ``"cubic"`` or ``"linear"``.
     """
 
