@@ -689,7 +689,7 @@ def section_fit(setup: Setup, cfg: dict, opts) -> tuple[dict, dict]:
         )
         # not gated: the baseline interpolates linearly, a blur that depends on
         # the rv's pixel phase, which this star's chi2 likes (its lines are broader
-        # than the emulator's); the fitter's cubic interpolant does not blur, so the
+        # than the emulator's); the fitter's smooth interpolant does not blur, so the
         # two differ by design (docs/guide/fitting.md, bench_doppler.py --real);
         # the gate is the chi2 above, in our model
         m["fit.real.max_sigma_vs_baseline"] = metric(

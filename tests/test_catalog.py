@@ -1009,3 +1009,28 @@ def test_fit_catalog_group_on_dask(tmp_path, log_emu, visits, group_table):
     ref = group_table[0]
     ref = ref[[c for c in ref.colnames if c != "group"]]
     assert_same_numbers(table[ref.colnames], ref)
+
+
+def test_resume_identity_holds_the_default_instrument(cat_path, emu, monkeypatch):
+    """A run without ``instrument=`` keeps the identity of the runs before while the
+    default Doppler interpolant is theirs (Keys' cubic); once the default is another,
+    it is identified by the default instrument, every field (the same as
+    ``Instrument()`` passed explicitly), so parts fitted under the old default are
+    not resumed into a table the new one fits."""
+    from payne_lite.catalog import _parts
+
+    def ident(**kw):
+        with pl.open_catalog(cat_path) as cat:
+            return _parts.run_identity(
+                cat, emu, mdn=None, method="lm", chunk_size=4, mask=None, p0=None,
+                fit_kwargs=kw,
+            )["fit_options_sha256"]  # fmt: skip
+
+    before = ident()
+    assert before == _parts._digest({})  # no instrument in it: as before
+    assert before != ident(instrument=pl.Instrument(doppler="lanczos6"))
+    # a default with another interpolant
+    monkeypatch.setattr(_parts, "Instrument", lambda: pl.Instrument(doppler="lanczos6"))
+    after = ident()
+    assert after != before
+    assert after == ident(instrument=pl.Instrument(doppler="lanczos6"))

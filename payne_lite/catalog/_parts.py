@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FileFormatError
+from ..observe import Instrument
 from ._apogee import ApogeeFitsCatalog
 from ._hdf5 import HDF5Catalog
 
@@ -50,6 +51,8 @@ _MANIFEST = "manifest.json"
 _PART_KEYS = ("parts_key", "chunk", "rows")
 #: fit() options that do not change the numbers, so a resume may change them.
 _NOT_IDENTITY = ("n_threads",)
+#: The default Doppler interpolant of the runs whose identity has no instrument.
+_OLD_DOPPLER = "cubic6"
 
 
 def parts_folder(path_out: str | os.PathLike) -> Path:
@@ -162,6 +165,11 @@ def run_identity(
     absent, so that earlier runs' identities hold)."""
     opts = {k: v for k, v in fit_kwargs.items() if k not in _NOT_IDENTITY}
     opts.pop("mdn", None)
+    if opts.get("instrument") is None and Instrument().doppler != _OLD_DOPPLER:
+        # the default instrument, every field, once its Doppler interpolant is not
+        # the one of the runs before (whose identities then hold): resumed, their
+        # parts would mix two models
+        opts["instrument"] = Instrument()
     if hasattr(opts.get("options"), "n_threads"):  # threads never change results
         opts["options"] = dataclasses.replace(opts["options"], n_threads=None)
     ident = {

@@ -199,7 +199,7 @@ def lm_with_starts(
        is kept.
     4. RV polish (a free rv), for every fit: chi2 probed at rv offsets with the
        rest held (each visit's alone in joint fits); a star with a lower probe is
-       fitted again from it (:func:`rv_polish`). With the smooth (cubic) Doppler
+       fitted again from it (:func:`rv_polish`). With a smooth Doppler
        interpolant chi2(rv) has no kinks, but a fit can still stop in the basin
        next to the true one when the scan (box-centre template) started it there,
        and its chi2 does not tell: of 180 spectra of the APOGEE network at S/N 50

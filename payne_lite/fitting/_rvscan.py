@@ -386,6 +386,10 @@ def _rv_probe_batch(obs, p, dv, flux, w, run):
 #: The probe's samples per pixel interval, and the Newton steps that refine the best.
 PROBE_SAMPLES = 9
 PROBE_NEWTON = 6
+#: The probe's reference is the minimum over the pixel interval of the fit's rv, and
+#: over the neighbouring one too when the rv is closer than this [pixels] to their
+#: node: the searches' interpolant has its minimum up to 0.02 pixels off the model's.
+PROBE_NODE_TOL = 0.05
 
 
 def _probe_minima(kind, gram, u_top, inv_step, u_here):
@@ -393,7 +397,8 @@ def _probe_minima(kind, gram, u_top, inv_step, u_here):
     :func:`_rv_probe_batch`, from the diagonals ``gram`` (R + taps - 1, taps) of the
     Gram matrix of the slid models' weighted residuals; and () the minimum over the
     interval that holds the position ``u_here`` [pixels] (the fit's rv; inf when it
-    is not one of the R).
+    is not one of the R), and the neighbouring one within ``PROBE_NODE_TOL`` of
+    their node.
 
     Within interval j the model is ``sum_p w_p(t) m_(j + o_p)`` with weights that sum
     to 1 (:func:`~payne_lite.observe.tap_weights`), so its residual is the same
@@ -445,8 +450,22 @@ def _probe_minima(kind, gram, u_top, inv_step, u_here):
     c_min = jnp.where(use, c_ref, c[rows, i])
     u = u_top + jnp.arange(n_r, dtype=t_min.dtype) + t_min
     j0 = jnp.floor(u_here) - u_top
-    c_here = c_min[jnp.clip(j0, 0, n_r - 1).astype(jnp.int32)]
-    c_here = jnp.where((j0 >= 0) & (j0 < n_r), c_here, jnp.inf)
+    t0 = u_here - jnp.floor(u_here)
+
+    def interval_min(j):
+        inside = (j >= 0) & (j < n_r)
+        return jnp.where(
+            inside, c_min[jnp.clip(j, 0, n_r - 1).astype(jnp.int32)], jnp.inf
+        )
+
+    # near a node the probe's own minimum may lie in the neighbouring interval
+    c_here = jnp.minimum(
+        interval_min(j0),
+        jnp.where(t0 < PROBE_NODE_TOL, interval_min(j0 - 1), jnp.inf),
+    )
+    c_here = jnp.minimum(
+        c_here, jnp.where(t0 > 1.0 - PROBE_NODE_TOL, interval_min(j0 + 1), jnp.inf)
+    )
     return c_min, -C_KMS * jnp.tanh(u / inv_step), c_here
 
 
@@ -530,7 +549,7 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     at once on a log grid) and a fit could stop in a kink's notch or in the basin
     next to the true one, with labels bent to fit it (on 1,000 mock stars of the
     APOGEE network at S/N 50, 3.3 % of the LM rvs were more than 3 sigma from the
-    truth, 0.3 % expected). With the cubic interpolant chi2(rv) is smooth and the
+    truth, 0.3 % expected). With a smooth interpolant chi2(rv) is smooth and the
     polish changed no fit of those mocks; it still finds the fits that the scan
     started in the basin next to the true one, whose chi2 does not flag them, so
     :func:`._driver.lm_with_starts` runs it for every fit (``alive``).
@@ -543,7 +562,8 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     (:func:`search_model`). A star with a probe more than ``RV_PROBE_GAIN`` below the
     probe's own chi2 at its rv is fitted again from there; the lower chi2 is
     kept. Joint fits of visits (``n_visits`` > 0) probe each visit's rv alone, the
-    labels and the other visits held, against that visit's chi2, and refit the
+    labels and the other visits held, against the probe's own chi2 at that visit's
+    rv, and refit the
     star jointly from the moved rvs. Stars that moved are probed again, up to
     ``RV_POLISH_ROUNDS`` rounds: a weak-lined star with broad lines can have a
     minimum at every pixel crossing, each a little lower towards the truth.
@@ -553,7 +573,7 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     for _ in range(RV_POLISH_ROUNDS):
         if not run.any():
             break
-        p0, again = _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits)
+        p0, again = _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, n_visits)
         if not again.any():
             break
         dt = ctx.obs.x_obs.dtype
@@ -579,7 +599,7 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     return p_best, it_best, conv_best, chi2_best, a_best, g_best
 
 
-def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, chi2_best, n_visits):
+def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, n_visits):
     """One probe of :func:`rv_polish`: the starting vectors (n, k) with the probed
     rvs, and which stars (n,) have a probe more than ``RV_PROBE_GAIN`` lower."""
     obs = ctx.obs

@@ -34,8 +34,10 @@ __all__ = ["Instrument"]
 
 #: Version of the ``meta["instrument"]`` record (2 added ``doppler``).
 INSTRUMENT_META_VERSION = 2
-#: The interpolant of version-1 records (made before ``doppler`` was recorded, when
-#: Keys' six-tap cubic was the only smooth one and the default).
+#: The interpolant of version-1 records, made before ``doppler`` was recorded: Keys'
+#: six-tap cubic, the default then (the earliest were fitted with linear
+#: interpolation, which a record cannot tell apart); explicit, so that a later
+#: default does not change how they are read.
 V1_DOPPLER = "cubic6"
 
 
@@ -85,13 +87,13 @@ class Instrument:
         limb_darkening: linear limb-darkening coefficient of the rotation profile,
             in [0, 1].
         doppler: how the rest-frame model is interpolated at the shifted
-            wavelengths: ``"lanczos6"`` (a twelve-tap windowed sinc, the default:
-            the band-limited reconstruction of well-sampled spectra, such as survey
-            spectra resampled with sinc interpolation; at S/N ~300 it keeps rv and
-            label errors calibrated where a cubic's own shift bias, ~0.03 km/s on
-            APOGEE, exceeds them), ``"cubic6"`` (Keys' six-tap cubic convolution,
-            the default before 2026-12; ~5 % less fit time), ``"cubic"`` (four
-            taps) or ``"linear"`` (The Payne's).
+            wavelengths: ``"cubic6"`` (Keys' six-tap cubic convolution, the
+            default), ``"lanczos6"`` (a twelve-tap windowed sinc: the band-limited
+            reconstruction of well-sampled spectra, such as survey spectra
+            resampled with sinc interpolation; at S/N ~300 it keeps rv and label
+            errors calibrated where the cubic's own shift bias, ~0.03 km/s on
+            APOGEE, exceeds them; ~1.05x the fit time), ``"cubic"`` (four taps) or
+            ``"linear"`` (The Payne's).
 
     Raises:
         ValueError: both ``resolution`` and ``lsf_sigma``; a non-positive or
