@@ -220,8 +220,8 @@ DOPPLER_INTERP = "cubic6"
 #: resamples APOGEE's visits so), and at S/N 300 the cubic's own shift error is
 #: twice the rv error; with the searches on the cubic (:data:`SEARCH_INTERP`) it
 #: costs ~1.05x the cubic's fit time. Not the default yet: with it as the default
-#: the test suite's workers crashed twice in XLA's compilation of the LM
-#: (benchmarks/README.md). ``benchmarks/bench_doppler.py --interp lanczos6`` and
+#: a test-suite worker crashed in XLA's compilation of the LM in each of three full
+#: runs (benchmarks/README.md). ``benchmarks/bench_doppler.py --interp lanczos6`` and
 #: ``--kernels`` measure the two.
 TAP_OFFSETS = {
     "linear": (0, 1),
