@@ -140,8 +140,14 @@ def main(argv=None) -> None:
     ap.add_argument("--student", type=Path, help="load (or save) the student here")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
-    # this benchmark's own process: the GLS algebra at S/N 300 in float64
-    jax.config.update("jax_enable_x64", True)
+    # the GLS algebra at S/N 300 in float64: scoped, so that a caller's process
+    # (a suite calling main()) keeps its own precision
+    with jax.enable_x64():
+        _run(args)
+
+
+def _run(args) -> None:
+    """:func:`main` after its arguments, in float64."""
     try:
         truth, mask = truth_emulator()
     except FileNotFoundError as err:
