@@ -13,6 +13,7 @@ from ._compile import compilation_cache_dir as compilation_cache_dir
 from ._compile import enable_default_cache as _enable_default_cache
 from ._compile import set_compilation_cache as set_compilation_cache
 from ._memory import limit_malloc_arenas as _limit_malloc_arenas
+from ._serial import clear_caches as clear_caches
 from ._version import __version__ as __version__
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
@@ -100,6 +101,7 @@ __all__ = [
     "broadening",
     "check_results_schema",
     "pixel_residuals",
+    "clear_caches",
     "compilation_cache_dir",
     "datasets",
     "spectra",

@@ -16,19 +16,73 @@ threads of its own), then restores every thread's affinity; the executable runs 
 the normal affinity. Compiles happen once per batch shape; while one runs, other
 threads of the process share one CPU. Other backends (and systems without
 ``sched_setaffinity``) call the jitted function as it is.
+
+Every XLA:CPU executable keeps its machine code in memory mappings of its own (about
+a hundred per fitter program; a first fit adds ~1,600), and Linux allows a process
+``vm.max_map_count`` of them (65,530 by default). A process that compiles for many
+grids, instruments and options and keeps every executable (a test suite; a
+notebook or service that fits for many set-ups) reaches that limit, and then LLVM
+aborts the process in the middle of a compilation ("Unable to allocate section
+memory"; measured: the core of a crashed test worker held 65,531 mappings). So each
+:class:`serial_jit` keeps its :data:`MAX_EXECUTABLES` most recently used executables,
+and before a compilation :func:`guard_memory_maps` forgets every compiled executable
+(this module's and JAX's: :func:`clear_caches`) once the process holds more than
+:data:`MAP_FRACTION` of the limit; what is needed again is recompiled, or loaded
+from the persistent compilation cache.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
 import threading
+import weakref
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+#: Executables each :class:`serial_jit` keeps (least recently used dropped first).
+MAX_EXECUTABLES = 16
+#: :func:`guard_memory_maps` clears the compiled executables above this fraction of
+#: the process's memory-map limit.
+MAP_FRACTION = 0.5
+_INSTANCES: weakref.WeakSet = weakref.WeakSet()
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """``(mappings the process holds, the system's limit)``, or None where they are
+    not readable (not Linux)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            n = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return n, limit
+
+
+def clear_caches() -> None:
+    """Forget every compiled executable: each :class:`serial_jit`'s and JAX's
+    (``jax.clear_caches``), which frees their memory and memory mappings. Later
+    calls compile again (or load from the persistent compilation cache)."""
+    for f in list(_INSTANCES):
+        f.clear()
+    jax.clear_caches()
+
+
+def guard_memory_maps(fraction: float = MAP_FRACTION) -> bool:
+    """:func:`clear_caches` if the process holds more than ``fraction`` of its
+    memory-map limit (see the module docstring); True if it did."""
+    m = memory_maps()
+    if m is None or m[0] <= fraction * m[1]:
+        return False
+    clear_caches()
+    return True
 
 
 def _threads() -> list[int]:
@@ -102,9 +156,10 @@ class serial_jit:  # noqa: N801 - used like jax.jit
         self._fn = fn
         self._static = tuple(static_argnames)
         self._key = key
-        self._cache: dict = {}
+        self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         functools.update_wrapper(self, fn)
+        _INSTANCES.add(self)
 
     def __call__(self, *args, **kwargs):
         if jax.default_backend() != "cpu":
@@ -117,18 +172,24 @@ class serial_jit:  # noqa: N801 - used like jax.jit
             tuple(_signature(x) for x in leaves),
             None if self._key is None else self._key(),
         )
-        compiled = self._cache.get(key)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
         if compiled is None:
+            guard_memory_maps()
             with self._lock:
                 compiled = self._cache.get(key)
                 if compiled is None:
                     with one_cpu():
                         compiled = self._fn.lower(*args, **kwargs).compile()
                     self._cache[key] = compiled
+                    while len(self._cache) > MAX_EXECUTABLES:
+                        self._cache.popitem(last=False)
         return compiled(*args, **dyn)
 
     def clear(self) -> None:
-        """Forget the compiled executables (as ``jax.clear_caches`` does for jit)."""
+        """Forget this function's compiled executables (:func:`clear_caches`: all)."""
         with self._lock:
             self._cache.clear()
 

@@ -44,7 +44,22 @@ def pytest_unconfigure(config):
 
 
 from payne_lite import Emulator, PixelNet, datasets  # noqa: E402
+from payne_lite._serial import guard_memory_maps  # noqa: E402
 from payne_lite.observe import DOPPLER_INTERP  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_executables_between_modules():
+    """An xdist worker runs hundreds of tests in one process, each compiling for its
+    own emulators and options, and every executable holds memory mappings: past
+    ``vm.max_map_count`` LLVM aborts the worker mid-compilation (four of six full
+    runs with Lanczos-6 as the default). Between modules, above a quarter of the
+    limit, the compiled executables are forgotten, so the library's own guard (half
+    the limit, :func:`payne_lite._serial.guard_memory_maps`) never fires inside a
+    test whose compilations are counted."""
+    yield
+    guard_memory_maps(0.25)
+
 
 #: Relative tolerances (times the magnitude of the reference) by computation dtype.
 _TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
