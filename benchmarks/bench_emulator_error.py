@@ -18,12 +18,13 @@ coherently. With the ``error_basis`` that ``train_emulator`` also stores (the
 held-out errors' principal components), ``fit`` uses the sandwich covariance and the
 coverage is close to 0.68. Test stars are drawn like the training set (labels
 uniform in the middle 90 % of the box): the population whose errors ``pixel_error``
-and ``error_basis`` describe. The mocks are shifted by a cubic spline (not the
-fitter's interpolant; until 2026-12 they were shifted linearly, whose blur is a model
-error of its own).
+and ``error_basis`` describe. The mocks are shifted by a band-limited shift
+(Lanczos-8, bench_fit's mocks: near the fitter's Lanczos-6, not equal to it; until
+2026-12 a cubic spline, before that linear interpolation, whose blur is a model error
+of its own).
 
 A second table, the control for rv: the student's *own* spectra (no emulator error
-at all), shifted by the spline or by the fitter's own interpolant. Where the spline
+at all), shifted by the sinc or by the fitter's own interpolant. Where the sinc
 row's rv coverage falls short and the own row's does not, the rest grid's Doppler
 interpolation (about 2 pixels per resolution element) carries an rv error that no
 error model here holds.
@@ -53,7 +54,7 @@ from payne_lite.emulator import TrainConfig
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_fit import spline_shift  # noqa: E402
+from benchmarks.bench_fit import sinc_shift  # noqa: E402
 
 NAMES = pl.datasets.PAYNE_LABELS_5
 
@@ -102,11 +103,12 @@ def held_out_residuals(truth, student, n: int, seed: int) -> np.ndarray:
 
 
 def _shift(wave, flux, rv):
-    """``flux`` (P,) on ``wave`` shifted to ``rv`` by a cubic spline (bench_fit's
-    :func:`~benchmarks.bench_fit.spline_shift`: neither the fitter's interpolant nor
-    linear, whose rv-phase-dependent blur is a model error of its own); NaN off the
-    chips."""
-    return spline_shift(wave, flux, rv)
+    """``flux`` (P,) on ``wave`` shifted to ``rv`` by a band-limited (Lanczos-8)
+    shift (bench_fit's :func:`~benchmarks.bench_fit.sinc_shift`, its mocks' shift:
+    close to the fitter's Lanczos-6, not equal; until 2026-12 a cubic spline, and
+    before that linear interpolation, whose blur is a model error of its own); NaN
+    where a tap leaves a chip."""
+    return sinc_shift(wave, flux, rv)
 
 
 def _observed(flux, snr: float):
@@ -242,10 +244,10 @@ def correlated_errors(student, table, err, mask, residuals) -> np.ndarray:
 def interpolation_control(student, mask, *, n: int, snr: float, seed: int) -> dict:
     """The rv error that is not the emulator's: ``n`` spectra of the *student itself*
     (no emulator error; labels and rvs as :func:`mock_stars`), shifted by the
-    spline of :func:`_shift` or by the fitter's own interpolant
+    sinc of :func:`_shift` or by the fitter's own interpolant
     (:func:`payne_lite.observe.observe`), with noise 1 / ``snr``, fitted with
     ``emulator_error=False``. Returns, per shift, rv's coverage and the sd of
-    (fit - truth) / error: where the spline row falls short and the own row does
+    (fit - truth) / error: where the sinc row falls short and the own row does
     not, the Doppler interpolation (a grid of about 2 pixels per resolution
     element) is a part of the rv error budget that no error model here holds."""
     from payne_lite.observe import build_obs_model, observe
@@ -259,7 +261,7 @@ def interpolation_control(student, mask, *, n: int, snr: float, seed: int) -> di
     own = jax.jit(lambda p: observe(obs, p)[0])
     dt = obs.x_obs.dtype
     shifted = {
-        "spline": np.stack([_shift(wave, f, v) for f, v in zip(rest, rv, strict=True)]),
+        "sinc": np.stack([_shift(wave, f, v) for f, v in zip(rest, rv, strict=True)]),
         "own": np.stack(
             [
                 np.asarray(own(jnp.asarray(np.r_[student.scale(x), v], dt)), np.float64)
@@ -384,7 +386,7 @@ def main(argv=None) -> dict:
     print("residuals (an independent check of 'on'); scaled: 'on' with the")
     print("student's error_scale fitted on --n-cal held-out spectra of the truth")
     print()
-    print("rv without emulator error: the student's own spectra, shifted by a spline")
+    print("rv without emulator error: the student's own spectra, shifted by a sinc")
     print("(as the mocks above) or by the fitter's interpolant, emulator_error=False")
     print("| S/N | shift | rv coverage | sd of z | median rv_err [km/s] | stars |")
     print("|---|---|---|---|---|---|")

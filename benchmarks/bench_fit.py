@@ -8,13 +8,13 @@ What it measures (issue 3, "What it must show"):
 
 * Test set: the real 5-label per-pixel Payne network (``pl.datasets.payne_apogee()``),
   labels uniform in the middle 80 % of its box, RV uniform in [-200, 200] km/s
-  (relativistic shift, a not-a-knot cubic spline through the rest-frame model, chip
-  by chip, :func:`spline_shift`: neither the fitter's interpolant nor The Payne's;
-  :func:`sinc_shift`, a band-limited shift, is bench_doppler's other set),
-  Gaussian noise sigma = 1/SNR per pixel, the APOGEE mask applied. Observed pixels
-  whose rest-frame wavelength at the true RV falls off the network's grid or into a
-  chip gap have no model there; they are masked too (for both methods), rather than
-  filled with an interpolation across the gap.
+  (relativistic shift, a band-limited Lanczos-8 interpolation of the rest-frame model
+  onto the observed grid, :func:`sinc_shift`: the reconstruction of a well-sampled
+  spectrum, close to the fitter's Lanczos-6 but not equal; a cubic spline until
+  2026-12), Gaussian noise sigma = 1/SNR per pixel, the APOGEE mask applied.
+  Observed pixels whose rest-frame wavelength at the true RV falls off the network's
+  grid, or whose taps reach into a chip gap, have no model there; they are masked
+  too (for both methods), rather than filled with an interpolation across the gap.
 * Baseline, The-Payne-style, in NumPy/SciPy float64: the README's per-pixel network
   formula (The Payne's ``get_spectrum_from_neural_net``) and Doppler shift
   (``np.interp``, The Payne's ``doppler_shift``); RV first from a chi2 scan in 1 km/s
@@ -187,9 +187,9 @@ class PayneNumpy:
         return sinc_shift(self.wave, flux_rest, rv, self.gap_after, a)
 
     def observed(self, s, rv) -> np.ndarray:
-        """A mock observation's noise-free flux: :meth:`spline_shift` of the rest
-        model; NaN where it has none (off the chips)."""
-        return self.spline_shift(self.rest(s), rv)
+        """A mock observation's noise-free flux: :meth:`sinc_shift` of the rest
+        model; NaN where it has none (off the chips, or taps across a chip's end)."""
+        return self.sinc_shift(self.rest(s), rv)
 
     def covered(self, rv) -> np.ndarray:
         """(P,) bool: lambda / f lies on the rest grid, off the chip gaps."""

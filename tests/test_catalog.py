@@ -1018,6 +1018,7 @@ def test_resume_identity_holds_the_default_instrument(cat_path, emu, monkeypatch
     ``Instrument()`` passed explicitly), so parts fitted under the old default are
     not resumed into a table the new one fits."""
     from payne_lite.catalog import _parts
+    from payne_lite.observe import DOPPLER_INTERP
 
     def ident(**kw):
         with pl.open_catalog(cat_path) as cat:
@@ -1026,11 +1027,20 @@ def test_resume_identity_holds_the_default_instrument(cat_path, emu, monkeypatch
                 fit_kwargs=kw,
             )["fit_options_sha256"]  # fmt: skip
 
+    old = _parts._OLD_DOPPLER
+    new = "lanczos6" if old != "lanczos6" else "cubic6"
+    # today's default
+    if DOPPLER_INTERP == old:
+        assert ident() == _parts._digest({})
+    else:
+        assert ident() == ident(instrument=pl.Instrument())
+    # under the old default: no instrument in it, as before
+    monkeypatch.setattr(_parts, "Instrument", lambda: pl.Instrument(doppler=old))
     before = ident()
-    assert before == _parts._digest({})  # no instrument in it: as before
-    assert before != ident(instrument=pl.Instrument(doppler="lanczos6"))
+    assert before == _parts._digest({})
+    assert before != ident(instrument=pl.Instrument(doppler=new))
     # a default with another interpolant
-    monkeypatch.setattr(_parts, "Instrument", lambda: pl.Instrument(doppler="lanczos6"))
+    monkeypatch.setattr(_parts, "Instrument", lambda: pl.Instrument(doppler=new))
     after = ident()
     assert after != before
-    assert after == ident(instrument=pl.Instrument(doppler="lanczos6"))
+    assert after == ident(instrument=pl.Instrument(doppler=new))

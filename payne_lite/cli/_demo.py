@@ -170,9 +170,10 @@ def _error_note(res) -> str:
             "emu.error_basis) in the\n"
             "   covariance, that term of each label's error scaled by how the\n"
             "   emulator's error moves that label at the fitted labels\n"
-            "   (emu.error_scale, fitted on fresh held-out spectra). The rv errors\n"
-            "   leave out the Doppler interpolant's own error (Keys' cubic): too\n"
-            "   small at these S/N; Instrument(doppler='lanczos6') covers 62 %.\n"
+            "   (emu.error_scale, fitted on fresh held-out spectra). The model's\n"
+            "   Doppler shift is band-limited (a windowed sinc), the nearest to\n"
+            "   these mocks' exact one; with Instrument(doppler='cubic6') the rv\n"
+            "   errors miss Keys' cubic's own shift error (52-59 % in 1 sigma).\n"
             "   The emcee posteriors use the pixel-space error model without the\n"
             "   scale)"
         )

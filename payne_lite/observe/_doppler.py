@@ -2,10 +2,10 @@
 
 Doppler shift (relativistic): the observed flux at ``lambda_obs`` is the rest-frame
 model at ``lambda_obs / f`` with ``f = sqrt((1 + v/c) / (1 - v/c))``, interpolated on
-the emulator's grid by Keys' six-tap cubic convolution (:data:`DOPPLER_INTERP`; a
-Lanczos-6 windowed sinc, a band-limited shift over twelve rest pixels, is the
-alternative): value and first derivative continuous in the position, so chi2(rv)
-is smooth, where linear interpolation (still available, and
+the emulator's grid by a Lanczos-6 windowed sinc (:data:`DOPPLER_INTERP`, twelve rest
+pixels per observed pixel; Keys' cubic convolutions are the alternatives): a
+band-limited shift, whose value and first derivative are continuous in the
+position, so chi2(rv) is smooth, where linear interpolation (still available, and
 used by :func:`doppler_shift` and the MDN's features) puts a kink in chi2(rv) at
 every pixel crossing. Observed pixels whose taps fall outside the emulator's grid, or
 across a gap of it (for example APOGEE's chip gaps), are flagged invalid.
@@ -205,7 +205,7 @@ def complete_rest(obs) -> np.ndarray:
 
 
 #: The Doppler interpolant of the observation model (:data:`TAP_OFFSETS`).
-DOPPLER_INTERP = "cubic6"
+DOPPLER_INTERP = "lanczos6"
 #: Doppler interpolants: tap offsets from the rest pixel at or below the shifted
 #: position. ``"cubic"``: Keys' cubic convolution (a = -1/2, four taps), whose value
 #: and first derivative are continuous in the position, so chi2(rv) is smooth, and
@@ -215,14 +215,13 @@ DOPPLER_INTERP = "cubic6"
 #: feature extraction, which was trained on it); ``"lanczos6"``: the Lanczos kernel
 #: ``sinc(x) sinc(x / 6)``, twelve taps, the weights normalised to sum 1: a
 #: band-limited shift (C1), within 1.6e-3 pixels of the truth for Gaussian lines
-#: 2-5 pixels wide, where ``"cubic6"`` is off by up to 1.8e-2: a spectrum that the
-#: instrument's profile band-limits is the sinc reconstruction of its samples (SDSS
-#: resamples APOGEE's visits so), and at S/N 300 the cubic's own shift error is
-#: twice the rv error; with the searches on the cubic (:data:`SEARCH_INTERP`) it
-#: costs ~1.05x the cubic's fit time. Not the default yet: with it as the default
-#: a test-suite worker crashed in XLA's compilation of the LM in each of three full
-#: runs (benchmarks/README.md). ``benchmarks/bench_doppler.py --interp lanczos6`` and
-#: ``--kernels`` measure the two.
+#: 2-5 pixels wide, where ``"cubic6"`` is off by up to 1.8e-2. The default since
+#: 2026-12: a spectrum that the instrument's profile band-limits is the sinc
+#: reconstruction of its samples (SDSS resamples APOGEE's visits so), and at S/N 300
+#: the cubic's own shift error is twice the rv error; with the searches on the
+#: cubic (:data:`SEARCH_INTERP`) it costs ~1.05x the cubic's fit time.
+#: ``benchmarks/bench_doppler.py --interp cubic6`` and ``--kernels`` measure the
+#: two (benchmarks/README.md).
 TAP_OFFSETS = {
     "linear": (0, 1),
     "cubic": (-1, 0, 1, 2),

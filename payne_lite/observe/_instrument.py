@@ -87,13 +87,13 @@ class Instrument:
         limb_darkening: linear limb-darkening coefficient of the rotation profile,
             in [0, 1].
         doppler: how the rest-frame model is interpolated at the shifted
-            wavelengths: ``"cubic6"`` (Keys' six-tap cubic convolution, the
-            default), ``"lanczos6"`` (a twelve-tap windowed sinc: the band-limited
-            reconstruction of well-sampled spectra, such as survey spectra
-            resampled with sinc interpolation; at S/N ~300 it keeps rv and label
-            errors calibrated where the cubic's own shift bias, ~0.03 km/s on
-            APOGEE, exceeds them; ~1.05x the fit time), ``"cubic"`` (four taps) or
-            ``"linear"`` (The Payne's).
+            wavelengths: ``"lanczos6"`` (a twelve-tap windowed sinc, the default:
+            the band-limited reconstruction of well-sampled spectra, such as survey
+            spectra resampled with sinc interpolation; at S/N ~300 it keeps rv and
+            label errors calibrated where a cubic's own shift bias, ~0.03 km/s on
+            APOGEE, exceeds them), ``"cubic6"`` (Keys' six-tap cubic convolution,
+            the default before 2026-12; ~5 % less fit time), ``"cubic"`` (four
+            taps) or ``"linear"`` (The Payne's).
 
     Raises:
         ValueError: both ``resolution`` and ``lsf_sigma``; a non-positive or
