@@ -437,7 +437,7 @@ def _add_instrument_options(p: argparse.ArgumentParser) -> None:
         default=DOPPLER_INTERP,
         help="the Doppler shift's interpolant (default %(default)s, a windowed "
         "sinc: rv errors stay calibrated at S/N ~300 on sinc-resampled spectra; "
-        "cubic6, Keys' six-tap cubic, ~5%% less fit time)",
+        "cubic6, Keys' six-tap cubic, 2-5%% less fit time)",
     )
 
 

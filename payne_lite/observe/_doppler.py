@@ -233,7 +233,8 @@ TAP_OFFSETS = {
 #: among themselves, and the LM that follows uses the model's interpolant (and keeps
 #: the lower chi2 of its own). Lanczos-6's twelve taps made the probe 3.6x and the
 #: screening 2.4x dearer than Keys' six-tap cubic, whose shift is within 0.02 pixels
-#: of it (500 APOGEE spectra, one thread: fit 0.66 -> 0.55 s, Keys' alone 0.45 s).
+#: of it (500 APOGEE spectra, one thread, before the taps were computed at once: fit
+#: 0.66 -> 0.55 s, Keys' alone 0.45 s; since then 1.02-1.05x Keys' fit time).
 SEARCH_INTERP = {"lanczos6": "cubic6"}
 
 

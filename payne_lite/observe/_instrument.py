@@ -92,7 +92,7 @@ class Instrument:
             spectra resampled with sinc interpolation; at S/N ~300 it keeps rv and
             label errors calibrated where a cubic's own shift bias, ~0.03 km/s on
             APOGEE, exceeds them), ``"cubic6"`` (Keys' six-tap cubic convolution,
-            the default before 2026-12; ~5 % less fit time), ``"cubic"`` (four
+            the default before 2026-12; 2-5 % less fit time), ``"cubic"`` (four
             taps) or ``"linear"`` (The Payne's).
 
     Raises:

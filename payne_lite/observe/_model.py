@@ -352,7 +352,7 @@ def observe_jac(obs: ObsModel, params: Array) -> tuple[Array, Array, Array]:
       flux by the same interpolation weights, times the continuum;
     * rv: the interpolant's derivative by the position times ``dt/drv``
       (:meth:`Shifted.slope`); zero where the interpolation is clamped at the
-      grid's ends. The cubic interpolant's derivative is continuous; with the
+      grid's ends. The smooth interpolants' derivative is continuous; with the
       linear one, on a grid node (for example rv = 0 on the emulator's own grid)
       the right-hand segment's slope is used, where ``jax.jacfwd`` of the clipped
       interpolation would give half of it;
