@@ -52,7 +52,7 @@ from payne_lite.observe import DOPPLER_INTERP  # noqa: E402
 def _free_executables_between_modules():
     """An xdist worker runs hundreds of tests in one process, each compiling for its
     own emulators and options, and every executable holds memory mappings: past
-    ``vm.max_map_count`` LLVM aborts the worker mid-compilation (four of six full
+    ``vm.max_map_count`` LLVM aborts the worker mid-compilation (five of seven full
     runs with Lanczos-6 as the default). Between modules, above a quarter of the
     limit, the compiled executables are forgotten, so that the library's own guard
     (half the limit, :func:`payne_lite._serial.guard_memory_maps`) would fire inside a
