@@ -63,6 +63,10 @@ def _free_executables_between_modules():
     guard_memory_maps(0.25)
 
 
+#: The smooth Doppler interpolant that is not the default (of Lanczos-6 and Keys'
+#: six-tap cubic): tests of ``Instrument(doppler=...)`` use it.
+OTHER_DOPPLER = "cubic6" if DOPPLER_INTERP == "lanczos6" else "lanczos6"
+
 #: Relative tolerances (times the magnitude of the reference) by computation dtype.
 _TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 

@@ -1029,7 +1029,7 @@ def test_resume_identity_holds_the_default_instrument(cat_path, emu, monkeypatch
 
     old = _parts._OLD_DOPPLER
     assert old == "cubic6"  # the default of every run before 2026-12 (not a setting)
-    new = "lanczos6" if old != "lanczos6" else "cubic6"
+    new = "lanczos6"
     # today's default
     if DOPPLER_INTERP == old:
         assert ident() == _parts._digest({})

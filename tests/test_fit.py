@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    OTHER_DOPPLER,
     PAYNE_LABELS_5,
     TINY_HI,
     TINY_LO,
@@ -256,7 +257,7 @@ def test_another_interpolant_in_the_fit_recovers_its_own_shift(emu, tmp_path):
     from the saved table is the fitted one."""
     from payne_lite.observe import DOPPLER_INTERP, observe
 
-    other = "cubic6" if DOPPLER_INTERP == "lanczos6" else "lanczos6"
+    other = OTHER_DOPPLER
     inst = pl.Instrument(doppler=other)
     obs = build_obs_model(emu, **inst.model_options())
     assert obs.interp == other and build_obs_model(emu).interp == DOPPLER_INTERP
