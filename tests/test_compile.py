@@ -172,8 +172,9 @@ def test_lm_loop_runs_without_host_transfers(payne_apogee):
     )
     lm_batch(obs, *args, max_iter=20)  # compiled outside the guard
     with jax.transfer_guard("disallow"):
-        p, chi2, it, conv, a, g = lm_batch(obs, *args, max_iter=20)
-        assert all(isinstance(x, jax.Array) for x in (p, chi2, it, conv, a, g))
+        out = lm_batch(obs, *args, max_iter=20)
+        assert all(isinstance(x, jax.Array) for x in out)
+    _, chi2, it, *_ = out
     assert np.all(np.asarray(it) > 0) and np.all(np.isfinite(np.asarray(chi2)))
 
 

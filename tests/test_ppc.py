@@ -61,6 +61,61 @@ def test_good_fits_pass_and_unmodelled_lines_are_flagged(payne_apogee):
     assert np.all(np.asarray(t2["chi2_pvalue"]) < 1e-6)
 
 
+def test_the_fits_dip_is_that_of_the_returned_model(payne_apogee):
+    """``max_dip`` comes from the LM's last residuals, kept with each lane's result
+    through the rescue from other starts and the rv polish: with rv free, and a
+    third of the spectra given unmodelled lines (chi2 too high: rescued from every
+    start), it is the NumPy statistic of the returned model at the returned
+    parameters, and the spectra with lines have the largest."""
+    emu, mask = payne_apogee
+    rng = np.random.default_rng(8)
+    n = 36
+    lo, hi = emu.bounds
+    labels = lo + (hi - lo) * rng.uniform(0.2, 0.8, (n, lo.size))
+    err = np.full((n, emu.n_pix), 0.02)
+    flux = emu.predict(labels).astype(np.float64) + err * rng.standard_normal(err.shape)
+    x = np.arange(emu.n_pix)
+    for i in range(0, n, 3):
+        for c in rng.choice(np.flatnonzero(~mask[20:-20]) + 20, 3, replace=False):
+            flux[i] *= 1 - 0.2 * np.exp(-0.5 * ((x - c) / 2.0) ** 2)
+    # the fit weighs only the pixels valid over its whole rv window: mask 20 pixels
+    # at each chip end, so that those are the pixels unmasked here
+    step = np.diff(np.log(emu.wavelength))
+    cut = np.flatnonzero(step > 1.5 * np.median(step)) + 1
+    ends = np.zeros(emu.n_pix, bool)
+    for a, b in zip(np.r_[0, cut], np.r_[cut, emu.n_pix], strict=True):
+        ends[a : a + 20] = ends[b - 20 : b] = True
+    t = pl.fit(flux, err, emu, mask=mask | ends, return_model=True)
+    w = np.where(mask | ends, 0.0, 1.0 / err**2)
+    assert np.all(t["n_good_pixels"] == np.count_nonzero(w > 0, axis=1))
+    want = max_dip(flux, w, np.asarray(t["model_flux"], np.float64))
+    np.testing.assert_allclose(t["max_dip"], want, rtol=2e-3)
+    lines = np.arange(n) % 3 == 0
+    assert np.min(want[lines]) > np.max(want[~lines])
+
+
+def test_lm_rows_replace_whole_rows():
+    """The rescue and the rv polish keep a refit by rows: every field of a replaced
+    row (the dip with the parameters) is the refit's, the others stay; a polish
+    counts the steps of both fits."""
+    from payne_lite.fitting._lm import LMRows
+
+    def rows(v, it):
+        return LMRows(
+            p=np.full((3, 2), v), n_iter=np.full(3, it), conv=np.full(3, v > 1),
+            chi2=np.full(3, v), a=np.full((3, 2, 2), v), g=np.full((3, 2), v),
+            dip=np.full(3, 10.0 * v),
+        )  # fmt: skip
+
+    old, new = rows(1.0, 4), rows(2.0, 3)
+    better = np.array([False, True, False])
+    out = old.where(better, new)
+    for mine, theirs, got in zip(old, new, out, strict=True):
+        np.testing.assert_array_equal(got[1], theirs[1])
+        np.testing.assert_array_equal(got[[0, 2]], mine[[0, 2]])
+    assert old.where(better, new, add_iter=True).n_iter.tolist() == [4, 7, 4]
+
+
 def test_catalog_residuals_propose_a_mask_that_finds_missing_lines(payne_apogee):
     """Mocks of the real network (S/N 100, rv fixed) with the same three lines
     missing from the model in every star (as lines missing from a training grid):

@@ -221,7 +221,8 @@ def test_group_fit_recovers_noise_free_visits_with_unequal_visit_counts(emu, tmp
         assert back["rv"].unit == t["rv"].unit and back.meta["group"] is True
     # a one-visit group is the single-spectrum fit
     one = fit(flux[3:4], err[3:4], emu)
-    # (both stop within XTOL = 0.01 sigma of the minimum, by different paths)
+    # (both stop within a few hundredths of a sigma of the minimum, by different
+    # paths: _lm.XTOL)
     np.testing.assert_allclose(
         scaled_labels(emu, t)[2], scaled_labels(emu, one)[0], atol=1e-4
     )

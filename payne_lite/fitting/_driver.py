@@ -10,7 +10,15 @@ import numpy as np
 from .._serial import default_threads, to_device
 from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
-from ._lm import final_batch, lm_batch, model_batch, sandwich_meat, visit_index
+from ._lm import (
+    LMRows,
+    final_batch,
+    lm_batch,
+    lm_rows,
+    model_batch,
+    sandwich_meat,
+    visit_index,
+)
 from ._ppc import dip_batch
 from ._rvscan import (
     RV_PROBE_CELLS,
@@ -184,6 +192,7 @@ def lm_with_starts(
     ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_visits=0, free=None
 ):
     """LM from the best-screened start; the other starts only for doubtful fits.
+    Returns the :class:`._lm.LMRows` of the best fit of each star.
 
     ``n_visits`` > 0: joint fits of several spectra per star (``f_j``, ``w_j``
     (n, V, P); parameters of :func:`visit_index`); ``free`` then replaces
@@ -241,63 +250,52 @@ def lm_with_starts(
     if n_s > 1:
         order = np.argsort(np.where(np.isfinite(c0), c0, np.inf), axis=1, kind="stable")
         p_start = p_start[rows[:, None], order]
-    p, chi2, it, conv, a, g = lm_batch(
-        obs,
-        to_device(p_start[:, :1], dt),
-        to_device(alive[:, None]),
-        f_j,
-        w_j,
-        *bounds,
-        max_iter=ctx.max_iter,
-        mode=mode,
+    best = lm_rows(
+        lm_batch(
+            obs,
+            to_device(p_start[:, :1], dt),
+            to_device(alive[:, None]),
+            f_j,
+            w_j,
+            *bounds,
+            max_iter=ctx.max_iter,
+            mode=mode,
+        )
     )
-    p_best = np.array(p, np.float64)[:, 0]
-    chi2_best = np.where(np.isfinite(chi2[:, 0]), np.asarray(chi2[:, 0]), np.inf)
-    it_best = np.array(it)[:, 0].astype(np.int64)
-    conv_best = np.array(conv)[:, 0]
-    a_best = np.array(a, np.float64)[:, 0]
-    g_best = np.array(g, np.float64)[:, 0]
     if n_s > 1:
-        p_best, it_best, conv_best, chi2_best, a_best, g_best = _rescue(
-            ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode,
-            (p_best, it_best, conv_best, chi2_best, a_best, g_best),
-        )  # fmt: skip
-    best = (p_best, it_best, conv_best, chi2_best, a_best, g_best)
+        best = _rescue(ctx, p_start, alive, f_j, w_j, bounds, n_good, free, mode, best)
     if free[ctx.layout.rv_index] and alive.any():
         best = rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits)
-    p_best, it_best, conv_best, chi2_best, a_best, g_best = best
-    return p_best, it_best, conv_best, chi2_best, a_best, g_best
+    return best
 
 
-def doubtful_fits(ctx, best, n_good, free) -> np.ndarray:
+def doubtful_fits(ctx, best: LMRows, n_good, free) -> np.ndarray:
     """(n,) bool: fits that did not converge, stopped at an edge of the training
-    box, or have ``chi2 > ndof + RESCUE_SIGMA sqrt(2 ndof)`` (more than noise can
-    explain); ``best`` as :func:`lm_with_starts` keeps it."""
-    p_best, _, conv_best, chi2_best, _, _ = best
+    box, or have ``chi2 > ndof + RESCUE_SIGMA * sqrt(2 ndof)`` (more than noise can
+    explain)."""
     n_lab = ctx.layout.n_labels
     ndof = np.maximum(n_good - int(free.sum()), 1)
     at_edge = np.any(
-        free[:n_lab] & (np.abs(np.abs(p_best[:, :n_lab]) - 0.5) < AT_BOUND_TOL[0]),
+        free[:n_lab] & (np.abs(np.abs(best.p[:, :n_lab]) - 0.5) < AT_BOUND_TOL[0]),
         axis=1,
     )
-    return ~conv_best | at_edge | (chi2_best > ndof + RESCUE_SIGMA * np.sqrt(2 * ndof))
+    return ~best.conv | at_edge | (best.chi2 > ndof + RESCUE_SIGMA * np.sqrt(2 * ndof))
 
 
-def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best):
+def _rescue(ctx, p_start, alive, f_j, w_j, bounds, n_good, free, mode, best: LMRows):
     """Step 3 of :func:`lm_with_starts`: doubtful fits again from the other starts;
     returns ``best`` with the better ones replaced."""
-    obs = ctx.obs
-    dt = obs.x_obs.dtype
+    dt = ctx.obs.x_obs.dtype
     size, n_s, _ = p_start.shape
-    rows = np.arange(size)
-    p_best, it_best, conv_best, chi2_best, a_best, g_best = best
     again = alive & doubtful_fits(ctx, best, n_good, free)
-    if again.any():
-        # one start per call: the (n, 1, k) shape of step 2's executable (a lane
-        # that does not run costs nothing), so no shape of its own to compile
-        outs = [
+    if not again.any():
+        return best
+    # one start per call: the (n, 1, k) shape of step 2's executable (a lane that
+    # does not run costs nothing), so no shape of its own to compile
+    tries = [
+        lm_rows(
             lm_batch(
-                obs,
+                ctx.obs,
                 to_device(p_start[:, j : j + 1], dt),
                 to_device(again[:, None]),
                 f_j,
@@ -306,21 +304,14 @@ def _rescue(ctx, p_start, alive, f_j, w_j, bounds, lo, n_good, free, mode, best)
                 max_iter=ctx.max_iter,
                 mode=mode,
             )
-            for j in range(1, n_s)
-        ]
-        p2, chi2_2, it2, conv2, a2, g2 = (
-            np.concatenate([np.asarray(o[i]) for o in outs], axis=1) for i in range(6)
         )
-        chi2_2 = np.where(np.isfinite(chi2_2), chi2_2, np.inf)
-        j = np.argmin(chi2_2, axis=1)
-        better = again & (chi2_2[rows, j] < chi2_best)
-        p_best[better] = np.asarray(p2, np.float64)[rows, j][better]
-        it_best[better] = np.asarray(it2)[rows, j][better]
-        conv_best[better] = np.asarray(conv2)[rows, j][better]
-        chi2_best[better] = chi2_2[rows, j][better]
-        a_best[better] = np.asarray(a2, np.float64)[rows, j][better]
-        g_best[better] = np.asarray(g2, np.float64)[rows, j][better]
-    return p_best, it_best, conv_best, chi2_best, a_best, g_best
+        for j in range(1, n_s)
+    ]
+    j = np.argmin(np.stack([t.chi2 for t in tries], axis=1), axis=1)
+    pick = LMRows(
+        *(np.stack(f, axis=1)[np.arange(size), j] for f in zip(*tries, strict=True))
+    )
+    return best.where(again & (pick.chi2 < best.chi2), pick)
 
 
 def prepare_batch(ctx: BatchContext, fb, wb, prior=None, f_j=None) -> Prepared:
@@ -469,9 +460,9 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     model_f = None
     if ctx.method == "lm":
         # chi2, J^T W J and J^T W r at each fit come from its last LM evaluation
-        p_best, it_best, conv_best, chi2_f, a_f, g_f = lm_with_starts(
-            ctx, p_start, alive, f_j, w_j, lo, hi, n_good
-        )
+        best = lm_with_starts(ctx, p_start, alive, f_j, w_j, lo, hi, n_good)
+        p_best, it_best, conv_best = best.p, best.n_iter, best.conv
+        chi2_f, a_f, g_f, dip_f = best.chi2, best.a, best.g, best.dip
         if ctx.profile:  # the full J^T W J at (theta, c*): the table's covariance
             chi2_f, a_f, g_f, _ = final_batch(obs, to_device(p_best, dt), f_j, w_j)
         if ctx.return_model:
@@ -486,7 +477,7 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
             )
             p_best[i], it_best[i], conv_best[i] = p_i, it_i, conv_i
         chi2_f, a_f, g_f, model_f = final_batch(obs, to_device(p_best, dt), f_j, w_j)
-    dip_f = dip_batch(obs, to_device(p_best, dt), f_j, w_j)  # the residuals' check
+        dip_f = dip_batch(obs, to_device(p_best, dt), f_j, w_j)  # the residuals' check
     dips = np.where(np.arange(size) < m, np.asarray(dip_f, np.float64), 0.0)
     snr = np.zeros(size)
     snr[:m] = snr_job.result()  # the padding rows are not sorted

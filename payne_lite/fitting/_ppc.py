@@ -43,12 +43,11 @@ import numpy as np
 from .._serial import serial_jit
 from ..observe import embed_obs, observe, weighted_residuals
 from ._lm import over, sequential_lanes
+from ._window import DIP_WIDTH, window_dip
 
 #: QA bit 9: the chance of a dip (:func:`max_dip`) this large from noise alone, per
 #: spectrum.
 DIP_FALSE_ALARM = 1e-3
-#: Pixels of the window of ``max_dip``.
-DIP_WIDTH = 5
 
 
 def chi2_pvalue(chi2, ndof) -> np.ndarray:
@@ -182,7 +181,6 @@ def dip_batch(obs, p, flux, w):
     (:func:`payne_lite.observe.weighted_residuals`, in its embedded layout: chip
     gaps are zero-weight pixels, so no window spans two chips), others
     :func:`payne_lite.observe.observe`."""
-    half = DIP_WIDTH // 2 + 1
     sw = jnp.sqrt(jnp.where(w > 0, w, 0.0))
     if obs.jet is not None:
         flux, sw = embed_obs(obs, jnp.where(sw > 0, flux, 0.0)), embed_obs(obs, sw)
@@ -194,23 +192,11 @@ def dip_batch(obs, p, flux, w):
         )  # batch padding (no weight) is not computed
 
     def dip(q, f, swi):
-        good = swi > 0
         if obs.jet is not None:
             z = weighted_residuals(obs, q, f, swi)
         else:
             z = (observe(obs, q)[0] - f) * swi
-        z = jnp.where(good, z, 0.0)
-        g = good.astype(z.dtype)
-        if z.shape[0] < DIP_WIDTH:
-            return jnp.zeros((), z.dtype)
-        # a reduce_window: 62 us a star with the model; five shifted slices of the
-        # (dynamic-sliced) model, 320 (XLA:CPU writes those as scalar code)
-        zs, gs = (
-            jax.lax.reduce_window(a, 0.0, jax.lax.add, (DIP_WIDTH,), (1,), "VALID")
-            for a in (z, g)
-        )
-        stat = jnp.where(gs >= half, jnp.abs(zs) / jnp.sqrt(jnp.maximum(gs, 1.0)), 0.0)
-        return jnp.max(stat)
+        return window_dip(z, swi > 0)
 
     return over(one, (p, flux, sw))
 

@@ -26,7 +26,7 @@ from ..observe import (
     tap_weights,
     window_valid,
 )
-from ._lm import lm_batch, over, sequential_lanes, visit_index
+from ._lm import LMRows, lm_batch, lm_rows, over, sequential_lanes, visit_index
 
 #: Step of the coarse RV chi2 scan [km/s].
 RV_SCAN_STEP = 4.0
@@ -541,7 +541,9 @@ def _rv_probe(obs, p, f_j, w_j, run, rv_lo, rv_hi, rv_i):
     return rv_new, gain
 
 
-def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
+def rv_polish(
+    ctx, alive, f_j, w_j, bounds, lo, hi, mode, best: LMRows, n_visits=0
+) -> LMRows:
     """Step 4 of :func:`._driver.lm_with_starts`: leave a local minimum in rv.
 
     Written when the Doppler shift interpolated linearly between rest pixels:
@@ -568,35 +570,30 @@ def rv_polish(ctx, alive, f_j, w_j, bounds, lo, hi, mode, best, n_visits=0):
     ``RV_POLISH_ROUNDS`` rounds: a weak-lined star with broad lines can have a
     minimum at every pixel crossing, each a little lower towards the truth.
     """
-    p_best, it_best, conv_best, chi2_best, a_best, g_best = best
-    run = alive & np.isfinite(chi2_best)
+    run = alive & np.isfinite(best.chi2)
     for _ in range(RV_POLISH_ROUNDS):
         if not run.any():
             break
-        p0, again = _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, n_visits)
+        p0, again = _rv_moves(ctx, run, f_j, w_j, lo, hi, best.p, n_visits)
         if not again.any():
             break
         dt = ctx.obs.x_obs.dtype
-        p2, chi2_2, it2, conv2, a2, g2 = lm_batch(
-            ctx.obs,
-            to_device(p0[:, None], dt),
-            to_device(again[:, None]),
-            f_j,
-            w_j,
-            *bounds,
-            max_iter=ctx.max_iter,
-            mode=mode,
+        moved = lm_rows(
+            lm_batch(
+                ctx.obs,
+                to_device(p0[:, None], dt),
+                to_device(again[:, None]),
+                f_j,
+                w_j,
+                *bounds,
+                max_iter=ctx.max_iter,
+                mode=mode,
+            )
         )
-        chi2_2 = np.where(np.isfinite(chi2_2[:, 0]), np.asarray(chi2_2[:, 0]), np.inf)
-        better = again & (chi2_2 < chi2_best)
-        p_best[better] = np.asarray(p2, np.float64)[:, 0][better]
-        it_best[better] += np.asarray(it2)[:, 0][better]
-        conv_best[better] = np.asarray(conv2)[:, 0][better]
-        chi2_best[better] = chi2_2[better]
-        a_best[better] = np.asarray(a2, np.float64)[:, 0][better]
-        g_best[better] = np.asarray(g2, np.float64)[:, 0][better]
+        better = again & (moved.chi2 < best.chi2)
+        best = best.where(better, moved, add_iter=True)
         run = better  # the next round probes only the stars that moved
-    return p_best, it_best, conv_best, chi2_best, a_best, g_best
+    return best
 
 
 def _rv_moves(ctx, run, f_j, w_j, lo, hi, p_best, n_visits):

@@ -409,9 +409,10 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     p_start, lo, hi = _joint_starts(ctx, prep, starts, ok, rr, joint, vidx)
     f_j, w_j = to_device(fb, dt), to_device(wb, dt)
     if ctx.method == "lm":
-        p_best, it_best, conv_best, _, _, _ = lm_with_starts(
+        best = lm_with_starts(
             ctx, p_start, alive, f_j, w_j, lo, hi, n_good, n_vis, free
         )
+        p_best, it_best, conv_best = best.p, best.n_iter, best.conv
     else:
         p_best, it_best, conv_best = _curve_fit_stars(
             ctx, p_start, alive, fb, wb, lo, hi, free, vidx
