@@ -690,6 +690,41 @@ def test_window_validity_is_validity_at_every_rv_of_the_window():
             assert 0.4 * N_PIX < got.sum() < N_PIX
 
 
+def test_shift_on_the_observed_span_is_shift_pair():
+    """The scan's shift (one dynamic slice per tap over the span of the observed
+    pixels) against shift_pair's observed layout, every interpolant, rvs on and
+    between rest nodes (a gap in the grid, rvs to the margin); span_pixels inverts
+    embed_obs."""
+    from payne_lite.observe import (
+        TAP_OFFSETS,
+        embed,
+        embed_obs,
+        shift_pair,
+        shift_span,
+        span_pixels,
+    )
+
+    emu_w = smooth_emulator(wavelength=log_wavelength(), seed=4)
+    row = emu_w.predict(emu_w.unscale(np.zeros((1, 3)))).astype(np.float32)
+    step_kms = C_KMS * np.log(emu_w.wavelength[1] / emu_w.wavelength[0])
+    rvs = [0.0, step_kms, -3 * step_kms, 0.37, -123.4, 249.0, -499.0]
+    for kind in TAP_OFFSETS:
+        obs = build_obs_model(emu_w, interp=kind)
+        emb = embed(obs.log_grid, jnp.asarray(row))[0]
+        x = jnp.arange(N_PIX, dtype=jnp.float32)
+        np.testing.assert_array_equal(span_pixels(obs, embed_obs(obs, x)), x)
+        for rv in rvs:
+            sh = shift_pair(obs, jnp.asarray(row), jnp.float32(rv))
+            val, ok = shift_span(obs, emb, jnp.float32(rv))
+            np.testing.assert_array_equal(span_pixels(obs, ok), sh.valid)
+            assert 0 < int(np.sum(sh.valid)) <= N_PIX
+            v = np.asarray(sh.valid)
+            np.testing.assert_allclose(
+                np.asarray(span_pixels(obs, val))[v], np.asarray(sh.value()[0])[v],
+                rtol=0, atol=1e-6,
+            )  # fmt: skip
+
+
 # --- QA flags and error scaling -----------------------------------------------------------
 def test_label_beyond_the_box_is_flagged_outside_training_box(emu):
     """A star made by extrapolating the net beyond the box's top Teff edge: the fit

@@ -23,6 +23,8 @@ from ..observe import (
     observe,
     rest_model,
     shift_pair,
+    shift_span,
+    span_pixels,
     tap_weights,
     window_valid,
 )
@@ -109,16 +111,26 @@ def rescan_batch(obs: ObsModel, s, b, rv_grid, flux, w, run, *, common=False):
 
 def _scan_template(obs, f_rest, rv_grid, flux, w, common):
     """The chi2 scan of :func:`scan_batch` for the rest-frame template ``f_rest``
-    (P_rest,): best rv (n,) and continuum (n, n_c)."""
+    (P_rest,): best rv (n,) and continuum (n, n_c).
 
-    def shifted(rv):
-        sh = shift_pair(obs, f_rest[None], rv)
-        return sh.value()[0], sh.valid
+    On a log grid the products run over the span of the observed pixels
+    (:func:`~payne_lite.observe.shift_span`; the pixels between chips have zero
+    weight): shifting the template to the grid's 251 rvs took ~3 ms a batch in
+    the observed layout, 0.3 ms so."""
+    if obs.log_grid is not None:
+        emb = embed(obs.log_grid, f_rest[None])[0]
+        t, v = over(lambda rv: shift_span(obs, emb, rv), rv_grid)  # (R, n_emb)
+        t, v = span_pixels(obs, t), span_pixels(obs, v)  # (R, P)
+    else:
 
-    t, v = over(shifted, rv_grid)  # (R, P)
+        def shifted(rv):
+            sh = shift_pair(obs, f_rest[None], rv)
+            return sh.value()[0], sh.valid
+
+        t, v = over(shifted, rv_grid)  # (R, P)
+    basis = obs.basis  # (P, n_c)
     vf = v.astype(t.dtype)
     t = t * vf
-    basis = obs.basis  # (P, n_c)
     n_c = basis.shape[1]
     wf = w * flux
     if common:

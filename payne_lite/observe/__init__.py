@@ -53,6 +53,8 @@ from ._model import observe_jac as observe_jac
 from ._model import observe_jac_t as observe_jac_t
 from ._model import param_layout as param_layout
 from ._model import rest_model as rest_model
+from ._model import shift_span as shift_span
+from ._model import span_pixels as span_pixels
 from ._model import weighted_residuals as weighted_residuals
 from ._model import window_valid as window_valid
 from ._noise import ErrorModel as ErrorModel
@@ -131,6 +133,8 @@ __all__ = [
     "param_layout",
     "rest_model",
     "shift_pair",
+    "shift_span",
+    "span_pixels",
     "DOPPLER_INTERP",
     "SEARCH_INTERP",
     "TAP_OFFSETS",
