@@ -20,6 +20,7 @@ from ..observe import (
     TAP_OFFSETS,
     ObsModel,
     embed,
+    embed_obs,
     observe,
     rest_model,
     shift_pair,
@@ -257,24 +258,32 @@ def chi2_shared_batch(obs, s, b, p, flux, w):
 
     The S rest-frame models are computed once for the batch, not once per star and
     start; each star shifts them to its rv with one :func:`shift_pair` of the (S,
-    P_rest) rows. This is the default fit's screening (the three Teff starts at the
-    scan's rv): on the APOGEE network about 200 -> 30 us per star. The values are
-    :func:`chi2_batch`'s up to float rounding (the same model, summed in another
-    order)."""
+    P_rest) rows (on a log grid :func:`~payne_lite.observe.shift_span`, the data
+    in its layout). This is the default fit's screening (the three Teff starts at
+    the scan's rv): on the APOGEE network about 200 -> 30 us per star. The values
+    are :func:`chi2_batch`'s up to float rounding (the same model, summed in
+    another order)."""
     n_lab = obs.n_labels
     n_s = s.shape[0]
     rest = materialize(  # vmapped, not one model per start in the program
         jax.vmap(lambda sj: rest_model(obs, sj, b))(s), jnp.all(jnp.isfinite(s))
     )
     live = jnp.any(w > 0, axis=1)
+    basis = obs.basis.T  # (n_c, P)
+    if obs.log_grid is not None:
+        rest = embed(obs.log_grid, rest)
+        flux, w, basis = embed_obs(obs, flux), embed_obs(obs, w), embed_obs(obs, basis)
 
     def one(args):
         q, f, wi, go = args
 
         def chi2(_):
-            m = shift_pair(obs, rest, q[n_lab]).value()
+            if obs.log_grid is not None:
+                m = shift_span(obs, rest, q[n_lab])[0]
+            else:
+                m = shift_pair(obs, rest, q[n_lab]).value()
             if obs.n_cont:
-                m = m * (obs.basis @ obs.cont_params(q))
+                m = m * (obs.cont_params(q) @ basis)
             r = m - f
             return (r * r) @ wi
 

@@ -397,9 +397,10 @@ def _obs_span(lg: LogGrid) -> tuple[int, int]:
 
 
 def shift_span(obs: ObsModel, emb, rv):
-    """A row ``emb`` (lg.size,) embedded on the log grid (:func:`embed`) shifted by
-    ``rv`` onto the span of the observed pixels, in the layout of :func:`embed_obs`:
-    value (n_emb,) and validity (n_emb,) bool, on the observed pixels those of
+    """Rows ``emb`` (..., lg.size) embedded on the log grid (:func:`embed`) shifted
+    by ``rv`` onto the span of the observed pixels, in the layout of
+    :func:`embed_obs`: value (..., n_emb) and validity (n_emb,) bool, on the
+    observed pixels those of
     :func:`shift_pair` (tests compare them); between the observed runs they mean
     nothing (those are zero-weight pixels in that layout).
 
@@ -414,7 +415,7 @@ def shift_span(obs: ObsModel, emb, rv):
     w, _ = tap_weights(obs.interp, t)
     taps, valid = [], taps_inside(lg, obs.interp, k)
     for o in TAP_OFFSETS[obs.interp]:
-        taps.append(jax.lax.dynamic_slice_in_dim(emb, e_first + k + o, n_emb))
+        taps.append(jax.lax.dynamic_slice_in_dim(emb, e_first + k + o, n_emb, -1))
         ok_o = jax.lax.dynamic_slice_in_dim(ok, e_first + k + o, n_emb)
         valid = valid & (ok_o | ((t == 0) & (o != 0)))  # at a node only tap 0 counts
     return combine(taps, w), valid
