@@ -177,6 +177,19 @@ class serial_jit:  # noqa: N801 - used like jax.jit
     def __call__(self, *args, **kwargs):
         if jax.default_backend() != "cpu":
             return self._fn(*args, **kwargs)
+        compiled, dyn = self._compiled(args, kwargs)
+        return compiled(*args, **dyn)
+
+    def warm(self, *args, **kwargs) -> None:
+        """Compile for these arguments' shapes (if not yet) without running: a path
+        that only some inputs take is then compiled by the first call of the code
+        that has it, not by a later one (no-op off CPU)."""
+        if jax.default_backend() == "cpu":
+            self._compiled(args, kwargs)
+
+    def _compiled(self, args, kwargs):
+        """The executable for these arguments (compiled on a miss) and the dynamic
+        keyword arguments to call it with."""
         dyn = {k: v for k, v in kwargs.items() if k not in self._static}
         leaves, tree = jax.tree_util.tree_flatten((args, dyn))
         key = (
@@ -194,7 +207,7 @@ class serial_jit:  # noqa: N801 - used like jax.jit
                     with one_cpu():
                         compiled = self._fn.lower(*args, **kwargs).compile()
                     self._cache[key] = compiled
-        return compiled(*args, **dyn)
+        return compiled, dyn
 
     def clear(self) -> None:
         """Forget this function's compiled executables (:func:`clear_caches`: all)."""

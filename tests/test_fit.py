@@ -725,6 +725,47 @@ def test_shift_on_the_observed_span_is_shift_pair():
             )  # fmt: skip
 
 
+def test_observation_models_are_kept_per_emulator_and_setting(monkeypatch):
+    """cached_obs_model: the same settings give the same model (built once), other
+    settings another; an emulator keeps the last OBS_CACHE_SIZE; an argument too
+    large to key (per-star grids) is built every time; fits reuse the kept model
+    and give the same table."""
+    from payne_lite.observe import _model as M
+
+    built = []
+    original = M.build_obs_model
+
+    def counted(*args, **kwargs):
+        built.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(M, "build_obs_model", counted)
+    emu_c = smooth_emulator(seed=7)
+    a, derived = M.cached_obs_model(emu_c, cont_deg=0, rv_max=500.0)
+    b, derived_b = M.cached_obs_model(emu_c, rv_max=500.0, cont_deg=0)
+    assert a is b and derived is derived_b and len(built) == 1
+    c, _ = M.cached_obs_model(emu_c, cont_deg=2, rv_max=500.0)
+    assert c is not a and c.n_cont == 3 and len(built) == 2
+    wave = emu_c.wavelength * (1 + 1e-6)
+    d, _ = M.cached_obs_model(emu_c, wavelength=wave, rv_max=500.0)
+    assert d is M.cached_obs_model(emu_c, wavelength=wave.copy(), rv_max=500.0)[0]
+    assert len(built) == 3
+    for v in (300.0, 400.0, 450.0, 499.0):  # four more settings push ``a`` out
+        M.cached_obs_model(emu_c, cont_deg=0, rv_max=v)
+    assert M.cached_obs_model(emu_c, cont_deg=0, rv_max=500.0)[0] is not a
+    assert len(built) == 8
+    monkeypatch.setattr(M, "OBS_CACHE_KEY_BYTES", 100)
+    e1 = M.cached_obs_model(emu_c, wavelength=wave, rv_max=500.0)[0]
+    assert e1 is not M.cached_obs_model(emu_c, wavelength=wave, rv_max=500.0)[0]
+    monkeypatch.undo()
+
+    flux = emu_c.predict(emu_c.unscale(np.zeros((2, 3)))).astype(np.float64)
+    err = np.full_like(flux, 0.01)
+    t1, t2 = fit(flux, err, emu_c), fit(flux, err, emu_c)
+    for name in t1.colnames:
+        np.testing.assert_array_equal(np.asarray(t1[name]), np.asarray(t2[name]))
+
+
 # --- QA flags and error scaling -----------------------------------------------------------
 def test_label_beyond_the_box_is_flagged_outside_training_box(emu):
     """A star made by extrapolating the net beyond the box's top Teff edge: the fit

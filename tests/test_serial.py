@@ -94,6 +94,30 @@ def test_static_arguments_and_key():
         assert len(f._cache) == 3
 
 
+def test_warm_compiles_without_running():
+    """``warm`` compiles for the arguments' shapes and runs nothing (a callback in
+    the program would see it); the call that follows compiles nothing new."""
+    from payne_lite._compile import CompileCounter
+
+    ran = []
+
+    @jax.jit
+    def g(x):
+        jax.debug.callback(lambda: ran.append(1))
+        return 2.0 * x
+
+    f = serial_jit(g)
+    x = jnp.ones(5)
+    f.warm(x)
+    assert ran == []
+    if jax.default_backend() == "cpu":
+        assert len(f._cache) == 1
+    with CompileCounter() as c:
+        np.testing.assert_array_equal(f(x), 2.0 * np.ones(5))
+    assert c.compiles == 0
+    assert ran == [1]
+
+
 def test_memory_map_guard_clears_every_executable(monkeypatch):
     """Above the fraction of the process's memory-map limit, the guard forgets every
     serial_jit's executables (and JAX's); below it, nothing. A cache miss runs the

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._serial import default_threads, to_device
@@ -575,6 +576,24 @@ def near_window_edge(ctx: BatchContext, rv, rv_lo, rv_hi) -> np.ndarray:
     return low | high
 
 
+def _warm_rescan(ctx: BatchContext, size: int) -> None:
+    """Compile :func:`._rvscan.rescan_batch` for batches of ``size`` as
+    :func:`rescan_prior` calls it, without running it."""
+    obs = ctx.obs
+    dt = obs.x_obs.dtype
+    n_pix = obs.x_obs.shape[0]
+    rescan_batch.warm(
+        obs,
+        jnp.zeros((size, obs.n_labels), dt),
+        jnp.zeros((size, obs.n_broad), dt),
+        ctx.rv_grid,
+        jnp.zeros((size, n_pix), dt),
+        jnp.zeros((size, n_pix), dt),
+        jnp.zeros(size, bool),
+        common=ctx.scan_pixels is not None,
+    )
+
+
 def rescan_prior(ctx: BatchContext, flux2, ivar, rows, p, size: int) -> FitPrior:
     """The :class:`FitPrior` of a second RV scan of the spectra ``rows`` (m,)
     (:func:`._rvscan.rescan_batch`, in batches of ``size``: one executable), each
@@ -660,6 +679,9 @@ def rescan_fits(
     edge = live & near_window_edge(ctx, res.p[:, n_lab], res.rv_lo, res.rv_hi)
     rows = np.flatnonzero(edge)
     if not rows.size:
+        # compiled now all the same: the first fit compiles what a later one needs
+        # (fits of 1,000 spectra compiled it after 300 had not)
+        _warm_rescan(ctx, size)
         return res, edge
     part = rescan_prior(ctx, flux2, ivar, rows, res.p[rows], size)
     moved = new_window(ctx, part, res.rv_lo[rows], res.rv_hi[rows])

@@ -15,7 +15,7 @@ from ..observe import (
     BROADENING_START,
     Instrument,
     as_continuum,
-    build_obs_model,
+    cached_obs_model,
     check_fixed,
     check_inputs,
     check_rv_range,
@@ -106,7 +106,7 @@ def fit_spectra(
     layout = param_layout(
         emulator, cont_deg=cont_deg, rv_range=rv_range, broadening=broadening
     )
-    obs = build_obs_model(
+    obs, derived = cached_obs_model(
         emulator,
         wavelength=wavelength,
         cont_deg=cont_deg,
@@ -127,7 +127,7 @@ def fit_spectra(
         emulator.wavelength if wavelength is None else wavelength, np.float64
     )
     ctx = _batch_context(
-        emulator, obs, layout, fix, free, s_scan, broadening,
+        emulator, obs, derived, layout, fix, free, s_scan, broadening,
         method=method, rv_range=rv_range, wavelength=wavelength, max_iter=max_iter,
         return_model=return_model, emulator_error=emulator_error,
         continuum=continuum,
@@ -239,12 +239,15 @@ def _starting_labels(emulator, p0, n, fix):
 
 
 def _batch_context(
-    emulator, obs, layout, fix, free, s_scan, broadening, *, method, rv_range,
+    emulator, obs, derived, layout, fix, free, s_scan, broadening, *, method, rv_range,
     wavelength, max_iter, return_model, emulator_error, continuum,
 ):  # fmt: skip
     """The :class:`BatchContext` of one :func:`fit_spectra` call: RV-scan grid
-    (``RV_SCAN_STEP``) and pixels, broadening start values, the emulator's error."""
+    (``RV_SCAN_STEP``) and pixels, broadening start values, the emulator's error.
+    ``derived``: the dict kept with ``obs`` (:func:`cached_obs_model`)."""
     dt = obs.x_obs.dtype
+    if ("scan", rv_range) not in derived:
+        derived["scan", rv_range] = scan_pixels(obs, rv_range)
     n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / RV_SCAN_STEP))
     return BatchContext(
         obs=obs,
@@ -254,7 +257,7 @@ def _batch_context(
         method=method,
         rv_range=rv_range,
         rv_grid=jnp.asarray(np.linspace(rv_range[0], rv_range[1], n_steps + 1), dt),
-        scan_pixels=scan_pixels(obs, rv_range),
+        scan_pixels=derived["scan", rv_range],
         s_scan=jnp.asarray(s_scan, dt),
         b_scan=jnp.asarray(
             [fix.get(layout.names.index(b), BROADENING_START[b]) for b in broadening],

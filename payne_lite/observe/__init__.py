@@ -44,6 +44,7 @@ from ._model import JetNet as JetNet
 from ._model import ObsModel as ObsModel
 from ._model import ParamLayout as ParamLayout
 from ._model import build_obs_model as build_obs_model
+from ._model import cached_obs_model as cached_obs_model
 from ._model import embed_obs as embed_obs
 from ._model import lsf_sigma_pixels as lsf_sigma_pixels
 from ._model import make_model as make_model
@@ -104,6 +105,7 @@ __all__ = [
     "RV_WINDOW",
     "broadening",
     "build_obs_model",
+    "cached_obs_model",
     "check_fixed",
     "check_inputs",
     "check_rv_range",
