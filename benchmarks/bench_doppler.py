@@ -108,18 +108,12 @@ def summarise(table, labels, rv_true, names) -> dict:
     return out
 
 
-def fit_interp(kind: str) -> None:
-    """Make ``pl.fit`` use the Doppler interpolant ``kind`` (a benchmark's switch:
-    the observation model's static ``interp`` field)."""
-    import dataclasses
+def instrument(kind: str, resolution=None):
+    """The :class:`payne_lite.Instrument` that fits with the Doppler interpolant
+    ``kind`` (and ``resolution``, if given)."""
+    import payne_lite as pl
 
-    import payne_lite.fitting._fit as fit_mod
-
-    build = getattr(fit_mod, "_build_default", fit_mod.build_obs_model)
-    fit_mod._build_default = build
-    fit_mod.build_obs_model = lambda *a, **k: dataclasses.replace(
-        build(*a, **k), interp=kind
-    )
+    return pl.Instrument(doppler=kind, resolution=resolution)
 
 
 def real_spectra() -> dict:
@@ -144,14 +138,12 @@ def real_spectra() -> dict:
           f"{'Teff':>6} {'logg':>5} {'[Fe/H]':>6} {'vmacro':>6}")  # fmt: skip
     for name, f, e in spectra:
         for kind, res in cases:
-            fit_interp(kind)
-            inst = None if res is None else pl.Instrument(resolution=res)
+            inst = instrument(kind, res)
             r = pl.fit(f[None], e[None], emu, mask=mask[None], instrument=inst)[0]
             out[f"{name} {kind} {res}"] = float(r["chi2"])
             print(f"{name:<34} {kind:<7} {res or 22500:6.0f} {r['chi2']:9.1f} "
                   f"{r['rv']:8.3f} {r['Teff']:6.0f} {r['logg']:5.2f} "
                   f"{r['[Fe/H]']:6.3f} {r[emu.label_names[-1]]:6.2f}")  # fmt: skip
-    fit_interp(DOPPLER_INTERP)
     return out
 
 
@@ -306,7 +298,6 @@ def main(argv=None) -> dict:
         for k in KERNELS:
             print(f"  {k:<9} median {real[k]['median']:.4f}  rms {real[k]['rms']:.4f}")
         return {"ground_truth": gt, "real": real}
-    fit_interp(args.interp)
     if args.no_polish:  # the polish's caller gets its ``best`` tuple back unchanged
         import payne_lite.fitting._driver as driver
 
@@ -329,7 +320,7 @@ def main(argv=None) -> dict:
     for name, (flux, err, mask) in sets.items():
         truth = np.zeros_like(rv) if name == "rest" else rv
         t0 = time.perf_counter()
-        table = pl.fit(flux, err, emu, mask=mask)
+        table = pl.fit(flux, err, emu, mask=mask, instrument=instrument(args.interp))
         res[name] = summarise(table, labels, truth, names)
         res[name]["seconds"] = time.perf_counter() - t0
     cols = ["rv", *names]
