@@ -23,7 +23,9 @@ What it measures (issue 3, "What it must show"):
   (2-point) Jacobian, labels from the box centre, bounds = the box in scaled units
   [-0.5, 0.5], RV within +-20 km/s of the scan value, masked pixels with infinite
   error; errors from the covariance (``absolute_sigma=True``). Tolerances are SciPy's
-  defaults unless ``--baseline-tol`` (The Payne used 5e-4 for ftol and xtol).
+  defaults unless ``--baseline-tol`` (The Payne used 5e-4 for ftol and xtol). One
+  core: its BLAS on one thread (:func:`one_blas_thread`; until 2026-12-05 OpenBLAS
+  ran it on both cores, 2.4x slower: 20 against 48 spectra/s here).
 * Ours: ``payne_lite.fit(..., method="lm")`` (and ``method="curve_fit"`` with
   ``--with-curve-fit``) on the same spectra and masks, default settings.
 * Per S/N and method: per label and RV the robust scatter (half the 16-84 % range of
@@ -237,6 +239,29 @@ def make_test_set(net: PayneNumpy, apogee_mask, n: int, snr: float, seed: int):
 # --------------------------------------------------------------------------------------
 # Baseline: The-Payne-style scan + one curve_fit (trf, finite differences) per star
 # --------------------------------------------------------------------------------------
+def one_blas_thread():
+    """The baseline's BLAS on one thread (threadpoolctl), as the one-core baseline it
+    is. Left to itself OpenBLAS ran its scan's products on both cores, and its idle
+    workers spin for a while after each call: payne_lite's fit of 500 spectra run
+    right after a chunk of the baseline took 0.26-0.30 s against 0.22-0.25 s back to
+    back (with OPENBLAS_NUM_THREADS=1: 0.22-0.25 s after the baseline too). Without
+    threadpoolctl, a no-op with a warning."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import warnings
+
+        warnings.warn(
+            "threadpoolctl is not installed: the baseline's BLAS may use several "
+            "threads (pip install threadpoolctl)",
+            stacklevel=2,
+        )
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 class Baseline:
     def __init__(self, net: PayneNumpy, tol: float | None = None):
         self.net = net
@@ -294,7 +319,10 @@ class Baseline:
     def fit(self, flux, err, mask):
         if self.templates is None:
             self.prepare()
-        rows = [self.fit_one(f, e, m) for f, e, m in zip(flux, err, mask, strict=True)]
+        with one_blas_thread():
+            rows = [
+                self.fit_one(f, e, m) for f, e, m in zip(flux, err, mask, strict=True)
+            ]
         lab, rv, errs, chi2, nfev, ier = (np.array(c) for c in zip(*rows, strict=True))
         return dict(
             values=np.column_stack([lab, rv]),
