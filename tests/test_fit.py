@@ -730,7 +730,7 @@ def test_observation_models_are_kept_per_emulator_and_setting(monkeypatch):
     settings another; an emulator keeps the last OBS_CACHE_SIZE; an argument too
     large to key (per-star grids) is built every time; fits reuse the kept model
     and give the same table."""
-    from payne_lite.observe import _model as M
+    from payne_lite.observe import _cache as M
 
     built = []
     original = M.build_obs_model

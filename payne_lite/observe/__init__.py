@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import broadening as broadening
+from ._cache import cached_obs_model as cached_obs_model
 from ._calibrate import calibrate_emulator_errors as calibrate_emulator_errors
 from ._calibrate import emulator_error_z as emulator_error_z
 from ._chippoly import ChipPolynomial as ChipPolynomial
@@ -44,7 +45,6 @@ from ._model import JetNet as JetNet
 from ._model import ObsModel as ObsModel
 from ._model import ParamLayout as ParamLayout
 from ._model import build_obs_model as build_obs_model
-from ._model import cached_obs_model as cached_obs_model
 from ._model import embed_obs as embed_obs
 from ._model import lsf_sigma_pixels as lsf_sigma_pixels
 from ._model import make_model as make_model
