@@ -31,6 +31,15 @@ errors are right). Stars count when the LM flags are 0 and emcee converged.
     python benchmarks/bench_error_model.py --n 20                 # ~10 min on 2 cores
     python benchmarks/bench_error_model.py --n 100 --json out.json
     python benchmarks/bench_error_model.py --student /tmp/student.h5   # reuse one
+
+With ``--estimator gls`` the LM computes the generalised least-squares estimate
+under the same ``C`` and reports ``(J^T C^-1 J)^-1`` (``LMOptions(estimator=
+"gls")``), the posterior's width; ``--basis N K`` first gives the student a basis of
+K components from N fresh held-out spectra of the truth
+(``Emulator.with_error_basis``), which a calibrated ``C`` needs at high S/N:
+
+    python benchmarks/bench_error_model.py --n 100 --estimator gls --basis 1000 256 \
+        --student /tmp/student.h5
 """
 
 from __future__ import annotations
@@ -50,7 +59,12 @@ from payne_lite.errors import SamplingWarning
 if __package__ in (None, ""):  # run as a script: import the siblings as benchmarks.*
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
-from .bench_emulator_error import mock_stars, train_student, truth_emulator  # noqa: E402
+from .bench_emulator_error import (  # noqa: E402
+    mock_stars,
+    train_student,
+    truth_emulator,
+    truth_grid,
+)
 
 RATIO_RANGE = (0.9, 1.1)
 
@@ -69,15 +83,16 @@ def student_emulator(truth, path: Path | None, *, n_train, hidden, max_iter, see
     return student, time.perf_counter() - t0
 
 
-def compare(truth, student, mask, *, n, snr, seed, max_steps) -> dict:
-    """LM and emcee on ``n`` mock stars at ``snr``: per parameter the median
-    sigma_emcee / sigma_LM and the coverages, over the stars that count."""
+def compare(truth, student, mask, *, n, snr, seed, max_steps, estimator) -> dict:
+    """LM (``estimator``) and emcee on ``n`` mock stars at ``snr``: per parameter the
+    median sigma_emcee / sigma_LM and the coverages, over the stars that count."""
     labels, rv, flux, err = mock_stars(truth, n, snr, seed)
     names = (*student.label_names, "rv")
     truth_p = np.column_stack([labels, rv])
     masks = np.broadcast_to(mask, flux.shape)
     t0 = time.perf_counter()
-    lm = pl.fit(flux, err, student, mask=masks)
+    lm = pl.fit(flux, err, student, mask=masks,
+                options=pl.LMOptions(estimator=estimator))  # fmt: skip
     t_lm = time.perf_counter() - t0
     opts = pl.EmceeOptions(n_steps=max_steps)
     with warnings.catch_warnings():
@@ -126,6 +141,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-iter", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--estimator", choices=("wls", "gls"), default="wls")
+    ap.add_argument(
+        "--basis", type=int, nargs=2, metavar=("N", "K"),
+        help="replace the student's basis: K components of N held-out spectra",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     try:
         truth, mask = truth_emulator()
@@ -135,7 +155,12 @@ def main(argv=None) -> dict:
         truth, args.student, n_train=args.n_train, hidden=args.hidden,
         max_iter=args.max_iter, seed=args.seed,
     )  # fmt: skip
+    if args.basis is not None:
+        n_h, k = args.basis
+        # fresh spectra (the training grid's seed is args.seed), drawn alike
+        student = student.with_error_basis(truth_grid(truth, n_h, 11), rank=k)
     pe = np.asarray(student.pixel_error)
+    print(f"LM estimator: {args.estimator}")
     print(
         f"student: {student.meta.get('hidden', args.hidden)} hidden units, "
         f"error_basis {np.shape(student.error_basis)}, pixel_error median "
@@ -153,6 +178,7 @@ def main(argv=None) -> dict:
                 snr=snr,
                 seed=args.seed + 1,
                 max_steps=args.max_steps,
+                estimator=args.estimator,
             )
         )
         ratios = {n: round(runs[-1]["params"][n]["median_ratio"], 3) for n in names}
@@ -183,7 +209,13 @@ def main(argv=None) -> dict:
         for n in names
     )
     print(f"all medians within {RATIO_RANGE}: {inside}")
-    result = {"runs": runs, "within_range": inside, "train_seconds": round(t_train, 1)}
+    result = {
+        "runs": runs,
+        "within_range": inside,
+        "train_seconds": round(t_train, 1),
+        "estimator": args.estimator,
+        "basis": None if args.basis is None else list(args.basis),
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

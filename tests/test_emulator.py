@@ -1000,3 +1000,42 @@ def test_float64_request_without_x64_does_not_poison_cache(make_emulator, tol):
     assert flux.dtype == F64
     ref = ref_emulator(emu, x)[0]
     _assert_close(flux, ref, tol(F64), scale=np.abs(ref).max())
+
+
+def test_with_error_basis_holds_the_held_out_covariance(tmp_path):
+    """Emulator.with_error_basis on held-out spectra of another network: with the
+    full rank, B^T B is the errors' second moment R^T R / N (NumPy), and a lower
+    rank keeps its leading eigenvalues; pixel_error is their RMS; an unusable
+    pixel counts as zero error; error_scale is dropped; the basis survives a
+    save/load; another grid or a rank out of range is refused."""
+    from conftest import TINY_NAMES, TINY_UNITS, build_tiny_emulator
+
+    emu = build_tiny_emulator(n_pix=40, seed=2)
+    truth = build_tiny_emulator(n_pix=40, seed=3)
+    rng = np.random.default_rng(0)
+    labels = emu.unscale(rng.uniform(-0.4, 0.4, (30, 3)))
+    flux = truth.predict(labels).astype(np.float64)
+    err = np.full_like(flux, 0.01)
+    err[4, 7] = np.inf  # unusable: counts as no error
+    grid = SpectralGrid(wavelength=emu.wavelength, labels=labels, flux=flux,
+                        label_names=TINY_NAMES, label_units=TINY_UNITS,
+                        flux_err=err)  # fmt: skip
+    r = emu.predict(labels).astype(np.float64) - flux
+    r[4, 7] = 0.0
+    full = emu.with_error_basis(grid, rank=29)
+    b = full.error_basis.astype(np.float64)
+    np.testing.assert_allclose(b.T @ b, r.T @ r / 30, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(full.pixel_error, np.sqrt(np.mean(r * r, 0)), rtol=1e-5)
+    low = emu.with_error_basis(grid, rank=3)
+    ev = np.linalg.eigvalsh(r.T @ r / 30)[::-1][:3]
+    b3 = low.error_basis.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.eigvalsh(b3 @ b3.T)[::-1], ev, rtol=1e-4)
+    assert low.error_scale is None and low.meta["error_basis"]["rank"] == 3
+    low.save(tmp_path / "e.h5")
+    back = Emulator.load(tmp_path / "e.h5")
+    np.testing.assert_array_equal(back.error_basis, low.error_basis)
+    with pytest.raises(ValueError, match="rank must be"):
+        emu.with_error_basis(grid, rank=30)
+    other = dataclasses.replace(grid, wavelength=grid.wavelength + 1.0)
+    with pytest.raises(ValueError, match="wavelengths"):
+        emu.with_error_basis(other)

@@ -101,10 +101,11 @@ def test_masked_pixels_drop_out():
     )
 
 
-def _emulator_with_basis(seed=13, k=4):
-    """The smooth test emulator with a smooth correlated error (K = ``k``) and a
-    per-pixel error a little above the basis's diagonal."""
-    emu = smooth_emulator()
+def _emulator_with_basis(seed=13, k=4, wavelength=None):
+    """The smooth test emulator (on ``wavelength``, default its own linear grid)
+    with a smooth correlated error (K = ``k``) and a per-pixel error a little above
+    the basis's diagonal."""
+    emu = smooth_emulator(wavelength=wavelength)
     rng = np.random.default_rng(seed)
     x = np.linspace(0.0, 1.0, N_PIX)
     basis = 0.003 * np.sin(2 * np.pi * np.outer(rng.uniform(1, 6, k), x) + 1.0)
@@ -282,3 +283,129 @@ def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
     got_mean = np.array([float(t[f"{n}_p50"][0]) for n in TINY_NAMES])
     np.testing.assert_allclose(got_sd, sd, rtol=0.06)
     assert np.all(np.abs(got_mean - mean) < 0.12 * sd), (got_mean - mean) / sd
+
+
+def test_gls_estimator_of_a_linear_model_is_the_exact_posterior():
+    """A model exactly linear in the labels (rv fixed), C = diag(err^2 + pe^2 -
+    diag U^T U) + U^T U: LMOptions(estimator="gls") returns the GLS estimate
+    (A^T C^-1 A)^-1 A^T C^-1 (flux - c) and covariance (A^T C^-1 A)^-1, the
+    Gaussian posterior, worked here by dense NumPy (float64); chi2 is r^T C^-1 r."""
+    from test_sample import SPAN, linear_emulator, linear_parts
+
+    import payne_lite as pl
+
+    emu = linear_emulator()
+    p = emu.n_pix
+    x = np.linspace(0.0, 1.0, p)
+    rng = np.random.default_rng(4)
+    basis = 0.01 * np.sin(2 * np.pi * np.outer(rng.uniform(0.5, 3, 3), x) + 0.3)
+    pe = np.sqrt(np.sum(basis**2, axis=0) + 0.002**2)
+    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
+    a, c0 = linear_parts(emu)
+    err = np.full(p, 0.002)
+    c = np.diag(err**2 + 0.002**2) + basis.T @ basis
+    s_true = np.array([0.05, -0.1, 0.02])
+    flux = a @ s_true + c0 + np.linalg.cholesky(c) @ rng.standard_normal(p)
+    cov = np.linalg.inv(a.T @ np.linalg.solve(c, a))
+    mean_s = cov @ a.T @ np.linalg.solve(c, flux - c0)
+    opts = pl.LMOptions(estimator="gls")
+    t = pl.fit(flux, err, e, fixed={"rv": 0.0}, options=opts)
+    w = pl.fit(flux, err, e, fixed={"rv": 0.0})
+    assert t.meta["estimator"] == "gls" and w.meta["estimator"] == "wls"
+    assert t.meta["emulator_error_correlated"] is True
+    sd = np.sqrt(np.diag(cov)) * SPAN
+    got = np.array([float(t[n][0]) for n in TINY_NAMES])
+    assert np.all(np.abs(got - e.unscale(mean_s)) < 0.01 * sd), (
+        got - e.unscale(mean_s)
+    ) / sd
+    np.testing.assert_allclose(
+        np.asarray(t["covariance"][0])[:3, :3],
+        cov * SPAN[:, None] * SPAN[None, :],
+        rtol=2e-3,
+        atol=1e-4 * sd.max() ** 2,
+    )
+    r = flux - a @ mean_s - c0
+    np.testing.assert_allclose(
+        float(t["chi2"][0]), r @ np.linalg.solve(c, r), rtol=2e-3
+    )
+    assert t["flags"][0] == 0
+    # the per-pixel-weighted fit is another estimate, with wider errors here
+    lm_err = np.array([float(w[f"{n}_err"][0]) for n in TINY_NAMES])
+    assert np.all(sd < 0.8 * lm_err), sd / lm_err
+    assert np.any(
+        np.abs(got - np.array([float(w[n][0]) for n in TINY_NAMES])) > 0.1 * sd
+    )
+
+
+@pytest.mark.parametrize("grid", ["linear", "log"])
+def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
+    """The non-linear case, rv free: the GLS fit of each of two noisy stars (flux
+    noise plus a draw of the correlated error) is the minimum of r^T C^-1 r with
+    the dense C placed at the least-squares fit's rv (as the fitter holds it) and
+    the model by NumPy (conftest's interpolant), found by scipy; its covariance is
+    (J^T C^-1 J)^-1 there, narrower than the sandwich. On a log grid with a chip
+    gap the fitter sums over the observed span (shift_span), on a linear grid over
+    the pixels (basis_on)."""
+    from scipy.linalg import cho_factor, cho_solve, solve_triangular
+    from scipy.optimize import least_squares
+    from test_fit import log_wavelength
+
+    from payne_lite import LMOptions
+
+    e, basis, pe = _emulator_with_basis(
+        wavelength=log_wavelength() if grid == "log" else None
+    )
+    noisy, err, mask = two_noisy_stars(e)
+    if grid == "log":  # pixels whose taps may cross the gap: out of the comparison
+        mask = mask.copy()
+        mask[120:180] = True
+    rng = np.random.default_rng(21)
+    noisy = noisy + rng.standard_normal((2, basis.shape[0])) @ basis
+    w = fit(noisy, err, e, mask=mask)
+    t = fit(noisy, err, e, mask=mask, options=LMOptions(estimator="gls"))
+    obs = build_obs_model(e)
+    span = np.r_[e.label_hi - e.label_lo, 1.0]
+    keep = ~mask
+    for i in range(2):
+        rv_c = float(w["rv"][i])
+        _, c = _dense_c(e, basis, pe, err[i], keep, rv_c)
+        chol = np.linalg.cholesky(c)
+
+        def resid(x, i=i, chol=chol):
+            m = reference_spectra(e, x[None, :3], x[3:])[0]
+            return solve_triangular(chol, (noisy[i] - m)[keep], lower=True)
+
+        x0 = np.r_[e.scale(np.array([w[n][i] for n in TINY_NAMES])), rv_c]
+        # float32 model: difference steps of 1e-3 (1e-6 stalls 11 chi2 short)
+        ref = least_squares(resid, x0, method="lm", diff_step=1e-3, xtol=1e-10,
+                            ftol=1e-12)  # fmt: skip
+        _, _, jac = observe_jac(obs, jnp.asarray(ref.x, obs.x_obs.dtype))
+        j = np.asarray(jac, np.float64)[keep]
+        cov = np.linalg.inv(j.T @ cho_solve(cho_factor(c), j)) * span[:, None] * span
+        sd = np.sqrt(np.diag(cov))
+        got = np.r_[[t[n][i] for n in TINY_NAMES], t["rv"][i]]
+        want = np.r_[e.unscale(ref.x[:3]), ref.x[3]]
+        assert np.all(np.abs(got - want) < 0.05 * sd), (got - want) / sd
+        np.testing.assert_allclose(np.asarray(t["covariance"][i]), cov, rtol=0.02,
+                                   atol=1e-3 * sd.max() ** 2)  # fmt: skip
+        np.testing.assert_allclose(float(t["chi2"][i]), 2 * ref.cost, rtol=0.01)
+        wls = np.array([float(w[f"{n}_err"][i]) for n in TINY_NAMES])
+        assert np.all(sd[:3] < wls), sd[:3] / wls
+    assert np.all(t["flags"] == 0)
+
+
+def test_gls_estimator_needs_a_basis_and_single_spectra():
+    from payne_lite import LMOptions
+
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        LMOptions(estimator="ols")
+    e, _, _ = _emulator_with_basis()
+    noisy, err, mask = two_noisy_stars(e)
+    opts = LMOptions(estimator="gls")
+    plain = dataclasses.replace(e, error_basis=None)
+    with pytest.raises(ValueError, match="needs the emulator's correlated error"):
+        fit(noisy, err, plain, mask=mask, options=opts)
+    with pytest.raises(ValueError, match="needs the emulator's correlated error"):
+        fit(noisy, err, e, mask=mask, options=opts, emulator_error=False)
+    with pytest.raises(ValueError, match="not with group="):
+        fit(noisy, err, e, mask=mask, options=opts, group=np.array([0, 0]))

@@ -106,6 +106,16 @@ Array = jax.Array
 # --------------------------------------------------------------------------------------
 # The user-facing object
 # --------------------------------------------------------------------------------------
+def error_basis_of(resid, rank: int) -> np.ndarray:
+    """(K, P) float32: the ``rank`` leading principal components of the errors
+    ``resid`` (N, P) (0 at unused pixels), scaled by singular value / sqrt(N), so
+    that ``B^T B`` is their covariance truncated to rank K = min(rank, N, P)."""
+    r = np.asarray(resid, np.float64)
+    _, sv, vt = np.linalg.svd(r, full_matrices=False)
+    k = min(int(rank), sv.size)
+    return (sv[:k, None] * vt[:k] / np.sqrt(r.shape[0])).astype(np.float32)
+
+
 def _net_arrays(net) -> dict[str, np.ndarray]:
     out = {}
     for i, w in enumerate(net.weights):
@@ -582,19 +592,7 @@ class Emulator:
         Raises:
             ValueError: other label names or another wavelength grid.
         """
-        if tuple(grid.label_names) != self.label_names:
-            raise ValueError(
-                f"grid labels {list(grid.label_names)} differ from the emulator's "
-                f"{list(self.label_names)}"
-            )
-        if grid.n_pix != self.n_pix or not np.allclose(
-            grid.wavelength, self.wavelength, rtol=1e-9, atol=0.0
-        ):
-            raise ValueError(
-                f"grid wavelengths ({grid.n_pix} pixels, {grid.wavelength[0]:.6g}-"
-                f"{grid.wavelength[-1]:.6g}) differ from the emulator's ({self.n_pix}, "
-                f"{self.wavelength[0]:.6g}-{self.wavelength[-1]:.6g})"
-            )
+        self._check_grid(grid)
         pred = self.predict(grid.labels, allow_outside=True, batch_size=batch_size)
         err = np.abs(pred.astype(np.float32) - grid.flux)
         if grid.flux_err is not None:
@@ -625,6 +623,76 @@ class Emulator:
                 report, coverage=old.coverage, coverage_2d=old.coverage_2d
             )
         return report
+
+    def with_error_basis(self, grid, *, rank: int = 256) -> Emulator:
+        """A copy whose correlated error comes from the held-out spectra ``grid``.
+
+        ``error_basis`` becomes the ``rank`` leading principal components of the
+        errors ``predict(labels) - flux`` over ``grid`` (scaled so that
+        ``error_basis.T @ error_basis`` is their covariance truncated to that
+        rank) and ``pixel_error`` their per-pixel RMS; the ``error_scale``
+        (calibrated on the old basis) is dropped. Pixels with a non-finite or
+        non-positive ``flux_err`` count as zero error.
+
+        What it is for: generalised least squares (``LMOptions(estimator="gls")``)
+        and the samplers trust every direction the basis does not span. Measured
+        on a student of the real APOGEE network at S/N 300, their 1-sigma
+        coverage was 0.30-0.55 with the 32 components a training keeps from its
+        200 validation spectra and 0.53-0.75 with 256 from 500 or more held-out
+        spectra (benchmarks/README.md, "What the error covariance needs").
+
+        Args:
+            grid: a :class:`payne_lite.SpectralGrid` of spectra the emulator was
+                not trained on (not its training grid: those errors are too
+                small), with its label names and wavelength grid.
+            rank: components kept, at most ``grid.n_spec - 1``.
+
+        Raises:
+            ValueError: another grid, or ``rank`` out of range.
+        """
+        self._check_grid(grid)
+        rank = int(rank)
+        if not 1 <= rank < grid.n_spec:
+            raise ValueError(
+                f"rank must be 1 .. {grid.n_spec - 1} (below the {grid.n_spec} held-"
+                f"out spectra; >= 2 x rank of them recommended), got {rank}"
+            )
+        pred = self.predict(grid.labels, allow_outside=True)
+        resid = np.asarray(pred, np.float64) - grid.flux
+        if grid.flux_err is not None:
+            good = np.isfinite(grid.flux_err) & (grid.flux_err > 0)
+            resid = np.where(good, resid, 0.0)
+        resid = np.nan_to_num(resid)
+        meta = dict(self.meta)
+        meta.pop("error_scale", None)
+        meta["error_basis"] = {
+            "rank": rank,
+            "n_held_out": int(grid.n_spec),
+            "held_out_grid_sha256": grid_digest(grid),
+        }
+        return dataclasses.replace(
+            self,
+            error_basis=error_basis_of(resid, rank),
+            pixel_error=np.sqrt(np.mean(resid * resid, axis=0)).astype(np.float32),
+            error_scale=None,
+            meta=meta,
+        )
+
+    def _check_grid(self, grid) -> None:
+        """ValueError unless ``grid`` has this emulator's labels and wavelengths."""
+        if tuple(grid.label_names) != self.label_names:
+            raise ValueError(
+                f"grid labels {list(grid.label_names)} differ from the emulator's "
+                f"{list(self.label_names)}"
+            )
+        if grid.n_pix != self.n_pix or not np.allclose(
+            grid.wavelength, self.wavelength, rtol=1e-9, atol=0.0
+        ):
+            raise ValueError(
+                f"grid wavelengths ({grid.n_pix} pixels, {grid.wavelength[0]:.6g}-"
+                f"{grid.wavelength[-1]:.6g}) differ from the emulator's ({self.n_pix}, "
+                f"{self.wavelength[0]:.6g}-{self.wavelength[-1]:.6g})"
+            )
 
     # -- files ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

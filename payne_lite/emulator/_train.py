@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from .._validate import check_finite
 from ..errors import TrainingDivergedError
 from ..grid import SpectralGrid
-from ._emulator import Emulator
+from ._emulator import Emulator, error_basis_of
 from ._nets import ACTIVATIONS, PixelNet
 from ._report import ValidationReport
 from ._train_ckpt import (
@@ -515,10 +515,7 @@ def _error_basis(pred, flux, sw) -> np.ndarray:
     sqrt(N), so that ``B^T B`` is their covariance truncated to rank K
     (:data:`ERROR_BASIS_RANK`)."""
     r = np.where(np.asarray(sw) > 0, np.asarray(pred, np.float64) - flux, 0.0).T
-    n = r.shape[0]
-    _, sv, vt = np.linalg.svd(r, full_matrices=False)
-    k = min(ERROR_BASIS_RANK, sv.size)
-    return (sv[:k, None] * vt[:k] / np.sqrt(n)).astype(np.float32)
+    return error_basis_of(r, ERROR_BASIS_RANK)
 
 
 def _prepare(train, valid, lo, hi, cfg, dtype):

@@ -11,6 +11,7 @@ import numpy as np
 from .._serial import default_threads, to_device
 from ..observe import RV_WINDOW, ObsModel, emulator_error_on
 from ._curve_fit import curve_fit_one
+from ._gls import gls_refine
 from ._lm import (
     LMRows,
     final_batch,
@@ -59,6 +60,7 @@ class BatchContext(NamedTuple):
     emulator_error: tuple | None  # (wave_rest, wave_obs, pixel_error) or None
     profile: bool = False  # continuum="profile": variable projection
     error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
+    gls: bool = False  # estimator="gls": GLS steps under C from each fit (._gls)
 
 
 class FitPrior(NamedTuple):
@@ -483,7 +485,14 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     snr = np.zeros(size)
     snr[:m] = snr_job.result()  # the padding rows are not sorted
     meat = meat_emu = None
-    if ctx.error_basis is not None:
+    if ctx.gls:  # the minimum of r^T C^-1 r; its covariance (J^T C^-1 J)^-1
+        p_best, chi2_f, a_f, g_f, gls_conv = gls_refine(
+            obs, ctx.error_basis, p_best, f_j, wb, w_data, lo, hi, free, alive
+        )
+        conv_best = conv_best & gls_conv
+        if ctx.return_model:
+            model_f = model_batch(obs, to_device(p_best, dt))
+    elif ctx.error_basis is not None:
         meat, m2 = sandwich_meat(ctx, p_best, wb, w_data)
         meat_emu = m2 @ np.swapaxes(m2, 1, 2)
     return BatchFit(

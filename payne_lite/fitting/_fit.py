@@ -130,9 +130,14 @@ def fit_spectra(
         emulator, obs, derived, layout, fix, free, s_scan, broadening,
         method=method, rv_range=rv_range, wavelength=wavelength, max_iter=max_iter,
         return_model=return_model, emulator_error=emulator_error,
-        continuum=continuum,
+        continuum=continuum, estimator=opts.estimator,
     )  # fmt: skip
     if group is not None:
+        if ctx.gls:
+            raise ValueError(
+                f"{type(opts).__name__}(estimator='gls') fits spectra one by one: "
+                "not with group= (the joint fit of visits is least squares)"
+            )
         t = fit_groups(
             ctx, emulator, flux2, ivar, starts[0], group, batch_size=batch_size,
             scale_errors=scale_errors, mdn=mdn, mdn_starts=mdn_starts, seed=seed,
@@ -240,12 +245,17 @@ def _starting_labels(emulator, p0, n, fix):
 
 def _batch_context(
     emulator, obs, derived, layout, fix, free, s_scan, broadening, *, method, rv_range,
-    wavelength, max_iter, return_model, emulator_error, continuum,
+    wavelength, max_iter, return_model, emulator_error, continuum, estimator="wls",
 ):  # fmt: skip
     """The :class:`BatchContext` of one :func:`fit_spectra` call: RV-scan grid
     (``RV_SCAN_STEP``) and pixels, broadening start values, the emulator's error.
     ``derived``: the dict kept with ``obs`` (:func:`cached_obs_model`)."""
     dt = obs.x_obs.dtype
+    if estimator == "gls" and not (emulator_error and emulator.error_basis is not None):
+        raise ValueError(
+            "estimator='gls' needs the emulator's correlated error: an emulator with "
+            "an error_basis (Emulator.with_error_basis) and emulator_error=True"
+        )
     if ("scan", rv_range) not in derived:
         derived["scan", rv_range] = scan_pixels(obs, rv_range)
     n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / RV_SCAN_STEP))
@@ -278,6 +288,7 @@ def _batch_context(
             else None
         ),
         profile=continuum == "profile",
+        gls=estimator == "gls",
         error_basis=(
             jnp.asarray(emulator.error_basis, dt)
             if emulator_error and emulator.error_basis is not None
@@ -400,4 +411,8 @@ def _finish_meta(t, ctx, emulator, inst, broadening, continuum, wave_vac, mdn, m
         add_mdn_columns(t, ctx.layout, mdn_mean, mdn_sigma, refit, mdn_ok)
         t.meta.update(mdn_seconds=round(t_mdn, 4), mdn_n_components=mdn.n_components)
     t.meta["continuum"] = continuum
+    # "gls": the estimate and covariance under the whole C (no sandwich to scale)
+    t.meta["estimator"] = "gls" if ctx.gls else "wls"
+    if ctx.gls:
+        t.meta.update(emulator_error_correlated=True, emulator_error_scaled=False)
     return t
