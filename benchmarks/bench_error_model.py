@@ -40,6 +40,10 @@ K components from N fresh held-out spectra of the truth
 
     python benchmarks/bench_error_model.py --n 100 --estimator gls --basis 1000 256 \
         --student /tmp/student.h5
+    python benchmarks/bench_error_model.py --basis 1000 256 --lm-only   # ~2 min
+
+(``--lm-only``: no emcee; the LM's coverage and widths with either estimator on
+the same stars.)
 """
 
 from __future__ import annotations
@@ -130,6 +134,56 @@ def compare(truth, student, mask, *, n, snr, seed, max_steps, estimator) -> dict
     return out
 
 
+def estimators(truth, student, mask, *, n, snr, seed) -> dict:
+    """The LM alone, both estimators on the same ``n`` mock stars at ``snr``: per
+    parameter the fraction of truths within 1 sigma (stars with flags 0 in both)
+    and the median sigma_gls / sigma_wls; seconds per star of each."""
+    labels, rv, flux, err = mock_stars(truth, n, snr, seed)
+    names = (*student.label_names, "rv")
+    truth_p = np.column_stack([labels, rv])
+    masks = np.broadcast_to(mask, flux.shape)
+    tabs, secs = {}, {}
+    for est in ("wls", "gls"):
+        opts = pl.LMOptions(estimator=est)
+        pl.fit(flux[:2], err[:2], student, mask=masks[:2], options=opts)  # compile
+        t0 = time.perf_counter()
+        tabs[est] = pl.fit(flux, err, student, mask=masks, options=opts)
+        secs[est] = (time.perf_counter() - t0) / n
+    ok = (np.asarray(tabs["wls"]["flags"]) == 0) & (
+        np.asarray(tabs["gls"]["flags"]) == 0
+    )
+    out = {"snr": snr, "n": n, "n_used": int(ok.sum()), "seconds_per_star": secs}
+    for est, t in tabs.items():
+        z = np.column_stack(
+            [(np.asarray(t[c]) - truth_p[:, j]) / np.asarray(t[f"{c}_err"])
+             for j, c in enumerate(names)]
+        )  # fmt: skip
+        out[f"coverage_{est}"] = np.mean(np.abs(z[ok]) < 1, axis=0).tolist()
+        out[f"sd_z_{est}"] = np.std(z[ok], axis=0).tolist()
+    ratio = [
+        np.median((np.asarray(tabs["gls"][f"{c}_err"]) / tabs["wls"][f"{c}_err"])[ok])
+        for c in names
+    ]
+    out["median_sigma_gls_over_wls"] = [float(v) for v in ratio]
+    return out
+
+
+def _estimator_table(runs, names) -> None:
+    def fmt(v):
+        return " ".join(f"{x:.2f}" for x in v)
+
+    print(f"\ncolumns: {', '.join(names)}")
+    print("| S/N | stars used | estimator | 1-sigma coverage | sd(z) | "
+          "median sigma / sigma_wls | ms per star |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        for est in ("wls", "gls"):
+            ratio = r["median_sigma_gls_over_wls"] if est == "gls" else [1] * len(names)
+            print(f"| {r['snr']:g} | {r['n_used']}/{r['n']} | {est} | "
+                  f"{fmt(r[f'coverage_{est}'])} | {fmt(r[f'sd_z_{est}'])} | "
+                  f"{fmt(ratio)} | {1e3 * r['seconds_per_star'][est]:.1f} |")  # fmt: skip
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100, help="stars per S/N")
@@ -146,6 +200,10 @@ def main(argv=None) -> dict:
         "--basis", type=int, nargs=2, metavar=("N", "K"),
         help="replace the student's basis: K components of N held-out spectra",
     )  # fmt: skip
+    ap.add_argument(
+        "--lm-only", action="store_true",
+        help="no emcee: the LM's two estimators (wls, gls) on the same stars",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     try:
         truth, mask = truth_emulator()
@@ -160,13 +218,23 @@ def main(argv=None) -> dict:
         # fresh spectra (the training grid's seed is args.seed), drawn alike
         student = student.with_error_basis(truth_grid(truth, n_h, 11), rank=k)
     pe = np.asarray(student.pixel_error)
-    print(f"LM estimator: {args.estimator}")
+    print(f"LM estimator: {'wls and gls' if args.lm_only else args.estimator}")
     print(
         f"student: {student.meta.get('hidden', args.hidden)} hidden units, "
         f"error_basis {np.shape(student.error_basis)}, pixel_error median "
         f"{np.median(pe):.2e} (trained in {t_train:.0f} s; 0 = loaded)"
     )
     names = (*student.label_names, "rv")
+    if args.lm_only:
+        runs = [
+            estimators(truth, student, mask, n=args.n, snr=snr, seed=args.seed + 1)
+            for snr in args.snr
+        ]
+        _estimator_table(runs, names)
+        result = {"estimators": runs, "basis": args.basis}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return result
     runs = []
     for snr in args.snr:
         runs.append(
