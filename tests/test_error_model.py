@@ -239,8 +239,9 @@ def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
     """A model exactly linear in the labels (rv fixed) with correlated emulator
     error: the posterior is Gaussian with covariance (A^T C^-1 A)^-1 and mean
     that times A^T C^-1 (flux - c); emcee's draws recover it (sd within 6 %, mean
-    within 0.12 sd). The LM errors are the per-pixel-weighted estimator's, the
-    sandwich with the flux variances and U^T U, wider than the posterior's."""
+    within 0.12 sd). The sampler's own LM start is the GLS fit under the same C
+    (its errors the posterior's); the default fit's are the per-pixel-weighted
+    estimator's, the sandwich with the flux variances and U^T U, wider."""
     import warnings
 
     from test_sample import SPAN, linear_emulator, linear_parts
@@ -277,19 +278,24 @@ def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
     meat = aw.T @ (np.diag(err**2) + basis.T @ basis) @ aw
     sand = (ai @ meat @ ai) * SPAN[:, None] * SPAN[None, :]
     lm_err = np.array([float(t[f"{n}_lm_err"][0]) for n in TINY_NAMES])
-    np.testing.assert_allclose(lm_err, np.sqrt(np.diag(sand)), rtol=2e-3)
-    assert np.all(sd < lm_err)
+    np.testing.assert_allclose(lm_err, sd, rtol=2e-3)  # the sampler's LM: GLS
+    wls = pl.fit(flux, err, e, fixed={"rv": 0.0})
+    wls_err = np.array([float(wls[f"{n}_err"][0]) for n in TINY_NAMES])
+    np.testing.assert_allclose(wls_err, np.sqrt(np.diag(sand)), rtol=2e-3)
+    assert np.all(sd < wls_err)
     got_sd = np.array([float(t[f"{n}_std"][0]) for n in TINY_NAMES])
     got_mean = np.array([float(t[f"{n}_p50"][0]) for n in TINY_NAMES])
     np.testing.assert_allclose(got_sd, sd, rtol=0.06)
     assert np.all(np.abs(got_mean - mean) < 0.12 * sd), (got_mean - mean) / sd
 
 
-def test_gls_estimator_of_a_linear_model_is_the_exact_posterior():
+@pytest.mark.parametrize("method", ["lm", "curve_fit"])
+def test_gls_estimator_of_a_linear_model_is_the_exact_posterior(method):
     """A model exactly linear in the labels (rv fixed), C = diag(err^2 + pe^2 -
-    diag U^T U) + U^T U: LMOptions(estimator="gls") returns the GLS estimate
-    (A^T C^-1 A)^-1 A^T C^-1 (flux - c) and covariance (A^T C^-1 A)^-1, the
-    Gaussian posterior, worked here by dense NumPy (float64); chi2 is r^T C^-1 r."""
+    diag U^T U) + U^T U: estimator="gls" (after the LM or curve_fit) returns the
+    GLS estimate (A^T C^-1 A)^-1 A^T C^-1 (flux - c) and covariance
+    (A^T C^-1 A)^-1, the Gaussian posterior, worked here by dense NumPy (float64);
+    chi2 is r^T C^-1 r."""
     from test_sample import SPAN, linear_emulator, linear_parts
 
     import payne_lite as pl
@@ -308,9 +314,10 @@ def test_gls_estimator_of_a_linear_model_is_the_exact_posterior():
     flux = a @ s_true + c0 + np.linalg.cholesky(c) @ rng.standard_normal(p)
     cov = np.linalg.inv(a.T @ np.linalg.solve(c, a))
     mean_s = cov @ a.T @ np.linalg.solve(c, flux - c0)
-    opts = pl.LMOptions(estimator="gls")
-    t = pl.fit(flux, err, e, fixed={"rv": 0.0}, options=opts)
-    w = pl.fit(flux, err, e, fixed={"rv": 0.0})
+    cls = pl.LMOptions if method == "lm" else pl.CurveFitOptions
+    t = pl.fit(flux, err, e, fixed={"rv": 0.0}, method=method,
+               options=cls(estimator="gls"))  # fmt: skip
+    w = pl.fit(flux, err, e, fixed={"rv": 0.0}, method=method)
     assert t.meta["estimator"] == "gls" and w.meta["estimator"] == "wls"
     assert t.meta["emulator_error_correlated"] is True
     sd = np.sqrt(np.diag(cov)) * SPAN

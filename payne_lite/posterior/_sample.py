@@ -89,7 +89,10 @@ stage gives the summaries, weights and ``ess``; ``n_evals`` counts every stage's
 draws. ``ISOptions(adapt=0)`` is the MDN proposal alone, ``n_draws`` of it. With
 ``ISOptions.lm_share`` > 0 stage 0 is a defensive mixture: that share of its draws
 from a Student-t with the LM fit's mean and covariance (the LM fit of every star runs
-first unless ``lm_table`` is given; its time is not in ``seconds``), the mixture's
+first unless ``lm_table`` is given; its time is not in ``seconds``; with the
+emulator's ``error_basis`` it is the generalised least-squares fit under the
+likelihood's own ``C``, ``LMOptions(estimator="gls")``, whose covariance is the
+posterior's width at high S/N, where the per-pixel-weighted fit's is 3x wider), the mixture's
 density in ``log q`` (:func:`._is.mixture_log_q`). Stars whose
 ESS is below ``ISOptions.ess_min`` (default 200), or whose MDN gave no
 answer, are sampled again by emcee (``init`` as given, default the LM solution):
@@ -220,7 +223,7 @@ from ..observe import (
     Instrument,
     continuum_meta,
 )
-from ..options import EmceeOptions, ISOptions, NUTSOptions, options_for
+from ..options import EmceeOptions, ISOptions, LMOptions, NUTSOptions, options_for
 from ..spectra import unpack
 from ._diagnostics import N_TAU_MIN, RHAT_MAX
 from ._emcee import run_emcee
@@ -470,6 +473,9 @@ def sample(
             wavelength=wavelength, cont_deg=cont_deg, rv_range=rv_range,
             fixed=fixed, emulator_error=emulator_error,
             instrument=dataclasses.replace(inst, air=False),
+            # under the basis, the LM's centre and covariance are those of the
+            # posterior's likelihood (GLS), not the wider per-pixel-weighted fit's
+            options=LMOptions(estimator="gls" if pb.basis is not None else "wls"),
         ),
     )  # fmt: skip
     _run_samplers(run, progress)
