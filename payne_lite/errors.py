@@ -6,6 +6,7 @@ Every part raises these; users catch them as ``payne_lite.FileFormatError`` etc.
 from __future__ import annotations
 
 __all__ = [
+    "ErrorModelWarning",
     "FileFormatError",
     "KilledWorkerError",
     "OutputLockedError",
@@ -72,6 +73,12 @@ class TrainingDivergedError(RuntimeError):
     The last checkpoint written before it (``train_emulator(..., checkpoint=...)``)
     is kept as it was.
     """
+
+
+class ErrorModelWarning(UserWarning):
+    """An error model too poor for what was asked of it: generalised least squares
+    (``estimator="gls"``) with an emulator basis of too few components, whose
+    errors come out too small at high S/N."""
 
 
 class SamplingWarning(UserWarning):

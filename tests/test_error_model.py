@@ -16,6 +16,7 @@ from test_fit import N_PIX, reference_spectra, smooth_emulator
 
 from payne_lite import fit, log_posterior
 from payne_lite.constants import C_KMS
+from payne_lite.errors import ErrorModelWarning
 from payne_lite.observe import (
     ErrorModel,
     build_error_model,
@@ -315,8 +316,9 @@ def test_gls_estimator_of_a_linear_model_is_the_exact_posterior(method):
     cov = np.linalg.inv(a.T @ np.linalg.solve(c, a))
     mean_s = cov @ a.T @ np.linalg.solve(c, flux - c0)
     cls = pl.LMOptions if method == "lm" else pl.CurveFitOptions
-    t = pl.fit(flux, err, e, fixed={"rv": 0.0}, method=method,
-               options=cls(estimator="gls"))  # fmt: skip
+    with pytest.warns(ErrorModelWarning, match="error_basis of 3 components"):
+        t = pl.fit(flux, err, e, fixed={"rv": 0.0}, method=method,
+                   options=cls(estimator="gls"))  # fmt: skip
     w = pl.fit(flux, err, e, fixed={"rv": 0.0}, method=method)
     assert t.meta["estimator"] == "gls" and w.meta["estimator"] == "wls"
     assert t.meta["emulator_error_correlated"] is True
@@ -369,7 +371,8 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     rng = np.random.default_rng(21)
     noisy = noisy + rng.standard_normal((2, basis.shape[0])) @ basis
     w = fit(noisy, err, e, mask=mask)
-    t = fit(noisy, err, e, mask=mask, options=LMOptions(estimator="gls"))
+    with pytest.warns(ErrorModelWarning):  # the toy's 4 components (exact here)
+        t = fit(noisy, err, e, mask=mask, options=LMOptions(estimator="gls"))
     obs = build_obs_model(e)
     span = np.r_[e.label_hi - e.label_lo, 1.0]
     keep = ~mask
@@ -414,5 +417,58 @@ def test_gls_estimator_needs_a_basis_and_single_spectra():
         fit(noisy, err, plain, mask=mask, options=opts)
     with pytest.raises(ValueError, match="needs the emulator's correlated error"):
         fit(noisy, err, e, mask=mask, options=opts, emulator_error=False)
-    with pytest.raises(ValueError, match="not with group="):
+    with (
+        pytest.raises(ValueError, match="not with group="),
+        pytest.warns(ErrorModelWarning),
+    ):
         fit(noisy, err, e, mask=mask, options=opts, group=np.array([0, 0]))
+    # a basis of GLS_MIN_RANK components or more: no warning
+    big = dataclasses.replace(
+        e, error_basis=np.tile(e.error_basis / 32.0, (32, 1)), error_scale=None
+    )
+    t = fit(noisy[:1], err[:1], big, mask=mask, options=opts)
+    assert t.meta["estimator"] == "gls"
+
+
+def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
+    """payne-lite error-basis EMULATOR GRID --rank K -o OUT writes the emulator with
+    Emulator.with_error_basis's basis and says what it holds; a rank at or above
+    the spectra is refused in one line; payne-lite fit --options '{"estimator":
+    "gls"}' with it writes a table whose meta says gls."""
+    import json
+
+    from conftest import TINY_UNITS, write_tiny_catalog
+
+    import payne_lite as pl
+    from payne_lite.cli import main
+
+    e, basis, _ = _emulator_with_basis()
+    rng = np.random.default_rng(8)
+    labels = e.unscale(rng.uniform(-0.5, 0.5, (60, 3)))
+    flux = e.predict(labels) - rng.standard_normal((60, basis.shape[0])) @ basis
+    grid = pl.SpectralGrid(wavelength=e.wavelength, labels=labels, flux=flux,
+                           label_names=TINY_NAMES, label_units=TINY_UNITS)  # fmt: skip
+    grid.save(tmp_path / "held.h5")
+    e.save(tmp_path / "e.h5")
+    out = tmp_path / "gls.h5"
+    args = ["error-basis", str(tmp_path / "e.h5"), str(tmp_path / "held.h5")]
+    assert main([*args, "--rank", "4", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "error_basis: 4 components of 60 held-out spectra" in text, text
+    assert f"wrote {out}" in text
+    new = pl.Emulator.load(out)
+    want = e.with_error_basis(grid, rank=4)
+    np.testing.assert_allclose(new.error_basis, want.error_basis, rtol=1e-6)
+    assert main([*args, "--rank", "60", "-o", str(tmp_path / "x.h5")]) != 0
+    err = capsys.readouterr().err
+    assert "rank must be" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.h5").exists()
+    write_tiny_catalog(tmp_path / "cat.h5", e, 3, noise=0.005)
+    fits = tmp_path / "fits.h5"
+    opts = json.dumps({"estimator": "gls"})
+    assert main(["fit", str(tmp_path / "cat.h5"), "--emulator", str(out),
+                 "--options", opts, "-o", str(fits), "--no-progress"]) == 0  # fmt: skip
+    err = capsys.readouterr().err  # the CLI shows a warning as one line
+    assert err.count("payne-lite: warning: estimator='gls' with an error_basis of 4") == 1
+    t = pl.read_results(fits)
+    assert t.meta["estimator"] == "gls" and len(t) == 3

@@ -22,8 +22,14 @@ import numpy as np
 
 from .._api import fit
 from .._validate import warn_if_near_grid
-from ..errors import KilledWorkerError, SchedulerLostError, WavelengthGridWarning
+from ..errors import (
+    ErrorModelWarning,
+    KilledWorkerError,
+    SchedulerLostError,
+    WavelengthGridWarning,
+)
 from ..fitting import METHODS as POINT_METHODS
+from ..fitting._gls import warn_small_basis
 from ..observe import Instrument
 from ..options import options_for
 from ._apogee import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds
@@ -145,6 +151,7 @@ def fit_rows(
         m = mask if m is None else (m | mask[None, :])
     with warnings.catch_warnings():  # fit_catalog warned once for the catalog
         warnings.simplefilter("ignore", WavelengthGridWarning)
+        warnings.simplefilter("ignore", ErrorModelWarning)
         table = fit(
             chunk.flux,
             chunk.flux_err,
@@ -322,6 +329,9 @@ def fit_catalog(
     )
     group = _check_group(group, method, fit_kwargs)
     emulator, mdn, fit_kwargs = _load_models(emulator, mdn, fit_kwargs)
+    opts = fit_kwargs.get("options")
+    if getattr(opts, "estimator", "wls") == "gls" and emulator.error_basis is not None:
+        warn_small_basis(emulator)  # once for the catalog, not per chunk
 
     t0 = time.perf_counter()
     # one run per output: a second is refused here, before it reads, deletes

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 from .._version import __version__
 from ..errors import (
+    ErrorModelWarning,
     KilledWorkerError,
     OutputLockedError,
     SchedulerLostError,
@@ -35,7 +36,12 @@ from ..errors import (
     WavelengthGridWarning,
 )
 from ._bench import add_bench, run_bench
-from ._calibrate import add_calibrate_errors, run_calibrate_errors
+from ._calibrate import (
+    add_calibrate_errors,
+    add_error_basis,
+    run_calibrate_errors,
+    run_error_basis,
+)
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -69,6 +75,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "train-mdn": (add_train_mdn, run_train_mdn),
     "train-flow": (add_train_flow, run_train_flow),
     "calibrate-errors": (add_calibrate_errors, run_calibrate_errors),
+    "error-basis": (add_error_basis, run_error_basis),
     "plot": (add_plot, run_plot),
     "bench": (add_bench, run_bench),
 }
@@ -160,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _logging_to_stderr(args.verbose), warnings.catch_warnings():
         if not args.debug:  # one line per warning, like the errors (no source line)
             warnings.showwarning = _show_warning
-        warnings.simplefilter("default", WavelengthGridWarning)  # shown, never raised
+        for shown in (WavelengthGridWarning, ErrorModelWarning):  # never raised
+            warnings.simplefilter("default", shown)
         try:
             return run(args)
         except (OSError, ValueError) as err:  # FileFormatError is a ValueError

@@ -26,6 +26,7 @@ from ..observe import (
 )
 from ..options import CurveFitOptions, LMOptions, options_for
 from ._driver import BatchContext, rescan_fits, run_batches, scatter_rows, take_rows
+from ._gls import warn_small_basis
 from ._grids import fit_per_star_grids
 from ._mdn_bounds import add_mdn_columns, at_mdn_bound, mdn_prior, mdn_start_points
 from ._rvscan import RV_SCAN_STEP, scan_pixels
@@ -256,6 +257,8 @@ def _batch_context(
             "estimator='gls' needs the emulator's correlated error: an emulator with "
             "an error_basis (Emulator.with_error_basis) and emulator_error=True"
         )
+    if estimator == "gls":
+        warn_small_basis(emulator)
     if ("scan", rv_range) not in derived:
         derived["scan", rv_range] = scan_pixels(obs, rv_range)
     n_steps = int(np.ceil((rv_range[1] - rv_range[0]) / RV_SCAN_STEP))

@@ -32,12 +32,14 @@ grid of spectra it was not trained on.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._serial import serial_jit
+from ..errors import ErrorModelWarning
 from ..observe import (
     basis_on,
     diagonal_variance,
@@ -48,6 +50,10 @@ from ..observe import (
 )
 from ._lm import over, sequential_lanes
 
+#: ``estimator="gls"`` warns (:class:`payne_lite.errors.ErrorModelWarning`) below
+#: this many basis components: with 32 the GLS errors covered 0.30-0.55 of the
+#: truths at S/N 300, with 128 0.57-0.68, with 256 0.53-0.75 (benchmarks/README.md).
+GLS_MIN_RANK = 128
 #: Gauss-Newton steps from the point fit at most.
 GLS_MAX_STEPS = 6
 #: The steps stop once every free parameter's step is below this many of its
@@ -118,6 +124,22 @@ def _woodbury(chol, pieces):
         g[i] -= gj.T @ gr
         chi2[i] -= gr @ gr
     return a, g, chi2
+
+
+def warn_small_basis(emulator) -> None:
+    """:class:`ErrorModelWarning` when ``emulator``'s basis has fewer than
+    :data:`GLS_MIN_RANK` components."""
+    k = int(np.shape(emulator.error_basis)[0])
+    if k < GLS_MIN_RANK:
+        warnings.warn(
+            f"estimator='gls' with an error_basis of {k} components: at high S/N its "
+            f"errors come out too small (with 32: 0.30-0.55 of the truths within 1 "
+            f"sigma at S/N 300); give the emulator >= {GLS_MIN_RANK} (256 measured "
+            "best) components of >= 500 held-out spectra first: "
+            "emulator.with_error_basis(held_out_grid, rank=256)",
+            ErrorModelWarning,
+            stacklevel=5,  # the caller of pl.fit
+        )
 
 
 def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive):

@@ -214,7 +214,7 @@ import numpy as np
 
 from .._validate import as_float_array
 from ..emulator import Emulator
-from ..errors import SamplingWarning
+from ..errors import ErrorModelWarning, SamplingWarning
 from ..fitting import fit_spectra, param_units
 from ..observe import (
     BROADENING_START,
@@ -683,16 +683,20 @@ def _is_lm(run: _Run, i):
 
 def _lm_fits(run: _Run, rows) -> None:
     """The LM starts of ``rows``: one fit of all the stars (``run.lm``), or of the
-    subset (``run.lm_cache``)."""
+    subset (``run.lm_cache``). The sampler's own GLS start does not warn of a small
+    basis: the likelihood is the sampler's under that basis whatever the start."""
     pb = run.pb
-    if rows.size == run.n:
-        run.lm = fit_spectra(
-            pb.flux2, err_from_ivar(pb.ivar), pb.emulator, **run.fit_options
-        )
-        return
-    sub = fit_spectra(
-        pb.flux2[rows], err_from_ivar(pb.ivar[rows]), pb.emulator, **run.fit_options
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ErrorModelWarning)
+        if rows.size == run.n:
+            run.lm = fit_spectra(
+                pb.flux2, err_from_ivar(pb.ivar), pb.emulator, **run.fit_options
+            )
+            return
+        sub = fit_spectra(
+            pb.flux2[rows], err_from_ivar(pb.ivar[rows]), pb.emulator,
+            **run.fit_options,
+        )  # fmt: skip
     for j, i in enumerate(rows):
         run.lm_cache[int(i)] = _lm_row(sub, j, pb.layout, pb.emulator)
 
