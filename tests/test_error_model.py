@@ -346,7 +346,7 @@ def test_gls_estimator_of_a_linear_model_is_the_exact_posterior(method):
     )
 
 
-@pytest.mark.parametrize("grid", ["linear", "log"])
+@pytest.mark.parametrize("grid", ["linear", "log", "log+continuum"])
 def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     """The non-linear case, rv free: the GLS fit of each of two noisy stars (flux
     noise plus a draw of the correlated error) is the minimum of r^T C^-1 r with
@@ -354,7 +354,8 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     the model by NumPy (conftest's interpolant), found by scipy; its covariance is
     (J^T C^-1 J)^-1 there, narrower than the sandwich. On a log grid with a chip
     gap the fitter sums over the observed span (shift_span), on a linear grid over
-    the pixels (basis_on)."""
+    the pixels (basis_on); with a linear continuum (cont_deg=1) the basis is times
+    the fit's continuum, as the model."""
     from scipy.linalg import cho_factor, cho_solve, solve_triangular
     from scipy.optimize import least_squares
     from test_fit import log_wavelength
@@ -362,30 +363,39 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     from payne_lite import LMOptions
 
     e, basis, pe = _emulator_with_basis(
-        wavelength=log_wavelength() if grid == "log" else None
+        wavelength=log_wavelength() if grid.startswith("log") else None
     )
     noisy, err, mask = two_noisy_stars(e)
-    if grid == "log":  # pixels whose taps may cross the gap: out of the comparison
+    if grid.startswith("log"):  # pixels whose taps may cross the gap: left out
         mask = mask.copy()
         mask[120:180] = True
+    n_cont = 2 if grid.endswith("continuum") else 0
+    x = 2 * (e.wavelength - e.wavelength[0]) / np.ptp(e.wavelength) - 1
+    if n_cont:  # the stars times 1.1 +- 0.05 x
+        noisy, err = noisy * (1.1 + 0.05 * x), err * 1.1
     rng = np.random.default_rng(21)
     noisy = noisy + rng.standard_normal((2, basis.shape[0])) @ basis
-    w = fit(noisy, err, e, mask=mask)
+    kw = dict(mask=mask, cont_deg=n_cont - 1) if n_cont else dict(mask=mask)
+    w = fit(noisy, err, e, **kw)
     with pytest.warns(ErrorModelWarning):  # the toy's 4 components (exact here)
-        t = fit(noisy, err, e, mask=mask, options=LMOptions(estimator="gls"))
-    obs = build_obs_model(e)
-    span = np.r_[e.label_hi - e.label_lo, 1.0]
+        t = fit(noisy, err, e, options=LMOptions(estimator="gls"), **kw)
+    obs = build_obs_model(e, cont_deg=max(n_cont - 1, 0))
+    cont_names = [f"cont_{j}" for j in range(n_cont)]
+    span = np.r_[e.label_hi - e.label_lo, np.ones(1 + n_cont)]
     keep = ~mask
     for i in range(2):
         rv_c = float(w["rv"][i])
-        _, c = _dense_c(e, basis, pe, err[i], keep, rv_c)
+        c_c = [float(w[n][i]) for n in cont_names]
+        cont = np.polynomial.chebyshev.chebval(x, c_c) if n_cont else None
+        _, c = _dense_c(e, basis, pe, err[i], keep, rv_c, cont=cont)
         chol = np.linalg.cholesky(c)
 
         def resid(x, i=i, chol=chol):
-            m = reference_spectra(e, x[None, :3], x[3:])[0]
+            co = x[4:] if n_cont else None
+            m = reference_spectra(e, x[None, :3], x[3:4], cont=co)[0]
             return solve_triangular(chol, (noisy[i] - m)[keep], lower=True)
 
-        x0 = np.r_[e.scale(np.array([w[n][i] for n in TINY_NAMES])), rv_c]
+        x0 = np.r_[e.scale(np.array([w[n][i] for n in TINY_NAMES])), rv_c, c_c]
         # float32 model: difference steps of 1e-3 (1e-6 stalls 11 chi2 short)
         ref = least_squares(resid, x0, method="lm", diff_step=1e-3, xtol=1e-10,
                             ftol=1e-12)  # fmt: skip
@@ -393,8 +403,9 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
         j = np.asarray(jac, np.float64)[keep]
         cov = np.linalg.inv(j.T @ cho_solve(cho_factor(c), j)) * span[:, None] * span
         sd = np.sqrt(np.diag(cov))
-        got = np.r_[[t[n][i] for n in TINY_NAMES], t["rv"][i]]
-        want = np.r_[e.unscale(ref.x[:3]), ref.x[3]]
+        got = np.r_[[t[n][i] for n in TINY_NAMES], t["rv"][i],
+                    [t[n][i] for n in cont_names]]  # fmt: skip
+        want = np.r_[e.unscale(ref.x[:3]), ref.x[3:]]
         assert np.all(np.abs(got - want) < 0.05 * sd), (got - want) / sd
         np.testing.assert_allclose(np.asarray(t["covariance"][i]), cov, rtol=0.02,
                                    atol=1e-3 * sd.max() ** 2)  # fmt: skip
@@ -469,6 +480,8 @@ def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "cat.h5"), "--emulator", str(out),
                  "--options", opts, "-o", str(fits), "--no-progress"]) == 0  # fmt: skip
     err = capsys.readouterr().err  # the CLI shows a warning as one line
-    assert err.count("payne-lite: warning: estimator='gls' with an error_basis of 4") == 1
+    assert (
+        err.count("payne-lite: warning: estimator='gls' with an error_basis of 4") == 1
+    )
     t = pl.read_results(fits)
     assert t.meta["estimator"] == "gls" and len(t) == 3

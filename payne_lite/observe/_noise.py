@@ -33,15 +33,16 @@ one rv and continuum: the LM fit's, or the sampler's window centre), so
 ``log det C`` is constant in the parameters and the log posterior omits it.
 
 Who uses it: the samplers' log likelihood (:mod:`payne_lite.posterior`: emcee,
-NUTS, mdn-is, through their ``Target``: ``w = 1 / D``, ``v = V``). The point fits
-(:mod:`payne_lite.fitting`, LM and curve_fit) do not: their estimator is least
-squares with the per-pixel weights ``1 / diag(C)``, and the covariance they report
-is that estimator's scatter under ``C``'s low-rank part plus the flux variances,
-the sandwich (:func:`payne_lite.fitting._lm.sandwich_meat`, the basis placed as
-:func:`basis_on` does). ``(J^T C^-1 J)^-1`` (:func:`low_rank_pieces`,
-:func:`woodbury_information`) is the generalised least-squares estimator's
-variance, about the posterior's width: at most the sandwich, much below it where
-``U^T U`` dominates ``D`` (high S/N).
+NUTS, mdn-is, through their ``Target``: ``w = 1 / D``, ``v = V``), and the point
+fits with ``estimator="gls"`` (:mod:`payne_lite.fitting._gls`: the minimum of
+``r^T C^-1 r`` and ``(J^T C^-1 J)^-1``, the posterior's centre and width at high
+S/N; the samplers start from it). By default the point fits (LM and curve_fit)
+estimate by least squares with the per-pixel weights ``1 / diag(C)``, and the
+covariance they report is that estimator's scatter under ``C``'s low-rank part
+plus the flux variances, the sandwich (:func:`payne_lite.fitting._lm.sandwich_meat`,
+the basis placed as :func:`basis_on` does). ``(J^T C^-1 J)^-1``
+(:func:`low_rank_pieces`, :func:`woodbury_information`) is at most the sandwich,
+much below it where ``U^T U`` dominates ``D`` (high S/N).
 """
 
 from __future__ import annotations
