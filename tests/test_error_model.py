@@ -235,6 +235,27 @@ def test_point_fit_covariance_is_the_sandwich_of_the_error_model():
         )
 
 
+def _linear_toy(seed, flux_err):
+    """A model exactly linear in the labels with a 3-component correlated error and
+    one noisy spectrum drawn from its C (float64): ``(emulator, A (P, L), c (P,),
+    C (P, P), err (P,), flux (P,))``, flux = A s + c + noise for scaled s."""
+    from test_sample import linear_emulator, linear_parts
+
+    emu = linear_emulator()
+    p = emu.n_pix
+    x = np.linspace(0.0, 1.0, p)
+    rng = np.random.default_rng(seed)
+    basis = 0.01 * np.sin(2 * np.pi * np.outer(rng.uniform(0.5, 3, 3), x) + 0.3)
+    pe = np.sqrt(np.sum(basis**2, axis=0) + 0.002**2)
+    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
+    a, c0 = linear_parts(emu)
+    err = np.full(p, flux_err)
+    c = np.diag(err**2 + 0.002**2) + basis.T @ basis
+    s_true = np.array([0.05, -0.1, 0.02])
+    flux = a @ s_true + c0 + np.linalg.cholesky(c) @ rng.standard_normal(p)
+    return e, a, c0, c, err, flux
+
+
 @pytest.mark.slow
 def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
     """A model exactly linear in the labels (rv fixed) with correlated emulator
@@ -245,23 +266,13 @@ def test_linear_toy_lm_and_emcee_give_the_exact_posterior():
     estimator's, the sandwich with the flux variances and U^T U, wider."""
     import warnings
 
-    from test_sample import SPAN, linear_emulator, linear_parts
+    from test_sample import SPAN
 
     import payne_lite as pl
     from payne_lite.errors import SamplingWarning
 
-    emu = linear_emulator()
-    p = emu.n_pix
-    x = np.linspace(0.0, 1.0, p)
-    rng = np.random.default_rng(2)
-    basis = 0.01 * np.sin(2 * np.pi * np.outer(rng.uniform(0.5, 3, 3), x) + 0.3)
-    pe = np.sqrt(np.sum(basis**2, axis=0) + 0.002**2)
-    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
-    a, c0 = linear_parts(emu)
-    err = np.full(p, 0.01)
-    c = np.diag(err**2 + 0.002**2) + basis.T @ basis
-    s_true = np.array([0.05, -0.1, 0.02])
-    flux = a @ s_true + c0 + np.linalg.cholesky(c) @ rng.standard_normal(p)
+    e, a, c0, c, err, flux = _linear_toy(2, 0.01)
+    basis, pe = e.error_basis, e.pixel_error
     prec = a.T @ np.linalg.solve(c, a)
     cov = np.linalg.inv(prec)
     mean = e.unscale(cov @ a.T @ np.linalg.solve(c, flux - c0))
@@ -297,22 +308,11 @@ def test_gls_estimator_of_a_linear_model_is_the_exact_posterior(method):
     GLS estimate (A^T C^-1 A)^-1 A^T C^-1 (flux - c) and covariance
     (A^T C^-1 A)^-1, the Gaussian posterior, worked here by dense NumPy (float64);
     chi2 is r^T C^-1 r."""
-    from test_sample import SPAN, linear_emulator, linear_parts
+    from test_sample import SPAN
 
     import payne_lite as pl
 
-    emu = linear_emulator()
-    p = emu.n_pix
-    x = np.linspace(0.0, 1.0, p)
-    rng = np.random.default_rng(4)
-    basis = 0.01 * np.sin(2 * np.pi * np.outer(rng.uniform(0.5, 3, 3), x) + 0.3)
-    pe = np.sqrt(np.sum(basis**2, axis=0) + 0.002**2)
-    e = dataclasses.replace(emu, pixel_error=pe, error_basis=basis)
-    a, c0 = linear_parts(emu)
-    err = np.full(p, 0.002)
-    c = np.diag(err**2 + 0.002**2) + basis.T @ basis
-    s_true = np.array([0.05, -0.1, 0.02])
-    flux = a @ s_true + c0 + np.linalg.cholesky(c) @ rng.standard_normal(p)
+    e, a, c0, c, err, flux = _linear_toy(4, 0.002)
     cov = np.linalg.inv(a.T @ np.linalg.solve(c, a))
     mean_s = cov @ a.T @ np.linalg.solve(c, flux - c0)
     cls = pl.LMOptions if method == "lm" else pl.CurveFitOptions

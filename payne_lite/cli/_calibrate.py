@@ -25,6 +25,28 @@ from ._common import (
 _log = logging.getLogger("payne_lite.cli")
 
 
+def _emulator_grid_output(p, what: str) -> None:
+    """The arguments both commands take: EMULATOR GRID -o OUT.h5 (``what`` it holds)."""
+    p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
+    p.add_argument(
+        "grid", metavar="GRID", help="a payne_lite grid file of held-out spectra"
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT.h5",
+        help=f"output emulator file ({what})",
+    )  # fmt: skip
+
+
+def _read_emulator_grid(args):
+    """``(emulator, grid, output path)`` of :func:`_emulator_grid_output`'s
+    arguments, the files checked before any work."""
+    emu_path = require_file(args.emulator)
+    grid_path = require_file(args.grid)
+    out = check_output(args.output, inputs=[emu_path, grid_path])
+    emu = checked_read(Emulator.load, emu_path)
+    return emu, checked_read(SpectralGrid.load, grid_path), out
+
+
 def add_calibrate_errors(sub) -> None:
     p = add_subcommand(
         sub,
@@ -43,14 +65,7 @@ def add_calibrate_errors(sub) -> None:
             "  payne-lite calibrate-errors emulator.h5 held_out.h5 -o calibrated.h5"
         ),
     )
-    p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
-    p.add_argument(
-        "grid", metavar="GRID", help="a payne_lite grid file of held-out spectra"
-    )
-    p.add_argument(
-        "-o", "--output", required=True, metavar="OUT.h5",
-        help="output emulator file (the input emulator with its error_scale)",
-    )  # fmt: skip
+    _emulator_grid_output(p, "the input emulator with its error_scale")
     p.add_argument(
         "--snr", type=positive_float, default=100.0,
         help="S/N of the fit's weights in the calibration",
@@ -58,11 +73,7 @@ def add_calibrate_errors(sub) -> None:
 
 
 def run_calibrate_errors(args) -> int:
-    emu_path = require_file(args.emulator)
-    grid_path = require_file(args.grid)
-    out = check_output(args.output, inputs=[emu_path, grid_path])
-    emu = checked_read(Emulator.load, emu_path)
-    grid = checked_read(SpectralGrid.load, grid_path)
+    emu, grid, out = _read_emulator_grid(args)
     _log.info("calibrating %r on %d spectra", emu, grid.labels.shape[0])
     cal = calibrate_emulator_errors(emu, grid, snr=args.snr)
     cal.save(out)
@@ -99,14 +110,7 @@ def add_error_basis(sub) -> None:
             '\'{"estimator": "gls"}\' -o fits.h5'
         ),
     )
-    p.add_argument("emulator", metavar="EMULATOR", help="a payne_lite emulator file")
-    p.add_argument(
-        "grid", metavar="GRID", help="a payne_lite grid file of held-out spectra"
-    )
-    p.add_argument(
-        "-o", "--output", required=True, metavar="OUT.h5",
-        help="output emulator file (the input emulator with the new basis)",
-    )  # fmt: skip
+    _emulator_grid_output(p, "the input emulator with the new basis")
     p.add_argument(
         "--rank", type=positive_int, default=256,
         help="components kept (below the number of held-out spectra)",
@@ -114,11 +118,7 @@ def add_error_basis(sub) -> None:
 
 
 def run_error_basis(args) -> int:
-    emu_path = require_file(args.emulator)
-    grid_path = require_file(args.grid)
-    out = check_output(args.output, inputs=[emu_path, grid_path])
-    emu = checked_read(Emulator.load, emu_path)
-    grid = checked_read(SpectralGrid.load, grid_path)
+    emu, grid, out = _read_emulator_grid(args)
     new = emu.with_error_basis(grid, rank=args.rank)
     new.save(out)
     b = np.asarray(new.error_basis, np.float64)
