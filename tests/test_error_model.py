@@ -485,3 +485,28 @@ def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
     )
     t = pl.read_results(fits)
     assert t.meta["estimator"] == "gls" and len(t) == 3
+
+
+def test_gls_estimator_treats_nan_flux_as_masked():
+    """A chunk of NaN flux (and a pixel with zero error) gets no weight under GLS
+    either: the same estimate and covariance as with those pixels masked."""
+    from payne_lite import LMOptions
+
+    e, basis, _ = _emulator_with_basis()
+    noisy, err, mask = two_noisy_stars(e)
+    bad = noisy.copy()
+    bad[0, 100:130] = np.nan
+    err_bad = err.copy()
+    err_bad[1, 200] = 0.0
+    masked = np.broadcast_to(mask, noisy.shape).copy()
+    masked[0, 100:130] = True
+    masked[1, 200] = True
+    opts = LMOptions(estimator="gls")
+    with pytest.warns(ErrorModelWarning):
+        t_nan = fit(bad, err_bad, e, mask=mask, options=opts)
+        t_msk = fit(noisy, err, e, mask=masked, options=opts)
+    assert np.all(t_nan["flags"] == 0)
+    for c in (*TINY_NAMES, "rv", "chi2"):
+        np.testing.assert_allclose(t_nan[c], t_msk[c], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(t_nan["covariance"], t_msk["covariance"], rtol=1e-5)
+    assert np.all(t_nan["n_good_pixels"] == t_msk["n_good_pixels"])
