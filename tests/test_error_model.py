@@ -510,3 +510,67 @@ def test_gls_estimator_treats_nan_flux_as_masked():
         np.testing.assert_allclose(t_nan[c], t_msk[c], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(t_nan["covariance"], t_msk["covariance"], rtol=1e-5)
     assert np.all(t_nan["n_good_pixels"] == t_msk["n_good_pixels"])
+
+
+@pytest.mark.parametrize("cont_deg", [0, 2])
+def test_basis_placer_is_basis_on_over_the_observed_span(cont_deg):
+    """On a log grid with a chip gap, basis_placer's basis over the span of the
+    observed pixels is basis_on's on every observed pixel the model finds valid
+    (zeros between the chips), and lay() puts arrays in that layout; elsewhere
+    (a linear grid) it is basis_on itself."""
+    from test_fit import log_wavelength
+
+    from payne_lite.observe import basis_on, basis_placer, span_pixels
+
+    e, basis, _ = _emulator_with_basis(wavelength=log_wavelength())
+    obs = build_obs_model(e, cont_deg=cont_deg)
+    assert obs.log_grid is not None
+    b = jnp.asarray(basis, obs.x_obs.dtype)
+    p = np.r_[0.1, -0.2, 0.05, 37.5, [1.05, 0.02, -0.01][: cont_deg + 1]]
+    p = jnp.asarray(p if cont_deg else p[:4], obs.x_obs.dtype)
+    place, lay = basis_placer(obs, b)
+    want = np.asarray(basis_on(obs, b, p))
+    _, valid = observe(obs, p)
+    got = np.asarray(span_pixels(obs, jax.jit(place)(p)))
+    ok = np.asarray(valid)
+    assert ok.sum() > 300
+    np.testing.assert_allclose(got[:, ok], want[:, ok], rtol=1e-5, atol=1e-9)
+    x = np.arange(obs.x_obs.shape[0], dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(span_pixels(obs, lay(jnp.asarray(x)))), x)
+    lin, _, _ = _emulator_with_basis()
+    obs_l = build_obs_model(lin)
+    pl_, lay_l = basis_placer(obs_l, b)
+    q = p[:4]
+    np.testing.assert_array_equal(np.asarray(pl_(q)), np.asarray(basis_on(obs_l, b, q)))
+    assert lay_l(x) is x
+
+
+@pytest.mark.parametrize("cont_deg", [0, 2])
+def test_sandwich_on_the_fast_path_equals_the_general_one(cont_deg):
+    """The sandwich's pieces J^T W D W J and J^T W U^T from the LM's own rows
+    (jet_rows, one-hidden-layer nets on a log grid) equal those from
+    observe_jac_t's Jacobian and basis_on over the observed pixels."""
+    from test_fit import log_wavelength
+
+    from payne_lite.fitting import _lm
+
+    e, basis, _ = _emulator_with_basis(wavelength=log_wavelength())
+    obs = build_obs_model(e, cont_deg=cont_deg)
+    assert obs.jet is not None
+    general = dataclasses.replace(obs, jet=None)
+    dt = obs.x_obs.dtype
+    rng = np.random.default_rng(2)
+    n = 3
+    p = np.column_stack(
+        [rng.uniform(-0.3, 0.3, (n, 3)), rng.uniform(-40, 40, n),
+         np.tile([1.05, 0.02, -0.01][: cont_deg + 1], (n, 1))]  # fmt: skip
+    )[:, : 4 + (cont_deg + 1 if cont_deg else 0)]
+    w = rng.uniform(1e4, 4e4, (n, obs.x_obs.shape[0]))
+    w[:, :25] = w[:, -25:] = 0.0  # chip ends carry no weight
+    var = np.where(w > 0, 0.7 / np.where(w > 0, w, 1.0), 0.0)
+    args = [jnp.asarray(a, dt) for a in (p, w, var, basis)]
+    fast = _lm._sandwich_batch(obs, *args)
+    slow = _lm._sandwich_batch(general, *args)
+    for f, s_ in zip(fast, slow, strict=True):
+        f, s_ = np.asarray(f, np.float64), np.asarray(s_, np.float64)
+        np.testing.assert_allclose(f, s_, rtol=2e-4, atol=2e-5 * np.abs(s_).max())

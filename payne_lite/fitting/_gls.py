@@ -41,12 +41,12 @@ import numpy as np
 from .._serial import serial_jit
 from ..errors import ErrorModelWarning
 from ..observe import (
-    basis_on,
+    basis_placer,
     diagonal_variance,
-    embed,
-    embed_obs,
+    jet_rows,
     observe_jac_t,
-    shift_span,
+    param_blocks,
+    param_order,
 )
 from ._lm import over, sequential_lanes
 
@@ -69,39 +69,47 @@ def _gls_pieces(obs, p, pc, flux, var, pe2, basis, *, with_m):
     variances ``var`` (n, P; 0 = unused) plus the per-pixel emulator variance
     ``pe2`` less what ``U`` holds (:func:`diagonal_variance`).
 
-    On a log grid the sums run over the span of the observed pixels
-    (:func:`payne_lite.observe.embed_obs`; zero weight between chips), where the
-    basis is shifted by one dynamic slice per tap (:func:`shift_span`): placing
-    256 rows with :func:`basis_on` cost ~11 ms a star, scalar code on XLA:CPU."""
-    lg = obs.log_grid
-    n_lab = obs.n_labels
-    if lg is not None:
-        emb = embed(lg, basis)  # (K, lg.size), once per batch
-        lay = functools.partial(embed_obs, obs)
-    else:
-        lay = lambda x: x  # noqa: E731
+    On a log grid the sums run over the span of the observed pixels, where the
+    basis is placed fast (:func:`payne_lite.observe.basis_placer`)."""
+    place, lay = basis_placer(obs, basis)
 
-    def place(qc):
-        if lg is None:
-            return basis_on(obs, basis, qc)
-        u, _ = shift_span(obs, emb, qc[n_lab])
-        if obs.n_cont:
-            u = u * lay(obs.cont_params(qc) @ obs.basis.T)
-        return u
+    def d_inverse(u, v1, e1):
+        d = diagonal_variance(lay(v1), lay(e1), u)
+        return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
 
     def one(args):
         q, qc, f1, v1, e1 = args
         model, _, jac = observe_jac_t(obs, q)
         u = place(qc)
-        d = diagonal_variance(lay(v1), lay(e1), u)
-        d_inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+        d_inv = d_inverse(u, v1, e1)
         r = jnp.where(d_inv > 0, lay(f1 - model), 0.0)
         jac = lay(jac)
         jd, ud = jac * d_inv, u * d_inv
         out = (jd @ jac.T, ud @ jac.T, jd @ r, ud @ r, jnp.sum(d_inv * r * r))
         return (*out, ud @ u.T) if with_m else out
 
-    return over(one, (p, pc, flux, var, pe2))
+    def one_jet(args):
+        # the LM's own rows (jet_rows, unweighted): x's row L + 1 is model - flux
+        q, qc, f1, v1, e1 = args
+        u = place(qc)
+        d_inv = d_inverse(u, v1, e1)
+        x, jc = jet_rows(obs, q, lay(f1), jnp.where(d_inv > 0, 1.0, 0.0))
+        res = obs.n_labels + 1
+        xd, ud = x * d_inv, u * d_inv
+        xx, ux = xd @ x.T, ud @ x.T  # (R, R), (K, R)
+        if jc is None:
+            a_d, h, g_d = param_blocks(obs, xx), ux[:, :res], xx[:res, res]
+        else:
+            cd = jc * d_inv
+            cx = cd @ x.T
+            a_d = param_blocks(obs, xx, cx, cd @ jc.T)
+            h = jnp.concatenate([ux[:, :res], ud @ jc.T], axis=1)
+            g_d = jnp.concatenate([xx[:res, res], cx[:, res]])
+        perm = param_order(obs, h.shape[1])
+        out = (a_d, h[:, perm], -g_d[perm], -ux[:, res], xx[res, res])
+        return (*out, ud @ u.T) if with_m else out
+
+    return over(one if obs.jet is None else one_jet, (p, pc, flux, var, pe2))
 
 
 _gls_pieces = serial_jit(_gls_pieces, ("with_m",), key=sequential_lanes)

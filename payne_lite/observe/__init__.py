@@ -46,13 +46,16 @@ from ._model import ObsModel as ObsModel
 from ._model import ParamLayout as ParamLayout
 from ._model import build_obs_model as build_obs_model
 from ._model import embed_obs as embed_obs
+from ._model import jet_rows as jet_rows
 from ._model import lsf_sigma_pixels as lsf_sigma_pixels
 from ._model import make_model as make_model
 from ._model import normal_equations as normal_equations
 from ._model import observe as observe
 from ._model import observe_jac as observe_jac
 from ._model import observe_jac_t as observe_jac_t
+from ._model import param_blocks as param_blocks
 from ._model import param_layout as param_layout
+from ._model import param_order as param_order
 from ._model import rest_model as rest_model
 from ._model import shift_span as shift_span
 from ._model import span_pixels as span_pixels
@@ -60,6 +63,7 @@ from ._model import weighted_residuals as weighted_residuals
 from ._model import window_valid as window_valid
 from ._noise import ErrorModel as ErrorModel
 from ._noise import basis_on as basis_on
+from ._noise import basis_placer as basis_placer
 from ._noise import build_error_model as build_error_model
 from ._noise import diagonal_variance as diagonal_variance
 from ._noise import log_det as log_det
@@ -117,6 +121,7 @@ __all__ = [
     "calibrate_emulator_errors",
     "emulator_error_z",
     "basis_on",
+    "basis_placer",
     "build_error_model",
     "diagonal_variance",
     "log_det",
@@ -128,7 +133,10 @@ __all__ = [
     "make_log_grid",
     "make_lookup",
     "make_model",
+    "jet_rows",
     "normal_equations",
+    "param_blocks",
+    "param_order",
     "observe",
     "observe_jac",
     "observe_jac_t",

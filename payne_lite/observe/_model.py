@@ -442,22 +442,15 @@ def span_pixels(obs: ObsModel, x):
     return jnp.concatenate(parts, axis=-1)
 
 
-def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
-    """chi2, ``J^T W J`` (k, k), ``J^T W r`` (k,) and the weighted residuals (n_emb,)
-    for one star, on the fast path (``obs.jet`` set: one-hidden-layer pixel nets on
-    a log grid). ``flux_e`` and ``sw_e`` (sqrt of the weights) are in the layout of
-    :func:`embed_obs`; the model is :func:`observe`'s and the Jacobian
-    :func:`observe_jac`'s (tests compare them).
-
-    Written for XLA:CPU, where it is 1.6x faster than :func:`observe_jac_t` and the
-    products (measured per LM step on the APOGEE network, 160 -> 100 us): the
-    activations are 1-D loops (H of them); flux and its label derivatives are one
-    (1 + L, S) loop over :class:`JetNet` without any concatenation (XLA:CPU emits
-    concatenations, and slices of a dynamic slice, as scalar code, ~3 ns per
-    element); the Doppler shift is two dynamic slices of that (offsets k and k + 1)
-    and the interpolation, with the rv derivative in row 0 (the flux row), one
-    more loop; the products are matrix products.
-    """
+def jet_rows(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
+    """The fast path's rows for one star (``obs.jet`` set), in the layout of
+    :func:`embed_obs`, times the sqrt weights ``sw_e``: ``x`` (R, n_emb), row 0 the
+    rv derivative, rows 1 .. L the label derivatives, row L + 1 the residual
+    ``model - flux_e``, zero rows after (``JET_ROWS``); the continuum (if any)
+    applied; and ``jc`` (n_c, n_emb), the continuum coefficients' rows (None
+    without a continuum). :func:`normal_equations` makes its products of them, the
+    sandwich (:func:`payne_lite.fitting._lm.sandwich_meat`) others; how they are
+    made is written there."""
     jet, lg = obs.jet, obs.log_grid
     n_lab = obs.n_labels
     s, rv = params[:n_lab], params[n_lab]
@@ -505,22 +498,63 @@ def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
             slope * cont,
             jnp.where(row == res, val * cont - flux_e, val * cont),
         )
-        jc = jet.basis * (sw_e * val[0])
-        prod = x @ x.T
-        cross = jc @ x.T  # (n_c, R)
+        return x, jet.basis * (sw_e * val[0])
+    x = sw_e * jnp.where(row == 0, slope, jnp.where(row == res, val - flux_e, val))
+    return x, None
+
+
+def param_blocks(obs: ObsModel, xx, cx=None, cc=None):
+    """(k, k) in the layout's parameter order (labels, rv, continuum) from products
+    of :func:`jet_rows`' rows: ``xx`` (R, R) of ``x`` with ``x``, ``cx`` (n_c, R) of
+    ``jc`` with ``x``, ``cc`` (n_c, n_c) of ``jc`` with ``jc`` (None without a
+    continuum)."""
+    res = obs.n_labels + 1
+    if cx is None:
+        a = xx[:res, :res]
+    else:
         a = jnp.concatenate(
             [
-                jnp.concatenate([prod[:res, :res], cross[:, :res].T], 1),
-                jnp.concatenate([cross[:, :res], jc @ jc.T], 1),
+                jnp.concatenate([xx[:res, :res], cx[:, :res].T], 1),
+                jnp.concatenate([cx[:, :res], cc], 1),
             ]
         )
-        g = jnp.concatenate([prod[:res, res], cross[:, res]])
+    perm = param_order(obs, a.shape[0])
+    return a[perm][:, perm]
+
+
+def param_order(obs: ObsModel, k: int) -> np.ndarray:
+    """Indices that put rows in the jet order (rv, labels, continuum) in the
+    layout's order (labels, rv, continuum)."""
+    res = obs.n_labels + 1
+    return np.r_[1:res, 0, res:k]
+
+
+def normal_equations(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
+    """chi2, ``J^T W J`` (k, k), ``J^T W r`` (k,) and the weighted residuals (n_emb,)
+    for one star, on the fast path (``obs.jet`` set: one-hidden-layer pixel nets on
+    a log grid). ``flux_e`` and ``sw_e`` (sqrt of the weights) are in the layout of
+    :func:`embed_obs`; the model is :func:`observe`'s and the Jacobian
+    :func:`observe_jac`'s (tests compare them).
+
+    Written for XLA:CPU, where it is 1.6x faster than :func:`observe_jac_t` and the
+    products (measured per LM step on the APOGEE network, 160 -> 100 us): the
+    activations are 1-D loops (H of them); flux and its label derivatives are one
+    (1 + L, S) loop over :class:`JetNet` without any concatenation (XLA:CPU emits
+    concatenations, and slices of a dynamic slice, as scalar code, ~3 ns per
+    element); the Doppler shift is two dynamic slices of that (offsets k and k + 1)
+    and the interpolation, with the rv derivative in row 0 (the flux row), one
+    more loop; the products are matrix products.
+    """
+    x, jc = jet_rows(obs, params, flux_e, sw_e)
+    res = obs.n_labels + 1
+    prod = x @ x.T  # (R, R): J^T W J, J^T W r and chi2 in one product
+    if jc is None:
+        a, g = param_blocks(obs, prod), prod[:res, res]
     else:
-        x = sw_e * jnp.where(row == 0, slope, jnp.where(row == res, val - flux_e, val))
-        prod = x @ x.T  # (R, R): J^T W J, J^T W r and chi2 in one product
-        a, g = prod[:res, :res], prod[:res, res]
-    perm = np.r_[1:res, 0, res : a.shape[0]]
-    return prod[res, res], a[perm][:, perm], g[perm], x[res]
+        cross = jc @ x.T  # (n_c, R)
+        a = param_blocks(obs, prod, cross, jc @ jc.T)
+        g = jnp.concatenate([prod[:res, res], cross[:, res]])
+    return prod[res, res], a, g[param_order(obs, g.shape[0])], x[res]
 
 
 def weighted_residuals(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
