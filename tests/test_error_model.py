@@ -561,10 +561,9 @@ def test_sandwich_on_the_fast_path_equals_the_general_one(cont_deg):
     dt = obs.x_obs.dtype
     rng = np.random.default_rng(2)
     n = 3
-    p = np.column_stack(
-        [rng.uniform(-0.3, 0.3, (n, 3)), rng.uniform(-40, 40, n),
-         np.tile([1.05, 0.02, -0.01][: cont_deg + 1], (n, 1))]  # fmt: skip
-    )[:, : 4 + (cont_deg + 1 if cont_deg else 0)]
+    cont = np.tile([1.05, 0.02, -0.01][: cont_deg + 1], (n, 1))
+    parts = [rng.uniform(-0.3, 0.3, (n, 3)), rng.uniform(-40, 40, n)]
+    p = np.column_stack(parts + ([cont] if cont_deg else []))
     w = rng.uniform(1e4, 4e4, (n, obs.x_obs.shape[0]))
     w[:, :25] = w[:, -25:] = 0.0  # chip ends carry no weight
     var = np.where(w > 0, 0.7 / np.where(w > 0, w, 1.0), 0.0)
