@@ -228,10 +228,14 @@ class LMOptions(_PointFitOptions):
             covariance ``(J^T C^-1 J)^-1`` and its ``chi2`` ``r^T C^-1 r``: the
             same width as the samplers' posterior, and 2-5x more precise than
             "wls" at S/N 300 where the emulator's error dominates, *if* ``C`` is
-            right: with ~256 components of >= 500 held-out spectra
-            (:meth:`payne_lite.Emulator.with_error_basis`); with 32, too narrow
-            at high S/N. Costs ``K^2 P`` per star: with K = 256 on APOGEE's
-            pixels ~22 ms a star on one core against ~3 ms for "wls".
+            right: with 32 components too narrow at high S/N; with ~256 of
+            >= 500 held-out spectra (:meth:`payne_lite.Emulator.with_error_basis`)
+            calibrated on a student of The Payne's APOGEE network, but still too
+            narrow on the shipped default emulator (sd of z 1.1-1.8 at S/N 300,
+            its error depends on the labels: ``benchmarks/bench_gls_default.py``).
+            Check its coverage on held-out mocks of your emulator first. Costs
+            ``K^2 P`` per star: with K = 256 on APOGEE's pixels ~22 ms a star on
+            one core against ~3 ms for "wls".
             See :mod:`payne_lite.fitting._gls`.
     """
 
