@@ -126,9 +126,9 @@ class BatchFit(NamedTuple):
     Attributes:
         p: (n, k) best parameter vectors, ``layout.names``: scaled labels (the box
             is -0.5 .. 0.5), rv [km/s], continuum coefficients, broadening [km/s].
-        chi2: (n,) chi2 at ``p``.
-        a: (n, k, k) J^T W J at ``p`` (fit space).
-        g: (n, k) J^T W r at ``p``: half the chi2 gradient.
+        chi2: (n,) chi2 at ``p`` (``estimator="gls"``: ``r^T C^-1 r``).
+        a: (n, k, k) J^T W J at ``p`` (fit space; GLS: ``J^T C^-1 J``).
+        g: (n, k) J^T W r at ``p``: half the chi2 gradient (GLS: ``J^T C^-1 r``).
         snr: (n,) median |flux| / error of the pixels used (joint fits: the
             visits' combined, sqrt(sum snr_v^2)).
         n_iter: (n,) int LM iterations (curve_fit: function evaluations); after an
