@@ -43,7 +43,12 @@ K components from N fresh held-out spectra of the truth
     python benchmarks/bench_error_model.py --basis 1000 256 --lm-only   # ~2 min
 
 (``--lm-only``: no emcee; the LM's coverage and widths with either estimator on
-the same stars.)
+the same stars.) ``--local N M`` gives the student a label-dependent error
+covariance instead (``Emulator.with_local_error``: the M nearest of N fresh
+held-out errors at each star's labels), which GLS and emcee then use:
+
+    python benchmarks/bench_error_model.py --n 100 --estimator gls --local 2000 100 \
+        --student /tmp/student.h5
 """
 
 from __future__ import annotations
@@ -201,6 +206,10 @@ def main(argv=None) -> dict:
         help="replace the student's basis: K components of N held-out spectra",
     )  # fmt: skip
     ap.add_argument(
+        "--local", type=int, nargs=2, metavar=("N", "M"),
+        help="give the student a local error model: M nearest of N held-out errors",
+    )  # fmt: skip
+    ap.add_argument(
         "--lm-only", action="store_true",
         help="no emcee: the LM's two estimators (wls, gls) on the same stars",
     )  # fmt: skip
@@ -217,12 +226,16 @@ def main(argv=None) -> dict:
         n_h, k = args.basis
         # fresh spectra (the training grid's seed is args.seed), drawn alike
         student = student.with_error_basis(truth_grid(truth, n_h, 11), rank=k)
+    if args.local is not None:
+        n_h, m = args.local
+        student = student.with_local_error(truth_grid(truth, n_h, 12), neighbours=m)
     pe = np.asarray(student.pixel_error)
     print(f"LM estimator: {'wls and gls' if args.lm_only else args.estimator}")
     print(
         f"student: {student.meta.get('hidden', args.hidden)} hidden units, "
         f"error_basis {np.shape(student.error_basis)}, pixel_error median "
         f"{np.median(pe):.2e} (trained in {t_train:.0f} s; 0 = loaded)"
+        + (f"; local error, {args.local[1]} of {args.local[0]}" if args.local else "")
     )
     names = (*student.label_names, "rv")
     if args.lm_only:
@@ -231,7 +244,7 @@ def main(argv=None) -> dict:
             for snr in args.snr
         ]
         _estimator_table(runs, names)
-        result = {"estimators": runs, "basis": args.basis}
+        result = {"estimators": runs, "basis": args.basis, "local": args.local}
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
         return result
@@ -283,6 +296,7 @@ def main(argv=None) -> dict:
         "train_seconds": round(t_train, 1),
         "estimator": args.estimator,
         "basis": None if args.basis is None else list(args.basis),
+        "local": None if args.local is None else list(args.local),
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

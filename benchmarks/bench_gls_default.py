@@ -12,7 +12,10 @@ calibrated errors. This asks the same of the emulator a user gets:
 * test stars: ``--n`` other synthesizer spectra (seed 2000), labels in the middle
   90 % of the box, rest frame, Gaussian noise 1 / S/N;
 * fits: the default estimator with the shipped emulator (its 32-component basis and
-  ``error_scale``), and GLS with each K.
+  ``error_scale``), GLS with each K, and GLS with a label-dependent covariance
+  (``Emulator.with_local_error``: the ``--neighbours`` nearest of ``--local-held``
+  synthesizer spectra's errors, seed 1000, shrunk by each ``--shrink`` toward the
+  emulator's own 32-component error model).
 
 Printed per S/N and fit: stars with flags 0, ms per star, the fraction of truths
 within 1 sigma and the sd of the z-scores (Teff, logg, [Fe/H], [alpha/Fe], vmacro,
@@ -20,6 +23,7 @@ rv; 0.68 and 1 when the errors are right).
 
     python benchmarks/bench_gls_default.py                    # ~6 min on 2 cores
     python benchmarks/bench_gls_default.py --snr 300 --ranks 256 512 1024 --held-out 2000
+    python benchmarks/bench_gls_default.py --snr 300 100 30 --ranks --neighbours 100 200
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import payne_lite as pl
+from payne_lite.emulator import LOCAL_SHRINK
 from payne_lite.errors import ErrorModelWarning
 from payne_lite.grid import synth
 
@@ -54,7 +59,10 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=300, help="test spectra (before the cut)")
     ap.add_argument("--snr", type=float, nargs="+", default=[300.0, 50.0])
     ap.add_argument("--held-out", type=int, default=1000)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[256, 512])
+    ap.add_argument("--neighbours", type=int, nargs="*", default=[100])
+    ap.add_argument("--local-held", type=int, default=2000)
+    ap.add_argument("--shrink", type=float, nargs="+", default=[LOCAL_SHRINK])
     ap.add_argument("--seed", type=int, default=3, help="noise")
     args = ap.parse_args(argv)
     emu = pl.Emulator.load(DEFAULT)
@@ -73,6 +81,17 @@ def main(argv=None) -> None:
                 "gls",
             )
         )
+    if args.neighbours:
+        held2 = synth.make_grid(args.local_held, seed=1000, progress=False)
+    for m in args.neighbours:
+        for a in args.shrink:
+            fits.append(
+                (
+                    f"gls, local {m} of {args.local_held}, shrink {a:g}",
+                    emu.with_local_error(held2, neighbours=m, shrink=a),
+                    "gls",
+                )
+            )
     rng = np.random.default_rng(args.seed)
     print(f"{keep.sum()} test stars; columns: {', '.join([*names, 'rv'])}\n")
     print("| S/N | fit | stars | ms per star | 1-sigma coverage | sd(z) |")

@@ -610,7 +610,7 @@ CASES = [
             Raises(exc, rx),
         )
         for loader, file, fmt, ver in (
-            ("Emulator.load", "emu", "Emulator", "1, 2, 3"),
+            ("Emulator.load", "emu", "Emulator", "1, 2, 3, 4"),
             ("MDN.load", "mdn", "MDN", "2, 3"),
             ("SpectralGrid.load", "grid", "SpectralGrid", 1),
             ("open_catalog", "cat", "Catalog", "1, 2, 3"),

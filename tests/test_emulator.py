@@ -851,7 +851,7 @@ def test_load_refuses_grid_file(tmp_path, tiny_emulator):
         Emulator.load(path)
 
 
-@pytest.mark.parametrize("version", [0, 4, 99])
+@pytest.mark.parametrize("version", [0, 5, 99])
 def test_load_refuses_other_format_version(saved_emulator, version):
     with h5py.File(saved_emulator, "r+") as f:
         f.attrs["format_version"] = version
@@ -1039,3 +1039,62 @@ def test_with_error_basis_holds_the_held_out_covariance(tmp_path):
     other = dataclasses.replace(grid, wavelength=grid.wavelength + 1.0)
     with pytest.raises(ValueError, match="wavelengths"):
         emu.with_error_basis(other)
+
+
+def test_with_local_error_keeps_the_held_out_errors(tmp_path):
+    """Emulator.with_local_error stores predict - flux of the held-out spectra (an
+    unusable pixel as no error) with their scaled labels; the file is format
+    version 4 with it (3 or 2 without), and the model survives a save/load; the
+    rest of the emulator is unchanged; another grid or too many neighbours is
+    refused, as is a model of another shape."""
+    import h5py
+    from conftest import TINY_NAMES, TINY_UNITS, build_tiny_emulator, restamp
+
+    from payne_lite.emulator import LocalError
+
+    emu = build_tiny_emulator(n_pix=40, seed=2)
+    truth = build_tiny_emulator(n_pix=40, seed=3)
+    rng = np.random.default_rng(1)
+    labels = emu.unscale(rng.uniform(-0.5, 0.5, (25, 3)))
+    flux = truth.predict(labels).astype(np.float64)
+    err = np.full_like(flux, 0.01)
+    err[2, 5] = 0.0
+    grid = SpectralGrid(wavelength=emu.wavelength, labels=labels, flux=flux,
+                        label_names=TINY_NAMES, label_units=TINY_UNITS,
+                        flux_err=err)  # fmt: skip
+    loc = emu.with_local_error(grid, neighbours=5)
+    r = emu.predict(labels).astype(np.float64) - flux
+    r[2, 5] = 0.0
+    np.testing.assert_allclose(loc.local_error.errors, r, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(loc.local_error.scaled, emu.scale(labels))
+    assert (
+        loc.local_error.neighbours == 5 and loc.meta["local_error"]["n_held_out"] == 25
+    )
+    np.testing.assert_array_equal(loc.pixel_error, emu.pixel_error)
+    loc.save(tmp_path / "l.h5")
+    emu.save(tmp_path / "e.h5")
+    with h5py.File(tmp_path / "l.h5") as f, h5py.File(tmp_path / "e.h5") as g:
+        assert f.attrs["format_version"] == 4
+        assert g.attrs["format_version"] in (2, 3) and "local_error" not in g
+    back = Emulator.load(tmp_path / "l.h5")
+    np.testing.assert_array_equal(back.local_error.errors, loc.local_error.errors)
+    np.testing.assert_array_equal(back.local_error.scaled, loc.local_error.scaled)
+    assert back.local_error.neighbours == 5 and back.local_error.shrink == 0.15
+    assert Emulator.load(tmp_path / "e.h5").local_error is None
+    with h5py.File(tmp_path / "l.h5", "r+") as f:  # one label row too few
+        data = f["local_error/scaled"][:-1]
+        del f["local_error/scaled"]
+        f["local_error/scaled"] = data
+    with pytest.raises(payne_lite.FileFormatError, match="checksum"):
+        Emulator.load(tmp_path / "l.h5")
+    restamp(tmp_path / "l.h5")  # past the checksum: the contents are checked too
+    with pytest.raises(payne_lite.FileFormatError, match="inconsistent local error"):
+        Emulator.load(tmp_path / "l.h5")
+    with pytest.raises(ValueError, match="neighbours must be 2 .. 25"):
+        emu.with_local_error(grid, neighbours=26)
+    other = dataclasses.replace(grid, wavelength=grid.wavelength + 1.0)
+    with pytest.raises(ValueError, match="wavelengths"):
+        emu.with_local_error(other)
+    wrong = LocalError(np.zeros((4, 39)), np.zeros((4, 3)), 2)
+    with pytest.raises(ValueError, match="local_error has 39 pixels"):
+        dataclasses.replace(emu, local_error=wrong)

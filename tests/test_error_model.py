@@ -346,7 +346,39 @@ def test_gls_estimator_of_a_linear_model_is_the_exact_posterior(method):
     )
 
 
-@pytest.mark.parametrize("grid", ["linear", "log", "log+continuum"])
+def _with_local_error(e, n_held=40, neighbours=6, seed=5):
+    """``e`` with a LocalError of ``n_held`` smooth error patterns (a sine each, of
+    its own frequency, phase and amplitude) at random labels, so that the
+    neighbours of different labels differ."""
+    from payne_lite.emulator import LocalError
+
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.0, 1.0, e.n_pix)
+    f, ph, amp = (
+        rng.uniform(1, 8, n_held),
+        rng.uniform(0, 6, n_held),
+        rng.uniform(0.002, 0.006, n_held),
+    )
+    errors = amp[:, None] * np.sin(2 * np.pi * np.outer(f, x) + ph[:, None])
+    scaled = rng.uniform(-0.5, 0.5, (n_held, e.n_labels))
+    return dataclasses.replace(e, local_error=LocalError(errors, scaled, neighbours))
+
+
+def _dense_local_c(e, basis, pe, err, keep, rv, s, cont=None):
+    """C over ``keep`` of ``e``'s LocalError at scaled labels ``s`` (numpy): the
+    neighbours (brute force) times (1 - a) / m plus a times the global model
+    (``basis``, per-pixel rest of ``pe``), and the flux variances."""
+    held = e.local_error
+    m, a = held.neighbours, held.shrink
+    near = np.argsort(np.sum((held.scaled - s) ** 2, axis=1))[:m]
+    u_near = held.errors[near].astype(np.float64) * np.sqrt((1 - a) / m)
+    _, c_near = _dense_c(e, u_near, np.zeros(e.n_pix), err, keep, rv, cont)
+    zero = np.zeros_like(err)
+    _, c_glob = _dense_c(e, np.sqrt(a) * basis, np.sqrt(a) * pe, zero, keep, rv, cont)
+    return near, c_near + c_glob
+
+
+@pytest.mark.parametrize("grid", ["linear", "log", "log+continuum", "log+local"])
 def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     """The non-linear case, rv free: the GLS fit of each of two noisy stars (flux
     noise plus a draw of the correlated error) is the minimum of r^T C^-1 r with
@@ -355,7 +387,11 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     (J^T C^-1 J)^-1 there, narrower than the sandwich. On a log grid with a chip
     gap the fitter sums over the observed span (shift_span), on a linear grid over
     the pixels (basis_on); with a linear continuum (cont_deg=1) the basis is times
-    the fit's continuum, as the model."""
+    the fit's continuum, as the model. With a LocalError, C's low-rank part is the
+    mean outer product of the held-out errors nearest the least-squares fit's
+    labels, and it holds all of the emulator's error (D = err^2)."""
+    from contextlib import nullcontext
+
     from scipy.linalg import cho_factor, cho_solve, solve_triangular
     from scipy.optimize import least_squares
     from test_fit import log_wavelength
@@ -365,6 +401,9 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     e, basis, pe = _emulator_with_basis(
         wavelength=log_wavelength() if grid.startswith("log") else None
     )
+    local = grid.endswith("local")
+    if local:
+        e = _with_local_error(e)
     noisy, err, mask = two_noisy_stars(e)
     if grid.startswith("log"):  # pixels whose taps may cross the gap: left out
         mask = mask.copy()
@@ -377,8 +416,10 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     noisy = noisy + rng.standard_normal((2, basis.shape[0])) @ basis
     kw = dict(mask=mask, cont_deg=n_cont - 1) if n_cont else dict(mask=mask)
     w = fit(noisy, err, e, **kw)
-    with pytest.warns(ErrorModelWarning):  # the toy's 4 components (exact here)
+    # the toy's 4 components (exact here) warn; a local model does not
+    with nullcontext() if local else pytest.warns(ErrorModelWarning):
         t = fit(noisy, err, e, options=LMOptions(estimator="gls"), **kw)
+    assert t.meta["emulator_error_local"] is local
     obs = build_obs_model(e, cont_deg=max(n_cont - 1, 0))
     cont_names = [f"cont_{j}" for j in range(n_cont)]
     span = np.r_[e.label_hi - e.label_lo, np.ones(1 + n_cont)]
@@ -387,7 +428,11 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
         rv_c = float(w["rv"][i])
         c_c = [float(w[n][i]) for n in cont_names]
         cont = np.polynomial.chebyshev.chebval(x, c_c) if n_cont else None
-        _, c = _dense_c(e, basis, pe, err[i], keep, rv_c, cont=cont)
+        if local:  # at the least-squares fit's labels
+            s_w = e.scale(np.array([w[n][i] for n in TINY_NAMES]))
+            _, c = _dense_local_c(e, basis, pe, err[i], keep, rv_c, s_w, cont)
+        else:
+            _, c = _dense_c(e, basis, pe, err[i], keep, rv_c, cont=cont)
         chol = np.linalg.cholesky(c)
 
         def resid(x, i=i, chol=chol):
@@ -411,7 +456,7 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
                                    atol=1e-3 * sd.max() ** 2)  # fmt: skip
         np.testing.assert_allclose(float(t["chi2"][i]), 2 * ref.cost, rtol=0.01)
         wls = np.array([float(w[f"{n}_err"][i]) for n in TINY_NAMES])
-        assert np.all(sd[:3] < wls), sd[:3] / wls
+        assert local or np.all(sd[:3] < wls), sd[:3] / wls
     assert np.all(t["flags"] == 0)
 
 
@@ -573,3 +618,124 @@ def test_sandwich_on_the_fast_path_equals_the_general_one(cont_deg):
     for f, s_ in zip(fast, slow, strict=True):
         f, s_ = np.asarray(f, np.float64), np.asarray(s_, np.float64)
         np.testing.assert_allclose(f, s_, rtol=2e-4, atol=2e-5 * np.abs(s_).max())
+
+
+def test_local_error_neighbours_factor_and_refusals():
+    """LocalError.nearest is the brute-force nearest set (labels clipped to the
+    box), nearest first; factor's U^T U is (1 - shrink) times the mean outer
+    product of those errors plus shrink times the global basis's B^T B, and the
+    same rows of the stacked array; malformed inputs are refused."""
+    from payne_lite.emulator import LocalError
+
+    rng = np.random.default_rng(2)
+    errors = rng.standard_normal((50, 30))
+    scaled = rng.uniform(-0.5, 0.5, (50, 3))
+    loc = LocalError(errors, scaled, 7)
+    q = np.array([[0.1, -0.2, 0.3], [0.9, 0.0, -2.0]])  # the second is clipped
+    near = loc.nearest(q)
+    qc = np.clip(q, -0.5, 0.5)
+    for i in range(2):
+        d2 = np.sum((scaled - qc[i]) ** 2, axis=1)
+        np.testing.assert_array_equal(near[i], np.argsort(d2)[:7])
+    e = errors[near[0]].astype(np.float32).astype(np.float64)
+    b = rng.standard_normal((4, 30))  # a global basis
+    for basis, glob in ((None, 0.0), (b, b.T @ b)):
+        u = loc.factor(q[0], basis)
+        want = (1 - loc.shrink) * e.T @ e / 7 + loc.shrink * glob
+        np.testing.assert_allclose(u.T @ u, want, rtol=1e-12, atol=1e-12)
+        # the device's form: each star's rows of the stacked array
+        k = 0 if basis is None else 4
+        np.testing.assert_array_equal(loc.stacked(basis)[loc.rows(q, k)[0]], u)
+    assert LocalError(errors, scaled, 7, shrink=0.0).factor(q[0]).shape == (7, 30)
+    with pytest.raises(ValueError, match="shrink must be in"):
+        LocalError(errors, scaled, 7, shrink=1.0)
+    with pytest.raises(ValueError, match="neighbours must be 2 .. 50"):
+        LocalError(errors, scaled, 51)
+    with pytest.raises(ValueError, match="one row per held-out spectrum"):
+        LocalError(errors, scaled[:-1], 7)
+    bad = errors.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="errors"):
+        LocalError(bad, scaled, 7)
+    with pytest.raises(ValueError, match="expected 3 per row"):
+        loc.nearest(np.zeros((1, 2)))
+    # from_residuals: an unusable (NaN) pixel counts as no error
+    assert LocalError.from_residuals(bad, scaled, 7).errors[3, 4] == 0.0
+
+
+def test_sampler_log_likelihood_with_a_local_error_is_the_dense_gaussian():
+    """log_posterior with the emulator's LocalError: -1/2 r^T C^-1 r with C of the
+    errors nearest the first point's labels, shrunk toward the global model, placed
+    at the window's rv (numpy), for both points."""
+    e, basis, pe = _emulator_with_basis()
+    e = _with_local_error(e)
+    rng = np.random.default_rng(4)
+    mask = np.zeros(N_PIX, bool)
+    mask[:25] = mask[-25:] = True
+    s, rv = rng.uniform(-0.3, 0.3, 3), -20.0
+    flux = reference_spectra(e, s[None], np.array([rv]))[0]
+    err = np.full(N_PIX, 0.004)
+    flux = flux + err * rng.standard_normal(N_PIX)
+    pts = np.array([np.r_[e.unscale(s), rv], np.r_[e.unscale(s - 0.02), rv - 0.4]])
+    lp = log_posterior(flux, err, e, pts, rv_centre=rv, mask=mask)
+    held = e.local_error
+    keep = ~mask
+    near, c = _dense_local_c(e, basis, pe, err, keep, rv, s)
+    obs = build_obs_model(e)
+    for i, pt in enumerate(pts):
+        p = np.r_[e.scale(pt[:3]), pt[3]]
+        model = np.asarray(observe(obs, jnp.asarray(p, jnp.float32))[0], np.float64)
+        r = (model - flux)[keep]
+        np.testing.assert_allclose(lp[i], -0.5 * r @ np.linalg.solve(c, r), rtol=2e-4)
+    # held at the first point's labels: another first point, another C
+    lp_far = log_posterior(flux, err, e, pts[::-1], rv_centre=rv, mask=mask)
+    far = np.argsort(np.sum((held.scaled - e.scale(pts[1, :3])) ** 2, axis=1))[:6]
+    assert set(far) != set(near)
+    assert lp_far[1] != pytest.approx(lp[0], rel=1e-6)
+
+
+def test_cli_local_error_then_a_gls_fit(tmp_path, capsys):
+    """payne-lite local-error EMULATOR GRID -o OUT stores Emulator.with_local_error's
+    model (format version 4), info shows it, and a GLS fit with it writes a table
+    that says so, without the small-basis warning; too many neighbours is refused
+    in one line."""
+    import json
+
+    import h5py
+    from conftest import TINY_UNITS, write_tiny_catalog
+
+    import payne_lite as pl
+    from payne_lite.cli import main
+
+    e, basis, _ = _emulator_with_basis()
+    rng = np.random.default_rng(8)
+    labels = e.unscale(rng.uniform(-0.5, 0.5, (60, 3)))
+    flux = e.predict(labels) - rng.standard_normal((60, basis.shape[0])) @ basis
+    grid = pl.SpectralGrid(wavelength=e.wavelength, labels=labels, flux=flux,
+                           label_names=TINY_NAMES, label_units=TINY_UNITS)  # fmt: skip
+    grid.save(tmp_path / "held.h5")
+    e.save(tmp_path / "e.h5")
+    out = tmp_path / "local.h5"
+    args = ["local-error", str(tmp_path / "e.h5"), str(tmp_path / "held.h5")]
+    assert main([*args, "--neighbours", "20", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "local_error: 60 held-out errors, 20 nearest" in text, text
+    with h5py.File(out) as f:
+        assert f.attrs["format_version"] == 4
+    new = pl.Emulator.load(out)
+    want = e.with_local_error(grid, neighbours=20)
+    np.testing.assert_array_equal(new.local_error.errors, want.local_error.errors)
+    np.testing.assert_allclose(new.local_error.scaled, e.scale(labels))
+    assert main(["info", str(out)]) == 0
+    assert "60 held-out errors with their labels" in capsys.readouterr().out
+    assert main([*args, "--neighbours", "61", "-o", str(tmp_path / "x.h5")]) != 0
+    err = capsys.readouterr().err
+    assert "neighbours must be 2 .. 60" in err and err.count("\n") == 1, err
+    write_tiny_catalog(tmp_path / "cat.h5", e, 3, noise=0.005)
+    fits = tmp_path / "fits.h5"
+    opts = json.dumps({"estimator": "gls"})
+    assert main(["fit", str(tmp_path / "cat.h5"), "--emulator", str(out),
+                 "--options", opts, "-o", str(fits), "--no-progress"]) == 0  # fmt: skip
+    assert "warning" not in capsys.readouterr().err
+    t = pl.read_results(fits)
+    assert t.meta["estimator"] == "gls" and t.meta["emulator_error_local"] is True

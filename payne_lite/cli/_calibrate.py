@@ -1,7 +1,9 @@
 """``payne-lite calibrate-errors``: fit an emulator's label-space error scale on
 held-out spectra (:func:`payne_lite.calibrate_emulator_errors`); ``payne-lite
 error-basis``: its correlated-error basis from held-out spectra
-(:meth:`payne_lite.Emulator.with_error_basis`)."""
+(:meth:`payne_lite.Emulator.with_error_basis`); ``payne-lite local-error``: its error
+covariance near any labels from held-out spectra
+(:meth:`payne_lite.Emulator.with_local_error`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 
 import numpy as np
 
-from ..emulator import Emulator
+from ..emulator import LOCAL_NEIGHBOURS, Emulator
 from ..grid import SpectralGrid
 from ..observe import calibrate_emulator_errors
 from ._common import (
@@ -101,7 +103,9 @@ def add_error_basis(sub) -> None:
             "basis, is dropped. Generalised least squares (fit --options\n"
             '\'{"estimator": "gls"}\') and the samplers need a basis with ~256\n'
             "components of 500 or more held-out spectra to give calibrated errors\n"
-            "at high S/N; the 32 a training keeps are too few there."
+            "at high S/N; the 32 a training keeps are too few there. Where the\n"
+            "emulator's error depends on the labels (the shipped default's), no\n"
+            "number of components is enough: see payne-lite local-error."
         ),
         epilog=(
             "example:\n  payne-lite grid -o held_out.h5 --n-spec 1000 --seed 1000\n"
@@ -130,5 +134,48 @@ def run_error_basis(args) -> int:
         f"{np.median(new.pixel_error):.2e}"
         + ("" if emu.error_scale is None else "; the old error_scale dropped")
         + f"; wrote {out}"
+    )
+    return EXIT_OK
+
+
+def add_local_error(sub) -> None:
+    p = add_subcommand(
+        sub,
+        "local-error",
+        help="give an emulator a label-dependent error covariance from held-out spectra",
+        description=(
+            "Store the errors of the emulator on the spectra of GRID (which it was\n"
+            "not trained on, spread over its box: 2,000 measured) with their labels\n"
+            "(Emulator.with_local_error). Generalised least squares (fit --options\n"
+            '\'{"estimator": "gls"}\') and the samplers then take the emulator\'s\n'
+            "error covariance at a star's labels from the --neighbours held-out\n"
+            "errors nearest them, instead of one error_basis for the whole box.\n"
+            "The default fit is unchanged. The file grows by the errors (N x P\n"
+            "float32)."
+        ),
+        epilog=(
+            "example:\n  payne-lite grid -o held_out.h5 --n-spec 2000 --seed 1000\n"
+            "  payne-lite local-error emulator.h5 held_out.h5 -o local.h5\n"
+            "  payne-lite fit spectra.h5 --emulator local.h5 --options "
+            '\'{"estimator": "gls"}\' -o fits.h5'
+        ),
+    )
+    _emulator_grid_output(p, "the input emulator with its local error model")
+    p.add_argument(
+        "--neighbours", type=positive_int, default=LOCAL_NEIGHBOURS,
+        help="held-out errors averaged at any labels (at most the grid's spectra)",
+    )  # fmt: skip
+
+
+def run_local_error(args) -> int:
+    emu, grid, out = _read_emulator_grid(args)
+    new = emu.with_local_error(grid, neighbours=args.neighbours)
+    new.save(out)
+    loc = new.local_error
+    print(
+        f"local_error: {loc.n_held_out} held-out errors, {loc.neighbours} nearest at "
+        f"any labels, shrunk {loc.shrink:g} toward the global error model; RMS "
+        f"{np.sqrt(np.mean(loc.errors.astype(np.float64) ** 2)):.2e}"
+        f"; wrote {out}"
     )
     return EXIT_OK

@@ -222,6 +222,19 @@ def _lines_emulator(emu: Emulator) -> list[str]:
                 ),
             )
         )
+    if emu.local_error is not None:
+        loc = emu.local_error
+        lines.append(
+            _row(
+                "local_error",
+                (
+                    f"{loc.n_held_out} held-out errors with their labels, the "
+                    f"{loc.neighbours} nearest a star's labels its error covariance, "
+                    f"shrunk {loc.shrink:g} toward the global one (estimator='gls' "
+                    "and the samplers)"
+                ),
+            )
+        )
     if emu.error_scale is not None:
         cal = m.get("error_scale", {})
         rms = cal.get("rms_z", {})

@@ -39,8 +39,10 @@ from ._bench import add_bench, run_bench
 from ._calibrate import (
     add_calibrate_errors,
     add_error_basis,
+    add_local_error,
     run_calibrate_errors,
     run_error_basis,
+    run_local_error,
 )
 from ._common import (
     EXIT_FAILED,
@@ -76,6 +78,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "train-flow": (add_train_flow, run_train_flow),
     "calibrate-errors": (add_calibrate_errors, run_calibrate_errors),
     "error-basis": (add_error_basis, run_error_basis),
+    "local-error": (add_local_error, run_local_error),
     "plot": (add_plot, run_plot),
     "bench": (add_bench, run_bench),
 }

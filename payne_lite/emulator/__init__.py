@@ -12,6 +12,9 @@ from ._emulator import EMULATOR_FORMAT as EMULATOR_FORMAT
 from ._emulator import ERROR_SCALE_RANGE as ERROR_SCALE_RANGE
 from ._emulator import Emulator as Emulator
 from ._emulator import error_scale_features as error_scale_features
+from ._local_error import LOCAL_NEIGHBOURS as LOCAL_NEIGHBOURS
+from ._local_error import LOCAL_SHRINK as LOCAL_SHRINK
+from ._local_error import LocalError as LocalError
 from ._nets import ACTIVATIONS as ACTIVATIONS
 from ._nets import KERNEL_COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
 from ._nets import DenseNet as DenseNet
@@ -50,6 +53,9 @@ __all__ = [
     "ErrorMap",
     "KERNEL_COMPILER_OPTIONS",
     "KernelNet",
+    "LOCAL_NEIGHBOURS",
+    "LOCAL_SHRINK",
+    "LocalError",
     "POOR_FACTOR",
     "POOR_MIN_COUNT",
     "PixelNet",

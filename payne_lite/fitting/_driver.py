@@ -61,6 +61,9 @@ class BatchContext(NamedTuple):
     profile: bool = False  # continuum="profile": variable projection
     error_basis: Array | None = None  # (K, P_rest) Emulator.error_basis, or None
     gls: bool = False  # estimator="gls": GLS steps under C from each fit (._gls)
+    # estimator="gls" with Emulator.local_error: (its stacked rows with the
+    # error_basis (device array), the LocalError); None: error_basis for every star
+    local_error: tuple | None = None
 
 
 class FitPrior(NamedTuple):
@@ -486,8 +489,9 @@ def _fit_batch(ctx: BatchContext, fb, wb, sb, m, prior=None) -> BatchFit:
     snr[:m] = snr_job.result()  # the padding rows are not sorted
     meat = meat_emu = None
     if ctx.gls:  # the minimum of r^T C^-1 r; its covariance (J^T C^-1 J)^-1
+        bank, local = ctx.local_error or (ctx.error_basis, None)
         p_best, chi2_f, a_f, g_f, gls_conv = gls_refine(
-            obs, ctx.error_basis, p_best, f_j, wb, w_data, lo, hi, free, alive
+            obs, bank, p_best, f_j, wb, w_data, lo, hi, free, alive, local=local
         )
         conv_best = conv_best & gls_conv
         if ctx.return_model:

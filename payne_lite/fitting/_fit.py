@@ -252,10 +252,14 @@ def _batch_context(
     (``RV_SCAN_STEP``) and pixels, broadening start values, the emulator's error.
     ``derived``: the dict kept with ``obs`` (:func:`cached_obs_model`)."""
     dt = obs.x_obs.dtype
-    if estimator == "gls" and not (emulator_error and emulator.error_basis is not None):
+    local = emulator.local_error if emulator_error else None
+    if estimator == "gls" and not (
+        emulator_error and (emulator.error_basis is not None or local is not None)
+    ):
         raise ValueError(
             "estimator='gls' needs the emulator's correlated error: an emulator with "
-            "an error_basis (Emulator.with_error_basis) and emulator_error=True"
+            "an error_basis (Emulator.with_error_basis) or a local_error "
+            "(Emulator.with_local_error), and emulator_error=True"
         )
     if estimator == "gls":
         warn_small_basis(emulator)
@@ -292,6 +296,11 @@ def _batch_context(
         ),
         profile=continuum == "profile",
         gls=estimator == "gls",
+        local_error=(
+            (jnp.asarray(local.stacked(emulator.error_basis), dt), local)
+            if estimator == "gls" and local is not None
+            else None
+        ),
         error_basis=(
             jnp.asarray(emulator.error_basis, dt)
             if emulator_error and emulator.error_basis is not None
@@ -417,5 +426,9 @@ def _finish_meta(t, ctx, emulator, inst, broadening, continuum, wave_vac, mdn, m
     # "gls": the estimate and covariance under the whole C (no sandwich to scale)
     t.meta["estimator"] = "gls" if ctx.gls else "wls"
     if ctx.gls:
-        t.meta.update(emulator_error_correlated=True, emulator_error_scaled=False)
+        t.meta.update(
+            emulator_error_correlated=True,
+            emulator_error_scaled=False,
+            emulator_error_local=ctx.local_error is not None,
+        )
     return t

@@ -30,8 +30,12 @@ grid of spectra it was not trained on. That was a student of The Payne's APOGEE
 network; the shipped default emulator against its synthesizer stays too narrow
 under GLS with 256-1,024 components (coverage 0.50-0.62, sd of z 1.1-1.8 at S/N
 300, ``benchmarks/bench_gls_default.py``): its error depends on the labels more
-than one covariance holds, and the default estimator with its ``error_scale``
-(0.68-0.74) is the calibrated choice there.
+than one covariance holds. With the emulator's
+:class:`~payne_lite.emulator.LocalError` (:meth:`payne_lite.Emulator.with_local_error`)
+each star's ``U`` is instead the errors of the held-out spectra nearest its point
+fit's labels, shrunk toward the global basis (rows of
+:meth:`~payne_lite.emulator.LocalError.stacked` gathered on the device), and the
+same pieces serve.
 """
 
 from __future__ import annotations
@@ -66,26 +70,37 @@ GLS_MAX_STEPS = 6
 GLS_XTOL = 0.01
 
 
-@functools.partial(jax.jit, static_argnames=("with_m",))
-def _gls_pieces(obs, p, pc, flux, var, pe2, basis, *, with_m):
+@functools.partial(jax.jit, static_argnames=("with_m", "skip"))
+def _gls_pieces(obs, p, pc, flux, var, pe2, basis, rows, *, with_m, skip=0):
     """Per star (axis 0): ``(J D^-1 J^T (k, k), U D^-1 J^T (K, k), J D^-1 r (k,),
     U D^-1 r (K,), r^T D^-1 r, [U D^-1 U^T (K, K)])`` at parameters ``p`` (n, k),
     ``r = flux - model``, ``U`` the basis placed at ``pc`` (n, k), ``D`` the data
     variances ``var`` (n, P; 0 = unused) plus the per-pixel emulator variance
     ``pe2`` less what ``U`` holds (:func:`diagonal_variance`).
 
+    ``U`` is ``basis`` (K, P_rest) for every star, or with ``rows`` (n, K) int
+    each star's own rows of it (:meth:`payne_lite.emulator.LocalError.rows`); the
+    first ``skip`` rows of ``U`` are not subtracted from ``pe2`` (a local
+    covariance's neighbours: ``pe2`` is the global model's rest).
+
     On a log grid the sums run over the span of the observed pixels, where the
     basis is placed fast (:func:`payne_lite.observe.basis_placer`)."""
-    place, lay = basis_placer(obs, basis)
+    if rows is None:  # the basis embedded once per call
+        shared, lay = basis_placer(obs, basis)
+    else:
+        lay = basis_placer(obs, basis[:1])[1]
+
+    def placed(qc, r1):
+        return shared(qc) if r1 is None else basis_placer(obs, basis[r1])[0](qc)
 
     def d_inverse(u, v1, e1):
-        d = diagonal_variance(lay(v1), lay(e1), u)
+        d = diagonal_variance(lay(v1), lay(e1), u[skip:])
         return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
 
     def one(args):
-        q, qc, f1, v1, e1 = args
+        q, qc, f1, v1, e1, r1 = args
         model, _, jac = observe_jac_t(obs, q)
-        u = place(qc)
+        u = placed(qc, r1)
         d_inv = d_inverse(u, v1, e1)
         r = jnp.where(d_inv > 0, lay(f1 - model), 0.0)
         jac = lay(jac)
@@ -95,8 +110,8 @@ def _gls_pieces(obs, p, pc, flux, var, pe2, basis, *, with_m):
 
     def one_jet(args):
         # the LM's own rows (jet_rows, unweighted): x's row L + 1 is model - flux
-        q, qc, f1, v1, e1 = args
-        u = place(qc)
+        q, qc, f1, v1, e1, r1 = args
+        u = placed(qc, r1)
         d_inv = d_inverse(u, v1, e1)
         x, jc = jet_rows(obs, q, lay(f1), jnp.where(d_inv > 0, 1.0, 0.0))
         res = obs.n_labels + 1
@@ -114,10 +129,10 @@ def _gls_pieces(obs, p, pc, flux, var, pe2, basis, *, with_m):
         out = (a_d, h[:, perm], -g_d[perm], -ux[:, res], xx[res, res])
         return (*out, ud @ u.T) if with_m else out
 
-    return over(one if obs.jet is None else one_jet, (p, pc, flux, var, pe2))
+    return over(one if obs.jet is None else one_jet, (p, pc, flux, var, pe2, rows))
 
 
-_gls_pieces = serial_jit(_gls_pieces, ("with_m",), key=sequential_lanes)
+_gls_pieces = serial_jit(_gls_pieces, ("with_m", "skip"), key=sequential_lanes)
 
 
 def _woodbury(chol, pieces):
@@ -141,7 +156,9 @@ def _woodbury(chol, pieces):
 
 def warn_small_basis(emulator) -> None:
     """:class:`ErrorModelWarning` when ``emulator``'s basis has fewer than
-    :data:`GLS_MIN_RANK` components."""
+    :data:`GLS_MIN_RANK` components (GLS uses it: no ``local_error``)."""
+    if emulator.local_error is not None:
+        return
     k = int(np.shape(emulator.error_basis)[0])
     if k < GLS_MIN_RANK:
         warnings.warn(
@@ -151,18 +168,20 @@ def warn_small_basis(emulator) -> None:
             "components of >= 500 held-out spectra first "
             "(emulator.with_error_basis(held_out_grid, rank=256)), and check the "
             "coverage on held-out mocks: where the emulator's error depends on the "
-            "labels no number of components is enough (the shipped default's)",
+            "labels no number of components is enough (the shipped default's): "
+            "emulator.with_local_error(held_out_grid) holds that",
             ErrorModelWarning,
             stacklevel=5,  # the caller of pl.fit
         )
 
 
-def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive):
+def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=None):
     """The GLS estimate from the point fits ``p`` (n, k), ``C`` held at them.
 
     Args:
         obs: the fit's :class:`payne_lite.observe.ObsModel`.
-        basis: (K, P_rest) the emulator's ``error_basis`` (device array).
+        basis: (K, P_rest) the emulator's ``error_basis`` (device array), or with
+            ``local`` its :meth:`~payne_lite.emulator.LocalError.stacked` rows.
         p: (n, k) point fits (fit space), the starting point and the centre of ``C``.
         f_j: (n, P) observed flux (device array).
         w_fit: (n, P) the fit's weights ``1 / (err^2 + pixel_error^2)`` (0 = unused).
@@ -170,6 +189,10 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive):
         lo, hi: (n, k) bounds of the parameters; the steps are clipped to them.
         free: (k,) bool free parameters.
         alive: (n,) bool rows to refine (the others come back as they are).
+        local: the emulator's :class:`payne_lite.emulator.LocalError`, or None:
+            then each star's ``U`` is its rows of ``basis`` (its neighbours at the
+            point fit's labels, then the global basis), and ``D`` keeps ``shrink``
+            times the per-pixel rest.
 
     Returns:
         ``(p, chi2, a, g, converged)``: the GLS estimate (n, k); ``r^T C^-1 r`` (n,),
@@ -182,10 +205,18 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive):
     with np.errstate(divide="ignore"):
         var = np.where(used, 1.0 / np.where(used, w_data, 1.0), 0.0)
         pe2 = np.where(used, np.maximum(1.0 / np.where(used, w_fit, 1.0) - var, 0), 0)
+    near, skip = None, 0
+    if local is not None:
+        pe2 *= local.shrink
+        n_global = basis.shape[0] - local.n_held_out
+        near = local.rows(np.asarray(p)[:, : obs.n_labels], n_global)
+        near, skip = jnp.asarray(near, jnp.int32), local.neighbours
     var_j, pe2_j = jnp.asarray(var, dt), jnp.asarray(pe2, dt)
     pc = jnp.asarray(p, dt)
     p = np.array(p, np.float64)
-    first = _gls_pieces(obs, pc, pc, f_j, var_j, pe2_j, basis, with_m=True)
+    first = _gls_pieces(
+        obs, pc, pc, f_j, var_j, pe2_j, basis, near, with_m=True, skip=skip
+    )
     m0 = np.asarray(first[-1], np.float64)
     m0 = 0.5 * (m0 + np.swapaxes(m0, 1, 2)) + np.eye(m0.shape[-1])
     chol = np.full_like(m0, np.nan)
@@ -217,6 +248,7 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive):
         p[rows] = q
         converged[rows] = np.max(size, axis=1) < GLS_XTOL
         pieces = _gls_pieces(
-            obs, jnp.asarray(p, dt), pc, f_j, var_j, pe2_j, basis, with_m=False
-        )
+            obs, jnp.asarray(p, dt), pc, f_j, var_j, pe2_j, basis, near,
+            with_m=False, skip=skip,
+        )  # fmt: skip
     return p, chi2, a, g, converged & alive

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..emulator import Emulator
+from ..emulator import Emulator, LocalError
 from ..observe import (
     MDN_NSIGMA,
     Instrument,
@@ -98,6 +98,8 @@ class Problem:
     mdn_mean: np.ndarray | None  # (n, L + 1) physical
     mdn_sigma: np.ndarray | None
     mdn_ok: np.ndarray  # (n,) bool
+    # the emulator's LocalError (then the error model at each star's centre), or None
+    local: LocalError | None = None
 
     def mdn_fit_space(self, i):
         """MDN mean and sigma (L + 1,) in fit space (scaled labels, rv) for star i."""
@@ -115,7 +117,11 @@ class Problem:
         ``centre`` (k,) in fit space: its rv is the RV window's centre, its values
         of fixed parameters are replaced by ``fixed``'s; with the emulator's error
         basis, its rv and continuum (a flat one where all zero) place the basis
-        (:func:`payne_lite.observe.basis_on`); its other entries unused.
+        (:func:`payne_lite.observe.basis_on`); with the emulator's
+        :class:`~payne_lite.emulator.LocalError` that basis is the error
+        covariance's factor at its labels (its neighbours, then the global basis,
+        :meth:`~payne_lite.emulator.LocalError.factor`) and the per-pixel rest is
+        scaled by its ``shrink``; its other entries unused.
         """
         layout, n_lab = self.layout, self.layout.n_labels
         k = len(layout.names)
@@ -132,16 +138,20 @@ class Problem:
         )[0]
         w = np.where(valid, self.ivar[i], 0.0)
         var_emu = 0.0
+        base = np.array(centre, np.float64)
+        for j, v in self.fix.items():
+            base[j] = v
+        basis, skip = self.basis, 0
         if self.perr is not None:
             pe = emulator_error_on(
                 self.wave_obs, self.wave_rest, self.perr, np.array([rv_c])
             )[0]
             var_emu = pe**2
-        base = np.array(centre, np.float64)
-        for j, v in self.fix.items():
-            base[j] = v
+        if self.local is not None:  # C_emu at the centre's labels
+            basis = self.local.factor(base[:n_lab], self.basis)
+            var_emu, skip = self.local.shrink * var_emu, self.local.neighbours
         extra = {}
-        if self.basis is None:  # diagonal: 1 / (err^2 + e^2)
+        if basis is None:  # diagonal: 1 / (err^2 + e^2)
             w = np.where(w > 0, 1.0 / (1.0 / np.where(w > 0, w, 1.0) + var_emu), 0.0)
         else:  # the error model with the basis at the centre's rv and continuum
             q = base.copy()
@@ -150,11 +160,11 @@ class Problem:
             if self.obs.n_cont and not np.any(q[cs]):  # no continuum given: 1
                 q[cs] = self.obs.cont.flat()
             u = np.asarray(
-                _basis_on(self.obs, jnp.asarray(self.basis, dt), jnp.asarray(q, dt)),
+                _basis_on(self.obs, jnp.asarray(basis, dt), jnp.asarray(q, dt)),
                 np.float64,
             )
             var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), 0.0)
-            em = build_error_model(diagonal_variance(var, var_emu, u), u)
+            em = build_error_model(diagonal_variance(var, var_emu, u[skip:]), u)
             w, extra = em.d_inv, {"v": em.v}
         lo = layout.lower.copy()
         hi = layout.upper.copy()
@@ -296,6 +306,7 @@ def prepare(
         mdn_mean=mdn_mean,
         mdn_sigma=mdn_sigma,
         mdn_ok=mdn_ok,
+        local=emulator.local_error if emulator_error else None,
     )
 
 

@@ -29,7 +29,11 @@ emulator has one). With the emulator's ``error_basis`` the sum becomes
 all of ``C``, is narrower than the sandwich where ``U^T U`` dominates, high S/N):
 ``C = diag(D) + U^T U``, ``U`` the basis at the window's centre rv (and the
 centre's continuum), ``D`` the flux variances plus the per-pixel emulator variance
-``U`` does not hold; ``C^-1`` by the Woodbury identity, no P x P matrix;
+``U`` does not hold; ``C^-1`` by the Woodbury identity, no P x P matrix.
+With the emulator's ``local_error`` (:meth:`payne_lite.Emulator.with_local_error`)
+``U`` is instead the error covariance's factor at the labels of the window's
+centre (below; the nearest held-out errors), which holds all of the emulator's
+error;
 ``log det C`` is constant in the parameters and omitted.
 
 The RV window is ``rv_c +- rv_window`` (default ``RV_WINDOW`` = 20 km/s, the
@@ -279,6 +283,8 @@ def log_posterior(
             coefficients], the parameters held by ``fixed`` left out.
         rv_centre: centre of the RV window [km/s] (:func:`sample` uses the LM or
             MDN rv); it also fixes the pixel set and the emulator-error shift.
+            With the emulator's ``local_error`` its covariance is held at the
+            first point's labels (:func:`sample` holds it at its start's).
         mask: as in :func:`sample`, as are ``wavelength``, ``instrument``,
             ``prior``, ``mdn``, ``cont_deg``, ``rv_range``, ``rv_window``, ``fixed``
             and ``emulator_error``.
@@ -314,6 +320,7 @@ def log_posterior(
         emulator.label_hi[j] - emulator.label_lo[j]
     ) - 0.5
     centre = np.zeros(len(pb.layout.names))
+    centre[j] = xs[0, lab]  # the labels of a local error model's C: the first point's
     centre[n_lab] = float(rv_centre)
     dt = pb.obs.x_obs.dtype
     tg = to_device(pb.target(0, centre), dt)
@@ -387,7 +394,8 @@ def sample(
             ``seed + i``).
         emulator_error: the emulator's error in the likelihood, as in
             :func:`fit`: its per-pixel error in quadrature and, with an
-            ``error_basis``, its correlated part (``C = diag(D) + U^T U``).
+            ``error_basis``, its correlated part (``C = diag(D) + U^T U``); with
+            a ``local_error``, ``U`` is its factor at the start's labels.
         options: the sampler's settings: :class:`payne_lite.EmceeOptions`,
             :class:`payne_lite.NUTSOptions` or :class:`payne_lite.ISOptions` (its
             ``fallback`` holds the emcee settings of stars that fall back); None =
@@ -475,7 +483,9 @@ def sample(
             instrument=dataclasses.replace(inst, air=False),
             # under the basis, the LM's centre and covariance are those of the
             # posterior's likelihood (GLS), not the wider per-pixel-weighted fit's
-            options=LMOptions(estimator="gls" if pb.basis is not None else "wls"),
+            options=LMOptions(
+                estimator="wls" if pb.basis is None and pb.local is None else "gls"
+            ),
         ),
     )  # fmt: skip
     _run_samplers(run, progress)
