@@ -102,13 +102,13 @@ def held_out_residuals(truth, student, n: int, seed: int) -> np.ndarray:
     return np.asarray(student.predict(labels), np.float64) - truth.predict(labels)
 
 
-def _shift(wave, flux, rv):
+def _shift(wave, flux, rv, a: int = 8):
     """``flux`` (P,) on ``wave`` shifted to ``rv`` by a band-limited (Lanczos-8)
     shift (bench_fit's :func:`~benchmarks.bench_fit.sinc_shift`, its mocks' shift:
     close to the fitter's Lanczos-6, not equal; until 2026-12 a cubic spline, and
     before that linear interpolation, whose blur is a model error of its own); NaN
     where a tap leaves a chip."""
-    return sinc_shift(wave, flux, rv)
+    return sinc_shift(wave, flux, rv, a=a)
 
 
 def _observed(flux, snr: float):
@@ -118,18 +118,22 @@ def _observed(flux, snr: float):
     return np.where(ok, flux, 1.0), np.where(ok, 1.0 / snr, np.inf)
 
 
-def mock_stars(truth: pl.Emulator, n: int, snr: float, seed: int):
+def mock_stars(truth: pl.Emulator, n: int, snr: float, seed: int, lanczos: int = 8):
     """``n`` noisy spectra of ``truth``: labels (n, L) [physical] uniform in the
     middle 90 % of the box (the population the student's ``pixel_error`` and
     ``error_basis`` describe: its training spectra's), rv (n,) uniform in +-100
-    km/s, flux and err (n, P) with Gaussian noise 1 / ``snr``."""
+    km/s (shifted by Lanczos-``lanczos``), flux and err (n, P) with Gaussian noise
+    1 / ``snr``."""
     rng = np.random.default_rng(seed)
     labels = truth.unscale(rng.uniform(-0.45, 0.45, (n, truth.n_labels)))
     rv = rng.uniform(-100.0, 100.0, n)
     wave = np.asarray(truth.wavelength, np.float64)
     flux, err = _observed(
         np.stack(
-            [_shift(wave, f, v) for f, v in zip(truth.predict(labels), rv, strict=True)]
+            [
+                _shift(wave, f, v, lanczos)
+                for f, v in zip(truth.predict(labels), rv, strict=True)
+            ]
         ),
         snr,
     )

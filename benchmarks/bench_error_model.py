@@ -92,15 +92,17 @@ def student_emulator(truth, path: Path | None, *, n_train, hidden, max_iter, see
     return student, time.perf_counter() - t0
 
 
-def compare(truth, student, mask, *, n, snr, seed, max_steps, estimator) -> dict:
+def compare(
+    truth, student, mask, *, n, snr, seed, max_steps, estimator, inst=None, lanczos=8
+) -> dict:
     """LM (``estimator``) and emcee on ``n`` mock stars at ``snr``: per parameter the
     median sigma_emcee / sigma_LM and the coverages, over the stars that count."""
-    labels, rv, flux, err = mock_stars(truth, n, snr, seed)
+    labels, rv, flux, err = mock_stars(truth, n, snr, seed, lanczos)
     names = (*student.label_names, "rv")
     truth_p = np.column_stack([labels, rv])
     masks = np.broadcast_to(mask, flux.shape)
     t0 = time.perf_counter()
-    lm = pl.fit(flux, err, student, mask=masks,
+    lm = pl.fit(flux, err, student, mask=masks, instrument=inst,
                 options=pl.LMOptions(estimator=estimator))  # fmt: skip
     t_lm = time.perf_counter() - t0
     opts = pl.EmceeOptions(n_steps=max_steps)
@@ -108,9 +110,10 @@ def compare(truth, student, mask, *, n, snr, seed, max_steps, estimator) -> dict
         warnings.simplefilter("ignore", SamplingWarning)
         # the first star once before timing (compilation)
         pl.sample(flux[:1], err[:1], student, mask=masks[:1], lm_table=lm[:1],
-                  options=opts)  # fmt: skip
+                  options=opts, instrument=inst)  # fmt: skip
         t0 = time.perf_counter()
-        post = pl.sample(flux, err, student, mask=masks, lm_table=lm, options=opts)
+        post = pl.sample(flux, err, student, mask=masks, lm_table=lm, options=opts,
+                         instrument=inst)  # fmt: skip
     t_em = time.perf_counter() - t0
     ok = (np.asarray(lm["flags"]) == 0) & np.asarray(post["converged"], bool)
     out = {
@@ -139,20 +142,21 @@ def compare(truth, student, mask, *, n, snr, seed, max_steps, estimator) -> dict
     return out
 
 
-def estimators(truth, student, mask, *, n, snr, seed) -> dict:
+def estimators(truth, student, mask, *, n, snr, seed, inst=None, lanczos=8) -> dict:
     """The LM alone, both estimators on the same ``n`` mock stars at ``snr``: per
     parameter the fraction of truths within 1 sigma (stars with flags 0 in both)
     and the median sigma_gls / sigma_wls; seconds per star of each."""
-    labels, rv, flux, err = mock_stars(truth, n, snr, seed)
+    labels, rv, flux, err = mock_stars(truth, n, snr, seed, lanczos)
     names = (*student.label_names, "rv")
     truth_p = np.column_stack([labels, rv])
     masks = np.broadcast_to(mask, flux.shape)
     tabs, secs = {}, {}
     for est in ("wls", "gls"):
         opts = pl.LMOptions(estimator=est)
-        pl.fit(flux[:2], err[:2], student, mask=masks[:2], options=opts)  # compile
+        kw = dict(options=opts, instrument=inst)
+        pl.fit(flux[:2], err[:2], student, mask=masks[:2], **kw)  # compile
         t0 = time.perf_counter()
-        tabs[est] = pl.fit(flux, err, student, mask=masks, options=opts)
+        tabs[est] = pl.fit(flux, err, student, mask=masks, **kw)
         secs[est] = (time.perf_counter() - t0) / n
     ok = (np.asarray(tabs["wls"]["flags"]) == 0) & (
         np.asarray(tabs["gls"]["flags"]) == 0
@@ -210,6 +214,14 @@ def main(argv=None) -> dict:
         help="give the student a local error model: M nearest of N held-out errors",
     )  # fmt: skip
     ap.add_argument(
+        "--doppler", default=None,
+        help="the fitter's Doppler interpolant (Instrument.doppler; default its own)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--mock-lanczos", type=int, default=8,
+        help="the mocks' shift: Lanczos-A, 2 A taps (8: bench_fit's sinc_shift)",
+    )  # fmt: skip
+    ap.add_argument(
         "--lm-only", action="store_true",
         help="no emcee: the LM's two estimators (wls, gls) on the same stars",
     )  # fmt: skip
@@ -238,9 +250,15 @@ def main(argv=None) -> dict:
         + (f"; local error, {args.local[1]} of {args.local[0]}" if args.local else "")
     )
     names = (*student.label_names, "rv")
+    inst = None if args.doppler is None else pl.Instrument(doppler=args.doppler)
+    shift = dict(inst=inst, lanczos=args.mock_lanczos)
+    print(f"mocks shifted by Lanczos-{args.mock_lanczos}; fitter's interpolant "
+          f"{args.doppler or 'its default'}")  # fmt: skip
     if args.lm_only:
         runs = [
-            estimators(truth, student, mask, n=args.n, snr=snr, seed=args.seed + 1)
+            estimators(
+                truth, student, mask, n=args.n, snr=snr, seed=args.seed + 1, **shift
+            )
             for snr in args.snr
         ]
         _estimator_table(runs, names)
@@ -260,6 +278,7 @@ def main(argv=None) -> dict:
                 seed=args.seed + 1,
                 max_steps=args.max_steps,
                 estimator=args.estimator,
+                **shift,
             )
         )
         ratios = {n: round(runs[-1]["params"][n]["median_ratio"], 3) for n in names}

@@ -222,7 +222,8 @@ class LMOptions(_PointFitOptions):
         estimator: ``"wls"``: least squares with the per-pixel weights
             ``1 / (err^2 + pixel_error^2)``, its covariance the sandwich under the
             emulator's correlated error (``error_basis``) scaled by its
-            ``error_scale``. ``"gls"`` (needs an ``error_basis``): from that fit,
+            ``error_scale``. ``"gls"`` (needs an ``error_basis`` or a
+            ``local_error``): from that fit,
             Gauss-Newton steps to the minimum of ``r^T C^-1 r`` under the whole
             error model ``C = diag(D) + U^T U`` (the samplers' likelihood), its
             covariance ``(J^T C^-1 J)^-1`` and its ``chi2`` ``r^T C^-1 r``: the
@@ -233,9 +234,13 @@ class LMOptions(_PointFitOptions):
             calibrated on a student of The Payne's APOGEE network, but still too
             narrow on the shipped default emulator (sd of z 1.1-1.8 at S/N 300,
             its error depends on the labels: ``benchmarks/bench_gls_default.py``).
-            Check its coverage on held-out mocks of your emulator first. Costs
-            ``K^2 P`` per star: with K = 256 on APOGEE's pixels ~22 ms a star on
-            one core against ~3 ms for "wls".
+            With a label-dependent covariance
+            (:meth:`payne_lite.Emulator.with_local_error`, 100 nearest of 4,000
+            held-out errors) the shipped default's GLS errors covered 0.63-0.76
+            of the truths at S/N 30, 100 and 300. Check its coverage on held-out
+            mocks of your emulator first. Costs ``K^2 P`` per star: with K = 256
+            on APOGEE's pixels ~22 ms a star on one core against ~3 ms for
+            "wls" (a local covariance of 100 neighbours, 14-24 ms).
             See :mod:`payne_lite.fitting._gls`.
     """
 

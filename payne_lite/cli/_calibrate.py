@@ -145,7 +145,7 @@ def add_local_error(sub) -> None:
         help="give an emulator a label-dependent error covariance from held-out spectra",
         description=(
             "Store the errors of the emulator on the spectra of GRID (which it was\n"
-            "not trained on, spread over its box: 2,000 measured) with their labels\n"
+            "not trained on, spread over its box: 4,000 measured) with their labels\n"
             "(Emulator.with_local_error). Generalised least squares (fit --options\n"
             '\'{"estimator": "gls"}\') and the samplers then take the emulator\'s\n'
             "error covariance at a star's labels from the --neighbours held-out\n"
@@ -154,7 +154,7 @@ def add_local_error(sub) -> None:
             "float32)."
         ),
         epilog=(
-            "example:\n  payne-lite grid -o held_out.h5 --n-spec 2000 --seed 1000\n"
+            "example:\n  payne-lite grid -o held_out.h5 --n-spec 4000 --seed 1000\n"
             "  payne-lite local-error emulator.h5 held_out.h5 -o local.h5\n"
             "  payne-lite fit spectra.h5 --emulator local.h5 --options "
             '\'{"estimator": "gls"}\' -o fits.h5'

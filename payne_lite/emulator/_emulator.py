@@ -712,16 +712,18 @@ class Emulator:
         ``error_basis``; the default fit (its sandwich with ``error_basis`` and
         ``error_scale``) is unchanged. Measured on the shipped default emulator,
         where one covariance of 256-1,024 components left GLS too narrow at S/N
-        300 (sd of z 1.4-1.8): 200 nearest of 2,000 held-out errors gave sd of z
-        0.99-1.06 (benchmarks/README.md, "A local error covariance").
+        300 (sd of z 1.4-1.8): with 100 nearest of 4,000 held-out errors its GLS
+        fits covered 0.63-0.76 of the truths at S/N 30, 100 and 300 (sd of z
+        0.93-1.10); of 2,000, 0.62-0.67 at S/N 300 (benchmarks/README.md, "A
+        label-dependent error covariance").
 
-        The file grows by the errors (N x P float32, compressed): 2,000 held-out
-        spectra of APOGEE's 7,214 pixels are ~58 MB before compression.
+        The file grows by the errors (N x P float32, compressed): 4,000 held-out
+        spectra of APOGEE's 7,214 pixels are ~115 MB before compression.
 
         Args:
             grid: a :class:`payne_lite.SpectralGrid` of spectra the emulator was
-                not trained on, spread over the box (2,000 measured), with its
-                label names and wavelength grid.
+                not trained on, spread over the box (4,000 did better than 2,000
+                for five labels), with its label names and wavelength grid.
             neighbours: held-out errors averaged at any labels (100-200
                 measured; at most ``grid.n_spec``).
             shrink: weight of the global error model (``error_basis``,

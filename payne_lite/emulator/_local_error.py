@@ -52,8 +52,8 @@ from ..errors import FileFormatError
 __all__ = ["LOCAL_NEIGHBOURS", "LOCAL_SHRINK", "LocalError"]
 
 #: Neighbours per star by default: of 2,000 held-out spectra, 100 and 200 gave the
-#: same coverage in fits (100 at half the cost), 400 a little less
-#: (benchmarks/README.md, "A local error covariance").
+#: same coverage in fits (100 at half the cost), 400 a little less, 50 too narrow
+#: (benchmarks/README.md, "A label-dependent error covariance").
 LOCAL_NEIGHBOURS = 100
 #: Weight of the emulator's global error model in the local covariance by default
 #: (``LocalError.shrink``): 0.05-0.3 gave sd of z 0.94-1.06 in the linearised
