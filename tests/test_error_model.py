@@ -486,17 +486,12 @@ def test_gls_estimator_needs_a_basis_and_single_spectra():
     assert t.meta["estimator"] == "gls"
 
 
-def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
-    """payne-lite error-basis EMULATOR GRID --rank K -o OUT writes the emulator with
-    Emulator.with_error_basis's basis and says what it holds; a rank at or above
-    the spectra is refused in one line; payne-lite fit --options '{"estimator":
-    "gls"}' with it writes a table whose meta says gls."""
-    import json
-
-    from conftest import TINY_UNITS, write_tiny_catalog
+def _held_out_files(tmp_path):
+    """``(emulator, grid)``: the toy emulator with a basis and 60 held-out spectra
+    of it less a draw of its correlated error, saved as e.h5 and held.h5."""
+    from conftest import TINY_UNITS
 
     import payne_lite as pl
-    from payne_lite.cli import main
 
     e, basis, _ = _emulator_with_basis()
     rng = np.random.default_rng(8)
@@ -506,6 +501,36 @@ def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
                            label_names=TINY_NAMES, label_units=TINY_UNITS)  # fmt: skip
     grid.save(tmp_path / "held.h5")
     e.save(tmp_path / "e.h5")
+    return e, grid
+
+
+def _cli_gls_fit(tmp_path, e, emulator_file):
+    """The table of ``payne-lite fit`` with estimator gls of three tiny spectra of
+    ``e`` with the emulator in ``emulator_file``."""
+    import json
+
+    from conftest import write_tiny_catalog
+
+    import payne_lite as pl
+    from payne_lite.cli import main
+
+    write_tiny_catalog(tmp_path / "cat.h5", e, 3, noise=0.005)
+    fits = tmp_path / "fits.h5"
+    opts = json.dumps({"estimator": "gls"})
+    assert main(["fit", str(tmp_path / "cat.h5"), "--emulator", str(emulator_file),
+                 "--options", opts, "-o", str(fits), "--no-progress"]) == 0  # fmt: skip
+    return pl.read_results(fits)
+
+
+def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
+    """payne-lite error-basis EMULATOR GRID --rank K -o OUT writes the emulator with
+    Emulator.with_error_basis's basis and says what it holds; a rank at or above
+    the spectra is refused in one line; payne-lite fit --options '{"estimator":
+    "gls"}' with it writes a table whose meta says gls."""
+    import payne_lite as pl
+    from payne_lite.cli import main
+
+    e, grid = _held_out_files(tmp_path)
     out = tmp_path / "gls.h5"
     args = ["error-basis", str(tmp_path / "e.h5"), str(tmp_path / "held.h5")]
     assert main([*args, "--rank", "4", "-o", str(out)]) == 0
@@ -519,16 +544,11 @@ def test_cli_error_basis_then_a_gls_fit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rank must be" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.h5").exists()
-    write_tiny_catalog(tmp_path / "cat.h5", e, 3, noise=0.005)
-    fits = tmp_path / "fits.h5"
-    opts = json.dumps({"estimator": "gls"})
-    assert main(["fit", str(tmp_path / "cat.h5"), "--emulator", str(out),
-                 "--options", opts, "-o", str(fits), "--no-progress"]) == 0  # fmt: skip
+    t = _cli_gls_fit(tmp_path, e, out)
     err = capsys.readouterr().err  # the CLI shows a warning as one line
     assert (
         err.count("payne-lite: warning: estimator='gls' with an error_basis of 4") == 1
     )
-    t = pl.read_results(fits)
     assert t.meta["estimator"] == "gls" and len(t) == 3
 
 
@@ -699,22 +719,13 @@ def test_cli_local_error_then_a_gls_fit(tmp_path, capsys):
     model (format version 4), info shows it, and a GLS fit with it writes a table
     that says so, without the small-basis warning; too many neighbours is refused
     in one line."""
-    import json
 
     import h5py
-    from conftest import TINY_UNITS, write_tiny_catalog
 
     import payne_lite as pl
     from payne_lite.cli import main
 
-    e, basis, _ = _emulator_with_basis()
-    rng = np.random.default_rng(8)
-    labels = e.unscale(rng.uniform(-0.5, 0.5, (60, 3)))
-    flux = e.predict(labels) - rng.standard_normal((60, basis.shape[0])) @ basis
-    grid = pl.SpectralGrid(wavelength=e.wavelength, labels=labels, flux=flux,
-                           label_names=TINY_NAMES, label_units=TINY_UNITS)  # fmt: skip
-    grid.save(tmp_path / "held.h5")
-    e.save(tmp_path / "e.h5")
+    e, grid = _held_out_files(tmp_path)
     out = tmp_path / "local.h5"
     args = ["local-error", str(tmp_path / "e.h5"), str(tmp_path / "held.h5")]
     assert main([*args, "--neighbours", "20", "-o", str(out)]) == 0
@@ -725,17 +736,12 @@ def test_cli_local_error_then_a_gls_fit(tmp_path, capsys):
     new = pl.Emulator.load(out)
     want = e.with_local_error(grid, neighbours=20)
     np.testing.assert_array_equal(new.local_error.errors, want.local_error.errors)
-    np.testing.assert_allclose(new.local_error.scaled, e.scale(labels))
+    np.testing.assert_allclose(new.local_error.scaled, e.scale(grid.labels))
     assert main(["info", str(out)]) == 0
     assert "60 held-out errors with their labels" in capsys.readouterr().out
     assert main([*args, "--neighbours", "61", "-o", str(tmp_path / "x.h5")]) != 0
     err = capsys.readouterr().err
     assert "neighbours must be 2 .. 60" in err and err.count("\n") == 1, err
-    write_tiny_catalog(tmp_path / "cat.h5", e, 3, noise=0.005)
-    fits = tmp_path / "fits.h5"
-    opts = json.dumps({"estimator": "gls"})
-    assert main(["fit", str(tmp_path / "cat.h5"), "--emulator", str(out),
-                 "--options", opts, "-o", str(fits), "--no-progress"]) == 0  # fmt: skip
+    t = _cli_gls_fit(tmp_path, e, out)
     assert "warning" not in capsys.readouterr().err
-    t = pl.read_results(fits)
     assert t.meta["estimator"] == "gls" and t.meta["emulator_error_local"] is True
