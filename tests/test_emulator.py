@@ -1071,6 +1071,11 @@ def test_with_local_error_keeps_the_held_out_errors(tmp_path):
         loc.local_error.neighbours == 5 and loc.meta["local_error"]["n_held_out"] == 25
     )
     np.testing.assert_array_equal(loc.pixel_error, emu.pixel_error)
+    # the device rows a GLS fit gathers from: cached, LocalError.stacked's
+    rows = loc.local_error_rows(np.float32)
+    assert rows is loc.local_error_rows(np.float32) and emu.local_error_rows() is None
+    want = loc.local_error.stacked(loc.error_basis).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(rows), want)
     loc.save(tmp_path / "l.h5")
     emu.save(tmp_path / "e.h5")
     with h5py.File(tmp_path / "l.h5") as f, h5py.File(tmp_path / "e.h5") as g:

@@ -461,6 +461,21 @@ class Emulator:
             )
         return self._device_cache[key]
 
+    def local_error_rows(self, dtype=None):
+        """:meth:`LocalError.stacked` of :attr:`local_error` with this emulator's
+        ``error_basis``, a device array of ``dtype`` cached like :meth:`params`
+        (the rows a star's covariance gathers); None without a ``local_error``."""
+        if self.local_error is None:
+            return None
+        key = (
+            "local_error",
+            jax.dtypes.canonicalize_dtype(dtype or jnp.result_type(float)),
+        )
+        if key not in self._device_cache:
+            rows = self.local_error.stacked(self.error_basis)
+            self._device_cache[key] = jnp.asarray(rows, dtype=key[1])
+        return self._device_cache[key]
+
     def scale(self, labels) -> np.ndarray:
         """Physical labels (..., L) -> scaled labels (box -> [-0.5, 0.5])."""
         return scale_labels(

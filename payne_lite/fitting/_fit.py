@@ -297,7 +297,7 @@ def _batch_context(
         profile=continuum == "profile",
         gls=estimator == "gls",
         local_error=(
-            (jnp.asarray(local.stacked(emulator.error_basis), dt), local)
+            (emulator.local_error_rows(dt), local)
             if estimator == "gls" and local is not None
             else None
         ),
