@@ -1043,14 +1043,15 @@ def test_with_error_basis_holds_the_held_out_covariance(tmp_path):
 
 def test_with_local_error_keeps_the_held_out_errors(tmp_path):
     """Emulator.with_local_error stores predict - flux of the held-out spectra (an
-    unusable pixel as no error) with their scaled labels; the file is format
+    unusable pixel as no error) with their scaled labels, each error's Doppler
+    shift apart from the rest of it; the file is format
     version 4 with it (3 or 2 without), and the model survives a save/load; the
     rest of the emulator is unchanged; another grid or too many neighbours is
     refused, as is a model of another shape."""
     import h5py
     from conftest import TINY_NAMES, TINY_UNITS, build_tiny_emulator, restamp
 
-    from payne_lite.emulator import LocalError
+    from payne_lite.emulator import LocalError, rv_derivative
 
     emu = build_tiny_emulator(n_pix=40, seed=2)
     truth = build_tiny_emulator(n_pix=40, seed=3)
@@ -1063,9 +1064,21 @@ def test_with_local_error_keeps_the_held_out_errors(tmp_path):
                         label_names=TINY_NAMES, label_units=TINY_UNITS,
                         flux_err=err)  # fmt: skip
     loc = emu.with_local_error(grid, neighbours=5)
-    r = emu.predict(labels).astype(np.float64) - flux
+    pred = emu.predict(labels).astype(np.float64)
+    r = pred - flux
     r[2, 5] = 0.0
-    np.testing.assert_allclose(loc.local_error.errors, r, rtol=1e-6, atol=1e-8)
+    # kept apart: each error's Doppler shift (along its own spectrum's rv
+    # derivative) and the rest of it, orthogonal to that derivative
+    d = rv_derivative(emu.wavelength, pred)
+    dv = -np.sum(d * r, axis=1) / np.sum(d * d, axis=1)
+    np.testing.assert_allclose(loc.local_error.shifts, dv, rtol=1e-6)
+    want = r + dv[:, None] * d
+    np.testing.assert_allclose(loc.local_error.errors, want, rtol=1e-5, atol=1e-8)
+    rest = np.asarray(loc.local_error.errors, np.float64)
+    assert np.all(
+        np.abs(np.sum(d * rest, 1))
+        < 1e-4 * np.sqrt(np.sum(d * d, 1) * np.sum(r * r, 1))
+    )
     np.testing.assert_allclose(loc.local_error.scaled, emu.scale(labels))
     assert (
         loc.local_error.neighbours == 5 and loc.meta["local_error"]["n_held_out"] == 25
@@ -1085,6 +1098,8 @@ def test_with_local_error_keeps_the_held_out_errors(tmp_path):
     np.testing.assert_array_equal(back.local_error.errors, loc.local_error.errors)
     np.testing.assert_array_equal(back.local_error.scaled, loc.local_error.scaled)
     assert back.local_error.neighbours == 5 and back.local_error.shrink == 0.15
+    np.testing.assert_array_equal(back.local_error.shifts, loc.local_error.shifts)
+    assert loc.local_error.shifts.shape == (25,)
     assert Emulator.load(tmp_path / "e.h5").local_error is None
     with h5py.File(tmp_path / "l.h5", "r+") as f:  # one label row too few
         data = f["local_error/scaled"][:-1]

@@ -361,13 +361,16 @@ def _with_local_error(e, n_held=40, neighbours=6, seed=5):
     )
     errors = amp[:, None] * np.sin(2 * np.pi * np.outer(f, x) + ph[:, None])
     scaled = rng.uniform(-0.5, 0.5, (n_held, e.n_labels))
-    return dataclasses.replace(e, local_error=LocalError(errors, scaled, neighbours))
+    shifts = rng.uniform(-1.0, 1.0, n_held)  # [km/s]: the rv term is exercised
+    loc = LocalError(errors, scaled, neighbours, shifts=shifts)
+    return dataclasses.replace(e, local_error=loc)
 
 
 def _dense_local_c(e, basis, pe, err, keep, rv, s, cont=None):
     """C over ``keep`` of ``e``'s LocalError at scaled labels ``s`` (numpy): the
     neighbours (brute force) times (1 - a) / m plus a times the global model
-    (``basis``, per-pixel rest of ``pe``), and the flux variances."""
+    (``basis``, per-pixel rest of ``pe``), and the flux variances; without the
+    Doppler term (the neighbours' mean squared shift, returned third)."""
     held = e.local_error
     m, a = held.neighbours, held.shrink
     near = np.argsort(np.sum((held.scaled - s) ** 2, axis=1))[:m]
@@ -375,7 +378,7 @@ def _dense_local_c(e, basis, pe, err, keep, rv, s, cont=None):
     _, c_near = _dense_c(e, u_near, np.zeros(e.n_pix), err, keep, rv, cont)
     zero = np.zeros_like(err)
     _, c_glob = _dense_c(e, np.sqrt(a) * basis, np.sqrt(a) * pe, zero, keep, rv, cont)
-    return near, c_near + c_glob
+    return near, c_near + c_glob, float(np.mean(held.shifts[near] ** 2))
 
 
 @pytest.mark.parametrize("grid", ["linear", "log", "log+continuum", "log+local"])
@@ -428,9 +431,10 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
         rv_c = float(w["rv"][i])
         c_c = [float(w[n][i]) for n in cont_names]
         cont = np.polynomial.chebyshev.chebval(x, c_c) if n_cont else None
+        s2 = 0.0
         if local:  # at the least-squares fit's labels
             s_w = e.scale(np.array([w[n][i] for n in TINY_NAMES]))
-            _, c = _dense_local_c(e, basis, pe, err[i], keep, rv_c, s_w, cont)
+            _, c, s2 = _dense_local_c(e, basis, pe, err[i], keep, rv_c, s_w, cont)
         else:
             _, c = _dense_c(e, basis, pe, err[i], keep, rv_c, cont=cont)
         chol = np.linalg.cholesky(c)
@@ -447,6 +451,9 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
         _, _, jac = observe_jac(obs, jnp.asarray(ref.x, obs.x_obs.dtype))
         j = np.asarray(jac, np.float64)[keep]
         cov = np.linalg.inv(j.T @ cho_solve(cho_factor(c), j)) * span[:, None] * span
+        # a local model's Doppler term: C + s2 d d^T, d the rv column of J: the
+        # same minimum, s2 more rv variance
+        cov[3, 3] += s2
         sd = np.sqrt(np.diag(cov))
         got = np.r_[[t[n][i] for n in TINY_NAMES], t["rv"][i],
                     [t[n][i] for n in cont_names]]  # fmt: skip
@@ -683,10 +690,50 @@ def test_local_error_neighbours_factor_and_refusals():
     assert LocalError.from_residuals(bad, scaled, 7).errors[3, 4] == 0.0
 
 
+def test_derivative_taps_are_the_fitters_interpolants_at_a_node():
+    """The emulator's rv-derivative taps (no import of the observation model)
+    equal the derivatives of the fitter's Doppler interpolant's weights at a node
+    (tap_weights, float64)."""
+    from payne_lite.emulator._local_error import derivative_taps
+    from payne_lite.observe import DOPPLER_INTERP, TAP_OFFSETS, tap_weights
+
+    offs, w = derivative_taps()
+    assert offs == TAP_OFFSETS[DOPPLER_INTERP]
+    with jax.enable_x64():
+        dw = np.array(
+            [float(v) for v in tap_weights(DOPPLER_INTERP, jnp.asarray(0.0))[1]]
+        )
+    np.testing.assert_allclose(w, dw, rtol=0, atol=1e-12)
+
+
+def test_doppler_shifts_recover_a_shifted_truth():
+    """doppler_shifts of errors predict - truth, the truth the model shifted by
+    known small rvs (exact shifts of smooth lines on a log grid with a gap):
+    those rvs, to 2 %; a gap's neighbours do not count; no derivative: 0."""
+    from payne_lite.emulator import doppler_shifts
+
+    x = np.log(np.r_[np.geomspace(15100, 15300, 400), np.geomspace(15400, 15600, 400)])
+    lam = np.exp(x)
+    centres = np.array([15150.0, 15220.0, 15260.0, 15450.0, 15530.0])
+
+    def spectrum(v):  # Gaussian lines of 0.4 A, observed at rv v [km/s]
+        c = centres * (1 + v / C_KMS)
+        return 1 - 0.4 * np.exp(-0.5 * ((lam[None] - c[:, None]) / 0.4) ** 2).sum(0)
+
+    rvs = np.array([-0.3, 0.05, 0.2])
+    model = np.stack([spectrum(0.0)] * 3)
+    truth = np.stack([spectrum(v) for v in rvs])
+    got = doppler_shifts(lam, model, model - truth)
+    np.testing.assert_allclose(got, rvs, rtol=0.02)
+    flat = np.ones((1, lam.size))
+    assert doppler_shifts(lam, flat, flat * 0.01)[0] == 0.0
+
+
 def test_sampler_log_likelihood_with_a_local_error_is_the_dense_gaussian():
     """log_posterior with the emulator's LocalError: -1/2 r^T C^-1 r with C of the
     errors nearest the first point's labels, shrunk toward the global model, placed
-    at the window's rv (numpy), for both points."""
+    at the window's rv (numpy), plus the neighbours' mean squared Doppler shift
+    along the model's rv derivative there, for both points."""
     e, basis, pe = _emulator_with_basis()
     e = _with_local_error(e)
     rng = np.random.default_rng(4)
@@ -700,8 +747,13 @@ def test_sampler_log_likelihood_with_a_local_error_is_the_dense_gaussian():
     lp = log_posterior(flux, err, e, pts, rv_centre=rv, mask=mask)
     held = e.local_error
     keep = ~mask
-    near, c = _dense_local_c(e, basis, pe, err, keep, rv, s)
+    near, c, s2 = _dense_local_c(e, basis, pe, err, keep, rv, s)
+    # the Doppler term: s2 d d^T, d the model's rv derivative at the first point
     obs = build_obs_model(e)
+    q = jnp.asarray(np.r_[s, rv], jnp.float32)
+    d = np.asarray(observe_jac(obs, q)[2], np.float64)[:, 3][keep]
+    assert s2 > 0
+    c = c + s2 * np.outer(d, d)
     for i, pt in enumerate(pts):
         p = np.r_[e.scale(pt[:3]), pt[3]]
         model = np.asarray(observe(obs, jnp.asarray(p, jnp.float32))[0], np.float64)

@@ -15,6 +15,8 @@ from ._emulator import error_scale_features as error_scale_features
 from ._local_error import LOCAL_NEIGHBOURS as LOCAL_NEIGHBOURS
 from ._local_error import LOCAL_SHRINK as LOCAL_SHRINK
 from ._local_error import LocalError as LocalError
+from ._local_error import doppler_shifts as doppler_shifts
+from ._local_error import rv_derivative as rv_derivative
 from ._nets import ACTIVATIONS as ACTIVATIONS
 from ._nets import KERNEL_COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
 from ._nets import DenseNet as DenseNet
@@ -64,6 +66,7 @@ __all__ = [
     "active_learning",
     "ValidationReport",
     "dense_forward",
+    "doppler_shifts",
     "error_scale_features",
     "forward",
     "kernel_forward",
@@ -72,6 +75,7 @@ __all__ = [
     "pixel_forward",
     "predict_batch",
     "predict_kernel",
+    "rv_derivative",
     "propose_labels",
     "scale_labels",
     "spectrum_errors",

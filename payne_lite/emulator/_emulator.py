@@ -32,7 +32,9 @@ item                      shape / type           meaning
                                                  error covariance near any labels:
                                                  ``errors`` (N, P) float32 held-out
                                                  errors, ``scaled`` (N, L) their scaled
-                                                 labels, attr ``neighbours``
+                                                 labels, attr ``neighbours``,
+                                                 ``shrink``; ``shifts`` (N,) their
+                                                 Doppler shifts [km/s]
 ``history/<name>``        (n_iter,)              optional: loss curves from training
 ``report/``               group                  optional (v2): the validation report,
                                                  :class:`ValidationReport`: datasets
@@ -71,7 +73,13 @@ from .._validate import (
 )
 from ..errors import FileFormatError
 from . import _outpool
-from ._local_error import LOCAL_NEIGHBOURS, LOCAL_SHRINK, LocalError
+from ._local_error import (
+    LOCAL_NEIGHBOURS,
+    LOCAL_SHRINK,
+    LocalError,
+    doppler_shifts,
+    rv_derivative,
+)
 from ._nets import (
     ACTIVATIONS,
     DenseNet,
@@ -732,6 +740,11 @@ class Emulator:
         0.93-1.10); of 2,000, 0.62-0.67 at S/N 300 (benchmarks/README.md, "A
         label-dependent error covariance").
 
+        Each held-out error's Doppler shift along its own spectrum's rv derivative
+        is kept apart (``local_error.shifts``) and taken out of the stored error;
+        the neighbours' mean squared shift is added to a fit's rv variance (along
+        the star's own rv derivative in the samplers' ``C``).
+
         The file grows by the errors (N x P float32, compressed): 4,000 held-out
         spectra of APOGEE's 7,214 pixels are ~115 MB before compression.
 
@@ -748,10 +761,14 @@ class Emulator:
             ValueError: another grid, or ``neighbours`` out of range.
         """
         self._check_grid(grid)
+        errors, pred = self._held_out_errors(grid, with_model=True)
+        # each error's Doppler shift is kept apart from the rest of it: the star's
+        # own rv derivative carries it (LocalError's module docstring)
+        shifts = doppler_shifts(self.wavelength, pred, errors)
+        errors = errors + shifts[:, None] * rv_derivative(self.wavelength, pred)
         local = LocalError(
-            self._held_out_errors(grid), self.scale(grid.labels), int(neighbours),
-            float(shrink),
-        )  # fmt: skip
+            errors, self.scale(grid.labels), int(neighbours), float(shrink), shifts
+        )
         meta = dict(self.meta)
         meta["local_error"] = {
             "neighbours": local.neighbours,
@@ -761,15 +778,17 @@ class Emulator:
         }
         return dataclasses.replace(self, local_error=local, meta=meta)
 
-    def _held_out_errors(self, grid) -> np.ndarray:
+    def _held_out_errors(self, grid, with_model: bool = False):
         """(N, P) float64 ``predict(labels) - flux`` over ``grid``, 0 where its
-        ``flux_err`` is non-finite or non-positive (or the flux non-finite)."""
-        pred = self.predict(grid.labels, allow_outside=True)
-        resid = np.asarray(pred, np.float64) - grid.flux
+        ``flux_err`` is non-finite or non-positive (or the flux non-finite); with
+        ``with_model`` also the predictions."""
+        pred = np.asarray(self.predict(grid.labels, allow_outside=True), np.float64)
+        resid = pred - grid.flux
         if grid.flux_err is not None:
             good = np.isfinite(grid.flux_err) & (grid.flux_err > 0)
             resid = np.where(good, resid, 0.0)
-        return np.nan_to_num(resid)
+        resid = np.nan_to_num(resid)
+        return (resid, pred) if with_model else resid
 
     def _check_grid(self, grid) -> None:
         """ValueError unless ``grid`` has this emulator's labels and wavelengths."""

@@ -191,8 +191,9 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
         alive: (n,) bool rows to refine (the others come back as they are).
         local: the emulator's :class:`payne_lite.emulator.LocalError`, or None:
             then each star's ``U`` is its rows of ``basis`` (its neighbours at the
-            point fit's labels, then the global basis), and ``D`` keeps ``shrink``
-            times the per-pixel rest.
+            point fit's labels, then the global basis), ``D`` keeps ``shrink``
+            times the per-pixel rest, and the rv variance gains the neighbours'
+            Doppler shift variance (``LocalError.shift_variance``).
 
     Returns:
         ``(p, chi2, a, g, converged)``: the GLS estimate (n, k); ``r^T C^-1 r`` (n,),
@@ -205,12 +206,13 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
     with np.errstate(divide="ignore"):
         var = np.where(used, 1.0 / np.where(used, w_data, 1.0), 0.0)
         pe2 = np.where(used, np.maximum(1.0 / np.where(used, w_fit, 1.0) - var, 0), 0)
-    near, skip = None, 0
+    near, skip, s2 = None, 0, None
     if local is not None:
         pe2 *= local.shrink
         n_global = basis.shape[0] - local.n_held_out
         near = local.rows(np.asarray(p)[:, : obs.n_labels], n_global)
         near, skip = jnp.asarray(near, jnp.int32), local.neighbours
+        s2 = local.shift_variance(np.asarray(p)[:, : obs.n_labels])
     var_j, pe2_j = jnp.asarray(var, dt), jnp.asarray(pe2, dt)
     pc = jnp.asarray(p, dt)
     p = np.array(p, np.float64)
@@ -251,4 +253,20 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
             obs, jnp.asarray(p, dt), pc, f_j, var_j, pe2_j, basis, near,
             with_m=False, skip=skip,
         )  # fmt: skip
+    if s2 is not None and free[obs.n_labels]:
+        a = _add_rv_variance(a, s2, np.flatnonzero(free), obs.n_labels)
     return p, chi2, a, g, converged & alive
+
+
+def _add_rv_variance(a, s2, fi, j_rv):
+    """The information ``a`` (n, k, k) with ``s2`` (n,) added to the rv variance of
+    its free block (indices ``fi``): ``(a_f^-1 + s2 e e^T)^-1`` by Sherman-Morrison,
+    ``e`` the rv's unit vector. It is ``J^T C'^-1 J`` for ``C' = C + s2 d d^T`` with
+    ``d`` the rv column of ``J`` (the estimate and ``chi2`` are unchanged there)."""
+    a = np.array(a, np.float64)
+    af = a[:, fi[:, None], fi[None, :]]
+    col = af[:, :, int(np.flatnonzero(fi == j_rv)[0])]  # a_f e (n, kf)
+    den = 1.0 + s2 * col[:, int(np.flatnonzero(fi == j_rv)[0])]
+    af = af - (s2 / den)[:, None, None] * col[:, :, None] * col[:, None, :]
+    a[:, fi[:, None], fi[None, :]] = af
+    return a

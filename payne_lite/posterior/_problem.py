@@ -24,6 +24,7 @@ from ..observe import (
     diagonal_variance,
     emulator_error_on,
     observe,
+    observe_jac,
     param_layout,
 )
 from ._likelihood import Target, window_valid_batch
@@ -120,8 +121,10 @@ class Problem:
         (:func:`payne_lite.observe.basis_on`); with the emulator's
         :class:`~payne_lite.emulator.LocalError` that basis is the error
         covariance's factor at its labels (its neighbours, then the global basis,
-        :meth:`~payne_lite.emulator.LocalError.factor`) and the per-pixel rest is
-        scaled by its ``shrink``; its other entries unused.
+        :meth:`~payne_lite.emulator.LocalError.factor`), with one more row for
+        its Doppler zero point (the square root of ``shift_variance`` times the
+        model's rv derivative there), and the per-pixel rest is scaled by its
+        ``shrink``; its other entries unused.
         """
         layout, n_lab = self.layout, self.layout.n_labels
         k = len(layout.names)
@@ -147,9 +150,11 @@ class Problem:
                 self.wave_obs, self.wave_rest, self.perr, np.array([rv_c])
             )[0]
             var_emu = pe**2
+        s2 = 0.0
         if self.local is not None:  # C_emu at the centre's labels
             basis = self.local.factor(base[:n_lab], self.basis)
             var_emu, skip = self.local.shrink * var_emu, self.local.neighbours
+            s2 = float(self.local.shift_variance(base[:n_lab])[0])
         extra = {}
         if basis is None:  # diagonal: 1 / (err^2 + e^2)
             w = np.where(w > 0, 1.0 / (1.0 / np.where(w > 0, w, 1.0) + var_emu), 0.0)
@@ -163,6 +168,12 @@ class Problem:
                 _basis_on(self.obs, jnp.asarray(basis, dt), jnp.asarray(q, dt)),
                 np.float64,
             )
+            if s2 > 0:  # the Doppler zero point: s d, d the rv derivative at q
+                d = np.asarray(
+                    _observe_jac(self.obs, jnp.asarray(q, dt))[2], np.float64
+                )
+                u = np.vstack([np.sqrt(s2) * d[:, n_lab][None], u])
+                skip += 1
             var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), 0.0)
             em = build_error_model(diagonal_variance(var, var_emu, u[skip:]), u)
             w, extra = em.d_inv, {"v": em.v}
@@ -187,6 +198,7 @@ class Problem:
 
 
 _basis_on = jax.jit(basis_on)
+_observe_jac = jax.jit(observe_jac)
 
 
 def to_device(tg: dict, dt) -> Target:
