@@ -8,10 +8,10 @@ from ._active import ErrorMap as ErrorMap
 from ._active import active_learning as active_learning
 from ._active import propose_labels as propose_labels
 from ._active import spectrum_errors as spectrum_errors
-from ._emulator import EMULATOR_FORMAT as EMULATOR_FORMAT
 from ._emulator import ERROR_SCALE_RANGE as ERROR_SCALE_RANGE
 from ._emulator import Emulator as Emulator
 from ._emulator import error_scale_features as error_scale_features
+from ._file import EMULATOR_FORMAT as EMULATOR_FORMAT
 from ._local_error import LOCAL_NEIGHBOURS as LOCAL_NEIGHBOURS
 from ._local_error import LOCAL_SHRINK as LOCAL_SHRINK
 from ._local_error import LocalError as LocalError

@@ -218,7 +218,7 @@ class LocalError:
 
     # -- files ------------------------------------------------------------------------
     def write(self, group) -> None:
-        """Write into an HDF5 group (see :mod:`payne_lite.emulator._emulator`)."""
+        """Write into an HDF5 group (see :mod:`payne_lite.emulator._file`)."""
         group.attrs["neighbours"] = self.neighbours
         group.attrs["shrink"] = self.shrink
         _h5.write_dataset(group, "errors", self.errors)

@@ -388,7 +388,7 @@ class ValidationReport:
 
     # -- files --------------------------------------------------------------------------
     def write(self, group) -> None:
-        """Write into an HDF5 group (see :mod:`payne_lite.emulator._emulator`)."""
+        """Write into an HDF5 group (see :mod:`payne_lite.emulator._file`)."""
         _h5.set_json_attr(group, "label_names", list(self.label_names))
         _h5.set_json_attr(group, "label_units", list(self.label_units))
         _h5.set_json_attr(group, "provenance", self.provenance)
