@@ -33,6 +33,7 @@ from .errors import SchedulerLostError as SchedulerLostError
 from .errors import TrainingDivergedError as TrainingDivergedError
 from .errors import WavelengthGridWarning as WavelengthGridWarning
 from .fitting import check_results_schema as check_results_schema
+from .fitting import companion_search as companion_search
 from .fitting import pixel_residuals as pixel_residuals
 from .grid import SpectralGrid as SpectralGrid
 from .mdn import MDN as MDN
@@ -101,6 +102,7 @@ __all__ = [
     "broadening",
     "check_results_schema",
     "pixel_residuals",
+    "companion_search",
     "clear_caches",
     "compilation_cache_dir",
     "datasets",

@@ -110,12 +110,15 @@ References:
 
 from __future__ import annotations
 
+from ._companion import Companion as Companion
+from ._companion import companion_search as companion_search
 from ._fit import METHODS as METHODS
 from ._fit import fit_spectra as fit_spectra
 from ._lm import visit_index as visit_index
 from ._ppc import PixelResiduals as PixelResiduals
 from ._ppc import pixel_residuals as pixel_residuals
 from ._schema import FLAG_BITS as FLAG_BITS
+from ._schema import FLAG_COMPANION as FLAG_COMPANION
 from ._schema import FLAG_EMULATOR_POOR as FLAG_EMULATOR_POOR
 from ._schema import FLAG_FAILED as FLAG_FAILED
 from ._schema import FLAG_LOCAL_MISFIT as FLAG_LOCAL_MISFIT
@@ -134,6 +137,8 @@ from ._visits import pad_visits as pad_visits
 
 __all__ = [
     "PixelResiduals",
+    "Companion",
+    "companion_search",
     "pixel_residuals",
     "FLAGS_DESCRIPTION",
     "FLAG_BITS",
@@ -141,6 +146,7 @@ __all__ = [
     "FLAG_FAILED",
     "FLAG_NOT_CONVERGED",
     "FLAG_LOCAL_MISFIT",
+    "FLAG_COMPANION",
     "FLAG_POOR_FIT",
     "METHODS",
     "REFERENCE_PAYNE",

@@ -48,6 +48,14 @@ bit  value       meaning
                  ``DIP_FALSE_ALARM``, 1e-3, per spectrum: 5.4 sigma for 6,000
                  pixels); a line missing from the training grid, a telluric
                  residual, an unmasked bad column (:mod:`._ppc`)
+10   1024        second set of lines (point fits, set after the fit by
+                 :meth:`._companion.Companion.add_to`): the residuals hold a copy of
+                 the fitted star's lines at another velocity at least
+                 ``COMPANION_DEPTH`` (0.05) as deep as its own, at
+                 ``COMPANION_NSIGMA`` (5) or more: a double-lined binary. The real
+                 binary's visits (S/N 100): 0.46-0.48 at -116 and +66 km/s, 0.06 in
+                 a visit where the lines blend; the real single dwarf (S/N 197):
+                 0.04, a line-shape misfit (:mod:`._companion`)
 ===  ==========  =================================================================
 
 The point fit itself is described in :mod:`payne_lite.fitting`.
@@ -90,6 +98,11 @@ import numpy as np
 # QA bit 8's thresholds, named here with the other bits' (the docs table reads them)
 from ..emulator import POOR_FACTOR, POOR_MIN_COUNT  # noqa: F401
 from ..observe import continuum_meta
+from ._companion import (  # noqa: F401 (QA bit 10)
+    COMPANION_DEPTH,
+    COMPANION_NSIGMA,
+    FLAG_COMPANION,
+)
 from ._ppc import DIP_FALSE_ALARM, chi2_pvalue, dip_limit  # noqa: F401 (QA bit 9)
 
 #: Covariance condition-number limit (correlation form) per dtype.
@@ -124,6 +137,9 @@ FLAG_BITS = {
     9: "localised misfit: max_dip, the largest sum of normalised residuals over 5 "
     "pixels / sqrt(5), beyond the normal quantile at DIP_FALSE_ALARM / n_good "
     "(5.4 sigma for 6,000 pixels; point fits)",
+    10: "second set of lines (a double-lined binary): companion_depth at least "
+    "COMPANION_DEPTH of the fitted star's line depth at COMPANION_NSIGMA or more "
+    "(set by payne_lite.companion_search(...).add_to(table); point fits)",
 }
 #: QA bit 7 (poor fit): chi2_red beyond 1 + POOR_FIT_NSIGMA sqrt(2 / ndof) ...
 POOR_FIT_NSIGMA = 5.0

@@ -1,0 +1,135 @@
+"""The companion search of fit residuals (double-lined binaries) and QA bit 10."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from conftest import lanczos_shift
+
+import payne_lite as pl
+from payne_lite.constants import C_KMS
+from payne_lite.fitting import FLAG_COMPANION, FLAG_POOR_FIT
+from payne_lite.fitting._companion import chip_segments
+
+
+def _two_chip_grid(n1=400, n2=300, step=1e-5):
+    lw = np.r_[np.arange(n1), np.arange(n2) + n1 + 50] * step + np.log(15200.0)
+    return np.exp(lw)
+
+
+def _lines(p, centres, depth=0.4, sigma=1.5):
+    x = np.arange(p)
+    return 1.0 - sum(depth * np.exp(-0.5 * ((x - c) / sigma) ** 2) for c in centres)
+
+
+def test_an_exact_shifted_copy_is_found_by_hand():
+    """Residuals that are exactly -q times the model's line depths shifted by k
+    pixels, plus a constant per chip: the search returns depth q, dv = k pixels'
+    velocity, and nsigma = q sqrt(den), den worked by direct sums over the overlap."""
+    wave = _two_chip_grid()
+    segments, v_pix = chip_segments(wave)
+    assert segments == [(0, 400), (400, 700)]
+    assert v_pix == pytest.approx(C_KMS * 1e-5)  # one step of ln(lambda)
+    rng = np.random.default_rng(1)
+    model = _lines(700, rng.uniform(20, 680, 40))
+    depth, q, k = 1.0 - model, 0.2, 9  # 9 pixels: 27 km/s
+    shifted = np.zeros(700)
+    for a, b in segments:  # the template shifted within each chip, zero outside
+        shifted[a + k : b] = depth[a : b - k]
+    flux = model - q * shifted + np.where(np.arange(700) < 400, 0.01, -0.02)
+    err = np.full(700, 0.01)
+    t = Table({"model_flux": model[None], "flags": np.zeros(1, np.int32)})
+    c = pl.companion_search(flux[None], err[None], t, wave)
+    assert c.depth[0] == pytest.approx(q, rel=1e-9)
+    assert c.dv[0] == pytest.approx(k * v_pix)
+    w = 1.0 / err**2
+    den = 0.0
+    for a, b in segments:  # the template's weighted variance over the overlap
+        y, ws = depth[a : b - k], w[a + k : b]
+        den += np.sum(ws * y * y) - np.sum(ws * y) ** 2 / np.sum(ws)
+    assert c.nsigma[0] == pytest.approx(q * np.sqrt(den), rel=1e-9)
+    # the same copy on the blue side; and masked pixels take no part
+    flux2 = model.copy()
+    for a, b in segments:
+        flux2[a : b - k] -= q * depth[a + k : b]
+    mask = np.zeros(700, bool)
+    mask[100:130] = True
+    flux2[100:130] = np.nan
+    c2 = pl.companion_search(flux2[None], err[None], t, wave, mask=mask)
+    assert c2.dv[0] == pytest.approx(-k * v_pix) and c2.depth[0] == pytest.approx(q)
+    # add_to: columns and bit 10; a second search replaces the first
+    t["flags"] = np.array([FLAG_POOR_FIT], np.int32)
+    c.add_to(t)
+    assert t["flags"][0] == FLAG_POOR_FIT | FLAG_COMPANION
+    assert t["companion_dv"].unit == "km / s" and t["companion_depth"][0] == c.depth[0]
+    c.add_to(t, depth=0.5)
+    assert (
+        t["flags"][0] == FLAG_POOR_FIT
+        and "second set of lines" in (pl.fitting.FLAG_BITS[10])
+    )
+
+
+def test_refusals():
+    wave = _two_chip_grid()
+    model = _lines(700, [100, 500])
+    t = Table({"model_flux": model[None], "flags": np.zeros(1, np.int32)})
+    flux, err = model[None], np.full((1, 700), 0.01)
+    with pytest.raises(ValueError, match="return_model=True"):
+        pl.companion_search(flux, err, Table({"flags": [0]}), wave)
+    with pytest.raises(ValueError, match="one shape"):
+        pl.companion_search(flux[:, :-1], err[:, :-1], t, wave[:-1])
+    with pytest.raises(ValueError, match="wavelength"):
+        pl.companion_search(flux, err, t, wave[:-1])
+    linear = np.linspace(15200.0, 16900.0, 700)  # 11 % change of step
+    with pytest.raises(ValueError, match="log-uniform"):
+        pl.companion_search(flux, err, t, linear)
+    with pytest.raises(ValueError, match="dv_range"):
+        pl.companion_search(flux, err, t, wave, dv_range=(10.0, 5.0))
+    with pytest.raises(ValueError, match="rows"):
+        pl.companion_search(flux, err, t, wave).add_to(Table({"flags": [0, 0]}))
+    # a failed fit (bit 2) and a spectrum without usable pixels give NaN
+    t2 = Table({"model_flux": np.vstack([model, model]), "flags": np.array([4, 0])})
+    err2 = np.vstack([err, np.zeros_like(err)])
+    c = pl.companion_search(np.vstack([flux, flux]), err2, t2, wave)
+    assert np.all(np.isnan(c.depth)) and not np.any(c.flagged())
+
+
+def test_real_binary_flagged_single_star_and_noise_not(payne_apogee, payne_data):
+    """The real network's fits (rv free, its mask): the real double-lined binary's
+    two visits with separated lines are flagged with companion lines 0.3+ as deep
+    at |dv| > 50 km/s; the real single dwarf is not (0.04 here: a line-shape
+    misfit); noise-only mocks at S/N 100 give under 0.02 and no flag; twins
+    injected at light ratio 0.3, 40-150 km/s away, are flagged at their dv
+    within 2 pixels."""
+    emu, mask = payne_apogee
+    wave = np.asarray(emu.wavelength, np.float64)
+    single, visits = payne_data.combined_spectrum(), payne_data.visits()
+    rng = np.random.default_rng(3)
+    n = 16
+    lo, hi = emu.bounds
+    clean = np.asarray(
+        emu.predict(lo + (hi - lo) * rng.uniform(0.1, 0.9, (n, lo.size))), np.float64
+    )
+    u = rng.choice([-1, 1], n) * rng.uniform(40.0, 150.0, n) / chip_segments(wave)[1]
+    twins = np.stack(
+        [(f + 0.3 * lanczos_shift(f, s)) / 1.3 for f, s in zip(clean, u, strict=True)]
+    )
+    mocks = np.vstack([clean, twins])
+    mocks = np.where(np.isfinite(mocks), mocks, 1.0) + 0.01 * rng.standard_normal(
+        mocks.shape
+    )
+    flux = np.vstack([single.flux[None], visits.flux, mocks])
+    err = np.vstack([single.flux_err[None], visits.flux_err, np.full_like(mocks, 0.01)])
+    t = pl.fit(flux, err, emu, mask=mask, return_model=True)
+    c = pl.companion_search(flux, err, t, wave, mask=mask)
+    c.add_to(t)
+    bit = (np.asarray(t["flags"]) & FLAG_COMPANION) != 0
+    assert not bit[0] and 0.0 < c.depth[0] < 0.05, c.depth[0]
+    assert np.all(bit[1:3]) and np.all(c.depth[1:3] > 0.3), c.depth[1:4]
+    assert np.all(np.abs(c.dv[1:3]) > 50) and np.all(c.nsigma[1:3] > 50)
+    noise, inj = slice(4, 4 + n), slice(4 + n, None)
+    assert not np.any(bit[noise]) and np.all(c.depth[noise] < 0.02), c.depth[noise]
+    assert np.all(bit[inj]) and np.all(c.depth[inj] > 0.15), c.depth[inj]
+    v_pix = chip_segments(wave)[1]
+    np.testing.assert_allclose(c.dv[inj], u * v_pix, atol=2 * v_pix)
