@@ -780,20 +780,24 @@ def test_cli_local_error_then_a_gls_fit(tmp_path, capsys):
     e, grid = _held_out_files(tmp_path)
     out = tmp_path / "local.h5"
     args = ["local-error", str(tmp_path / "e.h5"), str(tmp_path / "held.h5")]
-    assert main([*args, "--neighbours", "20", "-o", str(out)]) == 0
+    assert main([*args, "--neighbours", "20", "--shrink", "0.3", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "local_error: 60 held-out errors, 20 nearest" in text, text
+    assert "shrunk 0.3 toward" in text, text
     with h5py.File(out) as f:
         assert f.attrs["format_version"] == 4
     new = pl.Emulator.load(out)
-    want = e.with_local_error(grid, neighbours=20)
+    want = e.with_local_error(grid, neighbours=20, shrink=0.3)
     np.testing.assert_array_equal(new.local_error.errors, want.local_error.errors)
+    assert new.local_error.shrink == 0.3
     np.testing.assert_allclose(new.local_error.scaled, e.scale(grid.labels))
     assert main(["info", str(out)]) == 0
     assert "60 held-out errors with their labels" in capsys.readouterr().out
     assert main([*args, "--neighbours", "61", "-o", str(tmp_path / "x.h5")]) != 0
     err = capsys.readouterr().err
     assert "neighbours must be 2 .. 60" in err and err.count("\n") == 1, err
+    assert main([*args, "--shrink", "1", "-o", str(tmp_path / "x.h5")]) != 0
+    assert "must be in [0, 1), got '1'" in capsys.readouterr().err
     t = _cli_gls_fit(tmp_path, e, out)
     assert "warning" not in capsys.readouterr().err
     assert t.meta["estimator"] == "gls" and t.meta["emulator_error_local"] is True

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from ..emulator import LOCAL_NEIGHBOURS, Emulator
+from ..emulator import LOCAL_NEIGHBOURS, LOCAL_SHRINK, Emulator
 from ..grid import SpectralGrid
 from ..observe import calibrate_emulator_errors
 from ._common import (
@@ -19,6 +19,7 @@ from ._common import (
     add_subcommand,
     check_output,
     checked_read,
+    fraction,
     positive_float,
     positive_int,
     require_file,
@@ -165,11 +166,16 @@ def add_local_error(sub) -> None:
         "--neighbours", type=positive_int, default=LOCAL_NEIGHBOURS,
         help="held-out errors averaged at any labels (at most the grid's spectra)",
     )  # fmt: skip
+    p.add_argument(
+        "--shrink", type=fraction, default=LOCAL_SHRINK,
+        help="weight of the global error model (error_basis, pixel_error) in the "
+        "covariance, in [0, 1)",
+    )  # fmt: skip
 
 
 def run_local_error(args) -> int:
     emu, grid, out = _read_emulator_grid(args)
-    new = emu.with_local_error(grid, neighbours=args.neighbours)
+    new = emu.with_local_error(grid, neighbours=args.neighbours, shrink=args.shrink)
     new.save(out)
     loc = new.local_error
     print(
