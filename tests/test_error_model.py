@@ -6,6 +6,7 @@ log likelihood, and the point fits' sandwich covariance under it."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -467,7 +468,112 @@ def test_gls_estimator_minimises_the_dense_chi2_of_the_shifted_model(grid):
     assert np.all(t["flags"] == 0)
 
 
-def test_gls_estimator_needs_a_basis_and_single_spectra():
+def _dense_joint_c(e, basis, pe, err, keep, rvs, s=None):
+    """(C over ``keep`` of every visit, stacked; the Doppler term's s2) of one star's
+    visits at ``rvs``: each visit's D, and one rest-frame U (the basis, or with
+    ``s`` the LocalError's rows at scaled labels ``s``) placed at each visit's rv,
+    so the visits' blocks share it."""
+    us, ds, s2 = [], [], 0.0
+    for v, rv in enumerate(rvs):
+        if s is None:
+            b, c = _dense_c(e, basis, pe, err[v], keep, rv)
+            u = b[:, keep]
+        else:
+            held = e.local_error
+            m, a = held.neighbours, held.shrink
+            near = np.argsort(np.sum((held.scaled - s) ** 2, axis=1))[:m]
+            u_near = held.errors[near].astype(np.float64) * np.sqrt((1 - a) / m)
+            b1, c1 = _dense_c(e, u_near, np.zeros(e.n_pix), err[v], keep, rv)
+            zero = np.zeros_like(err[v])
+            b2, c2 = _dense_c(e, np.sqrt(a) * basis, np.sqrt(a) * pe, zero, keep, rv)
+            u, c = np.vstack([b1[:, keep], b2[:, keep]]), c1 + c2
+            s2 = float(np.mean(held.shifts[near] ** 2))
+        us.append(u)
+        ds.append(np.diag(np.diag(c - u.T @ u)))
+    u = np.hstack(us)
+    n = keep.sum()
+    c = u.T @ u
+    for v, d in enumerate(ds):
+        c[v * n : (v + 1) * n, v * n : (v + 1) * n] += d
+    return c, s2
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_gls_joint_fit_of_visits_minimises_the_dense_chi2(local):
+    """Joint fits of visits (group=) with estimator='gls': the emulator's error is
+    the star's, one rest-frame draw placed at each visit's rv, so C couples the
+    visits. The fit is the minimum over (labels, rv_1, rv_2) of r^T C^-1 r with the
+    dense joint C (both visits' pixels; the basis placed at the least-squares joint
+    fit's rvs) and the model by NumPy, found by scipy; its covariance (J^T C^-1
+    J)^-1 there, with a LocalError plus its Doppler variance along rv_1 + rv_2
+    (the star's zero point moves every visit)."""
+    from scipy.linalg import cho_factor, cho_solve, solve_triangular
+    from scipy.optimize import least_squares
+
+    from payne_lite import LMOptions
+
+    e, basis, pe = _emulator_with_basis()
+    if local:
+        e = _with_local_error(e)
+    rng = np.random.default_rng(8)
+    mask = np.zeros(N_PIX, bool)
+    mask[:25] = mask[-25:] = True
+    keep = ~mask
+    s_true, rvs = rng.uniform(-0.3, 0.3, 3), np.array([-35.0, 50.0])
+    flux = reference_spectra(e, np.tile(s_true, (2, 1)), rvs)
+    err = np.full_like(flux, 0.005)
+    z = rng.standard_normal(basis.shape[0])  # one draw of the star's error
+    for v in range(2):
+        flux[v] += z @ _dense_c(e, basis, pe, err[v], keep, rvs[v])[0]
+    flux += err * rng.standard_normal(flux.shape)
+    group = np.array([7, 7])
+    w = fit(flux, err, e, mask=mask, group=group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ErrorModelWarning)  # the toy's 4 components
+        t = fit(
+            flux, err, e, mask=mask, group=group, options=LMOptions(estimator="gls")
+        )
+    assert t.meta["estimator"] == "gls" and t["flags"][0] == 0
+    rv_c = np.asarray(w["rv"][0], np.float64)
+    s_c = e.scale(np.array([w[n][0] for n in TINY_NAMES])) if local else None
+    c, s2 = _dense_joint_c(e, basis, pe, err, keep, rv_c, s_c)
+    chol = np.linalg.cholesky(c)
+
+    def resid(x):
+        m = reference_spectra(e, np.tile(x[:3], (2, 1)), x[3:5])
+        return solve_triangular(chol, (flux - m)[:, keep].ravel(), lower=True)
+
+    x0 = np.r_[e.scale(np.array([w[n][0] for n in TINY_NAMES])), rv_c]
+    ref = least_squares(resid, x0, method="lm", diff_step=1e-3, xtol=1e-10,
+                        ftol=1e-12)  # fmt: skip
+    obs = build_obs_model(e)
+    jac = np.zeros((2 * keep.sum(), 5))
+    for v in range(2):
+        _, _, jv = observe_jac(obs, jnp.asarray(ref.x[[0, 1, 2, 3 + v]], jnp.float32))
+        jv = np.asarray(jv, np.float64)[keep]
+        rows = slice(v * keep.sum(), (v + 1) * keep.sum())
+        jac[rows, :3], jac[rows, 3 + v] = jv[:, :3], jv[:, 3]
+    span = np.r_[e.label_hi - e.label_lo, 1.0, 1.0]
+    cov = np.linalg.inv(jac.T @ cho_solve(cho_factor(c), jac)) * span[:, None] * span
+    cov[3:5, 3:5] += s2  # 0 without a LocalError
+    sd = np.sqrt(np.diag(cov))
+    got = np.r_[[t[n][0] for n in TINY_NAMES], np.asarray(t["rv"][0])]
+    want = np.r_[e.unscale(ref.x[:3]), ref.x[3:]]
+    assert np.all(np.abs(got - want) < 0.05 * sd), (got - want) / sd
+    np.testing.assert_allclose(np.asarray(t["covariance"][0]), cov, rtol=0.02,
+                               atol=1e-3 * sd.max() ** 2)  # fmt: skip
+    # the visits' coupling is small beside the noise here (K = 4 smooth
+    # components), but chi2 tells it: C without its cross-visit blocks misses
+    n = keep.sum()
+    block = c.copy()
+    block[:n, n:] = block[n:, :n] = 0.0
+    r = resid(ref.x)
+    r = (chol @ r) @ cho_solve(cho_factor(block), chol @ r)
+    assert abs(r / (2 * ref.cost) - 1) > 2e-3
+    np.testing.assert_allclose(float(t["chi2"][0]), 2 * ref.cost, rtol=5e-4)
+
+
+def test_gls_estimator_needs_a_basis():
     from payne_lite import LMOptions
 
     with pytest.raises(ValueError, match="estimator must be one of"):
@@ -480,10 +586,7 @@ def test_gls_estimator_needs_a_basis_and_single_spectra():
         fit(noisy, err, plain, mask=mask, options=opts)
     with pytest.raises(ValueError, match="needs the emulator's correlated error"):
         fit(noisy, err, e, mask=mask, options=opts, emulator_error=False)
-    with (
-        pytest.raises(ValueError, match="not with group="),
-        pytest.warns(ErrorModelWarning),
-    ):
+    with pytest.warns(ErrorModelWarning):  # a joint fit warns alike
         fit(noisy, err, e, mask=mask, options=opts, group=np.array([0, 0]))
     # a basis of GLS_MIN_RANK components or more: no warning
     big = dataclasses.replace(

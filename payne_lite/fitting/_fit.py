@@ -134,11 +134,6 @@ def fit_spectra(
         continuum=continuum, estimator=opts.estimator,
     )  # fmt: skip
     if group is not None:
-        if ctx.gls:
-            raise ValueError(
-                f"{type(opts).__name__}(estimator='gls') fits spectra one by one: "
-                "not with group= (the joint fit of visits is least squares)"
-            )
         t = fit_groups(
             ctx, emulator, flux2, ivar, starts[0], group, batch_size=batch_size,
             scale_errors=scale_errors, mdn=mdn, mdn_starts=mdn_starts, seed=seed,

@@ -175,7 +175,9 @@ def warn_small_basis(emulator) -> None:
         )
 
 
-def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=None):
+def gls_refine(
+    obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=None, visits=None
+):
     """The GLS estimate from the point fits ``p`` (n, k), ``C`` held at them.
 
     Args:
@@ -183,9 +185,11 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
         basis: (K, P_rest) the emulator's ``error_basis`` (device array), or with
             ``local`` its :meth:`~payne_lite.emulator.LocalError.stacked` rows.
         p: (n, k) point fits (fit space), the starting point and the centre of ``C``.
-        f_j: (n, P) observed flux (device array).
-        w_fit: (n, P) the fit's weights ``1 / (err^2 + pixel_error^2)`` (0 = unused).
-        w_data: (n, P) ``1 / err^2`` (0 = unused).
+        f_j: (n, P) observed flux (device array); joint fits (``visits``) (n * V,
+            P), each star's visits in turn.
+        w_fit: (n, P) the fit's weights ``1 / (err^2 + pixel_error^2)`` (0 = unused);
+            joint fits (n * V, P).
+        w_data: (n, P) ``1 / err^2`` (0 = unused); joint fits (n * V, P).
         lo, hi: (n, k) bounds of the parameters; the steps are clipped to them.
         free: (k,) bool free parameters.
         alive: (n,) bool rows to refine (the others come back as they are).
@@ -194,6 +198,12 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
             point fit's labels, then the global basis), ``D`` keeps ``shrink``
             times the per-pixel rest, and the rv variance gains the neighbours'
             Doppler shift variance (``LocalError.shift_variance``).
+        visits: joint fits of visits: ``(vidx, ok)``, :func:`._lm.visit_index`
+            (V, kv) and (n, V) bool real visits. The emulator's error is the
+            star's, the same rest-frame ``U`` placed at each visit's rv, so ``C``
+            couples the visits: the per-visit pieces add up in the star's
+            parameters before the Woodbury identity, and the Doppler term moves
+            every visit's rv together.
 
     Returns:
         ``(p, chi2, a, g, converged)``: the GLS estimate (n, k); ``r^T C^-1 r`` (n,),
@@ -202,36 +212,49 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
         last step below :data:`GLS_XTOL` sigma.
     """
     dt = obs.x_obs.dtype
+    n_lab = obs.n_labels
+    vidx, ok = visits if visits is not None else (None, None)
     used = (w_fit > 0) & (w_data > 0)
     with np.errstate(divide="ignore"):
         var = np.where(used, 1.0 / np.where(used, w_data, 1.0), 0.0)
         pe2 = np.where(used, np.maximum(1.0 / np.where(used, w_fit, 1.0) - var, 0), 0)
+    p = np.array(p, np.float64)
+    n_vis = 1 if vidx is None else vidx.shape[0]
     near, skip, s2 = None, 0, None
     if local is not None:
         pe2 *= local.shrink
         n_global = basis.shape[0] - local.n_held_out
-        near = local.rows(np.asarray(p)[:, : obs.n_labels], n_global)
+        near = np.repeat(local.rows(p[:, :n_lab], n_global), n_vis, axis=0)
         near, skip = jnp.asarray(near, jnp.int32), local.neighbours
-        s2 = local.shift_variance(np.asarray(p)[:, : obs.n_labels])
+        s2 = local.shift_variance(p[:, :n_lab])
     var_j, pe2_j = jnp.asarray(var, dt), jnp.asarray(pe2, dt)
-    pc = jnp.asarray(p, dt)
-    p = np.array(p, np.float64)
-    first = _gls_pieces(
-        obs, pc, pc, f_j, var_j, pe2_j, basis, near, with_m=True, skip=skip
-    )
-    m0 = np.asarray(first[-1], np.float64)
-    m0 = 0.5 * (m0 + np.swapaxes(m0, 1, 2)) + np.eye(m0.shape[-1])
+
+    def rows_of(q):  # (n, k) -> one row per spectrum (n * V, kv)
+        return q if vidx is None else q[:, vidx].reshape(-1, vidx.shape[1])
+
+    pc = jnp.asarray(rows_of(p), dt)
+
+    def pieces(q, with_m):
+        out = _gls_pieces(
+            obs, jnp.asarray(rows_of(q), dt), pc, f_j, var_j, pe2_j, basis, near,
+            with_m=with_m, skip=skip,
+        )  # fmt: skip
+        out = [np.asarray(x, np.float64) for x in out]
+        return out if vidx is None else _joint_pieces(out, vidx, ok, p.shape[1])
+
+    first = pieces(p, True)
+    m0 = 0.5 * (first[-1] + np.swapaxes(first[-1], 1, 2)) + np.eye(first[-1].shape[-1])
     chol = np.full_like(m0, np.nan)
     for i in np.flatnonzero(alive):
         try:
             chol[i] = np.linalg.cholesky(m0[i])
         except np.linalg.LinAlgError:  # non-finite pieces: NaN covariance, flagged
             pass
-    pieces = first[:5]
+    cur = first[:5]
     fi = np.flatnonzero(free)
     converged = np.zeros(p.shape[0], bool)
     for step in range(GLS_MAX_STEPS + 1):
-        a, g, chi2 = _woodbury(chol, pieces)
+        a, g, chi2 = _woodbury(chol, cur)
         if step == GLS_MAX_STEPS:
             break
         todo = alive & ~converged & np.all(np.isfinite(a), axis=(1, 2))
@@ -249,24 +272,55 @@ def gls_refine(obs, basis, p, f_j, w_fit, w_data, lo, hi, free, alive, local=Non
         q[:, fi] = np.clip(q[:, fi] + d, lo[rows][:, fi], hi[rows][:, fi])
         p[rows] = q
         converged[rows] = np.max(size, axis=1) < GLS_XTOL
-        pieces = _gls_pieces(
-            obs, jnp.asarray(p, dt), pc, f_j, var_j, pe2_j, basis, near,
-            with_m=False, skip=skip,
-        )  # fmt: skip
-    if s2 is not None and free[obs.n_labels]:
-        a = _add_rv_variance(a, s2, np.flatnonzero(free), obs.n_labels)
+        cur = pieces(p, False)
+    if s2 is not None:
+        # the neighbours' Doppler zero point moves every rv of the star together
+        rv = np.zeros((p.shape[0], p.shape[1]))
+        if vidx is None:
+            rv[:, n_lab] = 1.0
+        else:
+            rv[:, n_lab : n_lab + n_vis] = ok
+        rv[:, ~np.asarray(free, bool)] = 0.0
+        a = _add_rv_variance(a, s2, fi, rv)
     return p, chi2, a, g, converged & alive
 
 
-def _add_rv_variance(a, s2, fi, j_rv):
-    """The information ``a`` (n, k, k) with ``s2`` (n,) added to the rv variance of
-    its free block (indices ``fi``): ``(a_f^-1 + s2 e e^T)^-1`` by Sherman-Morrison,
-    ``e`` the rv's unit vector. It is ``J^T C'^-1 J`` for ``C' = C + s2 d d^T`` with
-    ``d`` the rv column of ``J`` (the estimate and ``chi2`` are unchanged there)."""
+def _joint_pieces(out, vidx, ok, k):
+    """:func:`_gls_pieces` of each visit (n * V rows, its own vector ``vidx``) as
+    the star's (n rows, ``k`` parameters): the visits' sums. A padding visit
+    (``ok`` False: no weight, all pieces zero) gets a unit information on its own
+    rv and continuum so that the joint system stays solvable."""
+    n, n_vis = ok.shape
+    a_v, h_v, g_v, hr_v, chi2_v = (x.reshape(n, n_vis, *x.shape[1:]) for x in out[:5])
+    a = np.zeros((n, k, k))
+    h = np.zeros((n, h_v.shape[2], k))
+    g = np.zeros((n, k))
+    for v in range(n_vis):
+        a[:, vidx[v][:, None], vidx[v][None, :]] += a_v[:, v]
+        h[:, :, vidx[v]] += h_v[:, v]
+        g[:, vidx[v]] += g_v[:, v]
+    shared = functools.reduce(np.intersect1d, list(vidx))  # labels, broadening
+    for v in range(n_vis):
+        own = np.setdiff1d(vidx[v], shared)  # its rv and continuum
+        a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]
+    joint = [a, h, g, hr_v.sum(axis=1), chi2_v.sum(axis=1)]
+    if len(out) > 5:
+        joint.append(out[5].reshape(n, n_vis, *out[5].shape[1:]).sum(axis=1))
+    return joint
+
+
+def _add_rv_variance(a, s2, fi, rv):
+    """The information ``a`` (n, k, k) with ``s2`` (n,) [km^2/s^2] added to the
+    variance along ``rv`` (n, k) (a star's rv, or every rv of its visits) in its
+    free block (indices ``fi``): ``(a_f^-1 + s2 v v^T)^-1 = a_f - s2 (a_f v)(a_f
+    v)^T / (1 + s2 v^T a_f v)`` by Sherman-Morrison. It is ``J^T C'^-1 J`` for ``C'
+    = C + s2 d d^T``, ``d = J v`` the model's derivative along ``v`` (the estimate
+    and ``chi2`` are unchanged)."""
     a = np.array(a, np.float64)
     af = a[:, fi[:, None], fi[None, :]]
-    col = af[:, :, int(np.flatnonzero(fi == j_rv)[0])]  # a_f e (n, kf)
-    den = 1.0 + s2 * col[:, int(np.flatnonzero(fi == j_rv)[0])]
+    v = np.asarray(rv, np.float64)[:, fi]
+    col = np.einsum("nij,nj->ni", af, v)  # a_f v (n, kf)
+    den = 1.0 + s2 * np.einsum("ni,ni->n", v, col)
     af = af - (s2 / den)[:, None, None] * col[:, :, None] * col[:, None, :]
     a[:, fi[:, None], fi[None, :]] = af
     return a

@@ -25,6 +25,7 @@ from ._driver import (
     scatter_rows,
     take_rows,
 )
+from ._gls import gls_refine
 from ._lm import final_batch, sandwich_meat, visit_index
 from ._mdn_bounds import mdn_prior, mdn_start_points
 from ._schema import (
@@ -417,6 +418,15 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         p_best, it_best, conv_best = _curve_fit_stars(
             ctx, p_start, alive, fb, wb, lo, hi, free, vidx
         )
+    gls = None
+    if ctx.gls:  # the minimum of r^T C^-1 r over the visits, C coupling them
+        bank, local = ctx.local_error or (ctx.error_basis, None)
+        p_best, *gls, gls_conv = gls_refine(
+            obs, bank, p_best, f_j.reshape(g_size * n_vis, n_pix),
+            wb.reshape(g_size * n_vis, n_pix), wd.reshape(g_size * n_vis, n_pix),
+            lo, hi, free, alive, local=local, visits=(vidx, ok),
+        )  # fmt: skip
+        conv_best = conv_best & gls_conv
     # the full normal equations at the best fits, visit by visit
     pv = p_best[:, vidx].reshape(g_size * n_vis, -1)
     chi2_v, a_v, g_v, model_v = final_batch(
@@ -437,7 +447,10 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         own = vidx[v, n_lab : n_lab + 1 + n_c]
         a[:, own, own] += np.where(ok[:, v], 0.0, 1.0)[:, None]  # padding
     meat = meat_emu = None
-    if ctx.error_basis is not None:
+    chi2 = np.where(ok, chi2_v, 0.0).sum(axis=1)
+    if gls is not None:  # chi2 = r^T C^-1 r, covariance (J^T C^-1 J)^-1
+        chi2, a, g = gls
+    elif ctx.error_basis is not None:
         meat, meat_emu = _joint_meat(ctx, pv, wb, wd, ok, vidx, k)
     visits = VisitFits(
         chi2=np.where(ok, chi2_v, np.nan),
@@ -448,7 +461,7 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
     )
     fit = BatchFit(
         p=p_best,
-        chi2=np.where(ok, chi2_v, 0.0).sum(axis=1),
+        chi2=chi2,
         a=a,
         g=g,
         snr=np.sqrt(np.nansum(visits.snr**2, axis=1)),
