@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..constants import C_KMS
+from ._ppc import fitted_arrays
 
 FLAG_COMPANION = 1024  # QA bit 10 (._schema.FLAG_BITS)
 
@@ -145,18 +146,7 @@ def companion_search(
         :class:`Companion`. Rows whose fit failed (QA bit 2) or that have fewer
         than 100 usable pixels are NaN.
     """
-    if "model_flux" not in table.colnames:
-        raise ValueError(
-            "companion_search needs the fits' models: fit(..., return_model=True)"
-        )
-    flux = np.atleast_2d(np.asarray(flux, np.float64))
-    err = np.atleast_2d(np.asarray(flux_err, np.float64))
-    model = np.asarray(table["model_flux"], np.float64)
-    if model.shape != flux.shape or err.shape != flux.shape:
-        raise ValueError(
-            f"flux {flux.shape}, flux_err {err.shape} and the table's model_flux "
-            f"{model.shape} must have one shape (point fits, rows in order)"
-        )
+    flux, err, model = fitted_arrays("companion_search", flux, flux_err, table)
     if np.shape(wavelength) != (flux.shape[1],):
         raise ValueError(
             f"wavelength {np.shape(wavelength)} must be ({flux.shape[1]},), the "

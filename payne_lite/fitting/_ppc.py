@@ -133,6 +133,23 @@ class PixelResiduals(NamedTuple):
         np.save(path, self.propose_mask(), allow_pickle=False)
 
 
+def fitted_arrays(who: str, flux, flux_err, table):
+    """``(flux, err, model)`` (n, P) float64 of point fits made with
+    ``return_model=True``, checked to have one shape; ``who`` names the caller in
+    the errors."""
+    if "model_flux" not in table.colnames:
+        raise ValueError(f"{who} needs the fits' models: fit(..., return_model=True)")
+    flux = np.atleast_2d(np.asarray(flux, np.float64))
+    err = np.atleast_2d(np.asarray(flux_err, np.float64))
+    model = np.asarray(table["model_flux"], np.float64)
+    if model.shape != flux.shape or err.shape != flux.shape:
+        raise ValueError(
+            f"flux {flux.shape}, flux_err {err.shape} and the table's model_flux "
+            f"{model.shape} must have one shape (point fits, rows in order)"
+        )
+    return flux, err, model
+
+
 def pixel_residuals(flux, flux_err, table, mask=None) -> PixelResiduals:
     """Per-pixel residual statistics of point fits across a catalog.
 
@@ -146,18 +163,7 @@ def pixel_residuals(flux, flux_err, table, mask=None) -> PixelResiduals:
     Pixels with a non-finite flux, model or error, a non-positive error, or failed
     fits (QA bit 2) do not count.
     """
-    if "model_flux" not in table.colnames:
-        raise ValueError(
-            "pixel_residuals needs the fits' models: fit(..., return_model=True)"
-        )
-    flux = np.atleast_2d(np.asarray(flux, np.float64))
-    err = np.atleast_2d(np.asarray(flux_err, np.float64))
-    model = np.asarray(table["model_flux"], np.float64)
-    if model.shape != flux.shape or err.shape != flux.shape:
-        raise ValueError(
-            f"flux {flux.shape}, flux_err {err.shape} and the table's model_flux "
-            f"{model.shape} must have one shape (point fits, rows in order)"
-        )
+    flux, err, model = fitted_arrays("pixel_residuals", flux, flux_err, table)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (flux - model) / err
     use = np.isfinite(z) & (err > 0)
