@@ -133,3 +133,30 @@ def test_real_binary_flagged_single_star_and_noise_not(payne_apogee, payne_data)
     assert np.all(bit[inj]) and np.all(c.depth[inj] > 0.15), c.depth[inj]
     v_pix = chip_segments(wave)[1]
     np.testing.assert_allclose(c.dv[inj], u * v_pix, atol=2 * v_pix)
+
+
+def test_joint_fits_of_the_real_binarys_visits(payne_apogee, payne_data):
+    """A joint fit of the binary's three visits (group=) and of the single star:
+    the search runs visit by visit against the joint model, (n_star, V) columns
+    that pad_visits carries; the binary is flagged (its two separated visits), the
+    single star is not; the per-visit values are those of the visits' own
+    single-spectrum models searched alone."""
+    emu, mask = payne_apogee
+    wave = np.asarray(emu.wavelength, np.float64)
+    single, visits = payne_data.combined_spectrum(), payne_data.visits()
+    flux = np.vstack([visits.flux, single.flux[None]])
+    err = np.vstack([visits.flux_err, single.flux_err[None]])
+    t = pl.fit(flux, err, emu, mask=mask, group=[5, 5, 5, 9], return_model=True)
+    c = pl.companion_search(flux, err, t, wave, mask=mask)
+    assert c.depth.shape == (2, 3) and np.all(np.isnan(c.depth[1, 1:]))
+    assert np.all(c.depth[0, :2] > 0.3) and c.depth[1, 0] < 0.05, c.depth
+    c.add_to(t)
+    assert list((np.asarray(t["flags"]) & FLAG_COMPANION) != 0) == [True, False]
+    padded = pl.fitting.pad_visits(t, 4)
+    assert padded["companion_depth"].shape == (2, 4)
+    assert np.isnan(padded["companion_depth"][0, 3])
+    # each visit against its own model: the same search as a point table's row
+    point = Table({"model_flux": np.asarray(t["model_flux"][0]), "flags": [0, 0, 0]})
+    alone = pl.companion_search(flux[:3], err[:3], point, wave, mask=mask)
+    np.testing.assert_allclose(alone.depth, c.depth[0], rtol=1e-12)
+    np.testing.assert_allclose(alone.dv, c.dv[0], rtol=1e-12)

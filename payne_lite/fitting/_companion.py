@@ -56,7 +56,8 @@ COMPANION_NSIGMA = 5.0
 
 class Companion(NamedTuple):
     """The strongest second set of lines in each fit's residuals
-    (:func:`companion_search`), each (n,); NaN for rows without a usable fit.
+    (:func:`companion_search`), each (n,) (joint fits of visits: (n_star, V), a
+    visit each); NaN for rows without a usable fit.
 
     Attributes:
         depth: its line depth relative to the fitted star's (``a``; positive =
@@ -80,8 +81,8 @@ class Companion(NamedTuple):
         """Write ``companion_depth``, ``companion_dv`` [km/s] and
         ``companion_nsigma`` into ``table`` (the fits searched, rows in order) and
         set QA bit 10 (1024) in its ``flags`` where :meth:`flagged` (``limits``:
-        its ``depth`` and ``nsigma``); the bit is cleared elsewhere, so a second
-        search replaces the first."""
+        its ``depth`` and ``nsigma``; a joint fit where any visit is); the bit is
+        cleared elsewhere, so a second search replaces the first."""
         if len(table) != self.depth.shape[0]:
             raise ValueError(
                 f"table has {len(table)} rows, the search {self.depth.shape[0]}"
@@ -90,8 +91,11 @@ class Companion(NamedTuple):
         table["companion_dv"] = self.dv
         table["companion_dv"].unit = "km / s"
         table["companion_nsigma"] = self.nsigma
+        hit = self.flagged(**limits)
+        if hit.ndim == 2:  # joint fits: a star with a companion in any visit
+            hit = hit.any(axis=1)
         flags = np.asarray(table["flags"]) & ~FLAG_COMPANION
-        table["flags"] = np.where(self.flagged(**limits), flags | FLAG_COMPANION, flags)
+        table["flags"] = np.where(hit, flags | FLAG_COMPANION, flags)
 
 
 def chip_segments(wavelength) -> tuple[list[tuple[int, int]], float]:
@@ -135,18 +139,65 @@ def companion_search(
 
     Args:
         flux, flux_err: (n, P) the spectra as fitted.
-        table: their point fits with the model (``fit(..., return_model=True)``),
-            rows in order.
+        table: their fits with the model (``fit(..., return_model=True)``): point
+            fits (rows in order), or joint fits of visits (``group=``: each
+            visit of ``visit_rows`` is searched against its model).
         wavelength: (P,) the observed grid [A], log-uniform within chips.
         mask: optional (P,) or (n, P) bool, True = leave the pixel out (as in
             ``fit``).
         dv_range: (min, max) of abs(dv) searched [km/s].
 
     Returns:
-        :class:`Companion`. Rows whose fit failed (QA bit 2) or that have fewer
-        than 100 usable pixels are NaN.
+        :class:`Companion`, (n,) arrays, or for joint fits (n_star, V) (a visit
+        each). Rows whose fit failed (QA bit 2), padding visits and spectra with
+        fewer than 100 usable pixels are NaN.
     """
+    if "visit_rows" in table.colnames:  # joint fits: their visits one by one
+        if "model_flux" not in table.colnames:
+            raise ValueError(
+                "companion_search needs the fits' models: fit(..., return_model=True)"
+            )
+        vis = np.asarray(table["visit_rows"])
+        model = np.asarray(table["model_flux"], np.float64)
+        flux = np.atleast_2d(np.asarray(flux, np.float64))
+        err = np.atleast_2d(np.asarray(flux_err, np.float64))
+        ok = vis >= 0
+        if err.shape != flux.shape or np.any(vis >= flux.shape[0]):
+            raise ValueError(
+                f"flux {flux.shape} and flux_err {err.shape} must be the fitted "
+                "spectra, one row per visit (visit_rows)"
+            )
+        if model.shape != (*vis.shape, flux.shape[1]):
+            raise ValueError(
+                f"the table's model_flux {model.shape} is not (stars, visits, "
+                f"{flux.shape[1]})"
+            )
+        rows = vis[ok]
+        failed = np.broadcast_to(
+            (np.asarray(table["flags"]) & 4 != 0)[:, None], vis.shape
+        )[ok]
+        masks = None if mask is None else np.broadcast_to(mask, flux.shape)[rows]
+        found = _search(
+            flux[rows], err[rows], model[ok], failed, wavelength, masks, dv_range
+        )
+        out = []
+        for x in found:
+            full = np.full(vis.shape, np.nan)
+            full[ok] = x
+            out.append(full)
+        return Companion(*out)
     flux, err, model = fitted_arrays("companion_search", flux, flux_err, table)
+    failed = (
+        np.asarray(table["flags"]) & 4 != 0
+        if "flags" in table.colnames
+        else np.zeros(flux.shape[0], bool)
+    )
+    return Companion(*_search(flux, err, model, failed, wavelength, mask, dv_range))
+
+
+def _search(flux, err, model, failed, wavelength, mask, dv_range):
+    """``(depth, dv, nsigma)`` (n,) of the spectra ``flux``, ``err``, ``model`` (n,
+    P); ``failed`` (n,) rows left NaN."""
     if np.shape(wavelength) != (flux.shape[1],):
         raise ValueError(
             f"wavelength {np.shape(wavelength)} must be ({flux.shape[1]},), the "
@@ -194,14 +245,12 @@ def companion_search(
     with np.errstate(invalid="ignore", divide="ignore"):
         amp = np.where(den > 0, -num / den, np.nan)  # positive: absorption lines
         se = np.where(den > 0, 1.0 / np.sqrt(den), np.nan)
-    usable = good.sum(axis=1) >= 100
-    if "flags" in table.colnames:
-        usable &= np.asarray(table["flags"]) & 4 == 0
+    usable = (good.sum(axis=1) >= 100) & ~np.asarray(failed, bool)
     j = np.argmax(np.where(np.isfinite(amp), amp, -np.inf), axis=1)
     rows = np.arange(flux.shape[0])
     depth = np.where(usable, amp[rows, j], np.nan)
-    return Companion(
-        depth=depth,
-        dv=np.where(usable, lags[j] * v_pix, np.nan),
-        nsigma=np.where(usable, depth / se[rows, j], np.nan),
+    return (
+        depth,
+        np.where(usable, lags[j] * v_pix, np.nan),
+        np.where(usable, depth / se[rows, j], np.nan),
     )

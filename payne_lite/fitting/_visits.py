@@ -651,6 +651,7 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
 _VISIT_COLUMNS = (
     "rv", "rv_err", "visit_rows", "chi2_visit", "n_good_pixels_visit", "snr_visit",
     "model_flux", "rv_mdn", "rv_mdn_sigma",
+    "companion_depth", "companion_dv", "companion_nsigma",  # pl.companion_search
 )  # fmt: skip
 _VISIT_FILL = {"visit_rows": -1, "n_good_pixels_visit": 0}
 
