@@ -15,6 +15,7 @@ from ._compile import set_compilation_cache as set_compilation_cache
 from ._memory import limit_malloc_arenas as _limit_malloc_arenas
 from ._serial import clear_caches as clear_caches
 from ._version import __version__ as __version__
+from .catalog import check_catalog as check_catalog
 from .catalog import fit_catalog as fit_catalog
 from .catalog import iter_catalog as iter_catalog
 from .catalog import model_from_results, read_results, write_results
@@ -108,6 +109,7 @@ __all__ = [
     "datasets",
     "spectra",
     "fit",
+    "check_catalog",
     "fit_catalog",
     "iter_catalog",
     "load_samples",

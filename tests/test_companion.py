@@ -160,3 +160,88 @@ def test_joint_fits_of_the_real_binarys_visits(payne_apogee, payne_data):
     alone = pl.companion_search(flux[:3], err[:3], point, wave, mask=mask)
     np.testing.assert_allclose(alone.depth, c.depth[0], rtol=1e-12)
     np.testing.assert_allclose(alone.dv, c.dv[0], rtol=1e-12)
+
+
+def test_check_catalog_chunk_by_chunk_equals_the_fits_in_memory(
+    payne_apogee, tmp_path, capsys
+):
+    """A catalog of 60 mocks of the real network (S/N 100, rv free) with the same
+    two lines missing from the model of every star and a twin companion in three:
+    ``payne-lite check`` rebuilds the models from the results file a chunk at a
+    time (chunks of 25) and finds what pl.fit(return_model=True) plus
+    pl.companion_search and pl.pixel_residuals find in memory: the same companion
+    columns, bit 1024 on exactly the twins (at their dv within two pixels), and
+    the same proposed mask, holding the lines' cores; the mask file it writes is
+    the old mask joined."""
+    from payne_lite.cli import main
+    from payne_lite.fitting import PixelResiduals
+
+    emu, mask = payne_apogee
+    wave = np.asarray(emu.wavelength, np.float64)
+    rng = np.random.default_rng(12)
+    n = 60
+    lo, hi = emu.bounds
+    clean = np.asarray(
+        emu.predict(lo + (hi - lo) * rng.uniform(0.25, 0.75, (n, lo.size))), np.float64
+    )
+    twins = np.array([4, 17, 40])
+    v_pix = chip_segments(wave)[1]
+    u = np.array([-20.0, 15.0, 25.0])  # pixels: -83, +62, +104 km/s
+    for i, s in zip(twins, u, strict=True):
+        clean[i] = (
+            clean[i] + 0.3 * np.nan_to_num(lanczos_shift(clean[i], s), nan=1.0)
+        ) / 1.3
+    x = np.arange(clean.shape[1])
+    centres = rng.choice(np.flatnonzero(~mask[50:-50]) + 50, 2, replace=False)
+    lines = np.ones(clean.shape[1])
+    for c in centres:
+        lines *= 1 - 0.08 * np.exp(-0.5 * ((x - c) / 1.5) ** 2)
+    err = np.full_like(clean, 0.01)
+    flux = clean * lines + err * rng.standard_normal(clean.shape)
+    ids = np.array([f"star{i:02d}" for i in range(n)])
+    t = pl.fit(flux, err, emu, mask=mask, return_model=True)
+    t["id"] = ids
+    cat = pl.write_catalog(tmp_path / "cat.h5", flux, err, wave, ids=ids)
+    emu_path = emu.save(tmp_path / "emu.h5") or tmp_path / "emu.h5"
+    res = tmp_path / "res.fits"
+    pl.write_results(t[[c for c in t.colnames if c != "model_flux"]], res)
+    np.save(tmp_path / "mask.npy", mask)
+    args = ["check", str(res), str(cat), "--emulator", str(emu_path), "-o",
+            str(tmp_path / "checked.fits"), "--mask", str(tmp_path / "mask.npy"),
+            "--mask-out", str(tmp_path / "proposed.npy"), "--chunk-size", "25"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "second set of lines (bit 1024): 3 of 60 searched" in text, text
+    assert "row 17 (star17): depth" in text, text
+    got = pl.read_results(tmp_path / "checked.fits")
+    bit = (np.asarray(got["flags"]) & FLAG_COMPANION) != 0
+    assert list(np.flatnonzero(bit)) == list(twins)
+    np.testing.assert_allclose(got["companion_dv"][twins], u * v_pix, atol=2 * v_pix)
+    # the same checks in memory, from the fit's own models, over the pixels where
+    # the model is defined (the rebuilt model leaves out the 33 whose shift leaves
+    # the grid, as data and as template; the fit's model_flux extrapolates there)
+    _, valid = pl.catalog.model_from_results(t, emu, wave)
+    assert 0 < np.sum(~valid[0]) < 50
+    mask_v = mask | ~valid
+    t_v = t.copy()
+    t_v["model_flux"] = np.where(valid, t["model_flux"], np.nan)
+    mem = pl.companion_search(flux, err, t_v, wave, mask=mask_v)
+    np.testing.assert_allclose(got["companion_depth"], mem.depth, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["companion_dv"], mem.dv)
+    stats = pl.pixel_residuals(flux, err, t, mask=mask_v)
+    proposed = np.load(tmp_path / "proposed.npy")
+    np.testing.assert_array_equal(proposed, stats.propose_mask() | mask)
+    for c in centres:
+        assert proposed[c - 1 : c + 2].all()
+    # PixelResiduals.merge of chunks is the statistics of the whole
+    halves = [pl.pixel_residuals(flux[s], err[s], t[s], mask=mask_v[s])
+              for s in (slice(0, 25), slice(25, None))]  # fmt: skip
+    merged = PixelResiduals.merge(halves)
+    np.testing.assert_array_equal(merged.n, stats.n)
+    np.testing.assert_allclose(merged.mean, stats.mean, atol=1e-12)
+    np.testing.assert_allclose(merged.rms, stats.rms, atol=1e-12)
+    # refusals: another catalog's length, a joint fit's table
+    with pytest.raises(ValueError, match="holds 60 spectra and the results 59"):
+        pl.check_catalog(t[:59], cat, emu)
+    with pytest.raises(ValueError, match="point fits"):
+        pl.check_catalog(Table({"visit_rows": [[0, 1]]}), cat, emu)

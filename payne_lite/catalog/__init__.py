@@ -15,6 +15,8 @@ from ._apvisit import ApVisit as ApVisit
 from ._apvisit import apstar_wavelength as apstar_wavelength
 from ._apvisit import read_apvisit as read_apvisit
 from ._apvisit import resample_visit as resample_visit
+from ._checks import CatalogChecks as CatalogChecks
+from ._checks import check_catalog as check_catalog
 from ._distributed import check_client as check_client
 from ._distributed import connect as connect
 from ._distributed import fit_chunks as fit_chunks
@@ -52,6 +54,8 @@ from ._writer import catalog_writer as catalog_writer
 from ._writer import write_catalog as write_catalog
 
 __all__ = [
+    "CatalogChecks",
+    "check_catalog",
     "APOGEE_BAD_PIXEL_BITS",
     "APOGEE_PIXMASK_BITS",
     "ApogeeFitsCatalog",

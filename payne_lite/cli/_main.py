@@ -44,6 +44,7 @@ from ._calibrate import (
     run_error_basis,
     run_local_error,
 )
+from ._check import add_check, run_check
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -79,6 +80,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "calibrate-errors": (add_calibrate_errors, run_calibrate_errors),
     "error-basis": (add_error_basis, run_error_basis),
     "local-error": (add_local_error, run_local_error),
+    "check": (add_check, run_check),
     "plot": (add_plot, run_plot),
     "bench": (add_bench, run_bench),
 }

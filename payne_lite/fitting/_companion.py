@@ -82,7 +82,8 @@ class Companion(NamedTuple):
         ``companion_nsigma`` into ``table`` (the fits searched, rows in order) and
         set QA bit 10 (1024) in its ``flags`` where :meth:`flagged` (``limits``:
         its ``depth`` and ``nsigma``; a joint fit where any visit is); the bit is
-        cleared elsewhere, so a second search replaces the first."""
+        cleared elsewhere, so a second search replaces the first. The limits
+        used go to ``meta["companion_search"]``."""
         if len(table) != self.depth.shape[0]:
             raise ValueError(
                 f"table has {len(table)} rows, the search {self.depth.shape[0]}"
@@ -96,6 +97,10 @@ class Companion(NamedTuple):
             hit = hit.any(axis=1)
         flags = np.asarray(table["flags"]) & ~FLAG_COMPANION
         table["flags"] = np.where(hit, flags | FLAG_COMPANION, flags)
+        table.meta["companion_search"] = {
+            "depth": float(limits.get("depth", COMPANION_DEPTH)),
+            "nsigma": float(limits.get("nsigma", COMPANION_NSIGMA)),
+        }
 
 
 def chip_segments(wavelength) -> tuple[list[tuple[int, int]], float]:

@@ -127,6 +127,21 @@ class PixelResiduals(NamedTuple):
         scatter = self.rms**2 * n > chi_lim
         return ok & (biased | scatter)
 
+    @classmethod
+    def merge(cls, parts) -> PixelResiduals:
+        """The statistics of several sets of fits (chunks of a catalog) as one:
+        counts added, means and mean squares weighted by them."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("PixelResiduals.merge needs at least one part")
+        n = sum(np.asarray(x.n, np.int64) for x in parts)
+        s1 = sum(x.n * np.asarray(x.mean, np.float64) for x in parts)
+        s2 = sum(x.n * np.asarray(x.rms, np.float64) ** 2 for x in parts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
+            rms = np.where(n > 0, np.sqrt(s2 / np.maximum(n, 1)), 0.0)
+        return cls(n=n, mean=mean, rms=rms)
+
     def save(self, path) -> None:
         """The proposed mask (:meth:`propose_mask`) as a (P,) bool ``.npy`` file,
         the form ``payne-lite fit --mask`` reads."""
