@@ -240,7 +240,12 @@ def test_check_catalog_chunk_by_chunk_equals_the_fits_in_memory(
     np.testing.assert_array_equal(merged.n, stats.n)
     np.testing.assert_allclose(merged.mean, stats.mean, atol=1e-12)
     np.testing.assert_allclose(merged.rms, stats.rms, atol=1e-12)
-    # refusals: another catalog's length, a joint fit's table
+    # refusals: a mask file that is not (P,) bool, another catalog's length, a
+    # joint fit's table
+    np.save(tmp_path / "bad.npy", mask.astype(float))
+    bad = [*args[:8], str(tmp_path / "bad.npy")]
+    assert main(bad) != 0
+    assert "--mask: expected a (P,) bool array, got float64" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds 60 spectra and the results 59"):
         pl.check_catalog(t[:59], cat, emu)
     with pytest.raises(ValueError, match="point fits"):

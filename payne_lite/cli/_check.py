@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import EXIT_OK, add_subcommand, check_output, positive_int, require_file
+from ._common import (
+    EXIT_OK,
+    add_subcommand,
+    check_output,
+    load_pixel_mask,
+    positive_int,
+    require_file,
+)
 
 
 def add_check(sub) -> None:
@@ -72,13 +79,7 @@ def run_check(args) -> int:
         mask_out = check_output(args.mask_out, inputs=[res, cat, emu])
         if mask_out.suffix != ".npy":
             raise ValueError(f"--mask-out {mask_out}: give a .npy file name")
-    mask = None
-    if args.mask is not None:
-        mask = np.load(require_file(args.mask), allow_pickle=False)
-        if mask.dtype != bool or mask.ndim != 1:
-            raise ValueError(
-                f"--mask: expected a (P,) bool array, got {mask.dtype} {mask.shape}"
-            )
+    mask = None if args.mask is None else load_pixel_mask(args.mask)
     found = check_catalog(res, cat, emu, mask=mask, chunk_size=args.chunk_size)
     t, comp = found.table, found.companion
     print(f"payne-lite check: {len(t)} spectra of {cat} against {res}")

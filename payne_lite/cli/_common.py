@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .._validate import existing_file
 from ..errors import FileFormatError
 
@@ -155,6 +157,17 @@ def checked_read(loader: Callable, path: Path, **kw):
     except (KeyError, RuntimeError) as err:
         detail = err.args[0] if err.args else type(err).__name__
         raise FileFormatError(f"{path}: corrupt file ({detail})") from err
+
+
+def load_pixel_mask(path) -> np.ndarray:
+    """A ``--mask`` file: a (P,) bool ``.npy`` array (True = leave the pixel out),
+    as ``PixelResiduals.save`` and ``payne-lite check --mask-out`` write it."""
+    mask = np.load(require_file(path), allow_pickle=False)
+    if mask.dtype != bool or mask.ndim != 1:
+        raise ValueError(
+            f"--mask: expected a (P,) bool array, got {mask.dtype} {mask.shape}"
+        )
+    return mask
 
 
 def human_size(n_bytes: int) -> str:

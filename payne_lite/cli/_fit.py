@@ -30,6 +30,7 @@ from ._common import (
     check_output,
     checked_read,
     flag_name,
+    load_pixel_mask,
     parse_number,
     positive_float,
     positive_int,
@@ -365,12 +366,7 @@ def _run_kwargs(args, n_labels: int) -> dict:
                 f"--p0: {kw['p0'].shape[-1]} labels given, the emulator has {n_labels}"
             )
     if args.mask is not None:
-        mask = np.load(require_file(args.mask), allow_pickle=False)
-        if mask.dtype != bool or mask.ndim != 1:
-            raise ValueError(
-                f"--mask: expected a (P,) bool array, got {mask.dtype} {mask.shape}"
-            )
-        kw["mask"] = mask
+        kw["mask"] = load_pixel_mask(args.mask)
     if args.seed != 0:
         kw["seed"] = args.seed
     if args.no_emulator_error:
