@@ -62,6 +62,7 @@ def test_an_exact_shifted_copy_is_found_by_hand():
     t["flags"] = np.array([FLAG_POOR_FIT], np.int32)
     c.add_to(t)
     assert t["flags"][0] == FLAG_POOR_FIT | FLAG_COMPANION
+    assert t["flags"].dtype == np.int32  # the schema's
     assert t["companion_dv"].unit == "km / s" and t["companion_depth"][0] == c.depth[0]
     c.add_to(t, depth=0.5)
     assert (

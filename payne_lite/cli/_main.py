@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  payne-lite predict emulator.h5 --labels 5000,4.5,0,0.1,5 "
             "-o flux.csv\n"
             "  payne-lite fit catalog.h5 --emulator emulator.h5 -o results.fits\n"
+            "  payne-lite check results.fits catalog.h5 --emulator emulator.h5 "
+            "-o checked.fits\n"
             f"\n`{PROG} COMMAND --help` describes each command's options."
         ),
     )

@@ -48,8 +48,10 @@ bit  value       meaning
                  ``DIP_FALSE_ALARM``, 1e-3, per spectrum: 5.4 sigma for 6,000
                  pixels); a line missing from the training grid, a telluric
                  residual, an unmasked bad column (:mod:`._ppc`)
-10   1024        second set of lines (point fits, set after the fit by
-                 :meth:`._companion.Companion.add_to`): the residuals hold a copy of
+10   1024        second set of lines (set after the fit by
+                 :meth:`._companion.Companion.add_to`, which
+                 :func:`payne_lite.check_catalog` calls; a joint fit's when any of
+                 its visits has it): the residuals hold a copy of
                  the fitted star's lines at another velocity at least
                  ``COMPANION_DEPTH`` (0.05) as deep as its own, at
                  ``COMPANION_NSIGMA`` (5) or more: a double-lined binary. The real
@@ -139,7 +141,8 @@ FLAG_BITS = {
     "(5.4 sigma for 6,000 pixels; point fits)",
     10: "second set of lines (a double-lined binary): companion_depth at least "
     "COMPANION_DEPTH of the fitted star's line depth at COMPANION_NSIGMA or more "
-    "(set by payne_lite.companion_search(...).add_to(table); point fits)",
+    "(set after the fit by payne_lite.companion_search(...).add_to(table), "
+    "payne_lite.check_catalog or payne-lite check)",
 }
 #: QA bit 7 (poor fit): chi2_red beyond 1 + POOR_FIT_NSIGMA sqrt(2 / ndof) ...
 POOR_FIT_NSIGMA = 5.0
