@@ -88,7 +88,9 @@ def fit(
         fixed: ``{name: value}`` holds labels [physical] or ``"rv"`` [km/s] fixed.
         seed: seeds the random starts of ``options.mdn_starts`` (the default starts
             are a fixed Teff grid).
-        return_model: add a ``model_flux`` (n, P) column with the best-fit spectra.
+        return_model: add a ``model_flux`` (n, P) column with the best-fit spectra
+            (NaN at pixels where the model is undefined: shifted off the
+            emulator's grid; the fit does not use them).
         emulator_error: add the emulator's own per-pixel error (``pixel_error``,
             measured on held-out spectra when it was trained; shifted to each
             star's RV from the scan) in quadrature to the flux errors, when the

@@ -377,7 +377,8 @@ def model_spectrum(table, spectra):
 
     Returns:
         The same kind as ``spectra``: model flux in the spectra's flux unit, on their
-        spectral axes (units and all), without uncertainty or mask.
+        spectral axes (units and all), without uncertainty or mask; NaN where the
+        model is undefined (shifted off the emulator's grid).
 
     Raises:
         ValueError: no ``model_flux`` column, or rows that do not match the spectra.

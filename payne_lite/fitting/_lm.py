@@ -494,15 +494,15 @@ def _lm_lanes_dispatch(*args):
 @jax.jit
 def final_batch(obs, p, flux, w):
     """chi2 (n,), J^T W J (n, k, k), J^T W r (n, k) and model flux (n, P) at the
-    best fits."""
+    best fits (NaN where the model is undefined: shifted off the emulator's grid)."""
 
     def one(args):
         p, flux, w = args
         sw = jnp.sqrt(w)
-        f, _, jac = observe_jac_t(obs, p)
+        f, valid, jac = observe_jac_t(obs, p)
         jw = jac * sw
         r = sw * (f - flux)
-        return r @ r, jw @ jw.T, jw @ r, f
+        return r @ r, jw @ jw.T, jw @ r, jnp.where(valid, f, jnp.nan)
 
     return over(one, (p, flux, w))
 
@@ -564,8 +564,14 @@ _sandwich_batch = serial_jit(_sandwich_batch, key=sequential_lanes)
 
 @jax.jit
 def model_batch(obs, p):
-    """Model flux (n, P) at parameters ``p`` (n, k)."""
-    return over(lambda q: observe(obs, q)[0], p)
+    """Model flux (n, P) at parameters ``p`` (n, k); NaN where the model is
+    undefined (shifted off the emulator's grid), as ``model_from_results`` marks it."""
+
+    def one(q):
+        f, valid = observe(obs, q)
+        return jnp.where(valid, f, jnp.nan)
+
+    return over(one, p)
 
 
 @jax.jit
