@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..constants import C_KMS
+from ..observe import rest_segments
 from ._ppc import fitted_arrays
 
 FLAG_COMPANION = 1024  # QA bit 10 (._schema.FLAG_BITS)
@@ -108,28 +109,24 @@ class Companion(NamedTuple):
 
 def chip_segments(wavelength) -> tuple[list[tuple[int, int]], float]:
     """The chips of a log-uniform wavelength grid (P,) as pixel ranges ``[(lo, hi),
-    ...]`` (a gap: a step over 1.5 times the median) and the velocity of one pixel
+    ...]`` (split where whole pixels are missing, as the observation model splits
+    them: :func:`payne_lite.observe.rest_segments`) and the velocity of one pixel
     [km/s].
 
     Raises:
-        ValueError: not increasing, or steps within a chip that differ by more
-            than 1 % in log wavelength (not log-uniform).
+        ValueError: not one increasing grid, or not log-uniform.
     """
     lw = np.log(np.asarray(wavelength, np.float64))
     if lw.ndim != 1 or lw.size < 3 or not np.all(np.diff(lw) > 0):
         raise ValueError("wavelength must be one increasing (P,) grid")
-    step = np.diff(lw)
-    med = float(np.median(step))
-    gaps = np.flatnonzero(step > 1.5 * med)
-    edges = [0, *(gaps + 1).tolist(), lw.size]
-    segments = [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    inner = np.delete(step, gaps)
-    if np.max(np.abs(inner / med - 1.0)) > 0.01:
+    try:
+        step, runs = rest_segments(np.exp(lw))
+    except ValueError as err:
         raise ValueError(
             "companion_search needs a log-uniform wavelength grid (chips may have "
-            "gaps): its steps vary by more than 1 % within a chip"
-        )
-    return segments, C_KMS * med
+            f"gaps of whole pixels): {err}"
+        ) from err
+    return [(a, a + n) for a, n in runs], C_KMS * step
 
 
 def _correlations(pairs, lags, n_fft):

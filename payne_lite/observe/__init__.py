@@ -36,6 +36,7 @@ from ._doppler import make_lookup as make_lookup
 from ._doppler import shift_pair as shift_pair
 from ._doppler import tap_weights as tap_weights
 from ._instrument import Instrument as Instrument
+from ._lsf import rest_segments as rest_segments
 from ._model import BROADENING_PARAMS as BROADENING_PARAMS
 from ._model import BROADENING_RANGE as BROADENING_RANGE
 from ._model import LABEL_BOUND as LABEL_BOUND
@@ -130,6 +131,7 @@ __all__ = [
     "fill_grid",
     "gap_cum",
     "lsf_sigma_pixels",
+    "rest_segments",
     "make_log_grid",
     "make_lookup",
     "make_model",
