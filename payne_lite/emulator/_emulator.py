@@ -37,8 +37,8 @@ from ._local_error import (
     LOCAL_NEIGHBOURS,
     LOCAL_SHRINK,
     LocalError,
-    doppler_shifts,
     rv_derivative,
+    shifts_along,
 )
 from ._nets import (
     ACTIVATIONS,
@@ -708,8 +708,9 @@ class Emulator:
         errors, pred = self._held_out_errors(grid, with_model=True)
         # each error's Doppler shift is kept apart from the rest of it: the star's
         # own rv derivative carries it (LocalError's module docstring)
-        shifts = doppler_shifts(self.wavelength, pred, errors)
-        errors = errors + shifts[:, None] * rv_derivative(self.wavelength, pred)
+        d = rv_derivative(self.wavelength, pred)
+        shifts = shifts_along(d, errors)
+        errors = errors + shifts[:, None] * d
         local = LocalError(
             errors, self.scale(grid.labels), int(neighbours), float(shrink), shifts
         )

@@ -76,6 +76,7 @@ __all__ = [
     "derivative_taps",
     "doppler_shifts",
     "rv_derivative",
+    "shifts_along",
 ]
 
 #: Neighbours per star by default: of 2,000 held-out spectra, 100 and 200 gave the
@@ -294,7 +295,13 @@ def doppler_shifts(wavelength, model, errors) -> np.ndarray:
     truth``) along its own spectrum ``model`` (N, P) on ``wavelength`` (P,) [A]:
     ``dv = -(d . e) / (d . d)``, ``d`` its :func:`rv_derivative`, so that the
     truth is about the model shifted by ``dv`` (0 for a featureless spectrum)."""
-    d = rv_derivative(wavelength, model)
+    return shifts_along(rv_derivative(wavelength, model), errors)
+
+
+def shifts_along(d, errors) -> np.ndarray:
+    """(N,) [km/s]: :func:`doppler_shifts` from the spectra's rv derivatives ``d``
+    (N, P) (:func:`rv_derivative`), for a caller that needs ``d`` too."""
+    d = np.asarray(d, np.float64)
     e = np.asarray(errors, np.float64)
     dd = np.sum(d * d, axis=1)
     some = dd > 1e-20  # a featureless spectrum's rounding (a line's is ~1e-3 P)
