@@ -218,6 +218,23 @@ class serial_jit:  # noqa: N801 - used like jax.jit
         return self._fn.lower(*args, **kwargs)
 
 
+_HOST_POOL = None
+_HOST_POOL_LOCK = threading.Lock()
+
+
+def host_pool():
+    """Threads for NumPy work on the host (:func:`default_threads` of them): NumPy
+    releases the GIL inside its array loops, so row blocks run on every core, or
+    beside a batch's XLA programs."""
+    global _HOST_POOL
+    with _HOST_POOL_LOCK:
+        if _HOST_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _HOST_POOL = ThreadPoolExecutor(default_threads(), "payne_lite-host")
+    return _HOST_POOL
+
+
 def default_threads() -> int:
     """Batches fitted at once: one per CPU core on the CPU backend, else one."""
     if jax.default_backend() != "cpu":

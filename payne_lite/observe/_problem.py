@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._serial import host_pool
 from .._validate import as_float_array
 from ..constants import C_KMS
 from ._model import BROADENING_RANGE
@@ -40,6 +41,9 @@ BROADENING_START = {"vsini": 10.0, "vmacro": 5.0}
 
 #: Rows per block of :func:`check_inputs` (a block's temporaries stay in cache).
 INPUT_BLOCK_ROWS = 16
+#: :func:`check_inputs` spreads its blocks over the host's threads from this many
+#: rows on (below, a thread hand-off costs more than it saves).
+INPUT_THREADED_ROWS = 64
 
 
 def check_inputs(flux, flux_err, mask, n_pix):
@@ -48,7 +52,9 @@ def check_inputs(flux, flux_err, mask, n_pix):
 
     Computed in blocks of ``INPUT_BLOCK_ROWS`` rows into the two outputs: on 1,024
     APOGEE spectra the whole-array form (eight (n, P) temporaries) took 1.1 s, a
-    third of the fit; blocked, 0.1 s."""
+    third of the fit; blocked, 0.1 s. From ``INPUT_THREADED_ROWS`` rows on the
+    blocks run on the host's threads (:func:`payne_lite._serial.host_pool`): it
+    runs before any batch, with the other cores idle."""
     f = as_float_array(flux, "flux", ndim=(1, 2), copy=False)
     e = as_float_array(flux_err, "flux_err", ndim=(1, 2), copy=False)
     if f.shape != e.shape:
@@ -77,10 +83,11 @@ def check_inputs(flux, flux_err, mask, n_pix):
         m2 = np.broadcast_to(m, f2.shape)
     flux_out = np.empty(f2.shape)
     ivar = np.empty(f2.shape)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for a in range(0, f2.shape[0], INPUT_BLOCK_ROWS):
-            rows = slice(a, a + INPUT_BLOCK_ROWS)
-            fb, eb = f2[rows], e2[rows]
+
+    def clean(a):
+        rows = slice(a, a + INPUT_BLOCK_ROWS)
+        fb, eb = f2[rows], e2[rows]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             # error > 0 and finite, flux finite (NaN compares False)
             good = (eb > 0) & (eb < np.inf) & np.isfinite(fb)
             if m2 is not None:
@@ -88,6 +95,13 @@ def check_inputs(flux, flux_err, mask, n_pix):
             # garbage in ignored pixels must not reach the model
             flux_out[rows] = np.where(good, fb, 0.0)
             ivar[rows] = np.where(good, 1.0 / (eb * eb), 0.0)
+
+    blocks = range(0, f2.shape[0], INPUT_BLOCK_ROWS)
+    if f2.shape[0] >= INPUT_THREADED_ROWS:
+        list(host_pool().map(clean, blocks))
+    else:
+        for a in blocks:
+            clean(a)
     return flux_out, ivar
 
 
