@@ -160,8 +160,9 @@ def fit(
         ``rv_err`` (n_star, V) [km/s] (visit v of star i in ``rv[i, v]``, NaN after
         a star's last visit; V = the most visits of any star), ``cont_<k>``,
         ``cont_<k>_err`` (n_star, V) likewise, ``chi2_visit``,
-        ``n_good_pixels_visit``, ``snr_visit`` (n_star, V), ``snr`` the combined
-        S/N ``sqrt(sum snr_visit^2)``, and ``chi2``, ``chi2_red``,
+        ``n_good_pixels_visit``, ``snr_visit``, ``max_dip`` (n_star, V; bit 9 when
+        any visit reaches its limit), ``snr`` the combined
+        S/N ``sqrt(sum snr_visit^2)``, and ``chi2``, ``chi2_red``, ``chi2_pvalue``,
         ``n_good_pixels`` over all visits; ``covariance`` is over
         ``meta["cov_params"]`` (labels, ``rv_1`` .. ``rv_V``, ``cont_<k>_<v>``,
         broadening), NaN for padding; ``vsini``, ``vsini_err`` (``vmacro``) one

@@ -910,6 +910,47 @@ def test_double_lined_binary_visits_are_flagged_poor_fit(payne_apogee, payne_dat
     assert sim_t["flags"][0] == 0
 
 
+def test_joint_fit_checks_each_visit_for_a_localised_misfit(payne_apogee):
+    """QA bit 9 in joint fits of visits: ``max_dip`` (n_star, V) is each visit's
+    largest 5-pixel residual sum at the joint fit, and the star is flagged when any
+    visit reaches the limit of its own pixels. Two stars of the real network, 3
+    visits each at S/N 100; one visit of the second gets a line the model lacks (15 %
+    deep, 2 pixels, mid-chip). Only that visit crosses the limit, and its statistic
+    equals the NumPy reference (:func:`max_dip`) on the joint fit's own model of
+    that visit; the first star, noise alone, is not flagged (seen, seeds 12-14:
+    noise 3.5-4.3 sigma, the line 12.5-14.4, against a limit of 5.2)."""
+    from payne_lite.fitting import FLAG_LOCAL_MISFIT
+    from payne_lite.fitting._ppc import dip_limit, max_dip
+
+    e, mask = payne_apogee
+    rng = np.random.default_rng(12)
+    s = rng.uniform(-0.3, 0.3, (2, 5))
+    rv = rng.uniform(-80.0, 80.0, (2, 1)) + np.array([-40.0, 0.0, 40.0])
+    star = np.repeat(np.arange(2), 3)
+    flux = reference_spectra(e, s[star], rv.reshape(-1))
+    err = np.full_like(flux, 0.01)
+    noisy = flux + err * rng.standard_normal(flux.shape)
+    at = 1500 + int(np.flatnonzero(~mask[1500:-1] & ~mask[1501:])[0])
+    noisy[4, at : at + 2] -= 0.15  # star 1, visit 2
+    t = fit(
+        noisy, err, e, mask=mask, group=star, emulator_error=False, return_model=True
+    )
+    dips = np.asarray(t["max_dip"])
+    assert dips.shape == (2, 3)
+    limit = dip_limit(np.asarray(t["n_good_pixels_visit"]))
+    assert np.all(dips[0] < limit[0]), (dips, limit)
+    assert not t["flags"][0] & FLAG_LOCAL_MISFIT
+    assert dips[1, 1] > limit[1, 1] + 5.0
+    assert dips[1, 0] < limit[1, 0] and dips[1, 2] < limit[1, 2]
+    assert t["flags"][1] & FLAG_LOCAL_MISFIT
+    model = np.asarray(t["model_flux"])[1, 1]
+    used = ~mask & np.isfinite(model)
+    ref = max_dip(
+        noisy[4][None], np.where(used, 1.0 / err[4] ** 2, 0.0)[None], model[None]
+    )
+    np.testing.assert_allclose(dips[1, 1], ref[0], rtol=2e-3)
+
+
 # --- the emulator's error as a correlated error ---------------------------------------------
 def test_trained_emulator_stores_an_error_basis_that_round_trips(tmp_path):
     """train_emulator keeps the held-out errors' leading principal components:

@@ -42,12 +42,14 @@ bit  value       meaning
                  spectra, with at least ``POOR_MIN_COUNT`` (10) spectra in the
                  cell (:class:`payne_lite.ValidationReport`); only for emulators
                  with a report (trained by payne_lite)
-9    512         localised misfit (point fits): ``max_dip``, the largest sum of the
+9    512         localised misfit: ``max_dip``, the largest sum of the
                  normalised residuals over 5 pixels in sigma, reaches
                  :func:`._ppc.dip_limit` (noise alone does so with a chance below
                  ``DIP_FALSE_ALARM``, 1e-3, per spectrum: 5.4 sigma for 6,000
                  pixels); a line missing from the training grid, a telluric
-                 residual, an unmasked bad column (:mod:`._ppc`)
+                 residual, an unmasked bad column (:mod:`._ppc`); joint fits of
+                 visits: in any visit (``max_dip`` (n_star, V), each visit
+                 against the limit of its own pixels)
 10   1024        second set of lines (set after the fit by
                  :meth:`._companion.Companion.add_to`, which
                  :func:`payne_lite.check_catalog` calls; a joint fit's when any of
@@ -138,7 +140,7 @@ FLAG_BITS = {
     "(emulators with a report only)",
     9: "localised misfit: max_dip, the largest sum of normalised residuals over 5 "
     "pixels / sqrt(5), beyond the normal quantile at DIP_FALSE_ALARM / n_good "
-    "(5.4 sigma for 6,000 pixels; point fits)",
+    "(5.4 sigma for 6,000 pixels; joint fits of visits: in any visit)",
     10: "second set of lines (a double-lined binary): companion_depth at least "
     "COMPANION_DEPTH of the fitted star's line depth at COMPANION_NSIGMA or more "
     "(set after the fit by payne_lite.companion_search(...).add_to(table), "

@@ -28,10 +28,12 @@ from ._driver import (
 from ._gls import gls_refine
 from ._lm import final_batch, sandwich_meat, visit_index
 from ._mdn_bounds import mdn_prior, mdn_start_points
+from ._ppc import dip_batch, dip_limit
 from ._schema import (
     AT_BOUND_TOL,
     FLAG_AT_BOUND,
     FLAG_FAILED,
+    FLAG_LOCAL_MISFIT,
     FLAG_MDN_DISAGREE,
     FLAG_POOR_FIT,
     FLAGS_DESCRIPTION,
@@ -52,6 +54,9 @@ class VisitFits(NamedTuple):
         snr: (n_star, V) median |flux| / error of each visit's pixels used.
         rv_lo: (n_star, V) lower end of each visit's rv window [km/s].
         rv_hi: (n_star, V) upper end of each visit's rv window [km/s].
+        max_dip: (n_star, V) each visit's largest window sum of the weighted
+            residuals at the joint fit, in sigma (:func:`._ppc.dip_batch`, the
+            statistic of QA bit 9 of point fits).
     """
 
     chi2: np.ndarray
@@ -59,6 +64,7 @@ class VisitFits(NamedTuple):
     snr: np.ndarray
     rv_lo: np.ndarray
     rv_hi: np.ndarray
+    max_dip: np.ndarray
 
 
 class _StarMDN(NamedTuple):
@@ -435,6 +441,14 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         f_j.reshape(g_size * n_vis, n_pix),
         w_j.reshape(g_size * n_vis, n_pix),
     )
+    # each visit's predictive check (point fits take it from the LM's last
+    # residuals; a joint lane's are its visits' end to end)
+    dip_v = dip_batch(
+        obs,
+        to_device(pv, dt),
+        f_j.reshape(g_size * n_vis, n_pix),
+        w_j.reshape(g_size * n_vis, n_pix),
+    )
     kv = vidx.shape[1]
     chi2_v = np.asarray(chi2_v, np.float64).reshape(g_size, n_vis)
     a_v = np.asarray(a_v, np.float64).reshape(g_size, n_vis, kv, kv)
@@ -458,6 +472,9 @@ def _fit_star_batch(ctx, flux2, prep, starts, r, m, joint, free, n_par):
         snr=np.where(ok, prep.snr[rr], np.nan),
         rv_lo=np.where(ok, prep.rv_lo[rr], np.nan),
         rv_hi=np.where(ok, prep.rv_hi[rr], np.nan),
+        max_dip=np.where(
+            ok, np.asarray(dip_v, np.float64).reshape(g_size, n_vis), np.nan
+        ),
     )
     fit = BatchFit(
         p=p_best,
@@ -588,6 +605,10 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
     ndof = np.asarray(t["n_good_pixels"]) - n_par
     bad = poor_fit(t["chi2_red"], ndof, snr_pix) & ~failed
     flags = (flags & ~FLAG_POOR_FIT) | np.where(bad, FLAG_POOR_FIT, 0)
+    # a localised misfit in any visit, each at its own pixels' noise threshold
+    with np.errstate(invalid="ignore"):
+        local = real & (visits.max_dip >= dip_limit(visits.n_good))
+    flags = flags | np.where(local.any(axis=1) & ~failed, FLAG_LOCAL_MISFIT, 0)
 
     out = Table()
     out["group"] = ids
@@ -617,7 +638,10 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
         own = vidx[v, n_lab : n_lab + 1 + n_c]
         cov[np.ix_(pad, own, np.arange(cov.shape[2]))] = np.nan
         cov[np.ix_(pad, np.arange(cov.shape[1]), own)] = np.nan
-    for name in ("chi2", "chi2_red", "n_good_pixels", "snr", "n_iter", "converged"):
+    for name in (
+        "chi2", "chi2_red", "chi2_pvalue", "n_good_pixels", "snr", "n_iter",
+        "converged",
+    ):  # fmt: skip
         out[name] = t[name]
     out["flags"] = flags.astype(np.int32)
     out["covariance"] = cov
@@ -625,6 +649,7 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
     out["chi2_visit"] = visits.chi2
     out["n_good_pixels_visit"] = visits.n_good
     out["snr_visit"] = visits.snr
+    out["max_dip"] = np.where(failed[:, None] & real, 0.0, visits.max_dip)
     if "model_flux" in t.colnames:
         out["model_flux"] = t["model_flux"]
     for name in t.colnames:
@@ -635,6 +660,10 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
     out["visit_rows"].description = "rows of the input of each visit; -1 = none"
     out["chi2_visit"].description = "chi2 of each visit at the joint fit"
     out["snr_visit"].description = "median |flux| / error of each visit's pixels"
+    out["max_dip"].description = (
+        "largest residual sum over 5 pixels of each visit at the joint fit [sigma] "
+        "(bit 9: any visit)"
+    )
     out["rv"].description = "rv of each visit; NaN after a star's last visit"
     out.meta.update(t.meta)
     out.meta.update(
@@ -650,7 +679,7 @@ def _group_table(t, joint, ids, rows, visits, n_par, ctx):
 #: the value of a padding visit (NaN for the others).
 _VISIT_COLUMNS = (
     "rv", "rv_err", "visit_rows", "chi2_visit", "n_good_pixels_visit", "snr_visit",
-    "model_flux", "rv_mdn", "rv_mdn_sigma",
+    "max_dip", "model_flux", "rv_mdn", "rv_mdn_sigma",
     "companion_depth", "companion_dv", "companion_nsigma",  # pl.companion_search
 )  # fmt: skip
 _VISIT_FILL = {"visit_rows": -1, "n_good_pixels_visit": 0}
