@@ -239,12 +239,87 @@ def test_check_catalog_chunk_by_chunk_equals_the_fits_in_memory(
     np.testing.assert_allclose(merged.mean, stats.mean, atol=1e-12)
     np.testing.assert_allclose(merged.rms, stats.rms, atol=1e-12)
     # refusals: a mask file that is not (P,) bool, another catalog's length, a
-    # joint fit's table
+    # joint fit's table of other rows
     np.save(tmp_path / "bad.npy", mask.astype(float))
     bad = [*args[:8], str(tmp_path / "bad.npy")]
     assert main(bad) != 0
     assert "--mask: expected a (P,) bool array, got float64" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds 60 spectra and the results 59"):
         pl.check_catalog(t[:59], cat, emu)
-    with pytest.raises(ValueError, match="point fits"):
+    with pytest.raises(ValueError, match="holds 60 spectra and the results 2 visits"):
         pl.check_catalog(Table({"visit_rows": [[0, 1]]}), cat, emu)
+
+
+def test_check_catalog_of_joint_fits_checks_each_visit(payne_apogee, tmp_path, capsys):
+    """A catalog of visits (8 stars of the real network, 2-3 visits each at S/N 100,
+    rows of the stars interleaved), fitted jointly (``fit_catalog(group=True)``);
+    one star is a twin binary whose companion sits at -83 and +62 km/s in its
+    first two visits. ``check_catalog`` (and ``payne-lite check``) rebuilds each
+    visit's model from the star's row (:func:`payne_lite.fitting.per_visit`) and
+    finds what pl.companion_search finds on the joint fit's own models in memory:
+    (n_star, V) columns equal to 1e-4, bit 1024 on the binary alone."""
+    from payne_lite.cli import main
+    from payne_lite.fitting import per_visit
+
+    emu, _ = payne_apogee
+    wave = np.asarray(emu.wavelength, np.float64)
+    rng = np.random.default_rng(21)
+    n_vis = np.array([3, 2, 3, 2, 3, 2, 2, 3])
+    star = np.repeat(np.arange(n_vis.size), n_vis)
+    star = star[rng.permutation(star.size)]  # a star's visits anywhere in the file
+    lo, hi = emu.bounds
+    labels = lo + (hi - lo) * rng.uniform(0.25, 0.75, (n_vis.size, lo.size))
+    rest = np.asarray(emu.predict(labels), np.float64)
+    pix = C_KMS * np.median(np.diff(np.log(wave)))  # km/s a pixel
+    flux = np.empty((star.size, wave.size))
+    binary, comp_u = 5, iter([-20.0, 15.0])
+    seen = {}
+    for r, s in enumerate(star):
+        v = seen.get(s, 0)
+        seen[s] = v + 1
+        spec = np.nan_to_num(
+            lanczos_shift(rest[s], rng.uniform(-30, 30) / pix), nan=1.0
+        )
+        if s == binary and v < 2:
+            u = next(comp_u)
+            spec = (spec + 0.4 * np.nan_to_num(lanczos_shift(spec, u), nan=1.0)) / 1.4
+        flux[r] = spec
+    err = np.full_like(flux, 0.01)
+    flux += err * rng.standard_normal(flux.shape)
+    names = np.array([f"s{s}" for s in star])
+    ids = np.array([f"visit{r:02d}" for r in range(star.size)])
+    cat = pl.write_catalog(tmp_path / "v.h5", flux, err, wave, ids=ids, group=names)
+    res = tmp_path / "stars.fits"
+    pl.fit_catalog(cat, res, emu, group=True)
+    t = pl.read_results(res)
+    got = pl.check_catalog(t, cat, emu, chunk_size=7)
+    assert got.companion.depth.shape == np.shape(t["visit_rows"])
+    hit = (np.asarray(got.table["flags"]) & FLAG_COMPANION) != 0
+    assert list(np.asarray(got.table["group"], str)[hit]) == [f"s{binary}"]
+    # in memory: the joint fit's own models, searched visit by visit
+    mem_t = pl.fit(flux, err, emu, group=names, return_model=True)
+    mem = pl.companion_search(flux, err, mem_t, wave)
+    order = [list(np.asarray(mem_t["group"], str)).index(g) for g in t["group"]]
+    np.testing.assert_array_equal(
+        np.asarray(mem_t["visit_rows"])[order], t["visit_rows"]
+    )
+    np.testing.assert_allclose(
+        got.companion.depth, mem.depth[order], rtol=1e-4, atol=1e-6, equal_nan=True
+    )
+    # per_visit: one row per visit, the star's labels and the visit's rv
+    pv = per_visit(t)
+    assert len(pv) == star.size and sorted(pv["row"]) == list(range(star.size))
+    i = int(np.flatnonzero(np.asarray(pv["row"]) == 0)[0])
+    assert pv["Teff"][i] == t["Teff"][pv["star"][i]]
+    assert pv["rv"][i] == t["rv"][pv["star"][i], pv["visit"][i]]
+    assert pv["id"][i] == "visit00"
+    # the command line
+    emu_path = tmp_path / "emu.h5"
+    emu.save(emu_path)
+    args = ["check", str(res), str(cat), "--emulator", str(emu_path), "-o",
+            str(tmp_path / "checked.fits"), "--chunk-size", "7"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert f"{star.size} spectra of" in text and "joint fits of 8 stars" in text, text
+    assert "second set of lines (bit 1024): 2 of 20 searched" in text, text
+    assert f"(s{binary}) visit 1" in text and f"(s{binary}) visit 2" in text, text

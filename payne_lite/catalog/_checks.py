@@ -25,7 +25,13 @@ from typing import NamedTuple
 import numpy as np
 from astropy.table import Table
 
-from ..fitting import Companion, PixelResiduals, companion_search, pixel_residuals
+from ..fitting import (
+    Companion,
+    PixelResiduals,
+    companion_search,
+    per_visit,
+    pixel_residuals,
+)
 from ..observe import Instrument, emulator_error_on
 from ._apogee import DEFAULT_CHUNK_SIZE, chunk_bounds
 from ._readers import open_catalog
@@ -50,11 +56,14 @@ class CatalogChecks(NamedTuple):
 def check_catalog(
     results, catalog, emulator, *, mask=None, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> CatalogChecks:
-    """Predictive checks of the point fits ``results`` of the spectra ``catalog``.
+    """Predictive checks of the fits ``results`` of the spectra ``catalog``.
 
     Args:
         results: the results table of ``catalog`` (``pl.fit`` / ``payne-lite fit``,
-            one row per spectrum in order), or the path of one.
+            one row per spectrum in order; or a joint fit of its visits,
+            ``group=`` / ``--group``, one row per star: each visit is checked
+            against the joint model at its own rv and continuum,
+            :func:`payne_lite.fitting.per_visit`), or the path of one.
         catalog: the catalog it was fitted from (a path, or what
             :func:`payne_lite.open_catalog` takes), one wavelength grid for all.
         emulator: the emulator of the fit (an :class:`payne_lite.Emulator` or a
@@ -64,28 +73,36 @@ def check_catalog(
         chunk_size: spectra rebuilt and checked at a time.
 
     Returns:
-        :class:`CatalogChecks`.
+        :class:`CatalogChecks`; for a joint fit the companion columns are
+        (n_star, V), a visit each, and bit 10 is set where any visit has one.
 
     Raises:
-        ValueError: joint fits of visits (``group=``), another number of rows or
-            other ids than the catalog's, a catalog with one grid per spectrum,
-            another emulator's labels.
+        ValueError: another number of rows (visits) or other ids than the
+            catalog's, a catalog with one grid per spectrum, another emulator's
+            labels.
     """
     from ..emulator import Emulator
 
     table = read_results(results) if not isinstance(results, Table) else results
     emu = emulator if isinstance(emulator, Emulator) else Emulator.load(emulator)
-    if "visit_rows" in table.colnames:
-        raise ValueError(
-            "check_catalog takes point fits; for joint fits of visits use "
-            "pl.fit(..., group=..., return_model=True) and pl.companion_search"
-        )
-    cos, dvs, sig, parts = [], [], [], []
+    group = "visit_rows" in table.colnames
+    # one row per spectrum: the table itself, or a joint fit's visits
+    spectra = per_visit(table) if group else table
+    cat_rows = np.asarray(spectra["row"]) if group else np.arange(len(table))
+    m = len(spectra)
+    depth, dv, nsig = np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan)
+    parts = []
     with open_catalog(catalog) as cat:
         n = len(cat)
-        if n != len(table):
+        if group and not np.array_equal(np.sort(cat_rows), np.arange(n)):
             raise ValueError(
-                f"{cat.source} holds {n} spectra and the results {len(table)} rows: "
+                f"{cat.source} holds {n} spectra and the results {m} visits of rows "
+                f"{int(cat_rows.min())}..{int(cat_rows.max())}: give the catalog "
+                "the results were fitted from"
+            )
+        if not group and n != m:
+            raise ValueError(
+                f"{cat.source} holds {n} spectra and the results {m} rows: "
                 "give the catalog the results were fitted from"
             )
         if cat.per_row_wavelength:
@@ -102,21 +119,25 @@ def check_catalog(
         wave_vac = Instrument.from_meta(table.meta.get("instrument")).vacuum_wavelength(
             wave
         )
-        for start, stop in chunk_bounds(n, chunk_size):
-            chunk = cat.read(start, stop)
-            sub = table[start:stop]
+        order = np.argsort(cat_rows, kind="stable")  # the catalog read in its order
+        for start, stop in chunk_bounds(m, chunk_size):
+            sel = order[start:stop]
+            if group:
+                chunk = cat.read_rows(cat_rows[sel])
+            else:
+                chunk = cat.read(start, stop)
+            sub = spectra[sel]
             if chunk.ids is not None and "id" in sub.colnames:
                 bad = np.flatnonzero(
                     np.asarray(chunk.ids, str) != np.asarray(sub["id"], str)
                 )
                 if bad.size:
                     raise ValueError(
-                        f"row {start + bad[0]}: catalog id {chunk.ids[bad[0]]!r}, "
-                        f"results id {sub['id'][bad[0]]!r}: not the same spectra"
+                        f"row {cat_rows[sel[bad[0]]]}: catalog id "
+                        f"{chunk.ids[bad[0]]!r}, results id {sub['id'][bad[0]]!r}: "
+                        "not the same spectra"
                     )
-            model, valid = model_from_results(
-                table, emu, wave, rows=np.arange(start, stop)
-            )
+            model, valid = model_from_results(spectra, emu, wave, rows=sel)
             flux = np.asarray(chunk.flux, np.float64)
             err = np.asarray(chunk.flux_err, np.float64)
             if add_emu:
@@ -135,11 +156,18 @@ def check_catalog(
                 }
             )
             found = companion_search(flux, err, fits, wave, mask=skip)
-            cos.append(found.depth)
-            dvs.append(found.dv)
-            sig.append(found.nsigma)
+            depth[sel], dv[sel], nsig[sel] = found.depth, found.dv, found.nsigma
             parts.append(pixel_residuals(flux, err, fits, mask=skip))
-    companion = Companion(np.concatenate(cos), np.concatenate(dvs), np.concatenate(sig))
+    if group:  # (n_star, V), NaN for padding visits
+        shape = np.shape(table["visit_rows"])
+        star, visit = np.asarray(spectra["star"]), np.asarray(spectra["visit"])
+        grids = []
+        for a in (depth, dv, nsig):
+            g = np.full(shape, np.nan)
+            g[star, visit] = a
+            grids.append(g)
+        depth, dv, nsig = grids
+    companion = Companion(depth, dv, nsig)
     out = table.copy(copy_data=True)
     companion.add_to(out)
     return CatalogChecks(out, companion, PixelResiduals.merge(parts))

@@ -645,7 +645,10 @@ def model_from_results(table, emulator, wavelength=None, *, rows=None):
         raise ValueError(f"the table has no columns {missing} for the model")
     idx = np.arange(len(table)) if rows is None else np.atleast_1d(np.asarray(rows))
     if np.ndim(table["rv"]) != 1:
-        raise ValueError("model_from_results takes one-spectrum rows (not group= fits)")
+        raise ValueError(
+            "model_from_results takes one-spectrum rows: for a group= fit, pass "
+            "pl.fitting.per_visit(table) (one row per visit)"
+        )
     if inst.per_star:
         if idx.size != 1:
             raise ValueError(

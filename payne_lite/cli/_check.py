@@ -33,7 +33,9 @@ def add_check(sub) -> None:
             "  each pixel's residuals over the catalog (in the errors the fit used):\n"
             "    the pixels no fit describes (biased, or scattered beyond the\n"
             "    errors) as a mask that `payne-lite fit --mask` takes.\n"
-            "Point fits only (not --group)."
+            "Joint fits of visits (`payne-lite fit --group`): each visit against the\n"
+            "joint model at its own rv and continuum; the companion columns are\n"
+            "(n_star, V), and bit 1024 marks a star with one in any visit."
         ),
         epilog=(
             "example:\n"
@@ -82,22 +84,35 @@ def run_check(args) -> int:
     mask = None if args.mask is None else load_pixel_mask(args.mask)
     found = check_catalog(res, cat, emu, mask=mask, chunk_size=args.chunk_size)
     t, comp = found.table, found.companion
-    print(f"payne-lite check: {len(t)} spectra of {cat} against {res}")
-    hit = np.flatnonzero(comp.flagged())
+    group = comp.depth.ndim == 2
+    n_spec = int(np.sum(np.asarray(t["visit_rows"]) >= 0)) if group else len(t)
+    print(
+        f"payne-lite check: {n_spec} spectra of {cat} against {res}"
+        + (f" (joint fits of {len(t)} stars)" if group else "")
+    )
+    hit = np.argwhere(comp.flagged()) if group else np.flatnonzero(comp.flagged())
     searched = int(np.sum(np.isfinite(comp.depth)))
     print(
-        f"  second set of lines (bit 1024): {hit.size} of {searched} searched"
-        + (":" if hit.size else "")
+        f"  second set of lines (bit 1024): {len(hit)} of {searched} searched"
+        + (":" if len(hit) else "")
     )
     ids = np.asarray(t["id"], str) if "id" in t.colnames else None
-    for i in hit[np.argsort(-comp.depth[hit])][:10]:
-        who = f"row {i}" + (f" ({ids[i]})" if ids is not None else "")
+    stars = np.asarray(t["group"], str) if group and "group" in t.colnames else None
+    depth = np.array([comp.depth[tuple(np.atleast_1d(i))] for i in hit])
+    for i in [hit[j] for j in np.argsort(-depth)][:10]:
+        at = tuple(np.atleast_1d(i))
+        if group:
+            s_i, v = at
+            who = f"star {s_i}" + (f" ({stars[s_i]})" if stars is not None else "")
+            who += f" visit {v + 1} (row {t['visit_rows'][s_i, v]})"
+        else:
+            who = f"row {at[0]}" + (f" ({ids[at[0]]})" if ids is not None else "")
         print(
-            f"    {who}: depth {comp.depth[i]:.3f} at {comp.dv[i]:+.0f} km/s "
-            f"({comp.nsigma[i]:.0f} sigma)"
+            f"    {who}: depth {comp.depth[at]:.3f} at {comp.dv[at]:+.0f} km/s "
+            f"({comp.nsigma[at]:.0f} sigma)"
         )
-    if hit.size > 10:
-        print(f"    ... and {hit.size - 10} more (column companion_depth)")
+    if len(hit) > 10:
+        print(f"    ... and {len(hit) - 10} more (column companion_depth)")
     proposed = found.residuals.propose_mask()
     new = proposed if mask is None else proposed & ~mask
     print(

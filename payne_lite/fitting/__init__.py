@@ -134,6 +134,7 @@ from ._schema import param_units as param_units
 from ._schema import poor_fit as poor_fit
 from ._schema import schema_meta as schema_meta
 from ._visits import pad_visits as pad_visits
+from ._visits import per_visit as per_visit
 
 __all__ = [
     "PixelResiduals",
@@ -156,6 +157,7 @@ __all__ = [
     "check_results_schema",
     "fit_spectra",
     "pad_visits",
+    "per_visit",
     "param_units",
     "poor_fit",
     "schema_meta",

@@ -782,6 +782,47 @@ def trim_visits(table, n_visits: int):
     return out
 
 
+def per_visit(table):
+    """A group table (``fit(..., group=...)``) as one row per visit, in the layout
+    of a point fit's table: what takes one spectrum per row
+    (:func:`payne_lite.catalog.model_from_results`, :func:`payne_lite.check_catalog`)
+    takes it.
+
+    Each real visit of each star (``visit_rows >= 0``), star by star: the visit
+    columns (``rv``, ``rv_err``, ``cont_<k>``, ``chi2_visit``, ``max_dip``,
+    ``model_flux``, the ids of a catalog's visits ...) at that visit, the star's
+    columns (labels, broadening, ``chi2``, ``flags`` ...) repeated; besides them
+    ``row`` (the visit's row of the input), ``star`` (the star's row of ``table``)
+    and ``visit`` (its visit index). The joint covariance is left out (its layout is
+    the star's joint vector).
+
+    Raises:
+        ValueError: not the table of a group fit.
+    """
+    from astropy.table import Table
+
+    if "visit_rows" not in table.colnames or np.ndim(table["visit_rows"]) != 2:
+        raise ValueError("per_visit: not the table of a fit(..., group=...)")
+    rows = np.asarray(table["visit_rows"])
+    star, visit = np.nonzero(rows >= 0)
+    out = Table()
+    out["row"] = rows[star, visit]
+    for name in table.colnames:
+        if name in ("visit_rows", "covariance"):
+            continue
+        col = table[name]
+        val = np.asarray(col)
+        by_visit = _is_visit_column(name) or (name == "id" and val.ndim == 2)
+        out[name] = val[star, visit] if by_visit else val[star]
+        out[name].unit, out[name].description = col.unit, col.description
+    out["star"] = star
+    out["visit"] = visit
+    out.meta.update(table.meta)
+    out.meta.pop("cov_params", None)
+    out.meta.update(group=False, kind="visits of a group table")
+    return out
+
+
 def _joint_shape(table, n_vis: int) -> tuple[list[str], int, int]:
     """The joint vector's names (``meta["cov_params"]``), its labels L and the
     continuum coefficients per visit of a group table of ``n_vis`` visits."""
