@@ -799,3 +799,44 @@ def test_plot_real_apogee_spectrum(payne_data, capsys, tmp_path):
             tmp_path / "figs" / "spectrum_row0.pdf",
         ]
     )
+
+
+def test_plot_spectra_of_a_joint_fit_draw_each_visit(
+    payne_data, capsys, tmp_path, monkeypatch
+):
+    """Results of a joint fit of visits (one row per star) against their catalog
+    (one row per visit): ``--rows`` are catalog rows, and each visit is drawn
+    with the joint model at its own rv, which is the joint fit's own model of that
+    visit (``return_model=True``) to float32 rounding."""
+    emu = payne_data.emulator()
+    emu.save(tmp_path / "payne.h5")
+    v, single = payne_data.visits(), payne_data.combined_spectrum()
+    flux = np.vstack([v.flux[:2], single.flux[None], v.flux[2:]])
+    err = np.vstack([v.flux_err[:2], single.flux_err[None], v.flux_err[2:]])
+    stars = ["sb2", "sb2", "single", "sb2"]
+    ids = ["v1", "v2", "single", "v3"]
+    wave = payne_data.wavelength
+    pl.write_catalog(tmp_path / "cat.h5", flux, err, wave, ids=ids, group=stars)
+    res = pl.fit(flux, err, emu, group=stars, return_model=True, emulator_error=False)
+    models = np.asarray(res["model_flux"])  # (n_star, V, P)
+    res.remove_column("model_flux")
+    pl.write_results(res, tmp_path / "res.fits")
+    drawn = {}
+    real = _files.spectrum_with_model
+
+    def keep(w, f, model, stem, **kw):
+        drawn[Path(stem).name] = (np.asarray(model), kw["title"])
+        return real(w, f, model, stem, **kw)
+
+    monkeypatch.setattr(_files, "spectrum_with_model", keep)
+    code, out, err_text = run(
+        capsys, "plot", tmp_path / "res.fits", "--spectra", tmp_path / "cat.h5",
+        "--emulator", tmp_path / "payne.h5", "-o", tmp_path / "figs", "--rows", "1,3",
+    )  # fmt: skip
+    assert code == 0, err_text
+    assert written(out) == {"spectrum_row1.png", "spectrum_row3.png"}
+    for row, (s, visit) in {1: (0, 1), 3: (0, 2)}.items():
+        model, title = drawn[f"spectrum_row{row}"]
+        assert f"row {row} ({ids[row]})" in title
+        ok = np.isfinite(models[s, visit])
+        np.testing.assert_allclose(model[ok], models[s, visit][ok], rtol=2e-5)

@@ -528,6 +528,15 @@ def _spectrum_figures(
 ):
     from ..catalog import open_catalog
 
+    if "visit_rows" in res.colnames:  # a joint fit of visits: a row per visit
+        from ..fitting import per_visit
+
+        res = per_visit(res)
+        res = res[np.argsort(np.asarray(res["row"]), kind="stable")]  # catalog's
+        if "chi2_visit" in res.colnames:  # the visit's own, at the joint fit
+            res["chi2_red"] = np.asarray(res["chi2_visit"], float) / np.maximum(
+                np.asarray(res["n_good_pixels_visit"], float), 1.0
+            )
     n = len(res)
     if rows is None:
         chosen = _default_rows(res)
