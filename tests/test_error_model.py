@@ -533,7 +533,10 @@ def test_gls_joint_fit_of_visits_minimises_the_dense_chi2(local):
         t = fit(
             flux, err, e, mask=mask, group=group, options=LMOptions(estimator="gls")
         )
-    assert t.meta["estimator"] == "gls" and t["flags"][0] == 0
+    # bit 9 (a localised misfit) may be set: max_dip weighs each visit's residuals
+    # by the per-pixel errors alone, and the draw of the correlated error (C's
+    # U^T U part) makes coherent sums over 5 pixels
+    assert t.meta["estimator"] == "gls" and t["flags"][0] & ~512 == 0
     rv_c = np.asarray(w["rv"][0], np.float64)
     s_c = e.scale(np.array([w[n][0] for n in TINY_NAMES])) if local else None
     c, s2 = _dense_joint_c(e, basis, pe, err, keep, rv_c, s_c)
