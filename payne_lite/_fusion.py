@@ -29,3 +29,18 @@ def materialize(x, ok):
     NaN, so pass a predicate that holds for every input whose result is used (for
     example a finite rv: with a NaN rv the model is NaN anyway)."""
     return jax.lax.cond(ok, lambda y: y, lambda y: jnp.full_like(y, jnp.nan), x)
+
+
+def computed(fn, ok, *operands):
+    """``fn(*operands)`` computed once into a buffer, as :func:`materialize` makes
+    it, but inside the conditional's branch, which writes it straight into the
+    result: :func:`materialize` of a computed array passes it through the branch,
+    and XLA copies it there (measured: the rows of the fitter's normal equations,
+    263 kB an evaluation). NaN (of ``fn``'s result's shape and dtype) where ``ok``
+    is False."""
+
+    def nan(*args):
+        out = jax.eval_shape(fn, *args)
+        return jnp.full(out.shape, jnp.nan, out.dtype)
+
+    return jax.lax.cond(ok, fn, nan, *operands)

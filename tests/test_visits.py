@@ -436,7 +436,9 @@ def test_group_of_one_visit_per_star_is_the_single_fit(broad_emu, setting):
         dz = np.abs(got - ref) / np.where(sig > 0, sig, 1.0)
         assert np.all(dz < 1e-2), (name, dz)
         np.testing.assert_allclose(got_err, sig, rtol=1e-3)
-    np.testing.assert_allclose(joint["chi2"], one["chi2"], rtol=1e-5)
+    # near the minimum chi2 moves by sum(dz^2): at most 6e-4 for the dz above
+    # (seen 4.8e-4 of chi2 = 47)
+    np.testing.assert_allclose(joint["chi2"], one["chi2"], rtol=0, atol=6e-4)
     if fixed:  # held: the value, no error
         assert np.all(joint["vsini"] == 30.0) and np.all(joint["vsini_err"] == 0.0)
         assert joint.meta["continuum"] == "profile" and joint["cont_1"].shape == (2, 1)

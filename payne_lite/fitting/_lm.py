@@ -76,6 +76,44 @@ def over(f, xs):
     return jax.lax.map(f, xs) if sequential_lanes() else jax.vmap(f)(xs)
 
 
+#: LM systems up to this many parameters are solved by an unrolled Cholesky
+#: (:func:`_spd_solve`); larger ones (joint fits of many visits) by LAPACK's LU.
+UNROLLED_SOLVE_MAX = 16
+
+
+def _spd_solve(m, b):
+    """``m^-1 b`` for a symmetric positive (semi-)definite ``m`` (k, k), ``b`` (k,).
+
+    Up to ``UNROLLED_SOLVE_MAX`` parameters: a Cholesky factorisation and the two
+    triangular solves unrolled into whole-vector operations, no loop and no LAPACK
+    call. ``jnp.linalg.solve`` (LU) runs, besides the LAPACK calls, a loop that
+    turns the pivots into a permutation, k iterations each run by XLA:CPU's thunk
+    executor, twice every LM step (the Gauss-Newton and the damped step). A pivot
+    that rounding makes zero or negative (a singular Gauss-Newton matrix) is
+    floored at the smallest normal float: a huge step, as LU gives one.
+    """
+    k = m.shape[0]
+    if k > UNROLLED_SOLVE_MAX:
+        return jnp.linalg.solve(m, b)
+    idx = jnp.arange(k)
+    tiny = jnp.finfo(m.dtype).tiny
+    cols, rest = [], m
+    for j in range(k):  # right-looking: column j of L, then the trailing update
+        col = jnp.where(
+            idx >= j, rest[:, j] / jnp.sqrt(jnp.maximum(rest[j, j], tiny)), 0
+        )
+        cols.append(col)
+        rest = rest - col[:, None] * col[None, :]
+    low = jnp.stack(cols, axis=1)
+    y = jnp.zeros_like(b)
+    for i in range(k):  # L y = b (y's entries from i on are still 0)
+        y = y.at[i].set((b[i] - low[i] @ y) / low[i, i])
+    x = jnp.zeros_like(b)
+    for i in reversed(range(k)):  # L^T x = y (x's entries up to i are still 0)
+        x = x.at[i].set((y[i] - low[:, i] @ x) / low[i, i])
+    return x
+
+
 def _damped_step(a, g, lam, act):
     """Marquardt step ``(A + lam diag A) d = -g`` over the active parameters.
 
@@ -90,7 +128,7 @@ def _damped_step(a, g, lam, act):
     eye = jnp.eye(k, dtype=a.dtype)
     at = jnp.where(act[:, None] & act[None, :], a * s[:, None] * s[None, :], eye)
     gt = jnp.where(act, g * s, 0.0)
-    y = jnp.linalg.solve(at + lam * eye, -gt)
+    y = _spd_solve(at + lam * eye, -gt)
     y = jnp.where(act, y, 0.0)
     return y * s, y
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fusion import materialize
+from .._fusion import computed, materialize
 from .._validate import as_float_array, check_wavelength
 from ..constants import C_KMS
 from ..emulator import (
@@ -442,6 +442,34 @@ def span_pixels(obs: ObsModel, x):
     return jnp.concatenate(parts, axis=-1)
 
 
+def _jet_flux_rows(obs: ObsModel, s: Array) -> Array:
+    """(R, S) rows of :func:`jet_rows` on the rest grid for scaled labels ``s``:
+    row 0 the flux, rows 1 .. L its label derivatives, row L + 1 the flux again
+    (for the residual row, so that one loop makes every row of the products), then
+    zero rows (``JET_ROWS``)."""
+    jet = obs.jet
+    n_lab = obs.n_labels
+    act = ACTIVATIONS[obs.activation]
+    acts = []
+    for h in range(jet.b0.shape[0]):
+        z = jet.b0[h]
+        for j in range(n_lab):
+            z = z + jet.w0[j, h] * s[j]
+        acts.append(jax.jvp(act, (z,), (jnp.ones_like(z),)))
+    # The flux row and the derivative rows are two loops, stacked along the rows:
+    # one (R, S) loop choosing a or a' by row was 10 us a star slower (53 -> 43 us
+    # with the activations, APOGEE network).
+    res = n_lab + 1  # the residual row
+    flux = jet.c[0]
+    for h, (a, _) in enumerate(acts):
+        flux = flux + jet.v[0, h] * a
+    der = jet.c[1:res]
+    for h, (_, da) in enumerate(acts):
+        der = der + jet.v[1:res, h] * da[None]
+    pad = jnp.zeros((jet.c.shape[0] - res - 1, flux.shape[0]), flux.dtype)
+    return jnp.concatenate([flux[None], der, flux[None], pad])
+
+
 def jet_rows(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     """The fast path's rows for one star (``obs.jet`` set), in the layout of
     :func:`embed_obs`, times the sqrt weights ``sw_e``: ``x`` (R, n_emb), row 0 the
@@ -454,32 +482,14 @@ def jet_rows(obs: ObsModel, params: Array, flux_e: Array, sw_e: Array):
     jet, lg = obs.jet, obs.log_grid
     n_lab = obs.n_labels
     s, rv = params[:n_lab], params[n_lab]
-    act = ACTIVATIONS[obs.activation]
-    n_hid = jet.b0.shape[0]
-    acts = []
-    for h in range(n_hid):
-        z = jet.b0[h]
-        for j in range(n_lab):
-            z = z + jet.w0[j, h] * s[j]
-        acts.append(jax.jvp(act, (z,), (jnp.ones_like(z),)))
-    # rows 0 .. L: flux and its label derivatives; row L + 1: the flux again, for
-    # the residual row below (so that one loop makes every row of the products);
-    # then zero rows (JET_ROWS). The flux row and the derivative rows are two loops,
-    # stacked along the rows: one (R, S) loop choosing a or a' by row was 10 us a
-    # star slower (53 -> 43 us with the activations, APOGEE network).
+    # the shift below takes one dynamic slice per tap of the interpolant
+    # (:func:`shift_pair`) of these rows, made first into a buffer of their own
+    # (else XLA fuses their loop into every tap's slice and evaluates the network's
+    # output layer once per tap): inside a conditional, whose branch writes them
+    # straight into its result (materialising them after the fact copied them,
+    # 263 kB an evaluation on the APOGEE network)
+    m = computed(lambda s: _jet_flux_rows(obs, s), jnp.isfinite(rv), s)
     res = n_lab + 1  # the residual row
-    flux = jet.c[0]
-    for h, (a, _) in enumerate(acts):
-        flux = flux + jet.v[0, h] * a
-    der = jet.c[1:res]
-    for h, (_, da) in enumerate(acts):
-        der = der + jet.v[1:res, h] * da[None]
-    pad = jnp.zeros((jet.c.shape[0] - res - 1, flux.shape[0]), flux.dtype)
-    m = jnp.concatenate([flux[None], der, flux[None], pad])
-    # the shift: one dynamic slice per tap of the interpolant (:func:`shift_pair`),
-    # of the rows materialised first (else XLA fuses the loop above into every
-    # tap's slice and evaluates the network's output layer once per tap)
-    m = materialize(m, jnp.isfinite(rv))
     k, t, dt_drv = log_position(lg, rv)
     w, dw = tap_weights(obs.interp, t)
     e_first, n_emb = _obs_span(lg)
