@@ -90,7 +90,7 @@ def run_check(args) -> int:
         f"payne-lite check: {n_spec} spectra of {cat} against {res}"
         + (f" (joint fits of {len(t)} stars)" if group else "")
     )
-    hit = np.argwhere(comp.flagged()) if group else np.flatnonzero(comp.flagged())
+    hit = np.argwhere(comp.flagged())  # (k, 1) point fits, (k, 2) joint ones
     searched = int(np.sum(np.isfinite(comp.depth)))
     print(
         f"  second set of lines (bit 1024): {len(hit)} of {searched} searched"
@@ -98,9 +98,7 @@ def run_check(args) -> int:
     )
     ids = np.asarray(t["id"], str) if "id" in t.colnames else None
     stars = np.asarray(t["group"], str) if group and "group" in t.colnames else None
-    depth = np.array([comp.depth[tuple(np.atleast_1d(i))] for i in hit])
-    for i in [hit[j] for j in np.argsort(-depth)][:10]:
-        at = tuple(np.atleast_1d(i))
+    for at in map(tuple, hit[np.argsort(-comp.depth[tuple(hit.T)])][:10]):
         if group:
             s_i, v = at
             who = f"star {s_i}" + (f" ({stars[s_i]})" if stars is not None else "")
