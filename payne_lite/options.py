@@ -183,7 +183,8 @@ class LMOptions(_PointFitOptions):
     """Batched Levenberg-Marquardt in JAX (``method="lm"``).
 
     Args:
-        max_iter: LM iterations per start.
+        max_iter: LM iterations per start (an input of the compiled LM, not part
+            of it: another value compiles nothing new).
         batch_size: spectra per jitted call. Every call has this many rows (the
             last batch is padded with rows of zero weight, whose LM lanes do not
             run), so one compilation serves any number of spectra. 128 measured

@@ -170,9 +170,10 @@ def test_lm_loop_runs_without_host_transfers(payne_apogee):
             jnp.ones(k, bool),
         )
     )
-    lm_batch(obs, *args, max_iter=20)  # compiled outside the guard
+    max_iter = jnp.asarray(20)  # an argument of the program, on the device too
+    lm_batch(obs, *args, max_iter=max_iter)  # compiled outside the guard
     with jax.transfer_guard("disallow"):
-        out = lm_batch(obs, *args, max_iter=20)
+        out = lm_batch(obs, *args, max_iter=max_iter)
         assert all(isinstance(x, jax.Array) for x in out)
     _, chi2, it, *_ = out
     assert np.all(np.asarray(it) > 0) and np.all(np.isfinite(np.asarray(chi2)))

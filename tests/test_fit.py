@@ -581,6 +581,14 @@ def test_one_compilation_per_batch_shape(monkeypatch):
     # at most two programs per batch shape (all starts; then the best start of stars
     # not yet converged), compiled by the first batch and reused by the others
     assert counts[0] >= 1 and counts[-1] <= 2, counts
+    # max_iter is an argument of the LM program, not part of it: another value runs
+    # the executables already compiled, and every lane stops at it
+    short = fit(
+        flux, np.full_like(flux, 0.01), emu, rv_range=(-100, 100),
+        options=LMOptions(max_iter=1),
+    )  # fmt: skip
+    assert n_traces == counts[-1]
+    assert np.all(np.asarray(short["n_iter"]) == 1) and not np.any(short["converged"])
 
 
 # --- the real Payne network ---------------------------------------------------------------
