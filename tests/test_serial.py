@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from payne_lite._serial import memory_maps, one_cpu, serial_jit
+from payne_lite._serial import current_cpu, memory_maps, one_cpu, serial_jit
 
 needs_two_cpus = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -56,26 +57,44 @@ def test_serial_jit_compiles_without_task_splitting_and_restores_affinity():
     assert not f._cache
 
 
+def _move_to(cpu, cpus):
+    """Run the calling thread on ``cpu``, then allow it ``cpus`` again (it stays on
+    ``cpu`` until the scheduler moves it)."""
+    os.sched_setaffinity(0, {cpu})
+    time.sleep(0.005)
+    os.sched_setaffinity(0, cpus)
+
+
 @needs_two_cpus
-def test_one_cpu_pins_every_thread_and_restores():
+def test_one_cpu_pins_every_thread_to_the_callers_cpu_and_restores():
+    """Every thread of the process is pinned to the CPU the caller runs on, whichever
+    it is (all processes pinned to the lowest CPU compiled on that one while the
+    others idled), and the masks come back after."""
     cpus = os.sched_getaffinity(0)
-    seen = {}
-    go, done = threading.Event(), threading.Event()
+    for cpu in sorted(cpus):
+        seen = {}
+        go, done = threading.Event(), threading.Event()
 
-    def worker():
-        go.wait()
-        seen["inside"] = os.sched_getaffinity(0)
-        done.set()
+        def worker(seen=seen, go=go, done=done):
+            go.wait()
+            seen["inside"] = os.sched_getaffinity(0)
+            done.set()
 
-    th = threading.Thread(target=worker)
-    th.start()
-    with one_cpu():
-        assert os.sched_getaffinity(0) == {min(cpus)}
-        go.set()
-        done.wait(5)
-    th.join(5)
-    assert seen["inside"] == {min(cpus)}
-    assert os.sched_getaffinity(0) == cpus
+        th = threading.Thread(target=worker, daemon=True)
+        th.start()
+        for _ in range(20):  # the scheduler may move the thread before the pin
+            _move_to(cpu, cpus)
+            assert current_cpu(cpus) in cpus
+            with one_cpu():
+                pinned = os.sched_getaffinity(0)
+                if pinned != {cpu}:
+                    continue
+                go.set()
+                done.wait(5)
+            break
+        th.join(5)
+        assert pinned == {cpu} and seen["inside"] == {cpu}, (cpu, pinned, seen)
+        assert os.sched_getaffinity(0) == cpus
 
 
 def test_static_arguments_and_key():
