@@ -11,10 +11,11 @@ with the split and 0.35 s without (the rest of the fit unchanged).
 XLA reads that CPU count from the compiling thread's affinity
 (``tsl::port::NumSchedulableCPUs``; JAX exposes no option for it), so
 :class:`serial_jit` compiles each new signature ahead of time
-(``lower().compile()``) with the process's threads pinned to one CPU (XLA compiles on
-threads of its own), then restores every thread's affinity; the executable runs with
-the normal affinity. Compiles happen once per batch shape; while one runs, other
-threads of the process share one CPU. Other backends (and systems without
+(``lower().compile()``) with the process's threads pinned to one CPU, the one the
+compiling thread runs on (XLA compiles on threads of its own; processes compiling at
+the same time keep their own CPUs), then restores every thread's affinity; the
+executable runs with the normal affinity. Compiles happen once per batch shape; while
+one runs, other threads of the process share one CPU. Other backends (and systems without
 ``sched_setaffinity``) call the jitted function as it is.
 
 Every XLA:CPU executable keeps its machine code in memory mappings of its own (about
