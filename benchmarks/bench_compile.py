@@ -3,6 +3,7 @@
     python benchmarks/bench_compile.py                 # both parts, ~3 min
     python benchmarks/bench_compile.py first-fit       # cold / warm cache, fresh processes
     python benchmarks/bench_compile.py batch-sizes --json out.json
+    python benchmarks/bench_compile.py concurrent      # two fresh processes at once
 
 ``first-fit``: a fresh Python process loads the real APOGEE Payne network
 (``pl.datasets.payne_apogee()``) and fits one mock spectrum (S/N 50), three ways in
@@ -11,6 +12,12 @@ this run: with the persistent compilation cache off (``PAYNE_LITE_COMPILATION_CA
 that directory (warm: loads). Each process prints its import, first-fit and
 second-fit seconds and its compilation counts (``jax.monitoring``); the table shows
 the median of ``--repeats`` processes per way.
+
+``concurrent``: the cache-off first fit of ``first-fit`` in one process alone, then in
+as many processes at once as there are CPUs (``--repeats`` rounds, interleaved):
+processes that compile at the same time should each take about as long as one
+alone (until 2026-12-06 every process compiled on the lowest CPU, and two at once
+took 2-3x as long each).
 
 ``batch-sizes`` (one process, persistent cache off): after a warm-up fit of 4
 spectra, fits of 1, 7, 300 and 1,000 mock spectra of the network (S/N 50, rv
@@ -111,6 +118,37 @@ def bench_first_fit(repeats: int) -> dict:
     return dict(median=med, runs=runs, cold_over_warm=ratio)
 
 
+def _children_at_once(n: int, env_extra: dict) -> list[dict]:
+    """``n`` children of :func:`_child` started together; their results."""
+    env = {**os.environ, **env_extra}
+    cmd = [sys.executable, "-c", _CHILD.format(root=str(ROOT), snr=SNR)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a child failed: {[p.returncode for p in procs]}")
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
+
+
+def bench_concurrent(repeats: int) -> dict:
+    """The cache-off first fit alone and in one process per CPU at once."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+    off = {"PAYNE_LITE_COMPILATION_CACHE": "off"}
+    alone, together = [], []
+    for _ in range(repeats):
+        alone.append(_child(off)["first_fit_s"])
+        together.extend(r["first_fit_s"] for r in _children_at_once(n, off))
+    a, t = float(np.median(alone)), float(np.median(together))
+    print(
+        f"\nFirst fit of one spectrum, cache off (median of {repeats} rounds): "
+        f"one process alone {a:.1f} s; {n} processes at once {t:.1f} s each "
+        f"({t / a:.2f}x one alone; {n}x the work on {n} CPUs)"
+    )
+    return dict(n_processes=n, alone_s=alone, together_s=together, ratio=t / a)
+
+
 def _test_set(net, amask, n: int, seed: int):
     from benchmarks.bench_fit import make_test_set
 
@@ -195,7 +233,7 @@ def bench_batch_sizes(n_baseline: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", nargs="?", default="all",
-                    choices=["all", "first-fit", "batch-sizes"])  # fmt: skip
+                    choices=["all", "first-fit", "concurrent", "batch-sizes"])  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-baseline", type=int, default=30)
     ap.add_argument("--json", type=Path)
@@ -203,6 +241,8 @@ def main(argv=None) -> None:
     out = {}
     if args.what in ("all", "first-fit"):
         out["first_fit"] = bench_first_fit(args.repeats)
+    if args.what in ("all", "concurrent"):
+        out["concurrent"] = bench_concurrent(args.repeats)
     if args.what in ("all", "batch-sizes"):
         out["batch_sizes"] = bench_batch_sizes(args.n_baseline)
     if args.json:
