@@ -77,15 +77,7 @@ print(json.dumps(dict(
 
 
 def _child(env_extra: dict) -> dict:
-    env = {**os.environ, **env_extra}
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD.format(root=str(ROOT), snr=SNR)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _children_at_once(1, env_extra)[0]
 
 
 def bench_first_fit(repeats: int) -> dict:
@@ -127,7 +119,7 @@ def _children_at_once(n: int, env_extra: dict) -> list[dict]:
         for _ in range(n)
     ]
     outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
+    if any(p.returncode for p in procs):  # (their stderr went to ours)
         raise RuntimeError(f"a child failed: {[p.returncode for p in procs]}")
     return [json.loads(o.strip().splitlines()[-1]) for o in outs]
 

@@ -14,9 +14,9 @@ XLA reads that CPU count from the compiling thread's affinity
 (``lower().compile()``) with the process's threads pinned to one CPU, the one the
 compiling thread runs on (XLA compiles on threads of its own; processes compiling at
 the same time keep their own CPUs), then restores every thread's affinity; the
-executable runs with the normal affinity. Compiles happen once per batch shape; while
-one runs, other threads of the process share one CPU. Other backends (and systems without
-``sched_setaffinity``) call the jitted function as it is.
+executable runs with the normal affinity. Compiles happen once per batch shape;
+while one runs, other threads of the process share one CPU. Other backends (and
+systems without ``sched_setaffinity``) call the jitted function as it is.
 
 Every XLA:CPU executable keeps its machine code in memory mappings of its own (about
 a hundred per fitter program; a first fit adds ~1,600), and Linux allows a process

@@ -58,10 +58,11 @@ def test_serial_jit_compiles_without_task_splitting_and_restores_affinity():
 
 
 def _move_to(cpu, cpus):
-    """Run the calling thread on ``cpu``, then allow it ``cpus`` again (it stays on
-    ``cpu`` until the scheduler moves it)."""
+    """Run the calling thread on ``cpu`` (where :func:`current_cpu` must find it),
+    then allow it ``cpus`` again (it stays on ``cpu`` until the scheduler moves it)."""
     os.sched_setaffinity(0, {cpu})
     time.sleep(0.005)
+    assert current_cpu(cpus) == cpu
     os.sched_setaffinity(0, cpus)
 
 
@@ -84,7 +85,6 @@ def test_one_cpu_pins_every_thread_to_the_callers_cpu_and_restores():
         th.start()
         for _ in range(20):  # the scheduler may move the thread before the pin
             _move_to(cpu, cpus)
-            assert current_cpu(cpus) in cpus
             with one_cpu():
                 pinned = os.sched_getaffinity(0)
                 if pinned != {cpu}:
